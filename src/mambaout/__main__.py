@@ -1,0 +1,5 @@
+import sys
+
+from mambaout.cli import main
+
+sys.exit(main())

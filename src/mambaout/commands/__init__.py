@@ -1,0 +1,1 @@
+"""One module per `mambaout` subcommand, each with `main(argv=None) -> int`."""

@@ -1,0 +1,218 @@
+"""Registered MambaOut variants and their published weights.
+
+Variants are data: each entry only sets the architecture arguments that differ from `MambaOut`'s
+defaults (the paper's design). Weights carry their provenance: where they come from, the eval
+transform they need, their parameter count and the ImageNet-1k top-1 their authors report.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+OFFICIAL_URL = "https://github.com/yuweihao/MambaOut/releases/download/model/{name}.pth"
+HUB_URL = "https://huggingface.co/timm/{name}.{tag}/resolve/main/model.safetensors"
+
+
+@dataclass(frozen=True)
+class Weights:
+    """One set of published weights of a variant.
+
+    Attributes:
+        tag: The weight's name after the dot, e.g. `in1k` in `mambaout_tiny.in1k`.
+        urls: Where to download it, tried in order (official release first, then timm's hub mirror).
+        num_classes: Classifier outputs of the weights.
+        input_size: `(C, H, W)` the weights were evaluated at.
+        crop_pct: Eval centre-crop fraction (1.0: resize the short side to the input size, no border dropped).
+        interpolation: Eval resize interpolation.
+        mean, std: Input normalisation.
+        top1: ImageNet-1k top-1 (%) reported by the weights' authors at `input_size`; None if not reported.
+        top1_source: Where `top1` comes from.
+        params_m: Parameters (millions) of the model these weights fit.
+        crop_mode: `'center'` or `'squash'` (resize both sides to the input size, no crop).
+    """
+
+    tag: str
+    urls: tuple[str, ...]
+    num_classes: int = 1000
+    input_size: tuple[int, int, int] = (3, 224, 224)
+    crop_pct: float = 1.0
+    interpolation: str = "bicubic"
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    top1: float | None = None
+    top1_source: str = ""
+    params_m: float | None = None
+    crop_mode: str = "center"
+
+    def eval_config(self) -> dict:
+        """The eval transform settings as a plain dict (what checkpoints and `mambaout validate` store)."""
+        return dict(
+            input_size=list(self.input_size),
+            crop_pct=self.crop_pct,
+            interpolation=self.interpolation,
+            mean=list(self.mean),
+            std=list(self.std),
+            crop_mode=self.crop_mode,
+        )
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    kwargs: dict
+    params_m: float | None = None  # parameters in millions as published (paper Table 1 / timm), pinned by tests
+    weights: tuple[Weights, ...] = ()
+    description: str = ""
+    default_drop_path: float = 0.0  # training recipe's stochastic depth (official scripts)
+
+    @property
+    def default_weights(self) -> Weights | None:
+        return self.weights[0] if self.weights else None
+
+    def get_weights(self, tag: str | None) -> Weights:
+        if not self.weights:
+            raise ValueError(f"{self.name} has no published weights; train it or pass checkpoint=PATH")
+        if tag is None:
+            return self.weights[0]
+        for w in self.weights:
+            if w.tag == tag:
+                return w
+        raise ValueError(f"{self.name} has no weights tagged {tag!r}; available: {[w.tag for w in self.weights]}")
+
+
+_REGISTRY: dict[str, Variant] = {}
+
+
+def register(variant: Variant) -> Variant:
+    if variant.name in _REGISTRY:
+        raise ValueError(f"variant {variant.name!r} is already registered")
+    _REGISTRY[variant.name] = variant
+    return variant
+
+
+def _paper(name: str, depths, dims, params_m: float, top1: float, drop_path: float, desc: str):
+    weights = Weights(
+        tag="in1k",
+        urls=(OFFICIAL_URL.format(name=name), HUB_URL.format(name=name, tag="in1k")),
+        top1=top1,
+        top1_source="paper Table 1",
+        params_m=params_m,
+    )
+    register(Variant(name, dict(depths=depths, dims=dims), params_m, (weights,), desc, default_drop_path=drop_path))
+
+
+# The paper's five (Table 1; drop path from the official training scripts).
+_paper("mambaout_femto", (3, 3, 9, 3), (48, 96, 192, 288), 7.30, 78.9, 0.025, "paper, smallest")
+_paper("mambaout_kobe", (3, 3, 15, 3), (48, 96, 192, 288), 9.14, 80.0, 0.025, "paper, Kobe memorial: 24 blocks")
+_paper("mambaout_tiny", (3, 3, 9, 3), (96, 192, 384, 576), 26.55, 82.7, 0.2, "paper")
+_paper("mambaout_small", (3, 4, 27, 3), (96, 192, 384, 576), 48.49, 84.1, 0.4, "paper")
+_paper("mambaout_base", (3, 4, 27, 3), (128, 256, 512, 768), 84.81, 84.2, 0.6, "paper")
+
+# timm's `_rw` family: no stem mid-norm, norm-first downsampling, LayerScale, pool->norm->MLP head.
+_RW = dict(stem_mid_norm=False, downsample_norm_first=True, ls_init_value=1e-6, head_mlp_norm=False)
+_TIMM_TOP1 = "timm model card (224 px)"
+
+
+def _rw(name: str, params_m: float, weights: list[tuple], drop_path: float, desc: str, **kwargs):
+    ws = tuple(
+        Weights(
+            tag,
+            (HUB_URL.format(name=name, tag=tag),),
+            top1=top1,
+            top1_source=_TIMM_TOP1 if top1 else "",
+            params_m=params_m,
+            **extra,
+        )
+        for tag, top1, extra in weights
+    )
+    register(Variant(name, dict(_RW, **kwargs), params_m, ws, desc, default_drop_path=drop_path))
+
+
+_rw(
+    "mambaout_small_rw",
+    48.50,
+    [("sw_e450_in1k", 84.024, {})],
+    0.4,
+    "timm: small with LayerScale",
+    depths=(3, 4, 27, 3),
+    dims=(96, 192, 384, 576),
+)
+_rw(
+    "mambaout_base_short_rw",
+    88.83,
+    [("sw_e500_in1k", 84.362, dict(crop_pct=0.95))],
+    0.6,
+    "timm: shallower, wider",
+    depths=(3, 3, 25, 3),
+    dims=(128, 256, 512, 768),
+    expansion_ratio=3.0,
+    conv_ratio=1.25,
+)
+_rw(
+    "mambaout_base_tall_rw",
+    86.48,
+    [("sw_e500_in1k", 84.434, dict(crop_pct=0.95))],
+    0.6,
+    "timm: deeper",
+    depths=(3, 4, 30, 3),
+    dims=(128, 256, 512, 768),
+    expansion_ratio=2.5,
+    conv_ratio=1.25,
+)
+_rw(
+    "mambaout_base_wide_rw",
+    94.45,
+    [("sw_e500_in1k", 84.454, dict(crop_pct=0.95))],
+    0.6,
+    "timm: wider, SiLU gate",
+    depths=(3, 4, 27, 3),
+    dims=(128, 256, 512, 768),
+    expansion_ratio=3.0,
+    conv_ratio=1.5,
+    act_layer="silu",
+)
+_rw(
+    "mambaout_base_plus_rw",
+    101.66,
+    [
+        ("sw_e150_in12k_ft_in1k", 86.632, {}),
+        ("sw_e150_r384_in12k_ft_in1k", 87.506, dict(input_size=(3, 384, 384), crop_mode="squash")),
+        ("sw_e150_in12k", None, dict(num_classes=11821)),
+    ],
+    0.6,
+    "timm: ImageNet-12k pretrained, SiLU gate",
+    depths=(3, 4, 30, 3),
+    dims=(128, 256, 512, 768),
+    expansion_ratio=3.0,
+    conv_ratio=1.5,
+    act_layer="silu",
+)
+
+# A few-thousand-parameter model of the paper's design for fast tests and smoke runs.
+register(Variant("mambaout_test", dict(depths=(1, 1, 2, 1), dims=(16, 32, 48, 64)), None, (), "tests only"))
+
+
+def get_variant(name: str) -> tuple[Variant, str | None]:
+    """Look up `name` or `name.tag`; returns the variant and the weight tag (None if not given)."""
+    base, _, tag = name.partition(".")
+    if base not in _REGISTRY:
+        close = fnmatch.filter(_REGISTRY, f"*{base.replace('mambaout_', '')}*")
+        hint = f" Did you mean {close}?" if close else ""
+        raise ValueError(f"unknown model {base!r}.{hint} Known models: {', '.join(_REGISTRY)}")
+    return _REGISTRY[base], tag or None
+
+
+def list_models(pattern: str | None = None, pretrained: bool = False) -> list[str]:
+    """Registered model names, optionally filtered by a shell-style `pattern` or to those with weights."""
+    names = [n for n, v in _REGISTRY.items() if v.weights or not pretrained]
+    return fnmatch.filter(names, pattern) if pattern else names
+
+
+def list_pretrained(pattern: str | None = None) -> list[str]:
+    """`name.tag` for every published weight."""
+    names = [f"{v.name}.{w.tag}" for v in _REGISTRY.values() for w in v.weights]
+    return fnmatch.filter(names, pattern) if pattern else names

@@ -1,0 +1,26 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+SHARED_DATA = Path(os.environ.get("MAMBAOUT_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The research-only test images (../shared/data or $MAMBAOUT_SHARED_DATA); skips when absent."""
+    if not (SHARED_DATA / "imagenette2-112-val.tar").is_file():
+        pytest.skip(
+            f"shared test data not found at {SHARED_DATA}; set MAMBAOUT_SHARED_DATA to the folder holding the tars"
+        )
+    return SHARED_DATA
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    """Downloads in tests never touch the user's cache."""
+    monkeypatch.setenv("MAMBAOUT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("MAMBAOUT_MIRROR", raising=False)
