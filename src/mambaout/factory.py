@@ -59,7 +59,7 @@ def create_model(
     if weights is not None and pretrained:
         model_kwargs["num_classes"] = weights.num_classes
     model_kwargs.update(kwargs)
-    model = MambaOut(**model_kwargs)
+    model = (variant.builder or MambaOut)(**model_kwargs)
     model.model_name = variant.name
     model.model_kwargs = {k: v for k, v in model_kwargs.items() if _jsonable(v)}
     model.pretrained_cfg = dict(
@@ -85,6 +85,8 @@ def create_model(
             model.class_names = None  # the classifier was replaced, so its names no longer apply
 
     if features_only:
+        if not isinstance(model, MambaOut):
+            raise ValueError(f"features_only needs a MambaOut backbone; {variant.name} is a {type(model).__name__}")
         return MambaOutFeatures(model, out_indices, output_fmt)
     return model
 

@@ -191,6 +191,7 @@ class MambaOutStage(nn.Module):
         downsample_norm_first: bool = False,
         drop_path: Sequence[float] = (),
         norm_layer=LayerNorm,
+        block_layer: Callable[..., nn.Module] | None = None,
         **block_kwargs,
     ):
         super().__init__()
@@ -198,8 +199,9 @@ class MambaOutStage(nn.Module):
             raise ValueError(f"a stage without downsampling keeps its width, got {in_dim} -> {dim}")
         self.downsample = Downsample(in_dim, dim, downsample_norm_first, norm_layer) if downsample else nn.Identity()
         drop_path = list(drop_path) or [0.0] * depth
+        block = block_layer or GatedCNNBlock
         self.blocks = nn.Sequential(
-            *[GatedCNNBlock(dim, drop_path=drop_path[j], norm_layer=norm_layer, **block_kwargs) for j in range(depth)]
+            *[block(dim, drop_path=drop_path[j], norm_layer=norm_layer, **block_kwargs) for j in range(depth)]
         )
         self.grad_checkpointing = False
 
@@ -323,6 +325,8 @@ class MambaOut(nn.Module):
         global_pool: `'avg'` or `''`.
         act_layer: Activation of the blocks and stem (`'gelu'`, `'silu'` or a module class).
         norm_layer: Channels-last norm for the whole network.
+        block_layer: The block class (default `GatedCNNBlock`); any module taking the same arguments and
+            mapping `[B, H, W, C]` to itself, e.g. a Mamba block (Gated CNN + SSM) for the paper's comparison.
     """
 
     def __init__(
@@ -344,6 +348,7 @@ class MambaOut(nn.Module):
         global_pool: str = "avg",
         act_layer: str | Callable[[], nn.Module] = "gelu",
         norm_layer: Callable[[int], nn.Module] = LayerNorm,
+        block_layer: Callable[..., nn.Module] | None = None,
     ):
         super().__init__()
         if len(depths) != len(dims):
@@ -376,6 +381,7 @@ class MambaOut(nn.Module):
                     conv_ratio=conv_ratio,
                     ls_init_value=ls_init_value,
                     act_layer=act_layer,
+                    block_layer=block_layer,
                 )
             )
             self.feature_info.append(dict(num_chs=dim, reduction=4 * 2**i, module=f"stages.{i}", index=i))

@@ -8,6 +8,7 @@ transform they need, their parameter count and the ImageNet-1k top-1 their autho
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Callable
 from dataclasses import dataclass
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -68,6 +69,7 @@ class Variant:
     weights: tuple[Weights, ...] = ()
     description: str = ""
     default_drop_path: float = 0.0  # training recipe's stochastic depth (official scripts)
+    builder: Callable | None = None  # the model class or function called with `kwargs`; None for `MambaOut`
 
     @property
     def default_weights(self) -> Weights | None:
