@@ -5,6 +5,12 @@ per output element of every convolution and linear layer, plus 5 per element of 
 (about 1% of the total); activations, the gate product and pooling are left out. We count the same way
 by running the model once on the `meta` device (shapes only, no arithmetic), so even the largest
 variant counts in milliseconds; `include_norms=False` gives the conv + linear MACs alone.
+
+Token mixers whose arithmetic is neither a conv nor a linear layer (attention's two matrix products, the
+SSM's scan) report it through an `extra_macs(input_shape)` method, which `count_macs` adds (fvcore counts
+attention's matmuls too). MambaOut has no such module, so its counts are exactly the paper's.
+
+The second half is the paper's Transformer FLOPs argument (Sec. 3, Eq. 6-7).
 """
 
 from __future__ import annotations
@@ -41,6 +47,10 @@ def count_macs(
         nonlocal total
         total += inputs[0].numel() * (5 if m.elementwise_affine else 4)
 
+    def extra_hook(m: nn.Module, inputs, out):
+        nonlocal total
+        total += int(m.extra_macs(tuple(inputs[0].shape)))
+
     import copy
 
     meta_model = copy.deepcopy(model).to("meta") if _has_real_params(model) else model
@@ -52,6 +62,8 @@ def count_macs(
             handles.append(m.register_forward_hook(linear_hook))
         elif isinstance(m, nn.LayerNorm) and include_norms:
             handles.append(m.register_forward_hook(norm_hook))
+        elif callable(getattr(m, "extra_macs", None)):
+            handles.append(m.register_forward_hook(extra_hook))
     try:
         with torch.no_grad():
             meta_model.eval()(torch.empty(1, in_chans, h, w, device="meta"))
@@ -67,3 +79,66 @@ def _has_real_params(model: nn.Module) -> bool:
 
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+# --- The Transformer FLOPs argument (paper Sec. 3) ------------------------------------------------------------------
+
+
+def transformer_flops(dim: int, tokens: int) -> dict:
+    """FLOPs of one Transformer block on `tokens` tokens of width `dim`, as the paper's Eq. 6 counts them.
+
+    `24·D²·L` is the linear part: the QKV and output projections (4·D²·L MACs) and the MLP of ratio 4
+    (8·D²·L MACs), 12·D²·L MACs at 2 FLOPs per MAC. `4·D·L²` is attention's two token-by-token products,
+    `Q·Kᵀ` and `softmax(·)·V` (2·D·L² MACs). Norms, softmax, biases and activations are left out.
+
+    Returns:
+        A dict with `linear`, `quadratic` and `total` FLOPs, the quadratic share of the total (which is
+        `L / (6D + L)`), and Eq. 7's threshold `6·D` above which the quadratic term dominates.
+    """
+    if dim < 1 or tokens < 1:
+        raise ValueError(f"dim and tokens must be positive integers, got dim={dim}, tokens={tokens}")
+    linear = 24 * dim * dim * tokens
+    quadratic = 4 * dim * tokens * tokens
+    return dict(
+        dim=dim,
+        tokens=tokens,
+        linear=linear,
+        quadratic=quadratic,
+        total=linear + quadratic,
+        quadratic_share=quadratic / (linear + quadratic),
+        threshold=long_sequence_threshold(dim),
+        long_sequence=tokens > long_sequence_threshold(dim),
+    )
+
+
+def long_sequence_threshold(dim: int) -> int:
+    """Eq. 7: the quadratic term exceeds the linear one when `4·D·L² > 24·D²·L`, i.e. when `L > 6·D`."""
+    return 6 * dim
+
+
+def plot_quadratic_share(dims: list[int], path: str, max_tokens: int | None = None) -> None:
+    """Save a plot of the quadratic term's share of a block's FLOPs against L, with Eq. 7's threshold marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; no display needed
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    max_tokens = max_tokens or 4 * long_sequence_threshold(max(dims))
+    tokens = np.unique(np.geomspace(1, max_tokens, 400).astype(int))
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for d in dims:
+        (line,) = ax.plot(tokens, tokens / (6 * d + tokens), label=f"D = {d}")
+        t = long_sequence_threshold(d)
+        ax.axvline(t, color=line.get_color(), linestyle="--", linewidth=1)
+        ax.annotate(f"L = 6D = {t}", (t, 0.5), xytext=(4, -14), textcoords="offset points", fontsize=8)
+    ax.axhline(0.5, color="gray", linewidth=0.5)
+    ax.set_xscale("log")
+    ax.set_xlabel("tokens L")
+    ax.set_ylabel("quadratic share 4DL² / (24D²L + 4DL²)")
+    ax.set_title("Transformer block FLOPs (MambaOut Eq. 6-7)")
+    ax.set_ylim(0, 1)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

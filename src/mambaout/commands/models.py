@@ -17,7 +17,7 @@ def model_rows(pattern: str | None = None, img_size: int = 224) -> list[dict]:
     for name in list_models(pattern):
         variant, _ = get_variant(name)
         with torch.device("meta"):  # shapes only: counts in milliseconds without allocating weights
-            model = MambaOut(**variant.kwargs)
+            model = (variant.builder or MambaOut)(**variant.kwargs)  # ViT / Mamba-block models have their own
         w = variant.default_weights
         rows.append(
             dict(
