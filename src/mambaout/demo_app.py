@@ -1,0 +1,178 @@
+"""The web demo: a Gradio page to classify an uploaded or pasted image with a MambaOut.
+
+It lives in the package (not only in the repo's `demo/` folder) so that `mambaout demo` works after a plain
+`pip install 'mambaout[demo]'`; `demo/app.py` is the same app as a script (Hugging Face Space style).
+It uses only the public API: `create_model` through `mambaout.inference.Predictor`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from pathlib import Path
+
+# Offline by default: no usage analytics or version checks from the server (set before gradio is imported).
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("GRADIO_SERVER_NAME", "127.0.0.1")
+
+import gradio as gr  # noqa: E402
+
+from .inference import Predictor  # noqa: E402
+from .variants import list_pretrained  # noqa: E402
+
+# The repo's example photos (CC0, from scikit-image; see demo/examples/LICENSE.md). Absent in a pip install.
+EXAMPLES_DIR = Path(__file__).resolve().parents[2] / "demo" / "examples"
+RANDOM_SUFFIX = " (random weights)"
+_CACHED_MODELS = 3  # predictors kept in memory; switching among more reloads them
+
+# System fonts only: the default theme would make the browser fetch Google Fonts, which fails offline.
+THEME = gr.themes.Default(
+    font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "Consolas", "monospace"]
+)
+
+
+def image_input(**kwargs) -> gr.Image:
+    """A `gr.Image` whose decode errors read as a message on the page.
+
+    Gradio decodes an upload with PIL before our function runs, so a file that is not an image would
+    otherwise end as a bare 'Error' toast; here it becomes a `gr.Error` saying what to do. The instance's
+    `preprocess` is wrapped rather than `gr.Image` subclassed: Gradio writes a `.pyi` stub beside the
+    module of every component subclass, which would litter (or fail in) an installed package.
+    """
+    image = gr.Image(**kwargs)
+    decode = image.preprocess
+
+    def preprocess(payload):
+        try:
+            return decode(payload)
+        except Exception as e:
+            name = getattr(payload, "orig_name", None) or "the uploaded file"
+            raise gr.Error(
+                f"{name} is not an image this demo can read ({type(e).__name__}). "
+                "Upload a JPEG, PNG, WebP, GIF, BMP or TIFF photo.",
+                title="Not an image",
+            ) from e
+
+    image.preprocess = preprocess
+    return image
+
+
+class ModelPool:
+    """Builds predictors on first use and keeps the last few, keyed by the choice shown in the dropdown.
+
+    A choice is a registered name with published weights (`mambaout_femto.in1k`; downloaded on first use),
+    a checkpoint path on the server, or a name followed by ' (random weights)'.
+    """
+
+    def __init__(self, topk: int = 5, device: str | None = None):
+        self.topk, self.device = topk, device
+        self._predictors: OrderedDict[str, Predictor] = OrderedDict()
+
+    def get(self, choice: str) -> Predictor:
+        choice = (choice or "").strip()
+        if not choice:
+            raise ValueError("choose a model or type a checkpoint path")
+        if choice in self._predictors:
+            self._predictors.move_to_end(choice)
+            return self._predictors[choice]
+        if choice.endswith(RANDOM_SUFFIX):
+            predictor = Predictor(choice[: -len(RANDOM_SUFFIX)], topk=self.topk, device=self.device)
+        elif choice.endswith((".safetensors", ".pth", ".pt", ".bin")) or os.sep in choice:
+            predictor = Predictor(checkpoint=choice, topk=self.topk, device=self.device)
+        else:
+            predictor = Predictor(choice, pretrained=True, topk=self.topk, device=self.device)
+        self._predictors[choice] = predictor
+        while len(self._predictors) > _CACHED_MODELS:
+            self._predictors.popitem(last=False)
+        return predictor
+
+
+def model_choices(model: str | None = None, checkpoint: str | None = None, random_weights: bool = False) -> list[str]:
+    """Dropdown entries: the model the command line named first, then every published weight."""
+    first = []
+    if checkpoint:
+        first.append(str(checkpoint))
+    elif model and random_weights:
+        first.append(model + RANDOM_SUFFIX)
+    elif model:
+        first.append(model)
+    return first + [n for n in list_pretrained() if n not in first]
+
+
+def build_app(
+    model: str | None = "mambaout_femto.in1k",
+    checkpoint: str | None = None,
+    random_weights: bool = False,
+    topk: int = 5,
+    examples_dir: str | os.PathLike | None = None,
+    device: str | None = None,
+) -> gr.Blocks:
+    """The demo page.
+
+    Args:
+        model: Model selected at start (a registered name; with published weights unless `random_weights`).
+        checkpoint: A weights file selected at start instead of `model`.
+        random_weights: Start with `model` at random initialisation (tests, offline smoke runs).
+        topk: Labels shown per image.
+        examples_dir: Folder of example images (default: the repo's demo/examples when present).
+        device: Torch device for inference (default: CUDA when available).
+    """
+    if topk < 1:
+        raise ValueError(f"topk must be >= 1, got {topk}")
+    pool = ModelPool(topk=topk, device=device)
+    choices = model_choices(model, checkpoint, random_weights)
+    examples_dir = Path(examples_dir) if examples_dir else EXAMPLES_DIR
+    examples = sorted(str(p) for p in examples_dir.glob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+
+    def classify(image_path: str | None, choice: str) -> dict[str, float]:
+        if image_path is None:
+            raise gr.Error("Upload or paste an image first.", title="No image")
+        try:
+            predictor = pool.get(choice)
+        except Exception as e:  # an unknown name, a missing file, an offline download: all shown on the page
+            raise gr.Error(f"Cannot load model {choice!r}: {e}", title="Model not loaded") from e
+        try:
+            pred = predictor(image_path)
+        except ValueError as e:
+            raise gr.Error(str(e), title="Not an image") from e
+        return dict(zip(pred.labels, pred.probs))
+
+    with gr.Blocks(title="MambaOut demo", analytics_enabled=False) as app:
+        gr.Markdown(
+            "# MambaOut image classification\n"
+            "Upload or paste an image and press **Classify**. Models: MambaOut (Yu & Wang, CVPR 2025), "
+            "a vision backbone of Gated CNN blocks. Published weights download on first use."
+        )
+        with gr.Row():
+            with gr.Column():
+                image = image_input(
+                    type="filepath", image_mode=None, sources=["upload", "clipboard"], label="Image", elem_id="image"
+                )
+                choice = gr.Dropdown(
+                    choices=choices,
+                    value=choices[0],
+                    allow_custom_value=True,
+                    label="Model: a published weight, or type a checkpoint path on this server",
+                    elem_id="model",
+                )
+                button = gr.Button("Classify", variant="primary", elem_id="classify")
+            with gr.Column():
+                labels = gr.Label(num_top_classes=topk, label="Top classes", elem_id="labels")
+        if examples:
+            gr.Examples(examples=[[p] for p in examples], inputs=[image], label="Examples (CC0 photos)")
+        button.click(classify, inputs=[image, choice], outputs=labels, api_name="classify")
+    return app
+
+
+def launch(app: gr.Blocks, host: str = "127.0.0.1", port: int | None = None, **kwargs):
+    """Serve `app` with offline-friendly settings (no share link, no SSR node server, system fonts)."""
+    examples = [str(EXAMPLES_DIR)] if EXAMPLES_DIR.is_dir() else []
+    return app.launch(
+        server_name=host,
+        server_port=port,
+        share=False,
+        ssr_mode=False,
+        theme=THEME,
+        allowed_paths=examples,
+        **kwargs,
+    )
