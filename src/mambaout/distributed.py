@@ -1,0 +1,151 @@
+"""Everything distributed lives here: torchrun/SLURM detection, process group set-up, and small collective helpers.
+
+The same training command runs as one plain process (world size 1, nothing initialised), under `torchrun` (which
+sets `RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR`, `MASTER_PORT`), or as SLURM tasks started by `srun`
+(`SLURM_PROCID`, `SLURM_NTASKS`, `SLURM_LOCALID`, `SLURM_NODELIST`). The rest of the package asks `is_main()`
+before logging or saving and never imports `torch.distributed` itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    source: str = "single"  # 'single', 'torchrun' or 'slurm'
+
+
+def detect() -> DistEnv:
+    """Where the ranks come from: torchrun's variables win over SLURM's (torchrun inside an allocation)."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return DistEnv(int(env["RANK"]), int(env.get("LOCAL_RANK", 0)), int(env["WORLD_SIZE"]), "torchrun")
+    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", 1)) > 1:
+        return DistEnv(int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)), int(env["SLURM_NTASKS"]), "slurm")
+    return DistEnv()
+
+
+def _slurm_master_addr() -> str:
+    """The first host of the allocation (`scontrol` expands the compressed node list, e.g. `gpu[01-04]`)."""
+    nodelist = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST", "")
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True)
+        return out.stdout.split()[0]
+    except (OSError, subprocess.CalledProcessError, IndexError):
+        return nodelist.split(",")[0].split("[")[0] or "127.0.0.1"
+
+
+def init(device: str | None = None, backend: str | None = None) -> tuple[DistEnv, torch.device]:
+    """Initialise the process group if there are several ranks, and pick this rank's device.
+
+    Args:
+        device: 'cpu', 'cuda' or None (cuda when available).
+        backend: Process group backend; default nccl on CUDA, gloo on CPU.
+
+    Returns:
+        The rank layout and the device this rank should use.
+    """
+    env = detect()
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda asked for, but no CUDA device is visible; use --device cpu")
+        torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
+        dev = torch.device("cuda", torch.cuda.current_device())
+    else:
+        dev = torch.device(device)
+    if env.world_size > 1 and not dist.is_initialized():
+        if env.source == "slurm":
+            # srun does not export a rendezvous; torch's env:// init reads these.
+            os.environ.setdefault("MASTER_ADDR", _slurm_master_addr())
+            os.environ.setdefault("MASTER_PORT", "29500")
+            os.environ.setdefault("RANK", str(env.rank))
+            os.environ.setdefault("WORLD_SIZE", str(env.world_size))
+            os.environ.setdefault("LOCAL_RANK", str(env.local_rank))
+        backend = backend or ("nccl" if dev.type == "cuda" else "gloo")
+        dist.init_process_group(backend=backend, init_method="env://", rank=env.rank, world_size=env.world_size)
+    return env, dev
+
+
+def cleanup() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def is_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_initialized() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_initialized() else 1
+
+
+def is_main() -> bool:
+    """Only rank 0 logs, draws progress bars and writes files."""
+    return get_rank() == 0
+
+
+def barrier() -> None:
+    if is_initialized():
+        dist.barrier()
+
+
+def all_reduce_sum(values: list[float], device: torch.device | str = "cpu") -> list[float]:
+    """Sum a few scalars over all ranks (float64, so counts stay exact)."""
+    if not is_initialized():
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.tolist()
+
+
+def broadcast_object(obj, src: int = 0):
+    if not is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def wrap(model: nn.Module, device: torch.device) -> nn.Module:
+    """DDP-wrap `model` when there are several ranks (a no-op for one process)."""
+    if not is_initialized():
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=ids)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain model inside DDP and/or `torch.compile` wrappers (what we save and evaluate)."""
+    while True:
+        if hasattr(model, "module") and isinstance(model.module, nn.Module):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def no_sync(model: nn.Module, skip: bool):
+    """Context for an accumulation micro-step: DDP skips its gradient all-reduce when `skip` is true."""
+    if skip and hasattr(model, "no_sync"):
+        return model.no_sync()
+    return contextlib.nullcontext()

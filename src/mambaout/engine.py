@@ -1,0 +1,202 @@
+"""The model-agnostic engine: one training epoch and one evaluation pass.
+
+Nothing here knows which network it trains: any `nn.Module` mapping `[B, C, H, W]` images to `[B, classes]`
+logits works. Distributed details go through `mambaout.distributed`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import distributed as dist
+
+
+@dataclass
+class StepConfig:
+    """How each optimizer step is taken.
+
+    Attributes:
+        accum_steps: Micro-batches per optimizer step (global batch / (per-device batch x world size)).
+        amp_dtype: `torch.bfloat16`, `torch.float16` or None (full precision).
+        clip_grad: Max gradient norm; None or 0 for no clipping.
+        channels_last: Feed inputs in channels-last memory format.
+    """
+
+    accum_steps: int = 1
+    amp_dtype: torch.dtype | None = None
+    clip_grad: float | None = None
+    channels_last: bool = False
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _to_device(x: torch.Tensor, y: torch.Tensor, device: torch.device, channels_last: bool):
+    x = x.to(device, non_blocking=True)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, y.to(device, non_blocking=True)
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: Callable,
+    device: torch.device,
+    step_cfg: StepConfig,
+    *,
+    mixup_fn: Callable | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    ema=None,
+    on_step: Callable[[int], None] | None = None,
+    max_steps: int | None = None,
+    progress=None,
+) -> dict:
+    """Train for one pass over `loader`.
+
+    Every `accum_steps` micro-batches make one optimizer step; DDP's gradient all-reduce runs only on the last of
+    them (`no_sync` on the others), and each micro-loss is divided by `accum_steps` so the summed gradient is the
+    mean over the global batch, exactly as one large batch would give.
+
+    Args:
+        on_step: Called after every optimizer step with the number of steps taken this epoch (scheduler updates,
+            step-granular checkpoints).
+        max_steps: Stop after this many optimizer steps (smoke tests, step-exact resume tests).
+        progress: A tqdm-like bar (`update`, `set_postfix`) or None.
+
+    Returns:
+        `loss` (mean over micro-batches, averaged over ranks), `steps`, `images` (all ranks), `img_s`, `skipped`
+        (unreadable images met, all ranks), `seconds`.
+    """
+    model.train()
+    accum = step_cfg.accum_steps
+    steps_total = len(loader) // accum
+    if max_steps is not None:
+        steps_total = min(steps_total, max_steps)
+    loss_sum, n_micro, images, skipped, steps = 0.0, 0, 0, 0, 0
+    t0 = time.perf_counter()
+    optimizer.zero_grad(set_to_none=True)
+    for i, (x, y, n_bad) in enumerate(loader):
+        if steps >= steps_total:
+            break
+        x, y = _to_device(x, y, device, step_cfg.channels_last)
+        skipped += int(n_bad.sum())
+        if mixup_fn is not None:
+            x, y = mixup_fn(x, y)
+        last_micro = (i + 1) % accum == 0
+        with dist.no_sync(model, skip=not last_micro):
+            with autocast(device, step_cfg.amp_dtype):
+                loss = loss_fn(model(x), y)
+            if not math.isfinite(loss.item()):
+                raise FloatingPointError(
+                    f"loss is {loss.item()} at step {steps}: lower the learning rate, enable --clip-grad, or use bf16"
+                )
+            scaled = loss / accum
+            (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        loss_sum += loss.item()
+        n_micro += 1
+        images += x.shape[0]
+        if not last_micro:
+            continue
+        if scaler is not None:
+            scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+        if step_cfg.clip_grad:
+            nn.utils.clip_grad_norm_(model.parameters(), step_cfg.clip_grad)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        steps += 1
+        if ema is not None:
+            ema.update(dist.unwrap(model))
+        if on_step is not None:
+            on_step(steps)
+        if progress is not None:
+            elapsed = time.perf_counter() - t0
+            progress.update(1)
+            progress.set_postfix(
+                loss=f"{loss_sum / n_micro:.4f}",
+                lr=f"{optimizer.param_groups[0]['lr']:.2e}",
+                img_s=f"{images * dist.get_world_size() / max(elapsed, 1e-9):.0f}",
+                refresh=False,
+            )
+    seconds = time.perf_counter() - t0
+    loss_sum, n_micro, images, skipped = dist.all_reduce_sum([loss_sum, n_micro, images, skipped], device)
+    return dict(
+        loss=loss_sum / max(n_micro, 1),
+        steps=steps,
+        images=int(images),
+        img_s=images / max(seconds, 1e-9),
+        skipped=int(skipped),
+        seconds=seconds,
+    )
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader,
+    device: torch.device,
+    amp_dtype: torch.dtype | None = None,
+    channels_last: bool = False,
+    progress=None,
+) -> dict:
+    """Top-1, top-5 (top-k with k = min(5, classes)), mean cross-entropy and throughput over `loader`.
+
+    With several ranks each evaluates its shard and the sums are all-reduced, so every rank returns the metrics
+    of the whole set. Images whose label is outside the model's classes count as errors and are excluded
+    from the loss.
+
+    Returns:
+        `top1`, `top5` (percent), `loss`, `count`, `img_s`, `seconds`, `skipped`.
+    """
+    model.eval()
+    correct1 = correct5 = loss_sum = count = n_loss = skipped = 0.0
+    t0 = time.perf_counter()
+    for x, y, n_bad in loader:
+        x, y = _to_device(x, y, device, channels_last)
+        skipped += int(n_bad.sum())
+        with autocast(device, amp_dtype):
+            logits = model(x)
+        logits = logits.float()
+        k = min(5, logits.shape[1])
+        top = logits.topk(k, dim=1).indices  # [B, k]
+        hits = top == y[:, None]
+        correct1 += hits[:, 0].sum().item()
+        correct5 += hits.any(dim=1).sum().item()
+        valid = (y >= 0) & (y < logits.shape[1])
+        if valid.any():
+            loss_sum += F.cross_entropy(logits[valid], y[valid], reduction="sum").item()
+            n_loss += valid.sum().item()
+        count += x.shape[0]
+        if progress is not None:
+            progress.update(1)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - t0
+    correct1, correct5, loss_sum, count, n_loss, skipped = dist.all_reduce_sum(
+        [correct1, correct5, loss_sum, count, n_loss, skipped], device
+    )
+    return dict(
+        top1=100.0 * correct1 / max(count, 1),
+        top5=100.0 * correct5 / max(count, 1),
+        loss=loss_sum / max(n_loss, 1),
+        count=int(count),
+        img_s=count / max(seconds, 1e-9),
+        seconds=seconds,
+        skipped=int(skipped),
+    )
