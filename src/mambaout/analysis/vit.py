@@ -18,6 +18,7 @@ causal mode would leave it seeing only itself. Patches enter in row-major order.
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
@@ -117,15 +118,17 @@ class VisionTransformer(nn.Module):
         self.patch_size = patch_size
         self.num_features = self.head_hidden_size = embed_dim
         self.grid = img_size // patch_size
-        self.patch_embed = nn.Conv2d(in_chans, embed_dim, patch_size, stride=patch_size)
+        # Parameter names `stem.*` and `head.fc.*` follow MambaOut's, so our checkpoint loader (which recognises
+        # our layout by `stem.*` and refits a classifier of another size at `head.fc.*`) handles ViTs unchanged.
+        self.stem = nn.Conv2d(in_chans, embed_dim, patch_size, stride=patch_size)  # the patch embedding
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         # One embedding per patch (row-major) and one for the class token, which comes last (module docstring).
         self.pos_embed = nn.Parameter(torch.zeros(1, self.grid**2 + 1, embed_dim))
         dpr = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()  # plain floats, also under meta
         self.blocks = nn.Sequential(*[Block(embed_dim, num_heads, mlp_ratio, causal, dpr[i]) for i in range(depth)])
         self.norm = LayerNorm(embed_dim, eps=1e-6)
-        self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        fc = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = nn.Sequential(OrderedDict(drop=nn.Dropout(drop_rate), fc=fc))
         self.grad_checkpointing = False
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
@@ -146,7 +149,7 @@ class VisionTransformer(nn.Module):
         """Images `[B, C, H, W]` -> token sequence `[B, H/p * W/p + 1, D]` (patches row-major, class token last)."""
         if x.shape[-2] % self.patch_size or x.shape[-1] % self.patch_size:
             raise ValueError(f"image size {tuple(x.shape[-2:])} must be a multiple of patch_size={self.patch_size}")
-        x = self.patch_embed(x)  # [B, C, H, W] -> [B, D, h, w]
+        x = self.stem(x)  # [B, C, H, W] -> [B, D, h, w]
         h, w = x.shape[-2:]
         x = x.flatten(2).transpose(1, 2)  # [B, D, h, w] -> [B, h*w, D], row-major
         x = torch.cat((x, self.cls_token.expand(x.shape[0], -1, -1)), dim=1)  # class token last
@@ -166,8 +169,8 @@ class VisionTransformer(nn.Module):
         return self.forward_tokens(self.embed(x))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.head_drop(x[:, -1])  # the class token
-        return x if pre_logits else self.head(x)
+        x = self.head.drop(x[:, -1])  # the class token
+        return x if pre_logits else self.head.fc(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
@@ -175,18 +178,15 @@ class VisionTransformer(nn.Module):
     # --- the model API shared with MambaOut, so the training pipeline treats both alike ---------------------------
 
     def get_classifier(self) -> nn.Module:
-        return self.head
+        return self.head.fc
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         self.num_classes = num_classes
         ref = self.norm.weight
-        self.head = (
-            nn.Linear(self.num_features, num_classes, device=ref.device, dtype=ref.dtype)
-            if num_classes
-            else nn.Identity()
-        )
-        if num_classes:
-            _init_weights(self.head)
+        fc = nn.Linear(self.num_features, num_classes, device=ref.device, dtype=ref.dtype) if num_classes else None
+        if fc is not None:
+            _init_weights(fc)
+        self.head.fc = fc or nn.Identity()
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
@@ -204,7 +204,7 @@ class VisionTransformer(nn.Module):
         return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
 
     def group_matcher(self, coarse: bool = False) -> dict:
-        return dict(stem=r"^cls_token|^pos_embed|^patch_embed", blocks=r"^blocks\.(\d+)")
+        return dict(stem=r"^cls_token|^pos_embed|^stem", blocks=r"^blocks\.(\d+)")
 
 
 def _init_weights(m: nn.Module) -> None:
