@@ -42,3 +42,15 @@ def test_kernel_ablation_recipes_differ_only_in_kernel():
     assert (pair[0]["model"], pair[1]["model"]) == ("mambaout_pico", "mambaout_pico_ssm")
     strip = [{k: v for k, v in r.items() if k not in ("model", "output")} for r in pair]
     assert strip[0] == strip[1] == {**{k: v for k, v in recipes[7].items() if k != "model"}, "model_kwargs": {}}
+
+
+def test_compare_times_every_model_the_same_way():
+    from mambaout.analysis.compare import compare, main
+
+    rows = compare(["mambaout_test", "mambaout_test_ssm"], img_size=32, batch_size=2, repeats=1, steps=1)
+    plain, ssm = rows
+    assert ssm["params_m"] > plain["params_m"] and ssm["macs_m"] > plain["macs_m"]
+    assert all(r["infer_img_s"] > 0 and r["train_img_s"] > 0 for r in rows)
+    assert main(["mambaout_test:kernel_size=3", "--img-size", "32", "--batch-size", "2", "--repeats", "1"]) == 0
+    with pytest.raises(ValueError, match="repeats"):
+        compare(["mambaout_test"], repeats=0)
