@@ -47,7 +47,7 @@ def test_kernel_ablation_recipes_differ_only_in_kernel():
 def test_compare_times_every_model_the_same_way():
     from mambaout.analysis.compare import compare, main
 
-    rows = compare(["mambaout_test", "mambaout_test_ssm"], img_size=32, batch_size=2, repeats=1, steps=1)
+    rows = compare(["mambaout_test", "mambaout_test_ssm"], img_size=48, batch_size=2, repeats=1, steps=1)
     plain, ssm = rows
     assert ssm["params_m"] > plain["params_m"] and ssm["macs_m"] > plain["macs_m"]
     assert all(r["infer_img_s"] > 0 and r["train_img_s"] > 0 for r in rows)

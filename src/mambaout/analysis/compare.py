@@ -80,7 +80,7 @@ def compare(
             model=n,
             model_kwargs=kw,
             params_m=round(count_params(m) / 1e6, 3),
-            macs_m=round(count_macs(m, img_size) / 1e6, 1),
+            macs_m=round(count_macs(m, img_size) / 1e6, 2),
             infer_img_s=round(statistics.median(infer[i]), 1),
             train_img_s=round(statistics.median(train[i]), 1),
             img_size=img_size,
