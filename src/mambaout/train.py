@@ -150,10 +150,21 @@ def load_recipe(name_or_path: str) -> dict:
         recipe = yaml.safe_load(f) or {}
     if not isinstance(recipe, dict):
         raise ValueError(f"recipe {path} must be a YAML mapping of option: value")
+    recipe = {k: coerce(v) for k, v in recipe.items()}
     unknown = sorted(set(recipe) - set(DEFAULTS))
     if unknown:
         raise ValueError(f"recipe {path} has unknown keys {unknown}; valid keys are the DEFAULTS in mambaout/train.py")
     return recipe
+
+
+def coerce(value):
+    """YAML 1.1 reads `2e-5` (no dot) as a string; numbers written that way are meant as numbers."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def resolve_config(overrides: dict) -> dict:
@@ -161,10 +172,19 @@ def resolve_config(overrides: dict) -> dict:
     unknown = sorted(set(overrides) - set(DEFAULTS))
     if unknown:
         raise ValueError(f"unknown options {unknown}")
+    if overrides.get("resume"):
+        # A resumed run continues with the configuration it was started with; options given now still win.
+        saved = load_state(resume_path(overrides["resume"])).get("config", {})
+        cfg = copy.deepcopy(DEFAULTS)
+        cfg.update({k: v for k, v in saved.items() if k in DEFAULTS})
+        cfg.update(stop_after_epochs=None, output=str(resume_path(overrides["resume"]).parent))
+        cfg.update(overrides)
+        validate_config(cfg)
+        return cfg
     cfg = copy.deepcopy(DEFAULTS)
     recipe = overrides.get("recipe")
-    no_data = not any(overrides.get(k) for k in ("data", "data_train", "data_val"))
-    if recipe is None and no_data and not overrides.get("resume"):
+    no_data = not any(overrides.get(k) for k in ("data", "data_train"))
+    if recipe is None and no_data:
         recipe = "digits"  # the embedded default: no download, a few minutes on a laptop CPU
     if recipe is not None:
         cfg.update(load_recipe(recipe))

@@ -88,6 +88,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def parse_overrides(argv: list[str] | None) -> tuple[dict, argparse.Namespace]:
+    from mambaout.train import coerce
+
     args = get_args_parser().parse_args(argv)
     given = {k: v for k, v in vars(args).items() if k not in ("overrides", "print_config", "list_recipes")}
     if given.get("auto_augment", "x").lower() in ("none", ""):
@@ -96,7 +98,7 @@ def parse_overrides(argv: list[str] | None) -> tuple[dict, argparse.Namespace]:
         key, sep, value = item.partition("=")
         if not sep:
             raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
-        given[key.strip().replace("-", "_")] = yaml.safe_load(value)
+        given[key.strip().replace("-", "_")] = coerce(yaml.safe_load(value))
     return given, args
 
 

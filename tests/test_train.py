@@ -1,0 +1,260 @@
+"""Training: the official schedule, batch arithmetic, config resolution, checkpoints, exact resume, SIGKILL."""
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import mambaout
+from mambaout import train as T
+from mambaout.checkpoint import read_checkpoint
+from mambaout.commands import train as train_cmd
+
+REPO = Path(__file__).resolve().parents[1]
+
+# A few-second digits run: 3 optimizer steps per epoch, no eval-time waste, everything random switched on
+# (RandAugment with the posterize fix, mixup/cutmix, random erasing, drop path) so resume has RNG to get right.
+FAST = [
+    "--model",
+    "mambaout_test",
+    "--batch-size",
+    "16",
+    "--max-steps-per-epoch",
+    "3",
+    "--no-progress",
+    "--workers",
+    "0",
+    "--threads",
+    "1",
+    "--set",
+    "data_val=digits:val",
+    "--set",
+    "auto_augment=rand-m9-mstd0.5-inc1",
+    "--mixup",
+    "0.8",
+    "--cutmix",
+    "1.0",
+    "--reprob",
+    "0.25",
+    "--drop-path",
+    "0.1",
+    "--set",
+    "eval_batch_size=512",
+]
+
+
+def _weights(path) -> dict:
+    return read_checkpoint(path)[0]
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def official_lr(epoch: int, peak: float = 4e-3) -> float:
+    """The official schedule, written out: linear warmup 1e-6 -> peak over 20 epochs, cosine from peak to 1e-5
+    over epochs 0..300 (the warmup replaces its start), then 1e-5 for the 10 cooldown epochs."""
+    if epoch < 20:
+        return 1e-6 + (peak - 1e-6) * epoch / 20
+    if epoch < 300:
+        return 1e-5 + (peak - 1e-5) * (1 + math.cos(math.pi * epoch / 300)) / 2
+    return 1e-5
+
+
+def test_official_lr_every_epoch():
+    cfg = dict(T.DEFAULTS)
+    assert T.total_epochs(cfg) == 310
+    global_batch, accum, lr = T.batch_plan(cfg, world_size=8)  # the official 8 GPUs x 128 x 4
+    assert (global_batch, accum, lr) == (4096, 4, 4e-3)
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    sched = T.create_scheduler(opt, cfg, steps_per_epoch=313)
+    for epoch in range(310):
+        sched.step(epoch)
+        assert opt.param_groups[0]["lr"] == pytest.approx(official_lr(epoch), rel=1e-9, abs=1e-12), epoch
+
+
+def test_lr_scaling_and_accumulation():
+    cfg = dict(T.DEFAULTS, batch_size=64)
+    assert T.batch_plan(dict(cfg, global_batch=1024), 4) == (1024, 4, pytest.approx(1e-3))  # linear scaling
+    assert T.batch_plan(dict(cfg, global_batch=None), 2) == (128, 1, pytest.approx(4e-3 * 128 / 4096))
+    assert T.batch_plan(dict(cfg, lr=0.01), 1)[2] == 0.01
+    with pytest.raises(ValueError, match="not a multiple of --batch-size 64 x 3 processes"):
+        T.batch_plan(dict(cfg, global_batch=1000), 3)
+
+
+def test_config_resolution_order(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(dict(data_train="digits:train", epochs=7, batch_size=32, lr=0.002)))
+    overrides, _ = train_cmd.parse_overrides(["--recipe", str(recipe), "--epochs", "3", "--set", "min_lr=2e-5"])
+    cfg = T.resolve_config(overrides)
+    assert cfg["epochs"] == 3 and cfg["batch_size"] == 32 and cfg["lr"] == 0.002 and cfg["min_lr"] == 2e-5
+    assert cfg["weight_decay"] == 0.05  # untouched default
+    assert T.resolve_config({})["recipe"] == "digits"  # no data: the embedded default
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("lrr: 1\n")
+    with pytest.raises(ValueError, match="unknown keys"):
+        T.resolve_config({"recipe": str(bad)})
+    with pytest.raises(ValueError, match="even --batch-size"):
+        T.resolve_config({"recipe": "digits", "batch_size": 15, "mixup": 0.8})
+
+
+@pytest.mark.parametrize(
+    "name, drop_path",
+    [("femto", 0.025), ("kobe", 0.025), ("tiny", 0.2), ("small", 0.4), ("base", 0.6)],
+)
+def test_variant_recipes_are_the_official_ones(name, drop_path):
+    text = (REPO / "recipes" / f"mambaout-{name}.yaml").read_text()
+    assert "# command:" in text and "# hardware:" in text and "# wall time:" in text and "# top-1:" in text
+    cfg = T.resolve_config({"recipe": f"mambaout-{name}", "data": None, "data_train": "x", "data_val": "y"})
+    assert cfg["model"] == f"mambaout_{name}"
+    assert cfg["drop_path"] == drop_path == mambaout.get_variant(cfg["model"])[0].default_drop_path
+    for key, value in dict(
+        lr_base=4e-3,
+        lr_base_batch=4096,
+        global_batch=4096,
+        weight_decay=0.05,
+        epochs=300,
+        cooldown_epochs=10,
+        warmup_epochs=20,
+        warmup_lr=1e-6,
+        min_lr=1e-5,
+        auto_augment="rand-m9-mstd0.5-inc1",
+        mixup=0.8,
+        cutmix=1.0,
+        mixup_switch_prob=0.5,
+        smoothing=0.1,
+        reprob=0.25,
+        remode="pixel",
+        img_size=224,
+        train_interpolation="random",
+    ).items():
+        assert cfg[key] == value, key
+
+
+def test_all_recipes_resolve():
+    for name in T.list_recipes():
+        text = T.find_recipe(name).read_text()
+        assert "# command:" in text and "# top-1:" in text, name
+        T.load_recipe(name)
+
+
+def test_default_digits_run_writes_loadable_weights(tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = train_cmd.main(["--epochs", "2", "--output", str(out), "--keep-top-k", "1", *FAST])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "held-out top-1" in printed
+    for f in ("last.safetensors", "best.safetensors", "state.pt", "config.yaml", "summary.csv", "curves.png"):
+        assert (out / f).is_file(), f
+    assert len(list(out.glob("epoch-*.safetensors"))) == 1  # top-k with k=1
+    rows = (out / "summary.csv").read_text().splitlines()
+    assert rows[0].startswith("epoch,lr,train_loss,val_loss,top1,top5") and len(rows) == 3
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["model"] == "mambaout_test" and saved["recipe"] == "digits" and saved["drop_path"] == 0.1
+
+    # the metadata contract: no model name needed to rebuild it
+    _, meta = read_checkpoint(out / "last.safetensors")
+    assert meta["model"] == "mambaout_test" and meta["class_names"] == [str(i) for i in range(10)]
+    assert meta["model_kwargs"]["num_classes"] == 10 and meta["eval_config"]["input_size"] == [3, 32, 32]
+    model = mambaout.create_model(checkpoint=out / "last.safetensors").eval()
+    assert model.class_names == meta["class_names"] and model.pretrained_cfg["input_size"] == [3, 32, 32]
+    from mambaout.data import DigitsDataset, build_eval_transform
+    from mambaout.engine import evaluate
+
+    ds = DigitsDataset("val", transform=build_eval_transform(model.pretrained_cfg))
+    loader = torch.utils.data.DataLoader(ds, batch_size=512)
+    top1 = evaluate(model, loader, torch.device("cpu"))["top1"]
+    last_row = rows[-1].split(",")
+    assert top1 == pytest.approx(float(last_row[4]), abs=1e-3)  # the trainer's eval, reproduced from the file
+
+
+def test_resume_is_bit_identical(tmp_path):
+    """4 epochs straight == 2 epochs, stop, --resume, 2 more (weights compared bit for bit)."""
+    args = ["--epochs", "4", "--warmup-epochs", "1", "--model-ema", "--set", "model_ema_decay=0.9", *FAST]
+    assert train_cmd.main([*args, "--output", str(tmp_path / "straight")]) == 0
+    assert train_cmd.main([*args, "--output", str(tmp_path / "split"), "--stop-after-epochs", "2"]) == 0
+    state = torch.load(tmp_path / "split" / "state.pt", weights_only=True)
+    assert state["epoch"] == 1 and state["step"] == 6
+    assert not _same(_weights(tmp_path / "straight/last.safetensors"), _weights(tmp_path / "split/last.safetensors"))
+    assert train_cmd.main(["--resume", str(tmp_path / "split"), "--no-progress"]) == 0
+    for f in ("last.safetensors", "last_ema.safetensors"):
+        assert _same(_weights(tmp_path / "straight" / f), _weights(tmp_path / "split" / f)), f
+    straight = (tmp_path / "straight/summary.csv").read_text()
+    split = (tmp_path / "split/summary.csv").read_text()
+    # same losses and accuracies per epoch (the timing columns differ)
+    assert [r.split(",")[:7] for r in straight.splitlines()] == [r.split(",")[:7] for r in split.splitlines()]
+
+
+def test_sigkill_loses_at_most_the_current_epoch(tmp_path):
+    """SIGKILL a run after its first checkpoint; --resume finishes it with the uninterrupted run's weights."""
+    args = [sys.executable, "-m", "mambaout", "train", "--epochs", "5", "--warmup-epochs", "1", *FAST]
+    args[args.index("3")] = "6"  # longer epochs, so the kill lands mid-run
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run([*args, "--output", str(straight)], check=True, env=env, capture_output=True)
+    proc = subprocess.Popen([*args, "--output", str(killed)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not (killed / "state.pt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    epoch_done = torch.load(killed / "state.pt", weights_only=True)["epoch"]
+    assert epoch_done < 4
+    subprocess.run([*args[:4], "--resume", str(killed), "--no-progress"], check=True, env=env, capture_output=True)
+    assert _same(_weights(straight / "last.safetensors"), _weights(killed / "last.safetensors"))
+    assert len((killed / "summary.csv").read_text().splitlines()) == 1 + 5
+
+
+def test_state_write_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "state.pt"
+    T.atomic_torch_save({"epoch": 1}, path)
+
+    def crash(obj, f, *a, **k):
+        Path(f).write_bytes(b"half a checkpoint")
+        raise KeyboardInterrupt("power cut")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        T.atomic_torch_save({"epoch": 2}, path)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True) == {"epoch": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["state.pt"]  # no temp file left behind
+
+
+def test_corrupt_images_counted_in_summary(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    for c in ("a", "b"):
+        (tmp_path / "data" / "train" / c).mkdir(parents=True)
+        (tmp_path / "data" / "val" / c).mkdir(parents=True)
+        for i in range(8):
+            arr = np.full((20, 20, 3), 40 if c == "a" else 200, np.uint8)
+            Image.fromarray(arr).convert("L" if i % 2 else "RGB").save(tmp_path / "data" / "train" / c / f"{i}.png")
+            Image.fromarray(arr).save(tmp_path / "data" / "val" / c / f"{i}.png")
+    (tmp_path / "data" / "train" / "a" / "broken.png").write_bytes(b"\x89PNG broken")
+    out = tmp_path / "run"
+    rc = train_cmd.main(
+        ["--data", str(tmp_path / "data"), "--model", "mambaout_test", "--img-size", "32", "--epochs", "1"]
+        + ["--batch-size", "17", "--mixup", "0", "--cutmix", "0", "--workers", "0", "--no-progress"]
+        + ["--cooldown-epochs", "0", "--warmup-epochs", "0"]
+        + ["--set", "global_batch=null", "--output", str(out)]
+    )
+    assert rc == 0
+    row = (out / "summary.csv").read_text().splitlines()[1].split(",")
+    assert int(row[-1]) == 1  # the one broken file, met once in the epoch
+
+
+def test_cli_errors_are_actionable(capsys):
+    assert train_cmd.main(["--recipe", "no-such-recipe"]) == 2
+    assert "available:" in capsys.readouterr().err
+    assert train_cmd.main(["--batch-size", "48", "--global-batch", "100", *FAST]) == 2
+    assert "not a multiple" in capsys.readouterr().err
