@@ -86,7 +86,12 @@ class ImageDataset(Dataset):
         if not os.path.exists(root):
             raise FileNotFoundError(f"dataset {root} does not exist; pass an ImageFolder directory or a .tar of one")
         self.root = root
-        self.reader = create_reader("", root=root, split="", class_map=class_to_idx)
+        try:
+            self.reader = create_reader("", root=root, split="", class_map=class_to_idx)
+        except RuntimeError as e:  # timm's folder reader: "Found 0 images in subfolders of ..."
+            raise ValueError(
+                f"no images found in {root} ({e}); expected one sub-folder per class holding image files"
+            ) from e
         mapping = getattr(self.reader, "class_to_idx", None) or getattr(self.reader, "class_name_to_idx", None) or {}
         self.class_to_idx = dict(mapping)
         self.classes = [c for c, _ in sorted(self.class_to_idx.items(), key=lambda kv: kv[1])]
