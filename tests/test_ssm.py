@@ -22,12 +22,13 @@ def _inputs(b, length, e, n, dt_scale=1.0, dtype=torch.float64, seed=0):
     return [t.requires_grad_() for t in (x, dt, A, B, C, D)]
 
 
+@pytest.mark.parametrize("within", ["logspace", "doubling", "auto"])
 @pytest.mark.parametrize("length,chunk", [(1, 16), (7, 4), (37, 8), (50, 16), (33, 5), (17, 1), (29, 64)])
-def test_chunked_scan_equals_reference_forward_and_backward(length, chunk):
+def test_chunked_scan_equals_reference_forward_and_backward(length, chunk, within):
     ref_in = _inputs(2, length, 3, 5)
     fast_in = [t.detach().clone().requires_grad_() for t in ref_in]
     y_ref = selective_scan_ref(*ref_in)
-    y_fast = selective_scan_chunked(*fast_in, chunk_size=chunk)
+    y_fast = selective_scan_chunked(*fast_in, chunk_size=chunk, within=within)
     torch.testing.assert_close(y_fast, y_ref, rtol=1e-10, atol=1e-10)
     grad_out = torch.randn_like(y_ref)
     g_ref = torch.autograd.grad(y_ref, ref_in, grad_out)
@@ -37,11 +38,18 @@ def test_chunked_scan_equals_reference_forward_and_backward(length, chunk):
 
 
 def test_chunked_scan_is_stable_under_strong_decay_in_float32():
-    # Δ up to 30 with |A| up to 4: per-step decays down to e^-120, where log-space cumsums of e^{-S} overflow.
+    # Δ up to 30 with |A| up to 4: per-step decays down to e^-120, where log-space cumsums of e^{-S} overflow;
+    # 'auto' must notice and take the doubling scan.
     args = [t.detach().float() for t in _inputs(2, 64, 4, 8, dt_scale=30.0)]
+    assert not torch.isfinite(selective_scan_chunked(*args, chunk_size=16, within="logspace")).all()
     y = selective_scan_chunked(*args, chunk_size=16)
     assert torch.isfinite(y).all()
     torch.testing.assert_close(y, selective_scan_ref(*args), rtol=1e-4, atol=1e-4)
+
+
+def test_chunked_scan_float32_matches_reference_at_initial_step_sizes():
+    args = [t.detach().float() for t in _inputs(3, 131, 6, 8, dt_scale=0.1)]  # Mamba's initial Δ range
+    torch.testing.assert_close(selective_scan_chunked(*args), selective_scan_ref(*args), rtol=1e-4, atol=1e-5)
 
 
 def test_scan_rejects_bad_shapes():
@@ -50,6 +58,8 @@ def test_scan_rejects_bad_shapes():
         selective_scan_chunked(x, dt, A.T, B, C, D)
     with pytest.raises(ValueError, match="chunk_size"):
         selective_scan_chunked(x, dt, A, B, C, D, chunk_size=0)
+    with pytest.raises(ValueError, match="within"):
+        selective_scan_chunked(x, dt, A, B, C, D, within="fft")
 
 
 def test_ssm_is_causal_in_row_major_order():
