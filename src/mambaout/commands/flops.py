@@ -33,24 +33,29 @@ def flops_rows(patterns: list[str] | None = None, img_size: int = 224) -> list[d
         with torch.device("meta"):  # shapes only: no weights allocated, counts in milliseconds
             model = (variant.builder or MambaOut)(**variant.kwargs)
         try:
-            macs = round(count_macs(model, img_size) / 1e9, 2)
+            macs = count_macs(model, img_size)
         except ValueError:  # e.g. a ViT at a size that is no multiple of its patch: it cannot run there
             macs = None
-        rows.append(dict(model=name, img_size=img_size, params_m=round(count_params(model) / 1e6, 2), macs_g=macs))
+        rows.append(
+            dict(
+                model=name,
+                img_size=img_size,
+                params_m=round(count_params(model) / 1e6, 2),
+                macs_g=None if macs is None else round(macs / 1e9, 2),
+                macs_m=None if macs is None else round(macs / 1e6, 1),  # small models at small sizes
+            )
+        )
     return rows
 
 
 def format_rows(rows: list[dict]) -> str:
     size = rows[0]["img_size"]
-    header = f"{'model':<24} {'params (M)':>10} {f'MACs@{size} (G)':>15}"
-    return "\n".join(
-        [header, "-" * len(header)]
-        + [
-            f"{r['model']:<24} {r['params_m']:>10.2f} "
-            + (f"{r['macs_g']:>15.2f}" if r["macs_g"] is not None else f"{'n/a (size)':>15}")
-            for r in rows
-        ]
-    )
+    header = f"{'model':<24} {'params (M)':>10} {f'MACs@{size} (G)':>15} {'(M)':>10}"
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        macs = f"{r['macs_g']:>15.2f} {r['macs_m']:>10.1f}" if r["macs_g"] is not None else f"{'n/a (size)':>15}"
+        lines.append(f"{r['model']:<24} {r['params_m']:>10.2f} {macs}")
+    return "\n".join(lines)
 
 
 def format_transformer(rows: list[dict]) -> str:
