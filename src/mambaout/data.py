@@ -3,7 +3,8 @@
 We lean on timm for everything it already does (folder and tar readers, `create_transform` with RandAugment and
 random erasing, Mixup/CutMix) and add only what our runs need on top:
 
-- `ImageDataset`: reads any timm reader (ImageNet folder layout, an ImageFolder packed in a `.tar`), converts
+- `ImageDataset`: reads timm's random-access readers (ImageNet folder layout, an ImageFolder packed in a `.tar`,
+  a Hugging Face dataset as `hfds/NAME:SPLIT`), converts
   every image mode (grayscale, palette, RGBA, CMYK, 16-bit) to RGB, and skips unreadable files, counting them;
 - `DigitsDataset`: scikit-learn's 8x8 digits upscaled to RGB, the embedded default that needs no download;
 - `safe_posterize`: timm 1.0.31's `inc1` RandAugment can ask Pillow for 0 posterize bits, which Pillow >= 13
@@ -30,6 +31,8 @@ logger = logging.getLogger("mambaout")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DIGITS = "digits"  # the name of the embedded dataset
+# timm readers with random access, named as `<prefix>/<dataset>`; WebDataset/TFDS shards are iterable-only
+MAP_STYLE_READERS = ("hfds/", "hfids/")
 # How many following samples a corrupt one may be replaced by before we give up on the dataset.
 MAX_CONSECUTIVE_BAD = 50
 
@@ -83,11 +86,16 @@ class ImageDataset(Dataset):
         from timm.data.readers import create_reader
 
         root = str(root)
-        if not os.path.exists(root):
+        # `hfds/NAME[:SPLIT]`: a Hugging Face dataset through timm's reader (needs the `datasets` package)
+        name, split = ("", "")
+        if root.startswith(MAP_STYLE_READERS):
+            name, _, split = root.partition(":")
+            root, split = None, split or "train"
+        elif not os.path.exists(root):
             raise FileNotFoundError(f"dataset {root} does not exist; pass an ImageFolder directory or a .tar of one")
-        self.root = root
+        self.root = root or name
         try:
-            self.reader = create_reader("", root=root, split="", class_map=class_to_idx)
+            self.reader = create_reader(name, root=root, split=split, class_map=class_to_idx)
         except RuntimeError as e:  # timm's folder reader: "Found 0 images in subfolders of ..."
             raise ValueError(
                 f"no images found in {root} ({e}); expected one sub-folder per class holding image files"
