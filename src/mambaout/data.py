@@ -322,8 +322,23 @@ def _seed_worker(worker_id: int) -> None:
     np.random.seed(torch.initial_seed() % 2**32)
 
 
-def train_loader(dataset, batch_size: int, rank: int, world_size: int, seed: int, workers: int, pin: bool = False):
-    """Shuffled, sharded (DistributedSampler, also at world size 1 so 1 and N processes see the same order)."""
+def train_loader(
+    dataset,
+    batch_size: int,
+    rank: int,
+    world_size: int,
+    seed: int,
+    workers: int,
+    pin: bool = False,
+    persistent: bool = False,
+):
+    """Shuffled, sharded (DistributedSampler, also at world size 1 so 1 and N processes see the same order).
+
+    Args:
+        persistent: Keep worker processes between epochs (saves their start-up on short GPU epochs). Off by
+            default: fresh workers take their seeds from the per-epoch seeded main process, which is what makes
+            `--resume` bit-exact; persistent workers carry their RNG state across epochs instead.
+    """
     sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
     loader = DataLoader(
         dataset,
@@ -333,9 +348,7 @@ def train_loader(dataset, batch_size: int, rank: int, world_size: int, seed: int
         drop_last=True,
         pin_memory=pin,
         worker_init_fn=_seed_worker,
-        # Fresh workers each epoch take their seeds from the (per-epoch seeded) main process, so a resumed run
-        # replays the same augmentations; persistent workers would carry RNG state across epochs.
-        persistent_workers=False,
+        persistent_workers=persistent and workers > 0,
     )
     if len(loader) == 0:
         raise ValueError(

@@ -44,6 +44,7 @@ DEFAULTS: dict = dict(
     val_split="val",
     cache=False,  # keep file bytes in RAM (small datasets)
     workers=8,
+    persistent_workers=False,  # true saves worker start-up per epoch, but --resume is then not bit-exact
     # model
     model="mambaout_tiny",
     model_kwargs={},  # extra create_model arguments (kernel_size, conv_ratio, ...)
@@ -504,7 +505,9 @@ def train(cfg: dict) -> dict:
         classes = list(train_set.classes)
         workers = cfg["workers"]
         pin = device.type == "cuda"
-        loader = D.train_loader(train_set, cfg["batch_size"], env.rank, env.world_size, cfg["seed"], workers, pin)
+        loader = D.train_loader(
+            train_set, cfg["batch_size"], env.rank, env.world_size, cfg["seed"], workers, pin, cfg["persistent_workers"]
+        )
         steps_per_epoch = D.num_steps(len(loader), accum)
         if cfg["max_steps_per_epoch"]:
             steps_per_epoch = min(steps_per_epoch, cfg["max_steps_per_epoch"])
