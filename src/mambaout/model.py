@@ -21,6 +21,9 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from mambaout import kernels
+from mambaout.kernels import cpu as kernels_cpu
+
 __all__ = ["MambaOut", "GatedCNNBlock", "Stem", "Downsample", "MambaOutStage", "ClassifierHead", "FeatureInfo"]
 
 # Every norm in MambaOut is a channels-last LayerNorm with eps 1e-6 (official `partial(nn.LayerNorm, eps=1e-6)`).
@@ -121,6 +124,15 @@ class GatedCNNBlock(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, H, W, C]
+        # Same function, faster kernels where they apply (mambaout.kernels); the reference below defines the math.
+        if kernels.fastpath_enabled():
+            if (x.is_cuda or kernels.triton_interpreting()) and self._fused_act() is not None:
+                return self._forward_fused_gpu(x)
+            if kernels_cpu.can_use_cpu_fastpath(self, x):
+                return kernels_cpu.gated_block_inference(self, x)
+        return self._forward_reference(x)
+
+    def _forward_reference(self, x: torch.Tensor) -> torch.Tensor:  # [B, H, W, C]
         shortcut = x
         x = self.fc1(self.norm(x))  # [B, H, W, 2 * hidden]
         g, i, c = torch.split(x, self.split_sizes, dim=-1)
@@ -128,6 +140,29 @@ class GatedCNNBlock(nn.Module):
         c = c.permute(0, 2, 3, 1)  # [B, Cc, H, W] -> [B, H, W, Cc]
         x = self.fc2(self.act(g) * torch.cat((i, c), dim=-1))  # [B, H, W, hidden] -> [B, H, W, C]
         return shortcut + self.drop_path(self.ls(x))
+
+    def _fused_act(self) -> str | None:
+        """The Triton kernel's name for this block's activation, or None when the fused GPU kernel does not apply."""
+        if type(self.act) is nn.GELU and self.act.approximate == "none":
+            act = "gelu"
+        elif type(self.act) is nn.SiLU:
+            act = "silu"
+        else:
+            return None
+        conv = self.conv
+        plain_conv = type(conv) is nn.Conv2d and conv.padding_mode == "zeros" and conv.stride == (1, 1)
+        plain_conv = plain_conv and conv.dilation == (1, 1) and not (conv._forward_hooks or conv._forward_pre_hooks)
+        return act if plain_conv and not torch.jit.is_tracing() else None
+
+    def _forward_fused_gpu(self, x: torch.Tensor) -> torch.Tensor:  # [B, H, W, C], CUDA
+        """One Triton kernel for `act(g) * [i, dwconv(c)]` (mambaout.kernels.gated_dwconv), forward and backward."""
+        from mambaout.kernels.gated_dwconv import gated_dwconv, triton_available
+
+        if not triton_available(x.device):
+            return self._forward_reference(x)
+        y = self.fc1(self.norm(x))  # [B, H, W, 2 * hidden]
+        x2 = self.fc2(gated_dwconv(y, self.conv.weight, self.conv.bias, self.hidden, self._fused_act()))
+        return x + self.drop_path(self.ls(x2))
 
 
 class Stem(nn.Module):

@@ -1,0 +1,474 @@
+"""The Gated CNN block's token mixer in one GPU kernel: `act(g) * [i, dwconv(c)]`, forward and backward.
+
+`y = fc1(norm(x))` is `[g, i, c]` along its last dimension (`[B, H, W, 2 * hidden]`). The plain block runs the
+depthwise conv on a strided slice of `y` (a copy), concatenates `i` with the conv's output (another copy), then
+applies the activation and the product (two more passes). Here one kernel reads `g` and `i` once and `c` through
+the conv's `k x k` window and writes the gate product `[B, H, W, hidden]` straight to memory: the conv output and
+the concatenation never exist. The backward recomputes the conv instead of saving it.
+
+`gated_dwconv_reference` is the obviously-correct PyTorch version that the Triton kernels are tested against
+(`tests/test_kernels.py`, runnable on CPU with `TRITON_INTERPRET=1`). `gated_dwconv` is a `torch.library` custom
+op with a fake (meta) implementation and a registered autograd formula, so `torch.compile(fullgraph=True)`
+treats it as one opaque node and inductor fuses the rest of the block around it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from mambaout.kernels import triton_interpreting
+
+__all__ = ["gated_dwconv", "gated_dwconv_reference", "triton_available", "ACTIVATIONS"]
+
+ACTIVATIONS = ("gelu", "silu")
+
+
+def _check(y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, hidden: int, act: str) -> int:
+    """Validate the arguments; returns the number of conv channels."""
+    if act not in ACTIVATIONS:
+        raise ValueError(f"act must be one of {ACTIVATIONS}, got {act!r}")
+    if y.ndim != 4 or y.shape[-1] != 2 * hidden:
+        raise ValueError(f"y must be [B, H, W, 2 * hidden] = [..., {2 * hidden}], got {tuple(y.shape)}")
+    if weight.ndim != 4 or weight.shape[1] != 1 or weight.shape[2] != weight.shape[3] or weight.shape[2] % 2 != 1:
+        raise ValueError(f"weight must be a depthwise [Cc, 1, k, k] kernel with odd k, got {tuple(weight.shape)}")
+    cc = weight.shape[0]
+    if not 0 < cc <= hidden:
+        raise ValueError(f"the conv has {cc} channels; it needs between 1 and hidden={hidden}")
+    if bias is not None and bias.shape != (cc,):
+        raise ValueError(f"bias must have shape ({cc},), got {tuple(bias.shape)}")
+    return cc
+
+
+def _act(g: torch.Tensor, act: str) -> torch.Tensor:
+    return F.gelu(g) if act == "gelu" else F.silu(g)
+
+
+def gated_dwconv_reference(
+    y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, hidden: int, act: str = "gelu"
+) -> torch.Tensor:
+    """Plain PyTorch: `act(g) * [i, dwconv(c)]` for `y = [g, i, c]` `[B, H, W, 2 * hidden]` -> `[B, H, W, hidden]`."""
+    cc = _check(y, weight, bias, hidden, act)
+    g, i, c = torch.split(y, (hidden, hidden - cc, cc), dim=-1)
+    k = weight.shape[-1]
+    c = F.conv2d(c.permute(0, 3, 1, 2), weight, bias, padding=k // 2, groups=cc)  # [B, H, W, Cc] -> [B, Cc, H, W]
+    c = c.permute(0, 2, 3, 1)  # [B, Cc, H, W] -> [B, H, W, Cc]
+    return _act(g, act) * torch.cat((i, c), dim=-1)
+
+
+# --- Triton kernels ----------------------------------------------------------------------------------------------------
+#
+# Layout: y is contiguous `[N, 2 * hidden]` with N = B * H * W pixels in row-major (b, h, w) order. Hidden channel
+# j of the product reads its gate from column j and its value from column hidden + j: for j < hidden - Cc that is
+# the identity branch `i`, otherwise conv channel j - (hidden - Cc) of `c`. Each program owns a tile of BLOCK_P
+# pixels by BLOCK_C hidden channels; the identity and conv channel ranges are launched separately so no program
+# pays for the conv window on identity channels.
+
+try:
+    import triton
+    import triton.language as tl
+
+    _HAS_TRITON = True
+except ImportError:  # CPU-only installs: the block falls back to PyTorch
+    _HAS_TRITON = False
+
+
+def _interpreting() -> bool:
+    return triton_interpreting()
+
+
+def triton_available(device: torch.device | str) -> bool:
+    """Whether the Triton kernels can run on `device`: CUDA with Triton, or any device under `TRITON_INTERPRET=1`."""
+    if not _HAS_TRITON:
+        return False
+    return torch.device(device).type == "cuda" or _interpreting()
+
+
+if _HAS_TRITON:
+
+    @triton.jit
+    def _act_fwd(g, ACT: tl.constexpr):
+        if ACT == 0:  # exact (erf) GELU, as nn.GELU()
+            return 0.5 * g * (1.0 + tl.math.erf(g * 0.7071067811865476))
+        else:  # SiLU
+            return g / (1.0 + tl.exp(-g))
+
+    @triton.jit
+    def _act_grad(g, ACT: tl.constexpr):
+        """(act(g), d act / d g)."""
+        if ACT == 0:
+            cdf = 0.5 * (1.0 + tl.math.erf(g * 0.7071067811865476))
+            pdf = tl.exp(-0.5 * g * g) * 0.3989422804014327
+            return g * cdf, cdf + g * pdf
+        else:
+            s = 1.0 / (1.0 + tl.exp(-g))
+            return g * s, s * (1.0 + g * (1.0 - s))
+
+    @triton.jit
+    def _dwconv_tile(
+        src_ptr,
+        w_ptr,
+        p,
+        hh,
+        ww,
+        cj,
+        pm,
+        cm,
+        H,
+        W,
+        SRC_STRIDE,
+        SRC_COL0,
+        KS: tl.constexpr,
+        FLIP: tl.constexpr,
+        BLOCK_P: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+    ):
+        """Depthwise `KS x KS` correlation (or, with FLIP, its transpose) of a [BLOCK_P, BLOCK_C] tile, fp32."""
+        R: tl.constexpr = KS // 2
+        acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+        for dy in tl.static_range(KS):
+            for dx in tl.static_range(KS):
+                if FLIP:  # transposed conv: output pixel p gathers from p - offset with the same tap
+                    oy = R - dy
+                    ox = R - dx
+                else:
+                    oy = dy - R
+                    ox = dx - R
+                hs = hh + oy
+                ws = ww + ox
+                ok = pm & (hs >= 0) & (hs < H) & (ws >= 0) & (ws < W)
+                q = p + oy * W + ox
+                v = tl.load(
+                    src_ptr + q[:, None] * SRC_STRIDE + SRC_COL0 + cj[None, :],
+                    mask=ok[:, None] & cm[None, :],
+                    other=0.0,
+                )
+                wt = tl.load(w_ptr + cj * (KS * KS) + dy * KS + dx, mask=cm, other=0.0)
+                acc += v.to(tl.float32) * wt.to(tl.float32)[None, :]
+        return acc
+
+    @triton.jit
+    def _fwd_kernel(
+        y_ptr,
+        w_ptr,
+        b_ptr,
+        z_ptr,
+        NPIX,
+        H,
+        W,
+        HIDDEN,
+        CC,
+        C_BEGIN,
+        C_END,
+        KS: tl.constexpr,
+        ACT: tl.constexpr,
+        CONV: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        BLOCK_P: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+    ):
+        p = (tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)).to(tl.int64)
+        j = C_BEGIN + tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        pm = p < NPIX
+        cm = j < C_END
+        m = pm[:, None] & cm[None, :]
+        row = 2 * HIDDEN
+        g = tl.load(y_ptr + p[:, None] * row + j[None, :], mask=m, other=0.0).to(tl.float32)
+        if CONV:
+            cj = j - (HIDDEN - CC)
+            ww = p % W
+            hh = (p // W) % H
+            v = _dwconv_tile(
+                y_ptr, w_ptr, p, hh, ww, cj, pm, cm, H, W, row, 2 * HIDDEN - CC, KS, False, BLOCK_P, BLOCK_C
+            )
+            if HAS_BIAS:
+                v += tl.load(b_ptr + cj, mask=cm, other=0.0).to(tl.float32)[None, :]
+        else:
+            v = tl.load(y_ptr + p[:, None] * row + HIDDEN + j[None, :], mask=m, other=0.0).to(tl.float32)
+        z = _act_fwd(g, ACT) * v
+        tl.store(z_ptr + p[:, None] * HIDDEN + j[None, :], z.to(z_ptr.dtype.element_ty), mask=m)
+
+    @triton.jit
+    def _bwd_gate_kernel(
+        y_ptr,
+        w_ptr,
+        b_ptr,
+        dz_ptr,
+        dy_ptr,
+        e_ptr,
+        NPIX,
+        H,
+        W,
+        HIDDEN,
+        CC,
+        C_BEGIN,
+        C_END,
+        KS: tl.constexpr,
+        ACT: tl.constexpr,
+        CONV: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        BLOCK_P: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+    ):
+        """dg for every channel; di for identity channels; e = dz * act(g), the conv output's gradient, for conv ones."""
+        p = (tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)).to(tl.int64)
+        j = C_BEGIN + tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        pm = p < NPIX
+        cm = j < C_END
+        m = pm[:, None] & cm[None, :]
+        row = 2 * HIDDEN
+        g = tl.load(y_ptr + p[:, None] * row + j[None, :], mask=m, other=0.0).to(tl.float32)
+        dz = tl.load(dz_ptr + p[:, None] * HIDDEN + j[None, :], mask=m, other=0.0).to(tl.float32)
+        a, da = _act_grad(g, ACT)
+        if CONV:
+            cj = j - (HIDDEN - CC)
+            ww = p % W
+            hh = (p // W) % H
+            v = _dwconv_tile(
+                y_ptr, w_ptr, p, hh, ww, cj, pm, cm, H, W, row, 2 * HIDDEN - CC, KS, False, BLOCK_P, BLOCK_C
+            )
+            if HAS_BIAS:
+                v += tl.load(b_ptr + cj, mask=cm, other=0.0).to(tl.float32)[None, :]
+            tl.store(e_ptr + p[:, None] * CC + cj[None, :], dz * a, mask=m)
+        else:
+            v = tl.load(y_ptr + p[:, None] * row + HIDDEN + j[None, :], mask=m, other=0.0).to(tl.float32)
+            tl.store(dy_ptr + p[:, None] * row + HIDDEN + j[None, :], (dz * a).to(dy_ptr.dtype.element_ty), mask=m)
+        tl.store(dy_ptr + p[:, None] * row + j[None, :], (dz * v * da).to(dy_ptr.dtype.element_ty), mask=m)
+
+    @triton.jit
+    def _bwd_conv_kernel(
+        y_ptr,
+        w_ptr,
+        e_ptr,
+        dy_ptr,
+        dw_ptr,
+        db_ptr,
+        NPIX,
+        H,
+        W,
+        HIDDEN,
+        CC,
+        KS: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        BLOCK_P: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+    ):
+        """dc = conv^T(e) into y's conv columns of dy; dweight and dbias summed over the tile, then added atomically."""
+        R: tl.constexpr = KS // 2
+        p = (tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)).to(tl.int64)
+        cj = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        pm = p < NPIX
+        cm = cj < CC
+        m = pm[:, None] & cm[None, :]
+        row = 2 * HIDDEN
+        c0 = 2 * HIDDEN - CC
+        ww = p % W
+        hh = (p // W) % H
+        dc = _dwconv_tile(e_ptr, w_ptr, p, hh, ww, cj, pm, cm, H, W, CC, 0, KS, True, BLOCK_P, BLOCK_C)
+        tl.store(dy_ptr + p[:, None] * row + c0 + cj[None, :], dc.to(dy_ptr.dtype.element_ty), mask=m)
+        # dweight[cj, dy, dx] = sum_p e[p] * c[p + offset(dy, dx)]
+        e = tl.load(e_ptr + p[:, None] * CC + cj[None, :], mask=m, other=0.0)
+        for dy in tl.static_range(KS):
+            for dx in tl.static_range(KS):
+                hs = hh + (dy - R)
+                ws = ww + (dx - R)
+                ok = pm & (hs >= 0) & (hs < H) & (ws >= 0) & (ws < W)
+                q = p + (dy - R) * W + (dx - R)
+                c = tl.load(y_ptr + q[:, None] * row + c0 + cj[None, :], mask=ok[:, None] & cm[None, :], other=0.0)
+                tl.atomic_add(dw_ptr + cj * (KS * KS) + dy * KS + dx, tl.sum(e * c.to(tl.float32), axis=0), mask=cm)
+        if HAS_BIAS:
+            tl.atomic_add(db_ptr + cj, tl.sum(e, axis=0), mask=cm)
+
+    def _configs():
+        # Hopper: channel tiles of 32-128 keep loads coalesced along C; pixel tiles amortise the k*k weight loads.
+        return [
+            triton.Config({"BLOCK_P": bp, "BLOCK_C": bc}, num_warps=nw, num_stages=ns)
+            for bp, bc, nw, ns in [
+                (32, 64, 4, 2),
+                (64, 32, 4, 2),
+                (64, 64, 4, 3),
+                (64, 128, 8, 2),
+                (128, 32, 4, 2),
+                (128, 64, 8, 3),
+                (256, 32, 8, 2),
+            ]
+        ]
+
+    _KEY = ["HIDDEN", "CC", "W", "KS", "CONV"]
+    _fwd_tuned = triton.autotune(_configs(), key=_KEY)(_fwd_kernel)
+    _bwd_gate_tuned = triton.autotune(_configs(), key=_KEY)(_bwd_gate_kernel)
+    _bwd_conv_tuned = triton.autotune(_configs(), key=["HIDDEN", "CC", "W", "KS"], reset_to_zero=["dw_ptr", "db_ptr"])(
+        _bwd_conv_kernel
+    )
+
+# The interpreter runs each program in numpy: a fixed small tile keeps tests fast and skips autotuning.
+_INTERPRET_BLOCKS = {"BLOCK_P": 64, "BLOCK_C": 32}
+
+
+def _launch(tuned, plain, grid_c, npix, *args, **kwargs):
+    """Launch the autotuned kernel on GPU, or the plain one with a fixed tile under the interpreter."""
+    if _interpreting():
+        b = _INTERPRET_BLOCKS
+        plain[(triton.cdiv(npix, b["BLOCK_P"]), triton.cdiv(grid_c, b["BLOCK_C"]))](*args, **kwargs, **b)
+    else:
+
+        def grid(meta):
+            return (triton.cdiv(npix, meta["BLOCK_P"]), triton.cdiv(grid_c, meta["BLOCK_C"]))
+
+        tuned[grid](*args, **kwargs)
+
+
+def _ranges(hidden: int, cc: int) -> list[tuple[int, int, bool]]:
+    """(first, end, is_conv) hidden-channel ranges: identity channels (if any), then conv channels."""
+    return ([(0, hidden - cc, False)] if hidden > cc else []) + [(hidden - cc, hidden, True)]
+
+
+def _gated_dwconv_triton(y, weight, bias, hidden, act):
+    cc = _check(y, weight, bias, hidden, act)
+    y = y.contiguous()
+    weight = weight.contiguous()
+    B, H, W, _ = y.shape
+    npix = B * H * W
+    z = y.new_empty(B, H, W, hidden)
+    if npix == 0:
+        return z
+    bias_arg = bias.contiguous() if bias is not None else weight  # never read when HAS_BIAS is False
+    for first, end, conv in _ranges(hidden, cc):
+        _launch(
+            _fwd_tuned,
+            _fwd_kernel,
+            end - first,
+            npix,
+            y,
+            weight,
+            bias_arg,
+            z,
+            npix,
+            H,
+            W,
+            hidden,
+            cc,
+            first,
+            end,
+            KS=weight.shape[-1],
+            ACT=ACTIVATIONS.index(act),
+            CONV=conv,
+            HAS_BIAS=bias is not None,
+        )
+    return z
+
+
+def _gated_dwconv_backward_triton(dz, y, weight, bias, hidden, act):
+    cc = _check(y, weight, bias, hidden, act)
+    y, dz, weight = y.contiguous(), dz.contiguous(), weight.contiguous()
+    B, H, W, _ = y.shape
+    npix = B * H * W
+    ks = weight.shape[-1]
+    dy = torch.empty_like(y)
+    e = torch.empty(B, H, W, cc, device=y.device, dtype=torch.float32)  # the conv output's gradient, kept in fp32
+    dw = torch.zeros(cc, ks * ks, device=y.device, dtype=torch.float32)
+    db = torch.zeros(cc, device=y.device, dtype=torch.float32)
+    if npix > 0:
+        bias_arg = bias.contiguous() if bias is not None else weight
+        for first, end, conv in _ranges(hidden, cc):
+            _launch(
+                _bwd_gate_tuned,
+                _bwd_gate_kernel,
+                end - first,
+                npix,
+                y,
+                weight,
+                bias_arg,
+                dz,
+                dy,
+                e,
+                npix,
+                H,
+                W,
+                hidden,
+                cc,
+                first,
+                end,
+                KS=ks,
+                ACT=ACTIVATIONS.index(act),
+                CONV=conv,
+                HAS_BIAS=bias is not None,
+            )
+        _launch(
+            _bwd_conv_tuned,
+            _bwd_conv_kernel,
+            cc,
+            npix,
+            y,
+            weight,
+            e,
+            dy,
+            dw,
+            db,
+            npix,
+            H,
+            W,
+            hidden,
+            cc,
+            KS=ks,
+            HAS_BIAS=bias is not None,
+        )
+    return dy, dw.view_as(weight).to(weight.dtype), db.to(weight.dtype)
+
+
+# --- torch.library custom ops: opaque to torch.compile, with shapes for tracing and a registered backward -----------
+
+
+@torch.library.custom_op("mambaout::gated_dwconv", mutates_args=(), device_types=None)
+def gated_dwconv(
+    y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, hidden: int, act: str
+) -> torch.Tensor:
+    """`act(g) * [i, dwconv(c)]` for `y = [g, i, c]`: `[B, H, W, 2 * hidden]` -> `[B, H, W, hidden]` (Triton).
+
+    Args:
+        y: The block's `fc1` output, channels-last.
+        weight: Depthwise conv weight `[Cc, 1, k, k]`, k odd.
+        bias: Conv bias `[Cc]` or None.
+        hidden: Gate width; the last `Cc` of the `hidden` value channels go through the conv.
+        act: `'gelu'` (exact) or `'silu'`.
+    """
+    if not triton_available(y.device):
+        raise RuntimeError(
+            f"mambaout::gated_dwconv needs Triton on CUDA (or TRITON_INTERPRET=1), got a {y.device.type} tensor; "
+            "use gated_dwconv_reference"
+        )
+    return _gated_dwconv_triton(y, weight, bias, hidden, act)
+
+
+@gated_dwconv.register_fake
+def _(y, weight, bias, hidden, act):
+    _check(y, weight, bias, hidden, act)
+    return y.new_empty(*y.shape[:-1], hidden)
+
+
+@torch.library.custom_op("mambaout::gated_dwconv_backward", mutates_args=(), device_types=None)
+def gated_dwconv_backward(
+    dz: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, hidden: int, act: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients `(dy, dweight, dbias)` of `gated_dwconv`; dbias is zeros when there is no bias."""
+    return _gated_dwconv_backward_triton(dz, y, weight, bias, hidden, act)
+
+
+@gated_dwconv_backward.register_fake
+def _(dz, y, weight, bias, hidden, act):
+    return torch.empty_like(y), torch.empty_like(weight), weight.new_empty(weight.shape[0])
+
+
+def _setup_context(ctx, inputs, output):
+    y, weight, bias, hidden, act = inputs
+    ctx.save_for_backward(y, weight, bias)  # the conv output is recomputed, not saved
+    ctx.hidden, ctx.act = hidden, act
+
+
+def _backward(ctx, dz):
+    y, weight, bias = ctx.saved_tensors
+    dy, dw, db = gated_dwconv_backward(dz, y, weight, bias, ctx.hidden, ctx.act)
+    return dy, dw, (db if bias is not None else None), None, None
+
+
+gated_dwconv.register_autograd(_backward, setup_context=_setup_context)
