@@ -1,0 +1,133 @@
+"""The CPU inference fast path (mambaout.kernels.cpu) against the block's plain forward, and when it is chosen."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import mambaout
+from mambaout import kernels
+from mambaout.analysis.flops import count_macs
+from mambaout.kernels import cpu
+from mambaout.model import GatedCNNBlock
+
+pytestmark = pytest.mark.skipif(not cpu.onednn_available(), reason="this torch build has no oneDNN packed linear")
+
+
+def _block(dim=37, **kwargs):
+    torch.manual_seed(0)
+    block = GatedCNNBlock(dim, **kwargs).eval()
+    with torch.no_grad():  # non-trivial norm and conv parameters, so a dropped affine or bias shows
+        for p in block.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return block
+
+
+@pytest.fixture
+def no_fast(monkeypatch):
+    """Fail loudly if the fast path runs."""
+
+    def boom(*args):
+        raise AssertionError("the CPU fast path ran where the reference was expected")
+
+    monkeypatch.setattr(cpu, "gated_block_inference", boom)
+
+
+# Odd sizes; every activation the block accepts (fused into the matmul or not), partial conv, LayerScale.
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(),
+        dict(kernel_size=3, conv_ratio=0.5),
+        dict(act_layer=nn.SiLU, ls_init_value=0.3),
+        dict(act_layer=nn.ReLU, kernel_size=5),
+        dict(act_layer=nn.Tanh),  # no oneDNN post-op: applied as its own module
+        dict(act_layer=lambda: nn.GELU(approximate="tanh")),
+        dict(expansion_ratio=1.0, conv_ratio=1.0),  # no identity channels
+    ],
+)
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+def test_fast_block_equals_reference(kwargs, mode):
+    block = _block(**kwargs)
+    x = torch.randn(2, 13, 11, 37)
+    with mode():
+        want = block._forward_reference(x)
+        assert cpu.can_use_cpu_fastpath(block, x)
+        got = block(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_model_fast_equals_reference_and_input_untouched():
+    model = mambaout.create_model("mambaout_test").eval()
+    x = torch.randn(3, 3, 64, 64)
+    x0 = x.clone()
+    with torch.inference_mode():
+        got = model(x)
+        with kernels.reference_mode():
+            want = model(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(x, x0)
+
+
+def test_weights_changed_in_place_are_repacked():
+    block = _block()
+    x = torch.randn(2, 5, 6, 37)
+    with torch.no_grad():
+        block(x)  # packs the weights
+        block.fc1.weight.mul_(-2.0)
+        block.fc2.weight.add_(0.5)
+        want = block._forward_reference(x)
+        got = block(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    other = _block()
+    other.fc1.weight.data.normal_()
+    block.load_state_dict(other.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(block(x), other._forward_reference(x), rtol=1e-5, atol=1e-5)
+
+
+def test_autograd_uses_reference(no_fast):
+    block = _block()
+    x = torch.randn(1, 5, 5, 37, requires_grad=True)
+    block(x).sum().backward()
+    assert x.grad is not None and block.fc1.weight.grad is not None
+
+
+@pytest.mark.parametrize("case", ["float64", "reference_mode", "hook"])
+def test_fast_path_declines(case, no_fast):
+    block = _block()
+    x = torch.randn(2, 5, 5, 37)
+    if case == "float64":
+        block, x = block.double(), x.double()
+    calls = []
+    if case == "hook":
+        block.fc1.register_forward_hook(lambda *a: calls.append(1))
+    with torch.no_grad():
+        if case == "reference_mode":
+            with kernels.reference_mode():
+                block(x)
+        else:
+            block(x)
+    assert calls == ([1] if case == "hook" else [])
+
+
+def test_drop_path_and_layerscale_kept_in_train_mode_without_grad():
+    block = _block(drop_path=0.5, ls_init_value=0.2).train()
+    x = torch.randn(8, 4, 4, 37)
+    with torch.no_grad():
+        torch.manual_seed(1)
+        got = block(x)
+        torch.manual_seed(1)
+        want = block._forward_reference(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_mac_count_and_deepcopy_unaffected():
+    model = mambaout.create_model("mambaout_test").eval()
+    macs = count_macs(model, 64)  # hooks on every Linear: the blocks must run their modules
+    with torch.inference_mode():
+        model(torch.randn(1, 3, 64, 64))  # fills the packed-weight cache
+    assert count_macs(model, 64) == macs
+    clone = copy.deepcopy(model)
+    assert set(clone.state_dict()) == set(model.state_dict())

@@ -1,0 +1,141 @@
+"""The Triton gated depthwise-conv kernels against their PyTorch reference, on CPU through Triton's interpreter.
+
+`TRITON_INTERPRET=1` must be set when the kernels are decorated (module import), and only while these tests run:
+set globally it would send every CPU model in the session through the (slow) interpreter.
+"""
+
+import copy
+import os
+
+import pytest
+import torch
+
+from mambaout.model import GatedCNNBlock
+
+_before = os.environ.get("TRITON_INTERPRET")
+os.environ["TRITON_INTERPRET"] = "1"
+try:
+    gd = pytest.importorskip("mambaout.kernels.gated_dwconv")
+finally:
+    if _before is None:
+        del os.environ["TRITON_INTERPRET"]
+    else:
+        os.environ["TRITON_INTERPRET"] = _before
+
+if not gd._HAS_TRITON:
+    pytest.skip("triton is not installed", allow_module_level=True)
+if type(gd._fwd_kernel).__name__ != "InterpretedFunction":
+    pytest.skip(
+        "mambaout.kernels.gated_dwconv was imported before this module without TRITON_INTERPRET=1; "
+        "run tests/test_kernels.py on its own",
+        allow_module_level=True,
+    )
+
+
+@pytest.fixture(autouse=True)
+def _interpret(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+def _inputs(B, H, W, hidden, cc, k, bias, dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    y = torch.randn(B, H, W, 2 * hidden, dtype=dtype, requires_grad=True)
+    w = (0.2 * torch.randn(cc, 1, k, k, dtype=dtype)).requires_grad_()
+    b = torch.randn(cc, dtype=dtype, requires_grad=True) if bias else None
+    return y, w, b
+
+
+def _fwd_bwd(fn, y, w, b, hidden, act, dz):
+    z = fn(y, w, b, hidden, act)
+    leaves = [t for t in (y, w, b) if t is not None]
+    return z, torch.autograd.grad(z, leaves, dz)
+
+
+# Odd sizes on purpose: tiles straddle image rows, batch images and the identity/conv channel boundary.
+@pytest.mark.parametrize(
+    "B,H,W,hidden,cc,k,act,bias",
+    [
+        (2, 13, 11, 50, 37, 7, "gelu", True),  # C=37 block with a wider hidden width: identity + conv channels
+        (2, 13, 11, 37, 37, 3, "silu", True),  # every hidden channel convolved (no identity branch)
+        (1, 9, 5, 20, 7, 5, "gelu", False),  # no conv bias
+    ],
+)
+def test_forward_and_backward_equal_reference(B, H, W, hidden, cc, k, act, bias):
+    y, w, b = _inputs(B, H, W, hidden, cc, k, bias)
+    dz = torch.randn(B, H, W, hidden)
+    z, grads = _fwd_bwd(gd.gated_dwconv, y, w, b, hidden, act, dz)
+    z_ref, grads_ref = _fwd_bwd(gd.gated_dwconv_reference, y, w, b, hidden, act, dz)
+    assert z.shape == (B, H, W, hidden) and z.dtype == y.dtype
+    torch.testing.assert_close(z, z_ref, rtol=1e-5, atol=1e-5)
+    for name, got, want in zip(("dy", "dweight", "dbias"), grads, grads_ref):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_bf16_within_tolerance_of_fp32_reference():
+    y, w, b = _inputs(1, 7, 6, 24, 16, 7, True)
+    z = gd.gated_dwconv(y.detach().bfloat16(), w.detach(), b.detach(), 24, "gelu")
+    z_ref = gd.gated_dwconv_reference(y.detach(), w.detach(), b.detach(), 24, "gelu")
+    assert z.dtype == torch.bfloat16
+    torch.testing.assert_close(z.float(), z_ref, rtol=2e-2, atol=2e-2)
+
+
+def test_custom_op_registration_passes_opcheck():
+    # Schema, fake (meta) implementation and autograd registration: what torch.compile relies on.
+    y, w, b = _inputs(1, 5, 4, 12, 8, 3, True)
+    torch.library.opcheck(gd.gated_dwconv, (y, w, b, 12, "gelu"))
+
+
+def test_compiles_fullgraph_with_the_op_as_one_node():
+    y, w, b = _inputs(1, 6, 5, 12, 8, 3, True)
+    dz = torch.randn(1, 6, 5, 12)
+
+    def step(y, w, b):
+        return gd.gated_dwconv(y * 2.0, w, b, 12, "gelu") + 1.0
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    z, grads = _fwd_bwd(lambda y, w, b, *_: compiled(y, w, b), y, w, b, 12, "gelu", dz)
+    z_ref, grads_ref = _fwd_bwd(lambda y, w, b, *_: step(y, w, b), y, w, b, 12, "gelu", dz)
+    torch.testing.assert_close(z, z_ref)
+    for got, want in zip(grads, grads_ref):
+        torch.testing.assert_close(got, want)
+
+
+def test_block_dispatches_to_the_fused_kernel_and_trains(monkeypatch):
+    torch.manual_seed(0)
+    block = GatedCNNBlock(12, kernel_size=5, ls_init_value=0.5).train()
+    ref = copy.deepcopy(block)
+    x = torch.randn(2, 7, 6, 12, requires_grad=True)
+    calls = []
+    real = gd.gated_dwconv
+    monkeypatch.setattr(gd, "gated_dwconv", lambda *a: calls.append(1) or real(*a))
+    out = block(x)
+    out.square().sum().backward()
+    assert calls, "the block did not use the Triton kernel under TRITON_INTERPRET=1"
+    x_ref = x.detach().clone().requires_grad_()
+    out_ref = ref._forward_reference(x_ref)
+    out_ref.square().sum().backward()
+    torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-4, atol=1e-5)
+    for (name, p), p_ref in zip(block.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_without_interpreter_cpu_tensors_are_refused(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET")
+    y, w, b = _inputs(1, 3, 3, 4, 4, 3, True)
+    with pytest.raises(RuntimeError, match="gated_dwconv_reference"):
+        gd.gated_dwconv(y, w, b, 4, "gelu")
+
+
+@pytest.mark.parametrize(
+    "shape,wshape,hidden,act,match",
+    [
+        ((1, 3, 3, 10), (4, 1, 3, 3), 4, "gelu", "2 \\* hidden"),
+        ((1, 3, 3, 8), (4, 1, 4, 4), 4, "gelu", "odd k"),
+        ((1, 3, 3, 8), (5, 1, 3, 3), 4, "gelu", "between 1 and hidden"),
+        ((1, 3, 3, 8), (4, 1, 3, 3), 4, "tanh", "act must be one of"),
+    ],
+)
+def test_bad_arguments_raise_value_error(shape, wshape, hidden, act, match):
+    with pytest.raises(ValueError, match=match):
+        gd.gated_dwconv_reference(torch.zeros(shape), torch.zeros(wshape), None, hidden, act)
