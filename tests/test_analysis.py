@@ -50,7 +50,7 @@ def test_compare_times_every_model_the_same_way():
     rows = compare(["mambaout_test", "mambaout_test_ssm"], img_size=48, batch_size=2, repeats=1, steps=1)
     plain, ssm = rows
     assert ssm["params_m"] > plain["params_m"] and ssm["macs_m"] > plain["macs_m"]
-    assert all(r["infer_img_s"] > 0 and r["train_img_s"] > 0 for r in rows)
+    assert all(r["infer_img_s"] > 0 and r["infer_ref_img_s"] > 0 and r["train_img_s"] > 0 for r in rows)
     assert main(["mambaout_test:kernel_size=3", "--img-size", "32", "--batch-size", "2", "--repeats", "1"]) == 0
     with pytest.raises(ValueError, match="repeats"):
         compare(["mambaout_test"], repeats=0)

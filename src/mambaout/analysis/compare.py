@@ -4,6 +4,11 @@ The README's Mamba-vs-MambaOut and kernel-size tables take their cost columns fr
 table is timed by the same code, on the same inputs, interleaved (model A, model B, A, B, ...) so that load from
 other processes hits them alike; the median of the repeats is reported.
 
+Inference is timed twice: as users get it (MambaOut's Gated CNN blocks may take the package's fused CPU fast
+path, `mambaout.kernels`), and with every block on its plain PyTorch forward (`kernels.reference_mode()`), which
+is the like-for-like comparison with the Mamba block (it has no fused kernel). Training always runs the plain
+forward (the fast path is inference-only).
+
     python -m mambaout.analysis.compare mambaout_pico mambaout_pico_ssm --img-size 64 --batch-size 64
 """
 
@@ -17,6 +22,7 @@ import time
 import torch
 
 import mambaout
+from mambaout import kernels
 from mambaout.analysis.flops import count_macs, count_params
 
 
@@ -59,6 +65,7 @@ def compare(
     models = [mambaout.create_model(n, num_classes=num_classes, **kw) for n, kw in zip(names, model_kwargs)]
     opts = [torch.optim.AdamW(m.parameters(), lr=1e-4) for m in models]
     infer = [[] for _ in models]
+    infer_ref = [[] for _ in models]
     train = [[] for _ in models]
     for m, opt in zip(models, opts):  # warm-up: allocator, thread pools
         _inference_step(m.eval(), x)
@@ -70,6 +77,11 @@ def compare(
             for _ in range(steps):
                 _inference_step(m, x)
             infer[i].append(steps * batch_size / (time.perf_counter() - t))
+            with kernels.reference_mode():
+                t = time.perf_counter()
+                for _ in range(steps):
+                    _inference_step(m, x)
+                infer_ref[i].append(steps * batch_size / (time.perf_counter() - t))
             m.train()
             t = time.perf_counter()
             for _ in range(steps):
@@ -82,6 +94,7 @@ def compare(
             params_m=round(count_params(m) / 1e6, 3),
             macs_m=round(count_macs(m, img_size) / 1e6, 2),
             infer_img_s=round(statistics.median(infer[i]), 1),
+            infer_ref_img_s=round(statistics.median(infer_ref[i]), 1),
             train_img_s=round(statistics.median(train[i]), 1),
             img_size=img_size,
             batch_size=batch_size,
