@@ -154,7 +154,7 @@ def _initial_weights() -> dict:
     import mambaout
 
     torch.manual_seed(0)  # the trainer seeds with `seed` (0) right before building the model
-    return mambaout.create_model("mambaout_test", num_classes=10, drop_path_rate=0.0, drop_rate=0.0).state_dict()
+    return mambaout.create_model("mambaout_test", num_classes=10, drop_path_rate=0.0).state_dict()
 
 
 def test_two_nodes_rendezvous(runs):

@@ -531,11 +531,11 @@ def train(cfg: dict) -> dict:
         # model: every registered model trains through the same factory
         seed_all(cfg["seed"])
         kwargs = dict(cfg["model_kwargs"] or {})
+        if cfg["drop_rate"]:  # only when asked: not every registered builder takes a head dropout
+            kwargs.setdefault("drop_rate", cfg["drop_rate"])
         variant, _ = mambaout.get_variant(cfg["model"])
         drop_path = cfg["drop_path"] if cfg["drop_path"] is not None else variant.default_drop_path
-        model = mambaout.create_model(
-            cfg["model"], num_classes=len(classes), drop_path_rate=drop_path, drop_rate=cfg["drop_rate"], **kwargs
-        )
+        model = mambaout.create_model(cfg["model"], num_classes=len(classes), drop_path_rate=drop_path, **kwargs)
         if cfg["grad_checkpointing"]:
             model.set_grad_checkpointing(True)
         model.to(device)
