@@ -94,7 +94,7 @@ def test_autograd_uses_reference(no_fast):
     assert x.grad is not None and block.fc1.weight.grad is not None
 
 
-@pytest.mark.parametrize("case", ["float64", "reference_mode", "hook"])
+@pytest.mark.parametrize("case", ["float64", "reference_mode", "hook", "autocast"])
 def test_fast_path_declines(case, no_fast):
     block = _block()
     x = torch.randn(2, 5, 5, 37)
@@ -106,6 +106,9 @@ def test_fast_path_declines(case, no_fast):
     with torch.no_grad():
         if case == "reference_mode":
             with kernels.reference_mode():
+                block(x)
+        elif case == "autocast":
+            with torch.autocast("cpu", dtype=torch.bfloat16):
                 block(x)
         else:
             block(x)

@@ -82,7 +82,7 @@ def _hooked(m: nn.Module) -> bool:
 def can_use_cpu_fastpath(block: nn.Module, x: torch.Tensor) -> bool:
     """Whether `gated_block_inference` may replace the block's reference forward for this input.
 
-    Only for float32 CPU tensors with autograd off (under `no_grad` / `inference_mode`), outside tracing and
+    Only for float32 CPU tensors outside autocast, with autograd off (under `no_grad` / `inference_mode`), outside tracing and
     compilation (those see the reference graph), and when nobody hooks `fc1`/`fc2` (e.g. the MAC counter),
     because this path calls their weights directly instead of the modules.
     """
@@ -91,6 +91,7 @@ def can_use_cpu_fastpath(block: nn.Module, x: torch.Tensor) -> bool:
         and not torch.is_grad_enabled()
         and x.device.type == "cpu"
         and x.dtype == torch.float32
+        and not torch.is_autocast_enabled("cpu")  # autocast decides dtypes op by op; the reference keeps that
         and x.ndim == 4
         and block.fc1.weight.dtype == torch.float32
         and not torch.jit.is_scripting()
