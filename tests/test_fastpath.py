@@ -134,3 +134,15 @@ def test_mac_count_and_deepcopy_unaffected():
     assert count_macs(model, 64) == macs
     clone = copy.deepcopy(model)
     assert set(clone.state_dict()) == set(model.state_dict())
+
+
+def test_export_under_no_grad_records_the_reference_graph():
+    # torch.export traces with fake tensors: the exported program must not depend on oneDNN's private ops.
+    model = mambaout.create_model("mambaout_test").eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        program = torch.export.export(model, (x,))
+    targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+    assert not [t for t in targets if "mkldnn" in t]
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(x), model(x), rtol=1e-5, atol=1e-5)

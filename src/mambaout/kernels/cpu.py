@@ -97,8 +97,15 @@ def can_use_cpu_fastpath(block: nn.Module, x: torch.Tensor) -> bool:
         and not torch.jit.is_scripting()
         and not torch.jit.is_tracing()
         and not torch.compiler.is_compiling()
+        and not _exporting()
+        and type(x) is torch.Tensor  # fake/functional tensors mean someone traces the graph: show the reference
         and not (_hooked(block.fc1) or _hooked(block.fc2) or _global_hooks())
     )
+
+
+def _exporting() -> bool:
+    is_exporting = getattr(torch.compiler, "is_exporting", None)
+    return bool(is_exporting and is_exporting())
 
 
 def _global_hooks() -> bool:
