@@ -139,3 +139,14 @@ def test_without_interpreter_cpu_tensors_are_refused(monkeypatch):
 def test_bad_arguments_raise_value_error(shape, wshape, hidden, act, match):
     with pytest.raises(ValueError, match=match):
         gd.gated_dwconv_reference(torch.zeros(shape), torch.zeros(wshape), None, hidden, act)
+
+
+def test_block_compiles_fullgraph_through_the_dispatch():
+    torch.manual_seed(0)
+    block = GatedCNNBlock(12, kernel_size=3)
+    x = torch.randn(1, 5, 4, 12, requires_grad=True)
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")  # fullgraph: any graph break raises
+    out = compiled(x)
+    out.sum().backward()
+    torch.testing.assert_close(out, block._forward_reference(x), rtol=1e-5, atol=1e-5)
+    assert x.grad is not None and block.conv.weight.grad is not None
