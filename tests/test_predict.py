@@ -205,6 +205,12 @@ def test_imagenet_names_key_on_synsets():
     assert names.label(0) == "tench"
     assert class_names_for(mambaout.create_model("mambaout_test", num_classes=7)).names == tuple(map(str, range(7)))
     assert ClassNames(("a", "a")).label(1) == "a"  # no synsets: names as stored
+    # an ImageFolder of Imagenette stores synsets as class names: show the words, keep the synsets
+    model = mambaout.create_model("mambaout_test", num_classes=2)
+    model.class_names = ["n01440764", "n02102040"]
+    assert class_names_for(model) == ClassNames(("tench", "English springer"), ("n01440764", "n02102040"))
+    model.class_names = ["n01440764", "n99999999"]  # not ImageNet's: kept as stored
+    assert class_names_for(model) == ClassNames(("n01440764", "n99999999"))
 
 
 def test_real_photos_index_synset_name(shared_data, tmp_path):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import sys
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -29,6 +30,8 @@ from .factory import create_model
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".jfif"}
 )
+
+_SYNSET = re.compile(r"n\d{8}")  # a WordNet noun id, ImageNet's class folder names
 
 # Transparent pixels are composited onto white, the background a viewer shows for most transparent photos.
 _BACKGROUND = (255, 255, 255)
@@ -144,14 +147,25 @@ class ClassNames:
 def class_names_for(model: nn.Module) -> ClassNames:
     """The names of `model`'s outputs.
 
-    Order of preference: names stored in the checkpoint by our trainer (`model.class_names`); ImageNet-1k
+    Order of preference: names stored in the checkpoint by our trainer (`model.class_names`; WordNet synsets
+    such as an ImageFolder of Imagenette stores are shown as their ImageNet names); ImageNet-1k
     (or -12k/-22k) names and synsets from timm when the head has that many classes; else the index as text.
     """
     stored = getattr(model, "class_names", None)
     num_classes = model.num_classes
-    if stored is not None and len(stored) == num_classes:
-        return ClassNames(tuple(str(n) for n in stored))
     from timm.data import ImageNetInfo, infer_imagenet_subset
+
+    if stored is not None and len(stored) == num_classes:
+        stored = tuple(str(n) for n in stored)
+        if all(_SYNSET.fullmatch(n) for n in stored):
+            # ImageFolder class names of an ImageNet subset (Imagenette): show the words, keep the synsets
+            info = ImageNetInfo("imagenet-22k")
+            try:
+                names = tuple(info.label_name_to_description(n).split(",")[0].strip() for n in stored)
+            except (KeyError, ValueError):  # not all WordNet ids ImageNet knows: keep them as they are
+                return ClassNames(stored)
+            return ClassNames(names, stored)
+        return ClassNames(stored)
 
     subset = infer_imagenet_subset({"num_classes": num_classes})
     if subset is not None:
