@@ -67,3 +67,40 @@ def test_state_write_is_atomic(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert torch.load(path, weights_only=True) == {"epoch": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["state.pt"]  # no temp file left behind
+
+
+def test_mid_epoch_resume_is_bit_identical(tmp_path):
+    """Stop inside epoch 1, resume, stop inside epoch 2, resume: same weights as 2 uninterrupted epochs (workers=0)."""
+    args = ["--epochs", "2", "--warmup-epochs", "1", "--model-ema", *FAST, "--max-steps-per-epoch", "6"]
+    assert train_cmd.main([*args, "--output", str(tmp_path / "straight")]) == 0
+    split = tmp_path / "split"
+    assert train_cmd.main([*args, "--output", str(split), "--stop-after-steps", "4"]) == 0
+    state = torch.load(split / "state.pt", weights_only=True)
+    assert (state["epoch"], state["epoch_step"], state["step"]) == (-1, 4, 4)  # inside the first epoch
+    assert train_cmd.main(["--resume", str(split), "--stop-after-steps", "4", "--no-progress"]) == 0
+    state = torch.load(split / "state.pt", weights_only=True)
+    assert (state["epoch"], state["epoch_step"], state["step"]) == (0, 2, 8)  # inside the second
+    assert train_cmd.main(["--resume", str(split), "--no-progress"]) == 0
+    for f in ("last.safetensors", "last_ema.safetensors"):
+        assert _same(_weights(tmp_path / "straight" / f), _weights(split / f)), f
+
+
+def test_checkpoint_every_steps(tmp_path):
+    out = tmp_path / "run"
+    args = ["--epochs", "1", *FAST, "--max-steps-per-epoch", "5", "--set", "checkpoint_every=2", "--output", str(out)]
+    saved = []
+    real = T.atomic_torch_save
+
+    def spy(obj, path):
+        saved.append((obj["epoch"], obj["epoch_step"], obj["step"]))
+        real(obj, path)
+
+    import mambaout.train
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(mambaout.train, "atomic_torch_save", spy)
+    try:
+        assert train_cmd.main(args) == 0
+    finally:
+        mp.undo()
+    assert saved == [(-1, 2, 2), (-1, 4, 4), (0, 0, 5)]  # steps 2 and 4 inside the epoch, then its end

@@ -317,6 +317,21 @@ class ShardSampler(Sampler):
         return len(self.indices)
 
 
+class ResumableSampler(DistributedSampler):
+    """DistributedSampler that can start an epoch part-way, after `skip` of this rank's samples (mid-epoch resume).
+
+    The epoch's order is the same permutation as ever (seeded by seed + epoch); only its head is left out.
+    """
+
+    skip = 0
+
+    def __iter__(self):
+        return iter(list(super().__iter__())[self.skip :])
+
+    def __len__(self) -> int:
+        return self.num_samples - self.skip
+
+
 def _seed_worker(worker_id: int) -> None:
     # torch seeds python's `random` and itself per worker; numpy (used by RandAugment and Mixup) it does not.
     np.random.seed(torch.initial_seed() % 2**32)
@@ -339,7 +354,7 @@ def train_loader(
             default: fresh workers take their seeds from the per-epoch seeded main process, which is what makes
             `--resume` bit-exact; persistent workers carry their RNG state across epochs instead.
     """
-    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
+    sampler = ResumableSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
     loader = DataLoader(
         dataset,
         batch_size=batch_size,

@@ -60,7 +60,8 @@ def train_one_epoch(
     mixup_fn: Callable | None = None,
     scaler: torch.amp.GradScaler | None = None,
     ema=None,
-    on_step: Callable[[int], None] | None = None,
+    on_step: Callable[[int], bool | None] | None = None,
+    on_start: Callable[[], None] | None = None,
     max_steps: int | None = None,
     progress=None,
 ) -> dict:
@@ -72,7 +73,8 @@ def train_one_epoch(
 
     Args:
         on_step: Called after every optimizer step with the number of steps taken this epoch (scheduler updates,
-            step-granular checkpoints).
+            step-granular checkpoints); returning True ends the epoch there.
+        on_start: Called once the loader's iterator exists (creating it draws from the RNG), before the first batch.
         max_steps: Stop after this many optimizer steps (smoke tests, step-exact resume tests).
         progress: A tqdm-like bar (`update`, `set_postfix`) or None.
 
@@ -88,7 +90,10 @@ def train_one_epoch(
     loss_sum, n_micro, images, skipped, steps = 0.0, 0, 0, 0, 0
     t0 = time.perf_counter()
     optimizer.zero_grad(set_to_none=True)
-    for i, (x, y, n_bad) in enumerate(loader):
+    batches = iter(loader)
+    if on_start is not None:
+        on_start()
+    for i, (x, y, n_bad) in enumerate(batches):
         if steps >= steps_total:
             break
         x, y = _to_device(x, y, device, step_cfg.channels_last)
@@ -123,8 +128,7 @@ def train_one_epoch(
         steps += 1
         if ema is not None:
             ema.update(dist.unwrap(model))
-        if on_step is not None:
-            on_step(steps)
+        stop = on_step(steps) if on_step is not None else False
         if progress is not None:
             elapsed = time.perf_counter() - t0
             progress.update(1)
@@ -134,6 +138,8 @@ def train_one_epoch(
                 img_s=f"{images * dist.get_world_size() / max(elapsed, 1e-9):.0f}",
                 refresh=False,
             )
+        if stop:
+            break
     seconds = time.perf_counter() - t0
     loss_sum, n_micro, images, skipped = dist.all_reduce_sum([loss_sum, n_micro, images, skipped], device)
     return dict(

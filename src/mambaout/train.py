@@ -111,6 +111,8 @@ DEFAULTS: dict = dict(
     progress=True,
     max_steps_per_epoch=None,  # cap optimizer steps per epoch (smoke tests)
     stop_after_epochs=None,  # stop after this many epochs of this invocation (resume tests, time-boxed runs)
+    stop_after_steps=None,  # stop after this many optimizer steps of this invocation, mid-epoch if need be
+    checkpoint_every=0,  # also write state.pt every N optimizer steps inside epochs (0: at epoch ends only)
     recipe=None,
 )
 
@@ -178,7 +180,7 @@ def resolve_config(overrides: dict) -> dict:
         saved = load_state(resume_path(overrides["resume"])).get("config", {})
         cfg = copy.deepcopy(DEFAULTS)
         cfg.update({k: v for k, v in saved.items() if k in DEFAULTS})
-        cfg.update(stop_after_epochs=None, output=str(resume_path(overrides["resume"]).parent))
+        cfg.update(stop_after_epochs=None, stop_after_steps=None, output=str(resume_path(overrides["resume"]).parent))
         cfg.update(overrides)
         validate_config(cfg)
         return cfg
@@ -560,6 +562,7 @@ def train(cfg: dict) -> dict:
             ema = ModelEmaV3(model, decay=cfg["model_ema_decay"])
 
         start_epoch, global_step, best, top_k = 0, 0, None, []
+        resume_step, resume_rng = 0, None  # a mid-epoch state: steps already done in `start_epoch`, and its RNG
         if state is not None:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
@@ -570,8 +573,13 @@ def train(cfg: dict) -> dict:
                 ema.module.load_state_dict(state["ema"])
             start_epoch, global_step = state["epoch"] + 1, state["step"]
             best, top_k = state.get("best"), [tuple(t) for t in state.get("top_k", [])]
-            set_rng_state(state["rng"])
-            _say(f"resumed from {cfg['resume']}: epoch {start_epoch} of {total_epochs(cfg)}, step {global_step}")
+            resume_step = state.get("epoch_step", 0)
+            resume_rng = state["rng"] if resume_step else None
+            _say(
+                f"resumed from {cfg['resume']}: epoch {start_epoch + 1} of {total_epochs(cfg)}"
+                + (f" after its step {resume_step}" if resume_step else "")
+                + f", global step {global_step}"
+            )
 
         train_model = dist.wrap(model, device)
         if cfg["compile"]:
@@ -611,27 +619,86 @@ def train(cfg: dict) -> dict:
         step_cfg = StepConfig(accum, amp_dtype, cfg["clip_grad"], cfg["channels_last"])
         result: dict = {}
         run_start = time.perf_counter()
-        epochs_this_call = 0
+        epochs_this_call = steps_this_call = 0
+
+        def save_state(completed_epoch: int, step: int, epoch_step: int = 0) -> None:
+            """state.pt: everything --resume needs; `epoch_step` > 0 marks a checkpoint inside the next epoch."""
+            if not dist.is_main():
+                return
+            atomic_torch_save(
+                dict(
+                    model=model.state_dict(),
+                    optimizer=optimizer.state_dict(),
+                    scheduler=scheduler.state_dict(),
+                    scaler=scaler.state_dict() if scaler is not None else None,
+                    ema=ema.module.state_dict() if ema is not None else None,
+                    epoch=completed_epoch,
+                    step=step,
+                    epoch_step=epoch_step,
+                    best=best,
+                    top_k=[list(t) for t in top_k],
+                    rng=rng_state(),
+                    sampler=dict(
+                        seed=cfg["seed"],
+                        epoch=completed_epoch + (1 if epoch_step else 0),
+                        samples_done=epoch_step * accum * cfg["batch_size"],
+                        world_size=env.world_size,
+                    ),
+                    config=_plain(cfg),
+                    meta=meta,
+                ),
+                out / "state.pt",
+            )
+
         for epoch in range(start_epoch, n_epochs):
             # Seeding per epoch makes an epoch's randomness a function of (seed, epoch, rank) only, so a resumed
             # run replays exactly what an uninterrupted one would have done.
             seed_all(cfg["seed"] + 1000 * epoch + env.rank)
             loader.sampler.set_epoch(epoch)
+            # resuming a mid-epoch checkpoint: leave out the batches it had trained on
+            skip_steps = resume_step if epoch == start_epoch else 0
+            loader.sampler.skip = skip_steps * accum * cfg["batch_size"]
             if not cfg["sched_on_updates"]:
                 scheduler.step(epoch)
             else:
                 scheduler.step_update(global_step)
             lr_now = optimizer.param_groups[0]["lr"]
 
-            def on_step(n, _base=global_step):
+            def on_start(_skip=skip_steps):
+                # Mid-epoch resume: continue the RNG where the checkpoint left it (after the loader's iterator has
+                # drawn its seed, as it had in the interrupted run), so with workers=0 the rest of the epoch
+                # is bit-identical; with worker processes the data order is, their augmentation draws are not.
+                if _skip and resume_rng is not None:
+                    set_rng_state(resume_rng)
+
+            stopped_mid = []
+
+            def on_step(
+                n, _base=global_step, _skip=skip_steps, _epoch=epoch, _called=steps_this_call, _out=stopped_mid
+            ):
+                step_now, done = _base + n, _skip + n
                 if cfg["sched_on_updates"]:
-                    scheduler.step_update(_base + n)
+                    scheduler.step_update(step_now)
+                inside = done < steps_per_epoch  # the epoch-end checkpoint covers the last step
+                stop = bool(cfg["stop_after_steps"]) and _called + n >= cfg["stop_after_steps"] and inside
+                every = cfg["checkpoint_every"]
+                if inside and (stop or (every and step_now % every == 0)):
+                    save_state(_epoch - 1, step_now, epoch_step=done)
+                if stop:
+                    _out.append(done)
+                return stop
 
             bar = None
             if cfg["progress"] and dist.is_main():
                 from tqdm import tqdm
 
-                bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{n_epochs}", leave=False, file=sys.stderr)
+                bar = tqdm(
+                    total=steps_per_epoch,
+                    initial=skip_steps,
+                    desc=f"epoch {epoch + 1}/{n_epochs}",
+                    leave=False,
+                    file=sys.stderr,
+                )
             t0 = time.perf_counter()
             stats = train_one_epoch(
                 train_model,
@@ -644,12 +711,22 @@ def train(cfg: dict) -> dict:
                 scaler=scaler,
                 ema=ema,
                 on_step=on_step,
-                max_steps=steps_per_epoch,
+                on_start=on_start,
+                max_steps=steps_per_epoch - skip_steps,
                 progress=bar,
             )
             if bar is not None:
                 bar.close()
             global_step += stats["steps"]
+            steps_this_call += stats["steps"]
+            if stopped_mid:
+                _say(
+                    f"stopping at step {stopped_mid[0]} of epoch {epoch + 1} as asked (state saved); "
+                    f"continue with --resume {out}"
+                )
+                dist.barrier()
+                result = dict(epoch=epoch, output=str(out), stopped=True)
+                break
             row = dict(
                 epoch=epoch,
                 lr=lr_now,
@@ -676,24 +753,7 @@ def train(cfg: dict) -> dict:
                         use_ema = ema_metrics is not None and ema_metrics["top1"] > metrics["top1"]
                         best = dict(epoch=epoch, top1=score, source="ema" if use_ema else "model")
                         run.save_weights(ema.module if use_ema else model, "best.safetensors", epoch=epoch, top1=score)
-                atomic_torch_save(
-                    dict(
-                        model=model.state_dict(),
-                        optimizer=optimizer.state_dict(),
-                        scheduler=scheduler.state_dict(),
-                        scaler=scaler.state_dict() if scaler is not None else None,
-                        ema=ema.module.state_dict() if ema is not None else None,
-                        epoch=epoch,
-                        step=global_step,
-                        best=best,
-                        top_k=[list(t) for t in top_k],
-                        rng=rng_state(),
-                        sampler=dict(seed=cfg["seed"], epoch=epoch, world_size=env.world_size),
-                        config=_plain(cfg),
-                        meta=meta,
-                    ),
-                    out / "state.pt",
-                )
+                save_state(epoch, global_step)
                 msg = (
                     f"epoch {epoch + 1}/{n_epochs}  lr {lr_now:.3g}  train loss {stats['loss']:.4f}  "
                     f"{row['train_img_s']:.0f} img/s  {row['epoch_s']:.0f}s"

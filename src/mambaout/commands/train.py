@@ -82,6 +82,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     g.add_argument("--max-steps-per-epoch", type=int, help="cap optimizer steps per epoch (smoke tests)")
     g.add_argument("--stop-after-epochs", type=int, help="stop after N epochs of this call (resume later)")
+    g.add_argument("--stop-after-steps", type=int, help="stop after N optimizer steps of this call, mid-epoch too")
+    g.add_argument("--checkpoint-every", type=int, help="also save the training state every N steps inside epochs")
     g.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     g.add_argument("--list-recipes", action="store_true", help="list the recipe names and exit")
     return p
