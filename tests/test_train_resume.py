@@ -104,3 +104,12 @@ def test_checkpoint_every_steps(tmp_path):
     finally:
         mp.undo()
     assert saved == [(-1, 2, 2), (-1, 4, 4), (0, 0, 5)]  # steps 2 and 4 inside the epoch, then its end
+
+
+def test_resume_with_worker_processes(tmp_path):
+    """Fresh workers each epoch take their seeds from the per-epoch seeded main process: resume stays exact."""
+    args = ["--epochs", "3", "--warmup-epochs", "1", *FAST, "--workers", "1"]
+    assert train_cmd.main([*args, "--output", str(tmp_path / "straight")]) == 0
+    assert train_cmd.main([*args, "--output", str(tmp_path / "split"), "--stop-after-epochs", "1"]) == 0
+    assert train_cmd.main(["--resume", str(tmp_path / "split"), "--no-progress"]) == 0
+    assert _same(_weights(tmp_path / "straight/last.safetensors"), _weights(tmp_path / "split/last.safetensors"))
