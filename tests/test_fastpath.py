@@ -1,6 +1,7 @@
 """The CPU inference fast path (mambaout.kernels.cpu) against the block's plain forward, and when it is chosen."""
 
 import copy
+import csv
 
 import pytest
 import torch
@@ -146,3 +147,21 @@ def test_export_under_no_grad_records_the_reference_graph():
     assert not [t for t in targets if "mkldnn" in t]
     with torch.no_grad():
         torch.testing.assert_close(program.module()(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_benchmark_command_writes_rows(tmp_path, capsys):
+    # Structure only (benchmarks are scripts; speed is never asserted in tests): femto at 32 px, one step each.
+    pytest.importorskip("timm")
+    from mambaout.commands import benchmark
+
+    csv_path = tmp_path / "bench.csv"
+    args = ["--models", "mambaout_femto", "--device", "cpu", "--img-size", "32", "--batch-size", "2"]
+    rc = benchmark.main(args + ["--warmup", "0", "--iters", "1", "--with-reference", "--csv", str(csv_path)])
+    assert rc == 0
+    rows = list(csv.DictReader(csv_path.open()))
+    assert [r["impl"] for r in rows] == ["timm", "ours", "ours-reference"]
+    assert float(rows[1]["rel_diff_vs_timm"]) <= benchmark.TOLERANCE["fp32"]
+    assert float(rows[0]["speedup_vs_timm"]) == 1.0 and float(rows[1]["img_per_s"]) > 0
+    assert "vs timm" in capsys.readouterr().out
+    assert benchmark.main(["--models", "mambaout_test", "--device", "cpu", "--csv", ""]) == 2  # timm lacks it
+    assert benchmark.default_csv(torch.device("cpu")).startswith("benchmark-")
