@@ -13,7 +13,7 @@ from mambaout.cli import main
     "name,kind",
     [
         ("vit_tiny_deit_causal", VisionTransformer),
-        pytest.param("mambaout_test_ssm", MambaBlock, marks=pytest.mark.slow),
+        ("mambaout_test_ssm", MambaBlock),
     ],
 )
 def test_mambaout_train_runs_and_checkpoint_restores(tmp_path, name, kind):
