@@ -1,40 +1,59 @@
 """The Triton gated depthwise-conv kernels against their PyTorch reference, on CPU through Triton's interpreter.
 
-`TRITON_INTERPRET=1` must be set when the kernels are decorated (module import), and only while these tests run:
-set globally it would send every CPU model in the session through the (slow) interpreter.
+`TRITON_INTERPRET=1` must be set before triton is first imported (triton's own helpers such as `tl.zeros` are
+decorated then) and only while these tests run: set globally it would send every CPU model in the session
+through the (slow) interpreter. When an earlier test module already imported triton, this module runs itself in
+a fresh subprocess with the variable set instead.
 """
 
 import copy
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from mambaout.model import GatedCNNBlock
 
-_before = os.environ.get("TRITON_INTERPRET")
-os.environ["TRITON_INTERPRET"] = "1"
-try:
-    gd = pytest.importorskip("mambaout.kernels.gated_dwconv")
-finally:
-    if _before is None:
-        del os.environ["TRITON_INTERPRET"]
-    else:
-        os.environ["TRITON_INTERPRET"] = _before
+# In-process only if triton is not loaded yet (or the whole session is interpreted).
+FRESH = "triton" not in sys.modules or os.environ.get("TRITON_INTERPRET") == "1"
+in_process = pytest.mark.skipif(not FRESH, reason="triton was imported before without TRITON_INTERPRET: see subprocess")
 
-if not gd._HAS_TRITON:
-    pytest.skip("triton is not installed", allow_module_level=True)
-if type(gd._fwd_kernel).__name__ != "InterpretedFunction":
-    pytest.skip(
-        "mambaout.kernels.gated_dwconv was imported before this module without TRITON_INTERPRET=1; "
-        "run tests/test_kernels.py on its own",
-        allow_module_level=True,
-    )
+gd = None
+if FRESH:
+    _before = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        gd = pytest.importorskip("mambaout.kernels.gated_dwconv")
+    finally:
+        if _before is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = _before
+    if not gd._HAS_TRITON:
+        pytest.skip("triton is not installed", allow_module_level=True)
+    if type(gd._fwd_kernel).__name__ != "InterpretedFunction":
+        pytest.skip(
+            "mambaout.kernels.gated_dwconv was imported before without TRITON_INTERPRET=1; run this file on its own",
+            allow_module_level=True,
+        )
+
+
+@pytest.mark.skipif(FRESH, reason="runs in process")
+def test_kernels_in_a_fresh_interpreter_process():
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout
 
 
 @pytest.fixture(autouse=True)
 def _interpret(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    if FRESH:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
 def _inputs(B, H, W, hidden, cc, k, bias, dtype=torch.float32, seed=0):
@@ -51,6 +70,7 @@ def _fwd_bwd(fn, y, w, b, hidden, act, dz):
     return z, torch.autograd.grad(z, leaves, dz)
 
 
+@in_process
 # Odd sizes on purpose: tiles straddle image rows, batch images and the identity/conv channel boundary.
 @pytest.mark.parametrize(
     "B,H,W,hidden,cc,k,act,bias",
@@ -71,6 +91,7 @@ def test_forward_and_backward_equal_reference(B, H, W, hidden, cc, k, act, bias)
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
 
 
+@in_process
 def test_bf16_within_tolerance_of_fp32_reference():
     y, w, b = _inputs(1, 7, 6, 24, 16, 7, True)
     z = gd.gated_dwconv(y.detach().bfloat16(), w.detach(), b.detach(), 24, "gelu")
@@ -79,12 +100,14 @@ def test_bf16_within_tolerance_of_fp32_reference():
     torch.testing.assert_close(z.float(), z_ref, rtol=2e-2, atol=2e-2)
 
 
+@in_process
 def test_custom_op_registration_passes_opcheck():
     # Schema, fake (meta) implementation and autograd registration: what torch.compile relies on.
     y, w, b = _inputs(1, 5, 4, 12, 8, 3, True)
     torch.library.opcheck(gd.gated_dwconv, (y, w, b, 12, "gelu"))
 
 
+@in_process
 def test_compiles_fullgraph_with_the_op_as_one_node():
     y, w, b = _inputs(1, 6, 5, 12, 8, 3, True)
     dz = torch.randn(1, 6, 5, 12)
@@ -100,6 +123,7 @@ def test_compiles_fullgraph_with_the_op_as_one_node():
         torch.testing.assert_close(got, want)
 
 
+@in_process
 def test_block_dispatches_to_the_fused_kernel_and_trains(monkeypatch):
     torch.manual_seed(0)
     block = GatedCNNBlock(12, kernel_size=5, ls_init_value=0.5).train()
@@ -120,6 +144,7 @@ def test_block_dispatches_to_the_fused_kernel_and_trains(monkeypatch):
         torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
 
 
+@in_process
 def test_without_interpreter_cpu_tensors_are_refused(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET")
     y, w, b = _inputs(1, 3, 3, 4, 4, 3, True)
@@ -127,6 +152,7 @@ def test_without_interpreter_cpu_tensors_are_refused(monkeypatch):
         gd.gated_dwconv(y, w, b, 4, "gelu")
 
 
+@in_process
 @pytest.mark.parametrize(
     "shape,wshape,hidden,act,match",
     [
@@ -141,6 +167,7 @@ def test_bad_arguments_raise_value_error(shape, wshape, hidden, act, match):
         gd.gated_dwconv_reference(torch.zeros(shape), torch.zeros(wshape), None, hidden, act)
 
 
+@in_process
 def test_block_compiles_fullgraph_through_the_dispatch():
     torch.manual_seed(0)
     block = GatedCNNBlock(12, kernel_size=3)
