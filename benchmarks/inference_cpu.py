@@ -106,6 +106,20 @@ def main() -> None:
         if compare:
             print(f"  timm create_model + its transform : {n / t_timm:7.1f} img/s ({t_timm:.1f} s)")
             print(f"  ratio ours/timm                   : {t_timm / t_ours:7.2f}x; same top-1 on {same}/{n}")
+        if compare:  # forward only, to tell the network's share of the gap from the pipeline's
+            x = torch.stack([predictor.preprocess(p) for p in batches[0]])  # [B, 3, H, W]
+            f_ours = f_timm = 0.0
+            with torch.inference_mode():
+                for i in range(6):
+                    for who in ("ours", "timm") if i % 2 == 0 else ("timm", "ours"):
+                        start = time.perf_counter()
+                        (model if who == "ours" else timm_run.model)(x)
+                        if who == "ours":
+                            f_ours += time.perf_counter() - start
+                        else:
+                            f_timm += time.perf_counter() - start
+            k = 6 * len(x)
+            print(f"  forward only: mambaout.MambaOut {k / f_ours:.1f} img/s, timm's {k / f_timm:.1f} img/s")
         print(f"  mambaout Predictor, 1 decode proc : {n / t_ours_w1:7.1f} img/s ({t_ours_w1:.1f} s, separate run)")
 
         # --- 2. ONNX: agreement and batch-1 latency -----------------------------------------------------------------
