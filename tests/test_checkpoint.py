@@ -49,7 +49,7 @@ def test_every_layout_loads_strictly(tmp_path, femto, fmt):
 
 
 def test_our_checkpoint_records_its_model(tmp_path):
-    model = mambaout.create_model("mambaout_test", num_classes=3, kernel_size=5)
+    model = mambaout.create_model("mambaout_test", num_classes=3, kernel_size=5, dims=(8, 16, 24, 32))
     path = save_weights(
         model,
         tmp_path / "w.safetensors",
@@ -62,6 +62,8 @@ def test_our_checkpoint_records_its_model(tmp_path):
     assert meta["class_names"] == ["cat", "dog", "fox"] and meta["model"] == "mambaout_test"
     loaded = mambaout.create_model(checkpoint=path)  # no name: the file says which model
     assert loaded.class_names == ["cat", "dog", "fox"] and loaded.stages[0].blocks[0].conv.kernel_size == (5, 5)
+    assert loaded.feature_info.channels() == [8, 16, 24, 32]  # widths travel with the checkpoint too
+    assert path.stat().st_mode & 0o044  # readable by others (umask permitting), unlike mkstemp's 0600
     assert loaded.pretrained_cfg["input_size"] == [3, 64, 64] and loaded.pretrained_cfg["crop_pct"] == 0.9
     x = torch.randn(1, 3, 64, 64)
     assert torch.equal(_logits(loaded, x), _logits(model, x))

@@ -264,11 +264,18 @@ def save_weights(model_or_state: nn.Module | dict, path: str | os.PathLike, **me
     os.close(fd)
     try:
         save_file(sd, tmp, metadata=meta)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; weights are meant to be shared
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 # --- downloads -------------------------------------------------------------------------------------------------------

@@ -55,7 +55,7 @@ def create_model(
         raise ValueError(f"{variant.name} has no published weights (asked for {name!r})")
 
     model_kwargs = dict(variant.kwargs)
-    model_kwargs.update({k: v for k, v in meta.get("model_kwargs", {}).items() if k not in ("depths", "dims")})
+    model_kwargs.update(meta.get("model_kwargs", {}))  # a trained checkpoint's own architecture, widths included
     if weights is not None and pretrained:
         model_kwargs["num_classes"] = weights.num_classes
     model_kwargs.update(kwargs)
