@@ -59,9 +59,9 @@ def _hooked(m: nn.Module) -> bool:
 def can_use_cpu_fastpath(block: nn.Module, x: torch.Tensor) -> bool:
     """Whether `gated_block_inference` may replace the block's reference forward for this input.
 
-    Only for float32 CPU tensors outside autocast, with autograd off (under `no_grad` / `inference_mode`), outside tracing and
-    compilation (those see the reference graph), and when nobody hooks `fc1`/`fc2` (e.g. the MAC counter),
-    because this path calls their weights directly instead of the modules.
+    Only for float32 CPU tensors outside autocast, with autograd off (under `no_grad` / `inference_mode`), outside
+    tracing, export and compilation (those see the reference graph), and when nobody hooks `fc1`/`fc2` (e.g. the
+    MAC counter), because this path calls their weights directly instead of the modules.
     """
     return (
         _ONEDNN
