@@ -9,7 +9,10 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "models": ("mambaout.commands.models", "list the variants with parameters, MACs and published top-1"),
     "train": ("mambaout.commands.train", "train a model from a recipe (no data: the embedded digits default)"),
-    "validate": ("mambaout.commands.validate", "top-1/top-5 of checkpoints or published weights on a labelled image set"),
+    "validate": (
+        "mambaout.commands.validate",
+        "top-1/top-5 of checkpoints or published weights on a labelled image set",
+    ),
     "flops": ("mambaout.commands.flops", "params and MACs of every model at any size; the Transformer FLOPs argument"),
     "predict": ("mambaout.commands.predict", "top-k classes of images or folders (text or --json)"),
     "demo": ("mambaout.commands.demo", "web demo (Gradio): upload an image, see the top-k labels"),
