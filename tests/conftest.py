@@ -19,6 +19,30 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+@pytest.fixture(scope="session")
+def make_test_checkpoint(tmp_path_factory):
+    """Writes a `mambaout_test` checkpoint as `mambaout train` would: weights plus class names and eval settings."""
+    import mambaout
+
+    def make(class_names, eval_config, perturb: float = 0.0, seed: int = 0) -> Path:
+        torch.manual_seed(seed)
+        model = mambaout.create_model("mambaout_test", num_classes=len(class_names))
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(perturb * torch.randn_like(p))
+        path = tmp_path_factory.mktemp("ckpt") / f"{len(class_names)}-classes.safetensors"
+        return mambaout.save_weights(
+            model,
+            path,
+            model="mambaout_test",
+            model_kwargs={"num_classes": len(class_names)},
+            class_names=list(class_names),
+            eval_config=eval_config,
+        )
+
+    return make
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path, monkeypatch):
     """Downloads in tests never touch the user's cache."""

@@ -12,7 +12,6 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # offline: no phonin
 gr = pytest.importorskip("gradio", reason="the demo extra is not installed: pip install 'mambaout[demo]'")
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (the test extra)")
 
-import mambaout  # noqa: E402
 from mambaout.demo_app import ModelPool, build_app, launch, model_choices  # noqa: E402
 
 CHROMIUM = os.environ.get("MAMBAOUT_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
@@ -37,18 +36,9 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    model = mambaout.create_model("mambaout_test", num_classes=len(CLASS_NAMES))
-    path = tmp_path_factory.mktemp("demo") / "three.safetensors"
+def checkpoint(make_test_checkpoint) -> Path:
     eval_config = dict(input_size=[3, 64, 64], crop_pct=1.0, interpolation="bicubic", mean=[0.5] * 3, std=[0.5] * 3)
-    return mambaout.save_weights(
-        model,
-        path,
-        model="mambaout_test",
-        model_kwargs={"num_classes": len(CLASS_NAMES)},
-        class_names=CLASS_NAMES,
-        eval_config=eval_config,
-    )
+    return make_test_checkpoint(CLASS_NAMES, eval_config)
 
 
 @pytest.fixture(scope="module")

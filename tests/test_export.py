@@ -19,22 +19,9 @@ EVAL_CONFIG = dict(input_size=[3, 96, 96], crop_pct=0.9, interpolation="bilinear
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    model = mambaout.create_model("mambaout_test", num_classes=len(CLASS_NAMES))
+def checkpoint(make_test_checkpoint):
     # trained-looking LayerNorm and bias values, so the comparison is not between near-identity layers
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    path = tmp_path_factory.mktemp("ckpt") / "three.safetensors"
-    return mambaout.save_weights(
-        model,
-        path,
-        model="mambaout_test",
-        model_kwargs={"num_classes": len(CLASS_NAMES)},
-        class_names=CLASS_NAMES,
-        eval_config=EVAL_CONFIG,
-    )
+    return make_test_checkpoint(CLASS_NAMES, EVAL_CONFIG, perturb=0.05)
 
 
 @pytest.fixture(scope="module")

@@ -19,18 +19,8 @@ EVAL_CONFIG = dict(input_size=[3, 64, 64], crop_pct=0.875, interpolation="bicubi
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    model = mambaout.create_model("mambaout_test", num_classes=len(CLASS_NAMES))
-    path = tmp_path_factory.mktemp("ckpt") / "four.safetensors"
-    return mambaout.save_weights(
-        model,
-        path,
-        model="mambaout_test",
-        model_kwargs={"num_classes": len(CLASS_NAMES)},
-        class_names=CLASS_NAMES,
-        eval_config=EVAL_CONFIG,
-    )
+def checkpoint(make_test_checkpoint):
+    return make_test_checkpoint(CLASS_NAMES, EVAL_CONFIG)
 
 
 def _rgb(h, w, seed=0):
