@@ -305,7 +305,7 @@ def mamba_out_with_ssm(
 
 # --- registered models for the Mamba-vs-MambaOut comparison ----------------------------------------------------------
 
-# `pico`: the CPU-sized network of the `imagenette-cpu` recipe (mambaout_test's 4 stages of 16-64 channels, the
+# `pico`: the CPU-sized network of the first `imagenette-cpu` recipe (mambaout_test's 4 stages of 16-64 channels, the
 # paper's design), registered under its own names as the comparison pair: they differ ONLY in the block, Gated CNN
 # (MambaOut) or Gated CNN + SSM (the Mamba block of Fig. 1a), with Mamba's d_state 16.
 PICO = dict(depths=(1, 1, 2, 1), dims=(16, 32, 48, 64))
