@@ -31,7 +31,7 @@ def test_mambaout_train_runs_and_checkpoint_restores(tmp_path, name, kind):
 
 
 def test_kernel_ablation_recipes_differ_only_in_kernel():
-    from mambaout.train import load_recipe
+    from mambaout.config import load_recipe
 
     recipes = {k: load_recipe(f"ablation-kernel-{k}") for k in (3, 7, 11, 13)}
     for k, r in recipes.items():

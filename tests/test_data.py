@@ -9,7 +9,7 @@ import torch
 from PIL import Image, ImageOps
 
 from mambaout import data as D
-from mambaout.train import DEFAULTS
+from mambaout.config import DEFAULTS
 
 
 def _photo(size=(40, 30), seed=0) -> Image.Image:

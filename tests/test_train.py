@@ -8,9 +8,10 @@ import torch
 import yaml
 
 import mambaout
-from mambaout import train as T
+from mambaout import config as C
 from mambaout.checkpoint import read_checkpoint
 from mambaout.commands import train as train_cmd
+from mambaout.optim import create_scheduler
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -64,40 +65,40 @@ def official_lr(epoch: int, peak: float = 4e-3) -> float:
 
 
 def test_official_lr_every_epoch():
-    cfg = dict(T.DEFAULTS)
-    assert T.total_epochs(cfg) == 310
-    global_batch, accum, lr = T.batch_plan(cfg, world_size=8)  # the official 8 GPUs x 128 x 4
+    cfg = dict(C.DEFAULTS)
+    assert C.total_epochs(cfg) == 310
+    global_batch, accum, lr = C.batch_plan(cfg, world_size=8)  # the official 8 GPUs x 128 x 4
     assert (global_batch, accum, lr) == (4096, 4, 4e-3)
     opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=lr)
-    sched = T.create_scheduler(opt, cfg, steps_per_epoch=313)
+    sched = create_scheduler(opt, cfg, steps_per_epoch=313)
     for epoch in range(310):
         sched.step(epoch)
         assert opt.param_groups[0]["lr"] == pytest.approx(official_lr(epoch), rel=1e-9, abs=1e-12), epoch
 
 
 def test_lr_scaling_and_accumulation():
-    cfg = dict(T.DEFAULTS, batch_size=64)
-    assert T.batch_plan(dict(cfg, global_batch=1024), 4) == (1024, 4, pytest.approx(1e-3))  # linear scaling
-    assert T.batch_plan(dict(cfg, global_batch=None), 2) == (128, 1, pytest.approx(4e-3 * 128 / 4096))
-    assert T.batch_plan(dict(cfg, lr=0.01), 1)[2] == 0.01
+    cfg = dict(C.DEFAULTS, batch_size=64)
+    assert C.batch_plan(dict(cfg, global_batch=1024), 4) == (1024, 4, pytest.approx(1e-3))  # linear scaling
+    assert C.batch_plan(dict(cfg, global_batch=None), 2) == (128, 1, pytest.approx(4e-3 * 128 / 4096))
+    assert C.batch_plan(dict(cfg, lr=0.01), 1)[2] == 0.01
     with pytest.raises(ValueError, match="not a multiple of --batch-size 64 x 3 processes"):
-        T.batch_plan(dict(cfg, global_batch=1000), 3)
+        C.batch_plan(dict(cfg, global_batch=1000), 3)
 
 
 def test_config_resolution_order(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump(dict(data_train="digits:train", epochs=7, batch_size=32, lr=0.002)))
     overrides, _ = train_cmd.parse_overrides(["--recipe", str(recipe), "--epochs", "3", "--set", "min_lr=2e-5"])
-    cfg = T.resolve_config(overrides)
+    cfg = C.resolve_config(overrides)
     assert cfg["epochs"] == 3 and cfg["batch_size"] == 32 and cfg["lr"] == 0.002 and cfg["min_lr"] == 2e-5
     assert cfg["weight_decay"] == 0.05  # untouched default
-    assert T.resolve_config({})["recipe"] == "digits"  # no data: the embedded default
+    assert C.resolve_config({})["recipe"] == "digits"  # no data: the embedded default
     bad = tmp_path / "bad.yaml"
     bad.write_text("lrr: 1\n")
     with pytest.raises(ValueError, match="unknown keys"):
-        T.resolve_config({"recipe": str(bad)})
+        C.resolve_config({"recipe": str(bad)})
     with pytest.raises(ValueError, match="even --batch-size"):
-        T.resolve_config({"recipe": "digits", "batch_size": 15, "mixup": 0.8})
+        C.resolve_config({"recipe": "digits", "batch_size": 15, "mixup": 0.8})
 
 
 @pytest.mark.parametrize(
@@ -107,7 +108,7 @@ def test_config_resolution_order(tmp_path):
 def test_variant_recipes_are_the_official_ones(name, drop_path):
     text = (REPO / "recipes" / f"mambaout-{name}.yaml").read_text()
     assert "# command:" in text and "# hardware:" in text and "# wall time:" in text and "# top-1:" in text
-    cfg = T.resolve_config({"recipe": f"mambaout-{name}", "data": None, "data_train": "x", "data_val": "y"})
+    cfg = C.resolve_config({"recipe": f"mambaout-{name}", "data": None, "data_train": "x", "data_val": "y"})
     assert cfg["model"] == f"mambaout_{name}"
     assert cfg["drop_path"] == drop_path == mambaout.get_variant(cfg["model"])[0].default_drop_path
     for key, value in dict(
@@ -134,10 +135,10 @@ def test_variant_recipes_are_the_official_ones(name, drop_path):
 
 
 def test_all_recipes_resolve():
-    for name in T.list_recipes():
-        text = T.find_recipe(name).read_text()
+    for name in C.list_recipes():
+        text = C.find_recipe(name).read_text()
         assert "# command:" in text and "# top-1:" in text, name
-        T.load_recipe(name)
+        C.load_recipe(name)
 
 
 def test_default_digits_run_writes_loadable_weights(tmp_path, capsys):

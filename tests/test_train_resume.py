@@ -11,7 +11,7 @@ import pytest
 import torch
 from test_train import FAST, _same, _weights
 
-from mambaout import train as T
+from mambaout import files
 from mambaout.commands import train as train_cmd
 
 
@@ -55,7 +55,7 @@ def test_sigkill_loses_at_most_the_current_epoch(tmp_path):
 
 def test_state_write_is_atomic(tmp_path, monkeypatch):
     path = tmp_path / "state.pt"
-    T.atomic_torch_save({"epoch": 1}, path)
+    files.atomic_torch_save({"epoch": 1}, path)
 
     def crash(obj, f, *a, **k):
         Path(f).write_bytes(b"half a checkpoint")
@@ -63,7 +63,7 @@ def test_state_write_is_atomic(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", crash)
     with pytest.raises(KeyboardInterrupt):
-        T.atomic_torch_save({"epoch": 2}, path)
+        files.atomic_torch_save({"epoch": 2}, path)
     monkeypatch.undo()
     assert torch.load(path, weights_only=True) == {"epoch": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["state.pt"]  # no temp file left behind
@@ -89,16 +89,14 @@ def test_checkpoint_every_steps(tmp_path):
     out = tmp_path / "run"
     args = ["--epochs", "1", *FAST, "--max-steps-per-epoch", "5", "--set", "checkpoint_every=2", "--output", str(out)]
     saved = []
-    real = T.atomic_torch_save
+    real = files.atomic_torch_save
 
     def spy(obj, path):
         saved.append((obj["epoch"], obj["epoch_step"], obj["step"]))
         real(obj, path)
 
-    import mambaout.train
-
     mp = pytest.MonkeyPatch()
-    mp.setattr(mambaout.train, "atomic_torch_save", spy)
+    mp.setattr(files, "atomic_torch_save", spy)
     try:
         assert train_cmd.main(args) == 0
     finally:

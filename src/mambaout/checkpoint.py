@@ -19,13 +19,14 @@ import logging
 import os
 import re
 import sys
-import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from .files import atomic_write
 
 logger = logging.getLogger("mambaout")
 
@@ -258,24 +259,7 @@ def save_weights(model_or_state: nn.Module | dict, path: str | os.PathLike, **me
     sd = model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else model_or_state
     sd = {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
     meta = {"format": FORMAT_NAME, **{k: json.dumps(v) for k, v in metadata.items()}}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(sd, tmp, metadata=meta)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; weights are meant to be shared
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    return atomic_write(path, lambda tmp: save_file(sd, tmp, metadata=meta))
 
 
 # --- downloads -------------------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from torch import nn
 
 from .checkpoint import CheckpointError, download, load_into, read_checkpoint
+from .files import jsonable
 from .model import MambaOut, MambaOutFeatures
 from .variants import Weights, get_variant
 
@@ -61,7 +62,7 @@ def create_model(
     model_kwargs.update(kwargs)
     model = (variant.builder or MambaOut)(**model_kwargs)
     model.model_name = variant.name
-    model.model_kwargs = {k: v for k, v in model_kwargs.items() if _jsonable(v)}
+    model.model_kwargs = {k: v for k, v in model_kwargs.items() if jsonable(v)}
     model.pretrained_cfg = dict(
         (weights or variant.default_weights or Weights("", ())).eval_config(),
         **meta.get("eval_config", {}),
@@ -89,7 +90,3 @@ def create_model(
             raise ValueError(f"features_only needs a MambaOut backbone; {variant.name} is a {type(model).__name__}")
         return MambaOutFeatures(model, out_indices, output_fmt)
     return model
-
-
-def _jsonable(v) -> bool:
-    return isinstance(v, (int, float, str, bool, type(None), list, tuple))

@@ -196,12 +196,10 @@ class VisionTransformer(nn.Module):
         return {name for name, p in self.named_parameters() if p.ndim <= 1 or name in ("cls_token", "pos_embed")}
 
     def param_groups(self, weight_decay: float) -> list[dict]:
-        skip = self.no_weight_decay()
-        decay, no_decay = [], []
-        for name, p in self.named_parameters():
-            if p.requires_grad:
-                (no_decay if name in skip else decay).append(p)
-        return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
+        """Optimizer parameter groups: weight decay on all but `no_weight_decay()`."""
+        from mambaout.optim import param_groups
+
+        return param_groups(self, weight_decay)
 
     def group_matcher(self, coarse: bool = False) -> dict:
         return dict(stem=r"^cls_token|^pos_embed|^stem", blocks=r"^blocks\.(\d+)")

@@ -90,7 +90,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def parse_overrides(argv: list[str] | None) -> tuple[dict, argparse.Namespace]:
-    from mambaout.train import coerce
+    from mambaout.config import coerce
 
     args = get_args_parser().parse_args(argv)
     given = {k: v for k, v in vars(args).items() if k not in ("overrides", "print_config", "list_recipes")}
@@ -105,7 +105,8 @@ def parse_overrides(argv: list[str] | None) -> tuple[dict, argparse.Namespace]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mambaout.train import list_recipes, resolve_config, train
+    from mambaout.config import list_recipes, resolve_config
+    from mambaout.train import fit
 
     try:
         overrides, args = parse_overrides(argv)
@@ -120,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         print(yaml.safe_dump(cfg, sort_keys=False))
         return 0
     try:
-        result = train(cfg)
+        result = fit(cfg)
     except (ValueError, FileNotFoundError) as e:
         print(f"mambaout train: {e}", file=sys.stderr)
         return 2
