@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-from .data import IMAGENET_MEAN, IMAGENET_STD, resolve_split
+from .data import resolve_split
+from .image import IMAGENET_MEAN, IMAGENET_STD
 from .runfolder import load_state, resume_path
 
 # The official recipe (paper Sec. 4.1 and the official training scripts), ImageNet-1k at 224 px.

@@ -4,8 +4,8 @@ We lean on timm for everything it already does (folder and tar readers, `create_
 random erasing, Mixup/CutMix) and add only what our runs need on top:
 
 - `ImageDataset`: reads timm's random-access readers (ImageNet folder layout, an ImageFolder packed in a `.tar`,
-  a Hugging Face dataset as `hfds/NAME:SPLIT`), converts
-  every image mode (grayscale, palette, RGBA, CMYK, 16-bit) to RGB, and skips unreadable files, counting them;
+  a Hugging Face dataset as `hfds/NAME:SPLIT`), decodes every image as `mambaout.image.load_image` does (any mode
+  to RGB, EXIF-rotated), and skips unreadable files, counting them;
 - `DigitsDataset`: scikit-learn's 8x8 digits upscaled to RGB, the embedded default that needs no download;
 - `safe_posterize`: timm 1.0.31's `inc1` RandAugment can ask Pillow for 0 posterize bits, which Pillow >= 13
   rejects with a `ValueError` mid-epoch; `build_train_transform` swaps in a version that clamps to 1 bit;
@@ -26,44 +26,17 @@ from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.data.distributed import DistributedSampler
 
+# Decoding and the eval transform are shared with inference and export: one module owns them.
+from .image import IMAGENET_MEAN, IMAGENET_STD, load_image, to_rgb  # noqa: F401  (public names of this module)
+from .image import eval_transform as build_eval_transform
+
 logger = logging.getLogger("mambaout")
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 DIGITS = "digits"  # the name of the embedded dataset
 # timm readers with random access, named as `<prefix>/<dataset>`; WebDataset/TFDS shards are iterable-only
 MAP_STYLE_READERS = ("hfds/", "hfids/")
 # How many following samples a corrupt one may be replaced by before we give up on the dataset.
 MAX_CONSECUTIVE_BAD = 50
-
-
-# --- images ----------------------------------------------------------------------------------------------------------
-
-
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Any PIL mode -> RGB. Transparent images are composited on white so cut-outs don't turn black."""
-    if img.mode == "RGB":
-        return img
-    if img.mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")
-    if img.mode in ("RGBA", "LA", "PA"):
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # 16/32-bit grey: scale to 8 bits instead of clipping (Pillow's convert would saturate at 255).
-        arr = np.asarray(img, dtype=np.float64)
-        hi = arr.max() if arr.size else 1.0
-        arr = (arr / (hi or 1.0) * 255.0).astype(np.uint8)
-        return Image.fromarray(arr).convert("RGB")
-    return img.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV, F
-
-
-def load_image(fileobj) -> Image.Image:
-    """Open and fully decode an image (decoding errors surface here, not later inside a transform)."""
-    img = Image.open(fileobj)
-    img.load()
-    return to_rgb(img)
 
 
 # --- datasets --------------------------------------------------------------------------------------------------------
@@ -283,22 +256,6 @@ def build_train_transform(cfg: dict):
     )
     fix_posterize(tf)
     return tf
-
-
-def build_eval_transform(eval_config: dict, img_size: int | None = None, crop_pct: float | None = None):
-    """The eval transform of a checkpoint's `eval_config`: resize to `input / crop_pct`, centre crop, normalise."""
-    from timm.data import create_transform
-
-    size = img_size or eval_config["input_size"][-1]
-    return create_transform(
-        input_size=size,
-        is_training=False,
-        interpolation=eval_config.get("interpolation", "bicubic"),
-        crop_pct=crop_pct if crop_pct is not None else eval_config.get("crop_pct", 1.0),
-        crop_mode=eval_config.get("crop_mode", "center"),
-        mean=tuple(eval_config.get("mean", IMAGENET_MEAN)),
-        std=tuple(eval_config.get("std", IMAGENET_STD)),
-    )
 
 
 # --- loaders ---------------------------------------------------------------------------------------------------------

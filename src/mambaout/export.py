@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .image import eval_settings
+
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
 METADATA_FILE = "mambaout.json"  # name of the metadata entry inside a .pt2 archive
 DEFAULT_OPSET = 18  # the lowest opset torch's ONNX exporter targets natively; onnxruntime >= 1.14 runs it
@@ -32,9 +34,7 @@ def export_metadata(model: nn.Module, img_size: int | None = None) -> dict:
         "model": getattr(model, "model_name", type(model).__name__),
         "model_kwargs": getattr(model, "model_kwargs", {}),
         "class_names": list(names.names),
-        "eval_config": {
-            k: cfg[k] for k in ("input_size", "crop_pct", "interpolation", "mean", "std", "crop_mode") if k in cfg
-        },
+        "eval_config": eval_settings(cfg),
     }
     if img_size is not None and "input_size" in meta["eval_config"]:
         meta["eval_config"]["input_size"] = [meta["eval_config"]["input_size"][0], img_size, img_size]

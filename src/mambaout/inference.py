@@ -10,7 +10,6 @@ mean/std), built by timm so predictions match `mambaout validate` and timm's num
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
@@ -21,10 +20,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 from torch import nn
 
 from .factory import create_model
+from .image import eval_transform, load_image, to_rgb  # noqa: F401  (to_rgb: public name of this module)
 
 # Suffixes picked up when a folder is given; single files are tried whatever their name.
 IMAGE_EXTENSIONS = frozenset(
@@ -33,63 +33,8 @@ IMAGE_EXTENSIONS = frozenset(
 
 _SYNSET = re.compile(r"n\d{8}")  # a WordNet noun id, ImageNet's class folder names
 
-# Transparent pixels are composited onto white, the background a viewer shows for most transparent photos.
-_BACKGROUND = (255, 255, 255)
 
-
-# --- decoding --------------------------------------------------------------------------------------------------------
-
-
-def load_image(source: str | os.PathLike | bytes | Image.Image | np.ndarray) -> Image.Image:
-    """Any image (a path, encoded bytes, a PIL image or an HWC/HW uint8 array) as an 8-bit RGB PIL image.
-
-    Handles every PIL mode: palette (with or without transparency), grey, 16-bit and float grey, CMYK, YCbCr,
-    LAB, and alpha (composited onto white rather than dropped, so transparent pixels do not turn black).
-    EXIF orientation is applied, as a photo viewer would.
-
-    Raises:
-        ValueError: the source is not a decodable image (the message names it).
-    """
-    if isinstance(source, np.ndarray):
-        img = Image.fromarray(source)
-    elif isinstance(source, Image.Image):
-        img = source
-    else:
-        fp = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
-        name = "<bytes>" if isinstance(source, (bytes, bytearray)) else str(source)
-        try:
-            img = Image.open(fp)
-            img.load()  # decode now, so a truncated file fails here and not inside the transform
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-            raise ValueError(f"cannot read {name} as an image ({type(e).__name__}: {e})") from e
-    try:
-        img = ImageOps.exif_transpose(img)
-    except Exception:  # a broken EXIF block must not lose an otherwise good image
-        pass
-    return to_rgb(img)
-
-
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Convert any PIL mode to RGB (see `load_image`)."""
-    if img.mode == "RGB":
-        return img
-    if img.mode == "P":
-        # a palette may carry transparency in its info; RGBA keeps it for the composite below
-        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
-    elif img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-        # 16/32-bit and float grey: stretch the used range onto 8 bits (a plain convert('L') clips at 255)
-        arr = np.asarray(img, dtype=np.float32)
-        lo, hi = float(arr.min()), float(arr.max())
-        arr = (arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)
-        img = Image.fromarray(arr.round().astype(np.uint8), mode="L")
-    elif img.mode == "1":
-        img = img.convert("L")
-    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = img.convert("RGBA")
-        out = Image.new("RGB", rgba.size, _BACKGROUND)
-        out.paste(rgba, mask=rgba.getchannel("A"))
-        return out
-    return img.convert("RGB")  # L, CMYK, YCbCr, LAB, HSV
+# --- finding images --------------------------------------------------------------------------------------------
 
 
 def find_images(inputs: Iterable[str | os.PathLike]) -> list[Path]:
@@ -105,21 +50,6 @@ def find_images(inputs: Iterable[str | os.PathLike]) -> list[Path]:
 
 
 # --- transform and class names ---------------------------------------------------------------------------------------
-
-
-def eval_transform(cfg: dict):
-    """The eval transform of a `pretrained_cfg` (timm's: resize, centre crop or squash, to tensor, normalise)."""
-    from timm.data import create_transform
-
-    return create_transform(
-        input_size=tuple(cfg["input_size"]),
-        is_training=False,
-        interpolation=cfg.get("interpolation", "bicubic"),
-        mean=tuple(cfg["mean"]),
-        std=tuple(cfg["std"]),
-        crop_pct=cfg.get("crop_pct", 1.0),
-        crop_mode=cfg.get("crop_mode", "center"),
-    )
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from . import distributed as dist
 from .config import amp_dtype, batch_plan, eval_config, output_folder, total_epochs
 from .engine import StepConfig, evaluate, train_one_epoch
 from .files import jsonable
+from .image import eval_transform
 from .optim import create_optimizer, create_scheduler
 from .runfolder import Progress, RunFolder, Trainable, load_state, resume_path, seed_all, set_rng_state
 
@@ -119,7 +120,7 @@ class Data:
     def build(cls, cfg: dict, env, device: torch.device, accum: int) -> Data:
         train_tf = D.build_train_transform(cfg)
         ev = eval_config(cfg)
-        eval_tf = D.build_eval_transform(ev)
+        eval_tf = eval_transform(ev)
         train_set = D.create_dataset(cfg["data_train"], train_tf, cache=cfg["cache"], img_size=cfg["img_size"])
         val_set = None
         if cfg["data_val"]:

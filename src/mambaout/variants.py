@@ -11,8 +11,7 @@ import fnmatch
 from collections.abc import Callable
 from dataclasses import dataclass
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from .image import IMAGENET_MEAN, IMAGENET_STD
 
 OFFICIAL_URL = "https://github.com/yuweihao/MambaOut/releases/download/model/{name}.pth"
 HUB_URL = "https://huggingface.co/timm/{name}.{tag}/resolve/main/model.safetensors"

@@ -79,6 +79,15 @@ def label_map(model, folders: list[str]) -> dict[str, int] | None:
     return None
 
 
+def eval_dataset(model, data: str, img_size: int | None = None, crop_pct: float | None = None):
+    """The labelled images of `data` as `model` is evaluated on them: its eval transform, its label map."""
+    from mambaout import data as D
+    from mambaout.image import eval_transform
+
+    transform = eval_transform(model.pretrained_cfg, img_size, crop_pct)
+    return D.ImageDataset(data, transform=transform, class_to_idx=label_map(model, D.folder_classes(data)))
+
+
 def validate_one(name, checkpoint, args, device) -> dict:
     import torch
 
@@ -88,9 +97,7 @@ def validate_one(name, checkpoint, args, device) -> dict:
 
     model = mambaout.create_model(name, pretrained=args.pretrained and checkpoint is None, checkpoint=checkpoint)
     cfg = model.pretrained_cfg
-    folders = D.folder_classes(args.data)
-    transform = D.build_eval_transform(cfg, args.img_size, args.crop_pct)
-    dataset = D.ImageDataset(args.data, transform=transform, class_to_idx=label_map(model, folders))
+    dataset = eval_dataset(model, args.data, args.img_size, args.crop_pct)
     model.to(device).eval()
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
