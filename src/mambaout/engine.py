@@ -7,7 +7,6 @@ logits works. Distributed details go through `mambaout.distributed`.
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -64,6 +63,7 @@ def train_one_epoch(
     on_start: Callable[[], None] | None = None,
     max_steps: int | None = None,
     progress=None,
+    refresh_every: int = 20,
 ) -> dict:
     """Train for one pass over `loader`.
 
@@ -77,6 +77,8 @@ def train_one_epoch(
         on_start: Called once the loader's iterator exists (creating it draws from the RNG), before the first batch.
         max_steps: Stop after this many optimizer steps (smoke tests, step-exact resume tests).
         progress: A tqdm-like bar (`update`, `set_postfix`) or None.
+        refresh_every: Read the loss from the device (a host sync) and update `progress` every this many steps;
+            a non-finite loss is reported at the first read after it.
 
     Returns:
         `loss` (mean over micro-batches, averaged over ranks), `steps`, `images` (all ranks), `img_s`, `skipped`
@@ -87,7 +89,12 @@ def train_one_epoch(
     steps_total = len(loader) // accum
     if max_steps is not None:
         steps_total = min(steps_total, max_steps)
-    loss_sum, n_micro, images, skipped, steps = 0.0, 0, 0, 0, 0
+    # Loss sums stay on the device: reading a device tensor (`.item()`, `float()`, `if t`) waits for the GPU to
+    # finish, which would stall the input pipeline once per step. They are read only every `refresh_every`
+    # steps (the progress display) and at the end of the epoch.
+    loss_sum = torch.zeros((), device=device)
+    nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+    n_micro, images, skipped, steps, checked_steps = 0, 0, 0, 0, 0
     t0 = time.perf_counter()
     optimizer.zero_grad(set_to_none=True)
     batches = iter(loader)
@@ -97,20 +104,17 @@ def train_one_epoch(
         if steps >= steps_total:
             break
         x, y = _to_device(x, y, device, step_cfg.channels_last)
-        skipped += int(n_bad.sum())
+        skipped = skipped + n_bad.sum()  # a host tensor (or int) from the loader; converted once, at the end
         if mixup_fn is not None:
             x, y = mixup_fn(x, y)
         last_micro = (i + 1) % accum == 0
         with dist.no_sync(model, skip=not last_micro):
             with autocast(device, step_cfg.amp_dtype):
                 loss = loss_fn(model(x), y)
-            if not math.isfinite(loss.item()):
-                raise FloatingPointError(
-                    f"loss is {loss.item()} at step {steps}: lower the learning rate, enable --clip-grad, or use bf16"
-                )
             scaled = loss / accum
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
-        loss_sum += loss.item()
+        loss_sum += loss.detach().float()
+        nonfinite |= ~torch.isfinite(loss.detach())
         n_micro += 1
         images += x.shape[0]
         if not last_micro:
@@ -129,27 +133,45 @@ def train_one_epoch(
         if ema is not None:
             ema.update(dist.unwrap(model))
         stop = on_step(steps) if on_step is not None else False
-        if progress is not None:
-            elapsed = time.perf_counter() - t0
-            progress.update(1)
-            progress.set_postfix(
-                loss=f"{loss_sum / n_micro:.4f}",
-                lr=f"{optimizer.param_groups[0]['lr']:.2e}",
-                img_s=f"{images * dist.get_world_size() / max(elapsed, 1e-9):.0f}",
-                refresh=False,
-            )
+        if steps % refresh_every == 0 or stop or steps >= steps_total:
+            # the one host read per `refresh_every` steps
+            loss_mean = _check_finite(loss_sum, nonfinite, n_micro, checked_steps, steps)
+            if progress is not None:
+                elapsed = time.perf_counter() - t0
+                progress.update(steps - checked_steps)
+                progress.set_postfix(
+                    loss=f"{loss_mean:.4f}",
+                    lr=f"{optimizer.param_groups[0]['lr']:.2e}",
+                    img_s=f"{images * dist.get_world_size() / max(elapsed, 1e-9):.0f}",
+                    refresh=False,
+                )
+            checked_steps = steps
         if stop:
             break
+    loss_total = _check_finite(loss_sum, nonfinite, n_micro, checked_steps, steps) * max(n_micro, 1)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # the epoch's time includes its queued GPU work
     seconds = time.perf_counter() - t0
-    loss_sum, n_micro, images, skipped = dist.all_reduce_sum([loss_sum, n_micro, images, skipped], device)
+    loss_total, n_micro, images, skipped = dist.all_reduce_sum([loss_total, n_micro, images, int(skipped)], device)
     return dict(
-        loss=loss_sum / max(n_micro, 1),
+        loss=loss_total / max(n_micro, 1),
         steps=steps,
         images=int(images),
         img_s=images / max(seconds, 1e-9),
         skipped=int(skipped),
         seconds=seconds,
     )
+
+
+def _check_finite(loss_sum: torch.Tensor, nonfinite: torch.Tensor, n_micro: int, since: int, steps: int) -> float:
+    """Read the device-side loss sum (a host sync) and raise if any loss since the last check was inf/NaN."""
+    total, bad = torch.stack([loss_sum.float(), nonfinite.float()]).tolist()  # one read
+    if bad:
+        raise FloatingPointError(
+            f"the loss became inf or NaN between steps {since} and {steps}: lower the learning rate, "
+            "enable --clip-grad, or use bf16"
+        )
+    return total / max(n_micro, 1)
 
 
 @torch.no_grad()
@@ -171,28 +193,29 @@ def evaluate(
         `top1`, `top5` (percent), `loss`, `count`, `img_s`, `seconds`, `skipped`.
     """
     model.eval()
-    correct1 = correct5 = loss_sum = count = n_loss = skipped = 0.0
+    # sums on the device (read once at the end: no host sync per batch); counts known on the host
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # correct1, correct5, loss_sum, n_loss
+    count = skipped = 0
     t0 = time.perf_counter()
     for x, y, n_bad in loader:
         x, y = _to_device(x, y, device, channels_last)
-        skipped += int(n_bad.sum())
+        skipped = skipped + n_bad.sum()  # a host tensor from the loader
         with autocast(device, amp_dtype):
             logits = model(x)
         logits = logits.float()
         k = min(5, logits.shape[1])
         top = logits.topk(k, dim=1).indices  # [B, k]
         hits = top == y[:, None]
-        correct1 += hits[:, 0].sum().item()
-        correct5 += hits.any(dim=1).sum().item()
         valid = (y >= 0) & (y < logits.shape[1])
-        if valid.any():
-            loss_sum += F.cross_entropy(logits[valid], y[valid], reduction="sum").item()
-            n_loss += valid.sum().item()
+        # out-of-range labels (any value) are masked out of the loss instead of indexed away (no sync)
+        safe_y = torch.where(valid, y, torch.zeros_like(y))
+        losses = F.cross_entropy(logits, safe_y, reduction="none") * valid
+        sums += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum(), losses.sum(), valid.sum()]).double()
         count += x.shape[0]
         if progress is not None:
             progress.update(1)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    correct1, correct5, loss_sum, n_loss = sums.tolist()  # the one host sync of the pass
+    skipped = int(skipped)
     seconds = time.perf_counter() - t0
     correct1, correct5, loss_sum, count, n_loss, skipped = dist.all_reduce_sum(
         [correct1, correct5, loss_sum, count, n_loss, skipped], device

@@ -1,0 +1,120 @@
+"""The engine reads device tensors (a host sync on a GPU) only when the progress display refreshes, not per step."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from mambaout import engine
+from mambaout.engine import StepConfig, evaluate, train_one_epoch
+
+# every way a tensor's value reaches the host
+SYNC_METHODS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "cpu", "numpy")
+
+
+@pytest.fixture
+def engine_syncs(monkeypatch):
+    """Count host reads of tensors made by code in mambaout/engine.py (library internals are not counted)."""
+    calls: list[str] = []
+    for name in SYNC_METHODS:
+        real = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _real=real, _name=name, **kwargs):
+            if sys._getframe(1).f_code.co_filename == engine.__file__:
+                calls.append(_name)
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    return calls
+
+
+class Bar:
+    """A tqdm stand-in recording its updates."""
+
+    def __init__(self):
+        self.n, self.postfixes = 0, []
+
+    def update(self, n):
+        self.n += n
+
+    def set_postfix(self, **kw):
+        self.postfixes.append(kw)
+
+
+def _batches(n, bad_after=None):
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for i in range(n):
+        x = torch.randn(4, 3, 8, 8, generator=g)
+        if bad_after is not None and i >= bad_after:
+            x = x * float("inf")
+        out.append((x, torch.randint(0, 3, (4,), generator=g), torch.zeros(4, dtype=torch.long)))
+    return out
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 3))
+
+
+def _epoch(loader, refresh_every, bar=None):
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    return train_one_epoch(
+        model,
+        loader,
+        opt,
+        nn.CrossEntropyLoss(),
+        torch.device("cpu"),
+        StepConfig(),
+        progress=bar,
+        refresh_every=refresh_every,
+    )
+
+
+def test_train_reads_the_loss_only_at_refreshes(engine_syncs):
+    bar = Bar()
+    stats = _epoch(_batches(12), refresh_every=5, bar=bar)
+    assert stats["steps"] == 12 and bar.n == 12
+    assert len(bar.postfixes) == 3  # steps 5, 10 and the last one (12)
+    # one read per refresh (3) + the loss and the (host) skipped count at the end of the epoch: not one per step
+    assert len(engine_syncs) <= 5, engine_syncs
+    # the counter does see the reads: refreshing every step costs a read every step
+    engine_syncs.clear()
+    _epoch(_batches(12), refresh_every=1, bar=Bar())
+    assert len(engine_syncs) >= 12
+
+
+def test_train_loss_equals_the_mean_of_step_losses():
+    """Accumulating on the device gives the same mean loss as reading each step's loss."""
+    batches = _batches(6)
+    stats = _epoch(batches, refresh_every=100)
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    losses = []
+    for x, y, _ in batches:
+        loss = nn.CrossEntropyLoss()(model(x), y)
+        losses.append(loss.item())
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert stats["loss"] == pytest.approx(sum(losses) / len(losses), rel=1e-5)
+
+
+def test_non_finite_loss_still_stops_training():
+    with pytest.raises(FloatingPointError, match="between steps 0 and 4"):
+        _epoch(_batches(12, bad_after=2), refresh_every=4)
+
+
+def test_evaluate_reads_device_sums_once(engine_syncs):
+    model = _model().eval()
+    batches = _batches(7)
+    stats = evaluate(model, batches, torch.device("cpu"))
+    assert len(engine_syncs) <= 2, engine_syncs  # the sums once (+ the skipped count)
+    assert stats["count"] == 28
+    with torch.no_grad():
+        want = sum((model(x).argmax(1) == y).sum().item() for x, y, _ in batches)
+    assert stats["top1"] == pytest.approx(100 * want / 28)
