@@ -23,7 +23,8 @@ DEFAULTS: dict = dict(
     data_val=None,
     train_split="train",
     val_split="val",
-    cache=False,  # keep file bytes in RAM (small datasets)
+    cache=False,  # keep file bytes in RAM (small datasets); with data_pipeline gpu: decoded images, decoded once
+    data_pipeline="cpu",  # cpu: decode + augment in loader workers; gpu: uint8 to the device, augment there
     workers=8,
     persistent_workers=False,  # true saves worker start-up per epoch, but --resume is then not bit-exact
     # model
@@ -190,6 +191,8 @@ def validate_config(cfg: dict) -> None:
         raise ValueError("warmup_epochs and cooldown_epochs must be >= 0")
     if (cfg["mixup"] > 0 or cfg["cutmix"] > 0) and cfg["batch_size"] % 2:
         raise ValueError(f"mixup/cutmix pair images within a batch: use an even --batch-size (got {cfg['batch_size']})")
+    if cfg["data_pipeline"] not in ("cpu", "gpu"):
+        raise ValueError(f"data_pipeline must be cpu or gpu, got {cfg['data_pipeline']!r}")
     if cfg["opt"] != "adamw":
         raise ValueError(f"only opt: adamw is supported (the paper's optimizer), got {cfg['opt']!r}")
 

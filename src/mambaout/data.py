@@ -83,9 +83,19 @@ class ImageDataset(Dataset):
         self._bytes: list[bytes | None] | None = None
         if cache:
             # Read every file once; afterwards the reader (and its open tar handles, which cannot be pickled
-            # into worker processes) is dropped and samples come from RAM.
-            self._bytes = [self._read(i) for i in range(self._n)]
-            self._targets = [t for _, t in self._read_targets()]
+            # into worker processes) is dropped and samples come from RAM: one copy per machine, which local
+            # rank 0 reads and every rank maps (mambaout.shared_cache).
+            from .shared_cache import PackedBytes, cache_key, machine_shared
+
+            def build():
+                arrays = PackedBytes.pack([self._read(i) for i in range(self._n)])
+                arrays["targets"] = np.array([t for _, t in self._read_targets()], dtype=np.int64)
+                return arrays
+
+            stamp = os.stat(self.root).st_mtime_ns if os.path.exists(self.root) else 0
+            arrays = machine_shared(cache_key("files", os.path.abspath(self.root), stamp, self._n), build)
+            self._bytes = PackedBytes.from_arrays(arrays)
+            self._targets = arrays["targets"].tolist()
             self._names = [str(self.reader._filename(i)) for i in range(self._n)]
             self.reader = None
 

@@ -121,16 +121,31 @@ class Data:
         train_tf = D.build_train_transform(cfg)
         ev = eval_config(cfg)
         eval_tf = eval_transform(ev)
-        train_set = D.create_dataset(cfg["data_train"], train_tf, cache=cfg["cache"], img_size=cfg["img_size"])
-        val_set = None
-        if cfg["data_val"]:
-            val_set = D.create_dataset(
-                cfg["data_val"], eval_tf, train_set.class_to_idx, cache=cfg["cache"], img_size=cfg["img_size"]
-            )
         workers, pin = cfg["workers"], device.type == "cuda"
-        loader = D.train_loader(
-            train_set, cfg["batch_size"], env.rank, env.world_size, cfg["seed"], workers, pin, cfg["persistent_workers"]
-        )
+        val_loader = None
+        if cfg["data_pipeline"] == "gpu":  # uint8 batches to the device, augmented there (mambaout.data_gpu)
+            from .data_gpu import gpu_loaders
+
+            train_set, val_set, loader, val_loader = gpu_loaders(
+                cfg, env.rank, env.world_size, device, eval_tf, workers
+            )
+        else:
+            train_set = D.create_dataset(cfg["data_train"], train_tf, cache=cfg["cache"], img_size=cfg["img_size"])
+            val_set = None
+            if cfg["data_val"]:
+                val_set = D.create_dataset(
+                    cfg["data_val"], eval_tf, train_set.class_to_idx, cache=cfg["cache"], img_size=cfg["img_size"]
+                )
+            loader = D.train_loader(
+                train_set,
+                cfg["batch_size"],
+                env.rank,
+                env.world_size,
+                cfg["seed"],
+                workers,
+                pin,
+                cfg["persistent_workers"],
+            )
         steps_per_epoch = D.num_steps(len(loader), accum)
         if cfg["max_steps_per_epoch"]:
             steps_per_epoch = min(steps_per_epoch, cfg["max_steps_per_epoch"])
@@ -141,7 +156,8 @@ class Data:
                 "more data"
             )
         eval_bs = cfg["eval_batch_size"] or 2 * cfg["batch_size"]
-        val_loader = D.eval_loader(val_set, eval_bs, env.rank, env.world_size, workers, pin) if val_set else None
+        if val_set is not None and val_loader is None:
+            val_loader = D.eval_loader(val_set, eval_bs, env.rank, env.world_size, workers, pin)
         return cls(train_set, val_set, loader, val_loader, list(train_set.classes), ev, steps_per_epoch)
 
 

@@ -36,6 +36,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--val-split", help="name of the validation split under --data (default val)")
     g.add_argument("--cache", type=_bool, nargs="?", const=True, help="keep image files in RAM")
     g.add_argument("--workers", "-j", type=int, help="data loader processes per rank")
+    g.add_argument(
+        "--data-pipeline",
+        choices=["cpu", "gpu"],
+        help="cpu: decode and augment in loader workers; gpu: uint8 batches augmented on the device (with --cache: "
+        "decoded once, in memory)",
+    )
     g = p.add_argument_group("model and recipe")
     g.add_argument("--recipe", help="recipe name (recipes/<name>.yaml) or path to a YAML file")
     g.add_argument("--model", help="registered model name (mambaout models)")
