@@ -18,6 +18,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("mambaout.commands.demo", "web demo (Gradio): upload an image, see the top-k labels"),
     "export": ("mambaout.commands.export", "export to ONNX (dynamic batch) or torch.export .pt2"),
     "benchmark": ("mambaout.commands.benchmark", "img/s, ms/step and memory of ours vs timm, measured in one run"),
+    "data-bench": (
+        "mambaout.commands.data_bench",
+        "training img/s of our cpu and gpu input pipelines vs timm's loader",
+    ),
 }
 
 

@@ -33,8 +33,9 @@ from .image import eval_transform as build_eval_transform
 logger = logging.getLogger("mambaout")
 
 DIGITS = "digits"  # the name of the embedded dataset
-# timm readers with random access, named as `<prefix>/<dataset>`; WebDataset/TFDS shards are iterable-only
-MAP_STYLE_READERS = ("hfds/", "hfids/")
+# timm readers with random access, named as `<prefix>/<dataset>`; WebDataset shards (`wds/`) and streaming
+# Hugging Face datasets (`hfids/`) are iterable only and go through mambaout.data_wds
+MAP_STYLE_READERS = ("hfds/",)
 # How many following samples a corrupt one may be replaced by before we give up on the dataset.
 MAX_CONSECUTIVE_BAD = 50
 
@@ -208,6 +209,10 @@ def create_dataset(path: str, transform=None, class_to_idx=None, cache: bool = F
     if path.startswith(DIGITS):
         split = path.partition(":")[2] or "train"
         return DigitsDataset(split, size=img_size if img_size <= 64 else 32, transform=transform)
+    from .data_wds import IterableImages, is_streamed
+
+    if is_streamed(path):  # sharded over ranks by train_loader / eval_loader
+        return IterableImages(path, transform=transform)
     return ImageDataset(path, transform=transform, class_to_idx=class_to_idx, cache=cache)
 
 
@@ -321,6 +326,11 @@ def train_loader(
             default: fresh workers take their seeds from the per-epoch seeded main process, which is what makes
             `--resume` bit-exact; persistent workers carry their RNG state across epochs instead.
     """
+    from .data_wds import IterableImages, StreamLoader
+
+    if isinstance(dataset, IterableImages):
+        dataset.training, dataset.rank, dataset.world_size, dataset.seed = True, rank, world_size, seed
+        return StreamLoader(dataset, batch_size, workers, pin, drop_last=True)
     sampler = ResumableSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
     loader = DataLoader(
         dataset,
@@ -341,6 +351,11 @@ def train_loader(
 
 
 def eval_loader(dataset, batch_size: int, rank: int = 0, world_size: int = 1, workers: int = 0, pin: bool = False):
+    from .data_wds import IterableImages, StreamLoader
+
+    if isinstance(dataset, IterableImages):
+        dataset.training, dataset.rank, dataset.world_size = False, rank, world_size
+        return StreamLoader(dataset, batch_size, workers, pin, drop_last=False)
     return DataLoader(
         dataset,
         batch_size=batch_size,
