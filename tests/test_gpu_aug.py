@@ -136,8 +136,8 @@ def test_random_erasing_follows_timm():
 
 def test_pipeline_equals_cpu_transform_when_nothing_is_random(image):
     """With the random parts switched off, GpuAugment equals build_train_transform (resize, ToTensor, Normalize)."""
-    from mambaout.data import build_train_transform
     from mambaout.config import DEFAULTS
+    from mambaout.data import build_train_transform
 
     square = image.crop((0, 0, 40, 40))
     cfg = dict(DEFAULTS, img_size=64, scale=[1.0, 1.0], ratio=[1.0, 1.0], hflip=0.0, auto_augment=None, color_jitter=0)

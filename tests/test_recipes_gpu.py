@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from mambaout import train as T
+from mambaout import config as T
 from mambaout.commands import train as train_cmd
 
 

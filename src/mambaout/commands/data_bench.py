@@ -63,8 +63,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from mambaout import data as D
     from mambaout import data_gpu
+    from mambaout.config import DEFAULTS, load_recipe
     from mambaout.gpu_aug import GpuAugment
-    from mambaout.train import DEFAULTS, load_recipe
 
     args = get_args_parser().parse_args(argv)
     cfg = dict(DEFAULTS)
