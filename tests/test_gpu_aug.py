@@ -178,3 +178,20 @@ def test_augment_keeps_integer_levels_until_normalised(image):
     out = G.RandAugmentGpu("rand-m9-mstd0.5-inc1", FILL)(x)
     assert torch.equal(out, out.round()) and out.min() >= 0 and out.max() <= 255
     assert not math.isnan(out.sum().item())
+
+
+def test_gpu_code_path_equals_the_cpu_subset_path(image, monkeypatch):
+    """On a GPU each op family runs on the whole batch and `where` keeps the rows that drew it; on CPU only those
+    rows are computed. Both give the same images."""
+    ra = G.RandAugmentGpu("rand-m9-mstd0.5-inc1", FILL)
+    torch.manual_seed(3)
+    x = G.resized_crop(
+        _t(image).expand(48, -1, -1, -1),
+        G.random_resized_crop_boxes(torch.tensor([[40, 52]]).expand(48, 2), (0.3, 1), (3 / 4, 4 / 3)),
+        (32, 32),
+        torch.rand(48) < 0.5,
+    )
+    params = ra.sample(48, "cpu")
+    subset = ra(x, params)
+    monkeypatch.setattr(G, "SUBSET_ON_CPU", False)
+    assert torch.equal(ra(x, params), subset)
