@@ -195,3 +195,24 @@ def test_gpu_code_path_equals_the_cpu_subset_path(image, monkeypatch):
     subset = ra(x, params)
     monkeypatch.setattr(G, "SUBSET_ON_CPU", False)
     assert torch.equal(ra(x, params), subset)
+
+
+@pytest.mark.gpu
+def test_no_host_sync_on_cuda(image):
+    """On a GPU the whole augmentation queues kernels without once waiting for the device."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    from mambaout.data_gpu import DecodedImages, DecodedTrainLoader
+
+    arr = np.asarray(image).transpose(2, 0, 1)[None].repeat(64, 0)
+    arrays = dict(images=arr, sizes=np.array([[40, 52]] * 64), targets=np.arange(64) % 2, skipped=np.zeros(1, int))
+    data = DecodedImages(arrays, ["a", "b"], {"a": 0, "b": 1}, device="cuda")
+    loader = DecodedTrainLoader(data, G.GpuAugment(img_size=48), 16)
+    next(iter(loader))  # warm-up: the constants are made once per device
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for x, y, _ in loader:
+            assert x.is_cuda and y.is_cuda
+    finally:
+        torch.cuda.set_sync_debug_mode(0)

@@ -89,7 +89,7 @@ class DecodedImages:
     def batch(self, idx: torch.Tensor):
         """uint8 images `[B, 3, H, W]` and sizes on the device, targets on the device."""
         src = self.images.device
-        images = self.images[idx.to(src)].to(self.device, non_blocking=True)
+        images = self.images[idx.to(src, non_blocking=True)].to(self.device, non_blocking=True)
         sizes = self.sizes[idx].to(self.device, non_blocking=True)
         return images, sizes, self.targets[idx].to(self.device, non_blocking=True)
 

@@ -20,12 +20,21 @@ per-sample resampling matrix pair; RandAugment (`rand-mM-nN-mstdS-incI-mmaxX-pP`
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+
+@functools.lru_cache(maxsize=256)
+def const(values: tuple, device: torch.device) -> torch.Tensor:
+    """A small constant tensor on `device`, made once: `torch.tensor(..., device='cuda')` is a blocking copy that
+    waits for the GPU's queue, a host sync per call."""
+    return torch.tensor(values, device=device)
+
 
 # --- RandAugment policy ----------------------------------------------------------------------------------------------
 
@@ -335,7 +344,7 @@ class RandAugmentGpu:
 
         # Enhance factors (PIL ImageEnhance.*.enhance(factor)); 1.0 is the identity
         enhance = torch.where(
-            torch.tensor([n.endswith("Increasing") for n in names], device=x.device)[op.clamp_min(0)],
+            const(tuple(n.endswith("Increasing") for n in names), x.device)[op.clamp_min(0)],
             (1.0 + sign * level * 0.9).clamp_min(0.1),  # timm: ..Increasing, 1 +- 0.9 level, kept >= 0.1
             level * 1.8 + 0.1,  # timm: plain Color/Contrast/..., 0.1 .. 1.9
         )
@@ -380,7 +389,7 @@ class RandAugmentGpu:
         x = only_where(sharp, x, lambda xs, i: _blend(smooth(xs), xs, enhance[i]))
 
         # 4. geometry: one affine warp per sample
-        eye = torch.tensor([1.0, 0, 0, 0, 1, 0], device=x.device).expand(b, 6)
+        eye = const((1.0, 0.0, 0.0, 0.0, 1.0, 0.0), x.device).expand(b, 6)
         matrix = torch.where(drew("Rotate")[:, None], rotate_matrix(sign * level * 30, h, w), eye)
         shear = sign * level * 0.3  # timm: +-0.3 level
         zero = torch.zeros_like(shear)
@@ -392,7 +401,7 @@ class RandAugmentGpu:
         matrix = torch.where(drew("TranslateXRel")[:, None], tx, matrix)
         matrix = torch.where(drew("TranslateYRel")[:, None], ty, matrix)
         geo = drew("Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")
-        fill = torch.tensor(self.fill, device=x.device)
+        fill = const(self.fill, x.device)
         return only_where(geo, x, lambda xs, i: warp_affine(xs, matrix[i], fill))
 
 
@@ -517,7 +526,7 @@ class GpuAugment:
     def __call__(self, images: torch.Tensor, sizes: torch.Tensor | None = None) -> torch.Tensor:
         if self.crop:
             if sizes is None:
-                sizes = torch.tensor(images.shape[-2:], device=images.device).expand(images.shape[0], 2)
+                sizes = const(tuple(images.shape[-2:]), images.device).expand(images.shape[0], 2)
             x = self.crop_and_flip(images, sizes)
         else:  # already cropped (CPU workers): only the flip is left
             x = images.float()
@@ -533,6 +542,6 @@ class GpuAugment:
 
 def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
     """0..255 values -> (x / 255 - mean) / std, as ToTensor + Normalize."""
-    m = torch.tensor(mean, device=x.device).view(1, -1, 1, 1)
-    s = torch.tensor(std, device=x.device).view(1, -1, 1, 1)
+    m = const(tuple(mean), x.device).view(1, -1, 1, 1)
+    s = const(tuple(std), x.device).view(1, -1, 1, 1)
     return (x.float() / 255 - m) / s
