@@ -97,7 +97,8 @@ class DecodedImages:
 def decoded_dataset(path: str, cfg: dict, device, class_to_idx=None, eval_transform=None, workers: int = 0):
     """Decode `path` once per machine (local rank 0 decodes, every rank maps the result) into `DecodedImages`."""
     ds = D.create_dataset(path, None, class_to_idx, img_size=cfg["img_size"])
-    key = cache_key("decoded", path, str(eval_transform), len(ds))
+    # the key must be the same string on every rank: name the transform by its steps, not by its address
+    key = cache_key("decoded", path, repr(getattr(eval_transform, "steps", eval_transform)), len(ds))
     arrays = machine_shared(key, lambda: decode_images(ds, eval_transform, workers))
     return DecodedImages(arrays, ds.classes, ds.class_to_idx, device)
 
@@ -206,6 +207,8 @@ def gpu_loaders(cfg: dict, rank: int, world_size: int, device, eval_tf, workers:
     eval_bs = cfg["eval_batch_size"] or 2 * cfg["batch_size"]
     if cfg["cache"]:
         train_set = decoded_dataset(cfg["data_train"], cfg, device, workers=workers)
+        if train_set.skipped:  # decoded once, so each epoch's summary cannot count them: say it here
+            D.logger.warning("%d unreadable training images skipped while decoding", train_set.skipped)
         loader = DecodedTrainLoader(train_set, augment, cfg["batch_size"], rank, world_size, cfg["seed"])
         val_set = val_loader = None
         if cfg["data_val"]:
