@@ -121,3 +121,15 @@ def test_packed_bytes_round_trip(tmp_path):
     shared_cache.write_arrays(tmp_path / "c.bin", arrays)
     packed = shared_cache.PackedBytes.from_arrays(shared_cache.map_arrays(tmp_path / "c.bin"))
     assert [packed[i] for i in range(len(packed))] == items
+
+
+def test_data_bench_prints_the_three_pipelines(folder, capsys):
+    from mambaout.commands import data_bench
+
+    args = ["--data-train", str(folder / "train"), "--img-size", "24", "--batch-size", "4", "--batches", "2"]
+    assert data_bench.main(args + ["--warmup", "1", "--workers", "0"]) == 0
+    out = capsys.readouterr().out
+    table = out.splitlines()[2:5]
+    assert [line.split()[0] for line in table] == ["ours", "ours", "timm"] and "cpu tensors" in table[1]
+    assert float(table[2].split()[-1]) == 1.0 and all(float(line.split()[-1]) > 0 for line in table)
+    assert "cores" in out and "decoded 20 images once" in out

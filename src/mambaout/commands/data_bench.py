@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
             re_count=cfg["recount"],
             num_workers=workers,
             pin_memory=device.type == "cuda",
-            persistent_workers=True,
+            persistent_workers=workers > 0,
         )
         rows["timm"] = _time(loader, args.batches, args.warmup, device)
 
