@@ -14,6 +14,7 @@ import sys
 import pytest
 import torch
 
+from mambaout import kernels
 from mambaout.model import GatedCNNBlock
 
 # In-process only if triton is not loaded yet (or the whole session is interpreted).
@@ -133,6 +134,9 @@ def test_block_dispatches_to_the_fused_kernel_and_trains(monkeypatch):
     real = gd.gated_dwconv
     monkeypatch.setattr(gd, "gated_dwconv", lambda *a: calls.append(1) or real(*a))
     out = block(x)
+    assert not calls, "the fused kernels are opt-in: the default block must not use them"
+    with kernels.fused_kernels():
+        out = block(x)
     out.square().sum().backward()
     assert calls, "the block did not use the Triton kernel under TRITON_INTERPRET=1"
     x_ref = x.detach().clone().requires_grad_()
@@ -173,7 +177,8 @@ def test_block_compiles_fullgraph_through_the_dispatch():
     block = GatedCNNBlock(12, kernel_size=3)
     x = torch.randn(1, 5, 4, 12, requires_grad=True)
     compiled = torch.compile(block, fullgraph=True, backend="aot_eager")  # fullgraph: any graph break raises
-    out = compiled(x)
+    with kernels.fused_kernels():
+        out = compiled(x)
     out.sum().backward()
     torch.testing.assert_close(out, block._forward_reference(x), rtol=1e-5, atol=1e-5)
     assert x.grad is not None and block.conv.weight.grad is not None

@@ -122,14 +122,30 @@ class GatedCNNBlock(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
         self.ls = LayerScale(dim, ls_init_value) if ls_init_value is not None else nn.Identity()
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.device_type = self.fc1.weight.device.type  # where the parameters live; kept current by `_apply`
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, H, W, C]
         # Same function, faster kernels where they apply (mambaout.kernels); the reference below defines the math.
-        if kernels.fastpath_enabled():
-            if (x.is_cuda or kernels.triton_interpreting()) and self._fused_act() is not None:
-                return self._forward_fused_gpu(x)
-            if kernels_cpu.can_use_cpu_fastpath(self, x):
-                return kernels_cpu.gated_block_inference(self, x)
+        # Scripting and FX tracing always see the reference: one plain graph, with no branch on tensor properties.
+        if not torch.jit.is_scripting():
+            if kernels.fastpath_enabled() and not kernels.fx_tracing():
+                return self._forward_fast(x)
+        return self._forward_reference(x)
+
+    def _apply(self, fn, *args, **kwargs):
+        # `.to()`, `.cuda()`, `.half()` ... all come through here: record where the parameters now live, so the
+        # forward picks its implementation from a plain attribute, never from the input tensor.
+        module = super()._apply(fn, *args, **kwargs)
+        self.device_type = self.fc1.weight.device.type
+        return module
+
+    @torch.jit.unused
+    def _forward_fast(self, x: torch.Tensor) -> torch.Tensor:  # [B, H, W, C]
+        on_gpu = self.device_type == "cuda" or kernels.triton_interpreting()
+        if on_gpu and kernels.fused_kernels_enabled() and self._fused_act() is not None:
+            return self._forward_fused_gpu(x)  # opt-in: see mambaout.kernels
+        if self.device_type == "cpu" and kernels_cpu.can_use_cpu_fastpath(self, x):
+            return kernels_cpu.gated_block_inference(self, x)
         return self._forward_reference(x)
 
     def _forward_reference(self, x: torch.Tensor) -> torch.Tensor:  # [B, H, W, C]
@@ -242,7 +258,7 @@ class MambaOutStage(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, H, W, C]
         x = self.downsample(x)
-        if self.grad_checkpointing and torch.is_grad_enabled():
+        if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
             for block in self.blocks:
                 # Non-reentrant checkpointing replays the RNG state, so drop path draws the same masks.
                 x = checkpoint(block, x, use_reentrant=False)

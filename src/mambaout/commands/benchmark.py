@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import csv
 import datetime
 import platform
@@ -181,8 +182,13 @@ def benchmark_model(
     warmup: int = 2,
     iters: int = 5,
     with_reference: bool = False,
+    with_fused: bool = False,
 ) -> list[dict]:
-    """Time timm's and our `name` side by side; one row per implementation (see module docstring)."""
+    """Time timm's and our `name` side by side; one row per implementation (see module docstring).
+
+    `with_reference` adds our model with every fast path off (`ours-reference`), `with_fused` our model with the
+    opt-in fused Triton kernels on (`ours-fused`, CUDA).
+    """
     from mambaout import kernels
 
     if mode not in ("infer", "train"):
@@ -204,16 +210,20 @@ def benchmark_model(
         )
     impls = {"timm": ref, "ours": ours}
     if with_reference:  # our model through the plain block forward: what the fast paths add
-        import copy
-
         impls["ours-reference"] = copy.deepcopy(ours)
+    if with_fused:
+        impls["ours-fused"] = copy.deepcopy(ours)
     steps = {}
     for key, m in impls.items():
         if compile:
             m = torch.compile(m)
         step = make_step(m, mode, x, dtype)
         if key == "ours-reference":
-            step = _in_reference_mode(step, kernels)
+            step = _in_context(step, kernels.reference_mode)
+        elif key == "ours-fused":
+            step = _in_context(step, kernels.fused_kernels)
+        elif key == "ours":
+            step = _in_context(step, lambda: kernels.fused_kernels(False))  # the default path, whatever the process set
         steps[key] = step
     for _ in range(warmup):  # includes compilation and packing the fast path's weights
         for step in steps.values():
@@ -257,9 +267,9 @@ def benchmark_model(
     return rows
 
 
-def _in_reference_mode(step, kernels):
+def _in_context(step, context):
     def run():
-        with kernels.reference_mode():
+        with context():
             return step()
 
     return run
@@ -301,6 +311,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--iters", type=int, default=5, help="timed steps per model, interleaved")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
     p.add_argument("--with-reference", action="store_true", help="also time our model with the fast paths off")
+    p.add_argument(
+        "--fused-kernels", action="store_true", help="also time our model with the opt-in fused Triton kernels (CUDA)"
+    )
     p.add_argument("--csv", default=None, help="append rows here (default benchmark-<device>-torch<ver>.csv; '' none)")
     return p
 
@@ -324,6 +337,7 @@ def main(argv: list[str] | None = None) -> int:
                 warmup=args.warmup,
                 iters=args.iters,
                 with_reference=args.with_reference,
+                with_fused=args.fused_kernels,
             )
         except ValueError as e:
             print(f"mambaout benchmark: {e}")

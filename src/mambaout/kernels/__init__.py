@@ -1,10 +1,14 @@
 """Fast paths of the Gated CNN block, each beside the plain PyTorch it must equal.
 
-- `cpu`: float32 inference on CPU through oneDNN (chosen automatically under `no_grad` / `inference_mode`).
-- `gated_dwconv`: Triton kernels for CUDA fusing the depthwise conv with the gate, forward and backward
-  (chosen automatically on CUDA for GELU/SiLU blocks, training included).
+- `cpu`: float32 inference on CPU through oneDNN. On by default: measured faster than the plain block on CPU
+  (README, Performance), and chosen only under `no_grad` / `inference_mode`.
+- `gated_dwconv`: Triton kernels for CUDA fusing the depthwise conv with the gate, forward and backward. **Opt-in**
+  (`set_fused_kernels(True)`, `--fused-kernels`, or MAMBAOUT_FUSED_KERNELS=1): a default path must have been measured
+  correct and faster on the GPU it runs on, and these have not been yet. Without them a CUDA block runs its plain
+  forward (cuDNN depthwise conv; inductor fuses the rest under `torch.compile`).
 
-`GatedCNNBlock.forward` dispatches; `reference_mode()` forces the plain forward everywhere (for comparisons).
+`GatedCNNBlock` dispatches on its own device, recorded when it is built or moved, so tracing and scripting see the
+plain graph; `reference_mode()` forces the plain forward everywhere (for comparisons).
 """
 
 from __future__ import annotations
@@ -12,10 +16,24 @@ from __future__ import annotations
 import contextlib
 import os
 
-__all__ = ["fastpath_enabled", "reference_mode", "triton_interpreting"]
+try:  # torch >= 2.6; the older name logs a warning on every call in newer releases
+    from torch.fx._symbolic_trace import is_fx_symbolic_tracing as _fx_tracing
+except ImportError:  # pragma: no cover - older torch
+    from torch.fx._symbolic_trace import is_fx_tracing as _fx_tracing
 
-# MAMBAOUT_FASTPATH=0 turns every fast path off for the process.
+__all__ = [
+    "fastpath_enabled",
+    "fused_kernels_enabled",
+    "set_fused_kernels",
+    "fused_kernels",
+    "reference_mode",
+    "triton_interpreting",
+    "fx_tracing",
+]
+
+# MAMBAOUT_FASTPATH=0 turns every fast path off for the process; MAMBAOUT_FUSED_KERNELS=1 opts in to the Triton ones.
 _ENABLED = os.environ.get("MAMBAOUT_FASTPATH", "1") != "0"
+_FUSED = os.environ.get("MAMBAOUT_FUSED_KERNELS", "0") == "1"
 
 
 def triton_interpreting() -> bool:
@@ -23,9 +41,36 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def fx_tracing() -> bool:
+    """Whether `torch.fx.symbolic_trace` (torchvision's and timm's feature extractors included) is tracing now."""
+    return _fx_tracing()
+
+
 def fastpath_enabled() -> bool:
     """Whether `GatedCNNBlock` may dispatch to a fast path (off under `reference_mode()` or MAMBAOUT_FASTPATH=0)."""
     return _ENABLED
+
+
+def fused_kernels_enabled() -> bool:
+    """Whether CUDA blocks use the Triton kernels (opt-in; see the module docstring)."""
+    return _FUSED and _ENABLED
+
+
+def set_fused_kernels(enabled: bool) -> None:
+    """Opt in to (or out of) the fused Triton kernels for CUDA blocks, for the whole process."""
+    global _FUSED
+    _FUSED = bool(enabled)
+
+
+@contextlib.contextmanager
+def fused_kernels(enabled: bool = True):
+    """`set_fused_kernels(enabled)` inside this context only."""
+    before = _FUSED
+    set_fused_kernels(enabled)
+    try:
+        yield
+    finally:
+        set_fused_kernels(before)
 
 
 @contextlib.contextmanager

@@ -104,6 +104,13 @@ if _HAS_TRITON:
             s = 1.0 / (1.0 + tl.exp(-g))
             return g * s, s * (1.0 + g * (1.0 - s))
 
+    # Compile time is part of the design: every loop over the k x k taps is a runtime loop (KS is a plain int, not a
+    # constexpr), so the tap body is emitted once, not unrolled 49 times into masked 2-D loads. Unrolled, one
+    # configuration took ptxas about 94 s on a 2-core CPU; `mambaout kernels --aot sm_90` holds each under a bound.
+    # NPIX, H and W are not specialised either (`do_not_specialize`), so a new batch size or resolution reuses the
+    # compiled kernel; only the autotuner's key (channel widths, W, KS) picks a tile again.
+    _NO_SPECIALIZE = ["NPIX", "H", "W", "KS"]
+
     @triton.jit
     def _dwconv_tile(
         src_ptr,
@@ -118,36 +125,30 @@ if _HAS_TRITON:
         W,
         SRC_STRIDE,
         SRC_COL0,
-        KS: tl.constexpr,
+        KS,
         FLIP: tl.constexpr,
         BLOCK_P: tl.constexpr,
         BLOCK_C: tl.constexpr,
     ):
         """Depthwise `KS x KS` correlation (or, with FLIP, its transpose) of a [BLOCK_P, BLOCK_C] tile, fp32."""
-        R: tl.constexpr = KS // 2
+        R = KS // 2
         acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
-        for dy in tl.static_range(KS):
-            for dx in tl.static_range(KS):
-                if FLIP:  # transposed conv: output pixel p gathers from p - offset with the same tap
-                    oy = R - dy
-                    ox = R - dx
-                else:
-                    oy = dy - R
-                    ox = dx - R
-                hs = hh + oy
+        cols = SRC_COL0 + cj[None, :]
+        for dy in range(0, KS):
+            oy = (R - dy) if FLIP else (dy - R)  # transposed conv: output pixel p gathers from p - offset
+            hs = hh + oy
+            row_ok = pm & (hs >= 0) & (hs < H)
+            for dx in range(0, KS):
+                ox = (R - dx) if FLIP else (dx - R)
                 ws = ww + ox
-                ok = pm & (hs >= 0) & (hs < H) & (ws >= 0) & (ws < W)
+                ok = row_ok & (ws >= 0) & (ws < W)
                 q = p + oy * W + ox
-                v = tl.load(
-                    src_ptr + q[:, None] * SRC_STRIDE + SRC_COL0 + cj[None, :],
-                    mask=ok[:, None] & cm[None, :],
-                    other=0.0,
-                )
+                v = tl.load(src_ptr + q[:, None] * SRC_STRIDE + cols, mask=ok[:, None] & cm[None, :], other=0.0)
                 wt = tl.load(w_ptr + cj * (KS * KS) + dy * KS + dx, mask=cm, other=0.0)
                 acc += v.to(tl.float32) * wt.to(tl.float32)[None, :]
         return acc
 
-    @triton.jit
+    @triton.jit(do_not_specialize=_NO_SPECIALIZE)
     def _fwd_kernel(
         y_ptr,
         w_ptr,
@@ -160,7 +161,7 @@ if _HAS_TRITON:
         CC,
         C_BEGIN,
         C_END,
-        KS: tl.constexpr,
+        KS,
         ACT: tl.constexpr,
         CONV: tl.constexpr,
         HAS_BIAS: tl.constexpr,
@@ -188,7 +189,7 @@ if _HAS_TRITON:
         z = _act_fwd(g, ACT) * v
         tl.store(z_ptr + p[:, None] * HIDDEN + j[None, :], z.to(z_ptr.dtype.element_ty), mask=m)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=_NO_SPECIALIZE)
     def _bwd_gate_kernel(
         y_ptr,
         w_ptr,
@@ -203,7 +204,7 @@ if _HAS_TRITON:
         CC,
         C_BEGIN,
         C_END,
-        KS: tl.constexpr,
+        KS,
         ACT: tl.constexpr,
         CONV: tl.constexpr,
         HAS_BIAS: tl.constexpr,
@@ -235,7 +236,7 @@ if _HAS_TRITON:
             tl.store(dy_ptr + p[:, None] * row + HIDDEN + j[None, :], (dz * a).to(dy_ptr.dtype.element_ty), mask=m)
         tl.store(dy_ptr + p[:, None] * row + j[None, :], (dz * v * da).to(dy_ptr.dtype.element_ty), mask=m)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=_NO_SPECIALIZE)
     def _bwd_conv_kernel(
         y_ptr,
         w_ptr,
@@ -248,13 +249,13 @@ if _HAS_TRITON:
         W,
         HIDDEN,
         CC,
-        KS: tl.constexpr,
+        KS,
         HAS_BIAS: tl.constexpr,
         BLOCK_P: tl.constexpr,
         BLOCK_C: tl.constexpr,
     ):
         """dc = conv^T(e) into y's conv columns of dy; dweight and dbias summed over the tile, then added atomically."""
-        R: tl.constexpr = KS // 2
+        R = KS // 2
         p = (tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)).to(tl.int64)
         cj = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         pm = p < NPIX
@@ -268,30 +269,33 @@ if _HAS_TRITON:
         tl.store(dy_ptr + p[:, None] * row + c0 + cj[None, :], dc.to(dy_ptr.dtype.element_ty), mask=m)
         # dweight[cj, dy, dx] = sum_p e[p] * c[p + offset(dy, dx)]
         e = tl.load(e_ptr + p[:, None] * CC + cj[None, :], mask=m, other=0.0)
-        for dy in tl.static_range(KS):
-            for dx in tl.static_range(KS):
-                hs = hh + (dy - R)
+        for dy in range(0, KS):
+            hs = hh + (dy - R)
+            row_ok = pm & (hs >= 0) & (hs < H)
+            for dx in range(0, KS):
                 ws = ww + (dx - R)
-                ok = pm & (hs >= 0) & (hs < H) & (ws >= 0) & (ws < W)
+                ok = row_ok & (ws >= 0) & (ws < W)
                 q = p + (dy - R) * W + (dx - R)
                 c = tl.load(y_ptr + q[:, None] * row + c0 + cj[None, :], mask=ok[:, None] & cm[None, :], other=0.0)
                 tl.atomic_add(dw_ptr + cj * (KS * KS) + dy * KS + dx, tl.sum(e * c.to(tl.float32), axis=0), mask=cm)
         if HAS_BIAS:
             tl.atomic_add(db_ptr + cj, tl.sum(e, axis=0), mask=cm)
 
+    # At most four tiles per kernel (each is compiled on first use, and again for every constexpr variant):
+    # channel tiles of 32-128 keep loads coalesced along C; pixel tiles amortise the k*k weight loads.
+    CONFIGS = (
+        dict(BLOCK_P=64, BLOCK_C=32, num_warps=4, num_stages=1),
+        dict(BLOCK_P=64, BLOCK_C=64, num_warps=4, num_stages=1),
+        dict(BLOCK_P=128, BLOCK_C=64, num_warps=8, num_stages=1),
+        dict(BLOCK_P=32, BLOCK_C=128, num_warps=4, num_stages=1),
+    )
+
     def _configs():
-        # Hopper: channel tiles of 32-128 keep loads coalesced along C; pixel tiles amortise the k*k weight loads.
         return [
-            triton.Config({"BLOCK_P": bp, "BLOCK_C": bc}, num_warps=nw, num_stages=ns)
-            for bp, bc, nw, ns in [
-                (32, 64, 4, 2),
-                (64, 32, 4, 2),
-                (64, 64, 4, 3),
-                (64, 128, 8, 2),
-                (128, 32, 4, 2),
-                (128, 64, 8, 3),
-                (256, 32, 8, 2),
-            ]
+            triton.Config(
+                {k: c[k] for k in ("BLOCK_P", "BLOCK_C")}, num_warps=c["num_warps"], num_stages=c["num_stages"]
+            )
+            for c in CONFIGS
         ]
 
     _KEY = ["HIDDEN", "CC", "W", "KS", "CONV"]

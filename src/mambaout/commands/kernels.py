@@ -1,0 +1,82 @@
+"""`mambaout kernels`: which block implementation runs where, and `--aot sm_90` to time every Triton compile.
+
+`mambaout kernels --aot sm_90` compiles each Triton kernel of the package in each tile configuration the autotuner
+can pick, for a GPU target, on this machine (no GPU needed), prints one line per compile with its seconds, and exits
+1 if any single compile takes longer than `--max-seconds`: a kernel that would stall a user's first forward pass
+fails CI instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from mambaout import kernels
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mambaout kernels", description=__doc__.split("\n\n")[0])
+    p.add_argument("--aot", metavar="TARGET", help="compile every Triton kernel/config for TARGET (e.g. sm_90)")
+    p.add_argument("--max-seconds", type=float, default=10.0, help="fail if one compile takes longer (default 10)")
+    p.add_argument("--dtypes", default="bf16", help="activation dtypes, comma-separated: bf16,fp16,fp32 (default bf16)")
+    p.add_argument("--acts", default="gelu", help="gate activations, comma-separated: gelu,silu (default gelu)")
+    p.add_argument("--kernel", action="append", help="only this kernel (repeatable; default: all)")
+    p.add_argument("--all", action="store_true", help="every dtype, activation and bias variant")
+    return p
+
+
+def _split(value: str, allowed, what: str) -> list[str]:
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    bad = [v for v in items if v not in allowed]
+    if bad or not items:
+        raise ValueError(f"--{what} {value!r}: expected a comma-separated subset of {', '.join(allowed)}")
+    return items
+
+
+def _describe() -> None:
+    on = kernels.fused_kernels_enabled()
+    print("Gated CNN block implementations (GatedCNNBlock picks one per call; all compute the same function):")
+    print("  CPU, no autograd, float32   oneDNN fast path (kernels/cpu.py)            default on")
+    print("  CUDA                        PyTorch + cuDNN depthwise conv (the reference) default")
+    print(f"  CUDA, fused kernels on      Triton gated_dwconv (kernels/gated_dwconv.py)  {'ON' if on else 'opt-in'}")
+    print("Turn the fused kernels on with --fused-kernels (train, validate, predict, benchmark),")
+    print("mambaout.kernels.set_fused_kernels(True), or MAMBAOUT_FUSED_KERNELS=1.")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if not args.aot:
+        _describe()
+        return 0
+    from mambaout.kernels import aot
+
+    try:
+        target = aot.parse_target(args.aot)  # noqa: F841 (validates the name before any compile)
+        selection = dict(
+            dtypes=list(aot.DTYPES) if args.all else _split(args.dtypes, list(aot.DTYPES), "dtypes"),
+            acts=list(aot.ACTS) if args.all else _split(args.acts, aot.ACTS, "acts"),
+            biases=(False, True) if args.all else (True,),
+            names=_split(",".join(args.kernel), aot.kernel_names(), "kernel") if args.kernel else None,
+        )
+        results = aot.compile_all(args.aot, **selection)
+        slow, total, n = [], 0.0, 0
+        print(f"{'kernel':<24} {'variant':<34} {'config':<18} {'seconds':>8} {'cubin KB':>9}")
+        for r in results:
+            n, total = n + 1, total + r.seconds
+            flag = "  SLOW" if r.seconds > args.max_seconds else ""
+            print(f"{r.kernel:<24} {r.variant:<34} {r.config:<18} {r.seconds:>8.2f} {r.cubin_bytes / 1024:>9.1f}{flag}")
+            sys.stdout.flush()
+            if flag:
+                slow.append(r)
+    except (ValueError, RuntimeError) as e:
+        print(f"mambaout kernels: {e}", file=sys.stderr)
+        return 2
+    print(f"{n} compiles for {args.aot} in {total:.1f} s; slowest allowed {args.max_seconds:g} s")
+    if slow:
+        print(
+            f"mambaout kernels: {len(slow)} compile(s) over {args.max_seconds:g} s, e.g. {slow[0].kernel} "
+            f"{slow[0].config}: a user's first forward on the fused path would stall",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
