@@ -489,7 +489,9 @@ def main() -> int:
         say(f"--- {name}: {statuses[name]}")
     results = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines() if line.strip()]
     env = next((r for r in results if r["kind"] == "env"), {})
-    head = "# gpu_check" + (" --smoke (toy sizes on CPU: tests the script; the numbers mean nothing)" if args.smoke else "")
+    head = "# gpu_check" + (
+        " --smoke (toy sizes on CPU: tests the script; the numbers mean nothing)" if args.smoke else ""
+    )
     head += f"\n\n{env.get('device', '?')}; torch {env.get('torch', '?')}, triton {env.get('triton', '?')}, "
     head += f"timm {env.get('timm', '?')}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n\n"
     report = head + tables(results, statuses) + "\n"

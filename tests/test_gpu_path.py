@@ -135,3 +135,13 @@ def test_gpu_check_smoke_runs_every_section(tmp_path):
     assert res.returncode == 0
     report = (tmp_path / "gpu_check.md").read_text()
     assert "TIMEOUT" not in report and "FAILED" not in report, report
+
+
+def test_commands_take_the_fused_kernels_switch_outside_the_config():
+    from mambaout.commands import train, validate
+
+    given, args = train.parse_overrides(["--fused-kernels"])
+    assert args.fused_kernels and "fused_kernels" not in given  # an implementation choice, not a hyperparameter
+    assert not hasattr(train.parse_overrides([])[1], "fused_kernels")  # unset options stay out of the namespace
+    assert validate.get_args_parser().parse_args(["data", "--fused-kernels"]).fused_kernels
+    assert "--fused-kernels" in _cli("predict", "-h").stdout

@@ -22,7 +22,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "mambaout.commands.data_bench",
         "training img/s of our cpu and gpu input pipelines vs timm's loader",
     ),
-    "kernels": ("mambaout.commands.kernels", "which block implementation runs where; --aot sm_90 times every Triton compile"),
+    "kernels": (
+        "mambaout.commands.kernels",
+        "which block implementation runs where; --aot sm_90 times every Triton compile",
+    ),
 }
 
 

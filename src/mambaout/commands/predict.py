@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from mambaout import kernels
+
 DEFAULT_MODEL = "mambaout_femto"
 
 
@@ -49,7 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON list (one entry per image) on stdout")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    kernels.add_fused_kernels_argument(parser)
     args = parser.parse_args(argv)
+    kernels.set_fused_kernels(args.fused_kernels)
     if args.topk < 1:
         parser.error(f"--topk must be >= 1, got {args.topk}")
     if args.batch_size < 1:

@@ -10,6 +10,8 @@ import sys
 
 import yaml
 
+from mambaout import kernels
+
 S = argparse.SUPPRESS  # options not given stay out of the namespace, so they never override the recipe
 
 
@@ -92,6 +94,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--checkpoint-every", type=int, help="also save the training state every N steps inside epochs")
     g.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     g.add_argument("--list-recipes", action="store_true", help="list the recipe names and exit")
+    kernels.add_fused_kernels_argument(g)
     return p
 
 
@@ -99,7 +102,8 @@ def parse_overrides(argv: list[str] | None) -> tuple[dict, argparse.Namespace]:
     from mambaout.config import coerce
 
     args = get_args_parser().parse_args(argv)
-    given = {k: v for k, v in vars(args).items() if k not in ("overrides", "print_config", "list_recipes")}
+    skip = ("overrides", "print_config", "list_recipes", "fused_kernels")  # command switches, not config
+    given = {k: v for k, v in vars(args).items() if k not in skip}
     if given.get("auto_augment", "x").lower() in ("none", ""):
         given["auto_augment"] = None
     for item in getattr(args, "overrides", None) or []:
@@ -126,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "print_config", False):
         print(yaml.safe_dump(cfg, sort_keys=False))
         return 0
+    kernels.set_fused_kernels(getattr(args, "fused_kernels", False))  # same numbers either way: not in the config
     try:
         result = fit(cfg)
     except (ValueError, FileNotFoundError) as e:

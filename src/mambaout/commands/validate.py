@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+from mambaout import kernels
+
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mambaout validate", description=__doc__.split("\n\n")[0])
@@ -35,6 +37,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--amp", action="store_true", help="bf16 autocast")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--results-file", help="write the results as JSON (top1/top5 in percent)")
+    kernels.add_fused_kernels_argument(p)
     return p
 
 
@@ -140,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     args = get_args_parser().parse_args(argv)
+    kernels.set_fused_kernels(args.fused_kernels)
     try:
         specs = _specs(args)
         if not Path(args.data).exists():
