@@ -58,6 +58,9 @@ RAND_OPS = (
 )
 _INCREASING = {"Posterize", "Solarize", "Color", "Contrast", "Brightness", "Sharpness"}
 RAND_OPS_INCREASING = tuple(f"{op}Increasing" if op in _INCREASING else op for op in RAND_OPS)
+# ops that are a per-channel lookup table of the image's own levels
+LUT_OPS = ("AutoContrast", "Equalize", "Invert", "Posterize", "Solarize", "SolarizeAdd", "Contrast", "Brightness")
+LUT_OPS += tuple(f"{op}Increasing" for op in ("Posterize", "Solarize", "Contrast", "Brightness"))
 LEVEL_DENOM = 10.0  # magnitude M maps to the fraction M / 10 of each op's range
 
 
@@ -376,9 +379,14 @@ class RandAugmentGpu:
             drew("Brightness", "BrightnessIncreasing")[:, None, None], (f * levels).clamp(0, 255).floor(), lut
         )
         contrast = drew("Contrast", "ContrastIncreasing")
-        mean = (_gray(x).mean((1, 2, 3)) + 0.5).floor()[:, None, None]  # PIL: int(mean of L + 0.5)
-        lut = torch.where(contrast[:, None, None], (mean + f * (levels - mean)).clamp(0, 255).floor(), lut)
-        x = apply_lut(x, lut)
+
+        def contrast_lut(luts, i):
+            mean = (_gray(x[i]).mean((1, 2, 3)) + 0.5).floor()[:, None, None]  # PIL: int(mean of L + 0.5)
+            return (mean + f[i] * (levels[i] - mean)).clamp(0, 255).floor()
+
+        lut = only_where(contrast, lut, contrast_lut)
+        lut_op = drew(*(n for n in names if n in LUT_OPS))
+        x = only_where(lut_op, x, lambda xs, i: apply_lut(xs, lut[i]))
 
         # 2. Color: blend with the grey image
         color = drew("Color", "ColorIncreasing")
@@ -452,14 +460,13 @@ def random_erasing(
     left = (torch.rand(b, 1, device=dev) * (w - ew + 1)).floor()
     ys = torch.arange(h, device=dev).float()[None, :, None]
     xs = torch.arange(w, device=dev).float()[None, None, :]
-    box = (
-        (ys >= top[:, :, None])
-        & (ys < (top + eh)[:, :, None])
-        & (xs >= left[:, :, None])
-        & (xs < (left + ew)[:, :, None])
-    )
-    mask = (box & erase[:, None, None])[:, None]  # [B, 1, H, W]
-    return torch.where(mask, torch.randn_like(x), x)
+
+    def erased(xb, i):
+        t, l_, bh, bw = top[i, :, None], left[i, :, None], eh[i, :, None], ew[i, :, None]
+        box = (ys >= t) & (ys < t + bh) & (xs >= l_) & (xs < l_ + bw)  # [b, H, W]
+        return torch.where(box[:, None], torch.randn_like(xb), xb)
+
+    return only_where(erase, x, erased)
 
 
 @dataclass
