@@ -94,7 +94,8 @@ def test_train_on_shards(shards, tmp_path, pipeline):
 class _IterableOnlyReader:
     """What timm's `hfids/` reader is: iterable, no `__getitem__`."""
 
-    num_classes = 2
+    class_to_idx = {"cat": 0, "dog": 1}
+    num_samples = 6
 
     def __init__(self, *_, **__):
         self.items = [(Image.new("RGB", (10, 12), (200 * (i % 2),) * 3), i % 2) for i in range(6)]
@@ -112,7 +113,7 @@ def test_hfids_goes_through_the_iterable_route(monkeypatch):
 
     monkeypatch.setattr(timm.data.readers, "create_reader", lambda *a, **k: _IterableOnlyReader())
     ds = D.create_dataset("hfids/some/dataset:train", transform=np.array)
-    assert isinstance(ds, W.IterableImages) and ds.classes == ["0", "1"]
+    assert isinstance(ds, W.IterableImages) and ds.classes == ["cat", "dog"] and len(ds) == 6
     loader = D.eval_loader(ds, batch_size=4)
     labels = [int(y) for _, ys, _ in loader for y in ys]
     assert labels == [0, 1, 0, 1, 0, 1]

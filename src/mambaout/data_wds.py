@@ -152,12 +152,11 @@ class IterableImages(IterableDataset):
             name, _, split = source.partition(":")
             self.shards = None
             self.reader = create_reader(name, root=None, split=split or "train", is_training=training, seed=seed)
-            self.total = length or len(self.reader)
-            self.classes = None
+            self.total = length or self.reader.num_samples  # the whole split (timm reads it from the split info)
+            mapping = self.reader.class_to_idx  # the dataset's ClassLabel names
+            self.classes = [str(c) for c, _ in sorted(mapping.items(), key=lambda kv: kv[1])]
         else:
             raise ValueError(f"not a streamed data set: {source!r}; expected one of {ITERABLE_PREFIXES}")
-        if self.classes is None:
-            self.classes = [str(i) for i in range(getattr(self.reader, "num_classes", 0) or 0)]
         self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
 
     def __len__(self) -> int:  # this rank's share
