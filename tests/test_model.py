@@ -12,19 +12,36 @@ from mambaout.variants import get_variant
 timm = pytest.importorskip("timm")
 from timm.models.mambaout import checkpoint_filter_fn as timm_filter  # noqa: E402
 
-PAPER = ["mambaout_femto", "mambaout_kobe", "mambaout_tiny", "mambaout_small", "mambaout_base"]
-RW = [
-    "mambaout_small_rw",
-    "mambaout_base_short_rw",
-    "mambaout_base_tall_rw",
-    "mambaout_base_wide_rw",
-    "mambaout_base_plus_rw",
-]
+# Every variant with published weights is one timm implements too: the parity set comes from the registry.
+PARITY = mambaout.list_models(pretrained=True, group="mambaout")
+PAPER = [n for n in PARITY if get_variant(n)[0].default_weights.top1_source == "paper Table 1"]
+RW = [n for n in PARITY if n not in PAPER]
 
 # Published parameter counts (millions): paper Table 1 and timm's model cards.
-PARAMS_M = dict(zip(PAPER + RW, [7.30, 9.14, 26.55, 48.49, 84.81, 48.50, 88.83, 86.48, 94.45, 101.66]))
+PARAMS_M = {
+    "mambaout_femto": 7.30,
+    "mambaout_kobe": 9.14,
+    "mambaout_tiny": 26.55,
+    "mambaout_small": 48.49,
+    "mambaout_base": 84.81,
+    "mambaout_small_rw": 48.50,
+    "mambaout_base_short_rw": 88.83,
+    "mambaout_base_tall_rw": 86.48,
+    "mambaout_base_wide_rw": 94.45,
+    "mambaout_base_plus_rw": 101.66,
+}
 # Paper Table 1 MACs (G) at 224 px, given to one decimal.
-PAPER_MACS_G = dict(zip(PAPER, [1.2, 1.5, 4.5, 9.0, 15.8]))
+PAPER_MACS_G = {
+    "mambaout_femto": 1.2,
+    "mambaout_kobe": 1.5,
+    "mambaout_tiny": 4.5,
+    "mambaout_small": 9.0,
+    "mambaout_base": 15.8,
+}
+
+
+def test_parity_set_is_every_published_variant():
+    assert set(PARITY) == set(PARAMS_M) and set(PAPER) == set(PAPER_MACS_G)  # a new variant needs its published counts
 
 
 def _pair(name, **kwargs):
@@ -34,7 +51,7 @@ def _pair(name, **kwargs):
     return ours, ref
 
 
-@pytest.mark.parametrize("name", PAPER + RW)
+@pytest.mark.parametrize("name", PARITY)
 def test_logits_equal_timm_and_official_layout(name):
     ours, ref = _pair(name)
     ours.load_state_dict(ref.state_dict(), strict=True)  # timm layout loads as it is
@@ -51,7 +68,7 @@ def test_logits_equal_timm_and_official_layout(name):
             assert (fresh(x) - want).abs().max().item() <= 1e-5
 
 
-@pytest.mark.parametrize("name", PAPER + RW)
+@pytest.mark.parametrize("name", PARITY)
 def test_param_count_matches_published(name):
     with torch.device("meta"):
         model = MambaOut(**get_variant(name)[0].kwargs)

@@ -1,6 +1,5 @@
 """MambaOut (Yu & Wang, CVPR 2025): vision backbones of Gated CNN blocks, exact to the published weights."""
 
-from . import analysis  # noqa: F401  registers the ViT and Mamba-block models of the paper's comparisons
 from .checkpoint import CheckpointError, DownloadError, read_checkpoint, save_weights
 from .factory import create_model
 from .model import GatedCNNBlock, MambaOut, MambaOutFeatures

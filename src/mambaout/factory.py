@@ -60,7 +60,7 @@ def create_model(
     if weights is not None and pretrained:
         model_kwargs["num_classes"] = weights.num_classes
     model_kwargs.update(kwargs)
-    model = (variant.builder or MambaOut)(**model_kwargs)
+    model = variant.build(**model_kwargs)
     model.model_name = variant.name
     model.model_kwargs = {k: v for k, v in model_kwargs.items() if jsonable(v)}
     model.pretrained_cfg = dict(

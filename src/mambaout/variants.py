@@ -3,11 +3,17 @@
 Variants are data: each entry only sets the architecture arguments that differ from `MambaOut`'s
 defaults (the paper's design). Weights carry their provenance: where they come from, the eval
 transform they need, their parameter count and the ImageNet-1k top-1 their authors report.
+
+Two groups share the one registry: the MambaOut families (`group="mambaout"`), and the models of the paper's
+comparisons (`group="analysis"`: DeiT ViTs with full or causal attention, MambaOut with Mamba's SSM), whose
+builders live in `mambaout.analysis` and are named by import path, so that package is imported only when one of
+its models is built.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -68,7 +74,21 @@ class Variant:
     weights: tuple[Weights, ...] = ()
     description: str = ""
     default_drop_path: float = 0.0  # training recipe's stochastic depth (official scripts)
-    builder: Callable | None = None  # the model class or function called with `kwargs`; None for `MambaOut`
+    # The model class or function called with `kwargs`: None for `MambaOut`, or "module:attribute" imported on build.
+    builder: Callable | str | None = None
+    group: str = "mambaout"  # "mambaout": the families; "analysis": the paper's comparisons (mambaout.analysis)
+
+    def build(self, **kwargs):
+        """The model with the variant's arguments, overridden by `kwargs`."""
+        builder = self.builder
+        if builder is None:
+            from .model import MambaOut
+
+            builder = MambaOut
+        elif isinstance(builder, str):
+            module, _, attr = builder.partition(":")
+            builder = getattr(importlib.import_module(module), attr)
+        return builder(**{**self.kwargs, **kwargs})
 
     @property
     def default_weights(self) -> Weights | None:
@@ -86,6 +106,8 @@ class Variant:
 
 
 _REGISTRY: dict[str, Variant] = {}
+# Other names of a registered variant. They resolve like it but are not listed, so nothing is counted twice.
+_ALIASES: dict[str, str] = {}
 
 
 def register(variant: Variant) -> Variant:
@@ -193,13 +215,72 @@ _rw(
     act_layer="silu",
 )
 
-# A few-thousand-parameter model of the paper's design for fast tests and smoke runs.
-register(Variant("mambaout_test", dict(depths=(1, 1, 2, 1), dims=(16, 32, 48, 64)), None, (), "tests only"))
+# A few-thousand-parameter model of the paper's design: tests, the digits default, the CPU experiments.
+register(
+    Variant(
+        "mambaout_test",
+        dict(depths=(1, 1, 2, 1), dims=(16, 32, 48, 64)),
+        None,
+        (),
+        "CPU-sized MambaOut: tests, the digits default, the Mamba comparison and kernel ablation",
+    )
+)
+# The same network under its analysis name: the mamba-vs-mambaout and ablation-kernel-* recipes and the
+# checkpoints of those runs record `mambaout_pico` (its SSM twin is `mambaout_pico_ssm`).
+_ALIASES["mambaout_pico"] = "mambaout_test"
+
+
+# --- analysis models: the paper's comparisons, built by mambaout.analysis ---------------------------------------------
+
+_VIT = "mambaout.analysis.vit:VisionTransformer"
+_SSM = "mambaout.analysis.mamba:mamba_out_with_ssm"
+
+# DeiT's Ti and S, fully-visible and causal (paper Fig. 3b); drop path from the DeiT recipe.
+_DEIT = {
+    "tiny": ("Ti", dict(embed_dim=192, depth=12, num_heads=3), {False: 72.2, True: 70.6}),
+    "small": ("S", dict(embed_dim=384, depth=12, num_heads=6), {False: 79.8, True: 78.9}),
+}
+for _size, (_short, _cfg, _top1) in _DEIT.items():
+    for _causal in (False, True):
+        register(
+            Variant(
+                f"vit_{_size}_deit" + ("_causal" if _causal else ""),
+                dict(_cfg, causal=_causal),
+                description=f"DeiT ViT-{_short}, {'causal' if _causal else 'full'} attention "
+                f"(paper Fig. 3b: {_top1[_causal]} ImageNet top-1)",
+                default_drop_path=0.1,
+                builder=_VIT,
+                group="analysis",
+            )
+        )
+
+# Mamba vs MambaOut: the same CPU-sized network with the SSM in every block (the Mamba block of Fig. 1a), with
+# Mamba's d_state 16; they differ ONLY in the block.
+_PICO = dict(depths=(1, 1, 2, 1), dims=(16, 32, 48, 64))
+register(
+    Variant(
+        "mambaout_pico_ssm",
+        dict(_PICO, d_state=16),
+        description="mambaout_pico with the SSM in every block: the Mamba block of Fig. 1a",
+        builder=_SSM,
+        group="analysis",
+    )
+)
+register(
+    Variant(
+        "mambaout_test_ssm",
+        dict(_PICO, d_state=4),
+        description="tests only: mambaout_test with the SSM",
+        builder=_SSM,
+        group="analysis",
+    )
+)
 
 
 def get_variant(name: str) -> tuple[Variant, str | None]:
     """Look up `name` or `name.tag`; returns the variant and the weight tag (None if not given)."""
     base, _, tag = name.partition(".")
+    base = _ALIASES.get(base, base)
     if base not in _REGISTRY:
         close = fnmatch.filter(_REGISTRY, f"*{base.replace('mambaout_', '')}*")
         hint = f" Did you mean {close}?" if close else ""
@@ -207,10 +288,16 @@ def get_variant(name: str) -> tuple[Variant, str | None]:
     return _REGISTRY[base], tag or None
 
 
-def list_models(pattern: str | None = None, pretrained: bool = False) -> list[str]:
-    """Registered model names, optionally filtered by a shell-style `pattern` or to those with weights."""
-    names = [n for n, v in _REGISTRY.items() if v.weights or not pretrained]
+def list_models(pattern: str | None = None, pretrained: bool = False, group: str | None = None) -> list[str]:
+    """Registered model names (aliases left out), optionally filtered by a shell-style `pattern`, to those with
+    weights, or to one `group` ("mambaout" or "analysis")."""
+    names = [n for n, v in _REGISTRY.items() if (v.weights or not pretrained) and group in (None, v.group)]
     return fnmatch.filter(names, pattern) if pattern else names
+
+
+def list_aliases() -> dict[str, str]:
+    """Alias -> the registered name it stands for."""
+    return dict(_ALIASES)
 
 
 def list_pretrained(pattern: str | None = None) -> list[str]:

@@ -1,7 +1,6 @@
 """The paper's analysis tools: parameter and MAC counts, the Transformer FLOPs argument, ablation helpers.
 
-Importing it registers the models of the paper's comparisons: DeiT ViT-Ti/S with full or causal attention
-(`vit.py`) and MambaOut with Mamba's SSM in every block (`mamba.py`).
+The models of the paper's comparisons, DeiT ViT-Ti/S with full or causal attention (`vit.py`) and MambaOut with
+Mamba's SSM in every block (`mamba.py`), are registered in `mambaout.variants` by name and import path; this
+package is imported only when one of them is built.
 """
-
-from . import mamba, vit  # noqa: F401

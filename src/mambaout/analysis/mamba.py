@@ -26,7 +26,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from mambaout.model import GatedCNNBlock, MambaOut
-from mambaout.variants import Variant, register
 
 __all__ = ["selective_scan_ref", "selective_scan_chunked", "SelectiveSSM", "MambaBlock", "mamba_out_with_ssm"]
 
@@ -301,32 +300,3 @@ def mamba_out_with_ssm(
     model = MambaOut(block_layer=block, **kwargs)
     _reinit_ssm(model)
     return model
-
-
-# --- registered models for the Mamba-vs-MambaOut comparison ----------------------------------------------------------
-
-# `pico`: the CPU-sized network of the first `imagenette-cpu` recipe (mambaout_test's 4 stages of 16-64 channels, the
-# paper's design), registered under its own names as the comparison pair: they differ ONLY in the block, Gated CNN
-# (MambaOut) or Gated CNN + SSM (the Mamba block of Fig. 1a), with Mamba's d_state 16.
-PICO = dict(depths=(1, 1, 2, 1), dims=(16, 32, 48, 64))
-register(Variant("mambaout_pico", dict(PICO), None, (), "CPU-sized MambaOut: the Mamba comparison and kernel ablation"))
-register(
-    Variant(
-        "mambaout_pico_ssm",
-        dict(PICO, d_state=16),
-        None,
-        (),
-        "mambaout_pico with the SSM in every block: the Mamba block of Fig. 1a",
-        builder=mamba_out_with_ssm,
-    )
-)
-register(
-    Variant(
-        "mambaout_test_ssm",
-        dict(depths=(1, 1, 2, 1), dims=(16, 32, 48, 64), d_state=4),
-        None,
-        (),
-        "tests only: mambaout_test with the SSM",
-        builder=mamba_out_with_ssm,
-    )
-)

@@ -25,8 +25,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from mambaout.variants import Variant, register
-
 __all__ = ["VisionTransformer", "Attention", "Block"]
 
 LayerNorm = nn.LayerNorm  # DeiT uses eps 1e-6; passed explicitly below
@@ -213,27 +211,3 @@ def _init_weights(m: nn.Module) -> None:
     elif isinstance(m, nn.Conv2d):  # the patch embedding, initialised like a linear layer of its fan-in
         nn.init.trunc_normal_(m.weight, std=math.sqrt(1.0 / (m.in_channels * m.kernel_size[0] * m.kernel_size[1])))
         nn.init.zeros_(m.bias)
-
-
-# --- registered models (DeiT's Ti and S, fully-visible and causal; drop path from the DeiT recipe) ----------------
-
-_DEIT = {
-    "tiny": dict(embed_dim=192, depth=12, num_heads=3),
-    "small": dict(embed_dim=384, depth=12, num_heads=6),
-}
-_PAPER_TOP1 = {("tiny", False): 72.2, ("tiny", True): 70.6, ("small", False): 79.8, ("small", True): 78.9}
-for _size, _cfg in _DEIT.items():
-    for _causal in (False, True):
-        _name = f"vit_{_size}_deit" + ("_causal" if _causal else "")
-        register(
-            Variant(
-                _name,
-                dict(_cfg, causal=_causal),
-                None,
-                (),
-                f"DeiT ViT-{_size[0].upper()}{'i' if _size == 'tiny' else ''}, {'causal' if _causal else 'full'} "
-                f"attention (paper Fig. 3b: {_PAPER_TOP1[_size, _causal]} ImageNet top-1)",
-                default_drop_path=0.1,
-                builder=VisionTransformer,
-            )
-        )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mambaout.commands.predict import DEFAULT_MODEL
+from mambaout.commands.common import DEFAULT_MODEL
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mambaout.commands.predict import add_model_args, build_model
+from mambaout.commands.common import add_model_args, build_model
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,11 +15,9 @@ import argparse
 import fnmatch
 import json
 
-import torch
-
 from mambaout.analysis.flops import count_macs, count_params, plot_quadratic_share, transformer_flops
-from mambaout.model import MambaOut
-from mambaout.variants import get_variant, list_models
+from mambaout.commands.common import shape_only_model
+from mambaout.variants import list_models
 
 
 def flops_rows(patterns: list[str] | None = None, img_size: int = 224) -> list[dict]:
@@ -29,9 +27,7 @@ def flops_rows(patterns: list[str] | None = None, img_size: int = 224) -> list[d
         names = [n for n in names if any(fnmatch.fnmatch(n, p) for p in patterns)]
     rows = []
     for name in names:
-        variant, _ = get_variant(name)
-        with torch.device("meta"):  # shapes only: no weights allocated, counts in milliseconds
-            model = (variant.builder or MambaOut)(**variant.kwargs)
+        model = shape_only_model(name)
         try:
             macs = count_macs(model, img_size)
         except ValueError:  # e.g. a ViT at a size that is no multiple of its patch: it cannot run there

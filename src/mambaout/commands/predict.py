@@ -6,39 +6,7 @@ import argparse
 import sys
 
 from mambaout import kernels
-
-DEFAULT_MODEL = "mambaout_femto"
-
-
-def add_model_args(parser: argparse.ArgumentParser) -> None:
-    """The model-choosing options shared by predict, demo and export."""
-    parser.add_argument(
-        "--model",
-        default=None,
-        help=f"registered name, optionally with a weight tag (default: the checkpoint's model, else {DEFAULT_MODEL})",
-    )
-    parser.add_argument("--checkpoint", default=None, help="weights file (.safetensors/.pth) or URL")
-    parser.add_argument(
-        "--random-weights",
-        action="store_true",
-        help="no checkpoint and no download: random weights (smoke tests, throughput)",
-    )
-
-
-def build_model(args: argparse.Namespace):
-    """The model the shared options describe (published weights unless --checkpoint or --random-weights)."""
-    from mambaout.factory import create_model
-    from mambaout.variants import get_variant
-
-    if args.checkpoint is not None and args.random_weights:
-        raise ValueError("--checkpoint and --random-weights exclude each other; pass one")
-    if args.checkpoint is not None:
-        return create_model(args.model, checkpoint=args.checkpoint)
-    name = args.model or DEFAULT_MODEL
-    variant, _ = get_variant(name)
-    if not args.random_weights and not variant.weights:
-        raise ValueError(f"{variant.name} has no published weights: pass --checkpoint PATH or --random-weights")
-    return create_model(name, pretrained=not args.random_weights)
+from mambaout.commands.common import add_model_args, build_model
 
 
 def main(argv: list[str] | None = None) -> int:
