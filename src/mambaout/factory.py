@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 from collections.abc import Sequence
 
+import torch
 from torch import nn
 
 from .checkpoint import CheckpointError, download, load_into, read_checkpoint
 from .files import jsonable
 from .model import MambaOut, MambaOutFeatures
-from .variants import Weights, get_variant
+from .variants import Weights, get_variant, pretrained_cfg
+
+# timm's create_model arguments for features_only models: what each means here.
+_FEATURE_CLS = (None, "getter")  # our backbone calls the stages in order and taps their outputs: timm's "getter"
+_IGNORED = ("flatten_sequential",)  # meaningful only for timm's hook-based feature wrappers; harmless here
 
 
 def create_model(
@@ -20,6 +27,11 @@ def create_model(
     features_only: bool = False,
     out_indices: Sequence[int] = (0, 1, 2, 3),
     output_fmt: str = "NCHW",
+    feature_cls: str | None = None,
+    feature_cfg: dict | None = None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    pretrained_cfg_overlay: dict | None = None,
     **kwargs,
 ) -> nn.Module:
     """Build a registered MambaOut, optionally with weights.
@@ -32,6 +44,11 @@ def create_model(
         features_only: Return a backbone giving the stage maps of `out_indices` (strides 4, 8, 16, 32).
         out_indices: Stages returned by a `features_only` backbone.
         output_fmt: `'NCHW'` or `'NHWC'` for a `features_only` backbone.
+        feature_cls: timm's feature wrapper choice; `'getter'` (or None) is what `features_only` builds here.
+        feature_cfg: timm's dict of the feature arguments (`out_indices`, `output_fmt`, `feature_cls`, ...).
+        device: Where to build the model (and load its weights).
+        dtype: Parameter dtype after loading.
+        pretrained_cfg_overlay: Entries merged into `pretrained_cfg`; `file` names local weights (as in timm).
         **kwargs: `MambaOut` arguments overriding the variant's (`num_classes`, `in_chans`, `kernel_size`,
             `drop_path_rate`, `drop_rate`, `ls_init_value`, ...). A `num_classes` other than the weights'
             re-initialises the classifier; an `in_chans` other than 3 adapts the first conv.
@@ -39,6 +56,29 @@ def create_model(
     Returns:
         A `MambaOut` (or `MambaOutFeatures`), with `pretrained_cfg` holding the eval transform settings.
     """
+    for key in _IGNORED:
+        kwargs.pop(key, None)
+    for key, value in (feature_cfg or {}).items():  # timm spells the feature arguments either way
+        if key == "out_indices":
+            out_indices = value
+        elif key == "output_fmt":
+            output_fmt = value
+        elif key == "feature_cls":
+            feature_cls = value
+        elif key not in _IGNORED:
+            raise ValueError(
+                f"feature_cfg[{key!r}] is not supported; supported keys: out_indices, output_fmt, feature_cls"
+            )
+    if feature_cls not in _FEATURE_CLS:
+        raise ValueError(
+            f"feature_cls={feature_cls!r} is not supported: features_only builds a 'getter' backbone (stage outputs "
+            "in order); leave feature_cls unset or pass 'getter'"
+        )
+    overlay = dict(pretrained_cfg_overlay or {})
+    if overlay.get("file"):
+        if checkpoint is not None:
+            raise ValueError("pass either checkpoint=... or pretrained_cfg_overlay={'file': ...}, not both")
+        checkpoint, pretrained = overlay["file"], False
     if pretrained and checkpoint is not None:
         raise ValueError("pass either pretrained=True or checkpoint=..., not both")
     state_dict, meta = (None, {})
@@ -57,19 +97,16 @@ def create_model(
 
     model_kwargs = dict(variant.kwargs)
     model_kwargs.update(meta.get("model_kwargs", {}))  # a trained checkpoint's own architecture, widths included
-    if weights is not None and pretrained:
+    if weights is not None:  # a tag (or pretrained) fixes the classifier width: 11821 for ...in12k, as timm does
         model_kwargs["num_classes"] = weights.num_classes
     model_kwargs.update(kwargs)
-    model = variant.build(**model_kwargs)
+    with torch.device(device) if device is not None else contextlib.nullcontext():
+        model = _build(variant, model_kwargs)
     model.model_name = variant.name
     model.model_kwargs = {k: v for k, v in model_kwargs.items() if jsonable(v)}
-    model.pretrained_cfg = dict(
-        (weights or variant.default_weights or Weights("", ())).eval_config(),
-        **meta.get("eval_config", {}),
-        num_classes=model.num_classes,
-        first_conv="stem.conv1",
-        classifier="head.fc",
-    )
+    cfg = dict(pretrained_cfg(variant, weights, model.num_classes), **meta.get("eval_config", {}))
+    cfg["pool_size"] = [side // 32 for side in cfg["input_size"][1:]]  # a trained checkpoint's own size, too
+    model.pretrained_cfg = dict(cfg, **overlay)
     model.class_names = meta.get("class_names")
 
     if pretrained:
@@ -85,8 +122,24 @@ def create_model(
         if model.class_names is not None and len(model.class_names) != model.num_classes:
             model.class_names = None  # the classifier was replaced, so its names no longer apply
 
+    if dtype is not None:
+        model = model.to(dtype)
     if features_only:
         if not isinstance(model, MambaOut):
             raise ValueError(f"features_only needs a MambaOut backbone; {variant.name} is a {type(model).__name__}")
         return MambaOutFeatures(model, out_indices, output_fmt)
     return model
+
+
+def _build(variant, model_kwargs: dict) -> nn.Module:
+    """Build the variant; an argument its builder does not take is a one-line error naming it."""
+    try:
+        return variant.build(**model_kwargs)
+    except TypeError as e:
+        bad = re.search(r"unexpected keyword argument '(\w+)'", str(e))
+        if bad is None:
+            raise
+        raise ValueError(
+            f"{variant.name} does not take {bad.group(1)!r}: create_model passes keyword arguments it does not know "
+            "to the model (help(mambaout.MambaOut) lists them)"
+        ) from None

@@ -11,8 +11,8 @@ The parameter names follow timm's layout (`stem.*`, `stages.i.downsample.*`, `st
 `head.*`), so hub weights load as they are; `mambaout.checkpoint` maps the official layout onto it.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: TorchScript reads these hints at run time, also in the code FX
+# generates from `forward` (string hints there become unknown type names).
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from functools import partial
@@ -310,11 +310,16 @@ class ClassifierHead(nn.Module):
         self.drop = nn.Dropout(drop_rate)
         self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
-    def reset(self, num_classes: int, global_pool: str | None = None) -> None:
+    def reset(self, num_classes: int, global_pool: str | None = None, reset_other: bool = False) -> None:
+        """A fresh final linear layer for `num_classes`; `reset_other` also drops the norm and the MLP before it."""
         if global_pool is not None:
             _check_pool(global_pool)
             self.global_pool = global_pool
-        ref = self.norm.weight
+        ref = self.fc.weight if isinstance(self.fc, nn.Linear) else next(self.parameters(), torch.empty(0))
+        if reset_other:
+            self.norm = nn.Identity()
+            self.pre_logits = nn.Identity()
+            self.num_features = self.in_features
         self.fc = (
             nn.Linear(self.num_features, num_classes, device=ref.device, dtype=ref.dtype)
             if num_classes > 0
@@ -336,16 +341,45 @@ def _check_pool(global_pool: str) -> None:
 
 
 class FeatureInfo(list):
-    """A list of `{'num_chs', 'reduction', 'module', 'index'}` dicts, one per feature map, as timm consumers expect."""
+    """One `{'num_chs', 'reduction', 'module', 'index'}` dict per feature map, with timm's accessors.
 
-    def channels(self) -> list[int]:
-        return [f["num_chs"] for f in self]
+    `out_indices` are the stage indices of the entries; `idx` in the accessors indexes the entries (an int, a list of
+    ints, or None for all), as timm's `FeatureInfo` does over its own `out_indices`.
+    """
 
-    def reduction(self) -> list[int]:
-        return [f["reduction"] for f in self]
+    def __init__(self, entries=(), out_indices: Sequence[int] | None = None):
+        super().__init__(entries)
+        self._out_indices = tuple(out_indices) if out_indices is not None else None
 
-    def module_name(self) -> list[str]:
-        return [f["module"] for f in self]
+    @property
+    def out_indices(self) -> tuple[int, ...]:
+        return self._out_indices if self._out_indices is not None else tuple(f["index"] for f in self)
+
+    def get(self, key: str, idx: int | Sequence[int] | None = None):
+        if idx is None:
+            return [f[key] for f in self]
+        if isinstance(idx, int):
+            return self[idx][key]
+        return [self[i][key] for i in idx]
+
+    def get_dicts(self, keys: Sequence[str] | None = None, idx: int | Sequence[int] | None = None):
+        def pick(f: dict) -> dict:
+            return dict(f) if keys is None else {k: f[k] for k in keys}
+
+        if idx is None:
+            return [pick(f) for f in self]
+        if isinstance(idx, int):
+            return pick(self[idx])
+        return [pick(self[i]) for i in idx]
+
+    def channels(self, idx: int | Sequence[int] | None = None):
+        return self.get("num_chs", idx)
+
+    def reduction(self, idx: int | Sequence[int] | None = None):
+        return self.get("reduction", idx)
+
+    def module_name(self, idx: int | Sequence[int] | None = None):
+        return self.get("module", idx)
 
 
 def _init_weights(m: nn.Module) -> None:
@@ -379,6 +413,9 @@ class MambaOut(nn.Module):
         block_layer: The block class (default `GatedCNNBlock`); any module taking the same arguments and
             mapping `[B, H, W, C]` to itself, e.g. a Mamba block (Gated CNN + SSM) for the paper's comparison.
     """
+
+    output_fmt = "NHWC"  # what forward_features returns (timm's convention for generic consumers)
+    __jit_unused_properties__ = ["default_cfg"]  # TorchScript compiles the forward, not the config accessors
 
     def __init__(
         self,
@@ -442,7 +479,17 @@ class MambaOut(nn.Module):
             dims[-1], num_classes, head_mlp_ratio, head_mlp_norm, drop_rate, global_pool, norm_layer
         )
         self.head_hidden_size = self.head.num_features
+        self.pretrained_cfg: dict = {}  # eval transform and provenance; create_model fills it (timm's fields)
         self.apply(_init_weights)
+
+    @property
+    def default_cfg(self) -> dict:
+        """timm's older name for `pretrained_cfg`."""
+        return self.pretrained_cfg
+
+    @default_cfg.setter
+    def default_cfg(self, cfg: dict) -> None:
+        self.pretrained_cfg = cfg
 
     # --- the model API timm-style consumers call ---------------------------------------------------------------------
 
@@ -459,10 +506,14 @@ class MambaOut(nn.Module):
     def get_classifier(self) -> nn.Module:
         return self.head.fc
 
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        """Replace the final linear layer (freshly initialised) for `num_classes` outputs; 0 removes it."""
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None, reset_other: bool = False) -> None:
+        """Replace the final linear layer (freshly initialised) for `num_classes` outputs; 0 removes it.
+
+        `global_pool=''` keeps the spatial map; `reset_other` also drops the head's norm and MLP (timm's meaning).
+        """
         self.num_classes = num_classes
-        self.head.reset(num_classes, global_pool)
+        self.head.reset(num_classes, global_pool, reset_other)
+        self.head_hidden_size = self.head.num_features
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block's activations in the backward pass: less memory, same outputs and gradients."""
@@ -539,14 +590,28 @@ class MambaOut(nn.Module):
 
     def prune_intermediate_layers(
         self, indices: int | Sequence[int] = 1, prune_norm: bool = False, prune_head: bool = True
-    ):
-        """Drop the stages after the last index in `indices` (and the head); returns the kept indices."""
+    ) -> list[int]:
+        """Drop the stages after the last index in `indices`; returns the kept indices.
+
+        With `prune_head` the classifier head goes too: `forward` then returns the last kept stage's map,
+        `[B, H, W, C]`, and `num_features`/`head_hidden_size` are that stage's width. The head is sized for the last
+        stage, so it can only stay (`prune_head=False`) when that stage stays. `prune_norm` is accepted for timm's
+        signature; MambaOut has no norm between the stages and the head.
+        """
         take = self._take_indices(indices)
+        keeps_last = take[-1] == len(self.stages) - 1
+        if not (prune_head or keeps_last):
+            raise ValueError(
+                f"prune_head=False keeps a head sized for stage {len(self.stages) - 1}, which pruning to stage "
+                f"{take[-1]} removes; pass prune_head=True, or include the last stage in indices"
+            )
         self.stages = self.stages[: take[-1] + 1]
         self.feature_info = FeatureInfo(self.feature_info[: take[-1] + 1])
-        if prune_head or take[-1] < len(self.feature_info) - 1:
-            self.head = nn.Identity()
+        if prune_head:
+            width = self.feature_info[-1]["num_chs"]
+            self.head = ClassifierHead(width, 0, mlp_ratio=0, global_pool="", norm_layer=lambda d: nn.Identity())
             self.num_classes = 0
+            self.num_features = self.head_hidden_size = width
         return take
 
 
@@ -568,7 +633,17 @@ class MambaOutFeatures(nn.Module):
         self.output_fmt = output_fmt
         self.stem = model.stem
         self.stages = model.stages[: self.out_indices[-1] + 1]
-        self.feature_info = FeatureInfo(model.feature_info[i] for i in self.out_indices)
+        self.feature_info = FeatureInfo((model.feature_info[i] for i in self.out_indices), self.out_indices)
+        self.pretrained_cfg = dict(getattr(model, "pretrained_cfg", {}) or {})
+        for attr in ("model_name", "model_kwargs", "class_names"):
+            if hasattr(model, attr):
+                setattr(self, attr, getattr(model, attr))
+
+    __jit_unused_properties__ = ["default_cfg"]
+
+    @property
+    def default_cfg(self) -> dict:
+        return self.pretrained_cfg
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         for stage in self.stages:
@@ -582,7 +657,3 @@ class MambaOutFeatures(nn.Module):
             if i in self.out_indices:
                 feats.append(x.permute(0, 3, 1, 2).contiguous() if self.output_fmt == "NCHW" else x)  # -> [B, C, H, W]
         return feats
-
-
-def count_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())

@@ -39,6 +39,8 @@ class Weights:
         top1_source: Where `top1` comes from.
         params_m: Parameters (millions) of the model these weights fit.
         crop_mode: `'center'` or `'squash'` (resize both sides to the input size, no crop).
+        test_input_size: A larger size the weights also evaluate well at (timm's `test_input_size`).
+        test_crop_pct: Crop fraction at `test_input_size`, where it differs from `crop_pct`.
     """
 
     tag: str
@@ -53,6 +55,8 @@ class Weights:
     top1_source: str = ""
     params_m: float | None = None
     crop_mode: str = "center"
+    test_input_size: tuple[int, int, int] = (3, 288, 288)
+    test_crop_pct: float | None = None
 
     def eval_config(self) -> dict:
         """The eval transform settings as a plain dict (what checkpoints and `mambaout validate` store)."""
@@ -167,7 +171,7 @@ _rw(
 _rw(
     "mambaout_base_short_rw",
     88.83,
-    [("sw_e500_in1k", 84.362, dict(crop_pct=0.95))],
+    [("sw_e500_in1k", 84.362, dict(crop_pct=0.95, test_crop_pct=1.0))],
     0.6,
     "timm: shallower, wider",
     depths=(3, 3, 25, 3),
@@ -178,7 +182,7 @@ _rw(
 _rw(
     "mambaout_base_tall_rw",
     86.48,
-    [("sw_e500_in1k", 84.434, dict(crop_pct=0.95))],
+    [("sw_e500_in1k", 84.434, dict(crop_pct=0.95, test_crop_pct=1.0))],
     0.6,
     "timm: deeper",
     depths=(3, 4, 30, 3),
@@ -189,7 +193,7 @@ _rw(
 _rw(
     "mambaout_base_wide_rw",
     94.45,
-    [("sw_e500_in1k", 84.454, dict(crop_pct=0.95))],
+    [("sw_e500_in1k", 84.454, dict(crop_pct=0.95, test_crop_pct=1.0))],
     0.6,
     "timm: wider, SiLU gate",
     depths=(3, 4, 27, 3),
@@ -203,7 +207,11 @@ _rw(
     101.66,
     [
         ("sw_e150_in12k_ft_in1k", 86.632, {}),
-        ("sw_e150_r384_in12k_ft_in1k", 87.506, dict(input_size=(3, 384, 384), crop_mode="squash")),
+        (
+            "sw_e150_r384_in12k_ft_in1k",
+            87.506,
+            dict(input_size=(3, 384, 384), test_input_size=(3, 384, 384), crop_mode="squash"),
+        ),
         ("sw_e150_in12k", None, dict(num_classes=11821)),
     ],
     0.6,
@@ -275,6 +283,31 @@ register(
         group="analysis",
     )
 )
+
+
+def pretrained_cfg(variant: Variant, weights: Weights | None, num_classes: int | None = None) -> dict:
+    """timm's `pretrained_cfg` fields, with timm's values for the same tag (weights-less variants get defaults)."""
+    w = weights or variant.default_weights or Weights("", ())
+    hub = next((u for u in w.urls if "huggingface.co/" in u), None)
+    cfg = dict(
+        url="",  # timm's value; where our create_model downloads from, in order, is `urls`
+        hf_hub_id=f"timm/{variant.name}.{w.tag}" if hub else None,
+        architecture=variant.name,
+        tag=w.tag or None,
+        custom_load=False,
+        **w.eval_config(),
+        test_input_size=list(w.test_input_size),
+        fixed_input_size=False,
+        num_classes=w.num_classes if num_classes is None else num_classes,
+        pool_size=[w.input_size[1] // 32, w.input_size[2] // 32],  # the last stage's map: stride 32
+        first_conv="stem.conv1",
+        classifier="head.fc",
+        license="apache-2.0",
+        urls=list(w.urls),
+    )
+    if w.test_crop_pct is not None:
+        cfg["test_crop_pct"] = w.test_crop_pct
+    return cfg
 
 
 def get_variant(name: str) -> tuple[Variant, str | None]:
