@@ -250,13 +250,9 @@ def fix_posterize(transform) -> int:
     return patched
 
 
-def build_train_transform(cfg: dict):
-    """The training augmentation (timm's `create_transform`), with the Posterize fix applied."""
-    from timm.data import create_transform
-
-    tf = create_transform(
-        input_size=cfg["img_size"],
-        is_training=True,
+def timm_augment_kwargs(cfg: dict) -> dict:
+    """The recipe's training augmentation as keyword arguments of timm's `create_transform` / `create_loader`."""
+    return dict(
         scale=tuple(cfg["scale"]),
         ratio=tuple(cfg["ratio"]),
         hflip=cfg["hflip"],
@@ -269,6 +265,13 @@ def build_train_transform(cfg: dict):
         re_mode=cfg["remode"],
         re_count=cfg["recount"],
     )
+
+
+def build_train_transform(cfg: dict):
+    """The training augmentation (timm's `create_transform`), with the Posterize fix applied."""
+    from timm.data import create_transform
+
+    tf = create_transform(input_size=cfg["img_size"], is_training=True, **timm_augment_kwargs(cfg))
     fix_posterize(tf)
     return tf
 
