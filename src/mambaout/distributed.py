@@ -115,14 +115,6 @@ def all_reduce_sum(values: list[float], device: torch.device | str = "cpu") -> l
     return t.tolist()
 
 
-def broadcast_object(obj, src: int = 0):
-    if not is_initialized():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
-
-
 def wrap(model: nn.Module, device: torch.device) -> nn.Module:
     """DDP-wrap `model` when there are several ranks (a no-op for one process)."""
     if not is_initialized():

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .image import IMAGENET_MEAN, IMAGENET_STD
+
 
 @functools.lru_cache(maxsize=256)
 def const(values: tuple, device: torch.device) -> torch.Tensor:
@@ -484,8 +486,8 @@ class GpuAugment:
     hflip: float = 0.5
     interpolation: str = "random"  # random (bilinear or bicubic per sample), bilinear, bicubic
     auto_augment: str | None = "rand-m9-mstd0.5-inc1"
-    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
-    std: tuple[float, ...] = (0.229, 0.224, 0.225)
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
     reprob: float = 0.25
     crop: bool = True
 

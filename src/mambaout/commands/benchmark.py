@@ -191,15 +191,7 @@ def benchmark_model(
     """
     from mambaout import kernels
 
-    if mode not in ("infer", "train"):
-        raise ValueError(f"mode must be 'infer' or 'train', got {mode!r}")
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    if batch_size < 1 or iters < 1 or warmup < 0:
-        raise ValueError(f"need batch_size >= 1, iters >= 1, warmup >= 0; got {batch_size}, {iters}, {warmup}")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda asked for, but torch sees no CUDA device; use --device cpu")
+    dev = _check_args(mode, dtype, batch_size, iters, warmup, device)
     ref, ours = build_pair(name, dev, channels_last)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     x = torch.randn(batch_size, 3, img_size, img_size, device=dev).contiguous(memory_format=fmt)
@@ -225,18 +217,7 @@ def benchmark_model(
         elif key == "ours":
             step = _in_context(step, lambda: kernels.fused_kernels(False))  # the default path, whatever the process set
         steps[key] = step
-    for _ in range(warmup):  # includes compilation and packing the fast path's weights
-        for step in steps.values():
-            step()
-    _sync(dev)
-    times = {k: [] for k in steps}
-    for _ in range(iters):
-        for key, step in steps.items():
-            _sync(dev)
-            t0 = time.perf_counter()
-            step()
-            _sync(dev)
-            times[key].append(time.perf_counter() - t0)
+    times = _time_interleaved(steps, warmup, iters, dev)
     rows = []
     base = statistics.median(times["timm"])
     for key, step in steps.items():
@@ -265,6 +246,36 @@ def benchmark_model(
             )
         )
     return rows
+
+
+def _check_args(mode: str, dtype: str, batch_size: int, iters: int, warmup: int, device: str) -> torch.device:
+    if mode not in ("infer", "train"):
+        raise ValueError(f"mode must be 'infer' or 'train', got {mode!r}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if batch_size < 1 or iters < 1 or warmup < 0:
+        raise ValueError(f"need batch_size >= 1, iters >= 1, warmup >= 0; got {batch_size}, {iters}, {warmup}")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda asked for, but torch sees no CUDA device; use --device cpu")
+    return dev
+
+
+def _time_interleaved(steps: dict, warmup: int, iters: int, dev: torch.device) -> dict[str, list[float]]:
+    """Seconds of each step, `iters` rounds of one step of each implementation in turn (after `warmup` rounds)."""
+    for _ in range(warmup):  # includes compilation and packing the fast path's weights
+        for step in steps.values():
+            step()
+    _sync(dev)
+    times = {k: [] for k in steps}
+    for _ in range(iters):
+        for key, step in steps.items():
+            _sync(dev)
+            t0 = time.perf_counter()
+            step()
+            _sync(dev)
+            times[key].append(time.perf_counter() - t0)
+    return times
 
 
 def _in_context(step, context):
