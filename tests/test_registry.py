@@ -1,6 +1,7 @@
 """One registry: the package root does not import the experiments; analysis models build lazily; one tiny name."""
 
 import ast
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -58,3 +59,9 @@ def test_commands_do_not_import_each_other():
             for name in names:
                 if name.startswith("mambaout.commands.") and name != "mambaout.commands.common":
                     raise AssertionError(f"{path.name} imports {name}; shared helpers go in commands/common.py")
+
+
+def test_models_command_at_a_size_a_vit_cannot_take(capsys):
+    assert main(["models", "vit_tiny_*", "--img-size", "100", "--json"]) == 0  # 100 px is no multiple of 16
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["macs_g"] for r in rows] == [None, None] and rows[0]["params_m"] == 5.72

@@ -1,4 +1,4 @@
-"""What several commands share: choosing a model from the command line, and building one for counting only.
+"""What several commands share: choosing a model from the command line, and counting a model's parameters and MACs.
 
 Commands import this module, never each other.
 """
@@ -50,3 +50,18 @@ def shape_only_model(name: str):
     variant, _ = get_variant(name)
     with torch.device("meta"):
         return variant.build()
+
+
+def model_counts(name: str, img_size: int) -> tuple[int, int | None]:
+    """(parameters, MACs at `img_size`) of a registered model, counted as the paper counts them (see `analysis.flops`).
+
+    MACs are None where the model cannot run at that size (a ViT at a size that is no multiple of its patch).
+    """
+    from mambaout.analysis.flops import count_macs, count_params
+
+    model = shape_only_model(name)
+    try:
+        macs = count_macs(model, img_size)
+    except ValueError:
+        macs = None
+    return count_params(model), macs

@@ -15,8 +15,8 @@ import argparse
 import fnmatch
 import json
 
-from mambaout.analysis.flops import count_macs, count_params, plot_quadratic_share, transformer_flops
-from mambaout.commands.common import shape_only_model
+from mambaout.analysis.flops import plot_quadratic_share, transformer_flops
+from mambaout.commands.common import model_counts
 from mambaout.variants import list_models
 
 
@@ -27,16 +27,12 @@ def flops_rows(patterns: list[str] | None = None, img_size: int = 224) -> list[d
         names = [n for n in names if any(fnmatch.fnmatch(n, p) for p in patterns)]
     rows = []
     for name in names:
-        model = shape_only_model(name)
-        try:
-            macs = count_macs(model, img_size)
-        except ValueError:  # e.g. a ViT at a size that is no multiple of its patch: it cannot run there
-            macs = None
+        params, macs = model_counts(name, img_size)
         rows.append(
             dict(
                 model=name,
                 img_size=img_size,
-                params_m=round(count_params(model) / 1e6, 2),
+                params_m=round(params / 1e6, 2),
                 macs_g=None if macs is None else round(macs / 1e9, 2),
                 macs_m=None if macs is None else round(macs / 1e6, 1),  # small models at small sizes
             )

@@ -9,8 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from mambaout.analysis.flops import count_macs, count_params
-from mambaout.commands.common import shape_only_model
+from mambaout.commands.common import model_counts
 from mambaout.variants import get_variant, list_aliases, list_models
 
 GROUPS = {"mambaout": "MambaOut", "analysis": "analysis models (the paper's comparisons, mambaout.analysis)"}
@@ -21,14 +20,14 @@ def model_rows(pattern: str | None = None, img_size: int = 224) -> list[dict]:
     for group in GROUPS:
         for name in list_models(pattern, group=group):
             variant, _ = get_variant(name)
-            model = shape_only_model(name)
+            params, macs = model_counts(name, img_size)
             w = variant.default_weights
             rows.append(
                 dict(
                     model=name,
                     group=group,
-                    params_m=round(count_params(model) / 1e6, 2),
-                    macs_g=round(count_macs(model, img_size) / 1e9, 2),
+                    params_m=round(params / 1e6, 2),
+                    macs_g=None if macs is None else round(macs / 1e9, 2),
                     top1=w.top1 if w else None,
                     weights=[f"{name}.{x.tag}" for x in variant.weights],
                     source=w.top1_source if w else "",
@@ -48,7 +47,8 @@ def format_table(rows: list[dict], img_size: int) -> str:
         for r in group_rows:
             top1 = f"{r['top1']:.1f}" if r["top1"] is not None else "-"
             weights = ", ".join(r["weights"]) or "-"
-            lines.append(f"{r['model']:<24} {r['params_m']:>10.2f} {r['macs_g']:>15.2f} {top1:>9}  {weights}")
+            macs = f"{r['macs_g']:>15.2f}" if r["macs_g"] is not None else f"{'n/a (size)':>15}"
+            lines.append(f"{r['model']:<24} {r['params_m']:>10.2f} {macs} {top1:>9}  {weights}")
     shown = {r["model"] for r in rows}
     aliases = [f"{alias} = {name}" for alias, name in list_aliases().items() if name in shown]
     if aliases:
