@@ -1,4 +1,7 @@
+import functools
+import http.server
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -48,3 +51,43 @@ def _isolated_cache(tmp_path, monkeypatch):
     """Downloads in tests never touch the user's cache."""
     monkeypatch.setenv("MAMBAOUT_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("MAMBAOUT_MIRROR", raising=False)
+
+
+class FileServer:
+    """A static file server for `root` on 127.0.0.1 that counts requests."""
+
+    def __init__(self, root):
+        self.hits = 0
+        outer = self
+
+        class Handler(http.server.SimpleHTTPRequestHandler):
+            def do_GET(self):
+                outer.hits += 1
+                super().do_GET()
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(root)))
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        if self.httpd is not None:
+            self.httpd.shutdown()
+            self.httpd.server_close()
+            self.httpd = None
+
+
+@pytest.fixture
+def file_server():
+    """Serve a folder over HTTP on 127.0.0.1: `file_server(root)` -> a `FileServer` (closed after the test)."""
+    servers = []
+
+    def serve(root) -> FileServer:
+        servers.append(FileServer(root))
+        return servers[-1]
+
+    yield serve
+    for server in servers:
+        server.close()

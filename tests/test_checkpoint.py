@@ -1,10 +1,7 @@
 """Loading weights in the three layouts, fitting them to changed heads/inputs, and the download path."""
 
 import dataclasses
-import functools
-import http.server
 import logging
-import threading
 
 import pytest
 import torch
@@ -111,42 +108,17 @@ def test_in_chans_adapts_first_conv(tmp_path, femto):
     assert four.stem.conv1.weight.shape == (24, 4, 3, 3)
 
 
-class _Server:
-    """A static file server on 127.0.0.1 that counts requests."""
-
-    def __init__(self, root):
-        self.hits = 0
-        outer = self
-
-        class Handler(http.server.SimpleHTTPRequestHandler):
-            def do_GET(self):
-                outer.hits += 1
-                super().do_GET()
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(root)))
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
 @pytest.fixture
-def served_femto(tmp_path, femto, monkeypatch):
+def served_femto(tmp_path, femto, monkeypatch, file_server):
     """Official-layout femto weights served over HTTP and registered as `mambaout_femto.in1k`."""
     root = tmp_path / "www"
     root.mkdir()
     torch.save(to_official_layout(femto.state_dict()), root / "mambaout_femto.pth")
-    server = _Server(root)
+    server = file_server(root)
     variant = variants._REGISTRY["mambaout_femto"]
     w = dataclasses.replace(variant.weights[0], urls=(f"{server.url}/mambaout_femto.pth",))
     monkeypatch.setitem(variants._REGISTRY, "mambaout_femto", dataclasses.replace(variant, weights=(w,)))
-    yield server
-    server.close()
+    return server
 
 
 def test_pretrained_downloads_verifies_and_caches(served_femto, femto, tmp_path):

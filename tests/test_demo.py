@@ -26,7 +26,7 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 CLASS_NAMES = ["alpha cat", "beta dog", "gamma bird"]
-EXAMPLE = Path(__file__).resolve().parents[1] / "demo" / "examples" / "cat.jpg"
+EXAMPLE = Path(__file__).resolve().parents[1] / "src" / "mambaout" / "examples" / "cat.jpg"
 
 
 def _free_port() -> int:

@@ -106,7 +106,7 @@ def test_config_resolution_order(tmp_path):
     [("femto", 0.025), ("kobe", 0.025), ("tiny", 0.2), ("small", 0.4), ("base", 0.6)],
 )
 def test_variant_recipes_are_the_official_ones(name, drop_path):
-    text = (REPO / "recipes" / f"mambaout-{name}.yaml").read_text()
+    text = C.find_recipe(f"mambaout-{name}").read_text()
     assert "# command:" in text and "# hardware:" in text and "# wall time:" in text and "# top-1:" in text
     cfg = C.resolve_config({"recipe": f"mambaout-{name}", "data": None, "data_train": "x", "data_val": "y"})
     assert cfg["model"] == f"mambaout_{name}"

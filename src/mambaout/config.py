@@ -30,6 +30,9 @@ DEFAULTS: dict = dict(
     # model
     model="mambaout_tiny",
     model_kwargs={},  # extra create_model arguments (kernel_size, conv_ratio, ...)
+    pretrained=False,  # start from the variant's published weights (fine-tuning); the classifier is replaced
+    initial_checkpoint=None,  # or from a weights file (official, timm or our layout); its classifier likewise
+    num_classes=None,  # None: the number of classes in the training data
     drop_path=None,  # None: the variant's recipe value (femto/kobe 0.025, tiny 0.2, small 0.4, base 0.6)
     drop_rate=0.0,
     # batch and optimizer: lr = lr_base * global_batch / lr_base_batch (linear scaling rule)
@@ -38,7 +41,8 @@ DEFAULTS: dict = dict(
     lr=None,  # absolute lr; overrides the scaling rule
     lr_base=4e-3,
     lr_base_batch=4096,
-    opt="adamw",
+    opt="adamw",  # adamw (the paper's), or any timm optimizer name (sgd, momentum, adam, lamb, ...)
+    layer_decay=None,  # e.g. 0.75: lr x decay^(depth from the head), depths from the model's group_matcher
     weight_decay=0.05,
     betas=[0.9, 0.999],
     eps=1e-8,
@@ -49,6 +53,7 @@ DEFAULTS: dict = dict(
     warmup_epochs=20,
     warmup_lr=1e-6,
     min_lr=1e-5,
+    sched="cosine",  # cosine, tanh, poly or constant (timm's schedulers)
     sched_on_updates=False,  # official: the lr changes once per epoch; true: every optimizer step
     # augmentation
     img_size=224,
@@ -88,6 +93,7 @@ DEFAULTS: dict = dict(
     seed=0,
     output=None,  # default runs/<recipe or model>
     resume=None,
+    overwrite=False,  # allow writing into a run folder that already holds a run (otherwise an error)
     keep_top_k=3,
     tensorboard=False,
     progress=True,
@@ -99,17 +105,18 @@ DEFAULTS: dict = dict(
 )
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-REPO_RECIPES = Path(__file__).resolve().parents[2] / "recipes"
+SCHEDULES = ("cosine", "tanh", "poly", "constant")
+PACKAGE_RECIPES = Path(__file__).resolve().parent / "recipes"  # package data: present in every install
 
 
 def find_recipe(name_or_path: str) -> Path:
-    """A recipe path, or a name looked up in ./recipes and the repository's recipes/ folder."""
+    """A recipe path, or a name looked up in ./recipes, then among the recipes shipped with the package."""
     p = Path(name_or_path)
     if p.suffix in (".yaml", ".yml") or p.is_file():
         if not p.is_file():
             raise FileNotFoundError(f"recipe file {p} does not exist")
         return p
-    for folder in (Path.cwd() / "recipes", REPO_RECIPES):
+    for folder in (Path.cwd() / "recipes", PACKAGE_RECIPES):
         for ext in (".yaml", ".yml"):
             if (folder / f"{name_or_path}{ext}").is_file():
                 return folder / f"{name_or_path}{ext}"
@@ -118,7 +125,7 @@ def find_recipe(name_or_path: str) -> Path:
 
 def list_recipes() -> list[str]:
     names = set()
-    for folder in (Path.cwd() / "recipes", REPO_RECIPES):
+    for folder in (Path.cwd() / "recipes", PACKAGE_RECIPES):
         if folder.is_dir():
             names.update(p.stem for p in folder.glob("*.y*ml"))
     return sorted(names)
@@ -168,9 +175,17 @@ def resolve_config(overrides: dict) -> dict:
     no_data = not any(overrides.get(k) for k in ("data", "data_train"))
     if recipe is None and no_data:
         recipe = "digits"  # the embedded default: no download, a few minutes on a laptop CPU
+    model_named = "model" in overrides
     if recipe is not None:
-        cfg.update(load_recipe(recipe))
+        loaded = load_recipe(recipe)
+        model_named = model_named or "model" in loaded
+        cfg.update(loaded)
         cfg["recipe"] = recipe
+    if overrides.get("initial_checkpoint") and not model_named:
+        cfg["model"] = checkpoint_model(overrides["initial_checkpoint"]) or cfg["model"]
+    if overrides.get("data") is not None:
+        # --data on the command line beats the recipe's data_train/data_val (only its own --data-train/-val beat it)
+        cfg.update(data_train=None, data_val=None)
     cfg.update(overrides)
     if cfg["data"] is not None and (cfg["data_train"] is None or cfg["data_val"] is None):
         cfg["data_train"] = cfg["data_train"] or resolve_split(cfg["data"], cfg["train_split"])
@@ -179,9 +194,20 @@ def resolve_config(overrides: dict) -> dict:
     return cfg
 
 
+def checkpoint_model(path) -> str | None:
+    """The model a weights file written by `mambaout train` records (None for official/timm files)."""
+    from .checkpoint import read_checkpoint
+
+    return read_checkpoint(path)[1].get("model")
+
+
 def validate_config(cfg: dict) -> None:
     if cfg["data_train"] is None:
-        raise ValueError("no training data: pass --data DIR, --data-train PATH, or a --recipe that names its data")
+        named = f"recipe {cfg['recipe']!r} names no data" if cfg.get("recipe") else "no training data"
+        raise ValueError(
+            f"{named}: pass --data DIR (holding {cfg['train_split']}/ and {cfg['val_split']}/, folders or .tar) "
+            "or --data-train PATH [--data-val PATH]"
+        )
     if cfg["amp"] not in ("auto", *AMP_DTYPES):
         raise ValueError(f"amp must be one of auto, none, bf16, fp16; got {cfg['amp']!r}")
     for key in ("epochs", "batch_size"):
@@ -193,8 +219,14 @@ def validate_config(cfg: dict) -> None:
         raise ValueError(f"mixup/cutmix pair images within a batch: use an even --batch-size (got {cfg['batch_size']})")
     if cfg["data_pipeline"] not in ("cpu", "gpu"):
         raise ValueError(f"data_pipeline must be cpu or gpu, got {cfg['data_pipeline']!r}")
-    if cfg["opt"] != "adamw":
-        raise ValueError(f"only opt: adamw is supported (the paper's optimizer), got {cfg['opt']!r}")
+    if cfg["sched"] not in SCHEDULES:
+        raise ValueError(f"sched must be one of {', '.join(SCHEDULES)}; got {cfg['sched']!r}")
+    if cfg["pretrained"] and cfg["initial_checkpoint"]:
+        raise ValueError("pass either --pretrained or --initial-checkpoint PATH, not both")
+    if cfg["layer_decay"] is not None and not 0 < cfg["layer_decay"] <= 1:
+        raise ValueError(f"layer_decay must be in (0, 1], got {cfg['layer_decay']!r}")
+    if "pretrained" in (cfg["model_kwargs"] or {}):
+        raise ValueError("pass --pretrained (the config key pretrained), not model_kwargs={pretrained: ...}")
 
 
 def batch_plan(cfg: dict, world_size: int) -> tuple[int, int, float]:
@@ -243,4 +275,10 @@ def output_folder(cfg: dict) -> Path:
     """The run folder: `output`, else the resumed run's folder, else `runs/<recipe or model>`."""
     if cfg["output"] is None and cfg["resume"]:
         cfg["output"] = str(resume_path(cfg["resume"]).parent)
-    return Path(cfg["output"] or Path("runs") / (cfg["recipe"] or cfg["model"]))
+    return Path(cfg["output"] or Path("runs") / recipe_name(cfg["recipe"] or cfg["model"]))
+
+
+def recipe_name(recipe: str) -> str:
+    """A recipe's name: itself, or the stem of a recipe given as a file path (`path/to/digits.yaml` -> `digits`)."""
+    p = Path(recipe)
+    return p.stem if p.suffix in (".yaml", ".yml") else recipe

@@ -20,8 +20,8 @@ import gradio as gr  # noqa: E402
 from .inference import Predictor  # noqa: E402
 from .variants import list_pretrained  # noqa: E402
 
-# The repo's example photos (CC0, from scikit-image; see demo/examples/LICENSE.md). Absent in a pip install.
-EXAMPLES_DIR = Path(__file__).resolve().parents[2] / "demo" / "examples"
+# Example photos shipped as package data (CC0, from scikit-image; see examples/LICENSE.md beside them).
+EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
 RANDOM_SUFFIX = " (random weights)"
 _CACHED_MODELS = 3  # predictors kept in memory; switching among more reloads them
 

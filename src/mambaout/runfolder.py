@@ -128,6 +128,24 @@ class Progress:
 
 # --- the folder ------------------------------------------------------------------------------------------------------
 
+RUN_FILES = ("state.pt", "config.yaml", "summary.csv", "last.safetensors")  # any of them: the folder holds a run
+
+
+def check_output_free(out: Path, resume, overwrite: bool) -> None:
+    """Refuse to start a new run in a folder holding another run, unless resuming it or told to overwrite.
+
+    Raises:
+        FileExistsError: naming the folder and the two ways on.
+    """
+    if resume or overwrite or not out.is_dir():
+        return
+    found = [name for name in RUN_FILES if (out / name).exists()]
+    if found:
+        raise FileExistsError(
+            f"run folder {out} already holds a run ({', '.join(found)}); continue it with --resume {out}, "
+            "start over in it with --overwrite, or pick another folder with --output"
+        )
+
 
 class RunFolder:
     """Files of one run folder, written by rank 0 only.

@@ -20,7 +20,16 @@ from .engine import StepConfig, evaluate, train_one_epoch
 from .files import jsonable
 from .image import eval_transform
 from .optim import create_optimizer, create_scheduler
-from .runfolder import Progress, RunFolder, Trainable, load_state, resume_path, seed_all, set_rng_state
+from .runfolder import (
+    Progress,
+    RunFolder,
+    Trainable,
+    check_output_free,
+    load_state,
+    resume_path,
+    seed_all,
+    set_rng_state,
+)
 
 
 def fit(cfg: dict) -> dict:
@@ -32,6 +41,8 @@ def fit(cfg: dict) -> dict:
         amp, amp_dt = amp_dtype(cfg, device)
         state = load_state(resume_path(cfg["resume"])) if cfg["resume"] else None
         out = output_folder(cfg)
+        if dist.is_main():
+            check_output_free(out, cfg["resume"], cfg["overwrite"])
         global_batch, accum, lr = batch_plan(cfg, env.world_size)
 
         # data: the val set takes the train set's class -> index map, so labels agree even with missing folders
@@ -162,23 +173,46 @@ class Data:
 
 
 def build_model(cfg: dict, classes: list[str], eval_cfg: dict) -> tuple[nn.Module, dict]:
-    """The model to train, and the metadata its checkpoints carry (what `create_model(checkpoint=...)` needs)."""
+    """The model to train, and the metadata its checkpoints carry (what `create_model(checkpoint=...)` needs).
+
+    With `pretrained` or `initial_checkpoint` the weights come from there (fine-tuning); a classifier of another
+    class count than the data's is replaced by a fresh one.
+    """
     import mambaout
 
+    num_classes = cfg["num_classes"] or len(classes)
+    if num_classes != len(classes):
+        raise ValueError(
+            f"--num-classes {num_classes} does not match the {len(classes)} classes of the training data "
+            f"({cfg['data_train']}); leave it out to take the data's"
+        )
     kwargs = dict(cfg["model_kwargs"] or {})
     if cfg["drop_rate"]:  # only when asked: not every registered builder takes a head dropout
         kwargs.setdefault("drop_rate", cfg["drop_rate"])
     variant, _ = mambaout.get_variant(cfg["model"])
     drop_path = cfg["drop_path"] if cfg["drop_path"] is not None else variant.default_drop_path
-    model = mambaout.create_model(cfg["model"], num_classes=len(classes), drop_path_rate=drop_path, **kwargs)
+    model = mambaout.create_model(
+        cfg["model"],
+        pretrained=cfg["pretrained"],
+        checkpoint=cfg["initial_checkpoint"],
+        num_classes=num_classes,
+        drop_path_rate=drop_path,
+        **kwargs,
+    )
     if cfg["grad_checkpointing"]:
         model.set_grad_checkpointing(True)
-    # What create_model(checkpoint=...) needs to rebuild this model with no other argument.
+    # What create_model(checkpoint=...) needs to rebuild this model with no other argument: the architecture the
+    # model was built with (an initial checkpoint's own widths included), never where its first weights came from.
     model_kwargs = {k: v for k, v in kwargs.items() if jsonable(v)}
-    model_kwargs.update(num_classes=len(classes))
+    model_kwargs.update(getattr(model, "model_kwargs", {}))
+    model_kwargs.update(num_classes=num_classes)
     if drop_path:
         model_kwargs["drop_path_rate"] = drop_path
     meta = dict(model=variant.name, model_kwargs=model_kwargs, class_names=classes, eval_config=eval_cfg)
+    if cfg["pretrained"] or cfg["initial_checkpoint"]:
+        meta["fine_tuned_from"] = (
+            f"{variant.name} published weights" if cfg["pretrained"] else str(cfg["initial_checkpoint"])
+        )
     return model, meta
 
 

@@ -18,7 +18,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--topk", type=int, default=5, help="labels shown per image (default 5)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: reachable from others)")
     parser.add_argument("--port", type=int, default=7860, help="port (default 7860)")
-    parser.add_argument("--examples", default=None, help="folder of example images (default: the repo's demo/examples)")
+    parser.add_argument(
+        "--examples", default=None, help="folder of example images (default: the photos shipped with the package)"
+    )
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     args = parser.parse_args(argv)
     if args.topk < 1:

@@ -45,9 +45,24 @@ def get_args_parser() -> argparse.ArgumentParser:
         "decoded once, in memory)",
     )
     g = p.add_argument_group("model and recipe")
-    g.add_argument("--recipe", help="recipe name (recipes/<name>.yaml) or path to a YAML file")
+    g.add_argument("--recipe", help="recipe name (see --list-recipes) or path to a YAML file")
     g.add_argument("--model", help="registered model name (mambaout models)")
     g.add_argument("--drop-path", type=float, help="stochastic depth rate (default: the variant's recipe value)")
+    g = p.add_argument_group("fine-tuning (timm's flag names)")
+    g.add_argument("--pretrained", type=_bool, nargs="?", const=True, help="start from the model's published weights")
+    g.add_argument(
+        "--initial-checkpoint",
+        metavar="PATH",
+        help="start from these weights (official, timm or mambaout layout; the model is read from ours)",
+    )
+    g.add_argument("--num-classes", type=int, help="classifier outputs (default: the training data's class count)")
+    g.add_argument("--opt", help="optimizer: adamw (default), or a timm name: sgd, momentum, adam, lamb, ...")
+    g.add_argument("--sched", help="lr schedule: cosine (default), tanh, poly, constant")
+    g.add_argument("--layer-decay", type=float, help="layer-wise lr decay, e.g. 0.75 (the model's group_matcher)")
+    g.add_argument("--min-lr", type=float, help="lr at the end of the schedule")
+    g.add_argument("--warmup-lr", type=float, help="lr at the start of the warmup")
+    g.add_argument("--drop", dest="drop_rate", type=float, help="dropout before the classifier")
+    g = p.add_argument_group("training")
     g.add_argument("--img-size", type=int, help="training and eval resolution")
     g.add_argument("--epochs", type=int, help="cosine epochs (warmup included); cooldown epochs come on top")
     g.add_argument("--cooldown-epochs", type=int)
@@ -62,7 +77,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--mixup", type=float)
     g.add_argument("--cutmix", type=float)
     g.add_argument("--smoothing", type=float)
-    g.add_argument("--auto-augment", help="timm RandAugment string; 'none' to disable")
+    g.add_argument(
+        "--auto-augment", "--aa", help="timm RandAugment string, e.g. rand-m9-mstd0.5-inc1; 'none' to disable"
+    )
     g.add_argument("--reprob", type=float, help="random erasing probability")
     g.add_argument("--model-ema", type=_bool, nargs="?", const=True, help="keep and evaluate an EMA of the weights")
     g.add_argument("--model-ema-decay", type=float)
@@ -83,6 +100,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("run")
     g.add_argument("--output", "-o", help="run folder (default runs/<recipe or model>)")
     g.add_argument("--resume", help="run folder or its state.pt to continue from")
+    g.add_argument("--overwrite", type=_bool, nargs="?", const=True, help="start over in a run folder that holds a run")
     g.add_argument("--seed", type=int)
     g.add_argument("--keep-top-k", type=int, help="keep the weights of the k best epochs")
     g.add_argument("--eval-every", type=int, help="evaluate every N epochs")
@@ -133,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     kernels.set_fused_kernels(getattr(args, "fused_kernels", False))  # same numbers either way: not in the config
     try:
         result = fit(cfg)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"mambaout train: {e}", file=sys.stderr)
         return 2
     return 0 if result else 1
