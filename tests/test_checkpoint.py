@@ -9,7 +9,15 @@ from safetensors.torch import save_file
 
 import mambaout
 from mambaout import variants
-from mambaout.checkpoint import CheckpointError, DownloadError, read_checkpoint, save_weights, to_official_layout
+from mambaout.checkpoint import (
+    CheckpointError,
+    DownloadError,
+    download,
+    file_format,
+    read_checkpoint,
+    save_weights,
+    to_official_layout,
+)
 
 
 def _logits(model, x):
@@ -149,6 +157,41 @@ def test_offline_fails_in_one_line(served_femto):
         mambaout.create_model("mambaout_femto", pretrained=True)
     msg = str(e.value)
     assert served_femto.url in msg and "checkpoint=PATH" in msg and "\n" not in msg
+
+
+def _register_femto_urls(monkeypatch, *urls):
+    variant = variants._REGISTRY["mambaout_femto"]
+    w = dataclasses.replace(variant.weights[0], urls=urls)
+    monkeypatch.setitem(variants._REGISTRY, "mambaout_femto", dataclasses.replace(variant, weights=(w,)))
+
+
+def test_fallback_url_is_cached_under_its_own_name_and_format(tmp_path, femto, monkeypatch, file_server):
+    hub = tmp_path / "www" / "timm" / "mambaout_femto.in1k" / "resolve" / "main"
+    hub.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in femto.state_dict().items()}, str(hub / "model.safetensors"))
+    server = file_server(tmp_path / "www")
+    first = f"{server.url}/gone/mambaout_femto.pth"  # the official URL answers 404: the hub copy is fetched
+    _register_femto_urls(monkeypatch, first, f"{server.url}/timm/mambaout_femto.in1k/resolve/main/model.safetensors")
+    x = torch.randn(1, 3, 64, 64)
+    assert torch.equal(_logits(mambaout.create_model("mambaout_femto", pretrained=True), x), _logits(femto, x))
+    cache = tmp_path / "cache"
+    assert (cache / "mambaout_femto.in1k.safetensors").is_file()
+    assert not (cache / "mambaout_femto.pth").exists()  # safetensors bytes never sit under the .pth name
+    hits = server.hits
+    assert torch.equal(_logits(mambaout.create_model("mambaout_femto", pretrained=True), x), _logits(femto, x))
+    assert server.hits == hits  # the fallback's cached copy is found and verified: no download
+
+
+def test_download_names_the_file_by_its_real_format(tmp_path, femto, file_server):
+    www = tmp_path / "www"
+    www.mkdir()
+    save_file({k: v.contiguous() for k, v in femto.state_dict().items()}, str(www / "mambaout_femto.pth"))
+    server = file_server(www)
+    path = download([f"{server.url}/mambaout_femto.pth"], root=tmp_path / "c")
+    assert path.name == "mambaout_femto.safetensors" and file_format(path) == ".safetensors"
+    assert read_checkpoint(path)[0].keys() == femto.state_dict().keys()
+    torch.save(femto.state_dict(), www / "other.safetensors")  # and the other way round
+    assert download([f"{server.url}/other.safetensors"], root=tmp_path / "c").name == "other.pth"
 
 
 def test_save_weights_is_atomic(tmp_path, monkeypatch):

@@ -80,3 +80,10 @@ def test_existing_run_folder_is_not_overwritten(tmp_path, capsys):
     assert (out / "state.pt").read_bytes() == before
     assert train_cmd.main([*TINY, "--output", str(out), "--seed", "1", "--overwrite"]) == 0
     assert (out / "state.pt").read_bytes() != before
+
+
+def test_license_file_is_the_declared_apache_2():
+    repo = Path(__file__).resolve().parents[1]
+    text = (repo / "LICENSE").read_text()
+    assert "Apache License" in text and "Version 2.0, January 2004" in text and "END OF TERMS AND CONDITIONS" in text
+    assert 'license = "Apache-2.0"' in (repo / "pyproject.toml").read_text()

@@ -118,9 +118,26 @@ def test_out_of_memory_halves_the_batch(subset, tmp_path, monkeypatch):
 
 
 def test_errors(tmp_path, capsys):
-    assert V.main([str(tmp_path), "--model", "mambaout_test"]) == 2  # empty folder
+    assert V.main([str(tmp_path), "--model", "mambaout_test", "--random-weights"]) == 2  # empty folder
     assert "no images" in capsys.readouterr().err
-    assert V.main([str(tmp_path / "missing"), "--model", "mambaout_test"]) == 2
+    assert V.main([str(tmp_path / "missing"), "--model", "mambaout_test", "--random-weights"]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert V.main([str(tmp_path)]) == 2
     assert "nothing to validate" in capsys.readouterr().err
+
+
+def test_random_weights_only_when_asked(subset, capsys):
+    folder, _, _ = subset
+    assert V.main([str(folder), "--model", "mambaout_test", "-j", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "has no weights to score" in err and "--random-weights" in err and "--pretrained" in err
+    assert V.main([str(folder), "--model", "mambaout_test", "--img-size", "32", "--random-weights", "-j", "0"]) == 0
+    assert "mambaout_test: top-1" in capsys.readouterr().out
+
+
+def test_pretrained_offline_is_one_line(subset, capsys, monkeypatch):
+    folder, _, _ = subset
+    monkeypatch.setenv("MAMBAOUT_MIRROR", "http://127.0.0.1:9")  # nothing listens on the discard port
+    assert V.main([str(folder), "--model", "mambaout_femto", "--pretrained", "-j", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mambaout validate: could not download") and err.count("\n") == 1

@@ -292,6 +292,8 @@ def _sha256(path: Path) -> str:
 def download(urls: list[str] | tuple[str, ...], root: Path | None = None, progress: bool = True) -> Path:
     """Fetch the first of `urls` that answers into the cache and return its path.
 
+    Each URL has its own cache name (`cache_name`), and a download is stored under the suffix of its real format
+    (`.safetensors` or `.pth`, read from its first bytes), so a fallback URL's file is never read as another's.
     A cached file is reused when its recorded SHA-256 still matches; a download is written to a `.part`
     file, checked against the server's Content-Length, hashed, and only then moved into place. With
     `$MAMBAOUT_MIRROR` set (a folder URL), files are fetched from `$MAMBAOUT_MIRROR/<cache name>` instead.
@@ -300,29 +302,44 @@ def download(urls: list[str] | tuple[str, ...], root: Path | None = None, progre
         DownloadError: one line naming every URL tried and how to pass a local file instead.
     """
     root = Path(root) if root else cache_dir()
-    name = cache_name(urls[0])
-    dest = root / name
-    if dest.is_file():
-        sidecar = dest.with_name(dest.name + ".sha256")
-        if sidecar.is_file() and sidecar.read_text().strip() == _sha256(dest):
-            return dest
-        logger.warning("cached %s fails its checksum; downloading it again", dest)
+    names = [cache_name(u) for u in urls]
+    for name in names:
+        for cached in {root / name, root / _with_suffix(name, ".safetensors"), root / _with_suffix(name, ".pth")}:
+            if cached.is_file():
+                sidecar = cached.with_name(cached.name + ".sha256")
+                if sidecar.is_file() and sidecar.read_text().strip() == _sha256(cached):
+                    return cached
+                logger.warning("cached %s fails its checksum; downloading it again", cached)
     mirror = os.environ.get("MAMBAOUT_MIRROR")
-    tries = [f"{mirror.rstrip('/')}/{cache_name(u)}" for u in urls[:1]] if mirror else list(urls)
+    tries = [f"{mirror.rstrip('/')}/{name}" for name in names] if mirror else list(urls)
     errors = []
-    for url in tries:
+    for url, name in zip(tries, names):
         try:
-            _fetch(url, dest, progress)
-            return dest
+            return _fetch(url, root / name, progress)
         except (urllib.error.URLError, OSError, DownloadError) as e:
             errors.append(f"{url} ({getattr(e, 'reason', None) or e})")
     raise DownloadError(
         f"could not download {'; '.join(errors)}. Offline? Fetch the file elsewhere and pass it as "
-        f"checkpoint=PATH (CLI: --checkpoint PATH), or put it in {root} as {name}"
+        f"checkpoint=PATH (CLI: --checkpoint PATH), or put it in {root} as {names[0]}"
     )
 
 
-def _fetch(url: str, dest: Path, progress: bool) -> None:
+def _with_suffix(name: str, suffix: str) -> str:
+    stem, ext = os.path.splitext(name)
+    return (stem if ext in (".pth", ".pt", ".bin", ".safetensors") else name) + suffix
+
+
+def file_format(path: Path) -> str:
+    """`'.safetensors'` or `'.pth'` from a weights file's first bytes (not its name)."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    # safetensors: an 8-byte little-endian header length, then the JSON header; torch.save: a zip or a pickle
+    if len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < (1 << 30):
+        return ".safetensors"
+    return ".pth"
+
+
+def _fetch(url: str, dest: Path, progress: bool) -> Path:
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
     req = urllib.request.Request(url, headers={"User-Agent": "mambaout"})
@@ -342,6 +359,10 @@ def _fetch(url: str, dest: Path, progress: bool) -> None:
         part.unlink(missing_ok=True)
         raise DownloadError(f"truncated download: got {done} of {total} bytes")
     digest = _sha256(part)
+    real = file_format(part)
+    if os.path.splitext(dest.name)[1] != real:  # e.g. a .pth URL answering with safetensors bytes
+        dest = dest.with_name(_with_suffix(dest.name, real))
     os.replace(part, dest)
     dest.with_name(dest.name + ".sha256").write_text(digest + "\n")
     logger.info("downloaded %s (sha256 %s)", dest, digest)
+    return dest

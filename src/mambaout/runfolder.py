@@ -7,8 +7,8 @@ A run folder holds:
 - `state.pt`: everything `--resume` needs (weights, optimizer, scheduler, grad scaler, EMA, epoch, step, RNG and
   sampler state, best and top-k bookkeeping). It is self-contained, so a crash between two file writes can never
   pair weights with the wrong optimizer state; every file is written to a temporary name and renamed;
-- `config.yaml` (the resolved configuration), `summary.csv` (one row per epoch), `curves.png`, and TensorBoard
-  events with `tensorboard: true`.
+- `config.yaml` (the resolved configuration), `summary.csv` (one row per epoch), `curves.png`, `train.log` (what
+  the run printed), and TensorBoard events with `tensorboard: true`.
 
 Only rank 0 writes; the other ranks build a `RunFolder` with `write=False`.
 """
@@ -128,7 +128,26 @@ class Progress:
 
 # --- the folder ------------------------------------------------------------------------------------------------------
 
-RUN_FILES = ("state.pt", "config.yaml", "summary.csv", "last.safetensors")  # any of them: the folder holds a run
+
+def tensorboard_writer(folder: Path):
+    """A TensorBoard `SummaryWriter` for `folder` (or None for None); one line of advice when tensorboard is missing."""
+    from .optional import require
+
+    require("tensorboard", "--tensorboard", "tensorboard")
+    if folder is None:
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(str(folder))
+
+
+RUN_FILES = (
+    "state.pt",
+    "config.yaml",
+    "summary.csv",
+    "last.safetensors",
+    "train.log",
+)  # any of them: the folder holds a run
 
 
 def check_output_free(out: Path, resume, overwrite: bool) -> None:
@@ -182,9 +201,7 @@ class RunFolder:
 
             files.atomic_write_text(out / "config.yaml", yaml.safe_dump(_plain(cfg), sort_keys=False))
             if cfg["tensorboard"]:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(out / "tensorboard"))
+                self.tb = tensorboard_writer(out / "tensorboard")
 
     def save_state(self, parts: Trainable, progress: Progress, completed_epoch: int, step: int, epoch_step=0) -> None:
         """state.pt: everything --resume needs; `epoch_step` > 0 marks a checkpoint inside the next epoch."""
@@ -237,7 +254,7 @@ class RunFolder:
 
     def _keep_top_k(self, model: nn.Module, top_k: list, top1: float, extra: dict) -> None:
         k = self.cfg["keep_top_k"]
-        name = f"epoch-{extra['epoch']:04d}.safetensors"
+        name = f"epoch-{extra['epoch'] + 1:04d}.safetensors"  # numbered as the log prints epochs: from 1
         top_k.append((top1, extra["epoch"], name))
         top_k.sort(key=lambda t: (-t[0], t[1]))
         if any(t[2] == name for t in top_k[:k]):

@@ -29,6 +29,7 @@ from .runfolder import (
     resume_path,
     seed_all,
     set_rng_state,
+    tensorboard_writer,
 )
 
 
@@ -43,6 +44,8 @@ def fit(cfg: dict) -> dict:
         out = output_folder(cfg)
         if dist.is_main():
             check_output_free(out, cfg["resume"], cfg["overwrite"])
+            if cfg["tensorboard"]:
+                tensorboard_writer(None)  # fail before the data is read, when tensorboard is missing
         global_batch, accum, lr = batch_plan(cfg, env.world_size)
 
         # data: the val set takes the train set's class -> index map, so labels agree even with missing folders
@@ -69,6 +72,8 @@ def fit(cfg: dict) -> dict:
         mixup_fn, loss_fn = build_loss(cfg, len(data.classes))
 
         run = RunFolder(out, cfg, meta, dist.is_main(), accum * cfg["batch_size"], env.world_size)
+        if dist.is_main():
+            _LOG.open(out / "train.log", append=bool(cfg["resume"]))
         _say(_banner(cfg, meta["model"], model, data, env, device, (global_batch, accum, lr), amp, out))
         step_cfg = StepConfig(accum, amp_dt, cfg["clip_grad"], cfg["channels_last"])
         result: dict = {}
@@ -77,7 +82,7 @@ def fit(cfg: dict) -> dict:
         resume_hint = f"continue with --resume {out}"
         for epoch in range(progress.start_epoch, total_epochs(cfg)):
             hook = StepHook(cfg, run, parts, progress, epoch, data.steps_per_epoch, steps_this_call)
-            lr_now = hook.begin_epoch(data.loader, env.rank, accum)
+            hook.begin_epoch(data.loader, env.rank, accum)
             t0 = time.perf_counter()
             stats = _train_epoch(train_model, data, parts, loss_fn, mixup_fn, device, step_cfg, hook, cfg)
             progress.global_step += stats["steps"]
@@ -87,7 +92,7 @@ def fit(cfg: dict) -> dict:
                 dist.barrier()
                 result = dict(epoch=epoch, output=str(out), stopped=True)
                 break
-            row = dict(epoch=epoch, lr=lr_now, train_loss=stats["loss"], skipped=stats["skipped"])
+            row = dict(epoch=epoch, lr=hook.last_lr, train_loss=stats["loss"], skipped=stats["skipped"])
             row["train_img_s"] = stats["img_s"] * env.world_size
             metrics, ema_metrics = _evaluate_epoch(cfg, parts, data.val_loader, device, amp_dt, row)
             row["epoch_s"] = time.perf_counter() - t0
@@ -109,6 +114,7 @@ def fit(cfg: dict) -> dict:
             _say_done(result, data, out)
         return result
     finally:
+        _LOG.close()
         dist.cleanup()
 
 
@@ -265,6 +271,10 @@ class StepHook:
         # resuming a mid-epoch checkpoint: leave out the steps it had trained
         self.skip = progress.resume_step if epoch == progress.start_epoch else 0
         self.stopped_at: int | None = None
+        self.last_lr = 0.0  # the lr of the epoch's latest optimizer step (the classifier's, under layer decay)
+
+    def lr(self) -> float:
+        return max(group["lr"] for group in self.parts.optimizer.param_groups)
 
     def begin_epoch(self, loader, rank: int, accum: int) -> float:
         """Seed the epoch, position the sampler, set the epoch's learning rate; returns it."""
@@ -277,7 +287,8 @@ class StepHook:
             self.parts.scheduler.step(self.epoch)
         else:
             self.parts.scheduler.step_update(self.progress.global_step)
-        return self.parts.optimizer.param_groups[0]["lr"]
+        self.last_lr = self.lr()
+        return self.last_lr
 
     def start(self) -> None:
         # Mid-epoch resume: continue the RNG where the checkpoint left it (after the loader's iterator has
@@ -289,6 +300,7 @@ class StepHook:
     def step(self, n: int) -> bool:
         """After the n-th optimizer step of this call of the epoch; True asks the engine to stop."""
         step_now, done = self.base_step + n, self.skip + n
+        self.last_lr = self.lr()  # the lr step n used, before the schedule moves on
         if self.cfg["sched_on_updates"]:
             self.parts.scheduler.step_update(step_now)
         inside = done < self.steps_per_epoch  # the epoch-end checkpoint covers the last step
@@ -304,11 +316,13 @@ class StepHook:
 
 def _train_epoch(train_model, data: Data, parts: Trainable, loss_fn, mixup_fn, device, step_cfg, hook, cfg) -> dict:
     bar = None
-    if cfg["progress"] and dist.is_main():
+    desc = f"epoch {hook.epoch + 1}/{total_epochs(cfg)}"
+    if cfg["progress"] and dist.is_main() and sys.stderr.isatty():
         from tqdm import tqdm
 
-        desc = f"epoch {hook.epoch + 1}/{total_epochs(cfg)}"
         bar = tqdm(total=data.steps_per_epoch, initial=hook.skip, desc=desc, leave=False, file=sys.stderr)
+    elif cfg["progress"] and dist.is_main() and cfg["log_every"]:
+        bar = StepLines(desc, data.steps_per_epoch, hook.skip, cfg["log_every"])  # logs and SLURM files: no bar
     stats = train_one_epoch(
         train_model,
         data.loader,
@@ -348,9 +362,56 @@ def _evaluate_epoch(cfg: dict, parts: Trainable, val_loader, device, amp_dt, row
 # --- what the run prints ---------------------------------------------------------------------------------------------
 
 
+class RunLog:
+    """Where rank 0's messages go besides stdout: the run folder's `train.log`, once the folder exists."""
+
+    def __init__(self):
+        self.file = None
+
+    def open(self, path, append: bool) -> None:
+        self.close()
+        self.file = open(path, "a" if append else "w")
+
+    def write(self, msg: str) -> None:
+        if self.file is not None:
+            self.file.write(msg + "\n")
+            self.file.flush()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+
+_LOG = RunLog()
+
+
 def _say(msg: str) -> None:
     if dist.is_main():
         print(msg, flush=True)
+        _LOG.write(msg)
+
+
+class StepLines:
+    """The progress bar's stand-in when stderr is not a terminal: one line every `every` optimizer steps.
+
+    It takes the calls `engine.train_one_epoch` makes on a tqdm bar (`update`, `set_postfix`, `close`).
+    """
+
+    def __init__(self, desc: str, total: int, done: int, every: int):
+        self.desc, self.total, self.n, self.every = desc, total, done, every
+        self.postfix: dict = {}
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+
+    def set_postfix(self, refresh: bool = False, **values) -> None:
+        self.postfix = values
+        if self.n % self.every == 0 and self.n < self.total:  # the epoch line covers the last step
+            _say(f"{self.desc} step {self.n}/{self.total}  " + "  ".join(f"{k} {v}" for k, v in values.items()))
+
+    def close(self) -> None:
+        pass
 
 
 def _banner(cfg, name, model, data: Data, env, device, plan, amp, out) -> str:

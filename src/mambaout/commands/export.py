@@ -40,7 +40,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)", file=sys.stderr)
     if args.check:
-        diff = check_export(model, path, fmt, args.img_size)
+        from mambaout.optional import MissingDependency
+
+        try:
+            diff = check_export(model, path, fmt, args.img_size)
+        except MissingDependency as e:
+            print(f"mambaout export: {e}", file=sys.stderr)
+            return 2
         print(f"max abs diff vs PyTorch (batch 3): {diff:.2e}", file=sys.stderr)
         if diff > 1e-4:
             print("mambaout export: the exported model disagrees with PyTorch beyond 1e-4", file=sys.stderr)
@@ -59,8 +65,9 @@ def check_export(model, path, fmt: str, img_size: int | None = None, batch_size:
     with torch.no_grad():
         want = model.eval()(x)
     if fmt == "onnx":
-        import onnxruntime as ort
+        from mambaout.optional import require
 
+        ort = require("onnxruntime", "export --check", "onnxruntime  (or the export extra: 'mambaout[export]')")
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
     else:

@@ -105,7 +105,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--keep-top-k", type=int, help="keep the weights of the k best epochs")
     g.add_argument("--eval-every", type=int, help="evaluate every N epochs")
     g.add_argument("--tensorboard", type=_bool, nargs="?", const=True)
-    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar or progress lines")
+    g.add_argument("--log-every", type=int, help="optimizer steps between progress lines when not on a terminal")
     g.add_argument("--max-steps-per-epoch", type=int, help="cap optimizer steps per epoch (smoke tests)")
     g.add_argument("--stop-after-epochs", type=int, help="stop after N epochs of this call (resume later)")
     g.add_argument("--stop-after-steps", type=int, help="stop after N optimizer steps of this call, mid-epoch too")
@@ -134,6 +135,7 @@ def parse_overrides(argv: list[str] | None) -> tuple[dict, argparse.Namespace]:
 
 def main(argv: list[str] | None = None) -> int:
     from mambaout.config import list_recipes, resolve_config
+    from mambaout.optional import MissingDependency
     from mambaout.train import fit
 
     try:
@@ -151,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     kernels.set_fused_kernels(getattr(args, "fused_kernels", False))  # same numbers either way: not in the config
     try:
         result = fit(cfg)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, MissingDependency) as e:
         print(f"mambaout train: {e}", file=sys.stderr)
         return 2
     return 0 if result else 1

@@ -29,6 +29,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--checkpoint", nargs="+", default=[], help="weights file(s); pairs with --model in order")
     p.add_argument("--pretrained", action="store_true", help="use each --model's published weights")
+    p.add_argument(
+        "--random-weights", action="store_true", help="score --model at random initialisation (a chance baseline)"
+    )
     p.add_argument("--img-size", type=int, help="eval resolution (default: the weights' input size)")
     p.add_argument("--crop-pct", type=float, help="centre crop fraction (default: the weights' crop_pct)")
     p.add_argument("--batch-size", "-b", type=int, default=128, help="halved and retried on out-of-memory")
@@ -50,6 +53,13 @@ def _specs(args) -> list[tuple[str | None, str | None]]:
     if ckpts and names and len(names) not in (1, len(ckpts)):
         raise ValueError(f"got {len(names)} --model names for {len(ckpts)} checkpoints: give one name, or one per file")
     if not ckpts:
+        if args.pretrained and args.random_weights:
+            raise ValueError("--pretrained and --random-weights exclude each other; pass one")
+        if not (args.pretrained or args.random_weights):
+            raise ValueError(
+                f"--model {','.join(names)} has no weights to score: pass --pretrained (published weights), "
+                "--checkpoint PATH, or --random-weights to score a random initialisation on purpose"
+            )
         return [(n, None) for n in names]
     if len(names) == 1:
         names = names * len(ckpts)
@@ -142,6 +152,8 @@ def validate_one(name, checkpoint, args, device) -> dict:
 def main(argv: list[str] | None = None) -> int:
     import torch
 
+    from mambaout.checkpoint import DownloadError
+
     args = get_args_parser().parse_args(argv)
     kernels.set_fused_kernels(args.fused_kernels)
     try:
@@ -160,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
                 + (f"  skipped {r['skipped']} unreadable" if r["skipped"] else "")
             )
             results.append(r)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, DownloadError) as e:
         print(f"mambaout validate: {e}", file=sys.stderr)
         return 2
     if args.results_file:

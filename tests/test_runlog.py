@@ -1,0 +1,49 @@
+"""What a run prints and logs: train.log, progress lines off a terminal, the epoch line's lr and numbering."""
+
+import csv
+import sys
+
+import torch
+
+from mambaout import config as C
+from mambaout.commands import train as train_cmd
+from mambaout.optim import create_scheduler
+
+RUN = ["--model", "mambaout_test", "--epochs", "2", "--warmup-epochs", "1", "--batch-size", "16", "--img-size", "32"]
+RUN += ["--max-steps-per-epoch", "3", "--workers", "0", "--threads", "1", "--device", "cpu", "--keep-top-k", "2"]
+
+
+def test_log_file_step_lines_lr_and_epoch_numbers(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train_cmd.main([*RUN, "--log-every", "1", "--output", str(out)]) == 0
+    printed = capsys.readouterr()
+    # stderr is not a terminal here: no bar, a progress line per step (the epoch line covers the last one)
+    assert "it/s" not in printed.err
+    steps = [line for line in printed.out.splitlines() if " step " in line]
+    assert [line.split()[:4] for line in steps] == [
+        ["epoch", f"{e}/2", "step", f"{s}/3"] for e in (1, 2) for s in (1, 2)
+    ]
+    # train.log holds what the run printed
+    log = (out / "train.log").read_text()
+    assert log.splitlines() == printed.out.splitlines()
+    assert log.startswith("training mambaout_test") and "epoch 2/2  lr" in log and "done in" in log
+    # the epoch's last lr: the lr of its last optimizer step (a per-step schedule moves within the epoch)
+    cfg = C.resolve_config(train_cmd.parse_overrides([*RUN])[0])
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=cfg["lr"])
+    sched = create_scheduler(opt, cfg, steps_per_epoch=3)
+    with open(out / "summary.csv") as f:
+        rows = list(csv.DictReader(f))
+    for epoch, row in enumerate(rows):
+        sched.step_update(3 * epoch + 2)
+        assert float(row["lr"]) == float(f"{opt.param_groups[0]['lr']:.6g}")
+        assert f"epoch {epoch + 1}/2  lr {opt.param_groups[0]['lr']:.3g} " in log
+    # weights files count epochs as the log does, from 1
+    assert sorted(p.name for p in out.glob("epoch-*")) == ["epoch-0001.safetensors", "epoch-0002.safetensors"]
+
+
+def test_progress_bar_on_a_terminal_only(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert train_cmd.main([*RUN, "--epochs", "1", "--log-every", "1", "--output", str(tmp_path / "run")]) == 0
+    printed = capsys.readouterr()
+    assert "epoch 1/1:" in printed.err and "it/s" in printed.err  # tqdm's bar
+    assert " step " not in printed.out
