@@ -42,11 +42,11 @@ def fit(cfg: dict) -> dict:
         amp, amp_dt = amp_dtype(cfg, device)
         state = load_state(resume_path(cfg["resume"])) if cfg["resume"] else None
         out = output_folder(cfg)
+        global_batch, accum, lr = batch_plan(cfg, env.world_size)
         if dist.is_main():
             check_output_free(out, cfg["resume"], cfg["overwrite"])
             if cfg["tensorboard"]:
                 tensorboard_writer(None)  # fail before the data is read, when tensorboard is missing
-        global_batch, accum, lr = batch_plan(cfg, env.world_size)
 
         # data: the val set takes the train set's class -> index map, so labels agree even with missing folders
         data = Data.build(cfg, env, device, accum)
