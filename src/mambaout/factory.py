@@ -37,7 +37,8 @@ def create_model(
     """Build a registered MambaOut, optionally with weights.
 
     Args:
-        name: A registered name (`mambaout_tiny`), optionally with a weight tag (`mambaout_tiny.in1k`).
+        name: A registered name (`mambaout_tiny`), optionally with a weight tag (`mambaout_tiny.in1k`), or
+            `hf-hub:ORG/NAME` for a Hugging Face Hub repo in timm's layout (needs `huggingface_hub`).
             May be None when `checkpoint` is one written by `mambaout train`, which records its model.
         pretrained: Download (or take from the cache) the variant's published weights.
         checkpoint: A path or URL of weights in the official, timm or our layout.
@@ -79,6 +80,14 @@ def create_model(
         if checkpoint is not None:
             raise ValueError("pass either checkpoint=... or pretrained_cfg_overlay={'file': ...}, not both")
         checkpoint, pretrained = overlay["file"], False
+    if name is not None and name.startswith("hf-hub:"):
+        # a Hub repo in timm's layout (mambaout export --format hf): its config names the model, its file the weights
+        from .hub import from_hub
+
+        if checkpoint is not None:
+            raise ValueError(f"{name} brings its own weights: pass it without checkpoint=")
+        name, checkpoint = from_hub(name[len("hf-hub:") :])
+        pretrained = False
     if pretrained and checkpoint is not None:
         raise ValueError("pass either pretrained=True or checkpoint=..., not both")
     state_dict, meta = (None, {})

@@ -11,8 +11,13 @@ from mambaout.commands.common import add_model_args, build_model
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mambaout export", description=__doc__)
     add_model_args(parser)
-    parser.add_argument("--format", choices=("onnx", "pt2"), default=None, help="default: from the --output suffix")
-    parser.add_argument("--output", "-o", required=True, help="file to write (.onnx or .pt2)")
+    parser.add_argument(
+        "--format",
+        choices=("onnx", "pt2", "hf"),
+        default=None,
+        help="default: from the --output suffix; hf: a folder with config.json + model.safetensors (timm's Hub layout)",
+    )
+    parser.add_argument("--output", "-o", required=True, help="file to write (.onnx or .pt2), or folder for hf")
     parser.add_argument("--img-size", type=int, default=None, help="input side in pixels (default: the model's)")
     parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default 18)")
     parser.add_argument("--check", action="store_true", help="run the export and PyTorch side by side and compare")
@@ -20,6 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     fmt = args.format or ("pt2" if args.output.endswith(".pt2") else "onnx" if args.output.endswith(".onnx") else None)
     if fmt is None:
         parser.error(f"cannot tell the format from {args.output!r}: pass --format onnx or --format pt2")
+    if fmt == "hf" and args.check:
+        parser.error("--check applies to onnx and pt2; an hf folder holds the weights themselves")
     if args.opset is not None and fmt != "onnx":
         parser.error("--opset applies to --format onnx only")
 
@@ -28,6 +35,12 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         model = build_model(args)
+        if fmt == "hf":
+            from mambaout.hub import export_hf
+
+            folder = export_hf(model, args.output)
+            print(f"wrote {folder}/config.json and model.safetensors (timm: create_model('local-dir:{folder}'))")
+            return 0
         if fmt == "onnx":
             path = export_onnx(model, args.output, args.img_size, args.opset or DEFAULT_OPSET)
         else:
