@@ -337,6 +337,8 @@ def _train_epoch(train_model, data: Data, parts: Trainable, loss_fn, mixup_fn, d
         on_start=hook.start,
         max_steps=data.steps_per_epoch - hook.skip,
         progress=bar,
+        # progress lines read the loss from the device: at most every 20 steps unless asked for more often
+        refresh_every=min(20, cfg["log_every"]) if isinstance(bar, StepLines) else 20,
     )
     if bar is not None:
         bar.close()
@@ -400,14 +402,16 @@ class StepLines:
 
     def __init__(self, desc: str, total: int, done: int, every: int):
         self.desc, self.total, self.n, self.every = desc, total, done, every
-        self.postfix: dict = {}
+        self.printed = done
 
     def update(self, n: int = 1) -> None:
         self.n += n
 
     def set_postfix(self, refresh: bool = False, **values) -> None:
-        self.postfix = values
-        if self.n % self.every == 0 and self.n < self.total:  # the epoch line covers the last step
+        # the engine reports every few steps (one host sync each time): print when a multiple of `every` was passed
+        due = self.n // self.every > self.printed // self.every
+        if due and self.n < self.total:  # the epoch line covers the last step
+            self.printed = self.n
             _say(f"{self.desc} step {self.n}/{self.total}  " + "  ".join(f"{k} {v}" for k, v in values.items()))
 
     def close(self) -> None:
