@@ -25,6 +25,17 @@ WEIGHTS_NAME = "model.safetensors"
 _SAME_IN_TIMM = ("in_chans", "num_classes", "depths", "dims", "expansion_ratio", "kernel_size", "conv_ratio")
 _SAME_IN_TIMM += ("ls_init_value", "stem_mid_norm", "drop_rate", "global_pool")
 _IGNORED = ("drop_path_rate",)  # training-time only
+# the pretrained_cfg entries written to config.json: the eval transform and the layer names timm's tools read
+_PRETRAINED_CFG_KEYS = (
+    "input_size",
+    "crop_pct",
+    "interpolation",
+    "mean",
+    "std",
+    "crop_mode",
+    "first_conv",
+    "classifier",
+)
 
 
 def timm_model_args(model_kwargs: dict) -> dict:
@@ -62,7 +73,7 @@ def export_hf(model: nn.Module, folder: str | os.PathLike) -> Path:
     if not name or not name.startswith("mambaout"):
         raise ValueError(f"only MambaOut models export to the timm hub format (got {name or type(model).__name__})")
     model_args = timm_model_args(model_kwargs)
-    eval_cfg = {k: v for k, v in model.pretrained_cfg.items() if k not in ("num_classes",)}
+    eval_cfg = {k: v for k, v in model.pretrained_cfg.items() if k in _PRETRAINED_CFG_KEYS}
     class_names = getattr(model, "class_names", None)
     config = {
         # timm builds `architecture` with `model_args` laid over its defaults: every argument is written out, so a
