@@ -57,24 +57,7 @@ def create_model(
     Returns:
         A `MambaOut` (or `MambaOutFeatures`), with `pretrained_cfg` holding the eval transform settings.
     """
-    for key in _IGNORED:
-        kwargs.pop(key, None)
-    for key, value in (feature_cfg or {}).items():  # timm spells the feature arguments either way
-        if key == "out_indices":
-            out_indices = value
-        elif key == "output_fmt":
-            output_fmt = value
-        elif key == "feature_cls":
-            feature_cls = value
-        elif key not in _IGNORED:
-            raise ValueError(
-                f"feature_cfg[{key!r}] is not supported; supported keys: out_indices, output_fmt, feature_cls"
-            )
-    if feature_cls not in _FEATURE_CLS:
-        raise ValueError(
-            f"feature_cls={feature_cls!r} is not supported: features_only builds a 'getter' backbone (stage outputs "
-            "in order); leave feature_cls unset or pass 'getter'"
-        )
+    out_indices, output_fmt = _feature_args(out_indices, output_fmt, feature_cls, feature_cfg, kwargs)
     overlay = dict(pretrained_cfg_overlay or {})
     if overlay.get("file"):
         if checkpoint is not None:
@@ -104,28 +87,10 @@ def create_model(
     if tag and not variant.weights:
         raise ValueError(f"{variant.name} has no published weights (asked for {name!r})")
 
-    model_kwargs = dict(variant.kwargs)
-    model_kwargs.update(meta.get("model_kwargs", {}))  # a trained checkpoint's own architecture, widths included
-    if weights is not None:  # a tag (or pretrained) fixes the classifier width: 11821 for ...in12k, as timm does
-        model_kwargs["num_classes"] = weights.num_classes
-    model_kwargs.update(kwargs)
-    with torch.device(device) if device is not None else contextlib.nullcontext():
-        model = _build(variant, model_kwargs)
-    model.model_name = variant.name
-    model.model_kwargs = {k: v for k, v in model_kwargs.items() if jsonable(v)}
-    cfg = dict(pretrained_cfg(variant, weights, model.num_classes), **meta.get("eval_config", {}))
-    cfg["pool_size"] = [side // 32 for side in cfg["input_size"][1:]]  # a trained checkpoint's own size, too
-    model.pretrained_cfg = dict(cfg, **overlay)
-    model.class_names = meta.get("class_names")
-
+    model = _instantiate(variant, weights, meta, kwargs, device)
+    model.pretrained_cfg.update(overlay)
     if pretrained:
-        path = download(weights.urls)
-        try:
-            state_dict, _ = read_checkpoint(path)
-        except CheckpointError as e:
-            raise CheckpointError(
-                f"{e} (downloaded from {weights.urls[0]} to {path}; delete it to download again)"
-            ) from e
+        state_dict = _read_published(weights)
     if state_dict is not None:
         load_into(model, state_dict, name=variant.name)
         if model.class_names is not None and len(model.class_names) != model.num_classes:
@@ -138,6 +103,56 @@ def create_model(
             raise ValueError(f"features_only needs a MambaOut backbone; {variant.name} is a {type(model).__name__}")
         return MambaOutFeatures(model, out_indices, output_fmt)
     return model
+
+
+def _feature_args(out_indices, output_fmt, feature_cls, feature_cfg: dict | None, kwargs: dict):
+    """timm's features-factory arguments, given directly or in `feature_cfg`; returns (out_indices, output_fmt)."""
+    for key in _IGNORED:
+        kwargs.pop(key, None)
+    for key, value in (feature_cfg or {}).items():  # timm spells the feature arguments either way
+        if key == "out_indices":
+            out_indices = value
+        elif key == "output_fmt":
+            output_fmt = value
+        elif key == "feature_cls":
+            feature_cls = value
+        elif key not in _IGNORED:
+            raise ValueError(
+                f"feature_cfg[{key!r}] is not supported; supported keys: out_indices, output_fmt, feature_cls"
+            )
+    if feature_cls not in _FEATURE_CLS:
+        raise ValueError(
+            f"feature_cls={feature_cls!r} is not supported: features_only builds a 'getter' backbone (stage outputs "
+            "in order); leave feature_cls unset or pass 'getter'"
+        )
+    return out_indices, output_fmt
+
+
+def _instantiate(variant, weights: Weights | None, meta: dict, kwargs: dict, device) -> nn.Module:
+    """The variant's network with a checkpoint's recorded architecture, the weights' class count and `kwargs`."""
+    model_kwargs = dict(variant.kwargs)
+    model_kwargs.update(meta.get("model_kwargs", {}))  # a trained checkpoint's own architecture, widths included
+    if weights is not None:  # a tag (or pretrained) fixes the classifier width: 11821 for ...in12k, as timm does
+        model_kwargs["num_classes"] = weights.num_classes
+    model_kwargs.update(kwargs)
+    with torch.device(device) if device is not None else contextlib.nullcontext():
+        model = _build(variant, model_kwargs)
+    model.model_name = variant.name
+    model.model_kwargs = {k: v for k, v in model_kwargs.items() if jsonable(v)}
+    cfg = dict(pretrained_cfg(variant, weights, model.num_classes), **meta.get("eval_config", {}))
+    cfg["pool_size"] = [side // 32 for side in cfg["input_size"][1:]]  # a trained checkpoint's own size, too
+    model.pretrained_cfg = cfg
+    model.class_names = meta.get("class_names")
+    return model
+
+
+def _read_published(weights: Weights) -> dict:
+    """Download (or take from the cache) published weights and read them."""
+    path = download(weights.urls)
+    try:
+        return read_checkpoint(path)[0]
+    except CheckpointError as e:
+        raise CheckpointError(f"{e} (downloaded from {weights.urls[0]} to {path}; delete it to download again)") from e
 
 
 def _build(variant, model_kwargs: dict) -> nn.Module:

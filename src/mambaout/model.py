@@ -526,12 +526,9 @@ class MambaOut(nn.Module):
 
     def param_groups(self, weight_decay: float) -> list[dict]:
         """Optimizer parameter groups: weight decay on weights of convs and linears, none on `no_weight_decay()`."""
-        skip = self.no_weight_decay()
-        decay, no_decay = [], []
-        for name, p in self.named_parameters():
-            if p.requires_grad:
-                (no_decay if name in skip else decay).append(p)
-        return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
+        from mambaout.optim import param_groups  # the one implementation, shared with every other model
+
+        return param_groups(self, weight_decay)
 
     def group_matcher(self, coarse: bool = False) -> dict:
         """Regexes grouping parameters by depth, for layer-wise learning-rate decay (timm's convention)."""
