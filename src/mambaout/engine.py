@@ -84,6 +84,8 @@ def train_one_epoch(
         `loss` (mean over micro-batches, averaged over ranks), `steps`, `images` (all ranks), `img_s`, `skipped`
         (unreadable images met, all ranks), `seconds`.
     """
+    # One loop, its steps in order (micro-batch, backward, optimizer step, host read); the pieces with no loop
+    # state of their own (_optimizer_step, _show_progress, _epoch_result) live below.
     model.train()
     accum = step_cfg.accum_steps
     steps_total = len(loader) // accum
@@ -119,16 +121,7 @@ def train_one_epoch(
         images += x.shape[0]
         if not last_micro:
             continue
-        if scaler is not None:
-            scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
-        if step_cfg.clip_grad:
-            nn.utils.clip_grad_norm_(model.parameters(), step_cfg.clip_grad)
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        _optimizer_step(model, optimizer, scaler, step_cfg.clip_grad)
         steps += 1
         if ema is not None:
             ema.update(dist.unwrap(model))
@@ -137,22 +130,23 @@ def train_one_epoch(
             # the one host read per `refresh_every` steps
             loss_mean = _check_finite(loss_sum, nonfinite, n_micro, checked_steps, steps)
             if progress is not None:
-                elapsed = time.perf_counter() - t0
-                progress.update(steps - checked_steps)
-                progress.set_postfix(
-                    loss=f"{loss_mean:.4f}",
-                    lr=f"{optimizer.param_groups[0]['lr']:.2e}",
-                    img_s=f"{images * dist.get_world_size() / max(elapsed, 1e-9):.0f}",
-                    refresh=False,
-                )
+                _show_progress(progress, steps - checked_steps, loss_mean, optimizer, images, t0)
             checked_steps = steps
         if stop:
             break
-    loss_total = _check_finite(loss_sum, nonfinite, n_micro, checked_steps, steps) * max(n_micro, 1)
+    return _epoch_result(
+        _check_finite(loss_sum, nonfinite, n_micro, checked_steps, steps), n_micro, steps, images, skipped, t0, device
+    )
+
+
+def _epoch_result(loss_mean: float, n_micro: int, steps: int, images: int, skipped, t0: float, device) -> dict:
+    """The epoch's numbers, summed over ranks: mean loss, steps, images, img/s, unreadable images, seconds."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)  # the epoch's time includes its queued GPU work
     seconds = time.perf_counter() - t0
-    loss_total, n_micro, images, skipped = dist.all_reduce_sum([loss_total, n_micro, images, int(skipped)], device)
+    loss_total, n_micro, images, skipped = dist.all_reduce_sum(
+        [loss_mean * max(n_micro, 1), n_micro, images, int(skipped)], device
+    )
     return dict(
         loss=loss_total / max(n_micro, 1),
         steps=steps,
@@ -160,6 +154,31 @@ def train_one_epoch(
         img_s=images / max(seconds, 1e-9),
         skipped=int(skipped),
         seconds=seconds,
+    )
+
+
+def _optimizer_step(model: nn.Module, optimizer, scaler, clip_grad: float | None) -> None:
+    """One optimizer step on the accumulated gradients (unscaled first, so clipping sees the true ones)."""
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    if clip_grad:
+        nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def _show_progress(progress, new_steps: int, loss_mean: float, optimizer, images: int, t0: float) -> None:
+    elapsed = time.perf_counter() - t0
+    progress.update(new_steps)
+    progress.set_postfix(
+        loss=f"{loss_mean:.4f}",
+        lr=f"{optimizer.param_groups[0]['lr']:.2e}",
+        img_s=f"{images * dist.get_world_size() / max(elapsed, 1e-9):.0f}",
+        refresh=False,
     )
 
 
