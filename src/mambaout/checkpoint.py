@@ -142,8 +142,16 @@ def adapt_input_conv(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
     return weight.repeat(1, reps, 1, 1)[:, :in_chans] * (src / in_chans)
 
 
-def fit_state_dict(model: nn.Module, state_dict: dict, name: str = "model") -> dict:
-    """Convert `state_dict` to `model`'s layout, adapting the input conv and dropping a classifier of another size.
+def fit_state_dict(
+    model: nn.Module, state_dict: dict, name: str = "model", new_head: bool = False, warn: bool = True
+) -> dict:
+    """Convert `state_dict` to `model`'s layout, adapting the input conv (and the classifier when asked).
+
+    Args:
+        new_head: The caller asked for a classifier of its own width (fine-tuning to another class count): a
+            checkpoint classifier of another size is then dropped and the model's fresh one kept. Without it a
+            classifier that does not fit is an error, never a silently random head.
+        warn: Log the adaptations (off for a dry run on a shape-only model).
 
     Raises:
         CheckpointError: naming the missing and unexpected keys and the mismatched shapes.
@@ -156,15 +164,20 @@ def fit_state_dict(model: nn.Module, state_dict: dict, name: str = "model") -> d
         and sd[FIRST_CONV_KEY].shape[1] != target[FIRST_CONV_KEY].shape[1]
     ):
         in_chans = target[FIRST_CONV_KEY].shape[1]
-        logger.warning(
-            "%s: adapting the first conv from %d to %d input channels", name, sd[FIRST_CONV_KEY].shape[1], in_chans
-        )
+        log = logger.warning if warn else logger.debug
+        log("%s: adapting the first conv from %d to %d input channels", name, sd[FIRST_CONV_KEY].shape[1], in_chans)
         sd[FIRST_CONV_KEY] = adapt_input_conv(sd[FIRST_CONV_KEY], in_chans)
     fc_w = CLASSIFIER_KEYS[0]
-    if fc_w in sd and (fc_w not in target or sd[fc_w].shape != target[fc_w].shape):
-        have = tuple(sd[fc_w].shape)[0]
-        want = tuple(target[fc_w].shape)[0] if fc_w in target else 0
-        logger.warning(
+    have = tuple(sd[fc_w].shape)[0] if fc_w in sd else None
+    want = tuple(target[fc_w].shape)[0] if fc_w in target else 0
+    if have is not None and have != want:
+        if not new_head:
+            raise CheckpointError(
+                f"the checkpoint's classifier has {have} classes but {name} is built with {want}: its metadata or "
+                "the num_classes asked for does not match the weights. Pass the checkpoint its own model, or ask "
+                "for a new class count explicitly to fine-tune (num_classes=N re-initialises the classifier)"
+            )
+        (logger.warning if warn else logger.debug)(
             "%s: checkpoint classifier has %d classes, the model %d: loading everything but the classifier, "
             "which keeps its fresh initialisation",
             name,
@@ -198,9 +211,9 @@ def check_fits(target: dict, sd: dict, name: str = "model") -> None:
         )
 
 
-def load_into(model: nn.Module, state_dict: dict, name: str = "model") -> None:
+def load_into(model: nn.Module, state_dict: dict, name: str = "model", new_head: bool = False) -> None:
     """Load any-layout `state_dict` strictly into `model` (after `fit_state_dict`'s adaptations)."""
-    model.load_state_dict(fit_state_dict(model, state_dict, name), strict=True)
+    model.load_state_dict(fit_state_dict(model, state_dict, name, new_head), strict=True)
 
 
 # --- files -----------------------------------------------------------------------------------------------------------
@@ -242,7 +255,10 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
 def _decode_metadata(meta: dict[str, str]) -> dict:
     if meta.get("format") != FORMAT_NAME:
         return {}
-    return {k: json.loads(v) for k, v in meta.items() if k != "format"}
+    try:
+        return {k: json.loads(v) for k, v in meta.items() if k != "format"}
+    except ValueError as e:
+        raise CheckpointError(f"the checkpoint's metadata is not valid JSON ({e}); the file is damaged") from e
 
 
 def save_weights(model_or_state: nn.Module | dict, path: str | os.PathLike, **metadata) -> Path:

@@ -10,8 +10,9 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .checkpoint import CheckpointError, download, load_into, read_checkpoint
+from .checkpoint import CheckpointError, download, fit_state_dict, load_into, read_checkpoint
 from .files import jsonable
+from .limits import check_eval_config, check_model_kwargs
 from .model import MambaOut, MambaOutFeatures
 from .variants import Weights, get_variant, pretrained_cfg
 
@@ -52,7 +53,9 @@ def create_model(
         pretrained_cfg_overlay: Entries merged into `pretrained_cfg`; `file` names local weights (as in timm).
         **kwargs: `MambaOut` arguments overriding the variant's (`num_classes`, `in_chans`, `kernel_size`,
             `drop_path_rate`, `drop_rate`, `ls_init_value`, ...). A `num_classes` other than the weights'
-            re-initialises the classifier; an `in_chans` other than 3 adapts the first conv.
+            re-initialises the classifier (fine-tuning); without it, weights whose classifier does not fit the
+            model (metadata that disagrees with the tensors) raise `CheckpointError`. An `in_chans` other than 3
+            adapts the first conv.
 
     Returns:
         A `MambaOut` (or `MambaOutFeatures`), with `pretrained_cfg` holding the eval transform settings.
@@ -76,6 +79,7 @@ def create_model(
     state_dict, meta = (None, {})
     if checkpoint is not None:
         state_dict, meta = read_checkpoint(checkpoint)
+        _check_metadata(meta, str(checkpoint))
     if name is None:
         name = meta.get("model")
         if name is None:
@@ -84,16 +88,34 @@ def create_model(
             )
     variant, tag = get_variant(name)
     weights: Weights | None = variant.get_weights(tag) if (pretrained or tag) and variant.weights else None
-    if tag and not variant.weights:
-        raise ValueError(f"{variant.name} has no published weights (asked for {name!r})")
+    if (tag or pretrained) and not variant.weights:
+        raise ValueError(
+            f"{variant.name} has no published weights (asked for {name!r} with pretrained weights); pass a "
+            "checkpoint (CLI: --checkpoint PATH), or random weights (--random-weights) for smoke tests"
+        )
 
+    # the user asked for a classifier of their own width: only then may a checkpoint's classifier be replaced
+    new_head = "num_classes" in kwargs
+    if state_dict is not None:
+        # check the weights fit before allocating: metadata may describe a far larger model than the tensors
+        with torch.device("meta"):
+            try:
+                probe = _build(variant, _model_kwargs(variant, weights, meta, kwargs))
+            except (TypeError, ValueError) as e:
+                raise CheckpointError(f"{checkpoint}: cannot build {variant.name} from its metadata ({e})") from e
+            fit_state_dict(probe, state_dict, variant.name, new_head, warn=False)
     model = _instantiate(variant, weights, meta, kwargs, device)
     model.pretrained_cfg.update(overlay)
     if pretrained:
         state_dict = _read_published(weights)
     if state_dict is not None:
-        load_into(model, state_dict, name=variant.name)
+        load_into(model, state_dict, name=variant.name, new_head=new_head)
         if model.class_names is not None and len(model.class_names) != model.num_classes:
+            if not new_head:
+                raise CheckpointError(
+                    f"{checkpoint}: its metadata names {len(model.class_names)} classes but the classifier has "
+                    f"{model.num_classes}; the file's metadata does not match its weights"
+                )
             model.class_names = None  # the classifier was replaced, so its names no longer apply
 
     if dtype is not None:
@@ -128,13 +150,19 @@ def _feature_args(out_indices, output_fmt, feature_cls, feature_cfg: dict | None
     return out_indices, output_fmt
 
 
-def _instantiate(variant, weights: Weights | None, meta: dict, kwargs: dict, device) -> nn.Module:
-    """The variant's network with a checkpoint's recorded architecture, the weights' class count and `kwargs`."""
+def _model_kwargs(variant, weights: Weights | None, meta: dict, kwargs: dict) -> dict:
+    """The variant's arguments, then a checkpoint's recorded architecture, the weights' class count and `kwargs`."""
     model_kwargs = dict(variant.kwargs)
     model_kwargs.update(meta.get("model_kwargs", {}))  # a trained checkpoint's own architecture, widths included
     if weights is not None:  # a tag (or pretrained) fixes the classifier width: 11821 for ...in12k, as timm does
         model_kwargs["num_classes"] = weights.num_classes
     model_kwargs.update(kwargs)
+    return model_kwargs
+
+
+def _instantiate(variant, weights: Weights | None, meta: dict, kwargs: dict, device) -> nn.Module:
+    """The variant's network with a checkpoint's recorded architecture, the weights' class count and `kwargs`."""
+    model_kwargs = _model_kwargs(variant, weights, meta, kwargs)
     with torch.device(device) if device is not None else contextlib.nullcontext():
         model = _build(variant, model_kwargs)
     model.model_name = variant.name
@@ -167,3 +195,19 @@ def _build(variant, model_kwargs: dict) -> nn.Module:
             f"{variant.name} does not take {bad.group(1)!r}: create_model passes keyword arguments it does not know "
             "to the model (help(mambaout.MambaOut) lists them)"
         ) from None
+
+
+def _check_metadata(meta: dict, source: str) -> None:
+    """Bounds on what a checkpoint's metadata may ask of this process (see `mambaout.limits`)."""
+    try:
+        if "eval_config" in meta:
+            check_eval_config(meta["eval_config"], source)
+        if "model_kwargs" in meta:
+            check_model_kwargs(meta["model_kwargs"], source)
+        if meta.get("model") is not None and not isinstance(meta["model"], str):
+            raise ValueError(f"{source}: metadata 'model' must be a model name, got {meta['model']!r}")
+        names = meta.get("class_names")
+        if names is not None and (not isinstance(names, list) or not all(isinstance(n, str) for n in names)):
+            raise ValueError(f"{source}: metadata 'class_names' must be a list of strings")
+    except ValueError as e:
+        raise CheckpointError(f"{e}; the file's metadata is damaged or was not written by mambaout") from e

@@ -1,0 +1,159 @@
+"""Sane bounds on what a user or a file can ask of the process: image sizes, decoding, checkpoint metadata, devices.
+
+Everything a command line, a recipe or a checkpoint's metadata can set that decides how much memory the process
+allocates is checked here against an explicit bound, so a typo (`--img-size 10000`) or a hostile file (an
+`eval_config.input_size` of 20000, a 15000 x 15000 PNG) ends in one clear message instead of an out-of-memory kill.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+# Network input side in pixels. MambaOut downsamples by 32 (stem 4, then 2 x 2 x 2), so below 32 the last stage
+# has no pixels left to look at. 2048 is 84x the pixels of 224 (ImageNet's) and 9x those of 672, the largest
+# resolution classification backbones are commonly fine-tuned at; more is almost surely a typo (10000 px with
+# batch 2 needed 22.7 GB before the first step finished).
+MIN_IMG_SIZE = 32
+MAX_IMG_SIZE = 2048
+
+# Decode budget: images with more pixels are refused before their pixels are decoded. 64 Mpx (8000 x 8000)
+# decodes to 192 MB of RGB; phone and DSLR photos stay under it (a 12000 x 12000 image takes 432 MB as RGB and
+# several times that inside PIL's decoders). Raise it with MAMBAOUT_MAX_PIXELS for gigapixel scans.
+DEFAULT_MAX_PIXELS = 64_000_000
+
+MAX_NUM_CLASSES = 100_000  # ImageNet-22k has 21,841; more than this is not a classifier anyone trains here
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos", "random")
+
+
+def max_pixels() -> int:
+    """The decode budget in pixels: `$MAMBAOUT_MAX_PIXELS` when set, else `DEFAULT_MAX_PIXELS`."""
+    value = os.environ.get("MAMBAOUT_MAX_PIXELS")
+    if not value:
+        return DEFAULT_MAX_PIXELS
+    try:
+        pixels = int(float(value))
+    except ValueError:
+        raise ValueError(f"MAMBAOUT_MAX_PIXELS must be a number of pixels, got {value!r}") from None
+    if pixels < 1:
+        raise ValueError(f"MAMBAOUT_MAX_PIXELS must be positive, got {value!r}")
+    return pixels
+
+
+def check_pixels(width: int, height: int, name: str) -> None:
+    """Raise ValueError when a `width x height` image is over the decode budget (checked before decoding)."""
+    budget = max_pixels()
+    if width * height > budget:
+        raise ValueError(
+            f"{name} is {width} x {height} = {width * height / 1e6:.0f} Mpx, over the decode budget of "
+            f"{budget / 1e6:.0f} Mpx; downscale it, or raise MAMBAOUT_MAX_PIXELS"
+        )
+
+
+def check_img_size(value, what: str = "--img-size") -> int:
+    """`value` as an int in [MIN_IMG_SIZE, MAX_IMG_SIZE], else ValueError naming `what`."""
+    if isinstance(value, bool) or not isinstance(value, int) or not MIN_IMG_SIZE <= value <= MAX_IMG_SIZE:
+        raise ValueError(
+            f"{what} must be an integer from {MIN_IMG_SIZE} to {MAX_IMG_SIZE} pixels, got {value!r} "
+            f"(MambaOut downsamples by 32; larger inputs take memory quadratic in the side)"
+        )
+    return value
+
+
+def check_crop_pct(value, what: str = "--crop-pct") -> float:
+    """A centre-crop fraction in (0, 1]: the eval resize is `img_size / crop_pct`, so 0 divides by zero."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.05 <= value <= 1.0:
+        raise ValueError(f"{what} must be a fraction in [0.05, 1] (e.g. 0.875 or 1.0), got {value!r}")
+    return float(value)
+
+
+def check_eval_config(cfg: dict, source: str) -> dict:
+    """Check a checkpoint's `eval_config` (input size, crop, interpolation, mean/std) before anything is allocated.
+
+    Args:
+        cfg: The metadata's eval settings.
+        source: Where they come from, for the message (a checkpoint path).
+
+    Raises:
+        ValueError: naming the field, the value and the bound.
+    """
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{source}: eval_config must be a mapping, got {type(cfg).__name__}")
+    where = f"{source}: eval_config"
+    if "input_size" in cfg:
+        size = cfg["input_size"]
+        if not isinstance(size, (list, tuple)) or len(size) != 3 or size[0] not in (1, 3, 4):
+            raise ValueError(f"{where}.input_size must be [channels (1, 3 or 4), height, width], got {size!r}")
+        for side in size[1:]:
+            check_img_size(side, f"{where}.input_size")
+    if "crop_pct" in cfg:
+        check_crop_pct(cfg["crop_pct"], f"{where}.crop_pct")
+    if "interpolation" in cfg and cfg["interpolation"] not in INTERPOLATIONS:
+        raise ValueError(
+            f"{where}.interpolation must be one of {', '.join(INTERPOLATIONS)}, got {cfg['interpolation']!r}"
+        )
+    for key in ("mean", "std"):
+        if key in cfg:
+            v = cfg[key]
+            ok = isinstance(v, (list, tuple)) and len(v) in (1, 3, 4)
+            ok = ok and all(isinstance(x, (int, float)) and math.isfinite(x) and abs(x) <= 1e3 for x in v)
+            if ok and key == "std":
+                ok = all(x > 0 for x in v)
+            if not ok:
+                raise ValueError(f"{where}.{key} must be 3 finite numbers{' > 0' if key == 'std' else ''}, got {v!r}")
+    return cfg
+
+
+def check_num_classes(value, source: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_NUM_CLASSES:
+        raise ValueError(f"{source}: num_classes must be an integer from 1 to {MAX_NUM_CLASSES}, got {value!r}")
+    return value
+
+
+def resolve_device(name: str | None):
+    """A `torch.device` from a user's `--device` (None: cuda when available), checked to exist on this machine.
+
+    Raises:
+        ValueError: an unknown device type (`tpu`), or CUDA/MPS asked for where torch sees none.
+    """
+    import torch
+
+    if name is None or name == "":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name} asked for, but torch sees no CUDA device here; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif dev.type == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise ValueError(f"--device {name} asked for, but MPS is not available here; use --device cpu")
+    elif dev.type != "cpu":
+        raise ValueError(f"unsupported device {name!r}; use cpu, cuda or cuda:N")
+    return dev
+
+
+def check_model_kwargs(kwargs, source: str) -> dict:
+    """Bounds on the architecture a checkpoint's metadata asks for, checked before a module is built.
+
+    The tensors in the file decide in the end (a model that does not fit them is refused); these bounds only
+    keep a hostile `depths`/`dims` from making the process build millions of modules first.
+    """
+    if not isinstance(kwargs, dict):
+        raise ValueError(f"{source}: model_kwargs must be a mapping, got {type(kwargs).__name__}")
+    if "num_classes" in kwargs:
+        check_num_classes(kwargs["num_classes"], source)
+    for key, lo, hi in (("depths", 0, 128), ("dims", 1, 16384)):
+        if key in kwargs:
+            v = kwargs[key]
+            if (
+                not isinstance(v, (list, tuple))
+                or not 1 <= len(v) <= 8
+                or not all(isinstance(x, int) and not isinstance(x, bool) and lo <= x <= hi for x in v)
+            ):
+                raise ValueError(f"{source}: model_kwargs.{key} must be 1 to 8 integers in [{lo}, {hi}], got {v!r}")
+    return kwargs
