@@ -2,6 +2,7 @@
 
 import io
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -48,7 +49,7 @@ def test_to_rgb_every_mode():
     assert D.to_rgb(clear).getpixel((0, 0)) == (255, 255, 255)
 
 
-def test_corrupt_images_skipped_and_counted(tmp_path):
+def test_corrupt_images_substituted_counted_and_named_for_training(tmp_path, caplog):
     n_files, n_bad = _write_mixed_folder(tmp_path / "set")
     ds = D.ImageDataset(tmp_path / "set", transform=D.build_eval_transform(dict(input_size=[3, 32, 32])))
     assert len(ds) == n_files and ds.classes == ["a", "b"]
@@ -58,9 +59,21 @@ def test_corrupt_images_skipped_and_counted(tmp_path):
         assert x.shape == (3, 32, 32) and torch.isfinite(x).all() and y in (0, 1)
         skipped += n
     assert skipped == n_bad
-    # through a loader with a worker process, the counts come back summed
+    assert "not_an_image.jpg" in caplog.text and "truncated.jpg" in caplog.text
+
+
+def test_corrupt_images_left_out_of_evaluation_batches(tmp_path):
+    n_files, n_bad = _write_mixed_folder(tmp_path / "set")
+    tf = D.build_eval_transform(dict(input_size=[3, 32, 32]))
+    ds = D.ImageDataset(tmp_path / "set", transform=tf, substitute=False)
+    # through a loader with a worker process: each readable image once, the unreadable ones named
     loader = D.eval_loader(ds, batch_size=3, workers=1)
-    assert sum(int(n.sum()) for _, _, n in loader) == n_bad
+    batches = list(loader)
+    assert sum(len(y) for _, y, _ in batches if y is not None) == n_files - n_bad
+    names = sorted(Path(n).name for _, _, bad in batches for n in bad)
+    assert names == ["not_an_image.jpg", "truncated.jpg"]
+    with pytest.raises(ValueError, match="must not substitute"):
+        D.eval_loader(D.ImageDataset(tmp_path / "set", transform=tf), batch_size=3)
 
 
 def test_corrupt_images_cached(tmp_path):
@@ -77,7 +90,7 @@ def test_all_unreadable_raises_actionable(tmp_path):
     for i in range(3):
         (tmp_path / "x" / f"{i}.jpg").write_text("junk")
     ds = D.ImageDataset(tmp_path)
-    with pytest.raises(RuntimeError, match="unreadable"):
+    with pytest.raises(ValueError, match="unreadable"):
         ds[0]
 
 
@@ -122,7 +135,7 @@ def test_digits_split_and_images():
     tr, va = D.DigitsDataset("train"), D.DigitsDataset("val")
     assert len(tr) + len(va) == 1797 and len(va) == 360
     img, y, n = tr[0]
-    assert img.size == (32, 32) and img.mode == "RGB" and 0 <= y < 10 and n == 0
+    assert img.size == (32, 32) and img.mode == "RGB" and 0 <= y < 10 and n == ""
     with pytest.raises(ValueError, match="split"):
         D.DigitsDataset("test")
 

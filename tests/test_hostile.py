@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
+import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -68,7 +70,7 @@ def _checkpoint(path: Path, num_classes: int, meta_classes: int | None = None, e
     n = meta_classes or num_classes
     meta.setdefault("model", "mambaout_test")
     meta.setdefault("model_kwargs", {"num_classes": n})
-    meta.setdefault("class_names", [f"c{i}" for i in range(n)])
+    meta.setdefault("class_names", CLASSES if n == len(CLASSES) else [f"c{i}" for i in range(n)])
     return save_weights(model, path, eval_config=eval_config or EVAL_CONFIG, **meta)
 
 
@@ -103,12 +105,41 @@ def world(tmp_path_factory) -> Path:
     ec = dict(EVAL_CONFIG, input_size=[3, 20000, 20000])
     _checkpoint(w / "input20000.safetensors", 3, eval_config=ec)
     _checkpoint(w / "dims-huge.safetensors", 3, model_kwargs={"num_classes": 3, "dims": [100000, 8, 8, 8]})
+    # the good set again with one unreadable file per class beside the readable ones
+    for f in (w / "good").rglob("*.png"):
+        (w / "mixed" / f.parent.name).mkdir(parents=True, exist_ok=True)
+        (w / "mixed" / f.parent.name / f.name).write_bytes(f.read_bytes())
+    for i, cls in enumerate(CLASSES):
+        _corrupt(w / "mixed" / cls / "zz-bad.png", i)
+    _huge_png(w / "mixed" / "ant" / "huge.png", 15000)
+    _png(w / "one-good-one-bad" / "ant" / "good.png", 40, 40)
+    _corrupt(w / "one-good-one-bad" / "bee" / "bad.png", 1)
+    with tarfile.open(w / "good.tar", "w") as tar:
+        tar.add(w / "good", arcname=".")
+    data = (w / "good.tar").read_bytes()
+    (w / "truncated.tar").write_bytes(data[: len(data) // 3])
+    (w / "garbage.tar").write_bytes(np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8).tobytes())
+    (w / "empty.tar").write_bytes(b"")
     (w / "out").mkdir()
     (w / "out" / "keep.txt").write_text("do not touch")
     return w
 
 
 CASES = [
+    # --- validate counts each readable image once; what it cannot read is named, and none readable is an error ----
+    Case(
+        "validate-only-corrupt-folder", "validate {w}/corrupt --checkpoint {w}/good.safetensors", 2, "no readable image"
+    ),
+    Case("validate-truncated-tar", "validate {w}/truncated.tar --checkpoint {w}/good.safetensors", 2, "cannot read"),
+    Case("validate-garbage-tar", "validate {w}/garbage.tar --checkpoint {w}/good.safetensors", 2, "cannot read"),
+    Case("validate-empty-tar", "validate {w}/empty.tar --checkpoint {w}/good.safetensors", 2, "cannot read"),
+    Case(
+        "validate-one-good-one-bad",
+        "validate {w}/one-good-one-bad --checkpoint {w}/good.safetensors",
+        0,
+        "1 images at 32 px",
+    ),
+    Case("validate-missing-data", "validate {w}/nope --checkpoint {w}/good.safetensors", 2, "does not exist"),
     # --- a classifier that does not fit is an error at inference, never a random head -----------------------------
     Case(
         "validate-plain7-as-default",
@@ -195,3 +226,25 @@ def test_hostile(case: Case, world: Path, capsys, monkeypatch):
     assert code == case.code, output
     assert case.message in output, output
     assert _snapshot(world, ("good.safetensors", *case.untouched)) == before
+
+
+def _validate(world: Path, data: str, capsys, tmp_path) -> tuple[dict, str]:
+    out = tmp_path / f"{data}.json"
+    code = main(
+        ["validate", str(world / data), "--checkpoint", str(world / "good.safetensors"), "--results-file", str(out)]
+    )
+    err = capsys.readouterr().err
+    assert code == 0, err
+    return json.loads(out.read_text()), err
+
+
+def test_validate_with_corrupt_files_gives_exactly_the_metric_without_them(world, capsys, tmp_path):
+    clean, _ = _validate(world, "good", capsys, tmp_path)
+    mixed, err = _validate(world, "mixed", capsys, tmp_path)
+    for key in ("top1", "top5", "loss", "count"):
+        assert mixed[key] == clean[key], key
+    assert clean["count"] == 6 and clean["skipped"] == 0 and clean["skipped_files"] == []
+    # 3 corrupt files and one over the decode budget, each named in the results file and on stderr
+    assert mixed["skipped"] == 4
+    assert sorted(Path(f).name for f in mixed["skipped_files"]) == ["huge.png"] + ["zz-bad.png"] * 3
+    assert "huge.png" in err and "zz-bad.png" in err

@@ -5,7 +5,9 @@ random erasing, Mixup/CutMix) and add only what our runs need on top:
 
 - `ImageDataset`: reads timm's random-access readers (ImageNet folder layout, an ImageFolder packed in a `.tar`,
   a Hugging Face dataset as `hfds/NAME:SPLIT`), decodes every image as `mambaout.image.load_image` does (any mode
-  to RGB, EXIF-rotated), and skips unreadable files, counting them;
+  to RGB, EXIF-rotated), and skips unreadable files, naming them: training substitutes the next readable image to
+  keep batches full (counted, and each named in a warning), evaluation leaves them out (`collate_readable`) so a
+  metric counts each readable image exactly once;
 - `DigitsDataset`: scikit-learn's 8x8 digits upscaled to RGB, the embedded default that needs no download;
 - `safe_posterize`: timm 1.0.31's `inc1` RandAugment can ask Pillow for 0 posterize bits, which Pillow >= 13
   rejects with a `ValueError` mid-epoch; `build_train_transform` swaps in a version that clamps to 1 bit;
@@ -17,6 +19,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import tarfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -44,19 +47,30 @@ MAX_CONSECUTIVE_BAD = 50
 
 
 class ImageDataset(Dataset):
-    """Labelled images from a timm reader; corrupt files are skipped (replaced by the next readable one) and counted.
+    """Labelled images from a timm reader; unreadable files are skipped, counted and named.
 
-    `__getitem__` returns `(image, target, n_skipped)`: the loader sums `n_skipped` so each epoch can report how
-    many unreadable files it met, even when they were read in worker processes.
+    With `substitute` (training) an unreadable file is replaced by the next readable image, which keeps batches
+    full: `__getitem__` returns `(image, target, n_skipped)`, the loader sums `n_skipped` so each epoch reports how
+    many it met (even in worker processes), and each is named in a warning. Without it (evaluation) an unreadable
+    sample is `(None, -1, file name)`; `collate_readable` leaves it out of the batch and names it, so a metric counts
+    each readable image exactly once.
 
     Args:
         root: An ImageFolder directory (`root/<class>/<image>`) or a `.tar` file holding one.
         transform: Applied to the RGB PIL image.
         class_to_idx: Folder name -> label; default sorted folder order. Pass the train set's map to a val set.
         cache: Keep every file's bytes in RAM after the first read (small datasets: no disk or tar seeks).
+        substitute: Replace an unreadable sample by the next readable one (training) instead of naming it.
     """
 
-    def __init__(self, root, transform=None, class_to_idx: dict[str, int] | None = None, cache: bool = False):
+    def __init__(
+        self,
+        root,
+        transform=None,
+        class_to_idx: dict[str, int] | None = None,
+        cache: bool = False,
+        substitute: bool = True,
+    ):
         from timm.data.readers import create_reader
 
         root = str(root)
@@ -74,12 +88,18 @@ class ImageDataset(Dataset):
             raise ValueError(
                 f"no images found in {root} ({e}); expected one sub-folder per class holding image files"
             ) from e
+        except (tarfile.TarError, OSError, EOFError) as e:  # an empty, truncated or garbage .tar
+            raise ValueError(
+                f"cannot read {root} as a tar of images ({type(e).__name__}: {e}); the file is empty, truncated or "
+                "not a tar: copy it again, or pass the extracted folder"
+            ) from e
         mapping = getattr(self.reader, "class_to_idx", None) or getattr(self.reader, "class_name_to_idx", None) or {}
         self.class_to_idx = dict(mapping)
         self.classes = [c for c, _ in sorted(self.class_to_idx.items(), key=lambda kv: kv[1])]
         if len(self.reader) == 0:
             raise ValueError(f"no images found in {root}; expected one sub-folder per class holding image files")
         self.transform = transform
+        self.substitute = substitute
         self._n = len(self.reader)
         self._bytes: list[bytes | None] | None = None
         if cache:
@@ -123,7 +143,7 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, index: int):
         n = len(self)
-        for skipped in range(MAX_CONSECUTIVE_BAD):
+        for skipped in range(MAX_CONSECUTIVE_BAD if self.substitute else 1):
             i = (index + skipped) % n
             try:
                 if self._bytes is not None:
@@ -137,13 +157,15 @@ class ImageDataset(Dataset):
                     img = load_image(f)
             except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
                 # PIL raises OSError for truncated data, UnidentifiedImageError (an OSError) for non-images,
-                # and SyntaxError/ValueError from a few broken headers.
-                logger.debug("skipping unreadable image %s: %s", self.filename(i), e)
+                # SyntaxError/ValueError from a few broken headers; load_image a ValueError over the pixel budget.
+                if not self.substitute:
+                    return None, -1, self.filename(i)
+                logger.warning("skipping unreadable image %s (replaced by the next one): %s", self.filename(i), e)
                 continue
             if self.transform is not None:
                 img = self.transform(img)
             return img, int(target), skipped
-        raise RuntimeError(
+        raise ValueError(
             f"{MAX_CONSECUTIVE_BAD} consecutive unreadable images from index {index} in {self.root}; "
             "the dataset looks corrupt: check the files or re-extract it"
         )
@@ -204,8 +226,11 @@ def resolve_split(data: str | None, split: str) -> str:
     raise FileNotFoundError(f"no '{split}' split in {data}: expected {root / split}/ or {root / split}.tar")
 
 
-def create_dataset(path: str, transform=None, class_to_idx=None, cache: bool = False, img_size: int = 32):
-    """A dataset from a path (folder or tar) or the embedded `digits[:train|:val]`."""
+def create_dataset(
+    path: str, transform=None, class_to_idx=None, cache: bool = False, img_size: int = 32, substitute: bool = True
+):
+    """A dataset from a path (folder or tar) or the embedded `digits[:train|:val]`; `substitute=False` for
+    evaluation (see `ImageDataset`)."""
     if path.startswith(DIGITS):
         split = path.partition(":")[2] or "train"
         return DigitsDataset(split, size=img_size if img_size <= 64 else 32, transform=transform)
@@ -213,7 +238,7 @@ def create_dataset(path: str, transform=None, class_to_idx=None, cache: bool = F
 
     if is_streamed(path):  # sharded over ranks by train_loader / eval_loader
         return IterableImages(path, transform=transform)
-    return ImageDataset(path, transform=transform, class_to_idx=class_to_idx, cache=cache)
+    return ImageDataset(path, transform=transform, class_to_idx=class_to_idx, cache=cache, substitute=substitute)
 
 
 # --- transforms ------------------------------------------------------------------------------------------------------
@@ -353,12 +378,30 @@ def train_loader(
     return loader
 
 
+def collate_readable(batch):
+    """Collate `(image or None, target, skipped)` samples into `(images or None, targets or None, skipped names)`.
+
+    Samples whose image is None (unreadable, from a dataset that does not substitute) are left out of the batch
+    and only named, so an evaluation counts each readable image once.
+    """
+    from torch.utils.data import default_collate
+
+    good = [(x, y) for x, y, _ in batch if x is not None]
+    names = [name for x, _, name in batch if x is None]
+    if not good:
+        return None, None, names
+    x, y = default_collate(good)
+    return x, y, names
+
+
 def eval_loader(dataset, batch_size: int, rank: int = 0, world_size: int = 1, workers: int = 0, pin: bool = False):
     from .data_wds import IterableImages, StreamLoader
 
     if isinstance(dataset, IterableImages):
         dataset.training, dataset.rank, dataset.world_size = False, rank, world_size
         return StreamLoader(dataset, batch_size, workers, pin, drop_last=False)
+    if getattr(dataset, "substitute", False):
+        raise ValueError("an evaluation set must not substitute unreadable images: build it with substitute=False")
     return DataLoader(
         dataset,
         batch_size=batch_size,
@@ -366,6 +409,7 @@ def eval_loader(dataset, batch_size: int, rank: int = 0, world_size: int = 1, wo
         num_workers=workers,
         pin_memory=pin,
         persistent_workers=workers > 0,
+        collate_fn=collate_readable,
     )
 
 
@@ -399,6 +443,7 @@ __all__ = [
     "ShardSampler",
     "build_eval_transform",
     "build_train_transform",
+    "collate_readable",
     "create_dataset",
     "eval_loader",
     "fix_posterize",

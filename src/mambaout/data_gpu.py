@@ -223,6 +223,8 @@ def gpu_loaders(cfg: dict, rank: int, world_size: int, device, eval_tf, workers:
     loader = DeviceAugmentLoader(cpu_loader, augment, device)
     val_set = val_loader = None
     if cfg["data_val"]:
-        val_set = D.create_dataset(cfg["data_val"], eval_tf, train_set.class_to_idx, img_size=cfg["img_size"])
+        val_set = D.create_dataset(
+            cfg["data_val"], eval_tf, train_set.class_to_idx, img_size=cfg["img_size"], substitute=False
+        )
         val_loader = D.eval_loader(val_set, eval_bs, rank, world_size, workers, pin)
     return train_set, val_set, loader, val_loader

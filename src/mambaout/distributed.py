@@ -115,6 +115,15 @@ def all_reduce_sum(values: list[float], device: torch.device | str = "cpu") -> l
     return t.tolist()
 
 
+def all_gather_lists(items: list) -> list:
+    """The concatenation of every rank's `items` (picklable), on every rank; `items` itself with one process."""
+    if not is_initialized():
+        return list(items)
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, list(items))
+    return [x for part in gathered for x in part]
+
+
 def wrap(model: nn.Module, device: torch.device) -> nn.Module:
     """DDP-wrap `model` when there are several ranks (a no-op for one process)."""
     if not is_initialized():

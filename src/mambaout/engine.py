@@ -206,19 +206,28 @@ def evaluate(
 
     With several ranks each evaluates its shard and the sums are all-reduced, so every rank returns the metrics
     of the whole set. Images whose label is outside the model's classes count as errors and are excluded
-    from the loss.
+    from the loss. Unreadable images are not counted: a batch from `data.collate_readable` leaves them out and
+    names them (its third element is the list of their names; other loaders give a count).
 
     Returns:
-        `top1`, `top5` (percent), `loss`, `count`, `img_s`, `seconds`, `skipped`.
+        `top1`, `top5` (percent), `loss`, `count` (readable images), `img_s`, `seconds`, `skipped` (all ranks),
+        `skipped_files` (their names, all ranks, where the loader names them).
     """
     model.eval()
     # sums on the device (read once at the end: no host sync per batch); counts known on the host
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # correct1, correct5, loss_sum, n_loss
     count = skipped = 0
+    skipped_files: list[str] = []
     t0 = time.perf_counter()
-    for x, y, n_bad in loader:
+    for x, y, bad in loader:
+        if isinstance(bad, list):  # names of the files left out of this batch
+            skipped += len(bad)
+            skipped_files += bad
+        else:
+            skipped = skipped + bad.sum()  # a host tensor from the loader
+        if x is None:  # every image of the batch was unreadable
+            continue
         x, y = _to_device(x, y, device, channels_last)
-        skipped = skipped + n_bad.sum()  # a host tensor from the loader
         with autocast(device, amp_dtype):
             logits = model(x)
         logits = logits.float()
@@ -247,4 +256,5 @@ def evaluate(
         img_s=count / max(seconds, 1e-9),
         seconds=seconds,
         skipped=int(skipped),
+        skipped_files=sorted(dist.all_gather_lists(skipped_files)),
     )

@@ -48,3 +48,23 @@ def atomic_torch_save(obj, path: str | os.PathLike) -> Path:
 def jsonable(value) -> bool:
     """Whether a model argument can be recorded in JSON metadata (module classes and callables cannot)."""
     return isinstance(value, (int, float, str, bool, type(None), list, tuple))
+
+
+def check_writable(path: str | os.PathLike, what: str) -> Path:
+    """Fail early, with one line, when `path` cannot be written (before a long run computes what goes there).
+
+    Raises:
+        ValueError: `path` is a folder, or its folder cannot be created or written to.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{what} {path} is a folder; pass a file path")
+    folder = path.parent
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{what} {path}: cannot write in {existing}; pick a folder you can write to")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise ValueError(f"{what} {path} exists and is not writable; pick another path")
+    return path

@@ -12,6 +12,8 @@ import os
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .limits import check_pixels
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -27,10 +29,12 @@ def load_image(source) -> Image.Image:
 
     Handles every PIL mode: palette (with or without transparency), grey, 16-bit and float grey, CMYK, YCbCr,
     LAB, and alpha (composited onto white rather than dropped, so transparent pixels do not turn black).
-    EXIF orientation is applied, as a photo viewer would.
+    EXIF orientation is applied, as a photo viewer would. An image with more pixels than the decode budget
+    (`mambaout.limits.max_pixels`, 64 Mpx unless `$MAMBAOUT_MAX_PIXELS` says otherwise) is refused from its
+    header, before its pixels are decoded.
 
     Raises:
-        ValueError: the source is not a decodable image (the message names it).
+        ValueError: the source is not a decodable image, or is over the decode budget (the message names it).
     """
     if isinstance(source, np.ndarray):
         img = Image.fromarray(source)
@@ -40,9 +44,13 @@ def load_image(source) -> Image.Image:
         fp = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
         name = "<bytes>" if isinstance(source, (bytes, bytearray)) else _name(source)
         try:
-            img = Image.open(fp)
+            img = Image.open(fp)  # reads the header only
+            check_pixels(*img.size, name)
             img.load()  # decode now, so a truncated file fails here and not inside the transform
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        except ValueError:
+            raise
+        except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as e:
+            # PIL's own bomb check (2 x MAX_IMAGE_PIXELS) fires inside open() for images ours would refuse too
             raise ValueError(f"cannot read {name} as an image ({type(e).__name__}: {e})") from e
     try:
         img = ImageOps.exif_transpose(img)

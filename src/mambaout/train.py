@@ -151,7 +151,12 @@ class Data:
             val_set = None
             if cfg["data_val"]:
                 val_set = D.create_dataset(
-                    cfg["data_val"], eval_tf, train_set.class_to_idx, cache=cfg["cache"], img_size=cfg["img_size"]
+                    cfg["data_val"],
+                eval_tf,
+                train_set.class_to_idx,
+                cache=cfg["cache"],
+                img_size=cfg["img_size"],
+                substitute=False,  # held-out metrics count each readable image once
                 )
             loader = D.train_loader(
                 train_set,
@@ -354,6 +359,7 @@ def _evaluate_epoch(cfg: dict, parts: Trainable, val_loader, device, amp_dt, row
     metrics = evaluate(parts.model, val_loader, device, amp_dt, cfg["channels_last"])
     row.update(val_loss=metrics["loss"], top1=metrics["top1"], top5=metrics["top5"])
     row["skipped"] += metrics["skipped"]
+    row["skipped_files"] = metrics["skipped_files"]
     ema_metrics = None
     if parts.ema is not None:
         ema_metrics = evaluate(parts.ema.module, val_loader, device, amp_dt, cfg["channels_last"])
@@ -452,7 +458,10 @@ def _epoch_line(row: dict, n_epochs: int, metrics, ema_metrics) -> str:
     if ema_metrics is not None:
         msg += f"  EMA top-1 {ema_metrics['top1']:.2f}%"
     if row["skipped"]:
-        msg += f"  skipped {row['skipped']} unreadable images"
+        names = row.get("skipped_files") or []
+        more = f" (+{len(names) - 5} more)" if len(names) > 5 else ""
+        named = f" (held-out, not counted: {', '.join(names[:5])}{more})" if names else ""
+        msg += f"  skipped {row['skipped']} unreadable images{named}"
     return msg
 
 

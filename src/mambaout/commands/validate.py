@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from mambaout import kernels
+from mambaout.limits import check_crop_pct, check_img_size
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -98,7 +99,9 @@ def eval_dataset(model, data: str, img_size: int | None = None, crop_pct: float 
     from mambaout.image import eval_transform
 
     transform = eval_transform(model.pretrained_cfg, img_size, crop_pct)
-    return D.ImageDataset(data, transform=transform, class_to_idx=label_map(model, D.folder_classes(data)))
+    mapping = label_map(model, D.folder_classes(data))
+    # no substitution: an unreadable file is left out and named, never counted as another image
+    return D.ImageDataset(data, transform=transform, class_to_idx=mapping, substitute=False)
 
 
 def validate_one(name, checkpoint, args, device) -> dict:
@@ -128,6 +131,11 @@ def validate_one(name, checkpoint, args, device) -> dict:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             print(f"out of memory: retrying with batch size {batch}", file=sys.stderr)
+    if metrics["count"] == 0:
+        raise ValueError(
+            f"no readable image in {args.data}: all {metrics['skipped']} files failed to decode (first: "
+            f"{metrics['skipped_files'][0] if metrics['skipped_files'] else '?'}); check the files or re-extract them"
+        )
     size = args.img_size or cfg["input_size"][-1]
     return dict(
         model=model.model_name,
@@ -139,6 +147,7 @@ def validate_one(name, checkpoint, args, device) -> dict:
         loss=round(metrics["loss"], 5),
         count=metrics["count"],
         skipped=metrics["skipped"],
+        skipped_files=metrics["skipped_files"],
         img_size=size,
         crop_pct=args.crop_pct if args.crop_pct is not None else cfg.get("crop_pct"),
         interpolation=cfg.get("interpolation"),
@@ -149,8 +158,23 @@ def validate_one(name, checkpoint, args, device) -> dict:
     )
 
 
+def _check_args(args) -> None:
+    if args.img_size is not None:
+        check_img_size(args.img_size)
+    if args.crop_pct is not None:
+        check_crop_pct(args.crop_pct)
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.workers < 0:
+        raise ValueError(f"--workers must be >= 0, got {args.workers}")
+    if args.results_file:
+        from mambaout.files import check_writable
+
+        check_writable(args.results_file, "--results-file")
+
+
 def main(argv: list[str] | None = None) -> int:
-    import torch
+    from mambaout.limits import resolve_device
 
     from mambaout.checkpoint import DownloadError
 
@@ -160,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
         specs = _specs(args)
         if not Path(args.data).exists():
             raise FileNotFoundError(f"{args.data} does not exist; pass an ImageFolder directory or a .tar of one")
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        _check_args(args)
+        device = resolve_device(args.device)
         results = []
         for name, ckpt in specs:
             t0 = time.perf_counter()
@@ -171,15 +196,23 @@ def main(argv: list[str] | None = None) -> int:
                 f"{r['count']} images at {r['img_size']} px, {r['img_s']:.0f} img/s ({time.perf_counter() - t0:.0f}s)"
                 + (f"  skipped {r['skipped']} unreadable" if r["skipped"] else "")
             )
+            if r["skipped"]:
+                more = f" (+{r['skipped'] - 10} more)" if r["skipped"] > 10 else ""
+                print(f"  unreadable, not counted: {', '.join(r['skipped_files'][:10])}{more}", file=sys.stderr)
             results.append(r)
     except (ValueError, FileNotFoundError, DownloadError) as e:
         print(f"mambaout validate: {e}", file=sys.stderr)
         return 2
     if args.results_file:
-        out = Path(args.results_file)
-        out.parent.mkdir(parents=True, exist_ok=True)
+        from mambaout.files import atomic_write_text
+
         # one model: a flat object with top1/top5; several: a list of them
-        out.write_text(json.dumps(results[0] if len(results) == 1 else results, indent=2) + "\n")
+        text = json.dumps(results[0] if len(results) == 1 else results, indent=2) + "\n"
+        try:
+            atomic_write_text(args.results_file, text)
+        except OSError as e:
+            print(f"mambaout validate: cannot write --results-file {args.results_file} ({e})", file=sys.stderr)
+            return 2
     return 0
 
 
