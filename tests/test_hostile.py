@@ -15,6 +15,7 @@ import hashlib
 import io
 import json
 import tarfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,6 +42,7 @@ class Case:
     message: str
     untouched: tuple[str, ...] = ()  # paths relative to the world folder
     env: dict = field(default_factory=dict)
+    patch: Callable | None = None  # patch(monkeypatch) before the command runs: a full disk, a missing GPU
 
 
 def _png(path: Path, h: int, w: int, seed: int = 0) -> Path:
@@ -122,10 +124,64 @@ def world(tmp_path_factory) -> Path:
     (w / "empty.tar").write_bytes(b"")
     (w / "out").mkdir()
     (w / "out" / "keep.txt").write_text("do not touch")
+    # a run folder whose state says it trains mambaout_test (only its config is read before the refusal)
+    (w / "run").mkdir()
+    torch.save({"config": {"model": "mambaout_test", "data_train": "digits:train"}}, w / "run" / "state.pt")
     return w
 
 
+def _disk_full(monkeypatch):
+    """torch's writer on a full disk: a RuntimeError from inline_container.cc after half the bytes."""
+
+    def save(obj, f, *args, **kwargs):
+        Path(f).write_bytes(b"half")
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 4 vs 1024")
+
+    monkeypatch.setattr(torch, "save", save)
+
+
+# one optimizer step on the six-image world set (no data argument would mean the 1,797 digits)
+TRAIN_BASE = "train --model mambaout_test --img-size 32 -b 2 --global-batch 2 --max-steps-per-epoch 1 --epochs 1"
+TRAIN_BASE += " --warmup-epochs 0 --cooldown-epochs 0 --workers 0 --no-progress"
+TRAIN = TRAIN_BASE + " --data-train {w}/good --data-val {w}/good"
+
+
 CASES = [
+    # --- training options that crashed late, were silently accepted, or exhausted memory --------------------------
+    Case("train-eval-every-0", TRAIN + " --eval-every 0 -o {w}/out/t", 2, "eval_every must be", ("out/t",)),
+    Case("train-auto-augment-garbage", TRAIN + " --auto-augment garbage -o {w}/out/t", 2, "auto_augment 'garbage'"),
+    Case("train-threads-negative", TRAIN + " --threads -1 -o {w}/out/t", 2, "threads must be", ("out/t",)),
+    Case("train-threads-zero", TRAIN + " --threads 0 -o {w}/out/t", 2, "threads must be", ("out/t",)),
+    Case("train-weight-decay-negative", TRAIN + " --weight-decay -5 -o {w}/out/t", 2, "weight_decay must be"),
+    Case("train-smoothing-2", TRAIN + " --smoothing 2 -o {w}/out/t", 2, "smoothing must be", ("out/t",)),
+    Case("train-smoothing-1", TRAIN + " --smoothing 1 -o {w}/out/t", 2, "smoothing must be", ("out/t",)),
+    Case("train-checkpoint-every-negative", TRAIN + " --checkpoint-every -1 -o {w}/out/t", 2, "checkpoint_every"),
+    Case("train-keep-top-k-negative", TRAIN + " --keep-top-k -1 -o {w}/out/t", 2, "keep_top_k must be"),
+    Case("train-img-size-7", TRAIN + " --img-size 7 -o {w}/out/t", 2, "img_size must be", ("out/t",)),
+    Case("train-img-size-10000", TRAIN + " --img-size 10000 -b 2 -o {w}/out/t", 2, "img_size must be", ("out/t",)),
+    Case("train-epochs-0", TRAIN + " --epochs 0 -o {w}/out/t", 2, "epochs must be", ("out/t",)),
+    Case("train-lr-negative", TRAIN + " --lr -1 -o {w}/out/t", 2, "lr must be", ("out/t",)),
+    Case("train-reprob-2", TRAIN + " --reprob 2 -o {w}/out/t", 2, "reprob must be", ("out/t",)),
+    Case("train-workers-negative", TRAIN + " --workers -1 -o {w}/out/t", 2, "workers must be", ("out/t",)),
+    Case("train-global-batch-0", TRAIN + " --global-batch 0 -o {w}/out/t", 2, "global_batch must be"),
+    Case("train-stop-after-steps-0", TRAIN + " --stop-after-steps 0 -o {w}/out/t", 2, "stop_after_steps must be"),
+    Case("train-device-tpu", TRAIN + " --device tpu -o {w}/out/t", 2, "invalid choice", ("out/t",)),
+    Case("train-missing-data", TRAIN_BASE + " --data-train {w}/nope -o {w}/out/t", 2, "does not exist", ("out/t",)),
+    Case("train-data-is-a-file", TRAIN_BASE + " --data {w}/good.tar -o {w}/out/t", 2, "is a file", ("out/t",)),
+    Case("train-truncated-tar", TRAIN_BASE + " --data-train {w}/truncated.tar -o {w}/out/t", 2, "cannot read"),
+    Case("train-unknown-set-key", TRAIN + " --set nope=1 -o {w}/out/t", 2, "unknown options", ("out/t",)),
+    Case("train-set-without-equals", TRAIN + " --set nope -o {w}/out/t", 2, "KEY=VALUE", ("out/t",)),
+    Case("train-missing-recipe", TRAIN + " --recipe nope -o {w}/out/t", 2, "no recipe named", ("out/t",)),
+    Case("train-resume-missing", "train --resume {w}/nope", 2, "no training state found"),
+    Case("train-resume-weights-not-state", "train --resume {w}/good.safetensors", 2, "not a training state"),
+    Case(
+        "train-resume-other-model",
+        "train --resume {w}/run --model mambaout_femto",
+        2,
+        "that run trains model 'mambaout_test'",
+        ("run",),
+    ),
+    Case("train-disk-full", TRAIN + " -o {w}/out/full", 2, "is the disk full?", patch=_disk_full),
     # --- validate counts each readable image once; what it cannot read is named, and none readable is an error ----
     Case(
         "validate-only-corrupt-folder", "validate {w}/corrupt --checkpoint {w}/good.safetensors", 2, "no readable image"
@@ -209,6 +265,8 @@ def _snapshot(world: Path, paths) -> dict:
 def run_case(case: Case, world: Path, capsys, monkeypatch) -> tuple[int, str]:
     for k, v in case.env.items():
         monkeypatch.setenv(k, v)
+    if case.patch is not None:
+        case.patch(monkeypatch)
     argv = case.argv.format(w=world).split()
     try:
         code = main(argv)
@@ -248,3 +306,72 @@ def test_validate_with_corrupt_files_gives_exactly_the_metric_without_them(world
     assert mixed["skipped"] == 4
     assert sorted(Path(f).name for f in mixed["skipped_files"]) == ["huge.png"] + ["zz-bad.png"] * 3
     assert "huge.png" in err and "zz-bad.png" in err
+
+
+# --- the run folder: one trainer at a time, stale temporaries removed, resume from anywhere -------------------------
+
+
+def _train(world: Path, extra: str = "") -> list[str]:
+    return (TRAIN.format(w=world) + " " + extra).split()
+
+
+def test_second_trainer_on_a_locked_run_folder_is_refused(world, tmp_path, capsys):
+    """A trainer holds its run folder; a second one on the same folder exits 2 and writes nothing there."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run = tmp_path / "run"
+    first = subprocess.Popen(
+        [sys.executable, "-m", "mambaout", *_train(world, "--epochs 500"), "-o", str(run)],
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and first.poll() is None:
+            if (run / ".lock").is_file() and (run / ".lock").read_text().strip() and (run / "config.yaml").is_file():
+                break
+            time.sleep(0.05)
+        assert first.poll() is None, "the first trainer ended before the test could race it"
+        before = _snapshot(run, ("config.yaml",))  # written once at the start: the second one must not rewrite it
+        code = main([*_train(world), "--seed", "1", "-o", str(run)])
+        err = capsys.readouterr().err
+        assert code == 2 and f"in use by another mambaout train (pid {first.pid})" in err, err
+        assert _snapshot(run, ("config.yaml",)) == before
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    # the kernel drops a killed trainer's lock: the folder is free again
+    assert main([*_train(world), "-o", str(run)]) == 0
+
+
+def test_stale_temporaries_are_removed_at_the_next_start(world, tmp_path, caplog):
+    run = tmp_path / "run"
+    run.mkdir()
+    stale = [run / ".last.safetensors.x1y2z3.tmp", run / ".state.pt.abc.tmp", run / ".curves.png.tmp.png"]
+    for p in stale:
+        p.write_bytes(b"\0" * 1000)
+    (run / "notes.tmp").write_text("not ours: not hidden")
+    assert main([*_train(world), "-o", str(run)]) == 0
+    assert not any(p.exists() for p in stale) and (run / "notes.tmp").exists()
+    assert not list(run.glob(".*.tmp*"))
+    assert ".last.safetensors.x1y2z3.tmp" in caplog.text
+
+
+def test_resume_from_another_working_directory(world, tmp_path, monkeypatch):
+    """Relative data paths are stored resolved, so --resume works wherever it is started."""
+    monkeypatch.chdir(world)
+    args = (
+        "train --data-train good --data-val good --model mambaout_test --img-size 32 -b 2 --global-batch 2 --epochs 2"
+    )
+    args += " --warmup-epochs 0 --cooldown-epochs 0 --workers 0 --no-progress --stop-after-epochs 1"
+    assert main([*args.split(), "-o", str(tmp_path / "run")]) == 0
+    state = torch.load(tmp_path / "run" / "state.pt", weights_only=True)
+    assert state["config"]["data_train"] == str(world / "good")
+    monkeypatch.chdir(tmp_path.parent)
+    assert main(["train", "--resume", str(tmp_path / "run"), "--no-progress"]) == 0
+    assert len((tmp_path / "run" / "summary.csv").read_text().splitlines()) == 1 + 2

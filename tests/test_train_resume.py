@@ -83,6 +83,10 @@ def test_mid_epoch_resume_is_bit_identical(tmp_path):
     assert train_cmd.main(["--resume", str(split), "--no-progress"]) == 0
     for f in ("last.safetensors", "last_ema.safetensors"):
         assert _same(_weights(tmp_path / "straight" / f), _weights(split / f)), f
+    # each epoch's summary row covers the whole epoch (its lr, and the mean loss over all its steps)
+    straight = (tmp_path / "straight/summary.csv").read_text().splitlines()
+    resumed = (split / "summary.csv").read_text().splitlines()
+    assert [r.split(",")[:7] for r in straight] == [r.split(",")[:7] for r in resumed]
 
 
 def test_checkpoint_every_steps(tmp_path):

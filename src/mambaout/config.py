@@ -11,8 +11,9 @@ from pathlib import Path
 
 import torch
 
-from .data import resolve_split
+from .data import DIGITS, MAP_STYLE_READERS, resolve_split
 from .image import IMAGENET_MEAN, IMAGENET_STD
+from .limits import check_img_size
 from .runfolder import load_state, resume_path
 
 # The official recipe (paper Sec. 4.1 and the official training scripts), ImageNet-1k at 224 px.
@@ -165,6 +166,12 @@ def resolve_config(overrides: dict) -> dict:
     if overrides.get("resume"):
         # A resumed run continues with the configuration it was started with; options given now still win.
         saved = load_state(resume_path(overrides["resume"])).get("config", {})
+        for key in ("model", "model_kwargs"):
+            if key in overrides and saved.get(key) is not None and overrides[key] != saved[key]:
+                raise ValueError(
+                    f"--resume {overrides['resume']}: that run trains {key} {saved[key]!r}, not {overrides[key]!r}; "
+                    "drop the option to continue it, or start a new run in another --output folder"
+                )
         cfg = copy.deepcopy(DEFAULTS)
         cfg.update({k: v for k, v in saved.items() if k in DEFAULTS})
         cfg.update(stop_after_epochs=None, stop_after_steps=None, output=str(resume_path(overrides["resume"]).parent))
@@ -191,6 +198,8 @@ def resolve_config(overrides: dict) -> dict:
     if cfg["data"] is not None and (cfg["data_train"] is None or cfg["data_val"] is None):
         cfg["data_train"] = cfg["data_train"] or resolve_split(cfg["data"], cfg["train_split"])
         cfg["data_val"] = cfg["data_val"] or resolve_split(cfg["data"], cfg["val_split"])
+    for key in ("data", "data_train", "data_val"):
+        cfg[key] = _absolute(cfg[key])  # stored resolved, so --resume works from any working directory
     validate_config(cfg)
     return cfg
 
@@ -202,7 +211,15 @@ def checkpoint_model(path) -> str | None:
     return read_checkpoint(path)[1].get("model")
 
 
+def _absolute(path: str | None) -> str | None:
+    """An existing local data path made absolute; `digits:...`, `hfds/...` and missing paths stay as given."""
+    if not path or str(path).startswith(DIGITS) or str(path).startswith(MAP_STYLE_READERS) or not Path(path).exists():
+        return path
+    return str(Path(path).resolve())
+
+
 def validate_config(cfg: dict) -> None:
+    """Reject settings that would crash late (after an epoch), silently do something else, or exhaust memory."""
     if cfg["data_train"] is None:
         named = f"recipe {cfg['recipe']!r} names no data" if cfg.get("recipe") else "no training data"
         raise ValueError(
@@ -211,11 +228,26 @@ def validate_config(cfg: dict) -> None:
         )
     if cfg["amp"] not in ("auto", *AMP_DTYPES):
         raise ValueError(f"amp must be one of auto, none, bf16, fp16; got {cfg['amp']!r}")
-    for key in ("epochs", "batch_size"):
-        if not isinstance(cfg[key], int) or cfg[key] < 1:
+    for key in ("epochs", "batch_size", "eval_every"):
+        if not _is_int(cfg[key]) or cfg[key] < 1:
             raise ValueError(f"{key} must be a positive integer, got {cfg[key]!r}")
-    if cfg["warmup_epochs"] < 0 or cfg["cooldown_epochs"] < 0:
-        raise ValueError("warmup_epochs and cooldown_epochs must be >= 0")
+    for key in ("warmup_epochs", "cooldown_epochs", "checkpoint_every", "keep_top_k", "workers"):
+        if not _is_int(cfg[key]) or cfg[key] < 0:
+            raise ValueError(f"{key} must be an integer >= 0 (0: off), got {cfg[key]!r}")
+    for key in ("threads", "max_steps_per_epoch", "stop_after_epochs", "stop_after_steps", "global_batch"):
+        if cfg[key] is not None and (not _is_int(cfg[key]) or cfg[key] < 1):
+            raise ValueError(f"{key} must be a positive integer (or unset), got {cfg[key]!r}")
+    check_img_size(cfg["img_size"], "img_size")
+    _in_range(cfg, "weight_decay", 0.0, 10.0)
+    _in_range(cfg, "smoothing", 0.0, 1.0, top_open=True)
+    _in_range(cfg, "reprob", 0.0, 1.0)
+    _in_range(cfg, "mixup", 0.0, 100.0)
+    _in_range(cfg, "cutmix", 0.0, 100.0)
+    _in_range(cfg, "model_ema_decay", 0.0, 1.0)
+    _in_range(cfg, "eval_crop_pct", 0.05, 1.0)
+    for key in ("lr", "lr_base", "clip_grad", "drop_path"):
+        if cfg[key] is not None:
+            _in_range(cfg, key, 0.0, 1e3)
     if (cfg["mixup"] > 0 or cfg["cutmix"] > 0) and cfg["batch_size"] % 2:
         raise ValueError(f"mixup/cutmix pair images within a batch: use an even --batch-size (got {cfg['batch_size']})")
     if cfg["data_pipeline"] not in ("cpu", "gpu"):
@@ -228,6 +260,33 @@ def validate_config(cfg: dict) -> None:
         raise ValueError(f"layer_decay must be in (0, 1], got {cfg['layer_decay']!r}")
     if "pretrained" in (cfg["model_kwargs"] or {}):
         raise ValueError("pass --pretrained (the config key pretrained), not model_kwargs={pretrained: ...}")
+    _check_auto_augment(cfg)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _in_range(cfg: dict, key: str, lo: float, hi: float, top_open: bool = False) -> None:
+    v = cfg[key]
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and lo <= v and (v < hi if top_open else v <= hi)
+    if not ok:
+        raise ValueError(f"{key} must be a number in [{lo:g}, {hi:g}{')' if top_open else ']'}, got {v!r}")
+
+
+def _check_auto_augment(cfg: dict) -> None:
+    """Build the augmentation once now, so a bad RandAugment string fails here and not in the first batch."""
+    from .data import build_train_transform
+
+    if not cfg["auto_augment"]:
+        return
+    try:
+        build_train_transform(cfg)
+    except Exception as e:  # timm raises AssertionError/KeyError/ValueError for strings it cannot parse
+        raise ValueError(
+            f"auto_augment {cfg['auto_augment']!r} is not a timm augmentation string ({type(e).__name__}: {e}); "
+            "use e.g. rand-m9-mstd0.5-inc1, augmix-m5-w3, original, or none"
+        ) from e
 
 
 def batch_plan(cfg: dict, world_size: int) -> tuple[int, int, float]:

@@ -64,6 +64,7 @@ def train_one_epoch(
     max_steps: int | None = None,
     progress=None,
     refresh_every: int = 20,
+    totals: dict | None = None,
 ) -> dict:
     """Train for one pass over `loader`.
 
@@ -79,6 +80,9 @@ def train_one_epoch(
         progress: A tqdm-like bar (`update`, `set_postfix`) or None.
         refresh_every: Read the loss from the device (a host sync) and update `progress` every this many steps;
             a non-finite loss is reported at the first read after it.
+        totals: The epoch's running sums (`loss_sum`, `n_micro`, `skipped`), continued from their values (an epoch
+            resumed mid-way) and kept current in place (`loss_sum` as a device tensor, read only when a mid-epoch
+            checkpoint stores it), so the epoch's mean loss covers all of its steps.
 
     Returns:
         `loss` (mean over micro-batches, averaged over ranks), `steps`, `images` (all ranks), `img_s`, `skipped`
@@ -94,9 +98,11 @@ def train_one_epoch(
     # Loss sums stay on the device: reading a device tensor (`.item()`, `float()`, `if t`) waits for the GPU to
     # finish, which would stall the input pipeline once per step. They are read only every `refresh_every`
     # steps (the progress display) and at the end of the epoch.
-    loss_sum = torch.zeros((), device=device)
+    totals = {} if totals is None else totals
+    loss_sum = torch.full((), float(totals.get("loss_sum", 0.0)), device=device)
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)
-    n_micro, images, skipped, steps, checked_steps = 0, 0, 0, 0, 0
+    n_micro, skipped = int(totals.get("n_micro", 0)), int(totals.get("skipped", 0))
+    images, steps, checked_steps = 0, 0, 0
     t0 = time.perf_counter()
     optimizer.zero_grad(set_to_none=True)
     batches = iter(loader)
@@ -119,6 +125,7 @@ def train_one_epoch(
         nonfinite |= ~torch.isfinite(loss.detach())
         n_micro += 1
         images += x.shape[0]
+        totals.update(loss_sum=loss_sum, n_micro=n_micro, skipped=skipped)
         if not last_micro:
             continue
         _optimizer_step(model, optimizer, scaler, step_cfg.clip_grad)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -19,19 +21,52 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """Call `write(tmp)` on a temporary file beside `path`, then rename it onto `path`.
 
     A crash (or a KeyboardInterrupt) mid-write leaves any previous `path` intact and no temporary file behind.
+
+    Raises:
+        OSError: the write failed (a full disk, a quota, an I/O error), with one line naming the file and the space
+            left on its device. torch's writer reports a full disk as a RuntimeError from `inline_container.cc`,
+            which is turned into this OSError too.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        write(tmp)
+        try:
+            write(tmp)
+        except (OSError, RuntimeError) as e:
+            if isinstance(e, RuntimeError) and not _is_write_failure(e):
+                raise
+            raise _write_error(path, e) from e
         os.chmod(tmp, file_mode())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def _is_write_failure(e: RuntimeError) -> bool:
+    text = str(e)
+    return "inline_container" in text or "write failed" in text or "No space left" in text
+
+
+def _write_error(path: Path, e: Exception) -> OSError:
+    try:
+        free = f"{shutil.disk_usage(path.parent).free / 2**20:.0f} MiB free there"
+    except OSError:
+        free = "free space unknown"
+    code = getattr(e, "errno", None)
+    reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if code in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(e):
+        return OSError(
+            errno.ENOSPC,
+            f"cannot write {path}: no space left on the device ({free}); free some space or write elsewhere",
+        )
+    return OSError(
+        code or errno.EIO,
+        f"cannot write {path} ({reason}; {free}): is the disk full? free some space or write elsewhere",
+    )
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:

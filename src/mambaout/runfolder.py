@@ -8,9 +8,12 @@ A run folder holds:
   sampler state, best and top-k bookkeeping). It is self-contained, so a crash between two file writes can never
   pair weights with the wrong optimizer state; every file is written to a temporary name and renamed;
 - `config.yaml` (the resolved configuration), `summary.csv` (one row per epoch), `curves.png`, `train.log` (what
-  the run printed), and TensorBoard events with `tensorboard: true`.
+  the run printed), and TensorBoard events with `tensorboard: true`;
+- `.lock`: held (flock) by the one trainer writing the folder, so a second concurrent trainer is refused; the
+  kernel releases it when that process ends, however it ends.
 
-Only rank 0 writes; the other ranks build a `RunFolder` with `write=False`.
+Only rank 0 writes; the other ranks build a `RunFolder` with `write=False`. A writer starts by removing the hidden
+temporary files a write killed mid-way left behind (they are as large as the checkpoints).
 """
 
 from __future__ import annotations
@@ -78,9 +81,15 @@ def resume_path(path: str | os.PathLike) -> Path:
 
 def load_state(path: Path) -> dict:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise ValueError(f"cannot read training state {path} ({type(e).__name__}: {e})") from e
+    if not isinstance(state, dict) or "config" not in state:
+        raise ValueError(
+            f"{path} is not a training state written by mambaout train (no 'config' in it); pass the run folder "
+            "or its state.pt"
+        )
+    return state
 
 
 @dataclass
@@ -104,6 +113,7 @@ class Progress:
     top_k: list = field(default_factory=list)  # (top1, epoch, file name), best first
     resume_step: int = 0  # a mid-epoch state: optimizer steps already done inside `start_epoch`
     resume_rng: dict | None = None  # ... and the RNG state to continue that epoch from
+    resume_totals: dict | None = None  # ... and that epoch's running sums (loss, micro-batches, skips) and lr
 
     @classmethod
     def restore(cls, state: dict, parts: Trainable) -> Progress:
@@ -123,6 +133,7 @@ class Progress:
             top_k=[tuple(t) for t in state.get("top_k", [])],
             resume_step=resume_step,
             resume_rng=state["rng"] if resume_step else None,
+            resume_totals=state.get("epoch_totals") if resume_step else None,
         )
 
 
@@ -195,16 +206,22 @@ class RunFolder:
         self.out, self.cfg, self.meta, self.write = out, cfg, meta, write
         self.samples_per_step, self.world_size = samples_per_step, world_size
         self.tb = None
+        self._lock = None
         if write:
             out.mkdir(parents=True, exist_ok=True)
+            self._lock = lock_folder(out)
+            remove_stale_temporaries(out)
             import yaml
 
             files.atomic_write_text(out / "config.yaml", yaml.safe_dump(_plain(cfg), sort_keys=False))
             if cfg["tensorboard"]:
                 self.tb = tensorboard_writer(out / "tensorboard")
 
-    def save_state(self, parts: Trainable, progress: Progress, completed_epoch: int, step: int, epoch_step=0) -> None:
-        """state.pt: everything --resume needs; `epoch_step` > 0 marks a checkpoint inside the next epoch."""
+    def save_state(
+        self, parts: Trainable, progress: Progress, completed_epoch: int, step: int, epoch_step=0, totals=None
+    ) -> None:
+        """state.pt: everything --resume needs; `epoch_step` > 0 marks a checkpoint inside the next epoch, whose
+        running sums so far (`totals`) it keeps so the epoch's summary row covers the whole epoch."""
         if not self.write:
             return
         state = dict(
@@ -227,6 +244,7 @@ class RunFolder:
             ),
             config=_plain(self.cfg),
             meta=self.meta,
+            epoch_totals=dict(totals) if totals else None,
         )
         files.atomic_torch_save(state, self.out / "state.pt")
 
@@ -297,6 +315,50 @@ class RunFolder:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+            self.tb = None
+        if self._lock is not None:
+            self._lock.close()  # releases the flock
+            self._lock = None
+
+
+def lock_folder(out: Path):
+    """Take `out/.lock` for this process (an open file holding an exclusive flock), or refuse with one line.
+
+    Raises:
+        ValueError: another live process holds the lock (its pid is named).
+    """
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): run unlocked
+        return None
+    f = open(out / ".lock", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "unknown"
+        f.close()
+        raise ValueError(
+            f"run folder {out} is in use by another mambaout train (pid {holder}); wait for it to finish, "
+            "or pass another --output"
+        ) from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f
+
+
+def remove_stale_temporaries(out: Path) -> int:
+    """Delete the hidden `.NAME.*.tmp` files an interrupted atomic write left in `out` (call with the lock held)."""
+    removed = 0
+    for p in out.glob(".*.tmp*"):
+        if p.is_file() and (p.name.endswith(".tmp") or ".tmp." in p.name):
+            size = p.stat().st_size
+            p.unlink(missing_ok=True)
+            removed += 1
+            logger.warning("removed %s (%.1f MiB), left by a write that was interrupted", p, size / 2**20)
+    return removed
 
 
 def _fmt(v) -> str:

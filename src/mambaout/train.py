@@ -36,6 +36,7 @@ from .runfolder import (
 def fit(cfg: dict) -> dict:
     """Run (or resume) training as `cfg` says. Returns the last epoch's metrics, the run folder and the best epoch."""
     env, device = dist.init(cfg["device"])
+    run = None
     try:
         if cfg["threads"]:
             torch.set_num_threads(int(cfg["threads"]))
@@ -109,12 +110,13 @@ def fit(cfg: dict) -> dict:
                 result["stopped"] = True
                 break
         result.update(wall_s=time.perf_counter() - run_start, best=progress.best)
-        run.close()
         if dist.is_main() and not result.get("stopped") and result:
             _say_done(result, data, out)
         return result
     finally:
         _LOG.close()
+        if run is not None:
+            run.close()  # also releases the run folder's lock when training fails
         dist.cleanup()
 
 
@@ -152,11 +154,11 @@ class Data:
             if cfg["data_val"]:
                 val_set = D.create_dataset(
                     cfg["data_val"],
-                eval_tf,
-                train_set.class_to_idx,
-                cache=cfg["cache"],
-                img_size=cfg["img_size"],
-                substitute=False,  # held-out metrics count each readable image once
+                    eval_tf,
+                    train_set.class_to_idx,
+                    cache=cfg["cache"],
+                    img_size=cfg["img_size"],
+                    substitute=False,  # held-out metrics count each readable image once
                 )
             loader = D.train_loader(
                 train_set,
@@ -280,6 +282,8 @@ class StepHook:
 
     def lr(self) -> float:
         return max(group["lr"] for group in self.parts.optimizer.param_groups)
+        # the epoch's running sums, continued from a mid-epoch checkpoint and stored with the next one
+        self.totals: dict = dict(progress.resume_totals or {}) if self.skip else {}
 
     def begin_epoch(self, loader, rank: int, accum: int) -> float:
         """Seed the epoch, position the sampler, set the epoch's learning rate; returns it."""
@@ -313,7 +317,8 @@ class StepHook:
         stop = bool(stop_after) and self.called + n >= stop_after and inside
         every = self.cfg["checkpoint_every"]
         if inside and (stop or (every and step_now % every == 0)):
-            self.run.save_state(self.parts, self.progress, self.epoch - 1, step_now, epoch_step=done)  # rank 0 writes
+            totals = {k: (v.item() if torch.is_tensor(v) else v) for k, v in self.totals.items()}  # a host read
+            self.run.save_state(self.parts, self.progress, self.epoch - 1, step_now, epoch_step=done, totals=totals)
         if stop:
             self.stopped_at = done
         return stop
@@ -344,6 +349,7 @@ def _train_epoch(train_model, data: Data, parts: Trainable, loss_fn, mixup_fn, d
         progress=bar,
         # progress lines read the loss from the device: at most every 20 steps unless asked for more often
         refresh_every=min(20, cfg["log_every"]) if isinstance(bar, StepLines) else 20,
+        totals=hook.totals,
     )
     if bar is not None:
         bar.close()

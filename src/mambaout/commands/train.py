@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     kernels.set_fused_kernels(getattr(args, "fused_kernels", False))  # same numbers either way: not in the config
     try:
         result = fit(cfg)
-    except (ValueError, FileNotFoundError, FileExistsError, MissingDependency) as e:
+    except (ValueError, OSError, MissingDependency) as e:  # OSError: a full disk, a taken folder, a missing file
         print(f"mambaout train: {e}", file=sys.stderr)
         return 2
     return 0 if result else 1
