@@ -135,7 +135,7 @@ def test_digits_split_and_images():
     tr, va = D.DigitsDataset("train"), D.DigitsDataset("val")
     assert len(tr) + len(va) == 1797 and len(va) == 360
     img, y, n = tr[0]
-    assert img.size == (32, 32) and img.mode == "RGB" and 0 <= y < 10 and n == ""
+    assert img.size == (32, 32) and img.mode == "RGB" and 0 <= y < 10 and n == 0
     with pytest.raises(ValueError, match="split"):
         D.DigitsDataset("test")
 

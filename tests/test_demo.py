@@ -100,13 +100,34 @@ def test_non_image_shows_message(page, server, tmp_path, name, content):
     assert "Traceback" not in body and "%" not in page.locator("#labels").inner_text()
 
 
-def test_model_pool_and_choices(checkpoint):
-    choices = model_choices("mambaout_test", random_weights=True)
-    assert choices[0] == "mambaout_test (random weights)" and "mambaout_femto.in1k" in choices
-    assert model_choices(checkpoint=str(checkpoint))[0] == str(checkpoint)
-    pool = ModelPool(topk=2)
+def test_model_pool_offers_only_the_allow_list(checkpoint, tmp_path):
+    allowed = model_choices("mambaout_test", random_weights=True)
+    assert allowed == {"mambaout_test (random weights)": ("random", "mambaout_test")}
+    assert model_choices(checkpoint=str(checkpoint)) == {str(checkpoint): ("checkpoint", str(checkpoint))}
+    pool = ModelPool({**allowed, **model_choices(checkpoint=str(checkpoint))}, topk=2)
     predictor = pool.get(str(checkpoint))
     assert predictor.class_names.names == tuple(CLASS_NAMES) and pool.get(str(checkpoint)) is predictor
-    assert pool.get(choices[0]).model.num_classes == 1000
-    with pytest.raises(ValueError, match="choose a model"):
-        pool.get(" ")
+    assert pool.get("mambaout_test (random weights)").model.num_classes == 1000
+    # anything else gets one answer, whether it names a file that exists, one that does not, or nothing:
+    # the server neither loads it nor tells which
+    other = tmp_path / "other.safetensors"
+    other.write_bytes(checkpoint.read_bytes())
+    for choice in (str(other), str(tmp_path / "missing.safetensors"), "/etc/passwd", "mambaout_femto.in1k", " "):
+        with pytest.raises(ValueError) as e:
+            pool.get(choice)
+        assert str(e.value) == "choose one of the models this server offers"
+
+
+def test_server_refuses_a_model_off_the_list(server, checkpoint, tmp_path):
+    """Through the HTTP API too: a value not on the dropdown never reaches the model loader."""
+    from gradio_client import Client, handle_file
+
+    client = Client(server, verbose=False)
+    ok = client.predict(handle_file(str(EXAMPLE)), str(checkpoint), api_name="/classify")
+    assert {c["label"] for c in ok["confidences"]} == set(CLASS_NAMES)
+    errors = []
+    for choice in ("/etc/passwd", str(checkpoint.parent / "missing.safetensors")):
+        with pytest.raises(Exception) as e:
+            client.predict(handle_file(str(EXAMPLE)), choice, api_name="/classify")
+        errors.append(str(e.value).replace(choice, "X"))
+    assert errors[0] == errors[1]  # the same answer for a file that exists and one that does not

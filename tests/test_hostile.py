@@ -114,6 +114,9 @@ def world(tmp_path_factory) -> Path:
     for i, cls in enumerate(CLASSES):
         _corrupt(w / "mixed" / cls / "zz-bad.png", i)
     _huge_png(w / "mixed" / "ant" / "huge.png", 15000)
+    _png(w / "with-huge" / "a.png", 40, 40)
+    _huge_png(w / "with-huge" / "b-huge.png", 15000)
+    _png(w / "with-huge" / "c.png", 40, 40, seed=1)
     _png(w / "one-good-one-bad" / "ant" / "good.png", 40, 40)
     _corrupt(w / "one-good-one-bad" / "bee" / "bad.png", 1)
     with tarfile.open(w / "good.tar", "w") as tar:
@@ -128,6 +131,10 @@ def world(tmp_path_factory) -> Path:
     (w / "run").mkdir()
     torch.save({"config": {"model": "mambaout_test", "data_train": "digits:train"}}, w / "run" / "state.pt")
     return w
+
+
+def _no_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
 
 
 def _disk_full(monkeypatch):
@@ -239,6 +246,167 @@ CASES = [
         "input_size must be",
     ),
     Case("predict-dims-huge", "predict {w}/imgs --checkpoint {w}/dims-huge.safetensors", 2, "model_kwargs.dims"),
+    # --- predict: an image over the decode budget is one more unreadable file; the others still get answers ------
+    Case(
+        "predict-over-pixel-budget",
+        "predict {w}/with-huge --checkpoint {w}/good.safetensors",
+        0,
+        "over the decode budget of 64 Mpx",
+    ),
+    Case(
+        "predict-over-a-lowered-budget",
+        "predict {w}/imgs/ok.png --checkpoint {w}/good.safetensors",
+        1,
+        "over the decode budget of 0 Mpx",
+        env={"MAMBAOUT_MAX_PIXELS": "100"},
+    ),
+    Case(
+        "predict-device-cuda-without-gpu",
+        "predict {w}/imgs --checkpoint {w}/good.safetensors --device cuda",
+        2,
+        "torch sees no CUDA",
+        patch=_no_gpu,
+    ),
+    Case(
+        "predict-device-tpu",
+        "predict {w}/imgs --checkpoint {w}/good.safetensors --device tpu",
+        2,
+        "unknown device 'tpu'",
+    ),
+    Case("predict-missing-checkpoint", "predict {w}/imgs --checkpoint {w}/nope.safetensors", 2, "does not exist"),
+    Case("predict-garbage-checkpoint", "predict {w}/imgs --checkpoint {w}/garbage.tar", 2, "cannot read"),
+    Case("predict-topk-0", "predict {w}/imgs --checkpoint {w}/good.safetensors --topk 0", 2, "--topk must be"),
+    Case(
+        "predict-batch-size-0",
+        "predict {w}/imgs --random-weights --model mambaout_test --batch-size 0",
+        2,
+        "--batch-size must be",
+    ),
+    Case(
+        "predict-random-and-checkpoint",
+        "predict {w}/imgs --random-weights --checkpoint {w}/good.safetensors",
+        2,
+        "exclude each other",
+    ),
+    Case("predict-model-without-weights", "predict {w}/imgs --model mambaout_test", 2, "no published weights"),
+    Case("predict-unknown-model", "predict {w}/imgs --model nope --random-weights", 2, "nope"),
+    Case("predict-no-images", "predict {w}/out --checkpoint {w}/good.safetensors", 1, "no images found"),
+    # --- validate: options that were silently accepted or crashed ----------------------------------------------------
+    Case(
+        "validate-img-size-0",
+        "validate {w}/good --checkpoint {w}/good.safetensors --img-size 0",
+        2,
+        "--img-size must be",
+    ),
+    Case(
+        "validate-img-size-huge",
+        "validate {w}/good --checkpoint {w}/good.safetensors --img-size 20000",
+        2,
+        "--img-size must be",
+    ),
+    Case(
+        "validate-crop-pct-0",
+        "validate {w}/good --checkpoint {w}/good.safetensors --crop-pct 0",
+        2,
+        "--crop-pct must be",
+    ),
+    Case(
+        "validate-batch-size-0", "validate {w}/good --checkpoint {w}/good.safetensors -b 0", 2, "--batch-size must be"
+    ),
+    Case(
+        "validate-device-cuda-without-gpu",
+        "validate {w}/good --checkpoint {w}/good.safetensors --device cuda",
+        2,
+        "torch sees no CUDA",
+        patch=_no_gpu,
+    ),
+    Case(
+        "validate-device-tpu", "validate {w}/good --checkpoint {w}/good.safetensors --device tpu", 2, "invalid choice"
+    ),
+    Case(
+        "validate-results-file-unwritable",
+        "validate {w}/good --checkpoint {w}/good.safetensors --results-file {w}/good.tar/r.json",
+        2,
+        "cannot write in",
+    ),
+    Case(
+        "validate-results-file-is-a-folder",
+        "validate {w}/good --checkpoint {w}/good.safetensors --results-file {w}/out",
+        2,
+        "is a folder",
+        ("out",),
+    ),
+    Case("validate-nothing", "validate {w}/good", 2, "nothing to validate"),
+    Case(
+        "validate-more-names-than-files",
+        "validate {w}/good --model mambaout_test,mambaout_test,mambaout_test --checkpoint {w}/good.safetensors {w}/good.safetensors",
+        2,
+        "give one name",
+    ),
+    # --- export ------------------------------------------------------------------------------------------------------
+    Case(
+        "export-onnx-into-pt2",
+        "export --checkpoint {w}/good.safetensors -o {w}/out/x.pt2 --format onnx",
+        2,
+        "would write onnx bytes",
+        ("out/x.pt2",),
+    ),
+    Case(
+        "export-pt2-into-onnx",
+        "export --checkpoint {w}/good.safetensors -o {w}/out/x.onnx --format pt2",
+        2,
+        "would write pt2 bytes",
+        ("out/x.onnx",),
+    ),
+    Case(
+        "export-unknown-suffix",
+        "export --checkpoint {w}/good.safetensors -o {w}/out/x.bin",
+        2,
+        "cannot tell the format",
+        ("out/x.bin",),
+    ),
+    Case("export-unwritable", "export --checkpoint {w}/good.safetensors -o {w}/good.tar/x.onnx", 2, "cannot write in"),
+    Case(
+        "export-img-size-0",
+        "export --checkpoint {w}/good.safetensors -o {w}/out/x.onnx --img-size 0",
+        2,
+        "--img-size must be",
+        ("out/x.onnx",),
+    ),
+    Case(
+        "export-opset-with-pt2",
+        "export --checkpoint {w}/good.safetensors -o {w}/out/x.pt2 --opset 17",
+        2,
+        "--opset applies",
+        ("out/x.pt2",),
+    ),
+    # --- models, flops, benchmark ------------------------------------------------------------------------------------
+    Case("models-img-size-0", "models --img-size 0", 2, "--img-size must be"),
+    Case("models-no-match", "models nope*", 2, "no model matches"),
+    Case("flops-img-size-0", "flops --img-size 0", 2, "--img-size must be"),
+    Case("flops-plot-unwritable", "flops --transformer --dim 384 --plot {w}/good.tar/p.png", 2, "cannot write in"),
+    Case("flops-transformer-without-dim", "flops --transformer", 2, "needs --dim"),
+    Case(
+        "benchmark-csv-unwritable", "benchmark --models mambaout_femto --csv {w}/good.tar/b.csv", 2, "cannot write in"
+    ),
+    Case("benchmark-threads-negative", "benchmark --models mambaout_femto --threads -1", 2, "--threads must be"),
+    Case("benchmark-device-tpu", "benchmark --models mambaout_femto --device tpu", 2, "unknown device"),
+    Case("benchmark-img-size-0", "benchmark --models mambaout_femto --img-size 0", 2, "--img-size must be"),
+    # --- the demo fails at start, not at the first click -------------------------------------------------------------
+    Case("demo-port-0", "demo --model mambaout_test --random-weights --port 0", 2, "a port is 1 to 65535"),
+    Case("demo-port-too-big", "demo --model mambaout_test --random-weights --port 70000", 2, "a port is 1 to 65535"),
+    Case(
+        "demo-port-not-a-number", "demo --model mambaout_test --random-weights --port http", 2, "expected a port number"
+    ),
+    Case("demo-missing-checkpoint", "demo --checkpoint {w}/nope.safetensors", 2, "does not exist"),
+    Case("demo-checkpoint-misfit", "demo --checkpoint {w}/meta10-over-7.safetensors", 2, "classifier has 7 classes"),
+    Case("demo-checkpoint-input-size-20000", "demo --checkpoint {w}/input20000.safetensors", 2, "input_size must be"),
+    Case("demo-unknown-model", "demo --model nope --random-weights", 2, "nope"),
+    Case("demo-model-without-weights", "demo --model mambaout_test", 2, "no published weights"),
+    Case("demo-device-tpu", "demo --model mambaout_test --random-weights --device tpu", 2, "unknown device 'tpu'"),
+    Case("demo-topk-0", "demo --model mambaout_test --random-weights --topk 0", 2, "--topk must be"),
+    Case("demo-upload-limit-0", "demo --model mambaout_test --random-weights --max-upload-mb 0", 2, "--max-upload-mb"),
+    Case("cli-unknown-command", "nope", 2, "unknown command 'nope'"),
     # --- published weights that do not exist -------------------------------------------------------------------------
     Case(
         "validate-pretrained-without-weights",
@@ -375,3 +543,38 @@ def test_resume_from_another_working_directory(world, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path.parent)
     assert main(["train", "--resume", str(tmp_path / "run"), "--no-progress"]) == 0
     assert len((tmp_path / "run" / "summary.csv").read_text().splitlines()) == 1 + 2
+
+
+# --- the demo as a server: uploads bounded and removed, a taken port is one line ------------------------------------
+
+
+def test_demo_uploads_go_to_a_private_folder_removed_at_shutdown(monkeypatch):
+    pytest.importorskip("gradio", reason="the demo extra is not installed")
+    import os
+
+    import mambaout.demo_app as demo_app
+
+    seen = {}
+
+    def fake_launch(app, host, port, max_file_size, **kwargs):  # stands in for serving until Ctrl+C
+        folder = Path(os.environ["GRADIO_TEMP_DIR"])
+        (folder / "upload.png").write_bytes(b"an upload")
+        seen.update(folder=folder, host=host, max_file_size=max_file_size)
+
+    monkeypatch.setattr(demo_app, "launch", fake_launch)
+    assert main(["demo", "--model", "mambaout_test", "--random-weights", "--max-upload-mb", "5"]) == 0
+    assert seen["host"] == "127.0.0.1" and seen["max_file_size"] == "5mb"
+    assert seen["folder"].name.startswith("mambaout-demo-") and not seen["folder"].exists()
+
+
+def test_demo_on_a_taken_port_is_one_line(capsys):
+    pytest.importorskip("gradio", reason="the demo extra is not installed")
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code = main(["demo", "--model", "mambaout_test", "--random-weights", "--port", str(port)])
+    err = capsys.readouterr().err
+    assert code == 2 and str(port) in err and "Traceback" not in err, err

@@ -12,7 +12,7 @@ import os
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .limits import check_pixels
+from .limits import check_pixels, max_pixels
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -49,8 +49,11 @@ def load_image(source) -> Image.Image:
             img.load()  # decode now, so a truncated file fails here and not inside the transform
         except ValueError:
             raise
-        except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as e:
-            # PIL's own bomb check (2 x MAX_IMAGE_PIXELS) fires inside open() for images ours would refuse too
+        except Image.DecompressionBombError as e:  # PIL's own check (2 x MAX_IMAGE_PIXELS) fires inside open()
+            raise ValueError(
+                f"{name} is over the decode budget of {max_pixels() / 1e6:.0f} Mpx ({e}); downscale it"
+            ) from e
+        except (UnidentifiedImageError, OSError, SyntaxError) as e:
             raise ValueError(f"cannot read {name} as an image ({type(e).__name__}: {e})") from e
     try:
         img = ImageOps.exif_transpose(img)

@@ -279,11 +279,11 @@ class StepHook:
         self.skip = progress.resume_step if epoch == progress.start_epoch else 0
         self.stopped_at: int | None = None
         self.last_lr = 0.0  # the lr of the epoch's latest optimizer step (the classifier's, under layer decay)
+        # the epoch's running sums, continued from a mid-epoch checkpoint and stored with the next one
+        self.totals: dict = dict(progress.resume_totals or {}) if self.skip else {}
 
     def lr(self) -> float:
         return max(group["lr"] for group in self.parts.optimizer.param_groups)
-        # the epoch's running sums, continued from a mid-epoch checkpoint and stored with the next one
-        self.totals: dict = dict(progress.resume_totals or {}) if self.skip else {}
 
     def begin_epoch(self, loader, rank: int, accum: int) -> float:
         """Seed the epoch, position the sampler, set the epoch's learning rate; returns it."""

@@ -330,7 +330,20 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = get_args_parser().parse_args(argv)
+    from mambaout.files import check_writable
+    from mambaout.limits import check_img_size, resolve_device
+
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.threads is not None and args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        check_img_size(args.img_size)
+        resolve_device(args.device)
+        if args.csv:
+            check_writable(args.csv, "--csv")
+    except ValueError as e:
+        parser.error(str(e))
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = []

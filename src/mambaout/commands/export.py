@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from mambaout.commands.common import add_model_args, build_model
+from mambaout.files import check_writable
+from mambaout.limits import check_img_size
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,6 +30,18 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"cannot tell the format from {args.output!r}: pass --format onnx or --format pt2")
     if fmt == "hf" and args.check:
         parser.error("--check applies to onnx and pt2; an hf folder holds the weights themselves")
+    suffix = Path(args.output).suffix.lower()
+    if suffix in (".onnx", ".pt2") and suffix != f".{fmt}":
+        parser.error(
+            f"--format {fmt} would write {fmt} bytes into {args.output}; name the file .{fmt}, or drop --format"
+        )
+    try:
+        if args.img_size is not None:
+            check_img_size(args.img_size)
+        if fmt != "hf":  # hf writes a folder
+            check_writable(args.output, "--output")
+    except ValueError as e:
+        parser.error(str(e))
     if args.opset is not None and fmt != "onnx":
         parser.error("--opset applies to --format onnx only")
 
@@ -48,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError as e:
         print(f"mambaout export: {e}; install the export extra: pip install 'mambaout[export]'", file=sys.stderr)
         return 2
-    except (ValueError, FileNotFoundError, CheckpointError, DownloadError) as e:
+    except (ValueError, OSError, CheckpointError, DownloadError) as e:
         print(f"mambaout export: {e}", file=sys.stderr)
         return 2
     print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)", file=sys.stderr)

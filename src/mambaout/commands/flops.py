@@ -17,6 +17,8 @@ import json
 
 from mambaout.analysis.flops import plot_quadratic_share, transformer_flops
 from mambaout.commands.common import model_counts
+from mambaout.files import check_writable
+from mambaout.limits import check_img_size
 from mambaout.variants import list_models
 
 
@@ -91,14 +93,20 @@ def main(argv: list[str] | None = None) -> int:
             out.append(json.dumps(rows, indent=2) if args.json else format_transformer(rows))
         print("\n\n".join(out))
         if args.plot:
+            try:
+                check_writable(args.plot, "--plot")
+            except ValueError as e:
+                parser.error(str(e))
             plot_quadratic_share(args.dim, args.plot, max_tokens=max(max(tokens), 4 * 6 * max(args.dim)))
             print(f"\nplot saved to {args.plot}")
         return 0
 
     if args.dim or args.tokens or args.plot:
         parser.error("--dim, --tokens and --plot go with --transformer")
-    if args.img_size < 1:
-        parser.error(f"--img-size must be a positive integer, got {args.img_size}")
+    try:
+        check_img_size(args.img_size)
+    except ValueError as e:
+        parser.error(str(e))
     rows = flops_rows(args.models, args.img_size)
     if not rows:
         parser.error(f"no model matches {args.models}; run 'mambaout models' for the list")

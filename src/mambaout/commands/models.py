@@ -10,6 +10,7 @@ import argparse
 import json
 
 from mambaout.commands.common import model_counts
+from mambaout.limits import check_img_size
 from mambaout.variants import get_variant, list_aliases, list_models
 
 GROUPS = {"mambaout": "MambaOut", "analysis": "analysis models (the paper's comparisons, mambaout.analysis)"}
@@ -62,6 +63,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--img-size", type=int, default=224, help="resolution for the MAC count")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)
+    try:
+        check_img_size(args.img_size)
+    except ValueError as e:
+        parser.error(str(e))
     rows = model_rows(args.pattern, args.img_size)
     if not rows:
         parser.error(f"no model matches {args.pattern!r}; run 'mambaout models' for the list")

@@ -31,13 +31,15 @@ def main(argv: list[str] | None = None) -> int:
 
     from mambaout.checkpoint import CheckpointError, DownloadError
     from mambaout.inference import Predictor, dumps, find_images, format_text
+    from mambaout.limits import resolve_device
 
     try:
+        device = resolve_device(args.device)
         model = build_model(args)
     except (ValueError, FileNotFoundError, CheckpointError, DownloadError) as e:
         print(f"mambaout predict: {e}", file=sys.stderr)
         return 2
-    predictor = Predictor(model, topk=args.topk, device=args.device)
+    predictor = Predictor(model, topk=args.topk, device=device)
     paths = find_images(args.inputs)
     if not paths:
         print(f"mambaout predict: no images found in {' '.join(args.inputs)}", file=sys.stderr)

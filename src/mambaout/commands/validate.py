@@ -174,9 +174,8 @@ def _check_args(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mambaout.limits import resolve_device
-
     from mambaout.checkpoint import DownloadError
+    from mambaout.limits import resolve_device
 
     args = get_args_parser().parse_args(argv)
     kernels.set_fused_kernels(args.fused_kernels)
