@@ -176,6 +176,18 @@ CASES = [
     Case("train-missing-data", TRAIN_BASE + " --data-train {w}/nope -o {w}/out/t", 2, "does not exist", ("out/t",)),
     Case("train-data-is-a-file", TRAIN_BASE + " --data {w}/good.tar -o {w}/out/t", 2, "is a file", ("out/t",)),
     Case("train-truncated-tar", TRAIN_BASE + " --data-train {w}/truncated.tar -o {w}/out/t", 2, "cannot read"),
+    Case(
+        "train-only-corrupt-images",
+        TRAIN_BASE + " --data-train {w}/corrupt --data-val {w}/corrupt -o {w}/out/c",
+        2,
+        "consecutive unreadable images",
+    ),
+    Case(
+        "train-only-corrupt-images-in-a-worker",
+        TRAIN_BASE + " --data-train {w}/corrupt --data-val {w}/corrupt --workers 1 -o {w}/out/c",
+        2,
+        "consecutive unreadable images",
+    ),
     Case("train-unknown-set-key", TRAIN + " --set nope=1 -o {w}/out/t", 2, "unknown options", ("out/t",)),
     Case("train-set-without-equals", TRAIN + " --set nope -o {w}/out/t", 2, "KEY=VALUE", ("out/t",)),
     Case("train-missing-recipe", TRAIN + " --recipe nope -o {w}/out/t", 2, "no recipe named", ("out/t",)),

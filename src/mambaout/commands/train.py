@@ -133,6 +133,13 @@ def parse_overrides(argv: list[str] | None) -> tuple[dict, argparse.Namespace]:
     return given, args
 
 
+def _one_line(e: Exception) -> str:
+    """The message of `e`; for an error re-raised from a data-loader worker, only its last line (the original
+    error), not the worker's traceback that torch puts into the message."""
+    text = str(e).strip()
+    return text.splitlines()[-1] if "Traceback" in text else text
+
+
 def main(argv: list[str] | None = None) -> int:
     from mambaout.config import list_recipes, resolve_config
     from mambaout.optional import MissingDependency
@@ -154,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = fit(cfg)
     except (ValueError, OSError, MissingDependency) as e:  # OSError: a full disk, a taken folder, a missing file
-        print(f"mambaout train: {e}", file=sys.stderr)
+        print(f"mambaout train: {_one_line(e)}", file=sys.stderr)
         return 2
     return 0 if result else 1
 
