@@ -10,11 +10,12 @@ from __future__ import annotations
 import math
 import os
 
-# Network input side in pixels. MambaOut downsamples by 32 (stem 4, then 2 x 2 x 2), so below 32 the last stage
-# has no pixels left to look at. 2048 is 84x the pixels of 224 (ImageNet's) and 9x those of 672, the largest
-# resolution classification backbones are commonly fine-tuned at; more is almost surely a typo (10000 px with
-# batch 2 needed 22.7 GB before the first step finished).
-MIN_IMG_SIZE = 32
+# Network input side in pixels. MambaOut downsamples by 32 (stem 4, then 2 x 2 x 2): at 16 px the last two stages
+# already see one pixel each, below it the stem leaves less than 4 x 4 to look at (the digits recipe trains at 32,
+# the smoke tests at 16-24). 2048 is 84x the pixels of 224 (ImageNet's) and 9x those of 672, the largest resolution
+# classification backbones are commonly fine-tuned at; more is almost surely a typo (10000 px with batch 2 needed
+# 22.7 GB before the first step finished).
+MIN_IMG_SIZE = 16
 MAX_IMG_SIZE = 2048
 
 # Decode budget: images with more pixels are refused before their pixels are decoded. 64 Mpx (8000 x 8000)
@@ -55,7 +56,7 @@ def check_img_size(value, what: str = "--img-size") -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not MIN_IMG_SIZE <= value <= MAX_IMG_SIZE:
         raise ValueError(
             f"{what} must be an integer from {MIN_IMG_SIZE} to {MAX_IMG_SIZE} pixels, got {value!r} "
-            f"(MambaOut downsamples by 32; larger inputs take memory quadratic in the side)"
+            "(MambaOut downsamples by 32; memory grows with the square of the side)"
         )
     return value
 
