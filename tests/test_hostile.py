@@ -127,6 +127,8 @@ def world(tmp_path_factory) -> Path:
     (w / "empty.tar").write_bytes(b"")
     (w / "out").mkdir()
     (w / "out" / "keep.txt").write_text("do not touch")
+    (w / "no-images").mkdir()
+    (w / "no-images" / "notes.txt").write_text("no image here")
     # a run folder whose state says it trains mambaout_test (only its config is read before the refusal)
     (w / "run").mkdir()
     torch.save({"config": {"model": "mambaout_test", "data_train": "digits:train"}}, w / "run" / "state.pt")
@@ -200,7 +202,9 @@ CASES = [
         "that run trains model 'mambaout_test'",
         ("run",),
     ),
-    Case("train-disk-full", TRAIN + " -o {w}/out/full", 2, "is the disk full?", patch=_disk_full),
+    Case(
+        "train-disk-full", TRAIN + " -o {w}/out/full", 2, "is the disk full?", ("out/full/state.pt",), patch=_disk_full
+    ),
     # --- validate counts each readable image once; what it cannot read is named, and none readable is an error ----
     Case(
         "validate-only-corrupt-folder", "validate {w}/corrupt --checkpoint {w}/good.safetensors", 2, "no readable image"
@@ -302,7 +306,7 @@ CASES = [
     ),
     Case("predict-model-without-weights", "predict {w}/imgs --model mambaout_test", 2, "no published weights"),
     Case("predict-unknown-model", "predict {w}/imgs --model nope --random-weights", 2, "nope"),
-    Case("predict-no-images", "predict {w}/out --checkpoint {w}/good.safetensors", 1, "no images found"),
+    Case("predict-no-images", "predict {w}/no-images --checkpoint {w}/good.safetensors", 1, "no images found"),
     # --- validate: options that were silently accepted or crashed ----------------------------------------------------
     Case(
         "validate-img-size-0",
