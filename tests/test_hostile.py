@@ -186,7 +186,7 @@ CASES = [
     ),
     Case(
         "train-only-corrupt-images-in-a-worker",
-        TRAIN_BASE + " --data-train {w}/corrupt --data-val {w}/corrupt --workers 1 -o {w}/out/c",
+        TRAIN_BASE + " --data-train {w}/corrupt --data-val {w}/corrupt --workers 1 -o {w}/out/c2",
         2,
         "consecutive unreadable images",
     ),
@@ -522,7 +522,8 @@ def test_second_trainer_on_a_locked_run_folder_is_refused(world, tmp_path, capsy
             time.sleep(0.05)
         assert first.poll() is None, "the first trainer ended before the test could race it"
         before = _snapshot(run, ("config.yaml",))  # written once at the start: the second one must not rewrite it
-        code = main([*_train(world), "--seed", "1", "-o", str(run)])
+        # even told to overwrite the folder's run (issue 11's guard), a second trainer must not while one is live
+        code = main([*_train(world), "--seed", "1", "--overwrite", "-o", str(run)])
         err = capsys.readouterr().err
         assert code == 2 and f"in use by another mambaout train (pid {first.pid})" in err, err
         assert _snapshot(run, ("config.yaml",)) == before
@@ -530,7 +531,7 @@ def test_second_trainer_on_a_locked_run_folder_is_refused(world, tmp_path, capsy
         first.send_signal(signal.SIGKILL)
         first.wait()
     # the kernel drops a killed trainer's lock: the folder is free again
-    assert main([*_train(world), "-o", str(run)]) == 0
+    assert main([*_train(world), "--overwrite", "-o", str(run)]) == 0
 
 
 def test_stale_temporaries_are_removed_at_the_next_start(world, tmp_path, caplog):
