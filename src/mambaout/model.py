@@ -355,22 +355,17 @@ class FeatureInfo(list):
     def out_indices(self) -> tuple[int, ...]:
         return self._out_indices if self._out_indices is not None else tuple(f["index"] for f in self)
 
-    def get(self, key: str, idx: int | Sequence[int] | None = None):
-        if idx is None:
-            return [f[key] for f in self]
+    def _at(self, fn: Callable[[dict], object], idx: int | Sequence[int] | None):
+        """`fn` of the entry `idx`, or the list of it over the entries `idx` (all when None)."""
         if isinstance(idx, int):
-            return self[idx][key]
-        return [self[i][key] for i in idx]
+            return fn(self[idx])
+        return [fn(self[i]) for i in (range(len(self)) if idx is None else idx)]
+
+    def get(self, key: str, idx: int | Sequence[int] | None = None):
+        return self._at(lambda f: f[key], idx)
 
     def get_dicts(self, keys: Sequence[str] | None = None, idx: int | Sequence[int] | None = None):
-        def pick(f: dict) -> dict:
-            return dict(f) if keys is None else {k: f[k] for k in keys}
-
-        if idx is None:
-            return [pick(f) for f in self]
-        if isinstance(idx, int):
-            return pick(self[idx])
-        return [pick(self[i]) for i in idx]
+        return self._at(lambda f: dict(f) if keys is None else {k: f[k] for k in keys}, idx)
 
     def channels(self, idx: int | Sequence[int] | None = None):
         return self.get("num_chs", idx)
@@ -389,7 +384,21 @@ def _init_weights(m: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
-class MambaOut(nn.Module):
+class _DefaultCfg:
+    """timm's older name for `pretrained_cfg`, `default_cfg`, on the models `create_model` builds."""
+
+    __jit_unused_properties__ = ["default_cfg"]  # TorchScript compiles the forward, not the config accessors
+
+    @property
+    def default_cfg(self) -> dict:
+        return self.pretrained_cfg
+
+    @default_cfg.setter
+    def default_cfg(self, cfg: dict) -> None:
+        self.pretrained_cfg = cfg
+
+
+class MambaOut(_DefaultCfg, nn.Module):
     """MambaOut: a 4-stage hierarchical network of Gated CNN blocks (paper Fig. 2).
 
     Args:
@@ -415,7 +424,6 @@ class MambaOut(nn.Module):
     """
 
     output_fmt = "NHWC"  # what forward_features returns (timm's convention for generic consumers)
-    __jit_unused_properties__ = ["default_cfg"]  # TorchScript compiles the forward, not the config accessors
 
     def __init__(
         self,
@@ -481,15 +489,6 @@ class MambaOut(nn.Module):
         self.head_hidden_size = self.head.num_features
         self.pretrained_cfg: dict = {}  # eval transform and provenance; create_model fills it (timm's fields)
         self.apply(_init_weights)
-
-    @property
-    def default_cfg(self) -> dict:
-        """timm's older name for `pretrained_cfg`."""
-        return self.pretrained_cfg
-
-    @default_cfg.setter
-    def default_cfg(self, cfg: dict) -> None:
-        self.pretrained_cfg = cfg
 
     # --- the model API timm-style consumers call ---------------------------------------------------------------------
 
@@ -616,7 +615,7 @@ def _bad_index(i: int, n: int) -> int:
     raise ValueError(f"stage index {i} is out of range for a {n}-stage model")
 
 
-class MambaOutFeatures(nn.Module):
+class MambaOutFeatures(_DefaultCfg, nn.Module):
     """A MambaOut backbone for detection and segmentation: returns the maps of `out_indices` (strides 4/8/16/32).
 
     Built by `create_model(name, features_only=True)`. Only the stages up to the last requested one are kept.
@@ -635,12 +634,6 @@ class MambaOutFeatures(nn.Module):
         for attr in ("model_name", "model_kwargs", "class_names"):
             if hasattr(model, attr):
                 setattr(self, attr, getattr(model, attr))
-
-    __jit_unused_properties__ = ["default_cfg"]
-
-    @property
-    def default_cfg(self) -> dict:
-        return self.pretrained_cfg
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         for stage in self.stages:

@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     from mambaout.kernels import aot
 
     try:
-        target = aot.parse_target(args.aot)  # noqa: F841 (validates the name before any compile)
+        aot.parse_target(args.aot)  # a bad name is one line before any compile
         selection = dict(
             dtypes=list(aot.DTYPES) if args.all else _split(args.dtypes, list(aot.DTYPES), "dtypes"),
             acts=list(aot.ACTS) if args.all else _split(args.acts, aot.ACTS, "acts"),
