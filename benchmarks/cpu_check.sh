@@ -6,7 +6,7 @@
 set -u
 CSV_DIR=benchmarks/results
 mkdir -p "$CSV_DIR"
-CSV="$CSV_DIR/$(python -c 'import torch; from mambaout.commands.benchmark import default_csv; print(default_csv(torch.device("cpu")))')"
+CSV="$CSV_DIR/$(python -c 'import torch; from mambaout.cli.benchmark import default_csv; print(default_csv(torch.device("cpu")))')"
 echo "start $(date -u)"
 for rep in 1 2 3; do
   for bs in 16 32; do

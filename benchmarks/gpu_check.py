@@ -80,7 +80,7 @@ def rel(a, b) -> float:
 def sec_env(ctx):
     import torch
 
-    from mambaout.commands.benchmark import device_name
+    from mambaout.cli.benchmark import device_name
 
     versions = {"torch": torch.__version__}
     for mod in ("triton", "timm"):
@@ -191,7 +191,7 @@ def sec_model_check(ctx):
     import torch
 
     from mambaout import kernels
-    from mambaout.commands.benchmark import build_pair
+    from mambaout.cli.benchmark import build_pair
 
     name = "mambaout_femto" if ctx.smoke else "mambaout_tiny"
     size, bs = (32, 2) if ctx.smoke else (224, 16)
@@ -303,7 +303,7 @@ def _time_ms(fn, device, iters):
 def _bench(ctx, name, mode, compile, batch):
     import torch
 
-    from mambaout.commands.benchmark import benchmark_model, default_csv, write_csv
+    from mambaout.cli.benchmark import benchmark_model, default_csv, write_csv
 
     rows = benchmark_model(
         name,

@@ -57,8 +57,8 @@ def main() -> None:
     import onnxruntime as ort
 
     import mambaout
-    from mambaout.export import export_onnx
     from mambaout.inference import Predictor
+    from mambaout.inference.export import export_onnx
 
     torch.manual_seed(0)
     model = mambaout.create_model(args.model, checkpoint=args.checkpoint).eval()

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 import mambaout
-from mambaout.analysis.mamba import MambaBlock
-from mambaout.analysis.vit import VisionTransformer
 from mambaout.cli import main
+from mambaout.models.mamba import MambaBlock
+from mambaout.models.vit import VisionTransformer
 
 
 @pytest.mark.parametrize(
@@ -31,7 +31,7 @@ def test_mambaout_train_runs_and_checkpoint_restores(tmp_path, name, kind):
 
 
 def test_kernel_ablation_recipes_differ_only_in_kernel():
-    from mambaout.config import load_recipe
+    from mambaout.training.config import load_recipe
 
     recipes = {k: load_recipe(f"ablation-kernel-{k}") for k in (3, 7, 11, 13)}
     for k, r in recipes.items():

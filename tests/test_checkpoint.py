@@ -8,8 +8,8 @@ import torch
 from safetensors.torch import save_file
 
 import mambaout
-from mambaout import variants
-from mambaout.checkpoint import (
+from mambaout.models import variants
+from mambaout.weights.checkpoint import (
     CheckpointError,
     DownloadError,
     download,

@@ -10,7 +10,7 @@ import torch
 from PIL import Image, ImageOps
 
 from mambaout import data as D
-from mambaout.config import DEFAULTS
+from mambaout.training.config import DEFAULTS
 
 
 def _photo(size=(40, 30), seed=0) -> Image.Image:
@@ -51,7 +51,7 @@ def test_to_rgb_every_mode():
 
 def test_corrupt_images_substituted_counted_and_named_for_training(tmp_path, caplog):
     n_files, n_bad = _write_mixed_folder(tmp_path / "set")
-    ds = D.ImageDataset(tmp_path / "set", transform=D.build_eval_transform(dict(input_size=[3, 32, 32])))
+    ds = D.ImageDataset(tmp_path / "set", transform=D.eval_transform(dict(input_size=[3, 32, 32])))
     assert len(ds) == n_files and ds.classes == ["a", "b"]
     skipped = 0
     for i in range(len(ds)):
@@ -64,7 +64,7 @@ def test_corrupt_images_substituted_counted_and_named_for_training(tmp_path, cap
 
 def test_corrupt_images_left_out_of_evaluation_batches(tmp_path):
     n_files, n_bad = _write_mixed_folder(tmp_path / "set")
-    tf = D.build_eval_transform(dict(input_size=[3, 32, 32]))
+    tf = D.eval_transform(dict(input_size=[3, 32, 32]))
     ds = D.ImageDataset(tmp_path / "set", transform=tf, substitute=False)
     # through a loader with a worker process: each readable image once, the unreadable ones named
     loader = D.eval_loader(ds, batch_size=3, workers=1)
@@ -150,7 +150,7 @@ def test_folder_and_tar_read_the_same(tmp_path):
     with tarfile.open(tar_path, "w") as tf:
         for c in ("cat", "dog"):
             tf.add(root / c, arcname=c)
-    tf_eval = D.build_eval_transform(dict(input_size=[3, 24, 24]))
+    tf_eval = D.eval_transform(dict(input_size=[3, 24, 24]))
     a, b = D.ImageDataset(root, tf_eval), D.ImageDataset(tar_path, tf_eval)
     assert a.classes == b.classes == ["cat", "dog"] and len(a) == len(b) == 6
     xa = sorted((int(y), round(x.sum().item(), 3)) for x, y, _ in (a[i] for i in range(6)))

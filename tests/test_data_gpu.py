@@ -10,8 +10,9 @@ import torch
 import torch.multiprocessing as mp
 from PIL import Image
 
-from mambaout import data_gpu, shared_cache
-from mambaout.commands import train as train_cmd
+from mambaout.cli import train as train_cmd
+from mambaout.data import gpu_loader as data_gpu
+from mambaout.data import shared_cache
 
 
 @pytest.fixture
@@ -45,7 +46,7 @@ def test_decode_once_into_a_padded_canvas(folder):
 
 def test_decoded_loader_is_sharded_and_augmented_on_its_device(folder):
     from mambaout.data import ImageDataset
-    from mambaout.gpu_aug import GpuAugment
+    from mambaout.data.gpu_aug import GpuAugment
 
     ds = ImageDataset(str(folder / "train"))
     data = data_gpu.DecodedImages(data_gpu.decode_images(ds), ds.classes, ds.class_to_idx)
@@ -124,7 +125,7 @@ def test_packed_bytes_round_trip(tmp_path):
 
 
 def test_data_bench_prints_the_three_pipelines(folder, capsys):
-    from mambaout.commands import data_bench
+    from mambaout.cli import data_bench
 
     args = ["--data-train", str(folder / "train"), "--img-size", "24", "--batch-size", "4", "--batches", "2"]
     assert data_bench.main(args + ["--warmup", "1", "--workers", "0"]) == 0

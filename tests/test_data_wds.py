@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 
 from mambaout import data as D
-from mambaout import data_wds as W
-from mambaout.commands import train as train_cmd
+from mambaout.cli import train as train_cmd
+from mambaout.data import streaming as W
 
 
 def _png(level: int, seed: int) -> bytes:

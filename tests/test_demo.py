@@ -12,7 +12,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # offline: no phonin
 gr = pytest.importorskip("gradio", reason="the demo extra is not installed: pip install 'mambaout[demo]'")
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (the test extra)")
 
-from mambaout.demo_app import ModelPool, build_app, launch, model_choices  # noqa: E402
+from mambaout.inference.demo_app import ModelPool, build_app, launch, model_choices  # noqa: E402
 
 CHROMIUM = os.environ.get("MAMBAOUT_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = [

@@ -8,8 +8,8 @@ import sys
 import pytest
 import torch
 
-from mambaout import distributed as dist
-from mambaout.checkpoint import read_checkpoint
+from mambaout.utils import distributed as dist
+from mambaout.weights.checkpoint import read_checkpoint
 
 # One process with batch 32 == one with 16 x 2 accumulation == two with 16 each == two "nodes" with 16 each:
 # the same 32 images per step (DistributedSampler's shuffle is one permutation cut differently), no randomness

@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from mambaout import engine
-from mambaout.engine import StepConfig, evaluate, train_one_epoch
+from mambaout.training import engine
+from mambaout.training.engine import StepConfig, evaluate, train_one_epoch
 
 # every way a tensor's value reaches the host
 SYNC_METHODS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "cpu", "numpy")

@@ -12,7 +12,7 @@ from mambaout.cli import main
 ort = pytest.importorskip("onnxruntime", reason="the export extra is not installed: pip install 'mambaout[export]'")
 pytest.importorskip("onnxscript", reason="the export extra is not installed: pip install 'mambaout[export]'")
 
-from mambaout.export import load_pt2, read_onnx_metadata  # noqa: E402
+from mambaout.inference.export import load_pt2, read_onnx_metadata  # noqa: E402
 
 CLASS_NAMES = ["tabby", "espresso", "rocket"]
 EVAL_CONFIG = dict(input_size=[3, 96, 96], crop_pct=0.9, interpolation="bilinear", mean=[0.5] * 3, std=[0.25] * 3)

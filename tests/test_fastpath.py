@@ -11,7 +11,7 @@ import mambaout
 from mambaout import kernels
 from mambaout.analysis.flops import count_macs
 from mambaout.kernels import cpu
-from mambaout.model import GatedCNNBlock
+from mambaout.models.mambaout import GatedCNNBlock
 
 pytestmark = pytest.mark.skipif(not cpu.onednn_available(), reason="this torch build has no oneDNN fused linear")
 
@@ -152,7 +152,7 @@ def test_export_under_no_grad_records_the_reference_graph():
 def test_benchmark_command_writes_rows(tmp_path, capsys):
     # Structure only (benchmarks are scripts; speed is never asserted in tests): femto at 32 px, one step each.
     pytest.importorskip("timm")
-    from mambaout.commands import benchmark
+    from mambaout.cli import benchmark
 
     csv_path = tmp_path / "bench.csv"
     args = ["--models", "mambaout_femto", "--device", "cpu", "--img-size", "32", "--batch-size", "2"]

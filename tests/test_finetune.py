@@ -5,10 +5,10 @@ import torch
 from safetensors.torch import save_file
 
 import mambaout
-from mambaout import config as C
-from mambaout.checkpoint import read_checkpoint, save_weights, to_official_layout
-from mambaout.commands import train as train_cmd
-from mambaout.optim import create_optimizer, create_scheduler
+from mambaout.cli import train as train_cmd
+from mambaout.training import config as C
+from mambaout.training.optim import create_optimizer, create_scheduler
+from mambaout.weights.checkpoint import read_checkpoint, save_weights, to_official_layout
 
 # one optimizer step at lr 0 on the digits (10 classes, 32 px)
 ONE_STEP = ["--epochs", "1", "--max-steps-per-epoch", "1", "--batch-size", "16", "--img-size", "32"]

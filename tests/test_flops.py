@@ -10,8 +10,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import mambaout
 from mambaout.analysis.flops import count_macs, long_sequence_threshold, plot_quadratic_share, transformer_flops
-from mambaout.analysis.vit import Block
 from mambaout.cli import main
+from mambaout.models.vit import Block
 
 
 def _flop_counter_flops(model, x) -> int:

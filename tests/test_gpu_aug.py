@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mambaout import gpu_aug as G
+from mambaout.data import gpu_aug as G
 
 FILL = (124, 116, 104)  # timm's RandAugment fill for the ImageNet mean
 
@@ -136,8 +136,8 @@ def test_random_erasing_follows_timm():
 
 def test_pipeline_equals_cpu_transform_when_nothing_is_random(image):
     """With the random parts switched off, GpuAugment equals build_train_transform (resize, ToTensor, Normalize)."""
-    from mambaout.config import DEFAULTS
     from mambaout.data import build_train_transform
+    from mambaout.training.config import DEFAULTS
 
     square = image.crop((0, 0, 40, 40))
     cfg = dict(DEFAULTS, img_size=64, scale=[1.0, 1.0], ratio=[1.0, 1.0], hflip=0.0, auto_augment=None, color_jitter=0)
@@ -202,7 +202,7 @@ def test_no_host_sync_on_cuda(image):
     """On a GPU the whole augmentation queues kernels without once waiting for the device."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
-    from mambaout.data_gpu import DecodedImages, DecodedTrainLoader
+    from mambaout.data.gpu_loader import DecodedImages, DecodedTrainLoader
 
     arr = np.asarray(image).transpose(2, 0, 1)[None].repeat(64, 0)
     arrays = dict(images=arr, sizes=np.array([[40, 52]] * 64), targets=np.arange(64) % 2, skipped=np.zeros(1, int))

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from mambaout import kernels
-from mambaout.model import GatedCNNBlock
+from mambaout.models.mambaout import GatedCNNBlock
 
 ROOT = Path(__file__).resolve().parents[1]
 gd = pytest.importorskip("mambaout.kernels.gated_dwconv")
@@ -138,7 +138,7 @@ def test_gpu_check_smoke_runs_every_section(tmp_path):
 
 
 def test_commands_take_the_fused_kernels_switch_outside_the_config():
-    from mambaout.commands import train, validate
+    from mambaout.cli import train, validate
 
     given, args = train.parse_overrides(["--fused-kernels"])
     assert args.fused_kernels and "fused_kernels" not in given  # an implementation choice, not a hyperparameter

@@ -25,8 +25,8 @@ import torch
 from PIL import Image
 
 import mambaout
-from mambaout.checkpoint import save_weights
 from mambaout.cli import main
+from mambaout.weights.checkpoint import save_weights
 
 CLASSES = ["ant", "bee", "cat"]
 EVAL_CONFIG = dict(input_size=[3, 32, 32], crop_pct=1.0, interpolation="bicubic", mean=[0.5] * 3, std=[0.5] * 3)
@@ -569,7 +569,7 @@ def test_demo_uploads_go_to_a_private_folder_removed_at_shutdown(monkeypatch):
     pytest.importorskip("gradio", reason="the demo extra is not installed")
     import os
 
-    import mambaout.demo_app as demo_app
+    import mambaout.inference.demo_app as demo_app
 
     seen = {}
 

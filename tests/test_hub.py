@@ -14,7 +14,7 @@ import torch
 
 import mambaout
 from mambaout.cli import main
-from mambaout.hub import export_hf
+from mambaout.weights.hub import export_hf
 
 timm = pytest.importorskip("timm")
 

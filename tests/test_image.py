@@ -6,8 +6,8 @@ import torch
 from PIL import Image
 
 import mambaout
-from mambaout.commands.validate import eval_dataset
-from mambaout.image import load_image
+from mambaout.cli.validate import eval_dataset
+from mambaout.data.image import load_image
 from mambaout.inference import Predictor
 
 EVAL_CONFIG = dict(input_size=[3, 48, 48], crop_pct=0.875, interpolation="bicubic", mean=[0.5] * 3, std=[0.25] * 3)

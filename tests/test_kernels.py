@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from mambaout import kernels
-from mambaout.model import GatedCNNBlock
+from mambaout.models.mambaout import GatedCNNBlock
 
 # In-process only if triton is not loaded yet (or the whole session is interpreted).
 FRESH = "triton" not in sys.modules or os.environ.get("TRITON_INTERPRET") == "1"

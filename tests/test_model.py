@@ -5,9 +5,9 @@ import torch
 
 import mambaout
 from mambaout.analysis.flops import count_macs
-from mambaout.checkpoint import to_model_layout, to_official_layout
-from mambaout.model import MambaOut
-from mambaout.variants import get_variant
+from mambaout.models.mambaout import MambaOut
+from mambaout.models.variants import get_variant
+from mambaout.weights.checkpoint import to_model_layout, to_official_layout
 
 timm = pytest.importorskip("timm")
 from timm.models.mambaout import checkpoint_filter_fn as timm_filter  # noqa: E402

@@ -44,7 +44,7 @@ def test_tensorboard_missing(monkeypatch, capsys, tmp_path):
 
 
 def test_gradio_missing(monkeypatch, capsys):
-    _hide(monkeypatch, "gradio", forget=("mambaout.demo_app",))
+    _hide(monkeypatch, "gradio", forget=("mambaout.inference.demo_app",))
     assert main(["demo", "--random-weights", "--model", "mambaout_test"]) == 2
     _one_line(capsys, "gradio", "pip install 'mambaout[demo]'")
 

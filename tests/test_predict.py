@@ -1,4 +1,4 @@
-"""`mambaout predict` and `mambaout.inference`: decoding any image, batching, ordering, JSON, errors, class names."""
+"""`mambaout predict` and `mambaout.inference.predictor`: decoding any image, batching, ordering, JSON, errors, class names."""
 
 import json
 import subprocess

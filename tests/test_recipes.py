@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mambaout import config as C
-from mambaout.commands import train as train_cmd
+from mambaout.cli import train as train_cmd
+from mambaout.training import config as C
 
 TINY = ["--model", "mambaout_test", "--epochs", "1", "--batch-size", "16", "--max-steps-per-epoch", "1"]
 TINY += ["--workers", "0", "--threads", "1", "--no-progress", "--device", "cpu", "--img-size", "32"]

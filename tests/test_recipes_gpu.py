@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from mambaout import config as T
-from mambaout.commands import train as train_cmd
+from mambaout.cli import train as train_cmd
+from mambaout.training import config as T
 
 
 def test_imagenette_h100_recipe_uses_the_gpu_pipeline():

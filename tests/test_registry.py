@@ -8,7 +8,7 @@ from pathlib import Path
 
 import mambaout
 from mambaout.cli import main
-from mambaout.variants import get_variant, list_aliases
+from mambaout.models.variants import get_variant, list_aliases
 
 COMMANDS = Path(mambaout.__file__).parent / "commands"
 
@@ -24,9 +24,9 @@ def test_analysis_models_are_registered_by_name_and_built_on_demand():
     assert {"vit_tiny_deit", "vit_small_deit_causal", "mambaout_pico_ssm", "mambaout_test_ssm"} <= set(analysis)
     assert not set(analysis) & set(mambaout.list_models(group="mambaout"))
     variant, _ = get_variant("vit_tiny_deit_causal")
-    assert variant.builder == "mambaout.analysis.vit:VisionTransformer"
+    assert variant.builder == "mambaout.models.vit:VisionTransformer"
     model = mambaout.create_model("vit_tiny_deit_causal", num_classes=3)
-    assert type(model).__module__ == "mambaout.analysis.vit" and model.causal
+    assert type(model).__module__ == "mambaout.models.vit" and model.causal
 
 
 def test_pico_is_an_alias_of_test_and_not_listed_twice():
@@ -48,8 +48,8 @@ def test_models_command_lists_families_first_and_analysis_apart(capsys):
 def test_commands_do_not_import_each_other():
     for path in COMMANDS.glob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.module == "mambaout.commands":
-                names = [f"{node.module}.{a.name}" for a in node.names]  # from mambaout.commands import predict
+            if isinstance(node, ast.ImportFrom) and node.module == "mambaout.cli":
+                names = [f"{node.module}.{a.name}" for a in node.names]  # from mambaout.cli import predict
             elif isinstance(node, ast.ImportFrom) and node.module:
                 names = [node.module]
             elif isinstance(node, ast.Import):
@@ -57,7 +57,7 @@ def test_commands_do_not_import_each_other():
             else:
                 continue
             for name in names:
-                if name.startswith("mambaout.commands.") and name != "mambaout.commands.common":
+                if name.startswith("mambaout.cli.") and name != "mambaout.cli.common":
                     raise AssertionError(f"{path.name} imports {name}; shared helpers go in commands/common.py")
 
 

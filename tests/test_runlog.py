@@ -5,9 +5,9 @@ import sys
 
 import torch
 
-from mambaout import config as C
-from mambaout.commands import train as train_cmd
-from mambaout.optim import create_scheduler
+from mambaout.cli import train as train_cmd
+from mambaout.training import config as C
+from mambaout.training.optim import create_scheduler
 
 RUN = ["--model", "mambaout_test", "--epochs", "2", "--warmup-epochs", "1", "--batch-size", "16", "--img-size", "32"]
 RUN += ["--max-steps-per-epoch", "3", "--workers", "0", "--threads", "1", "--device", "cpu", "--keep-top-k", "2"]

@@ -7,8 +7,8 @@ import torch
 
 import mambaout
 from mambaout.analysis.flops import count_macs
-from mambaout.analysis.mamba import MambaBlock, SelectiveSSM, selective_scan_chunked, selective_scan_ref
-from mambaout.model import GatedCNNBlock, MambaOut
+from mambaout.models.mamba import MambaBlock, SelectiveSSM, selective_scan_chunked, selective_scan_ref
+from mambaout.models.mambaout import GatedCNNBlock, MambaOut
 
 
 def _inputs(b, length, e, n, dt_scale=1.0, dtype=torch.float64, seed=0):

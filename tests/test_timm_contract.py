@@ -14,7 +14,7 @@ import torch
 from torchvision.models.feature_extraction import create_feature_extractor
 
 import mambaout
-from mambaout.model import GatedCNNBlock, MambaOut
+from mambaout.models.mambaout import GatedCNNBlock, MambaOut
 
 # The Gated CNN networks (the analysis package's ViT and Mamba-block models have their own builders).
 VARIANTS = [n for n in mambaout.list_models("mambaout_*") if mambaout.get_variant(n)[0].group == "mambaout"]

@@ -8,10 +8,10 @@ import torch
 import yaml
 
 import mambaout
-from mambaout import config as C
-from mambaout.checkpoint import read_checkpoint
-from mambaout.commands import train as train_cmd
-from mambaout.optim import create_scheduler
+from mambaout.cli import train as train_cmd
+from mambaout.training import config as C
+from mambaout.training.optim import create_scheduler
+from mambaout.weights.checkpoint import read_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -161,10 +161,10 @@ def test_default_digits_run_writes_loadable_weights(tmp_path, capsys):
     assert meta["model_kwargs"]["num_classes"] == 10 and meta["eval_config"]["input_size"] == [3, 32, 32]
     model = mambaout.create_model(checkpoint=out / "last.safetensors").eval()
     assert model.class_names == meta["class_names"] and model.pretrained_cfg["input_size"] == [3, 32, 32]
-    from mambaout.data import DigitsDataset, build_eval_transform
-    from mambaout.engine import evaluate
+    from mambaout.data import DigitsDataset, eval_transform
+    from mambaout.training.engine import evaluate
 
-    ds = DigitsDataset("val", transform=build_eval_transform(model.pretrained_cfg))
+    ds = DigitsDataset("val", transform=eval_transform(model.pretrained_cfg))
     loader = torch.utils.data.DataLoader(ds, batch_size=512)
     top1 = evaluate(model, loader, torch.device("cpu"))["top1"]
     last_row = rows[-1].split(",")

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from mambaout.commands import train as train_cmd
+from mambaout.cli import train as train_cmd
 
 TINY = [
     "--model",

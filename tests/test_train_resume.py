@@ -11,8 +11,8 @@ import pytest
 import torch
 from test_train import FAST, _same, _weights
 
-from mambaout import files
-from mambaout.commands import train as train_cmd
+from mambaout.cli import train as train_cmd
+from mambaout.utils import files
 
 
 def test_resume_is_bit_identical(tmp_path):

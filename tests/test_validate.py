@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import mambaout
-from mambaout.checkpoint import save_weights
-from mambaout.commands import validate as V
+from mambaout.cli import validate as V
+from mambaout.weights.checkpoint import save_weights
 
 # 5 photos of tench (n01440764, the first folder) and 1 of each other class: an unbalanced subset, so a
 # model that always answers "tench" scores 5/14 only if folder names are matched to the checkpoint's names.
@@ -99,7 +99,7 @@ def test_imagenet_head_uses_imagenet_indices(subset, tmp_path):
 
 
 def test_out_of_memory_halves_the_batch(subset, tmp_path, monkeypatch):
-    from mambaout import engine
+    from mambaout.training import engine
 
     folder, _, synsets = subset
     ckpt = _checkpoint(tmp_path / "w.safetensors", synsets, 0)

@@ -5,7 +5,7 @@ import torch
 
 import mambaout
 from mambaout.analysis.flops import count_params
-from mambaout.analysis.vit import Attention, VisionTransformer
+from mambaout.models.vit import Attention, VisionTransformer
 
 
 def _small_vit(causal: bool) -> VisionTransformer:

@@ -1,10 +1,10 @@
 """MambaOut (Yu & Wang, CVPR 2025): vision backbones of Gated CNN blocks, exact to the published weights."""
 
-from .checkpoint import CheckpointError, DownloadError, read_checkpoint, save_weights
-from .factory import create_model
-from .model import GatedCNNBlock, MambaOut, MambaOutFeatures
-from .timm_registry import register_timm, unregister_timm
-from .variants import get_variant, list_models, list_pretrained
+from mambaout.models.factory import create_model
+from mambaout.models.mambaout import GatedCNNBlock, MambaOut, MambaOutFeatures
+from mambaout.models.timm_compat import register_timm, unregister_timm
+from mambaout.models.variants import get_variant, list_models, list_pretrained
+from mambaout.weights.checkpoint import CheckpointError, DownloadError, read_checkpoint, save_weights
 
 __version__ = "0.1.0"
 

@@ -1,0 +1,60 @@
+"""`mambaout <command> ...`: each command lives in its own module with a `main(argv=None) -> int`."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# command -> (module, one-line help); modules are imported only when their command runs
+COMMANDS: dict[str, tuple[str, str]] = {
+    "models": ("mambaout.cli.models", "list the variants with parameters, MACs and published top-1"),
+    "train": ("mambaout.cli.train", "train a model from a recipe (no data: the embedded digits default)"),
+    "validate": (
+        "mambaout.cli.validate",
+        "top-1/top-5 of checkpoints or published weights on a labelled image set",
+    ),
+    "flops": ("mambaout.cli.flops", "params and MACs of every model at any size; the Transformer FLOPs argument"),
+    "predict": ("mambaout.cli.predict", "top-k classes of images or folders (text or --json)"),
+    "demo": ("mambaout.cli.demo", "web demo (Gradio): upload an image, see the top-k labels"),
+    "export": ("mambaout.cli.export", "export to ONNX (dynamic batch) or torch.export .pt2"),
+    "benchmark": ("mambaout.cli.benchmark", "img/s, ms/step and memory of ours vs timm, measured in one run"),
+    "data-bench": (
+        "mambaout.cli.data_bench",
+        "training img/s of our cpu and gpu input pipelines vs timm's loader",
+    ),
+    "kernels": (
+        "mambaout.cli.kernels",
+        "which block implementation runs where; --aot sm_90 times every Triton compile",
+    ),
+}
+
+
+def _usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
+    return (
+        "usage: mambaout <command> [options]\n\ncommands:\n"
+        + "\n".join(lines)
+        + "\n\n'mambaout <command> -h' for a command's options"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from mambaout import __version__
+
+        print(__version__)
+        return 0
+    if argv[0] not in COMMANDS:
+        print(f"mambaout: unknown command {argv[0]!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[argv[0]][0])
+    return module.main(argv[1:]) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

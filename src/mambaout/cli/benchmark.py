@@ -1,0 +1,380 @@
+"""`mambaout benchmark`: our MambaOut against timm's, same weights, dtype, layout and batch, measured in one run.
+
+For each model: build timm's and ours, copy timm's weights into ours, check the outputs agree, then time steps
+interleaved (timm, ours, timm, ours, ...) so both see the same machine load. Reports images/s, ms/step (median),
+peak memory and the ratio ours/timm, and writes a CSV named by device and torch version.
+
+Peak memory: on CUDA `torch.cuda.max_memory_allocated` over one step (after the timed ones); on CPU the growth of
+the process's resident set during one step, sampled every millisecond from /proc/self/statm (approximate: it
+misses allocations shorter than a millisecond and counts memory the allocator keeps).
+
+    flock /tmp/mambaout-cpu.lock mambaout benchmark --models mambaout_femto mambaout_tiny --batch-size 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import csv
+import datetime
+import platform
+import re
+import statistics
+import threading
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Agreement checked before timing: max |ours - timm| over max |timm| of the logits (or of a weight gradient).
+TOLERANCE = {"fp32": 1e-4, "bf16": 5e-2, "fp16": 2e-2}
+
+
+def device_name(device: torch.device) -> str:
+    """`'NVIDIA H100 80GB HBM3'`, or the CPU model from /proc/cpuinfo with the thread count."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or "cpu"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return f"{model} ({torch.get_num_threads()} threads)"
+
+
+def default_csv(device: torch.device) -> str:
+    """`benchmark-<device>-torch<version>.csv`, e.g. `benchmark-nvidia-h100-80gb-hbm3-torch2.14.1.csv`."""
+    slug = re.sub(r"[^a-z0-9.]+", "-", device_name(device).lower()).strip("-")
+    return f"benchmark-{slug}-torch{torch.__version__.split('+')[0]}.csv"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class _RssPeak:
+    """Peak growth of the resident set (bytes) while the context is open, sampled every millisecond."""
+
+    def __init__(self):
+        self.page = 4096
+        with contextlib.suppress(ValueError, AttributeError, OSError):
+            import os
+
+            self.page = os.sysconf("SC_PAGE_SIZE")
+
+    def _rss(self) -> int:
+        try:
+            return int(Path("/proc/self/statm").read_text().split()[1]) * self.page
+        except OSError:
+            return 0
+
+    def __enter__(self):
+        self.base = self.peak = self._rss()
+        self.stop = threading.Event()
+
+        def sample():
+            while not self.stop.wait(0.001):
+                self.peak = max(self.peak, self._rss())
+
+        self.thread = threading.Thread(target=sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+        self.peak = max(self.peak, self._rss())
+        self.bytes = self.peak - self.base
+
+
+def build_pair(name: str, device: torch.device, channels_last: bool = False, **kwargs):
+    """(timm model, our model) with identical weights, on `device`, in float32."""
+    import timm
+
+    import mambaout
+
+    torch.manual_seed(0)
+    try:
+        ref = timm.create_model(name, **kwargs)
+    except RuntimeError as e:
+        raise ValueError(
+            f"timm has no model {name!r} to compare with ({e}); pick one of timm.list_models('mambaout*')"
+        ) from e
+    ours = mambaout.create_model(name, **kwargs)
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return ref.to(device, memory_format=fmt), ours.to(device, memory_format=fmt)
+
+
+def make_step(model, mode: str, x: torch.Tensor, dtype: str, lr: float = 1e-4):
+    """A zero-argument callable running one inference forward or one training step (forward, loss, backward, AdamW)."""
+    autocast = (
+        torch.autocast(x.device.type, dtype=DTYPES[dtype]) if dtype != "fp32" else contextlib.nullcontext()
+    )  # bf16/fp16 as in mixed-precision practice: autocast over fp32 weights
+    if mode == "infer":
+        model.eval()
+
+        def infer():
+            with torch.inference_mode(), autocast:
+                return model(x)
+
+        return infer
+    model.train()
+    target = torch.randint(0, model.num_classes, (x.shape[0],), device=x.device, generator=None)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, fused=x.device.type == "cuda")
+
+    def train():
+        with autocast:
+            loss = F.cross_entropy(model(x), target)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    return train
+
+
+def _agreement(ref, ours, mode: str, x: torch.Tensor, dtype: str) -> float:
+    """max |ours - timm| / max |timm| on the logits (infer) or on the first block's fc1 weight gradient (train)."""
+    autocast = torch.autocast(x.device.type, dtype=DTYPES[dtype]) if dtype != "fp32" else contextlib.nullcontext()
+    if mode == "infer":
+        with torch.inference_mode(), autocast:
+            a, b = ref.eval()(x).float(), ours.eval()(x).float()
+    else:
+        grads = []
+        for m in (ref, ours):
+            m.train().zero_grad(set_to_none=True)
+            with autocast:
+                m(x).float().logsumexp(-1).mean().backward()
+            grads.append(m.stages[0].blocks[0].fc1.weight.grad.float().clone())
+            m.zero_grad(set_to_none=True)
+        a, b = grads
+    return ((a - b).abs().max() / a.abs().max().clamp_min(1e-12)).item()
+
+
+def _peak_memory(step, device: torch.device) -> float:
+    """MiB: CUDA peak allocated over one step, or CPU resident-set growth during one step."""
+    if device.type == "cuda":
+        _sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        _sync(device)
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    with _RssPeak() as rss:
+        step()
+    return rss.bytes / 2**20
+
+
+def benchmark_model(
+    name: str,
+    mode: str = "infer",
+    batch_size: int = 16,
+    dtype: str = "fp32",
+    compile: bool = False,
+    channels_last: bool = False,
+    device: str = "cpu",
+    img_size: int = 224,
+    warmup: int = 2,
+    iters: int = 5,
+    with_reference: bool = False,
+    with_fused: bool = False,
+) -> list[dict]:
+    """Time timm's and our `name` side by side; one row per implementation (see module docstring).
+
+    `with_reference` adds our model with every fast path off (`ours-reference`), `with_fused` our model with the
+    opt-in fused Triton kernels on (`ours-fused`, CUDA).
+    """
+    from mambaout import kernels
+
+    dev = _check_args(mode, dtype, batch_size, iters, warmup, device)
+    ref, ours = build_pair(name, dev, channels_last)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(batch_size, 3, img_size, img_size, device=dev).contiguous(memory_format=fmt)
+    agree = _agreement(ref, ours, mode, x[:2], dtype)
+    if agree > TOLERANCE[dtype]:
+        raise RuntimeError(
+            f"{name}: ours and timm disagree ({agree:.2e} relative > {TOLERANCE[dtype]:.0e} for {dtype}); not timing"
+        )
+    impls = {"timm": ref, "ours": ours}
+    if with_reference:  # our model through the plain block forward: what the fast paths add
+        impls["ours-reference"] = copy.deepcopy(ours)
+    if with_fused:
+        impls["ours-fused"] = copy.deepcopy(ours)
+    steps = {}
+    for key, m in impls.items():
+        if compile:
+            m = torch.compile(m)
+        step = make_step(m, mode, x, dtype)
+        if key == "ours-reference":
+            step = _in_context(step, kernels.reference_mode)
+        elif key == "ours-fused":
+            step = _in_context(step, kernels.fused_kernels)
+        elif key == "ours":
+            step = _in_context(step, lambda: kernels.fused_kernels(False))  # the default path, whatever the process set
+        steps[key] = step
+    times = _time_interleaved(steps, warmup, iters, dev)
+    rows = []
+    base = statistics.median(times["timm"])
+    for key, step in steps.items():
+        med = statistics.median(times[key])
+        rows.append(
+            dict(
+                model=name,
+                impl=key,
+                mode=mode,
+                device=device_name(dev),
+                dtype=dtype,
+                batch_size=batch_size,
+                img_size=img_size,
+                compile=compile,
+                channels_last=channels_last,
+                img_per_s=round(batch_size / med, 2),
+                ms_per_step=round(1e3 * med, 2),
+                ms_min=round(1e3 * min(times[key]), 2),
+                ms_max=round(1e3 * max(times[key]), 2),
+                peak_mem_mib=round(_peak_memory(step, dev), 1),
+                speedup_vs_timm=round(base / med, 3),
+                rel_diff_vs_timm=float(f"{agree:.2e}") if key == "ours" else 0.0,
+                iters=iters,
+                torch=torch.__version__,
+                date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            )
+        )
+    return rows
+
+
+def _check_args(mode: str, dtype: str, batch_size: int, iters: int, warmup: int, device: str) -> torch.device:
+    if mode not in ("infer", "train"):
+        raise ValueError(f"mode must be 'infer' or 'train', got {mode!r}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if batch_size < 1 or iters < 1 or warmup < 0:
+        raise ValueError(f"need batch_size >= 1, iters >= 1, warmup >= 0; got {batch_size}, {iters}, {warmup}")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda asked for, but torch sees no CUDA device; use --device cpu")
+    return dev
+
+
+def _time_interleaved(steps: dict, warmup: int, iters: int, dev: torch.device) -> dict[str, list[float]]:
+    """Seconds of each step, `iters` rounds of one step of each implementation in turn (after `warmup` rounds)."""
+    for _ in range(warmup):  # includes compilation and packing the fast path's weights
+        for step in steps.values():
+            step()
+    _sync(dev)
+    times = {k: [] for k in steps}
+    for _ in range(iters):
+        for key, step in steps.items():
+            _sync(dev)
+            t0 = time.perf_counter()
+            step()
+            _sync(dev)
+            times[key].append(time.perf_counter() - t0)
+    return times
+
+
+def _in_context(step, context):
+    def run():
+        with context():
+            return step()
+
+    return run
+
+
+def format_table(rows: list[dict]) -> str:
+    header = f"{'model':<18} {'impl':<15} {'img/s':>9} {'ms/step':>9} {'min-max ms':>17} {'peak MiB':>9} {'vs timm':>8}"
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        spread = f"{r['ms_min']:.0f}-{r['ms_max']:.0f}"
+        lines.append(
+            f"{r['model']:<18} {r['impl']:<15} {r['img_per_s']:>9.1f} {r['ms_per_step']:>9.1f} {spread:>17} "
+            f"{r['peak_mem_mib']:>9.1f} {r['speedup_vs_timm']:>7.2f}x"
+        )
+    return "\n".join(lines)
+
+
+def write_csv(rows: list[dict], path: str | Path) -> None:
+    path = Path(path)
+    new = not path.exists()
+    with path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mambaout benchmark", description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", nargs="+", default=["mambaout_tiny"], help="registered names that timm also has")
+    p.add_argument("--mode", choices=["infer", "train"], default="infer", help="inference, or a full AdamW step")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="bf16/fp16 run under autocast")
+    p.add_argument("--compile", action="store_true", help="torch.compile both models")
+    p.add_argument("--channels-last", action="store_true", help="channels-last input and conv weights for both")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda[:i]")
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per model first")
+    p.add_argument("--iters", type=int, default=5, help="timed steps per model, interleaved")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
+    p.add_argument("--with-reference", action="store_true", help="also time our model with the fast paths off")
+    p.add_argument(
+        "--fused-kernels", action="store_true", help="also time our model with the opt-in fused Triton kernels (CUDA)"
+    )
+    p.add_argument("--csv", default=None, help="append rows here (default benchmark-<device>-torch<ver>.csv; '' none)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from mambaout.utils.files import check_writable
+    from mambaout.utils.limits import check_img_size, resolve_device
+
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.threads is not None and args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        check_img_size(args.img_size)
+        resolve_device(args.device)
+        if args.csv:
+            check_writable(args.csv, "--csv")
+    except ValueError as e:
+        parser.error(str(e))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = []
+    for name in args.models:
+        try:
+            rows += benchmark_model(
+                name,
+                mode=args.mode,
+                batch_size=args.batch_size,
+                dtype=args.dtype,
+                compile=args.compile,
+                channels_last=args.channels_last,
+                device=args.device,
+                img_size=args.img_size,
+                warmup=args.warmup,
+                iters=args.iters,
+                with_reference=args.with_reference,
+                with_fused=args.fused_kernels,
+            )
+        except ValueError as e:
+            print(f"mambaout benchmark: {e}")
+            return 2
+    r0 = rows[0]
+    print(
+        f"{r0['device']}, torch {r0['torch']}, {args.mode}, {args.dtype}, batch {args.batch_size}, "
+        f"{args.img_size}px, compile={args.compile}, channels_last={args.channels_last}, "
+        f"median of {args.iters} interleaved steps"
+    )
+    print(format_table(rows))
+    csv_path = default_csv(torch.device(args.device)) if args.csv is None else args.csv
+    if csv_path:
+        write_csv(rows, csv_path)
+        print(f"rows appended to {csv_path}")
+    return 0

@@ -1,0 +1,67 @@
+"""What several commands share: choosing a model from the command line, and counting a model's parameters and MACs.
+
+Commands import this module, never each other.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+DEFAULT_MODEL = "mambaout_femto"
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """The model-choosing options shared by predict and export (`build_model` reads them)."""
+    parser.add_argument(
+        "--model",
+        default=None,
+        help=f"registered name, optionally with a weight tag (default: the checkpoint's model, else {DEFAULT_MODEL})",
+    )
+    parser.add_argument("--checkpoint", default=None, help="weights file (.safetensors/.pth) or URL")
+    parser.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="no checkpoint and no download: random weights (smoke tests, throughput)",
+    )
+
+
+def build_model(args: argparse.Namespace):
+    """The model the shared options describe (published weights unless --checkpoint or --random-weights)."""
+    from mambaout.models.factory import create_model
+    from mambaout.models.variants import get_variant
+
+    if args.checkpoint is not None and args.random_weights:
+        raise ValueError("--checkpoint and --random-weights exclude each other; pass one")
+    if args.checkpoint is not None:
+        return create_model(args.model, checkpoint=args.checkpoint)
+    name = args.model or DEFAULT_MODEL
+    variant, _ = get_variant(name)
+    if not args.random_weights and not variant.weights:
+        raise ValueError(f"{variant.name} has no published weights: pass --checkpoint PATH or --random-weights")
+    return create_model(name, pretrained=not args.random_weights)
+
+
+def shape_only_model(name: str):
+    """A registered model on the meta device: shapes only, so parameter and MAC counts take milliseconds."""
+    import torch
+
+    from mambaout.models.variants import get_variant
+
+    variant, _ = get_variant(name)
+    with torch.device("meta"):
+        return variant.build()
+
+
+def model_counts(name: str, img_size: int) -> tuple[int, int | None]:
+    """(parameters, MACs at `img_size`) of a registered model, counted as the paper counts them (see `analysis.flops`).
+
+    MACs are None where the model cannot run at that size (a ViT at a size that is no multiple of its patch).
+    """
+    from mambaout.analysis.flops import count_macs, count_params
+
+    model = shape_only_model(name)
+    try:
+        macs = count_macs(model, img_size)
+    except ValueError:
+        macs = None
+    return count_params(model), macs

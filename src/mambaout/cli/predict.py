@@ -1,0 +1,64 @@
+"""`mambaout predict IMAGE_OR_FOLDER...`: top-k classes of images, as text or one JSON document."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from mambaout import kernels
+from mambaout.cli.common import add_model_args, build_model
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mambaout predict", description=__doc__)
+    parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER", help="image files and folders (recursed)")
+    add_model_args(parser)
+    parser.add_argument("--topk", type=int, default=5, help="classes to show per image (default 5)")
+    parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
+    parser.add_argument("--workers", type=int, default=0, help="decoding processes (default 0: decode inline)")
+    parser.add_argument("--json", action="store_true", help="print one JSON list (one entry per image) on stdout")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    kernels.add_fused_kernels_argument(parser)
+    args = parser.parse_args(argv)
+    kernels.set_fused_kernels(args.fused_kernels)
+    if args.topk < 1:
+        parser.error(f"--topk must be >= 1, got {args.topk}")
+    if args.batch_size < 1:
+        parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.workers < 0:
+        parser.error(f"--workers must be >= 0, got {args.workers}")
+
+    from mambaout.inference.predictor import Predictor, dumps, find_images, format_text
+    from mambaout.utils.limits import resolve_device
+    from mambaout.weights.checkpoint import CheckpointError, DownloadError
+
+    try:
+        device = resolve_device(args.device)
+        model = build_model(args)
+    except (ValueError, FileNotFoundError, CheckpointError, DownloadError) as e:
+        print(f"mambaout predict: {e}", file=sys.stderr)
+        return 2
+    predictor = Predictor(model, topk=args.topk, device=device)
+    paths = find_images(args.inputs)
+    if not paths:
+        print(f"mambaout predict: no images found in {' '.join(args.inputs)}", file=sys.stderr)
+        return 1
+
+    results, n_ok = [], 0
+    show_bar = not args.no_progress and len(paths) > args.batch_size
+    for pred in predictor.iter_predict(paths, args.batch_size, args.workers, progress=show_bar):
+        d = pred.to_dict()
+        if pred.error is not None:
+            if not args.json:
+                print(f"mambaout predict: skipped {pred.error}", file=sys.stderr)
+        else:
+            n_ok += 1
+            if not args.json:
+                print(format_text(d), flush=True)
+        results.append(d)
+    if args.json:
+        print(dumps(results))  # the only thing this command writes to stdout with --json
+    if n_ok < len(results):
+        print(f"mambaout predict: {len(results) - n_ok} of {len(results)} files could not be read", file=sys.stderr)
+    return 0 if n_ok else 1

@@ -1,0 +1,219 @@
+"""`mambaout validate`: top-1 / top-5 / loss / throughput of one or more models on a labelled image set.
+
+The set is an ImageFolder directory or a `.tar` of one. Each model is evaluated with its own eval transform
+(bicubic resize to `input / crop_pct`, centre crop; crop_pct 1.0 for the paper's weights), taken from its
+checkpoint's metadata or the variant's published weights. Labels: a checkpoint written by `mambaout train`
+names its classes, matched to the folder names; a 1000-class model on synset folders (ImageNet or a subset
+such as Imagenette) uses the ImageNet-1k index; otherwise the sorted folder order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from mambaout import kernels
+from mambaout.utils.limits import check_crop_pct, check_img_size
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mambaout validate", description=__doc__.split("\n\n")[0])
+    p.add_argument("data", help="labelled images: an ImageFolder directory (<class>/<image>) or a .tar of one")
+    p.add_argument(
+        "--model",
+        nargs="+",
+        default=[],
+        help="registered model name(s), space- or comma-separated; optional with a checkpoint from mambaout train",
+    )
+    p.add_argument("--checkpoint", nargs="+", default=[], help="weights file(s); pairs with --model in order")
+    p.add_argument("--pretrained", action="store_true", help="use each --model's published weights")
+    p.add_argument(
+        "--random-weights", action="store_true", help="score --model at random initialisation (a chance baseline)"
+    )
+    p.add_argument("--img-size", type=int, help="eval resolution (default: the weights' input size)")
+    p.add_argument("--crop-pct", type=float, help="centre crop fraction (default: the weights' crop_pct)")
+    p.add_argument("--batch-size", "-b", type=int, default=128, help="halved and retried on out-of-memory")
+    p.add_argument("--workers", "-j", type=int, default=2)
+    p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast")
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--results-file", help="write the results as JSON (top1/top5 in percent)")
+    kernels.add_fused_kernels_argument(p)
+    return p
+
+
+def _specs(args) -> list[tuple[str | None, str | None]]:
+    """(model name, checkpoint) pairs from --model and --checkpoint."""
+    names = [n for item in args.model for n in item.split(",") if n]
+    ckpts = list(args.checkpoint)
+    if not names and not ckpts:
+        raise ValueError("nothing to validate: pass --model NAME [--pretrained] and/or --checkpoint PATH")
+    if ckpts and names and len(names) not in (1, len(ckpts)):
+        raise ValueError(f"got {len(names)} --model names for {len(ckpts)} checkpoints: give one name, or one per file")
+    if not ckpts:
+        if args.pretrained and args.random_weights:
+            raise ValueError("--pretrained and --random-weights exclude each other; pass one")
+        if not (args.pretrained or args.random_weights):
+            raise ValueError(
+                f"--model {','.join(names)} has no weights to score: pass --pretrained (published weights), "
+                "--checkpoint PATH, or --random-weights to score a random initialisation on purpose"
+            )
+        return [(n, None) for n in names]
+    if len(names) == 1:
+        names = names * len(ckpts)
+    return list(zip(names or [None] * len(ckpts), ckpts))
+
+
+def label_map(model, folders: list[str]) -> dict[str, int] | None:
+    """Folder name -> the model's class index (None: sorted folder order)."""
+    from mambaout.data.datasets import imagenet_class_map
+
+    names = getattr(model, "class_names", None)
+    if names:
+        index = {n: i for i, n in enumerate(names)}
+        missing = [f for f in folders if f not in index]
+        if missing:
+            raise ValueError(
+                f"the dataset's classes {missing[:3]} are not among the checkpoint's {len(names)} class names "
+                f"({names[:3]}...); validate on a set with the same class folders"
+            )
+        return {f: index[f] for f in folders}
+    if getattr(model, "num_classes", 0) == 1000:
+        mapping = imagenet_class_map(folders)
+        if mapping is not None:
+            return mapping
+    if getattr(model, "num_classes", len(folders)) < len(folders):
+        raise ValueError(
+            f"the dataset has {len(folders)} classes but the model only {model.num_classes} outputs; pass the "
+            "checkpoint trained on this dataset"
+        )
+    return None
+
+
+def eval_dataset(model, data: str, img_size: int | None = None, crop_pct: float | None = None):
+    """The labelled images of `data` as `model` is evaluated on them: its eval transform, its label map."""
+    from mambaout.data.datasets import ImageDataset, folder_classes
+    from mambaout.data.image import eval_transform
+
+    transform = eval_transform(model.pretrained_cfg, img_size, crop_pct)
+    mapping = label_map(model, folder_classes(data))
+    # no substitution: an unreadable file is left out and named, never counted as another image
+    return ImageDataset(data, transform=transform, class_to_idx=mapping, substitute=False)
+
+
+def validate_one(name, checkpoint, args, device) -> dict:
+    import torch
+
+    import mambaout
+    from mambaout.data.loaders import eval_loader
+    from mambaout.training.engine import evaluate
+
+    model = mambaout.create_model(name, pretrained=args.pretrained and checkpoint is None, checkpoint=checkpoint)
+    cfg = model.pretrained_cfg
+    dataset = eval_dataset(model, args.data, args.img_size, args.crop_pct)
+    model.to(device).eval()
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    amp_dtype = torch.bfloat16 if args.amp else None
+    batch = args.batch_size
+    while True:
+        loader = eval_loader(dataset, batch, workers=args.workers, pin=device.type == "cuda")
+        try:
+            metrics = evaluate(model, loader, device, amp_dtype, args.channels_last)
+            break
+        except torch.OutOfMemoryError:
+            if batch == 1:
+                raise
+            batch //= 2
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            print(f"out of memory: retrying with batch size {batch}", file=sys.stderr)
+    if metrics["count"] == 0:
+        raise ValueError(
+            f"no readable image in {args.data}: all {metrics['skipped']} files failed to decode (first: "
+            f"{metrics['skipped_files'][0] if metrics['skipped_files'] else '?'}); check the files or re-extract them"
+        )
+    size = args.img_size or cfg["input_size"][-1]
+    return dict(
+        model=model.model_name,
+        checkpoint=str(checkpoint) if checkpoint else None,
+        pretrained=bool(args.pretrained and checkpoint is None),
+        data=str(args.data),
+        top1=round(metrics["top1"], 3),
+        top5=round(metrics["top5"], 3),
+        loss=round(metrics["loss"], 5),
+        count=metrics["count"],
+        skipped=metrics["skipped"],
+        skipped_files=metrics["skipped_files"],
+        img_size=size,
+        crop_pct=args.crop_pct if args.crop_pct is not None else cfg.get("crop_pct"),
+        interpolation=cfg.get("interpolation"),
+        batch_size=batch,
+        img_s=round(metrics["img_s"], 1),
+        device=str(device),
+        amp="bf16" if args.amp else "none",
+    )
+
+
+def _check_args(args) -> None:
+    if args.img_size is not None:
+        check_img_size(args.img_size)
+    if args.crop_pct is not None:
+        check_crop_pct(args.crop_pct)
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.workers < 0:
+        raise ValueError(f"--workers must be >= 0, got {args.workers}")
+    if args.results_file:
+        from mambaout.utils.files import check_writable
+
+        check_writable(args.results_file, "--results-file")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from mambaout.utils.limits import resolve_device
+    from mambaout.weights.checkpoint import DownloadError
+
+    args = get_args_parser().parse_args(argv)
+    kernels.set_fused_kernels(args.fused_kernels)
+    try:
+        specs = _specs(args)
+        if not Path(args.data).exists():
+            raise FileNotFoundError(f"{args.data} does not exist; pass an ImageFolder directory or a .tar of one")
+        _check_args(args)
+        device = resolve_device(args.device)
+        results = []
+        for name, ckpt in specs:
+            t0 = time.perf_counter()
+            r = validate_one(name, ckpt, args, device)
+            label = r["model"] + (f" ({ckpt})" if ckpt else "")
+            print(
+                f"{label}: top-1 {r['top1']:.2f}%  top-5 {r['top5']:.2f}%  loss {r['loss']:.4f}  "
+                f"{r['count']} images at {r['img_size']} px, {r['img_s']:.0f} img/s ({time.perf_counter() - t0:.0f}s)"
+                + (f"  skipped {r['skipped']} unreadable" if r["skipped"] else "")
+            )
+            if r["skipped"]:
+                more = f" (+{r['skipped'] - 10} more)" if r["skipped"] > 10 else ""
+                print(f"  unreadable, not counted: {', '.join(r['skipped_files'][:10])}{more}", file=sys.stderr)
+            results.append(r)
+    except (ValueError, FileNotFoundError, DownloadError) as e:
+        print(f"mambaout validate: {e}", file=sys.stderr)
+        return 2
+    if args.results_file:
+        from mambaout.utils.files import atomic_write_text
+
+        # one model: a flat object with top1/top5; several: a list of them
+        text = json.dumps(results[0] if len(results) == 1 else results, indent=2) + "\n"
+        try:
+            atomic_write_text(args.results_file, text)
+        except OSError as e:
+            print(f"mambaout validate: cannot write --results-file {args.results_file} ({e})", file=sys.stderr)
+            return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,1 +1,0 @@
-"""One module per `mambaout` subcommand, each with `main(argv=None) -> int`."""

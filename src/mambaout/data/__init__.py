@@ -1,0 +1,41 @@
+"""Data: image decoding, datasets, the training transform, samplers and loaders, streaming and the GPU pipeline.
+
+Inside the package, modules import the submodule that owns a name (`mambaout.data.loaders`, ...); these
+re-exports are for users. The GPU pipeline (`gpu_loader`, `gpu_aug`) is imported only when it is used.
+"""
+
+from mambaout.data.datasets import (
+    DIGITS,
+    DigitsDataset,
+    ImageDataset,
+    create_dataset,
+    folder_classes,
+    imagenet_class_map,
+    resolve_split,
+)
+from mambaout.data.image import IMAGENET_MEAN, IMAGENET_STD, eval_transform, load_image, to_rgb
+from mambaout.data.loaders import ShardSampler, collate_readable, eval_loader, num_steps, train_loader
+from mambaout.data.transforms import build_train_transform, fix_posterize, safe_posterize
+
+__all__ = [
+    "DIGITS",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "DigitsDataset",
+    "ImageDataset",
+    "ShardSampler",
+    "build_train_transform",
+    "collate_readable",
+    "create_dataset",
+    "eval_loader",
+    "eval_transform",
+    "fix_posterize",
+    "folder_classes",
+    "imagenet_class_map",
+    "load_image",
+    "num_steps",
+    "resolve_split",
+    "safe_posterize",
+    "to_rgb",
+    "train_loader",
+]

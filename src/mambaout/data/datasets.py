@@ -1,0 +1,250 @@
+"""Datasets for training and evaluation.
+
+We lean on timm for everything it already does (folder and tar readers, Hugging Face datasets) and add only what
+our runs need on top:
+
+- `ImageDataset`: reads timm's random-access readers (ImageNet folder layout, an ImageFolder packed in a `.tar`,
+  a Hugging Face dataset as `hfds/NAME:SPLIT`), decodes every image as `mambaout.data.image.load_image` does (any
+  mode to RGB, EXIF-rotated), and skips unreadable files, naming them: training substitutes the next readable image
+  to keep batches full (counted, and each named in a warning), evaluation leaves them out
+  (`loaders.collate_readable`) so a metric counts each readable image exactly once;
+- `DigitsDataset`: scikit-learn's 8x8 digits upscaled to RGB, the embedded default that needs no download;
+- streamed sets (`wds/`, `hfids/`) are built here too, by `create_dataset`, from `mambaout.data.streaming`.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import tarfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from torch.utils.data import Dataset
+
+from mambaout.data.image import load_image
+from mambaout.data.streaming import IterableImages, is_streamed
+
+logger = logging.getLogger("mambaout")
+
+DIGITS = "digits"  # the name of the embedded dataset
+# timm readers with random access, named as `<prefix>/<dataset>`; WebDataset shards (`wds/`) and streaming
+# Hugging Face datasets (`hfids/`) are iterable only and go through mambaout.data.streaming
+MAP_STYLE_READERS = ("hfds/",)
+# How many following samples a corrupt one may be replaced by before we give up on the dataset.
+MAX_CONSECUTIVE_BAD = 50
+
+
+class ImageDataset(Dataset):
+    """Labelled images from a timm reader; unreadable files are skipped, counted and named.
+
+    With `substitute` (training) an unreadable file is replaced by the next readable image, which keeps batches
+    full: `__getitem__` returns `(image, target, n_skipped)`, the loader sums `n_skipped` so each epoch reports how
+    many it met (even in worker processes), and each is named in a warning. Without it (evaluation) an unreadable
+    sample is `(None, -1, file name)`; `collate_readable` leaves it out of the batch and names it, so a metric counts
+    each readable image exactly once.
+
+    Args:
+        root: An ImageFolder directory (`root/<class>/<image>`) or a `.tar` file holding one.
+        transform: Applied to the RGB PIL image.
+        class_to_idx: Folder name -> label; default sorted folder order. Pass the train set's map to a val set.
+        cache: Keep every file's bytes in RAM after the first read (small datasets: no disk or tar seeks).
+        substitute: Replace an unreadable sample by the next readable one (training) instead of naming it.
+    """
+
+    def __init__(
+        self,
+        root,
+        transform=None,
+        class_to_idx: dict[str, int] | None = None,
+        cache: bool = False,
+        substitute: bool = True,
+    ):
+        from timm.data.readers import create_reader
+
+        root = str(root)
+        # `hfds/NAME[:SPLIT]`: a Hugging Face dataset through timm's reader (needs the `datasets` package)
+        name, split = ("", "")
+        if root.startswith(MAP_STYLE_READERS):
+            name, _, split = root.partition(":")
+            root, split = None, split or "train"
+        elif not os.path.exists(root):
+            raise FileNotFoundError(f"dataset {root} does not exist; pass an ImageFolder directory or a .tar of one")
+        self.root = root or name
+        try:
+            self.reader = create_reader(name, root=root, split=split, class_map=class_to_idx)
+        except RuntimeError as e:  # timm's folder reader: "Found 0 images in subfolders of ..."
+            raise ValueError(
+                f"no images found in {root} ({e}); expected one sub-folder per class holding image files"
+            ) from e
+        except (tarfile.TarError, OSError, EOFError) as e:  # an empty, truncated or garbage .tar
+            raise ValueError(
+                f"cannot read {root} as a tar of images ({type(e).__name__}: {e}); the file is empty, truncated or "
+                "not a tar: copy it again, or pass the extracted folder"
+            ) from e
+        mapping = getattr(self.reader, "class_to_idx", None) or getattr(self.reader, "class_name_to_idx", None) or {}
+        self.class_to_idx = dict(mapping)
+        self.classes = [c for c, _ in sorted(self.class_to_idx.items(), key=lambda kv: kv[1])]
+        if len(self.reader) == 0:
+            raise ValueError(f"no images found in {root}; expected one sub-folder per class holding image files")
+        self.transform = transform
+        self.substitute = substitute
+        self._n = len(self.reader)
+        self._bytes: list[bytes | None] | None = None
+        if cache:
+            # Read every file once; afterwards the reader (and its open tar handles, which cannot be pickled
+            # into worker processes) is dropped and samples come from RAM: one copy per machine, which local
+            # rank 0 reads and every rank maps (mambaout.data.shared_cache).
+            from mambaout.data.shared_cache import PackedBytes, cache_key, machine_shared
+
+            def build():
+                arrays = PackedBytes.pack([self._read(i) for i in range(self._n)])
+                arrays["targets"] = np.array([t for _, t in self._read_targets()], dtype=np.int64)
+                return arrays
+
+            stamp = os.stat(self.root).st_mtime_ns if os.path.exists(self.root) else 0
+            arrays = machine_shared(cache_key("files", os.path.abspath(self.root), stamp, self._n), build)
+            self._bytes = PackedBytes.from_arrays(arrays)
+            self._targets = arrays["targets"].tolist()
+            self._names = [str(self.reader._filename(i)) for i in range(self._n)]
+            self.reader = None
+
+    def _read(self, index: int) -> bytes | None:
+        try:
+            f, _ = self.reader[index]
+            data = f.read()
+        except OSError as e:
+            logger.warning("cannot read sample %d of %s: %s", index, self.root, e)
+            return None
+        return data
+
+    def _read_targets(self):
+        # timm's folder reader keeps (path, target) pairs in `samples`, its tar reader the labels in `targets`
+        targets = getattr(self.reader, "targets", None)
+        for i in range(self._n):
+            yield i, int(targets[i] if targets is not None else self.reader.samples[i][1])
+
+    def __len__(self) -> int:
+        return self._n
+
+    def target(self, index: int) -> int:
+        return self._targets[index]
+
+    def __getitem__(self, index: int):
+        n = len(self)
+        for skipped in range(MAX_CONSECUTIVE_BAD if self.substitute else 1):
+            i = (index + skipped) % n
+            try:
+                if self._bytes is not None:
+                    data = self._bytes[i]
+                    if data is None:
+                        raise OSError("unreadable file")
+                    img = load_image(io.BytesIO(data))
+                    target = self.target(i)
+                else:
+                    f, target = self.reader[i]
+                    img = load_image(f)
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+                # PIL raises OSError for truncated data, UnidentifiedImageError (an OSError) for non-images,
+                # SyntaxError/ValueError from a few broken headers; load_image a ValueError over the pixel budget.
+                if not self.substitute:
+                    return None, -1, self.filename(i)
+                logger.warning("skipping unreadable image %s (replaced by the next one): %s", self.filename(i), e)
+                continue
+            if self.transform is not None:
+                img = self.transform(img)
+            return img, int(target), skipped
+        raise ValueError(
+            f"{MAX_CONSECUTIVE_BAD} consecutive unreadable images from index {index} in {self.root}; "
+            "the dataset looks corrupt: check the files or re-extract it"
+        )
+
+    def filename(self, index: int) -> str:
+        return self._names[index] if self.reader is None else str(self.reader._filename(index))
+
+
+class DigitsDataset(Dataset):
+    """scikit-learn's handwritten digits (1,797 8x8 images, 10 classes), upscaled to `size` px RGB.
+
+    Shipped with scikit-learn, so the default `mambaout train` needs no download. A fixed stratified split
+    keeps 20% of the images (360) as the held-out set.
+    """
+
+    def __init__(self, split: str = "train", size: int = 32, transform=None, holdout: float = 0.2):
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+
+        if split not in ("train", "val"):
+            raise ValueError(f"digits split must be 'train' or 'val', got {split!r}")
+        digits = load_digits()
+        idx = np.arange(len(digits.target))
+        train_idx, val_idx = train_test_split(idx, test_size=holdout, random_state=0, stratify=digits.target)
+        keep = train_idx if split == "train" else val_idx
+        # 0..16 grey levels -> 0..255, dark digits on white like ink on paper
+        images = (255 - digits.images[keep] * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
+        # [N, 8, 8] grey -> N RGB PIL images of size x size (bicubic upscaling keeps strokes smooth)
+        self.images = [Image.fromarray(im).resize((size, size), Image.BICUBIC).convert("RGB") for im in images]
+        self.targets = digits.target[keep].astype(int).tolist()
+        self.classes = [str(c) for c in range(10)]
+        self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int):
+        img = self.images[index]
+        if self.transform is not None:
+            img = self.transform(img)
+        return img, self.targets[index], 0
+
+
+def resolve_split(data: str | None, split: str) -> str:
+    """`--data ROOT` + split name -> `ROOT/<split>` (a folder) or `ROOT/<split>.tar`."""
+    if data is None:
+        raise ValueError("no dataset given: pass --data DIR (with train/ and val/) or --data-train/--data-val")
+    root = Path(data)
+    if root.is_file():
+        raise ValueError(
+            f"--data {data} is a file; pass --data-train TRAIN.tar --data-val VAL.tar for tar files, "
+            "or --data DIR holding train/ and val/"
+        )
+    for cand in (root / split, root / f"{split}.tar"):
+        if cand.exists():
+            return str(cand)
+    raise FileNotFoundError(f"no '{split}' split in {data}: expected {root / split}/ or {root / split}.tar")
+
+
+def create_dataset(
+    path: str, transform=None, class_to_idx=None, cache: bool = False, img_size: int = 32, substitute: bool = True
+):
+    """A dataset from a path (folder or tar) or the embedded `digits[:train|:val]`; `substitute=False` for
+    evaluation (see `ImageDataset`)."""
+    if path.startswith(DIGITS):
+        split = path.partition(":")[2] or "train"
+        return DigitsDataset(split, size=img_size if img_size <= 64 else 32, transform=transform)
+    if is_streamed(path):  # sharded over ranks by train_loader / eval_loader
+        return IterableImages(path, transform=transform)
+    return ImageDataset(path, transform=transform, class_to_idx=class_to_idx, cache=cache, substitute=substitute)
+
+
+def imagenet_class_map(classes: Sequence[str]) -> dict[str, int] | None:
+    """Synset folder names -> ImageNet-1k indices (for evaluating 1000-class weights on an ImageNet subset)."""
+    try:
+        from timm.data import ImageNetInfo
+    except ImportError:  # pragma: no cover - older timm
+        return None
+    synsets = ImageNetInfo().label_names()
+    index = {s: i for i, s in enumerate(synsets)}
+    if not classes or not all(c in index for c in classes):
+        return None
+    return {c: index[c] for c in classes}
+
+
+def folder_classes(path: str) -> list[str]:
+    """The class folder names of an ImageFolder directory or tar, sorted (cheap: no image is decoded)."""
+    ds = ImageDataset(path)
+    return ds.classes

@@ -1,0 +1,235 @@
+"""The `gpu` data pipeline (`data_pipeline: gpu`): uint8 images to the device, augmentation there.
+
+Two ways in, both ending in `mambaout.data.gpu_aug.GpuAugment` on the device:
+
+- `cache: true` (small sets such as Imagenette): every image is decoded once, before the first epoch, into one
+  uint8 array (`decode_images`), shared by the ranks of a machine (`mambaout.data.shared_cache`) and, on a GPU, kept in
+  its memory. `DecodedTrainLoader` then only gathers indices: random resized crop, flip, RandAugment,
+  normalisation and random erasing all run on the device. Nothing is decoded again.
+- otherwise (large sets, WebDataset shards): CPU workers decode and random-resize-crop to the training size (PIL,
+  uint8: the cheap part), and `DeviceAugmentLoader` moves the uint8 batch to the device and runs the rest there.
+
+Validation images get the deterministic eval transform (resize, centre crop) once at decode time and are
+normalised on the device (`DecodedEvalLoader`).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from mambaout.data.datasets import create_dataset
+from mambaout.data.gpu_aug import GpuAugment, normalize
+from mambaout.data.loaders import ResumableSampler, ShardSampler, eval_loader, train_loader
+from mambaout.data.shared_cache import cache_key, machine_shared
+
+logger = logging.getLogger("mambaout")
+
+PIPELINES = ("cpu", "gpu")
+
+
+def pil_to_uint8(img) -> np.ndarray:
+    """RGB PIL image -> `[3, H, W]` uint8."""
+    return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).copy()
+
+
+def _as_list(batch):
+    return batch
+
+
+def decode_images(dataset, transform=None, workers: int = 0, batch_size: int = 64) -> dict[str, np.ndarray]:
+    """Decode every image of `dataset` (an ImageDataset/DigitsDataset without transform) once.
+
+    Args:
+        transform: PIL -> PIL applied before storing (the eval resize/crop); None keeps the decoded size.
+
+    Returns:
+        `images` `[N, 3, Hmax, Wmax]` uint8 (each image top-left in a canvas as big as the largest one),
+        `sizes` `[N, 2]` (h, w), `targets` `[N]`, `skipped` (unreadable files met, replaced by the next one).
+    """
+    keep = dataset.transform
+    dataset.transform = (lambda im: pil_to_uint8(transform(im))) if transform is not None else pil_to_uint8
+    try:
+        loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=_as_list)
+        items = [item for batch in loader for item in batch]
+    finally:
+        dataset.transform = keep
+    sizes = np.array([a.shape[1:] for a, _, _ in items], dtype=np.int64).reshape(-1, 2)
+    h, w = sizes.max(0) if len(items) else (1, 1)
+    images = np.zeros((len(items), 3, h, w), dtype=np.uint8)
+    for i, (a, _, _) in enumerate(items):
+        images[i, :, : a.shape[1], : a.shape[2]] = a
+    targets = np.array([t for _, t, _ in items], dtype=np.int64)
+    skipped = np.array([sum(s for _, _, s in items)], dtype=np.int64)
+    return dict(images=images, sizes=sizes, targets=targets, skipped=skipped)
+
+
+class DecodedImages:
+    """A decoded set as tensors: `images` uint8 `[N, 3, H, W]`, `sizes` `[N, 2]`, `targets` `[N]`.
+
+    Args:
+        device: Where batches are gathered from. On CUDA the whole set moves to the GPU when it is at most
+            `max_device_fraction` of the GPU's memory, else it stays in (pinned) host memory.
+    """
+
+    def __init__(self, arrays: dict[str, np.ndarray], classes, class_to_idx, device=None, max_device_fraction=0.25):
+        self.images = torch.from_numpy(np.asarray(arrays["images"]))
+        self.sizes = torch.from_numpy(np.asarray(arrays["sizes"]))
+        self.targets = torch.from_numpy(np.asarray(arrays["targets"]))
+        self.skipped = int(arrays["skipped"][0])
+        self.classes, self.class_to_idx = list(classes), dict(class_to_idx)
+        device = torch.device(device or "cpu")
+        if device.type == "cuda":
+            total = torch.cuda.get_device_properties(device).total_memory
+            if self.images.nbytes <= max_device_fraction * total:
+                self.images = self.images.to(device)
+        self.device = device
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def batch(self, idx: torch.Tensor):
+        """uint8 images `[B, 3, H, W]` and sizes on the device, targets on the device."""
+        src = self.images.device
+        images = self.images[idx.to(src, non_blocking=True)].to(self.device, non_blocking=True)
+        sizes = self.sizes[idx].to(self.device, non_blocking=True)
+        return images, sizes, self.targets[idx].to(self.device, non_blocking=True)
+
+
+def decoded_dataset(path: str, cfg: dict, device, class_to_idx=None, eval_transform=None, workers: int = 0):
+    """Decode `path` once per machine (local rank 0 decodes, every rank maps the result) into `DecodedImages`."""
+    ds = create_dataset(path, None, class_to_idx, img_size=cfg["img_size"])
+    # the key must be the same string on every rank: name the transform by its steps, not by its address
+    key = cache_key("decoded", path, repr(getattr(eval_transform, "steps", eval_transform)), len(ds))
+    arrays = machine_shared(key, lambda: decode_images(ds, eval_transform, workers))
+    return DecodedImages(arrays, ds.classes, ds.class_to_idx, device)
+
+
+class DecodedTrainLoader:
+    """Training batches of a `DecodedImages`, augmented on its device: `(x, y, n_bad)` like the CPU loader.
+
+    The order comes from the same `ResumableSampler` as the CPU loader (`loader.sampler.set_epoch`, `.skip`), so
+    sharding over ranks and mid-epoch resume work unchanged.
+    """
+
+    def __init__(self, data: DecodedImages, augment: GpuAugment, batch_size: int, rank=0, world_size=1, seed=0):
+        self.data, self.augment, self.batch_size = data, augment, batch_size
+        self.sampler = ResumableSampler(
+            data, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True
+        )
+        if len(self) == 0:
+            raise ValueError(
+                f"the training set ({len(data)} images over {world_size} processes) is smaller than one batch of "
+                f"{batch_size}; lower --batch-size"
+            )
+
+    def __len__(self) -> int:
+        return len(self.sampler) // self.batch_size
+
+    def __iter__(self):
+        order = torch.tensor(list(self.sampler), dtype=torch.long)
+        no_bad = torch.zeros(self.batch_size, dtype=torch.long)
+        for b in range(len(self)):
+            images, sizes, y = self.data.batch(order[b * self.batch_size : (b + 1) * self.batch_size])
+            yield self.augment(images, sizes), y, no_bad
+
+
+class DecodedEvalLoader:
+    """Evaluation batches of a `DecodedImages` decoded with the eval transform, normalised on the device."""
+
+    def __init__(self, data: DecodedImages, batch_size: int, mean, std, rank=0, world_size=1):
+        self.data, self.batch_size, self.mean, self.std = data, batch_size, mean, std
+        self.sampler = ShardSampler(len(data), rank, world_size)
+        self.dataset = data
+
+    def __len__(self) -> int:
+        return -(-len(self.sampler) // self.batch_size)
+
+    def __iter__(self):
+        order = torch.tensor(self.sampler.indices, dtype=torch.long)
+        for b in range(len(self)):
+            idx = order[b * self.batch_size : (b + 1) * self.batch_size]
+            images, _, y = self.data.batch(idx)
+            yield normalize(images, self.mean, self.std), y, torch.zeros(len(idx), dtype=torch.long)
+
+
+def crop_transform(cfg: dict):
+    """The CPU half of the streamed gpu pipeline: timm's random resized crop to uint8 (flip and the rest run on the
+    device)."""
+    from timm.data.transforms import RandomResizedCropAndInterpolation
+
+    rrc = RandomResizedCropAndInterpolation(
+        cfg["img_size"], scale=tuple(cfg["scale"]), ratio=tuple(cfg["ratio"]), interpolation=cfg["train_interpolation"]
+    )
+    return lambda img: torch.from_numpy(pil_to_uint8(rrc(img)))
+
+
+class DeviceAugmentLoader:
+    """Wraps a CPU loader of uint8 crops: moves each batch to `device` and augments it there (flip, RandAugment,
+    normalisation, random erasing)."""
+
+    def __init__(self, loader, augment: GpuAugment, device):
+        if augment.crop:
+            raise ValueError("DeviceAugmentLoader expects crops from the CPU workers: build GpuAugment(crop=False)")
+        self.loader, self.augment, self.device = loader, augment, torch.device(device)
+        self.sampler = getattr(loader, "sampler", None)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for x, y, n_bad in self.loader:
+            x = x.to(self.device, non_blocking=True)
+            yield self.augment(x), y.to(self.device, non_blocking=True), n_bad
+
+
+def pil_part(transform):
+    """The PIL steps of a torchvision Compose (everything before ToTensor): the eval resize and centre crop."""
+    steps = []
+    for t in transform.transforms:
+        if "ToTensor" in type(t).__name__:
+            break
+        steps.append(t)
+
+    def apply(img):
+        for t in steps:
+            img = t(img)
+        return img
+
+    apply.steps = steps
+    return apply
+
+
+def gpu_loaders(cfg: dict, rank: int, world_size: int, device, eval_tf, workers: int):
+    """(train set, val set or None, train loader, val loader or None) of the gpu pipeline, as `train` uses them.
+
+    With `cache: true` both sets are decoded once into memory; otherwise CPU workers decode and crop per batch.
+    """
+    augment = GpuAugment.from_config(cfg, crop=bool(cfg["cache"]))
+    eval_bs = cfg["eval_batch_size"] or 2 * cfg["batch_size"]
+    if cfg["cache"]:
+        train_set = decoded_dataset(cfg["data_train"], cfg, device, workers=workers)
+        if train_set.skipped:  # decoded once, so each epoch's summary cannot count them: say it here
+            logger.warning("%d unreadable training images skipped while decoding", train_set.skipped)
+        loader = DecodedTrainLoader(train_set, augment, cfg["batch_size"], rank, world_size, cfg["seed"])
+        val_set = val_loader = None
+        if cfg["data_val"]:
+            val_set = decoded_dataset(cfg["data_val"], cfg, device, train_set.class_to_idx, pil_part(eval_tf), workers)
+            val_loader = DecodedEvalLoader(val_set, eval_bs, cfg["mean"], cfg["std"], rank, world_size)
+        return train_set, val_set, loader, val_loader
+    pin = torch.device(device).type == "cuda"
+    train_set = create_dataset(cfg["data_train"], crop_transform(cfg), img_size=cfg["img_size"])
+    cpu_loader = train_loader(
+        train_set, cfg["batch_size"], rank, world_size, cfg["seed"], workers, pin, cfg["persistent_workers"]
+    )
+    loader = DeviceAugmentLoader(cpu_loader, augment, device)
+    val_set = val_loader = None
+    if cfg["data_val"]:
+        val_set = create_dataset(
+            cfg["data_val"], eval_tf, train_set.class_to_idx, img_size=cfg["img_size"], substitute=False
+        )
+        val_loader = eval_loader(val_set, eval_bs, rank, world_size, workers, pin)
+    return train_set, val_set, loader, val_loader

@@ -1,0 +1,112 @@
+"""Images in, tensors out: the one way every path of the package decodes an image and applies an eval transform.
+
+Training and `validate` (`mambaout.data`), `predict` and the demo (`mambaout.inference.predictor`) and the metadata of exported
+models (`mambaout.inference.export`) all go through here, so the same file gives the same tensor whichever path reads it.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from mambaout.utils.limits import check_pixels, max_pixels
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# The settings that define an eval transform (a `pretrained_cfg` / checkpoint `eval_config` holds them).
+EVAL_KEYS = ("input_size", "crop_pct", "interpolation", "mean", "std", "crop_mode")
+
+# Transparent pixels are composited onto white, the background a viewer shows for most transparent photos.
+_BACKGROUND = (255, 255, 255)
+
+
+def load_image(source) -> Image.Image:
+    """Any image (a path, a binary file object, encoded bytes, a PIL image or an HWC/HW uint8 array) as 8-bit RGB.
+
+    Handles every PIL mode: palette (with or without transparency), grey, 16-bit and float grey, CMYK, YCbCr,
+    LAB, and alpha (composited onto white rather than dropped, so transparent pixels do not turn black).
+    EXIF orientation is applied, as a photo viewer would. An image with more pixels than the decode budget
+    (`mambaout.utils.limits.max_pixels`, 64 Mpx unless `$MAMBAOUT_MAX_PIXELS` says otherwise) is refused from its
+    header, before its pixels are decoded.
+
+    Raises:
+        ValueError: the source is not a decodable image, or is over the decode budget (the message names it).
+    """
+    if isinstance(source, np.ndarray):
+        img = Image.fromarray(source)
+    elif isinstance(source, Image.Image):
+        img = source
+    else:
+        fp = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
+        name = "<bytes>" if isinstance(source, (bytes, bytearray)) else _name(source)
+        try:
+            img = Image.open(fp)  # reads the header only
+            check_pixels(*img.size, name)
+            img.load()  # decode now, so a truncated file fails here and not inside the transform
+        except ValueError:
+            raise
+        except Image.DecompressionBombError as e:  # PIL's own check (2 x MAX_IMAGE_PIXELS) fires inside open()
+            raise ValueError(
+                f"{name} is over the decode budget of {max_pixels() / 1e6:.0f} Mpx ({e}); downscale it"
+            ) from e
+        except (UnidentifiedImageError, OSError, SyntaxError) as e:
+            raise ValueError(f"cannot read {name} as an image ({type(e).__name__}: {e})") from e
+    try:
+        img = ImageOps.exif_transpose(img)
+    except Exception:  # a broken EXIF block must not lose an otherwise good image
+        pass
+    return to_rgb(img)
+
+
+def _name(source) -> str:
+    if isinstance(source, (str, os.PathLike)):
+        return str(source)
+    return str(getattr(source, "name", None) or f"<{type(source).__name__}>")
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any PIL mode to RGB (see `load_image`)."""
+    if img.mode == "RGB":
+        return img
+    if img.mode == "P":
+        # a palette may carry transparency in its info; RGBA keeps it for the composite below
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    elif img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        # 16/32-bit and float grey: stretch the used range onto 8 bits (a plain convert('L') clips at 255)
+        arr = np.asarray(img, dtype=np.float32)
+        lo, hi = float(arr.min()), float(arr.max())
+        arr = (arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)
+        img = Image.fromarray(arr.round().astype(np.uint8), mode="L")
+    elif img.mode == "1":
+        img = img.convert("L")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        out = Image.new("RGB", rgba.size, _BACKGROUND)
+        out.paste(rgba, mask=rgba.getchannel("A"))
+        return out
+    return img.convert("RGB")  # L, CMYK, YCbCr, LAB, HSV
+
+
+def eval_transform(cfg: dict, img_size: int | None = None, crop_pct: float | None = None):
+    """The eval transform of a `pretrained_cfg` or checkpoint `eval_config` (timm's: resize to `input / crop_pct`,
+    centre crop or squash, to tensor, normalise); `img_size` and `crop_pct` override the stored ones."""
+    from timm.data import create_transform
+
+    return create_transform(
+        input_size=img_size or tuple(cfg["input_size"]),
+        is_training=False,
+        interpolation=cfg.get("interpolation", "bicubic"),
+        crop_pct=crop_pct if crop_pct is not None else cfg.get("crop_pct", 1.0),
+        crop_mode=cfg.get("crop_mode", "center"),
+        mean=tuple(cfg.get("mean", IMAGENET_MEAN)),
+        std=tuple(cfg.get("std", IMAGENET_STD)),
+    )
+
+
+def eval_settings(cfg: dict) -> dict:
+    """The eval transform's settings out of a `pretrained_cfg` (what checkpoints and exported files record)."""
+    return {k: cfg[k] for k in EVAL_KEYS if k in cfg}

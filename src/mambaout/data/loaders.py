@@ -1,0 +1,125 @@
+"""Samplers and loaders: sharded over ranks, resumable mid-epoch, and counting each evaluation image once.
+
+- `ResumableSampler`: the epoch's usual shuffled permutation, started after the samples a resumed run has seen;
+- `ShardSampler`: evaluation shards without the padding DistributedSampler adds, so metrics count each image once;
+- streamed data sets get `streaming.StreamLoader` instead of a DataLoader.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Sampler
+from torch.utils.data.distributed import DistributedSampler
+
+from mambaout.data.streaming import IterableImages, StreamLoader
+
+
+class ShardSampler(Sampler):
+    """Indices `rank, rank + world, ...`: every image exactly once over all ranks (no padding duplicates)."""
+
+    def __init__(self, n: int, rank: int = 0, world_size: int = 1):
+        self.indices = list(range(rank, n, world_size))
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+class ResumableSampler(DistributedSampler):
+    """DistributedSampler that can start an epoch part-way, after `skip` of this rank's samples (mid-epoch resume).
+
+    The epoch's order is the same permutation as ever (seeded by seed + epoch); only its head is left out.
+    """
+
+    skip = 0
+
+    def __iter__(self):
+        return iter(list(super().__iter__())[self.skip :])
+
+    def __len__(self) -> int:
+        return self.num_samples - self.skip
+
+
+def _seed_worker(worker_id: int) -> None:
+    # torch seeds python's `random` and itself per worker; numpy (used by RandAugment and Mixup) it does not.
+    np.random.seed(torch.initial_seed() % 2**32)
+
+
+def train_loader(
+    dataset,
+    batch_size: int,
+    rank: int,
+    world_size: int,
+    seed: int,
+    workers: int,
+    pin: bool = False,
+    persistent: bool = False,
+):
+    """Shuffled, sharded (DistributedSampler, also at world size 1 so 1 and N processes see the same order).
+
+    Args:
+        persistent: Keep worker processes between epochs (saves their start-up on short GPU epochs). Off by
+            default: fresh workers take their seeds from the per-epoch seeded main process, which is what makes
+            `--resume` bit-exact; persistent workers carry their RNG state across epochs instead.
+    """
+    if isinstance(dataset, IterableImages):
+        dataset.training, dataset.rank, dataset.world_size, dataset.seed = True, rank, world_size, seed
+        return StreamLoader(dataset, batch_size, workers, pin, drop_last=True)
+    sampler = ResumableSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        drop_last=True,
+        pin_memory=pin,
+        worker_init_fn=_seed_worker,
+        persistent_workers=persistent and workers > 0,
+    )
+    if len(loader) == 0:
+        raise ValueError(
+            f"the training set ({len(dataset)} images over {world_size} processes) is smaller than one batch of "
+            f"{batch_size}; lower --batch-size"
+        )
+    return loader
+
+
+def collate_readable(batch):
+    """Collate `(image or None, target, skipped)` samples into `(images or None, targets or None, skipped names)`.
+
+    Samples whose image is None (unreadable, from a dataset that does not substitute) are left out of the batch
+    and only named, so an evaluation counts each readable image once.
+    """
+    from torch.utils.data import default_collate
+
+    good = [(x, y) for x, y, _ in batch if x is not None]
+    names = [name for x, _, name in batch if x is None]
+    if not good:
+        return None, None, names
+    x, y = default_collate(good)
+    return x, y, names
+
+
+def eval_loader(dataset, batch_size: int, rank: int = 0, world_size: int = 1, workers: int = 0, pin: bool = False):
+    if isinstance(dataset, IterableImages):
+        dataset.training, dataset.rank, dataset.world_size = False, rank, world_size
+        return StreamLoader(dataset, batch_size, workers, pin, drop_last=False)
+    if getattr(dataset, "substitute", False):
+        raise ValueError("an evaluation set must not substitute unreadable images: build it with substitute=False")
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=ShardSampler(len(dataset), rank, world_size),
+        num_workers=workers,
+        pin_memory=pin,
+        persistent_workers=workers > 0,
+        collate_fn=collate_readable,
+    )
+
+
+def num_steps(n_batches: int, accum_steps: int) -> int:
+    """Optimizer steps per epoch: trailing micro-batches that cannot fill a whole accumulation are dropped."""
+    return n_batches // accum_steps

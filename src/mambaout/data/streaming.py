@@ -1,0 +1,254 @@
+"""Streamed (iterable) data sets: WebDataset tar shards and Hugging Face streaming datasets (`hfids/`).
+
+Both are read in order, not by index, so they go through `IterableImages` instead of `ImageDataset`:
+
+- `wds/PATTERN`: WebDataset shards, e.g. `wds//data/imagenet/train-{000000..001023}.tar`. A sample is the tar
+  members sharing one key: the image (`.jpg`, `.jpeg`, `.png`, `.webp`) and its label (`.cls`, an integer as
+  text). An optional `classes.txt` beside the shards names the classes, one per line, in label order. Written with
+  the `webdataset` package's `ShardWriter`, or by `write_shards` here. The standard library's `tarfile` reads them,
+  so no extra package is needed.
+- `hfids/NAME[:SPLIT]`: timm's streaming Hugging Face reader (needs the `datasets` package); timm's reader is
+  iterable only, which is why `ImageDataset` (random access) cannot take it.
+
+Sharding: shards are split over (rank x loader worker) when there are at least as many shards as readers, so
+each shard is read once per epoch; with fewer shards every reader scans all of them and keeps every n-th sample.
+Training shuffles the shard order per epoch and samples through a buffer (`shuffle_buffer`).
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import logging
+import os
+import random
+import re
+import tarfile
+from pathlib import Path
+
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from mambaout.data.image import load_image, to_rgb
+
+logger = logging.getLogger("mambaout")
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+ITERABLE_PREFIXES = ("wds/", "hfids/")
+
+
+def expand_urls(pattern: str) -> list[str]:
+    """`a-{000..012}.tar` brace ranges, `::`-separated lists and globs -> the sorted list of shard paths."""
+    out = []
+    for part in pattern.split("::"):
+        m = re.search(r"\{(\d+)\.\.(\d+)\}", part)
+        if m:
+            lo, hi, width = int(m.group(1)), int(m.group(2)), len(m.group(1))
+            out += [part[: m.start()] + str(i).zfill(width) + part[m.end() :] for i in range(lo, hi + 1)]
+        elif any(c in part for c in "*?["):
+            out += sorted(glob.glob(part))
+        elif os.path.isdir(part):
+            out += sorted(glob.glob(os.path.join(part, "*.tar")))
+        else:
+            out.append(part)
+    missing = [p for p in out if not os.path.isfile(p)]
+    if not out or missing:
+        raise FileNotFoundError(
+            f"WebDataset shards not found: {missing[:3] or pattern}; expected e.g. DIR/train-{{0000..0099}}.tar"
+        )
+    return out
+
+
+def iter_shard(path: str):
+    """(key, image bytes, label) of each complete sample in one shard, in order."""
+    current, parts = None, {}
+    with tarfile.open(path, "r|*") as tar:  # streaming mode: sequential reads only
+        for member in tar:
+            if not member.isfile():
+                continue
+            name = os.path.basename(member.name)
+            key, _, ext = name.partition(".")
+            key = os.path.join(os.path.dirname(member.name), key)
+            if key != current:
+                if current is not None:
+                    yield from _complete(current, parts, path)
+                current, parts = key, {}
+            parts[ext.lower()] = tar.extractfile(member).read()
+    if current is not None:
+        yield from _complete(current, parts, path)
+
+
+def _complete(key, parts, path):
+    image = next((parts[e] for e in IMAGE_EXTS if e in parts), None)
+    if image is None or "cls" not in parts:
+        logger.warning("WebDataset sample %s in %s has no image or no .cls label; skipped", key, path)
+        return
+    yield key, image, int(parts["cls"].decode().strip())
+
+
+def count_samples(shards: list[str]) -> tuple[int, int]:
+    """(samples, highest label) in the shards, reading only the headers and the small `.cls` members."""
+    n, top = 0, -1
+    for path in shards:
+        with tarfile.open(path, "r|*") as tar:
+            for m in tar:
+                if m.isfile() and m.name.endswith(".cls"):
+                    n += 1
+                    top = max(top, int(tar.extractfile(m).read().decode().strip()))
+    return n, top
+
+
+def write_shards(samples, pattern: str, per_shard: int) -> list[str]:
+    """Write `(key, image bytes, ext, label)` samples to WebDataset shards `pattern % shard_index`."""
+    paths, tar, count = [], None, 0
+    for key, data, ext, label in samples:
+        if tar is None or count == per_shard:
+            if tar is not None:
+                tar.close()
+            paths.append(pattern % len(paths))
+            tar, count = tarfile.open(paths[-1], "w"), 0
+        for suffix, payload in ((ext, data), ("cls", str(label).encode())):
+            info = tarfile.TarInfo(f"{key}.{suffix}")
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+        count += 1
+    if tar is not None:
+        tar.close()
+    return paths
+
+
+class IterableImages(IterableDataset):
+    """Images streamed from WebDataset shards (`wds/PATTERN`) or timm's `hfids/` reader, as `(image, label, 0)`.
+
+    Args:
+        source: `wds/PATTERN` or `hfids/NAME[:SPLIT]`.
+        transform: Applied to the RGB PIL image.
+        training: Shuffle shards per epoch and samples through `shuffle_buffer`; drop nothing.
+        rank, world_size: This process's share.
+        length: Samples in the whole set (default: counted from the shard headers; hfids needs it given or
+            reads timm's split info).
+    """
+
+    def __init__(
+        self,
+        source: str,
+        transform=None,
+        training=False,
+        rank=0,
+        world_size=1,
+        seed=0,
+        shuffle_buffer=2000,
+        length=None,
+    ):
+        self.source, self.transform, self.training = source, transform, training
+        self.rank, self.world_size, self.seed, self.shuffle_buffer = rank, world_size, seed, shuffle_buffer
+        self.epoch = 0
+        if source.startswith("wds/"):
+            self.shards = expand_urls(source[len("wds/") :])
+            self.total, top = count_samples(self.shards)
+            self.total = length or self.total
+            names = Path(self.shards[0]).parent / "classes.txt"
+            self.classes = names.read_text().split() if names.is_file() else [str(i) for i in range(top + 1)]
+            self.reader = None
+        elif source.startswith("hfids/"):
+            from timm.data.readers import create_reader
+
+            name, _, split = source.partition(":")
+            self.shards = None
+            self.reader = create_reader(name, root=None, split=split or "train", is_training=training, seed=seed)
+            self.total = length or self.reader.num_samples  # the whole split (timm reads it from the split info)
+            mapping = self.reader.class_to_idx  # the dataset's ClassLabel names
+            self.classes = [str(c) for c, _ in sorted(mapping.items(), key=lambda kv: kv[1])]
+        else:
+            raise ValueError(f"not a streamed data set: {source!r}; expected one of {ITERABLE_PREFIXES}")
+        self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
+
+    def __len__(self) -> int:  # this rank's share
+        return self.total // self.world_size if self.training else -(-(self.total - self.rank) // self.world_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        if self.reader is not None and hasattr(self.reader, "set_epoch"):
+            self.reader.set_epoch(epoch)
+
+    def _samples(self):
+        info = get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info else (1, 0)
+        slots, slot = self.world_size * workers, self.rank * workers + worker
+        if self.reader is not None:  # timm's reader shards over ranks and workers itself
+            for img, target in self.reader:
+                yield (img if not isinstance(img, bytes) else io.BytesIO(img)), target
+            return
+        shards = list(self.shards)
+        if self.training:
+            random.Random(self.seed + self.epoch).shuffle(shards)
+        if len(shards) >= slots:
+            mine, keep = shards[slot::slots], None
+        else:
+            mine, keep = shards, slot
+        i = 0
+        for path in mine:
+            for _, data, label in iter_shard(path):
+                if keep is None or i % slots == keep:
+                    yield io.BytesIO(data), label
+                i += 1
+
+    def _decoded(self):
+        for src, label in self._samples():
+            try:
+                img = to_rgb(src) if hasattr(src, "mode") else load_image(src)
+            except (OSError, ValueError, SyntaxError) as e:
+                logger.debug("skipping unreadable streamed image: %s", e)
+                continue
+            yield (self.transform(img) if self.transform is not None else img), int(label), 0
+
+    def __iter__(self):
+        if not self.training or self.shuffle_buffer <= 1:
+            yield from self._decoded()
+            return
+        info = get_worker_info()
+        rng = random.Random((self.seed, self.epoch, self.rank, info.id if info else 0).__hash__())
+        buffer = []
+        for item in self._decoded():
+            if len(buffer) < self.shuffle_buffer:
+                buffer.append(item)
+                continue
+            j = rng.randrange(len(buffer))
+            buffer[j], item = item, buffer[j]
+            yield item
+        rng.shuffle(buffer)
+        yield from buffer
+
+
+class StreamLoader:
+    """A DataLoader over `IterableImages` with the interface `train` expects of a loader: `len()` in batches and a
+    `sampler` with `set_epoch` (forwarded to the data set). Mid-epoch resume restarts the epoch's stream."""
+
+    def __init__(self, dataset: IterableImages, batch_size: int, workers: int, pin: bool, drop_last: bool):
+        self.dataset, self.batch_size, self.drop_last = dataset, batch_size, drop_last
+        self.loader = DataLoader(
+            dataset, batch_size=batch_size, num_workers=workers, pin_memory=pin, drop_last=drop_last
+        )
+        self.sampler = self
+
+    skip = 0  # set by resume; a stream cannot seek, so a resumed epoch is replayed from its start
+
+    def set_epoch(self, epoch: int) -> None:
+        self.dataset.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        n = len(self.dataset)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self):
+        # workers can end up with uneven shares: stop at the promised length so every rank takes as many steps
+        for i, batch in enumerate(self.loader):
+            if i >= len(self):
+                return
+            yield batch
+
+
+def is_streamed(path: str | None) -> bool:
+    return bool(path) and str(path).startswith(ITERABLE_PREFIXES)
+
+
+__all__ = ["IterableImages", "StreamLoader", "expand_urls", "is_streamed", "iter_shard", "write_shards"]

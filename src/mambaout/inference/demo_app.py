@@ -1,0 +1,198 @@
+"""The web demo: a Gradio page to classify an uploaded or pasted image with a MambaOut.
+
+It lives in the package (not only in the repo's `demo/` folder) so that `mambaout demo` works after a plain
+`pip install 'mambaout[demo]'`; `demo/app.py` is the same app as a script (Hugging Face Space style).
+It uses only the public API: `create_model` through `mambaout.inference.predictor.Predictor`.
+
+As a server it offers only what its operator named at start (an allow-list of models and checkpoints, each loaded
+once at start so a bad one fails there): a visitor picks among those and can never name a path on the server.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from pathlib import Path
+
+# Offline by default: no usage analytics or version checks from the server (set before gradio is imported).
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("GRADIO_SERVER_NAME", "127.0.0.1")
+
+import gradio as gr  # noqa: E402
+
+from mambaout.inference.predictor import Predictor  # noqa: E402
+
+# Example photos shipped as package data (CC0, from scikit-image; see examples/LICENSE.md beside them).
+EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "examples"
+RANDOM_SUFFIX = " (random weights)"
+_CACHED_MODELS = 3  # predictors kept in memory; switching among more reloads them
+MAX_UPLOAD = "20mb"  # an upload larger than this is refused by the server before it reaches the model
+
+# System fonts only: the default theme would make the browser fetch Google Fonts, which fails offline.
+THEME = gr.themes.Default(
+    font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "Consolas", "monospace"]
+)
+
+
+def image_input(**kwargs) -> gr.Image:
+    """A `gr.Image` whose decode errors read as a message on the page.
+
+    Gradio decodes an upload with PIL before our function runs, so a file that is not an image would
+    otherwise end as a bare 'Error' toast; here it becomes a `gr.Error` saying what to do. The instance's
+    `preprocess` is wrapped rather than `gr.Image` subclassed: Gradio writes a `.pyi` stub beside the
+    module of every component subclass, which would litter (or fail in) an installed package.
+    """
+    image = gr.Image(**kwargs)
+    decode = image.preprocess
+
+    def preprocess(payload):
+        try:
+            return decode(payload)
+        except Exception as e:
+            name = getattr(payload, "orig_name", None) or "the uploaded file"
+            raise gr.Error(
+                f"{name} is not an image this demo can read ({type(e).__name__}). "
+                "Upload a JPEG, PNG, WebP, GIF, BMP or TIFF photo.",
+                title="Not an image",
+            ) from e
+
+    image.preprocess = preprocess
+    return image
+
+
+class ModelPool:
+    """Builds predictors on first use and keeps the last few, for the choices on the allow-list only.
+
+    Args:
+        allowed: Dropdown label -> what it loads: `("model", name)` (published weights, downloaded on first use),
+            `("random", name)` or `("checkpoint", path)`. Nothing else can be loaded.
+    """
+
+    def __init__(self, allowed: dict[str, tuple[str, str]], topk: int = 5, device: str | None = None):
+        self.allowed = dict(allowed)
+        self.topk, self.device = topk, device
+        self._predictors: OrderedDict[str, Predictor] = OrderedDict()
+
+    def get(self, choice: str) -> Predictor:
+        choice = (choice or "").strip()
+        if choice not in self.allowed:  # one answer for any other string: no probing of the server's files
+            raise ValueError("choose one of the models this server offers")
+        if choice in self._predictors:
+            self._predictors.move_to_end(choice)
+            return self._predictors[choice]
+        kind, target = self.allowed[choice]
+        if kind == "checkpoint":
+            predictor = Predictor(checkpoint=target, topk=self.topk, device=self.device)
+        else:
+            predictor = Predictor(target, pretrained=kind == "model", topk=self.topk, device=self.device)
+        self._predictors[choice] = predictor
+        while len(self._predictors) > _CACHED_MODELS:
+            self._predictors.popitem(last=False)
+        return predictor
+
+
+def model_choices(
+    model: str | list[str] | None = None, checkpoint: str | list[str] | None = None, random_weights: bool = False
+) -> dict[str, tuple[str, str]]:
+    """The allow-list: dropdown label -> `(kind, target)`, in the order the command line named them."""
+    models = [model] if isinstance(model, str) else list(model or [])
+    checkpoints = [checkpoint] if isinstance(checkpoint, (str, os.PathLike)) else list(checkpoint or [])
+    allowed: dict[str, tuple[str, str]] = {}
+    for path in checkpoints:
+        allowed[str(path)] = ("checkpoint", str(path))
+    for name in models:
+        allowed[name + RANDOM_SUFFIX if random_weights else name] = ("random" if random_weights else "model", name)
+    if not allowed:
+        raise ValueError("name at least one --model or --checkpoint for the demo to serve")
+    return allowed
+
+
+def build_app(
+    model: str | list[str] | None = "mambaout_femto.in1k",
+    checkpoint: str | list[str] | None = None,
+    random_weights: bool = False,
+    topk: int = 5,
+    examples_dir: str | os.PathLike | None = None,
+    device: str | None = None,
+    preload: bool = True,
+) -> gr.Blocks:
+    """The demo page.
+
+    Args:
+        model: Registered name(s) offered (with published weights unless `random_weights`).
+        checkpoint: Weights file(s) offered, listed first.
+        random_weights: Offer the `model`s at random initialisation (tests, offline smoke runs).
+        topk: Labels shown per image.
+        examples_dir: Folder of example images (default: the repo's demo/examples when present).
+        device: Torch device for inference (default: CUDA when available).
+        preload: Load every offered model now, so a bad name or file fails here and not at the first click.
+
+    Raises:
+        ValueError, FileNotFoundError, CheckpointError, DownloadError: an offered model cannot be loaded.
+    """
+    if topk < 1:
+        raise ValueError(f"topk must be >= 1, got {topk}")
+    allowed = model_choices(model, checkpoint, random_weights)
+    pool = ModelPool(allowed, topk=topk, device=device)
+    if preload:
+        for label in allowed:
+            pool.get(label)
+    choices = list(allowed)
+    examples_dir = Path(examples_dir) if examples_dir else EXAMPLES_DIR
+    examples = sorted(str(p) for p in examples_dir.glob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+
+    def classify(image_path: str | None, choice: str) -> dict[str, float]:
+        if image_path is None:
+            raise gr.Error("Upload or paste an image first.", title="No image")
+        try:
+            predictor = pool.get(choice)
+        except Exception as e:  # not on the allow-list, or an offline download of a model evicted from memory
+            raise gr.Error(f"Cannot load that model: {e}", title="Model not loaded") from e
+        try:
+            pred = predictor(image_path)
+        except ValueError as e:
+            raise gr.Error(str(e), title="Not an image") from e
+        return dict(zip(pred.labels, pred.probs))
+
+    # uploads older than an hour are deleted every hour (and the upload folder when the demo command ends)
+    with gr.Blocks(title="MambaOut demo", analytics_enabled=False, delete_cache=(3600, 3600)) as app:
+        gr.Markdown(
+            "# MambaOut image classification\n"
+            "Upload or paste an image and press **Classify**. Models: MambaOut (Yu & Wang, CVPR 2025), "
+            "a vision backbone of Gated CNN blocks. Published weights download on first use."
+        )
+        with gr.Row():
+            with gr.Column():
+                image = image_input(
+                    type="filepath", image_mode=None, sources=["upload", "clipboard"], label="Image", elem_id="image"
+                )
+                choice = gr.Dropdown(
+                    choices=choices,
+                    value=choices[0],
+                    allow_custom_value=False,
+                    label="Model",
+                    elem_id="model",
+                )
+                button = gr.Button("Classify", variant="primary", elem_id="classify")
+            with gr.Column():
+                labels = gr.Label(num_top_classes=topk, label="Top classes", elem_id="labels")
+        if examples:
+            gr.Examples(examples=[[p] for p in examples], inputs=[image], label="Examples (CC0 photos)")
+        button.click(classify, inputs=[image, choice], outputs=labels, api_name="classify")
+    return app
+
+
+def launch(app: gr.Blocks, host: str = "127.0.0.1", port: int | None = None, max_file_size=MAX_UPLOAD, **kwargs):
+    """Serve `app` with offline-friendly settings (no share link, no SSR node server, system fonts) and an upload
+    size limit."""
+    examples = [str(EXAMPLES_DIR)] if EXAMPLES_DIR.is_dir() else []
+    return app.launch(
+        server_name=host,
+        server_port=port,
+        share=False,
+        ssr_mode=False,
+        theme=THEME,
+        allowed_paths=examples,
+        max_file_size=max_file_size,
+        **kwargs,
+    )

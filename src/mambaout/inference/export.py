@@ -1,0 +1,142 @@
+"""Exporting a MambaOut for deployment: ONNX (dynamic batch axis) and `torch.export` programs (`.pt2`).
+
+Both files carry what a deployment needs besides the graph: the model name, its arguments, the class names
+and the eval transform (ONNX: `metadata_props`; `.pt2`: the `mambaout.json` extra file), so a runtime can
+preprocess and label without our package.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mambaout.data.image import eval_settings
+
+INPUT_NAME, OUTPUT_NAME = "input", "logits"
+METADATA_FILE = "mambaout.json"  # name of the metadata entry inside a .pt2 archive
+DEFAULT_OPSET = 18  # the lowest opset torch's ONNX exporter targets natively; onnxruntime >= 1.14 runs it
+
+
+def export_metadata(model: nn.Module, img_size: int | None = None) -> dict:
+    """The facts stored beside an exported graph (the same contract as our checkpoints' metadata).
+
+    With `img_size`, the eval transform's input size is the exported graph's, not the model's default.
+    """
+    from mambaout.inference.predictor import class_names_for
+
+    cfg = dict(getattr(model, "pretrained_cfg", None) or {})
+    names = class_names_for(model)
+    meta = {
+        "model": getattr(model, "model_name", type(model).__name__),
+        "model_kwargs": getattr(model, "model_kwargs", {}),
+        "class_names": list(names.names),
+        "eval_config": eval_settings(cfg),
+    }
+    if img_size is not None and "input_size" in meta["eval_config"]:
+        meta["eval_config"]["input_size"] = [meta["eval_config"]["input_size"][0], img_size, img_size]
+    if names.synsets is not None:
+        meta["synsets"] = list(names.synsets)
+    return meta
+
+
+def _example(model: nn.Module, img_size: int | None, batch_size: int) -> tuple[torch.Tensor, int]:
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    in_chans, h, w = cfg.get("input_size", (3, 224, 224))
+    if img_size is not None:
+        if img_size < 32:
+            raise ValueError(f"img_size must be >= 32 (the network downsamples by 32), got {img_size}")
+        h = w = img_size
+    # batch 2, not 1: torch.export specialises a dimension of size 0 or 1 to a constant
+    return torch.randn(batch_size, in_chans, h, w), h
+
+
+def _batch_dim():
+    return {0: torch.export.Dim("batch", min=1, max=65536)}
+
+
+def export_onnx(
+    model: nn.Module,
+    path: str | os.PathLike,
+    img_size: int | None = None,
+    opset: int = DEFAULT_OPSET,
+    metadata: dict | None = None,
+) -> Path:
+    """Write `model` as ONNX with input `input` `[batch, 3, H, W]` and output `logits` `[batch, num_classes]`.
+
+    The batch axis is dynamic; H and W are fixed at `img_size` (default: the model's eval input size).
+
+    Args:
+        model: The network (put in eval mode here).
+        path: Destination `.onnx` file.
+        img_size: Square input side in pixels (a multiple of 32 keeps every stage's map whole).
+        opset: ONNX opset version.
+        metadata: Stored as `metadata_props` (values JSON-encoded); default `export_metadata(model)`.
+    """
+    import onnx
+
+    if opset < 18:
+        raise ValueError(f"opset must be >= 18 for torch's ONNX exporter, got {opset}")
+    model = model.eval()
+    x, _ = _example(model, img_size, batch_size=2)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad():
+        torch.onnx.export(
+            model,
+            (x,),
+            str(path),
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_shapes=(_batch_dim(),),
+            opset_version=opset,
+            dynamo=True,
+            verbose=False,
+            external_data=False,
+        )
+    proto = onnx.load(str(path))
+    meta = export_metadata(model, img_size) if metadata is None else metadata
+    for key, value in meta.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, json.dumps(value)
+    onnx.save(proto, str(path))
+    return path
+
+
+def read_onnx_metadata(path_or_session) -> dict:
+    """The metadata `export_onnx` stored, from a path or an `onnxruntime.InferenceSession`."""
+    if hasattr(path_or_session, "get_modelmeta"):
+        props = path_or_session.get_modelmeta().custom_metadata_map
+    else:
+        import onnx
+
+        props = {p.key: p.value for p in onnx.load(str(path_or_session), load_external_data=False).metadata_props}
+    return {k: json.loads(v) for k, v in props.items()}
+
+
+def export_pt2(
+    model: nn.Module, path: str | os.PathLike, img_size: int | None = None, metadata: dict | None = None
+) -> Path:
+    """Write `model` as a `torch.export` program (dynamic batch), loadable with `torch.export.load`.
+
+    The metadata is the archive's `mambaout.json` extra file: read it with `read_pt2_metadata`.
+    """
+    model = model.eval()
+    x, _ = _example(model, img_size, batch_size=2)
+    with torch.no_grad():
+        program = torch.export.export(model, (x,), dynamic_shapes=(_batch_dim(),))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = export_metadata(model, img_size) if metadata is None else metadata
+    torch.export.save(program, str(path), extra_files={METADATA_FILE: json.dumps(meta)})
+    return path
+
+
+def load_pt2(path: str | os.PathLike) -> tuple[torch.export.ExportedProgram, dict]:
+    """The program and metadata of a `.pt2` written by `export_pt2` (call `program.module()(x)` to run it)."""
+    extra = {METADATA_FILE: ""}
+    program = torch.export.load(str(path), extra_files=extra)
+    return program, json.loads(extra[METADATA_FILE] or "{}")

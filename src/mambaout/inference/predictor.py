@@ -1,0 +1,316 @@
+"""Classifying images with a MambaOut: decode any image to RGB, apply the model's eval transform, top-k with names.
+
+    >>> from mambaout.inference.predictor import Predictor
+    >>> predictor = Predictor("mambaout_femto", pretrained=True)   # or Predictor(checkpoint="best.safetensors")
+    >>> predictor.predict(["cat.jpg", "photos/"])                   # one dict per image, in input order
+
+The eval transform is the model's own (`model.pretrained_cfg`: input size, crop fraction, interpolation,
+mean/std), built by timm so predictions match `mambaout validate` and timm's numbers for the same weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from mambaout.data.image import eval_transform, load_image, to_rgb  # noqa: F401  (to_rgb: public name of this module)
+from mambaout.models.factory import create_model
+
+# Suffixes picked up when a folder is given; single files are tried whatever their name.
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".jfif"}
+)
+
+_SYNSET = re.compile(r"n\d{8}")  # a WordNet noun id, ImageNet's class folder names
+
+
+# --- finding images --------------------------------------------------------------------------------------------
+
+
+def find_images(inputs: Iterable[str | os.PathLike]) -> list[Path]:
+    """Expand folders (recursively, sorted, image suffixes only) and keep files as given, in input order."""
+    paths: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            paths += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
+        else:
+            paths.append(p)  # missing or unreadable files are reported per file by the predictor
+    return paths
+
+
+# --- transform and class names ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ClassNames:
+    """Names (and ImageNet synsets when known) of a classifier's outputs, by index."""
+
+    names: tuple[str, ...]
+    synsets: tuple[str, ...] | None = None
+
+    def label(self, index: int) -> str:
+        """A display label unique among the classes: the name, with the synset added where names repeat."""
+        name = self.names[index]
+        if self.synsets is not None and name in self._repeated:
+            return f"{name} ({self.synsets[index]})"
+        return name
+
+    @property
+    def _repeated(self) -> frozenset[str]:
+        seen, repeated = set(), set()
+        for n in self.names:
+            (repeated if n in seen else seen).add(n)
+        return frozenset(repeated)
+
+
+def class_names_for(model: nn.Module) -> ClassNames:
+    """The names of `model`'s outputs.
+
+    Order of preference: names stored in the checkpoint by our trainer (`model.class_names`; WordNet synsets
+    such as an ImageFolder of Imagenette stores are shown as their ImageNet names); ImageNet-1k
+    (or -12k/-22k) names and synsets from timm when the head has that many classes; else the index as text.
+    """
+    stored = getattr(model, "class_names", None)
+    num_classes = model.num_classes
+    from timm.data import ImageNetInfo, infer_imagenet_subset
+
+    if stored is not None and len(stored) == num_classes:
+        stored = tuple(str(n) for n in stored)
+        if all(_SYNSET.fullmatch(n) for n in stored):
+            # ImageFolder class names of an ImageNet subset (Imagenette): show the words, keep the synsets
+            info = ImageNetInfo("imagenet-22k")
+            try:
+                names = tuple(info.label_name_to_description(n).split(",")[0].strip() for n in stored)
+            except (KeyError, ValueError):  # not all WordNet ids ImageNet knows: keep them as they are
+                return ClassNames(stored)
+            return ClassNames(names, stored)
+        return ClassNames(stored)
+
+    subset = infer_imagenet_subset({"num_classes": num_classes})
+    if subset is not None:
+        info = ImageNetInfo(subset)
+        synsets = tuple(info.label_names())
+        # the first of WordNet's comma-separated lemmas is the common name ('tench', 'English springer')
+        names = tuple(info.index_to_description(i).split(",")[0].strip() for i in range(num_classes))
+        return ClassNames(names, synsets)
+    return ClassNames(tuple(str(i) for i in range(num_classes)))
+
+
+# --- predicting ------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Prediction:
+    """Top-k of one image, or why it could not be read."""
+
+    source: str
+    indices: list[int] = field(default_factory=list)
+    probs: list[float] = field(default_factory=list)
+    labels: list[str] = field(default_factory=list)
+    synsets: list[str] | None = None
+    error: str | None = None
+
+    def to_dict(self) -> dict:
+        if self.error is not None:
+            return {"path": self.source, "error": self.error}
+        top = []
+        for j, (i, p, name) in enumerate(zip(self.indices, self.probs, self.labels)):
+            entry = {"index": i, "label": name, "prob": round(p, 6)}
+            if self.synsets is not None:
+                entry["synset"] = self.synsets[j]
+            top.append(entry)
+        return {"path": self.source, "top": top}
+
+
+class Predictor:
+    """A model with its eval transform and class names, ready to classify images.
+
+    Args:
+        model: A registered name (`mambaout_femto`, optionally `.tag`), or a built `nn.Module` with
+            `pretrained_cfg` (eval transform settings) and `num_classes`. May be None with `checkpoint`.
+        checkpoint: Weights to load (ours record the model name, class names and eval settings).
+        pretrained: Download the variant's published weights (ignored with `checkpoint` or a module).
+        topk: How many classes to return per image (capped at the number of classes).
+        device: Where to run; defaults to CUDA when available.
+    """
+
+    def __init__(
+        self,
+        model: str | nn.Module | None = None,
+        checkpoint: str | os.PathLike | None = None,
+        pretrained: bool = False,
+        topk: int = 5,
+        device: str | torch.device | None = None,
+    ):
+        if topk < 1:
+            raise ValueError(f"topk must be >= 1, got {topk}")
+        if isinstance(model, nn.Module):
+            if checkpoint is not None:
+                raise ValueError("pass checkpoint= with a model name (or None), not with a built model")
+        else:
+            model = create_model(model, pretrained=pretrained and checkpoint is None, checkpoint=checkpoint)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model = model.eval().to(self.device)
+        self.cfg = dict(getattr(model, "pretrained_cfg", None) or {})
+        if "input_size" not in self.cfg:
+            raise ValueError("the model has no pretrained_cfg with input_size/mean/std; build it with create_model")
+        self.transform = eval_transform(self.cfg)
+        self.class_names = class_names_for(model)
+        self.topk = min(topk, model.num_classes)
+
+    def preprocess(self, source) -> torch.Tensor:
+        """One image (anything `load_image` takes) -> `[3, H, W]` normalised tensor."""
+        return self.transform(load_image(source))
+
+    @torch.inference_mode()
+    def predict_batch(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`[B, 3, H, W]` -> (probs `[B, k]`, indices `[B, k]`), highest first."""
+        logits = self.model(batch.to(self.device))  # [B, num_classes]
+        probs = logits.float().softmax(dim=-1)
+        top = probs.topk(self.topk, dim=-1)
+        return top.values.cpu(), top.indices.cpu()
+
+    def _prediction(self, source: str, probs: torch.Tensor, indices: torch.Tensor) -> Prediction:
+        idx = indices.tolist()
+        synsets = [self.class_names.synsets[i] for i in idx] if self.class_names.synsets else None
+        return Prediction(source, idx, probs.tolist(), [self.class_names.label(i) for i in idx], synsets)
+
+    def __call__(self, image) -> Prediction:
+        """Classify one image (a path, bytes, PIL image or array). Raises ValueError if it cannot be read."""
+        probs, indices = self.predict_batch(self.preprocess(image)[None])
+        return self._prediction(_describe(image), probs[0], indices[0])
+
+    def iter_predict(
+        self,
+        inputs: Sequence | str | os.PathLike,
+        batch_size: int = 32,
+        num_workers: int = 0,
+        progress: bool = False,
+    ) -> Iterator[Prediction]:
+        """Classify many images, yielding one `Prediction` per image in input order.
+
+        Folders are searched recursively. A file that cannot be read yields a `Prediction` with `error`
+        set and does not stop the rest.
+
+        Args:
+            inputs: Paths, folders, PIL images or arrays (a single path or folder is accepted too).
+            batch_size: Images per forward pass.
+            num_workers: Decoding processes (a `DataLoader`); 0 decodes in this process.
+            progress: Show a progress bar on stderr.
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if isinstance(inputs, (str, os.PathLike, Image.Image, np.ndarray, bytes)):
+            inputs = [inputs]
+        items = _expand(inputs)
+        loader = torch.utils.data.DataLoader(
+            _Decoded(items, self.preprocess),
+            batch_size=batch_size,
+            num_workers=num_workers,
+            collate_fn=_collate,
+        )
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(items), unit="img", file=sys.stderr, desc="predict", dynamic_ncols=True)
+        for sources, tensors, errors in loader:
+            ok = [i for i, t in enumerate(tensors) if t is not None]
+            probs = indices = None
+            if ok:
+                probs, indices = self.predict_batch(torch.stack([tensors[i] for i in ok]))  # [b, 3, H, W]
+            row = dict(zip(ok, range(len(ok))))
+            for i, source in enumerate(sources):
+                if i in row:
+                    yield self._prediction(source, probs[row[i]], indices[row[i]])
+                else:
+                    yield Prediction(source, error=errors[i])
+            if bar is not None:
+                bar.update(len(sources))
+        if bar is not None:
+            bar.close()
+
+    def predict(self, inputs, batch_size: int = 32, num_workers: int = 0, progress: bool = False) -> list[dict]:
+        """`iter_predict` as a list of JSON-ready dicts: `{'path', 'top': [{'index', 'label', 'prob', 'synset'?}]}`
+        or `{'path', 'error'}` for an image that could not be read."""
+        return [p.to_dict() for p in self.iter_predict(inputs, batch_size, num_workers, progress)]
+
+
+def predict(
+    inputs,
+    model: str | nn.Module | None = "mambaout_femto",
+    checkpoint: str | os.PathLike | None = None,
+    pretrained: bool = True,
+    topk: int = 5,
+    batch_size: int = 32,
+) -> list[dict]:
+    """Classify images in one call: `mambaout.predict(["cat.jpg"], checkpoint="best.safetensors")`.
+
+    With `checkpoint`, `model` may be None (our checkpoints record it). See `Predictor.predict` for the output.
+    """
+    if checkpoint is not None and model == "mambaout_femto":
+        model = None  # the default name must not override the name a checkpoint records
+    return Predictor(model, checkpoint=checkpoint, pretrained=pretrained, topk=topk).predict(inputs, batch_size)
+
+
+def _describe(source) -> str:
+    if isinstance(source, (str, os.PathLike)):
+        return str(source)
+    return f"<{type(source).__name__}>"
+
+
+def _expand(inputs: Iterable) -> list:
+    out: list = []
+    for item in inputs:
+        if isinstance(item, (str, os.PathLike)):
+            out += find_images([item])
+        else:
+            out.append(item)
+    return out
+
+
+class _Decoded(torch.utils.data.Dataset):
+    """Items -> (source, tensor or None, error or None): a bad file becomes an error entry, not an exception."""
+
+    def __init__(self, items: list, preprocess):
+        self.items, self.preprocess = items, preprocess
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i):
+        item = self.items[i]
+        try:
+            return _describe(item), self.preprocess(item), None
+        except (ValueError, OSError) as e:
+            return _describe(item), None, str(e)
+
+
+def _collate(batch):
+    sources, tensors, errors = zip(*batch)
+    return list(sources), list(tensors), list(errors)
+
+
+def format_text(pred: dict) -> str:
+    """One image's top-k as readable lines (the CLI's default output)."""
+    lines = [pred["path"]]
+    for t in pred["top"]:
+        synset = f"  {t['synset']}" if "synset" in t else ""
+        lines.append(f"  {100 * t['prob']:6.2f}%  {t['index']:>5}  {t['label']}{synset}")
+    return "\n".join(lines)
+
+
+def dumps(preds: list[dict]) -> str:
+    """The `--json` document."""
+    return json.dumps(preds, indent=2, ensure_ascii=False)

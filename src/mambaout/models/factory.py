@@ -1,0 +1,213 @@
+"""`create_model`: one entry point from a name (and optionally weights) to a ready model."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from mambaout.models.mambaout import MambaOut, MambaOutFeatures
+from mambaout.models.variants import Weights, get_variant, pretrained_cfg
+from mambaout.utils.files import jsonable
+from mambaout.utils.limits import check_eval_config, check_model_kwargs
+from mambaout.weights.checkpoint import CheckpointError, download, fit_state_dict, load_into, read_checkpoint
+
+# timm's create_model arguments for features_only models: what each means here.
+_FEATURE_CLS = (None, "getter")  # our backbone calls the stages in order and taps their outputs: timm's "getter"
+_IGNORED = ("flatten_sequential",)  # meaningful only for timm's hook-based feature wrappers; harmless here
+
+
+def create_model(
+    name: str | None = None,
+    pretrained: bool = False,
+    checkpoint: str | os.PathLike | None = None,
+    features_only: bool = False,
+    out_indices: Sequence[int] = (0, 1, 2, 3),
+    output_fmt: str = "NCHW",
+    feature_cls: str | None = None,
+    feature_cfg: dict | None = None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    pretrained_cfg_overlay: dict | None = None,
+    **kwargs,
+) -> nn.Module:
+    """Build a registered MambaOut, optionally with weights.
+
+    Args:
+        name: A registered name (`mambaout_tiny`), optionally with a weight tag (`mambaout_tiny.in1k`), or
+            `hf-hub:ORG/NAME` for a Hugging Face Hub repo in timm's layout (needs `huggingface_hub`).
+            May be None when `checkpoint` is one written by `mambaout train`, which records its model.
+        pretrained: Download (or take from the cache) the variant's published weights.
+        checkpoint: A path or URL of weights in the official, timm or our layout.
+        features_only: Return a backbone giving the stage maps of `out_indices` (strides 4, 8, 16, 32).
+        out_indices: Stages returned by a `features_only` backbone.
+        output_fmt: `'NCHW'` or `'NHWC'` for a `features_only` backbone.
+        feature_cls: timm's feature wrapper choice; `'getter'` (or None) is what `features_only` builds here.
+        feature_cfg: timm's dict of the feature arguments (`out_indices`, `output_fmt`, `feature_cls`, ...).
+        device: Where to build the model (and load its weights).
+        dtype: Parameter dtype after loading.
+        pretrained_cfg_overlay: Entries merged into `pretrained_cfg`; `file` names local weights (as in timm).
+        **kwargs: `MambaOut` arguments overriding the variant's (`num_classes`, `in_chans`, `kernel_size`,
+            `drop_path_rate`, `drop_rate`, `ls_init_value`, ...). A `num_classes` other than the weights'
+            re-initialises the classifier (fine-tuning); without it, weights whose classifier does not fit the
+            model (metadata that disagrees with the tensors) raise `CheckpointError`. An `in_chans` other than 3
+            adapts the first conv.
+
+    Returns:
+        A `MambaOut` (or `MambaOutFeatures`), with `pretrained_cfg` holding the eval transform settings.
+    """
+    out_indices, output_fmt = _feature_args(out_indices, output_fmt, feature_cls, feature_cfg, kwargs)
+    overlay = dict(pretrained_cfg_overlay or {})
+    if overlay.get("file"):
+        if checkpoint is not None:
+            raise ValueError("pass either checkpoint=... or pretrained_cfg_overlay={'file': ...}, not both")
+        checkpoint, pretrained = overlay["file"], False
+    if name is not None and name.startswith("hf-hub:"):
+        # a Hub repo in timm's layout (mambaout export --format hf): its config names the model, its file the weights
+        from mambaout.weights.hub import from_hub
+
+        if checkpoint is not None:
+            raise ValueError(f"{name} brings its own weights: pass it without checkpoint=")
+        name, checkpoint = from_hub(name[len("hf-hub:") :])
+        pretrained = False
+    if pretrained and checkpoint is not None:
+        raise ValueError("pass either pretrained=True or checkpoint=..., not both")
+    state_dict, meta = (None, {})
+    if checkpoint is not None:
+        state_dict, meta = read_checkpoint(checkpoint)
+        _check_metadata(meta, str(checkpoint))
+    if name is None:
+        name = meta.get("model")
+        if name is None:
+            raise ValueError(
+                "name is required unless the checkpoint was written by mambaout train (it records its model)"
+            )
+    variant, tag = get_variant(name)
+    weights: Weights | None = variant.get_weights(tag) if (pretrained or tag) and variant.weights else None
+    if (tag or pretrained) and not variant.weights:
+        raise ValueError(
+            f"{variant.name} has no published weights (asked for {name!r} with pretrained weights); pass a "
+            "checkpoint (CLI: --checkpoint PATH), or random weights (--random-weights) for smoke tests"
+        )
+
+    # the user asked for a classifier of their own width: only then may a checkpoint's classifier be replaced
+    new_head = "num_classes" in kwargs
+    if state_dict is not None:
+        # check the weights fit before allocating: metadata may describe a far larger model than the tensors
+        with torch.device("meta"):
+            try:
+                probe = _build(variant, _model_kwargs(variant, weights, meta, kwargs))
+            except (TypeError, ValueError) as e:
+                raise CheckpointError(f"{checkpoint}: cannot build {variant.name} from its metadata ({e})") from e
+            fit_state_dict(probe, state_dict, variant.name, new_head, warn=False)
+    model = _instantiate(variant, weights, meta, kwargs, device)
+    model.pretrained_cfg.update(overlay)
+    if pretrained:
+        state_dict = _read_published(weights)
+    if state_dict is not None:
+        load_into(model, state_dict, name=variant.name, new_head=new_head)
+        if model.class_names is not None and len(model.class_names) != model.num_classes:
+            if not new_head:
+                raise CheckpointError(
+                    f"{checkpoint}: its metadata names {len(model.class_names)} classes but the classifier has "
+                    f"{model.num_classes}; the file's metadata does not match its weights"
+                )
+            model.class_names = None  # the classifier was replaced, so its names no longer apply
+
+    if dtype is not None:
+        model = model.to(dtype)
+    if features_only:
+        if not isinstance(model, MambaOut):
+            raise ValueError(f"features_only needs a MambaOut backbone; {variant.name} is a {type(model).__name__}")
+        return MambaOutFeatures(model, out_indices, output_fmt)
+    return model
+
+
+def _feature_args(out_indices, output_fmt, feature_cls, feature_cfg: dict | None, kwargs: dict):
+    """timm's features-factory arguments, given directly or in `feature_cfg`; returns (out_indices, output_fmt)."""
+    for key in _IGNORED:
+        kwargs.pop(key, None)
+    for key, value in (feature_cfg or {}).items():  # timm spells the feature arguments either way
+        if key == "out_indices":
+            out_indices = value
+        elif key == "output_fmt":
+            output_fmt = value
+        elif key == "feature_cls":
+            feature_cls = value
+        elif key not in _IGNORED:
+            raise ValueError(
+                f"feature_cfg[{key!r}] is not supported; supported keys: out_indices, output_fmt, feature_cls"
+            )
+    if feature_cls not in _FEATURE_CLS:
+        raise ValueError(
+            f"feature_cls={feature_cls!r} is not supported: features_only builds a 'getter' backbone (stage outputs "
+            "in order); leave feature_cls unset or pass 'getter'"
+        )
+    return out_indices, output_fmt
+
+
+def _model_kwargs(variant, weights: Weights | None, meta: dict, kwargs: dict) -> dict:
+    """The variant's arguments, then a checkpoint's recorded architecture, the weights' class count and `kwargs`."""
+    model_kwargs = dict(variant.kwargs)
+    model_kwargs.update(meta.get("model_kwargs", {}))  # a trained checkpoint's own architecture, widths included
+    if weights is not None:  # a tag (or pretrained) fixes the classifier width: 11821 for ...in12k, as timm does
+        model_kwargs["num_classes"] = weights.num_classes
+    model_kwargs.update(kwargs)
+    return model_kwargs
+
+
+def _instantiate(variant, weights: Weights | None, meta: dict, kwargs: dict, device) -> nn.Module:
+    """The variant's network with a checkpoint's recorded architecture, the weights' class count and `kwargs`."""
+    model_kwargs = _model_kwargs(variant, weights, meta, kwargs)
+    with torch.device(device) if device is not None else contextlib.nullcontext():
+        model = _build(variant, model_kwargs)
+    model.model_name = variant.name
+    model.model_kwargs = {k: v for k, v in model_kwargs.items() if jsonable(v)}
+    cfg = dict(pretrained_cfg(variant, weights, model.num_classes), **meta.get("eval_config", {}))
+    cfg["pool_size"] = [side // 32 for side in cfg["input_size"][1:]]  # a trained checkpoint's own size, too
+    model.pretrained_cfg = cfg
+    model.class_names = meta.get("class_names")
+    return model
+
+
+def _read_published(weights: Weights) -> dict:
+    """Download (or take from the cache) published weights and read them."""
+    path = download(weights.urls)
+    try:
+        return read_checkpoint(path)[0]
+    except CheckpointError as e:
+        raise CheckpointError(f"{e} (downloaded from {weights.urls[0]} to {path}; delete it to download again)") from e
+
+
+def _build(variant, model_kwargs: dict) -> nn.Module:
+    """Build the variant; an argument its builder does not take is a one-line error naming it."""
+    try:
+        return variant.build(**model_kwargs)
+    except TypeError as e:
+        bad = re.search(r"unexpected keyword argument '(\w+)'", str(e))
+        if bad is None:
+            raise
+        raise ValueError(
+            f"{variant.name} does not take {bad.group(1)!r}: create_model passes keyword arguments it does not know "
+            "to the model (help(mambaout.MambaOut) lists them)"
+        ) from None
+
+
+def _check_metadata(meta: dict, source: str) -> None:
+    """Bounds on what a checkpoint's metadata may ask of this process (see `mambaout.utils.limits`)."""
+    try:
+        if "eval_config" in meta:
+            check_eval_config(meta["eval_config"], source)
+        if "model_kwargs" in meta:
+            check_model_kwargs(meta["model_kwargs"], source)
+        if meta.get("model") is not None and not isinstance(meta["model"], str):
+            raise ValueError(f"{source}: metadata 'model' must be a model name, got {meta['model']!r}")
+        names = meta.get("class_names")
+        if names is not None and (not isinstance(names, list) or not all(isinstance(n, str) for n in names)):
+            raise ValueError(f"{source}: metadata 'class_names' must be a list of strings")
+    except ValueError as e:
+        raise CheckpointError(f"{e}; the file's metadata is damaged or was not written by mambaout") from e

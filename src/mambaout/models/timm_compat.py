@@ -1,0 +1,84 @@
+"""Opt-in: make `timm.create_model("mambaout_tiny", ...)` build this package's MambaOut.
+
+A timm-based detection or segmentation stack (mmdet/mmseg's timm wrappers, detectron2's timm backbones) creates
+its backbone through `timm.create_model`. After `mambaout.register_timm()`, that call returns our model, built by
+timm's own `build_model_with_cfg`: timm's pretrained configs and weight resolution (hub, cache,
+`pretrained_cfg_overlay`), its `features_only` wrappers and its layer flags all apply unchanged; only the model
+class, and so the kernels, are ours. The parameter names are timm's, so timm's weights load as they are; weights
+in the official layout are remapped on load. Nothing changes in timm until this is called, and
+`unregister_timm()` restores timm's own entrypoints.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+__all__ = ["register_timm", "unregister_timm"]
+
+_ORIGINAL: dict = {}  # model name -> timm's own entrypoint, while ours is registered
+
+
+def _filter(state_dict: dict, model) -> dict:
+    """timm's `pretrained_filter_fn`: any of the layouts we read, mapped onto the model's keys."""
+    from mambaout.weights.checkpoint import fit_state_dict, unwrap_state_dict
+
+    return fit_state_dict(model, unwrap_state_dict(state_dict), name=getattr(model, "model_name", "mambaout"))
+
+
+def _entrypoint(name: str):
+    def create(pretrained: bool = False, **kwargs):
+        from timm.models import build_model_with_cfg
+
+        from mambaout.models.mambaout import MambaOut
+        from mambaout.models.variants import get_variant
+
+        variant, _ = get_variant(name)
+        model = build_model_with_cfg(
+            MambaOut,
+            name,
+            pretrained,
+            pretrained_filter_fn=_filter,
+            feature_cfg=dict(out_indices=(0, 1, 2, 3), flatten_sequential=True),
+            **dict(variant.kwargs, **kwargs),
+        )
+        model.model_name = name
+        return model
+
+    create.__name__ = name
+    create.__module__ = "timm.models.mambaout"  # timm files models by module; keep the listing where it was
+    return create
+
+
+def register_timm(names: Iterable[str] | None = None) -> list[str]:
+    """Route timm's MambaOut entrypoints (all of them, or `names`) to this package's model; returns the names.
+
+    Also registers `GatedCNNBlock` with timm's FX tracer as a leaf, so timm's and torchvision's feature extraction
+    call each block as a module: the traced graph then runs the same block code as eager, bit for bit.
+    """
+    import timm
+    from timm.layers import register_notrace_module
+    from timm.models import _registry
+
+    from mambaout.models.mambaout import GatedCNNBlock
+    from mambaout.models.variants import list_models
+
+    wanted = list(names) if names is not None else [n for n in list_models("mambaout_*") if timm.is_model(n)]
+    missing = [n for n in wanted if not timm.is_model(n)]
+    if missing:
+        raise ValueError(
+            f"timm {timm.__version__} has no model(s) {missing} to replace; see timm.list_models('mambaout*')"
+        )
+    register_notrace_module(GatedCNNBlock)
+    for name in wanted:
+        _ORIGINAL.setdefault(name, _registry._model_entrypoints[name])
+        _registry._model_entrypoints[name] = _entrypoint(name)
+    return wanted
+
+
+def unregister_timm() -> None:
+    """Give timm its own MambaOut entrypoints back."""
+    from timm.models import _registry
+
+    while _ORIGINAL:
+        name, fn = _ORIGINAL.popitem()
+        _registry._model_entrypoints[name] = fn

@@ -1,0 +1,415 @@
+"""The run folder of a training run: what is written there, and how a run is saved and restored.
+
+A run folder holds:
+
+- `last.safetensors`, `best.safetensors`, `epoch-NNNN.safetensors` (the `keep_top_k` best epochs): weights with the
+  metadata `mambaout.create_model(checkpoint=...)` needs (model, model_kwargs, class_names, eval_config);
+- `state.pt`: everything `--resume` needs (weights, optimizer, scheduler, grad scaler, EMA, epoch, step, RNG and
+  sampler state, best and top-k bookkeeping). It is self-contained, so a crash between two file writes can never
+  pair weights with the wrong optimizer state; every file is written to a temporary name and renamed;
+- `config.yaml` (the resolved configuration), `summary.csv` (one row per epoch), `curves.png`, `train.log` (what
+  the run printed), and TensorBoard events with `tensorboard: true`;
+- `.lock`: held (flock) by the one trainer writing the folder, so a second concurrent trainer is refused; the
+  kernel releases it when that process ends, however it ends.
+
+Only rank 0 writes; the other ranks build a `RunFolder` with `write=False`. A writer starts by removing the hidden
+temporary files a write killed mid-way left behind (they are as large as the checkpoints).
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from mambaout.utils import files
+
+logger = logging.getLogger("mambaout")
+
+
+# --- randomness ------------------------------------------------------------------------------------------------------
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    state = dict(
+        torch=torch.get_rng_state(),
+        numpy=[np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]],
+        python=list(random.getstate()),
+    )
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n[0], n[1].numpy(), *n[2:]))
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --- the training state (state.pt) -----------------------------------------------------------------------------------
+
+
+def resume_path(path: str | os.PathLike) -> Path:
+    """`--resume` accepts a run folder or its `state.pt`."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "state.pt"
+    if not p.is_file():
+        raise FileNotFoundError(f"--resume {path}: no training state found (expected a run folder holding state.pt)")
+    return p
+
+
+def load_state(path: Path) -> dict:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"cannot read training state {path} ({type(e).__name__}: {e})") from e
+    if not isinstance(state, dict) or "config" not in state:
+        raise ValueError(
+            f"{path} is not a training state written by mambaout train (no 'config' in it); pass the run folder "
+            "or its state.pt"
+        )
+    return state
+
+
+@dataclass
+class Trainable:
+    """The objects a training step updates, and `state.pt` holds."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    scaler: torch.amp.GradScaler | None = None
+    ema: nn.Module | None = None  # timm's ModelEmaV3: the averaged weights are `ema.module`
+
+
+@dataclass
+class Progress:
+    """Where a run stands: the epoch to start, optimizer steps so far, the best epoch and the top-k kept."""
+
+    start_epoch: int = 0
+    global_step: int = 0
+    best: dict | None = None
+    top_k: list = field(default_factory=list)  # (top1, epoch, file name), best first
+    resume_step: int = 0  # a mid-epoch state: optimizer steps already done inside `start_epoch`
+    resume_rng: dict | None = None  # ... and the RNG state to continue that epoch from
+    resume_totals: dict | None = None  # ... and that epoch's running sums (loss, micro-batches, skips) and lr
+
+    @classmethod
+    def restore(cls, state: dict, parts: Trainable) -> Progress:
+        """Load `state` (a `state.pt`) into `parts` and return where it left off."""
+        parts.model.load_state_dict(state["model"])
+        parts.optimizer.load_state_dict(state["optimizer"])
+        parts.scheduler.load_state_dict(state["scheduler"])
+        if parts.scaler is not None and state.get("scaler"):
+            parts.scaler.load_state_dict(state["scaler"])
+        if parts.ema is not None and state.get("ema"):
+            parts.ema.module.load_state_dict(state["ema"])
+        resume_step = state.get("epoch_step", 0)
+        return cls(
+            start_epoch=state["epoch"] + 1,
+            global_step=state["step"],
+            best=state.get("best"),
+            top_k=[tuple(t) for t in state.get("top_k", [])],
+            resume_step=resume_step,
+            resume_rng=state["rng"] if resume_step else None,
+            resume_totals=state.get("epoch_totals") if resume_step else None,
+        )
+
+
+# --- the folder ------------------------------------------------------------------------------------------------------
+
+
+def tensorboard_writer(folder: Path):
+    """A TensorBoard `SummaryWriter` for `folder` (or None for None); one line of advice when tensorboard is missing."""
+    from mambaout.utils.optional import require
+
+    require("tensorboard", "--tensorboard", "tensorboard")
+    if folder is None:
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(str(folder))
+
+
+RUN_FILES = (
+    "state.pt",
+    "config.yaml",
+    "summary.csv",
+    "last.safetensors",
+    "train.log",
+)  # any of them: the folder holds a run
+
+
+def check_output_free(out: Path, resume, overwrite: bool) -> None:
+    """Refuse to start a new run in a folder holding another run, unless resuming it or told to overwrite.
+
+    Raises:
+        FileExistsError: naming the folder and the two ways on.
+    """
+    if resume or overwrite or not out.is_dir():
+        return
+    found = [name for name in RUN_FILES if (out / name).exists()]
+    if found:
+        raise FileExistsError(
+            f"run folder {out} already holds a run ({', '.join(found)}); continue it with --resume {out}, "
+            "start over in it with --overwrite, or pick another folder with --output"
+        )
+
+
+class RunFolder:
+    """Files of one run folder, written by rank 0 only.
+
+    Args:
+        out: The folder.
+        cfg: The resolved configuration (written as `config.yaml`, and into `state.pt`).
+        meta: What `create_model(checkpoint=...)` needs: model, model_kwargs, class_names, eval_config.
+        write: False on ranks other than 0: every method is then a no-op.
+        samples_per_step: Images one optimizer step takes on one rank (batch x accumulation), for the sampler state.
+        world_size: Processes of the run, for the sampler state.
+    """
+
+    FIELDS = [
+        "epoch",
+        "lr",
+        "train_loss",
+        "val_loss",
+        "top1",
+        "top5",
+        "ema_top1",
+        "train_img_s",
+        "epoch_s",
+        "skipped",
+    ]
+
+    def __init__(self, out: Path, cfg: dict, meta: dict, write: bool, samples_per_step: int = 0, world_size: int = 1):
+        self.out, self.cfg, self.meta, self.write = out, cfg, meta, write
+        self.samples_per_step, self.world_size = samples_per_step, world_size
+        self.tb = None
+        self._lock = None
+        if write:
+            out.mkdir(parents=True, exist_ok=True)
+            self._lock = lock_folder(out)
+            remove_stale_temporaries(out)
+            import yaml
+
+            files.atomic_write_text(out / "config.yaml", yaml.safe_dump(_plain(cfg), sort_keys=False))
+            if cfg["tensorboard"]:
+                self.tb = tensorboard_writer(out / "tensorboard")
+
+    def save_state(
+        self, parts: Trainable, progress: Progress, completed_epoch: int, step: int, epoch_step=0, totals=None
+    ) -> None:
+        """state.pt: everything --resume needs; `epoch_step` > 0 marks a checkpoint inside the next epoch, whose
+        running sums so far (`totals`) it keeps so the epoch's summary row covers the whole epoch."""
+        if not self.write:
+            return
+        state = dict(
+            model=parts.model.state_dict(),
+            optimizer=parts.optimizer.state_dict(),
+            scheduler=parts.scheduler.state_dict(),
+            scaler=parts.scaler.state_dict() if parts.scaler is not None else None,
+            ema=parts.ema.module.state_dict() if parts.ema is not None else None,
+            epoch=completed_epoch,
+            step=step,
+            epoch_step=epoch_step,
+            best=progress.best,
+            top_k=[list(t) for t in progress.top_k],
+            rng=rng_state(),
+            sampler=dict(
+                seed=self.cfg["seed"],
+                epoch=completed_epoch + (1 if epoch_step else 0),
+                samples_done=epoch_step * self.samples_per_step,
+                world_size=self.world_size,
+            ),
+            config=_plain(self.cfg),
+            meta=self.meta,
+            epoch_totals=dict(totals) if totals else None,
+        )
+        files.atomic_torch_save(state, self.out / "state.pt")
+
+    def save_epoch(self, parts: Trainable, progress: Progress, row: dict, metrics, ema_metrics) -> None:
+        """last.safetensors every epoch, the k best epochs as epoch-NNNN.safetensors, best.safetensors, the row."""
+        if not self.write:
+            return
+        epoch = row["epoch"]
+        extra = dict(epoch=epoch)
+        if metrics is not None:
+            extra["top1"] = metrics["top1"]
+        self.save_weights(parts.model, "last.safetensors", **extra)
+        if parts.ema is not None:
+            self.save_weights(parts.ema.module, "last_ema.safetensors", **extra)
+        if metrics is not None and self.cfg["keep_top_k"]:
+            self._keep_top_k(parts.model, progress.top_k, metrics["top1"], extra)
+        self.log_epoch(row)
+        if metrics is not None:
+            score = max(metrics["top1"], ema_metrics["top1"] if ema_metrics else -1)
+            if progress.best is None or score > progress.best["top1"]:
+                use_ema = ema_metrics is not None and ema_metrics["top1"] > metrics["top1"]
+                progress.best = dict(epoch=epoch, top1=score, source="ema" if use_ema else "model")
+                model = parts.ema.module if use_ema else parts.model
+                self.save_weights(model, "best.safetensors", epoch=epoch, top1=score)
+
+    def _keep_top_k(self, model: nn.Module, top_k: list, top1: float, extra: dict) -> None:
+        k = self.cfg["keep_top_k"]
+        name = f"epoch-{extra['epoch'] + 1:04d}.safetensors"  # numbered as the log prints epochs: from 1
+        top_k.append((top1, extra["epoch"], name))
+        top_k.sort(key=lambda t: (-t[0], t[1]))
+        if any(t[2] == name for t in top_k[:k]):
+            self.save_weights(model, name, **extra)
+        for _, _, dropped in top_k[k:]:
+            (self.out / dropped).unlink(missing_ok=True)
+        del top_k[k:]
+
+    def rows(self) -> list[dict]:
+        path = self.out / "summary.csv"
+        if not path.is_file():
+            return []
+        with open(path) as f:
+            return list(csv.DictReader(f))
+
+    def log_epoch(self, row: dict) -> None:
+        if not self.write:
+            return
+        # keep rows of epochs before this one only: a resumed run rewrites the epochs it redoes
+        rows = [r for r in self.rows() if int(r["epoch"]) < row["epoch"]] + [row]
+        lines = [",".join(self.FIELDS)]
+        for r in rows:
+            lines.append(",".join(_fmt(r.get(k)) for k in self.FIELDS))
+        files.atomic_write_text(self.out / "summary.csv", "\n".join(lines) + "\n")
+        if self.tb is not None:
+            for k in self.FIELDS[1:]:
+                if row.get(k) not in (None, ""):
+                    self.tb.add_scalar(k, float(row[k]), row["epoch"])
+            self.tb.flush()
+        try:
+            plot_curves(self.out / "summary.csv", self.out / "curves.png")
+        except Exception as e:  # a plotting problem must never stop training
+            logger.warning("could not draw curves.png: %s", e)
+
+    def save_weights(self, model: nn.Module, name: str, **extra) -> Path:
+        from mambaout.weights.checkpoint import save_weights
+
+        return save_weights(model, self.out / name, **self.meta, **extra)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+            self.tb = None
+        if self._lock is not None:
+            self._lock.close()  # releases the flock
+            self._lock = None
+
+
+def lock_folder(out: Path):
+    """Take `out/.lock` for this process (an open file holding an exclusive flock), or refuse with one line.
+
+    Raises:
+        ValueError: another live process holds the lock (its pid is named).
+    """
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): run unlocked
+        return None
+    f = open(out / ".lock", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "unknown"
+        f.close()
+        raise ValueError(
+            f"run folder {out} is in use by another mambaout train (pid {holder}); wait for it to finish, "
+            "or pass another --output"
+        ) from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f
+
+
+def remove_stale_temporaries(out: Path) -> int:
+    """Delete the hidden `.NAME.*.tmp` files an interrupted atomic write left in `out` (call with the lock held)."""
+    removed = 0
+    for p in out.glob(".*.tmp*"):
+        if p.is_file() and (p.name.endswith(".tmp") or ".tmp." in p.name):
+            size = p.stat().st_size
+            p.unlink(missing_ok=True)
+            removed += 1
+            logger.warning("removed %s (%.1f MiB), left by a write that was interrupted", p, size / 2**20)
+    return removed
+
+
+def _fmt(v) -> str:
+    if v is None or v == "":
+        return ""
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    return str(v)
+
+
+def _plain(obj):
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def plot_curves(summary_csv: Path, png: Path) -> None:
+    """Loss, top-1 and learning rate per epoch from `summary.csv` into one PNG (matplotlib, headless)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(summary_csv) as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        return
+
+    def col(k):
+        return [float(r[k]) if r.get(k) else math.nan for r in rows]
+
+    ep = [int(r["epoch"]) + 1 for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    axes[0].plot(ep, col("train_loss"), label="train")
+    axes[0].plot(ep, col("val_loss"), label="val")
+    axes[0].set_title("loss")
+    axes[1].plot(ep, col("top1"), label="top-1")
+    if any(not math.isnan(v) for v in col("ema_top1")):
+        axes[1].plot(ep, col("ema_top1"), label="EMA top-1")
+    axes[1].set_title("val accuracy (%)")
+    axes[2].plot(ep, col("lr"))
+    axes[2].set_title("learning rate")
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    axes[1].legend()
+    fig.tight_layout()
+    tmp = png.with_name(f".{png.name}.tmp.png")
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    os.replace(tmp, png)

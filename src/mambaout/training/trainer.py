@@ -1,0 +1,481 @@
+"""The training run, top to bottom: data, model, optimizer and schedule, then epochs.
+
+`fit(cfg)` takes a configuration resolved by `mambaout.training.config.resolve_config`; the files it writes are described
+in `mambaout.training.runfolder`. Under torchrun every rank calls it with the same configuration; only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from mambaout.data.datasets import create_dataset
+from mambaout.data.image import eval_transform
+from mambaout.data.loaders import eval_loader, num_steps, train_loader
+from mambaout.data.transforms import build_train_transform
+from mambaout.training.config import amp_dtype, batch_plan, eval_config, output_folder, total_epochs
+from mambaout.training.engine import StepConfig, evaluate, train_one_epoch
+from mambaout.training.optim import create_optimizer, create_scheduler
+from mambaout.training.runfolder import (
+    Progress,
+    RunFolder,
+    Trainable,
+    check_output_free,
+    load_state,
+    resume_path,
+    seed_all,
+    set_rng_state,
+    tensorboard_writer,
+)
+from mambaout.utils import distributed as dist
+from mambaout.utils.files import jsonable
+
+
+def fit(cfg: dict) -> dict:
+    """Run (or resume) training as `cfg` says. Returns the last epoch's metrics, the run folder and the best epoch."""
+    env, device = dist.init(cfg["device"])
+    run = None
+    try:
+        if cfg["threads"]:
+            torch.set_num_threads(int(cfg["threads"]))
+        amp, amp_dt = amp_dtype(cfg, device)
+        state = load_state(resume_path(cfg["resume"])) if cfg["resume"] else None
+        out = output_folder(cfg)
+        global_batch, accum, lr = batch_plan(cfg, env.world_size)
+        if dist.is_main():
+            check_output_free(out, cfg["resume"], cfg["overwrite"])
+            if cfg["tensorboard"]:
+                tensorboard_writer(None)  # fail before the data is read, when tensorboard is missing
+
+        # data: the val set takes the train set's class -> index map, so labels agree even with missing folders
+        data = Data.build(cfg, env, device, accum)
+
+        # model: every registered model trains through the same factory
+        seed_all(cfg["seed"])
+        model, meta = build_model(cfg, data.classes, data.eval_config)
+        model.to(device)
+        if cfg["channels_last"]:
+            model.to(memory_format=torch.channels_last)
+
+        # optimizer, schedule, grad scaler, EMA; then the state to resume from
+        optimizer = create_optimizer(model, cfg, lr)
+        scheduler = create_scheduler(optimizer, cfg, data.steps_per_epoch)
+        scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
+        parts = Trainable(model, optimizer, scheduler, scaler, create_ema(model, cfg))
+        progress = Progress() if state is None else Progress.restore(state, parts)
+        if state is not None:
+            _say_resumed(cfg, progress)
+        train_model = dist.wrap(model, device)
+        if cfg["compile"]:
+            train_model = torch.compile(train_model)
+        mixup_fn, loss_fn = build_loss(cfg, len(data.classes))
+
+        run = RunFolder(out, cfg, meta, dist.is_main(), accum * cfg["batch_size"], env.world_size)
+        if dist.is_main():
+            _LOG.open(out / "train.log", append=bool(cfg["resume"]))
+        _say(_banner(cfg, meta["model"], model, data, env, device, (global_batch, accum, lr), amp, out))
+        step_cfg = StepConfig(accum, amp_dt, cfg["clip_grad"], cfg["channels_last"])
+        result: dict = {}
+        run_start = time.perf_counter()
+        epochs_this_call = steps_this_call = 0
+        resume_hint = f"continue with --resume {out}"
+        for epoch in range(progress.start_epoch, total_epochs(cfg)):
+            hook = StepHook(cfg, run, parts, progress, epoch, data.steps_per_epoch, steps_this_call)
+            hook.begin_epoch(data.loader, env.rank, accum)
+            t0 = time.perf_counter()
+            stats = _train_epoch(train_model, data, parts, loss_fn, mixup_fn, device, step_cfg, hook, cfg)
+            progress.global_step += stats["steps"]
+            steps_this_call += stats["steps"]
+            if hook.stopped_at is not None:
+                _say(f"stopping at step {hook.stopped_at} of epoch {epoch + 1} as asked (state saved); {resume_hint}")
+                dist.barrier()
+                result = dict(epoch=epoch, output=str(out), stopped=True)
+                break
+            row = dict(epoch=epoch, lr=hook.last_lr, train_loss=stats["loss"], skipped=stats["skipped"])
+            row["train_img_s"] = stats["img_s"] * env.world_size
+            metrics, ema_metrics = _evaluate_epoch(cfg, parts, data.val_loader, device, amp_dt, row)
+            row["epoch_s"] = time.perf_counter() - t0
+            if dist.is_main():
+                run.save_epoch(parts, progress, row, metrics, ema_metrics)
+                run.save_state(parts, progress, epoch, progress.global_step)
+                _say(_epoch_line(row, total_epochs(cfg), metrics, ema_metrics))
+            dist.barrier()
+            result = dict(row, output=str(out))
+            epochs_this_call += 1
+            last_epoch = epoch == total_epochs(cfg) - 1
+            if cfg["stop_after_epochs"] and epochs_this_call >= cfg["stop_after_epochs"] and not last_epoch:
+                _say(f"stopping after {epochs_this_call} epoch(s) as asked; {resume_hint}")
+                result["stopped"] = True
+                break
+        result.update(wall_s=time.perf_counter() - run_start, best=progress.best)
+        if dist.is_main() and not result.get("stopped") and result:
+            _say_done(result, data, out)
+        return result
+    finally:
+        _LOG.close()
+        if run is not None:
+            run.close()  # also releases the run folder's lock when training fails
+        dist.cleanup()
+
+
+# --- building the pieces ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Data:
+    """The datasets and loaders of a run, and what the model needs to know about them."""
+
+    train_set: object
+    val_set: object | None
+    loader: torch.utils.data.DataLoader
+    val_loader: torch.utils.data.DataLoader | None
+    classes: list[str]
+    eval_config: dict
+    steps_per_epoch: int
+
+    @classmethod
+    def build(cls, cfg: dict, env, device: torch.device, accum: int) -> Data:
+        train_tf = build_train_transform(cfg)
+        ev = eval_config(cfg)
+        eval_tf = eval_transform(ev)
+        workers, pin = cfg["workers"], device.type == "cuda"
+        val_loader = None
+        if cfg["data_pipeline"] == "gpu":  # uint8 batches to the device, augmented there (mambaout.data.gpu_loader)
+            from mambaout.data.gpu_loader import gpu_loaders
+
+            train_set, val_set, loader, val_loader = gpu_loaders(
+                cfg, env.rank, env.world_size, device, eval_tf, workers
+            )
+        else:
+            train_set = create_dataset(cfg["data_train"], train_tf, cache=cfg["cache"], img_size=cfg["img_size"])
+            val_set = None
+            if cfg["data_val"]:
+                val_set = create_dataset(
+                    cfg["data_val"],
+                    eval_tf,
+                    train_set.class_to_idx,
+                    cache=cfg["cache"],
+                    img_size=cfg["img_size"],
+                    substitute=False,  # held-out metrics count each readable image once
+                )
+            loader = train_loader(
+                train_set,
+                cfg["batch_size"],
+                env.rank,
+                env.world_size,
+                cfg["seed"],
+                workers,
+                pin,
+                cfg["persistent_workers"],
+            )
+        steps_per_epoch = num_steps(len(loader), accum)
+        if cfg["max_steps_per_epoch"]:
+            steps_per_epoch = min(steps_per_epoch, cfg["max_steps_per_epoch"])
+        if steps_per_epoch == 0:
+            raise ValueError(
+                f"an epoch has {len(loader)} batches, fewer than the {accum} accumulation steps of one optimizer "
+                f"step (global batch {cfg['batch_size'] * env.world_size * accum}); lower --global-batch or use "
+                "more data"
+            )
+        eval_bs = cfg["eval_batch_size"] or 2 * cfg["batch_size"]
+        if val_set is not None and val_loader is None:
+            val_loader = eval_loader(val_set, eval_bs, env.rank, env.world_size, workers, pin)
+        return cls(train_set, val_set, loader, val_loader, list(train_set.classes), ev, steps_per_epoch)
+
+
+def build_model(cfg: dict, classes: list[str], eval_cfg: dict) -> tuple[nn.Module, dict]:
+    """The model to train, and the metadata its checkpoints carry (what `create_model(checkpoint=...)` needs).
+
+    With `pretrained` or `initial_checkpoint` the weights come from there (fine-tuning); a classifier of another
+    class count than the data's is replaced by a fresh one.
+    """
+    import mambaout
+
+    num_classes = cfg["num_classes"] or len(classes)
+    if num_classes != len(classes):
+        raise ValueError(
+            f"--num-classes {num_classes} does not match the {len(classes)} classes of the training data "
+            f"({cfg['data_train']}); leave it out to take the data's"
+        )
+    kwargs = dict(cfg["model_kwargs"] or {})
+    if cfg["drop_rate"]:  # only when asked: not every registered builder takes a head dropout
+        kwargs.setdefault("drop_rate", cfg["drop_rate"])
+    variant, _ = mambaout.get_variant(cfg["model"])
+    drop_path = cfg["drop_path"] if cfg["drop_path"] is not None else variant.default_drop_path
+    model = mambaout.create_model(
+        cfg["model"],
+        pretrained=cfg["pretrained"],
+        checkpoint=cfg["initial_checkpoint"],
+        num_classes=num_classes,
+        drop_path_rate=drop_path,
+        **kwargs,
+    )
+    if cfg["grad_checkpointing"]:
+        model.set_grad_checkpointing(True)
+    # What create_model(checkpoint=...) needs to rebuild this model with no other argument: the architecture the
+    # model was built with (an initial checkpoint's own widths included), never where its first weights came from.
+    model_kwargs = {k: v for k, v in kwargs.items() if jsonable(v)}
+    model_kwargs.update(getattr(model, "model_kwargs", {}))
+    model_kwargs.update(num_classes=num_classes)
+    if drop_path:
+        model_kwargs["drop_path_rate"] = drop_path
+    meta = dict(model=variant.name, model_kwargs=model_kwargs, class_names=classes, eval_config=eval_cfg)
+    if cfg["pretrained"] or cfg["initial_checkpoint"]:
+        meta["fine_tuned_from"] = (
+            f"{variant.name} published weights" if cfg["pretrained"] else str(cfg["initial_checkpoint"])
+        )
+    return model, meta
+
+
+def create_ema(model: nn.Module, cfg: dict):
+    """timm's ModelEmaV3 of the weights (evaluated beside the model), or None when `model_ema` is off."""
+    if not cfg["model_ema"]:
+        return None
+    from timm.utils import ModelEmaV3
+
+    return ModelEmaV3(model, decay=cfg["model_ema_decay"])
+
+
+def build_loss(cfg: dict, num_classes: int):
+    """(mixup function or None, loss): soft-target cross-entropy under mixup/cutmix, else (smoothed) cross-entropy."""
+    from timm.data import Mixup
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+
+    if cfg["mixup"] > 0 or cfg["cutmix"] > 0:
+        mixup_fn = Mixup(
+            mixup_alpha=cfg["mixup"],
+            cutmix_alpha=cfg["cutmix"],
+            prob=cfg["mixup_prob"],
+            switch_prob=cfg["mixup_switch_prob"],
+            mode=cfg["mixup_mode"],
+            label_smoothing=cfg["smoothing"],
+            num_classes=num_classes,
+        )
+        return mixup_fn, SoftTargetCrossEntropy()  # the smoothing is already in the mixed soft targets
+    if cfg["smoothing"] > 0:
+        return None, LabelSmoothingCrossEntropy(smoothing=cfg["smoothing"])
+    return None, nn.CrossEntropyLoss()
+
+
+# --- one epoch -------------------------------------------------------------------------------------------------------
+
+
+class StepHook:
+    """What happens at the start of an epoch and after each of its optimizer steps.
+
+    `engine.train_one_epoch` calls `start()` once the loader's iterator exists and `step(n)` after its n-th
+    optimizer step; `step` updates a per-step schedule, writes mid-epoch checkpoints (`checkpoint_every`) and asks
+    to stop (`stop_after_steps`), recording where in `stopped_at`.
+    """
+
+    def __init__(self, cfg, run: RunFolder, parts: Trainable, progress: Progress, epoch, steps_per_epoch, called):
+        self.cfg, self.run, self.parts, self.progress = cfg, run, parts, progress
+        self.epoch, self.steps_per_epoch = epoch, steps_per_epoch
+        self.base_step = progress.global_step  # optimizer steps before this epoch
+        self.called = called  # optimizer steps this invocation took before this epoch
+        # resuming a mid-epoch checkpoint: leave out the steps it had trained
+        self.skip = progress.resume_step if epoch == progress.start_epoch else 0
+        self.stopped_at: int | None = None
+        self.last_lr = 0.0  # the lr of the epoch's latest optimizer step (the classifier's, under layer decay)
+        # the epoch's running sums, continued from a mid-epoch checkpoint and stored with the next one
+        self.totals: dict = dict(progress.resume_totals or {}) if self.skip else {}
+
+    def lr(self) -> float:
+        return max(group["lr"] for group in self.parts.optimizer.param_groups)
+
+    def begin_epoch(self, loader, rank: int, accum: int) -> float:
+        """Seed the epoch, position the sampler, set the epoch's learning rate; returns it."""
+        # Seeding per epoch makes an epoch's randomness a function of (seed, epoch, rank) only, so a resumed
+        # run replays exactly what an uninterrupted one would have done.
+        seed_all(self.cfg["seed"] + 1000 * self.epoch + rank)
+        loader.sampler.set_epoch(self.epoch)
+        loader.sampler.skip = self.skip * accum * self.cfg["batch_size"]
+        if not self.cfg["sched_on_updates"]:
+            self.parts.scheduler.step(self.epoch)
+        else:
+            self.parts.scheduler.step_update(self.progress.global_step)
+        self.last_lr = self.lr()
+        return self.last_lr
+
+    def start(self) -> None:
+        # Mid-epoch resume: continue the RNG where the checkpoint left it (after the loader's iterator has
+        # drawn its seed, as it had in the interrupted run), so with workers=0 the rest of the epoch
+        # is bit-identical; with worker processes the data order is, their augmentation draws are not.
+        if self.skip and self.progress.resume_rng is not None:
+            set_rng_state(self.progress.resume_rng)
+
+    def step(self, n: int) -> bool:
+        """After the n-th optimizer step of this call of the epoch; True asks the engine to stop."""
+        step_now, done = self.base_step + n, self.skip + n
+        self.last_lr = self.lr()  # the lr step n used, before the schedule moves on
+        if self.cfg["sched_on_updates"]:
+            self.parts.scheduler.step_update(step_now)
+        inside = done < self.steps_per_epoch  # the epoch-end checkpoint covers the last step
+        stop_after = self.cfg["stop_after_steps"]
+        stop = bool(stop_after) and self.called + n >= stop_after and inside
+        every = self.cfg["checkpoint_every"]
+        if inside and (stop or (every and step_now % every == 0)):
+            totals = {k: (v.item() if torch.is_tensor(v) else v) for k, v in self.totals.items()}  # a host read
+            self.run.save_state(self.parts, self.progress, self.epoch - 1, step_now, epoch_step=done, totals=totals)
+        if stop:
+            self.stopped_at = done
+        return stop
+
+
+def _train_epoch(train_model, data: Data, parts: Trainable, loss_fn, mixup_fn, device, step_cfg, hook, cfg) -> dict:
+    bar = None
+    desc = f"epoch {hook.epoch + 1}/{total_epochs(cfg)}"
+    if cfg["progress"] and dist.is_main() and sys.stderr.isatty():
+        from tqdm import tqdm
+
+        bar = tqdm(total=data.steps_per_epoch, initial=hook.skip, desc=desc, leave=False, file=sys.stderr)
+    elif cfg["progress"] and dist.is_main() and cfg["log_every"]:
+        bar = StepLines(desc, data.steps_per_epoch, hook.skip, cfg["log_every"])  # logs and SLURM files: no bar
+    stats = train_one_epoch(
+        train_model,
+        data.loader,
+        parts.optimizer,
+        loss_fn,
+        device,
+        step_cfg,
+        mixup_fn=mixup_fn,
+        scaler=parts.scaler,
+        ema=parts.ema,
+        on_step=hook.step,
+        on_start=hook.start,
+        max_steps=data.steps_per_epoch - hook.skip,
+        progress=bar,
+        # progress lines read the loss from the device: at most every 20 steps unless asked for more often
+        refresh_every=min(20, cfg["log_every"]) if isinstance(bar, StepLines) else 20,
+        totals=hook.totals,
+    )
+    if bar is not None:
+        bar.close()
+    return stats
+
+
+def _evaluate_epoch(cfg: dict, parts: Trainable, val_loader, device, amp_dt, row: dict):
+    """Evaluate the model (and its EMA) when this epoch is due; adds the numbers to `row`."""
+    epoch = row["epoch"]
+    due = (epoch + 1) % cfg["eval_every"] == 0 or epoch == total_epochs(cfg) - 1
+    if val_loader is None or not due:
+        return None, None
+    metrics = evaluate(parts.model, val_loader, device, amp_dt, cfg["channels_last"])
+    row.update(val_loss=metrics["loss"], top1=metrics["top1"], top5=metrics["top5"])
+    row["skipped"] += metrics["skipped"]
+    row["skipped_files"] = metrics["skipped_files"]
+    ema_metrics = None
+    if parts.ema is not None:
+        ema_metrics = evaluate(parts.ema.module, val_loader, device, amp_dt, cfg["channels_last"])
+        row["ema_top1"] = ema_metrics["top1"]
+    return metrics, ema_metrics
+
+
+# --- what the run prints ---------------------------------------------------------------------------------------------
+
+
+class RunLog:
+    """Where rank 0's messages go besides stdout: the run folder's `train.log`, once the folder exists."""
+
+    def __init__(self):
+        self.file = None
+
+    def open(self, path, append: bool) -> None:
+        self.close()
+        self.file = open(path, "a" if append else "w")
+
+    def write(self, msg: str) -> None:
+        if self.file is not None:
+            self.file.write(msg + "\n")
+            self.file.flush()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+
+_LOG = RunLog()
+
+
+def _say(msg: str) -> None:
+    if dist.is_main():
+        print(msg, flush=True)
+        _LOG.write(msg)
+
+
+class StepLines:
+    """The progress bar's stand-in when stderr is not a terminal: one line every `every` optimizer steps.
+
+    It takes the calls `engine.train_one_epoch` makes on a tqdm bar (`update`, `set_postfix`, `close`).
+    """
+
+    def __init__(self, desc: str, total: int, done: int, every: int):
+        self.desc, self.total, self.n, self.every = desc, total, done, every
+        self.printed = done
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+
+    def set_postfix(self, refresh: bool = False, **values) -> None:
+        # the engine reports every few steps (one host sync each time): print when a multiple of `every` was passed
+        due = self.n // self.every > self.printed // self.every
+        if due and self.n < self.total:  # the epoch line covers the last step
+            self.printed = self.n
+            _say(f"{self.desc} step {self.n}/{self.total}  " + "  ".join(f"{k} {v}" for k, v in values.items()))
+
+    def close(self) -> None:
+        pass
+
+
+def _banner(cfg, name, model, data: Data, env, device, plan, amp, out) -> str:
+    global_batch, accum, lr = plan
+    lr_note = (
+        "(set explicitly)"
+        if cfg["lr"] is not None
+        else f"(linear scaling: {cfg['lr_base']:g} x {global_batch} / {cfg['lr_base_batch']})"
+    )
+    return (
+        f"training {name} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params) on "
+        f"{len(data.train_set)} images, {len(data.classes)} classes, {cfg['img_size']} px | {env.world_size} "
+        f"process(es) on {device.type} | global batch {global_batch} = {cfg['batch_size']} x {env.world_size} x "
+        f"{accum} accumulation | lr {lr:.3g} {lr_note} | {total_epochs(cfg)} epochs x {data.steps_per_epoch} steps "
+        f"| amp {amp} | output {out}"
+    )
+
+
+def _say_resumed(cfg: dict, progress: Progress) -> None:
+    _say(
+        f"resumed from {cfg['resume']}: epoch {progress.start_epoch + 1} of {total_epochs(cfg)}"
+        + (f" after its step {progress.resume_step}" if progress.resume_step else "")
+        + f", global step {progress.global_step}"
+    )
+
+
+def _epoch_line(row: dict, n_epochs: int, metrics, ema_metrics) -> str:
+    msg = (
+        f"epoch {row['epoch'] + 1}/{n_epochs}  lr {row['lr']:.3g}  train loss {row['train_loss']:.4f}  "
+        f"{row['train_img_s']:.0f} img/s  {row['epoch_s']:.0f}s"
+    )
+    if metrics is not None:
+        msg += f"  val loss {metrics['loss']:.4f}  top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%"
+    if ema_metrics is not None:
+        msg += f"  EMA top-1 {ema_metrics['top1']:.2f}%"
+    if row["skipped"]:
+        names = row.get("skipped_files") or []
+        more = f" (+{len(names) - 5} more)" if len(names) > 5 else ""
+        named = f" (held-out, not counted: {', '.join(names[:5])}{more})" if names else ""
+        msg += f"  skipped {row['skipped']} unreadable images{named}"
+    return msg
+
+
+def _say_done(result: dict, data: Data, out) -> None:
+    top1 = f"{result['top1']:.2f}%" if result.get("top1") is not None else "n/a"
+    _say(
+        f"done in {result['wall_s']:.0f}s: held-out top-1 {top1} ({len(data.val_set) if data.val_set else 0} images); "
+        f"weights {out / 'last.safetensors'} (best: {out / 'best.safetensors'})"
+    )

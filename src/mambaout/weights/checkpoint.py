@@ -1,0 +1,384 @@
+"""Reading, converting, checking and writing MambaOut weights.
+
+Three layouts load, detected from the keys:
+
+- **official**: the raw state dicts of the official release `.pth` files (yuweihao/MambaOut):
+  `downsample_layers.0.{conv1,norm1,conv2,norm2}`, `downsample_layers.{1,2,3}.{conv,norm}`,
+  `stages.i.j.{norm,fc1,conv,fc2}`, `norm`, `head.{fc1,norm,fc2}`;
+- **timm**: the `timm/mambaout_*` hub weights (`.safetensors` or `.bin`), which is also our module layout;
+- **ours**: safetensors in the timm layout with metadata (model name, its arguments, class names, eval settings).
+
+`to_model_layout` is the one place that maps keys between layouts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mambaout.utils.files import atomic_write
+
+logger = logging.getLogger("mambaout")
+
+FORMAT_NAME = "mambaout"
+CLASSIFIER_KEYS = ("head.fc.weight", "head.fc.bias")
+FIRST_CONV_KEY = "stem.conv1.weight"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not fit the model."""
+
+
+class DownloadError(RuntimeError):
+    """Weights that could not be downloaded."""
+
+
+# --- layouts ---------------------------------------------------------------------------------------------------------
+
+
+def unwrap_state_dict(obj) -> dict[str, torch.Tensor]:
+    """The tensors of a loaded checkpoint: unwraps `{'model': ...}`-style containers and DDP's `module.` prefix."""
+    if isinstance(obj, dict):
+        for key in ("model_ema", "state_dict_ema", "model", "state_dict"):
+            if key in obj and isinstance(obj[key], dict):
+                return unwrap_state_dict(obj[key])
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError("checkpoint holds no state dict (expected a dict of tensors, maybe under 'model')")
+    prefixes = ("module.", "_orig_mod.")
+    return {_strip(k, prefixes): v for k, v in obj.items()}
+
+
+def _strip(key: str, prefixes: tuple[str, ...]) -> str:
+    changed = True
+    while changed:
+        changed = False
+        for p in prefixes:
+            if key.startswith(p):
+                key, changed = key[len(p) :], True
+    return key
+
+
+def detect_layout(state_dict: dict) -> str:
+    """`'official'` or `'timm'` (ours shares timm's layout)."""
+    if any(k.startswith("downsample_layers.") for k in state_dict):
+        return "official"
+    if any(k.startswith("stem.") for k in state_dict):
+        return "timm"
+    raise CheckpointError(
+        "checkpoint is not a MambaOut state dict: found neither 'downsample_layers.*' (official) nor 'stem.*' (timm) "
+        f"keys; first keys: {list(state_dict)[:4]}"
+    )
+
+
+# official key -> ours, applied in order (head.norm must move before the final norm takes its name)
+_OFFICIAL_TO_OURS = [
+    (r"^downsample_layers\.0\.", "stem."),
+    (r"^downsample_layers\.(\d+)\.", r"stages.\1.downsample."),
+    (r"^stages\.(\d+)\.(\d+)\.", r"stages.\1.blocks.\2."),
+    (r"^head\.fc1\.", "head.pre_logits.fc."),
+    (r"^head\.norm\.", "head.pre_logits.norm."),
+    (r"^head\.fc2\.", "head.fc."),
+    (r"^norm\.", "head.norm."),
+]
+_OURS_TO_OFFICIAL = [
+    (r"^stem\.", "downsample_layers.0."),
+    (r"^stages\.(\d+)\.downsample\.", r"downsample_layers.\1."),
+    (r"^stages\.(\d+)\.blocks\.(\d+)\.", r"stages.\1.\2."),
+    (r"^head\.norm\.", "norm."),
+    (r"^head\.pre_logits\.fc\.", "head.fc1."),
+    (r"^head\.pre_logits\.norm\.", "head.norm."),
+    (r"^head\.fc\.", "head.fc2."),
+]
+
+
+def _rename(state_dict: dict, rules) -> dict:
+    out = {}
+    for k, v in state_dict.items():
+        for pattern, repl in rules:
+            k, n = re.subn(pattern, repl, k)
+            if n:
+                break
+        out[k] = v
+    return out
+
+
+def to_model_layout(state_dict: dict) -> dict[str, torch.Tensor]:
+    """Any supported layout -> our (timm's) key names."""
+    return _rename(state_dict, _OFFICIAL_TO_OURS) if detect_layout(state_dict) == "official" else dict(state_dict)
+
+
+def to_official_layout(state_dict: dict) -> dict[str, torch.Tensor]:
+    """Our key names -> the official release's (paper-style models only: the `_rw` ones have no official layout)."""
+    if any(".ls.gamma" in k for k in state_dict):
+        raise CheckpointError("LayerScale weights (the _rw models) have no place in the official layout")
+    return _rename(state_dict, _OURS_TO_OFFICIAL)
+
+
+# --- fitting a state dict to a model --------------------------------------------------------------------------------
+
+
+def adapt_input_conv(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
+    """Refit the first conv's `[out, 3, k, k]` RGB weights to `in_chans` inputs.
+
+    One channel sums the RGB filters (a grey image then gives the RGB response); more channels tile
+    them and rescale by `3 / in_chans` so the activations keep their scale.
+    """
+    src = weight.shape[1]
+    if in_chans == src:
+        return weight
+    if in_chans == 1:
+        return weight.sum(dim=1, keepdim=True)
+    reps = -(-in_chans // src)  # ceil
+    return weight.repeat(1, reps, 1, 1)[:, :in_chans] * (src / in_chans)
+
+
+def fit_state_dict(
+    model: nn.Module, state_dict: dict, name: str = "model", new_head: bool = False, warn: bool = True
+) -> dict:
+    """Convert `state_dict` to `model`'s layout, adapting the input conv (and the classifier when asked).
+
+    Args:
+        new_head: The caller asked for a classifier of its own width (fine-tuning to another class count): a
+            checkpoint classifier of another size is then dropped and the model's fresh one kept. Without it a
+            classifier that does not fit is an error, never a silently random head.
+        warn: Log the adaptations (off for a dry run on a shape-only model).
+
+    Raises:
+        CheckpointError: naming the missing and unexpected keys and the mismatched shapes.
+    """
+    sd = to_model_layout(state_dict)
+    target = model.state_dict()
+    if (
+        FIRST_CONV_KEY in sd
+        and FIRST_CONV_KEY in target
+        and sd[FIRST_CONV_KEY].shape[1] != target[FIRST_CONV_KEY].shape[1]
+    ):
+        in_chans = target[FIRST_CONV_KEY].shape[1]
+        log = logger.warning if warn else logger.debug
+        log("%s: adapting the first conv from %d to %d input channels", name, sd[FIRST_CONV_KEY].shape[1], in_chans)
+        sd[FIRST_CONV_KEY] = adapt_input_conv(sd[FIRST_CONV_KEY], in_chans)
+    fc_w = CLASSIFIER_KEYS[0]
+    have = tuple(sd[fc_w].shape)[0] if fc_w in sd else None
+    want = tuple(target[fc_w].shape)[0] if fc_w in target else 0
+    if have is not None and have != want:
+        if not new_head:
+            raise CheckpointError(
+                f"the checkpoint's classifier has {have} classes but {name} is built with {want}: its metadata or "
+                "the num_classes asked for does not match the weights. Pass the checkpoint its own model, or ask "
+                "for a new class count explicitly to fine-tune (num_classes=N re-initialises the classifier)"
+            )
+        (logger.warning if warn else logger.debug)(
+            "%s: checkpoint classifier has %d classes, the model %d: loading everything but the classifier, "
+            "which keeps its fresh initialisation",
+            name,
+            have,
+            want,
+        )
+        for k in CLASSIFIER_KEYS:
+            sd.pop(k, None)
+        sd.update({k: v for k, v in target.items() if k in CLASSIFIER_KEYS})
+    check_fits(target, sd, name)
+    return sd
+
+
+def check_fits(target: dict, sd: dict, name: str = "model") -> None:
+    missing = [k for k in target if k not in sd]
+    unexpected = [k for k in sd if k not in target]
+    shapes = [
+        f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(target[k].shape)}"
+        for k in target
+        if k in sd and sd[k].shape != target[k].shape
+    ]
+    if missing or unexpected or shapes:
+        parts = []
+        for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)):
+            if items:
+                more = f" (+{len(items) - 5} more)" if len(items) > 5 else ""
+                parts.append(f"{len(items)} {label}: {', '.join(items[:5])}{more}")
+        raise CheckpointError(
+            f"checkpoint does not fit {name}: {'; '.join(parts)}. Check the model name and its arguments "
+            "(depths, dims, expansion_ratio, conv_ratio, kernel_size) match the weights"
+        )
+
+
+def load_into(model: nn.Module, state_dict: dict, name: str = "model", new_head: bool = False) -> None:
+    """Load any-layout `state_dict` strictly into `model` (after `fit_state_dict`'s adaptations)."""
+    model.load_state_dict(fit_state_dict(model, state_dict, name, new_head), strict=True)
+
+
+# --- files -----------------------------------------------------------------------------------------------------------
+
+
+def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
+    """Read a `.safetensors`, `.pth`/`.pt`/`.bin` (pickled; read with `weights_only=True`) file or a URL.
+
+    Returns:
+        The state dict (any layout) and our metadata (empty for files we did not write).
+    """
+    path = str(path)
+    if path.startswith(("http://", "https://")):
+        path = str(download([path]))
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"checkpoint {path} does not exist; pass a .safetensors/.pth file path or an http(s) URL"
+        )
+    if path.endswith(".safetensors"):
+        from safetensors import safe_open
+
+        try:
+            with safe_open(path, framework="pt") as f:
+                meta = f.metadata() or {}
+                sd = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as e:  # safetensors raises its own error types
+            raise CheckpointError(
+                f"cannot read {path} as safetensors ({e}); the file may be truncated: download it again"
+            ) from e
+        return sd, _decode_metadata(meta)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"cannot read {path} as a PyTorch checkpoint ({type(e).__name__}: {e})") from e
+    meta = obj.get("mambaout_metadata", {}) if isinstance(obj, dict) else {}
+    return unwrap_state_dict(obj), meta
+
+
+def _decode_metadata(meta: dict[str, str]) -> dict:
+    if meta.get("format") != FORMAT_NAME:
+        return {}
+    try:
+        return {k: json.loads(v) for k, v in meta.items() if k != "format"}
+    except ValueError as e:
+        raise CheckpointError(f"the checkpoint's metadata is not valid JSON ({e}); the file is damaged") from e
+
+
+def save_weights(model_or_state: nn.Module | dict, path: str | os.PathLike, **metadata) -> Path:
+    """Write weights as safetensors, atomically (a crash mid-write leaves any previous file intact).
+
+    Args:
+        model_or_state: A model (unwrapped from DDP/compile) or its state dict.
+        path: Destination `.safetensors` file.
+        **metadata: JSON-serialisable facts to store beside the tensors: `model`, `model_kwargs`,
+            `class_names`, `eval_config`, ...
+    """
+    from safetensors.torch import save_file
+
+    sd = model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else model_or_state
+    sd = {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
+    meta = {"format": FORMAT_NAME, **{k: json.dumps(v) for k, v in metadata.items()}}
+    return atomic_write(path, lambda tmp: save_file(sd, tmp, metadata=meta))
+
+
+# --- downloads -------------------------------------------------------------------------------------------------------
+
+
+def cache_dir() -> Path:
+    """`$MAMBAOUT_CACHE`, else `$XDG_CACHE_HOME/mambaout`, else `~/.cache/mambaout`."""
+    if os.environ.get("MAMBAOUT_CACHE"):
+        return Path(os.environ["MAMBAOUT_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mambaout"
+
+
+def cache_name(url: str) -> str:
+    """File name in the cache (and on a mirror): hub files are all `model.safetensors`, so they take the repo's name."""
+    base = url.rstrip("/").rsplit("/", 1)[-1]
+    if "/resolve/" in url:
+        repo = url.split("/resolve/")[0].rsplit("/", 1)[-1]
+        base = repo + os.path.splitext(base)[1]
+    return base
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def download(urls: list[str] | tuple[str, ...], root: Path | None = None, progress: bool = True) -> Path:
+    """Fetch the first of `urls` that answers into the cache and return its path.
+
+    Each URL has its own cache name (`cache_name`), and a download is stored under the suffix of its real format
+    (`.safetensors` or `.pth`, read from its first bytes), so a fallback URL's file is never read as another's.
+    A cached file is reused when its recorded SHA-256 still matches; a download is written to a `.part`
+    file, checked against the server's Content-Length, hashed, and only then moved into place. With
+    `$MAMBAOUT_MIRROR` set (a folder URL), files are fetched from `$MAMBAOUT_MIRROR/<cache name>` instead.
+
+    Raises:
+        DownloadError: one line naming every URL tried and how to pass a local file instead.
+    """
+    root = Path(root) if root else cache_dir()
+    names = [cache_name(u) for u in urls]
+    for name in names:
+        for cached in {root / name, root / _with_suffix(name, ".safetensors"), root / _with_suffix(name, ".pth")}:
+            if cached.is_file():
+                sidecar = cached.with_name(cached.name + ".sha256")
+                if sidecar.is_file() and sidecar.read_text().strip() == _sha256(cached):
+                    return cached
+                logger.warning("cached %s fails its checksum; downloading it again", cached)
+    mirror = os.environ.get("MAMBAOUT_MIRROR")
+    tries = [f"{mirror.rstrip('/')}/{name}" for name in names] if mirror else list(urls)
+    errors = []
+    for url, name in zip(tries, names):
+        try:
+            return _fetch(url, root / name, progress)
+        except (urllib.error.URLError, OSError, DownloadError) as e:
+            errors.append(f"{url} ({getattr(e, 'reason', None) or e})")
+    raise DownloadError(
+        f"could not download {'; '.join(errors)}. Offline? Fetch the file elsewhere and pass it as "
+        f"checkpoint=PATH (CLI: --checkpoint PATH), or put it in {root} as {names[0]}"
+    )
+
+
+def _with_suffix(name: str, suffix: str) -> str:
+    stem, ext = os.path.splitext(name)
+    return (stem if ext in (".pth", ".pt", ".bin", ".safetensors") else name) + suffix
+
+
+def file_format(path: Path) -> str:
+    """`'.safetensors'` or `'.pth'` from a weights file's first bytes (not its name)."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    # safetensors: an 8-byte little-endian header length, then the JSON header; torch.save: a zip or a pickle
+    if len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < (1 << 30):
+        return ".safetensors"
+    return ".pth"
+
+
+def _fetch(url: str, dest: Path, progress: bool) -> Path:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".part")
+    req = urllib.request.Request(url, headers={"User-Agent": "mambaout"})
+    with urllib.request.urlopen(req, timeout=30) as resp, open(part, "wb") as out:
+        total = int(resp.headers.get("Content-Length") or 0)
+        done = 0
+        show = progress and sys.stderr.isatty()
+        while chunk := resp.read(1 << 20):
+            out.write(chunk)
+            done += len(chunk)
+            if show:
+                pct = f"{100 * done / total:5.1f}%" if total else ""
+                print(f"\rdownloading {dest.name}: {done / 2**20:7.1f} MiB {pct}", end="", file=sys.stderr)
+        if show:
+            print(file=sys.stderr)
+    if total and done != total:
+        part.unlink(missing_ok=True)
+        raise DownloadError(f"truncated download: got {done} of {total} bytes")
+    digest = _sha256(part)
+    real = file_format(part)
+    if os.path.splitext(dest.name)[1] != real:  # e.g. a .pth URL answering with safetensors bytes
+        dest = dest.with_name(_with_suffix(dest.name, real))
+    os.replace(part, dest)
+    dest.with_name(dest.name + ".sha256").write_text(digest + "\n")
+    logger.info("downloaded %s (sha256 %s)", dest, digest)
+    return dest
