@@ -21,9 +21,9 @@ import time
 
 import torch
 
-import mambaout
 from mambaout import kernels
 from mambaout.analysis.flops import count_macs, count_params
+from mambaout.models.factory import create_model
 
 
 def _inference_step(model, x):
@@ -62,7 +62,7 @@ def compare(
     torch.manual_seed(0)
     x = torch.randn(batch_size, 3, img_size, img_size)
     y = torch.randint(0, num_classes, (batch_size,))
-    models = [mambaout.create_model(n, num_classes=num_classes, **kw) for n, kw in zip(names, model_kwargs)]
+    models = [create_model(n, num_classes=num_classes, **kw) for n, kw in zip(names, model_kwargs)]
     opts = [torch.optim.AdamW(m.parameters(), lr=1e-4) for m in models]
     infer = [[] for _ in models]
     infer_ref = [[] for _ in models]

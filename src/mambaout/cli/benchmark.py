@@ -96,7 +96,7 @@ def build_pair(name: str, device: torch.device, channels_last: bool = False, **k
     """(timm model, our model) with identical weights, on `device`, in float32."""
     import timm
 
-    import mambaout
+    from mambaout.models.factory import create_model
 
     torch.manual_seed(0)
     try:
@@ -105,7 +105,7 @@ def build_pair(name: str, device: torch.device, channels_last: bool = False, **k
         raise ValueError(
             f"timm has no model {name!r} to compare with ({e}); pick one of timm.list_models('mambaout*')"
         ) from e
-    ours = mambaout.create_model(name, **kwargs)
+    ours = create_model(name, **kwargs)
     ours.load_state_dict(ref.state_dict(), strict=True)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     return ref.to(device, memory_format=fmt), ours.to(device, memory_format=fmt)

@@ -65,3 +65,12 @@ def model_counts(name: str, img_size: int) -> tuple[int, int | None]:
     except ValueError:
         macs = None
     return count_params(model), macs
+
+
+def add_fused_kernels_argument(parser) -> None:
+    """The `--fused-kernels` switch of the commands that run models (train, validate, predict)."""
+    parser.add_argument(
+        "--fused-kernels",
+        action="store_true",
+        help="CUDA: run the Gated CNN blocks through the opt-in fused Triton kernels (mambaout kernels says more)",
+    )

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from mambaout import kernels
-from mambaout.cli.common import add_model_args, build_model
+from mambaout.cli.common import add_fused_kernels_argument, add_model_args, build_model
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -19,7 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON list (one entry per image) on stdout")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
-    kernels.add_fused_kernels_argument(parser)
+    add_fused_kernels_argument(parser)
     args = parser.parse_args(argv)
     kernels.set_fused_kernels(args.fused_kernels)
     if args.topk < 1:

@@ -11,6 +11,7 @@ import sys
 import yaml
 
 from mambaout import kernels
+from mambaout.cli.common import add_fused_kernels_argument
 
 S = argparse.SUPPRESS  # options not given stay out of the namespace, so they never override the recipe
 
@@ -113,7 +114,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--checkpoint-every", type=int, help="also save the training state every N steps inside epochs")
     g.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     g.add_argument("--list-recipes", action="store_true", help="list the recipe names and exit")
-    kernels.add_fused_kernels_argument(g)
+    add_fused_kernels_argument(g)
     return p
 
 

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from mambaout import kernels
+from mambaout.cli.common import add_fused_kernels_argument
 from mambaout.utils.limits import check_crop_pct, check_img_size
 
 
@@ -41,7 +42,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--amp", action="store_true", help="bf16 autocast")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--results-file", help="write the results as JSON (top1/top5 in percent)")
-    kernels.add_fused_kernels_argument(p)
+    add_fused_kernels_argument(p)
     return p
 
 
@@ -107,11 +108,11 @@ def eval_dataset(model, data: str, img_size: int | None = None, crop_pct: float 
 def validate_one(name, checkpoint, args, device) -> dict:
     import torch
 
-    import mambaout
     from mambaout.data.loaders import eval_loader
+    from mambaout.models.factory import create_model
     from mambaout.training.engine import evaluate
 
-    model = mambaout.create_model(name, pretrained=args.pretrained and checkpoint is None, checkpoint=checkpoint)
+    model = create_model(name, pretrained=args.pretrained and checkpoint is None, checkpoint=checkpoint)
     cfg = model.pretrained_cfg
     dataset = eval_dataset(model, args.data, args.img_size, args.crop_pct)
     model.to(device).eval()

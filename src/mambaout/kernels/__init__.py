@@ -26,7 +26,6 @@ __all__ = [
     "fused_kernels_enabled",
     "set_fused_kernels",
     "fused_kernels",
-    "add_fused_kernels_argument",
     "reference_mode",
     "triton_interpreting",
     "fx_tracing",
@@ -72,15 +71,6 @@ def fused_kernels(enabled: bool = True):
         yield
     finally:
         set_fused_kernels(before)
-
-
-def add_fused_kernels_argument(parser) -> None:
-    """The `--fused-kernels` switch of the commands that run models (train, validate, predict)."""
-    parser.add_argument(
-        "--fused-kernels",
-        action="store_true",
-        help="CUDA: run the Gated CNN blocks through the opt-in fused Triton kernels (mambaout kernels says more)",
-    )
 
 
 @contextlib.contextmanager

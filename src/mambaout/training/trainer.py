@@ -193,7 +193,8 @@ def build_model(cfg: dict, classes: list[str], eval_cfg: dict) -> tuple[nn.Modul
     With `pretrained` or `initial_checkpoint` the weights come from there (fine-tuning); a classifier of another
     class count than the data's is replaced by a fresh one.
     """
-    import mambaout
+    from mambaout.models.factory import create_model
+    from mambaout.models.variants import get_variant
 
     num_classes = cfg["num_classes"] or len(classes)
     if num_classes != len(classes):
@@ -204,9 +205,9 @@ def build_model(cfg: dict, classes: list[str], eval_cfg: dict) -> tuple[nn.Modul
     kwargs = dict(cfg["model_kwargs"] or {})
     if cfg["drop_rate"]:  # only when asked: not every registered builder takes a head dropout
         kwargs.setdefault("drop_rate", cfg["drop_rate"])
-    variant, _ = mambaout.get_variant(cfg["model"])
+    variant, _ = get_variant(cfg["model"])
     drop_path = cfg["drop_path"] if cfg["drop_path"] is not None else variant.default_drop_path
-    model = mambaout.create_model(
+    model = create_model(
         cfg["model"],
         pretrained=cfg["pretrained"],
         checkpoint=cfg["initial_checkpoint"],
