@@ -10,7 +10,7 @@ import torch
 from PIL import Image, ImageOps
 
 from mambaout import data as D
-from mambaout.training.config import DEFAULTS
+from mambaout.data.transforms import AugmentConfig
 
 
 def _photo(size=(40, 30), seed=0) -> Image.Image:
@@ -117,7 +117,7 @@ def test_randaugment_posterize_zero_bits_is_fixed():
         unfixed = None
     assert unfixed is None or not np.array_equal(np.asarray(unfixed), np.asarray(expected))
 
-    tf = D.build_train_transform(DEFAULTS)  # the official recipe: rand-m9-mstd0.5-inc1
+    tf = D.build_train_transform(AugmentConfig())  # the official recipe: rand-m9-mstd0.5-inc1
     ops = _posterize_ops(tf)
     assert ops, "the official recipe's RandAugment has a Posterize op"
     for op in ops:

@@ -91,12 +91,12 @@ def test_timm_flag_names_reach_the_config():
     overrides, _ = train_cmd.parse_overrides(
         ["--pretrained", "--opt", "sgd", "--sched", "tanh", "--layer-decay", "0.8", "--aa", "rand-m5", "--min-lr", "0"]
     )
-    cfg = C.resolve_config(overrides)
+    cfg = C.to_flat(C.resolve_config(overrides))
     assert (cfg["pretrained"], cfg["opt"], cfg["sched"], cfg["layer_decay"]) == (True, "sgd", "tanh", 0.8)
     assert cfg["auto_augment"] == "rand-m5" and cfg["min_lr"] == 0
     with pytest.raises(ValueError, match="not both"):
         C.resolve_config({"model": "mambaout_test", "pretrained": True, "initial_checkpoint": "x.pth"})
-    with pytest.raises(ValueError, match="sched must be one of"):
+    with pytest.raises(ValueError, match="sched='plateau': must be one of cosine, tanh, poly, constant"):
         C.resolve_config({"sched": "plateau"})
     with pytest.raises(ValueError, match="pass --pretrained"):
         C.resolve_config({"model_kwargs": {"pretrained": True}})
@@ -104,12 +104,14 @@ def test_timm_flag_names_reach_the_config():
 
 def test_layer_decay_scales_lr_by_depth():
     model = _source("mambaout_test", num_classes=10)
-    cfg = dict(C.DEFAULTS, opt="adamw", layer_decay=0.5, weight_decay=0.05)
+    cfg = C.OptimConfig(opt="adamw", layer_decay=0.5, weight_decay=0.05)
     opt = create_optimizer(model, cfg, lr=1.0)
-    create_scheduler(opt, dict(cfg, warmup_epochs=0), steps_per_epoch=1).step(0)  # timm's schedulers apply lr_scale
+    create_scheduler(opt, C.ScheduleConfig(warmup_epochs=0), steps_per_epoch=1).step(
+        0
+    )  # timm's schedulers apply lr_scale
     by_param = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
     lr = {name: by_param[id(p)] for name, p in model.named_parameters()}
     assert lr["head.fc.weight"] == 1.0  # the classifier trains at the full lr
     assert lr["stem.conv1.weight"] < lr["stages.0.blocks.0.fc1.weight"] < lr["stages.3.blocks.0.fc1.weight"] < 1.0
-    sgd = create_optimizer(model, dict(cfg, opt="sgd", layer_decay=None), lr=0.1)
+    sgd = create_optimizer(model, C.OptimConfig(opt="sgd", layer_decay=None), lr=0.1)
     assert isinstance(sgd, torch.optim.SGD)

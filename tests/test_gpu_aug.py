@@ -3,6 +3,7 @@ random choice is drawn per sample. All on CPU tensors (the same code runs on a G
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 
@@ -137,14 +138,14 @@ def test_random_erasing_follows_timm():
 def test_pipeline_equals_cpu_transform_when_nothing_is_random(image):
     """With the random parts switched off, GpuAugment equals build_train_transform (resize, ToTensor, Normalize)."""
     from mambaout.data import build_train_transform
-    from mambaout.training.config import DEFAULTS
+    from mambaout.data.transforms import AugmentConfig
 
     square = image.crop((0, 0, 40, 40))
-    cfg = dict(DEFAULTS, img_size=64, scale=[1.0, 1.0], ratio=[1.0, 1.0], hflip=0.0, auto_augment=None, color_jitter=0)
-    cfg.update(train_interpolation="bicubic", reprob=0.0)
+    cfg = AugmentConfig(img_size=64, scale=[1.0, 1.0], ratio=[1.0, 1.0], hflip=0.0, auto_augment=None, color_jitter=0)
+    cfg = dataclasses.replace(cfg, train_interpolation="bicubic", reprob=0.0)
     want = build_train_transform(cfg)(square)
     got = G.GpuAugment.from_config(cfg)(_t(square).to(torch.uint8))[0]
-    assert (got - want).abs().max() <= 1.01 / 255 / min(cfg["std"])
+    assert (got - want).abs().max() <= 1.01 / 255 / min(cfg.std)
 
 
 def test_every_random_choice_is_per_sample(image):

@@ -49,14 +49,16 @@ def test_data_on_the_command_line_beats_the_recipe(tmp_path):
         (tmp_path / "data" / split).mkdir(parents=True)
     recipe = tmp_path / "mine.yaml"
     recipe.write_text(yaml.safe_dump({"data_train": "/nowhere/train.tar", "data_val": "/nowhere/val.tar"}))
-    cfg = C.resolve_config({"recipe": str(recipe), "data": str(tmp_path / "data")})
+    cfg = C.to_flat(C.resolve_config({"recipe": str(recipe), "data": str(tmp_path / "data")}))
     assert cfg["data_train"] == str(tmp_path / "data" / "train")
     assert cfg["data_val"] == str(tmp_path / "data" / "val")
     # explicit --data-train still beats --data for its own split
-    cfg = C.resolve_config({"recipe": str(recipe), "data": str(tmp_path / "data"), "data_train": "digits:train"})
+    cfg = C.to_flat(
+        C.resolve_config({"recipe": str(recipe), "data": str(tmp_path / "data"), "data_train": "digits:train"})
+    )
     assert (cfg["data_train"], cfg["data_val"]) == ("digits:train", str(tmp_path / "data" / "val"))
     # without --data the recipe's own data stands
-    assert C.resolve_config({"recipe": str(recipe)})["data_train"] == "/nowhere/train.tar"
+    assert C.resolve_config({"recipe": str(recipe)}).data.data_train == "/nowhere/train.tar"
 
 
 def test_recipe_given_as_a_file_path_runs_in_runs_stem(tmp_path, monkeypatch):

@@ -10,7 +10,7 @@ from mambaout.training import config as T
 
 
 def test_imagenette_h100_recipe_uses_the_gpu_pipeline():
-    cfg = T.resolve_config({"recipe": "imagenette-h100", "data_train": "train.tar", "data_val": "val.tar"})
+    cfg = T.to_flat(T.resolve_config({"recipe": "imagenette-h100", "data_train": "train.tar", "data_val": "val.tar"}))
     assert cfg["data_pipeline"] == "gpu" and cfg["cache"] is True and cfg["img_size"] == 160
     assert cfg["auto_augment"] == "rand-m9-mstd0.5-inc1"
 

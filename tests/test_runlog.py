@@ -29,8 +29,8 @@ def test_log_file_step_lines_lr_and_epoch_numbers(tmp_path, capsys):
     assert log.startswith("training mambaout_test") and "epoch 2/2  lr" in log and "done in" in log
     # the epoch's last lr: the lr of its last optimizer step (a per-step schedule moves within the epoch)
     cfg = C.resolve_config(train_cmd.parse_overrides([*RUN])[0])
-    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=cfg["lr"])
-    sched = create_scheduler(opt, cfg, steps_per_epoch=3)
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=cfg.batch.lr)
+    sched = create_scheduler(opt, cfg.schedule, steps_per_epoch=3)
     with open(out / "summary.csv") as f:
         rows = list(csv.DictReader(f))
     for epoch, row in enumerate(rows):

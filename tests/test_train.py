@@ -65,39 +65,42 @@ def official_lr(epoch: int, peak: float = 4e-3) -> float:
 
 
 def test_official_lr_every_epoch():
-    cfg = dict(C.DEFAULTS)
-    assert C.total_epochs(cfg) == 310
-    global_batch, accum, lr = C.batch_plan(cfg, world_size=8)  # the official 8 GPUs x 128 x 4
-    assert (global_batch, accum, lr) == (4096, 4, 4e-3)
-    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=lr)
-    sched = create_scheduler(opt, cfg, steps_per_epoch=313)
+    cfg = C.from_flat(C.DEFAULTS)
+    assert cfg.schedule.total_epochs == 310
+    plan = cfg.batch.plan(world_size=8)  # the official 8 GPUs x 128 x 4
+    assert (plan.global_batch, plan.accum_steps, plan.lr) == (4096, 4, 4e-3)
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=plan.lr)
+    sched = create_scheduler(opt, cfg.schedule, steps_per_epoch=313)
     for epoch in range(310):
         sched.step(epoch)
         assert opt.param_groups[0]["lr"] == pytest.approx(official_lr(epoch), rel=1e-9, abs=1e-12), epoch
 
 
 def test_lr_scaling_and_accumulation():
-    cfg = dict(C.DEFAULTS, batch_size=64)
-    assert C.batch_plan(dict(cfg, global_batch=1024), 4) == (1024, 4, pytest.approx(1e-3))  # linear scaling
-    assert C.batch_plan(dict(cfg, global_batch=None), 2) == (128, 1, pytest.approx(4e-3 * 128 / 4096))
-    assert C.batch_plan(dict(cfg, lr=0.01), 1)[2] == 0.01
+    def plan(world_size, **kw):
+        p = C.BatchConfig(batch_size=64, **kw).plan(world_size)
+        return p.global_batch, p.accum_steps, p.lr
+
+    assert plan(4, global_batch=1024) == (1024, 4, pytest.approx(1e-3))  # linear scaling
+    assert plan(2, global_batch=None) == (128, 1, pytest.approx(4e-3 * 128 / 4096))
+    assert plan(1, lr=0.01)[2] == 0.01
     with pytest.raises(ValueError, match="not a multiple of --batch-size 64 x 3 processes"):
-        C.batch_plan(dict(cfg, global_batch=1000), 3)
+        plan(3, global_batch=1000)
 
 
 def test_config_resolution_order(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump(dict(data_train="digits:train", epochs=7, batch_size=32, lr=0.002)))
     overrides, _ = train_cmd.parse_overrides(["--recipe", str(recipe), "--epochs", "3", "--set", "min_lr=2e-5"])
-    cfg = C.resolve_config(overrides)
+    cfg = C.to_flat(C.resolve_config(overrides))
     assert cfg["epochs"] == 3 and cfg["batch_size"] == 32 and cfg["lr"] == 0.002 and cfg["min_lr"] == 2e-5
     assert cfg["weight_decay"] == 0.05  # untouched default
-    assert C.resolve_config({})["recipe"] == "digits"  # no data: the embedded default
+    assert C.resolve_config({}).run.recipe == "digits"  # no data: the embedded default
     bad = tmp_path / "bad.yaml"
     bad.write_text("lrr: 1\n")
     with pytest.raises(ValueError, match="unknown keys"):
         C.resolve_config({"recipe": str(bad)})
-    with pytest.raises(ValueError, match="even --batch-size"):
+    with pytest.raises(ValueError, match="batch_size=15: mixup/cutmix pair images within a batch, so it must be even"):
         C.resolve_config({"recipe": "digits", "batch_size": 15, "mixup": 0.8})
 
 
@@ -108,7 +111,7 @@ def test_config_resolution_order(tmp_path):
 def test_variant_recipes_are_the_official_ones(name, drop_path):
     text = C.find_recipe(f"mambaout-{name}").read_text()
     assert "# command:" in text and "# hardware:" in text and "# wall time:" in text and "# top-1:" in text
-    cfg = C.resolve_config({"recipe": f"mambaout-{name}", "data": None, "data_train": "x", "data_val": "y"})
+    cfg = C.to_flat(C.resolve_config({"recipe": f"mambaout-{name}", "data": None, "data_train": "x", "data_val": "y"}))
     assert cfg["model"] == f"mambaout_{name}"
     assert cfg["drop_path"] == drop_path == mambaout.get_variant(cfg["model"])[0].default_drop_path
     for key, value in dict(

@@ -66,16 +66,22 @@ def main(argv: list[str] | None = None) -> int:
     from mambaout.data.gpu_aug import GpuAugment
     from mambaout.data.loaders import train_loader
     from mambaout.data.transforms import build_train_transform, timm_augment_kwargs
-    from mambaout.training.config import DEFAULTS, load_recipe
+    from mambaout.training.config import resolve_config
 
     args = get_args_parser().parse_args(argv)
-    cfg = dict(DEFAULTS)
-    cfg.update(load_recipe(args.recipe))
+    overrides = dict(recipe=args.recipe)
     if args.img_size:
-        cfg["img_size"] = args.img_size
-    cfg["data_train"] = args.data_train or cfg["data_train"]
-    if not cfg["data_train"] or not os.path.exists(cfg["data_train"]):
-        print(f"mambaout data-bench: no data at {cfg['data_train']!r}; pass --data-train", file=sys.stderr)
+        overrides["img_size"] = args.img_size
+    if args.data_train:
+        overrides["data_train"] = args.data_train
+    try:  # the same resolution and checks as `mambaout train`
+        cfg = resolve_config(overrides)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"mambaout data-bench: {e}", file=sys.stderr)
+        return 2
+    train_path, aug = cfg.data.data_train, cfg.augment
+    if not os.path.exists(train_path):
+        print(f"mambaout data-bench: no data at {train_path!r}; pass --data-train PATH", file=sys.stderr)
         return 2
     device = torch.device(args.device)
     torch.set_num_threads(os.cpu_count() or 1)
@@ -84,28 +90,28 @@ def main(argv: list[str] | None = None) -> int:
     note = ""
 
     if "cpu" in args.only:
-        ds = ImageDataset(cfg["data_train"], build_train_transform(cfg), cache=True)
+        ds = ImageDataset(train_path, build_train_transform(aug), cache=True)
         loader = train_loader(ds, bs, 0, 1, 0, workers, pin=device.type == "cuda", persistent=True)
         rows["ours cpu"] = _time(loader, args.batches, args.warmup, device)
         del loader
     if "gpu" in args.only:
         t0 = time.perf_counter()
-        data = data_gpu.decoded_dataset(cfg["data_train"], cfg, device, workers=workers)
+        data = data_gpu.decoded_dataset(train_path, aug.img_size, device, workers=workers)
         decode_s = time.perf_counter() - t0
-        loader = data_gpu.DecodedTrainLoader(data, GpuAugment.from_config(cfg), bs)
+        loader = data_gpu.DecodedTrainLoader(data, GpuAugment.from_config(aug), bs)
         rows[f"ours gpu ({device.type} tensors)"] = _time(loader, args.batches, args.warmup, device)
         note = f"ours gpu decoded {len(data)} images once, in {decode_s:.1f} s (not in its img/s)"
     if "timm" in args.only:
         from timm.data import create_dataset, create_loader
 
-        ds = create_dataset("", root=cfg["data_train"], is_training=True)
+        ds = create_dataset("", root=train_path, is_training=True)
         loader = create_loader(
             ds,
-            input_size=(3, cfg["img_size"], cfg["img_size"]),
+            input_size=(3, aug.img_size, aug.img_size),
             batch_size=bs,
             is_training=True,
             use_prefetcher=False,
-            **timm_augment_kwargs(cfg),
+            **timm_augment_kwargs(aug),
             num_workers=workers,
             pin_memory=device.type == "cuda",
             persistent_workers=workers > 0,
@@ -115,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     base = rows.get("timm")
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(
-        f"{cfg['data_train']} | {cfg['img_size']} px, {cfg['auto_augment']}, reprob {cfg['reprob']} | batch {bs}, "
+        f"{train_path} | {aug.img_size} px, {aug.auto_augment}, reprob {aug.reprob} | batch {bs}, "
         f"{workers} workers | {_cpu_model()}, {os.cpu_count()} cores, load {load:.1f} | device {device}"
     )
     print(f"{'pipeline':<28} {'img/s':>9} {'x timm':>7}")

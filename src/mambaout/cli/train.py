@@ -120,6 +120,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def parse_overrides(argv: list[str] | None) -> tuple[dict, argparse.Namespace]:
     from mambaout.training.config import coerce
+    from mambaout.utils.safe_yaml import load_yaml
 
     args = get_args_parser().parse_args(argv)
     skip = ("overrides", "print_config", "list_recipes", "fused_kernels")  # command switches, not config
@@ -130,7 +131,8 @@ def parse_overrides(argv: list[str] | None) -> tuple[dict, argparse.Namespace]:
         key, sep, value = item.partition("=")
         if not sep:
             raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
-        given[key.strip().replace("-", "_")] = coerce(yaml.safe_load(value))
+        key = key.strip().replace("-", "_")
+        given[key] = coerce(load_yaml(value, f"--set {key}"))
     return given, args
 
 
@@ -142,7 +144,7 @@ def _one_line(e: Exception) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mambaout.training.config import list_recipes, resolve_config
+    from mambaout.training.config import list_recipes, resolve_config, to_flat
     from mambaout.training.trainer import fit
     from mambaout.utils.optional import MissingDependency
 
@@ -151,12 +153,16 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "list_recipes", False):
             print("\n".join(list_recipes()))
             return 0
-        cfg = resolve_config(overrides)
+        print_config = getattr(args, "print_config", False)
+        cfg = resolve_config(overrides, require_data=not print_config)
     except (ValueError, FileNotFoundError) as e:
         print(f"mambaout train: {e}", file=sys.stderr)
         return 2
-    if getattr(args, "print_config", False):
-        print(yaml.safe_dump(cfg, sort_keys=False))
+    if print_config:
+        flat = to_flat(cfg)
+        if flat["data_train"] is None:
+            print("# data is unset: pass --data DIR or --data-train PATH [--data-val PATH] to train")
+        print(yaml.safe_dump(flat, sort_keys=False))
         return 0
     kernels.set_fused_kernels(getattr(args, "fused_kernels", False))  # same numbers either way: not in the config
     try:

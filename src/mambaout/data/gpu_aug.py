@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from mambaout.data.image import IMAGENET_MEAN, IMAGENET_STD
+from mambaout.data.transforms import AugmentConfig
 
 
 @functools.lru_cache(maxsize=256)
@@ -500,25 +501,25 @@ class GpuAugment:
         self.rand_augment = RandAugmentGpu(self.auto_augment, fill) if self.auto_augment else None
 
     @classmethod
-    def from_config(cls, cfg: dict, crop: bool = True) -> GpuAugment:
-        """From a training config (the keys `build_train_transform` reads)."""
-        if cfg["remode"] != "pixel" or cfg["recount"] != 1:
+    def from_config(cls, aug: AugmentConfig, crop: bool = True) -> GpuAugment:
+        """From the same `AugmentConfig` the CPU transform reads; ValueError for what the GPU version lacks."""
+        if aug.remode != "pixel" or aug.recount != 1:
             raise ValueError("the gpu data pipeline implements random erasing with remode: pixel, recount: 1")
-        if not cfg["auto_augment"] and cfg["color_jitter"]:
+        if not aug.auto_augment and aug.color_jitter:
             raise ValueError(
                 "the gpu data pipeline has no colour jitter (timm applies it only without RandAugment): "
                 "set color_jitter: 0, use an auto_augment 'rand-...' policy, or --data-pipeline cpu"
             )
         return cls(
-            img_size=cfg["img_size"],
-            scale=tuple(cfg["scale"]),
-            ratio=tuple(cfg["ratio"]),
-            hflip=cfg["hflip"],
-            interpolation=cfg["train_interpolation"],
-            auto_augment=cfg["auto_augment"] or None,
-            mean=tuple(cfg["mean"]),
-            std=tuple(cfg["std"]),
-            reprob=cfg["reprob"],
+            img_size=aug.img_size,
+            scale=aug.scale,
+            ratio=aug.ratio,
+            hflip=aug.hflip,
+            interpolation=aug.train_interpolation,
+            auto_augment=aug.auto_augment,
+            mean=aug.mean,
+            std=aug.std,
+            reprob=aug.reprob,
             crop=crop,
         )
 

@@ -23,8 +23,9 @@ from torch.utils.data import DataLoader
 
 from mambaout.data.datasets import create_dataset
 from mambaout.data.gpu_aug import GpuAugment, normalize
-from mambaout.data.loaders import ResumableSampler, ShardSampler, eval_loader, train_loader
+from mambaout.data.loaders import Loading, ResumableSampler, ShardSampler, eval_loader, train_loader
 from mambaout.data.shared_cache import cache_key, machine_shared
+from mambaout.data.transforms import AugmentConfig
 
 logger = logging.getLogger("mambaout")
 
@@ -99,9 +100,11 @@ class DecodedImages:
         return images, sizes, self.targets[idx].to(self.device, non_blocking=True)
 
 
-def decoded_dataset(path: str, cfg: dict, device, class_to_idx=None, eval_transform=None, workers: int = 0):
+def decoded_dataset(
+    path: str, img_size: int, device, class_to_idx=None, eval_transform=None, workers: int = 0
+) -> DecodedImages:
     """Decode `path` once per machine (local rank 0 decodes, every rank maps the result) into `DecodedImages`."""
-    ds = create_dataset(path, None, class_to_idx, img_size=cfg["img_size"])
+    ds = create_dataset(path, None, class_to_idx, img_size=img_size)
     # the key must be the same string on every rank: name the transform by its steps, not by its address
     key = cache_key("decoded", path, repr(getattr(eval_transform, "steps", eval_transform)), len(ds))
     arrays = machine_shared(key, lambda: decode_images(ds, eval_transform, workers))
@@ -125,6 +128,12 @@ class DecodedTrainLoader:
                 f"the training set ({len(data)} images over {world_size} processes) is smaller than one batch of "
                 f"{batch_size}; lower --batch-size"
             )
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def skip_samples(self, n: int) -> None:
+        self.sampler.skip = n
 
     def __len__(self) -> int:
         return len(self.sampler) // self.batch_size
@@ -156,13 +165,13 @@ class DecodedEvalLoader:
             yield normalize(images, self.mean, self.std), y, torch.zeros(len(idx), dtype=torch.long)
 
 
-def crop_transform(cfg: dict):
+def crop_transform(aug: AugmentConfig):
     """The CPU half of the streamed gpu pipeline: timm's random resized crop to uint8 (flip and the rest run on the
     device)."""
     from timm.data.transforms import RandomResizedCropAndInterpolation
 
     rrc = RandomResizedCropAndInterpolation(
-        cfg["img_size"], scale=tuple(cfg["scale"]), ratio=tuple(cfg["ratio"]), interpolation=cfg["train_interpolation"]
+        aug.img_size, scale=aug.scale, ratio=aug.ratio, interpolation=aug.train_interpolation
     )
     return lambda img: torch.from_numpy(pil_to_uint8(rrc(img)))
 
@@ -176,6 +185,12 @@ class DeviceAugmentLoader:
             raise ValueError("DeviceAugmentLoader expects crops from the CPU workers: build GpuAugment(crop=False)")
         self.loader, self.augment, self.device = loader, augment, torch.device(device)
         self.sampler = getattr(loader, "sampler", None)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.loader.set_epoch(epoch)
+
+    def skip_samples(self, n: int) -> None:
+        self.loader.skip_samples(n)
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -203,33 +218,38 @@ def pil_part(transform):
     return apply
 
 
-def gpu_loaders(cfg: dict, rank: int, world_size: int, device, eval_tf, workers: int):
+def gpu_loaders(
+    train: str,
+    val: str | None,
+    aug: AugmentConfig,
+    loading: Loading,
+    rank: int,
+    world_size: int,
+    device,
+    eval_tf,
+):
     """(train set, val set or None, train loader, val loader or None) of the gpu pipeline, as `train` uses them.
 
-    With `cache: true` both sets are decoded once into memory; otherwise CPU workers decode and crop per batch.
+    With `loading.cache` both sets are decoded once into memory; otherwise CPU workers decode and crop per batch.
     """
-    augment = GpuAugment.from_config(cfg, crop=bool(cfg["cache"]))
-    eval_bs = cfg["eval_batch_size"] or 2 * cfg["batch_size"]
-    if cfg["cache"]:
-        train_set = decoded_dataset(cfg["data_train"], cfg, device, workers=workers)
+    augment = GpuAugment.from_config(aug, crop=loading.cache)
+    bs, workers = loading.batch_size, loading.workers
+    if loading.cache:
+        train_set = decoded_dataset(train, aug.img_size, device, workers=workers)
         if train_set.skipped:  # decoded once, so each epoch's summary cannot count them: say it here
             logger.warning("%d unreadable training images skipped while decoding", train_set.skipped)
-        loader = DecodedTrainLoader(train_set, augment, cfg["batch_size"], rank, world_size, cfg["seed"])
+        loader = DecodedTrainLoader(train_set, augment, bs, rank, world_size, loading.seed)
         val_set = val_loader = None
-        if cfg["data_val"]:
-            val_set = decoded_dataset(cfg["data_val"], cfg, device, train_set.class_to_idx, pil_part(eval_tf), workers)
-            val_loader = DecodedEvalLoader(val_set, eval_bs, cfg["mean"], cfg["std"], rank, world_size)
+        if val:
+            val_set = decoded_dataset(val, aug.img_size, device, train_set.class_to_idx, pil_part(eval_tf), workers)
+            val_loader = DecodedEvalLoader(val_set, loading.eval_batch_size, aug.mean, aug.std, rank, world_size)
         return train_set, val_set, loader, val_loader
     pin = torch.device(device).type == "cuda"
-    train_set = create_dataset(cfg["data_train"], crop_transform(cfg), img_size=cfg["img_size"])
-    cpu_loader = train_loader(
-        train_set, cfg["batch_size"], rank, world_size, cfg["seed"], workers, pin, cfg["persistent_workers"]
-    )
+    train_set = create_dataset(train, crop_transform(aug), img_size=aug.img_size)
+    cpu_loader = train_loader(train_set, bs, rank, world_size, loading.seed, workers, pin, loading.persistent_workers)
     loader = DeviceAugmentLoader(cpu_loader, augment, device)
     val_set = val_loader = None
-    if cfg["data_val"]:
-        val_set = create_dataset(
-            cfg["data_val"], eval_tf, train_set.class_to_idx, img_size=cfg["img_size"], substitute=False
-        )
-        val_loader = eval_loader(val_set, eval_bs, rank, world_size, workers, pin)
+    if val:
+        val_set = create_dataset(val, eval_tf, train_set.class_to_idx, img_size=aug.img_size, substitute=False)
+        val_loader = eval_loader(val_set, loading.eval_batch_size, rank, world_size, workers, pin)
     return train_set, val_set, loader, val_loader

@@ -3,9 +3,17 @@
 - `ResumableSampler`: the epoch's usual shuffled permutation, started after the samples a resumed run has seen;
 - `ShardSampler`: evaluation shards without the padding DistributedSampler adds, so metrics count each image once;
 - streamed data sets get `streaming.StreamLoader` instead of a DataLoader.
+
+Every training loader (`ShuffledLoader` here, `streaming.StreamLoader`, and the gpu pipeline's
+`DecodedTrainLoader` / `DeviceAugmentLoader`) keeps one small contract, `EpochLoader`: `len()` in batches,
+iteration, `set_epoch(epoch)` before each epoch and `skip_samples(n)` to start the next epoch after `n` of this
+rank's samples (mid-epoch resume).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -13,6 +21,33 @@ from torch.utils.data import DataLoader, Sampler
 from torch.utils.data.distributed import DistributedSampler
 
 from mambaout.data.streaming import IterableImages, StreamLoader
+
+
+@runtime_checkable
+class EpochLoader(Protocol):
+    """What the trainer asks of a training loader."""
+
+    def __len__(self) -> int: ...
+
+    def __iter__(self): ...
+
+    def set_epoch(self, epoch: int) -> None:
+        """Reshuffle (or reshard) for `epoch`; the order is a function of (seed, epoch, rank) only."""
+
+    def skip_samples(self, n: int) -> None:
+        """Start the next iteration after `n` of this rank's samples of the epoch (mid-epoch resume)."""
+
+
+@dataclass(frozen=True)
+class Loading:
+    """How batches are loaded: per-device batch sizes, worker processes, the shuffling seed, caching."""
+
+    batch_size: int
+    eval_batch_size: int
+    workers: int = 0
+    seed: int = 0
+    cache: bool = False
+    persistent_workers: bool = False
 
 
 class ShardSampler(Sampler):
@@ -84,7 +119,26 @@ def train_loader(
             f"the training set ({len(dataset)} images over {world_size} processes) is smaller than one batch of "
             f"{batch_size}; lower --batch-size"
         )
-    return loader
+    return ShuffledLoader(loader, sampler)
+
+
+class ShuffledLoader:
+    """A DataLoader over a map-style set with its `ResumableSampler`, keeping the `EpochLoader` contract."""
+
+    def __init__(self, loader: DataLoader, sampler: ResumableSampler):
+        self.loader, self.sampler, self.dataset = loader, sampler, loader.dataset
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def skip_samples(self, n: int) -> None:
+        self.sampler.skip = n
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        return iter(self.loader)
 
 
 def collate_readable(batch):

@@ -220,8 +220,9 @@ class IterableImages(IterableDataset):
 
 
 class StreamLoader:
-    """A DataLoader over `IterableImages` with the interface `train` expects of a loader: `len()` in batches and a
-    `sampler` with `set_epoch` (forwarded to the data set). Mid-epoch resume restarts the epoch's stream."""
+    """A DataLoader over `IterableImages` keeping the `loaders.EpochLoader` contract: `len()` in batches,
+    `set_epoch` (forwarded to the data set). A stream cannot seek: mid-epoch resume replays the epoch's stream from
+    its start (`skip_samples` is accepted and ignored)."""
 
     def __init__(self, dataset: IterableImages, batch_size: int, workers: int, pin: bool, drop_last: bool):
         self.dataset, self.batch_size, self.drop_last = dataset, batch_size, drop_last
@@ -230,7 +231,8 @@ class StreamLoader:
         )
         self.sampler = self
 
-    skip = 0  # set by resume; a stream cannot seek, so a resumed epoch is replayed from its start
+    def skip_samples(self, n: int) -> None:
+        pass  # a stream cannot seek: a resumed epoch is replayed from its start
 
     def set_epoch(self, epoch: int) -> None:
         self.dataset.set_epoch(epoch)

@@ -1,4 +1,8 @@
-"""The training augmentation: timm's `create_transform` with the recipe's settings, and the Posterize fix.
+"""The training augmentation: its settings (`AugmentConfig`), timm's `create_transform` with them, and the Posterize
+fix.
+
+The CPU transform here and the GPU augmentation (`mambaout.data.gpu_aug.GpuAugment.from_config`) read the same
+`AugmentConfig`, so one recipe means the same augmentation on either pipeline.
 
 timm 1.0.31's `inc1` RandAugment can ask Pillow for 0 posterize bits, which Pillow >= 13 rejects with a
 `ValueError` mid-epoch; `build_train_transform` swaps in `safe_posterize`, which clamps to 1 bit.
@@ -6,7 +10,47 @@ timm 1.0.31's `inc1` RandAugment can ask Pillow for 0 posterize bits, which Pill
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from PIL import Image, ImageOps
+
+from mambaout.data.image import IMAGENET_MEAN, IMAGENET_STD
+from mambaout.utils import checks as C
+from mambaout.utils.limits import INTERPOLATIONS, MAX_IMG_SIZE, MIN_IMG_SIZE
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """The training augmentation of the official recipe (paper Sec. 4.1: RandAugment, random erasing; timm's
+    random resized crop), at `img_size` px. Mixup/CutMix live in the trainer's `MixupConfig`."""
+
+    img_size: int = C.setting(224, C.integer(MIN_IMG_SIZE, MAX_IMG_SIZE))
+    scale: tuple = C.setting((0.08, 1.0), C.numbers(2, 0.0, 1.0, lo_open=True, increasing=True))
+    ratio: tuple = C.setting((3 / 4, 4 / 3), C.numbers(2, 0.0, 100.0, lo_open=True, increasing=True))
+    hflip: float = C.setting(0.5, C.number(0.0, 1.0))
+    color_jitter: float | None = C.setting(0.4, C.number(0.0, 10.0, optional=True))  # timm ignores it under RandAugment
+    auto_augment: str | None = C.setting("rand-m9-mstd0.5-inc1", C.text(optional=True, max_len=200))
+    train_interpolation: str = C.setting("random", C.choice(*INTERPOLATIONS))
+    reprob: float = C.setting(0.25, C.number(0.0, 1.0))
+    remode: str = C.setting("pixel", C.choice("const", "rand", "pixel"))
+    recount: int = C.setting(1, C.integer(1, 100))
+    mean: tuple = C.setting(tuple(IMAGENET_MEAN), C.numbers(3, -1e3, 1e3))
+    std: tuple = C.setting(tuple(IMAGENET_STD), C.numbers(3, 0.0, 1e3, lo_open=True))
+
+    def __post_init__(self):
+        if isinstance(self.auto_augment, str) and self.auto_augment.lower() in ("none", ""):
+            object.__setattr__(self, "auto_augment", None)
+        C.validate_fields(self)
+        if self.auto_augment:
+            # build the augmentation once now, so a bad RandAugment string fails here and not in the first batch
+            try:
+                build_train_transform(self)
+            except Exception as e:  # timm raises AssertionError/KeyError/ValueError for strings it cannot parse
+                raise ValueError(
+                    f"auto_augment={C.show(self.auto_augment)}: not a timm augmentation string "
+                    f"({type(e).__name__}: {C.show(str(e))}); use e.g. rand-m9-mstd0.5-inc1, augmix-m5-w3, original "
+                    "or none"
+                ) from None
 
 
 def safe_posterize(img: Image.Image, bits_to_keep: int, **__) -> Image.Image:
@@ -40,27 +84,27 @@ def fix_posterize(transform) -> int:
     return patched
 
 
-def timm_augment_kwargs(cfg: dict) -> dict:
-    """The recipe's training augmentation as keyword arguments of timm's `create_transform` / `create_loader`."""
+def timm_augment_kwargs(aug: AugmentConfig) -> dict:
+    """The augmentation as keyword arguments of timm's `create_transform` / `create_loader`."""
     return dict(
-        scale=tuple(cfg["scale"]),
-        ratio=tuple(cfg["ratio"]),
-        hflip=cfg["hflip"],
-        color_jitter=cfg["color_jitter"],
-        auto_augment=cfg["auto_augment"] or None,
-        interpolation=cfg["train_interpolation"],
-        mean=tuple(cfg["mean"]),
-        std=tuple(cfg["std"]),
-        re_prob=cfg["reprob"],
-        re_mode=cfg["remode"],
-        re_count=cfg["recount"],
+        scale=aug.scale,
+        ratio=aug.ratio,
+        hflip=aug.hflip,
+        color_jitter=aug.color_jitter if aug.color_jitter is not None else 0.0,
+        auto_augment=aug.auto_augment,
+        interpolation=aug.train_interpolation,
+        mean=aug.mean,
+        std=aug.std,
+        re_prob=aug.reprob,
+        re_mode=aug.remode,
+        re_count=aug.recount,
     )
 
 
-def build_train_transform(cfg: dict):
+def build_train_transform(aug: AugmentConfig):
     """The training augmentation (timm's `create_transform`), with the Posterize fix applied."""
     from timm.data import create_transform
 
-    tf = create_transform(input_size=cfg["img_size"], is_training=True, **timm_augment_kwargs(cfg))
+    tf = create_transform(input_size=aug.img_size, is_training=True, **timm_augment_kwargs(aug))
     fix_posterize(tf)
     return tf

@@ -1,114 +1,393 @@
-"""Training configuration: the defaults (the official recipe), recipe files, validation and the resolved config.
+"""Training configuration: typed sections, validated once, and the flat file format they are read from and written to.
 
-Configuration resolves as `DEFAULTS` (the official ImageNet-1k recipe) < recipe file < command line; the trainer
-writes the result into `<run>/config.yaml`, and `state.pt` carries it so `--resume` continues with it.
+The flat dict (`DEFAULTS`: the official ImageNet-1k recipe) is the file format: recipes, `--set KEY=VALUE`,
+`<run>/config.yaml` and `state.pt` hold it. `resolve_config` merges DEFAULTS < recipe file < command line and
+converts the result once, with `from_flat`, into a frozen `TrainConfig` of sections; every value is type- and
+range-checked there (one line naming the key, the value and what is allowed), so the code that uses a setting
+never checks it again. `to_flat` writes it back; `from_flat(to_flat(c)) == c`.
+
+Each part of training gets only the section it reads:
+
+| section | keys | read by |
+| --- | --- | --- |
+| `data` (`DataConfig`) | data, data_train, data_val, splits, cache, pipeline, workers | `trainer.Data` |
+| `augment` (`data.transforms.AugmentConfig`) | img_size, crop, flip, RandAugment, erasing, mean/std | CPU transform, GPU augmentation |
+| `mixup` (`MixupConfig`) | mixup, cutmix, their probabilities, smoothing | `trainer.build_loss` |
+| `model` (`ModelConfig`) | model, model_kwargs, pretrained, initial_checkpoint, num_classes, drop rates | `trainer.build_model` |
+| `batch` (`BatchConfig`) | batch_size, global_batch, lr, lr_base, lr_base_batch | `BatchConfig.plan` |
+| `optim` (`OptimConfig`) | opt, layer_decay, weight_decay, betas, eps, clip_grad | `optim.create_optimizer`, the engine |
+| `schedule` (`ScheduleConfig`) | epochs, cooldown, warmup, min_lr, sched | `optim.create_scheduler` |
+| `eval` (`EvalConfig`) | eval crop, interpolation, batch size, frequency | `TrainConfig.eval_settings`, `trainer` |
+| `perf` (`PerfConfig`) | device, amp, channels_last, compile, grad checkpointing, threads | `trainer.fit` |
+| `ema` (`EmaConfig`) | model_ema, model_ema_decay | `trainer.create_ema` |
+| `run` (`RunConfig`) | seed, output, resume, overwrite, top-k, logging, stops, checkpoint_every | the run folder, `StepHook` |
 """
 
 from __future__ import annotations
 
-import copy
+import dataclasses
+import logging
+import re
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
 
 from mambaout.data.datasets import DIGITS, MAP_STYLE_READERS, resolve_split
-from mambaout.data.image import IMAGENET_MEAN, IMAGENET_STD
+from mambaout.data.loaders import Loading
+from mambaout.data.transforms import AugmentConfig
 from mambaout.training.runfolder import load_state, resume_path
-from mambaout.utils.limits import check_img_size
+from mambaout.utils import checks as C
+from mambaout.utils.limits import INTERPOLATIONS, MAX_NUM_CLASSES, check_model_kwargs
+from mambaout.utils.safe_yaml import YamlError, load_yaml
 
-# The official recipe (paper Sec. 4.1 and the official training scripts), ImageNet-1k at 224 px.
-DEFAULTS: dict = dict(
-    # data
-    data=None,  # folder holding <train_split>/ and <val_split>/ (folders or .tar files)
-    data_train=None,  # or explicit paths: folder or .tar; 'digits' for the embedded dataset
-    data_val=None,
-    train_split="train",
-    val_split="val",
-    cache=False,  # keep file bytes in RAM (small datasets); with data_pipeline gpu: decoded images, decoded once
-    data_pipeline="cpu",  # cpu: decode + augment in loader workers; gpu: uint8 to the device, augment there
-    workers=8,
-    persistent_workers=False,  # true saves worker start-up per epoch, but --resume is then not bit-exact
-    # model
-    model="mambaout_tiny",
-    model_kwargs={},  # extra create_model arguments (kernel_size, conv_ratio, ...)
-    pretrained=False,  # start from the variant's published weights (fine-tuning); the classifier is replaced
-    initial_checkpoint=None,  # or from a weights file (official, timm or our layout); its classifier likewise
-    num_classes=None,  # None: the number of classes in the training data
-    drop_path=None,  # None: the variant's recipe value (femto/kobe 0.025, tiny 0.2, small 0.4, base 0.6)
-    drop_rate=0.0,
-    # batch and optimizer: lr = lr_base * global_batch / lr_base_batch (linear scaling rule)
-    batch_size=128,  # per device (per process)
-    global_batch=4096,  # None: batch_size x world size (no accumulation)
-    lr=None,  # absolute lr; overrides the scaling rule
-    lr_base=4e-3,
-    lr_base_batch=4096,
-    opt="adamw",  # adamw (the paper's), or any timm optimizer name (sgd, momentum, adam, lamb, ...)
-    layer_decay=None,  # e.g. 0.75: lr x decay^(depth from the head), depths from the model's group_matcher
-    weight_decay=0.05,
-    betas=[0.9, 0.999],
-    eps=1e-8,
-    clip_grad=None,
-    # schedule: warmup from warmup_lr, cosine to min_lr over `epochs`, then `cooldown_epochs` at min_lr
-    epochs=300,
-    cooldown_epochs=10,
-    warmup_epochs=20,
-    warmup_lr=1e-6,
-    min_lr=1e-5,
-    sched="cosine",  # cosine, tanh, poly or constant (timm's schedulers)
-    sched_on_updates=False,  # official: the lr changes once per epoch; true: every optimizer step
-    # augmentation
-    img_size=224,
-    scale=[0.08, 1.0],
-    ratio=[3 / 4, 4 / 3],
-    hflip=0.5,
-    color_jitter=0.4,  # ignored by timm while RandAugment is on
-    auto_augment="rand-m9-mstd0.5-inc1",
-    train_interpolation="random",  # random bilinear / bicubic
-    reprob=0.25,
-    remode="pixel",
-    recount=1,
-    mixup=0.8,
-    cutmix=1.0,
-    mixup_prob=1.0,
-    mixup_switch_prob=0.5,
-    mixup_mode="batch",
-    smoothing=0.1,
-    mean=list(IMAGENET_MEAN),
-    std=list(IMAGENET_STD),
-    # evaluation (written into the checkpoints as their eval_config)
-    eval_crop_pct=1.0,
-    eval_interpolation="bicubic",
-    eval_batch_size=None,  # default: 2 x batch_size
-    eval_every=1,
-    # performance
-    device=None,  # cpu / cuda; None: cuda when available
-    amp="auto",  # none, bf16, fp16; auto: bf16 on CUDA, none on CPU
-    channels_last=False,
-    compile=False,
-    grad_checkpointing=False,
-    threads=None,  # torch CPU threads per process
-    # EMA
-    model_ema=False,
-    model_ema_decay=0.9999,
-    # run
-    seed=0,
-    output=None,  # default runs/<recipe or model>
-    resume=None,
-    overwrite=False,  # allow writing into a run folder that already holds a run (otherwise an error)
-    keep_top_k=3,
-    tensorboard=False,
-    progress=True,  # a progress bar when stderr is a terminal; otherwise a line every `log_every` steps
-    log_every=50,  # optimizer steps between progress lines when not on a terminal (0: none)
-    max_steps_per_epoch=None,  # cap optimizer steps per epoch (smoke tests)
-    stop_after_epochs=None,  # stop after this many epochs of this invocation (resume tests, time-boxed runs)
-    stop_after_steps=None,  # stop after this many optimizer steps of this invocation, mid-epoch if need be
-    checkpoint_every=0,  # also write state.pt every N optimizer steps inside epochs (0: at epoch ends only)
-    recipe=None,
-)
+logger = logging.getLogger("mambaout")
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 SCHEDULES = ("cosine", "tanh", "poly", "constant")
 PACKAGE_RECIPES = Path(__file__).resolve().parents[1] / "recipes"  # package data: present in every install
+MAX_MODEL_PARAMS = 1_000_000_000  # 12x mambaout_base_plus_rw; model_kwargs asking for more is almost surely a typo
+SEED_MAX = 2**63 - 1  # torch.manual_seed's signed 64-bit range
+
+
+def _device(value):
+    if value in ("cpu", "cuda", "mps") or (isinstance(value, str) and re.fullmatch(r"cuda:\d{1,2}", value)):
+        return value
+    return C._BAD
+
+
+# --- sections, in the order a run uses them ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the images come from and how they are read."""
+
+    data: str | None = C.setting(None, C.text(optional=True))  # folder holding <train_split>/ and <val_split>/
+    data_train: str | None = C.setting(None, C.text(optional=True))  # or explicit paths; 'digits:train' embedded
+    data_val: str | None = C.setting(None, C.text(optional=True))
+    train_split: str = C.setting("train", C.text())
+    val_split: str = C.setting("val", C.text())
+    cache: bool = C.setting(False, C.boolean())  # file bytes in RAM; with data_pipeline gpu: decoded images
+    data_pipeline: str = C.setting("cpu", C.choice("cpu", "gpu"))  # gpu: uint8 to the device, augmented there
+    workers: int = C.setting(8, C.integer(0, 256))
+    persistent_workers: bool = C.setting(False, C.boolean())  # saves worker start-up; --resume then not bit-exact
+
+    def __post_init__(self):
+        C.validate_fields(self)
+
+
+def _check_model_kwargs(kwargs: dict) -> None:
+    if "pretrained" in kwargs:
+        raise ValueError("pass --pretrained (the config key pretrained), not model_kwargs={pretrained: ...}")
+    check_model_kwargs(kwargs, "model_kwargs")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The network and where its first weights come from."""
+
+    model: str = C.setting("mambaout_tiny", C.text(max_len=200))
+    model_kwargs: dict = C.setting(None, C.mapping(_check_model_kwargs), default_factory=dict)  # create_model args
+    pretrained: bool = C.setting(False, C.boolean())  # the variant's published weights; the classifier is replaced
+    initial_checkpoint: str | None = C.setting(None, C.text(optional=True))  # or a weights file, any layout
+    num_classes: int | None = C.setting(None, C.integer(1, MAX_NUM_CLASSES, optional=True))  # None: the data's
+    drop_path: float | None = C.setting(None, C.number(0.0, 1.0, hi_open=True, optional=True))  # None: variant's
+    drop_rate: float = C.setting(0.0, C.number(0.0, 1.0, hi_open=True))
+
+    def __post_init__(self):
+        C.validate_fields(self)
+        if self.pretrained and self.initial_checkpoint:
+            raise ValueError("pass either --pretrained or --initial-checkpoint PATH, not both")
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """Images per optimizer step over all processes, the accumulation steps that make it up, and the lr."""
+
+    global_batch: int
+    accum_steps: int
+    lr: float
+
+
+@dataclass(frozen=True)
+class BatchConfig:
+    """Batch sizes and the learning rate: lr = lr_base x global_batch / lr_base_batch (linear scaling rule)."""
+
+    batch_size: int = C.setting(128, C.integer(1, 65536))  # per device (per process)
+    global_batch: int | None = C.setting(4096, C.integer(1, 2**24, optional=True))  # None: batch_size x world size
+    lr: float | None = C.setting(None, C.number(0.0, 1e3, optional=True))  # absolute: beats the rule (0: frozen)
+    lr_base: float = C.setting(4e-3, C.number(0.0, 1e3, lo_open=True))
+    lr_base_batch: int = C.setting(4096, C.integer(1, 2**24))
+
+    def __post_init__(self):
+        C.validate_fields(self)
+
+    def plan(self, world_size: int) -> BatchPlan:
+        """The plan for `world_size` processes.
+
+        Raises:
+            ValueError: when the global batch is not a multiple of per-device batch x world size.
+        """
+        per_step = self.batch_size * world_size
+        global_batch = self.global_batch or per_step
+        if global_batch % per_step:
+            raise ValueError(
+                f"--global-batch {global_batch} is not a multiple of --batch-size {self.batch_size} x {world_size} "
+                f"processes = {per_step}; pick a global batch that is, or change --batch-size"
+            )
+        # Linear scaling rule (Goyal et al. 2017), as the official recipe: 4e-3 at 4096 images per step.
+        lr = self.lr if self.lr is not None else self.lr_base * global_batch / self.lr_base_batch
+        return BatchPlan(global_batch, global_batch // per_step, lr)
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """The optimizer: AdamW (the paper's) or any timm optimizer, with decoupled weight decay."""
+
+    opt: str = C.setting("adamw", C.text(max_len=64))  # adamw, or a timm name (sgd, momentum, adam, lamb, ...)
+    layer_decay: float | None = C.setting(None, C.number(0.0, 1.0, lo_open=True, optional=True))  # e.g. 0.75
+    weight_decay: float = C.setting(0.05, C.number(0.0, 10.0))
+    betas: tuple = C.setting((0.9, 0.999), C.numbers(2, 0.0, 0.999999))
+    eps: float = C.setting(1e-8, C.number(0.0, 1.0, lo_open=True))
+    clip_grad: float | None = C.setting(None, C.number(0.0, 1e6, lo_open=True, optional=True))  # max grad norm
+
+    def __post_init__(self):
+        C.validate_fields(self)
+        known = _optimizer_names()
+        if known and self.opt.lower() not in known:
+            near = [n for n in known if n.startswith(self.opt.lower()[:3])][:6]
+            raise ValueError(
+                f"opt={C.show(self.opt)}: not an optimizer timm knows"
+                + (f" (close: {', '.join(near)})" if near else " (e.g. adamw, sgd, momentum, lamb)")
+            )
+
+
+def _optimizer_names() -> set[str]:
+    try:
+        from timm.optim import list_optimizers
+    except ImportError:  # pragma: no cover - older timm: checked when the optimizer is built
+        return set()
+    return set(list_optimizers())
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """Warmup from warmup_lr, then `sched` (cosine) to min_lr over `epochs`, then `cooldown_epochs` at min_lr."""
+
+    epochs: int = C.setting(300, C.integer(1, 100_000))
+    cooldown_epochs: int = C.setting(10, C.integer(0, 100_000))
+    warmup_epochs: int = C.setting(20, C.integer(0, 100_000))
+    warmup_lr: float = C.setting(1e-6, C.number(0.0, 1e3))
+    min_lr: float = C.setting(1e-5, C.number(0.0, 1e3))
+    sched: str = C.setting("cosine", C.choice(*SCHEDULES))
+    sched_on_updates: bool = C.setting(False, C.boolean())  # official: the lr changes once per epoch
+
+    def __post_init__(self):
+        C.validate_fields(self)
+
+    @property
+    def total_epochs(self) -> int:
+        return self.epochs + self.cooldown_epochs
+
+
+@dataclass(frozen=True)
+class MixupConfig:
+    """Mixup / CutMix (timm's `Mixup`) and label smoothing."""
+
+    mixup: float = C.setting(0.8, C.number(0.0, 100.0))
+    cutmix: float = C.setting(1.0, C.number(0.0, 100.0))
+    mixup_prob: float = C.setting(1.0, C.number(0.0, 1.0))
+    mixup_switch_prob: float = C.setting(0.5, C.number(0.0, 1.0))
+    mixup_mode: str = C.setting("batch", C.choice("batch", "pair", "elem"))
+    smoothing: float = C.setting(0.1, C.number(0.0, 1.0, hi_open=True))
+
+    def __post_init__(self):
+        C.validate_fields(self)
+
+    @property
+    def active(self) -> bool:
+        return self.mixup > 0 or self.cutmix > 0
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Held-out evaluation during training; the crop and interpolation go into the checkpoints' eval_config."""
+
+    eval_crop_pct: float = C.setting(1.0, C.number(0.05, 1.0))
+    eval_interpolation: str = C.setting("bicubic", C.choice(*(i for i in INTERPOLATIONS if i != "random")))
+    eval_batch_size: int | None = C.setting(None, C.integer(1, 65536, optional=True))  # None: 2 x batch_size
+    eval_every: int = C.setting(1, C.integer(1, 100_000))
+
+    def __post_init__(self):
+        C.validate_fields(self)
+
+
+@dataclass(frozen=True)
+class PerfConfig:
+    """Where and how fast: device, autocast, memory layout, compilation. Same numbers either way, up to rounding."""
+
+    device: str | None = C.setting(None, C.Check("must be cpu, cuda, cuda:N or mps", _device, optional=True))
+    amp: str = C.setting("auto", C.choice("auto", *AMP_DTYPES))  # auto: bf16 on CUDA, none on CPU
+    channels_last: bool = C.setting(False, C.boolean())
+    compile: bool = C.setting(False, C.boolean())
+    grad_checkpointing: bool = C.setting(False, C.boolean())
+    threads: int | None = C.setting(None, C.integer(1, 1024, optional=True))  # torch CPU threads per process
+
+    def __post_init__(self):
+        C.validate_fields(self)
+
+    def amp_dtype(self, device: torch.device) -> tuple[str, torch.dtype | None]:
+        """The autocast setting (`auto`: bf16 on CUDA, none on CPU) as its name and dtype."""
+        amp = self.amp
+        if amp == "auto":
+            amp = "bf16" if device.type == "cuda" else "none"
+        return amp, AMP_DTYPES[amp]
+
+
+@dataclass(frozen=True)
+class EmaConfig:
+    """An exponential moving average of the weights, evaluated beside the model (timm's ModelEmaV3)."""
+
+    model_ema: bool = C.setting(False, C.boolean())
+    model_ema_decay: float = C.setting(0.9999, C.number(0.0, 1.0))
+
+    def __post_init__(self):
+        C.validate_fields(self)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """The run folder, logging, reproducibility and the stops that time-box or test a run."""
+
+    seed: int = C.setting(0, C.integer(0, SEED_MAX))
+    output: str | None = C.setting(None, C.text(optional=True))  # default runs/<recipe or model>
+    resume: str | None = C.setting(None, C.text(optional=True))
+    overwrite: bool = C.setting(False, C.boolean())  # write into a run folder that holds a run
+    keep_top_k: int = C.setting(3, C.integer(0, 1000))
+    tensorboard: bool = C.setting(False, C.boolean())
+    progress: bool = C.setting(True, C.boolean())  # a bar on a terminal; otherwise a line every `log_every` steps
+    log_every: int = C.setting(50, C.integer(0, 10**9, zero_means="0: no progress lines"))
+    max_steps_per_epoch: int | None = C.setting(None, C.integer(1, 10**9, optional=True))  # smoke tests
+    stop_after_epochs: int | None = C.setting(None, C.integer(1, 10**9, optional=True))  # of this invocation
+    stop_after_steps: int | None = C.setting(None, C.integer(1, 10**12, optional=True))  # mid-epoch if need be
+    checkpoint_every: int = C.setting(0, C.integer(0, 10**12, zero_means="0: at epoch ends only"))
+    recipe: str | None = C.setting(None, C.text(optional=True))
+
+    def __post_init__(self):
+        C.validate_fields(self)
+
+
+SECTIONS = {
+    "data": DataConfig,
+    "augment": AugmentConfig,
+    "mixup": MixupConfig,
+    "model": ModelConfig,
+    "batch": BatchConfig,
+    "optim": OptimConfig,
+    "schedule": ScheduleConfig,
+    "eval": EvalConfig,
+    "perf": PerfConfig,
+    "ema": EmaConfig,
+    "run": RunConfig,
+}
+KEY_SECTION = {f.name: section for section, cls in SECTIONS.items() for f in fields(cls)}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The whole training configuration as typed sections; see the module docstring for who reads which."""
+
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    augment: AugmentConfig = dataclasses.field(default_factory=AugmentConfig)
+    mixup: MixupConfig = dataclasses.field(default_factory=MixupConfig)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    batch: BatchConfig = dataclasses.field(default_factory=BatchConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = dataclasses.field(default_factory=ScheduleConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    perf: PerfConfig = dataclasses.field(default_factory=PerfConfig)
+    ema: EmaConfig = dataclasses.field(default_factory=EmaConfig)
+    run: RunConfig = dataclasses.field(default_factory=RunConfig)
+
+    def __post_init__(self):
+        """Checks that involve more than one section; each section has checked its own keys."""
+        if self.mixup.active and self.batch.batch_size % 2:
+            raise ValueError(
+                f"batch_size={self.batch.batch_size}: mixup/cutmix pair images within a batch, so it must be even "
+                "(or set mixup: 0, cutmix: 0)"
+            )
+        if self.data.data_pipeline == "gpu":
+            # what the device augmentation cannot do, said before any device or data is touched
+            from mambaout.data.gpu_aug import GpuAugment
+
+            GpuAugment.from_config(self.augment, crop=self.data.cache)
+
+    @property
+    def loading(self) -> Loading:
+        return Loading(
+            batch_size=self.batch.batch_size,
+            eval_batch_size=self.eval.eval_batch_size or 2 * self.batch.batch_size,
+            workers=self.data.workers,
+            seed=self.run.seed,
+            cache=self.data.cache,
+            persistent_workers=self.data.persistent_workers,
+        )
+
+    def eval_settings(self) -> dict:
+        """The eval transform of the run, written into its checkpoints (what `create_model` reads back)."""
+        size = self.augment.img_size
+        return dict(
+            input_size=[3, size, size],
+            crop_pct=self.eval.eval_crop_pct,
+            interpolation=self.eval.eval_interpolation,
+            mean=list(self.augment.mean),
+            std=list(self.augment.std),
+            crop_mode="center",
+        )
+
+    def output_folder(self) -> Path:
+        """The run folder: `output`, else the resumed run's folder, else `runs/<recipe or model>`."""
+        if self.run.output:
+            return Path(self.run.output)
+        if self.run.resume:
+            return resume_path(self.run.resume).parent
+        return Path("runs") / recipe_name(self.run.recipe or self.model.model)
+
+
+def from_flat(flat: dict) -> TrainConfig:
+    """The typed configuration of a flat dict (DEFAULTS' keys; missing keys take their defaults).
+
+    Raises:
+        ValueError: one line naming the first bad key, its value and what is allowed; or the unknown keys.
+    """
+    unknown = sorted(set(flat) - set(KEY_SECTION))
+    if unknown:
+        raise ValueError(f"unknown config keys {unknown}; the keys are those `mambaout train --print-config` prints")
+    parts = {name: {} for name in SECTIONS}
+    for key, value in flat.items():
+        parts[KEY_SECTION[key]][key] = value
+    sections = {name: SECTIONS[name](**values) for name, values in parts.items()}
+    return TrainConfig(**sections)
+
+
+def to_flat(cfg: TrainConfig) -> dict:
+    """The flat dict of a typed configuration, as files hold it (tuples as lists), in DEFAULTS' key order."""
+    flat = {}
+    for name in SECTIONS:
+        section = getattr(cfg, name)
+        for f in fields(section):
+            value = getattr(section, f.name)
+            flat[f.name] = list(value) if isinstance(value, tuple) else value
+    return flat
+
+
+# The official recipe (paper Sec. 4.1 and the official training scripts), ImageNet-1k at 224 px, as the flat file
+# format: every key a recipe, --set or config.yaml may hold.
+DEFAULTS: dict = to_flat(TrainConfig())
+
+
+# --- recipes and resolution -------------------------------------------------------------------------------------------
 
 
 def find_recipe(name_or_path: str) -> Path:
@@ -134,36 +413,39 @@ def list_recipes() -> list[str]:
 
 
 def load_recipe(name_or_path: str) -> dict:
-    import yaml
-
     path = find_recipe(name_or_path)
-    with open(path) as f:
-        recipe = yaml.safe_load(f) or {}
+    try:
+        recipe = load_yaml(path.read_text(errors="replace"), str(path)) or {}
+    except YamlError as e:
+        raise ValueError(str(e)) from None
     if not isinstance(recipe, dict):
         raise ValueError(f"recipe {path} must be a YAML mapping of option: value")
     recipe = {k: coerce(v) for k, v in recipe.items()}
-    unknown = sorted(set(recipe) - set(DEFAULTS))
+    unknown = sorted(map(str, set(recipe) - set(DEFAULTS)))
     if unknown:
-        raise ValueError(f"recipe {path} has unknown keys {unknown}; valid keys are the DEFAULTS in mambaout/config.py")
+        raise ValueError(f"recipe {path} has unknown keys {unknown}; `mambaout train --print-config` lists the keys")
     return recipe
 
 
 def coerce(value):
     """YAML 1.1 reads `2e-5` (no dot) as a string; numbers written that way are meant as numbers."""
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            return value
+    if isinstance(value, str) and re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+", value.strip()):
+        return float(value)
     return value
 
 
-def resolve_config(overrides: dict) -> dict:
-    """DEFAULTS < recipe (`overrides['recipe']`, or 'digits' when no data is given) < `overrides`."""
-    unknown = sorted(set(overrides) - set(DEFAULTS))
+def resolve_config(overrides: dict, require_data: bool = True) -> TrainConfig:
+    """DEFAULTS < recipe (`overrides['recipe']`, or 'digits' when no data is given) < `overrides`, typed.
+
+    Args:
+        overrides: Flat keys given on the command line (or by a caller).
+        require_data: Refuse a configuration without training data (off for `--print-config`).
+    """
+    unknown = sorted(map(str, set(overrides) - set(DEFAULTS)))
     if unknown:
         raise ValueError(f"unknown options {unknown}")
     if overrides.get("resume"):
+        RunConfig(resume=overrides["resume"])  # a path, checked before it is opened
         # A resumed run continues with the configuration it was started with; options given now still win.
         saved = load_state(resume_path(overrides["resume"])).get("config", {})
         for key in ("model", "model_kwargs"):
@@ -172,13 +454,12 @@ def resolve_config(overrides: dict) -> dict:
                     f"--resume {overrides['resume']}: that run trains {key} {saved[key]!r}, not {overrides[key]!r}; "
                     "drop the option to continue it, or start a new run in another --output folder"
                 )
-        cfg = copy.deepcopy(DEFAULTS)
-        cfg.update({k: v for k, v in saved.items() if k in DEFAULTS})
-        cfg.update(stop_after_epochs=None, stop_after_steps=None, output=str(resume_path(overrides["resume"]).parent))
-        cfg.update(overrides)
-        validate_config(cfg)
-        return cfg
-    cfg = copy.deepcopy(DEFAULTS)
+        flat = dict(DEFAULTS)
+        flat.update({k: v for k, v in saved.items() if k in DEFAULTS})
+        flat.update(stop_after_epochs=None, stop_after_steps=None, output=str(resume_path(overrides["resume"]).parent))
+        flat.update(overrides)
+        return _typed(flat, require_data)
+    flat = dict(DEFAULTS)
     recipe = overrides.get("recipe")
     no_data = not any(overrides.get(k) for k in ("data", "data_train"))
     if recipe is None and no_data:
@@ -187,21 +468,59 @@ def resolve_config(overrides: dict) -> dict:
     if recipe is not None:
         loaded = load_recipe(recipe)
         model_named = model_named or "model" in loaded
-        cfg.update(loaded)
-        cfg["recipe"] = recipe
+        flat.update(loaded)
+        flat["recipe"] = recipe
     if overrides.get("initial_checkpoint") and not model_named:
-        cfg["model"] = checkpoint_model(overrides["initial_checkpoint"]) or cfg["model"]
+        flat["model"] = checkpoint_model(overrides["initial_checkpoint"]) or flat["model"]
     if overrides.get("data") is not None:
         # --data on the command line beats the recipe's data_train/data_val (only its own --data-train/-val beat it)
-        cfg.update(data_train=None, data_val=None)
-    cfg.update(overrides)
-    if cfg["data"] is not None and (cfg["data_train"] is None or cfg["data_val"] is None):
-        cfg["data_train"] = cfg["data_train"] or resolve_split(cfg["data"], cfg["train_split"])
-        cfg["data_val"] = cfg["data_val"] or resolve_split(cfg["data"], cfg["val_split"])
+        flat.update(data_train=None, data_val=None)
+    flat.update(overrides)
+    if isinstance(flat["data"], str) and (flat["data_train"] is None or flat["data_val"] is None):
+        flat["data_train"] = flat["data_train"] or resolve_split(flat["data"], flat["train_split"])
+        flat["data_val"] = flat["data_val"] or resolve_split(flat["data"], flat["val_split"])
     for key in ("data", "data_train", "data_val"):
-        cfg[key] = _absolute(cfg[key])  # stored resolved, so --resume works from any working directory
-    validate_config(cfg)
+        if isinstance(flat[key], str):
+            flat[key] = _absolute(flat[key])  # stored resolved, so --resume works from any working directory
+    return _typed(flat, require_data)
+
+
+def _typed(flat: dict, require_data: bool) -> TrainConfig:
+    cfg = from_flat(flat)
+    if require_data and cfg.data.data_train is None:
+        named = f"recipe {cfg.run.recipe!r} names no data" if cfg.run.recipe else "no training data"
+        raise ValueError(
+            f"{named}: pass --data DIR (holding {cfg.data.train_split}/ and {cfg.data.val_split}/, folders or .tar) "
+            "or --data-train PATH [--data-val PATH]"
+        )
+    check_model_size(cfg.model)
+    if cfg.schedule.warmup_epochs > cfg.schedule.epochs:
+        logger.warning(
+            "warmup_epochs=%d is more than epochs=%d: the lr never leaves its warmup",
+            cfg.schedule.warmup_epochs,
+            cfg.schedule.epochs,
+        )
     return cfg
+
+
+def check_model_size(model: ModelConfig) -> None:
+    """Build the model on the meta device (no memory) to check its name and arguments and bound its size."""
+    from mambaout.models.factory import create_model
+
+    kwargs = dict(model.model_kwargs)
+    if model.drop_rate:
+        kwargs.setdefault("drop_rate", model.drop_rate)
+    try:
+        with torch.device("meta"):
+            probe = create_model(model.model, num_classes=model.num_classes or 1000, **kwargs)
+    except (TypeError, ValueError, KeyError) as e:
+        raise ValueError(f"model={model.model!r} with model_kwargs={C.show(model.model_kwargs)}: {e}") from None
+    n = sum(p.numel() for p in probe.parameters())
+    if n > MAX_MODEL_PARAMS:
+        raise ValueError(
+            f"model_kwargs={C.show(model.model_kwargs)}: {model.model} would have {n / 1e6:,.0f}M parameters, over "
+            f"the bound of {MAX_MODEL_PARAMS / 1e6:,.0f}M; check depths/dims"
+        )
 
 
 def checkpoint_model(path) -> str | None:
@@ -216,126 +535,6 @@ def _absolute(path: str | None) -> str | None:
     if not path or str(path).startswith(DIGITS) or str(path).startswith(MAP_STYLE_READERS) or not Path(path).exists():
         return path
     return str(Path(path).resolve())
-
-
-def validate_config(cfg: dict) -> None:
-    """Reject settings that would crash late (after an epoch), silently do something else, or exhaust memory."""
-    if cfg["data_train"] is None:
-        named = f"recipe {cfg['recipe']!r} names no data" if cfg.get("recipe") else "no training data"
-        raise ValueError(
-            f"{named}: pass --data DIR (holding {cfg['train_split']}/ and {cfg['val_split']}/, folders or .tar) "
-            "or --data-train PATH [--data-val PATH]"
-        )
-    if cfg["amp"] not in ("auto", *AMP_DTYPES):
-        raise ValueError(f"amp must be one of auto, none, bf16, fp16; got {cfg['amp']!r}")
-    for key in ("epochs", "batch_size", "eval_every"):
-        if not _is_int(cfg[key]) or cfg[key] < 1:
-            raise ValueError(f"{key} must be a positive integer, got {cfg[key]!r}")
-    for key in ("warmup_epochs", "cooldown_epochs", "checkpoint_every", "keep_top_k", "workers"):
-        if not _is_int(cfg[key]) or cfg[key] < 0:
-            raise ValueError(f"{key} must be an integer >= 0 (0: off), got {cfg[key]!r}")
-    for key in ("threads", "max_steps_per_epoch", "stop_after_epochs", "stop_after_steps", "global_batch"):
-        if cfg[key] is not None and (not _is_int(cfg[key]) or cfg[key] < 1):
-            raise ValueError(f"{key} must be a positive integer (or unset), got {cfg[key]!r}")
-    check_img_size(cfg["img_size"], "img_size")
-    _in_range(cfg, "weight_decay", 0.0, 10.0)
-    _in_range(cfg, "smoothing", 0.0, 1.0, top_open=True)
-    _in_range(cfg, "reprob", 0.0, 1.0)
-    _in_range(cfg, "mixup", 0.0, 100.0)
-    _in_range(cfg, "cutmix", 0.0, 100.0)
-    _in_range(cfg, "model_ema_decay", 0.0, 1.0)
-    _in_range(cfg, "eval_crop_pct", 0.05, 1.0)
-    for key in ("lr", "lr_base", "clip_grad", "drop_path"):
-        if cfg[key] is not None:
-            _in_range(cfg, key, 0.0, 1e3)
-    if (cfg["mixup"] > 0 or cfg["cutmix"] > 0) and cfg["batch_size"] % 2:
-        raise ValueError(f"mixup/cutmix pair images within a batch: use an even --batch-size (got {cfg['batch_size']})")
-    if cfg["data_pipeline"] not in ("cpu", "gpu"):
-        raise ValueError(f"data_pipeline must be cpu or gpu, got {cfg['data_pipeline']!r}")
-    if cfg["sched"] not in SCHEDULES:
-        raise ValueError(f"sched must be one of {', '.join(SCHEDULES)}; got {cfg['sched']!r}")
-    if cfg["pretrained"] and cfg["initial_checkpoint"]:
-        raise ValueError("pass either --pretrained or --initial-checkpoint PATH, not both")
-    if cfg["layer_decay"] is not None and not 0 < cfg["layer_decay"] <= 1:
-        raise ValueError(f"layer_decay must be in (0, 1], got {cfg['layer_decay']!r}")
-    if "pretrained" in (cfg["model_kwargs"] or {}):
-        raise ValueError("pass --pretrained (the config key pretrained), not model_kwargs={pretrained: ...}")
-    _check_auto_augment(cfg)
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _in_range(cfg: dict, key: str, lo: float, hi: float, top_open: bool = False) -> None:
-    v = cfg[key]
-    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and lo <= v and (v < hi if top_open else v <= hi)
-    if not ok:
-        raise ValueError(f"{key} must be a number in [{lo:g}, {hi:g}{')' if top_open else ']'}, got {v!r}")
-
-
-def _check_auto_augment(cfg: dict) -> None:
-    """Build the augmentation once now, so a bad RandAugment string fails here and not in the first batch."""
-    from mambaout.data.transforms import build_train_transform
-
-    if not cfg["auto_augment"]:
-        return
-    try:
-        build_train_transform(cfg)
-    except Exception as e:  # timm raises AssertionError/KeyError/ValueError for strings it cannot parse
-        raise ValueError(
-            f"auto_augment {cfg['auto_augment']!r} is not a timm augmentation string ({type(e).__name__}: {e}); "
-            "use e.g. rand-m9-mstd0.5-inc1, augmix-m5-w3, original, or none"
-        ) from e
-
-
-def batch_plan(cfg: dict, world_size: int) -> tuple[int, int, float]:
-    """(global batch, accumulation steps, learning rate) from the per-device batch and the world size.
-
-    Raises:
-        ValueError: when the global batch is not a multiple of per-device batch x world size.
-    """
-    per_step = cfg["batch_size"] * world_size
-    global_batch = cfg["global_batch"] or per_step
-    if global_batch % per_step:
-        raise ValueError(
-            f"--global-batch {global_batch} is not a multiple of --batch-size {cfg['batch_size']} x {world_size} "
-            f"processes = {per_step}; pick a global batch that is, or change --batch-size"
-        )
-    # Linear scaling rule (Goyal et al. 2017), as the official recipe: 4e-3 at 4096 images per step.
-    lr = cfg["lr"] if cfg["lr"] is not None else cfg["lr_base"] * global_batch / cfg["lr_base_batch"]
-    return global_batch, global_batch // per_step, lr
-
-
-def total_epochs(cfg: dict) -> int:
-    return cfg["epochs"] + cfg["cooldown_epochs"]
-
-
-def amp_dtype(cfg: dict, device: torch.device) -> tuple[str, torch.dtype | None]:
-    """The autocast setting (`auto`: bf16 on CUDA, none on CPU) as its name and dtype."""
-    amp = cfg["amp"]
-    if amp == "auto":
-        amp = "bf16" if device.type == "cuda" else "none"
-    return amp, AMP_DTYPES[amp]
-
-
-def eval_config(cfg: dict) -> dict:
-    """The eval transform settings of a run, written into its checkpoints (what `create_model` reads back)."""
-    return dict(
-        input_size=[3, cfg["img_size"], cfg["img_size"]],
-        crop_pct=cfg["eval_crop_pct"],
-        interpolation=cfg["eval_interpolation"],
-        mean=list(cfg["mean"]),
-        std=list(cfg["std"]),
-        crop_mode="center",
-    )
-
-
-def output_folder(cfg: dict) -> Path:
-    """The run folder: `output`, else the resumed run's folder, else `runs/<recipe or model>`."""
-    if cfg["output"] is None and cfg["resume"]:
-        cfg["output"] = str(resume_path(cfg["resume"]).parent)
-    return Path(cfg["output"] or Path("runs") / recipe_name(cfg["recipe"] or cfg["model"]))
 
 
 def recipe_name(recipe: str) -> str:

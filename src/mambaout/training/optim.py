@@ -6,42 +6,43 @@ import torch
 from torch import nn
 
 from mambaout.models.layers import param_groups
+from mambaout.training.config import OptimConfig, ScheduleConfig
 
 
-def create_optimizer(model: nn.Module, cfg: dict, lr: float) -> torch.optim.Optimizer:
+def create_optimizer(model: nn.Module, cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
     """AdamW (the paper's optimizer) over `param_groups`; other optimizers and layer-wise lr decay through timm.
 
     With `layer_decay` d, timm's optimizer factory scales each parameter group's lr by d^(layers above it), the
     layers numbered by the model's `group_matcher` (stem first, the head last at d^0 = 1).
     """
-    if cfg["opt"] == "adamw" and cfg["layer_decay"] is None:
-        groups = param_groups(model, cfg["weight_decay"])
-        return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg["betas"]), eps=cfg["eps"])
+    if cfg.opt == "adamw" and cfg.layer_decay is None:
+        groups = param_groups(model, cfg.weight_decay)
+        return torch.optim.AdamW(groups, lr=lr, betas=cfg.betas, eps=cfg.eps)
     from timm.optim import create_optimizer_v2
 
-    adam_like = {"betas": tuple(cfg["betas"]), "eps": cfg["eps"]} if "adam" in cfg["opt"].lower() else {}
+    adam_like = {"betas": cfg.betas, "eps": cfg.eps} if "adam" in cfg.opt.lower() else {}
     try:
         return create_optimizer_v2(
-            model, opt=cfg["opt"], lr=lr, weight_decay=cfg["weight_decay"], layer_decay=cfg["layer_decay"], **adam_like
+            model, opt=cfg.opt, lr=lr, weight_decay=cfg.weight_decay, layer_decay=cfg.layer_decay, **adam_like
         )
     except ValueError as e:
-        raise ValueError(f"opt {cfg['opt']!r}: {e} (timm's optimizer names, e.g. adamw, sgd, momentum, lamb)") from e
+        raise ValueError(f"opt {cfg.opt!r}: {e} (timm's optimizer names, e.g. adamw, sgd, momentum, lamb)") from e
 
 
-def create_scheduler(optimizer, cfg: dict, steps_per_epoch: int):
+def create_scheduler(optimizer, cfg: ScheduleConfig, steps_per_epoch: int):
     """timm's schedule `sched` (default cosine): warmup, decay to min_lr over `epochs`, then min_lr (the cooldown)."""
-    unit = steps_per_epoch if cfg["sched_on_updates"] else 1
-    if cfg.get("sched", "cosine") != "cosine":
+    unit = steps_per_epoch if cfg.sched_on_updates else 1
+    if cfg.sched != "cosine":
         from timm.scheduler import create_scheduler_v2
 
         scheduler, _ = create_scheduler_v2(
             optimizer,
-            sched=cfg["sched"],
-            num_epochs=cfg["epochs"],
-            min_lr=cfg["min_lr"],
-            warmup_lr=cfg["warmup_lr"],
-            warmup_epochs=cfg["warmup_epochs"],
-            step_on_epochs=not cfg["sched_on_updates"],
+            sched=cfg.sched,
+            num_epochs=cfg.epochs,
+            min_lr=cfg.min_lr,
+            warmup_lr=cfg.warmup_lr,
+            warmup_epochs=cfg.warmup_epochs,
+            step_on_epochs=not cfg.sched_on_updates,
             updates_per_epoch=steps_per_epoch,
         )
         return scheduler
@@ -49,10 +50,10 @@ def create_scheduler(optimizer, cfg: dict, steps_per_epoch: int):
 
     return CosineLRScheduler(
         optimizer,
-        t_initial=cfg["epochs"] * unit,
-        lr_min=cfg["min_lr"],
-        warmup_t=cfg["warmup_epochs"] * unit,
-        warmup_lr_init=cfg["warmup_lr"],
+        t_initial=cfg.epochs * unit,
+        lr_min=cfg.min_lr,
+        warmup_t=cfg.warmup_epochs * unit,
+        warmup_lr_init=cfg.warmup_lr,
         cycle_limit=1,
-        t_in_epochs=not cfg["sched_on_updates"],
+        t_in_epochs=not cfg.sched_on_updates,
     )

@@ -182,11 +182,12 @@ class RunFolder:
 
     Args:
         out: The folder.
-        cfg: The resolved configuration (written as `config.yaml`, and into `state.pt`).
+        config: The resolved configuration as its flat file format (written as `config.yaml`, and into `state.pt`,
+            where `--resume` reads it back).
         meta: What `create_model(checkpoint=...)` needs: model, model_kwargs, class_names, eval_config.
         write: False on ranks other than 0: every method is then a no-op.
-        samples_per_step: Images one optimizer step takes on one rank (batch x accumulation), for the sampler state.
-        world_size: Processes of the run, for the sampler state.
+        keep_top_k: Keep the weights of the k best epochs (0: none).
+        tensorboard: Also write TensorBoard events.
     """
 
     FIELDS = [
@@ -202,9 +203,11 @@ class RunFolder:
         "skipped",
     ]
 
-    def __init__(self, out: Path, cfg: dict, meta: dict, write: bool, samples_per_step: int = 0, world_size: int = 1):
-        self.out, self.cfg, self.meta, self.write = out, cfg, meta, write
-        self.samples_per_step, self.world_size = samples_per_step, world_size
+    def __init__(
+        self, out: Path, config: dict, meta: dict, write: bool, keep_top_k: int = 3, tensorboard: bool = False
+    ):
+        self.out, self.config, self.meta, self.write = out, config, meta, write
+        self.keep_top_k = keep_top_k
         self.tb = None
         self._lock = None
         if write:
@@ -213,8 +216,8 @@ class RunFolder:
             remove_stale_temporaries(out)
             import yaml
 
-            files.atomic_write_text(out / "config.yaml", yaml.safe_dump(_plain(cfg), sort_keys=False))
-            if cfg["tensorboard"]:
+            files.atomic_write_text(out / "config.yaml", yaml.safe_dump(_plain(config), sort_keys=False))
+            if tensorboard:
                 self.tb = tensorboard_writer(out / "tensorboard")
 
     def save_state(
@@ -236,13 +239,7 @@ class RunFolder:
             best=progress.best,
             top_k=[list(t) for t in progress.top_k],
             rng=rng_state(),
-            sampler=dict(
-                seed=self.cfg["seed"],
-                epoch=completed_epoch + (1 if epoch_step else 0),
-                samples_done=epoch_step * self.samples_per_step,
-                world_size=self.world_size,
-            ),
-            config=_plain(self.cfg),
+            config=_plain(self.config),
             meta=self.meta,
             epoch_totals=dict(totals) if totals else None,
         )
@@ -259,7 +256,7 @@ class RunFolder:
         self.save_weights(parts.model, "last.safetensors", **extra)
         if parts.ema is not None:
             self.save_weights(parts.ema.module, "last_ema.safetensors", **extra)
-        if metrics is not None and self.cfg["keep_top_k"]:
+        if metrics is not None and self.keep_top_k:
             self._keep_top_k(parts.model, progress.top_k, metrics["top1"], extra)
         self.log_epoch(row)
         if metrics is not None:
@@ -271,7 +268,7 @@ class RunFolder:
                 self.save_weights(model, "best.safetensors", epoch=epoch, top1=score)
 
     def _keep_top_k(self, model: nn.Module, top_k: list, top1: float, extra: dict) -> None:
-        k = self.cfg["keep_top_k"]
+        k = self.keep_top_k
         name = f"epoch-{extra['epoch'] + 1:04d}.safetensors"  # numbered as the log prints epochs: from 1
         top_k.append((top1, extra["epoch"], name))
         top_k.sort(key=lambda t: (-t[0], t[1]))

@@ -1,6 +1,6 @@
 """The training run, top to bottom: data, model, optimizer and schedule, then epochs.
 
-`fit(cfg)` takes a configuration resolved by `mambaout.training.config.resolve_config`; the files it writes are described
+`fit(cfg)` takes a `TrainConfig` (`mambaout.training.config.resolve_config`) and hands each part its section; the files it writes are described
 in `mambaout.training.runfolder`. Under torchrun every rank calls it with the same configuration; only rank 0 writes.
 """
 
@@ -15,9 +15,18 @@ from torch import nn
 
 from mambaout.data.datasets import create_dataset
 from mambaout.data.image import eval_transform
-from mambaout.data.loaders import eval_loader, num_steps, train_loader
+from mambaout.data.loaders import EpochLoader, eval_loader, num_steps, train_loader
 from mambaout.data.transforms import build_train_transform
-from mambaout.training.config import amp_dtype, batch_plan, eval_config, output_folder, total_epochs
+from mambaout.training.config import (
+    BatchPlan,
+    EmaConfig,
+    EvalConfig,
+    MixupConfig,
+    ModelConfig,
+    RunConfig,
+    TrainConfig,
+    to_flat,
+)
 from mambaout.training.engine import StepConfig, evaluate, train_one_epoch
 from mambaout.training.optim import create_optimizer, create_scheduler
 from mambaout.training.runfolder import (
@@ -35,59 +44,63 @@ from mambaout.utils import distributed as dist
 from mambaout.utils.files import jsonable
 
 
-def fit(cfg: dict) -> dict:
+def fit(cfg: TrainConfig) -> dict:
     """Run (or resume) training as `cfg` says. Returns the last epoch's metrics, the run folder and the best epoch."""
-    env, device = dist.init(cfg["device"])
+    env, device = dist.init(cfg.perf.device)
     run = None
+    n_epochs = cfg.schedule.total_epochs
     try:
-        if cfg["threads"]:
-            torch.set_num_threads(int(cfg["threads"]))
-        amp, amp_dt = amp_dtype(cfg, device)
-        state = load_state(resume_path(cfg["resume"])) if cfg["resume"] else None
-        out = output_folder(cfg)
-        global_batch, accum, lr = batch_plan(cfg, env.world_size)
+        if cfg.perf.threads:
+            torch.set_num_threads(cfg.perf.threads)
+        amp, amp_dt = cfg.perf.amp_dtype(device)
+        state = load_state(resume_path(cfg.run.resume)) if cfg.run.resume else None
+        out = cfg.output_folder()
+        plan = cfg.batch.plan(env.world_size)
         if dist.is_main():
-            check_output_free(out, cfg["resume"], cfg["overwrite"])
-            if cfg["tensorboard"]:
+            check_output_free(out, cfg.run.resume, cfg.run.overwrite)
+            if cfg.run.tensorboard:
                 tensorboard_writer(None)  # fail before the data is read, when tensorboard is missing
 
         # data: the val set takes the train set's class -> index map, so labels agree even with missing folders
-        data = Data.build(cfg, env, device, accum)
+        data = Data.build(cfg, env, device, plan.accum_steps)
 
         # model: every registered model trains through the same factory
-        seed_all(cfg["seed"])
-        model, meta = build_model(cfg, data.classes, data.eval_config)
+        seed_all(cfg.run.seed)
+        model, meta = build_model(cfg.model, data.classes, data.eval_config, cfg.data.data_train)
+        if cfg.perf.grad_checkpointing:
+            model.set_grad_checkpointing(True)
         model.to(device)
-        if cfg["channels_last"]:
+        if cfg.perf.channels_last:
             model.to(memory_format=torch.channels_last)
 
         # optimizer, schedule, grad scaler, EMA; then the state to resume from
-        optimizer = create_optimizer(model, cfg, lr)
-        scheduler = create_scheduler(optimizer, cfg, data.steps_per_epoch)
+        optimizer = create_optimizer(model, cfg.optim, plan.lr)
+        scheduler = create_scheduler(optimizer, cfg.schedule, data.steps_per_epoch)
         scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
-        parts = Trainable(model, optimizer, scheduler, scaler, create_ema(model, cfg))
+        parts = Trainable(model, optimizer, scheduler, scaler, create_ema(model, cfg.ema))
         progress = Progress() if state is None else Progress.restore(state, parts)
         if state is not None:
-            _say_resumed(cfg, progress)
+            _say_resumed(cfg.run.resume, n_epochs, progress)
         train_model = dist.wrap(model, device)
-        if cfg["compile"]:
+        if cfg.perf.compile:
             train_model = torch.compile(train_model)
-        mixup_fn, loss_fn = build_loss(cfg, len(data.classes))
+        mixup_fn, loss_fn = build_loss(cfg.mixup, len(data.classes))
 
-        run = RunFolder(out, cfg, meta, dist.is_main(), accum * cfg["batch_size"], env.world_size)
+        run = RunFolder(out, to_flat(cfg), meta, dist.is_main(), cfg.run.keep_top_k, cfg.run.tensorboard)
         if dist.is_main():
-            _LOG.open(out / "train.log", append=bool(cfg["resume"]))
-        _say(_banner(cfg, meta["model"], model, data, env, device, (global_batch, accum, lr), amp, out))
-        step_cfg = StepConfig(accum, amp_dt, cfg["clip_grad"], cfg["channels_last"])
+            _LOG.open(out / "train.log", append=bool(cfg.run.resume))
+        _say(_banner(cfg, meta["model"], model, data, env, device, plan, amp, out))
+        step_cfg = StepConfig(plan.accum_steps, amp_dt, cfg.optim.clip_grad, cfg.perf.channels_last)
+        samples_per_step = plan.accum_steps * cfg.batch.batch_size  # on one rank
         result: dict = {}
         run_start = time.perf_counter()
         epochs_this_call = steps_this_call = 0
         resume_hint = f"continue with --resume {out}"
-        for epoch in range(progress.start_epoch, total_epochs(cfg)):
+        for epoch in range(progress.start_epoch, n_epochs):
             hook = StepHook(cfg, run, parts, progress, epoch, data.steps_per_epoch, steps_this_call)
-            hook.begin_epoch(data.loader, env.rank, accum)
+            hook.begin_epoch(data.loader, env.rank, samples_per_step)
             t0 = time.perf_counter()
-            stats = _train_epoch(train_model, data, parts, loss_fn, mixup_fn, device, step_cfg, hook, cfg)
+            stats = _train_epoch(train_model, data, parts, loss_fn, mixup_fn, device, step_cfg, hook, cfg.run, n_epochs)
             progress.global_step += stats["steps"]
             steps_this_call += stats["steps"]
             if hook.stopped_at is not None:
@@ -97,17 +110,20 @@ def fit(cfg: dict) -> dict:
                 break
             row = dict(epoch=epoch, lr=hook.last_lr, train_loss=stats["loss"], skipped=stats["skipped"])
             row["train_img_s"] = stats["img_s"] * env.world_size
-            metrics, ema_metrics = _evaluate_epoch(cfg, parts, data.val_loader, device, amp_dt, row)
+            metrics, ema_metrics = _evaluate_epoch(
+                cfg.eval, n_epochs, parts, data.val_loader, device, amp_dt, cfg.perf.channels_last, row
+            )
             row["epoch_s"] = time.perf_counter() - t0
             if dist.is_main():
                 run.save_epoch(parts, progress, row, metrics, ema_metrics)
                 run.save_state(parts, progress, epoch, progress.global_step)
-                _say(_epoch_line(row, total_epochs(cfg), metrics, ema_metrics))
+                _say(_epoch_line(row, n_epochs, metrics, ema_metrics))
             dist.barrier()
             result = dict(row, output=str(out))
             epochs_this_call += 1
-            last_epoch = epoch == total_epochs(cfg) - 1
-            if cfg["stop_after_epochs"] and epochs_this_call >= cfg["stop_after_epochs"] and not last_epoch:
+            last_epoch = epoch == n_epochs - 1
+            stop_after = cfg.run.stop_after_epochs
+            if stop_after and epochs_this_call >= stop_after and not last_epoch:
                 _say(f"stopping after {epochs_this_call} epoch(s) as asked; {resume_hint}")
                 result["stopped"] = True
                 break
@@ -138,56 +154,57 @@ class Data:
     steps_per_epoch: int
 
     @classmethod
-    def build(cls, cfg: dict, env, device: torch.device, accum: int) -> Data:
-        train_tf = build_train_transform(cfg)
-        ev = eval_config(cfg)
+    def build(cls, cfg: TrainConfig, env, device: torch.device, accum: int) -> Data:
+        paths, aug, loading = cfg.data, cfg.augment, cfg.loading
+        ev = cfg.eval_settings()
         eval_tf = eval_transform(ev)
-        workers, pin = cfg["workers"], device.type == "cuda"
+        pin = device.type == "cuda"
         val_loader = None
-        if cfg["data_pipeline"] == "gpu":  # uint8 batches to the device, augmented there (mambaout.data.gpu_loader)
+        if paths.data_pipeline == "gpu":  # uint8 batches to the device, augmented there (mambaout.data.gpu_loader)
             from mambaout.data.gpu_loader import gpu_loaders
 
             train_set, val_set, loader, val_loader = gpu_loaders(
-                cfg, env.rank, env.world_size, device, eval_tf, workers
+                paths.data_train, paths.data_val, aug, loading, env.rank, env.world_size, device, eval_tf
             )
         else:
-            train_set = create_dataset(cfg["data_train"], train_tf, cache=cfg["cache"], img_size=cfg["img_size"])
+            train_set = create_dataset(
+                paths.data_train, build_train_transform(aug), cache=loading.cache, img_size=aug.img_size
+            )
             val_set = None
-            if cfg["data_val"]:
+            if paths.data_val:
                 val_set = create_dataset(
-                    cfg["data_val"],
+                    paths.data_val,
                     eval_tf,
                     train_set.class_to_idx,
-                    cache=cfg["cache"],
-                    img_size=cfg["img_size"],
+                    cache=loading.cache,
+                    img_size=aug.img_size,
                     substitute=False,  # held-out metrics count each readable image once
                 )
             loader = train_loader(
                 train_set,
-                cfg["batch_size"],
+                loading.batch_size,
                 env.rank,
                 env.world_size,
-                cfg["seed"],
-                workers,
+                loading.seed,
+                loading.workers,
                 pin,
-                cfg["persistent_workers"],
+                loading.persistent_workers,
             )
         steps_per_epoch = num_steps(len(loader), accum)
-        if cfg["max_steps_per_epoch"]:
-            steps_per_epoch = min(steps_per_epoch, cfg["max_steps_per_epoch"])
+        if cfg.run.max_steps_per_epoch:
+            steps_per_epoch = min(steps_per_epoch, cfg.run.max_steps_per_epoch)
         if steps_per_epoch == 0:
             raise ValueError(
                 f"an epoch has {len(loader)} batches, fewer than the {accum} accumulation steps of one optimizer "
-                f"step (global batch {cfg['batch_size'] * env.world_size * accum}); lower --global-batch or use "
+                f"step (global batch {loading.batch_size * env.world_size * accum}); lower --global-batch or use "
                 "more data"
             )
-        eval_bs = cfg["eval_batch_size"] or 2 * cfg["batch_size"]
         if val_set is not None and val_loader is None:
-            val_loader = eval_loader(val_set, eval_bs, env.rank, env.world_size, workers, pin)
+            val_loader = eval_loader(val_set, loading.eval_batch_size, env.rank, env.world_size, loading.workers, pin)
         return cls(train_set, val_set, loader, val_loader, list(train_set.classes), ev, steps_per_epoch)
 
 
-def build_model(cfg: dict, classes: list[str], eval_cfg: dict) -> tuple[nn.Module, dict]:
+def build_model(cfg: ModelConfig, classes: list[str], eval_cfg: dict, data_train: str) -> tuple[nn.Module, dict]:
     """The model to train, and the metadata its checkpoints carry (what `create_model(checkpoint=...)` needs).
 
     With `pretrained` or `initial_checkpoint` the weights come from there (fine-tuning); a classifier of another
@@ -196,27 +213,25 @@ def build_model(cfg: dict, classes: list[str], eval_cfg: dict) -> tuple[nn.Modul
     from mambaout.models.factory import create_model
     from mambaout.models.variants import get_variant
 
-    num_classes = cfg["num_classes"] or len(classes)
+    num_classes = cfg.num_classes or len(classes)
     if num_classes != len(classes):
         raise ValueError(
             f"--num-classes {num_classes} does not match the {len(classes)} classes of the training data "
-            f"({cfg['data_train']}); leave it out to take the data's"
+            f"({data_train}); leave it out to take the data's"
         )
-    kwargs = dict(cfg["model_kwargs"] or {})
-    if cfg["drop_rate"]:  # only when asked: not every registered builder takes a head dropout
-        kwargs.setdefault("drop_rate", cfg["drop_rate"])
-    variant, _ = get_variant(cfg["model"])
-    drop_path = cfg["drop_path"] if cfg["drop_path"] is not None else variant.default_drop_path
+    kwargs = dict(cfg.model_kwargs)
+    if cfg.drop_rate:  # only when asked: not every registered builder takes a head dropout
+        kwargs.setdefault("drop_rate", cfg.drop_rate)
+    variant, _ = get_variant(cfg.model)
+    drop_path = cfg.drop_path if cfg.drop_path is not None else variant.default_drop_path
     model = create_model(
-        cfg["model"],
-        pretrained=cfg["pretrained"],
-        checkpoint=cfg["initial_checkpoint"],
+        cfg.model,
+        pretrained=cfg.pretrained,
+        checkpoint=cfg.initial_checkpoint,
         num_classes=num_classes,
         drop_path_rate=drop_path,
         **kwargs,
     )
-    if cfg["grad_checkpointing"]:
-        model.set_grad_checkpointing(True)
     # What create_model(checkpoint=...) needs to rebuild this model with no other argument: the architecture the
     # model was built with (an initial checkpoint's own widths included), never where its first weights came from.
     model_kwargs = {k: v for k, v in kwargs.items() if jsonable(v)}
@@ -225,40 +240,38 @@ def build_model(cfg: dict, classes: list[str], eval_cfg: dict) -> tuple[nn.Modul
     if drop_path:
         model_kwargs["drop_path_rate"] = drop_path
     meta = dict(model=variant.name, model_kwargs=model_kwargs, class_names=classes, eval_config=eval_cfg)
-    if cfg["pretrained"] or cfg["initial_checkpoint"]:
-        meta["fine_tuned_from"] = (
-            f"{variant.name} published weights" if cfg["pretrained"] else str(cfg["initial_checkpoint"])
-        )
+    if cfg.pretrained or cfg.initial_checkpoint:
+        meta["fine_tuned_from"] = f"{variant.name} published weights" if cfg.pretrained else str(cfg.initial_checkpoint)
     return model, meta
 
 
-def create_ema(model: nn.Module, cfg: dict):
+def create_ema(model: nn.Module, cfg: EmaConfig):
     """timm's ModelEmaV3 of the weights (evaluated beside the model), or None when `model_ema` is off."""
-    if not cfg["model_ema"]:
+    if not cfg.model_ema:
         return None
     from timm.utils import ModelEmaV3
 
-    return ModelEmaV3(model, decay=cfg["model_ema_decay"])
+    return ModelEmaV3(model, decay=cfg.model_ema_decay)
 
 
-def build_loss(cfg: dict, num_classes: int):
+def build_loss(cfg: MixupConfig, num_classes: int):
     """(mixup function or None, loss): soft-target cross-entropy under mixup/cutmix, else (smoothed) cross-entropy."""
     from timm.data import Mixup
     from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
-    if cfg["mixup"] > 0 or cfg["cutmix"] > 0:
+    if cfg.active:
         mixup_fn = Mixup(
-            mixup_alpha=cfg["mixup"],
-            cutmix_alpha=cfg["cutmix"],
-            prob=cfg["mixup_prob"],
-            switch_prob=cfg["mixup_switch_prob"],
-            mode=cfg["mixup_mode"],
-            label_smoothing=cfg["smoothing"],
+            mixup_alpha=cfg.mixup,
+            cutmix_alpha=cfg.cutmix,
+            prob=cfg.mixup_prob,
+            switch_prob=cfg.mixup_switch_prob,
+            mode=cfg.mixup_mode,
+            label_smoothing=cfg.smoothing,
             num_classes=num_classes,
         )
         return mixup_fn, SoftTargetCrossEntropy()  # the smoothing is already in the mixed soft targets
-    if cfg["smoothing"] > 0:
-        return None, LabelSmoothingCrossEntropy(smoothing=cfg["smoothing"])
+    if cfg.smoothing > 0:
+        return None, LabelSmoothingCrossEntropy(smoothing=cfg.smoothing)
     return None, nn.CrossEntropyLoss()
 
 
@@ -273,8 +286,12 @@ class StepHook:
     to stop (`stop_after_steps`), recording where in `stopped_at`.
     """
 
-    def __init__(self, cfg, run: RunFolder, parts: Trainable, progress: Progress, epoch, steps_per_epoch, called):
-        self.cfg, self.run, self.parts, self.progress = cfg, run, parts, progress
+    def __init__(
+        self, cfg: TrainConfig, run: RunFolder, parts: Trainable, progress: Progress, epoch, steps_per_epoch, called
+    ):
+        self.run, self.parts, self.progress = run, parts, progress
+        self.seed, self.per_update = cfg.run.seed, cfg.schedule.sched_on_updates
+        self.stop_after, self.every = cfg.run.stop_after_steps, cfg.run.checkpoint_every
         self.epoch, self.steps_per_epoch = epoch, steps_per_epoch
         self.base_step = progress.global_step  # optimizer steps before this epoch
         self.called = called  # optimizer steps this invocation took before this epoch
@@ -288,14 +305,14 @@ class StepHook:
     def lr(self) -> float:
         return max(group["lr"] for group in self.parts.optimizer.param_groups)
 
-    def begin_epoch(self, loader, rank: int, accum: int) -> float:
-        """Seed the epoch, position the sampler, set the epoch's learning rate; returns it."""
+    def begin_epoch(self, loader: EpochLoader, rank: int, samples_per_step: int) -> float:
+        """Seed the epoch, position the loader, set the epoch's learning rate; returns it."""
         # Seeding per epoch makes an epoch's randomness a function of (seed, epoch, rank) only, so a resumed
         # run replays exactly what an uninterrupted one would have done.
-        seed_all(self.cfg["seed"] + 1000 * self.epoch + rank)
-        loader.sampler.set_epoch(self.epoch)
-        loader.sampler.skip = self.skip * accum * self.cfg["batch_size"]
-        if not self.cfg["sched_on_updates"]:
+        seed_all(self.seed + 1000 * self.epoch + rank)
+        loader.set_epoch(self.epoch)
+        loader.skip_samples(self.skip * samples_per_step)
+        if not self.per_update:
             self.parts.scheduler.step(self.epoch)
         else:
             self.parts.scheduler.step_update(self.progress.global_step)
@@ -313,13 +330,11 @@ class StepHook:
         """After the n-th optimizer step of this call of the epoch; True asks the engine to stop."""
         step_now, done = self.base_step + n, self.skip + n
         self.last_lr = self.lr()  # the lr step n used, before the schedule moves on
-        if self.cfg["sched_on_updates"]:
+        if self.per_update:
             self.parts.scheduler.step_update(step_now)
         inside = done < self.steps_per_epoch  # the epoch-end checkpoint covers the last step
-        stop_after = self.cfg["stop_after_steps"]
-        stop = bool(stop_after) and self.called + n >= stop_after and inside
-        every = self.cfg["checkpoint_every"]
-        if inside and (stop or (every and step_now % every == 0)):
+        stop = bool(self.stop_after) and self.called + n >= self.stop_after and inside
+        if inside and (stop or (self.every and step_now % self.every == 0)):
             totals = {k: (v.item() if torch.is_tensor(v) else v) for k, v in self.totals.items()}  # a host read
             self.run.save_state(self.parts, self.progress, self.epoch - 1, step_now, epoch_step=done, totals=totals)
         if stop:
@@ -327,15 +342,17 @@ class StepHook:
         return stop
 
 
-def _train_epoch(train_model, data: Data, parts: Trainable, loss_fn, mixup_fn, device, step_cfg, hook, cfg) -> dict:
+def _train_epoch(
+    train_model, data: Data, parts: Trainable, loss_fn, mixup_fn, device, step_cfg, hook, run: RunConfig, n_epochs: int
+) -> dict:
     bar = None
-    desc = f"epoch {hook.epoch + 1}/{total_epochs(cfg)}"
-    if cfg["progress"] and dist.is_main() and sys.stderr.isatty():
+    desc = f"epoch {hook.epoch + 1}/{n_epochs}"
+    if run.progress and dist.is_main() and sys.stderr.isatty():
         from tqdm import tqdm
 
         bar = tqdm(total=data.steps_per_epoch, initial=hook.skip, desc=desc, leave=False, file=sys.stderr)
-    elif cfg["progress"] and dist.is_main() and cfg["log_every"]:
-        bar = StepLines(desc, data.steps_per_epoch, hook.skip, cfg["log_every"])  # logs and SLURM files: no bar
+    elif run.progress and dist.is_main() and run.log_every:
+        bar = StepLines(desc, data.steps_per_epoch, hook.skip, run.log_every)  # logs and SLURM files: no bar
     stats = train_one_epoch(
         train_model,
         data.loader,
@@ -351,7 +368,7 @@ def _train_epoch(train_model, data: Data, parts: Trainable, loss_fn, mixup_fn, d
         max_steps=data.steps_per_epoch - hook.skip,
         progress=bar,
         # progress lines read the loss from the device: at most every 20 steps unless asked for more often
-        refresh_every=min(20, cfg["log_every"]) if isinstance(bar, StepLines) else 20,
+        refresh_every=min(20, run.log_every) if isinstance(bar, StepLines) else 20,
         totals=hook.totals,
     )
     if bar is not None:
@@ -359,19 +376,21 @@ def _train_epoch(train_model, data: Data, parts: Trainable, loss_fn, mixup_fn, d
     return stats
 
 
-def _evaluate_epoch(cfg: dict, parts: Trainable, val_loader, device, amp_dt, row: dict):
+def _evaluate_epoch(
+    cfg: EvalConfig, n_epochs: int, parts: Trainable, val_loader, device, amp_dt, channels_last: bool, row: dict
+):
     """Evaluate the model (and its EMA) when this epoch is due; adds the numbers to `row`."""
     epoch = row["epoch"]
-    due = (epoch + 1) % cfg["eval_every"] == 0 or epoch == total_epochs(cfg) - 1
+    due = (epoch + 1) % cfg.eval_every == 0 or epoch == n_epochs - 1
     if val_loader is None or not due:
         return None, None
-    metrics = evaluate(parts.model, val_loader, device, amp_dt, cfg["channels_last"])
+    metrics = evaluate(parts.model, val_loader, device, amp_dt, channels_last)
     row.update(val_loss=metrics["loss"], top1=metrics["top1"], top5=metrics["top5"])
     row["skipped"] += metrics["skipped"]
     row["skipped_files"] = metrics["skipped_files"]
     ema_metrics = None
     if parts.ema is not None:
-        ema_metrics = evaluate(parts.ema.module, val_loader, device, amp_dt, cfg["channels_last"])
+        ema_metrics = evaluate(parts.ema.module, val_loader, device, amp_dt, channels_last)
         row["ema_top1"] = ema_metrics["top1"]
     return metrics, ema_metrics
 
@@ -433,25 +452,25 @@ class StepLines:
         pass
 
 
-def _banner(cfg, name, model, data: Data, env, device, plan, amp, out) -> str:
-    global_batch, accum, lr = plan
+def _banner(cfg: TrainConfig, name, model, data: Data, env, device, plan: BatchPlan, amp, out) -> str:
+    b = cfg.batch
     lr_note = (
         "(set explicitly)"
-        if cfg["lr"] is not None
-        else f"(linear scaling: {cfg['lr_base']:g} x {global_batch} / {cfg['lr_base_batch']})"
+        if b.lr is not None
+        else f"(linear scaling: {b.lr_base:g} x {plan.global_batch} / {b.lr_base_batch})"
     )
     return (
         f"training {name} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params) on "
-        f"{len(data.train_set)} images, {len(data.classes)} classes, {cfg['img_size']} px | {env.world_size} "
-        f"process(es) on {device.type} | global batch {global_batch} = {cfg['batch_size']} x {env.world_size} x "
-        f"{accum} accumulation | lr {lr:.3g} {lr_note} | {total_epochs(cfg)} epochs x {data.steps_per_epoch} steps "
-        f"| amp {amp} | output {out}"
+        f"{len(data.train_set)} images, {len(data.classes)} classes, {cfg.augment.img_size} px | {env.world_size} "
+        f"process(es) on {device.type} | global batch {plan.global_batch} = {b.batch_size} x {env.world_size} x "
+        f"{plan.accum_steps} accumulation | lr {plan.lr:.3g} {lr_note} | {cfg.schedule.total_epochs} epochs x "
+        f"{data.steps_per_epoch} steps | amp {amp} | output {out}"
     )
 
 
-def _say_resumed(cfg: dict, progress: Progress) -> None:
+def _say_resumed(resume: str, n_epochs: int, progress: Progress) -> None:
     _say(
-        f"resumed from {cfg['resume']}: epoch {progress.start_epoch + 1} of {total_epochs(cfg)}"
+        f"resumed from {resume}: epoch {progress.start_epoch + 1} of {n_epochs}"
         + (f" after its step {progress.resume_step}" if progress.resume_step else "")
         + f", global step {progress.global_step}"
     )

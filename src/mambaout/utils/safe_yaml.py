@@ -1,0 +1,78 @@
+"""YAML for configuration files and `--set` values: plain data only, bounded, and errors in one short line.
+
+PyYAML's `safe_load` already refuses to build Python objects, but it expands aliases (a "billion laughs" file of a
+few hundred bytes expands to gigabytes, or hangs), keeps the last of two duplicate keys silently, and reports
+errors over several lines that quote the input. Here:
+
+- anchors and aliases (`&a`, `*a`) are refused: a recipe has no use for them;
+- a key given twice in one mapping is an error naming the key;
+- tags that would build Python objects (`!!python/...`) and every other parse error give one line of at most
+  `MAX_MESSAGE` characters, naming the source and the line.
+"""
+
+from __future__ import annotations
+
+import yaml
+
+MAX_MESSAGE = 200
+MAX_BYTES = 1_000_000  # a recipe is a few hundred bytes; a megabyte of YAML is not a recipe
+
+
+class YamlError(ValueError):
+    """A YAML text that is not plain configuration data."""
+
+
+class _Loader(yaml.SafeLoader):
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise YamlError(f"line {event.start_mark.line + 1}: aliases (*{event.anchor}) are not allowed here")
+        event = self.peek_event()
+        if getattr(event, "anchor", None):
+            raise YamlError(f"line {event.start_mark.line + 1}: anchors (&{event.anchor}) are not allowed here")
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                duplicate = key in seen
+            except TypeError:  # an unhashable key: let PyYAML say so
+                duplicate = False
+            if duplicate:
+                raise YamlError(f"line {key_node.start_mark.line + 1}: key {str(key)[:40]!r} is given twice")
+            try:
+                seen.add(key)
+            except TypeError:
+                pass
+        return super().construct_mapping(node, deep=deep)
+
+
+def _short(text: str) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= MAX_MESSAGE else text[: MAX_MESSAGE - 3] + "..."
+
+
+def load_yaml(text: str, source: str):
+    """Parse `text` (from `source`, named in errors) as plain YAML data.
+
+    Raises:
+        YamlError: one line, at most `MAX_MESSAGE` characters.
+    """
+    if len(text) > MAX_BYTES:
+        raise YamlError(_short(f"{source}: {len(text):,} bytes of YAML, more than a configuration holds"))
+    try:
+        return yaml.load(text, Loader=_Loader)  # noqa: S506  (_Loader is a SafeLoader)
+    except YamlError as e:
+        raise YamlError(_short(f"{source}: {e}")) from None
+    except yaml.constructor.ConstructorError as e:
+        line = f" line {e.problem_mark.line + 1}:" if e.problem_mark else ""
+        tag = (e.problem or "").split("'")[1] if "'" in (e.problem or "") else "a tag"
+        raise YamlError(_short(f"{source}:{line} {tag} is not plain data (only YAML scalars, lists, mappings)")) from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f" line {mark.line + 1}:" if mark is not None else ""
+        raise YamlError(_short(f"{source}: not valid YAML:{line} {getattr(e, 'problem', None) or e}")) from None
+    except RecursionError:
+        raise YamlError(_short(f"{source}: nested too deeply")) from None
