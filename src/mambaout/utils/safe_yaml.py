@@ -69,7 +69,9 @@ def load_yaml(text: str, source: str):
     except yaml.constructor.ConstructorError as e:
         line = f" line {e.problem_mark.line + 1}:" if e.problem_mark else ""
         tag = (e.problem or "").split("'")[1] if "'" in (e.problem or "") else "a tag"
-        raise YamlError(_short(f"{source}:{line} {tag} is not plain data (only YAML scalars, lists, mappings)")) from None
+        raise YamlError(
+            _short(f"{source}:{line} {tag} is not plain data (only YAML scalars, lists, mappings)")
+        ) from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f" line {mark.line + 1}:" if mark is not None else ""
