@@ -80,7 +80,7 @@ def rel(a, b) -> float:
 def sec_env(ctx):
     import torch
 
-    from mambaout.cli.benchmark import device_name
+    from mambaout.utils.device import device_name
 
     versions = {"torch": torch.__version__}
     for mod in ("triton", "timm"):

@@ -18,7 +18,6 @@ import contextlib
 import copy
 import csv
 import datetime
-import platform
 import re
 import statistics
 import threading
@@ -28,22 +27,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from mambaout.utils.device import device_name
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Agreement checked before timing: max |ours - timm| over max |timm| of the logits (or of a weight gradient).
 TOLERANCE = {"fp32": 1e-4, "bf16": 5e-2, "fp16": 2e-2}
-
-
-def device_name(device: torch.device) -> str:
-    """`'NVIDIA H100 80GB HBM3'`, or the CPU model from /proc/cpuinfo with the thread count."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    model = platform.processor() or "cpu"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    return f"{model} ({torch.get_num_threads()} threads)"
 
 
 def default_csv(device: torch.device) -> str:
@@ -330,8 +318,9 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from mambaout.utils.device import resolve_device
     from mambaout.utils.files import check_writable
-    from mambaout.utils.limits import check_img_size, resolve_device
+    from mambaout.utils.limits import check_img_size
 
     parser = get_args_parser()
     args = parser.parse_args(argv)

@@ -14,22 +14,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import time
 
 import torch
 
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+from mambaout.utils.device import cpu_name
 
 
 def _time(loader, batches: int, warmup: int, device: torch.device) -> float:
@@ -122,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(
         f"{train_path} | {aug.img_size} px, {aug.auto_augment}, reprob {aug.reprob} | batch {bs}, "
-        f"{workers} workers | {_cpu_model()}, {os.cpu_count()} cores, load {load:.1f} | device {device}"
+        f"{workers} workers | {cpu_name()}, {os.cpu_count()} cores, load {load:.1f} | device {device}"
     )
     print(f"{'pipeline':<28} {'img/s':>9} {'x timm':>7}")
     for name, v in rows.items():

@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError as e:
         print(f"mambaout demo: {e}; install the demo extra: pip install 'mambaout[demo]'", file=sys.stderr)
         return 2
-    from mambaout.utils.limits import resolve_device
+    from mambaout.utils.device import resolve_device
     from mambaout.weights.checkpoint import CheckpointError, DownloadError
 
     models = args.model

@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--workers must be >= 0, got {args.workers}")
 
     from mambaout.inference.predictor import Predictor, dumps, find_images, format_text
-    from mambaout.utils.limits import resolve_device
+    from mambaout.utils.device import resolve_device
     from mambaout.weights.checkpoint import CheckpointError, DownloadError
 
     try:

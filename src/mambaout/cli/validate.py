@@ -175,7 +175,7 @@ def _check_args(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mambaout.utils.limits import resolve_device
+    from mambaout.utils.device import resolve_device
     from mambaout.weights.checkpoint import DownloadError
 
     args = get_args_parser().parse_args(argv)

@@ -25,6 +25,7 @@ from torch import nn
 
 from mambaout.data.image import eval_transform, load_image, to_rgb  # noqa: F401  (to_rgb: public name of this module)
 from mambaout.models.factory import create_model
+from mambaout.utils.device import resolve_device
 
 # Suffixes picked up when a folder is given; single files are tried whatever their name.
 IMAGE_EXTENSIONS = frozenset(
@@ -160,7 +161,7 @@ class Predictor:
                 raise ValueError("pass checkpoint= with a model name (or None), not with a built model")
         else:
             model = create_model(model, pretrained=pretrained and checkpoint is None, checkpoint=checkpoint)
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = resolve_device(str(device) if device is not None else None)
         self.model = model.eval().to(self.device)
         self.cfg = dict(getattr(model, "pretrained_cfg", None) or {})
         if "input_size" not in self.cfg:

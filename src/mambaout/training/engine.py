@@ -48,6 +48,25 @@ def _to_device(x: torch.Tensor, y: torch.Tensor, device: torch.device, channels_
     return x, y.to(device, non_blocking=True)
 
 
+@dataclass
+class EpochTotals:
+    """An epoch's running sums: the engine adds to them in place; a mid-epoch checkpoint stores them (`as_dict`),
+    and a resumed epoch continues from them (`from_dict`), so its summary row covers the whole epoch."""
+
+    loss_sum: torch.Tensor | float = 0.0  # a device tensor while training: read only when stored
+    n_micro: int = 0  # micro-batches summed
+    skipped: torch.Tensor | int = 0  # unreadable images met
+
+    def as_dict(self) -> dict:
+        """Plain numbers (one host read of the device sums), as `state.pt` holds them."""
+        return {k: (v.item() if torch.is_tensor(v) else v) for k, v in vars(self).items()}
+
+    @classmethod
+    def from_dict(cls, values: dict | None) -> EpochTotals:
+        values = values or {}
+        return cls(float(values.get("loss_sum", 0.0)), int(values.get("n_micro", 0)), int(values.get("skipped", 0)))
+
+
 def train_one_epoch(
     model: nn.Module,
     loader,
@@ -64,7 +83,7 @@ def train_one_epoch(
     max_steps: int | None = None,
     progress=None,
     refresh_every: int = 20,
-    totals: dict | None = None,
+    totals: EpochTotals | None = None,
 ) -> dict:
     """Train for one pass over `loader`.
 
@@ -80,9 +99,9 @@ def train_one_epoch(
         progress: A tqdm-like bar (`update`, `set_postfix`) or None.
         refresh_every: Read the loss from the device (a host sync) and update `progress` every this many steps;
             a non-finite loss is reported at the first read after it.
-        totals: The epoch's running sums (`loss_sum`, `n_micro`, `skipped`), continued from their values (an epoch
-            resumed mid-way) and kept current in place (`loss_sum` as a device tensor, read only when a mid-epoch
-            checkpoint stores it), so the epoch's mean loss covers all of its steps.
+        totals: The epoch's running sums, continued from their values (an epoch resumed mid-way) and kept current
+            in place (the loss sum as a device tensor, read only when a mid-epoch checkpoint stores it), so the
+            epoch's mean loss covers all of its steps.
 
     Returns:
         `loss` (mean over micro-batches, averaged over ranks), `steps`, `images` (all ranks), `img_s`, `skipped`
@@ -98,10 +117,10 @@ def train_one_epoch(
     # Loss sums stay on the device: reading a device tensor (`.item()`, `float()`, `if t`) waits for the GPU to
     # finish, which would stall the input pipeline once per step. They are read only every `refresh_every`
     # steps (the progress display) and at the end of the epoch.
-    totals = {} if totals is None else totals
-    loss_sum = torch.full((), float(totals.get("loss_sum", 0.0)), device=device)
+    totals = EpochTotals() if totals is None else totals
+    loss_sum = torch.full((), float(totals.loss_sum), device=device)
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)
-    n_micro, skipped = int(totals.get("n_micro", 0)), int(totals.get("skipped", 0))
+    n_micro, skipped = int(totals.n_micro), int(totals.skipped)
     images, steps, checked_steps = 0, 0, 0
     t0 = time.perf_counter()
     optimizer.zero_grad(set_to_none=True)
@@ -125,7 +144,7 @@ def train_one_epoch(
         nonfinite |= ~torch.isfinite(loss.detach())
         n_micro += 1
         images += x.shape[0]
-        totals.update(loss_sum=loss_sum, n_micro=n_micro, skipped=skipped)
+        totals.loss_sum, totals.n_micro, totals.skipped = loss_sum, n_micro, skipped
         if not last_micro:
             continue
         _optimizer_step(model, optimizer, scaler, step_cfg.clip_grad)

@@ -27,7 +27,7 @@ from mambaout.training.config import (
     TrainConfig,
     to_flat,
 )
-from mambaout.training.engine import StepConfig, evaluate, train_one_epoch
+from mambaout.training.engine import EpochTotals, StepConfig, evaluate, train_one_epoch
 from mambaout.training.optim import create_optimizer, create_scheduler
 from mambaout.training.runfolder import (
     Progress,
@@ -300,7 +300,7 @@ class StepHook:
         self.stopped_at: int | None = None
         self.last_lr = 0.0  # the lr of the epoch's latest optimizer step (the classifier's, under layer decay)
         # the epoch's running sums, continued from a mid-epoch checkpoint and stored with the next one
-        self.totals: dict = dict(progress.resume_totals or {}) if self.skip else {}
+        self.totals = EpochTotals.from_dict(progress.resume_totals if self.skip else None)
 
     def lr(self) -> float:
         return max(group["lr"] for group in self.parts.optimizer.param_groups)
@@ -335,7 +335,7 @@ class StepHook:
         inside = done < self.steps_per_epoch  # the epoch-end checkpoint covers the last step
         stop = bool(self.stop_after) and self.called + n >= self.stop_after and inside
         if inside and (stop or (self.every and step_now % self.every == 0)):
-            totals = {k: (v.item() if torch.is_tensor(v) else v) for k, v in self.totals.items()}  # a host read
+            totals = self.totals.as_dict()  # a host read
             self.run.save_state(self.parts, self.progress, self.epoch - 1, step_now, epoch_step=done, totals=totals)
         if stop:
             self.stopped_at = done

@@ -17,6 +17,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from mambaout.utils.device import resolve_device
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -50,22 +52,18 @@ def init(device: str | None = None, backend: str | None = None) -> tuple[DistEnv
     """Initialise the process group if there are several ranks, and pick this rank's device.
 
     Args:
-        device: 'cpu', 'cuda' or None (cuda when available).
+        device: 'cpu', 'cuda', 'cuda:N' or None (cuda when available), resolved by `utils.device.resolve_device`;
+            under torchrun a bare 'cuda' means this rank's local GPU.
         backend: Process group backend; default nccl on CUDA, gloo on CPU.
 
     Returns:
         The rank layout and the device this rank should use.
     """
     env = detect()
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError("--device cuda asked for, but no CUDA device is visible; use --device cpu")
-        torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
+    dev = resolve_device(device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev.index if dev.index is not None else env.local_rank % torch.cuda.device_count())
         dev = torch.device("cuda", torch.cuda.current_device())
-    else:
-        dev = torch.device(device)
     if env.world_size > 1 and not dist.is_initialized():
         if env.source == "slurm":
             # srun does not export a rendezvous; torch's env:// init reads these.

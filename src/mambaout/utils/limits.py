@@ -1,4 +1,4 @@
-"""Sane bounds on what a user or a file can ask of the process: image sizes, decoding, checkpoint metadata, devices.
+"""Sane bounds on what a user or a file can ask of the process: image sizes, decoding, checkpoint metadata.
 
 Everything a command line, a recipe or a checkpoint's metadata can set that decides how much memory the process
 allocates is checked here against an explicit bound, so a typo (`--img-size 10000`) or a hostile file (an
@@ -109,33 +109,6 @@ def check_num_classes(value, source: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_NUM_CLASSES:
         raise ValueError(f"{source}: num_classes must be an integer from 1 to {MAX_NUM_CLASSES}, got {value!r}")
     return value
-
-
-def resolve_device(name: str | None):
-    """A `torch.device` from a user's `--device` (None: cuda when available), checked to exist on this machine.
-
-    Raises:
-        ValueError: an unknown device type (`tpu`), or CUDA/MPS asked for where torch sees none.
-    """
-    import torch
-
-    if name is None or name == "":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise ValueError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {name} asked for, but torch sees no CUDA device here; use --device cpu")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
-    elif dev.type == "mps":
-        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-            raise ValueError(f"--device {name} asked for, but MPS is not available here; use --device cpu")
-    elif dev.type != "cpu":
-        raise ValueError(f"unsupported device {name!r}; use cpu, cuda or cuda:N")
-    return dev
 
 
 def check_model_kwargs(kwargs, source: str) -> dict:
