@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import io
 import os
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from mambaout.utils.limits import check_pixels, max_pixels
+from mambaout.utils.limits import check_eval_config, check_pixels, max_pixels
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -91,22 +92,58 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")  # L, CMYK, YCbCr, LAB, HSV
 
 
-def eval_transform(cfg: dict, img_size: int | None = None, crop_pct: float | None = None):
-    """The eval transform of a `pretrained_cfg` or checkpoint `eval_config` (timm's: resize to `input / crop_pct`,
-    centre crop or squash, to tensor, normalise); `img_size` and `crop_pct` override the stored ones."""
-    from timm.data import create_transform
+@dataclass(frozen=True)
+class EvalSettings:
+    """How a model's inputs are prepared for evaluation: timm's eval transform (resize to `side / crop_pct`, centre
+    crop or squash, normalise). One type for what checkpoints record (`eval_config`), what training writes, what
+    export stores, and what validate, predict and the demo apply.
 
-    return create_transform(
-        input_size=img_size or tuple(cfg["input_size"]),
-        is_training=False,
-        interpolation=cfg.get("interpolation", "bicubic"),
-        crop_pct=crop_pct if crop_pct is not None else cfg.get("crop_pct", 1.0),
-        crop_mode=cfg.get("crop_mode", "center"),
-        mean=tuple(cfg.get("mean", IMAGENET_MEAN)),
-        std=tuple(cfg.get("std", IMAGENET_STD)),
-    )
+    Built from a `pretrained_cfg` or a checkpoint's `eval_config` with `from_dict`, which checks every field
+    against the bounds in `mambaout.utils.limits`.
+    """
+
+    input_size: tuple = (3, 224, 224)
+    crop_pct: float = 1.0
+    interpolation: str = "bicubic"
+    mean: tuple = IMAGENET_MEAN
+    std: tuple = IMAGENET_STD
+    crop_mode: str = "center"
+
+    @classmethod
+    def from_dict(cls, cfg: dict, source: str = "eval_config") -> EvalSettings:
+        """The settings among `cfg`'s keys (others ignored; missing ones take the defaults), checked."""
+        check_eval_config(cfg, source)
+        known = {k: cfg[k] for k in EVAL_KEYS if k in cfg}
+        for key in ("input_size", "mean", "std"):
+            if key in known:
+                known[key] = tuple(known[key])
+        return cls(**known)
+
+    def to_dict(self) -> dict:
+        """As checkpoints and exported files record it (lists, JSON-ready)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in vars(self).items()}
+
+    def transform(self, img_size: int | None = None, crop_pct: float | None = None):
+        """timm's eval transform; `img_size` and `crop_pct` override the recorded ones."""
+        from timm.data import create_transform
+
+        return create_transform(
+            input_size=img_size or self.input_size,
+            is_training=False,
+            interpolation=self.interpolation,
+            crop_pct=crop_pct if crop_pct is not None else self.crop_pct,
+            crop_mode=self.crop_mode,
+            mean=self.mean,
+            std=self.std,
+        )
+
+
+def eval_transform(cfg: dict | EvalSettings, img_size: int | None = None, crop_pct: float | None = None):
+    """The eval transform of `EvalSettings`, a `pretrained_cfg` or a checkpoint `eval_config`."""
+    settings = cfg if isinstance(cfg, EvalSettings) else EvalSettings.from_dict(cfg)
+    return settings.transform(img_size, crop_pct)
 
 
 def eval_settings(cfg: dict) -> dict:
     """The eval transform's settings out of a `pretrained_cfg` (what checkpoints and exported files record)."""
-    return {k: cfg[k] for k in EVAL_KEYS if k in cfg}
+    return EvalSettings.from_dict(cfg).to_dict()

@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from mambaout.data.datasets import DIGITS, MAP_STYLE_READERS, resolve_split
+from mambaout.data.image import EvalSettings
 from mambaout.data.loaders import Loading
 from mambaout.data.transforms import AugmentConfig
 from mambaout.training.runfolder import load_state, resume_path
@@ -334,16 +335,15 @@ class TrainConfig:
             persistent_workers=self.data.persistent_workers,
         )
 
-    def eval_settings(self) -> dict:
+    def eval_settings(self) -> EvalSettings:
         """The eval transform of the run, written into its checkpoints (what `create_model` reads back)."""
         size = self.augment.img_size
-        return dict(
-            input_size=[3, size, size],
+        return EvalSettings(
+            input_size=(3, size, size),
             crop_pct=self.eval.eval_crop_pct,
             interpolation=self.eval.eval_interpolation,
-            mean=list(self.augment.mean),
-            std=list(self.augment.std),
-            crop_mode="center",
+            mean=self.augment.mean,
+            std=self.augment.std,
         )
 
     def output_folder(self) -> Path:

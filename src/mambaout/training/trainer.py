@@ -14,7 +14,6 @@ import torch
 from torch import nn
 
 from mambaout.data.datasets import create_dataset
-from mambaout.data.image import eval_transform
 from mambaout.data.loaders import EpochLoader, eval_loader, num_steps, train_loader
 from mambaout.data.transforms import build_train_transform
 from mambaout.training.config import (
@@ -97,7 +96,16 @@ def fit(cfg: TrainConfig) -> dict:
         epochs_this_call = steps_this_call = 0
         resume_hint = f"continue with --resume {out}"
         for epoch in range(progress.start_epoch, n_epochs):
-            hook = StepHook(cfg, run, parts, progress, epoch, data.steps_per_epoch, steps_this_call)
+            hook = StepHook(
+                cfg.run,
+                cfg.schedule.sched_on_updates,
+                run,
+                parts,
+                progress,
+                epoch,
+                data.steps_per_epoch,
+                steps_this_call,
+            )
             hook.begin_epoch(data.loader, env.rank, samples_per_step)
             t0 = time.perf_counter()
             stats = _train_epoch(train_model, data, parts, loss_fn, mixup_fn, device, step_cfg, hook, cfg.run, n_epochs)
@@ -157,7 +165,7 @@ class Data:
     def build(cls, cfg: TrainConfig, env, device: torch.device, accum: int) -> Data:
         paths, aug, loading = cfg.data, cfg.augment, cfg.loading
         ev = cfg.eval_settings()
-        eval_tf = eval_transform(ev)
+        eval_tf = ev.transform()
         pin = device.type == "cuda"
         val_loader = None
         if paths.data_pipeline == "gpu":  # uint8 batches to the device, augmented there (mambaout.data.gpu_loader)
@@ -201,7 +209,7 @@ class Data:
             )
         if val_set is not None and val_loader is None:
             val_loader = eval_loader(val_set, loading.eval_batch_size, env.rank, env.world_size, loading.workers, pin)
-        return cls(train_set, val_set, loader, val_loader, list(train_set.classes), ev, steps_per_epoch)
+        return cls(train_set, val_set, loader, val_loader, list(train_set.classes), ev.to_dict(), steps_per_epoch)
 
 
 def build_model(cfg: ModelConfig, classes: list[str], eval_cfg: dict, data_train: str) -> tuple[nn.Module, dict]:
@@ -287,11 +295,19 @@ class StepHook:
     """
 
     def __init__(
-        self, cfg: TrainConfig, run: RunFolder, parts: Trainable, progress: Progress, epoch, steps_per_epoch, called
+        self,
+        cfg: RunConfig,
+        per_update: bool,
+        run: RunFolder,
+        parts: Trainable,
+        progress: Progress,
+        epoch,
+        steps_per_epoch,
+        called,
     ):
         self.run, self.parts, self.progress = run, parts, progress
-        self.seed, self.per_update = cfg.run.seed, cfg.schedule.sched_on_updates
-        self.stop_after, self.every = cfg.run.stop_after_steps, cfg.run.checkpoint_every
+        self.seed, self.per_update = cfg.seed, per_update  # per_update: the schedule steps every optimizer step
+        self.stop_after, self.every = cfg.stop_after_steps, cfg.checkpoint_every
         self.epoch, self.steps_per_epoch = epoch, steps_per_epoch
         self.base_step = progress.global_step  # optimizer steps before this epoch
         self.called = called  # optimizer steps this invocation took before this epoch
