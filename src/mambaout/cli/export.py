@@ -60,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"mambaout export: {e}; install the export extra: pip install 'mambaout[export]'", file=sys.stderr)
             return 2
         except ValueError as e:
-            parser.error(str(e))
+            print(f"mambaout export: {e}", file=sys.stderr)
+            return 2
     from mambaout.weights.checkpoint import CheckpointError, DownloadError
 
     try:

@@ -80,7 +80,7 @@ class ImageDataset(Dataset):
         if class_to_idx is not None and root is not None:
             # timm's readers drop the images of a class the map lacks without a word, and a metric would leave out a
             # whole class: name it instead
-            extra = sorted(set(_reader(name, root, split).class_to_idx) - set(class_to_idx))
+            extra = sorted(set(_class_map(_reader(name, root, split))) - set(class_to_idx))
             if extra:
                 more = f" (+{len(extra) - 5} more)" if len(extra) > 5 else ""
                 raise ValueError(
@@ -89,8 +89,7 @@ class ImageDataset(Dataset):
                     "...); their images cannot be scored: remove those folders, or use the matching model"
                 )
         self.reader = _reader(name, root, split, class_to_idx)
-        mapping = getattr(self.reader, "class_to_idx", None) or getattr(self.reader, "class_name_to_idx", None) or {}
-        self.class_to_idx = dict(mapping)
+        self.class_to_idx = _class_map(self.reader)
         self.classes = [c for c, _ in sorted(self.class_to_idx.items(), key=lambda kv: kv[1])]
         if len(self.reader) == 0:
             raise ValueError(f"no images found in {root}; expected one sub-folder per class holding image files")
@@ -182,6 +181,12 @@ class ImageDataset(Dataset):
 
     def filename(self, index: int) -> str:
         return self._names[index] if self.reader is None else str(self.reader._filename(index))
+
+
+def _class_map(reader) -> dict[str, int]:
+    """Class name -> index of a timm reader (the folder reader calls it `class_to_idx`, the tar reader
+    `class_name_to_idx`)."""
+    return dict(getattr(reader, "class_to_idx", None) or getattr(reader, "class_name_to_idx", None) or {})
 
 
 def _reader(name: str, root: str | None, split: str, class_map: dict[str, int] | None = None):
