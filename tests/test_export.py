@@ -108,4 +108,4 @@ def test_export_rejects_bad_arguments(tmp_path, capsys):
         == 2
     )
     err = capsys.readouterr().err
-    assert "img_size must be >= 32" in err and "opset must be >= 18" in err
+    assert "img_size must be >= 32" in err and "--opset must be an integer from 18 to" in err

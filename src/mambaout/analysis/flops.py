@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from mambaout.utils.files import atomic_write
+
 
 def count_macs(
     model: nn.Module, img_size: int | tuple[int, int] = 224, in_chans: int | None = None, include_norms: bool = True
@@ -140,5 +142,7 @@ def plot_quadratic_share(dims: list[int], path: str, max_tokens: int | None = No
     ax.set_ylim(0, 1)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:  # written beside the target and renamed: a device is refused, a full disk leaves no half-written PNG
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"), suffix=".png")
+    finally:
+        plt.close(fig)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import importlib
+import os
 import sys
+
+from mambaout.cli.common import stdout_failed
 
 # command -> (module, one-line help); modules are imported only when their command runs
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -52,8 +55,45 @@ def main(argv: list[str] | None = None) -> int:
     if argv[0] not in COMMANDS:
         print(f"mambaout: unknown command {argv[0]!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(COMMANDS[argv[0]][0])
-    return module.main(argv[1:]) or 0
+    command = argv[0]
+    try:
+        module = importlib.import_module(COMMANDS[command][0])
+        code = module.main(argv[1:]) or 0
+        sys.stdout.flush()  # here, not at exit: a full stdout is then one line, not "Exception ignored"
+        return code
+    except KeyboardInterrupt as e:
+        # what was written stays: every file is written atomically, and training saved its state if it could
+        what = str(e) or "interrupted (Ctrl-C); files already written are kept"
+        print(f"mambaout {command}: {what}", file=sys.stderr)
+        return 130
+    except OSError as e:
+        if not stdout_failed(e):
+            raise
+        if isinstance(e, BrokenPipeError):
+            # the reader went away (`mambaout predict ... | head -1`): nothing more to say, as `cat` says nothing
+            _quiet_stdout()
+            return 0
+        name = _stdout_name()
+        _quiet_stdout()
+        print(f"mambaout {command}: cannot write to stdout ({name}): {e.strerror}", file=sys.stderr)
+        return 2
+
+
+def _stdout_name() -> str:
+    try:
+        return os.readlink(f"/proc/self/fd/{sys.stdout.fileno()}")
+    except (OSError, ValueError, AttributeError):
+        return "<stdout>"
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's own flush at exit has nowhere left to fail."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # stdout replaced by an object without a descriptor (tests)
+        pass
 
 
 if __name__ == "__main__":

@@ -18,8 +18,10 @@ import contextlib
 import copy
 import csv
 import datetime
+import io
 import re
 import statistics
+import sys
 import threading
 import time
 from pathlib import Path
@@ -287,13 +289,17 @@ def format_table(rows: list[dict]) -> str:
 
 
 def write_csv(rows: list[dict], path: str | Path) -> None:
-    path = Path(path)
-    new = not path.exists()
-    with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
+    """Append `rows` to the CSV `path` (a header first when it is new), as one atomic replacement of the file."""
+    from mambaout.utils.files import atomic_write_text, output_target
+
+    path = output_target(path, "--csv")  # a device or a FIFO is refused, never appended to
+    old = path.read_text() if path.exists() else ""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    if not old:
+        writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, old + buf.getvalue())
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -327,6 +333,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.threads is not None and args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        for flag, value, least in (("--batch-size", args.batch_size, 1), ("--iters", args.iters, 1)):
+            if value < least:
+                raise ValueError(f"{flag} must be >= {least}, got {value}")
+        if args.warmup < 0:
+            raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
         check_img_size(args.img_size)
         resolve_device(args.device)
         if args.csv:
@@ -364,6 +375,10 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(rows))
     csv_path = default_csv(torch.device(args.device)) if args.csv is None else args.csv
     if csv_path:
-        write_csv(rows, csv_path)
+        try:
+            write_csv(rows, csv_path)
+        except OSError as e:
+            print(f"mambaout benchmark: cannot append to --csv {csv_path} ({e})", file=sys.stderr)
+            return 2
         print(f"rows appended to {csv_path}")
     return 0

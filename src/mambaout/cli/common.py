@@ -6,6 +6,7 @@ Commands import this module, never each other.
 from __future__ import annotations
 
 import argparse
+import errno
 
 DEFAULT_MODEL = "mambaout_femto"
 
@@ -73,4 +74,23 @@ def add_fused_kernels_argument(parser) -> None:
         "--fused-kernels",
         action="store_true",
         help="CUDA: run the Gated CNN blocks through the opt-in fused Triton kernels (mambaout kernels says more)",
+    )
+
+
+def stdout_failed(e: BaseException) -> bool:
+    """Whether `e` is stdout failing: a closed pipe, or a full disk or I/O error that no named file reported.
+
+    Writes to named files report their own failures (`mambaout.utils.files.FileWriteError`, or an OSError carrying
+    the file name); what is left is a print. Commands that turn an OSError into their own one-line message re-raise
+    these, so `mambaout.cli.main` ends a closed pipe quietly (exit 0) and names stdout when it is full.
+    """
+    from mambaout.utils.files import FileWriteError
+
+    if isinstance(e, BrokenPipeError):
+        return True
+    return (
+        isinstance(e, OSError)
+        and not isinstance(e, FileWriteError)
+        and e.filename is None
+        and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EFBIG)
     )

@@ -57,8 +57,21 @@ def main(argv: list[str] | None = None) -> int:
     from mambaout.data.loaders import train_loader
     from mambaout.data.transforms import build_train_transform, timm_augment_kwargs
     from mambaout.training.config import resolve_config
+    from mambaout.utils.limits import check_img_size
 
-    args = get_args_parser().parse_args(argv)
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    for flag, value, least in (("--batches", args.batches, 1), ("--batch-size", args.batch_size, 1)):
+        if value < least:
+            parser.error(f"{flag} must be >= {least}, got {value}")
+    for flag, value in (("--warmup", args.warmup), ("--workers", args.workers)):
+        if value < 0:
+            parser.error(f"{flag} must be >= 0, got {value}")
+    if args.img_size is not None:
+        try:
+            check_img_size(args.img_size)
+        except ValueError as e:
+            parser.error(str(e))
     overrides = dict(recipe=args.recipe)
     if args.img_size:
         overrides["img_size"] = args.img_size

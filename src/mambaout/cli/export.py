@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
-from mambaout.cli.common import add_model_args, build_model
+from mambaout.cli.common import add_model_args, build_model, stdout_failed
 from mambaout.utils.files import check_writable
 from mambaout.utils.limits import check_img_size
 
@@ -22,8 +23,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--output", "-o", required=True, help="file to write (.onnx or .pt2), or folder for hf")
     parser.add_argument("--img-size", type=int, default=None, help="input side in pixels (default: the model's)")
-    parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default 18)")
+    parser.add_argument(
+        "--opset", type=int, default=None, help="ONNX opset, 18 to the installed onnx's newest (default 18)"
+    )
     parser.add_argument("--check", action="store_true", help="run the export and PyTorch side by side and compare")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="hf: replace another model's export found in the --output folder"
+    )
     args = parser.parse_args(argv)
     fmt = args.format or ("pt2" if args.output.endswith(".pt2") else "onnx" if args.output.endswith(".onnx") else None)
     if fmt is None:
@@ -45,7 +51,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.opset is not None and fmt != "onnx":
         parser.error("--opset applies to --format onnx only")
 
-    from mambaout.inference.export import DEFAULT_OPSET, export_onnx, export_pt2
+    from mambaout.inference.export import DEFAULT_OPSET, check_opset, export_onnx, export_pt2
+
+    if args.opset is not None:
+        try:
+            check_opset(args.opset)
+        except ImportError as e:
+            print(f"mambaout export: {e}; install the export extra: pip install 'mambaout[export]'", file=sys.stderr)
+            return 2
+        except ValueError as e:
+            print(f"mambaout export: {e}", file=sys.stderr)
+            return 2
     from mambaout.weights.checkpoint import CheckpointError, DownloadError
 
     try:
@@ -53,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         if fmt == "hf":
             from mambaout.weights.hub import export_hf
 
-            folder = export_hf(model, args.output)
+            folder = export_hf(model, args.output, overwrite=args.overwrite)
             print(f"wrote {folder}/config.json and model.safetensors (timm: create_model('local-dir:{folder}'))")
             return 0
         if fmt == "onnx":
@@ -64,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mambaout export: {e}; install the export extra: pip install 'mambaout[export]'", file=sys.stderr)
         return 2
     except (ValueError, OSError, CheckpointError, DownloadError) as e:
+        if stdout_failed(e):
+            raise  # a closed pipe or a full stdout: mambaout.cli.main ends it
         print(f"mambaout export: {e}", file=sys.stderr)
         return 2
     print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)", file=sys.stderr)
@@ -76,6 +94,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"mambaout export: {e}", file=sys.stderr)
             return 2
         print(f"max abs diff vs PyTorch (batch 3): {diff:.2e}", file=sys.stderr)
+        if not math.isfinite(diff):  # NaN compares False with everything: `nan > 1e-4` would pass the check
+            print(
+                f"mambaout export: the check failed: the difference from PyTorch is {diff} (non-finite logits from "
+                "the export or from PyTorch)",
+                file=sys.stderr,
+            )
+            return 1
         if diff > 1e-4:
             print("mambaout export: the exported model disagrees with PyTorch beyond 1e-4", file=sys.stderr)
             return 1

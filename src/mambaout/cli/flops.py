@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import json
+import sys
 
 from mambaout.analysis.flops import plot_quadratic_share, transformer_flops
 from mambaout.cli.common import model_counts
@@ -97,7 +98,11 @@ def main(argv: list[str] | None = None) -> int:
                 check_writable(args.plot, "--plot")
             except ValueError as e:
                 parser.error(str(e))
-            plot_quadratic_share(args.dim, args.plot, max_tokens=max(max(tokens), 4 * 6 * max(args.dim)))
+            try:
+                plot_quadratic_share(args.dim, args.plot, max_tokens=max(max(tokens), 4 * 6 * max(args.dim)))
+            except OSError as e:
+                print(f"mambaout flops: {e}", file=sys.stderr)
+                return 2
             print(f"\nplot saved to {args.plot}")
         return 0
 

@@ -9,6 +9,7 @@ fails CI instead.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 from mambaout import kernels
@@ -44,7 +45,10 @@ def _describe() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not (args.max_seconds > 0 and math.isfinite(args.max_seconds)):  # `nan` would never flag a compile as slow
+        parser.error(f"--max-seconds must be a positive number of seconds, got {args.max_seconds:g}")
     if not args.aot:
         _describe()
         return 0

@@ -31,18 +31,19 @@ def main(argv: list[str] | None = None) -> int:
 
     from mambaout.inference.predictor import Predictor, dumps, find_images, format_text
     from mambaout.utils.device import resolve_device
+    from mambaout.utils.text import printable
     from mambaout.weights.checkpoint import CheckpointError, DownloadError
 
     try:
         device = resolve_device(args.device)
         model = build_model(args)
     except (ValueError, FileNotFoundError, CheckpointError, DownloadError) as e:
-        print(f"mambaout predict: {e}", file=sys.stderr)
+        print(f"mambaout predict: {printable(e)}", file=sys.stderr)
         return 2
     predictor = Predictor(model, topk=args.topk, device=device)
     paths = find_images(args.inputs)
     if not paths:
-        print(f"mambaout predict: no images found in {' '.join(args.inputs)}", file=sys.stderr)
+        print(f"mambaout predict: no images found in {printable(' '.join(args.inputs))}", file=sys.stderr)
         return 1
 
     results, n_ok = [], 0
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         d = pred.to_dict()
         if pred.error is not None:
             if not args.json:
-                print(f"mambaout predict: skipped {pred.error}", file=sys.stderr)
+                print(f"mambaout predict: skipped {printable(pred.error)}", file=sys.stderr)
         else:
             n_ok += 1
             if not args.json:

@@ -11,7 +11,8 @@ import sys
 import yaml
 
 from mambaout import kernels
-from mambaout.cli.common import add_fused_kernels_argument
+from mambaout.cli.common import add_fused_kernels_argument, stdout_failed
+from mambaout.utils.text import printable
 
 S = argparse.SUPPRESS  # options not given stay out of the namespace, so they never override the recipe
 
@@ -140,7 +141,7 @@ def _one_line(e: Exception) -> str:
     """The message of `e`; for an error re-raised from a data-loader worker, only its last line (the original
     error), not the worker's traceback that torch puts into the message."""
     text = str(e).strip()
-    return text.splitlines()[-1] if "Traceback" in text else text
+    return printable(text.splitlines()[-1] if "Traceback" in text else text)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -168,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = fit(cfg)
     except (ValueError, OSError, MissingDependency) as e:  # OSError: a full disk, a taken folder, a missing file
+        if stdout_failed(e):
+            raise  # a closed pipe or a full stdout: mambaout.cli.main ends it
         print(f"mambaout train: {_one_line(e)}", file=sys.stderr)
         return 2
     return 0 if result else 1

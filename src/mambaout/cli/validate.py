@@ -18,6 +18,7 @@ from pathlib import Path
 from mambaout import kernels
 from mambaout.cli.common import add_fused_kernels_argument
 from mambaout.utils.limits import check_crop_pct, check_img_size
+from mambaout.utils.text import printable
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -86,10 +87,11 @@ def label_map(model, folders: list[str]) -> dict[str, int] | None:
         mapping = imagenet_class_map(folders)
         if mapping is not None:
             return mapping
-    if getattr(model, "num_classes", len(folders)) < len(folders):
+    if getattr(model, "num_classes", len(folders)) != len(folders):
+        # without class names the sorted folder order is the label: it means something only when the counts agree
         raise ValueError(
-            f"the dataset has {len(folders)} classes but the model only {model.num_classes} outputs; pass the "
-            "checkpoint trained on this dataset"
+            f"the dataset has {len(folders)} classes but the model {model.num_classes} outputs, and its weights name "
+            "no classes to match the folders by; pass the checkpoint trained on this dataset"
         )
     return None
 
@@ -190,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, ckpt in specs:
             t0 = time.perf_counter()
             r = validate_one(name, ckpt, args, device)
-            label = r["model"] + (f" ({ckpt})" if ckpt else "")
+            label = printable(r["model"] + (f" ({ckpt})" if ckpt else ""))
             print(
                 f"{label}: top-1 {r['top1']:.2f}%  top-5 {r['top5']:.2f}%  loss {r['loss']:.4f}  "
                 f"{r['count']} images at {r['img_size']} px, {r['img_s']:.0f} img/s ({time.perf_counter() - t0:.0f}s)"
@@ -198,10 +200,11 @@ def main(argv: list[str] | None = None) -> int:
             )
             if r["skipped"]:
                 more = f" (+{r['skipped'] - 10} more)" if r["skipped"] > 10 else ""
-                print(f"  unreadable, not counted: {', '.join(r['skipped_files'][:10])}{more}", file=sys.stderr)
+                names = printable(", ".join(r["skipped_files"][:10]))
+                print(f"  unreadable, not counted: {names}{more}", file=sys.stderr)
             results.append(r)
     except (ValueError, FileNotFoundError, DownloadError) as e:
-        print(f"mambaout validate: {e}", file=sys.stderr)
+        print(f"mambaout validate: {printable(e)}", file=sys.stderr)
         return 2
     if args.results_file:
         from mambaout.utils.files import atomic_write_text

@@ -23,10 +23,13 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from timm.data.readers.reader_image_folder import ReaderImageFolder
 from torch.utils.data import Dataset
 
 from mambaout.data.image import load_image
 from mambaout.data.streaming import IterableImages, is_streamed
+from mambaout.utils.files import special_kind
+from mambaout.utils.text import printable
 
 logger = logging.getLogger("mambaout")
 
@@ -63,8 +66,6 @@ class ImageDataset(Dataset):
         cache: bool = False,
         substitute: bool = True,
     ):
-        from timm.data.readers import create_reader
-
         root = str(root)
         # `hfds/NAME[:SPLIT]`: a Hugging Face dataset through timm's reader (needs the `datasets` package)
         name, split = ("", "")
@@ -73,20 +74,22 @@ class ImageDataset(Dataset):
             root, split = None, split or "train"
         elif not os.path.exists(root):
             raise FileNotFoundError(f"dataset {root} does not exist; pass an ImageFolder directory or a .tar of one")
+        elif special_kind(root):  # a FIFO would block the reader forever: never opened
+            raise ValueError(f"dataset {root} is {special_kind(root)}; pass an ImageFolder directory or a .tar of one")
         self.root = root or name
-        try:
-            self.reader = create_reader(name, root=root, split=split, class_map=class_to_idx)
-        except RuntimeError as e:  # timm's folder reader: "Found 0 images in subfolders of ..."
-            raise ValueError(
-                f"no images found in {root} ({e}); expected one sub-folder per class holding image files"
-            ) from e
-        except (tarfile.TarError, OSError, EOFError) as e:  # an empty, truncated or garbage .tar
-            raise ValueError(
-                f"cannot read {root} as a tar of images ({type(e).__name__}: {e}); the file is empty, truncated or "
-                "not a tar: copy it again, or pass the extracted folder"
-            ) from e
-        mapping = getattr(self.reader, "class_to_idx", None) or getattr(self.reader, "class_name_to_idx", None) or {}
-        self.class_to_idx = dict(mapping)
+        if class_to_idx is not None and root is not None:
+            # timm's readers drop the images of a class the map lacks without a word, and a metric would leave out a
+            # whole class: name it instead
+            extra = sorted(set(_class_map(_reader(name, root, split))) - set(class_to_idx))
+            if extra:
+                more = f" (+{len(extra) - 5} more)" if len(extra) > 5 else ""
+                raise ValueError(
+                    f"{root} holds class(es) {', '.join(map(repr, extra[:5]))}{more} that are not among the "
+                    f"{len(class_to_idx)} classes of the model or training set ({', '.join(list(class_to_idx)[:3])}"
+                    "...); their images cannot be scored: remove those folders, or use the matching model"
+                )
+        self.reader = _reader(name, root, split, class_to_idx)
+        self.class_to_idx = _class_map(self.reader)
         self.classes = [c for c, _ in sorted(self.class_to_idx.items(), key=lambda kv: kv[1])]
         if len(self.reader) == 0:
             raise ValueError(f"no images found in {root}; expected one sub-folder per class holding image files")
@@ -112,12 +115,22 @@ class ImageDataset(Dataset):
             self._names = [str(self.reader._filename(i)) for i in range(self._n)]
             self.reader = None
 
+    def _open(self, index: int):
+        """(file object, target) of a sample. A folder entry that is a FIFO, socket or device is never opened (a FIFO
+        would block the read forever): it raises OSError, and the sample is skipped and named like a corrupt one."""
+        if isinstance(self.reader, ReaderImageFolder):
+            path = self.reader.samples[index][0]
+            kind = special_kind(path)
+            if kind is not None:
+                raise OSError(f"{path} is {kind}, not an image file: not opened")
+        return self.reader[index]
+
     def _read(self, index: int) -> bytes | None:
         try:
-            f, _ = self.reader[index]
+            f, _ = self._open(index)
             data = f.read()
         except OSError as e:
-            logger.warning("cannot read sample %d of %s: %s", index, self.root, e)
+            logger.warning("cannot read sample %d of %s: %s", index, printable(self.root), printable(e))
             return None
         return data
 
@@ -145,14 +158,18 @@ class ImageDataset(Dataset):
                     img = load_image(io.BytesIO(data))
                     target = self.target(i)
                 else:
-                    f, target = self.reader[i]
+                    f, target = self._open(i)
                     img = load_image(f)
             except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
                 # PIL raises OSError for truncated data, UnidentifiedImageError (an OSError) for non-images,
                 # SyntaxError/ValueError from a few broken headers; load_image a ValueError over the pixel budget.
                 if not self.substitute:
                     return None, -1, self.filename(i)
-                logger.warning("skipping unreadable image %s (replaced by the next one): %s", self.filename(i), e)
+                logger.warning(
+                    "skipping unreadable image %s (replaced by the next one): %s",
+                    printable(self.filename(i)),
+                    printable(e),
+                )
                 continue
             if self.transform is not None:
                 img = self.transform(img)
@@ -164,6 +181,30 @@ class ImageDataset(Dataset):
 
     def filename(self, index: int) -> str:
         return self._names[index] if self.reader is None else str(self.reader._filename(index))
+
+
+def _class_map(reader) -> dict[str, int]:
+    """Class name -> index of a timm reader (the folder reader calls it `class_to_idx`, the tar reader
+    `class_name_to_idx`)."""
+    return dict(getattr(reader, "class_to_idx", None) or getattr(reader, "class_name_to_idx", None) or {})
+
+
+def _reader(name: str, root: str | None, split: str, class_map: dict[str, int] | None = None):
+    """timm's reader of a folder, a tar or a Hugging Face dataset; what it raises for no images or a bad tar, as one
+    ValueError."""
+    from timm.data.readers import create_reader
+
+    try:
+        return create_reader(name, root=root, split=split, class_map=class_map)
+    except RuntimeError as e:  # timm's folder reader: "Found 0 images in subfolders of ..."
+        raise ValueError(
+            f"no images found in {root} ({e}); expected one sub-folder per class holding image files"
+        ) from e
+    except (tarfile.TarError, OSError, EOFError) as e:  # an empty, truncated or garbage .tar
+        raise ValueError(
+            f"cannot read {root} as a tar of images ({type(e).__name__}: {e}); the file is empty, truncated or "
+            "not a tar: copy it again, or pass the extracted folder"
+        ) from e
 
 
 class DigitsDataset(Dataset):

@@ -26,6 +26,7 @@ from mambaout.data.gpu_aug import GpuAugment, normalize
 from mambaout.data.loaders import Loading, ResumableSampler, ShardSampler, eval_loader, train_loader
 from mambaout.data.shared_cache import cache_key, machine_shared
 from mambaout.data.transforms import AugmentConfig
+from mambaout.utils.interrupt import ignore_sigint
 
 logger = logging.getLogger("mambaout")
 
@@ -54,7 +55,9 @@ def decode_images(dataset, transform=None, workers: int = 0, batch_size: int = 6
     keep = dataset.transform
     dataset.transform = (lambda im: pil_to_uint8(transform(im))) if transform is not None else pil_to_uint8
     try:
-        loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=_as_list)
+        loader = DataLoader(
+            dataset, batch_size=batch_size, num_workers=workers, collate_fn=_as_list, worker_init_fn=ignore_sigint
+        )
         items = [item for batch in loader for item in batch]
     finally:
         dataset.transform = keep

@@ -7,13 +7,18 @@ models (`mambaout.inference.export`) all go through here, so the same file gives
 from __future__ import annotations
 
 import io
+import logging
 import os
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from mambaout.utils.files import special_kind
 from mambaout.utils.limits import check_eval_config, check_pixels, max_pixels
+from mambaout.utils.text import printable
+
+logger = logging.getLogger("mambaout")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -44,9 +49,14 @@ def load_image(source) -> Image.Image:
     else:
         fp = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
         name = "<bytes>" if isinstance(source, (bytes, bytearray)) else _name(source)
+        if isinstance(source, (str, os.PathLike)) and special_kind(source):
+            # a FIFO would block the read forever, a device read without end: never opened
+            raise ValueError(f"{name} is {special_kind(source)}, not an image file: not opened")
         try:
             img = Image.open(fp)  # reads the header only
             check_pixels(*img.size, name)
+            if img.format == "JPEG":
+                _check_jpeg_size(img, fp, name)
             img.load()  # decode now, so a truncated file fails here and not inside the transform
         except ValueError:
             raise
@@ -61,6 +71,38 @@ def load_image(source) -> Image.Image:
     except Exception:  # a broken EXIF block must not lose an otherwise good image
         pass
     return to_rgb(img)
+
+
+# A Huffman-coded JPEG spends at least one bit on each 8 x 8 block's DC coefficient, so its data holds at least one
+# byte per 512 pixels. A file with far fewer bytes than that cannot fill the size its header claims: libjpeg fills
+# the rest with grey and says nothing, so the image would be scored as if it were whole.
+_JPEG_MAX_PIXELS_PER_BYTE = 1024
+
+
+def _check_jpeg_size(img: Image.Image, fp, name: str) -> None:
+    size = _byte_size(fp)
+    pixels = img.size[0] * img.size[1]
+    if size and pixels > _JPEG_MAX_PIXELS_PER_BYTE * size:
+        logger.warning(
+            "%s claims %d x %d pixels in its header but holds only %d bytes, too few to fill them: it is truncated "
+            "or forged, and decodes mostly as grey filler",
+            printable(name),
+            *img.size,
+            size,
+        )
+
+
+def _byte_size(fp) -> int | None:
+    """The size in bytes of a path or a seekable binary file (None when it cannot be told)."""
+    try:
+        if isinstance(fp, (str, os.PathLike)):
+            return os.path.getsize(fp)
+        pos = fp.tell()
+        end = fp.seek(0, io.SEEK_END)
+        fp.seek(pos)
+        return end
+    except (OSError, AttributeError, ValueError):
+        return None
 
 
 def _name(source) -> str:

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Sampler
 from torch.utils.data.distributed import DistributedSampler
 
 from mambaout.data.streaming import IterableImages, StreamLoader
+from mambaout.utils.interrupt import ignore_sigint
 
 
 @runtime_checkable
@@ -79,6 +80,7 @@ class ResumableSampler(DistributedSampler):
 
 
 def _seed_worker(worker_id: int) -> None:
+    ignore_sigint()
     # torch seeds python's `random` and itself per worker; numpy (used by RandAugment and Mixup) it does not.
     np.random.seed(torch.initial_seed() % 2**32)
 
@@ -171,6 +173,7 @@ def eval_loader(dataset, batch_size: int, rank: int = 0, world_size: int = 1, wo
         pin_memory=pin,
         persistent_workers=workers > 0,
         collate_fn=collate_readable,
+        worker_init_fn=ignore_sigint,
     )
 
 

@@ -29,6 +29,8 @@ from pathlib import Path
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mambaout.data.image import load_image, to_rgb
+from mambaout.utils.interrupt import ignore_sigint
+from mambaout.utils.limits import MAX_NUM_CLASSES
 
 logger = logging.getLogger("mambaout")
 
@@ -36,11 +38,33 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 ITERABLE_PREFIXES = ("wds/", "hfids/")
 
 
+# Shards one pattern may name. ImageNet-1k in WebDataset form is ~1,300 shards of ~100 MB; LAION-5B ~230,000.
+MAX_SHARDS = 1_000_000
+
+
 def expand_urls(pattern: str) -> list[str]:
-    """`a-{000..012}.tar` brace ranges, `::`-separated lists and globs -> the sorted list of shard paths."""
+    """`a-{000..012}.tar` brace ranges, `::`-separated lists and globs -> the sorted list of shard paths.
+
+    Raises:
+        ValueError: the brace ranges name more than `MAX_SHARDS` shards (checked before any list is built), or a
+            range runs backwards.
+        FileNotFoundError: a shard that is not there.
+    """
+    ranges = [(part, re.search(r"\{(\d+)\.\.(\d+)\}", part)) for part in pattern.split("::")]
+    total = 0
+    for _, m in ranges:
+        if m:
+            lo, hi = int(m.group(1)), int(m.group(2))
+            if hi < lo:
+                raise ValueError(f"WebDataset pattern {pattern!r}: the range {m.group(0)} runs backwards")
+            total += hi - lo + 1
+    if total > MAX_SHARDS:
+        raise ValueError(
+            f"WebDataset pattern {pattern!r} names {total:,} shards, more than the {MAX_SHARDS:,} one data set may "
+            "have; check the brace range"
+        )
     out = []
-    for part in pattern.split("::"):
-        m = re.search(r"\{(\d+)\.\.(\d+)\}", part)
+    for part, m in ranges:
         if m:
             lo, hi, width = int(m.group(1)), int(m.group(2)), len(m.group(1))
             out += [part[: m.start()] + str(i).zfill(width) + part[m.end() :] for i in range(lo, hi + 1)]
@@ -82,18 +106,38 @@ def _complete(key, parts, path):
     if image is None or "cls" not in parts:
         logger.warning("WebDataset sample %s in %s has no image or no .cls label; skipped", key, path)
         return
-    yield key, image, int(parts["cls"].decode().strip())
+    yield key, image, parse_label(parts["cls"], path, key)
 
 
-def count_samples(shards: list[str]) -> tuple[int, int]:
-    """(samples, highest label) in the shards, reading only the headers and the small `.cls` members."""
+def parse_label(data: bytes, shard: str, key: str, num_classes: int | None = None) -> int:
+    """A `.cls` member's label, checked: an integer in [0, num_classes) (or below `MAX_NUM_CLASSES` when the class
+    count is not known), else ValueError naming the shard and the sample key."""
+    text = data[:64].decode("utf-8", "replace").strip()
+    bound = num_classes if num_classes is not None else MAX_NUM_CLASSES
+    try:
+        label = int(text)
+    except ValueError:
+        label = None
+    if label is None or not 0 <= label < bound or len(data) > 64:
+        known = f"{num_classes} classes in classes.txt" if num_classes is not None else f"at most {bound:,} classes"
+        raise ValueError(
+            f"WebDataset shard {shard}: sample {key!r} has label {text[:20]!r}, not an integer from 0 to {bound - 1} "
+            f"({known}); fix or drop that sample"
+        )
+    return label
+
+
+def count_samples(shards: list[str], num_classes: int | None = None) -> tuple[int, int]:
+    """(samples, highest label) in the shards, reading only the headers and the small `.cls` members; every label is
+    checked (`parse_label`)."""
     n, top = 0, -1
     for path in shards:
         with tarfile.open(path, "r|*") as tar:
             for m in tar:
                 if m.isfile() and m.name.endswith(".cls"):
                     n += 1
-                    top = max(top, int(tar.extractfile(m).read().decode().strip()))
+                    key = m.name[: -len(".cls")]
+                    top = max(top, parse_label(tar.extractfile(m).read(65), path, key, num_classes))
     return n, top
 
 
@@ -144,10 +188,11 @@ class IterableImages(IterableDataset):
         self.epoch = 0
         if source.startswith("wds/"):
             self.shards = expand_urls(source[len("wds/") :])
-            self.total, top = count_samples(self.shards)
-            self.total = length or self.total
             names = Path(self.shards[0]).parent / "classes.txt"
-            self.classes = names.read_text().split() if names.is_file() else [str(i) for i in range(top + 1)]
+            named = names.read_text().split() if names.is_file() else None
+            self.total, top = count_samples(self.shards, len(named) if named is not None else None)
+            self.total = length or self.total
+            self.classes = named if named is not None else [str(i) for i in range(top + 1)]
             self.reader = None
         elif source.startswith("hfids/"):
             from timm.data.readers import create_reader
@@ -227,7 +272,12 @@ class StreamLoader:
     def __init__(self, dataset: IterableImages, batch_size: int, workers: int, pin: bool, drop_last: bool):
         self.dataset, self.batch_size, self.drop_last = dataset, batch_size, drop_last
         self.loader = DataLoader(
-            dataset, batch_size=batch_size, num_workers=workers, pin_memory=pin, drop_last=drop_last
+            dataset,
+            batch_size=batch_size,
+            num_workers=workers,
+            pin_memory=pin,
+            drop_last=drop_last,
+            worker_init_fn=ignore_sigint,
         )
         self.sampler = self
 

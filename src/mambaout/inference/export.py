@@ -7,7 +7,9 @@ preprocess and label without our package.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -15,10 +17,12 @@ import torch
 from torch import nn
 
 from mambaout.data.image import eval_settings
+from mambaout.utils.files import atomic_write
 
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
 METADATA_FILE = "mambaout.json"  # name of the metadata entry inside a .pt2 archive
 DEFAULT_OPSET = 18  # the lowest opset torch's ONNX exporter targets natively; onnxruntime >= 1.14 runs it
+MIN_OPSET = 18  # torch's exporter cannot write older opsets
 
 
 def export_metadata(model: nn.Module, img_size: int | None = None) -> dict:
@@ -78,32 +82,76 @@ def export_onnx(
     """
     import onnx
 
-    if opset < 18:
-        raise ValueError(f"opset must be >= 18 for torch's ONNX exporter, got {opset}")
+    check_opset(opset)
     model = model.eval()
     x, _ = _example(model, img_size, batch_size=2)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with torch.no_grad():
-        torch.onnx.export(
-            model,
-            (x,),
-            str(path),
-            input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
-            dynamic_shapes=(_batch_dim(),),
-            opset_version=opset,
-            dynamo=True,
-            verbose=False,
-            external_data=False,
-        )
-    proto = onnx.load(str(path))
     meta = export_metadata(model, img_size) if metadata is None else metadata
-    for key, value in meta.items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = key, json.dumps(value)
-    onnx.save(proto, str(path))
-    return path
+
+    def write(tmp: str) -> None:
+        with torch.no_grad(), _converter_log() as converter:
+            torch.onnx.export(
+                model,
+                (x,),
+                tmp,
+                input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME],
+                dynamic_shapes=(_batch_dim(),),
+                opset_version=opset,
+                dynamo=True,
+                verbose=False,
+                external_data=False,
+            )
+        proto = onnx.load(tmp)
+        # torch falls back to its own opset when it cannot convert to the one asked for: never write another quietly
+        wrote = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+        if wrote != opset:
+            why = next((str(r.exc_info[1]).strip().splitlines()[-1] for r in converter if r.exc_info), "")
+            raise ValueError(
+                f"torch's ONNX exporter could not convert this model to opset {opset}"
+                + (f" ({why.split(': ')[-1]})" if why else "")
+                + f" and fell back to {wrote}; pass a lower --opset ({DEFAULT_OPSET} always works)"
+            )
+        for key, value in meta.items():
+            entry = proto.metadata_props.add()
+            entry.key, entry.value = key, json.dumps(value)
+        onnx.save(proto, tmp)
+
+    return atomic_write(path, write)  # a failed or interrupted export leaves no half-written file
+
+
+@contextlib.contextmanager
+def _converter_log():
+    """Collect what onnxscript's version converter logs (a traceback when it gives up) instead of printing it."""
+    records: list[logging.LogRecord] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    log = logging.getLogger("onnxscript.version_converter")
+    handler, propagate = Collect(), log.propagate
+    log.addHandler(handler)
+    log.propagate = False
+    try:
+        yield records
+    finally:
+        log.removeHandler(handler)
+        log.propagate = propagate
+
+
+def supported_opsets() -> range:
+    """ONNX opsets an export can target: torch's exporter writes 18 natively, the installed `onnx` knows the newest."""
+    import onnx
+
+    return range(MIN_OPSET, onnx.defs.onnx_opset_version() + 1)
+
+
+def check_opset(opset) -> int:
+    """`opset` if an export can target it, else ValueError naming the range (ImportError without `onnx`)."""
+    ok = supported_opsets()
+    if isinstance(opset, bool) or not isinstance(opset, int) or opset not in ok:
+        raise ValueError(f"--opset must be an integer from {ok.start} to {ok.stop - 1}, got {opset!r}")
+    return opset
 
 
 def read_onnx_metadata(path_or_session) -> dict:
@@ -128,11 +176,9 @@ def export_pt2(
     x, _ = _example(model, img_size, batch_size=2)
     with torch.no_grad():
         program = torch.export.export(model, (x,), dynamic_shapes=(_batch_dim(),))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     meta = export_metadata(model, img_size) if metadata is None else metadata
-    torch.export.save(program, str(path), extra_files={METADATA_FILE: json.dumps(meta)})
-    return path
+    extra = {METADATA_FILE: json.dumps(meta)}
+    return atomic_write(path, lambda tmp: torch.export.save(program, tmp, extra_files=extra), suffix=".pt2")
 
 
 def load_pt2(path: str | os.PathLike) -> tuple[torch.export.ExportedProgram, dict]:

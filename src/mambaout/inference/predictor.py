@@ -26,6 +26,8 @@ from torch import nn
 from mambaout.data.image import eval_transform, load_image, to_rgb  # noqa: F401  (to_rgb: public name of this module)
 from mambaout.models.factory import create_model
 from mambaout.utils.device import resolve_device
+from mambaout.utils.interrupt import ignore_sigint
+from mambaout.utils.text import printable
 
 # Suffixes picked up when a folder is given; single files are tried whatever their name.
 IMAGE_EXTENSIONS = frozenset(
@@ -39,12 +41,16 @@ _SYNSET = re.compile(r"n\d{8}")  # a WordNet noun id, ImageNet's class folder na
 
 
 def find_images(inputs: Iterable[str | os.PathLike]) -> list[Path]:
-    """Expand folders (recursively, sorted, image suffixes only) and keep files as given, in input order."""
+    """Expand folders (recursively, sorted, image suffixes only) and keep files as given, in input order.
+
+    A folder's entries with an image suffix are all kept, FIFOs, devices and dangling links included: the predictor
+    names each of them as unreadable (without opening a FIFO or a device) rather than leaving them out unsaid.
+    """
     paths: list[Path] = []
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            paths += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
+            paths += sorted(f for f in p.rglob("*") if not f.is_dir() and f.suffix.lower() in IMAGE_EXTENSIONS)
         else:
             paths.append(p)  # missing or unreadable files are reported per file by the predictor
     return paths
@@ -220,6 +226,7 @@ class Predictor:
             batch_size=batch_size,
             num_workers=num_workers,
             collate_fn=_collate,
+            worker_init_fn=ignore_sigint,
         )
         bar = None
         if progress:
@@ -304,11 +311,15 @@ def _collate(batch):
 
 
 def format_text(pred: dict) -> str:
-    """One image's top-k as readable lines (the CLI's default output)."""
-    lines = [pred["path"]]
+    """One image's top-k as readable lines (the CLI's default output).
+
+    The path and the labels are shown with control characters escaped (`mambaout.utils.text.printable`): a file
+    name or a checkpoint's class name cannot start a forged line or send escape sequences to the terminal.
+    """
+    lines = [printable(pred["path"])]
     for t in pred["top"]:
-        synset = f"  {t['synset']}" if "synset" in t else ""
-        lines.append(f"  {100 * t['prob']:6.2f}%  {t['index']:>5}  {t['label']}{synset}")
+        synset = f"  {printable(t['synset'])}" if "synset" in t else ""
+        lines.append(f"  {100 * t['prob']:6.2f}%  {t['index']:>5}  {printable(t['label'])}{synset}")
     return "\n".join(lines)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 from collections.abc import Sequence
@@ -14,11 +15,22 @@ from mambaout.models.mambaout import MambaOut, MambaOutFeatures
 from mambaout.models.variants import Weights, get_variant, pretrained_cfg
 from mambaout.utils.files import jsonable
 from mambaout.utils.limits import check_eval_config, check_model_kwargs
-from mambaout.weights.checkpoint import CheckpointError, download, fit_state_dict, load_into, read_checkpoint
+from mambaout.weights.checkpoint import (
+    CheckpointError,
+    check_finite,
+    download,
+    fit_state_dict,
+    load_into,
+    read_checkpoint,
+)
 
 # timm's create_model arguments for features_only models: what each means here.
 _FEATURE_CLS = (None, "getter")  # our backbone calls the stages in order and taps their outputs: timm's "getter"
 _IGNORED = ("flatten_sequential",)  # meaningful only for timm's hook-based feature wrappers; harmless here
+# what a checkpoint's recorded arguments pass on when it is loaded as another model than the one it records
+_CARRY_OVER = ("num_classes", "in_chans")
+
+logger = logging.getLogger("mambaout")
 
 
 def create_model(
@@ -80,6 +92,8 @@ def create_model(
     if checkpoint is not None:
         state_dict, meta = read_checkpoint(checkpoint)
         _check_metadata(meta, str(checkpoint))
+        check_finite(state_dict, str(checkpoint))
+    asked = name
     if name is None:
         name = meta.get("model")
         if name is None:
@@ -87,6 +101,12 @@ def create_model(
                 "name is required unless the checkpoint was written by mambaout train (it records its model)"
             )
     variant, tag = get_variant(name)
+    recorded = meta.get("model")
+    other_model = asked is not None and recorded is not None and _variant_name(recorded) != variant.name
+    if other_model:
+        # the name asked for wins only where the tensors fit it: the recorded architecture (another model's widths)
+        # must not be built under this name, so only the classifier's width and the input channels carry over
+        meta = dict(meta, model_kwargs={k: v for k, v in meta.get("model_kwargs", {}).items() if k in _CARRY_OVER})
     weights: Weights | None = variant.get_weights(tag) if (pretrained or tag) and variant.weights else None
     if (tag or pretrained) and not variant.weights:
         raise ValueError(
@@ -103,11 +123,22 @@ def create_model(
                 probe = _build(variant, _model_kwargs(variant, weights, meta, kwargs))
             except (TypeError, ValueError) as e:
                 raise CheckpointError(f"{checkpoint}: cannot build {variant.name} from its metadata ({e})") from e
-            fit_state_dict(probe, state_dict, variant.name, new_head, warn=False)
+            try:
+                fit_state_dict(probe, state_dict, variant.name, new_head, warn=False)
+            except CheckpointError:
+                if not other_model:
+                    raise
+                raise CheckpointError(
+                    f"{checkpoint} holds {recorded} weights, but {asked} was asked for and its tensors do not fit "
+                    f"{variant.name}; pass the model it records ({recorded}), or leave the model name out"
+                ) from None
+        if other_model:
+            logger.warning("%s records %s; loading it as %s, as asked (its tensors fit)", checkpoint, recorded, name)
     model = _instantiate(variant, weights, meta, kwargs, device)
     model.pretrained_cfg.update(overlay)
     if pretrained:
         state_dict = _read_published(weights)
+        check_finite(state_dict, weights.urls[0])
     if state_dict is not None:
         load_into(model, state_dict, name=variant.name, new_head=new_head)
         if model.class_names is not None and len(model.class_names) != model.num_classes:
@@ -125,6 +156,14 @@ def create_model(
             raise ValueError(f"features_only needs a MambaOut backbone; {variant.name} is a {type(model).__name__}")
         return MambaOutFeatures(model, out_indices, output_fmt)
     return model
+
+
+def _variant_name(name: str) -> str | None:
+    """The registered name behind `name` (aliases and weight tags resolved), None for a name not registered here."""
+    try:
+        return get_variant(name)[0].name
+    except ValueError:
+        return None
 
 
 def _feature_args(out_indices, output_fmt, feature_cls, feature_cfg: dict | None, kwargs: dict):

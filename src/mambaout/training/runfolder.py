@@ -12,8 +12,10 @@ A run folder holds:
 - `.lock`: held (flock) by the one trainer writing the folder, so a second concurrent trainer is refused; the
   kernel releases it when that process ends, however it ends.
 
-Only rank 0 writes; the other ranks build a `RunFolder` with `write=False`. A writer starts by removing the hidden
-temporary files a write killed mid-way left behind (they are as large as the checkpoints).
+A new run starts only in a new or empty folder (or with `--overwrite`): files it did not write are never mixed with
+a run's. Only rank 0 writes; the other ranks build a `RunFolder` with `write=False`. A writer on a folder that
+provably holds a run (its lock and its state or config) starts by removing the hidden temporary files a write
+killed mid-way left behind (they are as large as the checkpoints): only the names this package makes.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import logging
 import math
 import os
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -160,13 +163,24 @@ RUN_FILES = (
     "train.log",
 )  # any of them: the folder holds a run
 
+# The hidden temporary names this package's writes leave behind when killed mid-write: `files.atomic_write`'s
+# `.NAME.XXXXXXXX.tmp` (mkstemp's 8 random characters; `.tmp.png` for the plot) for the files a run writes, and the
+# fixed name earlier versions drew curves.png into.
+_WRITTEN = r"state\.pt|config\.yaml|summary\.csv|(last|best|last_ema)\.safetensors|epoch-\d{4,}\.safetensors"
+STALE_TEMPORARY = re.compile(
+    rf"\.({_WRITTEN})\.[a-z0-9_]{{8}}\.tmp|\.curves\.png\.[a-z0-9_]{{8}}\.tmp\.png|\.curves\.png\.tmp\.png"
+)
+
 
 def check_output_free(out: Path, resume, overwrite: bool) -> None:
-    """Refuse to start a new run in a folder holding another run, unless resuming it or told to overwrite.
+    """Refuse to start a new run in a folder holding another run or files no run wrote, unless resuming or told to
+    overwrite (which replaces the run's files and leaves the others alone).
 
     Raises:
-        FileExistsError: naming the folder and the two ways on.
+        FileExistsError: naming the folder, what it holds, and the ways on.
     """
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--output {out} is not a folder; a run folder holds several files: pass a folder path")
     if resume or overwrite or not out.is_dir():
         return
     found = [name for name in RUN_FILES if (out / name).exists()]
@@ -175,6 +189,20 @@ def check_output_free(out: Path, resume, overwrite: bool) -> None:
             f"run folder {out} already holds a run ({', '.join(found)}); continue it with --resume {out}, "
             "start over in it with --overwrite, or pick another folder with --output"
         )
+    # no run state: anything but a lock (a run killed before its first file) was put there by someone else
+    foreign = sorted(p.name for p in out.iterdir() if p.name != ".lock")
+    if foreign:
+        more = f" (+{len(foreign) - 5} more)" if len(foreign) > 5 else ""
+        raise FileExistsError(
+            f"--output {out} is not empty and holds no run: {', '.join(map(repr, foreign[:5]))}{more} were not "
+            "written by mambaout train; pick an empty or new folder, or pass --overwrite to write the run beside them"
+        )
+
+
+def is_run_folder(out: Path) -> bool:
+    """Whether `out` provably holds a run of this package: a run state (or the config every run writes first) and
+    the lock file every run takes."""
+    return (out / ".lock").is_file() and any((out / name).is_file() for name in ("state.pt", "config.yaml"))
 
 
 class RunFolder:
@@ -212,8 +240,10 @@ class RunFolder:
         self._lock = None
         if write:
             out.mkdir(parents=True, exist_ok=True)
+            provable = is_run_folder(out)  # before this run's own lock and config make every folder look like one
             self._lock = lock_folder(out)
-            remove_stale_temporaries(out)
+            if provable:
+                remove_stale_temporaries(out)
             import yaml
 
             files.atomic_write_text(out / "config.yaml", yaml.safe_dump(_plain(config), sort_keys=False))
@@ -347,10 +377,11 @@ def lock_folder(out: Path):
 
 
 def remove_stale_temporaries(out: Path) -> int:
-    """Delete the hidden `.NAME.*.tmp` files an interrupted atomic write left in `out` (call with the lock held)."""
+    """Delete the hidden temporaries an interrupted write of a run file left in `out` (call with the lock held, on a
+    folder `is_run_folder` vouches for): only names this package makes (`STALE_TEMPORARY`), only regular files."""
     removed = 0
     for p in out.glob(".*.tmp*"):
-        if p.is_file() and (p.name.endswith(".tmp") or ".tmp." in p.name):
+        if STALE_TEMPORARY.fullmatch(p.name) and p.is_file() and not p.is_symlink():
             size = p.stat().st_size
             p.unlink(missing_ok=True)
             removed += 1
@@ -406,7 +437,7 @@ def plot_curves(summary_csv: Path, png: Path) -> None:
     axes[0].legend()
     axes[1].legend()
     fig.tight_layout()
-    tmp = png.with_name(f".{png.name}.tmp.png")
-    fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    os.replace(tmp, png)
+    try:
+        files.atomic_write(png, lambda tmp: fig.savefig(tmp, dpi=90, format="png"), suffix=".png")
+    finally:
+        plt.close(fig)

@@ -40,7 +40,13 @@ from mambaout.training.runfolder import (
     tensorboard_writer,
 )
 from mambaout.utils import distributed as dist
-from mambaout.utils.files import jsonable
+from mambaout.utils.files import FileWriteError, jsonable
+from mambaout.utils.interrupt import DeferredInterrupt
+from mambaout.utils.text import printable
+
+
+class Interrupted(KeyboardInterrupt):
+    """Training stopped by Ctrl-C at a step boundary, its state saved (the message says where)."""
 
 
 def fit(cfg: TrainConfig) -> dict:
@@ -54,6 +60,10 @@ def fit(cfg: TrainConfig) -> dict:
         amp, amp_dt = cfg.perf.amp_dtype(device)
         state = load_state(resume_path(cfg.run.resume)) if cfg.run.resume else None
         out = cfg.output_folder()
+        if state is not None and _finished(state, n_epochs):
+            # nothing left to train: say so and touch nothing (no "epoch 31 of 30", no rewritten config or log)
+            _say(_finished_line(state, cfg.run.resume, n_epochs))
+            return dict(output=str(out), finished=True, best=state.get("best"))
         plan = cfg.batch.plan(env.world_size)
         if dist.is_main():
             check_output_free(out, cfg.run.resume, cfg.run.overwrite)
@@ -95,46 +105,61 @@ def fit(cfg: TrainConfig) -> dict:
         run_start = time.perf_counter()
         epochs_this_call = steps_this_call = 0
         resume_hint = f"continue with --resume {out}"
-        for epoch in range(progress.start_epoch, n_epochs):
-            hook = StepHook(
-                cfg.run,
-                cfg.schedule.sched_on_updates,
-                run,
-                parts,
-                progress,
-                epoch,
-                data.steps_per_epoch,
-                steps_this_call,
-            )
-            hook.begin_epoch(data.loader, env.rank, samples_per_step)
-            t0 = time.perf_counter()
-            stats = _train_epoch(train_model, data, parts, loss_fn, mixup_fn, device, step_cfg, hook, cfg.run, n_epochs)
-            progress.global_step += stats["steps"]
-            steps_this_call += stats["steps"]
-            if hook.stopped_at is not None:
-                _say(f"stopping at step {hook.stopped_at} of epoch {epoch + 1} as asked (state saved); {resume_hint}")
+        # Ctrl-C stops after the optimizer step under way, where the state is consistent and is saved; a second one
+        # stops at once. Several processes could not agree on that step: there Ctrl-C stops at once, as usual.
+        interrupt = DeferredInterrupt("stopping after this optimizer step, then saving the state", env.world_size == 1)
+        with interrupt:
+            for epoch in range(progress.start_epoch, n_epochs):
+                hook = StepHook(
+                    cfg.run,
+                    cfg.schedule.sched_on_updates,
+                    run,
+                    parts,
+                    progress,
+                    epoch,
+                    data.steps_per_epoch,
+                    steps_this_call,
+                    interrupt,
+                )
+                hook.begin_epoch(data.loader, env.rank, samples_per_step)
+                t0 = time.perf_counter()
+                stats = _train_epoch(
+                    train_model, data, parts, loss_fn, mixup_fn, device, step_cfg, hook, cfg.run, n_epochs
+                )
+                progress.global_step += stats["steps"]
+                steps_this_call += stats["steps"]
+                if hook.stopped_at is not None:
+                    if interrupt.asked:
+                        raise Interrupted(
+                            f"interrupted at step {hook.stopped_at} of epoch {epoch + 1}, state saved; {resume_hint}"
+                        )
+                    _say(
+                        f"stopping at step {hook.stopped_at} of epoch {epoch + 1} as asked (state saved); {resume_hint}"
+                    )
+                    dist.barrier()
+                    result = dict(epoch=epoch, output=str(out), stopped=True)
+                    break
+                row = dict(epoch=epoch, lr=hook.last_lr, train_loss=stats["loss"], skipped=stats["skipped"])
+                row["train_img_s"] = stats["img_s"] * env.world_size
+                metrics, ema_metrics = _evaluate_epoch(
+                    cfg.eval, n_epochs, parts, data.val_loader, device, amp_dt, cfg.perf.channels_last, row
+                )
+                row["epoch_s"] = time.perf_counter() - t0
+                if dist.is_main():
+                    run.save_epoch(parts, progress, row, metrics, ema_metrics)
+                    run.save_state(parts, progress, epoch, progress.global_step)
+                    _say(_epoch_line(row, n_epochs, metrics, ema_metrics))
                 dist.barrier()
-                result = dict(epoch=epoch, output=str(out), stopped=True)
-                break
-            row = dict(epoch=epoch, lr=hook.last_lr, train_loss=stats["loss"], skipped=stats["skipped"])
-            row["train_img_s"] = stats["img_s"] * env.world_size
-            metrics, ema_metrics = _evaluate_epoch(
-                cfg.eval, n_epochs, parts, data.val_loader, device, amp_dt, cfg.perf.channels_last, row
-            )
-            row["epoch_s"] = time.perf_counter() - t0
-            if dist.is_main():
-                run.save_epoch(parts, progress, row, metrics, ema_metrics)
-                run.save_state(parts, progress, epoch, progress.global_step)
-                _say(_epoch_line(row, n_epochs, metrics, ema_metrics))
-            dist.barrier()
-            result = dict(row, output=str(out))
-            epochs_this_call += 1
-            last_epoch = epoch == n_epochs - 1
-            stop_after = cfg.run.stop_after_epochs
-            if stop_after and epochs_this_call >= stop_after and not last_epoch:
-                _say(f"stopping after {epochs_this_call} epoch(s) as asked; {resume_hint}")
-                result["stopped"] = True
-                break
+                result = dict(row, output=str(out))
+                if interrupt.asked and epoch < n_epochs - 1:
+                    raise Interrupted(f"interrupted after epoch {epoch + 1}, state saved; {resume_hint}")
+                epochs_this_call += 1
+                last_epoch = epoch == n_epochs - 1
+                stop_after = cfg.run.stop_after_epochs
+                if stop_after and epochs_this_call >= stop_after and not last_epoch:
+                    _say(f"stopping after {epochs_this_call} epoch(s) as asked; {resume_hint}")
+                    result["stopped"] = True
+                    break
         result.update(wall_s=time.perf_counter() - run_start, best=progress.best)
         if dist.is_main() and not result.get("stopped") and result:
             _say_done(result, data, out)
@@ -304,8 +329,10 @@ class StepHook:
         epoch,
         steps_per_epoch,
         called,
+        interrupt: DeferredInterrupt | None = None,
     ):
         self.run, self.parts, self.progress = run, parts, progress
+        self.interrupt = interrupt  # Ctrl-C asks to stop after the step under way (its state then saved)
         self.seed, self.per_update = cfg.seed, per_update  # per_update: the schedule steps every optimizer step
         self.stop_after, self.every = cfg.stop_after_steps, cfg.checkpoint_every
         self.epoch, self.steps_per_epoch = epoch, steps_per_epoch
@@ -350,6 +377,7 @@ class StepHook:
             self.parts.scheduler.step_update(step_now)
         inside = done < self.steps_per_epoch  # the epoch-end checkpoint covers the last step
         stop = bool(self.stop_after) and self.called + n >= self.stop_after and inside
+        stop = stop or (self.interrupt is not None and self.interrupt.asked and inside)
         if inside and (stop or (self.every and step_now % self.every == 0)):
             totals = self.totals.as_dict()  # a host read
             self.run.save_state(self.parts, self.progress, self.epoch - 1, step_now, epoch_step=done, totals=totals)
@@ -426,12 +454,18 @@ class RunLog:
 
     def write(self, msg: str) -> None:
         if self.file is not None:
-            self.file.write(msg + "\n")
-            self.file.flush()
+            try:
+                self.file.write(msg + "\n")
+                self.file.flush()
+            except OSError as e:  # a full disk: one line naming the file
+                raise FileWriteError(e.errno, f"cannot write {self.file.name}: {e.strerror}") from e
 
     def close(self) -> None:
         if self.file is not None:
-            self.file.close()
+            try:
+                self.file.close()
+            except OSError:  # what did not fit on a full disk was reported by `write`
+                pass
             self.file = None
 
 
@@ -484,6 +518,20 @@ def _banner(cfg: TrainConfig, name, model, data: Data, env, device, plan: BatchP
     )
 
 
+def _finished(state: dict, n_epochs: int) -> bool:
+    """Whether a training state has all `n_epochs` epochs done (no mid-epoch step pending)."""
+    return not state.get("epoch_step") and state["epoch"] + 1 >= n_epochs
+
+
+def _finished_line(state: dict, resume: str, n_epochs: int) -> str:
+    best = state.get("best") or {}
+    top1 = f"; best top-1 {best['top1']:.2f}% at epoch {best['epoch'] + 1}" if best.get("top1") is not None else ""
+    return (
+        f"{resume}: the run is finished (all {n_epochs} epochs done{top1}); nothing to resume. "
+        "Its weights are last.safetensors and best.safetensors"
+    )
+
+
 def _say_resumed(resume: str, n_epochs: int, progress: Progress) -> None:
     _say(
         f"resumed from {resume}: epoch {progress.start_epoch + 1} of {n_epochs}"
@@ -504,7 +552,7 @@ def _epoch_line(row: dict, n_epochs: int, metrics, ema_metrics) -> str:
     if row["skipped"]:
         names = row.get("skipped_files") or []
         more = f" (+{len(names) - 5} more)" if len(names) > 5 else ""
-        named = f" (held-out, not counted: {', '.join(names[:5])}{more})" if names else ""
+        named = f" (held-out, not counted: {printable(', '.join(names[:5]))}{more})" if names else ""
         msg += f"  skipped {row['skipped']} unreadable images{named}"
     return msg
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -17,25 +18,93 @@ def file_mode() -> int:
     return 0o666 & ~mask
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
+_KINDS = (
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISFIFO, "a named pipe (FIFO)"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+class SpecialFileError(OSError, ValueError):
+    """An output path that names a device, a FIFO or a socket (or a symlink to one): never written or replaced.
+
+    Both an OSError (what the writers raise) and a ValueError (what the early checks of the commands raise).
+    """
+
+    def __str__(self) -> str:
+        return self.strerror or super().__str__()
+
+
+class FileWriteError(OSError):
+    """Writing a named file failed (a full disk, a quota, an I/O error); the message names the file."""
+
+    def __str__(self) -> str:  # the message alone, without "[Errno 28]"
+        return self.strerror or super().__str__()
+
+
+def special_kind(path: str | os.PathLike) -> str | None:
+    """What `path` is when it is not a regular file, a folder or nothing: `'a character device'`, ... else None.
+
+    Symlinks are followed: a link to `/dev/null` is a character device. Stat only: the file is never opened (opening
+    a FIFO for reading blocks until a writer comes).
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    return next((kind for test, kind in _KINDS if test(mode)), None)
+
+
+def output_target(path: str | os.PathLike, what: str = "output") -> Path:
+    """The regular file a write to `path` replaces: `path` itself, or where a symlink to a regular file points.
+
+    Raises:
+        SpecialFileError: `path` is (or links to) a device, `/dev/null` included, a FIFO or a socket; or it is a
+            symlink that leads nowhere (whatever it pointed at would be created blindly).
+    """
+    path = Path(path)
+    kind = special_kind(path)
+    if kind is not None:
+        link = f" (a symlink to {os.path.realpath(path)})" if path.is_symlink() else ""
+        raise SpecialFileError(
+            errno.EINVAL,
+            f"{what} {path}{link} is {kind}, not a regular file: refusing to write there (an atomic write would "
+            "replace it); pass a file path",
+        )
+    if path.is_symlink():
+        if not path.exists():
+            raise SpecialFileError(
+                errno.ENOENT,
+                f"{what} {path} is a symlink to {os.readlink(path)}, which does not exist; pass a file path",
+            )
+        return Path(os.path.realpath(path))  # replace the file the link points to, keep the link
+    return path
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None], suffix: str = "") -> Path:
     """Call `write(tmp)` on a temporary file beside `path`, then rename it onto `path`.
 
     A crash (or a KeyboardInterrupt) mid-write leaves any previous `path` intact and no temporary file behind.
+    Only a regular file, or a path that does not exist yet, is replaced: a device, FIFO or socket (or a symlink to
+    one) is refused; a symlink to a regular file stays a symlink, and the file it points to is replaced.
+    `suffix` ends the temporary name, for writers that insist on one (`.pt2`, `.png`).
 
     Raises:
+        SpecialFileError: `path` names a device, FIFO or socket (see `output_target`).
         OSError: the write failed (a full disk, a quota, an I/O error), with one line naming the file and the space
             left on its device. torch's writer reports a full disk as a RuntimeError from `inline_container.cc`,
-            which is turned into this OSError too.
+            and safetensors as its own `SafetensorError` ("os error 28"): both are turned into this OSError too.
     """
-    path = Path(path)
+    path = output_target(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp" + suffix)
     os.close(fd)
     try:
         try:
             write(tmp)
-        except (OSError, RuntimeError) as e:
-            if isinstance(e, RuntimeError) and not _is_write_failure(e):
+        except Exception as e:
+            if not isinstance(e, OSError) and not _is_write_failure(e):
                 raise
             raise _write_error(path, e) from e
         os.chmod(tmp, file_mode())
@@ -46,24 +115,25 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     return path
 
 
-def _is_write_failure(e: RuntimeError) -> bool:
+def _is_write_failure(e: Exception) -> bool:
+    """A writer's own exception type (torch: RuntimeError; safetensors: SafetensorError) that reports an I/O error."""
     text = str(e)
-    return "inline_container" in text or "write failed" in text or "No space left" in text
+    return any(s in text for s in ("inline_container", "write failed", "No space left", "os error", "I/O error"))
 
 
-def _write_error(path: Path, e: Exception) -> OSError:
+def _write_error(path: Path, e: Exception) -> FileWriteError:
     try:
         free = f"{shutil.disk_usage(path.parent).free / 2**20:.0f} MiB free there"
     except OSError:
         free = "free space unknown"
     code = getattr(e, "errno", None)
     reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    if code in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(e):
-        return OSError(
+    if code in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(e) or "os error 28" in str(e):
+        return FileWriteError(
             errno.ENOSPC,
             f"cannot write {path}: no space left on the device ({free}); free some space or write elsewhere",
         )
-    return OSError(
+    return FileWriteError(
         code or errno.EIO,
         f"cannot write {path} ({reason}; {free}): is the disk full? free some space or write elsewhere",
     )
@@ -89,9 +159,10 @@ def check_writable(path: str | os.PathLike, what: str) -> Path:
     """Fail early, with one line, when `path` cannot be written (before a long run computes what goes there).
 
     Raises:
-        ValueError: `path` is a folder, or its folder cannot be created or written to.
+        ValueError: `path` is a folder, a device, a FIFO or a socket, or its folder cannot be created or written to.
     """
     path = Path(path)
+    output_target(path, what)
     if path.is_dir():
         raise ValueError(f"{what} {path} is a folder; pass a file path")
     folder = path.parent

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mambaout.utils.files import atomic_write
+from mambaout.utils.files import atomic_write, special_kind
 
 logger = logging.getLogger("mambaout")
 
@@ -188,7 +188,65 @@ def fit_state_dict(
             sd.pop(k, None)
         sd.update({k: v for k, v in target.items() if k in CLASSIFIER_KEYS})
     check_fits(target, sd, name)
+    check_dtypes(target, sd, name, warn)
     return sd
+
+
+def check_finite(state_dict: dict, source: str) -> None:
+    """Refuse weights holding NaN or Inf: they give NaN logits, hence a meaningless metric or prediction.
+
+    Raises:
+        CheckpointError: naming the first non-finite tensor (in file order) and what it holds.
+    """
+    for key, value in state_dict.items():
+        if value.is_floating_point() or value.is_complex():
+            bad = ~torch.isfinite(value)
+            if bad.any():
+                n_nan = int(torch.isnan(value).sum())
+                what = ", ".join(f"{n} {kind}" for n, kind in ((n_nan, "NaN"), (int(bad.sum()) - n_nan, "Inf")) if n)
+                raise CheckpointError(
+                    f"{source}: tensor {key!r} holds non-finite values ({what} of {value.numel()}); the weights are "
+                    "damaged (a diverged run?): use an earlier checkpoint"
+                )
+
+
+def check_dtypes(target: dict, sd: dict, name: str = "model", warn: bool = True) -> None:
+    """Weights whose dtype cannot become the model's without losing what they mean are refused, never cast.
+
+    Integer or boolean tensors for floating-point parameters (a quantised or corrupted file) and complex tensors are
+    refused; floating-point tensors of another precision are converted when loaded (float16/bfloat16 -> float32 is
+    exact; float64 -> float32 rounds, which is said).
+
+    Raises:
+        CheckpointError: naming the first tensor whose dtype does not fit.
+    """
+    narrowed = []
+    for key, want in target.items():
+        have = sd.get(key)
+        if have is None or have.dtype == want.dtype:
+            continue
+        if want.is_floating_point() and (not have.is_floating_point() or have.is_complex()):
+            raise CheckpointError(
+                f"checkpoint tensor {key!r} is {str(have.dtype).removeprefix('torch.')} but {name} holds "
+                f"{str(want.dtype).removeprefix('torch.')} there: integer, boolean or complex weights are not "
+                "MambaOut weights (a quantised or damaged file?); pass the floating-point checkpoint"
+            )
+        if not want.is_floating_point() and have.is_floating_point():
+            raise CheckpointError(
+                f"checkpoint tensor {key!r} is {str(have.dtype).removeprefix('torch.')} but {name} holds "
+                f"{str(want.dtype).removeprefix('torch.')} there; the checkpoint does not fit the model"
+            )
+        if have.is_floating_point() and torch.finfo(have.dtype).bits > torch.finfo(want.dtype).bits:
+            narrowed.append(key)
+    if narrowed and warn:
+        logger.warning(
+            "%s: converting %d %s tensors (%s...) to the model's %s, which rounds them",
+            name,
+            len(narrowed),
+            str(sd[narrowed[0]].dtype).removeprefix("torch."),
+            narrowed[0],
+            str(target[narrowed[0]].dtype).removeprefix("torch."),
+        )
 
 
 def check_fits(target: dict, sd: dict, name: str = "model") -> None:
@@ -228,6 +286,8 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     path = str(path)
     if path.startswith(("http://", "https://")):
         path = str(download([path]))
+    if special_kind(path):  # a FIFO would block the read forever: never opened
+        raise CheckpointError(f"checkpoint {path} is {special_kind(path)}, not a weights file; pass a file path")
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"checkpoint {path} does not exist; pass a .safetensors/.pth file path or an http(s) URL"

@@ -63,11 +63,22 @@ def timm_model_args(model_kwargs: dict) -> dict:
     return args
 
 
-def export_hf(model: nn.Module, folder: str | os.PathLike) -> Path:
-    """Write `model` as `folder/config.json` + `folder/model.safetensors` (timm's hub layout) and return `folder`."""
+def export_hf(model: nn.Module, folder: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Write `model` as `folder/config.json` + `folder/model.safetensors` (timm's hub layout) and return `folder`.
+
+    Args:
+        overwrite: Replace the export of another model found in `folder`. Without it a folder holding another
+            model's `config.json` (or weights without one) is refused; the same model's export is updated in place.
+
+    Raises:
+        FileExistsError: `folder` holds another model's export (and `overwrite` is off).
+        NotADirectoryError: `folder` is a file.
+    """
     from mambaout.weights.checkpoint import save_weights
 
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(f"--output {folder} is a file, not a folder; hf exports are a folder")
     name = getattr(model, "model_name", None)
     model_kwargs = dict(getattr(model, "model_kwargs", {}) or {})
     if not name or not name.startswith("mambaout"):
@@ -87,6 +98,8 @@ def export_hf(model: nn.Module, folder: str | os.PathLike) -> Path:
     }
     if class_names is not None and len(class_names) == model.num_classes:
         config["label_names"] = list(class_names)
+    if not overwrite:
+        _check_replaceable(folder, config)
     folder.mkdir(parents=True, exist_ok=True)
     save_weights(
         model,
@@ -100,6 +113,35 @@ def export_hf(model: nn.Module, folder: str | os.PathLike) -> Path:
     )
     atomic_write_text(folder / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
     return folder
+
+
+def _check_replaceable(folder: Path, config: dict) -> None:
+    """Refuse to write over another model's export: an existing `config.json` must describe the same model."""
+    existing = folder / CONFIG_NAME
+    if not existing.exists():
+        if (folder / WEIGHTS_NAME).exists():
+            raise FileExistsError(
+                f"{folder} holds {WEIGHTS_NAME} but no {CONFIG_NAME}: it is not an export of this model; pass "
+                "--overwrite to replace it, or export into another folder"
+            )
+        return
+    try:
+        old = json.loads(existing.read_text())
+    except (OSError, ValueError):
+        old = None
+    if not isinstance(old, dict):
+        raise FileExistsError(
+            f"{existing} is not a model config this package wrote; pass --overwrite to replace it, or export into "
+            "another folder"
+        )
+    keys = ("mambaout_model", "architecture", "num_classes", "model_args")
+    differ = [k for k in keys if old.get(k) != config.get(k)]
+    if differ:
+        was = old.get("mambaout_model") or old.get("architecture") or "an unnamed model"
+        raise FileExistsError(
+            f"{folder} holds another model's export ({was}; {', '.join(differ)} differ from "
+            f"{config['mambaout_model']}'s); pass --overwrite to replace it, or export into another folder"
+        )
 
 
 _TIMM_MAMBAOUTS = (

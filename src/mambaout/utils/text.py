@@ -1,0 +1,23 @@
+"""Text for a terminal: names from files and checkpoints shown so they cannot forge lines or drive the terminal.
+
+A class name from a checkpoint's metadata, or a file name, may hold control characters: a newline that starts a
+forged result line, ESC sequences that recolour or rewrite the screen, BEL, Unicode's line separators and the
+bidirectional overrides that make a name display as another. Human-readable output passes such text through
+`printable`; `--json` output stays exact (JSON escapes control characters itself).
+"""
+
+from __future__ import annotations
+
+import unicodedata
+
+
+def printable(text) -> str:
+    """`text` with every character Python deems unprintable (control and format characters, line and paragraph
+    separators; spaces other than U+0020 excepted) written as its escape: `\\x1b`, `\\n`, `\\u202e`."""
+    text = str(text)
+    if text.isprintable():
+        return text
+    return "".join(
+        ch if ch.isprintable() or unicodedata.category(ch) == "Zs" else ch.encode("unicode_escape").decode("ascii")
+        for ch in text
+    )
