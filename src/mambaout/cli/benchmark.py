@@ -320,7 +320,51 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--fused-kernels", action="store_true", help="also time our model with the opt-in fused Triton kernels (CUDA)"
     )
     p.add_argument("--csv", default=None, help="append rows here (default benchmark-<device>-torch<ver>.csv; '' none)")
+    p.add_argument(
+        "--runtimes",
+        action="store_true",
+        help="CPU: timm, ours fp32/bf16/int8, ONNX Runtime, OpenVINO side by side at batch 1 and --batch-size, "
+        "with a roofline line (mambaout.deploy.benchmark)",
+    )
+    p.add_argument("--calib", default=None, help="--runtimes: images to calibrate the int8 row on (default: random)")
     return p
+
+
+def runtimes_main(args) -> int:
+    """`--runtimes`: the deployment table of the first of --models (see mambaout.deploy.benchmark)."""
+    from mambaout.analysis.flops import count_macs
+    from mambaout.cli.common import shape_only_model
+    from mambaout.deploy import benchmark as rt
+    from mambaout.inference.precision import cpu_bf16_support
+
+    name = args.models[0]
+    sizes = tuple(sorted({1, args.batch_size}))
+    rows = rt.runtime_rows(name, sizes, args.img_size, args.iters, args.warmup, args.calib)
+    versions = _versions()
+    print(
+        f"{device_name(torch.device('cpu'))}, {name} at {args.img_size} px, median of {args.iters} interleaved steps, "
+        f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d}; {versions}"
+    )
+    print(rt.format_runtime_table(rows))
+    native, cpu = cpu_bf16_support()
+    peaks = {d: rt.gemm_peak_gflops(d) for d in ("fp32", "int8")}
+    peaks["bf16"] = rt.gemm_peak_gflops("bf16") if native else None
+    for line in rt.roofline_lines(rows, count_macs(shape_only_model(name), args.img_size), peaks):
+        print(line)
+    if args.csv:
+        write_csv([dict(r, device=device_name(torch.device("cpu")), versions=versions) for r in rows], args.csv)
+        print(f"rows appended to {args.csv}")
+    return 0
+
+
+def _versions() -> str:
+    import importlib.metadata as md
+
+    found = []
+    for dist in ("torch", "timm", "onnxruntime", "openvino"):
+        with contextlib.suppress(md.PackageNotFoundError):
+            found.append(f"{dist} {md.version(dist)}")
+    return ", ".join(found)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -346,6 +390,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(e))
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.runtimes:
+        if torch.device(args.device).type != "cpu":
+            parser.error("--runtimes compares CPU runtimes: pass --device cpu")
+        try:
+            return runtimes_main(args)
+        except ValueError as e:
+            print(f"mambaout benchmark: {e}")
+            return 2
+    elif args.calib:
+        parser.error("--calib applies to --runtimes only")
     rows = []
     for name in args.models:
         try:

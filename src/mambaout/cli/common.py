@@ -94,3 +94,13 @@ def stdout_failed(e: BaseException) -> bool:
         and e.filename is None
         and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EFBIG)
     )
+
+
+def add_dtype_argument(parser) -> None:
+    """`--dtype {fp32,bf16}` of the commands that run a model (predict, validate)."""
+    parser.add_argument(
+        "--dtype",
+        choices=("bf16", "fp32"),  # mambaout.inference.precision.DTYPES
+        default="fp32",
+        help="inference dtype; bf16 needs a CPU with AVX512-BF16 or AMX (else fp32, said in one line) or a GPU",
+    )

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from mambaout import kernels
-from mambaout.cli.common import add_fused_kernels_argument, add_model_args, build_model
+from mambaout.cli.common import add_dtype_argument, add_fused_kernels_argument, add_model_args, build_model
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,6 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     add_fused_kernels_argument(parser)
+    add_dtype_argument(parser)
     args = parser.parse_args(argv)
     kernels.set_fused_kernels(args.fused_kernels)
     if args.topk < 1:
@@ -29,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.workers < 0:
         parser.error(f"--workers must be >= 0, got {args.workers}")
 
+    from mambaout.inference.precision import note, resolve_dtype
     from mambaout.inference.predictor import Predictor, dumps, find_images, format_text
     from mambaout.utils.device import resolve_device
     from mambaout.utils.text import printable
@@ -40,7 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, CheckpointError, DownloadError) as e:
         print(f"mambaout predict: {printable(e)}", file=sys.stderr)
         return 2
-    predictor = Predictor(model, topk=args.topk, device=device)
+    dtype, message = resolve_dtype(args.dtype, device)
+    note(message, "mambaout predict")  # the one line saying bf16 falls back to fp32 here
+    predictor = Predictor(model, topk=args.topk, device=device, dtype=dtype)
     paths = find_images(args.inputs)
     if not paths:
         print(f"mambaout predict: no images found in {printable(' '.join(args.inputs))}", file=sys.stderr)

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from mambaout import kernels
-from mambaout.cli.common import add_fused_kernels_argument
+from mambaout.cli.common import add_dtype_argument, add_fused_kernels_argument
 from mambaout.utils.limits import check_crop_pct, check_img_size
 from mambaout.utils.text import printable
 
@@ -30,7 +30,12 @@ def get_args_parser() -> argparse.ArgumentParser:
         default=[],
         help="registered model name(s), space- or comma-separated; optional with a checkpoint from mambaout train",
     )
-    p.add_argument("--checkpoint", nargs="+", default=[], help="weights file(s); pairs with --model in order")
+    p.add_argument(
+        "--checkpoint",
+        nargs="+",
+        default=[],
+        help="weights file(s), or exported models (.onnx run by ONNX Runtime, .xml by OpenVINO); pairs with --model",
+    )
     p.add_argument("--pretrained", action="store_true", help="use each --model's published weights")
     p.add_argument(
         "--random-weights", action="store_true", help="score --model at random initialisation (a chance baseline)"
@@ -41,6 +46,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", "-j", type=int, default=2)
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
     p.add_argument("--amp", action="store_true", help="bf16 autocast")
+    add_dtype_argument(p)
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--results-file", help="write the results as JSON (top1/top5 in percent)")
     add_fused_kernels_argument(p)
@@ -111,13 +117,24 @@ def validate_one(name, checkpoint, args, device) -> dict:
     import torch
 
     from mambaout.data.loaders import eval_loader
+    from mambaout.deploy.runtimes import is_runtime_file, load_runtime_model
+    from mambaout.inference.precision import with_dtype
     from mambaout.models.factory import create_model
     from mambaout.training.engine import evaluate
 
-    model = create_model(name, pretrained=args.pretrained and checkpoint is None, checkpoint=checkpoint)
+    dtype = getattr(args, "run_dtype", None) or getattr(args, "dtype", "fp32")  # run_dtype: after the hardware check
+    if is_runtime_file(checkpoint):  # an exported model (ONNX, int8 ONNX, OpenVINO): its runtime runs it on CPU
+        if device.type != "cpu" or getattr(args, "dtype", "fp32") != "fp32" or args.amp or args.channels_last:
+            raise ValueError(
+                f"{checkpoint} runs in its runtime on CPU at the precision it was exported with: "
+                "drop --device cuda, --dtype, --amp and --channels-last"
+            )
+        model = load_runtime_model(checkpoint)
+    else:
+        model = create_model(name, pretrained=args.pretrained and checkpoint is None, checkpoint=checkpoint)
     cfg = model.pretrained_cfg
     dataset = eval_dataset(model, args.data, args.img_size, args.crop_pct)
-    model.to(device).eval()
+    model = with_dtype(model.to(device).eval(), dtype)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
     amp_dtype = torch.bfloat16 if args.amp else None
@@ -158,6 +175,7 @@ def validate_one(name, checkpoint, args, device) -> dict:
         img_s=round(metrics["img_s"], 1),
         device=str(device),
         amp="bf16" if args.amp else "none",
+        dtype=dtype,
     )
 
 
@@ -170,6 +188,8 @@ def _check_args(args) -> None:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.workers < 0:
         raise ValueError(f"--workers must be >= 0, got {args.workers}")
+    if args.amp and args.dtype != "fp32":
+        raise ValueError("--amp (bf16 autocast) and --dtype bf16 (bf16 weights) exclude each other; pass one")
     if args.results_file:
         from mambaout.utils.files import check_writable
 
@@ -188,6 +208,10 @@ def main(argv: list[str] | None = None) -> int:
             raise FileNotFoundError(f"{args.data} does not exist; pass an ImageFolder directory or a .tar of one")
         _check_args(args)
         device = resolve_device(args.device)
+        from mambaout.inference.precision import note, resolve_dtype
+
+        args.run_dtype, message = resolve_dtype(args.dtype, device)
+        note(message, "mambaout validate")
         results = []
         for name, ckpt in specs:
             t0 = time.perf_counter()

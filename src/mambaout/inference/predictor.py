@@ -14,6 +14,7 @@ import json
 import os
 import re
 import sys
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -150,6 +151,9 @@ class Predictor:
         pretrained: Download the variant's published weights (ignored with `checkpoint` or a module).
         topk: How many classes to return per image (capped at the number of classes).
         device: Where to run; defaults to CUDA when available.
+        dtype: `'fp32'`, or `'bf16'` (weights converted once; mambaout.inference.precision). On a CPU without bf16
+            arithmetic bf16 runs as fp32, with a warning, unless `allow_emulated`; `self.dtype` is what runs.
+        allow_emulated: Run bf16 even where the CPU only emulates it (slower; to check its accuracy).
     """
 
     def __init__(
@@ -159,7 +163,11 @@ class Predictor:
         pretrained: bool = False,
         topk: int = 5,
         device: str | torch.device | None = None,
+        dtype: str = "fp32",
+        allow_emulated: bool = False,
     ):
+        from mambaout.inference.precision import resolve_dtype, with_dtype
+
         if topk < 1:
             raise ValueError(f"topk must be >= 1, got {topk}")
         if isinstance(model, nn.Module):
@@ -168,7 +176,10 @@ class Predictor:
         else:
             model = create_model(model, pretrained=pretrained and checkpoint is None, checkpoint=checkpoint)
         self.device = resolve_device(str(device) if device is not None else None)
-        self.model = model.eval().to(self.device)
+        self.dtype, message = resolve_dtype(dtype, self.device, allow_emulated)
+        if message:
+            warnings.warn(message, RuntimeWarning, stacklevel=2)
+        self.model = with_dtype(model.eval().to(self.device), self.dtype)
         self.cfg = dict(getattr(model, "pretrained_cfg", None) or {})
         if "input_size" not in self.cfg:
             raise ValueError("the model has no pretrained_cfg with input_size/mean/std; build it with create_model")

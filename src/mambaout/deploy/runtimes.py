@@ -1,0 +1,149 @@
+"""An exported MambaOut run by ONNX Runtime or OpenVINO, behind the `nn.Module` interface our commands take.
+
+`load_runtime_model('model.onnx')` (or an OpenVINO `.xml`) gives a module whose forward runs the runtime on CPU and
+which carries what `mambaout validate` and `Predictor` read from a model: `pretrained_cfg` (the eval transform),
+`num_classes`, `class_names` and `model_name`, from the metadata `mambaout export` stored beside the graph. So an
+int8 or OpenVINO export is scored by the same code, on the same images, as the PyTorch model it came from.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from mambaout.utils.optional import require
+
+__all__ = ["RUNTIME_SUFFIXES", "RuntimeModel", "OnnxRuntimeModel", "OpenVinoModel", "load_runtime_model", "ort_session"]
+
+RUNTIME_SUFFIXES = (".onnx", ".xml")  # ONNX (fp32 or int8) and OpenVINO IR
+OPENVINO_INSTALL = "openvino  (or the extra: 'mambaout[openvino]')"
+ORT_INSTALL = "onnxruntime  (or the export extra: 'mambaout[export]')"
+
+
+def ort_session(path: str | os.PathLike, threads: int | None = None):
+    """An ONNX Runtime CPU session with every graph optimisation on and `threads` intra-op threads (default torch's)."""
+    ort = require("onnxruntime", "running an ONNX model", ORT_INSTALL)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or torch.get_num_threads()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+class RuntimeModel(nn.Module):
+    """Base: the metadata of an exported model as the attributes of one of ours; subclasses run the graph."""
+
+    runtime = "?"
+
+    def __init__(self, path: str | os.PathLike, meta: dict):
+        super().__init__()
+        self.path = Path(path)
+        cfg = dict(meta.get("eval_config") or {})
+        if "input_size" not in cfg:
+            raise ValueError(
+                f"{path} carries no eval settings (input_size, mean, std): export it with `mambaout export`, "
+                "which stores them beside the graph"
+            )
+        self.pretrained_cfg = cfg
+        self.model_name = f"{meta.get('model', 'model')} [{self.runtime}]"
+        self.model_kwargs = meta.get("model_kwargs", {})
+        names = meta.get("synsets") or meta.get("class_names")  # folder names first: validate matches on those
+        self.class_names = list(names) if names else None
+        self.num_classes = len(names) if names else int(meta.get("num_classes", 0))
+
+    def _run(self, x: np.ndarray) -> np.ndarray:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, 3, H, W] -> [B, num_classes] fp32 logits
+        x = x.detach().to("cpu", torch.float32).contiguous().numpy()
+        return torch.from_numpy(np.ascontiguousarray(self._run(x), dtype=np.float32))
+
+
+class OnnxRuntimeModel(RuntimeModel):
+    """An ONNX file written by `mambaout export` (fp32 or `--format onnx-int8`) run by ONNX Runtime on CPU."""
+
+    runtime = "onnxruntime"
+
+    def __init__(self, path: str | os.PathLike, threads: int | None = None):
+        self.session = ort_session(path, threads)
+        meta = {k: json.loads(v) for k, v in self.session.get_modelmeta().custom_metadata_map.items()}
+        super().__init__(path, meta)
+        self.input_name = self.session.get_inputs()[0].name
+
+    def _run(self, x: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input_name: x})[0]
+
+
+class OpenVinoModel(RuntimeModel):
+    """An OpenVINO IR (`.xml` + `.bin`, from `mambaout export --format openvino`) compiled for the CPU.
+
+    Args:
+        path: The `.xml` file; its metadata is the `mambaout.json` beside it.
+        precision: `'f32'`, or `'bf16'` (OpenVINO's inference precision hint; it runs f32 where the CPU lacks bf16).
+        threads: Inference threads (default torch's).
+    """
+
+    runtime = "openvino"
+
+    def __init__(self, path: str | os.PathLike, precision: str = "f32", threads: int | None = None):
+        ov = require("openvino", "running an OpenVINO model", OPENVINO_INSTALL)
+        path = Path(path)
+        meta_file = path.with_name(path.stem + ".json")
+        meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+        config = {
+            "INFERENCE_PRECISION_HINT": precision,
+            "INFERENCE_NUM_THREADS": threads or torch.get_num_threads(),
+            "PERFORMANCE_HINT": "LATENCY",
+        }
+        self.compiled = ov.Core().compile_model(str(path), "CPU", config)
+        self.request = self.compiled.create_infer_request()
+        super().__init__(path, meta)
+
+    def _run(self, x: np.ndarray) -> np.ndarray:
+        return self.request.infer({0: x})[self.compiled.output(0)]
+
+
+def load_runtime_model(path: str | os.PathLike, threads: int | None = None) -> RuntimeModel:
+    """The exported model at `path` (`.onnx`: ONNX Runtime; `.xml`: OpenVINO) as a module (see module docstring)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist")
+    if path.suffix.lower() == ".onnx":
+        return OnnxRuntimeModel(path, threads)
+    if path.suffix.lower() == ".xml":
+        return OpenVinoModel(path, threads=threads)
+    raise ValueError(f"{path}: an exported model is a .onnx or an OpenVINO .xml file, got {path.suffix!r}")
+
+
+def is_runtime_file(path: str | os.PathLike | None) -> bool:
+    """Whether `path` names an exported model (run by a runtime) rather than PyTorch weights."""
+    return path is not None and Path(str(path)).suffix.lower() in RUNTIME_SUFFIXES
+
+
+def export_openvino(
+    model: nn.Module, path: str | os.PathLike, img_size: int | None = None, opset: int | None = None
+) -> Path:
+    """Write `model` as OpenVINO IR: `path` (`.xml`), the weights beside it (`.bin`, fp32) and the metadata (`.json`).
+
+    Converted from our ONNX export (the same graph ONNX Runtime runs), batch axis dynamic.
+    """
+    import tempfile
+
+    from mambaout.inference.export import DEFAULT_OPSET, export_metadata, export_onnx
+
+    ov = require("openvino", "--format openvino", OPENVINO_INSTALL)
+    path = Path(path)
+    if path.suffix.lower() != ".xml":
+        raise ValueError(f"an OpenVINO model is a .xml file (weights in a .bin beside it), got {path}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx_path = export_onnx(model, Path(tmp) / "model.onnx", img_size, opset or DEFAULT_OPSET)
+        ov_model = ov.convert_model(str(onnx_path))
+        ov.save_model(ov_model, str(path), compress_to_fp16=False)  # fp32 weights: the logits equal PyTorch's
+    meta = export_metadata(model, img_size)
+    path.with_name(path.stem + ".json").write_text(json.dumps(meta, indent=1) + "\n")
+    return path

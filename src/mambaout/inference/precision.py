@@ -1,0 +1,101 @@
+"""Inference dtype on CPU: `--dtype bf16` where the CPU has bf16 arithmetic, fp32 (said in one line) where not.
+
+The bf16 path converts the weights to bfloat16 once and feeds bf16 images (`LowPrecision`), instead of autocast:
+autocast casts every weight again on each forward, which at batch 1 is a large share of the work. LayerNorm in
+bf16 still accumulates in fp32 inside PyTorch's kernel; the logits come back as fp32.
+
+Only CPUs with AVX512-BF16 or AMX-BF16 (Intel Cooper Lake / Sapphire Rapids and later, AMD Zen 4 and later) do
+bf16 arithmetic natively. Elsewhere PyTorch emulates it through fp32, which is slower than fp32 itself, so asking for
+bf16 there runs fp32 and says so; `allow_emulated=True` runs the bf16 path anyway (to check its accuracy).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+__all__ = ["DTYPES", "cpu_bf16_support", "resolve_dtype", "LowPrecision", "with_dtype"]
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# /proc/cpuinfo flags that mean native bf16 arithmetic: x86 (AVX512-BF16, AMX-BF16), Arm (FEAT_BF16)
+_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_bf16_support() -> tuple[bool, str]:
+    """(whether this CPU does bf16 arithmetic natively, a few words naming the CPU and what it has)."""
+    from mambaout.utils.device import cpu_name
+
+    model, flags = cpu_name(), set()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() in ("flags", "Features"):
+                flags = set(value.split())
+                break
+    found = [f for f in _BF16_FLAGS if f in flags]
+    if found:
+        return True, f"{model} ({', '.join(found)})"
+    isa = torch.backends.cpu.get_cpu_capability()
+    if not flags:
+        return False, f"{model} ({isa}; cannot read its feature flags)"
+    return False, f"{model} ({isa}, no AVX512-BF16 or AMX)"
+
+
+def resolve_dtype(dtype: str, device: torch.device | str = "cpu", allow_emulated: bool = False) -> tuple[str, str]:
+    """The dtype to run (`'fp32'` or `'bf16'`) for the one asked for, and a one-line note when they differ.
+
+    CUDA runs bf16 as asked. A CPU without bf16 arithmetic runs fp32 unless `allow_emulated`.
+
+    Raises:
+        ValueError: an unknown dtype.
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if dtype == "fp32" or torch.device(device).type != "cpu" or allow_emulated:
+        return dtype, ""
+    native, cpu = cpu_bf16_support()
+    if native:
+        return dtype, ""
+    return "fp32", f"bf16 asked for, but this CPU, {cpu}, has no bf16 arithmetic (it would be emulated, slower): fp32"
+
+
+class LowPrecision(nn.Module):
+    """`model` with its weights in `dtype`: images are cast to `dtype` on the way in, logits to fp32 on the way out.
+
+    The attributes our commands read (`pretrained_cfg`, `num_classes`, `class_names`, ...) are the wrapped model's.
+    """
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype = torch.bfloat16):
+        super().__init__()
+        self.model = model.to(dtype)
+        self.dtype = dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x.to(self.dtype)).float()
+
+    def __getattr__(self, name: str):
+        if name == "model":  # not set yet: no recursion into ourselves
+            return super().__getattr__(name)
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.model, name)  # model_name, pretrained_cfg, class_names, num_classes ...
+
+
+def with_dtype(model: nn.Module, dtype: str) -> nn.Module:
+    """`model` itself for fp32, else `LowPrecision(model, dtype)` (weights converted in place)."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    return model if dtype == "fp32" else LowPrecision(model, DTYPES[dtype])
+
+
+def note(message: str, prog: str) -> None:
+    """Print a fall-back note (one line on stderr) when there is one."""
+    if message:
+        print(f"{prog}: {message}", file=sys.stderr)
