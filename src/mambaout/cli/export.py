@@ -12,7 +12,7 @@ from mambaout.utils.limits import check_img_size
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="mambaout export", description=__doc__)
+    parser = argparse.ArgumentParser(allow_abbrev=False, prog="mambaout export", description=__doc__)
     add_model_args(parser)
     parser.add_argument(
         "--format",
@@ -20,11 +20,19 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="default: from the --output suffix; hf: a folder with config.json + model.safetensors (timm's Hub layout)",
     )
-    parser.add_argument("--output", "-o", required=True, help="file to write (.onnx or .pt2), or folder for hf")
+    parser.add_argument(
+        "destination", nargs="?", default=None, metavar="OUTPUT", help="file to write (.onnx or .pt2), or folder for hf"
+    )
+    parser.add_argument("--output", "-o", default=None, help="the same as OUTPUT, as an option")
     parser.add_argument("--img-size", type=int, default=None, help="input side in pixels (default: the model's)")
     parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default 18)")
     parser.add_argument("--check", action="store_true", help="run the export and PyTorch side by side and compare")
     args = parser.parse_args(argv)
+    if args.destination is not None and args.output is not None and args.destination != args.output:
+        parser.error(f"two outputs given ({args.destination} and --output {args.output}); pass one")
+    args.output = args.output or args.destination
+    if args.output is None:
+        parser.error("name the file or folder to write: mambaout export [options] OUTPUT (or --output OUTPUT)")
     fmt = args.format or ("pt2" if args.output.endswith(".pt2") else "onnx" if args.output.endswith(".onnx") else None)
     if fmt is None:
         parser.error(f"cannot tell the format from {args.output!r}: pass --format onnx or --format pt2")
@@ -51,9 +59,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model = build_model(args)
         if fmt == "hf":
+            from mambaout.inference.predictor import class_names_for
             from mambaout.weights.hub import export_hf
 
-            folder = export_hf(model, args.output)
+            names = class_names_for(model)  # the words `mambaout predict` prints, for transformers' id2label
+            folder = export_hf(model, args.output, [names.label(i) for i in range(model.num_classes)])
             print(f"wrote {folder}/config.json and model.safetensors (timm: create_model('local-dir:{folder}'))")
             return 0
         if fmt == "onnx":

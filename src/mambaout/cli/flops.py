@@ -70,7 +70,10 @@ def format_transformer(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="mambaout flops", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        allow_abbrev=False,
+        prog="mambaout flops",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--models", nargs="+", metavar="PATTERN", help="names or shell-style patterns (default: all)")
     parser.add_argument("--img-size", type=int, default=224, help="input resolution for the model count")

@@ -16,12 +16,12 @@ import time
 from pathlib import Path
 
 from mambaout import kernels
-from mambaout.cli.common import add_fused_kernels_argument
+from mambaout.cli.common import add_fused_kernels_argument, add_weights_args, weights_kwargs
 from mambaout.utils.limits import check_crop_pct, check_img_size
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mambaout validate", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="mambaout validate", description=__doc__.split("\n\n")[0])
     p.add_argument("data", help="labelled images: an ImageFolder directory (<class>/<image>) or a .tar of one")
     p.add_argument(
         "--model",
@@ -34,6 +34,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--random-weights", action="store_true", help="score --model at random initialisation (a chance baseline)"
     )
+    add_weights_args(p)
     p.add_argument("--img-size", type=int, help="eval resolution (default: the weights' input size)")
     p.add_argument("--crop-pct", type=float, help="centre crop fraction (default: the weights' crop_pct)")
     p.add_argument("--batch-size", "-b", type=int, default=128, help="halved and retried on out-of-memory")
@@ -62,6 +63,8 @@ def _specs(args) -> list[tuple[str | None, str | None]]:
                 f"--model {','.join(names)} has no weights to score: pass --pretrained (published weights), "
                 "--checkpoint PATH, or --random-weights to score a random initialisation on purpose"
             )
+        if args.use_ema:
+            raise ValueError("--use-ema picks the EMA weights of --checkpoint files: pass --checkpoint PATH too")
         return [(n, None) for n in names]
     if len(names) == 1:
         names = names * len(ckpts)
@@ -112,7 +115,13 @@ def validate_one(name, checkpoint, args, device) -> dict:
     from mambaout.models.factory import create_model
     from mambaout.training.engine import evaluate
 
-    model = create_model(name, pretrained=args.pretrained and checkpoint is None, checkpoint=checkpoint)
+    model = create_model(
+        name,
+        pretrained=args.pretrained and checkpoint is None,
+        checkpoint=checkpoint,
+        use_ema=args.use_ema,
+        **weights_kwargs(args),
+    )
     cfg = model.pretrained_cfg
     dataset = eval_dataset(model, args.data, args.img_size, args.crop_pct)
     model.to(device).eval()

@@ -91,6 +91,9 @@ class ModelConfig:
     model_kwargs: dict = C.setting(None, C.mapping(_check_model_kwargs), default_factory=dict)  # create_model args
     pretrained: bool = C.setting(False, C.boolean())  # the variant's published weights; the classifier is replaced
     initial_checkpoint: str | None = C.setting(None, C.text(optional=True))  # or a weights file, any layout
+    use_ema: bool = C.setting(
+        False, C.boolean()
+    )  # the initial checkpoint's EMA (timm's state_dict_ema), not its weights
     num_classes: int | None = C.setting(None, C.integer(1, MAX_NUM_CLASSES, optional=True))  # None: the data's
     drop_path: float | None = C.setting(None, C.number(0.0, 1.0, hi_open=True, optional=True))  # None: variant's
     drop_rate: float = C.setting(0.0, C.number(0.0, 1.0, hi_open=True))
