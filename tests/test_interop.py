@@ -287,3 +287,39 @@ def test_offline_pretrained_is_one_line_naming_initial_checkpoint(tmp_path, monk
     assert train_cmd.main([*argv, "--set", "global_batch=null", "--img-size", "32", "--batch-size", "8"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--initial-checkpoint PATH" in err and "--checkpoint PATH" not in err
+
+
+@pytest.mark.parametrize("fmt", [None, "NCHW", "NHWC"])
+def test_output_fmt_in_both_factories(fmt, tmp_path):
+    """The layouts docs/timm.md lists: ours default NCHW, timm's (after register_timm) default NHWC, both as asked;
+    the same weights give the same maps in either layout."""
+    x = torch.randn(1, 3, 64, 64)
+    kw = {} if fmt is None else {"output_fmt": fmt}
+    torch.manual_seed(0)
+    weights = tmp_path / "w.pth"
+    torch.save(mambaout.create_model("mambaout_femto").state_dict(), weights)
+    ours = mambaout.create_model("mambaout_femto", checkpoint=weights, features_only=True, **kw).eval()
+    mambaout.register_timm(["mambaout_femto"])
+    try:
+        overlay = dict(file=str(weights))
+        theirs = timm.create_model(
+            "mambaout_femto", pretrained=True, pretrained_cfg_overlay=overlay, features_only=True, **kw
+        ).eval()
+    finally:
+        mambaout.unregister_timm()
+    with torch.no_grad():
+        a, b = ours(x), theirs(x)
+    want_ours, want_timm = (fmt or "NCHW"), (fmt or "NHWC")
+    nchw = torch.Size([1, 48, 16, 16])
+    assert a[0].shape == (nchw if want_ours == "NCHW" else torch.Size([1, 16, 16, 48]))
+    assert b[0].shape == (nchw if want_timm == "NCHW" else torch.Size([1, 16, 16, 48]))
+    for fa, fb in zip(a, b):
+        fa = fa if want_ours == "NHWC" else fa.permute(0, 2, 3, 1)  # [B, C, H, W] -> [B, H, W, C]
+        fb = fb if want_timm == "NHWC" else fb.permute(0, 2, 3, 1)
+        torch.testing.assert_close(fa, fb, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="output_fmt"):
+        mambaout.register_timm(["mambaout_femto"])
+        try:
+            timm.create_model("mambaout_femto", features_only=True, output_fmt="NDHW")
+        finally:
+            mambaout.unregister_timm()
