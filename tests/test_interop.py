@@ -323,3 +323,64 @@ def test_output_fmt_in_both_factories(fmt, tmp_path):
             timm.create_model("mambaout_femto", features_only=True, output_fmt="NDHW")
         finally:
             mambaout.unregister_timm()
+
+
+# --- Hugging Face transformers ----------------------------------------------------------------------------------------
+
+IMAGENETTE_FIVE = ["n01440764", "n02102040", "n02979186", "n03000684", "n03028079"]  # as ImageFolder names them
+FIVE_WORDS = ["tench", "English springer", "cassette player", "chain saw", "church"]  # what `mambaout predict` shows
+
+
+@pytest.fixture(scope="module")
+def hf_export(tmp_path_factory):
+    """A fine-tuned 5-class model (synset folder names, 64 px), exported with `mambaout export --format hf`."""
+    root = tmp_path_factory.mktemp("hf")
+    torch.manual_seed(0)
+    model = mambaout.create_model("mambaout_test", num_classes=5)
+    eval_config = dict(input_size=[3, 64, 64], crop_pct=1.0, interpolation="bicubic", mean=[0.5] * 3, std=[0.25] * 3)
+    ckpt = mambaout.save_weights(
+        model, root / "best.safetensors", model="mambaout_test", model_kwargs=model.model_kwargs,
+        class_names=IMAGENETTE_FIVE, eval_config=eval_config,
+    )  # fmt: skip
+    assert main(["export", "--checkpoint", str(ckpt), "--format", "hf", str(root / "out")]) == 0
+    img = root / "x.png"
+    rng = np.random.default_rng(1)
+    Image.fromarray(rng.integers(0, 255, (80, 96, 3), dtype=np.uint8)).save(img)
+    return root / "out", ckpt, img
+
+
+def test_hf_export_config_has_one_class_count_and_words(hf_export):
+    config = json.loads((hf_export[0] / "config.json").read_text())
+    assert "num_classes" not in config["model_args"] and config["num_classes"] == 5
+    assert config["label_names"] == FIVE_WORDS
+
+
+def _our_logits(ckpt, img):
+    from mambaout.inference import Predictor
+
+    predictor = Predictor(checkpoint=ckpt, device="cpu")
+    with torch.no_grad():
+        return predictor.model(predictor.preprocess(str(img)).unsqueeze(0))
+
+
+def test_transformers_loads_the_hf_export(hf_export):
+    """AutoModelForImageClassification, TimmWrapperForImageClassification and the image-classification pipeline
+    open the folder; on the same image their logits (through their own preprocessing) equal ours."""
+    transformers = pytest.importorskip(
+        "transformers", reason="transformers is an optional test dependency: pip install transformers"
+    )
+    folder, ckpt, img = hf_export
+    want = _our_logits(ckpt, img)
+    processor = transformers.AutoImageProcessor.from_pretrained(folder)
+    inputs = processor(Image.open(img).convert("RGB"), return_tensors="pt")
+    for cls in (transformers.AutoModelForImageClassification, transformers.TimmWrapperForImageClassification):
+        model = cls.from_pretrained(folder).eval()
+        assert model.config.id2label == dict(enumerate(FIVE_WORDS))
+        with torch.no_grad():
+            got = model(**inputs).logits
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    pipe = transformers.pipeline("image-classification", model=str(folder), device="cpu")
+    top = pipe(str(img), top_k=5)
+    probs = want.softmax(-1)[0]
+    assert [t["label"] for t in top] == [FIVE_WORDS[i] for i in probs.argsort(descending=True).tolist()]
+    assert top[0]["score"] == pytest.approx(probs.max().item(), abs=1e-4)
