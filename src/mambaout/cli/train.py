@@ -162,6 +162,29 @@ def _one_line(e: Exception) -> str:
     return text.splitlines()[-1] if "Traceback" in text else text
 
 
+def _smoke_caps(flat: dict) -> dict:
+    """`MAMBAOUT_MAX_EPOCHS` / `MAMBAOUT_MAX_STEPS` (optimizer steps per epoch) from the environment: the settings
+    that cap a run to them (none when it is within them), so a documented command can be smoke-tested as written
+    (tests/test_docs.py). They are resolved and stored in the run's config like any other setting."""
+    import os
+
+    caps = {}
+    for var, key in (("MAMBAOUT_MAX_EPOCHS", "epochs"), ("MAMBAOUT_MAX_STEPS", "max_steps_per_epoch")):
+        value = os.environ.get(var)
+        if value:
+            if not value.isdigit() or int(value) < 1:
+                raise ValueError(f"{var} must be a positive integer, got {value!r}")
+            caps[key] = int(value)
+    out = {}
+    if "epochs" in caps and flat["epochs"] + flat["cooldown_epochs"] > caps["epochs"]:
+        epochs = min(flat["epochs"], caps["epochs"])
+        out.update(epochs=epochs, cooldown_epochs=0, warmup_epochs=min(flat["warmup_epochs"], epochs - 1))
+    steps = caps.get("max_steps_per_epoch")
+    if steps is not None and (flat["max_steps_per_epoch"] is None or flat["max_steps_per_epoch"] > steps):
+        out["max_steps_per_epoch"] = steps
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     from mambaout.training.config import list_recipes, resolve_config, to_flat
     from mambaout.training.trainer import fit
@@ -184,6 +207,14 @@ def main(argv: list[str] | None = None) -> int:
             print("# data is unset: pass --data DIR or --data-train PATH [--data-val PATH] to train")
         print(yaml.safe_dump(flat, sort_keys=False))
         return 0
+    try:
+        caps = _smoke_caps(to_flat(cfg))
+        if caps:
+            cfg = resolve_config({**overrides, **caps})
+            print(f"mambaout train: capped by the environment: {caps}", file=sys.stderr)
+    except ValueError as e:
+        print(f"mambaout train: {e}", file=sys.stderr)
+        return 2
     kernels.set_fused_kernels(getattr(args, "fused_kernels", False))  # same numbers either way: not in the config
     try:
         result = fit(cfg)

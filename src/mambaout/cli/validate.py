@@ -22,7 +22,11 @@ from mambaout.utils.limits import check_crop_pct, check_img_size
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(allow_abbrev=False, prog="mambaout validate", description=__doc__.split("\n\n")[0])
-    p.add_argument("data", help="labelled images: an ImageFolder directory (<class>/<image>) or a .tar of one")
+    p.add_argument(
+        "data",
+        help="labelled images: an ImageFolder directory (<class>/<image>) or a .tar of one, or digits:val (the "
+        "held-out split of the embedded digits)",
+    )
     p.add_argument(
         "--model",
         nargs="+",
@@ -99,10 +103,16 @@ def label_map(model, folders: list[str]) -> dict[str, int] | None:
 
 def eval_dataset(model, data: str, img_size: int | None = None, crop_pct: float | None = None):
     """The labelled images of `data` as `model` is evaluated on them: its eval transform, its label map."""
-    from mambaout.data.datasets import ImageDataset, folder_classes
+    from mambaout.data.datasets import DIGITS, ImageDataset, create_dataset, folder_classes
     from mambaout.data.image import eval_transform
 
     transform = eval_transform(model.pretrained_cfg, img_size, crop_pct)
+    if data.startswith(DIGITS):  # the embedded set of the default `mambaout train`: digits:val is its held-out split
+        dataset = create_dataset(data, transform=transform, img_size=img_size or model.pretrained_cfg["input_size"][-1])
+        mapping = label_map(model, dataset.classes)
+        if mapping is not None and any(mapping[c] != i for i, c in enumerate(dataset.classes)):
+            raise ValueError(f"the model's class names {model.class_names[:3]}... are not the digits 0-9 in order")
+        return dataset
     mapping = label_map(model, folder_classes(data))
     # no substitution: an unreadable file is left out and named, never counted as another image
     return ImageDataset(data, transform=transform, class_to_idx=mapping, substitute=False)
@@ -191,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     kernels.set_fused_kernels(args.fused_kernels)
     try:
         specs = _specs(args)
-        if not Path(args.data).exists():
+        if not Path(args.data).exists() and not args.data.startswith("digits:"):
             raise FileNotFoundError(f"{args.data} does not exist; pass an ImageFolder directory or a .tar of one")
         _check_args(args)
         device = resolve_device(args.device)
