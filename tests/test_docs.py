@@ -287,3 +287,44 @@ def test_the_extraction_finds_the_commands():
         "downloads published weights",
         "serves until stopped",
     }
+
+
+# --- the documentation agrees with itself and with the code ----------------------------------------------------------
+
+
+def _doc_text() -> str:
+    return "\n".join(p.read_text() for p in PAGES)
+
+
+def test_torch_range_matches_the_pin():
+    pin = re.search(r'"torch>=([\d.]+),<([\d.]+)"', (ROOT / "pyproject.toml").read_text())
+    for claim in re.findall(r"any torch >= ([\d.]+)(?:, < ([\d.]+))?", _doc_text()):
+        assert claim == pin.groups(), (
+            f"the docs say torch >= {claim[0]}, < {claim[1] or '?'}; pyproject pins {pin.groups()}"
+        )
+
+
+@pytest.mark.parametrize("recipe", ["imagenette-h100", "imagenette-cpu"])
+def test_recipe_rows_state_the_recipes_size_and_epochs(recipe):
+    import yaml
+
+    cfg = yaml.safe_load((ROOT / "src" / "mambaout" / "recipes" / f"{recipe}.yaml").read_text())
+    rows = [line for line in _doc_text().splitlines() if line.startswith(f"| `{recipe}` |")]
+    assert rows
+    for row in rows:
+        px = re.search(r"(\d+) px", row)
+        ep = re.search(r"(\d+) epochs", row)
+        if px:
+            assert int(px.group(1)) == cfg["img_size"], row
+        if ep:
+            assert int(ep.group(1)) == cfg["epochs"], row
+    budgets = set(re.findall(rf"{recipe}[^\n]*?under (\d+) min", _doc_text()))
+    assert len(budgets) <= 1, f"{recipe}: the docs give different wall-time budgets {budgets}"
+
+
+def test_timing_claims_name_the_cpu():
+    """A time measured on '2 CPU cores' says which CPU (the machine behind every number here: AMD EPYC)."""
+    for page in PAGES:
+        for i, line in enumerate(page.read_text().splitlines(), 1):
+            if re.search(r"(\d+ (s|min)\b[^|]*on 2 (CPU )?cores|on 2 (CPU )?cores[^|]*\d+ (s|min)\b)", line):
+                assert "EPYC" in line, f"{page.name}:{i}: a timing without its CPU: {line.strip()}"

@@ -4,6 +4,7 @@ import argparse
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -384,3 +385,54 @@ def test_transformers_loads_the_hf_export(hf_export):
     probs = want.softmax(-1)[0]
     assert [t["label"] for t in top] == [FIVE_WORDS[i] for i in probs.argsort(descending=True).tolist()]
     assert top[0]["score"] == pytest.approx(probs.max().item(), abs=1e-4)
+
+
+# --- what the documentation promises --------------------------------------------------------------------------------
+
+
+def test_recipe_with_another_model_gets_its_own_folder():
+    from mambaout.training.config import resolve_config
+
+    cfg = resolve_config(train_cmd.parse_overrides(["--recipe", "imagenette-cpu", "--data-train", "digits:train"])[0])
+    assert cfg.output_folder() == Path("runs/imagenette-cpu")
+    argv = ["--recipe", "imagenette-cpu", "--data-train", "digits:train", "--model", "mambaout_femto"]
+    cfg = resolve_config(train_cmd.parse_overrides(argv)[0])
+    assert cfg.output_folder() == Path("runs/imagenette-cpu-mambaout_femto")
+    argv = ["--recipe", "mamba-vs-mambaout", "--data-train", "digits:train", "--model", "vit_tiny_deit_causal"]
+    assert resolve_config(train_cmd.parse_overrides(argv)[0]).output_folder() == Path(
+        "runs/mamba-vs-mambaout/vit_tiny_deit_causal"
+    )  # not .../gated-cnn, the recipe's own model's folder
+    argv += ["--output", "mine"]
+    assert resolve_config(train_cmd.parse_overrides(argv)[0]).output_folder() == Path("mine")
+
+
+def test_summary_csv_counts_epochs_from_1_as_the_log_does(tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["--epochs", "2", "--max-steps-per-epoch", "1", "--output", str(out), "--no-progress", "--device", "cpu"]
+    assert train_cmd.main([*argv, "--img-size", "32", "--warmup-epochs", "0", "--cooldown-epochs", "0"]) == 0
+    log = capsys.readouterr().out
+    epochs = [line.split(",")[0] for line in (out / "summary.csv").read_text().splitlines()[1:]]
+    assert epochs == ["1", "2"] and "epoch 1/2" in log and "epoch 2/2" in log
+
+
+def test_flops_columns_name_their_unit(capsys):
+    assert main(["flops", "--models", "mambaout_test", "--img-size", "64"]) == 0
+    header = capsys.readouterr().out.splitlines()[0]
+    assert "MACs@64 (G)" in header and "MACs@64 (M)" in header and " (M) " not in header.replace("params (M)", "")
+
+
+def test_print_config_without_data_marks_it_unset(capsys):
+    assert train_cmd.main(["--recipe", "imagenette-cpu", "--print-config"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("# data is unset") and "\ndata_train: null\n" in out
+    assert "\nmodel: mambaout_test\n" in out  # the recipe itself is resolved
+    assert train_cmd.main(["--recipe", "imagenette-cpu"]) == 2  # running it still needs the data
+    assert "names no data" in capsys.readouterr().err
+
+
+def test_validate_digits_val_checks_the_default_jobs_weights(make_test_checkpoint, capsys):
+    names = [str(i) for i in range(10)]
+    eval_config = dict(input_size=[3, 32, 32], crop_pct=1.0, interpolation="bicubic", mean=[0.5] * 3, std=[0.5] * 3)
+    ckpt = make_test_checkpoint(names, eval_config)
+    assert main(["validate", "digits:val", "--checkpoint", str(ckpt), "-j", "0", "--device", "cpu"]) == 0
+    assert "360 images" in capsys.readouterr().out  # the held-out 20% of the digits, each counted once

@@ -350,7 +350,19 @@ class TrainConfig:
         )
 
     def output_folder(self) -> Path:
-        """The run folder: `output`, else the resumed run's folder, else `runs/<recipe or model>`."""
+        """The run folder: `output`, else the resumed run's folder, else `runs/<recipe or model>`.
+
+        A recipe run with another model than the recipe's is not filed under the recipe's model-specific folder
+        (`runs/mamba-vs-mambaout/gated-cnn`): it goes to `<the recipe's folder>/../<model>`, or `runs/<recipe>-<model>`.
+        """
+        if self.run.recipe and not self.run.resume:
+            recipe = load_recipe(self.run.recipe)
+            if recipe.get("model") not in (None, self.model.model) and self.run.output in (None, recipe.get("output")):
+                parent = Path(recipe["output"]).parent if recipe.get("output") else Path("runs")
+                name = (
+                    self.model.model if parent != Path("runs") else f"{recipe_name(self.run.recipe)}-{self.model.model}"
+                )
+                return parent / name
         if self.run.output:
             return Path(self.run.output)
         if self.run.resume:
