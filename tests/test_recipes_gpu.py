@@ -26,7 +26,7 @@ def test_imagenette_h100_recipe_runs_on_cpu(tmp_path, capsys):
     rc = train_cmd.main(
         ["--recipe", "imagenette-h100", "--data-train", str(tmp_path / "data" / "train")]
         + ["--data-val", str(tmp_path / "data" / "val"), "--device", "cpu", "--amp", "none"]
-        + ["--compile", "false", "--model", "mambaout_test", "--img-size", "32", "--batch-size", "4"]
+        + ["--no-compile", "--model", "mambaout_test", "--img-size", "32", "--batch-size", "4"]
         + ["--epochs", "1", "--warmup-epochs", "0", "--max-steps-per-epoch", "2", "--workers", "0", "--no-progress"]
         + ["--set", "eval_batch_size=8", "--output", str(out)]
     )

@@ -105,7 +105,9 @@ def compare(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mambaout.analysis.compare", description=__doc__)
+    parser = argparse.ArgumentParser(
+        allow_abbrev=False, prog="python -m mambaout.analysis.compare", description=__doc__
+    )
     parser.add_argument("models", nargs="+", help="registered names; NAME:kernel_size=K adds create_model arguments")
     parser.add_argument("--img-size", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=64)

@@ -303,7 +303,7 @@ def write_csv(rows: list[dict], path: str | Path) -> None:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mambaout benchmark", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="mambaout benchmark", description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="+", default=["mambaout_tiny"], help="registered names that timm also has")
     p.add_argument("--mode", choices=["infer", "train"], default="infer", help="inference, or a full AdamW step")
     p.add_argument("--batch-size", type=int, default=16)

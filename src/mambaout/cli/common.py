@@ -24,6 +24,30 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="no checkpoint and no download: random weights (smoke tests, throughput)",
     )
+    add_weights_args(parser)
+
+
+def add_weights_args(parser: argparse.ArgumentParser) -> None:
+    """timm's options for reading weights files: the classifier width and the EMA (validate, predict, export, demo)."""
+    parser.add_argument(
+        "--num-classes",
+        type=int,
+        default=None,
+        help="classifier width of weights that do not record it (timm or official files with another head)",
+    )
+    parser.add_argument(
+        "--use-ema",
+        action="store_true",
+        help="take a training checkpoint's EMA weights (state_dict_ema) instead of its state_dict",
+    )
+
+
+def weights_kwargs(args: argparse.Namespace) -> dict:
+    """`create_model` keywords of `add_weights_args`: --num-classes states the weights' width (never a new head)."""
+    if args.num_classes is not None and args.num_classes < 1:
+        raise ValueError(f"--num-classes must be >= 1, got {args.num_classes}")
+    kwargs = {"num_classes": args.num_classes} if args.num_classes is not None else {}
+    return dict(kwargs, replace_head=False)
 
 
 def build_model(args: argparse.Namespace):
@@ -33,13 +57,15 @@ def build_model(args: argparse.Namespace):
 
     if args.checkpoint is not None and args.random_weights:
         raise ValueError("--checkpoint and --random-weights exclude each other; pass one")
+    if args.use_ema and args.checkpoint is None:
+        raise ValueError("--use-ema picks the EMA weights of a --checkpoint file: pass --checkpoint PATH too")
     if args.checkpoint is not None:
-        return create_model(args.model, checkpoint=args.checkpoint)
+        return create_model(args.model, checkpoint=args.checkpoint, use_ema=args.use_ema, **weights_kwargs(args))
     name = args.model or DEFAULT_MODEL
     variant, _ = get_variant(name)
     if not args.random_weights and not variant.weights:
         raise ValueError(f"{variant.name} has no published weights: pass --checkpoint PATH or --random-weights")
-    return create_model(name, pretrained=not args.random_weights)
+    return create_model(name, pretrained=not args.random_weights, **weights_kwargs(args))
 
 
 def shape_only_model(name: str):

@@ -13,7 +13,7 @@ import signal
 import sys
 import tempfile
 
-from mambaout.cli.common import DEFAULT_MODEL
+from mambaout.cli.common import DEFAULT_MODEL, add_weights_args, weights_kwargs
 
 
 def _port(value: str) -> int:
@@ -27,7 +27,7 @@ def _port(value: str) -> int:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mambaout demo", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, prog="mambaout demo", description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--model",
         nargs="+",
@@ -44,6 +44,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--examples", default=None, help="folder of example images (default: the photos shipped with the package)"
     )
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    add_weights_args(parser)
     return parser
 
 
@@ -74,7 +75,10 @@ def main(argv: list[str] | None = None) -> int:
     handler = signal.signal(signal.SIGTERM, _exit_on_sigterm) if _main_thread() else None
     try:
         device = str(resolve_device(args.device))
-        app = build_app(models, args.checkpoint, args.random_weights, args.topk, args.examples, device)
+        if args.use_ema and not args.checkpoint:
+            raise ValueError("--use-ema picks the EMA weights of --checkpoint files: pass --checkpoint PATH too")
+        model_kwargs = dict(weights_kwargs(args), use_ema=args.use_ema)
+        app = build_app(models, args.checkpoint, args.random_weights, args.topk, args.examples, device, model_kwargs)
         launch(app, host=args.host, port=args.port, max_file_size=f"{args.max_upload_mb}mb")
     except (ValueError, OSError, CheckpointError, DownloadError) as e:  # OSError: the port is taken
         print(f"mambaout demo: {e}", file=sys.stderr)

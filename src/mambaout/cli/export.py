@@ -17,7 +17,7 @@ from mambaout.utils.limits import check_img_size
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="mambaout export", description=__doc__)
+    parser = argparse.ArgumentParser(allow_abbrev=False, prog="mambaout export", description=__doc__)
     add_model_args(parser)
     parser.add_argument(
         "--format",
@@ -26,13 +26,18 @@ def main(argv: list[str] | None = None) -> int:
         help="default: from the --output suffix (.onnx, .xml: openvino, .pt2); onnx-int8: int8 ONNX, needs --calib; "
         "hf: a folder with config.json + model.safetensors (timm's Hub layout)",
     )
-    parser.add_argument(
-        "--output", "-o", required=True, help="file to write (.onnx, .xml for openvino, .pt2), or folder for hf"
-    )
     parser.add_argument("--calib", default=None, help="onnx-int8: a folder of images to calibrate on (any layout)")
     parser.add_argument(
         "--calib-images", type=int, default=256, help="onnx-int8: calibration images drawn from --calib (default 256)"
     )
+    parser.add_argument(
+        "destination",
+        nargs="?",
+        default=None,
+        metavar="OUTPUT",
+        help="file to write (.onnx, .xml for openvino, .pt2), or folder for hf",
+    )
+    parser.add_argument("--output", "-o", default=None, help="the same as OUTPUT, as an option")
     parser.add_argument("--img-size", type=int, default=None, help="input side in pixels (default: the model's)")
     parser.add_argument(
         "--opset", type=int, default=None, help="ONNX opset, 18 to the installed onnx's newest (default 18)"
@@ -42,6 +47,11 @@ def main(argv: list[str] | None = None) -> int:
         "--overwrite", action="store_true", help="hf: replace another model's export found in the --output folder"
     )
     args = parser.parse_args(argv)
+    if args.destination is not None and args.output is not None and args.destination != args.output:
+        parser.error(f"two outputs given ({args.destination} and --output {args.output}); pass one")
+    args.output = args.output or args.destination
+    if args.output is None:
+        parser.error("name the file or folder to write: mambaout export [options] OUTPUT (or --output OUTPUT)")
     fmt = args.format or {".pt2": "pt2", ".onnx": "onnx", ".xml": "openvino"}.get(Path(args.output).suffix.lower())
     if fmt is None:
         parser.error(f"cannot tell the format from {args.output!r}: pass --format onnx, onnx-int8, openvino or pt2")
@@ -83,9 +93,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model = build_model(args)
         if fmt == "hf":
+            from mambaout.inference.predictor import class_names_for
             from mambaout.weights.hub import export_hf
 
-            folder = export_hf(model, args.output, overwrite=args.overwrite)
+            names = class_names_for(model)  # the words `mambaout predict` prints, for transformers' id2label
+            labels = [names.label(i) for i in range(model.num_classes)]
+            folder = export_hf(model, args.output, labels, overwrite=args.overwrite)
             print(f"wrote {folder}/config.json and model.safetensors (timm: create_model('local-dir:{folder}'))")
             return 0
         if fmt == "onnx":

@@ -45,10 +45,10 @@ def flops_rows(patterns: list[str] | None = None, img_size: int = 224) -> list[d
 
 def format_rows(rows: list[dict]) -> str:
     size = rows[0]["img_size"]
-    header = f"{'model':<24} {'params (M)':>10} {f'MACs@{size} (G)':>15} {'(M)':>10}"
+    header = f"{'model':<24} {'params (M)':>10} {f'MACs@{size} (G)':>15} {f'MACs@{size} (M)':>15}"
     lines = [header, "-" * len(header)]
     for r in rows:
-        macs = f"{r['macs_g']:>15.2f} {r['macs_m']:>10.1f}" if r["macs_g"] is not None else f"{'n/a (size)':>15}"
+        macs = f"{r['macs_g']:>15.2f} {r['macs_m']:>15.1f}" if r["macs_g"] is not None else f"{'n/a (size)':>15}"
         lines.append(f"{r['model']:<24} {r['params_m']:>10.2f} {macs}")
     return "\n".join(lines)
 
@@ -71,7 +71,10 @@ def format_transformer(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="mambaout flops", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        allow_abbrev=False,
+        prog="mambaout flops",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--models", nargs="+", metavar="PATTERN", help="names or shell-style patterns (default: all)")
     parser.add_argument("--img-size", type=int, default=224, help="input resolution for the model count")

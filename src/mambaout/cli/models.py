@@ -58,7 +58,7 @@ def format_table(rows: list[dict], img_size: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="mambaout models", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, prog="mambaout models", description=__doc__.split("\n\n")[0])
     parser.add_argument("pattern", nargs="?", help="shell-style filter, e.g. '*_rw'")
     parser.add_argument("--img-size", type=int, default=224, help="resolution for the MAC count")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import yaml
 
@@ -15,14 +16,7 @@ from mambaout.cli.common import add_fused_kernels_argument, stdout_failed
 from mambaout.utils.text import printable
 
 S = argparse.SUPPRESS  # options not given stay out of the namespace, so they never override the recipe
-
-
-def _bool(v: str) -> bool:
-    if v.lower() in ("1", "true", "yes", "on"):
-        return True
-    if v.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {v!r}")
+B = argparse.BooleanOptionalAction  # an on/off option: --x / --no-x
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -31,14 +25,17 @@ def get_args_parser() -> argparse.ArgumentParser:
         description="Train a MambaOut (or any registered model). Resolution: built-in official recipe < --recipe "
         "< options given here. With no data, trains on scikit-learn's digits (recipe 'digits').",
         argument_default=S,
+        allow_abbrev=False,  # `--checkpoint x` must not be taken as --checkpoint-every x
     )
     g = p.add_argument_group("data")
-    g.add_argument("--data", help="folder with <train-split>/ and <val-split>/ (ImageNet layout; folders or .tar)")
+    g.add_argument(
+        "--data", "--data-dir", help="folder with <train-split>/ and <val-split>/ (ImageNet layout; folders or .tar)"
+    )
     g.add_argument("--data-train", help="training set: an ImageFolder directory or .tar, or 'digits:train'")
     g.add_argument("--data-val", help="validation set: an ImageFolder directory or .tar, or 'digits:val'")
     g.add_argument("--train-split", help="name of the training split under --data (default train)")
     g.add_argument("--val-split", help="name of the validation split under --data (default val)")
-    g.add_argument("--cache", type=_bool, nargs="?", const=True, help="keep image files in RAM")
+    g.add_argument("--cache", action=B, help="keep image files in RAM")
     g.add_argument("--workers", "-j", type=int, help="data loader processes per rank")
     g.add_argument(
         "--data-pipeline",
@@ -51,11 +48,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", help="registered model name (mambaout models)")
     g.add_argument("--drop-path", type=float, help="stochastic depth rate (default: the variant's recipe value)")
     g = p.add_argument_group("fine-tuning (timm's flag names)")
-    g.add_argument("--pretrained", type=_bool, nargs="?", const=True, help="start from the model's published weights")
+    g.add_argument("--pretrained", action=B, help="start from the model's published weights")
     g.add_argument(
         "--initial-checkpoint",
         metavar="PATH",
-        help="start from these weights (official, timm or mambaout layout; the model is read from ours)",
+        help="start from these weights (official, timm or mambaout layout, or timm's train.py .pth.tar; the model "
+        "is read from ours and timm's)",
+    )
+    g.add_argument(
+        "--use-ema", action=B, help="take --initial-checkpoint's EMA weights (state_dict_ema), not its state_dict"
     )
     g.add_argument("--num-classes", type=int, help="classifier outputs (default: the training data's class count)")
     g.add_argument("--opt", help="optimizer: adamw (default), or a timm name: sgd, momentum, adam, lamb, ...")
@@ -70,10 +71,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--cooldown-epochs", type=int)
     g.add_argument("--warmup-epochs", type=int)
     g.add_argument("--batch-size", "-b", type=int, help="per-device (per-process) batch size")
+    g.add_argument(
+        "--eval-batch-size",
+        "--validation-batch-size",
+        type=int,
+        help="evaluation batch size (default 2 x --batch-size)",
+    )
     g.add_argument("--global-batch", type=int, help="images per optimizer step over all processes (accumulates)")
     g.add_argument("--lr", type=float, help="absolute learning rate (default: lr_base x global batch / 4096)")
     g.add_argument("--lr-base", type=float, help="learning rate at --lr-base-batch images per step")
-    g.add_argument("--lr-base-batch", type=int)
+    g.add_argument("--lr-base-batch", "--lr-base-size", type=int)
     g.add_argument("--weight-decay", type=float)
     g.add_argument("--clip-grad", type=float, help="max gradient norm")
     g.add_argument("--mixup", type=float)
@@ -83,7 +90,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--auto-augment", "--aa", help="timm RandAugment string, e.g. rand-m9-mstd0.5-inc1; 'none' to disable"
     )
     g.add_argument("--reprob", type=float, help="random erasing probability")
-    g.add_argument("--model-ema", type=_bool, nargs="?", const=True, help="keep and evaluate an EMA of the weights")
+    g.add_argument("--model-ema", action=B, help="keep and evaluate an EMA of the weights")
     g.add_argument("--model-ema-decay", type=float)
     g.add_argument(
         "--set",
@@ -94,21 +101,31 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     g = p.add_argument_group("performance")
     g.add_argument("--device", choices=["cpu", "cuda"])
-    g.add_argument("--amp", choices=["auto", "none", "bf16", "fp16"])
-    g.add_argument("--channels-last", type=_bool, nargs="?", const=True)
-    g.add_argument("--compile", type=_bool, nargs="?", const=True, help="torch.compile the model")
-    g.add_argument("--grad-checkpointing", type=_bool, nargs="?", const=True)
+    g.add_argument(
+        "--amp",
+        nargs="?",
+        const="bf16",
+        choices=["auto", "none", "bf16", "fp16"],
+        metavar="DTYPE",
+        help="mixed precision: bare --amp is bf16 (as in validate); or auto (bf16 on CUDA, none on CPU), none, fp16",
+    )
+    g.add_argument("--channels-last", action=B)
+    g.add_argument("--compile", "--torchcompile", action=B, help="torch.compile the model")
+    g.add_argument("--grad-checkpointing", action=B)
     g.add_argument("--threads", type=int, help="torch CPU threads per process")
     g = p.add_argument_group("run")
     g.add_argument("--output", "-o", help="run folder (default runs/<recipe or model>)")
+    g.add_argument("--experiment", help="timm's run name: the run folder is runs/NAME (or --output/NAME)")
     g.add_argument("--resume", help="run folder or its state.pt to continue from")
-    g.add_argument("--overwrite", type=_bool, nargs="?", const=True, help="start over in a run folder that holds a run")
+    g.add_argument("--overwrite", action=B, help="start over in a run folder that holds a run")
     g.add_argument("--seed", type=int)
-    g.add_argument("--keep-top-k", type=int, help="keep the weights of the k best epochs")
+    g.add_argument("--keep-top-k", "--checkpoint-hist", type=int, help="keep the weights of the k best epochs")
     g.add_argument("--eval-every", type=int, help="evaluate every N epochs")
-    g.add_argument("--tensorboard", type=_bool, nargs="?", const=True)
+    g.add_argument("--tensorboard", action=B)
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar or progress lines")
-    g.add_argument("--log-every", type=int, help="optimizer steps between progress lines when not on a terminal")
+    g.add_argument(
+        "--log-every", "--log-interval", type=int, help="optimizer steps between progress lines when not on a terminal"
+    )
     g.add_argument("--max-steps-per-epoch", type=int, help="cap optimizer steps per epoch (smoke tests)")
     g.add_argument("--stop-after-epochs", type=int, help="stop after N epochs of this call (resume later)")
     g.add_argument("--stop-after-steps", type=int, help="stop after N optimizer steps of this call, mid-epoch too")
@@ -124,8 +141,10 @@ def parse_overrides(argv: list[str] | None) -> tuple[dict, argparse.Namespace]:
     from mambaout.utils.safe_yaml import load_yaml
 
     args = get_args_parser().parse_args(argv)
-    skip = ("overrides", "print_config", "list_recipes", "fused_kernels")  # command switches, not config
+    skip = ("overrides", "print_config", "list_recipes", "fused_kernels", "experiment")  # not config keys
     given = {k: v for k, v in vars(args).items() if k not in skip}
+    if getattr(args, "experiment", None):  # timm's --output DIR --experiment NAME writes to DIR/NAME
+        given["output"] = str(Path(given.get("output") or "runs") / args.experiment)
     if given.get("auto_augment", "x").lower() in ("none", ""):
         given["auto_augment"] = None
     for item in getattr(args, "overrides", None) or []:
@@ -144,10 +163,34 @@ def _one_line(e: Exception) -> str:
     return printable(text.splitlines()[-1] if "Traceback" in text else text)
 
 
+def _smoke_caps(flat: dict) -> dict:
+    """`MAMBAOUT_MAX_EPOCHS` / `MAMBAOUT_MAX_STEPS` (optimizer steps per epoch) from the environment: the settings
+    that cap a run to them (none when it is within them), so a documented command can be smoke-tested as written
+    (tests/test_docs.py). They are resolved and stored in the run's config like any other setting."""
+    import os
+
+    caps = {}
+    for var, key in (("MAMBAOUT_MAX_EPOCHS", "epochs"), ("MAMBAOUT_MAX_STEPS", "max_steps_per_epoch")):
+        value = os.environ.get(var)
+        if value:
+            if not value.isdigit() or int(value) < 1:
+                raise ValueError(f"{var} must be a positive integer, got {value!r}")
+            caps[key] = int(value)
+    out = {}
+    if "epochs" in caps and flat["epochs"] + flat["cooldown_epochs"] > caps["epochs"]:
+        epochs = min(flat["epochs"], caps["epochs"])
+        out.update(epochs=epochs, cooldown_epochs=0, warmup_epochs=min(flat["warmup_epochs"], epochs - 1))
+    steps = caps.get("max_steps_per_epoch")
+    if steps is not None and (flat["max_steps_per_epoch"] is None or flat["max_steps_per_epoch"] > steps):
+        out["max_steps_per_epoch"] = steps
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     from mambaout.training.config import list_recipes, resolve_config, to_flat
     from mambaout.training.trainer import fit
     from mambaout.utils.optional import MissingDependency
+    from mambaout.weights.checkpoint import DownloadError
 
     try:
         overrides, args = parse_overrides(argv)
@@ -165,9 +208,22 @@ def main(argv: list[str] | None = None) -> int:
             print("# data is unset: pass --data DIR or --data-train PATH [--data-val PATH] to train")
         print(yaml.safe_dump(flat, sort_keys=False))
         return 0
+    try:
+        caps = _smoke_caps(to_flat(cfg))
+        if caps:
+            cfg = resolve_config({**overrides, **caps})
+            print(f"mambaout train: capped by the environment: {caps}", file=sys.stderr)
+    except ValueError as e:
+        print(f"mambaout train: {e}", file=sys.stderr)
+        return 2
     kernels.set_fused_kernels(getattr(args, "fused_kernels", False))  # same numbers either way: not in the config
     try:
         result = fit(cfg)
+    except DownloadError as e:  # --pretrained offline: the weights file can be given instead
+        print(
+            f"mambaout train: {e.reason}; offline, pass the weights file as --initial-checkpoint PATH", file=sys.stderr
+        )
+        return 2
     except (ValueError, OSError, MissingDependency) as e:  # OSError: a full disk, a taken folder, a missing file
         if stdout_failed(e):
             raise  # a closed pipe or a full stdout: mambaout.cli.main ends it

@@ -16,14 +16,18 @@ import time
 from pathlib import Path
 
 from mambaout import kernels
-from mambaout.cli.common import add_dtype_argument, add_fused_kernels_argument
+from mambaout.cli.common import add_dtype_argument, add_fused_kernels_argument, add_weights_args, weights_kwargs
 from mambaout.utils.limits import check_crop_pct, check_img_size
 from mambaout.utils.text import printable
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mambaout validate", description=__doc__.split("\n\n")[0])
-    p.add_argument("data", help="labelled images: an ImageFolder directory (<class>/<image>) or a .tar of one")
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="mambaout validate", description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "data",
+        help="labelled images: an ImageFolder directory (<class>/<image>) or a .tar of one, or digits:val (the "
+        "held-out split of the embedded digits)",
+    )
     p.add_argument(
         "--model",
         nargs="+",
@@ -40,6 +44,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--random-weights", action="store_true", help="score --model at random initialisation (a chance baseline)"
     )
+    add_weights_args(p)
     p.add_argument("--img-size", type=int, help="eval resolution (default: the weights' input size)")
     p.add_argument("--crop-pct", type=float, help="centre crop fraction (default: the weights' crop_pct)")
     p.add_argument("--batch-size", "-b", type=int, default=128, help="halved and retried on out-of-memory")
@@ -69,6 +74,8 @@ def _specs(args) -> list[tuple[str | None, str | None]]:
                 f"--model {','.join(names)} has no weights to score: pass --pretrained (published weights), "
                 "--checkpoint PATH, or --random-weights to score a random initialisation on purpose"
             )
+        if args.use_ema:
+            raise ValueError("--use-ema picks the EMA weights of --checkpoint files: pass --checkpoint PATH too")
         return [(n, None) for n in names]
     if len(names) == 1:
         names = names * len(ckpts)
@@ -104,10 +111,16 @@ def label_map(model, folders: list[str]) -> dict[str, int] | None:
 
 def eval_dataset(model, data: str, img_size: int | None = None, crop_pct: float | None = None):
     """The labelled images of `data` as `model` is evaluated on them: its eval transform, its label map."""
-    from mambaout.data.datasets import ImageDataset, folder_classes
+    from mambaout.data.datasets import DIGITS, ImageDataset, create_dataset, folder_classes
     from mambaout.data.image import eval_transform
 
     transform = eval_transform(model.pretrained_cfg, img_size, crop_pct)
+    if data.startswith(DIGITS):  # the embedded set of the default `mambaout train`: digits:val is its held-out split
+        dataset = create_dataset(data, transform=transform, img_size=img_size or model.pretrained_cfg["input_size"][-1])
+        mapping = label_map(model, dataset.classes)
+        if mapping is not None and any(mapping[c] != i for i, c in enumerate(dataset.classes)):
+            raise ValueError(f"the model's class names {model.class_names[:3]}... are not the digits 0-9 in order")
+        return dataset
     mapping = label_map(model, folder_classes(data))
     # no substitution: an unreadable file is left out and named, never counted as another image
     return ImageDataset(data, transform=transform, class_to_idx=mapping, substitute=False)
@@ -131,7 +144,13 @@ def validate_one(name, checkpoint, args, device) -> dict:
             )
         model = load_runtime_model(checkpoint)
     else:
-        model = create_model(name, pretrained=args.pretrained and checkpoint is None, checkpoint=checkpoint)
+        model = create_model(
+            name,
+            pretrained=args.pretrained and checkpoint is None,
+            checkpoint=checkpoint,
+            use_ema=args.use_ema,
+            **weights_kwargs(args),
+        )
     cfg = model.pretrained_cfg
     dataset = eval_dataset(model, args.data, args.img_size, args.crop_pct)
     model = with_dtype(model.to(device).eval(), dtype)
@@ -204,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     kernels.set_fused_kernels(args.fused_kernels)
     try:
         specs = _specs(args)
-        if not Path(args.data).exists():
+        if not Path(args.data).exists() and not args.data.startswith("digits:"):
             raise FileNotFoundError(f"{args.data} does not exist; pass an ImageFolder directory or a .tar of one")
         _check_args(args)
         device = resolve_device(args.device)

@@ -2,7 +2,7 @@
 
 It lives in the package (not only in the repo's `demo/` folder) so that `mambaout demo` works after a plain
 `pip install 'mambaout[demo]'`; `demo/app.py` is the same app as a script (Hugging Face Space style).
-It uses only the public API: `create_model` through `mambaout.inference.predictor.Predictor`.
+It uses only the public API: `create_model` and `mambaout.inference.predictor.Predictor`.
 
 As a server it offers only what its operator named at start (an allow-list of models and checkpoints, each loaded
 once at start so a bad one fails there): a visitor picks among those and can never name a path on the server.
@@ -21,6 +21,7 @@ os.environ.setdefault("GRADIO_SERVER_NAME", "127.0.0.1")
 import gradio as gr  # noqa: E402
 
 from mambaout.inference.predictor import Predictor  # noqa: E402
+from mambaout.models.factory import create_model  # noqa: E402
 
 # Example photos shipped as package data (CC0, from scikit-image; see examples/LICENSE.md beside them).
 EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "examples"
@@ -68,8 +69,15 @@ class ModelPool:
             `("random", name)` or `("checkpoint", path)`. Nothing else can be loaded.
     """
 
-    def __init__(self, allowed: dict[str, tuple[str, str]], topk: int = 5, device: str | None = None):
+    def __init__(
+        self,
+        allowed: dict[str, tuple[str, str]],
+        topk: int = 5,
+        device: str | None = None,
+        model_kwargs: dict | None = None,
+    ):
         self.allowed = dict(allowed)
+        self.model_kwargs = dict(model_kwargs or {})
         self.topk, self.device = topk, device
         self._predictors: OrderedDict[str, Predictor] = OrderedDict()
 
@@ -82,9 +90,11 @@ class ModelPool:
             return self._predictors[choice]
         kind, target = self.allowed[choice]
         if kind == "checkpoint":
-            predictor = Predictor(checkpoint=target, topk=self.topk, device=self.device)
+            model = create_model(checkpoint=target, **self.model_kwargs)
         else:
-            predictor = Predictor(target, pretrained=kind == "model", topk=self.topk, device=self.device)
+            kwargs = {k: v for k, v in self.model_kwargs.items() if k != "use_ema"}
+            model = create_model(target, pretrained=kind == "model", **kwargs)
+        predictor = Predictor(model, topk=self.topk, device=self.device)
         self._predictors[choice] = predictor
         while len(self._predictors) > _CACHED_MODELS:
             self._predictors.popitem(last=False)
@@ -114,6 +124,7 @@ def build_app(
     topk: int = 5,
     examples_dir: str | os.PathLike | None = None,
     device: str | None = None,
+    model_kwargs: dict | None = None,
     preload: bool = True,
 ) -> gr.Blocks:
     """The demo page.
@@ -125,6 +136,7 @@ def build_app(
         topk: Labels shown per image.
         examples_dir: Folder of example images (default: the repo's demo/examples when present).
         device: Torch device for inference (default: CUDA when available).
+        model_kwargs: `create_model` keywords for every offered model (`num_classes`, `use_ema`, ...).
         preload: Load every offered model now, so a bad name or file fails here and not at the first click.
 
     Raises:
@@ -133,7 +145,7 @@ def build_app(
     if topk < 1:
         raise ValueError(f"topk must be >= 1, got {topk}")
     allowed = model_choices(model, checkpoint, random_weights)
-    pool = ModelPool(allowed, topk=topk, device=device)
+    pool = ModelPool(allowed, topk=topk, device=device, model_kwargs=model_kwargs)
     if preload:
         for label in allowed:
             pool.get(label)
@@ -184,9 +196,15 @@ def build_app(
 
 def launch(app: gr.Blocks, host: str = "127.0.0.1", port: int | None = None, max_file_size=MAX_UPLOAD, **kwargs):
     """Serve `app` with offline-friendly settings (no share link, no SSR node server, system fonts) and an upload
-    size limit."""
+    size limit.
+
+    Gradio's own start-up lines are silenced (they advise `share=True` in `launch()`, which a command-line user
+    cannot act on, and this server never makes public links); one line names the address instead.
+    """
     examples = [str(EXAMPLES_DIR)] if EXAMPLES_DIR.is_dir() else []
-    return app.launch(
+    block = not kwargs.pop("prevent_thread_lock", False)
+    quiet = kwargs.pop("quiet", False)
+    result = app.launch(
         server_name=host,
         server_port=port,
         share=False,
@@ -194,5 +212,12 @@ def launch(app: gr.Blocks, host: str = "127.0.0.1", port: int | None = None, max
         theme=THEME,
         allowed_paths=examples,
         max_file_size=max_file_size,
+        quiet=True,
+        prevent_thread_lock=True,
         **kwargs,
     )
+    if not quiet:
+        print(f"* Running on {app.local_url} (Ctrl+C to stop)", flush=True)
+    if block:
+        app.block_thread()
+    return result

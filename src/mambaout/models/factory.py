@@ -45,16 +45,21 @@ def create_model(
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
     pretrained_cfg_overlay: dict | None = None,
+    use_ema: bool = False,
+    replace_head: bool | None = None,
     **kwargs,
 ) -> nn.Module:
     """Build a registered MambaOut, optionally with weights.
 
     Args:
-        name: A registered name (`mambaout_tiny`), optionally with a weight tag (`mambaout_tiny.in1k`), or
-            `hf-hub:ORG/NAME` for a Hugging Face Hub repo in timm's layout (needs `huggingface_hub`).
+        name: A registered name (`mambaout_tiny`), optionally with a weight tag (`mambaout_tiny.in1k`);
+            `hf-hub:ORG/NAME` for a Hugging Face Hub repo in timm's layout (needs `huggingface_hub`); or a local
+            folder in that layout (`config.json` + `model.safetensors` or `pytorch_model.bin`), as `local-dir:PATH`
+            or as its path, as timm opens them.
             May be None when `checkpoint` is one written by `mambaout train`, which records its model.
         pretrained: Download (or take from the cache) the variant's published weights.
-        checkpoint: A path or URL of weights in the official, timm or our layout.
+        checkpoint: A path or URL of weights in the official, timm or our layout, or a training checkpoint of timm's
+            `train.py` (`.pth.tar`: its `state_dict`, or `state_dict_ema` with `use_ema`).
         features_only: Return a backbone giving the stage maps of `out_indices` (strides 4, 8, 16, 32).
         out_indices: Stages returned by a `features_only` backbone.
         output_fmt: `'NCHW'` or `'NHWC'` for a `features_only` backbone.
@@ -63,6 +68,10 @@ def create_model(
         device: Where to build the model (and load its weights).
         dtype: Parameter dtype after loading.
         pretrained_cfg_overlay: Entries merged into `pretrained_cfg`; `file` names local weights (as in timm).
+        use_ema: Take a training checkpoint's EMA weights rather than its weights (timm's `--use-ema`).
+        replace_head: Whether a checkpoint classifier of another width than `num_classes` is replaced by a fresh one
+            (fine-tuning). Default: when `num_classes` is given. False: `num_classes` states the weights' own width
+            (weights without our metadata), and a classifier of another width is an error.
         **kwargs: `MambaOut` arguments overriding the variant's (`num_classes`, `in_chans`, `kernel_size`,
             `drop_path_rate`, `drop_rate`, `ls_init_value`, ...). A `num_classes` other than the weights'
             re-initialises the classifier (fine-tuning); without it, weights whose classifier does not fit the
@@ -74,23 +83,31 @@ def create_model(
     """
     out_indices, output_fmt = _feature_args(out_indices, output_fmt, feature_cls, feature_cfg, kwargs)
     overlay = dict(pretrained_cfg_overlay or {})
+    folder_meta: dict = {}
     if overlay.get("file"):
         if checkpoint is not None:
             raise ValueError("pass either checkpoint=... or pretrained_cfg_overlay={'file': ...}, not both")
         checkpoint, pretrained = overlay["file"], False
-    if name is not None and name.startswith("hf-hub:"):
-        # a Hub repo in timm's layout (mambaout export --format hf): its config names the model, its file the weights
-        from mambaout.weights.hub import from_hub
+    if name is not None and (name.startswith(("hf-hub:", "local-dir:")) or _is_model_folder(name)):
+        # a Hub repo or folder in timm's layout (mambaout export --format hf): its config names the model, its file
+        # the weights
+        from mambaout.weights.hub import from_folder, from_hub
 
         if checkpoint is not None:
             raise ValueError(f"{name} brings its own weights: pass it without checkpoint=")
-        name, checkpoint = from_hub(name[len("hf-hub:") :])
+        if name.startswith("hf-hub:"):
+            name, checkpoint, folder_meta = from_hub(name[len("hf-hub:") :])
+        else:
+            name, checkpoint, folder_meta = from_folder(name.removeprefix("local-dir:"))
         pretrained = False
     if pretrained and checkpoint is not None:
         raise ValueError("pass either pretrained=True or checkpoint=..., not both")
+    if use_ema and checkpoint is None:
+        raise ValueError("use_ema=True picks the EMA weights of a checkpoint file: pass checkpoint=PATH too")
     state_dict, meta = (None, {})
     if checkpoint is not None:
-        state_dict, meta = read_checkpoint(checkpoint)
+        state_dict, meta = read_checkpoint(checkpoint, use_ema=use_ema)
+        meta = meta or folder_meta  # weights we wrote carry their own; a folder timm wrote has only its config.json
         _check_metadata(meta, str(checkpoint))
         check_finite(state_dict, str(checkpoint))
     asked = name
@@ -115,7 +132,7 @@ def create_model(
         )
 
     # the user asked for a classifier of their own width: only then may a checkpoint's classifier be replaced
-    new_head = "num_classes" in kwargs
+    new_head = "num_classes" in kwargs if replace_head is None else replace_head
     if state_dict is not None:
         # check the weights fit before allocating: metadata may describe a far larger model than the tensors
         with torch.device("meta"):
@@ -164,6 +181,17 @@ def _variant_name(name: str) -> str | None:
         return get_variant(name)[0].name
     except ValueError:
         return None
+
+
+def _is_model_folder(name: str) -> bool:
+    """A folder path given as the name (timm's Hub layout), not a registered model name."""
+    if not os.path.isdir(name):
+        return False
+    try:
+        get_variant(name)
+    except ValueError:
+        return True
+    return False
 
 
 def _feature_args(out_indices, output_fmt, feature_cls, feature_cfg: dict | None, kwargs: dict):

@@ -33,12 +33,16 @@ def _entrypoint(name: str):
         from mambaout.models.variants import get_variant
 
         variant, _ = get_variant(name)
+        feature_cfg = dict(out_indices=(0, 1, 2, 3), flatten_sequential=True)
+        output_fmt = kwargs.pop("output_fmt", None)
+        if output_fmt is not None:
+            feature_cfg.update(_feature_format(output_fmt, kwargs))
         model = build_model_with_cfg(
             MambaOut,
             name,
             pretrained,
             pretrained_filter_fn=_filter,
-            feature_cfg=dict(out_indices=(0, 1, 2, 3), flatten_sequential=True),
+            feature_cfg=feature_cfg,
             **dict(variant.kwargs, **kwargs),
         )
         model.model_name = name
@@ -47,6 +51,26 @@ def _entrypoint(name: str):
     create.__name__ = name
     create.__module__ = "timm.models.mambaout"  # timm files models by module; keep the listing where it was
     return create
+
+
+def _feature_format(output_fmt: str, kwargs: dict) -> dict:
+    """timm's feature-map layout argument, which its MambaOut wrappers reject: the feature config that honours it.
+
+    timm's default `features_only` wrapper taps the stage modules, whose outputs are NHWC; `output_fmt` is then only a
+    label. So an explicit `output_fmt` goes through timm's `getter` wrapper, which asks the model's
+    `forward_intermediates` for that layout.
+    """
+    if str(output_fmt) not in ("NCHW", "NHWC"):
+        raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
+    if not kwargs.get("features_only"):
+        raise ValueError("output_fmt applies to features_only=True models (the classifier takes NCHW images)")
+    feature_cls = kwargs.setdefault("feature_cls", "getter")
+    if feature_cls != "getter" and str(output_fmt) != "NHWC":
+        raise ValueError(
+            f"feature_cls={feature_cls!r} taps the stage modules, whose maps are NHWC; for output_fmt={output_fmt!r} "
+            "leave feature_cls unset (timm's 'getter' wrapper)"
+        )
+    return {"output_fmt": str(output_fmt)}
 
 
 def register_timm(names: Iterable[str] | None = None) -> list[str]:

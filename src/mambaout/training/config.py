@@ -92,6 +92,9 @@ class ModelConfig:
     model_kwargs: dict = C.setting(None, C.mapping(_check_model_kwargs), default_factory=dict)  # create_model args
     pretrained: bool = C.setting(False, C.boolean())  # the variant's published weights; the classifier is replaced
     initial_checkpoint: str | None = C.setting(None, C.text(optional=True))  # or a weights file, any layout
+    use_ema: bool = C.setting(
+        False, C.boolean()
+    )  # the initial checkpoint's EMA (timm's state_dict_ema), not its weights
     num_classes: int | None = C.setting(None, C.integer(1, MAX_NUM_CLASSES, optional=True))  # None: the data's
     drop_path: float | None = C.setting(None, C.number(0.0, 1.0, hi_open=True, optional=True))  # None: variant's
     drop_rate: float = C.setting(0.0, C.number(0.0, 1.0, hi_open=True))
@@ -347,7 +350,19 @@ class TrainConfig:
         )
 
     def output_folder(self) -> Path:
-        """The run folder: `output`, else the resumed run's folder, else `runs/<recipe or model>`."""
+        """The run folder: `output`, else the resumed run's folder, else `runs/<recipe or model>`.
+
+        A recipe run with another model than the recipe's is not filed under the recipe's model-specific folder
+        (`runs/mamba-vs-mambaout/gated-cnn`): it goes to `<the recipe's folder>/../<model>`, or `runs/<recipe>-<model>`.
+        """
+        if self.run.recipe and not self.run.resume:
+            recipe = load_recipe(self.run.recipe)
+            if recipe.get("model") not in (None, self.model.model) and self.run.output in (None, recipe.get("output")):
+                parent = Path(recipe["output"]).parent if recipe.get("output") else Path("runs")
+                name = (
+                    self.model.model if parent != Path("runs") else f"{recipe_name(self.run.recipe)}-{self.model.model}"
+                )
+                return parent / name
         if self.run.output:
             return Path(self.run.output)
         if self.run.resume:

@@ -318,8 +318,9 @@ class RunFolder:
     def log_epoch(self, row: dict) -> None:
         if not self.write:
             return
-        # keep rows of epochs before this one only: a resumed run rewrites the epochs it redoes
-        rows = [r for r in self.rows() if int(r["epoch"]) < row["epoch"]] + [row]
+        # the file counts epochs from 1, as the log and the epoch-NNNN files do (`row` counts from 0); keep rows of
+        # epochs before this one only: a resumed run rewrites the epochs it redoes
+        rows = [r for r in self.rows() if int(r["epoch"]) <= row["epoch"]] + [dict(row, epoch=row["epoch"] + 1)]
         lines = [",".join(self.FIELDS)]
         for r in rows:
             lines.append(",".join(_fmt(r.get(k)) for k in self.FIELDS))

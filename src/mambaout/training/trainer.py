@@ -261,6 +261,7 @@ def build_model(cfg: ModelConfig, classes: list[str], eval_cfg: dict, data_train
         cfg.model,
         pretrained=cfg.pretrained,
         checkpoint=cfg.initial_checkpoint,
+        use_ema=cfg.use_ema,
         num_classes=num_classes,
         drop_path_rate=drop_path,
         **kwargs,

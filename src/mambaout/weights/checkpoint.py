@@ -13,6 +13,8 @@ Three layouts load, detected from the keys:
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import hashlib
 import json
 import logging
@@ -40,20 +42,58 @@ class CheckpointError(ValueError):
 
 
 class DownloadError(RuntimeError):
-    """Weights that could not be downloaded."""
+    """Weights that could not be downloaded.
+
+    Attributes:
+        reason: What was tried and how it failed, without advice (each command adds the option to use instead).
+    """
+
+    def __init__(self, message: str, reason: str | None = None):
+        super().__init__(message)
+        self.reason = reason or message
 
 
 # --- layouts ---------------------------------------------------------------------------------------------------------
 
 
-def unwrap_state_dict(obj) -> dict[str, torch.Tensor]:
-    """The tensors of a loaded checkpoint: unwraps `{'model': ...}`-style containers and DDP's `module.` prefix."""
-    if isinstance(obj, dict):
-        for key in ("model_ema", "state_dict_ema", "model", "state_dict"):
-            if key in obj and isinstance(obj[key], dict):
-                return unwrap_state_dict(obj[key])
+# where training checkpoints keep their weights: timm's train.py and ours ("state_dict" / "model"), and the EMA of them
+_WEIGHT_ENTRIES = ("state_dict", "model")
+_EMA_ENTRIES = ("state_dict_ema", "model_ema")
+
+
+def unwrap_state_dict(obj, use_ema: bool = False, source: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """The tensors of a loaded checkpoint: unwraps `{'state_dict': ...}`-style containers and DDP's `module.` prefix.
+
+    A training checkpoint holding both weights and their EMA (timm's `state_dict` / `state_dict_ema`) gives the
+    weights, as timm's `load_checkpoint` does; the EMA only with `use_ema=True`. The entry taken is logged.
+
+    Raises:
+        CheckpointError: for no state dict, or `use_ema=True` on a file without EMA weights.
+    """
+    if isinstance(obj, dict) and any(isinstance(obj.get(k), dict) for k in _WEIGHT_ENTRIES + _EMA_ENTRIES):
+        held = [k for k in _WEIGHT_ENTRIES + _EMA_ENTRIES if isinstance(obj.get(k), dict)]
+        wanted = _EMA_ENTRIES if use_ema else _WEIGHT_ENTRIES
+        entry = next((k for k in wanted if k in held), None)
+        if entry is None and use_ema:
+            raise CheckpointError(
+                f"{source} holds no EMA weights (entries: {', '.join(held)}); leave out --use-ema / use_ema=True"
+            )
+        entry = entry or held[0]  # an EMA-only file: its one set of weights
+        others = [k for k in held if k != entry]
+        log = logger.warning if others else logger.info  # several candidates: say which one the numbers come from
+        hint = "" if use_ema or not any(k in _EMA_ENTRIES for k in others) else " (--use-ema / use_ema=True: the EMA)"
+        log(
+            "%s: loading its %r weights%s%s",
+            source,
+            entry,
+            f", not {', '.join(map(repr, others))}" if others else "",
+            hint,
+        )
+        obj = obj[entry]
+    elif use_ema:
+        raise CheckpointError(f"{source} is a plain state dict without EMA weights; leave out --use-ema / use_ema=True")
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointError("checkpoint holds no state dict (expected a dict of tensors, maybe under 'model')")
+        raise CheckpointError("checkpoint holds no state dict (expected a dict of tensors, maybe under 'state_dict')")
     prefixes = ("module.", "_orig_mod.")
     return {_strip(k, prefixes): v for k, v in obj.items()}
 
@@ -174,8 +214,9 @@ def fit_state_dict(
         if not new_head:
             raise CheckpointError(
                 f"the checkpoint's classifier has {have} classes but {name} is built with {want}: its metadata or "
-                "the num_classes asked for does not match the weights. Pass the checkpoint its own model, or ask "
-                "for a new class count explicitly to fine-tune (num_classes=N re-initialises the classifier)"
+                f"the class count asked for does not match the weights. Build the model the weights fit: "
+                f"--num-classes {have} on the command line (Python: num_classes={have}); to fine-tune to another "
+                "class count, train with --num-classes N (Python: num_classes=N re-initialises the classifier)"
             )
         (logger.warning if warn else logger.debug)(
             "%s: checkpoint classifier has %d classes, the model %d: loading everything but the classifier, "
@@ -277,8 +318,15 @@ def load_into(model: nn.Module, state_dict: dict, name: str = "model", new_head:
 # --- files -----------------------------------------------------------------------------------------------------------
 
 
-def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
-    """Read a `.safetensors`, `.pth`/`.pt`/`.bin` (pickled; read with `weights_only=True`) file or a URL.
+def read_checkpoint(path: str | os.PathLike, use_ema: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
+    """Read a `.safetensors`, `.pth`/`.pt`/`.bin`/`.pth.tar` (pickled; read weights-only) file or a URL.
+
+    Pickled files are read with `torch.load(weights_only=True)`, allowing only the plain types training checkpoints
+    hold besides tensors (`_SAFE_GLOBALS`: timm's `train.py` stores its options as an `argparse.Namespace`); never
+    full unpickling, which runs whatever code a file names.
+
+    Args:
+        use_ema: Take a training checkpoint's EMA weights (`state_dict_ema`) instead of its weights (`state_dict`).
 
     Returns:
         The state dict (any layout) and our metadata (empty for files we did not write).
@@ -303,13 +351,51 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
             raise CheckpointError(
                 f"cannot read {path} as safetensors ({e}); the file may be truncated: download it again"
             ) from e
+        if use_ema:
+            raise CheckpointError(f"{path} holds one set of weights (safetensors); leave out --use-ema / use_ema=True")
         return sd, _decode_metadata(meta)
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"cannot read {path} as a PyTorch checkpoint ({type(e).__name__}: {e})") from e
+    obj = _load_pickled(path)
     meta = obj.get("mambaout_metadata", {}) if isinstance(obj, dict) else {}
-    return unwrap_state_dict(obj), meta
+    return unwrap_state_dict(obj, use_ema, path), meta or _timm_train_metadata(obj)
+
+
+def _timm_train_metadata(obj) -> dict:
+    """What a checkpoint of timm's train.py says of its model: `arch`, and of `args` the `--model-kwargs` and the
+    class and channel counts (timm passes all of them to `create_model`)."""
+    args = obj.get("args") if isinstance(obj, dict) else None
+    if not isinstance(args, argparse.Namespace) or not isinstance(obj.get("arch"), str):
+        return {}
+    extra = getattr(args, "model_kwargs", None)
+    kwargs = {k: list(v) if isinstance(v, tuple) else v for k, v in extra.items()} if isinstance(extra, dict) else {}
+    for key in ("num_classes", "in_chans"):
+        value = getattr(args, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            kwargs[key] = value
+    return {"model": obj["arch"], "model_kwargs": kwargs}
+
+
+# The non-tensor types allowed in a pickled checkpoint besides torch's own weights-only set (dicts, lists, tuples,
+# numbers, strings): timm's train.py saves its options as `args`, an argparse.Namespace of such plain values.
+_SAFE_GLOBALS = [argparse.Namespace]
+
+
+def _load_pickled(path: str):
+    """`torch.load(weights_only=True)` with `_SAFE_GLOBALS` allowed; a refusal is one line naming the type."""
+    safe = getattr(torch.serialization, "safe_globals", None)  # torch >= 2.5; 2.4 has only the global allow-list
+    if safe is None:
+        torch.serialization.add_safe_globals(_SAFE_GLOBALS)
+    try:
+        with safe(_SAFE_GLOBALS) if safe is not None else contextlib.nullcontext():
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        if found:
+            raise CheckpointError(
+                f"{path} holds a Python object of type {found.group(1)}, which is not read: only tensors and plain "
+                "values (and argparse.Namespace) load without running the file's code. Re-save its state dict "
+                "alone: torch.save(model.state_dict(), 'weights.pth')"
+            ) from None
+        raise CheckpointError(f"cannot read {path} as a PyTorch checkpoint ({type(e).__name__}: {e})") from e
 
 
 def _decode_metadata(meta: dict[str, str]) -> dict:
@@ -394,9 +480,11 @@ def download(urls: list[str] | tuple[str, ...], root: Path | None = None, progre
             return _fetch(url, root / name, progress)
         except (urllib.error.URLError, OSError, DownloadError) as e:
             errors.append(f"{url} ({getattr(e, 'reason', None) or e})")
+    reason = f"could not download {'; '.join(errors)}"
     raise DownloadError(
-        f"could not download {'; '.join(errors)}. Offline? Fetch the file elsewhere and pass it as "
-        f"checkpoint=PATH (CLI: --checkpoint PATH), or put it in {root} as {names[0]}"
+        f"{reason}. Offline? Fetch the file elsewhere and pass it as checkpoint=PATH (CLI: --checkpoint PATH), "
+        f"or put it in {root} as {names[0]}",
+        reason,
     )
 
 

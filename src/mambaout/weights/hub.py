@@ -63,10 +63,18 @@ def timm_model_args(model_kwargs: dict) -> dict:
     return args
 
 
-def export_hf(model: nn.Module, folder: str | os.PathLike, overwrite: bool = False) -> Path:
+def export_hf(
+    model: nn.Module, folder: str | os.PathLike, label_names: list[str] | None = None, overwrite: bool = False
+) -> Path:
     """Write `model` as `folder/config.json` + `folder/model.safetensors` (timm's hub layout) and return `folder`.
 
+    The folder opens in timm (`local-dir:`), in transformers (`AutoModelForImageClassification`, its
+    `TimmWrapperForImageClassification` and `pipeline("image-classification")`) and here (`create_model(folder)`).
+
     Args:
+        label_names: The classes as people read them, one per output, for `config.json` (transformers shows them
+            as `id2label`); default: the model's class names. `mambaout export` passes what `mambaout predict`
+            prints (ImageNet words, not WordNet ids).
         overwrite: Replace the export of another model found in `folder`. Without it a folder holding another
             model's `config.json` (or weights without one) is refused; the same model's export is updated in place.
 
@@ -83,7 +91,9 @@ def export_hf(model: nn.Module, folder: str | os.PathLike, overwrite: bool = Fal
     model_kwargs = dict(getattr(model, "model_kwargs", {}) or {})
     if not name or not name.startswith("mambaout"):
         raise ValueError(f"only MambaOut models export to the timm hub format (got {name or type(model).__name__})")
-    model_args = timm_model_args(model_kwargs)
+    # the class count is written once, at the top level: timm and transformers pass it to the model themselves, and
+    # a second copy inside model_args fails there with "got multiple values for keyword argument 'num_classes'"
+    model_args = {k: v for k, v in timm_model_args(model_kwargs).items() if k != "num_classes"}
     eval_cfg = {k: v for k, v in model.pretrained_cfg.items() if k in _PRETRAINED_CFG_KEYS}
     class_names = getattr(model, "class_names", None)
     config = {
@@ -96,8 +106,11 @@ def export_hf(model: nn.Module, folder: str | os.PathLike, overwrite: bool = Fal
         "model_args": model_args,
         "pretrained_cfg": dict(eval_cfg, num_classes=model.num_classes),
     }
-    if class_names is not None and len(class_names) == model.num_classes:
-        config["label_names"] = list(class_names)
+    labels = label_names if label_names is not None else class_names
+    if labels is not None:
+        if len(labels) != model.num_classes:
+            raise ValueError(f"got {len(labels)} label names for a classifier of {model.num_classes} classes")
+        config["label_names"] = [str(n) for n in labels]
     if not overwrite:
         _check_replaceable(folder, config)
     folder.mkdir(parents=True, exist_ok=True)
@@ -158,8 +171,8 @@ _TIMM_MAMBAOUTS = (
 )
 
 
-def from_hub(repo: str) -> tuple[str | None, Path]:
-    """(model name from `config.json`, local path of `model.safetensors`) of a Hub repo `ORG/NAME[@revision]`.
+def from_hub(repo: str) -> tuple[str | None, Path, dict]:
+    """(model name, local weights path, metadata from `config.json`) of a Hub repo `ORG/NAME[@revision]`.
 
     Raises:
         ImportError: naming `pip install huggingface_hub` when it is not installed.
@@ -170,6 +183,70 @@ def from_hub(repo: str) -> tuple[str | None, Path]:
     repo_id, _, revision = repo.partition("@")
     config_path = hf.hf_hub_download(repo_id, CONFIG_NAME, revision=revision or None)
     weights = hf.hf_hub_download(repo_id, WEIGHTS_NAME, revision=revision or None)
-    with open(config_path) as f:
-        config = json.load(f)
-    return config.get("mambaout_model") or config.get("architecture"), Path(weights)
+    return _from_config(Path(config_path), Path(weights))
+
+
+def from_folder(folder: str | os.PathLike) -> tuple[str | None, Path, dict]:
+    """(model name, weights path, metadata from `config.json`) of a local folder in timm's Hub layout.
+
+    The folder holds `config.json` and `model.safetensors` (or `pytorch_model.bin`), as `mambaout export --format hf`,
+    timm's `save_for_hf` or a Hub download write it.
+
+    Raises:
+        FileNotFoundError: naming the file the folder lacks.
+    """
+    folder = Path(folder)
+    config_path = folder / CONFIG_NAME
+    if not config_path.is_file():
+        raise FileNotFoundError(
+            f"{folder} holds no {CONFIG_NAME}: a model folder in timm's Hub layout has config.json and "
+            f"{WEIGHTS_NAME} (or {BIN_NAME}); pass a weights file as checkpoint= instead"
+        )
+    weights = next((folder / n for n in (WEIGHTS_NAME, BIN_NAME) if (folder / n).is_file()), None)
+    if weights is None:
+        raise FileNotFoundError(f"{folder} holds {CONFIG_NAME} but neither {WEIGHTS_NAME} nor {BIN_NAME}")
+    return _from_config(config_path, weights)
+
+
+def _from_config(config_path: Path, weights: Path) -> tuple[str | None, Path, dict]:
+    """The model name, and what `config.json` says of the model in our metadata's terms (used when the weights file
+    carries none of its own: a folder timm wrote)."""
+    try:
+        config = json.loads(config_path.read_text())
+    except ValueError as e:
+        raise ValueError(f"{config_path} is not valid JSON ({e})") from e
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_path} must hold a JSON object, got {type(config).__name__}")
+    name = config.get("mambaout_model") or config.get("architecture")
+    model_args = config.get("model_args") or {}
+    kwargs = {k: v for k, v in model_args.items() if k in _SAME_IN_TIMM}
+    if set(model_args) - set(kwargs):
+        kwargs.update(_from_timm_args(model_args, config_path))
+    if "num_classes" in config:
+        kwargs["num_classes"] = config["num_classes"]
+    meta = {"model_kwargs": kwargs}
+    eval_cfg = {k: v for k, v in (config.get("pretrained_cfg") or {}).items() if k in _EVAL_KEYS}
+    if eval_cfg:
+        meta["eval_config"] = eval_cfg
+    return name, weights, meta
+
+
+_EVAL_KEYS = ("input_size", "crop_pct", "interpolation", "mean", "std")
+BIN_NAME = "pytorch_model.bin"
+
+
+def _from_timm_args(model_args: dict, source) -> dict:
+    """timm's `MambaOut` arguments that have other names here, back to ours (the inverse of `timm_model_args`)."""
+    out, unknown = {}, []
+    for key, value in model_args.items():
+        if key in _SAME_IN_TIMM:
+            continue
+        if key == "downsample" and value in ("conv", "conv_nf"):
+            out["downsample_norm_first"] = value == "conv_nf"
+        elif key == "head_fn" and value in ("default", "norm_mlp"):
+            out["head_mlp_norm"] = value == "default"
+        else:
+            unknown.append(f"{key}={value!r}")
+    if unknown:
+        raise ValueError(f"{source}: model_args {', '.join(unknown)} have no counterpart in mambaout's MambaOut")
+    return out

@@ -1,0 +1,330 @@
+"""Every command in README.md and docs/*.md runs as written, or at least names only options its command has.
+
+Shell commands are read from the code fences (continuation lines joined, comments dropped, `$VAR`s set earlier in
+the block expanded, `[--opt]` read as an optional `--opt`). Each one that can run on a CPU in seconds without the
+network is run, as written, in document order, in a fresh folder per page whose `../shared/data` is the shared
+test data; training is capped through MAMBAOUT_MAX_EPOCHS / MAMBAOUT_MAX_STEPS in the environment, never by
+editing the command. Every other command has its options checked against its `--help`. Python snippets run the same
+way where they need neither the network nor files the page does not make; the others are compiled and their
+`mambaout.*` names looked up.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import io
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]  # new pages (docs/dense.md, ...) join by themselves
+FENCE = re.compile(r"^\s*(`{3,}|~{3,})(.*)$")
+SHELL_LANGS = ("bash", "sh", "shell", "console", "")
+
+# what a command needs that a test cannot give: a reason, found by a pattern in the command
+NOT_RUN = [
+    (r"^(pip|torchrun|srun)\b|\bpip install\b", "installs or launches many processes"),
+    (
+        r"(^|\s)(DIR|DIR_OR_TAR|TRAIN\.tar|VAL\.tar|a\.safetensors|b\.safetensors|best\.safetensors)(\s|$)",
+        "placeholder",
+    ),
+    (r"/data/|ORG/NAME|node0\.example|\$OUT\b", "placeholder"),
+    (r"--pretrained\b|pretrained=True|hf-hub:", "downloads published weights"),
+    (r"--device cuda|--data-pipeline gpu|imagenette-h100|--recipe mambaout-|benchmarks/gpu_check", "needs a GPU"),
+    (r"^mambaout demo\b|demo/app\.py", "serves until stopped"),
+    (r"^mambaout (benchmark|data-bench|kernels --aot)|benchmarks/(cpu_check|inference_cpu)", "a benchmark (minutes)"),
+    (r"^for |^flock ", "a loop of full runs or a lock for timing"),
+    (r"python -m pytest", "the test suite itself"),
+    (r"^mambaout flops\s*$|mambaout\.analysis\.compare", "every model, or a timing (minutes on 2 cores)"),
+    (r"femto\.onnx|my-mambaout|runs/(finetune|pretrain)/|preds\.json", "reads what a command not run here writes"),
+    (r"imagenet-sample-1k-112\.tar|make_finetune_set|/tmp/(animals|sample|in10)", "the 1k-class sample (minutes)"),
+]
+# commands that read published weights unless given a file
+NEEDS_WEIGHTS = re.compile(r"^mambaout (predict|export|validate)\b(?!.*(--checkpoint|--random-weights))")
+
+
+@dataclass
+class Snippet:
+    page: Path
+    line: int
+    lang: str
+    text: str
+
+    def __str__(self) -> str:
+        return f"{self.page.relative_to(ROOT)}:{self.line}: {self.text}"
+
+
+def fences(page: Path) -> tuple[list[Snippet], bool]:
+    """The page's code blocks, and whether a fence was left open at the end."""
+    blocks, body, lang, start = [], None, "", 0
+    for i, line in enumerate(page.read_text().splitlines(), 1):
+        m = FENCE.match(line)
+        if m and body is None:
+            body, lang, start = [], m.group(2).strip(), i
+        elif m and body is not None and not m.group(2).strip():
+            blocks.append(Snippet(page, start, lang, "\n".join(body)))
+            body = None
+        elif body is not None:
+            body.append(line)
+    return blocks, body is not None
+
+
+def shell_commands(block: Snippet) -> list[Snippet]:
+    """One Snippet per command line: continuations joined, comments dropped, `$VAR`s of the block expanded."""
+    out, env = [], {}
+    lines = block.text.replace("\\\n", " ").splitlines()
+    for offset, line in enumerate(lines):
+        try:
+            words = shlex.split(line, comments=True)
+        except ValueError:
+            words = line.split()
+        if not words:
+            continue
+        if len(words) == 1 and re.fullmatch(r"[A-Z_]+=.*", words[0]):
+            key, _, value = words[0].partition("=")
+            env[key] = value
+            continue
+        text = " ".join(shlex.quote(w) if " " in w or "{" in w else w for w in words)
+        for key, value in env.items():
+            text = text.replace(f"${key}", value)
+        out.append(Snippet(block.page, block.line + 1 + offset, "bash", text))
+    return out
+
+
+def all_snippets():
+    shell, python = [], []
+    for page in PAGES:
+        blocks, _ = fences(page)
+        for b in blocks:
+            if b.lang == "python":
+                python.append(b)
+            elif b.lang in SHELL_LANGS and re.search(
+                r"^\s*(mambaout|python|torchrun|srun|flock|pip|for|mkdir)\b", b.text, re.M
+            ):
+                shell.extend(shell_commands(b))
+    return shell, python
+
+
+SHELL, PYTHON = all_snippets()
+
+
+def why_not_run(text: str) -> str | None:
+    for pattern, reason in NOT_RUN:
+        if re.search(pattern, text):
+            return reason
+    if NEEDS_WEIGHTS.search(text):
+        return "downloads published weights"
+    return None
+
+
+# --- fences ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
+def test_code_fences_are_balanced(page):
+    """An unclosed fence swallows the rest of the page into one code block."""
+    _, unclosed = fences(page)
+    assert not unclosed, f"{page.name}: a code fence is never closed"
+    blocks, _ = fences(page)
+    for b in blocks:  # a block holding Markdown headings or tables is a fence that closed too late
+        assert not re.search(r"^#{2,3} [A-Z]|^\| --- \|", b.text, re.M), f"{b.page.name}:{b.line}: prose inside a fence"
+
+
+# --- options against --help -----------------------------------------------------------------------------------------
+
+
+def _options(argv: list[str]) -> set[str]:
+    """The option strings `--help` of a command lists."""
+    from mambaout.cli import main
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf), pytest.raises(SystemExit):
+        if argv[0] == "mambaout.analysis.compare":
+            from mambaout.analysis import compare
+
+            compare.main(["--help"])
+        else:
+            main([*argv, "--help"])
+    return set(re.findall(r"(?<![\w-])(--?[A-Za-z][\w-]*)", buf.getvalue()))
+
+
+def _mambaout_argv(text: str) -> list[str] | None:
+    """The argv after `mambaout`/`python -m mambaout` (or `-m mambaout.analysis.compare`) in a command, else None."""
+    m = re.search(r"(?:^|\s)(?:python -m |-m )?(mambaout(?:\.analysis\.compare)?)\s+(.*)$", text)
+    if not m or (m.group(1) == "mambaout" and text.lstrip().startswith("python -c")):
+        return None
+    rest = re.split(r"\s(?:\||>|&&|;)\s", m.group(2))[0]
+    words = [w.strip("[]") for w in shlex.split(rest)]
+    return ([m.group(1)] if m.group(1) != "mambaout" else []) + words
+
+
+@pytest.mark.parametrize("cmd", SHELL, ids=str)
+def test_documented_options_exist(cmd):
+    argv = _mambaout_argv(cmd.text)
+    if argv is None:
+        scripts = re.findall(r"python (\S+\.py)", cmd.text)
+        for script in scripts:
+            assert (ROOT / script).is_file(), f"{cmd}: {script} is not in the repository"
+        return
+    from mambaout.cli import COMMANDS
+
+    assert argv[0] in COMMANDS or argv[0] == "mambaout.analysis.compare", f"{cmd}: no command {argv[0]!r}"
+    known = _options(argv[:1])
+    used = {w.split("=")[0] for w in argv[1:] if re.match(r"--?[A-Za-z]", w)}
+    assert used <= known, f"{cmd}: {sorted(used - known)} not among the options of its --help"
+
+
+# --- running them ---------------------------------------------------------------------------------------------------
+
+
+def _workdir(tmp_path: Path, shared: Path | None) -> Path:
+    """A fresh folder per page: `../shared/data` the shared test data, a photo as `cat.jpg` and a `photos/` folder."""
+    work = tmp_path / "work"
+    if shared is not None:
+        (tmp_path / "shared").mkdir()
+        (tmp_path / "shared" / "data").symlink_to(shared)
+    photos = work / "photos"
+    photos.mkdir(parents=True)
+    examples = sorted((ROOT / "src" / "mambaout" / "examples").glob("*.jpg"))
+    shutil.copy(examples[0], work / "cat.jpg")
+    for e in examples[1:3]:
+        shutil.copy(e, photos / e.name)
+    return work
+
+
+def _env(work: Path) -> dict:
+    env = dict(os.environ, MAMBAOUT_MAX_EPOCHS="1", MAMBAOUT_MAX_STEPS="2", MAMBAOUT_CACHE=str(work / ".cache"))
+    env["MAMBAOUT_MIRROR"] = "http://127.0.0.1:9"  # nothing listens there: a command that downloads fails fast
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])
+    bin_dir = work.parent / "bin"  # `mambaout` and `python` are this checkout's, whatever the PATH holds
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "mambaout").write_text(f'#!/bin/sh\nexec "{sys.executable}" -m mambaout "$@"\n')
+    (bin_dir / "python").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    env["PATH"] = os.pathsep.join([str(bin_dir), env["PATH"]])
+    env.setdefault("OMP_NUM_THREADS", "2")
+    return env
+
+
+def _uses_shared_data(text: str) -> bool:
+    return "../shared/data" in text or "imagenette" in text
+
+
+def _run_page(page: Path, tmp_path: Path, shared: Path | None) -> list[str]:
+    """Runs the page's runnable commands and Python snippets in order (with `shared`: only those on the shared data,
+    else only those without it); returns what was run."""
+    heavy = shared is not None
+    work = _workdir(tmp_path, shared)
+    env = _env(work)
+    ran = []
+    blocks, _ = fences(page)
+    for block in blocks:
+        items = shell_commands(block) if block.lang in SHELL_LANGS else [block] if block.lang == "python" else []
+        for item in items:
+            text = item.text
+            if why_not_run(text) or (_uses_shared_data(text) and not heavy) or (heavy and not _uses_shared_data(text)):
+                continue
+            if text in ran:  # a page repeating a command (the README's `mambaout train`): a reader runs it once
+                continue
+            if item.lang == "python":
+                argv = [sys.executable, "-c", text]
+            else:
+                if not re.match(r"(mambaout|python|mkdir|tar)\b", text):
+                    continue
+                argv = ["sh", "-c", text]
+            proc = subprocess.run(argv, cwd=work, env=env, capture_output=True, text=True, timeout=600)
+            assert proc.returncode == 0, f"{item}\nexit {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+            ran.append(text)
+    return ran
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
+def test_documented_commands_run(page, tmp_path):
+    """The commands that need neither the shared data nor the network (the embedded digits, counts, configs)."""
+    _run_page(page, tmp_path, None)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
+def test_documented_commands_on_shared_data_run(page, tmp_path, shared_data):
+    """The commands on ../shared/data (Imagenette training capped to 1 epoch of 2 steps, validation, prediction)."""
+    _run_page(page, tmp_path, shared_data)
+
+
+@pytest.mark.parametrize("snippet", PYTHON, ids=str)
+def test_python_snippets_compile_and_name_real_things(snippet):
+    """Every snippet parses, and every `mambaout.X` or `from mambaout.Y import Z` it uses exists."""
+    import importlib
+
+    tree = ast.parse(snippet.text)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("mambaout"):
+            module = importlib.import_module(node.module)
+            for alias in node.names:
+                assert hasattr(module, alias.name), f"{snippet}: {node.module} has no {alias.name}"
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "mambaout":
+            import mambaout
+
+            assert hasattr(mambaout, node.attr), f"{snippet}: mambaout has no {node.attr}"
+
+
+def test_the_extraction_finds_the_commands():
+    """The parser sees what a reader sees: the default job, the README's Python block, the flops lines."""
+    texts = [c.text for c in SHELL]
+    assert "mambaout train" in texts and any(t.startswith("mambaout flops --transformer") for t in texts)
+    assert any("create_model" in p.text for p in PYTHON if p.page.name == "README.md")
+    assert {why_not_run("mambaout predict cat.jpg"), why_not_run("mambaout demo")} == {
+        "downloads published weights",
+        "serves until stopped",
+    }
+
+
+# --- the documentation agrees with itself and with the code ----------------------------------------------------------
+
+
+def _doc_text() -> str:
+    return "\n".join(p.read_text() for p in PAGES)
+
+
+def test_torch_range_matches_the_pin():
+    pin = re.search(r'"torch>=([\d.]+),<([\d.]+)"', (ROOT / "pyproject.toml").read_text())
+    for claim in re.findall(r"any torch >= ([\d.]+)(?:, < ([\d.]+))?", _doc_text()):
+        assert claim == pin.groups(), (
+            f"the docs say torch >= {claim[0]}, < {claim[1] or '?'}; pyproject pins {pin.groups()}"
+        )
+
+
+@pytest.mark.parametrize("recipe", ["imagenette-h100", "imagenette-cpu"])
+def test_recipe_rows_state_the_recipes_size_and_epochs(recipe):
+    import yaml
+
+    cfg = yaml.safe_load((ROOT / "src" / "mambaout" / "recipes" / f"{recipe}.yaml").read_text())
+    rows = [line for line in _doc_text().splitlines() if line.startswith(f"| `{recipe}` |")]
+    assert rows
+    for row in rows:
+        px = re.search(r"(\d+) px", row)
+        ep = re.search(r"(\d+) epochs", row)
+        if px:
+            assert int(px.group(1)) == cfg["img_size"], row
+        if ep:
+            assert int(ep.group(1)) == cfg["epochs"], row
+    budgets = set(re.findall(rf"{recipe}[^\n]*?under (\d+) min", _doc_text()))
+    assert len(budgets) <= 1, f"{recipe}: the docs give different wall-time budgets {budgets}"
+
+
+def test_timing_claims_name_the_cpu():
+    """A time measured on '2 CPU cores' says which CPU (the machine behind every number here: AMD EPYC)."""
+    for page in PAGES:
+        for i, line in enumerate(page.read_text().splitlines(), 1):
+            if re.search(r"(\d+ (s|min)\b[^|]*on 2 (CPU )?cores|on 2 (CPU )?cores[^|]*\d+ (s|min)\b)", line):
+                assert "EPYC" in line, f"{page.name}:{i}: a timing without its CPU: {line.strip()}"
