@@ -11,7 +11,7 @@ import torch
 
 import mambaout
 from mambaout.cli import main
-from mambaout.deploy import precision
+from mambaout.inference import precision
 
 pytest.importorskip("onnxruntime", reason="the export extra is not installed: pip install 'mambaout[export]'")
 pytest.importorskip("onnxscript", reason="the export extra is not installed: pip install 'mambaout[export]'")

@@ -4,13 +4,17 @@ A run folder holds:
 
 - `last.safetensors`, `best.safetensors`, `epoch-NNNN.safetensors` (the `keep_top_k` best epochs): weights with the
   metadata `mambaout.create_model(checkpoint=...)` needs (model, model_kwargs, class_names, eval_config);
-- `state.pt`: everything `--resume` needs (weights, optimizer, scheduler, grad scaler, EMA, epoch, step, RNG and
-  sampler state, best and top-k bookkeeping). It is self-contained, so a crash between two file writes can never
+- `state.pt`: everything `--resume` needs (weights, optimizer, scheduler, grad scaler, EMA, epoch, step, RNG
+  state, best and top-k bookkeeping, a mid-epoch checkpoint's running sums). It is self-contained, so a crash between two file writes can never
   pair weights with the wrong optimizer state; every file is written to a temporary name and renamed;
 - `config.yaml` (the resolved configuration), `summary.csv` (one row per epoch), `curves.png`, `train.log` (what
   the run printed), and TensorBoard events with `tensorboard: true`;
 - `.lock`: held (flock) by the one trainer writing the folder, so a second concurrent trainer is refused; the
   kernel releases it when that process ends, however it ends.
+
+Three objects own these: `RunLock` (the lock, and the clean-up of interrupted writes), `StateStore` (`state.pt`,
+`config.yaml`) and `MetricsLog` (`summary.csv`, `curves.png`, TensorBoard); `RunFolder` composes them for the
+trainer and writes the weights files itself.
 
 A new run starts only in a new or empty folder (or with `--overwrite`): files it did not write are never mixed with
 a run's. Only rank 0 writes; the other ranks build a `RunFolder` with `write=False`. A writer on a folder that
@@ -205,58 +209,48 @@ def is_run_folder(out: Path) -> bool:
     return (out / ".lock").is_file() and any((out / name).is_file() for name in ("state.pt", "config.yaml"))
 
 
-class RunFolder:
-    """Files of one run folder, written by rank 0 only.
+class RunLock:
+    """The folder's `.lock`, held (flock) by the one process writing the folder; the kernel releases it when that
+    process ends, however it ends. Taking it also removes what an interrupted write of this package left there,
+    on a folder that provably holds a run (`is_run_folder`).
+
+    Raises:
+        ValueError: another live process holds the lock (its pid is named).
+    """
+
+    def __init__(self, out: Path):
+        provable = is_run_folder(out)  # before this run's own lock and config make every folder look like one
+        self._file = lock_folder(out)
+        if provable:
+            remove_stale_temporaries(out)
+
+    def release(self) -> None:
+        if self._file is not None:
+            self._file.close()  # releases the flock
+            self._file = None
+
+
+class StateStore:
+    """`state.pt`, everything `--resume` needs, and `config.yaml`, the configuration it was started with.
 
     Args:
         out: The folder.
-        config: The resolved configuration as its flat file format (written as `config.yaml`, and into `state.pt`,
-            where `--resume` reads it back).
+        config: The resolved configuration as its flat file format (`--resume` reads it back from `state.pt`).
         meta: What `create_model(checkpoint=...)` needs: model, model_kwargs, class_names, eval_config.
-        write: False on ranks other than 0: every method is then a no-op.
-        keep_top_k: Keep the weights of the k best epochs (0: none).
-        tensorboard: Also write TensorBoard events.
     """
 
-    FIELDS = [
-        "epoch",
-        "lr",
-        "train_loss",
-        "val_loss",
-        "top1",
-        "top5",
-        "ema_top1",
-        "train_img_s",
-        "epoch_s",
-        "skipped",
-    ]
+    def __init__(self, out: Path, config: dict, meta: dict):
+        self.out, self.config, self.meta = out, config, meta
 
-    def __init__(
-        self, out: Path, config: dict, meta: dict, write: bool, keep_top_k: int = 3, tensorboard: bool = False
-    ):
-        self.out, self.config, self.meta, self.write = out, config, meta, write
-        self.keep_top_k = keep_top_k
-        self.tb = None
-        self._lock = None
-        if write:
-            out.mkdir(parents=True, exist_ok=True)
-            provable = is_run_folder(out)  # before this run's own lock and config make every folder look like one
-            self._lock = lock_folder(out)
-            if provable:
-                remove_stale_temporaries(out)
-            import yaml
+    def write_config(self) -> None:
+        import yaml
 
-            files.atomic_write_text(out / "config.yaml", yaml.safe_dump(_plain(config), sort_keys=False))
-            if tensorboard:
-                self.tb = tensorboard_writer(out / "tensorboard")
+        files.atomic_write_text(self.out / "config.yaml", yaml.safe_dump(_plain(self.config), sort_keys=False))
 
-    def save_state(
-        self, parts: Trainable, progress: Progress, completed_epoch: int, step: int, epoch_step=0, totals=None
-    ) -> None:
-        """state.pt: everything --resume needs; `epoch_step` > 0 marks a checkpoint inside the next epoch, whose
-        running sums so far (`totals`) it keeps so the epoch's summary row covers the whole epoch."""
-        if not self.write:
-            return
+    def save(self, parts: Trainable, progress: Progress, completed_epoch: int, step: int, epoch_step=0, totals=None):
+        """`epoch_step` > 0 marks a checkpoint inside the next epoch, whose running sums so far (`totals`) it keeps
+        so the epoch's summary row covers the whole epoch. Every entry is read back by `Progress.restore` or
+        `resolve_config` (`config`); `meta` describes the weights for tools that open the file."""
         state = dict(
             model=parts.model.state_dict(),
             optimizer=parts.optimizer.state_dict(),
@@ -275,6 +269,89 @@ class RunFolder:
         )
         files.atomic_torch_save(state, self.out / "state.pt")
 
+
+class MetricsLog:
+    """One row per epoch: `summary.csv` (epochs counted from 1, as the log and the epoch-NNNN files count them),
+    `curves.png`, and TensorBoard events when asked for."""
+
+    FIELDS = [
+        "epoch",
+        "lr",
+        "train_loss",
+        "val_loss",
+        "top1",
+        "top5",
+        "ema_top1",
+        "train_img_s",
+        "epoch_s",
+        "skipped",
+    ]
+
+    def __init__(self, out: Path, tensorboard: bool = False):
+        self.out = out
+        self.tb = tensorboard_writer(out / "tensorboard") if tensorboard else None
+
+    def rows(self) -> list[dict]:
+        path = self.out / "summary.csv"
+        if not path.is_file():
+            return []
+        with open(path) as f:
+            return list(csv.DictReader(f))
+
+    def log(self, row: dict) -> None:
+        """Add `row` (its `epoch` counted from 0); a resumed run rewrites the epochs it redoes."""
+        rows = [r for r in self.rows() if int(r["epoch"]) <= row["epoch"]] + [dict(row, epoch=row["epoch"] + 1)]
+        lines = [",".join(self.FIELDS)]
+        for r in rows:
+            lines.append(",".join(_fmt(r.get(k)) for k in self.FIELDS))
+        files.atomic_write_text(self.out / "summary.csv", "\n".join(lines) + "\n")
+        if self.tb is not None:
+            for k in self.FIELDS[1:]:
+                if row.get(k) not in (None, ""):
+                    self.tb.add_scalar(k, float(row[k]), row["epoch"])
+            self.tb.flush()
+        try:
+            plot_curves(self.out / "summary.csv", self.out / "curves.png")
+        except Exception as e:  # a plotting problem must never stop training
+            logger.warning("could not draw curves.png: %s", e)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+            self.tb = None
+
+
+class RunFolder:
+    """The run folder as the trainer writes it, rank 0 only: its lock (`RunLock`), its state (`StateStore`), its
+    metrics (`MetricsLog`), and the weights files (last, best, the top k epochs) it owns itself.
+
+    Args:
+        out: The folder.
+        config: The resolved configuration as its flat file format.
+        meta: What `create_model(checkpoint=...)` needs: model, model_kwargs, class_names, eval_config.
+        write: False on ranks other than 0: every method is then a no-op.
+        keep_top_k: Keep the weights of the k best epochs (0: none).
+        tensorboard: Also write TensorBoard events.
+    """
+
+    def __init__(
+        self, out: Path, config: dict, meta: dict, write: bool, keep_top_k: int = 3, tensorboard: bool = False
+    ):
+        self.out, self.meta, self.write, self.keep_top_k = out, meta, write, keep_top_k
+        self.lock = self.state = self.metrics = None
+        if write:
+            out.mkdir(parents=True, exist_ok=True)
+            self.lock = RunLock(out)
+            self.state = StateStore(out, config, meta)
+            self.state.write_config()
+            self.metrics = MetricsLog(out, tensorboard)
+
+    def save_state(
+        self, parts: Trainable, progress: Progress, completed_epoch: int, step: int, epoch_step=0, totals=None
+    ) -> None:
+        if self.write:
+            self.state.save(parts, progress, completed_epoch, step, epoch_step, totals)
+
     def save_epoch(self, parts: Trainable, progress: Progress, row: dict, metrics, ema_metrics) -> None:
         """last.safetensors every epoch, the k best epochs as epoch-NNNN.safetensors, best.safetensors, the row."""
         if not self.write:
@@ -288,7 +365,7 @@ class RunFolder:
             self.save_weights(parts.ema.module, "last_ema.safetensors", **extra)
         if metrics is not None and self.keep_top_k:
             self._keep_top_k(parts.model, progress.top_k, metrics["top1"], extra)
-        self.log_epoch(row)
+        self.metrics.log(row)
         if metrics is not None:
             score = max(metrics["top1"], ema_metrics["top1"] if ema_metrics else -1)
             if progress.best is None or score > progress.best["top1"]:
@@ -308,45 +385,17 @@ class RunFolder:
             (self.out / dropped).unlink(missing_ok=True)
         del top_k[k:]
 
-    def rows(self) -> list[dict]:
-        path = self.out / "summary.csv"
-        if not path.is_file():
-            return []
-        with open(path) as f:
-            return list(csv.DictReader(f))
-
-    def log_epoch(self, row: dict) -> None:
-        if not self.write:
-            return
-        # the file counts epochs from 1, as the log and the epoch-NNNN files do (`row` counts from 0); keep rows of
-        # epochs before this one only: a resumed run rewrites the epochs it redoes
-        rows = [r for r in self.rows() if int(r["epoch"]) <= row["epoch"]] + [dict(row, epoch=row["epoch"] + 1)]
-        lines = [",".join(self.FIELDS)]
-        for r in rows:
-            lines.append(",".join(_fmt(r.get(k)) for k in self.FIELDS))
-        files.atomic_write_text(self.out / "summary.csv", "\n".join(lines) + "\n")
-        if self.tb is not None:
-            for k in self.FIELDS[1:]:
-                if row.get(k) not in (None, ""):
-                    self.tb.add_scalar(k, float(row[k]), row["epoch"])
-            self.tb.flush()
-        try:
-            plot_curves(self.out / "summary.csv", self.out / "curves.png")
-        except Exception as e:  # a plotting problem must never stop training
-            logger.warning("could not draw curves.png: %s", e)
-
     def save_weights(self, model: nn.Module, name: str, **extra) -> Path:
         from mambaout.weights.checkpoint import save_weights
 
         return save_weights(model, self.out / name, **self.meta, **extra)
 
     def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-            self.tb = None
-        if self._lock is not None:
-            self._lock.close()  # releases the flock
-            self._lock = None
+        if self.metrics is not None:
+            self.metrics.close()
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
 
 def lock_folder(out: Path):
