@@ -47,6 +47,7 @@ BAD = {
     "model": ("no_such_model", "no_such_model"),
     "model_kwargs": ("[1, 2]", "mapping"),
     "pretrained": ("yes please", "true or false"),
+    "use_ema": ("2", "true or false"),
     "initial_checkpoint": ("[]", "non-empty string"),
     "num_classes": ("0", "integer in [1, 100,000]"),
     "drop_path": ("1.0", "in [0, 1)"),
@@ -204,5 +205,7 @@ def test_set_values_go_through_the_same_yaml_rules(capsys):
 
 
 def test_data_bench_resolves_and_checks_as_train_does(tmp_path, capsys):
-    rc = data_bench.main(["--recipe", "digits", "--data-train", str(tmp_path), "--img-size", "10000"])
-    assert rc == 2 and "img_size=10000: must be an integer in [16, 2,048]" in capsys.readouterr().err
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("reprob: 2\nstd: [0, 1, 1]\n")
+    rc = data_bench.main(["--recipe", str(recipe), "--data-train", str(tmp_path)])
+    assert rc == 2 and "reprob=2: must be a finite number in [0, 1]" in capsys.readouterr().err

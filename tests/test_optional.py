@@ -54,4 +54,4 @@ def test_onnxruntime_missing(monkeypatch, capsys, tmp_path):
     _hide(monkeypatch, "onnxruntime")
     args = ["export", "--model", "mambaout_test", "--random-weights", "--img-size", "32", "--check"]
     assert main([*args, "--output", str(tmp_path / "m.onnx")]) == 2
-    _one_line(capsys, "export --check needs onnxruntime", "pip install onnxruntime")
+    _one_line(capsys, "needs onnxruntime", "pip install onnxruntime")
