@@ -10,12 +10,20 @@ from mambaout.image import load_image
 from mambaout.limits import resolve_device
 from mambaout.optim import param_groups
 from mambaout.optional import MissingDependency, require
-from mambaout.runfolder import lock_folder, remove_stale_temporaries, rng_state, seed_all, set_rng_state
+from mambaout.runfolder import (
+    check_output_free,
+    lock_folder,
+    remove_stale_temporaries,
+    rng_state,
+    seed_all,
+    set_rng_state,
+)
 
 __all__ = [
     "MissingDependency",
     "atomic_torch_save",
     "atomic_write_text",
+    "check_output_free",
     "check_writable",
     "dist",
     "load_image",

@@ -137,7 +137,9 @@ def resize(image: torch.Tensor, target: dict | None, scale: float):
     target["boxes"] = target["boxes"] * ratios
     if "masks" in target:
         masks = target["masks"]
-        target["masks"] = F.interpolate(masks[None].float(), size=(nh, nw), mode="nearest")[0].to(masks.dtype)
+        if len(masks):  # pixel centres map onto pixel centres ("nearest-exact"), as in the bilinear image resize
+            masks = F.interpolate(masks[None].float(), size=(nh, nw), mode="nearest-exact")[0].to(masks.dtype)
+        target["masks"] = masks if len(masks) else masks.new_zeros(0, nh, nw)
     return image, target
 
 

@@ -21,6 +21,7 @@ import mambaout
 from ._shared import (
     atomic_torch_save,
     atomic_write_text,
+    check_output_free,
     dist,
     lock_folder,
     param_groups,
@@ -33,7 +34,6 @@ from .config import RunConfig, from_dict
 from .tasks import Task, make_task
 
 AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-RUN_FILES = ("state.pt", "config.yaml", "summary.csv", "last.safetensors")
 
 
 def amp_setting(amp: str, device: torch.device) -> tuple[str, torch.dtype | None]:
@@ -114,18 +114,6 @@ def _fmt(v) -> str:
     return f"{v:.6g}" if isinstance(v, float) else str(v)
 
 
-def check_output_free(out: Path, cfg: RunConfig) -> None:
-    t = cfg.train
-    if t.resume or t.overwrite or not out.is_dir():
-        return
-    found = [n for n in RUN_FILES if (out / n).exists()]
-    if found:
-        raise FileExistsError(
-            f"run folder {out} already holds a run ({', '.join(found)}); continue it with --resume {out}, "
-            "start over in it with --overwrite, or pick another folder with --output"
-        )
-
-
 def load_resume(path: str) -> tuple[dict, RunConfig]:
     """The state of a run folder (or its state.pt) and the run's own configuration."""
     p = Path(path)
@@ -159,7 +147,7 @@ def fit(cfg: RunConfig) -> dict:
         amp_name, amp_dtype = amp_setting(t.amp, device)
         out = Path(t.output or Path("runs") / (Path(cfg.recipe).stem if cfg.recipe else cfg.task))
         if dist.is_main():
-            check_output_free(out, cfg)
+            check_output_free(out, t.resume, t.overwrite)
         seed_all(t.seed + env.rank)
 
         task = make_task(cfg)

@@ -134,7 +134,7 @@ def resize_pair(image: torch.Tensor, mask: torch.Tensor | None, scale: float):
     size = (max(1, int(h * scale + 0.5)), max(1, int(w * scale + 0.5)))
     image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
     if mask is not None:
-        mask = F.interpolate(mask[None, None].float(), size=size, mode="nearest")[0, 0].long()
+        mask = F.interpolate(mask[None, None].float(), size=size, mode="nearest-exact")[0, 0].long()
     return image, mask
 
 
