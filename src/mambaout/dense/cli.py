@@ -241,7 +241,7 @@ def _val_config(task: str, args, meta: dict):
     model = (DetectorConfig if task == "detect" else SegmenterConfig)(**meta["dense_model"])
     data = DataConfig(
         data=args.data,
-        val_split=args.val_split,
+        val_split=args.val_split or meta.get("val_split"),  # the training run's, unless given
         val_images=args.val_images,
         val_labels=args.val_labels,
         workers=args.workers if args.workers is not None else 0,

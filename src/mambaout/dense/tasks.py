@@ -80,7 +80,14 @@ class Task:
     # --- checkpoints ----------------------------------------------------------------------------------------------
     def meta(self) -> dict:
         """What a checkpoint carries so `validate` and `predict` rebuild the model and read its outputs."""
-        return dict(task=self.name, dense_model=dataclasses.asdict(self.cfg.model), class_names=self.class_names)
+        d = self.cfg.data
+        val_split = d.val_split or self.default_splits[1]  # validate's default under the same --data
+        return dict(
+            task=self.name,
+            dense_model=dataclasses.asdict(self.cfg.model),
+            class_names=self.class_names,
+            val_split=val_split,
+        )
 
     @staticmethod
     def from_checkpoint(path: str, device) -> tuple[nn.Module, dict]:

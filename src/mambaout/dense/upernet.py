@@ -25,8 +25,8 @@ IGNORE_INDEX = 255
 def _norm(kind: str, channels: int) -> nn.Module:
     if kind == "bn":
         return nn.BatchNorm2d(channels)
-    if kind == "gn":
-        return nn.GroupNorm(min(32, channels), channels)
+    if kind == "gn":  # groups of >= 4 channels: the PPM's 1x1 maps still give each group several values
+        return nn.GroupNorm(max(1, min(32, channels // 4)), channels)
     raise ValueError(f"head norm must be 'bn' or 'gn', got {kind!r}")
 
 
