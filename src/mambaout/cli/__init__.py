@@ -26,11 +26,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "training img/s of our cpu and gpu input pipelines vs timm's loader",
     ),
     "detect": (
-        "mambaout.dense.cmd_detect",
+        "mambaout.cli.detect",
         "detection and instance segmentation (Mask R-CNN + FPN): train, validate (COCO AP), predict",
     ),
     "segment": (
-        "mambaout.dense.cmd_segment",
+        "mambaout.cli.segment",
         "semantic segmentation (UperNet): train, validate (mIoU, pixel accuracy), predict",
     ),
     "kernels": (

@@ -14,11 +14,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import mambaout
+from mambaout.data.image import IMAGENET_MEAN, IMAGENET_STD  # the input normalisation of every published MambaOut
+from mambaout.models.factory import create_model
+
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "STRIDE", "DenseBackbone", "backbone_from"]
 
 STRIDE = 32  # the last stage's reduction: inputs are padded to a multiple of it
-IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the input normalisation of every published MambaOut
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class DenseBackbone(nn.Module):
@@ -45,7 +46,7 @@ class DenseBackbone(nn.Module):
         **model_kwargs,
     ):
         super().__init__()
-        body = mambaout.create_model(
+        body = create_model(
             name,
             pretrained=pretrained,
             checkpoint=checkpoint,

@@ -20,7 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ._shared import load_image, require
+from mambaout.data.image import load_image
+from mambaout.utils.optional import require
 
 BOX_STATS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 
@@ -190,13 +191,13 @@ def to_coco_results(output: dict, image_id: int, cat_ids: Sequence[int]) -> list
     mask_util = _pycocotools().mask
     boxes = output["boxes"].detach().float().cpu()
     xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
-    labels, scores = output["labels"].tolist(), output["scores"].tolist()
+    labels, scores = output["labels"].long().tolist(), output["scores"].float().tolist()
     rles = [None] * len(labels)
     if "masks" in output:
         masks = output["masks"].detach().cpu()
         masks = masks[:, 0] if masks.ndim == 4 else masks
-        binary = np.asfortranarray((masks > 0.5).numpy().astype(np.uint8).transpose(1, 2, 0))  # [N,H,W] -> [H,W,N]
-        rles = mask_util.encode(binary)
+        binary = (masks.float() > 0.5).numpy().astype(np.uint8)
+        rles = mask_util.encode(np.asfortranarray(binary.transpose(1, 2, 0)))  # [N, H, W] -> [H, W, N]
         for rle in rles:
             rle["counts"] = rle["counts"].decode("ascii")  # JSON-able
     results = []

@@ -16,20 +16,19 @@ from pathlib import Path
 import torch
 import yaml
 
-import mambaout
-
-from ._shared import (
-    atomic_torch_save,
-    atomic_write_text,
+from mambaout.models.layers import param_groups
+from mambaout.training.runfolder import (
     check_output_free,
-    dist,
     lock_folder,
-    param_groups,
     remove_stale_temporaries,
     rng_state,
     seed_all,
     set_rng_state,
 )
+from mambaout.utils import distributed as dist
+from mambaout.utils.files import atomic_torch_save, atomic_write_text
+from mambaout.weights.checkpoint import save_weights
+
 from .config import RunConfig, from_dict
 from .tasks import Task, make_task
 
@@ -97,7 +96,7 @@ class Run:
     def save(self, model, task: Task, parts: dict, step: int, cfg: RunConfig) -> None:
         if not self.write:
             return
-        mambaout.save_weights(model, self.out / "last.safetensors", **task.meta(), step=step)
+        save_weights(model, self.out / "last.safetensors", **task.meta(), step=step)
         state = {k: v.state_dict() for k, v in parts.items() if v is not None}
         atomic_torch_save(dict(state, step=step, rng=rng_state(), config=cfg.to_dict()), self.out / "state.pt")
 

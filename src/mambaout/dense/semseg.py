@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ._shared import load_image
+from mambaout.data.image import load_image
+
 from .coco import resize_scale, to_tensor
 from .upernet import IGNORE_INDEX
 

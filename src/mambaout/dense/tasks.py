@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import mambaout
+from mambaout.utils import distributed as dist
+from mambaout.weights.checkpoint import read_checkpoint
 
-from ._shared import dist
 from .coco import CocoInstances, ResizeFlip, coco_evaluate, collate, resize, resize_scale, to_coco_results
 from .config import DataConfig, RunConfig
 from .detection import DetectorConfig, create_detector
@@ -92,7 +92,7 @@ class Task:
     @staticmethod
     def from_checkpoint(path: str, device) -> tuple[nn.Module, dict]:
         """A trained detector or segmenter from its checkpoint (written by `mambaout detect|segment train`)."""
-        state, meta = mambaout.read_checkpoint(path)
+        state, meta = read_checkpoint(path)
         if meta.get("task") not in ("detect", "segment"):
             raise ValueError(
                 f"{path} is not a detection or segmentation checkpoint (written by mambaout detect|segment train); "
@@ -165,7 +165,7 @@ class DetectTask(Task):
             with _autocast(device, amp_dtype):
                 outputs = model([im.to(device) for im in images])
             for out, t in zip(outputs, targets):
-                results += to_coco_results({k: v.float() for k, v in out.items()}, t["image_id"], self.cat_ids)
+                results += to_coco_results(out, t["image_id"], self.cat_ids)  # it casts (labels stay integers)
                 image_ids.append(t["image_id"])
         results, image_ids = dist.all_gather_lists(results), dist.all_gather_lists(image_ids)
         types = ("bbox", "segm") if self.cfg.model.kind == "mask_rcnn" else ("bbox",)

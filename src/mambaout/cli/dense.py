@@ -13,6 +13,8 @@ from pathlib import Path
 
 import yaml
 
+from mambaout.cli.common import bool_arg
+
 S = argparse.SUPPRESS
 ACTIONS = ("train", "validate", "predict")
 
@@ -68,14 +70,6 @@ _TRAIN_FLAGS = {
 }
 
 
-def _bool(v: str) -> bool:
-    if v.lower() in ("1", "true", "yes", "on"):
-        return True
-    if v.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {v!r}")
-
-
 def _data_args(p: argparse.ArgumentParser, task: str, train: bool) -> None:
     labels = "COCO instances JSON" if task == "detect" else "folder of class-index PNG masks"
     g = p.add_argument_group("data")
@@ -97,7 +91,7 @@ def _data_args(p: argparse.ArgumentParser, task: str, train: bool) -> None:
         g.add_argument("--num-classes", type=int, help="classes when the masks hold 0..K-1 (or 1..K)")
         g.add_argument(
             "--reduce-zero-label",
-            type=_bool,
+            type=bool_arg,
             nargs="?",
             const=True,
             help="mask value 0 is ignored (ADE20K), v becomes class v-1",
@@ -105,7 +99,7 @@ def _data_args(p: argparse.ArgumentParser, task: str, train: bool) -> None:
         g.add_argument("--categories", help="JSON list of {id, name}: the mask values that are classes, in order")
         g.add_argument("--crop-size", type=int, help="training crop (512 in the paper's setting)")
         g.add_argument("--scale", type=int, nargs=2, metavar=("LONG", "SHORT"), help="training/eval resize scale")
-        g.add_argument("--eval-flip", type=_bool, nargs="?", const=True, help="evaluate with the flip too")
+        g.add_argument("--eval-flip", type=bool_arg, nargs="?", const=True, help="evaluate with the flip too")
 
 
 def train_parser(task: str) -> argparse.ArgumentParser:
@@ -119,7 +113,7 @@ def train_parser(task: str) -> argparse.ArgumentParser:
     g = p.add_argument_group("model")
     g.add_argument("--recipe", help="dense recipe name or YAML path (--list-recipes)")
     g.add_argument("--backbone", help="registered MambaOut name")
-    g.add_argument("--pretrained", type=_bool, nargs="?", const=True, help="the backbone's published weights")
+    g.add_argument("--pretrained", type=bool_arg, nargs="?", const=True, help="the backbone's published weights")
     g.add_argument("--backbone-checkpoint", help="classification weights for the backbone (any layout we read)")
     g.add_argument("--drop-path", type=float, help="backbone stochastic depth (0.3 Tiny, 0.3-0.4 Small, 0.6 Base)")
     g.add_argument("--frozen-stages", type=int, help="-1 none, 0 the stem, k the stem and the first k stages")
@@ -153,9 +147,9 @@ def train_parser(task: str) -> argparse.ArgumentParser:
     g = p.add_argument_group("run")
     g.add_argument("--output", "-o", help=f"run folder (default runs/<recipe or {task}>)")
     g.add_argument("--resume", help="run folder (or its state.pt) to continue, with its own configuration")
-    g.add_argument("--overwrite", type=_bool, nargs="?", const=True, help="start over in a folder holding a run")
+    g.add_argument("--overwrite", type=bool_arg, nargs="?", const=True, help="start over in a folder holding a run")
     g.add_argument("--eval-every", type=int, help="evaluate every N steps (and always at the end)")
-    g.add_argument("--eval-at-start", type=_bool, nargs="?", const=True, help="evaluate before training (default)")
+    g.add_argument("--eval-at-start", type=bool_arg, nargs="?", const=True, help="evaluate before training (default)")
     g.add_argument("--log-every", type=int, help="steps between progress lines")
     g.add_argument("--checkpoint-every", type=int, help="also save the state every N steps")
     g.add_argument("--stop-after-steps", type=int, help="stop after N steps of this call (resume later)")
@@ -189,9 +183,9 @@ def _overrides(args: argparse.Namespace, task: str) -> dict:
 
 
 def train(task: str, argv: list[str]) -> int:
-    from ._shared import MissingDependency
-    from .config import list_recipes, resolve
-    from .engine import fit
+    from mambaout.dense.config import list_recipes, resolve
+    from mambaout.dense.engine import fit
+    from mambaout.utils.optional import MissingDependency
 
     args = train_parser(task).parse_args(argv)
     if getattr(args, "list_recipes", False):
@@ -234,9 +228,9 @@ def validate_parser(task: str) -> argparse.ArgumentParser:
 
 
 def _val_config(task: str, args, meta: dict):
-    from .config import DataConfig, RunConfig, TrainConfig
-    from .detection import DetectorConfig
-    from .upernet import SegmenterConfig
+    from mambaout.dense.config import DataConfig, RunConfig, TrainConfig
+    from mambaout.dense.detection import DetectorConfig
+    from mambaout.dense.upernet import SegmenterConfig
 
     model = (DetectorConfig if task == "detect" else SegmenterConfig)(**meta["dense_model"])
     data = DataConfig(
@@ -253,7 +247,7 @@ def _val_config(task: str, args, meta: dict):
 
 
 def _load(task: str, path: str, device):
-    from .tasks import Task
+    from mambaout.dense.tasks import Task
 
     model, meta = Task.from_checkpoint(path, device)
     if meta["task"] != task:
@@ -262,9 +256,10 @@ def _load(task: str, path: str, device):
 
 
 def validate(task: str, argv: list[str]) -> int:
-    from ._shared import check_writable, resolve_device
-    from .engine import amp_setting
-    from .tasks import make_task
+    from mambaout.dense.engine import amp_setting
+    from mambaout.dense.tasks import make_task
+    from mambaout.utils.device import resolve_device
+    from mambaout.utils.files import check_writable
 
     args = validate_parser(task).parse_args(argv)
     device = resolve_device(args.device)
@@ -310,12 +305,12 @@ def predict_parser(task: str) -> argparse.ArgumentParser:
 def predict(task: str, argv: list[str]) -> int:
     import torch
 
-    from mambaout.inference import find_images
-
-    from ._shared import load_image, resolve_device
-    from .coco import to_tensor
-    from .draw import draw_detections, draw_segmentation
-    from .tasks import segment_probs
+    from mambaout.data.image import load_image
+    from mambaout.dense.coco import to_tensor
+    from mambaout.dense.draw import draw_detections, draw_segmentation
+    from mambaout.dense.tasks import segment_probs
+    from mambaout.inference.predictor import find_images
+    from mambaout.utils.device import resolve_device
 
     args = predict_parser(task).parse_args(argv)
     device = resolve_device(args.device)
@@ -363,9 +358,8 @@ def predict(task: str, argv: list[str]) -> int:
 
 
 def main(task: str, argv: list[str] | None) -> int:
-    from mambaout.checkpoint import CheckpointError
-
-    from ._shared import MissingDependency
+    from mambaout.utils.optional import MissingDependency
+    from mambaout.weights.checkpoint import CheckpointError
 
     argv = sys.argv[1:] if argv is None else list(argv)
     usage = f"usage: mambaout {task} {{{','.join(ACTIONS)}}} [options]  ('mambaout {task} ACTION -h' for options)"
