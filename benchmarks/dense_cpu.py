@@ -1,18 +1,19 @@
 """Detection and segmentation throughput (img/s), training and inference, for MambaOut backbones on this machine.
 
-    flock /tmp/mambaout-cpu.lock python benchmarks/dense_cpu.py --models mambaout_femto mambaout_tiny
+    flock /tmp/mambaout-cpu.lock python benchmarks/dense_cpu.py --models mambaout_femto mambaout_tiny --threads 1
 
 Mask R-CNN + FPN (torchvision, the paper's heads: FPN 256, box head 1024, mask head 256, 512 RoIs) at a shorter
 side of --det-size, and UperNet (512 channels, BatchNorm, auxiliary head) on --seg-size crops, random weights and
 random images with a few boxes/masks each: speed does not depend on the weights. Training is a full AdamW step
 (forward, losses, backward, update); inference is `model.eval()` under no_grad. Each number is the median of
---repeat timed steps after --warmup untimed ones.
+--repeat timed steps after --warmup untimed ones. On cores other processes share, --threads 1 measures what a
+single thread does; more threads than idle cores wait on each other (we saw 6-8x slower steps at 2 threads, load 8).
 """
 
 from __future__ import annotations
 
 import argparse
-import platform
+import os
 import statistics
 import time
 
@@ -20,16 +21,7 @@ import torch
 
 from mambaout.dense.detection import DetectorConfig, create_detector
 from mambaout.dense.upernet import SegmenterConfig, create_segmenter
-
-
-def _cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+from mambaout.utils.device import cpu_name
 
 
 def _targets(n: int, size: int, gen: torch.Generator) -> list[dict]:
@@ -104,12 +96,16 @@ def main() -> None:
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"# {_cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}, batch {args.batch}")
+    load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
+    print(
+        f"# {cpu_name()}, {torch.get_num_threads()} threads, load average {load}, torch {torch.__version__}, batch {args.batch}"
+    )
     print("| backbone | model | input | mode | img/s |")
     print("| --- | --- | --- | --- | --- |")
     for name in args.models:
         for row in bench(name, args):
             print(f"| {row[0]} | {row[1]} | {row[2]} | {row[3]} | {row[4]:.2f} |", flush=True)
+    print(f"# load average at the end: {', '.join(f'{v:.1f}' for v in os.getloadavg())}")
 
 
 if __name__ == "__main__":
