@@ -104,6 +104,7 @@ def _data_args(p: argparse.ArgumentParser, task: str, train: bool) -> None:
 
 def train_parser(task: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
+        allow_abbrev=False,
         prog=f"mambaout {task} train",
         description=f"Train a MambaOut {'Mask R-CNN' if task == 'detect' else 'UperNet'}. Resolution: defaults < "
         "--recipe (--list-recipes) < options given here.",
@@ -182,6 +183,22 @@ def _overrides(args: argparse.Namespace, task: str) -> dict:
     return out
 
 
+def _smoke_cap(cfg) -> None:
+    """`MAMBAOUT_MAX_STEPS` from the environment caps the run's optimizer steps (as it caps `mambaout train`), so a
+    documented command can be smoke-tested as written (tests/test_docs.py); the capped length is in config.yaml."""
+    import os
+
+    value = os.environ.get("MAMBAOUT_MAX_STEPS")
+    if not value:
+        return
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"MAMBAOUT_MAX_STEPS must be a positive integer, got {value!r}")
+    t = cfg.train
+    if t.epochs is not None or t.steps > int(value):
+        t.epochs, t.steps = None, int(value)
+        t.warmup_steps = min(t.warmup_steps, t.steps)
+
+
 def train(task: str, argv: list[str]) -> int:
     from mambaout.dense.config import list_recipes, resolve
     from mambaout.dense.engine import fit
@@ -197,6 +214,8 @@ def train(task: str, argv: list[str]) -> int:
         overrides.setdefault("train.steps", 1)  # the run's own length comes from its state
         recipe = None
     cfg = resolve(task, recipe, overrides)
+    if not getattr(args, "resume", None):
+        _smoke_cap(cfg)
     if getattr(args, "print_config", False):
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         return 0
@@ -212,6 +231,7 @@ def train(task: str, argv: list[str]) -> int:
 
 def validate_parser(task: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
+        allow_abbrev=False,
         prog=f"mambaout {task} validate",
         description="COCO box and mask AP (pycocotools)"
         if task == "detect"
@@ -286,6 +306,7 @@ def validate(task: str, argv: list[str]) -> int:
 
 def predict_parser(task: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
+        allow_abbrev=False,
         prog=f"mambaout {task} predict",
         description="Pictures of the "
         + ("detections (boxes, masks, names, scores)" if task == "detect" else "segmentation (a colour per class)")
@@ -363,9 +384,18 @@ def main(task: str, argv: list[str] | None) -> int:
 
     argv = sys.argv[1:] if argv is None else list(argv)
     usage = f"usage: mambaout {task} {{{','.join(ACTIONS)}}} [options]  ('mambaout {task} ACTION -h' for options)"
-    if not argv or argv[0] in ("-h", "--help"):
+    if not argv:
         print(usage)
-        return 0 if argv else 2
+        return 2
+    if argv[0] in ("-h", "--help"):  # the usage, then every action's options; exits 0 as argparse's --help does
+        actions = (train_parser(task), validate_parser(task), predict_parser(task))
+        argparse.ArgumentParser(
+            prog=f"mambaout {task}",
+            usage=usage.removeprefix("usage: "),
+            epilog="\n\n".join(parser.format_help().rstrip() for parser in actions),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+            allow_abbrev=False,
+        ).parse_args(argv)
     action, rest = argv[0], argv[1:]
     if action not in ACTIONS:
         print(f"mambaout {task}: unknown action {action!r}\n{usage}", file=sys.stderr)
