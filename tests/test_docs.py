@@ -41,7 +41,10 @@ NOT_RUN = [
     (r"--pretrained\b|pretrained=True|hf-hub:", "downloads published weights"),
     (r"--device cuda|--data-pipeline gpu|imagenette-h100|--recipe mambaout-|benchmarks/gpu_check", "needs a GPU"),
     (r"^mambaout demo\b|demo/app\.py", "serves until stopped"),
-    (r"^mambaout (benchmark|data-bench|kernels --aot)|benchmarks/(cpu_check|inference_cpu)", "a benchmark (minutes)"),
+    (
+        r"^mambaout (benchmark|data-bench|kernels --aot)|benchmarks/(cpu_check|inference_cpu|dense_cpu)",
+        "a benchmark (minutes)",
+    ),
     (r"^for |^flock ", "a loop of full runs or a lock for timing"),
     (r"python -m pytest", "the test suite itself"),
     (r"^mambaout flops\s*$|mambaout\.analysis\.compare", "every model, or a timing (minutes on 2 cores)"),
@@ -217,7 +220,7 @@ def _env(work: Path) -> dict:
 
 
 def _uses_shared_data(text: str) -> bool:
-    return "../shared/data" in text or "imagenette" in text
+    return "../shared/data" in text or "imagenette" in text or "coco128" in text
 
 
 def _run_page(page: Path, tmp_path: Path, shared: Path | None) -> list[str]:

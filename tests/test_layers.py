@@ -10,7 +10,19 @@ import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "mambaout"
 # bottom first; a module may import its own layer and the layers below it
-LAYERS = ["utils", "kernels", "data", "weights", "models", "training", "inference", "deploy", "analysis", "cli"]
+LAYERS = [
+    "utils",
+    "kernels",
+    "data",
+    "weights",
+    "models",
+    "training",
+    "inference",
+    "deploy",
+    "dense",
+    "analysis",
+    "cli",
+]
 
 
 def _module_name(path: Path) -> str:

@@ -25,6 +25,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "mambaout.cli.data_bench",
         "training img/s of our cpu and gpu input pipelines vs timm's loader",
     ),
+    "detect": (
+        "mambaout.cli.detect",
+        "detection and instance segmentation (Mask R-CNN + FPN): train, validate (COCO AP), predict",
+    ),
+    "segment": (
+        "mambaout.cli.segment",
+        "semantic segmentation (UperNet): train, validate (mIoU, pixel accuracy), predict",
+    ),
     "kernels": (
         "mambaout.cli.kernels",
         "which block implementation runs where; --aot sm_90 times every Triton compile",

@@ -130,3 +130,13 @@ def add_dtype_argument(parser) -> None:
         default="fp32",
         help="inference dtype; bf16 needs a CPU with AVX512-BF16 or AMX (else fp32, said in one line) or a GPU",
     )
+
+
+def bool_arg(v: str) -> bool:
+    """An option's true/false value (1/0, yes/no, on/off), for `type=` with `nargs="?", const=True` (the dense
+    commands' `--overwrite`, `--eval-at-start 0`, ...)."""
+    if v.lower() in ("1", "true", "yes", "on"):
+        return True
+    if v.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {v!r}")

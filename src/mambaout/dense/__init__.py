@@ -1,0 +1,1 @@
+"""Detection and instance segmentation (Mask R-CNN) and semantic segmentation (UperNet) on MambaOut backbones."""

@@ -1,0 +1,115 @@
+"""The dense-prediction backbone: MambaOut's stage maps, each through its own LayerNorm, as NCHW tensors.
+
+The authors' recipe for detection and segmentation (answers in the official repo's issues, following Swin) adds a
+LayerNorm on the output of every stage before the neck. Everything else is the classification network: the stage
+maps before those norms are exactly what `mambaout.create_model(name, features_only=True)` returns.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mambaout.data.image import IMAGENET_MEAN, IMAGENET_STD  # the input normalisation of every published MambaOut
+from mambaout.models.factory import create_model
+
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "STRIDE", "DenseBackbone", "backbone_from"]
+
+STRIDE = 32  # the last stage's reduction: inputs are padded to a multiple of it
+
+
+class DenseBackbone(nn.Module):
+    """MambaOut stage maps with a LayerNorm each, for a detection or segmentation neck.
+
+    Args:
+        name: A registered MambaOut name (`mambaout_tiny`); None when `checkpoint` records its model.
+        out_indices: The stages returned (0-3, strides 4, 8, 16, 32).
+        pretrained: Start from the variant's published classification weights.
+        checkpoint: Start from these classification weights (official, timm or our layout).
+        drop_path_rate: Stochastic depth of the blocks (the authors use 0.3 for Tiny, 0.3-0.4 Small, 0.6 Base).
+        frozen_stages: -1 trains everything; 0 freezes the stem; k > 0 the stem and the first k stages.
+        **model_kwargs: Further `MambaOut` arguments (`kernel_size`, `depths`, `dims`, ...).
+    """
+
+    def __init__(
+        self,
+        name: str | None = "mambaout_tiny",
+        out_indices: Sequence[int] = (0, 1, 2, 3),
+        pretrained: bool = False,
+        checkpoint: str | os.PathLike | None = None,
+        drop_path_rate: float = 0.0,
+        frozen_stages: int = -1,
+        **model_kwargs,
+    ):
+        super().__init__()
+        body = create_model(
+            name,
+            pretrained=pretrained,
+            checkpoint=checkpoint,
+            features_only=True,
+            out_indices=tuple(out_indices),
+            output_fmt="NHWC",  # the norms work on the last dimension; NCHW after them
+            drop_path_rate=drop_path_rate,
+            **model_kwargs,
+        )
+        if not -1 <= frozen_stages <= len(body.stages):
+            raise ValueError(f"frozen_stages must be -1 (none) to {len(body.stages)}, got {frozen_stages}")
+        self.model_name = body.model_name
+        self.model_kwargs = dict(body.model_kwargs)
+        self.body = body
+        self.out_indices = tuple(body.out_indices)
+        self.out_channels = list(body.feature_info.channels())
+        self.strides = list(body.feature_info.reduction())
+        self.norms = nn.ModuleList(nn.LayerNorm(c, eps=1e-6) for c in self.out_channels)
+        self.frozen_stages = frozen_stages
+        self._freeze()
+
+    def _frozen_modules(self) -> list[nn.Module]:
+        if self.frozen_stages < 0:
+            return []
+        return [self.body.stem, *self.body.stages[: self.frozen_stages]]
+
+    def _freeze(self) -> None:
+        for module in self._frozen_modules():
+            module.eval()
+            for p in module.parameters():
+                p.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> DenseBackbone:
+        super().train(mode)
+        for module in self._frozen_modules():  # frozen stages stay in eval mode: no drop path there
+            module.eval()
+        return self
+
+    def stage_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The stage maps before the added norms, NCHW (`x` padded to a multiple of 32 first)."""
+        return [f.permute(0, 3, 1, 2).contiguous() for f in self.body(pad_to_stride(x))]  # [B,H,W,C] -> [B,C,H,W]
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """`[B, 3, H, W]` -> one `[B, C_i, ceil(H / s_i), ceil(W / s_i)]` map per returned stage."""
+        feats = self.body(pad_to_stride(x))  # list of [B, H_i, W_i, C_i]
+        return [norm(f).permute(0, 3, 1, 2).contiguous() for norm, f in zip(self.norms, feats)]
+
+
+def pad_to_stride(x: torch.Tensor, stride: int = STRIDE) -> torch.Tensor:
+    """Zero-pad the bottom and right of `[B, C, H, W]` up to multiples of `stride` (a no-op when they already are)."""
+    h, w = x.shape[-2:]
+    ph, pw = -h % stride, -w % stride
+    return F.pad(x, (0, pw, 0, ph)) if ph or pw else x
+
+
+def backbone_from(cfg, pretrained: bool = False, checkpoint: str | os.PathLike | None = None) -> DenseBackbone:
+    """The backbone a `DetectorConfig` or `SegmenterConfig` names (its `backbone`, `drop_path_rate`,
+    `frozen_stages`, `model_kwargs`), from published or given classification weights."""
+    return DenseBackbone(
+        cfg.backbone,
+        pretrained=pretrained,
+        checkpoint=checkpoint,
+        drop_path_rate=cfg.drop_path_rate,
+        frozen_stages=cfg.frozen_stages,
+        **cfg.model_kwargs,
+    )

@@ -1,0 +1,249 @@
+"""COCO instances: the dataset (read with pycocotools), the resize-and-flip data path, and box/mask AP.
+
+Targets follow torchvision's detection convention: `boxes` `[N, 4]` (x1, y1, x2, y2) in pixels of the image as
+given to the model, `labels` `[N]` contiguous from 1 (0 is the background), `masks` `[N, H, W]` uint8. Category
+ids are COCO's own (1-90 with gaps); `CocoInstances.cat_ids[label - 1]` maps a label back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from mambaout.data.image import load_image
+from mambaout.utils.optional import require
+
+BOX_STATS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+
+
+def _pycocotools():
+    return require("pycocotools", "COCO data and evaluation", "'mambaout[dense]' (or: pip install pycocotools)")
+
+
+def load_coco(ann_file: str | Path):
+    """A pycocotools `COCO` index of `ann_file`, quietly (pycocotools prints progress to stdout)."""
+    _pycocotools()
+    from pycocotools.coco import COCO
+
+    ann_file = Path(ann_file)
+    if not ann_file.is_file():
+        raise FileNotFoundError(f"COCO annotation file {ann_file} does not exist")
+    with contextlib.redirect_stdout(io.StringIO()):
+        try:
+            return COCO(str(ann_file))
+        except (ValueError, KeyError, TypeError, AssertionError) as e:
+            raise ValueError(f"{ann_file} is not a COCO instances file ({type(e).__name__}: {e})") from e
+
+
+def to_tensor(img) -> torch.Tensor:
+    """A PIL RGB image as `[3, H, W]` float in [0, 1]."""
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255)  # HWC->CHW
+
+
+class CocoInstances(torch.utils.data.Dataset):
+    """Images of a folder with their COCO instance annotations: `(image [3, H, W] in [0, 1], target)`.
+
+    Crowd regions are left out of the targets (COCO's evaluation ignores detections on them, from the JSON).
+
+    Args:
+        images: Folder of the images (`file_name` in the JSON is relative to it).
+        ann_file: COCO instances JSON (polygon or RLE masks).
+        transform: `(image, target) -> (image, target)`, e.g. `ResizeFlip`.
+        masks: Decode the instance masks (Mask R-CNN); False for boxes only.
+    """
+
+    def __init__(self, images: str | Path, ann_file: str | Path, transform=None, masks: bool = True):
+        self.root = Path(images)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"image folder {self.root} does not exist")
+        self.coco = load_coco(ann_file)
+        self.ids = sorted(self.coco.getImgIds())
+        if not self.ids:
+            raise ValueError(f"{ann_file} lists no images")
+        self.cat_ids = sorted(self.coco.getCatIds())
+        self.class_names = [self.coco.cats[c]["name"] for c in self.cat_ids]
+        self.label_of = {cid: i + 1 for i, cid in enumerate(self.cat_ids)}
+        self.transform = transform
+        self.masks = masks
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int):
+        image_id = self.ids[index]
+        info = self.coco.imgs[image_id]
+        path = self.root / info["file_name"]
+        image = to_tensor(load_image(path))
+        h, w = image.shape[-2:]
+        if (h, w) != (info["height"], info["width"]):
+            raise ValueError(
+                f"{path} is {w}x{h} but its annotation says {info['width']}x{info['height']}; the annotations "
+                "do not belong to this image"
+            )
+        target = self.target(image_id, h, w)
+        if self.transform is not None:
+            image, target = self.transform(image, target)
+        return image, target
+
+    def target(self, image_id: int, h: int, w: int) -> dict:
+        """The image's non-crowd instances with a box of positive size, as torchvision's detectors take them."""
+        anns = [a for a in self.coco.imgToAnns[image_id] if not a.get("iscrowd", 0)]
+        anns = [a for a in anns if a["bbox"][2] > 0 and a["bbox"][3] > 0]
+        boxes = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
+        boxes[:, 2:] += boxes[:, :2]  # (x, y, w, h) -> (x1, y1, x2, y2)
+        target = dict(
+            boxes=boxes,
+            labels=torch.tensor([self.label_of[a["category_id"]] for a in anns], dtype=torch.int64),
+            image_id=image_id,
+        )
+        if self.masks:
+            masks = [self.coco.annToMask(a) for a in anns]
+            target["masks"] = torch.from_numpy(np.stack(masks)) if masks else torch.zeros(0, h, w, dtype=torch.uint8)
+        return target
+
+
+def collate(batch):
+    """Detection batches are lists: images differ in size (the model's transform pads them)."""
+    return tuple(zip(*batch))
+
+
+# --- the data path: resize keeping the aspect ratio, horizontal flip -------------------------------------------------
+
+
+def resize_scale(h: int, w: int, min_size: int, max_size: int) -> float:
+    """The scale that brings the shorter side to `min_size` unless the longer side would pass `max_size`
+    (the rule of torchvision's detection transform, so training and evaluation see objects at one scale)."""
+    return min(min_size / min(h, w), max_size / max(h, w))
+
+
+def resize(image: torch.Tensor, target: dict | None, scale: float):
+    """Resize `[3, H, W]` by `scale` (bilinear; masks nearest), moving the boxes with the pixels."""
+    h, w = image.shape[-2:]
+    nh, nw = int(h * scale), int(w * scale)  # floor, as torchvision's resize
+    image = F.interpolate(image[None], size=(nh, nw), mode="bilinear", align_corners=False)[0]
+    if target is None:
+        return image, None
+    target = dict(target)
+    ratios = torch.tensor([nw / w, nh / h, nw / w, nh / h])
+    target["boxes"] = target["boxes"] * ratios
+    if "masks" in target:
+        masks = target["masks"]
+        if len(masks):  # pixel centres map onto pixel centres ("nearest-exact"), as in the bilinear image resize
+            masks = F.interpolate(masks[None].float(), size=(nh, nw), mode="nearest-exact")[0].to(masks.dtype)
+        target["masks"] = masks if len(masks) else masks.new_zeros(0, nh, nw)
+    return image, target
+
+
+def hflip(image: torch.Tensor, target: dict | None):
+    """Mirror left-right; a box (x1, x2) becomes (W - x2, W - x1)."""
+    w = image.shape[-1]
+    image = image.flip(-1)
+    if target is None:
+        return image, None
+    target = dict(target)
+    boxes = target["boxes"].clone()
+    boxes[:, [0, 2]] = w - target["boxes"][:, [2, 0]]
+    target["boxes"] = boxes
+    if "masks" in target:
+        target["masks"] = target["masks"].flip(-1)
+    return image, target
+
+
+@dataclass
+class ResizeFlip:
+    """Training augmentation: resize to a shorter side drawn from `min_sizes` (longer side at most `max_size`),
+    then flip with probability `hflip`. Boxes and masks move with the image."""
+
+    min_sizes: Sequence[int]
+    max_size: int
+    hflip: float = 0.5
+
+    def __call__(self, image: torch.Tensor, target: dict):
+        short = random.choice(list(self.min_sizes))
+        image, target = resize(image, target, resize_scale(*image.shape[-2:], short, self.max_size))
+        if random.random() < self.hflip:
+            image, target = hflip(image, target)
+        return image, target
+
+
+# --- evaluation: COCO box and mask AP through pycocotools -------------------------------------------------------------
+
+
+def to_coco_results(output: dict, image_id: int, cat_ids: Sequence[int]) -> list[dict]:
+    """One image's detections as COCO result entries (boxes as x, y, w, h; masks as RLE).
+
+    Args:
+        output: `boxes` `[N, 4]` xyxy, `labels` `[N]` (from 1), `scores` `[N]`, optional `masks` `[N, 1, H, W]`
+            probabilities (Mask R-CNN's output, thresholded at 0.5) or `[N, H, W]` binary masks.
+        image_id: The COCO image id.
+        cat_ids: COCO category id of each label (label l is `cat_ids[l - 1]`).
+    """
+    mask_util = _pycocotools().mask
+    boxes = output["boxes"].detach().float().cpu()
+    xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
+    labels, scores = output["labels"].long().tolist(), output["scores"].float().tolist()
+    rles = [None] * len(labels)
+    if "masks" in output:
+        masks = output["masks"].detach().cpu()
+        masks = masks[:, 0] if masks.ndim == 4 else masks
+        binary = (masks.float() > 0.5).numpy().astype(np.uint8)
+        rles = mask_util.encode(np.asfortranarray(binary.transpose(1, 2, 0)))  # [N, H, W] -> [H, W, N]
+        for rle in rles:
+            rle["counts"] = rle["counts"].decode("ascii")  # JSON-able
+    results = []
+    for box, label, score, rle in zip(xywh, labels, scores, rles):
+        entry = dict(image_id=int(image_id), category_id=int(cat_ids[label - 1]), bbox=box, score=float(score))
+        if rle is not None:
+            entry["segmentation"] = rle
+        results.append(entry)
+    return results
+
+
+def coco_evaluate(coco_gt, results: list[dict], image_ids: Sequence[int], iou_types=("bbox", "segm")) -> dict:
+    """COCO AP of `results` on the images `image_ids` of `coco_gt`, computed by pycocotools' `COCOeval`.
+
+    Returns:
+        `{'bbox': {'AP': ..., 'AP50': ..., ...}, 'segm': {...}, 'summary': text}`: the twelve COCO numbers
+        (fractions; -1 where the images hold no object of that size), and pycocotools' printed summary.
+    """
+    _pycocotools()
+    from pycocotools.cocoeval import COCOeval
+
+    out: dict = {}
+    text = []
+    for iou_type in iou_types:
+        key = "bbox" if iou_type == "bbox" else "segmentation"
+        dets = [
+            {k: v for k, v in r.items() if k != ("segmentation" if iou_type == "bbox" else "bbox")} for r in results
+        ]
+        dets = [d for d in copy.deepcopy(dets) if key in d]
+        if not dets:  # pycocotools cannot load an empty result list: nothing detected scores zero
+            out[iou_type] = {name: 0.0 for name in BOX_STATS}
+            text.append(f"{iou_type}: no detections")
+            continue
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            coco_dt = coco_gt.loadRes(dets)
+            ev = COCOeval(coco_gt, coco_dt, iou_type)
+            ev.params.imgIds = list(image_ids)  # each evaluated image counts once, the others not at all
+            ev.evaluate()
+            ev.accumulate()
+            ev.summarize()
+        out[iou_type] = {name: float(v) for name, v in zip(BOX_STATS, ev.stats)}
+        text.append(f"{iou_type}:\n" + "\n".join(line for line in buf.getvalue().splitlines() if "Average" in line))
+    out["summary"] = "\n".join(text)
+    return out
+
+
+def write_results(path: str | Path, results: list[dict]) -> None:
+    Path(path).write_text(json.dumps(results))

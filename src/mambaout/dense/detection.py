@@ -1,0 +1,103 @@
+"""Mask R-CNN and Faster R-CNN with FPN on the dense MambaOut backbone: torchvision's models, our adapter.
+
+torchvision supplies the detector (RPN, RoI heads, losses, anchor generator, box coder, the batching transform and
+the post-processing that maps boxes and masks back onto the input image); we supply only `MambaOutFPN`, the
+backbone-plus-neck module torchvision's `GeneralizedRCNN` expects: images in, an ordered dict of 256-channel maps
+out, with an `out_channels` attribute.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torchvision.models.detection import FasterRCNN, MaskRCNN
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.ops import FeaturePyramidNetwork
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
+from .backbone import IMAGENET_MEAN, IMAGENET_STD, DenseBackbone, backbone_from
+
+
+class MambaOutFPN(nn.Module):
+    """Dense MambaOut stages 0-3 through an FPN, plus the max-pooled P6 the RPN's largest anchors use.
+
+    Returns maps '0'-'3' (strides 4-32) and 'pool' (stride 64), the names torchvision's RoI pooler expects.
+    """
+
+    def __init__(self, backbone: DenseBackbone, out_channels: int = 256):
+        super().__init__()
+        if len(backbone.out_indices) != 4:
+            raise ValueError(f"the FPN detector needs all four stages, got out_indices={backbone.out_indices}")
+        self.backbone = backbone
+        self.fpn = FeaturePyramidNetwork(backbone.out_channels, out_channels, extra_blocks=LastLevelMaxPool())
+        self.out_channels = out_channels
+
+    def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
+        feats = self.backbone(x)  # the transform batches images padded to a multiple of 32, so no extra padding
+        return self.fpn(OrderedDict((str(i), f) for i, f in enumerate(feats)))
+
+
+@dataclass
+class DetectorConfig:
+    """What builds a detector; written into its checkpoints so `validate` and `predict` rebuild it.
+
+    Attributes:
+        backbone: Registered MambaOut name.
+        kind: `mask_rcnn` (boxes and masks) or `faster_rcnn` (boxes).
+        num_classes: Object classes, background not counted (None until the data says).
+        min_size: Shorter image side the detector sees at evaluation (training sizes come from the data path).
+        max_size: Cap on the longer side.
+        fpn_channels: FPN width (256 in the paper's setting); the RPN and RoI heads take it.
+        box_head_dim: Width of the box head's two fully connected layers (1024).
+        mask_head_channels: Width of the mask head's four convs (256).
+        rois_per_image: RoIs sampled per training image for the box and mask losses (512).
+        drop_path_rate: Backbone stochastic depth.
+        frozen_stages: See `DenseBackbone`.
+        model_kwargs: Further backbone arguments.
+    """
+
+    backbone: str = "mambaout_tiny"
+    kind: str = "mask_rcnn"
+    num_classes: int | None = None  # None: the training data's
+    min_size: int = 800
+    max_size: int = 1333
+    fpn_channels: int = 256
+    box_head_dim: int = 1024
+    mask_head_channels: int = 256
+    rois_per_image: int = 512
+    drop_path_rate: float = 0.3
+    frozen_stages: int = -1
+    model_kwargs: dict = field(default_factory=dict)
+
+
+def create_detector(cfg: DetectorConfig, pretrained: bool = False, checkpoint: str | None = None) -> nn.Module:
+    """torchvision's Mask R-CNN or Faster R-CNN on a dense MambaOut; `pretrained`/`checkpoint` are the backbone's
+    classification weights."""
+    if cfg.kind not in ("mask_rcnn", "faster_rcnn"):
+        raise ValueError(f"detector kind must be 'mask_rcnn' or 'faster_rcnn', got {cfg.kind!r}")
+    if cfg.num_classes is None or cfg.num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {cfg.num_classes}")
+    backbone = backbone_from(cfg, pretrained, checkpoint)
+    neck = MambaOutFPN(backbone, cfg.fpn_channels)
+    classes = cfg.num_classes + 1  # torchvision counts the background as class 0
+    c, dim, mc = cfg.fpn_channels, cfg.box_head_dim, cfg.mask_head_channels
+    heads = dict(box_head=TwoMLPHead(c * 7 * 7, dim), box_predictor=FastRCNNPredictor(dim, classes))  # 7x7 RoIs
+    if cfg.kind == "mask_rcnn":
+        heads.update(mask_head=MaskRCNNHeads(c, [mc] * 4, 1), mask_predictor=MaskRCNNPredictor(mc, mc, classes))
+    detector_cls = MaskRCNN if cfg.kind == "mask_rcnn" else FasterRCNN
+    return detector_cls(
+        neck,
+        box_batch_size_per_image=cfg.rois_per_image,
+        **heads,
+        min_size=cfg.min_size,
+        max_size=cfg.max_size,
+        image_mean=list(IMAGENET_MEAN),
+        image_std=list(IMAGENET_STD),
+        # training images arrive resized (and flipped) by our data path, which handles boxes and masks with them;
+        # evaluation images arrive as they are and the transform resizes them, then maps the outputs back
+        _skip_resize=True,
+    )

@@ -1,0 +1,277 @@
+"""Training a detector or segmenter, step by step: `fit(cfg)` from a resolved `RunConfig`.
+
+The run folder holds `config.yaml`, `state.pt` (what `--resume` needs: weights, optimizer, schedule, grad scaler,
+step, RNG), `last.safetensors` (weights plus what `validate`/`predict` need to rebuild the model), `summary.csv`
+(one row per evaluation, step 0 included) and `train.log` (what the run printed). Only rank 0 writes; a second
+trainer on the same folder is refused (the classification trainer's lock).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from mambaout.models.layers import param_groups
+from mambaout.training.runfolder import (
+    check_output_free,
+    lock_folder,
+    remove_stale_temporaries,
+    rng_state,
+    seed_all,
+    set_rng_state,
+)
+from mambaout.utils import distributed as dist
+from mambaout.utils.files import atomic_torch_save, atomic_write_text
+from mambaout.weights.checkpoint import save_weights
+
+from .config import RunConfig, from_dict
+from .tasks import Task, make_task
+
+AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def amp_setting(amp: str, device: torch.device) -> tuple[str, torch.dtype | None]:
+    """`auto`: bf16 autocast on CUDA, full precision on CPU."""
+    name = ("bf16" if device.type == "cuda" else "none") if amp == "auto" else amp
+    return name, AMP[name]
+
+
+# --- the schedule ----------------------------------------------------------------------------------------------------
+
+
+def lr_factor(step: int, total: int, t) -> float:
+    """The learning rate of optimizer step `step` (0-based) over `t.lr`: linear warmup from `warmup_ratio`, then
+    step decay at the `milestones` (fractions of the run) or polynomial decay to `min_lr`."""
+    if step < t.warmup_steps:
+        warm = t.warmup_ratio + (1 - t.warmup_ratio) * step / t.warmup_steps
+    else:
+        warm = 1.0
+    if t.schedule == "step":
+        return warm * t.gamma ** sum(step >= round(m * total) for m in t.milestones)
+    floor = t.min_lr / t.lr
+    return warm * ((1 - floor) * (1 - min(step, total) / total) ** t.poly_power + floor)
+
+
+# --- the run folder --------------------------------------------------------------------------------------------------
+
+
+class Run:
+    """Rank 0's files and messages; on other ranks every method is a no-op."""
+
+    def __init__(self, out: Path, cfg: RunConfig, write: bool, append: bool):
+        self.out, self.write = out, write
+        self.log = self.lock = None
+        if write:
+            out.mkdir(parents=True, exist_ok=True)
+            self.lock = lock_folder(out)
+            remove_stale_temporaries(out)
+            atomic_write_text(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            self.log = open(out / "train.log", "a" if append else "w")
+
+    def say(self, msg: str) -> None:
+        if self.write:
+            print(msg, flush=True)
+            self.log.write(msg + "\n")
+            self.log.flush()
+
+    def row(self, row: dict) -> None:
+        """Append a row to summary.csv (the header grows with the first row of its kind)."""
+        if not self.write:
+            return
+        path = self.out / "summary.csv"
+        rows = []
+        if path.is_file():
+            with open(path) as f:
+                rows = list(csv.DictReader(f))
+        rows = [r for r in rows if int(r["step"]) < row["step"]] + [row]  # a resumed run rewrites what it redoes
+        fields = list(dict.fromkeys(k for r in rows for k in r))
+        lines = [",".join(fields)] + [",".join(_fmt(r.get(k)) for k in fields) for r in rows]
+        atomic_write_text(path, "\n".join(lines) + "\n")
+
+    def save(self, model, task: Task, parts: dict, step: int, cfg: RunConfig) -> None:
+        if not self.write:
+            return
+        save_weights(model, self.out / "last.safetensors", **task.meta(), step=step)
+        state = {k: v.state_dict() for k, v in parts.items() if v is not None}
+        atomic_torch_save(dict(state, step=step, rng=rng_state(), config=cfg.to_dict()), self.out / "state.pt")
+
+    def close(self) -> None:
+        if self.log is not None:
+            self.log.close()
+        if self.lock is not None:
+            self.lock.close()
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return ""
+    return f"{v:.6g}" if isinstance(v, float) else str(v)
+
+
+def load_resume(path: str) -> tuple[dict, RunConfig]:
+    """The state of a run folder (or its state.pt) and the run's own configuration."""
+    p = Path(path)
+    p = p / "state.pt" if p.is_dir() else p
+    if not p.is_file():
+        raise FileNotFoundError(f"--resume {path}: no training state found (expected a run folder holding state.pt)")
+    try:
+        state = torch.load(p, map_location="cpu", weights_only=True)
+        return state, from_dict(state["config"])
+    except Exception as e:
+        raise ValueError(f"cannot read training state {p} ({type(e).__name__}: {e})") from e
+
+
+# --- training --------------------------------------------------------------------------------------------------------
+
+
+def fit(cfg: RunConfig) -> dict:
+    """Train as `cfg` says (or continue `cfg.train.resume`); returns the step-0 and final evaluations."""
+    state = None
+    if cfg.train.resume:
+        state, saved = load_resume(cfg.train.resume)
+        saved.train.resume, saved.train.stop_after_steps = cfg.train.resume, cfg.train.stop_after_steps
+        saved.train.output = saved.train.output or str(Path(cfg.train.resume).resolve())
+        cfg = saved
+    t = cfg.train
+    env, device = dist.init(t.device)
+    run = None
+    try:
+        if t.threads:
+            torch.set_num_threads(t.threads)
+        amp_name, amp_dtype = amp_setting(t.amp, device)
+        out = Path(t.output or Path("runs") / (Path(cfg.recipe).stem if cfg.recipe else cfg.task))
+        if dist.is_main():
+            check_output_free(out, t.resume, t.overwrite)
+        seed_all(t.seed + env.rank)
+
+        task = make_task(cfg)
+        train_set = task.train_set()  # also fixes the class count from the data
+        val_set = task.val_set()
+        loader = task.loader(train_set, cfg.data.batch_size, cfg.data.workers, shuffle=True, seed=t.seed)
+        if len(loader) == 0:
+            raise ValueError(f"{len(train_set)} training images make no batch of {cfg.data.batch_size}")
+        total = t.steps or t.epochs * len(loader)
+
+        model = task.model(t.pretrained, t.backbone_checkpoint).to(device)
+        if env.world_size > 1 and device.type == "cuda":
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # one BatchNorm over all GPUs (Swin's)
+        optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, t))
+        scaler = torch.amp.GradScaler(device.type) if amp_name == "fp16" else None
+        parts = dict(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
+        step = 0
+        if state is not None:
+            for k, v in parts.items():
+                if v is not None and k in state:
+                    v.load_state_dict(state[k])
+            step = state["step"]
+        train_model = dist.wrap(model, device)
+
+        run = Run(out, cfg, dist.is_main(), append=state is not None)
+        n_params = sum(p.numel() for p in model.parameters()) / 1e6
+        run.say(
+            f"{cfg.task}: {cfg.model.backbone} {getattr(cfg.model, 'kind', 'upernet')} ({n_params:.2f}M params), "
+            f"{len(train_set)} training images, {cfg.model.num_classes} classes | {total} steps of "
+            f"{cfg.data.batch_size} x {env.world_size} images | lr {t.lr:g} | amp {amp_name} | {device.type} | "
+            f"output {out}" + (f" | resumed at step {step}" if state else "")
+        )
+        results = {}
+        if step == 0 and t.eval_at_start:
+            results["start"] = _evaluate(task, model, val_set, device, amp_dtype, run, step, {})
+        if state is not None:
+            set_rng_state(state["rng"])
+        results.update(_train(task, train_model, model, loader, parts, total, step, cfg, run, val_set, device))
+        return results
+    finally:
+        if run is not None:
+            run.close()
+        dist.cleanup()
+
+
+def _train(task, train_model, model, loader, parts, total, step, cfg, run, val_set, device) -> dict:
+    t = cfg.train
+    amp_dtype = amp_setting(t.amp, device)[1]
+    optimizer, scheduler, scaler = parts["optimizer"], parts["scheduler"], parts["scaler"]
+    epoch = step // len(loader)
+    window = dict(loss=0.0, n=0, images=0, t0=time.perf_counter())
+    losses_since_eval: list[float] = []
+    called = 0
+    result = {}
+    while step < total:
+        if hasattr(loader.sampler, "set_epoch"):
+            loader.sampler.set_epoch(epoch)
+        skip = step - epoch * len(loader)  # resuming inside an epoch: leave out the batches it trained
+        for i, batch in enumerate(loader):
+            if i < skip:
+                continue
+            if step >= total:
+                break
+            train_model.train()
+            images, targets, n = task.to_device(batch, device)
+            with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else _null():
+                losses = train_model(images, targets)
+            loss = sum(losses.values())
+            if not math.isfinite(loss.item()):
+                raise ValueError(f"the loss is {loss.item()} at step {step + 1}: lower --lr or set --clip-grad")
+            optimizer.zero_grad(set_to_none=True)
+            (scaler.scale(loss) if scaler else loss).backward()
+            if scaler:
+                scaler.unscale_(optimizer)
+            if t.clip_grad:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip_grad)
+            scaler.step(optimizer) if scaler else optimizer.step()
+            if scaler:
+                scaler.update()
+            scheduler.step()
+            step += 1
+            called += 1
+            window["loss"] += loss.item()
+            window["n"] += 1
+            window["images"] += n * dist.get_world_size()
+            losses_since_eval.append(loss.item())
+            if t.progress and (step % t.log_every == 0 or step == total):
+                dt = time.perf_counter() - window["t0"]
+                run.say(
+                    f"step {step}/{total}  loss {window['loss'] / window['n']:.4f}  "
+                    + "  ".join(f"{k} {v.item():.3f}" for k, v in losses.items())
+                    + f"  lr {optimizer.param_groups[0]['lr']:.3g}  {window['images'] / dt:.2f} img/s"
+                )
+                window = dict(loss=0.0, n=0, images=0, t0=time.perf_counter())
+            due = (t.eval_every and step % t.eval_every == 0) or step == total
+            stop = bool(t.stop_after_steps) and called >= t.stop_after_steps and step < total
+            if due or stop or (t.checkpoint_every and step % t.checkpoint_every == 0):
+                run.save(model, task, parts, step, cfg)
+            if due:
+                train_loss = sum(losses_since_eval) / len(losses_since_eval)
+                losses_since_eval = []
+                result["end" if step == total else f"step{step}"] = _evaluate(
+                    task, model, val_set, device, amp_dtype, run, step, dict(train_loss=train_loss)
+                )
+            if stop:
+                run.say(f"stopping at step {step} as asked (state saved); continue with --resume {run.out}")
+                return dict(result, stopped=step)
+        epoch += 1
+    if result.get("end"):
+        run.say(f"done: {task.metric} {result['end'][task.metric]:.4g}; weights {run.out / 'last.safetensors'}")
+    return result
+
+
+def _evaluate(task, model, val_set, device, amp_dtype, run, step: int, row: dict) -> dict:
+    t0 = time.perf_counter()
+    metrics = task.evaluate(model, val_set, device, amp_dtype)
+    shown = {k: v for k, v in metrics.items() if k != "summary"}
+    run.row(dict(step=step, **row, **shown, eval_s=round(time.perf_counter() - t0, 1)))
+    numbers = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items())
+    run.say(f"eval at step {step}: " + (f"train loss {row['train_loss']:.4f}  " if row else "") + numbers)
+    return metrics
+
+
+def _null():
+    import contextlib
+
+    return contextlib.nullcontext()

@@ -1,0 +1,207 @@
+"""Semantic segmentation data and metrics: an image folder beside a folder of class-index PNG masks.
+
+This is the ADE20K / mmsegmentation layout: `images/<name>.jpg` and `masks/<name>.png`, one class value per pixel.
+Mask values become class indices in one of three ways:
+
+- as they are (0..K-1), with 255 ignored;
+- `reduce_zero_label` (ADE20K): 0 is "unlabelled" and ignored, v becomes v - 1;
+- a categories file (a JSON list of `{"id": ..., "name": ...}`, e.g. COCO panoptic's): the listed ids become
+  0..K-1 in the listed order; with `reduce_zero_label` an entry with id 0 is the ignored "unlabelled".
+
+A value that none of these gives a class or ignores is an error naming the file, never a silent class.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from mambaout.data.image import load_image
+
+from .coco import resize_scale, to_tensor
+from .upernet import IGNORE_INDEX
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+@dataclass
+class LabelMap:
+    """Mask value -> class index (or the ignore index), and the class names."""
+
+    lut: np.ndarray  # [256] uint8; 254 marks a value that maps to nothing
+    class_names: list[str]
+
+    UNMAPPED = 254
+
+    @classmethod
+    def build(cls, num_classes: int | None, reduce_zero_label: bool, categories: str | Path | None) -> LabelMap:
+        lut = np.full(256, cls.UNMAPPED, dtype=np.uint8)
+        lut[IGNORE_INDEX] = IGNORE_INDEX
+        if categories is not None:
+            entries = _read_categories(categories)
+            if reduce_zero_label:
+                entries = [e for e in entries if e["id"] != 0]
+                lut[0] = IGNORE_INDEX
+            if num_classes is not None and num_classes != len(entries):
+                raise ValueError(
+                    f"--num-classes {num_classes} disagrees with the {len(entries)} classes of {categories}"
+                )
+            for i, e in enumerate(entries):
+                lut[e["id"]] = i
+            return cls(lut, [e["name"] for e in entries])
+        if num_classes is None:
+            raise ValueError("the number of classes is unknown: pass --num-classes K or --categories FILE")
+        if not 1 <= num_classes <= IGNORE_INDEX - 1 - int(reduce_zero_label):
+            raise ValueError(f"--num-classes must be 1 to 253, got {num_classes}")
+        if reduce_zero_label:
+            lut[0] = IGNORE_INDEX
+            lut[1 : num_classes + 1] = np.arange(num_classes)
+        else:
+            lut[:num_classes] = np.arange(num_classes)
+        return cls(lut, [str(i) for i in range(num_classes)])
+
+    def __call__(self, values: np.ndarray, name: str) -> np.ndarray:
+        out = self.lut[values]
+        if (out == self.UNMAPPED).any():
+            bad = sorted(set(np.unique(values[out == self.UNMAPPED]).tolist()))
+            raise ValueError(
+                f"{name} holds mask values {bad[:8]} that are neither a class nor ignored ({len(self.class_names)} "
+                "classes); check --num-classes, --reduce-zero-label or --categories"
+            )
+        return out
+
+
+def _read_categories(path: str | Path) -> list[dict]:
+    try:
+        entries = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read categories file {path} ({e})") from e
+    if isinstance(entries, dict):
+        entries = entries.get("categories", [])
+    ok = isinstance(entries, list) and entries and all(isinstance(e, dict) and "id" in e for e in entries)
+    if not ok or not all(isinstance(e["id"], int) and 0 <= e["id"] < IGNORE_INDEX for e in entries):
+        raise ValueError(f"{path} must be a JSON list of {{'id': 0-254, 'name': ...}} entries")
+    return [dict(id=e["id"], name=str(e.get("name", e["id"]))) for e in entries]
+
+
+class SegmentationFolder(torch.utils.data.Dataset):
+    """`(image [3, H, W] in [0, 1], mask [H, W] int64)` pairs matched by file stem; `transform` takes both."""
+
+    def __init__(self, images: str | Path, masks: str | Path, label_map: LabelMap, transform=None):
+        images, masks = Path(images), Path(masks)
+        for folder, what in ((images, "image"), (masks, "mask")):
+            if not folder.is_dir():
+                raise FileNotFoundError(f"{what} folder {folder} does not exist")
+        mask_of = {p.stem: p for p in masks.iterdir() if p.suffix.lower() == ".png"}
+        pairs = [(p, mask_of.get(p.stem)) for p in sorted(images.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES]
+        missing = [p.name for p, m in pairs if m is None]
+        if missing:
+            raise ValueError(f"{len(missing)} images of {images} have no mask in {masks} (e.g. {missing[0]})")
+        if not pairs:
+            raise ValueError(f"no images in {images}")
+        self.pairs = pairs
+        self.label_map = label_map
+        self.class_names = label_map.class_names
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int):
+        image_path, mask_path = self.pairs[index]
+        image = to_tensor(load_image(image_path))
+        with Image.open(mask_path) as m:
+            if m.mode not in ("L", "P"):
+                raise ValueError(f"{mask_path} is a {m.mode} image; class-index masks are 8-bit (mode L or P)")
+            values = np.asarray(m)
+        if values.shape != tuple(image.shape[-2:]):
+            raise ValueError(f"{mask_path} is {values.shape[::-1]} but its image is {tuple(image.shape[:0:-1])}")
+        mask = torch.from_numpy(self.label_map(values, str(mask_path)).astype(np.int64))
+        if self.transform is not None:
+            image, mask = self.transform(image, mask)
+        return image, mask
+
+
+def resize_pair(image: torch.Tensor, mask: torch.Tensor | None, scale: float):
+    """Resize an image (bilinear) and its mask (nearest) by `scale`."""
+    h, w = image.shape[-2:]
+    size = (max(1, int(h * scale + 0.5)), max(1, int(w * scale + 0.5)))
+    image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
+    if mask is not None:
+        mask = F.interpolate(mask[None, None].float(), size=size, mode="nearest-exact")[0, 0].long()
+    return image, mask
+
+
+@dataclass
+class RandomResizeCrop:
+    """mmseg's training path: resize to `scale` (long, short; mmseg's order) times a ratio in `ratio_range` keeping
+    the aspect ratio, crop `crop_size` (padding with 0 and the ignore index where the image is smaller), flip."""
+
+    scale: tuple[int, int]
+    crop_size: int
+    ratio_range: tuple[float, float] = (0.5, 2.0)
+    hflip: float = 0.5
+
+    def __call__(self, image: torch.Tensor, mask: torch.Tensor):
+        ratio = random.uniform(*self.ratio_range)
+        s = resize_scale(*image.shape[-2:], int(self.scale[1] * ratio), int(self.scale[0] * ratio))
+        image, mask = resize_pair(image, mask, s)
+        c = self.crop_size
+        h, w = image.shape[-2:]
+        ph, pw = max(c - h, 0), max(c - w, 0)
+        if ph or pw:
+            image = F.pad(image, (0, pw, 0, ph), value=0.0)
+            mask = F.pad(mask, (0, pw, 0, ph), value=IGNORE_INDEX)
+            h, w = image.shape[-2:]
+        y, x = random.randint(0, h - c), random.randint(0, w - c)
+        image, mask = image[:, y : y + c, x : x + c], mask[y : y + c, x : x + c]
+        if random.random() < self.hflip:
+            image, mask = image.flip(-1), mask.flip(-1)
+        return image, mask
+
+
+# --- metrics ---------------------------------------------------------------------------------------------------------
+
+
+class ConfusionMatrix:
+    """Pixel counts `[true class, predicted class]` over the non-ignored pixels; mIoU and pixel accuracy from it."""
+
+    def __init__(self, num_classes: int):
+        self.num_classes = num_classes
+        self.counts = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+
+    def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
+        """Add a prediction `[..., H, W]` (class indices) against its target (same shape; the ignore index skipped)."""
+        if pred.shape != target.shape:
+            raise ValueError(f"prediction {tuple(pred.shape)} and target {tuple(target.shape)} differ in shape")
+        keep = target != IGNORE_INDEX
+        k = self.num_classes
+        idx = target[keep].long().cpu() * k + pred[keep].long().cpu()
+        self.counts += torch.bincount(idx, minlength=k * k).reshape(k, k)
+
+    def merge(self, counts: torch.Tensor) -> None:
+        self.counts += counts
+
+    def metrics(self) -> dict:
+        """mIoU over the classes present in the targets or predictions (IoU = TP / (TP + FP + FN)), pixel accuracy,
+        both in percent, and how many classes and pixels they count."""
+        c = self.counts.double()
+        tp = c.diag()
+        union = c.sum(0) + c.sum(1) - tp
+        present = union > 0
+        iou = tp[present] / union[present]
+        total = c.sum()
+        return dict(
+            mIoU=100 * iou.mean().item() if present.any() else 0.0,
+            aAcc=100 * (tp.sum() / total).item() if total > 0 else 0.0,
+            classes=int(present.sum()),
+            pixels=int(total),
+            iou={i: 100 * v for i, v in zip(present.nonzero().flatten().tolist(), iou.tolist())},
+        )

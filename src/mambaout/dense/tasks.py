@@ -1,0 +1,270 @@
+"""The two dense tasks as the engine sees them: their data, their model, their evaluation and their checkpoints.
+
+`DetectTask` (COCO instances, Mask/Faster R-CNN, box and mask AP) and `SegmentTask` (class-index masks, UperNet,
+mIoU and pixel accuracy) share one interface, so `engine.fit` and the commands are written once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mambaout.utils import distributed as dist
+from mambaout.weights.checkpoint import read_checkpoint
+
+from .coco import CocoInstances, ResizeFlip, coco_evaluate, collate, resize, resize_scale, to_coco_results
+from .config import DataConfig, RunConfig
+from .detection import DetectorConfig, create_detector
+from .semseg import ConfusionMatrix, LabelMap, RandomResizeCrop, SegmentationFolder, resize_pair
+from .upernet import SegmenterConfig, create_segmenter
+
+
+def _shard(dataset, rank: int, world: int):
+    """Every `world`-th item from `rank`: each evaluated image counted once over all ranks (no padding)."""
+    return torch.utils.data.Subset(dataset, range(rank, len(dataset), world)) if world > 1 else dataset
+
+
+def _first(dataset, n: int | None):
+    return torch.utils.data.Subset(dataset, range(min(n, len(dataset)))) if n else dataset
+
+
+class Task:
+    """What differs between detection and segmentation."""
+
+    name: str
+    metric: str  # the headline number, a key of `evaluate`'s result
+    default_splits: tuple[str, str]
+
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+
+    # --- data ---------------------------------------------------------------------------------------------------------
+    def split_paths(self, d: DataConfig, train: bool) -> tuple[str, str]:
+        images, labels = (d.train_images, d.train_labels) if train else (d.val_images, d.val_labels)
+        split = (d.train_split if train else d.val_split) or self.default_splits[0 if train else 1]
+        if d.data is not None:
+            auto_images, auto_labels = self.layout(Path(d.data), split)
+            images, labels = images or str(auto_images), labels or str(auto_labels)
+        if images is None or labels is None:
+            which = "train" if train else "val"
+            raise ValueError(f"no {which} data: pass --data ROOT, or --{which}-images and --{which}-labels")
+        return images, labels
+
+    def loader(self, dataset, batch_size: int, workers: int, shuffle: bool, seed: int = 0):
+        sampler = None
+        if shuffle and dist.get_world_size() > 1:
+            sampler = torch.utils.data.DistributedSampler(dataset, seed=seed, drop_last=True)
+        return torch.utils.data.DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle and sampler is None,
+            sampler=sampler,
+            num_workers=workers,
+            collate_fn=self.collate,
+            drop_last=shuffle,
+            persistent_workers=workers > 0 and shuffle,
+        )
+
+    def val_set(self, meta: dict | None = None):
+        """The validation images as `evaluate` takes them (this rank's share)."""
+        d = self.cfg.data
+        images, labels = self.split_paths(d, train=False)
+        dataset = _first(self.eval_dataset(images, labels, meta), d.max_val_images)
+        return _shard(dataset, dist.get_rank(), dist.get_world_size())
+
+    # --- checkpoints ----------------------------------------------------------------------------------------------
+    def meta(self) -> dict:
+        """What a checkpoint carries so `validate` and `predict` rebuild the model and read its outputs."""
+        d = self.cfg.data
+        val_split = d.val_split or self.default_splits[1]  # validate's default under the same --data
+        return dict(
+            task=self.name,
+            dense_model=dataclasses.asdict(self.cfg.model),
+            class_names=self.class_names,
+            val_split=val_split,
+        )
+
+    @staticmethod
+    def from_checkpoint(path: str, device) -> tuple[nn.Module, dict]:
+        """A trained detector or segmenter from its checkpoint (written by `mambaout detect|segment train`)."""
+        state, meta = read_checkpoint(path)
+        if meta.get("task") not in ("detect", "segment"):
+            raise ValueError(
+                f"{path} is not a detection or segmentation checkpoint (written by mambaout detect|segment train); "
+                "a classification checkpoint starts training: --backbone-checkpoint"
+            )
+        if meta["task"] == "detect":
+            model = create_detector(DetectorConfig(**meta["dense_model"]))
+        else:
+            model = create_segmenter(SegmenterConfig(**meta["dense_model"]))
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as e:
+            raise ValueError(f"{path}: its weights do not fit the model its metadata describes ({e})") from e
+        return model.to(device).eval(), meta
+
+
+class DetectTask(Task):
+    name = "detect"
+    metric = "bbox_AP"
+    default_splits = ("train2017", "val2017")
+    collate = staticmethod(collate)
+
+    @staticmethod
+    def layout(root: Path, split: str) -> tuple[Path, Path]:
+        images = root / "images" / split if (root / "images" / split).is_dir() else root / split
+        return images, root / "annotations" / f"instances_{split}.json"
+
+    def train_set(self):
+        d, m = self.cfg.data, self.cfg.model
+        images, ann = self.split_paths(d, train=True)
+        dataset = CocoInstances(images, ann, ResizeFlip(d.min_sizes, d.max_size, d.hflip), m.kind == "mask_rcnn")
+        n = len(dataset.cat_ids)
+        if m.num_classes is not None and m.num_classes != n:
+            raise ValueError(f"num_classes {m.num_classes} disagrees with the {n} categories of {ann}; leave it out")
+        m.num_classes = n
+        self.class_names, self.cat_ids = dataset.class_names, dataset.cat_ids
+        return dataset
+
+    def eval_dataset(self, images, ann, meta: dict | None = None):
+        dataset = CocoInstances(images, ann, None, masks=False)  # COCOeval reads the truth from the JSON
+        cat_ids = (meta or {}).get("cat_ids", getattr(self, "cat_ids", None))
+        if cat_ids is not None and list(cat_ids) != dataset.cat_ids:
+            raise ValueError(
+                f"{ann} has {len(dataset.cat_ids)} categories (ids {dataset.cat_ids[:5]}...), the model was trained "
+                f"on {len(cat_ids)} (ids {list(cat_ids)[:5]}...); evaluate it on data with the training categories"
+            )
+        self.cat_ids, self.coco = dataset.cat_ids, dataset.coco
+        return dataset
+
+    def model(self, pretrained: bool = False, checkpoint: str | None = None) -> nn.Module:
+        return create_detector(self.cfg.model, pretrained, checkpoint)
+
+    def meta(self) -> dict:
+        return dict(super().meta(), cat_ids=list(self.cat_ids))
+
+    @staticmethod
+    def to_device(batch, device):
+        images, targets = batch
+        images = [im.to(device, non_blocking=True) for im in images]
+        targets = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
+        return images, targets, len(images)
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, val_set, device, amp_dtype) -> dict:
+        """COCO box (and mask) AP over `val_set` (this rank's share; results gathered to every rank)."""
+        model.eval()
+        results, image_ids = [], []
+        loader = self.loader(val_set, 1, self.cfg.data.workers, shuffle=False)
+        for images, targets in loader:
+            with _autocast(device, amp_dtype):
+                outputs = model([im.to(device) for im in images])
+            for out, t in zip(outputs, targets):
+                results += to_coco_results(out, t["image_id"], self.cat_ids)  # it casts (labels stay integers)
+                image_ids.append(t["image_id"])
+        results, image_ids = dist.all_gather_lists(results), dist.all_gather_lists(image_ids)
+        types = ("bbox", "segm") if self.cfg.model.kind == "mask_rcnn" else ("bbox",)
+        ev = coco_evaluate(self.coco, results, sorted(image_ids), types)
+        metrics = {f"{t}_{k}": v for t in types for k, v in ev[t].items() if k in ("AP", "AP50", "AP75")}
+        return dict(metrics, images=len(image_ids), detections=len(results), summary=ev["summary"])
+
+
+class SegmentTask(Task):
+    name = "segment"
+    metric = "mIoU"
+    default_splits = ("training", "validation")
+
+    @staticmethod
+    def collate(batch):
+        images, masks = zip(*batch)
+        return torch.stack(images), torch.stack(masks)
+
+    @staticmethod
+    def layout(root: Path, split: str) -> tuple[Path, Path]:
+        masks = root / "annotations" / split  # ADE20K's layout; COCO's semantic masks: annotations/semantic_<split>
+        if not masks.is_dir() and (root / "annotations" / f"semantic_{split}").is_dir():
+            masks = root / "annotations" / f"semantic_{split}"
+        return root / "images" / split, masks
+
+    def label_map(self, meta: dict | None = None) -> LabelMap:
+        if meta and "label_lut" in meta:  # a trained model's own mapping
+            return LabelMap(np.array(meta["label_lut"], dtype=np.uint8), meta["class_names"])
+        d, m = self.cfg.data, self.cfg.model
+        categories = d.categories
+        if categories and d.data and not Path(categories).is_absolute() and not Path(categories).exists():
+            categories = str(Path(d.data) / categories)  # a recipe names it relative to the dataset root
+        return LabelMap.build(m.num_classes, d.reduce_zero_label, categories)
+
+    def train_set(self):
+        d = self.cfg.data
+        images, masks = self.split_paths(d, train=True)
+        self.labels = self.label_map()
+        self.cfg.model.num_classes = len(self.labels.class_names)
+        self.class_names = self.labels.class_names
+        transform = RandomResizeCrop(tuple(d.scale), d.crop_size, tuple(d.ratio_range), d.hflip)
+        return SegmentationFolder(images, masks, self.labels, transform)
+
+    def eval_dataset(self, images, masks, meta: dict | None = None):
+        labels = self.label_map(meta) if meta else getattr(self, "labels", None) or self.label_map()
+        self.labels = labels
+        return SegmentationFolder(images, masks, labels)
+
+    def model(self, pretrained: bool = False, checkpoint: str | None = None) -> nn.Module:
+        return create_segmenter(self.cfg.model, pretrained, checkpoint)
+
+    def meta(self) -> dict:
+        d = self.cfg.data
+        return dict(super().meta(), label_lut=self.labels.lut.tolist(), eval_scale=list(d.scale), eval_flip=d.eval_flip)
+
+    @staticmethod
+    def to_device(batch, device):
+        images, masks = batch
+        return images.to(device, non_blocking=True), masks.to(device, non_blocking=True), len(images)
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, val_set, device, amp_dtype) -> dict:
+        """mIoU and pixel accuracy over `val_set` at the original mask resolution (confusion summed over ranks)."""
+        model.eval()
+        d = self.cfg.data
+        conf = ConfusionMatrix(self.cfg.model.num_classes)
+        loader = torch.utils.data.DataLoader(val_set, batch_size=1, num_workers=d.workers, collate_fn=self.collate)
+        n = 0
+        for image, mask in loader:
+            probs = segment_probs(model, image[0].to(device), tuple(d.scale), d.eval_flip, amp_dtype)
+            conf.update(probs.argmax(0).cpu(), mask[0])
+            n += 1
+        counts = dist.all_reduce_sum(conf.counts.flatten().double().tolist() + [n], device)
+        conf.counts = torch.tensor(counts[:-1], dtype=torch.float64).round().long().reshape(conf.counts.shape)
+        m = conf.metrics()
+        return dict(mIoU=m["mIoU"], aAcc=m["aAcc"], classes=m["classes"], images=int(counts[-1]), pixels=m["pixels"])
+
+
+def segment_probs(model: nn.Module, image: torch.Tensor, scale, flip: bool, amp_dtype) -> torch.Tensor:
+    """Class probabilities `[K, H, W]` of one image `[3, H, W]`: resized to `scale` (long, short) keeping the
+    aspect ratio, the mirror image's averaged in with `flip`, resized back to `H x W`."""
+    h, w = image.shape[-2:]
+    x, _ = resize_pair(image, None, resize_scale(h, w, scale[1], scale[0]))
+    x = x[None]
+    with _autocast(x.device, amp_dtype):
+        probs = model(x).float().softmax(1)
+        if flip:
+            probs = (probs + model(x.flip(-1)).float().softmax(1).flip(-1)) / 2
+    return F.interpolate(probs, size=(h, w), mode="bilinear", align_corners=False)[0]
+
+
+def _autocast(device, dtype):
+    import contextlib
+
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def make_task(cfg: RunConfig) -> Task:
+    return (DetectTask if cfg.task == "detect" else SegmentTask)(cfg)
+
+
+__all__ = ["DetectTask", "SegmentTask", "Task", "make_task", "resize", "segment_probs"]

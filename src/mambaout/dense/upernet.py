@@ -1,0 +1,172 @@
+"""UperNet (Xiao et al., ECCV 2018) on the dense MambaOut backbone: the paper's ADE20K setting (Table 3).
+
+The head fuses the backbone's four stages: a pyramid pooling module (PSPNet's PPM) on the stride-32 map, an FPN
+top-down path over the others, every level resized to stride 4 and concatenated, one 3x3 fusion conv, a 1x1
+classifier. An auxiliary FCN head on stage 2 adds a 0.4-weighted loss during training, as Swin's configuration.
+
+Written here rather than taken from mmsegmentation: the head is ~100 lines, and mmseg would bring mmcv and mmengine
+(compiled ops, their own config and runner) for it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .backbone import IMAGENET_MEAN, IMAGENET_STD, STRIDE, DenseBackbone, backbone_from
+
+IGNORE_INDEX = 255
+
+
+def _norm(kind: str, channels: int) -> nn.Module:
+    if kind == "bn":
+        return nn.BatchNorm2d(channels)
+    if kind == "gn":  # groups of >= 4 channels: the PPM's 1x1 maps still give each group several values
+        return nn.GroupNorm(max(1, min(32, channels // 4)), channels)
+    raise ValueError(f"head norm must be 'bn' or 'gn', got {kind!r}")
+
+
+class ConvNormAct(nn.Sequential):
+    """Conv (no bias: the norm has one), norm, ReLU."""
+
+    def __init__(self, in_ch: int, out_ch: int, kernel_size: int = 1, norm: str = "bn"):
+        super().__init__(
+            nn.Conv2d(in_ch, out_ch, kernel_size, padding=kernel_size // 2, bias=False),
+            _norm(norm, out_ch),
+            nn.ReLU(inplace=True),
+        )
+
+
+def _resize(x: torch.Tensor, size) -> torch.Tensor:
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
+class PyramidPooling(nn.Module):
+    """PSPNet's PPM: the map average-pooled to each scale, projected, upsampled back and concatenated with itself."""
+
+    def __init__(self, in_ch: int, channels: int, scales: Sequence[int] = (1, 2, 3, 6), norm: str = "bn"):
+        super().__init__()
+        self.branches = nn.ModuleList(
+            nn.Sequential(nn.AdaptiveAvgPool2d(s), ConvNormAct(in_ch, channels, 1, norm)) for s in scales
+        )
+        self.bottleneck = ConvNormAct(in_ch + len(scales) * channels, channels, 3, norm)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, C_in, h, w] -> [B, channels, h, w]
+        pooled = [_resize(branch(x), x.shape[-2:]) for branch in self.branches]
+        return self.bottleneck(torch.cat([x, *pooled], dim=1))
+
+
+class UperNetHead(nn.Module):
+    """PPM + FPN fusion over stage maps of strides 4-32; returns class logits at stride 4."""
+
+    def __init__(
+        self,
+        in_channels: Sequence[int],
+        num_classes: int,
+        channels: int = 512,
+        pool_scales: Sequence[int] = (1, 2, 3, 6),
+        dropout: float = 0.1,
+        norm: str = "bn",
+    ):
+        super().__init__()
+        self.ppm = PyramidPooling(in_channels[-1], channels, pool_scales, norm)
+        self.lateral = nn.ModuleList(ConvNormAct(c, channels, 1, norm) for c in in_channels[:-1])
+        self.smooth = nn.ModuleList(ConvNormAct(channels, channels, 3, norm) for _ in in_channels[:-1])
+        self.fuse = ConvNormAct(len(in_channels) * channels, channels, 3, norm)
+        self.dropout = nn.Dropout2d(dropout)
+        self.classifier = nn.Conv2d(channels, num_classes, 1)
+
+    def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        levels = [lat(f) for lat, f in zip(self.lateral, feats[:-1])] + [self.ppm(feats[-1])]
+        for i in range(len(levels) - 2, -1, -1):  # top-down: each level adds the coarser one, upsampled
+            levels[i] = levels[i] + _resize(levels[i + 1], levels[i].shape[-2:])
+        outs = [smooth(level) for smooth, level in zip(self.smooth, levels[:-1])] + [levels[-1]]
+        size = outs[0].shape[-2:]  # stride 4
+        fused = self.fuse(torch.cat([outs[0], *(_resize(o, size) for o in outs[1:])], dim=1))
+        return self.classifier(self.dropout(fused))
+
+
+class FCNHead(nn.Module):
+    """The auxiliary head: one conv block and a classifier on a single stage map."""
+
+    def __init__(self, in_ch: int, num_classes: int, channels: int = 256, dropout: float = 0.1, norm: str = "bn"):
+        super().__init__()
+        self.conv = ConvNormAct(in_ch, channels, 3, norm)
+        self.dropout = nn.Dropout2d(dropout)
+        self.classifier = nn.Conv2d(channels, num_classes, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.dropout(self.conv(x)))
+
+
+@dataclass
+class SegmenterConfig:
+    """What builds a segmenter; written into its checkpoints so `validate` and `predict` rebuild it.
+
+    Attributes:
+        backbone: Registered MambaOut name.
+        num_classes: Classes, the ignore index not counted (None until the data says).
+        channels: UperNet's width (512 in the paper's setting).
+        aux_channels: Auxiliary head width (256); 0 for no auxiliary head.
+        aux_weight: Weight of the auxiliary loss (0.4).
+        norm: Head norm, `bn` (Swin's SyncBN setting) or `gn` (batch-size independent).
+        drop_path_rate: Backbone stochastic depth.
+        frozen_stages: See `DenseBackbone`.
+        model_kwargs: Further backbone arguments.
+    """
+
+    backbone: str = "mambaout_tiny"
+    num_classes: int | None = None  # None: the training data's
+    channels: int = 512
+    aux_channels: int = 256
+    aux_weight: float = 0.4
+    norm: str = "bn"
+    drop_path_rate: float = 0.3
+    frozen_stages: int = -1
+    model_kwargs: dict = field(default_factory=dict)
+
+
+class Segmenter(nn.Module):
+    """Backbone + UperNet (+ auxiliary FCN). `model(images)` gives logits `[B, K, H, W]` at the input size;
+    `model(images, masks)` gives the losses (`{'loss_seg', 'loss_aux'}`), as torchvision's detectors do.
+    Images are RGB in [0, 1], normalised here (as the detectors' transform does)."""
+
+    def __init__(self, backbone: DenseBackbone, cfg: SegmenterConfig):
+        super().__init__()
+        if len(backbone.out_indices) != 4:
+            raise ValueError(f"UperNet needs all four stages, got out_indices={backbone.out_indices}")
+        self.backbone = backbone
+        self.head = UperNetHead(backbone.out_channels, cfg.num_classes, cfg.channels, norm=cfg.norm)
+        self.aux = FCNHead(backbone.out_channels[2], cfg.num_classes, cfg.aux_channels, norm=cfg.norm)
+        if not cfg.aux_channels:
+            self.aux = None
+        self.aux_weight = cfg.aux_weight
+        self.num_classes = cfg.num_classes
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(3, 1, 1), persistent=False)
+
+    def forward(self, images: torch.Tensor, masks: torch.Tensor | None = None):
+        h, w = images.shape[-2:]
+        images = (images - self.mean) / self.std
+        feats = self.backbone(images)  # the backbone pads to a multiple of 32 at the bottom and right
+        padded = (-(-h // STRIDE) * STRIDE, -(-w // STRIDE) * STRIDE)
+        logits = _resize(self.head(feats), padded)[..., :h, :w]  # crop the padding away: [B, K, H, W]
+        if masks is None:
+            return logits
+        losses = {"loss_seg": F.cross_entropy(logits, masks, ignore_index=IGNORE_INDEX)}
+        if self.aux is not None:
+            aux = _resize(self.aux(feats[2]), padded)[..., :h, :w]
+            losses["loss_aux"] = self.aux_weight * F.cross_entropy(aux, masks, ignore_index=IGNORE_INDEX)
+        return losses
+
+
+def create_segmenter(cfg: SegmenterConfig, pretrained: bool = False, checkpoint: str | None = None) -> Segmenter:
+    """UperNet on a dense MambaOut; `pretrained`/`checkpoint` are the backbone's classification weights."""
+    if cfg.num_classes is None or not 1 <= cfg.num_classes < IGNORE_INDEX:
+        raise ValueError(f"num_classes must be in 1..{IGNORE_INDEX - 1} (the ignore index), got {cfg.num_classes}")
+    backbone = backbone_from(cfg, pretrained, checkpoint)
+    return Segmenter(backbone, cfg)
