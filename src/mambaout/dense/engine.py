@@ -18,9 +18,8 @@ import yaml
 
 from mambaout.models.layers import param_groups
 from mambaout.training.runfolder import (
+    RunLock,
     check_output_free,
-    lock_folder,
-    remove_stale_temporaries,
     rng_state,
     seed_all,
     set_rng_state,
@@ -68,8 +67,7 @@ class Run:
         self.log = self.lock = None
         if write:
             out.mkdir(parents=True, exist_ok=True)
-            self.lock = lock_folder(out)
-            remove_stale_temporaries(out)
+            self.lock = RunLock(out)  # the classification trainer's lock, and its clean-up of provable run folders
             atomic_write_text(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
             self.log = open(out / "train.log", "a" if append else "w")
 
@@ -104,7 +102,7 @@ class Run:
         if self.log is not None:
             self.log.close()
         if self.lock is not None:
-            self.lock.close()
+            self.lock.release()
 
 
 def _fmt(v) -> str:
