@@ -1,5 +1,6 @@
 """Distributed: rank detection, and DDP on CPU (gloo) giving the weights of one process over the same global batch."""
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -184,5 +185,33 @@ def test_single_process_helpers():
     assert dist.all_reduce_sum([1.0, 2.0]) == [1.0, 2.0]
     m = torch.nn.Linear(2, 2)
     assert dist.unwrap(m) is m
-    with dist.no_sync(m, skip=True):  # plain modules have no no_sync: a no-op
-        pass
+
+
+def test_no_sync_enters_the_models_no_sync_only_on_skipped_micro_steps():
+    class Wrapped(torch.nn.Linear):
+        """Stands in for DistributedDataParallel: records whether its no_sync was entered around the backward."""
+
+        def __init__(self):
+            super().__init__(2, 1)
+            self.syncing, self.synced_backwards = True, []
+            self.weight.register_hook(lambda grad: self.synced_backwards.append(self.syncing))
+
+        @contextlib.contextmanager
+        def no_sync(self):
+            self.syncing = False
+            try:
+                yield
+            finally:
+                self.syncing = True
+
+    ddp = Wrapped()
+    for skip in (True, False):  # a micro-step before the last of an accumulation, then the last one
+        with dist.no_sync(ddp, skip=skip):
+            ddp(torch.ones(1, 2)).sum().backward()
+    assert ddp.synced_backwards == [False, True]
+    # a plain module has no no_sync: its gradients still accumulate over the micro-steps
+    m = torch.nn.Linear(2, 1)
+    for _ in range(2):
+        with dist.no_sync(m, skip=True):
+            m(torch.ones(1, 2)).sum().backward()
+    torch.testing.assert_close(m.weight.grad, torch.full((1, 2), 2.0))

@@ -7,10 +7,10 @@ import sys
 from pathlib import Path
 
 import mambaout
-from mambaout.cli import main
+from mambaout.cli import COMMANDS, main
 from mambaout.models.variants import get_variant, list_aliases
 
-COMMANDS = Path(mambaout.__file__).parent / "commands"
+CLI = Path(mambaout.__file__).parent / "cli"
 
 
 def test_package_root_does_not_import_analysis():
@@ -45,20 +45,41 @@ def test_models_command_lists_families_first_and_analysis_apart(capsys):
     assert "mambaout_pico = mambaout_test" in analysis
 
 
+def _imports(path: Path, package: str) -> set[str]:
+    """Every module `path` imports, absolute or relative, at the top or inside a function."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # from .common import x / from . import predict
+                base = ".".join(
+                    package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else [])
+                )
+            names.add(base)
+            names.update(f"{base}.{a.name}" for a in node.names)  # from mambaout.cli import predict
+        elif isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+    return names
+
+
 def test_commands_do_not_import_each_other():
-    for path in COMMANDS.glob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.module == "mambaout.cli":
-                names = [f"{node.module}.{a.name}" for a in node.names]  # from mambaout.cli import predict
-            elif isinstance(node, ast.ImportFrom) and node.module:
-                names = [node.module]
-            elif isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
-            else:
-                continue
-            for name in names:
-                if name.startswith("mambaout.cli.") and name != "mambaout.cli.common":
-                    raise AssertionError(f"{path.name} imports {name}; shared helpers go in commands/common.py")
+    modules = {module for module, _ in COMMANDS.values()}
+    checked = set()
+    for path in CLI.glob("*.py"):
+        module = f"mambaout.cli.{path.stem}"
+        if module not in modules:
+            continue
+        checked.add(module)
+        others = {n for n in _imports(path, "mambaout.cli") if n in modules and n != module}
+        assert not others, f"{path.name} imports {sorted(others)}; shared helpers go in cli/common.py"
+    assert checked == modules  # every command's module was read
+
+
+def test_import_reader_sees_every_form_of_import(tmp_path):
+    code = "from mambaout.cli import predict\nfrom .train import x\ndef f():\n    import mambaout.cli.export\n"
+    (tmp_path / "m.py").write_text(code)
+    found = _imports(tmp_path / "m.py", "mambaout.cli")
+    assert {"mambaout.cli.predict", "mambaout.cli.train", "mambaout.cli.export"} <= found
 
 
 def test_models_command_at_a_size_a_vit_cannot_take(capsys):
