@@ -32,23 +32,56 @@ def test_resume_is_bit_identical(tmp_path):
     assert [r.split(",")[:7] for r in straight.splitlines()] == [r.split(",")[:7] for r in split.splitlines()]
 
 
+# `mambaout train` that, after its STOP_AT_STEP-th optimizer step, says so in STOP_MARKER and waits to be killed:
+# the test's SIGKILL lands at a known step, however loaded the machine (no race between the kill and the run).
+STOPPING_TRAIN = """
+import os, sys, time
+from pathlib import Path
+from mambaout.cli import main
+from mambaout.training import engine
+
+stop_at, marker, real, steps = int(os.environ["STOP_AT_STEP"]), Path(os.environ["STOP_MARKER"]), engine._optimizer_step, []
+
+def step(*args, **kwargs):
+    real(*args, **kwargs)
+    steps.append(1)
+    if len(steps) == stop_at:
+        marker.write_text(str(stop_at))
+        time.sleep(10**6)
+
+engine._optimizer_step = step
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.timeout(900)
 def test_sigkill_loses_at_most_the_current_epoch(tmp_path):
-    """SIGKILL a run after its first checkpoint; --resume finishes it with the uninterrupted run's weights."""
-    args = [sys.executable, "-m", "mambaout", "train", "--epochs", "5", "--warmup-epochs", "1", *FAST]
-    args[args.index("3")] = "6"  # longer epochs, so the kill lands mid-run
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    subprocess.run([*args, "--output", str(straight)], check=True, env=env, capture_output=True)
-    proc = subprocess.Popen([*args, "--output", str(killed)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.time() + 120
-    while not (killed / "state.pt").exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    epoch_done = torch.load(killed / "state.pt", weights_only=True)["epoch"]
-    assert epoch_done < 4
-    subprocess.run([*args[:4], "--resume", str(killed), "--no-progress"], check=True, env=env, capture_output=True)
+    """SIGKILL a run in the middle of its second epoch; --resume finishes it with the uninterrupted run's weights."""
+    args = ["train", "--epochs", "5", "--warmup-epochs", "1", *FAST]
+    args[args.index("3")] = "6"  # 6 steps per epoch: the kill lands after step 9, 3 steps into epoch 2
+    straight, killed, marker = tmp_path / "straight", tmp_path / "killed", tmp_path / "stopped"
+    env = dict(os.environ, OMP_NUM_THREADS="1", STOP_AT_STEP="9", STOP_MARKER=str(marker))
+    with open(tmp_path / "killed.log", "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", STOPPING_TRAIN, *args, "--output", str(killed)], env=env, stdout=log, stderr=log
+        )
+        try:  # the uninterrupted run, meanwhile
+            subprocess.run([sys.executable, "-m", "mambaout", *args, "--output", str(straight)], check=True, env=env)
+            deadline = time.monotonic() + 600
+            while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert marker.exists(), "the run never reached step 9:\n" + (tmp_path / "killed.log").read_text()[-3000:]
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    state = torch.load(killed / "state.pt", weights_only=True)
+    assert (state["epoch"], state["step"]) == (0, 6)  # the first epoch's checkpoint; epoch 2's 3 steps are lost
+    assert len((killed / "summary.csv").read_text().splitlines()) == 1 + 1
+    resumed = subprocess.run(
+        [sys.executable, "-m", "mambaout", "train", "--resume", str(killed), "--no-progress"], env=env
+    )
+    assert resumed.returncode == 0
     assert _same(_weights(straight / "last.safetensors"), _weights(killed / "last.safetensors"))
     assert len((killed / "summary.csv").read_text().splitlines()) == 1 + 5
 
