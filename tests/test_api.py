@@ -1,11 +1,10 @@
 """The model API downstream tools call: features, intermediates, heads, checkpointing, compile and export."""
 
 import pytest
+import timm
 import torch
 
 import mambaout
-
-timm = pytest.importorskip("timm")
 
 
 @pytest.fixture(scope="module")

@@ -106,6 +106,7 @@ def _rank_main(rank, world, init_file, out_dir, counter):
     tdist.destroy_process_group()
 
 
+@pytest.mark.multiprocess
 def test_cache_is_built_once_per_machine_and_mapped_by_every_rank(tmp_path):
     counter = tmp_path / "built.txt"
     mp.spawn(_rank_main, args=(3, str(tmp_path / "init"), str(tmp_path), str(counter)), nprocs=3, join=True)

@@ -72,6 +72,7 @@ def _open(page, url: str) -> None:
     page.wait_for_selector("#image input[type=file]", state="attached")
 
 
+@pytest.mark.browser
 def test_image_gets_labels(page, server):
     _open(page, server)
     page.locator("#image input[type=file]").set_input_files(str(EXAMPLE))
@@ -83,6 +84,7 @@ def test_image_gets_labels(page, server):
     assert page.outside_requests == []  # the page works offline: nothing fetched beyond the app itself
 
 
+@pytest.mark.browser
 @pytest.mark.parametrize("name, content", [("notes.txt", b"plain text"), ("broken.jpg", b"not a JPEG at all")])
 def test_non_image_shows_message(page, server, tmp_path, name, content):
     path = tmp_path / name

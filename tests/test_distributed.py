@@ -128,7 +128,7 @@ def runs(tmp_path_factory):
     logs = {}
     for name, p in procs.items():
         try:
-            logs[name] = p.communicate(timeout=240)[0]
+            logs[name] = p.communicate(timeout=600)[0]
         except subprocess.TimeoutExpired:
             p.kill()
             logs[name] = p.communicate()[0]
@@ -136,6 +136,8 @@ def runs(tmp_path_factory):
     return tmp, logs
 
 
+@pytest.mark.multiprocess
+@pytest.mark.timeout(1200)  # the fixture's five trainings, seven processes on the machine at once
 def test_ddp_two_processes_match_one(runs):
     tmp, logs = runs
     assert "2 process(es)" in logs["ddp2"] and "16 x 2 x 1 accumulation" in logs["ddp2"]
@@ -158,6 +160,8 @@ def _initial_weights() -> dict:
     return mambaout.create_model("mambaout_test", num_classes=10, drop_path_rate=0.0).state_dict()
 
 
+@pytest.mark.multiprocess
+@pytest.mark.timeout(1200)
 def test_two_nodes_rendezvous(runs):
     tmp, logs = runs
     assert "2 process(es)" in logs["node0"] + logs["node1"]

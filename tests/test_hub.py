@@ -10,13 +10,12 @@ import threading
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 
 import mambaout
 from mambaout.cli import main
 from mambaout.weights.hub import export_hf
-
-timm = pytest.importorskip("timm")
 
 
 @pytest.fixture

@@ -1,16 +1,15 @@
 """The model against its references: timm's implementation, the official checkpoint layout, the paper's counts."""
 
 import pytest
+import timm
 import torch
+from timm.models.mambaout import checkpoint_filter_fn as timm_filter
 
 import mambaout
 from mambaout.analysis.flops import count_macs
 from mambaout.models.mambaout import MambaOut
 from mambaout.models.variants import get_variant
 from mambaout.weights.checkpoint import to_model_layout, to_official_layout
-
-timm = pytest.importorskip("timm")
-from timm.models.mambaout import checkpoint_filter_fn as timm_filter  # noqa: E402
 
 # Every variant with published weights is one timm implements too: the parity set comes from the registry.
 PARITY = mambaout.list_models(pretrained=True, group="mambaout")
