@@ -8,16 +8,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import timm
 import torch
 from PIL import Image
+from timm.utils import CheckpointSaver, ModelEmaV3
 
 import mambaout
 from mambaout.cli import main
 from mambaout.cli import train as train_cmd
 from mambaout.weights.checkpoint import CheckpointError
-
-timm = pytest.importorskip("timm")
-from timm.utils import CheckpointSaver, ModelEmaV3  # noqa: E402
 
 SMALL = dict(depths=(1, 1, 1, 1), dims=(8, 16, 24, 32))  # timm's mambaout_femto builder, narrowed: fast on a CPU
 
