@@ -54,6 +54,7 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+@pytest.mark.multiprocess  # three trainings, two at once: 45 s of the default run's 10 minutes
 @pytest.mark.timeout(900)
 def test_sigkill_loses_at_most_the_current_epoch(tmp_path):
     """SIGKILL a run in the middle of its second epoch; --resume finishes it with the uninterrupted run's weights."""
