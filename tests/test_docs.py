@@ -251,6 +251,7 @@ def _run_page(page: Path, tmp_path: Path, shared: Path | None) -> list[str]:
     return ran
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
 def test_documented_commands_run(page, tmp_path):
     """The commands that need neither the shared data nor the network (the embedded digits, counts, configs)."""

@@ -123,6 +123,7 @@ def test_block_records_its_device_when_built_and_moved():
         assert GatedCNNBlock(8).device_type == "meta"
 
 
+@pytest.mark.heavy
 @pytest.mark.timeout(400)
 def test_gpu_check_survives_a_hanging_section(tmp_path):
     cmd = [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--smoke", "--out", str(tmp_path)]

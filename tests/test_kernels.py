@@ -42,6 +42,7 @@ if FRESH:
         )
 
 
+@pytest.mark.heavy
 @pytest.mark.skipif(FRESH, reason="runs in process")
 @pytest.mark.timeout(900)  # the whole file again, in Triton's interpreter
 def test_kernels_in_a_fresh_interpreter_process():
