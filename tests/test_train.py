@@ -167,8 +167,8 @@ def test_every_recipe_states_a_command_that_resolves(name, tmp_path):
     for key, value in given.items():
         if key == "data":
             assert (flat["data_train"], flat["data_val"]) == (str(tmp_path / "train"), str(tmp_path / "val"))
-        elif key in ("data_train", "data_val"):
-            assert flat[key] == str(Path(value).resolve())
+        elif key in ("data_train", "data_val"):  # stored absolute when the path exists here (../shared/data)
+            assert flat[key] == (str(Path(value).resolve()) if Path(value).exists() else value)
         else:
             assert flat[key] == value, key
 
