@@ -49,7 +49,9 @@ def no_fast(monkeypatch):
     ],
 )
 @pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
-def test_fast_block_equals_reference(kwargs, mode):
+@pytest.mark.parametrize("matmul", ["onednn", "blas"])
+def test_fast_block_equals_reference(kwargs, mode, matmul, monkeypatch):
+    monkeypatch.setattr(cpu, "_MODE", matmul)  # each implementation on its own, whatever "auto" would pick here
     block = _block(**kwargs)
     x = torch.randn(2, 13, 11, 37)
     with mode():
@@ -57,6 +59,43 @@ def test_fast_block_equals_reference(kwargs, mode):
         assert cpu.can_use_cpu_fastpath(block, x)
         got = block(x)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_auto_times_each_shape_once_and_keeps_its_choice(monkeypatch):
+    monkeypatch.setattr(cpu, "_MODE", "auto")
+    monkeypatch.setattr(cpu, "_CHOSEN", {})
+    calls = {"onednn": 0, "blas": 0}
+    impls = dict(cpu._IMPLS)
+
+    def counting(name):
+        def run(block, x):
+            calls[name] += 1
+            return impls[name](block, x)
+
+        return run
+
+    monkeypatch.setattr(cpu, "_IMPLS", {name: counting(name) for name in impls})
+    block = _block()
+    with torch.no_grad():
+        want = block._forward_reference(torch.ones(1, 5, 6, 37))
+        for _ in range(3):
+            torch.testing.assert_close(block(torch.ones(1, 5, 6, 37)), want, rtol=1e-5, atol=1e-5)
+        block(torch.ones(2, 5, 6, 37))  # another row count: another shape, timed once more
+    choices = cpu.cpu_matmul_choices()
+    assert [key[:4] for key in choices] == [(30, 37, block.hidden, block.conv_channels), (60, 37, block.hidden, 37)]
+    assert set(choices.values()) <= {"onednn", "blas"}
+    # per shape: 1 warm-up + 3 timed runs of each implementation, then one run of the chosen one per call
+    assert calls["onednn"] + calls["blas"] == 2 * 8 + 4
+
+
+def test_cpu_matmul_switch(monkeypatch):
+    monkeypatch.setattr(cpu, "_MODE", "auto")
+    cpu.set_cpu_matmul("blas")
+    assert cpu.cpu_matmul() == "blas"
+    with pytest.raises(ValueError, match="expected one of auto, onednn, blas"):
+        cpu.set_cpu_matmul("mkl")
+    monkeypatch.setattr(cpu, "_MODE", "typo-from-the-environment")
+    assert cpu.cpu_matmul() == "auto"
 
 
 def test_model_fast_equals_reference_and_input_untouched():
@@ -175,3 +214,13 @@ def test_benchmark_command_writes_rows(tmp_path, capsys, monkeypatch):
     assert "vs timm" in capsys.readouterr().out
     assert benchmark.main(["--models", "mambaout_test", "--device", "cpu", "--csv", ""]) == 2  # timm lacks it
     assert benchmark.default_csv(torch.device("cpu")).startswith("benchmark-")
+
+
+def test_forget_choices_times_again(monkeypatch):
+    monkeypatch.setattr(cpu, "_MODE", "auto")
+    monkeypatch.setattr(cpu, "_CHOSEN", {})
+    with torch.no_grad():
+        _block()(torch.ones(1, 3, 3, 37))
+    assert len(cpu.cpu_matmul_choices()) == 1
+    cpu.forget_cpu_matmul_choices()
+    assert cpu.cpu_matmul_choices() == {}

@@ -35,13 +35,19 @@ def _split(value: str, allowed, what: str) -> list[str]:
 
 
 def _describe() -> None:
+    from mambaout.kernels import cpu
+
     on = kernels.fused_kernels_enabled()
+    matmul = cpu.cpu_matmul()
+    if matmul == "auto":
+        matmul = "auto (oneDNN or BLAS per block shape, timed on first use)"
     print("Gated CNN block implementations (GatedCNNBlock picks one per call; all compute the same function):")
-    print("  CPU, no autograd, float32   oneDNN fast path (kernels/cpu.py)            default on")
+    print(f"  CPU, no autograd, float32   fused-epilogue fast path (kernels/cpu.py)      default on, matmuls: {matmul}")
     print("  CUDA                        PyTorch + cuDNN depthwise conv (the reference) default")
     print(f"  CUDA, fused kernels on      Triton gated_dwconv (kernels/gated_dwconv.py)  {'ON' if on else 'opt-in'}")
     print("Turn the fused kernels on with --fused-kernels (train, validate, predict, benchmark),")
-    print("mambaout.kernels.set_fused_kernels(True), or MAMBAOUT_FUSED_KERNELS=1.")
+    print("mambaout.kernels.set_fused_kernels(True), or MAMBAOUT_FUSED_KERNELS=1. Pick the CPU matmul library with")
+    print("MAMBAOUT_CPU_MATMUL=auto|onednn|blas or mambaout.kernels.cpu.set_cpu_matmul(...).")
 
 
 def main(argv: list[str] | None = None) -> int:

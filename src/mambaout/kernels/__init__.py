@@ -1,6 +1,6 @@
 """Fast paths of the Gated CNN block, each beside the plain PyTorch it must equal.
 
-- `cpu`: float32 inference on CPU through oneDNN. On by default: measured faster than the plain block on CPU
+- `cpu`: float32 inference on CPU (oneDNN or BLAS matmuls, the faster per shape). On by default: measured faster than the plain block on CPU
   (README, Performance), and chosen only under `no_grad` / `inference_mode`.
 - `gated_dwconv`: Triton kernels for CUDA fusing the depthwise conv with the gate, forward and backward. **Opt-in**
   (`set_fused_kernels(True)`, `--fused-kernels`, or MAMBAOUT_FUSED_KERNELS=1): a default path must have been measured
