@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from mambaout.cli.common import Parser
 from mambaout.utils.device import device_name
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -303,7 +304,7 @@ def write_csv(rows: list[dict], path: str | Path) -> None:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(allow_abbrev=False, prog="mambaout benchmark", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="mambaout benchmark", description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="+", default=["mambaout_tiny"], help="registered names that timm also has")
     p.add_argument("--mode", choices=["infer", "train"], default="infer", help="inference, or a full AdamW step")
     p.add_argument("--batch-size", type=int, default=16)

@@ -11,6 +11,18 @@ import errno
 DEFAULT_MODEL = "mambaout_femto"
 
 
+class Parser(argparse.ArgumentParser):
+    """The commands' argument parser: no prefix abbreviations (`--checkpoint` is never `--checkpoint-every`), and a
+    bad argument is one line naming it and where the options are listed, not the whole usage block."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: {message} (options: {self.prog} --help)\n")
+
+
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     """The model-choosing options shared by predict and export (`build_model` reads them)."""
     parser.add_argument(

@@ -19,6 +19,7 @@ import time
 
 import torch
 
+from mambaout.cli.common import Parser
 from mambaout.utils.device import cpu_name
 
 
@@ -37,7 +38,7 @@ def _time(loader, batches: int, warmup: int, device: torch.device) -> float:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(allow_abbrev=False, prog="mambaout data-bench", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="mambaout data-bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--data-train", help="ImageFolder directory or .tar (default: the recipe's data_train)")
     p.add_argument("--recipe", default="imagenette-h100", help="augmentation settings to use (default %(default)s)")
     p.add_argument("--img-size", type=int, help="override the recipe's img_size")

@@ -13,7 +13,7 @@ import signal
 import sys
 import tempfile
 
-from mambaout.cli.common import DEFAULT_MODEL, add_weights_args, weights_kwargs
+from mambaout.cli.common import DEFAULT_MODEL, Parser, add_weights_args, weights_kwargs
 
 
 def _port(value: str) -> int:
@@ -27,7 +27,7 @@ def _port(value: str) -> int:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(allow_abbrev=False, prog="mambaout demo", description=__doc__.split("\n\n")[0])
+    parser = Parser(prog="mambaout demo", description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--model",
         nargs="+",

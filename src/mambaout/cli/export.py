@@ -6,18 +6,17 @@ int8: `--format onnx-int8 --calib DIR` quantises the ONNX export with ONNX Runti
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 from pathlib import Path
 
-from mambaout.cli.common import add_model_args, build_model, stdout_failed
+from mambaout.cli.common import Parser, add_model_args, build_model, stdout_failed
 from mambaout.utils.files import check_writable
 from mambaout.utils.limits import check_img_size
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(allow_abbrev=False, prog="mambaout export", description=__doc__)
+    parser = Parser(prog="mambaout export", description=__doc__)
     add_model_args(parser)
     parser.add_argument(
         "--format",

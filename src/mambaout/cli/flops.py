@@ -17,7 +17,7 @@ import json
 import sys
 
 from mambaout.analysis.flops import plot_quadratic_share, transformer_flops
-from mambaout.cli.common import model_counts
+from mambaout.cli.common import Parser, model_counts
 from mambaout.models.variants import list_models
 from mambaout.utils.files import check_writable
 from mambaout.utils.limits import check_img_size
@@ -70,8 +70,7 @@ def format_transformer(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        allow_abbrev=False,
+    parser = Parser(
         prog="mambaout flops",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -13,10 +13,11 @@ import math
 import sys
 
 from mambaout import kernels
+from mambaout.cli.common import Parser
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(allow_abbrev=False, prog="mambaout kernels", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="mambaout kernels", description=__doc__.split("\n\n")[0])
     p.add_argument("--aot", metavar="TARGET", help="compile every Triton kernel/config for TARGET (e.g. sm_90)")
     p.add_argument("--max-seconds", type=float, default=10.0, help="fail if one compile takes longer (default 10)")
     p.add_argument("--dtypes", default="bf16", help="activation dtypes, comma-separated: bf16,fp16,fp32 (default bf16)")

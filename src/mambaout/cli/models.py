@@ -6,10 +6,9 @@ with Mamba's SSM) follow in a table of their own.
 
 from __future__ import annotations
 
-import argparse
 import json
 
-from mambaout.cli.common import model_counts
+from mambaout.cli.common import Parser, model_counts
 from mambaout.models.variants import get_variant, list_aliases, list_models
 from mambaout.utils.limits import check_img_size
 
@@ -58,7 +57,7 @@ def format_table(rows: list[dict], img_size: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(allow_abbrev=False, prog="mambaout models", description=__doc__.split("\n\n")[0])
+    parser = Parser(prog="mambaout models", description=__doc__.split("\n\n")[0])
     parser.add_argument("pattern", nargs="?", help="shell-style filter, e.g. '*_rw'")
     parser.add_argument("--img-size", type=int, default=224, help="resolution for the MAC count")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 from mambaout import kernels
-from mambaout.cli.common import add_dtype_argument, add_fused_kernels_argument, add_model_args, build_model
+from mambaout.cli.common import Parser, add_dtype_argument, add_fused_kernels_argument, add_model_args, build_model
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(allow_abbrev=False, prog="mambaout predict", description=__doc__)
+    parser = Parser(prog="mambaout predict", description=__doc__)
     parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER", help="image files and folders (recursed)")
     add_model_args(parser)
     parser.add_argument("--topk", type=int, default=5, help="classes to show per image (default 5)")

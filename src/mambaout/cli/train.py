@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 
 from mambaout import kernels
-from mambaout.cli.common import add_fused_kernels_argument, stdout_failed
+from mambaout.cli.common import Parser, add_fused_kernels_argument, stdout_failed
 from mambaout.utils.text import printable
 
 S = argparse.SUPPRESS  # options not given stay out of the namespace, so they never override the recipe
@@ -20,12 +20,11 @@ B = argparse.BooleanOptionalAction  # an on/off option: --x / --no-x
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="mambaout train",
         description="Train a MambaOut (or any registered model). Resolution: built-in official recipe < --recipe "
         "< options given here. With no data, trains on scikit-learn's digits (recipe 'digits').",
         argument_default=S,
-        allow_abbrev=False,  # `--checkpoint x` must not be taken as --checkpoint-every x
     )
     g = p.add_argument_group("data")
     g.add_argument(

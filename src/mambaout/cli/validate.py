@@ -16,13 +16,13 @@ import time
 from pathlib import Path
 
 from mambaout import kernels
-from mambaout.cli.common import add_dtype_argument, add_fused_kernels_argument, add_weights_args, weights_kwargs
+from mambaout.cli.common import Parser, add_dtype_argument, add_fused_kernels_argument, add_weights_args, weights_kwargs
 from mambaout.utils.limits import check_crop_pct, check_img_size
 from mambaout.utils.text import printable
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(allow_abbrev=False, prog="mambaout validate", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="mambaout validate", description=__doc__.split("\n\n")[0])
     p.add_argument(
         "data",
         help="labelled images: an ImageFolder directory (<class>/<image>) or a .tar of one, or digits:val (the "
