@@ -2,14 +2,21 @@
 resize-and-flip data path, and the detect/segment commands end to end on coco128-dense (tiny settings)."""
 
 import csv
+import dataclasses
 import json
+import os
+import signal
+import stat
+import subprocess
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import SHARED_DATA
+from PIL import Image
 
 import mambaout
 from mambaout.dense.backbone import DenseBackbone
@@ -18,8 +25,10 @@ pycocotools = pytest.importorskip("pycocotools", reason="dense tests need pycoco
 from pycocotools import mask as mask_util  # noqa: E402
 from pycocotools.coco import COCO  # noqa: E402
 from pycocotools.cocoeval import COCOeval  # noqa: E402
+from test_hostile import Case, _cli, _png, _snapshot, _wait_for_line, run_case  # noqa: E402  (the table's row style)
 
 from mambaout.cli import detect as cmd_detect  # noqa: E402
+from mambaout.cli import main  # noqa: E402
 from mambaout.cli import segment as cmd_segment  # noqa: E402
 from mambaout.dense.coco import CocoInstances, ResizeFlip, coco_evaluate, resize, resize_scale, to_coco_results  # noqa: E402
 from mambaout.dense.semseg import ConfusionMatrix, LabelMap, SegmentationFolder  # noqa: E402
@@ -352,7 +361,7 @@ def _rows(run):
 
 def test_detect_train_validate_predict(coco128, tmp_path, capsys):
     run = tmp_path / "det"
-    assert cmd_detect.main(["train", *DET, "--data", str(coco128), "--output", str(run), "--eval-at-start", "0"]) == 0
+    assert cmd_detect.main(["train", *DET, "--data", str(coco128), "--output", str(run), "--no-eval-at-start"]) == 0
     rows = _rows(run)
     assert [int(r["step"]) for r in rows] == [2] and {"bbox_AP", "segm_AP", "train_loss"} <= set(rows[-1])
     assert rows[-1]["images"] == "2"
@@ -417,3 +426,334 @@ def test_segmentation_learns_on_the_cpu_recipe(coco128, tmp_path):
     log = (run / "train.log").read_text().splitlines()
     losses = [float(line.split("loss ")[1].split()[0]) for line in log if line.startswith("step ")]
     assert losses[-1] < losses[0]
+
+
+# --- hostile inputs: one row per case, as tests/test_hostile.py (exit code, one line, no traceback, files kept) -------
+
+
+def _coco(path: Path, n: int, edit=None) -> None:
+    """COCO instances of images 0..n-1.png (64x48), one 20x16 box each, categories 3 (car) and 7 (bus)."""
+    images = [dict(id=i + 1, file_name=f"{i}.png", width=64, height=48) for i in range(n)]
+    anns = []
+    for k, im in enumerate(images):
+        x, y = 5 + 3 * k, 4 + 2 * k
+        poly = [[x, y, x + 20, y, x + 20, y + 16, x, y + 16]]
+        anns.append(
+            dict(id=k + 1, image_id=im["id"], category_id=(3, 7)[k % 2], iscrowd=0, bbox=[x, y, 20, 16], area=320.0)
+            | dict(segmentation=poly)
+        )
+    doc = dict(images=images, annotations=anns, categories=[dict(id=3, name="car"), dict(id=7, name="bus")])
+    if edit is not None:
+        edit(doc)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc))
+
+
+def _seg_copy(src: Path, dst: Path) -> Path:
+    for f in src.rglob("*.png"):
+        (dst / f.relative_to(src)).parent.mkdir(parents=True, exist_ok=True)
+        (dst / f.relative_to(src)).write_bytes(f.read_bytes())
+    return dst
+
+
+# tiny runs: mambaout_test, 48-64 px, narrow heads, two steps, no data workers
+DET_TRAIN = (
+    "detect train --data {w}/det --train-split train --val-split val --set model.backbone=mambaout_test --kind "
+    "faster_rcnn --img-size 48 --max-size 64 --steps 2 -b 2 --workers 0 --threads 1 --set model.fpn_channels=16 "
+    "--set model.box_head_dim=32 --set model.rois_per_image=16 --no-eval-at-start --no-progress"
+)
+SEG_TRAIN = (
+    "segment train --data {w}/seg --num-classes 3 --set model.backbone=mambaout_test --crop-size 32 --scale 64 48 "
+    "--steps 2 -b 2 --workers 0 --threads 1 --head-channels 8 --set model.aux_channels=4 --head-norm gn "
+    "--no-eval-at-start --no-progress"
+)
+
+
+@pytest.fixture(scope="module")
+def dense_world(tmp_path_factory) -> Path:
+    """Synthetic COCO and mask folders (no ../shared/data), their hostile variants, and one tiny run of each task."""
+    w = tmp_path_factory.mktemp("dense-world")
+    ann = w / "det" / "annotations"
+    for split, n in (("train", 4), ("val", 2)):
+        for i in range(n):
+            _png(w / "det" / "images" / split / f"{i}.png", 48, 64, seed=i + 10 * (split == "val"))
+        _coco(ann / f"instances_{split}.json", n)
+    rng = np.random.default_rng(0)
+    for split, n in (("training", 4), ("validation", 2)):
+        for i in range(n):
+            _png(w / "seg" / "images" / split / f"{i}.png", 48, 64, seed=20 + i)
+            mask = rng.integers(0, 3, (48, 64), dtype=np.uint8)
+            mask[:4] = 255  # the ignore index
+            (w / "seg" / "annotations" / split).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(mask, mode="L").save(w / "seg" / "annotations" / split / f"{i}.png")
+    # COCO files that pycocotools reads without a word
+    (ann / "malformed.json").write_text('{"images": [1, 2')
+    edits = {
+        "unknown-cat": lambda d: d["annotations"][1].update(category_id=99),
+        "nan-box": lambda d: d["annotations"][1].update(bbox=[float("nan"), 4, 20, 16]),
+        "inf-box": lambda d: d["annotations"][1].update(bbox=[5, 4, float("inf"), 16]),
+        "text-box": lambda d: d["annotations"][0].update(bbox="oops"),
+        "negative-box": lambda d: d["annotations"][1].update(bbox=[-30, -20, -10, -5]),
+        "missing-image": lambda d: d["images"][2].update(file_name="nope.png"),
+        "huge-size": lambda d: d["images"][0].update(width=10**9, height=10**9),
+        "duplicate-image-id": lambda d: d["images"][1].update(id=1),
+        "orphan-annotation": lambda d: d["annotations"][0].update(image_id=77),
+    }
+    for name, edit in edits.items():
+        _coco(ann / f"{name}.json", 4, edit)
+
+    def other_cats(doc):  # category 7 (bus) renumbered 8 (truck)
+        doc["categories"][1] = dict(id=8, name="truck")
+        for a in doc["annotations"]:
+            a["category_id"] = 8 if a["category_id"] == 7 else a["category_id"]
+
+    _coco(ann / "other-cats.json", 2, other_cats)
+    os.mkfifo(ann / "fifo.json")
+    # a FIFO among the images: of a COCO folder, of a segmentation folder, as a mask
+    _seg_copy(w / "det" / "images" / "train", w / "det" / "fifo-images")
+    (w / "det" / "fifo-images" / "2.png").unlink()
+    os.mkfifo(w / "det" / "fifo-images" / "2.png")
+    for name in ("image-fifo", "mask-fifo", "mask-class-9", "mask-size"):
+        _seg_copy(w / "seg", w / name)
+    os.unlink(w / "image-fifo" / "images" / "training" / "3.png")
+    os.mkfifo(w / "image-fifo" / "images" / "training" / "3.png")
+    os.unlink(w / "mask-fifo" / "annotations" / "training" / "1.png")
+    os.mkfifo(w / "mask-fifo" / "annotations" / "training" / "1.png")
+    bad = w / "mask-class-9" / "annotations" / "training" / "1.png"
+    mask = np.asarray(Image.open(bad)).copy()
+    mask[10, 10] = 9  # 3 classes: 9 is neither a class nor the ignore index 255
+    Image.fromarray(mask, mode="L").save(bad)
+    Image.fromarray(np.ones((40, 40), np.uint8), mode="L").save(w / "mask-size" / "annotations" / "training" / "1.png")
+    # special files: device nodes made here (never the system's /dev), FIFOs
+    (w / "dev").mkdir()
+    if os.geteuid() == 0:
+        os.mknod(w / "dev" / "null", stat.S_IFCHR | 0o666, os.makedev(1, 3))  # what /dev/null is
+    os.mkfifo(w / "dev" / "fifo")
+    os.mkfifo(w / "dev" / "fifo.png")
+    _png(w / "pics" / "a.png", 48, 64, seed=5)
+    os.mkfifo(w / "pics" / "b.png")
+    # YAML recipes (dense/config.py) a user might be handed
+    (w / "tag.yaml").write_text("task: detect\nmodel: !!python/object/apply:os.system ['echo hi']\n")
+    bomb = "a: &a [x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]\nc: [*b, *b, *b, *b, *b]\n"
+    (w / "bomb.yaml").write_text(bomb)
+    (w / "dup.yaml").write_text("task: detect\ntrain:\n  steps: 1\n  steps: 2\n")
+    (w / "parse.yaml").write_text("task: detect\ntrain: [1, 2\n")
+    # a user's folders: one with files named like a run's, one with notes
+    (w / "mine").mkdir()
+    (w / "mine" / "summary.csv").write_text("the user's")
+    (w / "notes").mkdir()
+    (w / "notes" / "notes.txt").write_text("the user's")
+    (w / "out").mkdir()
+    assert main([*DET_TRAIN.format(w=w).split(), "-o", str(w / "run-det")]) == 0
+    assert main([*SEG_TRAIN.format(w=w).split(), "-o", str(w / "run-seg")]) == 0
+    # a checkpoint holding NaN: the trained detector with three weights spoiled
+    from mambaout.weights.checkpoint import read_checkpoint, save_weights
+
+    sd, meta = read_checkpoint(w / "run-det" / "last.safetensors")
+    key = "backbone.backbone.body.stages.0.blocks.0.conv.weight"
+    sd[key] = sd[key].clone()
+    sd[key].view(-1)[:3] = float("nan")
+    save_weights(sd, w / "nan-det.safetensors", **meta)
+    return w
+
+
+DT = DET_TRAIN + " -o {w}/out/t"
+ST = SEG_TRAIN + " -o {w}/out/t"
+DV = "detect validate --checkpoint {w}/run-det/last.safetensors --data {w}/det --val-split val"
+SV = "segment validate --checkpoint {w}/run-seg/last.safetensors --data {w}/seg"
+DP = "detect predict {w}/pics/a.png --checkpoint {w}/run-det/last.safetensors"
+SP = "segment predict {w}/pics/a.png --checkpoint {w}/run-seg/last.safetensors"
+LABELS = " --train-labels {w}/det/annotations/"
+RUNS = ("run-det", "run-seg")  # a failed command touches neither run
+
+DENSE_CASES = [
+    # --- YAML: --set values and recipe files through mambaout.utils.safe_yaml -------------------------------------
+    Case(
+        "det-set-python-tag", DT + " --set model.model_kwargs=!!python/name:os.system", 2, "is not plain data", ("out",)
+    ),
+    Case("seg-set-duplicate-key", ST + " --set model.model_kwargs={{'a':1,'a':2}}", 2, "key 'a' is given twice"),
+    Case("seg-set-parse-error", ST + " --set model.model_kwargs=[1,2", 2, "--set model.model_kwargs: not valid YAML"),
+    Case("det-recipe-python-tag", DT + " --recipe {w}/tag.yaml", 2, "is not plain data", ("out",)),
+    Case("det-recipe-alias-bomb", DT + " --recipe {w}/bomb.yaml", 2, "anchors (&a) are not allowed", ("out",)),
+    Case("det-recipe-duplicate-key", DT + " --recipe {w}/dup.yaml", 2, "key 'steps' is given twice", ("out",)),
+    Case("seg-recipe-parse-error", ST + " --recipe {w}/parse.yaml", 2, "parse.yaml: not valid YAML: line 3", ("out",)),
+    # --- COCO files: malformed, unknown categories, boxes that are not boxes, missing or mis-sized images ----------
+    Case("det-coco-malformed", DT + LABELS + "malformed.json", 2, "is not a COCO instances file"),
+    Case("det-coco-unknown-category", DT + LABELS + "unknown-cat.json", 2, "has category_id 99, not among"),
+    Case("det-coco-nan-box", DT + LABELS + "nan-box.json", 2, "has bbox [nan, 4, 20, 16]"),
+    Case("det-coco-inf-box", DT + LABELS + "inf-box.json", 2, "has bbox [5, 4, inf, 16]"),
+    Case("det-coco-text-box", DT + LABELS + "text-box.json", 2, "has bbox oops"),
+    Case("det-coco-duplicate-image-id", DT + LABELS + "duplicate-image-id.json", 2, "image ids are not unique"),
+    Case("det-coco-orphan-annotation", DT + LABELS + "orphan-annotation.json", 2, "is of image 77"),
+    Case("det-coco-missing-image", DT + LABELS + "missing-image.json", 2, "nope.png as an image"),
+    Case("det-coco-huge-declared-size", DT + LABELS + "huge-size.json", 2, "its annotation says 1000000000x"),
+    Case("det-coco-fifo-json", DT + LABELS + "fifo.json", 2, "fifo.json does not exist"),
+    # allowed: a box of no size is left out of the targets (torchvision's references drop them too)
+    Case("det-coco-negative-box", DET_TRAIN + " -o {w}/out/neg" + LABELS + "negative-box.json", 0, "done: bbox_AP"),
+    Case("det-validate-other-categories", DV + " --val-labels {w}/det/annotations/other-cats.json", 2, "ids [3, 8]"),
+    Case("det-validate-huge-declared-size", DV + " --val-labels {w}/det/annotations/huge-size.json", 2, "1000000000"),
+    # --- masks: a value that is no class, another size, not a file -------------------------------------------------
+    Case("seg-mask-class-9", ST.replace("{w}/seg", "{w}/mask-class-9"), 2, "holds mask values [9]"),
+    Case("seg-mask-size", ST.replace("{w}/seg", "{w}/mask-size"), 2, "1.png is (40, 40) but its image is (64, 48)"),
+    Case("seg-mask-fifo", ST.replace("{w}/seg", "{w}/mask-fifo"), 2, "is a named pipe (FIFO), not a mask file"),
+    # --- special files among the inputs and as outputs ---------------------------------------------------------------
+    Case("det-train-fifo-image", DT + " --train-images {w}/det/fifo-images", 2, "2.png is a named pipe (FIFO)"),
+    Case("seg-train-fifo-image", ST.replace("{w}/seg", "{w}/image-fifo"), 2, "3.png is a named pipe (FIFO)"),
+    Case("det-train-fifo-as-data", DT.replace("{w}/det ", "{w}/dev/fifo "), 2, "does not exist", ("dev",)),
+    Case("seg-validate-fifo-as-checkpoint", "segment validate --checkpoint {w}/dev/fifo", 2, "is a named pipe"),
+    Case("det-predict-fifo-among-images", DP.replace("a.png", "") + " -o {w}/out/p1", 0, "b.png is a named pipe"),
+    Case("seg-predict-only-a-fifo", SP.replace("pics/a.png", "dev/fifo.png") + " -o {w}/out/p2", 1, "not opened"),
+    Case("det-train-output-fifo", DET_TRAIN + " -o {w}/dev/fifo", 2, "is not a folder", ("dev",)),
+    Case("det-train-output-dev-null", DET_TRAIN + " -o {w}/dev/null", 2, "is not a folder", ("dev",), root=True),
+    Case("det-validate-results-fifo", DV + " --results-file {w}/dev/fifo", 2, "is a named pipe (FIFO)", ("dev",)),
+    Case(
+        "det-validate-results-null", DV + " --results-file {w}/dev/null", 2, "a character device", ("dev",), root=True
+    ),
+    Case("det-predict-output-dev-null", DP + " -o {w}/dev/null", 2, "is not a folder", ("dev",), root=True),
+    Case("det-predict-output-a-file", DP + " -o {w}/tag.yaml", 2, "is not a folder", ("tag.yaml",)),
+    Case("seg-predict-into-the-input-folder", SP + " -o {w}/pics", 2, "would replace that input image", ("pics",)),
+    # --- weights holding NaN -------------------------------------------------------------------------------------------
+    Case("det-validate-nan-weights", DV.replace("run-det/last", "nan-det"), 2, "holds non-finite values (3 NaN"),
+    Case("det-predict-nan-weights", DP.replace("run-det/last", "nan-det") + " -o {w}/out/p3", 2, "non-finite"),
+    # --- zero, negative, non-finite and unbounded settings -------------------------------------------------------------
+    Case("seg-num-classes-0", ST.replace("--num-classes 3", "--num-classes 0"), 2, "--num-classes must be 1 to 253"),
+    Case("det-num-classes-0", DT + " --set model.num_classes=0", 2, "num_classes 0 disagrees with the 2 categories"),
+    Case("det-steps-0", DT.replace("--steps 2", "--steps 0"), 2, "steps must be a positive integer, got 0", ("out",)),
+    Case("seg-batch-size-negative", ST.replace("-b 2", "--batch-size -1"), 2, "data.batch_size=-1", ("out",)),
+    Case("det-workers-negative", DT.replace("--workers 0", "--workers -1"), 2, "data.workers=-1", ("out",)),
+    Case("det-threads-negative", DT.replace("--threads 1", "--threads -1"), 2, "train.threads=-1", ("out",)),
+    Case("det-threads-0", DT.replace("--threads 1", "--threads 0"), 2, "train.threads=0", ("out",)),
+    Case("det-lr-inf", DT + " --lr inf", 2, "train.lr=inf: must be a finite number > 0", ("out",)),
+    Case("det-weight-decay-nan", DT + " --weight-decay nan", 2, "train.weight_decay=nan", ("out",)),
+    Case("det-clip-grad-nan", DT + " --clip-grad nan", 2, "train.clip_grad=nan", ("out",)),
+    Case("det-clip-grad-negative", DT + " --clip-grad -1", 2, "train.clip_grad=-1.0", ("out",)),
+    Case("det-seed-negative", DT + " --seed -1", 2, "train.seed=-1", ("out",)),
+    Case("det-seed-over-64-bits", DT + " --seed 99999999999999999999", 2, "train.seed=", ("out",)),
+    Case("det-img-size-100000", DT + " --img-size 100000 --max-size 100000", 2, "model.min_size must be", ("out",)),
+    Case("seg-crop-size-100000", ST.replace("--crop-size 32", "--crop-size 100000"), 2, "data.crop_size must be"),
+    Case("seg-scale-0", ST.replace("--scale 64 48", "--scale 0 0"), 2, "data.scale must be an integer", ("out",)),
+    Case("seg-head-channels-0", ST.replace("--head-channels 8", "--head-channels 0"), 2, "model.channels=0"),
+    Case("det-fpn-channels-0", DT + " --set model.fpn_channels=0", 2, "model.fpn_channels=0", ("out",)),
+    Case("det-model-kwargs-huge", DT + " --set model.model_kwargs={{dims:[99999]}}", 2, "model_kwargs.dims must be"),
+    Case("det-validate-max-val-images-0", DV + " --max-val-images 0", 2, "max_val_images must be a positive integer"),
+    Case("seg-validate-max-val-images-negative", SV + " --max-val-images -1", 2, "got -1"),
+    Case("seg-validate-workers-negative", SV + " --workers -1", 2, "data.workers=-1"),
+    Case("det-predict-score-threshold-nan", DP + " -o {w}/out/p4 --score-threshold nan", 2, "--score-threshold must"),
+    # --- run folders: the user's files, another task's run, a finished run -------------------------------------------
+    Case("det-train-into-a-users-folder", DET_TRAIN + " -o {w}/notes", 2, "holds no run: 'notes.txt'", ("notes",)),
+    Case("det-train-over-files-named-like-a-run", DET_TRAIN + " -o {w}/mine", 2, "already holds a run", ("mine",)),
+    Case("seg-train-over-a-run", SEG_TRAIN + " -o {w}/run-seg", 2, "already holds a run (state.pt"),
+    Case("det-resume-a-segment-run", "detect train --resume {w}/run-seg", 2, "holds a segment run"),
+    Case("det-resume-missing", "detect train --resume {w}/nope", 2, "no training state found"),
+    Case("det-resume-finished", "detect train --resume {w}/run-det", 0, "the run is finished (all 2 steps done)"),
+    # --- flags as the classification commands have them ------------------------------------------------------------
+    Case("det-amp-bare", DT + " --amp --print-config", 0, "amp: bf16"),
+    Case("seg-validate-amp-bare", SV + " --amp", 0, "single-scale: mIoU"),
+    Case("det-overwrite-takes-no-value", DT + " --overwrite 1", 2, "unrecognized arguments: 1"),
+]
+
+
+@pytest.mark.timeout(300)  # a watchdog: a regression that opens a FIFO would block forever
+@pytest.mark.parametrize("case", DENSE_CASES, ids=[c.id for c in DENSE_CASES])
+def test_dense_hostile(case, dense_world, capsys, monkeypatch, caplog):
+    if case.root and os.geteuid() != 0:
+        pytest.skip("needs device nodes made with mknod (root)")
+    kept = (*RUNS, *case.untouched)
+    before = _snapshot(dense_world, kept)
+    # each row its own run folder: a run that fails on its data leaves its config.yaml, which holds the folder
+    case = dataclasses.replace(case, argv=case.argv.replace("{w}/out/t", "{w}/out/" + case.id))
+    code, output = run_case(case, dense_world, capsys, monkeypatch, caplog)
+    assert "Traceback" not in output, output
+    assert code == case.code, output
+    assert case.message in output, output
+    if code == 2:
+        errors = [line for line in output.splitlines() if line.startswith("mambaout ")]
+        assert len(errors) == 1, output
+    assert _snapshot(dense_world, kept) == before
+
+
+def test_set_aliases_are_refused_on_the_dense_commands(dense_world, capsys):
+    """An alias in a --set value (a space inside it, so not a table row, whose argv splits on spaces)."""
+    argv = [*DT.format(w=dense_world).split(), "--set", "model.model_kwargs=&a {depths: *a}"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "not allowed" in err and len(err.strip().splitlines()) == 1 and len(err) < 260, err
+
+
+def test_dense_switches_show_as_switches():
+    """--overwrite, --pretrained, ... as in mambaout train: --x / --no-x; --amp a bare switch (bf16, as validate)."""
+    from mambaout.cli.dense import train_parser, validate_parser
+
+    parse = train_parser("segment").parse_args
+    text = " ".join(train_parser("segment").format_help().split())
+    for switch in ("overwrite", "pretrained", "eval-at-start", "reduce-zero-label", "eval-flip"):
+        assert f"[--{switch} | --no-{switch}]" in text, switch
+    assert vars(parse(["--no-overwrite", "--amp"])) == {"overwrite": False, "amp": "bf16"}
+    assert vars(parse(["--eval-at-start", "--amp", "fp16"])) == {"eval_at_start": True, "amp": "fp16"}
+    assert validate_parser("detect").parse_args(["--checkpoint", "c", "--amp"]).amp == "bf16"
+    assert validate_parser("detect").parse_args(["--checkpoint", "c"]).amp == "auto"
+
+
+def test_benchmark_amp_is_bf16_as_in_validate():
+    from mambaout.cli import benchmark
+
+    parse = benchmark.get_args_parser().parse_args
+    assert benchmark._dtype(parse(["--amp", "--device", "cpu"])) == "bf16"
+    assert benchmark._dtype(parse(["--device", "cpu"])) == "fp32"
+    assert benchmark._dtype(parse(["--amp", "none", "--device", "cpu"])) == "fp32"
+    assert benchmark._dtype(parse(["--amp", "auto", "--device", "cpu"])) == "fp32"
+    with pytest.raises(ValueError, match="--amp bf16 means --dtype bf16"):
+        benchmark._dtype(parse(["--amp", "--dtype", "fp32", "--device", "cpu"]))
+
+
+def test_predict_numbers_pictures_of_inputs_sharing_a_name(dense_world, tmp_path, capsys):
+    """a/0.png and b/0.png: two pictures, neither replacing the other."""
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "0.png").write_bytes((dense_world / "pics" / "a.png").read_bytes())
+    out = tmp_path / "out"
+    argv = [
+        "predict",
+        str(tmp_path / "a"),
+        str(tmp_path / "b"),
+        "--checkpoint",
+        str(dense_world / "run-seg" / "last.safetensors"),
+    ]
+    assert main(["segment", *argv, "-o", str(out)]) == 0
+    records = json.loads((out / "predictions.json").read_text())
+    assert [Path(r["picture"]).name for r in records] == ["0.png", "0-1.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["0-1.png", "0.png", "predictions.json"]
+
+
+@pytest.mark.timeout(300)
+def test_ctrl_c_in_dense_train_saves_a_resumable_state(dense_world, tmp_path):
+    """Ctrl-C after a reported step: exit 130, one line saying where the state was saved; --resume continues it."""
+    run = tmp_path / "run"
+    args = DET_TRAIN.format(w=dense_world).replace("--steps 2", "--steps 500").replace("--no-progress", "--log-every 1")
+    proc = _cli([*args.split(), "-o", str(run)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for_line(proc.stdout, "step 1/500")
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("mambaout detect: interrupted at step ") and f"continue with --resume {run}" in last, err
+    step = torch.load(run / "state.pt", weights_only=True)["step"]
+    assert step >= 1
+    assert cmd_detect.main(["train", "--resume", str(run), "--stop-after-steps", "1"]) == 0
+    assert torch.load(run / "state.pt", weights_only=True)["step"] == step + 1
+
+
+def test_closed_pipe_ends_dense_commands_quietly(dense_world):
+    """`mambaout detect predict ... | head -1` after head has gone: exit 0, nothing on stderr."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    argv = DP.format(w=dense_world).split() + ["-o", str(dense_world / "out" / "pipe")]
+    try:
+        proc = _cli(argv, stdout=write_end, stderr=subprocess.PIPE, text=True)
+    finally:
+        os.close(write_end)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and err == "", err

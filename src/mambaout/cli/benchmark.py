@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from mambaout.cli.common import Parser
+from mambaout.cli.common import Parser, add_amp_argument
 from mambaout.utils.device import device_name
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -308,7 +308,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", nargs="+", default=["mambaout_tiny"], help="registered names that timm also has")
     p.add_argument("--mode", choices=["infer", "train"], default="infer", help="inference, or a full AdamW step")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="bf16/fp16 run under autocast")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="bf16/fp16 run under autocast (default fp32)")
+    add_amp_argument(
+        p, help="autocast as train and validate name it: bare --amp is --dtype bf16; auto: bf16 on CUDA, fp32 on CPU"
+    )
     p.add_argument("--compile", action="store_true", help="torch.compile both models")
     p.add_argument("--channels-last", action="store_true", help="channels-last input and conv weights for both")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda[:i]")
@@ -368,6 +371,19 @@ def _versions() -> str:
     return ", ".join(found)
 
 
+def _dtype(args: argparse.Namespace) -> str:
+    """--dtype, or the autocast dtype --amp names (train's and validate's flag); given both, they must agree."""
+    if args.amp is None:
+        return args.dtype or "fp32"
+    amp = args.amp
+    if amp == "auto":  # as train: bf16 on CUDA, none on CPU
+        amp = "bf16" if torch.device(args.device).type == "cuda" else "none"
+    dtype = "fp32" if amp == "none" else amp
+    if args.dtype is not None and args.dtype != dtype:
+        raise ValueError(f"--amp {args.amp} means --dtype {dtype} here, not --dtype {args.dtype}; pass one of them")
+    return dtype
+
+
 def main(argv: list[str] | None = None) -> int:
     from mambaout.utils.device import resolve_device
     from mambaout.utils.files import check_writable
@@ -385,6 +401,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
         check_img_size(args.img_size)
         resolve_device(args.device)
+        args.dtype = _dtype(args)
         if args.csv:
             check_writable(args.csv, "--csv")
     except ValueError as e:

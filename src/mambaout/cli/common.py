@@ -144,11 +144,13 @@ def add_dtype_argument(parser) -> None:
     )
 
 
-def bool_arg(v: str) -> bool:
-    """An option's true/false value (1/0, yes/no, on/off), for `type=` with `nargs="?", const=True` (the dense
-    commands' `--overwrite`, `--eval-at-start 0`, ...)."""
-    if v.lower() in ("1", "true", "yes", "on"):
-        return True
-    if v.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {v!r}")
+AMP_CHOICES = ("auto", "none", "bf16", "fp16")
+
+
+AMP_HELP = "mixed precision: bare --amp is bf16 (as in validate); or auto (bf16 on CUDA, none on CPU), none, fp16"
+
+
+def add_amp_argument(parser, help: str = AMP_HELP, **kwargs) -> None:
+    """`--amp [DTYPE]` of the commands that train or time a model (train, benchmark, detect/segment): a bare `--amp`
+    is bf16 autocast, as validate's `--amp` switch; or auto (bf16 on CUDA, none on CPU), none, bf16, fp16."""
+    parser.add_argument("--amp", nargs="?", const="bf16", choices=AMP_CHOICES, metavar="DTYPE", help=help, **kwargs)

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import yaml
 
-from mambaout.cli.common import bool_arg
+from mambaout.cli.common import add_amp_argument, stdout_failed
 
-S = argparse.SUPPRESS
+S = argparse.SUPPRESS  # options not given stay out of the namespace, so they never override the recipe
+B = argparse.BooleanOptionalAction  # an on/off option: --x / --no-x, as the classification commands have
 ACTIONS = ("train", "validate", "predict")
 
 # command-line flag -> (section.key); `type` and help live in the parser below
@@ -89,17 +90,11 @@ def _data_args(p: argparse.ArgumentParser, task: str, train: bool) -> None:
     g.add_argument("--workers", "-j", type=int, help="data loader processes")
     if task == "segment" and train:
         g.add_argument("--num-classes", type=int, help="classes when the masks hold 0..K-1 (or 1..K)")
-        g.add_argument(
-            "--reduce-zero-label",
-            type=bool_arg,
-            nargs="?",
-            const=True,
-            help="mask value 0 is ignored (ADE20K), v becomes class v-1",
-        )
+        g.add_argument("--reduce-zero-label", action=B, help="mask value 0 is ignored (ADE20K), v becomes class v-1")
         g.add_argument("--categories", help="JSON list of {id, name}: the mask values that are classes, in order")
         g.add_argument("--crop-size", type=int, help="training crop (512 in the paper's setting)")
         g.add_argument("--scale", type=int, nargs=2, metavar=("LONG", "SHORT"), help="training/eval resize scale")
-        g.add_argument("--eval-flip", type=bool_arg, nargs="?", const=True, help="evaluate with the flip too")
+        g.add_argument("--eval-flip", action=B, help="evaluate with the flip too")
 
 
 def train_parser(task: str) -> argparse.ArgumentParser:
@@ -114,7 +109,7 @@ def train_parser(task: str) -> argparse.ArgumentParser:
     g = p.add_argument_group("model")
     g.add_argument("--recipe", help="dense recipe name or YAML path (--list-recipes)")
     g.add_argument("--backbone", help="registered MambaOut name")
-    g.add_argument("--pretrained", type=bool_arg, nargs="?", const=True, help="the backbone's published weights")
+    g.add_argument("--pretrained", action=B, help="the backbone's published weights")
     g.add_argument("--backbone-checkpoint", help="classification weights for the backbone (any layout we read)")
     g.add_argument("--drop-path", type=float, help="backbone stochastic depth (0.3 Tiny, 0.3-0.4 Small, 0.6 Base)")
     g.add_argument("--frozen-stages", type=int, help="-1 none, 0 the stem, k the stem and the first k stages")
@@ -134,7 +129,7 @@ def train_parser(task: str) -> argparse.ArgumentParser:
     g.add_argument("--warmup-steps", type=int)
     g.add_argument("--clip-grad", type=float)
     g.add_argument("--hflip", type=float, help="flip probability")
-    g.add_argument("--amp", choices=["auto", "none", "bf16", "fp16"])
+    add_amp_argument(g)
     g.add_argument("--device", choices=["cpu", "cuda"])
     g.add_argument("--threads", type=int, help="torch CPU threads")
     g.add_argument("--seed", type=int)
@@ -148,9 +143,9 @@ def train_parser(task: str) -> argparse.ArgumentParser:
     g = p.add_argument_group("run")
     g.add_argument("--output", "-o", help=f"run folder (default runs/<recipe or {task}>)")
     g.add_argument("--resume", help="run folder (or its state.pt) to continue, with its own configuration")
-    g.add_argument("--overwrite", type=bool_arg, nargs="?", const=True, help="start over in a folder holding a run")
+    g.add_argument("--overwrite", action=B, help="start over in a folder holding a run")
     g.add_argument("--eval-every", type=int, help="evaluate every N steps (and always at the end)")
-    g.add_argument("--eval-at-start", type=bool_arg, nargs="?", const=True, help="evaluate before training (default)")
+    g.add_argument("--eval-at-start", action=B, help="evaluate before training (default: on)")
     g.add_argument("--log-every", type=int, help="steps between progress lines")
     g.add_argument("--checkpoint-every", type=int, help="also save the state every N steps")
     g.add_argument("--stop-after-steps", type=int, help="stop after N steps of this call (resume later)")
@@ -161,6 +156,8 @@ def train_parser(task: str) -> argparse.ArgumentParser:
 
 
 def _overrides(args: argparse.Namespace, task: str) -> dict:
+    from mambaout.utils.safe_yaml import load_yaml
+
     given = vars(args)
     out = {}
     for flag, key in _TRAIN_FLAGS.items():
@@ -175,7 +172,8 @@ def _overrides(args: argparse.Namespace, task: str) -> dict:
         key, sep, value = item.partition("=")
         if not sep:
             raise ValueError(f"--set expects SECTION.KEY=VALUE, got {item!r}")
-        out[key.strip().replace("-", "_")] = yaml.safe_load(value)
+        key = key.strip().replace("-", "_")
+        out[key] = load_yaml(value, f"--set {key}")
     if given.get("resume"):
         extra = sorted(k for k in out if k not in ("train.resume", "train.stop_after_steps", "train.progress"))
         if extra:
@@ -242,13 +240,13 @@ def validate_parser(task: str) -> argparse.ArgumentParser:
     if task == "segment":
         p.add_argument("--flip", action="store_true", help="also evaluate with the flip (averaged probabilities)")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
-    p.add_argument("--amp", choices=["auto", "none", "bf16", "fp16"], default="auto")
+    add_amp_argument(p, default="auto")
     p.add_argument("--results-file", help="write the numbers as JSON")
     return p
 
 
 def _val_config(task: str, args, meta: dict):
-    from mambaout.dense.config import DataConfig, RunConfig, TrainConfig
+    from mambaout.dense.config import DataConfig, RunConfig, TrainConfig, check
     from mambaout.dense.detection import DetectorConfig
     from mambaout.dense.upernet import SegmenterConfig
 
@@ -263,7 +261,9 @@ def _val_config(task: str, args, meta: dict):
     )
     if task == "segment":
         data.scale = meta.get("eval_scale", data.scale)
-    return RunConfig(task, model, data, TrainConfig(steps=1))
+    cfg = RunConfig(task, model, data, TrainConfig(steps=1))
+    check(cfg)  # --max-val-images 0, --workers -1, ... as train refuses them
+    return cfg
 
 
 def _load(task: str, path: str, device):
@@ -279,7 +279,7 @@ def validate(task: str, argv: list[str]) -> int:
     from mambaout.dense.engine import amp_setting
     from mambaout.dense.tasks import make_task
     from mambaout.utils.device import resolve_device
-    from mambaout.utils.files import check_writable
+    from mambaout.utils.files import atomic_write_text, check_writable
 
     args = validate_parser(task).parse_args(argv)
     device = resolve_device(args.device)
@@ -300,7 +300,7 @@ def validate(task: str, argv: list[str]) -> int:
             print(summary)
         print(f"{name}: " + "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in m.items()))
     if args.results_file:
-        Path(args.results_file).write_text(json.dumps(dict(checkpoint=args.checkpoint, **results), indent=1))
+        atomic_write_text(args.results_file, json.dumps(dict(checkpoint=args.checkpoint, **results), indent=1))
     return 0
 
 
@@ -332,15 +332,22 @@ def predict(task: str, argv: list[str]) -> int:
     from mambaout.dense.tasks import segment_probs
     from mambaout.inference.predictor import find_images
     from mambaout.utils.device import resolve_device
+    from mambaout.utils.files import atomic_write, atomic_write_text
 
     args = predict_parser(task).parse_args(argv)
+    threshold = getattr(args, "score_threshold", 0.0)
+    if not 0.0 <= threshold <= 1.0:  # NaN too: no score passes it, an empty answer with exit 0
+        raise ValueError(f"--score-threshold must be a number in [0, 1], got {threshold}")
+    out = Path(args.output)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--output {out} is not a folder; predict writes pictures and predictions.json into one")
     device = resolve_device(args.device)
     model, meta = _load(task, args.checkpoint, device)
     names = meta["class_names"]
     paths = find_images(args.inputs)
     if not paths:
         raise ValueError(f"no images found in {' '.join(args.inputs)}")
-    out = Path(args.output)
+    pictures = _picture_paths(paths, out, "jpg" if task == "detect" else "png")
     out.mkdir(parents=True, exist_ok=True)
     records, failed = [], 0
     for path in paths:
@@ -351,12 +358,13 @@ def predict(task: str, argv: list[str]) -> int:
             failed += 1
             continue
         x = to_tensor(img).to(device)
-        picture = out / f"{path.stem}.{'jpg' if task == 'detect' else 'png'}"
+        picture = pictures[path]
         with torch.no_grad():
             if task == "detect":
                 o = {k: v.float().cpu() for k, v in model([x])[0].items()}
                 keep = o["scores"] >= args.score_threshold
-                draw_detections(img, o, names, args.score_threshold).save(picture, quality=90)
+                drawn = draw_detections(img, o, names, args.score_threshold)
+                atomic_write(picture, lambda tmp, drawn=drawn: drawn.save(tmp, format="JPEG", quality=90))
                 dets = [
                     dict(label=names[int(lab) - 1], score=round(float(s), 4), box=[round(v, 1) for v in b.tolist()])
                     for b, lab, s in zip(o["boxes"][keep], o["labels"][keep], o["scores"][keep])
@@ -364,15 +372,39 @@ def predict(task: str, argv: list[str]) -> int:
                 records.append(dict(image=str(path), picture=str(picture), detections=dets))
             else:
                 classes = segment_probs(model, x, meta["eval_scale"], args.flip, None).argmax(0).cpu()
-                draw_segmentation(img, classes, len(names)).save(picture)
+                drawn = draw_segmentation(img, classes, len(names))
+                atomic_write(picture, lambda tmp, drawn=drawn: drawn.save(tmp, format="PNG"))
                 counts = torch.bincount(classes.flatten(), minlength=len(names))
                 share = {names[i]: round(c / classes.numel(), 4) for i, c in enumerate(counts.tolist()) if c}
                 share = dict(sorted(share.items(), key=lambda kv: -kv[1]))
                 records.append(dict(image=str(path), picture=str(picture), class_fractions=share))
         print(f"{path} -> {picture}", flush=True)
-    (out / "predictions.json").write_text(json.dumps(records, indent=1))
+    atomic_write_text(out / "predictions.json", json.dumps(records, indent=1))
     print(f"{len(records)} pictures and predictions.json in {out}" + (f"; {failed} unreadable" if failed else ""))
     return 0 if records else 1
+
+
+def _picture_paths(paths: list[Path], out: Path, suffix: str) -> dict[Path, Path]:
+    """Each input's picture in `out`: `<stem>.<suffix>`, numbered where two inputs share a stem (a.jpg and a.png,
+    or two folders' 0.png), so no picture replaces another.
+
+    Raises:
+        ValueError: a picture would replace one of the input images (`--output` is the input folder).
+    """
+    pictures: dict[Path, Path] = {}
+    used: set[str] = set()
+    for p in paths:
+        name, n = f"{p.stem}.{suffix}", 0
+        while name in used:
+            n += 1
+            name = f"{p.stem}-{n}.{suffix}"
+        used.add(name)
+        pictures[p] = out / name
+    inputs = {q.resolve() for q in paths if q.is_file()}
+    clash = next((q for q in pictures.values() if q.resolve() in inputs), None)
+    if clash is not None:
+        raise ValueError(f"the picture {clash} would replace that input image; pass another --output folder")
+    return pictures
 
 
 # --- dispatch --------------------------------------------------------------------------------------------------------
@@ -403,6 +435,8 @@ def main(task: str, argv: list[str] | None) -> int:
     try:
         return {"train": train, "validate": validate, "predict": predict}[action](task, rest)
     except (ValueError, OSError, CheckpointError, MissingDependency) as e:
+        if stdout_failed(e):
+            raise  # a closed pipe (`... | head -1`) or a full stdout: mambaout.cli.main ends it
         text = str(e).strip()
         text = text.splitlines()[-1] if "Traceback" in text else text  # an error re-raised from a loader worker
         print(f"mambaout {task} {action}: {text}", file=sys.stderr)

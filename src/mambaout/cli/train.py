@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 
 from mambaout import kernels
-from mambaout.cli.common import Parser, add_fused_kernels_argument, stdout_failed
+from mambaout.cli.common import Parser, add_amp_argument, add_fused_kernels_argument, stdout_failed
 from mambaout.utils.text import printable
 
 S = argparse.SUPPRESS  # options not given stay out of the namespace, so they never override the recipe
@@ -100,14 +100,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     g = p.add_argument_group("performance")
     g.add_argument("--device", choices=["cpu", "cuda"])
-    g.add_argument(
-        "--amp",
-        nargs="?",
-        const="bf16",
-        choices=["auto", "none", "bf16", "fp16"],
-        metavar="DTYPE",
-        help="mixed precision: bare --amp is bf16 (as in validate); or auto (bf16 on CUDA, none on CPU), none, fp16",
-    )
+    add_amp_argument(g)
     g.add_argument("--channels-last", action=B)
     g.add_argument("--compile", "--torchcompile", action=B, help="torch.compile the model")
     g.add_argument("--grad-checkpointing", action=B)

@@ -11,6 +11,7 @@ import contextlib
 import copy
 import io
 import json
+import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -45,6 +46,28 @@ def load_coco(ann_file: str | Path):
             raise ValueError(f"{ann_file} is not a COCO instances file ({type(e).__name__}: {e})") from e
 
 
+def _check_instances(coco, ann_file) -> None:
+    """What pycocotools reads without a word but would train on silently wrong, or crash on, as one line: an image
+    id given twice (the last wins), an annotation of an image or category the file does not list, a box that is not
+    four finite numbers. Boxes of zero or negative size are kept here and left out of the targets (`target`)."""
+    if len(coco.imgs) != len(coco.dataset.get("images", [])):
+        raise ValueError(
+            f"{ann_file}: image ids are not unique ({len(coco.dataset['images'])} images, {len(coco.imgs)} ids)"
+        )
+    for a in coco.dataset.get("annotations", []):
+        where = f"{ann_file}: annotation {a.get('id')!r}"
+        if a.get("image_id") not in coco.imgs:
+            raise ValueError(f"{where} is of image {a.get('image_id')!r}, which the file does not list")
+        if a.get("category_id") not in coco.cats:
+            raise ValueError(
+                f"{where} has category_id {a.get('category_id')!r}, not among the categories {sorted(coco.cats)[:10]}"
+            )
+        box = a.get("bbox")
+        ok = isinstance(box, list) and len(box) == 4
+        if not ok or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in box):
+            raise ValueError(f"{where} has bbox {str(box)[:60]}; a box is [x, y, width, height] of finite numbers")
+
+
 def to_tensor(img) -> torch.Tensor:
     """A PIL RGB image as `[3, H, W]` float in [0, 1]."""
     return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255)  # HWC->CHW
@@ -71,6 +94,7 @@ class CocoInstances(torch.utils.data.Dataset):
         if not self.ids:
             raise ValueError(f"{ann_file} lists no images")
         self.cat_ids = sorted(self.coco.getCatIds())
+        _check_instances(self.coco, ann_file)
         self.class_names = [self.coco.cats[c]["name"] for c in self.cat_ids]
         self.label_of = {cid: i + 1 for i, cid in enumerate(self.cat_ids)}
         self.transform = transform

@@ -11,7 +11,9 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
+from mambaout.utils import checks as C
+from mambaout.utils.limits import check_img_size, check_model_kwargs
+from mambaout.utils.safe_yaml import load_yaml
 
 from .detection import DetectorConfig
 from .upernet import SegmenterConfig
@@ -132,7 +134,7 @@ def resolve(task: str, recipe: str | None, overrides: dict) -> RunConfig:
     values: dict[str, dict] = {s: {} for s in SECTIONS}
     if recipe is not None:
         path = find_recipe(recipe)
-        loaded = yaml.safe_load(path.read_text()) or {}
+        loaded = load_yaml(path.read_text(errors="replace"), str(path)) or {}
         if not isinstance(loaded, dict):
             raise ValueError(f"recipe {path} must be a YAML mapping")
         if loaded.get("task", task) != task:
@@ -160,9 +162,60 @@ def resolve(task: str, recipe: str | None, overrides: dict) -> RunConfig:
     return cfg
 
 
+SEED_MAX = 2**63 - 1  # torch.manual_seed's signed 64-bit range (as the classification trainer's)
+WIDTH_MAX = 8192  # a head or FPN width; the paper's widest is UperNet's 512 and the box head's 1024
+
+# (section, key) -> what it may hold; NaN and infinities are refused by every number check (mambaout.utils.checks)
+_RULES = {
+    ("train", "lr"): C.number(0, lo_open=True),
+    ("train", "weight_decay"): C.number(0),
+    ("train", "clip_grad"): C.number(0, lo_open=True, optional=True),
+    ("train", "gamma"): C.number(0, 1),
+    ("train", "min_lr"): C.number(0),
+    ("train", "warmup_ratio"): C.number(0, 1),
+    ("train", "threads"): C.integer(1, optional=True),
+    ("train", "seed"): C.integer(0, SEED_MAX),
+    ("data", "batch_size"): C.integer(1),
+    ("data", "workers"): C.integer(0),
+    ("data", "hflip"): C.number(0, 1),
+    ("model", "drop_path_rate"): C.number(0, 1, hi_open=True),
+}
+_DETECT_WIDTHS = ("fpn_channels", "box_head_dim", "mask_head_channels", "rois_per_image")
+
+
+def _check_value(section: str, name: str, value, rule) -> None:
+    try:
+        rule(value)
+    except ValueError as e:
+        raise ValueError(f"{section}.{name}={C.show(value)}: {e}") from None
+
+
 def check(cfg: RunConfig) -> None:
     """Values a run cannot start with, as one line each."""
     t, d = cfg.train, cfg.data
+    for (section, name), rule in _RULES.items():
+        _check_value(section, name, getattr(getattr(cfg, section), name), rule)
+    widths = _DETECT_WIDTHS if cfg.task == "detect" else ("channels",)
+    for name in widths:
+        _check_value("model", name, getattr(cfg.model, name), C.integer(1, WIDTH_MAX))
+    if cfg.task == "segment":
+        _check_value("model", "aux_channels", cfg.model.aux_channels, C.integer(0, WIDTH_MAX, zero_means="no aux head"))
+    # image sides bounded as the classification commands bound --img-size: memory grows with their square
+    m = cfg.model
+    if cfg.task == "detect":
+        sides = [("model.min_size", m.min_size), ("model.max_size", m.max_size), ("data.max_size", d.max_size)]
+        lists = {"data.min_sizes": d.min_sizes}
+    else:
+        sides, lists = [("data.crop_size", d.crop_size)], {"data.scale": d.scale}
+    for name, values in lists.items():
+        if not isinstance(values, (list, tuple)) or not values or (name == "data.scale" and len(values) != 2):
+            raise ValueError(
+                f"{name}={C.show(values)}: must be a list of image sides" + " (long, short)" * (name == "data.scale")
+            )
+        sides += [(name, v) for v in values]
+    for name, value in sides:
+        check_img_size(value, name)
+    check_model_kwargs(cfg.model.model_kwargs, "model.model_kwargs")
     if (t.epochs is None) == (t.steps is None):
         raise ValueError("give the run's length as exactly one of --epochs and --steps")
     for name in ("epochs", "steps", "eval_every", "checkpoint_every", "stop_after_steps", "max_val_images"):

@@ -24,8 +24,10 @@ from mambaout.training.runfolder import (
     seed_all,
     set_rng_state,
 )
+from mambaout.training.trainer import Interrupted
 from mambaout.utils import distributed as dist
 from mambaout.utils.files import atomic_torch_save, atomic_write_text
+from mambaout.utils.interrupt import DeferredInterrupt
 from mambaout.weights.checkpoint import save_weights
 
 from .config import RunConfig, from_dict
@@ -132,6 +134,10 @@ def fit(cfg: RunConfig) -> dict:
     state = None
     if cfg.train.resume:
         state, saved = load_resume(cfg.train.resume)
+        if saved.task != cfg.task:
+            raise ValueError(
+                f"--resume {cfg.train.resume} holds a {saved.task} run; continue it with mambaout {saved.task} train"
+            )
         saved.train.resume, saved.train.stop_after_steps = cfg.train.resume, cfg.train.stop_after_steps
         saved.train.output = saved.train.output or str(Path(cfg.train.resume).resolve())
         cfg = saved
@@ -154,6 +160,11 @@ def fit(cfg: RunConfig) -> dict:
         if len(loader) == 0:
             raise ValueError(f"{len(train_set)} training images make no batch of {cfg.data.batch_size}")
         total = t.steps or t.epochs * len(loader)
+        if state is not None and state["step"] >= total:
+            # nothing left to train: say so and touch nothing (no rewritten config or log)
+            if dist.is_main():
+                print(f"--resume {t.resume}: the run is finished (all {total} steps done); weights in {out}")
+            return {}
 
         model = task.model(t.pretrained, t.backbone_checkpoint).to(device)
         if env.world_size > 1 and device.type == "cuda":
@@ -183,7 +194,13 @@ def fit(cfg: RunConfig) -> dict:
             results["start"] = _evaluate(task, model, val_set, device, amp_dtype, run, step, {})
         if state is not None:
             set_rng_state(state["rng"])
-        results.update(_train(task, train_model, model, loader, parts, total, step, cfg, run, val_set, device))
+        # Ctrl-C stops after the step under way, where the state is consistent and is saved (as mambaout train
+        # does); a second one stops at once. Several processes could not agree on that step: there it stops at once.
+        note = "stopping after this step, then saving the state"
+        with DeferredInterrupt(note, env.world_size == 1) as interrupt:
+            results.update(
+                _train(task, train_model, model, loader, parts, total, step, cfg, run, val_set, device, interrupt)
+            )
         return results
     finally:
         if run is not None:
@@ -191,7 +208,7 @@ def fit(cfg: RunConfig) -> dict:
         dist.cleanup()
 
 
-def _train(task, train_model, model, loader, parts, total, step, cfg, run, val_set, device) -> dict:
+def _train(task, train_model, model, loader, parts, total, step, cfg, run, val_set, device, interrupt) -> dict:
     t = cfg.train
     amp_dtype = amp_setting(t.amp, device)[1]
     optimizer, scheduler, scaler = parts["optimizer"], parts["scheduler"], parts["scaler"]
@@ -242,7 +259,8 @@ def _train(task, train_model, model, loader, parts, total, step, cfg, run, val_s
                 window = dict(loss=0.0, n=0, images=0, t0=time.perf_counter())
             due = (t.eval_every and step % t.eval_every == 0) or step == total
             stop = bool(t.stop_after_steps) and called >= t.stop_after_steps and step < total
-            if due or stop or (t.checkpoint_every and step % t.checkpoint_every == 0):
+            asked = interrupt.asked and step < total
+            if due or stop or asked or (t.checkpoint_every and step % t.checkpoint_every == 0):
                 run.save(model, task, parts, step, cfg)
             if due:
                 train_loss = sum(losses_since_eval) / len(losses_since_eval)
@@ -250,6 +268,8 @@ def _train(task, train_model, model, loader, parts, total, step, cfg, run, val_s
                 result["end" if step == total else f"step{step}"] = _evaluate(
                     task, model, val_set, device, amp_dtype, run, step, dict(train_loss=train_loss)
                 )
+            if asked:
+                raise Interrupted(f"interrupted at step {step}, state saved; continue with --resume {run.out}")
             if stop:
                 run.say(f"stopping at step {step} as asked (state saved); continue with --resume {run.out}")
                 return dict(result, stopped=step)

@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from mambaout.data.image import load_image
+from mambaout.utils.files import special_kind
+from mambaout.utils.limits import check_pixels
 
 from .coco import resize_scale, to_tensor
 from .upernet import IGNORE_INDEX
@@ -117,7 +119,10 @@ class SegmentationFolder(torch.utils.data.Dataset):
     def __getitem__(self, index: int):
         image_path, mask_path = self.pairs[index]
         image = to_tensor(load_image(image_path))
+        if special_kind(mask_path):  # a FIFO would block the read forever: never opened (as load_image does)
+            raise ValueError(f"{mask_path} is {special_kind(mask_path)}, not a mask file: not opened")
         with Image.open(mask_path) as m:
+            check_pixels(*m.size, str(mask_path))  # the decode budget images have, from the header
             if m.mode not in ("L", "P"):
                 raise ValueError(f"{mask_path} is a {m.mode} image; class-index masks are 8-bit (mode L or P)")
             values = np.asarray(m)

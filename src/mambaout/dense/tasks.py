@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mambaout.utils import distributed as dist
-from mambaout.weights.checkpoint import read_checkpoint
+from mambaout.utils.interrupt import ignore_sigint
+from mambaout.weights.checkpoint import check_finite, read_checkpoint
 
 from .coco import CocoInstances, ResizeFlip, coco_evaluate, collate, resize, resize_scale, to_coco_results
 from .config import DataConfig, RunConfig
@@ -68,6 +69,7 @@ class Task:
             collate_fn=self.collate,
             drop_last=shuffle,
             persistent_workers=workers > 0 and shuffle,
+            worker_init_fn=ignore_sigint,  # Ctrl-C is the main process's to handle
         )
 
     def val_set(self, meta: dict | None = None):
@@ -93,6 +95,7 @@ class Task:
     def from_checkpoint(path: str, device) -> tuple[nn.Module, dict]:
         """A trained detector or segmenter from its checkpoint (written by `mambaout detect|segment train`)."""
         state, meta = read_checkpoint(path)
+        check_finite(state, path)  # NaN weights would give AP 0 or a blank map with exit 0
         if meta.get("task") not in ("detect", "segment"):
             raise ValueError(
                 f"{path} is not a detection or segmentation checkpoint (written by mambaout detect|segment train); "
@@ -232,7 +235,9 @@ class SegmentTask(Task):
         model.eval()
         d = self.cfg.data
         conf = ConfusionMatrix(self.cfg.model.num_classes)
-        loader = torch.utils.data.DataLoader(val_set, batch_size=1, num_workers=d.workers, collate_fn=self.collate)
+        loader = torch.utils.data.DataLoader(
+            val_set, batch_size=1, num_workers=d.workers, collate_fn=self.collate, worker_init_fn=ignore_sigint
+        )
         n = 0
         for image, mask in loader:
             probs = segment_probs(model, image[0].to(device), tuple(d.scale), d.eval_flip, amp_dtype)
