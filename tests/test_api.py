@@ -98,7 +98,7 @@ def test_compile_fullgraph():
         assert torch.allclose(compiled(x), model(x), atol=1e-6)
 
 
-@pytest.mark.slow
+@pytest.mark.heavy
 def test_compile_fullgraph_inductor():
     model = mambaout.create_model("mambaout_test").eval()
     x = torch.randn(2, 3, 64, 64)

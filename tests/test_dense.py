@@ -54,7 +54,7 @@ def _val(root, masks=True, transform=None):
 # --- the backbone ----------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["mambaout_test", pytest.param("mambaout_femto", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("name", ["mambaout_test", "mambaout_femto"])
 def test_backbone_stage_maps_equal_features_only_bit_for_bit(name, tmp_path):
     torch.manual_seed(0)
     ckpt = mambaout.save_weights(mambaout.create_model(name), tmp_path / "w.safetensors", model=name)
@@ -416,7 +416,7 @@ def test_errors_are_one_line(coco128, tmp_path, capsys):
     assert cmd_detect.main(["fly"]) == 2
 
 
-@pytest.mark.slow
+@pytest.mark.heavy
 def test_segmentation_learns_on_the_cpu_recipe(coco128, tmp_path):
     run = tmp_path / "learn"
     args = ["train", "--recipe", "coco128-segment-cpu", "--data", str(coco128), "--output", str(run)]

@@ -139,7 +139,8 @@ def test_gpu_check_survives_a_hanging_section(tmp_path):
     assert "## mambaout_tiny vs timm" in report and "not measured" in report
 
 
-@pytest.mark.slow
+@pytest.mark.heavy
+@pytest.mark.timeout(1200)  # 3 min 49 s alone on 2 idle cores (2026-12-01)
 def test_gpu_check_smoke_runs_every_section(tmp_path):
     cmd = [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--smoke", "--out", str(tmp_path)]
     res = subprocess.run(cmd + ["--budget", "900"], capture_output=True, text=True, timeout=1000)

@@ -435,3 +435,18 @@ def test_validate_digits_val_checks_the_default_jobs_weights(make_test_checkpoin
     ckpt = make_test_checkpoint(names, eval_config)
     assert main(["validate", "digits:val", "--checkpoint", str(ckpt), "-j", "0", "--device", "cpu"]) == 0
     assert "360 images" in capsys.readouterr().out  # the held-out 20% of the digits, each counted once
+
+
+@pytest.mark.parametrize("argv", [["--no-such-flag"], ["--help-me"]], ids=["unknown", "typo"])
+def test_a_bad_argument_is_one_line_on_every_command(argv, capsys):
+    """argparse's error names the argument and where the options are, in one line (not the whole usage block)."""
+    from mambaout.cli import COMMANDS
+
+    for command in COMMANDS:
+        try:
+            code = main([command, *argv])
+        except SystemExit as e:
+            code = e.code
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1, (command, err)
+        assert (argv[0] in err or "arguments are required" in err) and f"mambaout {command} --help" in err, err

@@ -196,7 +196,7 @@ def test_tensorboard(tmp_path):
     assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
 
 
-@pytest.mark.slow
+@pytest.mark.heavy
 def test_compile(tmp_path, monkeypatch):
     compiled = []
     real = torch.compile

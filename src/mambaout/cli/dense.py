@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from mambaout.cli.common import add_amp_argument, stdout_failed
+from mambaout.cli.common import Parser, add_amp_argument, stdout_failed
 
 S = argparse.SUPPRESS  # options not given stay out of the namespace, so they never override the recipe
 B = argparse.BooleanOptionalAction  # an on/off option: --x / --no-x, as the classification commands have
@@ -98,8 +98,7 @@ def _data_args(p: argparse.ArgumentParser, task: str, train: bool) -> None:
 
 
 def train_parser(task: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        allow_abbrev=False,
+    p = Parser(
         prog=f"mambaout {task} train",
         description=f"Train a MambaOut {'Mask R-CNN' if task == 'detect' else 'UperNet'}. Resolution: defaults < "
         "--recipe (--list-recipes) < options given here.",
@@ -228,8 +227,7 @@ def train(task: str, argv: list[str]) -> int:
 
 
 def validate_parser(task: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        allow_abbrev=False,
+    p = Parser(
         prog=f"mambaout {task} validate",
         description="COCO box and mask AP (pycocotools)"
         if task == "detect"
@@ -305,8 +303,7 @@ def validate(task: str, argv: list[str]) -> int:
 
 
 def predict_parser(task: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        allow_abbrev=False,
+    p = Parser(
         prog=f"mambaout {task} predict",
         description="Pictures of the "
         + ("detections (boxes, masks, names, scores)" if task == "detect" else "segmentation (a colour per class)")
@@ -421,16 +418,18 @@ def main(task: str, argv: list[str] | None) -> int:
         return 2
     if argv[0] in ("-h", "--help"):  # the usage, then every action's options; exits 0 as argparse's --help does
         actions = (train_parser(task), validate_parser(task), predict_parser(task))
-        argparse.ArgumentParser(
+        Parser(
             prog=f"mambaout {task}",
             usage=usage.removeprefix("usage: "),
             epilog="\n\n".join(parser.format_help().rstrip() for parser in actions),
             formatter_class=argparse.RawDescriptionHelpFormatter,
-            allow_abbrev=False,
         ).parse_args(argv)
     action, rest = argv[0], argv[1:]
     if action not in ACTIONS:
-        print(f"mambaout {task}: unknown action {action!r}\n{usage}", file=sys.stderr)
+        print(
+            f"mambaout {task}: unknown action {action!r}: expected one of {', '.join(ACTIONS)} (options: mambaout {task} --help)",
+            file=sys.stderr,
+        )
         return 2
     try:
         return {"train": train, "validate": validate, "predict": predict}[action](task, rest)
