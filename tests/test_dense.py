@@ -725,6 +725,18 @@ def test_predict_numbers_pictures_of_inputs_sharing_a_name(dense_world, tmp_path
     assert sorted(p.name for p in out.iterdir()) == ["0-1.png", "0.png", "predictions.json"]
 
 
+def test_predict_escapes_control_characters_in_file_names(dense_world, tmp_path, capsys):
+    """A file name cannot send escape sequences to the terminal or forge a result line."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "x\x1b[2Jy\nfake.png").write_bytes((dense_world / "pics" / "a.png").read_bytes())
+    argv = ["predict", str(folder), "--checkpoint", str(dense_world / "run-seg" / "last.safetensors")]
+    assert main(["segment", *argv, "-o", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "x\\x1b[2Jy\\nfake.png ->" in out, out
+    assert len(out.strip().splitlines()) == 2  # the picture's line and the summary
+
+
 @pytest.mark.timeout(300)
 def test_ctrl_c_in_dense_train_saves_a_resumable_state(dense_world, tmp_path):
     """Ctrl-C after a reported step: exit 130, one line saying where the state was saved; --resume continues it."""

@@ -133,6 +133,7 @@ def test_features_factory_arguments(tmp_path):
         (dict(features_only=True, feature_cls="hook"), "feature_cls='hook'"),
         (dict(features_only=True, feature_cfg=dict(feature_info="x")), "feature_cfg\\['feature_info'\\]"),
         (dict(not_an_argument=1), "does not take 'not_an_argument'"),
+        ({"a:1": 2}, "does not take 'a:1'"),  # a name no Python identifier could be (from --set model_kwargs)
     ],
 )
 def test_unsupported_factory_arguments_are_one_line_errors(kwargs, match):

@@ -14,6 +14,7 @@ from pathlib import Path
 import yaml
 
 from mambaout.cli.common import Parser, add_amp_argument, stdout_failed
+from mambaout.utils.text import printable
 
 S = argparse.SUPPRESS  # options not given stay out of the namespace, so they never override the recipe
 B = argparse.BooleanOptionalAction  # an on/off option: --x / --no-x, as the classification commands have
@@ -351,7 +352,7 @@ def predict(task: str, argv: list[str]) -> int:
         try:
             img = load_image(path)
         except (ValueError, OSError) as e:
-            print(f"mambaout {task} predict: skipped {e}", file=sys.stderr)
+            print(f"mambaout {task} predict: skipped {printable(e)}", file=sys.stderr)
             failed += 1
             continue
         x = to_tensor(img).to(device)
@@ -375,7 +376,7 @@ def predict(task: str, argv: list[str]) -> int:
                 share = {names[i]: round(c / classes.numel(), 4) for i, c in enumerate(counts.tolist()) if c}
                 share = dict(sorted(share.items(), key=lambda kv: -kv[1]))
                 records.append(dict(image=str(path), picture=str(picture), class_fractions=share))
-        print(f"{path} -> {picture}", flush=True)
+        print(f"{printable(path)} -> {printable(picture)}", flush=True)  # a name cannot write to the terminal
     atomic_write_text(out / "predictions.json", json.dumps(records, indent=1))
     print(f"{len(records)} pictures and predictions.json in {out}" + (f"; {failed} unreadable" if failed else ""))
     return 0 if records else 1

@@ -255,7 +255,7 @@ def _build(variant, model_kwargs: dict) -> nn.Module:
     try:
         return variant.build(**model_kwargs)
     except TypeError as e:
-        bad = re.search(r"unexpected keyword argument '(\w+)'", str(e))
+        bad = re.search(r"unexpected keyword argument '([^']*)'", str(e))
         if bad is None:
             raise
         raise ValueError(
