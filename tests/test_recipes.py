@@ -84,6 +84,19 @@ def test_existing_run_folder_is_not_overwritten(tmp_path, capsys):
     assert (out / "state.pt").read_bytes() != before
 
 
+def test_a_run_that_stopped_before_saving_anything_does_not_block_the_folder(tmp_path, capsys):
+    """A start that failed on its data leaves its config and log; the next start there needs no --overwrite."""
+    out = tmp_path / "run"
+    out.mkdir()
+    for name in (".lock", "config.yaml", "train.log"):
+        (out / name).write_text("from the failed start")
+    assert train_cmd.main([*TINY, "--output", str(out)]) == 0
+    assert (out / "state.pt").is_file() and "from the failed start" not in (out / "config.yaml").read_text()
+    (out / "state.pt").unlink()  # summary.csv and the weights still say a run trained here
+    assert train_cmd.main([*TINY, "--output", str(out)]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+
+
 def test_license_file_is_the_declared_apache_2():
     repo = Path(__file__).resolve().parents[1]
     text = (repo / "LICENSE").read_text()

@@ -167,6 +167,10 @@ RUN_FILES = (
     "train.log",
 )  # any of them: the folder holds a run
 
+# What a run writes before its first state: a folder holding only these (and its lock) held a run that stopped
+# before it saved anything, which --resume cannot continue, so a new run may start there without --overwrite.
+NEVER_STARTED = {"config.yaml", "train.log"}
+
 # The hidden temporary names this package's writes leave behind when killed mid-write: `files.atomic_write`'s
 # `.NAME.XXXXXXXX.tmp` (mkstemp's 8 random characters; `.tmp.png` for the plot) for the files a run writes, and the
 # fixed name earlier versions drew curves.png into.
@@ -188,6 +192,8 @@ def check_output_free(out: Path, resume, overwrite: bool) -> None:
     if resume or overwrite or not out.is_dir():
         return
     found = [name for name in RUN_FILES if (out / name).exists()]
+    if found and set(found) <= NEVER_STARTED and (out / ".lock").is_file():
+        return  # a run that stopped before it saved anything (bad data, a typo): nothing to continue, nothing to keep
     if found:
         raise FileExistsError(
             f"run folder {out} already holds a run ({', '.join(found)}); continue it with --resume {out}, "
