@@ -587,7 +587,7 @@ DENSE_CASES = [
     Case("det-coco-orphan-annotation", DT + LABELS + "orphan-annotation.json", 2, "is of image 77"),
     Case("det-coco-missing-image", DT + LABELS + "missing-image.json", 2, "nope.png as an image"),
     Case("det-coco-huge-declared-size", DT + LABELS + "huge-size.json", 2, "its annotation says 1000000000x"),
-    Case("det-coco-fifo-json", DT + LABELS + "fifo.json", 2, "fifo.json does not exist"),
+    Case("det-coco-fifo-json", DT + LABELS + "fifo.json", 2, "fifo.json is not a regular file"),
     # allowed: a box of no size is left out of the targets (torchvision's references drop them too)
     Case("det-coco-negative-box", DET_TRAIN + " -o {w}/out/neg" + LABELS + "negative-box.json", 0, "done: bbox_AP"),
     Case("det-validate-other-categories", DV + " --val-labels {w}/det/annotations/other-cats.json", 2, "ids [3, 8]"),

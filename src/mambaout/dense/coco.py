@@ -37,8 +37,9 @@ def load_coco(ann_file: str | Path):
     from pycocotools.coco import COCO
 
     ann_file = Path(ann_file)
-    if not ann_file.is_file():
-        raise FileNotFoundError(f"COCO annotation file {ann_file} does not exist")
+    if not ann_file.is_file():  # a FIFO or a device is never opened: reading one could block forever
+        what = "is not a regular file" if ann_file.exists() else "does not exist"
+        raise FileNotFoundError(f"COCO annotation file {ann_file} {what}")
     with contextlib.redirect_stdout(io.StringIO()):
         try:
             return COCO(str(ann_file))

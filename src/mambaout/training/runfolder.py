@@ -205,7 +205,7 @@ def check_output_free(out: Path, resume, overwrite: bool) -> None:
         more = f" (+{len(foreign) - 5} more)" if len(foreign) > 5 else ""
         raise FileExistsError(
             f"--output {out} is not empty and holds no run: {', '.join(map(repr, foreign[:5]))}{more} were not "
-            "written by mambaout train; pick an empty or new folder, or pass --overwrite to write the run beside them"
+            "written by a mambaout run; pick an empty or new folder, or pass --overwrite to write the run beside them"
         )
 
 
