@@ -209,3 +209,22 @@ def test_data_bench_resolves_and_checks_as_train_does(tmp_path, capsys):
     recipe.write_text("reprob: 2\nstd: [0, 1, 1]\n")
     rc = data_bench.main(["--recipe", str(recipe), "--data-train", str(tmp_path)])
     assert rc == 2 and "reprob=2: must be a finite number in [0, 1]" in capsys.readouterr().err
+
+
+def test_one_reading_of_amp_auto_for_train_dense_and_benchmark():
+    """`--amp auto` means bf16 autocast on CUDA and full precision on CPU, read by one function that the training
+    config, the dense trainer and `mambaout benchmark` all call (it was written three times)."""
+    import torch
+
+    from mambaout.cli import benchmark
+    from mambaout.dense import engine
+    from mambaout.utils.device import autocast_setting
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert autocast_setting("auto", cpu) == ("none", None)
+    assert autocast_setting("auto", cuda) == ("bf16", torch.bfloat16)
+    assert autocast_setting("fp16", cpu) == ("fp16", torch.float16)
+    assert C.PerfConfig(amp="auto").amp_dtype(cuda) == ("bf16", torch.bfloat16)
+    assert engine.autocast_setting is autocast_setting
+    args = benchmark.get_args_parser().parse_args(["--amp", "auto", "--device", "cpu"])
+    assert benchmark._dtype(args) == "fp32"

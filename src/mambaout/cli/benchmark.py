@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from mambaout.cli.common import Parser, add_amp_argument
-from mambaout.utils.device import device_name
+from mambaout.utils.device import autocast_setting, device_name
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Agreement checked before timing: max |ours - timm| over max |timm| of the logits (or of a weight gradient).
@@ -375,9 +375,7 @@ def _dtype(args: argparse.Namespace) -> str:
     """--dtype, or the autocast dtype --amp names (train's and validate's flag); given both, they must agree."""
     if args.amp is None:
         return args.dtype or "fp32"
-    amp = args.amp
-    if amp == "auto":  # as train: bf16 on CUDA, none on CPU
-        amp = "bf16" if torch.device(args.device).type == "cuda" else "none"
+    amp, _ = autocast_setting(args.amp, torch.device(args.device))
     dtype = "fp32" if amp == "none" else amp
     if args.dtype is not None and args.dtype != dtype:
         raise ValueError(f"--amp {args.amp} means --dtype {dtype} here, not --dtype {args.dtype}; pass one of them")

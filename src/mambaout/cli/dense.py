@@ -275,9 +275,8 @@ def _load(task: str, path: str, device):
 
 
 def validate(task: str, argv: list[str]) -> int:
-    from mambaout.dense.engine import amp_setting
     from mambaout.dense.tasks import make_task
-    from mambaout.utils.device import resolve_device
+    from mambaout.utils.device import autocast_setting, resolve_device
     from mambaout.utils.files import atomic_write_text, check_writable
 
     args = validate_parser(task).parse_args(argv)
@@ -288,7 +287,7 @@ def validate(task: str, argv: list[str]) -> int:
     cfg = _val_config(task, args, meta)
     t = make_task(cfg)
     val_set = t.val_set(meta)
-    amp_dtype = amp_setting(args.amp, device)[1]
+    amp_dtype = autocast_setting(args.amp, device)[1]
     results = {"single-scale": t.evaluate(model, val_set, device, amp_dtype)}
     if task == "segment" and args.flip:
         cfg.data.eval_flip = True

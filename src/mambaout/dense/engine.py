@@ -26,21 +26,13 @@ from mambaout.training.runfolder import (
 )
 from mambaout.training.trainer import Interrupted
 from mambaout.utils import distributed as dist
+from mambaout.utils.device import autocast_setting
 from mambaout.utils.files import atomic_torch_save, atomic_write_text
 from mambaout.utils.interrupt import DeferredInterrupt
 from mambaout.weights.checkpoint import save_weights
 
 from .config import RunConfig, from_dict
 from .tasks import Task, make_task
-
-AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def amp_setting(amp: str, device: torch.device) -> tuple[str, torch.dtype | None]:
-    """`auto`: bf16 autocast on CUDA, full precision on CPU."""
-    name = ("bf16" if device.type == "cuda" else "none") if amp == "auto" else amp
-    return name, AMP[name]
-
 
 # --- the schedule ----------------------------------------------------------------------------------------------------
 
@@ -147,7 +139,7 @@ def fit(cfg: RunConfig) -> dict:
     try:
         if t.threads:
             torch.set_num_threads(t.threads)
-        amp_name, amp_dtype = amp_setting(t.amp, device)
+        amp_name, amp_dtype = autocast_setting(t.amp, device)
         out = Path(t.output or Path("runs") / (Path(cfg.recipe).stem if cfg.recipe else cfg.task))
         if dist.is_main():
             check_output_free(out, t.resume, t.overwrite)
@@ -210,7 +202,7 @@ def fit(cfg: RunConfig) -> dict:
 
 def _train(task, train_model, model, loader, parts, total, step, cfg, run, val_set, device, interrupt) -> dict:
     t = cfg.train
-    amp_dtype = amp_setting(t.amp, device)[1]
+    amp_dtype = autocast_setting(t.amp, device)[1]
     optimizer, scheduler, scaler = parts["optimizer"], parts["scheduler"], parts["scaler"]
     epoch = step // len(loader)
     window = dict(loss=0.0, n=0, images=0, t0=time.perf_counter())

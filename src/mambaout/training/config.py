@@ -39,12 +39,12 @@ from mambaout.data.loaders import Loading
 from mambaout.data.transforms import AugmentConfig
 from mambaout.training.runfolder import load_state, resume_path
 from mambaout.utils import checks as C
+from mambaout.utils.device import AMP_DTYPES, autocast_setting
 from mambaout.utils.limits import INTERPOLATIONS, MAX_NUM_CLASSES, check_model_kwargs
 from mambaout.utils.safe_yaml import YamlError, load_yaml
 
 logger = logging.getLogger("mambaout")
 
-AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 SCHEDULES = ("cosine", "tanh", "poly", "constant")
 PACKAGE_RECIPES = Path(__file__).resolve().parents[1] / "recipes"  # package data: present in every install
 MAX_MODEL_PARAMS = 1_000_000_000  # 12x mambaout_base_plus_rw; model_kwargs asking for more is almost surely a typo
@@ -243,10 +243,7 @@ class PerfConfig:
 
     def amp_dtype(self, device: torch.device) -> tuple[str, torch.dtype | None]:
         """The autocast setting (`auto`: bf16 on CUDA, none on CPU) as its name and dtype."""
-        amp = self.amp
-        if amp == "auto":
-            amp = "bf16" if device.type == "cuda" else "none"
-        return amp, AMP_DTYPES[amp]
+        return autocast_setting(self.amp, device)
 
 
 @dataclass(frozen=True)
