@@ -498,6 +498,8 @@ def dense_world(tmp_path_factory) -> Path:
         "huge-size": lambda d: d["images"][0].update(width=10**9, height=10**9),
         "duplicate-image-id": lambda d: d["images"][1].update(id=1),
         "orphan-annotation": lambda d: d["annotations"][0].update(image_id=77),
+        "no-annotations": lambda d: d.update(annotations=[]),
+        "crowd-only": lambda d: [a.update(iscrowd=1) for a in d["annotations"]],
     }
     for name, edit in edits.items():
         _coco(ann / f"{name}.json", 4, edit)
@@ -588,6 +590,8 @@ DENSE_CASES = [
     Case("det-coco-missing-image", DT + LABELS + "missing-image.json", 2, "nope.png as an image"),
     Case("det-coco-huge-declared-size", DT + LABELS + "huge-size.json", 2, "its annotation says 1000000000x"),
     Case("det-coco-fifo-json", DT + LABELS + "fifo.json", 2, "fifo.json is not a regular file"),
+    Case("det-coco-no-annotations", DT + LABELS + "no-annotations.json", 2, "has no annotations (or only iscrowd"),
+    Case("det-coco-crowd-only", DT + LABELS + "crowd-only.json", 2, "nothing to learn from; give the training"),
     # allowed: a box of no size is left out of the targets (torchvision's references drop them too)
     Case("det-coco-negative-box", DET_TRAIN + " -o {w}/out/neg" + LABELS + "negative-box.json", 0, "done: bbox_AP"),
     Case("det-validate-other-categories", DV + " --val-labels {w}/det/annotations/other-cats.json", 2, "ids [3, 8]"),

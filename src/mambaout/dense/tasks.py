@@ -128,6 +128,11 @@ class DetectTask(Task):
         images, ann = self.split_paths(d, train=True)
         dataset = CocoInstances(images, ann, ResizeFlip(d.min_sizes, d.max_size, d.hflip), m.kind == "mask_rcnn")
         n = len(dataset.cat_ids)
+        if not n or not dataset.coco.getAnnIds(iscrowd=False):
+            what = "no categories" if not n else "no annotations (or only iscrowd ones)"
+            raise ValueError(
+                f"{ann} has {what}: a detector has nothing to learn from; give the training instances file"
+            )
         if m.num_classes is not None and m.num_classes != n:
             raise ValueError(f"num_classes {m.num_classes} disagrees with the {n} categories of {ann}; leave it out")
         m.num_classes = n
