@@ -90,6 +90,21 @@ def test_backbone_frozen_stages_drop_path_and_selected_stages():
         DenseBackbone("mambaout_test", frozen_stages=7)
 
 
+def test_segmenter_without_aux_head_builds_none_and_gives_one_loss():
+    """aux_channels=0 builds no auxiliary head at all (no zero-width conv, whose init torch warns about)."""
+    import warnings
+
+    from mambaout.dense.upernet import SegmenterConfig, create_segmenter
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = create_segmenter(SegmenterConfig(backbone="mambaout_test", num_classes=3, channels=8, aux_channels=0))
+    assert model.aux is None
+    model.train()
+    losses = model(torch.randn(2, 3, 32, 32), torch.randint(0, 3, (2, 32, 32)))
+    assert set(losses) == {"loss_seg"}
+
+
 # --- evaluation ------------------------------------------------------------------------------------------------------
 
 

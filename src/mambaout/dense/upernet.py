@@ -141,9 +141,11 @@ class Segmenter(nn.Module):
             raise ValueError(f"UperNet needs all four stages, got out_indices={backbone.out_indices}")
         self.backbone = backbone
         self.head = UperNetHead(backbone.out_channels, cfg.num_classes, cfg.channels, norm=cfg.norm)
-        self.aux = FCNHead(backbone.out_channels[2], cfg.num_classes, cfg.aux_channels, norm=cfg.norm)
-        if not cfg.aux_channels:
-            self.aux = None
+        self.aux = (
+            FCNHead(backbone.out_channels[2], cfg.num_classes, cfg.aux_channels, norm=cfg.norm)
+            if cfg.aux_channels
+            else None
+        )
         self.aux_weight = cfg.aux_weight
         self.num_classes = cfg.num_classes
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(3, 1, 1), persistent=False)
