@@ -117,6 +117,33 @@ def test_a_bad_value_is_one_line_naming_the_key(key, capsys):
         assert lines[0].startswith(f"mambaout train: {key}="), lines[0]
 
 
+# Beside each key's own row, values no key takes: NaN, a nested mapping, and the ones the first probe found
+# (a recipe that is no string, model arguments that are no numbers, a model_kwargs key create_model sets itself).
+SWEEP = [(key, value) for key in sorted(C.DEFAULTS) for value in (".nan", "{a: [1]}")] + [
+    ("recipe", "[1]"),
+    ("recipe", "1e308"),
+    ("model_kwargs", "{head_mlp_ratio: .inf}"),
+    ("model_kwargs", "{ls_init_value: .nan}"),
+    ("model_kwargs", "{drop_rate: .nan}"),
+    ("model_kwargs", "{stem_mid_norm: [1]}"),
+    ("model_kwargs", "{conv_ratio: .nan}"),
+    ("model_kwargs", "{in_chans: {a: [1]}}"),
+    ("model_kwargs", "{norm_layer: x}"),
+    ("model_kwargs", "{num_classes: 10}"),
+    ("model_kwargs", "{kernel_size: 8}"),
+]
+
+
+@pytest.mark.parametrize(("key", "value"), SWEEP)
+def test_no_key_takes_nan_or_a_nested_mapping(key, value, capsys):
+    rc = train_cmd.main(["--set", f"{key}={value}", "--print-config"])
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and "Traceback" not in err, err
+    # the line names the key (model_kwargs' own keys as model_kwargs.KEY; an argument the model lacks, by the model)
+    assert lines[0].startswith((f"mambaout train: {key}=", f"mambaout train: {key}.", "mambaout train: model=")), err
+
+
 def test_bad_values_exit_2_without_traceback_from_the_console():
     # one row through a real process: the exit code and stderr a user sees
     proc = subprocess.run(

@@ -105,6 +105,54 @@ def test_segmenter_without_aux_head_builds_none_and_gives_one_loss():
     assert set(losses) == {"loss_seg"}
 
 
+# --- configuration ---------------------------------------------------------------------------------------------------
+
+
+def _dense_keys(task: str) -> list[str]:
+    from mambaout.dense.config import SECTIONS, section_types
+
+    types = section_types(task)
+    return [f"{s}.{f.name}" for s in SECTIONS for f in dataclasses.fields(types[s])]
+
+
+@pytest.mark.parametrize("task", ["detect", "segment"])
+def test_every_dense_setting_has_a_rule(task):
+    """No key reaches a run unchecked: the rule table names exactly the sections' fields."""
+    from mambaout.dense.config import rules
+
+    assert sorted(f"{s}.{k}" for s, k in rules(task)) == sorted(_dense_keys(task))
+
+
+@pytest.mark.parametrize(
+    ("task", "key", "bad"),
+    [
+        (task, key, bad)
+        for task in ("detect", "segment")
+        for key in _dense_keys(task)
+        for bad in (float("nan"), {"a": [1]})
+        if not (key == "model.model_kwargs" and isinstance(bad, dict))
+    ],
+)
+def test_a_bad_dense_value_is_one_line_naming_the_key(task, key, bad):
+    """NaN, and a nested mapping, are refused by every key (for model_kwargs: NaN inside it), in one line that
+    starts with the key."""
+    from mambaout.dense.config import resolve
+
+    value = {"dims": [bad]} if key == "model.model_kwargs" else bad
+    with pytest.raises(ValueError) as e:
+        resolve(task, None, {"train.steps": 1, key: value} if key != "train.steps" else {key: value})
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(key), msg
+
+
+def test_dense_settings_are_stored_normalised():
+    from mambaout.dense.config import resolve
+
+    cfg = resolve("segment", None, {"train.steps": 2.0, "data.ratio_range": (1, 2), "train.lr": 1})
+    assert cfg.train.steps == 2 and isinstance(cfg.train.steps, int)
+    assert cfg.data.ratio_range == [1.0, 2.0] and cfg.train.lr == 1.0
+
+
 # --- evaluation ------------------------------------------------------------------------------------------------------
 
 
@@ -635,27 +683,64 @@ DENSE_CASES = [
     Case("det-validate-nan-weights", DV.replace("run-det/last", "nan-det"), 2, "holds non-finite values (3 NaN"),
     Case("det-predict-nan-weights", DP.replace("run-det/last", "nan-det") + " -o {w}/out/p3", 2, "non-finite"),
     # --- zero, negative, non-finite and unbounded settings -------------------------------------------------------------
-    Case("seg-num-classes-0", ST.replace("--num-classes 3", "--num-classes 0"), 2, "--num-classes must be 1 to 253"),
-    Case("det-num-classes-0", DT + " --set model.num_classes=0", 2, "num_classes 0 disagrees with the 2 categories"),
-    Case("det-steps-0", DT.replace("--steps 2", "--steps 0"), 2, "steps must be a positive integer, got 0", ("out",)),
+    Case(
+        "seg-num-classes-0",
+        ST.replace("--num-classes 3", "--num-classes 0"),
+        2,
+        "model.num_classes=0: must be an integer in [1,",
+    ),
+    Case("det-num-classes-0", DT + " --set model.num_classes=0", 2, "model.num_classes=0: must be an integer in [1,"),
+    Case("det-steps-0", DT.replace("--steps 2", "--steps 0"), 2, "train.steps=0: must be an integer in [1,", ("out",)),
     Case("seg-batch-size-negative", ST.replace("-b 2", "--batch-size -1"), 2, "data.batch_size=-1", ("out",)),
     Case("det-workers-negative", DT.replace("--workers 0", "--workers -1"), 2, "data.workers=-1", ("out",)),
     Case("det-threads-negative", DT.replace("--threads 1", "--threads -1"), 2, "train.threads=-1", ("out",)),
     Case("det-threads-0", DT.replace("--threads 1", "--threads 0"), 2, "train.threads=0", ("out",)),
-    Case("det-lr-inf", DT + " --lr inf", 2, "train.lr=inf: must be a finite number > 0", ("out",)),
+    Case("det-lr-inf", DT + " --lr inf", 2, "train.lr=inf: must be a finite number in (0,", ("out",)),
     Case("det-weight-decay-nan", DT + " --weight-decay nan", 2, "train.weight_decay=nan", ("out",)),
     Case("det-clip-grad-nan", DT + " --clip-grad nan", 2, "train.clip_grad=nan", ("out",)),
     Case("det-clip-grad-negative", DT + " --clip-grad -1", 2, "train.clip_grad=-1.0", ("out",)),
     Case("det-seed-negative", DT + " --seed -1", 2, "train.seed=-1", ("out",)),
     Case("det-seed-over-64-bits", DT + " --seed 99999999999999999999", 2, "train.seed=", ("out",)),
-    Case("det-img-size-100000", DT + " --img-size 100000 --max-size 100000", 2, "model.min_size must be", ("out",)),
-    Case("seg-crop-size-100000", ST.replace("--crop-size 32", "--crop-size 100000"), 2, "data.crop_size must be"),
-    Case("seg-scale-0", ST.replace("--scale 64 48", "--scale 0 0"), 2, "data.scale must be an integer", ("out",)),
+    Case(
+        "det-img-size-100000",
+        DT + " --img-size 100000 --max-size 100000",
+        2,
+        "data.min_sizes=[100000]: must be a list",
+        ("out",),
+    ),
+    Case(
+        "seg-crop-size-100000",
+        ST.replace("--crop-size 32", "--crop-size 100000"),
+        2,
+        "data.crop_size=100000: must be an integer from 16",
+    ),
+    Case(
+        "seg-scale-0",
+        ST.replace("--scale 64 48", "--scale 0 0"),
+        2,
+        "data.scale=[0, 0]: must be a list of 2 integers",
+        ("out",),
+    ),
     Case("seg-head-channels-0", ST.replace("--head-channels 8", "--head-channels 0"), 2, "model.channels=0"),
     Case("det-fpn-channels-0", DT + " --set model.fpn_channels=0", 2, "model.fpn_channels=0", ("out",)),
-    Case("det-model-kwargs-huge", DT + " --set model.model_kwargs={{dims:[99999]}}", 2, "model_kwargs.dims must be"),
-    Case("det-validate-max-val-images-0", DV + " --max-val-images 0", 2, "max_val_images must be a positive integer"),
-    Case("seg-validate-max-val-images-negative", SV + " --max-val-images -1", 2, "got -1"),
+    Case("det-model-kwargs-unknown", DT + " --set model.model_kwargs={{'bogus':1}}", 2, "does not take 'bogus'"),
+    Case("seg-model-kwargs-act", ST + " --set model.model_kwargs={{'act_layer':'foo'}}", 2, "unknown act_layer 'foo'"),
+    Case("det-model-kwargs-num-classes", DT + " --set model.model_kwargs={{'num_classes':3}}", 2, "pass --num-classes"),
+    Case("det-milestones-nan", DT + " --set train.milestones=[.nan]", 2, "train.milestones=[nan]: must be a list"),
+    Case("seg-warmup-steps-text", ST + " --set train.warmup_steps=x", 2, "train.warmup_steps='x': must be an"),
+    Case(
+        "det-model-kwargs-huge",
+        DT + " --set model.model_kwargs={{dims:[99999]}}",
+        2,
+        "model_kwargs.dims=[99999]: must be",
+    ),
+    Case(
+        "det-validate-max-val-images-0",
+        DV + " --max-val-images 0",
+        2,
+        "data.max_val_images=0: must be an integer in [1,",
+    ),
+    Case("seg-validate-max-val-images-negative", SV + " --max-val-images -1", 2, "data.max_val_images=-1: must be"),
     Case("seg-validate-workers-negative", SV + " --workers -1", 2, "data.workers=-1"),
     Case("det-predict-score-threshold-nan", DP + " -o {w}/out/p4 --score-threshold nan", 2, "--score-threshold must"),
     # --- run folders: the user's files, another task's run, a finished run -------------------------------------------

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mambaout.utils import checks as C
-from mambaout.utils.limits import check_img_size, check_model_kwargs
+from mambaout.utils.device import AMP_DTYPES
+from mambaout.utils.limits import MAX_IMG_SIZE, MAX_NUM_CLASSES, MIN_IMG_SIZE, check_model_kwargs
 from mambaout.utils.safe_yaml import load_yaml
 
 from .detection import DetectorConfig
@@ -164,80 +165,126 @@ def resolve(task: str, recipe: str | None, overrides: dict) -> RunConfig:
 
 SEED_MAX = 2**63 - 1  # torch.manual_seed's signed 64-bit range (as the classification trainer's)
 WIDTH_MAX = 8192  # a head or FPN width; the paper's widest is UperNet's 512 and the box head's 1024
+COUNT_MAX = 10**9  # steps, epochs, images: bounds that only catch typos
 
-# (section, key) -> what it may hold; NaN and infinities are refused by every number check (mambaout.utils.checks)
-_RULES = {
-    ("train", "lr"): C.number(0, lo_open=True),
-    ("train", "weight_decay"): C.number(0),
-    ("train", "clip_grad"): C.number(0, lo_open=True, optional=True),
-    ("train", "gamma"): C.number(0, 1),
-    ("train", "min_lr"): C.number(0),
-    ("train", "warmup_ratio"): C.number(0, 1),
-    ("train", "threads"): C.integer(1, optional=True),
-    ("train", "seed"): C.integer(0, SEED_MAX),
-    ("data", "batch_size"): C.integer(1),
-    ("data", "workers"): C.integer(0),
-    ("data", "hflip"): C.number(0, 1),
-    ("model", "drop_path_rate"): C.number(0, 1, hi_open=True),
+
+def _model_kwargs(kwargs: dict) -> None:
+    if "num_classes" in kwargs:
+        raise ValueError("pass --num-classes (model.num_classes), not model.model_kwargs={num_classes: ...}")
+    check_model_kwargs(kwargs, name="model.model_kwargs")
+
+
+def _is_side(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and MIN_IMG_SIZE <= v <= MAX_IMG_SIZE
+
+
+_SIDE = C.Check(
+    f"must be an integer from {MIN_IMG_SIZE} to {MAX_IMG_SIZE} pixels (memory grows with its square)",
+    lambda v: v if _is_side(v) else C.BAD,
+)
+
+
+_PATH = C.text(optional=True)
+_COUNT = C.integer(1, COUNT_MAX, optional=True)
+# (section, key) -> what it may hold, for every key of every section (tests/test_dense.py holds that no key is
+# missing); NaN and infinities are refused by every number check (mambaout.utils.checks)
+_MODEL_RULES = {
+    "backbone": C.text(max_len=200),
+    "num_classes": C.integer(1, MAX_NUM_CLASSES, optional=True),
+    "drop_path_rate": C.number(0, 1, hi_open=True),
+    "frozen_stages": C.integer(-1, 8, zero_means="-1: none, 0: the stem, k: the stem and k stages"),
+    "model_kwargs": C.mapping(_model_kwargs),
 }
-_DETECT_WIDTHS = ("fpn_channels", "box_head_dim", "mask_head_channels", "rois_per_image")
+_RULES = {
+    "detect": {
+        **{("model", k): rule for k, rule in _MODEL_RULES.items()},
+        ("model", "kind"): C.choice("mask_rcnn", "faster_rcnn"),
+        ("model", "min_size"): _SIDE,
+        ("model", "max_size"): _SIDE,
+        **{("model", k): C.integer(1, WIDTH_MAX) for k in ("fpn_channels", "box_head_dim", "mask_head_channels")},
+        ("model", "rois_per_image"): C.integer(1, WIDTH_MAX),
+    },
+    "segment": {
+        **{("model", k): rule for k, rule in _MODEL_RULES.items()},
+        ("model", "channels"): C.integer(1, WIDTH_MAX),
+        ("model", "aux_channels"): C.integer(0, WIDTH_MAX, zero_means="no aux head"),
+        ("model", "aux_weight"): C.number(0, 100),
+        ("model", "norm"): C.choice("bn", "gn"),
+    },
+}
+_SHARED_RULES = {
+    **{
+        ("data", k): _PATH
+        for k in ("data", "train_split", "val_split", "train_images", "train_labels", "val_images", "val_labels")
+    },
+    ("data", "reduce_zero_label"): C.boolean(),
+    ("data", "categories"): _PATH,
+    ("data", "min_sizes"): C.integers(1, 32, MIN_IMG_SIZE, MAX_IMG_SIZE),
+    ("data", "max_size"): _SIDE,
+    ("data", "scale"): C.integers(2, 2, MIN_IMG_SIZE, MAX_IMG_SIZE),
+    ("data", "ratio_range"): C.number_list(2, 2, 0, 16, lo_open=True, increasing=True),
+    ("data", "crop_size"): _SIDE,
+    ("data", "eval_flip"): C.boolean(),
+    ("data", "hflip"): C.number(0, 1),
+    ("data", "batch_size"): C.integer(1, 4096),
+    ("data", "workers"): C.integer(0, 256),
+    ("data", "max_val_images"): _COUNT,
+    ("train", "epochs"): _COUNT,
+    ("train", "steps"): _COUNT,
+    ("train", "lr"): C.number(0, 1000, lo_open=True),
+    ("train", "weight_decay"): C.number(0, 1000),
+    ("train", "schedule"): C.choice("step", "poly"),
+    ("train", "milestones"): C.number_list(0, 64, 0, 1, lo_open=True, increasing=True),
+    ("train", "gamma"): C.number(0, 1),
+    ("train", "poly_power"): C.number(0, 100),
+    ("train", "min_lr"): C.number(0, 1000),
+    ("train", "warmup_steps"): C.integer(0, COUNT_MAX),
+    ("train", "warmup_ratio"): C.number(0, 1),
+    ("train", "clip_grad"): C.number(0, lo_open=True, optional=True),
+    ("train", "pretrained"): C.boolean(),
+    ("train", "backbone_checkpoint"): _PATH,
+    ("train", "amp"): C.choice("auto", *AMP_DTYPES),
+    ("train", "device"): _PATH,
+    ("train", "threads"): C.integer(1, 1024, optional=True),
+    ("train", "seed"): C.integer(0, SEED_MAX),
+    ("train", "eval_every"): _COUNT,
+    ("train", "eval_at_start"): C.boolean(),
+    ("train", "log_every"): C.integer(1, COUNT_MAX),
+    ("train", "checkpoint_every"): _COUNT,
+    ("train", "stop_after_steps"): _COUNT,
+    ("train", "output"): _PATH,
+    ("train", "resume"): _PATH,
+    ("train", "overwrite"): C.boolean(),
+    ("train", "progress"): C.boolean(),
+}
 
 
-def _check_value(section: str, name: str, value, rule) -> None:
-    try:
-        rule(value)
-    except ValueError as e:
-        raise ValueError(f"{section}.{name}={C.show(value)}: {e}") from None
+def rules(task: str) -> dict:
+    """Every (section, key) of a `task` run and the check of its value."""
+    return {**_SHARED_RULES, **_RULES[task]}
 
 
 def check(cfg: RunConfig) -> None:
-    """Values a run cannot start with, as one line each."""
-    t, d = cfg.train, cfg.data
-    for (section, name), rule in _RULES.items():
-        _check_value(section, name, getattr(getattr(cfg, section), name), rule)
-    widths = _DETECT_WIDTHS if cfg.task == "detect" else ("channels",)
-    for name in widths:
-        _check_value("model", name, getattr(cfg.model, name), C.integer(1, WIDTH_MAX))
-    if cfg.task == "segment":
-        _check_value("model", "aux_channels", cfg.model.aux_channels, C.integer(0, WIDTH_MAX, zero_means="no aux head"))
-    # image sides bounded as the classification commands bound --img-size: memory grows with their square
-    m = cfg.model
-    if cfg.task == "detect":
-        sides = [("model.min_size", m.min_size), ("model.max_size", m.max_size), ("data.max_size", d.max_size)]
-        lists = {"data.min_sizes": d.min_sizes}
-    else:
-        sides, lists = [("data.crop_size", d.crop_size)], {"data.scale": d.scale}
-    for name, values in lists.items():
-        if not isinstance(values, (list, tuple)) or not values or (name == "data.scale" and len(values) != 2):
-            raise ValueError(
-                f"{name}={C.show(values)}: must be a list of image sides" + " (long, short)" * (name == "data.scale")
-            )
-        sides += [(name, v) for v in values]
-    for name, value in sides:
-        check_img_size(value, name)
-    check_model_kwargs(cfg.model.model_kwargs, "model.model_kwargs")
+    """Every value checked against its rule (stored normalised: an integral float as an int), then the values
+    that only make sense together; one line each, `section.key=value: what is allowed`."""
+    for (section, name), rule in rules(cfg.task).items():
+        part = getattr(cfg, section)
+        value = getattr(part, name)
+        try:
+            normalised = rule(value)
+        except ValueError as e:
+            if str(e).startswith(f"{section}.{name}."):  # a nested check that names its key already
+                raise ValueError(str(e)) from None
+            raise ValueError(f"{section}.{name}={C.show(value)}: {e}") from None
+        setattr(part, name, list(normalised) if isinstance(normalised, tuple) else normalised)
+    t, d, m = cfg.train, cfg.data, cfg.model
     if (t.epochs is None) == (t.steps is None):
         raise ValueError("give the run's length as exactly one of --epochs and --steps")
-    for name in ("epochs", "steps", "eval_every", "checkpoint_every", "stop_after_steps", "max_val_images"):
-        section = d if name == "max_val_images" else t
-        v = getattr(section, name)
-        if v is not None and (not isinstance(v, int) or v < 1):
-            raise ValueError(f"{name} must be a positive integer, got {v!r}")
-    if not t.lr > 0 or t.weight_decay < 0 or t.warmup_steps < 0 or t.log_every < 1:
-        raise ValueError("lr must be > 0, weight_decay >= 0, warmup_steps >= 0 and log_every >= 1")
-    if t.schedule not in ("step", "poly"):
-        raise ValueError(f"schedule must be 'step' or 'poly', got {t.schedule!r}")
-    if t.amp not in ("auto", "none", "bf16", "fp16"):
-        raise ValueError(f"amp must be auto, none, bf16 or fp16, got {t.amp!r}")
     if t.pretrained and t.backbone_checkpoint:
         raise ValueError("--pretrained and --backbone-checkpoint exclude each other; pass one")
-    if d.batch_size < 1 or d.workers < 0 or not 0 <= d.hflip <= 1:
-        raise ValueError("batch_size must be >= 1, workers >= 0 and hflip in [0, 1]")
-    if not 0.0 <= cfg.model.drop_path_rate < 1.0:
-        raise ValueError(f"drop_path_rate must be in [0, 1), got {cfg.model.drop_path_rate}")
-    if cfg.task == "segment" and cfg.model.norm == "bn" and d.batch_size < 2:
+    if cfg.task == "segment" and m.norm == "bn" and d.batch_size < 2:
         raise ValueError("a BatchNorm head needs >= 2 images per device: raise --batch-size or pass --head-norm gn")
-    if cfg.task == "detect" and (not d.min_sizes or min(d.min_sizes) < 32 or d.max_size < max(d.min_sizes)):
+    if cfg.task == "detect" and (min(d.min_sizes) < 32 or d.max_size < max(d.min_sizes)):
         raise ValueError(f"min_sizes must be >= 32 and at most max_size, got {d.min_sizes} / {d.max_size}")
     if cfg.task == "segment" and d.crop_size < 32:
         raise ValueError(f"crop_size must be >= 32, got {d.crop_size}")

@@ -81,7 +81,9 @@ class DataConfig:
 def _check_model_kwargs(kwargs: dict) -> None:
     if "pretrained" in kwargs:
         raise ValueError("pass --pretrained (the config key pretrained), not model_kwargs={pretrained: ...}")
-    check_model_kwargs(kwargs, "model_kwargs")
+    if "num_classes" in kwargs:
+        raise ValueError("pass --num-classes (the config key num_classes), not model_kwargs={num_classes: ...}")
+    check_model_kwargs(kwargs)
 
 
 @dataclass(frozen=True)
@@ -456,8 +458,8 @@ def resolve_config(overrides: dict, require_data: bool = True) -> TrainConfig:
     unknown = sorted(map(str, set(overrides) - set(DEFAULTS)))
     if unknown:
         raise ValueError(f"unknown options {unknown}")
+    RunConfig(recipe=overrides.get("recipe"), resume=overrides.get("resume"))  # paths, checked before they are opened
     if overrides.get("resume"):
-        RunConfig(resume=overrides["resume"])  # a path, checked before it is opened
         # A resumed run continues with the configuration it was started with; options given now still win.
         saved = load_state(resume_path(overrides["resume"])).get("config", {})
         for key in ("model", "model_kwargs"):
@@ -525,7 +527,7 @@ def check_model_size(model: ModelConfig) -> None:
     try:
         with torch.device("meta"):
             probe = create_model(model.model, num_classes=model.num_classes or 1000, **kwargs)
-    except (TypeError, ValueError, KeyError) as e:
+    except (TypeError, ValueError, KeyError, OverflowError, ZeroDivisionError) as e:
         raise ValueError(f"model={model.model!r} with model_kwargs={C.show(model.model_kwargs)}: {e}") from None
     n = sum(p.numel() for p in probe.parameters())
     if n > MAX_MODEL_PARAMS:

@@ -35,6 +35,7 @@ class Check:
 
 
 _BAD = object()
+BAD = _BAD  # what a check function returns for a value it refuses
 
 
 def _is_number(v) -> bool:
@@ -95,11 +96,11 @@ def text(*, optional=False, max_len: int = 4096) -> Check:
     return Check("must be a non-empty string", fn, optional)
 
 
-def numbers(n: int, lo: float, hi: float, *, lo_open=False, increasing=False) -> Check:
-    """A list of `n` finite numbers in the range, stored as a tuple of floats."""
+def number_list(min_len: int, max_len: int, lo: float, hi: float, *, lo_open=False, increasing=False) -> Check:
+    """A list of `min_len` to `max_len` finite numbers in the range, stored as a tuple of floats."""
 
     def fn(v):
-        if not isinstance(v, (list, tuple)) or len(v) != n:
+        if not isinstance(v, (list, tuple)) or not min_len <= len(v) <= max_len:
             return _BAD
         out = []
         for x in v:
@@ -110,8 +111,14 @@ def numbers(n: int, lo: float, hi: float, *, lo_open=False, increasing=False) ->
             return _BAD
         return tuple(out)
 
+    count = str(min_len) if min_len == max_len else f"{min_len} to {max_len}"
     order = ", not decreasing" if increasing else ""
-    return Check(f"must be a list of {n} finite numbers {_range_text(lo, hi, lo_open, False)}{order}", fn)
+    return Check(f"must be a list of {count} finite numbers {_range_text(lo, hi, lo_open, False)}{order}", fn)
+
+
+def numbers(n: int, lo: float, hi: float, *, lo_open=False, increasing=False) -> Check:
+    """A list of `n` finite numbers in the range, stored as a tuple of floats."""
+    return number_list(n, n, lo, hi, lo_open=lo_open, increasing=increasing)
 
 
 def mapping(check_items: Callable[[dict], None] | None = None) -> Check:
@@ -134,6 +141,20 @@ def setting(default, check: Check, default_factory=None):
     return dataclasses.field(default=default, metadata={"check": check})
 
 
+def integers(min_len: int, max_len: int, lo: int, hi: int) -> Check:
+    """A list of `min_len` to `max_len` integers in [lo, hi], stored as a tuple."""
+
+    def fn(v):
+        if not isinstance(v, (list, tuple)) or not min_len <= len(v) <= max_len:
+            return _BAD
+        if not all(isinstance(x, int) and not isinstance(x, bool) and lo <= x <= hi for x in v):
+            return _BAD
+        return tuple(v)
+
+    count = str(min_len) if min_len == max_len else f"{min_len} to {max_len}"
+    return Check(f"must be a list of {count} integers in [{_fmt(lo)}, {_fmt(hi)}]", fn)
+
+
 def show(value) -> str:
     """A value as a message shows it: its repr, cut to a readable length."""
     text_ = repr(value)
@@ -150,6 +171,8 @@ def validate_fields(obj) -> None:
         try:
             normalised = check(value)
         except ValueError as e:
+            if str(e).startswith(f"{f.name}."):  # a nested check that already names its key (model_kwargs.dims=...)
+                raise ValueError(str(e)) from None
             raise ValueError(f"{f.name}={show(value)}: {e}") from None
         object.__setattr__(obj, f.name, normalised)
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 import os
 
+from mambaout.utils import checks
+
 # Network input side in pixels. MambaOut downsamples by 32 (stem 4, then 2 x 2 x 2): at 16 px the last two stages
 # already see one pixel each, below it the stem leaves less than 4 x 4 to look at (the digits recipe trains at 32,
 # the smoke tests at 16-24). 2048 is 84x the pixels of 224 (ImageNet's) and 9x those of 672, the largest resolution
@@ -111,23 +113,52 @@ def check_num_classes(value, source: str) -> int:
     return value
 
 
-def check_model_kwargs(kwargs, source: str) -> dict:
-    """Bounds on the architecture a checkpoint's metadata asks for, checked before a module is built.
+def _odd_kernel(v):
+    return v if isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 31 and v % 2 else checks.BAD
 
-    The tensors in the file decide in the end (a model that does not fit them is refused); these bounds only
-    keep a hostile `depths`/`dims` from making the process build millions of modules first.
+
+# MambaOut's architecture arguments as a config or a checkpoint's metadata may give them (plain data only), with
+# what each may hold. Keys not listed go to the model, which refuses what it does not take in one line.
+MODEL_KWARGS = {
+    "depths": checks.integers(1, 8, 0, 128),
+    "dims": checks.integers(1, 8, 1, 16384),
+    "in_chans": checks.integer(1, 64),
+    "expansion_ratio": checks.number(0, 16, lo_open=True),
+    "kernel_size": checks.Check("must be an odd integer in [1, 31]", _odd_kernel),
+    "conv_ratio": checks.number(0, 1),
+    "ls_init_value": checks.number(0, 100, optional=True),
+    "stem_mid_norm": checks.boolean(),
+    "downsample_norm_first": checks.boolean(),
+    "head_mlp_ratio": checks.number(0, 16),
+    "head_mlp_norm": checks.boolean(),
+    "drop_path_rate": checks.number(0, 1, hi_open=True),
+    "drop_rate": checks.number(0, 1, hi_open=True),
+    "global_pool": checks.choice("avg", ""),
+    "act_layer": checks.text(max_len=40),
+}
+CALLABLE_KWARGS = ("norm_layer", "block_layer")  # Python callables: no file or config can hold one
+
+
+def check_model_kwargs(kwargs, source: str = "", name: str = "model_kwargs") -> dict:
+    """Bounds and types of the architecture a config or a checkpoint's metadata asks for, checked before a
+    module is built: one line `[source: ]name.key=value: what is allowed`.
+
+    The tensors in a file decide in the end (a model that does not fit them is refused); these bounds keep a
+    hostile `depths`/`dims` from making the process build millions of modules first, and a NaN or a list from
+    reaching the constructor.
     """
-    if not isinstance(kwargs, dict):
-        raise ValueError(f"{source}: model_kwargs must be a mapping, got {type(kwargs).__name__}")
+    where = f"{source}: " if source else ""
+    if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+        raise ValueError(f"{where}{name} must be a mapping of argument: value, got {type(kwargs).__name__}")
     if "num_classes" in kwargs:
-        check_num_classes(kwargs["num_classes"], source)
-    for key, lo, hi in (("depths", 0, 128), ("dims", 1, 16384)):
-        if key in kwargs:
-            v = kwargs[key]
-            if (
-                not isinstance(v, (list, tuple))
-                or not 1 <= len(v) <= 8
-                or not all(isinstance(x, int) and not isinstance(x, bool) and lo <= x <= hi for x in v)
-            ):
-                raise ValueError(f"{source}: model_kwargs.{key} must be 1 to 8 integers in [{lo}, {hi}], got {v!r}")
+        check_num_classes(kwargs["num_classes"], f"{where}{name}")
+    for key, value in kwargs.items():
+        if key in CALLABLE_KWARGS:
+            raise ValueError(f"{where}{name}.{key}: a Python callable, which a config or a weights file cannot give")
+        check = MODEL_KWARGS.get(key)
+        if check is not None:
+            try:
+                check(value)
+            except ValueError as e:
+                raise ValueError(f"{where}{name}.{key}={checks.show(value)}: {e}") from None
     return kwargs
