@@ -289,6 +289,14 @@ def test_offline_pretrained_is_one_line_naming_initial_checkpoint(tmp_path, monk
     assert len(err.splitlines()) == 1 and "--initial-checkpoint PATH" in err and "--checkpoint PATH" not in err
 
 
+def test_pretrained_of_a_model_without_weights_names_trains_own_flags(capsys):
+    """The default model (mambaout_test) has no published weights: the line names what train takes."""
+    assert train_cmd.main(["--pretrained", "--epochs", "1", "--print-config"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "mambaout_test has no published weights" in err, err
+    assert "--initial-checkpoint PATH" in err and "--random-weights" not in err and "--checkpoint PATH" not in err
+
+
 @pytest.mark.parametrize("fmt", [None, "NCHW", "NHWC"])
 def test_output_fmt_in_both_factories(fmt, tmp_path):
     """The layouts docs/timm.md lists: ours default NCHW, timm's (after register_timm) default NHWC, both as asked;
@@ -403,6 +411,26 @@ def test_recipe_with_another_model_gets_its_own_folder():
     )  # not .../gated-cnn, the recipe's own model's folder
     argv += ["--output", "mine"]
     assert resolve_config(train_cmd.parse_overrides(argv)[0]).output_folder() == Path("mine")
+
+
+def test_recipe_with_another_model_keeps_neither_the_recipes_network_nor_its_folder(caplog):
+    """The recipe's depths/dims shape its own model: another --model is built as itself (femto's 7.3M parameters,
+    not the recipe's 0.83M network under femto's name), with a warning; the folder is recorded as the run's."""
+    from mambaout.training.config import resolve_config
+
+    argv = ["--recipe", "imagenette-cpu", "--data-train", "digits:train", "--model", "mambaout_femto"]
+    cfg = resolve_config(train_cmd.parse_overrides(argv)[0])
+    assert cfg.model.model_kwargs == {} and "left out for mambaout_femto" in caplog.text
+    assert cfg.run.output == "runs/imagenette-cpu-mambaout_femto"  # what config.yaml and --print-config show
+    n = sum(p.numel() for p in mambaout.create_model("mambaout_femto", **cfg.model.model_kwargs).parameters())
+    assert 7.0e6 < n < 7.5e6
+    # an ablation recipe's kernel_size is the point of the recipe: it stays with another model
+    argv = ["--recipe", "ablation-kernel-11", "--data-train", "digits:train", "--model", "mambaout_femto"]
+    assert resolve_config(train_cmd.parse_overrides(argv)[0]).model.model_kwargs == {"kernel_size": 11}
+    # and the user's own model_kwargs win
+    argv = ["--recipe", "imagenette-cpu", "--data-train", "digits:train", "--model", "mambaout_femto"]
+    cfg = resolve_config(train_cmd.parse_overrides([*argv, "--set", "model_kwargs={dims: [8, 16, 32, 64]}"])[0])
+    assert cfg.model.model_kwargs == {"dims": [8, 16, 32, 64]}
 
 
 def test_summary_csv_counts_epochs_from_1_as_the_log_does(tmp_path, capsys):

@@ -127,8 +127,8 @@ def create_model(
     weights: Weights | None = variant.get_weights(tag) if (pretrained or tag) and variant.weights else None
     if (tag or pretrained) and not variant.weights:
         raise ValueError(
-            f"{variant.name} has no published weights (asked for {name!r} with pretrained weights); pass a "
-            "checkpoint (CLI: --checkpoint PATH), or random weights (--random-weights) for smoke tests"
+            f"{variant.name} has no published weights (asked for {name!r} with pretrained weights); load a "
+            "weights file instead (checkpoint=PATH) or build it at random (pretrained=False)"
         )
 
     # the user asked for a classifier of their own width: only then may a checkpoint's classifier be replaced

@@ -349,19 +349,8 @@ class TrainConfig:
         )
 
     def output_folder(self) -> Path:
-        """The run folder: `output`, else the resumed run's folder, else `runs/<recipe or model>`.
-
-        A recipe run with another model than the recipe's is not filed under the recipe's model-specific folder
-        (`runs/mamba-vs-mambaout/gated-cnn`): it goes to `<the recipe's folder>/../<model>`, or `runs/<recipe>-<model>`.
-        """
-        if self.run.recipe and not self.run.resume:
-            recipe = load_recipe(self.run.recipe)
-            if recipe.get("model") not in (None, self.model.model) and self.run.output in (None, recipe.get("output")):
-                parent = Path(recipe["output"]).parent if recipe.get("output") else Path("runs")
-                name = (
-                    self.model.model if parent != Path("runs") else f"{recipe_name(self.run.recipe)}-{self.model.model}"
-                )
-                return parent / name
+        """The run folder: `output` (set at resolve time for a recipe run with another model), else the resumed
+        run's folder, else `runs/<recipe or model>`."""
         if self.run.output:
             return Path(self.run.output)
         if self.run.resume:
@@ -490,6 +479,8 @@ def resolve_config(overrides: dict, require_data: bool = True) -> TrainConfig:
         # --data on the command line beats the recipe's data_train/data_val (only its own --data-train/-val beat it)
         flat.update(data_train=None, data_val=None)
     flat.update(overrides)
+    if recipe is not None and loaded.get("model") not in (None, flat["model"]):
+        _another_model(flat, loaded, recipe, overrides)
     if isinstance(flat["data"], str) and (flat["data_train"] is None or flat["data_val"] is None):
         flat["data_train"] = flat["data_train"] or resolve_split(flat["data"], flat["train_split"])
         flat["data_val"] = flat["data_val"] or resolve_split(flat["data"], flat["val_split"])
@@ -497,6 +488,33 @@ def resolve_config(overrides: dict, require_data: bool = True) -> TrainConfig:
         if isinstance(flat[key], str):
             flat[key] = _absolute(flat[key])  # stored resolved, so --resume works from any working directory
     return _typed(flat, require_data)
+
+
+SHAPE_KWARGS = ("depths", "dims", "expansion_ratio", "head_mlp_ratio")  # what makes a recipe's model another network
+
+
+def _another_model(flat: dict, recipe_values: dict, recipe: str, overrides: dict) -> None:
+    """A recipe run with another `--model` than the recipe's: the recipe's model_kwargs that shape its own
+    network (depths, dims, ...) are left out, the others (an ablation's kernel_size) kept; and the run is not
+    filed under the recipe's model-specific folder (`runs/mamba-vs-mambaout/gated-cnn`) but beside it
+    (`<the recipe's folder>/../<model>`), or in `runs/<recipe>-<model>`."""
+    kwargs = flat.get("model_kwargs")
+    if "model_kwargs" not in overrides and isinstance(kwargs, dict):
+        dropped = [k for k in SHAPE_KWARGS if k in kwargs]
+        if dropped:
+            flat["model_kwargs"] = {k: v for k, v in kwargs.items() if k not in dropped}
+            logger.warning(
+                "recipe %s shapes its model %s with model_kwargs %s; left out for %s (--set model_kwargs=... "
+                "to give them)",
+                recipe_name(recipe),
+                recipe_values["model"],
+                ", ".join(dropped),
+                flat["model"],
+            )
+    if "output" not in overrides and isinstance(flat["model"], str):
+        parent = Path(recipe_values["output"]).parent if recipe_values.get("output") else Path("runs")
+        name = flat["model"] if parent != Path("runs") else f"{recipe_name(recipe)}-{flat['model']}"
+        flat["output"] = str(parent / name)
 
 
 def _typed(flat: dict, require_data: bool) -> TrainConfig:
@@ -520,7 +538,18 @@ def _typed(flat: dict, require_data: bool) -> TrainConfig:
 def check_model_size(model: ModelConfig) -> None:
     """Build the model on the meta device (no memory) to check its name and arguments and bound its size."""
     from mambaout.models.factory import create_model
+    from mambaout.models.variants import get_variant
 
+    if model.pretrained:
+        try:
+            variant = get_variant(model.model)[0]
+        except (KeyError, ValueError):
+            variant = None  # an unknown name is said below, by the factory
+        if variant is not None and not variant.weights:
+            raise ValueError(
+                    f"pretrained=true: {variant.name} has no published weights; leave --pretrained out to train "
+                    "from random weights, or pass a weights file as --initial-checkpoint PATH"
+                )
     kwargs = dict(model.model_kwargs)
     if model.drop_rate:
         kwargs.setdefault("drop_rate", model.drop_rate)
