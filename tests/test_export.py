@@ -109,3 +109,43 @@ def test_export_rejects_bad_arguments(tmp_path, capsys):
     )
     err = capsys.readouterr().err
     assert "img_size must be >= 32" in err and "--opset must be an integer from 18 to" in err
+
+
+def test_an_exported_model_with_nan_weights_is_refused_by_its_runtime(onnx_file, checkpoint, tmp_path):
+    """NaN in an ONNX initializer (or an OpenVINO constant) would give NaN logits, a chance-level metric with exit 0:
+    refused when the file is loaded, naming the weight, as NaN PyTorch weights are."""
+    import onnx
+    from onnx import numpy_helper
+
+    from mambaout.deploy.runtimes import load_runtime_model
+
+    proto = onnx.load(str(onnx_file))
+    init = next(t for t in proto.graph.initializer if numpy_helper.to_array(t).dtype == np.float32)
+    arr = numpy_helper.to_array(init).copy()
+    arr.flat[:5] = np.nan
+    init.CopyFrom(numpy_helper.from_array(arr, init.name))
+    bad = tmp_path / "nan.onnx"
+    onnx.save(proto, str(bad))
+    with pytest.raises(ValueError, match=rf"weight '{init.name}' holds non-finite values \(5 of"):
+        load_runtime_model(bad)
+    assert load_runtime_model(onnx_file).num_classes == 3  # the untouched export loads
+    ov = pytest.importorskip("openvino", reason="the openvino extra is not installed: pip install 'mambaout[openvino]'")
+    xml = tmp_path / "nan.xml"
+    ov.save_model(ov.convert_model(str(bad)), str(xml), compress_to_fp16=False)
+    with pytest.raises(ValueError, match="holds non-finite values"):
+        load_runtime_model(xml)
+
+
+def test_checkpoint_arguments_that_are_no_weights_file_say_what_they_are(onnx_file, tmp_path, capsys):
+    """An exported model, a folder or an unreadable file given as --checkpoint: one line saying so."""
+    import os
+
+    assert main(["predict", str(tmp_path), "--checkpoint", str(onnx_file)]) == 2
+    assert "is an exported model (ONNX / OpenVINO), not PyTorch weights" in capsys.readouterr().err
+    assert main(["predict", str(tmp_path), "--checkpoint", str(tmp_path)]) == 2
+    assert "is a folder, not a weights file" in capsys.readouterr().err
+    assert main(["validate", str(tmp_path), "--checkpoint", str(tmp_path / "x.onnx")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    os.mkfifo(tmp_path / "fifo.onnx")
+    assert main(["validate", str(tmp_path), "--checkpoint", str(tmp_path / "fifo.onnx")]) == 2
+    assert "is a named pipe (FIFO), not an exported model file" in capsys.readouterr().err

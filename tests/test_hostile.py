@@ -183,6 +183,9 @@ def _issue18_world(w: Path) -> None:
         dict(sd, **{"stem.conv1.weight": sd["stem.conv1.weight"].to(torch.int64)}), w / "int.safetensors", **meta
     )
     save_weights({k: v.double() for k, v in sd.items()}, w / "f64.safetensors", **meta)
+    f64 = {k: v.double() for k, v in sd.items()}
+    f64["head.fc.bias"] = torch.full_like(f64["head.fc.bias"], 1e300)  # finite in float64, Inf in float32
+    save_weights(f64, w / "f64-overflow.safetensors", **meta)
     _checkpoint(w / "five-no-names.safetensors", 5, class_names=None)
     # a validation set with a class the model was not trained on
     for f in (w / "good").rglob("*.png"):
@@ -661,6 +664,12 @@ CASES_18 = [
         "validate {w}/good --checkpoint {w}/f64.safetensors",
         0,
         "float64 tensors (stem.conv1.weight...) to the model's float32",
+    ),
+    Case(
+        "validate-float64-beyond-float32",
+        "validate {w}/good --checkpoint {w}/f64-overflow.safetensors",
+        2,
+        "'head.fc.bias' holds values up to 1e+300, beyond float32's range",
     ),
     # --- 6. a class the model was not trained on, a class count that does not match the head -----------------------
     Case(

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from mambaout.utils.files import special_kind
 from mambaout.utils.optional import require
 
 __all__ = ["RUNTIME_SUFFIXES", "RuntimeModel", "OnnxRuntimeModel", "OpenVinoModel", "load_runtime_model", "ort_session"]
@@ -32,6 +33,18 @@ def ort_session(path: str | os.PathLike, threads: int | None = None):
     options.intra_op_num_threads = threads or torch.get_num_threads()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def check_finite_arrays(arrays, source: str) -> None:
+    """Refuse an exported graph whose floating-point weights hold NaN or Inf (its outputs would be NaN: a metric
+    of chance with exit 0), naming the first such weight, as PyTorch weights are refused."""
+    for name, value in arrays:
+        if np.issubdtype(value.dtype, np.floating) and value.size and not np.isfinite(value).all():
+            n = int((~np.isfinite(value)).sum())
+            raise ValueError(
+                f"{source}: weight {name!r} holds non-finite values ({n} of {value.size}); the exported model is "
+                "damaged: export it again from finite weights"
+            )
 
 
 class RuntimeModel(nn.Module):
@@ -69,6 +82,11 @@ class OnnxRuntimeModel(RuntimeModel):
     runtime = "onnxruntime"
 
     def __init__(self, path: str | os.PathLike, threads: int | None = None):
+        onnx = require("onnx", "reading an ONNX model", "onnx  (or the export extra: 'mambaout[export]')")
+        from onnx import numpy_helper
+
+        graph = onnx.load(str(path)).graph
+        check_finite_arrays(((t.name, numpy_helper.to_array(t)) for t in graph.initializer), str(path))
         self.session = ort_session(path, threads)
         meta = {k: json.loads(v) for k, v in self.session.get_modelmeta().custom_metadata_map.items()}
         super().__init__(path, meta)
@@ -99,7 +117,11 @@ class OpenVinoModel(RuntimeModel):
             "INFERENCE_NUM_THREADS": threads or torch.get_num_threads(),
             "PERFORMANCE_HINT": "LATENCY",
         }
-        self.compiled = ov.Core().compile_model(str(path), "CPU", config)
+        core = ov.Core()
+        model = core.read_model(str(path))
+        constants = (op for op in model.get_ordered_ops() if op.get_type_name() == "Constant")
+        check_finite_arrays(((op.get_friendly_name(), op.get_data()) for op in constants), str(path))
+        self.compiled = core.compile_model(model, "CPU", config)
         self.request = self.compiled.create_infer_request()
         super().__init__(path, meta)
 
@@ -110,6 +132,9 @@ class OpenVinoModel(RuntimeModel):
 def load_runtime_model(path: str | os.PathLike, threads: int | None = None) -> RuntimeModel:
     """The exported model at `path` (`.onnx`: ONNX Runtime; `.xml`: OpenVINO) as a module (see module docstring)."""
     path = Path(path)
+    kind = special_kind(path)
+    if kind or path.is_dir():
+        raise ValueError(f"{path} is {kind or 'a folder'}, not an exported model file; pass the .onnx/.xml file")
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist")
     if path.suffix.lower() == ".onnx":

@@ -547,9 +547,9 @@ def check_model_size(model: ModelConfig) -> None:
             variant = None  # an unknown name is said below, by the factory
         if variant is not None and not variant.weights:
             raise ValueError(
-                    f"pretrained=true: {variant.name} has no published weights; leave --pretrained out to train "
-                    "from random weights, or pass a weights file as --initial-checkpoint PATH"
-                )
+                f"pretrained=true: {variant.name} has no published weights; leave --pretrained out to train "
+                "from random weights, or pass a weights file as --initial-checkpoint PATH"
+            )
     kwargs = dict(model.model_kwargs)
     if model.drop_rate:
         kwargs.setdefault("drop_rate", model.drop_rate)

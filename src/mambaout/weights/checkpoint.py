@@ -233,6 +233,9 @@ def fit_state_dict(
     return sd
 
 
+F32_MAX = torch.finfo(torch.float32).max
+
+
 def check_finite(state_dict: dict, source: str) -> None:
     """Refuse weights holding NaN or Inf: they give NaN logits, hence a meaningless metric or prediction.
 
@@ -248,6 +251,11 @@ def check_finite(state_dict: dict, source: str) -> None:
                 raise CheckpointError(
                     f"{source}: tensor {key!r} holds non-finite values ({what} of {value.numel()}); the weights are "
                     "damaged (a diverged run?): use an earlier checkpoint"
+                )
+            if value.dtype == torch.float64 and bool((value.abs() > F32_MAX).any()):
+                raise CheckpointError(
+                    f"{source}: float64 tensor {key!r} holds values up to {value.abs().max().item():.3g}, beyond "
+                    "float32's range: loaded into the float32 model they would be Inf; the weights are damaged"
                 )
 
 
@@ -336,9 +344,18 @@ def read_checkpoint(path: str | os.PathLike, use_ema: bool = False) -> tuple[dic
         path = str(download([path]))
     if special_kind(path):  # a FIFO would block the read forever: never opened
         raise CheckpointError(f"checkpoint {path} is {special_kind(path)}, not a weights file; pass a file path")
+    if os.path.isdir(path):
+        raise CheckpointError(f"checkpoint {path} is a folder, not a weights file; pass the .safetensors/.pth in it")
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"checkpoint {path} does not exist; pass a .safetensors/.pth file path or an http(s) URL"
+        )
+    if not os.access(path, os.R_OK):
+        raise CheckpointError(f"cannot read checkpoint {path}: permission denied")
+    if path.lower().endswith((".onnx", ".xml")):
+        raise CheckpointError(
+            f"{path} is an exported model (ONNX / OpenVINO), not PyTorch weights: mambaout validate runs it; "
+            "elsewhere pass the .safetensors it was exported from"
         )
     if path.endswith(".safetensors"):
         from safetensors import safe_open
