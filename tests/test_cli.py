@@ -1,6 +1,7 @@
 import json
 import subprocess
 import sys
+import textwrap
 
 from mambaout.cli import main
 
@@ -20,3 +21,33 @@ def test_models_json_filter(capsys):
 def test_console_script_unknown_command():
     r = subprocess.run([sys.executable, "-m", "mambaout", "frobnicate"], capture_output=True, text=True)
     assert r.returncode == 2 and "unknown command 'frobnicate'" in r.stderr
+
+
+def test_ctrl_c_while_starting_is_one_line_and_exit_130():
+    """Ctrl-C while torch/timm are still being imported (seconds) ends at once with one line, no traceback and no
+    C++ abort. The interrupt is sent from inside the import of timm, so it lands there on every machine."""
+    code = textwrap.dedent(
+        """
+        import importlib.abc, os, signal, sys, time
+        class Interrupt(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path, target=None):
+                if name == "timm":
+                    os.kill(os.getpid(), signal.SIGINT)
+                    time.sleep(5)
+                return None
+        sys.meta_path.insert(0, Interrupt())
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        from mambaout.cli import main
+        sys.exit(main(["models"]))
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 130, proc.stderr
+    assert proc.stderr == "mambaout models: interrupted while starting (Ctrl-C); nothing was written\n"
+    light = subprocess.run(
+        [sys.executable, "-c", "import sys, mambaout, mambaout.cli; print('torch' in sys.modules)"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert light.stdout.strip() == "False", "import mambaout must not load torch (the public names load on use)"

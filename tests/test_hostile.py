@@ -183,6 +183,7 @@ def _issue18_world(w: Path) -> None:
         dict(sd, **{"stem.conv1.weight": sd["stem.conv1.weight"].to(torch.int64)}), w / "int.safetensors", **meta
     )
     save_weights({k: v.double() for k, v in sd.items()}, w / "f64.safetensors", **meta)
+    (w / "link-to-good.safetensors").symlink_to(w / "good.safetensors")
     f64 = {k: v.double() for k, v in sd.items()}
     f64["head.fc.bias"] = torch.full_like(f64["head.fc.bias"], 1e300)  # finite in float64, Inf in float32
     save_weights(f64, w / "f64-overflow.safetensors", **meta)
@@ -597,6 +598,35 @@ CASES_18 = [
         root=True,
     ),
     Case("results-file-fifo", VAL + " --results-file {w}/dev/fifo", 2, "is a named pipe (FIFO)", ("dev",)),
+    # a path component over the file system's 255 bytes: one line naming it (shortened), not an OSError traceback
+    Case("results-file-name-too-long", VAL + " --results-file {w}/" + "a" * 300 + ".json", 2, "File name too long"),
+    Case(
+        "validate-data-name-too-long", "validate {w}/" + "a" * 300 + " --checkpoint {w}/good.safetensors", 2, "aaa..."
+    ),
+    Case("predict-name-too-long", "predict {w}/" + "a" * 300 + ".png --checkpoint {w}/good.safetensors", 2, "too long"),
+    Case("train-data-name-too-long", "train --print-config --data-train {w}/" + "b" * 300, 2, "File name too long"),
+    Case("export-output-name-too-long", EXPORT + " -o {w}/out/" + "c" * 300 + ".onnx", 2, "File name too long"),
+    Case(
+        "results-file-is-the-checkpoint",
+        "validate {w}/good --checkpoint {w}/good.safetensors --results-file {w}/good.safetensors",
+        2,
+        "which this command reads; pick another path",
+        ("good.safetensors",),
+    ),
+    Case(
+        "results-file-is-the-checkpoint-by-a-link",
+        "validate {w}/good --checkpoint {w}/good.safetensors --results-file {w}/link-to-good.safetensors",
+        2,
+        "which this command reads",
+        ("good.safetensors", "link-to-good.safetensors"),
+    ),
+    Case(
+        "export-output-is-the-checkpoint",
+        "export --checkpoint {w}/good.safetensors -o {w}/good.safetensors --format pt2",
+        2,
+        "which this command reads",
+        ("good.safetensors",),
+    ),
     Case("results-file-socket", VAL + " --results-file {w}/dev/sock", 2, "is a socket", ("dev",)),
     Case("results-file-dangling-link", VAL + " --results-file {w}/dev/dangling", 2, "which does not exist", ("dev",)),
     Case(

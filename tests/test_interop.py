@@ -478,3 +478,12 @@ def test_a_bad_argument_is_one_line_on_every_command(argv, capsys):
         err = capsys.readouterr().err
         assert code == 2 and err.count("\n") == 1, (command, err)
         assert (argv[0] in err or "arguments are required" in err) and f"mambaout {command} --help" in err, err
+
+
+def test_a_refused_value_of_thousands_of_characters_is_shortened(capsys):
+    """argparse quotes the value it refused: a 5000-digit --epochs stays one readable line."""
+    with pytest.raises(SystemExit) as e:
+        train_cmd.main(["--epochs", "1" + "0" * 5000, "--print-config"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2
+    assert err.count("\n") == 1 and len(err) < 400 and "--epochs" in err and " ... " in err, err[:500]

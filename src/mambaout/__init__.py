@@ -1,13 +1,32 @@
-"""MambaOut (Yu & Wang, CVPR 2025): vision backbones of Gated CNN blocks, exact to the published weights."""
+"""MambaOut (Yu & Wang, CVPR 2025): vision backbones of Gated CNN blocks, exact to the published weights.
 
-from mambaout.models.factory import create_model
-from mambaout.models.mambaout import GatedCNNBlock, MambaOut, MambaOutFeatures
-from mambaout.models.timm_compat import register_timm, unregister_timm
-from mambaout.models.variants import get_variant, list_models, list_pretrained
-from mambaout.weights.checkpoint import CheckpointError, DownloadError, read_checkpoint, save_weights
+The public names below are imported on first use (PEP 562), so `import mambaout` and the command line start
+without loading torch; `mambaout.create_model` and `from mambaout import create_model` work as usual.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
+# public name -> the module that owns it
+_API = {
+    "create_model": "mambaout.models.factory",
+    "GatedCNNBlock": "mambaout.models.mambaout",
+    "MambaOut": "mambaout.models.mambaout",
+    "MambaOutFeatures": "mambaout.models.mambaout",
+    "register_timm": "mambaout.models.timm_compat",
+    "unregister_timm": "mambaout.models.timm_compat",
+    "get_variant": "mambaout.models.variants",
+    "list_models": "mambaout.models.variants",
+    "list_pretrained": "mambaout.models.variants",
+    "CheckpointError": "mambaout.weights.checkpoint",
+    "DownloadError": "mambaout.weights.checkpoint",
+    "read_checkpoint": "mambaout.weights.checkpoint",
+    "save_weights": "mambaout.weights.checkpoint",
+}
 __all__ = [
     "CheckpointError",
     "DownloadError",
@@ -23,3 +42,23 @@ __all__ = [
     "save_weights",
     "unregister_timm",
 ]
+assert sorted(__all__) == sorted(_API)
+
+if TYPE_CHECKING:  # what type checkers and IDEs see
+    from mambaout.models.factory import create_model
+    from mambaout.models.mambaout import GatedCNNBlock, MambaOut, MambaOutFeatures
+    from mambaout.models.timm_compat import register_timm, unregister_timm
+    from mambaout.models.variants import get_variant, list_models, list_pretrained
+    from mambaout.weights.checkpoint import CheckpointError, DownloadError, read_checkpoint, save_weights
+
+
+def __getattr__(name: str):
+    if name not in _API:
+        raise AttributeError(f"module 'mambaout' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_API[name]), name)
+    globals()[name] = value  # once imported, a plain attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_API])

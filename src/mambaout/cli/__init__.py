@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import signal
 import sys
 
 from mambaout.cli.common import stdout_failed
@@ -64,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mambaout: unknown command {argv[0]!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     command = argv[0]
+    _start_up(command)
     try:
         module = importlib.import_module(COMMANDS[command][0])
         code = module.main(argv[1:]) or 0
@@ -76,7 +78,16 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except OSError as e:
         if not stdout_failed(e):
-            raise
+            if e.filename is None:
+                raise
+            # the file system refused a path the user gave (a name too long, a loop of links, a read-only disk):
+            # one line naming it, as every other bad path is
+            from mambaout.utils.text import printable
+
+            name = printable(str(e.filename))
+            name = name if len(name) <= 120 else name[:60] + "..." + name[-57:]
+            print(f"mambaout {command}: {name}: {e.strerror or e}", file=sys.stderr)
+            return 2
         if isinstance(e, BrokenPipeError):
             # the reader went away (`mambaout predict ... | head -1`): nothing more to say, as `cat` says nothing
             _quiet_stdout()
@@ -85,6 +96,26 @@ def main(argv: list[str] | None = None) -> int:
         _quiet_stdout()
         print(f"mambaout {command}: cannot write to stdout ({name}): {e.strerror}", file=sys.stderr)
         return 2
+
+
+def _start_up(command: str) -> None:
+    """Import what every command needs (torch, torchvision, timm: seconds) with Ctrl-C ending the process at once,
+    in one line: nothing has been written yet, and an interrupt inside an extension's import would otherwise end
+    in a long traceback, or abort the interpreter from C++ code. Ctrl-C behaves as usual afterwards."""
+
+    def stop(signum, frame):
+        os.write(2, f"mambaout {command}: interrupted while starting (Ctrl-C); nothing was written\n".encode())
+        os._exit(130)
+
+    try:
+        previous = signal.signal(signal.SIGINT, stop)
+    except ValueError:  # not the main thread (a caller's worker thread): nothing to install
+        previous = None
+    try:
+        import timm  # noqa: F401  (imports torch and torchvision)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
 
 
 def _stdout_name() -> str:

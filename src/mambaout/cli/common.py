@@ -20,6 +20,8 @@ class Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
     def error(self, message: str):
+        if len(message) > 300:  # argparse quotes the value it refused: a 5000-digit number is not a line
+            message = message[:200] + " ... " + message[-60:]
         self.exit(2, f"{self.prog}: {message} (options: {self.prog} --help)\n")
 
 

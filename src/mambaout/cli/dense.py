@@ -282,7 +282,7 @@ def validate(task: str, argv: list[str]) -> int:
     args = validate_parser(task).parse_args(argv)
     device = resolve_device(args.device)
     if args.results_file:
-        check_writable(args.results_file, "--results-file")
+        check_writable(args.results_file, "--results-file", inputs=[args.checkpoint])
     model, meta = _load(task, args.checkpoint, device)
     cfg = _val_config(task, args, meta)
     t = make_task(cfg)

@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.img_size is not None:
             check_img_size(args.img_size)
         if fmt != "hf":  # hf writes a folder
-            check_writable(args.output, "--output")
+            check_writable(args.output, "--output", inputs=[args.checkpoint])
     except ValueError as e:
         parser.error(str(e))
     if args.opset is not None and fmt not in ("onnx", "onnx-int8", "openvino"):

@@ -212,7 +212,7 @@ def _check_args(args) -> None:
     if args.results_file:
         from mambaout.utils.files import check_writable
 
-        check_writable(args.results_file, "--results-file")
+        check_writable(args.results_file, "--results-file", inputs=[*args.checkpoint, args.data])
 
 
 def main(argv: list[str] | None = None) -> int:

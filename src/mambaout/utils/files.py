@@ -7,7 +7,7 @@ import os
 import shutil
 import stat
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 
@@ -155,14 +155,28 @@ def jsonable(value) -> bool:
     return isinstance(value, (int, float, str, bool, type(None), list, tuple))
 
 
-def check_writable(path: str | os.PathLike, what: str) -> Path:
+def _same_file(a, b) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except (OSError, ValueError):  # an input that is no file here (a URL, a model name)
+        return False
+
+
+def check_writable(path: str | os.PathLike, what: str, inputs: Iterable = ()) -> Path:
     """Fail early, with one line, when `path` cannot be written (before a long run computes what goes there).
 
+    Args:
+        inputs: Files the command reads (its checkpoint): the output must not replace one of them.
+
     Raises:
-        ValueError: `path` is a folder, a device, a FIFO or a socket, or its folder cannot be created or written to.
+        ValueError: `path` is a folder, a device, a FIFO or a socket, one of `inputs`, or its folder cannot be
+            created or written to.
     """
     path = Path(path)
     output_target(path, what)
+    for source in inputs:
+        if source is not None and path.exists() and _same_file(path, source):
+            raise ValueError(f"{what} {path} is {source}, which this command reads; pick another path")
     if path.is_dir():
         raise ValueError(f"{what} {path} is a folder; pass a file path")
     folder = path.parent

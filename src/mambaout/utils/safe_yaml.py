@@ -15,6 +15,7 @@ from __future__ import annotations
 import yaml
 
 MAX_MESSAGE = 200
+MAX_NUMBER_CHARS = 100  # 2**63 has 19 digits
 MAX_BYTES = 1_000_000  # a recipe is a few hundred bytes; a megabyte of YAML is not a recipe
 
 
@@ -47,6 +48,17 @@ class _Loader(yaml.SafeLoader):
             except TypeError:
                 pass
         return super().construct_mapping(node, deep=deep)
+
+    def construct_yaml_int(self, node):
+        text = self.construct_scalar(node)
+        if len(text) > MAX_NUMBER_CHARS:  # Python refuses to convert over 4300 digits, in words naming neither
+            raise YamlError(
+                f"line {node.start_mark.line + 1}: an integer of {len(text):,} characters; no setting takes one"
+            )
+        return super().construct_yaml_int(node)
+
+
+_Loader.add_constructor("tag:yaml.org,2002:int", _Loader.construct_yaml_int)
 
 
 def _short(text: str) -> str:
