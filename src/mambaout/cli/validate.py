@@ -129,6 +129,7 @@ def eval_dataset(model, data: str, img_size: int | None = None, crop_pct: float 
 def validate_one(name, checkpoint, args, device) -> dict:
     import torch
 
+    from mambaout.data.image import EvalSettings
     from mambaout.data.loaders import eval_loader
     from mambaout.deploy.runtimes import is_runtime_file, load_runtime_model
     from mambaout.inference.precision import with_dtype
@@ -151,7 +152,7 @@ def validate_one(name, checkpoint, args, device) -> dict:
             use_ema=args.use_ema,
             **weights_kwargs(args),
         )
-    cfg = model.pretrained_cfg
+    settings = EvalSettings.from_dict(model.pretrained_cfg, f"{model.model_name}'s eval settings")
     dataset = eval_dataset(model, args.data, args.img_size, args.crop_pct)
     model = with_dtype(model.to(device).eval(), dtype)
     if args.channels_last:
@@ -175,7 +176,7 @@ def validate_one(name, checkpoint, args, device) -> dict:
             f"no readable image in {args.data}: all {metrics['skipped']} files failed to decode (first: "
             f"{metrics['skipped_files'][0] if metrics['skipped_files'] else '?'}); check the files or re-extract them"
         )
-    size = args.img_size or cfg["input_size"][-1]
+    size = args.img_size or settings.input_size[-1]
     return dict(
         model=model.model_name,
         checkpoint=str(checkpoint) if checkpoint else None,
@@ -188,8 +189,8 @@ def validate_one(name, checkpoint, args, device) -> dict:
         skipped=metrics["skipped"],
         skipped_files=metrics["skipped_files"],
         img_size=size,
-        crop_pct=args.crop_pct if args.crop_pct is not None else cfg.get("crop_pct"),
-        interpolation=cfg.get("interpolation"),
+        crop_pct=args.crop_pct if args.crop_pct is not None else settings.crop_pct,
+        interpolation=settings.interpolation,
         batch_size=batch,
         img_s=round(metrics["img_s"], 1),
         device=str(device),

@@ -242,11 +242,10 @@ class StateStore:
     Args:
         out: The folder.
         config: The resolved configuration as its flat file format (`--resume` reads it back from `state.pt`).
-        meta: What `create_model(checkpoint=...)` needs: model, model_kwargs, class_names, eval_config.
     """
 
-    def __init__(self, out: Path, config: dict, meta: dict):
-        self.out, self.config, self.meta = out, config, meta
+    def __init__(self, out: Path, config: dict):
+        self.out, self.config = out, config
 
     def write_config(self) -> None:
         import yaml
@@ -256,7 +255,7 @@ class StateStore:
     def save(self, parts: Trainable, progress: Progress, completed_epoch: int, step: int, epoch_step=0, totals=None):
         """`epoch_step` > 0 marks a checkpoint inside the next epoch, whose running sums so far (`totals`) it keeps
         so the epoch's summary row covers the whole epoch. Every entry is read back by `Progress.restore` or
-        `resolve_config` (`config`); `meta` describes the weights for tools that open the file."""
+        `resolve_config` (`config`); what describes the weights (class names, eval settings) is in the weights files."""
         state = dict(
             model=parts.model.state_dict(),
             optimizer=parts.optimizer.state_dict(),
@@ -270,7 +269,6 @@ class StateStore:
             top_k=[list(t) for t in progress.top_k],
             rng=rng_state(),
             config=_plain(self.config),
-            meta=self.meta,
             epoch_totals=dict(totals) if totals else None,
         )
         files.atomic_torch_save(state, self.out / "state.pt")
@@ -348,7 +346,7 @@ class RunFolder:
         if write:
             out.mkdir(parents=True, exist_ok=True)
             self.lock = RunLock(out)
-            self.state = StateStore(out, config, meta)
+            self.state = StateStore(out, config)
             self.state.write_config()
             self.metrics = MetricsLog(out, tensorboard)
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from torch import nn
 
+from mambaout.data.image import EVAL_KEYS
 from mambaout.utils.files import atomic_write_text
 
 HUB_PREFIX = "hf-hub:"
@@ -225,13 +226,12 @@ def _from_config(config_path: Path, weights: Path) -> tuple[str | None, Path, di
     if "num_classes" in config:
         kwargs["num_classes"] = config["num_classes"]
     meta = {"model_kwargs": kwargs}
-    eval_cfg = {k: v for k, v in (config.get("pretrained_cfg") or {}).items() if k in _EVAL_KEYS}
+    eval_cfg = {k: v for k, v in (config.get("pretrained_cfg") or {}).items() if k in EVAL_KEYS}
     if eval_cfg:
         meta["eval_config"] = eval_cfg
     return name, weights, meta
 
 
-_EVAL_KEYS = ("input_size", "crop_pct", "interpolation", "mean", "std")
 BIN_NAME = "pytorch_model.bin"
 
 
