@@ -182,6 +182,17 @@ def test_num_classes_on_the_commands(tmp_path, capsys):
     from mambaout.cli.demo import get_args_parser
 
     assert get_args_parser().parse_args(["--num-classes", "5", "--use-ema"]).num_classes == 5
+    # the demo serves the same file: --model names the checkpoint's model, --num-classes its classifier width
+    pytest.importorskip("gradio", reason="the demo extra is not installed: pip install 'mambaout[demo]'")
+    from mambaout.inference.demo_app import ModelPool, model_choices
+
+    allowed = model_choices(["mambaout_femto"], [str(path)])
+    assert allowed == {f"{path} (mambaout_femto)": ("checkpoint", f"mambaout_femto:{path}")}
+    pool = ModelPool(allowed, topk=3, device="cpu", model_kwargs={"num_classes": 5})
+    predictor = pool.get(f"{path} (mambaout_femto)")
+    assert predictor.model.num_classes == 5 and len(predictor(str(img)).indices) == 3
+    with pytest.raises(ValueError, match="2 --model names for 1 checkpoints"):
+        model_choices(["mambaout_femto", "mambaout_kobe"], [str(path)])
 
 
 def test_train_initial_checkpoint_from_timm(timm_checkpoint, tmp_path, capsys):

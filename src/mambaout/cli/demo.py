@@ -32,7 +32,8 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--model",
         nargs="+",
         default=None,
-        help=f"model(s) offered, with published weights (default {DEFAULT_MODEL}.in1k, downloaded at start)",
+        help=f"model(s) offered with published weights (default {DEFAULT_MODEL}.in1k, downloaded at start); with "
+        "--checkpoint, the checkpoints' model (one name, or one per file) for weights without our metadata",
     )
     parser.add_argument("--checkpoint", nargs="+", default=None, help="weights file(s) offered, listed first")
     parser.add_argument("--random-weights", action="store_true", help="offer --model at random initialisation")

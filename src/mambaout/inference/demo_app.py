@@ -61,6 +61,20 @@ def image_input(**kwargs) -> gr.Image:
     return image
 
 
+def _named(target: str) -> bool:
+    """Whether a checkpoint target is `NAME:PATH` (a registered name before the colon), not a bare path."""
+    from mambaout.models.variants import get_variant
+
+    name = target.split(":", 1)[0]
+    if ":" not in target or "/" in name or not name:
+        return False
+    try:
+        get_variant(name)
+    except (KeyError, ValueError):
+        return False
+    return True
+
+
 class ModelPool:
     """Builds predictors on first use and keeps the last few, for the choices on the allow-list only.
 
@@ -90,7 +104,8 @@ class ModelPool:
             return self._predictors[choice]
         kind, target = self.allowed[choice]
         if kind == "checkpoint":
-            model = create_model(checkpoint=target, **self.model_kwargs)
+            name, path = target.split(":", 1) if _named(target) else (None, target)
+            model = create_model(name, checkpoint=path, **self.model_kwargs)
         else:
             kwargs = {k: v for k, v in self.model_kwargs.items() if k != "use_ema"}
             model = create_model(target, pretrained=kind == "model", **kwargs)
@@ -104,10 +119,23 @@ class ModelPool:
 def model_choices(
     model: str | list[str] | None = None, checkpoint: str | list[str] | None = None, random_weights: bool = False
 ) -> dict[str, tuple[str, str]]:
-    """The allow-list: dropdown label -> `(kind, target)`, in the order the command line named them."""
+    """The allow-list: dropdown label -> `(kind, target)`, in the order the command line named them.
+
+    With checkpoints, `model` names their model (one name for all, or one per file, as `mambaout validate` pairs
+    them): the target is then `NAME:PATH` (weights without our metadata: a timm or official file). Without
+    checkpoints, each `model` is offered with its published weights (or at random with `random_weights`).
+    """
     models = [model] if isinstance(model, str) else list(model or [])
     checkpoints = [checkpoint] if isinstance(checkpoint, (str, os.PathLike)) else list(checkpoint or [])
     allowed: dict[str, tuple[str, str]] = {}
+    if checkpoints and models:
+        if len(models) not in (1, len(checkpoints)):
+            raise ValueError(
+                f"got {len(models)} --model names for {len(checkpoints)} checkpoints: one, or one per file"
+            )
+        for name, path in zip(models * len(checkpoints) if len(models) == 1 else models, checkpoints):
+            allowed[f"{path} ({name})"] = ("checkpoint", f"{name}:{path}")
+        return allowed
     for path in checkpoints:
         allowed[str(path)] = ("checkpoint", str(path))
     for name in models:
