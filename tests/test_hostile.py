@@ -184,6 +184,7 @@ def _issue18_world(w: Path) -> None:
     )
     save_weights({k: v.double() for k, v in sd.items()}, w / "f64.safetensors", **meta)
     (w / "link-to-good.safetensors").symlink_to(w / "good.safetensors")
+    _png(w / "flat" / "a.png", 40, 40)  # images with no class folders
     f64 = {k: v.double() for k, v in sd.items()}
     f64["head.fc.bias"] = torch.full_like(f64["head.fc.bias"], 1e300)  # finite in float64, Inf in float32
     save_weights(f64, w / "f64-overflow.safetensors", **meta)
@@ -599,6 +600,7 @@ CASES_18 = [
     ),
     Case("results-file-fifo", VAL + " --results-file {w}/dev/fifo", 2, "is a named pipe (FIFO)", ("dev",)),
     # a path component over the file system's 255 bytes: one line naming it (shortened), not an OSError traceback
+    Case("validate-flat-folder", "validate {w}/flat --checkpoint {w}/good.safetensors", 2, "one sub-folder per class"),
     Case("results-file-name-too-long", VAL + " --results-file {w}/" + "a" * 300 + ".json", 2, "File name too long"),
     Case(
         "validate-data-name-too-long", "validate {w}/" + "a" * 300 + " --checkpoint {w}/good.safetensors", 2, "aaa..."

@@ -86,6 +86,11 @@ def label_map(model, folders: list[str]) -> dict[str, int] | None:
     """Folder name -> the model's class index (None: sorted folder order)."""
     from mambaout.data.datasets import imagenet_class_map
 
+    if "" in folders:  # images straight in the data folder: no label to score them against
+        raise ValueError(
+            "the data folder holds images beside (or instead of) class sub-folders: validate reads one sub-folder "
+            "per class (DATA/<class>/<image>); for unlabelled images use mambaout predict"
+        )
     names = getattr(model, "class_names", None)
     if names:
         index = {n: i for i, n in enumerate(names)}
