@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 
@@ -48,12 +50,20 @@ def create_scheduler(optimizer, cfg: ScheduleConfig, steps_per_epoch: int):
         return scheduler
     from timm.scheduler import CosineLRScheduler
 
-    return CosineLRScheduler(
-        optimizer,
-        t_initial=cfg.epochs * unit,
-        lr_min=cfg.min_lr,
-        warmup_t=cfg.warmup_epochs * unit,
-        warmup_lr_init=cfg.warmup_lr,
-        cycle_limit=1,
-        t_in_epochs=not cfg.sched_on_updates,
-    )
+    # a one-epoch run scheduled per epoch has nothing to anneal, which timm warns about on every such start (a
+    # smoke run's error would then be two lines): the lr stays at its base value, as the config says
+    cosine_log = logging.getLogger("timm.scheduler.cosine_lr")
+    level = cosine_log.level
+    cosine_log.setLevel(logging.ERROR)
+    try:
+        return CosineLRScheduler(
+            optimizer,
+            t_initial=cfg.epochs * unit,
+            lr_min=cfg.min_lr,
+            warmup_t=cfg.warmup_epochs * unit,
+            warmup_lr_init=cfg.warmup_lr,
+            cycle_limit=1,
+            t_in_epochs=not cfg.sched_on_updates,
+        )
+    finally:
+        cosine_log.setLevel(level)
