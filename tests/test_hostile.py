@@ -141,6 +141,7 @@ def world(tmp_path_factory) -> Path:
     (w / "run").mkdir()
     torch.save({"config": {"model": "mambaout_test", "data_train": "digits:train"}}, w / "run" / "state.pt")
     _issue18_world(w)
+    _data_round_world(w)
     return w
 
 
@@ -866,7 +867,23 @@ CASES_18 = [
         ("finished/state.pt", "finished/train.log", "finished/config.yaml", "finished/summary.csv", "finished"),
         absent=("epoch 2 of 1",),
     ),
+    # --- data round: folders read once per real file ---------------------------------------------------------------
+    Case("validate-link-loop", VAL.replace("{w}/good", "{w}/loop", 1), 0, " 2 images at 32 px"),  # 82 before
+    Case("validate-link-loop-named", VAL.replace("{w}/good", "{w}/loop", 1), 0, "not read again: ant/up"),
+    Case(
+        "train-link-loop",
+        TRAIN_BASE + " --data-train {w}/loop --data-val {w}/loop -o {w}/out/loop",
+        0,
+        "on 2 images, 2 classes",
+    ),
 ]
+
+
+def _data_round_world(w: Path) -> None:
+    """A class folder holding a link to its parent (a loop)."""
+    _png(w / "loop" / "ant" / "x.png", 40, 40)
+    _png(w / "loop" / "bee" / "y.png", 40, 40, seed=1)
+    (w / "loop" / "ant" / "up").symlink_to("..")
 
 
 def _snapshot(world: Path, paths) -> dict:
