@@ -119,3 +119,14 @@ def test_hfids_goes_through_the_iterable_route(monkeypatch):
     assert labels == [0, 1, 0, 1, 0, 1]
     with pytest.raises(TypeError):
         _IterableOnlyReader()[0]  # what ImageDataset would have done
+
+
+def test_two_brace_ranges_expand_all(tmp_path):
+    """`s-{000..002}-{0..1}.tar` (valid in webdataset) expanded only the first range, then said 'shards not found'."""
+    names = [f"s-{a:03d}-{b}.tar" for a in range(3) for b in range(2)]
+    for name in names:
+        W.write_shards([("k", _png(50, 0), "png", 0)], str(tmp_path / name.replace(".tar", "%.0s.tar")), 1)
+    assert W.expand_urls(str(tmp_path / "s-{000..002}-{0..1}.tar")) == [str(tmp_path / n) for n in names]
+    # the bound holds for the product of the ranges, checked before any list is built (10^12 names would not fit)
+    with pytest.raises(ValueError, match="names 1,000,000,000,000 shards"):
+        W.expand_urls(str(tmp_path / "s-{000000..999999}-{000000..999999}.tar"))

@@ -867,7 +867,7 @@ CASES_18 = [
         ("finished/state.pt", "finished/train.log", "finished/config.yaml", "finished/summary.csv", "finished"),
         absent=("epoch 2 of 1",),
     ),
-    # --- data round: folders read once per real file ---------------------------------------------------------------
+    # --- data round: folders read once per real file; shard patterns -----------------------------------------------
     Case("validate-link-loop", VAL.replace("{w}/good", "{w}/loop", 1), 0, " 2 images at 32 px"),  # 82 before
     Case("validate-link-loop-named", VAL.replace("{w}/good", "{w}/loop", 1), 0, "not read again: ant/up"),
     Case(
@@ -876,14 +876,33 @@ CASES_18 = [
         0,
         "on 2 images, 2 classes",
     ),
+    Case(
+        "train-wds-two-ranges",
+        TRAIN_BASE + " --data-train wds/{w}/wds/m-{{000..002}}-{{0..1}}.tar --data-val wds/{w}/wds/m-000-0.tar"
+        " -o {w}/out/wds2",
+        0,
+        "on 6 images, 2 classes",
+    ),
 ]
 
 
 def _data_round_world(w: Path) -> None:
-    """A class folder holding a link to its parent (a loop)."""
+    """A class folder holding a link to its parent (a loop); shards named by two brace ranges."""
     _png(w / "loop" / "ant" / "x.png", 40, 40)
     _png(w / "loop" / "bee" / "y.png", 40, 40, seed=1)
     (w / "loop" / "ant" / "up").symlink_to("..")
+    image = (w / "imgs" / "ok.png").read_bytes()
+    shards = {}
+    for a in range(3):
+        for b in range(2):
+            shards[f"m-{a:03d}-{b}.tar"] = [(f"s{a}{b}", {"png": image, "cls": str((a + b) % 2).encode()})]
+    for name, samples in shards.items():
+        with tarfile.open(w / "wds" / name, "w") as tar:
+            for key, parts in samples:
+                for ext, payload in parts.items():
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size = len(payload)
+                    tar.addfile(info, io.BytesIO(payload))
 
 
 def _snapshot(world: Path, paths) -> dict:

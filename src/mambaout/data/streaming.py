@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import glob
 import io
+import itertools
 import logging
 import os
 import random
@@ -42,32 +43,39 @@ ITERABLE_PREFIXES = ("wds/", "hfids/")
 MAX_SHARDS = 1_000_000
 
 
+_RANGE = re.compile(r"\{(\d+)\.\.(\d+)\}")
+
+
 def expand_urls(pattern: str) -> list[str]:
-    """`a-{000..012}.tar` brace ranges, `::`-separated lists and globs -> the sorted list of shard paths.
+    """`a-{000..012}.tar` brace ranges (several in one name multiply: `s-{0..2}-{0..1}.tar` is 6 shards),
+    `::`-separated lists and globs -> the sorted list of shard paths.
 
     Raises:
         ValueError: the brace ranges name more than `MAX_SHARDS` shards (checked before any list is built), or a
             range runs backwards.
         FileNotFoundError: a shard that is not there.
     """
-    ranges = [(part, re.search(r"\{(\d+)\.\.(\d+)\}", part)) for part in pattern.split("::")]
+    parts = [(part, list(_RANGE.finditer(part))) for part in pattern.split("::")]
     total = 0
-    for _, m in ranges:
-        if m:
+    for _, ranges in parts:
+        if not ranges:
+            continue
+        count = 1
+        for m in ranges:
             lo, hi = int(m.group(1)), int(m.group(2))
             if hi < lo:
                 raise ValueError(f"WebDataset pattern {pattern!r}: the range {m.group(0)} runs backwards")
-            total += hi - lo + 1
+            count *= hi - lo + 1
+        total += count
     if total > MAX_SHARDS:
         raise ValueError(
             f"WebDataset pattern {pattern!r} names {total:,} shards, more than the {MAX_SHARDS:,} one data set may "
             "have; check the brace range"
         )
     out = []
-    for part, m in ranges:
-        if m:
-            lo, hi, width = int(m.group(1)), int(m.group(2)), len(m.group(1))
-            out += [part[: m.start()] + str(i).zfill(width) + part[m.end() :] for i in range(lo, hi + 1)]
+    for part, ranges in parts:
+        if ranges:
+            out += _expand_ranges(part, ranges)
         elif any(c in part for c in "*?["):
             out += sorted(glob.glob(part))
         elif os.path.isdir(part):
@@ -80,6 +88,19 @@ def expand_urls(pattern: str) -> list[str]:
             f"WebDataset shards not found: {missing[:3] or pattern}; expected e.g. DIR/train-{{0000..0099}}.tar"
         )
     return out
+
+
+def _expand_ranges(part: str, ranges: list[re.Match]) -> list[str]:
+    """Every name of `part` with its brace ranges filled in, the last range varying fastest (as brace expansion
+    in a shell); each number zero-padded to the width of its range's first bound."""
+    pieces, texts, last = [], [], 0
+    for m in ranges:
+        texts.append(part[last : m.start()])
+        lo, hi, width = int(m.group(1)), int(m.group(2)), len(m.group(1))
+        pieces.append([str(i).zfill(width) for i in range(lo, hi + 1)])
+        last = m.end()
+    tail = part[last:]
+    return ["".join(t + n for t, n in zip(texts, numbers)) + tail for numbers in itertools.product(*pieces)]
 
 
 def iter_shard(path: str):
