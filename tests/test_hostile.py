@@ -867,7 +867,7 @@ CASES_18 = [
         ("finished/state.pt", "finished/train.log", "finished/config.yaml", "finished/summary.csv", "finished"),
         absent=("epoch 2 of 1",),
     ),
-    # --- data round: folders read once per real file; shard patterns -----------------------------------------------
+    # --- data round: folders read once per real file; shards named --------------------------------------------------
     Case("validate-link-loop", VAL.replace("{w}/good", "{w}/loop", 1), 0, " 2 images at 32 px"),  # 82 before
     Case("validate-link-loop-named", VAL.replace("{w}/good", "{w}/loop", 1), 0, "not read again: ant/up"),
     Case(
@@ -876,6 +876,7 @@ CASES_18 = [
         0,
         "on 2 images, 2 classes",
     ),
+    Case("train-wds-no-labels", WDS + "{w}/wds/nocls-0.tar", 2, "nocls-0.tar: 2 of its 2 samples carry no .cls label"),
     Case(
         "train-wds-two-ranges",
         TRAIN_BASE + " --data-train wds/{w}/wds/m-{{000..002}}-{{0..1}}.tar --data-val wds/{w}/wds/m-000-0.tar"
@@ -887,12 +888,12 @@ CASES_18 = [
 
 
 def _data_round_world(w: Path) -> None:
-    """A class folder holding a link to its parent (a loop); shards named by two brace ranges."""
+    """A class folder holding a link to its parent (a loop), unlabelled shards, shards named by two brace ranges."""
     _png(w / "loop" / "ant" / "x.png", 40, 40)
     _png(w / "loop" / "bee" / "y.png", 40, 40, seed=1)
     (w / "loop" / "ant" / "up").symlink_to("..")
     image = (w / "imgs" / "ok.png").read_bytes()
-    shards = {}
+    shards = {"nocls-0.tar": [(f"s{k}", {"png": image}) for k in range(2)]}
     for a in range(3):
         for b in range(2):
             shards[f"m-{a:03d}-{b}.tar"] = [(f"s{a}{b}", {"png": image, "cls": str((a + b) % 2).encode()})]
