@@ -571,6 +571,7 @@ VAL = "validate {w}/good --checkpoint {w}/good.safetensors"
 PREDICT = "predict {w}/imgs/ok.png --checkpoint {w}/good.safetensors"
 EXPORT = "export --checkpoint {w}/good.safetensors"
 WDS = TRAIN_BASE + " --data-val {w}/good -o {w}/out/t --data-train wds/"
+DATA_BENCH = "data-bench --data-train {w}/good --only cpu --workers 0"
 
 # issue 18: special files, damaged weights, foreign folders, unbounded inputs, interrupts, hostile names
 CASES_18 = [
@@ -867,7 +868,28 @@ CASES_18 = [
         ("finished/state.pt", "finished/train.log", "finished/config.yaml", "finished/summary.csv", "finished"),
         absent=("epoch 2 of 1",),
     ),
-    # --- data round: folders read once per real file; shards named --------------------------------------------------
+    # --- data round: data-bench through train's checks; folders read once per real file; shards named ---------------
+    Case("data-bench-device-tpu", "data-bench --data-train {w}/good --device tpu", 2, "unknown device 'tpu'"),
+    Case(
+        "data-bench-device-cuda-7", "data-bench --data-train {w}/good --device cuda:7", 2, "sees no CUDA", patch=_no_gpu
+    ),
+    Case("data-bench-batch-over-the-set", DATA_BENCH + " -b 64", 2, "(6 images) is smaller than one batch of 64"),
+    Case("data-bench-workers-1000", DATA_BENCH + " -j 1000", 2, "workers=1000: must be an integer in [0, 256]"),
+    Case("data-bench-fifo", "data-bench --data-train {w}/dev/fifo", 2, "is a named pipe (FIFO)", ("dev",)),
+    Case("data-bench-weights-as-data", "data-bench --data-train {w}/good.safetensors", 2, "is a file, not an Image"),
+    Case(
+        "data-bench-batches-over-an-epoch",
+        DATA_BENCH + " --img-size 32 -b 2 --batches 10 --warmup 0",
+        0,
+        "6 images make 3 batch(es) of 2 per epoch",
+    ),
+    Case(
+        "data-bench-no-data",
+        "data-bench --only cpu",
+        2,
+        "names no data: pass --data-train PATH",
+        absent=("--data-val", "--data DIR"),
+    ),
     Case("validate-link-loop", VAL.replace("{w}/good", "{w}/loop", 1), 0, " 2 images at 32 px"),  # 82 before
     Case("validate-link-loop-named", VAL.replace("{w}/good", "{w}/loop", 1), 0, "not read again: ant/up"),
     Case(
