@@ -1,6 +1,8 @@
 """Data: image-mode conversion, corrupt files, the Posterize fix, digits, folder vs tar readers."""
 
 import io
+import os
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -178,3 +180,112 @@ def test_imagenette_tar_direct(shared_data):
 def test_shard_sampler_covers_each_index_once():
     shards = [list(D.ShardSampler(10, r, 3)) for r in range(3)]
     assert sorted(i for s in shards for i in s) == list(range(10))
+
+
+# --- folders read once per real folder and file; a folder we may not read is named -----------------------------------
+
+
+def _real_files(paths) -> list[str]:
+    return sorted(os.path.realpath(p) for p in paths)
+
+
+def test_link_loop_in_a_class_folder_counts_each_file_once(tmp_path, caplog):
+    """`ant/up -> ..` made timm's walk (followlinks=True) list ant/x.png 41 times, once per level until ELOOP."""
+    from mambaout.inference.predictor import find_images
+
+    root = tmp_path / "v"
+    (root / "ant").mkdir(parents=True)
+    (root / "bee").mkdir()
+    _photo(seed=1).save(root / "ant" / "x.png")
+    _photo(seed=2).save(root / "bee" / "y.png")
+    (root / "ant" / "up").symlink_to("..")
+    ds = D.ImageDataset(root)
+    assert len(ds) == 2 and ds.classes == ["ant", "bee"]
+    assert sorted(ds.filename(i) for i in range(2)) == ["ant/x.png", "bee/y.png"]
+    assert "not read again: ant/up" in caplog.text
+    # predict (pathlib's rglob follows no folder link) sees the same files on disk
+    assert _real_files(root / ds.filename(i) for i in range(2)) == _real_files(find_images([root]))
+    assert D.folder_classes(str(root)) == ["ant", "bee"]
+
+
+def test_linked_folders_are_read_once_and_duplicates_named(tmp_path, caplog):
+    """A class folder linked from elsewhere is read; a second name for a folder already read, and a second link to a
+    file already listed, are left out and named (each real file counted once)."""
+    elsewhere = tmp_path / "elsewhere" / "bee"
+    elsewhere.mkdir(parents=True)
+    _photo(seed=3).save(elsewhere / "b.png")
+    root = tmp_path / "v"
+    (root / "ant").mkdir(parents=True)
+    _photo(seed=1).save(root / "ant" / "a.png")
+    (root / "ant" / "a-again.png").symlink_to("a.png")
+    (root / "bee").symlink_to(elsewhere)
+    (root / "cat").symlink_to(root / "ant")  # the ant images again, as another class: not a second class of copies
+    ds = D.ImageDataset(root)
+    assert ds.classes == ["ant", "bee"] and len(ds) == 2
+    assert sorted(ds.filename(i) for i in range(2)) == ["ant/a.png", "bee/b.png"]
+    assert "not read again: cat" in caplog.text and "counted once: ant/a-again.png" in caplog.text
+    # a validation set labelled by the training set's map keeps the same listing
+    val = D.ImageDataset(root, class_to_idx={"ant": 0, "bee": 1, "dog": 2}, substitute=False)
+    assert [val.reader.samples[i][1] for i in range(2)] == [0, 1]
+
+
+def test_unreadable_folder_is_permission_denied(tmp_path, monkeypatch):
+    """A folder we may not list was passed over by timm's walk: the whole set read as 'no images found', a class
+    folder left out without a word. Root bypasses file modes, so the refusal is simulated here (see
+    test_permission_denied_in_a_process_without_root_bypass for the real one)."""
+    root = tmp_path / "v"
+    for cls in ("ant", "bee"):
+        (root / cls).mkdir(parents=True)
+        _photo().save(root / cls / "x.png")
+    locked = set()
+    scandir = os.scandir
+
+    def refusing(path="."):
+        if os.path.abspath(path) in locked:
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refusing)
+    locked.add(str(root))
+    with pytest.raises(ValueError, match=f"^permission denied reading folder {root}; make it readable"):
+        D.ImageDataset(root)
+    locked.clear()
+    locked.add(str(root / "bee"))
+    with pytest.raises(ValueError, match=f"permission denied reading folder {root / 'bee'} \\(inside the data set"):
+        D.ImageDataset(root)
+
+
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="setpriv (util-linux) is not installed")
+def test_permission_denied_in_a_process_without_root_bypass(tmp_path, make_test_checkpoint):
+    """validate and predict on a chmod 000 folder, run as a process without CAP_DAC_OVERRIDE/READ_SEARCH (what makes
+    root read it anyway): one line saying permission denied and naming the folder (it said 'no images found')."""
+    import subprocess
+    import sys
+
+    import mambaout
+
+    root = tmp_path / "locked"
+    (root / "ant").mkdir(parents=True)
+    _photo().save(root / "ant" / "x.png")
+    ckpt = make_test_checkpoint(["ant", "bee", "cat"], dict(input_size=[3, 32, 32], crop_pct=1.0))
+    prefix = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search"] if os.geteuid() == 0 else []
+    env = dict(os.environ, PYTHONPATH=str(Path(mambaout.__file__).resolve().parents[1]), OMP_NUM_THREADS="1")
+    root.chmod(0)
+    try:
+        for command, code in (("validate", 2), ("predict", 1)):
+            args = [sys.executable, "-m", "mambaout", command, str(root), "--checkpoint", str(ckpt)]
+            proc = subprocess.run(prefix + args, capture_output=True, text=True, env=env, timeout=300)
+            assert proc.returncode == code, proc.stderr
+            assert proc.stderr.strip().splitlines() == [
+                f"mambaout {command}: permission denied reading folder {root}; make it readable (chmod -R u+rX) or "
+                "pass another folder"
+            ], proc.stderr
+    finally:
+        root.chmod(0o755)
+
+
+def test_a_file_that_is_no_tar_is_one_line(tmp_path):
+    """timm walked a regular file as a folder: 'no images found ... (Found 0 images in subfolders of ...)'."""
+    (tmp_path / "model.safetensors").write_bytes(b"not images")
+    with pytest.raises(ValueError, match="is a file, not an ImageFolder directory or a .tar of one"):
+        D.ImageDataset(tmp_path / "model.safetensors")

@@ -119,3 +119,50 @@ def test_hfids_goes_through_the_iterable_route(monkeypatch):
     assert labels == [0, 1, 0, 1, 0, 1]
     with pytest.raises(TypeError):
         _IterableOnlyReader()[0]  # what ImageDataset would have done
+
+
+def test_two_brace_ranges_expand_all(tmp_path):
+    """`s-{000..002}-{0..1}.tar` (valid in webdataset) expanded only the first range, then said 'shards not found'."""
+    names = [f"s-{a:03d}-{b}.tar" for a in range(3) for b in range(2)]
+    for name in names:
+        W.write_shards([("k", _png(50, 0), "png", 0)], str(tmp_path / name.replace(".tar", "%.0s.tar")), 1)
+    assert W.expand_urls(str(tmp_path / "s-{000..002}-{0..1}.tar")) == [str(tmp_path / n) for n in names]
+    # the bound holds for the product of the ranges, checked before any list is built (10^12 names would not fit)
+    with pytest.raises(ValueError, match="names 1,000,000,000,000 shards"):
+        W.expand_urls(str(tmp_path / "s-{000000..999999}-{000000..999999}.tar"))
+
+
+def _shard(path, samples):
+    """A tar of (key, {extension: bytes}) samples, as WebDataset lays them out."""
+    import tarfile
+
+    with tarfile.open(path, "w") as tar:
+        for key, parts in samples:
+            for ext, payload in parts.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+    return path
+
+
+def test_shards_without_labels_are_named_in_one_line(tmp_path):
+    """Samples without `.cls` were counted as nothing and never named: train said 'not among the 0 classes' or
+    'an epoch has 0 batches'."""
+    for i in range(2):
+        _shard(tmp_path / f"u-{i}.tar", [(f"s{i}{k}", {"png": _png(50, k)}) for k in range(4)])
+    with pytest.raises(ValueError) as e:
+        D.create_dataset(f"wds/{tmp_path}/u-{{0..1}}.tar")
+    message = str(e.value)
+    assert message.startswith(f"WebDataset shard {tmp_path / 'u-0.tar'}: 4 of its 4 samples carry no .cls label")
+    assert "(and 1 more shard(s) with 4 such samples)" in message and "\n" not in message
+
+
+def test_unlabelled_samples_among_labelled_ones_are_skipped_and_said(tmp_path, caplog):
+    samples = [(f"s{k}", {"png": _png(50, k), "cls": b"1"}) for k in range(3)]
+    samples += [("s3", {"png": _png(50, 3)}), ("s4", {"cls": b"0"})]  # no label; a label without an image
+    _shard(tmp_path / "m-0.tar", samples)
+    ds = W.IterableImages(f"wds/{tmp_path}/m-0.tar", transform=np.array)
+    assert ds.total == 3 and ds.classes == ["0", "1"]
+    assert "m-0.tar: 1 of its 5 samples carry no .cls label and 1 have a .cls label but no image" in caplog.text
+    assert "2 incomplete sample(s) skipped, 3 used" in caplog.text
+    assert [label for _, label, _ in ds] == [1, 1, 1]  # what is counted is what is read

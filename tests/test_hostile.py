@@ -141,6 +141,7 @@ def world(tmp_path_factory) -> Path:
     (w / "run").mkdir()
     torch.save({"config": {"model": "mambaout_test", "data_train": "digits:train"}}, w / "run" / "state.pt")
     _issue18_world(w)
+    _data_round_world(w)
     return w
 
 
@@ -575,6 +576,7 @@ VAL = "validate {w}/good --checkpoint {w}/good.safetensors"
 PREDICT = "predict {w}/imgs/ok.png --checkpoint {w}/good.safetensors"
 EXPORT = "export --checkpoint {w}/good.safetensors"
 WDS = TRAIN_BASE + " --data-val {w}/good -o {w}/out/t --data-train wds/"
+DATA_BENCH = "data-bench --data-train {w}/good --only cpu --workers 0"
 
 # issue 18: special files, damaged weights, foreign folders, unbounded inputs, interrupts, hostile names
 CASES_18 = [
@@ -907,7 +909,64 @@ CASES_18 = [
         ("finished/state.pt", "finished/train.log", "finished/config.yaml", "finished/summary.csv", "finished"),
         absent=("epoch 2 of 1",),
     ),
+    # --- data round: data-bench through train's checks; folders read once per real file; shards named ---------------
+    Case("data-bench-device-tpu", "data-bench --data-train {w}/good --device tpu", 2, "unknown device 'tpu'"),
+    Case(
+        "data-bench-device-cuda-7", "data-bench --data-train {w}/good --device cuda:7", 2, "sees no CUDA", patch=_no_gpu
+    ),
+    Case("data-bench-batch-over-the-set", DATA_BENCH + " -b 64", 2, "(6 images) is smaller than one batch of 64"),
+    Case("data-bench-workers-1000", DATA_BENCH + " -j 1000", 2, "workers=1000: must be an integer in [0, 256]"),
+    Case("data-bench-fifo", "data-bench --data-train {w}/dev/fifo", 2, "is a named pipe (FIFO)", ("dev",)),
+    Case("data-bench-weights-as-data", "data-bench --data-train {w}/good.safetensors", 2, "is a file, not an Image"),
+    Case(
+        "data-bench-batches-over-an-epoch",
+        DATA_BENCH + " --img-size 32 -b 2 --batches 10 --warmup 0",
+        0,
+        "6 images make 3 batch(es) of 2 per epoch",
+    ),
+    Case(
+        "data-bench-no-data",
+        "data-bench --only cpu",
+        2,
+        "names no data: pass --data-train PATH",
+        absent=("--data-val", "--data DIR"),
+    ),
+    Case("validate-link-loop", VAL.replace("{w}/good", "{w}/loop", 1), 0, " 2 images at 32 px"),  # 82 before
+    Case("validate-link-loop-named", VAL.replace("{w}/good", "{w}/loop", 1), 0, "not read again: ant/up"),
+    Case(
+        "train-link-loop",
+        TRAIN_BASE + " --data-train {w}/loop --data-val {w}/loop -o {w}/out/loop",
+        0,
+        "on 2 images, 2 classes",
+    ),
+    Case("train-wds-no-labels", WDS + "{w}/wds/nocls-0.tar", 2, "nocls-0.tar: 2 of its 2 samples carry no .cls label"),
+    Case(
+        "train-wds-two-ranges",
+        TRAIN_BASE + " --data-train wds/{w}/wds/m-{{000..002}}-{{0..1}}.tar --data-val wds/{w}/wds/m-000-0.tar"
+        " -o {w}/out/wds2",
+        0,
+        "on 6 images, 2 classes",
+    ),
 ]
+
+
+def _data_round_world(w: Path) -> None:
+    """A class folder holding a link to its parent (a loop), unlabelled shards, shards named by two brace ranges."""
+    _png(w / "loop" / "ant" / "x.png", 40, 40)
+    _png(w / "loop" / "bee" / "y.png", 40, 40, seed=1)
+    (w / "loop" / "ant" / "up").symlink_to("..")
+    image = (w / "imgs" / "ok.png").read_bytes()
+    shards = {"nocls-0.tar": [(f"s{k}", {"png": image}) for k in range(2)]}
+    for a in range(3):
+        for b in range(2):
+            shards[f"m-{a:03d}-{b}.tar"] = [(f"s{a}{b}", {"png": image, "cls": str((a + b) % 2).encode()})]
+    for name, samples in shards.items():
+        with tarfile.open(w / "wds" / name, "w") as tar:
+            for key, parts in samples:
+                for ext, payload in parts.items():
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size = len(payload)
+                    tar.addfile(info, io.BytesIO(payload))
 
 
 def _snapshot(world: Path, paths) -> dict:

@@ -5,9 +5,11 @@
   (on a machine without a GPU: the same code on CPU tensors, using the same cores through torch threads);
 - `timm`: timm's own `create_dataset` + `create_loader` with the same augmentation.
 
-Each pipeline delivers `--batches` batches after `--warmup` untimed ones (worker start-up excluded); the ratio
-column is against timm measured in the same run. Mixup/CutMix is left out of all three (it runs on the training
-device in every case).
+Each pipeline delivers `--batches` batches after `--warmup` untimed ones (worker start-up excluded; a set smaller
+than that starts its next epoch, said under the table); the ratio column is against timm measured in the same run.
+Mixup/CutMix is left out of all three (it runs on the training device in every case). The options go through
+`mambaout train`'s resolution and checks (recipe, batch size, workers, image size; `--device` as train reads it),
+and the data set is listed once before any pipeline is built, so a bad value is one line, not a traceback.
 """
 
 from __future__ import annotations
@@ -22,10 +24,27 @@ import torch
 from mambaout.cli.common import Parser
 from mambaout.utils.device import cpu_name
 
+MAX_WORKERS = 256  # the training config's bound on `workers` (DataConfig), which checks it again
+
+
+def _batches(loader):
+    """The loader's batches without end: when an epoch runs out, the next one starts (`set_epoch` reshuffles)."""
+    epoch = 0
+    while True:
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(epoch)
+        n = 0
+        for batch in loader:
+            n += 1
+            yield batch
+        if n == 0:  # every loader here refuses a set smaller than one batch; this guards the loop itself
+            raise ValueError("the loader gave no batch; lower --batch-size")
+        epoch += 1
+
 
 def _time(loader, batches: int, warmup: int, device: torch.device) -> float:
-    """img/s over `batches` batches after `warmup` untimed ones."""
-    it = iter(loader)
+    """img/s over `batches` batches after `warmup` untimed ones (as many epochs as that takes)."""
+    it = _batches(loader)
     for _ in range(warmup):
         next(it)
     n, t0 = 0, time.perf_counter()
@@ -43,56 +62,76 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", default="imagenette-h100", help="augmentation settings to use (default %(default)s)")
     p.add_argument("--img-size", type=int, help="override the recipe's img_size")
     p.add_argument("--batch-size", "-b", type=int, default=128)
-    p.add_argument("--workers", "-j", type=int, default=os.cpu_count(), help="loader processes (default: all cores)")
+    p.add_argument(
+        "--workers",
+        "-j",
+        type=int,
+        default=min(os.cpu_count() or 1, MAX_WORKERS),
+        help=f"loader processes (default: all cores, at most {MAX_WORKERS})",
+    )
     p.add_argument("--batches", type=int, default=20, help="timed batches per pipeline")
     p.add_argument("--warmup", type=int, default=3, help="untimed batches first")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--only", nargs="+", choices=["cpu", "gpu", "timm"], default=["cpu", "gpu", "timm"])
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
+def _one_line(e: Exception) -> str:
+    """The message of `e`; for an error re-raised from a loader worker, only its last line (the original error)."""
+    text = str(e).strip()
+    return text.splitlines()[-1] if "Traceback" in text else text
+
+
+def _resolve(args):
+    """(config, device, images in the set) of the command line, through `mambaout train`'s resolution and checks.
+
+    Raises:
+        ValueError, FileNotFoundError: one line naming the bad option or data set.
+    """
+    from mambaout.data.datasets import ImageDataset
+    from mambaout.data.gpu_aug import GpuAugment
+    from mambaout.training.config import resolve_config
+    from mambaout.utils.device import resolve_device
+
+    # batch size, workers and image size bounded as for training; mixup off, since no pipeline here mixes (an odd
+    # batch is then fine)
+    overrides = dict(recipe=args.recipe, batch_size=args.batch_size, workers=args.workers, mixup=0.0, cutmix=0.0)
+    if args.img_size:
+        overrides["img_size"] = args.img_size
+    if args.data_train:
+        overrides["data_train"] = args.data_train
+    cfg = resolve_config(overrides, require_data=False)
+    device = resolve_device(args.device)
+    if cfg.data.data_train is None:
+        raise ValueError(
+            f"recipe {cfg.run.recipe!r} names no data: pass --data-train PATH (an ImageFolder directory or a .tar of "
+            "one)"
+        )
+    if not os.path.exists(cfg.data.data_train):
+        raise FileNotFoundError(f"no data at {cfg.data.data_train!r}; pass --data-train PATH")
+    if "gpu" in args.only:
+        GpuAugment.from_config(cfg.augment)  # what the device augmentation cannot do, said before any timing
+    # listed once before any pipeline is built: a FIFO, a file that is no data set, a folder without images, and a set
+    # smaller than one batch are one line here
+    n_images = len(ImageDataset(cfg.data.data_train))
+    if n_images < args.batch_size:
+        raise ValueError(
+            f"the training set ({n_images} images) is smaller than one batch of {args.batch_size}; lower --batch-size"
+        )
+    return cfg, device, n_images
+
+
+def _bench(args, cfg, device: torch.device) -> tuple[dict[str, float], list[str]]:
+    """img/s of each pipeline asked for, and notes to print under the table."""
     from mambaout.data import gpu_loader as data_gpu
     from mambaout.data.datasets import ImageDataset
     from mambaout.data.gpu_aug import GpuAugment
     from mambaout.data.loaders import train_loader
     from mambaout.data.transforms import build_train_transform, timm_augment_kwargs
-    from mambaout.training.config import resolve_config
-    from mambaout.utils.limits import check_img_size
 
-    parser = get_args_parser()
-    args = parser.parse_args(argv)
-    for flag, value, least in (("--batches", args.batches, 1), ("--batch-size", args.batch_size, 1)):
-        if value < least:
-            parser.error(f"{flag} must be >= {least}, got {value}")
-    for flag, value in (("--warmup", args.warmup), ("--workers", args.workers)):
-        if value < 0:
-            parser.error(f"{flag} must be >= 0, got {value}")
-    if args.img_size is not None:
-        try:
-            check_img_size(args.img_size)
-        except ValueError as e:
-            parser.error(str(e))
-    overrides = dict(recipe=args.recipe)
-    if args.img_size:
-        overrides["img_size"] = args.img_size
-    if args.data_train:
-        overrides["data_train"] = args.data_train
-    try:  # the same resolution and checks as `mambaout train`
-        cfg = resolve_config(overrides)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"mambaout data-bench: {e}", file=sys.stderr)
-        return 2
     train_path, aug = cfg.data.data_train, cfg.augment
-    if not os.path.exists(train_path):
-        print(f"mambaout data-bench: no data at {train_path!r}; pass --data-train PATH", file=sys.stderr)
-        return 2
-    device = torch.device(args.device)
-    torch.set_num_threads(os.cpu_count() or 1)
     bs, workers = args.batch_size, args.workers
-    rows = {}
-    note = ""
-
+    rows, notes = {}, []
     if "cpu" in args.only:
         ds = ImageDataset(train_path, build_train_transform(aug), cache=True)
         loader = train_loader(ds, bs, 0, 1, 0, workers, pin=device.type == "cuda", persistent=True)
@@ -104,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         decode_s = time.perf_counter() - t0
         loader = data_gpu.DecodedTrainLoader(data, GpuAugment.from_config(aug), bs)
         rows[f"ours gpu ({device.type} tensors)"] = _time(loader, args.batches, args.warmup, device)
-        note = f"ours gpu decoded {len(data)} images once, in {decode_s:.1f} s (not in its img/s)"
+        notes.append(f"ours gpu decoded {len(data)} images once, in {decode_s:.1f} s (not in its img/s)")
     if "timm" in args.only:
         from timm.data import create_dataset, create_loader
 
@@ -121,18 +160,52 @@ def main(argv: list[str] | None = None) -> int:
             persistent_workers=workers > 0,
         )
         rows["timm"] = _time(loader, args.batches, args.warmup, device)
+    return rows, notes
 
+
+def main(argv: list[str] | None = None) -> int:
+    from mambaout.utils.limits import check_img_size
+    from mambaout.utils.text import printable
+
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    for flag, value, least in (("--batches", args.batches, 1), ("--batch-size", args.batch_size, 1)):
+        if value < least:
+            parser.error(f"{flag} must be >= {least}, got {value}")
+    for flag, value in (("--warmup", args.warmup), ("--workers", args.workers)):
+        if value < 0:
+            parser.error(f"{flag} must be >= 0, got {value}")
+    if args.img_size is not None:
+        try:
+            check_img_size(args.img_size)
+        except ValueError as e:
+            parser.error(str(e))
+    try:
+        cfg, device, n_images = _resolve(args)
+        torch.set_num_threads(os.cpu_count() or 1)
+        rows, notes = _bench(args, cfg, device)
+    except (ValueError, FileNotFoundError) as e:  # the set's own trouble (all unreadable, ...) met while timing
+        print(f"mambaout data-bench: {printable(_one_line(e))}", file=sys.stderr)
+        return 2
+    bs, aug = args.batch_size, cfg.augment
+    per_epoch = n_images // bs
+    if args.warmup + args.batches > per_epoch:
+        notes.insert(
+            0,
+            f"{n_images} images make {per_epoch} batch(es) of {bs} per epoch: the {args.warmup} + {args.batches} "
+            "batches span several epochs (a pipeline starts its next epoch when one runs out)",
+        )
     base = rows.get("timm")
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(
-        f"{train_path} | {aug.img_size} px, {aug.auto_augment}, reprob {aug.reprob} | batch {bs}, "
-        f"{workers} workers | {cpu_name()}, {os.cpu_count()} cores, load {load:.1f} | device {device}"
+        f"{cfg.data.data_train} | {aug.img_size} px, {aug.auto_augment}, reprob {aug.reprob} | batch {bs}, "
+        f"{args.workers} workers | {cpu_name()}, {os.cpu_count()} cores, load {load:.1f} | device {device}"
     )
     print(f"{'pipeline':<28} {'img/s':>9} {'x timm':>7}")
     for name, v in rows.items():
         ratio = f"{v / base:.2f}" if base else "-"
         print(f"{name:<28} {v:>9.0f} {ratio:>7}")
-    if note:
+    for note in notes:
         print(note)
     return 0
 

@@ -29,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.workers < 0:
         parser.error(f"--workers must be >= 0, got {args.workers}")
 
+    from mambaout.data.folders import unreadable_folder
     from mambaout.inference.precision import note, resolve_dtype
     from mambaout.inference.predictor import Predictor, dumps, find_images, format_text
     from mambaout.utils.device import resolve_device
@@ -46,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     predictor = Predictor(model, topk=args.topk, device=device, dtype=dtype)
     paths = find_images(args.inputs)
     if not paths:
-        print(f"mambaout predict: no images found in {printable(' '.join(args.inputs))}", file=sys.stderr)
+        why = unreadable_folder(args.inputs) or f"no images found in {' '.join(args.inputs)}"  # permission denied
+        print(f"mambaout predict: {printable(why)}", file=sys.stderr)
         return 1
 
     results, n_ok = [], 0

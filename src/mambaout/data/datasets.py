@@ -1,13 +1,14 @@
 """Datasets for training and evaluation.
 
-We lean on timm for everything it already does (folder and tar readers, Hugging Face datasets) and add only what
-our runs need on top:
+We lean on timm for everything it already does (tar readers, Hugging Face datasets) and add only what our runs need
+on top:
 
-- `ImageDataset`: reads timm's random-access readers (ImageNet folder layout, an ImageFolder packed in a `.tar`,
-  a Hugging Face dataset as `hfds/NAME:SPLIT`), decodes every image as `mambaout.data.image.load_image` does (any
-  mode to RGB, EXIF-rotated), and skips unreadable files, naming them: training substitutes the next readable image
-  to keep batches full (counted, and each named in a warning), evaluation leaves them out
-  (`loaders.collate_readable`) so a metric counts each readable image exactly once;
+- `ImageDataset`: reads an ImageFolder directory (`mambaout.data.folders.FolderReader`: timm's layout, but each real
+  folder and file once, so a link loop cannot count one file many times) or timm's random-access readers (an
+  ImageFolder packed in a `.tar`, a Hugging Face dataset as `hfds/NAME:SPLIT`), decodes every image as
+  `mambaout.data.image.load_image` does (any mode to RGB, EXIF-rotated), and skips unreadable files, naming them:
+  training substitutes the next readable image to keep batches full (counted, and each named in a warning),
+  evaluation leaves them out (`loaders.collate_readable`) so a metric counts each readable image exactly once;
 - `DigitsDataset`: scikit-learn's 8x8 digits upscaled to RGB, the embedded default that needs no download;
 - streamed sets (`wds/`, `hfids/`) are built here too, by `create_dataset`, from `mambaout.data.streaming`.
 """
@@ -23,9 +24,9 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from timm.data.readers.reader_image_folder import ReaderImageFolder
 from torch.utils.data import Dataset
 
+from mambaout.data.folders import FolderReader
 from mambaout.data.image import load_image
 from mambaout.data.streaming import IterableImages, is_streamed
 from mambaout.utils.files import special_kind
@@ -42,7 +43,7 @@ MAX_CONSECUTIVE_BAD = 50
 
 
 class ImageDataset(Dataset):
-    """Labelled images from a timm reader; unreadable files are skipped, counted and named.
+    """Labelled images of a folder, a tar or a Hugging Face dataset; unreadable files are skipped, counted and named.
 
     With `substitute` (training) an unreadable file is replaced by the next readable image, which keeps batches
     full: `__getitem__` returns `(image, target, n_skipped)`, the loader sums `n_skipped` so each epoch reports how
@@ -76,11 +77,18 @@ class ImageDataset(Dataset):
             raise FileNotFoundError(f"dataset {root} does not exist; pass an ImageFolder directory or a .tar of one")
         elif special_kind(root):  # a FIFO would block the reader forever: never opened
             raise ValueError(f"dataset {root} is {special_kind(root)}; pass an ImageFolder directory or a .tar of one")
+        elif os.path.isfile(root) and not root.endswith(".tar"):
+            # timm would walk it as a folder and find nothing ("Found 0 images in subfolders of model.safetensors")
+            raise ValueError(
+                f"dataset {root} is a file, not an ImageFolder directory or a .tar of one; pass the folder holding one "
+                "sub-folder per class, or an uncompressed .tar of it"
+            )
         self.root = root or name
+        # the map-less listing first: with a map, timm's readers drop a class the map lacks without a word
+        self.reader = _reader(name, root, split, class_to_idx if root is None else None)
         if class_to_idx is not None and root is not None:
-            # timm's readers drop the images of a class the map lacks without a word, and a metric would leave out a
-            # whole class: name it instead
-            extra = sorted(set(_class_map(_reader(name, root, split))) - set(class_to_idx))
+            # a metric would leave out a whole class: name it instead
+            extra = sorted(set(_class_map(self.reader)) - set(class_to_idx))
             if extra:
                 more = f" (+{len(extra) - 5} more)" if len(extra) > 5 else ""
                 raise ValueError(
@@ -88,7 +96,10 @@ class ImageDataset(Dataset):
                     f"{len(class_to_idx)} classes of the model or training set ({', '.join(list(class_to_idx)[:3])}"
                     "...); their images cannot be scored: remove those folders, or use the matching model"
                 )
-        self.reader = _reader(name, root, split, class_to_idx)
+            if isinstance(self.reader, FolderReader):
+                self.reader = self.reader.with_class_map(class_to_idx)
+            else:
+                self.reader = _reader(name, root, split, class_to_idx)
         self.class_to_idx = _class_map(self.reader)
         self.classes = [c for c, _ in sorted(self.class_to_idx.items(), key=lambda kv: kv[1])]
         if len(self.reader) == 0:
@@ -118,7 +129,7 @@ class ImageDataset(Dataset):
     def _open(self, index: int):
         """(file object, target) of a sample. A folder entry that is a FIFO, socket or device is never opened (a FIFO
         would block the read forever): it raises OSError, and the sample is skipped and named like a corrupt one."""
-        if isinstance(self.reader, ReaderImageFolder):
+        if isinstance(self.reader, FolderReader):
             path = self.reader.samples[index][0]
             kind = special_kind(path)
             if kind is not None:
@@ -190,16 +201,14 @@ def _class_map(reader) -> dict[str, int]:
 
 
 def _reader(name: str, root: str | None, split: str, class_map: dict[str, int] | None = None):
-    """timm's reader of a folder, a tar or a Hugging Face dataset; what it raises for no images or a bad tar, as one
-    ValueError."""
+    """The reader of a folder (`folders.FolderReader`: each real file once), or timm's of a tar or a Hugging Face
+    dataset; what it raises for no images or a bad tar, as one ValueError."""
     from timm.data.readers import create_reader
 
+    if root is not None and os.path.isdir(root):
+        return FolderReader(root, class_map)
     try:
         return create_reader(name, root=root, split=split, class_map=class_map)
-    except RuntimeError as e:  # timm's folder reader: "Found 0 images in subfolders of ..."
-        raise ValueError(
-            f"no images found in {root} ({e}); expected one sub-folder per class holding image files"
-        ) from e
     except (tarfile.TarError, OSError, EOFError) as e:  # an empty, truncated or garbage .tar
         raise ValueError(
             f"cannot read {root} as a tar of images ({type(e).__name__}: {e}); the file is empty, truncated or "
@@ -286,6 +295,12 @@ def imagenet_class_map(classes: Sequence[str]) -> dict[str, int] | None:
 
 
 def folder_classes(path: str) -> list[str]:
-    """The class folder names of an ImageFolder directory or tar, sorted (cheap: no image is decoded)."""
+    """The class folder names of an ImageFolder directory or tar, sorted (cheap: no image is decoded; what the
+    listing leaves out is said when the data set itself is built)."""
+    if os.path.isdir(path):
+        reader = FolderReader(path, report=False)
+        if not len(reader):
+            raise ValueError(f"no images found in {path}; expected one sub-folder per class holding image files")
+        return list(reader.class_to_idx)
     ds = ImageDataset(path)
     return ds.classes

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import glob
 import io
+import itertools
 import logging
 import os
 import random
@@ -42,32 +43,39 @@ ITERABLE_PREFIXES = ("wds/", "hfids/")
 MAX_SHARDS = 1_000_000
 
 
+_RANGE = re.compile(r"\{(\d+)\.\.(\d+)\}")
+
+
 def expand_urls(pattern: str) -> list[str]:
-    """`a-{000..012}.tar` brace ranges, `::`-separated lists and globs -> the sorted list of shard paths.
+    """`a-{000..012}.tar` brace ranges (several in one name multiply: `s-{0..2}-{0..1}.tar` is 6 shards),
+    `::`-separated lists and globs -> the sorted list of shard paths.
 
     Raises:
         ValueError: the brace ranges name more than `MAX_SHARDS` shards (checked before any list is built), or a
             range runs backwards.
         FileNotFoundError: a shard that is not there.
     """
-    ranges = [(part, re.search(r"\{(\d+)\.\.(\d+)\}", part)) for part in pattern.split("::")]
+    parts = [(part, list(_RANGE.finditer(part))) for part in pattern.split("::")]
     total = 0
-    for _, m in ranges:
-        if m:
+    for _, ranges in parts:
+        if not ranges:
+            continue
+        count = 1
+        for m in ranges:
             lo, hi = int(m.group(1)), int(m.group(2))
             if hi < lo:
                 raise ValueError(f"WebDataset pattern {pattern!r}: the range {m.group(0)} runs backwards")
-            total += hi - lo + 1
+            count *= hi - lo + 1
+        total += count
     if total > MAX_SHARDS:
         raise ValueError(
             f"WebDataset pattern {pattern!r} names {total:,} shards, more than the {MAX_SHARDS:,} one data set may "
             "have; check the brace range"
         )
     out = []
-    for part, m in ranges:
-        if m:
-            lo, hi, width = int(m.group(1)), int(m.group(2)), len(m.group(1))
-            out += [part[: m.start()] + str(i).zfill(width) + part[m.end() :] for i in range(lo, hi + 1)]
+    for part, ranges in parts:
+        if ranges:
+            out += _expand_ranges(part, ranges)
         elif any(c in part for c in "*?["):
             out += sorted(glob.glob(part))
         elif os.path.isdir(part):
@@ -82,31 +90,52 @@ def expand_urls(pattern: str) -> list[str]:
     return out
 
 
-def iter_shard(path: str):
-    """(key, image bytes, label) of each complete sample in one shard, in order."""
+def _expand_ranges(part: str, ranges: list[re.Match]) -> list[str]:
+    """Every name of `part` with its brace ranges filled in, the last range varying fastest (as brace expansion
+    in a shell); each number zero-padded to the width of its range's first bound."""
+    pieces, texts, last = [], [], 0
+    for m in ranges:
+        texts.append(part[last : m.start()])
+        lo, hi, width = int(m.group(1)), int(m.group(2)), len(m.group(1))
+        pieces.append([str(i).zfill(width) for i in range(lo, hi + 1)])
+        last = m.end()
+    tail = part[last:]
+    return ["".join(t + n for t, n in zip(texts, numbers)) + tail for numbers in itertools.product(*pieces)]
+
+
+def _members(tar):
+    """(key, extension, member) of each file of a tar opened for streaming, in order. A sample is the run of members
+    sharing a key: the path up to the first dot of the file name (`dir/s0001.seg.png`: key `dir/s0001`, extension
+    `seg.png`)."""
+    for member in tar:
+        if member.isfile():
+            key, _, ext = os.path.basename(member.name).partition(".")
+            yield os.path.join(os.path.dirname(member.name), key), ext.lower(), member
+
+
+def _grouped(path: str, read):
+    """(key, {extension: read(tar, member, extension)}) of each sample of one shard, in order."""
     current, parts = None, {}
     with tarfile.open(path, "r|*") as tar:  # streaming mode: sequential reads only
-        for member in tar:
-            if not member.isfile():
-                continue
-            name = os.path.basename(member.name)
-            key, _, ext = name.partition(".")
-            key = os.path.join(os.path.dirname(member.name), key)
+        for key, ext, member in _members(tar):
             if key != current:
                 if current is not None:
-                    yield from _complete(current, parts, path)
+                    yield current, parts
                 current, parts = key, {}
-            parts[ext.lower()] = tar.extractfile(member).read()
+            parts[ext] = read(tar, member, ext)
     if current is not None:
-        yield from _complete(current, parts, path)
+        yield current, parts
 
 
-def _complete(key, parts, path):
-    image = next((parts[e] for e in IMAGE_EXTS if e in parts), None)
-    if image is None or "cls" not in parts:
-        logger.warning("WebDataset sample %s in %s has no image or no .cls label; skipped", key, path)
-        return
-    yield key, image, parse_label(parts["cls"], path, key)
+def iter_shard(path: str):
+    """(key, image bytes, label) of each complete sample (an image and its `.cls` label) in one shard, in order;
+    the incomplete ones were counted and said when the data set was opened (`count_samples`)."""
+    for key, parts in _grouped(path, lambda tar, member, ext: tar.extractfile(member).read()):
+        image = next((parts[e] for e in IMAGE_EXTS if e in parts), None)
+        if image is None or "cls" not in parts:
+            logger.debug("WebDataset sample %s in %s has no image or no .cls label; skipped", key, path)
+            continue
+        yield key, image, parse_label(parts["cls"], path, key)
 
 
 def parse_label(data: bytes, shard: str, key: str, num_classes: int | None = None) -> int:
@@ -128,16 +157,51 @@ def parse_label(data: bytes, shard: str, key: str, num_classes: int | None = Non
 
 
 def count_samples(shards: list[str], num_classes: int | None = None) -> tuple[int, int]:
-    """(samples, highest label) in the shards, reading only the headers and the small `.cls` members; every label is
-    checked (`parse_label`)."""
+    """(complete samples, highest label) in the shards, reading only the headers and the small `.cls` members; every
+    label is checked (`parse_label`).
+
+    A sample without a `.cls` label, or a label without an image, cannot be used: those are counted per shard and
+    said in one warning line naming the shard, or, when no sample is complete, in one ValueError line.
+    """
+
+    def read(tar, member, ext):
+        return tar.extractfile(member).read(65) if ext == "cls" else None
+
     n, top = 0, -1
+    incomplete = []  # (shard, samples without a label, samples without an image, samples)
     for path in shards:
-        with tarfile.open(path, "r|*") as tar:
-            for m in tar:
-                if m.isfile() and m.name.endswith(".cls"):
-                    n += 1
-                    key = m.name[: -len(".cls")]
-                    top = max(top, parse_label(tar.extractfile(m).read(65), path, key, num_classes))
+        no_label = no_image = total = 0
+        for key, parts in _grouped(path, read):
+            total += 1
+            has_image = any(e in parts for e in IMAGE_EXTS)
+            if "cls" not in parts:
+                no_label += 1
+            elif not has_image:
+                no_image += 1
+            else:
+                n += 1
+                top = max(top, parse_label(parts["cls"], path, key, num_classes))
+        if no_label or no_image:
+            incomplete.append((path, no_label, no_image, total))
+    if incomplete:
+        path, no_label, no_image, total = incomplete[0]
+        what = []
+        if no_label:
+            what.append(f"{no_label} of its {total} samples carry no .cls label")
+        if no_image:
+            what.append(f"{no_image} have a .cls label but no image ({', '.join(IMAGE_EXTS)})")
+        more = ""
+        if len(incomplete) > 1:
+            rest = sum(a + b for _, a, b, _ in incomplete[1:])
+            more = f" (and {len(incomplete) - 1} more shard(s) with {rest} such samples)"
+        line = f"WebDataset shard {path}: {' and '.join(what)}{more}"
+        if n == 0:
+            raise ValueError(
+                f"{line}; no sample is an image with its label, nothing to train on or score: write each label as "
+                "KEY.cls (the class index as text) beside KEY.jpg"
+            )
+        skipped = sum(a + b for _, a, b, _ in incomplete)
+        logger.warning("%s; %d incomplete sample(s) skipped, %d used", line, skipped, n)
     return n, top
 
 

@@ -1,0 +1,192 @@
+"""ImageFolder directories read once per real folder and file: links followed, loops and duplicates not.
+
+timm's folder reader walks with `os.walk(followlinks=True)`: a link back to a parent (`ant/up -> ..`) is walked
+again and again until the path is too long, and one file on disk is counted dozens of times; a folder it may not
+read (permission denied) is left out without a word. `FolderReader` keeps timm's layout rules (the leaf folder's
+name is the class, classes in natural sort order, timm's image suffixes) but lists each real folder and each real
+file once:
+
+- a linked folder is read unless its target was already read (by real path): a loop, or a second name for a
+  folder, is skipped and named in one warning. Real folders are read before linked ones, so the images of a folder
+  reached both ways keep the class of their real place;
+- a file reached twice (two links to it) is counted once, the others named in one warning;
+- a folder that cannot be listed is an error naming it (permission denied), never a class that silently vanishes.
+
+`mambaout predict` lists folders through `pathlib`'s `rglob`, which follows no folder link at all, so on a loop both
+see each file once.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+
+from timm.data.readers.img_extensions import get_img_extensions
+from timm.utils.misc import natural_key
+
+from mambaout.utils.text import printable
+
+logger = logging.getLogger("mambaout")
+
+_SHOWN = 3  # skipped paths named in a warning; the rest counted
+
+
+def _listing_error(folder: str, e: OSError, root: str) -> ValueError:
+    top = os.path.abspath(folder) == os.path.abspath(root)
+    where = "" if top else f" (inside the data set {root})"
+    if isinstance(e, PermissionError):
+        other = "pass another folder" if top else "move it out of the data set"
+        return ValueError(
+            f"permission denied reading folder {folder}{where}; make it readable (chmod -R u+rX) or {other}"
+        )
+    if e.errno == errno.ELOOP:
+        return ValueError(f"cannot read folder {folder}{where}: too many levels of symbolic links; fix the links")
+    return ValueError(f"cannot read folder {folder}{where} ({e.strerror or e}); check the path and its permissions")
+
+
+def _named(paths: list[str], root: str) -> str:
+    shown = ", ".join(printable(os.path.relpath(p, root)) for p in paths[:_SHOWN])
+    return shown + (f" (+{len(paths) - _SHOWN} more)" if len(paths) > _SHOWN else "")
+
+
+def scan_image_folder(root: str, report: bool = True) -> tuple[list[tuple[str, str]], list[str], list[str]]:
+    """(path, class name) of every image file under `root`, each real file once; and the linked folders and
+    duplicate files skipped.
+
+    The class of a file is the name of the folder holding it (timm's `leaf_name_only`; '' at the top). Files keep
+    the path they were reached by, so names in messages are the ones the user sees in the tree.
+
+    Args:
+        report: Say the skipped folders and files in a warning.
+
+    Raises:
+        ValueError: a folder that cannot be listed (permission denied, a link loop the kernel refuses), named.
+    """
+    suffixes = set(get_img_extensions(as_set=True))
+    listed: list[tuple[str, str, str, bool]] = []  # (path, class, real path, the entry is a link)
+    seen_dirs: set[str] = set()
+    skipped_dirs: list[str] = []
+    # depth-first over real folders; linked folders wait until every real one is read
+    stack: list[tuple[str, str]] = [(root, os.path.realpath(root))]
+    linked: list[tuple[str, str]] = []
+    while stack or linked:
+        path, real = stack.pop() if stack else linked.pop(0)
+        if real in seen_dirs:
+            skipped_dirs.append(path)
+            continue
+        seen_dirs.add(real)
+        try:
+            with os.scandir(path) as it:
+                entries = sorted(it, key=lambda e: e.name)  # a fixed order: which of two names is kept
+        except OSError as e:
+            raise _listing_error(path, e, root) from None
+        subdirs = []
+        for entry in entries:
+            is_link = entry.is_symlink()
+            try:
+                is_dir = entry.is_dir()  # follows a link
+            except OSError:  # a link that loops on itself, or into a folder we may not search: not a folder
+                is_dir = False  # (with an image suffix, it is listed and named as unreadable when opened)
+            if is_dir:
+                if is_link:
+                    linked.append((entry.path, os.path.realpath(entry.path)))
+                else:
+                    subdirs.append((entry.path, os.path.join(real, entry.name)))
+                continue
+            if os.path.splitext(entry.name)[1].lower() not in suffixes:
+                continue
+            # a file that is no link is where its folder really is: no realpath (a few lstat calls) per file
+            file_real = os.path.realpath(entry.path) if is_link else os.path.join(real, entry.name)
+            listed.append((entry.path, "" if path == root else os.path.basename(path), file_real, is_link))
+        stack.extend(reversed(subdirs))  # popped in name order
+    # one entry per real file: the one that is no link where there is one (the file keeps the class of its real
+    # place), else the first link to it
+    kept: dict[str, int] = {}
+    for i, (_, _, file_real, is_link) in enumerate(listed):
+        j = kept.get(file_real)
+        if j is None or (listed[j][3] and not is_link):
+            kept[file_real] = i
+    keep = set(kept.values())
+    found = [(p, label) for i, (p, label, _, _) in enumerate(listed) if i in keep]
+    duplicates = [p for i, (p, _, _, _) in enumerate(listed) if i not in keep]
+    if report and skipped_dirs:
+        logger.warning(
+            "%s: %d linked folder(s) lead to a folder already read (a loop or a second name for it), not read "
+            "again: %s",
+            printable(root),
+            len(skipped_dirs),
+            _named(skipped_dirs, root),
+        )
+    if report and duplicates:
+        logger.warning(
+            "%s: %d file(s) are links to an image already listed, counted once: %s",
+            printable(root),
+            len(duplicates),
+            _named(duplicates, root),
+        )
+    return found, skipped_dirs, duplicates
+
+
+class FolderReader:
+    """An ImageFolder directory as timm's reader interface (`samples`, `class_to_idx`, `reader[i]` -> (file,
+    target), `_filename`), listed by `scan_image_folder`: every real file once, unreadable folders named.
+
+    Args:
+        root: The folder holding one sub-folder per class.
+        class_map: Class name -> label to use (a validation set takes the training set's); files of other classes
+            are left out (the caller says so first, see `ImageDataset`). Default: sorted folder names.
+        report: Warn about the linked folders and duplicate files left out.
+    """
+
+    def __init__(self, root: str, class_map: dict[str, int] | None = None, report: bool = True):
+        self.root = root
+        self.found, self.skipped_dirs, self.duplicates = scan_image_folder(root, report)
+        self._label(class_map)
+
+    def _label(self, class_map: dict[str, int] | None) -> None:
+        if class_map is None:
+            names = sorted({label for _, label in self.found}, key=natural_key)
+            class_map = {c: i for i, c in enumerate(names)}
+        self.class_to_idx = dict(class_map)
+        samples = [(p, self.class_to_idx[c]) for p, c in self.found if c in self.class_to_idx]
+        self.samples = sorted(samples, key=lambda s: natural_key(s[0]))
+
+    def with_class_map(self, class_map: dict[str, int]) -> FolderReader:
+        """The same listing labelled by `class_map` (no second walk, no second warning)."""
+        other = object.__new__(FolderReader)
+        other.root, other.found = self.root, self.found
+        other.skipped_dirs, other.duplicates = self.skipped_dirs, self.duplicates
+        other._label(class_map)
+        return other
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        path, target = self.samples[index]
+        return open(path, "rb"), target
+
+    def _filename(self, index: int, basename: bool = False, absolute: bool = False) -> str:
+        path = self.samples[index][0]
+        if basename:
+            return os.path.basename(path)
+        return path if absolute else os.path.relpath(path, self.root)
+
+
+def unreadable_folder(paths) -> str | None:
+    """The first of `paths` that is a folder this process may not list, as a one-line reason; None if none is.
+
+    For commands that list folders through `pathlib` (which passes over a folder it may not read without a word),
+    to say why nothing was found."""
+    for p in map(str, paths):
+        if not os.path.isdir(p):
+            continue
+        try:
+            with os.scandir(p) as it:
+                next(it, None)
+        except PermissionError:
+            return f"permission denied reading folder {p}; make it readable (chmod -R u+rX) or pass another folder"
+        except OSError:
+            continue
+    return None
