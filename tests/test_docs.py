@@ -4,9 +4,9 @@ Shell commands are read from the code fences (continuation lines joined, comment
 the block expanded, `[--opt]` read as an optional `--opt`). Each one that can run on a CPU in seconds without the
 network is run, as written, in document order, in a fresh folder per page whose `../shared/data` is the shared
 test data; training is capped through MAMBAOUT_MAX_EPOCHS / MAMBAOUT_MAX_STEPS in the environment, never by
-editing the command. Every other command has its options checked against its `--help`. Python snippets run the same
-way where they need neither the network nor files the page does not make; the others are compiled and their
-`mambaout.*` names looked up.
+editing the command. Every other command has its options checked against its `--help`. Python snippets run, each in
+its own test after the commands above it on its page, where their code (not their comments) needs neither the
+network nor files the page does not make; every snippet is compiled and its `mambaout.*` names looked up.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tokenize
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,7 +67,11 @@ class Snippet:
     text: str
 
     def __str__(self) -> str:
-        return f"{self.page.relative_to(ROOT)}:{self.line}: {self.text}"
+        return f"{self.where}: {self.text}"
+
+    @property
+    def where(self) -> str:
+        return f"{self.page.relative_to(ROOT)}:{self.line}"
 
 
 def fences(page: Path) -> tuple[list[Snippet], bool]:
@@ -123,7 +128,14 @@ def all_snippets():
 SHELL, PYTHON = all_snippets()
 
 
+def python_code(text: str) -> str:
+    """A snippet without its comments: `# pretrained=True for ImageNet weights` is a hint, not a download."""
+    tokens = tokenize.generate_tokens(io.StringIO(text).readline)
+    return tokenize.untokenize(t for t in tokens if t.type != tokenize.COMMENT)
+
+
 def why_not_run(text: str) -> str | None:
+    """What keeps a command (or a Python snippet's code, comments left out) from running here; None: it runs."""
     for pattern, reason in NOT_RUN:
         if re.search(pattern, text):
             return reason
@@ -229,9 +241,10 @@ def _uses_shared_data(text: str) -> bool:
 README_IMAGENETTE = "mambaout train --recipe imagenette-cpu --data-train ../shared/data/"
 
 
-def _run_page(page: Path, tmp_path: Path, shared: Path | None) -> list[str]:
-    """Runs the page's runnable commands and Python snippets in order (with `shared`: only those on the shared data,
-    else only those without it); returns what was run."""
+def _run_page(page: Path, tmp_path: Path, shared: Path | None, upto: Snippet | None = None) -> list[str]:
+    """Runs the page's runnable shell commands in order (with `shared`: only those on the shared data, else only
+    those without it); returns what was run. Python snippets have their own test: with `upto`, one of the page's
+    snippets, the commands and runnable snippets above it run first (it may read what they write), then it."""
     heavy = shared is not None
     work = _workdir(tmp_path, shared)
     env = _env(work)
@@ -244,10 +257,13 @@ def _run_page(page: Path, tmp_path: Path, shared: Path | None) -> list[str]:
         proc = subprocess.run(["sh", "-c", first.text], cwd=work, env=env, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, f"{first}\n{proc.stderr[-3000:]}"
     for block in blocks:
+        if block.lang == "python" and upto is None:
+            continue
         items = shell_commands(block) if block.lang in SHELL_LANGS else [block] if block.lang == "python" else []
         for item in items:
             text = item.text
-            if why_not_run(text) or (_uses_shared_data(text) and not heavy) or (heavy and not _uses_shared_data(text)):
+            code = python_code(text) if item.lang == "python" else text
+            if why_not_run(code) or (_uses_shared_data(text) and not heavy) or (heavy and not _uses_shared_data(text)):
                 continue
             if text in ran:  # a page repeating a command (the README's `mambaout train`): a reader runs it once
                 continue
@@ -260,6 +276,8 @@ def _run_page(page: Path, tmp_path: Path, shared: Path | None) -> list[str]:
             proc = subprocess.run(argv, cwd=work, env=env, capture_output=True, text=True, timeout=600)
             assert proc.returncode == 0, f"{item}\nexit {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
             ran.append(text)
+        if block == upto:  # fences() read the page again: equal, not the same object
+            return ran
     return ran
 
 
@@ -277,7 +295,20 @@ def test_documented_commands_on_shared_data_run(page, tmp_path, shared_data):
     _run_page(page, tmp_path, shared_data)
 
 
-@pytest.mark.parametrize("snippet", PYTHON, ids=str)
+@pytest.mark.heavy
+@pytest.mark.parametrize("snippet", PYTHON, ids=lambda s: s.where)
+def test_python_snippets_run(snippet, tmp_path, request):
+    """Each snippet that needs neither the network nor files its page does not make runs as written, in a folder
+    where the page's commands above it ran; the others say why not (their names are checked by the test below)."""
+    reason = why_not_run(python_code(snippet.text))
+    if reason:
+        pytest.skip(f"{snippet.where} not run: {reason}; compiled and its mambaout names checked")
+    shared = request.getfixturevalue("shared_data") if _uses_shared_data(snippet.text) else None
+    ran = _run_page(snippet.page, tmp_path, shared, upto=snippet)
+    assert ran and ran[-1] == snippet.text, f"{snippet.where} did not run"
+
+
+@pytest.mark.parametrize("snippet", PYTHON, ids=lambda s: s.where)
 def test_python_snippets_compile_and_name_real_things(snippet):
     """Every snippet parses, and every `mambaout.X` or `from mambaout.Y import Z` it uses exists."""
     import importlib
@@ -303,6 +334,16 @@ def test_the_extraction_finds_the_commands():
         "downloads published weights",
         "serves until stopped",
     }
+
+
+def test_python_snippets_are_judged_by_their_code_not_their_comments():
+    """A pattern in a comment (dense.md's `# pretrained=True for ImageNet weights`) does not stop a snippet; the
+    same words in code do. Fails if no snippet is left to run (they were all only compiled before)."""
+    assert why_not_run(python_code('m = create_model("x", pretrained=True)')) == "downloads published weights"
+    assert why_not_run(python_code('m = create_model("x")  # pretrained=True for ImageNet weights')) is None
+    assert why_not_run(python_code('s = "# not a comment: pretrained=True"')) == "downloads published weights"
+    runnable = [p for p in PYTHON if why_not_run(python_code(p.text)) is None]
+    assert any(p.page.name == "dense.md" and "DenseBackbone(" in p.text for p in runnable), [p.where for p in PYTHON]
 
 
 # --- the documentation agrees with itself and with the code ----------------------------------------------------------
