@@ -4,7 +4,9 @@ Shell commands are read from the code fences (continuation lines joined, comment
 the block expanded, `[--opt]` read as an optional `--opt`). Each one that can run on a CPU in seconds without the
 network is run, as written, in document order, in a fresh folder per page whose `../shared/data` is the shared
 test data; training is capped through MAMBAOUT_MAX_EPOCHS / MAMBAOUT_MAX_STEPS in the environment, never by
-editing the command. Every other command has its options checked against its `--help`. Python snippets run, each in
+editing the command. Every command, and every `mambaout ...` or `python SCRIPT.py ...` written in inline code in the
+running text, has its options checked against its own `--help`: `mambaout CMD`'s, `mambaout detect|segment
+ACTION`'s, or the repository script's (`benchmarks/*.py`, `demo/app.py`). Python snippets run, each in
 its own test after the commands above it on its page, where their code (not their comments) needs neither the
 network nor files the page does not make; every snippet is compiled and its `mambaout.*` names looked up.
 """
@@ -13,9 +15,11 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import functools
 import io
 import os
 import re
+import runpy
 import shlex
 import shutil
 import subprocess
@@ -71,7 +75,8 @@ class Snippet:
 
     @property
     def where(self) -> str:
-        return f"{self.page.relative_to(ROOT)}:{self.line}"
+        page = self.page.relative_to(ROOT) if self.page.is_relative_to(ROOT) else self.page.name
+        return f"{page}:{self.line}"
 
 
 def fences(page: Path) -> tuple[list[Snippet], bool]:
@@ -127,6 +132,46 @@ def all_snippets():
 
 SHELL, PYTHON = all_snippets()
 
+INLINE_CODE = re.compile(r"(?<!`)`([^`]+)`(?!`)")
+# commands written in the running text: `mambaout export --format hf DIR`, `python benchmarks/cpu_matmul.py ...`
+INLINE_COMMAND = re.compile(
+    r"^(?:flock \S+ )?(?:(?:python -m mambaout(?:\.analysis\.compare)?|mambaout)(?=\s|$)(?! [\w-]+:)"  # not a printed line
+    r"|python \S+\.py(?=\s|$)|benchmarks/\S+\.sh(?=\s|$))"
+    r"|^torchrun\b.*\s-m mambaout\s"
+)
+
+
+def inline_commands(page: Path) -> list[Snippet]:
+    """The commands in the page's inline code outside fences; a span may wrap onto the next line of its paragraph."""
+    out, paragraph, fence = [], [], False
+
+    def flush():
+        if paragraph:
+            text = "\n".join(line for _, line in paragraph)
+            for m in INLINE_CODE.finditer(text):
+                command = " ".join(m.group(1).split())
+                if INLINE_COMMAND.match(command):
+                    out.append(Snippet(page, paragraph[0][0] + text.count("\n", 0, m.start()), "inline", command))
+        paragraph.clear()
+
+    for i, line in enumerate(page.read_text().splitlines(), 1):
+        m = FENCE.match(line)
+        if m and (not fence or not m.group(2).strip()):  # the same opening and closing rule as fences()
+            flush()
+            fence = not fence
+        elif not fence:
+            if not line.strip() or line.lstrip().startswith("|"):  # a blank line or a table row ends a paragraph
+                flush()
+            if line.strip():
+                paragraph.append((i, line))
+            if line.lstrip().startswith("|"):  # a table row is a paragraph of its own
+                flush()
+    flush()
+    return out
+
+
+INLINE = [c for page in PAGES for c in inline_commands(page)]
+
 
 def python_code(text: str) -> str:
     """A snippet without its comments: `# pretrained=True for ImageNet weights` is a hint, not a download."""
@@ -172,7 +217,7 @@ def _options(argv: list[str]) -> set[str]:
             compare.main(["--help"])
         else:
             main([*argv, "--help"])
-    return set(re.findall(r"(?<![\w-])(--?[A-Za-z][\w-]*)", buf.getvalue()))
+    return _help_options(buf.getvalue())
 
 
 def _mambaout_argv(text: str) -> list[str] | None:
@@ -185,20 +230,90 @@ def _mambaout_argv(text: str) -> list[str] | None:
     return ([m.group(1)] if m.group(1) != "mambaout" else []) + words
 
 
-@pytest.mark.parametrize("cmd", SHELL, ids=str)
+def _used_options(words: list[str]) -> set[str]:
+    return {w.split("=")[0] for w in words if re.match(r"--?[A-Za-z]", w)}
+
+
+def _script_calls(text: str) -> list[tuple[str, list[str]]]:
+    """(script, its arguments) for each `python SCRIPT.py ...` in a command, up to a pipe, redirect or `&&`."""
+    words, calls = shlex.split(text), []
+    for i, word in enumerate(words):
+        if word.endswith(".py") and i and words[i - 1] == "python":
+            args = []
+            for arg in words[i + 1 :]:
+                if arg in ("|", "||", "&&", ";") or arg.startswith(">"):
+                    break
+                args.append(arg)
+            calls.append((word, args))
+    return calls
+
+
+@functools.cache
+def _script_options(script: str) -> set[str]:
+    """The option strings a repository script's `--help` lists. Run in this interpreter (runpy, as `python SCRIPT
+    --help` would run it): the torch, timm and mambaout imports at its top are then already loaded, where a fresh
+    process took 4-11 s per script on the 2 shared cores."""
+    buf, argv = io.StringIO(), sys.argv
+    sys.argv = [str(ROOT / script), "--help"]
+    try:
+        with contextlib.redirect_stdout(buf):
+            runpy.run_path(str(ROOT / script), run_name="__main__")
+    except SystemExit as e:
+        assert e.code in (0, None), f"{script} --help exited {e.code}"
+    except Exception as e:  # a script without --help (make_finetune_set.py reads sys.argv itself)
+        raise AssertionError(f"{script} --help failed ({type(e).__name__}: {e}): it takes no options") from e
+    finally:
+        sys.argv = argv
+    assert "usage:" in buf.getvalue(), f"{script} --help printed no usage"
+    return _help_options(buf.getvalue())
+
+
+def _help_options(text: str) -> set[str]:
+    return set(re.findall(r"(?<![\w-])(--?[A-Za-z][\w-]*)", text))
+
+
+# repository paths a command names (scripts, result files); `(?<!...)`: not runs/demo/ or ../benchmarks/
+REPO_PATH = re.compile(r"(?<![\w./-])((?:benchmarks|demo)/[\w./-]*)")
+
+
+@pytest.mark.parametrize("cmd", SHELL + INLINE, ids=str)
 def test_documented_options_exist(cmd):
+    """Each command, in a fence or in the running text, names only files the repository has and options its own
+    `--help` lists: `mambaout CMD`'s, `mambaout detect ACTION`'s (not another action's), or a script's."""
+    check_options(cmd)
+
+
+def check_options(cmd: Snippet) -> None:
+    for path in REPO_PATH.findall(cmd.text):
+        assert (ROOT / path).exists(), f"{cmd}: {path} is not in the repository"
+    for script, args in _script_calls(cmd.text):
+        assert (ROOT / script).is_file(), f"{cmd}: {script} is not in the repository"
+        used = _used_options(args)
+        if used:
+            known = _script_options(script)
+            assert used <= known, f"{cmd}: {sorted(used - known)} not among the options of python {script} --help"
     argv = _mambaout_argv(cmd.text)
     if argv is None:
-        scripts = re.findall(r"python (\S+\.py)", cmd.text)
-        for script in scripts:
-            assert (ROOT / script).is_file(), f"{cmd}: {script} is not in the repository"
+        return
+    if argv[0].startswith("-"):  # `mambaout --help`
+        assert argv[0] in ("-h", "--help", "-V", "--version"), f"{cmd}: mambaout has no option {argv[0]}"
+        return
+    if re.fullmatch(r"<[\w-]+>", argv[0]):  # `mambaout <command>`: any command
         return
     from mambaout.cli import COMMANDS
+    from mambaout.cli.dense import ACTIONS
 
     assert argv[0] in COMMANDS or argv[0] == "mambaout.analysis.compare", f"{cmd}: no command {argv[0]!r}"
-    known = _options(argv[:1])
-    used = {w.split("=")[0] for w in argv[1:] if re.match(r"--?[A-Za-z]", w)}
-    assert used <= known, f"{cmd}: {sorted(used - known)} not among the options of its --help"
+    command = argv[:1]
+    if argv[0] in ("detect", "segment"):  # each action has its own options
+        if len(argv) > 1 and not argv[1].startswith("-"):
+            assert argv[1] in ACTIONS, f"{cmd}: mambaout {argv[0]} has no action {argv[1]!r} ({', '.join(ACTIONS)})"
+            command = argv[:2]
+        else:
+            assert not _used_options(argv[1:]) - {"-h", "--help"}, f"{cmd}: options without an action ({ACTIONS})"
+    known = _options(command)
+    used = _used_options(argv[len(command) :])
+    assert used <= known, f"{cmd}: {sorted(used - known)} not among the options of mambaout {' '.join(command)} --help"
 
 
 # --- running them ---------------------------------------------------------------------------------------------------
@@ -334,6 +449,39 @@ def test_the_extraction_finds_the_commands():
         "downloads published weights",
         "serves until stopped",
     }
+
+
+def test_inline_commands_are_found_and_checked(tmp_path):
+    """Commands in running text are extracted (a span may wrap a line; fences, printed lines and names of things
+    are not commands), and the check fails on an option of another action, an unknown script option or file."""
+    page = tmp_path / "page.md"
+    page.write_text(
+        "Run `mambaout export --format hf\nDIR` or `mambaout_femto` or `python -m mambaout.analysis`.\n"
+        "| a | `mambaout detect train --steps 2` |\n\n"
+        "It prints `mambaout predict: bf16 asked for`; see `flock /tmp/x.lock benchmarks/cpu_check.sh`.\n"
+        "```bash\nmambaout train `mambaout models`\n```\n"
+    )
+    found = [(c.line, c.text) for c in inline_commands(page)]
+    assert found == [
+        (1, "mambaout export --format hf DIR"),
+        (3, "mambaout detect train --steps 2"),
+        (5, "flock /tmp/x.lock benchmarks/cpu_check.sh"),
+    ]
+    texts = [c.text for c in INLINE]
+    assert "mambaout export --format hf DIR" in texts and any(t.startswith("mambaout data-bench --") for t in texts)
+    for text, complaint in [
+        ("mambaout detect train --score-threshold 0.3", r"'--score-threshold'\] not among .* detect train --help"),
+        ("mambaout segment train --flip", r"'--flip'\] not among .* segment train --help"),  # validate's
+        ("mambaout detect --steps 2", "options without an action"),
+        ("mambaout detect fit", "has no action 'fit'"),
+        ("python demo/app.py --share", r"'--share'\] not among .* demo/app.py --help"),
+        ("python benchmarks/dense_cpu.py --model femto", r"'--model'\] not among .* benchmarks/dense_cpu.py --help"),
+        ("python benchmarks/make_finetune_set.py --seed 1 a b", "takes no options"),
+        ("flock /tmp/x.lock benchmarks/gpu_check.sh", "benchmarks/gpu_check.sh is not in the repository"),
+    ]:
+        with pytest.raises(AssertionError, match=complaint):
+            check_options(Snippet(page, 1, "inline", text))
+    check_options(Snippet(page, 1, "inline", "mambaout detect predict --score-threshold 0.3 --checkpoint w x.jpg"))
 
 
 def test_python_snippets_are_judged_by_their_code_not_their_comments():
