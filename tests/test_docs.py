@@ -533,3 +533,21 @@ def test_timing_claims_name_the_cpu():
         for i, line in enumerate(page.read_text().splitlines(), 1):
             if re.search(r"(\d+ (s|min)\b[^|]*on 2 (CPU )?cores|on 2 (CPU )?cores[^|]*\d+ (s|min)\b)", line):
                 assert "EPYC" in line, f"{page.name}:{i}: a timing without its CPU: {line.strip()}"
+
+
+# what a page says is in a repository checkout only: "`benchmarks/` is not in the pip package", "`demo/app.py`
+# exists only in a repository checkout" (the folder, or the very file the command uses)
+REPO_ONLY = re.compile(r"`((?:benchmarks|demo)/[^`]*)`[^.`]*?(?:not in the pip package|only in a repository checkout)")
+
+
+def test_pages_say_which_files_a_pip_install_lacks():
+    """The wheel holds src/mambaout only (benchmarks/ and demo/ are beside it), so a page with a command that uses
+    a benchmarks/ or demo/ path says that it needs a repository checkout."""
+    assert 'where = ["src"]' in (ROOT / "pyproject.toml").read_text()  # the premise: packages come from src/ only
+    missing = []
+    for cmd in SHELL + INLINE:
+        said = {m.group(1) for m in REPO_ONLY.finditer(" ".join(cmd.page.read_text().split()))}
+        for path in REPO_PATH.findall(cmd.text):
+            if not any(path == s or (s.endswith("/") and path.startswith(s)) for s in said):
+                missing.append(f"{cmd.where}: {path} (the page never says `{path.split('/')[0]}/` is repository-only)")
+    assert not missing, "\n".join(missing)
