@@ -551,3 +551,36 @@ def test_pages_say_which_files_a_pip_install_lacks():
             if not any(path == s or (s.endswith("/") and path.startswith(s)) for s in said):
                 missing.append(f"{cmd.where}: {path} (the page never says `{path.split('/')[0]}/` is repository-only)")
     assert not missing, "\n".join(missing)
+
+
+@pytest.mark.heavy
+def test_demo_prints_no_share_advice(tmp_path):
+    """`mambaout demo` starts with one line naming its address, without Gradio's "set `share=True` in `launch()`"
+    (a command-line user cannot edit that call, and the demo makes no public links: docs/inference.md)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    argv = [sys.executable, "-m", "mambaout", "demo", "--model", "mambaout_test", "--random-weights"]
+    env = _env(tmp_path / "work")
+    proc = subprocess.Popen(
+        [*argv, "--port", str(port)], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    printed = []
+    try:
+        for line in proc.stdout:  # the demo's own line comes after everything Gradio's launch() prints
+            printed.append(line)
+            if "(Ctrl+C to stop)" in line:
+                break
+    finally:
+        proc.terminate()  # SIGTERM: the demo removes its upload folder and exits 0
+        try:
+            printed.append(proc.communicate(timeout=60)[0])
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+    printed = "".join(printed)
+    assert f"* Running on http://127.0.0.1:{port}/ (Ctrl+C to stop)" in printed, printed
+    assert "share=True" not in printed and "public link" not in printed, printed
+    assert proc.returncode == 0, printed
