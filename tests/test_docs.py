@@ -17,6 +17,7 @@ import ast
 import contextlib
 import functools
 import io
+import itertools
 import os
 import re
 import runpy
@@ -509,11 +510,25 @@ def test_torch_range_matches_the_pin():
         )
 
 
+RECIPE_DIRS = [ROOT / "src" / "mambaout" / "recipes", ROOT / "src" / "mambaout" / "dense" / "recipes"]
+# a wall-time budget: "under 10 min", "within 10 minutes", "budget 20 min", "in 20 CPU-minutes"; not "in 4 min 14 s"
+BUDGET = r"(?:under|within|budget:?|in) (\d+) (?:CPU-)?min(?:utes)?\b(?! \d+ s\b)"
+
+
+def _recipe_header(path: Path) -> str:
+    """The comment a recipe file opens with (command, hardware, wall time, top-1, why), as one line of text."""
+    lines = path.read_text().splitlines()
+    return " ".join(line.lstrip("#").strip() for line in itertools.takewhile(lambda s: s.startswith("#"), lines))
+
+
 @pytest.mark.parametrize("recipe", ["imagenette-h100", "imagenette-cpu"])
 def test_recipe_rows_state_the_recipes_size_and_epochs(recipe):
+    """The docs' rows give the recipe's own size and epochs, and the docs and the recipe's header one budget, one
+    measured wall time (within that budget) and one top-1."""
     import yaml
 
-    cfg = yaml.safe_load((ROOT / "src" / "mambaout" / "recipes" / f"{recipe}.yaml").read_text())
+    path = RECIPE_DIRS[0] / f"{recipe}.yaml"
+    cfg = yaml.safe_load(path.read_text())
     rows = [line for line in _doc_text().splitlines() if line.startswith(f"| `{recipe}` |")]
     assert rows
     for row in rows:
@@ -523,8 +538,20 @@ def test_recipe_rows_state_the_recipes_size_and_epochs(recipe):
             assert int(px.group(1)) == cfg["img_size"], row
         if ep:
             assert int(ep.group(1)) == cfg["epochs"], row
-    budgets = set(re.findall(rf"{recipe}[^\n]*?under (\d+) min", _doc_text()))
-    assert len(budgets) <= 1, f"{recipe}: the docs give different wall-time budgets {budgets}"
+    header = _recipe_header(path)
+    in_header = set(re.findall(BUDGET, header))
+    in_docs = set(re.findall(rf"{recipe}[^\n]*?{BUDGET}", _doc_text()))
+    assert in_header, f"{path.name}: its header states no wall-time budget"
+    assert len(in_header | in_docs) == 1, f"{recipe}: budgets of {in_docs} min in the docs, {in_header} in its header"
+    measured = re.search(r"wall time: (\d+) min (\d+) s measured", header)
+    if measured:
+        wall, top1 = f"{measured[1]} min {measured[2]} s", re.search(r"top-1: +([\d.]+%) measured", header)[1]
+        assert int(measured[1]) * 60 + int(measured[2]) <= int(in_header.pop()) * 60, f"{path.name}: over budget"
+        for row in rows:
+            if re.search(r"\d+ min \d+ s", row):
+                assert wall in row, f"{row}\nthe header of {path.name} says {wall}"
+            if re.search(r"\d+\.\d+%", row):
+                assert top1 in row, f"{row}\nthe header of {path.name} says top-1 {top1}"
 
 
 def test_timing_claims_name_the_cpu():
@@ -533,6 +560,10 @@ def test_timing_claims_name_the_cpu():
         for i, line in enumerate(page.read_text().splitlines(), 1):
             if re.search(r"(\d+ (s|min)\b[^|]*on 2 (CPU )?cores|on 2 (CPU )?cores[^|]*\d+ (s|min)\b)", line):
                 assert "EPYC" in line, f"{page.name}:{i}: a timing without its CPU: {line.strip()}"
+    for path in sorted(p for d in RECIPE_DIRS for p in d.glob("*.yaml")):  # and a recipe's header, measured on CPUs
+        header = _recipe_header(path)
+        if re.search(r"\bmeasured\b", header) and re.search(r"\bCPU cores\b", header):
+            assert "EPYC" in header, f"{path.name}: a wall time measured on CPU cores, without the CPU: {header[:300]}"
 
 
 # what a page says is in a repository checkout only: "`benchmarks/` is not in the pip package", "`demo/app.py`
