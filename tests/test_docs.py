@@ -250,7 +250,7 @@ def _script_calls(text: str) -> list[tuple[str, list[str]]]:
 
 
 @functools.cache
-def _script_options(script: str) -> set[str]:
+def _script_options(script: str) -> frozenset[str]:
     """The option strings a repository script's `--help` lists. Run in this interpreter (runpy, as `python SCRIPT
     --help` would run it): the torch, timm and mambaout imports at its top are then already loaded, where a fresh
     process took 4-11 s per script on the 2 shared cores."""
@@ -266,7 +266,7 @@ def _script_options(script: str) -> set[str]:
     finally:
         sys.argv = argv
     assert "usage:" in buf.getvalue(), f"{script} --help printed no usage"
-    return _help_options(buf.getvalue())
+    return frozenset(_help_options(buf.getvalue()))  # cached: not to be changed by a caller
 
 
 def _help_options(text: str) -> set[str]:
@@ -405,6 +405,7 @@ def test_documented_commands_run(page, tmp_path):
 
 
 @pytest.mark.heavy
+@pytest.mark.timeout(900)  # dense.md's ten coco128 commands: 185 s at load 1, over 300 s at load 4-5 on 2 cores
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
 def test_documented_commands_on_shared_data_run(page, tmp_path, shared_data):
     """The commands on ../shared/data (Imagenette training capped to 1 epoch of 2 steps, validation, prediction)."""
