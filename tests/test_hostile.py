@@ -142,6 +142,16 @@ def world(tmp_path_factory) -> Path:
     torch.save({"config": {"model": "mambaout_test", "data_train": "digits:train"}}, w / "run" / "state.pt")
     _issue18_world(w)
     _data_round_world(w)
+    # recipe files that are not plain configuration data (issue 18 group 11)
+    (w / "recipes").mkdir()
+    (w / "recipes" / "tag.yaml").write_text("epochs: !!python/object/apply:os.system ['echo pwned']\n")
+    (w / "recipes" / "name.yaml").write_text("model: !!python/name:os.system\n")
+    bomb = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{k}: &{k} [*{j}, *{j}, *{j}, *{j}, *{j}, *{j}, *{j}, *{j}, *{j}]\n" for j, k in zip("abcdefgh", "bcdefghi")
+    )
+    (w / "recipes" / "bomb.yaml").write_text(bomb)
+    (w / "recipes" / "dup.yaml").write_text("epochs: 3\nlr: 0.1\nepochs: 30\n")
+    (w / "recipes" / "parse.yaml").write_text("epochs: [3\nlr: 0.1\n")
     return w
 
 
@@ -580,6 +590,25 @@ DATA_BENCH = "data-bench --data-train {w}/good --only cpu --workers 0"
 
 # issue 18: special files, damaged weights, foreign folders, unbounded inputs, interrupts, hostile names
 CASES_18 = [
+    # --- 11. recipes that are no plain data: one line of at most ~200 characters, nothing run, nothing expanded -----
+    Case("recipe-python-object", "train --print-config --recipe {w}/recipes/tag.yaml", 2, "is not plain data"),
+    Case("recipe-python-name", "train --print-config --recipe {w}/recipes/name.yaml", 2, "is not plain data"),
+    Case("recipe-alias-bomb", "train --print-config --recipe {w}/recipes/bomb.yaml", 2, "anchors (&a) are not allowed"),
+    Case(
+        "recipe-duplicate-key", "train --print-config --recipe {w}/recipes/dup.yaml", 2, "key 'epochs' is given twice"
+    ),
+    Case("recipe-parse-error", "train --print-config --recipe {w}/recipes/parse.yaml", 2, "not valid YAML"),
+    Case("set-alias", "train --print-config --set lr=*a", 2, "aliases (*a) are not allowed"),
+    # --- 12. model size from --set model_kwargs: the meta-device bound, before any memory is allocated -------------
+    Case(
+        "set-model-kwargs-dims-16384",
+        "train --print-config --model mambaout_femto --set model_kwargs={{dims:[16384,16384,16384,16384]}}",
+        2,
+        "parameters, over the bound of 1,000M",
+    ),
+    Case("set-model-kwargs-dims-over", "train --print-config --set model_kwargs={{dims:[99999]}}", 2, "16,384]"),
+    # --- 16. the seed over 64 bits -------------------------------------------------------------------------------------
+    Case("train-seed-over-64-bits", "train --print-config --seed 99999999999999999999", 2, "seed=99999999999999999999"),
     # --- 1. an output path that names a device, FIFO, socket or a link to one is refused, never replaced -----------
     Case(
         "results-file-char-device",
