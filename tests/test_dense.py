@@ -320,6 +320,49 @@ def test_label_map_refuses_values_that_are_no_class(tmp_path):
         lm(np.array([1, 4]), "m.png")
 
 
+def _runs(mask: np.ndarray) -> list[int]:
+    """Run lengths of a binary mask in column-major order, starting with a run of zeros (COCO's RLE), by hand."""
+    flat = mask.flatten(order="F")
+    edges = np.flatnonzero(np.diff(flat)) + 1
+    bounds = [0, *edges.tolist(), flat.size]
+    runs = np.diff(bounds).tolist()
+    return runs if flat[0] == 0 else [0, *runs]
+
+
+def test_rle_strings_decode_to_the_runs_of_the_mask():
+    """pycocotools writes the strings; the runs are counted from the mask itself."""
+    from mambaout.dense.coco import rle_string_counts
+
+    rng = np.random.default_rng(0)
+    for i in range(100):
+        h, w = rng.integers(1, 50, 2)
+        mask = (rng.random((h, w)) < [0.0, 0.02, 0.5, 1.0][i % 4]).astype(np.uint8)
+        rle = mask_util.encode(np.asfortranarray(mask))
+        assert rle_string_counts(rle["counts"].decode()) == _runs(mask)
+    assert rle_string_counts("abc") is None  # cut inside a count (every group says another follows)
+    assert rle_string_counts("0\x00") is None
+
+
+def test_segmentations_pycocotools_rasterises_pass_the_check():
+    from mambaout.dense.coco import segmentation_problem
+
+    h, w = 30, 40
+    mask = np.zeros((h, w), np.uint8)
+    mask[5:20, 3:30] = 1
+    rle = mask_util.encode(np.asfortranarray(mask))
+    compressed = dict(size=[h, w], counts=rle["counts"].decode())
+    uncompressed = dict(size=[h, w], counts=_runs(mask))
+    polygon = [[3.0, 5.0, 30.0, 5.0, 30.0, 20.0, 3.0, 20.0], [-1.5, 0, 41, 0, 41, 31]]  # a pixel or two outside
+    for seg in (compressed, uncompressed, polygon):
+        assert segmentation_problem(seg, h, w) is None, seg
+    # and pycocotools reads them as its COCO.annToRLE does
+    assert np.array_equal(mask_util.decode(compressed), mask)
+    assert np.array_equal(mask_util.decode(mask_util.frPyObjects(uncompressed, h, w)), mask)
+    assert mask_util.decode(mask_util.merge(mask_util.frPyObjects(polygon, h, w))).sum() > 400
+    assert segmentation_problem(uncompressed, h, w + 1) is not None  # another image's size
+    assert segmentation_problem(dict(size=[h, w], counts=[*_runs(mask)[:-1], 0]), h, w) is not None
+
+
 # --- the data path ---------------------------------------------------------------------------------------------------
 
 
@@ -525,6 +568,7 @@ DET_TRAIN = (
     "faster_rcnn --img-size 48 --max-size 64 --steps 2 -b 2 --workers 0 --threads 1 --set model.fpn_channels=16 "
     "--set model.box_head_dim=32 --set model.rois_per_image=16 --no-eval-at-start --no-progress"
 )
+DET_MASK_TRAIN = DET_TRAIN.replace("faster_rcnn", "mask_rcnn") + " --set model.mask_head_channels=8 --steps 1"
 SEG_TRAIN = (
     "segment train --data {w}/seg --num-classes 3 --set model.backbone=mambaout_test --crop-size 32 --scale 64 48 "
     "--steps 2 -b 2 --workers 0 --threads 1 --head-channels 8 --set model.aux_channels=4 --head-norm gn "
@@ -563,6 +607,35 @@ def dense_world(tmp_path_factory) -> Path:
         "orphan-annotation": lambda d: d["annotations"][0].update(image_id=77),
         "no-annotations": lambda d: d.update(annotations=[]),
         "crowd-only": lambda d: [a.update(iscrowd=1) for a in d["annotations"]],
+        # structure pycocotools takes without a word (item: KeyError 'height', TypeError '<', an extra class)
+        "image-no-height": lambda d: d["images"][0].pop("height"),
+        "image-width-0": lambda d: d["images"][2].update(width=0),
+        "image-id-text": lambda d: [d["images"][0].update(id="1"), d["annotations"][0].update(image_id="1")],
+        "file-name-absolute": lambda d: d["images"][0].update(file_name=str(Path("/etc/hostname"))),
+        "file-name-dotdot": lambda d: d["images"][1].update(file_name="../val/1.png"),
+        "no-annotations-key": lambda d: d.pop("annotations"),
+        "category-id-text": lambda d: (
+            [d["categories"][0].update(id="3")]
+            + [a.update(category_id="3") for a in d["annotations"] if a["category_id"] == 3]
+        ),
+        "duplicate-category-id": lambda d: d["categories"].append(dict(id=3, name="car again")),
+        "duplicate-annotation-id": lambda d: d["annotations"][1].update(id=1),
+        "no-area": lambda d: d["annotations"][0].pop("area"),
+        # segmentations pycocotools' C code spins on (NaN, inf, huge), reads or writes out of bounds, or crashes on
+        "seg-nan": lambda d: d["annotations"][1].update(segmentation=[[5, 4, float("nan"), 4, 25, 20, 5, 20]]),
+        "seg-inf": lambda d: d["annotations"][1].update(segmentation=[[5, 4, 25, 4, 25, float("inf"), 5, 20]]),
+        "seg-huge": lambda d: d["annotations"][1].update(segmentation=[[5, 4, 1e9, 4, 25, 20, 5, 20]]),
+        "seg-huge-negative": lambda d: d["annotations"][2].update(segmentation=[[5, -1e9, 25, 4, 25, 20, 5, 20]]),
+        "seg-missing": lambda d: d["annotations"][1].pop("segmentation"),
+        "seg-text": lambda d: d["annotations"][1].update(segmentation="oops"),
+        "seg-empty": lambda d: d["annotations"][1].update(segmentation=[]),
+        "seg-one-point": lambda d: d["annotations"][1].update(segmentation=[[5, 4]]),
+        "seg-two-points": lambda d: d["annotations"][1].update(segmentation=[[5, 4, 25, 4]]),
+        "seg-not-nested": lambda d: d["annotations"][1].update(segmentation=[5, 4, 25, 4, 25, 20]),
+        "rle-other-size": lambda d: d["annotations"][1].update(segmentation=dict(size=[10, 10], counts=[100])),
+        "rle-short-runs": lambda d: d["annotations"][1].update(segmentation=dict(size=[48, 64], counts=[100, 20])),
+        "rle-negative-run": lambda d: d["annotations"][1].update(segmentation=dict(size=[48, 64], counts=[3100, -28])),
+        "rle-cut-string": lambda d: d["annotations"][1].update(segmentation=dict(size=[48, 64], counts="abc")),
     }
     for name, edit in edits.items():
         _coco(ann / f"{name}.json", 4, edit)
@@ -611,6 +684,7 @@ def dense_world(tmp_path_factory) -> Path:
     (w / "out").mkdir()
     assert main([*DET_TRAIN.format(w=w).split(), "-o", str(w / "run-det")]) == 0
     assert main([*SEG_TRAIN.format(w=w).split(), "-o", str(w / "run-seg")]) == 0
+    assert main([*DET_MASK_TRAIN.format(w=w).split(), "-o", str(w / "run-det-mask")]) == 0
     # a checkpoint holding NaN: the trained detector with three weights spoiled
     from mambaout.weights.checkpoint import read_checkpoint, save_weights
 
@@ -629,7 +703,12 @@ SV = "segment validate --checkpoint {w}/run-seg/last.safetensors --data {w}/seg"
 DP = "detect predict {w}/pics/a.png --checkpoint {w}/run-det/last.safetensors"
 SP = "segment predict {w}/pics/a.png --checkpoint {w}/run-seg/last.safetensors"
 LABELS = " --train-labels {w}/det/annotations/"
-RUNS = ("run-det", "run-seg")  # a failed command touches neither run
+RUNS = ("run-det", "run-seg", "run-det-mask")  # a failed command touches no run
+DMT = DT.replace("faster_rcnn", "mask_rcnn") + " --set model.mask_head_channels=8"
+VAL2 = " --max-val-images 2 --val-labels {w}/det/annotations/"  # the two val images, labelled by a 4-image file
+DV2 = DV + VAL2
+DMV = DV.replace("run-det/", "run-det-mask/") + VAL2  # a Mask R-CNN: COCOeval rasterises the segmentations
+SEG_IS = "a segmentation is a list of polygons"
 
 DENSE_CASES = [
     # --- YAML: --set values and recipe files through mambaout.utils.safe_yaml -------------------------------------
@@ -657,6 +736,54 @@ DENSE_CASES = [
     Case("det-coco-crowd-only", DT + LABELS + "crowd-only.json", 2, "nothing to learn from; give the training"),
     # allowed: a box of no size is left out of the targets (torchvision's references drop them too)
     Case("det-coco-negative-box", DET_TRAIN + " -o {w}/out/neg" + LABELS + "negative-box.json", 0, "done: bbox_AP"),
+    # --- COCO structure: image entries, ids, categories, the annotations list, file names inside the folder ----------
+    Case("det-coco-image-no-height", DT + LABELS + "image-no-height.json", 2, "image 1 has height None; an image is"),
+    Case("det-coco-image-width-0", DT + LABELS + "image-width-0.json", 2, "image 3 has width 0; an image is"),
+    Case("det-coco-image-id-text", DT + LABELS + "image-id-text.json", 2, "image '1' has id '1'; an image is {id: int"),
+    Case("det-coco-file-name-absolute", DT + LABELS + "file-name-absolute.json", 2, "leads out of the image folder"),
+    Case("det-coco-file-name-dotdot", DT + LABELS + "file-name-dotdot.json", 2, "'../val/1.png', which leads out of"),
+    Case("det-coco-no-annotations-key", DT + LABELS + "no-annotations-key.json", 2, "has no 'annotations' list"),
+    Case("det-coco-category-id-text", DT + LABELS + "category-id-text.json", 2, "category ids are integers"),
+    Case(
+        "det-coco-duplicate-category", DT + LABELS + "duplicate-category-id.json", 2, "category ids [3] are given twice"
+    ),
+    Case("det-coco-duplicate-annotation", DT + LABELS + "duplicate-annotation-id.json", 2, "annotation ids are not"),
+    Case(
+        "det-validate-no-annotations-key",
+        DV2 + "no-annotations-key.json",
+        2,
+        "has no 'annotations' list",
+    ),
+    Case("det-validate-duplicate-annotation", DMV + "duplicate-annotation-id.json", 2, "annotation ids are not unique"),
+    Case("det-validate-no-area", DV2 + "no-area.json", 2, "annotation 1 has no area;"),
+    # --- segmentations pycocotools spins on or reads out of bounds: train and validate of a Mask R-CNN ---------------
+    Case(
+        "det-seg-nan", DMT + LABELS + "seg-nan.json", 2, "annotation 2 has segmentation [[5, 4, nan, 4, 25, 20, 5, 20]]"
+    ),
+    Case("det-seg-inf", DMT + LABELS + "seg-inf.json", 2, "a polygon coordinate is not finite; " + SEG_IS),
+    Case("det-seg-huge", DMT + LABELS + "seg-huge.json", 2, "coordinate lies far outside the 64x48 image; " + SEG_IS),
+    Case("det-seg-huge-negative", DMT + LABELS + "seg-huge-negative.json", 2, "annotation 3 has segmentation [[5, -1"),
+    Case("det-seg-missing", DMT + LABELS + "seg-missing.json", 2, "annotation 2 has no segmentation, and masks are"),
+    Case("det-seg-text", DMT + LABELS + "seg-text.json", 2, "segmentation oops: neither a list of polygons nor an RLE"),
+    Case("det-seg-empty", DMT + LABELS + "seg-empty.json", 2, "has segmentation []: an empty list; " + SEG_IS),
+    Case("det-seg-one-point", DMT + LABELS + "seg-one-point.json", 2, "[[5, 4]]: a polygon of 2 numbers; " + SEG_IS),
+    Case("det-seg-two-points", DMT + LABELS + "seg-two-points.json", 2, "[[5, 4, 25, 4]]: a polygon of 4 numbers"),
+    Case("det-seg-not-nested", DMT + LABELS + "seg-not-nested.json", 2, "polygon 5 is not a list of numbers"),
+    Case("det-rle-other-size", DMT + LABELS + "rle-other-size.json", 2, "an RLE of size [10, 10] on an image of"),
+    Case("det-rle-short-runs", DMT + LABELS + "rle-short-runs.json", 2, "run lengths sum to 120, not height x width"),
+    Case("det-rle-negative-run", DMT + LABELS + "rle-negative-run.json", 2, "a run length is negative (-28)"),
+    Case("det-rle-cut-string", DMT + LABELS + "rle-cut-string.json", 2, "compressed counts string is cut short"),
+    Case("det-validate-seg-nan", DMV + "seg-nan.json", 2, "annotation 2 has segmentation [[5, 4, nan,"),
+    Case("det-validate-seg-huge", DMV + "seg-huge.json", 2, "a polygon coordinate lies far outside the 64x48 image"),
+    Case("det-validate-seg-text", DMV + "seg-text.json", 2, "has segmentation oops: neither"),
+    Case("det-validate-rle-short-runs", DMV + "rle-short-runs.json", 2, "run lengths sum to 120"),
+    # allowed: a box-only detector never reads segmentations, so a box-only file (none, or []) trains it
+    Case(
+        "det-faster-rcnn-ignores-segmentations",
+        DT + LABELS + "seg-missing.json",
+        0,
+        "done: bbox_AP",
+    ),
     Case("det-validate-other-categories", DV + " --val-labels {w}/det/annotations/other-cats.json", 2, "ids [3, 8]"),
     Case("det-validate-huge-declared-size", DV + " --val-labels {w}/det/annotations/huge-size.json", 2, "1000000000"),
     # --- masks: a value that is no class, another size, not a file -------------------------------------------------

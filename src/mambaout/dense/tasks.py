@@ -140,7 +140,8 @@ class DetectTask(Task):
         return dataset
 
     def eval_dataset(self, images, ann, meta: dict | None = None):
-        dataset = CocoInstances(images, ann, None, masks=False)  # COCOeval reads the truth from the JSON
+        # no masks decoded here: COCOeval reads the truth from the JSON (checked for what it will read)
+        dataset = CocoInstances(images, ann, None, masks=False, evaluate=self.iou_types())
         cat_ids = (meta or {}).get("cat_ids", getattr(self, "cat_ids", None))
         if cat_ids is not None and list(cat_ids) != dataset.cat_ids:
             raise ValueError(
@@ -149,6 +150,10 @@ class DetectTask(Task):
             )
         self.cat_ids, self.coco = dataset.cat_ids, dataset.coco
         return dataset
+
+    def iou_types(self) -> tuple[str, ...]:
+        """What COCOeval scores: boxes, and masks too for Mask R-CNN."""
+        return ("bbox", "segm") if self.cfg.model.kind == "mask_rcnn" else ("bbox",)
 
     def model(self, pretrained: bool = False, checkpoint: str | None = None) -> nn.Module:
         return create_detector(self.cfg.model, pretrained, checkpoint)
@@ -176,7 +181,7 @@ class DetectTask(Task):
                 results += to_coco_results(out, t["image_id"], self.cat_ids)  # it casts (labels stay integers)
                 image_ids.append(t["image_id"])
         results, image_ids = dist.all_gather_lists(results), dist.all_gather_lists(image_ids)
-        types = ("bbox", "segm") if self.cfg.model.kind == "mask_rcnn" else ("bbox",)
+        types = self.iou_types()
         ev = coco_evaluate(self.coco, results, sorted(image_ids), types)
         metrics = {f"{t}_{k}": v for t in types for k, v in ev[t].items() if k in ("AP", "AP50", "AP75")}
         return dict(metrics, images=len(image_ids), detections=len(results), summary=ev["summary"])
