@@ -668,6 +668,8 @@ def dense_world(tmp_path_factory) -> Path:
         os.mknod(w / "dev" / "null", stat.S_IFCHR | 0o666, os.makedev(1, 3))  # what /dev/null is
     os.mkfifo(w / "dev" / "fifo")
     os.mkfifo(w / "dev" / "fifo.png")
+    os.mkfifo(w / "dev" / "fifo.yaml")
+    (w / "cats-dup.json").write_text(json.dumps([dict(id=0, name="a"), dict(id=1, name="b"), dict(id=1, name="c")]))
     _png(w / "pics" / "a.png", 48, 64, seed=5)
     os.mkfifo(w / "pics" / "b.png")
     # YAML recipes (dense/config.py) a user might be handed
@@ -877,6 +879,12 @@ DENSE_CASES = [
     Case("det-resume-a-segment-run", "detect train --resume {w}/run-seg", 2, "holds a segment run"),
     Case("det-resume-missing", "detect train --resume {w}/nope", 2, "no training state found"),
     Case("det-resume-finished", "detect train --resume {w}/run-det", 0, "the run is finished (all 2 steps done)"),
+    # --- categories files and recipes that are no regular file, or that give an id twice ----------------------------
+    Case("seg-categories-fifo", ST + " --categories {w}/dev/fifo", 2, "fifo is not a regular file (a named", ("dev",)),
+    Case("seg-categories-folder", ST + " --categories {w}/dev", 2, "dev is not a regular file (a folder)", ("dev",)),
+    Case("seg-categories-missing", ST + " --categories {w}/nope.json", 2, "nope.json does not exist"),
+    Case("seg-categories-duplicate-id", ST + " --categories {w}/cats-dup.json", 2, "cats-dup.json lists id 1 twice"),
+    Case("det-recipe-fifo", DT + " --recipe {w}/dev/fifo.yaml", 2, "fifo.yaml is not a regular file", ("dev",)),
     # --- flags as the classification commands have them ------------------------------------------------------------
     Case("det-amp-bare", DT + " --amp --print-config", 0, "amp: bf16"),
     Case("seg-validate-amp-bare", SV + " --amp", 0, "single-scale: mIoU"),

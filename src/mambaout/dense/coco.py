@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from mambaout.data.image import load_image
+from mambaout.utils.files import regular_file
 from mambaout.utils.optional import require
 
 BOX_STATS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
@@ -36,10 +37,7 @@ def load_coco(ann_file: str | Path):
     _pycocotools()
     from pycocotools.coco import COCO
 
-    ann_file = Path(ann_file)
-    if not ann_file.is_file():  # a FIFO or a device is never opened: reading one could block forever
-        what = "is not a regular file" if ann_file.exists() else "does not exist"
-        raise FileNotFoundError(f"COCO annotation file {ann_file} {what}")
+    ann_file = regular_file(ann_file, "COCO annotation file")  # a FIFO is never opened: it could block forever
     with contextlib.redirect_stdout(io.StringIO()):
         try:
             return COCO(str(ann_file))

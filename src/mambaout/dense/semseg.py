@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from mambaout.data.image import load_image
-from mambaout.utils.files import special_kind
+from mambaout.utils.files import regular_file, special_kind
 from mambaout.utils.limits import check_pixels
 
 from .coco import resize_scale, to_tensor
@@ -81,15 +81,21 @@ class LabelMap:
 
 
 def _read_categories(path: str | Path) -> list[dict]:
+    path = regular_file(path, "categories file")  # a FIFO is never opened: the read would block forever
     try:
-        entries = json.loads(Path(path).read_text())
+        entries = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise ValueError(f"cannot read categories file {path} ({e})") from e
     if isinstance(entries, dict):
         entries = entries.get("categories", [])
     ok = isinstance(entries, list) and entries and all(isinstance(e, dict) and "id" in e for e in entries)
-    if not ok or not all(isinstance(e["id"], int) and 0 <= e["id"] < IGNORE_INDEX for e in entries):
+    if not ok or not all(type(e["id"]) is int and 0 <= e["id"] < IGNORE_INDEX for e in entries):
         raise ValueError(f"{path} must be a JSON list of {{'id': 0-254, 'name': ...}} entries")
+    seen: set[int] = set()
+    for e in entries:
+        if e["id"] in seen:  # the later entry would take the value and leave an earlier class that nothing maps to
+            raise ValueError(f"{path} lists id {e['id']} twice; each mask value is one class: list each id once")
+        seen.add(e["id"])
     return [dict(id=e["id"], name=str(e.get("name", e["id"]))) for e in entries]
 
 
