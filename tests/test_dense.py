@@ -401,6 +401,30 @@ def test_resized_and_flipped_boxes_and_masks_cover_the_same_pixels(coco128):
     assert checked >= 3
 
 
+def test_target_boxes_are_clamped_to_the_image_and_empty_ones_left_out(tmp_path):
+    """As torchvision's COCO reference: x clamped to [0, W], y to [0, H]; a box with nothing inside is dropped, with
+    its label and mask."""
+    _png(tmp_path / "images" / "0.png", 48, 64)
+    boxes = {
+        1: [0, 0, 1e30, 1e30],  # the whole image
+        2: [100, 100, 5, 5],  # wholly outside: empty after clamping
+        3: [-10, 10, 20, 10],  # half outside: (0, 10, 10, 20)
+        4: [5, 4, 1e-12, 10],  # no width in float32
+        5: [6, 8, 0, 3],  # no width (the rule kept from before)
+    }
+
+    def edit(doc):
+        doc["annotations"] = [
+            dict(id=i, image_id=1, category_id=3, iscrowd=0, bbox=b, area=1.0, segmentation=[[6, 8, 20, 8, 20, 30]])
+            for i, b in boxes.items()
+        ]
+
+    _coco(tmp_path / "a.json", 1, edit)
+    _, t = CocoInstances(tmp_path / "images", tmp_path / "a.json")[0]
+    assert t["boxes"].tolist() == [[0.0, 0.0, 64.0, 48.0], [0.0, 10.0, 10.0, 20.0]]
+    assert t["labels"].tolist() == [1, 1] and t["masks"].shape == (2, 48, 64)
+
+
 def test_resize_keeps_the_detectors_own_rule():
     from torchvision.models.detection.transform import _resize_image_and_masks
 

@@ -79,7 +79,7 @@ def check_instances(coco, ann_file, segmentations: bool = True, evaluate: bool =
     an image and a category the file lists, its box is four finite numbers, `iscrowd` is 0 or 1; with `evaluate`
     (COCOeval scores against the file) `iscrowd` and `area` are there; with `segmentations` (masks are decoded,
     here or by COCOeval) every segmentation is polygons or an RLE that fits its image (`segmentation_problem`).
-    Boxes of zero or negative size are kept here and left out of the targets (`target`).
+    Boxes of zero or negative size, or outside the image, are kept here and left out of the targets (`target`).
     """
     images = coco.dataset.get("images", [])
     for img in images:
@@ -280,11 +280,18 @@ class CocoInstances(torch.utils.data.Dataset):
         return image, target
 
     def target(self, image_id: int, h: int, w: int) -> dict:
-        """The image's non-crowd instances with a box of positive size, as torchvision's detectors take them."""
+        """The image's non-crowd instances, as torchvision's detectors take them: boxes clamped to the image (as
+        torchvision's COCO reference does), and those of no size, before or after clamping, left out."""
         anns = [a for a in self.coco.imgToAnns[image_id] if not a.get("iscrowd", 0)]
-        anns = [a for a in anns if a["bbox"][2] > 0 and a["bbox"][3] > 0]
-        boxes = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
+        boxes = torch.tensor([a["bbox"] for a in anns], dtype=torch.float64).reshape(-1, 4)
         boxes[:, 2:] += boxes[:, :2]  # (x, y, w, h) -> (x1, y1, x2, y2)
+        # a box past the border (1e30 in a broken file: a loss of 1e27) trains on its part inside the image
+        boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
+        boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
+        boxes = boxes.float()  # sizes tested in float32: a box of 1e-12 px would be flat there
+        keep = ((boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])).tolist()
+        anns = [a for a, k in zip(anns, keep) if k]
+        boxes = boxes[torch.tensor(keep, dtype=torch.bool)].reshape(-1, 4)
         target = dict(
             boxes=boxes,
             labels=torch.tensor([self.label_of[a["category_id"]] for a in anns], dtype=torch.int64),
