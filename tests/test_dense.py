@@ -675,8 +675,10 @@ def dense_world(tmp_path_factory) -> Path:
     _seg_copy(w / "det" / "images" / "train", w / "det" / "fifo-images")
     (w / "det" / "fifo-images" / "2.png").unlink()
     os.mkfifo(w / "det" / "fifo-images" / "2.png")
-    for name in ("image-fifo", "mask-fifo", "mask-class-9", "mask-size"):
+    for name in ("image-fifo", "mask-fifo", "mask-class-9", "mask-size", "mask-truncated"):
         _seg_copy(w / "seg", w / name)
+    cut = w / "mask-truncated" / "annotations" / "training" / "2.png"
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size * 2 // 3])
     os.unlink(w / "image-fifo" / "images" / "training" / "3.png")
     os.mkfifo(w / "image-fifo" / "images" / "training" / "3.png")
     os.unlink(w / "mask-fifo" / "annotations" / "training" / "1.png")
@@ -815,6 +817,7 @@ DENSE_CASES = [
     # --- masks: a value that is no class, another size, not a file -------------------------------------------------
     Case("seg-mask-class-9", ST.replace("{w}/seg", "{w}/mask-class-9"), 2, "holds mask values [9]"),
     Case("seg-mask-size", ST.replace("{w}/seg", "{w}/mask-size"), 2, "1.png is (40, 40) but its image is (64, 48)"),
+    Case("seg-mask-truncated", ST.replace("{w}/seg", "{w}/mask-truncated"), 2, "training/2.png (OSError: image file"),
     Case("seg-mask-fifo", ST.replace("{w}/seg", "{w}/mask-fifo"), 2, "is a named pipe (FIFO), not a mask file"),
     # --- special files among the inputs and as outputs ---------------------------------------------------------------
     Case("det-train-fifo-image", DT + " --train-images {w}/det/fifo-images", 2, "2.png is a named pipe (FIFO)"),

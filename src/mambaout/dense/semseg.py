@@ -127,11 +127,16 @@ class SegmentationFolder(torch.utils.data.Dataset):
         image = to_tensor(load_image(image_path))
         if special_kind(mask_path):  # a FIFO would block the read forever: never opened (as load_image does)
             raise ValueError(f"{mask_path} is {special_kind(mask_path)}, not a mask file: not opened")
-        with Image.open(mask_path) as m:
-            check_pixels(*m.size, str(mask_path))  # the decode budget images have, from the header
-            if m.mode not in ("L", "P"):
-                raise ValueError(f"{mask_path} is a {m.mode} image; class-index masks are 8-bit (mode L or P)")
-            values = np.asarray(m)
+        try:
+            with Image.open(mask_path) as m:
+                check_pixels(*m.size, str(mask_path))  # the decode budget images have, from the header
+                if m.mode not in ("L", "P"):
+                    raise ValueError(f"{mask_path} is a {m.mode} image; class-index masks are 8-bit (mode L or P)")
+                values = np.asarray(m)
+        except (OSError, SyntaxError) as e:  # PIL says "image file is truncated" without the file's name
+            raise ValueError(
+                f"cannot read the mask {mask_path} ({type(e).__name__}: {e}); replace the file with a whole PNG"
+            ) from e
         if values.shape != tuple(image.shape[-2:]):
             raise ValueError(f"{mask_path} is {values.shape[::-1]} but its image is {tuple(image.shape[:0:-1])}")
         mask = torch.from_numpy(self.label_map(values, str(mask_path)).astype(np.int64))
