@@ -1003,6 +1003,39 @@ def test_predict_escapes_control_characters_in_file_names(dense_world, tmp_path,
     assert len(out.strip().splitlines()) == 2  # the picture's line and the summary
 
 
+def _step_lines(run: Path) -> list[str]:
+    """train.log's progress lines without the speed (the one number that may differ between runs)."""
+    lines = (run / "train.log").read_text().splitlines()
+    return [line.rsplit("  ", 1)[0] for line in lines if line.startswith("step ")]
+
+
+def _summary(run: Path) -> list[dict]:
+    return [{k: v for k, v in row.items() if k != "eval_s"} for row in _rows(run)]
+
+
+@pytest.mark.parametrize("task", ["segment", "detect"])
+def test_dense_resume_replays_the_straight_run(task, dense_world, tmp_path):
+    """Six steps straight, and the same six stopped after step 3 (mid-epoch, an evaluation step) and after step 4
+    (an epoch's end) and resumed: the same batches, so the same per-step losses, evaluations (train_loss averages
+    over the stopped stretches included) and final weights, bit for bit. One image a batch: 4 steps an epoch."""
+    from mambaout.weights.checkpoint import read_checkpoint
+
+    base = (SEG_TRAIN if task == "segment" else DET_TRAIN).format(w=dense_world)
+    base = base.replace("--steps 2 -b 2", "--steps 6 -b 1").replace("--no-progress", "--log-every 1 --eval-every 3")
+    straight, parted = tmp_path / "straight", tmp_path / "parted"
+    assert main([*base.split(), "-o", str(straight)]) == 0
+    assert main([*base.split(), "-o", str(parted), "--stop-after-steps", "3"]) == 0
+    assert main([task, "train", "--resume", str(parted), "--stop-after-steps", "1"]) == 0
+    assert [int(r["step"]) for r in _rows(parted)] == [3]
+    assert main([task, "train", "--resume", str(parted)]) == 0
+    lines = _step_lines(straight)
+    assert len(lines) == 6 and len(set(lines)) == 6  # six different steps, each logged once
+    assert _step_lines(parted) == lines
+    assert [int(r["step"]) for r in _rows(straight)] == [3, 6] and _summary(parted) == _summary(straight)
+    a, b = read_checkpoint(straight / "last.safetensors")[0], read_checkpoint(parted / "last.safetensors")[0]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 @pytest.mark.timeout(300)
 def test_ctrl_c_in_dense_train_saves_a_resumable_state(dense_world, tmp_path):
     """Ctrl-C after a reported step: exit 130, one line saying where the state was saved; --resume continues it."""
