@@ -1036,6 +1036,83 @@ def test_dense_resume_replays_the_straight_run(task, dense_world, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+# One rank of a dense run under torchrun: the CLI as a user runs it, and this rank's final weights saved beside the
+# run (only rank 0 writes the run folder), so the ranks can be compared.
+_DDP_RANK = """
+import os, sys
+import torch
+from mambaout.dense import engine
+
+built = []
+make_task = engine.make_task
+
+
+def probed(cfg):
+    task = make_task(cfg)
+    build = task.model
+    task.model = lambda *args, **kwargs: built.append(build(*args, **kwargs)) or built[-1]
+    return task
+
+
+engine.make_task = probed
+from mambaout.cli import main
+
+code = main(sys.argv[2:])
+torch.save(built[0].state_dict(), os.path.join(sys.argv[1], f"rank{os.environ['RANK']}.pt"))
+sys.exit(code)
+"""
+
+
+def _torchrun(args: list[str], weights: Path) -> dict:
+    """`torchrun --nproc_per_node 2 -m mambaout ARGS` (through `_DDP_RANK`); each rank's final weights."""
+    import socket
+    import sys
+
+    weights.mkdir()
+    (weights / "rank.py").write_text(_DDP_RANK)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port)]
+    src = str(Path(mambaout.__file__).resolve().parents[1])
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_"))}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=src + os.pathsep + env.get("PYTHONPATH", ""))
+    cmd = [*torchrun, str(weights / "rank.py"), str(weights), *args]
+    proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    return {r: torch.load(weights / f"rank{r}.pt", weights_only=True) for r in (0, 1)}
+
+
+def _equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("task", ["detect", "segment"])
+def test_dense_ddp_two_processes_agree_and_resume_exactly(task, dense_world, tmp_path):
+    """`torchrun --nproc_per_node 2` (gloo, CPU) of a tiny Mask R-CNN and UperNet run, one image a step on each
+    rank: exit 0; each validation image counted once; both ranks end with the same weights bit for bit (DDP
+    averages the gradients of their different images), the weights rank 0 saved. The same run stopped after its
+    first step (mid-epoch: two steps an epoch) and resumed logs the same losses and ends with the same weights:
+    each rank continues its own saved randomness."""
+    from mambaout.weights.checkpoint import read_checkpoint
+
+    args = DET_TRAIN.replace("faster_rcnn", "mask_rcnn") + " --set model.mask_head_channels=8"
+    args = (args if task == "detect" else SEG_TRAIN).format(w=dense_world)
+    args = args.replace("--steps 2 -b 2", "--steps 3 -b 1").replace("--no-progress", "--log-every 1")
+    args = [*args.split(), "--lr", "1e-3", "--warmup-steps", "0"]
+    straight, parted = tmp_path / "straight", tmp_path / "parted"
+    ranks = _torchrun([*args, "-o", str(straight)], tmp_path / "w-straight")
+    assert "3 steps of 1 x 2 images" in (straight / "train.log").read_text()
+    assert _rows(straight)[-1]["images"] == "2"  # one validation image on each rank, gathered
+    assert _equal(ranks[0], ranks[1]) and _equal(ranks[0], read_checkpoint(straight / "last.safetensors")[0])
+    _torchrun([*args, "-o", str(parted), "--stop-after-steps", "1"], tmp_path / "w-stopped")
+    resumed = _torchrun([task, "train", "--resume", str(parted)], tmp_path / "w-resumed")
+    assert _step_lines(parted) == _step_lines(straight) and len(_step_lines(straight)) == 3
+    assert _equal(resumed[0], ranks[0]) and _equal(resumed[1], ranks[1])
+
+
 @pytest.mark.timeout(300)
 def test_ctrl_c_in_dense_train_saves_a_resumable_state(dense_world, tmp_path):
     """Ctrl-C after a reported step: exit 130, one line saying where the state was saved; --resume continues it."""

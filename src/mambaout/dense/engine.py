@@ -14,6 +14,7 @@ state (bit-identical with `workers: 0`; with worker processes the order is, thei
 from __future__ import annotations
 
 import csv
+import io
 import math
 import time
 from pathlib import Path
@@ -94,9 +95,13 @@ class Run:
         """Weights and the training state after `step`; `running`: the sums behind the numbers not yet logged.
 
         Called on every rank (each rank's RNG state is gathered, so a resumed rank continues its own)."""
-        rngs = dist.all_gather_lists([rng_state()])
+        # as bytes: all_gather_object cannot carry tensors (torch fails to unpickle their storage)
+        blob = io.BytesIO()
+        torch.save(rng_state(), blob)
+        blobs = dist.all_gather_lists([blob.getvalue()])
         if not self.write:
             return
+        rngs = [torch.load(io.BytesIO(b), weights_only=True) for b in blobs]
         save_weights(model, self.out / "last.safetensors", **task.meta(), step=step)
         state = {k: v.state_dict() for k, v in parts.items() if v is not None}
         state.update(step=step, rng=rngs[0], rng_ranks=rngs, running=running, config=cfg.to_dict())
