@@ -1036,6 +1036,23 @@ def test_dense_resume_replays_the_straight_run(task, dense_world, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.parametrize("task", ["detect", "segment"])
+def test_dense_train_with_bf16_autocast_on_the_cpu(task, dense_world, tmp_path):
+    """`--amp bf16` on the CPU: the tiny run ends with finite losses, close to but not equal to the fp32 run's (the
+    fixture's run-det / run-seg: the same data, seed and steps), so autocast was in effect."""
+    args = (
+        (DET_TRAIN if task == "detect" else SEG_TRAIN).format(w=dense_world).replace("--no-progress", "--log-every 1")
+    )
+    run = tmp_path / "bf16"
+    assert main([*args.split(), "--amp", "bf16", "-o", str(run)]) == 0
+    assert "| amp bf16 |" in (run / "train.log").read_text()
+    losses = [float(line.split()[3]) for line in _step_lines(run)]
+    assert len(losses) == 2 and all(np.isfinite(losses))
+    bf16 = float(_rows(run)[-1]["train_loss"])
+    fp32 = float(_rows(dense_world / ("run-det" if task == "detect" else "run-seg"))[-1]["train_loss"])
+    assert bf16 != fp32 and abs(bf16 - fp32) < 0.05 * fp32
+
+
 # One rank of a dense run under torchrun: the CLI as a user runs it, and this rank's final weights saved beside the
 # run (only rank 0 writes the run folder), so the ranks can be compared.
 _DDP_RANK = """
