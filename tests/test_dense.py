@@ -558,6 +558,60 @@ def test_segmentation_learns_on_the_cpu_recipe(coco128, tmp_path):
     assert losses[-1] < losses[0]
 
 
+def _boxes_world(root: Path, n: int) -> None:
+    """`root/images/train/<i>.png` (96x128 grey noise with 1-3 solid rectangles, red: category 1, blue: 2) and
+    `root/annotations/instances_train.json` giving their boxes and masks: objects a tiny detector learns quickly."""
+    rng = np.random.default_rng(0)
+    h, w = 96, 128
+    colours = {1: (220, 40, 40), 2: (40, 70, 220)}
+    images, anns = [], []
+    (root / "images" / "train").mkdir(parents=True)
+    for i in range(n):
+        pixels = rng.integers(90, 140, (h, w, 3)).astype(np.uint8)
+        for _ in range(int(rng.integers(1, 4))):
+            cat = int(rng.integers(1, 3))
+            bw, bh = (int(v) for v in rng.integers(24, 48, 2))
+            x, y = int(rng.integers(0, w - bw)), int(rng.integers(0, h - bh))
+            pixels[y : y + bh, x : x + bw] = colours[cat]
+            poly = [[x, y, x + bw, y, x + bw, y + bh, x, y + bh]]
+            anns.append(
+                dict(id=len(anns) + 1, image_id=i + 1, category_id=cat, iscrowd=0, bbox=[x, y, bw, bh])
+                | dict(area=float(bw * bh), segmentation=poly)
+            )
+        Image.fromarray(pixels).save(root / "images" / "train" / f"{i}.png")
+        images.append(dict(id=i + 1, file_name=f"{i}.png", width=w, height=h))
+    categories = [dict(id=1, name="red"), dict(id=2, name="blue")]
+    (root / "annotations").mkdir()
+    (root / "annotations" / "instances_train.json").write_text(
+        json.dumps(dict(images=images, annotations=anns, categories=categories))
+    )
+
+
+@pytest.mark.heavy
+@pytest.mark.timeout(600)
+def test_detection_learns_on_synthetic_boxes(tmp_path):
+    """Mask R-CNN (mambaout_test's backbone, narrow FPN and heads, 96x128 px) trained 150 steps on 8 synthetic
+    images of red and blue rectangles and evaluated on the same 8 (about 25 s on 2 CPU cores): the training loss
+    falls below half its first value and COCOeval's box and mask AP rise from about 0 at step 0 (measured: box AP
+    0.0006 -> 0.71, mask AP 0 -> 0.72). It overfits a handful of images on purpose: what it shows is that targets,
+    losses, schedule and evaluation fit together, not that the detector generalises."""
+    _boxes_world(tmp_path / "boxes", 8)
+    run = tmp_path / "run"
+    args = (
+        f"detect train --data {tmp_path / 'boxes'} --train-split train --val-split train --kind mask_rcnn "
+        "--set model.backbone=mambaout_test --img-size 96 --max-size 128 --steps 150 -b 2 --workers 0 --threads 1 "
+        "--set model.fpn_channels=32 --set model.box_head_dim=64 --set model.mask_head_channels=16 "
+        f"--set model.rois_per_image=64 --lr 1e-3 --warmup-steps 20 --log-every 25 -o {run}"
+    )
+    assert main(args.split()) == 0
+    start, end = _rows(run)
+    assert (start["step"], end["step"]) == ("0", "150") and start["images"] == end["images"] == "8"
+    assert float(start["bbox_AP"]) < 0.05 and float(end["bbox_AP"]) > 0.3
+    assert float(start["segm_AP"]) < 0.05 and float(end["segm_AP"]) > 0.3
+    losses = [float(line.split()[3]) for line in _step_lines(run)]  # each the mean of 25 steps
+    assert len(losses) == 6 and losses[-1] < losses[0] / 2
+
+
 # --- hostile inputs: one row per case, as tests/test_hostile.py (exit code, one line, no traceback, files kept) -------
 
 
