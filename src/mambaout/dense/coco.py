@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from mambaout.data.image import load_image
+from mambaout.utils.files import regular_file
 from mambaout.utils.optional import require
 
 BOX_STATS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
@@ -36,10 +37,7 @@ def load_coco(ann_file: str | Path):
     _pycocotools()
     from pycocotools.coco import COCO
 
-    ann_file = Path(ann_file)
-    if not ann_file.is_file():  # a FIFO or a device is never opened: reading one could block forever
-        what = "is not a regular file" if ann_file.exists() else "does not exist"
-        raise FileNotFoundError(f"COCO annotation file {ann_file} {what}")
+    ann_file = regular_file(ann_file, "COCO annotation file")  # a FIFO is never opened: it could block forever
     with contextlib.redirect_stdout(io.StringIO()):
         try:
             return COCO(str(ann_file))
@@ -47,26 +45,183 @@ def load_coco(ann_file: str | Path):
             raise ValueError(f"{ann_file} is not a COCO instances file ({type(e).__name__}: {e})") from e
 
 
-def _check_instances(coco, ann_file) -> None:
-    """What pycocotools reads without a word but would train on silently wrong, or crash on, as one line: an image
-    id given twice (the last wins), an annotation of an image or category the file does not list, a box that is not
-    four finite numbers. Boxes of zero or negative size are kept here and left out of the targets (`target`)."""
-    if len(coco.imgs) != len(coco.dataset.get("images", [])):
+def _short(value, n: int = 60) -> str:
+    text = str(value)
+    return text if len(text) <= n else text[:n] + "..."
+
+
+def _shown(value, n: int = 60) -> str:
+    return _short(repr(value), n)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+IMAGE_ENTRY = "an image is {id: integer, file_name: a path inside the image folder, height, width: positive integers}"
+SEGMENTATION = (
+    "a segmentation is a list of polygons [x1, y1, x2, y2, ...] (an even count >= 6 of finite numbers, on or near "
+    "the image) or an RLE {size: [height, width], counts: run lengths summing to height x width, or COCO's "
+    "compressed string of them}"
+)
+
+
+def check_instances(coco, ann_file, segmentations: bool = True, evaluate: bool = False) -> None:
+    """What pycocotools reads without a word but would train or score on silently wrong, crash on, or spin on
+    forever, as one line naming the file and the entry.
+
+    Images: an int `id` (unique), a `file_name` inside the image folder, positive int `height` and `width`.
+    Categories: a unique int `id` and a `name`. Annotations: the file has them, their ids are unique, each is of
+    an image and a category the file lists, its box is four finite numbers, `iscrowd` is 0 or 1; with `evaluate`
+    (COCOeval scores against the file) `iscrowd` and `area` are there; with `segmentations` (masks are decoded,
+    here or by COCOeval) every segmentation is polygons or an RLE that fits its image (`segmentation_problem`).
+    Boxes of zero or negative size, or outside the image, are kept here and left out of the targets (`target`).
+    """
+    images = coco.dataset.get("images", [])
+    for img in images:
+        iid = img.get("id")
+        for key in ("id", "height", "width"):
+            v = img.get(key)
+            if not _is_int(v) or (key != "id" and v <= 0):
+                raise ValueError(f"{ann_file}: image {_shown(iid)} has {key} {_shown(v)}; {IMAGE_ENTRY}")
+        name = img.get("file_name")
+        if not isinstance(name, str) or not name.strip() or "\0" in name:
+            raise ValueError(f"{ann_file}: image {iid} has file_name {_shown(name)}; {IMAGE_ENTRY}")
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise ValueError(
+                f"{ann_file}: image {iid} has file_name {_shown(name)}, which leads out of the image folder; "
+                "file_name is a path relative to it (no leading '/', no '..')"
+            )
+    if len(coco.imgs) != len(images):
+        raise ValueError(f"{ann_file}: image ids are not unique ({len(images)} images, {len(coco.imgs)} ids)")
+    categories = coco.dataset.get("categories", [])
+    for cat in categories:
+        if not _is_int(cat.get("id")) or not isinstance(cat.get("name"), str):
+            raise ValueError(
+                f"{ann_file}: category {_short(cat)} is not {{id: integer, name: text}}; category ids are integers "
+                "(COCO's 1-90)"
+            )
+    if len(coco.cats) != len(categories):
+        ids = [c["id"] for c in categories]
+        twice = sorted({i for i in ids if ids.count(i) > 1})
         raise ValueError(
-            f"{ann_file}: image ids are not unique ({len(coco.dataset['images'])} images, {len(coco.imgs)} ids)"
+            f"{ann_file}: category ids {twice[:10]} are given twice; each category has one id (one class each)"
         )
-    for a in coco.dataset.get("annotations", []):
-        where = f"{ann_file}: annotation {a.get('id')!r}"
+    if "annotations" not in coco.dataset:
+        raise ValueError(
+            f"{ann_file} has no 'annotations' list (an image-info file?); training and evaluation need the objects: "
+            "give an instances file (instances_<split>.json)"
+        )
+    annotations = coco.dataset["annotations"]
+    if len(coco.anns) != len(annotations):
+        raise ValueError(
+            f"{ann_file}: annotation ids are not unique ({len(annotations)} annotations, {len(coco.anns)} ids); "
+            "pycocotools would score one of each pair twice and the other never"
+        )
+    for a in annotations:
+        where = f"{ann_file}: annotation {_shown(a.get('id'))}"
         if a.get("image_id") not in coco.imgs:
-            raise ValueError(f"{where} is of image {a.get('image_id')!r}, which the file does not list")
+            raise ValueError(f"{where} is of image {_shown(a.get('image_id'))}, which the file does not list")
         if a.get("category_id") not in coco.cats:
             raise ValueError(
-                f"{where} has category_id {a.get('category_id')!r}, not among the categories {sorted(coco.cats)[:10]}"
+                f"{where} has category_id {_shown(a.get('category_id'))}, not among the categories "
+                f"{sorted(coco.cats)[:10]}"
             )
         box = a.get("bbox")
-        ok = isinstance(box, list) and len(box) == 4
-        if not ok or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in box):
-            raise ValueError(f"{where} has bbox {str(box)[:60]}; a box is [x, y, width, height] of finite numbers")
+        if not isinstance(box, list) or len(box) != 4 or not all(_is_number(v) for v in box):
+            raise ValueError(f"{where} has bbox {_short(box)}; a box is [x, y, width, height] of finite numbers")
+        if evaluate and ("iscrowd" not in a or "area" not in a):
+            missing = " and ".join(k for k in ("iscrowd", "area") if k not in a)
+            raise ValueError(f"{where} has no {missing}; COCO's evaluation reads iscrowd (0 or 1) and area of each")
+        if a.get("iscrowd", 0) not in (0, 1):
+            raise ValueError(f"{where} has iscrowd {_shown(a['iscrowd'])}; it is 0 or 1")
+        if "area" in a and (not _is_number(a["area"]) or a["area"] < 0):
+            raise ValueError(f"{where} has area {_shown(a['area'])}; an area is a finite number >= 0")
+        if segmentations:
+            img = coco.imgs[a["image_id"]]
+            if "segmentation" not in a:
+                raise ValueError(f"{where} has no segmentation, and masks are trained or scored here; {SEGMENTATION}")
+            problem = segmentation_problem(a["segmentation"], img["height"], img["width"])
+            if problem:
+                raise ValueError(f"{where} has segmentation {_short(a['segmentation'])}: {problem}; {SEGMENTATION}")
+
+
+def segmentation_problem(seg, h: int, w: int) -> str | None:
+    """What is wrong with a COCO `segmentation` of an `h` x `w` image, or None when pycocotools can rasterise it.
+
+    pycocotools' C code trusts its input: a NaN, infinite or huge polygon coordinate makes it walk an edge of
+    billions of pixels (it spins, and Ctrl-C cannot stop it), a short polygon is read out of bounds, and an RLE
+    whose runs do not fill the image is written out of bounds. So coordinates must lie within one image size of the
+    image (real polygons stray a pixel or two), and RLE runs must sum to exactly `h * w`.
+    """
+    if isinstance(seg, list):
+        if not seg:
+            return "an empty list"
+        for poly in seg:
+            try:
+                xy = np.asarray(poly)
+            except (ValueError, TypeError, OverflowError):
+                return f"polygon {_short(poly)} is not a list of numbers"
+            if not isinstance(poly, list) or xy.ndim != 1 or xy.dtype.kind not in "iuf":
+                return f"polygon {_short(poly)} is not a list of numbers"
+            if len(xy) < 6 or len(xy) % 2:
+                return f"a polygon of {len(xy)} numbers"
+            if not np.isfinite(xy).all():
+                return "a polygon coordinate is not finite"
+            xs, ys = xy[0::2].astype(np.float64), xy[1::2].astype(np.float64)
+            if xs.min() < -w or xs.max() > 2 * w or ys.min() < -h or ys.max() > 2 * h:
+                return f"a polygon coordinate lies far outside the {w}x{h} image"
+        return None
+    if isinstance(seg, dict):
+        size, counts = seg.get("size"), seg.get("counts")
+        if not (isinstance(size, list) and len(size) == 2 and all(_is_int(v) for v in size)) or size != [h, w]:
+            return f"an RLE of size {_short(size)} on an image of [height, width] [{h}, {w}]"
+        if isinstance(counts, str):
+            counts = rle_string_counts(counts)
+            if counts is None:
+                return "its compressed counts string is cut short or holds characters outside the format"
+        elif not isinstance(counts, list) or not all(_is_int(c) for c in counts):
+            return "RLE counts are neither a list of integers nor a compressed string"
+        if any(c < 0 for c in counts):
+            return f"a run length is negative ({min(counts)})"
+        if sum(counts) != h * w:
+            return f"its run lengths sum to {sum(counts)}, not height x width = {h * w}"
+        return None
+    return "neither a list of polygons nor an RLE dict"
+
+
+def rle_string_counts(s: str) -> list[int] | None:
+    """The run lengths held by a compressed COCO RLE string, or None when the string breaks the format.
+
+    The format (pycocotools' `rleToString`): each count is written as 5-bit groups, least significant first, each
+    group a character `48 + bits` with 0x20 set when another group follows; 0x10 of the last group is the sign. From
+    the third count on, what is written is the difference to the count two places before.
+    """
+    counts: list[int] = []
+    p = 0
+    while p < len(s):
+        x = k = 0
+        while True:
+            if p >= len(s) or k >= 7:  # cut inside a count, or more groups than any run of 2**32 pixels takes
+                return None
+            c = ord(s[p]) - 48
+            if not 0 <= c < 64:
+                return None
+            x |= (c & 0x1F) << (5 * k)
+            p += 1
+            k += 1
+            if not c & 0x20:
+                if c & 0x10:
+                    x |= -1 << (5 * k)
+                break
+        if len(counts) > 2:
+            x += counts[-2]
+        counts.append(x)
+    return counts
 
 
 def to_tensor(img) -> torch.Tensor:
@@ -84,18 +239,22 @@ class CocoInstances(torch.utils.data.Dataset):
         ann_file: COCO instances JSON (polygon or RLE masks).
         transform: `(image, target) -> (image, target)`, e.g. `ResizeFlip`.
         masks: Decode the instance masks (Mask R-CNN); False for boxes only.
+        evaluate: The IoU types (`bbox`, `segm`) COCOeval will score against this file: it then needs `iscrowd`
+            and `area` on every annotation, and with `segm` segmentations that pycocotools can rasterise.
     """
 
-    def __init__(self, images: str | Path, ann_file: str | Path, transform=None, masks: bool = True):
+    def __init__(
+        self, images: str | Path, ann_file: str | Path, transform=None, masks: bool = True, evaluate: Sequence[str] = ()
+    ):
         self.root = Path(images)
         if not self.root.is_dir():
             raise FileNotFoundError(f"image folder {self.root} does not exist")
         self.coco = load_coco(ann_file)
+        check_instances(self.coco, ann_file, segmentations=masks or "segm" in evaluate, evaluate=bool(evaluate))
         self.ids = sorted(self.coco.getImgIds())
         if not self.ids:
             raise ValueError(f"{ann_file} lists no images")
         self.cat_ids = sorted(self.coco.getCatIds())
-        _check_instances(self.coco, ann_file)
         self.class_names = [self.coco.cats[c]["name"] for c in self.cat_ids]
         self.label_of = {cid: i + 1 for i, cid in enumerate(self.cat_ids)}
         self.transform = transform
@@ -121,11 +280,18 @@ class CocoInstances(torch.utils.data.Dataset):
         return image, target
 
     def target(self, image_id: int, h: int, w: int) -> dict:
-        """The image's non-crowd instances with a box of positive size, as torchvision's detectors take them."""
+        """The image's non-crowd instances, as torchvision's detectors take them: boxes clamped to the image (as
+        torchvision's COCO reference does), and those of no size, before or after clamping, left out."""
         anns = [a for a in self.coco.imgToAnns[image_id] if not a.get("iscrowd", 0)]
-        anns = [a for a in anns if a["bbox"][2] > 0 and a["bbox"][3] > 0]
-        boxes = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
+        boxes = torch.tensor([a["bbox"] for a in anns], dtype=torch.float64).reshape(-1, 4)
         boxes[:, 2:] += boxes[:, :2]  # (x, y, w, h) -> (x1, y1, x2, y2)
+        # a box past the border (1e30 in a broken file: a loss of 1e27) trains on its part inside the image
+        boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
+        boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
+        boxes = boxes.float()  # sizes tested in float32: a box of 1e-12 px would be flat there
+        keep = ((boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])).tolist()
+        anns = [a for a, k in zip(anns, keep) if k]
+        boxes = boxes[torch.tensor(keep, dtype=torch.bool)].reshape(-1, 4)
         target = dict(
             boxes=boxes,
             labels=torch.tensor([self.label_of[a["category_id"]] for a in anns], dtype=torch.int64),

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from mambaout.utils import checks as C
 from mambaout.utils.device import AMP_DTYPES
+from mambaout.utils.files import regular_file
 from mambaout.utils.limits import MAX_IMG_SIZE, MAX_NUM_CLASSES, MIN_IMG_SIZE, check_model_kwargs
 from mambaout.utils.safe_yaml import load_yaml
 
@@ -113,9 +114,7 @@ def section_types(task: str) -> dict:
 def find_recipe(name_or_path: str) -> Path:
     p = Path(name_or_path)
     if p.suffix in (".yaml", ".yml"):
-        if not p.is_file():
-            raise FileNotFoundError(f"recipe file {p} does not exist")
-        return p
+        return regular_file(p, "recipe file")  # a FIFO is never opened
     path = RECIPES / f"{name_or_path}.yaml"
     if not path.is_file():
         raise FileNotFoundError(f"no dense recipe named {name_or_path!r}; available: {', '.join(list_recipes())}")

@@ -1,14 +1,20 @@
 """Training a detector or segmenter, step by step: `fit(cfg)` from a resolved `RunConfig`.
 
-The run folder holds `config.yaml`, `state.pt` (what `--resume` needs: weights, optimizer, schedule, grad scaler,
-step, RNG), `last.safetensors` (weights plus what `validate`/`predict` need to rebuild the model), `summary.csv`
-(one row per evaluation, step 0 included) and `train.log` (what the run printed). Only rank 0 writes; a second
-trainer on the same folder is refused (the classification trainer's lock).
+The run folder holds `config.yaml`, `state.pt` (what `--resume` needs to replay the run exactly: weights, optimizer,
+schedule, grad scaler, step, every rank's RNG state, the loss sums behind the next logged numbers),
+`last.safetensors` (weights plus what `validate`/`predict` need to rebuild the model), `summary.csv` (one row per
+evaluation, step 0 included) and `train.log` (what the run printed). Only rank 0 writes; a second trainer on the
+same folder is refused (the classification trainer's lock).
+
+A resumed run sees the batches an uninterrupted one would have: each epoch's order comes from (seed, epoch), its
+randomness is seeded per epoch, a resumed epoch skips the batches already trained and continues the saved RNG
+state (bit-identical with `workers: 0`; with worker processes the order is, their augmentation draws are not).
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import math
 import time
 from pathlib import Path
@@ -85,12 +91,21 @@ class Run:
         lines = [",".join(fields)] + [",".join(_fmt(r.get(k)) for k in fields) for r in rows]
         atomic_write_text(path, "\n".join(lines) + "\n")
 
-    def save(self, model, task: Task, parts: dict, step: int, cfg: RunConfig) -> None:
+    def save(self, model, task: Task, parts: dict, step: int, cfg: RunConfig, running: dict) -> None:
+        """Weights and the training state after `step`; `running`: the sums behind the numbers not yet logged.
+
+        Called on every rank (each rank's RNG state is gathered, so a resumed rank continues its own)."""
+        # as bytes: all_gather_object cannot carry tensors (torch fails to unpickle their storage)
+        blob = io.BytesIO()
+        torch.save(rng_state(), blob)
+        blobs = dist.all_gather_lists([blob.getvalue()])
         if not self.write:
             return
+        rngs = [torch.load(io.BytesIO(b), weights_only=True) for b in blobs]
         save_weights(model, self.out / "last.safetensors", **task.meta(), step=step)
         state = {k: v.state_dict() for k, v in parts.items() if v is not None}
-        atomic_torch_save(dict(state, step=step, rng=rng_state(), config=cfg.to_dict()), self.out / "state.pt")
+        state.update(step=step, rng=rngs[0], rng_ranks=rngs, running=running, config=cfg.to_dict())
+        atomic_torch_save(state, self.out / "state.pt")
 
     def close(self) -> None:
         if self.log is not None:
@@ -148,10 +163,14 @@ def fit(cfg: RunConfig) -> dict:
         task = make_task(cfg)
         train_set = task.train_set()  # also fixes the class count from the data
         val_set = task.val_set()
-        loader = task.loader(train_set, cfg.data.batch_size, cfg.data.workers, shuffle=True, seed=t.seed)
-        if len(loader) == 0:
-            raise ValueError(f"{len(train_set)} training images make no batch of {cfg.data.batch_size}")
-        total = t.steps or t.epochs * len(loader)
+        loader = task.train_loader(train_set, cfg.data.batch_size, cfg.data.workers, seed=t.seed)
+        per_epoch = len(loader)  # batches of a whole epoch (a resumed epoch's skip shortens the loader)
+        if per_epoch == 0:
+            raise ValueError(
+                f"{len(train_set)} training images make no batch of {cfg.data.batch_size} on each of "
+                f"{env.world_size} process(es); lower --batch-size"
+            )
+        total = t.steps or t.epochs * per_epoch
         if state is not None and state["step"] >= total:
             # nothing left to train: say so and touch nothing (no rewritten config or log)
             if dist.is_main():
@@ -184,14 +203,27 @@ def fit(cfg: RunConfig) -> dict:
         results = {}
         if step == 0 and t.eval_at_start:
             results["start"] = _evaluate(task, model, val_set, device, amp_dtype, run, step, {})
-        if state is not None:
-            set_rng_state(state["rng"])
         # Ctrl-C stops after the step under way, where the state is consistent and is saved (as mambaout train
         # does); a second one stops at once. Several processes could not agree on that step: there it stops at once.
         note = "stopping after this step, then saving the state"
         with DeferredInterrupt(note, env.world_size == 1) as interrupt:
             results.update(
-                _train(task, train_model, model, loader, parts, total, step, cfg, run, val_set, device, interrupt)
+                _train(
+                    task,
+                    train_model,
+                    model,
+                    loader,
+                    per_epoch,
+                    parts,
+                    total,
+                    step,
+                    state,
+                    cfg,
+                    run,
+                    val_set,
+                    device,
+                    interrupt,
+                )
             )
         return results
     finally:
@@ -200,28 +232,49 @@ def fit(cfg: RunConfig) -> dict:
         dist.cleanup()
 
 
-def _train(task, train_model, model, loader, parts, total, step, cfg, run, val_set, device, interrupt) -> dict:
+def _resume_rng(state: dict | None) -> dict | None:
+    """This rank's RNG state in a saved training state (rank 0's when the run had another number of processes)."""
+    if state is None:
+        return None
+    ranks = state.get("rng_ranks") or []
+    return ranks[dist.get_rank()] if len(ranks) == dist.get_world_size() else state["rng"]
+
+
+def _train(
+    task, train_model, model, loader, per_epoch, parts, total, step, state, cfg, run, val_set, device, interrupt
+) -> dict:
     t = cfg.train
     amp_dtype = autocast_setting(t.amp, device)[1]
     optimizer, scheduler, scaler = parts["optimizer"], parts["scheduler"], parts["scaler"]
-    epoch = step // len(loader)
-    window = dict(loss=0.0, n=0, images=0, t0=time.perf_counter())
-    losses_since_eval: list[float] = []
+    epoch = step // per_epoch
+    resume_rng = _resume_rng(state)
+    # the sums behind the next progress line and the next evaluation's train_loss, carried over a resume so the
+    # numbers logged equal an uninterrupted run's
+    running = dict(window_loss=0.0, window_n=0, eval_loss=0.0, eval_n=0) | ((state or {}).get("running") or {})
+    images, t0 = 0, time.perf_counter()
     called = 0
     result = {}
     while step < total:
-        if hasattr(loader.sampler, "set_epoch"):
-            loader.sampler.set_epoch(epoch)
-        skip = step - epoch * len(loader)  # resuming inside an epoch: leave out the batches it trained
-        for i, batch in enumerate(loader):
-            if i < skip:
-                continue
+        skip = step - epoch * per_epoch  # resuming inside an epoch: the batches it trained are left out
+        # Seeding per epoch makes an epoch's randomness (augmentation, drop path, the detector's box sampling) a
+        # function of (seed, epoch, rank) only, so a resumed run replays what an uninterrupted one did (as
+        # mambaout train does); the sampler's order is a function of (seed, epoch).
+        seed_all(t.seed + 1000 * epoch + dist.get_rank())
+        loader.set_epoch(epoch)
+        loader.skip_samples(skip * cfg.data.batch_size)
+        batches = iter(loader)  # draws the workers' seeds from the RNG just seeded
+        if skip and resume_rng is not None:
+            # continue the randomness where the interrupted run left it after this step: with workers 0 the rest
+            # of the epoch is bit-identical; with worker processes the order is, their augmentation draws are not
+            set_rng_state(resume_rng)
+        resume_rng = None
+        for batch in batches:
             if step >= total:
                 break
             train_model.train()
-            images, targets, n = task.to_device(batch, device)
+            batch_images, targets, n = task.to_device(batch, device)
             with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else _null():
-                losses = train_model(images, targets)
+                losses = train_model(batch_images, targets)
             loss = sum(losses.values())
             if not math.isfinite(loss.item()):
                 raise ValueError(f"the loss is {loss.item()} at step {step + 1}: lower --lr or set --clip-grad")
@@ -237,28 +290,32 @@ def _train(task, train_model, model, loader, parts, total, step, cfg, run, val_s
             scheduler.step()
             step += 1
             called += 1
-            window["loss"] += loss.item()
-            window["n"] += 1
-            window["images"] += n * dist.get_world_size()
-            losses_since_eval.append(loss.item())
+            running["window_loss"] += loss.item()
+            running["window_n"] += 1
+            running["eval_loss"] += loss.item()
+            running["eval_n"] += 1
+            images += n * dist.get_world_size()
             if t.progress and (step % t.log_every == 0 or step == total):
-                dt = time.perf_counter() - window["t0"]
+                dt = time.perf_counter() - t0
                 run.say(
-                    f"step {step}/{total}  loss {window['loss'] / window['n']:.4f}  "
+                    f"step {step}/{total}  loss {running['window_loss'] / running['window_n']:.4f}  "
                     + "  ".join(f"{k} {v.item():.3f}" for k, v in losses.items())
-                    + f"  lr {optimizer.param_groups[0]['lr']:.3g}  {window['images'] / dt:.2f} img/s"
+                    + f"  lr {optimizer.param_groups[0]['lr']:.3g}  {images / dt:.2f} img/s"
                 )
-                window = dict(loss=0.0, n=0, images=0, t0=time.perf_counter())
+                running.update(window_loss=0.0, window_n=0)
+                images, t0 = 0, time.perf_counter()
             due = (t.eval_every and step % t.eval_every == 0) or step == total
             stop = bool(t.stop_after_steps) and called >= t.stop_after_steps and step < total
             asked = interrupt.asked and step < total
-            if due or stop or asked or (t.checkpoint_every and step % t.checkpoint_every == 0):
-                run.save(model, task, parts, step, cfg)
+            row = {}
             if due:
-                train_loss = sum(losses_since_eval) / len(losses_since_eval)
-                losses_since_eval = []
+                row = dict(train_loss=running["eval_loss"] / running["eval_n"])
+                running.update(eval_loss=0.0, eval_n=0)
+            if due or stop or asked or (t.checkpoint_every and step % t.checkpoint_every == 0):
+                run.save(model, task, parts, step, cfg, dict(running))
+            if due:
                 result["end" if step == total else f"step{step}"] = _evaluate(
-                    task, model, val_set, device, amp_dtype, run, step, dict(train_loss=train_loss)
+                    task, model, val_set, device, amp_dtype, run, step, row
                 )
             if asked:
                 raise Interrupted(f"interrupted at step {step}, state saved; continue with --resume {run.out}")
@@ -273,7 +330,11 @@ def _train(task, train_model, model, loader, parts, total, step, cfg, run, val_s
 
 def _evaluate(task, model, val_set, device, amp_dtype, run, step: int, row: dict) -> dict:
     t0 = time.perf_counter()
-    metrics = task.evaluate(model, val_set, device, amp_dtype)
+    rng = rng_state()  # evaluating draws random numbers (the loader's seed): training's must not depend on when
+    try:
+        metrics = task.evaluate(model, val_set, device, amp_dtype)
+    finally:
+        set_rng_state(rng)
     shown = {k: v for k, v in metrics.items() if k != "summary"}
     run.row(dict(step=step, **row, **shown, eval_s=round(time.perf_counter() - t0, 1)))
     numbers = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items())

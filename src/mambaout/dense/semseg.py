@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from mambaout.data.image import load_image
-from mambaout.utils.files import special_kind
+from mambaout.utils.files import regular_file, special_kind
 from mambaout.utils.limits import check_pixels
 
 from .coco import resize_scale, to_tensor
@@ -81,15 +81,21 @@ class LabelMap:
 
 
 def _read_categories(path: str | Path) -> list[dict]:
+    path = regular_file(path, "categories file")  # a FIFO is never opened: the read would block forever
     try:
-        entries = json.loads(Path(path).read_text())
+        entries = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise ValueError(f"cannot read categories file {path} ({e})") from e
     if isinstance(entries, dict):
         entries = entries.get("categories", [])
     ok = isinstance(entries, list) and entries and all(isinstance(e, dict) and "id" in e for e in entries)
-    if not ok or not all(isinstance(e["id"], int) and 0 <= e["id"] < IGNORE_INDEX for e in entries):
+    if not ok or not all(type(e["id"]) is int and 0 <= e["id"] < IGNORE_INDEX for e in entries):
         raise ValueError(f"{path} must be a JSON list of {{'id': 0-254, 'name': ...}} entries")
+    seen: set[int] = set()
+    for e in entries:
+        if e["id"] in seen:  # the later entry would take the value and leave an earlier class that nothing maps to
+            raise ValueError(f"{path} lists id {e['id']} twice; each mask value is one class: list each id once")
+        seen.add(e["id"])
     return [dict(id=e["id"], name=str(e.get("name", e["id"]))) for e in entries]
 
 
@@ -121,11 +127,16 @@ class SegmentationFolder(torch.utils.data.Dataset):
         image = to_tensor(load_image(image_path))
         if special_kind(mask_path):  # a FIFO would block the read forever: never opened (as load_image does)
             raise ValueError(f"{mask_path} is {special_kind(mask_path)}, not a mask file: not opened")
-        with Image.open(mask_path) as m:
-            check_pixels(*m.size, str(mask_path))  # the decode budget images have, from the header
-            if m.mode not in ("L", "P"):
-                raise ValueError(f"{mask_path} is a {m.mode} image; class-index masks are 8-bit (mode L or P)")
-            values = np.asarray(m)
+        try:
+            with Image.open(mask_path) as m:
+                check_pixels(*m.size, str(mask_path))  # the decode budget images have, from the header
+                if m.mode not in ("L", "P"):
+                    raise ValueError(f"{mask_path} is a {m.mode} image; class-index masks are 8-bit (mode L or P)")
+                values = np.asarray(m)
+        except (OSError, SyntaxError) as e:  # PIL says "image file is truncated" without the file's name
+            raise ValueError(
+                f"cannot read the mask {mask_path} ({type(e).__name__}: {e}); replace the file with a whole PNG"
+            ) from e
         if values.shape != tuple(image.shape[-2:]):
             raise ValueError(f"{mask_path} is {values.shape[::-1]} but its image is {tuple(image.shape[:0:-1])}")
         mask = torch.from_numpy(self.label_map(values, str(mask_path)).astype(np.int64))

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mambaout.data.loaders import ResumableSampler, ShuffledLoader
 from mambaout.utils import distributed as dist
 from mambaout.utils.interrupt import ignore_sigint
 from mambaout.weights.checkpoint import check_finite, read_checkpoint
@@ -56,20 +57,36 @@ class Task:
             raise ValueError(f"no {which} data: pass --data ROOT, or --{which}-images and --{which}-labels")
         return images, labels
 
-    def loader(self, dataset, batch_size: int, workers: int, shuffle: bool, seed: int = 0):
-        sampler = None
-        if shuffle and dist.get_world_size() > 1:
-            sampler = torch.utils.data.DistributedSampler(dataset, seed=seed, drop_last=True)
-        return torch.utils.data.DataLoader(
+    def train_loader(self, dataset, batch_size: int, workers: int, seed: int) -> ShuffledLoader:
+        """Shuffled batches, sharded over the ranks (a DistributedSampler at any world size, so an epoch's order is
+        a function of the seed and the epoch only), with the classification loaders' contract: `set_epoch` before
+        each epoch, `skip_samples` to start one after the batches a resumed run has trained.
+
+        Worker processes are started afresh each epoch (not persistent): they take their seeds from the main
+        process, which the engine seeds per epoch, so their augmentation too follows from (seed, epoch, rank).
+        """
+        sampler = ResumableSampler(
+            dataset, num_replicas=dist.get_world_size(), rank=dist.get_rank(), shuffle=True, seed=seed, drop_last=True
+        )
+        loader = torch.utils.data.DataLoader(
             dataset,
             batch_size=batch_size,
-            shuffle=shuffle and sampler is None,
             sampler=sampler,
             num_workers=workers,
             collate_fn=self.collate,
-            drop_last=shuffle,
-            persistent_workers=workers > 0 and shuffle,
+            drop_last=True,
             worker_init_fn=ignore_sigint,  # Ctrl-C is the main process's to handle
+        )
+        return ShuffledLoader(loader, sampler)
+
+    def loader(self, dataset, batch_size: int, workers: int):
+        """Evaluation batches, in order."""
+        return torch.utils.data.DataLoader(
+            dataset,
+            batch_size=batch_size,
+            num_workers=workers,
+            collate_fn=self.collate,
+            worker_init_fn=ignore_sigint,
         )
 
     def val_set(self, meta: dict | None = None):
@@ -140,7 +157,8 @@ class DetectTask(Task):
         return dataset
 
     def eval_dataset(self, images, ann, meta: dict | None = None):
-        dataset = CocoInstances(images, ann, None, masks=False)  # COCOeval reads the truth from the JSON
+        # no masks decoded here: COCOeval reads the truth from the JSON (checked for what it will read)
+        dataset = CocoInstances(images, ann, None, masks=False, evaluate=self.iou_types())
         cat_ids = (meta or {}).get("cat_ids", getattr(self, "cat_ids", None))
         if cat_ids is not None and list(cat_ids) != dataset.cat_ids:
             raise ValueError(
@@ -149,6 +167,10 @@ class DetectTask(Task):
             )
         self.cat_ids, self.coco = dataset.cat_ids, dataset.coco
         return dataset
+
+    def iou_types(self) -> tuple[str, ...]:
+        """What COCOeval scores: boxes, and masks too for Mask R-CNN."""
+        return ("bbox", "segm") if self.cfg.model.kind == "mask_rcnn" else ("bbox",)
 
     def model(self, pretrained: bool = False, checkpoint: str | None = None) -> nn.Module:
         return create_detector(self.cfg.model, pretrained, checkpoint)
@@ -168,7 +190,7 @@ class DetectTask(Task):
         """COCO box (and mask) AP over `val_set` (this rank's share; results gathered to every rank)."""
         model.eval()
         results, image_ids = [], []
-        loader = self.loader(val_set, 1, self.cfg.data.workers, shuffle=False)
+        loader = self.loader(val_set, 1, self.cfg.data.workers)
         for images, targets in loader:
             with _autocast(device, amp_dtype):
                 outputs = model([im.to(device) for im in images])
@@ -176,7 +198,7 @@ class DetectTask(Task):
                 results += to_coco_results(out, t["image_id"], self.cat_ids)  # it casts (labels stay integers)
                 image_ids.append(t["image_id"])
         results, image_ids = dist.all_gather_lists(results), dist.all_gather_lists(image_ids)
-        types = ("bbox", "segm") if self.cfg.model.kind == "mask_rcnn" else ("bbox",)
+        types = self.iou_types()
         ev = coco_evaluate(self.coco, results, sorted(image_ids), types)
         metrics = {f"{t}_{k}": v for t in types for k, v in ev[t].items() if k in ("AP", "AP50", "AP75")}
         return dict(metrics, images=len(image_ids), detections=len(results), summary=ev["summary"])

@@ -56,6 +56,22 @@ def special_kind(path: str | os.PathLike) -> str | None:
     return next((kind for test, kind in _KINDS if test(mode)), None)
 
 
+def regular_file(path: str | os.PathLike, what: str) -> Path:
+    """`path` when it is a regular file (or a symlink to one), found by stat alone: a FIFO, a device or a folder is
+    never opened (reading a FIFO blocks until a writer comes, a device may never end).
+
+    Raises:
+        FileNotFoundError: "`what` `path` does not exist", or "... is not a regular file (a named pipe (FIFO)); ...".
+    """
+    path = Path(path)
+    if path.is_file():
+        return path
+    kind = special_kind(path) or ("a folder" if path.is_dir() else None)
+    if kind is None:
+        raise FileNotFoundError(f"{what} {path} does not exist")
+    raise FileNotFoundError(f"{what} {path} is not a regular file ({kind}): not opened; pass a file")
+
+
 def output_target(path: str | os.PathLike, what: str = "output") -> Path:
     """The regular file a write to `path` replaces: `path` itself, or where a symlink to a regular file points.
 
