@@ -89,7 +89,21 @@ def test_num_classes_must_match_the_data(tmp_path, capsys):
 
 def test_timm_flag_names_reach_the_config():
     overrides, _ = train_cmd.parse_overrides(
-        ["--pretrained", "--opt", "sgd", "--sched", "tanh", "--layer-decay", "0.8", "--aa", "rand-m5", "--min-lr", "0"]
+        [
+            "--pretrained",
+            "--model",
+            "mambaout_femto",
+            "--opt",
+            "sgd",
+            "--sched",
+            "tanh",
+            "--layer-decay",
+            "0.8",
+            "--aa",
+            "rand-m5",
+            "--min-lr",
+            "0",
+        ]
     )
     cfg = C.to_flat(C.resolve_config(overrides))
     assert (cfg["pretrained"], cfg["opt"], cfg["sched"], cfg["layer_decay"]) == (True, "sgd", "tanh", 0.8)
