@@ -11,7 +11,6 @@ import contextlib
 import copy
 import io
 import json
-import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from mambaout.data.image import load_image
+from mambaout.utils.checks import is_int, is_number, show
 from mambaout.utils.files import regular_file
 from mambaout.utils.optional import require
 
@@ -50,18 +50,6 @@ def _short(value, n: int = 60) -> str:
     return text if len(text) <= n else text[:n] + "..."
 
 
-def _shown(value, n: int = 60) -> str:
-    return _short(repr(value), n)
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
 IMAGE_ENTRY = "an image is {id: integer, file_name: a path inside the image folder, height, width: positive integers}"
 SEGMENTATION = (
     "a segmentation is a list of polygons [x1, y1, x2, y2, ...] (an even count >= 6 of finite numbers, on or near "
@@ -86,21 +74,21 @@ def check_instances(coco, ann_file, segmentations: bool = True, evaluate: bool =
         iid = img.get("id")
         for key in ("id", "height", "width"):
             v = img.get(key)
-            if not _is_int(v) or (key != "id" and v <= 0):
-                raise ValueError(f"{ann_file}: image {_shown(iid)} has {key} {_shown(v)}; {IMAGE_ENTRY}")
+            if not is_int(v) or (key != "id" and v <= 0):
+                raise ValueError(f"{ann_file}: image {show(iid)} has {key} {show(v)}; {IMAGE_ENTRY}")
         name = img.get("file_name")
         if not isinstance(name, str) or not name.strip() or "\0" in name:
-            raise ValueError(f"{ann_file}: image {iid} has file_name {_shown(name)}; {IMAGE_ENTRY}")
+            raise ValueError(f"{ann_file}: image {iid} has file_name {show(name)}; {IMAGE_ENTRY}")
         if Path(name).is_absolute() or ".." in Path(name).parts:
             raise ValueError(
-                f"{ann_file}: image {iid} has file_name {_shown(name)}, which leads out of the image folder; "
+                f"{ann_file}: image {iid} has file_name {show(name)}, which leads out of the image folder; "
                 "file_name is a path relative to it (no leading '/', no '..')"
             )
     if len(coco.imgs) != len(images):
         raise ValueError(f"{ann_file}: image ids are not unique ({len(images)} images, {len(coco.imgs)} ids)")
     categories = coco.dataset.get("categories", [])
     for cat in categories:
-        if not _is_int(cat.get("id")) or not isinstance(cat.get("name"), str):
+        if not is_int(cat.get("id")) or not isinstance(cat.get("name"), str):
             raise ValueError(
                 f"{ann_file}: category {_short(cat)} is not {{id: integer, name: text}}; category ids are integers "
                 "(COCO's 1-90)"
@@ -123,24 +111,24 @@ def check_instances(coco, ann_file, segmentations: bool = True, evaluate: bool =
             "pycocotools would score one of each pair twice and the other never"
         )
     for a in annotations:
-        where = f"{ann_file}: annotation {_shown(a.get('id'))}"
+        where = f"{ann_file}: annotation {show(a.get('id'))}"
         if a.get("image_id") not in coco.imgs:
-            raise ValueError(f"{where} is of image {_shown(a.get('image_id'))}, which the file does not list")
+            raise ValueError(f"{where} is of image {show(a.get('image_id'))}, which the file does not list")
         if a.get("category_id") not in coco.cats:
             raise ValueError(
-                f"{where} has category_id {_shown(a.get('category_id'))}, not among the categories "
+                f"{where} has category_id {show(a.get('category_id'))}, not among the categories "
                 f"{sorted(coco.cats)[:10]}"
             )
         box = a.get("bbox")
-        if not isinstance(box, list) or len(box) != 4 or not all(_is_number(v) for v in box):
+        if not isinstance(box, list) or len(box) != 4 or not all(is_number(v) for v in box):
             raise ValueError(f"{where} has bbox {_short(box)}; a box is [x, y, width, height] of finite numbers")
         if evaluate and ("iscrowd" not in a or "area" not in a):
             missing = " and ".join(k for k in ("iscrowd", "area") if k not in a)
             raise ValueError(f"{where} has no {missing}; COCO's evaluation reads iscrowd (0 or 1) and area of each")
         if a.get("iscrowd", 0) not in (0, 1):
-            raise ValueError(f"{where} has iscrowd {_shown(a['iscrowd'])}; it is 0 or 1")
-        if "area" in a and (not _is_number(a["area"]) or a["area"] < 0):
-            raise ValueError(f"{where} has area {_shown(a['area'])}; an area is a finite number >= 0")
+            raise ValueError(f"{where} has iscrowd {show(a['iscrowd'])}; it is 0 or 1")
+        if "area" in a and (not is_number(a["area"]) or a["area"] < 0):
+            raise ValueError(f"{where} has area {show(a['area'])}; an area is a finite number >= 0")
         if segmentations:
             img = coco.imgs[a["image_id"]]
             if "segmentation" not in a:
@@ -178,13 +166,13 @@ def segmentation_problem(seg, h: int, w: int) -> str | None:
         return None
     if isinstance(seg, dict):
         size, counts = seg.get("size"), seg.get("counts")
-        if not (isinstance(size, list) and len(size) == 2 and all(_is_int(v) for v in size)) or size != [h, w]:
+        if not (isinstance(size, list) and len(size) == 2 and all(is_int(v) for v in size)) or size != [h, w]:
             return f"an RLE of size {_short(size)} on an image of [height, width] [{h}, {w}]"
         if isinstance(counts, str):
             counts = rle_string_counts(counts)
             if counts is None:
                 return "its compressed counts string is cut short or holds characters outside the format"
-        elif not isinstance(counts, list) or not all(_is_int(c) for c in counts):
+        elif not isinstance(counts, list) or not all(is_int(c) for c in counts):
             return "RLE counts are neither a list of integers nor a compressed string"
         if any(c < 0 for c in counts):
             return f"a run length is negative ({min(counts)})"

@@ -174,7 +174,7 @@ def _model_kwargs(kwargs: dict) -> None:
 
 
 def _is_side(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and MIN_IMG_SIZE <= v <= MAX_IMG_SIZE
+    return C.is_int(v) and MIN_IMG_SIZE <= v <= MAX_IMG_SIZE
 
 
 _SIDE = C.Check(

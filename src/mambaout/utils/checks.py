@@ -38,7 +38,13 @@ _BAD = object()
 BAD = _BAD  # what a check function returns for a value it refuses
 
 
-def _is_number(v) -> bool:
+def is_int(v) -> bool:
+    """An int proper (True and False are ints to Python, never to a setting)."""
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def is_number(v) -> bool:
+    """A finite int or float (no bool, NaN or infinity)."""
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
@@ -56,7 +62,7 @@ def number(lo: float, hi: float | None = None, *, lo_open=False, hi_open=False, 
     """A finite float in the range (ints accepted, stored as float)."""
 
     def fn(v):
-        if not _is_number(v):
+        if not is_number(v):
             return _BAD
         if (v <= lo if lo_open else v < lo) or (hi is not None and (v >= hi if hi_open else v > hi)):
             return _BAD
@@ -69,7 +75,7 @@ def integer(lo: int, hi: int | None = None, *, optional=False, zero_means: str =
     """An int in [lo, hi] (a float with an integral value, as YAML may write it, is taken as that int)."""
 
     def fn(v):
-        if isinstance(v, float) and _is_number(v) and v.is_integer():
+        if isinstance(v, float) and is_number(v) and v.is_integer():
             v = int(v)
         if isinstance(v, bool) or not isinstance(v, int) or v < lo or (hi is not None and v > hi):
             return _BAD
@@ -104,7 +110,7 @@ def number_list(min_len: int, max_len: int, lo: float, hi: float, *, lo_open=Fal
             return _BAD
         out = []
         for x in v:
-            if not _is_number(x) or (x <= lo if lo_open else x < lo) or x > hi:
+            if not is_number(x) or (x <= lo if lo_open else x < lo) or x > hi:
                 return _BAD
             out.append(float(x))
         if increasing and any(a > b for a, b in zip(out, out[1:])):
@@ -147,7 +153,7 @@ def integers(min_len: int, max_len: int, lo: int, hi: int) -> Check:
     def fn(v):
         if not isinstance(v, (list, tuple)) or not min_len <= len(v) <= max_len:
             return _BAD
-        if not all(isinstance(x, int) and not isinstance(x, bool) and lo <= x <= hi for x in v):
+        if not all(is_int(x) and lo <= x <= hi for x in v):
             return _BAD
         return tuple(v)
 

@@ -114,7 +114,7 @@ def check_num_classes(value, source: str) -> int:
 
 
 def _odd_kernel(v):
-    return v if isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 31 and v % 2 else checks.BAD
+    return v if checks.is_int(v) and 1 <= v <= 31 and v % 2 else checks.BAD
 
 
 # MambaOut's architecture arguments as a config or a checkpoint's metadata may give them (plain data only), with
