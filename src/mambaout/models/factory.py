@@ -83,23 +83,7 @@ def create_model(
     """
     out_indices, output_fmt = _feature_args(out_indices, output_fmt, feature_cls, feature_cfg, kwargs)
     overlay = dict(pretrained_cfg_overlay or {})
-    folder_meta: dict = {}
-    if overlay.get("file"):
-        if checkpoint is not None:
-            raise ValueError("pass either checkpoint=... or pretrained_cfg_overlay={'file': ...}, not both")
-        checkpoint, pretrained = overlay["file"], False
-    if name is not None and (name.startswith(("hf-hub:", "local-dir:")) or _is_model_folder(name)):
-        # a Hub repo or folder in timm's layout (mambaout export --format hf): its config names the model, its file
-        # the weights
-        from mambaout.weights.hub import from_folder, from_hub
-
-        if checkpoint is not None:
-            raise ValueError(f"{name} brings its own weights: pass it without checkpoint=")
-        if name.startswith("hf-hub:"):
-            name, checkpoint, folder_meta = from_hub(name[len("hf-hub:") :])
-        else:
-            name, checkpoint, folder_meta = from_folder(name.removeprefix("local-dir:"))
-        pretrained = False
+    name, checkpoint, pretrained, folder_meta = _weights_source(name, checkpoint, pretrained, overlay)
     if pretrained and checkpoint is not None:
         raise ValueError("pass either pretrained=True or checkpoint=..., not both")
     if use_ema and checkpoint is None:
@@ -134,38 +118,14 @@ def create_model(
     # the user asked for a classifier of their own width: only then may a checkpoint's classifier be replaced
     new_head = "num_classes" in kwargs if replace_head is None else replace_head
     if state_dict is not None:
-        # check the weights fit before allocating: metadata may describe a far larger model than the tensors
-        with torch.device("meta"):
-            try:
-                probe = _build(variant, _model_kwargs(variant, weights, meta, kwargs))
-            except (TypeError, ValueError) as e:
-                raise CheckpointError(f"{checkpoint}: cannot build {variant.name} from its metadata ({e})") from e
-            try:
-                fit_state_dict(probe, state_dict, variant.name, new_head, warn=False)
-            except CheckpointError:
-                if not other_model:
-                    raise
-                raise CheckpointError(
-                    f"{checkpoint} holds {recorded} weights, but {asked} was asked for and its tensors do not fit "
-                    f"{variant.name}; pass the model it records ({recorded}), or leave the model name out"
-                ) from None
-        if other_model:
-            logger.warning("%s records %s; loading it as %s, as asked (its tensors fit)", checkpoint, recorded, name)
+        _check_fit(variant, weights, meta, kwargs, state_dict, new_head, checkpoint, asked if other_model else None)
     model = _instantiate(variant, weights, meta, kwargs, device)
     model.pretrained_cfg.update(overlay)
     if pretrained:
         state_dict = _read_published(weights)
         check_finite(state_dict, weights.urls[0])
     if state_dict is not None:
-        load_into(model, state_dict, name=variant.name, new_head=new_head)
-        if model.class_names is not None and len(model.class_names) != model.num_classes:
-            if not new_head:
-                raise CheckpointError(
-                    f"{checkpoint}: its metadata names {len(model.class_names)} classes but the classifier has "
-                    f"{model.num_classes}; the file's metadata does not match its weights"
-                )
-            model.class_names = None  # the classifier was replaced, so its names no longer apply
-
+        _load_weights(model, state_dict, variant.name, new_head, checkpoint)
     if dtype is not None:
         model = model.to(dtype)
     if features_only:
@@ -173,6 +133,60 @@ def create_model(
             raise ValueError(f"features_only needs a MambaOut backbone; {variant.name} is a {type(model).__name__}")
         return MambaOutFeatures(model, out_indices, output_fmt)
     return model
+
+
+def _weights_source(name, checkpoint, pretrained: bool, overlay: dict):
+    """Where the weights come from: `overlay['file']`, a Hub repo or model folder given as the name (its config names
+    the model, its file holds the weights), or the arguments as given. Returns (name, checkpoint, pretrained, the
+    folder's metadata)."""
+    if overlay.get("file"):
+        if checkpoint is not None:
+            raise ValueError("pass either checkpoint=... or pretrained_cfg_overlay={'file': ...}, not both")
+        checkpoint, pretrained = overlay["file"], False
+    if name is None or not (name.startswith(("hf-hub:", "local-dir:")) or _is_model_folder(name)):
+        return name, checkpoint, pretrained, {}
+    from mambaout.weights.hub import from_folder, from_hub
+
+    if checkpoint is not None:
+        raise ValueError(f"{name} brings its own weights: pass it without checkpoint=")
+    if name.startswith("hf-hub:"):
+        name, checkpoint, folder_meta = from_hub(name[len("hf-hub:") :])
+    else:
+        name, checkpoint, folder_meta = from_folder(name.removeprefix("local-dir:"))
+    return name, checkpoint, False, folder_meta
+
+
+def _check_fit(variant, weights, meta: dict, kwargs: dict, state_dict: dict, new_head: bool, checkpoint, asked):
+    """Check the weights fit before allocating (metadata may describe a far larger model than the tensors), on the
+    meta device. `asked`: the name asked for when the checkpoint records another model."""
+    recorded = meta.get("model")
+    with torch.device("meta"):
+        try:
+            probe = _build(variant, _model_kwargs(variant, weights, meta, kwargs))
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{checkpoint}: cannot build {variant.name} from its metadata ({e})") from e
+        try:
+            fit_state_dict(probe, state_dict, variant.name, new_head, warn=False)
+        except CheckpointError:
+            if asked is None:
+                raise
+            raise CheckpointError(
+                f"{checkpoint} holds {recorded} weights, but {asked} was asked for and its tensors do not fit "
+                f"{variant.name}; pass the model it records ({recorded}), or leave the model name out"
+            ) from None
+    if asked is not None:
+        logger.warning("%s records %s; loading it as %s, as asked (its tensors fit)", checkpoint, recorded, asked)
+
+
+def _load_weights(model: nn.Module, state_dict: dict, name: str, new_head: bool, checkpoint) -> None:
+    load_into(model, state_dict, name=name, new_head=new_head)
+    if model.class_names is not None and len(model.class_names) != model.num_classes:
+        if not new_head:
+            raise CheckpointError(
+                f"{checkpoint}: its metadata names {len(model.class_names)} classes but the classifier has "
+                f"{model.num_classes}; the file's metadata does not match its weights"
+            )
+        model.class_names = None  # the classifier was replaced, so its names no longer apply
 
 
 def _variant_name(name: str) -> str | None:
