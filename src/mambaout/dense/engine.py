@@ -145,9 +145,8 @@ def fit(cfg: RunConfig) -> dict:
             raise ValueError(
                 f"--resume {cfg.train.resume} holds a {saved.task} run; continue it with mambaout {saved.task} train"
             )
-        saved.train.resume, saved.train.stop_after_steps = cfg.train.resume, cfg.train.stop_after_steps
-        saved.train.output = saved.train.output or str(Path(cfg.train.resume).resolve())
-        cfg = saved
+        # cfg is the run's own configuration with the options given now (mambaout.dense.config.resolve)
+        cfg.train.output = cfg.train.output or str(Path(cfg.train.resume).resolve())
     t = cfg.train
     env, device = dist.init(t.device)
     run = None
