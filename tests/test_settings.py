@@ -27,14 +27,16 @@ SCHEMAS = {"train": C.SCHEMA, "detect": D.schema("detect"), "segment": D.schema(
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "settings.md"
 
 
-def _run(command: str, argv: list[str], capsys, steps: bool = True) -> tuple[int, str]:
+def _run(command: str, argv: list[str], capsys, given: bool = True) -> tuple[int, str]:
     """`mambaout <command> [train] ARGV --print-config` in-process: (exit status, stderr). --print-config runs the
-    whole resolution and validation and nothing else, so a bad value that slipped through exits 0."""
+    whole resolution and validation and nothing else, so a bad value that slipped through exits 0. `given`: the
+    data (train) or the length (detect, segment) given as options, which a recipe file's values would not beat."""
     try:
-        if command == "train":
-            code = train_cmd.main([*argv, "--print-config"])
+        if command == "train":  # data given: no digits recipe to read on every call (only settings are tested)
+            data = ["--data-train", "digits:train", "--data-val", "digits:val"] if given else []
+            code = train_cmd.main([*data, *argv, "--print-config"])
         else:
-            code = dense_cmd.main(command, ["train", *(["--steps", "1"] if steps else []), *argv, "--print-config"])
+            code = dense_cmd.main(command, ["train", *(["--steps", "1"] if given else []), *argv, "--print-config"])
     except SystemExit as e:  # argparse's own refusals (a list flag given too few values)
         code = e.code
     return code, capsys.readouterr().err
@@ -102,7 +104,7 @@ def test_bad_values_are_one_line_naming_the_setting(command, setting, capsys, tm
             sections = {"train": {"steps": 1}, setting.section: {}}
             sections[setting.section][setting.name] = value
             recipe.write_text(yaml.safe_dump({"task": command, **sections}))
-        code, err = _run(command, ["--recipe", str(recipe)], capsys, steps=False)
+        code, err = _run(command, ["--recipe", str(recipe)], capsys, given=False)
         _assert_one_line(code, err, setting, "a recipe file", value)
 
 

@@ -7,6 +7,7 @@ Errors a user can fix are one line on stderr and exit status 2.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from pathlib import Path
@@ -51,6 +52,11 @@ def train_parser(task: str) -> argparse.ArgumentParser:
     return p
 
 
+@functools.lru_cache(maxsize=2)
+def _train_parser(task: str) -> argparse.ArgumentParser:
+    return train_parser(task)  # built once per process and task: parsing leaves it as it was
+
+
 # options that set a second setting too: one size for the detector's training and evaluation
 _LINKED = {"model.min_size": ("data.min_sizes", lambda v: [v]), "data.max_size": ("model.max_size", lambda v: v)}
 
@@ -83,7 +89,7 @@ def train(task: str, argv: list[str]) -> int:
     from mambaout.dense.engine import fit, load_resume
     from mambaout.utils.optional import MissingDependency
 
-    args = train_parser(task).parse_args(argv)
+    args = _train_parser(task).parse_args(argv)
     if getattr(args, "list_recipes", False):
         print(recipes_table(task))
         return 0

@@ -6,6 +6,7 @@ With no data argument it trains on the embedded scikit-learn digits (recipe `dig
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from pathlib import Path
 
@@ -34,11 +35,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
+@functools.lru_cache(maxsize=1)
+def _parser() -> argparse.ArgumentParser:
+    return get_args_parser()  # built once per process: parsing leaves it as it was
+
+
 def parse_overrides(argv: list[str] | None) -> tuple[dict, argparse.Namespace]:
     """The settings given on the command line, as flat keys, and the parsed namespace."""
     from mambaout.training.config import SCHEMA, coerce
 
-    args = get_args_parser().parse_args(argv)
+    args = _parser().parse_args(argv)
     given = {s.name: v for s, v in SCHEMA.given(args).items()}
     if getattr(args, "experiment", None):  # timm's --output DIR --experiment NAME writes to DIR/NAME
         given["output"] = str(Path(given.get("output") or "runs") / args.experiment)

@@ -15,7 +15,7 @@ from pathlib import Path
 from mambaout.utils import checks as C
 from mambaout.utils import recipes as R
 from mambaout.utils import schema as S
-from mambaout.utils.limits import MAX_IMG_SIZE, MIN_IMG_SIZE, SEED_MAX
+from mambaout.utils.limits import MAX_IMG_SIZE, MIN_IMG_SIZE
 from mambaout.utils.safe_yaml import load_yaml
 
 from .backbone import SIDE
@@ -112,7 +112,7 @@ class TrainConfig:
     amp: str = S.amp_setting()
     device: str | None = S.device_setting()
     threads: int | None = S.threads_setting()
-    seed: int = C.setting(0, C.integer(0, SEED_MAX), "random seed (each rank adds its rank)")
+    seed: int = S.seed_setting()
     eval_every: int | None = C.setting(None, _COUNT, "evaluate every N steps (and always at the end)")
     eval_at_start: bool = C.setting(True, C.boolean(), "evaluate before training: the step-0 number")
     log_every: int = C.setting(20, C.integer(1, COUNT_MAX), "steps between progress lines")

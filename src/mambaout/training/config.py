@@ -42,7 +42,7 @@ from mambaout.utils import checks as C
 from mambaout.utils import recipes as R
 from mambaout.utils import schema as S
 from mambaout.utils.device import autocast_setting
-from mambaout.utils.limits import INTERPOLATIONS, MAX_NUM_CLASSES, SEED_MAX, check_model_kwargs
+from mambaout.utils.limits import INTERPOLATIONS, MAX_NUM_CLASSES, check_model_kwargs
 from mambaout.utils.safe_yaml import YamlError, load_yaml
 
 logger = logging.getLogger("mambaout")
@@ -336,7 +336,7 @@ class EmaConfig:
 class RunConfig:
     """The run folder, logging, reproducibility and the stops that time-box or test a run."""
 
-    seed: int = C.setting(0, C.integer(0, SEED_MAX), "random seed (each rank adds its rank)")
+    seed: int = S.seed_setting()
     output: str | None = C.setting(
         None, C.text(optional=True), "run folder (unset: runs/<recipe or model>)", flags=("--output", "-o")
     )
@@ -572,6 +572,7 @@ def resolve_config(overrides: dict, require_data: bool = True) -> TrainConfig:
         flat.update(loaded)
         flat["recipe"] = recipe
     if overrides.get("initial_checkpoint") and not model_named:
+        SCHEMA.checked("initial_checkpoint", overrides["initial_checkpoint"])  # a path, before it is opened
         flat["model"] = checkpoint_model(overrides["initial_checkpoint"]) or flat["model"]
     if overrides.get("data") is not None:
         # --data on the command line beats the recipe's data_train/data_val (only its own --data-train/-val beat it)

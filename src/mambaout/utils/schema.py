@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import re
 from dataclasses import dataclass
 
 from mambaout.utils import checks as C
+from mambaout.utils.limits import SEED_MAX
 
 AMP_CHOICES = ("auto", "none", "bf16", "fp16")  # mambaout.utils.device.autocast_setting reads them
 
@@ -30,6 +32,10 @@ def amp_setting():
 
 def threads_setting():
     return C.setting(None, C.integer(1, 1024, optional=True), "torch CPU threads per process (unset: torch's choice)")
+
+
+def seed_setting():
+    return C.setting(0, C.integer(0, SEED_MAX), "random seed (each rank adds its rank)")
 
 
 def _device(value):
@@ -78,12 +84,15 @@ class Setting:
 
 def _scalar(text: str):
     """A number flag's value: an int, else a float (nan and inf too), else the text, which the check then names."""
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
+    try:
+        return int(text)
+    except ValueError:  # not an int, or one of over 4300 digits
+        pass
+    try:
+        number = float(text)
+    except ValueError:
+        return text
+    return text if math.isinf(number) and "inf" not in text.lower() else number  # 1e999 is no infinity asked for
 
 
 def _yaml(text: str):
@@ -125,13 +134,12 @@ class Schema:
         """`value` as the setting `key` stores it, checked before it is used (a path before it is opened).
 
         Raises:
-            ValueError: one line, `section.key=value: what is allowed`.
+            ValueError: one line, `key=value: what is allowed` (the key as the caller's messages name it).
         """
-        setting = self.find(key)
         try:
-            return setting.check(value)
+            return self.find(key).check(value)
         except ValueError as e:
-            raise ValueError(f"{setting.key}={C.show(value)}: {e}") from None
+            raise ValueError(f"{key}={C.show(value)}: {e}") from None
 
     def parse_set(self, items: list[str] | None) -> dict[Setting, object]:
         """`--set KEY=VALUE` items (YAML values) by setting."""
