@@ -9,6 +9,7 @@ command line reaches it); a few rows run the real console for the exit status.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import subprocess
@@ -111,7 +112,9 @@ def test_bad_values_are_one_line_naming_the_setting(command, setting, capsys, tm
 @pytest.mark.parametrize("command", sorted(SCHEMAS))
 def test_every_setting_is_checked_and_its_default_passes(command):
     schema = SCHEMAS[command]
-    assert schema.settings and all(s.check is not None and s.help for s in schema.settings)
+    fields = [f"{name}.{f.name}" for name, cls in schema.sections.items() for f in dataclasses.fields(cls)]
+    assert [s.key for s in schema.settings] == fields, "a field declared without setting(): no check, no flag"
+    assert all(s.help for s in schema.settings)
     for s in schema.settings:
         s.check(s.default)  # a default its own check refuses would fail every run
     flags = [f for s in schema.settings for f in s.flags]

@@ -48,6 +48,7 @@ from mambaout.utils.safe_yaml import YamlError, load_yaml
 logger = logging.getLogger("mambaout")
 
 SCHEDULES = ("cosine", "tanh", "poly", "constant")
+_PATH, _SWITCH = C.text(optional=True), C.boolean()  # the checks of the many path and on/off settings
 PACKAGE_RECIPES = Path(__file__).resolve().parents[1] / "recipes"  # package data: present in every install
 MAX_MODEL_PARAMS = 1_000_000_000  # 12x mambaout_base_plus_rw; model_kwargs asking for more is almost surely a typo
 
@@ -60,32 +61,17 @@ class DataConfig:
     """Where the images come from and how they are read."""
 
     data: str | None = C.setting(
-        None,
-        C.text(optional=True),
-        "folder with <train_split>/ and <val_split>/ (ImageNet layout; folders or .tar)",
-        flags=("--data", "--data-dir"),
+        None, _PATH, "folder holding <train_split>/ and <val_split>/ (folders or .tar)", flags=("--data", "--data-dir")
     )
-    data_train: str | None = C.setting(
-        None,
-        C.text(optional=True),
-        "training set: an ImageFolder directory or .tar, or 'digits:train' (the embedded digits)",
-    )
-    data_val: str | None = C.setting(
-        None, C.text(optional=True), "validation set: an ImageFolder directory or .tar, or 'digits:val'"
-    )
+    data_train: str | None = C.setting(None, _PATH, "training set: an image folder or .tar, or 'digits:train'")
+    data_val: str | None = C.setting(None, _PATH, "validation set: an image folder or .tar, or 'digits:val'")
     train_split: str = C.setting("train", C.text(), "name of the training split under --data")
     val_split: str = C.setting("val", C.text(), "name of the validation split under --data")
-    cache: bool = C.setting(
-        False, C.boolean(), "keep image files in RAM (with --data-pipeline gpu: the decoded images)"
-    )
-    data_pipeline: str = C.setting(
-        "cpu",
-        C.choice("cpu", "gpu"),
-        "cpu: decode and augment in loader workers; gpu: uint8 batches augmented on the device",
-    )
+    cache: bool = C.setting(False, _SWITCH, "keep image files in RAM (gpu pipeline: decoded)")
+    data_pipeline: str = C.setting("cpu", C.choice("cpu", "gpu"), "cpu: augment in loader workers; gpu: on the device")
     workers: int = C.setting(8, C.integer(0, 256), "data loader processes per rank", flags=("--workers", "-j"))
     persistent_workers: bool = C.setting(
-        False, C.boolean(), "keep loader workers between epochs (saves their start-up; --resume is then not bit-exact)"
+        False, _SWITCH, "keep loader workers between epochs (--resume is then not bit-exact)"
     )
 
     def __post_init__(self):
@@ -113,16 +99,12 @@ class ModelConfig:
         network=True,
     )
     pretrained: bool = C.setting(
-        False, C.boolean(), "start from the model's published weights (the classifier is replaced)"
+        False, _SWITCH, "start from the model's published weights (the classifier is replaced)"
     )
     initial_checkpoint: str | None = C.setting(
-        None,
-        C.text(optional=True),
-        "start from these weights (official, timm or mambaout layout, or timm's train.py .pth.tar)",
+        None, _PATH, "start from these weights (official, timm or our layout, timm .pth.tar)"
     )
-    use_ema: bool = C.setting(
-        False, C.boolean(), "take --initial-checkpoint's EMA weights (timm's state_dict_ema), not its state_dict"
-    )
+    use_ema: bool = C.setting(False, _SWITCH, "take --initial-checkpoint's EMA weights (state_dict_ema)")
     num_classes: int | None = C.setting(
         None,
         C.integer(1, MAX_NUM_CLASSES, optional=True),
@@ -162,7 +144,7 @@ class BatchConfig:
     global_batch: int | None = C.setting(
         4096,
         C.integer(1, 2**24, optional=True),
-        "images per optimizer step over all processes, by gradient accumulation (unset: batch size x processes)",
+        "images per optimizer step, all processes (accumulates; unset: batch size x processes)",
     )
     lr: float | None = C.setting(
         None, C.number(0.0, 1e3, optional=True), "absolute learning rate, beats the rule (0: frozen; unset: the rule)"
@@ -245,9 +227,7 @@ class ScheduleConfig:
     warmup_lr: float = C.setting(1e-6, C.number(0.0, 1e3), "lr at the start of the warmup")
     min_lr: float = C.setting(1e-5, C.number(0.0, 1e3), "lr at the end of the schedule")
     sched: str = C.setting("cosine", C.choice(*SCHEDULES), "lr schedule")
-    sched_on_updates: bool = C.setting(
-        False, C.boolean(), "change the lr every optimizer step (official: once per epoch)"
-    )
+    sched_on_updates: bool = C.setting(False, _SWITCH, "change the lr every optimizer step (official: once per epoch)")
 
     def __post_init__(self):
         C.validate_fields(self)
@@ -306,11 +286,9 @@ class PerfConfig:
 
     device: str | None = S.device_setting()
     amp: str = S.amp_setting()
-    channels_last: bool = C.setting(False, C.boolean(), "channels-last memory layout")
-    compile: bool = C.setting(False, C.boolean(), "torch.compile the model", flags=("--compile", "--torchcompile"))
-    grad_checkpointing: bool = C.setting(
-        False, C.boolean(), "recompute activations in the backward pass (less memory, slower)"
-    )
+    channels_last: bool = C.setting(False, _SWITCH, "channels-last memory layout")
+    compile: bool = C.setting(False, _SWITCH, "torch.compile the model", flags=("--compile", "--torchcompile"))
+    grad_checkpointing: bool = C.setting(False, _SWITCH, "recompute activations in backward (less memory)")
     threads: int | None = S.threads_setting()
 
     def __post_init__(self):
@@ -325,7 +303,7 @@ class PerfConfig:
 class EmaConfig:
     """An exponential moving average of the weights, evaluated beside the model (timm's ModelEmaV3)."""
 
-    model_ema: bool = C.setting(False, C.boolean(), "keep and evaluate an EMA of the weights")
+    model_ema: bool = C.setting(False, _SWITCH, "keep and evaluate an EMA of the weights")
     model_ema_decay: float = C.setting(0.9999, C.number(0.0, 1.0), "EMA decay per optimizer step")
 
     def __post_init__(self):
@@ -337,20 +315,16 @@ class RunConfig:
     """The run folder, logging, reproducibility and the stops that time-box or test a run."""
 
     seed: int = S.seed_setting()
-    output: str | None = C.setting(
-        None, C.text(optional=True), "run folder (unset: runs/<recipe or model>)", flags=("--output", "-o")
-    )
+    output: str | None = C.setting(None, _PATH, "run folder (unset: runs/<recipe or model>)", flags=("--output", "-o"))
     resume: str | None = C.setting(
-        None,
-        C.text(optional=True),
-        "run folder or its state.pt to continue; options given with it win, except another model",
+        None, _PATH, "run folder or its state.pt to continue; options given with it win, except another model"
     )
-    overwrite: bool = C.setting(False, C.boolean(), "start over in a run folder that holds a run")
+    overwrite: bool = C.setting(False, _SWITCH, "start over in a run folder that holds a run")
     keep_top_k: int = C.setting(
         3, C.integer(0, 1000), "keep the weights of the k best epochs", flags=("--keep-top-k", "--checkpoint-hist")
     )
-    tensorboard: bool = C.setting(False, C.boolean(), "also write TensorBoard event files")
-    progress: bool = C.setting(True, C.boolean(), "progress bar on a terminal, progress lines otherwise")
+    tensorboard: bool = C.setting(False, _SWITCH, "also write TensorBoard event files")
+    progress: bool = C.setting(True, _SWITCH, "progress bar on a terminal, progress lines otherwise")
     log_every: int = C.setting(
         50,
         C.integer(0, 10**9, zero_means="0: no progress lines"),
@@ -373,7 +347,7 @@ class RunConfig:
         C.integer(0, 10**12, zero_means="0: at epoch ends only"),
         "also save the training state every N steps inside epochs",
     )
-    recipe: str | None = C.setting(None, C.text(optional=True), "recipe name (--list-recipes) or path to a YAML file")
+    recipe: str | None = C.setting(None, _PATH, "recipe name (--list-recipes) or path to a YAML file")
 
     def __post_init__(self):
         C.validate_fields(self)
