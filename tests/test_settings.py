@@ -128,6 +128,8 @@ def test_bare_and_dotted_keys_resolve_and_ambiguous_ones_are_refused(capsys):
         dense_cmd.train_parser("detect").parse_args(["--set", "lr=0.5", "--img-size", "96"]), "detect"
     )
     assert got == {"train.lr": 0.5, "model.min_size": 96, "data.min_sizes": [96]}
+    got = dense_cmd._overrides(dense_cmd.train_parser("segment").parse_args(["--set", "train.min_lr=2e-5"]), "segment")
+    assert got == {"train.min_lr": 2e-5}  # YAML 1.1 reads 2e-5 as text; every command takes it as the number
     assert dense_cmd.main("detect", ["train", "--set", "max_size=900", "--steps", "1"]) == 2
     assert "'max_size' is in several sections: give one of model.max_size, data.max_size" in capsys.readouterr().err
     assert train_cmd.main(["--set", "optim.lr=1", "--print-config"]) == 2  # lr is batch.lr

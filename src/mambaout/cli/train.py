@@ -42,13 +42,13 @@ def _parser() -> argparse.ArgumentParser:
 
 def parse_overrides(argv: list[str] | None) -> tuple[dict, argparse.Namespace]:
     """The settings given on the command line, as flat keys, and the parsed namespace."""
-    from mambaout.training.config import SCHEMA, coerce
+    from mambaout.training.config import SCHEMA
 
     args = _parser().parse_args(argv)
     given = {s.name: v for s, v in SCHEMA.given(args).items()}
     if getattr(args, "experiment", None):  # timm's --output DIR --experiment NAME writes to DIR/NAME
         given["output"] = str(Path(given.get("output") or "runs") / args.experiment)
-    given.update({s.name: coerce(v) for s, v in SCHEMA.parse_set(getattr(args, "overrides", None)).items()})
+    given.update({s.name: v for s, v in SCHEMA.parse_set(getattr(args, "overrides", None)).items()})
     return given, args
 
 

@@ -203,7 +203,7 @@ def resolve(task: str, recipe: str | None, overrides: dict, base: RunConfig | No
             if not isinstance(part, dict):
                 raise ValueError(f"recipe {path}: {s} must be a mapping of key: value")
             for key, value in part.items():
-                values[s][_key(task, f"{s}.{key}", f"recipe {path}: ").partition(".")[2]] = value
+                values[s][_key(task, f"{s}.{key}", f"recipe {path}: ").partition(".")[2]] = S.coerce(value)
     for key, value in overrides.items():
         section, _, name = _key(task, key).partition(".")
         values[section][name] = value

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -500,17 +499,10 @@ def load_recipe(name_or_path: str) -> dict:
     out = {}
     for key, value in recipe.items():
         try:
-            out[SCHEMA.find(str(key)).name] = coerce(value)
+            out[SCHEMA.find(str(key)).name] = S.coerce(value)
         except ValueError as e:
             raise ValueError(f"recipe {path}: {e}") from None
     return out
-
-
-def coerce(value):
-    """YAML 1.1 reads `2e-5` (no dot) as a string; numbers written that way are meant as numbers."""
-    if isinstance(value, str) and re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+", value.strip()):
-        return float(value)
-    return value
 
 
 def resolve_config(overrides: dict, require_data: bool = True) -> TrainConfig:

@@ -95,6 +95,13 @@ def _scalar(text: str):
     return text if math.isinf(number) and "inf" not in text.lower() else number  # 1e999 is no infinity asked for
 
 
+def coerce(value):
+    """YAML 1.1 reads `2e-5` (no dot) as a string; numbers written that way are meant as numbers."""
+    if isinstance(value, str) and re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+", value.strip()):
+        return float(value)
+    return value
+
+
 def _yaml(text: str):
     from mambaout.utils.safe_yaml import load_yaml
 
@@ -151,7 +158,7 @@ class Schema:
             if not sep:
                 raise ValueError(f"--set expects KEY=VALUE (or SECTION.KEY=VALUE), got {item!r}")
             setting = self.find(key)
-            out[setting] = load_yaml(value, f"--set {key.strip()}")
+            out[setting] = coerce(load_yaml(value, f"--set {key.strip()}"))
         return out
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
