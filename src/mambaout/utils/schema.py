@@ -206,7 +206,8 @@ class Schema:
                 allowed,
                 s.help + (" *network*" if s.network else ""),
             )
-            rows.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+            # | would end a cell and <name> would be read as an HTML tag
+            rows.append("| " + " | ".join(c.replace("|", "\\|").replace("<", "\\<") for c in cells) + " |")
         return "\n".join(rows) + "\n"
 
 
