@@ -30,6 +30,7 @@ class Check:
         those every check refuses (a nested mapping, NaN)."""
         self.allowed = allowed + (" (or unset)" if optional else "")
         self.fn, self.optional, self.kind, self.nargs = fn, optional, kind, nargs
+        self.choices: tuple[str, ...] | None = None  # a choice's options (the parser's metavar)
         self.bad = (*bad, {"a": [1]}, math.nan)
 
     def __call__(self, value):
@@ -102,7 +103,7 @@ def boolean() -> Check:
 def choice(*options: str, optional=False) -> Check:
     fn = lambda v: v if isinstance(v, str) and v in options else _BAD  # noqa: E731
     check = Check(f"must be one of {', '.join(options)}", fn, optional, "text", ["no-such-choice", 3, [options[0]]])
-    check.choices = options
+    check.choices = tuple(options)
     return check
 
 

@@ -234,8 +234,7 @@ def _argument(s: Setting) -> dict:
     elif check.kind == "list":
         kw.update(type=_scalar, nargs=check.nargs, metavar="N")
     elif check.kind == "text":
-        choices = getattr(check, "choices", None)
-        kw["metavar"] = "{" + ",".join(choices) + "}" if choices else s.name.upper()
+        kw["metavar"] = "{" + ",".join(check.choices) + "}" if check.choices else s.name.upper()
     else:
         kw.update(type=_yaml, metavar="YAML")
     kw.update(s.field.metadata.get("cli", {}))
