@@ -301,30 +301,17 @@ TRAIN = TRAIN_BASE + " --data-train {w}/good --data-val {w}/good"
 
 
 CASES = [
-    # --- training options that crashed late, were silently accepted, or exhausted memory --------------------------
-    Case("train-eval-every-0", TRAIN + " --eval-every 0 -o {w}/out/t", 2, "eval_every=", ("out/t",)),
+    # --- training options that crashed late, were silently accepted, or exhausted memory (every setting's bad
+    # values are tests/test_settings.py's; these rows show a refused value leaves no run folder) ------------------
     Case(
         "train-auto-augment-garbage",
         TRAIN + " --auto-augment garbage -o {w}/out/t",
         2,
         "auto_augment='garbage': not a timm augmentation string",
     ),
-    Case("train-threads-negative", TRAIN + " --threads -1 -o {w}/out/t", 2, "threads=", ("out/t",)),
-    Case("train-threads-zero", TRAIN + " --threads 0 -o {w}/out/t", 2, "threads=", ("out/t",)),
-    Case("train-weight-decay-negative", TRAIN + " --weight-decay -5 -o {w}/out/t", 2, "weight_decay="),
-    Case("train-smoothing-2", TRAIN + " --smoothing 2 -o {w}/out/t", 2, "smoothing=", ("out/t",)),
-    Case("train-smoothing-1", TRAIN + " --smoothing 1 -o {w}/out/t", 2, "smoothing=", ("out/t",)),
-    Case("train-checkpoint-every-negative", TRAIN + " --checkpoint-every -1 -o {w}/out/t", 2, "checkpoint_every"),
-    Case("train-keep-top-k-negative", TRAIN + " --keep-top-k -1 -o {w}/out/t", 2, "keep_top_k="),
-    Case("train-img-size-7", TRAIN + " --img-size 7 -o {w}/out/t", 2, "img_size=", ("out/t",)),
     Case("train-img-size-10000", TRAIN + " --img-size 10000 -b 2 -o {w}/out/t", 2, "img_size=", ("out/t",)),
     Case("train-epochs-0", TRAIN + " --epochs 0 -o {w}/out/t", 2, "epochs=", ("out/t",)),
-    Case("train-lr-negative", TRAIN + " --lr -1 -o {w}/out/t", 2, "lr=", ("out/t",)),
-    Case("train-reprob-2", TRAIN + " --reprob 2 -o {w}/out/t", 2, "reprob=", ("out/t",)),
-    Case("train-workers-negative", TRAIN + " --workers -1 -o {w}/out/t", 2, "workers=", ("out/t",)),
-    Case("train-global-batch-0", TRAIN + " --global-batch 0 -o {w}/out/t", 2, "global_batch="),
-    Case("train-stop-after-steps-0", TRAIN + " --stop-after-steps 0 -o {w}/out/t", 2, "stop_after_steps="),
-    Case("train-device-tpu", TRAIN + " --device tpu -o {w}/out/t", 2, "invalid choice", ("out/t",)),
+    Case("train-device-tpu", TRAIN + " --device tpu -o {w}/out/t", 2, "device='tpu': must be cpu, cuda", ("out/t",)),
     Case("train-missing-data", TRAIN_BASE + " --data-train {w}/nope -o {w}/out/t", 2, "does not exist", ("out/t",)),
     Case("train-data-is-a-file", TRAIN_BASE + " --data {w}/good.tar -o {w}/out/t", 2, "is a file", ("out/t",)),
     Case("train-truncated-tar", TRAIN_BASE + " --data-train {w}/truncated.tar -o {w}/out/t", 2, "cannot read"),
@@ -340,7 +327,7 @@ CASES = [
         2,
         "consecutive unreadable images",
     ),
-    Case("train-unknown-set-key", TRAIN + " --set nope=1 -o {w}/out/t", 2, "unknown options", ("out/t",)),
+    Case("train-unknown-set-key", TRAIN + " --set nope=1 -o {w}/out/t", 2, "unknown setting 'nope'", ("out/t",)),
     Case("train-set-without-equals", TRAIN + " --set nope -o {w}/out/t", 2, "KEY=VALUE", ("out/t",)),
     Case("train-missing-recipe", TRAIN + " --recipe nope -o {w}/out/t", 2, "no recipe named", ("out/t",)),
     Case("train-resume-missing", "train --resume {w}/nope", 2, "no training state found"),

@@ -247,12 +247,12 @@ def _help(command: str) -> str:
 
 def test_train_flags_follow_timm():
     """Switches show as switches; timm's names are aliases of ours; --amp is a bare switch (bf16, as in validate)."""
-    parse = train_cmd.get_args_parser().parse_args
     text = train_cmd.get_args_parser().format_help()
     for switch in ("pretrained", "cache", "model-ema", "channels-last", "compile", "overwrite", "tensorboard"):
         assert f"[--{switch} | --no-{switch}" in text.replace("\n", " ").replace("  ", " ") or f"--{switch}, " in text
         assert f"--{switch} [" not in text
-    assert vars(parse(["--amp"]))["amp"] == "bf16" and vars(parse(["--amp", "fp16"]))["amp"] == "fp16"
+    flat = lambda argv: train_cmd.parse_overrides(argv)[0]  # noqa: E731  (the settings given, by key)
+    assert flat(["--amp"])["amp"] == "bf16" and flat(["--amp", "fp16"])["amp"] == "fp16"
     aliases = {
         "--data-dir": ("data", "d"),
         "--torchcompile": ("compile", True),
@@ -263,7 +263,7 @@ def test_train_flags_follow_timm():
     }
     for flag, (dest, value) in aliases.items():
         argv = [flag] if value is True else [flag, str(value)]
-        assert vars(parse(argv)) == {dest: value}, flag
+        assert flat(argv) == {dest: value}, flag
     overrides, _ = train_cmd.parse_overrides(["--experiment", "e1", "--output", "out"])
     assert overrides["output"].replace("\\", "/") == "out/e1"
 
@@ -492,9 +492,7 @@ def test_a_bad_argument_is_one_line_on_every_command(argv, capsys):
 
 
 def test_a_refused_value_of_thousands_of_characters_is_shortened(capsys):
-    """argparse quotes the value it refused: a 5000-digit --epochs stays one readable line."""
-    with pytest.raises(SystemExit) as e:
-        train_cmd.main(["--epochs", "1" + "0" * 5000, "--print-config"])
+    """A 5000-digit --epochs stays one readable line (the value shown shortened)."""
+    assert train_cmd.main(["--epochs", "1" + "0" * 5000, "--print-config"]) == 2
     err = capsys.readouterr().err
-    assert e.value.code == 2
-    assert err.count("\n") == 1 and len(err) < 400 and "--epochs" in err and " ... " in err, err[:500]
+    assert err.count("\n") == 1 and len(err) < 400 and "epochs='1000" in err and "..." in err, err[:500]

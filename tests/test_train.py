@@ -99,7 +99,7 @@ def test_config_resolution_order(tmp_path):
     assert C.resolve_config({}).run.recipe == "digits"  # no data: the embedded default
     bad = tmp_path / "bad.yaml"
     bad.write_text("lrr: 1\n")
-    with pytest.raises(ValueError, match="unknown keys"):
+    with pytest.raises(ValueError, match=r"bad.yaml: unknown setting 'lrr' \(close: batch.lr"):
         C.resolve_config({"recipe": str(bad)})
     with pytest.raises(ValueError, match="batch_size=15: mixup/cutmix pair images within a batch, so it must be even"):
         C.resolve_config({"recipe": "digits", "batch_size": 15, "mixup": 0.8})

@@ -108,6 +108,35 @@ def model_counts(name: str, img_size: int) -> tuple[int, int | None]:
     return count_params(model), macs
 
 
+def add_command_arguments(parser: argparse.ArgumentParser, command: str) -> None:
+    """The options of every training command that are no setting: --set, --print-config, --list-recipes."""
+    g = parser.add_argument_group("command")
+    g.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        metavar="KEY=VALUE",
+        help="any setting (YAML value) as KEY or SECTION.KEY, e.g. --set 'model_kwargs={kernel_size: 5}'; repeatable",
+    )
+    g.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    g.add_argument(
+        "--list-recipes", action="store_true", help=f"the {command} recipes with their hardware, time, result"
+    )
+
+
+def smoke_steps(var: str) -> int | None:
+    """A positive integer from the environment variable `var` (`MAMBAOUT_MAX_STEPS`, `MAMBAOUT_MAX_EPOCHS`): the
+    cap of a run's length that lets tests/test_docs.py run a documented command as written; None when unset."""
+    import os
+
+    value = os.environ.get(var)
+    if not value:
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"{var} must be a positive integer, got {value!r}")
+    return int(value)
+
+
 def add_fused_kernels_argument(parser) -> None:
     """The `--fused-kernels` switch of the commands that run models (train, validate, predict)."""
     parser.add_argument(
@@ -146,8 +175,7 @@ def add_dtype_argument(parser) -> None:
     )
 
 
-AMP_CHOICES = ("auto", "none", "bf16", "fp16")
-
+from mambaout.utils.schema import AMP_CHOICES  # noqa: E402  (one list for the train settings and these options)
 
 AMP_HELP = "mixed precision: bare --amp is bf16 (as in validate); or auto (bf16 on CUDA, none on CPU), none, fp16"
 

@@ -7,72 +7,20 @@ Errors a user can fix are one line on stderr and exit status 2.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from pathlib import Path
 
 import yaml
 
-from mambaout.cli.common import Parser, add_amp_argument, stdout_failed
+from mambaout.cli.common import Parser, add_amp_argument, add_command_arguments, smoke_steps, stdout_failed
 from mambaout.utils.text import printable
 
-S = argparse.SUPPRESS  # options not given stay out of the namespace, so they never override the recipe
-B = argparse.BooleanOptionalAction  # an on/off option: --x / --no-x, as the classification commands have
 ACTIONS = ("train", "validate", "predict")
 
-# command-line flag -> (section.key); `type` and help live in the parser below
-_TRAIN_FLAGS = {
-    "backbone": "model.backbone",
-    "drop_path": "model.drop_path_rate",
-    "frozen_stages": "model.frozen_stages",
-    "num_classes": "model.num_classes",
-    "data": "data.data",
-    "train_split": "data.train_split",
-    "val_split": "data.val_split",
-    "train_images": "data.train_images",
-    "train_labels": "data.train_labels",
-    "val_images": "data.val_images",
-    "val_labels": "data.val_labels",
-    "batch_size": "data.batch_size",
-    "workers": "data.workers",
-    "hflip": "data.hflip",
-    "max_val_images": "data.max_val_images",
-    "epochs": "train.epochs",
-    "steps": "train.steps",
-    "lr": "train.lr",
-    "weight_decay": "train.weight_decay",
-    "warmup_steps": "train.warmup_steps",
-    "clip_grad": "train.clip_grad",
-    "pretrained": "train.pretrained",
-    "backbone_checkpoint": "train.backbone_checkpoint",
-    "amp": "train.amp",
-    "device": "train.device",
-    "threads": "train.threads",
-    "seed": "train.seed",
-    "eval_every": "train.eval_every",
-    "eval_at_start": "train.eval_at_start",
-    "log_every": "train.log_every",
-    "checkpoint_every": "train.checkpoint_every",
-    "stop_after_steps": "train.stop_after_steps",
-    "output": "train.output",
-    "resume": "train.resume",
-    "overwrite": "train.overwrite",
-    "progress": "train.progress",
-    # detection
-    "kind": "model.kind",
-    "max_size": "data.max_size",
-    # segmentation
-    "reduce_zero_label": "data.reduce_zero_label",
-    "categories": "data.categories",
-    "crop_size": "data.crop_size",
-    "scale": "data.scale",
-    "eval_flip": "data.eval_flip",
-    "head_norm": "model.norm",
-    "head_channels": "model.channels",
-}
 
-
-def _data_args(p: argparse.ArgumentParser, task: str, train: bool) -> None:
+def _data_args(p: argparse.ArgumentParser, task: str) -> None:
     labels = "COCO instances JSON" if task == "detect" else "folder of class-index PNG masks"
     g = p.add_argument_group("data")
     g.add_argument(
@@ -80,139 +28,81 @@ def _data_args(p: argparse.ArgumentParser, task: str, train: bool) -> None:
         help="dataset root (detect: images/<split>/ or <split>/ and annotations/instances_<split>"
         ".json; segment: images/<split>/ and annotations/<split>/)",
     )
-    if train:
-        g.add_argument("--train-split", help="training split under --data")
-        g.add_argument("--train-images", help="training image folder")
-        g.add_argument("--train-labels", help=f"training labels: {labels}")
     g.add_argument("--val-split", help="validation split under --data")
     g.add_argument("--val-images", help="validation image folder")
     g.add_argument("--val-labels", help=f"validation labels: {labels}")
     g.add_argument("--max-val-images", type=int, help="evaluate only the first N validation images")
     g.add_argument("--workers", "-j", type=int, help="data loader processes")
-    if task == "segment" and train:
-        g.add_argument("--num-classes", type=int, help="classes when the masks hold 0..K-1 (or 1..K)")
-        g.add_argument("--reduce-zero-label", action=B, help="mask value 0 is ignored (ADE20K), v becomes class v-1")
-        g.add_argument("--categories", help="JSON list of {id, name}: the mask values that are classes, in order")
-        g.add_argument("--crop-size", type=int, help="training crop (512 in the paper's setting)")
-        g.add_argument("--scale", type=int, nargs=2, metavar=("LONG", "SHORT"), help="training/eval resize scale")
-        g.add_argument("--eval-flip", action=B, help="evaluate with the flip too")
 
 
 def train_parser(task: str) -> argparse.ArgumentParser:
+    """The options: one per setting of the task (`mambaout.dense.config.schema`), and the few that are no setting."""
+    from mambaout.dense.config import schema
+
     p = Parser(
         prog=f"mambaout {task} train",
         description=f"Train a MambaOut {'Mask R-CNN' if task == 'detect' else 'UperNet'}. Resolution: defaults < "
-        "--recipe (--list-recipes) < options given here.",
-        argument_default=S,
+        "--recipe (--list-recipes) < options given here. Every setting is also --set KEY=VALUE (or "
+        "SECTION.KEY=VALUE); docs/settings.md lists them.",
+        argument_default=argparse.SUPPRESS,
     )
-    _data_args(p, task, train=True)
-    g = p.add_argument_group("model")
-    g.add_argument("--recipe", help="dense recipe name or YAML path (--list-recipes)")
-    g.add_argument("--backbone", help="registered MambaOut name")
-    g.add_argument("--pretrained", action=B, help="the backbone's published weights")
-    g.add_argument("--backbone-checkpoint", help="classification weights for the backbone (any layout we read)")
-    g.add_argument("--drop-path", type=float, help="backbone stochastic depth (0.3 Tiny, 0.3-0.4 Small, 0.6 Base)")
-    g.add_argument("--frozen-stages", type=int, help="-1 none, 0 the stem, k the stem and the first k stages")
-    if task == "detect":
-        g.add_argument("--kind", choices=["mask_rcnn", "faster_rcnn"])
-        g.add_argument("--img-size", type=int, help="shorter side for training and evaluation")
-        g.add_argument("--max-size", type=int, help="longer side cap for training and evaluation")
-    else:
-        g.add_argument("--head-norm", choices=["bn", "gn"], help="UperNet's norm (bn: the paper's)")
-        g.add_argument("--head-channels", type=int, help="UperNet's width (512: the paper's)")
-    g = p.add_argument_group("training")
-    g.add_argument("--epochs", type=int, help="passes over the training set (or --steps)")
-    g.add_argument("--steps", type=int, help="optimizer steps (or --epochs)")
-    g.add_argument("--batch-size", "-b", type=int, help="images per device")
-    g.add_argument("--lr", type=float)
-    g.add_argument("--weight-decay", type=float)
-    g.add_argument("--warmup-steps", type=int)
-    g.add_argument("--clip-grad", type=float)
-    g.add_argument("--hflip", type=float, help="flip probability")
-    add_amp_argument(g)
-    g.add_argument("--device", choices=["cpu", "cuda"])
-    g.add_argument("--threads", type=int, help="torch CPU threads")
-    g.add_argument("--seed", type=int)
-    g.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        metavar="SECTION.KEY=VALUE",
-        help="any config key (YAML value), e.g. --set model.fpn_channels=64; repeatable",
-    )
-    g = p.add_argument_group("run")
-    g.add_argument("--output", "-o", help=f"run folder (default runs/<recipe or {task}>)")
-    g.add_argument("--resume", help="run folder (or its state.pt) to continue, with its own configuration")
-    g.add_argument("--overwrite", action=B, help="start over in a folder holding a run")
-    g.add_argument("--eval-every", type=int, help="evaluate every N steps (and always at the end)")
-    g.add_argument("--eval-at-start", action=B, help="evaluate before training (default: on)")
-    g.add_argument("--log-every", type=int, help="steps between progress lines")
-    g.add_argument("--checkpoint-every", type=int, help="also save the state every N steps")
-    g.add_argument("--stop-after-steps", type=int, help="stop after N steps of this call (resume later)")
-    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress lines")
-    g.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    g.add_argument("--list-recipes", action="store_true", help="list the dense recipes and exit")
+    add_command_arguments(p, f"{task} train")
+    p.add_argument("--recipe", help="dense recipe name or YAML path (--list-recipes)")
+    schema(task).add_arguments(p)
     return p
 
 
-def _overrides(args: argparse.Namespace, task: str) -> dict:
-    from mambaout.utils.safe_yaml import load_yaml
+@functools.lru_cache(maxsize=2)
+def _train_parser(task: str) -> argparse.ArgumentParser:
+    return train_parser(task)  # built once per process and task: parsing leaves it as it was
 
-    given = vars(args)
-    out = {}
-    for flag, key in _TRAIN_FLAGS.items():
-        if flag in given:
-            out[key] = list(given[flag]) if flag == "scale" else given[flag]
-    if "img_size" in given:  # one size for training and evaluation
-        out["data.min_sizes"] = [given["img_size"]]
-        out["model.min_size"] = given["img_size"]
-    if "max_size" in given:
-        out["model.max_size"] = given["max_size"]
-    for item in given.get("overrides") or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"--set expects SECTION.KEY=VALUE, got {item!r}")
-        key = key.strip().replace("-", "_")
-        out[key] = load_yaml(value, f"--set {key}")
-    if given.get("resume"):
-        extra = sorted(k for k in out if k not in ("train.resume", "train.stop_after_steps", "train.progress"))
-        if extra:
-            raise ValueError(f"--resume continues the run with its own configuration; leave out {', '.join(extra)}")
+
+# options that set a second setting too: one size for the detector's training and evaluation
+_LINKED = {"model.min_size": ("data.min_sizes", lambda v: [v]), "data.max_size": ("model.max_size", lambda v: v)}
+
+
+def _overrides(args: argparse.Namespace, task: str) -> dict:
+    """The settings given as options and with --set, by `section.key`."""
+    from mambaout.dense.config import schema
+
+    sch = schema(task)
+    out = {s.key: v for s, v in sch.given(args).items()}
+    for key, (other, value) in _LINKED.items():
+        if key in out and any(s.key == other for s in sch.settings):
+            out[other] = value(out[key])
+    out.update({s.key: v for s, v in sch.parse_set(getattr(args, "overrides", None)).items()})
     return out
 
 
 def _smoke_cap(cfg) -> None:
     """`MAMBAOUT_MAX_STEPS` from the environment caps the run's optimizer steps (as it caps `mambaout train`), so a
     documented command can be smoke-tested as written (tests/test_docs.py); the capped length is in config.yaml."""
-    import os
-
-    value = os.environ.get("MAMBAOUT_MAX_STEPS")
-    if not value:
-        return
-    if not value.isdigit() or int(value) < 1:
-        raise ValueError(f"MAMBAOUT_MAX_STEPS must be a positive integer, got {value!r}")
+    cap = smoke_steps("MAMBAOUT_MAX_STEPS")
     t = cfg.train
-    if t.epochs is not None or t.steps > int(value):
-        t.epochs, t.steps = None, int(value)
+    if cap is not None and (t.epochs is not None or t.steps > cap):
+        t.epochs, t.steps = None, cap
         t.warmup_steps = min(t.warmup_steps, t.steps)
 
 
 def train(task: str, argv: list[str]) -> int:
-    from mambaout.dense.config import list_recipes, resolve
-    from mambaout.dense.engine import fit
+    from mambaout.dense.config import recipes_table, resolve, schema
+    from mambaout.dense.engine import fit, load_resume
     from mambaout.utils.optional import MissingDependency
 
-    args = train_parser(task).parse_args(argv)
+    args = _train_parser(task).parse_args(argv)
     if getattr(args, "list_recipes", False):
-        print("\n".join(list_recipes()))
+        print(recipes_table(task))
         return 0
     overrides = _overrides(args, task)
-    recipe = getattr(args, "recipe", None)
-    if getattr(args, "resume", None):
-        overrides.setdefault("train.steps", 1)  # the run's own length comes from its state
-        recipe = None
-    cfg = resolve(task, recipe, overrides)
-    if not getattr(args, "resume", None):
+    recipe, base = getattr(args, "recipe", None), None
+    if overrides.get("train.resume"):
+        if recipe is not None:
+            raise ValueError("--resume continues a run with its own recipe and settings; leave out --recipe")
+        base = load_resume(schema(task).checked("train.resume", overrides["train.resume"]))[
+            1
+        ]  # the run's own configuration; options given now win
+    cfg = resolve(task, recipe, overrides, base)
+    if base is None:
         _smoke_cap(cfg)
     if getattr(args, "print_config", False):
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
@@ -235,7 +125,7 @@ def validate_parser(task: str) -> argparse.ArgumentParser:
         else "mIoU and pixel accuracy, single-scale, and with --flip also with the flip",
     )
     p.add_argument("--checkpoint", required=True, help=f"weights written by mambaout {task} train")
-    _data_args(p, task, train=False)
+    _data_args(p, task)
     if task == "segment":
         p.add_argument("--flip", action="store_true", help="also evaluate with the flip (averaged probabilities)")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")

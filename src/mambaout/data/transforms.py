@@ -18,24 +18,42 @@ from mambaout.data.image import IMAGENET_MEAN, IMAGENET_STD
 from mambaout.utils import checks as C
 from mambaout.utils.limits import INTERPOLATIONS, MAX_IMG_SIZE, MIN_IMG_SIZE
 
+_AUTO_AUGMENT = C.text(optional=True, max_len=200)
+_AUTO_AUGMENT.bad = tuple(v for v in _AUTO_AUGMENT.bad if v != "")  # '' means none, as 'none' does
+
 
 @dataclass(frozen=True)
 class AugmentConfig:
     """The training augmentation of the official recipe (paper Sec. 4.1: RandAugment, random erasing; timm's
     random resized crop), at `img_size` px. Mixup/CutMix live in the trainer's `MixupConfig`."""
 
-    img_size: int = C.setting(224, C.integer(MIN_IMG_SIZE, MAX_IMG_SIZE))
-    scale: tuple = C.setting((0.08, 1.0), C.numbers(2, 0.0, 1.0, lo_open=True, increasing=True))
-    ratio: tuple = C.setting((3 / 4, 4 / 3), C.numbers(2, 0.0, 100.0, lo_open=True, increasing=True))
-    hflip: float = C.setting(0.5, C.number(0.0, 1.0))
-    color_jitter: float | None = C.setting(0.4, C.number(0.0, 10.0, optional=True))  # timm ignores it under RandAugment
-    auto_augment: str | None = C.setting("rand-m9-mstd0.5-inc1", C.text(optional=True, max_len=200))
-    train_interpolation: str = C.setting("random", C.choice(*INTERPOLATIONS))
-    reprob: float = C.setting(0.25, C.number(0.0, 1.0))
-    remode: str = C.setting("pixel", C.choice("const", "rand", "pixel"))
-    recount: int = C.setting(1, C.integer(1, 100))
-    mean: tuple = C.setting(tuple(IMAGENET_MEAN), C.numbers(3, -1e3, 1e3))
-    std: tuple = C.setting(tuple(IMAGENET_STD), C.numbers(3, 0.0, 1e3, lo_open=True))
+    img_size: int = C.setting(224, C.integer(MIN_IMG_SIZE, MAX_IMG_SIZE), "training and eval resolution (px)")
+    scale: tuple = C.setting(
+        (0.08, 1.0), C.numbers(2, 0.0, 1.0, lo_open=True, increasing=True), "random resized crop: area fraction range"
+    )
+    ratio: tuple = C.setting(
+        (3 / 4, 4 / 3),
+        C.numbers(2, 0.0, 100.0, lo_open=True, increasing=True),
+        "random resized crop: aspect ratio range",
+    )
+    hflip: float = C.setting(0.5, C.number(0.0, 1.0), "horizontal flip probability")
+    color_jitter: float | None = C.setting(
+        0.4, C.number(0.0, 10.0, optional=True), "color jitter strength (timm ignores it under RandAugment)"
+    )
+    auto_augment: str | None = C.setting(
+        "rand-m9-mstd0.5-inc1",
+        _AUTO_AUGMENT,
+        "timm RandAugment string, e.g. rand-m9-mstd0.5-inc1; none to disable",
+        flags=("--auto-augment", "--aa"),
+    )
+    train_interpolation: str = C.setting(
+        "random", C.choice(*INTERPOLATIONS), "resize interpolation in training (random: one per image)"
+    )
+    reprob: float = C.setting(0.25, C.number(0.0, 1.0), "random erasing probability")
+    remode: str = C.setting("pixel", C.choice("const", "rand", "pixel"), "random erasing fill")
+    recount: int = C.setting(1, C.integer(1, 100), "random erasing: regions per image")
+    mean: tuple = C.setting(tuple(IMAGENET_MEAN), C.numbers(3, -1e3, 1e3), "normalisation mean (RGB)")
+    std: tuple = C.setting(tuple(IMAGENET_STD), C.numbers(3, 0.0, 1e3, lo_open=True), "normalisation std (RGB)")
 
     def __post_init__(self):
         if isinstance(self.auto_augment, str) and self.auto_augment.lower() in ("none", ""):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -16,10 +17,57 @@ from torch import nn
 
 from mambaout.data.image import IMAGENET_MEAN, IMAGENET_STD  # the input normalisation of every published MambaOut
 from mambaout.models.factory import create_model
+from mambaout.utils import checks as C
+from mambaout.utils.limits import MAX_IMG_SIZE, MAX_NUM_CLASSES, MIN_IMG_SIZE, check_model_kwargs
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "STRIDE", "DenseBackbone", "backbone_from"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "STRIDE", "BackboneConfig", "DenseBackbone", "backbone_from"]
 
 STRIDE = 32  # the last stage's reduction: inputs are padded to a multiple of it
+WIDTH_MAX = 8192  # a head or FPN width; the paper's widest is UperNet's 512 and the box head's 1024
+SIDE = C.Check(
+    f"must be an integer from {MIN_IMG_SIZE} to {MAX_IMG_SIZE} pixels (memory grows with its square)",
+    lambda v: v if C.is_int(v) and MIN_IMG_SIZE <= v <= MAX_IMG_SIZE else C.BAD,
+    kind="number",
+    bad=["x", MIN_IMG_SIZE - 1, MAX_IMG_SIZE + 1, 100.5],
+)
+
+
+def width(default: int, help_: str, lo: int = 1, **kw):
+    """A head or neck width setting (`lo` 0 where 0 leaves the part out)."""
+    zero = "0: none" if lo == 0 else ""
+    return C.setting(default, C.integer(lo, WIDTH_MAX, zero_means=zero), help_, network=True, **kw)
+
+
+def _model_kwargs(kwargs: dict) -> None:
+    if "num_classes" in kwargs:
+        raise ValueError("pass --num-classes (model.num_classes), not model.model_kwargs={num_classes: ...}")
+    check_model_kwargs(kwargs, name="model.model_kwargs")
+
+
+@dataclass
+class BackboneConfig:
+    """The backbone and class count of a detector or segmenter (their configs extend it)."""
+
+    backbone: str = C.setting("mambaout_tiny", C.text(max_len=200), "registered MambaOut name", network=True)
+    num_classes: int | None = C.setting(
+        None, C.integer(1, MAX_NUM_CLASSES, optional=True), "classes (unset: the training data's)", network=True
+    )
+    drop_path_rate: float = C.setting(
+        0.3,
+        C.number(0, 1, hi_open=True),
+        "backbone stochastic depth (0.3 Tiny, 0.3-0.4 Small, 0.6 Base)",
+        flags=("--drop-path",),
+    )
+    frozen_stages: int = C.setting(
+        -1, C.integer(-1, 8, zero_means="-1: none, 0: the stem, k: the stem and k stages"), "stages kept frozen"
+    )
+    model_kwargs: dict = C.setting(
+        None,
+        C.mapping(_model_kwargs, bad=[{"dims": [float("nan")]}, {"num_classes": 3}, {"ls_init_value": float("inf")}]),
+        "further backbone arguments, e.g. {kernel_size: 5}",
+        default_factory=dict,
+        network=True,
+    )
 
 
 class DenseBackbone(nn.Module):

@@ -1,27 +1,33 @@
 """Configuration of a dense-prediction run: typed sections, resolved once as defaults < recipe < command line.
 
-A recipe is a YAML file with a `task` (`detect` or `segment`) and up to three sections, each a dataclass here or
-in the model modules: `model` (`DetectorConfig` / `SegmenterConfig`), `data` (`DataConfig`), `train`
-(`TrainConfig`). Unknown keys are errors. The resolved configuration is written into the run folder.
+A recipe is a YAML file with a `task` (`detect` or `segment`) and up to three sections, each a dataclass of
+`setting`s here or in the model modules: `model` (`DetectorConfig` / `SegmenterConfig`), `data` (`DataConfig`),
+`train` (`TrainConfig`). `schema(task)` derives the command line, `--set` and docs/settings.md from them. Unknown
+keys are errors. The resolved configuration is written into the run folder.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from mambaout.utils import checks as C
-from mambaout.utils.device import AMP_DTYPES
-from mambaout.utils.files import regular_file
-from mambaout.utils.limits import MAX_IMG_SIZE, MAX_NUM_CLASSES, MIN_IMG_SIZE, check_model_kwargs
+from mambaout.utils import recipes as R
+from mambaout.utils import schema as S
+from mambaout.utils.limits import MAX_IMG_SIZE, MIN_IMG_SIZE
 from mambaout.utils.safe_yaml import load_yaml
 
+from .backbone import SIDE
 from .detection import DetectorConfig
 from .upernet import SegmenterConfig
 
 TASKS = ("detect", "segment")
 RECIPES = Path(__file__).resolve().parent / "recipes"  # package data
+COUNT_MAX = 10**9  # steps, epochs, images: bounds that only catch typos
+
+_PATH = C.text(optional=True)
+_COUNT = C.integer(1, COUNT_MAX, optional=True)
 
 
 @dataclass
@@ -34,62 +40,90 @@ class DataConfig:
     `images/<split>` and `annotations/<split>` (the ADE20K layout).
     """
 
-    data: str | None = None
-    train_split: str | None = None  # default train2017 (detect) / training (segment)
-    val_split: str | None = None  # default val2017 / validation
-    train_images: str | None = None
-    train_labels: str | None = None  # detect: instances JSON; segment: mask folder
-    val_images: str | None = None
-    val_labels: str | None = None
-    # segmentation labels (see mambaout.dense.semseg); the class count is model.num_classes
-    reduce_zero_label: bool = False
-    categories: str | None = None
-    # detection training sizes: shorter side drawn from min_sizes, longer side at most max_size (eval: the model's)
-    min_sizes: list = field(default_factory=lambda: [800])
-    max_size: int = 1333
-    # segmentation: resize to scale (long, short) x a ratio in ratio_range, crop crop_size; evaluation at scale
-    # (and its mirror image too with eval_flip)
-    scale: list = field(default_factory=lambda: [2048, 512])
-    ratio_range: list = field(default_factory=lambda: [0.5, 2.0])
-    crop_size: int = 512
-    eval_flip: bool = False
-    hflip: float = 0.5
-    batch_size: int = 2
-    workers: int = 2
-    max_val_images: int | None = None  # evaluate only the first N validation images (said in every result)
+    data: str | None = C.setting(None, _PATH, "dataset root (detect: COCO layout; segment: images/ and annotations/)")
+    train_split: str | None = C.setting(None, _PATH, "training split under data (unset: train2017 / training)")
+    val_split: str | None = C.setting(None, _PATH, "validation split under data (unset: val2017 / validation)")
+    train_images: str | None = C.setting(None, _PATH, "training image folder")
+    train_labels: str | None = C.setting(None, _PATH, "training labels: COCO instances JSON, or a mask folder")
+    val_images: str | None = C.setting(None, _PATH, "validation image folder")
+    val_labels: str | None = C.setting(None, _PATH, "validation labels: COCO instances JSON, or a mask folder")
+    reduce_zero_label: bool = C.setting(False, C.boolean(), "segment: mask value 0 is ignored (ADE20K), v is class v-1")
+    categories: str | None = C.setting(
+        None, _PATH, "segment: JSON list of {id, name}, the mask values that are classes"
+    )
+    min_sizes: list = C.setting(
+        None,
+        C.integers(1, 32, MIN_IMG_SIZE, MAX_IMG_SIZE),
+        "detect: training shorter sides, one drawn per image (--img-size sets one)",
+        default_factory=lambda: [800],
+        flags=(),
+    )
+    max_size: int = C.setting(1333, SIDE, "detect: cap on the longer side, training and evaluation")
+    scale: list = C.setting(
+        None,
+        C.integers(2, 2, MIN_IMG_SIZE, MAX_IMG_SIZE),
+        "segment: resize scale (long, short) for training and evaluation",
+        default_factory=lambda: [2048, 512],
+        metavar=("LONG", "SHORT"),
+    )
+    ratio_range: list = C.setting(
+        None,
+        C.number_list(2, 2, 0, 16, lo_open=True, increasing=True),
+        "segment: training resize ratio range",
+        default_factory=lambda: [0.5, 2.0],
+    )
+    crop_size: int = C.setting(512, SIDE, "segment: training crop (the paper's 512)")
+    eval_flip: bool = C.setting(False, C.boolean(), "segment: evaluate with the mirror image too")
+    hflip: float = C.setting(0.5, C.number(0, 1), "flip probability in training")
+    batch_size: int = C.setting(2, C.integer(1, 4096), "images per device", flags=("--batch-size", "-b"))
+    workers: int = C.setting(2, C.integer(0, 256), "data loader processes", flags=("--workers", "-j"))
+    max_val_images: int | None = C.setting(
+        None, _COUNT, "evaluate only the first N validation images (said in results)"
+    )
 
 
 @dataclass
 class TrainConfig:
     """The optimisation and the run. Exactly one of `epochs` and `steps` sets the length."""
 
-    epochs: int | None = None
-    steps: int | None = None
-    lr: float = 1e-4
-    weight_decay: float = 0.05
-    schedule: str = "step"  # step: x gamma at each milestone; poly: (1 - t/T) ** poly_power
-    milestones: list = field(default_factory=lambda: [8 / 12, 11 / 12])  # fractions of the run (1x: epochs 8, 11)
-    gamma: float = 0.1
-    poly_power: float = 1.0
-    min_lr: float = 0.0
-    warmup_steps: int = 500
-    warmup_ratio: float = 0.001
-    clip_grad: float | None = None
-    pretrained: bool = False  # the backbone's published ImageNet weights
-    backbone_checkpoint: str | None = None  # ... or these classification weights
-    amp: str = "auto"  # auto: bf16 on CUDA, none on CPU
-    device: str | None = None
-    threads: int | None = None
-    seed: int = 0
-    eval_every: int | None = None  # steps; the end is always evaluated
-    eval_at_start: bool = True  # the step-0 number, to see what training added
-    log_every: int = 20
-    checkpoint_every: int | None = None
-    stop_after_steps: int | None = None
-    output: str | None = None
-    resume: str | None = None
-    overwrite: bool = False
-    progress: bool = True
+    epochs: int | None = C.setting(None, _COUNT, "passes over the training set (or steps)")
+    steps: int | None = C.setting(None, _COUNT, "optimizer steps (or epochs)")
+    lr: float = C.setting(1e-4, C.number(0, 1000, lo_open=True), "learning rate (AdamW)")
+    weight_decay: float = C.setting(0.05, C.number(0, 1000), "decoupled weight decay")
+    schedule: str = C.setting(
+        "step", C.choice("step", "poly"), "step: x gamma at each milestone; poly: (1 - t/T)^power"
+    )
+    milestones: list = C.setting(
+        None,
+        C.number_list(0, 64, 0, 1, lo_open=True, increasing=True),
+        "step schedule: fractions of the run (1x: epochs 8 and 11 of 12)",
+        default_factory=lambda: [8 / 12, 11 / 12],
+    )
+    gamma: float = C.setting(0.1, C.number(0, 1), "step schedule: lr factor at each milestone")
+    poly_power: float = C.setting(1.0, C.number(0, 100), "poly schedule: power")
+    min_lr: float = C.setting(0.0, C.number(0, 1000), "poly schedule: lr at the end")
+    warmup_steps: int = C.setting(500, C.integer(0, COUNT_MAX), "linear warmup steps")
+    warmup_ratio: float = C.setting(0.001, C.number(0, 1), "lr factor at the start of the warmup")
+    clip_grad: float | None = C.setting(None, C.number(0, lo_open=True, optional=True), "max gradient norm")
+    pretrained: bool = C.setting(False, C.boolean(), "start the backbone from its published ImageNet weights")
+    backbone_checkpoint: str | None = C.setting(
+        None, _PATH, "or from these classification weights (any layout we read)"
+    )
+    amp: str = S.amp_setting()
+    device: str | None = S.device_setting()
+    threads: int | None = S.threads_setting()
+    seed: int = S.seed_setting()
+    eval_every: int | None = C.setting(None, _COUNT, "evaluate every N steps (and always at the end)")
+    eval_at_start: bool = C.setting(True, C.boolean(), "evaluate before training: the step-0 number")
+    log_every: int = C.setting(20, C.integer(1, COUNT_MAX), "steps between progress lines")
+    checkpoint_every: int | None = C.setting(None, _COUNT, "also save the state every N steps")
+    stop_after_steps: int | None = C.setting(None, _COUNT, "stop after N steps of this call (resume later)")
+    output: str | None = C.setting(None, _PATH, "run folder (unset: runs/<recipe or task>)", flags=("--output", "-o"))
+    resume: str | None = C.setting(
+        None, _PATH, "run folder (or its state.pt) to continue; options given with it win, except the network's"
+    )
+    overwrite: bool = C.setting(False, C.boolean(), "start over in a folder holding a run")
+    progress: bool = C.setting(True, C.boolean(), "progress lines")
 
 
 @dataclass
@@ -112,27 +146,49 @@ def section_types(task: str) -> dict:
 
 
 def find_recipe(name_or_path: str) -> Path:
-    p = Path(name_or_path)
-    if p.suffix in (".yaml", ".yml"):
-        return regular_file(p, "recipe file")  # a FIFO is never opened
-    path = RECIPES / f"{name_or_path}.yaml"
-    if not path.is_file():
-        raise FileNotFoundError(f"no dense recipe named {name_or_path!r}; available: {', '.join(list_recipes())}")
-    return path
+    return R.find_recipe(name_or_path, [RECIPES], "dense recipe")
 
 
 def list_recipes() -> list[str]:
-    return sorted(p.stem for p in RECIPES.glob("*.yaml"))
+    return R.list_recipes([RECIPES])
 
 
-def resolve(task: str, recipe: str | None, overrides: dict) -> RunConfig:
-    """Defaults < recipe < `overrides` (`{'section.key': value}`), checked once.
+def recipes_table(task: str) -> str:
+    """The `task` recipes with the hardware, wall time and result their headers state (`--list-recipes`)."""
+    return R.recipe_table([RECIPES], task, _recipe_task)
+
+
+def _recipe_task(path: Path) -> str:
+    loaded = load_yaml(path.read_text(errors="replace"), str(path)) or {}
+    return loaded.get("task", "?") if isinstance(loaded, dict) else "?"
+
+
+def schema(task: str) -> S.Schema:
+    """The settings of a `task` run: its parser, `--set` and docs table come from them."""
+    return S.Schema(section_types(task))
+
+
+def resolve(task: str, recipe: str | None, overrides: dict, base: RunConfig | None = None) -> RunConfig:
+    """Defaults < recipe < `overrides` (`{'section.key': value}`), checked once; or, for a resumed run, the run's
+    own configuration `base` < `overrides`, which may not change the network.
 
     Raises:
         ValueError: an unknown key, a recipe of the other task, a value of the wrong type or out of range.
     """
     values: dict[str, dict] = {s: {} for s in SECTIONS}
-    if recipe is not None:
+    if base is not None:
+        if base.task != task:
+            where = overrides.get("train.resume")
+            raise ValueError(f"--resume {where} holds a {base.task} run; continue it with mambaout {base.task} train")
+        saved = base.to_dict()
+        flat = {f"{s}.{k}": v for s in SECTIONS for k, v in saved[s].items()}
+        schema(task).refuse_network_changes(overrides.get("train.resume"), overrides, flat)
+        for s in SECTIONS:
+            values[s].update(saved[s], **({"stop_after_steps": None} if s == "train" else {}))
+        if {"train.steps", "train.epochs"} & set(overrides):  # a new length replaces the run's, in either unit
+            values["train"].update(steps=None, epochs=None)
+        recipe = base.recipe
+    elif recipe is not None:
         path = find_recipe(recipe)
         loaded = load_yaml(path.read_text(errors="replace"), str(path)) or {}
         if not isinstance(loaded, dict):
@@ -143,139 +199,33 @@ def resolve(task: str, recipe: str | None, overrides: dict) -> RunConfig:
         if unknown:
             raise ValueError(f"recipe {path} has unknown keys {unknown}; expected task, model, data, train")
         for s in SECTIONS:
-            values[s].update(loaded.get(s) or {})
+            part = loaded.get(s) or {}
+            if not isinstance(part, dict):
+                raise ValueError(f"recipe {path}: {s} must be a mapping of key: value")
+            for key, value in part.items():
+                values[s][_key(task, f"{s}.{key}", f"recipe {path}: ").partition(".")[2]] = S.coerce(value)
     for key, value in overrides.items():
-        section, _, name = key.partition(".")
-        if section not in SECTIONS or not name:
-            raise ValueError(f"{key!r}: options are SECTION.KEY with SECTION one of {', '.join(SECTIONS)}")
+        section, _, name = _key(task, key).partition(".")
         values[section][name] = value
     types = section_types(task)
-    sections = {}
-    for s in SECTIONS:
-        known = {f.name for f in dataclasses.fields(types[s])}
-        unknown = sorted(set(values[s]) - known)
-        if unknown:
-            raise ValueError(f"unknown {s} option(s) {unknown}; valid: {', '.join(sorted(known))}")
-        sections[s] = types[s](**values[s])
-    cfg = RunConfig(task, sections["model"], sections["data"], sections["train"], recipe)
+    cfg = RunConfig(task, *(types[s](**values[s]) for s in SECTIONS), recipe)
     check(cfg)
     return cfg
 
 
-SEED_MAX = 2**63 - 1  # torch.manual_seed's signed 64-bit range (as the classification trainer's)
-WIDTH_MAX = 8192  # a head or FPN width; the paper's widest is UperNet's 512 and the box head's 1024
-COUNT_MAX = 10**9  # steps, epochs, images: bounds that only catch typos
-
-
-def _model_kwargs(kwargs: dict) -> None:
-    if "num_classes" in kwargs:
-        raise ValueError("pass --num-classes (model.num_classes), not model.model_kwargs={num_classes: ...}")
-    check_model_kwargs(kwargs, name="model.model_kwargs")
-
-
-def _is_side(v) -> bool:
-    return C.is_int(v) and MIN_IMG_SIZE <= v <= MAX_IMG_SIZE
-
-
-_SIDE = C.Check(
-    f"must be an integer from {MIN_IMG_SIZE} to {MAX_IMG_SIZE} pixels (memory grows with its square)",
-    lambda v: v if _is_side(v) else C.BAD,
-)
-
-
-_PATH = C.text(optional=True)
-_COUNT = C.integer(1, COUNT_MAX, optional=True)
-# (section, key) -> what it may hold, for every key of every section (tests/test_dense.py holds that no key is
-# missing); NaN and infinities are refused by every number check (mambaout.utils.checks)
-_MODEL_RULES = {
-    "backbone": C.text(max_len=200),
-    "num_classes": C.integer(1, MAX_NUM_CLASSES, optional=True),
-    "drop_path_rate": C.number(0, 1, hi_open=True),
-    "frozen_stages": C.integer(-1, 8, zero_means="-1: none, 0: the stem, k: the stem and k stages"),
-    "model_kwargs": C.mapping(_model_kwargs),
-}
-_RULES = {
-    "detect": {
-        **{("model", k): rule for k, rule in _MODEL_RULES.items()},
-        ("model", "kind"): C.choice("mask_rcnn", "faster_rcnn"),
-        ("model", "min_size"): _SIDE,
-        ("model", "max_size"): _SIDE,
-        **{("model", k): C.integer(1, WIDTH_MAX) for k in ("fpn_channels", "box_head_dim", "mask_head_channels")},
-        ("model", "rois_per_image"): C.integer(1, WIDTH_MAX),
-    },
-    "segment": {
-        **{("model", k): rule for k, rule in _MODEL_RULES.items()},
-        ("model", "channels"): C.integer(1, WIDTH_MAX),
-        ("model", "aux_channels"): C.integer(0, WIDTH_MAX, zero_means="no aux head"),
-        ("model", "aux_weight"): C.number(0, 100),
-        ("model", "norm"): C.choice("bn", "gn"),
-    },
-}
-_SHARED_RULES = {
-    **{
-        ("data", k): _PATH
-        for k in ("data", "train_split", "val_split", "train_images", "train_labels", "val_images", "val_labels")
-    },
-    ("data", "reduce_zero_label"): C.boolean(),
-    ("data", "categories"): _PATH,
-    ("data", "min_sizes"): C.integers(1, 32, MIN_IMG_SIZE, MAX_IMG_SIZE),
-    ("data", "max_size"): _SIDE,
-    ("data", "scale"): C.integers(2, 2, MIN_IMG_SIZE, MAX_IMG_SIZE),
-    ("data", "ratio_range"): C.number_list(2, 2, 0, 16, lo_open=True, increasing=True),
-    ("data", "crop_size"): _SIDE,
-    ("data", "eval_flip"): C.boolean(),
-    ("data", "hflip"): C.number(0, 1),
-    ("data", "batch_size"): C.integer(1, 4096),
-    ("data", "workers"): C.integer(0, 256),
-    ("data", "max_val_images"): _COUNT,
-    ("train", "epochs"): _COUNT,
-    ("train", "steps"): _COUNT,
-    ("train", "lr"): C.number(0, 1000, lo_open=True),
-    ("train", "weight_decay"): C.number(0, 1000),
-    ("train", "schedule"): C.choice("step", "poly"),
-    ("train", "milestones"): C.number_list(0, 64, 0, 1, lo_open=True, increasing=True),
-    ("train", "gamma"): C.number(0, 1),
-    ("train", "poly_power"): C.number(0, 100),
-    ("train", "min_lr"): C.number(0, 1000),
-    ("train", "warmup_steps"): C.integer(0, COUNT_MAX),
-    ("train", "warmup_ratio"): C.number(0, 1),
-    ("train", "clip_grad"): C.number(0, lo_open=True, optional=True),
-    ("train", "pretrained"): C.boolean(),
-    ("train", "backbone_checkpoint"): _PATH,
-    ("train", "amp"): C.choice("auto", *AMP_DTYPES),
-    ("train", "device"): _PATH,
-    ("train", "threads"): C.integer(1, 1024, optional=True),
-    ("train", "seed"): C.integer(0, SEED_MAX),
-    ("train", "eval_every"): _COUNT,
-    ("train", "eval_at_start"): C.boolean(),
-    ("train", "log_every"): C.integer(1, COUNT_MAX),
-    ("train", "checkpoint_every"): _COUNT,
-    ("train", "stop_after_steps"): _COUNT,
-    ("train", "output"): _PATH,
-    ("train", "resume"): _PATH,
-    ("train", "overwrite"): C.boolean(),
-    ("train", "progress"): C.boolean(),
-}
-
-
-def rules(task: str) -> dict:
-    """Every (section, key) of a `task` run and the check of its value."""
-    return {**_SHARED_RULES, **_RULES[task]}
+def _key(task: str, key: str, where: str = "") -> str:
+    """`section.key` of a dotted or bare key (one line naming it, and the close ones, when there is none)."""
+    try:
+        return schema(task).find(key).key
+    except ValueError as e:
+        raise ValueError(f"{where}{e}") from None
 
 
 def check(cfg: RunConfig) -> None:
-    """Every value checked against its rule (stored normalised: an integral float as an int), then the values
+    """Every value checked against its setting (stored normalised: an integral float as an int), then the values
     that only make sense together; one line each, `section.key=value: what is allowed`."""
-    for (section, name), rule in rules(cfg.task).items():
-        part = getattr(cfg, section)
-        value = getattr(part, name)
-        try:
-            normalised = rule(value)
-        except ValueError as e:
-            if str(e).startswith(f"{section}.{name}."):  # a nested check that names its key already
-                raise ValueError(str(e)) from None
-            raise ValueError(f"{section}.{name}={C.show(value)}: {e}") from None
-        setattr(part, name, list(normalised) if isinstance(normalised, tuple) else normalised)
+    for section in SECTIONS:
+        C.validate_fields(getattr(cfg, section), prefix=f"{section}.", lists=True)
     t, d, m = cfg.train, cfg.data, cfg.model
     if (t.epochs is None) == (t.steps is None):
         raise ValueError("give the run's length as exactly one of --epochs and --steps")

@@ -9,7 +9,7 @@ out, with an `out_channels` attribute.
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -19,7 +19,9 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredic
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from .backbone import IMAGENET_MEAN, IMAGENET_STD, DenseBackbone, backbone_from
+from mambaout.utils import checks as C
+
+from .backbone import IMAGENET_MEAN, IMAGENET_STD, SIDE, WIDTH_MAX, BackboneConfig, DenseBackbone, backbone_from, width
 
 
 class MambaOutFPN(nn.Module):
@@ -42,36 +44,16 @@ class MambaOutFPN(nn.Module):
 
 
 @dataclass
-class DetectorConfig:
-    """What builds a detector; written into its checkpoints so `validate` and `predict` rebuild it.
+class DetectorConfig(BackboneConfig):
+    """What builds a detector; written into its checkpoints so `validate` and `predict` rebuild it."""
 
-    Attributes:
-        backbone: Registered MambaOut name.
-        kind: `mask_rcnn` (boxes and masks) or `faster_rcnn` (boxes).
-        num_classes: Object classes, background not counted (None until the data says).
-        min_size: Shorter image side the detector sees at evaluation (training sizes come from the data path).
-        max_size: Cap on the longer side.
-        fpn_channels: FPN width (256 in the paper's setting); the RPN and RoI heads take it.
-        box_head_dim: Width of the box head's two fully connected layers (1024).
-        mask_head_channels: Width of the mask head's four convs (256).
-        rois_per_image: RoIs sampled per training image for the box and mask losses (512).
-        drop_path_rate: Backbone stochastic depth.
-        frozen_stages: See `DenseBackbone`.
-        model_kwargs: Further backbone arguments.
-    """
-
-    backbone: str = "mambaout_tiny"
-    kind: str = "mask_rcnn"
-    num_classes: int | None = None  # None: the training data's
-    min_size: int = 800
-    max_size: int = 1333
-    fpn_channels: int = 256
-    box_head_dim: int = 1024
-    mask_head_channels: int = 256
-    rois_per_image: int = 512
-    drop_path_rate: float = 0.3
-    frozen_stages: int = -1
-    model_kwargs: dict = field(default_factory=dict)
+    kind: str = C.setting("mask_rcnn", C.choice("mask_rcnn", "faster_rcnn"), "mask_rcnn: boxes and masks", network=True)
+    min_size: int = C.setting(800, SIDE, "shorter image side for training and evaluation", flags=("--img-size",))
+    max_size: int = C.setting(1333, SIDE, "cap on the longer side at evaluation (training: data.max_size)", flags=())
+    fpn_channels: int = width(256, "FPN width (the paper's 256); the RPN and RoI heads take it")
+    box_head_dim: int = width(1024, "width of the box head's two fully connected layers")
+    mask_head_channels: int = width(256, "width of the mask head's four convs")
+    rois_per_image: int = C.setting(512, C.integer(1, WIDTH_MAX), "RoIs sampled per training image for the losses")
 
 
 def create_detector(cfg: DetectorConfig, pretrained: bool = False, checkpoint: str | None = None) -> nn.Module:

@@ -35,6 +35,7 @@ from mambaout.utils import distributed as dist
 from mambaout.utils.device import autocast_setting
 from mambaout.utils.files import atomic_torch_save, atomic_write_text
 from mambaout.utils.interrupt import DeferredInterrupt
+from mambaout.utils.text import csv_cell
 from mambaout.weights.checkpoint import save_weights
 
 from .config import RunConfig, from_dict
@@ -88,7 +89,7 @@ class Run:
                 rows = list(csv.DictReader(f))
         rows = [r for r in rows if int(r["step"]) < row["step"]] + [row]  # a resumed run rewrites what it redoes
         fields = list(dict.fromkeys(k for r in rows for k in r))
-        lines = [",".join(fields)] + [",".join(_fmt(r.get(k)) for k in fields) for r in rows]
+        lines = [",".join(fields)] + [",".join(csv_cell(r.get(k)) for k in fields) for r in rows]
         atomic_write_text(path, "\n".join(lines) + "\n")
 
     def save(self, model, task: Task, parts: dict, step: int, cfg: RunConfig, running: dict) -> None:
@@ -112,12 +113,6 @@ class Run:
             self.log.close()
         if self.lock is not None:
             self.lock.release()
-
-
-def _fmt(v) -> str:
-    if v is None:
-        return ""
-    return f"{v:.6g}" if isinstance(v, float) else str(v)
 
 
 def load_resume(path: str) -> tuple[dict, RunConfig]:
@@ -145,9 +140,8 @@ def fit(cfg: RunConfig) -> dict:
             raise ValueError(
                 f"--resume {cfg.train.resume} holds a {saved.task} run; continue it with mambaout {saved.task} train"
             )
-        saved.train.resume, saved.train.stop_after_steps = cfg.train.resume, cfg.train.stop_after_steps
-        saved.train.output = saved.train.output or str(Path(cfg.train.resume).resolve())
-        cfg = saved
+        # cfg is the run's own configuration with the options given now (mambaout.dense.config.resolve)
+        cfg.train.output = cfg.train.output or str(Path(cfg.train.resume).resolve())
     t = cfg.train
     env, device = dist.init(t.device)
     run = None

@@ -11,13 +11,15 @@ Written here rather than taken from mmsegmentation: the head is ~100 lines, and 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backbone import IMAGENET_MEAN, IMAGENET_STD, STRIDE, DenseBackbone, backbone_from
+from mambaout.utils import checks as C
+
+from .backbone import IMAGENET_MEAN, IMAGENET_STD, STRIDE, BackboneConfig, DenseBackbone, backbone_from, width
 
 IGNORE_INDEX = 255
 
@@ -104,30 +106,18 @@ class FCNHead(nn.Module):
 
 
 @dataclass
-class SegmenterConfig:
-    """What builds a segmenter; written into its checkpoints so `validate` and `predict` rebuild it.
+class SegmenterConfig(BackboneConfig):
+    """What builds a segmenter; written into its checkpoints so `validate` and `predict` rebuild it."""
 
-    Attributes:
-        backbone: Registered MambaOut name.
-        num_classes: Classes, the ignore index not counted (None until the data says).
-        channels: UperNet's width (512 in the paper's setting).
-        aux_channels: Auxiliary head width (256); 0 for no auxiliary head.
-        aux_weight: Weight of the auxiliary loss (0.4).
-        norm: Head norm, `bn` (Swin's SyncBN setting) or `gn` (batch-size independent).
-        drop_path_rate: Backbone stochastic depth.
-        frozen_stages: See `DenseBackbone`.
-        model_kwargs: Further backbone arguments.
-    """
-
-    backbone: str = "mambaout_tiny"
-    num_classes: int | None = None  # None: the training data's
-    channels: int = 512
-    aux_channels: int = 256
-    aux_weight: float = 0.4
-    norm: str = "bn"
-    drop_path_rate: float = 0.3
-    frozen_stages: int = -1
-    model_kwargs: dict = field(default_factory=dict)
+    channels: int = width(512, "UperNet's width (the paper's 512)", flags=("--head-channels",))
+    aux_channels: int = width(256, "auxiliary FCN head width", lo=0)
+    aux_weight: float = C.setting(0.4, C.number(0, 100), "weight of the auxiliary loss")
+    norm: str = C.setting(
+        "bn",
+        C.choice("bn", "gn"),
+        "head norm: bn (Swin's SyncBN) or gn (batch-size independent)",
+        flags=("--head-norm",),
+    )
 
 
 class Segmenter(nn.Module):

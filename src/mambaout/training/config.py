@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -39,22 +38,18 @@ from mambaout.data.loaders import Loading
 from mambaout.data.transforms import AugmentConfig
 from mambaout.training.runfolder import load_state, resume_path
 from mambaout.utils import checks as C
-from mambaout.utils.device import AMP_DTYPES, autocast_setting
+from mambaout.utils import recipes as R
+from mambaout.utils import schema as S
+from mambaout.utils.device import autocast_setting
 from mambaout.utils.limits import INTERPOLATIONS, MAX_NUM_CLASSES, check_model_kwargs
 from mambaout.utils.safe_yaml import YamlError, load_yaml
 
 logger = logging.getLogger("mambaout")
 
 SCHEDULES = ("cosine", "tanh", "poly", "constant")
+_PATH, _SWITCH = C.text(optional=True), C.boolean()  # the checks of the many path and on/off settings
 PACKAGE_RECIPES = Path(__file__).resolve().parents[1] / "recipes"  # package data: present in every install
 MAX_MODEL_PARAMS = 1_000_000_000  # 12x mambaout_base_plus_rw; model_kwargs asking for more is almost surely a typo
-SEED_MAX = 2**63 - 1  # torch.manual_seed's signed 64-bit range
-
-
-def _device(value):
-    if value in ("cpu", "cuda", "mps") or (isinstance(value, str) and re.fullmatch(r"cuda:\d{1,2}", value)):
-        return value
-    return C._BAD
 
 
 # --- sections, in the order a run uses them ---------------------------------------------------------------------------
@@ -64,15 +59,19 @@ def _device(value):
 class DataConfig:
     """Where the images come from and how they are read."""
 
-    data: str | None = C.setting(None, C.text(optional=True))  # folder holding <train_split>/ and <val_split>/
-    data_train: str | None = C.setting(None, C.text(optional=True))  # or explicit paths; 'digits:train' embedded
-    data_val: str | None = C.setting(None, C.text(optional=True))
-    train_split: str = C.setting("train", C.text())
-    val_split: str = C.setting("val", C.text())
-    cache: bool = C.setting(False, C.boolean())  # file bytes in RAM; with data_pipeline gpu: decoded images
-    data_pipeline: str = C.setting("cpu", C.choice("cpu", "gpu"))  # gpu: uint8 to the device, augmented there
-    workers: int = C.setting(8, C.integer(0, 256))
-    persistent_workers: bool = C.setting(False, C.boolean())  # saves worker start-up; --resume then not bit-exact
+    data: str | None = C.setting(
+        None, _PATH, "folder holding <train_split>/ and <val_split>/ (folders or .tar)", flags=("--data", "--data-dir")
+    )
+    data_train: str | None = C.setting(None, _PATH, "training set: an image folder or .tar, or 'digits:train'")
+    data_val: str | None = C.setting(None, _PATH, "validation set: an image folder or .tar, or 'digits:val'")
+    train_split: str = C.setting("train", C.text(), "name of the training split under --data")
+    val_split: str = C.setting("val", C.text(), "name of the validation split under --data")
+    cache: bool = C.setting(False, _SWITCH, "keep image files in RAM (gpu pipeline: decoded)")
+    data_pipeline: str = C.setting("cpu", C.choice("cpu", "gpu"), "cpu: augment in loader workers; gpu: on the device")
+    workers: int = C.setting(8, C.integer(0, 256), "data loader processes per rank", flags=("--workers", "-j"))
+    persistent_workers: bool = C.setting(
+        False, _SWITCH, "keep loader workers between epochs (--resume is then not bit-exact)"
+    )
 
     def __post_init__(self):
         C.validate_fields(self)
@@ -90,16 +89,34 @@ def _check_model_kwargs(kwargs: dict) -> None:
 class ModelConfig:
     """The network and where its first weights come from."""
 
-    model: str = C.setting("mambaout_tiny", C.text(max_len=200))
-    model_kwargs: dict = C.setting(None, C.mapping(_check_model_kwargs), default_factory=dict)  # create_model args
-    pretrained: bool = C.setting(False, C.boolean())  # the variant's published weights; the classifier is replaced
-    initial_checkpoint: str | None = C.setting(None, C.text(optional=True))  # or a weights file, any layout
-    use_ema: bool = C.setting(
-        False, C.boolean()
-    )  # the initial checkpoint's EMA (timm's state_dict_ema), not its weights
-    num_classes: int | None = C.setting(None, C.integer(1, MAX_NUM_CLASSES, optional=True))  # None: the data's
-    drop_path: float | None = C.setting(None, C.number(0.0, 1.0, hi_open=True, optional=True))  # None: variant's
-    drop_rate: float = C.setting(0.0, C.number(0.0, 1.0, hi_open=True))
+    model: str = C.setting("mambaout_tiny", C.text(max_len=200), "registered model name", network=True)
+    model_kwargs: dict = C.setting(
+        None,
+        C.mapping(_check_model_kwargs, bad=[{"num_classes": 3}, {"pretrained": True}, {"dims": [float("nan")]}]),
+        "create_model arguments, e.g. {kernel_size: 5}",
+        default_factory=dict,
+        network=True,
+    )
+    pretrained: bool = C.setting(
+        False, _SWITCH, "start from the model's published weights (the classifier is replaced)"
+    )
+    initial_checkpoint: str | None = C.setting(
+        None, _PATH, "start from these weights (official, timm or our layout, timm .pth.tar)"
+    )
+    use_ema: bool = C.setting(False, _SWITCH, "take --initial-checkpoint's EMA weights (state_dict_ema)")
+    num_classes: int | None = C.setting(
+        None,
+        C.integer(1, MAX_NUM_CLASSES, optional=True),
+        "classifier outputs (unset: the training data's class count)",
+    )
+    drop_path: float | None = C.setting(
+        None,
+        C.number(0.0, 1.0, hi_open=True, optional=True),
+        "stochastic depth rate (unset: the variant's recipe value)",
+    )
+    drop_rate: float = C.setting(
+        0.0, C.number(0.0, 1.0, hi_open=True), "dropout before the classifier", flags=("--drop", "--drop-rate")
+    )
 
     def __post_init__(self):
         C.validate_fields(self)
@@ -120,11 +137,23 @@ class BatchPlan:
 class BatchConfig:
     """Batch sizes and the learning rate: lr = lr_base x global_batch / lr_base_batch (linear scaling rule)."""
 
-    batch_size: int = C.setting(128, C.integer(1, 65536))  # per device (per process)
-    global_batch: int | None = C.setting(4096, C.integer(1, 2**24, optional=True))  # None: batch_size x world size
-    lr: float | None = C.setting(None, C.number(0.0, 1e3, optional=True))  # absolute: beats the rule (0: frozen)
-    lr_base: float = C.setting(4e-3, C.number(0.0, 1e3, lo_open=True))
-    lr_base_batch: int = C.setting(4096, C.integer(1, 2**24))
+    batch_size: int = C.setting(
+        128, C.integer(1, 65536), "per-device (per-process) batch size", flags=("--batch-size", "-b")
+    )
+    global_batch: int | None = C.setting(
+        4096,
+        C.integer(1, 2**24, optional=True),
+        "images per optimizer step, all processes (accumulates; unset: batch size x processes)",
+    )
+    lr: float | None = C.setting(
+        None, C.number(0.0, 1e3, optional=True), "absolute learning rate, beats the rule (0: frozen; unset: the rule)"
+    )
+    lr_base: float = C.setting(
+        4e-3, C.number(0.0, 1e3, lo_open=True), "learning rate at lr_base_batch images per step (linear scaling rule)"
+    )
+    lr_base_batch: int = C.setting(
+        4096, C.integer(1, 2**24), "the batch lr_base is given for", flags=("--lr-base-batch", "--lr-base-size")
+    )
 
     def __post_init__(self):
         C.validate_fields(self)
@@ -151,12 +180,20 @@ class BatchConfig:
 class OptimConfig:
     """The optimizer: AdamW (the paper's) or any timm optimizer, with decoupled weight decay."""
 
-    opt: str = C.setting("adamw", C.text(max_len=64))  # adamw, or a timm name (sgd, momentum, adam, lamb, ...)
-    layer_decay: float | None = C.setting(None, C.number(0.0, 1.0, lo_open=True, optional=True))  # e.g. 0.75
-    weight_decay: float = C.setting(0.05, C.number(0.0, 10.0))
-    betas: tuple = C.setting((0.9, 0.999), C.numbers(2, 0.0, 0.999999))
-    eps: float = C.setting(1e-8, C.number(0.0, 1.0, lo_open=True))
-    clip_grad: float | None = C.setting(None, C.number(0.0, 1e6, lo_open=True, optional=True))  # max grad norm
+    opt: str = C.setting(
+        "adamw", C.text(max_len=64), "optimizer: adamw, or a timm name (sgd, momentum, adam, lamb, ...)"
+    )
+    layer_decay: float | None = C.setting(
+        None,
+        C.number(0.0, 1.0, lo_open=True, optional=True),
+        "layer-wise lr decay, e.g. 0.75 (the model's group_matcher)",
+    )
+    weight_decay: float = C.setting(0.05, C.number(0.0, 10.0), "decoupled weight decay")
+    betas: tuple = C.setting((0.9, 0.999), C.numbers(2, 0.0, 0.999999), "Adam betas")
+    eps: float = C.setting(1e-8, C.number(0.0, 1.0, lo_open=True), "optimizer epsilon")
+    clip_grad: float | None = C.setting(
+        None, C.number(0.0, 1e6, lo_open=True, optional=True), "max gradient norm (unset: no clipping)"
+    )
 
     def __post_init__(self):
         C.validate_fields(self)
@@ -181,13 +218,15 @@ def _optimizer_names() -> set[str]:
 class ScheduleConfig:
     """Warmup from warmup_lr, then `sched` (cosine) to min_lr over `epochs`, then `cooldown_epochs` at min_lr."""
 
-    epochs: int = C.setting(300, C.integer(1, 100_000))
-    cooldown_epochs: int = C.setting(10, C.integer(0, 100_000))
-    warmup_epochs: int = C.setting(20, C.integer(0, 100_000))
-    warmup_lr: float = C.setting(1e-6, C.number(0.0, 1e3))
-    min_lr: float = C.setting(1e-5, C.number(0.0, 1e3))
-    sched: str = C.setting("cosine", C.choice(*SCHEDULES))
-    sched_on_updates: bool = C.setting(False, C.boolean())  # official: the lr changes once per epoch
+    epochs: int = C.setting(
+        300, C.integer(1, 100_000), "epochs of the lr schedule (warmup included); cooldown epochs come on top"
+    )
+    cooldown_epochs: int = C.setting(10, C.integer(0, 100_000), "epochs at min_lr after the schedule")
+    warmup_epochs: int = C.setting(20, C.integer(0, 100_000), "epochs of linear warmup from warmup_lr")
+    warmup_lr: float = C.setting(1e-6, C.number(0.0, 1e3), "lr at the start of the warmup")
+    min_lr: float = C.setting(1e-5, C.number(0.0, 1e3), "lr at the end of the schedule")
+    sched: str = C.setting("cosine", C.choice(*SCHEDULES), "lr schedule")
+    sched_on_updates: bool = C.setting(False, _SWITCH, "change the lr every optimizer step (official: once per epoch)")
 
     def __post_init__(self):
         C.validate_fields(self)
@@ -201,12 +240,14 @@ class ScheduleConfig:
 class MixupConfig:
     """Mixup / CutMix (timm's `Mixup`) and label smoothing."""
 
-    mixup: float = C.setting(0.8, C.number(0.0, 100.0))
-    cutmix: float = C.setting(1.0, C.number(0.0, 100.0))
-    mixup_prob: float = C.setting(1.0, C.number(0.0, 1.0))
-    mixup_switch_prob: float = C.setting(0.5, C.number(0.0, 1.0))
-    mixup_mode: str = C.setting("batch", C.choice("batch", "pair", "elem"))
-    smoothing: float = C.setting(0.1, C.number(0.0, 1.0, hi_open=True))
+    mixup: float = C.setting(0.8, C.number(0.0, 100.0), "mixup alpha (0: off)")
+    cutmix: float = C.setting(1.0, C.number(0.0, 100.0), "cutmix alpha (0: off)")
+    mixup_prob: float = C.setting(1.0, C.number(0.0, 1.0), "probability of mixing a batch")
+    mixup_switch_prob: float = C.setting(
+        0.5, C.number(0.0, 1.0), "probability of cutmix instead of mixup when both are on"
+    )
+    mixup_mode: str = C.setting("batch", C.choice("batch", "pair", "elem"), "mix per batch, pair or element")
+    smoothing: float = C.setting(0.1, C.number(0.0, 1.0, hi_open=True), "label smoothing")
 
     def __post_init__(self):
         C.validate_fields(self)
@@ -220,10 +261,19 @@ class MixupConfig:
 class EvalConfig:
     """Held-out evaluation during training; the crop and interpolation go into the checkpoints' eval_config."""
 
-    eval_crop_pct: float = C.setting(1.0, C.number(0.05, 1.0))
-    eval_interpolation: str = C.setting("bicubic", C.choice(*(i for i in INTERPOLATIONS if i != "random")))
-    eval_batch_size: int | None = C.setting(None, C.integer(1, 65536, optional=True))  # None: 2 x batch_size
-    eval_every: int = C.setting(1, C.integer(1, 100_000))
+    eval_crop_pct: float = C.setting(
+        1.0, C.number(0.05, 1.0), "center crop fraction at evaluation (written into the checkpoints)"
+    )
+    eval_interpolation: str = C.setting(
+        "bicubic", C.choice(*(i for i in INTERPOLATIONS if i != "random")), "resize interpolation at evaluation"
+    )
+    eval_batch_size: int | None = C.setting(
+        None,
+        C.integer(1, 65536, optional=True),
+        "evaluation batch size (unset: 2 x batch size)",
+        flags=("--eval-batch-size", "--validation-batch-size"),
+    )
+    eval_every: int = C.setting(1, C.integer(1, 100_000), "evaluate every N epochs (and always after the last)")
 
     def __post_init__(self):
         C.validate_fields(self)
@@ -233,12 +283,12 @@ class EvalConfig:
 class PerfConfig:
     """Where and how fast: device, autocast, memory layout, compilation. Same numbers either way, up to rounding."""
 
-    device: str | None = C.setting(None, C.Check("must be cpu, cuda, cuda:N or mps", _device, optional=True))
-    amp: str = C.setting("auto", C.choice("auto", *AMP_DTYPES))  # auto: bf16 on CUDA, none on CPU
-    channels_last: bool = C.setting(False, C.boolean())
-    compile: bool = C.setting(False, C.boolean())
-    grad_checkpointing: bool = C.setting(False, C.boolean())
-    threads: int | None = C.setting(None, C.integer(1, 1024, optional=True))  # torch CPU threads per process
+    device: str | None = S.device_setting()
+    amp: str = S.amp_setting()
+    channels_last: bool = C.setting(False, _SWITCH, "channels-last memory layout")
+    compile: bool = C.setting(False, _SWITCH, "torch.compile the model", flags=("--compile", "--torchcompile"))
+    grad_checkpointing: bool = C.setting(False, _SWITCH, "recompute activations in backward (less memory)")
+    threads: int | None = S.threads_setting()
 
     def __post_init__(self):
         C.validate_fields(self)
@@ -252,8 +302,8 @@ class PerfConfig:
 class EmaConfig:
     """An exponential moving average of the weights, evaluated beside the model (timm's ModelEmaV3)."""
 
-    model_ema: bool = C.setting(False, C.boolean())
-    model_ema_decay: float = C.setting(0.9999, C.number(0.0, 1.0))
+    model_ema: bool = C.setting(False, _SWITCH, "keep and evaluate an EMA of the weights")
+    model_ema_decay: float = C.setting(0.9999, C.number(0.0, 1.0), "EMA decay per optimizer step")
 
     def __post_init__(self):
         C.validate_fields(self)
@@ -263,19 +313,40 @@ class EmaConfig:
 class RunConfig:
     """The run folder, logging, reproducibility and the stops that time-box or test a run."""
 
-    seed: int = C.setting(0, C.integer(0, SEED_MAX))
-    output: str | None = C.setting(None, C.text(optional=True))  # default runs/<recipe or model>
-    resume: str | None = C.setting(None, C.text(optional=True))
-    overwrite: bool = C.setting(False, C.boolean())  # write into a run folder that holds a run
-    keep_top_k: int = C.setting(3, C.integer(0, 1000))
-    tensorboard: bool = C.setting(False, C.boolean())
-    progress: bool = C.setting(True, C.boolean())  # a bar on a terminal; otherwise a line every `log_every` steps
-    log_every: int = C.setting(50, C.integer(0, 10**9, zero_means="0: no progress lines"))
-    max_steps_per_epoch: int | None = C.setting(None, C.integer(1, 10**9, optional=True))  # smoke tests
-    stop_after_epochs: int | None = C.setting(None, C.integer(1, 10**9, optional=True))  # of this invocation
-    stop_after_steps: int | None = C.setting(None, C.integer(1, 10**12, optional=True))  # mid-epoch if need be
-    checkpoint_every: int = C.setting(0, C.integer(0, 10**12, zero_means="0: at epoch ends only"))
-    recipe: str | None = C.setting(None, C.text(optional=True))
+    seed: int = S.seed_setting()
+    output: str | None = C.setting(None, _PATH, "run folder (unset: runs/<recipe or model>)", flags=("--output", "-o"))
+    resume: str | None = C.setting(
+        None, _PATH, "run folder or its state.pt to continue; options given with it win, except another model"
+    )
+    overwrite: bool = C.setting(False, _SWITCH, "start over in a run folder that holds a run")
+    keep_top_k: int = C.setting(
+        3, C.integer(0, 1000), "keep the weights of the k best epochs", flags=("--keep-top-k", "--checkpoint-hist")
+    )
+    tensorboard: bool = C.setting(False, _SWITCH, "also write TensorBoard event files")
+    progress: bool = C.setting(True, _SWITCH, "progress bar on a terminal, progress lines otherwise")
+    log_every: int = C.setting(
+        50,
+        C.integer(0, 10**9, zero_means="0: no progress lines"),
+        "optimizer steps between progress lines when not on a terminal",
+        flags=("--log-every", "--log-interval"),
+    )
+    max_steps_per_epoch: int | None = C.setting(
+        None, C.integer(1, 10**9, optional=True), "cap optimizer steps per epoch (smoke tests)"
+    )
+    stop_after_epochs: int | None = C.setting(
+        None, C.integer(1, 10**9, optional=True), "stop after N epochs of this call (resume later)"
+    )
+    stop_after_steps: int | None = C.setting(
+        None,
+        C.integer(1, 10**12, optional=True),
+        "stop after N optimizer steps of this call, mid-epoch too (resume later)",
+    )
+    checkpoint_every: int = C.setting(
+        0,
+        C.integer(0, 10**12, zero_means="0: at epoch ends only"),
+        "also save the training state every N steps inside epochs",
+    )
+    recipe: str | None = C.setting(None, _PATH, "recipe name (--list-recipes) or path to a YAML file")
 
     def __post_init__(self):
         C.validate_fields(self)
@@ -295,6 +366,7 @@ SECTIONS = {
     "run": RunConfig,
 }
 KEY_SECTION = {f.name: section for section, cls in SECTIONS.items() for f in fields(cls)}
+SCHEMA = S.Schema(SECTIONS)  # the parser, --set, recipe keys and docs/settings.md come from these declarations
 
 
 @dataclass(frozen=True)
@@ -393,29 +465,30 @@ DEFAULTS: dict = to_flat(TrainConfig())
 # --- recipes and resolution -------------------------------------------------------------------------------------------
 
 
+def _recipe_folders() -> list[Path]:
+    return [Path.cwd() / "recipes", PACKAGE_RECIPES]
+
+
 def find_recipe(name_or_path: str) -> Path:
     """A recipe path, or a name looked up in ./recipes, then among the recipes shipped with the package."""
-    p = Path(name_or_path)
-    if p.suffix in (".yaml", ".yml") or p.is_file():
-        if not p.is_file():
-            raise FileNotFoundError(f"recipe file {p} does not exist")
-        return p
-    for folder in (Path.cwd() / "recipes", PACKAGE_RECIPES):
-        for ext in (".yaml", ".yml"):
-            if (folder / f"{name_or_path}{ext}").is_file():
-                return folder / f"{name_or_path}{ext}"
-    raise FileNotFoundError(f"no recipe named {name_or_path!r}; available: {', '.join(list_recipes()) or 'none'}")
+    return R.find_recipe(name_or_path, _recipe_folders())
 
 
 def list_recipes() -> list[str]:
-    names = set()
-    for folder in (Path.cwd() / "recipes", PACKAGE_RECIPES):
-        if folder.is_dir():
-            names.update(p.stem for p in folder.glob("*.y*ml"))
-    return sorted(names)
+    return R.list_recipes(_recipe_folders())
+
+
+def recipes_table() -> str:
+    """The recipes with the hardware, wall time and result their headers state (`--list-recipes`)."""
+    return R.recipe_table(_recipe_folders(), "classify")
 
 
 def load_recipe(name_or_path: str) -> dict:
+    """A recipe's settings as flat keys (a recipe may also write them as `section.key`).
+
+    Raises:
+        ValueError: YAML that is no plain mapping, or an unknown key (one line naming it and the close ones).
+    """
     path = find_recipe(name_or_path)
     try:
         recipe = load_yaml(path.read_text(errors="replace"), str(path)) or {}
@@ -423,18 +496,13 @@ def load_recipe(name_or_path: str) -> dict:
         raise ValueError(str(e)) from None
     if not isinstance(recipe, dict):
         raise ValueError(f"recipe {path} must be a YAML mapping of option: value")
-    recipe = {k: coerce(v) for k, v in recipe.items()}
-    unknown = sorted(map(str, set(recipe) - set(DEFAULTS)))
-    if unknown:
-        raise ValueError(f"recipe {path} has unknown keys {unknown}; `mambaout train --print-config` lists the keys")
-    return recipe
-
-
-def coerce(value):
-    """YAML 1.1 reads `2e-5` (no dot) as a string; numbers written that way are meant as numbers."""
-    if isinstance(value, str) and re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+", value.strip()):
-        return float(value)
-    return value
+    out = {}
+    for key, value in recipe.items():
+        try:
+            out[SCHEMA.find(str(key)).name] = S.coerce(value)
+        except ValueError as e:
+            raise ValueError(f"recipe {path}: {e}") from None
+    return out
 
 
 def resolve_config(overrides: dict, require_data: bool = True) -> TrainConfig:
@@ -444,19 +512,15 @@ def resolve_config(overrides: dict, require_data: bool = True) -> TrainConfig:
         overrides: Flat keys given on the command line (or by a caller).
         require_data: Refuse a configuration without training data (off for `--print-config`).
     """
-    unknown = sorted(map(str, set(overrides) - set(DEFAULTS)))
-    if unknown:
-        raise ValueError(f"unknown options {unknown}")
+    for key in overrides:
+        if key not in DEFAULTS:
+            SCHEMA.find(str(key))  # the unknown key, and the close ones, in one line
+            raise ValueError(f"{key!r}: give settings to resolve_config by their flat name")
     RunConfig(recipe=overrides.get("recipe"), resume=overrides.get("resume"))  # paths, checked before they are opened
     if overrides.get("resume"):
         # A resumed run continues with the configuration it was started with; options given now still win.
         saved = load_state(resume_path(overrides["resume"])).get("config", {})
-        for key in ("model", "model_kwargs"):
-            if key in overrides and saved.get(key) is not None and overrides[key] != saved[key]:
-                raise ValueError(
-                    f"--resume {overrides['resume']}: that run trains {key} {saved[key]!r}, not {overrides[key]!r}; "
-                    "drop the option to continue it, or start a new run in another --output folder"
-                )
+        SCHEMA.refuse_network_changes(overrides["resume"], overrides, saved, flat=True)
         flat = dict(DEFAULTS)
         flat.update({k: v for k, v in saved.items() if k in DEFAULTS})
         flat.update(stop_after_epochs=None, stop_after_steps=None, output=str(resume_path(overrides["resume"]).parent))
@@ -474,6 +538,7 @@ def resolve_config(overrides: dict, require_data: bool = True) -> TrainConfig:
         flat.update(loaded)
         flat["recipe"] = recipe
     if overrides.get("initial_checkpoint") and not model_named:
+        SCHEMA.checked("initial_checkpoint", overrides["initial_checkpoint"])  # a path, before it is opened
         flat["model"] = checkpoint_model(overrides["initial_checkpoint"]) or flat["model"]
     if overrides.get("data") is not None:
         # --data on the command line beats the recipe's data_train/data_val (only its own --data-train/-val beat it)
@@ -481,6 +546,7 @@ def resolve_config(overrides: dict, require_data: bool = True) -> TrainConfig:
     flat.update(overrides)
     if recipe is not None and loaded.get("model") not in (None, flat["model"]):
         _another_model(flat, loaded, recipe, overrides)
+    DataConfig(**{k: flat[k] for k in C.field_names(DataConfig)})  # the paths checked before they are looked into
     if isinstance(flat["data"], str) and (flat["data_train"] is None or flat["data_val"] is None):
         flat["data_train"] = flat["data_train"] or resolve_split(flat["data"], flat["train_split"])
         flat["data_val"] = flat["data_val"] or resolve_split(flat["data"], flat["val_split"])

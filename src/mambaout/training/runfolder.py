@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from mambaout.utils import files
+from mambaout.utils.text import csv_cell
 
 logger = logging.getLogger("mambaout")
 
@@ -307,7 +308,7 @@ class MetricsLog:
         rows = [r for r in self.rows() if int(r["epoch"]) <= row["epoch"]] + [dict(row, epoch=row["epoch"] + 1)]
         lines = [",".join(self.FIELDS)]
         for r in rows:
-            lines.append(",".join(_fmt(r.get(k)) for k in self.FIELDS))
+            lines.append(",".join(csv_cell(r.get(k)) for k in self.FIELDS))
         files.atomic_write_text(self.out / "summary.csv", "\n".join(lines) + "\n")
         if self.tb is not None:
             for k in self.FIELDS[1:]:
@@ -441,14 +442,6 @@ def remove_stale_temporaries(out: Path) -> int:
             removed += 1
             logger.warning("removed %s (%.1f MiB), left by a write that was interrupted", p, size / 2**20)
     return removed
-
-
-def _fmt(v) -> str:
-    if v is None or v == "":
-        return ""
-    if isinstance(v, float):
-        return f"{v:.6g}"
-    return str(v)
 
 
 def _plain(obj):

@@ -1,12 +1,15 @@
 """Typed, range-checked configuration fields: what a setting may hold, said once, checked once.
 
-A frozen dataclass declares each field with `setting(default, check)`; `validate_fields(obj)` (called from the
-section's `__post_init__`) runs every check, stores the normalised value (a list becomes a tuple, an int a float)
-and raises one `ValueError` line naming the key, the value and what is allowed:
+A dataclass declares each field with `setting(default, check, help, flags=...)`; `validate_fields(obj)` (called from
+the section's `__post_init__`, or by the config that holds the section) runs every check, stores the normalised
+value (a list becomes a tuple, an int a float) and raises one `ValueError` line naming the key, the value and what
+is allowed:
 
     min_lr=nan: must be a finite number in [0, 1000]
 
-NaN and infinities are refused by every number check; no setting here means anything by them.
+NaN and infinities are refused by every number check; no setting here means anything by them. Each check also
+knows how a command line spells its value (`kind`) and a few values it refuses (`bad`), from which
+`mambaout.utils.schema` builds the parsers and tests/test_settings.py its cases.
 """
 
 from __future__ import annotations
@@ -21,9 +24,14 @@ _MAX_SHOWN = 60  # a value is shown up to this many characters in a message (a -
 class Check:
     """A check of one value: `__call__(value)` returns it normalised or raises `ValueError(what is allowed)`."""
 
-    def __init__(self, allowed: str, fn: Callable, optional: bool = False):
+    def __init__(self, allowed: str, fn: Callable, optional: bool = False, kind: str = "value", bad=(), nargs=None):
+        """`kind`: how a flag reads the value (text: as typed; number: an int or float, else the text; list:
+        `nargs` such numbers; boolean: a --x/--no-x switch; value: YAML). `bad`: values the check refuses, beside
+        those every check refuses (a nested mapping, NaN)."""
         self.allowed = allowed + (" (or unset)" if optional else "")
-        self.fn, self.optional = fn, optional
+        self.fn, self.optional, self.kind, self.nargs = fn, optional, kind, nargs
+        self.choices: tuple[str, ...] | None = None  # a choice's options (the parser's metavar)
+        self.bad = (*bad, {"a": [1]}, math.nan)
 
     def __call__(self, value):
         if value is None and self.optional:
@@ -68,7 +76,9 @@ def number(lo: float, hi: float | None = None, *, lo_open=False, hi_open=False, 
             return _BAD
         return float(v)
 
-    return Check(f"must be a finite number {_range_text(lo, hi, lo_open, hi_open)}", fn, optional)
+    bad = ["x", True, math.inf, -math.inf, lo - 1 if not lo_open else lo]
+    bad += [] if hi is None else [hi if hi_open else hi + 1]
+    return Check(f"must be a finite number {_range_text(lo, hi, lo_open, hi_open)}", fn, optional, "number", bad)
 
 
 def integer(lo: int, hi: int | None = None, *, optional=False, zero_means: str = "") -> Check:
@@ -82,15 +92,19 @@ def integer(lo: int, hi: int | None = None, *, optional=False, zero_means: str =
         return v
 
     note = f" ({zero_means})" if zero_means else ""
-    return Check(f"must be an integer {_range_text(lo, hi, False, False)}{note}", fn, optional)
+    bad = ["x", 1.5, True, math.inf, lo - 1] + ([] if hi is None else [hi + 1])
+    return Check(f"must be an integer {_range_text(lo, hi, False, False)}{note}", fn, optional, "number", bad)
 
 
 def boolean() -> Check:
-    return Check("must be true or false", lambda v: v if isinstance(v, bool) else _BAD)
+    return Check("must be true or false", lambda v: v if isinstance(v, bool) else _BAD, kind="boolean", bad=["x", 2])
 
 
 def choice(*options: str, optional=False) -> Check:
-    return Check(f"must be one of {', '.join(options)}", lambda v: v if v in options else _BAD, optional)
+    fn = lambda v: v if isinstance(v, str) and v in options else _BAD  # noqa: E731
+    check = Check(f"must be one of {', '.join(options)}", fn, optional, "text", ["no-such-choice", 3, [options[0]]])
+    check.choices = tuple(options)
+    return check
 
 
 def text(*, optional=False, max_len: int = 4096) -> Check:
@@ -99,7 +113,7 @@ def text(*, optional=False, max_len: int = 4096) -> Check:
     def fn(v):
         return v if isinstance(v, str) and 0 < len(v) <= max_len and "\x00" not in v else _BAD
 
-    return Check("must be a non-empty string", fn, optional)
+    return Check("must be a non-empty string", fn, optional, "text", ["", 3, [1, 2], "x" * (max_len + 1)])
 
 
 def number_list(min_len: int, max_len: int, lo: float, hi: float, *, lo_open=False, increasing=False) -> Check:
@@ -119,7 +133,17 @@ def number_list(min_len: int, max_len: int, lo: float, hi: float, *, lo_open=Fal
 
     count = str(min_len) if min_len == max_len else f"{min_len} to {max_len}"
     order = ", not decreasing" if increasing else ""
-    return Check(f"must be a list of {count} finite numbers {_range_text(lo, hi, lo_open, False)}{order}", fn)
+    bad = [
+        "x",
+        [lo - 1 if not lo_open else lo] * max(min_len, 1),
+        [hi + 1] * max(min_len, 1),
+        [math.nan] * max(min_len, 1),
+    ]
+    bad += [[0.5] * (min_len - 1)] if min_len > 1 else []
+    bad += [[hi, lo + 1e-3 if lo_open else lo]] if increasing and min_len <= 2 <= max_len else []
+    nargs = min_len if min_len == max_len else ("+" if min_len else "*")
+    allowed = f"must be a list of {count} finite numbers {_range_text(lo, hi, lo_open, False)}{order}"
+    return Check(allowed, fn, kind="list", bad=bad, nargs=nargs)
 
 
 def numbers(n: int, lo: float, hi: float, *, lo_open=False, increasing=False) -> Check:
@@ -127,8 +151,9 @@ def numbers(n: int, lo: float, hi: float, *, lo_open=False, increasing=False) ->
     return number_list(n, n, lo, hi, lo_open=lo_open, increasing=increasing)
 
 
-def mapping(check_items: Callable[[dict], None] | None = None) -> Check:
-    """A mapping with string keys; `check_items` may raise ValueError for its contents."""
+def mapping(check_items: Callable[[dict], None] | None = None, bad=()) -> Check:
+    """A mapping with string keys; `check_items` may raise ValueError for its contents (`bad`: mappings it
+    refuses)."""
 
     def fn(v):
         if not isinstance(v, dict) or not all(isinstance(k, str) for k in v):
@@ -137,14 +162,19 @@ def mapping(check_items: Callable[[dict], None] | None = None) -> Check:
             check_items(v)
         return dict(v)
 
-    return Check("must be a mapping of name: value", fn)
+    check = Check("must be a mapping of name: value", fn, kind="value", bad=[[1, 2], "x", *bad])
+    check.bad = tuple(b for b in check.bad if b != {"a": [1]})  # a nested mapping is a mapping: `bad` says more
+    return check
 
 
-def setting(default, check: Check, default_factory=None):
-    """A dataclass field with its check (and a factory for mutable defaults such as `{}`)."""
+def setting(default, check: Check, help: str = "", *, flags=None, default_factory=None, network=False, **cli):
+    """A dataclass field declared once: its default (or a factory for mutable ones such as `{}`), check, help and
+    command-line flags (None: `--name-with-dashes`; `()`: none, `--set` only). `network`: the setting shapes the
+    network, so a resumed run refuses another value. Further keywords go to argparse's `add_argument`."""
+    meta = {"check": check, "help": help, "flags": flags, "network": network, "cli": cli}
     if default_factory is not None:
-        return dataclasses.field(default_factory=default_factory, metadata={"check": check})
-    return dataclasses.field(default=default, metadata={"check": check})
+        return dataclasses.field(default_factory=default_factory, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
 
 
 def integers(min_len: int, max_len: int, lo: int, hi: int) -> Check:
@@ -158,7 +188,12 @@ def integers(min_len: int, max_len: int, lo: int, hi: int) -> Check:
         return tuple(v)
 
     count = str(min_len) if min_len == max_len else f"{min_len} to {max_len}"
-    return Check(f"must be a list of {count} integers in [{_fmt(lo)}, {_fmt(hi)}]", fn)
+    bad = ["x", [lo - 1] * min_len, [hi + 1] * min_len, [1.5] * min_len, [math.nan] * min_len]
+    bad += [[lo] * (min_len - 1)] if min_len > 1 else [[lo] * (max_len + 1)]
+    nargs = min_len if min_len == max_len else "+"
+    return Check(
+        f"must be a list of {count} integers in [{_fmt(lo)}, {_fmt(hi)}]", fn, kind="list", bad=bad, nargs=nargs
+    )
 
 
 def show(value) -> str:
@@ -167,8 +202,9 @@ def show(value) -> str:
     return text_ if len(text_) <= _MAX_SHOWN else text_[: _MAX_SHOWN - 3] + "..."
 
 
-def validate_fields(obj) -> None:
-    """Run every field's check on a (frozen) dataclass instance, storing the normalised values."""
+def validate_fields(obj, prefix: str = "", lists: bool = False) -> None:
+    """Run every field's check on a (frozen) dataclass instance, storing the normalised values; `prefix` goes
+    before the key in messages (`train.`), and `lists` stores lists as lists (tuples otherwise)."""
     for f in dataclasses.fields(obj):
         check = f.metadata.get("check")
         if check is None:
@@ -177,9 +213,11 @@ def validate_fields(obj) -> None:
         try:
             normalised = check(value)
         except ValueError as e:
-            if str(e).startswith(f"{f.name}."):  # a nested check that already names its key (model_kwargs.dims=...)
+            if str(e).startswith(f"{prefix}{f.name}."):  # a nested check that names its key (model_kwargs.dims=...)
                 raise ValueError(str(e)) from None
-            raise ValueError(f"{f.name}={show(value)}: {e}") from None
+            raise ValueError(f"{prefix}{f.name}={show(value)}: {e}") from None
+        if lists and isinstance(normalised, tuple):
+            normalised = list(normalised)
         object.__setattr__(obj, f.name, normalised)
 
 

@@ -25,6 +25,7 @@ MAX_IMG_SIZE = 2048
 # several times that inside PIL's decoders). Raise it with MAMBAOUT_MAX_PIXELS for gigapixel scans.
 DEFAULT_MAX_PIXELS = 64_000_000
 
+SEED_MAX = 2**63 - 1  # torch.manual_seed's signed 64-bit range
 MAX_NUM_CLASSES = 100_000  # ImageNet-22k has 21,841; more than this is not a classifier anyone trains here
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos", "random")
 

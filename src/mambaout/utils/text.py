@@ -21,3 +21,10 @@ def printable(text) -> str:
         ch if ch.isprintable() or unicodedata.category(ch) == "Zs" else ch.encode("unicode_escape").decode("ascii")
         for ch in text
     )
+
+
+def csv_cell(value) -> str:
+    """A value as a summary.csv cell: unset is empty, a float has 6 significant digits."""
+    if value is None or value == "":
+        return ""
+    return f"{value:.6g}" if isinstance(value, float) else str(value)

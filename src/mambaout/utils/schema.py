@@ -1,0 +1,241 @@
+"""The settings of a command, each declared once (`checks.setting`), and everything derived from the declarations.
+
+A `Schema` is an ordered set of sections (dataclasses whose fields are `setting`s). From it come the command-line
+parser's options (`add_arguments`, read back with `given`), `--set KEY=VALUE` (`parse_set`: a bare key resolves to
+its section when only one section has it), the key lookup of recipe files (`find`) and the docs' settings table
+(`markdown`). Validation is the checks themselves (`checks.validate_fields`). Only the standard library is
+imported here: a command's `--help` builds its parser from the sections without loading anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import re
+from dataclasses import dataclass
+
+from mambaout.utils import checks as C
+from mambaout.utils.limits import SEED_MAX
+
+AMP_CHOICES = ("auto", "none", "bf16", "fp16")  # mambaout.utils.device.autocast_setting reads them
+
+
+# --- settings every training command has, with one meaning --------------------------------------------------------
+
+
+def amp_setting():
+    """`--amp [DTYPE]`: a bare `--amp` is bf16 autocast (as validate's switch)."""
+    help_ = "autocast: auto (bf16 on CUDA, none on CPU), none, bf16, fp16; a bare --amp is bf16"
+    return C.setting("auto", C.choice(*AMP_CHOICES), help_, nargs="?", const="bf16")
+
+
+def threads_setting():
+    return C.setting(None, C.integer(1, 1024, optional=True), "torch CPU threads per process (unset: torch's choice)")
+
+
+def seed_setting():
+    return C.setting(0, C.integer(0, SEED_MAX), "random seed (each rank adds its rank)")
+
+
+def _device(value):
+    if value in ("cpu", "cuda", "mps") or (isinstance(value, str) and re.fullmatch(r"cuda:\d{1,2}", value)):
+        return value
+    return C.BAD
+
+
+def device_setting():
+    check = C.Check("must be cpu, cuda, cuda:N or mps", _device, optional=True, kind="text", bad=["tpu", "cuda:x", 3])
+    return C.setting(None, check, "cpu, cuda, cuda:N or mps (unset: cuda when available)")
+
+
+@dataclass(frozen=True)
+class Setting:
+    section: str
+    name: str
+    field: dataclasses.Field
+
+    @property
+    def key(self) -> str:
+        return f"{self.section}.{self.name}"
+
+    @property
+    def check(self) -> C.Check:
+        return self.field.metadata["check"]
+
+    @property
+    def help(self) -> str:
+        return self.field.metadata.get("help", "")
+
+    @property
+    def network(self) -> bool:
+        return self.field.metadata.get("network", False)
+
+    @property
+    def default(self):
+        f = self.field
+        return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+    @property
+    def flags(self) -> tuple[str, ...]:
+        flags = self.field.metadata.get("flags")
+        return ("--" + self.name.replace("_", "-"),) if flags is None else tuple(flags)
+
+
+def _scalar(text: str):
+    """A number flag's value: an int, else a float (nan and inf too), else the text, which the check then names."""
+    try:
+        return int(text)
+    except ValueError:  # not an int, or one of over 4300 digits
+        pass
+    try:
+        number = float(text)
+    except ValueError:
+        return text
+    return text if math.isinf(number) and "inf" not in text.lower() else number  # 1e999 is no infinity asked for
+
+
+def coerce(value):
+    """YAML 1.1 reads `2e-5` (no dot) as a string; numbers written that way are meant as numbers."""
+    if isinstance(value, str) and re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+", value.strip()):
+        return float(value)
+    return value
+
+
+def _yaml(text: str):
+    from mambaout.utils.safe_yaml import load_yaml
+
+    return load_yaml(text, "value")
+
+
+class Schema:
+    """The settings of `sections` (`{name: dataclass}`), in declaration order."""
+
+    def __init__(self, sections: dict[str, type]):
+        self.sections = dict(sections)
+        self.settings = [
+            Setting(section, f.name, f)
+            for section, cls in self.sections.items()
+            for f in dataclasses.fields(cls)
+            if "check" in f.metadata
+        ]
+
+    def find(self, key: str) -> Setting:
+        """The setting named `section.key` or a bare `key` that one section alone has.
+
+        Raises:
+            ValueError: an unknown or ambiguous key, one line listing the candidates.
+        """
+        key = key.strip().replace("-", "_")
+        hits = [s for s in self.settings if key in (s.key, s.name)]
+        if len(hits) == 1:
+            return hits[0]
+        if hits:
+            raise ValueError(f"{key!r} is in several sections: give one of {', '.join(s.key for s in hits)}")
+        last = key.rpartition(".")[2]
+        near = [s.key for s in self.settings if last and (last in s.name or s.name in last)][:6]
+        hint = f"close: {', '.join(near)}" if near else "the keys are those --print-config prints"
+        raise ValueError(f"unknown setting {key!r} ({hint})")
+
+    def checked(self, key: str, value):
+        """`value` as the setting `key` stores it, checked before it is used (a path before it is opened).
+
+        Raises:
+            ValueError: one line, `key=value: what is allowed` (the key as the caller's messages name it).
+        """
+        try:
+            return self.find(key).check(value)
+        except ValueError as e:
+            raise ValueError(f"{key}={C.show(value)}: {e}") from None
+
+    def parse_set(self, items: list[str] | None) -> dict[Setting, object]:
+        """`--set KEY=VALUE` items (YAML values) by setting."""
+        from mambaout.utils.safe_yaml import load_yaml
+
+        out = {}
+        for item in items or []:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise ValueError(f"--set expects KEY=VALUE (or SECTION.KEY=VALUE), got {item!r}")
+            setting = self.find(key)
+            out[setting] = coerce(load_yaml(value, f"--set {key.strip()}"))
+        return out
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        """One option per setting that has flags, in a group per section; options not given stay out of the
+        namespace (so they never replace a recipe's value)."""
+        for section, cls in self.sections.items():
+            doc = (cls.__doc__ or "").strip().split("\n")[0]
+            group = parser.add_argument_group(section, doc.replace("%", "%%"))
+            for s in self.settings:
+                if s.section == section and s.flags:
+                    group.add_argument(*s.flags, dest=s.key, default=argparse.SUPPRESS, **_argument(s))
+
+    def given(self, args: argparse.Namespace) -> dict[Setting, object]:
+        """The settings given as options in a namespace `add_arguments` filled."""
+        values = vars(args)
+        return {s: values[s.key] for s in self.settings if s.key in values}
+
+    def refuse_network_changes(self, resume: str, given: dict, saved: dict, flat: bool = False) -> None:
+        """A resumed run takes later options, except another value of a setting that shapes the network.
+
+        Args:
+            given, saved: Values by key (`name` when `flat`, else `section.key`).
+
+        Raises:
+            ValueError: one line naming the setting, the run's value and the one given.
+        """
+        for s in self.settings:
+            key = s.name if flat else s.key
+            if s.network and key in given and saved.get(key) is not None and given[key] != saved[key]:
+                raise ValueError(
+                    f"--resume {resume}: that run trains {key} {saved[key]!r}, not {given[key]!r}; drop the option "
+                    "to continue it, or start a new run in another --output folder"
+                )
+
+    def markdown(self) -> str:
+        """The settings as a markdown table: key, flags, default, what is allowed and the help."""
+        rows = ["| key | flags | default | allowed | what it does |", "| --- | --- | --- | --- | --- |"]
+        for s in self.settings:
+            flags = ", ".join(f"`{f}`" for f in s.flags) or "`--set` only"
+            allowed = s.check.allowed.removeprefix("must be ")
+            cells = (
+                f"`{s.key}`",
+                flags,
+                f"`{_show_default(s.default)}`",
+                allowed,
+                s.help + (" *network*" if s.network else ""),
+            )
+            # | would end a cell and <name> would be read as an HTML tag
+            rows.append("| " + " | ".join(c.replace("|", "\\|").replace("<", "\\<") for c in cells) + " |")
+        return "\n".join(rows) + "\n"
+
+
+def _show_default(value) -> str:
+    if isinstance(value, tuple):
+        value = list(value)
+    if value is None:
+        return "unset"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value) if not isinstance(value, float) else f"{value:g}"
+
+
+def _argument(s: Setting) -> dict:
+    """`add_argument` keywords of a setting, from its check: every value reaches the check, which says what is
+    wrong in the one line every other source of a value gets (argparse's own `choices` and `type` would not)."""
+    check, help_ = s.check, s.help.replace("%", "%%")
+    default = _show_default(s.default).replace("%", "%%")
+    kw: dict = {"help": f"{help_} (default {default})" if help_ else f"default {default}"}
+    if check.kind == "boolean":
+        kw["action"] = argparse.BooleanOptionalAction
+    elif check.kind == "number":
+        kw.update(type=_scalar, metavar="N")
+    elif check.kind == "list":
+        kw.update(type=_scalar, nargs=check.nargs, metavar="N")
+    elif check.kind == "text":
+        kw["metavar"] = "{" + ",".join(check.choices) + "}" if check.choices else s.name.upper()
+    else:
+        kw.update(type=_yaml, metavar="YAML")
+    kw.update(s.field.metadata.get("cli", {}))
+    return kw
