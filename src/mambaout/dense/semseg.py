@@ -206,18 +206,24 @@ class ConfusionMatrix:
         self.counts += counts
 
     def metrics(self) -> dict:
-        """mIoU over the classes present in the targets or predictions (IoU = TP / (TP + FP + FN)), pixel accuracy,
-        both in percent, and how many classes and pixels they count."""
+        """mIoU over the classes present in the targets or predictions (IoU = TP / (TP + FP + FN)), pixel accuracy
+        (aAcc), mean class accuracy over the classes present in the targets (mAcc; a class's accuracy is TP / its
+        target pixels), all in percent, how many classes and pixels they count, and each class's `iou` and `acc`
+        (by class index; mmseg's nan, a class the mean leaves out, is left out here)."""
         c = self.counts.double()
         tp = c.diag()
-        union = c.sum(0) + c.sum(1) - tp
-        present = union > 0
+        truth = c.sum(1)
+        union = c.sum(0) + truth - tp
+        present, labelled = union > 0, truth > 0
         iou = tp[present] / union[present]
+        acc = tp[labelled] / truth[labelled]
         total = c.sum()
         return dict(
             mIoU=100 * iou.mean().item() if present.any() else 0.0,
             aAcc=100 * (tp.sum() / total).item() if total > 0 else 0.0,
+            mAcc=100 * acc.mean().item() if labelled.any() else 0.0,
             classes=int(present.sum()),
             pixels=int(total),
             iou={i: 100 * v for i, v in zip(present.nonzero().flatten().tolist(), iou.tolist())},
+            acc={i: 100 * v for i, v in zip(labelled.nonzero().flatten().tolist(), acc.tolist())},
         )
