@@ -167,6 +167,25 @@ def test_detect_results_json_round_trips_through_cocoeval(det_world, tmp_path, m
     assert all((out / f"{Path(p).stem}.png").is_file() for p in photos)  # PNG, as segment predict writes
 
 
+def test_masks_encode_before_any_coco_file_is_read(monkeypatch):
+    # predict reads no COCO file, so nothing has imported the submodule pycocotools.mask when the first mask is
+    # encoded: as in a fresh process, take it away here
+    import sys
+
+    import pycocotools
+    from pycocotools import mask as mask_util
+
+    from mambaout.dense.coco import to_coco_results
+
+    monkeypatch.delitem(sys.modules, "pycocotools.mask")
+    monkeypatch.delattr(pycocotools, "mask")
+    m = torch.zeros(1, 1, 4, 5)
+    m[..., 1:3, 2:] = 1
+    out = dict(boxes=torch.tensor([[2.0, 1.0, 5.0, 3.0]]), labels=torch.tensor([1]), scores=torch.tensor([0.5]))
+    rle = to_coco_results(dict(out, masks=m), 9, [3])[0]["segmentation"]
+    assert np.array_equal(mask_util.decode(dict(rle, counts=rle["counts"].encode())), m[0, 0].numpy())
+
+
 def test_predict_takes_image_ids_from_a_coco_file(det_world, tmp_path, monkeypatch, capsys):
     _stand_in_detector(monkeypatch)
     doc = json.loads((det_world / "annotations" / "instances_val.json").read_text())

@@ -367,7 +367,9 @@ def to_coco_results(output: dict, image_id: int, cat_ids: Sequence[int]) -> list
         image_id: The COCO image id.
         cat_ids: COCO category id of each label (label l is `cat_ids[l - 1]`).
     """
-    mask_util = _pycocotools().mask
+    _pycocotools()
+    from pycocotools import mask as mask_util  # a submodule: not loaded until imported (predict reads no COCO file)
+
     boxes = output["boxes"].detach().float().cpu()
     xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
     labels, scores = output["labels"].long().tolist(), output["scores"].float().tolist()
