@@ -381,3 +381,73 @@ def test_labels_of_overlapping_boxes_do_not_overlap():
         for b in rects[i + 1 :]:
             assert a[2] <= b[0] or b[2] <= a[0] or a[3] <= b[1] or b[3] <= a[1], (a, b)
     assert placed[0] == (10, 19)  # the first label sits right above its box
+
+
+# --- deployment ------------------------------------------------------------------------------------------------------
+
+
+def _checkpoint(path: Path, model, **meta) -> Path:
+    from mambaout.weights.checkpoint import save_weights
+
+    return save_weights(model.state_dict(), path, **meta)
+
+
+@pytest.mark.heavy  # ~50 s: torch's dynamo exporter on two shared cores
+def test_segmenter_exports_to_onnx_equal_to_pytorch(tmp_path, capsys):
+    ort = pytest.importorskip("onnxruntime", reason="the export extra is not installed: pip install 'mambaout[export]'")
+    from mambaout.dense.semseg import LabelMap
+
+    model, cfg = _segmenter()
+    names = ["dark", "bright", "corner"]
+    ckpt = _checkpoint(
+        tmp_path / "seg.safetensors",
+        model,
+        task="segment",
+        dense_model=dataclasses.asdict(cfg),
+        class_names=names,
+        label_lut=LabelMap.build(3, False, None).lut.tolist(),
+        eval_scale=[64, 48],
+        val_split="validation",
+    )
+    out = tmp_path / "seg.onnx"
+    assert main(["export", "--checkpoint", str(ckpt), str(out), "--check"]) == 0
+    assert "max abs diff vs PyTorch (logits, batch 3)" in capsys.readouterr().err
+    # ONNX Runtime alone, on an image of the exported size (the scale's shorter side, 48), against the model
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    meta = {k: json.loads(v) for k, v in session.get_modelmeta().custom_metadata_map.items()}
+    assert meta["class_names"] == names and meta["eval_config"]["input_size"] == [3, 48, 48]
+    x = torch.rand(2, 3, 48, 48)
+    with torch.no_grad():
+        want = model(x)
+    got = torch.from_numpy(session.run(None, {"input": x.numpy()})[0])
+    assert got.shape == (2, 3, 48, 48) and (got - want).abs().max() < 1e-4
+    assert main(["export", "--checkpoint", str(ckpt), str(tmp_path / "s.pt2")]) == 2
+    assert "exports as onnx only" in capsys.readouterr().err
+
+
+def test_detector_exports_by_torchvisions_onnx_path_equal_to_pytorch(tmp_path, capsys):
+    ort = pytest.importorskip("onnxruntime", reason="the export extra is not installed: pip install 'mambaout[export]'")
+    from mambaout.dense.detection import DetectorConfig, create_detector
+
+    torch.manual_seed(0)
+    cfg = DetectorConfig(
+        backbone="mambaout_test", num_classes=2, min_size=64, max_size=96, fpn_channels=16, box_head_dim=32
+    )
+    cfg.mask_head_channels, cfg.rois_per_image = 8, 16
+    model = create_detector(cfg).eval()
+    names = ["car", "bus"]
+    meta = dict(task="detect", dense_model=dataclasses.asdict(cfg), class_names=names, cat_ids=[3, 7])
+    ckpt = _checkpoint(tmp_path / "det.safetensors", model, val_split="val", **meta)
+    out = tmp_path / "det.onnx"
+    assert main(["export", "--checkpoint", str(ckpt), str(out), "--check"]) == 0
+    assert "max abs diff vs PyTorch (boxes, scores, masks" in capsys.readouterr().err
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()] == ["boxes", "labels", "scores", "masks"]
+    x = torch.rand(3, 50, 70)  # another size than the traced 64x64: H and W are dynamic
+    with torch.no_grad():
+        want = model([x])[0]
+    got = dict(zip(["boxes", "labels", "scores", "masks"], session.run(None, {"images": x.numpy()})))
+    assert len(want["boxes"]) > 0 and np.array_equal(got["labels"], want["labels"].numpy())
+    assert np.abs(got["boxes"] - want["boxes"].numpy()).max() < 1e-3
+    assert np.abs(got["scores"] - want["scores"].numpy()).max() < 1e-5
+    assert got["masks"].shape == tuple(want["masks"].shape)

@@ -13,6 +13,7 @@ import logging
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -179,6 +180,93 @@ def export_pt2(
     meta = export_metadata(model, img_size) if metadata is None else metadata
     extra = {METADATA_FILE: json.dumps(meta)}
     return atomic_write(path, lambda tmp: torch.export.save(program, tmp, extra_files=extra), suffix=".pt2")
+
+
+# --- dense models: a segmenter and a detector -------------------------------------------------------------------------
+
+DETECTOR_OPSET = 11  # torchvision's detection models are tested for ONNX at opset 11, through the TorchScript exporter
+
+
+def export_detector_onnx(model: nn.Module, path: str | os.PathLike, size: tuple[int, int], metadata: dict) -> Path:
+    """Write a torchvision Mask / Faster R-CNN as ONNX by torchvision's supported path: the TorchScript exporter
+    (`dynamo=False`) at opset 11, one image `images` `[3, H, W]` (RGB in [0, 1]; H and W dynamic) in, `boxes`
+    `[N, 4]` (x1, y1, x2, y2 in the input's pixels), `labels` `[N]`, `scores` `[N]` (and `masks` `[N, 1, H, W]`
+    probabilities) out. torch's dynamo exporter cannot take these models: `torch.export` stops at a guard on a
+    data-dependent size in `torchvision.ops.batched_nms` (GuardOnDataDependentSymNode).
+
+    Args:
+        size: (H, W) of the example image the graph is traced with.
+        metadata: Stored as `metadata_props` (values JSON-encoded).
+    """
+    import onnx
+
+    model = model.eval()
+    x = torch.rand(3, *size)
+    outputs = ["boxes", "labels", "scores"] + (
+        ["masks"] if getattr(model.roi_heads, "has_mask", lambda: False)() else []
+    )
+    axes = {"images": [1, 2], "boxes": [0], "labels": [0], "scores": [0], "masks": [0, 2, 3]}
+
+    def write(tmp: str) -> None:
+        with torch.no_grad(), _quiet_export():
+            torch.onnx.export(
+                model,
+                ([x],),
+                tmp,
+                input_names=["images"],
+                output_names=outputs,
+                dynamic_axes={k: v for k, v in axes.items() if k == "images" or k in outputs},
+                opset_version=DETECTOR_OPSET,
+                dynamo=False,
+            )
+        proto = onnx.load(tmp)
+        for key, value in metadata.items():
+            entry = proto.metadata_props.add()
+            entry.key, entry.value = key, json.dumps(value)
+        onnx.save(proto, tmp)
+
+    return atomic_write(path, write)
+
+
+@contextlib.contextmanager
+def _quiet_export():
+    """The TorchScript exporter warns for every traced Python number and its own deprecation: none of it is ours."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def check_dense_export(model: nn.Module, path: str | os.PathLike, task: str, size: tuple[int, int]) -> float:
+    """Max abs difference between ONNX Runtime and PyTorch on random input of another size than the traced one
+    where the graph allows it: segmenter logits (batch 3, the exported H x W); detector boxes, scores and masks
+    (one image of H+17 x W+23; the two must also agree on how many detections and their labels).
+
+    Raises:
+        ValueError: the detector's outputs differ in count or labels (no number measures that).
+    """
+    from mambaout.deploy.runtimes import ort_session
+
+    session = ort_session(path)
+    model = model.eval()
+    if task == "segment":
+        x = torch.rand(3, 3, *size)
+        with torch.no_grad():
+            want = model(x)
+        got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+        return (got - want).abs().max().item()
+    x = torch.rand(3, size[0] + 17, size[1] + 23)
+    with torch.no_grad():
+        want = model([x])[0]
+    got = dict(zip((o.name for o in session.get_outputs()), session.run(None, {"images": x.numpy()})))
+    if len(got["labels"]) != len(want["labels"]) or not np.array_equal(got["labels"], want["labels"].numpy()):
+        raise ValueError(
+            f"the exported detector gives {len(got['labels'])} detections, PyTorch {len(want['labels'])} (or other "
+            "labels) on the same image"
+        )
+    diffs = [np.abs(got[k] - want[k].numpy()).max() if len(want[k]) else 0.0 for k in want if k in got]
+    return float(max(diffs, default=0.0))
 
 
 def load_pt2(path: str | os.PathLike) -> tuple[torch.export.ExportedProgram, dict]:
