@@ -6,6 +6,7 @@ Everything runs on small generated images with stand-in or tiny random models (n
 
 import dataclasses
 import json
+import random
 import re
 from pathlib import Path
 
@@ -229,7 +230,8 @@ def _segmenter(seed=0):
     torch.manual_seed(seed)
     cfg = SegmenterConfig(backbone="mambaout_test", num_classes=3, channels=8, aux_channels=0, norm="gn")
     model = create_segmenter(cfg).eval()
-    with torch.no_grad():  # random weights answer one class nearly everywhere: a bias per class spreads them out
+    with torch.no_grad():  # PyTorch's default conv init and a bias per class: maps of all three classes
+        model.head.classifier.reset_parameters()
         model.head.classifier.bias.copy_(torch.tensor([0.0, 0.05, -0.05]))
     return model, cfg
 
@@ -451,3 +453,100 @@ def test_detector_exports_by_torchvisions_onnx_path_equal_to_pytorch(tmp_path, c
     assert np.abs(got["boxes"] - want["boxes"].numpy()).max() < 1e-3
     assert np.abs(got["scores"] - want["scores"].numpy()).max() < 1e-5
     assert got["masks"].shape == tuple(want["masks"].shape)
+
+
+# --- the mmseg / mmdet recipe details (issue 28, point 4) ------------------------------------------------------------
+
+
+def test_class_convs_start_normal_with_std_001_and_zero_bias():
+    from mambaout.dense.upernet import SegmenterConfig, create_segmenter
+
+    torch.manual_seed(0)
+    cfg = SegmenterConfig(backbone="mambaout_test", num_classes=40, channels=64, aux_channels=32, norm="gn")
+    model = create_segmenter(cfg)
+    for conv in (model.head.classifier, model.aux.classifier):  # 2560 and 1280 weights: std within a few percent
+        assert 0.009 < conv.weight.std().item() < 0.011 and abs(conv.weight.mean().item()) < 0.001
+        assert torch.equal(conv.bias, torch.zeros(40))
+    # the other convs keep PyTorch's default, uniform with bound 1/sqrt(fan in): std 1/sqrt(3 * 64 * 4 * 9)
+    assert model.head.fuse[0].weight.std().item() == pytest.approx((3 * 64 * 4 * 9) ** -0.5, rel=0.05)
+
+
+def test_crops_are_padded_with_what_normalises_to_zero():
+    from mambaout.dense.semseg import RandomResizeCrop
+
+    image, mask = torch.rand(3, 16, 32), torch.ones(16, 32, dtype=torch.int64)
+    out, out_mask = RandomResizeCrop((32, 16), 40, (1.0, 1.0), 0.0, 1.0, photometric=False)(image, mask)
+    assert out.shape == (3, 40, 40) and torch.equal(out[:, :16, :32], image)
+    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+    normalised = (out - mean) / std  # what the segmenter's first line does
+    assert normalised[:, 16:].abs().max() < 1e-6 and normalised[:, :, 32:].abs().max() < 1e-6
+    assert (out_mask[16:] == 255).all() and (out_mask[:, 32:] == 255).all()
+
+
+def test_the_category_ratio_check_redraws_crops_one_class_fills():
+    from mambaout.dense.semseg import RandomResizeCrop, crop_passes
+
+    def mask(counts):  # a mask holding `counts[k]` pixels of class k (255: ignored)
+        return torch.cat([torch.full((n,), k) for k, n in counts.items()])
+
+    assert not crop_passes(mask({0: 80, 1: 20}), 0.75)  # 0.8 of the labelled pixels
+    assert crop_passes(mask({0: 70, 1: 30, 255: 500}), 0.75)  # ignored pixels do not count: 0.7
+    assert not crop_passes(mask({0: 75, 1: 25}), 0.75)  # mmseg keeps a crop only below the ratio
+    assert not crop_passes(mask({2: 100}), 0.75) and not crop_passes(mask({255: 10}), 0.75)  # one class, none
+    image, labels = torch.rand(3, 64, 64), torch.zeros(64, 64, dtype=torch.int64)
+    labels[:20, :20] = 1  # a small object in a corner: most 24-px crops hold only the background
+    passed = {}
+    for ratio in (0.75, 1.0):
+        random.seed(0)
+        crop = RandomResizeCrop((64, 64), 24, (1.0, 1.0), hflip=0.0, cat_max_ratio=ratio)
+        passed[ratio] = sum(crop_passes(crop(image, labels)[1], 0.75) for _ in range(60))
+    # one draw passes with p ~ 4/60 here; up to 10 draws pass with 1 - (1 - p)^10 ~ 0.5
+    assert passed[0.75] >= 25 and passed[1.0] <= 10, passed
+
+
+def test_training_images_without_annotations_are_left_out(tmp_path):
+    from mambaout.dense.coco import CocoInstances
+
+    (tmp_path / "im").mkdir()
+    sizes = {1: (48, 64), 2: (48, 64), 3: (20, 64)}  # image 2 has no annotation, image 3 a side under 32 px
+    for iid, (h, w) in sizes.items():
+        Image.fromarray(np.zeros((h, w, 3), np.uint8)).save(tmp_path / "im" / f"{iid}.png")
+    box = dict(iscrowd=0, bbox=[2, 2, 10, 10], area=100.0, category_id=3)
+    doc = dict(
+        images=[dict(id=i, file_name=f"{i}.png", height=h, width=w) for i, (h, w) in sizes.items()],
+        annotations=[dict(box, id=1, image_id=1), dict(box, id=2, image_id=3)],
+        categories=[dict(id=3, name="car")],
+    )
+    (tmp_path / "a.json").write_text(json.dumps(doc))
+    kept = CocoInstances(tmp_path / "im", tmp_path / "a.json", masks=False, filter_empty=True)
+    assert kept.ids == [1] and kept.left_out == 2 and len(kept) == 1
+    assert CocoInstances(tmp_path / "im", tmp_path / "a.json", masks=False).ids == [1, 2, 3]  # evaluation keeps all
+
+
+def test_photometric_distortion_steps_against_colorsys_and_hand_values():
+    import colorsys
+
+    from mambaout.dense.semseg import RandomResizeCrop, hsv_to_rgb, photometric, rgb_to_hsv
+
+    rgb = torch.rand(3, 5, 7)
+    rgb[:, 0, 0] = torch.tensor([0.3, 0.3, 0.3])  # grey: no hue
+    h, s, v = rgb_to_hsv(rgb)
+    for y, x in ((0, 0), (1, 2), (4, 6), (3, 3)):
+        assert (h[y, x].item(), s[y, x].item(), v[y, x].item()) == pytest.approx(
+            colorsys.rgb_to_hsv(*rgb[:, y, x].tolist()), abs=1e-6
+        )
+    assert torch.allclose(hsv_to_rgb(h, s, v), rgb, atol=1e-6)
+    red = torch.tensor([1.0, 0.0, 0.0]).view(3, 1, 1)
+    assert torch.allclose(photometric(red, 0.0, 1.0, 1.0, 1 / 3, True), torch.tensor([0.0, 1.0, 0.0]).view(3, 1, 1))
+    pixel = torch.tensor([0.5, 0.25, 0.125]).view(3, 1, 1)
+    # brightness +0.25, then contrast x2 clipped: (0.75, 0.5, 0.375) * 2 -> (1, 1, 0.75)
+    assert photometric(pixel, 0.25, 2.0, 1.0, 0.0, True).flatten().tolist() == pytest.approx([1.0, 1.0, 0.75])
+    # saturation x0: the grey of the pixel's value
+    assert photometric(pixel, 0.0, 1.0, 0.0, 0.0, False).flatten().tolist() == pytest.approx([0.5, 0.5, 0.5])
+    random.seed(3)
+    image, mask = torch.rand(3, 32, 32), torch.zeros(32, 32, dtype=torch.int64)
+    plain = RandomResizeCrop((32, 32), 32, (1.0, 1.0), 0.0, 1.0, photometric=False)(image, mask)[0]
+    assert torch.equal(plain, image)
+    crop = RandomResizeCrop((32, 32), 32, (1.0, 1.0), 0.0, 1.0)  # each draw changes the image with p = 15/16
+    changed = [not torch.equal(crop(image, mask)[0], image) for _ in range(16)]
+    assert sum(changed) >= 12, changed

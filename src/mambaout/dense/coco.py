@@ -229,10 +229,18 @@ class CocoInstances(torch.utils.data.Dataset):
         masks: Decode the instance masks (Mask R-CNN); False for boxes only.
         evaluate: The IoU types (`bbox`, `segm`) COCOeval will score against this file: it then needs `iscrowd`
             and `area` on every annotation, and with `segm` segmentations that pycocotools can rasterise.
+        filter_empty: Leave out images without annotations or with a side under 32 px, as mmdetection's
+            `filter_empty_gt` (with `min_size=32`) does for training (`left_out` counts them).
     """
 
     def __init__(
-        self, images: str | Path, ann_file: str | Path, transform=None, masks: bool = True, evaluate: Sequence[str] = ()
+        self,
+        images: str | Path,
+        ann_file: str | Path,
+        transform=None,
+        masks: bool = True,
+        evaluate: Sequence[str] = (),
+        filter_empty: bool = False,
     ):
         self.root = Path(images)
         if not self.root.is_dir():
@@ -242,6 +250,11 @@ class CocoInstances(torch.utils.data.Dataset):
         self.ids = sorted(self.coco.getImgIds())
         if not self.ids:
             raise ValueError(f"{ann_file} lists no images")
+        self.left_out = 0  # images filter_empty leaves out
+        if filter_empty:
+            size = {i: min(im["height"], im["width"]) for i, im in self.coco.imgs.items()}
+            kept = [i for i in self.ids if self.coco.imgToAnns[i] and size[i] >= 32]
+            self.left_out, self.ids = len(self.ids) - len(kept), kept
         self.cat_ids = sorted(self.coco.getCatIds())
         self.class_names = [self.coco.cats[c]["name"] for c in self.cat_ids]
         self.label_of = {cid: i + 1 for i, cid in enumerate(self.cat_ids)}

@@ -143,7 +143,8 @@ class DetectTask(Task):
     def train_set(self):
         d, m = self.cfg.data, self.cfg.model
         images, ann = self.split_paths(d, train=True)
-        dataset = CocoInstances(images, ann, ResizeFlip(d.min_sizes, d.max_size, d.hflip), m.kind == "mask_rcnn")
+        transform = ResizeFlip(d.min_sizes, d.max_size, d.hflip)
+        dataset = CocoInstances(images, ann, transform, m.kind == "mask_rcnn", filter_empty=True)  # mmdet's
         n = len(dataset.cat_ids)
         if not n or not dataset.coco.getAnnIds(iscrowd=False):
             what = "no categories" if not n else "no annotations (or only iscrowd ones)"
