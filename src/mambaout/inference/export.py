@@ -13,7 +13,6 @@ import logging
 import os
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -236,37 +235,6 @@ def _quiet_export():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         yield
-
-
-def check_dense_export(model: nn.Module, path: str | os.PathLike, task: str, size: tuple[int, int]) -> float:
-    """Max abs difference between ONNX Runtime and PyTorch on random input of another size than the traced one
-    where the graph allows it: segmenter logits (batch 3, the exported H x W); detector boxes, scores and masks
-    (one image of H+17 x W+23; the two must also agree on how many detections and their labels).
-
-    Raises:
-        ValueError: the detector's outputs differ in count or labels (no number measures that).
-    """
-    from mambaout.deploy.runtimes import ort_session
-
-    session = ort_session(path)
-    model = model.eval()
-    if task == "segment":
-        x = torch.rand(3, 3, *size)
-        with torch.no_grad():
-            want = model(x)
-        got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
-        return (got - want).abs().max().item()
-    x = torch.rand(3, size[0] + 17, size[1] + 23)
-    with torch.no_grad():
-        want = model([x])[0]
-    got = dict(zip((o.name for o in session.get_outputs()), session.run(None, {"images": x.numpy()})))
-    if len(got["labels"]) != len(want["labels"]) or not np.array_equal(got["labels"], want["labels"].numpy()):
-        raise ValueError(
-            f"the exported detector gives {len(got['labels'])} detections, PyTorch {len(want['labels'])} (or other "
-            "labels) on the same image"
-        )
-    diffs = [np.abs(got[k] - want[k].numpy()).max() if len(want[k]) else 0.0 for k in want if k in got]
-    return float(max(diffs, default=0.0))
 
 
 def load_pt2(path: str | os.PathLike) -> tuple[torch.export.ExportedProgram, dict]:
