@@ -323,7 +323,7 @@ def validate(task: str, argv: list[str]) -> int:
     if task == "segment":
         if args.ratios and not args.multi_scale:
             raise ValueError("--ratios applies to --multi-scale; add --multi-scale")
-        settings = [_inference(args, (1, 1), False)]  # checks --slide before the model loads
+        _inference(args, (1, 1), False)  # checks --slide before the model loads
         if args.label_dir and Path(args.label_dir).exists() and not Path(args.label_dir).is_dir():
             raise ValueError(f"--label-dir {args.label_dir} is not a folder")
     model, meta = _load(task, args.checkpoint, device)
