@@ -550,3 +550,39 @@ def test_photometric_distortion_steps_against_colorsys_and_hand_values():
     crop = RandomResizeCrop((32, 32), 32, (1.0, 1.0), 0.0, 1.0)  # each draw changes the image with p = 15/16
     changed = [not torch.equal(crop(image, mask)[0], image) for _ in range(16)]
     assert sum(changed) >= 12, changed
+
+
+def test_new_outputs_refuse_what_they_cannot_write_in_one_line(det_world, seg_world, tmp_path, monkeypatch, capsys):
+    (tmp_path / "file").write_text("the user's")
+    _stand_in_segmenter(monkeypatch)
+    seg = ["segment", "validate", "--checkpoint", "x", "--data", str(seg_world)]
+    assert main([*seg, "--label-dir", str(tmp_path / "file")]) == 2
+    err = capsys.readouterr().err
+    assert "--label-dir" in err and "is not a folder" in err and len(err.strip().splitlines()) == 1
+    _stand_in_detector(monkeypatch)
+    det = ["detect", "validate", "--checkpoint", "x", "--data", str(det_world), "--val-split", "val"]
+    assert main([*det, "--coco-results", str(tmp_path)]) == 2  # a folder
+    err = capsys.readouterr().err
+    assert "--coco-results" in err and len(err.strip().splitlines()) == 1
+    (tmp_path / "bad.json").write_text('{"images": [1, 2')
+    photo = str(det_world / "images" / "val" / f"{1:012d}.png")
+    assert main(["detect", "predict", photo, "--checkpoint", "x", "-o", str(tmp_path / "o")]) == 0
+    assert (
+        main(
+            [
+                "detect",
+                "predict",
+                photo,
+                "--checkpoint",
+                "x",
+                "-o",
+                str(tmp_path / "o"),
+                "--coco-json",
+                str(tmp_path / "bad.json"),
+            ]
+        )
+        == 2
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "bad.json is not a COCO instances file" in err[0]
+    assert (tmp_path / "file").read_text() == "the user's"
