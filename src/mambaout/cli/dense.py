@@ -368,12 +368,12 @@ def validate(task: str, argv: list[str]) -> int:
             tables.append(f"{setting.describe()} " + out.per_class_text(per_class))
         if label_dir is not None:
             print(f"{len(paths)} label PNGs (class indices 0-{len(names) - 1}) in {label_dir}")
-    for table in tables:
-        print(table)
-    for name, m in results.items():
+    for m, table in zip(results.values(), tables):  # as detectron2: COCO's summary, then the table
         summary = m.pop("summary", None)
         if summary:
             print(summary)
+        print(table)
+    for name, m in results.items():
         shown = {k: v for k, v in m.items() if not isinstance(v, dict)}
         print(f"{name}: " + "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items()))
     if args.results_file:
