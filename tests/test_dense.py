@@ -469,7 +469,7 @@ def test_detect_train_validate_predict(coco128, tmp_path, capsys):
     assert cmd_detect.main([*pred, "--score-threshold", "0.0"]) == 0
     records = json.loads((out / "predictions.json").read_text())
     assert [r["image"] for r in records] == list(map(str, photos))
-    assert all((out / f"{p.stem}.jpg").is_file() for p in photos)
+    assert all((out / f"{p.stem}.png").is_file() for p in photos)
 
 
 def test_segment_train_resume_validate_predict(coco128, tmp_path):
@@ -494,7 +494,8 @@ def test_segment_train_resume_validate_predict(coco128, tmp_path):
     from PIL import Image
 
     w, h = Image.open(photo).size
-    assert Image.open(out / f"{photo.stem}.png").size == (2 * w, h)
+    pw, ph = Image.open(out / f"{photo.stem}.png").size
+    assert pw == 2 * w and ph > h  # the photo, the class map beside it, the legend below
 
 
 def test_errors_are_one_line(coco128, tmp_path, capsys):
@@ -1072,7 +1073,15 @@ def test_dense_train_with_bf16_autocast_on_the_cpu(task, dense_world, tmp_path):
     assert len(losses) == 2 and all(np.isfinite(losses))
     bf16 = float(_rows(run)[-1]["train_loss"])
     fp32 = float(_rows(dense_world / ("run-det" if task == "detect" else "run-seg"))[-1]["train_loss"])
-    assert bf16 != fp32 and abs(bf16 - fp32) < 0.05 * fp32
+    assert abs(bf16 - fp32) < 0.05 * fp32
+    # the losses can agree to the digits summary.csv keeps (class convs start at std 0.01: logits near 0, a loss
+    # near ln K in any precision); the weights the steps wrote cannot
+    from mambaout.weights.checkpoint import read_checkpoint
+
+    ours = read_checkpoint(run / "last.safetensors")[0]
+    theirs = read_checkpoint(dense_world / ("run-det" if task == "detect" else "run-seg") / "last.safetensors")[0]
+    moved = [k for k in ours if ours[k].is_floating_point() and not torch.equal(ours[k], theirs[k])]
+    assert moved and all(torch.allclose(ours[k], theirs[k], atol=0.05) for k in moved)
 
 
 # One rank of a dense run under torchrun: the CLI as a user runs it, and this rank's final weights saved beside the

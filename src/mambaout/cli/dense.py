@@ -120,18 +120,53 @@ def train(task: str, argv: list[str]) -> int:
 def validate_parser(task: str) -> argparse.ArgumentParser:
     p = Parser(
         prog=f"mambaout {task} validate",
-        description="COCO box and mask AP (pycocotools)"
+        description="COCO box and mask AP (pycocotools), and per-category AP"
         if task == "detect"
-        else "mIoU and pixel accuracy, single-scale, and with --flip also with the flip",
+        else "mIoU, pixel accuracy (aAcc) and mean class accuracy (mAcc), and per-class IoU and accuracy: "
+        "single-scale, and with --flip, --multi-scale also with test-time augmentation",
     )
     p.add_argument("--checkpoint", required=True, help=f"weights written by mambaout {task} train")
     _data_args(p, task)
     if task == "segment":
         p.add_argument("--flip", action="store_true", help="also evaluate with the flip (averaged probabilities)")
+        p.add_argument(
+            "--multi-scale",
+            action="store_true",
+            help="also evaluate at the scale times each of --ratios, with the flip (the paper's multi-scale column)",
+        )
+        p.add_argument(
+            "--ratios", type=float, nargs="+", help="--multi-scale's ratios (default 0.5 0.75 1.0 1.25 1.5 1.75)"
+        )
+        _slide_argument(p)
+        p.add_argument("--label-dir", help="write each image's class map (of the last setting evaluated) as a PNG")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     add_amp_argument(p, default="auto")
-    p.add_argument("--results-file", help="write the numbers as JSON")
+    p.add_argument("--results-file", help="write the numbers as JSON, the per-class tables included")
+    if task == "detect":
+        p.add_argument(
+            "--coco-results", help="write the detections as a COCO results JSON (bbox; segm as RLE) for COCO.loadRes"
+        )
     return p
+
+
+def _slide_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--slide",
+        type=int,
+        nargs="+",
+        metavar=("WINDOW", "STRIDE"),
+        help="sliding-window inference: square windows of WINDOW px every STRIDE px (default 2/3 of the window; "
+        "ConvNeXt's ADE20K setting: 512 341)",
+    )
+
+
+def _inference(args, scale, flip: bool, ratios=(1.0,)):
+    from mambaout.dense.tta import SegmentInference
+
+    slide = args.slide or [None]
+    if len(slide) > 2:
+        raise ValueError(f"--slide takes WINDOW [STRIDE], got {len(slide)} numbers")
+    return SegmentInference(tuple(scale), tuple(ratios), flip, slide[0], slide[1] if len(slide) > 1 else None)
 
 
 def _val_config(task: str, args, meta: dict):
@@ -165,28 +200,72 @@ def _load(task: str, path: str, device):
 
 
 def validate(task: str, argv: list[str]) -> int:
+    from mambaout.dense import results as out
     from mambaout.dense.tasks import make_task
     from mambaout.utils.device import autocast_setting, resolve_device
     from mambaout.utils.files import atomic_write_text, check_writable
 
     args = validate_parser(task).parse_args(argv)
     device = resolve_device(args.device)
-    if args.results_file:
-        check_writable(args.results_file, "--results-file", inputs=[args.checkpoint])
+    for flag in ("results_file", "coco_results"):
+        if getattr(args, flag, None):
+            check_writable(getattr(args, flag), "--" + flag.replace("_", "-"), inputs=[args.checkpoint])
+    if task == "segment":
+        if args.ratios and not args.multi_scale:
+            raise ValueError("--ratios applies to --multi-scale; add --multi-scale")
+        _inference(args, (1, 1), False)  # checks --slide before the model loads
+        if args.label_dir and Path(args.label_dir).exists() and not Path(args.label_dir).is_dir():
+            raise ValueError(f"--label-dir {args.label_dir} is not a folder")
     model, meta = _load(task, args.checkpoint, device)
     cfg = _val_config(task, args, meta)
     t = make_task(cfg)
     val_set = t.val_set(meta)
     amp_dtype = autocast_setting(args.amp, device)[1]
-    results = {"single-scale": t.evaluate(model, val_set, device, amp_dtype)}
-    if task == "segment" and args.flip:
-        cfg.data.eval_flip = True
-        results["flip"] = t.evaluate(model, val_set, device, amp_dtype)
-    for name, m in results.items():
+    names = meta["class_names"]
+    results, tables = {}, []
+    if task == "detect":
+        detections, image_ids = t.detections(model, val_set, device, amp_dtype)
+        metrics, ev = t.score(detections, image_ids)
+        per_category = out.per_category(ev, t.cat_ids, names)
+        results["single-scale"] = dict(metrics, per_category=per_category)
+        tables.append(out.per_category_text(per_category))
+        if args.coco_results:
+            from mambaout.dense.coco import write_results
+
+            write_results(args.coco_results, detections)
+    else:
+        scale = tuple(cfg.data.scale)
+        settings = [_inference(args, scale, False)]
+        if args.flip:
+            settings.append(_inference(args, scale, True))
+        if args.multi_scale:
+            from mambaout.dense.tta import MULTI_SCALE_RATIOS
+
+            settings.append(_inference(args, scale, True, args.ratios or MULTI_SCALE_RATIOS))
+        label_dir = Path(args.label_dir) if args.label_dir else None
+        if label_dir is not None:
+            label_dir.mkdir(parents=True, exist_ok=True)
+            pictures = _picture_paths(out.dataset_paths(val_set), label_dir, "png")
+            paths = list(pictures.values())
+        for i, setting in enumerate(settings):
+            write = label_dir is not None and i == len(settings) - 1
+            each = (lambda n, classes: out.write_label_png(paths[n], classes)) if write else None  # noqa: E731
+            conf, n = t.confusion(model, val_set, device, amp_dtype, lambda x, s=setting: s(model, x, amp_dtype), each)
+            m = conf.metrics()
+            per_class = out.per_class(m, names)
+            keys = ("mIoU", "aAcc", "mAcc", "classes", "pixels")
+            results[setting.describe()] = dict({k: m[k] for k in keys}, images=n, per_class=per_class)
+            tables.append(f"{setting.describe()} " + out.per_class_text(per_class))
+        if label_dir is not None:
+            print(f"{len(paths)} label PNGs (class indices 0-{len(names) - 1}) in {label_dir}")
+    for m, table in zip(results.values(), tables):  # as detectron2: COCO's summary, then the table
         summary = m.pop("summary", None)
         if summary:
             print(summary)
-        print(f"{name}: " + "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in m.items()))
+        print(table)
+    for name, m in results.items():
+        shown = {k: v for k, v in m.items() if not isinstance(v, dict)}
+        print(f"{name}: " + "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items()))
     if args.results_file:
         atomic_write_text(args.results_file, json.dumps(dict(checkpoint=args.checkpoint, **results), indent=1))
     return 0
@@ -195,17 +274,35 @@ def validate(task: str, argv: list[str]) -> int:
 def predict_parser(task: str) -> argparse.ArgumentParser:
     p = Parser(
         prog=f"mambaout {task} predict",
-        description="Pictures of the "
-        + ("detections (boxes, masks, names, scores)" if task == "detect" else "segmentation (a colour per class)")
-        + " and one predictions.json",
+        description="PNG pictures of the "
+        + (
+            "detections (boxes, masks, names, scores), predictions.json and results.json (COCO results: every "
+            "detection, boxes and RLE masks, for COCO.loadRes)"
+            if task == "detect"
+            else "segmentation (a colour per class, with a legend) and predictions.json"
+        ),
     )
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER")
     p.add_argument("--checkpoint", required=True, help=f"weights written by mambaout {task} train")
     p.add_argument("--output", "-o", required=True, help="folder for the pictures and predictions.json")
     if task == "detect":
-        p.add_argument("--score-threshold", type=float, default=0.5, help="draw and list detections scoring this")
+        p.add_argument(
+            "--score-threshold",
+            type=float,
+            default=0.5,
+            help="draw and list in predictions.json the detections scoring this (results.json holds them all)",
+        )
+        p.add_argument(
+            "--coco-json",
+            help="COCO JSON listing the inputs: image ids by file name (default: the file name's number, as COCO's "
+            "000000000139.jpg, else the input's place from 1)",
+        )
     else:
         p.add_argument("--flip", action="store_true", help="average with the flipped image's prediction")
+        p.add_argument("--multi-scale", action="store_true", help="average over --ratios of the scale, and the flip")
+        p.add_argument("--ratios", type=float, nargs="+", help="--multi-scale's ratios (default 0.5 0.75 ... 1.75)")
+        _slide_argument(p)
+        p.add_argument("--label-dir", help="also write each class map as a PNG of class indices 0..K-1")
     p.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
     return p
 
@@ -214,9 +311,9 @@ def predict(task: str, argv: list[str]) -> int:
     import torch
 
     from mambaout.data.image import load_image
-    from mambaout.dense.coco import to_tensor
+    from mambaout.dense import results as res
+    from mambaout.dense.coco import to_coco_results, to_tensor, write_results
     from mambaout.dense.draw import draw_detections, draw_segmentation
-    from mambaout.dense.tasks import segment_probs
     from mambaout.inference.predictor import find_images
     from mambaout.utils.device import resolve_device
     from mambaout.utils.files import atomic_write, atomic_write_text
@@ -228,15 +325,30 @@ def predict(task: str, argv: list[str]) -> int:
     out = Path(args.output)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--output {out} is not a folder; predict writes pictures and predictions.json into one")
+    if task == "segment":
+        if args.ratios and not args.multi_scale:
+            raise ValueError("--ratios applies to --multi-scale; add --multi-scale")
+        _inference(args, (1, 1), False)  # --slide checked before the model loads
     device = resolve_device(args.device)
     model, meta = _load(task, args.checkpoint, device)
     names = meta["class_names"]
     paths = find_images(args.inputs)
     if not paths:
         raise ValueError(f"no images found in {' '.join(args.inputs)}")
-    pictures = _picture_paths(paths, out, "jpg" if task == "detect" else "png")
+    pictures = _picture_paths(paths, out, "png")
+    if task == "detect":
+        ids = dict(zip(paths, res.image_ids(paths, args.coco_json)))
+        cat_ids = meta["cat_ids"]
+    else:
+        from mambaout.dense.tta import MULTI_SCALE_RATIOS
+
+        ratios = (args.ratios or MULTI_SCALE_RATIOS) if args.multi_scale else (1.0,)
+        infer = _inference(args, meta["eval_scale"], args.flip or args.multi_scale, ratios)
+        labels = _picture_paths(paths, Path(args.label_dir), "png") if args.label_dir else None
+        if labels:
+            Path(args.label_dir).mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
-    records, failed = [], 0
+    records, coco_results, failed = [], [], 0
     for path in paths:
         try:
             img = load_image(path)
@@ -249,25 +361,32 @@ def predict(task: str, argv: list[str]) -> int:
         with torch.no_grad():
             if task == "detect":
                 o = {k: v.float().cpu() for k, v in model([x])[0].items()}
+                entries = to_coco_results(o, ids[path], cat_ids)  # every detection: what validate scores
+                coco_results += entries
                 keep = o["scores"] >= args.score_threshold
                 drawn = draw_detections(img, o, names, args.score_threshold)
-                atomic_write(picture, lambda tmp, drawn=drawn: drawn.save(tmp, format="JPEG", quality=90))
                 dets = [
-                    dict(label=names[int(lab) - 1], score=round(float(s), 4), box=[round(v, 1) for v in b.tolist()])
-                    for b, lab, s in zip(o["boxes"][keep], o["labels"][keep], o["scores"][keep])
+                    dict(label=names[int(lab) - 1], box=b.tolist(), **e)
+                    for b, lab, e, k in zip(o["boxes"], o["labels"], entries, keep.tolist())
+                    if k
                 ]
-                records.append(dict(image=str(path), picture=str(picture), detections=dets))
+                records.append(dict(image=str(path), image_id=ids[path], picture=str(picture), detections=dets))
             else:
-                classes = segment_probs(model, x, meta["eval_scale"], args.flip, None).argmax(0).cpu()
-                drawn = draw_segmentation(img, classes, len(names))
-                atomic_write(picture, lambda tmp, drawn=drawn: drawn.save(tmp, format="PNG"))
+                classes = infer(model, x).argmax(0).cpu()
+                drawn = draw_segmentation(img, classes, names)
+                if labels:
+                    res.write_label_png(labels[path], classes)
                 counts = torch.bincount(classes.flatten(), minlength=len(names))
                 share = {names[i]: round(c / classes.numel(), 4) for i, c in enumerate(counts.tolist()) if c}
                 share = dict(sorted(share.items(), key=lambda kv: -kv[1]))
                 records.append(dict(image=str(path), picture=str(picture), class_fractions=share))
+        atomic_write(picture, lambda tmp, drawn=drawn: drawn.save(tmp, format="PNG"))
         print(f"{printable(path)} -> {printable(picture)}", flush=True)  # a name cannot write to the terminal
     atomic_write_text(out / "predictions.json", json.dumps(records, indent=1))
-    print(f"{len(records)} pictures and predictions.json in {out}" + (f"; {failed} unreadable" if failed else ""))
+    if task == "detect":
+        write_results(out / "results.json", coco_results)
+    written = "predictions.json" + (" and results.json" if task == "detect" else "")
+    print(f"{len(records)} pictures and {written} in {out}" + (f"; {failed} unreadable" if failed else ""))
     return 0 if records else 1
 
 

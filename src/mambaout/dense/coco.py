@@ -229,10 +229,18 @@ class CocoInstances(torch.utils.data.Dataset):
         masks: Decode the instance masks (Mask R-CNN); False for boxes only.
         evaluate: The IoU types (`bbox`, `segm`) COCOeval will score against this file: it then needs `iscrowd`
             and `area` on every annotation, and with `segm` segmentations that pycocotools can rasterise.
+        filter_empty: Leave out images without annotations or with a side under 32 px, as mmdetection's
+            `filter_empty_gt` (with `min_size=32`) does for training (`left_out` counts them).
     """
 
     def __init__(
-        self, images: str | Path, ann_file: str | Path, transform=None, masks: bool = True, evaluate: Sequence[str] = ()
+        self,
+        images: str | Path,
+        ann_file: str | Path,
+        transform=None,
+        masks: bool = True,
+        evaluate: Sequence[str] = (),
+        filter_empty: bool = False,
     ):
         self.root = Path(images)
         if not self.root.is_dir():
@@ -242,6 +250,11 @@ class CocoInstances(torch.utils.data.Dataset):
         self.ids = sorted(self.coco.getImgIds())
         if not self.ids:
             raise ValueError(f"{ann_file} lists no images")
+        self.left_out = 0  # images filter_empty leaves out
+        if filter_empty:
+            size = {i: min(im["height"], im["width"]) for i, im in self.coco.imgs.items()}
+            kept = [i for i in self.ids if self.coco.imgToAnns[i] and size[i] >= 32]
+            self.left_out, self.ids = len(self.ids) - len(kept), kept
         self.cat_ids = sorted(self.coco.getCatIds())
         self.class_names = [self.coco.cats[c]["name"] for c in self.cat_ids]
         self.label_of = {cid: i + 1 for i, cid in enumerate(self.cat_ids)}
@@ -367,7 +380,9 @@ def to_coco_results(output: dict, image_id: int, cat_ids: Sequence[int]) -> list
         image_id: The COCO image id.
         cat_ids: COCO category id of each label (label l is `cat_ids[l - 1]`).
     """
-    mask_util = _pycocotools().mask
+    _pycocotools()
+    from pycocotools import mask as mask_util  # a submodule: not loaded until imported (predict reads no COCO file)
+
     boxes = output["boxes"].detach().float().cpu()
     xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
     labels, scores = output["labels"].long().tolist(), output["scores"].float().tolist()
@@ -392,13 +407,15 @@ def coco_evaluate(coco_gt, results: list[dict], image_ids: Sequence[int], iou_ty
     """COCO AP of `results` on the images `image_ids` of `coco_gt`, computed by pycocotools' `COCOeval`.
 
     Returns:
-        `{'bbox': {'AP': ..., 'AP50': ..., ...}, 'segm': {...}, 'summary': text}`: the twelve COCO numbers
-        (fractions; -1 where the images hold no object of that size), and pycocotools' printed summary.
+        `{'bbox': {'AP': ..., 'AP50': ..., ...}, 'segm': {...}, 'summary': text, 'per_category': {'bbox':
+        {category id: AP}, ...}}`: the twelve COCO numbers (fractions; -1 where the images hold no object of that
+        size), pycocotools' printed summary, and each category's AP (`per_category_ap`; None for a category with
+        no object in the images, as detectron2's nan).
     """
     _pycocotools()
     from pycocotools.cocoeval import COCOeval
 
-    out: dict = {}
+    out: dict = {"per_category": {}}
     text = []
     for iou_type in iou_types:
         key = "bbox" if iou_type == "bbox" else "segmentation"
@@ -408,6 +425,8 @@ def coco_evaluate(coco_gt, results: list[dict], image_ids: Sequence[int], iou_ty
         dets = [d for d in copy.deepcopy(dets) if key in d]
         if not dets:  # pycocotools cannot load an empty result list: nothing detected scores zero
             out[iou_type] = {name: 0.0 for name in BOX_STATS}
+            present = {a["category_id"] for i in image_ids for a in coco_gt.imgToAnns[i] if not a.get("iscrowd", 0)}
+            out["per_category"][iou_type] = {c: 0.0 if c in present else None for c in sorted(coco_gt.getCatIds())}
             text.append(f"{iou_type}: no detections")
             continue
         buf = io.StringIO()
@@ -419,10 +438,27 @@ def coco_evaluate(coco_gt, results: list[dict], image_ids: Sequence[int], iou_ty
             ev.accumulate()
             ev.summarize()
         out[iou_type] = {name: float(v) for name, v in zip(BOX_STATS, ev.stats)}
+        out["per_category"][iou_type] = per_category_ap(ev)
         text.append(f"{iou_type}:\n" + "\n".join(line for line in buf.getvalue().splitlines() if "Average" in line))
     out["summary"] = "\n".join(text)
     return out
 
 
+def per_category_ap(ev) -> dict[int, float | None]:
+    """Each category's AP from an accumulated `COCOeval`: precision at IoU 0.50:0.95, every recall level, all
+    areas, 100 detections, averaged over the entries that exist (detectron2's per-category table), as a fraction;
+    None where no threshold has an entry (no object of the category in the evaluated images)."""
+    precision = ev.eval["precision"]  # [IoU thresholds T, recall levels R, categories K, areas A, max dets M]
+    out = {}
+    for k, cat_id in enumerate(ev.params.catIds):
+        p = precision[:, :, k, 0, -1]
+        p = p[p > -1]
+        out[int(cat_id)] = float(p.mean()) if p.size else None
+    return out
+
+
 def write_results(path: str | Path, results: list[dict]) -> None:
-    Path(path).write_text(json.dumps(results))
+    """`results` (`to_coco_results` entries) as a COCO results JSON, which pycocotools' `COCO.loadRes` reads."""
+    from mambaout.utils.files import atomic_write_text
+
+    atomic_write_text(path, json.dumps(results))

@@ -17,7 +17,8 @@ def palette(n: int) -> np.ndarray:
 
 
 def draw_detections(image: Image.Image, output: dict, class_names: list[str], threshold: float) -> Image.Image:
-    """The photo with each detection scoring at least `threshold`: its mask tinted, its box and `name score`."""
+    """The photo with each detection scoring at least `threshold`: its mask tinted, its box and `name score`
+    (labels placed so that none covers another: `place_labels`)."""
     colours = palette(len(class_names) + 1)
     keep = output["scores"] >= threshold
     arr = np.asarray(image, dtype=np.float32).copy()
@@ -27,24 +28,83 @@ def draw_detections(image: Image.Image, output: dict, class_names: list[str], th
             arr[m] = 0.5 * arr[m] + 0.5 * colours[int(label)]
     out = Image.fromarray(arr.astype(np.uint8))
     draw = ImageDraw.Draw(out)
-    for box, label, score in zip(output["boxes"][keep], output["labels"][keep], output["scores"][keep]):
-        colour = tuple(int(c) for c in colours[int(label)])
-        x1, y1, x2, y2 = box.tolist()
-        draw.rectangle((x1, y1, x2, y2), outline=colour, width=2)
-        text = f"{class_names[int(label) - 1]} {score:.2f}"
-        tx, ty = x1 + 2, max(0.0, y1 - 12)
-        draw.rectangle(draw.textbbox((tx, ty), text), fill=colour)
-        draw.text((tx, ty), text, fill=(0, 0, 0))
+    boxes, labels, scores = output["boxes"][keep].tolist(), output["labels"][keep].tolist(), output["scores"][keep]
+    texts = [f"{class_names[int(lab) - 1]} {s:.2f}" for lab, s in zip(labels, scores.tolist())]
+    sizes = []
+    for text in texts:
+        left, top, right, bottom = draw.textbbox((0, 0), text)
+        sizes.append((right - left + 2, bottom - top + 2))
+    for box, label in zip(boxes, labels):
+        draw.rectangle(box, outline=tuple(int(c) for c in colours[int(label)]), width=2)
+    for (tx, ty), (tw, th), text, label in zip(place_labels(boxes, sizes, out.size), sizes, texts, labels):
+        draw.rectangle((tx, ty, tx + tw - 1, ty + th - 1), fill=tuple(int(c) for c in colours[int(label)]))
+        left, top, _, _ = draw.textbbox((0, 0), text)
+        draw.text((tx + 1 - left, ty + 1 - top), text, fill=(0, 0, 0))
     return out
 
 
-def draw_segmentation(image: Image.Image, classes: torch.Tensor, n_classes: int) -> Image.Image:
-    """The photo and, to its right, the class map in colour blended over it (one colour per class)."""
-    colours = palette(n_classes)
+def place_labels(boxes, sizes, image_size) -> list[tuple[int, int]]:
+    """Top-left corners for label rectangles of `sizes` (w, h), one per box (x1, y1, x2, y2), in order: above the
+    box if there is room, else inside its top edge, moved down a label's height at a time until it covers no label
+    placed before it; all inside the image where the image is large enough."""
+    width, height = image_size
+    placed: list[tuple[int, int, int, int]] = []
+    out = []
+    for (x1, y1, _, _), (w, h) in zip(boxes, sizes):
+        x = int(min(max(x1, 0), max(width - w, 0)))
+        y = int(y1 - h) if y1 - h >= 0 else int(max(y1, 0))
+        y = min(y, max(height - h, 0))
+        candidates = [y + k * h for k in range(max(1, (height - y) // max(h, 1)))]
+        candidates += [y - k * h for k in range(1, y // max(h, 1) + 1)]  # then upwards from where it wanted to be
+        for cy in candidates:
+            rect = (x, cy, x + w, cy + h)
+            if not any(_overlap(rect, r) for r in placed):
+                break
+        else:
+            rect = (x, y, x + w, y + h)  # no free place: where it wanted to be
+        placed.append(rect)
+        out.append(rect[:2])
+    return out
+
+
+def _overlap(a, b) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def draw_segmentation(image: Image.Image, classes: torch.Tensor, class_names: list[str]) -> Image.Image:
+    """The photo and, to its right, the class map in colour blended over it (one colour per class), with a legend
+    below them: a swatch of each class the map shows, with its name, the most frequent first."""
+    colours = palette(len(class_names))
     seg = colours[classes.numpy()]  # [H, W] -> [H, W, 3]
     blend = (0.4 * np.asarray(image, dtype=np.float32) + 0.6 * seg).astype(np.uint8)
     w, h = image.size
-    canvas = Image.new("RGB", (2 * w, h))
+    counts = torch.bincount(classes.flatten(), minlength=len(class_names)).tolist()
+    shown = sorted((k for k, c in enumerate(counts) if c), key=lambda k: -counts[k])
+    entries = legend_layout([class_names[k] for k in shown], 2 * w)
+    rows = max((y for _, y, _ in entries), default=-LEGEND_ROW) + LEGEND_ROW
+    canvas = Image.new("RGB", (2 * w, h + rows + 2), (255, 255, 255))
     canvas.paste(image, (0, 0))
     canvas.paste(Image.fromarray(blend), (w, 0))
+    draw = ImageDraw.Draw(canvas)
+    for k, (x, y, name) in zip(shown, entries):
+        y += h + 2
+        draw.rectangle((x, y + 1, x + LEGEND_SWATCH - 1, y + LEGEND_SWATCH), fill=tuple(int(c) for c in colours[k]))
+        draw.text((x + LEGEND_SWATCH + 3, y + 1), name, fill=(0, 0, 0))
     return canvas
+
+
+LEGEND_ROW, LEGEND_SWATCH = 14, 12  # pixels: a legend line, the side of a colour swatch
+
+
+def legend_layout(names: list[str], width: int) -> list[tuple[int, int, str]]:
+    """`(x, y, name)` of each legend entry, left to right, wrapping at `width` (one entry a line at the least)."""
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    out, x, y = [], 0, 0
+    for name in names:
+        left, _, right, _ = draw.textbbox((0, 0), name)
+        entry = LEGEND_SWATCH + 3 + (right - left) + 10
+        if x and x + entry > width:
+            x, y = 0, y + LEGEND_ROW
+        out.append((x, y, name))
+        x += entry
+    return out

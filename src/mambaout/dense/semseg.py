@@ -27,6 +27,7 @@ from mambaout.data.image import load_image
 from mambaout.utils.files import regular_file, special_kind
 from mambaout.utils.limits import check_pixels
 
+from .backbone import IMAGENET_MEAN
 from .coco import resize_scale, to_tensor
 from .upernet import IGNORE_INDEX
 
@@ -155,15 +156,28 @@ def resize_pair(image: torch.Tensor, mask: torch.Tensor | None, scale: float):
     return image, mask
 
 
+CAT_MAX_RATIO = 0.75  # mmseg's RandomCrop in the ADE20K configs: no class may fill more of a crop than this
+CROP_TRIES = 10  # mmseg draws up to this many crops looking for one that passes the check
+
+
 @dataclass
 class RandomResizeCrop:
     """mmseg's training path: resize to `scale` (long, short; mmseg's order) times a ratio in `ratio_range` keeping
-    the aspect ratio, crop `crop_size` (padding with 0 and the ignore index where the image is smaller), flip."""
+    the aspect ratio, crop `crop_size` (where the image is smaller: padded at the bottom and right with the mean
+    colour, which the model's normalisation maps to 0, as mmseg pads after normalising, and the ignore index),
+    flip.
+
+    The crop is drawn again, up to 10 times in all, while it fails mmseg's category-ratio check (`crop_passes`),
+    the last draw kept when none passes; `cat_max_ratio` 1 turns the check off. Then, with `photometric`, mmseg's
+    photometric distortion (`PhotoMetricDistortion`).
+    """
 
     scale: tuple[int, int]
     crop_size: int
     ratio_range: tuple[float, float] = (0.5, 2.0)
     hflip: float = 0.5
+    cat_max_ratio: float = CAT_MAX_RATIO
+    photometric: bool = True
 
     def __call__(self, image: torch.Tensor, mask: torch.Tensor):
         ratio = random.uniform(*self.ratio_range)
@@ -173,14 +187,80 @@ class RandomResizeCrop:
         h, w = image.shape[-2:]
         ph, pw = max(c - h, 0), max(c - w, 0)
         if ph or pw:
-            image = F.pad(image, (0, pw, 0, ph), value=0.0)
+            padded = torch.tensor(IMAGENET_MEAN, dtype=image.dtype).view(3, 1, 1).repeat(1, h + ph, w + pw)
+            padded[:, :h, :w] = image
+            image = padded
             mask = F.pad(mask, (0, pw, 0, ph), value=IGNORE_INDEX)
             h, w = image.shape[-2:]
-        y, x = random.randint(0, h - c), random.randint(0, w - c)
+        for _ in range(CROP_TRIES):
+            y, x = random.randint(0, h - c), random.randint(0, w - c)
+            if self.cat_max_ratio >= 1 or crop_passes(mask[y : y + c, x : x + c], self.cat_max_ratio):
+                break
         image, mask = image[:, y : y + c, x : x + c], mask[y : y + c, x : x + c]
         if random.random() < self.hflip:
             image, mask = image.flip(-1), mask.flip(-1)
+        if self.photometric:
+            image = random_photometric(image)
         return image, mask
+
+
+# --- mmseg's photometric distortion ----------------------------------------------------------------------------------
+
+
+def random_photometric(image: torch.Tensor) -> torch.Tensor:
+    """mmseg's `PhotoMetricDistortion` draws: each of brightness (a shift of up to 32/255), contrast (x 0.5-1.5),
+    saturation (x 0.5-1.5) and hue (a turn of up to 18/180 of the circle) with probability 1/2, contrast before or
+    after the colour changes with probability 1/2. mmseg rounds to 8 bits after each step; here they stay float."""
+    brightness = random.uniform(-32 / 255, 32 / 255) if random.randint(0, 1) else 0.0
+    contrast_first = random.randint(0, 1) == 1
+    contrast = random.uniform(0.5, 1.5) if random.randint(0, 1) else 1.0
+    saturation = random.uniform(0.5, 1.5) if random.randint(0, 1) else 1.0
+    hue = random.randint(-18, 18) / 180 if random.randint(0, 1) else 0.0
+    return photometric(image, brightness, contrast, saturation, hue, contrast_first)
+
+
+def photometric(
+    image: torch.Tensor, brightness: float, contrast: float, saturation: float, hue: float, contrast_first: bool
+) -> torch.Tensor:
+    """`image` `[3, H, W]` RGB in [0, 1] with `brightness` added, values times `contrast`, HSV saturation times
+    `saturation`, the hue turned by `hue` (a fraction of the circle); clipped to [0, 1] after each step."""
+    x = (image + brightness).clamp(0, 1)
+    if contrast_first:
+        x = (x * contrast).clamp(0, 1)
+    if saturation != 1.0 or hue != 0.0:
+        h, sat, v = rgb_to_hsv(x)
+        x = hsv_to_rgb((h + hue) % 1.0, (sat * saturation).clamp(0, 1), v)
+    if not contrast_first:
+        x = (x * contrast).clamp(0, 1)
+    return x
+
+
+def rgb_to_hsv(rgb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Hue (a fraction of the circle), saturation and value, each `[H, W]`, of `[3, H, W]` RGB in [0, 1]."""
+    r, g, b = rgb
+    v, _ = rgb.max(0)
+    c = v - rgb.min(0).values  # chroma
+    safe = torch.where(c > 0, c, torch.ones_like(c))
+    h = torch.where(v == r, ((g - b) / safe) % 6, torch.where(v == g, (b - r) / safe + 2, (r - g) / safe + 4))
+    h = torch.where(c > 0, h / 6, torch.zeros_like(h))
+    s = torch.where(v > 0, c / torch.where(v > 0, v, torch.ones_like(v)), torch.zeros_like(v))
+    return h, s, v
+
+
+def hsv_to_rgb(h: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """`[3, H, W]` RGB of hue (fraction of the circle), saturation and value (`rgb_to_hsv`'s inverse)."""
+    k = torch.stack([(5 + h * 6) % 6, (3 + h * 6) % 6, (1 + h * 6) % 6])  # R, G, B
+    return v - v * s * torch.clamp(torch.minimum(k, 4 - k), 0, 1)
+
+
+def crop_passes(mask: torch.Tensor, max_ratio: float) -> bool:
+    """mmseg's `cat_max_ratio` check of a crop's mask: it holds two or more classes (the ignore index not counted)
+    and none covers `max_ratio` or more of the labelled pixels. A crop of one class, or of ignored pixels only,
+    fails, as in mmseg."""
+    values = mask[mask != IGNORE_INDEX]
+    counts = torch.bincount(values.flatten()) if values.numel() else values.new_zeros(0)
+    counts = counts[counts > 0]
+    return len(counts) > 1 and counts.max().item() / counts.sum().item() < max_ratio
 
 
 # --- metrics ---------------------------------------------------------------------------------------------------------
@@ -206,18 +286,24 @@ class ConfusionMatrix:
         self.counts += counts
 
     def metrics(self) -> dict:
-        """mIoU over the classes present in the targets or predictions (IoU = TP / (TP + FP + FN)), pixel accuracy,
-        both in percent, and how many classes and pixels they count."""
+        """mIoU over the classes present in the targets or predictions (IoU = TP / (TP + FP + FN)), pixel accuracy
+        (aAcc), mean class accuracy over the classes present in the targets (mAcc; a class's accuracy is TP / its
+        target pixels), all in percent, how many classes and pixels they count, and each class's `iou` and `acc`
+        (by class index; mmseg's nan, a class the mean leaves out, is left out here)."""
         c = self.counts.double()
         tp = c.diag()
-        union = c.sum(0) + c.sum(1) - tp
-        present = union > 0
+        truth = c.sum(1)
+        union = c.sum(0) + truth - tp
+        present, labelled = union > 0, truth > 0
         iou = tp[present] / union[present]
+        acc = tp[labelled] / truth[labelled]
         total = c.sum()
         return dict(
             mIoU=100 * iou.mean().item() if present.any() else 0.0,
             aAcc=100 * (tp.sum() / total).item() if total > 0 else 0.0,
+            mAcc=100 * acc.mean().item() if labelled.any() else 0.0,
             classes=int(present.sum()),
             pixels=int(total),
             iou={i: 100 * v for i, v in zip(present.nonzero().flatten().tolist(), iou.tolist())},
+            acc={i: 100 * v for i, v in zip(labelled.nonzero().flatten().tolist(), acc.tolist())},
         )

@@ -143,7 +143,8 @@ class DetectTask(Task):
     def train_set(self):
         d, m = self.cfg.data, self.cfg.model
         images, ann = self.split_paths(d, train=True)
-        dataset = CocoInstances(images, ann, ResizeFlip(d.min_sizes, d.max_size, d.hflip), m.kind == "mask_rcnn")
+        transform = ResizeFlip(d.min_sizes, d.max_size, d.hflip)
+        dataset = CocoInstances(images, ann, transform, m.kind == "mask_rcnn", filter_empty=True)  # mmdet's
         n = len(dataset.cat_ids)
         if not n or not dataset.coco.getAnnIds(iscrowd=False):
             what = "no categories" if not n else "no annotations (or only iscrowd ones)"
@@ -188,6 +189,11 @@ class DetectTask(Task):
     @torch.no_grad()
     def evaluate(self, model: nn.Module, val_set, device, amp_dtype) -> dict:
         """COCO box (and mask) AP over `val_set` (this rank's share; results gathered to every rank)."""
+        return self.score(*self.detections(model, val_set, device, amp_dtype))[0]
+
+    @torch.no_grad()
+    def detections(self, model: nn.Module, val_set, device, amp_dtype) -> tuple[list[dict], list[int]]:
+        """The COCO result entries of `val_set` and the ids of the images they are of (gathered to every rank)."""
         model.eval()
         results, image_ids = [], []
         loader = self.loader(val_set, 1, self.cfg.data.workers)
@@ -197,11 +203,14 @@ class DetectTask(Task):
             for out, t in zip(outputs, targets):
                 results += to_coco_results(out, t["image_id"], self.cat_ids)  # it casts (labels stay integers)
                 image_ids.append(t["image_id"])
-        results, image_ids = dist.all_gather_lists(results), dist.all_gather_lists(image_ids)
+        return dist.all_gather_lists(results), dist.all_gather_lists(image_ids)
+
+    def score(self, results: list[dict], image_ids: list[int]) -> tuple[dict, dict]:
+        """`evaluate`'s numbers of these detections, and `coco_evaluate`'s whole answer (per category too)."""
         types = self.iou_types()
         ev = coco_evaluate(self.coco, results, sorted(image_ids), types)
         metrics = {f"{t}_{k}": v for t in types for k, v in ev[t].items() if k in ("AP", "AP50", "AP75")}
-        return dict(metrics, images=len(image_ids), detections=len(results), summary=ev["summary"])
+        return dict(metrics, images=len(image_ids), detections=len(results), summary=ev["summary"]), ev
 
 
 class SegmentTask(Task):
@@ -258,22 +267,39 @@ class SegmentTask(Task):
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, val_set, device, amp_dtype) -> dict:
-        """mIoU and pixel accuracy over `val_set` at the original mask resolution (confusion summed over ranks)."""
+        """mIoU, pixel accuracy and mean class accuracy over `val_set` at the original mask resolution (confusion
+        summed over ranks)."""
+        conf, n = self.confusion(model, val_set, device, amp_dtype)
+        m = conf.metrics()
+        return dict(mIoU=m["mIoU"], aAcc=m["aAcc"], mAcc=m["mAcc"], classes=m["classes"], images=n, pixels=m["pixels"])
+
+    @torch.no_grad()
+    def confusion(self, model: nn.Module, val_set, device, amp_dtype, probs=None, each=None):
+        """The confusion matrix of `val_set` (summed over ranks) and the number of images.
+
+        Args:
+            probs: `image [3, H, W] -> class probabilities [K, H, W]`; default `segment_probs` at `data.scale`
+                (with the flip when `data.eval_flip`).
+            each: Called as `each(index, classes)` with each image's position in `val_set` and its class map.
+        """
         model.eval()
         d = self.cfg.data
+        if probs is None:
+            probs = lambda image: segment_probs(model, image, tuple(d.scale), d.eval_flip, amp_dtype)  # noqa: E731
         conf = ConfusionMatrix(self.cfg.model.num_classes)
         loader = torch.utils.data.DataLoader(
             val_set, batch_size=1, num_workers=d.workers, collate_fn=self.collate, worker_init_fn=ignore_sigint
         )
         n = 0
         for image, mask in loader:
-            probs = segment_probs(model, image[0].to(device), tuple(d.scale), d.eval_flip, amp_dtype)
-            conf.update(probs.argmax(0).cpu(), mask[0])
+            classes = probs(image[0].to(device)).argmax(0).cpu()
+            conf.update(classes, mask[0])
+            if each is not None:
+                each(n, classes)
             n += 1
         counts = dist.all_reduce_sum(conf.counts.flatten().double().tolist() + [n], device)
         conf.counts = torch.tensor(counts[:-1], dtype=torch.float64).round().long().reshape(conf.counts.shape)
-        m = conf.metrics()
-        return dict(mIoU=m["mIoU"], aAcc=m["aAcc"], classes=m["classes"], images=int(counts[-1]), pixels=m["pixels"])
+        return conf, int(counts[-1])
 
 
 def segment_probs(model: nn.Module, image: torch.Tensor, scale, flip: bool, amp_dtype) -> torch.Tensor:

@@ -43,6 +43,15 @@ class ConvNormAct(nn.Sequential):
         )
 
 
+def _classifier(channels: int, num_classes: int) -> nn.Conv2d:
+    """The 1x1 class conv, initialised as mmseg's decode heads' (`conv_seg`: normal, std 0.01, bias 0), so every
+    class starts near the same logit rather than at PyTorch's default fan-in uniform draw."""
+    conv = nn.Conv2d(channels, num_classes, 1)
+    nn.init.normal_(conv.weight, mean=0.0, std=0.01)
+    nn.init.zeros_(conv.bias)
+    return conv
+
+
 def _resize(x: torch.Tensor, size) -> torch.Tensor:
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
@@ -80,7 +89,7 @@ class UperNetHead(nn.Module):
         self.smooth = nn.ModuleList(ConvNormAct(channels, channels, 3, norm) for _ in in_channels[:-1])
         self.fuse = ConvNormAct(len(in_channels) * channels, channels, 3, norm)
         self.dropout = nn.Dropout2d(dropout)
-        self.classifier = nn.Conv2d(channels, num_classes, 1)
+        self.classifier = _classifier(channels, num_classes)
 
     def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
         levels = [lat(f) for lat, f in zip(self.lateral, feats[:-1])] + [self.ppm(feats[-1])]
@@ -99,7 +108,7 @@ class FCNHead(nn.Module):
         super().__init__()
         self.conv = ConvNormAct(in_ch, channels, 3, norm)
         self.dropout = nn.Dropout2d(dropout)
-        self.classifier = nn.Conv2d(channels, num_classes, 1)
+        self.classifier = _classifier(channels, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.dropout(self.conv(x)))

@@ -181,6 +181,62 @@ def export_pt2(
     return atomic_write(path, lambda tmp: torch.export.save(program, tmp, extra_files=extra), suffix=".pt2")
 
 
+# --- dense models: a segmenter and a detector -------------------------------------------------------------------------
+
+DETECTOR_OPSET = 11  # torchvision's detection models are tested for ONNX at opset 11, through the TorchScript exporter
+
+
+def export_detector_onnx(model: nn.Module, path: str | os.PathLike, size: tuple[int, int], metadata: dict) -> Path:
+    """Write a torchvision Mask / Faster R-CNN as ONNX by torchvision's supported path: the TorchScript exporter
+    (`dynamo=False`) at opset 11, one image `images` `[3, H, W]` (RGB in [0, 1]; H and W dynamic) in, `boxes`
+    `[N, 4]` (x1, y1, x2, y2 in the input's pixels), `labels` `[N]`, `scores` `[N]` (and `masks` `[N, 1, H, W]`
+    probabilities) out. torch's dynamo exporter cannot take these models: `torch.export` stops at a guard on a
+    data-dependent size in `torchvision.ops.batched_nms` (GuardOnDataDependentSymNode).
+
+    Args:
+        size: (H, W) of the example image the graph is traced with.
+        metadata: Stored as `metadata_props` (values JSON-encoded).
+    """
+    import onnx
+
+    model = model.eval()
+    x = torch.rand(3, *size)
+    outputs = ["boxes", "labels", "scores"] + (
+        ["masks"] if getattr(model.roi_heads, "has_mask", lambda: False)() else []
+    )
+    axes = {"images": [1, 2], "boxes": [0], "labels": [0], "scores": [0], "masks": [0, 2, 3]}
+
+    def write(tmp: str) -> None:
+        with torch.no_grad(), _quiet_export():
+            torch.onnx.export(
+                model,
+                ([x],),
+                tmp,
+                input_names=["images"],
+                output_names=outputs,
+                dynamic_axes={k: v for k, v in axes.items() if k == "images" or k in outputs},
+                opset_version=DETECTOR_OPSET,
+                dynamo=False,
+            )
+        proto = onnx.load(tmp)
+        for key, value in metadata.items():
+            entry = proto.metadata_props.add()
+            entry.key, entry.value = key, json.dumps(value)
+        onnx.save(proto, tmp)
+
+    return atomic_write(path, write)
+
+
+@contextlib.contextmanager
+def _quiet_export():
+    """The TorchScript exporter warns for every traced Python number and its own deprecation: none of it is ours."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
 def load_pt2(path: str | os.PathLike) -> tuple[torch.export.ExportedProgram, dict]:
     """The program and metadata of a `.pt2` written by `export_pt2` (call `program.module()(x)` to run it)."""
     extra = {METADATA_FILE: ""}
