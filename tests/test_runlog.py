@@ -24,12 +24,13 @@ def test_log_file_step_lines_lr_and_epoch_numbers(tmp_path, capsys):
     out = tmp_path / "run"
     assert train_cmd.main([*RUN, "--log-every", "1", "--output", str(out)]) == 0
     printed = capsys.readouterr()
-    # stderr is not a terminal here: no bar, a progress line per step (the epoch line covers the last one)
+    # stderr is not a terminal here: no bar, a progress line per step (the epoch's last one too, as every task's)
     assert "it/s" not in printed.err
     steps = [line for line in printed.out.splitlines() if " step " in line]
     assert [line.split()[:4] for line in steps] == [
-        ["epoch", f"{e}/2", "step", f"{s}/3"] for e in (1, 2) for s in (1, 2)
+        ["epoch", f"{e}/2", "step", f"{s}/3"] for e in (1, 2) for s in (1, 2, 3)
     ]
+    assert all(" loss " in line and " lr " in line and " ETA " in line and line.endswith(" img/s") for line in steps)
     # train.log holds what the run printed
     log = (out / "train.log").read_text()
     assert log.splitlines() == printed.out.splitlines()

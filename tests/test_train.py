@@ -194,7 +194,7 @@ def test_default_digits_run_writes_loadable_weights(tmp_path, capsys):
     model = mambaout.create_model(checkpoint=out / "last.safetensors").eval()
     assert model.class_names == meta["class_names"] and model.pretrained_cfg["input_size"] == [3, 32, 32]
     from mambaout.data import DigitsDataset, eval_transform
-    from mambaout.training.engine import evaluate
+    from mambaout.training.classify import evaluate
 
     ds = DigitsDataset("val", transform=eval_transform(model.pretrained_cfg))
     loader = torch.utils.data.DataLoader(ds, batch_size=512)

@@ -199,7 +199,7 @@ def _smoke_cap(cfg) -> None:
 
 def train(task: str, argv: list[str]) -> int:
     from mambaout.dense.config import list_recipes, resolve
-    from mambaout.dense.engine import fit
+    from mambaout.dense.tasks import train as fit
     from mambaout.utils.optional import MissingDependency
 
     args = train_parser(task).parse_args(argv)
@@ -296,7 +296,7 @@ def validate(task: str, argv: list[str]) -> int:
         summary = m.pop("summary", None)
         if summary:
             print(summary)
-        print(f"{name}: " + "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in m.items()))
+        print(f"{name}: {t.describe(m)}")
     if args.results_file:
         atomic_write_text(args.results_file, json.dumps(dict(checkpoint=args.checkpoint, **results), indent=1))
     return 0

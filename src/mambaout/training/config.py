@@ -182,6 +182,7 @@ class ScheduleConfig:
     """Warmup from warmup_lr, then `sched` (cosine) to min_lr over `epochs`, then `cooldown_epochs` at min_lr."""
 
     epochs: int = C.setting(300, C.integer(1, 100_000))
+    steps: int | None = C.setting(None, C.integer(1, 10**12, optional=True))  # end after N optimizer steps in all
     cooldown_epochs: int = C.setting(10, C.integer(0, 100_000))
     warmup_epochs: int = C.setting(20, C.integer(0, 100_000))
     warmup_lr: float = C.setting(1e-6, C.number(0.0, 1e3))
