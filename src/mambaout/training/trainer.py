@@ -138,18 +138,16 @@ class Steps:
             self.row(evaluate=True, epoch_end=False)
         for epoch in range(self.progress.start_epoch, self.n_epochs):
             stop = self.train_epoch(epoch)
-            if self.stopped_at is not None:
-                where = f"step {self.stopped_at} of epoch {epoch + 1}"
-                if self.interrupt.asked:
-                    raise Interrupted(f"interrupted at {where}, state saved; {self.resume_hint}")
-                _say(f"stopping at {where} as asked (state saved); {self.resume_hint}")
-                dist.barrier()
-                return dict(self.result, stopped=True)
-            if stop:  # the epoch's end, with stop_after_epochs or Ctrl-C
-                if self.interrupt.asked:
-                    raise Interrupted(f"interrupted after epoch {epoch + 1}, state saved; {self.resume_hint}")
-                _say(f"stopping after {self.epochs_called} epoch(s) as asked; {self.resume_hint}")
-                return dict(self.result, stopped=True)
+            if self.stopped_at is None and not stop:
+                continue
+            where = f"step {self.stopped_at} of epoch {epoch + 1}" if self.stopped_at else f"epoch {epoch + 1}"
+            if self.interrupt.asked:
+                raise Interrupted(
+                    f"interrupted {'at' if self.stopped_at else 'after'} {where}, state saved; {self.resume_hint}"
+                )
+            _say(f"stopping {'at' if self.stopped_at else 'after'} {where} as asked (state saved); {self.resume_hint}")
+            dist.barrier()
+            return dict(self.result, stopped=True)
         return dict(self.result, wall_s=time.perf_counter() - self.t_start)
 
     def train_epoch(self, epoch: int) -> bool:
@@ -208,11 +206,11 @@ class Steps:
         if evaluate or (epoch_end and loop.epochs):  # a row per evaluation, and per epoch in a run of epochs
             self.row(evaluate, epoch_end)
         stop = bool(loop.stop_after_steps) and self.called >= loop.stop_after_steps
-        stop = (stop or self.interrupt.asked) and not epoch_end and not end
-        if epoch_end:
+        stop = (stop or self.interrupt.asked) and not end
+        if epoch_end:  # stopping here: the epoch ends as any does (its state), then the run stops
             self.epochs_called += 1
-            stop_epochs = bool(loop.stop_after_epochs) and self.epochs_called >= loop.stop_after_epochs
-            self.stop_at_end = (stop_epochs or self.interrupt.asked) and not end
+            stop |= bool(loop.stop_after_epochs) and self.epochs_called >= loop.stop_after_epochs and not end
+            self.stop_at_end, stop = stop, False
         every = bool(loop.checkpoint_every) and step % loop.checkpoint_every == 0
         if epoch_end or stop or every or evaluate:
             completed, epoch_step = (self.epoch, 0) if epoch_end else (self.epoch - 1, done)
