@@ -16,9 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mambaout.data.loaders import ResumableSampler, ShuffledLoader
+from mambaout.data.loaders import train_loader
 from mambaout.models.layers import param_groups
 from mambaout.training import task as training
+from mambaout.training.engine import autocast
 from mambaout.training.optim import FactorSchedule
 from mambaout.training.runfolder import load_state, resume_path
 from mambaout.training.trainer import fit
@@ -48,24 +49,8 @@ def train(cfg: RunConfig) -> dict:
     if cfg.train.resume:
         cfg = _resumed(cfg)
     t = cfg.train
-    loop = training.Loop(
-        output=Path(t.output or Path("runs") / (Path(cfg.recipe).stem if cfg.recipe else cfg.task)),
-        epochs=t.epochs,
-        steps=t.steps,
-        clip_grad=t.clip_grad,
-        amp=t.amp,
-        device=t.device,
-        threads=t.threads,
-        seed=t.seed,
-        eval_every_steps=t.eval_every,
-        eval_at_start=t.eval_at_start,
-        resume=t.resume,
-        overwrite=t.overwrite,
-        progress=t.progress,
-        log_every=t.log_every,
-        checkpoint_every=t.checkpoint_every,
-        stop_after_steps=t.stop_after_steps,
-    )
+    output = Path(t.output or Path("runs") / (Path(cfg.recipe).stem if cfg.recipe else cfg.task))
+    loop = training.Loop.from_settings(vars(t), output=output, eval_every_steps=t.eval_every)
     return fit(make_task(cfg), loop)
 
 
@@ -117,13 +102,13 @@ class Task(training.Task):
         d = self.cfg.data
         self.train_data = self.train_set()  # also fixes the class count from the data
         self.val_data = self.val_set()
-        self.batches = self.train_loader(self.train_data, d.batch_size, d.workers, seed=loop.seed)
+        # shuffled and sharded as classification's: an epoch's order is a function of (seed, epoch); fresh workers
+        # each epoch take their seeds from the main process, which the engine seeds per epoch and rank
+        rank, world = env.rank, env.world_size
+        self.batches = train_loader(
+            self.train_data, d.batch_size, rank, world, loop.seed, d.workers, False, False, self.collate
+        )
         self.steps_per_epoch, self.train_images = len(self.batches), len(self.train_data)
-        if self.steps_per_epoch == 0:
-            raise ValueError(
-                f"{len(self.train_data)} training images make no batch of {d.batch_size} on each of "
-                f"{env.world_size} process(es); lower --batch-size"
-            )
 
     def build_model(self, device) -> nn.Module:
         t = self.cfg.train
@@ -175,28 +160,6 @@ class Task(training.Task):
             which = "train" if train else "val"
             raise ValueError(f"no {which} data: pass --data ROOT, or --{which}-images and --{which}-labels")
         return images, labels
-
-    def train_loader(self, dataset, batch_size: int, workers: int, seed: int) -> ShuffledLoader:
-        """Shuffled batches, sharded over the ranks (a DistributedSampler at any world size, so an epoch's order is
-        a function of the seed and the epoch only), with the classification loaders' contract: `set_epoch` before
-        each epoch, `skip_samples` to start one after the batches a resumed run has trained.
-
-        Worker processes are started afresh each epoch (not persistent): they take their seeds from the main
-        process, which the engine seeds per epoch, so their augmentation too follows from (seed, epoch, rank).
-        """
-        sampler = ResumableSampler(
-            dataset, num_replicas=dist.get_world_size(), rank=dist.get_rank(), shuffle=True, seed=seed, drop_last=True
-        )
-        loader = torch.utils.data.DataLoader(
-            dataset,
-            batch_size=batch_size,
-            sampler=sampler,
-            num_workers=workers,
-            collate_fn=self.collate,
-            drop_last=True,
-            worker_init_fn=ignore_sigint,  # Ctrl-C is the main process's to handle
-        )
-        return ShuffledLoader(loader, sampler)
 
     def loader(self, dataset, batch_size: int, workers: int):
         """Evaluation batches, in order."""
@@ -310,7 +273,7 @@ class DetectTask(Task):
         results, image_ids = [], []
         loader = self.loader(val_set, 1, self.cfg.data.workers)
         for images, targets in loader:
-            with _autocast(device, amp_dtype):
+            with autocast(device, amp_dtype):
                 outputs = model([im.to(device) for im in images])
             for out, t in zip(outputs, targets):
                 results += to_coco_results(out, t["image_id"], self.cat_ids)  # it casts (labels stay integers)
@@ -379,11 +342,8 @@ class SegmentTask(Task):
         model.eval()
         d = self.cfg.data
         conf = ConfusionMatrix(self.cfg.model.num_classes)
-        loader = torch.utils.data.DataLoader(
-            val_set, batch_size=1, num_workers=d.workers, collate_fn=self.collate, worker_init_fn=ignore_sigint
-        )
         n = 0
-        for image, mask in loader:
+        for image, mask in self.loader(val_set, 1, d.workers):
             probs = segment_probs(model, image[0].to(device), tuple(d.scale), d.eval_flip, amp_dtype)
             conf.update(probs.argmax(0).cpu(), mask[0])
             n += 1
@@ -420,17 +380,11 @@ def segment_probs(model: nn.Module, image: torch.Tensor, scale, flip: bool, amp_
     h, w = image.shape[-2:]
     x, _ = resize_pair(image, None, resize_scale(h, w, scale[1], scale[0]))
     x = x[None]
-    with _autocast(x.device, amp_dtype):
+    with autocast(x.device, amp_dtype):
         probs = model(x).float().softmax(1)
         if flip:
             probs = (probs + model(x.flip(-1)).float().softmax(1).flip(-1)) / 2
     return F.interpolate(probs, size=(h, w), mode="bilinear", align_corners=False)[0]
-
-
-def _autocast(device, dtype):
-    import contextlib
-
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
 TASKS = {task.name: task for task in (DetectTask, SegmentTask)}

@@ -31,28 +31,11 @@ from mambaout.utils.text import printable
 
 def train(cfg: TrainConfig) -> dict:
     """Run (or resume) classification training as `cfg` says. Returns the last row, the run folder and the best."""
-    r, s = cfg.run, cfg.schedule
-    loop = Loop(
+    loop = Loop.from_settings(
+        to_flat(cfg),
         output=cfg.output_folder(),
-        epochs=s.total_epochs,
-        steps=s.steps,
-        max_steps_per_epoch=r.max_steps_per_epoch,
-        clip_grad=cfg.optim.clip_grad,
-        amp=cfg.perf.amp,
-        device=cfg.perf.device,
-        threads=cfg.perf.threads,
-        compile=cfg.perf.compile,
-        seed=r.seed,
+        epochs=cfg.schedule.total_epochs,
         eval_every_epochs=cfg.eval.eval_every,
-        resume=r.resume,
-        overwrite=r.overwrite,
-        keep_top_k=r.keep_top_k,
-        tensorboard=r.tensorboard,
-        progress=r.progress,
-        log_every=r.log_every,
-        checkpoint_every=r.checkpoint_every,
-        stop_after_steps=r.stop_after_steps,
-        stop_after_epochs=r.stop_after_epochs,
         accum_steps=cfg.batch.plan(dist.detect().world_size).accum_steps,
     )
     return fit(ClassifyTask(cfg), loop)
@@ -107,7 +90,7 @@ class ClassifyTask(Task):
     def loss(self, model: nn.Module, inputs, targets) -> tuple[torch.Tensor, dict]:
         return self.loss_fn(model(inputs), targets), {}
 
-    def evaluate_run(self, model: nn.Module, ema, device: torch.device, amp_dtype, progress=None) -> dict | None:
+    def evaluate_run(self, model: nn.Module, ema, device: torch.device, amp_dtype) -> dict | None:
         loader, channels_last = self.data.val_loader, self.cfg.perf.channels_last
         if loader is None:
             return None

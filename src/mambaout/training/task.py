@@ -8,7 +8,7 @@ clipping), the schedule's stepping, when to evaluate and save, the run folder, r
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -17,7 +17,7 @@ from torch import nn
 
 @dataclass(frozen=True)
 class Loop:
-    """How the engine runs a task, filled by the task's command from its own settings.
+    """How the engine runs a task, filled by the task's command from its own settings (`from_settings`).
 
     Exactly one of `epochs` and `steps` gives the run's length (`steps` may also cap an epoch count); the
     evaluation comes every `eval_every_epochs` epochs and/or every `eval_every_steps` steps, and always at the end.
@@ -47,38 +47,42 @@ class Loop:
     stop_after_steps: int | None = None
     stop_after_epochs: int | None = None
 
+    @classmethod
+    def from_settings(cls, settings: dict, **given) -> Loop:
+        """The loop of a task's settings: each field from the setting of its name, unless `given`."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in settings.items() if k in names and k not in given}, **given)
+
 
 class Task:
-    """The interface a task implements (a base class: each method says what the engine expects of it).
+    """The interface a task implements; the engine calls these, in this order.
 
     Attributes:
         name: The command's task, as messages name it (`train`, `detect`, `segment`).
         metric: The headline key of `evaluate_run`'s result (higher is better): picks best.safetensors.
-        steps_per_epoch: Optimizer steps in one pass over the data (set by `build_data`).
-        train_images: Images of the training set (set by `build_data`).
+        batch_size: Images per device and micro-batch.
+        batches, steps_per_epoch, train_images: The training loader (`data.loaders.EpochLoader`), the optimizer
+            steps of one pass over it and its image count, set by `build_data`.
     """
 
     name: str = "task"
     metric: str = "score"
-    steps_per_epoch: int = 0
-    train_images: int = 0
+    batch_size: int = 1
 
     def config(self) -> dict:
         """The resolved configuration as `config.yaml` and `state.pt` hold it."""
         raise NotImplementedError
 
     def build_data(self, env, device: torch.device, loop: Loop) -> None:
-        """Datasets and loaders; sets `batches` (the training `data.loaders.EpochLoader`), `steps_per_epoch`, `train_images`."""
         raise NotImplementedError
 
     def build_model(self, device: torch.device) -> nn.Module:
-        """The model to train, on `device`."""
         raise NotImplementedError
 
     def optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
         raise NotImplementedError
 
-    def scheduler(self, optimizer: torch.optim.Optimizer):
+    def scheduler(self, optimizer: torch.optim.Optimizer, total_steps: int):
         """A schedule with timm's interface: `step(epoch)`, `step_update(n)`, `state_dict`, `load_state_dict`."""
         raise NotImplementedError
 
@@ -94,9 +98,8 @@ class Task:
         """The loss to minimise (run under autocast) and its named parts (`{}` when it has none)."""
         raise NotImplementedError
 
-    def evaluate_run(self, model: nn.Module, ema, device: torch.device, amp_dtype, progress) -> dict | None:
-        """The held-out numbers for summary.csv (`metric` among them; None: no held-out data). `progress(i, n)` is
-        for long evaluations to report that they are under way."""
+    def evaluate_run(self, model: nn.Module, ema, device: torch.device, amp_dtype) -> dict | None:
+        """The held-out numbers for summary.csv, `metric` among them (None: no held-out data)."""
         raise NotImplementedError
 
     def describe(self, metrics: dict) -> str:

@@ -120,7 +120,7 @@ class Steps:
         self.train_model, self.device, self.step_cfg, self.total = train_model, device, step_cfg, total
         self.interrupt = interrupt
         self.spe = task.steps_per_epoch
-        self.n_epochs = loop.epochs or math.ceil(total / self.spe)
+        self.n_epochs = math.ceil(total / self.spe)
         self.sums = Sums.from_dict(progress.sums)
         self.called = self.epochs_called = 0  # optimizer steps and whole epochs this call took
         self.resume_hint = f"continue with --resume {run.out}"
