@@ -1090,6 +1090,41 @@ def test_dense_resume_replays_the_straight_run(task, dense_world, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_segment_line_means_one_stretch_validate_in_percent_with_progress(dense_world, tmp_path, capsys, monkeypatch):
+    """The progress line's loss and its parts are means over the same steps (loss = loss_seg + loss_aux, two steps a
+    line); validate prints mIoU and aAcc in percent, and says how far a long evaluation got (on stderr)."""
+    import re
+
+    from mambaout.dense import tasks
+
+    run = tmp_path / "seg"
+    args = SEG_TRAIN.format(w=dense_world).replace("--steps 2 -b 2", "--steps 4 -b 1")
+    assert main([*args.replace("--no-progress", "--log-every 2").split(), "-o", str(run)]) == 0
+    lines = _step_lines(run)
+    assert len(lines) == 2
+    for line in lines:
+        words = line.split()
+        loss = {w: float(v) for w, v in zip(words, words[1:]) if w.startswith("loss")}
+        assert loss["loss"] == pytest.approx(loss["loss_seg"] + loss["loss_aux"], abs=2e-4), line
+    monkeypatch.setattr(tasks, "PROGRESS_EVERY_S", 0.0)
+    capsys.readouterr()
+    args = ["segment", "validate", "--checkpoint", str(run / "last.safetensors"), "--data", f"{dense_world}/seg"]
+    assert main([*args, "--workers", "0"]) == 0
+    printed = capsys.readouterr()
+    assert re.search(r"mIoU \d+\.\d\d%  aAcc \d+\.\d\d%", printed.out), printed.out
+    assert "evaluating: 1/2 images" in printed.err
+
+
+def test_dense_run_measured_in_epochs(dense_world, tmp_path):
+    """--epochs: a summary row at each epoch's end (4 images, 2 a step: 2 steps an epoch), evaluated at the end."""
+    run = tmp_path / "run"
+    assert main([*DET_TRAIN.format(w=dense_world).replace("--steps 2", "--epochs 2").split(), "-o", str(run)]) == 0
+    rows = _rows(run)
+    assert [(r["epoch"], r["step"]) for r in rows] == [("1", "2"), ("2", "4")]
+    assert rows[0]["bbox_AP"] == "" and rows[1]["bbox_AP"] != ""
+    assert "| 2 epochs x 2 steps |" in (run / "train.log").read_text()
+
+
 @pytest.mark.parametrize("task", ["detect", "segment"])
 def test_dense_train_with_bf16_autocast_on_the_cpu(task, dense_world, tmp_path):
     """`--amp bf16` on the CPU: the tiny run ends with finite losses, close to but not equal to the fp32 run's (the

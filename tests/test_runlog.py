@@ -53,3 +53,35 @@ def test_progress_bar_on_a_terminal_only(tmp_path, capsys, monkeypatch):
     printed = capsys.readouterr()
     assert "epoch 1/1:" in printed.err and "it/s" in printed.err  # tqdm's bar
     assert " step " not in printed.out
+
+
+def test_a_classification_run_measured_in_steps(tmp_path):
+    """`steps` ends a run of epochs after that many optimizer steps in all: a row at the epoch's end, and one with
+    the final evaluation where the steps ran out (inside the second epoch of 3 steps)."""
+    import torch
+
+    out = tmp_path / "run"
+    assert train_cmd.main([*RUN, "--epochs", "5", "--set", "steps=4", "--no-progress", "--output", str(out)]) == 0
+    with open(out / "summary.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["epoch"], r["step"]) for r in rows] == [("1", "3"), ("1.3333", "4")] and rows[1]["top1"]
+    assert torch.load(out / "state.pt", weights_only=True)["step"] == 4
+
+
+def test_curves_plot_each_epoch_at_its_number(tmp_path, monkeypatch):
+    """summary.csv counts epochs from 1: curves.png plots them there (not one further)."""
+    import matplotlib.figure
+
+    from mambaout.training import runfolder
+
+    summary = tmp_path / "summary.csv"
+    summary.write_text("epoch,step,lr,train_loss,top1\n1,3,0.1,2.0,10\n2,6,0.05,1.5,20\n")
+    drawn = []
+
+    def savefig(fig, path, **kwargs):
+        drawn.append([list(ax.lines[0].get_xdata()) for ax in fig.axes])
+        open(path, "wb").close()
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", savefig)
+    runfolder.plot_curves(summary, tmp_path / "curves.png")
+    assert drawn == [[[1.0, 2.0]] * 3]

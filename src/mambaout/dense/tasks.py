@@ -9,6 +9,8 @@ mIoU and pixel accuracy) implement `mambaout.training.task.Task`, so `train(cfg)
 from __future__ import annotations
 
 import dataclasses
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -361,15 +363,15 @@ class SegmentTask(Task):
         )
 
 
-def _evaluated(n: int, total: int, every_s: float = 10.0) -> None:
-    """A line on stderr (rank 0) at most every `every_s` seconds of a long evaluation: how far it got."""
-    import sys
-    import time
+PROGRESS_EVERY_S = 10.0  # a long evaluation says how far it got at most this often
 
+
+def _evaluated(n: int, total: int) -> None:
+    """After the n-th of `total` images: a line on stderr (rank 0) when `PROGRESS_EVERY_S` passed since the last."""
     now = time.monotonic()
     if n == 1:
         _evaluated.start = _evaluated.shown = now
-    if dist.is_main() and n < total and now - _evaluated.shown >= every_s:
+    if dist.is_main() and n < total and now - _evaluated.shown >= PROGRESS_EVERY_S:
         _evaluated.shown = now
         print(f"evaluating: {n}/{total} images ({now - _evaluated.start:.0f}s)", file=sys.stderr, flush=True)
 

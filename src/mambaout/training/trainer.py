@@ -77,6 +77,7 @@ def fit(task: Task, loop: Loop) -> dict:
         if dist.is_main():
             _LOG.open(out / "train.log", append=state is not None)
         length = f"{loop.epochs} epochs x {task.steps_per_epoch} steps" if loop.epochs else f"{total} steps"
+        length += f", ending at step {total}" if loop.epochs and total < loop.epochs * task.steps_per_epoch else ""
         _say(f"{task.banner(model, env.world_size)} | {length} | amp {amp} | output {out}")
         if state is not None:
             _say(
@@ -200,7 +201,7 @@ class Steps:
         step, done = p.global_step, self.skip + n
         self.last_lr = self.lr()  # the lr step n used, before the schedule moves on
         self.parts.scheduler.step_update(step)
-        epoch_end, end = done >= self.epoch_steps, step >= self.total
+        epoch_end, end = done >= self.spe, step >= self.total  # a steps cap may end the run inside an epoch
         evaluate = end or bool(loop.eval_every_steps and step % loop.eval_every_steps == 0)
         evaluate |= epoch_end and bool(loop.eval_every_epochs and (self.epoch + 1) % loop.eval_every_epochs == 0)
         if evaluate or (epoch_end and loop.epochs):  # a row per evaluation, and per epoch in a run of epochs
