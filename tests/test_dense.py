@@ -1218,6 +1218,12 @@ def test_dense_ddp_two_processes_agree_and_resume_exactly(task, dense_world, tmp
     resumed = _torchrun([task, "train", "--resume", str(parted)], tmp_path / "w-resumed")
     assert _step_lines(parted) == _step_lines(straight) and len(_step_lines(straight)) == 3
     assert _equal(resumed[0], ranks[0]) and _equal(resumed[1], ranks[1])
+    # every tensor of the final state (weights, optimizer moments, ...), each rank's saved randomness apart
+    from test_distributed import _tensors
+
+    a, b = (_tensors(torch.load(run / "state.pt", weights_only=True)) for run in (straight, parted))
+    a, b = ({k: v for k, v in d.items() if "/ranks/" not in k} for d in (a, b))
+    assert a.keys() == b.keys() and len(a) > 100 and _equal(a, b)
 
 
 @pytest.mark.timeout(300)
