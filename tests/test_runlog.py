@@ -85,3 +85,20 @@ def test_curves_plot_each_epoch_at_its_number(tmp_path, monkeypatch):
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", savefig)
     runfolder.plot_curves(summary, tmp_path / "curves.png")
     assert drawn == [[[1.0, 2.0]] * 3]
+
+
+def test_a_non_finite_loss_is_one_line(tmp_path, capsys, monkeypatch):
+    """A loss that turns NaN stops the run with one line saying what to change, exit 2 (no traceback)."""
+    from mambaout.training.classify import ClassifyTask
+
+    real = ClassifyTask.loss
+
+    def nan_after_a_step(self, model, inputs, targets):
+        loss, parts = real(self, model, inputs, targets)
+        self.calls = getattr(self, "calls", 0) + 1
+        return (loss * float("nan") if self.calls > 1 else loss), parts
+
+    monkeypatch.setattr(ClassifyTask, "loss", nan_after_a_step)
+    assert train_cmd.main([*RUN, "--no-progress", "--output", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("mambaout train: the loss became inf or NaN between steps 0 and 3")

@@ -41,6 +41,10 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+class LossNotFinite(FloatingPointError, ValueError):
+    """The loss became inf or NaN: a setting to change (the commands show it as one line, exit 2)."""
+
+
 @dataclass
 class Sums:
     """Loss sums on the device (the loss, then its named parts), since the last row of summary.csv (`row`) and
@@ -72,7 +76,7 @@ class Sums:
         flag = torch.as_tensor(self.nonfinite, device=self.line.device).float()[None]
         *values, bad = torch.cat([self.line.float(), flag]).tolist()  # one read
         if bad:
-            raise FloatingPointError(
+            raise LossNotFinite(
                 f"the loss became inf or NaN between steps {since} and {steps}: lower the learning rate, "
                 "enable --clip-grad, or use bf16"
             )
