@@ -1116,13 +1116,20 @@ def test_segment_line_means_one_stretch_validate_in_percent_with_progress(dense_
 
 
 def test_dense_run_measured_in_epochs(dense_world, tmp_path):
-    """--epochs: a summary row at each epoch's end (4 images, 2 a step: 2 steps an epoch), evaluated at the end."""
+    """--epochs: a summary row at each epoch's end (4 images, 2 a step: 2 steps an epoch), evaluated at the end;
+    the best and the top-k weights kept as for classification."""
     run = tmp_path / "run"
-    assert main([*DET_TRAIN.format(w=dense_world).replace("--steps 2", "--epochs 2").split(), "-o", str(run)]) == 0
+    args = DET_TRAIN.format(w=dense_world).replace("--steps 2", "--epochs 2") + " --set train.keep_top_k=1"
+    assert main([*args.split(), "-o", str(run)]) == 0
     rows = _rows(run)
     assert [(r["epoch"], r["step"]) for r in rows] == [("1", "2"), ("2", "4")]
     assert rows[0]["bbox_AP"] == "" and rows[1]["bbox_AP"] != ""
     assert "| 2 epochs x 2 steps |" in (run / "train.log").read_text()
+    assert sorted(p.name for p in run.glob("*.safetensors")) == [
+        "best.safetensors",
+        "epoch-0002.safetensors",
+        "last.safetensors",
+    ]
 
 
 @pytest.mark.parametrize("task", ["detect", "segment"])

@@ -90,6 +90,8 @@ class TrainConfig:
     resume: str | None = None
     overwrite: bool = False
     progress: bool = True
+    keep_top_k: int = 0  # also keep the weights of the k best evaluations (step-NNNNNNN.safetensors)
+    tensorboard: bool = False
 
 
 @dataclass
@@ -255,6 +257,8 @@ _SHARED_RULES = {
     ("train", "resume"): _PATH,
     ("train", "overwrite"): C.boolean(),
     ("train", "progress"): C.boolean(),
+    ("train", "keep_top_k"): C.integer(0, 1000),
+    ("train", "tensorboard"): C.boolean(),
 }
 
 
