@@ -196,9 +196,7 @@ class Data:
                 pin,
                 loading.persistent_workers,
             )
-        steps_per_epoch = num_steps(len(loader), accum)
-        if cfg.run.max_steps_per_epoch:
-            steps_per_epoch = min(steps_per_epoch, cfg.run.max_steps_per_epoch)
+        steps_per_epoch = num_steps(len(loader), accum)  # the engine applies max_steps_per_epoch
         if steps_per_epoch == 0:
             raise ValueError(
                 f"an epoch has {len(loader)} batches, fewer than the {accum} accumulation steps of one optimizer "

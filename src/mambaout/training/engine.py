@@ -26,13 +26,11 @@ class StepConfig:
         accum_steps: Micro-batches per optimizer step (global batch / (per-device batch x world size)).
         amp_dtype: `torch.bfloat16`, `torch.float16` or None (full precision).
         clip_grad: Max gradient norm; None or 0 for no clipping.
-        channels_last: Feed inputs in channels-last memory format.
     """
 
     accum_steps: int = 1
     amp_dtype: torch.dtype | None = None
     clip_grad: float | None = None
-    channels_last: bool = False
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
