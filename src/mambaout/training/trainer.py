@@ -81,8 +81,8 @@ def fit(task: Task, loop: Loop) -> dict:
         _say(f"{task.banner(model, env.world_size)} | {length} | amp {amp} | output {out}")
         if state is not None:
             _say(
-                f"resumed from {loop.resume}: epoch {progress.start_epoch + 1} "
-                + (f"after its step {progress.resume_step}" if progress.resume_step else "")
+                f"resumed from {loop.resume}: epoch {progress.start_epoch + 1}"
+                + (f" after its step {progress.resume_step}" if progress.resume_step else "")
                 + f", global step {progress.global_step}"
             )
         # Ctrl-C stops after the optimizer step under way, where the state is consistent and is saved; a second one
