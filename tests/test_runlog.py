@@ -102,3 +102,19 @@ def test_a_non_finite_loss_is_one_line(tmp_path, capsys, monkeypatch):
     assert train_cmd.main([*RUN, "--no-progress", "--output", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("mambaout train: the loss became inf or NaN between steps 0 and 3")
+
+
+def test_a_resumed_run_logs_the_lines_of_the_uninterrupted_one(tmp_path, capsys):
+    """Progress lines every 2 steps (3 an epoch): stopped after step 4 (inside epoch 2) and resumed, the run prints
+    the same lines, numbers and all, as the run that was not stopped (the ETA and speed apart)."""
+
+    def step_lines(printed: str) -> list[str]:
+        return [line.rsplit("  ", 2)[0] for line in printed.splitlines() if " step " in line and "ETA" in line]
+
+    args = [*RUN, "--log-every", "2"]
+    assert train_cmd.main([*args, "--output", str(tmp_path / "straight")]) == 0
+    straight = step_lines(capsys.readouterr().out)
+    assert train_cmd.main([*args, "--output", str(tmp_path / "split"), "--stop-after-steps", "4"]) == 0
+    assert train_cmd.main(["--resume", str(tmp_path / "split")]) == 0
+    assert step_lines(capsys.readouterr().out) == straight
+    assert [line.split()[:4] for line in straight] == [["epoch", "1/2", "step", "2/3"], ["epoch", "2/2", "step", "2/3"]]

@@ -123,6 +123,8 @@ def train_one_epoch(
     max_steps: int | None = None,
     report: Callable[[int, dict], None] | None = None,
     refresh_every: int = 20,
+    line_every: int = 0,
+    first: int = 0,
 ) -> int:
     """Train for one pass over `loader` (at most `max_steps` optimizer steps); returns the steps taken.
 
@@ -137,8 +139,9 @@ def train_one_epoch(
         on_step: Called after every optimizer step with the number of steps taken this call (the schedule,
             evaluations, checkpoints); returning True ends the pass there.
         on_start: Called once the loader's iterator exists (creating it draws from the RNG), before the first batch.
-        report: Called every `refresh_every` steps (and at a stop or the end) with the steps taken and the means
-            since the last line; a non-finite loss is raised at the first read after it.
+        report: Called every `refresh_every` and every `line_every` steps of the epoch (`first`: the steps it had
+            done before this call), and at a stop or the end, with the steps taken and the means since the last
+            line; a non-finite loss is raised at the first read after it.
     """
     model.train()
     accum = step_cfg.accum_steps
@@ -169,7 +172,8 @@ def train_one_epoch(
         steps += 1
         if parts.ema is not None:
             parts.ema.update(dist.unwrap(model))
-        if steps % refresh_every == 0 or steps >= steps_total:
+        done = first + steps
+        if done % refresh_every == 0 or (line_every and done % line_every == 0) or steps >= steps_total:
             values = sums.read_line(checked, steps)  # the one host read per `refresh_every` steps
             checked = steps
             if report is not None:

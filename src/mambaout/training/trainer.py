@@ -179,8 +179,10 @@ class Steps:
             on_start=self.start,
             max_steps=self.epoch_steps - self.skip,
             report=self.report,
-            # progress lines read the loss from the device: at most every 20 steps unless asked for more often
-            refresh_every=min(20, self.loop.log_every or 20),
+            # the loss is read from the device (a host sync) every 20 steps, and for each progress line
+            refresh_every=20,
+            line_every=self.loop.log_every if self.loop.progress else 0,
+            first=self.skip,
         )
         if self.bar is not None:
             self.bar.close()
@@ -263,8 +265,8 @@ class Steps:
             self.bar.update(done - self.bar.n)
             self.bar.set_postfix(loss=f"{values.get('loss', math.nan):.4f}", lr=f"{self.lr():.2e}", refresh=False)
         elif self.loop.progress and every:
-            if done // every <= self.printed // every:
-                return  # the line is not due: its sums go on
+            if done % every:
+                return  # the line is not due: its sums go on (over an epoch's end too)
             _say(self._line(done, values))
             self.printed, self.t_line = done, time.perf_counter()
         self.sums.reset_line()
