@@ -139,9 +139,9 @@ def train_one_epoch(
         on_step: Called after every optimizer step with the number of steps taken this call (the schedule,
             evaluations, checkpoints); returning True ends the pass there.
         on_start: Called once the loader's iterator exists (creating it draws from the RNG), before the first batch.
-        report: Called every `refresh_every` and every `line_every` steps of the epoch (`first`: the steps it had
-            done before this call), and at a stop or the end, with the steps taken and the means since the last
-            line; a non-finite loss is raised at the first read after it.
+        report: Called every `refresh_every` and every `line_every` steps of the run (`first`: the steps taken
+            before this call), and at a stop or the end, with the steps taken and the means since the last line; a
+            non-finite loss is raised at the first read after it.
     """
     model.train()
     accum = step_cfg.accum_steps

@@ -167,6 +167,7 @@ class Steps:
         self.last_lr = self.lr()
         self.bar = self._bar(epoch)
         self.stop_at_end, self.printed, self.t_line = False, self.skip, time.perf_counter()
+        self.base = self.progress.global_step  # optimizer steps before this call of the epoch
         train_one_epoch(
             self.train_model,
             loader,
@@ -182,7 +183,7 @@ class Steps:
             # the loss is read from the device (a host sync) every 20 steps, and for each progress line
             refresh_every=20,
             line_every=self.loop.log_every if self.loop.progress else 0,
-            first=self.skip,
+            first=self.base,
         )
         if self.bar is not None:
             self.bar.close()
@@ -265,8 +266,8 @@ class Steps:
             self.bar.update(done - self.bar.n)
             self.bar.set_postfix(loss=f"{values.get('loss', math.nan):.4f}", lr=f"{self.lr():.2e}", refresh=False)
         elif self.loop.progress and every:
-            if done % every:
-                return  # the line is not due: its sums go on (over an epoch's end too)
+            if (self.base + n) % every:
+                return  # a line every `every` steps of the run: its sums go on (over an epoch's end too)
             _say(self._line(done, values))
             self.printed, self.t_line = done, time.perf_counter()
         self.sums.reset_line()
