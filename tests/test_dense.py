@@ -518,7 +518,7 @@ def test_segmentation_learns_on_the_cpu_recipe(coco128, tmp_path):
     rows = _rows(run)
     assert float(rows[-1]["mIoU"]) > float(rows[0]["mIoU"])
     log = (run / "train.log").read_text().splitlines()
-    losses = [float(line.split("loss ")[1].split()[0]) for line in log if line.startswith("step ")]
+    losses = [float(line.split("loss ")[1].split()[0]) for line in log if " step " in line and "ETA" in line]
     assert losses[-1] < losses[0]
 
 
@@ -572,7 +572,7 @@ def test_detection_learns_on_synthetic_boxes(tmp_path):
     assert (start["step"], end["step"]) == ("0", "150") and start["images"] == end["images"] == "8"
     assert float(start["bbox_AP"]) < 0.05 and float(end["bbox_AP"]) > 0.3
     assert float(start["segm_AP"]) < 0.05 and float(end["segm_AP"]) > 0.3
-    losses = [float(line.split()[3]) for line in _step_lines(run)]  # each the mean of 25 steps
+    losses = [float(line.split()[5]) for line in _step_lines(run)]  # each the mean of 25 steps
     assert len(losses) == 6 and losses[-1] < losses[0] / 2
 
 
@@ -781,7 +781,7 @@ DENSE_CASES = [
     Case("det-coco-no-annotations", DT + LABELS + "no-annotations.json", 2, "has no annotations (or only iscrowd"),
     Case("det-coco-crowd-only", DT + LABELS + "crowd-only.json", 2, "nothing to learn from; give the training"),
     # allowed: a box of no size is left out of the targets (torchvision's references drop them too)
-    Case("det-coco-negative-box", DET_TRAIN + " -o {w}/out/neg" + LABELS + "negative-box.json", 0, "done: bbox_AP"),
+    Case("det-coco-negative-box", DET_TRAIN + " -o {w}/out/neg" + LABELS + "negative-box.json", 0, "s: bbox_AP"),
     # --- COCO structure: image entries, ids, categories, the annotations list, file names inside the folder ----------
     Case("det-coco-image-no-height", DT + LABELS + "image-no-height.json", 2, "image 1 has height None; an image is"),
     Case("det-coco-image-width-0", DT + LABELS + "image-width-0.json", 2, "image 3 has width 0; an image is"),
@@ -828,7 +828,7 @@ DENSE_CASES = [
         "det-faster-rcnn-ignores-segmentations",
         DT + LABELS + "seg-missing.json",
         0,
-        "done: bbox_AP",
+        "s: bbox_AP",
     ),
     Case("det-validate-other-categories", DV + " --val-labels {w}/det/annotations/other-cats.json", 2, "ids [3, 8]"),
     Case("det-validate-huge-declared-size", DV + " --val-labels {w}/det/annotations/huge-size.json", 2, "1000000000"),
@@ -1027,13 +1027,13 @@ def test_predict_escapes_control_characters_in_file_names(dense_world, tmp_path,
 
 
 def _step_lines(run: Path) -> list[str]:
-    """train.log's progress lines without the speed (the one number that may differ between runs)."""
+    """train.log's progress lines without the ETA and the speed (the numbers that may differ between runs)."""
     lines = (run / "train.log").read_text().splitlines()
-    return [line.rsplit("  ", 1)[0] for line in lines if line.startswith("step ")]
+    return [line.rsplit("  ", 2)[0] for line in lines if " step " in line and line.endswith(" img/s")]
 
 
 def _summary(run: Path) -> list[dict]:
-    return [{k: v for k, v in row.items() if k != "eval_s"} for row in _rows(run)]
+    return [{k: v for k, v in row.items() if k not in ("seconds", "train_img_s")} for row in _rows(run)]
 
 
 @pytest.mark.parametrize("task", ["segment", "detect"])
@@ -1059,6 +1059,48 @@ def test_dense_resume_replays_the_straight_run(task, dense_world, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_segment_line_means_one_stretch_validate_in_percent_with_progress(dense_world, tmp_path, capsys, monkeypatch):
+    """The progress line's loss and its parts are means over the same steps (loss = loss_seg + loss_aux, two steps a
+    line); validate prints mIoU and aAcc in percent, and says how far a long evaluation got (on stderr)."""
+    import re
+
+    from mambaout.dense import tasks
+
+    run = tmp_path / "seg"
+    args = SEG_TRAIN.format(w=dense_world).replace("--steps 2 -b 2", "--steps 4 -b 1")
+    assert main([*args.replace("--no-progress", "--log-every 2").split(), "-o", str(run)]) == 0
+    lines = _step_lines(run)
+    assert len(lines) == 2
+    for line in lines:
+        words = line.split()
+        loss = {w: float(v) for w, v in zip(words, words[1:]) if w.startswith("loss")}
+        assert loss["loss"] == pytest.approx(loss["loss_seg"] + loss["loss_aux"], abs=2e-4), line
+    monkeypatch.setattr(tasks, "PROGRESS_EVERY_S", 0.0)
+    capsys.readouterr()
+    args = ["segment", "validate", "--checkpoint", str(run / "last.safetensors"), "--data", f"{dense_world}/seg"]
+    assert main([*args, "--workers", "0"]) == 0
+    printed = capsys.readouterr()
+    assert re.search(r"mIoU \d+\.\d\d%  aAcc \d+\.\d\d%", printed.out), printed.out
+    assert "evaluating: 1/2 images" in printed.err
+
+
+def test_dense_run_measured_in_epochs(dense_world, tmp_path):
+    """--epochs: a summary row at each epoch's end (4 images, 2 a step: 2 steps an epoch), evaluated at the end;
+    the best and the top-k weights kept as for classification."""
+    run = tmp_path / "run"
+    args = DET_TRAIN.format(w=dense_world).replace("--steps 2", "--epochs 2") + " --set train.keep_top_k=1"
+    assert main([*args.split(), "-o", str(run)]) == 0
+    rows = _rows(run)
+    assert [(r["epoch"], r["step"]) for r in rows] == [("1", "2"), ("2", "4")]
+    assert rows[0]["bbox_AP"] == "" and rows[1]["bbox_AP"] != ""
+    assert "| 2 epochs x 2 steps |" in (run / "train.log").read_text()
+    assert sorted(p.name for p in run.glob("*.safetensors")) == [
+        "best.safetensors",
+        "epoch-0002.safetensors",
+        "last.safetensors",
+    ]
+
+
 @pytest.mark.parametrize("task", ["detect", "segment"])
 def test_dense_train_with_bf16_autocast_on_the_cpu(task, dense_world, tmp_path):
     """`--amp bf16` on the CPU: the tiny run ends with finite losses, close to but not equal to the fp32 run's (the
@@ -1069,7 +1111,7 @@ def test_dense_train_with_bf16_autocast_on_the_cpu(task, dense_world, tmp_path):
     run = tmp_path / "bf16"
     assert main([*args.split(), "--amp", "bf16", "-o", str(run)]) == 0
     assert "| amp bf16 |" in (run / "train.log").read_text()
-    losses = [float(line.split()[3]) for line in _step_lines(run)]
+    losses = [float(line.split()[5]) for line in _step_lines(run)]
     assert len(losses) == 2 and all(np.isfinite(losses))
     bf16 = float(_rows(run)[-1]["train_loss"])
     fp32 = float(_rows(dense_world / ("run-det" if task == "detect" else "run-seg"))[-1]["train_loss"])
@@ -1089,10 +1131,10 @@ def test_dense_train_with_bf16_autocast_on_the_cpu(task, dense_world, tmp_path):
 _DDP_RANK = """
 import os, sys
 import torch
-from mambaout.dense import engine
+from mambaout.dense import tasks
 
 built = []
-make_task = engine.make_task
+make_task = tasks.make_task
 
 
 def probed(cfg):
@@ -1102,7 +1144,7 @@ def probed(cfg):
     return task
 
 
-engine.make_task = probed
+tasks.make_task = probed
 from mambaout.cli import main
 
 code = main(sys.argv[2:])
@@ -1152,13 +1194,20 @@ def test_dense_ddp_two_processes_agree_and_resume_exactly(task, dense_world, tmp
     args = [*args.split(), "--lr", "1e-3", "--warmup-steps", "0"]
     straight, parted = tmp_path / "straight", tmp_path / "parted"
     ranks = _torchrun([*args, "-o", str(straight)], tmp_path / "w-straight")
-    assert "3 steps of 1 x 2 images" in (straight / "train.log").read_text()
+    log = (straight / "train.log").read_text()
+    assert "1 x 2 images a step" in log and "| 3 steps |" in log
     assert _rows(straight)[-1]["images"] == "2"  # one validation image on each rank, gathered
     assert _equal(ranks[0], ranks[1]) and _equal(ranks[0], read_checkpoint(straight / "last.safetensors")[0])
     _torchrun([*args, "-o", str(parted), "--stop-after-steps", "1"], tmp_path / "w-stopped")
     resumed = _torchrun([task, "train", "--resume", str(parted)], tmp_path / "w-resumed")
     assert _step_lines(parted) == _step_lines(straight) and len(_step_lines(straight)) == 3
     assert _equal(resumed[0], ranks[0]) and _equal(resumed[1], ranks[1])
+    # every tensor of the final state (weights, optimizer moments, ...), each rank's saved randomness apart
+    from test_distributed import _tensors
+
+    a, b = (_tensors(torch.load(run / "state.pt", weights_only=True)) for run in (straight, parted))
+    a, b = ({k: v for k, v in d.items() if "/ranks/" not in k} for d in (a, b))
+    assert a.keys() == b.keys() and len(a) > 100 and _equal(a, b)
 
 
 @pytest.mark.timeout(300)
@@ -1168,14 +1217,15 @@ def test_ctrl_c_in_dense_train_saves_a_resumable_state(dense_world, tmp_path):
     args = DET_TRAIN.format(w=dense_world).replace("--steps 2", "--steps 500").replace("--no-progress", "--log-every 1")
     proc = _cli([*args.split(), "-o", str(run)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        _wait_for_line(proc.stdout, "step 1/500")
+        _wait_for_line(proc.stdout, "epoch 1/250  step 1/2")
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=120)
     finally:
         proc.kill()
     assert proc.returncode == 130 and "Traceback" not in err, err
     last = err.strip().splitlines()[-1]
-    assert last.startswith("mambaout detect: interrupted at step ") and f"continue with --resume {run}" in last, err
+    # inside the epoch, or at its end when the signal came during its last step: either way the state is saved
+    assert last.startswith("mambaout detect: interrupted ") and f"continue with --resume {run}" in last, err
     step = torch.load(run / "state.pt", weights_only=True)["step"]
     assert step >= 1
     assert cmd_detect.main(["train", "--resume", str(run), "--stop-after-steps", "1"]) == 0

@@ -219,3 +219,46 @@ def test_no_sync_enters_the_models_no_sync_only_on_skipped_micro_steps():
         with dist.no_sync(m, skip=True):
             m(torch.ones(1, 2)).sum().backward()
     torch.testing.assert_close(m.weight.grad, torch.full((1, 2), 2.0))
+
+
+def _tensors(obj, prefix="") -> dict:
+    """Every tensor in a (nested) state, by its path."""
+    if torch.is_tensor(obj):
+        return {prefix: obj}
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    return {k: v for key, value in items for k, v in _tensors(value, f"{prefix}/{key}").items()}
+
+
+def _torchrun(args: list[str]) -> None:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port())]
+    proc = subprocess.run([*cmd, "-m", "mambaout", *args], env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(1200)
+def test_ddp_classification_resumed_mid_epoch_is_the_uninterrupted_run(tmp_path):
+    """2 ranks over gloo with randomness that differs per rank (drop path, mixup/cutmix, random erasing, EMA):
+    stopped inside the second epoch and resumed, the final state equals the uninterrupted run's, every tensor (each
+    rank continues its own saved RNG state and loss sums)."""
+    args = [a for a in COMMON if a not in ("--no-progress",)]
+    for flag, value in (("--mixup", "0.8"), ("--cutmix", "1.0"), ("--reprob", "0.5"), ("--drop-path", "0.2")):
+        args[args.index(flag) + 1] = value
+    args[args.index("--epochs") + 1] = "2"
+    args[args.index("--max-steps-per-epoch") + 1] = "3"
+    args += ["--batch-size", "16", "--model-ema", "--log-every", "1"]
+    straight, parted = tmp_path / "straight", tmp_path / "parted"
+    _torchrun([*args, "--output", str(straight)])
+    _torchrun([*args, "--output", str(parted), "--stop-after-steps", "4"])
+    state = torch.load(parted / "state.pt", weights_only=True)
+    assert (state["epoch"], state["epoch_step"], state["step"]) == (0, 1, 4) and len(state["ranks"]) == 2
+    _torchrun(["train", "--resume", str(parted), "--log-every", "1"])
+    a, b = (_tensors(torch.load(run / "state.pt", weights_only=True)) for run in (straight, parted))
+    a = {k: v for k, v in a.items() if "/ranks/" not in k}  # the RNG states: equal too, but not training's result
+    b = {k: v for k, v in b.items() if "/ranks/" not in k}
+    assert a.keys() == b.keys() and len(a) > 68
+    unequal = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not unequal, f"{len(unequal)} of {len(a)} tensors differ: {unequal[:5]}"
+    lines = [(run / "train.log").read_text().splitlines() for run in (straight, parted)]
+    steps = [[line.rsplit("  ", 2)[0] for line in log if " step " in line and "ETA" in line] for log in lines]
+    assert steps[0] == steps[1] and len(steps[0]) == 6  # the same losses logged at every step

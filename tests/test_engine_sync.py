@@ -1,4 +1,5 @@
-"""The engine reads device tensors (a host sync on a GPU) only when the progress display refreshes, not per step."""
+"""The engine reads device tensors (a host sync on a GPU) only when the progress display refreshes, not per step;
+the classification evaluation reads its sums once."""
 
 from __future__ import annotations
 
@@ -8,8 +9,11 @@ import pytest
 import torch
 from torch import nn
 
-from mambaout.training import engine
-from mambaout.training.engine import StepConfig, evaluate, train_one_epoch
+from mambaout.training import classify, engine
+from mambaout.training.classify import evaluate
+from mambaout.training.engine import StepConfig, Sums, train_one_epoch
+from mambaout.training.runfolder import Trainable
+from mambaout.training.task import Task
 
 # every way a tensor's value reaches the host
 SYNC_METHODS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "cpu", "numpy")
@@ -17,13 +21,14 @@ SYNC_METHODS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__
 
 @pytest.fixture
 def engine_syncs(monkeypatch):
-    """Count host reads of tensors made by code in mambaout/engine.py (library internals are not counted)."""
+    """Count host reads of tensors made by code in training/engine.py or training/classify.py (library internals are
+    not counted)."""
     calls: list[str] = []
     for name in SYNC_METHODS:
         real = getattr(torch.Tensor, name)
 
         def counted(self, *args, _real=real, _name=name, **kwargs):
-            if sys._getframe(1).f_code.co_filename == engine.__file__:
+            if sys._getframe(1).f_code.co_filename in (engine.__file__, classify.__file__):
                 calls.append(_name)
             return _real(self, *args, **kwargs)
 
@@ -32,16 +37,25 @@ def engine_syncs(monkeypatch):
 
 
 class Bar:
-    """A tqdm stand-in recording its updates."""
+    """A progress display recording what the engine reports."""
 
     def __init__(self):
         self.n, self.postfixes = 0, []
 
-    def update(self, n):
-        self.n += n
+    def __call__(self, steps, values):
+        self.n = steps
+        self.postfixes.append(values)
 
-    def set_postfix(self, **kw):
-        self.postfixes.append(kw)
+
+class CrossEntropy(Task):
+    """A task as simple as can be: images and labels, cross-entropy."""
+
+    def prepare(self, batch, device):
+        x, y, n_bad = batch
+        return x, y, x.shape[0], n_bad.sum()
+
+    def loss(self, model, inputs, targets):
+        return nn.CrossEntropyLoss()(model(inputs), targets), {}
 
 
 def _batches(n, bad_after=None):
@@ -62,17 +76,20 @@ def _model():
 
 def _epoch(loader, refresh_every, bar=None):
     model = _model()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    return train_one_epoch(
+    parts = Trainable(model, torch.optim.SGD(model.parameters(), lr=0.1), None)
+    sums = Sums()
+    steps = train_one_epoch(
         model,
         loader,
-        opt,
-        nn.CrossEntropyLoss(),
+        CrossEntropy(),
+        parts,
         torch.device("cpu"),
         StepConfig(),
-        progress=bar,
+        sums,
+        report=bar,
         refresh_every=refresh_every,
     )
+    return dict(steps=steps, **sums.take_row("cpu"))
 
 
 def test_train_reads_the_loss_only_at_refreshes(engine_syncs):
@@ -80,7 +97,7 @@ def test_train_reads_the_loss_only_at_refreshes(engine_syncs):
     stats = _epoch(_batches(12), refresh_every=5, bar=bar)
     assert stats["steps"] == 12 and bar.n == 12
     assert len(bar.postfixes) == 3  # steps 5, 10 and the last one (12)
-    # one read per refresh (3) + the loss and the (host) skipped count at the end of the epoch: not one per step
+    # one read per refresh (3) + the sums and the (host) skipped count read for the row: not one per step
     assert len(engine_syncs) <= 5, engine_syncs
     # the counter does see the reads: refreshing every step costs a read every step
     engine_syncs.clear()
@@ -101,7 +118,7 @@ def test_train_loss_equals_the_mean_of_step_losses():
         loss.backward()
         opt.step()
         opt.zero_grad()
-    assert stats["loss"] == pytest.approx(sum(losses) / len(losses), rel=1e-5)
+    assert stats["train_loss"] == pytest.approx(sum(losses) / len(losses), rel=1e-5)
 
 
 def test_non_finite_loss_still_stops_training():

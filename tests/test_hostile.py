@@ -845,7 +845,7 @@ CASES_18 = [
         130,
         "interrupted (Ctrl-C)",
         ("out/r.json",),
-        patch=_interrupt("mambaout.training.engine", "evaluate"),
+        patch=_interrupt("mambaout.training.classify", "evaluate"),
     ),
     Case(
         "predict-interrupted",

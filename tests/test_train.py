@@ -183,7 +183,7 @@ def test_default_digits_run_writes_loadable_weights(tmp_path, capsys):
         assert (out / f).is_file(), f
     assert len(list(out.glob("epoch-*.safetensors"))) == 1  # top-k with k=1
     rows = (out / "summary.csv").read_text().splitlines()
-    assert rows[0].startswith("epoch,lr,train_loss,val_loss,top1,top5") and len(rows) == 3
+    assert rows[0].startswith("epoch,step,lr,train_loss,val_loss,top1,top5") and len(rows) == 3
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["model"] == "mambaout_test" and saved["recipe"] == "digits" and saved["drop_path"] == 0.1
 
@@ -194,13 +194,13 @@ def test_default_digits_run_writes_loadable_weights(tmp_path, capsys):
     model = mambaout.create_model(checkpoint=out / "last.safetensors").eval()
     assert model.class_names == meta["class_names"] and model.pretrained_cfg["input_size"] == [3, 32, 32]
     from mambaout.data import DigitsDataset, eval_transform
-    from mambaout.training.engine import evaluate
+    from mambaout.training.classify import evaluate
 
     ds = DigitsDataset("val", transform=eval_transform(model.pretrained_cfg))
     loader = torch.utils.data.DataLoader(ds, batch_size=512)
     top1 = evaluate(model, loader, torch.device("cpu"))["top1"]
     last_row = rows[-1].split(",")
-    assert top1 == pytest.approx(float(last_row[4]), abs=1e-3)  # the trainer's eval, reproduced from the file
+    assert top1 == pytest.approx(float(last_row[5]), abs=1e-3)  # the trainer's eval, reproduced from the file
 
 
 def test_corrupt_images_counted_in_summary(tmp_path):

@@ -18,7 +18,7 @@ import mambaout
 from mambaout.cli import train as train_cmd
 from mambaout.data import DigitsDataset, eval_transform
 from mambaout.models.mambaout import GatedCNNBlock, MambaOut
-from mambaout.training.engine import evaluate
+from mambaout.training.classify import evaluate
 from mambaout.weights.checkpoint import read_checkpoint
 
 TINY = [

@@ -99,7 +99,7 @@ def test_imagenet_head_uses_imagenet_indices(subset, tmp_path):
 
 
 def test_out_of_memory_halves_the_batch(subset, tmp_path, monkeypatch):
-    from mambaout.training import engine
+    from mambaout.training import classify as engine
 
     folder, _, synsets = subset
     ckpt = _checkpoint(tmp_path / "w.safetensors", synsets, 0)

@@ -86,7 +86,8 @@ def _smoke_cap(cfg) -> None:
 
 def train(task: str, argv: list[str]) -> int:
     from mambaout.dense.config import recipes_table, resolve, schema
-    from mambaout.dense.engine import fit, load_resume
+    from mambaout.dense.tasks import saved_config
+    from mambaout.dense.tasks import train as fit
     from mambaout.utils.optional import MissingDependency
 
     args = _train_parser(task).parse_args(argv)
@@ -98,9 +99,8 @@ def train(task: str, argv: list[str]) -> int:
     if overrides.get("train.resume"):
         if recipe is not None:
             raise ValueError("--resume continues a run with its own recipe and settings; leave out --recipe")
-        base = load_resume(schema(task).checked("train.resume", overrides["train.resume"]))[
-            1
-        ]  # the run's own configuration; options given now win
+        # the run's own configuration; options given now win
+        base = saved_config(schema(task).checked("train.resume", overrides["train.resume"]))
     cfg = resolve(task, recipe, overrides, base)
     if base is None:
         _smoke_cap(cfg)
@@ -264,8 +264,7 @@ def validate(task: str, argv: list[str]) -> int:
             print(summary)
         print(table)
     for name, m in results.items():
-        shown = {k: v for k, v in m.items() if not isinstance(v, dict)}
-        print(f"{name}: " + "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items()))
+        print(f"{name}: {t.describe({k: v for k, v in m.items() if not isinstance(v, (dict, list))})}")
     if args.results_file:
         atomic_write_text(args.results_file, json.dumps(dict(checkpoint=args.checkpoint, **results), indent=1))
     return 0

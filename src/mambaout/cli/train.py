@@ -81,8 +81,8 @@ def _smoke_caps(flat: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from mambaout.training.classify import train as fit
     from mambaout.training.config import recipes_table, resolve_config, to_flat
-    from mambaout.training.trainer import fit
     from mambaout.utils.optional import MissingDependency
     from mambaout.weights.checkpoint import DownloadError
 

@@ -139,7 +139,7 @@ def validate_one(name, checkpoint, args, device) -> dict:
     from mambaout.deploy.runtimes import is_runtime_file, load_runtime_model
     from mambaout.inference.precision import with_dtype
     from mambaout.models.factory import create_model
-    from mambaout.training.engine import evaluate
+    from mambaout.training.classify import evaluate
 
     dtype = getattr(args, "run_dtype", None) or getattr(args, "dtype", "fp32")  # run_dtype: after the hardware check
     if is_runtime_file(checkpoint):  # an exported model (ONNX, int8 ONNX, OpenVINO): its runtime runs it on CPU

@@ -94,10 +94,12 @@ def train_loader(
     workers: int,
     pin: bool = False,
     persistent: bool = False,
+    collate_fn=None,
 ):
     """Shuffled, sharded (DistributedSampler, also at world size 1 so 1 and N processes see the same order).
 
     Args:
+        collate_fn: How samples make a batch (None: torch's default, stacking).
         persistent: Keep worker processes between epochs (saves their start-up on short GPU epochs). Off by
             default: fresh workers take their seeds from the per-epoch seeded main process, which is what makes
             `--resume` bit-exact; persistent workers carry their RNG state across epochs instead.
@@ -115,6 +117,7 @@ def train_loader(
         pin_memory=pin,
         worker_init_fn=_seed_worker,
         persistent_workers=persistent and workers > 0,
+        collate_fn=collate_fn,
     )
     if len(loader) == 0:
         raise ValueError(

@@ -124,6 +124,8 @@ class TrainConfig:
     )
     overwrite: bool = C.setting(False, C.boolean(), "start over in a folder holding a run")
     progress: bool = C.setting(True, C.boolean(), "progress lines")
+    keep_top_k: int = C.setting(0, C.integer(0, 1000), "also keep the weights of the k best evaluations")
+    tensorboard: bool = C.setting(False, C.boolean(), "also write TensorBoard event files")
 
 
 @dataclass

@@ -1,12 +1,16 @@
-"""The two dense tasks as the engine sees them: their data, their model, their evaluation and their checkpoints.
+"""The two dense tasks as the training engine sees them: their data, their model, their loss, their evaluation and
+their checkpoints.
 
 `DetectTask` (COCO instances, Mask/Faster R-CNN, box and mask AP) and `SegmentTask` (class-index masks, UperNet,
-mIoU and pixel accuracy) share one interface, so `engine.fit` and the commands are written once.
+mIoU and pixel accuracy) implement `mambaout.training.task.Task`, so `train(cfg)` runs them through the one engine
+(`mambaout.training.trainer.fit`) that trains classification, and the commands are written once.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -14,13 +18,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mambaout.data.loaders import ResumableSampler, ShuffledLoader
+from mambaout.data.loaders import train_loader
+from mambaout.models.layers import param_groups
+from mambaout.training import task as training
+from mambaout.training.engine import autocast
+from mambaout.training.optim import FactorSchedule
+from mambaout.training.runfolder import load_state, resume_path
+from mambaout.training.trainer import fit
 from mambaout.utils import distributed as dist
+from mambaout.utils.device import autocast_setting  # noqa: F401  (one reading of --amp auto: tests/test_config.py)
 from mambaout.utils.interrupt import ignore_sigint
 from mambaout.weights.checkpoint import check_finite, read_checkpoint
 
 from .coco import CocoInstances, ResizeFlip, coco_evaluate, collate, resize, resize_scale, to_coco_results
-from .config import DataConfig, RunConfig
+from .config import DataConfig, RunConfig, from_dict
 from .detection import DetectorConfig, create_detector
 from .semseg import ConfusionMatrix, LabelMap, RandomResizeCrop, SegmentationFolder, resize_pair
 from .upernet import SegmenterConfig, create_segmenter
@@ -35,7 +46,46 @@ def _first(dataset, n: int | None):
     return torch.utils.data.Subset(dataset, range(min(n, len(dataset)))) if n else dataset
 
 
-class Task:
+def train(cfg: RunConfig) -> dict:
+    """Train as `cfg` says (or continue `cfg.train.resume` with the run's own configuration)."""
+    if cfg.train.resume:
+        cfg = _resumed(cfg)
+    t = cfg.train
+    output = Path(t.output or Path("runs") / (Path(cfg.recipe).stem if cfg.recipe else cfg.task))
+    loop = training.Loop.from_settings(vars(t), output=output, eval_every_steps=t.eval_every)
+    return fit(make_task(cfg), loop)
+
+
+def _resumed(cfg: RunConfig) -> RunConfig:
+    """A resumed run's configuration (the run's own with the options given now: `saved_config` is the base
+    `mambaout.dense.config.resolve` merged them into), filed in the run's folder."""
+    cfg.train.output = cfg.train.output or str(resume_path(cfg.train.resume).parent.resolve())
+    return cfg
+
+
+def saved_config(resume: str) -> RunConfig:
+    """The configuration a run folder (or its state.pt) was trained with."""
+    path = resume_path(resume)
+    try:
+        return from_dict(load_state(path)["config"])
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"cannot read training state {path} ({type(e).__name__}: {e})") from e
+
+
+def lr_factor(step: int, total: int, t) -> float:
+    """The learning rate of optimizer step `step` (0-based) over `t.lr`: linear warmup from `warmup_ratio`, then
+    step decay at the `milestones` (fractions of the run) or polynomial decay to `min_lr`."""
+    if step < t.warmup_steps:
+        warm = t.warmup_ratio + (1 - t.warmup_ratio) * step / t.warmup_steps
+    else:
+        warm = 1.0
+    if t.schedule == "step":
+        return warm * t.gamma ** sum(step >= round(m * total) for m in t.milestones)
+    floor = t.min_lr / t.lr
+    return warm * ((1 - floor) * (1 - min(step, total) / total) ** t.poly_power + floor)
+
+
+class Task(training.Task):
     """What differs between detection and segmentation."""
 
     name: str
@@ -44,6 +94,62 @@ class Task:
 
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
+        self.batch_size = cfg.data.batch_size
+
+    # --- the training engine's interface (mambaout.training.task) ----------------------------------------------------
+    def config(self) -> dict:
+        return self.cfg.to_dict()
+
+    def build_data(self, env, device, loop: training.Loop) -> None:
+        d = self.cfg.data
+        self.train_data = self.train_set()  # also fixes the class count from the data
+        self.val_data = self.val_set()
+        # shuffled and sharded as classification's: an epoch's order is a function of (seed, epoch); fresh workers
+        # each epoch take their seeds from the main process, which the engine seeds per epoch and rank
+        rank, world = env.rank, env.world_size
+        self.batches = train_loader(
+            self.train_data, d.batch_size, rank, world, loop.seed, d.workers, False, False, self.collate
+        )
+        self.steps_per_epoch, self.train_images = len(self.batches), len(self.train_data)
+
+    def build_model(self, device) -> nn.Module:
+        t = self.cfg.train
+        model = self.model(t.pretrained, t.backbone_checkpoint).to(device)
+        if dist.get_world_size() > 1 and device.type == "cuda":
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # one BatchNorm over all GPUs (Swin's)
+        return model
+
+    def optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(param_groups(model, self.cfg.train.weight_decay), lr=self.cfg.train.lr)
+
+    def scheduler(self, optimizer, total_steps: int):
+        t = self.cfg.train
+        return FactorSchedule(optimizer, lambda step: lr_factor(step, total_steps, t))
+
+    def prepare(self, batch, device) -> tuple:
+        inputs, targets, n = self.to_device(batch, device)
+        return inputs, targets, n, 0
+
+    def loss(self, model: nn.Module, inputs, targets) -> tuple[torch.Tensor, dict]:
+        losses = model(inputs, targets)
+        return sum(losses.values()), losses
+
+    def evaluate_run(self, model: nn.Module, ema, device, amp_dtype) -> dict:
+        metrics = self.evaluate(model, self.val_data, device, amp_dtype)
+        return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+
+    def banner(self, model: nn.Module, world_size: int) -> str:
+        c = self.cfg
+        n_params = sum(p.numel() for p in model.parameters()) / 1e6
+        return (
+            f"{c.task}: {c.model.backbone} {getattr(c.model, 'kind', 'upernet')} ({n_params:.2f}M params), "
+            f"{self.train_images} training images, {c.model.num_classes} classes | {c.data.batch_size} x "
+            f"{world_size} images a step | lr {c.train.lr:g} | {next(model.parameters()).device.type}"
+        )
+
+    def done(self, result: dict, out: Path) -> str:
+        shown = self.describe({self.metric: result[self.metric]}) if self.metric in result else ""
+        return f"done in {result['wall_s']:.0f}s: {shown}; weights {out / 'last.safetensors'}"
 
     # --- data ---------------------------------------------------------------------------------------------------------
     def split_paths(self, d: DataConfig, train: bool) -> tuple[str, str]:
@@ -56,28 +162,6 @@ class Task:
             which = "train" if train else "val"
             raise ValueError(f"no {which} data: pass --data ROOT, or --{which}-images and --{which}-labels")
         return images, labels
-
-    def train_loader(self, dataset, batch_size: int, workers: int, seed: int) -> ShuffledLoader:
-        """Shuffled batches, sharded over the ranks (a DistributedSampler at any world size, so an epoch's order is
-        a function of the seed and the epoch only), with the classification loaders' contract: `set_epoch` before
-        each epoch, `skip_samples` to start one after the batches a resumed run has trained.
-
-        Worker processes are started afresh each epoch (not persistent): they take their seeds from the main
-        process, which the engine seeds per epoch, so their augmentation too follows from (seed, epoch, rank).
-        """
-        sampler = ResumableSampler(
-            dataset, num_replicas=dist.get_world_size(), rank=dist.get_rank(), shuffle=True, seed=seed, drop_last=True
-        )
-        loader = torch.utils.data.DataLoader(
-            dataset,
-            batch_size=batch_size,
-            sampler=sampler,
-            num_workers=workers,
-            collate_fn=self.collate,
-            drop_last=True,
-            worker_init_fn=ignore_sigint,  # Ctrl-C is the main process's to handle
-        )
-        return ShuffledLoader(loader, sampler)
 
     def loader(self, dataset, batch_size: int, workers: int):
         """Evaluation batches, in order."""
@@ -96,6 +180,9 @@ class Task:
         dataset = _first(self.eval_dataset(images, labels, meta), d.max_val_images)
         return _shard(dataset, dist.get_rank(), dist.get_world_size())
 
+    def model(self, pretrained: bool = False, checkpoint: str | None = None) -> nn.Module:
+        return self.create(self.cfg.model, pretrained, checkpoint)
+
     # --- checkpoints ----------------------------------------------------------------------------------------------
     def meta(self) -> dict:
         """What a checkpoint carries so `validate` and `predict` rebuild the model and read its outputs."""
@@ -113,15 +200,13 @@ class Task:
         """A trained detector or segmenter from its checkpoint (written by `mambaout detect|segment train`)."""
         state, meta = read_checkpoint(path)
         check_finite(state, path)  # NaN weights would give AP 0 or a blank map with exit 0
-        if meta.get("task") not in ("detect", "segment"):
+        task = TASKS.get(meta.get("task"))
+        if task is None:
             raise ValueError(
                 f"{path} is not a detection or segmentation checkpoint (written by mambaout detect|segment train); "
                 "a classification checkpoint starts training: --backbone-checkpoint"
             )
-        if meta["task"] == "detect":
-            model = create_detector(DetectorConfig(**meta["dense_model"]))
-        else:
-            model = create_segmenter(SegmenterConfig(**meta["dense_model"]))
+        model = task.create(task.model_config(**meta["dense_model"]))
         try:
             model.load_state_dict(state)
         except RuntimeError as e:
@@ -134,6 +219,7 @@ class DetectTask(Task):
     metric = "bbox_AP"
     default_splits = ("train2017", "val2017")
     collate = staticmethod(collate)
+    model_config, create = DetectorConfig, staticmethod(create_detector)
 
     @staticmethod
     def layout(root: Path, split: str) -> tuple[Path, Path]:
@@ -173,9 +259,6 @@ class DetectTask(Task):
         """What COCOeval scores: boxes, and masks too for Mask R-CNN."""
         return ("bbox", "segm") if self.cfg.model.kind == "mask_rcnn" else ("bbox",)
 
-    def model(self, pretrained: bool = False, checkpoint: str | None = None) -> nn.Module:
-        return create_detector(self.cfg.model, pretrained, checkpoint)
-
     def meta(self) -> dict:
         return dict(super().meta(), cat_ids=list(self.cat_ids))
 
@@ -198,11 +281,12 @@ class DetectTask(Task):
         results, image_ids = [], []
         loader = self.loader(val_set, 1, self.cfg.data.workers)
         for images, targets in loader:
-            with _autocast(device, amp_dtype):
+            with autocast(device, amp_dtype):
                 outputs = model([im.to(device) for im in images])
             for out, t in zip(outputs, targets):
                 results += to_coco_results(out, t["image_id"], self.cat_ids)  # it casts (labels stay integers)
                 image_ids.append(t["image_id"])
+            _evaluated(len(image_ids), len(val_set))
         return dist.all_gather_lists(results), dist.all_gather_lists(image_ids)
 
     def score(self, results: list[dict], image_ids: list[int]) -> tuple[dict, dict]:
@@ -217,6 +301,7 @@ class SegmentTask(Task):
     name = "segment"
     metric = "mIoU"
     default_splits = ("training", "validation")
+    model_config, create = SegmenterConfig, staticmethod(create_segmenter)
 
     @staticmethod
     def collate(batch):
@@ -253,9 +338,6 @@ class SegmentTask(Task):
         self.labels = labels
         return SegmentationFolder(images, masks, labels)
 
-    def model(self, pretrained: bool = False, checkpoint: str | None = None) -> nn.Module:
-        return create_segmenter(self.cfg.model, pretrained, checkpoint)
-
     def meta(self) -> dict:
         d = self.cfg.data
         return dict(super().meta(), label_lut=self.labels.lut.tolist(), eval_scale=list(d.scale), eval_flip=d.eval_flip)
@@ -287,19 +369,41 @@ class SegmentTask(Task):
         if probs is None:
             probs = lambda image: segment_probs(model, image, tuple(d.scale), d.eval_flip, amp_dtype)  # noqa: E731
         conf = ConfusionMatrix(self.cfg.model.num_classes)
-        loader = torch.utils.data.DataLoader(
-            val_set, batch_size=1, num_workers=d.workers, collate_fn=self.collate, worker_init_fn=ignore_sigint
-        )
         n = 0
-        for image, mask in loader:
+        for image, mask in self.loader(val_set, 1, d.workers):
             classes = probs(image[0].to(device)).argmax(0).cpu()
             conf.update(classes, mask[0])
             if each is not None:
                 each(n, classes)
             n += 1
+            _evaluated(n, len(val_set))
         counts = dist.all_reduce_sum(conf.counts.flatten().double().tolist() + [n], device)
         conf.counts = torch.tensor(counts[:-1], dtype=torch.float64).round().long().reshape(conf.counts.shape)
         return conf, int(counts[-1])
+
+    def describe(self, metrics: dict) -> str:
+        """mIoU and aAcc in percent, as top-1 is shown."""
+        return "  ".join(
+            f"{k} {100 * v:.2f}%"
+            if k in ("mIoU", "aAcc", "mAcc")
+            else f"{k} {v:.4g}"
+            if isinstance(v, float)
+            else f"{k} {v}"
+            for k, v in metrics.items()
+        )
+
+
+PROGRESS_EVERY_S = 10.0  # a long evaluation says how far it got at most this often
+
+
+def _evaluated(n: int, total: int) -> None:
+    """After the n-th of `total` images: a line on stderr (rank 0) when `PROGRESS_EVERY_S` passed since the last."""
+    now = time.monotonic()
+    if n == 1:
+        _evaluated.start = _evaluated.shown = now
+    if dist.is_main() and n < total and now - _evaluated.shown >= PROGRESS_EVERY_S:
+        _evaluated.shown = now
+        print(f"evaluating: {n}/{total} images ({now - _evaluated.start:.0f}s)", file=sys.stderr, flush=True)
 
 
 def segment_probs(model: nn.Module, image: torch.Tensor, scale, flip: bool, amp_dtype) -> torch.Tensor:
@@ -308,21 +412,18 @@ def segment_probs(model: nn.Module, image: torch.Tensor, scale, flip: bool, amp_
     h, w = image.shape[-2:]
     x, _ = resize_pair(image, None, resize_scale(h, w, scale[1], scale[0]))
     x = x[None]
-    with _autocast(x.device, amp_dtype):
+    with autocast(x.device, amp_dtype):
         probs = model(x).float().softmax(1)
         if flip:
             probs = (probs + model(x.flip(-1)).float().softmax(1).flip(-1)) / 2
     return F.interpolate(probs, size=(h, w), mode="bilinear", align_corners=False)[0]
 
 
-def _autocast(device, dtype):
-    import contextlib
-
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+TASKS = {task.name: task for task in (DetectTask, SegmentTask)}
 
 
 def make_task(cfg: RunConfig) -> Task:
-    return (DetectTask if cfg.task == "detect" else SegmentTask)(cfg)
+    return TASKS[cfg.task](cfg)
 
 
-__all__ = ["DetectTask", "SegmentTask", "Task", "make_task", "resize", "segment_probs"]
+__all__ = ["DetectTask", "SegmentTask", "TASKS", "Task", "make_task", "resize", "segment_probs", "train"]

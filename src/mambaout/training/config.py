@@ -10,17 +10,17 @@ Each part of training gets only the section it reads:
 
 | section | keys | read by |
 | --- | --- | --- |
-| `data` (`DataConfig`) | data, data_train, data_val, splits, cache, pipeline, workers | `trainer.Data` |
+| `data` (`DataConfig`) | data, data_train, data_val, splits, cache, pipeline, workers | `classify.Data` |
 | `augment` (`data.transforms.AugmentConfig`) | img_size, crop, flip, RandAugment, erasing, mean/std | CPU transform, GPU augmentation |
-| `mixup` (`MixupConfig`) | mixup, cutmix, their probabilities, smoothing | `trainer.build_loss` |
-| `model` (`ModelConfig`) | model, model_kwargs, pretrained, initial_checkpoint, num_classes, drop rates | `trainer.build_model` |
+| `mixup` (`MixupConfig`) | mixup, cutmix, their probabilities, smoothing | `classify.build_loss` |
+| `model` (`ModelConfig`) | model, model_kwargs, pretrained, initial_checkpoint, num_classes, drop rates | `classify.build_model` |
 | `batch` (`BatchConfig`) | batch_size, global_batch, lr, lr_base, lr_base_batch | `BatchConfig.plan` |
 | `optim` (`OptimConfig`) | opt, layer_decay, weight_decay, betas, eps, clip_grad | `optim.create_optimizer`, the engine |
 | `schedule` (`ScheduleConfig`) | epochs, cooldown, warmup, min_lr, sched | `optim.create_scheduler` |
-| `eval` (`EvalConfig`) | eval crop, interpolation, batch size, frequency | `TrainConfig.eval_settings`, `trainer` |
-| `perf` (`PerfConfig`) | device, amp, channels_last, compile, grad checkpointing, threads | `trainer.fit` |
-| `ema` (`EmaConfig`) | model_ema, model_ema_decay | `trainer.create_ema` |
-| `run` (`RunConfig`) | seed, output, resume, overwrite, top-k, logging, stops, checkpoint_every | the run folder, `StepHook` |
+| `eval` (`EvalConfig`) | eval crop, interpolation, batch size, frequency | `TrainConfig.eval_settings`, `classify` |
+| `perf` (`PerfConfig`) | device, amp, channels_last, compile, grad checkpointing, threads | `classify.ClassifyTask`, `trainer.fit` |
+| `ema` (`EmaConfig`) | model_ema, model_ema_decay | `classify.create_ema` |
+| `run` (`RunConfig`) | seed, output, resume, overwrite, top-k, logging, stops, checkpoint_every | the run folder, `task.Loop` |
 """
 
 from __future__ import annotations
@@ -220,6 +220,9 @@ class ScheduleConfig:
 
     epochs: int = C.setting(
         300, C.integer(1, 100_000), "epochs of the lr schedule (warmup included); cooldown epochs come on top"
+    )
+    steps: int | None = C.setting(
+        None, C.integer(1, 10**12, optional=True), "end the run after this many optimizer steps in all (a cap)"
     )
     cooldown_epochs: int = C.setting(10, C.integer(0, 100_000), "epochs at min_lr after the schedule")
     warmup_epochs: int = C.setting(20, C.integer(0, 100_000), "epochs of linear warmup from warmup_lr")

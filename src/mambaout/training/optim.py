@@ -67,3 +67,29 @@ def create_scheduler(optimizer, cfg: ScheduleConfig, steps_per_epoch: int):
         )
     finally:
         cosine_log.setLevel(level)
+
+
+class FactorSchedule:
+    """The lr of optimizer step n (0-based) as each group's initial lr x `factor(n)`, with timm's scheduler interface
+    (`step(epoch)`, `step_update(n)`), so the engine steps it as it steps timm's; the lr is a function of the step
+    alone, so a resumed run recomputes it and the state holds nothing."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, factor):
+        self.optimizer, self.factor = optimizer, factor
+        for group in optimizer.param_groups:
+            group.setdefault("initial_lr", group["lr"])
+        self.step_update(0)
+
+    def step(self, epoch: int) -> None:
+        """Per-epoch stepping: this schedule moves per step only."""
+
+    def step_update(self, num_updates: int) -> None:
+        f = self.factor(num_updates)
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * f
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass

@@ -1,30 +1,35 @@
-"""The run folder of a training run: what is written there, and how a run is saved and restored.
+"""The run folder of a training run, for every task: what is written there, and how a run is saved and restored.
 
 A run folder holds:
 
-- `last.safetensors`, `best.safetensors`, `epoch-NNNN.safetensors` (the `keep_top_k` best epochs): weights with the
-  metadata `mambaout.create_model(checkpoint=...)` needs (model, model_kwargs, class_names, eval_config);
-- `state.pt`: everything `--resume` needs (weights, optimizer, scheduler, grad scaler, EMA, epoch, step, RNG
-  state, best and top-k bookkeeping, a mid-epoch checkpoint's running sums). It is self-contained, so a crash between two file writes can never
-  pair weights with the wrong optimizer state; every file is written to a temporary name and renamed;
-- `config.yaml` (the resolved configuration), `summary.csv` (one row per epoch), `curves.png`, `train.log` (what
-  the run printed), and TensorBoard events with `tensorboard: true`;
+- `last.safetensors`, `best.safetensors` (by the task's headline number: top-1, box AP, mIoU) and the `keep_top_k`
+  best evaluations (`epoch-NNNN.safetensors`, or `step-NNNNNNN.safetensors` for one inside an epoch): weights with
+  the metadata the task's checkpoints carry (what `create_model(checkpoint=...)` or `validate` needs);
+- `state.pt`: everything `--resume` needs (weights, optimizer, scheduler, grad scaler, EMA, epoch, step, every
+  rank's RNG state, best and top-k bookkeeping, the loss sums behind the numbers not yet logged). It is
+  self-contained, so a crash between two file writes can never pair weights with the wrong optimizer state; every
+  file is written to a temporary name and renamed;
+- `config.yaml` (the resolved configuration), `summary.csv` (one row per epoch, or per evaluation of a run
+  measured in steps), `curves.png`, `train.log` (what the run printed), and TensorBoard events with
+  `tensorboard: true`;
 - `.lock`: held (flock) by the one trainer writing the folder, so a second concurrent trainer is refused; the
   kernel releases it when that process ends, however it ends.
 
 Three objects own these: `RunLock` (the lock, and the clean-up of interrupted writes), `StateStore` (`state.pt`,
 `config.yaml`) and `MetricsLog` (`summary.csv`, `curves.png`, TensorBoard); `RunFolder` composes them for the
-trainer and writes the weights files itself.
+engine and writes the weights files itself.
 
 A new run starts only in a new or empty folder (or with `--overwrite`): files it did not write are never mixed with
-a run's. Only rank 0 writes; the other ranks build a `RunFolder` with `write=False`. A writer on a folder that
-provably holds a run (its lock and its state or config) starts by removing the hidden temporary files a write
-killed mid-way left behind (they are as large as the checkpoints): only the names this package makes.
+a run's. Only rank 0 writes; the other ranks build a `RunFolder` with `write=False` (they still take part in
+gathering the RNG states). A writer on a folder that provably holds a run (its lock and its state or config)
+starts by removing the hidden temporary files a write killed mid-way left behind (they are as large as the
+checkpoints): only the names this package makes.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import math
 import os
@@ -37,6 +42,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from mambaout.utils import distributed as dist
 from mambaout.utils import files
 from mambaout.utils.text import csv_cell
 
@@ -62,6 +68,25 @@ def rng_state() -> dict:
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
+
+
+def gather_ranks(sums: dict | None) -> list[dict]:
+    """Every rank's RNG state and loss sums, on every rank (a collective: all ranks call it), so each resumed rank
+    continues its own."""
+    mine = dict(rng=rng_state(), sums=sums)
+    if dist.get_world_size() == 1:
+        return [mine]
+    # as bytes: all_gather_object cannot carry tensors (torch fails to unpickle their storage)
+    blob = io.BytesIO()
+    torch.save(mine, blob)
+    return [torch.load(io.BytesIO(b), weights_only=True) for b in dist.all_gather_lists([blob.getvalue()])]
+
+
+def own_rank(state: dict) -> dict:
+    """This rank's RNG state and sums in a saved training state (rank 0's when the run had another number of
+    processes)."""
+    ranks = state.get("ranks") or []
+    return ranks[dist.get_rank()] if len(ranks) == dist.get_world_size() else ranks[0]
 
 
 def set_rng_state(state: dict) -> None:
@@ -106,22 +131,22 @@ class Trainable:
 
     model: nn.Module
     optimizer: torch.optim.Optimizer
-    scheduler: object
+    scheduler: object  # timm's interface: step(epoch) at an epoch's start, step_update(n) after optimizer step n
     scaler: torch.amp.GradScaler | None = None
     ema: nn.Module | None = None  # timm's ModelEmaV3: the averaged weights are `ema.module`
 
 
 @dataclass
 class Progress:
-    """Where a run stands: the epoch to start, optimizer steps so far, the best epoch and the top-k kept."""
+    """Where a run stands: the epoch to start, optimizer steps so far, the best evaluation and the top-k kept."""
 
     start_epoch: int = 0
     global_step: int = 0
     best: dict | None = None
-    top_k: list = field(default_factory=list)  # (top1, epoch, file name), best first
+    top_k: list = field(default_factory=list)  # (score, step, file name), best first
     resume_step: int = 0  # a mid-epoch state: optimizer steps already done inside `start_epoch`
-    resume_rng: dict | None = None  # ... and the RNG state to continue that epoch from
-    resume_totals: dict | None = None  # ... and that epoch's running sums (loss, micro-batches, skips) and lr
+    resume_rng: dict | None = None  # ... and this rank's RNG state to continue that epoch from
+    sums: dict | None = None  # the loss sums behind the numbers not yet logged (`engine.Sums`)
 
     @classmethod
     def restore(cls, state: dict, parts: Trainable) -> Progress:
@@ -134,14 +159,15 @@ class Progress:
         if parts.ema is not None and state.get("ema"):
             parts.ema.module.load_state_dict(state["ema"])
         resume_step = state.get("epoch_step", 0)
+        own = own_rank(state)
         return cls(
             start_epoch=state["epoch"] + 1,
             global_step=state["step"],
             best=state.get("best"),
             top_k=[tuple(t) for t in state.get("top_k", [])],
             resume_step=resume_step,
-            resume_rng=state["rng"] if resume_step else None,
-            resume_totals=state.get("epoch_totals") if resume_step else None,
+            resume_rng=own["rng"] if resume_step else None,
+            sums=own["sums"],
         )
 
 
@@ -175,7 +201,7 @@ NEVER_STARTED = {"config.yaml", "train.log"}
 # The hidden temporary names this package's writes leave behind when killed mid-write: `files.atomic_write`'s
 # `.NAME.XXXXXXXX.tmp` (mkstemp's 8 random characters; `.tmp.png` for the plot) for the files a run writes, and the
 # fixed name earlier versions drew curves.png into.
-_WRITTEN = r"state\.pt|config\.yaml|summary\.csv|(last|best|last_ema)\.safetensors|epoch-\d{4,}\.safetensors"
+_WRITTEN = r"state\.pt|config\.yaml|summary\.csv|(last|best|last_ema)\.safetensors|(epoch|step)-\d{4,}\.safetensors"
 STALE_TEMPORARY = re.compile(
     rf"\.({_WRITTEN})\.[a-z0-9_]{{8}}\.tmp|\.curves\.png\.[a-z0-9_]{{8}}\.tmp\.png|\.curves\.png\.tmp\.png"
 )
@@ -242,7 +268,7 @@ class StateStore:
 
     Args:
         out: The folder.
-        config: The resolved configuration as its flat file format (`--resume` reads it back from `state.pt`).
+        config: The resolved configuration as its file format (`--resume` reads it back from `state.pt`).
     """
 
     def __init__(self, out: Path, config: dict):
@@ -253,10 +279,11 @@ class StateStore:
 
         files.atomic_write_text(self.out / "config.yaml", yaml.safe_dump(_plain(self.config), sort_keys=False))
 
-    def save(self, parts: Trainable, progress: Progress, completed_epoch: int, step: int, epoch_step=0, totals=None):
-        """`epoch_step` > 0 marks a checkpoint inside the next epoch, whose running sums so far (`totals`) it keeps
-        so the epoch's summary row covers the whole epoch. Every entry is read back by `Progress.restore` or
-        `resolve_config` (`config`); what describes the weights (class names, eval settings) is in the weights files."""
+    def save(self, parts: Trainable, progress: Progress, completed_epoch: int, epoch_step: int, ranks: list):
+        """`epoch_step` > 0 marks a checkpoint inside the next epoch; `ranks`: each rank's RNG state and the loss
+        sums behind the numbers not yet logged, so the next row and progress line equal an uninterrupted run's. Every entry is read back by
+        `Progress.restore` or the task's configuration (`config`); what describes the weights (class names, eval
+        settings) is in the weights files."""
         state = dict(
             model=parts.model.state_dict(),
             optimizer=parts.optimizer.state_dict(),
@@ -264,36 +291,27 @@ class StateStore:
             scaler=parts.scaler.state_dict() if parts.scaler is not None else None,
             ema=parts.ema.module.state_dict() if parts.ema is not None else None,
             epoch=completed_epoch,
-            step=step,
+            step=progress.global_step,
             epoch_step=epoch_step,
             best=progress.best,
             top_k=[list(t) for t in progress.top_k],
-            rng=rng_state(),
+            ranks=ranks,
             config=_plain(self.config),
-            epoch_totals=dict(totals) if totals else None,
         )
         files.atomic_torch_save(state, self.out / "state.pt")
 
 
 class MetricsLog:
-    """One row per epoch: `summary.csv` (epochs counted from 1, as the log and the epoch-NNNN files count them),
-    `curves.png`, and TensorBoard events when asked for."""
+    """One row per logged point (an epoch's end, an evaluation): `summary.csv` (epochs counted from 1, as the log
+    and the epoch-NNNN files count them; the header grows with the first row of a new column), `curves.png`, and
+    TensorBoard events when asked for.
 
-    FIELDS = [
-        "epoch",
-        "lr",
-        "train_loss",
-        "val_loss",
-        "top1",
-        "top5",
-        "ema_top1",
-        "train_img_s",
-        "epoch_s",
-        "skipped",
-    ]
+    Args:
+        metric: The task's headline number, plotted beside the losses.
+    """
 
-    def __init__(self, out: Path, tensorboard: bool = False):
-        self.out = out
+    def __init__(self, out: Path, metric: str, tensorboard: bool = False):
+        self.out, self.metric = out, metric
         self.tb = tensorboard_writer(out / "tensorboard") if tensorboard else None
 
     def rows(self) -> list[dict]:
@@ -304,19 +322,18 @@ class MetricsLog:
             return list(csv.DictReader(f))
 
     def log(self, row: dict) -> None:
-        """Add `row` (its `epoch` counted from 0); a resumed run rewrites the epochs it redoes."""
-        rows = [r for r in self.rows() if int(r["epoch"]) <= row["epoch"]] + [dict(row, epoch=row["epoch"] + 1)]
-        lines = [",".join(self.FIELDS)]
-        for r in rows:
-            lines.append(",".join(csv_cell(r.get(k)) for k in self.FIELDS))
+        """Add `row` (holding `step`); a resumed run rewrites the rows of the steps it redoes."""
+        rows = [r for r in self.rows() if int(r["step"]) < row["step"]] + [row]
+        fields = list(dict.fromkeys(k for r in rows for k in r))
+        lines = [",".join(fields)] + [",".join(csv_cell(r.get(k)) for k in fields) for r in rows]
         files.atomic_write_text(self.out / "summary.csv", "\n".join(lines) + "\n")
         if self.tb is not None:
-            for k in self.FIELDS[1:]:
-                if row.get(k) not in (None, ""):
-                    self.tb.add_scalar(k, float(row[k]), row["epoch"])
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self.tb.add_scalar(k, float(v), row["step"])
             self.tb.flush()
         try:
-            plot_curves(self.out / "summary.csv", self.out / "curves.png")
+            plot_curves(self.out / "summary.csv", self.out / "curves.png", self.metric)
         except Exception as e:  # a plotting problem must never stop training
             logger.warning("could not draw curves.png: %s", e)
 
@@ -327,62 +344,60 @@ class MetricsLog:
 
 
 class RunFolder:
-    """The run folder as the trainer writes it, rank 0 only: its lock (`RunLock`), its state (`StateStore`), its
-    metrics (`MetricsLog`), and the weights files (last, best, the top k epochs) it owns itself.
+    """The run folder as the engine writes it, rank 0 only: its lock (`RunLock`), its state (`StateStore`), its
+    metrics (`MetricsLog`), and the weights files (last, best, the top k evaluations) it owns itself.
 
     Args:
         out: The folder.
-        config: The resolved configuration as its flat file format.
-        meta: What `create_model(checkpoint=...)` needs: model, model_kwargs, class_names, eval_config.
-        write: False on ranks other than 0: every method is then a no-op.
-        keep_top_k: Keep the weights of the k best epochs (0: none).
+        config: The resolved configuration as its file format.
+        meta: What the task's checkpoints carry (for classification what `create_model(checkpoint=...)` needs).
+        write: False on ranks other than 0: every method then only takes part in what all ranks do.
+        metric: The task's headline number (higher is better): it picks the best and the top-k weights.
+        keep_top_k: Keep the weights of the k best evaluations (0: none).
         tensorboard: Also write TensorBoard events.
     """
 
-    def __init__(
-        self, out: Path, config: dict, meta: dict, write: bool, keep_top_k: int = 3, tensorboard: bool = False
-    ):
-        self.out, self.meta, self.write, self.keep_top_k = out, meta, write, keep_top_k
+    def __init__(self, out: Path, config: dict, meta: dict, write: bool, metric: str, keep_top_k=0, tensorboard=False):
+        self.out, self.meta, self.write, self.metric, self.keep_top_k = out, meta, write, metric, keep_top_k
         self.lock = self.state = self.metrics = None
         if write:
             out.mkdir(parents=True, exist_ok=True)
             self.lock = RunLock(out)
             self.state = StateStore(out, config)
             self.state.write_config()
-            self.metrics = MetricsLog(out, tensorboard)
+            self.metrics = MetricsLog(out, metric, tensorboard)
 
-    def save_state(
-        self, parts: Trainable, progress: Progress, completed_epoch: int, step: int, epoch_step=0, totals=None
-    ) -> None:
+    def save_state(self, parts: Trainable, progress: Progress, completed_epoch: int, epoch_step=0, sums=None):
+        """Called on every rank: each rank's RNG state and sums are gathered, so a resumed rank continues its own."""
+        ranks = gather_ranks(sums)
         if self.write:
-            self.state.save(parts, progress, completed_epoch, step, epoch_step, totals)
+            self.state.save(parts, progress, completed_epoch, epoch_step, ranks)
 
-    def save_epoch(self, parts: Trainable, progress: Progress, row: dict, metrics, ema_metrics) -> None:
-        """last.safetensors every epoch, the k best epochs as epoch-NNNN.safetensors, best.safetensors, the row."""
+    def save_row(self, parts: Trainable, progress: Progress, row: dict, name: str) -> None:
+        """last.safetensors (and last_ema), the k best evaluations as `name`, best.safetensors, the row."""
         if not self.write:
             return
-        epoch = row["epoch"]
-        extra = dict(epoch=epoch)
-        if metrics is not None:
-            extra["top1"] = metrics["top1"]
+        extra = {k: row[k] for k in ("epoch", "step", self.metric) if row.get(k) is not None}
         self.save_weights(parts.model, "last.safetensors", **extra)
         if parts.ema is not None:
             self.save_weights(parts.ema.module, "last_ema.safetensors", **extra)
-        if metrics is not None and self.keep_top_k:
-            self._keep_top_k(parts.model, progress.top_k, metrics["top1"], extra)
+        score = row.get(self.metric)
+        if score is not None and self.keep_top_k:
+            self._keep_top_k(parts.model, progress.top_k, score, row["step"], name, extra)
         self.metrics.log(row)
-        if metrics is not None:
-            score = max(metrics["top1"], ema_metrics["top1"] if ema_metrics else -1)
-            if progress.best is None or score > progress.best["top1"]:
-                use_ema = ema_metrics is not None and ema_metrics["top1"] > metrics["top1"]
-                progress.best = dict(epoch=epoch, top1=score, source="ema" if use_ema else "model")
+        ema_score = row.get(f"ema_{self.metric}")
+        if score is not None:
+            best = max(score, ema_score if ema_score is not None else -math.inf)
+            if progress.best is None or best > progress.best[self.metric]:
+                use_ema = ema_score is not None and ema_score > score
+                progress.best = {"epoch": row["epoch"], "step": row["step"], self.metric: best}
+                progress.best["source"] = "ema" if use_ema else "model"
                 model = parts.ema.module if use_ema else parts.model
-                self.save_weights(model, "best.safetensors", epoch=epoch, top1=score)
+                self.save_weights(model, "best.safetensors", **dict(extra, **{self.metric: best}))
 
-    def _keep_top_k(self, model: nn.Module, top_k: list, top1: float, extra: dict) -> None:
+    def _keep_top_k(self, model: nn.Module, top_k: list, score: float, step: int, name: str, extra: dict) -> None:
         k = self.keep_top_k
-        name = f"epoch-{extra['epoch'] + 1:04d}.safetensors"  # numbered as the log prints epochs: from 1
-        top_k.append((top1, extra["epoch"], name))
+        top_k.append((score, step, name))
         top_k.sort(key=lambda t: (-t[0], t[1]))
         if any(t[2] == name for t in top_k[:k]):
             self.save_weights(model, name, **extra)
@@ -452,8 +467,8 @@ def _plain(obj):
     return obj
 
 
-def plot_curves(summary_csv: Path, png: Path) -> None:
-    """Loss, top-1 and learning rate per epoch from `summary.csv` into one PNG (matplotlib, headless)."""
+def plot_curves(summary_csv: Path, png: Path, metric: str = "top1") -> None:
+    """Losses, the headline `metric` and the learning rate per epoch (as summary.csv counts them) into one PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -467,15 +482,16 @@ def plot_curves(summary_csv: Path, png: Path) -> None:
     def col(k):
         return [float(r[k]) if r.get(k) else math.nan for r in rows]
 
-    ep = [int(r["epoch"]) + 1 for r in rows]
+    ep = col("epoch")  # already counted from 1 (a mid-epoch row: a fraction)
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     axes[0].plot(ep, col("train_loss"), label="train")
-    axes[0].plot(ep, col("val_loss"), label="val")
+    if any(not math.isnan(v) for v in col("val_loss")):
+        axes[0].plot(ep, col("val_loss"), label="val")
     axes[0].set_title("loss")
-    axes[1].plot(ep, col("top1"), label="top-1")
-    if any(not math.isnan(v) for v in col("ema_top1")):
-        axes[1].plot(ep, col("ema_top1"), label="EMA top-1")
-    axes[1].set_title("val accuracy (%)")
+    axes[1].plot(ep, col(metric), label=metric)
+    if any(not math.isnan(v) for v in col(f"ema_{metric}")):
+        axes[1].plot(ep, col(f"ema_{metric}"), label=f"EMA {metric}")
+    axes[1].set_title(f"val {metric}")
     axes[2].plot(ep, col("lr"))
     axes[2].set_title("learning rate")
     for ax in axes:

@@ -1,33 +1,24 @@
-"""The training run, top to bottom: data, model, optimizer and schedule, then epochs.
+"""The training run of any task, top to bottom: resume, data and model, then epochs of optimizer steps.
 
-`fit(cfg)` takes a `TrainConfig` (`mambaout.training.config.resolve_config`) and hands each part its section; the files it writes are described
-in `mambaout.training.runfolder`. Under torchrun every rank calls it with the same configuration; only rank 0 writes.
+`fit(task, loop)` takes a `task.Task` (classification, detection, segmentation) and the `task.Loop` its command
+resolved; the files it writes are described in `mambaout.training.runfolder`. Under torchrun every rank calls it
+with the same arguments; only rank 0 writes. A resumed run sees what an uninterrupted one would have: each epoch's
+data order comes from (seed, epoch), its randomness is seeded per epoch and rank, a resumed epoch skips the
+batches already trained and continues each rank's saved RNG state (bit-identical with `workers: 0`; with worker
+processes the order is, their augmentation draws are not).
 """
 
 from __future__ import annotations
 
+import datetime
+import math
 import sys
 import time
-from dataclasses import dataclass
+from pathlib import Path
 
 import torch
-from torch import nn
 
-from mambaout.data.datasets import create_dataset
-from mambaout.data.loaders import EpochLoader, eval_loader, num_steps, train_loader
-from mambaout.data.transforms import build_train_transform
-from mambaout.training.config import (
-    BatchPlan,
-    EmaConfig,
-    EvalConfig,
-    MixupConfig,
-    ModelConfig,
-    RunConfig,
-    TrainConfig,
-    to_flat,
-)
-from mambaout.training.engine import EpochTotals, StepConfig, evaluate, train_one_epoch
-from mambaout.training.optim import create_optimizer, create_scheduler
+from mambaout.training.engine import StepConfig, Sums, train_one_epoch
 from mambaout.training.runfolder import (
     Progress,
     RunFolder,
@@ -35,135 +26,85 @@ from mambaout.training.runfolder import (
     check_output_free,
     load_state,
     resume_path,
+    rng_state,
     seed_all,
     set_rng_state,
     tensorboard_writer,
 )
+from mambaout.training.task import Loop, Task
 from mambaout.utils import distributed as dist
-from mambaout.utils.files import FileWriteError, jsonable
+from mambaout.utils.device import autocast_setting
+from mambaout.utils.files import FileWriteError
 from mambaout.utils.interrupt import DeferredInterrupt
-from mambaout.utils.text import printable
 
 
 class Interrupted(KeyboardInterrupt):
     """Training stopped by Ctrl-C at a step boundary, its state saved (the message says where)."""
 
 
-def fit(cfg: TrainConfig) -> dict:
-    """Run (or resume) training as `cfg` says. Returns the last epoch's metrics, the run folder and the best epoch."""
-    env, device = dist.init(cfg.perf.device)
+def fit(task: Task, loop: Loop) -> dict:
+    """Run (or resume) training as `loop` says. Returns the last row's numbers, the run folder and the best."""
+    env, device = dist.init(loop.device)
     run = None
-    n_epochs = cfg.schedule.total_epochs
     try:
-        if cfg.perf.threads:
-            torch.set_num_threads(cfg.perf.threads)
-        amp, amp_dt = cfg.perf.amp_dtype(device)
-        state = load_state(resume_path(cfg.run.resume)) if cfg.run.resume else None
-        out = cfg.output_folder()
-        if state is not None and _finished(state, n_epochs):
+        if loop.threads:
+            torch.set_num_threads(loop.threads)
+        amp, amp_dtype = autocast_setting(loop.amp, device)
+        state = load_state(resume_path(loop.resume)) if loop.resume else None
+        out = Path(loop.output)
+        if state is not None and _finished(state, loop):
             # nothing left to train: say so and touch nothing (no "epoch 31 of 30", no rewritten config or log)
-            _say(_finished_line(state, cfg.run.resume, n_epochs))
+            _say(_finished_line(state, loop, task))
             return dict(output=str(out), finished=True, best=state.get("best"))
-        plan = cfg.batch.plan(env.world_size)
         if dist.is_main():
-            check_output_free(out, cfg.run.resume, cfg.run.overwrite)
-            if cfg.run.tensorboard:
+            check_output_free(out, loop.resume, loop.overwrite)
+            if loop.tensorboard:
                 tensorboard_writer(None)  # fail before the data is read, when tensorboard is missing
-
-        # data: the val set takes the train set's class -> index map, so labels agree even with missing folders
-        data = Data.build(cfg, env, device, plan.accum_steps)
-
-        # model: every registered model trains through the same factory
-        seed_all(cfg.run.seed)
-        model, meta = build_model(cfg.model, data.classes, data.eval_config, cfg.data.data_train)
-        if cfg.perf.grad_checkpointing:
-            model.set_grad_checkpointing(True)
-        model.to(device)
-        if cfg.perf.channels_last:
-            model.to(memory_format=torch.channels_last)
-
-        # optimizer, schedule, grad scaler, EMA; then the state to resume from
-        optimizer = create_optimizer(model, cfg.optim, plan.lr)
-        scheduler = create_scheduler(optimizer, cfg.schedule, data.steps_per_epoch)
+        task.build_data(env, device, loop)
+        if loop.max_steps_per_epoch:
+            task.steps_per_epoch = min(task.steps_per_epoch, loop.max_steps_per_epoch)
+        total = min(loop.epochs * task.steps_per_epoch if loop.epochs else math.inf, loop.steps or math.inf)
+        seed_all(loop.seed)  # the model's initial weights: the same on every rank
+        model = task.build_model(device)
+        optimizer = task.optimizer(model)
         scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
-        parts = Trainable(model, optimizer, scheduler, scaler, create_ema(model, cfg.ema))
+        parts = Trainable(model, optimizer, task.scheduler(optimizer, total), scaler, task.ema(model))
         progress = Progress() if state is None else Progress.restore(state, parts)
-        if state is not None:
-            _say_resumed(cfg.run.resume, n_epochs, progress)
         train_model = dist.wrap(model, device)
-        if cfg.perf.compile:
+        if loop.compile:
             train_model = torch.compile(train_model)
-        mixup_fn, loss_fn = build_loss(cfg.mixup, len(data.classes))
-
-        run = RunFolder(out, to_flat(cfg), meta, dist.is_main(), cfg.run.keep_top_k, cfg.run.tensorboard)
+        run = RunFolder(out, task.config(), task.meta(), dist.is_main(), task.metric, loop.keep_top_k, loop.tensorboard)
         if dist.is_main():
-            _LOG.open(out / "train.log", append=bool(cfg.run.resume))
-        _say(_banner(cfg, meta["model"], model, data, env, device, plan, amp, out))
-        step_cfg = StepConfig(plan.accum_steps, amp_dt, cfg.optim.clip_grad, cfg.perf.channels_last)
-        samples_per_step = plan.accum_steps * cfg.batch.batch_size  # on one rank
-        result: dict = {}
-        run_start = time.perf_counter()
-        epochs_this_call = steps_this_call = 0
-        resume_hint = f"continue with --resume {out}"
+            _LOG.open(out / "train.log", append=state is not None)
+        length = f"{loop.epochs} epochs x {task.steps_per_epoch} steps" if loop.epochs else f"{total} steps"
+        length += f", ending at step {total}" if loop.epochs and total < loop.epochs * task.steps_per_epoch else ""
+        _say(f"{task.banner(model, env.world_size)} | {length} | amp {amp} | output {out}")
+        if state is not None:
+            _say(
+                f"resumed from {loop.resume}: epoch {progress.start_epoch + 1}"
+                + (f" after its step {progress.resume_step}" if progress.resume_step else "")
+                + f", global step {progress.global_step}"
+            )
         # Ctrl-C stops after the optimizer step under way, where the state is consistent and is saved; a second one
         # stops at once. Several processes could not agree on that step: there Ctrl-C stops at once, as usual.
-        interrupt = DeferredInterrupt("stopping after this optimizer step, then saving the state", env.world_size == 1)
-        with interrupt:
-            for epoch in range(progress.start_epoch, n_epochs):
-                hook = StepHook(
-                    cfg.run,
-                    cfg.schedule.sched_on_updates,
-                    run,
-                    parts,
-                    progress,
-                    epoch,
-                    data.steps_per_epoch,
-                    steps_this_call,
-                    interrupt,
-                )
-                hook.begin_epoch(data.loader, env.rank, samples_per_step)
-                t0 = time.perf_counter()
-                stats = _train_epoch(
-                    train_model, data, parts, loss_fn, mixup_fn, device, step_cfg, hook, cfg.run, n_epochs
-                )
-                progress.global_step += stats["steps"]
-                steps_this_call += stats["steps"]
-                if hook.stopped_at is not None:
-                    if interrupt.asked:
-                        raise Interrupted(
-                            f"interrupted at step {hook.stopped_at} of epoch {epoch + 1}, state saved; {resume_hint}"
-                        )
-                    _say(
-                        f"stopping at step {hook.stopped_at} of epoch {epoch + 1} as asked (state saved); {resume_hint}"
-                    )
-                    dist.barrier()
-                    result = dict(epoch=epoch, output=str(out), stopped=True)
-                    break
-                row = dict(epoch=epoch, lr=hook.last_lr, train_loss=stats["loss"], skipped=stats["skipped"])
-                row["train_img_s"] = stats["img_s"] * env.world_size
-                metrics, ema_metrics = _evaluate_epoch(
-                    cfg.eval, n_epochs, parts, data.val_loader, device, amp_dt, cfg.perf.channels_last, row
-                )
-                row["epoch_s"] = time.perf_counter() - t0
-                if dist.is_main():
-                    run.save_epoch(parts, progress, row, metrics, ema_metrics)
-                    run.save_state(parts, progress, epoch, progress.global_step)
-                    _say(_epoch_line(row, n_epochs, metrics, ema_metrics))
-                dist.barrier()
-                result = dict(row, output=str(out))
-                if interrupt.asked and epoch < n_epochs - 1:
-                    raise Interrupted(f"interrupted after epoch {epoch + 1}, state saved; {resume_hint}")
-                epochs_this_call += 1
-                last_epoch = epoch == n_epochs - 1
-                stop_after = cfg.run.stop_after_epochs
-                if stop_after and epochs_this_call >= stop_after and not last_epoch:
-                    _say(f"stopping after {epochs_this_call} epoch(s) as asked; {resume_hint}")
-                    result["stopped"] = True
-                    break
-        result.update(wall_s=time.perf_counter() - run_start, best=progress.best)
-        if dist.is_main() and not result.get("stopped") and result:
-            _say_done(result, data, out)
-        return result
+        note = "stopping after this optimizer step, then saving the state"
+        with DeferredInterrupt(note, env.world_size == 1) as interrupt:
+            steps = Steps(
+                task,
+                loop,
+                run,
+                parts,
+                progress,
+                train_model,
+                device,
+                StepConfig(loop.accum_steps, amp_dtype, loop.clip_grad),
+                int(total),
+                interrupt,
+            )
+            result = steps.run()
+        if dist.is_main() and not result.get("stopped"):
+            _say(task.done(result, out))
+        return dict(result, output=str(out), best=progress.best)
     finally:
         _LOG.close()
         if run is not None:
@@ -171,273 +112,184 @@ def fit(cfg: TrainConfig) -> dict:
         dist.cleanup()
 
 
-# --- building the pieces ---------------------------------------------------------------------------------------------
+class Steps:
+    """The run's optimizer steps, epoch by epoch, and what follows each one: the schedule, the progress line, the
+    evaluation and the summary row when due, the state when due, and the stops (`stop_after_*`, Ctrl-C)."""
 
-
-@dataclass
-class Data:
-    """The datasets and loaders of a run, and what the model needs to know about them."""
-
-    train_set: object
-    val_set: object | None
-    loader: torch.utils.data.DataLoader
-    val_loader: torch.utils.data.DataLoader | None
-    classes: list[str]
-    eval_config: dict
-    steps_per_epoch: int
-
-    @classmethod
-    def build(cls, cfg: TrainConfig, env, device: torch.device, accum: int) -> Data:
-        paths, aug, loading = cfg.data, cfg.augment, cfg.loading
-        ev = cfg.eval_settings()
-        eval_tf = ev.transform()
-        pin = device.type == "cuda"
-        val_loader = None
-        if paths.data_pipeline == "gpu":  # uint8 batches to the device, augmented there (mambaout.data.gpu_loader)
-            from mambaout.data.gpu_loader import gpu_loaders
-
-            train_set, val_set, loader, val_loader = gpu_loaders(
-                paths.data_train, paths.data_val, aug, loading, env.rank, env.world_size, device, eval_tf
-            )
-        else:
-            train_set = create_dataset(
-                paths.data_train, build_train_transform(aug), cache=loading.cache, img_size=aug.img_size
-            )
-            val_set = None
-            if paths.data_val:
-                val_set = create_dataset(
-                    paths.data_val,
-                    eval_tf,
-                    train_set.class_to_idx,
-                    cache=loading.cache,
-                    img_size=aug.img_size,
-                    substitute=False,  # held-out metrics count each readable image once
-                )
-            loader = train_loader(
-                train_set,
-                loading.batch_size,
-                env.rank,
-                env.world_size,
-                loading.seed,
-                loading.workers,
-                pin,
-                loading.persistent_workers,
-            )
-        steps_per_epoch = num_steps(len(loader), accum)
-        if cfg.run.max_steps_per_epoch:
-            steps_per_epoch = min(steps_per_epoch, cfg.run.max_steps_per_epoch)
-        if steps_per_epoch == 0:
-            raise ValueError(
-                f"an epoch has {len(loader)} batches, fewer than the {accum} accumulation steps of one optimizer "
-                f"step (global batch {loading.batch_size * env.world_size * accum}); lower --global-batch or use "
-                "more data"
-            )
-        if val_set is not None and val_loader is None:
-            val_loader = eval_loader(val_set, loading.eval_batch_size, env.rank, env.world_size, loading.workers, pin)
-        return cls(train_set, val_set, loader, val_loader, list(train_set.classes), ev.to_dict(), steps_per_epoch)
-
-
-def build_model(cfg: ModelConfig, classes: list[str], eval_cfg: dict, data_train: str) -> tuple[nn.Module, dict]:
-    """The model to train, and the metadata its checkpoints carry (what `create_model(checkpoint=...)` needs).
-
-    With `pretrained` or `initial_checkpoint` the weights come from there (fine-tuning); a classifier of another
-    class count than the data's is replaced by a fresh one.
-    """
-    from mambaout.models.factory import create_model
-    from mambaout.models.variants import get_variant
-
-    num_classes = cfg.num_classes or len(classes)
-    if num_classes != len(classes):
-        raise ValueError(
-            f"--num-classes {num_classes} does not match the {len(classes)} classes of the training data "
-            f"({data_train}); leave it out to take the data's"
-        )
-    kwargs = dict(cfg.model_kwargs)
-    if cfg.drop_rate:  # only when asked: not every registered builder takes a head dropout
-        kwargs.setdefault("drop_rate", cfg.drop_rate)
-    variant, _ = get_variant(cfg.model)
-    drop_path = cfg.drop_path if cfg.drop_path is not None else variant.default_drop_path
-    model = create_model(
-        cfg.model,
-        pretrained=cfg.pretrained,
-        checkpoint=cfg.initial_checkpoint,
-        use_ema=cfg.use_ema,
-        num_classes=num_classes,
-        drop_path_rate=drop_path,
-        **kwargs,
-    )
-    # What create_model(checkpoint=...) needs to rebuild this model with no other argument: the architecture the
-    # model was built with (an initial checkpoint's own widths included), never where its first weights came from.
-    model_kwargs = {k: v for k, v in kwargs.items() if jsonable(v)}
-    model_kwargs.update(getattr(model, "model_kwargs", {}))
-    model_kwargs.update(num_classes=num_classes)
-    if drop_path:
-        model_kwargs["drop_path_rate"] = drop_path
-    meta = dict(model=variant.name, model_kwargs=model_kwargs, class_names=classes, eval_config=eval_cfg)
-    if cfg.pretrained or cfg.initial_checkpoint:
-        meta["fine_tuned_from"] = f"{variant.name} published weights" if cfg.pretrained else str(cfg.initial_checkpoint)
-    return model, meta
-
-
-def create_ema(model: nn.Module, cfg: EmaConfig):
-    """timm's ModelEmaV3 of the weights (evaluated beside the model), or None when `model_ema` is off."""
-    if not cfg.model_ema:
-        return None
-    from timm.utils import ModelEmaV3
-
-    return ModelEmaV3(model, decay=cfg.model_ema_decay)
-
-
-def build_loss(cfg: MixupConfig, num_classes: int):
-    """(mixup function or None, loss): soft-target cross-entropy under mixup/cutmix, else (smoothed) cross-entropy."""
-    from timm.data import Mixup
-    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-
-    if cfg.active:
-        mixup_fn = Mixup(
-            mixup_alpha=cfg.mixup,
-            cutmix_alpha=cfg.cutmix,
-            prob=cfg.mixup_prob,
-            switch_prob=cfg.mixup_switch_prob,
-            mode=cfg.mixup_mode,
-            label_smoothing=cfg.smoothing,
-            num_classes=num_classes,
-        )
-        return mixup_fn, SoftTargetCrossEntropy()  # the smoothing is already in the mixed soft targets
-    if cfg.smoothing > 0:
-        return None, LabelSmoothingCrossEntropy(smoothing=cfg.smoothing)
-    return None, nn.CrossEntropyLoss()
-
-
-# --- one epoch -------------------------------------------------------------------------------------------------------
-
-
-class StepHook:
-    """What happens at the start of an epoch and after each of its optimizer steps.
-
-    `engine.train_one_epoch` calls `start()` once the loader's iterator exists and `step(n)` after its n-th
-    optimizer step; `step` updates a per-step schedule, writes mid-epoch checkpoints (`checkpoint_every`) and asks
-    to stop (`stop_after_steps`), recording where in `stopped_at`.
-    """
-
-    def __init__(
-        self,
-        cfg: RunConfig,
-        per_update: bool,
-        run: RunFolder,
-        parts: Trainable,
-        progress: Progress,
-        epoch,
-        steps_per_epoch,
-        called,
-        interrupt: DeferredInterrupt | None = None,
-    ):
-        self.run, self.parts, self.progress = run, parts, progress
-        self.interrupt = interrupt  # Ctrl-C asks to stop after the step under way (its state then saved)
-        self.seed, self.per_update = cfg.seed, per_update  # per_update: the schedule steps every optimizer step
-        self.stop_after, self.every = cfg.stop_after_steps, cfg.checkpoint_every
-        self.epoch, self.steps_per_epoch = epoch, steps_per_epoch
-        self.base_step = progress.global_step  # optimizer steps before this epoch
-        self.called = called  # optimizer steps this invocation took before this epoch
-        # resuming a mid-epoch checkpoint: leave out the steps it had trained
-        self.skip = progress.resume_step if epoch == progress.start_epoch else 0
-        self.stopped_at: int | None = None
-        self.last_lr = 0.0  # the lr of the epoch's latest optimizer step (the classifier's, under layer decay)
-        # the epoch's running sums, continued from a mid-epoch checkpoint and stored with the next one
-        self.totals = EpochTotals.from_dict(progress.resume_totals if self.skip else None)
+    def __init__(self, task, loop, run, parts, progress, train_model, device, step_cfg, total, interrupt):
+        self.task, self.loop, self.folder, self.parts, self.progress = task, loop, run, parts, progress
+        self.train_model, self.device, self.step_cfg, self.total = train_model, device, step_cfg, total
+        self.interrupt = interrupt
+        self.spe = task.steps_per_epoch
+        self.n_epochs = math.ceil(total / self.spe)
+        self.sums = Sums.from_dict(progress.sums)
+        self.called = self.epochs_called = 0  # optimizer steps and whole epochs this call took
+        self.resume_hint = f"continue with --resume {run.out}"
+        self.result: dict = {}
+        self.t_start = self.t_row = time.perf_counter()
+        self.epoch = self.skip = self.epoch_steps = 0
+        self.last_lr = self.lr()
+        self.bar = self.stopped_at = None
 
     def lr(self) -> float:
         return max(group["lr"] for group in self.parts.optimizer.param_groups)
 
-    def begin_epoch(self, loader: EpochLoader, rank: int, samples_per_step: int) -> float:
-        """Seed the epoch, position the loader, set the epoch's learning rate; returns it."""
+    def run(self) -> dict:
+        if self.progress.global_step == 0 and self.loop.eval_at_start:
+            self.row(evaluate=True, epoch_end=False)
+        for epoch in range(self.progress.start_epoch, self.n_epochs):
+            stop = self.train_epoch(epoch)
+            if self.stopped_at is None and not stop:
+                continue
+            where = f"step {self.stopped_at} of epoch {epoch + 1}" if self.stopped_at else f"epoch {epoch + 1}"
+            if self.interrupt.asked:
+                raise Interrupted(
+                    f"interrupted {'at' if self.stopped_at else 'after'} {where}, state saved; {self.resume_hint}"
+                )
+            _say(f"stopping {'at' if self.stopped_at else 'after'} {where} as asked (state saved); {self.resume_hint}")
+            dist.barrier()
+            return dict(self.result, stopped=True)
+        return dict(self.result, wall_s=time.perf_counter() - self.t_start)
+
+    def train_epoch(self, epoch: int) -> bool:
+        """One epoch (or what is left of it); True when the run stops at its end."""
+        task, loader = self.task, self.task.batches
+        self.epoch = epoch
+        self.skip = self.progress.resume_step if epoch == self.progress.start_epoch else 0
+        self.epoch_steps = min(self.spe, self.total - epoch * self.spe)
         # Seeding per epoch makes an epoch's randomness a function of (seed, epoch, rank) only, so a resumed
         # run replays exactly what an uninterrupted one would have done.
-        seed_all(self.seed + 1000 * self.epoch + rank)
-        loader.set_epoch(self.epoch)
-        loader.skip_samples(self.skip * samples_per_step)
-        if not self.per_update:
-            self.parts.scheduler.step(self.epoch)
-        else:
-            self.parts.scheduler.step_update(self.progress.global_step)
+        seed_all(self.loop.seed + 1000 * epoch + dist.get_rank())
+        loader.set_epoch(epoch)
+        loader.skip_samples(self.skip * self.step_cfg.accum_steps * task.batch_size)
+        self.parts.scheduler.step(epoch)  # a schedule per epoch moves here, one per step in `after_step`
+        self.parts.scheduler.step_update(self.progress.global_step)
         self.last_lr = self.lr()
-        return self.last_lr
+        self.bar = self._bar(epoch)
+        self.stop_at_end, self.printed, self.t_line = False, self.skip, time.perf_counter()
+        self.base = self.progress.global_step  # optimizer steps before this call of the epoch
+        train_one_epoch(
+            self.train_model,
+            loader,
+            task,
+            self.parts,
+            self.device,
+            self.step_cfg,
+            self.sums,
+            on_step=self.after_step,
+            on_start=self.start,
+            max_steps=self.epoch_steps - self.skip,
+            report=self.report,
+            # the loss is read from the device (a host sync) every 20 steps, and for each progress line
+            refresh_every=20,
+            line_every=self.loop.log_every if self.loop.progress else 0,
+            first=self.base,
+        )
+        if self.bar is not None:
+            self.bar.close()
+        return self.stop_at_end
 
     def start(self) -> None:
-        # Mid-epoch resume: continue the RNG where the checkpoint left it (after the loader's iterator has
-        # drawn its seed, as it had in the interrupted run), so with workers=0 the rest of the epoch
-        # is bit-identical; with worker processes the data order is, their augmentation draws are not.
+        # Mid-epoch resume: continue this rank's RNG where the checkpoint left it (after the loader's iterator has
+        # drawn its seed, as it had in the interrupted run).
         if self.skip and self.progress.resume_rng is not None:
             set_rng_state(self.progress.resume_rng)
+            self.progress.resume_rng = None
 
-    def step(self, n: int) -> bool:
-        """After the n-th optimizer step of this call of the epoch; True asks the engine to stop."""
-        step_now, done = self.base_step + n, self.skip + n
+    def after_step(self, n: int) -> bool:
+        """After the n-th optimizer step of this epoch's call; True ends the epoch there (a stop)."""
+        p, loop = self.progress, self.loop
+        p.global_step += 1
+        self.called += 1
+        step, done = p.global_step, self.skip + n
         self.last_lr = self.lr()  # the lr step n used, before the schedule moves on
-        if self.per_update:
-            self.parts.scheduler.step_update(step_now)
-        inside = done < self.steps_per_epoch  # the epoch-end checkpoint covers the last step
-        stop = bool(self.stop_after) and self.called + n >= self.stop_after and inside
-        stop = stop or (self.interrupt is not None and self.interrupt.asked and inside)
-        if inside and (stop or (self.every and step_now % self.every == 0)):
-            totals = self.totals.as_dict()  # a host read
-            self.run.save_state(self.parts, self.progress, self.epoch - 1, step_now, epoch_step=done, totals=totals)
+        self.parts.scheduler.step_update(step)
+        epoch_end, end = done >= self.spe, step >= self.total  # a steps cap may end the run inside an epoch
+        evaluate = end or bool(loop.eval_every_steps and step % loop.eval_every_steps == 0)
+        evaluate |= epoch_end and bool(loop.eval_every_epochs and (self.epoch + 1) % loop.eval_every_epochs == 0)
+        if evaluate or (epoch_end and loop.epochs):  # a row per evaluation, and per epoch in a run of epochs
+            self.row(evaluate, epoch_end)
+        stop = bool(loop.stop_after_steps) and self.called >= loop.stop_after_steps
+        stop = (stop or self.interrupt.asked) and not end
+        if epoch_end:  # stopping here: the epoch ends as any does (its state), then the run stops
+            self.epochs_called += 1
+            stop |= bool(loop.stop_after_epochs) and self.epochs_called >= loop.stop_after_epochs and not end
+            self.stop_at_end, stop = stop, False
+        every = bool(loop.checkpoint_every) and step % loop.checkpoint_every == 0
+        if epoch_end or stop or every or evaluate:
+            completed, epoch_step = (self.epoch, 0) if epoch_end else (self.epoch - 1, done)
+            self.folder.save_state(self.parts, p, completed, epoch_step, self.sums.as_dict())
         if stop:
             self.stopped_at = done
         return stop
 
+    def row(self, evaluate: bool, epoch_end: bool) -> None:
+        """A row of summary.csv (and its line in the log): the training numbers since the last row, and the
+        held-out ones when `evaluate`; the weights files with it."""
+        step = self.progress.global_step
+        train = self.sums.take_row(self.device) if self.sums.row_n else {}
+        images, skipped = train.pop("images", 0), train.pop("skipped", 0)
+        epoch = self.epoch + 1 if epoch_end else round(step / self.spe, 4)
+        row = dict(epoch=epoch, step=step, lr=self.last_lr, **train)
+        metrics = {}
+        if evaluate:
+            rng = rng_state()  # evaluating draws random numbers (a loader's seed): training's must not depend on it
+            try:
+                ema = self.parts.ema.module if self.parts.ema is not None else None
+                metrics = self.task.evaluate_run(self.parts.model, ema, self.device, self.step_cfg.amp_dtype) or {}
+            finally:
+                set_rng_state(rng)
+                self.train_model.train()
+        row.update({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and k != "skipped"})
+        seconds = time.perf_counter() - self.t_row
+        row.update(train_img_s=images / max(seconds, 1e-9), seconds=seconds)
+        row["skipped"] = skipped + metrics.get("skipped", 0)
+        name = f"epoch-{epoch:04d}.safetensors" if epoch_end else f"step-{step:07d}.safetensors"
+        self.folder.save_row(self.parts, self.progress, row, name)
+        where = f"epoch {epoch}/{self.n_epochs}" if epoch_end else f"step {step}/{self.total}"
+        msg = f"{where}  lr {row['lr']:.3g}"
+        if train:
+            msg += f"  train loss {row['train_loss']:.4f}  {row['train_img_s']:.0f} img/s  {seconds:.0f}s"
+        if metrics:
+            msg += "  " + self.task.describe(metrics)
+        if skipped and not metrics.get("skipped"):
+            msg += f"  skipped {skipped} unreadable images"
+        _say(msg)
+        self.result = row
+        self.t_row = time.perf_counter()
 
-def _train_epoch(
-    train_model, data: Data, parts: Trainable, loss_fn, mixup_fn, device, step_cfg, hook, run: RunConfig, n_epochs: int
-) -> dict:
-    bar = None
-    desc = f"epoch {hook.epoch + 1}/{n_epochs}"
-    if run.progress and dist.is_main() and sys.stderr.isatty():
+    def report(self, n: int, values: dict) -> None:
+        """The progress display after step n of this call of the epoch: a bar on a terminal, else a line every
+        `log_every` steps (logs and SLURM files), with the means since the last line."""
+        done, every = self.skip + n, self.loop.log_every
+        if self.bar is not None:
+            self.bar.update(done - self.bar.n)
+            self.bar.set_postfix(loss=f"{values.get('loss', math.nan):.4f}", lr=f"{self.lr():.2e}", refresh=False)
+        elif self.loop.progress and every:
+            if (self.base + n) % every:
+                return  # a line every `every` steps of the run: its sums go on (over an epoch's end too)
+            _say(self._line(done, values))
+            self.printed, self.t_line = done, time.perf_counter()
+        self.sums.reset_line()
+
+    def _line(self, done: int, values: dict) -> str:
+        """`epoch e/E  step s/S  loss ...  <the loss's parts>  lr ...  ETA h:mm:ss  N img/s`."""
+        now, step = time.perf_counter(), self.progress.global_step + 1
+        eta = (self.total - step) * (now - self.t_start) / (self.called + 1)
+        images = (done - self.printed) * self.step_cfg.accum_steps * self.task.batch_size * dist.get_world_size()
+        numbers = "  ".join(f"{k} {v:.4f}" for k, v in values.items())
+        return (
+            f"epoch {self.epoch + 1}/{self.n_epochs}  step {done}/{self.epoch_steps}  {numbers}  lr {self.lr():.3g}  "
+            f"ETA {datetime.timedelta(seconds=round(eta))}  {images / max(now - self.t_line, 1e-9):.1f} img/s"
+        )
+
+    def _bar(self, epoch: int):
+        if not (self.loop.progress and dist.is_main() and sys.stderr.isatty()):
+            return None
         from tqdm import tqdm
 
-        bar = tqdm(total=data.steps_per_epoch, initial=hook.skip, desc=desc, leave=False, file=sys.stderr)
-    elif run.progress and dist.is_main() and run.log_every:
-        bar = StepLines(desc, data.steps_per_epoch, hook.skip, run.log_every)  # logs and SLURM files: no bar
-    stats = train_one_epoch(
-        train_model,
-        data.loader,
-        parts.optimizer,
-        loss_fn,
-        device,
-        step_cfg,
-        mixup_fn=mixup_fn,
-        scaler=parts.scaler,
-        ema=parts.ema,
-        on_step=hook.step,
-        on_start=hook.start,
-        max_steps=data.steps_per_epoch - hook.skip,
-        progress=bar,
-        # progress lines read the loss from the device: at most every 20 steps unless asked for more often
-        refresh_every=min(20, run.log_every) if isinstance(bar, StepLines) else 20,
-        totals=hook.totals,
-    )
-    if bar is not None:
-        bar.close()
-    return stats
-
-
-def _evaluate_epoch(
-    cfg: EvalConfig, n_epochs: int, parts: Trainable, val_loader, device, amp_dt, channels_last: bool, row: dict
-):
-    """Evaluate the model (and its EMA) when this epoch is due; adds the numbers to `row`."""
-    epoch = row["epoch"]
-    due = (epoch + 1) % cfg.eval_every == 0 or epoch == n_epochs - 1
-    if val_loader is None or not due:
-        return None, None
-    metrics = evaluate(parts.model, val_loader, device, amp_dt, channels_last)
-    row.update(val_loss=metrics["loss"], top1=metrics["top1"], top5=metrics["top5"])
-    row["skipped"] += metrics["skipped"]
-    row["skipped_files"] = metrics["skipped_files"]
-    ema_metrics = None
-    if parts.ema is not None:
-        ema_metrics = evaluate(parts.ema.module, val_loader, device, amp_dt, channels_last)
-        row["ema_top1"] = ema_metrics["top1"]
-    return metrics, ema_metrics
+        desc = f"epoch {epoch + 1}/{self.n_epochs}"
+        return tqdm(total=self.epoch_steps, initial=self.skip, desc=desc, leave=False, file=sys.stderr)
 
 
 # --- what the run prints ---------------------------------------------------------------------------------------------
@@ -479,88 +331,18 @@ def _say(msg: str) -> None:
         _LOG.write(msg)
 
 
-class StepLines:
-    """The progress bar's stand-in when stderr is not a terminal: one line every `every` optimizer steps.
-
-    It takes the calls `engine.train_one_epoch` makes on a tqdm bar (`update`, `set_postfix`, `close`).
-    """
-
-    def __init__(self, desc: str, total: int, done: int, every: int):
-        self.desc, self.total, self.n, self.every = desc, total, done, every
-        self.printed = done
-
-    def update(self, n: int = 1) -> None:
-        self.n += n
-
-    def set_postfix(self, refresh: bool = False, **values) -> None:
-        # the engine reports every few steps (one host sync each time): print when a multiple of `every` was passed
-        due = self.n // self.every > self.printed // self.every
-        if due and self.n < self.total:  # the epoch line covers the last step
-            self.printed = self.n
-            _say(f"{self.desc} step {self.n}/{self.total}  " + "  ".join(f"{k} {v}" for k, v in values.items()))
-
-    def close(self) -> None:
-        pass
+def _finished(state: dict, loop: Loop) -> bool:
+    """Whether a training state has the whole run done (no mid-epoch step pending)."""
+    if loop.steps and state["step"] >= loop.steps:
+        return True
+    return bool(loop.epochs) and not state.get("epoch_step") and state["epoch"] + 1 >= loop.epochs
 
 
-def _banner(cfg: TrainConfig, name, model, data: Data, env, device, plan: BatchPlan, amp, out) -> str:
-    b = cfg.batch
-    lr_note = (
-        "(set explicitly)"
-        if b.lr is not None
-        else f"(linear scaling: {b.lr_base:g} x {plan.global_batch} / {b.lr_base_batch})"
-    )
-    return (
-        f"training {name} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params) on "
-        f"{len(data.train_set)} images, {len(data.classes)} classes, {cfg.augment.img_size} px | {env.world_size} "
-        f"process(es) on {device.type} | global batch {plan.global_batch} = {b.batch_size} x {env.world_size} x "
-        f"{plan.accum_steps} accumulation | lr {plan.lr:.3g} {lr_note} | {cfg.schedule.total_epochs} epochs x "
-        f"{data.steps_per_epoch} steps | amp {amp} | output {out}"
-    )
-
-
-def _finished(state: dict, n_epochs: int) -> bool:
-    """Whether a training state has all `n_epochs` epochs done (no mid-epoch step pending)."""
-    return not state.get("epoch_step") and state["epoch"] + 1 >= n_epochs
-
-
-def _finished_line(state: dict, resume: str, n_epochs: int) -> str:
+def _finished_line(state: dict, loop: Loop, task: Task) -> str:
+    done = f"all {loop.epochs} epochs" if loop.epochs and not loop.steps else f"all {loop.steps} steps"
     best = state.get("best") or {}
-    top1 = f"; best top-1 {best['top1']:.2f}% at epoch {best['epoch'] + 1}" if best.get("top1") is not None else ""
+    shown = f"; best {task.describe({task.metric: best[task.metric]})} at epoch {best['epoch']}" if best else ""
     return (
-        f"{resume}: the run is finished (all {n_epochs} epochs done{top1}); nothing to resume. "
+        f"{loop.resume}: the run is finished ({done} done){shown}; nothing to resume. "
         "Its weights are last.safetensors and best.safetensors"
-    )
-
-
-def _say_resumed(resume: str, n_epochs: int, progress: Progress) -> None:
-    _say(
-        f"resumed from {resume}: epoch {progress.start_epoch + 1} of {n_epochs}"
-        + (f" after its step {progress.resume_step}" if progress.resume_step else "")
-        + f", global step {progress.global_step}"
-    )
-
-
-def _epoch_line(row: dict, n_epochs: int, metrics, ema_metrics) -> str:
-    msg = (
-        f"epoch {row['epoch'] + 1}/{n_epochs}  lr {row['lr']:.3g}  train loss {row['train_loss']:.4f}  "
-        f"{row['train_img_s']:.0f} img/s  {row['epoch_s']:.0f}s"
-    )
-    if metrics is not None:
-        msg += f"  val loss {metrics['loss']:.4f}  top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%"
-    if ema_metrics is not None:
-        msg += f"  EMA top-1 {ema_metrics['top1']:.2f}%"
-    if row["skipped"]:
-        names = row.get("skipped_files") or []
-        more = f" (+{len(names) - 5} more)" if len(names) > 5 else ""
-        named = f" (held-out, not counted: {printable(', '.join(names[:5]))}{more})" if names else ""
-        msg += f"  skipped {row['skipped']} unreadable images{named}"
-    return msg
-
-
-def _say_done(result: dict, data: Data, out) -> None:
-    top1 = f"{result['top1']:.2f}%" if result.get("top1") is not None else "n/a"
-    _say(
-        f"done in {result['wall_s']:.0f}s: held-out top-1 {top1} ({len(data.val_set) if data.val_set else 0} images); "
-        f"weights {out / 'last.safetensors'} (best: {out / 'best.safetensors'})"
     )

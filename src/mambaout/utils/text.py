@@ -24,7 +24,8 @@ def printable(text) -> str:
 
 
 def csv_cell(value) -> str:
-    """A value as a summary.csv cell: unset is empty, a float has 6 significant digits."""
-    if value is None or value == "":
+    """A value as a summary.csv cell: unset (and a list or mapping, which no cell holds) is empty, a float has 6
+    significant digits."""
+    if value is None or value == "" or isinstance(value, (list, dict)):
         return ""
     return f"{value:.6g}" if isinstance(value, float) else str(value)

@@ -1,0 +1,347 @@
+"""Classification as a training task: image folders (or the embedded digits) in, a MambaOut classifier out.
+
+`train(cfg)` runs a `TrainConfig` (`mambaout.training.config.resolve_config`) through the one engine
+(`trainer.fit`); `ClassifyTask` is what the engine needs of it: the data (`Data`), the model (`build_model`), the
+loss under mixup/cutmix and label smoothing (`build_loss`), the EMA, the held-out top-1 and top-5 (`evaluate`) and
+the metadata its checkpoints carry.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mambaout.data.datasets import create_dataset
+from mambaout.data.loaders import eval_loader, num_steps, train_loader
+from mambaout.data.transforms import build_train_transform
+from mambaout.training.config import EmaConfig, MixupConfig, ModelConfig, TrainConfig, to_flat
+from mambaout.training.engine import autocast
+from mambaout.training.optim import create_optimizer, create_scheduler
+from mambaout.training.task import Loop, Task
+from mambaout.training.trainer import fit
+from mambaout.utils import distributed as dist
+from mambaout.utils.files import jsonable
+from mambaout.utils.text import printable
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Run (or resume) classification training as `cfg` says. Returns the last row, the run folder and the best."""
+    loop = Loop.from_settings(
+        to_flat(cfg),
+        output=cfg.output_folder(),
+        epochs=cfg.schedule.total_epochs,
+        eval_every_epochs=cfg.eval.eval_every,
+        accum_steps=cfg.batch.plan(dist.detect().world_size).accum_steps,
+    )
+    return fit(ClassifyTask(cfg), loop)
+
+
+class ClassifyTask(Task):
+    """Image classification: cross-entropy (soft targets under mixup), top-1 and top-5 on the held-out set."""
+
+    name = "train"
+    metric = "top1"
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.batch_size = cfg.batch.batch_size
+
+    def config(self) -> dict:
+        return to_flat(self.cfg)
+
+    def build_data(self, env, device: torch.device, loop: Loop) -> None:
+        self.plan = self.cfg.batch.plan(env.world_size)
+        self.data = Data.build(self.cfg, env, device, self.plan.accum_steps)
+        self.batches, self.steps_per_epoch = self.data.loader, self.data.steps_per_epoch
+        self.train_images = len(self.data.train_set)
+        self.mixup_fn, self.loss_fn = build_loss(self.cfg.mixup, len(self.data.classes))
+
+    def build_model(self, device: torch.device) -> nn.Module:
+        cfg = self.cfg
+        model, self._meta = build_model(cfg.model, self.data.classes, self.data.eval_config, cfg.data.data_train)
+        if cfg.perf.grad_checkpointing:
+            model.set_grad_checkpointing(True)
+        model.to(device)
+        if cfg.perf.channels_last:
+            model.to(memory_format=torch.channels_last)
+        return model
+
+    def optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        return create_optimizer(model, self.cfg.optim, self.plan.lr)
+
+    def scheduler(self, optimizer: torch.optim.Optimizer, total_steps: int):
+        return create_scheduler(optimizer, self.cfg.schedule, self.steps_per_epoch)
+
+    def ema(self, model: nn.Module):
+        return create_ema(model, self.cfg.ema)
+
+    def prepare(self, batch, device: torch.device) -> tuple:
+        x, y, n_bad = batch
+        x, y = _to_device(x, y, device, self.cfg.perf.channels_last)
+        if self.mixup_fn is not None:
+            x, y = self.mixup_fn(x, y)
+        return x, y, x.shape[0], n_bad.sum()  # the skip count: a host tensor from the loader
+
+    def loss(self, model: nn.Module, inputs, targets) -> tuple[torch.Tensor, dict]:
+        return self.loss_fn(model(inputs), targets), {}
+
+    def evaluate_run(self, model: nn.Module, ema, device: torch.device, amp_dtype) -> dict | None:
+        loader, channels_last = self.data.val_loader, self.cfg.perf.channels_last
+        if loader is None:
+            return None
+        m = evaluate(model, loader, device, amp_dtype, channels_last)
+        row = dict(val_loss=m["loss"], top1=m["top1"], top5=m["top5"], skipped=m["skipped"])
+        row["skipped_files"] = m["skipped_files"]
+        if ema is not None:
+            row["ema_top1"] = evaluate(ema, loader, device, amp_dtype, channels_last)["top1"]
+        return row
+
+    def describe(self, metrics: dict) -> str:
+        msg = "  ".join(
+            f"{label} {metrics[k]:.4f}" if k == "val_loss" else f"{label} {metrics[k]:.2f}%"
+            for k, label in (("val_loss", "val loss"), ("top1", "top-1"), ("top5", "top-5"), ("ema_top1", "EMA top-1"))
+            if metrics.get(k) is not None
+        )
+        if metrics.get("skipped"):
+            names = metrics.get("skipped_files") or []
+            more = f" (+{len(names) - 5} more)" if len(names) > 5 else ""
+            named = f" (held-out, not counted: {printable(', '.join(names[:5]))}{more})" if names else ""
+            msg += f"  skipped {metrics['skipped']} unreadable images{named}"
+        return msg
+
+    def meta(self) -> dict:
+        return self._meta
+
+    def banner(self, model: nn.Module, world_size: int) -> str:
+        b, plan, data = self.cfg.batch, self.plan, self.data
+        lr_note = (
+            "(set explicitly)"
+            if b.lr is not None
+            else f"(linear scaling: {b.lr_base:g} x {plan.global_batch} / {b.lr_base_batch})"
+        )
+        return (
+            f"training {self._meta['model']} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params) on "
+            f"{len(data.train_set)} images, {len(data.classes)} classes, {self.cfg.augment.img_size} px | "
+            f"{world_size} process(es) on {next(model.parameters()).device.type} | global batch {plan.global_batch} = "
+            f"{b.batch_size} x {world_size} x {plan.accum_steps} accumulation | lr {plan.lr:.3g} {lr_note}"
+        )
+
+    def done(self, result: dict, out: Path) -> str:
+        top1 = f"{result['top1']:.2f}%" if result.get("top1") is not None else "n/a"
+        val = self.data.val_set
+        return (
+            f"done in {result['wall_s']:.0f}s: held-out top-1 {top1} ({len(val) if val else 0} images); "
+            f"weights {out / 'last.safetensors'} (best: {out / 'best.safetensors'})"
+        )
+
+
+def _to_device(x: torch.Tensor, y: torch.Tensor, device: torch.device, channels_last: bool):
+    x = x.to(device, non_blocking=True)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, y.to(device, non_blocking=True)
+
+
+@dataclass
+class Data:
+    """The datasets and loaders of a run, and what the model needs to know about them."""
+
+    train_set: object
+    val_set: object | None
+    loader: torch.utils.data.DataLoader
+    val_loader: torch.utils.data.DataLoader | None
+    classes: list[str]
+    eval_config: dict
+    steps_per_epoch: int
+
+    @classmethod
+    def build(cls, cfg: TrainConfig, env, device: torch.device, accum: int) -> Data:
+        paths, aug, loading = cfg.data, cfg.augment, cfg.loading
+        ev = cfg.eval_settings()
+        eval_tf = ev.transform()
+        pin = device.type == "cuda"
+        val_loader = None
+        if paths.data_pipeline == "gpu":  # uint8 batches to the device, augmented there (mambaout.data.gpu_loader)
+            from mambaout.data.gpu_loader import gpu_loaders
+
+            train_set, val_set, loader, val_loader = gpu_loaders(
+                paths.data_train, paths.data_val, aug, loading, env.rank, env.world_size, device, eval_tf
+            )
+        else:
+            train_set = create_dataset(
+                paths.data_train, build_train_transform(aug), cache=loading.cache, img_size=aug.img_size
+            )
+            val_set = None
+            if paths.data_val:
+                val_set = create_dataset(
+                    paths.data_val,
+                    eval_tf,
+                    train_set.class_to_idx,
+                    cache=loading.cache,
+                    img_size=aug.img_size,
+                    substitute=False,  # held-out metrics count each readable image once
+                )
+            loader = train_loader(
+                train_set,
+                loading.batch_size,
+                env.rank,
+                env.world_size,
+                loading.seed,
+                loading.workers,
+                pin,
+                loading.persistent_workers,
+            )
+        steps_per_epoch = num_steps(len(loader), accum)  # the engine applies max_steps_per_epoch
+        if steps_per_epoch == 0:
+            raise ValueError(
+                f"an epoch has {len(loader)} batches, fewer than the {accum} accumulation steps of one optimizer "
+                f"step (global batch {loading.batch_size * env.world_size * accum}); lower --global-batch or use "
+                "more data"
+            )
+        if val_set is not None and val_loader is None:
+            val_loader = eval_loader(val_set, loading.eval_batch_size, env.rank, env.world_size, loading.workers, pin)
+        return cls(train_set, val_set, loader, val_loader, list(train_set.classes), ev.to_dict(), steps_per_epoch)
+
+
+def build_model(cfg: ModelConfig, classes: list[str], eval_cfg: dict, data_train: str) -> tuple[nn.Module, dict]:
+    """The model to train, and the metadata its checkpoints carry (what `create_model(checkpoint=...)` needs).
+
+    With `pretrained` or `initial_checkpoint` the weights come from there (fine-tuning); a classifier of another
+    class count than the data's is replaced by a fresh one.
+    """
+    from mambaout.models.factory import create_model
+    from mambaout.models.variants import get_variant
+
+    num_classes = cfg.num_classes or len(classes)
+    if num_classes != len(classes):
+        raise ValueError(
+            f"--num-classes {num_classes} does not match the {len(classes)} classes of the training data "
+            f"({data_train}); leave it out to take the data's"
+        )
+    kwargs = dict(cfg.model_kwargs)
+    if cfg.drop_rate:  # only when asked: not every registered builder takes a head dropout
+        kwargs.setdefault("drop_rate", cfg.drop_rate)
+    variant, _ = get_variant(cfg.model)
+    drop_path = cfg.drop_path if cfg.drop_path is not None else variant.default_drop_path
+    model = create_model(
+        cfg.model,
+        pretrained=cfg.pretrained,
+        checkpoint=cfg.initial_checkpoint,
+        use_ema=cfg.use_ema,
+        num_classes=num_classes,
+        drop_path_rate=drop_path,
+        **kwargs,
+    )
+    # What create_model(checkpoint=...) needs to rebuild this model with no other argument: the architecture the
+    # model was built with (an initial checkpoint's own widths included), never where its first weights came from.
+    model_kwargs = {k: v for k, v in kwargs.items() if jsonable(v)}
+    model_kwargs.update(getattr(model, "model_kwargs", {}))
+    model_kwargs.update(num_classes=num_classes)
+    if drop_path:
+        model_kwargs["drop_path_rate"] = drop_path
+    meta = dict(model=variant.name, model_kwargs=model_kwargs, class_names=classes, eval_config=eval_cfg)
+    if cfg.pretrained or cfg.initial_checkpoint:
+        meta["fine_tuned_from"] = f"{variant.name} published weights" if cfg.pretrained else str(cfg.initial_checkpoint)
+    return model, meta
+
+
+def create_ema(model: nn.Module, cfg: EmaConfig):
+    """timm's ModelEmaV3 of the weights (evaluated beside the model), or None when `model_ema` is off."""
+    if not cfg.model_ema:
+        return None
+    from timm.utils import ModelEmaV3
+
+    return ModelEmaV3(model, decay=cfg.model_ema_decay)
+
+
+def build_loss(cfg: MixupConfig, num_classes: int):
+    """(mixup function or None, loss): soft-target cross-entropy under mixup/cutmix, else (smoothed) cross-entropy."""
+    from timm.data import Mixup
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+
+    if cfg.active:
+        mixup_fn = Mixup(
+            mixup_alpha=cfg.mixup,
+            cutmix_alpha=cfg.cutmix,
+            prob=cfg.mixup_prob,
+            switch_prob=cfg.mixup_switch_prob,
+            mode=cfg.mixup_mode,
+            label_smoothing=cfg.smoothing,
+            num_classes=num_classes,
+        )
+        return mixup_fn, SoftTargetCrossEntropy()  # the smoothing is already in the mixed soft targets
+    if cfg.smoothing > 0:
+        return None, LabelSmoothingCrossEntropy(smoothing=cfg.smoothing)
+    return None, nn.CrossEntropyLoss()
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader,
+    device: torch.device,
+    amp_dtype: torch.dtype | None = None,
+    channels_last: bool = False,
+    progress=None,
+) -> dict:
+    """Top-1, top-5 (top-k with k = min(5, classes)), mean cross-entropy and throughput over `loader`.
+
+    With several ranks each evaluates its shard and the sums are all-reduced, so every rank returns the metrics
+    of the whole set. Images whose label is outside the model's classes count as errors and are excluded
+    from the loss. Unreadable images are not counted: a batch from `data.collate_readable` leaves them out and
+    names them (its third element is the list of their names; other loaders give a count).
+
+    Returns:
+        `top1`, `top5` (percent), `loss`, `count` (readable images), `img_s`, `seconds`, `skipped` (all ranks),
+        `skipped_files` (their names, all ranks, where the loader names them).
+    """
+    model.eval()
+    # sums on the device (read once at the end: no host sync per batch); counts known on the host
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # correct1, correct5, loss_sum, n_loss
+    count = skipped = 0
+    skipped_files: list[str] = []
+    t0 = time.perf_counter()
+    for x, y, bad in loader:
+        if isinstance(bad, list):  # names of the files left out of this batch
+            skipped += len(bad)
+            skipped_files += bad
+        else:
+            skipped = skipped + bad.sum()  # a host tensor from the loader
+        if x is None:  # every image of the batch was unreadable
+            continue
+        x, y = _to_device(x, y, device, channels_last)
+        with autocast(device, amp_dtype):
+            logits = model(x)
+        logits = logits.float()
+        k = min(5, logits.shape[1])
+        top = logits.topk(k, dim=1).indices  # [B, k]
+        hits = top == y[:, None]
+        valid = (y >= 0) & (y < logits.shape[1])
+        # out-of-range labels (any value) are masked out of the loss instead of indexed away (no sync)
+        safe_y = torch.where(valid, y, torch.zeros_like(y))
+        losses = F.cross_entropy(logits, safe_y, reduction="none") * valid
+        sums += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum(), losses.sum(), valid.sum()]).double()
+        count += x.shape[0]
+        if progress is not None:
+            progress.update(1)
+    correct1, correct5, loss_sum, n_loss = sums.tolist()  # the one host sync of the pass
+    skipped = int(skipped)
+    seconds = time.perf_counter() - t0
+    correct1, correct5, loss_sum, count, n_loss, skipped = dist.all_reduce_sum(
+        [correct1, correct5, loss_sum, count, n_loss, skipped], device
+    )
+    return dict(
+        top1=100.0 * correct1 / max(count, 1),
+        top5=100.0 * correct5 / max(count, 1),
+        loss=loss_sum / max(n_loss, 1),
+        count=int(count),
+        img_s=count / max(seconds, 1e-9),
+        seconds=seconds,
+        skipped=int(skipped),
+        skipped_files=sorted(dist.all_gather_lists(skipped_files)),
+    )
