@@ -316,7 +316,7 @@ def test_segment_validate_tta_per_class_and_label_pngs(seg_world, tmp_path, monk
         assert [per[n]["Acc"] for n in ("dark", "bright", "corner")] == pytest.approx(acc.tolist(), abs=1e-9)
         assert f"{name} per-class results:" in printed
     assert got["multi-scale+flip"]["mIoU"] != got["single-scale"]["mIoU"]  # the augmentation changes the answer
-    assert f"multi-scale+flip: mIoU {got['multi-scale+flip']['mIoU']:.4g}" in printed
+    assert f"multi-scale+flip: mIoU {got['multi-scale+flip']['mIoU']:.2f}%" in printed
 
 
 def test_flip_only_equals_segment_probs_and_a_covering_window_equals_the_whole_image():

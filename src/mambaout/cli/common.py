@@ -175,6 +175,7 @@ def add_dtype_argument(parser) -> None:
     )
 
 
+from mambaout.utils import schema as S  # noqa: E402
 from mambaout.utils.schema import AMP_CHOICES  # noqa: E402  (one list for the train settings and these options)
 
 AMP_HELP = "mixed precision: bare --amp is bf16 (as in validate); or auto (bf16 on CUDA, none on CPU), none, fp16"
@@ -184,3 +185,40 @@ def add_amp_argument(parser, help: str = AMP_HELP, **kwargs) -> None:
     """`--amp [DTYPE]` of the commands that train or time a model (train, benchmark, detect/segment): a bare `--amp`
     is bf16 autocast, as validate's `--amp` switch; or auto (bf16 on CUDA, none on CPU), none, bf16, fp16."""
     parser.add_argument("--amp", nargs="?", const="bf16", choices=AMP_CHOICES, metavar="DTYPE", help=help, **kwargs)
+
+
+def add_settings(parser: argparse.ArgumentParser, schema: S.Schema) -> None:
+    """One option per setting of `schema` that has flags, in a group per section; options not given stay out of the
+    namespace (so they never replace a recipe's value)."""
+    for section, cls in schema.sections.items():
+        doc = (cls.__doc__ or "").strip().split("\n")[0]
+        group = parser.add_argument_group(section, doc.replace("%", "%%"))
+        for s in schema.settings:
+            if s.section == section and s.flags:
+                group.add_argument(*s.flags, dest=s.key, default=argparse.SUPPRESS, **_argument(s))
+
+
+def given_settings(schema: S.Schema, args: argparse.Namespace) -> dict:
+    """The settings given as options in a namespace `add_settings` filled, by `Setting`."""
+    values = vars(args)
+    return {s: values[s.key] for s in schema.settings if s.key in values}
+
+
+def _argument(s: S.Setting) -> dict:
+    """`add_argument` keywords of a setting, from its check: every value reaches the check, which says what is
+    wrong in the one line every other source of a value gets (argparse's own `choices` and `type` would not)."""
+    check, help_ = s.check, s.help.replace("%", "%%")
+    default = S.show_default(s.default).replace("%", "%%")
+    kw: dict = {"help": f"{help_} (default {default})" if help_ else f"default {default}"}
+    if check.kind == "boolean":
+        kw["action"] = argparse.BooleanOptionalAction
+    elif check.kind == "number":
+        kw.update(type=S.scalar, metavar="N")
+    elif check.kind == "list":
+        kw.update(type=S.scalar, nargs=check.nargs, metavar="N")
+    elif check.kind == "text":
+        kw["metavar"] = "{" + ",".join(check.choices) + "}" if check.choices else s.name.upper()
+    else:
+        kw.update(type=S.yaml_value, metavar="YAML")
+    kw.update(s.field.metadata.get("cli", {}))
+    return kw

@@ -14,7 +14,15 @@ from pathlib import Path
 
 import yaml
 
-from mambaout.cli.common import Parser, add_amp_argument, add_command_arguments, smoke_steps, stdout_failed
+from mambaout.cli.common import (
+    Parser,
+    add_amp_argument,
+    add_command_arguments,
+    add_settings,
+    given_settings,
+    smoke_steps,
+    stdout_failed,
+)
 from mambaout.utils.text import printable
 
 ACTIONS = ("train", "validate", "predict")
@@ -48,7 +56,7 @@ def train_parser(task: str) -> argparse.ArgumentParser:
     )
     add_command_arguments(p, f"{task} train")
     p.add_argument("--recipe", help="dense recipe name or YAML path (--list-recipes)")
-    schema(task).add_arguments(p)
+    add_settings(p, schema(task))
     return p
 
 
@@ -66,7 +74,7 @@ def _overrides(args: argparse.Namespace, task: str) -> dict:
     from mambaout.dense.config import schema
 
     sch = schema(task)
-    out = {s.key: v for s, v in sch.given(args).items()}
+    out = {s.key: v for s, v in given_settings(sch, args).items()}
     for key, (other, value) in _LINKED.items():
         if key in out and any(s.key == other for s in sch.settings):
             out[other] = value(out[key])

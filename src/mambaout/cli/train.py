@@ -13,7 +13,15 @@ from pathlib import Path
 import yaml
 
 from mambaout import kernels
-from mambaout.cli.common import Parser, add_command_arguments, add_fused_kernels_argument, smoke_steps, stdout_failed
+from mambaout.cli.common import (
+    Parser,
+    add_command_arguments,
+    add_fused_kernels_argument,
+    add_settings,
+    given_settings,
+    smoke_steps,
+    stdout_failed,
+)
 from mambaout.utils.text import printable
 
 
@@ -31,7 +39,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_command_arguments(p, "train")
     p.add_argument("--experiment", help="timm's run name: the run folder is runs/NAME (or --output/NAME)")
     add_fused_kernels_argument(p)
-    SCHEMA.add_arguments(p)
+    add_settings(p, SCHEMA)
     return p
 
 
@@ -45,7 +53,7 @@ def parse_overrides(argv: list[str] | None) -> tuple[dict, argparse.Namespace]:
     from mambaout.training.config import SCHEMA
 
     args = _parser().parse_args(argv)
-    given = {s.name: v for s, v in SCHEMA.given(args).items()}
+    given = {s.name: v for s, v in given_settings(SCHEMA, args).items()}
     if getattr(args, "experiment", None):  # timm's --output DIR --experiment NAME writes to DIR/NAME
         given["output"] = str(Path(given.get("output") or "runs") / args.experiment)
     given.update({s.name: v for s, v in SCHEMA.parse_set(getattr(args, "overrides", None)).items()})

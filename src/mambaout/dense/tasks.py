@@ -382,13 +382,10 @@ class SegmentTask(Task):
         return conf, int(counts[-1])
 
     def describe(self, metrics: dict) -> str:
-        """mIoU and aAcc in percent, as top-1 is shown."""
+        """mIoU, aAcc and mAcc (`ConfusionMatrix.metrics` gives them in percent) with their % sign, as top-1 is
+        shown."""
         return "  ".join(
-            f"{k} {100 * v:.2f}%"
-            if k in ("mIoU", "aAcc", "mAcc")
-            else f"{k} {v:.4g}"
-            if isinstance(v, float)
-            else f"{k} {v}"
+            f"{k} {v:.2f}%" if k in ("mIoU", "aAcc", "mAcc") else f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
             for k, v in metrics.items()
         )
 

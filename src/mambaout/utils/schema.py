@@ -1,7 +1,7 @@
 """The settings of a command, each declared once (`checks.setting`), and everything derived from the declarations.
 
 A `Schema` is an ordered set of sections (dataclasses whose fields are `setting`s). From it come the command-line
-parser's options (`add_arguments`, read back with `given`), `--set KEY=VALUE` (`parse_set`: a bare key resolves to
+parser's options (`mambaout.cli.common.add_settings`, read back with `given_settings`), `--set KEY=VALUE` (`parse_set`: a bare key resolves to
 its section when only one section has it), the key lookup of recipe files (`find`) and the docs' settings table
 (`markdown`). Validation is the checks themselves (`checks.validate_fields`). Only the standard library is
 imported here: a command's `--help` builds its parser from the sections without loading anything else.
@@ -9,7 +9,6 @@ imported here: a command's `--help` builds its parser from the sections without 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import re
@@ -82,7 +81,7 @@ class Setting:
         return ("--" + self.name.replace("_", "-"),) if flags is None else tuple(flags)
 
 
-def _scalar(text: str):
+def scalar(text: str):
     """A number flag's value: an int, else a float (nan and inf too), else the text, which the check then names."""
     try:
         return int(text)
@@ -102,7 +101,7 @@ def coerce(value):
     return value
 
 
-def _yaml(text: str):
+def yaml_value(text: str):
     from mambaout.utils.safe_yaml import load_yaml
 
     return load_yaml(text, "value")
@@ -161,21 +160,6 @@ class Schema:
             out[setting] = coerce(load_yaml(value, f"--set {key.strip()}"))
         return out
 
-    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        """One option per setting that has flags, in a group per section; options not given stay out of the
-        namespace (so they never replace a recipe's value)."""
-        for section, cls in self.sections.items():
-            doc = (cls.__doc__ or "").strip().split("\n")[0]
-            group = parser.add_argument_group(section, doc.replace("%", "%%"))
-            for s in self.settings:
-                if s.section == section and s.flags:
-                    group.add_argument(*s.flags, dest=s.key, default=argparse.SUPPRESS, **_argument(s))
-
-    def given(self, args: argparse.Namespace) -> dict[Setting, object]:
-        """The settings given as options in a namespace `add_arguments` filled."""
-        values = vars(args)
-        return {s: values[s.key] for s in self.settings if s.key in values}
-
     def refuse_network_changes(self, resume: str, given: dict, saved: dict, flat: bool = False) -> None:
         """A resumed run takes later options, except another value of a setting that shapes the network.
 
@@ -202,7 +186,7 @@ class Schema:
             cells = (
                 f"`{s.key}`",
                 flags,
-                f"`{_show_default(s.default)}`",
+                f"`{show_default(s.default)}`",
                 allowed,
                 s.help + (" *network*" if s.network else ""),
             )
@@ -211,7 +195,7 @@ class Schema:
         return "\n".join(rows) + "\n"
 
 
-def _show_default(value) -> str:
+def show_default(value) -> str:
     if isinstance(value, tuple):
         value = list(value)
     if value is None:
@@ -219,23 +203,3 @@ def _show_default(value) -> str:
     if isinstance(value, bool):
         return str(value).lower()
     return str(value) if not isinstance(value, float) else f"{value:g}"
-
-
-def _argument(s: Setting) -> dict:
-    """`add_argument` keywords of a setting, from its check: every value reaches the check, which says what is
-    wrong in the one line every other source of a value gets (argparse's own `choices` and `type` would not)."""
-    check, help_ = s.check, s.help.replace("%", "%%")
-    default = _show_default(s.default).replace("%", "%%")
-    kw: dict = {"help": f"{help_} (default {default})" if help_ else f"default {default}"}
-    if check.kind == "boolean":
-        kw["action"] = argparse.BooleanOptionalAction
-    elif check.kind == "number":
-        kw.update(type=_scalar, metavar="N")
-    elif check.kind == "list":
-        kw.update(type=_scalar, nargs=check.nargs, metavar="N")
-    elif check.kind == "text":
-        kw["metavar"] = "{" + ",".join(check.choices) + "}" if check.choices else s.name.upper()
-    else:
-        kw.update(type=_yaml, metavar="YAML")
-    kw.update(s.field.metadata.get("cli", {}))
-    return kw
