@@ -39,8 +39,8 @@ def jobs(tmp: Path, data: Path) -> dict[str, list[str]]:
     ckpt = tmp / "digits" / "last.safetensors"
     images = tmp / "images"
     return {
-        "train": ["train", "--epochs", "1", "--no-progress", "--output", str(tmp / "train")],
-        "validate": ["validate", str(data), "--model", "mambaout_femto", "--random-weights", "--batch-size", "32"],
+        "train": ["train", "--epochs", "1", "--no-progress", "--overwrite", "--output", str(tmp / "train")],
+        "validate": ["validate", str(data), "--model", "mambaout_femto", "--random-weights", "--img-size", "112"],
         "predict": ["predict", str(images), "--checkpoint", str(ckpt), "--topk", "1"],
     }
 

@@ -257,6 +257,19 @@ def test_every_runtime_row_computes_timms_logits(runtime_files, key, monkeypatch
         assert 1e-4 < diff < 1.0, diff  # int8: quantised, differs from fp32, but not garbage
 
 
+@pytest.mark.heavy  # inductor compiles (tens of seconds on 2 cores)
+@pytest.mark.parametrize("key", list(rt.COMPILED))
+def test_compiled_runtime_rows_compute_timms_logits(runtime_files, key, monkeypatch):
+    import torch._inductor.config as inductor_config
+
+    monkeypatch.setattr(inductor_config, "freezing", inductor_config.freezing)  # the row sets it for its process
+    folder, _ = runtime_files
+    got = rt.measure(key, folder, [2], iters=1, warmup=0, threads=torch.get_num_threads(), img_size=SIZE)
+    assert got["diff"] < (1e-4 if rt.COMPILED[key] == "fp32" else 0.1), got["diff"]
+    if rt.COMPILED[key] == "bf16":
+        assert got["diff"] > 0  # really ran in bf16
+
+
 @pytest.mark.heavy  # a whole `benchmark --runtimes`: exports, quantisation and three worker processes
 def test_benchmark_runtimes_runs_each_row_in_its_own_process(tmp_path, capsys, monkeypatch):
     import csv
