@@ -259,12 +259,13 @@ def test_every_runtime_row_computes_timms_logits(runtime_files, key, monkeypatch
 
 @pytest.mark.heavy  # inductor compiles (tens of seconds on 2 cores)
 @pytest.mark.parametrize("key", list(rt.COMPILED))
-def test_compiled_runtime_rows_compute_timms_logits(runtime_files, key, monkeypatch):
+def test_compiled_runtime_rows_compute_timms_logits(runtime_files, key):
     import torch._inductor.config as inductor_config
 
-    monkeypatch.setattr(inductor_config, "freezing", inductor_config.freezing)  # the row sets it for its process
     folder, _ = runtime_files
-    got = rt.measure(key, folder, [2], iters=1, warmup=0, threads=torch.get_num_threads(), img_size=SIZE)
+    with inductor_config.patch(freezing=inductor_config.freezing):  # the row sets it for its (own) process
+        got = rt.measure(key, folder, [2], iters=1, warmup=0, threads=torch.get_num_threads(), img_size=SIZE)
+    assert not inductor_config.freezing
     assert got["diff"] < (1e-4 if rt.COMPILED[key] == "fp32" else 0.1), got["diff"]
     if rt.COMPILED[key] == "bf16":
         assert got["diff"] > 0  # really ran in bf16

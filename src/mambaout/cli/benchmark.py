@@ -323,7 +323,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per model first")
     p.add_argument("--iters", type=int, default=5, help="timed steps per model, interleaved")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
+    p.add_argument(
+        "--threads", type=int, default=None, help="CPU threads (default: the cores free at start-up, utils/threads.py)"
+    )
     p.add_argument("--with-reference", action="store_true", help="also time our model with the fast paths off")
     p.add_argument(
         "--fused-kernels", action="store_true", help="also time our model with the opt-in fused Triton kernels (CUDA)"
