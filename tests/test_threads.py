@@ -41,8 +41,7 @@ def test_free_cores_on_a_share_of_a_bigger_machine(monkeypatch):
     before = CpuSnapshot(busy=0.0, total=0.0, own=0.0, wall=0.0)
     after = CpuSnapshot(busy=4.0, total=8.0, own=0.0, wall=1.0)  # 4 of 8 CPUs busy with others
     assert free_cores(before, after, cores=8) == pytest.approx(4.0)
-    assert free_cores(before, after, cores=2) == pytest.approx(1.0)  # others spread evenly: a quarter of ours is...
-    # ...2 CPUs less their share (4 busy x 2/8 = 1)
+    assert free_cores(before, after, cores=2) == pytest.approx(1.0)  # 2 CPUs less the others' share: 4 x 2/8 = 1
 
 
 def test_short_window_or_nothing_known_keeps_every_core(monkeypatch):
@@ -116,3 +115,11 @@ def test_cli_start_up_applies_the_policy_without_loading_torch_early():
     env.pop("OMP_NUM_THREADS", None)
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert out.split()[0] == "1" and "MAMBAOUT_THREADS=1" in out
+
+
+def test_a_bad_thread_count_in_the_environment_is_one_line_and_exit_2():
+    env = dict(os.environ, PYTHONPATH=SRC, MAMBAOUT_THREADS="lots")
+    done = subprocess.run([sys.executable, "-m", "mambaout", "models"], env=env, capture_output=True, text=True)
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+        "mambaout models: MAMBAOUT_THREADS='lots': expected a whole number of threads (or 'all' for MAMBAOUT_THREADS)"
+    ]

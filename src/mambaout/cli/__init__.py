@@ -119,6 +119,9 @@ def _start_up(command: str) -> None:
         import timm  # noqa: F401  (imports torch and torchvision)
 
         threads.settle()
+    except ValueError as e:  # MAMBAOUT_THREADS / OMP_NUM_THREADS that is not a count
+        print(f"mambaout {command}: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     finally:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)

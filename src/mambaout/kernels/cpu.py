@@ -107,9 +107,10 @@ def _fast_dtype(x: torch.Tensor, block: nn.Module) -> bool:
 def can_use_cpu_fastpath(block: nn.Module, x: torch.Tensor) -> bool:
     """Whether `gated_block_inference` may replace the block's reference forward for this input.
 
-    Only for float32 CPU tensors (bf16 too, with bf16 weights, after `set_cpu_bf16(True)`) outside autocast, with autograd off (under `no_grad` / `inference_mode`), outside
-    tracing, export and compilation (those see the reference graph), and when nobody hooks `fc1`/`fc2` (e.g. the
-    MAC counter), because this path calls their weights directly instead of the modules.
+    Only for float32 CPU tensors (bf16 too, with bf16 weights, after `set_cpu_bf16(True)`) outside autocast, with
+    autograd off (under `no_grad` / `inference_mode`), outside tracing, export and compilation (those see the
+    reference graph), and when nobody hooks `fc1`/`fc2` (e.g. the MAC counter), because this path calls their
+    weights directly instead of the modules.
     """
     return (
         _ONEDNN
