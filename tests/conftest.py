@@ -5,9 +5,16 @@ import threading
 from pathlib import Path
 
 import pytest
-import torch
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+from mambaout.utils import threads as _threads
+
+# The test run follows the commands' thread policy: as many torch threads as cores are free while torch loads, at
+# most 2 (tiny test tensors gain nothing from more); a test run beside a busy process otherwise took 12 min
+# (issue 27). MAMBAOUT_THREADS=N or OMP_NUM_THREADS=N fix the count.
+_threads.begin()
+import torch  # noqa: E402
+
+_threads.settle(most=2)
 
 SHARED_DATA = Path(os.environ.get("MAMBAOUT_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 

@@ -2,15 +2,16 @@
 `benchmark --runtimes` table on a toy model (structure and agreement only; speed is never asserted here)."""
 
 import copy
+import importlib.util
 import json
 import tarfile
 
-import numpy as np
 import pytest
 import torch
 
 import mambaout
 from mambaout.cli import main
+from mambaout.deploy import benchmark as rt
 from mambaout.inference import precision
 
 pytest.importorskip("onnxruntime", reason="the export extra is not installed: pip install 'mambaout[export]'")
@@ -226,31 +227,80 @@ def test_openvino_export_equals_pytorch(fitted, tmp_path):
 # --- benchmark --runtimes --------------------------------------------------------------------------------------------
 
 
-def test_benchmark_runtimes_table_on_a_toy_model(tmp_path, capsys):
+@pytest.fixture(scope="module")
+def runtime_files(tmp_path_factory):
+    """What `benchmark --runtimes` writes before its rows run: the toy model's weights, exports and probe."""
+    folder = tmp_path_factory.mktemp("runtimes")
+    notes = rt.prepare("mambaout_test", folder, SIZE, openvino=importlib.util.find_spec("openvino") is not None)
+    return folder, notes
+
+
+@pytest.mark.parametrize("key", list(rt.IMPLS))
+def test_every_runtime_row_computes_timms_logits(runtime_files, key, monkeypatch):
+    """Each row of `benchmark --runtimes`, built as its own process builds it, against timm fp32 on the probe."""
+    from mambaout.kernels import cpu
+
+    folder, notes = runtime_files
+    if key.startswith("OpenVINO") and key in notes:
+        pytest.skip(notes[key])
+    monkeypatch.setattr(cpu, "_BF16", cpu._BF16)  # the bf16 fast-path row switches it on for its process
+    got = rt.measure(key, folder, [1, 3], iters=1, warmup=0, threads=torch.get_num_threads(), img_size=SIZE)
+    assert {int(b): len(t) for b, t in got["times"].items()} == {1: 1, 3: 1} and min(got["times"][3]) > 0
+    diff = got["diff"]
+    if key == "timm fp32":
+        assert diff == 0  # the baseline against itself: the probe's logits were computed by this very model
+    elif rt.IMPLS[key] == "fp32":
+        assert diff < 1e-4, diff  # the same function as timm's, up to float rounding
+    elif rt.IMPLS[key] == "bf16":
+        assert 0 < diff < 0.1, diff  # bf16 rounding (emulated where the CPU lacks bf16)
+    else:
+        assert 1e-4 < diff < 1.0, diff  # int8: quantised, differs from fp32, but not garbage
+
+
+@pytest.mark.heavy  # inductor compiles (tens of seconds on 2 cores)
+@pytest.mark.parametrize("key", list(rt.COMPILED))
+def test_compiled_runtime_rows_compute_timms_logits(runtime_files, key):
+    import torch._inductor.config as inductor_config
+
+    folder, _ = runtime_files
+    with inductor_config.patch(freezing=inductor_config.freezing):  # the row sets it for its (own) process
+        got = rt.measure(key, folder, [2], iters=1, warmup=0, threads=torch.get_num_threads(), img_size=SIZE)
+    assert not inductor_config.freezing
+    assert got["diff"] < (1e-4 if rt.COMPILED[key] == "fp32" else 0.1), got["diff"]
+    if rt.COMPILED[key] == "bf16":
+        assert got["diff"] > 0  # really ran in bf16
+
+
+@pytest.mark.heavy  # a whole `benchmark --runtimes`: exports, quantisation and three worker processes
+def test_benchmark_runtimes_runs_each_row_in_its_own_process(tmp_path, capsys, monkeypatch):
     import csv
 
+    pids = []
+    real = rt._own_process
+
+    def spy(cmd, timeout=1800):
+        got = real(cmd, timeout)
+        pids.append(cmd[3])
+        return got
+
+    monkeypatch.setattr(rt, "_own_process", spy)
     out_csv = tmp_path / "rows.csv"
     argv = ["benchmark", "--runtimes", "--models", "mambaout_test", "--img-size", "64", "--batch-size", "3"]
-    assert main(argv + ["--iters", "1", "--warmup", "0", "--device", "cpu", "--csv", str(out_csv)]) == 0
+    argv += ["--only", "ours fp32", "ours int8 (ONNX Runtime)", "--iters", "1", "--warmup", "0", "--device", "cpu"]
+    assert main(argv + ["--csv", str(out_csv)]) == 0
+    assert pids == ["timm fp32", "ours fp32", "ours int8 (ONNX Runtime)"]  # one worker process per row
     out = capsys.readouterr().out
-    assert "| timm fp32" in out and "| ours int8 (ONNX Runtime)" in out
+    assert "each row in its own process" in out and "| ours int8 (ONNX Runtime)" in out
     assert "roofline fp32, batch 1:" in out and "GMACs/image" in out
     rows = list(csv.DictReader(out_csv.open()))
-    impls = {r["impl"] for r in rows}
-    assert {"timm fp32", "ours fp32", "ours bf16", "ours int8 (ONNX Runtime)", "ONNX Runtime fp32, our export"} <= impls
-    assert {r["batch_size"] for r in rows} == {"1", "3"}
+    assert {(r["impl"], r["batch_size"]) for r in rows} == {
+        (k, b) for k in ("timm fp32", "ours fp32", "ours int8 (ONNX Runtime)") for b in ("1", "3")
+    }
     for r in rows:
-        diff = float(r["max_abs_diff_vs_timm"])
-        assert np.isfinite(diff)
-        if "fp32" in r["impl"]:  # the same function as timm's, up to float rounding
-            assert diff < 1e-4, r
-        if r["img_per_s"]:
-            assert float(r["img_per_s"]) > 0 and float(r["ratio_vs_timm"]) > 0
+        assert float(r["img_per_s"]) > 0 and float(r["ratio_vs_timm"]) > 0
         if r["impl"] == "timm fp32":
-            assert diff == 0 and float(r["ratio_vs_timm"]) == 1
-        if r["impl"] == "ours bf16":
-            assert 0 < diff < 0.1  # bf16 rounding, measured even where it is not timed
-        if "int8" in r["impl"]:
-            assert diff > 1e-4  # quantised: differs from fp32
+            assert float(r["max_abs_diff_vs_timm"]) == 0 and float(r["ratio_vs_timm"]) == 1
     with pytest.raises(SystemExit):  # --calib belongs to --runtimes
         main(["benchmark", "--models", "mambaout_test", "--calib", "x"])
+    with pytest.raises(SystemExit):
+        main(["benchmark", "--models", "mambaout_test", "--only", "ours fp32"])

@@ -61,6 +61,31 @@ def test_fast_block_equals_reference(kwargs, mode, matmul, monkeypatch):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("kwargs", [dict(), dict(kernel_size=3, conv_ratio=0.5), dict(act_layer=nn.SiLU)])
+@pytest.mark.parametrize("matmul", ["onednn", "blas"])
+def test_bf16_fast_block_is_opt_in_and_near_the_fp32_reference(kwargs, matmul, monkeypatch):
+    """bf16 weights and inputs through the fast path (opt-in, `set_cpu_bf16`), against the fp32 reference of the
+    same block: within bf16 rounding. On a CPU without bf16 arithmetic oneDNN emulates it: same numbers, slower."""
+    monkeypatch.setattr(cpu, "_MODE", matmul)
+    monkeypatch.setattr(cpu, "_BF16", False)
+    block = _block(**kwargs)
+    x = torch.randn(2, 13, 11, 37)
+    with torch.no_grad():
+        want = block._forward_reference(x)
+        low, xb = copy.deepcopy(block).to(torch.bfloat16), x.to(torch.bfloat16)
+        assert not cpu.can_use_cpu_fastpath(low, xb)  # off by default
+        cpu.set_cpu_bf16(True)
+        assert cpu.cpu_bf16_enabled() and cpu.can_use_cpu_fastpath(low, xb)
+        assert not cpu.can_use_cpu_fastpath(low, x)  # fp32 input into bf16 weights: the reference's business
+        got = low(xb)
+    assert got.dtype == torch.bfloat16
+    err = (got.float() - want).abs().max() / want.abs().max()
+    assert err < 3e-2, err  # bf16 keeps 8 bits of mantissa: ~0.4% per rounding, a few roundings deep
+    with torch.no_grad(), kernels.reference_mode():
+        ref_bf16 = low(xb)  # the plain forward in bf16 rounds differently but no worse
+    assert (got.float() - want).abs().max() <= 2 * (ref_bf16.float() - want).abs().max() + 1e-2
+
+
 def test_auto_times_each_shape_once_and_keeps_its_choice(monkeypatch):
     monkeypatch.setattr(cpu, "_MODE", "auto")
     monkeypatch.setattr(cpu, "_CHOSEN", {})
@@ -212,6 +237,10 @@ def test_benchmark_command_writes_rows(tmp_path, capsys, monkeypatch):
     assert [float(r["speedup_vs_timm"]) for r in rows] == [1.0, 2.0, 0.5]  # timm's seconds / each one's
     assert [float(r["img_per_s"]) for r in rows] == [10.0, 20.0, 5.0]  # batch 2 / seconds
     assert "vs timm" in capsys.readouterr().out
+    monkeypatch.chdir(tmp_path)
+    assert benchmark.main(args + ["--warmup", "0", "--iters", "1", "--with-reference"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.csv"]  # no CSV written unless --csv asks
+    assert "appended" not in capsys.readouterr().out
     assert benchmark.main(["--models", "mambaout_test", "--device", "cpu", "--csv", ""]) == 2  # timm lacks it
     assert benchmark.default_csv(torch.device("cpu")).startswith("benchmark-")
 

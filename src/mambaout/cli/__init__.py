@@ -101,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
 def _start_up(command: str) -> None:
     """Import what every command needs (torch, torchvision, timm: seconds) with Ctrl-C ending the process at once,
     in one line: nothing has been written yet, and an interrupt inside an extension's import would otherwise end
-    in a long traceback, or abort the interpreter from C++ code. Ctrl-C behaves as usual afterwards."""
+    in a long traceback, or abort the interpreter from C++ code. Ctrl-C behaves as usual afterwards. Then the
+    thread policy (`mambaout.utils.threads`): as many torch threads as cores were left free during the import."""
 
     def stop(signum, frame):
         os.write(2, f"mambaout {command}: interrupted while starting (Ctrl-C); nothing was written\n".encode())
@@ -111,8 +112,16 @@ def _start_up(command: str) -> None:
         previous = signal.signal(signal.SIGINT, stop)
     except ValueError:  # not the main thread (a caller's worker thread): nothing to install
         previous = None
+    from mambaout.utils import threads
+
+    threads.begin()  # the thread policy watches the machine while torch loads (mambaout/utils/threads.py)
     try:
         import timm  # noqa: F401  (imports torch and torchvision)
+
+        threads.settle()
+    except ValueError as e:  # MAMBAOUT_THREADS / OMP_NUM_THREADS that is not a count
+        print(f"mambaout {command}: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     finally:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)

@@ -2,7 +2,8 @@
 
 For each model: build timm's and ours, copy timm's weights into ours, check the outputs agree, then time steps
 interleaved (timm, ours, timm, ours, ...) so both see the same machine load. Reports images/s, ms/step (median),
-peak memory and the ratio ours/timm, and writes a CSV named by device and torch version.
+peak memory and the ratio ours/timm; `--csv PATH` appends the rows to a CSV (`default_csv` names one by device and
+torch version, as benchmarks/cpu_check.sh does).
 
 Peak memory: on CUDA `torch.cuda.max_memory_allocated` over one step (after the timed ones); on CPU the growth of
 the process's resident set during one step, sampled every millisecond from /proc/self/statm (approximate: it
@@ -312,18 +313,24 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_amp_argument(
         p, help="autocast as train and validate name it: bare --amp is --dtype bf16; auto: bf16 on CUDA, fp32 on CPU"
     )
-    p.add_argument("--compile", action="store_true", help="torch.compile both models")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile both models (--runtimes: add compiled rows, fp32 and bf16)",
+    )
     p.add_argument("--channels-last", action="store_true", help="channels-last input and conv weights for both")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda[:i]")
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per model first")
     p.add_argument("--iters", type=int, default=5, help="timed steps per model, interleaved")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
+    p.add_argument(
+        "--threads", type=int, default=None, help="CPU threads (default: the cores free at start-up, utils/threads.py)"
+    )
     p.add_argument("--with-reference", action="store_true", help="also time our model with the fast paths off")
     p.add_argument(
         "--fused-kernels", action="store_true", help="also time our model with the opt-in fused Triton kernels (CUDA)"
     )
-    p.add_argument("--csv", default=None, help="append rows here (default benchmark-<device>-torch<ver>.csv; '' none)")
+    p.add_argument("--csv", default=None, help="append the rows to this CSV file (default: write none)")
     p.add_argument(
         "--runtimes",
         action="store_true",
@@ -331,6 +338,8 @@ def get_args_parser() -> argparse.ArgumentParser:
         "with a roofline line (mambaout.deploy.benchmark)",
     )
     p.add_argument("--calib", default=None, help="--runtimes: images to calibrate the int8 row on (default: random)")
+    p.add_argument("--rounds", type=int, default=1, help="--runtimes: run every row's process this many times")
+    p.add_argument("--only", nargs="+", default=None, help="--runtimes: just these rows (and timm fp32, the baseline)")
     return p
 
 
@@ -343,11 +352,15 @@ def runtimes_main(args) -> int:
 
     name = args.models[0]
     sizes = tuple(sorted({1, args.batch_size}))
-    rows = rt.runtime_rows(name, sizes, args.img_size, args.iters, args.warmup, args.calib)
+    rows = rt.runtime_rows(
+        name, sizes, args.img_size, args.iters, args.warmup, args.calib, compile=args.compile, rounds=args.rounds,
+        threads=torch.get_num_threads(), only=args.only,
+    )  # fmt: skip
     versions = _versions()
     print(
-        f"{device_name(torch.device('cpu'))}, {name} at {args.img_size} px, median of {args.iters} interleaved steps, "
-        f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d}; {versions}"
+        f"{device_name(torch.device('cpu'))}, {name} at {args.img_size} px, each row in its own process, median of "
+        f"{args.iters * args.rounds} steps, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; "
+        f"{versions}"
     )
     print(rt.format_runtime_table(rows))
     native, cpu = cpu_bf16_support()
@@ -405,7 +418,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         parser.error(str(e))
     if args.threads:
-        torch.set_num_threads(args.threads)
+        from mambaout.utils.threads import set_threads
+
+        set_threads(args.threads)
     if args.runtimes:
         if torch.device(args.device).type != "cpu":
             parser.error("--runtimes compares CPU runtimes: pass --device cpu")
@@ -414,8 +429,8 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as e:
             print(f"mambaout benchmark: {e}")
             return 2
-    elif args.calib:
-        parser.error("--calib applies to --runtimes only")
+    elif args.calib or args.only or args.rounds != 1:
+        parser.error("--calib, --only and --rounds apply to --runtimes only")
     rows = []
     for name in args.models:
         try:
@@ -443,7 +458,7 @@ def main(argv: list[str] | None = None) -> int:
         f"median of {args.iters} interleaved steps"
     )
     print(format_table(rows))
-    csv_path = default_csv(torch.device(args.device)) if args.csv is None else args.csv
+    csv_path = args.csv
     if csv_path:
         try:
             write_csv(rows, csv_path)

@@ -1,13 +1,25 @@
-"""`mambaout benchmark --runtimes`: every way of running one model on this CPU, side by side, in one run.
+"""`mambaout benchmark --runtimes`: every way of running one model on this CPU, each alone in its own process.
 
-    flock /tmp/mambaout-cpu.lock mambaout benchmark --runtimes --models mambaout_femto --batch-size 32
+    flock /tmp/mambaout-cpu.lock mambaout benchmark --runtimes --models mambaout_femto --batch-size 32 [--compile]
 
-Rows: timm fp32 (the baseline), ours fp32 (the default path), ours bf16 (bf16 weights; timed only where the CPU has
-bf16 arithmetic), ours int8 (ONNX Runtime's static quantisation of our export), ONNX Runtime fp32 on our export and
-on timm's, OpenVINO fp32 on our export (and bf16 where the CPU has it) when `openvino` is installed. Same weights
-(timm's, copied into ours), same random input, same thread count; the steps are interleaved (one of each in turn),
-so load from other processes hits every row alike. Each row: img/s (median step), the ratio to timm fp32 in this
-run, and the max |logit difference| to timm fp32 on the same two images.
+Rows: timm fp32 (the baseline), ours fp32 (the default path), ours bf16 (bf16 weights; plain block forward, and
+with the opt-in bf16 CPU fast path, `MAMBAOUT_CPU_BF16=1`), timm under bf16 autocast,
+ours int8 (ONNX Runtime's static quantisation of our export), ONNX Runtime fp32 on our export and on timm's,
+OpenVINO fp32 and bf16 on our export (when `openvino` is installed); `--compile` adds timm and ours under
+`torch.compile`, fp32 and bf16. bf16 rows are timed only where the CPU has bf16 arithmetic (AVX512-BF16, AMX).
+
+Why one process per row: every runtime keeps its own pool of threads, and a pool spins for a while after its work
+is done. Timed in one process, a row right after another ran at 0.6x its speed alone (issue 27), so the table
+compared thread pools, not implementations. Here the parent writes the files every row needs (the weights, the
+exports, two probe images and timm's logits on them: `prepare`), then starts `python -m mambaout.deploy.benchmark
+ROW FOLDER ...` for each row in turn (`measure`); a row's process sees no other pool. Same weights (timm's, copied
+into ours), same thread count; `rounds` > 1 runs every row's process again, one of each in turn, so a passing
+load hits every row alike. Each row: img/s (median step), the ratio to timm fp32, the max |logit difference| to
+timm fp32 on the same two images, and the load average when its process ended.
+
+Runtime settings are the ones their documentation recommends for latency: ONNX Runtime with sequential execution,
+every graph optimisation and spinning intra-op threads (its defaults), as many threads as torch; OpenVINO with the
+LATENCY performance hint and the same thread count (mambaout/deploy/runtimes.py).
 
 The roofline line: the model's MACs per image, the peak of this machine for that dtype measured by a large GEMM
 (torch.mm; int8: `torch._int_mm`), and the fraction of it the fastest row of that dtype reaches.
@@ -15,8 +27,12 @@ The roofline line: the model's MACs per image, the peak of this machine for that
 
 from __future__ import annotations
 
-import contextlib
+import argparse
+import json
+import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -24,7 +40,18 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["gemm_peak_gflops", "timm_twin", "runtime_rows", "format_runtime_table", "roofline_lines"]
+__all__ = [
+    "gemm_peak_gflops",
+    "timm_twin",
+    "IMPLS",
+    "COMPILED",
+    "prepare",
+    "load_impl",
+    "measure",
+    "runtime_rows",
+    "format_runtime_table",
+    "roofline_lines",
+]
 
 
 def gemm_peak_gflops(dtype: str = "fp32", n: int = 2048, repeats: int = 3) -> float | None:
@@ -95,21 +122,38 @@ def timm_twin(name: str, **kwargs):
     return timm.create_model("mambaout_femto", **arch, **kwargs)
 
 
-def runtime_rows(
-    name: str = "mambaout_femto",
-    batch_sizes: tuple[int, ...] = (1, 32),
-    img_size: int = 224,
-    iters: int = 10,
-    warmup: int = 2,
-    calib: str | None = None,
-    log: Callable[[str], None] = print,
-) -> list[dict]:
-    """Time every available way of running `name` (see the module docstring); one dict per (implementation, batch)."""
+# Row name -> the dtype its arithmetic runs in (for the roofline line). Each row is timed in its own process.
+IMPLS = {
+    "timm fp32": "fp32",
+    "ours fp32": "fp32",
+    "ours bf16": "bf16",
+    "ours bf16, fast path": "bf16",
+    "timm bf16 (autocast)": "bf16",
+    "ours int8 (ONNX Runtime)": "int8",
+    "ONNX Runtime fp32, our export": "fp32",
+    "ONNX Runtime fp32, timm's export": "fp32",
+    "OpenVINO fp32, our export": "fp32",
+    "OpenVINO bf16, our export": "bf16",
+}
+# --compile adds these: the peers a user would otherwise pick (inductor with freezing: weights frozen into the graph).
+COMPILED = {
+    "timm fp32 (torch.compile)": "fp32",
+    "ours fp32 (torch.compile)": "fp32",
+    "timm bf16 (torch.compile, autocast)": "bf16",
+    "ours bf16 (torch.compile)": "bf16",
+}
+_BF16_ROWS = {k for k, d in {**IMPLS, **COMPILED}.items() if d == "bf16"}
+
+
+def prepare(
+    name: str, folder: Path, img_size: int = 224, calib: str | None = None, openvino: bool = True
+) -> dict[str, str]:
+    """Write what the rows load into `folder`: the weights (timm's, which ours loads too), the two probe images
+    and timm's logits on them, our ONNX export (fp32 and int8), timm's, and our OpenVINO IR. Returns notes per row."""
     from mambaout.data.image import eval_transform
     from mambaout.deploy.quantize import calibration_images, quantize_int8
-    from mambaout.deploy.runtimes import OnnxRuntimeModel, OpenVinoModel, export_openvino, ort_session
+    from mambaout.deploy.runtimes import export_openvino
     from mambaout.inference.export import export_onnx
-    from mambaout.inference.precision import LowPrecision, cpu_bf16_support
     from mambaout.models.factory import create_model
 
     torch.manual_seed(0)
@@ -121,51 +165,174 @@ def runtime_rows(
     probe = torch.randn(2, *shape)  # the two images every row's |diff| is measured on
     with torch.inference_mode():
         want = ref(probe)
-    bf16_native, cpu = cpu_bf16_support()
-    impls: dict[str, torch.nn.Module | Callable] = {"timm fp32": ref, "ours fp32": ours}
-    notes: dict[str, str] = {}
-    bf16 = LowPrecision(create_model(name).eval(), torch.bfloat16)
-    bf16.model.load_state_dict(ref.state_dict())
-    impls["ours bf16"] = bf16
-    if not bf16_native:
-        notes["ours bf16"] = f"not timed: {cpu} would emulate bf16 (|diff| measured emulated)"
-    tmp = Path(tempfile.mkdtemp(prefix="mambaout-runtimes-"))
-    onnx_ours = export_onnx(ours, tmp / "ours.onnx", img_size)
-    onnx_timm = export_onnx(ref, tmp / "timm.onnx", img_size, metadata={})
+    torch.save({"weights": ref.state_dict(), "probe": probe, "want": want, "name": name}, folder / "weights.pt")
+    notes = {}
+    export_onnx(ours, folder / "ours.onnx", img_size)
+    export_onnx(ref, folder / "timm.onnx", img_size, metadata={})
     if calib:
         images = calibration_images(calib, eval_transform(ours.pretrained_cfg), 64)
         notes["ours int8 (ONNX Runtime)"] = f"calibrated on {len(images)} images from {calib}"
     else:  # the speed does not depend on the calibration; the |diff| does (random weights, random images)
         images = torch.randn(32, *shape).numpy()
         notes["ours int8 (ONNX Runtime)"] = "calibrated on 32 random images (pass --calib DIR for real ones)"
-    quantize_int8(onnx_ours, tmp / "ours-int8.onnx", images)
-    impls["ours int8 (ONNX Runtime)"] = OnnxRuntimeModel(tmp / "ours-int8.onnx")
-    impls["ONNX Runtime fp32, our export"] = OnnxRuntimeModel(onnx_ours)
-    session = ort_session(onnx_timm)  # timm's export carries no metadata: run its session bare
-    impls["ONNX Runtime fp32, timm's export"] = lambda x: torch.from_numpy(
-        session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
-    )
-    try:
-        xml = export_openvino(ours, tmp / "ours.xml", img_size)
-        impls["OpenVINO fp32, our export"] = OpenVinoModel(xml, "f32")
-        if bf16_native:
-            impls["OpenVINO bf16, our export"] = OpenVinoModel(xml, "bf16")
-    except ImportError:
-        notes["OpenVINO"] = "not installed (pip install 'mambaout[openvino]')"
+    quantize_int8(folder / "ours.onnx", folder / "ours-int8.onnx", images)
+    if openvino:
+        try:
+            export_openvino(ours, folder / "ours.xml", img_size)
+        except ImportError:
+            for key in ("OpenVINO fp32, our export", "OpenVINO bf16, our export"):
+                notes[key] = "not installed (pip install 'mambaout[openvino]')"
+    return notes
 
-    diffs = {}
-    for key, impl in impls.items():
-        with torch.inference_mode():
-            diffs[key] = float((impl(probe).float() - want).abs().max())
-    timed = {k: v for k, v in impls.items() if not (k == "ours bf16" and not bf16_native)}
+
+def load_impl(key: str, folder: Path, threads: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The row `key` built from `prepare`'s files, as a function of a float32 image batch returning logits."""
+    from mambaout.deploy.runtimes import OnnxRuntimeModel, OpenVinoModel, ort_session
+    from mambaout.inference.precision import LowPrecision
+    from mambaout.models.factory import create_model
+
+    saved = torch.load(folder / "weights.pt", weights_only=True)
+    name, weights = saved["name"], saved["weights"]
+    compiled = "torch.compile" in key
+
+    def torch_model(kind: str) -> torch.nn.Module:
+        model = timm_twin(name) if kind == "timm" else create_model(name)
+        model.load_state_dict(weights)
+        return model.eval()
+
+    if key.startswith(("timm", "ours")) and "ONNX" not in key:
+        kind = key.split()[0]
+        model = torch_model(kind)
+        if "bf16" in key and kind == "ours":
+            model = LowPrecision(model, torch.bfloat16)  # bf16 weights, converted once
+            if "fast path" in key:  # the opt-in bf16 CPU fast path (mambaout.kernels.cpu.set_cpu_bf16)
+                from mambaout.kernels.cpu import set_cpu_bf16
+
+                set_cpu_bf16(True)
+        if compiled:
+            # inductor as PyTorch recommends for CPU inference: weights frozen into the graph as constants (folded,
+            # pre-packed for oneDNN). A process-wide setting: this row runs in its own process.
+            import torch._inductor.config as inductor_config
+
+            inductor_config.freezing = True
+            model = torch.compile(model)
+        if "autocast" in key:
+            return lambda x: _autocast_call(model, x)
+        return model
+    if key == "ours int8 (ONNX Runtime)":
+        return OnnxRuntimeModel(folder / "ours-int8.onnx", threads)
+    if key == "ONNX Runtime fp32, our export":
+        return OnnxRuntimeModel(folder / "ours.onnx", threads)
+    if key == "ONNX Runtime fp32, timm's export":
+        session = ort_session(folder / "timm.onnx", threads)  # timm's export carries no metadata: run it bare
+        input_name = session.get_inputs()[0].name
+        return lambda x: torch.from_numpy(session.run(None, {input_name: x.numpy()})[0])
+    if key.startswith("OpenVINO"):
+        return OpenVinoModel(folder / "ours.xml", "bf16" if "bf16" in key else "f32", threads)
+    raise ValueError(f"unknown implementation {key!r}; expected one of {sorted({**IMPLS, **COMPILED})}")
+
+
+def _autocast_call(model, x: torch.Tensor) -> torch.Tensor:
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        return model(x).float()
+
+
+def measure(key: str, folder: Path, batch_sizes, iters: int, warmup: int, threads: int, img_size: int) -> dict:
+    """In this process: build row `key`, its max |logit diff| to timm fp32 on the probe, and `iters` timed steps per
+    batch size after `warmup` untimed ones (compilation, oneDNN's first-call work, the matmul choice)."""
+    from mambaout.utils.threads import set_threads
+
+    set_threads(threads, "benchmark worker")
+    impl = load_impl(key, folder, threads)
+    saved = torch.load(folder / "weights.pt", weights_only=True)
+    with torch.inference_mode():
+        diff = float((impl(saved["probe"]).float() - saved["want"]).abs().max())
+    times = {}
+    for bs in batch_sizes:
+        x = torch.randn(bs, 3, img_size, img_size)
+        for _ in range(warmup):
+            _call(impl, x)
+        times[bs] = []
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            _call(impl, x)
+            times[bs].append(time.perf_counter() - t0)
+    return {"diff": diff, "times": times, "load": os.getloadavg()[0]}
+
+
+def _worker_cmd(key: str, folder: Path, batch_sizes, iters: int, warmup: int, threads: int, img_size: int):
+    sizes = [str(b) for b in batch_sizes]
+    return [sys.executable, "-m", "mambaout.deploy.benchmark", key, str(folder), "--batch-sizes", *sizes,
+            "--iters", str(iters), "--warmup", str(warmup), "--threads", str(threads), "--img-size", str(img_size)]  # fmt: skip
+
+
+def _own_process(cmd: list[str], timeout: float = 1800) -> dict:
+    """Run one worker (`python -m mambaout.deploy.benchmark ...`) and read the JSON line it prints last."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))  # the same mambaout as ours
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    lines = done.stdout.strip().splitlines()
+    if done.returncode != 0 or not lines:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
+        raise RuntimeError(f"{cmd[3]!r} failed (exit {done.returncode}): " + " | ".join(tail))
+    return json.loads(lines[-1])
+
+
+def runtime_rows(
+    name: str = "mambaout_femto",
+    batch_sizes: tuple[int, ...] = (1, 32),
+    img_size: int = 224,
+    iters: int = 10,
+    warmup: int = 2,
+    calib: str | None = None,
+    log: Callable[[str], None] = print,
+    compile: bool = False,
+    rounds: int = 1,
+    threads: int | None = None,
+    only: list[str] | None = None,
+) -> list[dict]:
+    """Time every available way of running `name`, each in its own process (see the module docstring).
+
+    `rounds` runs every row's process that many times, one of each in turn, and takes the median over all their
+    steps; `only` restricts the rows (timm fp32 always runs: it is the baseline). One dict per (row, batch).
+    """
+    from mambaout.inference.precision import cpu_bf16_support
+
+    threads = threads or torch.get_num_threads()
+    keys = list(IMPLS) + (list(COMPILED) if compile else [])
+    if only:
+        unknown = set(only) - set(keys)
+        if unknown:
+            raise ValueError(f"unknown --only row(s) {sorted(unknown)}; expected some of {keys}")
+        keys = [k for k in keys if k == "timm fp32" or k in only]
+    bf16_native, cpu = cpu_bf16_support()
+    with tempfile.TemporaryDirectory(prefix="mambaout-runtimes-") as tmp:
+        folder = Path(tmp)
+        notes = prepare(name, folder, img_size, calib, openvino=any(k.startswith("OpenVINO") for k in keys))
+        timed: dict[str, bool] = {}
+        for key in keys:
+            timed[key] = key not in notes or "int8" in key
+            if key in _BF16_ROWS and not bf16_native:
+                timed[key] = key == "ours bf16"  # its |diff| is still measured, emulated
+                notes[key] = f"not timed: {cpu} would emulate bf16"
+        results: dict[str, dict] = {}
+        for _ in range(rounds):
+            for key in (k for k in keys if timed[k]):
+                sizes = batch_sizes if not (key in _BF16_ROWS and not bf16_native) else (batch_sizes[0],)
+                got = _own_process(_worker_cmd(key, folder, sizes, iters if sizes == batch_sizes else 1,
+                                               warmup, threads, img_size))  # fmt: skip
+                log(f"  {key}: done (load average {got['load']:.2f})")
+                if key not in results:
+                    results[key] = {"diff": got["diff"], "times": {int(b): [] for b in got["times"]}, "load": []}
+                for b, t in got["times"].items():
+                    results[key]["times"][int(b)] += t
+                results[key]["load"].append(got["load"])
     rows = []
     for bs in batch_sizes:
-        x = torch.randn(bs, *shape)
-        steps = {k: (lambda impl=impl, x=x: _call(impl, x)) for k, impl in timed.items()}
-        times = _interleaved(steps, warmup, iters)
-        base = statistics.median(times["timm fp32"])
-        for key in impls:
-            med = statistics.median(times[key]) if key in times else None
+        base = statistics.median(results["timm fp32"]["times"][bs])
+        for key in keys:
+            res = results.get(key)
+            real = res is not None and not (key in _BF16_ROWS and not bf16_native)
+            med = statistics.median(res["times"][bs]) if real else None
             rows.append(
                 dict(
                     model=name,
@@ -175,36 +342,18 @@ def runtime_rows(
                     img_per_s=round(bs / med, 2) if med else None,
                     ms_per_step=round(1e3 * med, 2) if med else None,
                     ratio_vs_timm=round(base / med, 3) if med else None,
-                    max_abs_diff_vs_timm=float(f"{diffs[key]:.3g}"),
+                    max_abs_diff_vs_timm=float(f"{res['diff']:.3g}") if res else None,
+                    threads=threads,
+                    load=max(res["load"]) if res else None,
                     note=notes.get(key, ""),
                 )
             )
-    for key in ("OpenVINO",):
-        if key in notes:
-            log(f"{key}: {notes[key]}")
-    with contextlib.suppress(OSError):
-        for f in tmp.iterdir():
-            f.unlink()
-        tmp.rmdir()
     return rows
 
 
 def _call(impl, x: torch.Tensor) -> torch.Tensor:
     with torch.inference_mode():
         return impl(x)
-
-
-def _interleaved(steps: dict[str, Callable], warmup: int, iters: int) -> dict[str, list[float]]:
-    for _ in range(warmup):
-        for step in steps.values():
-            step()
-    times = {k: [] for k in steps}
-    for _ in range(iters):
-        for key, step in steps.items():
-            t0 = time.perf_counter()
-            step()
-            times[key].append(time.perf_counter() - t0)
-    return times
 
 
 def roofline_lines(rows: list[dict], macs: int, peaks: dict[str, float | None]) -> list[str]:
@@ -228,16 +377,38 @@ def roofline_lines(rows: list[dict], macs: int, peaks: dict[str, float | None]) 
 
 def format_runtime_table(rows: list[dict]) -> str:
     header = (
-        f"| {'implementation':<34} | {'batch':>5} | {'img/s':>8} | {'ms/step':>8} | {'vs timm':>7} "
-        f"| {'max abs diff vs timm':>20} | note"
+        f"| {'implementation':<35} | {'batch':>5} | {'img/s':>8} | {'ms/step':>8} | {'vs timm':>7} "
+        f"| {'max abs diff vs timm':>20} | {'load':>4} | note"
     )
-    lines = [header, "| " + " | ".join(["---"] * 7)]
+    lines = [header, "| " + " | ".join(["---"] * 8)]
     for r in rows:
         img_s = f"{r['img_per_s']:.1f}" if r["img_per_s"] else "-"
         ms = f"{r['ms_per_step']:.1f}" if r["ms_per_step"] else "-"
         ratio = f"{r['ratio_vs_timm']:.2f}x" if r["ratio_vs_timm"] else "-"
+        diff = f"{r['max_abs_diff_vs_timm']:.2e}" if r["max_abs_diff_vs_timm"] is not None else "-"
+        load = f"{r['load']:.1f}" if r.get("load") is not None else "-"
         lines.append(
-            f"| {r['impl']:<34} | {r['batch_size']:>5} | {img_s:>8} | {ms:>8} | {ratio:>7} "
-            f"| {r['max_abs_diff_vs_timm']:>20.2e} | {r['note']}"
+            f"| {r['impl']:<35} | {r['batch_size']:>5} | {img_s:>8} | {ms:>8} | {ratio:>7} | {diff:>20} | {load:>4} "
+            f"| {r['note']}"
         )
     return "\n".join(lines)
+
+
+def _worker(argv: list[str] | None = None) -> int:
+    """`python -m mambaout.deploy.benchmark ROW FOLDER ...`: time one row in this process, print one JSON line."""
+    p = argparse.ArgumentParser(prog="python -m mambaout.deploy.benchmark", description=_worker.__doc__)
+    p.add_argument("key", help="a row name (IMPLS or COMPILED)")
+    p.add_argument("folder", help="what prepare() wrote")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1])
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, required=True)
+    p.add_argument("--img-size", type=int, default=224)
+    a = p.parse_args(argv)
+    got = measure(a.key, Path(a.folder), a.batch_sizes, a.iters, a.warmup, a.threads, a.img_size)
+    print(json.dumps(got))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_worker())

@@ -27,11 +27,16 @@ ORT_INSTALL = "onnxruntime  (or the export extra: 'mambaout[export]')"
 
 
 def ort_session(path: str | os.PathLike, threads: int | None = None):
-    """An ONNX Runtime CPU session with every graph optimisation on and `threads` intra-op threads (default torch's)."""
+    """An ONNX Runtime CPU session set up for latency as ONNX Runtime's threading guide recommends
+    (onnxruntime.ai/docs/performance/tune-performance/threading.html): sequential execution (a CNN has no
+    branches to run side by side), every graph optimisation, intra-op threads that spin between ops, and `threads`
+    of them (default torch's count, which the thread policy set from the free cores)."""
     ort = require("onnxruntime", "running an ONNX model", ORT_INSTALL)
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads or torch.get_num_threads()
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1")
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
@@ -103,6 +108,9 @@ class OpenVinoModel(RuntimeModel):
         path: The `.xml` file; its metadata is the `mambaout.json` beside it.
         precision: `'f32'`, or `'bf16'` (OpenVINO's inference precision hint; it runs f32 where the CPU lacks bf16).
         threads: Inference threads (default torch's).
+
+    Compiled with the LATENCY performance hint, the setting OpenVINO's CPU guide recommends for one request at a
+    time (docs.openvino.ai, "Performance Hints and Thread Scheduling"): one stream using every inference thread.
     """
 
     runtime = "openvino"

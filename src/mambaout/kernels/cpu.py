@@ -45,6 +45,8 @@ __all__ = [
     "cpu_matmul",
     "cpu_matmul_choices",
     "forget_cpu_matmul_choices",
+    "set_cpu_bf16",
+    "cpu_bf16_enabled",
 ]
 
 MATMUL_CHOICES = ("auto", "onednn", "blas")
@@ -81,21 +83,42 @@ def _hooked(m: nn.Module) -> bool:
     return bool(m._forward_hooks or m._forward_pre_hooks)
 
 
+# bf16 through the same steps (bf16 weights and activations, `inference.precision.LowPrecision`): opt-in until measured
+# faster on a CPU with bf16 arithmetic (AVX512-BF16 / AMX); set_cpu_bf16(True) or MAMBAOUT_CPU_BF16=1.
+_BF16 = os.environ.get("MAMBAOUT_CPU_BF16", "0") == "1"
+
+
+def set_cpu_bf16(enabled: bool) -> None:
+    """Let bf16 blocks (bf16 weights and inputs) run this fast path too, for the whole process (opt-in)."""
+    global _BF16
+    _BF16 = bool(enabled)
+
+
+def cpu_bf16_enabled() -> bool:
+    """Whether bf16 blocks take the fast path (`set_cpu_bf16` / MAMBAOUT_CPU_BF16=1)."""
+    return _BF16
+
+
+def _fast_dtype(x: torch.Tensor, block: nn.Module) -> bool:
+    dtype = block.fc1.weight.dtype
+    return x.dtype == dtype and (dtype == torch.float32 or (_BF16 and dtype == torch.bfloat16))
+
+
 def can_use_cpu_fastpath(block: nn.Module, x: torch.Tensor) -> bool:
     """Whether `gated_block_inference` may replace the block's reference forward for this input.
 
-    Only for float32 CPU tensors outside autocast, with autograd off (under `no_grad` / `inference_mode`), outside
-    tracing, export and compilation (those see the reference graph), and when nobody hooks `fc1`/`fc2` (e.g. the
-    MAC counter), because this path calls their weights directly instead of the modules.
+    Only for float32 CPU tensors (bf16 too, with bf16 weights, after `set_cpu_bf16(True)`) outside autocast, with
+    autograd off (under `no_grad` / `inference_mode`), outside tracing, export and compilation (those see the
+    reference graph), and when nobody hooks `fc1`/`fc2` (e.g. the MAC counter), because this path calls their
+    weights directly instead of the modules.
     """
     return (
         _ONEDNN
         and not torch.is_grad_enabled()
         and x.device.type == "cpu"
-        and x.dtype == torch.float32
+        and _fast_dtype(x, block)
         and not torch.is_autocast_enabled("cpu")  # autocast decides dtypes op by op; the reference keeps that
         and x.ndim == 4
-        and block.fc1.weight.dtype == torch.float32
         and not torch.jit.is_scripting()
         and not torch.jit.is_tracing()
         and not torch.compiler.is_compiling()
@@ -199,7 +222,7 @@ def cpu_matmul() -> str:
 
 
 def cpu_matmul_choices() -> dict[tuple, str]:
-    """What "auto" chose so far: (rows, dim, hidden, conv channels, act, threads) -> "onednn" | "blas"."""
+    """What "auto" chose so far: (rows, dim, hidden, conv channels, act, threads, dtype) -> "onednn" | "blas"."""
     with _LOCK:
         return dict(_CHOSEN)
 
@@ -212,7 +235,8 @@ def forget_cpu_matmul_choices() -> None:
 
 def _shape_key(block: nn.Module, x: torch.Tensor) -> tuple:
     rows = x.numel() // x.shape[-1]
-    return (rows, x.shape[-1], block.hidden, block.conv_channels, type(block.act).__name__, torch.get_num_threads())
+    act = type(block.act).__name__
+    return (rows, x.shape[-1], block.hidden, block.conv_channels, act, torch.get_num_threads(), str(x.dtype))
 
 
 def _time_impls(block: nn.Module, x: torch.Tensor, repeats: int = 3) -> str:

@@ -1,0 +1,192 @@
+"""The CPU thread policy of every `mambaout` command and of the test run: as many intra-op threads as cores are free.
+
+Why: PyTorch's CPU ops split their work over one thread per core and meet at a barrier after each op. When another
+process keeps one of two cores busy, one of our threads shares that core and gets a time slice now and then, so
+every op waits for it, and the other thread spins at the barrier meanwhile. On a 2-core AMD EPYC the README's
+main job (`mambaout train --epochs 1 --no-progress`) took 17.5 s quiet and 108 s beside one
+`python -c "while True: pass"` (2026-12-06, see docs/performance.md for the table and the other mechanisms tried).
+
+The policy, in two steps around the import of torch (the one place: `mambaout.cli._start_up`, and tests/conftest.py):
+
+1. `begin()`, before torch loads: snapshot the machine's CPU time (/proc/stat) and this process's own.
+2. `settle()`, after: the cores other processes used during the import (seconds of wall time, so no extra wait)
+   are busy; the threads are the usable cores (affinity) less those, rounded, at least 1. A quiet machine keeps
+   every core; one busy process on 2 cores leaves 1 thread.
+
+What overrides it: OMP_NUM_THREADS or MAMBAOUT_THREADS in the environment (a number, or `all` for every usable
+core), and afterwards any `--threads N` (train, dense, benchmark), which calls `set_threads`. The policy looks once,
+at start-up: a load that starts later is not seen.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+__all__ = ["usable_cores", "cpu_snapshot", "free_cores", "threads_for", "begin", "settle", "set_threads", "policy"]
+
+_ENV = "MAMBAOUT_THREADS"
+
+
+def usable_cores() -> int:
+    """CPUs this process may run on (its affinity mask; `os.cpu_count()` where there is none)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class CpuSnapshot:
+    """Machine-wide busy and total CPU seconds (from /proc/stat), this process's CPU seconds, and the wall clock."""
+
+    busy: float
+    total: float
+    own: float
+    wall: float
+
+
+def _read_stat() -> tuple[float, float] | None:
+    """(busy, total) CPU seconds of all CPUs since boot; None where /proc/stat is unreadable."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+    except OSError:
+        return None
+    if not fields or fields[0] != "cpu":
+        return None
+    ticks = [int(v) for v in fields[1:9]]  # user nice system idle iowait irq softirq steal
+    hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    idle = ticks[3] + ticks[4]  # waiting for a disk is not using a core
+    return (sum(ticks) - idle) / hz, sum(ticks) / hz
+
+
+def cpu_snapshot() -> CpuSnapshot | None:
+    """The counters `free_cores` compares; None where the machine's CPU time cannot be read (not Linux)."""
+    stat = _read_stat()
+    if stat is None:
+        return None
+    t = os.times()
+    return CpuSnapshot(stat[0], stat[1], t.user + t.system, time.monotonic())
+
+
+def free_cores(before: CpuSnapshot, after: CpuSnapshot, cores: int | None = None) -> float | None:
+    """Cores left free by *other* processes between two snapshots: usable cores less their average use.
+
+    Our own CPU time is taken out, so a process that was busy importing between the snapshots still sees the
+    cores as free. None when the window is too short (under 50 ms) to say.
+    """
+    cores = cores or usable_cores()
+    total = after.total - before.total
+    if after.wall - before.wall < 0.05 or total <= 0:
+        return None
+    machine = os.cpu_count() or cores
+    wall_cores = total / machine  # the wall time as /proc/stat counts it (ticks of every CPU / CPUs)
+    others = max(0.0, (after.busy - before.busy) - (after.own - before.own)) / wall_cores
+    if machine > cores:  # other processes may run on CPUs outside our affinity: count only their share of ours
+        others *= cores / machine
+    return max(0.0, cores - others)
+
+
+def threads_for(free: float | None, cores: int | None = None) -> int:
+    """Intra-op threads for `free` free cores: rounded, at least 1, at most the usable cores (all when unknown)."""
+    cores = cores or usable_cores()
+    if free is None:
+        return cores
+    return max(1, min(cores, int(free + 0.5)))
+
+
+@dataclass
+class Policy:
+    """What the policy chose and why (printed by `describe`)."""
+
+    threads: int | None = None
+    reason: str = "not applied"
+    free: float | None = None
+
+
+policy = Policy()
+_begun: CpuSnapshot | None = None
+
+
+def _env_threads() -> tuple[int | None, str]:
+    for name in (_ENV, "OMP_NUM_THREADS"):
+        value = os.environ.get(name, "").strip()
+        if not value:
+            continue
+        if name == _ENV and value.lower() == "all":
+            return usable_cores(), f"{name}=all"
+        try:
+            n = int(value.split(",")[0])  # OMP_NUM_THREADS may list one count per nesting level
+        except ValueError:
+            raise ValueError(f"{name}={value!r}: expected a whole number of threads (or 'all' for {_ENV})") from None
+        if n < 1:
+            raise ValueError(f"{name}={value!r}: expected at least 1 thread")
+        return n, f"{name}={n}"
+    return None, ""
+
+
+def begin() -> None:
+    """Step 1, before torch is imported: remember the CPU counters (see the module docstring)."""
+    global _begun
+    _begun = cpu_snapshot()
+
+
+def settle(min_window: float = 0.2, again: bool = False, most: int | None = None) -> Policy:
+    """Step 2: set torch's intra-op threads from the cores left free since `begin()` (or the environment).
+
+    Without a `begin()`, or when the window since it was shorter than `min_window` seconds, it watches the
+    machine for the rest of `min_window` first. Once per process: when threads were already set here (an earlier
+    `settle`, `set_threads`), it changes nothing unless `again`. `most` caps the count the policy picks (not the
+    environment's). Imports torch. Returns the module's `policy`.
+    """
+    global _begun
+    if policy.threads is not None and not again:
+        _begun = None
+        return policy
+    forced, why = _env_threads()
+    if forced is not None:
+        return set_threads(forced, why)
+    before = _begun or cpu_snapshot()
+    _begun = None
+    if before is not None and time.monotonic() - before.wall < min_window:
+        time.sleep(min_window - (time.monotonic() - before.wall))
+    after = cpu_snapshot()
+    free = free_cores(before, after) if before and after else None
+    n = threads_for(free)
+    if most is not None:
+        n = max(1, min(n, most))
+    if free is None:
+        reason = "machine load unreadable: every usable core"
+    else:
+        reason = f"{free:.1f} of {usable_cores()} usable cores free at start-up"
+    return set_threads(n, reason, free)
+
+
+def set_threads(n: int, reason: str = "--threads", free: float | None = None) -> Policy:
+    """Set torch's intra-op threads to `n` (the one place that does), remembering why. Imports torch.
+
+    Raises:
+        ValueError: `n` < 1.
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"threads must be a whole number >= 1, got {n!r}")
+    import torch
+
+    torch.set_num_threads(n)
+    policy.threads, policy.reason, policy.free = n, reason, free if free is not None else policy.free
+    return policy
+
+
+def describe() -> str:
+    """One line: the thread count torch uses now and why, e.g. `2 threads (2.0 of 2 usable cores free at start-up)`."""
+    if "torch" not in sys.modules:
+        return "threads not set yet (torch not imported)"
+    import torch
+
+    n = torch.get_num_threads()
+    if policy.threads == n:
+        return f"{n} threads ({policy.reason})"
+    return f"{n} threads (set by the caller)"
