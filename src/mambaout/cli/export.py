@@ -96,19 +96,11 @@ def _output_format(parser: Parser, args) -> str:
 def _export_classifier(args, fmt: str) -> int:
     """A classification model (`--model`, `--checkpoint`) in `fmt`, with `--check` against PyTorch."""
     from mambaout.inference.export import DEFAULT_OPSET, check_opset, export_onnx, export_pt2
-
-    if args.opset is not None:
-        try:
-            check_opset(args.opset)
-        except ImportError as e:
-            print(f"mambaout export: {e}; install the export extra: pip install 'mambaout[export]'", file=sys.stderr)
-            return 2
-        except ValueError as e:
-            print(f"mambaout export: {e}", file=sys.stderr)
-            return 2
     from mambaout.weights.checkpoint import CheckpointError, DownloadError
 
     try:
+        if args.opset is not None:
+            check_opset(args.opset)  # before the model is built
         model = build_model(args)
         if fmt == "hf":
             from mambaout.inference.predictor import class_names_for
