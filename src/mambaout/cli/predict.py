@@ -67,8 +67,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(dumps(results))  # the only thing this command writes to stdout with --json
     if n_ok < len(results):
-        print(
-            f"mambaout predict: {len(results) - n_ok} of {count(len(results), 'file')} could not be read",
-            file=sys.stderr,
-        )
+        unread = f"{len(results) - n_ok} of {count(len(results), 'file')}"
+        print(f"mambaout predict: {unread} could not be read", file=sys.stderr)
     return 0 if n_ok else 1
