@@ -153,7 +153,7 @@ def _val_config(task: str, args, meta: dict):
         workers=args.workers if args.workers is not None else 0,
         max_val_images=args.max_val_images,
     )
-    TASKS[task].val_data(data, meta)
+    data.scale = meta.get("eval_scale", data.scale)  # a segmenter's, as it was trained to be evaluated
     cfg = RunConfig(task, TASKS[task].model_config(**meta["dense_model"]), data, TrainConfig(steps=1))
     check(cfg)  # --max-val-images 0, --workers -1, ... as train refuses them
     return cfg

@@ -205,10 +205,6 @@ class Task(training.Task):
     def check_options(args, validate: bool) -> None:
         """The task's `validate` (or `predict`) options checked before the model loads."""
 
-    @staticmethod
-    def val_data(data: DataConfig, meta: dict) -> None:
-        """`data` as `validate` reads it for a model of checkpoint metadata `meta`."""
-
     # --- checkpoints ----------------------------------------------------------------------------------------------
     def meta(self) -> dict:
         """What a checkpoint carries so `validate` and `predict` rebuild the model and read its outputs."""
@@ -545,10 +541,6 @@ class SegmentTask(Task):
         tta.from_options(args, (1, 1), False)  # checks --slide
         if validate and args.label_dir and Path(args.label_dir).exists() and not Path(args.label_dir).is_dir():
             raise ValueError(f"--label-dir {args.label_dir} is not a folder")
-
-    @staticmethod
-    def val_data(data: DataConfig, meta: dict) -> None:
-        data.scale = meta.get("eval_scale", data.scale)
 
     def validate(self, model: nn.Module, val_set, device, amp_dtype, args, names) -> tuple[dict, list[str]]:
         """`validate`'s numbers by setting (single-scale, flip, multi-scale) and their per-class tables; the
