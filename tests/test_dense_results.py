@@ -197,6 +197,11 @@ def test_predict_takes_image_ids_from_a_coco_file(det_world, tmp_path, monkeypat
     args = ["detect", "predict", photo, "--checkpoint", "x", "-o", str(tmp_path / "o")]
     assert main([*args, "--coco-json", str(tmp_path / "ids.json")]) == 0
     assert {e["image_id"] for e in json.loads((tmp_path / "o" / "results.json").read_text())} == {102}
+    # one image: one picture, in the singular
+    assert (
+        capsys.readouterr().out.strip().splitlines()[-1]
+        == f"1 picture and predictions.json and results.json in {tmp_path / 'o'}"
+    )
     doc["images"] = doc["images"][:1]
     (tmp_path / "one.json").write_text(json.dumps(doc))
     assert main([*args, "--coco-json", str(tmp_path / "one.json")]) == 2
@@ -222,6 +227,19 @@ def test_per_class_iou_and_accuracy_of_a_hand_computed_case():
     assert table["c"] == pytest.approx(dict(IoU=50.0, Acc=200 / 3))
     assert table["d"] == dict(IoU=None, Acc=None)  # in neither the truth nor the prediction
     assert re.search(r"b +\| +33\.333 \| +50\.000", per_class_text(table))
+
+
+def test_class_names_from_files_cannot_write_to_the_terminal():
+    from mambaout.dense.results import per_category_text, per_class_text
+
+    name = "red\x1b[31m\nline"  # a category name of a COCO JSON, a categories file or a checkpoint
+    seg = per_class_text({name: dict(IoU=50.0, Acc=None), "b": dict(IoU=None, Acc=None)})
+    det = per_category_text({"bbox": {name: 12.5, "b": None}})
+    for text in (seg, det):
+        assert "\x1b" not in text and "red\\x1b[31m\\nline" in text
+    assert re.search(r"red\\x1b\[31m\\nline +\| +50\.000 \| +-", seg)  # the row whole: the newline escaped
+    assert re.search(r"red\\x1b\[31m\\nline +\| +12\.500", det)
+    assert len(seg.splitlines()) == 4  # header, rule, two rows
 
 
 def _segmenter(seed=0):

@@ -23,6 +23,7 @@ import torch
 
 from mambaout.cli.common import Parser
 from mambaout.utils.device import cpu_name
+from mambaout.utils.text import count
 
 MAX_WORKERS = 256  # the training config's bound on `workers` (DataConfig), which checks it again
 
@@ -143,7 +144,7 @@ def _bench(args, cfg, device: torch.device) -> tuple[dict[str, float], list[str]
         decode_s = time.perf_counter() - t0
         loader = data_gpu.DecodedTrainLoader(data, GpuAugment.from_config(aug), bs)
         rows[f"ours gpu ({device.type} tensors)"] = _time(loader, args.batches, args.warmup, device)
-        notes.append(f"ours gpu decoded {len(data)} images once, in {decode_s:.1f} s (not in its img/s)")
+        notes.append(f"ours gpu decoded {count(len(data), 'image')} once, in {decode_s:.1f} s (not in its img/s)")
     if "timm" in args.only:
         from timm.data import create_dataset, create_loader
 

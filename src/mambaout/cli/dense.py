@@ -23,13 +23,14 @@ from mambaout.cli.common import (
     smoke_steps,
     stdout_failed,
 )
-from mambaout.utils.text import printable
+from mambaout.utils.text import count, printable
 
 ACTIONS = ("train", "validate", "predict")
 
 
 def _data_args(p: argparse.ArgumentParser, task: str) -> None:
-    labels = "COCO instances JSON" if task == "detect" else "folder of class-index PNG masks"
+    from mambaout.dense.tasks import TASKS
+
     g = p.add_argument_group("data")
     g.add_argument(
         "--data",
@@ -38,7 +39,7 @@ def _data_args(p: argparse.ArgumentParser, task: str) -> None:
     )
     g.add_argument("--val-split", help="validation split under --data")
     g.add_argument("--val-images", help="validation image folder")
-    g.add_argument("--val-labels", help=f"validation labels: {labels}")
+    g.add_argument("--val-labels", help=f"validation labels: {TASKS[task].labels_help}")
     g.add_argument("--max-val-images", type=int, help="evaluate only the first N validation images")
     g.add_argument("--workers", "-j", type=int, help="data loader processes")
 
@@ -46,10 +47,11 @@ def _data_args(p: argparse.ArgumentParser, task: str) -> None:
 def train_parser(task: str) -> argparse.ArgumentParser:
     """The options: one per setting of the task (`mambaout.dense.config.schema`), and the few that are no setting."""
     from mambaout.dense.config import schema
+    from mambaout.dense.tasks import TASKS
 
     p = Parser(
         prog=f"mambaout {task} train",
-        description=f"Train a MambaOut {'Mask R-CNN' if task == 'detect' else 'UperNet'}. Resolution: defaults < "
+        description=f"Train a MambaOut {TASKS[task].network}. Resolution: defaults < "
         "--recipe (--list-recipes) < options given here. Every setting is also --set KEY=VALUE (or "
         "SECTION.KEY=VALUE); docs/settings.md lists them.",
         argument_default=argparse.SUPPRESS,
@@ -126,63 +128,23 @@ def train(task: str, argv: list[str]) -> int:
 
 
 def validate_parser(task: str) -> argparse.ArgumentParser:
-    p = Parser(
-        prog=f"mambaout {task} validate",
-        description="COCO box and mask AP (pycocotools), and per-category AP"
-        if task == "detect"
-        else "mIoU, pixel accuracy (aAcc) and mean class accuracy (mAcc), and per-class IoU and accuracy: "
-        "single-scale, and with --flip, --multi-scale also with test-time augmentation",
-    )
+    from mambaout.dense.tasks import TASKS
+
+    p = Parser(prog=f"mambaout {task} validate", description=TASKS[task].validate_help)
     p.add_argument("--checkpoint", required=True, help=f"weights written by mambaout {task} train")
     _data_args(p, task)
-    if task == "segment":
-        p.add_argument("--flip", action="store_true", help="also evaluate with the flip (averaged probabilities)")
-        p.add_argument(
-            "--multi-scale",
-            action="store_true",
-            help="also evaluate at the scale times each of --ratios, with the flip (the paper's multi-scale column)",
-        )
-        p.add_argument(
-            "--ratios", type=float, nargs="+", help="--multi-scale's ratios (default 0.5 0.75 1.0 1.25 1.5 1.75)"
-        )
-        _slide_argument(p)
-        p.add_argument("--label-dir", help="write each image's class map (of the last setting evaluated) as a PNG")
+    TASKS[task].validate_options(p)
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     add_amp_argument(p, default="auto")
     p.add_argument("--results-file", help="write the numbers as JSON, the per-class tables included")
-    if task == "detect":
-        p.add_argument(
-            "--coco-results", help="write the detections as a COCO results JSON (bbox; segm as RLE) for COCO.loadRes"
-        )
+    TASKS[task].validate_outputs(p)
     return p
-
-
-def _slide_argument(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--slide",
-        type=int,
-        nargs="+",
-        metavar=("WINDOW", "STRIDE"),
-        help="sliding-window inference: square windows of WINDOW px every STRIDE px (default 2/3 of the window; "
-        "ConvNeXt's ADE20K setting: 512 341)",
-    )
-
-
-def _inference(args, scale, flip: bool, ratios=(1.0,)):
-    from mambaout.dense.tta import SegmentInference
-
-    slide = args.slide or [None]
-    if len(slide) > 2:
-        raise ValueError(f"--slide takes WINDOW [STRIDE], got {len(slide)} numbers")
-    return SegmentInference(tuple(scale), tuple(ratios), flip, slide[0], slide[1] if len(slide) > 1 else None)
 
 
 def _val_config(task: str, args, meta: dict):
     from mambaout.dense.config import DataConfig, RunConfig, TrainConfig, check
-    from mambaout.dense.detection import DetectorConfig
-    from mambaout.dense.upernet import SegmenterConfig
+    from mambaout.dense.tasks import TASKS
 
-    model = (DetectorConfig if task == "detect" else SegmenterConfig)(**meta["dense_model"])
     data = DataConfig(
         data=args.data,
         val_split=args.val_split or meta.get("val_split"),  # the training run's, unless given
@@ -191,9 +153,8 @@ def _val_config(task: str, args, meta: dict):
         workers=args.workers if args.workers is not None else 0,
         max_val_images=args.max_val_images,
     )
-    if task == "segment":
-        data.scale = meta.get("eval_scale", data.scale)
-    cfg = RunConfig(task, model, data, TrainConfig(steps=1))
+    data.scale = meta.get("eval_scale", data.scale)  # a segmenter's, as it was trained to be evaluated
+    cfg = RunConfig(task, TASKS[task].model_config(**meta["dense_model"]), data, TrainConfig(steps=1))
     check(cfg)  # --max-val-images 0, --workers -1, ... as train refuses them
     return cfg
 
@@ -208,8 +169,7 @@ def _load(task: str, path: str, device):
 
 
 def validate(task: str, argv: list[str]) -> int:
-    from mambaout.dense import results as out
-    from mambaout.dense.tasks import make_task
+    from mambaout.dense.tasks import TASKS, make_task
     from mambaout.utils.device import autocast_setting, resolve_device
     from mambaout.utils.files import atomic_write_text, check_writable
 
@@ -218,54 +178,12 @@ def validate(task: str, argv: list[str]) -> int:
     for flag in ("results_file", "coco_results"):
         if getattr(args, flag, None):
             check_writable(getattr(args, flag), "--" + flag.replace("_", "-"), inputs=[args.checkpoint])
-    if task == "segment":
-        if args.ratios and not args.multi_scale:
-            raise ValueError("--ratios applies to --multi-scale; add --multi-scale")
-        _inference(args, (1, 1), False)  # checks --slide before the model loads
-        if args.label_dir and Path(args.label_dir).exists() and not Path(args.label_dir).is_dir():
-            raise ValueError(f"--label-dir {args.label_dir} is not a folder")
+    TASKS[task].check_options(args, validate=True)
     model, meta = _load(task, args.checkpoint, device)
-    cfg = _val_config(task, args, meta)
-    t = make_task(cfg)
+    t = make_task(_val_config(task, args, meta))
     val_set = t.val_set(meta)
     amp_dtype = autocast_setting(args.amp, device)[1]
-    names = meta["class_names"]
-    results, tables = {}, []
-    if task == "detect":
-        detections, image_ids = t.detections(model, val_set, device, amp_dtype)
-        metrics, ev = t.score(detections, image_ids)
-        per_category = out.per_category(ev, t.cat_ids, names)
-        results["single-scale"] = dict(metrics, per_category=per_category)
-        tables.append(out.per_category_text(per_category))
-        if args.coco_results:
-            from mambaout.dense.coco import write_results
-
-            write_results(args.coco_results, detections)
-    else:
-        scale = tuple(cfg.data.scale)
-        settings = [_inference(args, scale, False)]
-        if args.flip:
-            settings.append(_inference(args, scale, True))
-        if args.multi_scale:
-            from mambaout.dense.tta import MULTI_SCALE_RATIOS
-
-            settings.append(_inference(args, scale, True, args.ratios or MULTI_SCALE_RATIOS))
-        label_dir = Path(args.label_dir) if args.label_dir else None
-        if label_dir is not None:
-            label_dir.mkdir(parents=True, exist_ok=True)
-            pictures = _picture_paths(out.dataset_paths(val_set), label_dir, "png")
-            paths = list(pictures.values())
-        for i, setting in enumerate(settings):
-            write = label_dir is not None and i == len(settings) - 1
-            each = (lambda n, classes: out.write_label_png(paths[n], classes)) if write else None  # noqa: E731
-            conf, n = t.confusion(model, val_set, device, amp_dtype, lambda x, s=setting: s(model, x, amp_dtype), each)
-            m = conf.metrics()
-            per_class = out.per_class(m, names)
-            keys = ("mIoU", "aAcc", "mAcc", "classes", "pixels")
-            results[setting.describe()] = dict({k: m[k] for k in keys}, images=n, per_class=per_class)
-            tables.append(f"{setting.describe()} " + out.per_class_text(per_class))
-        if label_dir is not None:
-            print(f"{len(paths)} label PNGs (class indices 0-{len(names) - 1}) in {label_dir}")
+    results, tables = t.validate(model, val_set, device, amp_dtype, args, meta["class_names"])
     for m, table in zip(results.values(), tables):  # as detectron2: COCO's summary, then the table
         summary = m.pop("summary", None)
         if summary:
@@ -279,37 +197,13 @@ def validate(task: str, argv: list[str]) -> int:
 
 
 def predict_parser(task: str) -> argparse.ArgumentParser:
-    p = Parser(
-        prog=f"mambaout {task} predict",
-        description="PNG pictures of the "
-        + (
-            "detections (boxes, masks, names, scores), predictions.json and results.json (COCO results: every "
-            "detection, boxes and RLE masks, for COCO.loadRes)"
-            if task == "detect"
-            else "segmentation (a colour per class, with a legend) and predictions.json"
-        ),
-    )
+    from mambaout.dense.tasks import TASKS
+
+    p = Parser(prog=f"mambaout {task} predict", description="PNG pictures of the " + TASKS[task].predict_help)
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER")
     p.add_argument("--checkpoint", required=True, help=f"weights written by mambaout {task} train")
     p.add_argument("--output", "-o", required=True, help="folder for the pictures and predictions.json")
-    if task == "detect":
-        p.add_argument(
-            "--score-threshold",
-            type=float,
-            default=0.5,
-            help="draw and list in predictions.json the detections scoring this (results.json holds them all)",
-        )
-        p.add_argument(
-            "--coco-json",
-            help="COCO JSON listing the inputs: image ids by file name (default: the file name's number, as COCO's "
-            "000000000139.jpg, else the input's place from 1)",
-        )
-    else:
-        p.add_argument("--flip", action="store_true", help="average with the flipped image's prediction")
-        p.add_argument("--multi-scale", action="store_true", help="average over --ratios of the scale, and the flip")
-        p.add_argument("--ratios", type=float, nargs="+", help="--multi-scale's ratios (default 0.5 0.75 ... 1.75)")
-        _slide_argument(p)
-        p.add_argument("--label-dir", help="also write each class map as a PNG of class indices 0..K-1")
+    TASKS[task].predict_options(p)
     p.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
     return p
 
@@ -318,9 +212,9 @@ def predict(task: str, argv: list[str]) -> int:
     import torch
 
     from mambaout.data.image import load_image
-    from mambaout.dense import results as res
-    from mambaout.dense.coco import to_coco_results, to_tensor, write_results
-    from mambaout.dense.draw import draw_detections, draw_segmentation
+    from mambaout.dense.coco import to_tensor
+    from mambaout.dense.results import picture_paths
+    from mambaout.dense.tasks import TASKS
     from mambaout.inference.predictor import find_images
     from mambaout.utils.device import resolve_device
     from mambaout.utils.files import atomic_write, atomic_write_text
@@ -332,30 +226,16 @@ def predict(task: str, argv: list[str]) -> int:
     out = Path(args.output)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--output {out} is not a folder; predict writes pictures and predictions.json into one")
-    if task == "segment":
-        if args.ratios and not args.multi_scale:
-            raise ValueError("--ratios applies to --multi-scale; add --multi-scale")
-        _inference(args, (1, 1), False)  # --slide checked before the model loads
+    TASKS[task].check_options(args, validate=False)
     device = resolve_device(args.device)
     model, meta = _load(task, args.checkpoint, device)
-    names = meta["class_names"]
     paths = find_images(args.inputs)
     if not paths:
         raise ValueError(f"no images found in {' '.join(args.inputs)}")
-    pictures = _picture_paths(paths, out, "png")
-    if task == "detect":
-        ids = dict(zip(paths, res.image_ids(paths, args.coco_json)))
-        cat_ids = meta["cat_ids"]
-    else:
-        from mambaout.dense.tta import MULTI_SCALE_RATIOS
-
-        ratios = (args.ratios or MULTI_SCALE_RATIOS) if args.multi_scale else (1.0,)
-        infer = _inference(args, meta["eval_scale"], args.flip or args.multi_scale, ratios)
-        labels = _picture_paths(paths, Path(args.label_dir), "png") if args.label_dir else None
-        if labels:
-            Path(args.label_dir).mkdir(parents=True, exist_ok=True)
+    pictures = picture_paths(paths, out, "png")
+    each, finish = TASKS[task].predictor(args, meta, paths)
     out.mkdir(parents=True, exist_ok=True)
-    records, coco_results, failed = [], [], 0
+    records, failed = [], 0
     for path in paths:
         try:
             img = load_image(path)
@@ -363,61 +243,16 @@ def predict(task: str, argv: list[str]) -> int:
             print(f"mambaout {task} predict: skipped {printable(e)}", file=sys.stderr)
             failed += 1
             continue
-        x = to_tensor(img).to(device)
         picture = pictures[path]
         with torch.no_grad():
-            if task == "detect":
-                o = {k: v.float().cpu() for k, v in model([x])[0].items()}
-                entries = to_coco_results(o, ids[path], cat_ids)  # every detection: what validate scores
-                coco_results += entries
-                keep = o["scores"] >= args.score_threshold
-                drawn = draw_detections(img, o, names, args.score_threshold)
-                dets = [
-                    dict(label=names[int(lab) - 1], box=b.tolist(), **e)
-                    for b, lab, e, k in zip(o["boxes"], o["labels"], entries, keep.tolist())
-                    if k
-                ]
-                records.append(dict(image=str(path), image_id=ids[path], picture=str(picture), detections=dets))
-            else:
-                classes = infer(model, x).argmax(0).cpu()
-                drawn = draw_segmentation(img, classes, names)
-                if labels:
-                    res.write_label_png(labels[path], classes)
-                counts = torch.bincount(classes.flatten(), minlength=len(names))
-                share = {names[i]: round(c / classes.numel(), 4) for i, c in enumerate(counts.tolist()) if c}
-                share = dict(sorted(share.items(), key=lambda kv: -kv[1]))
-                records.append(dict(image=str(path), picture=str(picture), class_fractions=share))
+            drawn, record = each(model, path, img, to_tensor(img).to(device), picture)
+        records.append(record)
         atomic_write(picture, lambda tmp, drawn=drawn: drawn.save(tmp, format="PNG"))
         print(f"{printable(path)} -> {printable(picture)}", flush=True)  # a name cannot write to the terminal
     atomic_write_text(out / "predictions.json", json.dumps(records, indent=1))
-    if task == "detect":
-        write_results(out / "results.json", coco_results)
-    written = "predictions.json" + (" and results.json" if task == "detect" else "")
-    print(f"{len(records)} pictures and {written} in {out}" + (f"; {failed} unreadable" if failed else ""))
+    written = finish(out)
+    print(f"{count(len(records), 'picture')} and {written} in {out}" + (f"; {failed} unreadable" if failed else ""))
     return 0 if records else 1
-
-
-def _picture_paths(paths: list[Path], out: Path, suffix: str) -> dict[Path, Path]:
-    """Each input's picture in `out`: `<stem>.<suffix>`, numbered where two inputs share a stem (a.jpg and a.png,
-    or two folders' 0.png), so no picture replaces another.
-
-    Raises:
-        ValueError: a picture would replace one of the input images (`--output` is the input folder).
-    """
-    pictures: dict[Path, Path] = {}
-    used: set[str] = set()
-    for p in paths:
-        name, n = f"{p.stem}.{suffix}", 0
-        while name in used:
-            n += 1
-            name = f"{p.stem}-{n}.{suffix}"
-        used.add(name)
-        pictures[p] = out / name
-    inputs = {q.resolve() for q in paths if q.is_file()}
-    clash = next((q for q in pictures.values() if q.resolve() in inputs), None)
-    if clash is not None:
-        raise ValueError(f"the picture {clash} would replace that input image; pass another --output folder")
-    return pictures
 
 
 # --- dispatch --------------------------------------------------------------------------------------------------------

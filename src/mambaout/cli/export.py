@@ -13,9 +13,19 @@ from pathlib import Path
 from mambaout.cli.common import Parser, add_model_args, build_model, stdout_failed
 from mambaout.utils.files import check_writable
 from mambaout.utils.limits import check_img_size
+from mambaout.utils.text import count
 
 
 def main(argv: list[str] | None = None) -> int:
+    parser = export_parser()
+    args = parser.parse_args(argv)
+    fmt = _output_format(parser, args)
+    if _dense_task(args.checkpoint):
+        return _export_dense(args, fmt)
+    return _export_classifier(args, fmt)
+
+
+def export_parser() -> Parser:
     parser = Parser(prog="mambaout export", description=__doc__)
     add_model_args(parser)
     parser.add_argument(
@@ -45,7 +55,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--overwrite", action="store_true", help="hf: replace another model's export found in the --output folder"
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def _output_format(parser: Parser, args) -> str:
+    """The format to write (`--format`, else from the output's suffix), once every option is checked against it;
+    `parser.error` (exit 2) when they disagree."""
     if args.destination is not None and args.output is not None and args.destination != args.output:
         parser.error(f"two outputs given ({args.destination} and --output {args.output}); pass one")
     args.output = args.output or args.destination
@@ -75,24 +90,17 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(e))
     if args.opset is not None and fmt not in ("onnx", "onnx-int8", "openvino"):
         parser.error("--opset applies to the ONNX-based formats (onnx, onnx-int8, openvino) only")
+    return fmt
 
-    if _dense_task(args.checkpoint):
-        return _export_dense(args, fmt)
 
+def _export_classifier(args, fmt: str) -> int:
+    """A classification model (`--model`, `--checkpoint`) in `fmt`, with `--check` against PyTorch."""
     from mambaout.inference.export import DEFAULT_OPSET, check_opset, export_onnx, export_pt2
-
-    if args.opset is not None:
-        try:
-            check_opset(args.opset)
-        except ImportError as e:
-            print(f"mambaout export: {e}; install the export extra: pip install 'mambaout[export]'", file=sys.stderr)
-            return 2
-        except ValueError as e:
-            print(f"mambaout export: {e}", file=sys.stderr)
-            return 2
     from mambaout.weights.checkpoint import CheckpointError, DownloadError
 
     try:
+        if args.opset is not None:
+            check_opset(args.opset)  # before the model is built
         model = build_model(args)
         if fmt == "hf":
             from mambaout.inference.predictor import class_names_for
@@ -150,13 +158,14 @@ def _dense_task(checkpoint) -> str | None:
     """`detect` or `segment` when `checkpoint` is a local file `mambaout detect|segment train` wrote, else None."""
     if checkpoint is None or not Path(checkpoint).is_file() or Path(checkpoint).suffix not in (".safetensors", ".pt"):
         return None
+    from mambaout.dense.tasks import TASKS
     from mambaout.weights.checkpoint import CheckpointError, read_checkpoint
 
     try:
         task = read_checkpoint(checkpoint)[1].get("task")
     except (CheckpointError, ValueError, OSError):
         return None  # the classification path says what is wrong with the file
-    return task if task in ("detect", "segment") else None
+    return task if task in TASKS else None
 
 
 def _export_dense(args, fmt: str) -> int:
@@ -164,11 +173,10 @@ def _export_dense(args, fmt: str) -> int:
 
     The segmenter takes `[batch, 3, S, S]` RGB in [0, 1] (S: `--img-size`, default the evaluation scale's shorter
     side; normalised inside the graph) and gives logits `[batch, K, S, S]`; the detector takes one image `[3, H, W]`
-    of any size (torchvision's ONNX path, see `export_detector_onnx`)."""
+    of any size (torchvision's ONNX path, see `DetectTask.export_model`)."""
     import torch
 
-    from mambaout.dense.tasks import Task
-    from mambaout.inference.export import DEFAULT_OPSET, check_opset, export_detector_onnx, export_onnx
+    from mambaout.dense.tasks import TASKS, Task
     from mambaout.weights.checkpoint import CheckpointError
 
     try:
@@ -180,38 +188,8 @@ def _export_dense(args, fmt: str) -> int:
                 "--random-weights, --use-ema and --num-classes"
             )
         model, meta = Task.from_checkpoint(args.checkpoint, torch.device("cpu"))
-        task = meta["task"]
-        if task == "detect" and args.opset is not None:
-            raise ValueError("--opset: the detector exports at opset 11, the one torchvision tests its ONNX path at")
-        if task == "segment":
-            size = args.img_size or int(meta["eval_scale"][1])
-            info = dict(
-                task=task,
-                model="upernet " + meta["dense_model"]["backbone"],
-                dense_model=meta["dense_model"],
-                class_names=meta["class_names"],
-                label_lut=meta["label_lut"],
-                eval_scale=meta["eval_scale"],
-                eval_config={"input_size": [3, size, size]},
-                input=f"input [batch, 3, {size}, {size}] RGB in [0, 1] (ImageNet mean/std applied inside)",
-                output=f"logits [batch, {len(meta['class_names'])}, {size}, {size}]: argmax is the class index",
-            )
-            path = export_onnx(model, args.output, size, check_opset(args.opset or DEFAULT_OPSET), metadata=info)
-            hw = (size, size)
-        else:
-            m = meta["dense_model"]
-            hw = (args.img_size or m["min_size"],) * 2
-            info = dict(
-                task=task,
-                model=f"{m['kind']} " + m["backbone"],
-                dense_model=m,
-                class_names=meta["class_names"],
-                cat_ids=meta["cat_ids"],
-                input="images [3, H, W] RGB in [0, 1], one image of any size (resized and normalised inside)",
-                output="boxes [N, 4] x1 y1 x2 y2 in input pixels, labels [N] (class_names[label - 1]), scores [N]"
-                + (", masks [N, 1, H, W] probabilities" if m["kind"] == "mask_rcnn" else ""),
-            )
-            path = export_detector_onnx(model, args.output, hw, info)
+        task = TASKS[meta["task"]]
+        path, hw = task.export_model(model, meta, args)
     except ImportError as e:
         print(f"mambaout export: {e}; install the export extra: pip install 'mambaout[export]'", file=sys.stderr)
         return 2
@@ -223,52 +201,18 @@ def _export_dense(args, fmt: str) -> int:
     print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)", file=sys.stderr)
     if not args.check:
         return 0
+    from mambaout.deploy.runtimes import ort_session
+
     try:
-        diff = check_dense_export(model, path, task, hw)
+        diff, what, tolerance = task.check_export(model.eval(), ort_session(path), hw)
     except ValueError as e:
         print(f"mambaout export: the check failed: {e}", file=sys.stderr)
         return 1
-    tolerance = 1e-4 if task == "segment" else 1e-3  # detector boxes are pixels of a resized image
-    what = "logits, batch 3" if task == "segment" else f"boxes, scores, masks; a {hw[0] + 17}x{hw[1] + 23} image"
     print(f"max abs diff vs PyTorch ({what}): {diff:.2e}", file=sys.stderr)
     if not diff <= tolerance:  # NaN fails too
         print(f"mambaout export: the exported model disagrees with PyTorch beyond {tolerance:g}", file=sys.stderr)
         return 1
     return 0
-
-
-def check_dense_export(model, path, task: str, size: tuple[int, int]) -> float:
-    """Max abs difference between ONNX Runtime and PyTorch on random input of another size than the traced one
-    where the graph allows it: segmenter logits (batch 3, the exported H x W); detector boxes, scores and masks
-    (one image of H+17 x W+23; the two must also agree on how many detections and their labels).
-
-    Raises:
-        ValueError: the detector's outputs differ in count or labels (no number measures that).
-    """
-    import numpy as np
-    import torch
-
-    from mambaout.deploy.runtimes import ort_session
-
-    session = ort_session(path)
-    model = model.eval()
-    if task == "segment":
-        x = torch.rand(3, 3, *size)
-        with torch.no_grad():
-            want = model(x)
-        got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
-        return (got - want).abs().max().item()
-    x = torch.rand(3, size[0] + 17, size[1] + 23)
-    with torch.no_grad():
-        want = model([x])[0]
-    got = dict(zip((o.name for o in session.get_outputs()), session.run(None, {"images": x.numpy()})))
-    if len(got["labels"]) != len(want["labels"]) or not np.array_equal(got["labels"], want["labels"].numpy()):
-        raise ValueError(
-            f"the exported detector gives {len(got['labels'])} detections, PyTorch {len(want['labels'])} (or other "
-            "labels) on the same image"
-        )
-    diffs = [np.abs(got[k] - want[k].numpy()).max() if len(want[k]) else 0.0 for k in want if k in got]
-    return float(max(diffs, default=0.0))
 
 
 def _export_int8(model, args):
@@ -283,7 +227,7 @@ def _export_int8(model, args):
         raise ValueError(f"--calib {args.calib} is not a folder; pass a folder of images to calibrate on")
     transform = eval_transform(model.pretrained_cfg, args.img_size)
     images = calibration_images(args.calib, transform, args.calib_images)
-    print(f"calibrating on {len(images)} images from {args.calib}", file=sys.stderr)
+    print(f"calibrating on {count(len(images), 'image')} from {args.calib}", file=sys.stderr)
     with tempfile.TemporaryDirectory() as tmp:
         fp32 = export_onnx(model, Path(tmp) / "fp32.onnx", args.img_size, args.opset or DEFAULT_OPSET)
         return quantize_int8(fp32, args.output, images)

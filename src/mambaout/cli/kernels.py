@@ -14,6 +14,7 @@ import sys
 
 from mambaout import kernels
 from mambaout.cli.common import Parser
+from mambaout.utils.text import count
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -82,10 +83,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, RuntimeError) as e:
         print(f"mambaout kernels: {e}", file=sys.stderr)
         return 2
-    print(f"{n} compiles for {args.aot} in {total:.1f} s; slowest allowed {args.max_seconds:g} s")
+    print(f"{count(n, 'compile')} for {args.aot} in {total:.1f} s; slowest allowed {args.max_seconds:g} s")
     if slow:
         print(
-            f"mambaout kernels: {len(slow)} compile(s) over {args.max_seconds:g} s, e.g. {slow[0].kernel} "
+            f"mambaout kernels: {count(len(slow), 'compile')} over {args.max_seconds:g} s, e.g. {slow[0].kernel} "
             f"{slow[0].config}: a user's first forward on the fused path would stall",
             file=sys.stderr,
         )

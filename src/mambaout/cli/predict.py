@@ -6,6 +6,7 @@ import sys
 
 from mambaout import kernels
 from mambaout.cli.common import Parser, add_dtype_argument, add_fused_kernels_argument, add_model_args, build_model
+from mambaout.utils.text import count
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,5 +67,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(dumps(results))  # the only thing this command writes to stdout with --json
     if n_ok < len(results):
-        print(f"mambaout predict: {len(results) - n_ok} of {len(results)} files could not be read", file=sys.stderr)
+        unread = f"{len(results) - n_ok} of {count(len(results), 'file')}"
+        print(f"mambaout predict: {unread} could not be read", file=sys.stderr)
     return 0 if n_ok else 1

@@ -143,8 +143,11 @@ class RunConfig:
 SECTIONS = ("model", "data", "train")
 
 
+MODELS = {"detect": DetectorConfig, "segment": SegmenterConfig}  # each task's network settings
+
+
 def section_types(task: str) -> dict:
-    return dict(model=DetectorConfig if task == "detect" else SegmenterConfig, data=DataConfig, train=TrainConfig)
+    return dict(model=MODELS[task], data=DataConfig, train=TrainConfig)
 
 
 def find_recipe(name_or_path: str) -> Path:
@@ -233,12 +236,7 @@ def check(cfg: RunConfig) -> None:
         raise ValueError("give the run's length as exactly one of --epochs and --steps")
     if t.pretrained and t.backbone_checkpoint:
         raise ValueError("--pretrained and --backbone-checkpoint exclude each other; pass one")
-    if cfg.task == "segment" and m.norm == "bn" and d.batch_size < 2:
-        raise ValueError("a BatchNorm head needs >= 2 images per device: raise --batch-size or pass --head-norm gn")
-    if cfg.task == "detect" and (min(d.min_sizes) < 32 or d.max_size < max(d.min_sizes)):
-        raise ValueError(f"min_sizes must be >= 32 and at most max_size, got {d.min_sizes} / {d.max_size}")
-    if cfg.task == "segment" and d.crop_size < 32:
-        raise ValueError(f"crop_size must be >= 32, got {d.crop_size}")
+    m.check_data(d)  # what the task's network needs of its data
 
 
 def from_dict(d: dict) -> RunConfig:

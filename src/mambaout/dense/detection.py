@@ -55,6 +55,11 @@ class DetectorConfig(BackboneConfig):
     mask_head_channels: int = width(256, "width of the mask head's four convs")
     rois_per_image: int = C.setting(512, C.integer(1, WIDTH_MAX), "RoIs sampled per training image for the losses")
 
+    def check_data(self, d) -> None:
+        """The data settings (`mambaout.dense.config.DataConfig`) that only make sense with this detector's."""
+        if min(d.min_sizes) < 32 or d.max_size < max(d.min_sizes):
+            raise ValueError(f"min_sizes must be >= 32 and at most max_size, got {d.min_sizes} / {d.max_size}")
+
 
 def create_detector(cfg: DetectorConfig, pretrained: bool = False, checkpoint: str | None = None) -> nn.Module:
     """torchvision's Mask R-CNN or Faster R-CNN on a dense MambaOut; `pretrained`/`checkpoint` are the backbone's

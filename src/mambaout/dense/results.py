@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from mambaout.utils.files import atomic_write
+from mambaout.utils.text import printable
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence], columns: int = 1) -> str:
@@ -39,7 +40,7 @@ def table(headers: Sequence[str], rows: Sequence[Sequence], columns: int = 1) ->
 def _cell(v) -> str:
     if v is None:
         return "-"
-    return f"{v:.3f}" if isinstance(v, float) else str(v)
+    return f"{v:.3f}" if isinstance(v, float) else printable(v)  # a class name from a file cannot write to the terminal
 
 
 # --- detection ---------------------------------------------------------------------------------------------------------
@@ -113,3 +114,26 @@ def dataset_paths(dataset) -> list[Path]:
         indices = [dataset.indices[i] for i in indices]
         dataset = dataset.dataset
     return [Path(dataset.pairs[i][0]) for i in indices]
+
+
+def picture_paths(paths: list[Path], out: Path, suffix: str) -> dict[Path, Path]:
+    """Each input's picture in `out`: `<stem>.<suffix>`, numbered where two inputs share a stem (a.jpg and a.png,
+    or two folders' 0.png), so no picture replaces another.
+
+    Raises:
+        ValueError: a picture would replace one of the input images (`--output` is the input folder).
+    """
+    pictures: dict[Path, Path] = {}
+    used: set[str] = set()
+    for p in paths:
+        name, n = f"{p.stem}.{suffix}", 0
+        while name in used:
+            n += 1
+            name = f"{p.stem}-{n}.{suffix}"
+        used.add(name)
+        pictures[p] = out / name
+    inputs = {q.resolve() for q in paths if q.is_file()}
+    clash = next((q for q in pictures.values() if q.resolve() in inputs), None)
+    if clash is not None:
+        raise ValueError(f"the picture {clash} would replace that input image; pass another --output folder")
+    return pictures

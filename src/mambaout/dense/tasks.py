@@ -28,11 +28,15 @@ from mambaout.training.trainer import fit
 from mambaout.utils import distributed as dist
 from mambaout.utils.device import autocast_setting  # noqa: F401  (one reading of --amp auto: tests/test_config.py)
 from mambaout.utils.interrupt import ignore_sigint
+from mambaout.utils.text import count
 from mambaout.weights.checkpoint import check_finite, read_checkpoint
 
+from . import coco, tta
+from . import results as res
 from .coco import CocoInstances, ResizeFlip, coco_evaluate, collate, resize, resize_scale, to_coco_results
 from .config import DataConfig, RunConfig, from_dict
 from .detection import DetectorConfig, create_detector
+from .draw import draw_detections, draw_segmentation
 from .semseg import ConfusionMatrix, LabelMap, RandomResizeCrop, SegmentationFolder, resize_pair
 from .upernet import SegmenterConfig, create_segmenter
 
@@ -183,6 +187,24 @@ class Task(training.Task):
     def model(self, pretrained: bool = False, checkpoint: str | None = None) -> nn.Module:
         return self.create(self.cfg.model, pretrained, checkpoint)
 
+    # --- what the commands differ in (mambaout.cli.dense, mambaout.cli.export) -------------------------------------
+    network: str  # what `train` trains
+    labels_help: str  # what --val-labels names
+    validate_help: str
+    predict_help: str  # what `predict` writes
+
+    @staticmethod
+    def validate_options(p) -> None:
+        """`validate`'s own options, after the data's."""
+
+    @staticmethod
+    def validate_outputs(p) -> None:
+        """`validate`'s own options, after --results-file."""
+
+    @staticmethod
+    def check_options(args, validate: bool) -> None:
+        """The task's `validate` (or `predict`) options checked before the model loads."""
+
     # --- checkpoints ----------------------------------------------------------------------------------------------
     def meta(self) -> dict:
         """What a checkpoint carries so `validate` and `predict` rebuild the model and read its outputs."""
@@ -220,6 +242,12 @@ class DetectTask(Task):
     default_splits = ("train2017", "val2017")
     collate = staticmethod(collate)
     model_config, create = DetectorConfig, staticmethod(create_detector)
+    network, labels_help = "Mask R-CNN", "COCO instances JSON"
+    validate_help = "COCO box and mask AP (pycocotools), and per-category AP"
+    predict_help = (
+        "detections (boxes, masks, names, scores), predictions.json and results.json (COCO results: every "
+        "detection, boxes and RLE masks, for COCO.loadRes)"
+    )
 
     @staticmethod
     def layout(root: Path, split: str) -> tuple[Path, Path]:
@@ -296,12 +324,114 @@ class DetectTask(Task):
         metrics = {f"{t}_{k}": v for t in types for k, v in ev[t].items() if k in ("AP", "AP50", "AP75")}
         return dict(metrics, images=len(image_ids), detections=len(results), summary=ev["summary"]), ev
 
+    # --- validate, predict, export ------------------------------------------------------------------------------
+    @staticmethod
+    def validate_outputs(p) -> None:
+        p.add_argument(
+            "--coco-results", help="write the detections as a COCO results JSON (bbox; segm as RLE) for COCO.loadRes"
+        )
+
+    def validate(self, model: nn.Module, val_set, device, amp_dtype, args, names) -> tuple[dict, list[str]]:
+        """`validate`'s numbers by setting (one: single-scale) and their per-category tables; `--coco-results`."""
+        detections, image_ids = self.detections(model, val_set, device, amp_dtype)
+        metrics, ev = self.score(detections, image_ids)
+        per_category = res.per_category(ev, self.cat_ids, names)
+        if args.coco_results:
+            coco.write_results(args.coco_results, detections)
+        return {"single-scale": dict(metrics, per_category=per_category)}, [res.per_category_text(per_category)]
+
+    @staticmethod
+    def predict_options(p) -> None:
+        p.add_argument(
+            "--score-threshold",
+            type=float,
+            default=0.5,
+            help="draw and list in predictions.json the detections scoring this (results.json holds them all)",
+        )
+        p.add_argument(
+            "--coco-json",
+            help="COCO JSON listing the inputs: image ids by file name (default: the file name's number, as COCO's "
+            "000000000139.jpg, else the input's place from 1)",
+        )
+
+    @staticmethod
+    def predictor(args, meta: dict, paths: list[Path]):
+        """`(each, finish)`: `each(model, path, image, x, picture)` gives an image's picture and predictions.json
+        record; `finish(folder)` writes what comes after predictions.json and names all it wrote."""
+        names, cat_ids, coco_results = meta["class_names"], meta["cat_ids"], []
+        ids = dict(zip(paths, res.image_ids(paths, args.coco_json)))
+
+        def each(model, path, img, x, picture):
+            o = {k: v.float().cpu() for k, v in model([x])[0].items()}
+            entries = to_coco_results(o, ids[path], cat_ids)  # every detection: what validate scores
+            coco_results.extend(entries)
+            keep = o["scores"] >= args.score_threshold
+            dets = [
+                dict(label=names[int(lab) - 1], box=b.tolist(), **e)
+                for b, lab, e, k in zip(o["boxes"], o["labels"], entries, keep.tolist())
+                if k
+            ]
+            record = dict(image=str(path), image_id=ids[path], picture=str(picture), detections=dets)
+            return draw_detections(img, o, names, args.score_threshold), record
+
+        def finish(out: Path) -> str:
+            coco.write_results(out / "results.json", coco_results)
+            return "predictions.json and results.json"
+
+        return each, finish
+
+    @staticmethod
+    def export_model(model: nn.Module, meta: dict, args) -> tuple[Path, tuple[int, int]]:
+        from mambaout.inference.export import export_detector_onnx
+
+        if args.opset is not None:
+            raise ValueError("--opset: the detector exports at opset 11, the one torchvision tests its ONNX path at")
+        m = meta["dense_model"]
+        hw = (args.img_size or m["min_size"],) * 2
+        info = dict(
+            task=meta["task"],
+            model=f"{m['kind']} " + m["backbone"],
+            dense_model=m,
+            class_names=meta["class_names"],
+            cat_ids=meta["cat_ids"],
+            input="images [3, H, W] RGB in [0, 1], one image of any size (resized and normalised inside)",
+            output="boxes [N, 4] x1 y1 x2 y2 in input pixels, labels [N] (class_names[label - 1]), scores [N]"
+            + (", masks [N, 1, H, W] probabilities" if m["kind"] == "mask_rcnn" else ""),
+        )
+        return export_detector_onnx(model, args.output, hw, info), hw
+
+    @staticmethod
+    def check_export(model: nn.Module, session, hw: tuple[int, int]) -> tuple[float, str, float]:
+        """Max abs difference of boxes, scores and masks between the ONNX Runtime `session` and PyTorch on one
+        image of H+17 x W+23, what was compared, and the tolerance (boxes are pixels of a resized image).
+
+        Raises:
+            ValueError: the outputs differ in count or labels (no number measures that).
+        """
+        x = torch.rand(3, hw[0] + 17, hw[1] + 23)
+        with torch.no_grad():
+            want = model([x])[0]
+        got = dict(zip((o.name for o in session.get_outputs()), session.run(None, {"images": x.numpy()})))
+        if len(got["labels"]) != len(want["labels"]) or not np.array_equal(got["labels"], want["labels"].numpy()):
+            raise ValueError(
+                f"the exported detector gives {len(got['labels'])} detections, PyTorch {len(want['labels'])} (or "
+                "other labels) on the same image"
+            )
+        diffs = [np.abs(got[k] - want[k].numpy()).max() if len(want[k]) else 0.0 for k in want if k in got]
+        return float(max(diffs, default=0.0)), f"boxes, scores, masks; a {hw[0] + 17}x{hw[1] + 23} image", 1e-3
+
 
 class SegmentTask(Task):
     name = "segment"
     metric = "mIoU"
     default_splits = ("training", "validation")
     model_config, create = SegmenterConfig, staticmethod(create_segmenter)
+    network, labels_help = "UperNet", "folder of class-index PNG masks"
+    validate_help = (
+        "mIoU, pixel accuracy (aAcc) and mean class accuracy (mAcc), and per-class IoU and accuracy: "
+        "single-scale, and with --flip, --multi-scale also with test-time augmentation"
+    )
+    predict_help = "segmentation (a colour per class, with a legend) and predictions.json"
 
     @staticmethod
     def collate(batch):
@@ -388,6 +518,116 @@ class SegmentTask(Task):
             f"{k} {v:.2f}%" if k in ("mIoU", "aAcc", "mAcc") else f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
             for k, v in metrics.items()
         )
+
+    # --- validate, predict, export ------------------------------------------------------------------------------
+    @staticmethod
+    def validate_options(p) -> None:
+        p.add_argument("--flip", action="store_true", help="also evaluate with the flip (averaged probabilities)")
+        p.add_argument(
+            "--multi-scale",
+            action="store_true",
+            help="also evaluate at the scale times each of --ratios, with the flip (the paper's multi-scale column)",
+        )
+        p.add_argument(
+            "--ratios", type=float, nargs="+", help="--multi-scale's ratios (default 0.5 0.75 1.0 1.25 1.5 1.75)"
+        )
+        tta.slide_argument(p)
+        p.add_argument("--label-dir", help="write each image's class map (of the last setting evaluated) as a PNG")
+
+    @staticmethod
+    def check_options(args, validate: bool) -> None:
+        if args.ratios and not args.multi_scale:
+            raise ValueError("--ratios applies to --multi-scale; add --multi-scale")
+        tta.from_options(args, (1, 1), False)  # checks --slide
+        if validate and args.label_dir and Path(args.label_dir).exists() and not Path(args.label_dir).is_dir():
+            raise ValueError(f"--label-dir {args.label_dir} is not a folder")
+
+    def validate(self, model: nn.Module, val_set, device, amp_dtype, args, names) -> tuple[dict, list[str]]:
+        """`validate`'s numbers by setting (single-scale, flip, multi-scale) and their per-class tables; the
+        `--label-dir` PNGs."""
+        scale = tuple(self.cfg.data.scale)
+        settings = [tta.from_options(args, scale, False)]
+        if args.flip:
+            settings.append(tta.from_options(args, scale, True))
+        if args.multi_scale:
+            settings.append(tta.from_options(args, scale, True, args.ratios or tta.MULTI_SCALE_RATIOS))
+        label_dir = Path(args.label_dir) if args.label_dir else None
+        if label_dir is not None:
+            label_dir.mkdir(parents=True, exist_ok=True)
+            paths = list(res.picture_paths(res.dataset_paths(val_set), label_dir, "png").values())
+        results, tables = {}, []
+        for i, setting in enumerate(settings):
+            write = label_dir is not None and i == len(settings) - 1
+            each = (lambda n, classes: res.write_label_png(paths[n], classes)) if write else None  # noqa: E731
+            probs = lambda x, s=setting: s(model, x, amp_dtype)  # noqa: E731
+            conf, n = self.confusion(model, val_set, device, amp_dtype, probs, each)
+            m = conf.metrics()
+            per_class = res.per_class(m, names)
+            keys = ("mIoU", "aAcc", "mAcc", "classes", "pixels")
+            results[setting.describe()] = dict({k: m[k] for k in keys}, images=n, per_class=per_class)
+            tables.append(f"{setting.describe()} " + res.per_class_text(per_class))
+        if label_dir is not None:
+            print(f"{count(len(paths), 'label PNG')} (class indices 0-{len(names) - 1}) in {label_dir}")
+        return results, tables
+
+    @staticmethod
+    def predict_options(p) -> None:
+        p.add_argument("--flip", action="store_true", help="average with the flipped image's prediction")
+        p.add_argument("--multi-scale", action="store_true", help="average over --ratios of the scale, and the flip")
+        p.add_argument("--ratios", type=float, nargs="+", help="--multi-scale's ratios (default 0.5 0.75 ... 1.75)")
+        tta.slide_argument(p)
+        p.add_argument("--label-dir", help="also write each class map as a PNG of class indices 0..K-1")
+
+    @staticmethod
+    def predictor(args, meta: dict, paths: list[Path]):
+        """As `DetectTask.predictor`: each image's coloured class map, its record the share of each class."""
+        names = meta["class_names"]
+        ratios = (args.ratios or tta.MULTI_SCALE_RATIOS) if args.multi_scale else (1.0,)
+        infer = tta.from_options(args, meta["eval_scale"], args.flip or args.multi_scale, ratios)
+        labels = res.picture_paths(paths, Path(args.label_dir), "png") if args.label_dir else None
+        if labels:
+            Path(args.label_dir).mkdir(parents=True, exist_ok=True)
+
+        def each(model, path, img, x, picture):
+            classes = infer(model, x).argmax(0).cpu()
+            if labels:
+                res.write_label_png(labels[path], classes)
+            counts = torch.bincount(classes.flatten(), minlength=len(names))
+            share = {names[i]: round(c / classes.numel(), 4) for i, c in enumerate(counts.tolist()) if c}
+            share = dict(sorted(share.items(), key=lambda kv: -kv[1]))
+            record = dict(image=str(path), picture=str(picture), class_fractions=share)
+            return draw_segmentation(img, classes, names), record
+
+        return each, lambda out: "predictions.json"
+
+    @staticmethod
+    def export_model(model: nn.Module, meta: dict, args) -> tuple[Path, tuple[int, int]]:
+        from mambaout.inference.export import DEFAULT_OPSET, check_opset, export_onnx
+
+        size = args.img_size or int(meta["eval_scale"][1])
+        info = dict(
+            task=meta["task"],
+            model="upernet " + meta["dense_model"]["backbone"],
+            dense_model=meta["dense_model"],
+            class_names=meta["class_names"],
+            label_lut=meta["label_lut"],
+            eval_scale=meta["eval_scale"],
+            eval_config={"input_size": [3, size, size]},
+            input=f"input [batch, 3, {size}, {size}] RGB in [0, 1] (ImageNet mean/std applied inside)",
+            output=f"logits [batch, {len(meta['class_names'])}, {size}, {size}]: argmax is the class index",
+        )
+        path = export_onnx(model, args.output, size, check_opset(args.opset or DEFAULT_OPSET), metadata=info)
+        return path, (size, size)
+
+    @staticmethod
+    def check_export(model: nn.Module, session, hw: tuple[int, int]) -> tuple[float, str, float]:
+        """Max abs difference of the logits between the ONNX Runtime `session` and PyTorch (batch 3, the exported
+        H x W), what was compared, and the tolerance."""
+        x = torch.rand(3, 3, *hw)
+        with torch.no_grad():
+            want = model(x)
+        got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+        return (got - want).abs().max().item(), "logits, batch 3", 1e-4
 
 
 PROGRESS_EVERY_S = 10.0  # a long evaluation says how far it got at most this often

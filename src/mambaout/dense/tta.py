@@ -106,3 +106,23 @@ class SegmentInference:
 
 def _autocast(device, dtype):
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def slide_argument(p) -> None:
+    """`--slide WINDOW [STRIDE]` on the argparse parser `p` (`segment validate` and `predict`)."""
+    p.add_argument(
+        "--slide",
+        type=int,
+        nargs="+",
+        metavar=("WINDOW", "STRIDE"),
+        help="sliding-window inference: square windows of WINDOW px every STRIDE px (default 2/3 of the window; "
+        "ConvNeXt's ADE20K setting: 512 341)",
+    )
+
+
+def from_options(args, scale, flip: bool, ratios=(1.0,)) -> SegmentInference:
+    """The `SegmentInference` of `--slide` (`args.slide`) at `scale`."""
+    slide = args.slide or [None]
+    if len(slide) > 2:
+        raise ValueError(f"--slide takes WINDOW [STRIDE], got {len(slide)} numbers")
+    return SegmentInference(tuple(scale), tuple(ratios), flip, slide[0], slide[1] if len(slide) > 1 else None)

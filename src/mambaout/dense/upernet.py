@@ -128,6 +128,13 @@ class SegmenterConfig(BackboneConfig):
         flags=("--head-norm",),
     )
 
+    def check_data(self, d) -> None:
+        """The data settings (`mambaout.dense.config.DataConfig`) that only make sense with this segmenter's."""
+        if self.norm == "bn" and d.batch_size < 2:
+            raise ValueError("a BatchNorm head needs >= 2 images per device: raise --batch-size or pass --head-norm gn")
+        if d.crop_size < 32:
+            raise ValueError(f"crop_size must be >= 32, got {d.crop_size}")
+
 
 class Segmenter(nn.Module):
     """Backbone + UperNet (+ auxiliary FCN). `model(images)` gives logits `[B, K, H, W]` at the input size;
