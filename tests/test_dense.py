@@ -1243,3 +1243,48 @@ def test_closed_pipe_ends_dense_commands_quietly(dense_world):
         os.close(write_end)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0 and err == "", err
+
+
+def test_weight_decay_spares_only_the_parameters_named_norm_as_swins_configs():
+    """Swin's detection/segmentation configs exempt the parameters whose name holds `norm` (its paramwise
+    custom_keys) and decay the rest, biases and the head's BatchNorm included (mmseg names those `bn`)."""
+    from mambaout.dense.config import resolve
+    from mambaout.dense.tasks import make_task, norm_exempt_groups
+
+    for task, extra in (("segment", {"model.num_classes": 5}), ("detect", {"model.num_classes": 3})):
+        cfg = resolve(task, f"coco128-{task}-cpu", extra)
+        model = make_task(cfg).create(cfg.model)
+        decay, exempt = norm_exempt_groups(model, 0.05)
+        assert (decay["weight_decay"], exempt["weight_decay"]) == (0.05, 0.0)
+        layer_norm = [p for m in model.modules() if isinstance(m, torch.nn.LayerNorm) for p in m.parameters()]
+        assert {id(p) for p in exempt["params"]} == {id(p) for p in layer_norm}, task  # the backbone's LayerNorms
+        decayed = {id(p) for p in decay["params"]}
+        biases = [p for n, p in model.named_parameters() if n.endswith(".bias") and "norm" not in n]
+        assert biases and all(id(p) in decayed for p in biases), task
+        if task == "segment":
+            head_norms = (torch.nn.BatchNorm2d, torch.nn.GroupNorm)  # the recipe's head has GroupNorm
+            bn = [p for m in model.head.modules() if isinstance(m, head_norms) for p in m.parameters()]
+            assert bn and all(id(p) in decayed for p in bn)
+
+
+def test_segmentation_cross_entropy_averages_over_every_pixel_as_mmseg():
+    """mmseg's CrossEntropyLoss (avg_non_ignore=False): the labelled pixels' losses summed, divided by all pixels."""
+    import math
+
+    from mambaout.dense.upernet import IGNORE_INDEX, pixel_cross_entropy
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 4, 3, 5, generator=g, dtype=torch.float64)
+    masks = torch.randint(0, 4, (2, 3, 5), generator=g)
+    masks[0, 0] = IGNORE_INDEX  # 5 of 30 pixels ignored
+    masks[1, :, 0] = IGNORE_INDEX  # 3 more
+    total = 0.0
+    for b in range(2):
+        for y in range(3):
+            for x in range(5):
+                k = int(masks[b, y, x])
+                if k != IGNORE_INDEX:
+                    row = logits[b, :, y, x].tolist()
+                    total += math.log(sum(math.exp(v) for v in row)) - row[k]
+    assert pixel_cross_entropy(logits, masks).item() == pytest.approx(total / 30, rel=1e-12)
+    assert pixel_cross_entropy(logits, torch.full_like(masks, IGNORE_INDEX)).item() == 0.0  # not NaN

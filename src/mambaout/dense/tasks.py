@@ -19,7 +19,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from mambaout.data.loaders import train_loader
-from mambaout.models.layers import param_groups
 from mambaout.training import task as training
 from mambaout.training.engine import autocast
 from mambaout.training.optim import FactorSchedule
@@ -76,6 +75,18 @@ def saved_config(resume: str) -> RunConfig:
         raise ValueError(f"cannot read training state {path} ({type(e).__name__}: {e})") from e
 
 
+def norm_exempt_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups as Swin's detection and segmentation configs set them (`paramwise_cfg.custom_keys`): no weight
+    decay on parameters whose name holds `norm` (here the backbone's LayerNorms; Swin's position tables, the other
+    keys, do not exist in MambaOut), decay on every other parameter, biases included. A head's BatchNorm is named
+    `bn` in mmseg and so decayed there; in our UperNet its parameters are numbered, and decayed here too."""
+    decay, exempt = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (exempt if "norm" in name else decay).append(p)
+    return [dict(params=decay, weight_decay=weight_decay), dict(params=exempt, weight_decay=0.0)]
+
+
 def lr_factor(step: int, total: int, t) -> float:
     """The learning rate of optimizer step `step` (0-based) over `t.lr`: linear warmup from `warmup_ratio`, then
     step decay at the `milestones` (fractions of the run) or polynomial decay to `min_lr`."""
@@ -124,7 +135,7 @@ class Task(training.Task):
         return model
 
     def optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(param_groups(model, self.cfg.train.weight_decay), lr=self.cfg.train.lr)
+        return torch.optim.AdamW(norm_exempt_groups(model, self.cfg.train.weight_decay), lr=self.cfg.train.lr)
 
     def scheduler(self, optimizer, total_steps: int):
         t = self.cfg.train

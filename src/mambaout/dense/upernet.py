@@ -165,11 +165,18 @@ class Segmenter(nn.Module):
         logits = _resize(self.head(feats), padded)[..., :h, :w]  # crop the padding away: [B, K, H, W]
         if masks is None:
             return logits
-        losses = {"loss_seg": F.cross_entropy(logits, masks, ignore_index=IGNORE_INDEX)}
+        losses = {"loss_seg": pixel_cross_entropy(logits, masks)}
         if self.aux is not None:
             aux = _resize(self.aux(feats[2]), padded)[..., :h, :w]
-            losses["loss_aux"] = self.aux_weight * F.cross_entropy(aux, masks, ignore_index=IGNORE_INDEX)
+            losses["loss_aux"] = self.aux_weight * pixel_cross_entropy(aux, masks)
         return losses
+
+
+def pixel_cross_entropy(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy summed over the labelled pixels and divided by all pixels, ignored ones included: mmseg's
+    `CrossEntropyLoss` average (`avg_non_ignore=False`, its default, which the Swin and MambaOut configs keep).
+    PyTorch's `mean` divides by the labelled pixels only, which weighs a crop with much ignored area more."""
+    return F.cross_entropy(logits, masks, ignore_index=IGNORE_INDEX, reduction="sum") / masks.numel()
 
 
 def create_segmenter(cfg: SegmenterConfig, pretrained: bool = False, checkpoint: str | None = None) -> Segmenter:
