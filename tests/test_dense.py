@@ -1288,3 +1288,50 @@ def test_segmentation_cross_entropy_averages_over_every_pixel_as_mmseg():
                     total += math.log(sum(math.exp(v) for v in row)) - row[k]
     assert pixel_cross_entropy(logits, masks).item() == pytest.approx(total / 30, rel=1e-12)
     assert pixel_cross_entropy(logits, torch.full_like(masks, IGNORE_INDEX)).item() == 0.0  # not NaN
+
+
+# --- fine-tuning from a classification run ---------------------------------------------------------------------------
+
+# a classification run of two steps of mambaout_test at widths other than its registered ones (8-64: 16-64 registered)
+CLS_RUN = ["train", "--model", "mambaout_test", "--model-kwargs", "{dims: [8, 16, 32, 64], depths: [1, 1, 2, 1]}"]
+CLS_RUN += ["--epochs", "1", "--max-steps-per-epoch", "2", "--batch-size", "8", "--img-size", "32", "--workers", "0"]
+CLS_RUN += ["--threads", "1", "--no-progress", "--device", "cpu", "--set", "data_val=digits:val"]
+
+
+def test_a_classification_run_folder_is_the_backbone_with_its_architecture(coco128, tmp_path, capsys):
+    cls = tmp_path / "cls"
+    assert main([*CLS_RUN, "--output", str(cls)]) == 0
+    weights, meta = mambaout.weights.checkpoint.read_checkpoint(cls / "best.safetensors")
+    assert meta["model_kwargs"]["dims"] == [8, 16, 32, 64]
+    # all four stages frozen: the backbone's weights stay what they were at step 0, which must be the run's best
+    det = tmp_path / "det"
+    argv = ["detect", "train", *DET, "--data", str(coco128), "--no-eval-at-start", "--set", "model.frozen_stages=4"]
+    assert main([*argv, "--backbone-checkpoint", str(cls), "--output", str(det)]) == 0
+    config = (det / "config.yaml").read_text()
+    assert str(cls / "best.safetensors") in config  # the file taken is named in the run's config and printed
+    assert "backbone: mambaout_test {'dims': [8, 16, 32, 64], 'depths': [1, 1, 2, 1]" in capsys.readouterr().out
+    dense, _ = mambaout.weights.checkpoint.read_checkpoint(det / "last.safetensors")
+    body = {k.partition("backbone.body.")[2]: v for k, v in dense.items() if "backbone.body." in k}  # under the FPN
+    backbone = {k: v for k, v in weights.items() if not k.startswith("head.")}
+    assert body.keys() == backbone.keys()
+    for k, v in backbone.items():
+        assert torch.equal(body[k], v), k
+    # the run's config records the architecture, so validate rebuilds it without the classification weights
+    args = ["detect", "validate", "--checkpoint", str(det / "last.safetensors"), "--data", str(coco128)]
+    assert main([*args, "--max-val-images", "1"]) == 0
+    # no best.safetensors: the last weights; the recorded widths against others given: one line naming both
+    (cls / "best.safetensors").rename(tmp_path / "best.safetensors")
+    capsys.readouterr()
+    bad = ["--model-kwargs", "{dims: [16, 32, 64, 128]}", "--output", str(tmp_path / "bad")]
+    assert main([*argv, "--backbone-checkpoint", str(cls), *bad]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and str(cls / "last.safetensors") in err
+    assert "dims=[16, 32, 64, 128] (recorded [8, 16, 32, 64])" in err
+    assert (
+        main([*argv, "--backbone-checkpoint", str(cls), "--backbone", "mambaout_femto", "-o", str(tmp_path / "b")]) == 2
+    )
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "holds mambaout_test weights, but the backbone is mambaout_femto" in err
+    (cls / "last.safetensors").unlink()
+    assert main([*argv, "--backbone-checkpoint", str(cls), "-o", str(tmp_path / "c")]) == 2
+    assert "without best.safetensors or last.safetensors" in capsys.readouterr().err

@@ -117,6 +117,9 @@ def train(task: str, argv: list[str]) -> int:
     if getattr(args, "print_config", False):
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         return 0
+    if base is None and cfg.train.backbone_checkpoint:  # a run folder names one of its files: say which
+        arch = f" {cfg.model.model_kwargs}" if cfg.model.model_kwargs else ""
+        print(f"backbone: {cfg.model.backbone}{arch} from {cfg.train.backbone_checkpoint}")
     try:
         fit(cfg)
     except MissingDependency as e:

@@ -17,10 +17,21 @@ from torch import nn
 
 from mambaout.data.image import IMAGENET_MEAN, IMAGENET_STD  # the input normalisation of every published MambaOut
 from mambaout.models.factory import create_model
+from mambaout.models.variants import get_variant
 from mambaout.utils import checks as C
 from mambaout.utils.limits import MAX_IMG_SIZE, MAX_NUM_CLASSES, MIN_IMG_SIZE, check_model_kwargs
+from mambaout.weights.checkpoint import read_metadata, run_weights
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "STRIDE", "BackboneConfig", "DenseBackbone", "backbone_from"]
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "STRIDE",
+    "BackboneConfig",
+    "CheckpointBackbone",
+    "DenseBackbone",
+    "backbone_from",
+    "checkpoint_backbone",
+]
 
 STRIDE = 32  # the last stage's reduction: inputs are padded to a multiple of it
 WIDTH_MAX = 8192  # a head or FPN width; the paper's widest is UperNet's 512 and the box head's 1024
@@ -48,7 +59,12 @@ def _model_kwargs(kwargs: dict) -> None:
 class BackboneConfig:
     """The backbone and class count of a detector or segmenter (their configs extend it)."""
 
-    backbone: str = C.setting("mambaout_tiny", C.text(max_len=200), "registered MambaOut name", network=True)
+    backbone: str = C.setting(
+        "mambaout_tiny",
+        C.text(max_len=200),
+        "registered MambaOut name (unset, with a backbone checkpoint that records its model: that model)",
+        network=True,
+    )
     num_classes: int | None = C.setting(
         None, C.integer(1, MAX_NUM_CLASSES, optional=True), "classes (unset: the training data's)", network=True
     )
@@ -161,3 +177,51 @@ def backbone_from(cfg, pretrained: bool = False, checkpoint: str | os.PathLike |
         frozen_stages=cfg.frozen_stages,
         **cfg.model_kwargs,
     )
+
+
+# what a classification checkpoint records of its training that is not the architecture: the dense run has its own
+_NOT_ARCHITECTURE = ("num_classes", "drop_path_rate", "drop_rate")
+
+
+@dataclass
+class CheckpointBackbone:
+    """The backbone a classification checkpoint gives a dense run: its weights file and architecture."""
+
+    file: str  # the weights file (a run folder's best.safetensors, else last.safetensors)
+    backbone: str | None  # the registered name the run builds (None: the config's default)
+    model_kwargs: dict  # the architecture, recorded and given together
+
+
+def checkpoint_backbone(
+    checkpoint: str | os.PathLike, backbone: str | None = None, model_kwargs: dict | None = None
+) -> CheckpointBackbone:
+    """The backbone of a dense run started from classification weights: a run folder's best (else last) weights,
+    built as the architecture they record wherever the user did not give one.
+
+    Args:
+        checkpoint: A weights file or a run folder of `mambaout train`.
+        backbone: The registered name the user (or the recipe) gave; None: the one the checkpoint records.
+        model_kwargs: The backbone arguments given; the recorded ones fill the rest.
+
+    Raises:
+        ValueError: a name or an argument given that disagrees with what the checkpoint records (one line).
+    """
+    file = run_weights(checkpoint)
+    meta = read_metadata(file)
+    recorded = meta.get("model")
+    given = dict(model_kwargs or {})
+    if recorded is None:  # weights without our metadata (official, timm): the user's architecture decides
+        return CheckpointBackbone(file, backbone, given)
+    if backbone is not None and get_variant(backbone)[0].name != get_variant(recorded)[0].name:
+        raise ValueError(
+            f"--backbone-checkpoint {file} holds {recorded} weights, but the backbone is {backbone}: "
+            f"pass --backbone {recorded} (or leave --backbone out of the command and the recipe)"
+        )
+    arch = {k: v for k, v in meta.get("model_kwargs", {}).items() if k not in _NOT_ARCHITECTURE}
+    clash = [f"{k}={given[k]} (recorded {v})" for k, v in arch.items() if k in given and given[k] != v]
+    if clash:
+        raise ValueError(
+            f"--backbone-checkpoint {file} records {recorded} with {arch}, but model_kwargs sets {', '.join(clash)}: "
+            "leave those out to build the checkpoint's architecture, or pass weights of the one you set"
+        )
+    return CheckpointBackbone(file, backbone or recorded, {**arch, **given})

@@ -18,7 +18,7 @@ from mambaout.utils import schema as S
 from mambaout.utils.limits import MAX_IMG_SIZE, MIN_IMG_SIZE
 from mambaout.utils.safe_yaml import load_yaml
 
-from .backbone import SIDE
+from .backbone import SIDE, checkpoint_backbone
 from .detection import DetectorConfig
 from .upernet import SegmenterConfig
 
@@ -107,7 +107,10 @@ class TrainConfig:
     clip_grad: float | None = C.setting(None, C.number(0, lo_open=True, optional=True), "max gradient norm")
     pretrained: bool = C.setting(False, C.boolean(), "start the backbone from its published ImageNet weights")
     backbone_checkpoint: str | None = C.setting(
-        None, _PATH, "or from these classification weights (any layout we read)"
+        None,
+        _PATH,
+        "or from these classification weights (any layout we read), or a `mambaout train` run folder's best (else "
+        "last); its recorded model and model_kwargs fill those not set",
     )
     amp: str = S.amp_setting()
     device: str | None = S.device_setting()
@@ -212,10 +215,30 @@ def resolve(task: str, recipe: str | None, overrides: dict, base: RunConfig | No
     for key, value in overrides.items():
         section, _, name = _key(task, key).partition(".")
         values[section][name] = value
+    if base is None and values["train"].get("backbone_checkpoint") is not None:
+        _follow_checkpoint(task, values)
     types = section_types(task)
     cfg = RunConfig(task, *(types[s](**values[s]) for s in SECTIONS), recipe)
     check(cfg)
     return cfg
+
+
+def _follow_checkpoint(task: str, values: dict[str, dict]) -> None:
+    """`train.backbone_checkpoint` as the weights file it names (a run folder's best, else last), and the backbone
+    it records wherever the recipe and the command line leave it unset; written so into the run's config, which
+    then rebuilds the network without the checkpoint (validate, predict, export)."""
+    s, m, t = schema(task), values["model"], values["train"]
+    given = {k: s.checked(f"model.{k}", m[k]) for k in ("backbone", "model_kwargs") if k in m}
+    found = checkpoint_backbone(
+        s.checked("train.backbone_checkpoint", t["backbone_checkpoint"]),
+        given.get("backbone"),
+        given.get("model_kwargs"),
+    )
+    t["backbone_checkpoint"] = found.file
+    if found.backbone is not None:
+        m["backbone"] = found.backbone
+    if found.model_kwargs:
+        m["model_kwargs"] = found.model_kwargs
 
 
 def _key(task: str, key: str, where: str = "") -> str:

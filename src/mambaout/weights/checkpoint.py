@@ -376,6 +376,44 @@ def read_checkpoint(path: str | os.PathLike, use_ema: bool = False) -> tuple[dic
     return unwrap_state_dict(obj, use_ema, path), meta or _timm_train_metadata(obj)
 
 
+# a run folder of `mambaout train` holds these weights files; the best epoch's first, else the last epoch's
+RUN_WEIGHTS = ("best.safetensors", "last.safetensors")
+
+
+def run_weights(path: str | os.PathLike) -> str:
+    """The weights file `path` names: `path` itself, or for a run folder of `mambaout train` its best weights
+    (`best.safetensors`), else its last (`last.safetensors`).
+
+    Raises:
+        CheckpointError: a folder holding neither.
+    """
+    if not os.path.isdir(path):
+        return str(path)
+    for name in RUN_WEIGHTS:
+        if os.path.isfile(os.path.join(path, name)):
+            return os.path.join(path, name)
+    raise CheckpointError(
+        f"{path} is a folder without {' or '.join(RUN_WEIGHTS)}; pass a run folder of mambaout train or a weights file"
+    )
+
+
+def read_metadata(path: str | os.PathLike) -> dict:
+    """A checkpoint's metadata (`model`, `model_kwargs`, ...; empty for files we did not write), reading the
+    tensors only where the format keeps both together (pickled files)."""
+    path = str(path)
+    if path.endswith(".safetensors") and os.path.isfile(path):
+        from safetensors import safe_open
+
+        try:
+            with safe_open(path, framework="pt") as f:
+                return _decode_metadata(f.metadata() or {})
+        except Exception as e:  # safetensors raises its own error types
+            raise CheckpointError(
+                f"cannot read {path} as safetensors ({e}); the file may be truncated: write it again"
+            ) from e
+    return read_checkpoint(path)[1]
+
+
 def _timm_train_metadata(obj) -> dict:
     """What a checkpoint of timm's train.py says of its model: `arch`, and of `args` the `--model-kwargs` and the
     class and channel counts (timm passes all of them to `create_model`)."""
