@@ -123,3 +123,16 @@ def test_a_bad_thread_count_in_the_environment_is_one_line_and_exit_2():
     assert done.returncode == 2 and done.stderr.strip().splitlines() == [
         "mambaout models: MAMBAOUT_THREADS='lots': expected a whole number of threads (or 'all' for MAMBAOUT_THREADS)"
     ]
+
+
+@pytest.mark.parametrize("our_nice, busy", [(0, 3.0), (10, 5.0)])
+def test_niced_time_is_free_for_a_default_priority_process(monkeypatch, tmp_path, our_nice, busy):
+    """/proc/stat's second column (user time of niced processes) counts as idle for a process at priority 0, whose
+    threads the scheduler serves first; a niced process counts it as busy (it cannot tell their nice from its own)."""
+    stat = tmp_path / "stat"
+    stat.write_text("cpu  200 200 100 1000 0 0 0 0 0 0\ncpu0 1 2 3 4 5 6 7 8 0 0\n")  # 2 s of niced time of 5 busy
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda f, *a, **k: real_open(stat if f == "/proc/stat" else f, *a, **k))
+    monkeypatch.setattr(threads, "_niceness", lambda: our_nice)
+    monkeypatch.setattr(threads.os, "sysconf", lambda name: 100)
+    assert threads._read_stat() == (busy, 15.0)

@@ -11,7 +11,8 @@ The policy, in two steps around the import of torch (the one place: `mambaout.cl
 1. `begin()`, before torch loads: snapshot the machine's CPU time (/proc/stat) and this process's own.
 2. `settle()`, after: the cores other processes used during the import (seconds of wall time, so no extra wait)
    are busy; the threads are the usable cores (affinity) less those, rounded, at least 1. A quiet machine keeps
-   every core; one busy process on 2 cores leaves 1 thread.
+   every core; one busy process on 2 cores leaves 1 thread. Time of niced processes (`nice -n 10 ...`) does not
+   count as busy for a process at the default priority: the scheduler gives those cores to it first.
 
 What overrides it: OMP_NUM_THREADS or MAMBAOUT_THREADS in the environment (a number, or `all` for every usable
 core), and afterwards any `--threads N` (train, dense, benchmark), which calls `set_threads`. The policy looks once,
@@ -60,7 +61,16 @@ def _read_stat() -> tuple[float, float] | None:
     ticks = [int(v) for v in fields[1:9]]  # user nice system idle iowait irq softirq steal
     hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
     idle = ticks[3] + ticks[4]  # waiting for a disk is not using a core
+    if _niceness() <= 0:
+        idle += ticks[1]  # niced processes yield their cores to us: for a process at priority 0 those cores are free
     return (sum(ticks) - idle) / hz, sum(ticks) / hz
+
+
+def _niceness() -> int:
+    try:
+        return os.getpriority(os.PRIO_PROCESS, 0)
+    except (AttributeError, OSError):
+        return 0
 
 
 def cpu_snapshot() -> CpuSnapshot | None:
