@@ -2,8 +2,8 @@
 
     flock /tmp/mambaout-cpu.lock mambaout benchmark --runtimes --models mambaout_femto --batch-size 32 [--compile]
 
-Rows: timm fp32 (the baseline), ours fp32 (the default path), ours bf16 (bf16 weights; plain block forward, and
-with the opt-in bf16 CPU fast path, `MAMBAOUT_CPU_BF16=1`), timm under bf16 autocast,
+Rows: timm fp32 (the baseline), ours fp32 (the default path), ours bf16 (bf16 weights; the plain block forward, and
+with the bf16 CPU fast path, `mambaout.kernels.cpu.set_cpu_bf16`), timm under bf16 autocast,
 ours int8 (ONNX Runtime's static quantisation of our export), ONNX Runtime fp32 on our export and on timm's,
 OpenVINO fp32 and bf16 on our export (when `openvino` is installed); `--compile` adds timm and ours under
 `torch.compile`, fp32 and bf16. bf16 rows are timed only where the CPU has bf16 arithmetic (AVX512-BF16, AMX).
@@ -22,7 +22,8 @@ every graph optimisation and spinning intra-op threads (its defaults), as many t
 LATENCY performance hint and the same thread count (mambaout/deploy/runtimes.py).
 
 The roofline line: the model's MACs per image, the peak of this machine for that dtype measured by a large GEMM
-(torch.mm; int8: `torch._int_mm`), and the fraction of it the fastest row of that dtype reaches.
+(the faster of torch.mm and oneDNN; int8: ONNX Runtime's MatMulInteger), and the fraction of it the fastest row
+of that dtype reaches.
 """
 
 from __future__ import annotations
@@ -55,25 +56,34 @@ __all__ = [
 
 
 def gemm_peak_gflops(dtype: str = "fp32", n: int = 2048, repeats: int = 3) -> float | None:
-    """GFLOP/s (GOP/s for int8) of an `n`x`n`x`n` matrix product on this CPU, best of `repeats`; None if unsupported."""
+    """GFLOP/s (GOP/s for int8) of an `n`x`n`x`n` matrix product on this CPU, best of `repeats` and of the libraries
+    torch offers (BLAS, oneDNN); None if unsupported."""
     if dtype == "int8":
         fn = _ort_int8_matmul(n)  # the int8 kernels the int8 row runs (torch has no fast int8 GEMM on CPU)
         if fn is None:
             return None
-    else:
-        t = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
-        a, b = torch.randn(n, n, dtype=t), torch.randn(n, n, dtype=t)
-        fn = lambda: a @ b  # noqa: E731
-    try:
-        fn()
-    except RuntimeError:
-        return None
+        return _best_gflops([fn], n, repeats)
+    t = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    a, b = torch.randn(n, n, dtype=t), torch.randn(n, n, dtype=t)
+    fns = [lambda: a @ b]  # BLAS (MKL: slow on AMD CPUs) ...
+    if hasattr(torch.ops.mkldnn, "_linear_pointwise"):  # ... and oneDNN, the library the fast path uses
+        fns.append(lambda: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], ""))
+    return _best_gflops(fns, n, repeats)
+
+
+def _best_gflops(fns: list[Callable], n: int, repeats: int) -> float | None:
+    """GFLOP/s of the fastest of `fns` (each an n^3 product), best of `repeats` runs after one warm-up."""
     best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best / 1e9
+    for fn in fns:
+        try:
+            fn()
+        except RuntimeError:
+            continue
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e9 if best < float("inf") else None
 
 
 def _ort_int8_matmul(n: int) -> Callable | None:
@@ -204,18 +214,21 @@ def load_impl(key: str, folder: Path, threads: int) -> Callable[[torch.Tensor], 
         kind = key.split()[0]
         model = torch_model(kind)
         if "bf16" in key and kind == "ours":
-            model = LowPrecision(model, torch.bfloat16)  # bf16 weights, converted once
-            if "fast path" in key:  # the opt-in bf16 CPU fast path (mambaout.kernels.cpu.set_cpu_bf16)
-                from mambaout.kernels.cpu import set_cpu_bf16
+            from mambaout.kernels.cpu import set_cpu_bf16
 
-                set_cpu_bf16(True)
+            model = LowPrecision(model, torch.bfloat16)  # bf16 weights, converted once
+            if not compiled:  # "ours bf16": the plain block forward; "fast path": the bf16 CPU fast path, forced on
+                set_cpu_bf16("fast path" in key)
         if compiled:
             # inductor as PyTorch recommends for CPU inference: weights frozen into the graph as constants (folded,
-            # pre-packed for oneDNN). A process-wide setting: this row runs in its own process.
+            # pre-packed for oneDNN). A process-wide setting: this row runs in its own process. One static graph per
+            # batch size, as a deployment at a fixed batch compiles it: left dynamic, the probe (2 images) then
+            # batch 1 made dynamo recompile with a symbolic batch, whose graph ran ours at batch 1 in 200 ms against
+            # 109 ms static (one thread, on a loaded machine).
             import torch._inductor.config as inductor_config
 
             inductor_config.freezing = True
-            model = torch.compile(model)
+            model = torch.compile(model, dynamic=False)
         if "autocast" in key:
             return lambda x: _autocast_call(model, x)
         return model

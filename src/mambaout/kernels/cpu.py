@@ -28,10 +28,10 @@ the version counter.
 from __future__ import annotations
 
 import os
-import statistics
 import threading
 import time
 import warnings
+import weakref
 
 import torch
 from torch import nn
@@ -47,6 +47,8 @@ __all__ = [
     "forget_cpu_matmul_choices",
     "set_cpu_bf16",
     "cpu_bf16_enabled",
+    "can_use_cpu_conv",
+    "conv_channels_last",
 ]
 
 MATMUL_CHOICES = ("auto", "onednn", "blas")
@@ -83,19 +85,32 @@ def _hooked(m: nn.Module) -> bool:
     return bool(m._forward_hooks or m._forward_pre_hooks)
 
 
-# bf16 through the same steps (bf16 weights and activations, `inference.precision.LowPrecision`): opt-in until measured
-# faster on a CPU with bf16 arithmetic (AVX512-BF16 / AMX); set_cpu_bf16(True) or MAMBAOUT_CPU_BF16=1.
-_BF16 = os.environ.get("MAMBAOUT_CPU_BF16", "0") == "1"
+def _bf16_default() -> bool:
+    """bf16 blocks take this path by default only on the CPUs it was measured faster on: AVX512-BF16 without AMX
+    (AMD EPYC family 26: 1.10x the plain bf16 block forward at batch 1, 2.3x at batch 32; docs/performance.md).
+    Elsewhere opt-in (MAMBAOUT_CPU_BF16=1); MAMBAOUT_CPU_BF16=0 turns it off."""
+    env = os.environ.get("MAMBAOUT_CPU_BF16", "").strip()
+    if env in ("0", "1"):
+        return env == "1"
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_bf16" in flags and "amx_bf16" not in flags
+
+
+_BF16 = _bf16_default()
 
 
 def set_cpu_bf16(enabled: bool) -> None:
-    """Let bf16 blocks (bf16 weights and inputs) run this fast path too, for the whole process (opt-in)."""
+    """Whether bf16 blocks (bf16 weights and inputs) run this fast path too, for the whole process."""
     global _BF16
     _BF16 = bool(enabled)
 
 
 def cpu_bf16_enabled() -> bool:
-    """Whether bf16 blocks take the fast path (`set_cpu_bf16` / MAMBAOUT_CPU_BF16=1)."""
+    """Whether bf16 blocks take the fast path (`set_cpu_bf16`, MAMBAOUT_CPU_BF16, else the CPU rule above)."""
     return _BF16
 
 
@@ -137,6 +152,42 @@ def _global_hooks() -> bool:
     from torch.nn.modules import module
 
     return bool(module._global_forward_hooks or module._global_forward_pre_hooks)
+
+
+_CL_WEIGHTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # conv -> (weight key, channels-last copy)
+
+
+def can_use_cpu_conv(conv: nn.Module, x: torch.Tensor) -> bool:
+    """Whether `conv_channels_last` may replace `conv(x)`: the block's conditions, for a conv."""
+    return (
+        not torch.is_grad_enabled()
+        and x.device.type == "cpu"
+        and x.dtype == conv.weight.dtype
+        and (x.dtype == torch.float32 or (_BF16 and x.dtype == torch.bfloat16))
+        and not torch.is_autocast_enabled("cpu")
+        and x.ndim == 4
+        and not torch.jit.is_scripting()
+        and not torch.jit.is_tracing()
+        and not torch.compiler.is_compiling()
+        and not _exporting()
+        and type(x) is torch.Tensor
+        and not (_hooked(conv) or _global_hooks())
+    )
+
+
+def conv_channels_last(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """`conv(x)` in channels-last memory: the input made channels-last (a no-op for the permuted channels-last
+    views between stages), the weight held in channels-last memory, the layout oneDNN reads at once for that input.
+    Given the plain weight, oneDNN reorders it on every call: 1.4 of the 1.75 ms of femto's last downsampling conv at
+    batch 1 (one thread, AMD EPYC family 26). The copy is kept per conv and made again when the weight's storage,
+    version (any in-place change but one through `.data`), dtype or shape changes."""
+    w = conv.weight
+    key = (w.data_ptr(), w._version, w.dtype, w.shape)
+    cached = _CL_WEIGHTS.get(conv)
+    if cached is None or cached[0] != key:
+        cached = (key, w.detach().contiguous(memory_format=torch.channels_last))
+        _CL_WEIGHTS[conv] = cached
+    return conv._conv_forward(x.contiguous(memory_format=torch.channels_last), cached[1], conv.bias)
 
 
 def _gated_onednn(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -239,8 +290,12 @@ def _shape_key(block: nn.Module, x: torch.Tensor) -> tuple:
     return (rows, x.shape[-1], block.hidden, block.conv_channels, act, torch.get_num_threads(), str(x.dtype))
 
 
-def _time_impls(block: nn.Module, x: torch.Tensor, repeats: int = 3) -> str:
-    """Run each implementation once to warm up, then `repeats` times interleaved; the one with the lower median."""
+def _time_impls(block: nn.Module, x: torch.Tensor, repeats: int = 4) -> str:
+    """Run each implementation once to warm up, then `repeats` times interleaved; the one with the lower minimum.
+
+    The minimum, not the median: other processes only ever add time to a run, so the fastest run of each is the
+    closest to its own speed (chosen under load by the median, "blas" won shapes where oneDNN is 2-3x faster alone).
+    """
     times: dict[str, list[float]] = {name: [] for name in _IMPLS}
     with torch.random.fork_rng(devices=[]):  # drop path in train mode draws numbers: the timed runs leave no trace
         for impl in _IMPLS.values():
@@ -250,7 +305,7 @@ def _time_impls(block: nn.Module, x: torch.Tensor, repeats: int = 3) -> str:
                 start = time.perf_counter()
                 impl(block, x)
                 times[name].append(time.perf_counter() - start)
-    return min(times, key=lambda name: statistics.median(times[name]))
+    return min(times, key=lambda name: min(times[name]))
 
 
 def gated_block_inference(block: nn.Module, x: torch.Tensor) -> torch.Tensor:

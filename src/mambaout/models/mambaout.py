@@ -157,10 +157,13 @@ class Stem(nn.Module):
         self.norm2 = norm_layer(dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, C, H, W]
-        x = self.conv1(x)
+        x = self.conv1(x)  # a channels-last input here would change its kernel, and so its rounding, under FX
         if self.norm1 is not None:
             x = self.norm1(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # norm over channels, back to [B, C, H, W]
-        x = self.conv2(self.act(x))
+        if torch.jit.is_scripting():
+            x = self.conv2(self.act(x))
+        else:
+            x = _conv(self.conv2, self.act(x))
         return self.norm2(x.permute(0, 2, 3, 1))  # [B, C, H, W] -> [B, H, W, C]
 
 
@@ -180,8 +183,19 @@ class Downsample(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, H, W, C]
         if self.norm_first:
             x = self.norm(x)
-        x = self.conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)  # conv in [B, C, H, W], back to [B, H, W, C]
+        if torch.jit.is_scripting():
+            x = self.conv(x.permute(0, 3, 1, 2))
+        else:
+            x = _conv(self.conv, x.permute(0, 3, 1, 2))
+        x = x.permute(0, 2, 3, 1)  # conv in [B, C, H, W], back to [B, H, W, C]
         return x if self.norm_first else self.norm(x)
+
+
+def _conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """`conv(x)`, through the CPU inference path where it applies (channels-last memory in and out, kernels/cpu.py)."""
+    if kernels.fastpath_enabled() and not kernels.fx_tracing() and kernels_cpu.can_use_cpu_conv(conv, x):
+        return kernels_cpu.conv_channels_last(conv, x)
+    return conv(x)
 
 
 class MambaOutStage(nn.Module):
