@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
-import json
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -60,14 +59,9 @@ SEGMENTATION = (
 
 def check_instances(coco, ann_file, segmentations: bool = True, evaluate: bool = False) -> None:
     """What pycocotools reads without a word but would train or score on silently wrong, crash on, or spin on
-    forever, as one line naming the file and the entry.
-
-    Images: an int `id` (unique), a `file_name` inside the image folder, positive int `height` and `width`.
-    Categories: a unique int `id` and a `name`. Annotations: the file has them, their ids are unique, each is of
-    an image and a category the file lists, its box is four finite numbers, `iscrowd` is 0 or 1; with `evaluate`
-    (COCOeval scores against the file) `iscrowd` and `area` are there; with `segmentations` (masks are decoded,
-    here or by COCOeval) every segmentation is polygons or an RLE that fits its image (`segmentation_problem`).
-    Boxes of zero or negative size, or outside the image, are kept here and left out of the targets (`target`).
+    forever, as one line naming the file and the entry: images, categories and annotations as `IMAGE_ENTRY` and
+    the messages say; with `evaluate` (COCOeval scores the file) `iscrowd` and `area` on each annotation; with
+    `segmentations` (masks decoded, here or by COCOeval) each segmentation as `segmentation_problem` wants it.
     """
     images = coco.dataset.get("images", [])
     for img in images:
@@ -141,10 +135,9 @@ def check_instances(coco, ann_file, segmentations: bool = True, evaluate: bool =
 def segmentation_problem(seg, h: int, w: int) -> str | None:
     """What is wrong with a COCO `segmentation` of an `h` x `w` image, or None when pycocotools can rasterise it.
 
-    pycocotools' C code trusts its input: a NaN, infinite or huge polygon coordinate makes it walk an edge of
-    billions of pixels (it spins, and Ctrl-C cannot stop it), a short polygon is read out of bounds, and an RLE
-    whose runs do not fill the image is written out of bounds. So coordinates must lie within one image size of the
-    image (real polygons stray a pixel or two), and RLE runs must sum to exactly `h * w`.
+    pycocotools' C code trusts its input: a huge or NaN coordinate makes it spin (past Ctrl-C), a short polygon or
+    an RLE that does not fill the image is read or written out of bounds. So coordinates must lie within one image
+    size of the image, and RLE runs must sum to exactly `h * w`.
     """
     if isinstance(seg, list):
         if not seg:
@@ -153,8 +146,8 @@ def segmentation_problem(seg, h: int, w: int) -> str | None:
             try:
                 xy = np.asarray(poly)
             except (ValueError, TypeError, OverflowError):
-                return f"polygon {_short(poly)} is not a list of numbers"
-            if not isinstance(poly, list) or xy.ndim != 1 or xy.dtype.kind not in "iuf":
+                xy = None
+            if not isinstance(poly, list) or xy is None or xy.ndim != 1 or xy.dtype.kind not in "iuf":
                 return f"polygon {_short(poly)} is not a list of numbers"
             if len(xy) < 6 or len(xy) % 2:
                 return f"a polygon of {len(xy)} numbers"
@@ -394,13 +387,11 @@ def to_coco_results(output: dict, image_id: int, cat_ids: Sequence[int]) -> list
         rles = mask_util.encode(np.asfortranarray(binary.transpose(1, 2, 0)))  # [N, H, W] -> [H, W, N]
         for rle in rles:
             rle["counts"] = rle["counts"].decode("ascii")  # JSON-able
-    results = []
-    for box, label, score, rle in zip(xywh, labels, scores, rles):
-        entry = dict(image_id=int(image_id), category_id=int(cat_ids[label - 1]), bbox=box, score=float(score))
-        if rle is not None:
-            entry["segmentation"] = rle
-        results.append(entry)
-    return results
+    return [
+        dict(image_id=int(image_id), category_id=int(cat_ids[label - 1]), bbox=box, score=float(score))
+        | ({} if rle is None else dict(segmentation=rle))
+        for box, label, score, rle in zip(xywh, labels, scores, rles)
+    ]
 
 
 def coco_evaluate(coco_gt, results: list[dict], image_ids: Sequence[int], iou_types=("bbox", "segm")) -> dict:
@@ -418,11 +409,8 @@ def coco_evaluate(coco_gt, results: list[dict], image_ids: Sequence[int], iou_ty
     out: dict = {"per_category": {}}
     text = []
     for iou_type in iou_types:
-        key = "bbox" if iou_type == "bbox" else "segmentation"
-        dets = [
-            {k: v for k, v in r.items() if k != ("segmentation" if iou_type == "bbox" else "bbox")} for r in results
-        ]
-        dets = [d for d in copy.deepcopy(dets) if key in d]
+        key, other = ("bbox", "segmentation") if iou_type == "bbox" else ("segmentation", "bbox")
+        dets = [{k: v for k, v in r.items() if k != other} for r in copy.deepcopy(results) if key in r]
         if not dets:  # pycocotools cannot load an empty result list: nothing detected scores zero
             out[iou_type] = {name: 0.0 for name in BOX_STATS}
             present = {a["category_id"] for i in image_ids for a in coco_gt.imgToAnns[i] if not a.get("iscrowd", 0)}
@@ -449,16 +437,5 @@ def per_category_ap(ev) -> dict[int, float | None]:
     areas, 100 detections, averaged over the entries that exist (detectron2's per-category table), as a fraction;
     None where no threshold has an entry (no object of the category in the evaluated images)."""
     precision = ev.eval["precision"]  # [IoU thresholds T, recall levels R, categories K, areas A, max dets M]
-    out = {}
-    for k, cat_id in enumerate(ev.params.catIds):
-        p = precision[:, :, k, 0, -1]
-        p = p[p > -1]
-        out[int(cat_id)] = float(p.mean()) if p.size else None
-    return out
-
-
-def write_results(path: str | Path, results: list[dict]) -> None:
-    """`results` (`to_coco_results` entries) as a COCO results JSON, which pycocotools' `COCO.loadRes` reads."""
-    from mambaout.utils.files import atomic_write_text
-
-    atomic_write_text(path, json.dumps(results))
+    ps = {int(cat_id): precision[:, :, k, 0, -1] for k, cat_id in enumerate(ev.params.catIds)}
+    return {cat_id: float(p[p > -1].mean()) if (p > -1).any() else None for cat_id, p in ps.items()}

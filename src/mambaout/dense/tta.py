@@ -9,7 +9,6 @@ the logits where windows overlap; a window that covers the image is whole-image 
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,6 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from mambaout.training.engine import autocast
 
 from .coco import resize_scale
 from .semseg import resize_pair
@@ -27,12 +28,8 @@ MULTI_SCALE_RATIOS = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)  # mmseg's ADE20K aug tes
 def windows(size: int, window: int, stride: int) -> list[tuple[int, int]]:
     """`(start, end)` of each window along one side of `size` pixels (mmseg's `slide_inference`): starts every
     `stride` pixels, the last window moved back to end at the border, one window of the whole side when it fits."""
-    n = max(size - window + stride - 1, 0) // stride + 1
-    out = []
-    for i in range(n):
-        end = min(i * stride + window, size)
-        out.append((max(end - window, 0), end))
-    return out
+    ends = [min(i * stride + window, size) for i in range(max(size - window + stride - 1, 0) // stride + 1)]
+    return [(max(end - window, 0), end) for end in ends]
 
 
 @dataclass
@@ -88,7 +85,7 @@ class SegmentInference:
         return total / len(self.ratios)
 
     def _probs(self, model, x: torch.Tensor, amp_dtype) -> torch.Tensor:
-        with _autocast(x.device, amp_dtype):
+        with autocast(x.device, amp_dtype):
             if self.window is None:
                 return model(x).float().softmax(1)
             h, w = x.shape[-2:]
@@ -102,10 +99,6 @@ class SegmentInference:
                     logits[..., y1:y2, x1:x2] += out
                     count[..., y1:y2, x1:x2] += 1
             return (logits / count).softmax(1)
-
-
-def _autocast(device, dtype):
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
 def slide_argument(p) -> None:
