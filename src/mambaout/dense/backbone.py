@@ -77,11 +77,9 @@ class DenseBackbone(nn.Module):
     """MambaOut stage maps with a LayerNorm each, for a detection or segmentation neck.
 
     Args:
-        name: A registered MambaOut name (`mambaout_tiny`); None when `checkpoint` records its model.
+        name: A registered MambaOut name; None when `checkpoint` records its model.
         out_indices: The stages returned (0-3, strides 4, 8, 16, 32).
-        pretrained: Start from the variant's published classification weights.
-        checkpoint: Start from these classification weights (official, timm or our layout).
-        drop_path_rate: Stochastic depth of the blocks (the authors use 0.3 for Tiny, 0.3-0.4 Small, 0.6 Base).
+        pretrained, checkpoint: Start from the published or these classification weights (any layout we read).
         frozen_stages: -1 trains everything; 0 freezes the stem; k > 0 the stem and the first k stages.
         **model_kwargs: Further `MambaOut` arguments (`kernel_size`, `depths`, `dims`, ...).
     """

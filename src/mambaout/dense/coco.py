@@ -1,8 +1,7 @@
 """COCO instances: the dataset (read with pycocotools), the resize-and-flip data path, and box/mask AP.
 
-Targets follow torchvision's detection convention: `boxes` `[N, 4]` (x1, y1, x2, y2) in pixels of the image as
-given to the model, `labels` `[N]` contiguous from 1 (0 is the background), `masks` `[N, H, W]` uint8. Category
-ids are COCO's own (1-90 with gaps); `CocoInstances.cat_ids[label - 1]` maps a label back.
+Targets are torchvision's: `boxes` `[N, 4]` x1 y1 x2 y2 in pixels, `labels` `[N]` from 1 (0 is the background),
+`masks` `[N, H, W]` uint8; `CocoInstances.cat_ids[label - 1]` is a label's COCO category id.
 """
 
 from __future__ import annotations
@@ -211,19 +210,17 @@ def to_tensor(img) -> torch.Tensor:
 
 
 class CocoInstances(torch.utils.data.Dataset):
-    """Images of a folder with their COCO instance annotations: `(image [3, H, W] in [0, 1], target)`.
-
-    Crowd regions are left out of the targets (COCO's evaluation ignores detections on them, from the JSON).
+    """Images of a folder with their COCO instance annotations (crowd regions left to the evaluator):
+    `(image [3, H, W] in [0, 1], target)`.
 
     Args:
         images: Folder of the images (`file_name` in the JSON is relative to it).
         ann_file: COCO instances JSON (polygon or RLE masks).
         transform: `(image, target) -> (image, target)`, e.g. `ResizeFlip`.
         masks: Decode the instance masks (Mask R-CNN); False for boxes only.
-        evaluate: The IoU types (`bbox`, `segm`) COCOeval will score against this file: it then needs `iscrowd`
-            and `area` on every annotation, and with `segm` segmentations that pycocotools can rasterise.
-        filter_empty: Leave out images without annotations or with a side under 32 px, as mmdetection's
-            `filter_empty_gt` (with `min_size=32`) does for training (`left_out` counts them).
+        evaluate: The IoU types (`bbox`, `segm`) COCOeval will score against this file (checked for them).
+        filter_empty: Leave out images without annotations or with a side under 32 px, as mmdetection's training
+            does (`left_out` counts them).
     """
 
     def __init__(

@@ -1,14 +1,5 @@
-"""Semantic segmentation data and metrics: an image folder beside a folder of class-index PNG masks.
-
-This is the ADE20K / mmsegmentation layout: `images/<name>.jpg` and `masks/<name>.png`, one class value per pixel.
-Mask values become class indices in one of three ways:
-
-- as they are (0..K-1), with 255 ignored;
-- `reduce_zero_label` (ADE20K): 0 is "unlabelled" and ignored, v becomes v - 1;
-- a categories file (a JSON list of `{"id": ..., "name": ...}`, e.g. COCO panoptic's): the listed ids become
-  0..K-1 in the listed order; with `reduce_zero_label` an entry with id 0 is the ignored "unlabelled".
-
-A value that none of these gives a class or ignores is an error naming the file, never a silent class.
+"""Semantic segmentation data and metrics: an image folder beside a folder of class-index PNG masks (the ADE20K /
+mmsegmentation layout, `images/<name>.jpg` and `masks/<name>.png`).
 """
 
 from __future__ import annotations
@@ -35,7 +26,12 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 @dataclass
 class LabelMap:
-    """Mask value -> class index (or the ignore index), and the class names."""
+    """Mask value -> class index (or the ignore index), and the class names.
+
+    Values are classes as they are (0..K-1, 255 ignored); with `reduce_zero_label` (ADE20K) 0 is ignored and v is
+    class v - 1; with a categories file (a JSON list of `{"id", "name"}`) the listed ids are 0..K-1 in order (and
+    id 0 ignored with `reduce_zero_label`). Any other value is an error naming the file, never a silent class.
+    """
 
     lut: np.ndarray  # [256] uint8; 254 marks a value that maps to nothing
     class_names: list[str]

@@ -1,10 +1,6 @@
-"""Test-time augmentation for segmentation: several scales, the mirror image, and sliding-window inference.
-
-mmseg's multi-scale test (the MambaOut paper's "MS" mIoU, Table 3) resizes the image to the evaluation scale times
-each of 0.5, 0.75, 1.0, 1.25, 1.5, 1.75 (keeping the aspect ratio), adds the mirror image of each, and averages the
-class probabilities of all of them at the original resolution. Sliding-window inference (ConvNeXt's and Swin's
-ADE20K configs: 512 windows, stride 341) runs the network on overlapping crops of the resized image and averages
-the logits where windows overlap; a window that covers the image is whole-image inference.
+"""Test-time augmentation for segmentation: mmseg's multi-scale test (the paper's "MS" mIoU, Table 3: class
+probabilities averaged over scales and their mirror images) and sliding-window inference (ConvNeXt's and Swin's
+ADE20K configs: logits averaged where windows overlap).
 """
 
 from __future__ import annotations
@@ -37,11 +33,9 @@ class SegmentInference:
     """How a segmenter is run on one image to give its class probabilities.
 
     Attributes:
-        scale: Evaluation scale (long, short): the image is resized to fit it, keeping the aspect ratio.
-        ratios: The scale is multiplied by each (1.0: single-scale; `MULTI_SCALE_RATIOS`: the paper's MS).
+        scale: Evaluation scale (long, short), times each of `ratios` (`MULTI_SCALE_RATIOS`: the paper's MS).
         flip: Also run the mirror image of each scale.
-        window: Sliding-window side in pixels (None: the whole image at once).
-        stride: Step between windows (default: two thirds of the window, as 512/341).
+        window, stride: Sliding windows (None: the whole image at once; stride default 2/3 of the window).
     """
 
     scale: tuple[int, int]
