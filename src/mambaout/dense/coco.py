@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torchvision.ops import box_convert, clip_boxes_to_image
 
 from mambaout.data.image import load_image
 from mambaout.utils.checks import is_int, is_number, show
@@ -274,20 +275,14 @@ class CocoInstances(torch.utils.data.Dataset):
         """The image's non-crowd instances, as torchvision's detectors take them: boxes clamped to the image (as
         torchvision's COCO reference does), and those of no size, before or after clamping, left out."""
         anns = [a for a in self.coco.imgToAnns[image_id] if not a.get("iscrowd", 0)]
-        boxes = torch.tensor([a["bbox"] for a in anns], dtype=torch.float64).reshape(-1, 4)
-        boxes[:, 2:] += boxes[:, :2]  # (x, y, w, h) -> (x1, y1, x2, y2)
-        # a box past the border (1e30 in a broken file: a loss of 1e27) trains on its part inside the image
-        boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
-        boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
-        boxes = boxes.float()  # sizes tested in float32: a box of 1e-12 px would be flat there
-        keep = ((boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])).tolist()
-        anns = [a for a, k in zip(anns, keep) if k]
-        boxes = boxes[torch.tensor(keep, dtype=torch.bool)].reshape(-1, 4)
-        target = dict(
-            boxes=boxes,
-            labels=torch.tensor([self.label_of[a["category_id"]] for a in anns], dtype=torch.int64),
-            image_id=image_id,
-        )
+        boxes = box_convert(torch.tensor([a["bbox"] for a in anns], dtype=torch.float64).reshape(-1, 4), "xywh", "xyxy")
+        # a box past the border (1e30 in a broken file: a loss of 1e27) trains on its part inside the image; sizes
+        # tested in float32, where a box of 1e-12 px would be flat
+        boxes = clip_boxes_to_image(boxes, (h, w)).float()
+        keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        anns = [a for a, k in zip(anns, keep.tolist()) if k]
+        labels = torch.tensor([self.label_of[a["category_id"]] for a in anns], dtype=torch.int64)
+        target = dict(boxes=boxes[keep], labels=labels, image_id=image_id)
         if self.masks:
             masks = [self.coco.annToMask(a) for a in anns]
             target["masks"] = torch.from_numpy(np.stack(masks)) if masks else torch.zeros(0, h, w, dtype=torch.uint8)
@@ -373,8 +368,7 @@ def to_coco_results(output: dict, image_id: int, cat_ids: Sequence[int]) -> list
     _pycocotools()
     from pycocotools import mask as mask_util  # a submodule: not loaded until imported (predict reads no COCO file)
 
-    boxes = output["boxes"].detach().float().cpu()
-    xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
+    xywh = box_convert(output["boxes"].detach().float().cpu(), "xyxy", "xywh").tolist()
     labels, scores = output["labels"].long().tolist(), output["scores"].float().tolist()
     rles = [None] * len(labels)
     if "masks" in output:
@@ -395,10 +389,9 @@ def coco_evaluate(coco_gt, results: list[dict], image_ids: Sequence[int], iou_ty
     """COCO AP of `results` on the images `image_ids` of `coco_gt`, computed by pycocotools' `COCOeval`.
 
     Returns:
-        `{'bbox': {'AP': ..., 'AP50': ..., ...}, 'segm': {...}, 'summary': text, 'per_category': {'bbox':
-        {category id: AP}, ...}}`: the twelve COCO numbers (fractions; -1 where the images hold no object of that
-        size), pycocotools' printed summary, and each category's AP (`per_category_ap`; None for a category with
-        no object in the images, as detectron2's nan).
+        `{'bbox': {'AP': ..., ...}, 'segm': {...}, 'summary': text, 'per_category': {'bbox': {category id: AP}}}`:
+        the twelve `BOX_STATS` (fractions; -1 where no object of that size), pycocotools' printed summary, and
+        `per_category_ap`.
     """
     _pycocotools()
     from pycocotools.cocoeval import COCOeval

@@ -116,8 +116,7 @@ class Task(training.Task):
         return torch.optim.AdamW(norm_exempt_groups(model, self.cfg.train.weight_decay), lr=self.cfg.train.lr)
 
     def scheduler(self, optimizer, total_steps: int):
-        t = self.cfg.train
-        return FactorSchedule(optimizer, lambda step: lr_factor(step, total_steps, t))
+        return FactorSchedule(optimizer, lambda step: lr_factor(step, total_steps, self.cfg.train))
 
     def loss(self, model: nn.Module, inputs, targets) -> tuple[torch.Tensor, dict]:
         losses = model(inputs, targets)
@@ -287,8 +286,7 @@ class DetectTask(Task):
         """The COCO result entries of `val_set` and the ids of the images they are of (gathered to every rank)."""
         model.eval()
         results, image_ids = [], []
-        loader = self.loader(val_set, 1, self.cfg.data.workers)
-        for images, targets in loader:
+        for images, targets in self.loader(val_set, 1, self.cfg.data.workers):
             with autocast(device, amp_dtype):
                 outputs = model([im.to(device) for im in images])
             for out, t in zip(outputs, targets):
@@ -454,8 +452,7 @@ class SegmentTask(Task):
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, val_set, device, amp_dtype) -> dict:
-        """mIoU, pixel accuracy and mean class accuracy over `val_set` at the original mask resolution (confusion
-        summed over ranks)."""
+        """mIoU, pixel accuracy and mean class accuracy over `val_set` at the original mask resolution."""
         conf, n = self.confusion(model, val_set, device, amp_dtype)
         m = conf.metrics()
         return dict(mIoU=m["mIoU"], aAcc=m["aAcc"], mAcc=m["mAcc"], classes=m["classes"], images=n, pixels=m["pixels"])
@@ -465,8 +462,7 @@ class SegmentTask(Task):
         """The confusion matrix of `val_set` (summed over ranks) and the number of images.
 
         Args:
-            probs: `image [3, H, W] -> class probabilities [K, H, W]`; default `segment_probs` at `data.scale`
-                (with the flip when `data.eval_flip`).
+            probs: `image [3, H, W] -> class probabilities [K, H, W]`; default `segment_probs` as `data` says.
             each: Called as `each(index, classes)` with each image's position in `val_set` and its class map.
         """
         model.eval()
@@ -487,8 +483,7 @@ class SegmentTask(Task):
         return conf, int(counts[-1])
 
     def describe(self, metrics: dict) -> str:
-        """mIoU, aAcc and mAcc (`ConfusionMatrix.metrics` gives them in percent) with their % sign, as top-1 is
-        shown."""
+        """The numbers as the log shows them; mIoU, aAcc and mAcc (percent) with their % sign."""
         return "  ".join(
             f"{k} {v:.2f}%" if k in ("mIoU", "aAcc", "mAcc") else f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
             for k, v in metrics.items()
@@ -518,8 +513,7 @@ class SegmentTask(Task):
             raise ValueError(f"--label-dir {args.label_dir} is not a folder")
 
     def validate(self, model: nn.Module, val_set, device, amp_dtype, args, names) -> tuple[dict, list[str]]:
-        """`validate`'s numbers by setting (single-scale, flip, multi-scale) and their per-class tables; the
-        `--label-dir` PNGs."""
+        """`validate`'s numbers by setting (single-scale, flip, multi-scale), their per-class tables; `--label-dir`."""
         scale = tuple(self.cfg.data.scale)
         settings = [tta.from_options(args, scale, False)]
         if args.flip:
@@ -596,8 +590,7 @@ class SegmentTask(Task):
 
     @staticmethod
     def check_export(model: nn.Module, session, hw: tuple[int, int]) -> tuple[float, str, float]:
-        """Max abs difference of the logits between the ONNX Runtime `session` and PyTorch (batch 3, the exported
-        H x W), what was compared, and the tolerance."""
+        """As `DetectTask.check_export`, on the logits of a batch of 3 at the exported size."""
         x = torch.rand(3, 3, *hw)
         with torch.no_grad():
             want = model(x)
