@@ -1,8 +1,7 @@
 """The dense-prediction backbone: MambaOut's stage maps, each through its own LayerNorm, as NCHW tensors.
 
-The authors' recipe for detection and segmentation (answers in the official repo's issues, following Swin) adds a
-LayerNorm on the output of every stage before the neck. Everything else is the classification network: the stage
-maps before those norms are exactly what `mambaout.create_model(name, features_only=True)` returns.
+The added norms are the authors' detection and segmentation recipe (following Swin); the maps before them are
+exactly what `mambaout.create_model(name, features_only=True)` returns.
 """
 
 from __future__ import annotations
@@ -15,23 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mambaout.data.image import IMAGENET_MEAN, IMAGENET_STD  # the input normalisation of every published MambaOut
 from mambaout.models.factory import create_model
 from mambaout.models.variants import get_variant
 from mambaout.utils import checks as C
 from mambaout.utils.limits import MAX_IMG_SIZE, MAX_NUM_CLASSES, MIN_IMG_SIZE, check_model_kwargs
 from mambaout.weights.checkpoint import read_metadata, run_weights
-
-__all__ = [
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
-    "STRIDE",
-    "BackboneConfig",
-    "CheckpointBackbone",
-    "DenseBackbone",
-    "backbone_from",
-    "checkpoint_backbone",
-]
 
 STRIDE = 32  # the last stage's reduction: inputs are padded to a multiple of it
 WIDTH_MAX = 8192  # a head or FPN width; the paper's widest is UperNet's 512 and the box head's 1024
@@ -90,11 +77,9 @@ class DenseBackbone(nn.Module):
     """MambaOut stage maps with a LayerNorm each, for a detection or segmentation neck.
 
     Args:
-        name: A registered MambaOut name (`mambaout_tiny`); None when `checkpoint` records its model.
+        name: A registered MambaOut name; None when `checkpoint` records its model.
         out_indices: The stages returned (0-3, strides 4, 8, 16, 32).
-        pretrained: Start from the variant's published classification weights.
-        checkpoint: Start from these classification weights (official, timm or our layout).
-        drop_path_rate: Stochastic depth of the blocks (the authors use 0.3 for Tiny, 0.3-0.4 Small, 0.6 Base).
+        pretrained, checkpoint: Start from the published or these classification weights (any layout we read).
         frozen_stages: -1 trains everything; 0 freezes the stem; k > 0 the stem and the first k stages.
         **model_kwargs: Further `MambaOut` arguments (`kernel_size`, `depths`, `dims`, ...).
     """
@@ -127,21 +112,14 @@ class DenseBackbone(nn.Module):
         self.body = body
         self.out_indices = tuple(body.out_indices)
         self.out_channels = list(body.feature_info.channels())
-        self.strides = list(body.feature_info.reduction())
         self.norms = nn.ModuleList(nn.LayerNorm(c, eps=1e-6) for c in self.out_channels)
         self.frozen_stages = frozen_stages
-        self._freeze()
+        for module in self._frozen_modules():
+            module.requires_grad_(False)
+        self.train()
 
     def _frozen_modules(self) -> list[nn.Module]:
-        if self.frozen_stages < 0:
-            return []
-        return [self.body.stem, *self.body.stages[: self.frozen_stages]]
-
-    def _freeze(self) -> None:
-        for module in self._frozen_modules():
-            module.eval()
-            for p in module.parameters():
-                p.requires_grad_(False)
+        return [self.body.stem, *self.body.stages[: self.frozen_stages]] if self.frozen_stages >= 0 else []
 
     def train(self, mode: bool = True) -> DenseBackbone:
         super().train(mode)
@@ -161,14 +139,12 @@ class DenseBackbone(nn.Module):
 
 def pad_to_stride(x: torch.Tensor, stride: int = STRIDE) -> torch.Tensor:
     """Zero-pad the bottom and right of `[B, C, H, W]` up to multiples of `stride` (a no-op when they already are)."""
-    h, w = x.shape[-2:]
-    ph, pw = -h % stride, -w % stride
+    ph, pw = -x.shape[-2] % stride, -x.shape[-1] % stride
     return F.pad(x, (0, pw, 0, ph)) if ph or pw else x
 
 
 def backbone_from(cfg, pretrained: bool = False, checkpoint: str | os.PathLike | None = None) -> DenseBackbone:
-    """The backbone a `DetectorConfig` or `SegmenterConfig` names (its `backbone`, `drop_path_rate`,
-    `frozen_stages`, `model_kwargs`), from published or given classification weights."""
+    """The backbone a `DetectorConfig` or `SegmenterConfig` names, from published or given classification weights."""
     return DenseBackbone(
         cfg.backbone,
         pretrained=pretrained,
@@ -195,8 +171,7 @@ class CheckpointBackbone:
 def checkpoint_backbone(
     checkpoint: str | os.PathLike, backbone: str | None = None, model_kwargs: dict | None = None
 ) -> CheckpointBackbone:
-    """The backbone of a dense run started from classification weights: a run folder's best (else last) weights,
-    built as the architecture they record wherever the user did not give one.
+    """A run folder's best (else last) weights, built as the architecture they record where the user gave none.
 
     Args:
         checkpoint: A weights file or a run folder of `mambaout train`.

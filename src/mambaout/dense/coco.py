@@ -1,8 +1,7 @@
 """COCO instances: the dataset (read with pycocotools), the resize-and-flip data path, and box/mask AP.
 
-Targets follow torchvision's detection convention: `boxes` `[N, 4]` (x1, y1, x2, y2) in pixels of the image as
-given to the model, `labels` `[N]` contiguous from 1 (0 is the background), `masks` `[N, H, W]` uint8. Category
-ids are COCO's own (1-90 with gaps); `CocoInstances.cat_ids[label - 1]` maps a label back.
+Targets are torchvision's: `boxes` `[N, 4]` x1 y1 x2 y2 in pixels, `labels` `[N]` from 1 (0 is the background),
+`masks` `[N, H, W]` uint8; `CocoInstances.cat_ids[label - 1]` is a label's COCO category id.
 """
 
 from __future__ import annotations
@@ -10,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
-import json
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torchvision.ops import box_convert, clip_boxes_to_image
 
 from mambaout.data.image import load_image
 from mambaout.utils.checks import is_int, is_number, show
@@ -60,14 +59,9 @@ SEGMENTATION = (
 
 def check_instances(coco, ann_file, segmentations: bool = True, evaluate: bool = False) -> None:
     """What pycocotools reads without a word but would train or score on silently wrong, crash on, or spin on
-    forever, as one line naming the file and the entry.
-
-    Images: an int `id` (unique), a `file_name` inside the image folder, positive int `height` and `width`.
-    Categories: a unique int `id` and a `name`. Annotations: the file has them, their ids are unique, each is of
-    an image and a category the file lists, its box is four finite numbers, `iscrowd` is 0 or 1; with `evaluate`
-    (COCOeval scores against the file) `iscrowd` and `area` are there; with `segmentations` (masks are decoded,
-    here or by COCOeval) every segmentation is polygons or an RLE that fits its image (`segmentation_problem`).
-    Boxes of zero or negative size, or outside the image, are kept here and left out of the targets (`target`).
+    forever, as one line naming the file and the entry: images, categories and annotations as `IMAGE_ENTRY` and
+    the messages say; with `evaluate` (COCOeval scores the file) `iscrowd` and `area` on each annotation; with
+    `segmentations` (masks decoded, here or by COCOeval) each segmentation as `segmentation_problem` wants it.
     """
     images = coco.dataset.get("images", [])
     for img in images:
@@ -141,10 +135,9 @@ def check_instances(coco, ann_file, segmentations: bool = True, evaluate: bool =
 def segmentation_problem(seg, h: int, w: int) -> str | None:
     """What is wrong with a COCO `segmentation` of an `h` x `w` image, or None when pycocotools can rasterise it.
 
-    pycocotools' C code trusts its input: a NaN, infinite or huge polygon coordinate makes it walk an edge of
-    billions of pixels (it spins, and Ctrl-C cannot stop it), a short polygon is read out of bounds, and an RLE
-    whose runs do not fill the image is written out of bounds. So coordinates must lie within one image size of the
-    image (real polygons stray a pixel or two), and RLE runs must sum to exactly `h * w`.
+    pycocotools' C code trusts its input: a huge or NaN coordinate makes it spin (past Ctrl-C), a short polygon or
+    an RLE that does not fill the image is read or written out of bounds. So coordinates must lie within one image
+    size of the image, and RLE runs must sum to exactly `h * w`.
     """
     if isinstance(seg, list):
         if not seg:
@@ -153,8 +146,8 @@ def segmentation_problem(seg, h: int, w: int) -> str | None:
             try:
                 xy = np.asarray(poly)
             except (ValueError, TypeError, OverflowError):
-                return f"polygon {_short(poly)} is not a list of numbers"
-            if not isinstance(poly, list) or xy.ndim != 1 or xy.dtype.kind not in "iuf":
+                xy = None
+            if not isinstance(poly, list) or xy is None or xy.ndim != 1 or xy.dtype.kind not in "iuf":
                 return f"polygon {_short(poly)} is not a list of numbers"
             if len(xy) < 6 or len(xy) % 2:
                 return f"a polygon of {len(xy)} numbers"
@@ -218,19 +211,17 @@ def to_tensor(img) -> torch.Tensor:
 
 
 class CocoInstances(torch.utils.data.Dataset):
-    """Images of a folder with their COCO instance annotations: `(image [3, H, W] in [0, 1], target)`.
-
-    Crowd regions are left out of the targets (COCO's evaluation ignores detections on them, from the JSON).
+    """Images of a folder with their COCO instance annotations (crowd regions left to the evaluator):
+    `(image [3, H, W] in [0, 1], target)`.
 
     Args:
         images: Folder of the images (`file_name` in the JSON is relative to it).
         ann_file: COCO instances JSON (polygon or RLE masks).
         transform: `(image, target) -> (image, target)`, e.g. `ResizeFlip`.
         masks: Decode the instance masks (Mask R-CNN); False for boxes only.
-        evaluate: The IoU types (`bbox`, `segm`) COCOeval will score against this file: it then needs `iscrowd`
-            and `area` on every annotation, and with `segm` segmentations that pycocotools can rasterise.
-        filter_empty: Leave out images without annotations or with a side under 32 px, as mmdetection's
-            `filter_empty_gt` (with `min_size=32`) does for training (`left_out` counts them).
+        evaluate: The IoU types (`bbox`, `segm`) COCOeval will score against this file (checked for them).
+        filter_empty: Leave out images without annotations or with a side under 32 px, as mmdetection's training
+            does (`left_out` counts them).
     """
 
     def __init__(
@@ -284,20 +275,14 @@ class CocoInstances(torch.utils.data.Dataset):
         """The image's non-crowd instances, as torchvision's detectors take them: boxes clamped to the image (as
         torchvision's COCO reference does), and those of no size, before or after clamping, left out."""
         anns = [a for a in self.coco.imgToAnns[image_id] if not a.get("iscrowd", 0)]
-        boxes = torch.tensor([a["bbox"] for a in anns], dtype=torch.float64).reshape(-1, 4)
-        boxes[:, 2:] += boxes[:, :2]  # (x, y, w, h) -> (x1, y1, x2, y2)
-        # a box past the border (1e30 in a broken file: a loss of 1e27) trains on its part inside the image
-        boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
-        boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
-        boxes = boxes.float()  # sizes tested in float32: a box of 1e-12 px would be flat there
-        keep = ((boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])).tolist()
-        anns = [a for a, k in zip(anns, keep) if k]
-        boxes = boxes[torch.tensor(keep, dtype=torch.bool)].reshape(-1, 4)
-        target = dict(
-            boxes=boxes,
-            labels=torch.tensor([self.label_of[a["category_id"]] for a in anns], dtype=torch.int64),
-            image_id=image_id,
-        )
+        boxes = box_convert(torch.tensor([a["bbox"] for a in anns], dtype=torch.float64).reshape(-1, 4), "xywh", "xyxy")
+        # a box past the border (1e30 in a broken file: a loss of 1e27) trains on its part inside the image; sizes
+        # tested in float32, where a box of 1e-12 px would be flat
+        boxes = clip_boxes_to_image(boxes, (h, w)).float()
+        keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        anns = [a for a, k in zip(anns, keep.tolist()) if k]
+        labels = torch.tensor([self.label_of[a["category_id"]] for a in anns], dtype=torch.int64)
+        target = dict(boxes=boxes[keep], labels=labels, image_id=image_id)
         if self.masks:
             masks = [self.coco.annToMask(a) for a in anns]
             target["masks"] = torch.from_numpy(np.stack(masks)) if masks else torch.zeros(0, h, w, dtype=torch.uint8)
@@ -383,8 +368,7 @@ def to_coco_results(output: dict, image_id: int, cat_ids: Sequence[int]) -> list
     _pycocotools()
     from pycocotools import mask as mask_util  # a submodule: not loaded until imported (predict reads no COCO file)
 
-    boxes = output["boxes"].detach().float().cpu()
-    xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
+    xywh = box_convert(output["boxes"].detach().float().cpu(), "xyxy", "xywh").tolist()
     labels, scores = output["labels"].long().tolist(), output["scores"].float().tolist()
     rles = [None] * len(labels)
     if "masks" in output:
@@ -394,23 +378,20 @@ def to_coco_results(output: dict, image_id: int, cat_ids: Sequence[int]) -> list
         rles = mask_util.encode(np.asfortranarray(binary.transpose(1, 2, 0)))  # [N, H, W] -> [H, W, N]
         for rle in rles:
             rle["counts"] = rle["counts"].decode("ascii")  # JSON-able
-    results = []
-    for box, label, score, rle in zip(xywh, labels, scores, rles):
-        entry = dict(image_id=int(image_id), category_id=int(cat_ids[label - 1]), bbox=box, score=float(score))
-        if rle is not None:
-            entry["segmentation"] = rle
-        results.append(entry)
-    return results
+    return [
+        dict(image_id=int(image_id), category_id=int(cat_ids[label - 1]), bbox=box, score=float(score))
+        | ({} if rle is None else dict(segmentation=rle))
+        for box, label, score, rle in zip(xywh, labels, scores, rles)
+    ]
 
 
 def coco_evaluate(coco_gt, results: list[dict], image_ids: Sequence[int], iou_types=("bbox", "segm")) -> dict:
     """COCO AP of `results` on the images `image_ids` of `coco_gt`, computed by pycocotools' `COCOeval`.
 
     Returns:
-        `{'bbox': {'AP': ..., 'AP50': ..., ...}, 'segm': {...}, 'summary': text, 'per_category': {'bbox':
-        {category id: AP}, ...}}`: the twelve COCO numbers (fractions; -1 where the images hold no object of that
-        size), pycocotools' printed summary, and each category's AP (`per_category_ap`; None for a category with
-        no object in the images, as detectron2's nan).
+        `{'bbox': {'AP': ..., ...}, 'segm': {...}, 'summary': text, 'per_category': {'bbox': {category id: AP}}}`:
+        the twelve `BOX_STATS` (fractions; -1 where no object of that size), pycocotools' printed summary, and
+        `per_category_ap`.
     """
     _pycocotools()
     from pycocotools.cocoeval import COCOeval
@@ -418,11 +399,8 @@ def coco_evaluate(coco_gt, results: list[dict], image_ids: Sequence[int], iou_ty
     out: dict = {"per_category": {}}
     text = []
     for iou_type in iou_types:
-        key = "bbox" if iou_type == "bbox" else "segmentation"
-        dets = [
-            {k: v for k, v in r.items() if k != ("segmentation" if iou_type == "bbox" else "bbox")} for r in results
-        ]
-        dets = [d for d in copy.deepcopy(dets) if key in d]
+        key, other = ("bbox", "segmentation") if iou_type == "bbox" else ("segmentation", "bbox")
+        dets = [{k: v for k, v in r.items() if k != other} for r in copy.deepcopy(results) if key in r]
         if not dets:  # pycocotools cannot load an empty result list: nothing detected scores zero
             out[iou_type] = {name: 0.0 for name in BOX_STATS}
             present = {a["category_id"] for i in image_ids for a in coco_gt.imgToAnns[i] if not a.get("iscrowd", 0)}
@@ -449,16 +427,5 @@ def per_category_ap(ev) -> dict[int, float | None]:
     areas, 100 detections, averaged over the entries that exist (detectron2's per-category table), as a fraction;
     None where no threshold has an entry (no object of the category in the evaluated images)."""
     precision = ev.eval["precision"]  # [IoU thresholds T, recall levels R, categories K, areas A, max dets M]
-    out = {}
-    for k, cat_id in enumerate(ev.params.catIds):
-        p = precision[:, :, k, 0, -1]
-        p = p[p > -1]
-        out[int(cat_id)] = float(p.mean()) if p.size else None
-    return out
-
-
-def write_results(path: str | Path, results: list[dict]) -> None:
-    """`results` (`to_coco_results` entries) as a COCO results JSON, which pycocotools' `COCO.loadRes` reads."""
-    from mambaout.utils.files import atomic_write_text
-
-    atomic_write_text(path, json.dumps(results))
+    ps = {int(cat_id): precision[:, :, k, 0, -1] for k, cat_id in enumerate(ev.params.catIds)}
+    return {cat_id: float(p[p > -1].mean()) if (p > -1).any() else None for cat_id, p in ps.items()}

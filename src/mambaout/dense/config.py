@@ -1,9 +1,7 @@
 """Configuration of a dense-prediction run: typed sections, resolved once as defaults < recipe < command line.
 
-A recipe is a YAML file with a `task` (`detect` or `segment`) and up to three sections, each a dataclass of
-`setting`s here or in the model modules: `model` (`DetectorConfig` / `SegmenterConfig`), `data` (`DataConfig`),
-`train` (`TrainConfig`). `schema(task)` derives the command line, `--set` and docs/settings.md from them. Unknown
-keys are errors. The resolved configuration is written into the run folder.
+A recipe is a YAML file with a `task` (`detect` or `segment`) and up to three sections of `setting`s: `model`
+(`DetectorConfig` / `SegmenterConfig`), `data` (`DataConfig`), `train` (`TrainConfig`); unknown keys are errors.
 """
 
 from __future__ import annotations
@@ -22,7 +20,6 @@ from .backbone import SIDE, checkpoint_backbone
 from .detection import DetectorConfig
 from .upernet import SegmenterConfig
 
-TASKS = ("detect", "segment")
 RECIPES = Path(__file__).resolve().parent / "recipes"  # package data
 COUNT_MAX = 10**9  # steps, epochs, images: bounds that only catch typos
 
@@ -32,13 +29,8 @@ _COUNT = C.integer(1, COUNT_MAX, optional=True)
 
 @dataclass
 class DataConfig:
-    """Where the data is and how it is augmented.
-
-    Detection reads COCO: `<images>/<file_name>` with an instances JSON. Segmentation reads an image folder and a
-    folder of class-index PNG masks. `data` (a root) fills whichever of the explicit paths are not given:
-    detection `images/<split>` (else `<split>`) and `annotations/instances_<split>.json`; segmentation
-    `images/<split>` and `annotations/<split>` (the ADE20K layout).
-    """
+    """Where the data is and how it is augmented; a root (`data`) fills the paths not given, in COCO's or ADE20K's
+    layout (`DetectTask.layout`, `SegmentTask.layout`)."""
 
     data: str | None = C.setting(None, _PATH, "dataset root (detect: COCO layout; segment: images/ and annotations/)")
     train_split: str | None = C.setting(None, _PATH, "training split under data (unset: train2017 / training)")
@@ -146,19 +138,12 @@ class RunConfig:
 SECTIONS = ("model", "data", "train")
 
 
-MODELS = {"detect": DetectorConfig, "segment": SegmenterConfig}  # each task's network settings
-
-
 def section_types(task: str) -> dict:
-    return dict(model=MODELS[task], data=DataConfig, train=TrainConfig)
+    return dict(model={"detect": DetectorConfig, "segment": SegmenterConfig}[task], data=DataConfig, train=TrainConfig)
 
 
 def find_recipe(name_or_path: str) -> Path:
     return R.find_recipe(name_or_path, [RECIPES], "dense recipe")
-
-
-def list_recipes() -> list[str]:
-    return R.list_recipes([RECIPES])
 
 
 def recipes_table(task: str) -> str:
@@ -184,15 +169,16 @@ def resolve(task: str, recipe: str | None, overrides: dict, base: RunConfig | No
         ValueError: an unknown key, a recipe of the other task, a value of the wrong type or out of range.
     """
     values: dict[str, dict] = {s: {} for s in SECTIONS}
+    sch = schema(task)
     if base is not None:
         if base.task != task:
             where = overrides.get("train.resume")
             raise ValueError(f"--resume {where} holds a {base.task} run; continue it with mambaout {base.task} train")
         saved = base.to_dict()
         flat = {f"{s}.{k}": v for s in SECTIONS for k, v in saved[s].items()}
-        schema(task).refuse_network_changes(overrides.get("train.resume"), overrides, flat)
-        for s in SECTIONS:
-            values[s].update(saved[s], **({"stop_after_steps": None} if s == "train" else {}))
+        sch.refuse_network_changes(overrides.get("train.resume"), overrides, flat)
+        values = {s: dict(saved[s]) for s in SECTIONS}
+        values["train"]["stop_after_steps"] = None
         if {"train.steps", "train.epochs"} & set(overrides):  # a new length replaces the run's, in either unit
             values["train"].update(steps=None, epochs=None)
         recipe = base.recipe
@@ -211,14 +197,16 @@ def resolve(task: str, recipe: str | None, overrides: dict, base: RunConfig | No
             if not isinstance(part, dict):
                 raise ValueError(f"recipe {path}: {s} must be a mapping of key: value")
             for key, value in part.items():
-                values[s][_key(task, f"{s}.{key}", f"recipe {path}: ").partition(".")[2]] = S.coerce(value)
+                try:
+                    values[s][sch.find(f"{s}.{key}").name] = S.coerce(value)
+                except ValueError as e:
+                    raise ValueError(f"recipe {path}: {e}") from None
     for key, value in overrides.items():
-        section, _, name = _key(task, key).partition(".")
-        values[section][name] = value
+        setting = sch.find(key)
+        values[setting.section][setting.name] = value
     if base is None and values["train"].get("backbone_checkpoint") is not None:
         _follow_checkpoint(task, values)
-    types = section_types(task)
-    cfg = RunConfig(task, *(types[s](**values[s]) for s in SECTIONS), recipe)
+    cfg = from_dict(dict(values, task=task, recipe=recipe))
     check(cfg)
     return cfg
 
@@ -229,24 +217,13 @@ def _follow_checkpoint(task: str, values: dict[str, dict]) -> None:
     then rebuilds the network without the checkpoint (validate, predict, export)."""
     s, m, t = schema(task), values["model"], values["train"]
     given = {k: s.checked(f"model.{k}", m[k]) for k in ("backbone", "model_kwargs") if k in m}
-    found = checkpoint_backbone(
-        s.checked("train.backbone_checkpoint", t["backbone_checkpoint"]),
-        given.get("backbone"),
-        given.get("model_kwargs"),
-    )
+    file = s.checked("train.backbone_checkpoint", t["backbone_checkpoint"])
+    found = checkpoint_backbone(file, given.get("backbone"), given.get("model_kwargs"))
     t["backbone_checkpoint"] = found.file
     if found.backbone is not None:
         m["backbone"] = found.backbone
     if found.model_kwargs:
         m["model_kwargs"] = found.model_kwargs
-
-
-def _key(task: str, key: str, where: str = "") -> str:
-    """`section.key` of a dotted or bare key (one line naming it, and the close ones, when there is none)."""
-    try:
-        return schema(task).find(key).key
-    except ValueError as e:
-        raise ValueError(f"{where}{e}") from None
 
 
 def check(cfg: RunConfig) -> None:

@@ -1,9 +1,5 @@
-"""Mask R-CNN and Faster R-CNN with FPN on the dense MambaOut backbone: torchvision's models, our adapter.
-
-torchvision supplies the detector (RPN, RoI heads, losses, anchor generator, box coder, the batching transform and
-the post-processing that maps boxes and masks back onto the input image); we supply only `MambaOutFPN`, the
-backbone-plus-neck module torchvision's `GeneralizedRCNN` expects: images in, an ordered dict of 256-channel maps
-out, with an `out_channels` attribute.
+"""Mask R-CNN and Faster R-CNN with FPN on the dense MambaOut backbone: torchvision's detectors, and `MambaOutFPN`,
+the backbone-plus-neck module torchvision's `GeneralizedRCNN` expects (an ordered dict of maps, `out_channels`).
 """
 
 from __future__ import annotations
@@ -19,9 +15,10 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredic
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
+from mambaout.data.image import IMAGENET_MEAN, IMAGENET_STD
 from mambaout.utils import checks as C
 
-from .backbone import IMAGENET_MEAN, IMAGENET_STD, SIDE, WIDTH_MAX, BackboneConfig, DenseBackbone, backbone_from, width
+from .backbone import SIDE, WIDTH_MAX, BackboneConfig, DenseBackbone, backbone_from, width
 
 
 class MambaOutFPN(nn.Module):
@@ -68,15 +65,13 @@ def create_detector(cfg: DetectorConfig, pretrained: bool = False, checkpoint: s
         raise ValueError(f"detector kind must be 'mask_rcnn' or 'faster_rcnn', got {cfg.kind!r}")
     if cfg.num_classes is None or cfg.num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {cfg.num_classes}")
-    backbone = backbone_from(cfg, pretrained, checkpoint)
-    neck = MambaOutFPN(backbone, cfg.fpn_channels)
+    neck = MambaOutFPN(backbone_from(cfg, pretrained, checkpoint), cfg.fpn_channels)
     classes = cfg.num_classes + 1  # torchvision counts the background as class 0
     c, dim, mc = cfg.fpn_channels, cfg.box_head_dim, cfg.mask_head_channels
     heads = dict(box_head=TwoMLPHead(c * 7 * 7, dim), box_predictor=FastRCNNPredictor(dim, classes))  # 7x7 RoIs
     if cfg.kind == "mask_rcnn":
         heads.update(mask_head=MaskRCNNHeads(c, [mc] * 4, 1), mask_predictor=MaskRCNNPredictor(mc, mc, classes))
-    detector_cls = MaskRCNN if cfg.kind == "mask_rcnn" else FasterRCNN
-    return detector_cls(
+    return (MaskRCNN if cfg.kind == "mask_rcnn" else FasterRCNN)(
         neck,
         box_batch_size_per_image=cfg.rois_per_image,
         **heads,

@@ -20,6 +20,7 @@ def draw_detections(image: Image.Image, output: dict, class_names: list[str], th
     """The photo with each detection scoring at least `threshold`: its mask tinted, its box and `name score`
     (labels placed so that none covers another: `place_labels`)."""
     colours = palette(len(class_names) + 1)
+    fills = [tuple(c) for c in colours.tolist()]
     keep = output["scores"] >= threshold
     arr = np.asarray(image, dtype=np.float32).copy()
     if "masks" in output:
@@ -30,15 +31,13 @@ def draw_detections(image: Image.Image, output: dict, class_names: list[str], th
     draw = ImageDraw.Draw(out)
     boxes, labels, scores = output["boxes"][keep].tolist(), output["labels"][keep].tolist(), output["scores"][keep]
     texts = [f"{class_names[int(lab) - 1]} {s:.2f}" for lab, s in zip(labels, scores.tolist())]
-    sizes = []
-    for text in texts:
-        left, top, right, bottom = draw.textbbox((0, 0), text)
-        sizes.append((right - left + 2, bottom - top + 2))
+    extents = [draw.textbbox((0, 0), text) for text in texts]  # (left, top, right, bottom)
+    sizes = [(right - left + 2, bottom - top + 2) for left, top, right, bottom in extents]
     for box, label in zip(boxes, labels):
-        draw.rectangle(box, outline=tuple(int(c) for c in colours[int(label)]), width=2)
-    for (tx, ty), (tw, th), text, label in zip(place_labels(boxes, sizes, out.size), sizes, texts, labels):
-        draw.rectangle((tx, ty, tx + tw - 1, ty + th - 1), fill=tuple(int(c) for c in colours[int(label)]))
-        left, top, _, _ = draw.textbbox((0, 0), text)
+        draw.rectangle(box, outline=fills[int(label)], width=2)
+    corners = place_labels(boxes, sizes, out.size)
+    for (tx, ty), (tw, th), text, label, (left, top, _, _) in zip(corners, sizes, texts, labels, extents):
+        draw.rectangle((tx, ty, tx + tw - 1, ty + th - 1), fill=fills[int(label)])
         draw.text((tx + 1 - left, ty + 1 - top), text, fill=(0, 0, 0))
     return out
 
@@ -49,7 +48,6 @@ def place_labels(boxes, sizes, image_size) -> list[tuple[int, int]]:
     placed before it; all inside the image where the image is large enough."""
     width, height = image_size
     placed: list[tuple[int, int, int, int]] = []
-    out = []
     for (x1, y1, _, _), (w, h) in zip(boxes, sizes):
         x = int(min(max(x1, 0), max(width - w, 0)))
         y = int(y1 - h) if y1 - h >= 0 else int(max(y1, 0))
@@ -63,8 +61,7 @@ def place_labels(boxes, sizes, image_size) -> list[tuple[int, int]]:
         else:
             rect = (x, y, x + w, y + h)  # no free place: where it wanted to be
         placed.append(rect)
-        out.append(rect[:2])
-    return out
+    return [rect[:2] for rect in placed]
 
 
 def _overlap(a, b) -> bool:
@@ -88,7 +85,7 @@ def draw_segmentation(image: Image.Image, classes: torch.Tensor, class_names: li
     draw = ImageDraw.Draw(canvas)
     for k, (x, y, name) in zip(shown, entries):
         y += h + 2
-        draw.rectangle((x, y + 1, x + LEGEND_SWATCH - 1, y + LEGEND_SWATCH), fill=tuple(int(c) for c in colours[k]))
+        draw.rectangle((x, y + 1, x + LEGEND_SWATCH - 1, y + LEGEND_SWATCH), fill=tuple(colours[k].tolist()))
         draw.text((x + LEGEND_SWATCH + 3, y + 1), name, fill=(0, 0, 0))
     return canvas
 

@@ -1,8 +1,7 @@
 """What `validate` and `predict` hand out besides the headline numbers: per-class tables (detectron2's per-category
-AP, mmseg's per-class IoU and accuracy), COCO results files, and class-index label PNGs.
+AP, mmseg's per-class IoU and accuracy), COCO image ids, and class-index label PNGs.
 
-Per-class numbers are percent, as the tables print them; a class the mean leaves out (no object of it in the
-evaluated images; for segmentation, in neither the truth nor the prediction) is `None` in JSON and `-` in a table.
+Per-class numbers are percent; a class the mean leaves out is `None` in JSON and `-` in a table.
 """
 
 from __future__ import annotations
@@ -21,26 +20,22 @@ from mambaout.utils.text import printable
 def table(headers: Sequence[str], rows: Sequence[Sequence], columns: int = 1) -> str:
     """A plain-text table, its rows laid out in `columns` side-by-side blocks (detectron2 prints three)."""
     rows = [[_cell(v) for v in r] for r in rows]
-    per = -(-len(rows) // columns) if rows else 0
-    blocks = [rows[i * per : (i + 1) * per] for i in range(columns)] if per else [[]]
-    blocks = [b for b in blocks if b] or [[]]
+    per = -(-len(rows) // columns)
+    blocks = [b for b in (rows[i * per : (i + 1) * per] for i in range(columns)) if b] or [[]]
     width = [max([len(h)] + [len(r[j]) for b in blocks for r in b]) for j, h in enumerate(headers)]
 
     def line(cells):
         return " | ".join(c.ljust(width[j]) if j == 0 else c.rjust(width[j]) for j, c in enumerate(cells))
 
-    head = " || ".join(line(headers) for _ in blocks)
     rule = "-+-".join("-" * w for w in width)
-    out = [head, " ++ ".join(rule for _ in blocks)]
+    out = [" || ".join(line(headers) for _ in blocks), " ++ ".join(rule for _ in blocks)]
     for i in range(per):
         out.append(" || ".join(line(b[i]) if i < len(b) else line([""] * len(headers)) for b in blocks).rstrip())
     return "\n".join(out)
 
 
-def _cell(v) -> str:
-    if v is None:
-        return "-"
-    return f"{v:.3f}" if isinstance(v, float) else printable(v)  # a class name from a file cannot write to the terminal
+def _cell(v) -> str:  # a class name from a file cannot write to the terminal: printable
+    return "-" if v is None else f"{v:.3f}" if isinstance(v, float) else printable(v)
 
 
 # --- detection ---------------------------------------------------------------------------------------------------------

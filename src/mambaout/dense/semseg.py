@@ -1,14 +1,5 @@
-"""Semantic segmentation data and metrics: an image folder beside a folder of class-index PNG masks.
-
-This is the ADE20K / mmsegmentation layout: `images/<name>.jpg` and `masks/<name>.png`, one class value per pixel.
-Mask values become class indices in one of three ways:
-
-- as they are (0..K-1), with 255 ignored;
-- `reduce_zero_label` (ADE20K): 0 is "unlabelled" and ignored, v becomes v - 1;
-- a categories file (a JSON list of `{"id": ..., "name": ...}`, e.g. COCO panoptic's): the listed ids become
-  0..K-1 in the listed order; with `reduce_zero_label` an entry with id 0 is the ignored "unlabelled".
-
-A value that none of these gives a class or ignores is an error naming the file, never a silent class.
+"""Semantic segmentation data and metrics: an image folder beside a folder of class-index PNG masks (the ADE20K /
+mmsegmentation layout, `images/<name>.jpg` and `masks/<name>.png`).
 """
 
 from __future__ import annotations
@@ -23,11 +14,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from mambaout.data.image import load_image
+from mambaout.data.image import IMAGENET_MEAN, load_image
 from mambaout.utils.files import regular_file, special_kind
 from mambaout.utils.limits import check_pixels
 
-from .backbone import IMAGENET_MEAN
 from .coco import resize_scale, to_tensor
 from .upernet import IGNORE_INDEX
 
@@ -36,7 +26,12 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 @dataclass
 class LabelMap:
-    """Mask value -> class index (or the ignore index), and the class names."""
+    """Mask value -> class index (or the ignore index), and the class names.
+
+    Values are classes as they are (0..K-1, 255 ignored); with `reduce_zero_label` (ADE20K) 0 is ignored and v is
+    class v - 1; with a categories file (a JSON list of `{"id", "name"}`) the listed ids are 0..K-1 in order (and
+    id 0 ignored with `reduce_zero_label`). Any other value is an error naming the file, never a silent class.
+    """
 
     lut: np.ndarray  # [256] uint8; 254 marks a value that maps to nothing
     class_names: list[str]
@@ -63,11 +58,9 @@ class LabelMap:
             raise ValueError("the number of classes is unknown: pass --num-classes K or --categories FILE")
         if not 1 <= num_classes <= IGNORE_INDEX - 1 - int(reduce_zero_label):
             raise ValueError(f"--num-classes must be 1 to 253, got {num_classes}")
-        if reduce_zero_label:
-            lut[0] = IGNORE_INDEX
-            lut[1 : num_classes + 1] = np.arange(num_classes)
-        else:
-            lut[:num_classes] = np.arange(num_classes)
+        first = int(reduce_zero_label)  # value 0 ignored: v is class v - 1
+        lut[:first] = IGNORE_INDEX
+        lut[first : num_classes + first] = np.arange(num_classes)
         return cls(lut, [str(i) for i in range(num_classes)])
 
     def __call__(self, values: np.ndarray, name: str) -> np.ndarray:
@@ -92,11 +85,10 @@ def _read_categories(path: str | Path) -> list[dict]:
     ok = isinstance(entries, list) and entries and all(isinstance(e, dict) and "id" in e for e in entries)
     if not ok or not all(type(e["id"]) is int and 0 <= e["id"] < IGNORE_INDEX for e in entries):
         raise ValueError(f"{path} must be a JSON list of {{'id': 0-254, 'name': ...}} entries")
-    seen: set[int] = set()
-    for e in entries:
-        if e["id"] in seen:  # the later entry would take the value and leave an earlier class that nothing maps to
-            raise ValueError(f"{path} lists id {e['id']} twice; each mask value is one class: list each id once")
-        seen.add(e["id"])
+    ids = [e["id"] for e in entries]
+    twice = next((i for k, i in enumerate(ids) if i in ids[:k]), None)
+    if twice is not None:  # the later entry would take the value and leave an earlier class that nothing maps to
+        raise ValueError(f"{path} lists id {twice} twice; each mask value is one class: list each id once")
     return [dict(id=e["id"], name=str(e.get("name", e["id"]))) for e in entries]
 
 
@@ -162,14 +154,12 @@ CROP_TRIES = 10  # mmseg draws up to this many crops looking for one that passes
 
 @dataclass
 class RandomResizeCrop:
-    """mmseg's training path: resize to `scale` (long, short; mmseg's order) times a ratio in `ratio_range` keeping
-    the aspect ratio, crop `crop_size` (where the image is smaller: padded at the bottom and right with the mean
-    colour, which the model's normalisation maps to 0, as mmseg pads after normalising, and the ignore index),
-    flip.
+    """mmseg's training path: resize to `scale` (long, short) times a ratio in `ratio_range` keeping the aspect
+    ratio, crop `crop_size` (a smaller image padded at the bottom and right with the mean colour, which normalises
+    to 0 as mmseg pads after normalising, and the ignore index), flip, then mmseg's `PhotoMetricDistortion`.
 
-    The crop is drawn again, up to 10 times in all, while it fails mmseg's category-ratio check (`crop_passes`),
-    the last draw kept when none passes; `cat_max_ratio` 1 turns the check off. Then, with `photometric`, mmseg's
-    photometric distortion (`PhotoMetricDistortion`).
+    The crop is drawn up to `CROP_TRIES` times while it fails mmseg's category-ratio check (`crop_passes`; the last
+    draw kept); `cat_max_ratio` 1 turns the check off.
     """
 
     scale: tuple[int, int]
@@ -257,8 +247,7 @@ def crop_passes(mask: torch.Tensor, max_ratio: float) -> bool:
     """mmseg's `cat_max_ratio` check of a crop's mask: it holds two or more classes (the ignore index not counted)
     and none covers `max_ratio` or more of the labelled pixels. A crop of one class, or of ignored pixels only,
     fails, as in mmseg."""
-    values = mask[mask != IGNORE_INDEX]
-    counts = torch.bincount(values.flatten()) if values.numel() else values.new_zeros(0)
+    counts = torch.bincount(mask[mask != IGNORE_INDEX])
     counts = counts[counts > 0]
     return len(counts) > 1 and counts.max().item() / counts.sum().item() < max_ratio
 
@@ -281,9 +270,6 @@ class ConfusionMatrix:
         k = self.num_classes
         idx = target[keep].long().cpu() * k + pred[keep].long().cpu()
         self.counts += torch.bincount(idx, minlength=k * k).reshape(k, k)
-
-    def merge(self, counts: torch.Tensor) -> None:
-        self.counts += counts
 
     def metrics(self) -> dict:
         """mIoU over the classes present in the targets or predictions (IoU = TP / (TP + FP + FN)), pixel accuracy

@@ -1,14 +1,12 @@
-"""The two dense tasks as the training engine sees them: their data, their model, their loss, their evaluation and
-their checkpoints.
-
-`DetectTask` (COCO instances, Mask/Faster R-CNN, box and mask AP) and `SegmentTask` (class-index masks, UperNet,
-mIoU and pixel accuracy) implement `mambaout.training.task.Task`, so `train(cfg)` runs them through the one engine
-(`mambaout.training.trainer.fit`) that trains classification, and the commands are written once.
+"""The two dense tasks as `mambaout.training.task.Task`s (data, model, loss, evaluation, checkpoints), run by the
+engine that trains classification: `DetectTask` (COCO instances, Mask/Faster R-CNN, box and mask AP) and
+`SegmentTask` (class-index masks, UperNet, mIoU and pixel accuracy).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 import time
 from pathlib import Path
@@ -26,12 +24,13 @@ from mambaout.training.runfolder import load_state, resume_path
 from mambaout.training.trainer import fit
 from mambaout.utils import distributed as dist
 from mambaout.utils.device import autocast_setting  # noqa: F401  (one reading of --amp auto: tests/test_config.py)
+from mambaout.utils.files import atomic_write_text
 from mambaout.utils.interrupt import ignore_sigint
 from mambaout.utils.text import count
 from mambaout.weights.checkpoint import check_finite, read_checkpoint
 
-from . import coco, tta
 from . import results as res
+from . import tta
 from .coco import CocoInstances, ResizeFlip, coco_evaluate, collate, resize, resize_scale, to_coco_results
 from .config import DataConfig, RunConfig, from_dict
 from .detection import DetectorConfig, create_detector
@@ -40,30 +39,14 @@ from .semseg import ConfusionMatrix, LabelMap, RandomResizeCrop, SegmentationFol
 from .upernet import SegmenterConfig, create_segmenter
 
 
-def _shard(dataset, rank: int, world: int):
-    """Every `world`-th item from `rank`: each evaluated image counted once over all ranks (no padding)."""
-    return torch.utils.data.Subset(dataset, range(rank, len(dataset), world)) if world > 1 else dataset
-
-
-def _first(dataset, n: int | None):
-    return torch.utils.data.Subset(dataset, range(min(n, len(dataset)))) if n else dataset
-
-
 def train(cfg: RunConfig) -> dict:
-    """Train as `cfg` says (or continue `cfg.train.resume` with the run's own configuration)."""
-    if cfg.train.resume:
-        cfg = _resumed(cfg)
+    """Train as `cfg` says (or continue `cfg.train.resume`, in the run's folder unless told another)."""
     t = cfg.train
+    if t.resume:
+        t.output = t.output or str(resume_path(t.resume).parent.resolve())
     output = Path(t.output or Path("runs") / (Path(cfg.recipe).stem if cfg.recipe else cfg.task))
     loop = training.Loop.from_settings(vars(t), output=output, eval_every_steps=t.eval_every)
     return fit(make_task(cfg), loop)
-
-
-def _resumed(cfg: RunConfig) -> RunConfig:
-    """A resumed run's configuration (the run's own with the options given now: `saved_config` is the base
-    `mambaout.dense.config.resolve` merged them into), filed in the run's folder."""
-    cfg.train.output = cfg.train.output or str(resume_path(cfg.train.resume).parent.resolve())
-    return cfg
 
 
 def saved_config(resume: str) -> RunConfig:
@@ -76,10 +59,9 @@ def saved_config(resume: str) -> RunConfig:
 
 
 def norm_exempt_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups as Swin's detection and segmentation configs set them (`paramwise_cfg.custom_keys`): no weight
-    decay on parameters whose name holds `norm` (here the backbone's LayerNorms; Swin's position tables, the other
-    keys, do not exist in MambaOut), decay on every other parameter, biases included. A head's BatchNorm is named
-    `bn` in mmseg and so decayed there; in our UperNet its parameters are numbered, and decayed here too."""
+    """AdamW groups as Swin's dense configs set them (`paramwise_cfg.custom_keys`): no weight decay on parameters
+    whose name holds `norm` (the backbone's LayerNorms), decay on all others, biases and the heads' BatchNorms too
+    (mmseg names those `bn`; ours are numbered)."""
     decay, exempt = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
@@ -90,10 +72,7 @@ def norm_exempt_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 def lr_factor(step: int, total: int, t) -> float:
     """The learning rate of optimizer step `step` (0-based) over `t.lr`: linear warmup from `warmup_ratio`, then
     step decay at the `milestones` (fractions of the run) or polynomial decay to `min_lr`."""
-    if step < t.warmup_steps:
-        warm = t.warmup_ratio + (1 - t.warmup_ratio) * step / t.warmup_steps
-    else:
-        warm = 1.0
+    warm = t.warmup_ratio + (1 - t.warmup_ratio) * step / t.warmup_steps if step < t.warmup_steps else 1.0
     if t.schedule == "step":
         return warm * t.gamma ** sum(step >= round(m * total) for m in t.milestones)
     floor = t.min_lr / t.lr
@@ -121,9 +100,8 @@ class Task(training.Task):
         self.val_data = self.val_set()
         # shuffled and sharded as classification's: an epoch's order is a function of (seed, epoch); fresh workers
         # each epoch take their seeds from the main process, which the engine seeds per epoch and rank
-        rank, world = env.rank, env.world_size
         self.batches = train_loader(
-            self.train_data, d.batch_size, rank, world, loop.seed, d.workers, False, False, self.collate
+            self.train_data, d.batch_size, env.rank, env.world_size, loop.seed, d.workers, False, False, self.collate
         )
         self.steps_per_epoch, self.train_images = len(self.batches), len(self.train_data)
 
@@ -138,12 +116,7 @@ class Task(training.Task):
         return torch.optim.AdamW(norm_exempt_groups(model, self.cfg.train.weight_decay), lr=self.cfg.train.lr)
 
     def scheduler(self, optimizer, total_steps: int):
-        t = self.cfg.train
-        return FactorSchedule(optimizer, lambda step: lr_factor(step, total_steps, t))
-
-    def prepare(self, batch, device) -> tuple:
-        inputs, targets, n = self.to_device(batch, device)
-        return inputs, targets, n, 0
+        return FactorSchedule(optimizer, lambda step: lr_factor(step, total_steps, self.cfg.train))
 
     def loss(self, model: nn.Module, inputs, targets) -> tuple[torch.Tensor, dict]:
         losses = model(inputs, targets)
@@ -181,19 +154,16 @@ class Task(training.Task):
     def loader(self, dataset, batch_size: int, workers: int):
         """Evaluation batches, in order."""
         return torch.utils.data.DataLoader(
-            dataset,
-            batch_size=batch_size,
-            num_workers=workers,
-            collate_fn=self.collate,
-            worker_init_fn=ignore_sigint,
+            dataset, batch_size=batch_size, num_workers=workers, collate_fn=self.collate, worker_init_fn=ignore_sigint
         )
 
     def val_set(self, meta: dict | None = None):
-        """The validation images as `evaluate` takes them (this rank's share)."""
+        """The validation images as `evaluate` takes them: the first `max_val_images`, every world-size-th of them
+        from this rank (each counted once over all ranks, no padding)."""
         d = self.cfg.data
-        images, labels = self.split_paths(d, train=False)
-        dataset = _first(self.eval_dataset(images, labels, meta), d.max_val_images)
-        return _shard(dataset, dist.get_rank(), dist.get_world_size())
+        dataset = self.eval_dataset(*self.split_paths(d, train=False), meta)
+        end = min(d.max_val_images or len(dataset), len(dataset))
+        return torch.utils.data.Subset(dataset, range(dist.get_rank(), end, dist.get_world_size()))
 
     def model(self, pretrained: bool = False, checkpoint: str | None = None) -> nn.Module:
         return self.create(self.cfg.model, pretrained, checkpoint)
@@ -219,13 +189,11 @@ class Task(training.Task):
     # --- checkpoints ----------------------------------------------------------------------------------------------
     def meta(self) -> dict:
         """What a checkpoint carries so `validate` and `predict` rebuild the model and read its outputs."""
-        d = self.cfg.data
-        val_split = d.val_split or self.default_splits[1]  # validate's default under the same --data
         return dict(
             task=self.name,
             dense_model=dataclasses.asdict(self.cfg.model),
             class_names=self.class_names,
-            val_split=val_split,
+            val_split=self.cfg.data.val_split or self.default_splits[1],  # validate's default under the same --data
         )
 
     @staticmethod
@@ -302,11 +270,11 @@ class DetectTask(Task):
         return dict(super().meta(), cat_ids=list(self.cat_ids))
 
     @staticmethod
-    def to_device(batch, device):
+    def prepare(batch, device) -> tuple:
         images, targets = batch
         images = [im.to(device, non_blocking=True) for im in images]
         targets = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
-        return images, targets, len(images)
+        return images, targets, len(images), 0
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, val_set, device, amp_dtype) -> dict:
@@ -318,8 +286,7 @@ class DetectTask(Task):
         """The COCO result entries of `val_set` and the ids of the images they are of (gathered to every rank)."""
         model.eval()
         results, image_ids = [], []
-        loader = self.loader(val_set, 1, self.cfg.data.workers)
-        for images, targets in loader:
+        for images, targets in self.loader(val_set, 1, self.cfg.data.workers):
             with autocast(device, amp_dtype):
                 outputs = model([im.to(device) for im in images])
             for out, t in zip(outputs, targets):
@@ -348,7 +315,7 @@ class DetectTask(Task):
         metrics, ev = self.score(detections, image_ids)
         per_category = res.per_category(ev, self.cat_ids, names)
         if args.coco_results:
-            coco.write_results(args.coco_results, detections)
+            atomic_write_text(args.coco_results, json.dumps(detections))  # a COCO results file, for COCO.loadRes
         return {"single-scale": dict(metrics, per_category=per_category)}, [res.per_category_text(per_category)]
 
     @staticmethod
@@ -386,7 +353,7 @@ class DetectTask(Task):
             return draw_detections(img, o, names, args.score_threshold), record
 
         def finish(out: Path) -> str:
-            coco.write_results(out / "results.json", coco_results)
+            atomic_write_text(out / "results.json", json.dumps(coco_results))
             return "predictions.json and results.json"
 
         return each, finish
@@ -443,11 +410,7 @@ class SegmentTask(Task):
         "single-scale, and with --flip, --multi-scale also with test-time augmentation"
     )
     predict_help = "segmentation (a colour per class, with a legend) and predictions.json"
-
-    @staticmethod
-    def collate(batch):
-        images, masks = zip(*batch)
-        return torch.stack(images), torch.stack(masks)
+    collate = staticmethod(torch.utils.data.default_collate)  # images and masks stacked
 
     @staticmethod
     def layout(root: Path, split: str) -> tuple[Path, Path]:
@@ -469,29 +432,27 @@ class SegmentTask(Task):
         d = self.cfg.data
         images, masks = self.split_paths(d, train=True)
         self.labels = self.label_map()
-        self.cfg.model.num_classes = len(self.labels.class_names)
         self.class_names = self.labels.class_names
+        self.cfg.model.num_classes = len(self.class_names)
         transform = RandomResizeCrop(tuple(d.scale), d.crop_size, tuple(d.ratio_range), d.hflip)
         return SegmentationFolder(images, masks, self.labels, transform)
 
     def eval_dataset(self, images, masks, meta: dict | None = None):
-        labels = self.label_map(meta) if meta else getattr(self, "labels", None) or self.label_map()
-        self.labels = labels
-        return SegmentationFolder(images, masks, labels)
+        self.labels = self.label_map(meta) if meta else getattr(self, "labels", None) or self.label_map()
+        return SegmentationFolder(images, masks, self.labels)
 
     def meta(self) -> dict:
         d = self.cfg.data
         return dict(super().meta(), label_lut=self.labels.lut.tolist(), eval_scale=list(d.scale), eval_flip=d.eval_flip)
 
     @staticmethod
-    def to_device(batch, device):
+    def prepare(batch, device) -> tuple:
         images, masks = batch
-        return images.to(device, non_blocking=True), masks.to(device, non_blocking=True), len(images)
+        return images.to(device, non_blocking=True), masks.to(device, non_blocking=True), len(images), 0
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, val_set, device, amp_dtype) -> dict:
-        """mIoU, pixel accuracy and mean class accuracy over `val_set` at the original mask resolution (confusion
-        summed over ranks)."""
+        """mIoU, pixel accuracy and mean class accuracy over `val_set` at the original mask resolution."""
         conf, n = self.confusion(model, val_set, device, amp_dtype)
         m = conf.metrics()
         return dict(mIoU=m["mIoU"], aAcc=m["aAcc"], mAcc=m["mAcc"], classes=m["classes"], images=n, pixels=m["pixels"])
@@ -501,8 +462,7 @@ class SegmentTask(Task):
         """The confusion matrix of `val_set` (summed over ranks) and the number of images.
 
         Args:
-            probs: `image [3, H, W] -> class probabilities [K, H, W]`; default `segment_probs` at `data.scale`
-                (with the flip when `data.eval_flip`).
+            probs: `image [3, H, W] -> class probabilities [K, H, W]`; default `segment_probs` as `data` says.
             each: Called as `each(index, classes)` with each image's position in `val_set` and its class map.
         """
         model.eval()
@@ -523,8 +483,7 @@ class SegmentTask(Task):
         return conf, int(counts[-1])
 
     def describe(self, metrics: dict) -> str:
-        """mIoU, aAcc and mAcc (`ConfusionMatrix.metrics` gives them in percent) with their % sign, as top-1 is
-        shown."""
+        """The numbers as the log shows them; mIoU, aAcc and mAcc (percent) with their % sign."""
         return "  ".join(
             f"{k} {v:.2f}%" if k in ("mIoU", "aAcc", "mAcc") else f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
             for k, v in metrics.items()
@@ -554,8 +513,7 @@ class SegmentTask(Task):
             raise ValueError(f"--label-dir {args.label_dir} is not a folder")
 
     def validate(self, model: nn.Module, val_set, device, amp_dtype, args, names) -> tuple[dict, list[str]]:
-        """`validate`'s numbers by setting (single-scale, flip, multi-scale) and their per-class tables; the
-        `--label-dir` PNGs."""
+        """`validate`'s numbers by setting (single-scale, flip, multi-scale), their per-class tables; `--label-dir`."""
         scale = tuple(self.cfg.data.scale)
         settings = [tta.from_options(args, scale, False)]
         if args.flip:
@@ -632,8 +590,7 @@ class SegmentTask(Task):
 
     @staticmethod
     def check_export(model: nn.Module, session, hw: tuple[int, int]) -> tuple[float, str, float]:
-        """Max abs difference of the logits between the ONNX Runtime `session` and PyTorch (batch 3, the exported
-        H x W), what was compared, and the tolerance."""
+        """As `DetectTask.check_export`, on the logits of a batch of 3 at the exported size."""
         x = torch.rand(3, 3, *hw)
         with torch.no_grad():
             want = model(x)

@@ -1,15 +1,10 @@
-"""Test-time augmentation for segmentation: several scales, the mirror image, and sliding-window inference.
-
-mmseg's multi-scale test (the MambaOut paper's "MS" mIoU, Table 3) resizes the image to the evaluation scale times
-each of 0.5, 0.75, 1.0, 1.25, 1.5, 1.75 (keeping the aspect ratio), adds the mirror image of each, and averages the
-class probabilities of all of them at the original resolution. Sliding-window inference (ConvNeXt's and Swin's
-ADE20K configs: 512 windows, stride 341) runs the network on overlapping crops of the resized image and averages
-the logits where windows overlap; a window that covers the image is whole-image inference.
+"""Test-time augmentation for segmentation: mmseg's multi-scale test (the paper's "MS" mIoU, Table 3: class
+probabilities averaged over scales and their mirror images) and sliding-window inference (ConvNeXt's and Swin's
+ADE20K configs: logits averaged where windows overlap).
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,6 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from mambaout.training.engine import autocast
 
 from .coco import resize_scale
 from .semseg import resize_pair
@@ -27,12 +24,8 @@ MULTI_SCALE_RATIOS = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)  # mmseg's ADE20K aug tes
 def windows(size: int, window: int, stride: int) -> list[tuple[int, int]]:
     """`(start, end)` of each window along one side of `size` pixels (mmseg's `slide_inference`): starts every
     `stride` pixels, the last window moved back to end at the border, one window of the whole side when it fits."""
-    n = max(size - window + stride - 1, 0) // stride + 1
-    out = []
-    for i in range(n):
-        end = min(i * stride + window, size)
-        out.append((max(end - window, 0), end))
-    return out
+    ends = [min(i * stride + window, size) for i in range(max(size - window + stride - 1, 0) // stride + 1)]
+    return [(max(end - window, 0), end) for end in ends]
 
 
 @dataclass
@@ -40,11 +33,9 @@ class SegmentInference:
     """How a segmenter is run on one image to give its class probabilities.
 
     Attributes:
-        scale: Evaluation scale (long, short): the image is resized to fit it, keeping the aspect ratio.
-        ratios: The scale is multiplied by each (1.0: single-scale; `MULTI_SCALE_RATIOS`: the paper's MS).
+        scale: Evaluation scale (long, short), times each of `ratios` (`MULTI_SCALE_RATIOS`: the paper's MS).
         flip: Also run the mirror image of each scale.
-        window: Sliding-window side in pixels (None: the whole image at once).
-        stride: Step between windows (default: two thirds of the window, as 512/341).
+        window, stride: Sliding windows (None: the whole image at once; stride default 2/3 of the window).
     """
 
     scale: tuple[int, int]
@@ -88,7 +79,7 @@ class SegmentInference:
         return total / len(self.ratios)
 
     def _probs(self, model, x: torch.Tensor, amp_dtype) -> torch.Tensor:
-        with _autocast(x.device, amp_dtype):
+        with autocast(x.device, amp_dtype):
             if self.window is None:
                 return model(x).float().softmax(1)
             h, w = x.shape[-2:]
@@ -102,10 +93,6 @@ class SegmentInference:
                     logits[..., y1:y2, x1:x2] += out
                     count[..., y1:y2, x1:x2] += 1
             return (logits / count).softmax(1)
-
-
-def _autocast(device, dtype):
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
 def slide_argument(p) -> None:

@@ -1,11 +1,7 @@
 """UperNet (Xiao et al., ECCV 2018) on the dense MambaOut backbone: the paper's ADE20K setting (Table 3).
 
-The head fuses the backbone's four stages: a pyramid pooling module (PSPNet's PPM) on the stride-32 map, an FPN
-top-down path over the others, every level resized to stride 4 and concatenated, one 3x3 fusion conv, a 1x1
-classifier. An auxiliary FCN head on stage 2 adds a 0.4-weighted loss during training, as Swin's configuration.
-
-Written here rather than taken from mmsegmentation: the head is ~100 lines, and mmseg would bring mmcv and mmengine
-(compiled ops, their own config and runner) for it.
+PSPNet's pyramid pooling on the stride-32 map, an FPN top-down path over the others, every level fused at stride 4;
+an auxiliary FCN head on stage 2 (loss weight 0.4, as Swin). Written here: mmseg would bring mmcv and mmengine.
 """
 
 from __future__ import annotations
@@ -17,9 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mambaout.data.image import IMAGENET_MEAN, IMAGENET_STD
 from mambaout.utils import checks as C
 
-from .backbone import IMAGENET_MEAN, IMAGENET_STD, STRIDE, BackboneConfig, DenseBackbone, backbone_from, width
+from .backbone import STRIDE, BackboneConfig, DenseBackbone, backbone_from, width
 
 IGNORE_INDEX = 255
 
@@ -44,8 +41,8 @@ class ConvNormAct(nn.Sequential):
 
 
 def _classifier(channels: int, num_classes: int) -> nn.Conv2d:
-    """The 1x1 class conv, initialised as mmseg's decode heads' (`conv_seg`: normal, std 0.01, bias 0), so every
-    class starts near the same logit rather than at PyTorch's default fan-in uniform draw."""
+    """The 1x1 class conv, initialised as mmseg's `conv_seg` (normal, std 0.01, bias 0): every class starts near
+    the same logit."""
     conv = nn.Conv2d(channels, num_classes, 1)
     nn.init.normal_(conv.weight, mean=0.0, std=0.01)
     nn.init.zeros_(conv.bias)
@@ -147,11 +144,8 @@ class Segmenter(nn.Module):
             raise ValueError(f"UperNet needs all four stages, got out_indices={backbone.out_indices}")
         self.backbone = backbone
         self.head = UperNetHead(backbone.out_channels, cfg.num_classes, cfg.channels, norm=cfg.norm)
-        self.aux = (
-            FCNHead(backbone.out_channels[2], cfg.num_classes, cfg.aux_channels, norm=cfg.norm)
-            if cfg.aux_channels
-            else None
-        )
+        aux_in = backbone.out_channels[2]
+        self.aux = FCNHead(aux_in, cfg.num_classes, cfg.aux_channels, norm=cfg.norm) if cfg.aux_channels else None
         self.aux_weight = cfg.aux_weight
         self.num_classes = cfg.num_classes
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(3, 1, 1), persistent=False)
@@ -174,8 +168,7 @@ class Segmenter(nn.Module):
 
 def pixel_cross_entropy(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     """Cross-entropy summed over the labelled pixels and divided by all pixels, ignored ones included: mmseg's
-    `CrossEntropyLoss` average (`avg_non_ignore=False`, its default, which the Swin and MambaOut configs keep).
-    PyTorch's `mean` divides by the labelled pixels only, which weighs a crop with much ignored area more."""
+    default average (`avg_non_ignore=False`), which the Swin and MambaOut configs keep."""
     return F.cross_entropy(logits, masks, ignore_index=IGNORE_INDEX, reduction="sum") / masks.numel()
 
 
@@ -183,5 +176,4 @@ def create_segmenter(cfg: SegmenterConfig, pretrained: bool = False, checkpoint:
     """UperNet on a dense MambaOut; `pretrained`/`checkpoint` are the backbone's classification weights."""
     if cfg.num_classes is None or not 1 <= cfg.num_classes < IGNORE_INDEX:
         raise ValueError(f"num_classes must be in 1..{IGNORE_INDEX - 1} (the ignore index), got {cfg.num_classes}")
-    backbone = backbone_from(cfg, pretrained, checkpoint)
-    return Segmenter(backbone, cfg)
+    return Segmenter(backbone_from(cfg, pretrained, checkpoint), cfg)
