@@ -1,23 +1,18 @@
 """ImageFolder directories read once per real folder and file: links followed, loops and duplicates not.
 
-timm's folder reader walks with `os.walk(followlinks=True)`: a link back to a parent (`ant/up -> ..`) is walked
-again and again until the path is too long, and one file on disk is counted dozens of times; a folder it may not
-read (permission denied) is left out without a word. `FolderReader` keeps timm's layout rules (the leaf folder's
-name is the class, classes in natural sort order, timm's image suffixes) but lists each real folder and each real
-file once:
+timm's folder reader (`os.walk(followlinks=True)`) walks a link back to a parent again and again, counts one file
+many times, and leaves out a folder it may not read without a word. `FolderReader` keeps timm's layout rules (the
+leaf folder's name is the class, natural sort order, timm's image suffixes) but:
 
-- a linked folder is read unless its target was already read (by real path): a loop, or a second name for a
-  folder, is skipped and named in one warning. Real folders are read before linked ones, so the images of a folder
-  reached both ways keep the class of their real place;
-- a file reached twice (two links to it) is counted once, the others named in one warning;
-- a folder that cannot be listed is an error naming it (permission denied), never a class that silently vanishes.
-
-`mambaout predict` lists folders through `pathlib`'s `rglob`, which follows no folder link at all, so on a loop both
-see each file once.
+- reads a linked folder unless its real path was already read (a loop, or a second name for a folder, is skipped
+  and named in one warning); real folders come first, so images reached both ways keep their real place's class;
+- counts a file reached twice (two links to it) once, the others named in one warning;
+- raises for a folder that cannot be listed (permission denied), naming it.
 """
 
 from __future__ import annotations
 
+import copy
 import errno
 import logging
 import os
@@ -30,6 +25,10 @@ from mambaout.utils.text import printable
 logger = logging.getLogger("mambaout")
 
 _SHOWN = 3  # skipped paths named in a warning; the rest counted
+_SKIPPED = (  # what the warnings say of the linked folders and of the duplicate files left out
+    "linked folder(s) lead to a folder already read (a loop or a second name for it), not read again",
+    "file(s) are links to an image already listed, counted once",
+)
 
 
 def _listing_error(folder: str, e: OSError, root: str) -> ValueError:
@@ -110,21 +109,9 @@ def scan_image_folder(root: str, report: bool = True) -> tuple[list[tuple[str, s
     keep = set(kept.values())
     found = [(p, label) for i, (p, label, _, _) in enumerate(listed) if i in keep]
     duplicates = [p for i, (p, _, _, _) in enumerate(listed) if i not in keep]
-    if report and skipped_dirs:
-        logger.warning(
-            "%s: %d linked folder(s) lead to a folder already read (a loop or a second name for it), not read "
-            "again: %s",
-            printable(root),
-            len(skipped_dirs),
-            _named(skipped_dirs, root),
-        )
-    if report and duplicates:
-        logger.warning(
-            "%s: %d file(s) are links to an image already listed, counted once: %s",
-            printable(root),
-            len(duplicates),
-            _named(duplicates, root),
-        )
+    for paths, what in zip((skipped_dirs, duplicates), _SKIPPED):
+        if report and paths:
+            logger.warning("%s: %d %s: %s", printable(root), len(paths), what, _named(paths, root))
     return found, skipped_dirs, duplicates
 
 
@@ -154,9 +141,7 @@ class FolderReader:
 
     def with_class_map(self, class_map: dict[str, int]) -> FolderReader:
         """The same listing labelled by `class_map` (no second walk, no second warning)."""
-        other = object.__new__(FolderReader)
-        other.root, other.found = self.root, self.found
-        other.skipped_dirs, other.duplicates = self.skipped_dirs, self.duplicates
+        other = copy.copy(self)
         other._label(class_map)
         return other
 

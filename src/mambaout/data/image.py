@@ -6,6 +6,7 @@ models (`mambaout.inference.export`) all go through here, so the same file gives
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
@@ -66,10 +67,8 @@ def load_image(source) -> Image.Image:
             ) from e
         except (UnidentifiedImageError, OSError, SyntaxError) as e:
             raise ValueError(f"cannot read {name} as an image ({type(e).__name__}: {e})") from e
-    try:
+    with contextlib.suppress(Exception):  # a broken EXIF block must not lose an otherwise good image
         img = ImageOps.exif_transpose(img)
-    except Exception:  # a broken EXIF block must not lose an otherwise good image
-        pass
     return to_rgb(img)
 
 
@@ -80,9 +79,15 @@ _JPEG_MAX_PIXELS_PER_BYTE = 1024
 
 
 def _check_jpeg_size(img: Image.Image, fp, name: str) -> None:
-    size = _byte_size(fp)
-    pixels = img.size[0] * img.size[1]
-    if size and pixels > _JPEG_MAX_PIXELS_PER_BYTE * size:
+    try:  # the size in bytes of a path or a seekable binary file
+        if isinstance(fp, (str, os.PathLike)):
+            size = os.path.getsize(fp)
+        else:
+            pos, size = fp.tell(), fp.seek(0, io.SEEK_END)
+            fp.seek(pos)
+    except (OSError, AttributeError, ValueError):
+        return  # cannot be told
+    if size and img.size[0] * img.size[1] > _JPEG_MAX_PIXELS_PER_BYTE * size:
         logger.warning(
             "%s claims %d x %d pixels in its header but holds only %d bytes, too few to fill them: it is truncated "
             "or forged, and decodes mostly as grey filler",
@@ -90,19 +95,6 @@ def _check_jpeg_size(img: Image.Image, fp, name: str) -> None:
             *img.size,
             size,
         )
-
-
-def _byte_size(fp) -> int | None:
-    """The size in bytes of a path or a seekable binary file (None when it cannot be told)."""
-    try:
-        if isinstance(fp, (str, os.PathLike)):
-            return os.path.getsize(fp)
-        pos = fp.tell()
-        end = fp.seek(0, io.SEEK_END)
-        fp.seek(pos)
-        return end
-    except (OSError, AttributeError, ValueError):
-        return None
 
 
 def _name(source) -> str:
