@@ -152,11 +152,8 @@ class FolderReader:
         path, target = self.samples[index]
         return open(path, "rb"), target
 
-    def _filename(self, index: int, basename: bool = False, absolute: bool = False) -> str:
-        path = self.samples[index][0]
-        if basename:
-            return os.path.basename(path)
-        return path if absolute else os.path.relpath(path, self.root)
+    def _filename(self, index: int) -> str:
+        return os.path.relpath(self.samples[index][0], self.root)
 
 
 def unreadable_folder(paths) -> str | None:

@@ -40,9 +40,8 @@ RAND_OPS = tuple(
 )
 _INCREASING = {"Posterize", "Solarize", "Color", "Contrast", "Brightness", "Sharpness"}
 RAND_OPS_INCREASING = tuple(f"{op}Increasing" if op in _INCREASING else op for op in RAND_OPS)
-# ops that are a per-channel lookup table of the image's own levels
+# ops that are a per-channel lookup table of the image's own levels (and their Increasing variants)
 LUT_OPS = ("AutoContrast", "Equalize", "Invert", "Posterize", "Solarize", "SolarizeAdd", "Contrast", "Brightness")
-LUT_OPS += tuple(f"{op}Increasing" for op in ("Posterize", "Solarize", "Contrast", "Brightness"))
 LEVEL_DENOM = 10.0  # magnitude M maps to the fraction M / 10 of each op's range
 
 
@@ -124,17 +123,13 @@ def _round8(x: torch.Tensor) -> torch.Tensor:
 
 
 def resized_crop(images: torch.Tensor, boxes: torch.Tensor, size: tuple[int, int], bicubic, flip=None):
-    """Crop each image to its box and resize it to `size` (PIL semantics), optionally mirrored.
+    """Crop each image to its box and resize it to `size` (out_h, out_w) as PIL does, optionally mirrored; returns
+    `[B, C, out_h, out_w]` rounded to integers, like PIL's uint8 output.
 
     Args:
         images: `[B, C, H, W]` 0..255 values (may be a padded canvas: boxes never reach the padding).
         boxes: `[B, 4]` (top, left, height, width) in pixels.
-        size: (out_h, out_w).
-        bicubic: `[B]` bool, per-sample interpolation.
-        flip: `[B]` bool, mirror horizontally (folded into the resampling matrix: free).
-
-    Returns:
-        `[B, C, out_h, out_w]` rounded to integers, like PIL's uint8 output.
+        bicubic, flip: `[B]` bool, per-sample interpolation and horizontal mirror (folded into the matrix: free).
     """
     _, _, h, w = images.shape
     wy = resample_weights(boxes[:, 0], boxes[:, 2], size[0], h, bicubic)  # [B, out_h, H]
@@ -148,11 +143,8 @@ def resized_crop(images: torch.Tensor, boxes: torch.Tensor, size: tuple[int, int
 
 def _first_fit(target: torch.Tensor, ratio, h, w, strict: bool = False):
     """timm's box search, every attempt drawn at once (no host sync): boxes of area `target` `[B, attempts]` and
-    log-uniform aspect w/h in `ratio`; the first that fits in (h, w) (`strict`: smaller than it) is kept.
-
-    Returns:
-        found, top, left, height, width, each `[B, 1]` (the last attempt's box where none fits).
-    """
+    log-uniform aspect w/h in `ratio`; the first that fits in (h, w) (`strict`: smaller than it) is kept. Returns
+    found, top, left, height, width, each `[B, 1]` (the last attempt's box where none fits)."""
     (b, attempts), dev = target.shape, target.device
     aspect = torch.empty_like(target).uniform_(math.log(ratio[0]), math.log(ratio[1])).exp()
     bw, bh = (target * aspect).sqrt().round(), (target / aspect).sqrt().round()
@@ -166,11 +158,8 @@ def _first_fit(target: torch.Tensor, ratio, h, w, strict: bool = False):
 
 
 def random_resized_crop_boxes(sizes: torch.Tensor, scale, ratio, attempts: int = 10) -> torch.Tensor:
-    """timm's `RandomResizedCropAndInterpolation.get_params` for a batch: `[B, 2]` (h, w) -> `[B, 4]` boxes.
-
-    The first of `attempts` draws (area fraction in `scale`, aspect in `ratio`) that fits, else the centre crop
-    clamped to `ratio`.
-    """
+    """timm's `RandomResizedCropAndInterpolation.get_params` for a batch: `[B, 2]` (h, w) -> `[B, 4]` boxes, the
+    first of `attempts` draws (area fraction in `scale`, aspect in `ratio`) that fits, else the centre crop."""
     h, w = sizes[:, 0:1].float(), sizes[:, 1:2].float()  # [B, 1]
     target = h * w * torch.empty(sizes.shape[0], attempts, device=sizes.device).uniform_(scale[0], scale[1])
     found, top, left, th, tw = _first_fit(target, ratio, h, w)
@@ -201,18 +190,10 @@ def _blend(degenerate: torch.Tensor, x: torch.Tensor, factor: torch.Tensor) -> t
     return (degenerate + f * (x - degenerate)).clamp(0, 255).floor()
 
 
-def apply_lut(x: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
-    """Per-sample, per-channel lookup: `lut` `[B, C, 256]`."""
-    b, c, h, w = x.shape
-    idx = x.long().view(b, c, h * w)
-    return lut.gather(2, idx).view(b, c, h, w)
-
-
 def histogram(x: torch.Tensor) -> torch.Tensor:
     """`[B, C, 256]` pixel counts per channel."""
-    b, c, h, w = x.shape
-    idx = x.long().view(b, c, h * w)
-    return torch.zeros(b, c, 256, device=x.device).scatter_add_(2, idx, torch.ones_like(idx, dtype=torch.float))
+    idx = x.long().flatten(2)  # [B, C, H * W]
+    return torch.zeros(*x.shape[:2], 256, device=x.device).scatter_add_(2, idx, torch.ones_like(idx, dtype=x.dtype))
 
 
 def lut_autocontrast(hist: torch.Tensor) -> torch.Tensor:
@@ -313,11 +294,11 @@ class RandAugmentGpu:
         b, c, h, w = x.shape
         level = mag / LEVEL_DENOM
 
-        def drew(*which):
+        def drew(*which):  # [B] bool: the sample drew one of `which` or (for a plain name) its Increasing variant
             sel = torch.zeros_like(op, dtype=torch.bool)
-            for name in which:
-                if name in names:
-                    sel |= op == names.index(name)
+            for k, name in enumerate(names):
+                if name in which or name.removesuffix("Increasing") in which:
+                    sel |= op == k
             return sel
 
         # Enhance factors (PIL ImageEnhance.*.enhance(factor)); 1.0 is the identity
@@ -342,33 +323,27 @@ class RandAugmentGpu:
         bits = (level * 4).floor()  # timm: Posterize keeps int(4 level) bits, PosterizeIncreasing 4 - that
         bits = torch.where(drew("PosterizeIncreasing"), 4 - bits, bits).clamp_min(1)  # 0 bits -> 1 (safe_posterize)
         q = (2 ** (8 - bits))[:, None, None]
-        lut = torch.where(drew("Posterize", "PosterizeIncreasing")[:, None, None], (levels / q).floor() * q, lut)
+        lut = torch.where(drew("Posterize")[:, None, None], (levels / q).floor() * q, lut)
         thresh = (level * 256).floor().clamp_max(256)  # timm: Solarize threshold int(256 level), ..Increasing 256 -
         thresh = torch.where(drew("SolarizeIncreasing"), 256 - thresh, thresh)[:, None, None]
-        lut = torch.where(drew("Solarize", "SolarizeIncreasing")[:, None, None] & (levels >= thresh), 255 - levels, lut)
+        lut = torch.where(drew("Solarize")[:, None, None] & (levels >= thresh), 255 - levels, lut)
         add = (level * 110).floor().clamp_max(128)[:, None, None]  # timm: SolarizeAdd adds int(110 level) below 128
         lut = torch.where(drew("SolarizeAdd")[:, None, None] & (levels < 128), (levels + add).clamp_max(255), lut)
         f = enhance[:, None, None]
-        lut = torch.where(
-            drew("Brightness", "BrightnessIncreasing")[:, None, None], (f * levels).clamp(0, 255).floor(), lut
-        )
-        contrast = drew("Contrast", "ContrastIncreasing")
+        lut = torch.where(drew("Brightness")[:, None, None], (f * levels).clamp(0, 255).floor(), lut)
 
         def contrast_lut(_, i):
             mean = (_gray(x[i]).mean((1, 2, 3)) + 0.5).floor()[:, None, None]  # PIL: int(mean of L + 0.5)
             return (mean + f[i] * (levels[i] - mean)).clamp(0, 255).floor()
 
-        lut = only_where(contrast, lut, contrast_lut)
-        lut_op = drew(*(n for n in names if n in LUT_OPS))
-        x = only_where(lut_op, x, lambda xs, i: apply_lut(xs, lut[i]))
+        lut = only_where(drew("Contrast"), lut, contrast_lut)
+        x = only_where(drew(*LUT_OPS), x, lambda xs, i: lut[i].gather(2, xs.long().flatten(2)).view_as(xs))
 
         # 2. Color: blend with the grey image
-        color = drew("Color", "ColorIncreasing")
-        x = only_where(color, x, lambda xs, i: _blend(_gray(xs).expand_as(xs), xs, enhance[i]))
+        x = only_where(drew("Color"), x, lambda xs, i: _blend(_gray(xs).expand_as(xs), xs, enhance[i]))
 
         # 3. Sharpness: blend with the smoothed image
-        sharp = drew("Sharpness", "SharpnessIncreasing")
-        x = only_where(sharp, x, lambda xs, i: _blend(smooth(xs), xs, enhance[i]))
+        x = only_where(drew("Sharpness"), x, lambda xs, i: _blend(smooth(xs), xs, enhance[i]))
 
         # 4. geometry: one affine warp per sample
         shear, shift = sign * level * 0.3, sign * level * 0.45  # timm: +-0.3 level, +-0.45 level of the width/height
@@ -393,9 +368,8 @@ SUBSET_ON_CPU = True  # tests switch it off to run the GPU code path on CPU tens
 def only_where(sel: torch.Tensor, x: torch.Tensor, fn) -> torch.Tensor:
     """`fn(x[i], i)` for the samples where `sel` `[B]` is set; the others unchanged.
 
-    On a GPU `fn` runs on the whole batch and `torch.where` keeps the selected rows: picking the rows out would need
-    their count on the host, a sync per op. On the CPU that count is free, and computing only the selected rows
-    saves most of the work (each op is drawn by about 1/30 of the samples).
+    On a GPU `fn` runs on the whole batch and `torch.where` keeps the selected rows (picking them out would need
+    their count on the host, a sync per op); on the CPU only the selected rows (about 1/30 per op) are computed.
     """
     if x.device.type != "cpu" or not SUBSET_ON_CPU:
         return torch.where(sel.view(-1, *[1] * (x.ndim - 1)), fn(x, slice(None)), x)

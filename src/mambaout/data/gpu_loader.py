@@ -35,10 +35,8 @@ def pil_to_uint8(img) -> np.ndarray:
 
 
 def decode_images(dataset, transform=None, workers: int = 0, batch_size: int = 64) -> dict[str, np.ndarray]:
-    """Decode every image of `dataset` (an ImageDataset/DigitsDataset without transform) once.
-
-    Args:
-        transform: PIL -> PIL applied before storing (the eval resize/crop); None keeps the decoded size.
+    """Decode every image of `dataset` (an ImageDataset/DigitsDataset without transform) once, through `transform`
+    (PIL -> PIL, the eval resize/crop; None keeps the decoded size).
 
     Returns:
         `images` `[N, 3, Hmax, Wmax]` uint8 (each image top-left in a canvas as big as the largest one),
@@ -64,17 +62,12 @@ def decode_images(dataset, transform=None, workers: int = 0, batch_size: int = 6
 
 
 class DecodedImages:
-    """A decoded set as tensors: `images` uint8 `[N, 3, H, W]`, `sizes` `[N, 2]`, `targets` `[N]`.
-
-    Args:
-        device: Where batches are gathered from. On CUDA the whole set moves to the GPU when it is at most
-            `max_device_fraction` of the GPU's memory, else it stays in (pinned) host memory.
-    """
+    """A decoded set as tensors: `images` uint8 `[N, 3, H, W]`, `sizes` `[N, 2]`, `targets` `[N]`, batches on
+    `device`. On CUDA the images move to the GPU when they take at most `max_device_fraction` of its memory."""
 
     def __init__(self, arrays: dict[str, np.ndarray], classes, class_to_idx, device=None, max_device_fraction=0.25):
-        self.images = torch.from_numpy(np.asarray(arrays["images"]))
-        self.sizes = torch.from_numpy(np.asarray(arrays["sizes"]))
-        self.targets = torch.from_numpy(np.asarray(arrays["targets"]))
+        tensors = (torch.from_numpy(np.asarray(arrays[k])) for k in ("images", "sizes", "targets"))
+        self.images, self.sizes, self.targets = tensors
         self.skipped = int(arrays["skipped"][0])
         self.classes, self.class_to_idx = list(classes), dict(class_to_idx)
         device = torch.device(device or "cpu")
@@ -89,8 +82,7 @@ class DecodedImages:
 
     def batch(self, idx: torch.Tensor):
         """uint8 images `[B, 3, H, W]` and sizes on the device, targets on the device."""
-        src = self.images.device
-        images = self.images[idx.to(src, non_blocking=True)].to(self.device, non_blocking=True)
+        images = self.images[idx.to(self.images.device, non_blocking=True)].to(self.device, non_blocking=True)
         sizes = self.sizes[idx].to(self.device, non_blocking=True)
         return images, sizes, self.targets[idx].to(self.device, non_blocking=True)
 
@@ -180,8 +172,7 @@ class DeviceAugmentLoader:
 
     def __iter__(self):
         for x, y, n_bad in self.loader:
-            x = x.to(self.device, non_blocking=True)
-            yield self.augment(x), y.to(self.device, non_blocking=True), n_bad
+            yield self.augment(x.to(self.device, non_blocking=True)), y.to(self.device, non_blocking=True), n_bad
 
 
 def pil_part(transform) -> Compose:

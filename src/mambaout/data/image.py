@@ -147,10 +147,7 @@ class EvalSettings:
     def from_dict(cls, cfg: dict, source: str = "eval_config") -> EvalSettings:
         """The settings among `cfg`'s keys (others ignored; missing ones take the defaults), checked."""
         check_eval_config(cfg, source)
-        known = {k: cfg[k] for k in EVAL_KEYS if k in cfg}
-        for key in ("input_size", "mean", "std"):
-            if key in known:
-                known[key] = tuple(known[key])
+        known = {k: tuple(cfg[k]) if k in ("input_size", "mean", "std") else cfg[k] for k in EVAL_KEYS if k in cfg}
         return cls(**known)
 
     def to_dict(self) -> dict:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, Sampler, default_collate
 from torch.utils.data.distributed import DistributedSampler
 
 from mambaout.data.streaming import IterableImages, StreamLoader
@@ -134,14 +134,9 @@ def collate_readable(batch):
     Samples whose image is None (unreadable, from a dataset that does not substitute) are left out of the batch
     and only named, so an evaluation counts each readable image once.
     """
-    from torch.utils.data import default_collate
-
     good = [(x, y) for x, y, _ in batch if x is not None]
     names = [name for x, _, name in batch if x is None]
-    if not good:
-        return None, None, names
-    x, y = default_collate(good)
-    return x, y, names
+    return (*default_collate(good), names) if good else (None, None, names)
 
 
 def eval_loader(dataset, batch_size: int, rank: int = 0, world_size: int = 1, workers: int = 0, pin: bool = False):

@@ -61,7 +61,7 @@ def expand_urls(pattern: str) -> list[str]:
     out = []
     for part, ranges in parts:
         if ranges:
-            out += _expand_ranges(part, ranges)
+            out += _expand_ranges(part)
         elif any(c in part for c in "*?["):
             out += sorted(glob.glob(part))
         elif os.path.isdir(part):
@@ -76,17 +76,12 @@ def expand_urls(pattern: str) -> list[str]:
     return out
 
 
-def _expand_ranges(part: str, ranges: list[re.Match]) -> list[str]:
+def _expand_ranges(part: str) -> list[str]:
     """Every name of `part` with its brace ranges filled in, the last range varying fastest (as brace expansion
     in a shell); each number zero-padded to the width of its range's first bound."""
-    pieces, texts, last = [], [], 0
-    for m in ranges:
-        texts.append(part[last : m.start()])
-        lo, hi, width = int(m.group(1)), int(m.group(2)), len(m.group(1))
-        pieces.append([str(i).zfill(width) for i in range(lo, hi + 1)])
-        last = m.end()
-    tail = part[last:]
-    return ["".join(t + n for t, n in zip(texts, numbers)) + tail for numbers in itertools.product(*pieces)]
+    bits = _RANGE.split(part)  # text, lo, hi, text, lo, hi, ..., text
+    numbers = [[str(i).zfill(len(lo)) for i in range(int(lo), int(hi) + 1)] for lo, hi in zip(bits[1::3], bits[2::3])]
+    return ["".join(t + n for t, n in zip(bits[::3], combo)) + bits[-1] for combo in itertools.product(*numbers)]
 
 
 def _grouped(path: str, read):
