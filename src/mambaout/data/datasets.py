@@ -39,11 +39,10 @@ MAX_CONSECUTIVE_BAD = 50
 class ImageDataset(Dataset):
     """Labelled images of a folder, a tar or a Hugging Face dataset; unreadable files are skipped, counted and named.
 
-    With `substitute` (training) an unreadable file is replaced by the next readable image, which keeps batches
-    full: `__getitem__` returns `(image, target, n_skipped)`, the loader sums `n_skipped` so each epoch reports how
-    many it met (even in worker processes), and each is named in a warning. Without it (evaluation) an unreadable
-    sample is `(None, -1, file name)`; `collate_readable` leaves it out of the batch and names it, so a metric counts
-    each readable image exactly once.
+    `__getitem__` returns `(image, target, n_skipped)`: with `substitute` (training) an unreadable file is named in
+    a warning and replaced by the next readable image, and the loader sums `n_skipped` for the epoch's report.
+    Without it (evaluation) an unreadable sample is `(None, -1, file name)`, which `collate_readable` leaves out and
+    names, so a metric counts each readable image exactly once.
 
     Args:
         root: An ImageFolder directory (`root/<class>/<image>`) or a `.tar` file holding one.
@@ -205,11 +204,8 @@ def _reader(name: str, root: str | None, split: str, class_map: dict[str, int] |
 
 
 class DigitsDataset(Dataset):
-    """scikit-learn's handwritten digits (1,797 8x8 images, 10 classes), upscaled to `size` px RGB.
-
-    Shipped with scikit-learn, so the default `mambaout train` needs no download. A fixed stratified split
-    keeps 20% of the images (360) as the held-out set.
-    """
+    """scikit-learn's handwritten digits (1,797 8x8 images, 10 classes), upscaled to `size` px RGB: the default
+    `mambaout train` needs no download. A fixed stratified split keeps 20% of the images (360) as the held-out set."""
 
     def __init__(self, split: str = "train", size: int = 32, transform=None, holdout: float = 0.2):
         from sklearn.datasets import load_digits

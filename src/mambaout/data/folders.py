@@ -49,15 +49,10 @@ def _named(paths: list[str], root: str) -> str:
     return shown + (f" (+{len(paths) - _SHOWN} more)" if len(paths) > _SHOWN else "")
 
 
-def scan_image_folder(root: str, report: bool = True) -> tuple[list[tuple[str, str]], list[str], list[str]]:
-    """(path, class name) of every image file under `root`, each real file once; and the linked folders and
-    duplicate files skipped.
-
-    The class of a file is the name of the folder holding it (timm's `leaf_name_only`; '' at the top). Files keep
-    the path they were reached by, so names in messages are the ones the user sees in the tree.
-
-    Args:
-        report: Say the skipped folders and files in a warning.
+def scan_image_folder(root: str, report: bool = True) -> list[tuple[str, str]]:
+    """(path, class name) of every image file under `root`, each real file once, by the path it was reached by; the
+    class is the name of the folder holding it (timm's `leaf_name_only`; '' at the top). `report` warns about the
+    linked folders and files skipped.
 
     Raises:
         ValueError: a folder that cannot be listed (permission denied, a link loop the kernel refuses), named.
@@ -112,23 +107,21 @@ def scan_image_folder(root: str, report: bool = True) -> tuple[list[tuple[str, s
     for paths, what in zip((skipped_dirs, duplicates), _SKIPPED):
         if report and paths:
             logger.warning("%s: %d %s: %s", printable(root), len(paths), what, _named(paths, root))
-    return found, skipped_dirs, duplicates
+    return found
 
 
 class FolderReader:
     """An ImageFolder directory as timm's reader interface (`samples`, `class_to_idx`, `reader[i]` -> (file,
-    target), `_filename`), listed by `scan_image_folder`: every real file once, unreadable folders named.
+    target), `_filename`), listed by `scan_image_folder`.
 
     Args:
-        root: The folder holding one sub-folder per class.
-        class_map: Class name -> label to use (a validation set takes the training set's); files of other classes
-            are left out (the caller says so first, see `ImageDataset`). Default: sorted folder names.
-        report: Warn about the linked folders and duplicate files left out.
+        class_map: Class name -> label (a validation set takes the training set's); files of other classes are left
+            out (the caller says so first, see `ImageDataset`). Default: sorted folder names.
     """
 
     def __init__(self, root: str, class_map: dict[str, int] | None = None, report: bool = True):
         self.root = root
-        self.found, self.skipped_dirs, self.duplicates = scan_image_folder(root, report)
+        self.found = scan_image_folder(root, report)
         self._label(class_map)
 
     def _label(self, class_map: dict[str, int] | None) -> None:
@@ -157,18 +150,15 @@ class FolderReader:
 
 
 def unreadable_folder(paths) -> str | None:
-    """The first of `paths` that is a folder this process may not list, as a one-line reason; None if none is.
-
-    For commands that list folders through `pathlib` (which passes over a folder it may not read without a word),
-    to say why nothing was found."""
+    """The first of `paths` that is a folder this process may not list, as a one-line reason; None if none is (for
+    commands that list through `pathlib`, which passes over such a folder without a word)."""
     for p in map(str, paths):
-        if not os.path.isdir(p):
-            continue
         try:
-            with os.scandir(p) as it:
-                next(it, None)
-        except PermissionError:
-            return f"permission denied reading folder {p}; make it readable (chmod -R u+rX) or pass another folder"
+            if os.path.isdir(p):
+                with os.scandir(p) as it:
+                    next(it, None)
+        except PermissionError as e:
+            return str(_listing_error(p, e, p))
         except OSError:
-            continue
+            pass
     return None

@@ -256,9 +256,8 @@ def smooth(x: torch.Tensor) -> torch.Tensor:
 
 
 class RandAugmentGpu:
-    """timm's RandAugment, batched: each sample draws `num_layers` ops (uniformly, with replacement), each applied
-    with probability `prob` at a magnitude drawn per application (normal around `magnitude`, clipped to
-    [0, magnitude_max]) and, for signed ops, a random sign.
+    """timm's RandAugment, batched: each sample draws `spec.num_layers` ops (uniformly, with replacement), each
+    applied with probability `prob` at a magnitude drawn per application and, for signed ops, a random sign.
 
     Args:
         spec: A `RandAugmentSpec` or a `rand-...` string.
@@ -405,12 +404,9 @@ def random_erasing(x: torch.Tensor, prob: float, area=(0.02, 1 / 3), ratio=(0.3,
 
 @dataclass
 class GpuAugment:
-    """The whole training augmentation of a recipe, on a batch of uint8 images already on the device.
-
-    Call with `images` `[B, C, H, W]` uint8 (a padded canvas) and `sizes` `[B, 2]` (each image's h, w); returns
-    normalised float32 `[B, C, img_size, img_size]`. `crop=False` skips the random resized crop (images already
-    cropped by CPU workers on a streamed data set).
-    """
+    """The whole training augmentation of a recipe on uint8 `images` `[B, C, H, W]` (a padded canvas; `sizes`
+    `[B, 2]` each image's h, w) already on the device -> normalised float32 `[B, C, img_size, img_size]`.
+    `crop=False` skips the random resized crop (images already cropped by CPU workers on a streamed data set)."""
 
     img_size: int
     scale: tuple[float, float] = (0.08, 1.0)

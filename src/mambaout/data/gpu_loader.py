@@ -99,11 +99,8 @@ def decoded_dataset(
 
 
 class DecodedTrainLoader(EpochLoader):
-    """Training batches of a `DecodedImages`, augmented on its device: `(x, y, n_bad)` like the CPU loader.
-
-    The order comes from the same `ResumableSampler` as the CPU loader (`loader.sampler.set_epoch`, `.skip`), so
-    sharding over ranks and mid-epoch resume work unchanged.
-    """
+    """Training batches `(x, y, n_bad)` of a `DecodedImages`, augmented on its device, in the order of the same
+    `ResumableSampler` as the CPU loader, so sharding over ranks and mid-epoch resume work unchanged."""
 
     def __init__(self, data: DecodedImages, augment: GpuAugment, batch_size: int, rank=0, world_size=1, seed=0):
         self.data, self.augment, self.batch_size = data, augment, batch_size
@@ -190,10 +187,8 @@ def gpu_loaders(
     device,
     eval_tf,
 ):
-    """(train set, val set or None, train loader, val loader or None) of the gpu pipeline, as `train` uses them.
-
-    With `loading.cache` both sets are decoded once into memory; otherwise CPU workers decode and crop per batch.
-    """
+    """(train set, val set or None, train loader, val loader or None) of the gpu pipeline, as `train` uses them:
+    with `loading.cache` both sets decoded once into memory, else CPU workers decode and crop per batch."""
     augment = GpuAugment.from_config(aug, crop=loading.cache)
     bs, workers, val_set, val_loader = loading.batch_size, loading.workers, None, None
     if loading.cache:

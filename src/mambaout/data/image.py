@@ -129,12 +129,8 @@ def to_rgb(img: Image.Image) -> Image.Image:
 @dataclass(frozen=True)
 class EvalSettings:
     """How a model's inputs are prepared for evaluation: timm's eval transform (resize to `side / crop_pct`, centre
-    crop or squash, normalise). One type for what checkpoints record (`eval_config`), what training writes, what
-    export stores, and what validate, predict and the demo apply.
-
-    Built from a `pretrained_cfg` or a checkpoint's `eval_config` with `from_dict`, which checks every field
-    against the bounds in `mambaout.utils.limits`.
-    """
+    crop or squash, normalise). One type for what checkpoints record (`eval_config`), training writes, export
+    stores, and validate, predict and the demo apply; `from_dict` checks every field (`mambaout.utils.limits`)."""
 
     input_size: tuple = (3, 224, 224)
     crop_pct: float = 1.0

@@ -66,10 +66,8 @@ class ShardSampler(Sampler):
 
 
 class ResumableSampler(DistributedSampler):
-    """DistributedSampler that can start an epoch part-way, after `skip` of this rank's samples (mid-epoch resume).
-
-    The epoch's order is the same permutation as ever (seeded by seed + epoch); only its head is left out.
-    """
+    """DistributedSampler that can start an epoch part-way, after `skip` of this rank's samples (mid-epoch resume):
+    the epoch's order is the same permutation as ever (seeded by seed + epoch); only its head is left out."""
 
     skip = 0
 
@@ -129,11 +127,8 @@ class ShuffledLoader(EpochLoader, DataLoader):
 
 
 def collate_readable(batch):
-    """Collate `(image or None, target, skipped)` samples into `(images or None, targets or None, skipped names)`.
-
-    Samples whose image is None (unreadable, from a dataset that does not substitute) are left out of the batch
-    and only named, so an evaluation counts each readable image once.
-    """
+    """Collate `(image or None, target, skipped)` samples into `(images or None, targets or None, skipped names)`:
+    unreadable samples (image None) are left out and named, so an evaluation counts each readable image once."""
     good = [(x, y) for x, y, _ in batch if x is not None]
     names = [name for x, _, name in batch if x is None]
     return (*default_collate(good), names) if good else (None, None, names)

@@ -65,10 +65,8 @@ def map_arrays(path: Path) -> dict[str, np.ndarray]:
 
 
 def machine_shared(key: str, build: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """`build()` on local rank 0 only; every rank of the machine gets memory maps of that one result.
-
-    A single process (no process group) just builds and keeps the arrays. All ranks must call this together.
-    """
+    """`build()` on local rank 0 only; every rank of the machine gets memory maps of that one result (a single
+    process just builds and keeps the arrays). All ranks must call this together."""
     if not dist.is_initialized():
         return build()
     local_rank = dist.detect().local_rank

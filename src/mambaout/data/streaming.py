@@ -44,8 +44,7 @@ def expand_urls(pattern: str) -> list[str]:
     `::`-separated lists and globs -> the sorted list of shard paths.
 
     Raises:
-        ValueError: the brace ranges name more than `MAX_SHARDS` shards (checked before any list is built), or a
-            range runs backwards.
+        ValueError: the ranges name more than `MAX_SHARDS` shards (checked before any list is built) or run backwards.
         FileNotFoundError: a shard that is not there.
     """
     parts = [(part, list(_RANGE.finditer(part))) for part in pattern.split("::")]
@@ -130,11 +129,8 @@ def parse_label(data: bytes, shard: str, key: str, num_classes: int | None = Non
 
 def count_samples(shards: list[str], num_classes: int | None = None) -> tuple[int, int]:
     """(complete samples, highest label) in the shards, reading only the headers and the small `.cls` members; every
-    label is checked (`parse_label`).
-
-    A sample without a `.cls` label, or a label without an image, cannot be used: those are counted per shard and
-    said in one warning line naming the shard, or, when no sample is complete, in one ValueError line.
-    """
+    label is checked (`parse_label`). Samples without a label or an image are counted per shard and said in one
+    warning line naming the shard, or, when no sample is complete, in one ValueError line."""
 
     def read(tar, member, ext):
         return tar.extractfile(member).read(65) if ext == "cls" else None

@@ -76,11 +76,8 @@ def safe_posterize(img: Image.Image, bits_to_keep: int, **__) -> Image.Image:
 
 
 def fix_posterize(transform) -> int:
-    """Swap `safe_posterize` into every Posterize op of the RandAugment/AutoAugment inside `transform`.
-
-    Returns:
-        How many ops were patched (0 when the transform has no auto-augmentation).
-    """
+    """Swap `safe_posterize` into every Posterize op of the RandAugment/AutoAugment inside `transform`; returns how
+    many ops were patched (0 when the transform has no auto-augmentation)."""
     patched, stack = 0, [transform]
     while stack:
         t = stack.pop()
