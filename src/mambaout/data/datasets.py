@@ -269,11 +269,8 @@ def imagenet_class_map(classes: Sequence[str]) -> dict[str, int] | None:
     """Synset folder names -> ImageNet-1k indices (for evaluating 1000-class weights on an ImageNet subset)."""
     from timm.data import ImageNetInfo
 
-    synsets = ImageNetInfo().label_names()
-    index = {s: i for i, s in enumerate(synsets)}
-    if not classes or not all(c in index for c in classes):
-        return None
-    return {c: index[c] for c in classes}
+    index = {s: i for i, s in enumerate(ImageNetInfo().label_names())}
+    return {c: index[c] for c in classes} if classes and all(c in index for c in classes) else None
 
 
 def folder_classes(path: str) -> list[str]:

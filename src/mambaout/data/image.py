@@ -59,8 +59,6 @@ def load_image(source) -> Image.Image:
             if img.format == "JPEG":
                 _check_jpeg_size(img, fp, name)
             img.load()  # decode now, so a truncated file fails here and not inside the transform
-        except ValueError:
-            raise
         except Image.DecompressionBombError as e:  # PIL's own check (2 x MAX_IMAGE_PIXELS) fires inside open()
             raise ValueError(
                 f"{name} is over the decode budget of {max_pixels() / 1e6:.0f} Mpx ({e}); downscale it"

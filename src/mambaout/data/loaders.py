@@ -106,11 +106,10 @@ def train_loader(
     if isinstance(dataset, IterableImages):
         dataset.training, dataset.rank, dataset.world_size, dataset.seed = True, rank, world_size, seed
         return StreamLoader(dataset, batch_size, workers, pin, drop_last=True)
-    sampler = ResumableSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
     loader = ShuffledLoader(
         dataset,
         batch_size=batch_size,
-        sampler=sampler,
+        sampler=ResumableSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True),
         num_workers=workers,
         drop_last=True,
         pin_memory=pin,

@@ -253,12 +253,9 @@ class IterableImages(IterableDataset):
         if self.training:
             random.Random(self.seed + self.epoch).shuffle(shards)
         mine, keep = (shards[slot::slots], None) if len(shards) >= slots else (shards, slot)
-        i = 0
-        for path in mine:
-            for _, data, label in iter_shard(path):
-                if keep is None or i % slots == keep:
-                    yield io.BytesIO(data), label
-                i += 1
+        for i, (_, data, label) in enumerate(s for path in mine for s in iter_shard(path)):
+            if keep is None or i % slots == keep:
+                yield io.BytesIO(data), label
 
     def _decoded(self):
         for src, label in self._samples():

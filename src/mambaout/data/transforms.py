@@ -70,9 +70,7 @@ class AugmentConfig:
 def safe_posterize(img: Image.Image, bits_to_keep: int, **__) -> Image.Image:
     """Posterize that accepts RandAugment's full magnitude range: 0 bits (rejected by Pillow >= 13) becomes 1."""
     bits = int(bits_to_keep)
-    if bits >= 8:
-        return img
-    return ImageOps.posterize(img, max(1, bits))
+    return img if bits >= 8 else ImageOps.posterize(img, max(1, bits))
 
 
 def fix_posterize(transform) -> int:
