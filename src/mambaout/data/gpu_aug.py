@@ -190,32 +190,19 @@ def _blend(degenerate: torch.Tensor, x: torch.Tensor, factor: torch.Tensor) -> t
     return (degenerate + f * (x - degenerate)).clamp(0, 255).floor()
 
 
-def histogram(x: torch.Tensor) -> torch.Tensor:
-    """`[B, C, 256]` pixel counts per channel."""
+def histogram_lut(x: torch.Tensor, auto: torch.Tensor) -> torch.Tensor:
+    """Per-channel LUTs `[B, C, 256]` from each image's histogram: `ImageOps.autocontrast` where `auto` `[B]` (each
+    channel's [min, max] stretched to [0, 255]), else `ImageOps.equalize` (PIL's cumulative-histogram LUT); the
+    identity for one-level channels."""
     idx = x.long().flatten(2)  # [B, C, H * W]
-    return torch.zeros(*x.shape[:2], 256, device=x.device).scatter_add_(2, idx, torch.ones_like(idx, dtype=x.dtype))
-
-
-def lut_autocontrast(hist: torch.Tensor) -> torch.Tensor:
-    """`ImageOps.autocontrast`: stretch each channel's [min, max] to [0, 255] (identity when flat)."""
-    levels = torch.arange(256, device=hist.device).float()
-    present = hist > 0
-    lo = torch.where(present, levels, 256.0).amin(-1, keepdim=True)
-    hi = torch.where(present, levels, -1.0).amax(-1, keepdim=True)
-    scale = 255.0 / (hi - lo).clamp_min(1)
-    lut = ((levels - lo) * scale).floor().clamp(0, 255)
-    return torch.where(hi > lo, lut, levels)
-
-
-def lut_equalize(hist: torch.Tensor) -> torch.Tensor:
-    """`ImageOps.equalize`: PIL's cumulative-histogram LUT per channel (identity for one-level channels)."""
-    levels = torch.arange(256, device=hist.device).float()
-    total = hist.sum(-1, keepdim=True)
-    last = torch.where(hist > 0, levels, -1.0).amax(-1, keepdim=True)  # the highest level present
-    step = ((total - hist.gather(-1, last.long().clamp_min(0))) / 255).floor()
-    before = hist.cumsum(-1) - hist
-    lut = ((step / 2).floor() + before).div(step.clamp_min(1)).floor().clamp(0, 255)
-    return torch.where(step > 0, lut, levels)
+    hist = torch.zeros(*x.shape[:2], 256, device=x.device).scatter_add_(2, idx, torch.ones_like(idx, dtype=x.dtype))
+    levels = torch.arange(256, device=x.device).float()
+    lo = torch.where(hist > 0, levels, 256.0).amin(-1, keepdim=True)  # the lowest and highest level present
+    hi = torch.where(hist > 0, levels, -1.0).amax(-1, keepdim=True)
+    stretch = ((levels - lo) * (255.0 / (hi - lo).clamp_min(1))).floor().clamp(0, 255)
+    step = ((hist.sum(-1, keepdim=True) - hist.gather(-1, hi.long().clamp_min(0))) / 255).floor()
+    equal = ((step / 2).floor() + hist.cumsum(-1) - hist).div(step.clamp_min(1)).floor().clamp(0, 255)
+    return torch.where(auto[:, None, None], torch.where(hi > lo, stretch, levels), torch.where(step > 0, equal, levels))
 
 
 def warp_affine(x: torch.Tensor, matrix: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
@@ -312,12 +299,7 @@ class RandAugmentGpu:
         lut = levels.contiguous()
         if any(n in names for n in ("AutoContrast", "Equalize")):
             auto = drew("AutoContrast")
-
-            def from_histogram(_, i):
-                hist = histogram(x[i])
-                return torch.where(auto[i][:, None, None], lut_autocontrast(hist), lut_equalize(hist))
-
-            lut = only_where(auto | drew("Equalize"), lut, from_histogram)
+            lut = only_where(auto | drew("Equalize"), lut, lambda _, i: histogram_lut(x[i], auto[i]))
         lut = torch.where(drew("Invert")[:, None, None], 255 - levels, lut)
         bits = (level * 4).floor()  # timm: Posterize keeps int(4 level) bits, PosterizeIncreasing 4 - that
         bits = torch.where(drew("PosterizeIncreasing"), 4 - bits, bits).clamp_min(1)  # 0 bits -> 1 (safe_posterize)
