@@ -1,16 +1,10 @@
-"""Datasets for training and evaluation.
+"""Datasets for training and evaluation, leaning on timm's readers (tars, Hugging Face datasets).
 
-We lean on timm for everything it already does (tar readers, Hugging Face datasets) and add only what our runs need
-on top:
-
-- `ImageDataset`: reads an ImageFolder directory (`mambaout.data.folders.FolderReader`: timm's layout, but each real
-  folder and file once, so a link loop cannot count one file many times) or timm's random-access readers (an
-  ImageFolder packed in a `.tar`, a Hugging Face dataset as `hfds/NAME:SPLIT`), decodes every image as
-  `mambaout.data.image.load_image` does (any mode to RGB, EXIF-rotated), and skips unreadable files, naming them:
-  training substitutes the next readable image to keep batches full (counted, and each named in a warning),
-  evaluation leaves them out (`loaders.collate_readable`) so a metric counts each readable image exactly once;
+- `ImageDataset`: an ImageFolder directory (`folders.FolderReader`: each real folder and file once) or timm's
+  random-access readers (a `.tar` of one, `hfds/NAME:SPLIT`), decoded by `image.load_image`; unreadable files are
+  named and skipped: training substitutes the next readable image, evaluation leaves them out;
 - `DigitsDataset`: scikit-learn's 8x8 digits upscaled to RGB, the embedded default that needs no download;
-- streamed sets (`wds/`, `hfids/`) are built here too, by `create_dataset`, from `mambaout.data.streaming`.
+- streamed sets (`wds/`, `hfids/`) are built by `create_dataset` too, from `mambaout.data.streaming`.
 """
 
 from __future__ import annotations
@@ -45,11 +39,10 @@ MAX_CONSECUTIVE_BAD = 50
 class ImageDataset(Dataset):
     """Labelled images of a folder, a tar or a Hugging Face dataset; unreadable files are skipped, counted and named.
 
-    With `substitute` (training) an unreadable file is replaced by the next readable image, which keeps batches
-    full: `__getitem__` returns `(image, target, n_skipped)`, the loader sums `n_skipped` so each epoch reports how
-    many it met (even in worker processes), and each is named in a warning. Without it (evaluation) an unreadable
-    sample is `(None, -1, file name)`; `collate_readable` leaves it out of the batch and names it, so a metric counts
-    each readable image exactly once.
+    `__getitem__` returns `(image, target, n_skipped)`: with `substitute` (training) an unreadable file is named in
+    a warning and replaced by the next readable image, and the loader sums `n_skipped` for the epoch's report.
+    Without it (evaluation) an unreadable sample is `(None, -1, file name)`, which `collate_readable` leaves out and
+    names, so a metric counts each readable image exactly once.
 
     Args:
         root: An ImageFolder directory (`root/<class>/<image>`) or a `.tar` file holding one.
@@ -116,7 +109,11 @@ class ImageDataset(Dataset):
 
             def build():
                 arrays = PackedBytes.pack([self._read(i) for i in range(self._n)])
-                arrays["targets"] = np.array([t for _, t in self._read_targets()], dtype=np.int64)
+                # the folder and tar readers keep (file, target) pairs in `samples`, others the labels in `targets`
+                targets = getattr(self.reader, "targets", None)
+                if targets is None:
+                    targets = [t for _, t in self.reader.samples]
+                arrays["targets"] = np.array(targets, dtype=np.int64)
                 return arrays
 
             stamp = os.stat(self.root).st_mtime_ns if os.path.exists(self.root) else 0
@@ -129,6 +126,11 @@ class ImageDataset(Dataset):
     def _open(self, index: int):
         """(file object, target) of a sample. A folder entry that is a FIFO, socket or device is never opened (a FIFO
         would block the read forever): it raises OSError, and the sample is skipped and named like a corrupt one."""
+        if self._bytes is not None:
+            data = self._bytes[index]
+            if data is None:
+                raise OSError("unreadable file")
+            return io.BytesIO(data), self.target(index)
         if isinstance(self.reader, FolderReader):
             path = self.reader.samples[index][0]
             kind = special_kind(path)
@@ -138,18 +140,10 @@ class ImageDataset(Dataset):
 
     def _read(self, index: int) -> bytes | None:
         try:
-            f, _ = self._open(index)
-            data = f.read()
+            return self._open(index)[0].read()
         except OSError as e:
             logger.warning("cannot read sample %d of %s: %s", index, printable(self.root), printable(e))
             return None
-        return data
-
-    def _read_targets(self):
-        # timm's folder reader keeps (path, target) pairs in `samples`, its tar reader the labels in `targets`
-        targets = getattr(self.reader, "targets", None)
-        for i in range(self._n):
-            yield i, int(targets[i] if targets is not None else self.reader.samples[i][1])
 
     def __len__(self) -> int:
         return self._n
@@ -162,15 +156,8 @@ class ImageDataset(Dataset):
         for skipped in range(MAX_CONSECUTIVE_BAD if self.substitute else 1):
             i = (index + skipped) % n
             try:
-                if self._bytes is not None:
-                    data = self._bytes[i]
-                    if data is None:
-                        raise OSError("unreadable file")
-                    img = load_image(io.BytesIO(data))
-                    target = self.target(i)
-                else:
-                    f, target = self._open(i)
-                    img = load_image(f)
+                f, target = self._open(i)
+                img = load_image(f)
             except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
                 # PIL raises OSError for truncated data, UnidentifiedImageError (an OSError) for non-images,
                 # SyntaxError/ValueError from a few broken headers; load_image a ValueError over the pixel budget.
@@ -217,11 +204,8 @@ def _reader(name: str, root: str | None, split: str, class_map: dict[str, int] |
 
 
 class DigitsDataset(Dataset):
-    """scikit-learn's handwritten digits (1,797 8x8 images, 10 classes), upscaled to `size` px RGB.
-
-    Shipped with scikit-learn, so the default `mambaout train` needs no download. A fixed stratified split
-    keeps 20% of the images (360) as the held-out set.
-    """
+    """scikit-learn's handwritten digits (1,797 8x8 images, 10 classes), upscaled to `size` px RGB: the default
+    `mambaout train` needs no download. A fixed stratified split keeps 20% of the images (360) as the held-out set."""
 
     def __init__(self, split: str = "train", size: int = 32, transform=None, holdout: float = 0.2):
         from sklearn.datasets import load_digits
@@ -283,15 +267,10 @@ def create_dataset(
 
 def imagenet_class_map(classes: Sequence[str]) -> dict[str, int] | None:
     """Synset folder names -> ImageNet-1k indices (for evaluating 1000-class weights on an ImageNet subset)."""
-    try:
-        from timm.data import ImageNetInfo
-    except ImportError:  # pragma: no cover - older timm
-        return None
-    synsets = ImageNetInfo().label_names()
-    index = {s: i for i, s in enumerate(synsets)}
-    if not classes or not all(c in index for c in classes):
-        return None
-    return {c: index[c] for c in classes}
+    from timm.data import ImageNetInfo
+
+    index = {s: i for i, s in enumerate(ImageNetInfo().label_names())}
+    return {c: index[c] for c in classes} if classes and all(c in index for c in classes) else None
 
 
 def folder_classes(path: str) -> list[str]:
@@ -302,5 +281,4 @@ def folder_classes(path: str) -> list[str]:
         if not len(reader):
             raise ValueError(f"no images found in {path}; expected one sub-folder per class holding image files")
         return list(reader.class_to_idx)
-    ds = ImageDataset(path)
-    return ds.classes
+    return ImageDataset(path).classes

@@ -1,23 +1,18 @@
 """ImageFolder directories read once per real folder and file: links followed, loops and duplicates not.
 
-timm's folder reader walks with `os.walk(followlinks=True)`: a link back to a parent (`ant/up -> ..`) is walked
-again and again until the path is too long, and one file on disk is counted dozens of times; a folder it may not
-read (permission denied) is left out without a word. `FolderReader` keeps timm's layout rules (the leaf folder's
-name is the class, classes in natural sort order, timm's image suffixes) but lists each real folder and each real
-file once:
+timm's folder reader (`os.walk(followlinks=True)`) walks a link back to a parent again and again, counts one file
+many times, and leaves out a folder it may not read without a word. `FolderReader` keeps timm's layout rules (the
+leaf folder's name is the class, natural sort order, timm's image suffixes) but:
 
-- a linked folder is read unless its target was already read (by real path): a loop, or a second name for a
-  folder, is skipped and named in one warning. Real folders are read before linked ones, so the images of a folder
-  reached both ways keep the class of their real place;
-- a file reached twice (two links to it) is counted once, the others named in one warning;
-- a folder that cannot be listed is an error naming it (permission denied), never a class that silently vanishes.
-
-`mambaout predict` lists folders through `pathlib`'s `rglob`, which follows no folder link at all, so on a loop both
-see each file once.
+- reads a linked folder unless its real path was already read (a loop, or a second name for a folder, is skipped
+  and named in one warning); real folders come first, so images reached both ways keep their real place's class;
+- counts a file reached twice (two links to it) once, the others named in one warning;
+- raises for a folder that cannot be listed (permission denied), naming it.
 """
 
 from __future__ import annotations
 
+import copy
 import errno
 import logging
 import os
@@ -30,6 +25,10 @@ from mambaout.utils.text import printable
 logger = logging.getLogger("mambaout")
 
 _SHOWN = 3  # skipped paths named in a warning; the rest counted
+_SKIPPED = (  # what the warnings say of the linked folders and of the duplicate files left out
+    "linked folder(s) lead to a folder already read (a loop or a second name for it), not read again",
+    "file(s) are links to an image already listed, counted once",
+)
 
 
 def _listing_error(folder: str, e: OSError, root: str) -> ValueError:
@@ -50,15 +49,10 @@ def _named(paths: list[str], root: str) -> str:
     return shown + (f" (+{len(paths) - _SHOWN} more)" if len(paths) > _SHOWN else "")
 
 
-def scan_image_folder(root: str, report: bool = True) -> tuple[list[tuple[str, str]], list[str], list[str]]:
-    """(path, class name) of every image file under `root`, each real file once; and the linked folders and
-    duplicate files skipped.
-
-    The class of a file is the name of the folder holding it (timm's `leaf_name_only`; '' at the top). Files keep
-    the path they were reached by, so names in messages are the ones the user sees in the tree.
-
-    Args:
-        report: Say the skipped folders and files in a warning.
+def scan_image_folder(root: str, report: bool = True) -> list[tuple[str, str]]:
+    """(path, class name) of every image file under `root`, each real file once, by the path it was reached by; the
+    class is the name of the folder holding it (timm's `leaf_name_only`; '' at the top). `report` warns about the
+    linked folders and files skipped.
 
     Raises:
         ValueError: a folder that cannot be listed (permission denied, a link loop the kernel refuses), named.
@@ -110,38 +104,24 @@ def scan_image_folder(root: str, report: bool = True) -> tuple[list[tuple[str, s
     keep = set(kept.values())
     found = [(p, label) for i, (p, label, _, _) in enumerate(listed) if i in keep]
     duplicates = [p for i, (p, _, _, _) in enumerate(listed) if i not in keep]
-    if report and skipped_dirs:
-        logger.warning(
-            "%s: %d linked folder(s) lead to a folder already read (a loop or a second name for it), not read "
-            "again: %s",
-            printable(root),
-            len(skipped_dirs),
-            _named(skipped_dirs, root),
-        )
-    if report and duplicates:
-        logger.warning(
-            "%s: %d file(s) are links to an image already listed, counted once: %s",
-            printable(root),
-            len(duplicates),
-            _named(duplicates, root),
-        )
-    return found, skipped_dirs, duplicates
+    for paths, what in zip((skipped_dirs, duplicates), _SKIPPED):
+        if report and paths:
+            logger.warning("%s: %d %s: %s", printable(root), len(paths), what, _named(paths, root))
+    return found
 
 
 class FolderReader:
     """An ImageFolder directory as timm's reader interface (`samples`, `class_to_idx`, `reader[i]` -> (file,
-    target), `_filename`), listed by `scan_image_folder`: every real file once, unreadable folders named.
+    target), `_filename`), listed by `scan_image_folder`.
 
     Args:
-        root: The folder holding one sub-folder per class.
-        class_map: Class name -> label to use (a validation set takes the training set's); files of other classes
-            are left out (the caller says so first, see `ImageDataset`). Default: sorted folder names.
-        report: Warn about the linked folders and duplicate files left out.
+        class_map: Class name -> label (a validation set takes the training set's); files of other classes are left
+            out (the caller says so first, see `ImageDataset`). Default: sorted folder names.
     """
 
     def __init__(self, root: str, class_map: dict[str, int] | None = None, report: bool = True):
         self.root = root
-        self.found, self.skipped_dirs, self.duplicates = scan_image_folder(root, report)
+        self.found = scan_image_folder(root, report)
         self._label(class_map)
 
     def _label(self, class_map: dict[str, int] | None) -> None:
@@ -154,9 +134,7 @@ class FolderReader:
 
     def with_class_map(self, class_map: dict[str, int]) -> FolderReader:
         """The same listing labelled by `class_map` (no second walk, no second warning)."""
-        other = object.__new__(FolderReader)
-        other.root, other.found = self.root, self.found
-        other.skipped_dirs, other.duplicates = self.skipped_dirs, self.duplicates
+        other = copy.copy(self)
         other._label(class_map)
         return other
 
@@ -167,26 +145,20 @@ class FolderReader:
         path, target = self.samples[index]
         return open(path, "rb"), target
 
-    def _filename(self, index: int, basename: bool = False, absolute: bool = False) -> str:
-        path = self.samples[index][0]
-        if basename:
-            return os.path.basename(path)
-        return path if absolute else os.path.relpath(path, self.root)
+    def _filename(self, index: int) -> str:
+        return os.path.relpath(self.samples[index][0], self.root)
 
 
 def unreadable_folder(paths) -> str | None:
-    """The first of `paths` that is a folder this process may not list, as a one-line reason; None if none is.
-
-    For commands that list folders through `pathlib` (which passes over a folder it may not read without a word),
-    to say why nothing was found."""
+    """The first of `paths` that is a folder this process may not list, as a one-line reason; None if none is (for
+    commands that list through `pathlib`, which passes over such a folder without a word)."""
     for p in map(str, paths):
-        if not os.path.isdir(p):
-            continue
         try:
-            with os.scandir(p) as it:
-                next(it, None)
-        except PermissionError:
-            return f"permission denied reading folder {p}; make it readable (chmod -R u+rX) or pass another folder"
+            if os.path.isdir(p):
+                with os.scandir(p) as it:
+                    next(it, None)
+        except PermissionError as e:
+            return str(_listing_error(p, e, p))
         except OSError:
-            continue
+            pass
     return None

@@ -1,21 +1,14 @@
 """The training augmentation on the device: batched, with every random choice drawn per sample.
 
-The CPU pipeline (`mambaout.data.build_train_transform`: timm's transforms on PIL images in worker processes) is
-the definition; this module re-implements the same recipe as tensor ops so that one GPU can augment faster than
-it trains. Each op below names the PIL/timm op it reproduces, and `tests/test_gpu_aug.py` holds them equal on the
-same image at the same magnitude (within interpolation rounding).
+The CPU pipeline (`mambaout.data.build_train_transform`: timm on PIL images) is the definition; each op here names
+the PIL/timm op it reproduces, and `tests/test_gpu_aug.py` holds them equal on the same image and magnitude.
+Images are float32 `[B, 3, H, W]` holding integers 0..255 until normalisation, rounded where PIL rounds its uint8
+images, so LUT ops see the same levels as on the CPU. No op reads a device tensor on the host: per-sample choices
+are masks and parameters, samples that did not draw an op get its identity parameters (an identity LUT, a blend
+factor of 1, an identity affine matrix), so the pipeline never waits on the GPU.
 
-Images travel as float32 tensors `[B, 3, H, W]` holding integer values 0..255 until normalisation: every op that
-PIL computes on uint8 rounds (or truncates) exactly where PIL does, so LUT ops (posterize, solarize, equalize, ...)
-see the same integers as on the CPU.
-
-No op reads a device tensor on the host: per-sample choices are masks and per-sample parameters, and ops of one
-family run as one batched pass with identity parameters for the samples that did not draw them (an identity LUT,
-a blend factor of 1, an identity affine matrix), so the pipeline never waits on the GPU.
-
-Pipeline (`GpuAugment`): random resized crop (scale/ratio, random bilinear/bicubic) + horizontal flip as one
-per-sample resampling matrix pair; RandAugment (`rand-mM-nN-mstdS-incI-mmaxX-pP`); normalisation; random erasing
-(`pixel` mode). Mixup/CutMix stay timm's `Mixup`, which already works on device tensors.
+Pipeline (`GpuAugment`): random resized crop + horizontal flip as one per-sample resampling matrix pair; RandAugment
+(`rand-mM-nN-mstdS-incI-mmaxX-pP`); normalisation; random erasing (`pixel` mode). Mixup/CutMix stay timm's `Mixup`.
 """
 
 from __future__ import annotations
@@ -34,36 +27,21 @@ from mambaout.data.transforms import AugmentConfig
 
 @functools.lru_cache(maxsize=256)
 def const(values: tuple, device: torch.device) -> torch.Tensor:
-    """A small constant tensor on `device`, made once: `torch.tensor(..., device='cuda')` is a blocking copy that
-    waits for the GPU's queue, a host sync per call."""
+    """A small constant tensor on `device`, made once (each `torch.tensor(..., device='cuda')` is a host sync)."""
     return torch.tensor(values, device=device)
 
 
 # --- RandAugment policy ----------------------------------------------------------------------------------------------
 
 # timm's op lists for `rand-...` (inc0) and `rand-...-inc1`, in timm's order (the op index is drawn uniformly)
-RAND_OPS = (
-    "AutoContrast",
-    "Equalize",
-    "Invert",
-    "Rotate",
-    "Posterize",
-    "Solarize",
-    "SolarizeAdd",
-    "Color",
-    "Contrast",
-    "Brightness",
-    "Sharpness",
-    "ShearX",
-    "ShearY",
-    "TranslateXRel",
-    "TranslateYRel",
+RAND_OPS = tuple(
+    "AutoContrast Equalize Invert Rotate Posterize Solarize SolarizeAdd Color Contrast Brightness Sharpness ShearX "
+    "ShearY TranslateXRel TranslateYRel".split()
 )
 _INCREASING = {"Posterize", "Solarize", "Color", "Contrast", "Brightness", "Sharpness"}
 RAND_OPS_INCREASING = tuple(f"{op}Increasing" if op in _INCREASING else op for op in RAND_OPS)
-# ops that are a per-channel lookup table of the image's own levels
+# ops that are a per-channel lookup table of the image's own levels (and their Increasing variants)
 LUT_OPS = ("AutoContrast", "Equalize", "Invert", "Posterize", "Solarize", "SolarizeAdd", "Contrast", "Brightness")
-LUT_OPS += tuple(f"{op}Increasing" for op in ("Posterize", "Solarize", "Contrast", "Brightness"))
 LEVEL_DENOM = 10.0  # magnitude M maps to the fraction M / 10 of each op's range
 
 
@@ -80,6 +58,17 @@ class RandAugmentSpec:
     magnitude_max: float = LEVEL_DENOM
 
 
+# section of a `rand-...` string -> (RandAugmentSpec field, parser of its value)
+_RAND_SECTIONS = {
+    "m": ("magnitude", lambda v: float(int(v))),
+    "n": ("num_layers", int),
+    "p": ("prob", float),
+    "mstd": ("magnitude_std", lambda v: math.inf if float(v) > 100 else float(v)),
+    "mmax": ("magnitude_max", lambda v: float(int(v))),
+    "inc": ("ops", lambda v: RAND_OPS_INCREASING if int(v) else RAND_OPS),
+}
+
+
 def parse_rand_augment(spec: str) -> RandAugmentSpec:
     """`rand-m9-mstd0.5-inc1` -> RandAugmentSpec. Raises ValueError for other policies (AutoAugment, AugMix)."""
     parts = spec.split("-")
@@ -88,26 +77,15 @@ def parse_rand_augment(spec: str) -> RandAugmentSpec:
             f"the gpu data pipeline implements RandAugment ('rand-...'), not {spec!r}; "
             "use --data-pipeline cpu for AutoAugment/AugMix policies"
         )
-    kw: dict = dict(magnitude=10.0, num_layers=2, prob=0.5, magnitude_std=0.0, magnitude_max=LEVEL_DENOM)
-    increasing = False
+    kw: dict = dict(ops=RAND_OPS)
     for part in parts[1:]:
         match = re.fullmatch(r"([a-z]+)([\d.]+)", part)
         key, val = match.groups() if match else (part, "")
-        if key == "m":
-            kw["magnitude"] = float(int(val))
-        elif key == "n":
-            kw["num_layers"] = int(val)
-        elif key == "p":
-            kw["prob"] = float(val)
-        elif key == "mstd":
-            kw["magnitude_std"] = math.inf if float(val) > 100 else float(val)
-        elif key == "mmax":
-            kw["magnitude_max"] = float(int(val))
-        elif key == "inc":
-            increasing = bool(int(val))
-        else:
+        if key not in _RAND_SECTIONS:
             raise ValueError(f"unsupported RandAugment section {part!r} in {spec!r} (known: m, n, p, mstd, mmax, inc)")
-    return RandAugmentSpec(ops=RAND_OPS_INCREASING if increasing else RAND_OPS, **kw)
+        field, parse = _RAND_SECTIONS[key]
+        kw[field] = parse(val)
+    return RandAugmentSpec(**kw)
 
 
 # --- resampling (random resized crop) --------------------------------------------------------------------------------
@@ -125,14 +103,9 @@ def _cubic(d: torch.Tensor, a: float = -0.5) -> torch.Tensor:  # PIL's bicubic f
 
 
 def resample_weights(start: torch.Tensor, length: torch.Tensor, out_size: int, in_size: int, bicubic: torch.Tensor):
-    """Per-sample 1-D resampling matrices `[B, out_size, in_size]` that crop `[start, start + length)` and resize it
-    to `out_size` the way PIL's `Image.resize` does after `crop` (antialiased: the filter widens by the
-    downscaling factor; normalised over the pixels inside the crop).
-
-    Args:
-        start, length: `[B]` crop offsets and lengths in input pixels.
-        bicubic: `[B]` bool, bicubic (PIL's a = -0.5 cubic) where True, bilinear elsewhere.
-    """
+    """Per-sample 1-D matrices `[B, out_size, in_size]` that crop `[start, start + length)` (`[B]` each, in input
+    pixels) and resize it to `out_size` as PIL's `crop` + `resize` do: antialiased (the filter widens by the
+    downscaling factor), normalised over the pixels inside the crop, bicubic (a = -0.5) where `bicubic` `[B]`."""
     start, length = start.float()[:, None, None], length.float()[:, None, None]
     scale = length / out_size  # input pixels per output pixel
     stretch = scale.clamp_min(1.0)  # downscaling widens the filter (antialiasing)
@@ -150,17 +123,13 @@ def _round8(x: torch.Tensor) -> torch.Tensor:
 
 
 def resized_crop(images: torch.Tensor, boxes: torch.Tensor, size: tuple[int, int], bicubic, flip=None):
-    """Crop each image to its box and resize it to `size` (PIL semantics), optionally mirrored.
+    """Crop each image to its box and resize it to `size` (out_h, out_w) as PIL does, optionally mirrored; returns
+    `[B, C, out_h, out_w]` rounded to integers, like PIL's uint8 output.
 
     Args:
         images: `[B, C, H, W]` 0..255 values (may be a padded canvas: boxes never reach the padding).
         boxes: `[B, 4]` (top, left, height, width) in pixels.
-        size: (out_h, out_w).
-        bicubic: `[B]` bool, per-sample interpolation.
-        flip: `[B]` bool, mirror horizontally (folded into the resampling matrix: free).
-
-    Returns:
-        `[B, C, out_h, out_w]` rounded to integers, like PIL's uint8 output.
+        bicubic, flip: `[B]` bool, per-sample interpolation and horizontal mirror (folded into the matrix: free).
     """
     _, _, h, w = images.shape
     wy = resample_weights(boxes[:, 0], boxes[:, 2], size[0], h, bicubic)  # [B, out_h, H]
@@ -172,27 +141,28 @@ def resized_crop(images: torch.Tensor, boxes: torch.Tensor, size: tuple[int, int
     return _round8(wy[:, None] @ x)  # [B, C, out_h, out_w]
 
 
-def random_resized_crop_boxes(sizes: torch.Tensor, scale, ratio, attempts: int = 10) -> torch.Tensor:
-    """timm's `RandomResizedCropAndInterpolation.get_params` for a batch: `[B, 2]` (h, w) -> `[B, 4]` boxes.
-
-    Up to `attempts` draws of (area fraction in `scale`, log-uniform aspect in `ratio`); the first that fits is
-    kept, else the centre crop clamped to `ratio`. All attempts are drawn at once (no host sync).
-    """
-    b, dev = sizes.shape[0], sizes.device
-    h, w = sizes[:, 0:1].float(), sizes[:, 1:2].float()  # [B, 1]
-    area = h * w
-    target = area * torch.empty(b, attempts, device=dev).uniform_(scale[0], scale[1])
-    log_r = torch.empty(b, attempts, device=dev).uniform_(math.log(ratio[0]), math.log(ratio[1]))
-    aspect = log_r.exp()
-    tw = (target * aspect).sqrt().round()
-    th = (target / aspect).sqrt().round()
-    ok = (tw <= w) & (th <= h)  # [B, attempts]
+def _first_fit(target: torch.Tensor, ratio, h, w, strict: bool = False):
+    """timm's box search, every attempt drawn at once (no host sync): boxes of area `target` `[B, attempts]` and
+    log-uniform aspect w/h in `ratio`; the first that fits in (h, w) (`strict`: smaller than it) is kept. Returns
+    found, top, left, height, width, each `[B, 1]` (the last attempt's box where none fits)."""
+    (b, attempts), dev = target.shape, target.device
+    aspect = torch.empty_like(target).uniform_(math.log(ratio[0]), math.log(ratio[1])).exp()
+    bw, bh = (target * aspect).sqrt().round(), (target / aspect).sqrt().round()
+    ok = (bw < w) & (bh < h) if strict else (bw <= w) & (bh <= h)  # [B, attempts]
     first = torch.where(ok, torch.arange(attempts, device=dev), attempts).amin(1, keepdim=True)  # [B, 1]
-    found = first < attempts
-    first = first.clamp_max(attempts - 1)
-    th, tw = th.gather(1, first), tw.gather(1, first)
-    top = (torch.rand(b, 1, device=dev) * (h - th + 1)).floor()
-    left = (torch.rand(b, 1, device=dev) * (w - tw + 1)).floor()
+    found, first = first < attempts, first.clamp_max(attempts - 1)
+    bh, bw = bh.gather(1, first), bw.gather(1, first)
+    top = (torch.rand(b, 1, device=dev) * (h - bh + 1)).floor()
+    left = (torch.rand(b, 1, device=dev) * (w - bw + 1)).floor()
+    return found, top, left, bh, bw
+
+
+def random_resized_crop_boxes(sizes: torch.Tensor, scale, ratio, attempts: int = 10) -> torch.Tensor:
+    """timm's `RandomResizedCropAndInterpolation.get_params` for a batch: `[B, 2]` (h, w) -> `[B, 4]` boxes, the
+    first of `attempts` draws (area fraction in `scale`, aspect in `ratio`) that fits, else the centre crop."""
+    h, w = sizes[:, 0:1].float(), sizes[:, 1:2].float()  # [B, 1]
+    target = h * w * torch.empty(sizes.shape[0], attempts, device=sizes.device).uniform_(scale[0], scale[1])
+    found, top, left, th, tw = _first_fit(target, ratio, h, w)
     # fallback: the whole image, clamped to the ratio range, centred
     in_ratio = w / h
     fw = torch.where(in_ratio > max(ratio), (h * max(ratio)).round(), w)
@@ -220,62 +190,34 @@ def _blend(degenerate: torch.Tensor, x: torch.Tensor, factor: torch.Tensor) -> t
     return (degenerate + f * (x - degenerate)).clamp(0, 255).floor()
 
 
-def apply_lut(x: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
-    """Per-sample, per-channel lookup: `lut` `[B, C, 256]`."""
+def histogram_lut(x: torch.Tensor, auto: torch.Tensor) -> torch.Tensor:
+    """Per-channel LUTs `[B, C, 256]` from each image's histogram: `ImageOps.autocontrast` where `auto` `[B]` (each
+    channel's [min, max] stretched to [0, 255]), else `ImageOps.equalize` (PIL's cumulative-histogram LUT); the
+    identity for one-level channels."""
+    idx = x.long().flatten(2)  # [B, C, H * W]
+    hist = torch.zeros(*x.shape[:2], 256, device=x.device).scatter_add_(2, idx, torch.ones_like(idx, dtype=x.dtype))
+    levels = torch.arange(256, device=x.device).float()
+    lo = torch.where(hist > 0, levels, 256.0).amin(-1, keepdim=True)  # the lowest and highest level present
+    hi = torch.where(hist > 0, levels, -1.0).amax(-1, keepdim=True)
+    stretch = ((levels - lo) * (255.0 / (hi - lo).clamp_min(1))).floor().clamp(0, 255)
+    step = ((hist.sum(-1, keepdim=True) - hist.gather(-1, hi.long().clamp_min(0))) / 255).floor()
+    equal = ((step / 2).floor() + hist.cumsum(-1) - hist).div(step.clamp_min(1)).floor().clamp(0, 255)
+    return torch.where(auto[:, None, None], torch.where(hi > lo, stretch, levels), torch.where(step > 0, equal, levels))
+
+
+def warp_affine(x: torch.Tensor, matrix: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
+    """PIL's bilinear `Image.transform(AFFINE, (a, b, c, d, e, f), fillcolor=fill)`, `matrix` `[B, 6]`: output pixel
+    centre (x, y) reads the input at (a x + b y + c, d x + e y + f), interpolated (edge pixels repeat near the
+    border), or `fill` `[C]` outside the image."""
     b, c, h, w = x.shape
-    idx = x.long().view(b, c, h * w)
-    return lut.gather(2, idx).view(b, c, h, w)
-
-
-def histogram(x: torch.Tensor) -> torch.Tensor:
-    """`[B, C, 256]` pixel counts per channel."""
-    b, c, h, w = x.shape
-    idx = x.long().view(b, c, h * w)
-    return torch.zeros(b, c, 256, device=x.device).scatter_add_(2, idx, torch.ones_like(idx, dtype=torch.float))
-
-
-def lut_autocontrast(hist: torch.Tensor) -> torch.Tensor:
-    """`ImageOps.autocontrast`: stretch each channel's [min, max] to [0, 255] (identity when flat)."""
-    levels = torch.arange(256, device=hist.device).float()
-    present = hist > 0
-    lo = torch.where(present, levels, 256.0).amin(-1, keepdim=True)
-    hi = torch.where(present, levels, -1.0).amax(-1, keepdim=True)
-    scale = 255.0 / (hi - lo).clamp_min(1)
-    lut = ((levels - lo) * scale).floor().clamp(0, 255)
-    return torch.where(hi > lo, lut, levels)
-
-
-def lut_equalize(hist: torch.Tensor) -> torch.Tensor:
-    """`ImageOps.equalize`: PIL's cumulative-histogram LUT per channel (identity for one-level channels)."""
-    levels = torch.arange(256, device=hist.device).float()
-    total = hist.sum(-1, keepdim=True)
-    last = torch.where(hist > 0, levels, -1.0).amax(-1, keepdim=True)  # the highest level present
-    step = ((total - hist.gather(-1, last.long().clamp_min(0))) / 255).floor()
-    before = hist.cumsum(-1) - hist
-    lut = ((step / 2).floor() + before).div(step.clamp_min(1)).floor().clamp(0, 255)
-    return torch.where(step > 0, lut, levels)
-
-
-def affine_grid_pil(matrix: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """Sampling grid for PIL's `Image.transform(AFFINE, (a, b, c, d, e, f))`: output pixel centre (x, y) reads the
-    input at (a x + b y + c, d x + e y + f). `matrix` `[B, 6]` -> grid `[B, H, W, 2]` in grid_sample units."""
-    ys = torch.arange(h, device=matrix.device).float() + 0.5
-    xs = torch.arange(w, device=matrix.device).float() + 0.5
+    ys = torch.arange(h, device=x.device).float() + 0.5
+    xs = torch.arange(w, device=x.device).float() + 0.5
     yy, xx = torch.meshgrid(ys, xs, indexing="ij")  # [H, W]
     m = matrix[:, :, None, None]
     u = m[:, 0] * xx + m[:, 1] * yy + m[:, 2]  # [B, H, W] input x (pixel-edge units)
     v = m[:, 3] * xx + m[:, 4] * yy + m[:, 5]
-    return torch.stack([u / w * 2 - 1, v / h * 2 - 1], -1)
-
-
-def warp_affine(x: torch.Tensor, matrix: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
-    """PIL's bilinear AFFINE transform with `fillcolor`: a point inside the image interpolates (edge pixels repeat
-    near the border), a point outside it takes `fill` `[C]`."""
-    b, c, h, w = x.shape
-    grid = affine_grid_pil(matrix, h, w)
+    grid = torch.stack([u / w * 2 - 1, v / h * 2 - 1], -1)  # [B, H, W, 2] in grid_sample units
     out = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    u = (grid[..., 0] + 1) * w / 2  # back to pixel-edge units
-    v = (grid[..., 1] + 1) * h / 2
     inside = ((u >= 0) & (u < w) & (v >= 0) & (v < h))[:, None]
     return _round8(torch.where(inside, out, fill.view(1, c, 1, 1)))
 
@@ -291,10 +233,8 @@ def rotate_matrix(degrees: torch.Tensor, h: int, w: int) -> torch.Tensor:
 
 
 def smooth(x: torch.Tensor) -> torch.Tensor:
-    """`ImageFilter.SMOOTH` (3x3 kernel [1 1 1; 1 5 1; 1 1 1] / 13), border pixels kept, as PIL's 3x3 filter.
-
-    The kernel is a 3x3 box plus 4x the centre; the box is two separable sums of shifted slices (a grouped conv2d
-    is several times slower on CPU)."""
+    """`ImageFilter.SMOOTH` (3x3 kernel [1 1 1; 1 5 1; 1 1 1] / 13), border pixels kept, as PIL's 3x3 filter: a box
+    of separable shifted-slice sums (a grouped conv2d is several times slower on CPU) plus 4x the centre."""
     rows = x[:, :, :-2] + x[:, :, 1:-1] + x[:, :, 2:]  # [B, C, H-2, W]
     box = rows[..., :-2] + rows[..., 1:-1] + rows[..., 2:]  # [B, C, H-2, W-2]
     out = x.clone()
@@ -303,9 +243,8 @@ def smooth(x: torch.Tensor) -> torch.Tensor:
 
 
 class RandAugmentGpu:
-    """timm's RandAugment, batched: each sample draws `num_layers` ops (uniformly, with replacement), each applied
-    with probability `prob` at a magnitude drawn per application (normal around `magnitude`, clipped to
-    [0, magnitude_max]) and, for signed ops, a random sign.
+    """timm's RandAugment, batched: each sample draws `spec.num_layers` ops (uniformly, with replacement), each
+    applied with probability `prob` at a magnitude drawn per application and, for signed ops, a random sign.
 
     Args:
         spec: A `RandAugmentSpec` or a `rand-...` string.
@@ -341,11 +280,11 @@ class RandAugmentGpu:
         b, c, h, w = x.shape
         level = mag / LEVEL_DENOM
 
-        def drew(*which):
+        def drew(*which):  # [B] bool: the sample drew one of `which` or (for a plain name) its Increasing variant
             sel = torch.zeros_like(op, dtype=torch.bool)
-            for name in which:
-                if name in names:
-                    sel |= op == names.index(name)
+            for k, name in enumerate(names):
+                if name in which or name.removesuffix("Increasing") in which:
+                    sel |= op == k
             return sel
 
         # Enhance factors (PIL ImageEnhance.*.enhance(factor)); 1.0 is the identity
@@ -354,66 +293,54 @@ class RandAugmentGpu:
             (1.0 + sign * level * 0.9).clamp_min(0.1),  # timm: ..Increasing, 1 +- 0.9 level, kept >= 0.1
             level * 1.8 + 0.1,  # timm: plain Color/Contrast/..., 0.1 .. 1.9
         )
-        ones = torch.ones_like(mag)
 
         # 1. ops that are a per-channel lookup table (one gather for all of them)
         levels = torch.arange(256, device=x.device).float().expand(b, c, 256)
         lut = levels.contiguous()
         if any(n in names for n in ("AutoContrast", "Equalize")):
             auto = drew("AutoContrast")
-
-            def from_histogram(luts, i):
-                hist = histogram(x[i])
-                return torch.where(auto[i][:, None, None], lut_autocontrast(hist), lut_equalize(hist))
-
-            lut = only_where(auto | drew("Equalize"), lut, from_histogram)
+            lut = only_where(auto | drew("Equalize"), lut, lambda _, i: histogram_lut(x[i], auto[i]))
         lut = torch.where(drew("Invert")[:, None, None], 255 - levels, lut)
         bits = (level * 4).floor()  # timm: Posterize keeps int(4 level) bits, PosterizeIncreasing 4 - that
         bits = torch.where(drew("PosterizeIncreasing"), 4 - bits, bits).clamp_min(1)  # 0 bits -> 1 (safe_posterize)
         q = (2 ** (8 - bits))[:, None, None]
-        lut = torch.where(drew("Posterize", "PosterizeIncreasing")[:, None, None], (levels / q).floor() * q, lut)
+        lut = torch.where(drew("Posterize")[:, None, None], (levels / q).floor() * q, lut)
         thresh = (level * 256).floor().clamp_max(256)  # timm: Solarize threshold int(256 level), ..Increasing 256 -
         thresh = torch.where(drew("SolarizeIncreasing"), 256 - thresh, thresh)[:, None, None]
-        lut = torch.where(drew("Solarize", "SolarizeIncreasing")[:, None, None] & (levels >= thresh), 255 - levels, lut)
+        lut = torch.where(drew("Solarize")[:, None, None] & (levels >= thresh), 255 - levels, lut)
         add = (level * 110).floor().clamp_max(128)[:, None, None]  # timm: SolarizeAdd adds int(110 level) below 128
         lut = torch.where(drew("SolarizeAdd")[:, None, None] & (levels < 128), (levels + add).clamp_max(255), lut)
         f = enhance[:, None, None]
-        lut = torch.where(
-            drew("Brightness", "BrightnessIncreasing")[:, None, None], (f * levels).clamp(0, 255).floor(), lut
-        )
-        contrast = drew("Contrast", "ContrastIncreasing")
+        lut = torch.where(drew("Brightness")[:, None, None], (f * levels).clamp(0, 255).floor(), lut)
 
-        def contrast_lut(luts, i):
+        def contrast_lut(_, i):
             mean = (_gray(x[i]).mean((1, 2, 3)) + 0.5).floor()[:, None, None]  # PIL: int(mean of L + 0.5)
             return (mean + f[i] * (levels[i] - mean)).clamp(0, 255).floor()
 
-        lut = only_where(contrast, lut, contrast_lut)
-        lut_op = drew(*(n for n in names if n in LUT_OPS))
-        x = only_where(lut_op, x, lambda xs, i: apply_lut(xs, lut[i]))
+        lut = only_where(drew("Contrast"), lut, contrast_lut)
+        x = only_where(drew(*LUT_OPS), x, lambda xs, i: lut[i].gather(2, xs.long().flatten(2)).view_as(xs))
 
         # 2. Color: blend with the grey image
-        color = drew("Color", "ColorIncreasing")
-        x = only_where(color, x, lambda xs, i: _blend(_gray(xs).expand_as(xs), xs, enhance[i]))
+        x = only_where(drew("Color"), x, lambda xs, i: _blend(_gray(xs).expand_as(xs), xs, enhance[i]))
 
         # 3. Sharpness: blend with the smoothed image
-        sharp = drew("Sharpness", "SharpnessIncreasing")
-        x = only_where(sharp, x, lambda xs, i: _blend(smooth(xs), xs, enhance[i]))
+        x = only_where(drew("Sharpness"), x, lambda xs, i: _blend(smooth(xs), xs, enhance[i]))
 
         # 4. geometry: one affine warp per sample
-        eye = const((1.0, 0.0, 0.0, 0.0, 1.0, 0.0), x.device).expand(b, 6)
-        matrix = torch.where(drew("Rotate")[:, None], rotate_matrix(sign * level * 30, h, w), eye)
-        shear = sign * level * 0.3  # timm: +-0.3 level
-        zero = torch.zeros_like(shear)
-        matrix = torch.where(drew("ShearX")[:, None], torch.stack([ones, shear, zero, zero, ones, zero], 1), matrix)
-        matrix = torch.where(drew("ShearY")[:, None], torch.stack([ones, zero, zero, shear, ones, zero], 1), matrix)
-        shift = sign * level * 0.45  # timm: TranslateXRel/YRel, +-0.45 level of the width/height
-        tx = torch.stack([ones, zero, shift * w, zero, ones, zero], 1)
-        ty = torch.stack([ones, zero, zero, zero, ones, shift * h], 1)
-        matrix = torch.where(drew("TranslateXRel")[:, None], tx, matrix)
-        matrix = torch.where(drew("TranslateYRel")[:, None], ty, matrix)
-        geo = drew("Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")
+        shear, shift = sign * level * 0.3, sign * level * 0.45  # timm: +-0.3 level, +-0.45 level of the width/height
+        one, zero = torch.ones_like(mag), torch.zeros_like(mag)
+        warps = {
+            "Rotate": rotate_matrix(sign * level * 30, h, w),
+            "ShearX": torch.stack([one, shear, zero, zero, one, zero], 1),
+            "ShearY": torch.stack([one, zero, zero, shear, one, zero], 1),
+            "TranslateXRel": torch.stack([one, zero, shift * w, zero, one, zero], 1),
+            "TranslateYRel": torch.stack([one, zero, zero, zero, one, shift * h], 1),
+        }
+        matrix = const((1.0, 0.0, 0.0, 0.0, 1.0, 0.0), x.device).expand(b, 6)
+        for name, m in warps.items():
+            matrix = torch.where(drew(name)[:, None], m, matrix)
         fill = const(self.fill, x.device)
-        return only_where(geo, x, lambda xs, i: warp_affine(xs, matrix[i], fill))
+        return only_where(drew(*warps), x, lambda xs, i: warp_affine(xs, matrix[i], fill))
 
 
 SUBSET_ON_CPU = True  # tests switch it off to run the GPU code path on CPU tensors
@@ -422,9 +349,8 @@ SUBSET_ON_CPU = True  # tests switch it off to run the GPU code path on CPU tens
 def only_where(sel: torch.Tensor, x: torch.Tensor, fn) -> torch.Tensor:
     """`fn(x[i], i)` for the samples where `sel` `[B]` is set; the others unchanged.
 
-    On a GPU `fn` runs on the whole batch and `torch.where` keeps the selected rows: picking the rows out would need
-    their count on the host, a sync per op. On the CPU that count is free, and computing only the selected rows
-    saves most of the work (each op is drawn by about 1/30 of the samples).
+    On a GPU `fn` runs on the whole batch and `torch.where` keeps the selected rows (picking them out would need
+    their count on the host, a sync per op); on the CPU only the selected rows (about 1/30 per op) are computed.
     """
     if x.device.type != "cpu" or not SUBSET_ON_CPU:
         return torch.where(sel.view(-1, *[1] * (x.ndim - 1)), fn(x, slice(None)), x)
@@ -439,30 +365,16 @@ def only_where(sel: torch.Tensor, x: torch.Tensor, fn) -> torch.Tensor:
 # --- normalisation and random erasing --------------------------------------------------------------------------------
 
 
-def random_erasing(
-    x: torch.Tensor,
-    prob: float,
-    area=(0.02, 1 / 3),
-    ratio=(0.3, 1 / 0.3),
-    attempts: int = 10,
-) -> torch.Tensor:
+def random_erasing(x: torch.Tensor, prob: float, area=(0.02, 1 / 3), ratio=(0.3, 1 / 0.3), attempts: int = 10):
     """timm's `RandomErasing(mode='pixel', count=1)` for a batch: with probability `prob` per sample, one box of
     `area` fraction and log-uniform aspect (first of `attempts` draws that fits) is filled with N(0, 1) noise."""
     b, _, h, w = x.shape
-    dev = x.device
-    target = torch.empty(b, attempts, device=dev).uniform_(*area) * (h * w)
-    aspect = torch.empty(b, attempts, device=dev).uniform_(math.log(ratio[0]), math.log(ratio[1])).exp()
-    eh = (target * aspect).sqrt().round()
-    ew = (target / aspect).sqrt().round()
-    ok = (ew < w) & (eh < h)
-    first = torch.where(ok, torch.arange(attempts, device=dev), attempts).amin(1, keepdim=True)
-    erase = (first[:, 0] < attempts) & (torch.rand(b, device=dev) < prob)
-    first = first.clamp_max(attempts - 1)
-    eh, ew = eh.gather(1, first), ew.gather(1, first)  # [B, 1]
-    top = (torch.rand(b, 1, device=dev) * (h - eh + 1)).floor()
-    left = (torch.rand(b, 1, device=dev) * (w - ew + 1)).floor()
-    ys = torch.arange(h, device=dev).float()[None, :, None]
-    xs = torch.arange(w, device=dev).float()[None, None, :]
+    target = torch.empty(b, attempts, device=x.device).uniform_(*area) * (h * w)
+    # timm's erasing draws the aspect as h/w, the crop as w/h: the inverted range gives erasing's distribution
+    found, top, left, eh, ew = _first_fit(target, (1 / ratio[1], 1 / ratio[0]), h, w, strict=True)
+    erase = found[:, 0] & (torch.rand(b, device=x.device) < prob)
+    ys = torch.arange(h, device=x.device).float()[None, :, None]
+    xs = torch.arange(w, device=x.device).float()[None, None, :]
 
     def erased(xb, i):
         t, l_, bh, bw = top[i, :, None], left[i, :, None], eh[i, :, None], ew[i, :, None]
@@ -474,12 +386,9 @@ def random_erasing(
 
 @dataclass
 class GpuAugment:
-    """The whole training augmentation of a recipe, on a batch of uint8 images already on the device.
-
-    Call with `images` `[B, C, H, W]` uint8 (a padded canvas) and `sizes` `[B, 2]` (each image's h, w); returns
-    normalised float32 `[B, C, img_size, img_size]`. `crop=False` skips the random resized crop and flip (images
-    already cropped, e.g. by CPU workers on a streamed data set).
-    """
+    """The whole training augmentation of a recipe on uint8 `images` `[B, C, H, W]` (a padded canvas; `sizes`
+    `[B, 2]` each image's h, w) already on the device -> normalised float32 `[B, C, img_size, img_size]`.
+    `crop=False` skips the random resized crop (images already cropped by CPU workers on a streamed data set)."""
 
     img_size: int
     scale: tuple[float, float] = (0.08, 1.0)
@@ -510,48 +419,30 @@ class GpuAugment:
                 "the gpu data pipeline has no colour jitter (timm applies it only without RandAugment): "
                 "set color_jitter: 0, use an auto_augment 'rand-...' policy, or --data-pipeline cpu"
             )
-        return cls(
-            img_size=aug.img_size,
-            scale=aug.scale,
-            ratio=aug.ratio,
-            hflip=aug.hflip,
-            interpolation=aug.train_interpolation,
-            auto_augment=aug.auto_augment,
-            mean=aug.mean,
-            std=aug.std,
-            reprob=aug.reprob,
-            crop=crop,
-        )
-
-    def crop_and_flip(self, images: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
-        b, dev = images.shape[0], images.device
-        boxes = random_resized_crop_boxes(sizes.to(dev), self.scale, self.ratio)
-        if self.interpolation == "random":
-            bicubic = torch.rand(b, device=dev) < 0.5
-        else:
-            bicubic = torch.full((b,), self.interpolation == "bicubic", device=dev)
-        flip = torch.rand(b, device=dev) < self.hflip
-        return resized_crop(images, boxes, (self.img_size, self.img_size), bicubic, flip)
+        fields = ("img_size", "scale", "ratio", "hflip", "auto_augment", "mean", "std", "reprob")
+        return cls(**{f: getattr(aug, f) for f in fields}, interpolation=aug.train_interpolation, crop=crop)
 
     def __call__(self, images: torch.Tensor, sizes: torch.Tensor | None = None) -> torch.Tensor:
+        b, dev = images.shape[0], images.device
         if self.crop:
-            if sizes is None:
-                sizes = const(tuple(images.shape[-2:]), images.device).expand(images.shape[0], 2)
-            x = self.crop_and_flip(images, sizes)
+            sizes = const(tuple(images.shape[-2:]), dev).expand(b, 2) if sizes is None else sizes.to(dev)
+            boxes = random_resized_crop_boxes(sizes, self.scale, self.ratio)
+            if self.interpolation == "random":
+                bicubic = torch.rand(b, device=dev) < 0.5
+            else:
+                bicubic = torch.full((b,), self.interpolation == "bicubic", device=dev)
+            flip = torch.rand(b, device=dev) < self.hflip
+            x = resized_crop(images, boxes, (self.img_size, self.img_size), bicubic, flip)
         else:  # already cropped (CPU workers): only the flip is left
-            x = images.float()
-            flip = (torch.rand(x.shape[0], device=x.device) < self.hflip).view(-1, 1, 1, 1)
+            x, flip = images.float(), (torch.rand(b, device=dev) < self.hflip).view(-1, 1, 1, 1)
             x = torch.where(flip, x.flip(-1), x)
         if self.rand_augment is not None:
             x = self.rand_augment(x)
         x = normalize(x, self.mean, self.std)
-        if self.reprob > 0:
-            x = random_erasing(x, self.reprob)
-        return x
+        return random_erasing(x, self.reprob) if self.reprob > 0 else x
 
 
 def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
     """0..255 values -> (x / 255 - mean) / std, as ToTensor + Normalize."""
-    m = const(tuple(mean), x.device).view(1, -1, 1, 1)
-    s = const(tuple(std), x.device).view(1, -1, 1, 1)
+    m, s = (const(tuple(v), x.device).view(1, -1, 1, 1) for v in (mean, std))
     return (x.float() / 255 - m) / s

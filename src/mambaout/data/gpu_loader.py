@@ -1,36 +1,32 @@
-"""The `gpu` data pipeline (`data_pipeline: gpu`): uint8 images to the device, augmentation there.
+"""The `gpu` data pipeline (`data_pipeline: gpu`): uint8 images to the device, `gpu_aug.GpuAugment` there.
 
-Two ways in, both ending in `mambaout.data.gpu_aug.GpuAugment` on the device:
+- `cache: true` (small sets such as Imagenette): every image is decoded once into one uint8 array
+  (`decode_images`), shared by the ranks of a machine (`shared_cache`) and, on a GPU, kept in its memory;
+  `DecodedTrainLoader` only gathers indices, and every augmentation step runs on the device.
+- otherwise (large sets, WebDataset shards): CPU workers decode and random-resize-crop to uint8 (the cheap part),
+  and `DeviceAugmentLoader` runs the rest on the device.
 
-- `cache: true` (small sets such as Imagenette): every image is decoded once, before the first epoch, into one
-  uint8 array (`decode_images`), shared by the ranks of a machine (`mambaout.data.shared_cache`) and, on a GPU, kept in
-  its memory. `DecodedTrainLoader` then only gathers indices: random resized crop, flip, RandAugment,
-  normalisation and random erasing all run on the device. Nothing is decoded again.
-- otherwise (large sets, WebDataset shards): CPU workers decode and random-resize-crop to the training size (PIL,
-  uint8: the cheap part), and `DeviceAugmentLoader` moves the uint8 batch to the device and runs the rest there.
-
-Validation images get the deterministic eval transform (resize, centre crop) once at decode time and are
-normalised on the device (`DecodedEvalLoader`).
+Validation images get the eval resize and centre crop at decode time and are normalised on the device.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
+from torchvision.transforms import Compose
 
 from mambaout.data.datasets import create_dataset
 from mambaout.data.gpu_aug import GpuAugment, normalize
-from mambaout.data.loaders import Loading, ResumableSampler, ShardSampler, eval_loader, train_loader
+from mambaout.data.loaders import EpochLoader, Loading, ResumableSampler, ShardSampler, eval_loader, train_loader
 from mambaout.data.shared_cache import cache_key, machine_shared
 from mambaout.data.transforms import AugmentConfig
 from mambaout.utils.interrupt import ignore_sigint
 
 logger = logging.getLogger("mambaout")
-
-PIPELINES = ("cpu", "gpu")
 
 
 def pil_to_uint8(img) -> np.ndarray:
@@ -38,15 +34,9 @@ def pil_to_uint8(img) -> np.ndarray:
     return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).copy()
 
 
-def _as_list(batch):
-    return batch
-
-
 def decode_images(dataset, transform=None, workers: int = 0, batch_size: int = 64) -> dict[str, np.ndarray]:
-    """Decode every image of `dataset` (an ImageDataset/DigitsDataset without transform) once.
-
-    Args:
-        transform: PIL -> PIL applied before storing (the eval resize/crop); None keeps the decoded size.
+    """Decode every image of `dataset` (an ImageDataset/DigitsDataset without transform) once, through `transform`
+    (PIL -> PIL, the eval resize/crop; None keeps the decoded size).
 
     Returns:
         `images` `[N, 3, Hmax, Wmax]` uint8 (each image top-left in a canvas as big as the largest one),
@@ -56,7 +46,7 @@ def decode_images(dataset, transform=None, workers: int = 0, batch_size: int = 6
     dataset.transform = (lambda im: pil_to_uint8(transform(im))) if transform is not None else pil_to_uint8
     try:
         loader = DataLoader(
-            dataset, batch_size=batch_size, num_workers=workers, collate_fn=_as_list, worker_init_fn=ignore_sigint
+            dataset, batch_size=batch_size, num_workers=workers, collate_fn=list, worker_init_fn=ignore_sigint
         )
         items = [item for batch in loader for item in batch]
     finally:
@@ -72,17 +62,12 @@ def decode_images(dataset, transform=None, workers: int = 0, batch_size: int = 6
 
 
 class DecodedImages:
-    """A decoded set as tensors: `images` uint8 `[N, 3, H, W]`, `sizes` `[N, 2]`, `targets` `[N]`.
-
-    Args:
-        device: Where batches are gathered from. On CUDA the whole set moves to the GPU when it is at most
-            `max_device_fraction` of the GPU's memory, else it stays in (pinned) host memory.
-    """
+    """A decoded set as tensors: `images` uint8 `[N, 3, H, W]`, `sizes` `[N, 2]`, `targets` `[N]`, batches on
+    `device`. On CUDA the images move to the GPU when they take at most `max_device_fraction` of its memory."""
 
     def __init__(self, arrays: dict[str, np.ndarray], classes, class_to_idx, device=None, max_device_fraction=0.25):
-        self.images = torch.from_numpy(np.asarray(arrays["images"]))
-        self.sizes = torch.from_numpy(np.asarray(arrays["sizes"]))
-        self.targets = torch.from_numpy(np.asarray(arrays["targets"]))
+        tensors = (torch.from_numpy(np.asarray(arrays[k])) for k in ("images", "sizes", "targets"))
+        self.images, self.sizes, self.targets = tensors
         self.skipped = int(arrays["skipped"][0])
         self.classes, self.class_to_idx = list(classes), dict(class_to_idx)
         device = torch.device(device or "cpu")
@@ -97,8 +82,7 @@ class DecodedImages:
 
     def batch(self, idx: torch.Tensor):
         """uint8 images `[B, 3, H, W]` and sizes on the device, targets on the device."""
-        src = self.images.device
-        images = self.images[idx.to(src, non_blocking=True)].to(self.device, non_blocking=True)
+        images = self.images[idx.to(self.images.device, non_blocking=True)].to(self.device, non_blocking=True)
         sizes = self.sizes[idx].to(self.device, non_blocking=True)
         return images, sizes, self.targets[idx].to(self.device, non_blocking=True)
 
@@ -108,35 +92,22 @@ def decoded_dataset(
 ) -> DecodedImages:
     """Decode `path` once per machine (local rank 0 decodes, every rank maps the result) into `DecodedImages`."""
     ds = create_dataset(path, None, class_to_idx, img_size=img_size)
-    # the key must be the same string on every rank: name the transform by its steps, not by its address
-    key = cache_key("decoded", path, repr(getattr(eval_transform, "steps", eval_transform)), len(ds))
+    # the key must be the same string on every rank: a Compose's repr names its steps, not its address
+    key = cache_key("decoded", path, repr(eval_transform), len(ds))
     arrays = machine_shared(key, lambda: decode_images(ds, eval_transform, workers))
     return DecodedImages(arrays, ds.classes, ds.class_to_idx, device)
 
 
-class DecodedTrainLoader:
-    """Training batches of a `DecodedImages`, augmented on its device: `(x, y, n_bad)` like the CPU loader.
-
-    The order comes from the same `ResumableSampler` as the CPU loader (`loader.sampler.set_epoch`, `.skip`), so
-    sharding over ranks and mid-epoch resume work unchanged.
-    """
+class DecodedTrainLoader(EpochLoader):
+    """Training batches `(x, y, n_bad)` of a `DecodedImages`, augmented on its device, in the order of the same
+    `ResumableSampler` as the CPU loader, so sharding over ranks and mid-epoch resume work unchanged."""
 
     def __init__(self, data: DecodedImages, augment: GpuAugment, batch_size: int, rank=0, world_size=1, seed=0):
         self.data, self.augment, self.batch_size = data, augment, batch_size
         self.sampler = ResumableSampler(
             data, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True
         )
-        if len(self) == 0:
-            raise ValueError(
-                f"the training set ({len(data)} images over {world_size} processes) is smaller than one batch of "
-                f"{batch_size}; lower --batch-size"
-            )
-
-    def set_epoch(self, epoch: int) -> None:
-        self.sampler.set_epoch(epoch)
-
-    def skip_samples(self, n: int) -> None:
-        self.sampler.skip = n
+        self._require_a_batch(len(data), world_size, batch_size)
 
     def __len__(self) -> int:
         return len(self.sampler) // self.batch_size
@@ -144,8 +115,8 @@ class DecodedTrainLoader:
     def __iter__(self):
         order = torch.tensor(list(self.sampler), dtype=torch.long)
         no_bad = torch.zeros(self.batch_size, dtype=torch.long)
-        for b in range(len(self)):
-            images, sizes, y = self.data.batch(order[b * self.batch_size : (b + 1) * self.batch_size])
+        for idx in order[: len(self) * self.batch_size].split(self.batch_size):
+            images, sizes, y = self.data.batch(idx)
             yield self.augment(images, sizes), y, no_bad
 
 
@@ -161,9 +132,7 @@ class DecodedEvalLoader:
         return -(-len(self.sampler) // self.batch_size)
 
     def __iter__(self):
-        order = torch.tensor(self.sampler.indices, dtype=torch.long)
-        for b in range(len(self)):
-            idx = order[b * self.batch_size : (b + 1) * self.batch_size]
+        for idx in torch.tensor(self.sampler.indices, dtype=torch.long).split(self.batch_size):
             images, _, y = self.data.batch(idx)
             yield normalize(images, self.mean, self.std), y, torch.zeros(len(idx), dtype=torch.long)
 
@@ -200,25 +169,12 @@ class DeviceAugmentLoader:
 
     def __iter__(self):
         for x, y, n_bad in self.loader:
-            x = x.to(self.device, non_blocking=True)
-            yield self.augment(x), y.to(self.device, non_blocking=True), n_bad
+            yield self.augment(x.to(self.device, non_blocking=True)), y.to(self.device, non_blocking=True), n_bad
 
 
-def pil_part(transform):
+def pil_part(transform) -> Compose:
     """The PIL steps of a torchvision Compose (everything before ToTensor): the eval resize and centre crop."""
-    steps = []
-    for t in transform.transforms:
-        if "ToTensor" in type(t).__name__:
-            break
-        steps.append(t)
-
-    def apply(img):
-        for t in steps:
-            img = t(img)
-        return img
-
-    apply.steps = steps
-    return apply
+    return Compose(list(itertools.takewhile(lambda t: "ToTensor" not in type(t).__name__, transform.transforms)))
 
 
 def gpu_loaders(
@@ -231,28 +187,24 @@ def gpu_loaders(
     device,
     eval_tf,
 ):
-    """(train set, val set or None, train loader, val loader or None) of the gpu pipeline, as `train` uses them.
-
-    With `loading.cache` both sets are decoded once into memory; otherwise CPU workers decode and crop per batch.
-    """
+    """(train set, val set or None, train loader, val loader or None) of the gpu pipeline, as `train` uses them:
+    with `loading.cache` both sets decoded once into memory, else CPU workers decode and crop per batch."""
     augment = GpuAugment.from_config(aug, crop=loading.cache)
-    bs, workers = loading.batch_size, loading.workers
+    bs, workers, val_set, val_loader = loading.batch_size, loading.workers, None, None
     if loading.cache:
         train_set = decoded_dataset(train, aug.img_size, device, workers=workers)
         if train_set.skipped:  # decoded once, so each epoch's summary cannot count them: say it here
             logger.warning("%d unreadable training images skipped while decoding", train_set.skipped)
         loader = DecodedTrainLoader(train_set, augment, bs, rank, world_size, loading.seed)
-        val_set = val_loader = None
         if val:
             val_set = decoded_dataset(val, aug.img_size, device, train_set.class_to_idx, pil_part(eval_tf), workers)
             val_loader = DecodedEvalLoader(val_set, loading.eval_batch_size, aug.mean, aug.std, rank, world_size)
-        return train_set, val_set, loader, val_loader
-    pin = torch.device(device).type == "cuda"
-    train_set = create_dataset(train, crop_transform(aug), img_size=aug.img_size)
-    cpu_loader = train_loader(train_set, bs, rank, world_size, loading.seed, workers, pin, loading.persistent_workers)
-    loader = DeviceAugmentLoader(cpu_loader, augment, device)
-    val_set = val_loader = None
-    if val:
-        val_set = create_dataset(val, eval_tf, train_set.class_to_idx, img_size=aug.img_size, substitute=False)
-        val_loader = eval_loader(val_set, loading.eval_batch_size, rank, world_size, workers, pin)
+    else:
+        pin = torch.device(device).type == "cuda"
+        train_set = create_dataset(train, crop_transform(aug), img_size=aug.img_size)
+        cpu = train_loader(train_set, bs, rank, world_size, loading.seed, workers, pin, loading.persistent_workers)
+        loader = DeviceAugmentLoader(cpu, augment, device)
+        if val:
+            val_set = create_dataset(val, eval_tf, train_set.class_to_idx, img_size=aug.img_size, substitute=False)
+            val_loader = eval_loader(val_set, loading.eval_batch_size, rank, world_size, workers, pin)
     return train_set, val_set, loader, val_loader

@@ -6,6 +6,7 @@ models (`mambaout.inference.export`) all go through here, so the same file gives
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
@@ -58,18 +59,14 @@ def load_image(source) -> Image.Image:
             if img.format == "JPEG":
                 _check_jpeg_size(img, fp, name)
             img.load()  # decode now, so a truncated file fails here and not inside the transform
-        except ValueError:
-            raise
         except Image.DecompressionBombError as e:  # PIL's own check (2 x MAX_IMAGE_PIXELS) fires inside open()
             raise ValueError(
                 f"{name} is over the decode budget of {max_pixels() / 1e6:.0f} Mpx ({e}); downscale it"
             ) from e
         except (UnidentifiedImageError, OSError, SyntaxError) as e:
             raise ValueError(f"cannot read {name} as an image ({type(e).__name__}: {e})") from e
-    try:
+    with contextlib.suppress(Exception):  # a broken EXIF block must not lose an otherwise good image
         img = ImageOps.exif_transpose(img)
-    except Exception:  # a broken EXIF block must not lose an otherwise good image
-        pass
     return to_rgb(img)
 
 
@@ -80,9 +77,15 @@ _JPEG_MAX_PIXELS_PER_BYTE = 1024
 
 
 def _check_jpeg_size(img: Image.Image, fp, name: str) -> None:
-    size = _byte_size(fp)
-    pixels = img.size[0] * img.size[1]
-    if size and pixels > _JPEG_MAX_PIXELS_PER_BYTE * size:
+    try:  # the size in bytes of a path or a seekable binary file
+        if isinstance(fp, (str, os.PathLike)):
+            size = os.path.getsize(fp)
+        else:
+            pos, size = fp.tell(), fp.seek(0, io.SEEK_END)
+            fp.seek(pos)
+    except (OSError, AttributeError, ValueError):
+        return  # cannot be told
+    if size and img.size[0] * img.size[1] > _JPEG_MAX_PIXELS_PER_BYTE * size:
         logger.warning(
             "%s claims %d x %d pixels in its header but holds only %d bytes, too few to fill them: it is truncated "
             "or forged, and decodes mostly as grey filler",
@@ -90,19 +93,6 @@ def _check_jpeg_size(img: Image.Image, fp, name: str) -> None:
             *img.size,
             size,
         )
-
-
-def _byte_size(fp) -> int | None:
-    """The size in bytes of a path or a seekable binary file (None when it cannot be told)."""
-    try:
-        if isinstance(fp, (str, os.PathLike)):
-            return os.path.getsize(fp)
-        pos = fp.tell()
-        end = fp.seek(0, io.SEEK_END)
-        fp.seek(pos)
-        return end
-    except (OSError, AttributeError, ValueError):
-        return None
 
 
 def _name(source) -> str:
@@ -137,12 +127,8 @@ def to_rgb(img: Image.Image) -> Image.Image:
 @dataclass(frozen=True)
 class EvalSettings:
     """How a model's inputs are prepared for evaluation: timm's eval transform (resize to `side / crop_pct`, centre
-    crop or squash, normalise). One type for what checkpoints record (`eval_config`), what training writes, what
-    export stores, and what validate, predict and the demo apply.
-
-    Built from a `pretrained_cfg` or a checkpoint's `eval_config` with `from_dict`, which checks every field
-    against the bounds in `mambaout.utils.limits`.
-    """
+    crop or squash, normalise). One type for what checkpoints record (`eval_config`), training writes, export
+    stores, and validate, predict and the demo apply; `from_dict` checks every field (`mambaout.utils.limits`)."""
 
     input_size: tuple = (3, 224, 224)
     crop_pct: float = 1.0
@@ -155,10 +141,7 @@ class EvalSettings:
     def from_dict(cls, cfg: dict, source: str = "eval_config") -> EvalSettings:
         """The settings among `cfg`'s keys (others ignored; missing ones take the defaults), checked."""
         check_eval_config(cfg, source)
-        known = {k: cfg[k] for k in EVAL_KEYS if k in cfg}
-        for key in ("input_size", "mean", "std"):
-            if key in known:
-                known[key] = tuple(known[key])
+        known = {k: tuple(cfg[k]) if k in ("input_size", "mean", "std") else cfg[k] for k in EVAL_KEYS if k in cfg}
         return cls(**known)
 
     def to_dict(self) -> dict:

@@ -1,9 +1,5 @@
 """Samplers and loaders: sharded over ranks, resumable mid-epoch, and counting each evaluation image once.
 
-- `ResumableSampler`: the epoch's usual shuffled permutation, started after the samples a resumed run has seen;
-- `ShardSampler`: evaluation shards without the padding DistributedSampler adds, so metrics count each image once;
-- streamed data sets get `streaming.StreamLoader` instead of a DataLoader.
-
 Every training loader (`ShuffledLoader` here, `streaming.StreamLoader`, and the gpu pipeline's
 `DecodedTrainLoader` / `DeviceAugmentLoader`) keeps one small contract, `EpochLoader`: `len()` in batches,
 iteration, `set_epoch(epoch)` before each epoch and `skip_samples(n)` to start the next epoch after `n` of this
@@ -13,30 +9,35 @@ rank's samples (mid-epoch resume).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, Sampler, default_collate
 from torch.utils.data.distributed import DistributedSampler
 
 from mambaout.data.streaming import IterableImages, StreamLoader
 from mambaout.utils.interrupt import ignore_sigint
 
 
-@runtime_checkable
-class EpochLoader(Protocol):
-    """What the trainer asks of a training loader."""
+class EpochLoader:
+    """What the trainer asks of a training loader; this base implements the epoch methods for a loader whose
+    `sampler` is a `ResumableSampler`. The order is a function of (seed, epoch, rank) only."""
 
-    def __len__(self) -> int: ...
-
-    def __iter__(self): ...
+    sampler: ResumableSampler
 
     def set_epoch(self, epoch: int) -> None:
-        """Reshuffle (or reshard) for `epoch`; the order is a function of (seed, epoch, rank) only."""
+        self.sampler.set_epoch(epoch)
 
     def skip_samples(self, n: int) -> None:
         """Start the next iteration after `n` of this rank's samples of the epoch (mid-epoch resume)."""
+        self.sampler.skip = n
+
+    def _require_a_batch(self, images: int, world_size: int, batch_size: int) -> None:
+        if len(self) == 0:
+            raise ValueError(
+                f"the training set ({images} images over {world_size} processes) is smaller than one batch of "
+                f"{batch_size}; lower --batch-size"
+            )
 
 
 @dataclass(frozen=True)
@@ -65,10 +66,8 @@ class ShardSampler(Sampler):
 
 
 class ResumableSampler(DistributedSampler):
-    """DistributedSampler that can start an epoch part-way, after `skip` of this rank's samples (mid-epoch resume).
-
-    The epoch's order is the same permutation as ever (seeded by seed + epoch); only its head is left out.
-    """
+    """DistributedSampler that can start an epoch part-way, after `skip` of this rank's samples (mid-epoch resume):
+    the epoch's order is the same permutation as ever (seeded by seed + epoch); only its head is left out."""
 
     skip = 0
 
@@ -107,11 +106,10 @@ def train_loader(
     if isinstance(dataset, IterableImages):
         dataset.training, dataset.rank, dataset.world_size, dataset.seed = True, rank, world_size, seed
         return StreamLoader(dataset, batch_size, workers, pin, drop_last=True)
-    sampler = ResumableSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
-    loader = DataLoader(
+    loader = ShuffledLoader(
         dataset,
         batch_size=batch_size,
-        sampler=sampler,
+        sampler=ResumableSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True),
         num_workers=workers,
         drop_last=True,
         pin_memory=pin,
@@ -119,47 +117,20 @@ def train_loader(
         persistent_workers=persistent and workers > 0,
         collate_fn=collate_fn,
     )
-    if len(loader) == 0:
-        raise ValueError(
-            f"the training set ({len(dataset)} images over {world_size} processes) is smaller than one batch of "
-            f"{batch_size}; lower --batch-size"
-        )
-    return ShuffledLoader(loader, sampler)
+    loader._require_a_batch(len(dataset), world_size, batch_size)
+    return loader
 
 
-class ShuffledLoader:
+class ShuffledLoader(EpochLoader, DataLoader):
     """A DataLoader over a map-style set with its `ResumableSampler`, keeping the `EpochLoader` contract."""
-
-    def __init__(self, loader: DataLoader, sampler: ResumableSampler):
-        self.loader, self.sampler, self.dataset = loader, sampler, loader.dataset
-
-    def set_epoch(self, epoch: int) -> None:
-        self.sampler.set_epoch(epoch)
-
-    def skip_samples(self, n: int) -> None:
-        self.sampler.skip = n
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def __iter__(self):
-        return iter(self.loader)
 
 
 def collate_readable(batch):
-    """Collate `(image or None, target, skipped)` samples into `(images or None, targets or None, skipped names)`.
-
-    Samples whose image is None (unreadable, from a dataset that does not substitute) are left out of the batch
-    and only named, so an evaluation counts each readable image once.
-    """
-    from torch.utils.data import default_collate
-
+    """Collate `(image or None, target, skipped)` samples into `(images or None, targets or None, skipped names)`:
+    unreadable samples (image None) are left out and named, so an evaluation counts each readable image once."""
     good = [(x, y) for x, y, _ in batch if x is not None]
     names = [name for x, _, name in batch if x is None]
-    if not good:
-        return None, None, names
-    x, y = default_collate(good)
-    return x, y, names
+    return (*default_collate(good), names) if good else (None, None, names)
 
 
 def eval_loader(dataset, batch_size: int, rank: int = 0, world_size: int = 1, workers: int = 0, pin: bool = False):

@@ -1,9 +1,6 @@
-"""One copy of cached data per machine, not per rank.
-
-With `cache: true` every training process used to hold the whole data set in its own RAM (8 GPUs: 8 copies).
-Here local rank 0 builds the arrays once and writes them to one file in shared memory (`/dev/shm`); every rank on
-the machine maps that file, so the operating system keeps one copy in its page cache for all of them. The file is
-unlinked as soon as everyone has mapped it, so nothing is left behind even if the run crashes later.
+"""One copy of cached data per machine, not per rank: local rank 0 builds the arrays once and writes them to one
+file in shared memory (`/dev/shm`) that every rank of the machine maps, so the page cache holds one copy for all.
+The file is unlinked as soon as everyone has mapped it, so nothing is left behind even if the run crashes later.
 """
 
 from __future__ import annotations
@@ -68,10 +65,8 @@ def map_arrays(path: Path) -> dict[str, np.ndarray]:
 
 
 def machine_shared(key: str, build: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """`build()` on local rank 0 only; every rank of the machine gets memory maps of that one result.
-
-    A single process (no process group) just builds and keeps the arrays. All ranks must call this together.
-    """
+    """`build()` on local rank 0 only; every rank of the machine gets memory maps of that one result (a single
+    process just builds and keeps the arrays). All ranks must call this together."""
     if not dist.is_initialized():
         return build()
     local_rank = dist.detect().local_rank
@@ -89,8 +84,8 @@ def machine_shared(key: str, build: Callable[[], dict[str, np.ndarray]]) -> dict
 class PackedBytes:
     """A list of `bytes | None` stored as one uint8 buffer plus offsets (what the shared cache holds)."""
 
-    def __init__(self, data: np.ndarray, offsets: np.ndarray):
-        self.data, self.offsets = data, offsets  # offsets [N + 1]; a negative length marks a missing item
+    def __init__(self, data: np.ndarray, offsets: np.ndarray, missing: np.ndarray):
+        self.data, self.offsets, self.missing = data, offsets, missing  # offsets [N + 1], missing [N] bool
 
     @classmethod
     def pack(cls, items: list[bytes | None]) -> dict[str, np.ndarray]:
@@ -102,14 +97,10 @@ class PackedBytes:
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray]) -> PackedBytes:
-        packed = cls(arrays["data"], arrays["offsets"])
-        packed.missing = arrays["missing"]
-        return packed
+        return cls(arrays["data"], arrays["offsets"], arrays["missing"])
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
 
     def __getitem__(self, i: int) -> bytes | None:
-        if self.missing[i]:
-            return None
-        return self.data[self.offsets[i] : self.offsets[i + 1]].tobytes()
+        return None if self.missing[i] else self.data[self.offsets[i] : self.offsets[i + 1]].tobytes()

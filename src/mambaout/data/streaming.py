@@ -1,18 +1,14 @@
-"""Streamed (iterable) data sets: WebDataset tar shards and Hugging Face streaming datasets (`hfids/`).
+"""Streamed (iterable) data sets, read in order rather than by index, so `IterableImages` and not `ImageDataset`:
 
-Both are read in order, not by index, so they go through `IterableImages` instead of `ImageDataset`:
+- `wds/PATTERN`: WebDataset shards (`wds//data/imagenet/train-{000000..001023}.tar`), read with `tarfile`. A sample
+  is the members sharing one key: the image (`.jpg`, `.jpeg`, `.png`, `.webp`) and its label (`.cls`, an integer
+  as text); an optional `classes.txt` beside the shards names the classes in label order. `write_shards` writes
+  them (as does the `webdataset` package's `ShardWriter`).
+- `hfids/NAME[:SPLIT]`: timm's streaming Hugging Face reader (needs the `datasets` package).
 
-- `wds/PATTERN`: WebDataset shards, e.g. `wds//data/imagenet/train-{000000..001023}.tar`. A sample is the tar
-  members sharing one key: the image (`.jpg`, `.jpeg`, `.png`, `.webp`) and its label (`.cls`, an integer as
-  text). An optional `classes.txt` beside the shards names the classes, one per line, in label order. Written with
-  the `webdataset` package's `ShardWriter`, or by `write_shards` here. The standard library's `tarfile` reads them,
-  so no extra package is needed.
-- `hfids/NAME[:SPLIT]`: timm's streaming Hugging Face reader (needs the `datasets` package); timm's reader is
-  iterable only, which is why `ImageDataset` (random access) cannot take it.
-
-Sharding: shards are split over (rank x loader worker) when there are at least as many shards as readers, so
-each shard is read once per epoch; with fewer shards every reader scans all of them and keeps every n-th sample.
-Training shuffles the shard order per epoch and samples through a buffer (`shuffle_buffer`).
+Shards are split over (rank x loader worker) when there are at least as many shards as readers, so each is read
+once per epoch; with fewer, every reader scans all of them and keeps every n-th sample. Training shuffles the
+shard order per epoch and samples through a buffer (`shuffle_buffer`).
 """
 
 from __future__ import annotations
@@ -21,6 +17,7 @@ import glob
 import io
 import itertools
 import logging
+import math
 import os
 import random
 import re
@@ -37,12 +34,8 @@ logger = logging.getLogger("mambaout")
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 ITERABLE_PREFIXES = ("wds/", "hfids/")
-
-
 # Shards one pattern may name. ImageNet-1k in WebDataset form is ~1,300 shards of ~100 MB; LAION-5B ~230,000.
 MAX_SHARDS = 1_000_000
-
-
 _RANGE = re.compile(r"\{(\d+)\.\.(\d+)\}")
 
 
@@ -51,22 +44,14 @@ def expand_urls(pattern: str) -> list[str]:
     `::`-separated lists and globs -> the sorted list of shard paths.
 
     Raises:
-        ValueError: the brace ranges name more than `MAX_SHARDS` shards (checked before any list is built), or a
-            range runs backwards.
+        ValueError: the ranges name more than `MAX_SHARDS` shards (checked before any list is built) or run backwards.
         FileNotFoundError: a shard that is not there.
     """
     parts = [(part, list(_RANGE.finditer(part))) for part in pattern.split("::")]
-    total = 0
-    for _, ranges in parts:
-        if not ranges:
-            continue
-        count = 1
-        for m in ranges:
-            lo, hi = int(m.group(1)), int(m.group(2))
-            if hi < lo:
-                raise ValueError(f"WebDataset pattern {pattern!r}: the range {m.group(0)} runs backwards")
-            count *= hi - lo + 1
-        total += count
+    for m in (m for _, ranges in parts for m in ranges):
+        if int(m.group(2)) < int(m.group(1)):
+            raise ValueError(f"WebDataset pattern {pattern!r}: the range {m.group(0)} runs backwards")
+    total = sum(math.prod(int(m.group(2)) - int(m.group(1)) + 1 for m in ranges) for _, ranges in parts if ranges)
     if total > MAX_SHARDS:
         raise ValueError(
             f"WebDataset pattern {pattern!r} names {total:,} shards, more than the {MAX_SHARDS:,} one data set may "
@@ -75,7 +60,7 @@ def expand_urls(pattern: str) -> list[str]:
     out = []
     for part, ranges in parts:
         if ranges:
-            out += _expand_ranges(part, ranges)
+            out += _expand_ranges(part)
         elif any(c in part for c in "*?["):
             out += sorted(glob.glob(part))
         elif os.path.isdir(part):
@@ -90,41 +75,27 @@ def expand_urls(pattern: str) -> list[str]:
     return out
 
 
-def _expand_ranges(part: str, ranges: list[re.Match]) -> list[str]:
+def _expand_ranges(part: str) -> list[str]:
     """Every name of `part` with its brace ranges filled in, the last range varying fastest (as brace expansion
     in a shell); each number zero-padded to the width of its range's first bound."""
-    pieces, texts, last = [], [], 0
-    for m in ranges:
-        texts.append(part[last : m.start()])
-        lo, hi, width = int(m.group(1)), int(m.group(2)), len(m.group(1))
-        pieces.append([str(i).zfill(width) for i in range(lo, hi + 1)])
-        last = m.end()
-    tail = part[last:]
-    return ["".join(t + n for t, n in zip(texts, numbers)) + tail for numbers in itertools.product(*pieces)]
-
-
-def _members(tar):
-    """(key, extension, member) of each file of a tar opened for streaming, in order. A sample is the run of members
-    sharing a key: the path up to the first dot of the file name (`dir/s0001.seg.png`: key `dir/s0001`, extension
-    `seg.png`)."""
-    for member in tar:
-        if member.isfile():
-            key, _, ext = os.path.basename(member.name).partition(".")
-            yield os.path.join(os.path.dirname(member.name), key), ext.lower(), member
+    bits = _RANGE.split(part)  # text, lo, hi, text, lo, hi, ..., text
+    numbers = [[str(i).zfill(len(lo)) for i in range(int(lo), int(hi) + 1)] for lo, hi in zip(bits[1::3], bits[2::3])]
+    return ["".join(t + n for t, n in zip(bits[::3], combo)) + bits[-1] for combo in itertools.product(*numbers)]
 
 
 def _grouped(path: str, read):
-    """(key, {extension: read(tar, member, extension)}) of each sample of one shard, in order."""
-    current, parts = None, {}
+    """(key, {extension: read(tar, member, extension)}) of each sample of one shard, in order. A sample is the run of
+    files sharing a key: the path up to the first dot of the file name (`dir/s0001.seg.png`: key `dir/s0001`,
+    extension `seg.png`)."""
+
+    def split(member):
+        key, _, ext = os.path.basename(member.name).partition(".")
+        return os.path.join(os.path.dirname(member.name), key), ext.lower(), member
+
     with tarfile.open(path, "r|*") as tar:  # streaming mode: sequential reads only
-        for key, ext, member in _members(tar):
-            if key != current:
-                if current is not None:
-                    yield current, parts
-                current, parts = key, {}
-            parts[ext] = read(tar, member, ext)
-    if current is not None:
-        yield current, parts
+        files = (split(member) for member in tar if member.isfile())
+        for key, group in itertools.groupby(files, key=lambda f: f[0]):
+            yield key, {ext: read(tar, member, ext) for _, ext, member in group}
 
 
 def iter_shard(path: str):
@@ -158,11 +129,8 @@ def parse_label(data: bytes, shard: str, key: str, num_classes: int | None = Non
 
 def count_samples(shards: list[str], num_classes: int | None = None) -> tuple[int, int]:
     """(complete samples, highest label) in the shards, reading only the headers and the small `.cls` members; every
-    label is checked (`parse_label`).
-
-    A sample without a `.cls` label, or a label without an image, cannot be used: those are counted per shard and
-    said in one warning line naming the shard, or, when no sample is complete, in one ValueError line.
-    """
+    label is checked (`parse_label`). Samples without a label or an image are counted per shard and said in one
+    warning line naming the shard, or, when no sample is complete, in one ValueError line."""
 
     def read(tar, member, ext):
         return tar.extractfile(member).read(65) if ext == "cls" else None
@@ -173,10 +141,9 @@ def count_samples(shards: list[str], num_classes: int | None = None) -> tuple[in
         no_label = no_image = total = 0
         for key, parts in _grouped(path, read):
             total += 1
-            has_image = any(e in parts for e in IMAGE_EXTS)
             if "cls" not in parts:
                 no_label += 1
-            elif not has_image:
+            elif not any(e in parts for e in IMAGE_EXTS):
                 no_image += 1
             else:
                 n += 1
@@ -185,15 +152,10 @@ def count_samples(shards: list[str], num_classes: int | None = None) -> tuple[in
             incomplete.append((path, no_label, no_image, total))
     if incomplete:
         path, no_label, no_image, total = incomplete[0]
-        what = []
-        if no_label:
-            what.append(f"{no_label} of its {total} samples carry no .cls label")
-        if no_image:
-            what.append(f"{no_image} have a .cls label but no image ({', '.join(IMAGE_EXTS)})")
-        more = ""
-        if len(incomplete) > 1:
-            rest = sum(a + b for _, a, b, _ in incomplete[1:])
-            more = f" (and {len(incomplete) - 1} more shard(s) with {rest} such samples)"
+        what = [f"{no_label} of its {total} samples carry no .cls label"] if no_label else []
+        what += [f"{no_image} have a .cls label but no image ({', '.join(IMAGE_EXTS)})"] if no_image else []
+        rest = sum(a + b for _, a, b, _ in incomplete[1:])
+        more = f" (and {len(incomplete) - 1} more shard(s) with {rest} such samples)" if len(incomplete) > 1 else ""
         line = f"WebDataset shard {path}: {' and '.join(what)}{more}"
         if n == 0:
             raise ValueError(
@@ -290,16 +252,10 @@ class IterableImages(IterableDataset):
         shards = list(self.shards)
         if self.training:
             random.Random(self.seed + self.epoch).shuffle(shards)
-        if len(shards) >= slots:
-            mine, keep = shards[slot::slots], None
-        else:
-            mine, keep = shards, slot
-        i = 0
-        for path in mine:
-            for _, data, label in iter_shard(path):
-                if keep is None or i % slots == keep:
-                    yield io.BytesIO(data), label
-                i += 1
+        mine, keep = (shards[slot::slots], None) if len(shards) >= slots else (shards, slot)
+        for i, (_, data, label) in enumerate(s for path in mine for s in iter_shard(path)):
+            if keep is None or i % slots == keep:
+                yield io.BytesIO(data), label
 
     def _decoded(self):
         for src, label in self._samples():

@@ -1,11 +1,7 @@
-"""The training augmentation: its settings (`AugmentConfig`), timm's `create_transform` with them, and the Posterize
-fix.
-
-The CPU transform here and the GPU augmentation (`mambaout.data.gpu_aug.GpuAugment.from_config`) read the same
-`AugmentConfig`, so one recipe means the same augmentation on either pipeline.
-
-timm 1.0.31's `inc1` RandAugment can ask Pillow for 0 posterize bits, which Pillow >= 13 rejects with a
-`ValueError` mid-epoch; `build_train_transform` swaps in `safe_posterize`, which clamps to 1 bit.
+"""The training augmentation: its settings (`AugmentConfig`, read by this CPU transform and by
+`gpu_aug.GpuAugment.from_config` alike), timm's `create_transform` with them, and the Posterize fix: timm 1.0.31's
+`inc1` RandAugment can ask Pillow for 0 posterize bits, which Pillow >= 13 rejects mid-epoch; `safe_posterize`
+clamps to 1 bit.
 """
 
 from __future__ import annotations
@@ -74,31 +70,22 @@ class AugmentConfig:
 def safe_posterize(img: Image.Image, bits_to_keep: int, **__) -> Image.Image:
     """Posterize that accepts RandAugment's full magnitude range: 0 bits (rejected by Pillow >= 13) becomes 1."""
     bits = int(bits_to_keep)
-    if bits >= 8:
-        return img
-    return ImageOps.posterize(img, max(1, bits))
+    return img if bits >= 8 else ImageOps.posterize(img, max(1, bits))
 
 
 def fix_posterize(transform) -> int:
-    """Swap `safe_posterize` into every Posterize op of the RandAugment/AutoAugment inside `transform`.
-
-    Returns:
-        How many ops were patched (0 when the transform has no auto-augmentation).
-    """
-    patched = 0
-    stack = [transform]
+    """Swap `safe_posterize` into every Posterize op of the RandAugment/AutoAugment inside `transform`; returns how
+    many ops were patched (0 when the transform has no auto-augmentation)."""
+    patched, stack = 0, [transform]
     while stack:
         t = stack.pop()
         stack.extend(getattr(t, "transforms", []) or [])
-        for op in getattr(t, "ops", []) or []:
+        # RandAugment holds a list of ops, AutoAugment a list of sub-policies of ops
+        ops = list(getattr(t, "ops", []) or []) + [op for sub in getattr(t, "policy", []) or [] for op in sub]
+        for op in ops:
             if "Posterize" in getattr(op, "name", ""):
                 op.aug_fn = safe_posterize
                 patched += 1
-        for sub in getattr(t, "policy", []) or []:  # AutoAugment: a list of sub-policies of ops
-            for op in sub:
-                if "Posterize" in getattr(op, "name", ""):
-                    op.aug_fn = safe_posterize
-                    patched += 1
     return patched
 
 
