@@ -82,27 +82,29 @@ def build_pair(name: str, device: torch.device, channels_last: bool = False, **k
     return ref.to(device, memory_format=fmt), ours.to(device, memory_format=fmt)
 
 
-def make_step(model, mode: str, x: torch.Tensor, dtype: str, lr: float = 1e-4):
-    """A zero-argument callable running one inference forward or one training step (forward, loss, backward, AdamW)."""
+def make_step(model, mode: str, x: torch.Tensor, dtype: str, context=contextlib.nullcontext):
+    """A zero-argument callable running one inference forward or one training step (forward, loss, backward, AdamW),
+    inside `context()` (a `mambaout.kernels` mode)."""
     autocast = _autocast(x.device, dtype)
     if mode == "infer":
         model.eval()
 
         def infer():
-            with torch.inference_mode(), autocast:
+            with context(), torch.inference_mode(), autocast:
                 return model(x)
 
         return infer
     model.train()
     target = torch.randint(0, model.num_classes, (x.shape[0],), device=x.device, generator=None)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, fused=x.device.type == "cuda")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=x.device.type == "cuda")
 
     def train():
-        with autocast:
-            loss = F.cross_entropy(model(x), target)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        with context():
+            with autocast:
+                loss = F.cross_entropy(model(x), target)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
         return loss
 
     return train
@@ -190,7 +192,7 @@ def benchmark_model(
         impls["ours-fused"] = (copy.deepcopy(ours), kernels.fused_kernels)
     steps = {}
     for key, (m, context) in impls.items():
-        steps[key] = _in_context(make_step(torch.compile(m) if compile else m, mode, x, dtype), context)
+        steps[key] = make_step(torch.compile(m) if compile else m, mode, x, dtype, context)
     times = _time_interleaved(steps, warmup, iters, dev)
     base, rows = statistics.median(times["timm"]), []
     for key, step in steps.items():  # the columns in the order of the CSV files already written
@@ -233,14 +235,6 @@ def _time_interleaved(steps: dict, warmup: int, iters: int, dev: torch.device) -
             _sync(dev)
             times[key].append(time.perf_counter() - t0)
     return times
-
-
-def _in_context(step, context):
-    def run():
-        with context():
-            return step()
-
-    return run
 
 
 def format_table(rows: list[dict]) -> str:
@@ -307,14 +301,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def runtimes_main(args) -> int:
-    """`--runtimes`: the deployment table of the first of --models (see mambaout.deploy.benchmark)."""
+def _runtimes(args) -> list[dict]:
+    """`--runtimes`: the deployment table of the first of --models (see mambaout.deploy.benchmark); its CSV rows."""
     from mambaout.analysis.flops import count_macs
     from mambaout.cli.common import shape_only_model
     from mambaout.deploy import benchmark as rt
     from mambaout.inference.precision import cpu_bf16_support
 
-    name = args.models[0]
+    name, cpu = args.models[0], device_name(torch.device("cpu"))
     sizes = tuple(sorted({1, args.batch_size}))
     rows = rt.runtime_rows(
         name, sizes, args.img_size, args.iters, args.warmup, args.calib, compile=args.compile, rounds=args.rounds,
@@ -322,20 +316,15 @@ def runtimes_main(args) -> int:
     )  # fmt: skip
     versions = _versions()
     print(
-        f"{device_name(torch.device('cpu'))}, {name} at {args.img_size} px, each row in its own process, median of "
-        f"{args.iters * args.rounds} steps, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; "
-        f"{versions}"
+        f"{cpu}, {name} at {args.img_size} px, each row in its own process, median of {args.iters * args.rounds} "
+        f"steps, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; {versions}"
     )
     print(rt.format_runtime_table(rows))
-    native, cpu = cpu_bf16_support()
     peaks = {d: rt.gemm_peak_gflops(d) for d in ("fp32", "int8")}
-    peaks["bf16"] = rt.gemm_peak_gflops("bf16") if native else None
+    peaks["bf16"] = rt.gemm_peak_gflops("bf16") if cpu_bf16_support()[0] else None
     for line in rt.roofline_lines(rows, count_macs(shape_only_model(name), args.img_size), peaks):
         print(line)
-    if args.csv:
-        write_csv([dict(r, device=device_name(torch.device("cpu")), versions=versions) for r in rows], args.csv)
-        print(f"rows appended to {args.csv}")
-    return 0
+    return [dict(r, device=cpu, versions=versions) for r in rows]
 
 
 def _versions() -> str:
@@ -384,18 +373,18 @@ def main(argv: list[str] | None = None) -> int:
     options = {k: getattr(args, k) for k in (*keys, "with_reference")}
     try:
         if args.runtimes:
-            return runtimes_main(args)
-        rows = [row for name in args.models for row in benchmark_model(name, **options, with_fused=args.fused_kernels)]
+            rows = _runtimes(args)
+        else:
+            rows = [r for name in args.models for r in benchmark_model(name, **options, with_fused=args.fused_kernels)]
+            print(
+                f"{rows[0]['device']}, torch {rows[0]['torch']}, {args.mode}, {args.dtype}, batch {args.batch_size}, "
+                f"{args.img_size}px, compile={args.compile}, channels_last={args.channels_last}, "
+                f"median of {args.iters} interleaved steps"
+            )
+            print(format_table(rows))
     except ValueError as e:
         print(f"mambaout benchmark: {e}")
         return 2
-    r0 = rows[0]
-    print(
-        f"{r0['device']}, torch {r0['torch']}, {args.mode}, {args.dtype}, batch {args.batch_size}, "
-        f"{args.img_size}px, compile={args.compile}, channels_last={args.channels_last}, "
-        f"median of {args.iters} interleaved steps"
-    )
-    print(format_table(rows))
     if args.csv:
         try:
             write_csv(rows, args.csv)

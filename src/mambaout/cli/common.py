@@ -167,17 +167,12 @@ def smoke_steps(var: str) -> int | None:
 
 
 def stdout_failed(e: BaseException) -> bool:
-    """Whether `e` is stdout failing: a closed pipe, or a full disk or I/O error that no named file reported.
-
-    Writes to named files report their own failures (`mambaout.utils.files.FileWriteError`, or an OSError carrying
-    the file name); what is left is a print. Commands that turn an OSError into their own one-line message re-raise
-    these, so `mambaout.cli.main` ends a closed pipe quietly (exit 0) and names stdout when it is full.
-    """
+    """Whether `e` is stdout failing: a closed pipe, or a full disk or I/O error that no named file reported (files
+    report their own: `FileWriteError`, or an OSError naming the file). Commands that turn an OSError into a one-line
+    message re-raise these, so `mambaout.cli.main` ends a closed pipe quietly (exit 0) and names a full stdout."""
     from mambaout.utils.files import FileWriteError
 
-    if isinstance(e, BrokenPipeError):
-        return True
-    return (
+    return isinstance(e, BrokenPipeError) or (
         isinstance(e, OSError)
         and not isinstance(e, FileWriteError)
         and e.filename is None
