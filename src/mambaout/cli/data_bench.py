@@ -50,8 +50,7 @@ def _time(loader, batches: int, warmup: int, device: torch.device) -> float:
         next(it)
     n, t0 = 0, time.perf_counter()
     for _ in range(batches):
-        x = next(it)[0]
-        n += x.shape[0]
+        n += next(it)[0].shape[0]
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return n / (time.perf_counter() - t0)
@@ -75,11 +74,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def _resolve(args):
-    """(config, device, images in the set) of the command line, through `mambaout train`'s resolution and checks.
-
-    Raises:
-        ValueError, FileNotFoundError: one line naming the bad option or data set.
-    """
+    """(config, device, images in the set) of the command line, through `mambaout train`'s resolution and checks;
+    ValueError or FileNotFoundError, one line, naming a bad option or data set."""
     from mambaout.data.datasets import ImageDataset
     from mambaout.data.gpu_aug import GpuAugment
     from mambaout.training.config import resolve_config
@@ -88,17 +84,12 @@ def _resolve(args):
     # batch size, workers and image size bounded as for training; mixup off, since no pipeline here mixes (an odd
     # batch is then fine)
     overrides = dict(recipe=args.recipe, batch_size=args.batch_size, workers=args.workers, mixup=0.0, cutmix=0.0)
-    if args.img_size:
-        overrides["img_size"] = args.img_size
-    if args.data_train:
-        overrides["data_train"] = args.data_train
+    overrides |= {k: v for k, v in dict(img_size=args.img_size, data_train=args.data_train).items() if v}
     cfg = resolve_config(overrides, require_data=False)
     device = resolve_device(args.device)
     if cfg.data.data_train is None:
-        raise ValueError(
-            f"recipe {cfg.run.recipe!r} names no data: pass --data-train PATH (an ImageFolder directory or a .tar of "
-            "one)"
-        )
+        what = "an ImageFolder directory or a .tar of one"
+        raise ValueError(f"recipe {cfg.run.recipe!r} names no data: pass --data-train PATH ({what})")
     if not os.path.exists(cfg.data.data_train):
         raise FileNotFoundError(f"no data at {cfg.data.data_train!r}; pass --data-train PATH")
     if "gpu" in args.only:

@@ -169,8 +169,7 @@ def validate(task: str, argv: list[str]) -> int:
     amp_dtype = autocast_setting(args.amp, device)[1]
     results, tables = t.validate(model, val_set, device, amp_dtype, args, meta["class_names"])
     for m, table in zip(results.values(), tables):  # as detectron2: COCO's summary, then the table
-        summary = m.pop("summary", None)
-        if summary:
+        if summary := m.pop("summary", None):
             print(summary)
         print(table)
     for name, m in results.items():

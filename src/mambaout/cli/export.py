@@ -202,9 +202,7 @@ def check_export(model, path, fmt: str, img_size: int | None = None, batch_size:
     """Max abs difference of the exported model's logits from PyTorch's on random input (another batch size)."""
     import torch
 
-    _, h, w = model.pretrained_cfg["input_size"]
-    if img_size is not None:
-        h = w = img_size
+    h, w = (img_size, img_size) if img_size is not None else model.pretrained_cfg["input_size"][1:]
     x = torch.randn(batch_size, 3, h, w)
     with torch.no_grad():
         want = model.eval()(x)

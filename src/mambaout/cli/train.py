@@ -46,10 +46,9 @@ def parse_overrides(argv: list[str] | None) -> tuple[dict, argparse.Namespace]:
 
 
 def _smoke_caps(flat: dict) -> dict:
-    """`MAMBAOUT_MAX_EPOCHS` (epochs) and `MAMBAOUT_MAX_STEPS` (optimizer steps of the whole run, as for the dense
-    commands) from the environment: the settings that cap a run to them (none when it is within them), so a
-    documented command can be smoke-tested as written (tests/test_docs.py). They are resolved and stored in the
-    run's config like any other setting. N steps are at most N epochs of at most N // epochs steps each."""
+    """The settings that cap a run to `MAMBAOUT_MAX_EPOCHS` epochs and `MAMBAOUT_MAX_STEPS` optimizer steps (as for
+    the dense commands; none when it is within them), so tests/test_docs.py runs a documented command as written;
+    stored in the run's config like any other setting. N steps are at most N epochs of at most N // epochs steps."""
     cap_epochs, cap_steps = smoke_steps("MAMBAOUT_MAX_EPOCHS"), smoke_steps("MAMBAOUT_MAX_STEPS")
     cap = min(c for c in (cap_epochs, cap_steps, 10**12) if c is not None)
     out = {}
@@ -58,9 +57,8 @@ def _smoke_caps(flat: dict) -> dict:
         cooldown = min(flat["cooldown_epochs"], cap - epochs)
         out.update(epochs=epochs, cooldown_epochs=cooldown, warmup_epochs=min(flat["warmup_epochs"], epochs - 1))
     if cap_steps is not None:
-        per_epoch = cap_steps // (
-            out.get("epochs", flat["epochs"]) + out.get("cooldown_epochs", flat["cooldown_epochs"])
-        )
+        capped = {**flat, **out}
+        per_epoch = cap_steps // (capped["epochs"] + capped["cooldown_epochs"])
         if flat["max_steps_per_epoch"] is None or flat["max_steps_per_epoch"] > per_epoch:
             out["max_steps_per_epoch"] = per_epoch
     return out
