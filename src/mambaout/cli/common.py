@@ -227,16 +227,12 @@ def _argument(s: S.Setting) -> dict:
     wrong in the one line every other source of a value gets (argparse's own `choices` and `type` would not)."""
     check, help_ = s.check, s.help.replace("%", "%%")
     default = S.show_default(s.default).replace("%", "%%")
-    kw: dict = {"help": f"{help_} (default {default})" if help_ else f"default {default}"}
-    if check.kind == "boolean":
-        kw["action"] = argparse.BooleanOptionalAction
-    elif check.kind == "number":
-        kw.update(type=S.scalar, metavar="N")
-    elif check.kind == "list":
-        kw.update(type=S.scalar, nargs=check.nargs, metavar="N")
-    elif check.kind == "text":
-        kw["metavar"] = "{" + ",".join(check.choices) + "}" if check.choices else s.name.upper()
-    else:
-        kw.update(type=S.yaml_value, metavar="YAML")
-    kw.update(s.field.metadata.get("cli", {}))
-    return kw
+    text = "{" + ",".join(check.choices) + "}" if check.choices else s.name.upper()
+    kw = {
+        "boolean": dict(action=argparse.BooleanOptionalAction),
+        "number": dict(type=S.scalar, metavar="N"),
+        "list": dict(type=S.scalar, nargs=check.nargs, metavar="N"),
+        "text": dict(metavar=text),
+    }.get(check.kind, dict(type=S.yaml_value, metavar="YAML"))
+    kw["help"] = f"{help_} (default {default})" if help_ else f"default {default}"
+    return kw | s.field.metadata.get("cli", {})
