@@ -1,6 +1,4 @@
-"""The paper's analysis tools: parameter and MAC counts, the Transformer FLOPs argument, ablation helpers.
-
-The models of the paper's comparisons, DeiT ViT-Ti/S with full or causal attention (`vit.py`) and MambaOut with
-Mamba's SSM in every block (`mamba.py`), are registered in `mambaout.models.variants` by name and import path; this
-package is imported only when one of them is built.
+"""The paper's analysis tools: parameter and MAC counts and the Transformer FLOPs argument (`flops`), and
+params, MACs and throughput of models side by side (`compare`). The paper's comparison models (DeiT ViTs, MambaOut
+with Mamba's SSM) live in `mambaout.models.vit` and `mambaout.models.mamba`.
 """

@@ -15,6 +15,7 @@ forward (the fast path is inference-only).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import time
@@ -26,7 +27,7 @@ from mambaout.analysis.flops import count_macs, count_params
 from mambaout.models.factory import create_model
 
 
-def _inference_step(model, x):
+def _inference_step(model, x, y, opt):
     with torch.inference_mode():
         model(x)
 
@@ -36,6 +37,14 @@ def _train_step(model, x, y, opt):
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
+
+
+# the measures of each model: (its batch step, the model's mode, the kernels mode it runs in)
+MEASURES = {
+    "infer_img_s": (_inference_step, "eval", contextlib.nullcontext),
+    "infer_ref_img_s": (_inference_step, "eval", kernels.reference_mode),
+    "train_img_s": (_train_step, "train", contextlib.nullcontext),
+}
 
 
 def compare(
@@ -64,43 +73,31 @@ def compare(
     y = torch.randint(0, num_classes, (batch_size,))
     models = [create_model(n, num_classes=num_classes, **kw) for n, kw in zip(names, model_kwargs)]
     opts = [torch.optim.AdamW(m.parameters(), lr=1e-4) for m in models]
-    infer = [[] for _ in models]
-    infer_ref = [[] for _ in models]
-    train = [[] for _ in models]
+    speeds = [{key: [] for key in MEASURES} for _ in models]
     for m, opt in zip(models, opts):  # warm-up: allocator, thread pools
-        _inference_step(m.eval(), x)
+        _inference_step(m.eval(), x, y, opt)
         _train_step(m.train(), x, y, opt)
     for _ in range(repeats):
-        for i, (m, opt) in enumerate(zip(models, opts)):
-            m.eval()
-            t = time.perf_counter()
-            for _ in range(steps):
-                _inference_step(m, x)
-            infer[i].append(steps * batch_size / (time.perf_counter() - t))
-            with kernels.reference_mode():
-                t = time.perf_counter()
-                for _ in range(steps):
-                    _inference_step(m, x)
-                infer_ref[i].append(steps * batch_size / (time.perf_counter() - t))
-            m.train()
-            t = time.perf_counter()
-            for _ in range(steps):
-                _train_step(m, x, y, opt)
-            train[i].append(steps * batch_size / (time.perf_counter() - t))
+        for m, opt, speed in zip(models, opts, speeds):
+            for key, (step, mode, context) in MEASURES.items():
+                getattr(m, mode)()
+                with context():
+                    t = time.perf_counter()
+                    for _ in range(steps):
+                        step(m, x, y, opt)
+                    speed[key].append(steps * batch_size / (time.perf_counter() - t))
     return [
         dict(
             model=n,
             model_kwargs=kw,
             params_m=round(count_params(m) / 1e6, 3),
             macs_m=round(count_macs(m, img_size) / 1e6, 2),
-            infer_img_s=round(statistics.median(infer[i]), 1),
-            infer_ref_img_s=round(statistics.median(infer_ref[i]), 1),
-            train_img_s=round(statistics.median(train[i]), 1),
+            **{key: round(statistics.median(v), 1) for key, v in speed.items()},
             img_size=img_size,
             batch_size=batch_size,
             threads=torch.get_num_threads(),
         )
-        for i, (n, kw, m) in enumerate(zip(names, model_kwargs, models))
+        for n, kw, m, speed in zip(names, model_kwargs, models, speeds)
     ]
 
 
@@ -116,16 +113,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     names, kws = [], []
-    for spec in args.models:
+    for spec in args.models:  # NAME:key=value,key=value
         name, _, extra = spec.partition(":")
-        kw = {}
-        for item in filter(None, extra.split(",")):
-            k, _, v = item.partition("=")
-            kw[k] = int(v) if v.lstrip("-").isdigit() else v
+        pairs = [item.partition("=") for item in extra.split(",") if item]
         names.append(name)
-        kws.append(kw)
-    rows = compare(names, args.img_size, args.batch_size, repeats=args.repeats, model_kwargs=kws)
-    for r in rows:
+        kws.append({k: int(v) if v.lstrip("-").isdigit() else v for k, _, v in pairs})
+    for r in compare(names, args.img_size, args.batch_size, repeats=args.repeats, model_kwargs=kws):
         print(json.dumps(r))
     return 0
 

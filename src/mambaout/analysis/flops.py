@@ -1,19 +1,19 @@
 """Parameters and multiply-accumulates (MACs) counted the way the paper counts them.
 
-The paper's MAC column (Table 1, e.g. tiny 4.5G) comes from fvcore, which counts one MAC per weight
-per output element of every convolution and linear layer, plus 5 per element of each affine LayerNorm
-(about 1% of the total); activations, the gate product and pooling are left out. We count the same way
-by running the model once on the `meta` device (shapes only, no arithmetic), so even the largest
-variant counts in milliseconds; `include_norms=False` gives the conv + linear MACs alone.
-
-Token mixers whose arithmetic is neither a conv nor a linear layer (attention's two matrix products, the
-SSM's scan) report it through an `extra_macs(input_shape)` method, which `count_macs` adds (fvcore counts
-attention's matmuls too). MambaOut has no such module, so its counts are exactly the paper's.
+The paper's MAC column (Table 1, e.g. tiny 4.5G) comes from fvcore, which counts one MAC per weight per output
+element of every convolution and linear layer, plus 5 per element of each affine LayerNorm (about 1% of the total);
+activations, the gate product and pooling are left out. We count the same way by running the model once on the
+`meta` device (shapes only, no arithmetic), so even the largest variant counts in milliseconds. Token mixers whose
+arithmetic is neither a conv nor a linear layer (attention's two matrix products, the SSM's scan) report it through
+an `extra_macs(input_shape)` method, which `count_macs` adds, as fvcore counts attention's matmuls; MambaOut has no
+such module, so its counts are exactly the paper's.
 
 The second half is the paper's Transformer FLOPs argument (Sec. 3, Eq. 6-7).
 """
 
 from __future__ import annotations
+
+import copy
 
 import torch
 from torch import nn
@@ -36,36 +36,25 @@ def count_macs(
     in_chans = in_chans or getattr(model, "in_chans", 3)
     total = 0
 
-    def conv_hook(m: nn.Conv2d, inputs, out):
+    def hook(m: nn.Module, inputs, out):
         nonlocal total
-        kh, kw = m.kernel_size
-        total += out.numel() * (m.in_channels // m.groups) * kh * kw  # one MAC per weight per output element
-
-    def linear_hook(m: nn.Linear, inputs, out):
-        nonlocal total
-        total += out.numel() * m.in_features
-
-    def norm_hook(m: nn.LayerNorm, inputs, out):
-        nonlocal total
-        total += inputs[0].numel() * (5 if m.elementwise_affine else 4)
-
-    def extra_hook(m: nn.Module, inputs, out):
-        nonlocal total
-        total += int(m.extra_macs(tuple(inputs[0].shape)))
-
-    import copy
-
-    meta_model = copy.deepcopy(model).to("meta") if _has_real_params(model) else model
-    handles = []
-    for m in meta_model.modules():
-        if isinstance(m, nn.Conv2d):
-            handles.append(m.register_forward_hook(conv_hook))
+        if isinstance(m, nn.Conv2d):  # one MAC per weight per output element
+            total += out.numel() * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
         elif isinstance(m, nn.Linear):
-            handles.append(m.register_forward_hook(linear_hook))
-        elif isinstance(m, nn.LayerNorm) and include_norms:
-            handles.append(m.register_forward_hook(norm_hook))
-        elif callable(getattr(m, "extra_macs", None)):
-            handles.append(m.register_forward_hook(extra_hook))
+            total += out.numel() * m.in_features
+        elif isinstance(m, nn.LayerNorm):
+            total += inputs[0].numel() * (5 if m.elementwise_affine else 4)
+        else:
+            total += int(m.extra_macs(tuple(inputs[0].shape)))
+
+    real = any(p.device.type != "meta" for p in model.parameters())
+    meta_model = copy.deepcopy(model).to("meta") if real else model
+    counted = (nn.Conv2d, nn.Linear, nn.LayerNorm) if include_norms else (nn.Conv2d, nn.Linear)
+    handles = [
+        m.register_forward_hook(hook)
+        for m in meta_model.modules()
+        if isinstance(m, counted) or callable(getattr(m, "extra_macs", None))
+    ]
     try:
         with torch.no_grad():
             meta_model.eval()(torch.empty(1, in_chans, h, w, device="meta"))
@@ -73,10 +62,6 @@ def count_macs(
         for hd in handles:
             hd.remove()
     return total
-
-
-def _has_real_params(model: nn.Module) -> bool:
-    return any(p.device.type != "meta" for p in model.parameters())
 
 
 def count_params(model: nn.Module) -> int:
@@ -99,18 +84,9 @@ def transformer_flops(dim: int, tokens: int) -> dict:
     """
     if dim < 1 or tokens < 1:
         raise ValueError(f"dim and tokens must be positive integers, got dim={dim}, tokens={tokens}")
-    linear = 24 * dim * dim * tokens
-    quadratic = 4 * dim * tokens * tokens
-    return dict(
-        dim=dim,
-        tokens=tokens,
-        linear=linear,
-        quadratic=quadratic,
-        total=linear + quadratic,
-        quadratic_share=quadratic / (linear + quadratic),
-        threshold=long_sequence_threshold(dim),
-        long_sequence=tokens > long_sequence_threshold(dim),
-    )
+    linear, quadratic, threshold = 24 * dim * dim * tokens, 4 * dim * tokens * tokens, long_sequence_threshold(dim)
+    row = dict(dim=dim, tokens=tokens, linear=linear, quadratic=quadratic, total=linear + quadratic)
+    return dict(row, quadratic_share=quadratic / row["total"], threshold=threshold, long_sequence=tokens > threshold)
 
 
 def long_sequence_threshold(dim: int) -> int:
@@ -135,11 +111,8 @@ def plot_quadratic_share(dims: list[int], path: str, max_tokens: int | None = No
         ax.axvline(t, color=line.get_color(), linestyle="--", linewidth=1)
         ax.annotate(f"L = 6D = {t}", (t, 0.5), xytext=(4, -14), textcoords="offset points", fontsize=8)
     ax.axhline(0.5, color="gray", linewidth=0.5)
-    ax.set_xscale("log")
-    ax.set_xlabel("tokens L")
-    ax.set_ylabel("quadratic share 4DL² / (24D²L + 4DL²)")
+    ax.set(xscale="log", xlabel="tokens L", ylabel="quadratic share 4DL² / (24D²L + 4DL²)", ylim=(0, 1))
     ax.set_title("Transformer block FLOPs (MambaOut Eq. 6-7)")
-    ax.set_ylim(0, 1)
     ax.legend()
     fig.tight_layout()
     try:  # written beside the target and renamed: a device is refused, a full disk leaves no half-written PNG

@@ -7,47 +7,33 @@ import os
 import signal
 import sys
 
-from mambaout.cli.common import stdout_failed
+from mambaout.cli.common import fail, stdout_failed
 
 # command -> (module, one-line help); modules are imported only when their command runs
 COMMANDS: dict[str, tuple[str, str]] = {
-    "models": ("mambaout.cli.models", "list the variants with parameters, MACs and published top-1"),
-    "train": ("mambaout.cli.train", "train a model from a recipe (no data: the embedded digits default)"),
-    "validate": (
-        "mambaout.cli.validate",
-        "top-1/top-5 of checkpoints or published weights on a labelled image set",
-    ),
-    "flops": ("mambaout.cli.flops", "params and MACs of every model at any size; the Transformer FLOPs argument"),
-    "predict": ("mambaout.cli.predict", "top-k classes of images or folders (text or --json)"),
-    "demo": ("mambaout.cli.demo", "web demo (Gradio): upload an image, see the top-k labels"),
-    "export": ("mambaout.cli.export", "export to ONNX (dynamic batch) or torch.export .pt2"),
-    "benchmark": ("mambaout.cli.benchmark", "img/s, ms/step and memory of ours vs timm, measured in one run"),
-    "data-bench": (
-        "mambaout.cli.data_bench",
-        "training img/s of our cpu and gpu input pipelines vs timm's loader",
-    ),
-    "detect": (
-        "mambaout.cli.detect",
-        "detection and instance segmentation (Mask R-CNN + FPN): train, validate (COCO AP), predict",
-    ),
-    "segment": (
-        "mambaout.cli.segment",
-        "semantic segmentation (UperNet): train, validate (mIoU, pixel accuracy), predict",
-    ),
-    "kernels": (
-        "mambaout.cli.kernels",
-        "which block implementation runs where; --aot sm_90 times every Triton compile",
-    ),
+    name: (f"mambaout.cli.{name.replace('-', '_')}", help_)
+    for name, help_ in {
+        "models": "list the variants with parameters, MACs and published top-1",
+        "train": "train a model from a recipe (no data: the embedded digits default)",
+        "validate": "top-1/top-5 of checkpoints or published weights on a labelled image set",
+        "flops": "params and MACs of every model at any size; the Transformer FLOPs argument",
+        "predict": "top-k classes of images or folders (text or --json)",
+        "demo": "web demo (Gradio): upload an image, see the top-k labels",
+        "export": "export to ONNX (dynamic batch) or torch.export .pt2",
+        "benchmark": "img/s, ms/step and memory of ours vs timm, measured in one run",
+        "data-bench": "training img/s of our cpu and gpu input pipelines vs timm's loader",
+        "detect": "detection and instance segmentation (Mask R-CNN + FPN): train, validate (COCO AP), predict",
+        "segment": "semantic segmentation (UperNet): train, validate (mIoU, pixel accuracy), predict",
+        "kernels": "which block implementation runs where; --aot sm_90 times every Triton compile",
+    }.items()
 }
 
 
 def _usage() -> str:
     width = max(map(len, COMMANDS))
-    lines = [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines = "\n".join(f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items())
     return (
-        "usage: mambaout <command> [options]\n\ncommands:\n"
-        + "\n".join(lines)
-        + "\n\n'mambaout <command> -h' for a command's options"
+        f"usage: mambaout <command> [options]\n\ncommands:\n{lines}\n\n'mambaout <command> -h' for a command's options"
     )
 
 
@@ -73,9 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         return code
     except KeyboardInterrupt as e:
         # what was written stays: every file is written atomically, and training saved its state if it could
-        what = str(e) or "interrupted (Ctrl-C); files already written are kept"
-        print(f"mambaout {command}: {what}", file=sys.stderr)
-        return 130
+        return fail(command, str(e) or "interrupted (Ctrl-C); files already written are kept", 130)
     except OSError as e:
         if not stdout_failed(e):
             if e.filename is None:
@@ -86,16 +70,13 @@ def main(argv: list[str] | None = None) -> int:
 
             name = printable(str(e.filename))
             name = name if len(name) <= 120 else name[:60] + "..." + name[-57:]
-            print(f"mambaout {command}: {name}: {e.strerror or e}", file=sys.stderr)
-            return 2
-        if isinstance(e, BrokenPipeError):
-            # the reader went away (`mambaout predict ... | head -1`): nothing more to say, as `cat` says nothing
-            _quiet_stdout()
-            return 0
+            return fail(command, f"{name}: {e.strerror or e}")
         name = _stdout_name()
         _quiet_stdout()
-        print(f"mambaout {command}: cannot write to stdout ({name}): {e.strerror}", file=sys.stderr)
-        return 2
+        if isinstance(e, BrokenPipeError):
+            # the reader went away (`mambaout predict ... | head -1`): nothing more to say, as `cat` says nothing
+            return 0
+        return fail(command, f"cannot write to stdout ({name}): {e.strerror}")
 
 
 def _start_up(command: str) -> None:
@@ -120,8 +101,7 @@ def _start_up(command: str) -> None:
 
         threads.settle()
     except ValueError as e:  # MAMBAOUT_THREADS / OMP_NUM_THREADS that is not a count
-        print(f"mambaout {command}: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+        raise SystemExit(fail(command, e)) from None
     finally:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
@@ -142,7 +122,3 @@ def _quiet_stdout() -> None:
         os.close(devnull)
     except (OSError, ValueError, AttributeError):  # stdout replaced by an object without a descriptor (tests)
         pass
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -20,9 +20,9 @@ import copy
 import csv
 import datetime
 import io
+import os
 import re
 import statistics
-import sys
 import threading
 import time
 from pathlib import Path
@@ -30,8 +30,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from mambaout.cli.common import Parser, add_amp_argument
+from mambaout.cli.common import Parser, add_amp_argument, fail
 from mambaout.utils.device import autocast_setting, device_name
+from mambaout.utils.limits import check_img_size
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Agreement checked before timing: max |ours - timm| over max |timm| of the logits (or of a weight gradient).
@@ -49,39 +50,17 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-class _RssPeak:
-    """Peak growth of the resident set (bytes) while the context is open, sampled every millisecond."""
+def _autocast(device: torch.device, dtype: str):
+    """bf16/fp16 as in mixed-precision practice: autocast over fp32 weights."""
+    return torch.autocast(device.type, dtype=DTYPES[dtype]) if dtype != "fp32" else contextlib.nullcontext()
 
-    def __init__(self):
-        self.page = 4096
-        with contextlib.suppress(ValueError, AttributeError, OSError):
-            import os
 
-            self.page = os.sysconf("SC_PAGE_SIZE")
-
-    def _rss(self) -> int:
-        try:
-            return int(Path("/proc/self/statm").read_text().split()[1]) * self.page
-        except OSError:
-            return 0
-
-    def __enter__(self):
-        self.base = self.peak = self._rss()
-        self.stop = threading.Event()
-
-        def sample():
-            while not self.stop.wait(0.001):
-                self.peak = max(self.peak, self._rss())
-
-        self.thread = threading.Thread(target=sample, daemon=True)
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        self.thread.join()
-        self.peak = max(self.peak, self._rss())
-        self.bytes = self.peak - self.base
+def _rss() -> int:
+    """The process's resident set in bytes (0 where /proc is not there to tell it)."""
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, AttributeError):
+        return 0
 
 
 def build_pair(name: str, device: torch.device, channels_last: bool = False, **kwargs):
@@ -103,29 +82,29 @@ def build_pair(name: str, device: torch.device, channels_last: bool = False, **k
     return ref.to(device, memory_format=fmt), ours.to(device, memory_format=fmt)
 
 
-def make_step(model, mode: str, x: torch.Tensor, dtype: str, lr: float = 1e-4):
-    """A zero-argument callable running one inference forward or one training step (forward, loss, backward, AdamW)."""
-    autocast = (
-        torch.autocast(x.device.type, dtype=DTYPES[dtype]) if dtype != "fp32" else contextlib.nullcontext()
-    )  # bf16/fp16 as in mixed-precision practice: autocast over fp32 weights
+def make_step(model, mode: str, x: torch.Tensor, dtype: str, context=contextlib.nullcontext):
+    """A zero-argument callable running one inference forward or one training step (forward, loss, backward, AdamW),
+    inside `context()` (a `mambaout.kernels` mode)."""
+    autocast = _autocast(x.device, dtype)
     if mode == "infer":
         model.eval()
 
         def infer():
-            with torch.inference_mode(), autocast:
+            with context(), torch.inference_mode(), autocast:
                 return model(x)
 
         return infer
     model.train()
     target = torch.randint(0, model.num_classes, (x.shape[0],), device=x.device, generator=None)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, fused=x.device.type == "cuda")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=x.device.type == "cuda")
 
     def train():
-        with autocast:
-            loss = F.cross_entropy(model(x), target)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        with context():
+            with autocast:
+                loss = F.cross_entropy(model(x), target)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
         return loss
 
     return train
@@ -133,7 +112,7 @@ def make_step(model, mode: str, x: torch.Tensor, dtype: str, lr: float = 1e-4):
 
 def _agreement(ref, ours, mode: str, x: torch.Tensor, dtype: str) -> float:
     """max |ours - timm| / max |timm| on the logits (infer) or on the first block's fc1 weight gradient (train)."""
-    autocast = torch.autocast(x.device.type, dtype=DTYPES[dtype]) if dtype != "fp32" else contextlib.nullcontext()
+    autocast = _autocast(x.device, dtype)
     if mode == "infer":
         with torch.inference_mode(), autocast:
             a, b = ref.eval()(x).float(), ours.eval()(x).float()
@@ -150,16 +129,29 @@ def _agreement(ref, ours, mode: str, x: torch.Tensor, dtype: str) -> float:
 
 
 def _peak_memory(step, device: torch.device) -> float:
-    """MiB: CUDA peak allocated over one step, or CPU resident-set growth during one step."""
+    """MiB: CUDA peak allocated over one step, or CPU resident-set growth during one step (see module docstring)."""
     if device.type == "cuda":
         _sync(device)
         torch.cuda.reset_peak_memory_stats(device)
         step()
         _sync(device)
         return torch.cuda.max_memory_allocated(device) / 2**20
-    with _RssPeak() as rss:
+    base = peak = _rss()
+    stop = threading.Event()
+
+    def sample():
+        nonlocal peak
+        while not stop.wait(0.001):
+            peak = max(peak, _rss())
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
         step()
-    return rss.bytes / 2**20
+    finally:
+        stop.set()
+        thread.join()
+    return (max(peak, _rss()) - base) / 2**20
 
 
 def benchmark_model(
@@ -192,51 +184,26 @@ def benchmark_model(
         raise RuntimeError(
             f"{name}: ours and timm disagree ({agree:.2e} relative > {TOLERANCE[dtype]:.0e} for {dtype}); not timing"
         )
-    impls = {"timm": ref, "ours": ours}
+    # each implementation's model and the kernels mode its steps run in ("ours": the default, whatever the process set)
+    impls = {"timm": (ref, contextlib.nullcontext), "ours": (ours, lambda: kernels.fused_kernels(False))}
     if with_reference:  # our model through the plain block forward: what the fast paths add
-        impls["ours-reference"] = copy.deepcopy(ours)
+        impls["ours-reference"] = (copy.deepcopy(ours), kernels.reference_mode)
     if with_fused:
-        impls["ours-fused"] = copy.deepcopy(ours)
+        impls["ours-fused"] = (copy.deepcopy(ours), kernels.fused_kernels)
     steps = {}
-    for key, m in impls.items():
-        if compile:
-            m = torch.compile(m)
-        step = make_step(m, mode, x, dtype)
-        if key == "ours-reference":
-            step = _in_context(step, kernels.reference_mode)
-        elif key == "ours-fused":
-            step = _in_context(step, kernels.fused_kernels)
-        elif key == "ours":
-            step = _in_context(step, lambda: kernels.fused_kernels(False))  # the default path, whatever the process set
-        steps[key] = step
+    for key, (m, context) in impls.items():
+        steps[key] = make_step(torch.compile(m) if compile else m, mode, x, dtype, context)
     times = _time_interleaved(steps, warmup, iters, dev)
-    rows = []
-    base = statistics.median(times["timm"])
-    for key, step in steps.items():
-        med = statistics.median(times[key])
-        rows.append(
-            dict(
-                model=name,
-                impl=key,
-                mode=mode,
-                device=device_name(dev),
-                dtype=dtype,
-                batch_size=batch_size,
-                img_size=img_size,
-                compile=compile,
-                channels_last=channels_last,
-                img_per_s=round(batch_size / med, 2),
-                ms_per_step=round(1e3 * med, 2),
-                ms_min=round(1e3 * min(times[key]), 2),
-                ms_max=round(1e3 * max(times[key]), 2),
-                peak_mem_mib=round(_peak_memory(step, dev), 1),
-                speedup_vs_timm=round(base / med, 3),
-                rel_diff_vs_timm=float(f"{agree:.2e}") if key == "ours" else 0.0,
-                iters=iters,
-                torch=torch.__version__,
-                date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            )
-        )
+    base, rows = statistics.median(times["timm"]), []
+    for key, step in steps.items():  # the columns in the order of the CSV files already written
+        med, t = statistics.median(times[key]), times[key]
+        row = dict(model=name, impl=key, mode=mode, device=device_name(dev), dtype=dtype, batch_size=batch_size)
+        row.update(img_size=img_size, compile=compile, channels_last=channels_last)
+        row.update(img_per_s=round(batch_size / med, 2), ms_per_step=round(1e3 * med, 2), ms_min=round(1e3 * min(t), 2))
+        row.update(ms_max=round(1e3 * max(t), 2), peak_mem_mib=round(_peak_memory(step, dev), 1))
+        diff = float(f"{agree:.2e}") if key == "ours" else 0.0
+        row.update(speedup_vs_timm=round(base / med, 3), rel_diff_vs_timm=diff, iters=iters, torch=torch.__version__)
+        rows.append(dict(row, date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")))
     return rows
 
 
@@ -270,14 +237,6 @@ def _time_interleaved(steps: dict, warmup: int, iters: int, dev: torch.device) -
     return times
 
 
-def _in_context(step, context):
-    def run():
-        with context():
-            return step()
-
-    return run
-
-
 def format_table(rows: list[dict]) -> str:
     header = f"{'model':<18} {'impl':<15} {'img/s':>9} {'ms/step':>9} {'min-max ms':>17} {'peak MiB':>9} {'vs timm':>8}"
     lines = [header, "-" * len(header)]
@@ -308,7 +267,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = Parser(prog="mambaout benchmark", description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="+", default=["mambaout_tiny"], help="registered names that timm also has")
     p.add_argument("--mode", choices=["infer", "train"], default="infer", help="inference, or a full AdamW step")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=16, least=1)
     p.add_argument("--dtype", choices=sorted(DTYPES), help="bf16/fp16 run under autocast (default fp32)")
     add_amp_argument(
         p, help="autocast as train and validate name it: bare --amp is --dtype bf16; auto: bf16 on CUDA, fp32 on CPU"
@@ -320,12 +279,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--channels-last", action="store_true", help="channels-last input and conv weights for both")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda[:i]")
-    p.add_argument("--img-size", type=int, default=224)
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps per model first")
-    p.add_argument("--iters", type=int, default=5, help="timed steps per model, interleaved")
-    p.add_argument(
-        "--threads", type=int, default=None, help="CPU threads (default: the cores free at start-up, utils/threads.py)"
-    )
+    p.add_argument("--img-size", type=int, default=224, check=check_img_size)
+    p.add_argument("--warmup", type=int, default=2, least=0, help="untimed steps per model first")
+    p.add_argument("--iters", type=int, default=5, least=1, help="timed steps per model, interleaved")
+    threads_help = "CPU threads (default: the cores free at start-up, utils/threads.py)"
+    p.add_argument("--threads", type=int, default=None, least=1, help=threads_help)
     p.add_argument("--with-reference", action="store_true", help="also time our model with the fast paths off")
     p.add_argument(
         "--fused-kernels", action="store_true", help="also time our model with the opt-in fused Triton kernels (CUDA)"
@@ -343,14 +301,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def runtimes_main(args) -> int:
-    """`--runtimes`: the deployment table of the first of --models (see mambaout.deploy.benchmark)."""
+def _runtimes(args) -> list[dict]:
+    """`--runtimes`: the deployment table of the first of --models (see mambaout.deploy.benchmark); its CSV rows."""
     from mambaout.analysis.flops import count_macs
     from mambaout.cli.common import shape_only_model
     from mambaout.deploy import benchmark as rt
     from mambaout.inference.precision import cpu_bf16_support
 
-    name = args.models[0]
+    name, cpu = args.models[0], device_name(torch.device("cpu"))
     sizes = tuple(sorted({1, args.batch_size}))
     rows = rt.runtime_rows(
         name, sizes, args.img_size, args.iters, args.warmup, args.calib, compile=args.compile, rounds=args.rounds,
@@ -358,20 +316,15 @@ def runtimes_main(args) -> int:
     )  # fmt: skip
     versions = _versions()
     print(
-        f"{device_name(torch.device('cpu'))}, {name} at {args.img_size} px, each row in its own process, median of "
-        f"{args.iters * args.rounds} steps, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; "
-        f"{versions}"
+        f"{cpu}, {name} at {args.img_size} px, each row in its own process, median of {args.iters * args.rounds} "
+        f"steps, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; {versions}"
     )
     print(rt.format_runtime_table(rows))
-    native, cpu = cpu_bf16_support()
     peaks = {d: rt.gemm_peak_gflops(d) for d in ("fp32", "int8")}
-    peaks["bf16"] = rt.gemm_peak_gflops("bf16") if native else None
+    peaks["bf16"] = rt.gemm_peak_gflops("bf16") if cpu_bf16_support()[0] else None
     for line in rt.roofline_lines(rows, count_macs(shape_only_model(name), args.img_size), peaks):
         print(line)
-    if args.csv:
-        write_csv([dict(r, device=device_name(torch.device("cpu")), versions=versions) for r in rows], args.csv)
-        print(f"rows appended to {args.csv}")
-    return 0
+    return [dict(r, device=cpu, versions=versions) for r in rows]
 
 
 def _versions() -> str:
@@ -398,19 +351,10 @@ def _dtype(args: argparse.Namespace) -> str:
 def main(argv: list[str] | None = None) -> int:
     from mambaout.utils.device import resolve_device
     from mambaout.utils.files import check_writable
-    from mambaout.utils.limits import check_img_size
 
     parser = get_args_parser()
     args = parser.parse_args(argv)
     try:
-        if args.threads is not None and args.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {args.threads}")
-        for flag, value, least in (("--batch-size", args.batch_size, 1), ("--iters", args.iters, 1)):
-            if value < least:
-                raise ValueError(f"{flag} must be >= {least}, got {value}")
-        if args.warmup < 0:
-            raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
-        check_img_size(args.img_size)
         resolve_device(args.device)
         args.dtype = _dtype(args)
         if args.csv:
@@ -421,49 +365,30 @@ def main(argv: list[str] | None = None) -> int:
         from mambaout.utils.threads import set_threads
 
         set_threads(args.threads)
-    if args.runtimes:
-        if torch.device(args.device).type != "cpu":
-            parser.error("--runtimes compares CPU runtimes: pass --device cpu")
-        try:
-            return runtimes_main(args)
-        except ValueError as e:
-            print(f"mambaout benchmark: {e}")
-            return 2
-    elif args.calib or args.only or args.rounds != 1:
+    if args.runtimes and torch.device(args.device).type != "cpu":
+        parser.error("--runtimes compares CPU runtimes: pass --device cpu")
+    if not args.runtimes and (args.calib or args.only or args.rounds != 1):
         parser.error("--calib, --only and --rounds apply to --runtimes only")
-    rows = []
-    for name in args.models:
-        try:
-            rows += benchmark_model(
-                name,
-                mode=args.mode,
-                batch_size=args.batch_size,
-                dtype=args.dtype,
-                compile=args.compile,
-                channels_last=args.channels_last,
-                device=args.device,
-                img_size=args.img_size,
-                warmup=args.warmup,
-                iters=args.iters,
-                with_reference=args.with_reference,
-                with_fused=args.fused_kernels,
+    keys = ("mode", "batch_size", "dtype", "compile", "channels_last", "device", "img_size", "warmup", "iters")
+    options = {k: getattr(args, k) for k in (*keys, "with_reference")}
+    try:
+        if args.runtimes:
+            rows = _runtimes(args)
+        else:
+            rows = [r for name in args.models for r in benchmark_model(name, **options, with_fused=args.fused_kernels)]
+            print(
+                f"{rows[0]['device']}, torch {rows[0]['torch']}, {args.mode}, {args.dtype}, batch {args.batch_size}, "
+                f"{args.img_size}px, compile={args.compile}, channels_last={args.channels_last}, "
+                f"median of {args.iters} interleaved steps"
             )
-        except ValueError as e:
-            print(f"mambaout benchmark: {e}")
-            return 2
-    r0 = rows[0]
-    print(
-        f"{r0['device']}, torch {r0['torch']}, {args.mode}, {args.dtype}, batch {args.batch_size}, "
-        f"{args.img_size}px, compile={args.compile}, channels_last={args.channels_last}, "
-        f"median of {args.iters} interleaved steps"
-    )
-    print(format_table(rows))
-    csv_path = args.csv
-    if csv_path:
+            print(format_table(rows))
+    except ValueError as e:
+        print(f"mambaout benchmark: {e}")
+        return 2
+    if args.csv:
         try:
-            write_csv(rows, csv_path)
+            write_csv(rows, args.csv)
         except OSError as e:
-            print(f"mambaout benchmark: cannot append to --csv {csv_path} ({e})", file=sys.stderr)
-            return 2
-        print(f"rows appended to {csv_path}")
+            return fail("benchmark", f"cannot append to --csv {args.csv} ({e})")
+        print(f"rows appended to {args.csv}")
     return 0

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 
 import torch
 
-from mambaout.cli.common import Parser
+from mambaout.cli.common import Parser, fail, one_line
 from mambaout.utils.device import cpu_name
+from mambaout.utils.limits import check_img_size
 from mambaout.utils.text import count
 
 MAX_WORKERS = 256  # the training config's bound on `workers` (DataConfig), which checks it again
@@ -50,8 +50,7 @@ def _time(loader, batches: int, warmup: int, device: torch.device) -> float:
         next(it)
     n, t0 = 0, time.perf_counter()
     for _ in range(batches):
-        x = next(it)[0]
-        n += x.shape[0]
+        n += next(it)[0].shape[0]
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return n / (time.perf_counter() - t0)
@@ -61,34 +60,22 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = Parser(prog="mambaout data-bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--data-train", help="ImageFolder directory or .tar (default: the recipe's data_train)")
     p.add_argument("--recipe", default="imagenette-h100", help="augmentation settings to use (default %(default)s)")
-    p.add_argument("--img-size", type=int, help="override the recipe's img_size")
-    p.add_argument("--batch-size", "-b", type=int, default=128)
+    p.add_argument("--img-size", type=int, check=check_img_size, help="override the recipe's img_size")
+    p.add_argument("--batch-size", "-b", type=int, default=128, least=1)
+    workers_help = f"loader processes (default: all cores, at most {MAX_WORKERS})"
     p.add_argument(
-        "--workers",
-        "-j",
-        type=int,
-        default=min(os.cpu_count() or 1, MAX_WORKERS),
-        help=f"loader processes (default: all cores, at most {MAX_WORKERS})",
+        "--workers", "-j", type=int, default=min(os.cpu_count() or 1, MAX_WORKERS), least=0, help=workers_help
     )
-    p.add_argument("--batches", type=int, default=20, help="timed batches per pipeline")
-    p.add_argument("--warmup", type=int, default=3, help="untimed batches first")
+    p.add_argument("--batches", type=int, default=20, least=1, help="timed batches per pipeline")
+    p.add_argument("--warmup", type=int, default=3, least=0, help="untimed batches first")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--only", nargs="+", choices=["cpu", "gpu", "timm"], default=["cpu", "gpu", "timm"])
     return p
 
 
-def _one_line(e: Exception) -> str:
-    """The message of `e`; for an error re-raised from a loader worker, only its last line (the original error)."""
-    text = str(e).strip()
-    return text.splitlines()[-1] if "Traceback" in text else text
-
-
 def _resolve(args):
-    """(config, device, images in the set) of the command line, through `mambaout train`'s resolution and checks.
-
-    Raises:
-        ValueError, FileNotFoundError: one line naming the bad option or data set.
-    """
+    """(config, device, images in the set) of the command line, through `mambaout train`'s resolution and checks;
+    ValueError or FileNotFoundError, one line, naming a bad option or data set."""
     from mambaout.data.datasets import ImageDataset
     from mambaout.data.gpu_aug import GpuAugment
     from mambaout.training.config import resolve_config
@@ -97,17 +84,12 @@ def _resolve(args):
     # batch size, workers and image size bounded as for training; mixup off, since no pipeline here mixes (an odd
     # batch is then fine)
     overrides = dict(recipe=args.recipe, batch_size=args.batch_size, workers=args.workers, mixup=0.0, cutmix=0.0)
-    if args.img_size:
-        overrides["img_size"] = args.img_size
-    if args.data_train:
-        overrides["data_train"] = args.data_train
+    overrides |= {k: v for k, v in dict(img_size=args.img_size, data_train=args.data_train).items() if v}
     cfg = resolve_config(overrides, require_data=False)
     device = resolve_device(args.device)
     if cfg.data.data_train is None:
-        raise ValueError(
-            f"recipe {cfg.run.recipe!r} names no data: pass --data-train PATH (an ImageFolder directory or a .tar of "
-            "one)"
-        )
+        what = "an ImageFolder directory or a .tar of one"
+        raise ValueError(f"recipe {cfg.run.recipe!r} names no data: pass --data-train PATH ({what})")
     if not os.path.exists(cfg.data.data_train):
         raise FileNotFoundError(f"no data at {cfg.data.data_train!r}; pass --data-train PATH")
     if "gpu" in args.only:
@@ -165,29 +147,15 @@ def _bench(args, cfg, device: torch.device) -> tuple[dict[str, float], list[str]
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mambaout.utils.limits import check_img_size
     from mambaout.utils.text import printable
 
-    parser = get_args_parser()
-    args = parser.parse_args(argv)
-    for flag, value, least in (("--batches", args.batches, 1), ("--batch-size", args.batch_size, 1)):
-        if value < least:
-            parser.error(f"{flag} must be >= {least}, got {value}")
-    for flag, value in (("--warmup", args.warmup), ("--workers", args.workers)):
-        if value < 0:
-            parser.error(f"{flag} must be >= 0, got {value}")
-    if args.img_size is not None:
-        try:
-            check_img_size(args.img_size)
-        except ValueError as e:
-            parser.error(str(e))
+    args = get_args_parser().parse_args(argv)
     try:
         cfg, device, n_images = _resolve(args)
         torch.set_num_threads(os.cpu_count() or 1)
         rows, notes = _bench(args, cfg, device)
     except (ValueError, FileNotFoundError) as e:  # the set's own trouble (all unreadable, ...) met while timing
-        print(f"mambaout data-bench: {printable(_one_line(e))}", file=sys.stderr)
-        return 2
+        return fail("data-bench", printable(one_line(e)))
     bs, aug = args.batch_size, cfg.augment
     per_epoch = n_images // bs
     if args.warmup + args.batches > per_epoch:
@@ -209,7 +177,3 @@ def main(argv: list[str] | None = None) -> int:
     for note in notes:
         print(note)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

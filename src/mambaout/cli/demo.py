@@ -10,10 +10,10 @@ import argparse
 import os
 import shutil
 import signal
-import sys
 import tempfile
+import threading
 
-from mambaout.cli.common import DEFAULT_MODEL, Parser, add_weights_args, weights_kwargs
+from mambaout.cli.common import DEFAULT_MODEL, Parser, add_shared, fail, weights_kwargs
 
 
 def _port(value: str) -> int:
@@ -37,32 +37,28 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--checkpoint", nargs="+", default=None, help="weights file(s) offered, listed first")
     parser.add_argument("--random-weights", action="store_true", help="offer --model at random initialisation")
-    parser.add_argument("--topk", type=int, default=5, help="labels shown per image (default 5)")
+    parser.add_argument("--topk", type=int, default=5, least=1, help="labels shown per image (default 5)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: reachable from others)")
     parser.add_argument("--port", type=_port, default=7860, help="port (default 7860)")
-    parser.add_argument("--max-upload-mb", type=int, default=20, help="largest upload accepted, MiB (default 20)")
+    upload_help = "largest upload accepted, MiB (default 20)"
+    parser.add_argument("--max-upload-mb", type=int, default=20, least=1, help=upload_help)
     parser.add_argument(
         "--examples", default=None, help="folder of example images (default: the photos shipped with the package)"
     )
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
-    add_weights_args(parser)
+    add_shared(parser, "--num-classes", "--use-ema")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = get_args_parser()
     args = parser.parse_args(argv)
-    if args.topk < 1:
-        parser.error(f"--topk must be >= 1, got {args.topk}")
-    if args.max_upload_mb < 1:
-        parser.error(f"--max-upload-mb must be >= 1, got {args.max_upload_mb}")
     if args.checkpoint and args.random_weights:
         parser.error("--checkpoint and --random-weights exclude each other; pass one")
     try:
         from mambaout.inference.demo_app import build_app, launch
     except ImportError as e:
-        print(f"mambaout demo: {e}; install the demo extra: pip install 'mambaout[demo]'", file=sys.stderr)
-        return 2
+        return fail("demo", f"{e}; install the demo extra: pip install 'mambaout[demo]'")
     from mambaout.utils.device import resolve_device
     from mambaout.weights.checkpoint import CheckpointError, DownloadError
 
@@ -70,10 +66,11 @@ def main(argv: list[str] | None = None) -> int:
     if models is None and not args.checkpoint:
         models = [DEFAULT_MODEL + ("" if args.random_weights else ".in1k")]
     # Uploads go to a folder of this process only, removed when it ends (Ctrl+C or SIGTERM).
-    uploads = tempfile.mkdtemp(prefix="mambaout-demo-", dir=os.environ.get("GRADIO_TEMP_DIR") or None)
     previous = os.environ.get("GRADIO_TEMP_DIR")
+    uploads = tempfile.mkdtemp(prefix="mambaout-demo-", dir=previous or None)
     os.environ["GRADIO_TEMP_DIR"] = uploads
-    handler = signal.signal(signal.SIGTERM, _exit_on_sigterm) if _main_thread() else None
+    main_thread = threading.current_thread() is threading.main_thread()
+    handler = signal.signal(signal.SIGTERM, _exit_on_sigterm) if main_thread else None
     try:
         device = str(resolve_device(args.device))
         if args.use_ema and not args.checkpoint:
@@ -82,8 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         app = build_app(models, args.checkpoint, args.random_weights, args.topk, args.examples, device, model_kwargs)
         launch(app, host=args.host, port=args.port, max_file_size=f"{args.max_upload_mb}mb")
     except (ValueError, OSError, CheckpointError, DownloadError) as e:  # OSError: the port is taken
-        print(f"mambaout demo: {e}", file=sys.stderr)
-        return 2
+        return fail("demo", e)
     finally:
         shutil.rmtree(uploads, ignore_errors=True)
         if previous is None:
@@ -97,9 +93,3 @@ def main(argv: list[str] | None = None) -> int:
 
 def _exit_on_sigterm(signum, frame):
     raise SystemExit(0)  # unwinds through main's `finally`, which removes the uploads
-
-
-def _main_thread() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()

@@ -17,9 +17,10 @@ import yaml
 from mambaout.cli.common import (
     Parser,
     add_amp_argument,
-    add_command_arguments,
-    add_settings,
+    fail,
     given_settings,
+    one_line,
+    settings_parser,
     smoke_steps,
     stdout_failed,
 )
@@ -28,43 +29,19 @@ from mambaout.utils.text import count, printable
 ACTIONS = ("train", "validate", "predict")
 
 
-def _data_args(p: argparse.ArgumentParser, task: str) -> None:
-    from mambaout.dense.tasks import TASKS
-
-    g = p.add_argument_group("data")
-    g.add_argument(
-        "--data",
-        help="dataset root (detect: images/<split>/ or <split>/ and annotations/instances_<split>"
-        ".json; segment: images/<split>/ and annotations/<split>/)",
-    )
-    g.add_argument("--val-split", help="validation split under --data")
-    g.add_argument("--val-images", help="validation image folder")
-    g.add_argument("--val-labels", help=f"validation labels: {TASKS[task].labels_help}")
-    g.add_argument("--max-val-images", type=int, help="evaluate only the first N validation images")
-    g.add_argument("--workers", "-j", type=int, help="data loader processes")
-
-
+@functools.lru_cache(maxsize=2)
 def train_parser(task: str) -> argparse.ArgumentParser:
-    """The options: one per setting of the task (`mambaout.dense.config.schema`), and the few that are no setting."""
+    """The options: one per setting of the task (`mambaout.dense.config.schema`), and the few that are no setting;
+    built once per process and task (parsing leaves it as it was)."""
     from mambaout.dense.config import schema
     from mambaout.dense.tasks import TASKS
 
-    p = Parser(
-        prog=f"mambaout {task} train",
-        description=f"Train a MambaOut {TASKS[task].network}. Resolution: defaults < "
-        "--recipe (--list-recipes) < options given here. Every setting is also --set KEY=VALUE (or "
-        "SECTION.KEY=VALUE); docs/settings.md lists them.",
-        argument_default=argparse.SUPPRESS,
+    description = (
+        f"Train a MambaOut {TASKS[task].network}. Resolution: defaults < --recipe (--list-recipes) < options given "
+        "here. Every setting is also --set KEY=VALUE (or SECTION.KEY=VALUE); docs/settings.md lists them."
     )
-    add_command_arguments(p, f"{task} train")
-    p.add_argument("--recipe", help="dense recipe name or YAML path (--list-recipes)")
-    add_settings(p, schema(task))
-    return p
-
-
-@functools.lru_cache(maxsize=2)
-def _train_parser(task: str) -> argparse.ArgumentParser:
-    return train_parser(task)  # built once per process and task: parsing leaves it as it was
+    recipe = (["--recipe"], dict(help="dense recipe name or YAML path (--list-recipes)"))
+    return settings_parser(f"mambaout {task} train", description, schema(task), f"{task} train", recipe)
 
 
 # options that set a second setting too: one size for the detector's training and evaluation
@@ -76,12 +53,12 @@ def _overrides(args: argparse.Namespace, task: str) -> dict:
     from mambaout.dense.config import schema
 
     sch = schema(task)
-    out = {s.key: v for s, v in given_settings(sch, args).items()}
+    options, sets = given_settings(sch, args)
+    out = {s.key: v for s, v in options.items()}
     for key, (other, value) in _LINKED.items():
         if key in out and any(s.key == other for s in sch.settings):
             out[other] = value(out[key])
-    out.update({s.key: v for s, v in sch.parse_set(getattr(args, "overrides", None)).items()})
-    return out
+    return out | {s.key: v for s, v in sets.items()}
 
 
 def _smoke_cap(cfg) -> None:
@@ -100,7 +77,7 @@ def train(task: str, argv: list[str]) -> int:
     from mambaout.dense.tasks import train as fit
     from mambaout.utils.optional import MissingDependency
 
-    args = _train_parser(task).parse_args(argv)
+    args = train_parser(task).parse_args(argv)
     if getattr(args, "list_recipes", False):
         print(recipes_table(task))
         return 0
@@ -135,7 +112,17 @@ def validate_parser(task: str) -> argparse.ArgumentParser:
 
     p = Parser(prog=f"mambaout {task} validate", description=TASKS[task].validate_help)
     p.add_argument("--checkpoint", required=True, help=f"weights written by mambaout {task} train")
-    _data_args(p, task)
+    g = p.add_argument_group("data")
+    g.add_argument(
+        "--data",
+        help="dataset root (detect: images/<split>/ or <split>/ and annotations/instances_<split>"
+        ".json; segment: images/<split>/ and annotations/<split>/)",
+    )
+    g.add_argument("--val-split", help="validation split under --data")
+    g.add_argument("--val-images", help="validation image folder")
+    g.add_argument("--val-labels", help=f"validation labels: {TASKS[task].labels_help}")
+    g.add_argument("--max-val-images", type=int, help="evaluate only the first N validation images")
+    g.add_argument("--workers", "-j", type=int, default=0, help="data loader processes")
     TASKS[task].validate_options(p)
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     add_amp_argument(p, default="auto")
@@ -148,14 +135,8 @@ def _val_config(task: str, args, meta: dict):
     from mambaout.dense.config import DataConfig, RunConfig, TrainConfig, check
     from mambaout.dense.tasks import TASKS
 
-    data = DataConfig(
-        data=args.data,
-        val_split=args.val_split or meta.get("val_split"),  # the training run's, unless given
-        val_images=args.val_images,
-        val_labels=args.val_labels,
-        workers=args.workers if args.workers is not None else 0,
-        max_val_images=args.max_val_images,
-    )
+    given = {k: getattr(args, k) for k in ("data", "val_images", "val_labels", "workers", "max_val_images")}
+    data = DataConfig(**given, val_split=args.val_split or meta.get("val_split"))  # the training run's, unless given
     data.scale = meta.get("eval_scale", data.scale)  # a segmenter's, as it was trained to be evaluated
     cfg = RunConfig(task, TASKS[task].model_config(**meta["dense_model"]), data, TrainConfig(steps=1))
     check(cfg)  # --max-val-images 0, --workers -1, ... as train refuses them
@@ -188,8 +169,7 @@ def validate(task: str, argv: list[str]) -> int:
     amp_dtype = autocast_setting(args.amp, device)[1]
     results, tables = t.validate(model, val_set, device, amp_dtype, args, meta["class_names"])
     for m, table in zip(results.values(), tables):  # as detectron2: COCO's summary, then the table
-        summary = m.pop("summary", None)
-        if summary:
+        if summary := m.pop("summary", None):
             print(summary)
         print(table)
     for name, m in results.items():
@@ -246,12 +226,11 @@ def predict(task: str, argv: list[str]) -> int:
             print(f"mambaout {task} predict: skipped {printable(e)}", file=sys.stderr)
             failed += 1
             continue
-        picture = pictures[path]
         with torch.no_grad():
-            drawn, record = each(model, path, img, to_tensor(img).to(device), picture)
+            drawn, record = each(model, path, img, to_tensor(img).to(device), pictures[path])
         records.append(record)
-        atomic_write(picture, lambda tmp, drawn=drawn: drawn.save(tmp, format="PNG"))
-        print(f"{printable(path)} -> {printable(picture)}", flush=True)  # a name cannot write to the terminal
+        atomic_write(pictures[path], lambda tmp, drawn=drawn: drawn.save(tmp, format="PNG"))
+        print(f"{printable(path)} -> {printable(pictures[path])}", flush=True)  # a name cannot write to the terminal
     atomic_write_text(out / "predictions.json", json.dumps(records, indent=1))
     written = finish(out)
     print(f"{count(len(records), 'picture')} and {written} in {out}" + (f"; {failed} unreadable" if failed else ""))
@@ -280,17 +259,11 @@ def main(task: str, argv: list[str] | None) -> int:
         ).parse_args(argv)
     action, rest = argv[0], argv[1:]
     if action not in ACTIONS:
-        print(
-            f"mambaout {task}: unknown action {action!r}: expected one of {', '.join(ACTIONS)} (options: mambaout {task} --help)",
-            file=sys.stderr,
-        )
-        return 2
+        expected = f"expected one of {', '.join(ACTIONS)} (options: mambaout {task} --help)"
+        return fail(task, f"unknown action {action!r}: {expected}")
     try:
         return {"train": train, "validate": validate, "predict": predict}[action](task, rest)
     except (ValueError, OSError, CheckpointError, MissingDependency) as e:
         if stdout_failed(e):
             raise  # a closed pipe (`... | head -1`) or a full stdout: mambaout.cli.main ends it
-        text = str(e).strip()
-        text = text.splitlines()[-1] if "Traceback" in text else text  # an error re-raised from a loader worker
-        print(f"mambaout {task} {action}: {text}", file=sys.stderr)
-        return 2
+        return fail(f"{task} {action}", one_line(e))

@@ -10,24 +10,51 @@ import math
 import sys
 from pathlib import Path
 
-from mambaout.cli.common import Parser, add_model_args, build_model, stdout_failed
+from mambaout.cli.common import MODEL_OPTIONS, Parser, add_shared, build_model, fail, stdout_failed
 from mambaout.utils.files import check_writable
 from mambaout.utils.limits import check_img_size
 from mambaout.utils.text import count
 
 
 def main(argv: list[str] | None = None) -> int:
+    from mambaout.utils.optional import MissingDependency
+    from mambaout.weights.checkpoint import CheckpointError, DownloadError
+
     parser = export_parser()
     args = parser.parse_args(argv)
     fmt = _output_format(parser, args)
-    if _dense_task(args.checkpoint):
-        return _export_dense(args, fmt)
-    return _export_classifier(args, fmt)
+    try:
+        written = (_export_dense if _dense_task(args.checkpoint) else _export_classifier)(args, fmt)
+    except ImportError as e:
+        return fail("export", f"{e}; install the export extra: pip install 'mambaout[export]'")
+    except (ValueError, OSError, CheckpointError, DownloadError) as e:
+        if stdout_failed(e):
+            raise  # a closed pipe or a full stdout: mambaout.cli.main ends it
+        return fail("export", e)
+    if written is None:  # an hf folder, named in its own line
+        return 0
+    path, compare = written
+    print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)", file=sys.stderr)
+    if not args.check:
+        return 0
+    try:
+        diff, what, tolerance = compare()
+    except MissingDependency as e:
+        return fail("export", e)
+    except ValueError as e:
+        return fail("export", f"the check failed: {e}", 1)
+    print(f"max abs diff vs PyTorch ({what}): {diff:.2e}", file=sys.stderr)
+    if not math.isfinite(diff):  # NaN compares False with everything: `nan > 1e-4` would pass the check
+        why = f"the difference from PyTorch is {diff} (non-finite logits from the export or from PyTorch)"
+        return fail("export", f"the check failed: {why}", 1)
+    if diff > tolerance:
+        return fail("export", f"the exported model disagrees with PyTorch beyond {tolerance:g}", 1)
+    return 0
 
 
 def export_parser() -> Parser:
     parser = Parser(prog="mambaout export", description=__doc__)
-    add_model_args(parser)
+    add_shared(parser, *MODEL_OPTIONS)
     parser.add_argument(
         "--format",
         choices=("onnx", "onnx-int8", "openvino", "pt2", "hf"),
@@ -36,25 +63,18 @@ def export_parser() -> Parser:
         "hf: a folder with config.json + model.safetensors (timm's Hub layout)",
     )
     parser.add_argument("--calib", default=None, help="onnx-int8: a folder of images to calibrate on (any layout)")
-    parser.add_argument(
-        "--calib-images", type=int, default=256, help="onnx-int8: calibration images drawn from --calib (default 256)"
-    )
-    parser.add_argument(
-        "destination",
-        nargs="?",
-        default=None,
-        metavar="OUTPUT",
-        help="file to write (.onnx, .xml for openvino, .pt2), or folder for hf",
-    )
+    calib_help = "onnx-int8: calibration images drawn from --calib (default 256)"
+    parser.add_argument("--calib-images", type=int, default=256, least=1, help=calib_help)
+    output_help = "file to write (.onnx, .xml for openvino, .pt2), or folder for hf"
+    parser.add_argument("destination", nargs="?", default=None, metavar="OUTPUT", help=output_help)
     parser.add_argument("--output", "-o", default=None, help="the same as OUTPUT, as an option")
-    parser.add_argument("--img-size", type=int, default=None, help="input side in pixels (default: the model's)")
-    parser.add_argument(
-        "--opset", type=int, default=None, help="ONNX opset, 18 to the installed onnx's newest (default 18)"
-    )
+    img_help = "input side in pixels (default: the model's)"
+    parser.add_argument("--img-size", type=int, default=None, check=check_img_size, help=img_help)
+    opset_help = "ONNX opset, 18 to the installed onnx's newest (default 18)"
+    parser.add_argument("--opset", type=int, default=None, help=opset_help)
     parser.add_argument("--check", action="store_true", help="run the export and PyTorch side by side and compare")
-    parser.add_argument(
-        "--overwrite", action="store_true", help="hf: replace another model's export found in the --output folder"
-    )
+    overwrite_help = "hf: replace another model's export found in the --output folder"
+    parser.add_argument("--overwrite", action="store_true", help=overwrite_help)
     return parser
 
 
@@ -66,24 +86,20 @@ def _output_format(parser: Parser, args) -> str:
     args.output = args.output or args.destination
     if args.output is None:
         parser.error("name the file or folder to write: mambaout export [options] OUTPUT (or --output OUTPUT)")
-    fmt = args.format or {".pt2": "pt2", ".onnx": "onnx", ".xml": "openvino"}.get(Path(args.output).suffix.lower())
+    suffix = Path(args.output).suffix.lower()
+    fmt = args.format or {".pt2": "pt2", ".onnx": "onnx", ".xml": "openvino"}.get(suffix)
     if fmt is None:
         parser.error(f"cannot tell the format from {args.output!r}: pass --format onnx, onnx-int8, openvino or pt2")
     if (fmt == "onnx-int8") != (args.calib is not None):
         parser.error("--format onnx-int8 needs --calib DIR (images to calibrate on), and --calib only applies to it")
-    if args.calib_images < 1:
-        parser.error(f"--calib-images must be >= 1, got {args.calib_images}")
     if fmt == "hf" and args.check:
         parser.error("--check applies to onnx and pt2; an hf folder holds the weights themselves")
-    suffix = Path(args.output).suffix.lower()
     want = {"onnx-int8": ".onnx", "openvino": ".xml"}.get(fmt, f".{fmt}")
     if suffix in (".onnx", ".pt2", ".xml") and suffix != want:
         parser.error(
             f"--format {fmt} would write {fmt} bytes into {args.output}; name the file {want}, or drop --format"
         )
     try:
-        if args.img_size is not None:
-            check_img_size(args.img_size)
         if fmt != "hf":  # hf writes a folder
             check_writable(args.output, "--output", inputs=[args.checkpoint])
     except ValueError as e:
@@ -93,65 +109,36 @@ def _output_format(parser: Parser, args) -> str:
     return fmt
 
 
-def _export_classifier(args, fmt: str) -> int:
-    """A classification model (`--model`, `--checkpoint`) in `fmt`, with `--check` against PyTorch."""
+def _export_classifier(args, fmt: str):
+    """A classification model (`--model`, `--checkpoint`) in `fmt`: None for an hf folder, else the file written and
+    its check (`(max abs difference, what was compared, tolerance)` against PyTorch)."""
     from mambaout.inference.export import DEFAULT_OPSET, check_opset, export_onnx, export_pt2
-    from mambaout.weights.checkpoint import CheckpointError, DownloadError
 
-    try:
-        if args.opset is not None:
-            check_opset(args.opset)  # before the model is built
-        model = build_model(args)
-        if fmt == "hf":
-            from mambaout.inference.predictor import class_names_for
-            from mambaout.weights.hub import export_hf
+    if args.opset is not None:
+        check_opset(args.opset)  # before the model is built
+    model = build_model(args)
+    if fmt == "hf":
+        from mambaout.inference.predictor import class_names_for
+        from mambaout.weights.hub import export_hf
 
-            names = class_names_for(model)  # the words `mambaout predict` prints, for transformers' id2label
-            labels = [names.label(i) for i in range(model.num_classes)]
-            folder = export_hf(model, args.output, labels, overwrite=args.overwrite)
-            print(f"wrote {folder}/config.json and model.safetensors (timm: create_model('local-dir:{folder}'))")
-            return 0
-        if fmt == "onnx":
-            path = export_onnx(model, args.output, args.img_size, args.opset or DEFAULT_OPSET)
-        elif fmt == "onnx-int8":
-            path = _export_int8(model, args)
-        elif fmt == "openvino":
-            from mambaout.deploy.runtimes import export_openvino
+        names = class_names_for(model)  # the words `mambaout predict` prints, for transformers' id2label
+        labels = [names.label(i) for i in range(model.num_classes)]
+        folder = export_hf(model, args.output, labels, overwrite=args.overwrite)
+        print(f"wrote {folder}/config.json and model.safetensors (timm: create_model('local-dir:{folder}'))")
+        return None
+    if fmt == "onnx":
+        path = export_onnx(model, args.output, args.img_size, args.opset or DEFAULT_OPSET)
+    elif fmt == "onnx-int8":
+        path = _export_int8(model, args)
+    elif fmt == "openvino":
+        from mambaout.deploy.runtimes import export_openvino
 
-            path = export_openvino(model, args.output, args.img_size, args.opset)
-        else:
-            path = export_pt2(model, args.output, args.img_size)
-    except ImportError as e:
-        print(f"mambaout export: {e}; install the export extra: pip install 'mambaout[export]'", file=sys.stderr)
-        return 2
-    except (ValueError, OSError, CheckpointError, DownloadError) as e:
-        if stdout_failed(e):
-            raise  # a closed pipe or a full stdout: mambaout.cli.main ends it
-        print(f"mambaout export: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)", file=sys.stderr)
-    if args.check:
-        from mambaout.utils.optional import MissingDependency
-
-        try:
-            diff = check_export(model, path, fmt, args.img_size)
-        except MissingDependency as e:
-            print(f"mambaout export: {e}", file=sys.stderr)
-            return 2
-        print(f"max abs diff vs PyTorch (batch 3): {diff:.2e}", file=sys.stderr)
-        if not math.isfinite(diff):  # NaN compares False with everything: `nan > 1e-4` would pass the check
-            print(
-                f"mambaout export: the check failed: the difference from PyTorch is {diff} (non-finite logits from "
-                "the export or from PyTorch)",
-                file=sys.stderr,
-            )
-            return 1
-        if fmt == "onnx-int8":  # int8 is not meant to equal fp32: its measure is top-1 (mambaout validate)
-            return 0
-        if diff > 1e-4:
-            print("mambaout export: the exported model disagrees with PyTorch beyond 1e-4", file=sys.stderr)
-            return 1
-    return 0
+        path = export_openvino(model, args.output, args.img_size, args.opset)
+    else:
+        path = export_pt2(model, args.output, args.img_size)
+    # int8 is not meant to equal fp32: its measure is top-1 (mambaout validate)
+    tolerance = math.inf if fmt == "onnx-int8" else 1e-4
+    return path, lambda: (check_export(model, path, fmt, args.img_size), "batch 3", tolerance)
 
 
 def _dense_task(checkpoint) -> str | None:
@@ -168,8 +155,9 @@ def _dense_task(checkpoint) -> str | None:
     return task if task in TASKS else None
 
 
-def _export_dense(args, fmt: str) -> int:
-    """A segmenter (UperNet) or detector (Mask / Faster R-CNN) checkpoint as ONNX, with `--check` against PyTorch.
+def _export_dense(args, fmt: str):
+    """A segmenter (UperNet) or detector (Mask / Faster R-CNN) checkpoint as ONNX, and its check, as
+    `_export_classifier`.
 
     The segmenter takes `[batch, 3, S, S]` RGB in [0, 1] (S: `--img-size`, default the evaluation scale's shorter
     side; normalised inside the graph) and gives logits `[batch, K, S, S]`; the detector takes one image `[3, H, W]`
@@ -177,42 +165,19 @@ def _export_dense(args, fmt: str) -> int:
     import torch
 
     from mambaout.dense.tasks import TASKS, Task
-    from mambaout.weights.checkpoint import CheckpointError
-
-    try:
-        if fmt != "onnx":
-            raise ValueError(f"a detection or segmentation checkpoint exports as onnx only, not {fmt}")
-        if args.model is not None or args.random_weights or args.use_ema or args.num_classes is not None:
-            raise ValueError(
-                "a detection or segmentation checkpoint carries its own model: leave out --model, "
-                "--random-weights, --use-ema and --num-classes"
-            )
-        model, meta = Task.from_checkpoint(args.checkpoint, torch.device("cpu"))
-        task = TASKS[meta["task"]]
-        path, hw = task.export_model(model, meta, args)
-    except ImportError as e:
-        print(f"mambaout export: {e}; install the export extra: pip install 'mambaout[export]'", file=sys.stderr)
-        return 2
-    except (ValueError, OSError, CheckpointError) as e:
-        if stdout_failed(e):
-            raise
-        print(f"mambaout export: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)", file=sys.stderr)
-    if not args.check:
-        return 0
     from mambaout.deploy.runtimes import ort_session
 
-    try:
-        diff, what, tolerance = task.check_export(model.eval(), ort_session(path), hw)
-    except ValueError as e:
-        print(f"mambaout export: the check failed: {e}", file=sys.stderr)
-        return 1
-    print(f"max abs diff vs PyTorch ({what}): {diff:.2e}", file=sys.stderr)
-    if not diff <= tolerance:  # NaN fails too
-        print(f"mambaout export: the exported model disagrees with PyTorch beyond {tolerance:g}", file=sys.stderr)
-        return 1
-    return 0
+    if fmt != "onnx":
+        raise ValueError(f"a detection or segmentation checkpoint exports as onnx only, not {fmt}")
+    if args.model is not None or args.random_weights or args.use_ema or args.num_classes is not None:
+        raise ValueError(
+            "a detection or segmentation checkpoint carries its own model: leave out --model, "
+            "--random-weights, --use-ema and --num-classes"
+        )
+    model, meta = Task.from_checkpoint(args.checkpoint, torch.device("cpu"))
+    task = TASKS[meta["task"]]
+    path, hw = task.export_model(model, meta, args)
+    return path, lambda: task.check_export(model.eval(), ort_session(path), hw)
 
 
 def _export_int8(model, args):
@@ -237,9 +202,7 @@ def check_export(model, path, fmt: str, img_size: int | None = None, batch_size:
     """Max abs difference of the exported model's logits from PyTorch's on random input (another batch size)."""
     import torch
 
-    _, h, w = model.pretrained_cfg["input_size"]
-    if img_size is not None:
-        h = w = img_size
+    h, w = (img_size, img_size) if img_size is not None else model.pretrained_cfg["input_size"][1:]
     x = torch.randn(batch_size, 3, h, w)
     with torch.no_grad():
         want = model.eval()(x)

@@ -14,10 +14,9 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import json
-import sys
 
 from mambaout.analysis.flops import plot_quadratic_share, transformer_flops
-from mambaout.cli.common import Parser, model_counts
+from mambaout.cli.common import Parser, fail, model_counts
 from mambaout.models.variants import list_models
 from mambaout.utils.files import check_writable
 from mambaout.utils.limits import check_img_size
@@ -31,15 +30,11 @@ def flops_rows(patterns: list[str] | None = None, img_size: int = 224) -> list[d
     rows = []
     for name in names:
         params, macs = model_counts(name, img_size)
-        rows.append(
-            dict(
-                model=name,
-                img_size=img_size,
-                params_m=round(params / 1e6, 2),
-                macs_g=None if macs is None else round(macs / 1e9, 2),
-                macs_m=None if macs is None else round(macs / 1e6, 1),  # small models at small sizes
-            )
-        )
+        row = dict(model=name, img_size=img_size, params_m=round(params / 1e6, 2))
+        if macs is None:
+            rows.append(dict(row, macs_g=None, macs_m=None))
+        else:  # MACs in millions too: small models at small sizes
+            rows.append(dict(row, macs_g=round(macs / 1e9, 2), macs_m=round(macs / 1e6, 1)))
     return rows
 
 
@@ -70,11 +65,7 @@ def format_transformer(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = Parser(
-        prog="mambaout flops",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = Parser(prog="mambaout flops", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", metavar="PATTERN", help="names or shell-style patterns (default: all)")
     parser.add_argument("--img-size", type=int, default=224, help="input resolution for the model count")
     parser.add_argument("--transformer", action="store_true", help="the Transformer FLOPs argument (Eq. 6-7)")
@@ -90,11 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         if any(d < 1 for d in args.dim) or any(t < 1 for t in args.tokens or []):
             parser.error("--dim and --tokens must be positive integers")
         tokens = args.tokens or [6 * args.dim[0]]
-        out = []
-        for d in args.dim:
-            rows = [transformer_flops(d, t) for t in tokens]
-            out.append(json.dumps(rows, indent=2) if args.json else format_transformer(rows))
-        print("\n\n".join(out))
+        tables = ([transformer_flops(d, t) for t in tokens] for d in args.dim)
+        print("\n\n".join(json.dumps(rows, indent=2) if args.json else format_transformer(rows) for rows in tables))
         if args.plot:
             try:
                 check_writable(args.plot, "--plot")
@@ -103,8 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 plot_quadratic_share(args.dim, args.plot, max_tokens=max(max(tokens), 4 * 6 * max(args.dim)))
             except OSError as e:
-                print(f"mambaout flops: {e}", file=sys.stderr)
-                return 2
+                return fail("flops", e)
             print(f"\nplot saved to {args.plot}")
         return 0
 

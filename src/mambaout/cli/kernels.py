@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 
 from mambaout import kernels
-from mambaout.cli.common import Parser
+from mambaout.cli.common import Parser, fail
 from mambaout.utils.text import count
 
 
@@ -76,19 +75,14 @@ def main(argv: list[str] | None = None) -> int:
         for r in results:
             n, total = n + 1, total + r.seconds
             flag = "  SLOW" if r.seconds > args.max_seconds else ""
-            print(f"{r.kernel:<24} {r.variant:<34} {r.config:<18} {r.seconds:>8.2f} {r.cubin_bytes / 1024:>9.1f}{flag}")
-            sys.stdout.flush()
+            line = f"{r.kernel:<24} {r.variant:<34} {r.config:<18} {r.seconds:>8.2f} {r.cubin_bytes / 1024:>9.1f}{flag}"
+            print(line, flush=True)
             if flag:
                 slow.append(r)
     except (ValueError, RuntimeError) as e:
-        print(f"mambaout kernels: {e}", file=sys.stderr)
-        return 2
+        return fail("kernels", e)
     print(f"{count(n, 'compile')} for {args.aot} in {total:.1f} s; slowest allowed {args.max_seconds:g} s")
     if slow:
-        print(
-            f"mambaout kernels: {count(len(slow), 'compile')} over {args.max_seconds:g} s, e.g. {slow[0].kernel} "
-            f"{slow[0].config}: a user's first forward on the fused path would stall",
-            file=sys.stderr,
-        )
-        return 1
+        first = f"{slow[0].kernel} {slow[0].config}: a user's first forward on the fused path would stall"
+        return fail("kernels", f"{count(len(slow), 'compile')} over {args.max_seconds:g} s, e.g. {first}", 1)
     return 0

@@ -22,17 +22,10 @@ def model_rows(pattern: str | None = None, img_size: int = 224) -> list[dict]:
             variant, _ = get_variant(name)
             params, macs = model_counts(name, img_size)
             w = variant.default_weights
-            rows.append(
-                dict(
-                    model=name,
-                    group=group,
-                    params_m=round(params / 1e6, 2),
-                    macs_g=None if macs is None else round(macs / 1e9, 2),
-                    top1=w.top1 if w else None,
-                    weights=[f"{name}.{x.tag}" for x in variant.weights],
-                    source=w.top1_source if w else "",
-                )
-            )
+            top1, source = (w.top1, w.top1_source) if w else (None, "")
+            macs_g = None if macs is None else round(macs / 1e9, 2)
+            row = dict(model=name, group=group, params_m=round(params / 1e6, 2), macs_g=macs_g, top1=top1)
+            rows.append(dict(row, weights=[f"{name}.{x.tag}" for x in variant.weights], source=source))
     return rows
 
 
@@ -59,13 +52,9 @@ def format_table(rows: list[dict], img_size: int) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = Parser(prog="mambaout models", description=__doc__.split("\n\n")[0])
     parser.add_argument("pattern", nargs="?", help="shell-style filter, e.g. '*_rw'")
-    parser.add_argument("--img-size", type=int, default=224, help="resolution for the MAC count")
+    parser.add_argument("--img-size", type=int, default=224, check=check_img_size, help="resolution for the MAC count")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)
-    try:
-        check_img_size(args.img_size)
-    except ValueError as e:
-        parser.error(str(e))
     rows = model_rows(args.pattern, args.img_size)
     if not rows:
         parser.error(f"no model matches {args.pattern!r}; run 'mambaout models' for the list")

@@ -5,31 +5,25 @@ from __future__ import annotations
 import sys
 
 from mambaout import kernels
-from mambaout.cli.common import Parser, add_dtype_argument, add_fused_kernels_argument, add_model_args, build_model
+from mambaout.cli.common import MODEL_OPTIONS, Parser, add_shared, build_model, fail
 from mambaout.utils.text import count
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = Parser(prog="mambaout predict", description=__doc__)
     parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER", help="image files and folders (recursed)")
-    add_model_args(parser)
-    parser.add_argument("--topk", type=int, default=5, help="classes to show per image (default 5)")
-    parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
-    parser.add_argument("--workers", type=int, default=0, help="decoding processes (default 0: decode inline)")
+    add_shared(parser, *MODEL_OPTIONS)
+    parser.add_argument("--topk", type=int, default=5, least=1, help="classes to show per image (default 5)")
+    batch_help = "images per forward pass (default 32)"
+    parser.add_argument("--batch-size", type=int, default=32, least=1, help=batch_help)
+    workers_help = "decoding processes (default 0: decode inline)"
+    parser.add_argument("--workers", type=int, default=0, least=0, help=workers_help)
     parser.add_argument("--json", action="store_true", help="print one JSON list (one entry per image) on stdout")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
-    add_fused_kernels_argument(parser)
-    add_dtype_argument(parser)
+    add_shared(parser, "--fused-kernels", "--dtype")
     args = parser.parse_args(argv)
     kernels.set_fused_kernels(args.fused_kernels)
-    if args.topk < 1:
-        parser.error(f"--topk must be >= 1, got {args.topk}")
-    if args.batch_size < 1:
-        parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.workers < 0:
-        parser.error(f"--workers must be >= 0, got {args.workers}")
-
     from mambaout.data.folders import unreadable_folder
     from mambaout.inference.precision import note, resolve_dtype
     from mambaout.inference.predictor import Predictor, dumps, find_images, format_text
@@ -41,17 +35,14 @@ def main(argv: list[str] | None = None) -> int:
         device = resolve_device(args.device)
         model = build_model(args)
     except (ValueError, FileNotFoundError, CheckpointError, DownloadError) as e:
-        print(f"mambaout predict: {printable(e)}", file=sys.stderr)
-        return 2
+        return fail("predict", printable(e))
     dtype, message = resolve_dtype(args.dtype, device)
     note(message, "mambaout predict")  # the one line saying bf16 falls back to fp32 here
     predictor = Predictor(model, topk=args.topk, device=device, dtype=dtype)
     paths = find_images(args.inputs)
     if not paths:
         why = unreadable_folder(args.inputs) or f"no images found in {' '.join(args.inputs)}"  # permission denied
-        print(f"mambaout predict: {printable(why)}", file=sys.stderr)
-        return 1
-
+        return fail("predict", printable(why), 1)
     results, n_ok = [], 0
     show_bar = not args.no_progress and len(paths) > args.batch_size
     for pred in predictor.iter_predict(paths, args.batch_size, args.workers, progress=show_bar):
@@ -67,6 +58,5 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(dumps(results))  # the only thing this command writes to stdout with --json
     if n_ok < len(results):
-        unread = f"{len(results) - n_ok} of {count(len(results), 'file')}"
-        print(f"mambaout predict: {unread} could not be read", file=sys.stderr)
+        fail("predict", f"{len(results) - n_ok} of {count(len(results), 'file')} could not be read")
     return 0 if n_ok else 1

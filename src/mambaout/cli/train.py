@@ -13,65 +13,42 @@ from pathlib import Path
 import yaml
 
 from mambaout import kernels
-from mambaout.cli.common import (
-    Parser,
-    add_command_arguments,
-    add_fused_kernels_argument,
-    add_settings,
-    given_settings,
-    smoke_steps,
-    stdout_failed,
-)
+from mambaout.cli.common import SHARED, fail, given_settings, one_line, settings_parser, smoke_steps, stdout_failed
 from mambaout.utils.text import printable
 
 
+@functools.lru_cache(maxsize=1)
 def get_args_parser() -> argparse.ArgumentParser:
-    """The options: one per setting (`mambaout.training.config.SCHEMA`), and the few that are no setting."""
+    """The options: one per setting (`mambaout.training.config.SCHEMA`), and the few that are no setting; built once
+    per process (parsing leaves it as it was)."""
     from mambaout.training.config import SCHEMA
 
-    p = Parser(
-        prog="mambaout train",
-        description="Train a MambaOut (or any registered model). Resolution: built-in official recipe < --recipe "
-        "< options given here. With no data, trains on scikit-learn's digits (recipe 'digits'). Every setting is "
-        "also --set KEY=VALUE (or SECTION.KEY=VALUE); docs/settings.md lists them.",
-        argument_default=argparse.SUPPRESS,
+    description = (
+        "Train a MambaOut (or any registered model). Resolution: built-in official recipe < --recipe < options "
+        "given here. With no data, trains on scikit-learn's digits (recipe 'digits'). Every setting is also --set "
+        "KEY=VALUE (or SECTION.KEY=VALUE); docs/settings.md lists them."
     )
-    add_command_arguments(p, "train")
-    p.add_argument("--experiment", help="timm's run name: the run folder is runs/NAME (or --output/NAME)")
-    add_fused_kernels_argument(p)
-    add_settings(p, SCHEMA)
-    return p
-
-
-@functools.lru_cache(maxsize=1)
-def _parser() -> argparse.ArgumentParser:
-    return get_args_parser()  # built once per process: parsing leaves it as it was
+    experiment = dict(help="timm's run name: the run folder is runs/NAME (or --output/NAME)")
+    extra = ((["--experiment"], experiment), (["--fused-kernels"], SHARED["--fused-kernels"]))
+    return settings_parser("mambaout train", description, SCHEMA, "train", *extra)
 
 
 def parse_overrides(argv: list[str] | None) -> tuple[dict, argparse.Namespace]:
     """The settings given on the command line, as flat keys, and the parsed namespace."""
     from mambaout.training.config import SCHEMA
 
-    args = _parser().parse_args(argv)
-    given = {s.name: v for s, v in given_settings(SCHEMA, args).items()}
+    args = get_args_parser().parse_args(argv)
+    options, sets = given_settings(SCHEMA, args)
+    given = {s.name: v for s, v in options.items()}
     if getattr(args, "experiment", None):  # timm's --output DIR --experiment NAME writes to DIR/NAME
         given["output"] = str(Path(given.get("output") or "runs") / args.experiment)
-    given.update({s.name: v for s, v in SCHEMA.parse_set(getattr(args, "overrides", None)).items()})
-    return given, args
-
-
-def _one_line(e: Exception) -> str:
-    """The message of `e`; for an error re-raised from a data-loader worker, only its last line (the original
-    error), not the worker's traceback that torch puts into the message."""
-    text = str(e).strip()
-    return printable(text.splitlines()[-1] if "Traceback" in text else text)
+    return given | {s.name: v for s, v in sets.items()}, args
 
 
 def _smoke_caps(flat: dict) -> dict:
-    """`MAMBAOUT_MAX_EPOCHS` (epochs) and `MAMBAOUT_MAX_STEPS` (optimizer steps of the whole run, as for the dense
-    commands) from the environment: the settings that cap a run to them (none when it is within them), so a
-    documented command can be smoke-tested as written (tests/test_docs.py). They are resolved and stored in the
-    run's config like any other setting. N steps are at most N epochs of at most N // epochs steps each."""
+    """The settings that cap a run to `MAMBAOUT_MAX_EPOCHS` epochs and `MAMBAOUT_MAX_STEPS` optimizer steps (as for
+    the dense commands; none when it is within them), so tests/test_docs.py runs a documented command as written;
+    stored in the run's config like any other setting. N steps are at most N epochs of at most N // epochs steps."""
     cap_epochs, cap_steps = smoke_steps("MAMBAOUT_MAX_EPOCHS"), smoke_steps("MAMBAOUT_MAX_STEPS")
     cap = min(c for c in (cap_epochs, cap_steps, 10**12) if c is not None)
     out = {}
@@ -80,9 +57,8 @@ def _smoke_caps(flat: dict) -> dict:
         cooldown = min(flat["cooldown_epochs"], cap - epochs)
         out.update(epochs=epochs, cooldown_epochs=cooldown, warmup_epochs=min(flat["warmup_epochs"], epochs - 1))
     if cap_steps is not None:
-        per_epoch = cap_steps // (
-            out.get("epochs", flat["epochs"]) + out.get("cooldown_epochs", flat["cooldown_epochs"])
-        )
+        capped = {**flat, **out}
+        per_epoch = cap_steps // (capped["epochs"] + capped["cooldown_epochs"])
         if flat["max_steps_per_epoch"] is None or flat["max_steps_per_epoch"] > per_epoch:
             out["max_steps_per_epoch"] = per_epoch
     return out
@@ -101,38 +77,24 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         print_config = getattr(args, "print_config", False)
         cfg = resolve_config(overrides, require_data=not print_config)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"mambaout train: {e}", file=sys.stderr)
-        return 2
-    if print_config:
-        flat = to_flat(cfg)
-        if flat["data_train"] is None:
-            print("# data is unset: pass --data DIR or --data-train PATH [--data-val PATH] to train")
-        print(yaml.safe_dump(flat, sort_keys=False))
-        return 0
-    try:
+        if print_config:
+            flat = to_flat(cfg)
+            if flat["data_train"] is None:
+                print("# data is unset: pass --data DIR or --data-train PATH [--data-val PATH] to train")
+            print(yaml.safe_dump(flat, sort_keys=False))
+            return 0
         caps = _smoke_caps(to_flat(cfg))
         if caps:
             cfg = resolve_config({**overrides, **caps})
             print(f"mambaout train: capped by the environment: {caps}", file=sys.stderr)
-    except ValueError as e:
-        print(f"mambaout train: {e}", file=sys.stderr)
-        return 2
+    except (ValueError, FileNotFoundError) as e:
+        return fail("train", e)
     kernels.set_fused_kernels(getattr(args, "fused_kernels", False))  # same numbers either way: not in the config
     try:
-        result = fit(cfg)
+        return 0 if fit(cfg) else 1
     except DownloadError as e:  # --pretrained offline: the weights file can be given instead
-        print(
-            f"mambaout train: {e.reason}; offline, pass the weights file as --initial-checkpoint PATH", file=sys.stderr
-        )
-        return 2
+        return fail("train", f"{e.reason}; offline, pass the weights file as --initial-checkpoint PATH")
     except (ValueError, OSError, MissingDependency) as e:  # OSError: a full disk, a taken folder, a missing file
         if stdout_failed(e):
             raise  # a closed pipe or a full stdout: mambaout.cli.main ends it
-        print(f"mambaout train: {_one_line(e)}", file=sys.stderr)
-        return 2
-    return 0 if result else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+        return fail("train", printable(one_line(e)))

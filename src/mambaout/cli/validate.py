@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from mambaout import kernels
-from mambaout.cli.common import Parser, add_dtype_argument, add_fused_kernels_argument, add_weights_args, weights_kwargs
+from mambaout.cli.common import Parser, add_shared, fail, weights_kwargs
 from mambaout.utils.limits import check_crop_pct, check_img_size
 from mambaout.utils.text import printable
 
@@ -28,33 +28,24 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="labelled images: an ImageFolder directory (<class>/<image>) or a .tar of one, or digits:val (the "
         "held-out split of the embedded digits)",
     )
-    p.add_argument(
-        "--model",
-        nargs="+",
-        default=[],
-        help="registered model name(s), space- or comma-separated; optional with a checkpoint from mambaout train",
-    )
-    p.add_argument(
-        "--checkpoint",
-        nargs="+",
-        default=[],
-        help="weights file(s), or exported models (.onnx run by ONNX Runtime, .xml by OpenVINO); pairs with --model",
-    )
+    names_help = "registered model name(s), space- or comma-separated; optional with a checkpoint from mambaout train"
+    p.add_argument("--model", nargs="+", default=[], help=names_help)
+    files_help = "weights file(s), or exported models (.onnx run by ONNX Runtime, .xml by OpenVINO); pairs with --model"
+    p.add_argument("--checkpoint", nargs="+", default=[], help=files_help)
     p.add_argument("--pretrained", action="store_true", help="use each --model's published weights")
-    p.add_argument(
-        "--random-weights", action="store_true", help="score --model at random initialisation (a chance baseline)"
-    )
-    add_weights_args(p)
+    random_help = "score --model at random initialisation (a chance baseline)"
+    p.add_argument("--random-weights", action="store_true", help=random_help)
+    add_shared(p, "--num-classes", "--use-ema")
     p.add_argument("--img-size", type=int, help="eval resolution (default: the weights' input size)")
     p.add_argument("--crop-pct", type=float, help="centre crop fraction (default: the weights' crop_pct)")
     p.add_argument("--batch-size", "-b", type=int, default=128, help="halved and retried on out-of-memory")
     p.add_argument("--workers", "-j", type=int, default=2)
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
     p.add_argument("--amp", action="store_true", help="bf16 autocast")
-    add_dtype_argument(p)
+    add_shared(p, "--dtype")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--results-file", help="write the results as JSON (top1/top5 in percent)")
-    add_fused_kernels_argument(p)
+    add_shared(p, "--fused-kernels")
     return p
 
 
@@ -141,6 +132,7 @@ def validate_one(name, checkpoint, args, device) -> dict:
     from mambaout.models.factory import create_model
     from mambaout.training.classify import evaluate
 
+    pretrained = bool(args.pretrained and checkpoint is None)
     dtype = getattr(args, "run_dtype", None) or getattr(args, "dtype", "fp32")  # run_dtype: after the hardware check
     if is_runtime_file(checkpoint):  # an exported model (ONNX, int8 ONNX, OpenVINO): its runtime runs it on CPU
         if device.type != "cpu" or getattr(args, "dtype", "fp32") != "fp32" or args.amp or args.channels_last:
@@ -151,23 +143,18 @@ def validate_one(name, checkpoint, args, device) -> dict:
         model = load_runtime_model(checkpoint)
     else:
         model = create_model(
-            name,
-            pretrained=args.pretrained and checkpoint is None,
-            checkpoint=checkpoint,
-            use_ema=args.use_ema,
-            **weights_kwargs(args),
+            name, pretrained=pretrained, checkpoint=checkpoint, use_ema=args.use_ema, **weights_kwargs(args)
         )
     settings = EvalSettings.from_dict(model.pretrained_cfg, f"{model.model_name}'s eval settings")
     dataset = eval_dataset(model, args.data, args.img_size, args.crop_pct)
     model = with_dtype(model.to(device).eval(), dtype)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
-    amp_dtype = torch.bfloat16 if args.amp else None
     batch = args.batch_size
     while True:
         loader = eval_loader(dataset, batch, workers=args.workers, pin=device.type == "cuda")
         try:
-            metrics = evaluate(model, loader, device, amp_dtype, args.channels_last)
+            m = evaluate(model, loader, device, torch.bfloat16 if args.amp else None, args.channels_last)
             break
         except torch.OutOfMemoryError:
             if batch == 1:
@@ -176,32 +163,19 @@ def validate_one(name, checkpoint, args, device) -> dict:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             print(f"out of memory: retrying with batch size {batch}", file=sys.stderr)
-    if metrics["count"] == 0:
+    if m["count"] == 0:
         raise ValueError(
-            f"no readable image in {args.data}: all {metrics['skipped']} files failed to decode (first: "
-            f"{metrics['skipped_files'][0] if metrics['skipped_files'] else '?'}); check the files or re-extract them"
+            f"no readable image in {args.data}: all {m['skipped']} files failed to decode (first: "
+            f"{m['skipped_files'][0] if m['skipped_files'] else '?'}); check the files or re-extract them"
         )
-    size = args.img_size or settings.input_size[-1]
-    return dict(
-        model=model.model_name,
-        checkpoint=str(checkpoint) if checkpoint else None,
-        pretrained=bool(args.pretrained and checkpoint is None),
-        data=str(args.data),
-        top1=round(metrics["top1"], 3),
-        top5=round(metrics["top5"], 3),
-        loss=round(metrics["loss"], 5),
-        count=metrics["count"],
-        skipped=metrics["skipped"],
-        skipped_files=metrics["skipped_files"],
-        img_size=size,
-        crop_pct=args.crop_pct if args.crop_pct is not None else settings.crop_pct,
-        interpolation=settings.interpolation,
-        batch_size=batch,
-        img_s=round(metrics["img_s"], 1),
-        device=str(device),
-        amp="bf16" if args.amp else "none",
-        dtype=dtype,
-    )
+    # the keys in the order of the results files already written
+    r = dict(model=model.model_name, checkpoint=str(checkpoint) if checkpoint else None, pretrained=pretrained)
+    r.update(data=str(args.data), top1=round(m["top1"], 3), top5=round(m["top5"], 3), loss=round(m["loss"], 5))
+    r.update(count=m["count"], skipped=m["skipped"], skipped_files=m["skipped_files"])
+    crop = args.crop_pct if args.crop_pct is not None else settings.crop_pct
+    r.update(img_size=args.img_size or settings.input_size[-1], crop_pct=crop, interpolation=settings.interpolation)
+    r.update(batch_size=batch, img_s=round(m["img_s"], 1), device=str(device), amp="bf16" if args.amp else "none")
+    return dict(r, dtype=dtype)
 
 
 def _check_args(args) -> None:
@@ -253,8 +227,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  unreadable, not counted: {names}{more}", file=sys.stderr)
             results.append(r)
     except (ValueError, FileNotFoundError, DownloadError) as e:
-        print(f"mambaout validate: {printable(e)}", file=sys.stderr)
-        return 2
+        return fail("validate", printable(e))
     if args.results_file:
         from mambaout.utils.files import atomic_write_text
 
@@ -263,10 +236,5 @@ def main(argv: list[str] | None = None) -> int:
         try:
             atomic_write_text(args.results_file, text)
         except OSError as e:
-            print(f"mambaout validate: cannot write --results-file {args.results_file} ({e})", file=sys.stderr)
-            return 2
+            return fail("validate", f"cannot write --results-file {args.results_file} ({e})")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
