@@ -223,9 +223,7 @@ def build_model(cfg: ModelConfig, classes: list[str], eval_cfg: dict, data_train
             f"--num-classes {num_classes} does not match the {len(classes)} classes of the training data "
             f"({data_train}); leave it out to take the data's"
         )
-    kwargs = dict(cfg.model_kwargs)
-    if cfg.drop_rate:  # only when asked: not every registered builder takes a head dropout
-        kwargs.setdefault("drop_rate", cfg.drop_rate)
+    kwargs = cfg.create_kwargs()
     variant, _ = get_variant(cfg.model)
     drop_path = cfg.drop_path if cfg.drop_path is not None else variant.default_drop_path
     model = create_model(

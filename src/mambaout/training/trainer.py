@@ -1,15 +1,16 @@
 """The training run of any task, top to bottom: resume, data and model, then epochs of optimizer steps.
 
-`fit(task, loop)` takes a `task.Task` (classification, detection, segmentation) and the `task.Loop` its command
-resolved; the files it writes are described in `mambaout.training.runfolder`. Under torchrun every rank calls it
-with the same arguments; only rank 0 writes. A resumed run sees what an uninterrupted one would have: each epoch's
-data order comes from (seed, epoch), its randomness is seeded per epoch and rank, a resumed epoch skips the
-batches already trained and continues each rank's saved RNG state (bit-identical with `workers: 0`; with worker
-processes the order is, their augmentation draws are not).
+`fit(task, loop)` takes a `task.Task` and the `task.Loop` its command resolved; the files it writes are described
+in `mambaout.training.runfolder`. Under torchrun every rank calls it with the same arguments; only rank 0 writes. A
+resumed run sees what an uninterrupted one would have: each epoch's data order comes from (seed, epoch), its
+randomness is seeded per epoch and rank, a resumed epoch skips the batches already trained and continues each
+rank's saved RNG state (bit-identical with `workers: 0`; with worker processes the order is, their augmentation
+draws are not).
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import math
 import sys
@@ -71,8 +72,7 @@ def fit(task: Task, loop: Loop) -> dict:
         parts = Trainable(model, optimizer, task.scheduler(optimizer, total), scaler, task.ema(model))
         progress = Progress() if state is None else Progress.restore(state, parts)
         train_model = dist.wrap(model, device)
-        if loop.compile:
-            train_model = torch.compile(train_model)
+        train_model = torch.compile(train_model) if loop.compile else train_model
         run = RunFolder(out, task.config(), task.meta(), dist.is_main(), task.metric, loop.keep_top_k, loop.tensorboard)
         if dist.is_main():
             _LOG.open(out / "train.log", append=state is not None)
@@ -80,28 +80,16 @@ def fit(task: Task, loop: Loop) -> dict:
         length += f", ending at step {total}" if loop.epochs and total < loop.epochs * task.steps_per_epoch else ""
         _say(f"{task.banner(model, env.world_size)} | {length} | amp {amp} | output {out}")
         if state is not None:
+            after = f" after its step {progress.resume_step}" if progress.resume_step else ""
             _say(
-                f"resumed from {loop.resume}: epoch {progress.start_epoch + 1}"
-                + (f" after its step {progress.resume_step}" if progress.resume_step else "")
-                + f", global step {progress.global_step}"
+                f"resumed from {loop.resume}: epoch {progress.start_epoch + 1}{after}, global step {progress.global_step}"
             )
         # Ctrl-C stops after the optimizer step under way, where the state is consistent and is saved; a second one
         # stops at once. Several processes could not agree on that step: there Ctrl-C stops at once, as usual.
         note = "stopping after this optimizer step, then saving the state"
+        step_cfg = StepConfig(loop.accum_steps, amp_dtype, loop.clip_grad)
         with DeferredInterrupt(note, env.world_size == 1) as interrupt:
-            steps = Steps(
-                task,
-                loop,
-                run,
-                parts,
-                progress,
-                train_model,
-                device,
-                StepConfig(loop.accum_steps, amp_dtype, loop.clip_grad),
-                int(total),
-                interrupt,
-            )
-            result = steps.run()
+            result = Steps(task, loop, run, parts, progress, train_model, device, step_cfg, int(total), interrupt).run()
         if dist.is_main() and not result.get("stopped"):
             _say(task.done(result, out))
         return dict(result, output=str(out), best=progress.best)
@@ -141,12 +129,10 @@ class Steps:
             stop = self.train_epoch(epoch)
             if self.stopped_at is None and not stop:
                 continue
-            where = f"step {self.stopped_at} of epoch {epoch + 1}" if self.stopped_at else f"epoch {epoch + 1}"
+            where = f"at step {self.stopped_at} of epoch {epoch + 1}" if self.stopped_at else f"after epoch {epoch + 1}"
             if self.interrupt.asked:
-                raise Interrupted(
-                    f"interrupted {'at' if self.stopped_at else 'after'} {where}, state saved; {self.resume_hint}"
-                )
-            _say(f"stopping {'at' if self.stopped_at else 'after'} {where} as asked (state saved); {self.resume_hint}")
+                raise Interrupted(f"interrupted {where}, state saved; {self.resume_hint}")
+            _say(f"stopping {where} as asked (state saved); {self.resume_hint}")
             dist.barrier()
             return dict(self.result, stopped=True)
         return dict(self.result, wall_s=time.perf_counter() - self.t_start)
@@ -298,8 +284,7 @@ class Steps:
 class RunLog:
     """Where rank 0's messages go besides stdout: the run folder's `train.log`, once the folder exists."""
 
-    def __init__(self):
-        self.file = None
+    file = None
 
     def open(self, path, append: bool) -> None:
         self.close()
@@ -315,10 +300,8 @@ class RunLog:
 
     def close(self) -> None:
         if self.file is not None:
-            try:
+            with contextlib.suppress(OSError):  # what did not fit on a full disk was reported by `write`
                 self.file.close()
-            except OSError:  # what did not fit on a full disk was reported by `write`
-                pass
             self.file = None
 
 
