@@ -496,7 +496,7 @@ def resolve_config(overrides: dict, require_data: bool = True) -> TrainConfig:
     flat.update(overrides)
     if recipe is not None and loaded.get("model") not in (None, flat["model"]):
         _another_model(flat, loaded, recipe, overrides)
-    DataConfig(**{k: flat[k] for k in C.field_names(DataConfig)})  # the paths checked before they are looked into
+    DataConfig(**{f.name: flat[f.name] for f in fields(DataConfig)})  # the paths checked before they are looked into
     if isinstance(flat["data"], str) and (flat["data_train"] is None or flat["data_val"] is None):
         flat["data_train"] = flat["data_train"] or resolve_split(flat["data"], flat["train_split"])
         flat["data_val"] = flat["data_val"] or resolve_split(flat["data"], flat["val_split"])

@@ -1,13 +1,8 @@
 """YAML for configuration files and `--set` values: plain data only, bounded, and errors in one short line.
 
-PyYAML's `safe_load` already refuses to build Python objects, but it expands aliases (a "billion laughs" file of a
-few hundred bytes expands to gigabytes, or hangs), keeps the last of two duplicate keys silently, and reports
-errors over several lines that quote the input. Here:
-
-- anchors and aliases (`&a`, `*a`) are refused: a recipe has no use for them;
-- a key given twice in one mapping is an error naming the key;
-- tags that would build Python objects (`!!python/...`) and every other parse error give one line of at most
-  `MAX_MESSAGE` characters, naming the source and the line.
+Beyond PyYAML's `safe_load`: anchors and aliases are refused (a "billion laughs" file of a few hundred bytes expands
+to gigabytes), a key given twice in one mapping is an error naming it, and every parse error (`!!python/...` tags
+included) is one line of at most `MAX_MESSAGE` characters naming the source and the line.
 """
 
 from __future__ import annotations
@@ -67,11 +62,7 @@ def _short(text: str) -> str:
 
 
 def load_yaml(text: str, source: str):
-    """Parse `text` (from `source`, named in errors) as plain YAML data.
-
-    Raises:
-        YamlError: one line, at most `MAX_MESSAGE` characters.
-    """
+    """Parse `text` (from `source`, named in errors) as plain YAML data; a YamlError is one line."""
     if len(text) > MAX_BYTES:
         raise YamlError(_short(f"{source}: {len(text):,} bytes of YAML, more than a configuration holds"))
     try:
