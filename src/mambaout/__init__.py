@@ -19,7 +19,22 @@ _MODULES = {
     "mambaout.weights.checkpoint": "CheckpointError DownloadError read_checkpoint save_weights",
 }
 _API = {name: module for module, names in _MODULES.items() for name in names.split()}  # public name -> its module
-__all__ = sorted(_API)
+__all__ = [  # literal, for linters and type checkers
+    "CheckpointError",
+    "DownloadError",
+    "GatedCNNBlock",
+    "MambaOut",
+    "MambaOutFeatures",
+    "create_model",
+    "get_variant",
+    "list_models",
+    "list_pretrained",
+    "read_checkpoint",
+    "register_timm",
+    "save_weights",
+    "unregister_timm",
+]
+assert sorted(__all__) == sorted(_API)
 
 if TYPE_CHECKING:  # what type checkers and IDEs see
     from mambaout.models.factory import create_model

@@ -18,7 +18,7 @@ from torch import nn
 from mambaout.data.datasets import create_dataset
 from mambaout.data.loaders import eval_loader, num_steps, train_loader
 from mambaout.data.transforms import build_train_transform
-from mambaout.training.config import EmaConfig, MixupConfig, ModelConfig, TrainConfig, to_flat
+from mambaout.training.config import MixupConfig, ModelConfig, TrainConfig, to_flat
 from mambaout.training.engine import autocast
 from mambaout.training.optim import create_optimizer, create_scheduler
 from mambaout.training.task import Loop, Task
@@ -77,7 +77,11 @@ class ClassifyTask(Task):
         return create_scheduler(optimizer, self.cfg.schedule, self.steps_per_epoch)
 
     def ema(self, model: nn.Module):
-        return create_ema(model, self.cfg.ema)
+        if not self.cfg.ema.model_ema:
+            return None
+        from timm.utils import ModelEmaV3
+
+        return ModelEmaV3(model, decay=self.cfg.ema.model_ema_decay)
 
     def prepare(self, batch, device: torch.device) -> tuple:
         x, y, n_bad = batch
@@ -222,15 +226,6 @@ def build_model(cfg: ModelConfig, classes: list[str], eval_cfg: dict, data_train
     if cfg.pretrained or cfg.initial_checkpoint:
         meta["fine_tuned_from"] = f"{variant.name} published weights" if cfg.pretrained else str(cfg.initial_checkpoint)
     return model, meta
-
-
-def create_ema(model: nn.Module, cfg: EmaConfig):
-    """timm's ModelEmaV3 of the weights (evaluated beside the model), or None when `model_ema` is off."""
-    if not cfg.model_ema:
-        return None
-    from timm.utils import ModelEmaV3
-
-    return ModelEmaV3(model, decay=cfg.model_ema_decay)
 
 
 def build_loss(cfg: MixupConfig, num_classes: int):

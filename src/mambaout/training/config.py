@@ -33,6 +33,7 @@ logger = logging.getLogger("mambaout")
 
 SCHEDULES = ("cosine", "tanh", "poly", "constant")
 _PATH, _SWITCH = C.text(optional=True), C.boolean()  # the checks of the many path and on/off settings
+_COUNT, _STEPS = C.integer(1, 10**9, optional=True), C.integer(1, 10**12, optional=True)  # optional counts
 PACKAGE_RECIPES = Path(__file__).resolve().parents[1] / "recipes"  # package data: present in every install
 MAX_MODEL_PARAMS = 1_000_000_000  # 12x mambaout_base_plus_rw; model_kwargs asking for more is almost surely a typo
 
@@ -154,11 +155,7 @@ class BatchConfig(_Section):
     )
 
     def plan(self, world_size: int) -> BatchPlan:
-        """The plan for `world_size` processes.
-
-        Raises:
-            ValueError: when the global batch is not a multiple of per-device batch x world size.
-        """
+        """The plan for `world_size` processes (ValueError: a global batch no multiple of batch x processes)."""
         per_step = self.batch_size * world_size
         global_batch = self.global_batch or per_step
         if global_batch % per_step:
@@ -200,10 +197,8 @@ class OptimConfig(_Section):
         known, opt = set(list_optimizers()), self.opt.lower()
         if known and opt not in known:
             near = [n for n in known if n.startswith(opt[:3])][:6]
-            raise ValueError(
-                f"opt={C.show(self.opt)}: not an optimizer timm knows"
-                + (f" (close: {', '.join(near)})" if near else " (e.g. adamw, sgd, momentum, lamb)")
-            )
+            hint = f"close: {', '.join(near)}" if near else "e.g. adamw, sgd, momentum, lamb"
+            raise ValueError(f"opt={C.show(self.opt)}: not an optimizer timm knows ({hint})")
 
 
 @dataclass(frozen=True)
@@ -214,9 +209,7 @@ class ScheduleConfig(_Section):
     epochs: int = C.setting(
         300, C.integer(1, 100_000), "epochs of the lr schedule (warmup included); cooldown epochs come on top"
     )
-    steps: int | None = C.setting(
-        None, C.integer(1, 10**12, optional=True), "end the run after this many optimizer steps in all (a cap)"
-    )
+    steps: int | None = C.setting(None, _STEPS, "end the run after this many optimizer steps in all (a cap)")
     cooldown_epochs: int = C.setting(10, C.integer(0, 100_000), "epochs at min_lr after the schedule")
     warmup_epochs: int = C.setting(20, C.integer(0, 100_000), "epochs of linear warmup from warmup_lr")
     warmup_lr: float = C.setting(1e-6, C.number(0.0, 1e3), "lr at the start of the warmup")
@@ -287,7 +280,7 @@ class PerfConfig(_Section):
 @dataclass(frozen=True)
 class EmaConfig(_Section):
     """An exponential moving average of the weights, evaluated beside the model (timm's ModelEmaV3; read by
-    `classify.create_ema`)."""
+    `classify.ClassifyTask.ema`)."""
 
     model_ema: bool = _switch(False, "keep and evaluate an EMA of the weights")
     model_ema_decay: float = C.setting(0.9999, C.number(0.0, 1.0), "EMA decay per optimizer step")
@@ -315,16 +308,10 @@ class RunConfig(_Section):
         "optimizer steps between progress lines when not on a terminal",
         flags=("--log-every", "--log-interval"),
     )
-    max_steps_per_epoch: int | None = C.setting(
-        None, C.integer(1, 10**9, optional=True), "cap optimizer steps per epoch (smoke tests)"
-    )
-    stop_after_epochs: int | None = C.setting(
-        None, C.integer(1, 10**9, optional=True), "stop after N epochs of this call (resume later)"
-    )
+    max_steps_per_epoch: int | None = C.setting(None, _COUNT, "cap optimizer steps per epoch (smoke tests)")
+    stop_after_epochs: int | None = C.setting(None, _COUNT, "stop after N epochs of this call (resume later)")
     stop_after_steps: int | None = C.setting(
-        None,
-        C.integer(1, 10**12, optional=True),
-        "stop after N optimizer steps of this call, mid-epoch too (resume later)",
+        None, _STEPS, "stop after N optimizer steps of this call, mid-epoch too (resume later)"
     )
     checkpoint_every: int = C.setting(
         0,
@@ -390,11 +377,8 @@ SCHEMA = S.Schema(SECTIONS)  # the parser, --set, recipe keys and docs/settings.
 
 
 def from_flat(flat: dict) -> TrainConfig:
-    """The typed configuration of a flat dict (DEFAULTS' keys; missing keys take their defaults).
-
-    Raises:
-        ValueError: one line naming the first bad key, its value and what is allowed; or the unknown keys.
-    """
+    """The typed configuration of a flat dict (DEFAULTS' keys; missing keys take their defaults). A ValueError is
+    one line naming the first bad key, its value and what is allowed, or the unknown keys."""
     unknown = sorted(set(flat) - set(KEY_SECTION))
     if unknown:
         raise ValueError(f"unknown config keys {unknown}; the keys are those `mambaout train --print-config` prints")
@@ -438,11 +422,8 @@ def recipes_table() -> str:
 
 
 def load_recipe(name_or_path: str) -> dict:
-    """A recipe's settings as flat keys (a recipe may also write them as `section.key`).
-
-    Raises:
-        ValueError: YAML that is no plain mapping, or an unknown key (one line naming it and the close ones).
-    """
+    """A recipe's settings as flat keys (a recipe may also write them as `section.key`); ValueError for YAML that is
+    no plain mapping, or an unknown key (one line naming it and the close ones)."""
     path = find_recipe(name_or_path)
     recipe = load_yaml(path.read_text(errors="replace"), str(path)) or {}  # a YamlError is a ValueError
     if not isinstance(recipe, dict):
@@ -457,12 +438,8 @@ def load_recipe(name_or_path: str) -> dict:
 
 
 def resolve_config(overrides: dict, require_data: bool = True) -> TrainConfig:
-    """DEFAULTS < recipe (`overrides['recipe']`, or 'digits' when no data is given) < `overrides`, typed.
-
-    Args:
-        overrides: Flat keys given on the command line (or by a caller).
-        require_data: Refuse a configuration without training data (off for `--print-config`).
-    """
+    """DEFAULTS < recipe (`overrides['recipe']`, or 'digits' when no data is given) < `overrides` (flat keys),
+    typed; `require_data`: refuse a configuration without training data (off for `--print-config`)."""
     for key in overrides:
         if key not in DEFAULTS:
             SCHEMA.find(str(key))  # the unknown key, and the close ones, in one line

@@ -7,6 +7,8 @@ included) is one line of at most `MAX_MESSAGE` characters naming the source and 
 
 from __future__ import annotations
 
+import contextlib
+
 import yaml
 
 MAX_MESSAGE = 200
@@ -20,10 +22,9 @@ class YamlError(ValueError):
 
 class _Loader(yaml.SafeLoader):
     def compose_node(self, parent, index):
-        if self.check_event(yaml.AliasEvent):
-            event = self.peek_event()
-            raise YamlError(f"line {event.start_mark.line + 1}: aliases (*{event.anchor}) are not allowed here")
         event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            raise YamlError(f"line {event.start_mark.line + 1}: aliases (*{event.anchor}) are not allowed here")
         if getattr(event, "anchor", None):
             raise YamlError(f"line {event.start_mark.line + 1}: anchors (&{event.anchor}) are not allowed here")
         return super().compose_node(parent, index)
@@ -32,16 +33,10 @@ class _Loader(yaml.SafeLoader):
         seen = set()
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
-            try:
-                duplicate = key in seen
-            except TypeError:  # an unhashable key: let PyYAML say so
-                duplicate = False
-            if duplicate:
-                raise YamlError(f"line {key_node.start_mark.line + 1}: key {str(key)[:40]!r} is given twice")
-            try:
+            with contextlib.suppress(TypeError):  # an unhashable key: let PyYAML say so
+                if key in seen:
+                    raise YamlError(f"line {key_node.start_mark.line + 1}: key {str(key)[:40]!r} is given twice")
                 seen.add(key)
-            except TypeError:
-                pass
         return super().construct_mapping(node, deep=deep)
 
     def construct_yaml_int(self, node):
