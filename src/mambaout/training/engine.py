@@ -38,7 +38,7 @@ class LossNotFinite(FloatingPointError, ValueError):
 class Sums:
     """Loss sums on the device (the loss, then its named parts), since the last row of summary.csv (`row`) and
     since the last progress line (`line`). A checkpoint stores them (`as_dict`), a resumed run continues them
-    (`from_dict`), so the numbers it logs equal an uninterrupted run's."""
+    (`Sums(**saved)`), so the numbers it logs equal an uninterrupted run's."""
 
     names: list = field(default_factory=list)  # "loss", then the task's loss parts
     row: torch.Tensor | list | None = None
@@ -77,8 +77,7 @@ class Sums:
     def take_row(self, device) -> dict:
         """The means since the last row over all ranks (train_loss, its parts), images and skips; then reset."""
         row = [float(v) for v in (self.row.tolist() if torch.is_tensor(self.row) else self.row or [])]
-        total = dist.all_reduce_sum([*row, self.row_n, int(self.skipped), self.images], device)
-        *sums, n, skipped, images = total
+        *sums, n, skipped, images = dist.all_reduce_sum([*row, self.row_n, int(self.skipped), self.images], device)
         out = {("train_loss" if k == "loss" else k): v / max(n, 1) for k, v in zip(self.names, sums)}
         self.row, self.row_n, self.skipped, self.images = None, 0, 0, 0
         return dict(out, skipped=int(skipped), images=int(images))
@@ -87,10 +86,6 @@ class Sums:
         """Plain numbers (one host read of the device sums), as `state.pt` holds them."""
         plain = {k: (v.tolist() if torch.is_tensor(v) else v) for k, v in vars(self).items()}
         return dict(plain, nonfinite=False)
-
-    @classmethod
-    def from_dict(cls, values: dict | None) -> Sums:
-        return cls(**(values or {}))
 
 
 def _on(sums, like: torch.Tensor) -> torch.Tensor:

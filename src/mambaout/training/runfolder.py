@@ -172,12 +172,8 @@ STALE_TEMPORARY = re.compile(
 
 
 def check_output_free(out: Path, resume, overwrite: bool) -> None:
-    """Refuse to start a new run in a folder holding another run or files no run wrote, unless resuming or told to
-    overwrite (which replaces the run's files and leaves the others alone).
-
-    Raises:
-        FileExistsError: naming the folder, what it holds, and the ways on.
-    """
+    """Refuse (FileExistsError, naming what the folder holds and the ways on) to start a new run in a folder holding
+    another run or files no run wrote, unless resuming or told to overwrite (which replaces only the run's files)."""
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"--output {out} is not a folder; a run folder holds several files: pass a folder path")
     if resume or overwrite or not out.is_dir():
@@ -204,11 +200,8 @@ class RunLock:
     """The folder's `.lock`, held (flock) by the one process writing the folder; the kernel releases it when that
     process ends, however it ends. On a folder that provably holds a run of this package (its lock, and its state or
     the config every run writes first), taking it also removes the hidden temporaries a killed write left there
-    (as large as the checkpoints): only names this package makes (`STALE_TEMPORARY`), only regular files.
-
-    Raises:
-        ValueError: another live process holds the lock (its pid is named).
-    """
+    (as large as the checkpoints): only names this package makes (`STALE_TEMPORARY`), only regular files. A
+    ValueError names the pid of another live process holding the lock."""
 
     def __init__(self, out: Path):
         # a run folder is judged before this run's own lock and config make every folder look like one

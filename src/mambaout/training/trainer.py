@@ -100,7 +100,7 @@ class Steps:
         self.interrupt = interrupt
         self.spe = task.steps_per_epoch
         self.n_epochs = math.ceil(total / self.spe)
-        self.sums = Sums.from_dict(progress.sums)
+        self.sums = Sums(**(progress.sums or {}))
         self.called = self.epochs_called = 0  # optimizer steps and whole epochs this call took
         self.resume_hint = f"continue with --resume {run.out}"
         self.result: dict = {}

@@ -170,15 +170,14 @@ def setting(default, check: Check, help: str = "", *, flags=None, default_factor
     command-line flags (None: `--name-with-dashes`; `()`: none, `--set` only). `network`: the setting shapes the
     network, so a resumed run refuses another value. Further keywords go to argparse's `add_argument`."""
     meta = {"check": check, "help": help, "flags": flags, "network": network, "cli": cli}
-    if default_factory is not None:
-        return dataclasses.field(default_factory=default_factory, metadata=meta)
-    return dataclasses.field(default=default, metadata=meta)
+    given = {"default": default} if default_factory is None else {"default_factory": default_factory}
+    return dataclasses.field(**given, metadata=meta)
 
 
 def show(value) -> str:
     """A value as a message shows it: its repr, cut to a readable length."""
-    text_ = repr(value)
-    return text_ if len(text_) <= _MAX_SHOWN else text_[: _MAX_SHOWN - 3] + "..."
+    shown = repr(value)
+    return shown if len(shown) <= _MAX_SHOWN else shown[: _MAX_SHOWN - 3] + "..."
 
 
 def validate_fields(obj, prefix: str = "", lists: bool = False) -> None:
@@ -195,6 +194,4 @@ def validate_fields(obj, prefix: str = "", lists: bool = False) -> None:
             if str(e).startswith(f"{prefix}{f.name}."):  # a nested check that names its key (model_kwargs.dims=...)
                 raise ValueError(str(e)) from None
             raise ValueError(f"{prefix}{f.name}={show(value)}: {e}") from None
-        if lists and isinstance(normalised, tuple):
-            normalised = list(normalised)
-        object.__setattr__(obj, f.name, normalised)
+        object.__setattr__(obj, f.name, list(normalised) if lists and isinstance(normalised, tuple) else normalised)

@@ -54,12 +54,8 @@ def special_kind(path: str | os.PathLike) -> str | None:
 
 
 def regular_file(path: str | os.PathLike, what: str) -> Path:
-    """`path` when it is a regular file (or a symlink to one), found by stat alone: a FIFO, a device or a folder is
-    never opened.
-
-    Raises:
-        FileNotFoundError: "`what` `path` does not exist", or "... is not a regular file (a named pipe (FIFO)); ...".
-    """
+    """`path` when it is a regular file (or a symlink to one), found by stat alone (a FIFO, a device or a folder is
+    never opened); else FileNotFoundError: "`what` `path` does not exist", or "... is not a regular file (...)"."""
     path = Path(path)
     if path.is_file():
         return path
@@ -71,11 +67,8 @@ def regular_file(path: str | os.PathLike, what: str) -> Path:
 
 def output_target(path: str | os.PathLike, what: str = "output") -> Path:
     """The regular file a write to `path` replaces: `path` itself, or where a symlink to a regular file points.
-
-    Raises:
-        SpecialFileError: `path` is (or links to) a device, `/dev/null` included, a FIFO or a socket; or it is a
-            symlink that leads nowhere (whatever it pointed at would be created blindly).
-    """
+    SpecialFileError when `path` is (or links to) a device, `/dev/null` included, a FIFO or a socket, or is a symlink
+    that leads nowhere (whatever it pointed at would be created blindly)."""
     path = Path(path)
     kind = special_kind(path)
     if kind is not None:
@@ -171,15 +164,9 @@ def _same_file(a, b) -> bool:
 
 
 def check_writable(path: str | os.PathLike, what: str, inputs: Iterable = ()) -> Path:
-    """Fail early, with one line, when `path` cannot be written (before a long run computes what goes there).
-
-    Args:
-        inputs: Files the command reads (its checkpoint): the output must not replace one of them.
-
-    Raises:
-        ValueError: `path` is a folder, a device, a FIFO or a socket, one of `inputs`, or its folder cannot be
-            created or written to.
-    """
+    """Fail early, with one ValueError line, when `path` cannot be written (before a long run computes what goes
+    there): a folder, a device, a FIFO or a socket, one of the files the command reads (`inputs`), or in a folder
+    that cannot be created or written to."""
     path = Path(path)
     output_target(path, what)
     for source in inputs:

@@ -108,11 +108,8 @@ class Schema:
         ]
 
     def find(self, key: str) -> Setting:
-        """The setting named `section.key` or a bare `key` that one section alone has.
-
-        Raises:
-            ValueError: an unknown or ambiguous key, one line listing the candidates.
-        """
+        """The setting named `section.key` or a bare `key` that one section alone has (ValueError: an unknown or
+        ambiguous key, one line listing the candidates)."""
         key = key.strip().replace("-", "_")
         hits = [s for s in self.settings if key in (s.key, s.name)]
         if len(hits) == 1:
@@ -125,11 +122,8 @@ class Schema:
         raise ValueError(f"unknown setting {key!r} ({hint})")
 
     def checked(self, key: str, value):
-        """`value` as the setting `key` stores it, checked before it is used (a path before it is opened).
-
-        Raises:
-            ValueError: one line, `key=value: what is allowed` (the key as the caller's messages name it).
-        """
+        """`value` as the setting `key` stores it, checked before it is used (a path before it is opened); a
+        ValueError is one line, `key=value: what is allowed` (the key as the caller's messages name it)."""
         try:
             return self.find(key).check(value)
         except ValueError as e:
@@ -144,19 +138,13 @@ class Schema:
             key, sep, value = item.partition("=")
             if not sep:
                 raise ValueError(f"--set expects KEY=VALUE (or SECTION.KEY=VALUE), got {item!r}")
-            setting = self.find(key)
-            out[setting] = coerce(load_yaml(value, f"--set {key.strip()}"))
+            out[self.find(key)] = coerce(load_yaml(value, f"--set {key.strip()}"))
         return out
 
     def refuse_network_changes(self, resume: str, given: dict, saved: dict, flat: bool = False) -> None:
-        """A resumed run takes later options, except another value of a setting that shapes the network.
-
-        Args:
-            given, saved: Values by key (`name` when `flat`, else `section.key`).
-
-        Raises:
-            ValueError: one line naming the setting, the run's value and the one given.
-        """
+        """A resumed run takes later options, except another value of a setting that shapes the network: a
+        ValueError names it, the run's value and the one given. `given`, `saved`: values by key (`name` when
+        `flat`, else `section.key`)."""
         for s in self.settings:
             key = s.name if flat else s.key
             if s.network and key in given and saved.get(key) is not None and given[key] != saved[key]:
