@@ -1,18 +1,11 @@
-"""The run folder of a training run, for every task: what is written there, and how a run is saved and restored.
+"""The run folder of a training run, for every task (docs/training.md lists its files), and how a run is saved and
+restored.
 
-A run folder holds `last.safetensors`, `best.safetensors` (by the task's headline number: top-1, box AP, mIoU) and
-the `keep_top_k` best evaluations (`epoch-NNNN.safetensors`, or `step-NNNNNNN.safetensors` inside an epoch), each
-with the metadata the task's checkpoints carry; `state.pt`, everything `--resume` needs (weights, optimizer,
-scheduler, grad scaler, EMA, epoch, step, every rank's RNG state and unlogged loss sums, best and top-k), in one
-file so a crash can never pair weights with the wrong optimizer state; `config.yaml`, `summary.csv`, `curves.png`,
-`train.log` and, with `tensorboard: true`, TensorBoard events. Every file is written to a temporary name and renamed.
-`RunLock` (the flock on `.lock`, so a second concurrent trainer is refused, and the clean-up of interrupted writes),
-`StateStore` (`state.pt`, `config.yaml`) and `MetricsLog` (`summary.csv`, `curves.png`, TensorBoard) own these;
-`RunFolder` composes them and writes the weights files itself.
-
-A new run starts only in a new or empty folder (or with `--overwrite`): files it did not write are never mixed with
-a run's. Only rank 0 writes; the other ranks build a `RunFolder` with `write=False` (they still take part in
-gathering the RNG states).
+`state.pt` holds everything `--resume` needs in one file, so a crash can never pair weights with the wrong optimizer
+state; every file is written to a temporary name and renamed. `RunLock` (`.lock`), `StateStore` (`state.pt`,
+`config.yaml`) and `MetricsLog` (`summary.csv`, `curves.png`, TensorBoard) own the files; `RunFolder` composes them
+and writes the weights files itself. A new run starts only in a new or empty folder (or with `--overwrite`). Only
+rank 0 writes; the other ranks build a `RunFolder` with `write=False` (they still gather the RNG states).
 """
 
 from __future__ import annotations
