@@ -11,23 +11,15 @@ from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
-# public name -> the module that owns it
-_API = {
-    "create_model": "mambaout.models.factory",
-    "GatedCNNBlock": "mambaout.models.mambaout",
-    "MambaOut": "mambaout.models.mambaout",
-    "MambaOutFeatures": "mambaout.models.mambaout",
-    "register_timm": "mambaout.models.timm_compat",
-    "unregister_timm": "mambaout.models.timm_compat",
-    "get_variant": "mambaout.models.variants",
-    "list_models": "mambaout.models.variants",
-    "list_pretrained": "mambaout.models.variants",
-    "CheckpointError": "mambaout.weights.checkpoint",
-    "DownloadError": "mambaout.weights.checkpoint",
-    "read_checkpoint": "mambaout.weights.checkpoint",
-    "save_weights": "mambaout.weights.checkpoint",
+_MODULES = {
+    "mambaout.models.factory": "create_model",
+    "mambaout.models.mambaout": "GatedCNNBlock MambaOut MambaOutFeatures",
+    "mambaout.models.timm_compat": "register_timm unregister_timm",
+    "mambaout.models.variants": "get_variant list_models list_pretrained",
+    "mambaout.weights.checkpoint": "CheckpointError DownloadError read_checkpoint save_weights",
 }
-__all__ = [
+_API = {name: module for module, names in _MODULES.items() for name in names.split()}  # public name -> its module
+__all__ = [  # literal, for linters and type checkers
     "CheckpointError",
     "DownloadError",
     "GatedCNNBlock",

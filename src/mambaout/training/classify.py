@@ -1,9 +1,8 @@
 """Classification as a training task: image folders (or the embedded digits) in, a MambaOut classifier out.
 
-`train(cfg)` runs a `TrainConfig` (`mambaout.training.config.resolve_config`) through the one engine
-(`trainer.fit`); `ClassifyTask` is what the engine needs of it: the data (`Data`), the model (`build_model`), the
-loss under mixup/cutmix and label smoothing (`build_loss`), the EMA, the held-out top-1 and top-5 (`evaluate`) and
-the metadata its checkpoints carry.
+`train(cfg)` runs a `TrainConfig` through the one engine (`trainer.fit`); `ClassifyTask` is what the engine needs of
+it: the data (`Data`), the model (`build_model`), the loss under mixup/cutmix and label smoothing (`build_loss`),
+the EMA, the held-out top-1 and top-5 (`evaluate`) and the metadata its checkpoints carry.
 """
 
 from __future__ import annotations
@@ -19,7 +18,7 @@ from torch import nn
 from mambaout.data.datasets import create_dataset
 from mambaout.data.loaders import eval_loader, num_steps, train_loader
 from mambaout.data.transforms import build_train_transform
-from mambaout.training.config import EmaConfig, MixupConfig, ModelConfig, TrainConfig, to_flat
+from mambaout.training.config import MixupConfig, ModelConfig, TrainConfig, to_flat
 from mambaout.training.engine import autocast
 from mambaout.training.optim import create_optimizer, create_scheduler
 from mambaout.training.task import Loop, Task
@@ -78,7 +77,11 @@ class ClassifyTask(Task):
         return create_scheduler(optimizer, self.cfg.schedule, self.steps_per_epoch)
 
     def ema(self, model: nn.Module):
-        return create_ema(model, self.cfg.ema)
+        if not self.cfg.ema.model_ema:
+            return None
+        from timm.utils import ModelEmaV3
+
+        return ModelEmaV3(model, decay=self.cfg.ema.model_ema_decay)
 
     def prepare(self, batch, device: torch.device) -> tuple:
         x, y, n_bad = batch
@@ -95,8 +98,7 @@ class ClassifyTask(Task):
         if loader is None:
             return None
         m = evaluate(model, loader, device, amp_dtype, channels_last)
-        row = dict(val_loss=m["loss"], top1=m["top1"], top5=m["top5"], skipped=m["skipped"])
-        row["skipped_files"] = m["skipped_files"]
+        row = dict(val_loss=m["loss"], **{k: m[k] for k in ("top1", "top5", "skipped", "skipped_files")})
         if ema is not None:
             row["ema_top1"] = evaluate(ema, loader, device, amp_dtype, channels_last)["top1"]
         return row
@@ -119,11 +121,8 @@ class ClassifyTask(Task):
 
     def banner(self, model: nn.Module, world_size: int) -> str:
         b, plan, data = self.cfg.batch, self.plan, self.data
-        lr_note = (
-            "(set explicitly)"
-            if b.lr is not None
-            else f"(linear scaling: {b.lr_base:g} x {plan.global_batch} / {b.lr_base_batch})"
-        )
+        rule = f"(linear scaling: {b.lr_base:g} x {plan.global_batch} / {b.lr_base_batch})"
+        lr_note = "(set explicitly)" if b.lr is not None else rule
         return (
             f"training {self._meta['model']} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params) on "
             f"{len(data.train_set)} images, {len(data.classes)} classes, {self.cfg.augment.img_size} px | "
@@ -133,9 +132,9 @@ class ClassifyTask(Task):
 
     def done(self, result: dict, out: Path) -> str:
         top1 = f"{result['top1']:.2f}%" if result.get("top1") is not None else "n/a"
-        val = self.data.val_set
+        n_val = len(self.data.val_set) if self.data.val_set else 0
         return (
-            f"done in {result['wall_s']:.0f}s: held-out top-1 {top1} ({len(val) if val else 0} images); "
+            f"done in {result['wall_s']:.0f}s: held-out top-1 {top1} ({n_val} images); "
             f"weights {out / 'last.safetensors'} (best: {out / 'best.safetensors'})"
         )
 
@@ -161,41 +160,22 @@ class Data:
 
     @classmethod
     def build(cls, cfg: TrainConfig, env, device: torch.device, accum: int) -> Data:
-        paths, aug, loading = cfg.data, cfg.augment, cfg.loading
-        ev = cfg.eval_settings()
-        eval_tf = ev.transform()
-        pin = device.type == "cuda"
-        val_loader = None
+        paths, aug, loading, ev = cfg.data, cfg.augment, cfg.loading, cfg.eval_settings()
+        eval_tf, pin, rank, world = ev.transform(), device.type == "cuda", env.rank, env.world_size
+        val_set = val_loader = None
         if paths.data_pipeline == "gpu":  # uint8 batches to the device, augmented there (mambaout.data.gpu_loader)
             from mambaout.data.gpu_loader import gpu_loaders
 
             train_set, val_set, loader, val_loader = gpu_loaders(
-                paths.data_train, paths.data_val, aug, loading, env.rank, env.world_size, device, eval_tf
+                paths.data_train, paths.data_val, aug, loading, rank, world, device, eval_tf
             )
         else:
-            train_set = create_dataset(
-                paths.data_train, build_train_transform(aug), cache=loading.cache, img_size=aug.img_size
-            )
-            val_set = None
-            if paths.data_val:
-                val_set = create_dataset(
-                    paths.data_val,
-                    eval_tf,
-                    train_set.class_to_idx,
-                    cache=loading.cache,
-                    img_size=aug.img_size,
-                    substitute=False,  # held-out metrics count each readable image once
-                )
-            loader = train_loader(
-                train_set,
-                loading.batch_size,
-                env.rank,
-                env.world_size,
-                loading.seed,
-                loading.workers,
-                pin,
-                loading.persistent_workers,
-            )
+            size = dict(cache=loading.cache, img_size=aug.img_size)
+            train_set = create_dataset(paths.data_train, build_train_transform(aug), **size)
+            if paths.data_val:  # substitute=False: held-out metrics count each readable image once
+                val_set = create_dataset(paths.data_val, eval_tf, train_set.class_to_idx, substitute=False, **size)
+            batch, seed, workers = loading.batch_size, loading.seed, loading.workers
+            loader = train_loader(train_set, batch, rank, world, seed, workers, pin, loading.persistent_workers)
         steps_per_epoch = num_steps(len(loader), accum)  # the engine applies max_steps_per_epoch
         if steps_per_epoch == 0:
             raise ValueError(
@@ -204,7 +184,7 @@ class Data:
                 "more data"
             )
         if val_set is not None and val_loader is None:
-            val_loader = eval_loader(val_set, loading.eval_batch_size, env.rank, env.world_size, loading.workers, pin)
+            val_loader = eval_loader(val_set, loading.eval_batch_size, rank, world, loading.workers, pin)
         return cls(train_set, val_set, loader, val_loader, list(train_set.classes), ev.to_dict(), steps_per_epoch)
 
 
@@ -223,9 +203,7 @@ def build_model(cfg: ModelConfig, classes: list[str], eval_cfg: dict, data_train
             f"--num-classes {num_classes} does not match the {len(classes)} classes of the training data "
             f"({data_train}); leave it out to take the data's"
         )
-    kwargs = dict(cfg.model_kwargs)
-    if cfg.drop_rate:  # only when asked: not every registered builder takes a head dropout
-        kwargs.setdefault("drop_rate", cfg.drop_rate)
+    kwargs = cfg.create_kwargs()
     variant, _ = get_variant(cfg.model)
     drop_path = cfg.drop_path if cfg.drop_path is not None else variant.default_drop_path
     model = create_model(
@@ -248,15 +226,6 @@ def build_model(cfg: ModelConfig, classes: list[str], eval_cfg: dict, data_train
     if cfg.pretrained or cfg.initial_checkpoint:
         meta["fine_tuned_from"] = f"{variant.name} published weights" if cfg.pretrained else str(cfg.initial_checkpoint)
     return model, meta
-
-
-def create_ema(model: nn.Module, cfg: EmaConfig):
-    """timm's ModelEmaV3 of the weights (evaluated beside the model), or None when `model_ema` is off."""
-    if not cfg.model_ema:
-        return None
-    from timm.utils import ModelEmaV3
-
-    return ModelEmaV3(model, decay=cfg.model_ema_decay)
 
 
 def build_loss(cfg: MixupConfig, num_classes: int):
@@ -316,11 +285,8 @@ def evaluate(
             continue
         x, y = _to_device(x, y, device, channels_last)
         with autocast(device, amp_dtype):
-            logits = model(x)
-        logits = logits.float()
-        k = min(5, logits.shape[1])
-        top = logits.topk(k, dim=1).indices  # [B, k]
-        hits = top == y[:, None]
+            logits = model(x).float()
+        hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == y[:, None]  # [B, k]
         valid = (y >= 0) & (y < logits.shape[1])
         # out-of-range labels (any value) are masked out of the loss instead of indexed away (no sync)
         safe_y = torch.where(valid, y, torch.zeros_like(y))

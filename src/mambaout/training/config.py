@@ -1,26 +1,11 @@
 """Training configuration: typed sections, validated once, and the flat file format they are read from and written to.
 
-The flat dict (`DEFAULTS`: the official ImageNet-1k recipe) is the file format: recipes, `--set KEY=VALUE`,
-`<run>/config.yaml` and `state.pt` hold it. `resolve_config` merges DEFAULTS < recipe file < command line and
-converts the result once, with `from_flat`, into a frozen `TrainConfig` of sections; every value is type- and
-range-checked there (one line naming the key, the value and what is allowed), so the code that uses a setting
-never checks it again. `to_flat` writes it back; `from_flat(to_flat(c)) == c`.
-
-Each part of training gets only the section it reads:
-
-| section | keys | read by |
-| --- | --- | --- |
-| `data` (`DataConfig`) | data, data_train, data_val, splits, cache, pipeline, workers | `classify.Data` |
-| `augment` (`data.transforms.AugmentConfig`) | img_size, crop, flip, RandAugment, erasing, mean/std | CPU transform, GPU augmentation |
-| `mixup` (`MixupConfig`) | mixup, cutmix, their probabilities, smoothing | `classify.build_loss` |
-| `model` (`ModelConfig`) | model, model_kwargs, pretrained, initial_checkpoint, num_classes, drop rates | `classify.build_model` |
-| `batch` (`BatchConfig`) | batch_size, global_batch, lr, lr_base, lr_base_batch | `BatchConfig.plan` |
-| `optim` (`OptimConfig`) | opt, layer_decay, weight_decay, betas, eps, clip_grad | `optim.create_optimizer`, the engine |
-| `schedule` (`ScheduleConfig`) | epochs, cooldown, warmup, min_lr, sched | `optim.create_scheduler` |
-| `eval` (`EvalConfig`) | eval crop, interpolation, batch size, frequency | `TrainConfig.eval_settings`, `classify` |
-| `perf` (`PerfConfig`) | device, amp, channels_last, compile, grad checkpointing, threads | `classify.ClassifyTask`, `trainer.fit` |
-| `ema` (`EmaConfig`) | model_ema, model_ema_decay | `classify.create_ema` |
-| `run` (`RunConfig`) | seed, output, resume, overwrite, top-k, logging, stops, checkpoint_every | the run folder, `task.Loop` |
+The flat dict (`DEFAULTS`: the official ImageNet-1k recipe) is the file format of recipes, `--set KEY=VALUE`,
+`<run>/config.yaml` and `state.pt`. `resolve_config` merges DEFAULTS < recipe file < command line and converts the
+result once, with `from_flat`, into a frozen `TrainConfig` of sections; every value is type- and range-checked there
+(one line naming the key, the value and what is allowed), so the code that uses a setting never checks it again.
+`to_flat` writes it back; `from_flat(to_flat(c)) == c`. Each part of training gets only the section it reads (each
+section's docstring names its readers).
 """
 
 from __future__ import annotations
@@ -42,52 +27,63 @@ from mambaout.utils import recipes as R
 from mambaout.utils import schema as S
 from mambaout.utils.device import autocast_setting
 from mambaout.utils.limits import INTERPOLATIONS, MAX_NUM_CLASSES, check_model_kwargs
-from mambaout.utils.safe_yaml import YamlError, load_yaml
+from mambaout.utils.safe_yaml import load_yaml
 
 logger = logging.getLogger("mambaout")
 
 SCHEDULES = ("cosine", "tanh", "poly", "constant")
 _PATH, _SWITCH = C.text(optional=True), C.boolean()  # the checks of the many path and on/off settings
+_COUNT, _STEPS = C.integer(1, 10**9, optional=True), C.integer(1, 10**12, optional=True)  # optional counts
 PACKAGE_RECIPES = Path(__file__).resolve().parents[1] / "recipes"  # package data: present in every install
 MAX_MODEL_PARAMS = 1_000_000_000  # 12x mambaout_base_plus_rw; model_kwargs asking for more is almost surely a typo
+
+
+def _path(help_: str, **kw):
+    """A path (or name) setting, unset by default."""
+    return C.setting(None, _PATH, help_, **kw)
+
+
+def _switch(default: bool, help_: str, **kw):
+    return C.setting(default, _SWITCH, help_, **kw)
+
+
+class _Section:
+    """A section checks its own keys when it is built; `TrainConfig` checks what spans sections."""
+
+    def __post_init__(self):
+        C.validate_fields(self)
 
 
 # --- sections, in the order a run uses them ---------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class DataConfig:
-    """Where the images come from and how they are read."""
+class DataConfig(_Section):
+    """Where the images come from and how they are read (read by `classify.Data`)."""
 
-    data: str | None = C.setting(
-        None, _PATH, "folder holding <train_split>/ and <val_split>/ (folders or .tar)", flags=("--data", "--data-dir")
+    data: str | None = _path(
+        "folder holding <train_split>/ and <val_split>/ (folders or .tar)", flags=("--data", "--data-dir")
     )
-    data_train: str | None = C.setting(None, _PATH, "training set: an image folder or .tar, or 'digits:train'")
-    data_val: str | None = C.setting(None, _PATH, "validation set: an image folder or .tar, or 'digits:val'")
+    data_train: str | None = _path("training set: an image folder or .tar, or 'digits:train'")
+    data_val: str | None = _path("validation set: an image folder or .tar, or 'digits:val'")
     train_split: str = C.setting("train", C.text(), "name of the training split under --data")
     val_split: str = C.setting("val", C.text(), "name of the validation split under --data")
-    cache: bool = C.setting(False, _SWITCH, "keep image files in RAM (gpu pipeline: decoded)")
+    cache: bool = _switch(False, "keep image files in RAM (gpu pipeline: decoded)")
     data_pipeline: str = C.setting("cpu", C.choice("cpu", "gpu"), "cpu: augment in loader workers; gpu: on the device")
     workers: int = C.setting(8, C.integer(0, 256), "data loader processes per rank", flags=("--workers", "-j"))
-    persistent_workers: bool = C.setting(
-        False, _SWITCH, "keep loader workers between epochs (--resume is then not bit-exact)"
-    )
-
-    def __post_init__(self):
-        C.validate_fields(self)
+    persistent_workers: bool = _switch(False, "keep loader workers between epochs (--resume is then not bit-exact)")
 
 
 def _check_model_kwargs(kwargs: dict) -> None:
-    if "pretrained" in kwargs:
-        raise ValueError("pass --pretrained (the config key pretrained), not model_kwargs={pretrained: ...}")
-    if "num_classes" in kwargs:
-        raise ValueError("pass --num-classes (the config key num_classes), not model_kwargs={num_classes: ...}")
+    for key, flag in (("pretrained", "--pretrained"), ("num_classes", "--num-classes")):
+        if key in kwargs:
+            raise ValueError(f"pass {flag} (the config key {key}), not model_kwargs={{{key}: ...}}")
     check_model_kwargs(kwargs)
 
 
 @dataclass(frozen=True)
-class ModelConfig:
-    """The network and where its first weights come from."""
+class ModelConfig(_Section):
+    """The network and where its first weights come from (read by `classify.build_model`)."""
 
     model: str = C.setting("mambaout_tiny", C.text(max_len=200), "registered model name", network=True)
     model_kwargs: dict = C.setting(
@@ -97,13 +93,9 @@ class ModelConfig:
         default_factory=dict,
         network=True,
     )
-    pretrained: bool = C.setting(
-        False, _SWITCH, "start from the model's published weights (the classifier is replaced)"
-    )
-    initial_checkpoint: str | None = C.setting(
-        None, _PATH, "start from these weights (official, timm or our layout, timm .pth.tar)"
-    )
-    use_ema: bool = C.setting(False, _SWITCH, "take --initial-checkpoint's EMA weights (state_dict_ema)")
+    pretrained: bool = _switch(False, "start from the model's published weights (the classifier is replaced)")
+    initial_checkpoint: str | None = _path("start from these weights (official, timm or our layout, timm .pth.tar)")
+    use_ema: bool = _switch(False, "take --initial-checkpoint's EMA weights (state_dict_ema)")
     num_classes: int | None = C.setting(
         None,
         C.integer(1, MAX_NUM_CLASSES, optional=True),
@@ -119,9 +111,16 @@ class ModelConfig:
     )
 
     def __post_init__(self):
-        C.validate_fields(self)
+        super().__post_init__()
         if self.pretrained and self.initial_checkpoint:
             raise ValueError("pass either --pretrained or --initial-checkpoint PATH, not both")
+
+    def create_kwargs(self) -> dict:
+        """`model_kwargs` and the head dropout, only when asked for (not every registered builder takes one)."""
+        kwargs = dict(self.model_kwargs)
+        if self.drop_rate:
+            kwargs.setdefault("drop_rate", self.drop_rate)
+        return kwargs
 
 
 @dataclass(frozen=True)
@@ -134,7 +133,7 @@ class BatchPlan:
 
 
 @dataclass(frozen=True)
-class BatchConfig:
+class BatchConfig(_Section):
     """Batch sizes and the learning rate: lr = lr_base x global_batch / lr_base_batch (linear scaling rule)."""
 
     batch_size: int = C.setting(
@@ -155,15 +154,8 @@ class BatchConfig:
         4096, C.integer(1, 2**24), "the batch lr_base is given for", flags=("--lr-base-batch", "--lr-base-size")
     )
 
-    def __post_init__(self):
-        C.validate_fields(self)
-
     def plan(self, world_size: int) -> BatchPlan:
-        """The plan for `world_size` processes.
-
-        Raises:
-            ValueError: when the global batch is not a multiple of per-device batch x world size.
-        """
+        """The plan for `world_size` processes (ValueError: a global batch no multiple of batch x processes)."""
         per_step = self.batch_size * world_size
         global_batch = self.global_batch or per_step
         if global_batch % per_step:
@@ -177,8 +169,9 @@ class BatchConfig:
 
 
 @dataclass(frozen=True)
-class OptimConfig:
-    """The optimizer: AdamW (the paper's) or any timm optimizer, with decoupled weight decay."""
+class OptimConfig(_Section):
+    """The optimizer: AdamW (the paper's) or any timm optimizer, with decoupled weight decay (read by
+    `optim.create_optimizer`; `clip_grad` by the engine)."""
 
     opt: str = C.setting(
         "adamw", C.text(max_len=64), "optimizer: adamw, or a timm name (sgd, momentum, adam, lamb, ...)"
@@ -196,43 +189,33 @@ class OptimConfig:
     )
 
     def __post_init__(self):
-        C.validate_fields(self)
-        known = _optimizer_names()
-        if known and self.opt.lower() not in known:
-            near = [n for n in known if n.startswith(self.opt.lower()[:3])][:6]
-            raise ValueError(
-                f"opt={C.show(self.opt)}: not an optimizer timm knows"
-                + (f" (close: {', '.join(near)})" if near else " (e.g. adamw, sgd, momentum, lamb)")
-            )
-
-
-def _optimizer_names() -> set[str]:
-    try:
-        from timm.optim import list_optimizers
-    except ImportError:  # pragma: no cover - older timm: checked when the optimizer is built
-        return set()
-    return set(list_optimizers())
+        super().__post_init__()
+        try:
+            from timm.optim import list_optimizers
+        except ImportError:  # pragma: no cover - older timm: checked when the optimizer is built
+            return
+        known, opt = set(list_optimizers()), self.opt.lower()
+        if known and opt not in known:
+            near = [n for n in known if n.startswith(opt[:3])][:6]
+            hint = f"close: {', '.join(near)}" if near else "e.g. adamw, sgd, momentum, lamb"
+            raise ValueError(f"opt={C.show(self.opt)}: not an optimizer timm knows ({hint})")
 
 
 @dataclass(frozen=True)
-class ScheduleConfig:
-    """Warmup from warmup_lr, then `sched` (cosine) to min_lr over `epochs`, then `cooldown_epochs` at min_lr."""
+class ScheduleConfig(_Section):
+    """Warmup from warmup_lr, then `sched` (cosine) to min_lr over `epochs`, then `cooldown_epochs` at min_lr (read
+    by `optim.create_scheduler`)."""
 
     epochs: int = C.setting(
         300, C.integer(1, 100_000), "epochs of the lr schedule (warmup included); cooldown epochs come on top"
     )
-    steps: int | None = C.setting(
-        None, C.integer(1, 10**12, optional=True), "end the run after this many optimizer steps in all (a cap)"
-    )
+    steps: int | None = C.setting(None, _STEPS, "end the run after this many optimizer steps in all (a cap)")
     cooldown_epochs: int = C.setting(10, C.integer(0, 100_000), "epochs at min_lr after the schedule")
     warmup_epochs: int = C.setting(20, C.integer(0, 100_000), "epochs of linear warmup from warmup_lr")
     warmup_lr: float = C.setting(1e-6, C.number(0.0, 1e3), "lr at the start of the warmup")
     min_lr: float = C.setting(1e-5, C.number(0.0, 1e3), "lr at the end of the schedule")
     sched: str = C.setting("cosine", C.choice(*SCHEDULES), "lr schedule")
-    sched_on_updates: bool = C.setting(False, _SWITCH, "change the lr every optimizer step (official: once per epoch)")
-
-    def __post_init__(self):
-        C.validate_fields(self)
+    sched_on_updates: bool = _switch(False, "change the lr every optimizer step (official: once per epoch)")
 
     @property
     def total_epochs(self) -> int:
@@ -240,8 +223,8 @@ class ScheduleConfig:
 
 
 @dataclass(frozen=True)
-class MixupConfig:
-    """Mixup / CutMix (timm's `Mixup`) and label smoothing."""
+class MixupConfig(_Section):
+    """Mixup / CutMix (timm's `Mixup`) and label smoothing (read by `classify.build_loss`)."""
 
     mixup: float = C.setting(0.8, C.number(0.0, 100.0), "mixup alpha (0: off)")
     cutmix: float = C.setting(1.0, C.number(0.0, 100.0), "cutmix alpha (0: off)")
@@ -252,17 +235,15 @@ class MixupConfig:
     mixup_mode: str = C.setting("batch", C.choice("batch", "pair", "elem"), "mix per batch, pair or element")
     smoothing: float = C.setting(0.1, C.number(0.0, 1.0, hi_open=True), "label smoothing")
 
-    def __post_init__(self):
-        C.validate_fields(self)
-
     @property
     def active(self) -> bool:
         return self.mixup > 0 or self.cutmix > 0
 
 
 @dataclass(frozen=True)
-class EvalConfig:
-    """Held-out evaluation during training; the crop and interpolation go into the checkpoints' eval_config."""
+class EvalConfig(_Section):
+    """Held-out evaluation during training; the crop and interpolation go into the checkpoints' eval_config (read
+    by `TrainConfig.eval_settings` and `classify`)."""
 
     eval_crop_pct: float = C.setting(
         1.0, C.number(0.05, 1.0), "center crop fraction at evaluation (written into the checkpoints)"
@@ -278,23 +259,18 @@ class EvalConfig:
     )
     eval_every: int = C.setting(1, C.integer(1, 100_000), "evaluate every N epochs (and always after the last)")
 
-    def __post_init__(self):
-        C.validate_fields(self)
-
 
 @dataclass(frozen=True)
-class PerfConfig:
-    """Where and how fast: device, autocast, memory layout, compilation. Same numbers either way, up to rounding."""
+class PerfConfig(_Section):
+    """Where and how fast: device, autocast, memory layout, compilation, threads (read by `classify.ClassifyTask`
+    and `trainer.fit`). Same numbers either way, up to rounding."""
 
     device: str | None = S.device_setting()
     amp: str = S.amp_setting()
-    channels_last: bool = C.setting(False, _SWITCH, "channels-last memory layout")
-    compile: bool = C.setting(False, _SWITCH, "torch.compile the model", flags=("--compile", "--torchcompile"))
-    grad_checkpointing: bool = C.setting(False, _SWITCH, "recompute activations in backward (less memory)")
+    channels_last: bool = _switch(False, "channels-last memory layout")
+    compile: bool = _switch(False, "torch.compile the model", flags=("--compile", "--torchcompile"))
+    grad_checkpointing: bool = _switch(False, "recompute activations in backward (less memory)")
     threads: int | None = S.threads_setting()
-
-    def __post_init__(self):
-        C.validate_fields(self)
 
     def amp_dtype(self, device: torch.device) -> tuple[str, torch.dtype | None]:
         """The autocast setting (`auto`: bf16 on CUDA, none on CPU) as its name and dtype."""
@@ -302,82 +278,55 @@ class PerfConfig:
 
 
 @dataclass(frozen=True)
-class EmaConfig:
-    """An exponential moving average of the weights, evaluated beside the model (timm's ModelEmaV3)."""
+class EmaConfig(_Section):
+    """An exponential moving average of the weights, evaluated beside the model (timm's ModelEmaV3; read by
+    `classify.ClassifyTask.ema`)."""
 
-    model_ema: bool = C.setting(False, _SWITCH, "keep and evaluate an EMA of the weights")
+    model_ema: bool = _switch(False, "keep and evaluate an EMA of the weights")
     model_ema_decay: float = C.setting(0.9999, C.number(0.0, 1.0), "EMA decay per optimizer step")
-
-    def __post_init__(self):
-        C.validate_fields(self)
 
 
 @dataclass(frozen=True)
-class RunConfig:
-    """The run folder, logging, reproducibility and the stops that time-box or test a run."""
+class RunConfig(_Section):
+    """The run folder, logging, reproducibility and the stops that time-box or test a run (read by the run folder
+    and `task.Loop`)."""
 
     seed: int = S.seed_setting()
-    output: str | None = C.setting(None, _PATH, "run folder (unset: runs/<recipe or model>)", flags=("--output", "-o"))
-    resume: str | None = C.setting(
-        None, _PATH, "run folder or its state.pt to continue; options given with it win, except another model"
+    output: str | None = _path("run folder (unset: runs/<recipe or model>)", flags=("--output", "-o"))
+    resume: str | None = _path(
+        "run folder or its state.pt to continue; options given with it win, except another model"
     )
-    overwrite: bool = C.setting(False, _SWITCH, "start over in a run folder that holds a run")
+    overwrite: bool = _switch(False, "start over in a run folder that holds a run")
     keep_top_k: int = C.setting(
         3, C.integer(0, 1000), "keep the weights of the k best epochs", flags=("--keep-top-k", "--checkpoint-hist")
     )
-    tensorboard: bool = C.setting(False, _SWITCH, "also write TensorBoard event files")
-    progress: bool = C.setting(True, _SWITCH, "progress bar on a terminal, progress lines otherwise")
+    tensorboard: bool = _switch(False, "also write TensorBoard event files")
+    progress: bool = _switch(True, "progress bar on a terminal, progress lines otherwise")
     log_every: int = C.setting(
         50,
         C.integer(0, 10**9, zero_means="0: no progress lines"),
         "optimizer steps between progress lines when not on a terminal",
         flags=("--log-every", "--log-interval"),
     )
-    max_steps_per_epoch: int | None = C.setting(
-        None, C.integer(1, 10**9, optional=True), "cap optimizer steps per epoch (smoke tests)"
-    )
-    stop_after_epochs: int | None = C.setting(
-        None, C.integer(1, 10**9, optional=True), "stop after N epochs of this call (resume later)"
-    )
+    max_steps_per_epoch: int | None = C.setting(None, _COUNT, "cap optimizer steps per epoch (smoke tests)")
+    stop_after_epochs: int | None = C.setting(None, _COUNT, "stop after N epochs of this call (resume later)")
     stop_after_steps: int | None = C.setting(
-        None,
-        C.integer(1, 10**12, optional=True),
-        "stop after N optimizer steps of this call, mid-epoch too (resume later)",
+        None, _STEPS, "stop after N optimizer steps of this call, mid-epoch too (resume later)"
     )
     checkpoint_every: int = C.setting(
         0,
         C.integer(0, 10**12, zero_means="0: at epoch ends only"),
         "also save the training state every N steps inside epochs",
     )
-    recipe: str | None = C.setting(None, _PATH, "recipe name (--list-recipes) or path to a YAML file")
-
-    def __post_init__(self):
-        C.validate_fields(self)
-
-
-SECTIONS = {
-    "data": DataConfig,
-    "augment": AugmentConfig,
-    "mixup": MixupConfig,
-    "model": ModelConfig,
-    "batch": BatchConfig,
-    "optim": OptimConfig,
-    "schedule": ScheduleConfig,
-    "eval": EvalConfig,
-    "perf": PerfConfig,
-    "ema": EmaConfig,
-    "run": RunConfig,
-}
-KEY_SECTION = {f.name: section for section, cls in SECTIONS.items() for f in fields(cls)}
-SCHEMA = S.Schema(SECTIONS)  # the parser, --set, recipe keys and docs/settings.md come from these declarations
+    recipe: str | None = _path("recipe name (--list-recipes) or path to a YAML file")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """The whole training configuration as typed sections; see the module docstring for who reads which."""
+    """The whole training configuration as typed sections; each section's docstring says who reads it."""
 
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
-    augment: AugmentConfig = dataclasses.field(default_factory=AugmentConfig)
+    augment: AugmentConfig = dataclasses.field(default_factory=AugmentConfig)  # the CPU transform, GPU augmentation
     mixup: MixupConfig = dataclasses.field(default_factory=MixupConfig)
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     batch: BatchConfig = dataclasses.field(default_factory=BatchConfig)
@@ -403,25 +352,14 @@ class TrainConfig:
 
     @property
     def loading(self) -> Loading:
-        return Loading(
-            batch_size=self.batch.batch_size,
-            eval_batch_size=self.eval.eval_batch_size or 2 * self.batch.batch_size,
-            workers=self.data.workers,
-            seed=self.run.seed,
-            cache=self.data.cache,
-            persistent_workers=self.data.persistent_workers,
-        )
+        b, d = self.batch, self.data
+        eval_batch = self.eval.eval_batch_size or 2 * b.batch_size
+        return Loading(b.batch_size, eval_batch, d.workers, self.run.seed, d.cache, d.persistent_workers)
 
     def eval_settings(self) -> EvalSettings:
         """The eval transform of the run, written into its checkpoints (what `create_model` reads back)."""
-        size = self.augment.img_size
-        return EvalSettings(
-            input_size=(3, size, size),
-            crop_pct=self.eval.eval_crop_pct,
-            interpolation=self.eval.eval_interpolation,
-            mean=self.augment.mean,
-            std=self.augment.std,
-        )
+        a, e = self.augment, self.eval
+        return EvalSettings((3, a.img_size, a.img_size), e.eval_crop_pct, e.eval_interpolation, a.mean, a.std)
 
     def output_folder(self) -> Path:
         """The run folder: `output` (set at resolve time for a recipe run with another model), else the resumed
@@ -433,31 +371,28 @@ class TrainConfig:
         return Path("runs") / recipe_name(self.run.recipe or self.model.model)
 
 
-def from_flat(flat: dict) -> TrainConfig:
-    """The typed configuration of a flat dict (DEFAULTS' keys; missing keys take their defaults).
+SECTIONS = {f.name: f.default_factory for f in fields(TrainConfig)}
+KEY_SECTION = {f.name: section for section, cls in SECTIONS.items() for f in fields(cls)}
+SCHEMA = S.Schema(SECTIONS)  # the parser, --set, recipe keys and docs/settings.md come from these declarations
 
-    Raises:
-        ValueError: one line naming the first bad key, its value and what is allowed; or the unknown keys.
-    """
+
+def from_flat(flat: dict) -> TrainConfig:
+    """The typed configuration of a flat dict (DEFAULTS' keys; missing keys take their defaults). A ValueError is
+    one line naming the first bad key, its value and what is allowed, or the unknown keys."""
     unknown = sorted(set(flat) - set(KEY_SECTION))
     if unknown:
         raise ValueError(f"unknown config keys {unknown}; the keys are those `mambaout train --print-config` prints")
     parts = {name: {} for name in SECTIONS}
     for key, value in flat.items():
         parts[KEY_SECTION[key]][key] = value
-    sections = {name: SECTIONS[name](**values) for name, values in parts.items()}
-    return TrainConfig(**sections)
+    return TrainConfig(**{name: SECTIONS[name](**values) for name, values in parts.items()})
 
 
 def to_flat(cfg: TrainConfig) -> dict:
     """The flat dict of a typed configuration, as files hold it (tuples as lists), in DEFAULTS' key order."""
-    flat = {}
-    for name in SECTIONS:
-        section = getattr(cfg, name)
-        for f in fields(section):
-            value = getattr(section, f.name)
-            flat[f.name] = list(value) if isinstance(value, tuple) else value
-    return flat
+    return {
+        k: list(v) if isinstance(v, tuple) else v for part in dataclasses.asdict(cfg).values() for k, v in part.items()
+    }
 
 
 # The official recipe (paper Sec. 4.1 and the official training scripts), ImageNet-1k at 224 px, as the flat file
@@ -487,16 +422,10 @@ def recipes_table() -> str:
 
 
 def load_recipe(name_or_path: str) -> dict:
-    """A recipe's settings as flat keys (a recipe may also write them as `section.key`).
-
-    Raises:
-        ValueError: YAML that is no plain mapping, or an unknown key (one line naming it and the close ones).
-    """
+    """A recipe's settings as flat keys (a recipe may also write them as `section.key`); ValueError for YAML that is
+    no plain mapping, or an unknown key (one line naming it and the close ones)."""
     path = find_recipe(name_or_path)
-    try:
-        recipe = load_yaml(path.read_text(errors="replace"), str(path)) or {}
-    except YamlError as e:
-        raise ValueError(str(e)) from None
+    recipe = load_yaml(path.read_text(errors="replace"), str(path)) or {}  # a YamlError is a ValueError
     if not isinstance(recipe, dict):
         raise ValueError(f"recipe {path} must be a YAML mapping of option: value")
     out = {}
@@ -509,12 +438,8 @@ def load_recipe(name_or_path: str) -> dict:
 
 
 def resolve_config(overrides: dict, require_data: bool = True) -> TrainConfig:
-    """DEFAULTS < recipe (`overrides['recipe']`, or 'digits' when no data is given) < `overrides`, typed.
-
-    Args:
-        overrides: Flat keys given on the command line (or by a caller).
-        require_data: Refuse a configuration without training data (off for `--print-config`).
-    """
+    """DEFAULTS < recipe (`overrides['recipe']`, or 'digits' when no data is given) < `overrides` (flat keys),
+    typed; `require_data`: refuse a configuration without training data (off for `--print-config`)."""
     for key in overrides:
         if key not in DEFAULTS:
             SCHEMA.find(str(key))  # the unknown key, and the close ones, in one line
@@ -522,13 +447,12 @@ def resolve_config(overrides: dict, require_data: bool = True) -> TrainConfig:
     RunConfig(recipe=overrides.get("recipe"), resume=overrides.get("resume"))  # paths, checked before they are opened
     if overrides.get("resume"):
         # A resumed run continues with the configuration it was started with; options given now still win.
-        saved = load_state(resume_path(overrides["resume"])).get("config", {})
+        state = resume_path(overrides["resume"])
+        saved = load_state(state).get("config", {})
         SCHEMA.refuse_network_changes(overrides["resume"], overrides, saved, flat=True)
-        flat = dict(DEFAULTS)
-        flat.update({k: v for k, v in saved.items() if k in DEFAULTS})
-        flat.update(stop_after_epochs=None, stop_after_steps=None, output=str(resume_path(overrides["resume"]).parent))
-        flat.update(overrides)
-        return _typed(flat, require_data)
+        flat = {**DEFAULTS, **{k: v for k, v in saved.items() if k in DEFAULTS}}
+        flat.update(stop_after_epochs=None, stop_after_steps=None, output=str(state.parent))
+        return _typed({**flat, **overrides}, require_data)
     flat = dict(DEFAULTS)
     recipe = overrides.get("recipe")
     no_data = not any(overrides.get(k) for k in ("data", "data_train"))
@@ -549,7 +473,7 @@ def resolve_config(overrides: dict, require_data: bool = True) -> TrainConfig:
     flat.update(overrides)
     if recipe is not None and loaded.get("model") not in (None, flat["model"]):
         _another_model(flat, loaded, recipe, overrides)
-    DataConfig(**{k: flat[k] for k in C.field_names(DataConfig)})  # the paths checked before they are looked into
+    DataConfig(**{f.name: flat[f.name] for f in fields(DataConfig)})  # the paths checked before they are looked into
     if isinstance(flat["data"], str) and (flat["data_train"] is None or flat["data_val"] is None):
         flat["data_train"] = flat["data_train"] or resolve_split(flat["data"], flat["train_split"])
         flat["data_val"] = flat["data_val"] or resolve_split(flat["data"], flat["val_split"])
@@ -573,12 +497,8 @@ def _another_model(flat: dict, recipe_values: dict, recipe: str, overrides: dict
         if dropped:
             flat["model_kwargs"] = {k: v for k, v in kwargs.items() if k not in dropped}
             logger.warning(
-                "recipe %s shapes its model %s with model_kwargs %s; left out for %s (--set model_kwargs=... "
-                "to give them)",
-                recipe_name(recipe),
-                recipe_values["model"],
-                ", ".join(dropped),
-                flat["model"],
+                f"recipe {recipe_name(recipe)} shapes its model {recipe_values['model']} with model_kwargs "
+                f"{', '.join(dropped)}; left out for {flat['model']} (--set model_kwargs=... to give them)"
             )
     if "output" not in overrides and isinstance(flat["model"], str):
         parent = Path(recipe_values["output"]).parent if recipe_values.get("output") else Path("runs")
@@ -596,10 +516,9 @@ def _typed(flat: dict, require_data: bool) -> TrainConfig:
         )
     check_model_size(cfg.model)
     if cfg.schedule.warmup_epochs > cfg.schedule.epochs:
+        sched = cfg.schedule
         logger.warning(
-            "warmup_epochs=%d is more than epochs=%d: the lr never leaves its warmup",
-            cfg.schedule.warmup_epochs,
-            cfg.schedule.epochs,
+            f"warmup_epochs={sched.warmup_epochs} is more than epochs={sched.epochs}: the lr never leaves its warmup"
         )
     return cfg
 
@@ -609,22 +528,18 @@ def check_model_size(model: ModelConfig) -> None:
     from mambaout.models.factory import create_model
     from mambaout.models.variants import get_variant
 
-    if model.pretrained:
-        try:
-            variant = get_variant(model.model)[0]
-        except (KeyError, ValueError):
-            variant = None  # an unknown name is said below, by the factory
-        if variant is not None and not variant.weights:
-            raise ValueError(
-                f"pretrained=true: {variant.name} has no published weights; leave --pretrained out to train "
-                "from random weights, or pass a weights file as --initial-checkpoint PATH"
-            )
-    kwargs = dict(model.model_kwargs)
-    if model.drop_rate:
-        kwargs.setdefault("drop_rate", model.drop_rate)
+    try:
+        variant = get_variant(model.model)[0] if model.pretrained else None
+    except (KeyError, ValueError):
+        variant = None  # an unknown name is said below, by the factory
+    if variant is not None and not variant.weights:
+        raise ValueError(
+            f"pretrained=true: {variant.name} has no published weights; leave --pretrained out to train "
+            "from random weights, or pass a weights file as --initial-checkpoint PATH"
+        )
     try:
         with torch.device("meta"):
-            probe = create_model(model.model, num_classes=model.num_classes or 1000, **kwargs)
+            probe = create_model(model.model, num_classes=model.num_classes or 1000, **model.create_kwargs())
     except (TypeError, ValueError, KeyError, OverflowError, ZeroDivisionError) as e:
         raise ValueError(f"model={model.model!r} with model_kwargs={C.show(model.model_kwargs)}: {e}") from None
     n = sum(p.numel() for p in probe.parameters())
@@ -644,7 +559,7 @@ def checkpoint_model(path) -> str | None:
 
 def _absolute(path: str | None) -> str | None:
     """An existing local data path made absolute; `digits:...`, `hfds/...` and missing paths stay as given."""
-    if not path or str(path).startswith(DIGITS) or str(path).startswith(MAP_STYLE_READERS) or not Path(path).exists():
+    if not path or str(path).startswith((DIGITS, *MAP_STYLE_READERS)) or not Path(path).exists():
         return path
     return str(Path(path).resolve())
 

@@ -1,14 +1,13 @@
 """The task-agnostic step engine: one pass of optimizer steps over a loader, and the loss sums it keeps.
 
-Nothing here knows which network or task it trains: a `task.Task` turns a batch into inputs and a loss; this
-module takes the optimizer steps (autocast, gradient accumulation, clipping, the grad scaler, the EMA) and keeps
-the loss sums on the device, reading them only when asked. Distributed details go through
-`mambaout.utils.distributed`.
+A `task.Task` turns a batch into inputs and a loss; this module takes the optimizer steps (autocast, gradient
+accumulation, clipping, the grad scaler, the EMA) and keeps the loss sums on the device, read only when asked.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -20,23 +19,15 @@ from mambaout.utils import distributed as dist
 
 @dataclass
 class StepConfig:
-    """How each optimizer step is taken.
+    """How each optimizer step is taken."""
 
-    Attributes:
-        accum_steps: Micro-batches per optimizer step (global batch / (per-device batch x world size)).
-        amp_dtype: `torch.bfloat16`, `torch.float16` or None (full precision).
-        clip_grad: Max gradient norm; None or 0 for no clipping.
-    """
-
-    accum_steps: int = 1
-    amp_dtype: torch.dtype | None = None
-    clip_grad: float | None = None
+    accum_steps: int = 1  # micro-batches per optimizer step (global batch / (per-device batch x world size))
+    amp_dtype: torch.dtype | None = None  # autocast's dtype; None: full precision
+    clip_grad: float | None = None  # max gradient norm; None or 0: no clipping
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device_type=device.type, dtype=dtype)
 
 
 class LossNotFinite(FloatingPointError, ValueError):
@@ -47,7 +38,7 @@ class LossNotFinite(FloatingPointError, ValueError):
 class Sums:
     """Loss sums on the device (the loss, then its named parts), since the last row of summary.csv (`row`) and
     since the last progress line (`line`). A checkpoint stores them (`as_dict`), a resumed run continues them
-    (`from_dict`), so the numbers it logs equal an uninterrupted run's."""
+    (`Sums(**saved)`), so the numbers it logs equal an uninterrupted run's."""
 
     names: list = field(default_factory=list)  # "loss", then the task's loss parts
     row: torch.Tensor | list | None = None
@@ -86,8 +77,7 @@ class Sums:
     def take_row(self, device) -> dict:
         """The means since the last row over all ranks (train_loss, its parts), images and skips; then reset."""
         row = [float(v) for v in (self.row.tolist() if torch.is_tensor(self.row) else self.row or [])]
-        total = dist.all_reduce_sum([*row, self.row_n, int(self.skipped), self.images], device)
-        *sums, n, skipped, images = total
+        *sums, n, skipped, images = dist.all_reduce_sum([*row, self.row_n, int(self.skipped), self.images], device)
         out = {("train_loss" if k == "loss" else k): v / max(n, 1) for k, v in zip(self.names, sums)}
         self.row, self.row_n, self.skipped, self.images = None, 0, 0, 0
         return dict(out, skipped=int(skipped), images=int(images))
@@ -97,16 +87,12 @@ class Sums:
         plain = {k: (v.tolist() if torch.is_tensor(v) else v) for k, v in vars(self).items()}
         return dict(plain, nonfinite=False)
 
-    @classmethod
-    def from_dict(cls, values: dict | None) -> Sums:
-        return cls(**(values or {}))
-
 
 def _on(sums, like: torch.Tensor) -> torch.Tensor:
     """Sums as a device tensor shaped as `like` (zeros for none; a list from a checkpoint put on the device)."""
     if sums is None:
         return torch.zeros_like(like)
-    return sums if torch.is_tensor(sums) else torch.tensor(sums, dtype=like.dtype, device=like.device)
+    return sums if torch.is_tensor(sums) else like.new_tensor(sums)
 
 
 def train_one_epoch(
@@ -133,11 +119,11 @@ def train_one_epoch(
     mean over the global batch, exactly as one large batch would give.
 
     Args:
-        task: Turns a batch into inputs (`prepare`) and a loss with its parts (`loss`): a `task.Task`.
+        task: A `task.Task`: turns a batch into inputs (`prepare`) and a loss with its parts (`loss`).
         parts: The `runfolder.Trainable` the step updates: optimizer, grad scaler (or None), EMA (or None).
-        sums: The loss sums, added to on the device and read only every `refresh_every` steps.
-        on_step: Called after every optimizer step with the number of steps taken this call (the schedule,
-            evaluations, checkpoints); returning True ends the pass there.
+        sums: The loss sums, kept on the device: reading a device tensor waits for the GPU, which would stall the
+            input pipeline once per step, so they are read only every `refresh_every` steps.
+        on_step: Called after every optimizer step with the steps taken this call; True ends the pass there.
         on_start: Called once the loader's iterator exists (creating it draws from the RNG), before the first batch.
         report: Called every `refresh_every` and every `line_every` steps of the run (`first`: the steps taken
             before this call), and at a stop or the end, with the steps taken and the means since the last line; a
@@ -145,11 +131,7 @@ def train_one_epoch(
     """
     model.train()
     accum = step_cfg.accum_steps
-    steps_total = len(loader) // accum
-    if max_steps is not None:
-        steps_total = min(steps_total, max_steps)
-    # Loss sums stay on the device: reading a device tensor (`.item()`, `float()`, `if t`) waits for the GPU to
-    # finish, which would stall the input pipeline once per step. They are read every `refresh_every` steps.
+    steps_total = min(len(loader) // accum, max_steps if max_steps is not None else math.inf)
     steps = checked = 0
     parts.optimizer.zero_grad(set_to_none=True)
     batches = iter(loader)

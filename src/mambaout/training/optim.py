@@ -12,11 +12,8 @@ from mambaout.training.config import OptimConfig, ScheduleConfig
 
 
 def create_optimizer(model: nn.Module, cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
-    """AdamW (the paper's optimizer) over `param_groups`; other optimizers and layer-wise lr decay through timm.
-
-    With `layer_decay` d, timm's optimizer factory scales each parameter group's lr by d^(layers above it), the
-    layers numbered by the model's `group_matcher` (stem first, the head last at d^0 = 1).
-    """
+    """AdamW (the paper's optimizer) over `param_groups`; other optimizers and layer-wise lr decay (each group's lr
+    x d^(layers above it), numbered by the model's `group_matcher`) through timm."""
     if cfg.opt == "adamw" and cfg.layer_decay is None:
         groups = param_groups(model, cfg.weight_decay)
         return torch.optim.AdamW(groups, lr=lr, betas=cfg.betas, eps=cfg.eps)
@@ -70,9 +67,8 @@ def create_scheduler(optimizer, cfg: ScheduleConfig, steps_per_epoch: int):
 
 
 class FactorSchedule:
-    """The lr of optimizer step n (0-based) as each group's initial lr x `factor(n)`, with timm's scheduler interface
-    (`step(epoch)`, `step_update(n)`), so the engine steps it as it steps timm's; the lr is a function of the step
-    alone, so a resumed run recomputes it and the state holds nothing."""
+    """The lr of optimizer step n (0-based) as each group's initial lr x `factor(n)`, with timm's scheduler interface;
+    a function of the step alone, so a resumed run recomputes it and the state holds nothing."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, factor):
         self.optimizer, self.factor = optimizer, factor

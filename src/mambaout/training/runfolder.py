@@ -1,29 +1,11 @@
-"""The run folder of a training run, for every task: what is written there, and how a run is saved and restored.
+"""The run folder of a training run, for every task (docs/training.md lists its files), and how a run is saved and
+restored.
 
-A run folder holds:
-
-- `last.safetensors`, `best.safetensors` (by the task's headline number: top-1, box AP, mIoU) and the `keep_top_k`
-  best evaluations (`epoch-NNNN.safetensors`, or `step-NNNNNNN.safetensors` for one inside an epoch): weights with
-  the metadata the task's checkpoints carry (what `create_model(checkpoint=...)` or `validate` needs);
-- `state.pt`: everything `--resume` needs (weights, optimizer, scheduler, grad scaler, EMA, epoch, step, every
-  rank's RNG state, best and top-k bookkeeping, the loss sums behind the numbers not yet logged). It is
-  self-contained, so a crash between two file writes can never pair weights with the wrong optimizer state; every
-  file is written to a temporary name and renamed;
-- `config.yaml` (the resolved configuration), `summary.csv` (one row per epoch, or per evaluation of a run
-  measured in steps), `curves.png`, `train.log` (what the run printed), and TensorBoard events with
-  `tensorboard: true`;
-- `.lock`: held (flock) by the one trainer writing the folder, so a second concurrent trainer is refused; the
-  kernel releases it when that process ends, however it ends.
-
-Three objects own these: `RunLock` (the lock, and the clean-up of interrupted writes), `StateStore` (`state.pt`,
-`config.yaml`) and `MetricsLog` (`summary.csv`, `curves.png`, TensorBoard); `RunFolder` composes them for the
-engine and writes the weights files itself.
-
-A new run starts only in a new or empty folder (or with `--overwrite`): files it did not write are never mixed with
-a run's. Only rank 0 writes; the other ranks build a `RunFolder` with `write=False` (they still take part in
-gathering the RNG states). A writer on a folder that provably holds a run (its lock and its state or config)
-starts by removing the hidden temporary files a write killed mid-way left behind (they are as large as the
-checkpoints): only the names this package makes.
+`state.pt` holds everything `--resume` needs in one file, so a crash can never pair weights with the wrong optimizer
+state; every file is written to a temporary name and renamed. `RunLock` (`.lock`), `StateStore` (`state.pt`,
+`config.yaml`) and `MetricsLog` (`summary.csv`, `curves.png`, TensorBoard) own the files; `RunFolder` composes them
+and writes the weights files itself. A new run starts only in a new or empty folder (or with `--overwrite`). Only
+rank 0 writes; the other ranks build a `RunFolder` with `write=False` (they still gather the RNG states).
 """
 
 from __future__ import annotations
@@ -60,43 +42,30 @@ def seed_all(seed: int) -> None:
 
 def rng_state() -> dict:
     np_state = np.random.get_state()
-    state = dict(
-        torch=torch.get_rng_state(),
-        numpy=[np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]],
-        python=list(random.getstate()),
-    )
+    numpy = [np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]]
+    state = dict(torch=torch.get_rng_state(), numpy=numpy, python=list(random.getstate()))
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
-def gather_ranks(sums: dict | None) -> list[dict]:
-    """Every rank's RNG state and loss sums, on every rank (a collective: all ranks call it), so each resumed rank
-    continues its own."""
-    mine = dict(rng=rng_state(), sums=sums)
-    if dist.get_world_size() == 1:
-        return [mine]
-    # as bytes: all_gather_object cannot carry tensors (torch fails to unpickle their storage)
-    blob = io.BytesIO()
-    torch.save(mine, blob)
-    return [torch.load(io.BytesIO(b), weights_only=True) for b in dist.all_gather_lists([blob.getvalue()])]
-
-
-def own_rank(state: dict) -> dict:
-    """This rank's RNG state and sums in a saved training state (rank 0's when the run had another number of
-    processes)."""
-    ranks = state.get("ranks") or []
-    return ranks[dist.get_rank()] if len(ranks) == dist.get_world_size() else ranks[0]
-
-
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    n = state["numpy"]
+    n, py = state["numpy"], state["python"]
     np.random.set_state((n[0], n[1].numpy(), *n[2:]))
-    py = state["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def gather_ranks(sums: dict | None) -> list[dict]:
+    """Every rank's RNG state and loss sums, on every rank (a collective), so each resumed rank continues its own."""
+    mine = dict(rng=rng_state(), sums=sums)
+    if dist.get_world_size() == 1:
+        return [mine]
+    blob = io.BytesIO()  # as bytes: all_gather_object cannot carry tensors (torch fails to unpickle their storage)
+    torch.save(mine, blob)
+    return [torch.load(io.BytesIO(b), weights_only=True) for b in dist.all_gather_lists([blob.getvalue()])]
 
 
 # --- the training state (state.pt) -----------------------------------------------------------------------------------
@@ -105,8 +74,7 @@ def set_rng_state(state: dict) -> None:
 def resume_path(path: str | os.PathLike) -> Path:
     """`--resume` accepts a run folder or its `state.pt`."""
     p = Path(path)
-    if p.is_dir():
-        p = p / "state.pt"
+    p = p / "state.pt" if p.is_dir() else p
     if not p.is_file():
         raise FileNotFoundError(f"--resume {path}: no training state found (expected a run folder holding state.pt)")
     return p
@@ -158,17 +126,12 @@ class Progress:
             parts.scaler.load_state_dict(state["scaler"])
         if parts.ema is not None and state.get("ema"):
             parts.ema.module.load_state_dict(state["ema"])
-        resume_step = state.get("epoch_step", 0)
-        own = own_rank(state)
-        return cls(
-            start_epoch=state["epoch"] + 1,
-            global_step=state["step"],
-            best=state.get("best"),
-            top_k=[tuple(t) for t in state.get("top_k", [])],
-            resume_step=resume_step,
-            resume_rng=own["rng"] if resume_step else None,
-            sums=own["sums"],
-        )
+        # this rank's RNG state and sums (rank 0's when the run had another number of processes)
+        ranks, step = state.get("ranks") or [], state.get("epoch_step", 0)
+        own = ranks[dist.get_rank()] if len(ranks) == dist.get_world_size() else ranks[0]
+        top_k = [tuple(t) for t in state.get("top_k", [])]
+        rng = own["rng"] if step else None
+        return cls(state["epoch"] + 1, state["step"], state.get("best"), top_k, step, rng, own["sums"])
 
 
 # --- the folder ------------------------------------------------------------------------------------------------------
@@ -186,13 +149,7 @@ def tensorboard_writer(folder: Path):
     return SummaryWriter(str(folder))
 
 
-RUN_FILES = (
-    "state.pt",
-    "config.yaml",
-    "summary.csv",
-    "last.safetensors",
-    "train.log",
-)  # any of them: the folder holds a run
+RUN_FILES = ("state.pt", "config.yaml", "summary.csv", "last.safetensors", "train.log")  # any: the folder holds a run
 
 # What a run writes before its first state: a folder holding only these (and its lock) held a run that stopped
 # before it saved anything, which --resume cannot continue, so a new run may start there without --overwrite.
@@ -208,12 +165,8 @@ STALE_TEMPORARY = re.compile(
 
 
 def check_output_free(out: Path, resume, overwrite: bool) -> None:
-    """Refuse to start a new run in a folder holding another run or files no run wrote, unless resuming or told to
-    overwrite (which replaces the run's files and leaves the others alone).
-
-    Raises:
-        FileExistsError: naming the folder, what it holds, and the ways on.
-    """
+    """Refuse (FileExistsError, naming what the folder holds and the ways on) to start a new run in a folder holding
+    another run or files no run wrote, unless resuming or told to overwrite (which replaces only the run's files)."""
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"--output {out} is not a folder; a run folder holds several files: pass a folder path")
     if resume or overwrite or not out.is_dir():
@@ -236,26 +189,45 @@ def check_output_free(out: Path, resume, overwrite: bool) -> None:
         )
 
 
-def is_run_folder(out: Path) -> bool:
-    """Whether `out` provably holds a run of this package: a run state (or the config every run writes first) and
-    the lock file every run takes."""
-    return (out / ".lock").is_file() and any((out / name).is_file() for name in ("state.pt", "config.yaml"))
-
-
 class RunLock:
     """The folder's `.lock`, held (flock) by the one process writing the folder; the kernel releases it when that
-    process ends, however it ends. Taking it also removes what an interrupted write of this package left there,
-    on a folder that provably holds a run (`is_run_folder`).
-
-    Raises:
-        ValueError: another live process holds the lock (its pid is named).
-    """
+    process ends, however it ends. On a folder that provably holds a run of this package (its lock, and its state or
+    the config every run writes first), taking it also removes the hidden temporaries a killed write left there
+    (as large as the checkpoints): only names this package makes (`STALE_TEMPORARY`), only regular files. A
+    ValueError names the pid of another live process holding the lock."""
 
     def __init__(self, out: Path):
-        provable = is_run_folder(out)  # before this run's own lock and config make every folder look like one
-        self._file = lock_folder(out)
-        if provable:
-            remove_stale_temporaries(out)
+        # a run folder is judged before this run's own lock and config make every folder look like one
+        provable = (out / ".lock").is_file() and any((out / n).is_file() for n in ("state.pt", "config.yaml"))
+        self._file = self._lock(out)
+        for p in out.glob(".*.tmp*") if provable else ():
+            if STALE_TEMPORARY.fullmatch(p.name) and p.is_file() and not p.is_symlink():
+                size = p.stat().st_size
+                p.unlink(missing_ok=True)
+                logger.warning("removed %s (%.1f MiB), left by a write that was interrupted", p, size / 2**20)
+
+    @staticmethod
+    def _lock(out: Path):
+        try:
+            import fcntl
+        except ImportError:  # no flock (Windows): run unlocked
+            return None
+        f = open(out / ".lock", "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            f.close()
+            raise ValueError(
+                f"run folder {out} is in use by another mambaout train (pid {holder}); wait for it to finish, "
+                "or pass another --output"
+            ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        return f
 
     def release(self) -> None:
         if self._file is not None:
@@ -264,12 +236,8 @@ class RunLock:
 
 
 class StateStore:
-    """`state.pt`, everything `--resume` needs, and `config.yaml`, the configuration it was started with.
-
-    Args:
-        out: The folder.
-        config: The resolved configuration as its file format (`--resume` reads it back from `state.pt`).
-    """
+    """`state.pt`, everything `--resume` needs, and `config.yaml`, the configuration (as its file format) it was
+    started with."""
 
     def __init__(self, out: Path, config: dict):
         self.out, self.config = out, config
@@ -280,10 +248,9 @@ class StateStore:
         files.atomic_write_text(self.out / "config.yaml", yaml.safe_dump(_plain(self.config), sort_keys=False))
 
     def save(self, parts: Trainable, progress: Progress, completed_epoch: int, epoch_step: int, ranks: list):
-        """`epoch_step` > 0 marks a checkpoint inside the next epoch; `ranks`: each rank's RNG state and the loss
-        sums behind the numbers not yet logged, so the next row and progress line equal an uninterrupted run's. Every entry is read back by
-        `Progress.restore` or the task's configuration (`config`); what describes the weights (class names, eval
-        settings) is in the weights files."""
+        """`epoch_step` > 0 marks a checkpoint inside the next epoch; `ranks`: each rank's RNG state and unlogged
+        loss sums, so the next row and progress line equal an uninterrupted run's. What describes the weights
+        (class names, eval settings) is in the weights files."""
         state = dict(
             model=parts.model.state_dict(),
             optimizer=parts.optimizer.state_dict(),
@@ -303,37 +270,27 @@ class StateStore:
 
 class MetricsLog:
     """One row per logged point (an epoch's end, an evaluation): `summary.csv` (epochs counted from 1, as the log
-    and the epoch-NNNN files count them; the header grows with the first row of a new column), `curves.png`, and
-    TensorBoard events when asked for.
-
-    Args:
-        metric: The task's headline number, plotted beside the losses.
-    """
+    and the epoch-NNNN files count them; the header grows with the first row of a new column), `curves.png` (the
+    losses beside the task's headline `metric`), and TensorBoard events when asked for."""
 
     def __init__(self, out: Path, metric: str, tensorboard: bool = False):
         self.out, self.metric = out, metric
         self.tb = tensorboard_writer(out / "tensorboard") if tensorboard else None
 
-    def rows(self) -> list[dict]:
-        path = self.out / "summary.csv"
-        if not path.is_file():
-            return []
-        with open(path) as f:
-            return list(csv.DictReader(f))
-
     def log(self, row: dict) -> None:
         """Add `row` (holding `step`); a resumed run rewrites the rows of the steps it redoes."""
-        rows = [r for r in self.rows() if int(r["step"]) < row["step"]] + [row]
+        path = self.out / "summary.csv"
+        rows = [r for r in _read_csv(path) if int(r["step"]) < row["step"]] + [row]
         fields = list(dict.fromkeys(k for r in rows for k in r))
         lines = [",".join(fields)] + [",".join(csv_cell(r.get(k)) for k in fields) for r in rows]
-        files.atomic_write_text(self.out / "summary.csv", "\n".join(lines) + "\n")
+        files.atomic_write_text(path, "\n".join(lines) + "\n")
         if self.tb is not None:
             for k, v in row.items():
                 if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
                     self.tb.add_scalar(k, float(v), row["step"])
             self.tb.flush()
         try:
-            plot_curves(self.out / "summary.csv", self.out / "curves.png", self.metric)
+            plot_curves(path, self.out / "curves.png", self.metric)
         except Exception as e:  # a plotting problem must never stop training
             logger.warning("could not draw curves.png: %s", e)
 
@@ -348,13 +305,11 @@ class RunFolder:
     metrics (`MetricsLog`), and the weights files (last, best, the top k evaluations) it owns itself.
 
     Args:
-        out: The folder.
         config: The resolved configuration as its file format.
         meta: What the task's checkpoints carry (for classification what `create_model(checkpoint=...)` needs).
         write: False on ranks other than 0: every method then only takes part in what all ranks do.
         metric: The task's headline number (higher is better): it picks the best and the top-k weights.
         keep_top_k: Keep the weights of the k best evaluations (0: none).
-        tensorboard: Also write TensorBoard events.
     """
 
     def __init__(self, out: Path, config: dict, meta: dict, write: bool, metric: str, keep_top_k=0, tensorboard=False):
@@ -386,14 +341,15 @@ class RunFolder:
             self._keep_top_k(parts.model, progress.top_k, score, row["step"], name, extra)
         self.metrics.log(row)
         ema_score = row.get(f"ema_{self.metric}")
-        if score is not None:
-            best = max(score, ema_score if ema_score is not None else -math.inf)
-            if progress.best is None or best > progress.best[self.metric]:
-                use_ema = ema_score is not None and ema_score > score
-                progress.best = {"epoch": row["epoch"], "step": row["step"], self.metric: best}
-                progress.best["source"] = "ema" if use_ema else "model"
-                model = parts.ema.module if use_ema else parts.model
-                self.save_weights(model, "best.safetensors", **dict(extra, **{self.metric: best}))
+        if score is None:
+            return
+        best = max(score, ema_score if ema_score is not None else -math.inf)
+        if progress.best is None or best > progress.best[self.metric]:
+            use_ema = ema_score is not None and ema_score > score
+            progress.best = {"epoch": row["epoch"], "step": row["step"], self.metric: best}
+            progress.best["source"] = "ema" if use_ema else "model"
+            model = parts.ema.module if use_ema else parts.model
+            self.save_weights(model, "best.safetensors", **dict(extra, **{self.metric: best}))
 
     def _keep_top_k(self, model: nn.Module, top_k: list, score: float, step: int, name: str, extra: dict) -> None:
         k = self.keep_top_k
@@ -418,53 +374,17 @@ class RunFolder:
             self.lock = None
 
 
-def lock_folder(out: Path):
-    """Take `out/.lock` for this process (an open file holding an exclusive flock), or refuse with one line.
-
-    Raises:
-        ValueError: another live process holds the lock (its pid is named).
-    """
-    try:
-        import fcntl
-    except ImportError:  # no flock (Windows): run unlocked
-        return None
-    f = open(out / ".lock", "a+")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        f.seek(0)
-        holder = f.read().strip() or "unknown"
-        f.close()
-        raise ValueError(
-            f"run folder {out} is in use by another mambaout train (pid {holder}); wait for it to finish, "
-            "or pass another --output"
-        ) from None
-    f.seek(0)
-    f.truncate()
-    f.write(f"{os.getpid()}\n")
-    f.flush()
-    return f
-
-
-def remove_stale_temporaries(out: Path) -> int:
-    """Delete the hidden temporaries an interrupted write of a run file left in `out` (call with the lock held, on a
-    folder `is_run_folder` vouches for): only names this package makes (`STALE_TEMPORARY`), only regular files."""
-    removed = 0
-    for p in out.glob(".*.tmp*"):
-        if STALE_TEMPORARY.fullmatch(p.name) and p.is_file() and not p.is_symlink():
-            size = p.stat().st_size
-            p.unlink(missing_ok=True)
-            removed += 1
-            logger.warning("removed %s (%.1f MiB), left by a write that was interrupted", p, size / 2**20)
-    return removed
-
-
 def _plain(obj):
     if isinstance(obj, dict):
         return {k: _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    return obj
+    return [_plain(v) for v in obj] if isinstance(obj, (list, tuple)) else obj
+
+
+def _read_csv(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    with open(path) as f:
+        return list(csv.DictReader(f))
 
 
 def plot_curves(summary_csv: Path, png: Path, metric: str = "top1") -> None:
@@ -474,8 +394,7 @@ def plot_curves(summary_csv: Path, png: Path, metric: str = "top1") -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    with open(summary_csv) as f:
-        rows = list(csv.DictReader(f))
+    rows = _read_csv(summary_csv)
     if not rows:
         return
 
@@ -484,17 +403,13 @@ def plot_curves(summary_csv: Path, png: Path, metric: str = "top1") -> None:
 
     ep = col("epoch")  # already counted from 1 (a mid-epoch row: a fraction)
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    axes[0].plot(ep, col("train_loss"), label="train")
-    if any(not math.isnan(v) for v in col("val_loss")):
-        axes[0].plot(ep, col("val_loss"), label="val")
-    axes[0].set_title("loss")
-    axes[1].plot(ep, col(metric), label=metric)
-    if any(not math.isnan(v) for v in col(f"ema_{metric}")):
-        axes[1].plot(ep, col(f"ema_{metric}"), label=f"EMA {metric}")
-    axes[1].set_title(f"val {metric}")
+    curves = {"train_loss": "train", "val_loss": "val", metric: metric, f"ema_{metric}": f"EMA {metric}"}
+    for i, (key, label) in enumerate(curves.items()):  # two a panel: the second only where it has values
+        if i % 2 == 0 or any(not math.isnan(v) for v in col(key)):
+            axes[i // 2].plot(ep, col(key), label=label)
     axes[2].plot(ep, col("lr"))
-    axes[2].set_title("learning rate")
-    for ax in axes:
+    for ax, title in zip(axes, ("loss", f"val {metric}", "learning rate")):
+        ax.set_title(title)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
     axes[0].legend()

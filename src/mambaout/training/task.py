@@ -1,9 +1,9 @@
 """What the training engine needs from a task, and how the engine is told to run it.
 
 `trainer.fit(task, loop)` trains any `Task`: classification (`training/classify.py`), detection and segmentation
-(`dense/tasks.py`). A task owns its data, its model, the loss of one batch, its evaluation, the numbers its lines
-show and what its checkpoints carry; the engine owns the loop, the optimizer step (autocast, accumulation,
-clipping), the schedule's stepping, when to evaluate and save, the run folder, resume, Ctrl-C, the log and DDP.
+(`dense/tasks.py`). A task owns its data, model, loss, evaluation, the numbers its lines show and what its
+checkpoints carry; the engine owns the loop, the optimizer step, the schedule's stepping, when to evaluate and save,
+the run folder, resume, Ctrl-C, the log and DDP.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ class Loop:
     def from_settings(cls, settings: dict, **given) -> Loop:
         """The loop of a task's settings: each field from the setting of its name, unless `given`."""
         names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in settings.items() if k in names and k not in given}, **given)
+        return cls(**{**{k: v for k, v in settings.items() if k in names}, **given})
 
 
 class Task:

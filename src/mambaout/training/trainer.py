@@ -1,15 +1,16 @@
 """The training run of any task, top to bottom: resume, data and model, then epochs of optimizer steps.
 
-`fit(task, loop)` takes a `task.Task` (classification, detection, segmentation) and the `task.Loop` its command
-resolved; the files it writes are described in `mambaout.training.runfolder`. Under torchrun every rank calls it
-with the same arguments; only rank 0 writes. A resumed run sees what an uninterrupted one would have: each epoch's
-data order comes from (seed, epoch), its randomness is seeded per epoch and rank, a resumed epoch skips the
-batches already trained and continues each rank's saved RNG state (bit-identical with `workers: 0`; with worker
-processes the order is, their augmentation draws are not).
+`fit(task, loop)` takes a `task.Task` and the `task.Loop` its command resolved; the files it writes are described
+in `mambaout.training.runfolder`. Under torchrun every rank calls it with the same arguments; only rank 0 writes. A
+resumed run sees what an uninterrupted one would have: each epoch's data order comes from (seed, epoch), its
+randomness is seeded per epoch and rank, a resumed epoch skips the batches already trained and continues each
+rank's saved RNG state (bit-identical with `workers: 0`; with worker processes the order is, their augmentation
+draws are not).
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import math
 import sys
@@ -18,19 +19,8 @@ from pathlib import Path
 
 import torch
 
+from mambaout.training import runfolder as rf
 from mambaout.training.engine import StepConfig, Sums, train_one_epoch
-from mambaout.training.runfolder import (
-    Progress,
-    RunFolder,
-    Trainable,
-    check_output_free,
-    load_state,
-    resume_path,
-    rng_state,
-    seed_all,
-    set_rng_state,
-    tensorboard_writer,
-)
 from mambaout.training.task import Loop, Task
 from mambaout.utils import distributed as dist
 from mambaout.utils.device import autocast_setting
@@ -50,58 +40,46 @@ def fit(task: Task, loop: Loop) -> dict:
         if loop.threads:
             torch.set_num_threads(loop.threads)
         amp, amp_dtype = autocast_setting(loop.amp, device)
-        state = load_state(resume_path(loop.resume)) if loop.resume else None
+        state = rf.load_state(rf.resume_path(loop.resume)) if loop.resume else None
         out = Path(loop.output)
         if state is not None and _finished(state, loop):
             # nothing left to train: say so and touch nothing (no "epoch 31 of 30", no rewritten config or log)
             _say(_finished_line(state, loop, task))
             return dict(output=str(out), finished=True, best=state.get("best"))
         if dist.is_main():
-            check_output_free(out, loop.resume, loop.overwrite)
+            rf.check_output_free(out, loop.resume, loop.overwrite)
             if loop.tensorboard:
-                tensorboard_writer(None)  # fail before the data is read, when tensorboard is missing
+                rf.tensorboard_writer(None)  # fail before the data is read, when tensorboard is missing
         task.build_data(env, device, loop)
         if loop.max_steps_per_epoch:
             task.steps_per_epoch = min(task.steps_per_epoch, loop.max_steps_per_epoch)
         total = min(loop.epochs * task.steps_per_epoch if loop.epochs else math.inf, loop.steps or math.inf)
-        seed_all(loop.seed)  # the model's initial weights: the same on every rank
+        rf.seed_all(loop.seed)  # the model's initial weights: the same on every rank
         model = task.build_model(device)
         optimizer = task.optimizer(model)
         scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
-        parts = Trainable(model, optimizer, task.scheduler(optimizer, total), scaler, task.ema(model))
-        progress = Progress() if state is None else Progress.restore(state, parts)
+        parts = rf.Trainable(model, optimizer, task.scheduler(optimizer, total), scaler, task.ema(model))
+        progress = rf.Progress() if state is None else rf.Progress.restore(state, parts)
         train_model = dist.wrap(model, device)
-        if loop.compile:
-            train_model = torch.compile(train_model)
-        run = RunFolder(out, task.config(), task.meta(), dist.is_main(), task.metric, loop.keep_top_k, loop.tensorboard)
+        train_model = torch.compile(train_model) if loop.compile else train_model
+        run = rf.RunFolder(
+            out, task.config(), task.meta(), dist.is_main(), task.metric, loop.keep_top_k, loop.tensorboard
+        )
         if dist.is_main():
             _LOG.open(out / "train.log", append=state is not None)
         length = f"{loop.epochs} epochs x {task.steps_per_epoch} steps" if loop.epochs else f"{total} steps"
         length += f", ending at step {total}" if loop.epochs and total < loop.epochs * task.steps_per_epoch else ""
         _say(f"{task.banner(model, env.world_size)} | {length} | amp {amp} | output {out}")
         if state is not None:
-            _say(
-                f"resumed from {loop.resume}: epoch {progress.start_epoch + 1}"
-                + (f" after its step {progress.resume_step}" if progress.resume_step else "")
-                + f", global step {progress.global_step}"
-            )
+            epoch = progress.start_epoch + 1
+            after = f" after its step {progress.resume_step}" if progress.resume_step else ""
+            _say(f"resumed from {loop.resume}: epoch {epoch}{after}, global step {progress.global_step}")
         # Ctrl-C stops after the optimizer step under way, where the state is consistent and is saved; a second one
         # stops at once. Several processes could not agree on that step: there Ctrl-C stops at once, as usual.
         note = "stopping after this optimizer step, then saving the state"
+        step_cfg = StepConfig(loop.accum_steps, amp_dtype, loop.clip_grad)
         with DeferredInterrupt(note, env.world_size == 1) as interrupt:
-            steps = Steps(
-                task,
-                loop,
-                run,
-                parts,
-                progress,
-                train_model,
-                device,
-                StepConfig(loop.accum_steps, amp_dtype, loop.clip_grad),
-                int(total),
-                interrupt,
-            )
-            result = steps.run()
+            result = Steps(task, loop, run, parts, progress, train_model, device, step_cfg, int(total), interrupt).run()
         if dist.is_main() and not result.get("stopped"):
             _say(task.done(result, out))
         return dict(result, output=str(out), best=progress.best)
@@ -122,7 +100,7 @@ class Steps:
         self.interrupt = interrupt
         self.spe = task.steps_per_epoch
         self.n_epochs = math.ceil(total / self.spe)
-        self.sums = Sums.from_dict(progress.sums)
+        self.sums = Sums(**(progress.sums or {}))
         self.called = self.epochs_called = 0  # optimizer steps and whole epochs this call took
         self.resume_hint = f"continue with --resume {run.out}"
         self.result: dict = {}
@@ -141,12 +119,10 @@ class Steps:
             stop = self.train_epoch(epoch)
             if self.stopped_at is None and not stop:
                 continue
-            where = f"step {self.stopped_at} of epoch {epoch + 1}" if self.stopped_at else f"epoch {epoch + 1}"
+            where = f"at step {self.stopped_at} of epoch {epoch + 1}" if self.stopped_at else f"after epoch {epoch + 1}"
             if self.interrupt.asked:
-                raise Interrupted(
-                    f"interrupted {'at' if self.stopped_at else 'after'} {where}, state saved; {self.resume_hint}"
-                )
-            _say(f"stopping {'at' if self.stopped_at else 'after'} {where} as asked (state saved); {self.resume_hint}")
+                raise Interrupted(f"interrupted {where}, state saved; {self.resume_hint}")
+            _say(f"stopping {where} as asked (state saved); {self.resume_hint}")
             dist.barrier()
             return dict(self.result, stopped=True)
         return dict(self.result, wall_s=time.perf_counter() - self.t_start)
@@ -159,7 +135,7 @@ class Steps:
         self.epoch_steps = min(self.spe, self.total - epoch * self.spe)
         # Seeding per epoch makes an epoch's randomness a function of (seed, epoch, rank) only, so a resumed
         # run replays exactly what an uninterrupted one would have done.
-        seed_all(self.loop.seed + 1000 * epoch + dist.get_rank())
+        rf.seed_all(self.loop.seed + 1000 * epoch + dist.get_rank())
         loader.set_epoch(epoch)
         loader.skip_samples(self.skip * self.step_cfg.accum_steps * task.batch_size)
         self.parts.scheduler.step(epoch)  # a schedule per epoch moves here, one per step in `after_step`
@@ -190,10 +166,10 @@ class Steps:
         return self.stop_at_end
 
     def start(self) -> None:
-        # Mid-epoch resume: continue this rank's RNG where the checkpoint left it (after the loader's iterator has
-        # drawn its seed, as it had in the interrupted run).
+        """Mid-epoch resume: continue this rank's RNG where the checkpoint left it (after the loader's iterator has
+        drawn its seed, as it had in the interrupted run)."""
         if self.skip and self.progress.resume_rng is not None:
-            set_rng_state(self.progress.resume_rng)
+            rf.set_rng_state(self.progress.resume_rng)
             self.progress.resume_rng = None
 
     def after_step(self, n: int) -> bool:
@@ -233,12 +209,12 @@ class Steps:
         row = dict(epoch=epoch, step=step, lr=self.last_lr, **train)
         metrics = {}
         if evaluate:
-            rng = rng_state()  # evaluating draws random numbers (a loader's seed): training's must not depend on it
+            rng = rf.rng_state()  # evaluating draws random numbers (a loader's seed): training's must not depend on it
             try:
                 ema = self.parts.ema.module if self.parts.ema is not None else None
                 metrics = self.task.evaluate_run(self.parts.model, ema, self.device, self.step_cfg.amp_dtype) or {}
             finally:
-                set_rng_state(rng)
+                rf.set_rng_state(rng)
                 self.train_model.train()
         row.update({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and k != "skipped"})
         seconds = time.perf_counter() - self.t_row
@@ -298,8 +274,7 @@ class Steps:
 class RunLog:
     """Where rank 0's messages go besides stdout: the run folder's `train.log`, once the folder exists."""
 
-    def __init__(self):
-        self.file = None
+    file = None
 
     def open(self, path, append: bool) -> None:
         self.close()
@@ -315,10 +290,8 @@ class RunLog:
 
     def close(self) -> None:
         if self.file is not None:
-            try:
+            with contextlib.suppress(OSError):  # what did not fit on a full disk was reported by `write`
                 self.file.close()
-            except OSError:  # what did not fit on a full disk was reported by `write`
-                pass
             self.file = None
 
 

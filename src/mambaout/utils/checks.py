@@ -1,13 +1,9 @@
 """Typed, range-checked configuration fields: what a setting may hold, said once, checked once.
 
 A dataclass declares each field with `setting(default, check, help, flags=...)`; `validate_fields(obj)` (called from
-the section's `__post_init__`, or by the config that holds the section) runs every check, stores the normalised
-value (a list becomes a tuple, an int a float) and raises one `ValueError` line naming the key, the value and what
-is allowed:
-
-    min_lr=nan: must be a finite number in [0, 1000]
-
-NaN and infinities are refused by every number check; no setting here means anything by them. Each check also
+the section's `__post_init__`) runs every check, stores the normalised value (a list becomes a tuple, an int a
+float) and raises one `ValueError` line naming the key, the value and what is allowed:
+`min_lr=nan: must be a finite number in [0, 1000]`. Every number check refuses NaN and infinities. Each check also
 knows how a command line spells its value (`kind`) and a few values it refuses (`bad`), from which
 `mambaout.utils.schema` builds the parsers and tests/test_settings.py its cases.
 """
@@ -16,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 _MAX_SHOWN = 60  # a value is shown up to this many characters in a message (a --set list can be long)
 
@@ -37,13 +33,12 @@ class Check:
         if value is None and self.optional:
             return None
         out = self.fn(value)
-        if out is _BAD:
+        if out is BAD:
             raise ValueError(self.allowed)
         return out
 
 
-_BAD = object()
-BAD = _BAD  # what a check function returns for a value it refuses
+BAD = object()  # what a check function returns for a value it refuses
 
 
 def is_int(v) -> bool:
@@ -71,9 +66,9 @@ def number(lo: float, hi: float | None = None, *, lo_open=False, hi_open=False, 
 
     def fn(v):
         if not is_number(v):
-            return _BAD
+            return BAD
         if (v <= lo if lo_open else v < lo) or (hi is not None and (v >= hi if hi_open else v > hi)):
-            return _BAD
+            return BAD
         return float(v)
 
     bad = ["x", True, math.inf, -math.inf, lo - 1 if not lo_open else lo]
@@ -88,7 +83,7 @@ def integer(lo: int, hi: int | None = None, *, optional=False, zero_means: str =
         if isinstance(v, float) and is_number(v) and v.is_integer():
             v = int(v)
         if isinstance(v, bool) or not isinstance(v, int) or v < lo or (hi is not None and v > hi):
-            return _BAD
+            return BAD
         return v
 
     note = f" ({zero_means})" if zero_means else ""
@@ -97,11 +92,11 @@ def integer(lo: int, hi: int | None = None, *, optional=False, zero_means: str =
 
 
 def boolean() -> Check:
-    return Check("must be true or false", lambda v: v if isinstance(v, bool) else _BAD, kind="boolean", bad=["x", 2])
+    return Check("must be true or false", lambda v: v if isinstance(v, bool) else BAD, kind="boolean", bad=["x", 2])
 
 
 def choice(*options: str, optional=False) -> Check:
-    fn = lambda v: v if isinstance(v, str) and v in options else _BAD  # noqa: E731
+    fn = lambda v: v if isinstance(v, str) and v in options else BAD  # noqa: E731
     check = Check(f"must be one of {', '.join(options)}", fn, optional, "text", ["no-such-choice", 3, [options[0]]])
     check.choices = tuple(options)
     return check
@@ -111,44 +106,47 @@ def text(*, optional=False, max_len: int = 4096) -> Check:
     """A non-empty string (a path, a model name, a timm option string)."""
 
     def fn(v):
-        return v if isinstance(v, str) and 0 < len(v) <= max_len and "\x00" not in v else _BAD
+        return v if isinstance(v, str) and 0 < len(v) <= max_len and "\x00" not in v else BAD
 
     return Check("must be a non-empty string", fn, optional, "text", ["", 3, [1, 2], "x" * (max_len + 1)])
 
 
-def number_list(min_len: int, max_len: int, lo: float, hi: float, *, lo_open=False, increasing=False) -> Check:
-    """A list of `min_len` to `max_len` finite numbers in the range, stored as a tuple of floats."""
+def _list(min_len, max_len, lo, hi, lo_open, increasing, item, kind: str, bad: list) -> Check:
+    """A list of `min_len` to `max_len` items (`item`: is_int or is_number) in the range, stored as a tuple."""
 
     def fn(v):
         if not isinstance(v, (list, tuple)) or not min_len <= len(v) <= max_len:
-            return _BAD
-        out = []
-        for x in v:
-            if not is_number(x) or (x <= lo if lo_open else x < lo) or x > hi:
-                return _BAD
-            out.append(float(x))
-        if increasing and any(a > b for a, b in zip(out, out[1:])):
-            return _BAD
-        return tuple(out)
+            return BAD
+        if not all(item(x) and (x > lo if lo_open else x >= lo) and x <= hi for x in v):
+            return BAD
+        out = tuple(v) if item is is_int else tuple(float(x) for x in v)
+        return BAD if increasing and any(a > b for a, b in zip(out, out[1:])) else out
 
     count = str(min_len) if min_len == max_len else f"{min_len} to {max_len}"
     order = ", not decreasing" if increasing else ""
-    bad = [
-        "x",
-        [lo - 1 if not lo_open else lo] * max(min_len, 1),
-        [hi + 1] * max(min_len, 1),
-        [math.nan] * max(min_len, 1),
-    ]
-    bad += [[0.5] * (min_len - 1)] if min_len > 1 else []
-    bad += [[hi, lo + 1e-3 if lo_open else lo]] if increasing and min_len <= 2 <= max_len else []
+    n = max(min_len, 1)
+    bad = ["x", [lo if lo_open else lo - 1] * n, [hi + 1] * n, [math.nan] * n, *bad]
     nargs = min_len if min_len == max_len else ("+" if min_len else "*")
-    allowed = f"must be a list of {count} finite numbers {_range_text(lo, hi, lo_open, False)}{order}"
+    allowed = f"must be a list of {count} {kind} {_range_text(lo, hi, lo_open, False)}{order}"
     return Check(allowed, fn, kind="list", bad=bad, nargs=nargs)
+
+
+def number_list(min_len: int, max_len: int, lo: float, hi: float, *, lo_open=False, increasing=False) -> Check:
+    """A list of `min_len` to `max_len` finite numbers in the range, stored as a tuple of floats."""
+    bad = [[0.5] * (min_len - 1)] if min_len > 1 else []
+    bad += [[hi, lo + 1e-3 if lo_open else lo]] if increasing and min_len <= 2 <= max_len else []
+    return _list(min_len, max_len, lo, hi, lo_open, increasing, is_number, "finite numbers", bad)
 
 
 def numbers(n: int, lo: float, hi: float, *, lo_open=False, increasing=False) -> Check:
     """A list of `n` finite numbers in the range, stored as a tuple of floats."""
     return number_list(n, n, lo, hi, lo_open=lo_open, increasing=increasing)
+
+
+def integers(min_len: int, max_len: int, lo: int, hi: int) -> Check:
+    """A list of `min_len` to `max_len` integers in [lo, hi], stored as a tuple."""
+    too_few = [lo] * (min_len - 1) if min_len > 1 else [lo] * (max_len + 1)
+    return _list(min_len, max_len, lo, hi, False, False, is_int, "integers", [[1.5] * min_len, too_few])
 
 
 def mapping(check_items: Callable[[dict], None] | None = None, bad=()) -> Check:
@@ -157,7 +155,7 @@ def mapping(check_items: Callable[[dict], None] | None = None, bad=()) -> Check:
 
     def fn(v):
         if not isinstance(v, dict) or not all(isinstance(k, str) for k in v):
-            return _BAD
+            return BAD
         if check_items is not None:
             check_items(v)
         return dict(v)
@@ -172,34 +170,14 @@ def setting(default, check: Check, help: str = "", *, flags=None, default_factor
     command-line flags (None: `--name-with-dashes`; `()`: none, `--set` only). `network`: the setting shapes the
     network, so a resumed run refuses another value. Further keywords go to argparse's `add_argument`."""
     meta = {"check": check, "help": help, "flags": flags, "network": network, "cli": cli}
-    if default_factory is not None:
-        return dataclasses.field(default_factory=default_factory, metadata=meta)
-    return dataclasses.field(default=default, metadata=meta)
-
-
-def integers(min_len: int, max_len: int, lo: int, hi: int) -> Check:
-    """A list of `min_len` to `max_len` integers in [lo, hi], stored as a tuple."""
-
-    def fn(v):
-        if not isinstance(v, (list, tuple)) or not min_len <= len(v) <= max_len:
-            return _BAD
-        if not all(is_int(x) and lo <= x <= hi for x in v):
-            return _BAD
-        return tuple(v)
-
-    count = str(min_len) if min_len == max_len else f"{min_len} to {max_len}"
-    bad = ["x", [lo - 1] * min_len, [hi + 1] * min_len, [1.5] * min_len, [math.nan] * min_len]
-    bad += [[lo] * (min_len - 1)] if min_len > 1 else [[lo] * (max_len + 1)]
-    nargs = min_len if min_len == max_len else "+"
-    return Check(
-        f"must be a list of {count} integers in [{_fmt(lo)}, {_fmt(hi)}]", fn, kind="list", bad=bad, nargs=nargs
-    )
+    given = {"default": default} if default_factory is None else {"default_factory": default_factory}
+    return dataclasses.field(**given, metadata=meta)
 
 
 def show(value) -> str:
     """A value as a message shows it: its repr, cut to a readable length."""
-    text_ = repr(value)
-    return text_ if len(text_) <= _MAX_SHOWN else text_[: _MAX_SHOWN - 3] + "..."
+    shown = repr(value)
+    return shown if len(shown) <= _MAX_SHOWN else shown[: _MAX_SHOWN - 3] + "..."
 
 
 def validate_fields(obj, prefix: str = "", lists: bool = False) -> None:
@@ -216,10 +194,4 @@ def validate_fields(obj, prefix: str = "", lists: bool = False) -> None:
             if str(e).startswith(f"{prefix}{f.name}."):  # a nested check that names its key (model_kwargs.dims=...)
                 raise ValueError(str(e)) from None
             raise ValueError(f"{prefix}{f.name}={show(value)}: {e}") from None
-        if lists and isinstance(normalised, tuple):
-            normalised = list(normalised)
-        object.__setattr__(obj, f.name, normalised)
-
-
-def field_names(cls) -> Sequence[str]:
-    return [f.name for f in dataclasses.fields(cls)]
+        object.__setattr__(obj, f.name, list(normalised) if lists and isinstance(normalised, tuple) else normalised)

@@ -10,11 +10,8 @@ import torch
 
 
 def resolve_device(name: str | None):
-    """A `torch.device` from a user's `--device` (None: cuda when available), checked to exist on this machine.
-
-    Raises:
-        ValueError: an unknown device type (`tpu`), or CUDA/MPS asked for where torch sees none.
-    """
+    """A `torch.device` from a user's `--device` (None: cuda when available), checked to exist on this machine
+    (ValueError: an unknown device type, or CUDA/MPS asked for where torch sees none)."""
     if name is None or name == "":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:

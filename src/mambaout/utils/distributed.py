@@ -1,9 +1,8 @@
 """Everything distributed lives here: torchrun/SLURM detection, process group set-up, and small collective helpers.
 
-The same training command runs as one plain process (world size 1, nothing initialised), under `torchrun` (which
-sets `RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR`, `MASTER_PORT`), or as SLURM tasks started by `srun`
-(`SLURM_PROCID`, `SLURM_NTASKS`, `SLURM_LOCALID`, `SLURM_NODELIST`). The rest of the package asks `is_main()`
-before logging or saving and never imports `torch.distributed` itself.
+The same training command runs as one plain process (world size 1, nothing initialised), under `torchrun`
+(`RANK`, `WORLD_SIZE`, `LOCAL_RANK`, ...), or as SLURM tasks started by `srun` (`SLURM_PROCID`, `SLURM_NTASKS`, ...).
+The rest of the package asks `is_main()` before logging or saving and never imports `torch.distributed` itself.
 """
 
 from __future__ import annotations
@@ -49,15 +48,12 @@ def _slurm_master_addr() -> str:
 
 
 def init(device: str | None = None, backend: str | None = None) -> tuple[DistEnv, torch.device]:
-    """Initialise the process group if there are several ranks, and pick this rank's device.
+    """Initialise the process group if there are several ranks; returns the rank layout and this rank's device.
 
     Args:
-        device: 'cpu', 'cuda', 'cuda:N' or None (cuda when available), resolved by `utils.device.resolve_device`;
-            under torchrun a bare 'cuda' means this rank's local GPU.
+        device: 'cpu', 'cuda', 'cuda:N' or None (cuda when available); under torchrun a bare 'cuda' means this rank's
+            local GPU.
         backend: Process group backend; default nccl on CUDA, gloo on CPU.
-
-    Returns:
-        The rank layout and the device this rank should use.
     """
     env = detect()
     dev = resolve_device(device)
@@ -77,13 +73,13 @@ def init(device: str | None = None, backend: str | None = None) -> tuple[DistEnv
     return env, dev
 
 
-def cleanup() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-
 def is_initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
+
+
+def cleanup() -> None:
+    if is_initialized():
+        dist.destroy_process_group()
 
 
 def get_rank() -> int:
@@ -145,6 +141,4 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 def no_sync(model: nn.Module, skip: bool):
     """Context for an accumulation micro-step: DDP skips its gradient all-reduce when `skip` is true."""
-    if skip and hasattr(model, "no_sync"):
-        return model.no_sync()
-    return contextlib.nullcontext()
+    return model.no_sync() if skip and hasattr(model, "no_sync") else contextlib.nullcontext()

@@ -26,28 +26,25 @@ _KINDS = (
 )
 
 
-class SpecialFileError(OSError, ValueError):
-    """An output path that names a device, a FIFO or a socket (or a symlink to one): never written or replaced.
-
-    Both an OSError (what the writers raise) and a ValueError (what the early checks of the commands raise).
-    """
-
-    def __str__(self) -> str:
-        return self.strerror or super().__str__()
-
-
-class FileWriteError(OSError):
-    """Writing a named file failed (a full disk, a quota, an I/O error); the message names the file."""
-
+class _OwnMessage:
     def __str__(self) -> str:  # the message alone, without "[Errno 28]"
         return self.strerror or super().__str__()
+
+
+class SpecialFileError(_OwnMessage, OSError, ValueError):
+    """An output path that names a device, a FIFO or a socket (or a symlink to one): never written or replaced.
+    Both an OSError (what the writers raise) and a ValueError (what the early checks of the commands raise)."""
+
+
+class FileWriteError(_OwnMessage, OSError):
+    """Writing a named file failed (a full disk, a quota, an I/O error); the message names the file."""
 
 
 def special_kind(path: str | os.PathLike) -> str | None:
     """What `path` is when it is not a regular file, a folder or nothing: `'a character device'`, ... else None.
 
-    Symlinks are followed: a link to `/dev/null` is a character device. Stat only: the file is never opened (opening
-    a FIFO for reading blocks until a writer comes).
+    Symlinks are followed (a link to `/dev/null` is a character device); stat only: the file is never opened
+    (opening a FIFO for reading blocks until a writer comes).
     """
     try:
         mode = os.stat(path).st_mode
@@ -57,12 +54,8 @@ def special_kind(path: str | os.PathLike) -> str | None:
 
 
 def regular_file(path: str | os.PathLike, what: str) -> Path:
-    """`path` when it is a regular file (or a symlink to one), found by stat alone: a FIFO, a device or a folder is
-    never opened (reading a FIFO blocks until a writer comes, a device may never end).
-
-    Raises:
-        FileNotFoundError: "`what` `path` does not exist", or "... is not a regular file (a named pipe (FIFO)); ...".
-    """
+    """`path` when it is a regular file (or a symlink to one), found by stat alone (a FIFO, a device or a folder is
+    never opened); else FileNotFoundError: "`what` `path` does not exist", or "... is not a regular file (...)"."""
     path = Path(path)
     if path.is_file():
         return path
@@ -74,11 +67,8 @@ def regular_file(path: str | os.PathLike, what: str) -> Path:
 
 def output_target(path: str | os.PathLike, what: str = "output") -> Path:
     """The regular file a write to `path` replaces: `path` itself, or where a symlink to a regular file points.
-
-    Raises:
-        SpecialFileError: `path` is (or links to) a device, `/dev/null` included, a FIFO or a socket; or it is a
-            symlink that leads nowhere (whatever it pointed at would be created blindly).
-    """
+    SpecialFileError when `path` is (or links to) a device, `/dev/null` included, a FIFO or a socket, or is a symlink
+    that leads nowhere (whatever it pointed at would be created blindly)."""
     path = Path(path)
     kind = special_kind(path)
     if kind is not None:
@@ -101,16 +91,16 @@ def output_target(path: str | os.PathLike, what: str = "output") -> Path:
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None], suffix: str = "") -> Path:
     """Call `write(tmp)` on a temporary file beside `path`, then rename it onto `path`.
 
-    A crash (or a KeyboardInterrupt) mid-write leaves any previous `path` intact and no temporary file behind.
-    Only a regular file, or a path that does not exist yet, is replaced: a device, FIFO or socket (or a symlink to
-    one) is refused; a symlink to a regular file stays a symlink, and the file it points to is replaced.
-    `suffix` ends the temporary name, for writers that insist on one (`.pt2`, `.png`).
+    A crash (or a KeyboardInterrupt) mid-write leaves any previous `path` intact and no temporary file behind. Only a
+    regular file, or a path that does not exist yet, is replaced (see `output_target`): a symlink to a regular file
+    stays a symlink, and the file it points to is replaced. `suffix` ends the temporary name, for writers that
+    insist on one (`.pt2`, `.png`).
 
     Raises:
-        SpecialFileError: `path` names a device, FIFO or socket (see `output_target`).
-        OSError: the write failed (a full disk, a quota, an I/O error), with one line naming the file and the space
-            left on its device. torch's writer reports a full disk as a RuntimeError from `inline_container.cc`,
-            and safetensors as its own `SafetensorError` ("os error 28"): both are turned into this OSError too.
+        SpecialFileError: `path` names a device, FIFO or socket.
+        FileWriteError: the write failed (a full disk, a quota, an I/O error), in one line naming the file and the
+            space left on its device; also for torch's RuntimeError and safetensors' `SafetensorError` that report
+            one ("os error 28").
     """
     path = output_target(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -120,7 +110,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None], suffix: 
         try:
             write(tmp)
         except Exception as e:
-            if not isinstance(e, OSError) and not _is_write_failure(e):
+            failure = ("inline_container", "write failed", "No space left", "os error", "I/O error")
+            if not isinstance(e, OSError) and not any(s in str(e) for s in failure):
                 raise
             raise _write_error(path, e) from e
         os.chmod(tmp, file_mode())
@@ -131,24 +122,18 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None], suffix: 
     return path
 
 
-def _is_write_failure(e: Exception) -> bool:
-    """A writer's own exception type (torch: RuntimeError; safetensors: SafetensorError) that reports an I/O error."""
-    text = str(e)
-    return any(s in text for s in ("inline_container", "write failed", "No space left", "os error", "I/O error"))
-
-
 def _write_error(path: Path, e: Exception) -> FileWriteError:
     try:
         free = f"{shutil.disk_usage(path.parent).free / 2**20:.0f} MiB free there"
     except OSError:
         free = "free space unknown"
     code = getattr(e, "errno", None)
-    reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     if code in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(e) or "os error 28" in str(e):
         return FileWriteError(
             errno.ENOSPC,
             f"cannot write {path}: no space left on the device ({free}); free some space or write elsewhere",
         )
+    reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     return FileWriteError(
         code or errno.EIO,
         f"cannot write {path} ({reason}; {free}): is the disk full? free some space or write elsewhere",
@@ -179,15 +164,9 @@ def _same_file(a, b) -> bool:
 
 
 def check_writable(path: str | os.PathLike, what: str, inputs: Iterable = ()) -> Path:
-    """Fail early, with one line, when `path` cannot be written (before a long run computes what goes there).
-
-    Args:
-        inputs: Files the command reads (its checkpoint): the output must not replace one of them.
-
-    Raises:
-        ValueError: `path` is a folder, a device, a FIFO or a socket, one of `inputs`, or its folder cannot be
-            created or written to.
-    """
+    """Fail early, with one ValueError line, when `path` cannot be written (before a long run computes what goes
+    there): a folder, a device, a FIFO or a socket, one of the files the command reads (`inputs`), or in a folder
+    that cannot be created or written to."""
     path = Path(path)
     output_target(path, what)
     for source in inputs:
@@ -195,8 +174,7 @@ def check_writable(path: str | os.PathLike, what: str, inputs: Iterable = ()) ->
             raise ValueError(f"{what} {path} is {source}, which this command reads; pick another path")
     if path.is_dir():
         raise ValueError(f"{what} {path} is a folder; pass a file path")
-    folder = path.parent
-    existing = folder
+    existing = path.parent
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):

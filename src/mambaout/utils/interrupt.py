@@ -1,9 +1,7 @@
 """Ctrl-C (SIGINT): loader workers leave it to the main process, and a long loop can finish its step first.
 
-A terminal sends SIGINT to the whole foreground process group, data-loader workers included. A worker that dies of
-it turns an orderly stop into "DataLoader worker exited unexpectedly"; `ignore_sigint` (a `worker_init_fn`) leaves
-the signal to the main process. `DeferredInterrupt` lets a training loop stop at the next step boundary, where its
-state is consistent and can be saved; a second Ctrl-C stops at once.
+A terminal sends SIGINT to the whole foreground process group: a data-loader worker that died of it would turn an
+orderly stop into "DataLoader worker exited unexpectedly".
 """
 
 from __future__ import annotations
@@ -19,20 +17,12 @@ def ignore_sigint(worker_id: int = 0) -> None:
 
 
 class DeferredInterrupt:
-    """Within `with`: the first Ctrl-C sets `asked` (and says so on stderr); the second raises KeyboardInterrupt.
-
-    Installed only in the main thread (signal handlers can be set nowhere else); elsewhere it does nothing and
-    Ctrl-C raises KeyboardInterrupt at once, as usual.
-
-    Args:
-        note: What the first Ctrl-C prints, e.g. "stopping after this step, then saving the state".
-        enabled: False leaves Ctrl-C alone (several processes, which cannot agree on a step to stop after).
-    """
+    """Within `with`: the first Ctrl-C sets `asked` (and prints `note` on stderr); the second raises
+    KeyboardInterrupt. Only in the main thread (signal handlers can be set nowhere else) and when `enabled` (several
+    processes cannot agree on a step to stop after); elsewhere Ctrl-C raises KeyboardInterrupt at once, as usual."""
 
     def __init__(self, note: str, enabled: bool = True):
-        self.note, self.enabled = note, enabled
-        self.asked = False
-        self._previous = None
+        self.note, self.enabled, self.asked, self._previous = note, enabled, False, None
 
     def _handle(self, signum, frame) -> None:
         if self.asked:

@@ -1,9 +1,6 @@
-"""Sane bounds on what a user or a file can ask of the process: image sizes, decoding, checkpoint metadata.
-
-Everything a command line, a recipe or a checkpoint's metadata can set that decides how much memory the process
-allocates is checked here against an explicit bound, so a typo (`--img-size 10000`) or a hostile file (an
-`eval_config.input_size` of 20000, a 15000 x 15000 PNG) ends in one clear message instead of an out-of-memory kill.
-"""
+"""Sane bounds on what a user or a file can ask of the process: image sizes, decoding, checkpoint metadata, so a
+typo (`--img-size 10000`) or a hostile file (an `eval_config.input_size` of 20000, a 15000 x 15000 PNG) ends in one
+clear message instead of an out-of-memory kill."""
 
 from __future__ import annotations
 
@@ -12,17 +9,12 @@ import os
 
 from mambaout.utils import checks
 
-# Network input side in pixels. MambaOut downsamples by 32 (stem 4, then 2 x 2 x 2): at 16 px the last two stages
-# already see one pixel each, below it the stem leaves less than 4 x 4 to look at (the digits recipe trains at 32,
-# the smoke tests at 16-24). 2048 is 84x the pixels of 224 (ImageNet's) and 9x those of 672, the largest resolution
-# classification backbones are commonly fine-tuned at; more is almost surely a typo (10000 px with batch 2 needed
-# 22.7 GB before the first step finished).
+# Network input side in pixels. MambaOut downsamples by 32: at 16 px the last two stages see one pixel each. 2048 is
+# 9x the pixels of 672, the largest resolution backbones are commonly fine-tuned at; more is almost surely a typo.
 MIN_IMG_SIZE = 16
 MAX_IMG_SIZE = 2048
-
-# Decode budget: images with more pixels are refused before their pixels are decoded. 64 Mpx (8000 x 8000)
-# decodes to 192 MB of RGB; phone and DSLR photos stay under it (a 12000 x 12000 image takes 432 MB as RGB and
-# several times that inside PIL's decoders). Raise it with MAMBAOUT_MAX_PIXELS for gigapixel scans.
+# Decode budget: larger images are refused before decoding. 64 Mpx (8000 x 8000) is 192 MB of RGB, above phone and
+# DSLR photos; raise it with MAMBAOUT_MAX_PIXELS for gigapixel scans.
 DEFAULT_MAX_PIXELS = 64_000_000
 
 SEED_MAX = 2**63 - 1  # torch.manual_seed's signed 64-bit range
@@ -72,15 +64,8 @@ def check_crop_pct(value, what: str = "--crop-pct") -> float:
 
 
 def check_eval_config(cfg: dict, source: str) -> dict:
-    """Check a checkpoint's `eval_config` (input size, crop, interpolation, mean/std) before anything is allocated.
-
-    Args:
-        cfg: The metadata's eval settings.
-        source: Where they come from, for the message (a checkpoint path).
-
-    Raises:
-        ValueError: naming the field, the value and the bound.
-    """
+    """Check a checkpoint's `eval_config` (input size, crop, interpolation, mean/std) before anything is allocated;
+    a ValueError names `source` (a checkpoint path), the field, the value and the bound."""
     if not isinstance(cfg, dict):
         raise ValueError(f"{source}: eval_config must be a mapping, got {type(cfg).__name__}")
     where = f"{source}: eval_config"
@@ -97,14 +82,11 @@ def check_eval_config(cfg: dict, source: str) -> dict:
             f"{where}.interpolation must be one of {', '.join(INTERPOLATIONS)}, got {cfg['interpolation']!r}"
         )
     for key in ("mean", "std"):
-        if key in cfg:
-            v = cfg[key]
-            ok = isinstance(v, (list, tuple)) and len(v) in (1, 3, 4)
-            ok = ok and all(isinstance(x, (int, float)) and math.isfinite(x) and abs(x) <= 1e3 for x in v)
-            if ok and key == "std":
-                ok = all(x > 0 for x in v)
-            if not ok:
-                raise ValueError(f"{where}.{key} must be 3 finite numbers{' > 0' if key == 'std' else ''}, got {v!r}")
+        v = cfg.get(key, [1.0])  # absent: nothing to check
+        ok = isinstance(v, (list, tuple)) and len(v) in (1, 3, 4)
+        ok = ok and all(isinstance(x, (int, float)) and math.isfinite(x) and abs(x) <= 1e3 for x in v)
+        if not ok or (key == "std" and not all(x > 0 for x in v)):
+            raise ValueError(f"{where}.{key} must be 3 finite numbers{' > 0' if key == 'std' else ''}, got {v!r}")
     return cfg
 
 
@@ -141,13 +123,9 @@ CALLABLE_KWARGS = ("norm_layer", "block_layer")  # Python callables: no file or 
 
 
 def check_model_kwargs(kwargs, source: str = "", name: str = "model_kwargs") -> dict:
-    """Bounds and types of the architecture a config or a checkpoint's metadata asks for, checked before a
-    module is built: one line `[source: ]name.key=value: what is allowed`.
-
-    The tensors in a file decide in the end (a model that does not fit them is refused); these bounds keep a
-    hostile `depths`/`dims` from making the process build millions of modules first, and a NaN or a list from
-    reaching the constructor.
-    """
+    """Bounds and types of the architecture a config or a checkpoint's metadata asks for, checked before a module
+    is built (a hostile `depths`/`dims` would build millions of modules first): one line
+    `[source: ]name.key=value: what is allowed`."""
     where = f"{source}: " if source else ""
     if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
         raise ValueError(f"{where}{name} must be a mapping of argument: value, got {type(kwargs).__name__}")

@@ -16,11 +16,8 @@ _WIDTH = 48  # characters of a header field shown in the table
 
 
 def find_recipe(name_or_path: str, folders: list[Path], what: str = "recipe") -> Path:
-    """A recipe path (`.yaml`/`.yml`, or an existing file), or a name looked up in `folders`, first match wins.
-
-    Raises:
-        FileNotFoundError: no such file, a path that is no regular file, or no recipe of that name.
-    """
+    """A recipe path (`.yaml`/`.yml`, or an existing file), or a name looked up in `folders`, first match wins
+    (FileNotFoundError: no such file, a path that is no regular file, or no recipe of that name)."""
     p = Path(name_or_path)
     if p.suffix in (".yaml", ".yml") or p.is_file():
         return regular_file(p, f"{what} file")  # a FIFO is never opened

@@ -1,16 +1,13 @@
 """YAML for configuration files and `--set` values: plain data only, bounded, and errors in one short line.
 
-PyYAML's `safe_load` already refuses to build Python objects, but it expands aliases (a "billion laughs" file of a
-few hundred bytes expands to gigabytes, or hangs), keeps the last of two duplicate keys silently, and reports
-errors over several lines that quote the input. Here:
-
-- anchors and aliases (`&a`, `*a`) are refused: a recipe has no use for them;
-- a key given twice in one mapping is an error naming the key;
-- tags that would build Python objects (`!!python/...`) and every other parse error give one line of at most
-  `MAX_MESSAGE` characters, naming the source and the line.
+Beyond PyYAML's `safe_load`: anchors and aliases are refused (a "billion laughs" file of a few hundred bytes expands
+to gigabytes), a key given twice in one mapping is an error naming it, and every parse error (`!!python/...` tags
+included) is one line of at most `MAX_MESSAGE` characters naming the source and the line.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import yaml
 
@@ -25,10 +22,9 @@ class YamlError(ValueError):
 
 class _Loader(yaml.SafeLoader):
     def compose_node(self, parent, index):
-        if self.check_event(yaml.AliasEvent):
-            event = self.peek_event()
-            raise YamlError(f"line {event.start_mark.line + 1}: aliases (*{event.anchor}) are not allowed here")
         event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            raise YamlError(f"line {event.start_mark.line + 1}: aliases (*{event.anchor}) are not allowed here")
         if getattr(event, "anchor", None):
             raise YamlError(f"line {event.start_mark.line + 1}: anchors (&{event.anchor}) are not allowed here")
         return super().compose_node(parent, index)
@@ -37,16 +33,10 @@ class _Loader(yaml.SafeLoader):
         seen = set()
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
-            try:
-                duplicate = key in seen
-            except TypeError:  # an unhashable key: let PyYAML say so
-                duplicate = False
-            if duplicate:
-                raise YamlError(f"line {key_node.start_mark.line + 1}: key {str(key)[:40]!r} is given twice")
-            try:
+            with contextlib.suppress(TypeError):  # an unhashable key: let PyYAML say so
+                if key in seen:
+                    raise YamlError(f"line {key_node.start_mark.line + 1}: key {str(key)[:40]!r} is given twice")
                 seen.add(key)
-            except TypeError:
-                pass
         return super().construct_mapping(node, deep=deep)
 
     def construct_yaml_int(self, node):
@@ -67,11 +57,7 @@ def _short(text: str) -> str:
 
 
 def load_yaml(text: str, source: str):
-    """Parse `text` (from `source`, named in errors) as plain YAML data.
-
-    Raises:
-        YamlError: one line, at most `MAX_MESSAGE` characters.
-    """
+    """Parse `text` (from `source`, named in errors) as plain YAML data; a YamlError is one line."""
     if len(text) > MAX_BYTES:
         raise YamlError(_short(f"{source}: {len(text):,} bytes of YAML, more than a configuration holds"))
     try:

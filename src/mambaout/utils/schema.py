@@ -1,10 +1,9 @@
 """The settings of a command, each declared once (`checks.setting`), and everything derived from the declarations.
 
 A `Schema` is an ordered set of sections (dataclasses whose fields are `setting`s). From it come the command-line
-parser's options (`mambaout.cli.common.add_settings`, read back with `given_settings`), `--set KEY=VALUE` (`parse_set`: a bare key resolves to
-its section when only one section has it), the key lookup of recipe files (`find`) and the docs' settings table
-(`markdown`). Validation is the checks themselves (`checks.validate_fields`). Only the standard library is
-imported here: a command's `--help` builds its parser from the sections without loading anything else.
+parser's options (`mambaout.cli.common.add_settings`), `--set KEY=VALUE` (`parse_set`: a bare key resolves to its
+section when only one section has it), the key lookup of recipe files (`find`) and the docs' settings table
+(`markdown`). Only the standard library is imported here: a command's `--help` loads nothing else.
 """
 
 from __future__ import annotations
@@ -54,21 +53,10 @@ class Setting:
     name: str
     field: dataclasses.Field
 
-    @property
-    def key(self) -> str:
-        return f"{self.section}.{self.name}"
-
-    @property
-    def check(self) -> C.Check:
-        return self.field.metadata["check"]
-
-    @property
-    def help(self) -> str:
-        return self.field.metadata.get("help", "")
-
-    @property
-    def network(self) -> bool:
-        return self.field.metadata.get("network", False)
+    key = property(lambda self: f"{self.section}.{self.name}")
+    check = property(lambda self: self.field.metadata["check"])
+    help = property(lambda self: self.field.metadata.get("help", ""))
+    network = property(lambda self: self.field.metadata.get("network", False))
 
     @property
     def default(self):
@@ -120,11 +108,8 @@ class Schema:
         ]
 
     def find(self, key: str) -> Setting:
-        """The setting named `section.key` or a bare `key` that one section alone has.
-
-        Raises:
-            ValueError: an unknown or ambiguous key, one line listing the candidates.
-        """
+        """The setting named `section.key` or a bare `key` that one section alone has (ValueError: an unknown or
+        ambiguous key, one line listing the candidates)."""
         key = key.strip().replace("-", "_")
         hits = [s for s in self.settings if key in (s.key, s.name)]
         if len(hits) == 1:
@@ -137,11 +122,8 @@ class Schema:
         raise ValueError(f"unknown setting {key!r} ({hint})")
 
     def checked(self, key: str, value):
-        """`value` as the setting `key` stores it, checked before it is used (a path before it is opened).
-
-        Raises:
-            ValueError: one line, `key=value: what is allowed` (the key as the caller's messages name it).
-        """
+        """`value` as the setting `key` stores it, checked before it is used (a path before it is opened); a
+        ValueError is one line, `key=value: what is allowed` (the key as the caller's messages name it)."""
         try:
             return self.find(key).check(value)
         except ValueError as e:
@@ -156,19 +138,13 @@ class Schema:
             key, sep, value = item.partition("=")
             if not sep:
                 raise ValueError(f"--set expects KEY=VALUE (or SECTION.KEY=VALUE), got {item!r}")
-            setting = self.find(key)
-            out[setting] = coerce(load_yaml(value, f"--set {key.strip()}"))
+            out[self.find(key)] = coerce(load_yaml(value, f"--set {key.strip()}"))
         return out
 
     def refuse_network_changes(self, resume: str, given: dict, saved: dict, flat: bool = False) -> None:
-        """A resumed run takes later options, except another value of a setting that shapes the network.
-
-        Args:
-            given, saved: Values by key (`name` when `flat`, else `section.key`).
-
-        Raises:
-            ValueError: one line naming the setting, the run's value and the one given.
-        """
+        """A resumed run takes later options, except another value of a setting that shapes the network: a
+        ValueError names it, the run's value and the one given. `given`, `saved`: values by key (`name` when
+        `flat`, else `section.key`)."""
         for s in self.settings:
             key = s.name if flat else s.key
             if s.network and key in given and saved.get(key) is not None and given[key] != saved[key]:
@@ -183,23 +159,16 @@ class Schema:
         for s in self.settings:
             flags = ", ".join(f"`{f}`" for f in s.flags) or "`--set` only"
             allowed = s.check.allowed.removeprefix("must be ")
-            cells = (
-                f"`{s.key}`",
-                flags,
-                f"`{show_default(s.default)}`",
-                allowed,
-                s.help + (" *network*" if s.network else ""),
-            )
+            note = " *network*" if s.network else ""
+            cells = (f"`{s.key}`", flags, f"`{show_default(s.default)}`", allowed, s.help + note)
             # | would end a cell and <name> would be read as an HTML tag
             rows.append("| " + " | ".join(c.replace("|", "\\|").replace("<", "\\<") for c in cells) + " |")
         return "\n".join(rows) + "\n"
 
 
 def show_default(value) -> str:
-    if isinstance(value, tuple):
-        value = list(value)
     if value is None:
         return "unset"
     if isinstance(value, bool):
         return str(value).lower()
-    return str(value) if not isinstance(value, float) else f"{value:g}"
+    return f"{value:g}" if isinstance(value, float) else str(list(value) if isinstance(value, tuple) else value)

@@ -1,9 +1,8 @@
 """Text for a terminal: names from files and checkpoints shown so they cannot forge lines or drive the terminal.
 
-A class name from a checkpoint's metadata, or a file name, may hold control characters: a newline that starts a
-forged result line, ESC sequences that recolour or rewrite the screen, BEL, Unicode's line separators and the
-bidirectional overrides that make a name display as another. Human-readable output passes such text through
-`printable`; `--json` output stays exact (JSON escapes control characters itself).
+A class or file name may hold a newline that starts a forged result line, ESC sequences, BEL, Unicode's line
+separators or the bidirectional overrides that make a name display as another: human-readable output passes such
+text through `printable` (`--json` output stays exact: JSON escapes control characters itself).
 """
 
 from __future__ import annotations

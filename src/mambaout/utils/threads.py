@@ -1,22 +1,15 @@
 """The CPU thread policy of every `mambaout` command and of the test run: as many intra-op threads as cores are free.
 
-Why: PyTorch's CPU ops split their work over one thread per core and meet at a barrier after each op. When another
-process keeps one of two cores busy, one of our threads shares that core and gets a time slice now and then, so
-every op waits for it, and the other thread spins at the barrier meanwhile. On a 2-core AMD EPYC the README's
-main job (`mambaout train --epochs 1 --no-progress`) took 17.5 s quiet and 108 s beside one
-`python -c "while True: pass"` (2026-12-06, see docs/performance.md for the table and the other mechanisms tried).
+Why: torch's CPU ops split their work over one thread per core and meet at a barrier after each op; when another
+process keeps one of two cores busy, every op waits for our thread that shares its core (a 2-core EPYC ran the
+README's `mambaout train` in 17.5 s quiet and 108 s beside one busy loop; docs/performance.md has the table).
 
-The policy, in two steps around the import of torch (the one place: `mambaout.cli._start_up`, and tests/conftest.py):
-
-1. `begin()`, before torch loads: snapshot the machine's CPU time (/proc/stat) and this process's own.
-2. `settle()`, after: the cores other processes used during the import (seconds of wall time, so no extra wait)
-   are busy; the threads are the usable cores (affinity) less those, rounded, at least 1. A quiet machine keeps
-   every core; one busy process on 2 cores leaves 1 thread. Time of niced processes (`nice -n 10 ...`) does not
-   count as busy for a process at the default priority: the scheduler gives those cores to it first.
-
-What overrides it: OMP_NUM_THREADS or MAMBAOUT_THREADS in the environment (a number, or `all` for every usable
-core), and afterwards any `--threads N` (train, dense, benchmark), which calls `set_threads`. The policy looks once,
-at start-up: a load that starts later is not seen.
+`begin()` snapshots the CPU counters before torch loads; `settle()`, after, counts the cores other processes used
+during the import as busy and sets the usable cores less those, rounded, at least 1 (in `mambaout.cli._start_up`
+and tests/conftest.py). Time of niced processes (`nice -n 10 ...`) does not count as busy for a process at the
+default priority: the scheduler gives those cores to it first. OMP_NUM_THREADS or MAMBAOUT_THREADS (a number, or
+`all`) override it, and afterwards any `--threads N` (`set_threads`). It looks once, at start-up: a load that starts
+later is not seen.
 """
 
 from __future__ import annotations
@@ -83,11 +76,8 @@ def cpu_snapshot() -> CpuSnapshot | None:
 
 
 def free_cores(before: CpuSnapshot, after: CpuSnapshot, cores: int | None = None) -> float | None:
-    """Cores left free by *other* processes between two snapshots: usable cores less their average use.
-
-    Our own CPU time is taken out, so a process that was busy importing between the snapshots still sees the
-    cores as free. None when the window is too short (under 50 ms) to say.
-    """
+    """Cores left free by *other* processes between two snapshots (our own CPU time taken out); None when the
+    window is too short (under 50 ms) to say."""
     cores = cores or usable_cores()
     total = after.total - before.total
     if after.wall - before.wall < 0.05 or total <= 0:
@@ -147,10 +137,9 @@ def begin() -> None:
 def settle(min_window: float = 0.2, again: bool = False, most: int | None = None) -> Policy:
     """Step 2: set torch's intra-op threads from the cores left free since `begin()` (or the environment).
 
-    Without a `begin()`, or when the window since it was shorter than `min_window` seconds, it watches the
-    machine for the rest of `min_window` first. Once per process: when threads were already set here (an earlier
-    `settle`, `set_threads`), it changes nothing unless `again`. `most` caps the count the policy picks (not the
-    environment's). Imports torch. Returns the module's `policy`.
+    It watches the machine for the rest of `min_window` seconds first when the window since `begin()` was shorter.
+    Once per process: when threads were already set here, it changes nothing unless `again`. `most` caps the count
+    the policy picks (not the environment's). Imports torch. Returns the module's `policy`.
     """
     global _begun
     if policy.threads is not None and not again:
@@ -176,11 +165,7 @@ def settle(min_window: float = 0.2, again: bool = False, most: int | None = None
 
 
 def set_threads(n: int, reason: str = "--threads", free: float | None = None) -> Policy:
-    """Set torch's intra-op threads to `n` (the one place that does), remembering why. Imports torch.
-
-    Raises:
-        ValueError: `n` < 1.
-    """
+    """Set torch's intra-op threads to `n` (the one place that does), remembering why; ValueError for `n` < 1."""
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"threads must be a whole number >= 1, got {n!r}")
     import torch
