@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mambaout.models.layers import LayerNorm
 from mambaout.models.mambaout import GatedCNNBlock, MambaOut
 
 __all__ = ["selective_scan_ref", "selective_scan_chunked", "SelectiveSSM", "MambaBlock", "mamba_out_with_ssm"]
@@ -246,7 +247,7 @@ class MambaBlock(GatedCNNBlock):
         kernel_size: int = 7,
         conv_ratio: float = 1.0,
         ls_init_value: float | None = None,
-        norm_layer=None,
+        norm_layer=LayerNorm,
         act_layer=nn.GELU,
         drop_path: float = 0.0,
         d_state: int = 16,
@@ -254,17 +255,7 @@ class MambaBlock(GatedCNNBlock):
         scan: str = "chunked",
         chunk_size: int = 16,
     ):
-        block_kwargs = dict(
-            expansion_ratio=expansion_ratio,
-            kernel_size=kernel_size,
-            conv_ratio=conv_ratio,
-            ls_init_value=ls_init_value,
-            act_layer=act_layer,
-            drop_path=drop_path,
-        )
-        if norm_layer is not None:
-            block_kwargs["norm_layer"] = norm_layer
-        super().__init__(dim, **block_kwargs)
+        super().__init__(dim, expansion_ratio, kernel_size, conv_ratio, ls_init_value, norm_layer, act_layer, drop_path)
         self.conv_act = act_layer()
         self.ssm = SelectiveSSM(self.conv_channels, d_state, dt_rank, scan=scan, chunk_size=chunk_size)
 
@@ -276,13 +267,6 @@ class MambaBlock(GatedCNNBlock):
         c = self.ssm(self.conv_act(c.permute(0, 2, 3, 1)))  # [B, Cc, H, W] -> [B, H, W, Cc], then the SSM
         x = self.fc2(self.act(g) * torch.cat((i, c), dim=-1))  # [B, H, W, hidden] -> [B, H, W, C]
         return shortcut + self.drop_path(self.ls(x))
-
-
-def _reinit_ssm(model: nn.Module) -> None:
-    """Undo MambaOut's generic init on the SSM's Δ projection (it re-initialises all Linears after construction)."""
-    for m in model.modules():
-        if isinstance(m, SelectiveSSM):
-            m.reset_dt()
 
 
 def mamba_out_with_ssm(
@@ -298,5 +282,7 @@ def mamba_out_with_ssm(
         raise ValueError("mamba_out_with_ssm sets block_layer itself; build MambaOut directly for another block")
     block = partial(MambaBlock, d_state=d_state, dt_rank=dt_rank, scan=scan, chunk_size=chunk_size)
     model = MambaOut(block_layer=block, **kwargs)
-    _reinit_ssm(model)
+    for m in model.modules():  # undo MambaOut's generic init (of every Linear) on the SSM's Δ projection
+        if isinstance(m, SelectiveSSM):
+            m.reset_dt()
     return model

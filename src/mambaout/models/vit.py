@@ -25,9 +25,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["VisionTransformer", "Attention", "Block"]
+from mambaout.models.layers import DropPath, LayerNorm, param_groups  # LayerNorm: eps 1e-6, as DeiT's
 
-LayerNorm = nn.LayerNorm  # DeiT uses eps 1e-6; passed explicitly below
+__all__ = ["VisionTransformer", "Attention", "Block"]
 
 
 class Attention(nn.Module):
@@ -64,11 +64,9 @@ class Block(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, causal: bool = False, drop_path: float = 0.0):
         super().__init__()
-        from mambaout.models.layers import DropPath  # the same stochastic depth as MambaOut's blocks
-
-        self.norm1 = LayerNorm(dim, eps=1e-6)
+        self.norm1 = LayerNorm(dim)
         self.attn = Attention(dim, num_heads, causal)
-        self.norm2 = LayerNorm(dim, eps=1e-6)
+        self.norm2 = LayerNorm(dim)
         hidden = int(dim * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
@@ -124,7 +122,7 @@ class VisionTransformer(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, self.grid**2 + 1, embed_dim))
         dpr = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()  # plain floats, also under meta
         self.blocks = nn.Sequential(*[Block(embed_dim, num_heads, mlp_ratio, causal, dpr[i]) for i in range(depth)])
-        self.norm = LayerNorm(embed_dim, eps=1e-6)
+        self.norm = LayerNorm(embed_dim)
         fc = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         self.head = nn.Sequential(OrderedDict(drop=nn.Dropout(drop_rate), fc=fc))
         self.grad_checkpointing = False
@@ -181,10 +179,10 @@ class VisionTransformer(nn.Module):
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         self.num_classes = num_classes
         ref = self.norm.weight
-        fc = nn.Linear(self.num_features, num_classes, device=ref.device, dtype=ref.dtype) if num_classes else None
-        if fc is not None:
-            _init_weights(fc)
-        self.head.fc = fc or nn.Identity()
+        self.head.fc = nn.Identity()
+        if num_classes:
+            self.head.fc = nn.Linear(self.num_features, num_classes, device=ref.device, dtype=ref.dtype)
+            _init_weights(self.head.fc)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
@@ -195,8 +193,6 @@ class VisionTransformer(nn.Module):
 
     def param_groups(self, weight_decay: float) -> list[dict]:
         """Optimizer parameter groups: weight decay on all but `no_weight_decay()`."""
-        from mambaout.models.layers import param_groups
-
         return param_groups(self, weight_decay)
 
     def group_matcher(self, coarse: bool = False) -> dict:
