@@ -18,25 +18,20 @@ from torch import nn
 from mambaout.data.image import EVAL_KEYS
 from mambaout.utils.files import atomic_write_text
 
-HUB_PREFIX = "hf-hub:"
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+BIN_NAME = "pytorch_model.bin"
 
 # our MambaOut arguments that timm's MambaOut takes under the same name and meaning
 _SAME_IN_TIMM = ("in_chans", "num_classes", "depths", "dims", "expansion_ratio", "kernel_size", "conv_ratio")
 _SAME_IN_TIMM += ("ls_init_value", "stem_mid_norm", "drop_rate", "global_pool")
 _IGNORED = ("drop_path_rate",)  # training-time only
 # the pretrained_cfg entries written to config.json: the eval transform and the layer names timm's tools read
-_PRETRAINED_CFG_KEYS = (
-    "input_size",
-    "crop_pct",
-    "interpolation",
-    "mean",
-    "std",
-    "crop_mode",
-    "first_conv",
-    "classifier",
-)
+_PRETRAINED_CFG_KEYS = EVAL_KEYS + ("first_conv", "classifier")
+# timm's own MambaOut models; another model of ours exports as `mambaout_femto` with every argument written out
+_TIMM_MAMBAOUTS = ("mambaout_femto", "mambaout_kobe", "mambaout_tiny", "mambaout_small", "mambaout_base")
+_TIMM_MAMBAOUTS += ("mambaout_small_rw", "mambaout_base_short_rw", "mambaout_base_tall_rw")
+_TIMM_MAMBAOUTS += ("mambaout_base_wide_rw", "mambaout_base_plus_rw")
 
 
 def timm_model_args(model_kwargs: dict) -> dict:
@@ -158,20 +153,6 @@ def _check_replaceable(folder: Path, config: dict) -> None:
         )
 
 
-_TIMM_MAMBAOUTS = (
-    "mambaout_femto",
-    "mambaout_kobe",
-    "mambaout_tiny",
-    "mambaout_small",
-    "mambaout_base",
-    "mambaout_small_rw",
-    "mambaout_base_short_rw",
-    "mambaout_base_tall_rw",
-    "mambaout_base_wide_rw",
-    "mambaout_base_plus_rw",
-)
-
-
 def from_hub(repo: str) -> tuple[str | None, Path, dict]:
     """(model name, local weights path, metadata from `config.json`) of a Hub repo `ORG/NAME[@revision]`.
 
@@ -230,9 +211,6 @@ def _from_config(config_path: Path, weights: Path) -> tuple[str | None, Path, di
     if eval_cfg:
         meta["eval_config"] = eval_cfg
     return name, weights, meta
-
-
-BIN_NAME = "pytorch_model.bin"
 
 
 def _from_timm_args(model_args: dict, source) -> dict:
