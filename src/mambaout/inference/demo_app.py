@@ -22,6 +22,7 @@ import gradio as gr  # noqa: E402
 
 from mambaout.inference.predictor import Predictor  # noqa: E402
 from mambaout.models.factory import create_model  # noqa: E402
+from mambaout.models.variants import get_variant  # noqa: E402
 
 # Example photos shipped as package data (CC0, from scikit-image; see examples/LICENSE.md beside them).
 EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "examples"
@@ -59,8 +60,6 @@ def image_input(**kwargs) -> gr.Image:
 
 def _named(target: str) -> bool:
     """Whether a checkpoint target is `NAME:PATH` (a registered name before the colon), not a bare path."""
-    from mambaout.models.variants import get_variant
-
     name = target.split(":", 1)[0]
     if ":" not in target or "/" in name or not name:
         return False

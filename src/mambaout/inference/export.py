@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from mambaout.data.image import eval_settings
+from mambaout.inference.predictor import class_names_for
 from mambaout.utils.files import atomic_write
 
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
@@ -31,8 +32,6 @@ def export_metadata(model: nn.Module, img_size: int | None = None) -> dict:
 
     With `img_size`, the eval transform's input size is the exported graph's, not the model's default.
     """
-    from mambaout.inference.predictor import class_names_for
-
     cfg = dict(getattr(model, "pretrained_cfg", None) or {})
     names = class_names_for(model)
     meta = {

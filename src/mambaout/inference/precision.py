@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from mambaout.utils.device import cpu_name
+
 __all__ = ["DTYPES", "cpu_bf16_support", "resolve_dtype", "LowPrecision", "with_dtype"]
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -29,8 +31,6 @@ _BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")
 @functools.lru_cache(maxsize=1)
 def cpu_bf16_support() -> tuple[bool, str]:
     """(whether this CPU does bf16 arithmetic natively, a few words naming the CPU and what it has)."""
-    from mambaout.utils.device import cpu_name
-
     model, flags = cpu_name(), set()
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():

@@ -26,6 +26,7 @@ from PIL import Image
 from torch import nn
 
 from mambaout.data.image import eval_transform, load_image, to_rgb  # noqa: F401  (to_rgb: public name of this module)
+from mambaout.inference.precision import resolve_dtype, with_dtype
 from mambaout.models.factory import create_model
 from mambaout.utils.device import resolve_device
 from mambaout.utils.interrupt import ignore_sigint
@@ -161,8 +162,6 @@ class Predictor:
         dtype: str = "fp32",
         allow_emulated: bool = False,
     ):
-        from mambaout.inference.precision import resolve_dtype, with_dtype
-
         if topk < 1:
             raise ValueError(f"topk must be >= 1, got {topk}")
         if isinstance(model, nn.Module):
@@ -205,11 +204,7 @@ class Predictor:
         return self._prediction(_describe(image), probs[0], indices[0])
 
     def iter_predict(
-        self,
-        inputs: Sequence | str | os.PathLike,
-        batch_size: int = 32,
-        num_workers: int = 0,
-        progress: bool = False,
+        self, inputs: Sequence | str | os.PathLike, batch_size: int = 32, num_workers: int = 0, progress: bool = False
     ) -> Iterator[Prediction]:
         """Classify many images, yielding one `Prediction` per image in input order.
 
@@ -271,18 +266,13 @@ def predict(
 
 
 def _describe(source) -> str:
-    if isinstance(source, (str, os.PathLike)):
-        return str(source)
-    return f"<{type(source).__name__}>"
+    return str(source) if isinstance(source, (str, os.PathLike)) else f"<{type(source).__name__}>"
 
 
 def _expand(inputs: Iterable) -> list:
     out: list = []
     for item in inputs:
-        if isinstance(item, (str, os.PathLike)):
-            out += find_images([item])
-        else:
-            out.append(item)
+        out += find_images([item]) if isinstance(item, (str, os.PathLike)) else [item]
     return out
 
 

@@ -23,6 +23,7 @@ from mambaout.weights.checkpoint import (
     load_into,
     read_checkpoint,
 )
+from mambaout.weights.hub import from_folder, from_hub
 
 # timm's create_model arguments for features_only models: what each means here.
 _FEATURE_CLS = (None, "getter")  # our backbone calls the stages in order and taps their outputs: timm's "getter"
@@ -145,8 +146,6 @@ def _weights_source(name, checkpoint, pretrained: bool, overlay: dict):
         checkpoint, pretrained = overlay["file"], False
     if name is None or not (name.startswith(("hf-hub:", "local-dir:")) or _is_model_folder(name)):
         return name, checkpoint, pretrained, {}
-    from mambaout.weights.hub import from_folder, from_hub
-
     if checkpoint is not None:
         raise ValueError(f"{name} brings its own weights: pass it without checkpoint=")
     if name.startswith("hf-hub:"):

@@ -1,19 +1,11 @@
 """The Mamba block: the Gated CNN block plus a selective state space model (paper Fig. 1a).
 
-The paper's central question is whether vision needs the SSM that Mamba adds to the Gated CNN block. To ask it
-with a controlled experiment, this module provides that SSM and a block that plugs into `MambaOut` through
-`block_layer`, so the SAME network (stem, stages, widths, head, recipe) trains with and without it.
-
-Reading order, as in the Mamba paper (Gu & Dao, 2023, Alg. 2 "S6"):
-
-1. `selective_scan_ref`: the recurrence `h_t = exp(Δ_t A) h_{t-1} + Δ_t B_t x_t`, `y_t = C_t h_t + D x_t`, one
-   step at a time. Obviously correct, slow; the reference the fast scan is tested against.
-2. `selective_scan_chunked`: the same recurrence as a chunked parallel scan (cumulative sums in log space within
-   chunks, sequential across chunks), fast enough to train on a CPU.
-3. `SelectiveSSM`: the S6 token mixer (input-dependent Δ, B, C; `A = -exp(A_log)`; skip `D`). A 2-D map is
-   scanned as ONE 1-D sequence in row-major (raster) order, left to right then top to bottom, in one direction,
-   as Mamba's block does (Vim/VMamba add more scan directions; the paper's Fig. 1a block has one).
-4. `MambaBlock`: `GatedCNNBlock` with `act(conv(c))` fed through the SSM before the gate.
+The paper asks whether vision needs the SSM that Mamba adds to the Gated CNN block; `MambaBlock` plugs into
+`MambaOut` through `block_layer`, so the SAME network trains with and without it. In reading order (Mamba paper,
+Gu & Dao 2023, Alg. 2 "S6"): `selective_scan_ref`, the recurrence `h_t = exp(Δ_t A) h_{t-1} + Δ_t B_t x_t`,
+`y_t = C_t h_t + D x_t` one step at a time (the reference); `selective_scan_chunked`, the same as a chunked
+parallel scan, fast enough to train on a CPU; `SelectiveSSM`, the S6 token mixer, which scans a 2-D map as ONE
+row-major sequence in one direction, as the paper's block does (Vim/VMamba add more); then `MambaBlock`.
 """
 
 from __future__ import annotations

@@ -113,16 +113,12 @@ class GatedCNNBlock(nn.Module):
 
     def _fused_act(self) -> str | None:
         """The Triton kernel's name for this block's activation, or None when the fused GPU kernel does not apply."""
-        if type(self.act) is nn.GELU and self.act.approximate == "none":
-            act = "gelu"
-        elif type(self.act) is nn.SiLU:
-            act = "silu"
-        else:
-            return None
+        act = {nn.GELU: "gelu", nn.SiLU: "silu"}.get(type(self.act))
+        exact = getattr(self.act, "approximate", "none") == "none"  # tanh-approximated GELU is another function
         conv = self.conv
         plain_conv = type(conv) is nn.Conv2d and conv.padding_mode == "zeros" and conv.stride == (1, 1)
         plain_conv = plain_conv and conv.dilation == (1, 1) and not (conv._forward_hooks or conv._forward_pre_hooks)
-        return act if plain_conv and not torch.jit.is_tracing() else None
+        return act if act and exact and plain_conv and not torch.jit.is_tracing() else None
 
     def _forward_fused_gpu(self, x: torch.Tensor) -> torch.Tensor:  # [B, H, W, C], CUDA
         """One Triton kernel for `act(g) * [i, dwconv(c)]` (mambaout.kernels.gated_dwconv), forward and backward."""

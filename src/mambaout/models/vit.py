@@ -1,18 +1,12 @@
 """ViT-Ti / ViT-S in the DeiT configuration, with attention switchable between fully-visible and causal.
 
-The paper's Fig. 3b trains ViTs whose attention is made causal (token t sees only tokens 0..t, the way an RNN
-or an SSM scans a sequence) and finds ImageNet accuracy drops (ViT-Ti 72.2 -> 70.6, ViT-S 79.8 -> 78.9): for
-image classification, an understanding task, seeing the whole image at once helps, so Mamba's causal token
-mixing is not something vision needs. This module lets that experiment run in our training pipeline.
+The paper's Fig. 3b makes a ViT's attention causal (token t sees only tokens 0..t, as an RNN or SSM scans) and finds
+ImageNet accuracy drops (ViT-Ti 72.2 -> 70.6, ViT-S 79.8 -> 78.9): classifying an image gains from seeing all of it.
+DeiT configuration (Touvron et al., 2021): patch 16, depth 12, width 192 (Ti) / 384 (S), 3 / 6 heads, MLP ratio 4,
+pre-norm blocks, learned position embedding, a class token and a linear classifier on it.
 
-DeiT configuration (Touvron et al., 2021): patch 16, depth 12, width 192 (Ti) / 384 (S), 3 / 6 heads, MLP ratio
-4, pre-norm blocks, learned position embedding, a class token and a linear classifier on it.
-
-One deliberate layout choice: the class token is placed LAST in the sequence (DeiT puts it first). With full
-attention the position of a token is irrelevant (attention is permutation-equivariant and every token has its
-own learned position embedding), so nothing changes; with causal attention the last token is the only one that
-sees the whole image, so the classifier on it still reads a summary of every patch. With the class token first,
-causal mode would leave it seeing only itself. Patches enter in row-major order.
+The class token comes LAST in the sequence (DeiT puts it first): full attention does not care, and with causal
+attention the last token is the only one that sees every patch. Patches enter in row-major order.
 """
 
 from __future__ import annotations

@@ -26,6 +26,7 @@ import urllib.request
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from torch import nn
 
 from mambaout.utils.files import atomic_write, special_kind
@@ -378,8 +379,6 @@ def read_metadata(path: str | os.PathLike) -> dict:
 
 def _read_safetensors(path: str, tensors: bool, fix: str) -> tuple[dict, dict]:
     """(the tensors, or {} without `tensors`; our metadata) of a safetensors file; `fix`: what to do if it is damaged."""
-    from safetensors import safe_open
-
     try:
         with safe_open(path, framework="pt") as f:
             meta = f.metadata() or {}
@@ -446,7 +445,7 @@ def save_weights(model_or_state: nn.Module | dict, path: str | os.PathLike, **me
         **metadata: JSON-serialisable facts to store beside the tensors: `model`, `model_kwargs`,
             `class_names`, `eval_config`, ...
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save_file  # looked up on each call: tests replace it to simulate a crash
 
     sd = model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else model_or_state
     sd = {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}

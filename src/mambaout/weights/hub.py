@@ -17,6 +17,8 @@ from torch import nn
 
 from mambaout.data.image import EVAL_KEYS
 from mambaout.utils.files import atomic_write_text
+from mambaout.utils.optional import require
+from mambaout.weights.checkpoint import save_weights
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -78,8 +80,6 @@ def export_hf(
         FileExistsError: `folder` holds another model's export (and `overwrite` is off).
         NotADirectoryError: `folder` is a file.
     """
-    from mambaout.weights.checkpoint import save_weights
-
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise NotADirectoryError(f"--output {folder} is a file, not a folder; hf exports are a folder")
@@ -159,8 +159,6 @@ def from_hub(repo: str) -> tuple[str | None, Path, dict]:
     Raises:
         ImportError: naming `pip install huggingface_hub` when it is not installed.
     """
-    from mambaout.utils.optional import require
-
     hf = require("huggingface_hub", "create_model('hf-hub:...')", "huggingface_hub")
     repo_id, _, revision = repo.partition("@")
     config_path = hf.hf_hub_download(repo_id, CONFIG_NAME, revision=revision or None)
