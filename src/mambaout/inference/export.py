@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import logging.handlers
 import os
 import warnings
 from pathlib import Path
@@ -129,18 +130,12 @@ def _save_onnx(proto, path: str, metadata: dict) -> None:
 @contextlib.contextmanager
 def _converter_log():
     """Collect what onnxscript's version converter logs (a traceback when it gives up) instead of printing it."""
-    records: list[logging.LogRecord] = []
-
-    class Collect(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            records.append(record)
-
     log = logging.getLogger("onnxscript.version_converter")
-    handler, propagate = Collect(), log.propagate
+    handler, propagate = logging.handlers.BufferingHandler(capacity=1 << 30), log.propagate  # never flushes
     log.addHandler(handler)
     log.propagate = False
     try:
-        yield records
+        yield handler.buffer
     finally:
         log.removeHandler(handler)
         log.propagate = propagate
