@@ -67,11 +67,10 @@ def _reader(images: np.ndarray, input_name: str, batch_size: int):
 
     class Batches(CalibrationDataReader):
         def __init__(self):
-            self.batches = iter([images[i : i + batch_size] for i in range(0, len(images), batch_size)])
+            self.batches = iter([{input_name: images[i : i + batch_size]} for i in range(0, len(images), batch_size)])
 
         def get_next(self):
-            batch = next(self.batches, None)
-            return None if batch is None else {input_name: batch}
+            return next(self.batches, None)
 
     return Batches()
 

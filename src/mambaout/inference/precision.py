@@ -80,11 +80,11 @@ class LowPrecision(nn.Module):
         return self.model(x.to(self.dtype)).float()
 
     def __getattr__(self, name: str):
-        if name == "model":  # not set yet: no recursion into ourselves
-            return super().__getattr__(name)
         try:
             return super().__getattr__(name)
         except AttributeError:
+            if name == "model":  # not set yet: no recursion into ourselves
+                raise
             return getattr(self.model, name)  # model_name, pretrained_cfg, class_names, num_classes ...
 
 

@@ -188,8 +188,7 @@ class Predictor:
     @torch.inference_mode()
     def predict_batch(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`[B, 3, H, W]` -> (probs `[B, k]`, indices `[B, k]`), highest first."""
-        logits = self.model(batch.to(self.device))  # [B, num_classes]
-        probs = logits.float().softmax(dim=-1)
+        probs = self.model(batch.to(self.device)).float().softmax(dim=-1)  # [B, num_classes]
         top = probs.topk(self.topk, dim=-1)
         return top.values.cpu(), top.indices.cpu()
 

@@ -84,12 +84,8 @@ class Variant:
 
     def build(self, **kwargs):
         """The model with the variant's arguments, overridden by `kwargs`."""
-        builder = self.builder
-        if builder is None:
-            from mambaout.models.mambaout import MambaOut
-
-            builder = MambaOut
-        elif isinstance(builder, str):
+        builder = self.builder or "mambaout.models.mambaout:MambaOut"
+        if isinstance(builder, str):
             module, _, attr = builder.partition(":")
             builder = getattr(importlib.import_module(module), attr)
         return builder(**{**self.kwargs, **kwargs})
@@ -101,12 +97,10 @@ class Variant:
     def get_weights(self, tag: str | None) -> Weights:
         if not self.weights:
             raise ValueError(f"{self.name} has no published weights; train it or pass checkpoint=PATH")
-        if tag is None:
-            return self.weights[0]
-        for w in self.weights:
-            if w.tag == tag:
-                return w
-        raise ValueError(f"{self.name} has no weights tagged {tag!r}; available: {[w.tag for w in self.weights]}")
+        found = next((w for w in self.weights if tag in (None, w.tag)), None)  # None: the first
+        if found is None:
+            raise ValueError(f"{self.name} has no weights tagged {tag!r}; available: {[w.tag for w in self.weights]}")
+        return found
 
 
 _REGISTRY: dict[str, Variant] = {}

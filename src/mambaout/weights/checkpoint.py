@@ -71,8 +71,8 @@ def unwrap_state_dict(obj, use_ema: bool = False, source: str = "checkpoint") ->
     Raises:
         CheckpointError: for no state dict, or `use_ema=True` on a file without EMA weights.
     """
-    if isinstance(obj, dict) and any(isinstance(obj.get(k), dict) for k in _WEIGHT_ENTRIES + _EMA_ENTRIES):
-        held = [k for k in _WEIGHT_ENTRIES + _EMA_ENTRIES if isinstance(obj.get(k), dict)]
+    held = [k for k in _WEIGHT_ENTRIES + _EMA_ENTRIES if isinstance(obj, dict) and isinstance(obj.get(k), dict)]
+    if held:
         wanted = _EMA_ENTRIES if use_ema else _WEIGHT_ENTRIES
         entry = next((k for k in wanted if k in held), None)
         if entry is None and use_ema:
