@@ -25,7 +25,10 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import torch
 
+from mambaout.data.image import load_image
+from mambaout.inference.predictor import find_images
 from mambaout.utils.optional import require
 
 __all__ = ["calibration_images", "quantize_int8", "QUANTIZED_OPS"]
@@ -42,11 +45,6 @@ def calibration_images(folder: str | os.PathLike, transform, num_images: int = 2
     Raises:
         ValueError: no readable image in `folder`.
     """
-    import torch
-
-    from mambaout.data.image import load_image
-    from mambaout.inference.predictor import find_images
-
     if num_images < 1:
         raise ValueError(f"the calibration needs at least 1 image, got num_images={num_images}")
     paths = find_images([folder])
@@ -69,11 +67,10 @@ def _reader(images: np.ndarray, input_name: str, batch_size: int):
 
     class Batches(CalibrationDataReader):
         def __init__(self):
-            self.batches = iter([images[i : i + batch_size] for i in range(0, len(images), batch_size)])
+            self.batches = iter([{input_name: images[i : i + batch_size]} for i in range(0, len(images), batch_size)])
 
         def get_next(self):
-            batch = next(self.batches, None)
-            return None if batch is None else {input_name: batch}
+            return next(self.batches, None)
 
     return Batches()
 

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from mambaout.inference.export import DEFAULT_OPSET, export_metadata, export_onnx
 from mambaout.utils.files import special_kind
 from mambaout.utils.optional import require
 
@@ -164,10 +166,6 @@ def export_openvino(
 
     Converted from our ONNX export (the same graph ONNX Runtime runs), batch axis dynamic.
     """
-    import tempfile
-
-    from mambaout.inference.export import DEFAULT_OPSET, export_metadata, export_onnx
-
     ov = require("openvino", "--format openvino", OPENVINO_INSTALL)
     path = Path(path)
     if path.suffix.lower() != ".xml":

@@ -22,6 +22,7 @@ import gradio as gr  # noqa: E402
 
 from mambaout.inference.predictor import Predictor  # noqa: E402
 from mambaout.models.factory import create_model  # noqa: E402
+from mambaout.models.variants import get_variant  # noqa: E402
 
 # Example photos shipped as package data (CC0, from scikit-image; see examples/LICENSE.md beside them).
 EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "examples"
@@ -36,13 +37,9 @@ THEME = gr.themes.Default(
 
 
 def image_input(**kwargs) -> gr.Image:
-    """A `gr.Image` whose decode errors read as a message on the page.
-
-    Gradio decodes an upload with PIL before our function runs, so a file that is not an image would
-    otherwise end as a bare 'Error' toast; here it becomes a `gr.Error` saying what to do. The instance's
-    `preprocess` is wrapped rather than `gr.Image` subclassed: Gradio writes a `.pyi` stub beside the
-    module of every component subclass, which would litter (or fail in) an installed package.
-    """
+    """A `gr.Image` whose decode errors (Gradio decodes uploads before our function runs) read as a message saying
+    what to do, not a bare 'Error' toast. Wrapped, not subclassed: Gradio writes a `.pyi` stub beside every component
+    subclass's module, which would litter (or fail in) an installed package."""
     image = gr.Image(**kwargs)
     decode = image.preprocess
 
@@ -63,8 +60,6 @@ def image_input(**kwargs) -> gr.Image:
 
 def _named(target: str) -> bool:
     """Whether a checkpoint target is `NAME:PATH` (a registered name before the colon), not a bare path."""
-    from mambaout.models.variants import get_variant
-
     name = target.split(":", 1)[0]
     if ":" not in target or "/" in name or not name:
         return False
@@ -207,11 +202,7 @@ def build_app(
                     type="filepath", image_mode=None, sources=["upload", "clipboard"], label="Image", elem_id="image"
                 )
                 choice = gr.Dropdown(
-                    choices=choices,
-                    value=choices[0],
-                    allow_custom_value=False,
-                    label="Model",
-                    elem_id="model",
+                    choices, value=choices[0], allow_custom_value=False, label="Model", elem_id="model"
                 )
                 button = gr.Button("Classify", variant="primary", elem_id="classify")
             with gr.Column():
@@ -232,18 +223,8 @@ def launch(app: gr.Blocks, host: str = "127.0.0.1", port: int | None = None, max
     examples = [str(EXAMPLES_DIR)] if EXAMPLES_DIR.is_dir() else []
     block = not kwargs.pop("prevent_thread_lock", False)
     quiet = kwargs.pop("quiet", False)
-    result = app.launch(
-        server_name=host,
-        server_port=port,
-        share=False,
-        ssr_mode=False,
-        theme=THEME,
-        allowed_paths=examples,
-        max_file_size=max_file_size,
-        quiet=True,
-        prevent_thread_lock=True,
-        **kwargs,
-    )
+    fixed = dict(share=False, ssr_mode=False, theme=THEME, allowed_paths=examples, quiet=True, prevent_thread_lock=True)
+    result = app.launch(server_name=host, server_port=port, max_file_size=max_file_size, **fixed, **kwargs)
     if not quiet:
         print(f"* Running on {app.local_url} (Ctrl+C to stop)", flush=True)
     if block:

@@ -10,13 +10,16 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import logging.handlers
 import os
+import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from mambaout.data.image import eval_settings
+from mambaout.inference.predictor import class_names_for
 from mambaout.utils.files import atomic_write
 
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
@@ -30,8 +33,6 @@ def export_metadata(model: nn.Module, img_size: int | None = None) -> dict:
 
     With `img_size`, the eval transform's input size is the exported graph's, not the model's default.
     """
-    from mambaout.inference.predictor import class_names_for
-
     cfg = dict(getattr(model, "pretrained_cfg", None) or {})
     names = class_names_for(model)
     meta = {
@@ -47,7 +48,7 @@ def export_metadata(model: nn.Module, img_size: int | None = None) -> dict:
     return meta
 
 
-def _example(model: nn.Module, img_size: int | None, batch_size: int) -> tuple[torch.Tensor, int]:
+def _example(model: nn.Module, img_size: int | None) -> torch.Tensor:
     cfg = getattr(model, "pretrained_cfg", None) or {}
     in_chans, h, w = cfg.get("input_size", (3, 224, 224))
     if img_size is not None:
@@ -55,7 +56,7 @@ def _example(model: nn.Module, img_size: int | None, batch_size: int) -> tuple[t
             raise ValueError(f"img_size must be >= 32 (the network downsamples by 32), got {img_size}")
         h = w = img_size
     # batch 2, not 1: torch.export specialises a dimension of size 0 or 1 to a constant
-    return torch.randn(batch_size, in_chans, h, w), h
+    return torch.randn(2, in_chans, h, w)
 
 
 def _batch_dim():
@@ -84,7 +85,7 @@ def export_onnx(
 
     check_opset(opset)
     model = model.eval()
-    x, _ = _example(model, img_size, batch_size=2)
+    x = _example(model, img_size)
     meta = export_metadata(model, img_size) if metadata is None else metadata
 
     def write(tmp: str) -> None:
@@ -111,29 +112,30 @@ def export_onnx(
                 + (f" ({why.split(': ')[-1]})" if why else "")
                 + f" and fell back to {wrote}; pass a lower --opset ({DEFAULT_OPSET} always works)"
             )
-        for key, value in meta.items():
-            entry = proto.metadata_props.add()
-            entry.key, entry.value = key, json.dumps(value)
-        onnx.save(proto, tmp)
+        _save_onnx(proto, tmp, meta)
 
     return atomic_write(path, write)  # a failed or interrupted export leaves no half-written file
+
+
+def _save_onnx(proto, path: str, metadata: dict) -> None:
+    """Save `proto` with `metadata` as its `metadata_props` (values JSON-encoded)."""
+    import onnx
+
+    for key, value in metadata.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, json.dumps(value)
+    onnx.save(proto, path)
 
 
 @contextlib.contextmanager
 def _converter_log():
     """Collect what onnxscript's version converter logs (a traceback when it gives up) instead of printing it."""
-    records: list[logging.LogRecord] = []
-
-    class Collect(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            records.append(record)
-
     log = logging.getLogger("onnxscript.version_converter")
-    handler, propagate = Collect(), log.propagate
+    handler, propagate = logging.handlers.BufferingHandler(capacity=1 << 30), log.propagate  # never flushes
     log.addHandler(handler)
     log.propagate = False
     try:
-        yield records
+        yield handler.buffer
     finally:
         log.removeHandler(handler)
         log.propagate = propagate
@@ -173,7 +175,7 @@ def export_pt2(
     The metadata is the archive's `mambaout.json` extra file: read it with `read_pt2_metadata`.
     """
     model = model.eval()
-    x, _ = _example(model, img_size, batch_size=2)
+    x = _example(model, img_size)
     with torch.no_grad():
         program = torch.export.export(model, (x,), dynamic_shapes=(_batch_dim(),))
     meta = export_metadata(model, img_size) if metadata is None else metadata
@@ -207,7 +209,8 @@ def export_detector_onnx(model: nn.Module, path: str | os.PathLike, size: tuple[
     axes = {"images": [1, 2], "boxes": [0], "labels": [0], "scores": [0], "masks": [0, 2, 3]}
 
     def write(tmp: str) -> None:
-        with torch.no_grad(), _quiet_export():
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the exporter warns of every traced Python number: none of it is ours
             torch.onnx.export(
                 model,
                 ([x],),
@@ -218,23 +221,9 @@ def export_detector_onnx(model: nn.Module, path: str | os.PathLike, size: tuple[
                 opset_version=DETECTOR_OPSET,
                 dynamo=False,
             )
-        proto = onnx.load(tmp)
-        for key, value in metadata.items():
-            entry = proto.metadata_props.add()
-            entry.key, entry.value = key, json.dumps(value)
-        onnx.save(proto, tmp)
+        _save_onnx(onnx.load(tmp), tmp, metadata)
 
     return atomic_write(path, write)
-
-
-@contextlib.contextmanager
-def _quiet_export():
-    """The TorchScript exporter warns for every traced Python number and its own deprecation: none of it is ours."""
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
 
 
 def load_pt2(path: str | os.PathLike) -> tuple[torch.export.ExportedProgram, dict]:

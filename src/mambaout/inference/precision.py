@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from mambaout.utils.device import cpu_name
+
 __all__ = ["DTYPES", "cpu_bf16_support", "resolve_dtype", "LowPrecision", "with_dtype"]
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -29,8 +31,6 @@ _BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")
 @functools.lru_cache(maxsize=1)
 def cpu_bf16_support() -> tuple[bool, str]:
     """(whether this CPU does bf16 arithmetic natively, a few words naming the CPU and what it has)."""
-    from mambaout.utils.device import cpu_name
-
     model, flags = cpu_name(), set()
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -80,11 +80,11 @@ class LowPrecision(nn.Module):
         return self.model(x.to(self.dtype)).float()
 
     def __getattr__(self, name: str):
-        if name == "model":  # not set yet: no recursion into ourselves
-            return super().__getattr__(name)
         try:
             return super().__getattr__(name)
         except AttributeError:
+            if name == "model":  # not set yet: no recursion into ourselves
+                raise
             return getattr(self.model, name)  # model_name, pretrained_cfg, class_names, num_classes ...
 
 

@@ -15,6 +15,7 @@ import os
 import re
 import sys
 import warnings
+from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,7 @@ from PIL import Image
 from torch import nn
 
 from mambaout.data.image import eval_transform, load_image, to_rgb  # noqa: F401  (to_rgb: public name of this module)
+from mambaout.inference.precision import resolve_dtype, with_dtype
 from mambaout.models.factory import create_model
 from mambaout.utils.device import resolve_device
 from mambaout.utils.interrupt import ignore_sigint
@@ -76,10 +78,7 @@ class ClassNames:
 
     @property
     def _repeated(self) -> frozenset[str]:
-        seen, repeated = set(), set()
-        for n in self.names:
-            (repeated if n in seen else seen).add(n)
-        return frozenset(repeated)
+        return frozenset(n for n, count in Counter(self.names).items() if count > 1)
 
 
 def class_names_for(model: nn.Module) -> ClassNames:
@@ -132,12 +131,9 @@ class Prediction:
     def to_dict(self) -> dict:
         if self.error is not None:
             return {"path": self.source, "error": self.error}
-        top = []
-        for j, (i, p, name) in enumerate(zip(self.indices, self.probs, self.labels)):
-            entry = {"index": i, "label": name, "prob": round(p, 6)}
-            if self.synsets is not None:
-                entry["synset"] = self.synsets[j]
-            top.append(entry)
+        top = [dict(index=i, label=name, prob=round(p, 6)) for i, p, name in zip(self.indices, self.probs, self.labels)]
+        for entry, synset in zip(top, self.synsets or ()):
+            entry["synset"] = synset
         return {"path": self.source, "top": top}
 
 
@@ -166,8 +162,6 @@ class Predictor:
         dtype: str = "fp32",
         allow_emulated: bool = False,
     ):
-        from mambaout.inference.precision import resolve_dtype, with_dtype
-
         if topk < 1:
             raise ValueError(f"topk must be >= 1, got {topk}")
         if isinstance(model, nn.Module):
@@ -194,8 +188,7 @@ class Predictor:
     @torch.inference_mode()
     def predict_batch(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`[B, 3, H, W]` -> (probs `[B, k]`, indices `[B, k]`), highest first."""
-        logits = self.model(batch.to(self.device))  # [B, num_classes]
-        probs = logits.float().softmax(dim=-1)
+        probs = self.model(batch.to(self.device)).float().softmax(dim=-1)  # [B, num_classes]
         top = probs.topk(self.topk, dim=-1)
         return top.values.cpu(), top.indices.cpu()
 
@@ -210,11 +203,7 @@ class Predictor:
         return self._prediction(_describe(image), probs[0], indices[0])
 
     def iter_predict(
-        self,
-        inputs: Sequence | str | os.PathLike,
-        batch_size: int = 32,
-        num_workers: int = 0,
-        progress: bool = False,
+        self, inputs: Sequence | str | os.PathLike, batch_size: int = 32, num_workers: int = 0, progress: bool = False
     ) -> Iterator[Prediction]:
         """Classify many images, yielding one `Prediction` per image in input order.
 
@@ -239,26 +228,18 @@ class Predictor:
             collate_fn=_collate,
             worker_init_fn=ignore_sigint,
         )
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
+        from tqdm.auto import tqdm
 
-            bar = tqdm(total=len(items), unit="img", file=sys.stderr, desc="predict", dynamic_ncols=True)
+        bar = tqdm(
+            total=len(items), unit="img", file=sys.stderr, desc="predict", dynamic_ncols=True, disable=not progress
+        )
         for sources, tensors, errors in loader:
-            ok = [i for i, t in enumerate(tensors) if t is not None]
-            probs = indices = None
-            if ok:
-                probs, indices = self.predict_batch(torch.stack([tensors[i] for i in ok]))  # [b, 3, H, W]
-            row = dict(zip(ok, range(len(ok))))
-            for i, source in enumerate(sources):
-                if i in row:
-                    yield self._prediction(source, probs[row[i]], indices[row[i]])
-                else:
-                    yield Prediction(source, error=errors[i])
-            if bar is not None:
-                bar.update(len(sources))
-        if bar is not None:
-            bar.close()
+            ok = [t for t in tensors if t is not None]
+            rows = zip(*self.predict_batch(torch.stack(ok))) if ok else iter(())  # (probs, indices) of each read image
+            for source, tensor, error in zip(sources, tensors, errors):
+                yield Prediction(source, error=error) if tensor is None else self._prediction(source, *next(rows))
+            bar.update(len(sources))
+        bar.close()
 
     def predict(self, inputs, batch_size: int = 32, num_workers: int = 0, progress: bool = False) -> list[dict]:
         """`iter_predict` as a list of JSON-ready dicts: `{'path', 'top': [{'index', 'label', 'prob', 'synset'?}]}`
@@ -284,18 +265,13 @@ def predict(
 
 
 def _describe(source) -> str:
-    if isinstance(source, (str, os.PathLike)):
-        return str(source)
-    return f"<{type(source).__name__}>"
+    return str(source) if isinstance(source, (str, os.PathLike)) else f"<{type(source).__name__}>"
 
 
 def _expand(inputs: Iterable) -> list:
     out: list = []
     for item in inputs:
-        if isinstance(item, (str, os.PathLike)):
-            out += find_images([item])
-        else:
-            out.append(item)
+        out += find_images([item]) if isinstance(item, (str, os.PathLike)) else [item]
     return out
 
 

@@ -16,6 +16,7 @@ import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from unittest import mock
 
 __all__ = ["AotResult", "parse_target", "kernel_names", "variants", "compile_one", "compile_all", "DTYPES", "ACTS"]
 
@@ -25,17 +26,8 @@ DTYPES = {"bf16": ("bf16", "fp32"), "fp16": ("fp16", "fp32"), "fp32": ("fp32", "
 ACTS = ("gelu", "silu")
 
 # Role of each pointer argument: an activation tensor, a parameter, or float32 scratch (gradients of the conv).
-_POINTER_ROLE = {
-    "y_ptr": "act",
-    "z_ptr": "act",
-    "dz_ptr": "act",
-    "dy_ptr": "act",
-    "w_ptr": "param",
-    "b_ptr": "param",
-    "e_ptr": "fp32",
-    "dw_ptr": "fp32",
-    "db_ptr": "fp32",
-}
+_POINTER_ROLE = {p: "act" for p in ("y_ptr", "z_ptr", "dz_ptr", "dy_ptr")}
+_POINTER_ROLE.update(w_ptr="param", b_ptr="param", e_ptr="fp32", dw_ptr="fp32", db_ptr="fp32")
 # Integer arguments the JIT specialises on divisibility by 16 (channel counts of real models are multiples of 16).
 _DIVISIBLE = {"HIDDEN", "CC", "C_BEGIN", "C_END"}
 
@@ -126,16 +118,11 @@ def compile_one(fn, dtype: str, constexprs: dict, config: dict, target) -> tuple
 @contextlib.contextmanager
 def _fresh_cache():
     """A throw-away Triton cache: a cached kernel would 'compile' in 0 s and hide what a new user waits for."""
-    before = os.environ.get("TRITON_CACHE_DIR")
-    with tempfile.TemporaryDirectory(prefix="mambaout-aot-") as cache:
-        os.environ["TRITON_CACHE_DIR"] = cache
-        try:
-            yield
-        finally:
-            if before is None:
-                del os.environ["TRITON_CACHE_DIR"]
-            else:
-                os.environ["TRITON_CACHE_DIR"] = before
+    with (
+        tempfile.TemporaryDirectory(prefix="mambaout-aot-") as cache,
+        mock.patch.dict(os.environ, TRITON_CACHE_DIR=cache),
+    ):
+        yield
 
 
 def compile_all(target_name: str = "sm_90", **selection) -> Iterator[AotResult]:
@@ -144,14 +131,6 @@ def compile_all(target_name: str = "sm_90", **selection) -> Iterator[AotResult]:
     with _fresh_cache():
         for name, fn, dtype, constexprs, config in variants(**selection):
             seconds, size = compile_one(fn, dtype, constexprs, config, target)
-            yield _result(name, dtype, constexprs, config, seconds, size)
-
-
-def _result(name, dtype, constexprs, config, seconds, size) -> AotResult:
-    return AotResult(
-        kernel=name,
-        variant=" ".join([dtype] + [f"{k}={int(v)}" for k, v in constexprs.items()]),
-        config="P{BLOCK_P}xC{BLOCK_C} w{num_warps} s{num_stages}".format(**config),
-        seconds=seconds,
-        cubin_bytes=size,
-    )
+            variant = " ".join([dtype] + [f"{k}={int(v)}" for k, v in constexprs.items()])
+            tile = "P{BLOCK_P}xC{BLOCK_C} w{num_warps} s{num_stages}".format(**config)
+            yield AotResult(name, variant, tile, seconds, size)

@@ -40,10 +40,6 @@ def _check(y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, hid
     return cc
 
 
-def _act(g: torch.Tensor, act: str) -> torch.Tensor:
-    return F.gelu(g) if act == "gelu" else F.silu(g)
-
-
 def gated_dwconv_reference(
     y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, hidden: int, act: str = "gelu"
 ) -> torch.Tensor:
@@ -53,7 +49,7 @@ def gated_dwconv_reference(
     k = weight.shape[-1]
     c = F.conv2d(c.permute(0, 3, 1, 2), weight, bias, padding=k // 2, groups=cc)  # [B, H, W, Cc] -> [B, Cc, H, W]
     c = c.permute(0, 2, 3, 1)  # [B, Cc, H, W] -> [B, H, W, Cc]
-    return _act(g, act) * torch.cat((i, c), dim=-1)
+    return (F.gelu(g) if act == "gelu" else F.silu(g)) * torch.cat((i, c), dim=-1)
 
 
 # --- Triton kernels ----------------------------------------------------------------------------------------------------
@@ -73,15 +69,11 @@ except ImportError:  # CPU-only installs: the block falls back to PyTorch
     _HAS_TRITON = False
 
 
-def _interpreting() -> bool:
-    return triton_interpreting()
-
-
 def triton_available(device: torch.device | str) -> bool:
     """Whether the Triton kernels can run on `device`: CUDA with Triton, or any device under `TRITON_INTERPRET=1`."""
     if not _HAS_TRITON:
         return False
-    return torch.device(device).type == "cuda" or _interpreting()
+    return torch.device(device).type == "cuda" or triton_interpreting()
 
 
 if _HAS_TRITON:
@@ -148,6 +140,43 @@ if _HAS_TRITON:
                 acc += v.to(tl.float32) * wt.to(tl.float32)[None, :]
         return acc
 
+    @triton.jit
+    def _gate_and_value(
+        y_ptr,
+        w_ptr,
+        b_ptr,
+        NPIX,
+        H,
+        W,
+        HIDDEN,
+        CC,
+        C_BEGIN,
+        C_END,
+        KS,
+        CONV: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        BLOCK_P: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+    ):
+        """This program's tile: pixels `p`, hidden channels `j`, its mask, the gate `g` and the value `v` (the identity
+        channel, or the conv of `c` plus its bias), both fp32."""
+        p = (tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)).to(tl.int64)
+        j = C_BEGIN + tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        pm = p < NPIX
+        cm = j < C_END
+        m = pm[:, None] & cm[None, :]
+        row = 2 * HIDDEN
+        g = tl.load(y_ptr + p[:, None] * row + j[None, :], mask=m, other=0.0).to(tl.float32)
+        if CONV:
+            cj = j - (HIDDEN - CC)
+            hh, ww = (p // W) % H, p % W
+            v = _dwconv_tile(y_ptr, w_ptr, p, hh, ww, cj, pm, cm, H, W, row, row - CC, KS, False, BLOCK_P, BLOCK_C)
+            if HAS_BIAS:
+                v += tl.load(b_ptr + cj, mask=cm, other=0.0).to(tl.float32)[None, :]
+        else:
+            v = tl.load(y_ptr + p[:, None] * row + HIDDEN + j[None, :], mask=m, other=0.0).to(tl.float32)
+        return p, j, m, g, v
+
     @triton.jit(do_not_specialize=_NO_SPECIALIZE)
     def _fwd_kernel(
         y_ptr,
@@ -168,24 +197,9 @@ if _HAS_TRITON:
         BLOCK_P: tl.constexpr,
         BLOCK_C: tl.constexpr,
     ):
-        p = (tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)).to(tl.int64)
-        j = C_BEGIN + tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-        pm = p < NPIX
-        cm = j < C_END
-        m = pm[:, None] & cm[None, :]
-        row = 2 * HIDDEN
-        g = tl.load(y_ptr + p[:, None] * row + j[None, :], mask=m, other=0.0).to(tl.float32)
-        if CONV:
-            cj = j - (HIDDEN - CC)
-            ww = p % W
-            hh = (p // W) % H
-            v = _dwconv_tile(
-                y_ptr, w_ptr, p, hh, ww, cj, pm, cm, H, W, row, 2 * HIDDEN - CC, KS, False, BLOCK_P, BLOCK_C
-            )
-            if HAS_BIAS:
-                v += tl.load(b_ptr + cj, mask=cm, other=0.0).to(tl.float32)[None, :]
-        else:
-            v = tl.load(y_ptr + p[:, None] * row + HIDDEN + j[None, :], mask=m, other=0.0).to(tl.float32)
+        p, j, m, g, v = _gate_and_value(
+            y_ptr, w_ptr, b_ptr, NPIX, H, W, HIDDEN, CC, C_BEGIN, C_END, KS, CONV, HAS_BIAS, BLOCK_P, BLOCK_C
+        )
         z = _act_fwd(g, ACT) * v
         tl.store(z_ptr + p[:, None] * HIDDEN + j[None, :], z.to(z_ptr.dtype.element_ty), mask=m)
 
@@ -212,27 +226,15 @@ if _HAS_TRITON:
         BLOCK_C: tl.constexpr,
     ):
         """dg for every channel; di for identity channels; e = dz * act(g), the conv output's gradient, for conv ones."""
-        p = (tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)).to(tl.int64)
-        j = C_BEGIN + tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-        pm = p < NPIX
-        cm = j < C_END
-        m = pm[:, None] & cm[None, :]
-        row = 2 * HIDDEN
-        g = tl.load(y_ptr + p[:, None] * row + j[None, :], mask=m, other=0.0).to(tl.float32)
+        p, j, m, g, v = _gate_and_value(
+            y_ptr, w_ptr, b_ptr, NPIX, H, W, HIDDEN, CC, C_BEGIN, C_END, KS, CONV, HAS_BIAS, BLOCK_P, BLOCK_C
+        )
         dz = tl.load(dz_ptr + p[:, None] * HIDDEN + j[None, :], mask=m, other=0.0).to(tl.float32)
         a, da = _act_grad(g, ACT)
+        row = 2 * HIDDEN
         if CONV:
-            cj = j - (HIDDEN - CC)
-            ww = p % W
-            hh = (p // W) % H
-            v = _dwconv_tile(
-                y_ptr, w_ptr, p, hh, ww, cj, pm, cm, H, W, row, 2 * HIDDEN - CC, KS, False, BLOCK_P, BLOCK_C
-            )
-            if HAS_BIAS:
-                v += tl.load(b_ptr + cj, mask=cm, other=0.0).to(tl.float32)[None, :]
-            tl.store(e_ptr + p[:, None] * CC + cj[None, :], dz * a, mask=m)
+            tl.store(e_ptr + p[:, None] * CC + (j - (HIDDEN - CC))[None, :], dz * a, mask=m)
         else:
-            v = tl.load(y_ptr + p[:, None] * row + HIDDEN + j[None, :], mask=m, other=0.0).to(tl.float32)
             tl.store(dy_ptr + p[:, None] * row + HIDDEN + j[None, :], (dz * a).to(dy_ptr.dtype.element_ty), mask=m)
         tl.store(dy_ptr + p[:, None] * row + j[None, :], (dz * v * da).to(dy_ptr.dtype.element_ty), mask=m)
 
@@ -311,14 +313,13 @@ _INTERPRET_BLOCKS = {"BLOCK_P": 64, "BLOCK_C": 32}
 
 def _launch(tuned, plain, grid_c, npix, *args, **kwargs):
     """Launch the autotuned kernel on GPU, or the plain one with a fixed tile under the interpreter."""
-    if _interpreting():
-        b = _INTERPRET_BLOCKS
-        plain[(triton.cdiv(npix, b["BLOCK_P"]), triton.cdiv(grid_c, b["BLOCK_C"]))](*args, **kwargs, **b)
+
+    def grid(meta):
+        return (triton.cdiv(npix, meta["BLOCK_P"]), triton.cdiv(grid_c, meta["BLOCK_C"]))
+
+    if triton_interpreting():
+        plain[grid(_INTERPRET_BLOCKS)](*args, **kwargs, **_INTERPRET_BLOCKS)
     else:
-
-        def grid(meta):
-            return (triton.cdiv(npix, meta["BLOCK_P"]), triton.cdiv(grid_c, meta["BLOCK_C"]))
-
         tuned[grid](*args, **kwargs)
 
 
@@ -329,36 +330,17 @@ def _ranges(hidden: int, cc: int) -> list[tuple[int, int, bool]]:
 
 def _gated_dwconv_triton(y, weight, bias, hidden, act):
     cc = _check(y, weight, bias, hidden, act)
-    y = y.contiguous()
-    weight = weight.contiguous()
+    y, weight = y.contiguous(), weight.contiguous()
     B, H, W, _ = y.shape
     npix = B * H * W
     z = y.new_empty(B, H, W, hidden)
     if npix == 0:
         return z
     bias_arg = bias.contiguous() if bias is not None else weight  # never read when HAS_BIAS is False
+    consts = dict(KS=weight.shape[-1], ACT=ACTIVATIONS.index(act), HAS_BIAS=bias is not None)
     for first, end, conv in _ranges(hidden, cc):
-        _launch(
-            _fwd_tuned,
-            _fwd_kernel,
-            end - first,
-            npix,
-            y,
-            weight,
-            bias_arg,
-            z,
-            npix,
-            H,
-            W,
-            hidden,
-            cc,
-            first,
-            end,
-            KS=weight.shape[-1],
-            ACT=ACTIVATIONS.index(act),
-            CONV=conv,
-            HAS_BIAS=bias is not None,
-        )
+        args = (y, weight, bias_arg, z, npix, H, W, hidden, cc, first, end)
+        _launch(_fwd_tuned, _fwd_kernel, end - first, npix, *args, CONV=conv, **consts)
     return z
 
 
@@ -374,49 +356,12 @@ def _gated_dwconv_backward_triton(dz, y, weight, bias, hidden, act):
     db = torch.zeros(cc, device=y.device, dtype=torch.float32)
     if npix > 0:
         bias_arg = bias.contiguous() if bias is not None else weight
+        consts = dict(KS=ks, ACT=ACTIVATIONS.index(act), HAS_BIAS=bias is not None)
         for first, end, conv in _ranges(hidden, cc):
-            _launch(
-                _bwd_gate_tuned,
-                _bwd_gate_kernel,
-                end - first,
-                npix,
-                y,
-                weight,
-                bias_arg,
-                dz,
-                dy,
-                e,
-                npix,
-                H,
-                W,
-                hidden,
-                cc,
-                first,
-                end,
-                KS=ks,
-                ACT=ACTIVATIONS.index(act),
-                CONV=conv,
-                HAS_BIAS=bias is not None,
-            )
-        _launch(
-            _bwd_conv_tuned,
-            _bwd_conv_kernel,
-            cc,
-            npix,
-            y,
-            weight,
-            e,
-            dy,
-            dw,
-            db,
-            npix,
-            H,
-            W,
-            hidden,
-            cc,
-            KS=ks,
-            HAS_BIAS=bias is not None,
-        )
+            args = (y, weight, bias_arg, dz, dy, e, npix, H, W, hidden, cc, first, end)
+            _launch(_bwd_gate_tuned, _bwd_gate_kernel, end - first, npix, *args, CONV=conv, **consts)
+        args = (y, weight, e, dy, dw, db, npix, H, W, hidden, cc)
+        _launch(_bwd_conv_tuned, _bwd_conv_kernel, cc, npix, *args, KS=ks, HAS_BIAS=bias is not None)
     return dy, dw.view_as(weight).to(weight.dtype), db.to(weight.dtype)
 
 

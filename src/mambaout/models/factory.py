@@ -23,6 +23,7 @@ from mambaout.weights.checkpoint import (
     load_into,
     read_checkpoint,
 )
+from mambaout.weights.hub import from_folder, from_hub
 
 # timm's create_model arguments for features_only models: what each means here.
 _FEATURE_CLS = (None, "getter")  # our backbone calls the stages in order and taps their outputs: timm's "getter"
@@ -145,8 +146,6 @@ def _weights_source(name, checkpoint, pretrained: bool, overlay: dict):
         checkpoint, pretrained = overlay["file"], False
     if name is None or not (name.startswith(("hf-hub:", "local-dir:")) or _is_model_folder(name)):
         return name, checkpoint, pretrained, {}
-    from mambaout.weights.hub import from_folder, from_hub
-
     if checkpoint is not None:
         raise ValueError(f"{name} brings its own weights: pass it without checkpoint=")
     if name.startswith("hf-hub:"):
@@ -199,36 +198,25 @@ def _variant_name(name: str) -> str | None:
 
 def _is_model_folder(name: str) -> bool:
     """A folder path given as the name (timm's Hub layout), not a registered model name."""
-    if not os.path.isdir(name):
-        return False
-    try:
-        get_variant(name)
-    except ValueError:
-        return True
-    return False
+    return os.path.isdir(name) and _variant_name(name) is None
 
 
 def _feature_args(out_indices, output_fmt, feature_cls, feature_cfg: dict | None, kwargs: dict):
     """timm's features-factory arguments, given directly or in `feature_cfg`; returns (out_indices, output_fmt)."""
     for key in _IGNORED:
         kwargs.pop(key, None)
+    args = dict(out_indices=out_indices, output_fmt=output_fmt, feature_cls=feature_cls)
     for key, value in (feature_cfg or {}).items():  # timm spells the feature arguments either way
-        if key == "out_indices":
-            out_indices = value
-        elif key == "output_fmt":
-            output_fmt = value
-        elif key == "feature_cls":
-            feature_cls = value
+        if key in args:
+            args[key] = value
         elif key not in _IGNORED:
-            raise ValueError(
-                f"feature_cfg[{key!r}] is not supported; supported keys: out_indices, output_fmt, feature_cls"
-            )
-    if feature_cls not in _FEATURE_CLS:
+            raise ValueError(f"feature_cfg[{key!r}] is not supported; supported keys: {', '.join(args)}")
+    if args["feature_cls"] not in _FEATURE_CLS:
         raise ValueError(
-            f"feature_cls={feature_cls!r} is not supported: features_only builds a 'getter' backbone (stage outputs "
-            "in order); leave feature_cls unset or pass 'getter'"
+            f"feature_cls={args['feature_cls']!r} is not supported: features_only builds a 'getter' backbone (stage "
+            "outputs in order); leave feature_cls unset or pass 'getter'"
         )
-    return out_indices, output_fmt
+    return args["out_indices"], args["output_fmt"]
 
 
 def _model_kwargs(variant, weights: Weights | None, meta: dict, kwargs: dict) -> dict:

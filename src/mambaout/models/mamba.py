@@ -1,19 +1,11 @@
 """The Mamba block: the Gated CNN block plus a selective state space model (paper Fig. 1a).
 
-The paper's central question is whether vision needs the SSM that Mamba adds to the Gated CNN block. To ask it
-with a controlled experiment, this module provides that SSM and a block that plugs into `MambaOut` through
-`block_layer`, so the SAME network (stem, stages, widths, head, recipe) trains with and without it.
-
-Reading order, as in the Mamba paper (Gu & Dao, 2023, Alg. 2 "S6"):
-
-1. `selective_scan_ref`: the recurrence `h_t = exp(Δ_t A) h_{t-1} + Δ_t B_t x_t`, `y_t = C_t h_t + D x_t`, one
-   step at a time. Obviously correct, slow; the reference the fast scan is tested against.
-2. `selective_scan_chunked`: the same recurrence as a chunked parallel scan (cumulative sums in log space within
-   chunks, sequential across chunks), fast enough to train on a CPU.
-3. `SelectiveSSM`: the S6 token mixer (input-dependent Δ, B, C; `A = -exp(A_log)`; skip `D`). A 2-D map is
-   scanned as ONE 1-D sequence in row-major (raster) order, left to right then top to bottom, in one direction,
-   as Mamba's block does (Vim/VMamba add more scan directions; the paper's Fig. 1a block has one).
-4. `MambaBlock`: `GatedCNNBlock` with `act(conv(c))` fed through the SSM before the gate.
+The paper asks whether vision needs the SSM that Mamba adds to the Gated CNN block; `MambaBlock` plugs into
+`MambaOut` through `block_layer`, so the SAME network trains with and without it. In reading order (Mamba paper,
+Gu & Dao 2023, Alg. 2 "S6"): `selective_scan_ref`, the recurrence `h_t = exp(Δ_t A) h_{t-1} + Δ_t B_t x_t`,
+`y_t = C_t h_t + D x_t` one step at a time (the reference); `selective_scan_chunked`, the same as a chunked
+parallel scan, fast enough to train on a CPU; `SelectiveSSM`, the S6 token mixer, which scans a 2-D map as ONE
+row-major sequence in one direction, as the paper's block does (Vim/VMamba add more); then `MambaBlock`.
 """
 
 from __future__ import annotations
@@ -25,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mambaout.models.layers import LayerNorm
 from mambaout.models.mambaout import GatedCNNBlock, MambaOut
 
 __all__ = ["selective_scan_ref", "selective_scan_chunked", "SelectiveSSM", "MambaBlock", "mamba_out_with_ssm"]
@@ -246,7 +239,7 @@ class MambaBlock(GatedCNNBlock):
         kernel_size: int = 7,
         conv_ratio: float = 1.0,
         ls_init_value: float | None = None,
-        norm_layer=None,
+        norm_layer=LayerNorm,
         act_layer=nn.GELU,
         drop_path: float = 0.0,
         d_state: int = 16,
@@ -254,17 +247,7 @@ class MambaBlock(GatedCNNBlock):
         scan: str = "chunked",
         chunk_size: int = 16,
     ):
-        block_kwargs = dict(
-            expansion_ratio=expansion_ratio,
-            kernel_size=kernel_size,
-            conv_ratio=conv_ratio,
-            ls_init_value=ls_init_value,
-            act_layer=act_layer,
-            drop_path=drop_path,
-        )
-        if norm_layer is not None:
-            block_kwargs["norm_layer"] = norm_layer
-        super().__init__(dim, **block_kwargs)
+        super().__init__(dim, expansion_ratio, kernel_size, conv_ratio, ls_init_value, norm_layer, act_layer, drop_path)
         self.conv_act = act_layer()
         self.ssm = SelectiveSSM(self.conv_channels, d_state, dt_rank, scan=scan, chunk_size=chunk_size)
 
@@ -276,13 +259,6 @@ class MambaBlock(GatedCNNBlock):
         c = self.ssm(self.conv_act(c.permute(0, 2, 3, 1)))  # [B, Cc, H, W] -> [B, H, W, Cc], then the SSM
         x = self.fc2(self.act(g) * torch.cat((i, c), dim=-1))  # [B, H, W, hidden] -> [B, H, W, C]
         return shortcut + self.drop_path(self.ls(x))
-
-
-def _reinit_ssm(model: nn.Module) -> None:
-    """Undo MambaOut's generic init on the SSM's Δ projection (it re-initialises all Linears after construction)."""
-    for m in model.modules():
-        if isinstance(m, SelectiveSSM):
-            m.reset_dt()
 
 
 def mamba_out_with_ssm(
@@ -298,5 +274,7 @@ def mamba_out_with_ssm(
         raise ValueError("mamba_out_with_ssm sets block_layer itself; build MambaOut directly for another block")
     block = partial(MambaBlock, d_state=d_state, dt_rank=dt_rank, scan=scan, chunk_size=chunk_size)
     model = MambaOut(block_layer=block, **kwargs)
-    _reinit_ssm(model)
+    for m in model.modules():  # undo MambaOut's generic init (of every Linear) on the SSM's Δ projection
+        if isinstance(m, SelectiveSSM):
+            m.reset_dt()
     return model

@@ -113,16 +113,12 @@ class GatedCNNBlock(nn.Module):
 
     def _fused_act(self) -> str | None:
         """The Triton kernel's name for this block's activation, or None when the fused GPU kernel does not apply."""
-        if type(self.act) is nn.GELU and self.act.approximate == "none":
-            act = "gelu"
-        elif type(self.act) is nn.SiLU:
-            act = "silu"
-        else:
-            return None
+        act = {nn.GELU: "gelu", nn.SiLU: "silu"}.get(type(self.act))
+        exact = getattr(self.act, "approximate", "none") == "none"  # tanh-approximated GELU is another function
         conv = self.conv
         plain_conv = type(conv) is nn.Conv2d and conv.padding_mode == "zeros" and conv.stride == (1, 1)
         plain_conv = plain_conv and conv.dilation == (1, 1) and not (conv._forward_hooks or conv._forward_pre_hooks)
-        return act if plain_conv and not torch.jit.is_tracing() else None
+        return act if act and exact and plain_conv and not torch.jit.is_tracing() else None
 
     def _forward_fused_gpu(self, x: torch.Tensor) -> torch.Tensor:  # [B, H, W, C], CUDA
         """One Triton kernel for `act(g) * [i, dwconv(c)]` (mambaout.kernels.gated_dwconv), forward and backward."""
@@ -288,12 +284,9 @@ class ClassifierHead(nn.Module):
             self.norm = nn.Identity()
             self.pre_logits = nn.Identity()
             self.num_features = self.in_features
-        self.fc = (
-            nn.Linear(self.num_features, num_classes, device=ref.device, dtype=ref.dtype)
-            if num_classes > 0
-            else nn.Identity()
-        )
-        if isinstance(self.fc, nn.Linear):
+        self.fc = nn.Identity()
+        if num_classes > 0:
+            self.fc = nn.Linear(self.num_features, num_classes, device=ref.device, dtype=ref.dtype)
             _init_weights(self.fc)
 
     def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:  # [B, H, W, C]
@@ -427,27 +420,15 @@ class MambaOut(_DefaultCfg, nn.Module):
         self.stem = Stem(in_chans, dims[0], stem_mid_norm, norm_layer, act_layer)
         # Stochastic depth grows linearly over all blocks of the network (official `torch.linspace`).
         dp_rates = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
+        block_kwargs = dict(expansion_ratio=expansion_ratio, kernel_size=kernel_size, conv_ratio=conv_ratio)
+        block_kwargs.update(ls_init_value=ls_init_value, act_layer=act_layer, block_layer=block_layer)
         self.stages = nn.Sequential()
         self.feature_info = FeatureInfo()
         in_dim, start = dims[0], 0
         for i, (depth, dim) in enumerate(zip(depths, dims)):
-            self.stages.append(
-                MambaOutStage(
-                    in_dim,
-                    dim,
-                    depth,
-                    downsample=i > 0,
-                    downsample_norm_first=downsample_norm_first,
-                    drop_path=dp_rates[start : start + depth],
-                    norm_layer=norm_layer,
-                    expansion_ratio=expansion_ratio,
-                    kernel_size=kernel_size,
-                    conv_ratio=conv_ratio,
-                    ls_init_value=ls_init_value,
-                    act_layer=act_layer,
-                    block_layer=block_layer,
-                )
-            )
+            dp = dp_rates[start : start + depth]
+            stage = MambaOutStage(in_dim, dim, depth, i > 0, downsample_norm_first, dp, norm_layer, **block_kwargs)
+            self.stages.append(stage)
             self.feature_info.append(dict(num_chs=dim, reduction=4 * 2**i, module=f"stages.{i}", index=i))
             in_dim, start = dim, start + depth
 
@@ -505,15 +486,14 @@ class MambaOut(_DefaultCfg, nn.Module):
 
     def _take_indices(self, indices: int | Sequence[int] | None) -> list[int]:
         n = len(self.stages)
-        if indices is None:
-            take = list(range(n))
-        elif isinstance(indices, int):
+        if isinstance(indices, int):
             if not 0 < indices <= n:
                 raise ValueError(f"indices={indices} asks for the last {indices} stages of a {n}-stage model")
-            take = list(range(n - indices, n))
-        else:
-            take = [i % n if -n <= i < n else _bad_index(i, n) for i in indices]
-        return sorted(set(take))
+            return list(range(n - indices, n))
+        for i in indices or ():
+            if not -n <= i < n:
+                raise ValueError(f"stage index {i} is out of range for a {n}-stage model")
+        return sorted({i % n for i in (range(n) if indices is None else indices)})
 
     def forward_intermediates(
         self,
@@ -575,10 +555,6 @@ class MambaOut(_DefaultCfg, nn.Module):
             self.num_classes = 0
             self.num_features = self.head_hidden_size = width
         return take
-
-
-def _bad_index(i: int, n: int) -> int:
-    raise ValueError(f"stage index {i} is out of range for a {n}-stage model")
 
 
 class MambaOutFeatures(_DefaultCfg, nn.Module):

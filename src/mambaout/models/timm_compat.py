@@ -13,6 +13,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from mambaout.models.mambaout import GatedCNNBlock, MambaOut
+from mambaout.models.variants import get_variant, list_models
+from mambaout.weights.checkpoint import fit_state_dict, unwrap_state_dict
+
 __all__ = ["register_timm", "unregister_timm"]
 
 _ORIGINAL: dict = {}  # model name -> timm's own entrypoint, while ours is registered
@@ -20,17 +24,12 @@ _ORIGINAL: dict = {}  # model name -> timm's own entrypoint, while ours is regis
 
 def _filter(state_dict: dict, model) -> dict:
     """timm's `pretrained_filter_fn`: any of the layouts we read, mapped onto the model's keys."""
-    from mambaout.weights.checkpoint import fit_state_dict, unwrap_state_dict
-
     return fit_state_dict(model, unwrap_state_dict(state_dict), name=getattr(model, "model_name", "mambaout"))
 
 
 def _entrypoint(name: str):
     def create(pretrained: bool = False, **kwargs):
         from timm.models import build_model_with_cfg
-
-        from mambaout.models.mambaout import MambaOut
-        from mambaout.models.variants import get_variant
 
         variant, _ = get_variant(name)
         feature_cfg = dict(out_indices=(0, 1, 2, 3), flatten_sequential=True)
@@ -82,9 +81,6 @@ def register_timm(names: Iterable[str] | None = None) -> list[str]:
     import timm
     from timm.layers import register_notrace_module
     from timm.models import _registry
-
-    from mambaout.models.mambaout import GatedCNNBlock
-    from mambaout.models.variants import list_models
 
     wanted = list(names) if names is not None else [n for n in list_models("mambaout_*") if timm.is_model(n)]
     missing = [n for n in wanted if not timm.is_model(n)]

@@ -84,12 +84,8 @@ class Variant:
 
     def build(self, **kwargs):
         """The model with the variant's arguments, overridden by `kwargs`."""
-        builder = self.builder
-        if builder is None:
-            from mambaout.models.mambaout import MambaOut
-
-            builder = MambaOut
-        elif isinstance(builder, str):
+        builder = self.builder or "mambaout.models.mambaout:MambaOut"
+        if isinstance(builder, str):
             module, _, attr = builder.partition(":")
             builder = getattr(importlib.import_module(module), attr)
         return builder(**{**self.kwargs, **kwargs})
@@ -101,12 +97,10 @@ class Variant:
     def get_weights(self, tag: str | None) -> Weights:
         if not self.weights:
             raise ValueError(f"{self.name} has no published weights; train it or pass checkpoint=PATH")
-        if tag is None:
-            return self.weights[0]
-        for w in self.weights:
-            if w.tag == tag:
-                return w
-        raise ValueError(f"{self.name} has no weights tagged {tag!r}; available: {[w.tag for w in self.weights]}")
+        found = next((w for w in self.weights if tag in (None, w.tag)), None)  # None: the first
+        if found is None:
+            raise ValueError(f"{self.name} has no weights tagged {tag!r}; available: {[w.tag for w in self.weights]}")
+        return found
 
 
 _REGISTRY: dict[str, Variant] = {}
@@ -142,97 +136,42 @@ _paper("mambaout_base", (3, 4, 27, 3), (128, 256, 512, 768), 84.81, 84.2, 0.6, "
 # timm's `_rw` family: no stem mid-norm, norm-first downsampling, LayerScale, pool->norm->MLP head.
 _RW = dict(stem_mid_norm=False, downsample_norm_first=True, ls_init_value=1e-6, head_mlp_norm=False)
 _TIMM_TOP1 = "timm model card (224 px)"
-
-
-def _rw(name: str, params_m: float, weights: list[tuple], drop_path: float, desc: str, **kwargs):
-    ws = tuple(
-        Weights(
-            tag,
-            (HUB_URL.format(name=name, tag=tag),),
-            top1=top1,
-            top1_source=_TIMM_TOP1 if top1 else "",
-            params_m=params_m,
-            **extra,
-        )
-        for tag, top1, extra in weights
-    )
-    register(Variant(name, dict(_RW, **kwargs), params_m, ws, desc, default_drop_path=drop_path))
-
-
-_rw(
-    "mambaout_small_rw",
-    48.50,
-    [("sw_e450_in1k", 84.024, {})],
-    0.4,
-    "timm: small with LayerScale",
-    depths=(3, 4, 27, 3),
-    dims=(96, 192, 384, 576),
-)
-_rw(
-    "mambaout_base_short_rw",
-    88.83,
-    [("sw_e500_in1k", 84.362, dict(crop_pct=0.95, test_crop_pct=1.0))],
-    0.6,
-    "timm: shallower, wider",
-    depths=(3, 3, 25, 3),
-    dims=(128, 256, 512, 768),
-    expansion_ratio=3.0,
-    conv_ratio=1.25,
-)
-_rw(
-    "mambaout_base_tall_rw",
-    86.48,
-    [("sw_e500_in1k", 84.434, dict(crop_pct=0.95, test_crop_pct=1.0))],
-    0.6,
-    "timm: deeper",
-    depths=(3, 4, 30, 3),
-    dims=(128, 256, 512, 768),
-    expansion_ratio=2.5,
-    conv_ratio=1.25,
-)
-_rw(
-    "mambaout_base_wide_rw",
-    94.45,
-    [("sw_e500_in1k", 84.454, dict(crop_pct=0.95, test_crop_pct=1.0))],
-    0.6,
-    "timm: wider, SiLU gate",
-    depths=(3, 4, 27, 3),
-    dims=(128, 256, 512, 768),
-    expansion_ratio=3.0,
-    conv_ratio=1.5,
-    act_layer="silu",
-)
-_rw(
-    "mambaout_base_plus_rw",
-    101.66,
-    [
+_CROP95 = dict(crop_pct=0.95, test_crop_pct=1.0)
+_R384 = dict(input_size=(3, 384, 384), test_input_size=(3, 384, 384), crop_mode="squash")
+# name -> its weights: (tag, top-1 on timm's model card or None, eval settings other than the defaults)
+_RW_WEIGHTS = {
+    "mambaout_small_rw": [("sw_e450_in1k", 84.024, {})],
+    "mambaout_base_short_rw": [("sw_e500_in1k", 84.362, _CROP95)],
+    "mambaout_base_tall_rw": [("sw_e500_in1k", 84.434, _CROP95)],
+    "mambaout_base_wide_rw": [("sw_e500_in1k", 84.454, _CROP95)],
+    "mambaout_base_plus_rw": [
         ("sw_e150_in12k_ft_in1k", 86.632, {}),
-        (
-            "sw_e150_r384_in12k_ft_in1k",
-            87.506,
-            dict(input_size=(3, 384, 384), test_input_size=(3, 384, 384), crop_mode="squash"),
-        ),
+        ("sw_e150_r384_in12k_ft_in1k", 87.506, _R384),
         ("sw_e150_in12k", None, dict(num_classes=11821)),
     ],
-    0.6,
-    "timm: ImageNet-12k pretrained, SiLU gate",
-    depths=(3, 4, 30, 3),
-    dims=(128, 256, 512, 768),
-    expansion_ratio=3.0,
-    conv_ratio=1.5,
-    act_layer="silu",
-)
+}
+
+
+def _rw(name: str, params_m: float, desc: str, depths, dims=(128, 256, 512, 768), drop_path=0.6, **kwargs):
+    ws = []
+    for tag, top1, extra in _RW_WEIGHTS[name]:
+        urls = (HUB_URL.format(name=name, tag=tag),)
+        ws.append(Weights(tag, urls, top1=top1, top1_source=_TIMM_TOP1 if top1 else "", params_m=params_m, **extra))
+    kwargs = dict(_RW, depths=depths, dims=dims, **kwargs)
+    register(Variant(name, kwargs, params_m, tuple(ws), desc, default_drop_path=drop_path))
+
+
+_WIDE = dict(expansion_ratio=3.0, conv_ratio=1.5, act_layer="silu")
+_rw("mambaout_small_rw", 48.50, "timm: small with LayerScale", (3, 4, 27, 3), (96, 192, 384, 576), drop_path=0.4)
+_rw("mambaout_base_short_rw", 88.83, "timm: shallower, wider", (3, 3, 25, 3), expansion_ratio=3.0, conv_ratio=1.25)
+_rw("mambaout_base_tall_rw", 86.48, "timm: deeper", (3, 4, 30, 3), expansion_ratio=2.5, conv_ratio=1.25)
+_rw("mambaout_base_wide_rw", 94.45, "timm: wider, SiLU gate", (3, 4, 27, 3), **_WIDE)
+_rw("mambaout_base_plus_rw", 101.66, "timm: ImageNet-12k pretrained, SiLU gate", (3, 4, 30, 3), **_WIDE)
 
 # A few-thousand-parameter model of the paper's design: tests, the digits default, the CPU experiments.
-register(
-    Variant(
-        "mambaout_test",
-        dict(depths=(1, 1, 2, 1), dims=(16, 32, 48, 64)),
-        None,
-        (),
-        "CPU-sized MambaOut: tests, the digits default, the Mamba comparison and kernel ablation",
-    )
-)
+_PICO = dict(depths=(1, 1, 2, 1), dims=(16, 32, 48, 64))
+_TEST_DESC = "CPU-sized MambaOut: tests, the digits default, the Mamba comparison and kernel ablation"
+register(Variant("mambaout_test", dict(_PICO), None, (), _TEST_DESC))
 # The same network under its analysis name: the mamba-vs-mambaout and ablation-kernel-* recipes and the
 # checkpoints of those runs record `mambaout_pico` (its SSM twin is `mambaout_pico_ssm`).
 _ALIASES["mambaout_pico"] = "mambaout_test"
@@ -264,25 +203,11 @@ for _size, (_short, _cfg, _top1) in _DEIT.items():
 
 # Mamba vs MambaOut: the same CPU-sized network with the SSM in every block (the Mamba block of Fig. 1a), with
 # Mamba's d_state 16; they differ ONLY in the block.
-_PICO = dict(depths=(1, 1, 2, 1), dims=(16, 32, 48, 64))
-register(
-    Variant(
-        "mambaout_pico_ssm",
-        dict(_PICO, d_state=16),
-        description="mambaout_pico with the SSM in every block: the Mamba block of Fig. 1a",
-        builder=_SSM,
-        group="analysis",
-    )
-)
-register(
-    Variant(
-        "mambaout_test_ssm",
-        dict(_PICO, d_state=4),
-        description="tests only: mambaout_test with the SSM",
-        builder=_SSM,
-        group="analysis",
-    )
-)
+for _name, _d_state, _desc in (
+    ("mambaout_pico_ssm", 16, "mambaout_pico with the SSM in every block: the Mamba block of Fig. 1a"),
+    ("mambaout_test_ssm", 4, "tests only: mambaout_test with the SSM"),
+):
+    register(Variant(_name, dict(_PICO, d_state=_d_state), description=_desc, builder=_SSM, group="analysis"))
 
 
 def pretrained_cfg(variant: Variant, weights: Weights | None, num_classes: int | None = None) -> dict:

@@ -1,18 +1,12 @@
 """ViT-Ti / ViT-S in the DeiT configuration, with attention switchable between fully-visible and causal.
 
-The paper's Fig. 3b trains ViTs whose attention is made causal (token t sees only tokens 0..t, the way an RNN
-or an SSM scans a sequence) and finds ImageNet accuracy drops (ViT-Ti 72.2 -> 70.6, ViT-S 79.8 -> 78.9): for
-image classification, an understanding task, seeing the whole image at once helps, so Mamba's causal token
-mixing is not something vision needs. This module lets that experiment run in our training pipeline.
+The paper's Fig. 3b makes a ViT's attention causal (token t sees only tokens 0..t, as an RNN or SSM scans) and finds
+ImageNet accuracy drops (ViT-Ti 72.2 -> 70.6, ViT-S 79.8 -> 78.9): classifying an image gains from seeing all of it.
+DeiT configuration (Touvron et al., 2021): patch 16, depth 12, width 192 (Ti) / 384 (S), 3 / 6 heads, MLP ratio 4,
+pre-norm blocks, learned position embedding, a class token and a linear classifier on it.
 
-DeiT configuration (Touvron et al., 2021): patch 16, depth 12, width 192 (Ti) / 384 (S), 3 / 6 heads, MLP ratio
-4, pre-norm blocks, learned position embedding, a class token and a linear classifier on it.
-
-One deliberate layout choice: the class token is placed LAST in the sequence (DeiT puts it first). With full
-attention the position of a token is irrelevant (attention is permutation-equivariant and every token has its
-own learned position embedding), so nothing changes; with causal attention the last token is the only one that
-sees the whole image, so the classifier on it still reads a summary of every patch. With the class token first,
-causal mode would leave it seeing only itself. Patches enter in row-major order.
+The class token comes LAST in the sequence (DeiT puts it first): full attention does not care, and with causal
+attention the last token is the only one that sees every patch. Patches enter in row-major order.
 """
 
 from __future__ import annotations
@@ -25,9 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["VisionTransformer", "Attention", "Block"]
+from mambaout.models.layers import DropPath, LayerNorm, param_groups  # LayerNorm: eps 1e-6, as DeiT's
 
-LayerNorm = nn.LayerNorm  # DeiT uses eps 1e-6; passed explicitly below
+__all__ = ["VisionTransformer", "Attention", "Block"]
 
 
 class Attention(nn.Module):
@@ -64,11 +58,9 @@ class Block(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, causal: bool = False, drop_path: float = 0.0):
         super().__init__()
-        from mambaout.models.layers import DropPath  # the same stochastic depth as MambaOut's blocks
-
-        self.norm1 = LayerNorm(dim, eps=1e-6)
+        self.norm1 = LayerNorm(dim)
         self.attn = Attention(dim, num_heads, causal)
-        self.norm2 = LayerNorm(dim, eps=1e-6)
+        self.norm2 = LayerNorm(dim)
         hidden = int(dim * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
@@ -124,7 +116,7 @@ class VisionTransformer(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, self.grid**2 + 1, embed_dim))
         dpr = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()  # plain floats, also under meta
         self.blocks = nn.Sequential(*[Block(embed_dim, num_heads, mlp_ratio, causal, dpr[i]) for i in range(depth)])
-        self.norm = LayerNorm(embed_dim, eps=1e-6)
+        self.norm = LayerNorm(embed_dim)
         fc = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         self.head = nn.Sequential(OrderedDict(drop=nn.Dropout(drop_rate), fc=fc))
         self.grad_checkpointing = False
@@ -181,10 +173,10 @@ class VisionTransformer(nn.Module):
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         self.num_classes = num_classes
         ref = self.norm.weight
-        fc = nn.Linear(self.num_features, num_classes, device=ref.device, dtype=ref.dtype) if num_classes else None
-        if fc is not None:
-            _init_weights(fc)
-        self.head.fc = fc or nn.Identity()
+        self.head.fc = nn.Identity()
+        if num_classes:
+            self.head.fc = nn.Linear(self.num_features, num_classes, device=ref.device, dtype=ref.dtype)
+            _init_weights(self.head.fc)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
@@ -195,8 +187,6 @@ class VisionTransformer(nn.Module):
 
     def param_groups(self, weight_decay: float) -> list[dict]:
         """Optimizer parameter groups: weight decay on all but `no_weight_decay()`."""
-        from mambaout.models.layers import param_groups
-
         return param_groups(self, weight_decay)
 
     def group_matcher(self, coarse: bool = False) -> dict:

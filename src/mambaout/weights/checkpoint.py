@@ -26,6 +26,7 @@ import urllib.request
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from torch import nn
 
 from mambaout.utils.files import atomic_write, special_kind
@@ -70,8 +71,8 @@ def unwrap_state_dict(obj, use_ema: bool = False, source: str = "checkpoint") ->
     Raises:
         CheckpointError: for no state dict, or `use_ema=True` on a file without EMA weights.
     """
-    if isinstance(obj, dict) and any(isinstance(obj.get(k), dict) for k in _WEIGHT_ENTRIES + _EMA_ENTRIES):
-        held = [k for k in _WEIGHT_ENTRIES + _EMA_ENTRIES if isinstance(obj.get(k), dict)]
+    held = [k for k in _WEIGHT_ENTRIES + _EMA_ENTRIES if isinstance(obj, dict) and isinstance(obj.get(k), dict)]
+    if held:
         wanted = _EMA_ENTRIES if use_ema else _WEIGHT_ENTRIES
         entry = next((k for k in wanted if k in held), None)
         if entry is None and use_ema:
@@ -82,29 +83,20 @@ def unwrap_state_dict(obj, use_ema: bool = False, source: str = "checkpoint") ->
         others = [k for k in held if k != entry]
         log = logger.warning if others else logger.info  # several candidates: say which one the numbers come from
         hint = "" if use_ema or not any(k in _EMA_ENTRIES for k in others) else " (--use-ema / use_ema=True: the EMA)"
-        log(
-            "%s: loading its %r weights%s%s",
-            source,
-            entry,
-            f", not {', '.join(map(repr, others))}" if others else "",
-            hint,
-        )
+        not_these = f", not {', '.join(map(repr, others))}" if others else ""
+        log("%s: loading its %r weights%s%s", source, entry, not_these, hint)
         obj = obj[entry]
     elif use_ema:
         raise CheckpointError(f"{source} is a plain state dict without EMA weights; leave out --use-ema / use_ema=True")
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError("checkpoint holds no state dict (expected a dict of tensors, maybe under 'state_dict')")
-    prefixes = ("module.", "_orig_mod.")
-    return {_strip(k, prefixes): v for k, v in obj.items()}
+    return {_strip(k): v for k, v in obj.items()}
 
 
-def _strip(key: str, prefixes: tuple[str, ...]) -> str:
-    changed = True
-    while changed:
-        changed = False
-        for p in prefixes:
-            if key.startswith(p):
-                key, changed = key[len(p) :], True
+def _strip(key: str) -> str:
+    """The key without the prefixes DDP (`module.`) and `torch.compile` (`_orig_mod.`) add, in any number."""
+    while key.startswith(("module.", "_orig_mod.")):
+        key = key.partition(".")[2]
     return key
 
 
@@ -120,28 +112,25 @@ def detect_layout(state_dict: dict) -> str:
     )
 
 
-# official key -> ours, applied in order (head.norm must move before the final norm takes its name)
-_OFFICIAL_TO_OURS = [
-    (r"^downsample_layers\.0\.", "stem."),
-    (r"^downsample_layers\.(\d+)\.", r"stages.\1.downsample."),
-    (r"^stages\.(\d+)\.(\d+)\.", r"stages.\1.blocks.\2."),
-    (r"^head\.fc1\.", "head.pre_logits.fc."),
-    (r"^head\.norm\.", "head.pre_logits.norm."),
-    (r"^head\.fc2\.", "head.fc."),
-    (r"^norm\.", "head.norm."),
-]
-_OURS_TO_OFFICIAL = [
-    (r"^stem\.", "downsample_layers.0."),
-    (r"^stages\.(\d+)\.downsample\.", r"downsample_layers.\1."),
-    (r"^stages\.(\d+)\.blocks\.(\d+)\.", r"stages.\1.\2."),
-    (r"^head\.norm\.", "norm."),
-    (r"^head\.pre_logits\.fc\.", "head.fc1."),
-    (r"^head\.pre_logits\.norm\.", "head.norm."),
-    (r"^head\.fc\.", "head.fc2."),
+# (official, ours) key prefixes, `{0}` and `{1}` numbers: one table for both directions
+_LAYOUTS = [
+    ("downsample_layers.0.", "stem."),
+    ("downsample_layers.{0}.", "stages.{0}.downsample."),
+    ("stages.{0}.{1}.", "stages.{0}.blocks.{1}."),
+    ("head.fc1.", "head.pre_logits.fc."),
+    ("head.norm.", "head.pre_logits.norm."),
+    ("head.fc2.", "head.fc."),
+    ("norm.", "head.norm."),
 ]
 
 
-def _rename(state_dict: dict, rules) -> dict:
+def _rename(state_dict: dict, to_ours: bool) -> dict:
+    """Rename keys by the first matching `_LAYOUTS` prefix, official -> ours or back."""
+    pairs = _LAYOUTS if to_ours else [(ours, official) for official, ours in _LAYOUTS]
+    rules = [
+        ("^" + re.escape(a).replace(r"\{0\}", r"(\d+)").replace(r"\{1\}", r"(\d+)"), b.format(r"\1", r"\2"))
+        for a, b in pairs
+    ]
     out = {}
     for k, v in state_dict.items():
         for pattern, repl in rules:
@@ -154,14 +143,14 @@ def _rename(state_dict: dict, rules) -> dict:
 
 def to_model_layout(state_dict: dict) -> dict[str, torch.Tensor]:
     """Any supported layout -> our (timm's) key names."""
-    return _rename(state_dict, _OFFICIAL_TO_OURS) if detect_layout(state_dict) == "official" else dict(state_dict)
+    return _rename(state_dict, to_ours=True) if detect_layout(state_dict) == "official" else dict(state_dict)
 
 
 def to_official_layout(state_dict: dict) -> dict[str, torch.Tensor]:
     """Our key names -> the official release's (paper-style models only: the `_rw` ones have no official layout)."""
     if any(".ls.gamma" in k for k in state_dict):
         raise CheckpointError("LayerScale weights (the _rw models) have no place in the official layout")
-    return _rename(state_dict, _OURS_TO_OFFICIAL)
+    return _rename(state_dict, to_ours=False)
 
 
 # --- fitting a state dict to a model --------------------------------------------------------------------------------
@@ -198,15 +187,12 @@ def fit_state_dict(
     """
     sd = to_model_layout(state_dict)
     target = model.state_dict()
-    if (
-        FIRST_CONV_KEY in sd
-        and FIRST_CONV_KEY in target
-        and sd[FIRST_CONV_KEY].shape[1] != target[FIRST_CONV_KEY].shape[1]
-    ):
-        in_chans = target[FIRST_CONV_KEY].shape[1]
-        log = logger.warning if warn else logger.debug
-        log("%s: adapting the first conv from %d to %d input channels", name, sd[FIRST_CONV_KEY].shape[1], in_chans)
-        sd[FIRST_CONV_KEY] = adapt_input_conv(sd[FIRST_CONV_KEY], in_chans)
+    log = logger.warning if warn else logger.debug
+    conv = sd.get(FIRST_CONV_KEY)
+    in_chans = target[FIRST_CONV_KEY].shape[1] if FIRST_CONV_KEY in target else None
+    if conv is not None and in_chans is not None and conv.shape[1] != in_chans:
+        log("%s: adapting the first conv from %d to %d input channels", name, conv.shape[1], in_chans)
+        sd[FIRST_CONV_KEY] = adapt_input_conv(conv, in_chans)
     fc_w = CLASSIFIER_KEYS[0]
     have = tuple(sd[fc_w].shape)[0] if fc_w in sd else None
     want = tuple(target[fc_w].shape)[0] if fc_w in target else 0
@@ -218,13 +204,8 @@ def fit_state_dict(
                 f"--num-classes {have} on the command line (Python: num_classes={have}); to fine-tune to another "
                 "class count, train with --num-classes N (Python: num_classes=N re-initialises the classifier)"
             )
-        (logger.warning if warn else logger.debug)(
-            "%s: checkpoint classifier has %d classes, the model %d: loading everything but the classifier, "
-            "which keeps its fresh initialisation",
-            name,
-            have,
-            want,
-        )
+        msg = "%s: checkpoint classifier has %d classes, the model %d: loading everything but the classifier, "
+        log(msg + "which keeps its fresh initialisation", name, have, want)
         for k in CLASSIFIER_KEYS:
             sd.pop(k, None)
         sd.update({k: v for k, v in target.items() if k in CLASSIFIER_KEYS})
@@ -274,28 +255,27 @@ def check_dtypes(target: dict, sd: dict, name: str = "model", warn: bool = True)
         have = sd.get(key)
         if have is None or have.dtype == want.dtype:
             continue
-        if want.is_floating_point() and (not have.is_floating_point() or have.is_complex()):
-            raise CheckpointError(
-                f"checkpoint tensor {key!r} is {str(have.dtype).removeprefix('torch.')} but {name} holds "
-                f"{str(want.dtype).removeprefix('torch.')} there: integer, boolean or complex weights are not "
-                "MambaOut weights (a quantised or damaged file?); pass the floating-point checkpoint"
+        not_float = not have.is_floating_point() or have.is_complex()
+        if want.is_floating_point() == not_float:  # float weights from ints/complex, or the other way round
+            why = (
+                ": integer, boolean or complex weights are not MambaOut weights (a quantised or damaged file?); pass "
+                "the floating-point checkpoint"
+                if not_float
+                else "; the checkpoint does not fit the model"
             )
-        if not want.is_floating_point() and have.is_floating_point():
             raise CheckpointError(
-                f"checkpoint tensor {key!r} is {str(have.dtype).removeprefix('torch.')} but {name} holds "
-                f"{str(want.dtype).removeprefix('torch.')} there; the checkpoint does not fit the model"
+                f"checkpoint tensor {key!r} is {_dtype(have)} but {name} holds {_dtype(want)} there{why}"
             )
         if have.is_floating_point() and torch.finfo(have.dtype).bits > torch.finfo(want.dtype).bits:
             narrowed.append(key)
     if narrowed and warn:
-        logger.warning(
-            "%s: converting %d %s tensors (%s...) to the model's %s, which rounds them",
-            name,
-            len(narrowed),
-            str(sd[narrowed[0]].dtype).removeprefix("torch."),
-            narrowed[0],
-            str(target[narrowed[0]].dtype).removeprefix("torch."),
-        )
+        first = narrowed[0]
+        msg = "%s: converting %d %s tensors (%s...) to the model's %s, which rounds them"
+        logger.warning(msg, name, len(narrowed), _dtype(sd[first]), first, _dtype(target[first]))
+
+
+def _dtype(t: torch.Tensor) -> str:
+    return str(t.dtype).removeprefix("torch.")
 
 
 def check_fits(target: dict, sd: dict, name: str = "model") -> None:
@@ -358,19 +338,10 @@ def read_checkpoint(path: str | os.PathLike, use_ema: bool = False) -> tuple[dic
             "elsewhere pass the .safetensors it was exported from"
         )
     if path.endswith(".safetensors"):
-        from safetensors import safe_open
-
-        try:
-            with safe_open(path, framework="pt") as f:
-                meta = f.metadata() or {}
-                sd = {k: f.get_tensor(k) for k in f.keys()}
-        except Exception as e:  # safetensors raises its own error types
-            raise CheckpointError(
-                f"cannot read {path} as safetensors ({e}); the file may be truncated: download it again"
-            ) from e
+        sd, meta = _read_safetensors(path, tensors=True, fix="download it again")
         if use_ema:
             raise CheckpointError(f"{path} holds one set of weights (safetensors); leave out --use-ema / use_ema=True")
-        return sd, _decode_metadata(meta)
+        return sd, meta
     obj = _load_pickled(path)
     meta = obj.get("mambaout_metadata", {}) if isinstance(obj, dict) else {}
     return unwrap_state_dict(obj, use_ema, path), meta or _timm_train_metadata(obj)
@@ -402,16 +373,19 @@ def read_metadata(path: str | os.PathLike) -> dict:
     tensors only where the format keeps both together (pickled files)."""
     path = str(path)
     if path.endswith(".safetensors") and os.path.isfile(path):
-        from safetensors import safe_open
-
-        try:
-            with safe_open(path, framework="pt") as f:
-                return _decode_metadata(f.metadata() or {})
-        except Exception as e:  # safetensors raises its own error types
-            raise CheckpointError(
-                f"cannot read {path} as safetensors ({e}); the file may be truncated: write it again"
-            ) from e
+        return _read_safetensors(path, tensors=False, fix="write it again")[1]
     return read_checkpoint(path)[1]
+
+
+def _read_safetensors(path: str, tensors: bool, fix: str) -> tuple[dict, dict]:
+    """(the tensors, or {} without `tensors`; our metadata) of a safetensors file; `fix`: what to do if it is damaged."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+            sd = {k: f.get_tensor(k) for k in f.keys()} if tensors else {}
+    except Exception as e:  # safetensors raises its own error types
+        raise CheckpointError(f"cannot read {path} as safetensors ({e}); the file may be truncated: {fix}") from e
+    return sd, _decode_metadata(meta)
 
 
 def _timm_train_metadata(obj) -> dict:
@@ -471,7 +445,7 @@ def save_weights(model_or_state: nn.Module | dict, path: str | os.PathLike, **me
         **metadata: JSON-serialisable facts to store beside the tensors: `model`, `model_kwargs`,
             `class_names`, `eval_config`, ...
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save_file  # looked up on each call: tests replace it to simulate a crash
 
     sd = model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else model_or_state
     sd = {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}

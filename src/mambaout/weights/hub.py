@@ -17,26 +17,23 @@ from torch import nn
 
 from mambaout.data.image import EVAL_KEYS
 from mambaout.utils.files import atomic_write_text
+from mambaout.utils.optional import require
+from mambaout.weights.checkpoint import save_weights
 
-HUB_PREFIX = "hf-hub:"
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+BIN_NAME = "pytorch_model.bin"
 
 # our MambaOut arguments that timm's MambaOut takes under the same name and meaning
 _SAME_IN_TIMM = ("in_chans", "num_classes", "depths", "dims", "expansion_ratio", "kernel_size", "conv_ratio")
 _SAME_IN_TIMM += ("ls_init_value", "stem_mid_norm", "drop_rate", "global_pool")
 _IGNORED = ("drop_path_rate",)  # training-time only
 # the pretrained_cfg entries written to config.json: the eval transform and the layer names timm's tools read
-_PRETRAINED_CFG_KEYS = (
-    "input_size",
-    "crop_pct",
-    "interpolation",
-    "mean",
-    "std",
-    "crop_mode",
-    "first_conv",
-    "classifier",
-)
+_PRETRAINED_CFG_KEYS = EVAL_KEYS + ("first_conv", "classifier")
+# timm's own MambaOut models; another model of ours exports as `mambaout_femto` with every argument written out
+_TIMM_MAMBAOUTS = ("mambaout_femto", "mambaout_kobe", "mambaout_tiny", "mambaout_small", "mambaout_base")
+_TIMM_MAMBAOUTS += ("mambaout_small_rw", "mambaout_base_short_rw", "mambaout_base_tall_rw")
+_TIMM_MAMBAOUTS += ("mambaout_base_wide_rw", "mambaout_base_plus_rw")
 
 
 def timm_model_args(model_kwargs: dict) -> dict:
@@ -83,8 +80,6 @@ def export_hf(
         FileExistsError: `folder` holds another model's export (and `overwrite` is off).
         NotADirectoryError: `folder` is a file.
     """
-    from mambaout.weights.checkpoint import save_weights
-
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise NotADirectoryError(f"--output {folder} is a file, not a folder; hf exports are a folder")
@@ -158,28 +153,12 @@ def _check_replaceable(folder: Path, config: dict) -> None:
         )
 
 
-_TIMM_MAMBAOUTS = (
-    "mambaout_femto",
-    "mambaout_kobe",
-    "mambaout_tiny",
-    "mambaout_small",
-    "mambaout_base",
-    "mambaout_small_rw",
-    "mambaout_base_short_rw",
-    "mambaout_base_tall_rw",
-    "mambaout_base_wide_rw",
-    "mambaout_base_plus_rw",
-)
-
-
 def from_hub(repo: str) -> tuple[str | None, Path, dict]:
     """(model name, local weights path, metadata from `config.json`) of a Hub repo `ORG/NAME[@revision]`.
 
     Raises:
         ImportError: naming `pip install huggingface_hub` when it is not installed.
     """
-    from mambaout.utils.optional import require
-
     hf = require("huggingface_hub", "create_model('hf-hub:...')", "huggingface_hub")
     repo_id, _, revision = repo.partition("@")
     config_path = hf.hf_hub_download(repo_id, CONFIG_NAME, revision=revision or None)
@@ -230,9 +209,6 @@ def _from_config(config_path: Path, weights: Path) -> tuple[str | None, Path, di
     if eval_cfg:
         meta["eval_config"] = eval_cfg
     return name, weights, meta
-
-
-BIN_NAME = "pytorch_model.bin"
 
 
 def _from_timm_args(model_args: dict, source) -> dict:
