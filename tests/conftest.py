@@ -10,11 +10,16 @@ from mambaout.utils import threads as _threads
 
 # The test run follows the commands' thread policy: as many torch threads as cores are free while torch loads, at
 # most 2 (tiny test tensors gain nothing from more); a test run beside a busy process otherwise took 12 min
-# (issue 27). MAMBAOUT_THREADS=N or OMP_NUM_THREADS=N fix the count.
+# (issue 27). MAMBAOUT_THREADS=N or OMP_NUM_THREADS=N fix the count. Under pytest-xdist (addopts' `-n auto`: one
+# worker per usable core) each worker gets its share of the cores, 1 thread on 2 cores: two processes with 2 threads
+# each on 2 cores wait on each other at every op's barrier. (Not through OMP_NUM_THREADS in the environment: the
+# commands the tests start then all see it, and test_hostile's Ctrl-C in predict exits 0 instead of 130 with it.)
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+SHARE = max(1, min(2, _threads.usable_cores() // WORKERS))
 _threads.begin()
 import torch  # noqa: E402
 
-_threads.settle(most=2)
+_threads.settle(most=SHARE)
 
 SHARED_DATA = Path(os.environ.get("MAMBAOUT_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
@@ -98,3 +103,21 @@ def file_server():
     yield serve
     for server in servers:
         server.close()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist, the tests that declare a longer timeout (the long ones) start first.
+
+    `--dist worksteal` gives each worker a contiguous half of the tests, and an idle worker takes over half of what
+    another has left, from its end: a long test near the end would keep one worker busy while the other idles.
+    The sort is stable, so a module's other tests stay together (their module fixtures are built once per worker).
+    """
+    if not hasattr(config, "workerinput"):  # the order of a run in one process stays the files' order
+        return
+    default = float(config.getini("timeout") or 0)
+
+    def declared(item) -> float:
+        mark = item.get_closest_marker("timeout")
+        return float(mark.args[0]) if mark and mark.args else default
+
+    items.sort(key=lambda item: -declared(item))

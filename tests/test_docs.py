@@ -18,6 +18,7 @@ import contextlib
 import functools
 import io
 import itertools
+import json
 import os
 import re
 import runpy
@@ -346,7 +347,9 @@ def _env(work: Path) -> dict:
     for f in bin_dir.iterdir():
         f.chmod(0o755)
     env["PATH"] = os.pathsep.join([str(bin_dir), env["PATH"]])
-    env.setdefault("OMP_NUM_THREADS", "2")
+    import torch  # loaded by conftest.py
+
+    env.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))  # the test run's: 1 per pytest-xdist worker
     return env
 
 
@@ -360,18 +363,18 @@ README_IMAGENETTE = "mambaout train --recipe imagenette-cpu --data-train ../shar
 def _run_page(page: Path, tmp_path: Path, shared: Path | None, upto: Snippet | None = None) -> list[str]:
     """Runs the page's runnable shell commands in order (with `shared`: only those on the shared data, else only
     those without it); returns what was run. Python snippets have their own test: with `upto`, one of the page's
-    snippets, the commands and runnable snippets above it run first (it may read what they write), then it."""
+    snippets, the commands and runnable snippets above it run first (it may read what they write), then it.
+    Consecutive shell commands run through tests/docs_runner.py: one Python process for them all."""
     heavy = shared is not None
     work = _workdir(tmp_path, shared)
     env = _env(work)
-    ran = []
+    ran, commands = [], []
     blocks, _ = fences(page)
     trains_it = any(c.page == page and c.text.startswith(README_IMAGENETTE) for c in SHELL)
     if heavy and "runs/imagenette-cpu/" in page.read_text() and not trains_it:
         # a page that reads the Imagenette run the README trains: its reader ran the README's command first
         first = next(c for c in SHELL if c.page.name == "README.md" and c.text.startswith(README_IMAGENETTE))
-        proc = subprocess.run(["sh", "-c", first.text], cwd=work, env=env, capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, f"{first}\n{proc.stderr[-3000:]}"
+        commands.append(first)
     for block in blocks:
         if block.lang == "python" and upto is None:
             continue
@@ -381,20 +384,42 @@ def _run_page(page: Path, tmp_path: Path, shared: Path | None, upto: Snippet | N
             code = python_code(text) if item.lang == "python" else text
             if why_not_run(code) or (_uses_shared_data(text) and not heavy) or (heavy and not _uses_shared_data(text)):
                 continue
-            if text in ran:  # a page repeating a command (the README's `mambaout train`): a reader runs it once
-                continue
+            if text in ran + [c.text for c in commands]:  # a page repeating a command (the README's `mambaout
+                continue  # train`): a reader runs it once
             if item.lang == "python":
+                ran += _run_commands(commands, work, env)
+                commands = []
                 argv = [sys.executable, "-c", text]
-            else:
-                if not re.match(r"(mambaout|python|mkdir|tar)\b", text):
-                    continue
-                argv = ["sh", "-c", text]
-            proc = subprocess.run(argv, cwd=work, env=env, capture_output=True, text=True, timeout=600)
-            assert proc.returncode == 0, f"{item}\nexit {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
-            ran.append(text)
+                proc = subprocess.run(argv, cwd=work, env=env, capture_output=True, text=True, timeout=600)
+                assert proc.returncode == 0, (
+                    f"{item}\nexit {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+                )
+                ran.append(text)
+            elif re.match(r"(mambaout|python|mkdir|tar)\b", text):
+                commands.append(item)
         if block == upto:  # fences() read the page again: equal, not the same object
-            return ran
-    return ran
+            break
+    return ran + _run_commands(commands, work, env)
+
+
+def _run_commands(commands: list[Snippet], work: Path, env: dict) -> list[str]:
+    """Runs shell commands in order in `work` through tests/docs_runner.py; asserts each exits 0."""
+    if not commands:
+        return []
+    plan = work.parent / f"plan-{len(list(work.parent.glob('plan-*.json')))}.json"
+    plan.write_text(json.dumps([c.text for c in commands]))
+    runner = Path(__file__).with_name("docs_runner.py")
+    proc = subprocess.run([sys.executable, str(runner), str(plan)], cwd=work, env=env, capture_output=True, text=True)
+    done = Path(f"{plan}.out")
+    codes = json.loads(done.read_text()) if done.is_file() else []
+    for command, code in zip(commands, codes):
+        if code:
+            out, err = (stream.rpartition(f"\n=== {command.text}\n")[2] for stream in (proc.stdout, proc.stderr))
+            raise AssertionError(f"{command}\nexit {code}\n{out[-2000:]}\n{err[-3000:]}")
+    assert proc.returncode == 0 and len(codes) == len(commands), (
+        f"docs_runner.py: exit {proc.returncode}\n{proc.stderr[-3000:]}"
+    )
+    return [c.text for c in commands]
 
 
 @pytest.mark.heavy

@@ -10,6 +10,8 @@
   (the stalled section sleeps forever, so its short timeout always fires; the others get minutes of margin).
 """
 
+import contextlib
+import io
 import json
 import subprocess
 import sys
@@ -29,6 +31,20 @@ needs_triton = pytest.mark.skipif(not gd._HAS_TRITON, reason="triton is not inst
 def _cli(*args, timeout=300):
     cmd = [sys.executable, "-m", "mambaout.cli", *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+
+def _main(*args) -> tuple[int, str, str]:
+    """`mambaout ARGS` in this process, the console script's own call (a process costs seconds of imports): its exit
+    code, stdout and stderr. An exception the command lets through fails the test, where a process would print it."""
+    from mambaout.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(list(args))
+        except SystemExit as e:  # argparse's errors and -h
+            code = e.code
+    return code, out.getvalue(), err.getvalue()
 
 
 @needs_triton
@@ -62,15 +78,15 @@ def test_a_compile_over_the_bound_fails_the_command():
 @needs_triton
 @pytest.mark.parametrize("args", [("--aot", "sm_7"), ("--aot", "sm_90", "--dtypes", "int8"), ("--aot", "gfx90")])
 def test_bad_aot_arguments_get_one_line(args):
-    res = _cli("kernels", *args)
-    assert res.returncode == 2
-    assert len(res.stderr.strip().splitlines()) == 1 and "Traceback" not in res.stderr
+    code, _, err = _main("kernels", *args)
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
 def test_kernels_command_says_which_path_is_default():
-    res = _cli("kernels")
-    assert res.returncode == 0
-    assert "opt-in" in res.stdout and "--fused-kernels" in res.stdout
+    code, out, _ = _main("kernels")
+    assert code == 0
+    assert "opt-in" in out and "--fused-kernels" in out
 
 
 @needs_triton
@@ -156,4 +172,4 @@ def test_commands_take_the_fused_kernels_switch_outside_the_config():
     assert args.fused_kernels and "fused_kernels" not in given  # an implementation choice, not a hyperparameter
     assert not hasattr(train.parse_overrides([])[1], "fused_kernels")  # unset options stay out of the namespace
     assert validate.get_args_parser().parse_args(["data", "--fused-kernels"]).fused_kernels
-    assert "--fused-kernels" in _cli("predict", "-h").stdout
+    assert "--fused-kernels" in _main("predict", "-h")[1]

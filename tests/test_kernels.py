@@ -48,7 +48,7 @@ if FRESH:
 def test_kernels_in_a_fresh_interpreter_process():
     pytest.importorskip("triton")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "0", __file__]  # in one process
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=800)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     assert " passed" in result.stdout
