@@ -67,8 +67,8 @@ class DataConfig:
     crop_size: int = C.setting(512, SIDE, "segment: training crop (the paper's 512)")
     eval_flip: bool = C.setting(False, C.boolean(), "segment: evaluate with the mirror image too")
     hflip: float = C.setting(0.5, C.number(0, 1), "flip probability in training")
-    batch_size: int = C.setting(2, C.integer(1, 4096), "images per device", flags=("--batch-size", "-b"))
-    workers: int = C.setting(2, C.integer(0, 256), "data loader processes", flags=("--workers", "-j"))
+    batch_size: int = S.run_setting("batch_size", 2)
+    workers: int = S.run_setting("workers", 2)
     max_val_images: int | None = C.setting(
         None, _COUNT, "evaluate only the first N validation images (said in results)"
     )
@@ -79,9 +79,9 @@ class TrainConfig:
     """The optimisation and the run. Exactly one of `epochs` and `steps` sets the length."""
 
     epochs: int | None = C.setting(None, _COUNT, "passes over the training set (or steps)")
-    steps: int | None = C.setting(None, _COUNT, "optimizer steps (or epochs)")
+    steps: int | None = S.run_setting("steps")
     lr: float = C.setting(1e-4, C.number(0, 1000, lo_open=True), "learning rate (AdamW)")
-    weight_decay: float = C.setting(0.05, C.number(0, 1000), "decoupled weight decay")
+    weight_decay: float = S.run_setting("weight_decay")
     schedule: str = C.setting(
         "step", C.choice("step", "poly"), "step: x gamma at each milestone; poly: (1 - t/T)^power"
     )
@@ -93,34 +93,32 @@ class TrainConfig:
     )
     gamma: float = C.setting(0.1, C.number(0, 1), "step schedule: lr factor at each milestone")
     poly_power: float = C.setting(1.0, C.number(0, 100), "poly schedule: power")
-    min_lr: float = C.setting(0.0, C.number(0, 1000), "poly schedule: lr at the end")
+    min_lr: float = S.run_setting("min_lr", 0.0)
     warmup_steps: int = C.setting(500, C.integer(0, COUNT_MAX), "linear warmup steps")
     warmup_ratio: float = C.setting(0.001, C.number(0, 1), "lr factor at the start of the warmup")
-    clip_grad: float | None = C.setting(None, C.number(0, lo_open=True, optional=True), "max gradient norm")
-    pretrained: bool = C.setting(False, C.boolean(), "start the backbone from its published ImageNet weights")
+    clip_grad: float | None = S.run_setting("clip_grad")
+    pretrained: bool = S.run_setting("pretrained")
     backbone_checkpoint: str | None = C.setting(
         None,
         _PATH,
         "or from these classification weights (any layout we read), or a `mambaout train` run folder's best (else "
         "last); its recorded model and model_kwargs fill those not set",
     )
-    amp: str = S.amp_setting()
-    device: str | None = S.device_setting()
-    threads: int | None = S.threads_setting()
-    seed: int = S.seed_setting()
+    amp: str = S.run_setting("amp")
+    device: str | None = S.run_setting("device")
+    threads: int | None = S.run_setting("threads")
+    seed: int = S.run_setting("seed")
     eval_every: int | None = C.setting(None, _COUNT, "evaluate every N steps (and always at the end)")
     eval_at_start: bool = C.setting(True, C.boolean(), "evaluate before training: the step-0 number")
-    log_every: int = C.setting(20, C.integer(1, COUNT_MAX), "steps between progress lines")
-    checkpoint_every: int | None = C.setting(None, _COUNT, "also save the state every N steps")
-    stop_after_steps: int | None = C.setting(None, _COUNT, "stop after N steps of this call (resume later)")
-    output: str | None = C.setting(None, _PATH, "run folder (unset: runs/<recipe or task>)", flags=("--output", "-o"))
-    resume: str | None = C.setting(
-        None, _PATH, "run folder (or its state.pt) to continue; options given with it win, except the network's"
-    )
-    overwrite: bool = C.setting(False, C.boolean(), "start over in a folder holding a run")
-    progress: bool = C.setting(True, C.boolean(), "progress lines")
-    keep_top_k: int = C.setting(0, C.integer(0, 1000), "also keep the weights of the k best evaluations")
-    tensorboard: bool = C.setting(False, C.boolean(), "also write TensorBoard event files")
+    log_every: int = S.run_setting("log_every", 20)
+    checkpoint_every: int | None = S.run_setting("checkpoint_every", None)
+    stop_after_steps: int | None = S.run_setting("stop_after_steps")
+    output: str | None = S.run_setting("output")
+    resume: str | None = S.run_setting("resume")
+    overwrite: bool = S.run_setting("overwrite")
+    progress: bool = S.run_setting("progress")
+    keep_top_k: int = S.run_setting("keep_top_k", 0)
+    tensorboard: bool = S.run_setting("tensorboard")
 
 
 @dataclass

@@ -33,7 +33,7 @@ logger = logging.getLogger("mambaout")
 
 SCHEDULES = ("cosine", "tanh", "poly", "constant")
 _PATH, _SWITCH = C.text(optional=True), C.boolean()  # the checks of the many path and on/off settings
-_COUNT, _STEPS = C.integer(1, 10**9, optional=True), C.integer(1, 10**12, optional=True)  # optional counts
+_COUNT = C.integer(1, 10**9, optional=True)  # an optional count
 PACKAGE_RECIPES = Path(__file__).resolve().parents[1] / "recipes"  # package data: present in every install
 MAX_MODEL_PARAMS = 1_000_000_000  # 12x mambaout_base_plus_rw; model_kwargs asking for more is almost surely a typo
 
@@ -70,7 +70,7 @@ class DataConfig(_Section):
     val_split: str = C.setting("val", C.text(), "name of the validation split under --data")
     cache: bool = _switch(False, "keep image files in RAM (gpu pipeline: decoded)")
     data_pipeline: str = C.setting("cpu", C.choice("cpu", "gpu"), "cpu: augment in loader workers; gpu: on the device")
-    workers: int = C.setting(8, C.integer(0, 256), "data loader processes per rank", flags=("--workers", "-j"))
+    workers: int = S.run_setting("workers", 8)
     persistent_workers: bool = _switch(False, "keep loader workers between epochs (--resume is then not bit-exact)")
 
 
@@ -93,7 +93,7 @@ class ModelConfig(_Section):
         default_factory=dict,
         network=True,
     )
-    pretrained: bool = _switch(False, "start from the model's published weights (the classifier is replaced)")
+    pretrained: bool = S.run_setting("pretrained")  # the classifier is replaced
     initial_checkpoint: str | None = _path("start from these weights (official, timm or our layout, timm .pth.tar)")
     use_ema: bool = _switch(False, "take --initial-checkpoint's EMA weights (state_dict_ema)")
     num_classes: int | None = C.setting(
@@ -136,9 +136,7 @@ class BatchPlan:
 class BatchConfig(_Section):
     """Batch sizes and the learning rate: lr = lr_base x global_batch / lr_base_batch (linear scaling rule)."""
 
-    batch_size: int = C.setting(
-        128, C.integer(1, 65536), "per-device (per-process) batch size", flags=("--batch-size", "-b")
-    )
+    batch_size: int = S.run_setting("batch_size", 128)
     global_batch: int | None = C.setting(
         4096,
         C.integer(1, 2**24, optional=True),
@@ -181,12 +179,10 @@ class OptimConfig(_Section):
         C.number(0.0, 1.0, lo_open=True, optional=True),
         "layer-wise lr decay, e.g. 0.75 (the model's group_matcher)",
     )
-    weight_decay: float = C.setting(0.05, C.number(0.0, 10.0), "decoupled weight decay")
+    weight_decay: float = S.run_setting("weight_decay")
     betas: tuple = C.setting((0.9, 0.999), C.numbers(2, 0.0, 0.999999), "Adam betas")
     eps: float = C.setting(1e-8, C.number(0.0, 1.0, lo_open=True), "optimizer epsilon")
-    clip_grad: float | None = C.setting(
-        None, C.number(0.0, 1e6, lo_open=True, optional=True), "max gradient norm (unset: no clipping)"
-    )
+    clip_grad: float | None = S.run_setting("clip_grad")
 
     def __post_init__(self):
         super().__post_init__()
@@ -209,11 +205,11 @@ class ScheduleConfig(_Section):
     epochs: int = C.setting(
         300, C.integer(1, 100_000), "epochs of the lr schedule (warmup included); cooldown epochs come on top"
     )
-    steps: int | None = C.setting(None, _STEPS, "end the run after this many optimizer steps in all (a cap)")
+    steps: int | None = S.run_setting("steps")
     cooldown_epochs: int = C.setting(10, C.integer(0, 100_000), "epochs at min_lr after the schedule")
     warmup_epochs: int = C.setting(20, C.integer(0, 100_000), "epochs of linear warmup from warmup_lr")
     warmup_lr: float = C.setting(1e-6, C.number(0.0, 1e3), "lr at the start of the warmup")
-    min_lr: float = C.setting(1e-5, C.number(0.0, 1e3), "lr at the end of the schedule")
+    min_lr: float = S.run_setting("min_lr", 1e-5)
     sched: str = C.setting("cosine", C.choice(*SCHEDULES), "lr schedule")
     sched_on_updates: bool = _switch(False, "change the lr every optimizer step (official: once per epoch)")
 
@@ -265,12 +261,12 @@ class PerfConfig(_Section):
     """Where and how fast: device, autocast, memory layout, compilation, threads (read by `classify.ClassifyTask`
     and `trainer.fit`). Same numbers either way, up to rounding."""
 
-    device: str | None = S.device_setting()
-    amp: str = S.amp_setting()
+    device: str | None = S.run_setting("device")
+    amp: str = S.run_setting("amp")
     channels_last: bool = _switch(False, "channels-last memory layout")
     compile: bool = _switch(False, "torch.compile the model", flags=("--compile", "--torchcompile"))
     grad_checkpointing: bool = _switch(False, "recompute activations in backward (less memory)")
-    threads: int | None = S.threads_setting()
+    threads: int | None = S.run_setting("threads")
 
     def amp_dtype(self, device: torch.device) -> tuple[str, torch.dtype | None]:
         """The autocast setting (`auto`: bf16 on CUDA, none on CPU) as its name and dtype."""
@@ -291,33 +287,18 @@ class RunConfig(_Section):
     """The run folder, logging, reproducibility and the stops that time-box or test a run (read by the run folder
     and `task.Loop`)."""
 
-    seed: int = S.seed_setting()
-    output: str | None = _path("run folder (unset: runs/<recipe or model>)", flags=("--output", "-o"))
-    resume: str | None = _path(
-        "run folder or its state.pt to continue; options given with it win, except another model"
-    )
-    overwrite: bool = _switch(False, "start over in a run folder that holds a run")
-    keep_top_k: int = C.setting(
-        3, C.integer(0, 1000), "keep the weights of the k best epochs", flags=("--keep-top-k", "--checkpoint-hist")
-    )
-    tensorboard: bool = _switch(False, "also write TensorBoard event files")
-    progress: bool = _switch(True, "progress bar on a terminal, progress lines otherwise")
-    log_every: int = C.setting(
-        50,
-        C.integer(0, 10**9, zero_means="0: no progress lines"),
-        "optimizer steps between progress lines when not on a terminal",
-        flags=("--log-every", "--log-interval"),
-    )
+    seed: int = S.run_setting("seed")
+    output: str | None = S.run_setting("output")
+    resume: str | None = S.run_setting("resume")
+    overwrite: bool = S.run_setting("overwrite")
+    keep_top_k: int = S.run_setting("keep_top_k", 3)
+    tensorboard: bool = S.run_setting("tensorboard")
+    progress: bool = S.run_setting("progress")
+    log_every: int = S.run_setting("log_every", 50)
     max_steps_per_epoch: int | None = C.setting(None, _COUNT, "cap optimizer steps per epoch (smoke tests)")
     stop_after_epochs: int | None = C.setting(None, _COUNT, "stop after N epochs of this call (resume later)")
-    stop_after_steps: int | None = C.setting(
-        None, _STEPS, "stop after N optimizer steps of this call, mid-epoch too (resume later)"
-    )
-    checkpoint_every: int = C.setting(
-        0,
-        C.integer(0, 10**12, zero_means="0: at epoch ends only"),
-        "also save the training state every N steps inside epochs",
-    )
+    stop_after_steps: int | None = S.run_setting("stop_after_steps")
+    checkpoint_every: int = S.run_setting("checkpoint_every", 0)
     recipe: str | None = _path("recipe name (--list-recipes) or path to a YAML file")
 
 

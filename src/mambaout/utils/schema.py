@@ -19,21 +19,7 @@ from mambaout.utils.limits import SEED_MAX
 AMP_CHOICES = ("auto", "none", "bf16", "fp16")  # mambaout.utils.device.autocast_setting reads them
 
 
-# --- settings every training command has, with one meaning --------------------------------------------------------
-
-
-def amp_setting():
-    """`--amp [DTYPE]`: a bare `--amp` is bf16 autocast (as validate's switch)."""
-    help_ = "autocast: auto (bf16 on CUDA, none on CPU), none, bf16, fp16; a bare --amp is bf16"
-    return C.setting("auto", C.choice(*AMP_CHOICES), help_, nargs="?", const="bf16")
-
-
-def threads_setting():
-    return C.setting(None, C.integer(1, 1024, optional=True), "torch CPU threads per process (unset: torch's choice)")
-
-
-def seed_setting():
-    return C.setting(0, C.integer(0, SEED_MAX), "random seed (each rank adds its rank)")
+# --- the run settings of every training command (`training.task.Loop` reads most), each declared once ----------------
 
 
 def _device(value):
@@ -42,9 +28,57 @@ def _device(value):
     return C.BAD
 
 
-def device_setting():
-    check = C.Check("must be cpu, cuda, cuda:N or mps", _device, optional=True, kind="text", bad=["tpu", "cuda:x", 3])
-    return C.setting(None, check, "cpu, cuda, cuda:N or mps (unset: cuda when available)")
+_PATH, _SWITCH, _STEPS = C.text(optional=True), C.boolean(), C.integer(1, 10**12, optional=True)
+_DEVICE = C.Check("must be cpu, cuda, cuda:N or mps", _device, optional=True, kind="text", bad=["tpu", "cuda:x", 3])
+# name: (default, check, help, further `checks.setting` keywords); a default of ... is each command's own
+RUN_SETTINGS = {
+    "batch_size": (..., C.integer(1, 65536), "per-device (per-process) batch size", dict(flags=("--batch-size", "-b"))),
+    "workers": (..., C.integer(0, 256), "data loader processes per rank", dict(flags=("--workers", "-j"))),
+    "pretrained": (False, _SWITCH, "start from the published ImageNet weights (detect, segment: the backbone's)", {}),
+    "steps": (None, _STEPS, "the run's length in optimizer steps (train: or a cap on its epochs)", {}),
+    "weight_decay": (0.05, C.number(0.0, 10.0), "decoupled weight decay", {}),
+    "min_lr": (..., C.number(0.0, 1e3), "lr at the end of the schedule (not read by the step schedule)", {}),
+    "clip_grad": (None, C.number(0.0, 1e6, lo_open=True, optional=True), "max gradient norm (unset: no clipping)", {}),
+    "device": (None, _DEVICE, "cpu, cuda, cuda:N or mps (unset: cuda when available)", {}),
+    "amp": (
+        "auto",
+        C.choice(*AMP_CHOICES),
+        "autocast: auto (bf16 on CUDA, none on CPU), none, bf16, fp16; a bare --amp is bf16",
+        dict(nargs="?", const="bf16"),  # a bare --amp is bf16 autocast (as validate's switch)
+    ),
+    "threads": (None, C.integer(1, 1024, optional=True), "torch CPU threads per process (unset: torch's choice)", {}),
+    "seed": (0, C.integer(0, SEED_MAX), "random seed (each rank adds its rank)", {}),
+    "output": (None, _PATH, "run folder (unset: runs/<recipe, else model or task>)", dict(flags=("--output", "-o"))),
+    "resume": (None, _PATH, "run folder or state.pt to continue; options given with it win, except the network's", {}),
+    "overwrite": (False, _SWITCH, "start over in a run folder that holds a run", {}),
+    "keep_top_k": (
+        ...,
+        C.integer(0, 1000),
+        "also keep the weights of the k best evaluations",
+        dict(flags=("--keep-top-k", "--checkpoint-hist")),
+    ),
+    "tensorboard": (False, _SWITCH, "also write TensorBoard event files", {}),
+    "progress": (True, _SWITCH, "progress bar on a terminal, progress lines otherwise", {}),
+    "log_every": (
+        ...,
+        C.integer(0, 10**9, zero_means="0: no progress lines"),
+        "optimizer steps between progress lines when not on a terminal",
+        dict(flags=("--log-every", "--log-interval")),
+    ),
+    "stop_after_steps": (None, _STEPS, "stop after N optimizer steps of this call, mid-epoch too (resume later)", {}),
+    "checkpoint_every": (
+        ...,
+        C.integer(0, 10**12, optional=True, zero_means="0: at epoch ends only"),
+        "also save the training state every N steps inside epochs",
+        {},
+    ),
+}
+
+
+def run_setting(name: str, default=...):
+    """The run setting `name` as a dataclass field, with the command's own `default` where `RUN_SETTINGS` has none."""
+    value, check, help_, more = RUN_SETTINGS[name]
+    return C.setting(value if default is ... else default, check, help_, **more)
 
 
 @dataclass(frozen=True)
