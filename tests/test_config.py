@@ -132,7 +132,7 @@ def test_one_reading_of_amp_auto_for_train_dense_and_benchmark():
     import torch
 
     from mambaout.cli import benchmark
-    from mambaout.dense import tasks
+    from mambaout.training import trainer
     from mambaout.utils.device import autocast_setting
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
@@ -140,6 +140,6 @@ def test_one_reading_of_amp_auto_for_train_dense_and_benchmark():
     assert autocast_setting("auto", cuda) == ("bf16", torch.bfloat16)
     assert autocast_setting("fp16", cpu) == ("fp16", torch.float16)
     assert C.PerfConfig(amp="auto").amp_dtype(cuda) == ("bf16", torch.bfloat16)
-    assert tasks.autocast_setting is autocast_setting
+    assert trainer.autocast_setting is autocast_setting  # the engine the dense tasks run on
     args = benchmark.get_args_parser().parse_args(["--amp", "auto", "--device", "cpu"])
     assert benchmark._dtype(args) == "fp32"

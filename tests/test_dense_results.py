@@ -24,7 +24,6 @@ from mambaout.cli import dense as cli_dense  # noqa: E402
 from mambaout.cli import main  # noqa: E402
 from mambaout.dense.draw import draw_segmentation, palette, place_labels  # noqa: E402
 from mambaout.dense.semseg import ConfusionMatrix  # noqa: E402
-from mambaout.dense.tasks import segment_probs  # noqa: E402
 from mambaout.dense.tta import SegmentInference, windows  # noqa: E402
 
 
@@ -337,12 +336,11 @@ def test_segment_validate_tta_per_class_and_label_pngs(seg_world, tmp_path, monk
     assert f"multi-scale+flip: mIoU {got['multi-scale+flip']['mIoU']:.2f}%" in printed
 
 
-def test_flip_only_equals_segment_probs_and_a_covering_window_equals_the_whole_image():
+def test_flip_only_equals_the_hand_computation_and_a_covering_window_equals_the_whole_image():
+    # flip-only at the scale is also what training evaluates with (eval_flip)
     model, _ = _segmenter()
     image = torch.rand(3, 40, 56)
-    with torch.no_grad():
-        old = segment_probs(model, image, (64, 48), True, None)
-    assert torch.equal(SegmentInference((64, 48), flip=True)(model, image), old)
+    assert torch.equal(SegmentInference((64, 48), flip=True)(model, image), _by_hand(model, image, (1.0,), True))
     whole = SegmentInference((64, 48))(model, image)
     assert torch.equal(SegmentInference((64, 48), window=96, stride=64)(model, image), whole)  # one window: 64x46
     # windows smaller than the image, on a network that sees each pixel alone: the same as the whole image

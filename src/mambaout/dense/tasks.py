@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mambaout.data.loaders import train_loader
@@ -23,7 +22,6 @@ from mambaout.training.optim import FactorSchedule
 from mambaout.training.runfolder import load_state, resume_path
 from mambaout.training.trainer import fit
 from mambaout.utils import distributed as dist
-from mambaout.utils.device import autocast_setting  # noqa: F401  (one reading of --amp auto: tests/test_config.py)
 from mambaout.utils.files import atomic_write_text
 from mambaout.utils.interrupt import ignore_sigint
 from mambaout.utils.text import count
@@ -31,11 +29,11 @@ from mambaout.weights.checkpoint import check_finite, read_checkpoint
 
 from . import results as res
 from . import tta
-from .coco import CocoInstances, ResizeFlip, coco_evaluate, collate, resize, resize_scale, to_coco_results
+from .coco import CocoInstances, ResizeFlip, coco_evaluate, collate, resize, to_coco_results
 from .config import DataConfig, RunConfig, from_dict
 from .detection import DetectorConfig, create_detector
 from .draw import draw_detections, draw_segmentation
-from .semseg import ConfusionMatrix, LabelMap, RandomResizeCrop, SegmentationFolder, resize_pair
+from .semseg import ConfusionMatrix, LabelMap, RandomResizeCrop, SegmentationFolder
 from .upernet import SegmenterConfig, create_segmenter
 
 
@@ -458,21 +456,20 @@ class SegmentTask(Task):
         return dict(mIoU=m["mIoU"], aAcc=m["aAcc"], mAcc=m["mAcc"], classes=m["classes"], images=n, pixels=m["pixels"])
 
     @torch.no_grad()
-    def confusion(self, model: nn.Module, val_set, device, amp_dtype, probs=None, each=None):
+    def confusion(self, model: nn.Module, val_set, device, amp_dtype, infer=None, each=None):
         """The confusion matrix of `val_set` (summed over ranks) and the number of images.
 
         Args:
-            probs: `image [3, H, W] -> class probabilities [K, H, W]`; default `segment_probs` as `data` says.
+            infer: A `tta.SegmentInference`; default the data's scale, with the flip when `eval_flip`.
             each: Called as `each(index, classes)` with each image's position in `val_set` and its class map.
         """
         model.eval()
         d = self.cfg.data
-        if probs is None:
-            probs = lambda image: segment_probs(model, image, tuple(d.scale), d.eval_flip, amp_dtype)  # noqa: E731
+        infer = infer or tta.SegmentInference(tuple(d.scale), flip=d.eval_flip)
         conf = ConfusionMatrix(self.cfg.model.num_classes)
         n = 0
         for image, mask in self.loader(val_set, 1, d.workers):
-            classes = probs(image[0].to(device)).argmax(0).cpu()
+            classes = infer(model, image[0].to(device), amp_dtype).argmax(0).cpu()
             conf.update(classes, mask[0])
             if each is not None:
                 each(n, classes)
@@ -528,8 +525,7 @@ class SegmentTask(Task):
         for i, setting in enumerate(settings):
             write = label_dir is not None and i == len(settings) - 1
             each = (lambda n, classes: res.write_label_png(paths[n], classes)) if write else None  # noqa: E731
-            probs = lambda x, s=setting: s(model, x, amp_dtype)  # noqa: E731
-            conf, n = self.confusion(model, val_set, device, amp_dtype, probs, each)
+            conf, n = self.confusion(model, val_set, device, amp_dtype, setting, each)
             m = conf.metrics()
             per_class = res.per_class(m, names)
             keys = ("mIoU", "aAcc", "mAcc", "classes", "pixels")
@@ -611,19 +607,6 @@ def _evaluated(n: int, total: int) -> None:
         print(f"evaluating: {n}/{total} images ({now - _evaluated.start:.0f}s)", file=sys.stderr, flush=True)
 
 
-def segment_probs(model: nn.Module, image: torch.Tensor, scale, flip: bool, amp_dtype) -> torch.Tensor:
-    """Class probabilities `[K, H, W]` of one image `[3, H, W]`: resized to `scale` (long, short) keeping the
-    aspect ratio, the mirror image's averaged in with `flip`, resized back to `H x W`."""
-    h, w = image.shape[-2:]
-    x, _ = resize_pair(image, None, resize_scale(h, w, scale[1], scale[0]))
-    x = x[None]
-    with autocast(x.device, amp_dtype):
-        probs = model(x).float().softmax(1)
-        if flip:
-            probs = (probs + model(x.flip(-1)).float().softmax(1).flip(-1)) / 2
-    return F.interpolate(probs, size=(h, w), mode="bilinear", align_corners=False)[0]
-
-
 TASKS = {task.name: task for task in (DetectTask, SegmentTask)}
 
 
@@ -631,4 +614,4 @@ def make_task(cfg: RunConfig) -> Task:
     return TASKS[cfg.task](cfg)
 
 
-__all__ = ["DetectTask", "SegmentTask", "TASKS", "Task", "make_task", "resize", "segment_probs", "train"]
+__all__ = ["DetectTask", "SegmentTask", "TASKS", "Task", "make_task", "resize", "train"]
