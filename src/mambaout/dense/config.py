@@ -23,7 +23,6 @@ from .upernet import SegmenterConfig
 RECIPES = Path(__file__).resolve().parent / "recipes"  # package data
 COUNT_MAX = 10**9  # steps, epochs, images: bounds that only catch typos
 
-_PATH = C.text(optional=True)
 _COUNT = C.integer(1, COUNT_MAX, optional=True)
 
 
@@ -32,17 +31,15 @@ class DataConfig:
     """Where the data is and how it is augmented; a root (`data`) fills the paths not given, in COCO's or ADE20K's
     layout (`DetectTask.layout`, `SegmentTask.layout`)."""
 
-    data: str | None = C.setting(None, _PATH, "dataset root (detect: COCO layout; segment: images/ and annotations/)")
-    train_split: str | None = C.setting(None, _PATH, "training split under data (unset: train2017 / training)")
-    val_split: str | None = C.setting(None, _PATH, "validation split under data (unset: val2017 / validation)")
-    train_images: str | None = C.setting(None, _PATH, "training image folder")
-    train_labels: str | None = C.setting(None, _PATH, "training labels: COCO instances JSON, or a mask folder")
-    val_images: str | None = C.setting(None, _PATH, "validation image folder")
-    val_labels: str | None = C.setting(None, _PATH, "validation labels: COCO instances JSON, or a mask folder")
-    reduce_zero_label: bool = C.setting(False, C.boolean(), "segment: mask value 0 is ignored (ADE20K), v is class v-1")
-    categories: str | None = C.setting(
-        None, _PATH, "segment: JSON list of {id, name}, the mask values that are classes"
-    )
+    data: str | None = S.path("dataset root (detect: COCO layout; segment: images/ and annotations/)")
+    train_split: str | None = S.path("training split under data (unset: train2017 / training)")
+    val_split: str | None = S.path("validation split under data (unset: val2017 / validation)")
+    train_images: str | None = S.path("training image folder")
+    train_labels: str | None = S.path("training labels: COCO instances JSON, or a mask folder")
+    val_images: str | None = S.path("validation image folder")
+    val_labels: str | None = S.path("validation labels: COCO instances JSON, or a mask folder")
+    reduce_zero_label: bool = S.switch(False, "segment: mask value 0 is ignored (ADE20K), v is class v-1")
+    categories: str | None = S.path("segment: JSON list of {id, name}, the mask values that are classes")
     min_sizes: list = C.setting(
         None,
         C.integers(1, 32, MIN_IMG_SIZE, MAX_IMG_SIZE),
@@ -65,7 +62,7 @@ class DataConfig:
         default_factory=lambda: [0.5, 2.0],
     )
     crop_size: int = C.setting(512, SIDE, "segment: training crop (the paper's 512)")
-    eval_flip: bool = C.setting(False, C.boolean(), "segment: evaluate with the mirror image too")
+    eval_flip: bool = S.switch(False, "segment: evaluate with the mirror image too")
     hflip: float = C.setting(0.5, C.number(0, 1), "flip probability in training")
     batch_size: int = S.run_setting("batch_size", 2)
     workers: int = S.run_setting("workers", 2)
@@ -98,9 +95,7 @@ class TrainConfig:
     warmup_ratio: float = C.setting(0.001, C.number(0, 1), "lr factor at the start of the warmup")
     clip_grad: float | None = S.run_setting("clip_grad")
     pretrained: bool = S.run_setting("pretrained")
-    backbone_checkpoint: str | None = C.setting(
-        None,
-        _PATH,
+    backbone_checkpoint: str | None = S.path(
         "or from these classification weights (any layout we read), or a `mambaout train` run folder's best (else "
         "last); its recorded model and model_kwargs fill those not set",
     )
@@ -109,7 +104,7 @@ class TrainConfig:
     threads: int | None = S.run_setting("threads")
     seed: int = S.run_setting("seed")
     eval_every: int | None = C.setting(None, _COUNT, "evaluate every N steps (and always at the end)")
-    eval_at_start: bool = C.setting(True, C.boolean(), "evaluate before training: the step-0 number")
+    eval_at_start: bool = S.switch(True, "evaluate before training: the step-0 number")
     log_every: int = S.run_setting("log_every", 20)
     checkpoint_every: int | None = S.run_setting("checkpoint_every", None)
     stop_after_steps: int | None = S.run_setting("stop_after_steps")

@@ -32,19 +32,9 @@ from mambaout.utils.safe_yaml import load_yaml
 logger = logging.getLogger("mambaout")
 
 SCHEDULES = ("cosine", "tanh", "poly", "constant")
-_PATH, _SWITCH = C.text(optional=True), C.boolean()  # the checks of the many path and on/off settings
 _COUNT = C.integer(1, 10**9, optional=True)  # an optional count
 PACKAGE_RECIPES = Path(__file__).resolve().parents[1] / "recipes"  # package data: present in every install
 MAX_MODEL_PARAMS = 1_000_000_000  # 12x mambaout_base_plus_rw; model_kwargs asking for more is almost surely a typo
-
-
-def _path(help_: str, **kw):
-    """A path (or name) setting, unset by default."""
-    return C.setting(None, _PATH, help_, **kw)
-
-
-def _switch(default: bool, help_: str, **kw):
-    return C.setting(default, _SWITCH, help_, **kw)
 
 
 class _Section:
@@ -61,17 +51,17 @@ class _Section:
 class DataConfig(_Section):
     """Where the images come from and how they are read (read by `classify.Data`)."""
 
-    data: str | None = _path(
+    data: str | None = S.path(
         "folder holding <train_split>/ and <val_split>/ (folders or .tar)", flags=("--data", "--data-dir")
     )
-    data_train: str | None = _path("training set: an image folder or .tar, or 'digits:train'")
-    data_val: str | None = _path("validation set: an image folder or .tar, or 'digits:val'")
+    data_train: str | None = S.path("training set: an image folder or .tar, or 'digits:train'")
+    data_val: str | None = S.path("validation set: an image folder or .tar, or 'digits:val'")
     train_split: str = C.setting("train", C.text(), "name of the training split under --data")
     val_split: str = C.setting("val", C.text(), "name of the validation split under --data")
-    cache: bool = _switch(False, "keep image files in RAM (gpu pipeline: decoded)")
+    cache: bool = S.switch(False, "keep image files in RAM (gpu pipeline: decoded)")
     data_pipeline: str = C.setting("cpu", C.choice("cpu", "gpu"), "cpu: augment in loader workers; gpu: on the device")
     workers: int = S.run_setting("workers", 8)
-    persistent_workers: bool = _switch(False, "keep loader workers between epochs (--resume is then not bit-exact)")
+    persistent_workers: bool = S.switch(False, "keep loader workers between epochs (--resume is then not bit-exact)")
 
 
 def _check_model_kwargs(kwargs: dict) -> None:
@@ -94,8 +84,8 @@ class ModelConfig(_Section):
         network=True,
     )
     pretrained: bool = S.run_setting("pretrained")  # the classifier is replaced
-    initial_checkpoint: str | None = _path("start from these weights (official, timm or our layout, timm .pth.tar)")
-    use_ema: bool = _switch(False, "take --initial-checkpoint's EMA weights (state_dict_ema)")
+    initial_checkpoint: str | None = S.path("start from these weights (official, timm or our layout, timm .pth.tar)")
+    use_ema: bool = S.switch(False, "take --initial-checkpoint's EMA weights (state_dict_ema)")
     num_classes: int | None = C.setting(
         None,
         C.integer(1, MAX_NUM_CLASSES, optional=True),
@@ -211,7 +201,7 @@ class ScheduleConfig(_Section):
     warmup_lr: float = C.setting(1e-6, C.number(0.0, 1e3), "lr at the start of the warmup")
     min_lr: float = S.run_setting("min_lr", 1e-5)
     sched: str = C.setting("cosine", C.choice(*SCHEDULES), "lr schedule")
-    sched_on_updates: bool = _switch(False, "change the lr every optimizer step (official: once per epoch)")
+    sched_on_updates: bool = S.switch(False, "change the lr every optimizer step (official: once per epoch)")
 
     @property
     def total_epochs(self) -> int:
@@ -263,9 +253,9 @@ class PerfConfig(_Section):
 
     device: str | None = S.run_setting("device")
     amp: str = S.run_setting("amp")
-    channels_last: bool = _switch(False, "channels-last memory layout")
-    compile: bool = _switch(False, "torch.compile the model", flags=("--compile", "--torchcompile"))
-    grad_checkpointing: bool = _switch(False, "recompute activations in backward (less memory)")
+    channels_last: bool = S.switch(False, "channels-last memory layout")
+    compile: bool = S.switch(False, "torch.compile the model", flags=("--compile", "--torchcompile"))
+    grad_checkpointing: bool = S.switch(False, "recompute activations in backward (less memory)")
     threads: int | None = S.run_setting("threads")
 
     def amp_dtype(self, device: torch.device) -> tuple[str, torch.dtype | None]:
@@ -278,7 +268,7 @@ class EmaConfig(_Section):
     """An exponential moving average of the weights, evaluated beside the model (timm's ModelEmaV3; read by
     `classify.ClassifyTask.ema`)."""
 
-    model_ema: bool = _switch(False, "keep and evaluate an EMA of the weights")
+    model_ema: bool = S.switch(False, "keep and evaluate an EMA of the weights")
     model_ema_decay: float = C.setting(0.9999, C.number(0.0, 1.0), "EMA decay per optimizer step")
 
 
@@ -299,7 +289,7 @@ class RunConfig(_Section):
     stop_after_epochs: int | None = C.setting(None, _COUNT, "stop after N epochs of this call (resume later)")
     stop_after_steps: int | None = S.run_setting("stop_after_steps")
     checkpoint_every: int = S.run_setting("checkpoint_every", 0)
-    recipe: str | None = _path("recipe name (--list-recipes) or path to a YAML file")
+    recipe: str | None = S.path("recipe name (--list-recipes) or path to a YAML file")
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,17 @@ def _device(value):
 
 
 _PATH, _SWITCH, _STEPS = C.text(optional=True), C.boolean(), C.integer(1, 10**12, optional=True)
+
+
+def path(help_: str, **kw):
+    """A path (or name) setting, unset by default."""
+    return C.setting(None, _PATH, help_, **kw)
+
+
+def switch(default: bool, help_: str, **kw):
+    return C.setting(default, _SWITCH, help_, **kw)
+
+
 _DEVICE = C.Check("must be cpu, cuda, cuda:N or mps", _device, optional=True, kind="text", bad=["tpu", "cuda:x", 3])
 # name: (default, check, help, further `checks.setting` keywords); a default of ... is each command's own
 RUN_SETTINGS = {
