@@ -1140,8 +1140,8 @@ make_task = tasks.make_task
 
 def probed(cfg):
     task = make_task(cfg)
-    build = task.model
-    task.model = lambda *args, **kwargs: built.append(build(*args, **kwargs)) or built[-1]
+    build = task.create
+    task.create = lambda *args, **kwargs: built.append(build(*args, **kwargs)) or built[-1]
     return task
 
 

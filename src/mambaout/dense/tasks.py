@@ -29,7 +29,7 @@ from mambaout.weights.checkpoint import check_finite, read_checkpoint
 
 from . import results as res
 from . import tta
-from .coco import CocoInstances, ResizeFlip, coco_evaluate, collate, resize, to_coco_results
+from .coco import CocoInstances, ResizeFlip, coco_evaluate, collate, to_coco_results
 from .config import DataConfig, RunConfig, from_dict
 from .detection import DetectorConfig, create_detector
 from .draw import draw_detections, draw_segmentation
@@ -105,7 +105,7 @@ class Task(training.Task):
 
     def build_model(self, device) -> nn.Module:
         t = self.cfg.train
-        model = self.model(t.pretrained, t.backbone_checkpoint).to(device)
+        model = self.create(self.cfg.model, t.pretrained, t.backbone_checkpoint).to(device)
         if dist.get_world_size() > 1 and device.type == "cuda":
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # one BatchNorm over all GPUs (Swin's)
         return model
@@ -149,10 +149,11 @@ class Task(training.Task):
             raise ValueError(f"no {which} data: pass --data ROOT, or --{which}-images and --{which}-labels")
         return images, labels
 
-    def loader(self, dataset, batch_size: int, workers: int):
-        """Evaluation batches, in order."""
+    def loader(self, dataset):
+        """Evaluation batches of one image, in order."""
+        workers = self.cfg.data.workers
         return torch.utils.data.DataLoader(
-            dataset, batch_size=batch_size, num_workers=workers, collate_fn=self.collate, worker_init_fn=ignore_sigint
+            dataset, num_workers=workers, collate_fn=self.collate, worker_init_fn=ignore_sigint
         )
 
     def val_set(self, meta: dict | None = None):
@@ -163,22 +164,11 @@ class Task(training.Task):
         end = min(d.max_val_images or len(dataset), len(dataset))
         return torch.utils.data.Subset(dataset, range(dist.get_rank(), end, dist.get_world_size()))
 
-    def model(self, pretrained: bool = False, checkpoint: str | None = None) -> nn.Module:
-        return self.create(self.cfg.model, pretrained, checkpoint)
-
     # --- what the commands differ in (mambaout.cli.dense, mambaout.cli.export) -------------------------------------
     network: str  # what `train` trains
     labels_help: str  # what --val-labels names
     validate_help: str
     predict_help: str  # what `predict` writes
-
-    @staticmethod
-    def validate_options(p) -> None:
-        """`validate`'s own options, after the data's."""
-
-    @staticmethod
-    def validate_outputs(p) -> None:
-        """`validate`'s own options, after --results-file."""
 
     @staticmethod
     def check_options(args, validate: bool) -> None:
@@ -284,7 +274,7 @@ class DetectTask(Task):
         """The COCO result entries of `val_set` and the ids of the images they are of (gathered to every rank)."""
         model.eval()
         results, image_ids = [], []
-        for images, targets in self.loader(val_set, 1, self.cfg.data.workers):
+        for images, targets in self.loader(val_set):
             with autocast(device, amp_dtype):
                 outputs = model([im.to(device) for im in images])
             for out, t in zip(outputs, targets):
@@ -302,7 +292,8 @@ class DetectTask(Task):
 
     # --- validate, predict, export ------------------------------------------------------------------------------
     @staticmethod
-    def validate_outputs(p) -> None:
+    def validate_options(p) -> None:
+        """`validate`'s own options, after the data's."""
         p.add_argument(
             "--coco-results", help="write the detections as a COCO results JSON (bbox; segm as RLE) for COCO.loadRes"
         )
@@ -449,15 +440,8 @@ class SegmentTask(Task):
         return images.to(device, non_blocking=True), masks.to(device, non_blocking=True), len(images), 0
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, val_set, device, amp_dtype) -> dict:
-        """mIoU, pixel accuracy and mean class accuracy over `val_set` at the original mask resolution."""
-        conf, n = self.confusion(model, val_set, device, amp_dtype)
-        m = conf.metrics()
-        return dict(mIoU=m["mIoU"], aAcc=m["aAcc"], mAcc=m["mAcc"], classes=m["classes"], images=n, pixels=m["pixels"])
-
-    @torch.no_grad()
-    def confusion(self, model: nn.Module, val_set, device, amp_dtype, infer=None, each=None):
-        """The confusion matrix of `val_set` (summed over ranks) and the number of images.
+    def evaluate(self, model: nn.Module, val_set, device, amp_dtype, infer=None, each=None) -> dict:
+        """`ConfusionMatrix.metrics` of `val_set` at the original mask resolution, summed over ranks, and `images`.
 
         Args:
             infer: A `tta.SegmentInference`; default the data's scale, with the flip when `eval_flip`.
@@ -468,7 +452,7 @@ class SegmentTask(Task):
         infer = infer or tta.SegmentInference(tuple(d.scale), flip=d.eval_flip)
         conf = ConfusionMatrix(self.cfg.model.num_classes)
         n = 0
-        for image, mask in self.loader(val_set, 1, d.workers):
+        for image, mask in self.loader(val_set):
             classes = infer(model, image[0].to(device), amp_dtype).argmax(0).cpu()
             conf.update(classes, mask[0])
             if each is not None:
@@ -477,7 +461,7 @@ class SegmentTask(Task):
             _evaluated(n, len(val_set))
         counts = dist.all_reduce_sum(conf.counts.flatten().double().tolist() + [n], device)
         conf.counts = torch.tensor(counts[:-1], dtype=torch.float64).round().long().reshape(conf.counts.shape)
-        return conf, int(counts[-1])
+        return dict(conf.metrics(), images=int(counts[-1]))
 
     def describe(self, metrics: dict) -> str:
         """The numbers as the log shows them; mIoU, aAcc and mAcc (percent) with their % sign."""
@@ -525,11 +509,10 @@ class SegmentTask(Task):
         for i, setting in enumerate(settings):
             write = label_dir is not None and i == len(settings) - 1
             each = (lambda n, classes: res.write_label_png(paths[n], classes)) if write else None  # noqa: E731
-            conf, n = self.confusion(model, val_set, device, amp_dtype, setting, each)
-            m = conf.metrics()
+            m = self.evaluate(model, val_set, device, amp_dtype, setting, each)
             per_class = res.per_class(m, names)
-            keys = ("mIoU", "aAcc", "mAcc", "classes", "pixels")
-            results[setting.describe()] = dict({k: m[k] for k in keys}, images=n, per_class=per_class)
+            numbers = {k: v for k, v in m.items() if k not in ("iou", "acc")}
+            results[setting.describe()] = dict(numbers, per_class=per_class)
             tables.append(f"{setting.describe()} " + res.per_class_text(per_class))
         if label_dir is not None:
             print(f"{count(len(paths), 'label PNG')} (class indices 0-{len(names) - 1}) in {label_dir}")
@@ -614,4 +597,4 @@ def make_task(cfg: RunConfig) -> Task:
     return TASKS[cfg.task](cfg)
 
 
-__all__ = ["DetectTask", "SegmentTask", "TASKS", "Task", "make_task", "resize", "train"]
+__all__ = ["DetectTask", "SegmentTask", "TASKS", "Task", "make_task", "train"]
