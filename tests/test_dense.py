@@ -773,7 +773,7 @@ DENSE_CASES = [
     Case("det-coco-unknown-category", DT + LABELS + "unknown-cat.json", 2, "has category_id 99, not among"),
     Case("det-coco-nan-box", DT + LABELS + "nan-box.json", 2, "has bbox [nan, 4, 20, 16]"),
     Case("det-coco-inf-box", DT + LABELS + "inf-box.json", 2, "has bbox [5, 4, inf, 16]"),
-    Case("det-coco-text-box", DT + LABELS + "text-box.json", 2, "has bbox oops"),
+    Case("det-coco-text-box", DT + LABELS + "text-box.json", 2, "has bbox 'oops'"),
     Case("det-coco-duplicate-image-id", DT + LABELS + "duplicate-image-id.json", 2, "image ids are not unique"),
     Case("det-coco-orphan-annotation", DT + LABELS + "orphan-annotation.json", 2, "is of image 77"),
     Case("det-coco-missing-image", DT + LABELS + "missing-image.json", 2, "nope.png as an image"),
@@ -811,7 +811,9 @@ DENSE_CASES = [
     Case("det-seg-huge", DMT + LABELS + "seg-huge.json", 2, "coordinate lies far outside the 64x48 image; " + SEG_IS),
     Case("det-seg-huge-negative", DMT + LABELS + "seg-huge-negative.json", 2, "annotation 3 has segmentation [[5, -1"),
     Case("det-seg-missing", DMT + LABELS + "seg-missing.json", 2, "annotation 2 has no segmentation, and masks are"),
-    Case("det-seg-text", DMT + LABELS + "seg-text.json", 2, "segmentation oops: neither a list of polygons nor an RLE"),
+    Case(
+        "det-seg-text", DMT + LABELS + "seg-text.json", 2, "segmentation 'oops': neither a list of polygons nor an RLE"
+    ),
     Case("det-seg-empty", DMT + LABELS + "seg-empty.json", 2, "has segmentation []: an empty list; " + SEG_IS),
     Case("det-seg-one-point", DMT + LABELS + "seg-one-point.json", 2, "[[5, 4]]: a polygon of 2 numbers; " + SEG_IS),
     Case("det-seg-two-points", DMT + LABELS + "seg-two-points.json", 2, "[[5, 4, 25, 4]]: a polygon of 4 numbers"),
@@ -822,7 +824,7 @@ DENSE_CASES = [
     Case("det-rle-cut-string", DMT + LABELS + "rle-cut-string.json", 2, "compressed counts string is cut short"),
     Case("det-validate-seg-nan", DMV + "seg-nan.json", 2, "annotation 2 has segmentation [[5, 4, nan,"),
     Case("det-validate-seg-huge", DMV + "seg-huge.json", 2, "a polygon coordinate lies far outside the 64x48 image"),
-    Case("det-validate-seg-text", DMV + "seg-text.json", 2, "has segmentation oops: neither"),
+    Case("det-validate-seg-text", DMV + "seg-text.json", 2, "has segmentation 'oops': neither"),
     Case("det-validate-rle-short-runs", DMV + "rle-short-runs.json", 2, "run lengths sum to 120"),
     # allowed: a box-only detector never reads segmentations, so a box-only file (none, or []) trains it
     Case(

@@ -44,11 +44,6 @@ def load_coco(ann_file: str | Path):
             raise ValueError(f"{ann_file} is not a COCO instances file ({type(e).__name__}: {e})") from e
 
 
-def _short(value, n: int = 60) -> str:
-    text = str(value)
-    return text if len(text) <= n else text[:n] + "..."
-
-
 IMAGE_ENTRY = "an image is {id: integer, file_name: a path inside the image folder, height, width: positive integers}"
 SEGMENTATION = (
     "a segmentation is a list of polygons [x1, y1, x2, y2, ...] (an even count >= 6 of finite numbers, on or near "
@@ -84,7 +79,7 @@ def check_instances(coco, ann_file, segmentations: bool = True, evaluate: bool =
     for cat in categories:
         if not is_int(cat.get("id")) or not isinstance(cat.get("name"), str):
             raise ValueError(
-                f"{ann_file}: category {_short(cat)} is not {{id: integer, name: text}}; category ids are integers "
+                f"{ann_file}: category {show(cat)} is not {{id: integer, name: text}}; category ids are integers "
                 "(COCO's 1-90)"
             )
     if len(coco.cats) != len(categories):
@@ -115,7 +110,7 @@ def check_instances(coco, ann_file, segmentations: bool = True, evaluate: bool =
             )
         box = a.get("bbox")
         if not isinstance(box, list) or len(box) != 4 or not all(is_number(v) for v in box):
-            raise ValueError(f"{where} has bbox {_short(box)}; a box is [x, y, width, height] of finite numbers")
+            raise ValueError(f"{where} has bbox {show(box)}; a box is [x, y, width, height] of finite numbers")
         if evaluate and ("iscrowd" not in a or "area" not in a):
             missing = " and ".join(k for k in ("iscrowd", "area") if k not in a)
             raise ValueError(f"{where} has no {missing}; COCO's evaluation reads iscrowd (0 or 1) and area of each")
@@ -129,7 +124,7 @@ def check_instances(coco, ann_file, segmentations: bool = True, evaluate: bool =
                 raise ValueError(f"{where} has no segmentation, and masks are trained or scored here; {SEGMENTATION}")
             problem = segmentation_problem(a["segmentation"], img["height"], img["width"])
             if problem:
-                raise ValueError(f"{where} has segmentation {_short(a['segmentation'])}: {problem}; {SEGMENTATION}")
+                raise ValueError(f"{where} has segmentation {show(a['segmentation'])}: {problem}; {SEGMENTATION}")
 
 
 def segmentation_problem(seg, h: int, w: int) -> str | None:
@@ -148,7 +143,7 @@ def segmentation_problem(seg, h: int, w: int) -> str | None:
             except (ValueError, TypeError, OverflowError):
                 xy = None
             if not isinstance(poly, list) or xy is None or xy.ndim != 1 or xy.dtype.kind not in "iuf":
-                return f"polygon {_short(poly)} is not a list of numbers"
+                return f"polygon {show(poly)} is not a list of numbers"
             if len(xy) < 6 or len(xy) % 2:
                 return f"a polygon of {len(xy)} numbers"
             if not np.isfinite(xy).all():
@@ -160,7 +155,7 @@ def segmentation_problem(seg, h: int, w: int) -> str | None:
     if isinstance(seg, dict):
         size, counts = seg.get("size"), seg.get("counts")
         if not (isinstance(size, list) and len(size) == 2 and all(is_int(v) for v in size)) or size != [h, w]:
-            return f"an RLE of size {_short(size)} on an image of [height, width] [{h}, {w}]"
+            return f"an RLE of size {show(size)} on an image of [height, width] [{h}, {w}]"
         if isinstance(counts, str):
             counts = rle_string_counts(counts)
             if counts is None:
