@@ -51,10 +51,9 @@ def per_category(ev: dict, cat_ids: Sequence[int], names: Sequence[str]) -> dict
 
 def per_category_text(tables: dict[str, dict[str, float | None]]) -> str:
     """detectron2's `Per-category bbox AP:` tables (three category/AP column pairs a row)."""
-    parts = []
-    for iou_type, aps in tables.items():
-        parts.append(f"Per-category {iou_type} AP:\n" + table(("category", "AP"), list(aps.items()), columns=3))
-    return "\n".join(parts)
+    return "\n".join(
+        f"Per-category {t} AP:\n" + table(("category", "AP"), list(aps.items()), columns=3) for t, aps in tables.items()
+    )
 
 
 def image_ids(paths: Sequence[Path], coco_json: str | Path | None = None) -> list[int]:

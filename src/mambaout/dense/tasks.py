@@ -473,17 +473,20 @@ class SegmentTask(Task):
     # --- validate, predict, export ------------------------------------------------------------------------------
     @staticmethod
     def validate_options(p) -> None:
-        p.add_argument("--flip", action="store_true", help="also evaluate with the flip (averaged probabilities)")
+        """The test-time augmentation of `validate` (each setting a row of its own) and `predict` (averaged)."""
+        p.add_argument("--flip", action="store_true", help="the mirror image too, its probabilities averaged in")
         p.add_argument(
             "--multi-scale",
             action="store_true",
-            help="also evaluate at the scale times each of --ratios, with the flip (the paper's multi-scale column)",
+            help="the scale times each of --ratios, with the flip, averaged (the paper's multi-scale column)",
         )
         p.add_argument(
             "--ratios", type=float, nargs="+", help="--multi-scale's ratios (default 0.5 0.75 1.0 1.25 1.5 1.75)"
         )
         tta.slide_argument(p)
-        p.add_argument("--label-dir", help="write each image's class map (of the last setting evaluated) as a PNG")
+        p.add_argument("--label-dir", help="also write each class map (validate: the last row's) as a PNG of indices")
+
+    predict_options = validate_options
 
     @staticmethod
     def check_options(args, validate: bool) -> None:
@@ -517,14 +520,6 @@ class SegmentTask(Task):
         if label_dir is not None:
             print(f"{count(len(paths), 'label PNG')} (class indices 0-{len(names) - 1}) in {label_dir}")
         return results, tables
-
-    @staticmethod
-    def predict_options(p) -> None:
-        p.add_argument("--flip", action="store_true", help="average with the flipped image's prediction")
-        p.add_argument("--multi-scale", action="store_true", help="average over --ratios of the scale, and the flip")
-        p.add_argument("--ratios", type=float, nargs="+", help="--multi-scale's ratios (default 0.5 0.75 ... 1.75)")
-        tta.slide_argument(p)
-        p.add_argument("--label-dir", help="also write each class map as a PNG of class indices 0..K-1")
 
     @staticmethod
     def predictor(args, meta: dict, paths: list[Path]):
