@@ -2,7 +2,10 @@
 
 import copy
 import csv
-
+import os
+import platform
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -307,3 +310,81 @@ def test_forget_choices_times_again(monkeypatch):
     assert len(cpu.cpu_matmul_choices()) == 1
     cpu.forget_cpu_matmul_choices()
     assert cpu.cpu_matmul_choices() == {}
+
+
+def test_stage_path_equals_blocks_one_by_one_and_honours_hooks(monkeypatch):
+    """A stage runs its blocks as one plan (`stage_plans` / `run_stage`): the same numbers as calling each block's
+    fast path, and back to module calls when anything in the stage is hooked."""
+    model = mambaout.create_model("mambaout_test").eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        got = model(x)
+        calls = []
+        real = cpu.run_stage
+        monkeypatch.setattr(cpu, "run_stage", lambda plans, y: calls.append(len(plans)) or real(plans, y))
+        assert torch.equal(model(x), got)
+        assert calls == [len(stage.blocks) for stage in model.stages]  # every stage took the stage path
+    with torch.inference_mode():
+        h = model.stem(x)
+        for stage in model.stages:
+            h = stage.downsample(h)
+            for block in stage.blocks:
+                h = block(h)  # each block's own fast path
+        assert torch.equal(got, model.head(h))
+    for where in ("block", "norm", "conv", "act", "blocks"):
+        seen = []
+        stage = model.stages[1]
+        target = {"block": stage.blocks[0], "blocks": stage.blocks}.get(where) or getattr(stage.blocks[0], where)
+        handle = target.register_forward_hook(lambda *a, seen=seen: seen.append(1))
+        with torch.inference_mode():
+            torch.testing.assert_close(model(x), got, rtol=1e-5, atol=1e-5)
+        handle.remove()
+        assert seen, f"a hook on the {where} did not run"
+
+
+def test_plan_follows_replaced_modules_and_weights():
+    block = _block()
+    x = torch.randn(2, 5, 6, 37)
+    with torch.no_grad():
+        block(x)
+        block.act = nn.SiLU()  # a replaced module: a new plan with the new activation
+        torch.testing.assert_close(block(x), block._forward_reference(x), rtol=1e-5, atol=1e-5)
+        block.fc1.weight = nn.Parameter(torch.randn_like(block.fc1.weight))  # new storage
+        block.fc2.bias.data = torch.randn_like(block.fc2.bias)
+        torch.testing.assert_close(block(x), block._forward_reference(x), rtol=1e-5, atol=1e-5)
+        block.fc1.weight = nn.Parameter(
+            torch.randn(block.fc1.in_features, block.fc1.out_features).t()
+        )  # not contiguous
+        torch.testing.assert_close(block(x), block._forward_reference(x), rtol=1e-5, atol=1e-5)
+        block.fc1.weight.mul_(0.5)  # the uncached copy is made again each call
+        torch.testing.assert_close(block(x), block._forward_reference(x), rtol=1e-5, atol=1e-5)
+
+
+_FAULTS = """
+import resource, torch, mambaout
+torch.set_num_threads(1)
+model = mambaout.create_model("mambaout_femto").eval()
+x = torch.randn(1, 3, 224, 224)
+with torch.inference_mode():
+    for _ in range(3):
+        model(x)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(5):
+        model(x)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5)
+"""
+
+
+@pytest.mark.heavy
+@pytest.mark.skipif(not (sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"), reason="glibc only")
+def test_freed_activations_stay_in_the_heap_so_forwards_do_not_page_fault():
+    """The first plan raises glibc's mmap and trim thresholds: a forward then reuses the heap's pages instead of
+    faulting in fresh ones; MAMBAOUT_CPU_MALLOC=0 leaves malloc alone."""
+    faults = {}
+    for env in ("", "0"):
+        out = subprocess.run(
+            [sys.executable, "-c", _FAULTS], env={**os.environ, "MAMBAOUT_CPU_MALLOC": env},
+            capture_output=True, text=True, check=True, timeout=120,
+        )  # fmt: skip
+        faults[env] = float(out.stdout.split()[-1])
+    assert faults[""] < 50 < 300 < faults["0"], faults

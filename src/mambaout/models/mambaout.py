@@ -227,7 +227,21 @@ class MambaOutStage(nn.Module):
                 # Non-reentrant checkpointing replays the RNG state, so drop path draws the same masks.
                 x = checkpoint(block, x, use_reentrant=False)
             return x
+        if not torch.jit.is_scripting():
+            y = self._forward_cpu(x)
+            if y is not None:
+                return y
         return self.blocks(x)
+
+    @torch.jit.unused
+    def _forward_cpu(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The blocks through the CPU inference path as one stage (kernels/cpu.py), or None where it does not apply."""
+        if not kernels.fastpath_enabled() or kernels.fx_tracing():
+            return None
+        if not all(type(b) is GatedCNNBlock and b.device_type == "cpu" for b in self.blocks):
+            return None
+        plans = kernels_cpu.stage_plans(self.blocks, x)
+        return kernels_cpu.run_stage(plans, x) if plans is not None else None
 
 
 class ClassifierHead(nn.Module):
