@@ -388,3 +388,27 @@ def test_freed_activations_stay_in_the_heap_so_forwards_do_not_page_fault():
         )  # fmt: skip
         faults[env] = float(out.stdout.split()[-1])
     assert faults[""] < 50 < 300 < faults["0"], faults
+
+
+def test_bf16_stem_norm_through_float32_is_within_one_rounding(monkeypatch):
+    monkeypatch.setattr(cpu, "_BF16", True)
+    norm = nn.LayerNorm(24, eps=1e-6).to(torch.bfloat16)
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    x = torch.randn(2, 24, 9, 7).to(torch.bfloat16)
+    with torch.inference_mode():
+        want = norm(x.permute(0, 2, 3, 1))
+        got = cpu.stem_norm(norm, x)
+        assert got.dtype == torch.bfloat16 and got.shape == want.shape
+        torch.testing.assert_close(got.float(), want.float(), rtol=2**-7, atol=2**-7)  # bf16's 8-bit mantissa
+        assert cpu.stem_norm(norm, torch.randn(2, 40, 9, 7).to(torch.bfloat16)) is None  # a full vector: torch's own
+        assert cpu.stem_norm(norm.float(), x.float()) is None  # float32 keeps the module (and FX's bit-exactness)
+    assert cpu.stem_norm(norm.to(torch.bfloat16), x) is None  # autograd on
+    model = mambaout.create_model("mambaout_femto").eval().to(torch.bfloat16)
+    img = torch.randn(1, 3, 64, 64).to(torch.bfloat16)
+    with torch.inference_mode():
+        got = model(img).float()
+        with kernels.reference_mode():
+            want = model(img).float()
+    assert (got - want).abs().max() <= 0.05 * want.abs().max()

@@ -56,6 +56,7 @@ __all__ = [
     "cpu_bf16_enabled",
     "can_use_cpu_conv",
     "conv_channels_last",
+    "stem_norm",
 ]
 
 MATMUL_CHOICES = ("auto", "onednn", "blas")
@@ -151,6 +152,20 @@ _CL_WEIGHTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # conv -> 
 def can_use_cpu_conv(conv: nn.Module, x: torch.Tensor) -> bool:
     """Whether `conv_channels_last` may replace `conv(x)`: `_inference_ok` for the conv."""
     return _inference_ok(x, conv.weight.dtype, (conv,))
+
+
+def stem_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """`norm(x.permute(0, 2, 3, 1))` for a bf16 `[B, C, H, W]` map of fewer than 32 channels (femto's and kobe's stem),
+    through float32, or None where this does not apply. torch's bf16 LayerNorm runs rows shorter than one vector
+    register slowly: 1.0 ms for femto's [1, 112, 112, 24] map, 0.44 ms through float32 (one thread, AMD EPYC family
+    26); within one bf16 rounding of it."""
+    if not (x.dtype == torch.bfloat16 and x.shape[1] < 32 and type(norm) is nn.LayerNorm and norm.weight is not None):
+        return None
+    if not _inference_ok(x, norm.weight.dtype, (norm,)):
+        return None
+    y = x.permute(0, 2, 3, 1).contiguous().float()
+    bias = norm.bias.float() if norm.bias is not None else None
+    return torch.layer_norm(y, norm.normalized_shape, norm.weight.float(), bias, norm.eps).to(x.dtype)
 
 
 def conv_channels_last(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:

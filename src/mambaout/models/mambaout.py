@@ -154,13 +154,22 @@ class Stem(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, C, H, W]
         x = self.conv1(x)  # a channels-last input here would change its kernel, and so its rounding, under FX
-        if self.norm1 is not None:
-            x = self.norm1(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # norm over channels, back to [B, C, H, W]
         if torch.jit.is_scripting():
+            if self.norm1 is not None:
+                x = self.norm1(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # norm over channels, back to [B, C, H, W]
             x = self.conv2(self.act(x))
         else:
+            if self.norm1 is not None:
+                x = self._norm1(x).permute(0, 3, 1, 2)
             x = _conv(self.conv2, self.act(x))
         return self.norm2(x.permute(0, 2, 3, 1))  # [B, C, H, W] -> [B, H, W, C]
+
+    @torch.jit.unused
+    def _norm1(self, x: torch.Tensor) -> torch.Tensor:  # [B, C, H, W] -> [B, H, W, C]
+        y = None
+        if kernels.fastpath_enabled() and not kernels.fx_tracing():
+            y = kernels_cpu.stem_norm(self.norm1, x)  # bf16 on CPU (kernels/cpu.py)
+        return y if y is not None else self.norm1(x.permute(0, 2, 3, 1))
 
 
 class Downsample(nn.Module):
