@@ -27,7 +27,9 @@ SHARED = {
     ),
     # timm's options for reading weights files: the classifier width and the EMA (`weights_kwargs`)
     "--num-classes": dict(
-        type=int, help="classifier width of weights that do not record it (timm or official files with another head)"
+        type=int,
+        least=1,
+        help="classifier width of weights that do not record it (timm or official files with another head)",
     ),
     "--use-ema": dict(
         action="store_true", help="take a training checkpoint's EMA weights (state_dict_ema) instead of its state_dict"
@@ -106,8 +108,6 @@ def one_line(e: BaseException) -> str:
 
 def weights_kwargs(args: argparse.Namespace) -> dict:
     """`create_model` keywords of --num-classes (the weights' width, never a new head)."""
-    if args.num_classes is not None and args.num_classes < 1:
-        raise ValueError(f"--num-classes must be >= 1, got {args.num_classes}")
     kwargs = {"num_classes": args.num_classes} if args.num_classes is not None else {}
     return dict(kwargs, replace_head=False)
 
