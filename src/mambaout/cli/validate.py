@@ -136,9 +136,9 @@ def validate_one(name, checkpoint, args, device) -> dict:
     from mambaout.training.classify import evaluate
 
     pretrained = bool(args.pretrained and checkpoint is None)
-    dtype = getattr(args, "run_dtype", None) or getattr(args, "dtype", "fp32")  # run_dtype: after the hardware check
+    dtype = args.run_dtype  # --dtype after the hardware check
     if is_runtime_file(checkpoint):  # an exported model (ONNX, int8 ONNX, OpenVINO): its runtime runs it on CPU
-        if device.type != "cpu" or getattr(args, "dtype", "fp32") != "fp32" or args.amp or args.channels_last:
+        if device.type != "cpu" or args.dtype != "fp32" or args.amp or args.channels_last:
             raise ValueError(
                 f"{checkpoint} runs in its runtime on CPU at the precision it was exported with: "
                 "drop --device cuda, --dtype, --amp and --channels-last"

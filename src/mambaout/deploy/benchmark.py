@@ -205,7 +205,12 @@ def load_impl(key: str, folder: Path, threads: int) -> Callable[[torch.Tensor], 
             inductor_config.freezing = True
             model = torch.compile(model, dynamic=False)
         if "autocast" in key:
-            return lambda x: _autocast_call(model, x)
+
+            def autocast_call(x: torch.Tensor) -> torch.Tensor:
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    return model(x).float()
+
+            return autocast_call
         return model
     if key == "ours int8 (ONNX Runtime)":
         return OnnxRuntimeModel(folder / "ours-int8.onnx", threads)
@@ -218,11 +223,6 @@ def load_impl(key: str, folder: Path, threads: int) -> Callable[[torch.Tensor], 
     if key.startswith("OpenVINO"):
         return OpenVinoModel(folder / "ours.xml", "bf16" if "bf16" in key else "f32", threads)
     raise ValueError(f"unknown implementation {key!r}; expected one of {sorted(ROWS)}")
-
-
-def _autocast_call(model, x: torch.Tensor) -> torch.Tensor:
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        return model(x).float()
 
 
 def measure(key: str, folder: Path, batch_sizes, iters: int, warmup: int, threads: int, img_size: int) -> dict:
@@ -246,12 +246,6 @@ def measure(key: str, folder: Path, batch_sizes, iters: int, warmup: int, thread
                 impl(x)
                 times[bs].append(time.perf_counter() - t0)
     return {"diff": diff, "times": times, "load": os.getloadavg()[0]}
-
-
-def _worker_cmd(key: str, folder: Path, batch_sizes, iters: int, warmup: int, threads: int, img_size: int):
-    sizes = [str(b) for b in batch_sizes]
-    return [sys.executable, "-m", "mambaout.deploy.benchmark", key, str(folder), "--batch-sizes", *sizes,
-            "--iters", str(iters), "--warmup", str(warmup), "--threads", str(threads), "--img-size", str(img_size)]  # fmt: skip
 
 
 def _own_process(cmd: list[str], timeout: float = 1800) -> dict:
@@ -304,8 +298,9 @@ def runtime_rows(
         for _ in range(rounds):
             for key in run:
                 sizes = (batch_sizes[0],) if key in emulated else batch_sizes
-                n = iters if sizes == batch_sizes else 1
-                got = _own_process(_worker_cmd(key, folder, sizes, n, warmup, threads, img_size))
+                cmd = [sys.executable, "-m", "mambaout.deploy.benchmark", key, str(folder), "--batch-sizes"]
+                cmd += [*map(str, sizes), "--iters", str(iters if sizes == batch_sizes else 1), "--warmup", str(warmup)]
+                got = _own_process([*cmd, "--threads", str(threads), "--img-size", str(img_size)])
                 log(f"  {key}: done (load average {got['load']:.2f})")
                 res = results.setdefault(key, {"diff": got["diff"], "times": {}, "load": []})
                 for b, t in got["times"].items():
