@@ -290,10 +290,8 @@ def _runtimes(args) -> list[dict]:
 
     name, cpu = args.models[0], device_name(torch.device("cpu"))
     sizes = tuple(sorted({1, args.batch_size}))
-    rows = rt.runtime_rows(
-        name, sizes, args.img_size, args.iters, args.warmup, args.calib, compile=args.compile, rounds=args.rounds,
-        threads=torch.get_num_threads(), only=args.only,
-    )  # fmt: skip
+    options = dict(compile=args.compile, rounds=args.rounds, only=args.only)  # threads: torch's, as set above
+    rows = rt.runtime_rows(name, sizes, args.img_size, args.iters, args.warmup, args.calib, **options)
     versions = _versions()
     print(
         f"{cpu}, {name} at {args.img_size} px, each row in its own process, median of {args.iters * args.rounds} "
