@@ -252,11 +252,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_amp_argument(
         p, help="autocast as train and validate name it: bare --amp is --dtype bf16; auto: bf16 on CUDA, fp32 on CPU"
     )
-    p.add_argument(
-        "--compile",
-        action="store_true",
-        help="torch.compile both models (--runtimes: add compiled rows, fp32 and bf16)",
-    )
+    compile_help = "torch.compile both models (--runtimes: add compiled rows, fp32 and bf16)"
+    p.add_argument("--compile", action="store_true", help=compile_help)
     p.add_argument("--channels-last", action="store_true", help="channels-last input and conv weights for both")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda[:i]")
     p.add_argument("--img-size", type=int, default=224, check=check_img_size)
@@ -265,9 +262,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     threads_help = "CPU threads (default: the cores free at start-up, utils/threads.py)"
     p.add_argument("--threads", type=int, default=None, least=1, help=threads_help)
     p.add_argument("--with-reference", action="store_true", help="also time our model with the fast paths off")
-    p.add_argument(
-        "--fused-kernels", action="store_true", help="also time our model with the opt-in fused Triton kernels (CUDA)"
-    )
+    fused_help = "also time our model with the opt-in fused Triton kernels (CUDA)"
+    p.add_argument("--fused-kernels", action="store_true", help=fused_help)
     p.add_argument("--csv", default=None, help="append the rows to this CSV file (default: write none)")
     p.add_argument(
         "--runtimes",

@@ -188,17 +188,11 @@ def settings_parser(prog: str, description: str, schema: S.Schema, command: str,
     and `add_settings`; options not given stay out of the namespace (so they never replace a recipe's value)."""
     p = Parser(prog=prog, description=description, argument_default=argparse.SUPPRESS)
     g = p.add_argument_group("command")
-    g.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        metavar="KEY=VALUE",
-        help="any setting (YAML value) as KEY or SECTION.KEY, e.g. --set 'model_kwargs={kernel_size: 5}'; repeatable",
-    )
+    set_help = "any setting (YAML value) as KEY or SECTION.KEY, e.g. --set 'model_kwargs={kernel_size: 5}'; repeatable"
+    g.add_argument("--set", dest="overrides", action="append", metavar="KEY=VALUE", help=set_help)
     g.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    g.add_argument(
-        "--list-recipes", action="store_true", help=f"the {command} recipes with their hardware, time, result"
-    )
+    recipes_help = f"the {command} recipes with their hardware, time, result"
+    g.add_argument("--list-recipes", action="store_true", help=recipes_help)
     for flags, kwargs in extra:
         p.add_argument(*flags, **kwargs)
     add_settings(p, schema)
