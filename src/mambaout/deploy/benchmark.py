@@ -92,7 +92,7 @@ def timm_twin(name: str, **kwargs):
     from mambaout.models.variants import get_variant
 
     variant, _ = get_variant(name)
-    if name in timm.list_models("mambaout*"):
+    if variant.name in timm.list_models("mambaout*"):  # a weight tag (`mambaout_tiny.in1k`) as timm reads it
         return timm.create_model(name, **kwargs)
     arch = {k: v for k, v in variant.kwargs.items() if k in ("depths", "dims")}
     if set(variant.kwargs) - {"depths", "dims"} or variant.builder is not None:
