@@ -298,7 +298,7 @@ def test_benchmark_command_writes_rows(tmp_path, capsys, monkeypatch):
     assert benchmark.main(args + ["--warmup", "0", "--iters", "1", "--with-reference"]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.csv"]  # no CSV written unless --csv asks
     assert "appended" not in capsys.readouterr().out
-    assert benchmark.main(["--models", "mambaout_test", "--device", "cpu", "--csv", ""]) == 2  # timm lacks it
+    assert benchmark.main(["--models", "vit_tiny_deit", "--device", "cpu", "--csv", ""]) == 2  # timm lacks it
     assert benchmark.default_csv(torch.device("cpu")).startswith("benchmark-")
 
 
