@@ -2,10 +2,9 @@
 restored.
 
 `state.pt` holds everything `--resume` needs in one file, so a crash can never pair weights with the wrong optimizer
-state; every file is written to a temporary name and renamed. `RunLock` (`.lock`), `StateStore` (`state.pt`,
-`config.yaml`) and `MetricsLog` (`summary.csv`, `curves.png`, TensorBoard) own the files; `RunFolder` composes them
-and writes the weights files itself. A new run starts only in a new or empty folder (or with `--overwrite`). Only
-rank 0 writes; the other ranks build a `RunFolder` with `write=False` (they still gather the RNG states).
+state; every file is written to a temporary name and renamed. `RunFolder` writes them all. A new run starts only in
+a new or empty folder (or with `--overwrite`). Only rank 0 writes; the other ranks build a `RunFolder` with
+`write=False` (they still gather the RNG states).
 """
 
 from __future__ import annotations
@@ -103,6 +102,11 @@ class Trainable:
     scaler: torch.amp.GradScaler | None = None
     ema: nn.Module | None = None  # timm's ModelEmaV3: the averaged weights are `ema.module`
 
+    def stateful(self) -> dict:
+        """What `state.pt` holds of these, by its key (None: not in this run)."""
+        ema = self.ema.module if self.ema is not None else None
+        return dict(model=self.model, optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler, ema=ema)
+
 
 @dataclass
 class Progress:
@@ -119,13 +123,10 @@ class Progress:
     @classmethod
     def restore(cls, state: dict, parts: Trainable) -> Progress:
         """Load `state` (a `state.pt`) into `parts` and return where it left off."""
-        parts.model.load_state_dict(state["model"])
-        parts.optimizer.load_state_dict(state["optimizer"])
-        parts.scheduler.load_state_dict(state["scheduler"])
-        if parts.scaler is not None and state.get("scaler"):
-            parts.scaler.load_state_dict(state["scaler"])
-        if parts.ema is not None and state.get("ema"):
-            parts.ema.module.load_state_dict(state["ema"])
+        for key, obj in parts.stateful().items():
+            saved = state[key] if key in ("model", "optimizer", "scheduler") else state.get(key)
+            if obj is not None and saved:
+                obj.load_state_dict(saved)
         # this rank's RNG state and sums (rank 0's when the run had another number of processes)
         ranks, step = state.get("ranks") or [], state.get("epoch_step", 0)
         own = ranks[dist.get_rank()] if len(ranks) == dist.get_world_size() else ranks[0]
@@ -189,96 +190,111 @@ def check_output_free(out: Path, resume, overwrite: bool) -> None:
         )
 
 
-class RunLock:
-    """The folder's `.lock`, held (flock) by the one process writing the folder; the kernel releases it when that
-    process ends, however it ends. On a folder that provably holds a run of this package (its lock, and its state or
-    the config every run writes first), taking it also removes the hidden temporaries a killed write left there
-    (as large as the checkpoints): only names this package makes (`STALE_TEMPORARY`), only regular files. A
-    ValueError names the pid of another live process holding the lock."""
+def lock_folder(out: Path):
+    """Take the folder's `.lock` (flock) for this process, the one writing the folder; the kernel releases it when
+    the process ends, however it ends (or when the returned file is closed; None: no flock here). On a folder that
+    provably holds a run of this package (its lock, and its state or the config every run writes first), also remove
+    the hidden temporaries a killed write left there (as large as the checkpoints): only names this package makes
+    (`STALE_TEMPORARY`), only regular files. A ValueError names the pid of another live process holding the lock."""
+    # a run folder is judged before this run's own lock and config make every folder look like one
+    provable = (out / ".lock").is_file() and any((out / n).is_file() for n in ("state.pt", "config.yaml"))
+    lock = _flock(out)
+    for p in out.glob(".*.tmp*") if provable else ():
+        if STALE_TEMPORARY.fullmatch(p.name) and p.is_file() and not p.is_symlink():
+            size = p.stat().st_size
+            p.unlink(missing_ok=True)
+            logger.warning("removed %s (%.1f MiB), left by a write that was interrupted", p, size / 2**20)
+    return lock
 
-    def __init__(self, out: Path):
-        # a run folder is judged before this run's own lock and config make every folder look like one
-        provable = (out / ".lock").is_file() and any((out / n).is_file() for n in ("state.pt", "config.yaml"))
-        self._file = self._lock(out)
-        for p in out.glob(".*.tmp*") if provable else ():
-            if STALE_TEMPORARY.fullmatch(p.name) and p.is_file() and not p.is_symlink():
-                size = p.stat().st_size
-                p.unlink(missing_ok=True)
-                logger.warning("removed %s (%.1f MiB), left by a write that was interrupted", p, size / 2**20)
 
-    @staticmethod
-    def _lock(out: Path):
-        try:
-            import fcntl
-        except ImportError:  # no flock (Windows): run unlocked
-            return None
-        f = open(out / ".lock", "a+")
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            f.seek(0)
-            holder = f.read().strip() or "unknown"
-            f.close()
-            raise ValueError(
-                f"run folder {out} is in use by another mambaout train (pid {holder}); wait for it to finish, "
-                "or pass another --output"
-            ) from None
+def _flock(out: Path):
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): run unlocked
+        return None
+    f = open(out / ".lock", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
         f.seek(0)
-        f.truncate()
-        f.write(f"{os.getpid()}\n")
-        f.flush()
-        return f
+        holder = f.read().strip() or "unknown"
+        f.close()
+        raise ValueError(
+            f"run folder {out} is in use by another mambaout train (pid {holder}); wait for it to finish, "
+            "or pass another --output"
+        ) from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f
 
-    def release(self) -> None:
-        if self._file is not None:
-            self._file.close()  # releases the flock
-            self._file = None
 
+class RunFolder:
+    """The run folder as the engine writes it, rank 0 only: its `.lock` (`lock_folder`); `config.yaml`, the
+    configuration (as its file format) the run started with; `state.pt`, everything `--resume` needs; one row per
+    logged point (an epoch's end, an evaluation) in `summary.csv` (epochs counted from 1, as the log and the
+    epoch-NNNN files count them; the header grows with the first row of a new column), `curves.png` (the losses
+    beside the headline `metric`) and TensorBoard events when asked for; and the weights files (last, best, the top k
+    evaluations).
 
-class StateStore:
-    """`state.pt`, everything `--resume` needs, and `config.yaml`, the configuration (as its file format) it was
-    started with."""
+    Args:
+        config: The resolved configuration as its file format.
+        meta: What the task's checkpoints carry (for classification what `create_model(checkpoint=...)` needs).
+        write: False on ranks other than 0: every method then only takes part in what all ranks do.
+        metric: The task's headline number (higher is better): it picks the best and the top-k weights.
+        keep_top_k: Keep the weights of the k best evaluations (0: none).
+    """
 
-    def __init__(self, out: Path, config: dict):
-        self.out, self.config = out, config
+    def __init__(self, out: Path, config: dict, meta: dict, write: bool, metric: str, keep_top_k=0, tensorboard=False):
+        self.out, self.config, self.meta, self.write, self.metric = out, config, meta, write, metric
+        self.keep_top_k, self.lock, self.tb = keep_top_k, None, None
+        if write:
+            import yaml
 
-    def write_config(self) -> None:
-        import yaml
+            out.mkdir(parents=True, exist_ok=True)
+            self.lock = lock_folder(out)
+            files.atomic_write_text(out / "config.yaml", yaml.safe_dump(_plain(config), sort_keys=False))
+            self.tb = tensorboard_writer(out / "tensorboard") if tensorboard else None
 
-        files.atomic_write_text(self.out / "config.yaml", yaml.safe_dump(_plain(self.config), sort_keys=False))
-
-    def save(self, parts: Trainable, progress: Progress, completed_epoch: int, epoch_step: int, ranks: list):
-        """`epoch_step` > 0 marks a checkpoint inside the next epoch; `ranks`: each rank's RNG state and unlogged
-        loss sums, so the next row and progress line equal an uninterrupted run's. What describes the weights
-        (class names, eval settings) is in the weights files."""
-        state = dict(
-            model=parts.model.state_dict(),
-            optimizer=parts.optimizer.state_dict(),
-            scheduler=parts.scheduler.state_dict(),
-            scaler=parts.scaler.state_dict() if parts.scaler is not None else None,
-            ema=parts.ema.module.state_dict() if parts.ema is not None else None,
-            epoch=completed_epoch,
-            step=progress.global_step,
-            epoch_step=epoch_step,
-            best=progress.best,
-            top_k=[list(t) for t in progress.top_k],
-            ranks=ranks,
-            config=_plain(self.config),
-        )
+    def save_state(self, parts: Trainable, progress: Progress, completed_epoch: int, epoch_step=0, sums=None):
+        """Called on every rank: each rank's RNG state and unlogged loss sums are gathered, so a resumed rank continues
+        its own and the next row and progress line equal an uninterrupted run's. `epoch_step` > 0 marks a checkpoint
+        inside the next epoch. What describes the weights (class names, eval settings) is in the weights files."""
+        ranks = gather_ranks(sums)
+        if not self.write:
+            return
+        state = {key: None if obj is None else obj.state_dict() for key, obj in parts.stateful().items()}
+        state.update(epoch=completed_epoch, step=progress.global_step, epoch_step=epoch_step, best=progress.best)
+        state.update(top_k=[list(t) for t in progress.top_k], ranks=ranks, config=_plain(self.config))
         files.atomic_torch_save(state, self.out / "state.pt")
 
+    def save_row(self, parts: Trainable, progress: Progress, row: dict, name: str) -> None:
+        """last.safetensors (and last_ema), the k best evaluations as `name`, best.safetensors, the row."""
+        if not self.write:
+            return
+        extra = {k: row[k] for k in ("epoch", "step", self.metric) if row.get(k) is not None}
+        self.save_weights(parts.model, "last.safetensors", **extra)
+        if parts.ema is not None:
+            self.save_weights(parts.ema.module, "last_ema.safetensors", **extra)
+        score = row.get(self.metric)
+        if score is not None and self.keep_top_k:
+            self._keep_top_k(parts.model, progress.top_k, score, row["step"], name, extra)
+        self._log(row)
+        ema_score = row.get(f"ema_{self.metric}")
+        if score is None:
+            return
+        best = max(score, ema_score if ema_score is not None else -math.inf)
+        if progress.best is None or best > progress.best[self.metric]:
+            use_ema = ema_score is not None and ema_score > score
+            progress.best = {"epoch": row["epoch"], "step": row["step"], self.metric: best}
+            progress.best["source"] = "ema" if use_ema else "model"
+            model = parts.ema.module if use_ema else parts.model
+            self.save_weights(model, "best.safetensors", **dict(extra, **{self.metric: best}))
 
-class MetricsLog:
-    """One row per logged point (an epoch's end, an evaluation): `summary.csv` (epochs counted from 1, as the log
-    and the epoch-NNNN files count them; the header grows with the first row of a new column), `curves.png` (the
-    losses beside the task's headline `metric`), and TensorBoard events when asked for."""
-
-    def __init__(self, out: Path, metric: str, tensorboard: bool = False):
-        self.out, self.metric = out, metric
-        self.tb = tensorboard_writer(out / "tensorboard") if tensorboard else None
-
-    def log(self, row: dict) -> None:
-        """Add `row` (holding `step`); a resumed run rewrites the rows of the steps it redoes."""
+    def _log(self, row: dict) -> None:
+        """Add `row` (holding `step`) to summary.csv, curves.png and TensorBoard; a resumed run rewrites the rows of
+        the steps it redoes."""
         path = self.out / "summary.csv"
         rows = [r for r in _read_csv(path) if int(r["step"]) < row["step"]] + [row]
         fields = list(dict.fromkeys(k for r in rows for k in r))
@@ -293,63 +309,6 @@ class MetricsLog:
             plot_curves(path, self.out / "curves.png", self.metric)
         except Exception as e:  # a plotting problem must never stop training
             logger.warning("could not draw curves.png: %s", e)
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-            self.tb = None
-
-
-class RunFolder:
-    """The run folder as the engine writes it, rank 0 only: its lock (`RunLock`), its state (`StateStore`), its
-    metrics (`MetricsLog`), and the weights files (last, best, the top k evaluations) it owns itself.
-
-    Args:
-        config: The resolved configuration as its file format.
-        meta: What the task's checkpoints carry (for classification what `create_model(checkpoint=...)` needs).
-        write: False on ranks other than 0: every method then only takes part in what all ranks do.
-        metric: The task's headline number (higher is better): it picks the best and the top-k weights.
-        keep_top_k: Keep the weights of the k best evaluations (0: none).
-    """
-
-    def __init__(self, out: Path, config: dict, meta: dict, write: bool, metric: str, keep_top_k=0, tensorboard=False):
-        self.out, self.meta, self.write, self.metric, self.keep_top_k = out, meta, write, metric, keep_top_k
-        self.lock = self.state = self.metrics = None
-        if write:
-            out.mkdir(parents=True, exist_ok=True)
-            self.lock = RunLock(out)
-            self.state = StateStore(out, config)
-            self.state.write_config()
-            self.metrics = MetricsLog(out, metric, tensorboard)
-
-    def save_state(self, parts: Trainable, progress: Progress, completed_epoch: int, epoch_step=0, sums=None):
-        """Called on every rank: each rank's RNG state and sums are gathered, so a resumed rank continues its own."""
-        ranks = gather_ranks(sums)
-        if self.write:
-            self.state.save(parts, progress, completed_epoch, epoch_step, ranks)
-
-    def save_row(self, parts: Trainable, progress: Progress, row: dict, name: str) -> None:
-        """last.safetensors (and last_ema), the k best evaluations as `name`, best.safetensors, the row."""
-        if not self.write:
-            return
-        extra = {k: row[k] for k in ("epoch", "step", self.metric) if row.get(k) is not None}
-        self.save_weights(parts.model, "last.safetensors", **extra)
-        if parts.ema is not None:
-            self.save_weights(parts.ema.module, "last_ema.safetensors", **extra)
-        score = row.get(self.metric)
-        if score is not None and self.keep_top_k:
-            self._keep_top_k(parts.model, progress.top_k, score, row["step"], name, extra)
-        self.metrics.log(row)
-        ema_score = row.get(f"ema_{self.metric}")
-        if score is None:
-            return
-        best = max(score, ema_score if ema_score is not None else -math.inf)
-        if progress.best is None or best > progress.best[self.metric]:
-            use_ema = ema_score is not None and ema_score > score
-            progress.best = {"epoch": row["epoch"], "step": row["step"], self.metric: best}
-            progress.best["source"] = "ema" if use_ema else "model"
-            model = parts.ema.module if use_ema else parts.model
-            self.save_weights(model, "best.safetensors", **dict(extra, **{self.metric: best}))
 
     def _keep_top_k(self, model: nn.Module, top_k: list, score: float, step: int, name: str, extra: dict) -> None:
         k = self.keep_top_k
@@ -367,11 +326,10 @@ class RunFolder:
         return save_weights(model, self.out / name, **self.meta, **extra)
 
     def close(self) -> None:
-        if self.metrics is not None:
-            self.metrics.close()
-        if self.lock is not None:
-            self.lock.release()
-            self.lock = None
+        for resource in (self.tb, self.lock):  # closing the lock's file releases the flock
+            if resource is not None:
+                resource.close()
+        self.tb = self.lock = None
 
 
 def _plain(obj):
