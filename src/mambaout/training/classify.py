@@ -1,14 +1,13 @@
 """Classification as a training task: image folders (or the embedded digits) in, a MambaOut classifier out.
 
 `train(cfg)` runs a `TrainConfig` through the one engine (`trainer.fit`); `ClassifyTask` is what the engine needs of
-it: the data (`Data`), the model (`build_model`), the loss under mixup/cutmix and label smoothing (`build_loss`),
+it: the data (`build_data`), the model (`build_model`), the loss under mixup/cutmix and label smoothing (`build_loss`),
 the EMA, the held-out top-1 and top-5 (`evaluate`) and the metadata its checkpoints carry.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -54,15 +53,40 @@ class ClassifyTask(Task):
         return to_flat(self.cfg)
 
     def build_data(self, env, device: torch.device, loop: Loop) -> None:
+        """The datasets and loaders of the run, and what the model needs to know about them."""
+        paths, aug, loading, ev = self.cfg.data, self.cfg.augment, self.cfg.loading, self.cfg.eval_settings()
         self.plan = self.cfg.batch.plan(env.world_size)
-        self.data = Data.build(self.cfg, env, device, self.plan.accum_steps)
-        self.batches, self.steps_per_epoch = self.data.loader, self.data.steps_per_epoch
-        self.train_images = len(self.data.train_set)
-        self.mixup_fn, self.loss_fn = build_loss(self.cfg.mixup, len(self.data.classes))
+        eval_tf, pin, rank, world = ev.transform(), device.type == "cuda", env.rank, env.world_size
+        val_set = val_loader = None
+        if paths.data_pipeline == "gpu":  # uint8 batches to the device, augmented there (mambaout.data.gpu_loader)
+            from mambaout.data.gpu_loader import gpu_loaders
+
+            train_set, val_set, loader, val_loader = gpu_loaders(
+                paths.data_train, paths.data_val, aug, loading, rank, world, device, eval_tf
+            )
+        else:
+            size = dict(cache=loading.cache, img_size=aug.img_size)
+            train_set = create_dataset(paths.data_train, build_train_transform(aug), **size)
+            if paths.data_val:  # substitute=False: held-out metrics count each readable image once
+                val_set = create_dataset(paths.data_val, eval_tf, train_set.class_to_idx, substitute=False, **size)
+            batch, seed, workers = loading.batch_size, loading.seed, loading.workers
+            loader = train_loader(train_set, batch, rank, world, seed, workers, pin, loading.persistent_workers)
+        accum = self.plan.accum_steps
+        self.steps_per_epoch = num_steps(len(loader), accum)  # the engine applies max_steps_per_epoch
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"an epoch has {len(loader)} batches, fewer than the {accum} accumulation steps of one optimizer "
+                f"step (global batch {loading.batch_size * world * accum}); lower --global-batch or use more data"
+            )
+        if val_set is not None and val_loader is None:
+            val_loader = eval_loader(val_set, loading.eval_batch_size, rank, world, loading.workers, pin)
+        self.train_set, self.val_set, self.batches, self.val_loader = train_set, val_set, loader, val_loader
+        self.classes, self.eval_config, self.train_images = list(train_set.classes), ev.to_dict(), len(train_set)
+        self.mixup_fn, self.loss_fn = build_loss(self.cfg.mixup, len(self.classes))
 
     def build_model(self, device: torch.device) -> nn.Module:
         cfg = self.cfg
-        model, self._meta = build_model(cfg.model, self.data.classes, self.data.eval_config, cfg.data.data_train)
+        model, self._meta = build_model(cfg.model, self.classes, self.eval_config, cfg.data.data_train)
         if cfg.perf.grad_checkpointing:
             model.set_grad_checkpointing(True)
         model.to(device)
@@ -94,7 +118,7 @@ class ClassifyTask(Task):
         return self.loss_fn(model(inputs), targets), {}
 
     def evaluate_run(self, model: nn.Module, ema, device: torch.device, amp_dtype) -> dict | None:
-        loader, channels_last = self.data.val_loader, self.cfg.perf.channels_last
+        loader, channels_last = self.val_loader, self.cfg.perf.channels_last
         if loader is None:
             return None
         m = evaluate(model, loader, device, amp_dtype, channels_last)
@@ -120,19 +144,19 @@ class ClassifyTask(Task):
         return self._meta
 
     def banner(self, model: nn.Module, world_size: int) -> str:
-        b, plan, data = self.cfg.batch, self.plan, self.data
+        b, plan = self.cfg.batch, self.plan
         rule = f"(linear scaling: {b.lr_base:g} x {plan.global_batch} / {b.lr_base_batch})"
         lr_note = "(set explicitly)" if b.lr is not None else rule
         return (
             f"training {self._meta['model']} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params) on "
-            f"{len(data.train_set)} images, {len(data.classes)} classes, {self.cfg.augment.img_size} px | "
+            f"{len(self.train_set)} images, {len(self.classes)} classes, {self.cfg.augment.img_size} px | "
             f"{world_size} process(es) on {next(model.parameters()).device.type} | global batch {plan.global_batch} = "
             f"{b.batch_size} x {world_size} x {plan.accum_steps} accumulation | lr {plan.lr:.3g} {lr_note}"
         )
 
     def done(self, result: dict, out: Path) -> str:
         top1 = f"{result['top1']:.2f}%" if result.get("top1") is not None else "n/a"
-        n_val = len(self.data.val_set) if self.data.val_set else 0
+        n_val = len(self.val_set) if self.val_set else 0
         return (
             f"done in {result['wall_s']:.0f}s: held-out top-1 {top1} ({n_val} images); "
             f"weights {out / 'last.safetensors'} (best: {out / 'best.safetensors'})"
@@ -144,48 +168,6 @@ def _to_device(x: torch.Tensor, y: torch.Tensor, device: torch.device, channels_
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     return x, y.to(device, non_blocking=True)
-
-
-@dataclass
-class Data:
-    """The datasets and loaders of a run, and what the model needs to know about them."""
-
-    train_set: object
-    val_set: object | None
-    loader: torch.utils.data.DataLoader
-    val_loader: torch.utils.data.DataLoader | None
-    classes: list[str]
-    eval_config: dict
-    steps_per_epoch: int
-
-    @classmethod
-    def build(cls, cfg: TrainConfig, env, device: torch.device, accum: int) -> Data:
-        paths, aug, loading, ev = cfg.data, cfg.augment, cfg.loading, cfg.eval_settings()
-        eval_tf, pin, rank, world = ev.transform(), device.type == "cuda", env.rank, env.world_size
-        val_set = val_loader = None
-        if paths.data_pipeline == "gpu":  # uint8 batches to the device, augmented there (mambaout.data.gpu_loader)
-            from mambaout.data.gpu_loader import gpu_loaders
-
-            train_set, val_set, loader, val_loader = gpu_loaders(
-                paths.data_train, paths.data_val, aug, loading, rank, world, device, eval_tf
-            )
-        else:
-            size = dict(cache=loading.cache, img_size=aug.img_size)
-            train_set = create_dataset(paths.data_train, build_train_transform(aug), **size)
-            if paths.data_val:  # substitute=False: held-out metrics count each readable image once
-                val_set = create_dataset(paths.data_val, eval_tf, train_set.class_to_idx, substitute=False, **size)
-            batch, seed, workers = loading.batch_size, loading.seed, loading.workers
-            loader = train_loader(train_set, batch, rank, world, seed, workers, pin, loading.persistent_workers)
-        steps_per_epoch = num_steps(len(loader), accum)  # the engine applies max_steps_per_epoch
-        if steps_per_epoch == 0:
-            raise ValueError(
-                f"an epoch has {len(loader)} batches, fewer than the {accum} accumulation steps of one optimizer "
-                f"step (global batch {loading.batch_size * env.world_size * accum}); lower --global-batch or use "
-                "more data"
-            )
-        if val_set is not None and val_loader is None:
-            val_loader = eval_loader(val_set, loading.eval_batch_size, rank, world, loading.workers, pin)
-        return cls(train_set, val_set, loader, val_loader, list(train_set.classes), ev.to_dict(), steps_per_epoch)
 
 
 def build_model(cfg: ModelConfig, classes: list[str], eval_cfg: dict, data_train: str) -> tuple[nn.Module, dict]:
