@@ -3,6 +3,7 @@ the classification evaluation reads its sums once."""
 
 from __future__ import annotations
 
+import math
 import sys
 
 import pytest
@@ -37,14 +38,22 @@ def engine_syncs(monkeypatch):
 
 
 class Bar:
-    """A progress display recording what the engine reports."""
+    """The engine's hooks: a progress display recording what the engine reports."""
+
+    first, line_every, max_steps, refresh_every = 0, 0, math.inf, 20
 
     def __init__(self):
         self.n, self.postfixes = 0, []
 
-    def __call__(self, steps, values):
+    def start(self):
+        pass
+
+    def report(self, steps, values):
         self.n = steps
         self.postfixes.append(values)
+
+    def after_step(self, steps):
+        return False
 
 
 class CrossEntropy(Task):
@@ -78,17 +87,9 @@ def _epoch(loader, refresh_every, bar=None):
     model = _model()
     parts = Trainable(model, torch.optim.SGD(model.parameters(), lr=0.1), None)
     sums = Sums()
-    steps = train_one_epoch(
-        model,
-        loader,
-        CrossEntropy(),
-        parts,
-        torch.device("cpu"),
-        StepConfig(),
-        sums,
-        report=bar,
-        refresh_every=refresh_every,
-    )
+    bar = bar or Bar()
+    bar.refresh_every = refresh_every
+    steps = train_one_epoch(model, loader, CrossEntropy(), parts, torch.device("cpu"), StepConfig(), sums, bar)
     return dict(steps=steps, **sums.take_row("cpu"))
 
 

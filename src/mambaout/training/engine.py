@@ -7,8 +7,6 @@ accumulation, clipping, the grad scaler, the EMA) and keeps the loss sums on the
 from __future__ import annotations
 
 import contextlib
-import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -95,24 +93,8 @@ def _on(sums, like: torch.Tensor) -> torch.Tensor:
     return sums if torch.is_tensor(sums) else like.new_tensor(sums)
 
 
-def train_one_epoch(
-    model: nn.Module,
-    loader,
-    task,
-    parts,
-    device: torch.device,
-    step_cfg: StepConfig,
-    sums: Sums,
-    *,
-    on_step: Callable[[int], bool | None] | None = None,
-    on_start: Callable[[], None] | None = None,
-    max_steps: int | None = None,
-    report: Callable[[int, dict], None] | None = None,
-    refresh_every: int = 20,
-    line_every: int = 0,
-    first: int = 0,
-) -> int:
-    """Train for one pass over `loader` (at most `max_steps` optimizer steps); returns the steps taken.
+def train_one_epoch(model: nn.Module, loader, task, parts, device, step_cfg: StepConfig, sums: Sums, hooks) -> int:
+    """Train for one pass over `loader` (at most `hooks.max_steps` optimizer steps); returns the steps taken.
 
     Every `accum_steps` micro-batches make one optimizer step; DDP's gradient all-reduce runs only on the last of
     them (`no_sync` on the others), and each micro-loss is divided by `accum_steps` so the summed gradient is the
@@ -122,21 +104,20 @@ def train_one_epoch(
         task: A `task.Task`: turns a batch into inputs (`prepare`) and a loss with its parts (`loss`).
         parts: The `runfolder.Trainable` the step updates: optimizer, grad scaler (or None), EMA (or None).
         sums: The loss sums, kept on the device: reading a device tensor waits for the GPU, which would stall the
-            input pipeline once per step, so they are read only every `refresh_every` steps.
-        on_step: Called after every optimizer step with the steps taken this call; True ends the pass there.
-        on_start: Called once the loader's iterator exists (creating it draws from the RNG), before the first batch.
-        report: Called every `refresh_every` and every `line_every` steps of the run (`first`: the steps taken
-            before this call), and at a stop or the end, with the steps taken and the means since the last line; a
-            non-finite loss is raised at the first read after it.
+            input pipeline once per step, so they are read only every `hooks.refresh_every` steps.
+        hooks: The trainer's `Steps`: `start()` is called once the loader's iterator exists (creating it draws from
+            the RNG), before the first batch; `report(n, means)` every `refresh_every` and every `line_every` (0:
+            never) steps of the run (`first`: the steps taken before this pass), and at a stop or the end, with the
+            steps taken and the means since the last line, a non-finite loss raised at the first read after it;
+            `after_step(n)` after every optimizer step with the steps taken, True ending the pass there.
     """
     model.train()
     accum = step_cfg.accum_steps
-    steps_total = min(len(loader) // accum, max_steps if max_steps is not None else math.inf)
+    steps_total = min(len(loader) // accum, hooks.max_steps)
     steps = checked = 0
     parts.optimizer.zero_grad(set_to_none=True)
     batches = iter(loader)
-    if on_start is not None:
-        on_start()
+    hooks.start()
     for i, batch in enumerate(batches):
         if steps >= steps_total:
             break
@@ -154,13 +135,12 @@ def train_one_epoch(
         steps += 1
         if parts.ema is not None:
             parts.ema.update(dist.unwrap(model))
-        done = first + steps
-        if done % refresh_every == 0 or (line_every and done % line_every == 0) or steps >= steps_total:
+        done, every = hooks.first + steps, hooks.line_every
+        if done % hooks.refresh_every == 0 or (every and done % every == 0) or steps >= steps_total:
             values = sums.read_line(checked, steps)  # the one host read per `refresh_every` steps
             checked = steps
-            if report is not None:
-                report(steps, values)
-        if on_step is not None and on_step(steps):
+            hooks.report(steps, values)
+        if hooks.after_step(steps):
             sums.read_line(checked, steps)  # a stop inside a refresh interval checks its losses too
             break
     return steps

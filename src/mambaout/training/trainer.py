@@ -94,10 +94,12 @@ class Steps:
     """The run's optimizer steps, epoch by epoch, and what follows each one: the schedule, the progress line, the
     evaluation and the summary row when due, the state when due, and the stops (`stop_after_*`, Ctrl-C)."""
 
+    refresh_every = 20  # the loss is read from the device (a host sync) every 20 steps, and for each progress line
+
     def __init__(self, task, loop, run, parts, progress, train_model, device, step_cfg, total, interrupt):
         self.task, self.loop, self.folder, self.parts, self.progress = task, loop, run, parts, progress
         self.train_model, self.device, self.step_cfg, self.total = train_model, device, step_cfg, total
-        self.interrupt = interrupt
+        self.interrupt, self.line_every = interrupt, loop.log_every if loop.progress else 0
         self.spe = task.steps_per_epoch
         self.n_epochs = math.ceil(total / self.spe)
         self.sums = Sums(**(progress.sums or {}))
@@ -143,29 +145,14 @@ class Steps:
         self.last_lr = self.lr()
         self.bar = self._bar(epoch)
         self.stop_at_end, self.printed, self.t_line = False, self.skip, time.perf_counter()
-        self.base = self.progress.global_step  # optimizer steps before this call of the epoch
-        train_one_epoch(
-            self.train_model,
-            loader,
-            task,
-            self.parts,
-            self.device,
-            self.step_cfg,
-            self.sums,
-            on_step=self.after_step,
-            on_start=self.start,
-            max_steps=self.epoch_steps - self.skip,
-            report=self.report,
-            # the loss is read from the device (a host sync) every 20 steps, and for each progress line
-            refresh_every=20,
-            line_every=self.loop.log_every if self.loop.progress else 0,
-            first=self.base,
-        )
+        self.first = self.progress.global_step  # optimizer steps before this call of the epoch
+        self.max_steps = self.epoch_steps - self.skip
+        train_one_epoch(self.train_model, loader, task, self.parts, self.device, self.step_cfg, self.sums, self)
         if self.bar is not None:
             self.bar.close()
         return self.stop_at_end
 
-    def start(self) -> None:
+    def start(self) -> None:  # the engine's hooks: start, report, after_step
         """Mid-epoch resume: continue this rank's RNG where the checkpoint left it (after the loader's iterator has
         drawn its seed, as it had in the interrupted run)."""
         if self.skip and self.progress.resume_rng is not None:
@@ -237,12 +224,12 @@ class Steps:
     def report(self, n: int, values: dict) -> None:
         """The progress display after step n of this call of the epoch: a bar on a terminal, else a line every
         `log_every` steps (logs and SLURM files), with the means since the last line."""
-        done, every = self.skip + n, self.loop.log_every
+        done = self.skip + n
         if self.bar is not None:
             self.bar.update(done - self.bar.n)
             self.bar.set_postfix(loss=f"{values.get('loss', math.nan):.4f}", lr=f"{self.lr():.2e}", refresh=False)
-        elif self.loop.progress and every:
-            if (self.base + n) % every:
+        elif self.line_every:
+            if (self.first + n) % self.line_every:
                 return  # a line every `every` steps of the run: its sums go on (over an epoch's end too)
             _say(self._line(done, values))
             self.printed, self.t_line = done, time.perf_counter()
