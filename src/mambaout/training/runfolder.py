@@ -25,7 +25,6 @@ from torch import nn
 
 from mambaout.utils import distributed as dist
 from mambaout.utils import files
-from mambaout.utils.text import csv_cell
 
 logger = logging.getLogger("mambaout")
 
@@ -138,18 +137,6 @@ class Progress:
 # --- the folder ------------------------------------------------------------------------------------------------------
 
 
-def tensorboard_writer(folder: Path):
-    """A TensorBoard `SummaryWriter` for `folder` (or None for None); one line of advice when tensorboard is missing."""
-    from mambaout.utils.optional import require
-
-    require("tensorboard", "--tensorboard", "tensorboard")
-    if folder is None:
-        return None
-    from torch.utils.tensorboard import SummaryWriter
-
-    return SummaryWriter(str(folder))
-
-
 RUN_FILES = ("state.pt", "config.yaml", "summary.csv", "last.safetensors", "train.log")  # any: the folder holds a run
 
 # What a run writes before its first state: a folder holding only these (and its lock) held a run that stopped
@@ -255,7 +242,10 @@ class RunFolder:
             out.mkdir(parents=True, exist_ok=True)
             self.lock = lock_folder(out)
             files.atomic_write_text(out / "config.yaml", yaml.safe_dump(_plain(config), sort_keys=False))
-            self.tb = tensorboard_writer(out / "tensorboard") if tensorboard else None
+            if tensorboard:  # the trainer has checked that tensorboard is installed
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(out / "tensorboard"))
 
     def save_state(self, parts: Trainable, progress: Progress, completed_epoch: int, epoch_step=0, sums=None):
         """Called on every rank: each rank's RNG state and unlogged loss sums are gathered, so a resumed rank continues
@@ -330,6 +320,14 @@ class RunFolder:
             if resource is not None:
                 resource.close()
         self.tb = self.lock = None
+
+
+def csv_cell(value) -> str:
+    """A value as a summary.csv cell: unset (and a list or mapping, which no cell holds) is empty, a float has 6
+    significant digits."""
+    if value is None or value == "" or isinstance(value, (list, dict)):
+        return ""
+    return f"{value:.6g}" if isinstance(value, float) else str(value)
 
 
 def _plain(obj):

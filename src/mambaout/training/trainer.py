@@ -26,6 +26,7 @@ from mambaout.utils import distributed as dist
 from mambaout.utils.device import autocast_setting
 from mambaout.utils.files import FileWriteError
 from mambaout.utils.interrupt import DeferredInterrupt
+from mambaout.utils.optional import require
 
 
 class Interrupted(KeyboardInterrupt):
@@ -42,14 +43,14 @@ def fit(task: Task, loop: Loop) -> dict:
         amp, amp_dtype = autocast_setting(loop.amp, device)
         state = rf.load_state(rf.resume_path(loop.resume)) if loop.resume else None
         out = Path(loop.output)
-        if state is not None and _finished(state, loop):
-            # nothing left to train: say so and touch nothing (no "epoch 31 of 30", no rewritten config or log)
-            _say(_finished_line(state, loop, task))
+        finished = _finished(state, loop, task) if state is not None else None
+        if finished:  # nothing left to train: say so and touch nothing (no "epoch 31 of 30", no rewritten files)
+            _say(finished)
             return dict(output=str(out), finished=True, best=state.get("best"))
         if dist.is_main():
             rf.check_output_free(out, loop.resume, loop.overwrite)
             if loop.tensorboard:
-                rf.tensorboard_writer(None)  # fail before the data is read, when tensorboard is missing
+                require("tensorboard", "--tensorboard", "tensorboard")  # fail before the data is read
         task.build_data(env, device, loop)
         if loop.max_steps_per_epoch:
             task.steps_per_epoch = min(task.steps_per_epoch, loop.max_steps_per_epoch)
@@ -267,7 +268,11 @@ class RunLog:
         self.close()
         self.file = open(path, "a" if append else "w")
 
-    def write(self, msg: str) -> None:
+    def say(self, msg: str) -> None:
+        """Print `msg` and add it to train.log, on rank 0 only."""
+        if not dist.is_main():
+            return
+        print(msg, flush=True)
         if self.file is not None:
             try:
                 self.file.write(msg + "\n")
@@ -283,22 +288,14 @@ class RunLog:
 
 
 _LOG = RunLog()
+_say = _LOG.say
 
 
-def _say(msg: str) -> None:
-    if dist.is_main():
-        print(msg, flush=True)
-        _LOG.write(msg)
-
-
-def _finished(state: dict, loop: Loop) -> bool:
-    """Whether a training state has the whole run done (no mid-epoch step pending)."""
-    if loop.steps and state["step"] >= loop.steps:
-        return True
-    return bool(loop.epochs) and not state.get("epoch_step") and state["epoch"] + 1 >= loop.epochs
-
-
-def _finished_line(state: dict, loop: Loop, task: Task) -> str:
+def _finished(state: dict, loop: Loop, task: Task) -> str | None:
+    """The line to print when a training state has the whole run done (no mid-epoch step pending), else None."""
+    if not (loop.steps and state["step"] >= loop.steps):
+        if not loop.epochs or state.get("epoch_step") or state["epoch"] + 1 < loop.epochs:
+            return None
     done = f"all {loop.epochs} epochs" if loop.epochs and not loop.steps else f"all {loop.steps} steps"
     best = state.get("best") or {}
     shown = f"; best {task.describe({task.metric: best[task.metric]})} at epoch {best['epoch']}" if best else ""
