@@ -10,11 +10,11 @@ import pytest
 import torch
 from torch import nn
 
-from mambaout.training import classify, engine
+from mambaout.training import classify, trainer
 from mambaout.training.classify import evaluate
-from mambaout.training.engine import StepConfig, Sums, train_one_epoch
 from mambaout.training.runfolder import Trainable
 from mambaout.training.task import Task
+from mambaout.training.trainer import StepConfig, Sums, train_one_epoch
 
 # every way a tensor's value reaches the host
 SYNC_METHODS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "cpu", "numpy")
@@ -22,14 +22,14 @@ SYNC_METHODS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__
 
 @pytest.fixture
 def engine_syncs(monkeypatch):
-    """Count host reads of tensors made by code in training/engine.py or training/classify.py (library internals are
+    """Count host reads of tensors made by code in training/trainer.py or training/classify.py (library internals are
     not counted)."""
     calls: list[str] = []
     for name in SYNC_METHODS:
         real = getattr(torch.Tensor, name)
 
         def counted(self, *args, _real=real, _name=name, **kwargs):
-            if sys._getframe(1).f_code.co_filename in (engine.__file__, classify.__file__):
+            if sys._getframe(1).f_code.co_filename in (trainer.__file__, classify.__file__):
                 calls.append(_name)
             return _real(self, *args, **kwargs)
 

@@ -18,12 +18,11 @@ from torch import nn
 
 from mambaout.data.loaders import train_loader
 from mambaout.training import task as training
-from mambaout.training.engine import autocast
 from mambaout.training.optim import FactorSchedule
 from mambaout.training.runfolder import load_state, resume_path
 from mambaout.training.trainer import fit
 from mambaout.utils import distributed as dist
-from mambaout.utils.device import autocast_setting  # noqa: F401  (one reading of --amp auto: tests/test_config.py)
+from mambaout.utils.device import autocast, autocast_setting  # noqa: F401  (one reading of --amp auto: tests/test_config.py)
 from mambaout.utils.files import atomic_write_text
 from mambaout.utils.interrupt import ignore_sigint
 from mambaout.utils.text import count

@@ -117,7 +117,7 @@ class Progress:
     top_k: list = field(default_factory=list)  # (score, step, file name), best first
     resume_step: int = 0  # a mid-epoch state: optimizer steps already done inside `start_epoch`
     resume_rng: dict | None = None  # ... and this rank's RNG state to continue that epoch from
-    sums: dict | None = None  # the loss sums behind the numbers not yet logged (`engine.Sums`)
+    sums: dict | None = None  # the loss sums behind the numbers not yet logged (`trainer.Sums`)
 
     @classmethod
     def restore(cls, state: dict, parts: Trainable) -> Progress:
