@@ -164,10 +164,8 @@ class ClassifyTask(Task):
 
 
 def _to_device(x: torch.Tensor, y: torch.Tensor, device: torch.device, channels_last: bool):
-    x = x.to(device, non_blocking=True)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    return x, y.to(device, non_blocking=True)
+    layout = torch.channels_last if channels_last else torch.preserve_format
+    return x.to(device, non_blocking=True, memory_format=layout), y.to(device, non_blocking=True)
 
 
 def build_model(cfg: ModelConfig, classes: list[str], eval_cfg: dict, data_train: str) -> tuple[nn.Module, dict]:
@@ -233,14 +231,10 @@ def build_loss(cfg: MixupConfig, num_classes: int):
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module,
-    loader,
-    device: torch.device,
-    amp_dtype: torch.dtype | None = None,
-    channels_last: bool = False,
-    progress=None,
+    model: nn.Module, loader, device: torch.device, amp_dtype=None, channels_last=False, progress=None
 ) -> dict:
-    """Top-1, top-5 (top-k with k = min(5, classes)), mean cross-entropy and throughput over `loader`.
+    """Top-1, top-5 (top-k with k = min(5, classes)), mean cross-entropy and throughput over `loader` (under autocast
+    to `amp_dtype`, None: full precision).
 
     With several ranks each evaluates its shard and the sums are all-reduced, so every rank returns the metrics
     of the whole set. Images whose label is outside the model's classes count as errors and are excluded
@@ -270,18 +264,16 @@ def evaluate(
             logits = model(x).float()
         hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == y[:, None]  # [B, k]
         valid = (y >= 0) & (y < logits.shape[1])
-        # out-of-range labels (any value) are masked out of the loss instead of indexed away (no sync)
-        safe_y = torch.where(valid, y, torch.zeros_like(y))
-        losses = F.cross_entropy(logits, safe_y, reduction="none") * valid
+        # out-of-range labels (any value) are masked out of the loss (ignored: 0) instead of indexed away (no sync)
+        losses = F.cross_entropy(logits, y.masked_fill(~valid, -100), reduction="none", ignore_index=-100)
         sums += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum(), losses.sum(), valid.sum()]).double()
         count += x.shape[0]
         if progress is not None:
             progress.update(1)
-    correct1, correct5, loss_sum, n_loss = sums.tolist()  # the one host sync of the pass
-    skipped = int(skipped)
     seconds = time.perf_counter() - t0
-    correct1, correct5, loss_sum, count, n_loss, skipped = dist.all_reduce_sum(
-        [correct1, correct5, loss_sum, count, n_loss, skipped], device
+    # sums.tolist(): the one host sync of the pass
+    correct1, correct5, loss_sum, n_loss, count, skipped = dist.all_reduce_sum(
+        [*sums.tolist(), count, int(skipped)], device
     )
     return dict(
         top1=100.0 * correct1 / max(count, 1),

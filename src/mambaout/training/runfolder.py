@@ -218,19 +218,12 @@ def _flock(out: Path):
 
 
 class RunFolder:
-    """The run folder as the engine writes it, rank 0 only: its `.lock` (`lock_folder`); `config.yaml`, the
-    configuration (as its file format) the run started with; `state.pt`, everything `--resume` needs; one row per
-    logged point (an epoch's end, an evaluation) in `summary.csv` (epochs counted from 1, as the log and the
-    epoch-NNNN files count them; the header grows with the first row of a new column), `curves.png` (the losses
-    beside the headline `metric`) and TensorBoard events when asked for; and the weights files (last, best, the top k
-    evaluations).
-
-    Args:
-        config: The resolved configuration as its file format.
-        meta: What the task's checkpoints carry (for classification what `create_model(checkpoint=...)` needs).
-        write: False on ranks other than 0: every method then only takes part in what all ranks do.
-        metric: The task's headline number (higher is better): it picks the best and the top-k weights.
-        keep_top_k: Keep the weights of the k best evaluations (0: none).
+    """The run folder as the engine writes it (rank 0 only; `write=False` on the others, whose methods then only take
+    part in what all ranks do): its lock, `config.yaml` (the resolved configuration as its file format), `state.pt`,
+    `summary.csv` (one row per epoch's end or evaluation, epochs counted from 1 as the log and the epoch-NNNN files
+    count them; the header grows with the first row of a new column), `curves.png`, TensorBoard events, and the
+    weights files: last, best and the `keep_top_k` best evaluations, by the task's `metric` (higher is better), each
+    carrying `meta` (for classification what `create_model(checkpoint=...)` needs).
     """
 
     def __init__(self, out: Path, config: dict, meta: dict, write: bool, metric: str, keep_top_k=0, tensorboard=False):
