@@ -9,6 +9,7 @@ a new or empty folder (or with `--overwrite`). Only rank 0 writes; the other ran
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import logging
@@ -219,26 +220,39 @@ def _flock(out: Path):
 
 class RunFolder:
     """The run folder as the engine writes it (rank 0 only; `write=False` on the others, whose methods then only take
-    part in what all ranks do): its lock, `config.yaml` (the resolved configuration as its file format), `state.pt`,
-    `summary.csv` (one row per epoch's end or evaluation, epochs counted from 1 as the log and the epoch-NNNN files
-    count them; the header grows with the first row of a new column), `curves.png`, TensorBoard events, and the
-    weights files: last, best and the `keep_top_k` best evaluations, by the task's `metric` (higher is better), each
-    carrying `meta` (for classification what `create_model(checkpoint=...)` needs).
+    part in what all ranks do): its lock, `config.yaml` (the task's resolved configuration as its file format),
+    `train.log` (what `say` prints), `state.pt`, `summary.csv` (one row per epoch's end or evaluation, epochs counted
+    from 1 as the log and the epoch-NNNN files count them; the header grows with the first row of a new column),
+    `curves.png`, TensorBoard events, and the weights files: last, best and the `keep_top_k` best evaluations, by the
+    task's `metric` (higher is better), each carrying the task's `meta()` (for classification what
+    `create_model(checkpoint=...)` needs).
     """
 
-    def __init__(self, out: Path, config: dict, meta: dict, write: bool, metric: str, keep_top_k=0, tensorboard=False):
-        self.out, self.config, self.meta, self.write, self.metric = out, config, meta, write, metric
-        self.keep_top_k, self.lock, self.tb = keep_top_k, None, None
+    def __init__(self, out: Path, task, write: bool, keep_top_k=0, tensorboard=False, resumed=False):
+        self.out, self.config, self.meta, self.write = out, task.config(), task.meta(), write
+        self.metric, self.keep_top_k, self.lock, self.tb, self.log = task.metric, keep_top_k, None, None, None
         if write:
             import yaml
 
             out.mkdir(parents=True, exist_ok=True)
             self.lock = lock_folder(out)
-            files.atomic_write_text(out / "config.yaml", yaml.safe_dump(_plain(config), sort_keys=False))
+            files.atomic_write_text(out / "config.yaml", yaml.safe_dump(_plain(self.config), sort_keys=False))
             if tensorboard:  # the trainer has checked that tensorboard is installed
                 from torch.utils.tensorboard import SummaryWriter
 
                 self.tb = SummaryWriter(str(out / "tensorboard"))
+            self.log = open(out / "train.log", "a" if resumed else "w")
+
+    def say(self, msg: str) -> None:
+        """Print `msg` and add it to train.log (rank 0 only)."""
+        if not self.write:
+            return
+        print(msg, flush=True)
+        try:
+            self.log.write(msg + "\n")
+            self.log.flush()
+        except OSError as e:  # a full disk: one line naming the file
+            raise files.FileWriteError(e.errno, f"cannot write {self.log.name}: {e.strerror}") from e
 
     def save_state(self, parts: Trainable, progress: Progress, completed_epoch: int, epoch_step=0, sums=None):
         """Called on every rank: each rank's RNG state and unlogged loss sums are gathered, so a resumed rank continues
@@ -309,10 +323,13 @@ class RunFolder:
         return save_weights(model, self.out / name, **self.meta, **extra)
 
     def close(self) -> None:
+        if self.log is not None:
+            with contextlib.suppress(OSError):  # what did not fit on a full disk was reported by `say`
+                self.log.close()
         for resource in (self.tb, self.lock):  # closing the lock's file releases the flock
             if resource is not None:
                 resource.close()
-        self.tb = self.lock = None
+        self.tb = self.lock = self.log = None
 
 
 def csv_cell(value) -> str:

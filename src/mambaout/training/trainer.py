@@ -12,7 +12,6 @@ read only when asked.
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import math
 import sys
@@ -27,7 +26,6 @@ from mambaout.training import runfolder as rf
 from mambaout.training.task import Loop, Task
 from mambaout.utils import distributed as dist
 from mambaout.utils.device import autocast, autocast_setting
-from mambaout.utils.files import FileWriteError
 from mambaout.utils.interrupt import DeferredInterrupt
 from mambaout.utils.optional import require
 
@@ -194,7 +192,8 @@ def fit(task: Task, loop: Loop) -> dict:
         out = Path(loop.output)
         finished = _finished(state, loop, task) if state is not None else None
         if finished:  # nothing left to train: say so and touch nothing (no "epoch 31 of 30", no rewritten files)
-            _say(finished)
+            if dist.is_main():
+                print(finished, flush=True)
             return dict(output=str(out), finished=True, best=state.get("best"))
         if dist.is_main():
             rf.check_output_free(out, loop.resume, loop.overwrite)
@@ -212,18 +211,14 @@ def fit(task: Task, loop: Loop) -> dict:
         progress = rf.Progress() if state is None else rf.Progress.restore(state, parts)
         train_model = dist.wrap(model, device)
         train_model = torch.compile(train_model) if loop.compile else train_model
-        run = rf.RunFolder(
-            out, task.config(), task.meta(), dist.is_main(), task.metric, loop.keep_top_k, loop.tensorboard
-        )
-        if dist.is_main():
-            _LOG.open(out / "train.log", append=state is not None)
+        run = rf.RunFolder(out, task, dist.is_main(), loop.keep_top_k, loop.tensorboard, resumed=state is not None)
         length = f"{loop.epochs} epochs x {task.steps_per_epoch} steps" if loop.epochs else f"{total} steps"
         length += f", ending at step {total}" if loop.epochs and total < loop.epochs * task.steps_per_epoch else ""
-        _say(f"{task.banner(model, env.world_size)} | {length} | amp {amp} | output {out}")
+        run.say(f"{task.banner(model, env.world_size)} | {length} | amp {amp} | output {out}")
         if state is not None:
             epoch = progress.start_epoch + 1
             after = f" after its step {progress.resume_step}" if progress.resume_step else ""
-            _say(f"resumed from {loop.resume}: epoch {epoch}{after}, global step {progress.global_step}")
+            run.say(f"resumed from {loop.resume}: epoch {epoch}{after}, global step {progress.global_step}")
         # Ctrl-C stops after the optimizer step under way, where the state is consistent and is saved; a second one
         # stops at once. Several processes could not agree on that step: there Ctrl-C stops at once, as usual.
         note = "stopping after this optimizer step, then saving the state"
@@ -231,10 +226,9 @@ def fit(task: Task, loop: Loop) -> dict:
         with DeferredInterrupt(note, env.world_size == 1) as interrupt:
             result = Steps(task, loop, run, parts, progress, train_model, device, step_cfg, int(total), interrupt).run()
         if dist.is_main() and not result.get("stopped"):
-            _say(task.done(result, out))
+            run.say(task.done(result, out))
         return dict(result, output=str(out), best=progress.best)
     finally:
-        _LOG.close()
         if run is not None:
             run.close()  # also releases the run folder's lock when training fails
         dist.cleanup()
@@ -274,7 +268,7 @@ class Steps:
             where = f"at step {self.stopped_at} of epoch {epoch + 1}" if self.stopped_at else f"after epoch {epoch + 1}"
             if self.interrupt.asked:
                 raise Interrupted(f"interrupted {where}, state saved; {self.resume_hint}")
-            _say(f"stopping {where} as asked (state saved); {self.resume_hint}")
+            self.folder.say(f"stopping {where} as asked (state saved); {self.resume_hint}")
             dist.barrier()
             return dict(self.result, stopped=True)
         return dict(self.result, wall_s=time.perf_counter() - self.t_start)
@@ -367,7 +361,7 @@ class Steps:
             msg += "  " + self.task.describe(metrics)
         if skipped and not metrics.get("skipped"):
             msg += f"  skipped {skipped} unreadable images"
-        _say(msg)
+        self.folder.say(msg)
         self.result = row
         self.t_row = time.perf_counter()
 
@@ -381,7 +375,7 @@ class Steps:
         elif self.line_every:
             if (self.first + n) % self.line_every:
                 return  # a line every `every` steps of the run: its sums go on (over an epoch's end too)
-            _say(self._line(done, values))
+            self.folder.say(self._line(done, values))
             self.printed, self.t_line = done, time.perf_counter()
         self.sums.reset_line()
 
@@ -403,41 +397,6 @@ class Steps:
 
         desc = f"epoch {epoch + 1}/{self.n_epochs}"
         return tqdm(total=self.epoch_steps, initial=self.skip, desc=desc, leave=False, file=sys.stderr)
-
-
-# --- what the run prints ---------------------------------------------------------------------------------------------
-
-
-class RunLog:
-    """Where rank 0's messages go besides stdout: the run folder's `train.log`, once the folder exists."""
-
-    file = None
-
-    def open(self, path, append: bool) -> None:
-        self.close()
-        self.file = open(path, "a" if append else "w")
-
-    def say(self, msg: str) -> None:
-        """Print `msg` and add it to train.log, on rank 0 only."""
-        if not dist.is_main():
-            return
-        print(msg, flush=True)
-        if self.file is not None:
-            try:
-                self.file.write(msg + "\n")
-                self.file.flush()
-            except OSError as e:  # a full disk: one line naming the file
-                raise FileWriteError(e.errno, f"cannot write {self.file.name}: {e.strerror}") from e
-
-    def close(self) -> None:
-        if self.file is not None:
-            with contextlib.suppress(OSError):  # what did not fit on a full disk was reported by `write`
-                self.file.close()
-            self.file = None
-
-
-_LOG = RunLog()
-_say = _LOG.say
 
 
 def _finished(state: dict, loop: Loop, task: Task) -> str | None:
