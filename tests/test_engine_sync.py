@@ -13,8 +13,7 @@ from torch import nn
 from mambaout.training import classify, trainer
 from mambaout.training.classify import evaluate
 from mambaout.training.runfolder import Trainable
-from mambaout.training.task import Task
-from mambaout.training.trainer import StepConfig, Sums, train_one_epoch
+from mambaout.training.trainer import StepConfig, Sums, Task, train_one_epoch
 
 # every way a tensor's value reaches the host
 SYNC_METHODS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "cpu", "numpy")

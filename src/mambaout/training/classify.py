@@ -19,8 +19,7 @@ from mambaout.data.loaders import eval_loader, num_steps, train_loader
 from mambaout.data.transforms import build_train_transform
 from mambaout.training.config import MixupConfig, ModelConfig, TrainConfig, to_flat
 from mambaout.training.optim import create_optimizer, create_scheduler
-from mambaout.training.task import Loop, Task
-from mambaout.training.trainer import fit
+from mambaout.training.trainer import Loop, Task, fit
 from mambaout.utils import distributed as dist
 from mambaout.utils.device import autocast
 from mambaout.utils.files import jsonable
