@@ -13,7 +13,7 @@ from torch import nn
 from mambaout.training import classify, trainer
 from mambaout.training.classify import evaluate
 from mambaout.training.runfolder import Trainable
-from mambaout.training.trainer import StepConfig, Sums, Task, train_one_epoch
+from mambaout.training.trainer import Sums, Task, train_one_epoch
 
 # every way a tensor's value reaches the host
 SYNC_METHODS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "cpu", "numpy")
@@ -40,6 +40,7 @@ class Bar:
     """The engine's hooks: a progress display recording what the engine reports."""
 
     first, line_every, max_steps, refresh_every = 0, 0, math.inf, 20
+    accum_steps, amp_dtype, clip_grad = 1, None, None
 
     def __init__(self):
         self.n, self.postfixes = 0, []
@@ -88,7 +89,7 @@ def _epoch(loader, refresh_every, bar=None):
     sums = Sums()
     bar = bar or Bar()
     bar.refresh_every = refresh_every
-    steps = train_one_epoch(model, loader, CrossEntropy(), parts, torch.device("cpu"), StepConfig(), sums, bar)
+    steps = train_one_epoch(model, loader, CrossEntropy(), parts, torch.device("cpu"), sums, bar)
     return dict(steps=steps, **sums.take_row("cpu"))
 
 

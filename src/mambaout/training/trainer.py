@@ -140,15 +140,6 @@ class Task:
 # --- the step engine: optimizer steps over a loader, the loss sums kept on the device --------------------------------
 
 
-@dataclass
-class StepConfig:
-    """How each optimizer step is taken."""
-
-    accum_steps: int = 1  # micro-batches per optimizer step (global batch / (per-device batch x world size))
-    amp_dtype: torch.dtype | None = None  # autocast's dtype; None: full precision
-    clip_grad: float | None = None  # max gradient norm; None or 0: no clipping
-
-
 class LossNotFinite(FloatingPointError, ValueError):
     """The loss became inf or NaN: a setting to change (the commands show it as one line, exit 2)."""
 
@@ -214,7 +205,7 @@ def _on(sums, like: torch.Tensor) -> torch.Tensor:
     return sums if torch.is_tensor(sums) else like.new_tensor(sums)
 
 
-def train_one_epoch(model: nn.Module, loader, task, parts, device, step_cfg: StepConfig, sums: Sums, hooks) -> int:
+def train_one_epoch(model: nn.Module, loader, task, parts, device, sums: Sums, hooks) -> int:
     """Train for one pass over `loader` (at most `hooks.max_steps` optimizer steps); returns the steps taken.
 
     Every `accum_steps` micro-batches make one optimizer step; DDP's gradient all-reduce runs only on the last of
@@ -226,14 +217,15 @@ def train_one_epoch(model: nn.Module, loader, task, parts, device, step_cfg: Ste
         parts: The `runfolder.Trainable` the step updates: optimizer, grad scaler (or None), EMA (or None).
         sums: The loss sums, kept on the device: reading a device tensor waits for the GPU, which would stall the
             input pipeline once per step, so they are read only every `hooks.refresh_every` steps.
-        hooks: The trainer's `Steps`: `start()` is called once the loader's iterator exists (creating it draws from
-            the RNG), before the first batch; `report(n, means)` every `refresh_every` and every `line_every` (0:
-            never) steps of the run (`first`: the steps taken before this pass), and at a stop or the end, with the
-            steps taken and the means since the last line, a non-finite loss raised at the first read after it;
-            `after_step(n)` after every optimizer step with the steps taken, True ending the pass there.
+        hooks: The trainer's `Steps`: how each step is taken (`accum_steps`, `amp_dtype`, `clip_grad`); `start()`
+            is called once the loader's iterator exists (creating it draws from the RNG), before the first batch;
+            `report(n, means)` every `refresh_every` and every `line_every` (0: never) steps of the run (`first`: the
+            steps taken before this pass), and at a stop or the end, with the steps taken and the means since the
+            last line, a non-finite loss raised at the first read after it; `after_step(n)` after every optimizer
+            step with the steps taken, True ending the pass there.
     """
     model.train()
-    accum = step_cfg.accum_steps
+    accum = hooks.accum_steps
     steps_total = min(len(loader) // accum, hooks.max_steps)
     steps = checked = 0
     parts.optimizer.zero_grad(set_to_none=True)
@@ -245,14 +237,14 @@ def train_one_epoch(model: nn.Module, loader, task, parts, device, step_cfg: Ste
         inputs, targets, n_images, n_bad = task.prepare(batch, device)
         last_micro = (i + 1) % accum == 0
         with dist.no_sync(model, skip=not last_micro):
-            with autocast(device, step_cfg.amp_dtype):
+            with autocast(device, hooks.amp_dtype):
                 loss, loss_parts = task.loss(model, inputs, targets)
             scaled = loss / accum
             (parts.scaler.scale(scaled) if parts.scaler is not None else scaled).backward()
         sums.add(loss, loss_parts, n_bad, n_images)
         if not last_micro:
             continue
-        _optimizer_step(model, parts.optimizer, parts.scaler, step_cfg.clip_grad)
+        _optimizer_step(model, parts.optimizer, parts.scaler, hooks.clip_grad)
         steps += 1
         if parts.ema is not None:
             parts.ema.update(dist.unwrap(model))
@@ -330,9 +322,10 @@ def fit(task: Task, loop: Loop) -> dict:
         # Ctrl-C stops after the optimizer step under way, where the state is consistent and is saved; a second one
         # stops at once. Several processes could not agree on that step: there Ctrl-C stops at once, as usual.
         note = "stopping after this optimizer step, then saving the state"
-        step_cfg = StepConfig(loop.accum_steps, amp_dtype, loop.clip_grad)
         with DeferredInterrupt(note, env.world_size == 1) as interrupt:
-            result = Steps(task, loop, run, parts, progress, train_model, device, step_cfg, int(total), interrupt).run()
+            result = Steps(
+                task, loop, run, parts, progress, train_model, device, amp_dtype, int(total), interrupt
+            ).run()
         if dist.is_main() and not result.get("stopped"):
             run.say(task.done(result, out))
         return dict(result, output=str(out), best=progress.best)
@@ -348,9 +341,12 @@ class Steps:
 
     refresh_every = 20  # the loss is read from the device (a host sync) every 20 steps, and for each progress line
 
-    def __init__(self, task, loop, run, parts, progress, train_model, device, step_cfg, total, interrupt):
+    def __init__(self, task, loop, run, parts, progress, train_model, device, amp_dtype, total, interrupt):
         self.task, self.loop, self.folder, self.parts, self.progress = task, loop, run, parts, progress
-        self.train_model, self.device, self.step_cfg, self.total = train_model, device, step_cfg, total
+        self.train_model, self.device, self.total = train_model, device, total
+        # how each optimizer step is taken: micro-batches per step (global batch / (per-device batch x world size)),
+        # autocast's dtype (None: full precision), the max gradient norm (None or 0: no clipping)
+        self.accum_steps, self.amp_dtype, self.clip_grad = loop.accum_steps, amp_dtype, loop.clip_grad
         self.interrupt, self.line_every = interrupt, loop.log_every if loop.progress else 0
         self.spe = task.steps_per_epoch
         self.n_epochs = math.ceil(total / self.spe)
@@ -391,7 +387,7 @@ class Steps:
         # run replays exactly what an uninterrupted one would have done.
         rf.seed_all(self.loop.seed + 1000 * epoch + dist.get_rank())
         loader.set_epoch(epoch)
-        loader.skip_samples(self.skip * self.step_cfg.accum_steps * task.batch_size)
+        loader.skip_samples(self.skip * self.accum_steps * task.batch_size)
         self.parts.scheduler.step(epoch)  # a schedule per epoch moves here, one per step in `after_step`
         self.parts.scheduler.step_update(self.progress.global_step)
         self.last_lr = self.lr()
@@ -399,7 +395,7 @@ class Steps:
         self.stop_at_end, self.printed, self.t_line = False, self.skip, time.perf_counter()
         self.first = self.progress.global_step  # optimizer steps before this call of the epoch
         self.max_steps = self.epoch_steps - self.skip
-        train_one_epoch(self.train_model, loader, task, self.parts, self.device, self.step_cfg, self.sums, self)
+        train_one_epoch(self.train_model, loader, task, self.parts, self.device, self.sums, self)
         if self.bar is not None:
             self.bar.close()
         return self.stop_at_end
@@ -451,7 +447,7 @@ class Steps:
             rng = rf.rng_state()  # evaluating draws random numbers (a loader's seed): training's must not depend on it
             try:
                 ema = self.parts.ema.module if self.parts.ema is not None else None
-                metrics = self.task.evaluate_run(self.parts.model, ema, self.device, self.step_cfg.amp_dtype) or {}
+                metrics = self.task.evaluate_run(self.parts.model, ema, self.device, self.amp_dtype) or {}
             finally:
                 rf.set_rng_state(rng)
                 self.train_model.train()
@@ -491,7 +487,7 @@ class Steps:
         """`epoch e/E  step s/S  loss ...  <the loss's parts>  lr ...  ETA h:mm:ss  N img/s`."""
         now, step = time.perf_counter(), self.progress.global_step + 1
         eta = (self.total - step) * (now - self.t_start) / (self.called + 1)
-        images = (done - self.printed) * self.step_cfg.accum_steps * self.task.batch_size * dist.get_world_size()
+        images = (done - self.printed) * self.accum_steps * self.task.batch_size * dist.get_world_size()
         numbers = "  ".join(f"{k} {v:.4f}" for k, v in values.items())
         return (
             f"epoch {self.epoch + 1}/{self.n_epochs}  step {done}/{self.epoch_steps}  {numbers}  lr {self.lr():.3g}  "
