@@ -214,7 +214,7 @@ def train_one_epoch(model: nn.Module, loader, task, parts, device, sums: Sums, h
 
     Args:
         task: A `Task`: turns a batch into inputs (`prepare`) and a loss with its parts (`loss`).
-        parts: The `runfolder.Trainable` the step updates: optimizer, grad scaler (or None), EMA (or None).
+        parts: The `runfolder.Trainable` the step updates: `model` is its model, maybe in DDP and compile wrappers.
         sums: The loss sums, kept on the device: reading a device tensor waits for the GPU, which would stall the
             input pipeline once per step, so they are read only every `hooks.refresh_every` steps.
         hooks: The trainer's `Steps`: how each step is taken (`accum_steps`, `amp_dtype`, `clip_grad`); `start()`
@@ -247,7 +247,7 @@ def train_one_epoch(model: nn.Module, loader, task, parts, device, sums: Sums, h
         _optimizer_step(model, parts.optimizer, parts.scaler, hooks.clip_grad)
         steps += 1
         if parts.ema is not None:
-            parts.ema.update(dist.unwrap(model))
+            parts.ema.update(parts.model)  # the plain model inside `model`'s DDP and compile wrappers
         done, every = hooks.first + steps, hooks.line_every
         if done % hooks.refresh_every == 0 or (every and done % every == 0) or steps >= steps_total:
             values = sums.read_line(checked, steps)  # the one host read per `refresh_every` steps
