@@ -276,10 +276,6 @@ def _optimizer_step(model: nn.Module, optimizer, scaler, clip_grad: float | None
 # --- the run ---------------------------------------------------------------------------------------------------------
 
 
-class Interrupted(KeyboardInterrupt):
-    """Training stopped by Ctrl-C at a step boundary, its state saved (the message says where)."""
-
-
 def fit(task: Task, loop: Loop) -> dict:
     """Run (or resume) training as `loop` says. Returns the last row's numbers, the run folder and the best."""
     env, device = dist.init(loop.device)
@@ -371,7 +367,7 @@ class Steps:
                 continue
             where = f"at step {self.stopped_at} of epoch {epoch + 1}" if self.stopped_at else f"after epoch {epoch + 1}"
             if self.interrupt.asked:
-                raise Interrupted(f"interrupted {where}, state saved; {self.resume_hint}")
+                raise KeyboardInterrupt(f"interrupted {where}, state saved; {self.resume_hint}")  # the CLI prints it
             self.folder.say(f"stopping {where} as asked (state saved); {self.resume_hint}")
             dist.barrier()
             return dict(self.result, stopped=True)
