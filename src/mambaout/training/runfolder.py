@@ -57,16 +57,6 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def gather_ranks(sums: dict | None) -> list[dict]:
-    """Every rank's RNG state and loss sums, on every rank (a collective), so each resumed rank continues its own."""
-    mine = dict(rng=rng_state(), sums=sums)
-    if dist.get_world_size() == 1:
-        return [mine]
-    blob = io.BytesIO()  # as bytes: all_gather_object cannot carry tensors (torch fails to unpickle their storage)
-    torch.save(mine, blob)
-    return [torch.load(io.BytesIO(b), weights_only=True) for b in dist.all_gather_lists([blob.getvalue()])]
-
-
 # --- the training state (state.pt) -----------------------------------------------------------------------------------
 
 
@@ -258,7 +248,14 @@ class RunFolder:
         """Called on every rank: each rank's RNG state and unlogged loss sums are gathered, so a resumed rank continues
         its own and the next row and progress line equal an uninterrupted run's. `epoch_step` > 0 marks a checkpoint
         inside the next epoch. What describes the weights (class names, eval settings) is in the weights files."""
-        ranks = gather_ranks(sums)
+        mine = dict(rng=rng_state(), sums=sums)
+        ranks = [mine]
+        if dist.get_world_size() > 1:
+            blob = (
+                io.BytesIO()
+            )  # as bytes: all_gather_object cannot carry tensors (torch fails to unpickle their storage)
+            torch.save(mine, blob)
+            ranks = [torch.load(io.BytesIO(b), weights_only=True) for b in dist.all_gather_lists([blob.getvalue()])]
         if not self.write:
             return
         state = {key: None if obj is None else obj.state_dict() for key, obj in parts.stateful().items()}
@@ -275,8 +272,15 @@ class RunFolder:
         if parts.ema is not None:
             self.save_weights(parts.ema.module, "last_ema.safetensors", **extra)
         score = row.get(self.metric)
-        if score is not None and self.keep_top_k:
-            self._keep_top_k(parts.model, progress.top_k, score, row["step"], name, extra)
+        if score is not None and self.keep_top_k:  # the top k evaluations (score, step, file name), best first
+            k, top_k = self.keep_top_k, progress.top_k
+            top_k.append((score, row["step"], name))
+            top_k.sort(key=lambda t: (-t[0], t[1]))
+            if any(t[2] == name for t in top_k[:k]):
+                self.save_weights(parts.model, name, **extra)
+            for _, _, dropped in top_k[k:]:
+                (self.out / dropped).unlink(missing_ok=True)
+            del top_k[k:]
         self._log(row)
         ema_score = row.get(f"ema_{self.metric}")
         if score is None:
@@ -306,16 +310,6 @@ class RunFolder:
             plot_curves(path, self.out / "curves.png", self.metric)
         except Exception as e:  # a plotting problem must never stop training
             logger.warning("could not draw curves.png: %s", e)
-
-    def _keep_top_k(self, model: nn.Module, top_k: list, score: float, step: int, name: str, extra: dict) -> None:
-        k = self.keep_top_k
-        top_k.append((score, step, name))
-        top_k.sort(key=lambda t: (-t[0], t[1]))
-        if any(t[2] == name for t in top_k[:k]):
-            self.save_weights(model, name, **extra)
-        for _, _, dropped in top_k[k:]:
-            (self.out / dropped).unlink(missing_ok=True)
-        del top_k[k:]
 
     def save_weights(self, model: nn.Module, name: str, **extra) -> Path:
         from mambaout.weights.checkpoint import save_weights

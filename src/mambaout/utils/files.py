@@ -10,14 +10,6 @@ import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-
-def file_mode() -> int:
-    """The mode a new file gets under the current umask (`mkstemp` makes 0600 files; ours are meant to be shared)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
 _KINDS = (
     (stat.S_ISCHR, "a character device"),
     (stat.S_ISBLK, "a block device"),
@@ -114,7 +106,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None], suffix: 
             if not isinstance(e, OSError) and not any(s in str(e) for s in failure):
                 raise
             raise _write_error(path, e) from e
-        os.chmod(tmp, file_mode())
+        mask = os.umask(0)  # the mode a new file gets under the umask (`mkstemp` makes 0600 files; ours are shared)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
