@@ -181,9 +181,6 @@ class Sums:
             )
         return {k: v / max(self.line_n, 1) for k, v in zip(self.names, values)}
 
-    def reset_line(self) -> None:
-        self.line, self.line_n = None, 0
-
     def take_row(self, device) -> dict:
         """The means since the last row over all ranks (train_loss, its parts), images and skips; then reset."""
         row = [float(v) for v in (self.row.tolist() if torch.is_tensor(self.row) else self.row or [])]
@@ -387,7 +384,12 @@ class Steps:
         self.parts.scheduler.step(epoch)  # a schedule per epoch moves here, one per step in `after_step`
         self.parts.scheduler.step_update(self.progress.global_step)
         self.last_lr = self.lr()
-        self.bar = self._bar(epoch)
+        self.bar = None
+        if self.loop.progress and dist.is_main() and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            desc = f"epoch {epoch + 1}/{self.n_epochs}"
+            self.bar = tqdm(total=self.epoch_steps, initial=self.skip, desc=desc, leave=False, file=sys.stderr)
         self.stop_at_end, self.printed, self.t_line = False, self.skip, time.perf_counter()
         self.first = self.progress.global_step  # optimizer steps before this call of the epoch
         self.max_steps = self.epoch_steps - self.skip
@@ -477,7 +479,7 @@ class Steps:
                 return  # a line every `every` steps of the run: its sums go on (over an epoch's end too)
             self.folder.say(self._line(done, values))
             self.printed, self.t_line = done, time.perf_counter()
-        self.sums.reset_line()
+        self.sums.line, self.sums.line_n = None, 0  # the next line's means start here
 
     def _line(self, done: int, values: dict) -> str:
         """`epoch e/E  step s/S  loss ...  <the loss's parts>  lr ...  ETA h:mm:ss  N img/s`."""
@@ -489,14 +491,6 @@ class Steps:
             f"epoch {self.epoch + 1}/{self.n_epochs}  step {done}/{self.epoch_steps}  {numbers}  lr {self.lr():.3g}  "
             f"ETA {datetime.timedelta(seconds=round(eta))}  {images / max(now - self.t_line, 1e-9):.1f} img/s"
         )
-
-    def _bar(self, epoch: int):
-        if not (self.loop.progress and dist.is_main() and sys.stderr.isatty()):
-            return None
-        from tqdm import tqdm
-
-        desc = f"epoch {epoch + 1}/{self.n_epochs}"
-        return tqdm(total=self.epoch_steps, initial=self.skip, desc=desc, leave=False, file=sys.stderr)
 
 
 def _finished(state: dict, loop: Loop, task: Task) -> str | None:

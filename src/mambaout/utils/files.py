@@ -150,13 +150,6 @@ def jsonable(value) -> bool:
     return isinstance(value, (int, float, str, bool, type(None), list, tuple))
 
 
-def _same_file(a, b) -> bool:
-    try:
-        return os.path.samefile(a, b)
-    except (OSError, ValueError):  # an input that is no file here (a URL, a model name)
-        return False
-
-
 def check_writable(path: str | os.PathLike, what: str, inputs: Iterable = ()) -> Path:
     """Fail early, with one ValueError line, when `path` cannot be written (before a long run computes what goes
     there): a folder, a device, a FIFO or a socket, one of the files the command reads (`inputs`), or in a folder
@@ -164,7 +157,11 @@ def check_writable(path: str | os.PathLike, what: str, inputs: Iterable = ()) ->
     path = Path(path)
     output_target(path, what)
     for source in inputs:
-        if source is not None and path.exists() and _same_file(path, source):
+        try:
+            same = source is not None and path.exists() and os.path.samefile(path, source)
+        except (OSError, ValueError):  # an input that is no file here (a URL, a model name)
+            same = False
+        if same:
             raise ValueError(f"{what} {path} is {source}, which this command reads; pick another path")
     if path.is_dir():
         raise ValueError(f"{what} {path} is a folder; pass a file path")
