@@ -250,10 +250,8 @@ class RunFolder:
         inside the next epoch. What describes the weights (class names, eval settings) is in the weights files."""
         mine = dict(rng=rng_state(), sums=sums)
         ranks = [mine]
-        if dist.get_world_size() > 1:
-            blob = (
-                io.BytesIO()
-            )  # as bytes: all_gather_object cannot carry tensors (torch fails to unpickle their storage)
+        if dist.get_world_size() > 1:  # as bytes: all_gather_object cannot carry tensors (torch can't unpickle them)
+            blob = io.BytesIO()
             torch.save(mine, blob)
             ranks = [torch.load(io.BytesIO(b), weights_only=True) for b in dist.all_gather_lists([blob.getvalue()])]
         if not self.write:
