@@ -3,6 +3,8 @@
 import copy
 import csv
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -159,8 +161,8 @@ def test_downsampling_conv_uses_a_cached_channels_last_weight_that_follows_chang
 def test_bf16_fast_path_is_on_by_default_only_where_measured(monkeypatch, tmp_path, env, flags, want):
     info = tmp_path / "cpuinfo"
     info.write_text(f"processor : 0\nflags\t\t: {flags}\n")
-    real_open = open
-    monkeypatch.setattr("builtins.open", lambda f, *a, **k: real_open(info if f == "/proc/cpuinfo" else f, *a, **k))
+    real_read = Path.read_text
+    monkeypatch.setattr(Path, "read_text", lambda p, *a, **k: real_read(info if str(p) == "/proc/cpuinfo" else p))
     monkeypatch.setenv("MAMBAOUT_CPU_BF16", env)
     assert cpu._bf16_default() is want
 

@@ -11,15 +11,13 @@ bf16 there runs fp32 and says so; `allow_emulated=True` runs the bf16 path anywa
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import sys
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from mambaout.utils.device import cpu_name
+from mambaout.utils.device import cpu_flags, cpu_name
 
 __all__ = ["DTYPES", "cpu_bf16_support", "resolve_dtype", "LowPrecision", "with_dtype"]
 
@@ -31,13 +29,7 @@ _BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")
 @functools.lru_cache(maxsize=1)
 def cpu_bf16_support() -> tuple[bool, str]:
     """(whether this CPU does bf16 arithmetic natively, a few words naming the CPU and what it has)."""
-    model, flags = cpu_name(), set()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() in ("flags", "Features"):
-                flags = set(value.split())
-                break
+    model, flags = cpu_name(), cpu_flags()
     found = [f for f in _BF16_FLAGS if f in flags]
     if found:
         return True, f"{model} ({', '.join(found)})"

@@ -36,6 +36,8 @@ import weakref
 import torch
 from torch import nn
 
+from mambaout.utils import device
+
 __all__ = [
     "onednn_available",
     "can_use_cpu_fastpath",
@@ -87,16 +89,12 @@ def _hooked(m: nn.Module) -> bool:
 
 def _bf16_default() -> bool:
     """bf16 blocks take this path by default only on the CPUs it was measured faster on: AVX512-BF16 without AMX
-    (AMD EPYC family 26: 1.10x the plain bf16 block forward at batch 1, 2.3x at batch 32; docs/performance.md).
+    (AMD EPYC family 26, two threads: 1.19x the plain bf16 block at batch 1, 2.39x at batch 32; docs/performance.md).
     Elsewhere opt-in (MAMBAOUT_CPU_BF16=1); MAMBAOUT_CPU_BF16=0 turns it off."""
     env = os.environ.get("MAMBAOUT_CPU_BF16", "").strip()
     if env in ("0", "1"):
         return env == "1"
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return False
+    flags = device.cpu_flags()
     return "avx512_bf16" in flags and "amx_bf16" not in flags
 
 
@@ -114,24 +112,15 @@ def cpu_bf16_enabled() -> bool:
     return _BF16
 
 
-def _fast_dtype(x: torch.Tensor, block: nn.Module) -> bool:
-    dtype = block.fc1.weight.dtype
-    return x.dtype == dtype and (dtype == torch.float32 or (_BF16 and dtype == torch.bfloat16))
-
-
-def can_use_cpu_fastpath(block: nn.Module, x: torch.Tensor) -> bool:
-    """Whether `gated_block_inference` may replace the block's reference forward for this input.
-
-    Only for float32 CPU tensors (bf16 too, with bf16 weights, after `set_cpu_bf16(True)`) outside autocast, with
-    autograd off (under `no_grad` / `inference_mode`), outside tracing, export and compilation (those see the
-    reference graph), and when nobody hooks `fc1`/`fc2` (e.g. the MAC counter), because this path calls their
-    weights directly instead of the modules.
-    """
+def _inference_ok(x: torch.Tensor, dtype: torch.dtype, modules: tuple[nn.Module, ...]) -> bool:
+    """What both fast paths need: a plain 4-D CPU tensor of the weights' dtype (float32; bf16 after
+    `set_cpu_bf16(True)`), autograd off, no autocast, no tracing, export or compilation (those see the reference
+    graph), and no hooks on `modules` or global ones (e.g. the MAC counter), because the paths call their weights."""
     return (
-        _ONEDNN
-        and not torch.is_grad_enabled()
+        not torch.is_grad_enabled()
         and x.device.type == "cpu"
-        and _fast_dtype(x, block)
+        and x.dtype == dtype
+        and (dtype == torch.float32 or (_BF16 and dtype == torch.bfloat16))
         and not torch.is_autocast_enabled("cpu")  # autocast decides dtypes op by op; the reference keeps that
         and x.ndim == 4
         and not torch.jit.is_scripting()
@@ -139,8 +128,14 @@ def can_use_cpu_fastpath(block: nn.Module, x: torch.Tensor) -> bool:
         and not torch.compiler.is_compiling()
         and not _exporting()
         and type(x) is torch.Tensor  # fake/functional tensors mean someone traces the graph: show the reference
-        and not (_hooked(block.fc1) or _hooked(block.fc2) or _global_hooks())
+        and not (any(_hooked(m) for m in modules) or _global_hooks())
     )
+
+
+def can_use_cpu_fastpath(block: nn.Module, x: torch.Tensor) -> bool:
+    """Whether `gated_block_inference` may replace the block's reference forward for this input: oneDNN is there,
+    and `_inference_ok` for `fc1` and `fc2` (under `no_grad` / `inference_mode`, float32 or enabled bf16)."""
+    return _ONEDNN and _inference_ok(x, block.fc1.weight.dtype, (block.fc1, block.fc2))
 
 
 def _exporting() -> bool:
@@ -158,21 +153,8 @@ _CL_WEIGHTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # conv -> 
 
 
 def can_use_cpu_conv(conv: nn.Module, x: torch.Tensor) -> bool:
-    """Whether `conv_channels_last` may replace `conv(x)`: the block's conditions, for a conv."""
-    return (
-        not torch.is_grad_enabled()
-        and x.device.type == "cpu"
-        and x.dtype == conv.weight.dtype
-        and (x.dtype == torch.float32 or (_BF16 and x.dtype == torch.bfloat16))
-        and not torch.is_autocast_enabled("cpu")
-        and x.ndim == 4
-        and not torch.jit.is_scripting()
-        and not torch.jit.is_tracing()
-        and not torch.compiler.is_compiling()
-        and not _exporting()
-        and type(x) is torch.Tensor
-        and not (_hooked(conv) or _global_hooks())
-    )
+    """Whether `conv_channels_last` may replace `conv(x)`: `_inference_ok` for the conv."""
+    return _inference_ok(x, conv.weight.dtype, (conv,))
 
 
 def conv_channels_last(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:

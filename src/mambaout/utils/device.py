@@ -54,6 +54,16 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (`flags`, or `Features` on ARM, in /proc/cpuinfo); empty where they cannot be read."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() in ("flags", "Features"):
+                return frozenset(value.split())
+    return frozenset()
+
+
 def device_name(device: torch.device) -> str:
     """`'NVIDIA H100 80GB HBM3'`, or the CPU model with the thread count torch uses."""
     if device.type == "cuda":
