@@ -19,8 +19,6 @@ import sys
 import time
 from dataclasses import dataclass
 
-__all__ = ["usable_cores", "cpu_snapshot", "free_cores", "threads_for", "begin", "settle", "set_threads", "policy"]
-
 _ENV = "MAMBAOUT_THREADS"
 
 
