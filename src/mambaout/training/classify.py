@@ -17,7 +17,7 @@ from torch import nn
 from mambaout.data.datasets import create_dataset
 from mambaout.data.loaders import eval_loader, num_steps, train_loader
 from mambaout.data.transforms import build_train_transform
-from mambaout.training.config import MixupConfig, ModelConfig, TrainConfig, to_flat
+from mambaout.training.config import MixupConfig, TrainConfig, to_flat
 from mambaout.training.optim import create_optimizer, create_scheduler
 from mambaout.training.trainer import Loop, Task, fit
 from mambaout.utils import distributed as dist
@@ -84,12 +84,49 @@ class ClassifyTask(Task):
         self.mixup_fn, self.loss_fn = build_loss(self.cfg.mixup, len(self.classes))
 
     def build_model(self, device: torch.device) -> nn.Module:
-        cfg = self.cfg
-        model, self._meta = build_model(cfg.model, self.classes, self.eval_config, cfg.data.data_train)
-        if cfg.perf.grad_checkpointing:
+        """The model to train, and (`meta`) what its checkpoints carry: what `create_model(checkpoint=...)` needs.
+
+        With `pretrained` or `initial_checkpoint` the weights come from there (fine-tuning); a classifier of another
+        class count than the data's is replaced by a fresh one.
+        """
+        from mambaout.models.factory import create_model
+        from mambaout.models.variants import get_variant
+
+        cfg, classes = self.cfg.model, self.classes
+        num_classes = cfg.num_classes or len(classes)
+        if num_classes != len(classes):
+            raise ValueError(
+                f"--num-classes {num_classes} does not match the {len(classes)} classes of the training data "
+                f"({self.cfg.data.data_train}); leave it out to take the data's"
+            )
+        kwargs = cfg.create_kwargs()
+        variant, _ = get_variant(cfg.model)
+        drop_path = cfg.drop_path if cfg.drop_path is not None else variant.default_drop_path
+        model = create_model(
+            cfg.model,
+            pretrained=cfg.pretrained,
+            checkpoint=cfg.initial_checkpoint,
+            use_ema=cfg.use_ema,
+            num_classes=num_classes,
+            drop_path_rate=drop_path,
+            **kwargs,
+        )
+        # What create_model(checkpoint=...) needs to rebuild this model with no other argument: the architecture the
+        # model was built with (an initial checkpoint's own widths included), never where its first weights came from.
+        model_kwargs = {k: v for k, v in kwargs.items() if jsonable(v)}
+        model_kwargs.update(getattr(model, "model_kwargs", {}))
+        model_kwargs.update(num_classes=num_classes)
+        if drop_path:
+            model_kwargs["drop_path_rate"] = drop_path
+        self._meta = dict(model=variant.name, model_kwargs=model_kwargs, class_names=classes)
+        self._meta["eval_config"] = self.eval_config
+        if cfg.pretrained or cfg.initial_checkpoint:
+            origin = f"{variant.name} published weights" if cfg.pretrained else str(cfg.initial_checkpoint)
+            self._meta["fine_tuned_from"] = origin
+        if self.cfg.perf.grad_checkpointing:
             model.set_grad_checkpointing(True)
         model.to(device)
-        if cfg.perf.channels_last:
+        if self.cfg.perf.channels_last:
             model.to(memory_format=torch.channels_last)
         return model
 
@@ -165,46 +202,6 @@ class ClassifyTask(Task):
 def _to_device(x: torch.Tensor, y: torch.Tensor, device: torch.device, channels_last: bool):
     layout = torch.channels_last if channels_last else torch.preserve_format
     return x.to(device, non_blocking=True, memory_format=layout), y.to(device, non_blocking=True)
-
-
-def build_model(cfg: ModelConfig, classes: list[str], eval_cfg: dict, data_train: str) -> tuple[nn.Module, dict]:
-    """The model to train, and the metadata its checkpoints carry (what `create_model(checkpoint=...)` needs).
-
-    With `pretrained` or `initial_checkpoint` the weights come from there (fine-tuning); a classifier of another
-    class count than the data's is replaced by a fresh one.
-    """
-    from mambaout.models.factory import create_model
-    from mambaout.models.variants import get_variant
-
-    num_classes = cfg.num_classes or len(classes)
-    if num_classes != len(classes):
-        raise ValueError(
-            f"--num-classes {num_classes} does not match the {len(classes)} classes of the training data "
-            f"({data_train}); leave it out to take the data's"
-        )
-    kwargs = cfg.create_kwargs()
-    variant, _ = get_variant(cfg.model)
-    drop_path = cfg.drop_path if cfg.drop_path is not None else variant.default_drop_path
-    model = create_model(
-        cfg.model,
-        pretrained=cfg.pretrained,
-        checkpoint=cfg.initial_checkpoint,
-        use_ema=cfg.use_ema,
-        num_classes=num_classes,
-        drop_path_rate=drop_path,
-        **kwargs,
-    )
-    # What create_model(checkpoint=...) needs to rebuild this model with no other argument: the architecture the
-    # model was built with (an initial checkpoint's own widths included), never where its first weights came from.
-    model_kwargs = {k: v for k, v in kwargs.items() if jsonable(v)}
-    model_kwargs.update(getattr(model, "model_kwargs", {}))
-    model_kwargs.update(num_classes=num_classes)
-    if drop_path:
-        model_kwargs["drop_path_rate"] = drop_path
-    meta = dict(model=variant.name, model_kwargs=model_kwargs, class_names=classes, eval_config=eval_cfg)
-    if cfg.pretrained or cfg.initial_checkpoint:
-        meta["fine_tuned_from"] = f"{variant.name} published weights" if cfg.pretrained else str(cfg.initial_checkpoint)
-    return model, meta
 
 
 def build_loss(cfg: MixupConfig, num_classes: int):
