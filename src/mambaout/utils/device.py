@@ -31,14 +31,15 @@ def resolve_device(name: str | None):
     return dev
 
 
-AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def autocast_setting(amp: str, device: torch.device) -> tuple[str, torch.dtype | None]:
     """The one reading of an `--amp` value on a device: `auto` is bf16 autocast on CUDA and full precision
     elsewhere; returns the setting's name (`none`, `bf16`, `fp16`) and its autocast dtype (None: no autocast)."""
     name = ("bf16" if device.type == "cuda" else "none") if amp == "auto" else amp
-    return name, AMP_DTYPES[name]
+    return name, {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
 def cpu_name() -> str:
