@@ -126,7 +126,6 @@ class DecodedEvalLoader:
     def __init__(self, data: DecodedImages, batch_size: int, mean, std, rank=0, world_size=1):
         self.data, self.batch_size, self.mean, self.std = data, batch_size, mean, std
         self.sampler = ShardSampler(len(data), rank, world_size)
-        self.dataset = data
 
     def __len__(self) -> int:
         return -(-len(self.sampler) // self.batch_size)
@@ -156,7 +155,6 @@ class DeviceAugmentLoader:
         if augment.crop:
             raise ValueError("DeviceAugmentLoader expects crops from the CPU workers: build GpuAugment(crop=False)")
         self.loader, self.augment, self.device = loader, augment, torch.device(device)
-        self.sampler = getattr(loader, "sampler", None)
 
     def set_epoch(self, epoch: int) -> None:
         self.loader.set_epoch(epoch)

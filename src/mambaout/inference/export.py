@@ -24,8 +24,7 @@ from mambaout.utils.files import atomic_write
 
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
 METADATA_FILE = "mambaout.json"  # name of the metadata entry inside a .pt2 archive
-DEFAULT_OPSET = 18  # the lowest opset torch's ONNX exporter targets natively; onnxruntime >= 1.14 runs it
-MIN_OPSET = 18  # torch's exporter cannot write older opsets
+DEFAULT_OPSET = 18  # the lowest opset torch's ONNX exporter writes (none older); onnxruntime >= 1.14 runs it
 
 
 def export_metadata(model: nn.Module, img_size: int | None = None) -> dict:
@@ -41,8 +40,8 @@ def export_metadata(model: nn.Module, img_size: int | None = None) -> dict:
         "class_names": list(names.names),
         "eval_config": eval_settings(cfg),
     }
-    if img_size is not None and "input_size" in meta["eval_config"]:
-        meta["eval_config"]["input_size"] = [meta["eval_config"]["input_size"][0], img_size, img_size]
+    if img_size is not None:
+        meta["eval_config"]["input_size"][1:] = [img_size, img_size]
     if names.synsets is not None:
         meta["synsets"] = list(names.synsets)
     return meta
@@ -118,7 +117,6 @@ def export_onnx(
 
 
 def _save_onnx(proto, path: str, metadata: dict) -> None:
-    """Save `proto` with `metadata` as its `metadata_props` (values JSON-encoded)."""
     import onnx
 
     for key, value in metadata.items():
@@ -141,16 +139,12 @@ def _converter_log():
         log.propagate = propagate
 
 
-def supported_opsets() -> range:
-    """ONNX opsets an export can target: torch's exporter writes 18 natively, the installed `onnx` knows the newest."""
+def check_opset(opset) -> int:
+    """`opset` if an export can target it (up to the newest the installed `onnx` knows), else ValueError naming the
+    range (ImportError without `onnx`)."""
     import onnx
 
-    return range(MIN_OPSET, onnx.defs.onnx_opset_version() + 1)
-
-
-def check_opset(opset) -> int:
-    """`opset` if an export can target it, else ValueError naming the range (ImportError without `onnx`)."""
-    ok = supported_opsets()
+    ok = range(DEFAULT_OPSET, onnx.defs.onnx_opset_version() + 1)
     if isinstance(opset, bool) or not isinstance(opset, int) or opset not in ok:
         raise ValueError(f"--opset must be an integer from {ok.start} to {ok.stop - 1}, got {opset!r}")
     return opset

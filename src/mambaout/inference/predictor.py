@@ -15,7 +15,6 @@ import os
 import re
 import sys
 import warnings
-from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,13 +71,9 @@ class ClassNames:
     def label(self, index: int) -> str:
         """A display label unique among the classes: the name, with the synset added where names repeat."""
         name = self.names[index]
-        if self.synsets is not None and name in self._repeated:
+        if self.synsets is not None and self.names.count(name) > 1:
             return f"{name} ({self.synsets[index]})"
         return name
-
-    @property
-    def _repeated(self) -> frozenset[str]:
-        return frozenset(n for n, count in Counter(self.names).items() if count > 1)
 
 
 def class_names_for(model: nn.Module) -> ClassNames:
@@ -225,7 +220,7 @@ class Predictor:
             _Decoded(items, self.preprocess),
             batch_size=batch_size,
             num_workers=num_workers,
-            collate_fn=_collate,
+            collate_fn=list,
             worker_init_fn=ignore_sigint,
         )
         from tqdm.auto import tqdm
@@ -233,7 +228,8 @@ class Predictor:
         bar = tqdm(
             total=len(items), unit="img", file=sys.stderr, desc="predict", dynamic_ncols=True, disable=not progress
         )
-        for sources, tensors, errors in loader:
+        for batch in loader:
+            sources, tensors, errors = zip(*batch)
             ok = [t for t in tensors if t is not None]
             rows = zip(*self.predict_batch(torch.stack(ok))) if ok else iter(())  # (probs, indices) of each read image
             for source, tensor, error in zip(sources, tensors, errors):
@@ -290,11 +286,6 @@ class _Decoded(torch.utils.data.Dataset):
             return _describe(item), self.preprocess(item), None
         except (ValueError, OSError) as e:
             return _describe(item), None, str(e)
-
-
-def _collate(batch):
-    sources, tensors, errors = zip(*batch)
-    return list(sources), list(tensors), list(errors)
 
 
 def format_text(pred: dict) -> str:
