@@ -167,8 +167,3 @@ def eval_transform(cfg: dict | EvalSettings, img_size: int | None = None, crop_p
     """The eval transform of `EvalSettings`, a `pretrained_cfg` or a checkpoint `eval_config`."""
     settings = cfg if isinstance(cfg, EvalSettings) else EvalSettings.from_dict(cfg)
     return settings.transform(img_size, crop_pct)
-
-
-def eval_settings(cfg: dict) -> dict:
-    """The eval transform's settings out of a `pretrained_cfg` (what checkpoints and exported files record)."""
-    return EvalSettings.from_dict(cfg).to_dict()

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mambaout.data.image import eval_settings
+from mambaout.data.image import EvalSettings
 from mambaout.inference.predictor import class_names_for
 from mambaout.utils.files import atomic_write
 
@@ -32,13 +32,12 @@ def export_metadata(model: nn.Module, img_size: int | None = None) -> dict:
 
     With `img_size`, the eval transform's input size is the exported graph's, not the model's default.
     """
-    cfg = dict(getattr(model, "pretrained_cfg", None) or {})
     names = class_names_for(model)
     meta = {
         "model": getattr(model, "model_name", type(model).__name__),
         "model_kwargs": getattr(model, "model_kwargs", {}),
         "class_names": list(names.names),
-        "eval_config": eval_settings(cfg),
+        "eval_config": EvalSettings.from_dict(getattr(model, "pretrained_cfg", None) or {}).to_dict(),
     }
     if img_size is not None:
         meta["eval_config"]["input_size"][1:] = [img_size, img_size]

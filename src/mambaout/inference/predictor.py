@@ -42,19 +42,20 @@ _SYNSET = re.compile(r"n\d{8}")  # a WordNet noun id, ImageNet's class folder na
 # --- finding images --------------------------------------------------------------------------------------------
 
 
-def find_images(inputs: Iterable[str | os.PathLike]) -> list[Path]:
-    """Expand folders (recursively, sorted, image suffixes only) and keep files as given, in input order.
+def find_images(inputs: Iterable) -> list:
+    """Expand folders (recursively, sorted, image suffixes only) and keep files (as `Path`s) and other items (PIL
+    images, arrays, bytes) as given, in input order.
 
     A folder's entries with an image suffix are all kept, FIFOs, devices and dangling links included: the predictor
     names each of them as unreadable (without opening a FIFO or a device) rather than leaving them out unsaid.
     """
-    paths: list[Path] = []
+    paths = []
     for item in inputs:
-        p = Path(item)
-        if p.is_dir():
+        p = Path(item) if isinstance(item, (str, os.PathLike)) else None
+        if p is not None and p.is_dir():
             paths += sorted(f for f in p.rglob("*") if not f.is_dir() and f.suffix.lower() in IMAGE_EXTENSIONS)
         else:
-            paths.append(p)  # missing or unreadable files are reported per file by the predictor
+            paths.append(item if p is None else p)  # missing or unreadable files are reported per file by the predictor
     return paths
 
 
@@ -215,13 +216,9 @@ class Predictor:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if isinstance(inputs, (str, os.PathLike, Image.Image, np.ndarray, bytes)):
             inputs = [inputs]
-        items = _expand(inputs)
+        items = find_images(inputs)
         loader = torch.utils.data.DataLoader(
-            _Decoded(items, self.preprocess),
-            batch_size=batch_size,
-            num_workers=num_workers,
-            collate_fn=list,
-            worker_init_fn=ignore_sigint,
+            items, batch_size=batch_size, num_workers=num_workers, collate_fn=self._decode, worker_init_fn=ignore_sigint
         )
         from tqdm.auto import tqdm
 
@@ -236,6 +233,17 @@ class Predictor:
                 yield Prediction(source, error=error) if tensor is None else self._prediction(source, *next(rows))
             bar.update(len(sources))
         bar.close()
+
+    def _decode(self, items: list) -> list[tuple]:
+        """(source, tensor or None, error or None) of each item: a bad file becomes an error entry, not an exception.
+        The loader's collate function, so the decoding runs in its workers."""
+        out = []
+        for item in items:
+            try:
+                out.append((_describe(item), self.preprocess(item), None))
+            except (ValueError, OSError) as e:
+                out.append((_describe(item), None, str(e)))
+        return out
 
     def predict(self, inputs, batch_size: int = 32, num_workers: int = 0, progress: bool = False) -> list[dict]:
         """`iter_predict` as a list of JSON-ready dicts: `{'path', 'top': [{'index', 'label', 'prob', 'synset'?}]}`
@@ -262,30 +270,6 @@ def predict(
 
 def _describe(source) -> str:
     return str(source) if isinstance(source, (str, os.PathLike)) else f"<{type(source).__name__}>"
-
-
-def _expand(inputs: Iterable) -> list:
-    out: list = []
-    for item in inputs:
-        out += find_images([item]) if isinstance(item, (str, os.PathLike)) else [item]
-    return out
-
-
-class _Decoded(torch.utils.data.Dataset):
-    """Items -> (source, tensor or None, error or None): a bad file becomes an error entry, not an exception."""
-
-    def __init__(self, items: list, preprocess):
-        self.items, self.preprocess = items, preprocess
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i):
-        item = self.items[i]
-        try:
-            return _describe(item), self.preprocess(item), None
-        except (ValueError, OSError) as e:
-            return _describe(item), None, str(e)
 
 
 def format_text(pred: dict) -> str:
