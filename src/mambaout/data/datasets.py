@@ -118,7 +118,7 @@ class ImageDataset(Dataset):
 
             stamp = os.stat(self.root).st_mtime_ns if os.path.exists(self.root) else 0
             arrays = machine_shared(cache_key("files", os.path.abspath(self.root), stamp, self._n), build)
-            self._bytes = PackedBytes.from_arrays(arrays)
+            self._bytes = PackedBytes(arrays)
             self._targets = arrays["targets"].tolist()
             self._names = [str(self.reader._filename(i)) for i in range(self._n)]
             self.reader = None
@@ -130,7 +130,7 @@ class ImageDataset(Dataset):
             data = self._bytes[index]
             if data is None:
                 raise OSError("unreadable file")
-            return io.BytesIO(data), self.target(index)
+            return io.BytesIO(data), self._targets[index]
         if isinstance(self.reader, FolderReader):
             path = self.reader.samples[index][0]
             kind = special_kind(path)
@@ -147,9 +147,6 @@ class ImageDataset(Dataset):
 
     def __len__(self) -> int:
         return self._n
-
-    def target(self, index: int) -> int:
-        return self._targets[index]
 
     def __getitem__(self, index: int):
         n = len(self)

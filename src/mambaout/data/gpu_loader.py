@@ -151,9 +151,7 @@ class DeviceAugmentLoader:
     """Wraps a CPU loader of uint8 crops: moves each batch to `device` and augments it there (flip, RandAugment,
     normalisation, random erasing)."""
 
-    def __init__(self, loader, augment: GpuAugment, device):
-        if augment.crop:
-            raise ValueError("DeviceAugmentLoader expects crops from the CPU workers: build GpuAugment(crop=False)")
+    def __init__(self, loader, augment: GpuAugment, device):  # augment: built with crop=False
         self.loader, self.augment, self.device = loader, augment, torch.device(device)
 
     def set_epoch(self, epoch: int) -> None:

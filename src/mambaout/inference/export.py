@@ -46,15 +46,17 @@ def export_metadata(model: nn.Module, img_size: int | None = None) -> dict:
     return meta
 
 
-def _example(model: nn.Module, img_size: int | None) -> torch.Tensor:
+def _prepare(model: nn.Module, img_size: int | None, metadata: dict | None) -> tuple[nn.Module, torch.Tensor, dict]:
+    """(the model in eval mode, an example input, the metadata to store) of an export."""
     cfg = getattr(model, "pretrained_cfg", None) or {}
     in_chans, h, w = cfg.get("input_size", (3, 224, 224))
     if img_size is not None:
         if img_size < 32:
             raise ValueError(f"img_size must be >= 32 (the network downsamples by 32), got {img_size}")
         h = w = img_size
+    meta = export_metadata(model, img_size) if metadata is None else metadata
     # batch 2, not 1: torch.export specialises a dimension of size 0 or 1 to a constant
-    return torch.randn(2, in_chans, h, w)
+    return model.eval(), torch.randn(2, in_chans, h, w), meta
 
 
 def _batch_dim():
@@ -82,9 +84,7 @@ def export_onnx(
     import onnx
 
     check_opset(opset)
-    model = model.eval()
-    x = _example(model, img_size)
-    meta = export_metadata(model, img_size) if metadata is None else metadata
+    model, x, meta = _prepare(model, img_size, metadata)
 
     def write(tmp: str) -> None:
         with torch.no_grad(), _converter_log() as converter:
@@ -167,11 +167,9 @@ def export_pt2(
 
     The metadata is the archive's `mambaout.json` extra file: read it with `read_pt2_metadata`.
     """
-    model = model.eval()
-    x = _example(model, img_size)
+    model, x, meta = _prepare(model, img_size, metadata)
     with torch.no_grad():
         program = torch.export.export(model, (x,), dynamic_shapes=(_batch_dim(),))
-    meta = export_metadata(model, img_size) if metadata is None else metadata
     extra = {METADATA_FILE: json.dumps(meta)}
     return atomic_write(path, lambda tmp: torch.export.save(program, tmp, extra_files=extra), suffix=".pt2")
 

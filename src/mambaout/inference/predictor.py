@@ -90,15 +90,14 @@ def class_names_for(model: nn.Module) -> ClassNames:
 
     if stored is not None and len(stored) == num_classes:
         stored = tuple(str(n) for n in stored)
-        if all(_SYNSET.fullmatch(n) for n in stored):
-            # ImageFolder class names of an ImageNet subset (Imagenette): show the words, keep the synsets
-            info = ImageNetInfo("imagenet-22k")
-            try:
-                names = tuple(info.label_name_to_description(n).split(",")[0].strip() for n in stored)
-            except (KeyError, ValueError):  # not all WordNet ids ImageNet knows: keep them as they are
-                return ClassNames(stored)
-            return ClassNames(names, stored)
-        return ClassNames(stored)
+        if not all(_SYNSET.fullmatch(n) for n in stored):
+            return ClassNames(stored)
+        # ImageFolder class names of an ImageNet subset (Imagenette): show the words, keep the synsets
+        info = ImageNetInfo("imagenet-22k")
+        try:
+            return ClassNames(tuple(info.label_name_to_description(n).split(",")[0].strip() for n in stored), stored)
+        except (KeyError, ValueError):  # not all WordNet ids ImageNet knows: keep them as they are
+            return ClassNames(stored)
 
     subset = infer_imagenet_subset({"num_classes": num_classes})
     if subset is not None:
