@@ -169,20 +169,15 @@ def count_samples(shards: list[str], num_classes: int | None = None) -> tuple[in
 
 def write_shards(samples, pattern: str, per_shard: int) -> list[str]:
     """Write `(key, image bytes, ext, label)` samples to WebDataset shards `pattern % shard_index`."""
-    paths, tar, count = [], None, 0
-    for key, data, ext, label in samples:
-        if tar is None or count == per_shard:
-            if tar is not None:
-                tar.close()
-            paths.append(pattern % len(paths))
-            tar, count = tarfile.open(paths[-1], "w"), 0
-        for suffix, payload in ((ext, data), ("cls", str(label).encode())):
-            info = tarfile.TarInfo(f"{key}.{suffix}")
-            info.size = len(payload)
-            tar.addfile(info, io.BytesIO(payload))
-        count += 1
-    if tar is not None:
-        tar.close()
+    paths = []
+    for _, shard in itertools.groupby(enumerate(samples), lambda item: item[0] // per_shard):  # lazily, shard by shard
+        paths.append(pattern % len(paths))
+        with tarfile.open(paths[-1], "w") as tar:
+            for _, (key, data, ext, label) in shard:
+                for suffix, payload in ((ext, data), ("cls", str(label).encode())):
+                    info = tarfile.TarInfo(f"{key}.{suffix}")
+                    info.size = len(payload)
+                    tar.addfile(info, io.BytesIO(payload))
     return paths
 
 
