@@ -124,18 +124,12 @@ class ImageDataset(Dataset):
             self.reader = None
 
     def _open(self, index: int):
-        """(file object, target) of a sample. A folder entry that is a FIFO, socket or device is never opened (a FIFO
-        would block the read forever): it raises OSError, and the sample is skipped and named like a corrupt one."""
+        """(file object, target) of a sample; OSError for one that cannot be opened (skipped and named)."""
         if self._bytes is not None:
             data = self._bytes[index]
             if data is None:
                 raise OSError("unreadable file")
             return io.BytesIO(data), self._targets[index]
-        if isinstance(self.reader, FolderReader):
-            path = self.reader.samples[index][0]
-            kind = special_kind(path)
-            if kind is not None:
-                raise OSError(f"{path} is {kind}, not an image file: not opened")
         return self.reader[index]
 
     def _read(self, index: int) -> bytes | None:

@@ -20,6 +20,7 @@ import os
 from timm.data.readers.img_extensions import get_img_extensions
 from timm.utils.misc import natural_key
 
+from mambaout.utils.files import special_kind
 from mambaout.utils.text import printable
 
 logger = logging.getLogger("mambaout")
@@ -143,6 +144,9 @@ class FolderReader:
 
     def __getitem__(self, index: int):
         path, target = self.samples[index]
+        kind = special_kind(path)
+        if kind is not None:  # a FIFO would block the read forever: not opened, the sample is skipped and named
+            raise OSError(f"{path} is {kind}, not an image file: not opened")
         return open(path, "rb"), target
 
     def _filename(self, index: int) -> str:
