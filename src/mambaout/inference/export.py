@@ -70,17 +70,10 @@ def export_onnx(
     opset: int = DEFAULT_OPSET,
     metadata: dict | None = None,
 ) -> Path:
-    """Write `model` as ONNX with input `input` `[batch, 3, H, W]` and output `logits` `[batch, num_classes]`.
-
-    The batch axis is dynamic; H and W are fixed at `img_size` (default: the model's eval input size).
-
-    Args:
-        model: The network (put in eval mode here).
-        path: Destination `.onnx` file.
-        img_size: Square input side in pixels (a multiple of 32 keeps every stage's map whole).
-        opset: ONNX opset version.
-        metadata: Stored as `metadata_props` (values JSON-encoded); default `export_metadata(model)`.
-    """
+    """Write `model` (put in eval mode) as ONNX: input `input` `[batch, 3, H, W]`, output `logits` `[batch,
+    num_classes]`. The batch axis is dynamic; H = W = `img_size` (default: the model's eval input size; a multiple
+    of 32 keeps every stage's map whole). `metadata` is stored as `metadata_props` (values JSON-encoded); default
+    `export_metadata(model, img_size)`."""
     import onnx
 
     check_opset(opset)

@@ -200,17 +200,10 @@ class Predictor:
     def iter_predict(
         self, inputs: Sequence | str | os.PathLike, batch_size: int = 32, num_workers: int = 0, progress: bool = False
     ) -> Iterator[Prediction]:
-        """Classify many images, yielding one `Prediction` per image in input order.
-
-        Folders are searched recursively. A file that cannot be read yields a `Prediction` with `error`
-        set and does not stop the rest.
-
-        Args:
-            inputs: Paths, folders, PIL images or arrays (a single path or folder is accepted too).
-            batch_size: Images per forward pass.
-            num_workers: Decoding processes (a `DataLoader`); 0 decodes in this process.
-            progress: Show a progress bar on stderr.
-        """
+        """Classify `inputs` (paths, folders searched recursively, PIL images, arrays; or a single one), yielding one
+        `Prediction` per image in input order. A file that cannot be read yields a `Prediction` with `error` set and
+        does not stop the rest. `num_workers` decoding processes (0: decode in this process), `batch_size` images
+        per forward pass, `progress` bar on stderr."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if isinstance(inputs, (str, os.PathLike, Image.Image, np.ndarray, bytes)):
