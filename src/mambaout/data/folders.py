@@ -98,10 +98,8 @@ def scan_image_folder(root: str, report: bool = True) -> list[tuple[str, str]]:
     # one entry per real file: the one that is no link where there is one (the file keeps the class of its real
     # place), else the first link to it
     kept: dict[str, int] = {}
-    for i, (_, _, file_real, is_link) in enumerate(listed):
-        j = kept.get(file_real)
-        if j is None or (listed[j][3] and not is_link):
-            kept[file_real] = i
+    for i, (_, _, file_real, _) in sorted(enumerate(listed), key=lambda e: e[1][3]):  # links last, else in order
+        kept.setdefault(file_real, i)
     keep = set(kept.values())
     found = [(p, label) for i, (p, label, _, _) in enumerate(listed) if i in keep]
     duplicates = [p for i, (p, _, _, _) in enumerate(listed) if i not in keep]
