@@ -114,14 +114,12 @@ def to_rgb(img: Image.Image) -> Image.Image:
         lo, hi = float(arr.min()), float(arr.max())
         arr = (arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)
         img = Image.fromarray(arr.round().astype(np.uint8), mode="L")
-    elif img.mode == "1":
-        img = img.convert("L")
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         rgba = img.convert("RGBA")
         out = Image.new("RGB", rgba.size, _BACKGROUND)
         out.paste(rgba, mask=rgba.getchannel("A"))
         return out
-    return img.convert("RGB")  # L, CMYK, YCbCr, LAB, HSV
+    return img.convert("RGB")  # 1, L, CMYK, YCbCr, LAB, HSV
 
 
 @dataclass(frozen=True)
