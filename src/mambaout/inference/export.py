@@ -28,10 +28,8 @@ DEFAULT_OPSET = 18  # the lowest opset torch's ONNX exporter writes (none older)
 
 
 def export_metadata(model: nn.Module, img_size: int | None = None) -> dict:
-    """The facts stored beside an exported graph (the same contract as our checkpoints' metadata).
-
-    With `img_size`, the eval transform's input size is the exported graph's, not the model's default.
-    """
+    """The facts stored beside an exported graph (the same contract as our checkpoints' metadata); with `img_size`,
+    the eval transform's input size is the exported graph's, not the model's default."""
     names = class_names_for(model)
     meta = {
         "model": getattr(model, "model_name", type(model).__name__),
@@ -156,10 +154,8 @@ def read_onnx_metadata(path_or_session) -> dict:
 def export_pt2(
     model: nn.Module, path: str | os.PathLike, img_size: int | None = None, metadata: dict | None = None
 ) -> Path:
-    """Write `model` as a `torch.export` program (dynamic batch), loadable with `torch.export.load`.
-
-    The metadata is the archive's `mambaout.json` extra file: read it with `read_pt2_metadata`.
-    """
+    """Write `model` as a `torch.export` program (dynamic batch), loadable with `torch.export.load`; the metadata is
+    the archive's `mambaout.json` extra file (`load_pt2` reads both)."""
     model, x, meta = _prepare(model, img_size, metadata)
     with torch.no_grad():
         program = torch.export.export(model, (x,), dynamic_shapes=(_batch_dim(),))
