@@ -40,13 +40,8 @@ def cpu_bf16_support() -> tuple[bool, str]:
 
 
 def resolve_dtype(dtype: str, device: torch.device | str = "cpu", allow_emulated: bool = False) -> tuple[str, str]:
-    """The dtype to run (`'fp32'` or `'bf16'`) for the one asked for, and a one-line note when they differ.
-
-    CUDA runs bf16 as asked. A CPU without bf16 arithmetic runs fp32 unless `allow_emulated`.
-
-    Raises:
-        ValueError: an unknown dtype.
-    """
+    """The dtype to run (`'fp32'` or `'bf16'`) for the one asked for, and a one-line note when they differ: CUDA runs
+    bf16 as asked, a CPU without bf16 arithmetic runs fp32 unless `allow_emulated`. ValueError for an unknown dtype."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     if dtype == "fp32" or torch.device(device).type != "cpu" or allow_emulated:
