@@ -121,7 +121,7 @@ def test_packed_bytes_round_trip(tmp_path):
     items = [b"abc", None, b"", b"\x00\xff" * 10]
     arrays = shared_cache.PackedBytes.pack(items)
     shared_cache.write_arrays(tmp_path / "c.bin", arrays)
-    packed = shared_cache.PackedBytes.from_arrays(shared_cache.map_arrays(tmp_path / "c.bin"))
+    packed = shared_cache.PackedBytes(shared_cache.map_arrays(tmp_path / "c.bin"))
     assert [packed[i] for i in range(len(packed))] == items
 
 

@@ -47,7 +47,7 @@ def test_each_rank_reads_a_disjoint_share_once(shards):
         ds = D.create_dataset(f"wds/{shards}/train/train-{{0000..0003}}.tar", transform=np.array)
         assert ds.classes == ["bright", "dark"] and ds.total == 24
         loader = D.train_loader(ds, batch_size=3, rank=rank, world_size=2, seed=0, workers=0)
-        loader.sampler.set_epoch(1)
+        loader.set_epoch(1)
         assert len(loader) == 4
         for x, y, n_bad in loader:
             assert x.shape == (3, 20, 26, 3) and n_bad.sum() == 0

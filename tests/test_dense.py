@@ -27,9 +27,8 @@ from pycocotools.coco import COCO  # noqa: E402
 from pycocotools.cocoeval import COCOeval  # noqa: E402
 from test_hostile import Case, _cli, _png, _snapshot, _wait_for_line, run_case  # noqa: E402  (the table's row style)
 
-from mambaout.cli import detect as cmd_detect  # noqa: E402
+from mambaout.cli import dense as cmd_dense  # noqa: E402
 from mambaout.cli import main  # noqa: E402
-from mambaout.cli import segment as cmd_segment  # noqa: E402
 from mambaout.dense.coco import CocoInstances, ResizeFlip, coco_evaluate, resize, resize_scale, to_coco_results  # noqa: E402
 from mambaout.dense.semseg import ConfusionMatrix, LabelMap, SegmentationFolder  # noqa: E402
 
@@ -454,19 +453,22 @@ def _rows(run):
 
 def test_detect_train_validate_predict(coco128, tmp_path, capsys):
     run = tmp_path / "det"
-    assert cmd_detect.main(["train", *DET, "--data", str(coco128), "--output", str(run), "--no-eval-at-start"]) == 0
+    assert (
+        cmd_dense.main("detect", ["train", *DET, "--data", str(coco128), "--output", str(run), "--no-eval-at-start"])
+        == 0
+    )
     rows = _rows(run)
     assert [int(r["step"]) for r in rows] == [2] and {"bbox_AP", "segm_AP", "train_loss"} <= set(rows[-1])
     assert rows[-1]["images"] == "2"
     res = tmp_path / "res.json"
     args = ["validate", "--checkpoint", str(run / "last.safetensors"), "--data", str(coco128)]
-    assert cmd_detect.main([*args, "--max-val-images", "2", "--results-file", str(res)]) == 0
+    assert cmd_dense.main("detect", [*args, "--max-val-images", "2", "--results-file", str(res)]) == 0
     got = json.loads(res.read_text())["single-scale"]
     assert got["images"] == 2 and got["bbox_AP"] == pytest.approx(float(rows[-1]["bbox_AP"]), abs=1e-6)
     photos = sorted((coco128 / "images/val2017").glob("*.jpg"))[:2]
     out = tmp_path / "pred"
     pred = ["predict", *map(str, photos), "--checkpoint", str(run / "last.safetensors"), "--output", str(out)]
-    assert cmd_detect.main([*pred, "--score-threshold", "0.0"]) == 0
+    assert cmd_dense.main("detect", [*pred, "--score-threshold", "0.0"]) == 0
     records = json.loads((out / "predictions.json").read_text())
     assert [r["image"] for r in records] == list(map(str, photos))
     assert all((out / f"{p.stem}.png").is_file() for p in photos)
@@ -475,20 +477,25 @@ def test_detect_train_validate_predict(coco128, tmp_path, capsys):
 def test_segment_train_resume_validate_predict(coco128, tmp_path):
     run = tmp_path / "seg"
     base = ["train", *SEG, "--data", str(coco128), "--output", str(run)]
-    assert cmd_segment.main([*base, "--stop-after-steps", "2"]) == 0
+    assert cmd_dense.main("segment", [*base, "--stop-after-steps", "2"]) == 0
     assert [int(r["step"]) for r in _rows(run)] == [0]  # stopped before the end: no final evaluation yet
-    assert cmd_segment.main(["train", "--resume", str(run)]) == 0
+    assert cmd_dense.main("segment", ["train", "--resume", str(run)]) == 0
     rows = _rows(run)
     assert [int(r["step"]) for r in rows] == [0, 3]
     res = tmp_path / "res.json"
     args = ["validate", "--checkpoint", str(run / "last.safetensors"), "--data", str(coco128), "--flip"]
-    assert cmd_segment.main([*args, "--max-val-images", "3", "--results-file", str(res)]) == 0
+    assert cmd_dense.main("segment", [*args, "--max-val-images", "3", "--results-file", str(res)]) == 0
     got = json.loads(res.read_text())
     assert got["single-scale"]["mIoU"] == pytest.approx(float(rows[-1]["mIoU"]), rel=1e-5)
     assert got["flip"]["images"] == 3 and got["flip"] != got["single-scale"]  # the flip changes the prediction
     photo = sorted((coco128 / "images/val2017").glob("*.jpg"))[0]
     out = tmp_path / "pred"
-    assert cmd_segment.main(["predict", str(photo), "--checkpoint", str(run / "last.safetensors"), "-o", str(out)]) == 0
+    assert (
+        cmd_dense.main(
+            "segment", ["predict", str(photo), "--checkpoint", str(run / "last.safetensors"), "-o", str(out)]
+        )
+        == 0
+    )
     rec = json.loads((out / "predictions.json").read_text())[0]
     assert sum(rec["class_fractions"].values()) == pytest.approx(1.0, abs=1e-3)
     from PIL import Image
@@ -499,15 +506,15 @@ def test_segment_train_resume_validate_predict(coco128, tmp_path):
 
 
 def test_errors_are_one_line(coco128, tmp_path, capsys):
-    assert cmd_detect.main(["train", "--steps", "1", "--output", str(tmp_path / "x")]) == 2
+    assert cmd_dense.main("detect", ["train", "--steps", "1", "--output", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("mambaout detect train: no train data") and len(err.strip().splitlines()) == 1
     ckpt = mambaout.save_weights(mambaout.create_model("mambaout_test"), tmp_path / "c.safetensors")
-    assert cmd_segment.main(["validate", "--checkpoint", str(ckpt), "--data", str(coco128)]) == 2
+    assert cmd_dense.main("segment", ["validate", "--checkpoint", str(ckpt), "--data", str(coco128)]) == 2
     assert "not a detection or segmentation checkpoint" in capsys.readouterr().err
-    assert cmd_detect.main(["train", "--steps", "1", "--epochs", "1"]) == 2
+    assert cmd_dense.main("detect", ["train", "--steps", "1", "--epochs", "1"]) == 2
     assert "exactly one of --epochs and --steps" in capsys.readouterr().err
-    assert cmd_detect.main(["fly"]) == 2
+    assert cmd_dense.main("detect", ["fly"]) == 2
 
 
 @pytest.mark.heavy
@@ -515,7 +522,7 @@ def test_errors_are_one_line(coco128, tmp_path, capsys):
 def test_segmentation_learns_on_the_cpu_recipe(coco128, tmp_path):
     run = tmp_path / "learn"
     args = ["train", "--recipe", "coco128-segment-cpu", "--data", str(coco128), "--output", str(run)]
-    assert cmd_segment.main(args) == 0  # the recipe as recorded in its header
+    assert cmd_dense.main("segment", args) == 0  # the recipe as recorded in its header
     rows = _rows(run)
     assert float(rows[-1]["mIoU"]) > float(rows[0]["mIoU"])
     log = (run / "train.log").read_text().splitlines()
@@ -1231,7 +1238,7 @@ def test_ctrl_c_in_dense_train_saves_a_resumable_state(dense_world, tmp_path):
     assert last.startswith("mambaout detect: interrupted ") and f"continue with --resume {run}" in last, err
     step = torch.load(run / "state.pt", weights_only=True)["step"]
     assert step >= 1
-    assert cmd_detect.main(["train", "--resume", str(run), "--stop-after-steps", "1"]) == 0
+    assert cmd_dense.main("detect", ["train", "--resume", str(run), "--stop-after-steps", "1"]) == 0
     assert torch.load(run / "state.pt", weights_only=True)["step"] == step + 1
 
 

@@ -187,8 +187,6 @@ def test_detect_torchrun_and_slurm(monkeypatch):
 def test_single_process_helpers():
     assert dist.get_rank() == 0 and dist.get_world_size() == 1 and dist.is_main()
     assert dist.all_reduce_sum([1.0, 2.0]) == [1.0, 2.0]
-    m = torch.nn.Linear(2, 2)
-    assert dist.unwrap(m) is m
 
 
 def test_no_sync_enters_the_models_no_sync_only_on_skipped_micro_steps():

@@ -3,17 +3,17 @@ the classification evaluation reads its sums once."""
 
 from __future__ import annotations
 
+import math
 import sys
 
 import pytest
 import torch
 from torch import nn
 
-from mambaout.training import classify, engine
+from mambaout.training import classify, trainer
 from mambaout.training.classify import evaluate
-from mambaout.training.engine import StepConfig, Sums, train_one_epoch
 from mambaout.training.runfolder import Trainable
-from mambaout.training.task import Task
+from mambaout.training.trainer import Sums, Task, train_one_epoch
 
 # every way a tensor's value reaches the host
 SYNC_METHODS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "cpu", "numpy")
@@ -21,14 +21,14 @@ SYNC_METHODS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__
 
 @pytest.fixture
 def engine_syncs(monkeypatch):
-    """Count host reads of tensors made by code in training/engine.py or training/classify.py (library internals are
+    """Count host reads of tensors made by code in training/trainer.py or training/classify.py (library internals are
     not counted)."""
     calls: list[str] = []
     for name in SYNC_METHODS:
         real = getattr(torch.Tensor, name)
 
         def counted(self, *args, _real=real, _name=name, **kwargs):
-            if sys._getframe(1).f_code.co_filename in (engine.__file__, classify.__file__):
+            if sys._getframe(1).f_code.co_filename in (trainer.__file__, classify.__file__):
                 calls.append(_name)
             return _real(self, *args, **kwargs)
 
@@ -37,14 +37,23 @@ def engine_syncs(monkeypatch):
 
 
 class Bar:
-    """A progress display recording what the engine reports."""
+    """The engine's hooks: a progress display recording what the engine reports."""
+
+    first, line_every, max_steps, refresh_every = 0, 0, math.inf, 20
+    accum_steps, amp_dtype, clip_grad = 1, None, None
 
     def __init__(self):
         self.n, self.postfixes = 0, []
 
-    def __call__(self, steps, values):
+    def start(self):
+        pass
+
+    def report(self, steps, values):
         self.n = steps
         self.postfixes.append(values)
+
+    def after_step(self, steps):
+        return False
 
 
 class CrossEntropy(Task):
@@ -78,17 +87,9 @@ def _epoch(loader, refresh_every, bar=None):
     model = _model()
     parts = Trainable(model, torch.optim.SGD(model.parameters(), lr=0.1), None)
     sums = Sums()
-    steps = train_one_epoch(
-        model,
-        loader,
-        CrossEntropy(),
-        parts,
-        torch.device("cpu"),
-        StepConfig(),
-        sums,
-        report=bar,
-        refresh_every=refresh_every,
-    )
+    bar = bar or Bar()
+    bar.refresh_every = refresh_every
+    steps = train_one_epoch(model, loader, CrossEntropy(), parts, torch.device("cpu"), sums, bar)
     return dict(steps=steps, **sums.take_row("cpu"))
 
 

@@ -2,6 +2,11 @@
 
 import copy
 import csv
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -159,8 +164,8 @@ def test_downsampling_conv_uses_a_cached_channels_last_weight_that_follows_chang
 def test_bf16_fast_path_is_on_by_default_only_where_measured(monkeypatch, tmp_path, env, flags, want):
     info = tmp_path / "cpuinfo"
     info.write_text(f"processor : 0\nflags\t\t: {flags}\n")
-    real_open = open
-    monkeypatch.setattr("builtins.open", lambda f, *a, **k: real_open(info if f == "/proc/cpuinfo" else f, *a, **k))
+    real_read = Path.read_text
+    monkeypatch.setattr(Path, "read_text", lambda p, *a, **k: real_read(info if str(p) == "/proc/cpuinfo" else p))
     monkeypatch.setenv("MAMBAOUT_CPU_BF16", env)
     assert cpu._bf16_default() is want
 
@@ -293,7 +298,7 @@ def test_benchmark_command_writes_rows(tmp_path, capsys, monkeypatch):
     assert benchmark.main(args + ["--warmup", "0", "--iters", "1", "--with-reference"]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.csv"]  # no CSV written unless --csv asks
     assert "appended" not in capsys.readouterr().out
-    assert benchmark.main(["--models", "mambaout_test", "--device", "cpu", "--csv", ""]) == 2  # timm lacks it
+    assert benchmark.main(["--models", "vit_tiny_deit", "--device", "cpu", "--csv", ""]) == 2  # timm lacks it
     assert benchmark.default_csv(torch.device("cpu")).startswith("benchmark-")
 
 
@@ -305,3 +310,105 @@ def test_forget_choices_times_again(monkeypatch):
     assert len(cpu.cpu_matmul_choices()) == 1
     cpu.forget_cpu_matmul_choices()
     assert cpu.cpu_matmul_choices() == {}
+
+
+def test_stage_path_equals_blocks_one_by_one_and_honours_hooks(monkeypatch):
+    """A stage runs its blocks as one plan (`stage_plans` / `run_stage`): the same numbers as calling each block's
+    fast path, and back to module calls when anything in the stage is hooked."""
+    model = mambaout.create_model("mambaout_test").eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        got = model(x)
+        calls = []
+        real = cpu.run_stage
+        monkeypatch.setattr(cpu, "run_stage", lambda plans, y: calls.append(len(plans)) or real(plans, y))
+        assert torch.equal(model(x), got)
+        assert calls == [len(stage.blocks) for stage in model.stages]  # every stage took the stage path
+    with torch.inference_mode():
+        h = model.stem(x)
+        for stage in model.stages:
+            h = stage.downsample(h)
+            for block in stage.blocks:
+                h = block(h)  # each block's own fast path
+        assert torch.equal(got, model.head(h))
+    for where in ("block", "norm", "conv", "act", "blocks"):
+        seen = []
+        stage = model.stages[1]
+        target = {"block": stage.blocks[0], "blocks": stage.blocks}.get(where) or getattr(stage.blocks[0], where)
+        handle = target.register_forward_hook(lambda *a, seen=seen: seen.append(1))
+        with torch.inference_mode():
+            torch.testing.assert_close(model(x), got, rtol=1e-5, atol=1e-5)
+        handle.remove()
+        assert seen, f"a hook on the {where} did not run"
+
+
+def test_plan_follows_replaced_modules_and_weights():
+    block = _block()
+    x = torch.randn(2, 5, 6, 37)
+    with torch.no_grad():
+        block(x)
+        block.act = nn.SiLU()  # a replaced module: a new plan with the new activation
+        torch.testing.assert_close(block(x), block._forward_reference(x), rtol=1e-5, atol=1e-5)
+        block.fc1.weight = nn.Parameter(torch.randn_like(block.fc1.weight))  # new storage
+        block.fc2.bias.data = torch.randn_like(block.fc2.bias)
+        torch.testing.assert_close(block(x), block._forward_reference(x), rtol=1e-5, atol=1e-5)
+        block.fc1.weight = nn.Parameter(
+            torch.randn(block.fc1.in_features, block.fc1.out_features).t()
+        )  # not contiguous
+        torch.testing.assert_close(block(x), block._forward_reference(x), rtol=1e-5, atol=1e-5)
+        block.fc1.weight.mul_(0.5)  # the uncached copy is made again each call
+        torch.testing.assert_close(block(x), block._forward_reference(x), rtol=1e-5, atol=1e-5)
+
+
+_FAULTS = """
+import resource, torch, mambaout
+torch.set_num_threads(1)
+model = mambaout.create_model("mambaout_femto").eval()
+x = torch.randn(1, 3, 224, 224)
+with torch.inference_mode():
+    for _ in range(3):
+        model(x)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(5):
+        model(x)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5)
+"""
+
+
+@pytest.mark.heavy
+@pytest.mark.skipif(not (sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"), reason="glibc only")
+def test_freed_activations_stay_in_the_heap_so_forwards_do_not_page_fault():
+    """The first plan raises glibc's mmap and trim thresholds: a forward then reuses the heap's pages instead of
+    faulting in fresh ones; MAMBAOUT_CPU_MALLOC=0 leaves malloc alone."""
+    faults = {}
+    for env in ("", "0"):
+        out = subprocess.run(
+            [sys.executable, "-c", _FAULTS], env={**os.environ, "MAMBAOUT_CPU_MALLOC": env},
+            capture_output=True, text=True, check=True, timeout=120,
+        )  # fmt: skip
+        faults[env] = float(out.stdout.split()[-1])
+    assert faults[""] < 50 < 300 < faults["0"], faults
+
+
+def test_bf16_stem_norm_through_float32_is_within_one_rounding(monkeypatch):
+    monkeypatch.setattr(cpu, "_BF16", True)
+    norm = nn.LayerNorm(24, eps=1e-6).to(torch.bfloat16)
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    x = torch.randn(2, 24, 9, 7).to(torch.bfloat16)
+    with torch.inference_mode():
+        want = norm(x.permute(0, 2, 3, 1))
+        got = cpu.stem_norm(norm, x)
+        assert got.dtype == torch.bfloat16 and got.shape == want.shape
+        torch.testing.assert_close(got.float(), want.float(), rtol=2**-7, atol=2**-7)  # bf16's 8-bit mantissa
+        assert cpu.stem_norm(norm, torch.randn(2, 40, 9, 7).to(torch.bfloat16)) is None  # a full vector: torch's own
+        assert cpu.stem_norm(norm.float(), x.float()) is None  # float32 keeps the module (and FX's bit-exactness)
+    assert cpu.stem_norm(norm.to(torch.bfloat16), x) is None  # autograd on
+    model = mambaout.create_model("mambaout_femto").eval().to(torch.bfloat16)
+    img = torch.randn(1, 3, 64, 64).to(torch.bfloat16)
+    with torch.inference_mode():
+        got = model(img).float()
+        with kernels.reference_mode():
+            want = model(img).float()
+    assert (got - want).abs().max() <= 0.05 * want.abs().max()

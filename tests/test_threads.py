@@ -135,4 +135,5 @@ def test_niced_time_is_free_for_a_default_priority_process(monkeypatch, tmp_path
     monkeypatch.setattr("builtins.open", lambda f, *a, **k: real_open(stat if f == "/proc/stat" else f, *a, **k))
     monkeypatch.setattr(threads, "_niceness", lambda: our_nice)
     monkeypatch.setattr(threads.os, "sysconf", lambda name: 100)
-    assert threads._read_stat() == (busy, 15.0)
+    snapshot = threads.cpu_snapshot()
+    assert (snapshot.busy, snapshot.total) == (busy, 15.0)

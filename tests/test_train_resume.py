@@ -38,9 +38,9 @@ STOPPING_TRAIN = """
 import os, sys, time
 from pathlib import Path
 from mambaout.cli import main
-from mambaout.training import engine
+from mambaout.training import trainer
 
-stop_at, marker, real, steps = int(os.environ["STOP_AT_STEP"]), Path(os.environ["STOP_MARKER"]), engine._optimizer_step, []
+stop_at, marker, real, steps = int(os.environ["STOP_AT_STEP"]), Path(os.environ["STOP_MARKER"]), trainer._optimizer_step, []
 
 def step(*args, **kwargs):
     real(*args, **kwargs)
@@ -49,7 +49,7 @@ def step(*args, **kwargs):
         marker.write_text(str(stop_at))
         time.sleep(10**6)
 
-engine._optimizer_step = step
+trainer._optimizer_step = step
 sys.exit(main(sys.argv[1:]))
 """
 

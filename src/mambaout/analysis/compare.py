@@ -1,13 +1,10 @@
 """Side-by-side params, MACs and throughput of registered models, measured the same way in one process.
 
-The README's Mamba-vs-MambaOut and kernel-size tables take their cost columns from here, so every model in a
-table is timed by the same code, on the same inputs, interleaved (model A, model B, A, B, ...) so that load from
-other processes hits them alike; the median of the repeats is reported.
-
-Inference is timed twice: as users get it (MambaOut's Gated CNN blocks may take the package's fused CPU fast
-path, `mambaout.kernels`), and with every block on its plain PyTorch forward (`kernels.reference_mode()`), which
-is the like-for-like comparison with the Mamba block (it has no fused kernel). Training always runs the plain
-forward (the fast path is inference-only).
+The README's Mamba-vs-MambaOut and kernel-size tables come from here: every model timed by the same code on the
+same inputs, interleaved (A, B, A, B, ...) so that load from other processes hits them alike; the median round
+is reported. Inference is timed as users get it (the CPU fast path, `mambaout.kernels`) and with every block on
+its plain forward (`kernels.reference_mode()`), the like-for-like comparison with the Mamba block, which has no
+fused kernel. Training always runs the plain forward (the fast path is inference-only).
 
     python -m mambaout.analysis.compare mambaout_pico mambaout_pico_ssm --img-size 64 --batch-size 64
 """

@@ -9,9 +9,11 @@ import sys
 
 from mambaout.cli.common import fail, stdout_failed
 
-# command -> (module, one-line help); modules are imported only when their command runs
+# command -> (module, one-line help); modules are imported only when their command runs. The dense tasks share
+# cli/dense.py, whose main takes the task first.
+DENSE_TASKS = ("detect", "segment")
 COMMANDS: dict[str, tuple[str, str]] = {
-    name: (f"mambaout.cli.{name.replace('-', '_')}", help_)
+    name: (f"mambaout.cli.{'dense' if name in DENSE_TASKS else name.replace('-', '_')}", help_)
     for name, help_ in {
         "models": "list the variants with parameters, MACs and published top-1",
         "train": "train a model from a recipe (no data: the embedded digits default)",
@@ -54,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     _start_up(command)
     try:
         module = importlib.import_module(COMMANDS[command][0])
-        code = module.main(argv[1:]) or 0
+        task = (command,) if command in DENSE_TASKS else ()
+        code = module.main(*task, argv[1:]) or 0
         sys.stdout.flush()  # here, not at exit: a full stdout is then one line, not "Exception ignored"
         return code
     except KeyboardInterrupt as e:

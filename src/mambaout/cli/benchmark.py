@@ -1,13 +1,8 @@
 """`mambaout benchmark`: our MambaOut against timm's, same weights, dtype, layout and batch, measured in one run.
 
-For each model: build timm's and ours, copy timm's weights into ours, check the outputs agree, then time steps
-interleaved (timm, ours, timm, ours, ...) so both see the same machine load. Reports images/s, ms/step (median),
-peak memory and the ratio ours/timm; `--csv PATH` appends the rows to a CSV (`default_csv` names one by device and
-torch version, as benchmarks/cpu_check.sh does).
-
-Peak memory: on CUDA `torch.cuda.max_memory_allocated` over one step (after the timed ones); on CPU the growth of
-the process's resident set during one step, sampled every millisecond from /proc/self/statm (approximate: it
-misses allocations shorter than a millisecond and counts memory the allocator keeps).
+Ours gets timm's weights and must agree with it before its steps are timed interleaved with timm's (timm, ours, timm,
+...), so both see the same machine load. Peak memory on CPU is the growth of the resident set during one step,
+sampled every millisecond (approximate: it misses shorter allocations and counts memory the allocator keeps).
 
     flock /tmp/mambaout-cpu.lock mambaout benchmark --models mambaout_femto mambaout_tiny --batch-size 16
 """
@@ -31,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from mambaout.cli.common import Parser, add_amp_argument, fail
-from mambaout.utils.device import autocast_setting, device_name
+from mambaout.utils.device import autocast_setting, device_name, resolve_device
 from mambaout.utils.limits import check_img_size
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -65,19 +60,9 @@ def _rss() -> int:
 
 def build_pair(name: str, device: torch.device, channels_last: bool = False, **kwargs):
     """(timm model, our model) with identical weights, on `device`, in float32."""
-    import timm
+    from mambaout.deploy.benchmark import twins
 
-    from mambaout.models.factory import create_model
-
-    torch.manual_seed(0)
-    try:
-        ref = timm.create_model(name, **kwargs)
-    except RuntimeError as e:
-        raise ValueError(
-            f"timm has no model {name!r} to compare with ({e}); pick one of timm.list_models('mambaout*')"
-        ) from e
-    ours = create_model(name, **kwargs)
-    ours.load_state_dict(ref.state_dict(), strict=True)
+    ref, ours = twins(name, **kwargs)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     return ref.to(device, memory_format=fmt), ours.to(device, memory_format=fmt)
 
@@ -95,7 +80,7 @@ def make_step(model, mode: str, x: torch.Tensor, dtype: str, context=contextlib.
 
         return infer
     model.train()
-    target = torch.randint(0, model.num_classes, (x.shape[0],), device=x.device, generator=None)
+    target = torch.randint(0, model.num_classes, (x.shape[0],), device=x.device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=x.device.type == "cuda")
 
     def train():
@@ -190,9 +175,7 @@ def benchmark_model(
         impls["ours-reference"] = (copy.deepcopy(ours), kernels.reference_mode)
     if with_fused:
         impls["ours-fused"] = (copy.deepcopy(ours), kernels.fused_kernels)
-    steps = {}
-    for key, (m, context) in impls.items():
-        steps[key] = make_step(torch.compile(m) if compile else m, mode, x, dtype, context)
+    steps = {k: make_step(torch.compile(m) if compile else m, mode, x, dtype, ctx) for k, (m, ctx) in impls.items()}
     times = _time_interleaved(steps, warmup, iters, dev)
     base, rows = statistics.median(times["timm"]), []
     for key, step in steps.items():  # the columns in the order of the CSV files already written
@@ -214,10 +197,7 @@ def _check_args(mode: str, dtype: str, batch_size: int, iters: int, warmup: int,
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     if batch_size < 1 or iters < 1 or warmup < 0:
         raise ValueError(f"need batch_size >= 1, iters >= 1, warmup >= 0; got {batch_size}, {iters}, {warmup}")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda asked for, but torch sees no CUDA device; use --device cpu")
-    return dev
+    return resolve_device(device)
 
 
 def _time_interleaved(steps: dict, warmup: int, iters: int, dev: torch.device) -> dict[str, list[float]]:
@@ -272,11 +252,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_amp_argument(
         p, help="autocast as train and validate name it: bare --amp is --dtype bf16; auto: bf16 on CUDA, fp32 on CPU"
     )
-    p.add_argument(
-        "--compile",
-        action="store_true",
-        help="torch.compile both models (--runtimes: add compiled rows, fp32 and bf16)",
-    )
+    compile_help = "torch.compile both models (--runtimes: add compiled rows, fp32 and bf16)"
+    p.add_argument("--compile", action="store_true", help=compile_help)
     p.add_argument("--channels-last", action="store_true", help="channels-last input and conv weights for both")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda[:i]")
     p.add_argument("--img-size", type=int, default=224, check=check_img_size)
@@ -285,9 +262,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     threads_help = "CPU threads (default: the cores free at start-up, utils/threads.py)"
     p.add_argument("--threads", type=int, default=None, least=1, help=threads_help)
     p.add_argument("--with-reference", action="store_true", help="also time our model with the fast paths off")
-    p.add_argument(
-        "--fused-kernels", action="store_true", help="also time our model with the opt-in fused Triton kernels (CUDA)"
-    )
+    fused_help = "also time our model with the opt-in fused Triton kernels (CUDA)"
+    p.add_argument("--fused-kernels", action="store_true", help=fused_help)
     p.add_argument("--csv", default=None, help="append the rows to this CSV file (default: write none)")
     p.add_argument(
         "--runtimes",
@@ -310,10 +286,8 @@ def _runtimes(args) -> list[dict]:
 
     name, cpu = args.models[0], device_name(torch.device("cpu"))
     sizes = tuple(sorted({1, args.batch_size}))
-    rows = rt.runtime_rows(
-        name, sizes, args.img_size, args.iters, args.warmup, args.calib, compile=args.compile, rounds=args.rounds,
-        threads=torch.get_num_threads(), only=args.only,
-    )  # fmt: skip
+    options = dict(compile=args.compile, rounds=args.rounds, only=args.only)  # threads: torch's, as set above
+    rows = rt.runtime_rows(name, sizes, args.img_size, args.iters, args.warmup, args.calib, **options)
     versions = _versions()
     print(
         f"{cpu}, {name} at {args.img_size} px, each row in its own process, median of {args.iters * args.rounds} "
@@ -349,7 +323,6 @@ def _dtype(args: argparse.Namespace) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mambaout.utils.device import resolve_device
     from mambaout.utils.files import check_writable
 
     parser = get_args_parser()

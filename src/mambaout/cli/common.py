@@ -27,7 +27,9 @@ SHARED = {
     ),
     # timm's options for reading weights files: the classifier width and the EMA (`weights_kwargs`)
     "--num-classes": dict(
-        type=int, help="classifier width of weights that do not record it (timm or official files with another head)"
+        type=int,
+        least=1,
+        help="classifier width of weights that do not record it (timm or official files with another head)",
     ),
     "--use-ema": dict(
         action="store_true", help="take a training checkpoint's EMA weights (state_dict_ema) instead of its state_dict"
@@ -106,8 +108,6 @@ def one_line(e: BaseException) -> str:
 
 def weights_kwargs(args: argparse.Namespace) -> dict:
     """`create_model` keywords of --num-classes (the weights' width, never a new head)."""
-    if args.num_classes is not None and args.num_classes < 1:
-        raise ValueError(f"--num-classes must be >= 1, got {args.num_classes}")
     kwargs = {"num_classes": args.num_classes} if args.num_classes is not None else {}
     return dict(kwargs, replace_head=False)
 
@@ -188,17 +188,11 @@ def settings_parser(prog: str, description: str, schema: S.Schema, command: str,
     and `add_settings`; options not given stay out of the namespace (so they never replace a recipe's value)."""
     p = Parser(prog=prog, description=description, argument_default=argparse.SUPPRESS)
     g = p.add_argument_group("command")
-    g.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        metavar="KEY=VALUE",
-        help="any setting (YAML value) as KEY or SECTION.KEY, e.g. --set 'model_kwargs={kernel_size: 5}'; repeatable",
-    )
+    set_help = "any setting (YAML value) as KEY or SECTION.KEY, e.g. --set 'model_kwargs={kernel_size: 5}'; repeatable"
+    g.add_argument("--set", dest="overrides", action="append", metavar="KEY=VALUE", help=set_help)
     g.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    g.add_argument(
-        "--list-recipes", action="store_true", help=f"the {command} recipes with their hardware, time, result"
-    )
+    recipes_help = f"the {command} recipes with their hardware, time, result"
+    g.add_argument("--list-recipes", action="store_true", help=recipes_help)
     for flags, kwargs in extra:
         p.add_argument(*flags, **kwargs)
     add_settings(p, schema)

@@ -15,6 +15,7 @@ and the data set is listed once before any pipeline is built, so a bad value is 
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import time
 
@@ -30,8 +31,7 @@ MAX_WORKERS = 256  # the training config's bound on `workers` (DataConfig), whic
 
 def _batches(loader):
     """The loader's batches without end: when an epoch runs out, the next one starts (`set_epoch` reshuffles)."""
-    epoch = 0
-    while True:
+    for epoch in itertools.count():
         if hasattr(loader, "set_epoch"):
             loader.set_epoch(epoch)
         n = 0
@@ -40,7 +40,6 @@ def _batches(loader):
             yield batch
         if n == 0:  # every loader here refuses a set smaller than one batch; this guards the loop itself
             raise ValueError("the loader gave no batch; lower --batch-size")
-        epoch += 1
 
 
 def _time(loader, batches: int, warmup: int, device: torch.device) -> float:

@@ -30,11 +30,9 @@ def flops_rows(patterns: list[str] | None = None, img_size: int = 224) -> list[d
     rows = []
     for name in names:
         params, macs = model_counts(name, img_size)
-        row = dict(model=name, img_size=img_size, params_m=round(params / 1e6, 2))
-        if macs is None:
-            rows.append(dict(row, macs_g=None, macs_m=None))
-        else:  # MACs in millions too: small models at small sizes
-            rows.append(dict(row, macs_g=round(macs / 1e9, 2), macs_m=round(macs / 1e6, 1)))
+        # MACs in millions too: small models at small sizes
+        g, m = (None, None) if macs is None else (round(macs / 1e9, 2), round(macs / 1e6, 1))
+        rows.append(dict(model=name, img_size=img_size, params_m=round(params / 1e6, 2), macs_g=g, macs_m=m))
     return rows
 
 
@@ -67,11 +65,13 @@ def format_transformer(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = Parser(prog="mambaout flops", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", metavar="PATTERN", help="names or shell-style patterns (default: all)")
-    parser.add_argument("--img-size", type=int, default=224, help="input resolution for the model count")
+    img_help = "input resolution for the model count"
+    parser.add_argument("--img-size", type=int, default=224, check=check_img_size, help=img_help)
     parser.add_argument("--transformer", action="store_true", help="the Transformer FLOPs argument (Eq. 6-7)")
     parser.add_argument("--dim", type=int, nargs="+", help="with --transformer: width D (several for the plot)")
     parser.add_argument("--tokens", type=int, nargs="+", help="with --transformer: sequence length(s) L")
-    parser.add_argument("--plot", metavar="PNG", help="with --transformer: save the quadratic share against L")
+    plot_help = "with --transformer: save the quadratic share against L"
+    parser.add_argument("--plot", metavar="PNG", check=lambda path: check_writable(path, "--plot"), help=plot_help)
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)
 
@@ -85,10 +85,6 @@ def main(argv: list[str] | None = None) -> int:
         print("\n\n".join(json.dumps(rows, indent=2) if args.json else format_transformer(rows) for rows in tables))
         if args.plot:
             try:
-                check_writable(args.plot, "--plot")
-            except ValueError as e:
-                parser.error(str(e))
-            try:
                 plot_quadratic_share(args.dim, args.plot, max_tokens=max(max(tokens), 4 * 6 * max(args.dim)))
             except OSError as e:
                 return fail("flops", e)
@@ -97,10 +93,6 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.dim or args.tokens or args.plot:
         parser.error("--dim, --tokens and --plot go with --transformer")
-    try:
-        check_img_size(args.img_size)
-    except ValueError as e:
-        parser.error(str(e))
     rows = flops_rows(args.models, args.img_size)
     if not rows:
         parser.error(f"no model matches {args.models}; run 'mambaout models' for the list")

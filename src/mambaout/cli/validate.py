@@ -36,10 +36,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     random_help = "score --model at random initialisation (a chance baseline)"
     p.add_argument("--random-weights", action="store_true", help=random_help)
     add_shared(p, "--num-classes", "--use-ema")
-    p.add_argument("--img-size", type=int, help="eval resolution (default: the weights' input size)")
-    p.add_argument("--crop-pct", type=float, help="centre crop fraction (default: the weights' crop_pct)")
-    p.add_argument("--batch-size", "-b", type=int, default=128, help="halved and retried on out-of-memory")
-    p.add_argument("--workers", "-j", type=int, default=2)
+    p.add_argument(
+        "--img-size", type=int, check=check_img_size, help="eval resolution (default: the weights' input size)"
+    )
+    crop_help = "centre crop fraction (default: the weights' crop_pct)"
+    p.add_argument("--crop-pct", type=float, check=check_crop_pct, help=crop_help)
+    p.add_argument("--batch-size", "-b", type=int, default=128, least=1, help="halved and retried on out-of-memory")
+    p.add_argument("--workers", "-j", type=int, default=2, least=0)
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
     p.add_argument("--amp", action="store_true", help="bf16 autocast")
     add_shared(p, "--dtype")
@@ -133,9 +136,9 @@ def validate_one(name, checkpoint, args, device) -> dict:
     from mambaout.training.classify import evaluate
 
     pretrained = bool(args.pretrained and checkpoint is None)
-    dtype = getattr(args, "run_dtype", None) or getattr(args, "dtype", "fp32")  # run_dtype: after the hardware check
+    dtype = args.run_dtype  # --dtype after the hardware check
     if is_runtime_file(checkpoint):  # an exported model (ONNX, int8 ONNX, OpenVINO): its runtime runs it on CPU
-        if device.type != "cpu" or getattr(args, "dtype", "fp32") != "fp32" or args.amp or args.channels_last:
+        if device.type != "cpu" or args.dtype != "fp32" or args.amp or args.channels_last:
             raise ValueError(
                 f"{checkpoint} runs in its runtime on CPU at the precision it was exported with: "
                 "drop --device cuda, --dtype, --amp and --channels-last"
@@ -178,25 +181,9 @@ def validate_one(name, checkpoint, args, device) -> dict:
     return dict(r, dtype=dtype)
 
 
-def _check_args(args) -> None:
-    if args.img_size is not None:
-        check_img_size(args.img_size)
-    if args.crop_pct is not None:
-        check_crop_pct(args.crop_pct)
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.workers < 0:
-        raise ValueError(f"--workers must be >= 0, got {args.workers}")
-    if args.amp and args.dtype != "fp32":
-        raise ValueError("--amp (bf16 autocast) and --dtype bf16 (bf16 weights) exclude each other; pass one")
-    if args.results_file:
-        from mambaout.utils.files import check_writable
-
-        check_writable(args.results_file, "--results-file", inputs=[*args.checkpoint, args.data])
-
-
 def main(argv: list[str] | None = None) -> int:
     from mambaout.utils.device import resolve_device
+    from mambaout.utils.files import atomic_write_text, check_writable
     from mambaout.weights.checkpoint import DownloadError
 
     args = get_args_parser().parse_args(argv)
@@ -205,7 +192,10 @@ def main(argv: list[str] | None = None) -> int:
         specs = _specs(args)
         if not Path(args.data).exists() and not args.data.startswith("digits:"):
             raise FileNotFoundError(f"{args.data} does not exist; pass an ImageFolder directory or a .tar of one")
-        _check_args(args)
+        if args.amp and args.dtype != "fp32":
+            raise ValueError("--amp (bf16 autocast) and --dtype bf16 (bf16 weights) exclude each other; pass one")
+        if args.results_file:
+            check_writable(args.results_file, "--results-file", inputs=[*args.checkpoint, args.data])
         device = resolve_device(args.device)
         from mambaout.inference.precision import note, resolve_dtype
 
@@ -229,8 +219,6 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, DownloadError) as e:
         return fail("validate", printable(e))
     if args.results_file:
-        from mambaout.utils.files import atomic_write_text
-
         # one model: a flat object with top1/top5; several: a list of them
         text = json.dumps(results[0] if len(results) == 1 else results, indent=2) + "\n"
         try:

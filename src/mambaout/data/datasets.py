@@ -118,24 +118,18 @@ class ImageDataset(Dataset):
 
             stamp = os.stat(self.root).st_mtime_ns if os.path.exists(self.root) else 0
             arrays = machine_shared(cache_key("files", os.path.abspath(self.root), stamp, self._n), build)
-            self._bytes = PackedBytes.from_arrays(arrays)
+            self._bytes = PackedBytes(arrays)
             self._targets = arrays["targets"].tolist()
             self._names = [str(self.reader._filename(i)) for i in range(self._n)]
             self.reader = None
 
     def _open(self, index: int):
-        """(file object, target) of a sample. A folder entry that is a FIFO, socket or device is never opened (a FIFO
-        would block the read forever): it raises OSError, and the sample is skipped and named like a corrupt one."""
+        """(file object, target) of a sample; OSError for one that cannot be opened (skipped and named)."""
         if self._bytes is not None:
             data = self._bytes[index]
             if data is None:
                 raise OSError("unreadable file")
-            return io.BytesIO(data), self.target(index)
-        if isinstance(self.reader, FolderReader):
-            path = self.reader.samples[index][0]
-            kind = special_kind(path)
-            if kind is not None:
-                raise OSError(f"{path} is {kind}, not an image file: not opened")
+            return io.BytesIO(data), self._targets[index]
         return self.reader[index]
 
     def _read(self, index: int) -> bytes | None:
@@ -147,9 +141,6 @@ class ImageDataset(Dataset):
 
     def __len__(self) -> int:
         return self._n
-
-    def target(self, index: int) -> int:
-        return self._targets[index]
 
     def __getitem__(self, index: int):
         n = len(self)

@@ -20,6 +20,7 @@ import os
 from timm.data.readers.img_extensions import get_img_extensions
 from timm.utils.misc import natural_key
 
+from mambaout.utils.files import special_kind
 from mambaout.utils.text import printable
 
 logger = logging.getLogger("mambaout")
@@ -97,10 +98,8 @@ def scan_image_folder(root: str, report: bool = True) -> list[tuple[str, str]]:
     # one entry per real file: the one that is no link where there is one (the file keeps the class of its real
     # place), else the first link to it
     kept: dict[str, int] = {}
-    for i, (_, _, file_real, is_link) in enumerate(listed):
-        j = kept.get(file_real)
-        if j is None or (listed[j][3] and not is_link):
-            kept[file_real] = i
+    for i, (_, _, file_real, _) in sorted(enumerate(listed), key=lambda e: e[1][3]):  # links last, else in order
+        kept.setdefault(file_real, i)
     keep = set(kept.values())
     found = [(p, label) for i, (p, label, _, _) in enumerate(listed) if i in keep]
     duplicates = [p for i, (p, _, _, _) in enumerate(listed) if i not in keep]
@@ -143,6 +142,9 @@ class FolderReader:
 
     def __getitem__(self, index: int):
         path, target = self.samples[index]
+        kind = special_kind(path)
+        if kind is not None:  # a FIFO would block the read forever: not opened, the sample is skipped and named
+            raise OSError(f"{path} is {kind}, not an image file: not opened")
         return open(path, "rb"), target
 
     def _filename(self, index: int) -> str:

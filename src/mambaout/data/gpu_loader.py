@@ -126,7 +126,6 @@ class DecodedEvalLoader:
     def __init__(self, data: DecodedImages, batch_size: int, mean, std, rank=0, world_size=1):
         self.data, self.batch_size, self.mean, self.std = data, batch_size, mean, std
         self.sampler = ShardSampler(len(data), rank, world_size)
-        self.dataset = data
 
     def __len__(self) -> int:
         return -(-len(self.sampler) // self.batch_size)
@@ -152,11 +151,8 @@ class DeviceAugmentLoader:
     """Wraps a CPU loader of uint8 crops: moves each batch to `device` and augments it there (flip, RandAugment,
     normalisation, random erasing)."""
 
-    def __init__(self, loader, augment: GpuAugment, device):
-        if augment.crop:
-            raise ValueError("DeviceAugmentLoader expects crops from the CPU workers: build GpuAugment(crop=False)")
+    def __init__(self, loader, augment: GpuAugment, device):  # augment: built with crop=False
         self.loader, self.augment, self.device = loader, augment, torch.device(device)
-        self.sampler = getattr(loader, "sampler", None)
 
     def set_epoch(self, epoch: int) -> None:
         self.loader.set_epoch(epoch)

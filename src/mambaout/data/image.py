@@ -114,14 +114,12 @@ def to_rgb(img: Image.Image) -> Image.Image:
         lo, hi = float(arr.min()), float(arr.max())
         arr = (arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)
         img = Image.fromarray(arr.round().astype(np.uint8), mode="L")
-    elif img.mode == "1":
-        img = img.convert("L")
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         rgba = img.convert("RGBA")
         out = Image.new("RGB", rgba.size, _BACKGROUND)
         out.paste(rgba, mask=rgba.getchannel("A"))
         return out
-    return img.convert("RGB")  # L, CMYK, YCbCr, LAB, HSV
+    return img.convert("RGB")  # 1, L, CMYK, YCbCr, LAB, HSV
 
 
 @dataclass(frozen=True)
@@ -167,8 +165,3 @@ def eval_transform(cfg: dict | EvalSettings, img_size: int | None = None, crop_p
     """The eval transform of `EvalSettings`, a `pretrained_cfg` or a checkpoint `eval_config`."""
     settings = cfg if isinstance(cfg, EvalSettings) else EvalSettings.from_dict(cfg)
     return settings.transform(img_size, crop_pct)
-
-
-def eval_settings(cfg: dict) -> dict:
-    """The eval transform's settings out of a `pretrained_cfg` (what checkpoints and exported files record)."""
-    return EvalSettings.from_dict(cfg).to_dict()

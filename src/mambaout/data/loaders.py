@@ -98,7 +98,6 @@ def train_loader(
     """Shuffled, sharded (DistributedSampler, also at world size 1 so 1 and N processes see the same order).
 
     Args:
-        collate_fn: How samples make a batch (None: torch's default, stacking).
         persistent: Keep worker processes between epochs (saves their start-up on short GPU epochs). Off by
             default: fresh workers take their seeds from the per-epoch seeded main process, which is what makes
             `--resume` bit-exact; persistent workers carry their RNG state across epochs instead.

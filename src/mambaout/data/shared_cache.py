@@ -84,20 +84,16 @@ def machine_shared(key: str, build: Callable[[], dict[str, np.ndarray]]) -> dict
 class PackedBytes:
     """A list of `bytes | None` stored as one uint8 buffer plus offsets (what the shared cache holds)."""
 
-    def __init__(self, data: np.ndarray, offsets: np.ndarray, missing: np.ndarray):
-        self.data, self.offsets, self.missing = data, offsets, missing  # offsets [N + 1], missing [N] bool
+    def __init__(self, arrays: dict[str, np.ndarray]):  # from `pack`: data, offsets [N + 1], missing [N] bool
+        self.data, self.offsets, self.missing = arrays["data"], arrays["offsets"], arrays["missing"]
 
-    @classmethod
-    def pack(cls, items: list[bytes | None]) -> dict[str, np.ndarray]:
+    @staticmethod
+    def pack(items: list[bytes | None]) -> dict[str, np.ndarray]:
         lengths = np.array([-1 if b is None else len(b) for b in items], dtype=np.int64)
         offsets = np.zeros(len(items) + 1, dtype=np.int64)
         offsets[1:] = np.cumsum(np.maximum(lengths, 0))
         data = np.frombuffer(b"".join(b for b in items if b is not None), dtype=np.uint8)
         return dict(data=data, offsets=offsets, missing=(lengths < 0))
-
-    @classmethod
-    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> PackedBytes:
-        return cls(arrays["data"], arrays["offsets"], arrays["missing"])
 
     def __len__(self) -> int:
         return len(self.offsets) - 1

@@ -169,20 +169,15 @@ def count_samples(shards: list[str], num_classes: int | None = None) -> tuple[in
 
 def write_shards(samples, pattern: str, per_shard: int) -> list[str]:
     """Write `(key, image bytes, ext, label)` samples to WebDataset shards `pattern % shard_index`."""
-    paths, tar, count = [], None, 0
-    for key, data, ext, label in samples:
-        if tar is None or count == per_shard:
-            if tar is not None:
-                tar.close()
-            paths.append(pattern % len(paths))
-            tar, count = tarfile.open(paths[-1], "w"), 0
-        for suffix, payload in ((ext, data), ("cls", str(label).encode())):
-            info = tarfile.TarInfo(f"{key}.{suffix}")
-            info.size = len(payload)
-            tar.addfile(info, io.BytesIO(payload))
-        count += 1
-    if tar is not None:
-        tar.close()
+    paths = []
+    for _, shard in itertools.groupby(enumerate(samples), lambda item: item[0] // per_shard):  # lazily, shard by shard
+        paths.append(pattern % len(paths))
+        with tarfile.open(paths[-1], "w") as tar:
+            for _, (key, data, ext, label) in shard:
+                for suffix, payload in ((ext, data), ("cls", str(label).encode())):
+                    info = tarfile.TarInfo(f"{key}.{suffix}")
+                    info.size = len(payload)
+                    tar.addfile(info, io.BytesIO(payload))
     return paths
 
 
@@ -284,22 +279,14 @@ class IterableImages(IterableDataset):
         yield from buffer
 
 
-class StreamLoader:
-    """A DataLoader over `IterableImages` keeping the `loaders.EpochLoader` contract: `len()` in batches,
-    `set_epoch` (forwarded to the data set). A stream cannot seek: mid-epoch resume replays the epoch's stream from
-    its start (`skip_samples` is accepted and ignored)."""
+class StreamLoader(DataLoader):
+    """A DataLoader over `IterableImages` keeping the `loaders.EpochLoader` contract: `len()` in batches (the
+    DataLoader's own for a sized iterable set), `set_epoch` (forwarded to the data set). A stream cannot seek:
+    mid-epoch resume replays the epoch's stream from its start (`skip_samples` is accepted and ignored)."""
 
     def __init__(self, dataset: IterableImages, batch_size: int, workers: int, pin: bool, drop_last: bool):
-        self.dataset, self.batch_size, self.drop_last = dataset, batch_size, drop_last
-        self.loader = DataLoader(
-            dataset,
-            batch_size=batch_size,
-            num_workers=workers,
-            pin_memory=pin,
-            drop_last=drop_last,
-            worker_init_fn=ignore_sigint,
-        )
-        self.sampler = self
+        kw = dict(num_workers=workers, pin_memory=pin, drop_last=drop_last, worker_init_fn=ignore_sigint)
+        super().__init__(dataset, batch_size=batch_size, **kw)
 
     def skip_samples(self, n: int) -> None:
         pass  # a stream cannot seek: a resumed epoch is replayed from its start
@@ -307,16 +294,9 @@ class StreamLoader:
     def set_epoch(self, epoch: int) -> None:
         self.dataset.set_epoch(epoch)
 
-    def __len__(self) -> int:
-        n = len(self.dataset)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
-
     def __iter__(self):
         # workers can end up with uneven shares: stop at the promised length so every rank takes as many steps
-        for i, batch in enumerate(self.loader):
-            if i >= len(self):
-                return
-            yield batch
+        return itertools.islice(super().__iter__(), len(self))
 
 
 def is_streamed(path: str | None) -> bool:

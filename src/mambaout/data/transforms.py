@@ -6,7 +6,7 @@ clamps to 1 bit.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from PIL import Image, ImageOps
 
@@ -89,21 +89,14 @@ def fix_posterize(transform) -> int:
     return patched
 
 
+# AugmentConfig fields that timm's keyword arguments name otherwise (the rest keep their names)
+_TIMM_NAMES = dict(train_interpolation="interpolation", reprob="re_prob", remode="re_mode", recount="re_count")
+
+
 def timm_augment_kwargs(aug: AugmentConfig) -> dict:
-    """The augmentation as keyword arguments of timm's `create_transform` / `create_loader`."""
-    return dict(
-        scale=aug.scale,
-        ratio=aug.ratio,
-        hflip=aug.hflip,
-        color_jitter=aug.color_jitter if aug.color_jitter is not None else 0.0,
-        auto_augment=aug.auto_augment,
-        interpolation=aug.train_interpolation,
-        mean=aug.mean,
-        std=aug.std,
-        re_prob=aug.reprob,
-        re_mode=aug.remode,
-        re_count=aug.recount,
-    )
+    """Every field but `img_size` as keyword arguments of timm's `create_transform` / `create_loader`."""
+    kw = {_TIMM_NAMES.get(f.name, f.name): getattr(aug, f.name) for f in fields(aug) if f.name != "img_size"}
+    return {**kw, "color_jitter": kw["color_jitter"] or 0.0}  # timm wants 0 for none
 
 
 def build_train_transform(aug: AugmentConfig):

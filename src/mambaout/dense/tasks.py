@@ -1,4 +1,4 @@
-"""The two dense tasks as `mambaout.training.task.Task`s (data, model, loss, evaluation, checkpoints), run by the
+"""The two dense tasks as `mambaout.training.trainer.Task`s (data, model, loss, evaluation, checkpoints), run by the
 engine that trains classification: `DetectTask` (COCO instances, Mask/Faster R-CNN, box and mask AP) and
 `SegmentTask` (class-index masks, UperNet, mIoU and pixel accuracy).
 """
@@ -16,12 +16,12 @@ import torch
 from torch import nn
 
 from mambaout.data.loaders import train_loader
-from mambaout.training import task as training
-from mambaout.training.engine import autocast
+from mambaout.training import trainer as training
 from mambaout.training.optim import FactorSchedule
 from mambaout.training.runfolder import load_state, resume_path
 from mambaout.training.trainer import fit
 from mambaout.utils import distributed as dist
+from mambaout.utils.device import autocast
 from mambaout.utils.files import atomic_write_text
 from mambaout.utils.interrupt import ignore_sigint
 from mambaout.utils.text import count
@@ -88,7 +88,7 @@ class Task(training.Task):
         self.cfg = cfg
         self.batch_size = cfg.data.batch_size
 
-    # --- the training engine's interface (mambaout.training.task) ----------------------------------------------------
+    # --- the training engine's interface (mambaout.training.trainer) -------------------------------------------------
     def config(self) -> dict:
         return self.cfg.to_dict()
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mambaout.training.engine import autocast
+from mambaout.utils.device import autocast
 
 from .coco import resize_scale
 from .semseg import resize_pair

@@ -2,28 +2,11 @@
 
     flock /tmp/mambaout-cpu.lock mambaout benchmark --runtimes --models mambaout_femto --batch-size 32 [--compile]
 
-Rows: timm fp32 (the baseline), ours fp32 (the default path), ours bf16 (bf16 weights; the plain block forward, and
-with the bf16 CPU fast path, `mambaout.kernels.cpu.set_cpu_bf16`), timm under bf16 autocast,
-ours int8 (ONNX Runtime's static quantisation of our export), ONNX Runtime fp32 on our export and on timm's,
-OpenVINO fp32 and bf16 on our export (when `openvino` is installed); `--compile` adds timm and ours under
-`torch.compile`, fp32 and bf16. bf16 rows are timed only where the CPU has bf16 arithmetic (AVX512-BF16, AMX).
-
-Why one process per row: every runtime keeps its own pool of threads, and a pool spins for a while after its work
-is done. Timed in one process, a row right after another ran at 0.6x its speed alone (issue 27), so the table
-compared thread pools, not implementations. Here the parent writes the files every row needs (the weights, the
-exports, two probe images and timm's logits on them: `prepare`), then starts `python -m mambaout.deploy.benchmark
-ROW FOLDER ...` for each row in turn (`measure`); a row's process sees no other pool. Same weights (timm's, copied
-into ours), same thread count; `rounds` > 1 runs every row's process again, one of each in turn, so a passing
-load hits every row alike. Each row: img/s (median step), the ratio to timm fp32, the max |logit difference| to
-timm fp32 on the same two images, and the load average when its process ended.
-
-Runtime settings are the ones their documentation recommends for latency: ONNX Runtime with sequential execution,
-every graph optimisation and spinning intra-op threads (its defaults), as many threads as torch; OpenVINO with the
-LATENCY performance hint and the same thread count (mambaout/deploy/runtimes.py).
-
-The roofline line: the model's MACs per image, the peak of this machine for that dtype measured by a large GEMM
-(the faster of torch.mm and oneDNN; int8: ONNX Runtime's MatMulInteger), and the fraction of it the fastest row
-of that dtype reaches.
+The rows (`IMPLS`, `COMPILED`), the runtimes' settings and the roofline line: docs/performance.md, "CPU deployment".
+Why one process per row: every runtime keeps its own pool of threads, which spins for a while after its work is done;
+timed in one process, a row right after another ran at 0.6x its speed alone (issue 27). So the parent writes the
+files every row needs (`prepare`), then starts `python -m mambaout.deploy.benchmark ROW FOLDER ...` for each row in
+turn (`measure`); a row's process sees no other pool.
 """
 
 from __future__ import annotations
@@ -41,28 +24,13 @@ from pathlib import Path
 
 import torch
 
-__all__ = [
-    "gemm_peak_gflops",
-    "timm_twin",
-    "IMPLS",
-    "COMPILED",
-    "prepare",
-    "load_impl",
-    "measure",
-    "runtime_rows",
-    "format_runtime_table",
-    "roofline_lines",
-]
-
 
 def gemm_peak_gflops(dtype: str = "fp32", n: int = 2048, repeats: int = 3) -> float | None:
     """GFLOP/s (GOP/s for int8) of an `n`x`n`x`n` matrix product on this CPU, best of `repeats` and of the libraries
     torch offers (BLAS, oneDNN); None if unsupported."""
     if dtype == "int8":
         fn = _ort_int8_matmul(n)  # the int8 kernels the int8 row runs (torch has no fast int8 GEMM on CPU)
-        if fn is None:
-            return None
-        return _best_gflops([fn], n, repeats)
+        return _best_gflops([fn] if fn else [], n, repeats)
     t = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
     a, b = torch.randn(n, n, dtype=t), torch.randn(n, n, dtype=t)
     fns = [lambda: a @ b]  # BLAS (MKL: slow on AMD CPUs) ...
@@ -124,11 +92,14 @@ def timm_twin(name: str, **kwargs):
     from mambaout.models.variants import get_variant
 
     variant, _ = get_variant(name)
-    if name in timm.list_models("mambaout*"):
+    if variant.name in timm.list_models("mambaout*"):  # a weight tag (`mambaout_tiny.in1k`) as timm reads it
         return timm.create_model(name, **kwargs)
     arch = {k: v for k, v in variant.kwargs.items() if k in ("depths", "dims")}
     if set(variant.kwargs) - {"depths", "dims"} or variant.builder is not None:
-        raise ValueError(f"timm has no {name} and its arguments {variant.kwargs} are not femto's with other sizes")
+        raise ValueError(
+            f"timm has no {name} to compare with, nor its class with arguments {variant.kwargs}; "
+            "pick one of timm.list_models('mambaout*')"
+        )
     return timm.create_model("mambaout_femto", **arch, **kwargs)
 
 
@@ -152,7 +123,19 @@ COMPILED = {
     "timm bf16 (torch.compile, autocast)": "bf16",
     "ours bf16 (torch.compile)": "bf16",
 }
-_BF16_ROWS = {k for k, d in {**IMPLS, **COMPILED}.items() if d == "bf16"}
+ROWS = {**IMPLS, **COMPILED}
+_BF16_ROWS = {k for k, d in ROWS.items() if d == "bf16"}
+
+
+def twins(name: str, **kwargs):
+    """(timm's model, ours) of `name` with identical weights (timm's, seeded), on CPU in float32."""
+    from mambaout.models.factory import create_model
+
+    torch.manual_seed(0)
+    ref = timm_twin(name, **kwargs)
+    ours = create_model(name, **kwargs)
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    return ref, ours
 
 
 def prepare(
@@ -164,12 +147,8 @@ def prepare(
     from mambaout.deploy.quantize import calibration_images, quantize_int8
     from mambaout.deploy.runtimes import export_openvino
     from mambaout.inference.export import export_onnx
-    from mambaout.models.factory import create_model
 
-    torch.manual_seed(0)
-    ref = timm_twin(name).eval()
-    ours = create_model(name).eval()
-    ours.load_state_dict(ref.state_dict(), strict=True)
+    ref, ours = (m.eval() for m in twins(name))
     shape = (3, img_size, img_size)
     ours.pretrained_cfg = {**ours.pretrained_cfg, "input_size": shape}
     probe = torch.randn(2, *shape)  # the two images every row's |diff| is measured on
@@ -204,15 +183,11 @@ def load_impl(key: str, folder: Path, threads: int) -> Callable[[torch.Tensor], 
     saved = torch.load(folder / "weights.pt", weights_only=True)
     name, weights = saved["name"], saved["weights"]
     compiled = "torch.compile" in key
-
-    def torch_model(kind: str) -> torch.nn.Module:
-        model = timm_twin(name) if kind == "timm" else create_model(name)
-        model.load_state_dict(weights)
-        return model.eval()
-
     if key.startswith(("timm", "ours")) and "ONNX" not in key:
         kind = key.split()[0]
-        model = torch_model(kind)
+        model = timm_twin(name) if kind == "timm" else create_model(name)
+        model.load_state_dict(weights)
+        model.eval()
         if "bf16" in key and kind == "ours":
             from mambaout.kernels.cpu import set_cpu_bf16
 
@@ -230,7 +205,12 @@ def load_impl(key: str, folder: Path, threads: int) -> Callable[[torch.Tensor], 
             inductor_config.freezing = True
             model = torch.compile(model, dynamic=False)
         if "autocast" in key:
-            return lambda x: _autocast_call(model, x)
+
+            def autocast_call(x: torch.Tensor) -> torch.Tensor:
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    return model(x).float()
+
+            return autocast_call
         return model
     if key == "ours int8 (ONNX Runtime)":
         return OnnxRuntimeModel(folder / "ours-int8.onnx", threads)
@@ -242,12 +222,7 @@ def load_impl(key: str, folder: Path, threads: int) -> Callable[[torch.Tensor], 
         return lambda x: torch.from_numpy(session.run(None, {input_name: x.numpy()})[0])
     if key.startswith("OpenVINO"):
         return OpenVinoModel(folder / "ours.xml", "bf16" if "bf16" in key else "f32", threads)
-    raise ValueError(f"unknown implementation {key!r}; expected one of {sorted({**IMPLS, **COMPILED})}")
-
-
-def _autocast_call(model, x: torch.Tensor) -> torch.Tensor:
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        return model(x).float()
+    raise ValueError(f"unknown implementation {key!r}; expected one of {sorted(ROWS)}")
 
 
 def measure(key: str, folder: Path, batch_sizes, iters: int, warmup: int, threads: int, img_size: int) -> dict:
@@ -258,25 +233,19 @@ def measure(key: str, folder: Path, batch_sizes, iters: int, warmup: int, thread
     set_threads(threads, "benchmark worker")
     impl = load_impl(key, folder, threads)
     saved = torch.load(folder / "weights.pt", weights_only=True)
+    times = {}
     with torch.inference_mode():
         diff = float((impl(saved["probe"]).float() - saved["want"]).abs().max())
-    times = {}
-    for bs in batch_sizes:
-        x = torch.randn(bs, 3, img_size, img_size)
-        for _ in range(warmup):
-            _call(impl, x)
-        times[bs] = []
-        for _ in range(iters):
-            t0 = time.perf_counter()
-            _call(impl, x)
-            times[bs].append(time.perf_counter() - t0)
+        for bs in batch_sizes:
+            x = torch.randn(bs, 3, img_size, img_size)
+            for _ in range(warmup):
+                impl(x)
+            times[bs] = []
+            for _ in range(iters):
+                t0 = time.perf_counter()
+                impl(x)
+                times[bs].append(time.perf_counter() - t0)
     return {"diff": diff, "times": times, "load": os.getloadavg()[0]}
-
-
-def _worker_cmd(key: str, folder: Path, batch_sizes, iters: int, warmup: int, threads: int, img_size: int):
-    sizes = [str(b) for b in batch_sizes]
-    return [sys.executable, "-m", "mambaout.deploy.benchmark", key, str(folder), "--batch-sizes", *sizes,
-            "--iters", str(iters), "--warmup", str(warmup), "--threads", str(threads), "--img-size", str(img_size)]  # fmt: skip
 
 
 def _own_process(cmd: list[str], timeout: float = 1800) -> dict:
@@ -318,34 +287,31 @@ def runtime_rows(
             raise ValueError(f"unknown --only row(s) {sorted(unknown)}; expected some of {keys}")
         keys = [k for k in keys if k == "timm fp32" or k in only]
     bf16_native, cpu = cpu_bf16_support()
+    emulated = set() if bf16_native else _BF16_ROWS & set(keys)
     with tempfile.TemporaryDirectory(prefix="mambaout-runtimes-") as tmp:
         folder = Path(tmp)
         notes = prepare(name, folder, img_size, calib, openvino=any(k.startswith("OpenVINO") for k in keys))
-        timed: dict[str, bool] = {}
-        for key in keys:
-            timed[key] = key not in notes or "int8" in key
-            if key in _BF16_ROWS and not bf16_native:
-                timed[key] = key == "ours bf16"  # its |diff| is still measured, emulated
-                notes[key] = f"not timed: {cpu} would emulate bf16"
+        notes |= {k: f"not timed: {cpu} would emulate bf16" for k in emulated}
+        # "ours bf16" runs where bf16 is emulated too, for its |diff| (one step at the first batch size)
+        run = [k for k in keys if k not in notes or "int8" in k or k == "ours bf16"]
         results: dict[str, dict] = {}
         for _ in range(rounds):
-            for key in (k for k in keys if timed[k]):
-                sizes = batch_sizes if not (key in _BF16_ROWS and not bf16_native) else (batch_sizes[0],)
-                got = _own_process(_worker_cmd(key, folder, sizes, iters if sizes == batch_sizes else 1,
-                                               warmup, threads, img_size))  # fmt: skip
+            for key in run:
+                sizes = (batch_sizes[0],) if key in emulated else batch_sizes
+                cmd = [sys.executable, "-m", "mambaout.deploy.benchmark", key, str(folder), "--batch-sizes"]
+                cmd += [*map(str, sizes), "--iters", str(iters if sizes == batch_sizes else 1), "--warmup", str(warmup)]
+                got = _own_process([*cmd, "--threads", str(threads), "--img-size", str(img_size)])
                 log(f"  {key}: done (load average {got['load']:.2f})")
-                if key not in results:
-                    results[key] = {"diff": got["diff"], "times": {int(b): [] for b in got["times"]}, "load": []}
+                res = results.setdefault(key, {"diff": got["diff"], "times": {}, "load": []})
                 for b, t in got["times"].items():
-                    results[key]["times"][int(b)] += t
-                results[key]["load"].append(got["load"])
+                    res["times"].setdefault(int(b), []).extend(t)
+                res["load"].append(got["load"])
     rows = []
     for bs in batch_sizes:
         base = statistics.median(results["timm fp32"]["times"][bs])
         for key in keys:
             res = results.get(key)
-            real = res is not None and not (key in _BF16_ROWS and not bf16_native)
-            med = statistics.median(res["times"][bs]) if real else None
+            med = statistics.median(res["times"][bs]) if res and key not in emulated else None
             rows.append(
                 dict(
                     model=name,
@@ -364,19 +330,13 @@ def runtime_rows(
     return rows
 
 
-def _call(impl, x: torch.Tensor) -> torch.Tensor:
-    with torch.inference_mode():
-        return impl(x)
-
-
 def roofline_lines(rows: list[dict], macs: int, peaks: dict[str, float | None]) -> list[str]:
     """Per dtype: MACs, the measured GEMM peak and the fraction of it the fastest row of that dtype reaches."""
     lines = []
-    dtype_of = lambda impl: "int8" if "int8" in impl else "bf16" if "bf16" in impl else "fp32"  # noqa: E731
     for dtype in ("fp32", "bf16", "int8"):
         peak = peaks.get(dtype)
         for bs in sorted({r["batch_size"] for r in rows}):
-            timed = [r for r in rows if r["batch_size"] == bs and dtype_of(r["impl"]) == dtype and r["img_per_s"]]
+            timed = [r for r in rows if r["batch_size"] == bs and ROWS[r["impl"]] == dtype and r["img_per_s"]]
             if not timed or not peak:
                 continue
             best = max(timed, key=lambda r: r["img_per_s"])

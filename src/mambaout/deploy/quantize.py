@@ -125,7 +125,6 @@ def quantize_int8(
             extra_options={"CalibTensorRangeSymmetric": False},
         )
     quantized = onnx.load(str(output))
-    del quantized.metadata_props[:]
     meta["quantization"] = json.dumps(
         dict(
             tool="onnxruntime.quantization.quantize_static",
@@ -137,8 +136,6 @@ def quantize_int8(
             calibration_images=int(len(images)),
         )
     )
-    for key, value in meta.items():
-        entry = quantized.metadata_props.add()
-        entry.key, entry.value = key, value
+    onnx.helper.set_model_props(quantized, meta)  # replaces the quantiser's own entries
     onnx.save(quantized, str(output))
     return output

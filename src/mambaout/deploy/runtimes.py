@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mambaout.inference.export import DEFAULT_OPSET, export_metadata, export_onnx
+from mambaout.inference.export import DEFAULT_OPSET, export_metadata, export_onnx, read_onnx_metadata
 from mambaout.utils.files import special_kind
 from mambaout.utils.optional import require
 
@@ -95,8 +95,7 @@ class OnnxRuntimeModel(RuntimeModel):
         graph = onnx.load(str(path)).graph
         check_finite_arrays(((t.name, numpy_helper.to_array(t)) for t in graph.initializer), str(path))
         self.session = ort_session(path, threads)
-        meta = {k: json.loads(v) for k, v in self.session.get_modelmeta().custom_metadata_map.items()}
-        super().__init__(path, meta)
+        super().__init__(path, read_onnx_metadata(self.session))
         self.input_name = self.session.get_inputs()[0].name
 
     def _run(self, x: np.ndarray) -> np.ndarray:

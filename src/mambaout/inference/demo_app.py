@@ -10,8 +10,8 @@ once at start so a bad one fails there): a visitor picks among those and can nev
 
 from __future__ import annotations
 
+import functools
 import os
-from collections import OrderedDict
 from pathlib import Path
 
 # Offline by default: no usage analytics or version checks from the server (set before gradio is imported).
@@ -88,15 +88,15 @@ class ModelPool:
         self.allowed = dict(allowed)
         self.model_kwargs = dict(model_kwargs or {})
         self.topk, self.device = topk, device
-        self._predictors: OrderedDict[str, Predictor] = OrderedDict()
+        self._load = functools.lru_cache(maxsize=_CACHED_MODELS)(self._build)
 
     def get(self, choice: str) -> Predictor:
         choice = (choice or "").strip()
         if choice not in self.allowed:  # one answer for any other string: no probing of the server's files
             raise ValueError("choose one of the models this server offers")
-        if choice in self._predictors:
-            self._predictors.move_to_end(choice)
-            return self._predictors[choice]
+        return self._load(choice)
+
+    def _build(self, choice: str) -> Predictor:
         kind, target = self.allowed[choice]
         if kind == "checkpoint":
             name, path = target.split(":", 1) if _named(target) else (None, target)
@@ -104,11 +104,7 @@ class ModelPool:
         else:
             kwargs = {k: v for k, v in self.model_kwargs.items() if k != "use_ema"}
             model = create_model(target, pretrained=kind == "model", **kwargs)
-        predictor = Predictor(model, topk=self.topk, device=self.device)
-        self._predictors[choice] = predictor
-        while len(self._predictors) > _CACHED_MODELS:
-            self._predictors.popitem(last=False)
-        return predictor
+        return Predictor(model, topk=self.topk, device=self.device)
 
 
 def model_choices(

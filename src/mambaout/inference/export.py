@@ -18,45 +18,43 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mambaout.data.image import eval_settings
+from mambaout.data.image import EvalSettings
 from mambaout.inference.predictor import class_names_for
 from mambaout.utils.files import atomic_write
 
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
 METADATA_FILE = "mambaout.json"  # name of the metadata entry inside a .pt2 archive
-DEFAULT_OPSET = 18  # the lowest opset torch's ONNX exporter targets natively; onnxruntime >= 1.14 runs it
-MIN_OPSET = 18  # torch's exporter cannot write older opsets
+DEFAULT_OPSET = 18  # the lowest opset torch's ONNX exporter writes (none older); onnxruntime >= 1.14 runs it
 
 
 def export_metadata(model: nn.Module, img_size: int | None = None) -> dict:
-    """The facts stored beside an exported graph (the same contract as our checkpoints' metadata).
-
-    With `img_size`, the eval transform's input size is the exported graph's, not the model's default.
-    """
-    cfg = dict(getattr(model, "pretrained_cfg", None) or {})
+    """The facts stored beside an exported graph (the same contract as our checkpoints' metadata); with `img_size`,
+    the eval transform's input size is the exported graph's, not the model's default."""
     names = class_names_for(model)
     meta = {
         "model": getattr(model, "model_name", type(model).__name__),
         "model_kwargs": getattr(model, "model_kwargs", {}),
         "class_names": list(names.names),
-        "eval_config": eval_settings(cfg),
+        "eval_config": EvalSettings.from_dict(getattr(model, "pretrained_cfg", None) or {}).to_dict(),
     }
-    if img_size is not None and "input_size" in meta["eval_config"]:
-        meta["eval_config"]["input_size"] = [meta["eval_config"]["input_size"][0], img_size, img_size]
+    if img_size is not None:
+        meta["eval_config"]["input_size"][1:] = [img_size, img_size]
     if names.synsets is not None:
         meta["synsets"] = list(names.synsets)
     return meta
 
 
-def _example(model: nn.Module, img_size: int | None) -> torch.Tensor:
+def _prepare(model: nn.Module, img_size: int | None, metadata: dict | None) -> tuple[nn.Module, torch.Tensor, dict]:
+    """(the model in eval mode, an example input, the metadata to store) of an export."""
     cfg = getattr(model, "pretrained_cfg", None) or {}
     in_chans, h, w = cfg.get("input_size", (3, 224, 224))
     if img_size is not None:
         if img_size < 32:
             raise ValueError(f"img_size must be >= 32 (the network downsamples by 32), got {img_size}")
         h = w = img_size
+    meta = export_metadata(model, img_size) if metadata is None else metadata
     # batch 2, not 1: torch.export specialises a dimension of size 0 or 1 to a constant
-    return torch.randn(2, in_chans, h, w)
+    return model.eval(), torch.randn(2, in_chans, h, w), meta
 
 
 def _batch_dim():
@@ -70,23 +68,14 @@ def export_onnx(
     opset: int = DEFAULT_OPSET,
     metadata: dict | None = None,
 ) -> Path:
-    """Write `model` as ONNX with input `input` `[batch, 3, H, W]` and output `logits` `[batch, num_classes]`.
-
-    The batch axis is dynamic; H and W are fixed at `img_size` (default: the model's eval input size).
-
-    Args:
-        model: The network (put in eval mode here).
-        path: Destination `.onnx` file.
-        img_size: Square input side in pixels (a multiple of 32 keeps every stage's map whole).
-        opset: ONNX opset version.
-        metadata: Stored as `metadata_props` (values JSON-encoded); default `export_metadata(model)`.
-    """
+    """Write `model` (put in eval mode) as ONNX: input `input` `[batch, 3, H, W]`, output `logits` `[batch,
+    num_classes]`. The batch axis is dynamic; H = W = `img_size` (default: the model's eval input size; a multiple
+    of 32 keeps every stage's map whole). `metadata` is stored as `metadata_props` (values JSON-encoded); default
+    `export_metadata(model, img_size)`."""
     import onnx
 
     check_opset(opset)
-    model = model.eval()
-    x = _example(model, img_size)
-    meta = export_metadata(model, img_size) if metadata is None else metadata
+    model, x, meta = _prepare(model, img_size, metadata)
 
     def write(tmp: str) -> None:
         with torch.no_grad(), _converter_log() as converter:
@@ -118,7 +107,6 @@ def export_onnx(
 
 
 def _save_onnx(proto, path: str, metadata: dict) -> None:
-    """Save `proto` with `metadata` as its `metadata_props` (values JSON-encoded)."""
     import onnx
 
     for key, value in metadata.items():
@@ -141,16 +129,12 @@ def _converter_log():
         log.propagate = propagate
 
 
-def supported_opsets() -> range:
-    """ONNX opsets an export can target: torch's exporter writes 18 natively, the installed `onnx` knows the newest."""
+def check_opset(opset) -> int:
+    """`opset` if an export can target it (up to the newest the installed `onnx` knows), else ValueError naming the
+    range (ImportError without `onnx`)."""
     import onnx
 
-    return range(MIN_OPSET, onnx.defs.onnx_opset_version() + 1)
-
-
-def check_opset(opset) -> int:
-    """`opset` if an export can target it, else ValueError naming the range (ImportError without `onnx`)."""
-    ok = supported_opsets()
+    ok = range(DEFAULT_OPSET, onnx.defs.onnx_opset_version() + 1)
     if isinstance(opset, bool) or not isinstance(opset, int) or opset not in ok:
         raise ValueError(f"--opset must be an integer from {ok.start} to {ok.stop - 1}, got {opset!r}")
     return opset
@@ -170,15 +154,11 @@ def read_onnx_metadata(path_or_session) -> dict:
 def export_pt2(
     model: nn.Module, path: str | os.PathLike, img_size: int | None = None, metadata: dict | None = None
 ) -> Path:
-    """Write `model` as a `torch.export` program (dynamic batch), loadable with `torch.export.load`.
-
-    The metadata is the archive's `mambaout.json` extra file: read it with `read_pt2_metadata`.
-    """
-    model = model.eval()
-    x = _example(model, img_size)
+    """Write `model` as a `torch.export` program (dynamic batch), loadable with `torch.export.load`; the metadata is
+    the archive's `mambaout.json` extra file (`load_pt2` reads both)."""
+    model, x, meta = _prepare(model, img_size, metadata)
     with torch.no_grad():
         program = torch.export.export(model, (x,), dynamic_shapes=(_batch_dim(),))
-    meta = export_metadata(model, img_size) if metadata is None else metadata
     extra = {METADATA_FILE: json.dumps(meta)}
     return atomic_write(path, lambda tmp: torch.export.save(program, tmp, extra_files=extra), suffix=".pt2")
 

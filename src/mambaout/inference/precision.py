@@ -11,15 +11,13 @@ bf16 there runs fp32 and says so; `allow_emulated=True` runs the bf16 path anywa
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import sys
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from mambaout.utils.device import cpu_name
+from mambaout.utils.device import cpu_flags, cpu_name
 
 __all__ = ["DTYPES", "cpu_bf16_support", "resolve_dtype", "LowPrecision", "with_dtype"]
 
@@ -31,13 +29,7 @@ _BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")
 @functools.lru_cache(maxsize=1)
 def cpu_bf16_support() -> tuple[bool, str]:
     """(whether this CPU does bf16 arithmetic natively, a few words naming the CPU and what it has)."""
-    model, flags = cpu_name(), set()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() in ("flags", "Features"):
-                flags = set(value.split())
-                break
+    model, flags = cpu_name(), cpu_flags()
     found = [f for f in _BF16_FLAGS if f in flags]
     if found:
         return True, f"{model} ({', '.join(found)})"
@@ -48,13 +40,8 @@ def cpu_bf16_support() -> tuple[bool, str]:
 
 
 def resolve_dtype(dtype: str, device: torch.device | str = "cpu", allow_emulated: bool = False) -> tuple[str, str]:
-    """The dtype to run (`'fp32'` or `'bf16'`) for the one asked for, and a one-line note when they differ.
-
-    CUDA runs bf16 as asked. A CPU without bf16 arithmetic runs fp32 unless `allow_emulated`.
-
-    Raises:
-        ValueError: an unknown dtype.
-    """
+    """The dtype to run (`'fp32'` or `'bf16'`) for the one asked for, and a one-line note when they differ: CUDA runs
+    bf16 as asked, a CPU without bf16 arithmetic runs fp32 unless `allow_emulated`. ValueError for an unknown dtype."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     if dtype == "fp32" or torch.device(device).type != "cpu" or allow_emulated:

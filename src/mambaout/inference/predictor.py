@@ -15,7 +15,6 @@ import os
 import re
 import sys
 import warnings
-from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,19 +42,20 @@ _SYNSET = re.compile(r"n\d{8}")  # a WordNet noun id, ImageNet's class folder na
 # --- finding images --------------------------------------------------------------------------------------------
 
 
-def find_images(inputs: Iterable[str | os.PathLike]) -> list[Path]:
-    """Expand folders (recursively, sorted, image suffixes only) and keep files as given, in input order.
+def find_images(inputs: Iterable) -> list:
+    """Expand folders (recursively, sorted, image suffixes only) and keep files (as `Path`s) and other items (PIL
+    images, arrays, bytes) as given, in input order.
 
     A folder's entries with an image suffix are all kept, FIFOs, devices and dangling links included: the predictor
     names each of them as unreadable (without opening a FIFO or a device) rather than leaving them out unsaid.
     """
-    paths: list[Path] = []
+    paths = []
     for item in inputs:
-        p = Path(item)
-        if p.is_dir():
+        p = Path(item) if isinstance(item, (str, os.PathLike)) else None
+        if p is not None and p.is_dir():
             paths += sorted(f for f in p.rglob("*") if not f.is_dir() and f.suffix.lower() in IMAGE_EXTENSIONS)
         else:
-            paths.append(p)  # missing or unreadable files are reported per file by the predictor
+            paths.append(item if p is None else p)  # missing or unreadable files are reported per file by the predictor
     return paths
 
 
@@ -72,13 +72,9 @@ class ClassNames:
     def label(self, index: int) -> str:
         """A display label unique among the classes: the name, with the synset added where names repeat."""
         name = self.names[index]
-        if self.synsets is not None and name in self._repeated:
+        if self.synsets is not None and self.names.count(name) > 1:
             return f"{name} ({self.synsets[index]})"
         return name
-
-    @property
-    def _repeated(self) -> frozenset[str]:
-        return frozenset(n for n, count in Counter(self.names).items() if count > 1)
 
 
 def class_names_for(model: nn.Module) -> ClassNames:
@@ -94,15 +90,14 @@ def class_names_for(model: nn.Module) -> ClassNames:
 
     if stored is not None and len(stored) == num_classes:
         stored = tuple(str(n) for n in stored)
-        if all(_SYNSET.fullmatch(n) for n in stored):
-            # ImageFolder class names of an ImageNet subset (Imagenette): show the words, keep the synsets
-            info = ImageNetInfo("imagenet-22k")
-            try:
-                names = tuple(info.label_name_to_description(n).split(",")[0].strip() for n in stored)
-            except (KeyError, ValueError):  # not all WordNet ids ImageNet knows: keep them as they are
-                return ClassNames(stored)
-            return ClassNames(names, stored)
-        return ClassNames(stored)
+        if not all(_SYNSET.fullmatch(n) for n in stored):
+            return ClassNames(stored)
+        # ImageFolder class names of an ImageNet subset (Imagenette): show the words, keep the synsets
+        info = ImageNetInfo("imagenet-22k")
+        try:
+            return ClassNames(tuple(info.label_name_to_description(n).split(",")[0].strip() for n in stored), stored)
+        except (KeyError, ValueError):  # not all WordNet ids ImageNet knows: keep them as they are
+            return ClassNames(stored)
 
     subset = infer_imagenet_subset({"num_classes": num_classes})
     if subset is not None:
@@ -205,41 +200,42 @@ class Predictor:
     def iter_predict(
         self, inputs: Sequence | str | os.PathLike, batch_size: int = 32, num_workers: int = 0, progress: bool = False
     ) -> Iterator[Prediction]:
-        """Classify many images, yielding one `Prediction` per image in input order.
-
-        Folders are searched recursively. A file that cannot be read yields a `Prediction` with `error`
-        set and does not stop the rest.
-
-        Args:
-            inputs: Paths, folders, PIL images or arrays (a single path or folder is accepted too).
-            batch_size: Images per forward pass.
-            num_workers: Decoding processes (a `DataLoader`); 0 decodes in this process.
-            progress: Show a progress bar on stderr.
-        """
+        """Classify `inputs` (paths, folders searched recursively, PIL images, arrays; or a single one), yielding one
+        `Prediction` per image in input order. A file that cannot be read yields a `Prediction` with `error` set and
+        does not stop the rest. `num_workers` decoding processes (0: decode in this process), `batch_size` images
+        per forward pass, `progress` bar on stderr."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if isinstance(inputs, (str, os.PathLike, Image.Image, np.ndarray, bytes)):
             inputs = [inputs]
-        items = _expand(inputs)
+        items = find_images(inputs)
         loader = torch.utils.data.DataLoader(
-            _Decoded(items, self.preprocess),
-            batch_size=batch_size,
-            num_workers=num_workers,
-            collate_fn=_collate,
-            worker_init_fn=ignore_sigint,
+            items, batch_size=batch_size, num_workers=num_workers, collate_fn=self._decode, worker_init_fn=ignore_sigint
         )
         from tqdm.auto import tqdm
 
         bar = tqdm(
             total=len(items), unit="img", file=sys.stderr, desc="predict", dynamic_ncols=True, disable=not progress
         )
-        for sources, tensors, errors in loader:
+        for batch in loader:
+            sources, tensors, errors = zip(*batch)
             ok = [t for t in tensors if t is not None]
             rows = zip(*self.predict_batch(torch.stack(ok))) if ok else iter(())  # (probs, indices) of each read image
             for source, tensor, error in zip(sources, tensors, errors):
                 yield Prediction(source, error=error) if tensor is None else self._prediction(source, *next(rows))
             bar.update(len(sources))
         bar.close()
+
+    def _decode(self, items: list) -> list[tuple]:
+        """(source, tensor or None, error or None) of each item: a bad file becomes an error entry, not an exception.
+        The loader's collate function, so the decoding runs in its workers."""
+        out = []
+        for item in items:
+            try:
+                out.append((_describe(item), self.preprocess(item), None))
+            except (ValueError, OSError) as e:
+                out.append((_describe(item), None, str(e)))
+        return out
 
     def predict(self, inputs, batch_size: int = 32, num_workers: int = 0, progress: bool = False) -> list[dict]:
         """`iter_predict` as a list of JSON-ready dicts: `{'path', 'top': [{'index', 'label', 'prob', 'synset'?}]}`
@@ -266,35 +262,6 @@ def predict(
 
 def _describe(source) -> str:
     return str(source) if isinstance(source, (str, os.PathLike)) else f"<{type(source).__name__}>"
-
-
-def _expand(inputs: Iterable) -> list:
-    out: list = []
-    for item in inputs:
-        out += find_images([item]) if isinstance(item, (str, os.PathLike)) else [item]
-    return out
-
-
-class _Decoded(torch.utils.data.Dataset):
-    """Items -> (source, tensor or None, error or None): a bad file becomes an error entry, not an exception."""
-
-    def __init__(self, items: list, preprocess):
-        self.items, self.preprocess = items, preprocess
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i):
-        item = self.items[i]
-        try:
-            return _describe(item), self.preprocess(item), None
-        except (ValueError, OSError) as e:
-            return _describe(item), None, str(e)
-
-
-def _collate(batch):
-    sources, tensors, errors = zip(*batch)
-    return list(sources), list(tensors), list(errors)
 
 
 def format_text(pred: dict) -> str:

@@ -20,14 +20,17 @@ does; `set_cpu_matmul("onednn" | "blas" | "auto")` or MAMBAOUT_CPU_MATMUL picks 
 `cpu_matmul_choices()` shows what was chosen. Both are held equal to the plain forward by `tests/test_fastpath.py`.
 
 `GatedCNNBlock._forward_reference` (models/mambaout.py) is the plain forward. The weights are passed as they are,
-every call: pre-packing them into oneDNN's blocked layout (and caching that) measured no faster per block (batch 1
-and 16, all four stage shapes), and a cache could go stale when weights are changed through `.data`, which bypasses
-the version counter.
+every call, as views (`_Plan`): pre-packing them into oneDNN's blocked layout (and caching that) measured no faster
+per block (batch 1 and 16, all four stage shapes), and a packed copy could go stale when weights are changed through
+`.data`, which bypasses the version counter. A stage runs its blocks through `stage_plans` / `run_stage`: the checks
+once per stage, no module call per block. At batch 1 that fixed cost per call is what is left to cut (docs/performance.md).
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
+import sys
 import threading
 import time
 import warnings
@@ -36,10 +39,14 @@ import weakref
 import torch
 from torch import nn
 
+from mambaout.utils import device
+
 __all__ = [
     "onednn_available",
     "can_use_cpu_fastpath",
     "gated_block_inference",
+    "stage_plans",
+    "run_stage",
     "MATMUL_CHOICES",
     "set_cpu_matmul",
     "cpu_matmul",
@@ -49,6 +56,7 @@ __all__ = [
     "cpu_bf16_enabled",
     "can_use_cpu_conv",
     "conv_channels_last",
+    "stem_norm",
 ]
 
 MATMUL_CHOICES = ("auto", "onednn", "blas")
@@ -65,16 +73,6 @@ def onednn_available() -> bool:
 _ONEDNN = onednn_available()
 
 
-def _linear(
-    x: torch.Tensor, lin: nn.Linear, rows: tuple[int, int] | None = None, post_op: tuple[str, str] = ("none", "")
-) -> torch.Tensor:
-    """`lin(x)` restricted to output rows `rows`, with an optional fused activation; `[..., K]` -> `[..., rows]`."""
-    rows = rows or (0, lin.out_features)
-    weight = lin.weight[rows[0] : rows[1]].contiguous()  # a row block of a contiguous weight: a view, no copy
-    bias = lin.bias[rows[0] : rows[1]] if lin.bias is not None else None
-    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, post_op[0], [], post_op[1])
-
-
 def _post_op(act: nn.Module) -> tuple[str, str] | None:
     if type(act) is nn.GELU:
         return ("gelu", act.approximate)  # oneDNN's "none" is the exact erf GELU, "tanh" the approximation
@@ -87,16 +85,12 @@ def _hooked(m: nn.Module) -> bool:
 
 def _bf16_default() -> bool:
     """bf16 blocks take this path by default only on the CPUs it was measured faster on: AVX512-BF16 without AMX
-    (AMD EPYC family 26: 1.10x the plain bf16 block forward at batch 1, 2.3x at batch 32; docs/performance.md).
+    (AMD EPYC family 26, two threads: 1.19x the plain bf16 block at batch 1, 2.39x at batch 32; docs/performance.md).
     Elsewhere opt-in (MAMBAOUT_CPU_BF16=1); MAMBAOUT_CPU_BF16=0 turns it off."""
     env = os.environ.get("MAMBAOUT_CPU_BF16", "").strip()
     if env in ("0", "1"):
         return env == "1"
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return False
+    flags = device.cpu_flags()
     return "avx512_bf16" in flags and "amx_bf16" not in flags
 
 
@@ -114,24 +108,15 @@ def cpu_bf16_enabled() -> bool:
     return _BF16
 
 
-def _fast_dtype(x: torch.Tensor, block: nn.Module) -> bool:
-    dtype = block.fc1.weight.dtype
-    return x.dtype == dtype and (dtype == torch.float32 or (_BF16 and dtype == torch.bfloat16))
-
-
-def can_use_cpu_fastpath(block: nn.Module, x: torch.Tensor) -> bool:
-    """Whether `gated_block_inference` may replace the block's reference forward for this input.
-
-    Only for float32 CPU tensors (bf16 too, with bf16 weights, after `set_cpu_bf16(True)`) outside autocast, with
-    autograd off (under `no_grad` / `inference_mode`), outside tracing, export and compilation (those see the
-    reference graph), and when nobody hooks `fc1`/`fc2` (e.g. the MAC counter), because this path calls their
-    weights directly instead of the modules.
-    """
+def _inference_ok(x: torch.Tensor, dtype: torch.dtype, modules: tuple[nn.Module, ...]) -> bool:
+    """What both fast paths need: a plain 4-D CPU tensor of the weights' dtype (float32; bf16 after
+    `set_cpu_bf16(True)`), autograd off, no autocast, no tracing, export or compilation (those see the reference
+    graph), and no hooks on `modules` or global ones (e.g. the MAC counter), because the paths call their weights."""
     return (
-        _ONEDNN
-        and not torch.is_grad_enabled()
+        not torch.is_grad_enabled()
         and x.device.type == "cpu"
-        and _fast_dtype(x, block)
+        and x.dtype == dtype
+        and (dtype == torch.float32 or (_BF16 and dtype == torch.bfloat16))
         and not torch.is_autocast_enabled("cpu")  # autocast decides dtypes op by op; the reference keeps that
         and x.ndim == 4
         and not torch.jit.is_scripting()
@@ -139,8 +124,15 @@ def can_use_cpu_fastpath(block: nn.Module, x: torch.Tensor) -> bool:
         and not torch.compiler.is_compiling()
         and not _exporting()
         and type(x) is torch.Tensor  # fake/functional tensors mean someone traces the graph: show the reference
-        and not (_hooked(block.fc1) or _hooked(block.fc2) or _global_hooks())
+        and not (any(_hooked(m) for m in modules) or _global_hooks())
     )
+
+
+def can_use_cpu_fastpath(block: nn.Module, x: torch.Tensor) -> bool:
+    """Whether `gated_block_inference` may replace the block's reference forward for this input: oneDNN is there,
+    and `_inference_ok` for the block's modules (under `no_grad` / `inference_mode`, float32 or enabled bf16, none of
+    the norm, linears, activation, conv, LayerScale and drop path hooked, e.g. by the MAC counter)."""
+    return _ONEDNN and _inference_ok(x, block.fc1.weight.dtype, _parts(block))
 
 
 def _exporting() -> bool:
@@ -158,21 +150,22 @@ _CL_WEIGHTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # conv -> 
 
 
 def can_use_cpu_conv(conv: nn.Module, x: torch.Tensor) -> bool:
-    """Whether `conv_channels_last` may replace `conv(x)`: the block's conditions, for a conv."""
-    return (
-        not torch.is_grad_enabled()
-        and x.device.type == "cpu"
-        and x.dtype == conv.weight.dtype
-        and (x.dtype == torch.float32 or (_BF16 and x.dtype == torch.bfloat16))
-        and not torch.is_autocast_enabled("cpu")
-        and x.ndim == 4
-        and not torch.jit.is_scripting()
-        and not torch.jit.is_tracing()
-        and not torch.compiler.is_compiling()
-        and not _exporting()
-        and type(x) is torch.Tensor
-        and not (_hooked(conv) or _global_hooks())
-    )
+    """Whether `conv_channels_last` may replace `conv(x)`: `_inference_ok` for the conv."""
+    return _inference_ok(x, conv.weight.dtype, (conv,))
+
+
+def stem_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """`norm(x.permute(0, 2, 3, 1))` for a bf16 `[B, C, H, W]` map of fewer than 32 channels (femto's and kobe's stem),
+    through float32, or None where this does not apply. torch's bf16 LayerNorm runs rows shorter than one vector
+    register slowly: 1.0 ms for femto's [1, 112, 112, 24] map, 0.44 ms through float32 (one thread, AMD EPYC family
+    26); within one bf16 rounding of it."""
+    if not (x.dtype == torch.bfloat16 and x.shape[1] < 32 and type(norm) is nn.LayerNorm and norm.weight is not None):
+        return None
+    if not _inference_ok(x, norm.weight.dtype, (norm,)):
+        return None
+    y = x.permute(0, 2, 3, 1).contiguous().float()
+    bias = norm.bias.float() if norm.bias is not None else None
+    return torch.layer_norm(y, norm.normalized_shape, norm.weight.float(), bias, norm.eps).to(x.dtype)
 
 
 def conv_channels_last(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
@@ -190,63 +183,146 @@ def conv_channels_last(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     return conv._conv_forward(x.contiguous(memory_format=torch.channels_last), cached[1], conv.bias)
 
 
-def _gated_onednn(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+_NO_POST_OP = ("none", "")
+
+
+class _Plan:
+    """One block's tensors as the fast path calls them, so that a call slices, looks up and checks nothing.
+
+    fc1's row blocks `g`, `i` and `c` are views of its weight and bias, not copies: in-place changes show at once,
+    even through `.data`. `_plan` makes the plan again when one of the block's modules is replaced or a linear weight
+    or bias gets new storage (`.to()`, `.data = ...`, a new Parameter). A norm other than a plain `nn.LayerNorm`, a
+    conv other than a zero-padded `nn.Conv2d` and an activation oneDNN cannot fuse run as their modules.
+    """
+
+    __slots__ = ("key", "modules", "hidden", "cc", "shape", "norm", "g", "i", "c", "conv", "fc2", "post_op", "plain")
+
+    def __init__(self, block: nn.Module, key: tuple):
+        self.key, self.modules = key, key[0]
+        norm, fc1, act, conv, fc2, ls, drop_path = self.modules
+        hidden, cc = self.hidden, self.cc = block.hidden, block.conv_channels
+        self.shape = (hidden, cc, type(act).__name__)
+        self.norm = (norm.normalized_shape, norm.weight, norm.bias, norm.eps) if type(norm) is nn.LayerNorm else None
+        self.g, self.i, self.c = (
+            _rows(fc1, lo, hi) for lo, hi in ((0, hidden), (hidden, 2 * hidden - cc), (2 * hidden - cc, 2 * hidden))
+        )
+        plain_conv = type(conv) is nn.Conv2d and conv.padding_mode == "zeros"
+        self.conv = (
+            (conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups) if plain_conv else None
+        )
+        self.fc2 = _rows(fc2, 0, fc2.out_features)
+        self.post_op = _post_op(act)
+        self.plain = isinstance(ls, nn.Identity) and isinstance(drop_path, nn.Identity)  # the residual add fuses
+
+
+def _rows(lin: nn.Linear, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Output rows `lo:hi` of a linear layer, (weight, bias): a row block of a contiguous weight is a view, no copy."""
+    bias = lin.bias.detach()[lo:hi] if lin.bias is not None else None
+    return lin.weight.detach()[lo:hi].contiguous(), bias
+
+
+def _parts(block: nn.Module) -> tuple[nn.Module, ...]:
+    return (block.norm, block.fc1, block.act, block.conv, block.fc2, block.ls, block.drop_path)
+
+
+def _ptr(t: torch.Tensor | None) -> int:
+    return t.data_ptr() if t is not None else 0
+
+
+# glibc's malloc hands a freed block above its mmap threshold, or a free heap top above its trim threshold, back to
+# the kernel, so the next forward's activations of that size are fresh pages: 1,900 page faults per femto forward at
+# batch 1 in float32 (most of them stage 0's 0.6-1.6 MB tensors and the stem's), about 4 ms of 24 (one thread, AMD EPYC
+# family 26). ONNX Runtime keeps its own arena for this. So the first plan raises both thresholds for the process:
+# tensors up to 32 MB come from the heap, and up to 128 MB of free heap is kept. MAMBAOUT_CPU_MALLOC=0 leaves malloc
+# as it is; other C libraries (musl, macOS) are left alone.
+_MALLOC = {"done": False}
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+
+
+def _keep_freed_memory() -> bool:
+    """Raise glibc's thresholds once (see above); whether it was done."""
+    _MALLOC["done"] = True
+    if os.environ.get("MAMBAOUT_CPU_MALLOC", "").strip() == "0" or not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt  # glibc's, in the process already
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(_M_TRIM_THRESHOLD, 128 << 20))
+
+
+_PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # block -> its _Plan
+
+
+def _plan(block: nn.Module) -> _Plan:
+    fc1, fc2 = block.fc1, block.fc2
+    key = (_parts(block), fc1.weight.data_ptr(), _ptr(fc1.bias), fc2.weight.data_ptr(), _ptr(fc2.bias))
+    plan = _PLANS.get(block)
+    if plan is None or plan.key != key:
+        if not _MALLOC["done"]:
+            _keep_freed_memory()
+        plan = _Plan(block, key)
+        if fc1.weight.is_contiguous() and fc2.weight.is_contiguous():  # else the row blocks are copies: no caching
+            _PLANS[block] = plan
+    return plan
+
+
+def _norm(p: _Plan, x: torch.Tensor) -> torch.Tensor:
+    return torch.layer_norm(x, *p.norm) if p.norm is not None else p.modules[0](x)
+
+
+def _dwconv(p: _Plan, c: torch.Tensor) -> torch.Tensor:
+    return torch.conv2d(c, *p.conv) if p.conv is not None else p.modules[3](c)
+
+
+def _lin(x: torch.Tensor, rows: tuple, post_op: tuple[str, str] = _NO_POST_OP) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, rows[0], rows[1], post_op[0], [], post_op[1])
+
+
+def _gated_onednn(p: _Plan, x: torch.Tensor) -> torch.Tensor:
     """The block through oneDNN matmuls with fused epilogues; `[B, H, W, C]` -> `[B, H, W, C]`."""
-    hidden, cc = block.hidden, block.conv_channels
-    xn = block.norm(x)  # [B, H, W, C]
-    post_op = _post_op(block.act)
-    g = _linear(xn, block.fc1, (0, hidden), post_op or ("none", ""))  # [B, H, W, hidden], activated if fused
-    if post_op is None:
-        g = block.act(g)
-    c = _linear(xn, block.fc1, (2 * hidden - cc, 2 * hidden))  # [B, H, W, Cc], contiguous
-    c = block.conv(c.permute(0, 3, 1, 2))  # [B, H, W, Cc] -> [B, Cc, H, W], a channels-last view: no copy
+    hidden, cc = p.hidden, p.cc
+    xn = _norm(p, x)  # [B, H, W, C]
+    g = _lin(xn, p.g, p.post_op or _NO_POST_OP)  # [B, H, W, hidden], activated if fused
+    if p.post_op is None:
+        g = p.modules[2](g)
+    c = _dwconv(p, _lin(xn, p.c).permute(0, 3, 1, 2))  # [B, H, W, Cc] -> [B, Cc, H, W], a channels-last view
     g[..., hidden - cc :].mul_(c.permute(0, 2, 3, 1))  # [B, Cc, H, W] -> [B, H, W, Cc]
     if hidden > cc:
-        g[..., : hidden - cc].mul_(_linear(xn, block.fc1, (hidden, 2 * hidden - cc)))  # the identity channels i
-    if _plain_residual(block):
-        # x + fc2(gate) in one oneDNN call: the residual add is the matmul's epilogue.
-        w2 = block.fc2.weight.contiguous()
-        return torch.ops.mkldnn._linear_pointwise.binary(g, x.contiguous(), w2, block.fc2.bias, "add")
-    return x + block.drop_path(block.ls(_linear(g, block.fc2)))
+        g[..., : hidden - cc].mul_(_lin(xn, p.i))  # the identity channels i
+    if p.plain:  # x + fc2(gate) in one oneDNN call: the residual add is the matmul's epilogue
+        return torch.ops.mkldnn._linear_pointwise.binary(g, x.contiguous(), p.fc2[0], p.fc2[1], "add")
+    return x + p.modules[6](p.modules[5](_lin(g, p.fc2)))
 
 
-def _addmm(x2d: torch.Tensor, lin: nn.Linear, rows: tuple[int, int]) -> torch.Tensor:
-    """`lin(x2d)` restricted to output rows `rows` through BLAS; `[N, K]` -> `[N, rows]`, contiguous."""
-    weight = lin.weight[rows[0] : rows[1]].t()  # a transposed view: BLAS reads it in place
-    if lin.bias is None:
-        return torch.mm(x2d, weight)
-    return torch.addmm(lin.bias[rows[0] : rows[1]], x2d, weight)
+def _mm(x2d: torch.Tensor, rows: tuple) -> torch.Tensor:
+    """`x2d @ weight.T + bias` through BLAS (the transposed view is read in place); `[N, K]` -> `[N, rows]`."""
+    weight, bias = rows
+    return torch.mm(x2d, weight.t()) if bias is None else torch.addmm(bias, x2d, weight.t())
 
 
-def _gated_blas(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def _gated_blas(p: _Plan, x: torch.Tensor) -> torch.Tensor:
     """The same steps through `torch.addmm` (MKL or OpenBLAS), activation and bias in place; `[B, H, W, C]` in and out."""
-    hidden, cc = block.hidden, block.conv_channels
+    hidden, cc, act = p.hidden, p.cc, p.modules[2]
     B, H, W, C = x.shape
-    xn = block.norm(x).reshape(-1, C)  # [BHW, C]
-    g = _addmm(xn, block.fc1, (0, hidden))  # [BHW, hidden]
-    if type(block.act) is nn.GELU:
-        torch.ops.aten.gelu_(g, approximate=block.act.approximate)
+    xn = _norm(p, x).reshape(-1, C)  # [BHW, C]
+    g = _mm(xn, p.g)  # [BHW, hidden]
+    if type(act) is nn.GELU:
+        torch.ops.aten.gelu_(g, approximate=act.approximate)
     else:
-        g = block.act(g)
-    c = _addmm(xn, block.fc1, (2 * hidden - cc, 2 * hidden)).view(B, H, W, cc)
-    c = block.conv(c.permute(0, 3, 1, 2))  # a channels-last view: no copy
+        g = act(g)
+    c = _dwconv(p, _mm(xn, p.c).view(B, H, W, cc).permute(0, 3, 1, 2))  # a channels-last view: no copy
     g = g.view(B, H, W, hidden)
     g[..., hidden - cc :].mul_(c.permute(0, 2, 3, 1))
     if hidden > cc:
-        g[..., : hidden - cc].mul_(_addmm(xn, block.fc1, (hidden, 2 * hidden - cc)).view(B, H, W, hidden - cc))
+        g[..., : hidden - cc].mul_(_mm(xn, p.i).view(B, H, W, hidden - cc))
     g = g.view(-1, hidden)
-    w2, b2 = block.fc2.weight.t(), block.fc2.bias
-    if _plain_residual(block):
-        out = torch.addmm(x.reshape(-1, C), g, w2)  # x + g @ W2^T: the residual is addmm's input term
-        if b2 is not None:
-            out.add_(b2)
+    if p.plain:
+        out = torch.addmm(x.reshape(-1, C), g, p.fc2[0].t())  # x + g @ W2^T: the residual is addmm's input term
+        if p.fc2[1] is not None:
+            out.add_(p.fc2[1])
         return out.view(B, H, W, C)
-    y = torch.addmm(b2, g, w2) if b2 is not None else torch.mm(g, w2)
-    return x + block.drop_path(block.ls(y.view(B, H, W, C)))
-
-
-def _plain_residual(block: nn.Module) -> bool:
-    return isinstance(block.ls, nn.Identity) and isinstance(block.drop_path, nn.Identity)
+    return x + p.modules[6](p.modules[5](_mm(g, p.fc2).view(B, H, W, C)))
 
 
 _IMPLS = {"onednn": _gated_onednn, "blas": _gated_blas}
@@ -284,13 +360,21 @@ def forget_cpu_matmul_choices() -> None:
         _CHOSEN.clear()
 
 
-def _shape_key(block: nn.Module, x: torch.Tensor) -> tuple:
-    rows = x.numel() // x.shape[-1]
-    act = type(block.act).__name__
-    return (rows, x.shape[-1], block.hidden, block.conv_channels, act, torch.get_num_threads(), str(x.dtype))
+def _choice(p: _Plan, x: torch.Tensor) -> str:
+    """The implementation for this block and input: the set mode, or in "auto" the one timed faster for the shape."""
+    mode = cpu_matmul()
+    if mode != "auto":
+        return mode
+    key = (x.numel() // x.shape[-1], x.shape[-1], *p.shape, torch.get_num_threads(), str(x.dtype))
+    mode = _CHOSEN.get(key)
+    if mode is None:
+        mode = _time_impls(p, x) if len(_CHOSEN) < _MAX_SHAPES else "onednn"
+        with _LOCK:
+            mode = _CHOSEN.setdefault(key, mode)
+    return mode
 
 
-def _time_impls(block: nn.Module, x: torch.Tensor, repeats: int = 4) -> str:
+def _time_impls(p: _Plan, x: torch.Tensor, repeats: int = 4) -> str:
     """Run each implementation once to warm up, then `repeats` times interleaved; the one with the lower minimum.
 
     The minimum, not the median: other processes only ever add time to a run, so the fastest run of each is the
@@ -299,23 +383,41 @@ def _time_impls(block: nn.Module, x: torch.Tensor, repeats: int = 4) -> str:
     times: dict[str, list[float]] = {name: [] for name in _IMPLS}
     with torch.random.fork_rng(devices=[]):  # drop path in train mode draws numbers: the timed runs leave no trace
         for impl in _IMPLS.values():
-            impl(block, x)
+            impl(p, x)
         for _ in range(repeats):
             for name, impl in _IMPLS.items():
                 start = time.perf_counter()
-                impl(block, x)
+                impl(p, x)
                 times[name].append(time.perf_counter() - start)
     return min(times, key=lambda name: min(times[name]))
 
 
 def gated_block_inference(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The same block for inference on CPU (see the module docstring); `[B, H, W, C]` -> `[B, H, W, C]`."""
-    mode = cpu_matmul()
-    if mode == "auto":
-        key = _shape_key(block, x)
-        mode = _CHOSEN.get(key)
-        if mode is None:
-            mode = _time_impls(block, x) if len(_CHOSEN) < _MAX_SHAPES else "onednn"
-            with _LOCK:
-                _CHOSEN.setdefault(key, mode)
-    return _IMPLS[mode](block, x)
+    p = _plan(block)
+    return _IMPLS[_choice(p, x)](p, x)
+
+
+def stage_plans(blocks: nn.Sequential, x: torch.Tensor) -> list[_Plan] | None:
+    """The plans of a stage's Gated CNN blocks when every block may take the fast path for `x`, else None.
+
+    The conditions of `can_use_cpu_fastpath` checked once for the stage, then only each block's dtype and hooks (on
+    the block, its modules, and the stage's `Sequential`, all of which `run_stage` does not call).
+    """
+    if not (_ONEDNN and len(blocks) and not _hooked(blocks)):
+        return None
+    dtype = blocks[0].fc1.weight.dtype
+    if not _inference_ok(x, dtype, ()):  # first: fake tensors (export, compile) have no storage to make plans of
+        return None
+    plans = [_plan(block) for block in blocks]
+    for block, p in zip(blocks, plans):
+        if _hooked(block) or p.modules[1].weight.dtype != dtype or any(_hooked(m) for m in p.modules):
+            return None
+    return plans
+
+
+def run_stage(plans: list[_Plan], x: torch.Tensor) -> torch.Tensor:
+    """The blocks of `stage_plans` one after another, without a module call or a check between them."""
+    for p in plans:
+        x = _IMPLS[_choice(p, x)](p, x)
+    return x

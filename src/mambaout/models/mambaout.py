@@ -154,13 +154,22 @@ class Stem(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, C, H, W]
         x = self.conv1(x)  # a channels-last input here would change its kernel, and so its rounding, under FX
-        if self.norm1 is not None:
-            x = self.norm1(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # norm over channels, back to [B, C, H, W]
         if torch.jit.is_scripting():
+            if self.norm1 is not None:
+                x = self.norm1(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # norm over channels, back to [B, C, H, W]
             x = self.conv2(self.act(x))
         else:
+            if self.norm1 is not None:
+                x = self._norm1(x).permute(0, 3, 1, 2)
             x = _conv(self.conv2, self.act(x))
         return self.norm2(x.permute(0, 2, 3, 1))  # [B, C, H, W] -> [B, H, W, C]
+
+    @torch.jit.unused
+    def _norm1(self, x: torch.Tensor) -> torch.Tensor:  # [B, C, H, W] -> [B, H, W, C]
+        y = None
+        if kernels.fastpath_enabled() and not kernels.fx_tracing():
+            y = kernels_cpu.stem_norm(self.norm1, x)  # bf16 on CPU (kernels/cpu.py)
+        return y if y is not None else self.norm1(x.permute(0, 2, 3, 1))
 
 
 class Downsample(nn.Module):
@@ -227,7 +236,21 @@ class MambaOutStage(nn.Module):
                 # Non-reentrant checkpointing replays the RNG state, so drop path draws the same masks.
                 x = checkpoint(block, x, use_reentrant=False)
             return x
+        if not torch.jit.is_scripting():
+            y = self._forward_cpu(x)
+            if y is not None:
+                return y
         return self.blocks(x)
+
+    @torch.jit.unused
+    def _forward_cpu(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The blocks through the CPU inference path as one stage (kernels/cpu.py), or None where it does not apply."""
+        if not kernels.fastpath_enabled() or kernels.fx_tracing():
+            return None
+        if not all(type(b) is GatedCNNBlock and b.device_type == "cpu" for b in self.blocks):
+            return None
+        plans = kernels_cpu.stage_plans(self.blocks, x)
+        return kernels_cpu.run_stage(plans, x) if plans is not None else None
 
 
 class ClassifierHead(nn.Module):

@@ -1,14 +1,13 @@
 """Classification as a training task: image folders (or the embedded digits) in, a MambaOut classifier out.
 
 `train(cfg)` runs a `TrainConfig` through the one engine (`trainer.fit`); `ClassifyTask` is what the engine needs of
-it: the data (`Data`), the model (`build_model`), the loss under mixup/cutmix and label smoothing (`build_loss`),
+it: the data (`build_data`), the model (`build_model`), the loss under mixup/cutmix and label smoothing (`build_loss`),
 the EMA, the held-out top-1 and top-5 (`evaluate`) and the metadata its checkpoints carry.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -18,12 +17,11 @@ from torch import nn
 from mambaout.data.datasets import create_dataset
 from mambaout.data.loaders import eval_loader, num_steps, train_loader
 from mambaout.data.transforms import build_train_transform
-from mambaout.training.config import MixupConfig, ModelConfig, TrainConfig, to_flat
-from mambaout.training.engine import autocast
+from mambaout.training.config import MixupConfig, TrainConfig, to_flat
 from mambaout.training.optim import create_optimizer, create_scheduler
-from mambaout.training.task import Loop, Task
-from mambaout.training.trainer import fit
+from mambaout.training.trainer import Loop, Task, fit
 from mambaout.utils import distributed as dist
+from mambaout.utils.device import autocast
 from mambaout.utils.files import jsonable
 from mambaout.utils.text import printable
 
@@ -54,19 +52,81 @@ class ClassifyTask(Task):
         return to_flat(self.cfg)
 
     def build_data(self, env, device: torch.device, loop: Loop) -> None:
+        """The datasets and loaders of the run, and what the model needs to know about them."""
+        paths, aug, loading, ev = self.cfg.data, self.cfg.augment, self.cfg.loading, self.cfg.eval_settings()
         self.plan = self.cfg.batch.plan(env.world_size)
-        self.data = Data.build(self.cfg, env, device, self.plan.accum_steps)
-        self.batches, self.steps_per_epoch = self.data.loader, self.data.steps_per_epoch
-        self.train_images = len(self.data.train_set)
-        self.mixup_fn, self.loss_fn = build_loss(self.cfg.mixup, len(self.data.classes))
+        eval_tf, pin, rank, world = ev.transform(), device.type == "cuda", env.rank, env.world_size
+        val_set = val_loader = None
+        if paths.data_pipeline == "gpu":  # uint8 batches to the device, augmented there (mambaout.data.gpu_loader)
+            from mambaout.data.gpu_loader import gpu_loaders
+
+            train_set, val_set, loader, val_loader = gpu_loaders(
+                paths.data_train, paths.data_val, aug, loading, rank, world, device, eval_tf
+            )
+        else:
+            size = dict(cache=loading.cache, img_size=aug.img_size)
+            train_set = create_dataset(paths.data_train, build_train_transform(aug), **size)
+            if paths.data_val:  # substitute=False: held-out metrics count each readable image once
+                val_set = create_dataset(paths.data_val, eval_tf, train_set.class_to_idx, substitute=False, **size)
+            batch, seed, workers = loading.batch_size, loading.seed, loading.workers
+            loader = train_loader(train_set, batch, rank, world, seed, workers, pin, loading.persistent_workers)
+        accum = self.plan.accum_steps
+        self.steps_per_epoch = num_steps(len(loader), accum)  # the engine applies max_steps_per_epoch
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"an epoch has {len(loader)} batches, fewer than the {accum} accumulation steps of one optimizer "
+                f"step (global batch {loading.batch_size * world * accum}); lower --global-batch or use more data"
+            )
+        if val_set is not None and val_loader is None:
+            val_loader = eval_loader(val_set, loading.eval_batch_size, rank, world, loading.workers, pin)
+        self.train_set, self.val_set, self.batches, self.val_loader = train_set, val_set, loader, val_loader
+        self.classes, self.eval_config, self.train_images = list(train_set.classes), ev.to_dict(), len(train_set)
+        self.mixup_fn, self.loss_fn = build_loss(self.cfg.mixup, len(self.classes))
 
     def build_model(self, device: torch.device) -> nn.Module:
-        cfg = self.cfg
-        model, self._meta = build_model(cfg.model, self.data.classes, self.data.eval_config, cfg.data.data_train)
-        if cfg.perf.grad_checkpointing:
+        """The model to train, and (`meta`) what its checkpoints carry: what `create_model(checkpoint=...)` needs.
+
+        With `pretrained` or `initial_checkpoint` the weights come from there (fine-tuning); a classifier of another
+        class count than the data's is replaced by a fresh one.
+        """
+        from mambaout.models.factory import create_model
+        from mambaout.models.variants import get_variant
+
+        cfg, classes = self.cfg.model, self.classes
+        num_classes = cfg.num_classes or len(classes)
+        if num_classes != len(classes):
+            raise ValueError(
+                f"--num-classes {num_classes} does not match the {len(classes)} classes of the training data "
+                f"({self.cfg.data.data_train}); leave it out to take the data's"
+            )
+        kwargs = cfg.create_kwargs()
+        variant, _ = get_variant(cfg.model)
+        drop_path = cfg.drop_path if cfg.drop_path is not None else variant.default_drop_path
+        model = create_model(
+            cfg.model,
+            pretrained=cfg.pretrained,
+            checkpoint=cfg.initial_checkpoint,
+            use_ema=cfg.use_ema,
+            num_classes=num_classes,
+            drop_path_rate=drop_path,
+            **kwargs,
+        )
+        # What create_model(checkpoint=...) needs to rebuild this model with no other argument: the architecture the
+        # model was built with (an initial checkpoint's own widths included), never where its first weights came from.
+        model_kwargs = {k: v for k, v in kwargs.items() if jsonable(v)}
+        model_kwargs.update(getattr(model, "model_kwargs", {}))
+        model_kwargs.update(num_classes=num_classes)
+        if drop_path:
+            model_kwargs["drop_path_rate"] = drop_path
+        self._meta = dict(model=variant.name, model_kwargs=model_kwargs, class_names=classes)
+        self._meta["eval_config"] = self.eval_config
+        if cfg.pretrained or cfg.initial_checkpoint:
+            origin = f"{variant.name} published weights" if cfg.pretrained else str(cfg.initial_checkpoint)
+            self._meta["fine_tuned_from"] = origin
+        if self.cfg.perf.grad_checkpointing:
             model.set_grad_checkpointing(True)
         model.to(device)
-        if cfg.perf.channels_last:
+        if self.cfg.perf.channels_last:
             model.to(memory_format=torch.channels_last)
         return model
 
@@ -94,7 +154,7 @@ class ClassifyTask(Task):
         return self.loss_fn(model(inputs), targets), {}
 
     def evaluate_run(self, model: nn.Module, ema, device: torch.device, amp_dtype) -> dict | None:
-        loader, channels_last = self.data.val_loader, self.cfg.perf.channels_last
+        loader, channels_last = self.val_loader, self.cfg.perf.channels_last
         if loader is None:
             return None
         m = evaluate(model, loader, device, amp_dtype, channels_last)
@@ -120,19 +180,19 @@ class ClassifyTask(Task):
         return self._meta
 
     def banner(self, model: nn.Module, world_size: int) -> str:
-        b, plan, data = self.cfg.batch, self.plan, self.data
+        b, plan = self.cfg.batch, self.plan
         rule = f"(linear scaling: {b.lr_base:g} x {plan.global_batch} / {b.lr_base_batch})"
         lr_note = "(set explicitly)" if b.lr is not None else rule
         return (
             f"training {self._meta['model']} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params) on "
-            f"{len(data.train_set)} images, {len(data.classes)} classes, {self.cfg.augment.img_size} px | "
+            f"{len(self.train_set)} images, {len(self.classes)} classes, {self.cfg.augment.img_size} px | "
             f"{world_size} process(es) on {next(model.parameters()).device.type} | global batch {plan.global_batch} = "
             f"{b.batch_size} x {world_size} x {plan.accum_steps} accumulation | lr {plan.lr:.3g} {lr_note}"
         )
 
     def done(self, result: dict, out: Path) -> str:
         top1 = f"{result['top1']:.2f}%" if result.get("top1") is not None else "n/a"
-        n_val = len(self.data.val_set) if self.data.val_set else 0
+        n_val = len(self.val_set) if self.val_set else 0
         return (
             f"done in {result['wall_s']:.0f}s: held-out top-1 {top1} ({n_val} images); "
             f"weights {out / 'last.safetensors'} (best: {out / 'best.safetensors'})"
@@ -140,92 +200,8 @@ class ClassifyTask(Task):
 
 
 def _to_device(x: torch.Tensor, y: torch.Tensor, device: torch.device, channels_last: bool):
-    x = x.to(device, non_blocking=True)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    return x, y.to(device, non_blocking=True)
-
-
-@dataclass
-class Data:
-    """The datasets and loaders of a run, and what the model needs to know about them."""
-
-    train_set: object
-    val_set: object | None
-    loader: torch.utils.data.DataLoader
-    val_loader: torch.utils.data.DataLoader | None
-    classes: list[str]
-    eval_config: dict
-    steps_per_epoch: int
-
-    @classmethod
-    def build(cls, cfg: TrainConfig, env, device: torch.device, accum: int) -> Data:
-        paths, aug, loading, ev = cfg.data, cfg.augment, cfg.loading, cfg.eval_settings()
-        eval_tf, pin, rank, world = ev.transform(), device.type == "cuda", env.rank, env.world_size
-        val_set = val_loader = None
-        if paths.data_pipeline == "gpu":  # uint8 batches to the device, augmented there (mambaout.data.gpu_loader)
-            from mambaout.data.gpu_loader import gpu_loaders
-
-            train_set, val_set, loader, val_loader = gpu_loaders(
-                paths.data_train, paths.data_val, aug, loading, rank, world, device, eval_tf
-            )
-        else:
-            size = dict(cache=loading.cache, img_size=aug.img_size)
-            train_set = create_dataset(paths.data_train, build_train_transform(aug), **size)
-            if paths.data_val:  # substitute=False: held-out metrics count each readable image once
-                val_set = create_dataset(paths.data_val, eval_tf, train_set.class_to_idx, substitute=False, **size)
-            batch, seed, workers = loading.batch_size, loading.seed, loading.workers
-            loader = train_loader(train_set, batch, rank, world, seed, workers, pin, loading.persistent_workers)
-        steps_per_epoch = num_steps(len(loader), accum)  # the engine applies max_steps_per_epoch
-        if steps_per_epoch == 0:
-            raise ValueError(
-                f"an epoch has {len(loader)} batches, fewer than the {accum} accumulation steps of one optimizer "
-                f"step (global batch {loading.batch_size * env.world_size * accum}); lower --global-batch or use "
-                "more data"
-            )
-        if val_set is not None and val_loader is None:
-            val_loader = eval_loader(val_set, loading.eval_batch_size, rank, world, loading.workers, pin)
-        return cls(train_set, val_set, loader, val_loader, list(train_set.classes), ev.to_dict(), steps_per_epoch)
-
-
-def build_model(cfg: ModelConfig, classes: list[str], eval_cfg: dict, data_train: str) -> tuple[nn.Module, dict]:
-    """The model to train, and the metadata its checkpoints carry (what `create_model(checkpoint=...)` needs).
-
-    With `pretrained` or `initial_checkpoint` the weights come from there (fine-tuning); a classifier of another
-    class count than the data's is replaced by a fresh one.
-    """
-    from mambaout.models.factory import create_model
-    from mambaout.models.variants import get_variant
-
-    num_classes = cfg.num_classes or len(classes)
-    if num_classes != len(classes):
-        raise ValueError(
-            f"--num-classes {num_classes} does not match the {len(classes)} classes of the training data "
-            f"({data_train}); leave it out to take the data's"
-        )
-    kwargs = cfg.create_kwargs()
-    variant, _ = get_variant(cfg.model)
-    drop_path = cfg.drop_path if cfg.drop_path is not None else variant.default_drop_path
-    model = create_model(
-        cfg.model,
-        pretrained=cfg.pretrained,
-        checkpoint=cfg.initial_checkpoint,
-        use_ema=cfg.use_ema,
-        num_classes=num_classes,
-        drop_path_rate=drop_path,
-        **kwargs,
-    )
-    # What create_model(checkpoint=...) needs to rebuild this model with no other argument: the architecture the
-    # model was built with (an initial checkpoint's own widths included), never where its first weights came from.
-    model_kwargs = {k: v for k, v in kwargs.items() if jsonable(v)}
-    model_kwargs.update(getattr(model, "model_kwargs", {}))
-    model_kwargs.update(num_classes=num_classes)
-    if drop_path:
-        model_kwargs["drop_path_rate"] = drop_path
-    meta = dict(model=variant.name, model_kwargs=model_kwargs, class_names=classes, eval_config=eval_cfg)
-    if cfg.pretrained or cfg.initial_checkpoint:
-        meta["fine_tuned_from"] = f"{variant.name} published weights" if cfg.pretrained else str(cfg.initial_checkpoint)
-    return model, meta
+    layout = torch.channels_last if channels_last else torch.preserve_format
+    return x.to(device, non_blocking=True, memory_format=layout), y.to(device, non_blocking=True)
 
 
 def build_loss(cfg: MixupConfig, num_classes: int):
@@ -251,14 +227,10 @@ def build_loss(cfg: MixupConfig, num_classes: int):
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module,
-    loader,
-    device: torch.device,
-    amp_dtype: torch.dtype | None = None,
-    channels_last: bool = False,
-    progress=None,
+    model: nn.Module, loader, device: torch.device, amp_dtype=None, channels_last=False, progress=None
 ) -> dict:
-    """Top-1, top-5 (top-k with k = min(5, classes)), mean cross-entropy and throughput over `loader`.
+    """Top-1, top-5 (top-k with k = min(5, classes)), mean cross-entropy and throughput over `loader` (under autocast
+    to `amp_dtype`, None: full precision).
 
     With several ranks each evaluates its shard and the sums are all-reduced, so every rank returns the metrics
     of the whole set. Images whose label is outside the model's classes count as errors and are excluded
@@ -288,18 +260,16 @@ def evaluate(
             logits = model(x).float()
         hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == y[:, None]  # [B, k]
         valid = (y >= 0) & (y < logits.shape[1])
-        # out-of-range labels (any value) are masked out of the loss instead of indexed away (no sync)
-        safe_y = torch.where(valid, y, torch.zeros_like(y))
-        losses = F.cross_entropy(logits, safe_y, reduction="none") * valid
+        # out-of-range labels (any value) are masked out of the loss (ignored: 0) instead of indexed away (no sync)
+        losses = F.cross_entropy(logits, y.masked_fill(~valid, -100), reduction="none", ignore_index=-100)
         sums += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum(), losses.sum(), valid.sum()]).double()
         count += x.shape[0]
         if progress is not None:
             progress.update(1)
-    correct1, correct5, loss_sum, n_loss = sums.tolist()  # the one host sync of the pass
-    skipped = int(skipped)
     seconds = time.perf_counter() - t0
-    correct1, correct5, loss_sum, count, n_loss, skipped = dist.all_reduce_sum(
-        [correct1, correct5, loss_sum, count, n_loss, skipped], device
+    # sums.tolist(): the one host sync of the pass
+    correct1, correct5, loss_sum, n_loss, count, skipped = dist.all_reduce_sum(
+        [*sums.tolist(), count, int(skipped)], device
     )
     return dict(
         top1=100.0 * correct1 / max(count, 1),

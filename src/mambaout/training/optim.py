@@ -30,10 +30,14 @@ def create_optimizer(model: nn.Module, cfg: OptimConfig, lr: float) -> torch.opt
 
 def create_scheduler(optimizer, cfg: ScheduleConfig, steps_per_epoch: int):
     """timm's schedule `sched` (default cosine): warmup, decay to min_lr over `epochs`, then min_lr (the cooldown)."""
-    unit = steps_per_epoch if cfg.sched_on_updates else 1
-    if cfg.sched != "cosine":
-        from timm.scheduler import create_scheduler_v2
+    from timm.scheduler import create_scheduler_v2
 
+    # a one-epoch run scheduled per epoch has nothing to anneal, which timm's cosine warns about on every such start
+    # (a smoke run's error would then be two lines): the lr stays at its base value, as the config says
+    cosine_log = logging.getLogger("timm.scheduler.cosine_lr")
+    level = cosine_log.level
+    cosine_log.setLevel(logging.ERROR)
+    try:
         scheduler, _ = create_scheduler_v2(
             optimizer,
             sched=cfg.sched,
@@ -45,23 +49,6 @@ def create_scheduler(optimizer, cfg: ScheduleConfig, steps_per_epoch: int):
             updates_per_epoch=steps_per_epoch,
         )
         return scheduler
-    from timm.scheduler import CosineLRScheduler
-
-    # a one-epoch run scheduled per epoch has nothing to anneal, which timm warns about on every such start (a
-    # smoke run's error would then be two lines): the lr stays at its base value, as the config says
-    cosine_log = logging.getLogger("timm.scheduler.cosine_lr")
-    level = cosine_log.level
-    cosine_log.setLevel(logging.ERROR)
-    try:
-        return CosineLRScheduler(
-            optimizer,
-            t_initial=cfg.epochs * unit,
-            lr_min=cfg.min_lr,
-            warmup_t=cfg.warmup_epochs * unit,
-            warmup_lr_init=cfg.warmup_lr,
-            cycle_limit=1,
-            t_in_epochs=not cfg.sched_on_updates,
-        )
     finally:
         cosine_log.setLevel(level)
 

@@ -2,14 +2,14 @@
 restored.
 
 `state.pt` holds everything `--resume` needs in one file, so a crash can never pair weights with the wrong optimizer
-state; every file is written to a temporary name and renamed. `RunLock` (`.lock`), `StateStore` (`state.pt`,
-`config.yaml`) and `MetricsLog` (`summary.csv`, `curves.png`, TensorBoard) own the files; `RunFolder` composes them
-and writes the weights files itself. A new run starts only in a new or empty folder (or with `--overwrite`). Only
-rank 0 writes; the other ranks build a `RunFolder` with `write=False` (they still gather the RNG states).
+state; every file is written to a temporary name and renamed. `RunFolder` writes them all. A new run starts only in
+a new or empty folder (or with `--overwrite`). Only rank 0 writes; the other ranks build a `RunFolder` with
+`write=False` (they still gather the RNG states).
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import logging
@@ -26,7 +26,6 @@ from torch import nn
 
 from mambaout.utils import distributed as dist
 from mambaout.utils import files
-from mambaout.utils.text import csv_cell
 
 logger = logging.getLogger("mambaout")
 
@@ -56,16 +55,6 @@ def set_rng_state(state: dict) -> None:
     random.setstate((py[0], tuple(py[1]), py[2]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def gather_ranks(sums: dict | None) -> list[dict]:
-    """Every rank's RNG state and loss sums, on every rank (a collective), so each resumed rank continues its own."""
-    mine = dict(rng=rng_state(), sums=sums)
-    if dist.get_world_size() == 1:
-        return [mine]
-    blob = io.BytesIO()  # as bytes: all_gather_object cannot carry tensors (torch fails to unpickle their storage)
-    torch.save(mine, blob)
-    return [torch.load(io.BytesIO(b), weights_only=True) for b in dist.all_gather_lists([blob.getvalue()])]
 
 
 # --- the training state (state.pt) -----------------------------------------------------------------------------------
@@ -103,6 +92,11 @@ class Trainable:
     scaler: torch.amp.GradScaler | None = None
     ema: nn.Module | None = None  # timm's ModelEmaV3: the averaged weights are `ema.module`
 
+    def stateful(self) -> dict:
+        """What `state.pt` holds of these, by its key (None: not in this run)."""
+        ema = self.ema.module if self.ema is not None else None
+        return dict(model=self.model, optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler, ema=ema)
+
 
 @dataclass
 class Progress:
@@ -114,18 +108,15 @@ class Progress:
     top_k: list = field(default_factory=list)  # (score, step, file name), best first
     resume_step: int = 0  # a mid-epoch state: optimizer steps already done inside `start_epoch`
     resume_rng: dict | None = None  # ... and this rank's RNG state to continue that epoch from
-    sums: dict | None = None  # the loss sums behind the numbers not yet logged (`engine.Sums`)
+    sums: dict | None = None  # the loss sums behind the numbers not yet logged (`trainer.Sums`)
 
     @classmethod
     def restore(cls, state: dict, parts: Trainable) -> Progress:
         """Load `state` (a `state.pt`) into `parts` and return where it left off."""
-        parts.model.load_state_dict(state["model"])
-        parts.optimizer.load_state_dict(state["optimizer"])
-        parts.scheduler.load_state_dict(state["scheduler"])
-        if parts.scaler is not None and state.get("scaler"):
-            parts.scaler.load_state_dict(state["scaler"])
-        if parts.ema is not None and state.get("ema"):
-            parts.ema.module.load_state_dict(state["ema"])
+        for key, obj in parts.stateful().items():
+            saved = state[key] if key in ("model", "optimizer", "scheduler") else state.get(key)
+            if obj is not None and saved:
+                obj.load_state_dict(saved)
         # this rank's RNG state and sums (rank 0's when the run had another number of processes)
         ranks, step = state.get("ranks") or [], state.get("epoch_step", 0)
         own = ranks[dist.get_rank()] if len(ranks) == dist.get_world_size() else ranks[0]
@@ -135,18 +126,6 @@ class Progress:
 
 
 # --- the folder ------------------------------------------------------------------------------------------------------
-
-
-def tensorboard_writer(folder: Path):
-    """A TensorBoard `SummaryWriter` for `folder` (or None for None); one line of advice when tensorboard is missing."""
-    from mambaout.utils.optional import require
-
-    require("tensorboard", "--tensorboard", "tensorboard")
-    if folder is None:
-        return None
-    from torch.utils.tensorboard import SummaryWriter
-
-    return SummaryWriter(str(folder))
 
 
 RUN_FILES = ("state.pt", "config.yaml", "summary.csv", "last.safetensors", "train.log")  # any: the folder holds a run
@@ -189,96 +168,132 @@ def check_output_free(out: Path, resume, overwrite: bool) -> None:
         )
 
 
-class RunLock:
-    """The folder's `.lock`, held (flock) by the one process writing the folder; the kernel releases it when that
-    process ends, however it ends. On a folder that provably holds a run of this package (its lock, and its state or
-    the config every run writes first), taking it also removes the hidden temporaries a killed write left there
-    (as large as the checkpoints): only names this package makes (`STALE_TEMPORARY`), only regular files. A
-    ValueError names the pid of another live process holding the lock."""
+def lock_folder(out: Path):
+    """Take the folder's `.lock` (flock) for this process, the one writing the folder; the kernel releases it when
+    the process ends, however it ends (or when the returned file is closed; None: no flock here). On a folder that
+    provably holds a run of this package (its lock, and its state or the config every run writes first), also remove
+    the hidden temporaries a killed write left there (as large as the checkpoints): only names this package makes
+    (`STALE_TEMPORARY`), only regular files. A ValueError names the pid of another live process holding the lock."""
+    # a run folder is judged before this run's own lock and config make every folder look like one
+    provable = (out / ".lock").is_file() and any((out / n).is_file() for n in ("state.pt", "config.yaml"))
+    lock = _flock(out)
+    for p in out.glob(".*.tmp*") if provable else ():
+        if STALE_TEMPORARY.fullmatch(p.name) and p.is_file() and not p.is_symlink():
+            size = p.stat().st_size
+            p.unlink(missing_ok=True)
+            logger.warning("removed %s (%.1f MiB), left by a write that was interrupted", p, size / 2**20)
+    return lock
 
-    def __init__(self, out: Path):
-        # a run folder is judged before this run's own lock and config make every folder look like one
-        provable = (out / ".lock").is_file() and any((out / n).is_file() for n in ("state.pt", "config.yaml"))
-        self._file = self._lock(out)
-        for p in out.glob(".*.tmp*") if provable else ():
-            if STALE_TEMPORARY.fullmatch(p.name) and p.is_file() and not p.is_symlink():
-                size = p.stat().st_size
-                p.unlink(missing_ok=True)
-                logger.warning("removed %s (%.1f MiB), left by a write that was interrupted", p, size / 2**20)
 
-    @staticmethod
-    def _lock(out: Path):
-        try:
-            import fcntl
-        except ImportError:  # no flock (Windows): run unlocked
-            return None
-        f = open(out / ".lock", "a+")
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            f.seek(0)
-            holder = f.read().strip() or "unknown"
-            f.close()
-            raise ValueError(
-                f"run folder {out} is in use by another mambaout train (pid {holder}); wait for it to finish, "
-                "or pass another --output"
-            ) from None
+def _flock(out: Path):
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): run unlocked
+        return None
+    f = open(out / ".lock", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
         f.seek(0)
-        f.truncate()
-        f.write(f"{os.getpid()}\n")
-        f.flush()
-        return f
+        holder = f.read().strip() or "unknown"
+        f.close()
+        raise ValueError(
+            f"run folder {out} is in use by another mambaout train (pid {holder}); wait for it to finish, "
+            "or pass another --output"
+        ) from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f
 
-    def release(self) -> None:
-        if self._file is not None:
-            self._file.close()  # releases the flock
-            self._file = None
 
+class RunFolder:
+    """The run folder as the engine writes it (rank 0 only; `write=False` on the others, whose methods then only take
+    part in what all ranks do): its lock, `config.yaml` (the task's resolved configuration as its file format),
+    `train.log` (what `say` prints), `state.pt`, `summary.csv` (one row per epoch's end or evaluation, epochs counted
+    from 1 as the log and the epoch-NNNN files count them; the header grows with the first row of a new column),
+    `curves.png`, TensorBoard events, and the weights files: last, best and the `keep_top_k` best evaluations, by the
+    task's `metric` (higher is better), each carrying the task's `meta()` (for classification what
+    `create_model(checkpoint=...)` needs).
+    """
 
-class StateStore:
-    """`state.pt`, everything `--resume` needs, and `config.yaml`, the configuration (as its file format) it was
-    started with."""
+    def __init__(self, out: Path, task, write: bool, keep_top_k=0, tensorboard=False, resumed=False):
+        self.out, self.config, self.meta, self.write = out, task.config(), task.meta(), write
+        self.metric, self.keep_top_k, self.lock, self.tb, self.log = task.metric, keep_top_k, None, None, None
+        if write:
+            import yaml
 
-    def __init__(self, out: Path, config: dict):
-        self.out, self.config = out, config
+            out.mkdir(parents=True, exist_ok=True)
+            self.lock = lock_folder(out)
+            files.atomic_write_text(out / "config.yaml", yaml.safe_dump(_plain(self.config), sort_keys=False))
+            if tensorboard:  # the trainer has checked that tensorboard is installed
+                from torch.utils.tensorboard import SummaryWriter
 
-    def write_config(self) -> None:
-        import yaml
+                self.tb = SummaryWriter(str(out / "tensorboard"))
+            self.log = open(out / "train.log", "a" if resumed else "w")
 
-        files.atomic_write_text(self.out / "config.yaml", yaml.safe_dump(_plain(self.config), sort_keys=False))
+    def say(self, msg: str) -> None:
+        """Print `msg` and add it to train.log (rank 0 only)."""
+        if not self.write:
+            return
+        print(msg, flush=True)
+        try:
+            self.log.write(msg + "\n")
+            self.log.flush()
+        except OSError as e:  # a full disk: one line naming the file
+            raise files.FileWriteError(e.errno, f"cannot write {self.log.name}: {e.strerror}") from e
 
-    def save(self, parts: Trainable, progress: Progress, completed_epoch: int, epoch_step: int, ranks: list):
-        """`epoch_step` > 0 marks a checkpoint inside the next epoch; `ranks`: each rank's RNG state and unlogged
-        loss sums, so the next row and progress line equal an uninterrupted run's. What describes the weights
-        (class names, eval settings) is in the weights files."""
-        state = dict(
-            model=parts.model.state_dict(),
-            optimizer=parts.optimizer.state_dict(),
-            scheduler=parts.scheduler.state_dict(),
-            scaler=parts.scaler.state_dict() if parts.scaler is not None else None,
-            ema=parts.ema.module.state_dict() if parts.ema is not None else None,
-            epoch=completed_epoch,
-            step=progress.global_step,
-            epoch_step=epoch_step,
-            best=progress.best,
-            top_k=[list(t) for t in progress.top_k],
-            ranks=ranks,
-            config=_plain(self.config),
-        )
+    def save_state(self, parts: Trainable, progress: Progress, completed_epoch: int, epoch_step=0, sums=None):
+        """Called on every rank: each rank's RNG state and unlogged loss sums are gathered, so a resumed rank continues
+        its own and the next row and progress line equal an uninterrupted run's. `epoch_step` > 0 marks a checkpoint
+        inside the next epoch. What describes the weights (class names, eval settings) is in the weights files."""
+        mine = dict(rng=rng_state(), sums=sums)
+        ranks = [mine]
+        if dist.get_world_size() > 1:  # as bytes: all_gather_object cannot carry tensors (torch can't unpickle them)
+            blob = io.BytesIO()
+            torch.save(mine, blob)
+            ranks = [torch.load(io.BytesIO(b), weights_only=True) for b in dist.all_gather_lists([blob.getvalue()])]
+        if not self.write:
+            return
+        state = {key: None if obj is None else obj.state_dict() for key, obj in parts.stateful().items()}
+        state.update(epoch=completed_epoch, step=progress.global_step, epoch_step=epoch_step, best=progress.best)
+        state.update(top_k=[list(t) for t in progress.top_k], ranks=ranks, config=_plain(self.config))
         files.atomic_torch_save(state, self.out / "state.pt")
 
+    def save_row(self, parts: Trainable, progress: Progress, row: dict, name: str) -> None:
+        """last.safetensors (and last_ema), the k best evaluations as `name`, best.safetensors, the row."""
+        if not self.write:
+            return
+        extra = {k: row[k] for k in ("epoch", "step", self.metric) if row.get(k) is not None}
+        self.save_weights(parts.model, "last.safetensors", **extra)
+        if parts.ema is not None:
+            self.save_weights(parts.ema.module, "last_ema.safetensors", **extra)
+        score = row.get(self.metric)
+        if score is not None and self.keep_top_k:  # the top k evaluations (score, step, file name), best first
+            k, top_k = self.keep_top_k, progress.top_k
+            top_k.append((score, row["step"], name))
+            top_k.sort(key=lambda t: (-t[0], t[1]))
+            if any(t[2] == name for t in top_k[:k]):
+                self.save_weights(parts.model, name, **extra)
+            for _, _, dropped in top_k[k:]:
+                (self.out / dropped).unlink(missing_ok=True)
+            del top_k[k:]
+        self._log(row)
+        ema_score = row.get(f"ema_{self.metric}")
+        if score is None:
+            return
+        best = max(score, ema_score if ema_score is not None else -math.inf)
+        if progress.best is None or best > progress.best[self.metric]:
+            use_ema = ema_score is not None and ema_score > score
+            progress.best = {"epoch": row["epoch"], "step": row["step"], self.metric: best}
+            progress.best["source"] = "ema" if use_ema else "model"
+            model = parts.ema.module if use_ema else parts.model
+            self.save_weights(model, "best.safetensors", **dict(extra, **{self.metric: best}))
 
-class MetricsLog:
-    """One row per logged point (an epoch's end, an evaluation): `summary.csv` (epochs counted from 1, as the log
-    and the epoch-NNNN files count them; the header grows with the first row of a new column), `curves.png` (the
-    losses beside the task's headline `metric`), and TensorBoard events when asked for."""
-
-    def __init__(self, out: Path, metric: str, tensorboard: bool = False):
-        self.out, self.metric = out, metric
-        self.tb = tensorboard_writer(out / "tensorboard") if tensorboard else None
-
-    def log(self, row: dict) -> None:
-        """Add `row` (holding `step`); a resumed run rewrites the rows of the steps it redoes."""
+    def _log(self, row: dict) -> None:
+        """Add `row` (holding `step`) to summary.csv, curves.png and TensorBoard; a resumed run rewrites the rows of
+        the steps it redoes."""
         path = self.out / "summary.csv"
         rows = [r for r in _read_csv(path) if int(r["step"]) < row["step"]] + [row]
         fields = list(dict.fromkeys(k for r in rows for k in r))
@@ -294,84 +309,27 @@ class MetricsLog:
         except Exception as e:  # a plotting problem must never stop training
             logger.warning("could not draw curves.png: %s", e)
 
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-            self.tb = None
-
-
-class RunFolder:
-    """The run folder as the engine writes it, rank 0 only: its lock (`RunLock`), its state (`StateStore`), its
-    metrics (`MetricsLog`), and the weights files (last, best, the top k evaluations) it owns itself.
-
-    Args:
-        config: The resolved configuration as its file format.
-        meta: What the task's checkpoints carry (for classification what `create_model(checkpoint=...)` needs).
-        write: False on ranks other than 0: every method then only takes part in what all ranks do.
-        metric: The task's headline number (higher is better): it picks the best and the top-k weights.
-        keep_top_k: Keep the weights of the k best evaluations (0: none).
-    """
-
-    def __init__(self, out: Path, config: dict, meta: dict, write: bool, metric: str, keep_top_k=0, tensorboard=False):
-        self.out, self.meta, self.write, self.metric, self.keep_top_k = out, meta, write, metric, keep_top_k
-        self.lock = self.state = self.metrics = None
-        if write:
-            out.mkdir(parents=True, exist_ok=True)
-            self.lock = RunLock(out)
-            self.state = StateStore(out, config)
-            self.state.write_config()
-            self.metrics = MetricsLog(out, metric, tensorboard)
-
-    def save_state(self, parts: Trainable, progress: Progress, completed_epoch: int, epoch_step=0, sums=None):
-        """Called on every rank: each rank's RNG state and sums are gathered, so a resumed rank continues its own."""
-        ranks = gather_ranks(sums)
-        if self.write:
-            self.state.save(parts, progress, completed_epoch, epoch_step, ranks)
-
-    def save_row(self, parts: Trainable, progress: Progress, row: dict, name: str) -> None:
-        """last.safetensors (and last_ema), the k best evaluations as `name`, best.safetensors, the row."""
-        if not self.write:
-            return
-        extra = {k: row[k] for k in ("epoch", "step", self.metric) if row.get(k) is not None}
-        self.save_weights(parts.model, "last.safetensors", **extra)
-        if parts.ema is not None:
-            self.save_weights(parts.ema.module, "last_ema.safetensors", **extra)
-        score = row.get(self.metric)
-        if score is not None and self.keep_top_k:
-            self._keep_top_k(parts.model, progress.top_k, score, row["step"], name, extra)
-        self.metrics.log(row)
-        ema_score = row.get(f"ema_{self.metric}")
-        if score is None:
-            return
-        best = max(score, ema_score if ema_score is not None else -math.inf)
-        if progress.best is None or best > progress.best[self.metric]:
-            use_ema = ema_score is not None and ema_score > score
-            progress.best = {"epoch": row["epoch"], "step": row["step"], self.metric: best}
-            progress.best["source"] = "ema" if use_ema else "model"
-            model = parts.ema.module if use_ema else parts.model
-            self.save_weights(model, "best.safetensors", **dict(extra, **{self.metric: best}))
-
-    def _keep_top_k(self, model: nn.Module, top_k: list, score: float, step: int, name: str, extra: dict) -> None:
-        k = self.keep_top_k
-        top_k.append((score, step, name))
-        top_k.sort(key=lambda t: (-t[0], t[1]))
-        if any(t[2] == name for t in top_k[:k]):
-            self.save_weights(model, name, **extra)
-        for _, _, dropped in top_k[k:]:
-            (self.out / dropped).unlink(missing_ok=True)
-        del top_k[k:]
-
     def save_weights(self, model: nn.Module, name: str, **extra) -> Path:
         from mambaout.weights.checkpoint import save_weights
 
         return save_weights(model, self.out / name, **self.meta, **extra)
 
     def close(self) -> None:
-        if self.metrics is not None:
-            self.metrics.close()
-        if self.lock is not None:
-            self.lock.release()
-            self.lock = None
+        if self.log is not None:
+            with contextlib.suppress(OSError):  # what did not fit on a full disk was reported by `say`
+                self.log.close()
+        for resource in (self.tb, self.lock):  # closing the lock's file releases the flock
+            if resource is not None:
+                resource.close()
+        self.tb = self.lock = self.log = None
+
+
+def csv_cell(value) -> str:
+    """A value as a summary.csv cell: unset (and a list or mapping, which no cell holds) is empty, a float has 6
+    significant digits."""
+    if value is None or value == "" or isinstance(value, (list, dict)):
+        return ""
+    return f"{value:.6g}" if isinstance(value, float) else str(value)
 
 
 def _plain(obj):

@@ -1,35 +1,276 @@
 """The training run of any task, top to bottom: resume, data and model, then epochs of optimizer steps.
 
-`fit(task, loop)` takes a `task.Task` and the `task.Loop` its command resolved; the files it writes are described
-in `mambaout.training.runfolder`. Under torchrun every rank calls it with the same arguments; only rank 0 writes. A
-resumed run sees what an uninterrupted one would have: each epoch's data order comes from (seed, epoch), its
-randomness is seeded per epoch and rank, a resumed epoch skips the batches already trained and continues each
-rank's saved RNG state (bit-identical with `workers: 0`; with worker processes the order is, their augmentation
-draws are not).
+`fit(task, loop)` trains any `Task` (classification in `training/classify.py`, detection and segmentation in
+`dense/tasks.py`) as the `Loop` its command resolved says. A task owns its data, model, loss, evaluation, the numbers
+its lines show and what its checkpoints carry; the engine owns the loop, the optimizer step, the schedule's stepping,
+when to evaluate and save, the run folder (`mambaout.training.runfolder`), resume, Ctrl-C, the log and DDP. Under
+torchrun every rank calls it with the same arguments; only rank 0 writes. A resumed run sees what an uninterrupted
+one would have: each epoch's data order comes from (seed, epoch), its randomness is seeded per epoch and rank, a
+resumed epoch skips the batches already trained and continues each rank's saved RNG state (bit-identical with
+`workers: 0`; with worker processes the order is, their augmentation draws are not). `train_one_epoch` takes the
+optimizer steps (autocast, gradient accumulation, clipping, the grad scaler, the EMA) and keeps the loss sums on the
+device (`Sums`), read only when asked.
 """
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import math
 import sys
 import time
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from mambaout.training import runfolder as rf
-from mambaout.training.engine import StepConfig, Sums, train_one_epoch
-from mambaout.training.task import Loop, Task
 from mambaout.utils import distributed as dist
-from mambaout.utils.device import autocast_setting
-from mambaout.utils.files import FileWriteError
+from mambaout.utils.device import autocast, autocast_setting
 from mambaout.utils.interrupt import DeferredInterrupt
+from mambaout.utils.optional import require
+
+# --- what the engine needs from a task (`Task`), and how it is told to run it (`Loop`) -------------------------------
 
 
-class Interrupted(KeyboardInterrupt):
-    """Training stopped by Ctrl-C at a step boundary, its state saved (the message says where)."""
+@dataclass(frozen=True)
+class Loop:
+    """How the engine runs a task, filled by the task's command from its own settings (`from_settings`).
+
+    Exactly one of `epochs` and `steps` gives the run's length (`steps` may also cap an epoch count); the
+    evaluation comes every `eval_every_epochs` epochs and/or every `eval_every_steps` steps, and always at the end.
+    """
+
+    output: Path
+    epochs: int | None = None
+    steps: int | None = None
+    max_steps_per_epoch: int | None = None  # smoke tests: shorter epochs
+    accum_steps: int = 1
+    clip_grad: float | None = None
+    amp: str = "auto"
+    device: str | None = None
+    threads: int | None = None
+    compile: bool = False
+    seed: int = 0
+    eval_every_epochs: int | None = None
+    eval_every_steps: int | None = None
+    eval_at_start: bool = False
+    resume: str | None = None
+    overwrite: bool = False
+    keep_top_k: int = 0
+    tensorboard: bool = False
+    progress: bool = True
+    log_every: int = 50
+    checkpoint_every: int | None = None
+    stop_after_steps: int | None = None
+    stop_after_epochs: int | None = None
+
+    @classmethod
+    def from_settings(cls, settings: dict, **given) -> Loop:
+        """The loop of a task's settings: each field from the setting of its name, unless `given`."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{**{k: v for k, v in settings.items() if k in names}, **given})
+
+
+class Task:
+    """The interface a task implements; the engine calls these, in this order.
+
+    Attributes:
+        name: The command's task, as messages name it (`train`, `detect`, `segment`).
+        metric: The headline key of `evaluate_run`'s result (higher is better): picks best.safetensors.
+        batch_size: Images per device and micro-batch.
+        batches, steps_per_epoch, train_images: The training loader (`data.loaders.EpochLoader`), the optimizer
+            steps of one pass over it and its image count, set by `build_data`.
+    """
+
+    name: str = "task"
+    metric: str = "score"
+    batch_size: int = 1
+
+    def config(self) -> dict:
+        """The resolved configuration as `config.yaml` and `state.pt` hold it."""
+        raise NotImplementedError
+
+    def build_data(self, env, device: torch.device, loop: Loop) -> None:
+        raise NotImplementedError
+
+    def build_model(self, device: torch.device) -> nn.Module:
+        raise NotImplementedError
+
+    def optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        raise NotImplementedError
+
+    def scheduler(self, optimizer: torch.optim.Optimizer, total_steps: int):
+        """A schedule with timm's interface: `step(epoch)`, `step_update(n)`, `state_dict`, `load_state_dict`."""
+        raise NotImplementedError
+
+    def ema(self, model: nn.Module):
+        """An average of the weights the engine updates after every step (timm's ModelEmaV3), or None."""
+        return None
+
+    def prepare(self, batch, device: torch.device) -> tuple:
+        """A loader's batch on `device`: `(inputs, targets, images, unreadable)`, the last two counts."""
+        raise NotImplementedError
+
+    def loss(self, model: nn.Module, inputs, targets) -> tuple[torch.Tensor, dict]:
+        """The loss to minimise (run under autocast) and its named parts (`{}` when it has none)."""
+        raise NotImplementedError
+
+    def evaluate_run(self, model: nn.Module, ema, device: torch.device, amp_dtype) -> dict | None:
+        """The held-out numbers for summary.csv, `metric` among them (None: no held-out data)."""
+        raise NotImplementedError
+
+    def describe(self, metrics: dict) -> str:
+        """The numbers of `evaluate_run` as the log shows them."""
+        return "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
+
+    def meta(self) -> dict:
+        """What the task's weights files carry besides the weights."""
+        raise NotImplementedError
+
+    def banner(self, model: nn.Module, world_size: int) -> str:
+        """The run's first line: what trains on what."""
+        raise NotImplementedError
+
+    def done(self, result: dict, out: Path) -> str:
+        """The run's last line."""
+        return f"done in {result['wall_s']:.0f}s; weights {out / 'last.safetensors'}"
+
+
+# --- the step engine: optimizer steps over a loader, the loss sums kept on the device --------------------------------
+
+
+class LossNotFinite(FloatingPointError, ValueError):
+    """The loss became inf or NaN: a setting to change (the commands show it as one line, exit 2)."""
+
+
+@dataclass
+class Sums:
+    """Loss sums on the device (the loss, then its named parts), since the last row of summary.csv (`row`) and
+    since the last progress line (`line`). A checkpoint stores them (`as_dict`), a resumed run continues them
+    (`Sums(**saved)`), so the numbers it logs equal an uninterrupted run's."""
+
+    names: list = field(default_factory=list)  # "loss", then the task's loss parts
+    row: torch.Tensor | list | None = None
+    row_n: int = 0  # micro-batches summed
+    line: torch.Tensor | list | None = None
+    line_n: int = 0
+    skipped: torch.Tensor | int = 0  # unreadable images met since the last row
+    images: int = 0  # images trained on since the last row (this rank)
+    nonfinite: torch.Tensor | bool = False
+
+    def add(self, loss: torch.Tensor, parts: dict, n_bad, images: int) -> None:
+        values = torch.stack([loss.detach(), *(v.detach() for v in parts.values())]).float()
+        self.names = self.names or ["loss", *parts]
+        self.row = _on(self.row, values) + values
+        self.line = _on(self.line, values) + values
+        self.nonfinite = self.nonfinite | ~torch.isfinite(values).all()
+        self.row_n, self.line_n, self.images = self.row_n + 1, self.line_n + 1, self.images + images
+        self.skipped = self.skipped + n_bad
+
+    def read_line(self, since: int, steps: int) -> dict:
+        """The means since the last line (one host read); raises if a loss since step `since` was inf or NaN."""
+        if self.line is None or not torch.is_tensor(self.line):
+            return {}
+        flag = torch.as_tensor(self.nonfinite, device=self.line.device).float()[None]
+        *values, bad = torch.cat([self.line.float(), flag]).tolist()  # one read
+        if bad:
+            raise LossNotFinite(
+                f"the loss became inf or NaN between steps {since} and {steps}: lower the learning rate, "
+                "enable --clip-grad, or use bf16"
+            )
+        return {k: v / max(self.line_n, 1) for k, v in zip(self.names, values)}
+
+    def take_row(self, device) -> dict:
+        """The means since the last row over all ranks (train_loss, its parts), images and skips; then reset."""
+        row = [float(v) for v in (self.row.tolist() if torch.is_tensor(self.row) else self.row or [])]
+        *sums, n, skipped, images = dist.all_reduce_sum([*row, self.row_n, int(self.skipped), self.images], device)
+        out = {("train_loss" if k == "loss" else k): v / max(n, 1) for k, v in zip(self.names, sums)}
+        self.row, self.row_n, self.skipped, self.images = None, 0, 0, 0
+        return dict(out, skipped=int(skipped), images=int(images))
+
+    def as_dict(self) -> dict:
+        """Plain numbers (one host read of the device sums), as `state.pt` holds them."""
+        plain = {k: (v.tolist() if torch.is_tensor(v) else v) for k, v in vars(self).items()}
+        return dict(plain, nonfinite=False)
+
+
+def _on(sums, like: torch.Tensor) -> torch.Tensor:
+    """Sums as a device tensor shaped as `like` (zeros for none; a list from a checkpoint put on the device)."""
+    if sums is None:
+        return torch.zeros_like(like)
+    return sums if torch.is_tensor(sums) else like.new_tensor(sums)
+
+
+def train_one_epoch(model: nn.Module, loader, task, parts, device, sums: Sums, hooks) -> int:
+    """Train for one pass over `loader` (at most `hooks.max_steps` optimizer steps); returns the steps taken.
+
+    Every `accum_steps` micro-batches make one optimizer step; DDP's gradient all-reduce runs only on the last of
+    them (`no_sync` on the others), and each micro-loss is divided by `accum_steps` so the summed gradient is the
+    mean over the global batch, exactly as one large batch would give.
+
+    Args:
+        task: A `Task`: turns a batch into inputs (`prepare`) and a loss with its parts (`loss`).
+        parts: The `runfolder.Trainable` the step updates: `model` is its model, maybe in DDP and compile wrappers.
+        sums: The loss sums, kept on the device: reading a device tensor waits for the GPU, which would stall the
+            input pipeline once per step, so they are read only every `hooks.refresh_every` steps.
+        hooks: The trainer's `Steps`: how each step is taken (`accum_steps`, `amp_dtype`, `clip_grad`); `start()`
+            is called once the loader's iterator exists (creating it draws from the RNG), before the first batch;
+            `report(n, means)` every `refresh_every` and every `line_every` (0: never) steps of the run (`first`: the
+            steps taken before this pass), and at a stop or the end, with the steps taken and the means since the
+            last line, a non-finite loss raised at the first read after it; `after_step(n)` after every optimizer
+            step with the steps taken, True ending the pass there.
+    """
+    model.train()
+    accum = hooks.accum_steps
+    steps_total = min(len(loader) // accum, hooks.max_steps)
+    steps = checked = 0
+    parts.optimizer.zero_grad(set_to_none=True)
+    batches = iter(loader)
+    hooks.start()
+    for i, batch in enumerate(batches):
+        if steps >= steps_total:
+            break
+        inputs, targets, n_images, n_bad = task.prepare(batch, device)
+        last_micro = (i + 1) % accum == 0
+        with dist.no_sync(model, skip=not last_micro):
+            with autocast(device, hooks.amp_dtype):
+                loss, loss_parts = task.loss(model, inputs, targets)
+            scaled = loss / accum
+            (parts.scaler.scale(scaled) if parts.scaler is not None else scaled).backward()
+        sums.add(loss, loss_parts, n_bad, n_images)
+        if not last_micro:
+            continue
+        _optimizer_step(model, parts.optimizer, parts.scaler, hooks.clip_grad)
+        steps += 1
+        if parts.ema is not None:
+            parts.ema.update(parts.model)  # the plain model inside `model`'s DDP and compile wrappers
+        done, every = hooks.first + steps, hooks.line_every
+        if done % hooks.refresh_every == 0 or (every and done % every == 0) or steps >= steps_total:
+            values = sums.read_line(checked, steps)  # the one host read per `refresh_every` steps
+            checked = steps
+            hooks.report(steps, values)
+        if hooks.after_step(steps):
+            sums.read_line(checked, steps)  # a stop inside a refresh interval checks its losses too
+            break
+    return steps
+
+
+def _optimizer_step(model: nn.Module, optimizer, scaler, clip_grad: float | None) -> None:
+    """One optimizer step on the accumulated gradients (unscaled first, so clipping sees the true ones)."""
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    if clip_grad:
+        nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+# --- the run ---------------------------------------------------------------------------------------------------------
 
 
 def fit(task: Task, loop: Loop) -> dict:
@@ -42,14 +283,15 @@ def fit(task: Task, loop: Loop) -> dict:
         amp, amp_dtype = autocast_setting(loop.amp, device)
         state = rf.load_state(rf.resume_path(loop.resume)) if loop.resume else None
         out = Path(loop.output)
-        if state is not None and _finished(state, loop):
-            # nothing left to train: say so and touch nothing (no "epoch 31 of 30", no rewritten config or log)
-            _say(_finished_line(state, loop, task))
+        finished = _finished(state, loop, task) if state is not None else None
+        if finished:  # nothing left to train: say so and touch nothing (no "epoch 31 of 30", no rewritten files)
+            if dist.is_main():
+                print(finished, flush=True)
             return dict(output=str(out), finished=True, best=state.get("best"))
         if dist.is_main():
             rf.check_output_free(out, loop.resume, loop.overwrite)
             if loop.tensorboard:
-                rf.tensorboard_writer(None)  # fail before the data is read, when tensorboard is missing
+                require("tensorboard", "--tensorboard", "tensorboard")  # fail before the data is read
         task.build_data(env, device, loop)
         if loop.max_steps_per_epoch:
             task.steps_per_epoch = min(task.steps_per_epoch, loop.max_steps_per_epoch)
@@ -62,29 +304,25 @@ def fit(task: Task, loop: Loop) -> dict:
         progress = rf.Progress() if state is None else rf.Progress.restore(state, parts)
         train_model = dist.wrap(model, device)
         train_model = torch.compile(train_model) if loop.compile else train_model
-        run = rf.RunFolder(
-            out, task.config(), task.meta(), dist.is_main(), task.metric, loop.keep_top_k, loop.tensorboard
-        )
-        if dist.is_main():
-            _LOG.open(out / "train.log", append=state is not None)
+        run = rf.RunFolder(out, task, dist.is_main(), loop.keep_top_k, loop.tensorboard, resumed=state is not None)
         length = f"{loop.epochs} epochs x {task.steps_per_epoch} steps" if loop.epochs else f"{total} steps"
         length += f", ending at step {total}" if loop.epochs and total < loop.epochs * task.steps_per_epoch else ""
-        _say(f"{task.banner(model, env.world_size)} | {length} | amp {amp} | output {out}")
+        run.say(f"{task.banner(model, env.world_size)} | {length} | amp {amp} | output {out}")
         if state is not None:
             epoch = progress.start_epoch + 1
             after = f" after its step {progress.resume_step}" if progress.resume_step else ""
-            _say(f"resumed from {loop.resume}: epoch {epoch}{after}, global step {progress.global_step}")
+            run.say(f"resumed from {loop.resume}: epoch {epoch}{after}, global step {progress.global_step}")
         # Ctrl-C stops after the optimizer step under way, where the state is consistent and is saved; a second one
         # stops at once. Several processes could not agree on that step: there Ctrl-C stops at once, as usual.
         note = "stopping after this optimizer step, then saving the state"
-        step_cfg = StepConfig(loop.accum_steps, amp_dtype, loop.clip_grad)
         with DeferredInterrupt(note, env.world_size == 1) as interrupt:
-            result = Steps(task, loop, run, parts, progress, train_model, device, step_cfg, int(total), interrupt).run()
+            result = Steps(
+                task, loop, run, parts, progress, train_model, device, amp_dtype, int(total), interrupt
+            ).run()
         if dist.is_main() and not result.get("stopped"):
-            _say(task.done(result, out))
+            run.say(task.done(result, out))
         return dict(result, output=str(out), best=progress.best)
     finally:
-        _LOG.close()
         if run is not None:
             run.close()  # also releases the run folder's lock when training fails
         dist.cleanup()
@@ -94,10 +332,15 @@ class Steps:
     """The run's optimizer steps, epoch by epoch, and what follows each one: the schedule, the progress line, the
     evaluation and the summary row when due, the state when due, and the stops (`stop_after_*`, Ctrl-C)."""
 
-    def __init__(self, task, loop, run, parts, progress, train_model, device, step_cfg, total, interrupt):
+    refresh_every = 20  # the loss is read from the device (a host sync) every 20 steps, and for each progress line
+
+    def __init__(self, task, loop, run, parts, progress, train_model, device, amp_dtype, total, interrupt):
         self.task, self.loop, self.folder, self.parts, self.progress = task, loop, run, parts, progress
-        self.train_model, self.device, self.step_cfg, self.total = train_model, device, step_cfg, total
-        self.interrupt = interrupt
+        self.train_model, self.device, self.total = train_model, device, total
+        # how each optimizer step is taken: micro-batches per step (global batch / (per-device batch x world size)),
+        # autocast's dtype (None: full precision), the max gradient norm (None or 0: no clipping)
+        self.accum_steps, self.amp_dtype, self.clip_grad = loop.accum_steps, amp_dtype, loop.clip_grad
+        self.interrupt, self.line_every = interrupt, loop.log_every if loop.progress else 0
         self.spe = task.steps_per_epoch
         self.n_epochs = math.ceil(total / self.spe)
         self.sums = Sums(**(progress.sums or {}))
@@ -121,8 +364,8 @@ class Steps:
                 continue
             where = f"at step {self.stopped_at} of epoch {epoch + 1}" if self.stopped_at else f"after epoch {epoch + 1}"
             if self.interrupt.asked:
-                raise Interrupted(f"interrupted {where}, state saved; {self.resume_hint}")
-            _say(f"stopping {where} as asked (state saved); {self.resume_hint}")
+                raise KeyboardInterrupt(f"interrupted {where}, state saved; {self.resume_hint}")  # the CLI prints it
+            self.folder.say(f"stopping {where} as asked (state saved); {self.resume_hint}")
             dist.barrier()
             return dict(self.result, stopped=True)
         return dict(self.result, wall_s=time.perf_counter() - self.t_start)
@@ -137,35 +380,25 @@ class Steps:
         # run replays exactly what an uninterrupted one would have done.
         rf.seed_all(self.loop.seed + 1000 * epoch + dist.get_rank())
         loader.set_epoch(epoch)
-        loader.skip_samples(self.skip * self.step_cfg.accum_steps * task.batch_size)
+        loader.skip_samples(self.skip * self.accum_steps * task.batch_size)
         self.parts.scheduler.step(epoch)  # a schedule per epoch moves here, one per step in `after_step`
         self.parts.scheduler.step_update(self.progress.global_step)
         self.last_lr = self.lr()
-        self.bar = self._bar(epoch)
+        self.bar = None
+        if self.loop.progress and dist.is_main() and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            desc = f"epoch {epoch + 1}/{self.n_epochs}"
+            self.bar = tqdm(total=self.epoch_steps, initial=self.skip, desc=desc, leave=False, file=sys.stderr)
         self.stop_at_end, self.printed, self.t_line = False, self.skip, time.perf_counter()
-        self.base = self.progress.global_step  # optimizer steps before this call of the epoch
-        train_one_epoch(
-            self.train_model,
-            loader,
-            task,
-            self.parts,
-            self.device,
-            self.step_cfg,
-            self.sums,
-            on_step=self.after_step,
-            on_start=self.start,
-            max_steps=self.epoch_steps - self.skip,
-            report=self.report,
-            # the loss is read from the device (a host sync) every 20 steps, and for each progress line
-            refresh_every=20,
-            line_every=self.loop.log_every if self.loop.progress else 0,
-            first=self.base,
-        )
+        self.first = self.progress.global_step  # optimizer steps before this call of the epoch
+        self.max_steps = self.epoch_steps - self.skip
+        train_one_epoch(self.train_model, loader, task, self.parts, self.device, self.sums, self)
         if self.bar is not None:
             self.bar.close()
         return self.stop_at_end
 
-    def start(self) -> None:
+    def start(self) -> None:  # the engine's hooks: start, report, after_step
         """Mid-epoch resume: continue this rank's RNG where the checkpoint left it (after the loader's iterator has
         drawn its seed, as it had in the interrupted run)."""
         if self.skip and self.progress.resume_rng is not None:
@@ -212,7 +445,7 @@ class Steps:
             rng = rf.rng_state()  # evaluating draws random numbers (a loader's seed): training's must not depend on it
             try:
                 ema = self.parts.ema.module if self.parts.ema is not None else None
-                metrics = self.task.evaluate_run(self.parts.model, ema, self.device, self.step_cfg.amp_dtype) or {}
+                metrics = self.task.evaluate_run(self.parts.model, ema, self.device, self.amp_dtype) or {}
             finally:
                 rf.set_rng_state(rng)
                 self.train_model.train()
@@ -230,88 +463,41 @@ class Steps:
             msg += "  " + self.task.describe(metrics)
         if skipped and not metrics.get("skipped"):
             msg += f"  skipped {skipped} unreadable images"
-        _say(msg)
+        self.folder.say(msg)
         self.result = row
         self.t_row = time.perf_counter()
 
     def report(self, n: int, values: dict) -> None:
         """The progress display after step n of this call of the epoch: a bar on a terminal, else a line every
         `log_every` steps (logs and SLURM files), with the means since the last line."""
-        done, every = self.skip + n, self.loop.log_every
+        done = self.skip + n
         if self.bar is not None:
             self.bar.update(done - self.bar.n)
             self.bar.set_postfix(loss=f"{values.get('loss', math.nan):.4f}", lr=f"{self.lr():.2e}", refresh=False)
-        elif self.loop.progress and every:
-            if (self.base + n) % every:
+        elif self.line_every:
+            if (self.first + n) % self.line_every:
                 return  # a line every `every` steps of the run: its sums go on (over an epoch's end too)
-            _say(self._line(done, values))
+            self.folder.say(self._line(done, values))
             self.printed, self.t_line = done, time.perf_counter()
-        self.sums.reset_line()
+        self.sums.line, self.sums.line_n = None, 0  # the next line's means start here
 
     def _line(self, done: int, values: dict) -> str:
         """`epoch e/E  step s/S  loss ...  <the loss's parts>  lr ...  ETA h:mm:ss  N img/s`."""
         now, step = time.perf_counter(), self.progress.global_step + 1
         eta = (self.total - step) * (now - self.t_start) / (self.called + 1)
-        images = (done - self.printed) * self.step_cfg.accum_steps * self.task.batch_size * dist.get_world_size()
+        images = (done - self.printed) * self.accum_steps * self.task.batch_size * dist.get_world_size()
         numbers = "  ".join(f"{k} {v:.4f}" for k, v in values.items())
         return (
             f"epoch {self.epoch + 1}/{self.n_epochs}  step {done}/{self.epoch_steps}  {numbers}  lr {self.lr():.3g}  "
             f"ETA {datetime.timedelta(seconds=round(eta))}  {images / max(now - self.t_line, 1e-9):.1f} img/s"
         )
 
-    def _bar(self, epoch: int):
-        if not (self.loop.progress and dist.is_main() and sys.stderr.isatty()):
+
+def _finished(state: dict, loop: Loop, task: Task) -> str | None:
+    """The line to print when a training state has the whole run done (no mid-epoch step pending), else None."""
+    if not (loop.steps and state["step"] >= loop.steps):
+        if not loop.epochs or state.get("epoch_step") or state["epoch"] + 1 < loop.epochs:
             return None
-        from tqdm import tqdm
-
-        desc = f"epoch {epoch + 1}/{self.n_epochs}"
-        return tqdm(total=self.epoch_steps, initial=self.skip, desc=desc, leave=False, file=sys.stderr)
-
-
-# --- what the run prints ---------------------------------------------------------------------------------------------
-
-
-class RunLog:
-    """Where rank 0's messages go besides stdout: the run folder's `train.log`, once the folder exists."""
-
-    file = None
-
-    def open(self, path, append: bool) -> None:
-        self.close()
-        self.file = open(path, "a" if append else "w")
-
-    def write(self, msg: str) -> None:
-        if self.file is not None:
-            try:
-                self.file.write(msg + "\n")
-                self.file.flush()
-            except OSError as e:  # a full disk: one line naming the file
-                raise FileWriteError(e.errno, f"cannot write {self.file.name}: {e.strerror}") from e
-
-    def close(self) -> None:
-        if self.file is not None:
-            with contextlib.suppress(OSError):  # what did not fit on a full disk was reported by `write`
-                self.file.close()
-            self.file = None
-
-
-_LOG = RunLog()
-
-
-def _say(msg: str) -> None:
-    if dist.is_main():
-        print(msg, flush=True)
-        _LOG.write(msg)
-
-
-def _finished(state: dict, loop: Loop) -> bool:
-    """Whether a training state has the whole run done (no mid-epoch step pending)."""
-    if loop.steps and state["step"] >= loop.steps:
-        return True
-    return bool(loop.epochs) and not state.get("epoch_step") and state["epoch"] + 1 >= loop.epochs
-
-
-def _finished_line(state: dict, loop: Loop, task: Task) -> str:
     done = f"all {loop.epochs} epochs" if loop.epochs and not loop.steps else f"all {loop.steps} steps"
     best = state.get("best") or {}
     shown = f"; best {task.describe({task.metric: best[task.metric]})} at epoch {best['epoch']}" if best else ""

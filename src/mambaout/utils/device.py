@@ -31,14 +31,15 @@ def resolve_device(name: str | None):
     return dev
 
 
-AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def autocast_setting(amp: str, device: torch.device) -> tuple[str, torch.dtype | None]:
     """The one reading of an `--amp` value on a device: `auto` is bf16 autocast on CUDA and full precision
     elsewhere; returns the setting's name (`none`, `bf16`, `fp16`) and its autocast dtype (None: no autocast)."""
     name = ("bf16" if device.type == "cuda" else "none") if amp == "auto" else amp
-    return name, AMP_DTYPES[name]
+    return name, {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
 def cpu_name() -> str:
@@ -48,6 +49,16 @@ def cpu_name() -> str:
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     return platform.processor() or "unknown CPU"
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (`flags`, or `Features` on ARM, in /proc/cpuinfo); empty where they cannot be read."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() in ("flags", "Features"):
+                return frozenset(value.split())
+    return frozenset()
 
 
 def device_name(device: torch.device) -> str:

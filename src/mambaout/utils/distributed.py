@@ -128,17 +128,6 @@ def wrap(model: nn.Module, device: torch.device) -> nn.Module:
     return DistributedDataParallel(model, device_ids=ids)
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The plain model inside DDP and/or `torch.compile` wrappers (what we save and evaluate)."""
-    while True:
-        if hasattr(model, "module") and isinstance(model.module, nn.Module):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        else:
-            return model
-
-
 def no_sync(model: nn.Module, skip: bool):
     """Context for an accumulation micro-step: DDP skips its gradient all-reduce when `skip` is true."""
     return model.no_sync() if skip and hasattr(model, "no_sync") else contextlib.nullcontext()

@@ -10,14 +10,6 @@ import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-
-def file_mode() -> int:
-    """The mode a new file gets under the current umask (`mkstemp` makes 0600 files; ours are meant to be shared)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
 _KINDS = (
     (stat.S_ISCHR, "a character device"),
     (stat.S_ISBLK, "a block device"),
@@ -114,7 +106,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None], suffix: 
             if not isinstance(e, OSError) and not any(s in str(e) for s in failure):
                 raise
             raise _write_error(path, e) from e
-        os.chmod(tmp, file_mode())
+        mask = os.umask(0)  # the mode a new file gets under the umask (`mkstemp` makes 0600 files; ours are shared)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -156,13 +150,6 @@ def jsonable(value) -> bool:
     return isinstance(value, (int, float, str, bool, type(None), list, tuple))
 
 
-def _same_file(a, b) -> bool:
-    try:
-        return os.path.samefile(a, b)
-    except (OSError, ValueError):  # an input that is no file here (a URL, a model name)
-        return False
-
-
 def check_writable(path: str | os.PathLike, what: str, inputs: Iterable = ()) -> Path:
     """Fail early, with one ValueError line, when `path` cannot be written (before a long run computes what goes
     there): a folder, a device, a FIFO or a socket, one of the files the command reads (`inputs`), or in a folder
@@ -170,7 +157,11 @@ def check_writable(path: str | os.PathLike, what: str, inputs: Iterable = ()) ->
     path = Path(path)
     output_target(path, what)
     for source in inputs:
-        if source is not None and path.exists() and _same_file(path, source):
+        try:
+            same = source is not None and path.exists() and os.path.samefile(path, source)
+        except (OSError, ValueError):  # an input that is no file here (a URL, a model name)
+            same = False
+        if same:
             raise ValueError(f"{what} {path} is {source}, which this command reads; pick another path")
     if path.is_dir():
         raise ValueError(f"{what} {path} is a folder; pass a file path")

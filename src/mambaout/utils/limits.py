@@ -90,12 +90,6 @@ def check_eval_config(cfg: dict, source: str) -> dict:
     return cfg
 
 
-def check_num_classes(value, source: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_NUM_CLASSES:
-        raise ValueError(f"{source}: num_classes must be an integer from 1 to {MAX_NUM_CLASSES}, got {value!r}")
-    return value
-
-
 def _odd_kernel(v):
     return v if checks.is_int(v) and 1 <= v <= 31 and v % 2 else checks.BAD
 
@@ -129,8 +123,9 @@ def check_model_kwargs(kwargs, source: str = "", name: str = "model_kwargs") -> 
     where = f"{source}: " if source else ""
     if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
         raise ValueError(f"{where}{name} must be a mapping of argument: value, got {type(kwargs).__name__}")
-    if "num_classes" in kwargs:
-        check_num_classes(kwargs["num_classes"], f"{where}{name}")
+    n = kwargs.get("num_classes", 1)
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_NUM_CLASSES:
+        raise ValueError(f"{where}{name}: num_classes must be an integer from 1 to {MAX_NUM_CLASSES}, got {n!r}")
     for key, value in kwargs.items():
         if key in CALLABLE_KWARGS:
             raise ValueError(f"{where}{name}.{key}: a Python callable, which a config or a weights file cannot give")

@@ -63,16 +63,15 @@ def load_yaml(text: str, source: str):
     try:
         return yaml.load(text, Loader=_Loader)  # noqa: S506  (_Loader is a SafeLoader)
     except YamlError as e:
-        raise YamlError(_short(f"{source}: {e}")) from None
+        problem = str(e)
     except yaml.constructor.ConstructorError as e:
-        line = f" line {e.problem_mark.line + 1}:" if e.problem_mark else ""
+        line = f"line {e.problem_mark.line + 1}:" if e.problem_mark else ""
         tag = (e.problem or "").split("'")[1] if "'" in (e.problem or "") else "a tag"
-        raise YamlError(
-            _short(f"{source}:{line} {tag} is not plain data (only YAML scalars, lists, mappings)")
-        ) from None
+        problem = f"{line} {tag} is not plain data (only YAML scalars, lists, mappings)"
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f" line {mark.line + 1}:" if mark is not None else ""
-        raise YamlError(_short(f"{source}: not valid YAML:{line} {getattr(e, 'problem', None) or e}")) from None
+        problem = f"not valid YAML:{line} {getattr(e, 'problem', None) or e}"
     except RecursionError:
-        raise YamlError(_short(f"{source}: nested too deeply")) from None
+        problem = "nested too deeply"
+    raise YamlError(_short(f"{source}: {problem}")) from None  # `_short` also folds the spaces of an empty `line`

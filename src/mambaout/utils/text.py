@@ -25,11 +25,3 @@ def printable(text) -> str:
 def count(n: int, noun: str) -> str:
     """`n` and the noun, plural unless `n` is 1: `count(1, "picture")` is "1 picture", `count(2, ...)` "2 pictures"."""
     return f"{n} {noun}{'' if n == 1 else 's'}"
-
-
-def csv_cell(value) -> str:
-    """A value as a summary.csv cell: unset (and a list or mapping, which no cell holds) is empty, a float has 6
-    significant digits."""
-    if value is None or value == "" or isinstance(value, (list, dict)):
-        return ""
-    return f"{value:.6g}" if isinstance(value, float) else str(value)

@@ -19,8 +19,6 @@ import sys
 import time
 from dataclasses import dataclass
 
-__all__ = ["usable_cores", "cpu_snapshot", "free_cores", "threads_for", "begin", "settle", "set_threads", "policy"]
-
 _ENV = "MAMBAOUT_THREADS"
 
 
@@ -34,7 +32,8 @@ def usable_cores() -> int:
 
 @dataclass(frozen=True)
 class CpuSnapshot:
-    """Machine-wide busy and total CPU seconds (from /proc/stat), this process's CPU seconds, and the wall clock."""
+    """Machine-wide busy and total CPU seconds since boot (from /proc/stat), this process's CPU seconds, and the wall
+    clock."""
 
     busy: float
     total: float
@@ -42,8 +41,15 @@ class CpuSnapshot:
     wall: float
 
 
-def _read_stat() -> tuple[float, float] | None:
-    """(busy, total) CPU seconds of all CPUs since boot; None where /proc/stat is unreadable."""
+def _niceness() -> int:
+    try:
+        return os.getpriority(os.PRIO_PROCESS, 0)
+    except (AttributeError, OSError):
+        return 0
+
+
+def cpu_snapshot() -> CpuSnapshot | None:
+    """The counters `free_cores` compares; None where the machine's CPU time cannot be read (no /proc/stat)."""
     try:
         with open("/proc/stat") as f:
             fields = f.readline().split()
@@ -56,23 +62,8 @@ def _read_stat() -> tuple[float, float] | None:
     idle = ticks[3] + ticks[4]  # waiting for a disk is not using a core
     if _niceness() <= 0:
         idle += ticks[1]  # niced processes yield their cores to us: for a process at priority 0 those cores are free
-    return (sum(ticks) - idle) / hz, sum(ticks) / hz
-
-
-def _niceness() -> int:
-    try:
-        return os.getpriority(os.PRIO_PROCESS, 0)
-    except (AttributeError, OSError):
-        return 0
-
-
-def cpu_snapshot() -> CpuSnapshot | None:
-    """The counters `free_cores` compares; None where the machine's CPU time cannot be read (not Linux)."""
-    stat = _read_stat()
-    if stat is None:
-        return None
     t = os.times()
-    return CpuSnapshot(stat[0], stat[1], t.user + t.system, time.monotonic())
+    return CpuSnapshot((sum(ticks) - idle) / hz, sum(ticks) / hz, t.user + t.system, time.monotonic())
 
 
 def free_cores(before: CpuSnapshot, after: CpuSnapshot, cores: int | None = None) -> float | None:
