@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from mambaout.models.mambaout import GatedCNNBlock, MambaOut
+from mambaout.models.mambaout import GatedCNNBlock, MambaOut, _check_output_fmt
 from mambaout.models.variants import get_variant, list_models
 from mambaout.weights.checkpoint import fit_state_dict, unwrap_state_dict
 
@@ -59,8 +59,7 @@ def _feature_format(output_fmt: str, kwargs: dict) -> dict:
     label. So an explicit `output_fmt` goes through timm's `getter` wrapper, which asks the model's
     `forward_intermediates` for that layout.
     """
-    if str(output_fmt) not in ("NCHW", "NHWC"):
-        raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
+    _check_output_fmt(str(output_fmt))
     if not kwargs.get("features_only"):
         raise ValueError("output_fmt applies to features_only=True models (the classifier takes NCHW images)")
     feature_cls = kwargs.setdefault("feature_cls", "getter")
