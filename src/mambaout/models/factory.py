@@ -20,7 +20,6 @@ from mambaout.weights.checkpoint import (
     check_finite,
     download,
     fit_state_dict,
-    load_into,
     read_checkpoint,
 )
 from mambaout.weights.hub import from_folder, from_hub
@@ -178,7 +177,7 @@ def _check_fit(variant, weights, meta: dict, kwargs: dict, state_dict: dict, new
 
 
 def _load_weights(model: nn.Module, state_dict: dict, name: str, new_head: bool, checkpoint) -> None:
-    load_into(model, state_dict, name=name, new_head=new_head)
+    model.load_state_dict(fit_state_dict(model, state_dict, name, new_head), strict=True)
     if model.class_names is not None and len(model.class_names) != model.num_classes:
         if not new_head:
             raise CheckpointError(
