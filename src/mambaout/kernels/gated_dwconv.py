@@ -6,9 +6,8 @@ applies the activation and the product (two more passes). Here one kernel reads 
 the conv's `k x k` window and writes the gate product `[B, H, W, hidden]` straight to memory: the conv output and
 the concatenation never exist. The backward recomputes the conv instead of saving it.
 
-`gated_dwconv_reference` is the obviously-correct PyTorch version that the Triton kernels are tested against
-(`tests/test_kernels.py`, runnable on CPU with `TRITON_INTERPRET=1`). `gated_dwconv` is a `torch.library` custom
-op with a fake (meta) implementation and a registered autograd formula, so `torch.compile(fullgraph=True)`
+The kernels are tested against `gated_dwconv_reference` (on CPU with `TRITON_INTERPRET=1`). `gated_dwconv` is a
+`torch.library` custom op with a fake implementation and an autograd formula, so `torch.compile(fullgraph=True)`
 treats it as one opaque node and inductor fuses the rest of the block around it.
 """
 
@@ -292,20 +291,15 @@ if _HAS_TRITON:
         dict(BLOCK_P=32, BLOCK_C=128, num_warps=4, num_stages=1),
     )
 
-    def _configs():
-        return [
-            triton.Config(
-                {k: c[k] for k in ("BLOCK_P", "BLOCK_C")}, num_warps=c["num_warps"], num_stages=c["num_stages"]
-            )
-            for c in CONFIGS
-        ]
+    def _tuned(kernel, key: list[str], **kwargs):
+        """`kernel` autotuned over `CONFIGS`, picking again for each new value of the `key` arguments."""
+        tiles = [({"BLOCK_P": c["BLOCK_P"], "BLOCK_C": c["BLOCK_C"]}, c["num_warps"], c["num_stages"]) for c in CONFIGS]
+        configs = [triton.Config(tile, num_warps=warps, num_stages=stages) for tile, warps, stages in tiles]
+        return triton.autotune(configs, key=key, **kwargs)(kernel)
 
-    _KEY = ["HIDDEN", "CC", "W", "KS", "CONV"]
-    _fwd_tuned = triton.autotune(_configs(), key=_KEY)(_fwd_kernel)
-    _bwd_gate_tuned = triton.autotune(_configs(), key=_KEY)(_bwd_gate_kernel)
-    _bwd_conv_tuned = triton.autotune(_configs(), key=["HIDDEN", "CC", "W", "KS"], reset_to_zero=["dw_ptr", "db_ptr"])(
-        _bwd_conv_kernel
-    )
+    _fwd_tuned = _tuned(_fwd_kernel, ["HIDDEN", "CC", "W", "KS", "CONV"])
+    _bwd_gate_tuned = _tuned(_bwd_gate_kernel, ["HIDDEN", "CC", "W", "KS", "CONV"])
+    _bwd_conv_tuned = _tuned(_bwd_conv_kernel, ["HIDDEN", "CC", "W", "KS"], reset_to_zero=["dw_ptr", "db_ptr"])
 
 # The interpreter runs each program in numpy: a fixed small tile keeps tests fast and skips autotuning.
 _INTERPRET_BLOCKS = {"BLOCK_P": 64, "BLOCK_C": 32}
