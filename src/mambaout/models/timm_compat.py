@@ -1,12 +1,8 @@
 """Opt-in: make `timm.create_model("mambaout_tiny", ...)` build this package's MambaOut.
 
-A timm-based detection or segmentation stack (mmdet/mmseg's timm wrappers, detectron2's timm backbones) creates
-its backbone through `timm.create_model`. After `mambaout.register_timm()`, that call returns our model, built by
-timm's own `build_model_with_cfg`: timm's pretrained configs and weight resolution (hub, cache,
-`pretrained_cfg_overlay`), its `features_only` wrappers and its layer flags all apply unchanged; only the model
-class, and so the kernels, are ours. The parameter names are timm's, so timm's weights load as they are; weights
-in the official layout are remapped on load. Nothing changes in timm until this is called, and
-`unregister_timm()` restores timm's own entrypoints.
+For timm-based detection or segmentation stacks (mmdet/mmseg, detectron2), which create their backbone through
+`timm.create_model`. The model is built by timm's own `build_model_with_cfg`, so timm's pretrained configs, weight
+resolution and `features_only` wrappers apply unchanged; only the model class, and so the kernels, are ours.
 """
 
 from __future__ import annotations
