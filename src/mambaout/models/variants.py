@@ -1,13 +1,6 @@
-"""Registered MambaOut variants and their published weights.
-
-Variants are data: each entry only sets the architecture arguments that differ from `MambaOut`'s
-defaults (the paper's design). Weights carry their provenance: where they come from, the eval
-transform they need, their parameter count and the ImageNet-1k top-1 their authors report.
-
-Two groups share the one registry: the MambaOut families (`group="mambaout"`), and the models of the paper's
-comparisons (`group="analysis"`: DeiT ViTs with full or causal attention, MambaOut with Mamba's SSM), whose
-builders live in `mambaout.analysis` and are named by import path, so that package is imported only when one of
-its models is built.
+"""Registered variants and their published weights: data, each variant setting only the arguments that differ from
+`MambaOut`'s defaults (the paper's design). Two groups share the registry: the MambaOut families, and the models of the
+paper's comparisons (`group="analysis"`), whose builders are named by import path, imported only when built.
 """
 
 from __future__ import annotations
