@@ -117,12 +117,19 @@ def create_model(
 
     # the user asked for a classifier of their own width: only then may a checkpoint's classifier be replaced
     new_head = "num_classes" in kwargs if replace_head is None else replace_head
+    model_kwargs = _model_kwargs(variant, weights, meta, kwargs)
     if state_dict is not None:
-        _check_fit(variant, weights, meta, kwargs, state_dict, new_head, checkpoint, asked if other_model else None)
-    model = _instantiate(variant, weights, meta, kwargs, device)
+        _check_fit(variant, model_kwargs, meta, state_dict, new_head, checkpoint, asked if other_model else None)
+    model = _instantiate(variant, weights, meta, model_kwargs, device)
     model.pretrained_cfg.update(overlay)
     if pretrained:
-        state_dict = _read_published(weights)
+        path = download(weights.urls)
+        try:
+            state_dict = read_checkpoint(path)[0]
+        except CheckpointError as e:
+            raise CheckpointError(
+                f"{e} (downloaded from {weights.urls[0]} to {path}; delete it to download again)"
+            ) from e
         check_finite(state_dict, weights.urls[0])
     if state_dict is not None:
         _load_weights(model, state_dict, variant.name, new_head, checkpoint)
@@ -143,7 +150,8 @@ def _weights_source(name, checkpoint, pretrained: bool, overlay: dict):
         if checkpoint is not None:
             raise ValueError("pass either checkpoint=... or pretrained_cfg_overlay={'file': ...}, not both")
         checkpoint, pretrained = overlay["file"], False
-    if name is None or not (name.startswith(("hf-hub:", "local-dir:")) or _is_model_folder(name)):
+    folder = name is not None and os.path.isdir(name) and _variant_name(name) is None  # not a registered name
+    if name is None or not (name.startswith(("hf-hub:", "local-dir:")) or folder):
         return name, checkpoint, pretrained, {}
     if checkpoint is not None:
         raise ValueError(f"{name} brings its own weights: pass it without checkpoint=")
@@ -154,13 +162,13 @@ def _weights_source(name, checkpoint, pretrained: bool, overlay: dict):
     return name, checkpoint, False, folder_meta
 
 
-def _check_fit(variant, weights, meta: dict, kwargs: dict, state_dict: dict, new_head: bool, checkpoint, asked):
+def _check_fit(variant, model_kwargs: dict, meta: dict, state_dict: dict, new_head: bool, checkpoint, asked):
     """Check the weights fit before allocating (metadata may describe a far larger model than the tensors), on the
     meta device. `asked`: the name asked for when the checkpoint records another model."""
     recorded = meta.get("model")
     with torch.device("meta"):
         try:
-            probe = _build(variant, _model_kwargs(variant, weights, meta, kwargs))
+            probe = _build(variant, model_kwargs)
         except (TypeError, ValueError) as e:
             raise CheckpointError(f"{checkpoint}: cannot build {variant.name} from its metadata ({e})") from e
         try:
@@ -195,11 +203,6 @@ def _variant_name(name: str) -> str | None:
         return None
 
 
-def _is_model_folder(name: str) -> bool:
-    """A folder path given as the name (timm's Hub layout), not a registered model name."""
-    return os.path.isdir(name) and _variant_name(name) is None
-
-
 def _feature_args(out_indices, output_fmt, feature_cls, feature_cfg: dict | None, kwargs: dict):
     """timm's features-factory arguments, given directly or in `feature_cfg`; returns (out_indices, output_fmt)."""
     for key in _IGNORED:
@@ -228,9 +231,8 @@ def _model_kwargs(variant, weights: Weights | None, meta: dict, kwargs: dict) ->
     return model_kwargs
 
 
-def _instantiate(variant, weights: Weights | None, meta: dict, kwargs: dict, device) -> nn.Module:
-    """The variant's network with a checkpoint's recorded architecture, the weights' class count and `kwargs`."""
-    model_kwargs = _model_kwargs(variant, weights, meta, kwargs)
+def _instantiate(variant, weights: Weights | None, meta: dict, model_kwargs: dict, device) -> nn.Module:
+    """The variant's network from `model_kwargs`, with `pretrained_cfg`, `model_kwargs` and `class_names` set."""
     with torch.device(device) if device is not None else contextlib.nullcontext():
         model = _build(variant, model_kwargs)
     model.model_name = variant.name
@@ -240,15 +242,6 @@ def _instantiate(variant, weights: Weights | None, meta: dict, kwargs: dict, dev
     model.pretrained_cfg = cfg
     model.class_names = meta.get("class_names")
     return model
-
-
-def _read_published(weights: Weights) -> dict:
-    """Download (or take from the cache) published weights and read them."""
-    path = download(weights.urls)
-    try:
-        return read_checkpoint(path)[0]
-    except CheckpointError as e:
-        raise CheckpointError(f"{e} (downloaded from {weights.urls[0]} to {path}; delete it to download again)") from e
 
 
 def _build(variant, model_kwargs: dict) -> nn.Module:
