@@ -368,12 +368,8 @@ def gated_dwconv(
 ) -> torch.Tensor:
     """`act(g) * [i, dwconv(c)]` for `y = [g, i, c]`: `[B, H, W, 2 * hidden]` -> `[B, H, W, hidden]` (Triton).
 
-    Args:
-        y: The block's `fc1` output, channels-last.
-        weight: Depthwise conv weight `[Cc, 1, k, k]`, k odd.
-        bias: Conv bias `[Cc]` or None.
-        hidden: Gate width; the last `Cc` of the `hidden` value channels go through the conv.
-        act: `'gelu'` (exact) or `'silu'`.
+    `y` is the block's `fc1` output; `weight` `[Cc, 1, k, k]` (k odd) and `bias` `[Cc]` (or None) the depthwise conv's,
+    which runs on the last `Cc` of the `hidden` value channels; `act` is `'gelu'` (exact) or `'silu'`.
     """
     if not triton_available(y.device):
         raise RuntimeError(

@@ -141,13 +141,8 @@ class SelectiveSSM(nn.Module):
     Every channel has its own diagonal `N`-state SSM; Δ (per channel), B and C (shared over channels) are
     computed from the input at every position: this input dependence is what makes the scan "selective".
 
-    Args:
-        dim: Channels E of the sequence it mixes.
-        d_state: State size N per channel (16 in Mamba).
-        dt_rank: Rank of the Δ projection; `'auto'` is `ceil(dim / 16)` as in Mamba.
-        dt_min, dt_max: Range of the initial Δ (Mamba's 0.001, 0.1), log-uniform.
-        scan: `'chunked'` (fast) or `'ref'` (the sequential reference).
-        chunk_size: Chunk length of the chunked scan.
+    `d_state` is the state size N per channel; `dt_rank='auto'` is `ceil(dim / 16)`, and the initial Δ is
+    log-uniform in [dt_min, dt_max], as in Mamba. `scan='ref'` runs the sequential reference scan.
     """
 
     def __init__(

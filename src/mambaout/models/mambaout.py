@@ -494,16 +494,9 @@ class MambaOut(_Backbone, nn.Module):
     ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
         """Stage outputs alongside the final features.
 
-        Args:
-            x: Images `[B, in_chans, H, W]`.
-            indices: Stages to return: all if None, the last n if an int, else those listed (negative allowed).
-            norm: Accepted for timm compatibility; MambaOut has no per-stage output norm, so it changes nothing.
-            stop_early: Skip stages after the last requested one (only when `intermediates_only`).
-            output_fmt: `'NCHW'` (what detection/segmentation necks expect) or `'NHWC'`.
-            intermediates_only: Return just the list of stage maps.
-
-        Returns:
-            The stage maps, or `(final_features_NHWC, stage_maps)`.
+        `indices`: all stages if None, the last n if an int, else those listed (negative allowed). `norm` changes
+        nothing (MambaOut has no per-stage output norm; accepted for timm). `stop_early` skips the stages after the
+        last requested one when `intermediates_only`. Returns the stage maps, or `(final_features_NHWC, stage_maps)`.
         """
         _check_output_fmt(output_fmt)
         take = self._take_indices(indices)

@@ -23,11 +23,8 @@ class Weights:
     Attributes:
         tag: The weight's name after the dot, e.g. `in1k` in `mambaout_tiny.in1k`.
         urls: Where to download it, tried in order (official release first, then timm's hub mirror).
-        num_classes: Classifier outputs of the weights.
         input_size: `(C, H, W)` the weights were evaluated at.
         crop_pct: Eval centre-crop fraction (1.0: resize the short side to the input size, no border dropped).
-        interpolation: Eval resize interpolation.
-        mean, std: Input normalisation.
         top1: ImageNet-1k top-1 (%) reported by the weights' authors at `input_size`; None if not reported.
         top1_source: Where `top1` comes from.
         params_m: Parameters (millions) of the model these weights fit.
