@@ -92,18 +92,6 @@ def _strip(key: str) -> str:
     return key
 
 
-def detect_layout(state_dict: dict) -> str:
-    """`'official'` or `'timm'` (ours shares timm's layout)."""
-    if any(k.startswith("downsample_layers.") for k in state_dict):
-        return "official"
-    if any(k.startswith("stem.") for k in state_dict):
-        return "timm"
-    raise CheckpointError(
-        "checkpoint is not a MambaOut state dict: found neither 'downsample_layers.*' (official) nor 'stem.*' (timm) "
-        f"keys; first keys: {list(state_dict)[:4]}"
-    )
-
-
 # (official, ours) key prefixes, `{0}` and `{1}` numbers: one table for both directions
 _LAYOUTS = [
     ("downsample_layers.0.", "stem."),
@@ -135,7 +123,14 @@ def _rename(state_dict: dict, to_ours: bool) -> dict:
 
 def to_model_layout(state_dict: dict) -> dict[str, torch.Tensor]:
     """Any supported layout -> our (timm's) key names."""
-    return _rename(state_dict, to_ours=True) if detect_layout(state_dict) == "official" else dict(state_dict)
+    if any(k.startswith("downsample_layers.") for k in state_dict):
+        return _rename(state_dict, to_ours=True)
+    if any(k.startswith("stem.") for k in state_dict):  # timm's layout, which is ours
+        return dict(state_dict)
+    raise CheckpointError(
+        "checkpoint is not a MambaOut state dict: found neither 'downsample_layers.*' (official) nor 'stem.*' (timm) "
+        f"keys; first keys: {list(state_dict)[:4]}"
+    )
 
 
 def to_official_layout(state_dict: dict) -> dict[str, torch.Tensor]:
@@ -201,9 +196,6 @@ def fit_state_dict(
     return sd
 
 
-F32_MAX = torch.finfo(torch.float32).max
-
-
 def check_finite(state_dict: dict, source: str) -> None:
     """Refuse weights holding NaN or Inf (they give NaN logits, hence a meaningless metric or prediction), naming the
     first such tensor in file order."""
@@ -217,7 +209,7 @@ def check_finite(state_dict: dict, source: str) -> None:
                     f"{source}: tensor {key!r} holds non-finite values ({what} of {value.numel()}); the weights are "
                     "damaged (a diverged run?): use an earlier checkpoint"
                 )
-            if value.dtype == torch.float64 and bool((value.abs() > F32_MAX).any()):
+            if value.dtype == torch.float64 and bool((value.abs() > torch.finfo(torch.float32).max).any()):
                 raise CheckpointError(
                     f"{source}: float64 tensor {key!r} holds values up to {value.abs().max().item():.3g}, beyond "
                     "float32's range: loaded into the float32 model they would be Inf; the weights are damaged"
