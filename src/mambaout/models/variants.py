@@ -10,7 +10,7 @@ import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from mambaout.data.image import IMAGENET_MEAN, IMAGENET_STD
+from mambaout.data.image import EVAL_KEYS, IMAGENET_MEAN, IMAGENET_STD
 
 OFFICIAL_URL = "https://github.com/yuweihao/MambaOut/releases/download/model/{name}.pth"
 HUB_URL = "https://huggingface.co/timm/{name}.{tag}/resolve/main/model.safetensors"
@@ -50,14 +50,8 @@ class Weights:
 
     def eval_config(self) -> dict:
         """The eval transform settings as a plain dict (what checkpoints and `mambaout validate` store)."""
-        return dict(
-            input_size=list(self.input_size),
-            crop_pct=self.crop_pct,
-            interpolation=self.interpolation,
-            mean=list(self.mean),
-            std=list(self.std),
-            crop_mode=self.crop_mode,
-        )
+        values = {k: getattr(self, k) for k in EVAL_KEYS}
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
 
 
 @dataclass(frozen=True)
