@@ -317,24 +317,23 @@ def _launch(tuned, plain, grid_c, npix, *args, **kwargs):
         tuned[grid](*args, **kwargs)
 
 
-def _ranges(hidden: int, cc: int) -> list[tuple[int, int, bool]]:
-    """(first, end, is_conv) hidden-channel ranges: identity channels (if any), then conv channels."""
-    return ([(0, hidden - cc, False)] if hidden > cc else []) + [(hidden - cc, hidden, True)]
+def _launch_gate(tuned, plain, y, weight, bias, outputs: tuple, hidden: int, cc: int, act: str) -> None:
+    """Launch a gate kernel (forward or backward) on the identity channels, if any, then on the conv channels."""
+    B, H, W, _ = y.shape
+    npix = B * H * W
+    bias_arg = bias.contiguous() if bias is not None else weight  # never read when HAS_BIAS is False
+    consts = dict(KS=weight.shape[-1], ACT=ACTIVATIONS.index(act), HAS_BIAS=bias is not None)
+    for first, end, conv in ([(0, hidden - cc, False)] if hidden > cc else []) + [(hidden - cc, hidden, True)]:
+        args = (y, weight, bias_arg, *outputs, npix, H, W, hidden, cc, first, end)
+        _launch(tuned, plain, end - first, npix, *args, CONV=conv, **consts)
 
 
 def _gated_dwconv_triton(y, weight, bias, hidden, act):
     cc = _check(y, weight, bias, hidden, act)
     y, weight = y.contiguous(), weight.contiguous()
-    B, H, W, _ = y.shape
-    npix = B * H * W
-    z = y.new_empty(B, H, W, hidden)
-    if npix == 0:
-        return z
-    bias_arg = bias.contiguous() if bias is not None else weight  # never read when HAS_BIAS is False
-    consts = dict(KS=weight.shape[-1], ACT=ACTIVATIONS.index(act), HAS_BIAS=bias is not None)
-    for first, end, conv in _ranges(hidden, cc):
-        args = (y, weight, bias_arg, z, npix, H, W, hidden, cc, first, end)
-        _launch(_fwd_tuned, _fwd_kernel, end - first, npix, *args, CONV=conv, **consts)
+    z = y.new_empty(*y.shape[:-1], hidden)
+    if y.numel() > 0:
+        _launch_gate(_fwd_tuned, _fwd_kernel, y, weight, bias, (z,), hidden, cc, act)
     return z
 
 
@@ -342,20 +341,15 @@ def _gated_dwconv_backward_triton(dz, y, weight, bias, hidden, act):
     cc = _check(y, weight, bias, hidden, act)
     y, dz, weight = y.contiguous(), dz.contiguous(), weight.contiguous()
     B, H, W, _ = y.shape
-    npix = B * H * W
     ks = weight.shape[-1]
     dy = torch.empty_like(y)
     e = torch.empty(B, H, W, cc, device=y.device, dtype=torch.float32)  # the conv output's gradient, kept in fp32
     dw = torch.zeros(cc, ks * ks, device=y.device, dtype=torch.float32)
     db = torch.zeros(cc, device=y.device, dtype=torch.float32)
-    if npix > 0:
-        bias_arg = bias.contiguous() if bias is not None else weight
-        consts = dict(KS=ks, ACT=ACTIVATIONS.index(act), HAS_BIAS=bias is not None)
-        for first, end, conv in _ranges(hidden, cc):
-            args = (y, weight, bias_arg, dz, dy, e, npix, H, W, hidden, cc, first, end)
-            _launch(_bwd_gate_tuned, _bwd_gate_kernel, end - first, npix, *args, CONV=conv, **consts)
-        args = (y, weight, e, dy, dw, db, npix, H, W, hidden, cc)
-        _launch(_bwd_conv_tuned, _bwd_conv_kernel, cc, npix, *args, KS=ks, HAS_BIAS=bias is not None)
+    if y.numel() > 0:
+        _launch_gate(_bwd_gate_tuned, _bwd_gate_kernel, y, weight, bias, (dz, dy, e), hidden, cc, act)
+        args = (y, weight, e, dy, dw, db, B * H * W, H, W, hidden, cc)
+        _launch(_bwd_conv_tuned, _bwd_conv_kernel, cc, B * H * W, *args, KS=ks, HAS_BIAS=bias is not None)
     return dy, dw.view_as(weight).to(weight.dtype), db.to(weight.dtype)
 
 
