@@ -49,7 +49,7 @@ def create_model(
     replace_head: bool | None = None,
     **kwargs,
 ) -> nn.Module:
-    """Build a registered MambaOut, optionally with weights.
+    """Build a registered MambaOut, optionally with weights; its `pretrained_cfg` holds the eval transform settings.
 
     Args:
         name: A registered name (`mambaout_tiny`), optionally with a weight tag (`mambaout_tiny.in1k`);
@@ -60,13 +60,10 @@ def create_model(
         pretrained: Download (or take from the cache) the variant's published weights.
         checkpoint: A path or URL of weights in the official, timm or our layout, or a training checkpoint of timm's
             `train.py` (`.pth.tar`: its `state_dict`, or `state_dict_ema` with `use_ema`).
-        features_only: Return a backbone giving the stage maps of `out_indices` (strides 4, 8, 16, 32).
-        out_indices: Stages returned by a `features_only` backbone.
-        output_fmt: `'NCHW'` or `'NHWC'` for a `features_only` backbone.
-        feature_cls: timm's feature wrapper choice; `'getter'` (or None) is what `features_only` builds here.
-        feature_cfg: timm's dict of the feature arguments (`out_indices`, `output_fmt`, `feature_cls`, ...).
-        device: Where to build the model (and load its weights).
-        dtype: Parameter dtype after loading.
+        features_only: Return a `MambaOutFeatures` backbone giving the stage maps of `out_indices` (strides 4, 8, 16,
+            32) in `output_fmt`. timm's `feature_cls` may be `'getter'` (or None), what is built here; `feature_cfg`
+            is timm's dict of these feature arguments.
+        device: Where to build the model (and load its weights); `dtype` applies after loading.
         pretrained_cfg_overlay: Entries merged into `pretrained_cfg`; `file` names local weights (as in timm).
         use_ema: Take a training checkpoint's EMA weights rather than its weights (timm's `--use-ema`).
         replace_head: Whether a checkpoint classifier of another width than `num_classes` is replaced by a fresh one
@@ -77,9 +74,6 @@ def create_model(
             re-initialises the classifier (fine-tuning); without it, weights whose classifier does not fit the
             model (metadata that disagrees with the tensors) raise `CheckpointError`. An `in_chans` other than 3
             adapts the first conv.
-
-    Returns:
-        A `MambaOut` (or `MambaOutFeatures`), with `pretrained_cfg` holding the eval transform settings.
     """
     out_indices, output_fmt = _feature_args(out_indices, output_fmt, feature_cls, feature_cfg, kwargs)
     overlay = dict(pretrained_cfg_overlay or {})
