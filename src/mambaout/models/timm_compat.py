@@ -32,13 +32,9 @@ def _entrypoint(name: str):
         output_fmt = kwargs.pop("output_fmt", None)
         if output_fmt is not None:
             feature_cfg.update(_feature_format(output_fmt, kwargs))
+        model_kwargs = dict(variant.kwargs, **kwargs)
         model = build_model_with_cfg(
-            MambaOut,
-            name,
-            pretrained,
-            pretrained_filter_fn=_filter,
-            feature_cfg=feature_cfg,
-            **dict(variant.kwargs, **kwargs),
+            MambaOut, name, pretrained, pretrained_filter_fn=_filter, feature_cfg=feature_cfg, **model_kwargs
         )
         model.model_name = name
         return model

@@ -171,19 +171,13 @@ _DEIT = {
     "tiny": ("Ti", dict(embed_dim=192, depth=12, num_heads=3), {False: 72.2, True: 70.6}),
     "small": ("S", dict(embed_dim=384, depth=12, num_heads=6), {False: 79.8, True: 78.9}),
 }
+_DEIT_KWARGS = dict(default_drop_path=0.1, builder=_VIT, group="analysis")
 for _size, (_short, _cfg, _top1) in _DEIT.items():
     for _causal in (False, True):
-        register(
-            Variant(
-                f"vit_{_size}_deit" + ("_causal" if _causal else ""),
-                dict(_cfg, causal=_causal),
-                description=f"DeiT ViT-{_short}, {'causal' if _causal else 'full'} attention "
-                f"(paper Fig. 3b: {_top1[_causal]} ImageNet top-1)",
-                default_drop_path=0.1,
-                builder=_VIT,
-                group="analysis",
-            )
-        )
+        _name = f"vit_{_size}_deit" + ("_causal" if _causal else "")
+        _desc = f"DeiT ViT-{_short}, {'causal' if _causal else 'full'} attention "
+        _desc += f"(paper Fig. 3b: {_top1[_causal]} ImageNet top-1)"
+        register(Variant(_name, dict(_cfg, causal=_causal), description=_desc, **_DEIT_KWARGS))
 
 # Mamba vs MambaOut: the same CPU-sized network with the SSM in every block (the Mamba block of Fig. 1a), with
 # Mamba's d_state 16; they differ ONLY in the block.
