@@ -18,10 +18,11 @@ from __future__ import annotations
 import contextlib
 import os
 
+# fx_tracing(): whether `torch.fx.symbolic_trace` (torchvision's and timm's feature extractors included) is tracing now
 try:  # torch >= 2.6; the older name logs a warning on every call in newer releases
-    from torch.fx._symbolic_trace import is_fx_symbolic_tracing as _fx_tracing
+    from torch.fx._symbolic_trace import is_fx_symbolic_tracing as fx_tracing
 except ImportError:  # pragma: no cover - older torch
-    from torch.fx._symbolic_trace import is_fx_tracing as _fx_tracing
+    from torch.fx._symbolic_trace import is_fx_tracing as fx_tracing
 
 __all__ = [
     "fastpath_enabled",
@@ -41,11 +42,6 @@ _FUSED = os.environ.get("MAMBAOUT_FUSED_KERNELS", "0") == "1"
 def triton_interpreting() -> bool:
     """TRITON_INTERPRET=1: Triton kernels run on CPU tensors through Triton's interpreter (slow; for tests)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def fx_tracing() -> bool:
-    """Whether `torch.fx.symbolic_trace` (torchvision's and timm's feature extractors included) is tracing now."""
-    return _fx_tracing()
 
 
 def fastpath_enabled() -> bool:

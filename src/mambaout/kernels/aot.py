@@ -8,7 +8,6 @@ CI machine) and times each compile; `mambaout kernels --aot sm_90` prints the ta
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import os
 import re
@@ -115,20 +114,14 @@ def compile_one(fn, dtype: str, constexprs: dict, config: dict, target) -> tuple
     return time.perf_counter() - start, len(compiled.asm.get("cubin", b""))
 
 
-@contextlib.contextmanager
-def _fresh_cache():
-    """A throw-away Triton cache: a cached kernel would 'compile' in 0 s and hide what a new user waits for."""
+def compile_all(target_name: str = "sm_90", **selection) -> Iterator[AotResult]:
+    """Compile every variant of `variants(**selection)` for `target_name` (uncached), yielding one timed result each."""
+    target = parse_target(target_name)
+    # A throw-away Triton cache: a cached kernel would 'compile' in 0 s and hide what a new user waits for.
     with (
         tempfile.TemporaryDirectory(prefix="mambaout-aot-") as cache,
         mock.patch.dict(os.environ, TRITON_CACHE_DIR=cache),
     ):
-        yield
-
-
-def compile_all(target_name: str = "sm_90", **selection) -> Iterator[AotResult]:
-    """Compile every variant of `variants(**selection)` for `target_name` (uncached), yielding one timed result each."""
-    target = parse_target(target_name)
-    with _fresh_cache():
         for name, fn, dtype, constexprs, config in variants(**selection):
             seconds, size = compile_one(fn, dtype, constexprs, config, target)
             variant = " ".join([dtype] + [f"{k}={int(v)}" for k, v in constexprs.items()])

@@ -6,9 +6,8 @@ applies the activation and the product (two more passes). Here one kernel reads 
 the conv's `k x k` window and writes the gate product `[B, H, W, hidden]` straight to memory: the conv output and
 the concatenation never exist. The backward recomputes the conv instead of saving it.
 
-`gated_dwconv_reference` is the obviously-correct PyTorch version that the Triton kernels are tested against
-(`tests/test_kernels.py`, runnable on CPU with `TRITON_INTERPRET=1`). `gated_dwconv` is a `torch.library` custom
-op with a fake (meta) implementation and a registered autograd formula, so `torch.compile(fullgraph=True)`
+The kernels are tested against `gated_dwconv_reference` (on CPU with `TRITON_INTERPRET=1`). `gated_dwconv` is a
+`torch.library` custom op with a fake implementation and an autograd formula, so `torch.compile(fullgraph=True)`
 treats it as one opaque node and inductor fuses the rest of the block around it.
 """
 
@@ -292,20 +291,15 @@ if _HAS_TRITON:
         dict(BLOCK_P=32, BLOCK_C=128, num_warps=4, num_stages=1),
     )
 
-    def _configs():
-        return [
-            triton.Config(
-                {k: c[k] for k in ("BLOCK_P", "BLOCK_C")}, num_warps=c["num_warps"], num_stages=c["num_stages"]
-            )
-            for c in CONFIGS
-        ]
+    def _tuned(kernel, key: list[str], **kwargs):
+        """`kernel` autotuned over `CONFIGS`, picking again for each new value of the `key` arguments."""
+        tiles = [({"BLOCK_P": c["BLOCK_P"], "BLOCK_C": c["BLOCK_C"]}, c["num_warps"], c["num_stages"]) for c in CONFIGS]
+        configs = [triton.Config(tile, num_warps=warps, num_stages=stages) for tile, warps, stages in tiles]
+        return triton.autotune(configs, key=key, **kwargs)(kernel)
 
-    _KEY = ["HIDDEN", "CC", "W", "KS", "CONV"]
-    _fwd_tuned = triton.autotune(_configs(), key=_KEY)(_fwd_kernel)
-    _bwd_gate_tuned = triton.autotune(_configs(), key=_KEY)(_bwd_gate_kernel)
-    _bwd_conv_tuned = triton.autotune(_configs(), key=["HIDDEN", "CC", "W", "KS"], reset_to_zero=["dw_ptr", "db_ptr"])(
-        _bwd_conv_kernel
-    )
+    _fwd_tuned = _tuned(_fwd_kernel, ["HIDDEN", "CC", "W", "KS", "CONV"])
+    _bwd_gate_tuned = _tuned(_bwd_gate_kernel, ["HIDDEN", "CC", "W", "KS", "CONV"])
+    _bwd_conv_tuned = _tuned(_bwd_conv_kernel, ["HIDDEN", "CC", "W", "KS"], reset_to_zero=["dw_ptr", "db_ptr"])
 
 # The interpreter runs each program in numpy: a fixed small tile keeps tests fast and skips autotuning.
 _INTERPRET_BLOCKS = {"BLOCK_P": 64, "BLOCK_C": 32}
@@ -323,24 +317,23 @@ def _launch(tuned, plain, grid_c, npix, *args, **kwargs):
         tuned[grid](*args, **kwargs)
 
 
-def _ranges(hidden: int, cc: int) -> list[tuple[int, int, bool]]:
-    """(first, end, is_conv) hidden-channel ranges: identity channels (if any), then conv channels."""
-    return ([(0, hidden - cc, False)] if hidden > cc else []) + [(hidden - cc, hidden, True)]
+def _launch_gate(tuned, plain, y, weight, bias, outputs: tuple, hidden: int, cc: int, act: str) -> None:
+    """Launch a gate kernel (forward or backward) on the identity channels, if any, then on the conv channels."""
+    B, H, W, _ = y.shape
+    npix = B * H * W
+    bias_arg = bias.contiguous() if bias is not None else weight  # never read when HAS_BIAS is False
+    consts = dict(KS=weight.shape[-1], ACT=ACTIVATIONS.index(act), HAS_BIAS=bias is not None)
+    for first, end, conv in ([(0, hidden - cc, False)] if hidden > cc else []) + [(hidden - cc, hidden, True)]:
+        args = (y, weight, bias_arg, *outputs, npix, H, W, hidden, cc, first, end)
+        _launch(tuned, plain, end - first, npix, *args, CONV=conv, **consts)
 
 
 def _gated_dwconv_triton(y, weight, bias, hidden, act):
     cc = _check(y, weight, bias, hidden, act)
     y, weight = y.contiguous(), weight.contiguous()
-    B, H, W, _ = y.shape
-    npix = B * H * W
-    z = y.new_empty(B, H, W, hidden)
-    if npix == 0:
-        return z
-    bias_arg = bias.contiguous() if bias is not None else weight  # never read when HAS_BIAS is False
-    consts = dict(KS=weight.shape[-1], ACT=ACTIVATIONS.index(act), HAS_BIAS=bias is not None)
-    for first, end, conv in _ranges(hidden, cc):
-        args = (y, weight, bias_arg, z, npix, H, W, hidden, cc, first, end)
-        _launch(_fwd_tuned, _fwd_kernel, end - first, npix, *args, CONV=conv, **consts)
+    z = y.new_empty(*y.shape[:-1], hidden)
+    if y.numel() > 0:
+        _launch_gate(_fwd_tuned, _fwd_kernel, y, weight, bias, (z,), hidden, cc, act)
     return z
 
 
@@ -348,20 +341,15 @@ def _gated_dwconv_backward_triton(dz, y, weight, bias, hidden, act):
     cc = _check(y, weight, bias, hidden, act)
     y, dz, weight = y.contiguous(), dz.contiguous(), weight.contiguous()
     B, H, W, _ = y.shape
-    npix = B * H * W
     ks = weight.shape[-1]
     dy = torch.empty_like(y)
     e = torch.empty(B, H, W, cc, device=y.device, dtype=torch.float32)  # the conv output's gradient, kept in fp32
     dw = torch.zeros(cc, ks * ks, device=y.device, dtype=torch.float32)
     db = torch.zeros(cc, device=y.device, dtype=torch.float32)
-    if npix > 0:
-        bias_arg = bias.contiguous() if bias is not None else weight
-        consts = dict(KS=ks, ACT=ACTIVATIONS.index(act), HAS_BIAS=bias is not None)
-        for first, end, conv in _ranges(hidden, cc):
-            args = (y, weight, bias_arg, dz, dy, e, npix, H, W, hidden, cc, first, end)
-            _launch(_bwd_gate_tuned, _bwd_gate_kernel, end - first, npix, *args, CONV=conv, **consts)
-        args = (y, weight, e, dy, dw, db, npix, H, W, hidden, cc)
-        _launch(_bwd_conv_tuned, _bwd_conv_kernel, cc, npix, *args, KS=ks, HAS_BIAS=bias is not None)
+    if y.numel() > 0:
+        _launch_gate(_bwd_gate_tuned, _bwd_gate_kernel, y, weight, bias, (dz, dy, e), hidden, cc, act)
+        args = (y, weight, e, dy, dw, db, B * H * W, H, W, hidden, cc)
+        _launch(_bwd_conv_tuned, _bwd_conv_kernel, cc, B * H * W, *args, KS=ks, HAS_BIAS=bias is not None)
     return dy, dw.view_as(weight).to(weight.dtype), db.to(weight.dtype)
 
 
@@ -374,12 +362,8 @@ def gated_dwconv(
 ) -> torch.Tensor:
     """`act(g) * [i, dwconv(c)]` for `y = [g, i, c]`: `[B, H, W, 2 * hidden]` -> `[B, H, W, hidden]` (Triton).
 
-    Args:
-        y: The block's `fc1` output, channels-last.
-        weight: Depthwise conv weight `[Cc, 1, k, k]`, k odd.
-        bias: Conv bias `[Cc]` or None.
-        hidden: Gate width; the last `Cc` of the `hidden` value channels go through the conv.
-        act: `'gelu'` (exact) or `'silu'`.
+    `y` is the block's `fc1` output; `weight` `[Cc, 1, k, k]` (k odd) and `bias` `[Cc]` (or None) the depthwise conv's,
+    which runs on the last `Cc` of the `hidden` value channels; `act` is `'gelu'` (exact) or `'silu'`.
     """
     if not triton_available(y.device):
         raise RuntimeError(

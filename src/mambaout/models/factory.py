@@ -20,7 +20,6 @@ from mambaout.weights.checkpoint import (
     check_finite,
     download,
     fit_state_dict,
-    load_into,
     read_checkpoint,
 )
 from mambaout.weights.hub import from_folder, from_hub
@@ -50,7 +49,7 @@ def create_model(
     replace_head: bool | None = None,
     **kwargs,
 ) -> nn.Module:
-    """Build a registered MambaOut, optionally with weights.
+    """Build a registered MambaOut, optionally with weights; its `pretrained_cfg` holds the eval transform settings.
 
     Args:
         name: A registered name (`mambaout_tiny`), optionally with a weight tag (`mambaout_tiny.in1k`);
@@ -61,13 +60,10 @@ def create_model(
         pretrained: Download (or take from the cache) the variant's published weights.
         checkpoint: A path or URL of weights in the official, timm or our layout, or a training checkpoint of timm's
             `train.py` (`.pth.tar`: its `state_dict`, or `state_dict_ema` with `use_ema`).
-        features_only: Return a backbone giving the stage maps of `out_indices` (strides 4, 8, 16, 32).
-        out_indices: Stages returned by a `features_only` backbone.
-        output_fmt: `'NCHW'` or `'NHWC'` for a `features_only` backbone.
-        feature_cls: timm's feature wrapper choice; `'getter'` (or None) is what `features_only` builds here.
-        feature_cfg: timm's dict of the feature arguments (`out_indices`, `output_fmt`, `feature_cls`, ...).
-        device: Where to build the model (and load its weights).
-        dtype: Parameter dtype after loading.
+        features_only: Return a `MambaOutFeatures` backbone giving the stage maps of `out_indices` (strides 4, 8, 16,
+            32) in `output_fmt`. timm's `feature_cls` may be `'getter'` (or None), what is built here; `feature_cfg`
+            is timm's dict of these feature arguments.
+        device: Where to build the model (and load its weights); `dtype` applies after loading.
         pretrained_cfg_overlay: Entries merged into `pretrained_cfg`; `file` names local weights (as in timm).
         use_ema: Take a training checkpoint's EMA weights rather than its weights (timm's `--use-ema`).
         replace_head: Whether a checkpoint classifier of another width than `num_classes` is replaced by a fresh one
@@ -78,9 +74,6 @@ def create_model(
             re-initialises the classifier (fine-tuning); without it, weights whose classifier does not fit the
             model (metadata that disagrees with the tensors) raise `CheckpointError`. An `in_chans` other than 3
             adapts the first conv.
-
-    Returns:
-        A `MambaOut` (or `MambaOutFeatures`), with `pretrained_cfg` holding the eval transform settings.
     """
     out_indices, output_fmt = _feature_args(out_indices, output_fmt, feature_cls, feature_cfg, kwargs)
     overlay = dict(pretrained_cfg_overlay or {})
@@ -118,12 +111,19 @@ def create_model(
 
     # the user asked for a classifier of their own width: only then may a checkpoint's classifier be replaced
     new_head = "num_classes" in kwargs if replace_head is None else replace_head
+    model_kwargs = _model_kwargs(variant, weights, meta, kwargs)
     if state_dict is not None:
-        _check_fit(variant, weights, meta, kwargs, state_dict, new_head, checkpoint, asked if other_model else None)
-    model = _instantiate(variant, weights, meta, kwargs, device)
+        _check_fit(variant, model_kwargs, meta, state_dict, new_head, checkpoint, asked if other_model else None)
+    model = _instantiate(variant, weights, meta, model_kwargs, device)
     model.pretrained_cfg.update(overlay)
     if pretrained:
-        state_dict = _read_published(weights)
+        path = download(weights.urls)
+        try:
+            state_dict = read_checkpoint(path)[0]
+        except CheckpointError as e:
+            raise CheckpointError(
+                f"{e} (downloaded from {weights.urls[0]} to {path}; delete it to download again)"
+            ) from e
         check_finite(state_dict, weights.urls[0])
     if state_dict is not None:
         _load_weights(model, state_dict, variant.name, new_head, checkpoint)
@@ -144,7 +144,8 @@ def _weights_source(name, checkpoint, pretrained: bool, overlay: dict):
         if checkpoint is not None:
             raise ValueError("pass either checkpoint=... or pretrained_cfg_overlay={'file': ...}, not both")
         checkpoint, pretrained = overlay["file"], False
-    if name is None or not (name.startswith(("hf-hub:", "local-dir:")) or _is_model_folder(name)):
+    folder = name is not None and os.path.isdir(name) and _variant_name(name) is None  # not a registered name
+    if name is None or not (name.startswith(("hf-hub:", "local-dir:")) or folder):
         return name, checkpoint, pretrained, {}
     if checkpoint is not None:
         raise ValueError(f"{name} brings its own weights: pass it without checkpoint=")
@@ -155,13 +156,13 @@ def _weights_source(name, checkpoint, pretrained: bool, overlay: dict):
     return name, checkpoint, False, folder_meta
 
 
-def _check_fit(variant, weights, meta: dict, kwargs: dict, state_dict: dict, new_head: bool, checkpoint, asked):
+def _check_fit(variant, model_kwargs: dict, meta: dict, state_dict: dict, new_head: bool, checkpoint, asked):
     """Check the weights fit before allocating (metadata may describe a far larger model than the tensors), on the
     meta device. `asked`: the name asked for when the checkpoint records another model."""
     recorded = meta.get("model")
     with torch.device("meta"):
         try:
-            probe = _build(variant, _model_kwargs(variant, weights, meta, kwargs))
+            probe = _build(variant, model_kwargs)
         except (TypeError, ValueError) as e:
             raise CheckpointError(f"{checkpoint}: cannot build {variant.name} from its metadata ({e})") from e
         try:
@@ -178,7 +179,7 @@ def _check_fit(variant, weights, meta: dict, kwargs: dict, state_dict: dict, new
 
 
 def _load_weights(model: nn.Module, state_dict: dict, name: str, new_head: bool, checkpoint) -> None:
-    load_into(model, state_dict, name=name, new_head=new_head)
+    model.load_state_dict(fit_state_dict(model, state_dict, name, new_head), strict=True)
     if model.class_names is not None and len(model.class_names) != model.num_classes:
         if not new_head:
             raise CheckpointError(
@@ -194,11 +195,6 @@ def _variant_name(name: str) -> str | None:
         return get_variant(name)[0].name
     except ValueError:
         return None
-
-
-def _is_model_folder(name: str) -> bool:
-    """A folder path given as the name (timm's Hub layout), not a registered model name."""
-    return os.path.isdir(name) and _variant_name(name) is None
 
 
 def _feature_args(out_indices, output_fmt, feature_cls, feature_cfg: dict | None, kwargs: dict):
@@ -229,9 +225,8 @@ def _model_kwargs(variant, weights: Weights | None, meta: dict, kwargs: dict) ->
     return model_kwargs
 
 
-def _instantiate(variant, weights: Weights | None, meta: dict, kwargs: dict, device) -> nn.Module:
-    """The variant's network with a checkpoint's recorded architecture, the weights' class count and `kwargs`."""
-    model_kwargs = _model_kwargs(variant, weights, meta, kwargs)
+def _instantiate(variant, weights: Weights | None, meta: dict, model_kwargs: dict, device) -> nn.Module:
+    """The variant's network from `model_kwargs`, with `pretrained_cfg`, `model_kwargs` and `class_names` set."""
     with torch.device(device) if device is not None else contextlib.nullcontext():
         model = _build(variant, model_kwargs)
     model.model_name = variant.name
@@ -241,15 +236,6 @@ def _instantiate(variant, weights: Weights | None, meta: dict, kwargs: dict, dev
     model.pretrained_cfg = cfg
     model.class_names = meta.get("class_names")
     return model
-
-
-def _read_published(weights: Weights) -> dict:
-    """Download (or take from the cache) published weights and read them."""
-    path = download(weights.urls)
-    try:
-        return read_checkpoint(path)[0]
-    except CheckpointError as e:
-        raise CheckpointError(f"{e} (downloaded from {weights.urls[0]} to {path}; delete it to download again)") from e
 
 
 def _build(variant, model_kwargs: dict) -> nn.Module:

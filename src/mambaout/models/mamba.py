@@ -1,11 +1,8 @@
-"""The Mamba block: the Gated CNN block plus a selective state space model (paper Fig. 1a).
+"""The Mamba block: the Gated CNN block plus a selective state space model (paper Fig. 1a; Gu & Dao 2023, Alg. 2).
 
-The paper asks whether vision needs the SSM that Mamba adds to the Gated CNN block; `MambaBlock` plugs into
-`MambaOut` through `block_layer`, so the SAME network trains with and without it. In reading order (Mamba paper,
-Gu & Dao 2023, Alg. 2 "S6"): `selective_scan_ref`, the recurrence `h_t = exp(Δ_t A) h_{t-1} + Δ_t B_t x_t`,
-`y_t = C_t h_t + D x_t` one step at a time (the reference); `selective_scan_chunked`, the same as a chunked
-parallel scan, fast enough to train on a CPU; `SelectiveSSM`, the S6 token mixer, which scans a 2-D map as ONE
-row-major sequence in one direction, as the paper's block does (Vim/VMamba add more); then `MambaBlock`.
+`MambaBlock` plugs into `MambaOut` through `block_layer`, so the SAME network trains with and without the SSM.
+`SelectiveSSM` scans a 2-D map as ONE row-major sequence in one direction, as the paper's block does (Vim/VMamba
+add more).
 """
 
 from __future__ import annotations
@@ -38,7 +35,7 @@ def _check_scan_shapes(x, dt, A, B, C, D) -> None:
 
 
 def selective_scan_ref(x, dt, A, B, C, D=None) -> torch.Tensor:
-    """The selective scan, one time step after another (the reference).
+    """The selective scan `h_t = exp(Δ_t A) h_{t-1} + Δ_t B_t x_t`, `y_t = C_t h_t + D x_t`, one step after another.
 
     Args:
         x: Input sequence `[B, L, E]`.
@@ -80,13 +77,7 @@ def selective_scan_chunked(x, dt, A, B, C, D=None, chunk_size: int = 16, within:
     `'auto'` takes log space when every chunk's total decay stays above e^-60, else doubling: the result is
     the same either way (tests hold both to the reference).
 
-    Args:
-        x, dt, A, B, C, D: As in `selective_scan_ref`.
-        chunk_size: Chunk length T (any positive integer).
-        within: `'auto'`, `'logspace'` or `'doubling'`.
-
-    Returns:
-        `y` `[B, L, E]`.
+    `x, dt, A, B, C, D` and the result are as in `selective_scan_ref`.
     """
     _check_scan_shapes(x, dt, A, B, C, D)
     if chunk_size < 1:
@@ -150,13 +141,8 @@ class SelectiveSSM(nn.Module):
     Every channel has its own diagonal `N`-state SSM; Δ (per channel), B and C (shared over channels) are
     computed from the input at every position: this input dependence is what makes the scan "selective".
 
-    Args:
-        dim: Channels E of the sequence it mixes.
-        d_state: State size N per channel (16 in Mamba).
-        dt_rank: Rank of the Δ projection; `'auto'` is `ceil(dim / 16)` as in Mamba.
-        dt_min, dt_max: Range of the initial Δ (Mamba's 0.001, 0.1), log-uniform.
-        scan: `'chunked'` (fast) or `'ref'` (the sequential reference).
-        chunk_size: Chunk length of the chunked scan.
+    `d_state` is the state size N per channel; `dt_rank='auto'` is `ceil(dim / 16)`, and the initial Δ is
+    log-uniform in [dt_min, dt_max], as in Mamba. `scan='ref'` runs the sequential reference scan.
     """
 
     def __init__(
@@ -226,10 +212,7 @@ class MambaBlock(GatedCNNBlock):
     Everything else (norm, fc1 split, partial-channel conv, gate, fc2, LayerScale, drop path) is the
     `GatedCNNBlock`'s, so `MambaOut(block_layer=MambaBlock)` differs from MambaOut by the SSM alone.
 
-    Args:
-        dim, expansion_ratio, kernel_size, conv_ratio, ls_init_value, norm_layer, act_layer, drop_path:
-            As `GatedCNNBlock`.
-        d_state, dt_rank, scan, chunk_size: As `SelectiveSSM`, which runs on the `conv_ratio * dim` conv channels.
+    `d_state`, `dt_rank`, `scan`, `chunk_size` are `SelectiveSSM`'s, which runs on the `conv_ratio * dim` conv channels.
     """
 
     def __init__(
@@ -264,12 +247,8 @@ class MambaBlock(GatedCNNBlock):
 def mamba_out_with_ssm(
     d_state: int = 16, dt_rank: int | str = "auto", scan: str = "chunked", chunk_size: int = 16, **kwargs
 ) -> MambaOut:
-    """A `MambaOut` whose every block is a `MambaBlock`: the network the paper argues vision does not need.
-
-    Args:
-        d_state, dt_rank, scan, chunk_size: The SSM's (see `SelectiveSSM`).
-        **kwargs: `MambaOut` arguments (depths, dims, kernel_size, num_classes, ...), exactly as for MambaOut.
-    """
+    """A `MambaOut` (built from `kwargs`) whose every block is a `MambaBlock` with these SSM arguments: the network
+    the paper argues vision does not need."""
     if "block_layer" in kwargs:
         raise ValueError("mamba_out_with_ssm sets block_layer itself; build MambaOut directly for another block")
     block = partial(MambaBlock, d_state=d_state, dt_rank=dt_rank, scan=scan, chunk_size=chunk_size)

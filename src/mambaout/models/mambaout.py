@@ -1,14 +1,7 @@
-"""MambaOut: a vision backbone built only from Gated CNN blocks.
-
-Yu & Wang, "MambaOut: Do We Really Need Mamba for Vision?", CVPR 2025 (arXiv 2405.07992).
-
-The file reads in the paper's order: the Gated CNN block (Fig. 1a, Eq. 1-2 without the SSM),
-the stem and downsampling layers, a stage, the classifier head, then the 4-stage network.
-Activations between layers are channels-last, `[B, H, W, C]`, as in the official code: every
-LayerNorm and Linear then works on the last dimension without a permute.
-
-The parameter names follow timm's layout (`stem.*`, `stages.i.downsample.*`, `stages.i.blocks.j.*`,
-`head.*`), so hub weights load as they are; `mambaout.weights.checkpoint` maps the official layout onto it.
+"""MambaOut (Yu & Wang, CVPR 2025, arXiv 2405.07992) in the paper's order: Gated CNN block, stem, downsampling,
+stage, head, network. Activations are channels-last `[B, H, W, C]`, as in the official code, so every LayerNorm and
+Linear works on the last dimension without a permute. Parameter names follow timm's layout, so hub weights load as
+they are (`mambaout.weights.checkpoint` maps the official layout onto it).
 """
 
 # No `from __future__ import annotations` here: TorchScript reads these hints at run time, also in the code FX
@@ -34,15 +27,8 @@ class GatedCNNBlock(nn.Module):
     width, and the 7x7 depthwise conv runs on only the last `conv_ratio * dim` hidden channels (the
     partial-channel trick of ShuffleNet V2 / InceptionNeXt); the other hidden channels `i` pass unchanged.
 
-    Args:
-        dim: Input and output channels.
-        expansion_ratio: Hidden width over `dim` (8/3 keeps the block's parameters at 8·dim², like an MLP of ratio 4).
-        kernel_size: Depthwise conv kernel size (7 in the paper).
-        conv_ratio: Conv channels over `dim`.
-        ls_init_value: Initial LayerScale value; `None` for no LayerScale (the paper's models).
-        norm_layer: Channels-last norm.
-        act_layer: Gate activation.
-        drop_path: Stochastic depth rate of this block.
+    `expansion_ratio` 8/3 keeps the block's parameters at 8·dim², like an MLP of ratio 4; `ls_init_value=None` (the
+    paper's models) means no LayerScale.
     """
 
     def __init__(
@@ -259,13 +245,8 @@ class ClassifierHead(nn.Module):
     The paper's head is `pool -> norm -> fc -> GELU -> norm -> dropout -> fc` (`mlp_norm=True`);
     timm's `_rw` head drops the norm inside the MLP (`mlp_norm=False`). Both use GELU whatever the blocks use.
 
-    Args:
-        in_features: Channels of the last stage.
-        num_classes: Classes; 0 leaves the pre-logits features.
-        mlp_ratio: Hidden width of the MLP over `in_features`; 0 for a plain linear classifier.
-        mlp_norm: Normalise after the MLP's activation.
-        drop_rate: Dropout before the final linear layer (the official `head_dropout`).
-        global_pool: `'avg'`, or `''` to keep the spatial map.
+    `num_classes=0` leaves the pre-logits features, `mlp_ratio=0` makes a plain linear classifier, and
+    `global_pool=''` keeps the spatial map.
     """
 
     def __init__(
@@ -368,8 +349,9 @@ def _init_weights(m: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
-class _DefaultCfg:
-    """timm's older name for `pretrained_cfg`, `default_cfg`, on the models `create_model` builds."""
+class _Backbone:
+    """What `MambaOut` and `MambaOutFeatures` share: timm's older name for `pretrained_cfg`, `default_cfg`, and
+    gradient checkpointing."""
 
     __jit_unused_properties__ = ["default_cfg"]  # TorchScript compiles the forward, not the config accessors
 
@@ -381,28 +363,39 @@ class _DefaultCfg:
     def default_cfg(self, cfg: dict) -> None:
         self.pretrained_cfg = cfg
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in the backward pass: less memory, same outputs and gradients."""
+        for stage in self.stages:
+            stage.grad_checkpointing = enable
 
-class MambaOut(_DefaultCfg, nn.Module):
+
+def _check_output_fmt(output_fmt) -> None:
+    if output_fmt not in ("NCHW", "NHWC"):
+        raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
+
+
+def _stage_maps(stem: nn.Module, stages: nn.Sequential, x: torch.Tensor, take: Sequence[int], output_fmt: str):
+    """(the last stage's output, the outputs of the stages in `take`, made plain NCHW tensors for necks if asked)."""
+    x = stem(x)
+    feats = []
+    for i, stage in enumerate(stages):
+        x = stage(x)
+        if i in take:
+            feats.append(x.permute(0, 3, 1, 2).contiguous() if output_fmt == "NCHW" else x)  # -> [B, C, H, W]
+    return x, feats
+
+
+class MambaOut(_Backbone, nn.Module):
     """MambaOut: a 4-stage hierarchical network of Gated CNN blocks (paper Fig. 2).
 
     Args:
-        in_chans: Input image channels.
         num_classes: Classifier outputs; 0 for no classifier.
-        depths: Blocks per stage.
-        dims: Channels per stage.
-        expansion_ratio: Block hidden width over its `dim`.
-        kernel_size: Depthwise conv kernel size.
-        conv_ratio: Block conv channels over its `dim`.
-        ls_init_value: LayerScale initial value; `None` disables LayerScale.
-        stem_mid_norm: Normalise between the two stem convs (paper: yes, `_rw`: no).
-        downsample_norm_first: Norm before the downsampling conv (paper: after, `_rw`: before).
-        head_mlp_ratio: Head MLP width over the last stage's width.
-        head_mlp_norm: LayerNorm inside the head MLP (paper: yes, `_rw`: no).
+        expansion_ratio, kernel_size, conv_ratio, ls_init_value: Every block's (see `GatedCNNBlock`).
+        stem_mid_norm, downsample_norm_first, head_mlp_norm: The paper's design is True, False, True; timm's `_rw`
+            models are the opposite (see `Stem`, `Downsample`, `ClassifierHead`).
         drop_path_rate: Stochastic depth, rising linearly from 0 at the first block to this at the last.
         drop_rate: Dropout before the classifier (the official `head_dropout`).
-        global_pool: `'avg'` or `''`.
         act_layer: Activation of the blocks and stem (`'gelu'`, `'silu'` or a module class).
-        norm_layer: Channels-last norm for the whole network.
         block_layer: The block class (default `GatedCNNBlock`); any module taking the same arguments and
             mapping `[B, H, W, C]` to itself, e.g. a Mamba block (Gated CNN + SSM) for the paper's comparison.
     """
@@ -486,11 +479,6 @@ class MambaOut(_DefaultCfg, nn.Module):
         self.head.reset(num_classes, global_pool, reset_other)
         self.head_hidden_size = self.head.num_features
 
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute each block's activations in the backward pass: less memory, same outputs and gradients."""
-        for stage in self.stages:
-            stage.grad_checkpointing = enable
-
     def no_weight_decay(self) -> set[str]:
         """Names of parameters trained without weight decay: norms, biases and LayerScale (all the 1-D ones)."""
         return {name for name, p in self.named_parameters() if p.ndim <= 1}
@@ -529,28 +517,14 @@ class MambaOut(_DefaultCfg, nn.Module):
     ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
         """Stage outputs alongside the final features.
 
-        Args:
-            x: Images `[B, in_chans, H, W]`.
-            indices: Stages to return: all if None, the last n if an int, else those listed (negative allowed).
-            norm: Accepted for timm compatibility; MambaOut has no per-stage output norm, so it changes nothing.
-            stop_early: Skip stages after the last requested one (only when `intermediates_only`).
-            output_fmt: `'NCHW'` (what detection/segmentation necks expect) or `'NHWC'`.
-            intermediates_only: Return just the list of stage maps.
-
-        Returns:
-            The stage maps, or `(final_features_NHWC, stage_maps)`.
+        `indices`: all stages if None, the last n if an int, else those listed (negative allowed). `norm` changes
+        nothing (MambaOut has no per-stage output norm; accepted for timm). `stop_early` skips the stages after the
+        last requested one when `intermediates_only`. Returns the stage maps, or `(final_features_NHWC, stage_maps)`.
         """
-        if output_fmt not in ("NCHW", "NHWC"):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
+        _check_output_fmt(output_fmt)
         take = self._take_indices(indices)
         last = take[-1] if (stop_early and intermediates_only) else len(self.stages) - 1
-        x = self.stem(x)
-        feats = []
-        for i, stage in enumerate(self.stages[: last + 1]):
-            x = stage(x)
-            if i in take:
-                # [B, H, W, C] -> [B, C, H, W], made contiguous so necks get a plain NCHW tensor
-                feats.append(x.permute(0, 3, 1, 2).contiguous() if output_fmt == "NCHW" else x)
+        x, feats = _stage_maps(self.stem, self.stages[: last + 1], x, take, output_fmt)
         return feats if intermediates_only else (x, feats)
 
     def prune_intermediate_layers(
@@ -580,7 +554,7 @@ class MambaOut(_DefaultCfg, nn.Module):
         return take
 
 
-class MambaOutFeatures(_DefaultCfg, nn.Module):
+class MambaOutFeatures(_Backbone, nn.Module):
     """A MambaOut backbone for detection and segmentation: returns the maps of `out_indices` (strides 4/8/16/32).
 
     Built by `create_model(name, features_only=True)`. Only the stages up to the last requested one are kept.
@@ -588,8 +562,7 @@ class MambaOutFeatures(_DefaultCfg, nn.Module):
 
     def __init__(self, model: MambaOut, out_indices: Sequence[int] = (0, 1, 2, 3), output_fmt: str = "NCHW"):
         super().__init__()
-        if output_fmt not in ("NCHW", "NHWC"):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
+        _check_output_fmt(output_fmt)
         self.out_indices = model._take_indices(out_indices)
         self.output_fmt = output_fmt
         self.stem = model.stem
@@ -600,15 +573,5 @@ class MambaOutFeatures(_DefaultCfg, nn.Module):
             if hasattr(model, attr):
                 setattr(self, attr, getattr(model, attr))
 
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        for stage in self.stages:
-            stage.grad_checkpointing = enable
-
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        x = self.stem(x)
-        feats = []
-        for i, stage in enumerate(self.stages):
-            x = stage(x)
-            if i in self.out_indices:
-                feats.append(x.permute(0, 3, 1, 2).contiguous() if self.output_fmt == "NCHW" else x)  # -> [B, C, H, W]
-        return feats
+        return _stage_maps(self.stem, self.stages, x, self.out_indices, self.output_fmt)[1]

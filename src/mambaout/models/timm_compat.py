@@ -1,19 +1,15 @@
 """Opt-in: make `timm.create_model("mambaout_tiny", ...)` build this package's MambaOut.
 
-A timm-based detection or segmentation stack (mmdet/mmseg's timm wrappers, detectron2's timm backbones) creates
-its backbone through `timm.create_model`. After `mambaout.register_timm()`, that call returns our model, built by
-timm's own `build_model_with_cfg`: timm's pretrained configs and weight resolution (hub, cache,
-`pretrained_cfg_overlay`), its `features_only` wrappers and its layer flags all apply unchanged; only the model
-class, and so the kernels, are ours. The parameter names are timm's, so timm's weights load as they are; weights
-in the official layout are remapped on load. Nothing changes in timm until this is called, and
-`unregister_timm()` restores timm's own entrypoints.
+For timm-based detection or segmentation stacks (mmdet/mmseg, detectron2), which create their backbone through
+`timm.create_model`. The model is built by timm's own `build_model_with_cfg`, so timm's pretrained configs, weight
+resolution and `features_only` wrappers apply unchanged; only the model class, and so the kernels, are ours.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
-from mambaout.models.mambaout import GatedCNNBlock, MambaOut
+from mambaout.models.mambaout import GatedCNNBlock, MambaOut, _check_output_fmt
 from mambaout.models.variants import get_variant, list_models
 from mambaout.weights.checkpoint import fit_state_dict, unwrap_state_dict
 
@@ -36,13 +32,9 @@ def _entrypoint(name: str):
         output_fmt = kwargs.pop("output_fmt", None)
         if output_fmt is not None:
             feature_cfg.update(_feature_format(output_fmt, kwargs))
+        model_kwargs = dict(variant.kwargs, **kwargs)
         model = build_model_with_cfg(
-            MambaOut,
-            name,
-            pretrained,
-            pretrained_filter_fn=_filter,
-            feature_cfg=feature_cfg,
-            **dict(variant.kwargs, **kwargs),
+            MambaOut, name, pretrained, pretrained_filter_fn=_filter, feature_cfg=feature_cfg, **model_kwargs
         )
         model.model_name = name
         return model
@@ -59,8 +51,7 @@ def _feature_format(output_fmt: str, kwargs: dict) -> dict:
     label. So an explicit `output_fmt` goes through timm's `getter` wrapper, which asks the model's
     `forward_intermediates` for that layout.
     """
-    if str(output_fmt) not in ("NCHW", "NHWC"):
-        raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
+    _check_output_fmt(str(output_fmt))
     if not kwargs.get("features_only"):
         raise ValueError("output_fmt applies to features_only=True models (the classifier takes NCHW images)")
     feature_cls = kwargs.setdefault("feature_cls", "getter")

@@ -1,13 +1,6 @@
-"""Registered MambaOut variants and their published weights.
-
-Variants are data: each entry only sets the architecture arguments that differ from `MambaOut`'s
-defaults (the paper's design). Weights carry their provenance: where they come from, the eval
-transform they need, their parameter count and the ImageNet-1k top-1 their authors report.
-
-Two groups share the one registry: the MambaOut families (`group="mambaout"`), and the models of the paper's
-comparisons (`group="analysis"`: DeiT ViTs with full or causal attention, MambaOut with Mamba's SSM), whose
-builders live in `mambaout.analysis` and are named by import path, so that package is imported only when one of
-its models is built.
+"""Registered variants and their published weights: data, each variant setting only the arguments that differ from
+`MambaOut`'s defaults (the paper's design). Two groups share the registry: the MambaOut families, and the models of the
+paper's comparisons (`group="analysis"`), whose builders are named by import path, imported only when built.
 """
 
 from __future__ import annotations
@@ -17,7 +10,7 @@ import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from mambaout.data.image import IMAGENET_MEAN, IMAGENET_STD
+from mambaout.data.image import EVAL_KEYS, IMAGENET_MEAN, IMAGENET_STD
 
 OFFICIAL_URL = "https://github.com/yuweihao/MambaOut/releases/download/model/{name}.pth"
 HUB_URL = "https://huggingface.co/timm/{name}.{tag}/resolve/main/model.safetensors"
@@ -30,11 +23,8 @@ class Weights:
     Attributes:
         tag: The weight's name after the dot, e.g. `in1k` in `mambaout_tiny.in1k`.
         urls: Where to download it, tried in order (official release first, then timm's hub mirror).
-        num_classes: Classifier outputs of the weights.
         input_size: `(C, H, W)` the weights were evaluated at.
         crop_pct: Eval centre-crop fraction (1.0: resize the short side to the input size, no border dropped).
-        interpolation: Eval resize interpolation.
-        mean, std: Input normalisation.
         top1: ImageNet-1k top-1 (%) reported by the weights' authors at `input_size`; None if not reported.
         top1_source: Where `top1` comes from.
         params_m: Parameters (millions) of the model these weights fit.
@@ -60,14 +50,8 @@ class Weights:
 
     def eval_config(self) -> dict:
         """The eval transform settings as a plain dict (what checkpoints and `mambaout validate` store)."""
-        return dict(
-            input_size=list(self.input_size),
-            crop_pct=self.crop_pct,
-            interpolation=self.interpolation,
-            mean=list(self.mean),
-            std=list(self.std),
-            crop_mode=self.crop_mode,
-        )
+        values = {k: getattr(self, k) for k in EVAL_KEYS}
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
 
 
 @dataclass(frozen=True)
@@ -187,19 +171,13 @@ _DEIT = {
     "tiny": ("Ti", dict(embed_dim=192, depth=12, num_heads=3), {False: 72.2, True: 70.6}),
     "small": ("S", dict(embed_dim=384, depth=12, num_heads=6), {False: 79.8, True: 78.9}),
 }
+_DEIT_KWARGS = dict(default_drop_path=0.1, builder=_VIT, group="analysis")
 for _size, (_short, _cfg, _top1) in _DEIT.items():
     for _causal in (False, True):
-        register(
-            Variant(
-                f"vit_{_size}_deit" + ("_causal" if _causal else ""),
-                dict(_cfg, causal=_causal),
-                description=f"DeiT ViT-{_short}, {'causal' if _causal else 'full'} attention "
-                f"(paper Fig. 3b: {_top1[_causal]} ImageNet top-1)",
-                default_drop_path=0.1,
-                builder=_VIT,
-                group="analysis",
-            )
-        )
+        _name = f"vit_{_size}_deit" + ("_causal" if _causal else "")
+        _desc = f"DeiT ViT-{_short}, {'causal' if _causal else 'full'} attention "
+        _desc += f"(paper Fig. 3b: {_top1[_causal]} ImageNet top-1)"
+        register(Variant(_name, dict(_cfg, causal=_causal), description=_desc, **_DEIT_KWARGS))
 
 # Mamba vs MambaOut: the same CPU-sized network with the SSM in every block (the Mamba block of Fig. 1a), with
 # Mamba's d_state 16; they differ ONLY in the block.

@@ -73,16 +73,8 @@ class Block(nn.Module):
 class VisionTransformer(nn.Module):
     """ViT with a class token, learned position embedding and a `causal` attention switch.
 
-    Args:
-        img_size: Image size the position embedding is made for; other sizes (multiples of `patch_size`)
-            interpolate it bicubically, so the same model trains at 64 px and evaluates at 224 px.
-        patch_size: Patch side (16 in DeiT).
-        in_chans: Image channels.
-        num_classes: Classifier outputs; 0 for none.
-        embed_dim, depth, num_heads, mlp_ratio: The Transformer's size.
-        causal: Causal attention (paper Fig. 3b) instead of fully-visible.
-        drop_path_rate: Stochastic depth, rising linearly over the blocks.
-        drop_rate: Dropout before the classifier.
+    The position embedding is made for `img_size`; other sizes (multiples of `patch_size`) interpolate it
+    bicubically, so the same model trains at 64 px and evaluates at 224 px. `num_classes=0`: no classifier.
     """
 
     def __init__(

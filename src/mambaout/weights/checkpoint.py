@@ -7,8 +7,6 @@ Three layouts load, detected from the keys:
   `stages.i.j.{norm,fc1,conv,fc2}`, `norm`, `head.{fc1,norm,fc2}`;
 - **timm**: the `timm/mambaout_*` hub weights (`.safetensors` or `.bin`), which is also our module layout;
 - **ours**: safetensors in the timm layout with metadata (model name, its arguments, class names, eval settings).
-
-`to_model_layout` is the one place that maps keys between layouts.
 """
 
 from __future__ import annotations
@@ -43,11 +41,8 @@ class CheckpointError(ValueError):
 
 
 class DownloadError(RuntimeError):
-    """Weights that could not be downloaded.
-
-    Attributes:
-        reason: What was tried and how it failed, without advice (each command adds the option to use instead).
-    """
+    """Weights that could not be downloaded; `reason`: what was tried and how it failed, without advice (each command
+    adds the option to use instead)."""
 
     def __init__(self, message: str, reason: str | None = None):
         super().__init__(message)
@@ -67,9 +62,6 @@ def unwrap_state_dict(obj, use_ema: bool = False, source: str = "checkpoint") ->
 
     A training checkpoint holding both weights and their EMA (timm's `state_dict` / `state_dict_ema`) gives the
     weights, as timm's `load_checkpoint` does; the EMA only with `use_ema=True`. The entry taken is logged.
-
-    Raises:
-        CheckpointError: for no state dict, or `use_ema=True` on a file without EMA weights.
     """
     held = [k for k in _WEIGHT_ENTRIES + _EMA_ENTRIES if isinstance(obj, dict) and isinstance(obj.get(k), dict)]
     if held:
@@ -98,18 +90,6 @@ def _strip(key: str) -> str:
     while key.startswith(("module.", "_orig_mod.")):
         key = key.partition(".")[2]
     return key
-
-
-def detect_layout(state_dict: dict) -> str:
-    """`'official'` or `'timm'` (ours shares timm's layout)."""
-    if any(k.startswith("downsample_layers.") for k in state_dict):
-        return "official"
-    if any(k.startswith("stem.") for k in state_dict):
-        return "timm"
-    raise CheckpointError(
-        "checkpoint is not a MambaOut state dict: found neither 'downsample_layers.*' (official) nor 'stem.*' (timm) "
-        f"keys; first keys: {list(state_dict)[:4]}"
-    )
 
 
 # (official, ours) key prefixes, `{0}` and `{1}` numbers: one table for both directions
@@ -143,7 +123,14 @@ def _rename(state_dict: dict, to_ours: bool) -> dict:
 
 def to_model_layout(state_dict: dict) -> dict[str, torch.Tensor]:
     """Any supported layout -> our (timm's) key names."""
-    return _rename(state_dict, to_ours=True) if detect_layout(state_dict) == "official" else dict(state_dict)
+    if any(k.startswith("downsample_layers.") for k in state_dict):
+        return _rename(state_dict, to_ours=True)
+    if any(k.startswith("stem.") for k in state_dict):  # timm's layout, which is ours
+        return dict(state_dict)
+    raise CheckpointError(
+        "checkpoint is not a MambaOut state dict: found neither 'downsample_layers.*' (official) nor 'stem.*' (timm) "
+        f"keys; first keys: {list(state_dict)[:4]}"
+    )
 
 
 def to_official_layout(state_dict: dict) -> dict[str, torch.Tensor]:
@@ -176,14 +163,9 @@ def fit_state_dict(
 ) -> dict:
     """Convert `state_dict` to `model`'s layout, adapting the input conv (and the classifier when asked).
 
-    Args:
-        new_head: The caller asked for a classifier of its own width (fine-tuning to another class count): a
-            checkpoint classifier of another size is then dropped and the model's fresh one kept. Without it a
-            classifier that does not fit is an error, never a silently random head.
-        warn: Log the adaptations (off for a dry run on a shape-only model).
-
-    Raises:
-        CheckpointError: naming the missing and unexpected keys and the mismatched shapes.
+    `new_head`: the caller asked for a classifier of its own width (fine-tuning to another class count): a checkpoint
+    classifier of another size is then dropped and the model's fresh one kept. Without it a classifier that does not
+    fit is an error, never a silently random head. `warn=False` (a dry run on a shape-only model) logs quietly.
     """
     sd = to_model_layout(state_dict)
     target = model.state_dict()
@@ -214,15 +196,9 @@ def fit_state_dict(
     return sd
 
 
-F32_MAX = torch.finfo(torch.float32).max
-
-
 def check_finite(state_dict: dict, source: str) -> None:
-    """Refuse weights holding NaN or Inf: they give NaN logits, hence a meaningless metric or prediction.
-
-    Raises:
-        CheckpointError: naming the first non-finite tensor (in file order) and what it holds.
-    """
+    """Refuse weights holding NaN or Inf (they give NaN logits, hence a meaningless metric or prediction), naming the
+    first such tensor in file order."""
     for key, value in state_dict.items():
         if value.is_floating_point() or value.is_complex():
             bad = ~torch.isfinite(value)
@@ -233,7 +209,7 @@ def check_finite(state_dict: dict, source: str) -> None:
                     f"{source}: tensor {key!r} holds non-finite values ({what} of {value.numel()}); the weights are "
                     "damaged (a diverged run?): use an earlier checkpoint"
                 )
-            if value.dtype == torch.float64 and bool((value.abs() > F32_MAX).any()):
+            if value.dtype == torch.float64 and bool((value.abs() > torch.finfo(torch.float32).max).any()):
                 raise CheckpointError(
                     f"{source}: float64 tensor {key!r} holds values up to {value.abs().max().item():.3g}, beyond "
                     "float32's range: loaded into the float32 model they would be Inf; the weights are damaged"
@@ -246,9 +222,6 @@ def check_dtypes(target: dict, sd: dict, name: str = "model", warn: bool = True)
     Integer or boolean tensors for floating-point parameters (a quantised or corrupted file) and complex tensors are
     refused; floating-point tensors of another precision are converted when loaded (float16/bfloat16 -> float32 is
     exact; float64 -> float32 rounds, which is said).
-
-    Raises:
-        CheckpointError: naming the first tensor whose dtype does not fit.
     """
     narrowed = []
     for key, want in target.items():
@@ -298,11 +271,6 @@ def check_fits(target: dict, sd: dict, name: str = "model") -> None:
         )
 
 
-def load_into(model: nn.Module, state_dict: dict, name: str = "model", new_head: bool = False) -> None:
-    """Load any-layout `state_dict` strictly into `model` (after `fit_state_dict`'s adaptations)."""
-    model.load_state_dict(fit_state_dict(model, state_dict, name, new_head), strict=True)
-
-
 # --- files -----------------------------------------------------------------------------------------------------------
 
 
@@ -311,13 +279,8 @@ def read_checkpoint(path: str | os.PathLike, use_ema: bool = False) -> tuple[dic
 
     Pickled files are read with `torch.load(weights_only=True)`, allowing only the plain types training checkpoints
     hold besides tensors (`_SAFE_GLOBALS`: timm's `train.py` stores its options as an `argparse.Namespace`); never
-    full unpickling, which runs whatever code a file names.
-
-    Args:
-        use_ema: Take a training checkpoint's EMA weights (`state_dict_ema`) instead of its weights (`state_dict`).
-
-    Returns:
-        The state dict (any layout) and our metadata (empty for files we did not write).
+    full unpickling, which runs whatever code a file names. Returns the state dict (any layout) and our metadata
+    (empty for files we did not write).
     """
     path = str(path)
     if path.startswith(("http://", "https://")):
@@ -353,11 +316,7 @@ RUN_WEIGHTS = ("best.safetensors", "last.safetensors")
 
 def run_weights(path: str | os.PathLike) -> str:
     """The weights file `path` names: `path` itself, or for a run folder of `mambaout train` its best weights
-    (`best.safetensors`), else its last (`last.safetensors`).
-
-    Raises:
-        CheckpointError: a folder holding neither.
-    """
+    (`best.safetensors`), else its last (`last.safetensors`)."""
     if not os.path.isdir(path):
         return str(path)
     for name in RUN_WEIGHTS:
@@ -437,14 +396,8 @@ def _decode_metadata(meta: dict[str, str]) -> dict:
 
 
 def save_weights(model_or_state: nn.Module | dict, path: str | os.PathLike, **metadata) -> Path:
-    """Write weights as safetensors, atomically (a crash mid-write leaves any previous file intact).
-
-    Args:
-        model_or_state: A model (unwrapped from DDP/compile) or its state dict.
-        path: Destination `.safetensors` file.
-        **metadata: JSON-serialisable facts to store beside the tensors: `model`, `model_kwargs`,
-            `class_names`, `eval_config`, ...
-    """
+    """Write a model's (unwrapped from DDP/compile) or a state dict's weights as safetensors, atomically (a crash
+    mid-write leaves any previous file intact), with `metadata` (JSON-serialisable: `model`, `model_kwargs`, ...)."""
     from safetensors.torch import save_file  # looked up on each call: tests replace it to simulate a crash
 
     sd = model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else model_or_state
@@ -488,9 +441,6 @@ def download(urls: list[str] | tuple[str, ...], root: Path | None = None, progre
     A cached file is reused when its recorded SHA-256 still matches; a download is written to a `.part`
     file, checked against the server's Content-Length, hashed, and only then moved into place. With
     `$MAMBAOUT_MIRROR` set (a folder URL), files are fetched from `$MAMBAOUT_MIRROR/<cache name>` instead.
-
-    Raises:
-        DownloadError: one line naming every URL tried and how to pass a local file instead.
     """
     root = Path(root) if root else cache_dir()
     names = [cache_name(u) for u in urls]

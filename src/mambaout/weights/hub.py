@@ -1,10 +1,7 @@
-"""The Hugging Face Hub / timm folder format: `config.json` + `model.safetensors`.
-
-`export_hf` writes a model in the layout timm's `hf-hub:` and `local-dir:` loaders read (timm's MambaOut takes our
-key names as they are), so `timm.create_model("local-dir:DIR", pretrained=True)` or, once uploaded,
-`timm.create_model("hf-hub:ORG/NAME", pretrained=True)` open it. `model.safetensors` also carries our metadata,
-so `mambaout.create_model("hf-hub:ORG/NAME")` rebuilds the very model, class names included; `from_hub` fetches
-the two files through `huggingface_hub` (which honours `HF_ENDPOINT`, `HF_HUB_OFFLINE` and its cache).
+"""The Hugging Face Hub / timm folder format: `config.json` + `model.safetensors`, which timm's `hf-hub:` and
+`local-dir:` loaders open. `model.safetensors` also carries our metadata, so `mambaout.create_model("hf-hub:ORG/NAME")`
+rebuilds the very model, class names included (`huggingface_hub` fetches it, honouring `HF_ENDPOINT`,
+`HF_HUB_OFFLINE` and its cache).
 """
 
 from __future__ import annotations
@@ -37,11 +34,8 @@ _TIMM_MAMBAOUTS += ("mambaout_base_wide_rw", "mambaout_base_plus_rw")
 
 
 def timm_model_args(model_kwargs: dict) -> dict:
-    """Our `MambaOut` arguments as timm's `MambaOut` arguments.
-
-    Raises:
-        ValueError: for an architecture timm's MambaOut cannot build (another block, activation or head width).
-    """
+    """Our `MambaOut` arguments as timm's `MambaOut` arguments; ValueError for an architecture timm's MambaOut cannot
+    build (another block, activation or head width)."""
     args, unknown = {}, []
     for key, value in model_kwargs.items():
         if key in _SAME_IN_TIMM:
@@ -75,10 +69,6 @@ def export_hf(
             prints (ImageNet words, not WordNet ids).
         overwrite: Replace the export of another model found in `folder`. Without it a folder holding another
             model's `config.json` (or weights without one) is refused; the same model's export is updated in place.
-
-    Raises:
-        FileExistsError: `folder` holds another model's export (and `overwrite` is off).
-        NotADirectoryError: `folder` is a file.
     """
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
@@ -110,15 +100,14 @@ def export_hf(
     if not overwrite:
         _check_replaceable(folder, config)
     folder.mkdir(parents=True, exist_ok=True)
+    meta_eval = {k: eval_cfg[k] for k in ("input_size", "crop_pct", "interpolation", "mean", "std") if k in eval_cfg}
     save_weights(
         model,
         folder / WEIGHTS_NAME,
         model=name,
         model_kwargs=model_kwargs,
         class_names=class_names,
-        eval_config={
-            k: eval_cfg[k] for k in ("input_size", "crop_pct", "interpolation", "mean", "std") if k in eval_cfg
-        },
+        eval_config=meta_eval,
     )
     atomic_write_text(folder / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
     return folder
@@ -154,11 +143,7 @@ def _check_replaceable(folder: Path, config: dict) -> None:
 
 
 def from_hub(repo: str) -> tuple[str | None, Path, dict]:
-    """(model name, local weights path, metadata from `config.json`) of a Hub repo `ORG/NAME[@revision]`.
-
-    Raises:
-        ImportError: naming `pip install huggingface_hub` when it is not installed.
-    """
+    """(model name, local weights path, metadata from `config.json`) of a Hub repo `ORG/NAME[@revision]`."""
     hf = require("huggingface_hub", "create_model('hf-hub:...')", "huggingface_hub")
     repo_id, _, revision = repo.partition("@")
     config_path = hf.hf_hub_download(repo_id, CONFIG_NAME, revision=revision or None)
@@ -167,14 +152,8 @@ def from_hub(repo: str) -> tuple[str | None, Path, dict]:
 
 
 def from_folder(folder: str | os.PathLike) -> tuple[str | None, Path, dict]:
-    """(model name, weights path, metadata from `config.json`) of a local folder in timm's Hub layout.
-
-    The folder holds `config.json` and `model.safetensors` (or `pytorch_model.bin`), as `mambaout export --format hf`,
-    timm's `save_for_hf` or a Hub download write it.
-
-    Raises:
-        FileNotFoundError: naming the file the folder lacks.
-    """
+    """(model name, weights path, metadata from `config.json`) of a local folder in timm's Hub layout, as
+    `mambaout export --format hf`, timm's `save_for_hf` or a Hub download write it."""
     folder = Path(folder)
     config_path = folder / CONFIG_NAME
     if not config_path.is_file():
