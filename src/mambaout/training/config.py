@@ -49,7 +49,7 @@ class _Section:
 
 @dataclass(frozen=True)
 class DataConfig(_Section):
-    """Where the images come from and how they are read (read by `classify.Data`)."""
+    """Where the images come from and how they are read (read by `ClassifyTask.build_data`)."""
 
     data: str | None = S.path(
         "folder holding <train_split>/ and <val_split>/ (folders or .tar)", flags=("--data", "--data-dir")
@@ -73,7 +73,7 @@ def _check_model_kwargs(kwargs: dict) -> None:
 
 @dataclass(frozen=True)
 class ModelConfig(_Section):
-    """The network and where its first weights come from (read by `classify.build_model`)."""
+    """The network and where its first weights come from (read by `ClassifyTask.build_model`)."""
 
     model: str = C.setting("mambaout_tiny", C.text(max_len=200), "registered model name", network=True)
     model_kwargs: dict = C.setting(
@@ -275,7 +275,7 @@ class EmaConfig(_Section):
 @dataclass(frozen=True)
 class RunConfig(_Section):
     """The run folder, logging, reproducibility and the stops that time-box or test a run (read by the run folder
-    and `task.Loop`)."""
+    and `trainer.Loop`)."""
 
     seed: int = S.run_setting("seed")
     output: str | None = S.run_setting("output")

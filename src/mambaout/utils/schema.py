@@ -19,7 +19,7 @@ from mambaout.utils.limits import SEED_MAX
 AMP_CHOICES = ("auto", "none", "bf16", "fp16")  # mambaout.utils.device.autocast_setting reads them
 
 
-# --- the run settings of every training command (`training.task.Loop` reads most), each declared once ----------------
+# --- the run settings of every training command (`training.trainer.Loop` reads most), each declared once ----------------
 
 
 def _device(value):
