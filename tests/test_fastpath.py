@@ -299,6 +299,8 @@ def test_benchmark_command_writes_rows(tmp_path, capsys, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.csv"]  # no CSV written unless --csv asks
     assert "appended" not in capsys.readouterr().out
     assert benchmark.main(["--models", "vit_tiny_deit", "--device", "cpu", "--csv", ""]) == 2  # timm lacks it
+    out, err = capsys.readouterr()
+    assert not out and err.startswith("mambaout benchmark: ") and "vit_tiny_deit" in err  # errors go to stderr
     assert benchmark.default_csv(torch.device("cpu")).startswith("benchmark-")
 
 

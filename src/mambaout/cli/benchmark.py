@@ -356,8 +356,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             print(format_table(rows))
     except ValueError as e:
-        print(f"mambaout benchmark: {e}")
-        return 2
+        return fail("benchmark", e)
     if args.csv:
         try:
             write_csv(rows, args.csv)
