@@ -129,3 +129,19 @@ def test_layer_decay_scales_lr_by_depth():
     assert lr["stem.conv1.weight"] < lr["stages.0.blocks.0.fc1.weight"] < lr["stages.3.blocks.0.fc1.weight"] < 1.0
     sgd = create_optimizer(model, C.OptimConfig(opt="sgd", layer_decay=None), lr=0.1)
     assert isinstance(sgd, torch.optim.SGD)
+
+
+def test_head_init_scale_scales_the_starting_classifier(tmp_path):
+    """timm's --head-init-scale: the classifier the run starts from (here the checkpoint's, 10 classes as the data)
+    scaled, the backbone untouched; one step at lr 0 keeps both as they started."""
+    source = _source("mambaout_test", num_classes=10)
+    path = _write(source, tmp_path / "source.safetensors", "ours")
+    out = tmp_path / "run"
+    assert (
+        train_cmd.main(["--initial-checkpoint", str(path), "--head-init-scale", "0.5", *ONE_STEP, "--output", str(out)])
+        == 0
+    )
+    saved, _ = read_checkpoint(out / "last.safetensors")
+    _assert_backbone_equal(saved, source.state_dict())
+    for key in CLASSIFIER:
+        torch.testing.assert_close(saved[key], 0.5 * source.state_dict()[key], rtol=0, atol=0)

@@ -111,6 +111,10 @@ class ClassifyTask(Task):
             drop_path_rate=drop_path,
             **kwargs,
         )
+        if cfg.head_init_scale != 1.0:
+            with torch.no_grad():
+                for p in model.get_classifier().parameters():
+                    p.mul_(cfg.head_init_scale)
         # What create_model(checkpoint=...) needs to rebuild this model with no other argument: the architecture the
         # model was built with (an initial checkpoint's own widths included), never where its first weights came from.
         model_kwargs = {k: v for k, v in kwargs.items() if jsonable(v)}

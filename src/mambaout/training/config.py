@@ -99,6 +99,7 @@ class ModelConfig(_Section):
     drop_rate: float = C.setting(
         0.0, C.number(0.0, 1.0, hi_open=True), "dropout before the classifier", flags=("--drop", "--drop-rate")
     )
+    head_init_scale: float = C.setting(1.0, C.number(0.0, 1000.0), "scale the classifier's starting weights and bias")
 
     def __post_init__(self):
         super().__post_init__()
