@@ -87,6 +87,35 @@ def test_corrupt_images_cached(tmp_path):
     assert sum(n for _, _, n in results) == n_bad
 
 
+def test_cache_takes_labels_from_a_reader_without_sample_lists(tmp_path, monkeypatch):
+    """timm's Hugging Face reader (`hfds/...`) keeps neither `samples` nor `targets`: the cache reads each label with
+    its sample (this reader stands in for it around a folder)."""
+    from mambaout.data import datasets
+
+    n_files, _ = _write_mixed_folder(tmp_path / "set")
+    plain = D.ImageDataset(tmp_path / "set")
+    real = datasets._reader
+
+    class Bare:  # a map-style reader with only what timm's Hugging Face reader offers
+        def __init__(self, *args):
+            self.inner = real(*args)
+            self.class_to_idx = self.inner.class_to_idx
+
+        def __len__(self):
+            return len(self.inner)
+
+        def __getitem__(self, i):
+            return self.inner[i]
+
+        def _filename(self, i, *args, **kwargs):
+            return self.inner._filename(i, *args, **kwargs)
+
+    monkeypatch.setattr(datasets, "_reader", lambda *args: Bare(*args))
+    cached = D.ImageDataset(tmp_path / "set", cache=True)
+    assert cached.reader is None and len(cached) == n_files
+    assert cached._targets == [t for _, t in plain.reader.samples]
+
+
 def test_all_unreadable_raises_actionable(tmp_path):
     (tmp_path / "x").mkdir()
     for i in range(3):

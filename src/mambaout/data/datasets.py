@@ -109,10 +109,13 @@ class ImageDataset(Dataset):
 
             def build():
                 arrays = PackedBytes.pack([self._read(i) for i in range(self._n)])
-                # the folder and tar readers keep (file, target) pairs in `samples`, others the labels in `targets`
+                # the folder and tar readers keep (file, target) pairs in `samples`, others the labels in `targets`;
+                # timm's Hugging Face reader neither: its labels come with each sample
                 targets = getattr(self.reader, "targets", None)
-                if targets is None:
+                if targets is None and hasattr(self.reader, "samples"):
                     targets = [t for _, t in self.reader.samples]
+                if targets is None:
+                    targets = [self._target(i) for i in range(self._n)]
                 arrays["targets"] = np.array(targets, dtype=np.int64)
                 return arrays
 
@@ -131,6 +134,13 @@ class ImageDataset(Dataset):
                 raise OSError("unreadable file")
             return io.BytesIO(data), self._targets[index]
         return self.reader[index]
+
+    def _target(self, index: int) -> int:
+        """A sample's label from the reader; -1 (no label) for one that cannot be opened, as its bytes are None."""
+        try:
+            return int(self.reader[index][1])
+        except OSError:
+            return -1
 
     def _read(self, index: int) -> bytes | None:
         try:
