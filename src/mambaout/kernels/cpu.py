@@ -29,6 +29,7 @@ once per stage, no module call per block. At batch 1 that fixed cost per call is
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import sys
 import threading
@@ -235,20 +236,20 @@ def _ptr(t: torch.Tensor | None) -> int:
 # family 26). ONNX Runtime keeps its own arena for this. So the first plan raises both thresholds for the process:
 # tensors up to 32 MB come from the heap, and up to 128 MB of free heap is kept. MAMBAOUT_CPU_MALLOC=0 leaves malloc
 # as it is; other C libraries (musl, macOS) are left alone.
-_MALLOC = {"done": False}
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
 
 
-def _keep_freed_memory() -> bool:
-    """Raise glibc's thresholds once (see above); whether it was done."""
-    _MALLOC["done"] = True
+@functools.cache  # once per process
+def _keep_freed_memory() -> None:
+    """Raise glibc's thresholds (see above)."""
     if os.environ.get("MAMBAOUT_CPU_MALLOC", "").strip() == "0" or not sys.platform.startswith("linux"):
-        return False
+        return
     try:
         mallopt = ctypes.CDLL(None).mallopt  # glibc's, in the process already
     except (OSError, AttributeError):
-        return False
-    return bool(mallopt(_M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(_M_TRIM_THRESHOLD, 128 << 20))
+        return
+    mallopt(_M_MMAP_THRESHOLD, 32 << 20)
+    mallopt(_M_TRIM_THRESHOLD, 128 << 20)
 
 
 _PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # block -> its _Plan
@@ -259,8 +260,7 @@ def _plan(block: nn.Module) -> _Plan:
     key = (_parts(block), fc1.weight.data_ptr(), _ptr(fc1.bias), fc2.weight.data_ptr(), _ptr(fc2.bias))
     plan = _PLANS.get(block)
     if plan is None or plan.key != key:
-        if not _MALLOC["done"]:
-            _keep_freed_memory()
+        _keep_freed_memory()
         plan = _Plan(block, key)
         if fc1.weight.is_contiguous() and fc2.weight.is_contiguous():  # else the row blocks are copies: no caching
             _PLANS[block] = plan
