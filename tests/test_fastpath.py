@@ -153,6 +153,10 @@ def test_downsampling_conv_uses_a_cached_channels_last_weight_that_follows_chang
     with torch.inference_mode():
         torch.testing.assert_close(cpu.conv_channels_last(conv, x), conv(x), rtol=0, atol=1e-6)
     assert cpu._CL_WEIGHTS[conv][1] is not first
+    with torch.inference_mode():
+        made_here = torch.nn.Conv2d(6, 10, 3, padding=1)  # inference-mode weights: no version, so not cached
+        torch.testing.assert_close(cpu.conv_channels_last(made_here, x), made_here(x), rtol=0, atol=1e-6)
+    assert made_here not in cpu._CL_WEIGHTS
     assert not cpu.can_use_cpu_conv(conv, x)  # autograd on: the module's own forward
 
 
@@ -199,9 +203,15 @@ def test_weights_changed_in_place_take_effect():
         block(x)
         block.fc1.weight.mul_(-2.0)
         block.fc2.weight.data.add_(0.5)  # through .data: no version bump, so nothing may be cached on it
+        block.conv.weight.data.mul_(-0.5)  # the conv's packed weight is checked against the values
         want = block._forward_reference(x)
         got = block(x)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        block.conv.weight = torch.nn.Parameter(torch.randn_like(block.conv.weight))  # new Parameters: a new plan
+        block.norm.weight = torch.nn.Parameter(torch.rand_like(block.norm.weight))
+        x = torch.randn(1, 7, 3, 37)  # another input shape: the conv weight is packed for it
+        torch.testing.assert_close(block(x), block._forward_reference(x), rtol=1e-5, atol=1e-5)
     other = _block()
     other.fc1.weight.data.normal_()
     block.load_state_dict(other.state_dict())
@@ -414,3 +424,14 @@ def test_bf16_stem_norm_through_float32_is_within_one_rounding(monkeypatch):
         with kernels.reference_mode():
             want = model(img).float()
     assert (got - want).abs().max() <= 0.05 * want.abs().max()
+
+
+def test_model_built_under_inference_mode_runs_the_fast_path():
+    # Its parameters are inference tensors, which have no version counter for a cache to follow.
+    with torch.inference_mode():
+        model = mambaout.create_model("mambaout_test").eval()
+        x = torch.randn(2, 3, 64, 64)
+        got = model(x)
+        with kernels.reference_mode():
+            want = model(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -19,11 +19,12 @@ in-place activation and bias), and by default (`"auto"`) it times both on the fi
 does; `set_cpu_matmul("onednn" | "blas" | "auto")` or MAMBAOUT_CPU_MATMUL picks one for the process, and
 `cpu_matmul_choices()` shows what was chosen. Both are held equal to the plain forward by `tests/test_fastpath.py`.
 
-`GatedCNNBlock._forward_reference` (models/mambaout.py) is the plain forward. The weights are passed as they are,
-every call, as views (`_Plan`): pre-packing them into oneDNN's blocked layout (and caching that) measured no faster
-per block (batch 1 and 16, all four stage shapes), and a packed copy could go stale when weights are changed through
-`.data`, which bypasses the version counter. A stage runs its blocks through `stage_plans` / `run_stage`: the checks
-once per stage, no module call per block. At batch 1 that fixed cost per call is what is left to cut (docs/performance.md).
+`GatedCNNBlock._forward_reference` (models/mambaout.py) is the plain forward. The linear weights are passed as they
+are, every call, as views (`_Plan`): pre-packing them into oneDNN's blocked layout measured no faster per block (batch 1
+and 16, all four stage shapes), and a packed copy could go stale when weights are changed through `.data`, which
+bypasses the version counter. Conv weights are packed (`_pack`): oneDNN's reorder of a plain conv weight costs 10-20 us
+a call, a third of a depthwise conv at batch 1; the block's packed copy is checked against the weight's values. A stage
+runs its blocks through `stage_plans` / `run_stage`: the checks once per stage, no module call per block. At batch 1 that fixed cost per call is what is left to cut (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -148,6 +149,7 @@ def _global_hooks() -> bool:
 
 
 _CL_WEIGHTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # conv -> (weight key, channels-last copy)
+_CAN_PACK = _ONEDNN and hasattr(torch.ops.mkldnn, "_reorder_convolution_weight")
 
 
 def can_use_cpu_conv(conv: nn.Module, x: torch.Tensor) -> bool:
@@ -169,19 +171,42 @@ def stem_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     return torch.layer_norm(y, norm.normalized_shape, norm.weight.float(), bias, norm.eps).to(x.dtype)
 
 
+def _conv_args(conv: nn.Conv2d) -> tuple | None:
+    """(weight, bias, padding, stride, dilation, groups) of a plain zero-padded `nn.Conv2d`, else None."""
+    if type(conv) is not nn.Conv2d or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        return None
+    return (conv.weight, conv.bias, list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
+
+
+def _pack(args: tuple, shape: torch.Size) -> torch.Tensor:
+    """The conv's weight in oneDNN's blocked layout for inputs of `shape`, which oneDNN otherwise makes at every call."""
+    weight, _, padding, stride, dilation, groups = args
+    return torch.ops.mkldnn._reorder_convolution_weight(weight.detach(), padding, stride, dilation, groups, list(shape))
+
+
+def _run_packed(args: tuple, packed: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    _, bias, padding, stride, dilation, groups = args
+    return torch.ops.mkldnn._convolution_pointwise(x, packed, bias, padding, stride, dilation, groups, "none", [], "")
+
+
 def conv_channels_last(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     """`conv(x)` in channels-last memory: the input made channels-last (a no-op for the permuted channels-last
     views between stages), the weight held in channels-last memory, the layout oneDNN reads at once for that input.
     Given the plain weight, oneDNN reorders it on every call: 1.4 of the 1.75 ms of femto's last downsampling conv at
     batch 1 (one thread, AMD EPYC family 26). The copy is kept per conv and made again when the weight's storage,
-    version (any in-place change but one through `.data`), dtype or shape changes."""
+    version (any in-place change but one through `.data`), dtype or shape changes. Bit for bit the module's result,
+    which a weight packed for oneDNN (`_pack`) is not at every input size (FX graphs call the module). A weight made
+    under `torch.inference_mode` has no version to follow: it is not cached."""
     w = conv.weight
+    x = x.contiguous(memory_format=torch.channels_last)
+    if w.is_inference():
+        return conv(x)
     key = (w.data_ptr(), w._version, w.dtype, w.shape)
     cached = _CL_WEIGHTS.get(conv)
     if cached is None or cached[0] != key:
         cached = (key, w.detach().contiguous(memory_format=torch.channels_last))
         _CL_WEIGHTS[conv] = cached
-    return conv._conv_forward(x.contiguous(memory_format=torch.channels_last), cached[1], conv.bias)
+    return conv._conv_forward(x, cached[1], conv.bias)
 
 
 _NO_POST_OP = ("none", "")
@@ -191,12 +216,10 @@ class _Plan:
     """One block's tensors as the fast path calls them, so that a call slices, looks up and checks nothing.
 
     fc1's row blocks `g`, `i` and `c` are views of its weight and bias, not copies: in-place changes show at once,
-    even through `.data`. `_plan` makes the plan again when one of the block's modules is replaced or a linear weight
-    or bias gets new storage (`.to()`, `.data = ...`, a new Parameter). A norm other than a plain `nn.LayerNorm`, a
+    even through `.data`. `_plan` makes the plan again when one of the block's modules is replaced, or a linear or
+    conv weight or bias or the norm's weight gets new storage (`.to()`, `.data = ...`, a new Parameter). A norm other than a plain `nn.LayerNorm`, a
     conv other than a zero-padded `nn.Conv2d` and an activation oneDNN cannot fuse run as their modules.
     """
-
-    __slots__ = ("key", "modules", "hidden", "cc", "shape", "norm", "g", "i", "c", "conv", "fc2", "post_op", "plain")
 
     def __init__(self, block: nn.Module, key: tuple):
         self.key, self.modules = key, key[0]
@@ -207,10 +230,8 @@ class _Plan:
         self.g, self.i, self.c = (
             _rows(fc1, lo, hi) for lo, hi in ((0, hidden), (hidden, 2 * hidden - cc), (2 * hidden - cc, 2 * hidden))
         )
-        plain_conv = type(conv) is nn.Conv2d and conv.padding_mode == "zeros"
-        self.conv = (
-            (conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups) if plain_conv else None
-        )
+        self.conv = _conv_args(conv)
+        self.packed = None  # (input shape, the weight it was packed from, packed weight): `_dwconv`
         self.fc2 = _rows(fc2, 0, fc2.out_features)
         self.post_op = _post_op(act)
         self.plain = isinstance(ls, nn.Identity) and isinstance(drop_path, nn.Identity)  # the residual add fuses
@@ -256,8 +277,9 @@ _PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # block -> its 
 
 
 def _plan(block: nn.Module) -> _Plan:
-    fc1, fc2 = block.fc1, block.fc2
+    fc1, fc2, conv, norm = block.fc1, block.fc2, block.conv, block.norm
     key = (_parts(block), fc1.weight.data_ptr(), _ptr(fc1.bias), fc2.weight.data_ptr(), _ptr(fc2.bias))
+    key += (_ptr(getattr(conv, "weight", None)), _ptr(getattr(conv, "bias", None)), _ptr(getattr(norm, "weight", None)))
     plan = _PLANS.get(block)
     if plan is None or plan.key != key:
         _keep_freed_memory()
@@ -272,7 +294,15 @@ def _norm(p: _Plan, x: torch.Tensor) -> torch.Tensor:
 
 
 def _dwconv(p: _Plan, c: torch.Tensor) -> torch.Tensor:
-    return torch.conv2d(c, *p.conv) if p.conv is not None else p.modules[3](c)
+    """The depthwise conv through a packed weight, checked against the weight's values at each call (a small
+    tensor: a few microseconds), so that a change through `.data` takes effect as in the module."""
+    if p.conv is None or not _CAN_PACK:
+        return p.modules[3](c)
+    weight = p.conv[0]
+    packed = p.packed
+    if packed is None or packed[0] != c.shape or not torch.equal(packed[1], weight):
+        packed = p.packed = (c.shape, weight.detach().clone(), _pack(p.conv, c.shape))
+    return _run_packed(p.conv, packed[2], c)
 
 
 def _lin(x: torch.Tensor, rows: tuple, post_op: tuple[str, str] = _NO_POST_OP) -> torch.Tensor:
