@@ -1,30 +1,14 @@
 """CPU inference path of the Gated CNN block: fused epilogues, no copies, the faster matmul library per shape.
 
-Profiling timm's `mambaout_tiny` on a 2-core AMD EPYC (float32, batch 16, torch 2.14) shows where the time goes:
-`addmm` (MKL) 46%, then `copy_` (the strided conv input), GELU, `torch.cat`, the product and the residual add, each
-a full pass over a large fresh tensor. Freshly allocated tensors above glibc's mmap threshold (32 MiB at most) are
-returned to the kernel on free, so every such pass also pays page faults on new memory. This path:
-
-1. runs `fc1` as three row blocks of its weight, `g`, `i` and `c`, each into its own contiguous tensor: the conv
-   reads `c` in place (no strided copy) and the concatenation is never built;
-2. fuses what it can around the matmuls: the activation into `g`'s, the residual add into `fc2`'s;
-3. forms the gate product in place in `g`'s tensor.
-
-Which matmul library is faster depends on the CPU, not only on the shape: on one 2-core AMD EPYC, oneDNN ran these
-shapes 2-3x faster than MKL's `addmm`; on another (Zen 3), `addmm` was 5-30% faster at batch 1 and oneDNN faster
-only for a few wide batch-16 shapes. So the block has two implementations of the same steps, `"onednn"`
-(`mkldnn._linear_pointwise` with fused GELU/ReLU/SiLU and residual-add epilogues) and `"blas"` (`torch.addmm`,
-in-place activation and bias), and by default (`"auto"`) it times both on the first call for each block shape
-(rows, width, hidden, conv channels, threads) and keeps the faster one for that shape, as cuDNN's benchmark mode
-does; `set_cpu_matmul("onednn" | "blas" | "auto")` or MAMBAOUT_CPU_MATMUL picks one for the process, and
-`cpu_matmul_choices()` shows what was chosen. Both are held equal to the plain forward by `tests/test_fastpath.py`.
-
-`GatedCNNBlock._forward_reference` (models/mambaout.py) is the plain forward. The linear weights are passed as they
-are, every call, as views (`_Plan`): pre-packing them into oneDNN's blocked layout measured no faster per block (batch 1
-and 16, all four stage shapes), and a packed copy could go stale when weights are changed through `.data`, which
-bypasses the version counter. Conv weights are packed (`_pack`): oneDNN's reorder of a plain conv weight costs 10-20 us
-a call, a third of a depthwise conv at batch 1; the block's packed copy is checked against the weight's values. A stage
-runs its blocks through `stage_plans` / `run_stage`: the checks once per stage, no module call per block. At batch 1 that fixed cost per call is what is left to cut (docs/performance.md).
+`GatedCNNBlock._forward_reference` (models/mambaout.py) defines the math; this path computes the same (within 1e-5,
+`tests/test_fastpath.py`) with fewer passes over memory: `fc1` runs as row blocks of its weight (views, so in-place
+changes show at once), the activation and the residual add are fused into the matmuls, the conv reads its channels
+in place, and the gate product is formed in place; no `torch.cat`. Two implementations of these steps, `"onednn"`
+(`mkldnn._linear_pointwise` with fused epilogues) and `"blas"` (`torch.addmm`), are timed on the first call for each
+block shape and the faster kept (`"auto"`; `set_cpu_matmul` or MAMBAOUT_CPU_MATMUL fix one): which is faster depends
+on the CPU. Conv weights are packed for oneDNN, linear weights are not (measured no faster, and a packed copy could
+go stale through `.data`). A stage runs its blocks from plans (`stage_plans` / `run_stage`), with the checks once per
+stage. Measurements and the reasons for each choice: docs/performance.md.
 """
 
 from __future__ import annotations
@@ -86,9 +70,8 @@ def _hooked(m: nn.Module) -> bool:
 
 
 def _bf16_default() -> bool:
-    """bf16 blocks take this path by default only on the CPUs it was measured faster on: AVX512-BF16 without AMX
-    (AMD EPYC family 26, two threads: 1.19x the plain bf16 block at batch 1, 2.39x at batch 32; docs/performance.md).
-    Elsewhere opt-in (MAMBAOUT_CPU_BF16=1); MAMBAOUT_CPU_BF16=0 turns it off."""
+    """bf16 blocks take this path by default only where it was measured faster, AVX512-BF16 without AMX
+    (docs/performance.md); elsewhere opt-in (MAMBAOUT_CPU_BF16=1). MAMBAOUT_CPU_BF16=0 turns it off."""
     env = os.environ.get("MAMBAOUT_CPU_BF16", "").strip()
     if env in ("0", "1"):
         return env == "1"
@@ -158,10 +141,9 @@ def can_use_cpu_conv(conv: nn.Module, x: torch.Tensor) -> bool:
 
 
 def stem_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-    """`norm(x.permute(0, 2, 3, 1))` for a bf16 `[B, C, H, W]` map of fewer than 32 channels (femto's and kobe's stem),
-    through float32, or None where this does not apply. torch's bf16 LayerNorm runs rows shorter than one vector
-    register slowly: 1.0 ms for femto's [1, 112, 112, 24] map, 0.44 ms through float32 (one thread, AMD EPYC family
-    26); within one bf16 rounding of it."""
+    """`norm(x.permute(0, 2, 3, 1))` for a bf16 `[B, C, H, W]` map of fewer than 32 channels (femto's and kobe's stem)
+    through float32, within one bf16 rounding of it, or None where this does not apply: torch's bf16 LayerNorm runs
+    rows shorter than one vector register at half the speed."""
     if not (x.dtype == torch.bfloat16 and x.shape[1] < 32 and type(norm) is nn.LayerNorm and norm.weight is not None):
         return None
     if not _inference_ok(x, norm.weight.dtype, (norm,)):
@@ -190,13 +172,10 @@ def _run_packed(args: tuple, packed: torch.Tensor, x: torch.Tensor) -> torch.Ten
 
 
 def conv_channels_last(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """`conv(x)` in channels-last memory: the input made channels-last (a no-op for the permuted channels-last
-    views between stages), the weight held in channels-last memory, the layout oneDNN reads at once for that input.
-    Given the plain weight, oneDNN reorders it on every call: 1.4 of the 1.75 ms of femto's last downsampling conv at
-    batch 1 (one thread, AMD EPYC family 26). The copy is kept per conv and made again when the weight's storage,
-    version (any in-place change but one through `.data`), dtype or shape changes. Bit for bit the module's result,
-    which a weight packed for oneDNN (`_pack`) is not at every input size (FX graphs call the module). A weight made
-    under `torch.inference_mode` has no version to follow: it is not cached."""
+    """`conv(x)` in channels-last memory, input and weight, so oneDNN does not reorder the weight at every call. The
+    weight's copy is kept per conv and made again when its storage, version (any in-place change but one through
+    `.data`), dtype or shape changes; one made under `torch.inference_mode` has no version, so is not kept. Bit for bit
+    the module's result, which a packed weight (`_pack`) is not at every input size, and FX graphs call the module."""
     w = conv.weight
     x = x.contiguous(memory_format=torch.channels_last)
     if w.is_inference():
@@ -251,12 +230,9 @@ def _ptr(t: torch.Tensor | None) -> int:
     return t.data_ptr() if t is not None else 0
 
 
-# glibc's malloc hands a freed block above its mmap threshold, or a free heap top above its trim threshold, back to
-# the kernel, so the next forward's activations of that size are fresh pages: 1,900 page faults per femto forward at
-# batch 1 in float32 (most of them stage 0's 0.6-1.6 MB tensors and the stem's), about 4 ms of 24 (one thread, AMD EPYC
-# family 26). ONNX Runtime keeps its own arena for this. So the first plan raises both thresholds for the process:
-# tensors up to 32 MB come from the heap, and up to 128 MB of free heap is kept. MAMBAOUT_CPU_MALLOC=0 leaves malloc
-# as it is; other C libraries (musl, macOS) are left alone.
+# glibc's malloc hands freed blocks above its mmap threshold back to the kernel, so each forward's activations of that
+# size would be fresh pages (1,900 page faults per femto forward at batch 1). The first plan raises the thresholds for
+# the process, as ONNX Runtime's arena keeps its memory; MAMBAOUT_CPU_MALLOC=0 leaves malloc alone.
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
 
 
