@@ -108,15 +108,9 @@ class ImageDataset(Dataset):
             from mambaout.data.shared_cache import PackedBytes, cache_key, machine_shared
 
             def build():
-                arrays = PackedBytes.pack([self._read(i) for i in range(self._n)])
-                # the folder and tar readers keep (file, target) pairs in `samples`, others the labels in `targets`;
-                # timm's Hugging Face reader neither: its labels come with each sample
-                targets = getattr(self.reader, "targets", None)
-                if targets is None and hasattr(self.reader, "samples"):
-                    targets = [t for _, t in self.reader.samples]
-                if targets is None:
-                    targets = [self._target(i) for i in range(self._n)]
-                arrays["targets"] = np.array(targets, dtype=np.int64)
+                read = [self._read(i) for i in range(self._n)]
+                arrays = PackedBytes.pack([data for data, _ in read])
+                arrays["targets"] = np.array([target for _, target in read], dtype=np.int64)
                 return arrays
 
             stamp = os.stat(self.root).st_mtime_ns if os.path.exists(self.root) else 0
@@ -135,19 +129,14 @@ class ImageDataset(Dataset):
             return io.BytesIO(data), self._targets[index]
         return self.reader[index]
 
-    def _target(self, index: int) -> int:
-        """A sample's label from the reader; -1 (no label) for one that cannot be opened, as its bytes are None."""
+    def _read(self, index: int) -> tuple[bytes | None, int]:
+        """(bytes, target) of a sample; (None, -1) for one that cannot be read, named in a warning."""
         try:
-            return int(self.reader[index][1])
-        except OSError:
-            return -1
-
-    def _read(self, index: int) -> bytes | None:
-        try:
-            return self._open(index)[0].read()
+            f, target = self._open(index)
+            return f.read(), int(target)
         except OSError as e:
             logger.warning("cannot read sample %d of %s: %s", index, printable(self.root), printable(e))
-            return None
+            return None, -1
 
     def __len__(self) -> int:
         return self._n

@@ -1,14 +1,9 @@
-"""The training augmentation on the device: batched, with every random choice drawn per sample.
+"""The training augmentation on the device, batched, every random choice drawn per sample (`GpuAugment`; the steps
+and the CPU ops they reproduce, each held equal by tests/test_gpu_aug.py, are listed in docs/data.md).
 
-The CPU pipeline (`mambaout.data.build_train_transform`: timm on PIL images) is the definition; each op here names
-the PIL/timm op it reproduces, and `tests/test_gpu_aug.py` holds them equal on the same image and magnitude.
 Images are float32 `[B, 3, H, W]` holding integers 0..255 until normalisation, rounded where PIL rounds its uint8
-images, so LUT ops see the same levels as on the CPU. No op reads a device tensor on the host: per-sample choices
-are masks and parameters, samples that did not draw an op get its identity parameters (an identity LUT, a blend
-factor of 1, an identity affine matrix), so the pipeline never waits on the GPU.
-
-Pipeline (`GpuAugment`): random resized crop + horizontal flip as one per-sample resampling matrix pair; RandAugment
-(`rand-mM-nN-mstdS-incI-mmaxX-pP`); normalisation; random erasing (`pixel` mode). Mixup/CutMix stay timm's `Mixup`.
+images, so LUT ops see the same levels as on the CPU. No op reads a device tensor on the host: a sample that did not
+draw an op gets its identity parameters (an identity LUT, a blend factor of 1, an identity affine matrix).
 """
 
 from __future__ import annotations

@@ -1,14 +1,6 @@
-"""Streamed (iterable) data sets, read in order rather than by index, so `IterableImages` and not `ImageDataset`:
-
-- `wds/PATTERN`: WebDataset shards (`wds//data/imagenet/train-{000000..001023}.tar`), read with `tarfile`. A sample
-  is the members sharing one key: the image (`.jpg`, `.jpeg`, `.png`, `.webp`) and its label (`.cls`, an integer
-  as text); an optional `classes.txt` beside the shards names the classes in label order. `write_shards` writes
-  them (as does the `webdataset` package's `ShardWriter`).
-- `hfids/NAME[:SPLIT]`: timm's streaming Hugging Face reader (needs the `datasets` package).
-
-Shards are split over (rank x loader worker) when there are at least as many shards as readers, so each is read
-once per epoch; with fewer, every reader scans all of them and keeps every n-th sample. Training shuffles the
-shard order per epoch and samples through a buffer (`shuffle_buffer`).
+"""Streamed (iterable) data sets, read in order rather than by index: WebDataset shards (`wds/PATTERN`, read with
+`tarfile`) and timm's streaming Hugging Face reader (`hfids/NAME[:SPLIT]`). docs/data.md ("Data formats") gives the
+shard layout and how shards are split over ranks and workers.
 """
 
 from __future__ import annotations

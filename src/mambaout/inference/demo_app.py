@@ -1,11 +1,6 @@
-"""The web demo: a Gradio page to classify an uploaded or pasted image with a MambaOut.
-
-It lives in the package (not only in the repo's `demo/` folder) so that `mambaout demo` works after a plain
-`pip install 'mambaout[demo]'`; `demo/app.py` is the same app as a script (Hugging Face Space style).
-It uses only the public API: `create_model` and `mambaout.inference.predictor.Predictor`.
-
-As a server it offers only what its operator named at start (an allow-list of models and checkpoints, each loaded
-once at start so a bad one fails there): a visitor picks among those and can never name a path on the server.
+"""The web demo: a Gradio page to classify an uploaded or pasted image (in the package so that `mambaout demo` works
+after `pip install 'mambaout[demo]'`; `demo/app.py` is the same app as a script). A server offers only what its
+operator named at start, each loaded once then: a visitor picks among those and can never name a path on the server.
 """
 
 from __future__ import annotations

@@ -1,11 +1,5 @@
-"""Classifying images with a MambaOut: decode any image to RGB, apply the model's eval transform, top-k with names.
-
-    >>> from mambaout.inference.predictor import Predictor
-    >>> predictor = Predictor("mambaout_femto", pretrained=True)   # or Predictor(checkpoint="best.safetensors")
-    >>> predictor.predict(["cat.jpg", "photos/"])                   # one dict per image, in input order
-
-The eval transform is the model's own (`model.pretrained_cfg`: input size, crop fraction, interpolation,
-mean/std), built by timm so predictions match `mambaout validate` and timm's numbers for the same weights.
+"""Classifying images with a MambaOut (usage: docs/inference.md): any image decoded to RGB, the model's own eval
+transform (`pretrained_cfg`, built by timm, so predictions match `mambaout validate` and timm), top-k with names.
 """
 
 from __future__ import annotations
