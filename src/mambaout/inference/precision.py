@@ -2,7 +2,7 @@
 PyTorch would emulate it through fp32 (slower than fp32 itself) fp32 runs, said in one line, unless `allow_emulated`.
 
 bf16 converts the weights once and feeds bf16 images (`LowPrecision`) instead of autocast, which casts every weight
-again on each forward (a large share of the work at batch 1). LayerNorm still accumulates in fp32; the logits come back as fp32.
+again on each forward (a large share of the work at batch 1). LayerNorm still accumulates in fp32; logits are fp32.
 """
 
 from __future__ import annotations
