@@ -44,12 +44,9 @@ class ImageDataset(Dataset):
     Without it (evaluation) an unreadable sample is `(None, -1, file name)`, which `collate_readable` leaves out and
     names, so a metric counts each readable image exactly once.
 
-    Args:
-        root: An ImageFolder directory (`root/<class>/<image>`) or a `.tar` file holding one.
-        transform: Applied to the RGB PIL image.
-        class_to_idx: Folder name -> label; default sorted folder order. Pass the train set's map to a val set.
-        cache: Keep every file's bytes in RAM after the first read (small datasets: no disk or tar seeks).
-        substitute: Replace an unreadable sample by the next readable one (training) instead of naming it.
+    `root` is an ImageFolder directory (`root/<class>/<image>`), a `.tar` of one or `hfds/NAME[:SPLIT]`;
+    `class_to_idx` folder name -> label (default: sorted folder order; a val set takes the train set's map); `cache`
+    keeps every file's bytes in RAM after the first read (small data sets: no disk or tar seeks).
     """
 
     def __init__(

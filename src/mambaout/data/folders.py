@@ -2,12 +2,8 @@
 
 timm's folder reader (`os.walk(followlinks=True)`) walks a link back to a parent again and again, counts one file
 many times, and leaves out a folder it may not read without a word. `FolderReader` keeps timm's layout rules (the
-leaf folder's name is the class, natural sort order, timm's image suffixes) but:
-
-- reads a linked folder unless its real path was already read (a loop, or a second name for a folder, is skipped
-  and named in one warning); real folders come first, so images reached both ways keep their real place's class;
-- counts a file reached twice (two links to it) once, the others named in one warning;
-- raises for a folder that cannot be listed (permission denied), naming it.
+leaf folder's name is the class, natural sort order, timm's image suffixes); a second name for a folder or a file is
+skipped and named in one warning (the real place kept), a folder that cannot be listed raises.
 """
 
 from __future__ import annotations

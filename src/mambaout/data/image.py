@@ -49,7 +49,7 @@ def load_image(source) -> Image.Image:
         img = source
     else:
         fp = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
-        name = "<bytes>" if isinstance(source, (bytes, bytearray)) else _name(source)
+        name = source_name(source)
         if isinstance(source, (str, os.PathLike)) and special_kind(source):
             # a FIFO would block the read forever, a device read without end: never opened
             raise ValueError(f"{name} is {special_kind(source)}, not an image file: not opened")
@@ -95,7 +95,8 @@ def _check_jpeg_size(img: Image.Image, fp, name: str) -> None:
         )
 
 
-def _name(source) -> str:
+def source_name(source) -> str:
+    """A path as itself, a file by its name, anything else as `<type>` (`<bytes>`, `<ndarray>`, ...)."""
     if isinstance(source, (str, os.PathLike)):
         return str(source)
     return str(getattr(source, "name", None) or f"<{type(source).__name__}>")

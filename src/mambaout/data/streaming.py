@@ -174,15 +174,11 @@ def write_shards(samples, pattern: str, per_shard: int) -> list[str]:
 
 
 class IterableImages(IterableDataset):
-    """Images streamed from WebDataset shards (`wds/PATTERN`) or timm's `hfids/` reader, as `(image, label, 0)`.
+    """Images streamed from `wds/PATTERN` shards or timm's `hfids/NAME[:SPLIT]` reader, as `(image, label, 0)`.
 
-    Args:
-        source: `wds/PATTERN` or `hfids/NAME[:SPLIT]`.
-        transform: Applied to the RGB PIL image.
-        training: Shuffle shards per epoch and samples through `shuffle_buffer`; drop nothing.
-        rank, world_size: This process's share.
-        length: Samples in the whole set (default: counted from the shard headers; hfids needs it given or
-            reads timm's split info).
+    `training` shuffles the shards per epoch and the samples through `shuffle_buffer`; `rank`, `world_size`: this
+    process's share; `length`: samples in the whole set (default: counted from the shard headers, or timm's split
+    info for hfids).
     """
 
     def __init__(

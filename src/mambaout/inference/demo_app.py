@@ -17,7 +17,6 @@ import gradio as gr  # noqa: E402
 
 from mambaout.inference.predictor import Predictor  # noqa: E402
 from mambaout.models.factory import create_model  # noqa: E402
-from mambaout.models.variants import get_variant  # noqa: E402
 
 # Example photos shipped as package data (CC0, from scikit-image; see examples/LICENSE.md beside them).
 EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "examples"
@@ -53,24 +52,12 @@ def image_input(**kwargs) -> gr.Image:
     return image
 
 
-def _named(target: str) -> bool:
-    """Whether a checkpoint target is `NAME:PATH` (a registered name before the colon), not a bare path."""
-    name = target.split(":", 1)[0]
-    if ":" not in target or "/" in name or not name:
-        return False
-    try:
-        get_variant(name)
-    except (KeyError, ValueError):
-        return False
-    return True
-
-
 class ModelPool:
     """Builds predictors on first use and keeps the last few, for the choices on the allow-list only.
 
     Args:
         allowed: Dropdown label -> what it loads: `("model", name)` (published weights, downloaded on first use),
-            `("random", name)` or `("checkpoint", path)`. Nothing else can be loaded.
+            `("random", name)`, `("checkpoint", path)` or `("named checkpoint", "NAME:PATH")`; nothing else.
     """
 
     def __init__(
@@ -93,8 +80,8 @@ class ModelPool:
 
     def _build(self, choice: str) -> Predictor:
         kind, target = self.allowed[choice]
-        if kind == "checkpoint":
-            name, path = target.split(":", 1) if _named(target) else (None, target)
+        if kind in ("checkpoint", "named checkpoint"):
+            name, path = target.split(":", 1) if kind == "named checkpoint" else (None, target)
             model = create_model(name, checkpoint=path, **self.model_kwargs)
         else:
             kwargs = {k: v for k, v in self.model_kwargs.items() if k != "use_ema"}
@@ -120,7 +107,7 @@ def model_choices(
                 f"got {len(models)} --model names for {len(checkpoints)} checkpoints: one, or one per file"
             )
         for name, path in zip(models * len(checkpoints) if len(models) == 1 else models, checkpoints):
-            allowed[f"{path} ({name})"] = ("checkpoint", f"{name}:{path}")
+            allowed[f"{path} ({name})"] = ("named checkpoint", f"{name}:{path}")
         return allowed
     for path in checkpoints:
         allowed[str(path)] = ("checkpoint", str(path))
@@ -141,20 +128,10 @@ def build_app(
     model_kwargs: dict | None = None,
     preload: bool = True,
 ) -> gr.Blocks:
-    """The demo page.
-
-    Args:
-        model: Registered name(s) offered (with published weights unless `random_weights`).
-        checkpoint: Weights file(s) offered, listed first.
-        random_weights: Offer the `model`s at random initialisation (tests, offline smoke runs).
-        topk: Labels shown per image.
-        examples_dir: Folder of example images (default: the repo's demo/examples when present).
-        device: Torch device for inference (default: CUDA when available).
-        model_kwargs: `create_model` keywords for every offered model (`num_classes`, `use_ema`, ...).
-        preload: Load every offered model now, so a bad name or file fails here and not at the first click.
-
-    Raises:
-        ValueError, FileNotFoundError, CheckpointError, DownloadError: an offered model cannot be loaded.
+    """The demo page offering `model_choices(model, checkpoint, random_weights)`, `topk` labels per image, the photos
+    of `examples_dir` (default: the package's examples) as examples; `model_kwargs` (`num_classes`, `use_ema`, ...)
+    go to `create_model` for every model. `preload` loads every offered model now, so a bad name or file fails here
+    and not at the first click (ValueError, FileNotFoundError, CheckpointError, DownloadError).
     """
     if topk < 1:
         raise ValueError(f"topk must be >= 1, got {topk}")

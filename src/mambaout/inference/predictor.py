@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from mambaout.data.image import eval_transform, load_image, to_rgb  # noqa: F401  (to_rgb: public name of this module)
+from mambaout.data.image import eval_transform, load_image, source_name, to_rgb  # noqa: F401  (to_rgb: re-exported)
 from mambaout.inference.precision import resolve_dtype, with_dtype
 from mambaout.models.factory import create_model
 from mambaout.utils.device import resolve_device
@@ -136,9 +136,8 @@ class Predictor:
         pretrained: Download the variant's published weights (ignored with `checkpoint` or a module).
         topk: How many classes to return per image (capped at the number of classes).
         device: Where to run; defaults to CUDA when available.
-        dtype: `'fp32'`, or `'bf16'` (weights converted once; mambaout.inference.precision). On a CPU without bf16
-            arithmetic bf16 runs as fp32, with a warning, unless `allow_emulated`; `self.dtype` is what runs.
-        allow_emulated: Run bf16 even where the CPU only emulates it (slower; to check its accuracy).
+        dtype: `'fp32'` or `'bf16'` (mambaout.inference.precision). A CPU that only emulates bf16 runs fp32, with a
+            warning, unless `allow_emulated` (slower; to check its accuracy); `self.dtype` is what runs.
     """
 
     def __init__(
@@ -189,7 +188,7 @@ class Predictor:
     def __call__(self, image) -> Prediction:
         """Classify one image (a path, bytes, PIL image or array). Raises ValueError if it cannot be read."""
         probs, indices = self.predict_batch(self.preprocess(image)[None])
-        return self._prediction(_describe(image), probs[0], indices[0])
+        return self._prediction(source_name(image), probs[0], indices[0])
 
     def iter_predict(
         self, inputs: Sequence | str | os.PathLike, batch_size: int = 32, num_workers: int = 0, progress: bool = False
@@ -226,9 +225,9 @@ class Predictor:
         out = []
         for item in items:
             try:
-                out.append((_describe(item), self.preprocess(item), None))
+                out.append((source_name(item), self.preprocess(item), None))
             except (ValueError, OSError) as e:
-                out.append((_describe(item), None, str(e)))
+                out.append((source_name(item), None, str(e)))
         return out
 
     def predict(self, inputs, batch_size: int = 32, num_workers: int = 0, progress: bool = False) -> list[dict]:
@@ -252,10 +251,6 @@ def predict(
     if checkpoint is not None and model == "mambaout_femto":
         model = None  # the default name must not override the name a checkpoint records
     return Predictor(model, checkpoint=checkpoint, pretrained=pretrained, topk=topk).predict(inputs, batch_size)
-
-
-def _describe(source) -> str:
-    return str(source) if isinstance(source, (str, os.PathLike)) else f"<{type(source).__name__}>"
 
 
 def format_text(pred: dict) -> str:
