@@ -87,7 +87,7 @@ class ImageDataset(Dataset):
                     "...); their images cannot be scored: remove those folders, or use the matching model"
                 )
             if isinstance(self.reader, FolderReader):
-                self.reader = self.reader.with_class_map(class_to_idx)
+                self.reader.label(class_to_idx)
             else:
                 self.reader = _reader(name, root, split, class_to_idx)
         self.class_to_idx = _class_map(self.reader)
@@ -180,7 +180,7 @@ def _reader(name: str, root: str | None, split: str, class_map: dict[str, int] |
     from timm.data.readers import create_reader
 
     if root is not None and os.path.isdir(root):
-        return FolderReader(root, class_map)
+        return FolderReader(root)
     try:
         return create_reader(name, root=root, split=split, class_map=class_map)
     except (tarfile.TarError, OSError, EOFError) as e:  # an empty, truncated or garbage .tar

@@ -8,7 +8,6 @@ skipped and named in one warning (the real place kept), a folder that cannot be 
 
 from __future__ import annotations
 
-import copy
 import errno
 import logging
 import os
@@ -107,31 +106,22 @@ def scan_image_folder(root: str, report: bool = True) -> list[tuple[str, str]]:
 
 class FolderReader:
     """An ImageFolder directory as timm's reader interface (`samples`, `class_to_idx`, `reader[i]` -> (file,
-    target), `_filename`), listed by `scan_image_folder`.
+    target), `_filename`), listed by `scan_image_folder`."""
 
-    Args:
-        class_map: Class name -> label (a validation set takes the training set's); files of other classes are left
-            out (the caller says so first, see `ImageDataset`). Default: sorted folder names.
-    """
-
-    def __init__(self, root: str, class_map: dict[str, int] | None = None, report: bool = True):
+    def __init__(self, root: str, report: bool = True):
         self.root = root
         self.found = scan_image_folder(root, report)
-        self._label(class_map)
+        self.label(None)
 
-    def _label(self, class_map: dict[str, int] | None) -> None:
+    def label(self, class_map: dict[str, int] | None) -> None:
+        """Label the listing by `class_map` (default: sorted folder names; a validation set takes the training
+        set's): files of other classes are left out (the caller says so first, see `ImageDataset`)."""
         if class_map is None:
             names = sorted({label for _, label in self.found}, key=natural_key)
             class_map = {c: i for i, c in enumerate(names)}
         self.class_to_idx = dict(class_map)
         samples = [(p, self.class_to_idx[c]) for p, c in self.found if c in self.class_to_idx]
         self.samples = sorted(samples, key=lambda s: natural_key(s[0]))
-
-    def with_class_map(self, class_map: dict[str, int]) -> FolderReader:
-        """The same listing labelled by `class_map` (no second walk, no second warning)."""
-        other = copy.copy(self)
-        other._label(class_map)
-        return other
 
     def __len__(self) -> int:
         return len(self.samples)

@@ -57,7 +57,7 @@ def load_image(source) -> Image.Image:
             img = Image.open(fp)  # reads the header only
             check_pixels(*img.size, name)
             if img.format == "JPEG":
-                _check_jpeg_size(img, fp, name)
+                _check_jpeg_size(img, name)
             img.load()  # decode now, so a truncated file fails here and not inside the transform
         except Image.DecompressionBombError as e:  # PIL's own check (2 x MAX_IMAGE_PIXELS) fires inside open()
             raise ValueError(
@@ -76,13 +76,10 @@ def load_image(source) -> Image.Image:
 _JPEG_MAX_PIXELS_PER_BYTE = 1024
 
 
-def _check_jpeg_size(img: Image.Image, fp, name: str) -> None:
-    try:  # the size in bytes of a path or a seekable binary file
-        if isinstance(fp, (str, os.PathLike)):
-            size = os.path.getsize(fp)
-        else:
-            pos, size = fp.tell(), fp.seek(0, io.SEEK_END)
-            fp.seek(pos)
+def _check_jpeg_size(img: Image.Image, name: str) -> None:
+    try:  # the size in bytes of the file PIL reads (opened from a path, or the one given)
+        pos, size = img.fp.tell(), img.fp.seek(0, io.SEEK_END)
+        img.fp.seek(pos)
     except (OSError, AttributeError, ValueError):
         return  # cannot be told
     if size and img.size[0] * img.size[1] > _JPEG_MAX_PIXELS_PER_BYTE * size:
