@@ -1,10 +1,6 @@
-"""Datasets for training and evaluation, leaning on timm's readers (tars, Hugging Face datasets).
-
-- `ImageDataset`: an ImageFolder directory (`folders.FolderReader`: each real folder and file once) or timm's
-  random-access readers (a `.tar` of one, `hfds/NAME:SPLIT`), decoded by `image.load_image`; unreadable files are
-  named and skipped: training substitutes the next readable image, evaluation leaves them out;
-- `DigitsDataset`: scikit-learn's 8x8 digits upscaled to RGB, the embedded default that needs no download;
-- streamed sets (`wds/`, `hfids/`) are built by `create_dataset` too, from `mambaout.data.streaming`.
+"""Datasets for training and evaluation: `ImageDataset` (folders, tars, Hugging Face; unreadable files skipped and
+named), `DigitsDataset` (the embedded default, no download), and `create_dataset`, which also builds the streamed
+sets of `mambaout.data.streaming`.
 """
 
 from __future__ import annotations

@@ -1,7 +1,5 @@
-"""Images in, tensors out: the one way every path of the package decodes an image and applies an eval transform.
-
-Training and `validate` (`mambaout.data`), `predict` and the demo (`mambaout.inference.predictor`) and the metadata of exported
-models (`mambaout.inference.export`) all go through here, so the same file gives the same tensor whichever path reads it.
+"""Images in, tensors out: the one way every path of the package (training, validate, predict, the demo, export's
+metadata) decodes an image and applies an eval transform, so the same file gives the same tensor on every path.
 """
 
 from __future__ import annotations

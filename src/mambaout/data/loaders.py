@@ -1,9 +1,5 @@
-"""Samplers and loaders: sharded over ranks, resumable mid-epoch, and counting each evaluation image once.
-
-Every training loader (`ShuffledLoader` here, `streaming.StreamLoader`, and the gpu pipeline's
-`DecodedTrainLoader` / `DeviceAugmentLoader`) keeps one small contract, `EpochLoader`: `len()` in batches,
-iteration, `set_epoch(epoch)` before each epoch and `skip_samples(n)` to start the next epoch after `n` of this
-rank's samples (mid-epoch resume).
+"""Samplers and loaders: sharded over ranks, resumable mid-epoch, and counting each evaluation image once. Every
+training loader (here, `streaming.StreamLoader`, the gpu pipeline's) keeps the `EpochLoader` contract.
 """
 
 from __future__ import annotations

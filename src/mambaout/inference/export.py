@@ -1,8 +1,6 @@
-"""Exporting a MambaOut for deployment: ONNX (dynamic batch axis) and `torch.export` programs (`.pt2`).
-
-Both files carry what a deployment needs besides the graph: the model name, its arguments, the class names
-and the eval transform (ONNX: `metadata_props`; `.pt2`: the `mambaout.json` extra file), so a runtime can
-preprocess and label without our package.
+"""Exporting a MambaOut for deployment: ONNX (dynamic batch axis) and `torch.export` programs (`.pt2`), each carrying
+the model name, its arguments, the class names and the eval transform (ONNX: `metadata_props`; `.pt2`: the
+`mambaout.json` extra file), so a runtime can preprocess and label without our package (docs/export.md).
 """
 
 from __future__ import annotations
