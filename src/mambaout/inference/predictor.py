@@ -33,9 +33,6 @@ IMAGE_EXTENSIONS = frozenset(
 _SYNSET = re.compile(r"n\d{8}")  # a WordNet noun id, ImageNet's class folder names
 
 
-# --- finding images --------------------------------------------------------------------------------------------
-
-
 def find_images(inputs: Iterable) -> list:
     """Expand folders (recursively, sorted, image suffixes only) and keep files (as `Path`s) and other items (PIL
     images, arrays, bytes) as given, in input order.
@@ -51,9 +48,6 @@ def find_images(inputs: Iterable) -> list:
         else:
             paths.append(item if p is None else p)  # missing or unreadable files are reported per file by the predictor
     return paths
-
-
-# --- transform and class names ---------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -101,9 +95,6 @@ def class_names_for(model: nn.Module) -> ClassNames:
         names = tuple(info.index_to_description(i).split(",")[0].strip() for i in range(num_classes))
         return ClassNames(names, synsets)
     return ClassNames(tuple(str(i) for i in range(num_classes)))
-
-
-# --- predicting ------------------------------------------------------------------------------------------------------
 
 
 @dataclass
