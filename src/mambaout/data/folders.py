@@ -48,10 +48,8 @@ def _named(paths: list[str], root: str) -> str:
 def scan_image_folder(root: str, report: bool = True) -> list[tuple[str, str]]:
     """(path, class name) of every image file under `root`, each real file once, by the path it was reached by; the
     class is the name of the folder holding it (timm's `leaf_name_only`; '' at the top). `report` warns about the
-    linked folders and files skipped.
-
-    Raises:
-        ValueError: a folder that cannot be listed (permission denied, a link loop the kernel refuses), named.
+    linked folders and files skipped. ValueError, naming it, for a folder that cannot be listed (permission denied,
+    a link loop the kernel refuses).
     """
     suffixes = set(get_img_extensions(as_set=True))
     listed: list[tuple[str, str, str, bool]] = []  # (path, class, real path, the entry is a link)

@@ -118,13 +118,10 @@ def _round8(x: torch.Tensor) -> torch.Tensor:
 
 
 def resized_crop(images: torch.Tensor, boxes: torch.Tensor, size: tuple[int, int], bicubic, flip=None):
-    """Crop each image to its box and resize it to `size` (out_h, out_w) as PIL does, optionally mirrored; returns
-    `[B, C, out_h, out_w]` rounded to integers, like PIL's uint8 output.
-
-    Args:
-        images: `[B, C, H, W]` 0..255 values (may be a padded canvas: boxes never reach the padding).
-        boxes: `[B, 4]` (top, left, height, width) in pixels.
-        bicubic, flip: `[B]` bool, per-sample interpolation and horizontal mirror (folded into the matrix: free).
+    """Crop `images` `[B, C, H, W]` (0..255; may be a padded canvas: boxes never reach the padding) to `boxes`
+    `[B, 4]` (top, left, height, width in pixels) and resize to `size` (out_h, out_w) as PIL does, returning
+    `[B, C, out_h, out_w]` rounded like PIL's uint8 output. `bicubic`, `flip`: `[B]` bool, per-sample interpolation
+    and horizontal mirror (folded into the matrix: free).
     """
     _, _, h, w = images.shape
     wy = resample_weights(boxes[:, 0], boxes[:, 2], size[0], h, bicubic)  # [B, out_h, H]
@@ -239,11 +236,8 @@ def smooth(x: torch.Tensor) -> torch.Tensor:
 
 class RandAugmentGpu:
     """timm's RandAugment, batched: each sample draws `spec.num_layers` ops (uniformly, with replacement), each
-    applied with probability `prob` at a magnitude drawn per application and, for signed ops, a random sign.
-
-    Args:
-        spec: A `RandAugmentSpec` or a `rand-...` string.
-        fill: `[C]` 0..255 fill colour of rotate/shear/translate (timm: the mean, `round(255 * mean)`).
+    applied with probability `prob` at a magnitude drawn per application and, for signed ops, a random sign. `fill`:
+    `[C]` 0..255 fill colour of rotate/shear/translate (timm: the mean, `round(255 * mean)`).
     """
 
     def __init__(self, spec: RandAugmentSpec | str, fill=(124, 116, 104)):

@@ -30,11 +30,9 @@ def pil_to_uint8(img) -> np.ndarray:
 
 def decode_images(dataset, transform=None, workers: int = 0, batch_size: int = 64) -> dict[str, np.ndarray]:
     """Decode every image of `dataset` (an ImageDataset/DigitsDataset without transform) once, through `transform`
-    (PIL -> PIL, the eval resize/crop; None keeps the decoded size).
-
-    Returns:
-        `images` `[N, 3, Hmax, Wmax]` uint8 (each image top-left in a canvas as big as the largest one),
-        `sizes` `[N, 2]` (h, w), `targets` `[N]`, `skipped` (unreadable files met, replaced by the next one).
+    (PIL -> PIL, the eval resize/crop; None keeps the decoded size), into `images` `[N, 3, Hmax, Wmax]` uint8 (each
+    image top-left in a canvas as big as the largest one), `sizes` `[N, 2]` (h, w), `targets` `[N]` and `skipped`
+    (unreadable files met, replaced by the next one).
     """
     keep = dataset.transform
     dataset.transform = (lambda im: pil_to_uint8(transform(im))) if transform is not None else pil_to_uint8

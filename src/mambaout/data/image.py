@@ -36,10 +36,8 @@ def load_image(source) -> Image.Image:
     LAB, and alpha (composited onto white rather than dropped, so transparent pixels do not turn black).
     EXIF orientation is applied, as a photo viewer would. An image with more pixels than the decode budget
     (`mambaout.utils.limits.max_pixels`, 64 Mpx unless `$MAMBAOUT_MAX_PIXELS` says otherwise) is refused from its
-    header, before its pixels are decoded.
-
-    Raises:
-        ValueError: the source is not a decodable image, or is over the decode budget (the message names it).
+    header, before its pixels are decoded. ValueError, naming the source, for what is not a decodable image or is
+    over the decode budget.
     """
     if isinstance(source, np.ndarray):
         img = Image.fromarray(source)

@@ -93,10 +93,8 @@ def train_loader(
 ):
     """Shuffled, sharded (DistributedSampler, also at world size 1 so 1 and N processes see the same order).
 
-    Args:
-        persistent: Keep worker processes between epochs (saves their start-up on short GPU epochs). Off by
-            default: fresh workers take their seeds from the per-epoch seeded main process, which is what makes
-            `--resume` bit-exact; persistent workers carry their RNG state across epochs instead.
+    `persistent` keeps worker processes between epochs (saves their start-up on short GPU epochs). Off by default:
+    fresh workers take their seeds from the per-epoch seeded main process, which makes `--resume` bit-exact.
     """
     if isinstance(dataset, IterableImages):
         dataset.training, dataset.rank, dataset.world_size, dataset.seed = True, rank, world_size, seed
