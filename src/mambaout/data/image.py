@@ -144,15 +144,10 @@ class EvalSettings:
         """timm's eval transform; `img_size` and `crop_pct` override the recorded ones."""
         from timm.data import create_transform
 
-        return create_transform(
-            input_size=img_size or self.input_size,
-            is_training=False,
-            interpolation=self.interpolation,
-            crop_pct=crop_pct if crop_pct is not None else self.crop_pct,
-            crop_mode=self.crop_mode,
-            mean=self.mean,
-            std=self.std,
+        overrides = dict(
+            input_size=img_size or self.input_size, crop_pct=self.crop_pct if crop_pct is None else crop_pct
         )
+        return create_transform(is_training=False, **{**vars(self), **overrides})  # the fields are its keywords
 
 
 def eval_transform(cfg: dict | EvalSettings, img_size: int | None = None, crop_pct: float | None = None):
