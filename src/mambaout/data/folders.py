@@ -40,11 +40,6 @@ def _listing_error(folder: str, e: OSError, root: str) -> ValueError:
     return ValueError(f"cannot read folder {folder}{where} ({e.strerror or e}); check the path and its permissions")
 
 
-def _named(paths: list[str], root: str) -> str:
-    shown = ", ".join(printable(os.path.relpath(p, root)) for p in paths[:_SHOWN])
-    return shown + (f" (+{len(paths) - _SHOWN} more)" if len(paths) > _SHOWN else "")
-
-
 def scan_image_folder(root: str, report: bool = True) -> list[tuple[str, str]]:
     """(path, class name) of every image file under `root`, each real file once, by the path it was reached by; the
     class is the name of the folder holding it (timm's `leaf_name_only`; '' at the top). `report` warns about the
@@ -98,7 +93,9 @@ def scan_image_folder(root: str, report: bool = True) -> list[tuple[str, str]]:
     duplicates = [p for i, (p, _, _, _) in enumerate(listed) if i not in keep]
     for paths, what in zip((skipped_dirs, duplicates), _SKIPPED):
         if report and paths:
-            logger.warning("%s: %d %s: %s", printable(root), len(paths), what, _named(paths, root))
+            shown = ", ".join(printable(os.path.relpath(p, root)) for p in paths[:_SHOWN])
+            more = f" (+{len(paths) - _SHOWN} more)" if len(paths) > _SHOWN else ""
+            logger.warning("%s: %d %s: %s%s", printable(root), len(paths), what, shown, more)
     return found
 
 

@@ -86,10 +86,6 @@ def parse_rand_augment(spec: str) -> RandAugmentSpec:
 # --- resampling (random resized crop) --------------------------------------------------------------------------------
 
 
-def _triangle(d: torch.Tensor) -> torch.Tensor:  # PIL's bilinear filter, support 1
-    return (1 - d.abs()).clamp_min(0)
-
-
 def _cubic(d: torch.Tensor, a: float = -0.5) -> torch.Tensor:  # PIL's bicubic filter (a = -0.5), support 2
     d = d.abs()
     near = ((a + 2) * d - (a + 3)) * d * d + 1
@@ -107,7 +103,7 @@ def resample_weights(start: torch.Tensor, length: torch.Tensor, out_size: int, i
     centers = start + (torch.arange(out_size, device=start.device).float()[None, :, None] + 0.5) * scale
     pos = torch.arange(in_size, device=start.device).float()[None, None, :] + 0.5
     d = (pos - centers) / stretch  # [B, out, in]
-    w = only_where(bicubic, _triangle(d), lambda _, i: _cubic(d[i]))
+    w = only_where(bicubic, (1 - d.abs()).clamp_min(0), lambda _, i: _cubic(d[i]))  # bilinear: PIL's triangle filter
     w = w * ((pos >= start) & (pos < start + length))
     return w / w.sum(-1, keepdim=True).clamp_min(1e-12)
 
