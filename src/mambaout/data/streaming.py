@@ -33,11 +33,8 @@ _RANGE = re.compile(r"\{(\d+)\.\.(\d+)\}")
 
 def expand_urls(pattern: str) -> list[str]:
     """`a-{000..012}.tar` brace ranges (several in one name multiply: `s-{0..2}-{0..1}.tar` is 6 shards),
-    `::`-separated lists and globs -> the sorted list of shard paths.
-
-    Raises:
-        ValueError: the ranges name more than `MAX_SHARDS` shards (checked before any list is built) or run backwards.
-        FileNotFoundError: a shard that is not there.
+    `::`-separated lists and globs -> the sorted list of shard paths. ValueError for ranges that run backwards or
+    name more than `MAX_SHARDS` shards (checked before any list is built), FileNotFoundError for a missing shard.
     """
     parts = [(part, list(_RANGE.finditer(part))) for part in pattern.split("::")]
     for m in (m for _, ranges in parts for m in ranges):

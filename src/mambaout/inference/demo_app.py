@@ -53,12 +53,9 @@ def image_input(**kwargs) -> gr.Image:
 
 
 class ModelPool:
-    """Builds predictors on first use and keeps the last few, for the choices on the allow-list only.
-
-    Args:
-        allowed: Dropdown label -> what it loads: `("model", name)` (published weights, downloaded on first use),
-            `("random", name)`, `("checkpoint", path)` or `("named checkpoint", "NAME:PATH")`; nothing else.
-    """
+    """Builds predictors on first use and keeps the last few, for the choices on the allow-list only: `allowed` maps
+    a dropdown label to `("model", name)` (published weights, downloaded on first use), `("random", name)`,
+    `("checkpoint", path)` or `("named checkpoint", "NAME:PATH")`."""
 
     def __init__(
         self,
@@ -183,10 +180,8 @@ def build_app(
 
 def launch(app: gr.Blocks, host: str = "127.0.0.1", port: int | None = None, max_file_size=MAX_UPLOAD, **kwargs):
     """Serve `app` with offline-friendly settings (no share link, no SSR node server, system fonts) and an upload
-    size limit.
-
-    Gradio's own start-up lines are silenced (they advise `share=True` in `launch()`, which a command-line user
-    cannot act on, and this server never makes public links); one line names the address instead.
+    size limit. Gradio's own start-up lines are silenced (they advise `share=True` in `launch()`, which a command-line
+    user cannot act on, and this server never makes public links); one line names the address instead.
     """
     examples = [str(EXAMPLES_DIR)] if EXAMPLES_DIR.is_dir() else []
     block = not kwargs.pop("prevent_thread_lock", False)

@@ -49,10 +49,8 @@ def resolve_dtype(dtype: str, device: torch.device | str = "cpu", allow_emulated
 
 
 class LowPrecision(nn.Module):
-    """`model` with its weights in `dtype`: images are cast to `dtype` on the way in, logits to fp32 on the way out.
-
-    The attributes our commands read (`pretrained_cfg`, `num_classes`, `class_names`, ...) are the wrapped model's.
-    """
+    """`model` with its weights in `dtype`: images are cast to `dtype` on the way in, logits to fp32 on the way out;
+    other attributes are the wrapped model's."""
 
     def __init__(self, model: nn.Module, dtype: torch.dtype = torch.bfloat16):
         super().__init__()
