@@ -235,21 +235,16 @@ def predict(
     topk: int = 5,
     batch_size: int = 32,
 ) -> list[dict]:
-    """Classify images in one call: `mambaout.predict(["cat.jpg"], checkpoint="best.safetensors")`.
-
-    With `checkpoint`, `model` may be None (our checkpoints record it). See `Predictor.predict` for the output.
-    """
+    """Classify images in one call: `mambaout.predict(["cat.jpg"], checkpoint="best.safetensors")` (`model` may be
+    None with `checkpoint`: ours record it). See `Predictor.predict` for the output."""
     if checkpoint is not None and model == "mambaout_femto":
         model = None  # the default name must not override the name a checkpoint records
     return Predictor(model, checkpoint=checkpoint, pretrained=pretrained, topk=topk).predict(inputs, batch_size)
 
 
 def format_text(pred: dict) -> str:
-    """One image's top-k as readable lines (the CLI's default output).
-
-    The path and the labels are shown with control characters escaped (`mambaout.utils.text.printable`): a file
-    name or a checkpoint's class name cannot start a forged line or send escape sequences to the terminal.
-    """
+    """One image's top-k as readable lines (the CLI's default output), control characters escaped (`printable`): a
+    file name or a checkpoint's class name cannot start a forged line or send escape sequences to the terminal."""
     lines = [printable(pred["path"])]
     for t in pred["top"]:
         synset = f"  {printable(t['synset'])}" if "synset" in t else ""
