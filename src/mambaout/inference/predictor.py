@@ -77,24 +77,19 @@ def class_names_for(model: nn.Module) -> ClassNames:
     from timm.data import ImageNetInfo, infer_imagenet_subset
 
     if stored is not None and len(stored) == num_classes:
-        stored = tuple(str(n) for n in stored)
-        if not all(_SYNSET.fullmatch(n) for n in stored):
-            return ClassNames(stored)
-        # ImageFolder class names of an ImageNet subset (Imagenette): show the words, keep the synsets
-        info = ImageNetInfo("imagenet-22k")
-        try:
-            return ClassNames(tuple(info.label_name_to_description(n).split(",")[0].strip() for n in stored), stored)
-        except (KeyError, ValueError):  # not all WordNet ids ImageNet knows: keep them as they are
-            return ClassNames(stored)
-
-    subset = infer_imagenet_subset({"num_classes": num_classes})
-    if subset is not None:
+        synsets = tuple(str(n) for n in stored)
+        if not all(_SYNSET.fullmatch(n) for n in synsets):
+            return ClassNames(synsets)
+        info = ImageNetInfo("imagenet-22k")  # ImageFolder names of an ImageNet subset (Imagenette): show the words
+    elif (subset := infer_imagenet_subset({"num_classes": num_classes})) is not None:
         info = ImageNetInfo(subset)
         synsets = tuple(info.label_names())
-        # the first of WordNet's comma-separated lemmas is the common name ('tench', 'English springer')
-        names = tuple(info.index_to_description(i).split(",")[0].strip() for i in range(num_classes))
-        return ClassNames(names, synsets)
-    return ClassNames(tuple(str(i) for i in range(num_classes)))
+    else:
+        return ClassNames(tuple(str(i) for i in range(num_classes)))
+    try:  # the first of WordNet's comma-separated lemmas is the common name ('tench', 'English springer')
+        return ClassNames(tuple(info.label_name_to_description(s).split(",")[0].strip() for s in synsets), synsets)
+    except (KeyError, ValueError):  # not all WordNet ids ImageNet knows: keep them as they are
+        return ClassNames(synsets)
 
 
 @dataclass
