@@ -66,12 +66,9 @@ class ClassNames:
 
 
 def class_names_for(model: nn.Module) -> ClassNames:
-    """The names of `model`'s outputs.
-
-    Order of preference: names stored in the checkpoint by our trainer (`model.class_names`; WordNet synsets
-    such as an ImageFolder of Imagenette stores are shown as their ImageNet names); ImageNet-1k
-    (or -12k/-22k) names and synsets from timm when the head has that many classes; else the index as text.
-    """
+    """The names of `model`'s outputs: those our trainer stores in a checkpoint (`model.class_names`; WordNet synsets,
+    as an ImageFolder of Imagenette stores, shown as their ImageNet names); else ImageNet-1k (or -12k/-22k) names and
+    synsets from timm when the head has that many classes; else the index as text."""
     stored = getattr(model, "class_names", None)
     num_classes = model.num_classes
     from timm.data import ImageNetInfo, infer_imagenet_subset
@@ -80,7 +77,7 @@ def class_names_for(model: nn.Module) -> ClassNames:
         synsets = tuple(str(n) for n in stored)
         if not all(_SYNSET.fullmatch(n) for n in synsets):
             return ClassNames(synsets)
-        info = ImageNetInfo("imagenet-22k")  # ImageFolder names of an ImageNet subset (Imagenette): show the words
+        info = ImageNetInfo("imagenet-22k")
     elif (subset := infer_imagenet_subset({"num_classes": num_classes})) is not None:
         info = ImageNetInfo(subset)
         synsets = tuple(info.label_names())
