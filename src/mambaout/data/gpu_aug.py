@@ -266,11 +266,8 @@ class RandAugmentGpu:
         level = mag / LEVEL_DENOM
 
         def drew(*which):  # [B] bool: the sample drew one of `which` or (for a plain name) its Increasing variant
-            sel = torch.zeros_like(op, dtype=torch.bool)
-            for k, name in enumerate(names):
-                if name in which or name.removesuffix("Increasing") in which:
-                    sel |= op == k
-            return sel
+            picked = tuple(k for k, n in enumerate(names) if n in which or n.removesuffix("Increasing") in which)
+            return torch.isin(op, const(picked, op.device))
 
         # Enhance factors (PIL ImageEnhance.*.enhance(factor)); 1.0 is the identity
         enhance = torch.where(
