@@ -113,15 +113,15 @@ def test_cache_is_built_once_per_machine_and_mapped_by_every_rank(tmp_path):
     assert counter.read_text().split() == ["0"]  # only local rank 0 built (decoded) the data
     seen = [(tmp_path / f"{rank}.txt").read_text().split() for rank in range(3)]
     assert all(int(total) == 999 * 1000 // 2 for total, _ in seen)
-    assert len({source for _, source in seen}) == 1 and seen[0][1].endswith(".bin")  # every rank maps one file
+    assert len({source for _, source in seen}) == 1 and seen[0][1].endswith("x.npy")  # every rank maps one file
     assert not list(shared_cache._shm_dir().glob("mambaout-cache-test-*"))  # unlinked once mapped
 
 
 def test_packed_bytes_round_trip(tmp_path):
     items = [b"abc", None, b"", b"\x00\xff" * 10]
     arrays = shared_cache.PackedBytes.pack(items)
-    shared_cache.write_arrays(tmp_path / "c.bin", arrays)
-    packed = shared_cache.PackedBytes(shared_cache.map_arrays(tmp_path / "c.bin"))
+    shared_cache.write_arrays(tmp_path / "c", arrays)
+    packed = shared_cache.PackedBytes(shared_cache.map_arrays(tmp_path / "c"))
     assert [packed[i] for i in range(len(packed))] == items
 
 

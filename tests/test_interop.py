@@ -187,7 +187,7 @@ def test_num_classes_on_the_commands(tmp_path, capsys):
     from mambaout.inference.demo_app import ModelPool, model_choices
 
     allowed = model_choices(["mambaout_femto"], [str(path)])
-    assert allowed == {f"{path} (mambaout_femto)": ("checkpoint", f"mambaout_femto:{path}")}
+    assert allowed == {f"{path} (mambaout_femto)": ("named checkpoint", f"mambaout_femto:{path}")}
     pool = ModelPool(allowed, topk=3, device="cpu", model_kwargs={"num_classes": 5})
     predictor = pool.get(f"{path} (mambaout_femto)")
     assert predictor.model.num_classes == 5 and len(predictor(str(img)).indices) == 3

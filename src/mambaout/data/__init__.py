@@ -1,7 +1,5 @@
-"""Data: image decoding, datasets, the training transform, samplers and loaders, streaming and the GPU pipeline.
-
-Inside the package, modules import the submodule that owns a name (`mambaout.data.loaders`, ...); these
-re-exports are for users. The GPU pipeline (`gpu_loader`, `gpu_aug`) is imported only when it is used.
+"""Data: decoding, datasets, the training transform, samplers and loaders, streaming and the GPU pipeline (imported
+only when used). These re-exports are for users; the package's own modules import the submodule owning a name.
 """
 
 from mambaout.data.datasets import (

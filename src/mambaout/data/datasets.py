@@ -1,10 +1,6 @@
-"""Datasets for training and evaluation, leaning on timm's readers (tars, Hugging Face datasets).
-
-- `ImageDataset`: an ImageFolder directory (`folders.FolderReader`: each real folder and file once) or timm's
-  random-access readers (a `.tar` of one, `hfds/NAME:SPLIT`), decoded by `image.load_image`; unreadable files are
-  named and skipped: training substitutes the next readable image, evaluation leaves them out;
-- `DigitsDataset`: scikit-learn's 8x8 digits upscaled to RGB, the embedded default that needs no download;
-- streamed sets (`wds/`, `hfids/`) are built by `create_dataset` too, from `mambaout.data.streaming`.
+"""Datasets for training and evaluation: `ImageDataset` (folders, tars, Hugging Face; unreadable files skipped and
+named), `DigitsDataset` (the embedded default, no download), and `create_dataset`, which also builds the streamed
+sets of `mambaout.data.streaming`.
 """
 
 from __future__ import annotations
@@ -44,12 +40,9 @@ class ImageDataset(Dataset):
     Without it (evaluation) an unreadable sample is `(None, -1, file name)`, which `collate_readable` leaves out and
     names, so a metric counts each readable image exactly once.
 
-    Args:
-        root: An ImageFolder directory (`root/<class>/<image>`) or a `.tar` file holding one.
-        transform: Applied to the RGB PIL image.
-        class_to_idx: Folder name -> label; default sorted folder order. Pass the train set's map to a val set.
-        cache: Keep every file's bytes in RAM after the first read (small datasets: no disk or tar seeks).
-        substitute: Replace an unreadable sample by the next readable one (training) instead of naming it.
+    `root` is an ImageFolder directory (`root/<class>/<image>`), a `.tar` of one or `hfds/NAME[:SPLIT]`;
+    `class_to_idx` folder name -> label (default: sorted folder order; a val set takes the train set's map); `cache`
+    keeps every file's bytes in RAM after the first read (small data sets: no disk or tar seeks).
     """
 
     def __init__(
@@ -90,7 +83,7 @@ class ImageDataset(Dataset):
                     "...); their images cannot be scored: remove those folders, or use the matching model"
                 )
             if isinstance(self.reader, FolderReader):
-                self.reader = self.reader.with_class_map(class_to_idx)
+                self.reader.label(class_to_idx)
             else:
                 self.reader = _reader(name, root, split, class_to_idx)
         self.class_to_idx = _class_map(self.reader)
@@ -108,15 +101,9 @@ class ImageDataset(Dataset):
             from mambaout.data.shared_cache import PackedBytes, cache_key, machine_shared
 
             def build():
-                arrays = PackedBytes.pack([self._read(i) for i in range(self._n)])
-                # the folder and tar readers keep (file, target) pairs in `samples`, others the labels in `targets`;
-                # timm's Hugging Face reader neither: its labels come with each sample
-                targets = getattr(self.reader, "targets", None)
-                if targets is None and hasattr(self.reader, "samples"):
-                    targets = [t for _, t in self.reader.samples]
-                if targets is None:
-                    targets = [self._target(i) for i in range(self._n)]
-                arrays["targets"] = np.array(targets, dtype=np.int64)
+                read = [self._read(i) for i in range(self._n)]
+                arrays = PackedBytes.pack([data for data, _ in read])
+                arrays["targets"] = np.array([target for _, target in read], dtype=np.int64)
                 return arrays
 
             stamp = os.stat(self.root).st_mtime_ns if os.path.exists(self.root) else 0
@@ -135,19 +122,14 @@ class ImageDataset(Dataset):
             return io.BytesIO(data), self._targets[index]
         return self.reader[index]
 
-    def _target(self, index: int) -> int:
-        """A sample's label from the reader; -1 (no label) for one that cannot be opened, as its bytes are None."""
+    def _read(self, index: int) -> tuple[bytes | None, int]:
+        """(bytes, target) of a sample; (None, -1) for one that cannot be read, named in a warning."""
         try:
-            return int(self.reader[index][1])
-        except OSError:
-            return -1
-
-    def _read(self, index: int) -> bytes | None:
-        try:
-            return self._open(index)[0].read()
+            f, target = self._open(index)
+            return f.read(), int(target)
         except OSError as e:
             logger.warning("cannot read sample %d of %s: %s", index, printable(self.root), printable(e))
-            return None
+            return None, -1
 
     def __len__(self) -> int:
         return self._n
@@ -194,7 +176,7 @@ def _reader(name: str, root: str | None, split: str, class_map: dict[str, int] |
     from timm.data.readers import create_reader
 
     if root is not None and os.path.isdir(root):
-        return FolderReader(root, class_map)
+        return FolderReader(root)
     try:
         return create_reader(name, root=root, split=split, class_map=class_map)
     except (tarfile.TarError, OSError, EOFError) as e:  # an empty, truncated or garbage .tar

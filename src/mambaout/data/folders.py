@@ -2,17 +2,12 @@
 
 timm's folder reader (`os.walk(followlinks=True)`) walks a link back to a parent again and again, counts one file
 many times, and leaves out a folder it may not read without a word. `FolderReader` keeps timm's layout rules (the
-leaf folder's name is the class, natural sort order, timm's image suffixes) but:
-
-- reads a linked folder unless its real path was already read (a loop, or a second name for a folder, is skipped
-  and named in one warning); real folders come first, so images reached both ways keep their real place's class;
-- counts a file reached twice (two links to it) once, the others named in one warning;
-- raises for a folder that cannot be listed (permission denied), naming it.
+leaf folder's name is the class, natural sort order, timm's image suffixes); a second name for a folder or a file is
+skipped and named in one warning (the real place kept), a folder that cannot be listed raises.
 """
 
 from __future__ import annotations
 
-import copy
 import errno
 import logging
 import os
@@ -45,18 +40,11 @@ def _listing_error(folder: str, e: OSError, root: str) -> ValueError:
     return ValueError(f"cannot read folder {folder}{where} ({e.strerror or e}); check the path and its permissions")
 
 
-def _named(paths: list[str], root: str) -> str:
-    shown = ", ".join(printable(os.path.relpath(p, root)) for p in paths[:_SHOWN])
-    return shown + (f" (+{len(paths) - _SHOWN} more)" if len(paths) > _SHOWN else "")
-
-
 def scan_image_folder(root: str, report: bool = True) -> list[tuple[str, str]]:
     """(path, class name) of every image file under `root`, each real file once, by the path it was reached by; the
     class is the name of the folder holding it (timm's `leaf_name_only`; '' at the top). `report` warns about the
-    linked folders and files skipped.
-
-    Raises:
-        ValueError: a folder that cannot be listed (permission denied, a link loop the kernel refuses), named.
+    linked folders and files skipped. ValueError, naming it, for a folder that cannot be listed (permission denied,
+    a link loop the kernel refuses).
     """
     suffixes = set(get_img_extensions(as_set=True))
     listed: list[tuple[str, str, str, bool]] = []  # (path, class, real path, the entry is a link)
@@ -105,37 +93,30 @@ def scan_image_folder(root: str, report: bool = True) -> list[tuple[str, str]]:
     duplicates = [p for i, (p, _, _, _) in enumerate(listed) if i not in keep]
     for paths, what in zip((skipped_dirs, duplicates), _SKIPPED):
         if report and paths:
-            logger.warning("%s: %d %s: %s", printable(root), len(paths), what, _named(paths, root))
+            shown = ", ".join(printable(os.path.relpath(p, root)) for p in paths[:_SHOWN])
+            more = f" (+{len(paths) - _SHOWN} more)" if len(paths) > _SHOWN else ""
+            logger.warning("%s: %d %s: %s%s", printable(root), len(paths), what, shown, more)
     return found
 
 
 class FolderReader:
     """An ImageFolder directory as timm's reader interface (`samples`, `class_to_idx`, `reader[i]` -> (file,
-    target), `_filename`), listed by `scan_image_folder`.
+    target), `_filename`), listed by `scan_image_folder`."""
 
-    Args:
-        class_map: Class name -> label (a validation set takes the training set's); files of other classes are left
-            out (the caller says so first, see `ImageDataset`). Default: sorted folder names.
-    """
-
-    def __init__(self, root: str, class_map: dict[str, int] | None = None, report: bool = True):
+    def __init__(self, root: str, report: bool = True):
         self.root = root
         self.found = scan_image_folder(root, report)
-        self._label(class_map)
+        self.label(None)
 
-    def _label(self, class_map: dict[str, int] | None) -> None:
+    def label(self, class_map: dict[str, int] | None) -> None:
+        """Label the listing by `class_map` (default: sorted folder names; a validation set takes the training
+        set's): files of other classes are left out (the caller says so first, see `ImageDataset`)."""
         if class_map is None:
             names = sorted({label for _, label in self.found}, key=natural_key)
             class_map = {c: i for i, c in enumerate(names)}
         self.class_to_idx = dict(class_map)
         samples = [(p, self.class_to_idx[c]) for p, c in self.found if c in self.class_to_idx]
         self.samples = sorted(samples, key=lambda s: natural_key(s[0]))
-
-    def with_class_map(self, class_map: dict[str, int]) -> FolderReader:
-        """The same listing labelled by `class_map` (no second walk, no second warning)."""
-        other = copy.copy(self)
-        other._label(class_map)
-        return other
 
     def __len__(self) -> int:
         return len(self.samples)

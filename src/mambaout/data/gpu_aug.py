@@ -1,14 +1,9 @@
-"""The training augmentation on the device: batched, with every random choice drawn per sample.
+"""The training augmentation on the device, batched, every random choice drawn per sample (`GpuAugment`; the steps
+and the CPU ops they reproduce, each held equal by tests/test_gpu_aug.py, are listed in docs/data.md).
 
-The CPU pipeline (`mambaout.data.build_train_transform`: timm on PIL images) is the definition; each op here names
-the PIL/timm op it reproduces, and `tests/test_gpu_aug.py` holds them equal on the same image and magnitude.
 Images are float32 `[B, 3, H, W]` holding integers 0..255 until normalisation, rounded where PIL rounds its uint8
-images, so LUT ops see the same levels as on the CPU. No op reads a device tensor on the host: per-sample choices
-are masks and parameters, samples that did not draw an op get its identity parameters (an identity LUT, a blend
-factor of 1, an identity affine matrix), so the pipeline never waits on the GPU.
-
-Pipeline (`GpuAugment`): random resized crop + horizontal flip as one per-sample resampling matrix pair; RandAugment
-(`rand-mM-nN-mstdS-incI-mmaxX-pP`); normalisation; random erasing (`pixel` mode). Mixup/CutMix stay timm's `Mixup`.
+images, so LUT ops see the same levels as on the CPU. No op reads a device tensor on the host: a sample that did not
+draw an op gets its identity parameters (an identity LUT, a blend factor of 1, an identity affine matrix).
 """
 
 from __future__ import annotations
@@ -91,10 +86,6 @@ def parse_rand_augment(spec: str) -> RandAugmentSpec:
 # --- resampling (random resized crop) --------------------------------------------------------------------------------
 
 
-def _triangle(d: torch.Tensor) -> torch.Tensor:  # PIL's bilinear filter, support 1
-    return (1 - d.abs()).clamp_min(0)
-
-
 def _cubic(d: torch.Tensor, a: float = -0.5) -> torch.Tensor:  # PIL's bicubic filter (a = -0.5), support 2
     d = d.abs()
     near = ((a + 2) * d - (a + 3)) * d * d + 1
@@ -112,7 +103,7 @@ def resample_weights(start: torch.Tensor, length: torch.Tensor, out_size: int, i
     centers = start + (torch.arange(out_size, device=start.device).float()[None, :, None] + 0.5) * scale
     pos = torch.arange(in_size, device=start.device).float()[None, None, :] + 0.5
     d = (pos - centers) / stretch  # [B, out, in]
-    w = only_where(bicubic, _triangle(d), lambda _, i: _cubic(d[i]))
+    w = only_where(bicubic, (1 - d.abs()).clamp_min(0), lambda _, i: _cubic(d[i]))  # bilinear: PIL's triangle filter
     w = w * ((pos >= start) & (pos < start + length))
     return w / w.sum(-1, keepdim=True).clamp_min(1e-12)
 
@@ -123,13 +114,10 @@ def _round8(x: torch.Tensor) -> torch.Tensor:
 
 
 def resized_crop(images: torch.Tensor, boxes: torch.Tensor, size: tuple[int, int], bicubic, flip=None):
-    """Crop each image to its box and resize it to `size` (out_h, out_w) as PIL does, optionally mirrored; returns
-    `[B, C, out_h, out_w]` rounded to integers, like PIL's uint8 output.
-
-    Args:
-        images: `[B, C, H, W]` 0..255 values (may be a padded canvas: boxes never reach the padding).
-        boxes: `[B, 4]` (top, left, height, width) in pixels.
-        bicubic, flip: `[B]` bool, per-sample interpolation and horizontal mirror (folded into the matrix: free).
+    """Crop `images` `[B, C, H, W]` (0..255; may be a padded canvas: boxes never reach the padding) to `boxes`
+    `[B, 4]` (top, left, height, width in pixels) and resize to `size` (out_h, out_w) as PIL does, returning
+    `[B, C, out_h, out_w]` rounded like PIL's uint8 output. `bicubic`, `flip`: `[B]` bool, per-sample interpolation
+    and horizontal mirror (folded into the matrix: free).
     """
     _, _, h, w = images.shape
     wy = resample_weights(boxes[:, 0], boxes[:, 2], size[0], h, bicubic)  # [B, out_h, H]
@@ -244,11 +232,8 @@ def smooth(x: torch.Tensor) -> torch.Tensor:
 
 class RandAugmentGpu:
     """timm's RandAugment, batched: each sample draws `spec.num_layers` ops (uniformly, with replacement), each
-    applied with probability `prob` at a magnitude drawn per application and, for signed ops, a random sign.
-
-    Args:
-        spec: A `RandAugmentSpec` or a `rand-...` string.
-        fill: `[C]` 0..255 fill colour of rotate/shear/translate (timm: the mean, `round(255 * mean)`).
+    applied with probability `prob` at a magnitude drawn per application and, for signed ops, a random sign. `fill`:
+    `[C]` 0..255 fill colour of rotate/shear/translate (timm: the mean, `round(255 * mean)`).
     """
 
     def __init__(self, spec: RandAugmentSpec | str, fill=(124, 116, 104)):
@@ -281,11 +266,8 @@ class RandAugmentGpu:
         level = mag / LEVEL_DENOM
 
         def drew(*which):  # [B] bool: the sample drew one of `which` or (for a plain name) its Increasing variant
-            sel = torch.zeros_like(op, dtype=torch.bool)
-            for k, name in enumerate(names):
-                if name in which or name.removesuffix("Increasing") in which:
-                    sel |= op == k
-            return sel
+            picked = tuple(k for k, n in enumerate(names) if n in which or n.removesuffix("Increasing") in which)
+            return torch.isin(op, const(picked, op.device))
 
         # Enhance factors (PIL ImageEnhance.*.enhance(factor)); 1.0 is the identity
         enhance = torch.where(

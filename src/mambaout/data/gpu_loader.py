@@ -1,12 +1,6 @@
-"""The `gpu` data pipeline (`data_pipeline: gpu`): uint8 images to the device, `gpu_aug.GpuAugment` there.
-
-- `cache: true` (small sets such as Imagenette): every image is decoded once into one uint8 array
-  (`decode_images`), shared by the ranks of a machine (`shared_cache`) and, on a GPU, kept in its memory;
-  `DecodedTrainLoader` only gathers indices, and every augmentation step runs on the device.
-- otherwise (large sets, WebDataset shards): CPU workers decode and random-resize-crop to uint8 (the cheap part),
-  and `DeviceAugmentLoader` runs the rest on the device.
-
-Validation images get the eval resize and centre crop at decode time and are normalised on the device.
+"""The `gpu` data pipeline (`data_pipeline: gpu`): uint8 images to the device, `gpu_aug.GpuAugment` there. With
+`cache: true` every image is decoded once (`DecodedTrainLoader`), else CPU workers decode and crop
+(`DeviceAugmentLoader`); docs/data.md ("Two input pipelines") says how.
 """
 
 from __future__ import annotations
@@ -36,11 +30,9 @@ def pil_to_uint8(img) -> np.ndarray:
 
 def decode_images(dataset, transform=None, workers: int = 0, batch_size: int = 64) -> dict[str, np.ndarray]:
     """Decode every image of `dataset` (an ImageDataset/DigitsDataset without transform) once, through `transform`
-    (PIL -> PIL, the eval resize/crop; None keeps the decoded size).
-
-    Returns:
-        `images` `[N, 3, Hmax, Wmax]` uint8 (each image top-left in a canvas as big as the largest one),
-        `sizes` `[N, 2]` (h, w), `targets` `[N]`, `skipped` (unreadable files met, replaced by the next one).
+    (PIL -> PIL, the eval resize/crop; None keeps the decoded size), into `images` `[N, 3, Hmax, Wmax]` uint8 (each
+    image top-left in a canvas as big as the largest one), `sizes` `[N, 2]` (h, w), `targets` `[N]` and `skipped`
+    (unreadable files met, replaced by the next one).
     """
     keep = dataset.transform
     dataset.transform = (lambda im: pil_to_uint8(transform(im))) if transform is not None else pil_to_uint8
@@ -114,26 +106,22 @@ class DecodedTrainLoader(EpochLoader):
 
     def __iter__(self):
         order = torch.tensor(list(self.sampler), dtype=torch.long)
-        no_bad = torch.zeros(self.batch_size, dtype=torch.long)
         for idx in order[: len(self) * self.batch_size].split(self.batch_size):
             images, sizes, y = self.data.batch(idx)
-            yield self.augment(images, sizes), y, no_bad
+            yield self.augment(images, sizes), y, torch.zeros(len(idx), dtype=torch.long)
 
 
-class DecodedEvalLoader:
-    """Evaluation batches of a `DecodedImages` decoded with the eval transform, normalised on the device."""
+class DecodedEvalLoader(DecodedTrainLoader):
+    """Evaluation batches of a `DecodedImages` decoded with the eval transform, normalised on the device: each image
+    once over the ranks (`ShardSampler`), the last batch kept."""
 
     def __init__(self, data: DecodedImages, batch_size: int, mean, std, rank=0, world_size=1):
-        self.data, self.batch_size, self.mean, self.std = data, batch_size, mean, std
+        self.data, self.batch_size = data, batch_size
+        self.augment = lambda images, _: normalize(images, mean, std)
         self.sampler = ShardSampler(len(data), rank, world_size)
 
     def __len__(self) -> int:
         return -(-len(self.sampler) // self.batch_size)
-
-    def __iter__(self):
-        for idx in torch.tensor(self.sampler.indices, dtype=torch.long).split(self.batch_size):
-            images, _, y = self.data.batch(idx)
-            yield normalize(images, self.mean, self.std), y, torch.zeros(len(idx), dtype=torch.long)
 
 
 def crop_transform(aug: AugmentConfig):
@@ -154,11 +142,8 @@ class DeviceAugmentLoader:
     def __init__(self, loader, augment: GpuAugment, device):  # augment: built with crop=False
         self.loader, self.augment, self.device = loader, augment, torch.device(device)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.loader.set_epoch(epoch)
-
-    def skip_samples(self, n: int) -> None:
-        self.loader.skip_samples(n)
+    def __getattr__(self, name: str):  # set_epoch, skip_samples: the CPU loader's
+        return getattr(self.loader, name)
 
     def __len__(self) -> int:
         return len(self.loader)

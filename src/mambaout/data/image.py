@@ -1,7 +1,5 @@
-"""Images in, tensors out: the one way every path of the package decodes an image and applies an eval transform.
-
-Training and `validate` (`mambaout.data`), `predict` and the demo (`mambaout.inference.predictor`) and the metadata of exported
-models (`mambaout.inference.export`) all go through here, so the same file gives the same tensor whichever path reads it.
+"""Images in, tensors out: the one way every path of the package (training, validate, predict, the demo, export's
+metadata) decodes an image and applies an eval transform, so the same file gives the same tensor on every path.
 """
 
 from __future__ import annotations
@@ -38,10 +36,8 @@ def load_image(source) -> Image.Image:
     LAB, and alpha (composited onto white rather than dropped, so transparent pixels do not turn black).
     EXIF orientation is applied, as a photo viewer would. An image with more pixels than the decode budget
     (`mambaout.utils.limits.max_pixels`, 64 Mpx unless `$MAMBAOUT_MAX_PIXELS` says otherwise) is refused from its
-    header, before its pixels are decoded.
-
-    Raises:
-        ValueError: the source is not a decodable image, or is over the decode budget (the message names it).
+    header, before its pixels are decoded. ValueError, naming the source, for what is not a decodable image or is
+    over the decode budget.
     """
     if isinstance(source, np.ndarray):
         img = Image.fromarray(source)
@@ -49,7 +45,7 @@ def load_image(source) -> Image.Image:
         img = source
     else:
         fp = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
-        name = "<bytes>" if isinstance(source, (bytes, bytearray)) else _name(source)
+        name = source_name(source)
         if isinstance(source, (str, os.PathLike)) and special_kind(source):
             # a FIFO would block the read forever, a device read without end: never opened
             raise ValueError(f"{name} is {special_kind(source)}, not an image file: not opened")
@@ -57,7 +53,7 @@ def load_image(source) -> Image.Image:
             img = Image.open(fp)  # reads the header only
             check_pixels(*img.size, name)
             if img.format == "JPEG":
-                _check_jpeg_size(img, fp, name)
+                _check_jpeg_size(img, name)
             img.load()  # decode now, so a truncated file fails here and not inside the transform
         except Image.DecompressionBombError as e:  # PIL's own check (2 x MAX_IMAGE_PIXELS) fires inside open()
             raise ValueError(
@@ -76,13 +72,10 @@ def load_image(source) -> Image.Image:
 _JPEG_MAX_PIXELS_PER_BYTE = 1024
 
 
-def _check_jpeg_size(img: Image.Image, fp, name: str) -> None:
-    try:  # the size in bytes of a path or a seekable binary file
-        if isinstance(fp, (str, os.PathLike)):
-            size = os.path.getsize(fp)
-        else:
-            pos, size = fp.tell(), fp.seek(0, io.SEEK_END)
-            fp.seek(pos)
+def _check_jpeg_size(img: Image.Image, name: str) -> None:
+    try:  # the size in bytes of the file PIL reads (opened from a path, or the one given)
+        pos, size = img.fp.tell(), img.fp.seek(0, io.SEEK_END)
+        img.fp.seek(pos)
     except (OSError, AttributeError, ValueError):
         return  # cannot be told
     if size and img.size[0] * img.size[1] > _JPEG_MAX_PIXELS_PER_BYTE * size:
@@ -95,7 +88,8 @@ def _check_jpeg_size(img: Image.Image, fp, name: str) -> None:
         )
 
 
-def _name(source) -> str:
+def source_name(source) -> str:
+    """A path as itself, a file by its name, anything else as `<type>` (`<bytes>`, `<ndarray>`, ...)."""
     if isinstance(source, (str, os.PathLike)):
         return str(source)
     return str(getattr(source, "name", None) or f"<{type(source).__name__}>")
@@ -150,15 +144,10 @@ class EvalSettings:
         """timm's eval transform; `img_size` and `crop_pct` override the recorded ones."""
         from timm.data import create_transform
 
-        return create_transform(
-            input_size=img_size or self.input_size,
-            is_training=False,
-            interpolation=self.interpolation,
-            crop_pct=crop_pct if crop_pct is not None else self.crop_pct,
-            crop_mode=self.crop_mode,
-            mean=self.mean,
-            std=self.std,
+        overrides = dict(
+            input_size=img_size or self.input_size, crop_pct=self.crop_pct if crop_pct is None else crop_pct
         )
+        return create_transform(is_training=False, **{**vars(self), **overrides})  # the fields are its keywords
 
 
 def eval_transform(cfg: dict | EvalSettings, img_size: int | None = None, crop_pct: float | None = None):

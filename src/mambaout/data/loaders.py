@@ -1,9 +1,5 @@
-"""Samplers and loaders: sharded over ranks, resumable mid-epoch, and counting each evaluation image once.
-
-Every training loader (`ShuffledLoader` here, `streaming.StreamLoader`, and the gpu pipeline's
-`DecodedTrainLoader` / `DeviceAugmentLoader`) keeps one small contract, `EpochLoader`: `len()` in batches,
-iteration, `set_epoch(epoch)` before each epoch and `skip_samples(n)` to start the next epoch after `n` of this
-rank's samples (mid-epoch resume).
+"""Samplers and loaders: sharded over ranks, resumable mid-epoch, and counting each evaluation image once. Every
+training loader (here, `streaming.StreamLoader`, the gpu pipeline's) keeps the `EpochLoader` contract.
 """
 
 from __future__ import annotations
@@ -97,10 +93,8 @@ def train_loader(
 ):
     """Shuffled, sharded (DistributedSampler, also at world size 1 so 1 and N processes see the same order).
 
-    Args:
-        persistent: Keep worker processes between epochs (saves their start-up on short GPU epochs). Off by
-            default: fresh workers take their seeds from the per-epoch seeded main process, which is what makes
-            `--resume` bit-exact; persistent workers carry their RNG state across epochs instead.
+    `persistent` keeps worker processes between epochs (saves their start-up on short GPU epochs). Off by default:
+    fresh workers take their seeds from the per-epoch seeded main process, which makes `--resume` bit-exact.
     """
     if isinstance(dataset, IterableImages):
         dataset.training, dataset.rank, dataset.world_size, dataset.seed = True, rank, world_size, seed

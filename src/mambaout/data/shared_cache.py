@@ -1,13 +1,13 @@
 """One copy of cached data per machine, not per rank: local rank 0 builds the arrays once and writes them to one
-file in shared memory (`/dev/shm`) that every rank of the machine maps, so the page cache holds one copy for all.
-The file is unlinked as soon as everyone has mapped it, so nothing is left behind even if the run crashes later.
+folder in shared memory (`/dev/shm`) that every rank of the machine maps, so the page cache holds one copy for all.
+The folder is removed as soon as everyone has mapped it, so nothing is left behind even if the run crashes later.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -15,8 +15,6 @@ from pathlib import Path
 import numpy as np
 
 from mambaout.utils import distributed as dist
-
-_ALIGN = 64  # byte alignment of each array in the file
 
 
 def _shm_dir() -> Path:
@@ -30,38 +28,16 @@ def cache_key(*parts) -> str:
     return hashlib.sha1(repr((parts, job)).encode()).hexdigest()[:16]
 
 
-def write_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """Arrays -> one file: a JSON header line (name, dtype, shape, offset) then the aligned raw data."""
-    meta, offset = {}, 0
+def write_arrays(folder: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Arrays -> `folder/NAME.npy`, one plain `.npy` file each (no pickles)."""
+    folder.mkdir(exist_ok=True)
     for name, a in arrays.items():
-        meta[name] = dict(dtype=a.dtype.str, shape=list(a.shape), offset=offset)
-        offset += -(-a.nbytes // _ALIGN) * _ALIGN
-    header = json.dumps(meta).encode() + b"\n"
-    start = -(-len(header) // _ALIGN) * _ALIGN
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(len(header).to_bytes(8, "little"))
-        f.write(header)
-        for name, a in arrays.items():
-            f.seek(8 + start + meta[name]["offset"])
-            f.write(np.ascontiguousarray(a).tobytes())
-    os.replace(tmp, path)
+        np.save(folder / f"{name}.npy", a, allow_pickle=False)
 
 
-def map_arrays(path: Path) -> dict[str, np.ndarray]:
+def map_arrays(folder: Path) -> dict[str, np.ndarray]:
     """Memory-map the arrays of `write_arrays` (copy-on-write: reads share the page cache, nothing writes back)."""
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        meta = json.loads(f.read(n))
-    start = 8 + -(-n // _ALIGN) * _ALIGN
-    out = {}
-    for name, m in meta.items():
-        shape = tuple(m["shape"])
-        if int(np.prod(shape)) == 0:
-            out[name] = np.zeros(shape, dtype=np.dtype(m["dtype"]))
-            continue
-        out[name] = np.memmap(path, dtype=np.dtype(m["dtype"]), mode="c", offset=start + m["offset"], shape=shape)
-    return out
+    return {p.stem: np.load(p, mmap_mode="c") for p in folder.glob("*.npy")}
 
 
 def machine_shared(key: str, build: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -70,14 +46,14 @@ def machine_shared(key: str, build: Callable[[], dict[str, np.ndarray]]) -> dict
     if not dist.is_initialized():
         return build()
     local_rank = dist.detect().local_rank
-    path = _shm_dir() / f"mambaout-cache-{key}.bin"
+    path = _shm_dir() / f"mambaout-cache-{key}"
     if local_rank == 0:
         write_arrays(path, build())
     dist.barrier()  # written
     arrays = map_arrays(path)
     dist.barrier()  # everyone has it mapped: the name can go, the mappings keep the data
     if local_rank == 0:
-        path.unlink(missing_ok=True)
+        shutil.rmtree(path, ignore_errors=True)
     return arrays
 
 

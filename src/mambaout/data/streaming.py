@@ -1,14 +1,6 @@
-"""Streamed (iterable) data sets, read in order rather than by index, so `IterableImages` and not `ImageDataset`:
-
-- `wds/PATTERN`: WebDataset shards (`wds//data/imagenet/train-{000000..001023}.tar`), read with `tarfile`. A sample
-  is the members sharing one key: the image (`.jpg`, `.jpeg`, `.png`, `.webp`) and its label (`.cls`, an integer
-  as text); an optional `classes.txt` beside the shards names the classes in label order. `write_shards` writes
-  them (as does the `webdataset` package's `ShardWriter`).
-- `hfids/NAME[:SPLIT]`: timm's streaming Hugging Face reader (needs the `datasets` package).
-
-Shards are split over (rank x loader worker) when there are at least as many shards as readers, so each is read
-once per epoch; with fewer, every reader scans all of them and keeps every n-th sample. Training shuffles the
-shard order per epoch and samples through a buffer (`shuffle_buffer`).
+"""Streamed (iterable) data sets, read in order rather than by index: WebDataset shards (`wds/PATTERN`, read with
+`tarfile`) and timm's streaming Hugging Face reader (`hfids/NAME[:SPLIT]`). docs/data.md ("Data formats") gives the
+shard layout and how shards are split over ranks and workers.
 """
 
 from __future__ import annotations
@@ -41,11 +33,8 @@ _RANGE = re.compile(r"\{(\d+)\.\.(\d+)\}")
 
 def expand_urls(pattern: str) -> list[str]:
     """`a-{000..012}.tar` brace ranges (several in one name multiply: `s-{0..2}-{0..1}.tar` is 6 shards),
-    `::`-separated lists and globs -> the sorted list of shard paths.
-
-    Raises:
-        ValueError: the ranges name more than `MAX_SHARDS` shards (checked before any list is built) or run backwards.
-        FileNotFoundError: a shard that is not there.
+    `::`-separated lists and globs -> the sorted list of shard paths. ValueError for ranges that run backwards or
+    name more than `MAX_SHARDS` shards (checked before any list is built), FileNotFoundError for a missing shard.
     """
     parts = [(part, list(_RANGE.finditer(part))) for part in pattern.split("::")]
     for m in (m for _, ranges in parts for m in ranges):
@@ -182,15 +171,11 @@ def write_shards(samples, pattern: str, per_shard: int) -> list[str]:
 
 
 class IterableImages(IterableDataset):
-    """Images streamed from WebDataset shards (`wds/PATTERN`) or timm's `hfids/` reader, as `(image, label, 0)`.
+    """Images streamed from `wds/PATTERN` shards or timm's `hfids/NAME[:SPLIT]` reader, as `(image, label, 0)`.
 
-    Args:
-        source: `wds/PATTERN` or `hfids/NAME[:SPLIT]`.
-        transform: Applied to the RGB PIL image.
-        training: Shuffle shards per epoch and samples through `shuffle_buffer`; drop nothing.
-        rank, world_size: This process's share.
-        length: Samples in the whole set (default: counted from the shard headers; hfids needs it given or
-            reads timm's split info).
+    `training` shuffles the shards per epoch and the samples through `shuffle_buffer`; `rank`, `world_size`: this
+    process's share; `length`: samples in the whole set (default: counted from the shard headers, or timm's split
+    info for hfids).
     """
 
     def __init__(

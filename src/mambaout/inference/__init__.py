@@ -1,7 +1,5 @@
-"""Inference: the `Predictor`, class names, ONNX / torch.export export and the Gradio demo app.
-
-`from mambaout.inference import Predictor, predict` is the documented import; the demo app (`demo_app`, needs
-gradio) and `export` are imported only when used.
+"""Inference: `from mambaout.inference import Predictor, predict` is the documented import; the demo app
+(`demo_app`, needs gradio) and `export` are imported only when used.
 """
 
 from mambaout.inference.predictor import (

@@ -1,11 +1,6 @@
-"""The web demo: a Gradio page to classify an uploaded or pasted image with a MambaOut.
-
-It lives in the package (not only in the repo's `demo/` folder) so that `mambaout demo` works after a plain
-`pip install 'mambaout[demo]'`; `demo/app.py` is the same app as a script (Hugging Face Space style).
-It uses only the public API: `create_model` and `mambaout.inference.predictor.Predictor`.
-
-As a server it offers only what its operator named at start (an allow-list of models and checkpoints, each loaded
-once at start so a bad one fails there): a visitor picks among those and can never name a path on the server.
+"""The web demo: a Gradio page to classify an uploaded or pasted image (in the package so that `mambaout demo` works
+after `pip install 'mambaout[demo]'`; `demo/app.py` is the same app as a script). A server offers only what its
+operator named at start, each loaded once then: a visitor picks among those and can never name a path on the server.
 """
 
 from __future__ import annotations
@@ -22,7 +17,6 @@ import gradio as gr  # noqa: E402
 
 from mambaout.inference.predictor import Predictor  # noqa: E402
 from mambaout.models.factory import create_model  # noqa: E402
-from mambaout.models.variants import get_variant  # noqa: E402
 
 # Example photos shipped as package data (CC0, from scikit-image; see examples/LICENSE.md beside them).
 EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "examples"
@@ -58,25 +52,10 @@ def image_input(**kwargs) -> gr.Image:
     return image
 
 
-def _named(target: str) -> bool:
-    """Whether a checkpoint target is `NAME:PATH` (a registered name before the colon), not a bare path."""
-    name = target.split(":", 1)[0]
-    if ":" not in target or "/" in name or not name:
-        return False
-    try:
-        get_variant(name)
-    except (KeyError, ValueError):
-        return False
-    return True
-
-
 class ModelPool:
-    """Builds predictors on first use and keeps the last few, for the choices on the allow-list only.
-
-    Args:
-        allowed: Dropdown label -> what it loads: `("model", name)` (published weights, downloaded on first use),
-            `("random", name)` or `("checkpoint", path)`. Nothing else can be loaded.
-    """
+    """Builds predictors on first use and keeps the last few, for the choices on the allow-list only: `allowed` maps
+    a dropdown label to `("model", name)` (published weights, downloaded on first use), `("random", name)`,
+    `("checkpoint", path)` or `("named checkpoint", "NAME:PATH")`."""
 
     def __init__(
         self,
@@ -98,8 +77,8 @@ class ModelPool:
 
     def _build(self, choice: str) -> Predictor:
         kind, target = self.allowed[choice]
-        if kind == "checkpoint":
-            name, path = target.split(":", 1) if _named(target) else (None, target)
+        if kind in ("checkpoint", "named checkpoint"):
+            name, path = target.split(":", 1) if kind == "named checkpoint" else (None, target)
             model = create_model(name, checkpoint=path, **self.model_kwargs)
         else:
             kwargs = {k: v for k, v in self.model_kwargs.items() if k != "use_ema"}
@@ -125,7 +104,7 @@ def model_choices(
                 f"got {len(models)} --model names for {len(checkpoints)} checkpoints: one, or one per file"
             )
         for name, path in zip(models * len(checkpoints) if len(models) == 1 else models, checkpoints):
-            allowed[f"{path} ({name})"] = ("checkpoint", f"{name}:{path}")
+            allowed[f"{path} ({name})"] = ("named checkpoint", f"{name}:{path}")
         return allowed
     for path in checkpoints:
         allowed[str(path)] = ("checkpoint", str(path))
@@ -146,20 +125,10 @@ def build_app(
     model_kwargs: dict | None = None,
     preload: bool = True,
 ) -> gr.Blocks:
-    """The demo page.
-
-    Args:
-        model: Registered name(s) offered (with published weights unless `random_weights`).
-        checkpoint: Weights file(s) offered, listed first.
-        random_weights: Offer the `model`s at random initialisation (tests, offline smoke runs).
-        topk: Labels shown per image.
-        examples_dir: Folder of example images (default: the repo's demo/examples when present).
-        device: Torch device for inference (default: CUDA when available).
-        model_kwargs: `create_model` keywords for every offered model (`num_classes`, `use_ema`, ...).
-        preload: Load every offered model now, so a bad name or file fails here and not at the first click.
-
-    Raises:
-        ValueError, FileNotFoundError, CheckpointError, DownloadError: an offered model cannot be loaded.
+    """The demo page offering `model_choices(model, checkpoint, random_weights)`, `topk` labels per image, the photos
+    of `examples_dir` (default: the package's examples) as examples; `model_kwargs` (`num_classes`, `use_ema`, ...)
+    go to `create_model` for every model. `preload` loads every offered model now, so a bad name or file fails here
+    and not at the first click (ValueError, FileNotFoundError, CheckpointError, DownloadError).
     """
     if topk < 1:
         raise ValueError(f"topk must be >= 1, got {topk}")
@@ -211,10 +180,8 @@ def build_app(
 
 def launch(app: gr.Blocks, host: str = "127.0.0.1", port: int | None = None, max_file_size=MAX_UPLOAD, **kwargs):
     """Serve `app` with offline-friendly settings (no share link, no SSR node server, system fonts) and an upload
-    size limit.
-
-    Gradio's own start-up lines are silenced (they advise `share=True` in `launch()`, which a command-line user
-    cannot act on, and this server never makes public links); one line names the address instead.
+    size limit. Gradio's own start-up lines are silenced (they advise `share=True` in `launch()`, which a command-line
+    user cannot act on, and this server never makes public links); one line names the address instead.
     """
     examples = [str(EXAMPLES_DIR)] if EXAMPLES_DIR.is_dir() else []
     block = not kwargs.pop("prevent_thread_lock", False)

@@ -1,8 +1,6 @@
-"""Exporting a MambaOut for deployment: ONNX (dynamic batch axis) and `torch.export` programs (`.pt2`).
-
-Both files carry what a deployment needs besides the graph: the model name, its arguments, the class names
-and the eval transform (ONNX: `metadata_props`; `.pt2`: the `mambaout.json` extra file), so a runtime can
-preprocess and label without our package.
+"""Exporting a MambaOut for deployment: ONNX (dynamic batch axis) and `torch.export` programs (`.pt2`), each carrying
+the model name, its arguments, the class names and the eval transform (ONNX: `metadata_props`; `.pt2`: the
+`mambaout.json` extra file), so a runtime can preprocess and label without our package (docs/export.md).
 """
 
 from __future__ import annotations
@@ -163,8 +161,6 @@ def export_pt2(
     return atomic_write(path, lambda tmp: torch.export.save(program, tmp, extra_files=extra), suffix=".pt2")
 
 
-# --- dense models: a segmenter and a detector -------------------------------------------------------------------------
-
 DETECTOR_OPSET = 11  # torchvision's detection models are tested for ONNX at opset 11, through the TorchScript exporter
 
 
@@ -173,11 +169,8 @@ def export_detector_onnx(model: nn.Module, path: str | os.PathLike, size: tuple[
     (`dynamo=False`) at opset 11, one image `images` `[3, H, W]` (RGB in [0, 1]; H and W dynamic) in, `boxes`
     `[N, 4]` (x1, y1, x2, y2 in the input's pixels), `labels` `[N]`, `scores` `[N]` (and `masks` `[N, 1, H, W]`
     probabilities) out. torch's dynamo exporter cannot take these models: `torch.export` stops at a guard on a
-    data-dependent size in `torchvision.ops.batched_nms` (GuardOnDataDependentSymNode).
-
-    Args:
-        size: (H, W) of the example image the graph is traced with.
-        metadata: Stored as `metadata_props` (values JSON-encoded).
+    data-dependent size in `torchvision.ops.batched_nms` (GuardOnDataDependentSymNode). `size`: (H, W) of the
+    example image the graph is traced with; `metadata` is stored as `metadata_props` (values JSON-encoded).
     """
     import onnx
 

@@ -1,12 +1,8 @@
-"""Inference dtype on CPU: `--dtype bf16` where the CPU has bf16 arithmetic, fp32 (said in one line) where not.
+"""Inference dtype on CPU: `--dtype bf16` where the CPU has bf16 arithmetic (AVX512-BF16, AMX-BF16, Arm BF16); where
+PyTorch would emulate it through fp32 (slower than fp32 itself) fp32 runs, said in one line, unless `allow_emulated`.
 
-The bf16 path converts the weights to bfloat16 once and feeds bf16 images (`LowPrecision`), instead of autocast:
-autocast casts every weight again on each forward, which at batch 1 is a large share of the work. LayerNorm in
-bf16 still accumulates in fp32 inside PyTorch's kernel; the logits come back as fp32.
-
-Only CPUs with AVX512-BF16 or AMX-BF16 (Intel Cooper Lake / Sapphire Rapids and later, AMD Zen 4 and later) do
-bf16 arithmetic natively. Elsewhere PyTorch emulates it through fp32, which is slower than fp32 itself, so asking for
-bf16 there runs fp32 and says so; `allow_emulated=True` runs the bf16 path anyway (to check its accuracy).
+bf16 converts the weights once and feeds bf16 images (`LowPrecision`) instead of autocast, which casts every weight
+again on each forward (a large share of the work at batch 1). LayerNorm still accumulates in fp32; logits are fp32.
 """
 
 from __future__ import annotations
@@ -53,10 +49,8 @@ def resolve_dtype(dtype: str, device: torch.device | str = "cpu", allow_emulated
 
 
 class LowPrecision(nn.Module):
-    """`model` with its weights in `dtype`: images are cast to `dtype` on the way in, logits to fp32 on the way out.
-
-    The attributes our commands read (`pretrained_cfg`, `num_classes`, `class_names`, ...) are the wrapped model's.
-    """
+    """`model` with its weights in `dtype`: images are cast to `dtype` on the way in, logits to fp32 on the way out;
+    other attributes are the wrapped model's."""
 
     def __init__(self, model: nn.Module, dtype: torch.dtype = torch.bfloat16):
         super().__init__()

@@ -1,11 +1,5 @@
-"""Classifying images with a MambaOut: decode any image to RGB, apply the model's eval transform, top-k with names.
-
-    >>> from mambaout.inference.predictor import Predictor
-    >>> predictor = Predictor("mambaout_femto", pretrained=True)   # or Predictor(checkpoint="best.safetensors")
-    >>> predictor.predict(["cat.jpg", "photos/"])                   # one dict per image, in input order
-
-The eval transform is the model's own (`model.pretrained_cfg`: input size, crop fraction, interpolation,
-mean/std), built by timm so predictions match `mambaout validate` and timm's numbers for the same weights.
+"""Classifying images with a MambaOut (usage: docs/inference.md): any image decoded to RGB, the model's own eval
+transform (`pretrained_cfg`, built by timm, so predictions match `mambaout validate` and timm), top-k with names.
 """
 
 from __future__ import annotations
@@ -24,7 +18,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from mambaout.data.image import eval_transform, load_image, to_rgb  # noqa: F401  (to_rgb: public name of this module)
+from mambaout.data.image import eval_transform, load_image, source_name, to_rgb  # noqa: F401  (to_rgb: re-exported)
 from mambaout.inference.precision import resolve_dtype, with_dtype
 from mambaout.models.factory import create_model
 from mambaout.utils.device import resolve_device
@@ -37,9 +31,6 @@ IMAGE_EXTENSIONS = frozenset(
 )
 
 _SYNSET = re.compile(r"n\d{8}")  # a WordNet noun id, ImageNet's class folder names
-
-
-# --- finding images --------------------------------------------------------------------------------------------
 
 
 def find_images(inputs: Iterable) -> list:
@@ -59,9 +50,6 @@ def find_images(inputs: Iterable) -> list:
     return paths
 
 
-# --- transform and class names ---------------------------------------------------------------------------------------
-
-
 @dataclass(frozen=True)
 class ClassNames:
     """Names (and ImageNet synsets when known) of a classifier's outputs, by index."""
@@ -78,38 +66,27 @@ class ClassNames:
 
 
 def class_names_for(model: nn.Module) -> ClassNames:
-    """The names of `model`'s outputs.
-
-    Order of preference: names stored in the checkpoint by our trainer (`model.class_names`; WordNet synsets
-    such as an ImageFolder of Imagenette stores are shown as their ImageNet names); ImageNet-1k
-    (or -12k/-22k) names and synsets from timm when the head has that many classes; else the index as text.
-    """
+    """The names of `model`'s outputs: those our trainer stores in a checkpoint (`model.class_names`; WordNet synsets,
+    as an ImageFolder of Imagenette stores, shown as their ImageNet names); else ImageNet-1k (or -12k/-22k) names and
+    synsets from timm when the head has that many classes; else the index as text."""
     stored = getattr(model, "class_names", None)
     num_classes = model.num_classes
     from timm.data import ImageNetInfo, infer_imagenet_subset
 
     if stored is not None and len(stored) == num_classes:
-        stored = tuple(str(n) for n in stored)
-        if not all(_SYNSET.fullmatch(n) for n in stored):
-            return ClassNames(stored)
-        # ImageFolder class names of an ImageNet subset (Imagenette): show the words, keep the synsets
+        synsets = tuple(str(n) for n in stored)
+        if not all(_SYNSET.fullmatch(n) for n in synsets):
+            return ClassNames(synsets)
         info = ImageNetInfo("imagenet-22k")
-        try:
-            return ClassNames(tuple(info.label_name_to_description(n).split(",")[0].strip() for n in stored), stored)
-        except (KeyError, ValueError):  # not all WordNet ids ImageNet knows: keep them as they are
-            return ClassNames(stored)
-
-    subset = infer_imagenet_subset({"num_classes": num_classes})
-    if subset is not None:
+    elif (subset := infer_imagenet_subset({"num_classes": num_classes})) is not None:
         info = ImageNetInfo(subset)
         synsets = tuple(info.label_names())
-        # the first of WordNet's comma-separated lemmas is the common name ('tench', 'English springer')
-        names = tuple(info.index_to_description(i).split(",")[0].strip() for i in range(num_classes))
-        return ClassNames(names, synsets)
-    return ClassNames(tuple(str(i) for i in range(num_classes)))
-
-
-# --- predicting ------------------------------------------------------------------------------------------------------
+    else:
+        return ClassNames(tuple(str(i) for i in range(num_classes)))
+    try:  # the first of WordNet's comma-separated lemmas is the common name ('tench', 'English springer')
+        return ClassNames(tuple(info.label_name_to_description(s).split(",")[0].strip() for s in synsets), synsets)
+    except (KeyError, ValueError):  # not all WordNet ids ImageNet knows: keep them as they are
+        return ClassNames(synsets)
 
 
 @dataclass
@@ -142,9 +119,8 @@ class Predictor:
         pretrained: Download the variant's published weights (ignored with `checkpoint` or a module).
         topk: How many classes to return per image (capped at the number of classes).
         device: Where to run; defaults to CUDA when available.
-        dtype: `'fp32'`, or `'bf16'` (weights converted once; mambaout.inference.precision). On a CPU without bf16
-            arithmetic bf16 runs as fp32, with a warning, unless `allow_emulated`; `self.dtype` is what runs.
-        allow_emulated: Run bf16 even where the CPU only emulates it (slower; to check its accuracy).
+        dtype: `'fp32'` or `'bf16'` (mambaout.inference.precision). A CPU that only emulates bf16 runs fp32, with a
+            warning, unless `allow_emulated` (slower; to check its accuracy); `self.dtype` is what runs.
     """
 
     def __init__(
@@ -195,7 +171,7 @@ class Predictor:
     def __call__(self, image) -> Prediction:
         """Classify one image (a path, bytes, PIL image or array). Raises ValueError if it cannot be read."""
         probs, indices = self.predict_batch(self.preprocess(image)[None])
-        return self._prediction(_describe(image), probs[0], indices[0])
+        return self._prediction(source_name(image), probs[0], indices[0])
 
     def iter_predict(
         self, inputs: Sequence | str | os.PathLike, batch_size: int = 32, num_workers: int = 0, progress: bool = False
@@ -232,9 +208,9 @@ class Predictor:
         out = []
         for item in items:
             try:
-                out.append((_describe(item), self.preprocess(item), None))
+                out.append((source_name(item), self.preprocess(item), None))
             except (ValueError, OSError) as e:
-                out.append((_describe(item), None, str(e)))
+                out.append((source_name(item), None, str(e)))
         return out
 
     def predict(self, inputs, batch_size: int = 32, num_workers: int = 0, progress: bool = False) -> list[dict]:
@@ -251,25 +227,16 @@ def predict(
     topk: int = 5,
     batch_size: int = 32,
 ) -> list[dict]:
-    """Classify images in one call: `mambaout.predict(["cat.jpg"], checkpoint="best.safetensors")`.
-
-    With `checkpoint`, `model` may be None (our checkpoints record it). See `Predictor.predict` for the output.
-    """
+    """Classify images in one call: `mambaout.predict(["cat.jpg"], checkpoint="best.safetensors")` (`model` may be
+    None with `checkpoint`: ours record it). See `Predictor.predict` for the output."""
     if checkpoint is not None and model == "mambaout_femto":
         model = None  # the default name must not override the name a checkpoint records
     return Predictor(model, checkpoint=checkpoint, pretrained=pretrained, topk=topk).predict(inputs, batch_size)
 
 
-def _describe(source) -> str:
-    return str(source) if isinstance(source, (str, os.PathLike)) else f"<{type(source).__name__}>"
-
-
 def format_text(pred: dict) -> str:
-    """One image's top-k as readable lines (the CLI's default output).
-
-    The path and the labels are shown with control characters escaped (`mambaout.utils.text.printable`): a file
-    name or a checkpoint's class name cannot start a forged line or send escape sequences to the terminal.
-    """
+    """One image's top-k as readable lines (the CLI's default output), control characters escaped (`printable`): a
+    file name or a checkpoint's class name cannot start a forged line or send escape sequences to the terminal."""
     lines = [printable(pred["path"])]
     for t in pred["top"]:
         synset = f"  {printable(t['synset'])}" if "synset" in t else ""
