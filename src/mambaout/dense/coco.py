@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torchvision.ops import box_convert, clip_boxes_to_image
+from torchvision.transforms.functional import to_tensor  # a PIL RGB image as [3, H, W] float in [0, 1]
 
 from mambaout.data.image import load_image
 from mambaout.utils.checks import is_int, is_number, show
@@ -200,11 +201,6 @@ def rle_string_counts(s: str) -> list[int] | None:
     return counts
 
 
-def to_tensor(img) -> torch.Tensor:
-    """A PIL RGB image as `[3, H, W]` float in [0, 1]."""
-    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255)  # HWC->CHW
-
-
 class CocoInstances(torch.utils.data.Dataset):
     """Images of a folder with their COCO instance annotations (crowd regions left to the evaluator):
     `(image [3, H, W] in [0, 1], target)`.
@@ -299,35 +295,18 @@ def resize_scale(h: int, w: int, min_size: int, max_size: int) -> float:
 
 
 def resize(image: torch.Tensor, target: dict | None, scale: float):
-    """Resize `[3, H, W]` by `scale` (bilinear; masks nearest), moving the boxes with the pixels."""
+    """Resize `[3, H, W]` by `scale` (bilinear; masks nearest), moving the boxes with the pixels; `target` a copy."""
     h, w = image.shape[-2:]
     nh, nw = int(h * scale), int(w * scale)  # floor, as torchvision's resize
     image = F.interpolate(image[None], size=(nh, nw), mode="bilinear", align_corners=False)[0]
     if target is None:
         return image, None
-    target = dict(target)
-    ratios = torch.tensor([nw / w, nh / h, nw / w, nh / h])
-    target["boxes"] = target["boxes"] * ratios
+    target = dict(target, boxes=target["boxes"] * torch.tensor([nw / w, nh / h, nw / w, nh / h]))
     if "masks" in target:
         masks = target["masks"]
         if len(masks):  # pixel centres map onto pixel centres ("nearest-exact"), as in the bilinear image resize
             masks = F.interpolate(masks[None].float(), size=(nh, nw), mode="nearest-exact")[0].to(masks.dtype)
         target["masks"] = masks if len(masks) else masks.new_zeros(0, nh, nw)
-    return image, target
-
-
-def hflip(image: torch.Tensor, target: dict | None):
-    """Mirror left-right; a box (x1, x2) becomes (W - x2, W - x1)."""
-    w = image.shape[-1]
-    image = image.flip(-1)
-    if target is None:
-        return image, None
-    target = dict(target)
-    boxes = target["boxes"].clone()
-    boxes[:, [0, 2]] = w - target["boxes"][:, [2, 0]]
-    target["boxes"] = boxes
-    if "masks" in target:
-        target["masks"] = target["masks"].flip(-1)
     return image, target
 
 
@@ -343,8 +322,12 @@ class ResizeFlip:
     def __call__(self, image: torch.Tensor, target: dict):
         short = random.choice(list(self.min_sizes))
         image, target = resize(image, target, resize_scale(*image.shape[-2:], short, self.max_size))
-        if random.random() < self.hflip:
-            image, target = hflip(image, target)
+        if random.random() < self.hflip:  # a box (x1, x2) becomes (W - x2, W - x1)
+            image, boxes = image.flip(-1), target["boxes"][:, [2, 1, 0, 3]]
+            boxes[:, [0, 2]] = image.shape[-1] - boxes[:, [0, 2]]
+            target["boxes"] = boxes
+            if "masks" in target:
+                target["masks"] = target["masks"].flip(-1)
         return image, target
 
 

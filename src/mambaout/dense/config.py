@@ -211,12 +211,13 @@ def _follow_checkpoint(task: str, values: dict[str, dict]) -> None:
     s, m, t = schema(task), values["model"], values["train"]
     given = {k: s.checked(f"model.{k}", m[k]) for k in ("backbone", "model_kwargs") if k in m}
     file = s.checked("train.backbone_checkpoint", t["backbone_checkpoint"])
-    found = checkpoint_backbone(file, given.get("backbone"), given.get("model_kwargs"))
-    t["backbone_checkpoint"] = found.file
-    if found.backbone is not None:
-        m["backbone"] = found.backbone
-    if found.model_kwargs:
-        m["model_kwargs"] = found.model_kwargs
+    t["backbone_checkpoint"], backbone, model_kwargs = checkpoint_backbone(
+        file, given.get("backbone"), given.get("model_kwargs")
+    )
+    if backbone is not None:
+        m["backbone"] = backbone
+    if model_kwargs:
+        m["model_kwargs"] = model_kwargs
 
 
 def check(cfg: RunConfig) -> None:

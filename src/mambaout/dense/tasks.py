@@ -28,12 +28,11 @@ from mambaout.utils.text import count
 from mambaout.weights.checkpoint import check_finite, read_checkpoint
 
 from . import results as res
-from . import tta
+from . import semseg
 from .coco import CocoInstances, ResizeFlip, coco_evaluate, collate, to_coco_results
 from .config import DataConfig, RunConfig, from_dict
 from .detection import DetectorConfig, create_detector
 from .draw import draw_detections, draw_segmentation
-from .semseg import ConfusionMatrix, LabelMap, RandomResizeCrop, SegmentationFolder
 from .upernet import SegmenterConfig, create_segmenter
 
 
@@ -408,14 +407,14 @@ class SegmentTask(Task):
             masks = root / "annotations" / f"semantic_{split}"
         return root / "images" / split, masks
 
-    def label_map(self, meta: dict | None = None) -> LabelMap:
+    def label_map(self, meta: dict | None = None) -> semseg.LabelMap:
         if meta and "label_lut" in meta:  # a trained model's own mapping
-            return LabelMap(np.array(meta["label_lut"], dtype=np.uint8), meta["class_names"])
+            return semseg.LabelMap(np.array(meta["label_lut"], dtype=np.uint8), meta["class_names"])
         d, m = self.cfg.data, self.cfg.model
         categories = d.categories
         if categories and d.data and not Path(categories).is_absolute() and not Path(categories).exists():
             categories = str(Path(d.data) / categories)  # a recipe names it relative to the dataset root
-        return LabelMap.build(m.num_classes, d.reduce_zero_label, categories)
+        return semseg.LabelMap.build(m.num_classes, d.reduce_zero_label, categories)
 
     def train_set(self):
         d = self.cfg.data
@@ -423,12 +422,12 @@ class SegmentTask(Task):
         self.labels = self.label_map()
         self.class_names = self.labels.class_names
         self.cfg.model.num_classes = len(self.class_names)
-        transform = RandomResizeCrop(tuple(d.scale), d.crop_size, tuple(d.ratio_range), d.hflip)
-        return SegmentationFolder(images, masks, self.labels, transform)
+        transform = semseg.RandomResizeCrop(tuple(d.scale), d.crop_size, tuple(d.ratio_range), d.hflip)
+        return semseg.SegmentationFolder(images, masks, self.labels, transform)
 
     def eval_dataset(self, images, masks, meta: dict | None = None):
         self.labels = self.label_map(meta) if meta else getattr(self, "labels", None) or self.label_map()
-        return SegmentationFolder(images, masks, self.labels)
+        return semseg.SegmentationFolder(images, masks, self.labels)
 
     def meta(self) -> dict:
         d = self.cfg.data
@@ -444,13 +443,13 @@ class SegmentTask(Task):
         """`ConfusionMatrix.metrics` of `val_set` at the original mask resolution, summed over ranks, and `images`.
 
         Args:
-            infer: A `tta.SegmentInference`; default the data's scale, with the flip when `eval_flip`.
+            infer: A `SegmentInference`; default the data's scale, with the flip when `eval_flip`.
             each: Called as `each(index, classes)` with each image's position in `val_set` and its class map.
         """
         model.eval()
         d = self.cfg.data
-        infer = infer or tta.SegmentInference(tuple(d.scale), flip=d.eval_flip)
-        conf = ConfusionMatrix(self.cfg.model.num_classes)
+        infer = infer or semseg.SegmentInference(tuple(d.scale), flip=d.eval_flip)
+        conf = semseg.ConfusionMatrix(self.cfg.model.num_classes)
         n = 0
         for image, mask in self.loader(val_set):
             classes = infer(model, image[0].to(device), amp_dtype).argmax(0).cpu()
@@ -483,7 +482,14 @@ class SegmentTask(Task):
         p.add_argument(
             "--ratios", type=float, nargs="+", help="--multi-scale's ratios (default 0.5 0.75 1.0 1.25 1.5 1.75)"
         )
-        tta.slide_argument(p)
+        p.add_argument(
+            "--slide",
+            type=int,
+            nargs="+",
+            metavar=("WINDOW", "STRIDE"),
+            help="sliding-window inference: square windows of WINDOW px every STRIDE px (default 2/3 of the window; "
+            "ConvNeXt's ADE20K setting: 512 341)",
+        )
         p.add_argument("--label-dir", help="also write each class map (validate: the last row's) as a PNG of indices")
 
     predict_options = validate_options
@@ -492,18 +498,18 @@ class SegmentTask(Task):
     def check_options(args, validate: bool) -> None:
         if args.ratios and not args.multi_scale:
             raise ValueError("--ratios applies to --multi-scale; add --multi-scale")
-        tta.from_options(args, (1, 1), False)  # checks --slide
+        semseg.SegmentInference.of(args, (1, 1), False)  # checks --slide
         if validate and args.label_dir and Path(args.label_dir).exists() and not Path(args.label_dir).is_dir():
             raise ValueError(f"--label-dir {args.label_dir} is not a folder")
 
     def validate(self, model: nn.Module, val_set, device, amp_dtype, args, names) -> tuple[dict, list[str]]:
         """`validate`'s numbers by setting (single-scale, flip, multi-scale), their per-class tables; `--label-dir`."""
         scale = tuple(self.cfg.data.scale)
-        settings = [tta.from_options(args, scale, False)]
+        settings = [semseg.SegmentInference.of(args, scale, False)]
         if args.flip:
-            settings.append(tta.from_options(args, scale, True))
+            settings.append(semseg.SegmentInference.of(args, scale, True))
         if args.multi_scale:
-            settings.append(tta.from_options(args, scale, True, args.ratios or tta.MULTI_SCALE_RATIOS))
+            settings.append(semseg.SegmentInference.of(args, scale, True, args.ratios or semseg.MULTI_SCALE_RATIOS))
         label_dir = Path(args.label_dir) if args.label_dir else None
         if label_dir is not None:
             label_dir.mkdir(parents=True, exist_ok=True)
@@ -525,8 +531,8 @@ class SegmentTask(Task):
     def predictor(args, meta: dict, paths: list[Path]):
         """As `DetectTask.predictor`: each image's coloured class map, its record the share of each class."""
         names = meta["class_names"]
-        ratios = (args.ratios or tta.MULTI_SCALE_RATIOS) if args.multi_scale else (1.0,)
-        infer = tta.from_options(args, meta["eval_scale"], args.flip or args.multi_scale, ratios)
+        ratios = (args.ratios or semseg.MULTI_SCALE_RATIOS) if args.multi_scale else (1.0,)
+        infer = semseg.SegmentInference.of(args, meta["eval_scale"], args.flip or args.multi_scale, ratios)
         labels = res.picture_paths(paths, Path(args.label_dir), "png") if args.label_dir else None
         if labels:
             Path(args.label_dir).mkdir(parents=True, exist_ok=True)
