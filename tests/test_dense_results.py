@@ -22,7 +22,7 @@ from pycocotools.cocoeval import COCOeval  # noqa: E402
 
 from mambaout.cli import dense as cli_dense  # noqa: E402
 from mambaout.cli import main  # noqa: E402
-from mambaout.dense.draw import draw_segmentation, palette, place_labels  # noqa: E402
+from mambaout.dense.results import draw_segmentation, palette, place_labels  # noqa: E402
 from mambaout.dense.semseg import ConfusionMatrix, SegmentInference, windows  # noqa: E402
 
 

@@ -32,7 +32,6 @@ from . import semseg
 from .coco import CocoInstances, ResizeFlip, coco_evaluate, collate, to_coco_results
 from .config import DataConfig, RunConfig, from_dict
 from .detection import DetectorConfig, create_detector
-from .draw import draw_detections, draw_segmentation
 from .upernet import SegmenterConfig, create_segmenter
 
 
@@ -338,7 +337,7 @@ class DetectTask(Task):
                 if k
             ]
             record = dict(image=str(path), image_id=ids[path], picture=str(picture), detections=dets)
-            return draw_detections(img, o, names, args.score_threshold), record
+            return res.draw_detections(img, o, names, args.score_threshold), record
 
         def finish(out: Path) -> str:
             atomic_write_text(out / "results.json", json.dumps(coco_results))
@@ -545,7 +544,7 @@ class SegmentTask(Task):
             share = {names[i]: round(c / classes.numel(), 4) for i, c in enumerate(counts.tolist()) if c}
             share = dict(sorted(share.items(), key=lambda kv: -kv[1]))
             record = dict(image=str(path), picture=str(picture), class_fractions=share)
-            return draw_segmentation(img, classes, names), record
+            return res.draw_segmentation(img, classes, names), record
 
         return each, lambda out: "predictions.json"
 
