@@ -135,10 +135,6 @@ def section_types(task: str) -> dict:
     return dict(model={"detect": DetectorConfig, "segment": SegmenterConfig}[task], data=DataConfig, train=TrainConfig)
 
 
-def find_recipe(name_or_path: str) -> Path:
-    return R.find_recipe(name_or_path, [RECIPES], "dense recipe")
-
-
 def recipes_table(task: str) -> str:
     """The `task` recipes with the hardware, wall time and result their headers state (`--list-recipes`)."""
     return R.recipe_table([RECIPES], task, _recipe_task)
@@ -176,7 +172,7 @@ def resolve(task: str, recipe: str | None, overrides: dict, base: RunConfig | No
             values["train"].update(steps=None, epochs=None)
         recipe = base.recipe
     elif recipe is not None:
-        path = find_recipe(recipe)
+        path = R.find_recipe(recipe, [RECIPES], "dense recipe")
         loaded = load_yaml(path.read_text(errors="replace"), str(path)) or {}
         if not isinstance(loaded, dict):
             raise ValueError(f"recipe {path} must be a YAML mapping")

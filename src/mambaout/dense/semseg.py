@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
+from torchvision.transforms.v2.functional import adjust_hue
 
 from mambaout.data.image import IMAGENET_MEAN, load_image
 from mambaout.utils.device import autocast
@@ -221,30 +222,16 @@ def photometric(
     x = (image + brightness).clamp(0, 1)
     if contrast_first:
         x = (x * contrast).clamp(0, 1)
-    if saturation != 1.0 or hue != 0.0:
-        h, sat, v = rgb_to_hsv(x)
-        x = hsv_to_rgb((h + hue) % 1.0, (sat * saturation).clamp(0, 1), v)
+    if saturation != 1.0:
+        # HSV saturation (chroma / max) times `saturation`, clipped at 1, hue and value kept: each channel's
+        # distance below the max scaled by min(saturation, max / chroma)
+        v = x.amax(0)
+        x = v - (v - x) * (v / (v - x.amin(0)).clamp_min(1e-12)).clamp(max=saturation)
+    if hue != 0.0:
+        x = adjust_hue(x, hue)
     if not contrast_first:
         x = (x * contrast).clamp(0, 1)
     return x
-
-
-def rgb_to_hsv(rgb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Hue (a fraction of the circle), saturation and value, each `[H, W]`, of `[3, H, W]` RGB in [0, 1]."""
-    r, g, b = rgb
-    v, _ = rgb.max(0)
-    c = v - rgb.min(0).values  # chroma
-    safe = torch.where(c > 0, c, torch.ones_like(c))
-    h = torch.where(v == r, ((g - b) / safe) % 6, torch.where(v == g, (b - r) / safe + 2, (r - g) / safe + 4))
-    h = torch.where(c > 0, h / 6, torch.zeros_like(h))
-    s = torch.where(v > 0, c / torch.where(v > 0, v, torch.ones_like(v)), torch.zeros_like(v))
-    return h, s, v
-
-
-def hsv_to_rgb(h: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """`[3, H, W]` RGB of hue (fraction of the circle), saturation and value (`rgb_to_hsv`'s inverse)."""
-    k = torch.stack([(5 + h * 6) % 6, (3 + h * 6) % 6, (1 + h * 6) % 6])  # R, G, B
-    return v - v * s * torch.clamp(torch.minimum(k, 4 - k), 0, 1)
 
 
 def crop_passes(mask: torch.Tensor, max_ratio: float) -> bool:

@@ -6,12 +6,14 @@ an auxiliary FCN head on stage 2 (loss weight 0.4, as Swin). Written here: mmseg
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision.ops import Conv2dNormActivation
 
 from mambaout.data.image import IMAGENET_MEAN, IMAGENET_STD
 from mambaout.utils import checks as C
@@ -29,15 +31,9 @@ def _norm(kind: str, channels: int) -> nn.Module:
     raise ValueError(f"head norm must be 'bn' or 'gn', got {kind!r}")
 
 
-class ConvNormAct(nn.Sequential):
-    """Conv (no bias: the norm has one), norm, ReLU."""
-
-    def __init__(self, in_ch: int, out_ch: int, kernel_size: int = 1, norm: str = "bn"):
-        super().__init__(
-            nn.Conv2d(in_ch, out_ch, kernel_size, padding=kernel_size // 2, bias=False),
-            _norm(norm, out_ch),
-            nn.ReLU(inplace=True),
-        )
+def _block(in_ch: int, out_ch: int, kernel_size: int, norm: str) -> nn.Module:
+    """Conv ("same" padding, no bias: the norm has one), norm, ReLU."""
+    return Conv2dNormActivation(in_ch, out_ch, kernel_size, norm_layer=functools.partial(_norm, norm))
 
 
 def _classifier(channels: int, num_classes: int) -> nn.Conv2d:
@@ -59,9 +55,9 @@ class PyramidPooling(nn.Module):
     def __init__(self, in_ch: int, channels: int, scales: Sequence[int] = (1, 2, 3, 6), norm: str = "bn"):
         super().__init__()
         self.branches = nn.ModuleList(
-            nn.Sequential(nn.AdaptiveAvgPool2d(s), ConvNormAct(in_ch, channels, 1, norm)) for s in scales
+            nn.Sequential(nn.AdaptiveAvgPool2d(s), _block(in_ch, channels, 1, norm)) for s in scales
         )
-        self.bottleneck = ConvNormAct(in_ch + len(scales) * channels, channels, 3, norm)
+        self.bottleneck = _block(in_ch + len(scales) * channels, channels, 3, norm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, C_in, h, w] -> [B, channels, h, w]
         pooled = [_resize(branch(x), x.shape[-2:]) for branch in self.branches]
@@ -82,9 +78,9 @@ class UperNetHead(nn.Module):
     ):
         super().__init__()
         self.ppm = PyramidPooling(in_channels[-1], channels, pool_scales, norm)
-        self.lateral = nn.ModuleList(ConvNormAct(c, channels, 1, norm) for c in in_channels[:-1])
-        self.smooth = nn.ModuleList(ConvNormAct(channels, channels, 3, norm) for _ in in_channels[:-1])
-        self.fuse = ConvNormAct(len(in_channels) * channels, channels, 3, norm)
+        self.lateral = nn.ModuleList(_block(c, channels, 1, norm) for c in in_channels[:-1])
+        self.smooth = nn.ModuleList(_block(channels, channels, 3, norm) for _ in in_channels[:-1])
+        self.fuse = _block(len(in_channels) * channels, channels, 3, norm)
         self.dropout = nn.Dropout2d(dropout)
         self.classifier = _classifier(channels, num_classes)
 
@@ -103,7 +99,7 @@ class FCNHead(nn.Module):
 
     def __init__(self, in_ch: int, num_classes: int, channels: int = 256, dropout: float = 0.1, norm: str = "bn"):
         super().__init__()
-        self.conv = ConvNormAct(in_ch, channels, 3, norm)
+        self.conv = _block(in_ch, channels, 3, norm)
         self.dropout = nn.Dropout2d(dropout)
         self.classifier = _classifier(channels, num_classes)
 
