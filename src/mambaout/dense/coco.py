@@ -54,11 +54,9 @@ SEGMENTATION = (
 
 
 def check_instances(coco, ann_file, segmentations: bool = True, evaluate: bool = False) -> None:
-    """What pycocotools reads without a word but would train or score on silently wrong, crash on, or spin on
-    forever, as one line naming the file and the entry: images, categories and annotations as `IMAGE_ENTRY` and
-    the messages say; with `evaluate` (COCOeval scores the file) `iscrowd` and `area` on each annotation; with
-    `segmentations` (masks decoded, here or by COCOeval) each segmentation as `segmentation_problem` wants it.
-    """
+    """Each entry pycocotools would read without a word yet train or score on wrongly, crash or spin on, as one line
+    naming the file and the entry; with `evaluate` (COCOeval scores the file) `iscrowd` and `area` too, with
+    `segmentations` (masks decoded, here or by COCOeval) each segmentation as `segmentation_problem` wants it."""
     images = coco.dataset.get("images", [])
     for img in images:
         iid = img.get("id")
@@ -202,12 +200,10 @@ def rle_string_counts(s: str) -> list[int] | None:
 
 
 class CocoInstances(torch.utils.data.Dataset):
-    """Images of a folder with their COCO instance annotations (crowd regions left to the evaluator):
-    `(image [3, H, W] in [0, 1], target)`.
+    """Images of a folder (`file_name` relative to it) with their COCO instances, polygons or RLE (crowd regions left
+    to the evaluator): `(image [3, H, W] in [0, 1], target)`.
 
     Args:
-        images: Folder of the images (`file_name` in the JSON is relative to it).
-        ann_file: COCO instances JSON (polygon or RLE masks).
         transform: `(image, target) -> (image, target)`, e.g. `ResizeFlip`.
         masks: Decode the instance masks (Mask R-CNN); False for boxes only.
         evaluate: The IoU types (`bbox`, `segm`) COCOeval will score against this file (checked for them).
@@ -335,14 +331,9 @@ class ResizeFlip:
 
 
 def to_coco_results(output: dict, image_id: int, cat_ids: Sequence[int]) -> list[dict]:
-    """One image's detections as COCO result entries (boxes as x, y, w, h; masks as RLE).
-
-    Args:
-        output: `boxes` `[N, 4]` xyxy, `labels` `[N]` (from 1), `scores` `[N]`, optional `masks` `[N, 1, H, W]`
-            probabilities (Mask R-CNN's output, thresholded at 0.5) or `[N, H, W]` binary masks.
-        image_id: The COCO image id.
-        cat_ids: COCO category id of each label (label l is `cat_ids[l - 1]`).
-    """
+    """One image's detections as COCO result entries (boxes as x, y, w, h; masks as RLE; label l is category
+    `cat_ids[l - 1]`). `output`: `boxes` `[N, 4]` xyxy, `labels`, `scores`, optional `masks`, `[N, 1, H, W]`
+    probabilities (Mask R-CNN's, thresholded at 0.5) or `[N, H, W]` binary."""
     _pycocotools()
     from pycocotools import mask as mask_util  # a submodule: not loaded until imported (predict reads no COCO file)
 
@@ -364,13 +355,9 @@ def to_coco_results(output: dict, image_id: int, cat_ids: Sequence[int]) -> list
 
 
 def coco_evaluate(coco_gt, results: list[dict], image_ids: Sequence[int], iou_types=("bbox", "segm")) -> dict:
-    """COCO AP of `results` on the images `image_ids` of `coco_gt`, computed by pycocotools' `COCOeval`.
-
-    Returns:
-        `{'bbox': {'AP': ..., ...}, 'segm': {...}, 'summary': text, 'per_category': {'bbox': {category id: AP}}}`:
-        the twelve `BOX_STATS` (fractions; -1 where no object of that size), pycocotools' printed summary, and
-        `per_category_ap`.
-    """
+    """COCO AP of `results` on the images `image_ids` of `coco_gt` by pycocotools' `COCOeval`: `{'bbox': {'AP': ...},
+    'segm': ..., 'summary': text, 'per_category': {'bbox': {category id: AP}}}`, the twelve `BOX_STATS` (fractions;
+    -1 where no object of that size), pycocotools' printed summary and `per_category_ap`."""
     _pycocotools()
     from pycocotools.cocoeval import COCOeval
 

@@ -58,12 +58,8 @@ def per_category_text(tables: dict[str, dict[str, float | None]]) -> str:
 
 
 def image_ids(paths: Sequence[Path], coco_json: str | Path | None = None) -> list[int]:
-    """The COCO image id of each input: from `coco_json` by file name when given, else the file's stem when it is
-    a number (COCO's `000000000139.jpg` is image 139), else its place in `paths` from 1.
-
-    Raises:
-        ValueError: `coco_json` does not list an input's file name.
-    """
+    """The COCO image id of each input: from `coco_json` by file name when given (ValueError: an input it does not
+    list), else the file's stem when all are distinct numbers (COCO's `000000000139.jpg` is 139), else its place from 1."""
     if coco_json is not None:
         from .coco import load_coco
 
@@ -112,12 +108,8 @@ def dataset_paths(dataset) -> list[Path]:
 
 
 def picture_paths(paths: list[Path], out: Path, suffix: str) -> dict[Path, Path]:
-    """Each input's picture in `out`: `<stem>.<suffix>`, numbered where two inputs share a stem (a.jpg and a.png,
-    or two folders' 0.png), so no picture replaces another.
-
-    Raises:
-        ValueError: a picture would replace one of the input images (`--output` is the input folder).
-    """
+    """Each input's picture in `out`: `<stem>.<suffix>`, numbered where two inputs share a stem (a.jpg and a.png, or
+    two folders' 0.png); ValueError where a picture would replace an input image (`--output` the input folder)."""
     pictures: dict[Path, Path] = {}
     used: set[str] = set()
     for p in paths:

@@ -149,9 +149,8 @@ class Task(training.Task):
 
     def loader(self, dataset):
         """Evaluation batches of one image, in order."""
-        workers = self.cfg.data.workers
         return torch.utils.data.DataLoader(
-            dataset, num_workers=workers, collate_fn=self.collate, worker_init_fn=ignore_sigint
+            dataset, num_workers=self.cfg.data.workers, collate_fn=self.collate, worker_init_fn=ignore_sigint
         )
 
     def val_set(self, meta: dict | None = None):
@@ -368,11 +367,8 @@ class DetectTask(Task):
     @staticmethod
     def check_export(model: nn.Module, session, hw: tuple[int, int]) -> tuple[float, str, float]:
         """Max abs difference of boxes, scores and masks between the ONNX Runtime `session` and PyTorch on one
-        image of H+17 x W+23, what was compared, and the tolerance (boxes are pixels of a resized image).
-
-        Raises:
-            ValueError: the outputs differ in count or labels (no number measures that).
-        """
+        image of H+17 x W+23, what was compared, and the tolerance (boxes are pixels of a resized image);
+        ValueError where the outputs differ in count or labels (no number measures that)."""
         x = torch.rand(3, hw[0] + 17, hw[1] + 23)
         with torch.no_grad():
             want = model([x])[0]
@@ -438,13 +434,10 @@ class SegmentTask(Task):
         return images.to(device, non_blocking=True), masks.to(device, non_blocking=True), len(images), 0
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, val_set, device, amp_dtype, infer=None, each=None) -> dict:
-        """`ConfusionMatrix.metrics` of `val_set` at the original mask resolution, summed over ranks, and `images`.
-
-        Args:
-            infer: A `SegmentInference`; default the data's scale, with the flip when `eval_flip`.
-            each: Called as `each(index, classes)` with each image's position in `val_set` and its class map.
-        """
+    def evaluate(self, model: nn.Module, val_set, device, amp_dtype, infer=None, label_paths=None) -> dict:
+        """`ConfusionMatrix.metrics` of `val_set` at the original mask resolution, summed over ranks, and `images`;
+        `infer` a `SegmentInference` (default: the data's scale, flipped too with `eval_flip`); `label_paths`: where
+        to write each image's class map (`write_label_png`), in `val_set`'s order."""
         model.eval()
         d = self.cfg.data
         infer = infer or semseg.SegmentInference(tuple(d.scale), flip=d.eval_flip)
@@ -453,8 +446,8 @@ class SegmentTask(Task):
         for image, mask in self.loader(val_set):
             classes = infer(model, image[0].to(device), amp_dtype).argmax(0).cpu()
             conf.update(classes, mask[0])
-            if each is not None:
-                each(n, classes)
+            if label_paths is not None:
+                res.write_label_png(label_paths[n], classes)
             n += 1
             _evaluated(n, len(val_set))
         counts = dist.all_reduce_sum(conf.counts.flatten().double().tolist() + [n], device)
@@ -509,20 +502,19 @@ class SegmentTask(Task):
             settings.append(semseg.SegmentInference.of(args, scale, True))
         if args.multi_scale:
             settings.append(semseg.SegmentInference.of(args, scale, True, args.ratios or semseg.MULTI_SCALE_RATIOS))
-        label_dir = Path(args.label_dir) if args.label_dir else None
-        if label_dir is not None:
+        paths = None
+        if args.label_dir:
+            label_dir = Path(args.label_dir)
             label_dir.mkdir(parents=True, exist_ok=True)
             paths = list(res.picture_paths(res.dataset_paths(val_set), label_dir, "png").values())
         results, tables = {}, []
         for i, setting in enumerate(settings):
-            write = label_dir is not None and i == len(settings) - 1
-            each = (lambda n, classes: res.write_label_png(paths[n], classes)) if write else None  # noqa: E731
-            m = self.evaluate(model, val_set, device, amp_dtype, setting, each)
+            m = self.evaluate(model, val_set, device, amp_dtype, setting, paths if i == len(settings) - 1 else None)
             per_class = res.per_class(m, names)
             numbers = {k: v for k, v in m.items() if k not in ("iou", "acc")}
             results[setting.describe()] = dict(numbers, per_class=per_class)
             tables.append(f"{setting.describe()} " + res.per_class_text(per_class))
-        if label_dir is not None:
+        if paths is not None:
             print(f"{count(len(paths), 'label PNG')} (class indices 0-{len(names) - 1}) in {label_dir}")
         return results, tables
 
