@@ -201,15 +201,10 @@ def rle_string_counts(s: str) -> list[int] | None:
 
 class CocoInstances(torch.utils.data.Dataset):
     """Images of a folder (`file_name` relative to it) with their COCO instances, polygons or RLE (crowd regions left
-    to the evaluator): `(image [3, H, W] in [0, 1], target)`.
-
-    Args:
-        transform: `(image, target) -> (image, target)`, e.g. `ResizeFlip`.
-        masks: Decode the instance masks (Mask R-CNN); False for boxes only.
-        evaluate: The IoU types (`bbox`, `segm`) COCOeval will score against this file (checked for them).
-        filter_empty: Leave out images without annotations or with a side under 32 px, as mmdetection's training
-            does (`left_out` counts them).
-    """
+    to the evaluator): `(image [3, H, W] in [0, 1], target)`, through `transform(image, target)` (`ResizeFlip`).
+    `masks`: decode the instance masks (Mask R-CNN); `evaluate`: the IoU types (`bbox`, `segm`) COCOeval will score
+    against this file (checked for them); `filter_empty`: leave out images without annotations or with a side under
+    32 px, as mmdetection's training does (`left_out` counts them)."""
 
     def __init__(
         self,

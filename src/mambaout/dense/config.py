@@ -152,11 +152,8 @@ def schema(task: str) -> S.Schema:
 
 def resolve(task: str, recipe: str | None, overrides: dict, base: RunConfig | None = None) -> RunConfig:
     """Defaults < recipe < `overrides` (`{'section.key': value}`), checked once; or, for a resumed run, the run's
-    own configuration `base` < `overrides`, which may not change the network.
-
-    Raises:
-        ValueError: an unknown key, a recipe of the other task, a value of the wrong type or out of range.
-    """
+    own configuration `base` < `overrides`, which may not change the network. ValueError: an unknown key, a recipe
+    of the other task, a value of the wrong type or out of range."""
     values: dict[str, dict] = {s: {} for s in SECTIONS}
     sch = schema(task)
     if base is not None:

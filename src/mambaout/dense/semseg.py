@@ -164,8 +164,7 @@ class RandomResizeCrop:
     to 0 as mmseg pads after normalising, and the ignore index), flip, then mmseg's `PhotoMetricDistortion`.
 
     The crop is drawn up to `CROP_TRIES` times while it fails mmseg's category-ratio check (`crop_passes`; the last
-    draw kept); `cat_max_ratio` 1 turns the check off.
-    """
+    draw kept); `cat_max_ratio` 1 turns the check off."""
 
     scale: tuple[int, int]
     crop_size: int
@@ -300,15 +299,10 @@ def windows(size: int, window: int, stride: int) -> list[tuple[int, int]]:
 
 @dataclass
 class SegmentInference:
-    """How a segmenter is run on one image to give its class probabilities: mmseg's multi-scale test (the paper's
-    "MS" mIoU, Table 3: probabilities averaged over scales and their mirror images) and sliding windows (ConvNeXt's
-    and Swin's ADE20K configs: logits averaged where windows overlap).
-
-    Attributes:
-        scale: Evaluation scale (long, short), times each of `ratios` (`MULTI_SCALE_RATIOS`: the paper's MS).
-        flip: Also run the mirror image of each scale.
-        window, stride: Sliding windows (None: the whole image at once; stride default 2/3 of the window).
-    """
+    """How a segmenter is run on one image to give its class probabilities: at `scale` (long, short) times each of
+    `ratios` (`MULTI_SCALE_RATIOS`: mmseg's multi-scale test, the paper's "MS" mIoU, Table 3), with the mirror image
+    too (`flip`), probabilities averaged; whole, or in sliding windows of `window` px every `stride` (default 2/3 of
+    the window; ConvNeXt's and Swin's ADE20K configs), logits averaged where windows overlap."""
 
     scale: tuple[int, int]
     ratios: Sequence[float] = (1.0,)

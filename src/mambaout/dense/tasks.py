@@ -148,10 +148,19 @@ class Task(training.Task):
         return images, labels
 
     def loader(self, dataset):
-        """Evaluation batches of one image, in order."""
-        return torch.utils.data.DataLoader(
+        """Evaluation batches of one image, in order, a progress line on stderr (rank 0) at most every
+        `PROGRESS_EVERY_S` after each image."""
+        batches = torch.utils.data.DataLoader(
             dataset, num_workers=self.cfg.data.workers, collate_fn=self.collate, worker_init_fn=ignore_sigint
         )
+        for n, batch in enumerate(batches, 1):
+            yield batch
+            now = time.monotonic()
+            if n == 1:
+                start = shown = now
+            if dist.is_main() and n < len(dataset) and now - shown >= PROGRESS_EVERY_S:
+                shown = now
+                print(f"evaluating: {n}/{len(dataset)} images ({now - start:.0f}s)", file=sys.stderr, flush=True)
 
     def val_set(self, meta: dict | None = None):
         """The validation images as `evaluate` takes them: the first `max_val_images`, every world-size-th of them
@@ -277,7 +286,6 @@ class DetectTask(Task):
             for out, t in zip(outputs, targets):
                 results += to_coco_results(out, t["image_id"], self.cat_ids)  # it casts (labels stay integers)
                 image_ids.append(t["image_id"])
-            _evaluated(len(image_ids), len(val_set))
         return dist.all_gather_lists(results), dist.all_gather_lists(image_ids)
 
     def score(self, results: list[dict], image_ids: list[int]) -> tuple[dict, dict]:
@@ -442,15 +450,12 @@ class SegmentTask(Task):
         d = self.cfg.data
         infer = infer or semseg.SegmentInference(tuple(d.scale), flip=d.eval_flip)
         conf = semseg.ConfusionMatrix(self.cfg.model.num_classes)
-        n = 0
-        for image, mask in self.loader(val_set):
+        for n, (image, mask) in enumerate(self.loader(val_set)):
             classes = infer(model, image[0].to(device), amp_dtype).argmax(0).cpu()
             conf.update(classes, mask[0])
             if label_paths is not None:
                 res.write_label_png(label_paths[n], classes)
-            n += 1
-            _evaluated(n, len(val_set))
-        counts = dist.all_reduce_sum(conf.counts.flatten().double().tolist() + [n], device)
+        counts = dist.all_reduce_sum(conf.counts.flatten().double().tolist() + [len(val_set)], device)
         conf.counts = torch.tensor(counts[:-1], dtype=torch.float64).round().long().reshape(conf.counts.shape)
         return dict(conf.metrics(), images=int(counts[-1]))
 
@@ -569,17 +574,7 @@ class SegmentTask(Task):
         return (got - want).abs().max().item(), "logits, batch 3", 1e-4
 
 
-PROGRESS_EVERY_S = 10.0  # a long evaluation says how far it got at most this often
-
-
-def _evaluated(n: int, total: int) -> None:
-    """After the n-th of `total` images: a line on stderr (rank 0) when `PROGRESS_EVERY_S` passed since the last."""
-    now = time.monotonic()
-    if n == 1:
-        _evaluated.start = _evaluated.shown = now
-    if dist.is_main() and n < total and now - _evaluated.shown >= PROGRESS_EVERY_S:
-        _evaluated.shown = now
-        print(f"evaluating: {n}/{total} images ({now - _evaluated.start:.0f}s)", file=sys.stderr, flush=True)
+PROGRESS_EVERY_S = 10.0  # a long evaluation says how far it got at most this often (`Task.loader`)
 
 
 TASKS = {task.name: task for task in (DetectTask, SegmentTask)}
