@@ -1,8 +1,5 @@
-"""The dense-prediction backbone: MambaOut's stage maps, each through its own LayerNorm, as NCHW tensors.
-
-The added norms are the authors' detection and segmentation recipe (following Swin); the maps before them are
-exactly what `mambaout.create_model(name, features_only=True)` returns.
-"""
+"""The dense-prediction backbone: MambaOut's stage maps (exactly `mambaout.create_model(name, features_only=True)`'s),
+each through its own LayerNorm (the authors' dense recipe, following Swin), as NCHW tensors."""
 
 from __future__ import annotations
 

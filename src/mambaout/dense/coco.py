@@ -1,8 +1,6 @@
-"""COCO instances: the dataset (read with pycocotools), the resize-and-flip data path, and box/mask AP.
-
-Targets are torchvision's: `boxes` `[N, 4]` x1 y1 x2 y2 in pixels, `labels` `[N]` from 1 (0 is the background),
-`masks` `[N, H, W]` uint8; `CocoInstances.cat_ids[label - 1]` is a label's COCO category id.
-"""
+"""COCO instances: the dataset (read with pycocotools), the resize-and-flip data path, and box/mask AP. Targets are
+torchvision's: `boxes` `[N, 4]` x1 y1 x2 y2 in pixels, `labels` `[N]` from 1 (0 is the background), `masks`
+`[N, H, W]` uint8; `CocoInstances.cat_ids[label - 1]` is a label's COCO category id."""
 
 from __future__ import annotations
 

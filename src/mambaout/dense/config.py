@@ -1,8 +1,6 @@
-"""Configuration of a dense-prediction run: typed sections, resolved once as defaults < recipe < command line.
-
-A recipe is a YAML file with a `task` (`detect` or `segment`) and up to three sections of `setting`s: `model`
-(`DetectorConfig` / `SegmenterConfig`), `data` (`DataConfig`), `train` (`TrainConfig`); unknown keys are errors.
-"""
+"""Configuration of a dense-prediction run, resolved once as defaults < recipe < command line. A recipe is a YAML
+file with a `task` (`detect` or `segment`) and up to three sections of `setting`s: `model` (`DetectorConfig` /
+`SegmenterConfig`), `data` (`DataConfig`), `train` (`TrainConfig`); unknown keys are errors."""
 
 from __future__ import annotations
 

@@ -1,6 +1,5 @@
-"""Mask R-CNN and Faster R-CNN with FPN on the dense MambaOut backbone: torchvision's detectors, and `MambaOutFPN`,
-the backbone-plus-neck module torchvision's `GeneralizedRCNN` expects (an ordered dict of maps, `out_channels`).
-"""
+"""Mask R-CNN and Faster R-CNN with FPN on the dense MambaOut backbone: torchvision's detectors on `MambaOutFPN`,
+the backbone-plus-neck module their `GeneralizedRCNN` expects (an ordered dict of maps, `out_channels`)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,5 @@
-"""Semantic segmentation: data (an image folder beside a folder of class-index PNG masks, the ADE20K /
-mmsegmentation layout), mmseg's training augmentation, metrics, and test-time inference.
-"""
+"""Semantic segmentation: data (an image folder beside a folder of class-index PNG masks, the ADE20K / mmseg
+layout), mmseg's training augmentation, metrics, and test-time inference."""
 
 from __future__ import annotations
 
@@ -143,10 +142,12 @@ class SegmentationFolder(torch.utils.data.Dataset):
         return image, mask
 
 
-def resize_pair(image: torch.Tensor, mask: torch.Tensor | None, scale: float):
-    """Resize an image (bilinear) and its mask (nearest) by `scale`."""
+def resize_pair(image: torch.Tensor, mask: torch.Tensor | None, scale, ratio: float = 1.0):
+    """Resize an image (bilinear) and its mask (nearest) to fit `scale` (long, short) times `ratio`, keeping the
+    aspect ratio."""
     h, w = image.shape[-2:]
-    size = (max(1, int(h * scale + 0.5)), max(1, int(w * scale + 0.5)))
+    s = resize_scale(h, w, int(scale[1] * ratio), int(scale[0] * ratio))
+    size = (max(1, int(h * s + 0.5)), max(1, int(w * s + 0.5)))
     image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
     if mask is not None:
         mask = F.interpolate(mask[None, None].float(), size=size, mode="nearest-exact")[0, 0].long()
@@ -174,9 +175,7 @@ class RandomResizeCrop:
     photometric: bool = True
 
     def __call__(self, image: torch.Tensor, mask: torch.Tensor):
-        ratio = random.uniform(*self.ratio_range)
-        s = resize_scale(*image.shape[-2:], int(self.scale[1] * ratio), int(self.scale[0] * ratio))
-        image, mask = resize_pair(image, mask, s)
+        image, mask = resize_pair(image, mask, self.scale, random.uniform(*self.ratio_range))
         c = self.crop_size
         h, w = image.shape[-2:]
         ph, pw = max(c - h, 0), max(c - w, 0)
@@ -342,9 +341,7 @@ class SegmentInference:
         h, w = image.shape[-2:]
         total = None
         for ratio in self.ratios:
-            long, short = int(self.scale[0] * ratio), int(self.scale[1] * ratio)
-            x, _ = resize_pair(image, None, resize_scale(h, w, short, long))
-            x = x[None]  # [1, 3, h', w']
+            x = resize_pair(image, None, self.scale, ratio)[0][None]  # [1, 3, h', w']
             probs = self._probs(model, x, amp_dtype)
             if self.flip:  # the mirror's probabilities, mirrored back, averaged at this scale
                 probs = (probs + self._probs(model, x.flip(-1), amp_dtype).flip(-1)) / 2

@@ -1,7 +1,5 @@
-"""The two dense tasks as `mambaout.training.trainer.Task`s (data, model, loss, evaluation, checkpoints), run by the
-engine that trains classification: `DetectTask` (COCO instances, Mask/Faster R-CNN, box and mask AP) and
-`SegmentTask` (class-index masks, UperNet, mIoU and pixel accuracy).
-"""
+"""The two dense tasks as `mambaout.training.trainer.Task`s, run by the engine that trains classification:
+`DetectTask` (COCO instances, Mask/Faster R-CNN, box and mask AP), `SegmentTask` (UperNet, mIoU, pixel accuracy)."""
 
 from __future__ import annotations
 

@@ -1,8 +1,6 @@
-"""UperNet (Xiao et al., ECCV 2018) on the dense MambaOut backbone: the paper's ADE20K setting (Table 3).
-
-PSPNet's pyramid pooling on the stride-32 map, an FPN top-down path over the others, every level fused at stride 4;
-an auxiliary FCN head on stage 2 (loss weight 0.4, as Swin). Written here: mmseg would bring mmcv and mmengine.
-"""
+"""UperNet (Xiao et al., ECCV 2018) on the dense MambaOut backbone, the paper's ADE20K setting (Table 3): PSPNet's
+pyramid pooling on the stride-32 map, an FPN top-down path over the others, every level fused at stride 4; an
+auxiliary FCN head on stage 2 (loss weight 0.4, as Swin). Written here: mmseg would bring mmcv and mmengine."""
 
 from __future__ import annotations
 
