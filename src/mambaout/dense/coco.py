@@ -334,8 +334,7 @@ def to_coco_results(output: dict, image_id: int, cat_ids: Sequence[int]) -> list
     labels, scores = output["labels"].long().tolist(), output["scores"].float().tolist()
     rles = [None] * len(labels)
     if "masks" in output:
-        masks = output["masks"].detach().cpu()
-        masks = masks[:, 0] if masks.ndim == 4 else masks
+        masks = output["masks"].detach().cpu().flatten(0, -3)  # [N, 1, H, W] or [N, H, W] -> [N, H, W]
         binary = (masks.float() > 0.5).numpy().astype(np.uint8)
         rles = mask_util.encode(np.asfortranarray(binary.transpose(1, 2, 0)))  # [N, H, W] -> [H, W, N]
         for rle in rles:
