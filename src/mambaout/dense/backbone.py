@@ -161,11 +161,8 @@ def checkpoint_backbone(
 ) -> tuple[str, str | None, dict]:
     """`(weights file, backbone, model_kwargs)` of `checkpoint` (a weights file, or a `mambaout train` run folder:
     its best, else last): the name given, else the one recorded (None: neither, the config's default), and the
-    model_kwargs given, the recorded architecture filling the rest.
-
-    Raises:
-        ValueError: a name or an argument given that disagrees with what the checkpoint records (one line).
-    """
+    model_kwargs given, the recorded architecture filling the rest. ValueError (one line): a name or an argument
+    given that disagrees with what the checkpoint records."""
     file = run_weights(checkpoint)
     meta = read_metadata(file)
     recorded = meta.get("model")

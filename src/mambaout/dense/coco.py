@@ -126,11 +126,9 @@ def check_instances(coco, ann_file, segmentations: bool = True, evaluate: bool =
 
 def segmentation_problem(seg, h: int, w: int) -> str | None:
     """What is wrong with a COCO `segmentation` of an `h` x `w` image, or None when pycocotools can rasterise it.
-
-    pycocotools' C code trusts its input: a huge or NaN coordinate makes it spin (past Ctrl-C), a short polygon or
-    an RLE that does not fill the image is read or written out of bounds. So coordinates must lie within one image
-    size of the image, and RLE runs must sum to exactly `h * w`.
-    """
+    Its C code trusts its input: a huge or NaN coordinate makes it spin (past Ctrl-C), a short polygon or an RLE that
+    does not fill the image is read or written out of bounds; so coordinates must lie within one image size of the
+    image, and RLE runs must sum to exactly `h * w`."""
     if isinstance(seg, list):
         if not seg:
             return "an empty list"

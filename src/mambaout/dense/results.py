@@ -58,9 +58,8 @@ def per_category_text(tables: dict[str, dict[str, float | None]]) -> str:
 
 
 def image_ids(paths: Sequence[Path], coco_json: str | Path | None = None) -> list[int]:
-    """The COCO image id of each input: from `coco_json` by file name when given (ValueError: an input it does not
-    list), else its file's stem when all stems are distinct numbers (COCO's `000000000139.jpg` is 139), else its
-    place from 1."""
+    """Each input's COCO image id: by file name from `coco_json` (ValueError: an input it does not list), else its
+    stem when all stems are distinct numbers (COCO's `000000000139.jpg` is 139), else its place from 1."""
     if coco_json is not None:
         from .coco import load_coco
 

@@ -30,12 +30,10 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 @dataclass
 class LabelMap:
-    """Mask value -> class index (or the ignore index), and the class names.
-
-    Values are classes as they are (0..K-1, 255 ignored); with `reduce_zero_label` (ADE20K) 0 is ignored and v is
-    class v - 1; with a categories file (a JSON list of `{"id", "name"}`) the listed ids are 0..K-1 in order (and
-    id 0 ignored with `reduce_zero_label`). Any other value is an error naming the file, never a silent class.
-    """
+    """Mask value -> class index (or the ignore index), and the class names. Values are classes as they are (0..K-1,
+    255 ignored); with `reduce_zero_label` (ADE20K) 0 is ignored and v is class v - 1; with a categories file (a JSON
+    list of `{"id", "name"}`) the listed ids are 0..K-1 in order (id 0 ignored with `reduce_zero_label`). Any other
+    value is an error naming the file, never a silent class."""
 
     lut: np.ndarray  # [256] uint8; 254 marks a value that maps to nothing
     class_names: list[str]
@@ -143,8 +141,7 @@ class SegmentationFolder(torch.utils.data.Dataset):
 
 
 def resize_pair(image: torch.Tensor, mask: torch.Tensor | None, scale, ratio: float = 1.0):
-    """Resize an image (bilinear) and its mask (nearest) to fit `scale` (long, short) times `ratio`, keeping the
-    aspect ratio."""
+    """Resize an image (bilinear) and its mask (nearest) to fit `scale` (long, short) times `ratio`, aspect kept."""
     h, w = image.shape[-2:]
     s = resize_scale(h, w, int(scale[1] * ratio), int(scale[0] * ratio))
     size = (max(1, int(h * s + 0.5)), max(1, int(w * s + 0.5)))
@@ -162,10 +159,9 @@ CROP_TRIES = 10  # mmseg draws up to this many crops looking for one that passes
 class RandomResizeCrop:
     """mmseg's training path: resize to `scale` (long, short) times a ratio in `ratio_range` keeping the aspect
     ratio, crop `crop_size` (a smaller image padded at the bottom and right with the mean colour, which normalises
-    to 0 as mmseg pads after normalising, and the ignore index), flip, then mmseg's `PhotoMetricDistortion`.
-
-    The crop is drawn up to `CROP_TRIES` times while it fails mmseg's category-ratio check (`crop_passes`; the last
-    draw kept); `cat_max_ratio` 1 turns the check off."""
+    to 0 as mmseg pads after normalising, and the ignore index), flip, then mmseg's `PhotoMetricDistortion`. The crop
+    is drawn up to `CROP_TRIES` times while it fails mmseg's category-ratio check (`crop_passes`; the last draw
+    kept); `cat_max_ratio` 1 turns the check off."""
 
     scale: tuple[int, int]
     crop_size: int

@@ -146,8 +146,7 @@ class Task(training.Task):
         return images, labels
 
     def loader(self, dataset):
-        """Evaluation batches of one image, in order, a progress line on stderr (rank 0) at most every
-        `PROGRESS_EVERY_S` after each image."""
+        """Evaluation batches of one image, in order; a line on stderr (rank 0) at most every `PROGRESS_EVERY_S`."""
         batches = torch.utils.data.DataLoader(
             dataset, num_workers=self.cfg.data.workers, collate_fn=self.collate, worker_init_fn=ignore_sigint
         )

@@ -35,8 +35,7 @@ def _block(in_ch: int, out_ch: int, kernel_size: int, norm: str) -> nn.Module:
 
 
 def _classifier(channels: int, num_classes: int) -> nn.Conv2d:
-    """The 1x1 class conv, initialised as mmseg's `conv_seg` (normal, std 0.01, bias 0): every class starts near
-    the same logit."""
+    """The 1x1 class conv as mmseg's `conv_seg` (normal, std 0.01, bias 0): every class starts near the same logit."""
     conv = nn.Conv2d(channels, num_classes, 1)
     nn.init.normal_(conv.weight, mean=0.0, std=0.01)
     nn.init.zeros_(conv.bias)
