@@ -281,13 +281,11 @@ def resize_scale(h: int, w: int, min_size: int, max_size: int) -> float:
     return min(min_size / min(h, w), max_size / max(h, w))
 
 
-def resize(image: torch.Tensor, target: dict | None, scale: float):
+def resize(image: torch.Tensor, target: dict, scale: float):
     """Resize `[3, H, W]` by `scale` (bilinear; masks nearest), moving the boxes with the pixels; `target` a copy."""
     h, w = image.shape[-2:]
     nh, nw = int(h * scale), int(w * scale)  # floor, as torchvision's resize
     image = F.interpolate(image[None], size=(nh, nw), mode="bilinear", align_corners=False)[0]
-    if target is None:
-        return image, None
     target = dict(target, boxes=target["boxes"] * torch.tensor([nw / w, nh / h, nw / w, nh / h]))
     if "masks" in target:
         masks = target["masks"]

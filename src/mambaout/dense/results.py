@@ -39,7 +39,7 @@ def _cell(v) -> str:  # a class name from a file cannot write to the terminal: p
     return "-" if v is None else f"{v:.3f}" if isinstance(v, float) else printable(v)
 
 
-# --- detection ---------------------------------------------------------------------------------------------------------
+# --- detection --------------------------------------------------------------------------------------------------------
 
 
 def per_category(ev: dict, cat_ids: Sequence[int], names: Sequence[str]) -> dict[str, dict[str, float | None]]:

@@ -350,13 +350,12 @@ class SegmentInference:
             if self.window is None:
                 return model(x).float().softmax(1)
             h, w = x.shape[-2:]
-            logits = count = None
+            logits, count = None, torch.zeros(1, 1, h, w, device=x.device)
             for y1, y2 in windows(h, self.window, self.stride):
                 for x1, x2 in windows(w, self.window, self.stride):
                     out = model(x[..., y1:y2, x1:x2]).float()  # [1, K, y2 - y1, x2 - x1]
                     if logits is None:
                         logits = out.new_zeros(*out.shape[:2], h, w)
-                        count = out.new_zeros(1, 1, h, w)
                     logits[..., y1:y2, x1:x2] += out
                     count[..., y1:y2, x1:x2] += 1
             return (logits / count).softmax(1)
