@@ -391,7 +391,7 @@ def test_resize_keeps_the_detectors_own_rule():
     from torchvision.models.detection.transform import _resize_image_and_masks
 
     image = torch.rand(3, 123, 457)
-    ours, _ = resize(image, None, resize_scale(123, 457, 200, 600))
+    ours, _ = resize(image, dict(boxes=torch.zeros(0, 4)), resize_scale(123, 457, 200, 600))
     theirs, _ = _resize_image_and_masks(image, 200.0, 600.0, None)
     assert ours.shape == theirs.shape
     torch.testing.assert_close(ours, theirs)

@@ -22,9 +22,8 @@ from pycocotools.cocoeval import COCOeval  # noqa: E402
 
 from mambaout.cli import dense as cli_dense  # noqa: E402
 from mambaout.cli import main  # noqa: E402
-from mambaout.dense.draw import draw_segmentation, palette, place_labels  # noqa: E402
-from mambaout.dense.semseg import ConfusionMatrix  # noqa: E402
-from mambaout.dense.tta import SegmentInference, windows  # noqa: E402
+from mambaout.dense.results import draw_segmentation, palette, place_labels  # noqa: E402
+from mambaout.dense.semseg import ConfusionMatrix, SegmentInference, windows  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -542,16 +541,16 @@ def test_training_images_without_annotations_are_left_out(tmp_path):
 def test_photometric_distortion_steps_against_colorsys_and_hand_values():
     import colorsys
 
-    from mambaout.dense.semseg import RandomResizeCrop, hsv_to_rgb, photometric, rgb_to_hsv
+    from mambaout.dense.semseg import RandomResizeCrop, photometric
 
     rgb = torch.rand(3, 5, 7)
     rgb[:, 0, 0] = torch.tensor([0.3, 0.3, 0.3])  # grey: no hue
-    h, s, v = rgb_to_hsv(rgb)
-    for y, x in ((0, 0), (1, 2), (4, 6), (3, 3)):
-        assert (h[y, x].item(), s[y, x].item(), v[y, x].item()) == pytest.approx(
-            colorsys.rgb_to_hsv(*rgb[:, y, x].tolist()), abs=1e-6
-        )
-    assert torch.allclose(hsv_to_rgb(h, s, v), rgb, atol=1e-6)
+    for saturation, hue in ((1.3, 0.05), (0.6, -0.1), (4.0, 0.0), (1.0, 0.1)):
+        out = photometric(rgb, 0.0, 1.0, saturation, hue, True)
+        for y, x in ((0, 0), (1, 2), (4, 6), (3, 3)):
+            h, s, v = colorsys.rgb_to_hsv(*rgb[:, y, x].tolist())
+            want = colorsys.hsv_to_rgb((h + hue) % 1.0, min(s * saturation, 1.0), v)
+            assert out[:, y, x].tolist() == pytest.approx(want, abs=1e-6)
     red = torch.tensor([1.0, 0.0, 0.0]).view(3, 1, 1)
     assert torch.allclose(photometric(red, 0.0, 1.0, 1.0, 1 / 3, True), torch.tensor([0.0, 1.0, 0.0]).view(3, 1, 1))
     pixel = torch.tensor([0.5, 0.25, 0.125]).view(3, 1, 1)

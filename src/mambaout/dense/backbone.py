@@ -1,8 +1,5 @@
-"""The dense-prediction backbone: MambaOut's stage maps, each through its own LayerNorm, as NCHW tensors.
-
-The added norms are the authors' detection and segmentation recipe (following Swin); the maps before them are
-exactly what `mambaout.create_model(name, features_only=True)` returns.
-"""
+"""The dense-prediction backbone: MambaOut's stage maps (exactly `mambaout.create_model(name, features_only=True)`'s),
+each through its own LayerNorm (the authors' dense recipe, following Swin), as NCHW tensors."""
 
 from __future__ import annotations
 
@@ -159,34 +156,19 @@ def backbone_from(cfg, pretrained: bool = False, checkpoint: str | os.PathLike |
 _NOT_ARCHITECTURE = ("num_classes", "drop_path_rate", "drop_rate")
 
 
-@dataclass
-class CheckpointBackbone:
-    """The backbone a classification checkpoint gives a dense run: its weights file and architecture."""
-
-    file: str  # the weights file (a run folder's best.safetensors, else last.safetensors)
-    backbone: str | None  # the registered name the run builds (None: the config's default)
-    model_kwargs: dict  # the architecture, recorded and given together
-
-
 def checkpoint_backbone(
     checkpoint: str | os.PathLike, backbone: str | None = None, model_kwargs: dict | None = None
-) -> CheckpointBackbone:
-    """A run folder's best (else last) weights, built as the architecture they record where the user gave none.
-
-    Args:
-        checkpoint: A weights file or a run folder of `mambaout train`.
-        backbone: The registered name the user (or the recipe) gave; None: the one the checkpoint records.
-        model_kwargs: The backbone arguments given; the recorded ones fill the rest.
-
-    Raises:
-        ValueError: a name or an argument given that disagrees with what the checkpoint records (one line).
-    """
+) -> tuple[str, str | None, dict]:
+    """`(weights file, backbone, model_kwargs)` of `checkpoint` (a weights file, or a `mambaout train` run folder:
+    its best, else last): the name given, else the one recorded (None: neither, the config's default), and the
+    model_kwargs given, the recorded architecture filling the rest. ValueError (one line): a name or an argument
+    given that disagrees with what the checkpoint records."""
     file = run_weights(checkpoint)
     meta = read_metadata(file)
     recorded = meta.get("model")
     given = dict(model_kwargs or {})
     if recorded is None:  # weights without our metadata (official, timm): the user's architecture decides
-        return CheckpointBackbone(file, backbone, given)
+        return file, backbone, given
     if backbone is not None and get_variant(backbone)[0].name != get_variant(recorded)[0].name:
         raise ValueError(
             f"--backbone-checkpoint {file} holds {recorded} weights, but the backbone is {backbone}: "
@@ -199,4 +181,4 @@ def checkpoint_backbone(
             f"--backbone-checkpoint {file} records {recorded} with {arch}, but model_kwargs sets {', '.join(clash)}: "
             "leave those out to build the checkpoint's architecture, or pass weights of the one you set"
         )
-    return CheckpointBackbone(file, backbone or recorded, {**arch, **given})
+    return file, backbone or recorded, {**arch, **given}

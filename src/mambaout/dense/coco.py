@@ -1,8 +1,6 @@
-"""COCO instances: the dataset (read with pycocotools), the resize-and-flip data path, and box/mask AP.
-
-Targets are torchvision's: `boxes` `[N, 4]` x1 y1 x2 y2 in pixels, `labels` `[N]` from 1 (0 is the background),
-`masks` `[N, H, W]` uint8; `CocoInstances.cat_ids[label - 1]` is a label's COCO category id.
-"""
+"""COCO instances: the dataset (read with pycocotools), the resize-and-flip data path, and box/mask AP. Targets are
+torchvision's: `boxes` `[N, 4]` x1 y1 x2 y2 in pixels, `labels` `[N]` from 1 (0 is the background), `masks`
+`[N, H, W]` uint8; `CocoInstances.cat_ids[label - 1]` is a label's COCO category id."""
 
 from __future__ import annotations
 
@@ -18,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torchvision.ops import box_convert, clip_boxes_to_image
+from torchvision.transforms.functional import to_tensor  # a PIL RGB image as [3, H, W] float in [0, 1]
 
 from mambaout.data.image import load_image
 from mambaout.utils.checks import is_int, is_number, show
@@ -53,11 +52,9 @@ SEGMENTATION = (
 
 
 def check_instances(coco, ann_file, segmentations: bool = True, evaluate: bool = False) -> None:
-    """What pycocotools reads without a word but would train or score on silently wrong, crash on, or spin on
-    forever, as one line naming the file and the entry: images, categories and annotations as `IMAGE_ENTRY` and
-    the messages say; with `evaluate` (COCOeval scores the file) `iscrowd` and `area` on each annotation; with
-    `segmentations` (masks decoded, here or by COCOeval) each segmentation as `segmentation_problem` wants it.
-    """
+    """Each entry pycocotools would read without a word yet train or score on wrongly, crash or spin on, as one line
+    naming the file and the entry; with `evaluate` (COCOeval scores the file) `iscrowd` and `area` too, with
+    `segmentations` (masks decoded, here or by COCOeval) each segmentation as `segmentation_problem` wants it."""
     images = coco.dataset.get("images", [])
     for img in images:
         iid = img.get("id")
@@ -129,11 +126,9 @@ def check_instances(coco, ann_file, segmentations: bool = True, evaluate: bool =
 
 def segmentation_problem(seg, h: int, w: int) -> str | None:
     """What is wrong with a COCO `segmentation` of an `h` x `w` image, or None when pycocotools can rasterise it.
-
-    pycocotools' C code trusts its input: a huge or NaN coordinate makes it spin (past Ctrl-C), a short polygon or
-    an RLE that does not fill the image is read or written out of bounds. So coordinates must lie within one image
-    size of the image, and RLE runs must sum to exactly `h * w`.
-    """
+    Its C code trusts its input: a huge or NaN coordinate makes it spin (past Ctrl-C), a short polygon or an RLE that
+    does not fill the image is read or written out of bounds; so coordinates must lie within one image size of the
+    image, and RLE runs must sum to exactly `h * w`."""
     if isinstance(seg, list):
         if not seg:
             return "an empty list"
@@ -200,24 +195,12 @@ def rle_string_counts(s: str) -> list[int] | None:
     return counts
 
 
-def to_tensor(img) -> torch.Tensor:
-    """A PIL RGB image as `[3, H, W]` float in [0, 1]."""
-    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255)  # HWC->CHW
-
-
 class CocoInstances(torch.utils.data.Dataset):
-    """Images of a folder with their COCO instance annotations (crowd regions left to the evaluator):
-    `(image [3, H, W] in [0, 1], target)`.
-
-    Args:
-        images: Folder of the images (`file_name` in the JSON is relative to it).
-        ann_file: COCO instances JSON (polygon or RLE masks).
-        transform: `(image, target) -> (image, target)`, e.g. `ResizeFlip`.
-        masks: Decode the instance masks (Mask R-CNN); False for boxes only.
-        evaluate: The IoU types (`bbox`, `segm`) COCOeval will score against this file (checked for them).
-        filter_empty: Leave out images without annotations or with a side under 32 px, as mmdetection's training
-            does (`left_out` counts them).
-    """
+    """Images of a folder (`file_name` relative to it) with their COCO instances, polygons or RLE (crowd regions left
+    to the evaluator): `(image [3, H, W] in [0, 1], target)`, through `transform(image, target)` (`ResizeFlip`).
+    `masks`: decode the instance masks (Mask R-CNN); `evaluate`: the IoU types (`bbox`, `segm`) COCOeval will score
+    against this file (checked for them); `filter_empty`: leave out images without annotations or with a side under
+    32 px, as mmdetection's training does (`left_out` counts them)."""
 
     def __init__(
         self,
@@ -298,36 +281,17 @@ def resize_scale(h: int, w: int, min_size: int, max_size: int) -> float:
     return min(min_size / min(h, w), max_size / max(h, w))
 
 
-def resize(image: torch.Tensor, target: dict | None, scale: float):
-    """Resize `[3, H, W]` by `scale` (bilinear; masks nearest), moving the boxes with the pixels."""
+def resize(image: torch.Tensor, target: dict, scale: float):
+    """Resize `[3, H, W]` by `scale` (bilinear; masks nearest), moving the boxes with the pixels; `target` a copy."""
     h, w = image.shape[-2:]
     nh, nw = int(h * scale), int(w * scale)  # floor, as torchvision's resize
     image = F.interpolate(image[None], size=(nh, nw), mode="bilinear", align_corners=False)[0]
-    if target is None:
-        return image, None
-    target = dict(target)
-    ratios = torch.tensor([nw / w, nh / h, nw / w, nh / h])
-    target["boxes"] = target["boxes"] * ratios
+    target = dict(target, boxes=target["boxes"] * torch.tensor([nw / w, nh / h, nw / w, nh / h]))
     if "masks" in target:
         masks = target["masks"]
         if len(masks):  # pixel centres map onto pixel centres ("nearest-exact"), as in the bilinear image resize
             masks = F.interpolate(masks[None].float(), size=(nh, nw), mode="nearest-exact")[0].to(masks.dtype)
         target["masks"] = masks if len(masks) else masks.new_zeros(0, nh, nw)
-    return image, target
-
-
-def hflip(image: torch.Tensor, target: dict | None):
-    """Mirror left-right; a box (x1, x2) becomes (W - x2, W - x1)."""
-    w = image.shape[-1]
-    image = image.flip(-1)
-    if target is None:
-        return image, None
-    target = dict(target)
-    boxes = target["boxes"].clone()
-    boxes[:, [0, 2]] = w - target["boxes"][:, [2, 0]]
-    target["boxes"] = boxes
-    if "masks" in target:
-        target["masks"] = target["masks"].flip(-1)
     return image, target
 
 
@@ -343,8 +307,12 @@ class ResizeFlip:
     def __call__(self, image: torch.Tensor, target: dict):
         short = random.choice(list(self.min_sizes))
         image, target = resize(image, target, resize_scale(*image.shape[-2:], short, self.max_size))
-        if random.random() < self.hflip:
-            image, target = hflip(image, target)
+        if random.random() < self.hflip:  # a box (x1, x2) becomes (W - x2, W - x1)
+            image, boxes = image.flip(-1), target["boxes"][:, [2, 1, 0, 3]]
+            boxes[:, [0, 2]] = image.shape[-1] - boxes[:, [0, 2]]
+            target["boxes"] = boxes
+            if "masks" in target:
+                target["masks"] = target["masks"].flip(-1)
         return image, target
 
 
@@ -352,14 +320,9 @@ class ResizeFlip:
 
 
 def to_coco_results(output: dict, image_id: int, cat_ids: Sequence[int]) -> list[dict]:
-    """One image's detections as COCO result entries (boxes as x, y, w, h; masks as RLE).
-
-    Args:
-        output: `boxes` `[N, 4]` xyxy, `labels` `[N]` (from 1), `scores` `[N]`, optional `masks` `[N, 1, H, W]`
-            probabilities (Mask R-CNN's output, thresholded at 0.5) or `[N, H, W]` binary masks.
-        image_id: The COCO image id.
-        cat_ids: COCO category id of each label (label l is `cat_ids[l - 1]`).
-    """
+    """One image's detections as COCO result entries (boxes as x, y, w, h; masks as RLE; label l is category
+    `cat_ids[l - 1]`). `output`: `boxes` `[N, 4]` xyxy, `labels`, `scores`, optional `masks`, `[N, 1, H, W]`
+    probabilities (Mask R-CNN's, thresholded at 0.5) or `[N, H, W]` binary."""
     _pycocotools()
     from pycocotools import mask as mask_util  # a submodule: not loaded until imported (predict reads no COCO file)
 
@@ -367,8 +330,7 @@ def to_coco_results(output: dict, image_id: int, cat_ids: Sequence[int]) -> list
     labels, scores = output["labels"].long().tolist(), output["scores"].float().tolist()
     rles = [None] * len(labels)
     if "masks" in output:
-        masks = output["masks"].detach().cpu()
-        masks = masks[:, 0] if masks.ndim == 4 else masks
+        masks = output["masks"].detach().cpu().flatten(0, -3)  # [N, 1, H, W] or [N, H, W] -> [N, H, W]
         binary = (masks.float() > 0.5).numpy().astype(np.uint8)
         rles = mask_util.encode(np.asfortranarray(binary.transpose(1, 2, 0)))  # [N, H, W] -> [H, W, N]
         for rle in rles:
@@ -381,13 +343,9 @@ def to_coco_results(output: dict, image_id: int, cat_ids: Sequence[int]) -> list
 
 
 def coco_evaluate(coco_gt, results: list[dict], image_ids: Sequence[int], iou_types=("bbox", "segm")) -> dict:
-    """COCO AP of `results` on the images `image_ids` of `coco_gt`, computed by pycocotools' `COCOeval`.
-
-    Returns:
-        `{'bbox': {'AP': ..., ...}, 'segm': {...}, 'summary': text, 'per_category': {'bbox': {category id: AP}}}`:
-        the twelve `BOX_STATS` (fractions; -1 where no object of that size), pycocotools' printed summary, and
-        `per_category_ap`.
-    """
+    """COCO AP of `results` on the images `image_ids` of `coco_gt` by pycocotools' `COCOeval`: `{'bbox': {'AP': ...},
+    'segm': ..., 'summary': text, 'per_category': {'bbox': {category id: AP}}}`, the twelve `BOX_STATS` (fractions;
+    -1 where no object of that size), pycocotools' printed summary and `per_category_ap`."""
     _pycocotools()
     from pycocotools.cocoeval import COCOeval
 

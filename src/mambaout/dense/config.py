@@ -1,8 +1,6 @@
-"""Configuration of a dense-prediction run: typed sections, resolved once as defaults < recipe < command line.
-
-A recipe is a YAML file with a `task` (`detect` or `segment`) and up to three sections of `setting`s: `model`
-(`DetectorConfig` / `SegmenterConfig`), `data` (`DataConfig`), `train` (`TrainConfig`); unknown keys are errors.
-"""
+"""Configuration of a dense-prediction run, resolved once as defaults < recipe < command line. A recipe is a YAML
+file with a `task` (`detect` or `segment`) and up to three sections of `setting`s: `model` (`DetectorConfig` /
+`SegmenterConfig`), `data` (`DataConfig`), `train` (`TrainConfig`); unknown keys are errors."""
 
 from __future__ import annotations
 
@@ -135,10 +133,6 @@ def section_types(task: str) -> dict:
     return dict(model={"detect": DetectorConfig, "segment": SegmenterConfig}[task], data=DataConfig, train=TrainConfig)
 
 
-def find_recipe(name_or_path: str) -> Path:
-    return R.find_recipe(name_or_path, [RECIPES], "dense recipe")
-
-
 def recipes_table(task: str) -> str:
     """The `task` recipes with the hardware, wall time and result their headers state (`--list-recipes`)."""
     return R.recipe_table([RECIPES], task, _recipe_task)
@@ -156,11 +150,8 @@ def schema(task: str) -> S.Schema:
 
 def resolve(task: str, recipe: str | None, overrides: dict, base: RunConfig | None = None) -> RunConfig:
     """Defaults < recipe < `overrides` (`{'section.key': value}`), checked once; or, for a resumed run, the run's
-    own configuration `base` < `overrides`, which may not change the network.
-
-    Raises:
-        ValueError: an unknown key, a recipe of the other task, a value of the wrong type or out of range.
-    """
+    own configuration `base` < `overrides`, which may not change the network. ValueError: an unknown key, a recipe
+    of the other task, a value of the wrong type or out of range."""
     values: dict[str, dict] = {s: {} for s in SECTIONS}
     sch = schema(task)
     if base is not None:
@@ -176,7 +167,7 @@ def resolve(task: str, recipe: str | None, overrides: dict, base: RunConfig | No
             values["train"].update(steps=None, epochs=None)
         recipe = base.recipe
     elif recipe is not None:
-        path = find_recipe(recipe)
+        path = R.find_recipe(recipe, [RECIPES], "dense recipe")
         loaded = load_yaml(path.read_text(errors="replace"), str(path)) or {}
         if not isinstance(loaded, dict):
             raise ValueError(f"recipe {path} must be a YAML mapping")
@@ -211,12 +202,13 @@ def _follow_checkpoint(task: str, values: dict[str, dict]) -> None:
     s, m, t = schema(task), values["model"], values["train"]
     given = {k: s.checked(f"model.{k}", m[k]) for k in ("backbone", "model_kwargs") if k in m}
     file = s.checked("train.backbone_checkpoint", t["backbone_checkpoint"])
-    found = checkpoint_backbone(file, given.get("backbone"), given.get("model_kwargs"))
-    t["backbone_checkpoint"] = found.file
-    if found.backbone is not None:
-        m["backbone"] = found.backbone
-    if found.model_kwargs:
-        m["model_kwargs"] = found.model_kwargs
+    t["backbone_checkpoint"], backbone, model_kwargs = checkpoint_backbone(
+        file, given.get("backbone"), given.get("model_kwargs")
+    )
+    if backbone is not None:
+        m["backbone"] = backbone
+    if model_kwargs:
+        m["model_kwargs"] = model_kwargs
 
 
 def check(cfg: RunConfig) -> None:

@@ -1,6 +1,5 @@
-"""Mask R-CNN and Faster R-CNN with FPN on the dense MambaOut backbone: torchvision's detectors, and `MambaOutFPN`,
-the backbone-plus-neck module torchvision's `GeneralizedRCNN` expects (an ordered dict of maps, `out_channels`).
-"""
+"""Mask R-CNN and Faster R-CNN with FPN on the dense MambaOut backbone: torchvision's detectors on `MambaOutFPN`,
+the backbone-plus-neck module their `GeneralizedRCNN` expects (an ordered dict of maps, `out_channels`)."""
 
 from __future__ import annotations
 
@@ -22,10 +21,8 @@ from .backbone import SIDE, WIDTH_MAX, BackboneConfig, DenseBackbone, backbone_f
 
 
 class MambaOutFPN(nn.Module):
-    """Dense MambaOut stages 0-3 through an FPN, plus the max-pooled P6 the RPN's largest anchors use.
-
-    Returns maps '0'-'3' (strides 4-32) and 'pool' (stride 64), the names torchvision's RoI pooler expects.
-    """
+    """Dense MambaOut stages 0-3 through an FPN, plus the max-pooled P6 the RPN's largest anchors use: maps '0'-'3'
+    (strides 4-32) and 'pool' (stride 64), the names torchvision's RoI pooler expects."""
 
     def __init__(self, backbone: DenseBackbone, out_channels: int = 256):
         super().__init__()
@@ -59,8 +56,7 @@ class DetectorConfig(BackboneConfig):
 
 
 def create_detector(cfg: DetectorConfig, pretrained: bool = False, checkpoint: str | None = None) -> nn.Module:
-    """torchvision's Mask R-CNN or Faster R-CNN on a dense MambaOut; `pretrained`/`checkpoint` are the backbone's
-    classification weights."""
+    """torchvision's Mask R-CNN or Faster R-CNN on a dense MambaOut; `pretrained`/`checkpoint`: the backbone's."""
     if cfg.kind not in ("mask_rcnn", "faster_rcnn"):
         raise ValueError(f"detector kind must be 'mask_rcnn' or 'faster_rcnn', got {cfg.kind!r}")
     if cfg.num_classes is None or cfg.num_classes < 1:

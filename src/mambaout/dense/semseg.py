@@ -1,11 +1,12 @@
-"""Semantic segmentation data and metrics: an image folder beside a folder of class-index PNG masks (the ADE20K /
-mmsegmentation layout, `images/<name>.jpg` and `masks/<name>.png`).
-"""
+"""Semantic segmentation: data (an image folder beside a folder of class-index PNG masks, the ADE20K / mmseg
+layout), mmseg's training augmentation, metrics, and test-time inference."""
 
 from __future__ import annotations
 
 import json
+import math
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,8 +14,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torch import nn
+from torchvision.transforms.v2.functional import adjust_hue
 
 from mambaout.data.image import IMAGENET_MEAN, load_image
+from mambaout.utils.device import autocast
 from mambaout.utils.files import regular_file, special_kind
 from mambaout.utils.limits import check_pixels
 
@@ -26,12 +30,10 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 @dataclass
 class LabelMap:
-    """Mask value -> class index (or the ignore index), and the class names.
-
-    Values are classes as they are (0..K-1, 255 ignored); with `reduce_zero_label` (ADE20K) 0 is ignored and v is
-    class v - 1; with a categories file (a JSON list of `{"id", "name"}`) the listed ids are 0..K-1 in order (and
-    id 0 ignored with `reduce_zero_label`). Any other value is an error naming the file, never a silent class.
-    """
+    """Mask value -> class index (or the ignore index), and the class names. Values are classes as they are (0..K-1,
+    255 ignored); with `reduce_zero_label` (ADE20K) 0 is ignored and v is class v - 1; with a categories file (a JSON
+    list of `{"id", "name"}`) the listed ids are 0..K-1 in order (id 0 ignored with `reduce_zero_label`). Any other
+    value is an error naming the file, never a silent class."""
 
     lut: np.ndarray  # [256] uint8; 254 marks a value that maps to nothing
     class_names: list[str]
@@ -138,10 +140,11 @@ class SegmentationFolder(torch.utils.data.Dataset):
         return image, mask
 
 
-def resize_pair(image: torch.Tensor, mask: torch.Tensor | None, scale: float):
-    """Resize an image (bilinear) and its mask (nearest) by `scale`."""
+def resize_pair(image: torch.Tensor, mask: torch.Tensor | None, scale, ratio: float = 1.0):
+    """Resize an image (bilinear) and its mask (nearest) to fit `scale` (long, short) times `ratio`, aspect kept."""
     h, w = image.shape[-2:]
-    size = (max(1, int(h * scale + 0.5)), max(1, int(w * scale + 0.5)))
+    s = resize_scale(h, w, int(scale[1] * ratio), int(scale[0] * ratio))
+    size = (max(1, int(h * s + 0.5)), max(1, int(w * s + 0.5)))
     image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
     if mask is not None:
         mask = F.interpolate(mask[None, None].float(), size=size, mode="nearest-exact")[0, 0].long()
@@ -156,11 +159,9 @@ CROP_TRIES = 10  # mmseg draws up to this many crops looking for one that passes
 class RandomResizeCrop:
     """mmseg's training path: resize to `scale` (long, short) times a ratio in `ratio_range` keeping the aspect
     ratio, crop `crop_size` (a smaller image padded at the bottom and right with the mean colour, which normalises
-    to 0 as mmseg pads after normalising, and the ignore index), flip, then mmseg's `PhotoMetricDistortion`.
-
-    The crop is drawn up to `CROP_TRIES` times while it fails mmseg's category-ratio check (`crop_passes`; the last
-    draw kept); `cat_max_ratio` 1 turns the check off.
-    """
+    to 0 as mmseg pads after normalising, and the ignore index), flip, then mmseg's `PhotoMetricDistortion`. The crop
+    is drawn up to `CROP_TRIES` times while it fails mmseg's category-ratio check (`crop_passes`; the last draw
+    kept); `cat_max_ratio` 1 turns the check off."""
 
     scale: tuple[int, int]
     crop_size: int
@@ -170,9 +171,7 @@ class RandomResizeCrop:
     photometric: bool = True
 
     def __call__(self, image: torch.Tensor, mask: torch.Tensor):
-        ratio = random.uniform(*self.ratio_range)
-        s = resize_scale(*image.shape[-2:], int(self.scale[1] * ratio), int(self.scale[0] * ratio))
-        image, mask = resize_pair(image, mask, s)
+        image, mask = resize_pair(image, mask, self.scale, random.uniform(*self.ratio_range))
         c = self.crop_size
         h, w = image.shape[-2:]
         ph, pw = max(c - h, 0), max(c - w, 0)
@@ -217,30 +216,16 @@ def photometric(
     x = (image + brightness).clamp(0, 1)
     if contrast_first:
         x = (x * contrast).clamp(0, 1)
-    if saturation != 1.0 or hue != 0.0:
-        h, sat, v = rgb_to_hsv(x)
-        x = hsv_to_rgb((h + hue) % 1.0, (sat * saturation).clamp(0, 1), v)
+    if saturation != 1.0:
+        # HSV saturation (chroma / max) times `saturation`, clipped at 1, hue and value kept: each channel's
+        # distance below the max scaled by min(saturation, max / chroma)
+        v = x.amax(0)
+        x = v - (v - x) * (v / (v - x.amin(0)).clamp_min(1e-12)).clamp(max=saturation)
+    if hue != 0.0:
+        x = adjust_hue(x, hue)
     if not contrast_first:
         x = (x * contrast).clamp(0, 1)
     return x
-
-
-def rgb_to_hsv(rgb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Hue (a fraction of the circle), saturation and value, each `[H, W]`, of `[3, H, W]` RGB in [0, 1]."""
-    r, g, b = rgb
-    v, _ = rgb.max(0)
-    c = v - rgb.min(0).values  # chroma
-    safe = torch.where(c > 0, c, torch.ones_like(c))
-    h = torch.where(v == r, ((g - b) / safe) % 6, torch.where(v == g, (b - r) / safe + 2, (r - g) / safe + 4))
-    h = torch.where(c > 0, h / 6, torch.zeros_like(h))
-    s = torch.where(v > 0, c / torch.where(v > 0, v, torch.ones_like(v)), torch.zeros_like(v))
-    return h, s, v
-
-
-def hsv_to_rgb(h: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """`[3, H, W]` RGB of hue (fraction of the circle), saturation and value (`rgb_to_hsv`'s inverse)."""
-    k = torch.stack([(5 + h * 6) % 6, (3 + h * 6) % 6, (1 + h * 6) % 6])  # R, G, B
-    return v - v * s * torch.clamp(torch.minimum(k, 4 - k), 0, 1)
 
 
 def crop_passes(mask: torch.Tensor, max_ratio: float) -> bool:
@@ -293,3 +278,84 @@ class ConfusionMatrix:
             iou={i: 100 * v for i, v in zip(present.nonzero().flatten().tolist(), iou.tolist())},
             acc={i: 100 * v for i, v in zip(labelled.nonzero().flatten().tolist(), acc.tolist())},
         )
+
+
+# --- inference: scales, flip, sliding windows ---------------------------------------------------------------------
+
+MULTI_SCALE_RATIOS = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)  # mmseg's ADE20K aug test, the paper's multi-scale column
+
+
+def windows(size: int, window: int, stride: int) -> list[tuple[int, int]]:
+    """`(start, end)` of each window along one side of `size` pixels (mmseg's `slide_inference`): starts every
+    `stride` pixels, the last window moved back to end at the border, one window of the whole side when it fits."""
+    ends = [min(i * stride + window, size) for i in range(max(size - window + stride - 1, 0) // stride + 1)]
+    return [(max(end - window, 0), end) for end in ends]
+
+
+@dataclass
+class SegmentInference:
+    """How a segmenter is run on one image to give its class probabilities: at `scale` (long, short) times each of
+    `ratios` (`MULTI_SCALE_RATIOS`: mmseg's multi-scale test, the paper's "MS" mIoU, Table 3), with the mirror image
+    too (`flip`), probabilities averaged; whole, or in sliding windows of `window` px every `stride` (default 2/3 of
+    the window; ConvNeXt's and Swin's ADE20K configs), logits averaged where windows overlap."""
+
+    scale: tuple[int, int]
+    ratios: Sequence[float] = (1.0,)
+    flip: bool = False
+    window: int | None = None
+    stride: int | None = None
+
+    def __post_init__(self):
+        if not self.ratios or not all(math.isfinite(r) and r > 0 for r in self.ratios):
+            raise ValueError(f"--ratios must be positive numbers, got {list(self.ratios)}")
+        if self.window is not None:
+            if self.window < 32:
+                raise ValueError(f"--slide window must be >= 32 px (the network's stride), got {self.window}")
+            self.stride = self.stride if self.stride is not None else max(1, self.window * 2 // 3)
+            if not 1 <= self.stride <= self.window:
+                raise ValueError(f"--slide stride must be 1 to the window ({self.window}), got {self.stride}")
+        elif self.stride is not None:
+            raise ValueError("a stride needs a window: --slide WINDOW STRIDE")
+
+    @classmethod
+    def of(cls, args, scale, flip: bool, ratios=(1.0,)) -> SegmentInference:
+        """The inference of `--slide WINDOW [STRIDE]` (`args.slide`) at `scale`."""
+        slide = args.slide or [None]
+        if len(slide) > 2:
+            raise ValueError(f"--slide takes WINDOW [STRIDE], got {len(slide)} numbers")
+        return cls(tuple(scale), tuple(ratios), flip, slide[0], slide[1] if len(slide) > 1 else None)
+
+    def describe(self) -> str:
+        """The name of this setting in validate's output: `single-scale`, `flip`, `multi-scale+flip`, `... slide`."""
+        name = "single-scale" if list(self.ratios) == [1.0] else "multi-scale"
+        name = ("flip" if name == "single-scale" else name + "+flip") if self.flip else name
+        return name + (f" slide {self.window}/{self.stride}" if self.window else "")
+
+    @torch.no_grad()
+    def __call__(self, model: nn.Module, image: torch.Tensor, amp_dtype=None) -> torch.Tensor:
+        """Class probabilities `[K, H, W]` of `image` `[3, H, W]` at its own resolution."""
+        h, w = image.shape[-2:]
+        total = None
+        for ratio in self.ratios:
+            x = resize_pair(image, None, self.scale, ratio)[0][None]  # [1, 3, h', w']
+            probs = self._probs(model, x, amp_dtype)
+            if self.flip:  # the mirror's probabilities, mirrored back, averaged at this scale
+                probs = (probs + self._probs(model, x.flip(-1), amp_dtype).flip(-1)) / 2
+            probs = F.interpolate(probs, size=(h, w), mode="bilinear", align_corners=False)[0]
+            total = probs if total is None else total + probs
+        return total / len(self.ratios)
+
+    def _probs(self, model, x: torch.Tensor, amp_dtype) -> torch.Tensor:
+        with autocast(x.device, amp_dtype):
+            if self.window is None:
+                return model(x).float().softmax(1)
+            h, w = x.shape[-2:]
+            logits, count = None, torch.zeros(1, 1, h, w, device=x.device)
+            for y1, y2 in windows(h, self.window, self.stride):
+                for x1, x2 in windows(w, self.window, self.stride):
+                    out = model(x[..., y1:y2, x1:x2]).float()  # [1, K, y2 - y1, x2 - x1]
+                    if logits is None:
+                        logits = out.new_zeros(*out.shape[:2], h, w)
+                    logits[..., y1:y2, x1:x2] += out
+                    count[..., y1:y2, x1:x2] += 1
+            return (logits / count).softmax(1)

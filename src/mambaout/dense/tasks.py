@@ -1,7 +1,5 @@
-"""The two dense tasks as `mambaout.training.trainer.Task`s (data, model, loss, evaluation, checkpoints), run by the
-engine that trains classification: `DetectTask` (COCO instances, Mask/Faster R-CNN, box and mask AP) and
-`SegmentTask` (class-index masks, UperNet, mIoU and pixel accuracy).
-"""
+"""The two dense tasks as `mambaout.training.trainer.Task`s, run by the engine that trains classification:
+`DetectTask` (COCO instances, Mask/Faster R-CNN, box and mask AP), `SegmentTask` (UperNet, mIoU, pixel accuracy)."""
 
 from __future__ import annotations
 
@@ -28,12 +26,10 @@ from mambaout.utils.text import count
 from mambaout.weights.checkpoint import check_finite, read_checkpoint
 
 from . import results as res
-from . import tta
+from . import semseg
 from .coco import CocoInstances, ResizeFlip, coco_evaluate, collate, to_coco_results
 from .config import DataConfig, RunConfig, from_dict
 from .detection import DetectorConfig, create_detector
-from .draw import draw_detections, draw_segmentation
-from .semseg import ConfusionMatrix, LabelMap, RandomResizeCrop, SegmentationFolder
 from .upernet import SegmenterConfig, create_segmenter
 
 
@@ -150,11 +146,18 @@ class Task(training.Task):
         return images, labels
 
     def loader(self, dataset):
-        """Evaluation batches of one image, in order."""
-        workers = self.cfg.data.workers
-        return torch.utils.data.DataLoader(
-            dataset, num_workers=workers, collate_fn=self.collate, worker_init_fn=ignore_sigint
+        """Evaluation batches of one image, in order; a line on stderr (rank 0) at most every `PROGRESS_EVERY_S`."""
+        batches = torch.utils.data.DataLoader(
+            dataset, num_workers=self.cfg.data.workers, collate_fn=self.collate, worker_init_fn=ignore_sigint
         )
+        for n, batch in enumerate(batches, 1):
+            yield batch
+            now = time.monotonic()
+            if n == 1:
+                start = shown = now
+            if dist.is_main() and n < len(dataset) and now - shown >= PROGRESS_EVERY_S:
+                shown = now
+                print(f"evaluating: {n}/{len(dataset)} images ({now - start:.0f}s)", file=sys.stderr, flush=True)
 
     def val_set(self, meta: dict | None = None):
         """The validation images as `evaluate` takes them: the first `max_val_images`, every world-size-th of them
@@ -280,7 +283,6 @@ class DetectTask(Task):
             for out, t in zip(outputs, targets):
                 results += to_coco_results(out, t["image_id"], self.cat_ids)  # it casts (labels stay integers)
                 image_ids.append(t["image_id"])
-            _evaluated(len(image_ids), len(val_set))
         return dist.all_gather_lists(results), dist.all_gather_lists(image_ids)
 
     def score(self, results: list[dict], image_ids: list[int]) -> tuple[dict, dict]:
@@ -339,7 +341,7 @@ class DetectTask(Task):
                 if k
             ]
             record = dict(image=str(path), image_id=ids[path], picture=str(picture), detections=dets)
-            return draw_detections(img, o, names, args.score_threshold), record
+            return res.draw_detections(img, o, names, args.score_threshold), record
 
         def finish(out: Path) -> str:
             atomic_write_text(out / "results.json", json.dumps(coco_results))
@@ -370,11 +372,8 @@ class DetectTask(Task):
     @staticmethod
     def check_export(model: nn.Module, session, hw: tuple[int, int]) -> tuple[float, str, float]:
         """Max abs difference of boxes, scores and masks between the ONNX Runtime `session` and PyTorch on one
-        image of H+17 x W+23, what was compared, and the tolerance (boxes are pixels of a resized image).
-
-        Raises:
-            ValueError: the outputs differ in count or labels (no number measures that).
-        """
+        image of H+17 x W+23, what was compared, and the tolerance (boxes are pixels of a resized image);
+        ValueError where the outputs differ in count or labels (no number measures that)."""
         x = torch.rand(3, hw[0] + 17, hw[1] + 23)
         with torch.no_grad():
             want = model([x])[0]
@@ -408,14 +407,14 @@ class SegmentTask(Task):
             masks = root / "annotations" / f"semantic_{split}"
         return root / "images" / split, masks
 
-    def label_map(self, meta: dict | None = None) -> LabelMap:
+    def label_map(self, meta: dict | None = None) -> semseg.LabelMap:
         if meta and "label_lut" in meta:  # a trained model's own mapping
-            return LabelMap(np.array(meta["label_lut"], dtype=np.uint8), meta["class_names"])
+            return semseg.LabelMap(np.array(meta["label_lut"], dtype=np.uint8), meta["class_names"])
         d, m = self.cfg.data, self.cfg.model
         categories = d.categories
         if categories and d.data and not Path(categories).is_absolute() and not Path(categories).exists():
             categories = str(Path(d.data) / categories)  # a recipe names it relative to the dataset root
-        return LabelMap.build(m.num_classes, d.reduce_zero_label, categories)
+        return semseg.LabelMap.build(m.num_classes, d.reduce_zero_label, categories)
 
     def train_set(self):
         d = self.cfg.data
@@ -423,12 +422,12 @@ class SegmentTask(Task):
         self.labels = self.label_map()
         self.class_names = self.labels.class_names
         self.cfg.model.num_classes = len(self.class_names)
-        transform = RandomResizeCrop(tuple(d.scale), d.crop_size, tuple(d.ratio_range), d.hflip)
-        return SegmentationFolder(images, masks, self.labels, transform)
+        transform = semseg.RandomResizeCrop(tuple(d.scale), d.crop_size, tuple(d.ratio_range), d.hflip)
+        return semseg.SegmentationFolder(images, masks, self.labels, transform)
 
     def eval_dataset(self, images, masks, meta: dict | None = None):
         self.labels = self.label_map(meta) if meta else getattr(self, "labels", None) or self.label_map()
-        return SegmentationFolder(images, masks, self.labels)
+        return semseg.SegmentationFolder(images, masks, self.labels)
 
     def meta(self) -> dict:
         d = self.cfg.data
@@ -440,26 +439,20 @@ class SegmentTask(Task):
         return images.to(device, non_blocking=True), masks.to(device, non_blocking=True), len(images), 0
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, val_set, device, amp_dtype, infer=None, each=None) -> dict:
-        """`ConfusionMatrix.metrics` of `val_set` at the original mask resolution, summed over ranks, and `images`.
-
-        Args:
-            infer: A `tta.SegmentInference`; default the data's scale, with the flip when `eval_flip`.
-            each: Called as `each(index, classes)` with each image's position in `val_set` and its class map.
-        """
+    def evaluate(self, model: nn.Module, val_set, device, amp_dtype, infer=None, label_paths=None) -> dict:
+        """`ConfusionMatrix.metrics` of `val_set` at the original mask resolution, summed over ranks, and `images`;
+        `infer` a `SegmentInference` (default: the data's scale, flipped too with `eval_flip`); `label_paths`: where
+        to write each image's class map (`write_label_png`), in `val_set`'s order."""
         model.eval()
         d = self.cfg.data
-        infer = infer or tta.SegmentInference(tuple(d.scale), flip=d.eval_flip)
-        conf = ConfusionMatrix(self.cfg.model.num_classes)
-        n = 0
-        for image, mask in self.loader(val_set):
+        infer = infer or semseg.SegmentInference(tuple(d.scale), flip=d.eval_flip)
+        conf = semseg.ConfusionMatrix(self.cfg.model.num_classes)
+        for n, (image, mask) in enumerate(self.loader(val_set)):
             classes = infer(model, image[0].to(device), amp_dtype).argmax(0).cpu()
             conf.update(classes, mask[0])
-            if each is not None:
-                each(n, classes)
-            n += 1
-            _evaluated(n, len(val_set))
-        counts = dist.all_reduce_sum(conf.counts.flatten().double().tolist() + [n], device)
+            if label_paths is not None:
+                res.write_label_png(label_paths[n], classes)
+        counts = dist.all_reduce_sum(conf.counts.flatten().double().tolist() + [len(val_set)], device)
         conf.counts = torch.tensor(counts[:-1], dtype=torch.float64).round().long().reshape(conf.counts.shape)
         return dict(conf.metrics(), images=int(counts[-1]))
 
@@ -483,7 +476,14 @@ class SegmentTask(Task):
         p.add_argument(
             "--ratios", type=float, nargs="+", help="--multi-scale's ratios (default 0.5 0.75 1.0 1.25 1.5 1.75)"
         )
-        tta.slide_argument(p)
+        p.add_argument(
+            "--slide",
+            type=int,
+            nargs="+",
+            metavar=("WINDOW", "STRIDE"),
+            help="sliding-window inference: square windows of WINDOW px every STRIDE px (default 2/3 of the window; "
+            "ConvNeXt's ADE20K setting: 512 341)",
+        )
         p.add_argument("--label-dir", help="also write each class map (validate: the last row's) as a PNG of indices")
 
     predict_options = validate_options
@@ -492,32 +492,31 @@ class SegmentTask(Task):
     def check_options(args, validate: bool) -> None:
         if args.ratios and not args.multi_scale:
             raise ValueError("--ratios applies to --multi-scale; add --multi-scale")
-        tta.from_options(args, (1, 1), False)  # checks --slide
+        semseg.SegmentInference.of(args, (1, 1), False)  # checks --slide
         if validate and args.label_dir and Path(args.label_dir).exists() and not Path(args.label_dir).is_dir():
             raise ValueError(f"--label-dir {args.label_dir} is not a folder")
 
     def validate(self, model: nn.Module, val_set, device, amp_dtype, args, names) -> tuple[dict, list[str]]:
         """`validate`'s numbers by setting (single-scale, flip, multi-scale), their per-class tables; `--label-dir`."""
         scale = tuple(self.cfg.data.scale)
-        settings = [tta.from_options(args, scale, False)]
+        settings = [semseg.SegmentInference.of(args, scale, False)]
         if args.flip:
-            settings.append(tta.from_options(args, scale, True))
+            settings.append(semseg.SegmentInference.of(args, scale, True))
         if args.multi_scale:
-            settings.append(tta.from_options(args, scale, True, args.ratios or tta.MULTI_SCALE_RATIOS))
-        label_dir = Path(args.label_dir) if args.label_dir else None
-        if label_dir is not None:
+            settings.append(semseg.SegmentInference.of(args, scale, True, args.ratios or semseg.MULTI_SCALE_RATIOS))
+        paths = None
+        if args.label_dir:
+            label_dir = Path(args.label_dir)
             label_dir.mkdir(parents=True, exist_ok=True)
             paths = list(res.picture_paths(res.dataset_paths(val_set), label_dir, "png").values())
         results, tables = {}, []
         for i, setting in enumerate(settings):
-            write = label_dir is not None and i == len(settings) - 1
-            each = (lambda n, classes: res.write_label_png(paths[n], classes)) if write else None  # noqa: E731
-            m = self.evaluate(model, val_set, device, amp_dtype, setting, each)
+            m = self.evaluate(model, val_set, device, amp_dtype, setting, paths if i == len(settings) - 1 else None)
             per_class = res.per_class(m, names)
             numbers = {k: v for k, v in m.items() if k not in ("iou", "acc")}
             results[setting.describe()] = dict(numbers, per_class=per_class)
             tables.append(f"{setting.describe()} " + res.per_class_text(per_class))
-        if label_dir is not None:
+        if paths is not None:
             print(f"{count(len(paths), 'label PNG')} (class indices 0-{len(names) - 1}) in {label_dir}")
         return results, tables
 
@@ -525,8 +524,8 @@ class SegmentTask(Task):
     def predictor(args, meta: dict, paths: list[Path]):
         """As `DetectTask.predictor`: each image's coloured class map, its record the share of each class."""
         names = meta["class_names"]
-        ratios = (args.ratios or tta.MULTI_SCALE_RATIOS) if args.multi_scale else (1.0,)
-        infer = tta.from_options(args, meta["eval_scale"], args.flip or args.multi_scale, ratios)
+        ratios = (args.ratios or semseg.MULTI_SCALE_RATIOS) if args.multi_scale else (1.0,)
+        infer = semseg.SegmentInference.of(args, meta["eval_scale"], args.flip or args.multi_scale, ratios)
         labels = res.picture_paths(paths, Path(args.label_dir), "png") if args.label_dir else None
         if labels:
             Path(args.label_dir).mkdir(parents=True, exist_ok=True)
@@ -539,7 +538,7 @@ class SegmentTask(Task):
             share = {names[i]: round(c / classes.numel(), 4) for i, c in enumerate(counts.tolist()) if c}
             share = dict(sorted(share.items(), key=lambda kv: -kv[1]))
             record = dict(image=str(path), picture=str(picture), class_fractions=share)
-            return draw_segmentation(img, classes, names), record
+            return res.draw_segmentation(img, classes, names), record
 
         return each, lambda out: "predictions.json"
 
@@ -572,17 +571,7 @@ class SegmentTask(Task):
         return (got - want).abs().max().item(), "logits, batch 3", 1e-4
 
 
-PROGRESS_EVERY_S = 10.0  # a long evaluation says how far it got at most this often
-
-
-def _evaluated(n: int, total: int) -> None:
-    """After the n-th of `total` images: a line on stderr (rank 0) when `PROGRESS_EVERY_S` passed since the last."""
-    now = time.monotonic()
-    if n == 1:
-        _evaluated.start = _evaluated.shown = now
-    if dist.is_main() and n < total and now - _evaluated.shown >= PROGRESS_EVERY_S:
-        _evaluated.shown = now
-        print(f"evaluating: {n}/{total} images ({now - _evaluated.start:.0f}s)", file=sys.stderr, flush=True)
+PROGRESS_EVERY_S = 10.0  # a long evaluation says how far it got at most this often (`Task.loader`)
 
 
 TASKS = {task.name: task for task in (DetectTask, SegmentTask)}

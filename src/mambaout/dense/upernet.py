@@ -1,17 +1,17 @@
-"""UperNet (Xiao et al., ECCV 2018) on the dense MambaOut backbone: the paper's ADE20K setting (Table 3).
-
-PSPNet's pyramid pooling on the stride-32 map, an FPN top-down path over the others, every level fused at stride 4;
-an auxiliary FCN head on stage 2 (loss weight 0.4, as Swin). Written here: mmseg would bring mmcv and mmengine.
-"""
+"""UperNet (Xiao et al., ECCV 2018) on the dense MambaOut backbone, the paper's ADE20K setting (Table 3): PSPNet's
+pyramid pooling on the stride-32 map, an FPN top-down path over the others, every level fused at stride 4; an
+auxiliary FCN head on stage 2 (loss weight 0.4, as Swin). Written here: mmseg would bring mmcv and mmengine."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision.ops import Conv2dNormActivation
 
 from mambaout.data.image import IMAGENET_MEAN, IMAGENET_STD
 from mambaout.utils import checks as C
@@ -29,20 +29,13 @@ def _norm(kind: str, channels: int) -> nn.Module:
     raise ValueError(f"head norm must be 'bn' or 'gn', got {kind!r}")
 
 
-class ConvNormAct(nn.Sequential):
-    """Conv (no bias: the norm has one), norm, ReLU."""
-
-    def __init__(self, in_ch: int, out_ch: int, kernel_size: int = 1, norm: str = "bn"):
-        super().__init__(
-            nn.Conv2d(in_ch, out_ch, kernel_size, padding=kernel_size // 2, bias=False),
-            _norm(norm, out_ch),
-            nn.ReLU(inplace=True),
-        )
+def _block(in_ch: int, out_ch: int, kernel_size: int, norm: str) -> nn.Module:
+    """Conv ("same" padding, no bias: the norm has one), norm, ReLU."""
+    return Conv2dNormActivation(in_ch, out_ch, kernel_size, norm_layer=functools.partial(_norm, norm))
 
 
 def _classifier(channels: int, num_classes: int) -> nn.Conv2d:
-    """The 1x1 class conv, initialised as mmseg's `conv_seg` (normal, std 0.01, bias 0): every class starts near
-    the same logit."""
+    """The 1x1 class conv as mmseg's `conv_seg` (normal, std 0.01, bias 0): every class starts near the same logit."""
     conv = nn.Conv2d(channels, num_classes, 1)
     nn.init.normal_(conv.weight, mean=0.0, std=0.01)
     nn.init.zeros_(conv.bias)
@@ -59,9 +52,9 @@ class PyramidPooling(nn.Module):
     def __init__(self, in_ch: int, channels: int, scales: Sequence[int] = (1, 2, 3, 6), norm: str = "bn"):
         super().__init__()
         self.branches = nn.ModuleList(
-            nn.Sequential(nn.AdaptiveAvgPool2d(s), ConvNormAct(in_ch, channels, 1, norm)) for s in scales
+            nn.Sequential(nn.AdaptiveAvgPool2d(s), _block(in_ch, channels, 1, norm)) for s in scales
         )
-        self.bottleneck = ConvNormAct(in_ch + len(scales) * channels, channels, 3, norm)
+        self.bottleneck = _block(in_ch + len(scales) * channels, channels, 3, norm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, C_in, h, w] -> [B, channels, h, w]
         pooled = [_resize(branch(x), x.shape[-2:]) for branch in self.branches]
@@ -82,9 +75,9 @@ class UperNetHead(nn.Module):
     ):
         super().__init__()
         self.ppm = PyramidPooling(in_channels[-1], channels, pool_scales, norm)
-        self.lateral = nn.ModuleList(ConvNormAct(c, channels, 1, norm) for c in in_channels[:-1])
-        self.smooth = nn.ModuleList(ConvNormAct(channels, channels, 3, norm) for _ in in_channels[:-1])
-        self.fuse = ConvNormAct(len(in_channels) * channels, channels, 3, norm)
+        self.lateral = nn.ModuleList(_block(c, channels, 1, norm) for c in in_channels[:-1])
+        self.smooth = nn.ModuleList(_block(channels, channels, 3, norm) for _ in in_channels[:-1])
+        self.fuse = _block(len(in_channels) * channels, channels, 3, norm)
         self.dropout = nn.Dropout2d(dropout)
         self.classifier = _classifier(channels, num_classes)
 
@@ -103,7 +96,7 @@ class FCNHead(nn.Module):
 
     def __init__(self, in_ch: int, num_classes: int, channels: int = 256, dropout: float = 0.1, norm: str = "bn"):
         super().__init__()
-        self.conv = ConvNormAct(in_ch, channels, 3, norm)
+        self.conv = _block(in_ch, channels, 3, norm)
         self.dropout = nn.Dropout2d(dropout)
         self.classifier = _classifier(channels, num_classes)
 
