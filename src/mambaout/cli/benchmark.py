@@ -26,10 +26,11 @@ import torch
 import torch.nn.functional as F
 
 from mambaout.cli.common import Parser, add_amp_argument, fail
-from mambaout.utils.device import autocast_setting, device_name, resolve_device
+from mambaout.utils.device import autocast, autocast_setting, device_name, resolve_device
 from mambaout.utils.limits import check_img_size
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# --dtype -> the autocast dtype over fp32 weights, as in mixed-precision practice (None: plain fp32)
+DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Agreement checked before timing: max |ours - timm| over max |timm| of the logits (or of a weight gradient).
 TOLERANCE = {"fp32": 1e-4, "bf16": 5e-2, "fp16": 2e-2}
 
@@ -45,11 +46,6 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _autocast(device: torch.device, dtype: str):
-    """bf16/fp16 as in mixed-precision practice: autocast over fp32 weights."""
-    return torch.autocast(device.type, dtype=DTYPES[dtype]) if dtype != "fp32" else contextlib.nullcontext()
-
-
 def _rss() -> int:
     """The process's resident set in bytes (0 where /proc is not there to tell it)."""
     try:
@@ -58,24 +54,15 @@ def _rss() -> int:
         return 0
 
 
-def build_pair(name: str, device: torch.device, channels_last: bool = False, **kwargs):
-    """(timm model, our model) with identical weights, on `device`, in float32."""
-    from mambaout.deploy.benchmark import twins
-
-    ref, ours = twins(name, **kwargs)
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    return ref.to(device, memory_format=fmt), ours.to(device, memory_format=fmt)
-
-
 def make_step(model, mode: str, x: torch.Tensor, dtype: str, context=contextlib.nullcontext):
     """A zero-argument callable running one inference forward or one training step (forward, loss, backward, AdamW),
     inside `context()` (a `mambaout.kernels` mode)."""
-    autocast = _autocast(x.device, dtype)
+    amp = autocast(x.device, DTYPES[dtype])
     if mode == "infer":
         model.eval()
 
         def infer():
-            with context(), torch.inference_mode(), autocast:
+            with context(), torch.inference_mode(), amp:
                 return model(x)
 
         return infer
@@ -85,7 +72,7 @@ def make_step(model, mode: str, x: torch.Tensor, dtype: str, context=contextlib.
 
     def train():
         with context():
-            with autocast:
+            with amp:
                 loss = F.cross_entropy(model(x), target)
             loss.backward()
             opt.step()
@@ -97,15 +84,15 @@ def make_step(model, mode: str, x: torch.Tensor, dtype: str, context=contextlib.
 
 def _agreement(ref, ours, mode: str, x: torch.Tensor, dtype: str) -> float:
     """max |ours - timm| / max |timm| on the logits (infer) or on the first block's fc1 weight gradient (train)."""
-    autocast = _autocast(x.device, dtype)
+    amp = autocast(x.device, DTYPES[dtype])
     if mode == "infer":
-        with torch.inference_mode(), autocast:
+        with torch.inference_mode(), amp:
             a, b = ref.eval()(x).float(), ours.eval()(x).float()
     else:
         grads = []
         for m in (ref, ours):
             m.train().zero_grad(set_to_none=True)
-            with autocast:
+            with amp:
                 m(x).float().logsumexp(-1).mean().backward()
             grads.append(m.stages[0].blocks[0].fc1.weight.grad.float().clone())
             m.zero_grad(set_to_none=True)
@@ -159,10 +146,17 @@ def benchmark_model(
     opt-in fused Triton kernels on (`ours-fused`, CUDA).
     """
     from mambaout import kernels
+    from mambaout.deploy.benchmark import twins
 
-    dev = _check_args(mode, dtype, batch_size, iters, warmup, device)
-    ref, ours = build_pair(name, dev, channels_last)
+    if mode not in ("infer", "train"):
+        raise ValueError(f"mode must be 'infer' or 'train', got {mode!r}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if batch_size < 1 or iters < 1 or warmup < 0:
+        raise ValueError(f"need batch_size >= 1, iters >= 1, warmup >= 0; got {batch_size}, {iters}, {warmup}")
+    dev = resolve_device(device)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
+    ref, ours = (m.to(dev, memory_format=fmt) for m in twins(name))  # identical weights, float32
     x = torch.randn(batch_size, 3, img_size, img_size, device=dev).contiguous(memory_format=fmt)
     agree = _agreement(ref, ours, mode, x[:2], dtype)
     if agree > TOLERANCE[dtype]:
@@ -188,16 +182,6 @@ def benchmark_model(
         row.update(speedup_vs_timm=round(base / med, 3), rel_diff_vs_timm=diff, iters=iters, torch=torch.__version__)
         rows.append(dict(row, date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")))
     return rows
-
-
-def _check_args(mode: str, dtype: str, batch_size: int, iters: int, warmup: int, device: str) -> torch.device:
-    if mode not in ("infer", "train"):
-        raise ValueError(f"mode must be 'infer' or 'train', got {mode!r}")
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    if batch_size < 1 or iters < 1 or warmup < 0:
-        raise ValueError(f"need batch_size >= 1, iters >= 1, warmup >= 0; got {batch_size}, {iters}, {warmup}")
-    return resolve_device(device)
 
 
 def _time_interleaved(steps: dict, warmup: int, iters: int, dev: torch.device) -> dict[str, list[float]]:

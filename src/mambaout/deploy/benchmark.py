@@ -2,11 +2,10 @@
 
     flock /tmp/mambaout-cpu.lock mambaout benchmark --runtimes --models mambaout_femto --batch-size 32 [--compile]
 
-The rows (`IMPLS`, `COMPILED`), the runtimes' settings and the roofline line: docs/performance.md, "CPU deployment".
-Why one process per row: every runtime keeps its own pool of threads, which spins for a while after its work is done;
-timed in one process, a row right after another ran at 0.6x its speed alone (issue 27). So the parent writes the
-files every row needs (`prepare`), then starts `python -m mambaout.deploy.benchmark ROW FOLDER ...` for each row in
-turn (`measure`); a row's process sees no other pool.
+The rows (`IMPLS`, `COMPILED`), the runtimes' settings, the roofline line and why one process per row (every
+runtime's thread pool spins after its work, slowing the next row): docs/performance.md, "CPU deployment". The parent
+writes the files every row needs (`prepare`), then runs `python -m mambaout.deploy.benchmark ROW FOLDER ...` per row
+(`measure`).
 """
 
 from __future__ import annotations
@@ -195,11 +194,9 @@ def load_impl(key: str, folder: Path, threads: int) -> Callable[[torch.Tensor], 
             if not compiled:  # "ours bf16": the plain block forward; "fast path": the bf16 CPU fast path, forced on
                 set_cpu_bf16("fast path" in key)
         if compiled:
-            # inductor as PyTorch recommends for CPU inference: weights frozen into the graph as constants (folded,
-            # pre-packed for oneDNN). A process-wide setting: this row runs in its own process. One static graph per
-            # batch size, as a deployment at a fixed batch compiles it: left dynamic, the probe (2 images) then
-            # batch 1 made dynamo recompile with a symbolic batch, whose graph ran ours at batch 1 in 200 ms against
-            # 109 ms static (one thread, on a loaded machine).
+            # inductor as PyTorch recommends for CPU inference: weights frozen into the graph (process-wide: this row
+            # has its own process). One static graph per batch size, as a fixed-batch deployment compiles it: dynamic
+            # shapes (the 2-image probe, then batch 1) measured slower.
             import torch._inductor.config as inductor_config
 
             inductor_config.freezing = True
@@ -312,21 +309,11 @@ def runtime_rows(
         for key in keys:
             res = results.get(key)
             med = statistics.median(res["times"][bs]) if res and key not in emulated else None
-            rows.append(
-                dict(
-                    model=name,
-                    impl=key,
-                    batch_size=bs,
-                    img_size=img_size,
-                    img_per_s=round(bs / med, 2) if med else None,
-                    ms_per_step=round(1e3 * med, 2) if med else None,
-                    ratio_vs_timm=round(base / med, 3) if med else None,
-                    max_abs_diff_vs_timm=float(f"{res['diff']:.3g}") if res else None,
-                    threads=threads,
-                    load=max(res["load"]) if res else None,
-                    note=notes.get(key, ""),
-                )
-            )
+            row = dict(model=name, impl=key, batch_size=bs, img_size=img_size)
+            row.update(img_per_s=round(bs / med, 2) if med else None, ms_per_step=round(1e3 * med, 2) if med else None)
+            row.update(ratio_vs_timm=round(base / med, 3) if med else None)
+            row.update(max_abs_diff_vs_timm=float(f"{res['diff']:.3g}") if res else None, threads=threads)
+            rows.append(dict(row, load=max(res["load"]) if res else None, note=notes.get(key, "")))
     return rows
 
 
