@@ -58,18 +58,11 @@ def timm_model_args(model_kwargs: dict) -> dict:
 def export_hf(
     model: nn.Module, folder: str | os.PathLike, label_names: list[str] | None = None, overwrite: bool = False
 ) -> Path:
-    """Write `model` as `folder/config.json` + `folder/model.safetensors` (timm's hub layout) and return `folder`.
-
-    The folder opens in timm (`local-dir:`), in transformers (`AutoModelForImageClassification`, its
-    `TimmWrapperForImageClassification` and `pipeline("image-classification")`) and here (`create_model(folder)`).
-
-    Args:
-        label_names: The classes as people read them, one per output, for `config.json` (transformers shows them
-            as `id2label`); default: the model's class names. `mambaout export` passes what `mambaout predict`
-            prints (ImageNet words, not WordNet ids).
-        overwrite: Replace the export of another model found in `folder`. Without it a folder holding another
-            model's `config.json` (or weights without one) is refused; the same model's export is updated in place.
-    """
+    """Write `model` as `folder/config.json` + `folder/model.safetensors` (timm's hub layout), which opens in timm
+    (`local-dir:`), transformers (`AutoModelForImageClassification`, `pipeline("image-classification")`) and here
+    (`create_model(folder)`); return `folder`. `label_names`: one per output, as people read them, for transformers'
+    `id2label` (default: the class names). Without `overwrite`, a folder holding another model's `config.json` (or
+    weights without one) is refused; the same model's export is updated in place."""
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise NotADirectoryError(f"--output {folder} is a file, not a folder; hf exports are a folder")
@@ -115,12 +108,11 @@ def export_hf(
 
 def _check_replaceable(folder: Path, config: dict) -> None:
     """Refuse to write over another model's export: an existing `config.json` must describe the same model."""
-    existing = folder / CONFIG_NAME
+    existing, fix = folder / CONFIG_NAME, "pass --overwrite to replace it, or export into another folder"
     if not existing.exists():
         if (folder / WEIGHTS_NAME).exists():
             raise FileExistsError(
-                f"{folder} holds {WEIGHTS_NAME} but no {CONFIG_NAME}: it is not an export of this model; pass "
-                "--overwrite to replace it, or export into another folder"
+                f"{folder} holds {WEIGHTS_NAME} but no {CONFIG_NAME}: it is not an export of this model; {fix}"
             )
         return
     try:
@@ -128,17 +120,14 @@ def _check_replaceable(folder: Path, config: dict) -> None:
     except (OSError, ValueError):
         old = None
     if not isinstance(old, dict):
-        raise FileExistsError(
-            f"{existing} is not a model config this package wrote; pass --overwrite to replace it, or export into "
-            "another folder"
-        )
+        raise FileExistsError(f"{existing} is not a model config this package wrote; {fix}")
     keys = ("mambaout_model", "architecture", "num_classes", "model_args")
     differ = [k for k in keys if old.get(k) != config.get(k)]
     if differ:
         was = old.get("mambaout_model") or old.get("architecture") or "an unnamed model"
         raise FileExistsError(
             f"{folder} holds another model's export ({was}; {', '.join(differ)} differ from "
-            f"{config['mambaout_model']}'s); pass --overwrite to replace it, or export into another folder"
+            f"{config['mambaout_model']}'s); {fix}"
         )
 
 
@@ -152,8 +141,7 @@ def from_hub(repo: str) -> tuple[str | None, Path, dict]:
 
 
 def from_folder(folder: str | os.PathLike) -> tuple[str | None, Path, dict]:
-    """(model name, weights path, metadata from `config.json`) of a local folder in timm's Hub layout, as
-    `mambaout export --format hf`, timm's `save_for_hf` or a Hub download write it."""
+    """(model name, weights path, metadata from `config.json`) of a local folder in timm's Hub layout."""
     folder = Path(folder)
     config_path = folder / CONFIG_NAME
     if not config_path.is_file():
