@@ -5,11 +5,9 @@
   (on a machine without a GPU: the same code on CPU tensors, using the same cores through torch threads);
 - `timm`: timm's own `create_dataset` + `create_loader` with the same augmentation.
 
-Each pipeline delivers `--batches` batches after `--warmup` untimed ones (worker start-up excluded; a set smaller
-than that starts its next epoch, said under the table); the ratio column is against timm measured in the same run.
-Mixup/CutMix is left out of all three (it runs on the training device in every case). The options go through
-`mambaout train`'s resolution and checks (recipe, batch size, workers, image size; `--device` as train reads it),
-and the data set is listed once before any pipeline is built, so a bad value is one line, not a traceback.
+Each pipeline is timed over `--batches` batches after `--warmup` untimed ones (worker start-up excluded), against
+timm in the same run (docs/data.md). Mixup/CutMix is left out of all three (it runs on the training device anyway).
+The options go through `mambaout train`'s resolution and checks, so a bad value is one line, not a traceback.
 """
 
 from __future__ import annotations
@@ -73,8 +71,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def _resolve(args):
-    """(config, device, images in the set) of the command line, through `mambaout train`'s resolution and checks;
-    ValueError or FileNotFoundError, one line, naming a bad option or data set."""
+    """(config, device, images in the set) of the command line; ValueError or FileNotFoundError naming a bad option
+    or data set."""
     from mambaout.data.datasets import ImageDataset
     from mambaout.data.gpu_aug import GpuAugment
     from mambaout.training.config import resolve_config

@@ -143,7 +143,7 @@ def to_official_layout(state_dict: dict) -> dict[str, torch.Tensor]:
 
 def adapt_input_conv(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
     """Refit the first conv's `[out, 3, k, k]` RGB weights to `in_chans` inputs: one channel sums the RGB filters (a
-    grey image then gives the RGB response); more tile them, rescaled by `3 / in_chans` to keep the activations' scale."""
+    grey image then gives the RGB response); more tile them, scaled by `3 / in_chans` (the same activation scale)."""
     src = weight.shape[1]
     if in_chans == src:
         return weight
