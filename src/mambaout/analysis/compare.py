@@ -76,19 +76,13 @@ def compare(
                     for _ in range(steps):
                         step(m, x, y, opt)
                     speed[key].append(steps * batch_size / (time.perf_counter() - t))
-    return [
-        dict(
-            model=n,
-            model_kwargs=kw,
-            params_m=round(count_params(m) / 1e6, 3),
-            macs_m=round(count_macs(m, img_size) / 1e6, 2),
-            **{key: round(statistics.median(v), 1) for key, v in speed.items()},
-            img_size=img_size,
-            batch_size=batch_size,
-            threads=torch.get_num_threads(),
-        )
-        for n, kw, m, speed in zip(names, model_kwargs, models, speeds)
-    ]
+    rows = []
+    for n, kw, m, speed in zip(names, model_kwargs, models, speeds):
+        row = dict(model=n, model_kwargs=kw, params_m=round(count_params(m) / 1e6, 3))
+        row.update(macs_m=round(count_macs(m, img_size) / 1e6, 2))
+        row.update({key: round(statistics.median(v), 1) for key, v in speed.items()})
+        rows.append(dict(row, img_size=img_size, batch_size=batch_size, threads=torch.get_num_threads()))
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,6 +25,12 @@ BIN_NAME = "pytorch_model.bin"
 _SAME_IN_TIMM = ("in_chans", "num_classes", "depths", "dims", "expansion_ratio", "kernel_size", "conv_ratio")
 _SAME_IN_TIMM += ("ls_init_value", "stem_mid_norm", "drop_rate", "global_pool")
 _IGNORED = ("drop_path_rate",)  # training-time only
+# our switches that timm's MambaOut takes as a choice: ours -> (timm's name, its value for True, for False)
+_SWITCHES = {
+    "downsample_norm_first": ("downsample", "conv_nf", "conv"),
+    "head_mlp_norm": ("head_fn", "default", "norm_mlp"),
+}
+_TIMM_FIXED = {"head_mlp_ratio": 4, "act_layer": "gelu"}  # fixed in timm's MambaOut: not written, others refused
 # the pretrained_cfg entries written to config.json: the eval transform and the layer names timm's tools read
 _PRETRAINED_CFG_KEYS = EVAL_KEYS + ("first_conv", "classifier")
 # timm's own MambaOut models; another model of ours exports as `mambaout_femto` with every argument written out
@@ -40,15 +46,10 @@ def timm_model_args(model_kwargs: dict) -> dict:
     for key, value in model_kwargs.items():
         if key in _SAME_IN_TIMM:
             args[key] = list(value) if isinstance(value, tuple) else value
-        elif key == "downsample_norm_first":
-            args["downsample"] = "conv_nf" if value else "conv"
-        elif key == "head_mlp_norm":
-            args["head_fn"] = "default" if value else "norm_mlp"
-        elif key == "head_mlp_ratio" and value == 4:
-            continue  # timm's heads are 4x wide
-        elif key == "act_layer" and value == "gelu":
-            continue
-        elif key not in _IGNORED:
+        elif key in _SWITCHES:
+            name, true, false = _SWITCHES[key]
+            args[name] = true if value else false
+        elif key not in _IGNORED and (key not in _TIMM_FIXED or value != _TIMM_FIXED[key]):
             unknown.append(f"{key}={value!r}")
     if unknown:
         raise ValueError(f"timm's MambaOut cannot build this model ({', '.join(unknown)}); export it as onnx or pt2")
@@ -180,15 +181,12 @@ def _from_config(config_path: Path, weights: Path) -> tuple[str | None, Path, di
 
 def _from_timm_args(model_args: dict, source) -> dict:
     """timm's `MambaOut` arguments that have other names here, back to ours (the inverse of `timm_model_args`)."""
+    switches = {name: (ours, true, false) for ours, (name, true, false) in _SWITCHES.items()}
     out, unknown = {}, []
     for key, value in model_args.items():
-        if key in _SAME_IN_TIMM:
-            continue
-        if key == "downsample" and value in ("conv", "conv_nf"):
-            out["downsample_norm_first"] = value == "conv_nf"
-        elif key == "head_fn" and value in ("default", "norm_mlp"):
-            out["head_mlp_norm"] = value == "default"
-        else:
+        if key in switches and value in switches[key][1:]:
+            out[switches[key][0]] = value == switches[key][1]
+        elif key not in _SAME_IN_TIMM:
             unknown.append(f"{key}={value!r}")
     if unknown:
         raise ValueError(f"{source}: model_args {', '.join(unknown)} have no counterpart in mambaout's MambaOut")
