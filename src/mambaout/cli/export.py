@@ -156,12 +156,8 @@ def _dense_task(checkpoint) -> str | None:
 
 
 def _export_dense(args, fmt: str):
-    """A segmenter (UperNet) or detector (Mask / Faster R-CNN) checkpoint as ONNX, and its check, as
-    `_export_classifier`.
-
-    The segmenter takes `[batch, 3, S, S]` RGB in [0, 1] (S: `--img-size`, default the evaluation scale's shorter
-    side; normalised inside the graph) and gives logits `[batch, K, S, S]`; the detector takes one image `[3, H, W]`
-    of any size (torchvision's ONNX path, see `DetectTask.export_model`)."""
+    """A segmenter or detector checkpoint as ONNX (inputs and outputs: docs/dense.md, "Export"), and its check, as
+    `_export_classifier`."""
     import torch
 
     from mambaout.dense.tasks import TASKS, Task
