@@ -14,6 +14,7 @@ import contextlib
 import copy
 import csv
 import datetime
+import importlib.metadata as md
 import io
 import os
 import re
@@ -25,9 +26,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from mambaout.cli.common import Parser, add_amp_argument, fail
+from mambaout import kernels
+from mambaout.analysis.flops import count_macs
+from mambaout.cli.common import Parser, add_amp_argument, fail, shape_only_model
+from mambaout.deploy import benchmark as rt
+from mambaout.inference import precision
 from mambaout.utils.device import autocast, autocast_setting, device_name, resolve_device
+from mambaout.utils.files import atomic_write_text, check_writable, output_target
 from mambaout.utils.limits import check_img_size
+from mambaout.utils.threads import set_threads
 
 # --dtype -> the autocast dtype over fp32 weights, as in mixed-precision practice (None: plain fp32)
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -145,9 +152,6 @@ def benchmark_model(
     `with_reference` adds our model with every fast path off (`ours-reference`), `with_fused` our model with the
     opt-in fused Triton kernels on (`ours-fused`, CUDA).
     """
-    from mambaout import kernels
-    from mambaout.deploy.benchmark import twins
-
     if mode not in ("infer", "train"):
         raise ValueError(f"mode must be 'infer' or 'train', got {mode!r}")
     if dtype not in DTYPES:
@@ -156,7 +160,7 @@ def benchmark_model(
         raise ValueError(f"need batch_size >= 1, iters >= 1, warmup >= 0; got {batch_size}, {iters}, {warmup}")
     dev = resolve_device(device)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    ref, ours = (m.to(dev, memory_format=fmt) for m in twins(name))  # identical weights, float32
+    ref, ours = (m.to(dev, memory_format=fmt) for m in rt.twins(name))  # identical weights, float32
     x = torch.randn(batch_size, 3, img_size, img_size, device=dev).contiguous(memory_format=fmt)
     agree = _agreement(ref, ours, mode, x[:2], dtype)
     if agree > TOLERANCE[dtype]:
@@ -215,8 +219,6 @@ def format_table(rows: list[dict]) -> str:
 
 def write_csv(rows: list[dict], path: str | Path) -> None:
     """Append `rows` to the CSV `path` (a header first when it is new), as one atomic replacement of the file."""
-    from mambaout.utils.files import atomic_write_text, output_target
-
     path = output_target(path, "--csv")  # a device or a FIFO is refused, never appended to
     old = path.read_text() if path.exists() else ""
     buf = io.StringIO()
@@ -263,11 +265,6 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def _runtimes(args) -> list[dict]:
     """`--runtimes`: the deployment table of the first of --models (see mambaout.deploy.benchmark); its CSV rows."""
-    from mambaout.analysis.flops import count_macs
-    from mambaout.cli.common import shape_only_model
-    from mambaout.deploy import benchmark as rt
-    from mambaout.inference.precision import cpu_bf16_support
-
     name, cpu = args.models[0], device_name(torch.device("cpu"))
     sizes = tuple(sorted({1, args.batch_size}))
     options = dict(compile=args.compile, rounds=args.rounds, only=args.only)  # threads: torch's, as set above
@@ -279,15 +276,13 @@ def _runtimes(args) -> list[dict]:
     )
     print(rt.format_runtime_table(rows))
     peaks = {d: rt.gemm_peak_gflops(d) for d in ("fp32", "int8")}
-    peaks["bf16"] = rt.gemm_peak_gflops("bf16") if cpu_bf16_support()[0] else None
+    peaks["bf16"] = rt.gemm_peak_gflops("bf16") if precision.cpu_bf16_support()[0] else None
     for line in rt.roofline_lines(rows, count_macs(shape_only_model(name), args.img_size), peaks):
         print(line)
     return [dict(r, device=cpu, versions=versions) for r in rows]
 
 
 def _versions() -> str:
-    import importlib.metadata as md
-
     found = []
     for dist in ("torch", "timm", "onnxruntime", "openvino"):
         with contextlib.suppress(md.PackageNotFoundError):
@@ -307,8 +302,6 @@ def _dtype(args: argparse.Namespace) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mambaout.utils.files import check_writable
-
     parser = get_args_parser()
     args = parser.parse_args(argv)
     try:
@@ -319,8 +312,6 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         parser.error(str(e))
     if args.threads:
-        from mambaout.utils.threads import set_threads
-
         set_threads(args.threads)
     if args.runtimes and torch.device(args.device).type != "cpu":
         parser.error("--runtimes compares CPU runtimes: pass --device cpu")
