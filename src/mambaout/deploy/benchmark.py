@@ -21,7 +21,18 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import timm
 import torch
+
+from mambaout.data.image import eval_transform
+from mambaout.deploy.quantize import calibration_images, quantize_int8
+from mambaout.deploy.runtimes import OnnxRuntimeModel, OpenVinoModel, export_openvino, ort_session
+from mambaout.inference import precision
+from mambaout.inference.export import export_onnx
+from mambaout.kernels.cpu import set_cpu_bf16
+from mambaout.models.factory import create_model
+from mambaout.models.variants import get_variant
+from mambaout.utils.threads import set_threads
 
 
 def gemm_peak_gflops(dtype: str = "fp32", n: int = 2048, repeats: int = 3) -> float | None:
@@ -59,8 +70,6 @@ def _ort_int8_matmul(n: int) -> Callable | None:
         import numpy as np
         import onnx
         from onnx import TensorProto, helper
-
-        from mambaout.deploy.runtimes import ort_session
     except ImportError:
         return None
     graph = helper.make_graph(
@@ -86,10 +95,6 @@ def _ort_int8_matmul(n: int) -> Callable | None:
 def timm_twin(name: str, **kwargs):
     """timm's MambaOut with the architecture of our `name`; for variants timm lacks (`mambaout_test`) its MambaOut
     class built with our variant's arguments (timm's builders let keyword arguments override theirs)."""
-    import timm
-
-    from mambaout.models.variants import get_variant
-
     variant, _ = get_variant(name)
     if variant.name in timm.list_models("mambaout*"):  # a weight tag (`mambaout_tiny.in1k`) as timm reads it
         return timm.create_model(name, **kwargs)
@@ -128,8 +133,6 @@ _BF16_ROWS = {k for k, d in ROWS.items() if d == "bf16"}
 
 def twins(name: str, **kwargs):
     """(timm's model, ours) of `name` with identical weights (timm's, seeded), on CPU in float32."""
-    from mambaout.models.factory import create_model
-
     torch.manual_seed(0)
     ref = timm_twin(name, **kwargs)
     ours = create_model(name, **kwargs)
@@ -142,11 +145,6 @@ def prepare(
 ) -> dict[str, str]:
     """Write what the rows load into `folder`: the weights (timm's, which ours loads too), the two probe images
     and timm's logits on them, our ONNX export (fp32 and int8), timm's, and our OpenVINO IR. Returns notes per row."""
-    from mambaout.data.image import eval_transform
-    from mambaout.deploy.quantize import calibration_images, quantize_int8
-    from mambaout.deploy.runtimes import export_openvino
-    from mambaout.inference.export import export_onnx
-
     ref, ours = (m.eval() for m in twins(name))
     shape = (3, img_size, img_size)
     ours.pretrained_cfg = {**ours.pretrained_cfg, "input_size": shape}
@@ -175,10 +173,6 @@ def prepare(
 
 def load_impl(key: str, folder: Path, threads: int) -> Callable[[torch.Tensor], torch.Tensor]:
     """The row `key` built from `prepare`'s files, as a function of a float32 image batch returning logits."""
-    from mambaout.deploy.runtimes import OnnxRuntimeModel, OpenVinoModel, ort_session
-    from mambaout.inference.precision import LowPrecision
-    from mambaout.models.factory import create_model
-
     saved = torch.load(folder / "weights.pt", weights_only=True)
     name, weights = saved["name"], saved["weights"]
     compiled = "torch.compile" in key
@@ -188,9 +182,7 @@ def load_impl(key: str, folder: Path, threads: int) -> Callable[[torch.Tensor], 
         model.load_state_dict(weights)
         model.eval()
         if "bf16" in key and kind == "ours":
-            from mambaout.kernels.cpu import set_cpu_bf16
-
-            model = LowPrecision(model, torch.bfloat16)  # bf16 weights, converted once
+            model = precision.LowPrecision(model, torch.bfloat16)  # bf16 weights, converted once
             if not compiled:  # "ours bf16": the plain block forward; "fast path": the bf16 CPU fast path, forced on
                 set_cpu_bf16("fast path" in key)
         if compiled:
@@ -225,8 +217,6 @@ def load_impl(key: str, folder: Path, threads: int) -> Callable[[torch.Tensor], 
 def measure(key: str, folder: Path, batch_sizes, iters: int, warmup: int, threads: int, img_size: int) -> dict:
     """In this process: build row `key`, its max |logit diff| to timm fp32 on the probe, and `iters` timed steps per
     batch size after `warmup` untimed ones (compilation, oneDNN's first-call work, the matmul choice)."""
-    from mambaout.utils.threads import set_threads
-
     set_threads(threads, "benchmark worker")
     impl = load_impl(key, folder, threads)
     saved = torch.load(folder / "weights.pt", weights_only=True)
@@ -274,8 +264,6 @@ def runtime_rows(
     `rounds` runs every row's process that many times, one of each in turn, and takes the median over all their
     steps; `only` restricts the rows (timm fp32 always runs: it is the baseline). One dict per (row, batch).
     """
-    from mambaout.inference.precision import cpu_bf16_support
-
     threads = threads or torch.get_num_threads()
     keys = list(IMPLS) + (list(COMPILED) if compile else [])
     if only:
@@ -283,7 +271,7 @@ def runtime_rows(
         if unknown:
             raise ValueError(f"unknown --only row(s) {sorted(unknown)}; expected some of {keys}")
         keys = [k for k in keys if k == "timm fp32" or k in only]
-    bf16_native, cpu = cpu_bf16_support()
+    bf16_native, cpu = precision.cpu_bf16_support()
     emulated = set() if bf16_native else _BF16_ROWS & set(keys)
     with tempfile.TemporaryDirectory(prefix="mambaout-runtimes-") as tmp:
         folder = Path(tmp)
