@@ -6,7 +6,12 @@ import sys
 
 from mambaout import kernels
 from mambaout.cli.common import MODEL_OPTIONS, Parser, add_shared, build_model, fail
-from mambaout.utils.text import count
+from mambaout.data.folders import unreadable_folder
+from mambaout.inference.precision import note, resolve_dtype
+from mambaout.inference.predictor import Predictor, dumps, find_images, format_text
+from mambaout.utils.device import resolve_device
+from mambaout.utils.text import count, printable
+from mambaout.weights.checkpoint import CheckpointError, DownloadError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,13 +29,6 @@ def main(argv: list[str] | None = None) -> int:
     add_shared(parser, "--fused-kernels", "--dtype")
     args = parser.parse_args(argv)
     kernels.set_fused_kernels(args.fused_kernels)
-    from mambaout.data.folders import unreadable_folder
-    from mambaout.inference.precision import note, resolve_dtype
-    from mambaout.inference.predictor import Predictor, dumps, find_images, format_text
-    from mambaout.utils.device import resolve_device
-    from mambaout.utils.text import printable
-    from mambaout.weights.checkpoint import CheckpointError, DownloadError
-
     try:
         device = resolve_device(args.device)
         model = build_model(args)
