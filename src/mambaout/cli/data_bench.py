@@ -122,17 +122,9 @@ def _bench(args, cfg, device: torch.device) -> tuple[dict[str, float], list[str]
         notes.append(f"ours gpu decoded {count(len(data), 'image')} once, in {decode_s:.1f} s (not in its img/s)")
     if "timm" in args.only:
         ds = create_dataset("", root=train_path, is_training=True)
-        loader = create_loader(
-            ds,
-            input_size=(3, aug.img_size, aug.img_size),
-            batch_size=bs,
-            is_training=True,
-            use_prefetcher=False,
-            **timm_augment_kwargs(aug),
-            num_workers=workers,
-            pin_memory=device.type == "cuda",
-            persistent_workers=workers > 0,
-        )
+        kwargs = dict(timm_augment_kwargs(aug), input_size=(3, aug.img_size, aug.img_size), batch_size=bs)
+        kwargs.update(num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0)
+        loader = create_loader(ds, is_training=True, use_prefetcher=False, **kwargs)
         rows["timm"] = _time(loader, args.batches, args.warmup, device)
     return rows, notes
 

@@ -69,20 +69,13 @@ def _ort_int8_matmul(n: int) -> Callable | None:
     try:
         import numpy as np
         import onnx
-        from onnx import TensorProto, helper
+        from onnx import TensorProto, helper, numpy_helper
     except ImportError:
         return None
-    graph = helper.make_graph(
-        [helper.make_node("MatMulInteger", ["a", "b"], ["c"])],
-        "int8_gemm",
-        [helper.make_tensor_value_info("a", TensorProto.UINT8, [n, n])],
-        [helper.make_tensor_value_info("c", TensorProto.INT32, [n, n])],
-        [
-            helper.make_tensor(
-                "b", TensorProto.INT8, [n, n], np.random.randint(-64, 64, (n, n)).astype(np.int8).tobytes(), raw=True
-            )
-        ],
-    )
+    a = helper.make_tensor_value_info("a", TensorProto.UINT8, [n, n])
+    c = helper.make_tensor_value_info("c", TensorProto.INT32, [n, n])
+    b = numpy_helper.from_array(np.random.randint(-64, 64, (n, n)).astype(np.int8), "b")
+    graph = helper.make_graph([helper.make_node("MatMulInteger", ["a", "b"], ["c"])], "int8_gemm", [a], [c], [b])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "gemm.onnx"
