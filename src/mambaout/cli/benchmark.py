@@ -147,11 +147,8 @@ def benchmark_model(
     with_reference: bool = False,
     with_fused: bool = False,
 ) -> list[dict]:
-    """Time timm's and our `name` side by side; one row per implementation (see module docstring).
-
-    `with_reference` adds our model with every fast path off (`ours-reference`), `with_fused` our model with the
-    opt-in fused Triton kernels on (`ours-fused`, CUDA).
-    """
+    """Time timm's and our `name` side by side, one row per implementation (see module docstring): `with_reference`
+    adds ours with every fast path off (`ours-reference`), `with_fused` ours with the fused Triton kernels (CUDA)."""
     if mode not in ("infer", "train"):
         raise ValueError(f"mode must be 'infer' or 'train', got {mode!r}")
     if dtype not in DTYPES:

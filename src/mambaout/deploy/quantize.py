@@ -35,12 +35,7 @@ QUANTIZED_OPS = ("MatMul", "Gemm", "Conv")
 
 def calibration_images(folder: str | os.PathLike, transform, num_images: int = 256, seed: int = 0) -> np.ndarray:
     """`num_images` images drawn (seeded) from `folder` (searched recursively), through `transform`: `[N, 3, H, W]`.
-
-    Unreadable files are skipped and replaced by others; fewer readable images than asked for uses them all.
-
-    Raises:
-        ValueError: no readable image in `folder`.
-    """
+    Unreadable files are skipped for others; fewer readable images than asked for are all used; none: ValueError."""
     if num_images < 1:
         raise ValueError(f"the calibration needs at least 1 image, got num_images={num_images}")
     paths = find_images([folder])
