@@ -191,11 +191,11 @@ def sec_model_check(ctx):
     import torch
 
     from mambaout import kernels
-    from mambaout.cli.benchmark import build_pair
+    from mambaout.deploy.benchmark import twins
 
     name = "mambaout_femto" if ctx.smoke else "mambaout_tiny"
     size, bs = (32, 2) if ctx.smoke else (224, 16)
-    ref, ours = build_pair(name, torch.device(ctx.device))
+    ref, ours = (m.to(ctx.device) for m in twins(name))
     x = torch.randn(bs, 3, size, size, device=ctx.device)
     for dtype in (torch.float32, torch.bfloat16):
         ac = torch.autocast(torch.device(ctx.device).type, dtype=dtype, enabled=dtype != torch.float32)

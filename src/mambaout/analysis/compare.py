@@ -1,10 +1,9 @@
 """Side-by-side params, MACs and throughput of registered models, measured the same way in one process.
 
-The README's Mamba-vs-MambaOut and kernel-size tables come from here: every model timed by the same code on the
-same inputs, interleaved (A, B, A, B, ...) so that load from other processes hits them alike; the median round
-is reported. Inference is timed as users get it (the CPU fast path, `mambaout.kernels`) and with every block on
-its plain forward (`kernels.reference_mode()`), the like-for-like comparison with the Mamba block, which has no
-fused kernel. Training always runs the plain forward (the fast path is inference-only).
+The Mamba-vs-MambaOut and kernel-size tables of docs/analysis.md come from here: models timed interleaved (A, B, A,
+B, ...) so that load from other processes hits them alike, median round reported. Inference is timed on the CPU
+fast path and with every block on its plain forward (`kernels.reference_mode()`, like for like with the Mamba block);
+training always runs the plain forward (the fast path is inference-only).
 
     python -m mambaout.analysis.compare mambaout_pico mambaout_pico_ssm --img-size 64 --batch-size 64
 """
@@ -53,15 +52,9 @@ def compare(
     steps: int = 3,
     model_kwargs: list[dict] | None = None,
 ) -> list[dict]:
-    """Params, MACs at `img_size` and median inference / training images per second of each model.
-
-    Args:
-        names: Registered model names.
-        img_size, batch_size, num_classes: The setting timed (the Imagenette CPU recipes': 64 px, 64, 10).
-        repeats: Interleaved rounds over all models; the median round is reported.
-        steps: Timed batches per model per round (after one warm-up batch).
-        model_kwargs: Per-name extra `create_model` arguments (e.g. `{'kernel_size': 3}`), or None.
-    """
+    """Params, MACs at `img_size` and median inference / training images per second of each of `names`, over
+    `repeats` interleaved rounds of `steps` batches each (after one warm-up batch); `model_kwargs`: per-name extra
+    `create_model` arguments (e.g. `{'kernel_size': 3}`)."""
     if repeats < 1 or steps < 1:
         raise ValueError(f"repeats and steps must be >= 1, got repeats={repeats}, steps={steps}")
     model_kwargs = model_kwargs or [{} for _ in names]
@@ -83,19 +76,13 @@ def compare(
                     for _ in range(steps):
                         step(m, x, y, opt)
                     speed[key].append(steps * batch_size / (time.perf_counter() - t))
-    return [
-        dict(
-            model=n,
-            model_kwargs=kw,
-            params_m=round(count_params(m) / 1e6, 3),
-            macs_m=round(count_macs(m, img_size) / 1e6, 2),
-            **{key: round(statistics.median(v), 1) for key, v in speed.items()},
-            img_size=img_size,
-            batch_size=batch_size,
-            threads=torch.get_num_threads(),
-        )
-        for n, kw, m, speed in zip(names, model_kwargs, models, speeds)
-    ]
+    rows = []
+    for n, kw, m, speed in zip(names, model_kwargs, models, speeds):
+        row = dict(model=n, model_kwargs=kw, params_m=round(count_params(m) / 1e6, 3))
+        row.update(macs_m=round(count_macs(m, img_size) / 1e6, 2))
+        row.update({key: round(statistics.median(v), 1) for key, v in speed.items()})
+        rows.append(dict(row, img_size=img_size, batch_size=batch_size, threads=torch.get_num_threads()))
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:

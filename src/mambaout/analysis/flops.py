@@ -1,14 +1,9 @@
-"""Parameters and multiply-accumulates (MACs) counted the way the paper counts them.
+"""Parameters and MACs counted as the paper counts them (fvcore's convention, docs/analysis.md), and the paper's
+Transformer FLOPs argument (Sec. 3, Eq. 6-7).
 
-The paper's MAC column (Table 1, e.g. tiny 4.5G) comes from fvcore, which counts one MAC per weight per output
-element of every convolution and linear layer, plus 5 per element of each affine LayerNorm (about 1% of the total);
-activations, the gate product and pooling are left out. We count the same way by running the model once on the
-`meta` device (shapes only, no arithmetic), so even the largest variant counts in milliseconds. Token mixers whose
-arithmetic is neither a conv nor a linear layer (attention's two matrix products, the SSM's scan) report it through
-an `extra_macs(input_shape)` method, which `count_macs` adds, as fvcore counts attention's matmuls; MambaOut has no
-such module, so its counts are exactly the paper's.
-
-The second half is the paper's Transformer FLOPs argument (Sec. 3, Eq. 6-7).
+The model runs once on the `meta` device (shapes only), so even the largest variant counts in milliseconds. Token
+mixers whose arithmetic is no conv or linear layer (attention's matmuls, the SSM's scan) report it through an
+`extra_macs(input_shape)` method, which `count_macs` adds.
 """
 
 from __future__ import annotations
@@ -24,14 +19,9 @@ from mambaout.utils.files import atomic_write
 def count_macs(
     model: nn.Module, img_size: int | tuple[int, int] = 224, in_chans: int | None = None, include_norms: bool = True
 ) -> int:
-    """MACs of one forward pass of a single image, counted as the paper counts them.
-
-    Args:
-        model: Any module taking `[1, C, H, W]`; it is not modified (counted on a `meta`-device copy).
-        img_size: Input height and width.
-        in_chans: Input channels (default: `model.in_chans`, else 3).
-        include_norms: Count LayerNorms as fvcore (and so the paper) does: 5 per element, 4 without affine.
-    """
+    """MACs of one forward pass of one `[1, C, H, W]` image (`in_chans` default `model.in_chans`, else 3); `model`
+    is not modified (counted on a `meta`-device copy). `include_norms`: LayerNorms as fvcore counts them, 5 MACs per
+    element (4 without affine)."""
     h, w = (img_size, img_size) if isinstance(img_size, int) else img_size
     in_chans = in_chans or getattr(model, "in_chans", 3)
     total = 0
@@ -72,16 +62,9 @@ def count_params(model: nn.Module) -> int:
 
 
 def transformer_flops(dim: int, tokens: int) -> dict:
-    """FLOPs of one Transformer block on `tokens` tokens of width `dim`, as the paper's Eq. 6 counts them.
-
-    `24·D²·L` is the linear part: the QKV and output projections (4·D²·L MACs) and the MLP of ratio 4
-    (8·D²·L MACs), 12·D²·L MACs at 2 FLOPs per MAC. `4·D·L²` is attention's two token-by-token products,
-    `Q·Kᵀ` and `softmax(·)·V` (2·D·L² MACs). Norms, softmax, biases and activations are left out.
-
-    Returns:
-        A dict with `linear`, `quadratic` and `total` FLOPs, the quadratic share of the total (which is
-        `L / (6D + L)`), and Eq. 7's threshold `6·D` above which the quadratic term dominates.
-    """
+    """FLOPs of one Transformer block on `tokens` tokens of width `dim` by the paper's Eq. 6 (docs/analysis.md):
+    `linear` (24·D²·L: projections and MLP), `quadratic` (4·D·L²: attention's two L×L products), `total`, the
+    quadratic share `L / (6D + L)`, and Eq. 7's `threshold` 6·D above which the quadratic term dominates."""
     if dim < 1 or tokens < 1:
         raise ValueError(f"dim and tokens must be positive integers, got dim={dim}, tokens={tokens}")
     linear, quadratic, threshold = 24 * dim * dim * tokens, 4 * dim * tokens * tokens, long_sequence_threshold(dim)

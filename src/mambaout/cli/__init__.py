@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import signal
@@ -74,8 +75,7 @@ def main(argv: list[str] | None = None) -> int:
             name = printable(str(e.filename))
             name = name if len(name) <= 120 else name[:60] + "..." + name[-57:]
             return fail(command, f"{name}: {e.strerror or e}")
-        name = _stdout_name()
-        _quiet_stdout()
+        name = _silence_stdout()
         if isinstance(e, BrokenPipeError):
             # the reader went away (`mambaout predict ... | head -1`): nothing more to say, as `cat` says nothing
             return 0
@@ -110,18 +110,14 @@ def _start_up(command: str) -> None:
             signal.signal(signal.SIGINT, previous)
 
 
-def _stdout_name() -> str:
-    try:
-        return os.readlink(f"/proc/self/fd/{sys.stdout.fileno()}")
-    except (OSError, ValueError, AttributeError):
-        return "<stdout>"
-
-
-def _quiet_stdout() -> None:
-    """Point stdout at /dev/null, so the interpreter's own flush at exit has nowhere left to fail."""
-    try:
+def _silence_stdout() -> str:
+    """Point stdout at /dev/null, so the interpreter's own flush at exit has nowhere left to fail; return its name."""
+    name = "<stdout>"
+    # OSError etc.: stdout replaced by an object without a descriptor (tests), or no /proc
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        name = os.readlink(f"/proc/self/fd/{sys.stdout.fileno()}")
+    with contextlib.suppress(OSError, ValueError, AttributeError):
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         os.close(devnull)
-    except (OSError, ValueError, AttributeError):  # stdout replaced by an object without a descriptor (tests)
-        pass
+    return name

@@ -14,6 +14,7 @@ import contextlib
 import copy
 import csv
 import datetime
+import importlib.metadata as md
 import io
 import os
 import re
@@ -25,11 +26,18 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from mambaout.cli.common import Parser, add_amp_argument, fail
-from mambaout.utils.device import autocast_setting, device_name, resolve_device
+from mambaout import kernels
+from mambaout.analysis.flops import count_macs
+from mambaout.cli.common import Parser, add_amp_argument, fail, shape_only_model
+from mambaout.deploy import benchmark as rt
+from mambaout.inference import precision
+from mambaout.utils.device import autocast, autocast_setting, device_name, resolve_device
+from mambaout.utils.files import atomic_write_text, check_writable, output_target
 from mambaout.utils.limits import check_img_size
+from mambaout.utils.threads import set_threads
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# --dtype -> the autocast dtype over fp32 weights, as in mixed-precision practice (None: plain fp32)
+DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Agreement checked before timing: max |ours - timm| over max |timm| of the logits (or of a weight gradient).
 TOLERANCE = {"fp32": 1e-4, "bf16": 5e-2, "fp16": 2e-2}
 
@@ -45,11 +53,6 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _autocast(device: torch.device, dtype: str):
-    """bf16/fp16 as in mixed-precision practice: autocast over fp32 weights."""
-    return torch.autocast(device.type, dtype=DTYPES[dtype]) if dtype != "fp32" else contextlib.nullcontext()
-
-
 def _rss() -> int:
     """The process's resident set in bytes (0 where /proc is not there to tell it)."""
     try:
@@ -58,24 +61,15 @@ def _rss() -> int:
         return 0
 
 
-def build_pair(name: str, device: torch.device, channels_last: bool = False, **kwargs):
-    """(timm model, our model) with identical weights, on `device`, in float32."""
-    from mambaout.deploy.benchmark import twins
-
-    ref, ours = twins(name, **kwargs)
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    return ref.to(device, memory_format=fmt), ours.to(device, memory_format=fmt)
-
-
 def make_step(model, mode: str, x: torch.Tensor, dtype: str, context=contextlib.nullcontext):
     """A zero-argument callable running one inference forward or one training step (forward, loss, backward, AdamW),
     inside `context()` (a `mambaout.kernels` mode)."""
-    autocast = _autocast(x.device, dtype)
+    amp = autocast(x.device, DTYPES[dtype])
     if mode == "infer":
         model.eval()
 
         def infer():
-            with context(), torch.inference_mode(), autocast:
+            with context(), torch.inference_mode(), amp:
                 return model(x)
 
         return infer
@@ -85,7 +79,7 @@ def make_step(model, mode: str, x: torch.Tensor, dtype: str, context=contextlib.
 
     def train():
         with context():
-            with autocast:
+            with amp:
                 loss = F.cross_entropy(model(x), target)
             loss.backward()
             opt.step()
@@ -97,15 +91,15 @@ def make_step(model, mode: str, x: torch.Tensor, dtype: str, context=contextlib.
 
 def _agreement(ref, ours, mode: str, x: torch.Tensor, dtype: str) -> float:
     """max |ours - timm| / max |timm| on the logits (infer) or on the first block's fc1 weight gradient (train)."""
-    autocast = _autocast(x.device, dtype)
+    amp = autocast(x.device, DTYPES[dtype])
     if mode == "infer":
-        with torch.inference_mode(), autocast:
+        with torch.inference_mode(), amp:
             a, b = ref.eval()(x).float(), ours.eval()(x).float()
     else:
         grads = []
         for m in (ref, ours):
             m.train().zero_grad(set_to_none=True)
-            with autocast:
+            with amp:
                 m(x).float().logsumexp(-1).mean().backward()
             grads.append(m.stages[0].blocks[0].fc1.weight.grad.float().clone())
             m.zero_grad(set_to_none=True)
@@ -153,16 +147,17 @@ def benchmark_model(
     with_reference: bool = False,
     with_fused: bool = False,
 ) -> list[dict]:
-    """Time timm's and our `name` side by side; one row per implementation (see module docstring).
-
-    `with_reference` adds our model with every fast path off (`ours-reference`), `with_fused` our model with the
-    opt-in fused Triton kernels on (`ours-fused`, CUDA).
-    """
-    from mambaout import kernels
-
-    dev = _check_args(mode, dtype, batch_size, iters, warmup, device)
-    ref, ours = build_pair(name, dev, channels_last)
+    """Time timm's and our `name` side by side, one row per implementation (see module docstring): `with_reference`
+    adds ours with every fast path off (`ours-reference`), `with_fused` ours with the fused Triton kernels (CUDA)."""
+    if mode not in ("infer", "train"):
+        raise ValueError(f"mode must be 'infer' or 'train', got {mode!r}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if batch_size < 1 or iters < 1 or warmup < 0:
+        raise ValueError(f"need batch_size >= 1, iters >= 1, warmup >= 0; got {batch_size}, {iters}, {warmup}")
+    dev = resolve_device(device)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
+    ref, ours = (m.to(dev, memory_format=fmt) for m in rt.twins(name))  # identical weights, float32
     x = torch.randn(batch_size, 3, img_size, img_size, device=dev).contiguous(memory_format=fmt)
     agree = _agreement(ref, ours, mode, x[:2], dtype)
     if agree > TOLERANCE[dtype]:
@@ -188,16 +183,6 @@ def benchmark_model(
         row.update(speedup_vs_timm=round(base / med, 3), rel_diff_vs_timm=diff, iters=iters, torch=torch.__version__)
         rows.append(dict(row, date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")))
     return rows
-
-
-def _check_args(mode: str, dtype: str, batch_size: int, iters: int, warmup: int, device: str) -> torch.device:
-    if mode not in ("infer", "train"):
-        raise ValueError(f"mode must be 'infer' or 'train', got {mode!r}")
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    if batch_size < 1 or iters < 1 or warmup < 0:
-        raise ValueError(f"need batch_size >= 1, iters >= 1, warmup >= 0; got {batch_size}, {iters}, {warmup}")
-    return resolve_device(device)
 
 
 def _time_interleaved(steps: dict, warmup: int, iters: int, dev: torch.device) -> dict[str, list[float]]:
@@ -231,8 +216,6 @@ def format_table(rows: list[dict]) -> str:
 
 def write_csv(rows: list[dict], path: str | Path) -> None:
     """Append `rows` to the CSV `path` (a header first when it is new), as one atomic replacement of the file."""
-    from mambaout.utils.files import atomic_write_text, output_target
-
     path = output_target(path, "--csv")  # a device or a FIFO is refused, never appended to
     old = path.read_text() if path.exists() else ""
     buf = io.StringIO()
@@ -279,11 +262,6 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def _runtimes(args) -> list[dict]:
     """`--runtimes`: the deployment table of the first of --models (see mambaout.deploy.benchmark); its CSV rows."""
-    from mambaout.analysis.flops import count_macs
-    from mambaout.cli.common import shape_only_model
-    from mambaout.deploy import benchmark as rt
-    from mambaout.inference.precision import cpu_bf16_support
-
     name, cpu = args.models[0], device_name(torch.device("cpu"))
     sizes = tuple(sorted({1, args.batch_size}))
     options = dict(compile=args.compile, rounds=args.rounds, only=args.only)  # threads: torch's, as set above
@@ -295,15 +273,13 @@ def _runtimes(args) -> list[dict]:
     )
     print(rt.format_runtime_table(rows))
     peaks = {d: rt.gemm_peak_gflops(d) for d in ("fp32", "int8")}
-    peaks["bf16"] = rt.gemm_peak_gflops("bf16") if cpu_bf16_support()[0] else None
+    peaks["bf16"] = rt.gemm_peak_gflops("bf16") if precision.cpu_bf16_support()[0] else None
     for line in rt.roofline_lines(rows, count_macs(shape_only_model(name), args.img_size), peaks):
         print(line)
     return [dict(r, device=cpu, versions=versions) for r in rows]
 
 
 def _versions() -> str:
-    import importlib.metadata as md
-
     found = []
     for dist in ("torch", "timm", "onnxruntime", "openvino"):
         with contextlib.suppress(md.PackageNotFoundError):
@@ -323,8 +299,6 @@ def _dtype(args: argparse.Namespace) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mambaout.utils.files import check_writable
-
     parser = get_args_parser()
     args = parser.parse_args(argv)
     try:
@@ -335,8 +309,6 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         parser.error(str(e))
     if args.threads:
-        from mambaout.utils.threads import set_threads
-
         set_threads(args.threads)
     if args.runtimes and torch.device(args.device).type != "cpu":
         parser.error("--runtimes compares CPU runtimes: pass --device cpu")

@@ -88,8 +88,7 @@ def add_shared(parser: argparse.ArgumentParser, *flags: str) -> None:
 
 
 def add_amp_argument(parser, help: str = AMP_HELP, **kwargs) -> None:
-    """`--amp [DTYPE]` of the commands that train or time a model: a bare `--amp` is bf16 autocast, as validate's
-    `--amp` switch; or auto (bf16 on CUDA, none on CPU), none, bf16, fp16."""
+    """`--amp [DTYPE]` of the commands that train or time a model (`AMP_HELP`)."""
     parser.add_argument("--amp", nargs="?", const="bf16", choices=AMP_CHOICES, metavar="DTYPE", help=help, **kwargs)
 
 

@@ -5,11 +5,9 @@
   (on a machine without a GPU: the same code on CPU tensors, using the same cores through torch threads);
 - `timm`: timm's own `create_dataset` + `create_loader` with the same augmentation.
 
-Each pipeline delivers `--batches` batches after `--warmup` untimed ones (worker start-up excluded; a set smaller
-than that starts its next epoch, said under the table); the ratio column is against timm measured in the same run.
-Mixup/CutMix is left out of all three (it runs on the training device in every case). The options go through
-`mambaout train`'s resolution and checks (recipe, batch size, workers, image size; `--device` as train reads it),
-and the data set is listed once before any pipeline is built, so a bad value is one line, not a traceback.
+Each pipeline is timed over `--batches` batches after `--warmup` untimed ones (worker start-up excluded), against
+timm in the same run (docs/data.md). Mixup/CutMix is left out of all three (it runs on the training device anyway).
+The options go through `mambaout train`'s resolution and checks, so a bad value is one line, not a traceback.
 """
 
 from __future__ import annotations
@@ -20,11 +18,18 @@ import os
 import time
 
 import torch
+from timm.data import create_dataset, create_loader
 
 from mambaout.cli.common import Parser, fail, one_line
-from mambaout.utils.device import cpu_name
+from mambaout.data import gpu_loader as data_gpu
+from mambaout.data.datasets import ImageDataset
+from mambaout.data.gpu_aug import GpuAugment
+from mambaout.data.loaders import train_loader
+from mambaout.data.transforms import build_train_transform, timm_augment_kwargs
+from mambaout.training.config import resolve_config
+from mambaout.utils.device import cpu_name, resolve_device
 from mambaout.utils.limits import check_img_size
-from mambaout.utils.text import count
+from mambaout.utils.text import count, printable
 
 MAX_WORKERS = 256  # the training config's bound on `workers` (DataConfig), which checks it again
 
@@ -73,13 +78,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def _resolve(args):
-    """(config, device, images in the set) of the command line, through `mambaout train`'s resolution and checks;
-    ValueError or FileNotFoundError, one line, naming a bad option or data set."""
-    from mambaout.data.datasets import ImageDataset
-    from mambaout.data.gpu_aug import GpuAugment
-    from mambaout.training.config import resolve_config
-    from mambaout.utils.device import resolve_device
-
+    """(config, device, images in the set) of the command line; ValueError or FileNotFoundError naming a bad option
+    or data set."""
     # batch size, workers and image size bounded as for training; mixup off, since no pipeline here mixes (an odd
     # batch is then fine)
     overrides = dict(recipe=args.recipe, batch_size=args.batch_size, workers=args.workers, mixup=0.0, cutmix=0.0)
@@ -105,12 +105,6 @@ def _resolve(args):
 
 def _bench(args, cfg, device: torch.device) -> tuple[dict[str, float], list[str]]:
     """img/s of each pipeline asked for, and notes to print under the table."""
-    from mambaout.data import gpu_loader as data_gpu
-    from mambaout.data.datasets import ImageDataset
-    from mambaout.data.gpu_aug import GpuAugment
-    from mambaout.data.loaders import train_loader
-    from mambaout.data.transforms import build_train_transform, timm_augment_kwargs
-
     train_path, aug = cfg.data.data_train, cfg.augment
     bs, workers = args.batch_size, args.workers
     rows, notes = {}, []
@@ -127,27 +121,15 @@ def _bench(args, cfg, device: torch.device) -> tuple[dict[str, float], list[str]
         rows[f"ours gpu ({device.type} tensors)"] = _time(loader, args.batches, args.warmup, device)
         notes.append(f"ours gpu decoded {count(len(data), 'image')} once, in {decode_s:.1f} s (not in its img/s)")
     if "timm" in args.only:
-        from timm.data import create_dataset, create_loader
-
         ds = create_dataset("", root=train_path, is_training=True)
-        loader = create_loader(
-            ds,
-            input_size=(3, aug.img_size, aug.img_size),
-            batch_size=bs,
-            is_training=True,
-            use_prefetcher=False,
-            **timm_augment_kwargs(aug),
-            num_workers=workers,
-            pin_memory=device.type == "cuda",
-            persistent_workers=workers > 0,
-        )
+        kwargs = dict(timm_augment_kwargs(aug), input_size=(3, aug.img_size, aug.img_size), batch_size=bs)
+        kwargs.update(num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0)
+        loader = create_loader(ds, is_training=True, use_prefetcher=False, **kwargs)
         rows["timm"] = _time(loader, args.batches, args.warmup, device)
     return rows, notes
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mambaout.utils.text import printable
-
     args = get_args_parser().parse_args(argv)
     try:
         cfg, device, n_images = _resolve(args)

@@ -14,6 +14,8 @@ import tempfile
 import threading
 
 from mambaout.cli.common import DEFAULT_MODEL, Parser, add_shared, fail, weights_kwargs
+from mambaout.utils.device import resolve_device
+from mambaout.weights.checkpoint import CheckpointError, DownloadError
 
 
 def _port(value: str) -> int:
@@ -59,9 +61,6 @@ def main(argv: list[str] | None = None) -> int:
         from mambaout.inference.demo_app import build_app, launch
     except ImportError as e:
         return fail("demo", f"{e}; install the demo extra: pip install 'mambaout[demo]'")
-    from mambaout.utils.device import resolve_device
-    from mambaout.weights.checkpoint import CheckpointError, DownloadError
-
     models = args.model
     if models is None and not args.checkpoint:
         models = [DEFAULT_MODEL + ("" if args.random_weights else ".in1k")]

@@ -12,6 +12,7 @@ import json
 import sys
 from pathlib import Path
 
+import torch
 import yaml
 
 from mambaout.cli.common import (
@@ -24,7 +25,18 @@ from mambaout.cli.common import (
     smoke_steps,
     stdout_failed,
 )
+from mambaout.data.image import load_image
+from mambaout.dense.coco import to_tensor
+from mambaout.dense.config import DataConfig, RunConfig, TrainConfig, check, recipes_table, resolve, schema
+from mambaout.dense.results import picture_paths
+from mambaout.dense.tasks import TASKS, Task, make_task, saved_config
+from mambaout.dense.tasks import train as fit
+from mambaout.inference.predictor import find_images
+from mambaout.utils.device import autocast_setting, resolve_device
+from mambaout.utils.files import atomic_write, atomic_write_text, check_writable
+from mambaout.utils.optional import MissingDependency
 from mambaout.utils.text import count, printable
+from mambaout.weights.checkpoint import CheckpointError
 
 ACTIONS = ("train", "validate", "predict")
 
@@ -33,9 +45,6 @@ ACTIONS = ("train", "validate", "predict")
 def train_parser(task: str) -> argparse.ArgumentParser:
     """The options: one per setting of the task (`mambaout.dense.config.schema`), and the few that are no setting;
     built once per process and task (parsing leaves it as it was)."""
-    from mambaout.dense.config import schema
-    from mambaout.dense.tasks import TASKS
-
     description = (
         f"Train a MambaOut {TASKS[task].network}. Resolution: defaults < --recipe (--list-recipes) < options given "
         "here. Every setting is also --set KEY=VALUE (or SECTION.KEY=VALUE); docs/settings.md lists them."
@@ -50,8 +59,6 @@ _LINKED = {"model.min_size": ("data.min_sizes", lambda v: [v]), "data.max_size":
 
 def _overrides(args: argparse.Namespace, task: str) -> dict:
     """The settings given as options and with --set, by `section.key`."""
-    from mambaout.dense.config import schema
-
     sch = schema(task)
     options, sets = given_settings(sch, args)
     out = {s.key: v for s, v in options.items()}
@@ -72,11 +79,6 @@ def _smoke_cap(cfg) -> None:
 
 
 def train(task: str, argv: list[str]) -> int:
-    from mambaout.dense.config import recipes_table, resolve, schema
-    from mambaout.dense.tasks import saved_config
-    from mambaout.dense.tasks import train as fit
-    from mambaout.utils.optional import MissingDependency
-
     args = train_parser(task).parse_args(argv)
     if getattr(args, "list_recipes", False):
         print(recipes_table(task))
@@ -108,8 +110,6 @@ def train(task: str, argv: list[str]) -> int:
 
 
 def validate_parser(task: str) -> argparse.ArgumentParser:
-    from mambaout.dense.tasks import TASKS
-
     p = Parser(prog=f"mambaout {task} validate", description=TASKS[task].validate_help)
     p.add_argument("--checkpoint", required=True, help=f"weights written by mambaout {task} train")
     g = p.add_argument_group("data")
@@ -131,9 +131,6 @@ def validate_parser(task: str) -> argparse.ArgumentParser:
 
 
 def _val_config(task: str, args, meta: dict):
-    from mambaout.dense.config import DataConfig, RunConfig, TrainConfig, check
-    from mambaout.dense.tasks import TASKS
-
     given = {k: getattr(args, k) for k in ("data", "val_images", "val_labels", "workers", "max_val_images")}
     data = DataConfig(**given, val_split=args.val_split or meta.get("val_split"))  # the training run's, unless given
     data.scale = meta.get("eval_scale", data.scale)  # a segmenter's, as it was trained to be evaluated
@@ -143,8 +140,6 @@ def _val_config(task: str, args, meta: dict):
 
 
 def _load(task: str, path: str, device):
-    from mambaout.dense.tasks import Task
-
     model, meta = Task.from_checkpoint(path, device)
     if meta["task"] != task:
         raise ValueError(f"{path} is a {meta['task']} checkpoint; use mambaout {meta['task']}")
@@ -152,10 +147,6 @@ def _load(task: str, path: str, device):
 
 
 def validate(task: str, argv: list[str]) -> int:
-    from mambaout.dense.tasks import TASKS, make_task
-    from mambaout.utils.device import autocast_setting, resolve_device
-    from mambaout.utils.files import atomic_write_text, check_writable
-
     args = validate_parser(task).parse_args(argv)
     device = resolve_device(args.device)
     for flag in ("results_file", "coco_results"):
@@ -179,8 +170,6 @@ def validate(task: str, argv: list[str]) -> int:
 
 
 def predict_parser(task: str) -> argparse.ArgumentParser:
-    from mambaout.dense.tasks import TASKS
-
     p = Parser(prog=f"mambaout {task} predict", description="PNG pictures of the " + TASKS[task].predict_help)
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER")
     p.add_argument("--checkpoint", required=True, help=f"weights written by mambaout {task} train")
@@ -191,16 +180,6 @@ def predict_parser(task: str) -> argparse.ArgumentParser:
 
 
 def predict(task: str, argv: list[str]) -> int:
-    import torch
-
-    from mambaout.data.image import load_image
-    from mambaout.dense.coco import to_tensor
-    from mambaout.dense.results import picture_paths
-    from mambaout.dense.tasks import TASKS
-    from mambaout.inference.predictor import find_images
-    from mambaout.utils.device import resolve_device
-    from mambaout.utils.files import atomic_write, atomic_write_text
-
     args = predict_parser(task).parse_args(argv)
     threshold = getattr(args, "score_threshold", 0.0)
     if not 0.0 <= threshold <= 1.0:  # NaN too: no score passes it, an empty answer with exit 0
@@ -240,9 +219,6 @@ def predict(task: str, argv: list[str]) -> int:
 
 
 def main(task: str, argv: list[str] | None) -> int:
-    from mambaout.utils.optional import MissingDependency
-    from mambaout.weights.checkpoint import CheckpointError
-
     argv = sys.argv[1:] if argv is None else list(argv)
     usage = f"usage: mambaout {task} {{{','.join(ACTIONS)}}} [options]  ('mambaout {task} ACTION -h' for options)"
     if not argv:

@@ -8,18 +8,27 @@ from __future__ import annotations
 
 import math
 import sys
+import tempfile
 from pathlib import Path
 
+import torch
+
 from mambaout.cli.common import MODEL_OPTIONS, Parser, add_shared, build_model, fail, stdout_failed
+from mambaout.data.image import eval_transform
+from mambaout.dense.tasks import TASKS, Task
+from mambaout.deploy.quantize import calibration_images, quantize_int8
+from mambaout.deploy.runtimes import export_openvino, load_runtime_model, ort_session
+from mambaout.inference.export import DEFAULT_OPSET, check_opset, export_onnx, export_pt2, load_pt2
+from mambaout.inference.predictor import class_names_for
 from mambaout.utils.files import check_writable
 from mambaout.utils.limits import check_img_size
+from mambaout.utils.optional import MissingDependency
 from mambaout.utils.text import count
+from mambaout.weights.checkpoint import CheckpointError, DownloadError, read_checkpoint
+from mambaout.weights.hub import export_hf
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mambaout.utils.optional import MissingDependency
-    from mambaout.weights.checkpoint import CheckpointError, DownloadError
-
     parser = export_parser()
     args = parser.parse_args(argv)
     fmt = _output_format(parser, args)
@@ -112,15 +121,10 @@ def _output_format(parser: Parser, args) -> str:
 def _export_classifier(args, fmt: str):
     """A classification model (`--model`, `--checkpoint`) in `fmt`: None for an hf folder, else the file written and
     its check (`(max abs difference, what was compared, tolerance)` against PyTorch)."""
-    from mambaout.inference.export import DEFAULT_OPSET, check_opset, export_onnx, export_pt2
-
     if args.opset is not None:
         check_opset(args.opset)  # before the model is built
     model = build_model(args)
     if fmt == "hf":
-        from mambaout.inference.predictor import class_names_for
-        from mambaout.weights.hub import export_hf
-
         names = class_names_for(model)  # the words `mambaout predict` prints, for transformers' id2label
         labels = [names.label(i) for i in range(model.num_classes)]
         folder = export_hf(model, args.output, labels, overwrite=args.overwrite)
@@ -131,8 +135,6 @@ def _export_classifier(args, fmt: str):
     elif fmt == "onnx-int8":
         path = _export_int8(model, args)
     elif fmt == "openvino":
-        from mambaout.deploy.runtimes import export_openvino
-
         path = export_openvino(model, args.output, args.img_size, args.opset)
     else:
         path = export_pt2(model, args.output, args.img_size)
@@ -145,9 +147,6 @@ def _dense_task(checkpoint) -> str | None:
     """`detect` or `segment` when `checkpoint` is a local file `mambaout detect|segment train` wrote, else None."""
     if checkpoint is None or not Path(checkpoint).is_file() or Path(checkpoint).suffix not in (".safetensors", ".pt"):
         return None
-    from mambaout.dense.tasks import TASKS
-    from mambaout.weights.checkpoint import CheckpointError, read_checkpoint
-
     try:
         task = read_checkpoint(checkpoint)[1].get("task")
     except (CheckpointError, ValueError, OSError):
@@ -156,17 +155,8 @@ def _dense_task(checkpoint) -> str | None:
 
 
 def _export_dense(args, fmt: str):
-    """A segmenter (UperNet) or detector (Mask / Faster R-CNN) checkpoint as ONNX, and its check, as
-    `_export_classifier`.
-
-    The segmenter takes `[batch, 3, S, S]` RGB in [0, 1] (S: `--img-size`, default the evaluation scale's shorter
-    side; normalised inside the graph) and gives logits `[batch, K, S, S]`; the detector takes one image `[3, H, W]`
-    of any size (torchvision's ONNX path, see `DetectTask.export_model`)."""
-    import torch
-
-    from mambaout.dense.tasks import TASKS, Task
-    from mambaout.deploy.runtimes import ort_session
-
+    """A segmenter or detector checkpoint as ONNX (inputs and outputs: docs/dense.md, "Export"), and its check, as
+    `_export_classifier`."""
     if fmt != "onnx":
         raise ValueError(f"a detection or segmentation checkpoint exports as onnx only, not {fmt}")
     if args.model is not None or args.random_weights or args.use_ema or args.num_classes is not None:
@@ -182,12 +172,6 @@ def _export_dense(args, fmt: str):
 
 def _export_int8(model, args):
     """fp32 ONNX export, then ONNX Runtime's static int8 quantisation calibrated on --calib (a temporary fp32 file)."""
-    import tempfile
-
-    from mambaout.data.image import eval_transform
-    from mambaout.deploy.quantize import calibration_images, quantize_int8
-    from mambaout.inference.export import DEFAULT_OPSET, export_onnx
-
     if not Path(args.calib).is_dir():
         raise ValueError(f"--calib {args.calib} is not a folder; pass a folder of images to calibrate on")
     transform = eval_transform(model.pretrained_cfg, args.img_size)
@@ -200,19 +184,13 @@ def _export_int8(model, args):
 
 def check_export(model, path, fmt: str, img_size: int | None = None, batch_size: int = 3) -> float:
     """Max abs difference of the exported model's logits from PyTorch's on random input (another batch size)."""
-    import torch
-
     h, w = (img_size, img_size) if img_size is not None else model.pretrained_cfg["input_size"][1:]
     x = torch.randn(batch_size, 3, h, w)
     with torch.no_grad():
         want = model.eval()(x)
     if fmt in ("onnx", "onnx-int8", "openvino"):
-        from mambaout.deploy.runtimes import load_runtime_model
-
         got = load_runtime_model(path)(x)
     else:
-        from mambaout.inference.export import load_pt2
-
         program, _ = load_pt2(path)
         with torch.no_grad():
             got = program.module()(x)

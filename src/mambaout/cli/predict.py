@@ -6,7 +6,12 @@ import sys
 
 from mambaout import kernels
 from mambaout.cli.common import MODEL_OPTIONS, Parser, add_shared, build_model, fail
-from mambaout.utils.text import count
+from mambaout.data.folders import unreadable_folder
+from mambaout.inference.precision import note, resolve_dtype
+from mambaout.inference.predictor import Predictor, dumps, find_images, format_text
+from mambaout.utils.device import resolve_device
+from mambaout.utils.text import count, printable
+from mambaout.weights.checkpoint import CheckpointError, DownloadError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -14,23 +19,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER", help="image files and folders (recursed)")
     add_shared(parser, *MODEL_OPTIONS)
     parser.add_argument("--topk", type=int, default=5, least=1, help="classes to show per image (default 5)")
-    batch_help = "images per forward pass (default 32)"
-    parser.add_argument("--batch-size", type=int, default=32, least=1, help=batch_help)
-    workers_help = "decoding processes (default 0: decode inline)"
-    parser.add_argument("--workers", type=int, default=0, least=0, help=workers_help)
+    parser.add_argument("--batch-size", type=int, default=32, least=1, help="images per forward pass (default 32)")
+    parser.add_argument("--workers", type=int, default=0, least=0, help="decoding processes (default 0: decode inline)")
     parser.add_argument("--json", action="store_true", help="print one JSON list (one entry per image) on stdout")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     add_shared(parser, "--fused-kernels", "--dtype")
     args = parser.parse_args(argv)
     kernels.set_fused_kernels(args.fused_kernels)
-    from mambaout.data.folders import unreadable_folder
-    from mambaout.inference.precision import note, resolve_dtype
-    from mambaout.inference.predictor import Predictor, dumps, find_images, format_text
-    from mambaout.utils.device import resolve_device
-    from mambaout.utils.text import printable
-    from mambaout.weights.checkpoint import CheckpointError, DownloadError
-
     try:
         device = resolve_device(args.device)
         model = build_model(args)

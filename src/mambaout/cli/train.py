@@ -14,15 +14,17 @@ import yaml
 
 from mambaout import kernels
 from mambaout.cli.common import SHARED, fail, given_settings, one_line, settings_parser, smoke_steps, stdout_failed
+from mambaout.training.classify import train as fit
+from mambaout.training.config import SCHEMA, recipes_table, resolve_config, to_flat
+from mambaout.utils.optional import MissingDependency
 from mambaout.utils.text import printable
+from mambaout.weights.checkpoint import DownloadError
 
 
 @functools.lru_cache(maxsize=1)
 def get_args_parser() -> argparse.ArgumentParser:
     """The options: one per setting (`mambaout.training.config.SCHEMA`), and the few that are no setting; built once
     per process (parsing leaves it as it was)."""
-    from mambaout.training.config import SCHEMA
-
     description = (
         "Train a MambaOut (or any registered model). Resolution: built-in official recipe < --recipe < options "
         "given here. With no data, trains on scikit-learn's digits (recipe 'digits'). Every setting is also --set "
@@ -35,8 +37,6 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def parse_overrides(argv: list[str] | None) -> tuple[dict, argparse.Namespace]:
     """The settings given on the command line, as flat keys, and the parsed namespace."""
-    from mambaout.training.config import SCHEMA
-
     args = get_args_parser().parse_args(argv)
     options, sets = given_settings(SCHEMA, args)
     given = {s.name: v for s, v in options.items()}
@@ -65,11 +65,6 @@ def _smoke_caps(flat: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mambaout.training.classify import train as fit
-    from mambaout.training.config import recipes_table, resolve_config, to_flat
-    from mambaout.utils.optional import MissingDependency
-    from mambaout.weights.checkpoint import DownloadError
-
     try:
         overrides, args = parse_overrides(argv)
         if getattr(args, "list_recipes", False):

@@ -15,10 +15,22 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 from mambaout import kernels
 from mambaout.cli.common import Parser, add_shared, fail, weights_kwargs
+from mambaout.data.datasets import DIGITS, ImageDataset, create_dataset, folder_classes, imagenet_class_map
+from mambaout.data.image import EvalSettings, eval_transform
+from mambaout.data.loaders import eval_loader
+from mambaout.deploy.runtimes import is_runtime_file, load_runtime_model
+from mambaout.inference.precision import note, resolve_dtype, with_dtype
+from mambaout.models.factory import create_model
+from mambaout.training import classify
+from mambaout.utils.device import resolve_device
+from mambaout.utils.files import atomic_write_text, check_writable
 from mambaout.utils.limits import check_crop_pct, check_img_size
 from mambaout.utils.text import printable
+from mambaout.weights.checkpoint import DownloadError
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -78,8 +90,6 @@ def _specs(args) -> list[tuple[str | None, str | None]]:
 
 def label_map(model, folders: list[str]) -> dict[str, int] | None:
     """Folder name -> the model's class index (None: sorted folder order)."""
-    from mambaout.data.datasets import imagenet_class_map
-
     if "" in folders:  # images straight in the data folder: no label to score them against
         raise ValueError(
             "the data folder holds images beside (or instead of) class sub-folders: validate reads one sub-folder "
@@ -110,9 +120,6 @@ def label_map(model, folders: list[str]) -> dict[str, int] | None:
 
 def eval_dataset(model, data: str, img_size: int | None = None, crop_pct: float | None = None):
     """The labelled images of `data` as `model` is evaluated on them: its eval transform, its label map."""
-    from mambaout.data.datasets import DIGITS, ImageDataset, create_dataset, folder_classes
-    from mambaout.data.image import eval_transform
-
     transform = eval_transform(model.pretrained_cfg, img_size, crop_pct)
     if data.startswith(DIGITS):  # the embedded set of the default `mambaout train`: digits:val is its held-out split
         dataset = create_dataset(data, transform=transform, img_size=img_size or model.pretrained_cfg["input_size"][-1])
@@ -126,15 +133,6 @@ def eval_dataset(model, data: str, img_size: int | None = None, crop_pct: float 
 
 
 def validate_one(name, checkpoint, args, device) -> dict:
-    import torch
-
-    from mambaout.data.image import EvalSettings
-    from mambaout.data.loaders import eval_loader
-    from mambaout.deploy.runtimes import is_runtime_file, load_runtime_model
-    from mambaout.inference.precision import with_dtype
-    from mambaout.models.factory import create_model
-    from mambaout.training.classify import evaluate
-
     pretrained = bool(args.pretrained and checkpoint is None)
     dtype = args.run_dtype  # --dtype after the hardware check
     if is_runtime_file(checkpoint):  # an exported model (ONNX, int8 ONNX, OpenVINO): its runtime runs it on CPU
@@ -157,7 +155,7 @@ def validate_one(name, checkpoint, args, device) -> dict:
     while True:
         loader = eval_loader(dataset, batch, workers=args.workers, pin=device.type == "cuda")
         try:
-            m = evaluate(model, loader, device, torch.bfloat16 if args.amp else None, args.channels_last)
+            m = classify.evaluate(model, loader, device, torch.bfloat16 if args.amp else None, args.channels_last)
             break
         except torch.OutOfMemoryError:
             if batch == 1:
@@ -182,10 +180,6 @@ def validate_one(name, checkpoint, args, device) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mambaout.utils.device import resolve_device
-    from mambaout.utils.files import atomic_write_text, check_writable
-    from mambaout.weights.checkpoint import DownloadError
-
     args = get_args_parser().parse_args(argv)
     kernels.set_fused_kernels(args.fused_kernels)
     try:
@@ -197,7 +191,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.results_file:
             check_writable(args.results_file, "--results-file", inputs=[*args.checkpoint, args.data])
         device = resolve_device(args.device)
-        from mambaout.inference.precision import note, resolve_dtype
 
         args.run_dtype, message = resolve_dtype(args.dtype, device)
         note(message, "mambaout validate")

@@ -2,11 +2,10 @@
 
     flock /tmp/mambaout-cpu.lock mambaout benchmark --runtimes --models mambaout_femto --batch-size 32 [--compile]
 
-The rows (`IMPLS`, `COMPILED`), the runtimes' settings and the roofline line: docs/performance.md, "CPU deployment".
-Why one process per row: every runtime keeps its own pool of threads, which spins for a while after its work is done;
-timed in one process, a row right after another ran at 0.6x its speed alone (issue 27). So the parent writes the
-files every row needs (`prepare`), then starts `python -m mambaout.deploy.benchmark ROW FOLDER ...` for each row in
-turn (`measure`); a row's process sees no other pool.
+The rows (`IMPLS`, `COMPILED`), the runtimes' settings, the roofline line and why one process per row (every
+runtime's thread pool spins after its work, slowing the next row): docs/performance.md, "CPU deployment". The parent
+writes the files every row needs (`prepare`), then runs `python -m mambaout.deploy.benchmark ROW FOLDER ...` per row
+(`measure`).
 """
 
 from __future__ import annotations
@@ -22,7 +21,18 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import timm
 import torch
+
+from mambaout.data.image import eval_transform
+from mambaout.deploy.quantize import calibration_images, quantize_int8
+from mambaout.deploy.runtimes import OnnxRuntimeModel, OpenVinoModel, export_openvino, ort_session
+from mambaout.inference import precision
+from mambaout.inference.export import export_onnx
+from mambaout.kernels.cpu import set_cpu_bf16
+from mambaout.models.factory import create_model
+from mambaout.models.variants import get_variant
+from mambaout.utils.threads import set_threads
 
 
 def gemm_peak_gflops(dtype: str = "fp32", n: int = 2048, repeats: int = 3) -> float | None:
@@ -59,22 +69,13 @@ def _ort_int8_matmul(n: int) -> Callable | None:
     try:
         import numpy as np
         import onnx
-        from onnx import TensorProto, helper
-
-        from mambaout.deploy.runtimes import ort_session
+        from onnx import TensorProto, helper, numpy_helper
     except ImportError:
         return None
-    graph = helper.make_graph(
-        [helper.make_node("MatMulInteger", ["a", "b"], ["c"])],
-        "int8_gemm",
-        [helper.make_tensor_value_info("a", TensorProto.UINT8, [n, n])],
-        [helper.make_tensor_value_info("c", TensorProto.INT32, [n, n])],
-        [
-            helper.make_tensor(
-                "b", TensorProto.INT8, [n, n], np.random.randint(-64, 64, (n, n)).astype(np.int8).tobytes(), raw=True
-            )
-        ],
-    )
+    a = helper.make_tensor_value_info("a", TensorProto.UINT8, [n, n])
+    c = helper.make_tensor_value_info("c", TensorProto.INT32, [n, n])
+    b = numpy_helper.from_array(np.random.randint(-64, 64, (n, n)).astype(np.int8), "b")
+    graph = helper.make_graph([helper.make_node("MatMulInteger", ["a", "b"], ["c"])], "int8_gemm", [a], [c], [b])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "gemm.onnx"
@@ -87,10 +88,6 @@ def _ort_int8_matmul(n: int) -> Callable | None:
 def timm_twin(name: str, **kwargs):
     """timm's MambaOut with the architecture of our `name`; for variants timm lacks (`mambaout_test`) its MambaOut
     class built with our variant's arguments (timm's builders let keyword arguments override theirs)."""
-    import timm
-
-    from mambaout.models.variants import get_variant
-
     variant, _ = get_variant(name)
     if variant.name in timm.list_models("mambaout*"):  # a weight tag (`mambaout_tiny.in1k`) as timm reads it
         return timm.create_model(name, **kwargs)
@@ -129,8 +126,6 @@ _BF16_ROWS = {k for k, d in ROWS.items() if d == "bf16"}
 
 def twins(name: str, **kwargs):
     """(timm's model, ours) of `name` with identical weights (timm's, seeded), on CPU in float32."""
-    from mambaout.models.factory import create_model
-
     torch.manual_seed(0)
     ref = timm_twin(name, **kwargs)
     ours = create_model(name, **kwargs)
@@ -143,11 +138,6 @@ def prepare(
 ) -> dict[str, str]:
     """Write what the rows load into `folder`: the weights (timm's, which ours loads too), the two probe images
     and timm's logits on them, our ONNX export (fp32 and int8), timm's, and our OpenVINO IR. Returns notes per row."""
-    from mambaout.data.image import eval_transform
-    from mambaout.deploy.quantize import calibration_images, quantize_int8
-    from mambaout.deploy.runtimes import export_openvino
-    from mambaout.inference.export import export_onnx
-
     ref, ours = (m.eval() for m in twins(name))
     shape = (3, img_size, img_size)
     ours.pretrained_cfg = {**ours.pretrained_cfg, "input_size": shape}
@@ -176,10 +166,6 @@ def prepare(
 
 def load_impl(key: str, folder: Path, threads: int) -> Callable[[torch.Tensor], torch.Tensor]:
     """The row `key` built from `prepare`'s files, as a function of a float32 image batch returning logits."""
-    from mambaout.deploy.runtimes import OnnxRuntimeModel, OpenVinoModel, ort_session
-    from mambaout.inference.precision import LowPrecision
-    from mambaout.models.factory import create_model
-
     saved = torch.load(folder / "weights.pt", weights_only=True)
     name, weights = saved["name"], saved["weights"]
     compiled = "torch.compile" in key
@@ -189,17 +175,13 @@ def load_impl(key: str, folder: Path, threads: int) -> Callable[[torch.Tensor], 
         model.load_state_dict(weights)
         model.eval()
         if "bf16" in key and kind == "ours":
-            from mambaout.kernels.cpu import set_cpu_bf16
-
-            model = LowPrecision(model, torch.bfloat16)  # bf16 weights, converted once
+            model = precision.LowPrecision(model, torch.bfloat16)  # bf16 weights, converted once
             if not compiled:  # "ours bf16": the plain block forward; "fast path": the bf16 CPU fast path, forced on
                 set_cpu_bf16("fast path" in key)
         if compiled:
-            # inductor as PyTorch recommends for CPU inference: weights frozen into the graph as constants (folded,
-            # pre-packed for oneDNN). A process-wide setting: this row runs in its own process. One static graph per
-            # batch size, as a deployment at a fixed batch compiles it: left dynamic, the probe (2 images) then
-            # batch 1 made dynamo recompile with a symbolic batch, whose graph ran ours at batch 1 in 200 ms against
-            # 109 ms static (one thread, on a loaded machine).
+            # inductor as PyTorch recommends for CPU inference: weights frozen into the graph (process-wide: this row
+            # has its own process). One static graph per batch size, as a fixed-batch deployment compiles it: dynamic
+            # shapes (the 2-image probe, then batch 1) measured slower.
             import torch._inductor.config as inductor_config
 
             inductor_config.freezing = True
@@ -228,8 +210,6 @@ def load_impl(key: str, folder: Path, threads: int) -> Callable[[torch.Tensor], 
 def measure(key: str, folder: Path, batch_sizes, iters: int, warmup: int, threads: int, img_size: int) -> dict:
     """In this process: build row `key`, its max |logit diff| to timm fp32 on the probe, and `iters` timed steps per
     batch size after `warmup` untimed ones (compilation, oneDNN's first-call work, the matmul choice)."""
-    from mambaout.utils.threads import set_threads
-
     set_threads(threads, "benchmark worker")
     impl = load_impl(key, folder, threads)
     saved = torch.load(folder / "weights.pt", weights_only=True)
@@ -277,8 +257,6 @@ def runtime_rows(
     `rounds` runs every row's process that many times, one of each in turn, and takes the median over all their
     steps; `only` restricts the rows (timm fp32 always runs: it is the baseline). One dict per (row, batch).
     """
-    from mambaout.inference.precision import cpu_bf16_support
-
     threads = threads or torch.get_num_threads()
     keys = list(IMPLS) + (list(COMPILED) if compile else [])
     if only:
@@ -286,7 +264,7 @@ def runtime_rows(
         if unknown:
             raise ValueError(f"unknown --only row(s) {sorted(unknown)}; expected some of {keys}")
         keys = [k for k in keys if k == "timm fp32" or k in only]
-    bf16_native, cpu = cpu_bf16_support()
+    bf16_native, cpu = precision.cpu_bf16_support()
     emulated = set() if bf16_native else _BF16_ROWS & set(keys)
     with tempfile.TemporaryDirectory(prefix="mambaout-runtimes-") as tmp:
         folder = Path(tmp)
@@ -312,21 +290,11 @@ def runtime_rows(
         for key in keys:
             res = results.get(key)
             med = statistics.median(res["times"][bs]) if res and key not in emulated else None
-            rows.append(
-                dict(
-                    model=name,
-                    impl=key,
-                    batch_size=bs,
-                    img_size=img_size,
-                    img_per_s=round(bs / med, 2) if med else None,
-                    ms_per_step=round(1e3 * med, 2) if med else None,
-                    ratio_vs_timm=round(base / med, 3) if med else None,
-                    max_abs_diff_vs_timm=float(f"{res['diff']:.3g}") if res else None,
-                    threads=threads,
-                    load=max(res["load"]) if res else None,
-                    note=notes.get(key, ""),
-                )
-            )
+            row = dict(model=name, impl=key, batch_size=bs, img_size=img_size)
+            row.update(img_per_s=round(bs / med, 2) if med else None, ms_per_step=round(1e3 * med, 2) if med else None)
+            row.update(ratio_vs_timm=round(base / med, 3) if med else None)
+            row.update(max_abs_diff_vs_timm=float(f"{res['diff']:.3g}") if res else None, threads=threads)
+            rows.append(dict(row, load=max(res["load"]) if res else None, note=notes.get(key, "")))
     return rows
 
 

@@ -3,17 +3,13 @@
     mambaout export --checkpoint best.safetensors --format onnx-int8 --calib DIR [--calib-images 256] -o m-int8.onnx
     mambaout validate VAL_DIR --checkpoint m-int8.onnx        # top-1 of the int8 model, same transform and labels
 
-Why ONNX Runtime's quantiser (of the maintained toolkits the issue names): it is already our export extra's
-dependency, so int8 costs users no new package; its output is a plain ONNX file (QDQ) that ONNX Runtime runs with
-integer kernels on any x86 or Arm CPU (AVX2, AVX512-VNNI, AMX, NEON) and that OpenVINO also reads; and calibration
-is a short loop over our own eval transform. PyTorch's own stack (torch.ao PT2E with the X86 inductor quantiser)
-needs `torch.compile` at load time and is in flux between releases; NNCF would add OpenVINO as a hard dependency.
+Why ONNX Runtime's quantiser: already our export extra's dependency; its output is plain ONNX (QDQ) that ONNX Runtime
+runs with integer kernels on any x86 or Arm CPU and OpenVINO also reads. torch.ao PT2E needs `torch.compile` at load
+time and is in flux; NNCF would make OpenVINO a hard dependency.
 
-What is quantised, and why: the matmuls (`fc1`, `fc2`, the head) and the convs, which hold almost all MACs, with
-int8 weights per output channel and uint8 activations (per tensor, MinMax over the calibration images).
-LayerNorm, GELU and the gate product stay fp32, between dequantise/quantise pairs ONNX Runtime fuses into its
-integer kernels. On CPUs without VNNI (AVX2), u8 x s8 products can saturate in the 16-bit adds of
-`vpmaddubsw`; `reduce_range` (7-bit weights) avoids that and is the default here, as ONNX Runtime advises.
+Quantised: the matmuls and convs (almost all MACs), int8 weights per output channel, uint8 activations per tensor
+(MinMax); LayerNorm, GELU and the gate product stay fp32. `reduce_range` (7-bit weights, the default, as ONNX Runtime
+advises): without VNNI (AVX2), u8 x s8 products can saturate in the 16-bit adds of `vpmaddubsw`.
 """
 
 from __future__ import annotations
@@ -28,23 +24,18 @@ import numpy as np
 import torch
 
 from mambaout.data.image import load_image
+from mambaout.deploy.runtimes import ONNX_INSTALL, ORT_INSTALL
 from mambaout.inference.predictor import find_images
 from mambaout.utils.optional import require
 
 __all__ = ["calibration_images", "quantize_int8", "QUANTIZED_OPS"]
 
 QUANTIZED_OPS = ("MatMul", "Gemm", "Conv")
-ORT_INSTALL = "onnxruntime  (or the export extra: 'mambaout[export]')"
 
 
 def calibration_images(folder: str | os.PathLike, transform, num_images: int = 256, seed: int = 0) -> np.ndarray:
     """`num_images` images drawn (seeded) from `folder` (searched recursively), through `transform`: `[N, 3, H, W]`.
-
-    Unreadable files are skipped and replaced by others; fewer readable images than asked for uses them all.
-
-    Raises:
-        ValueError: no readable image in `folder`.
-    """
+    Unreadable files are skipped for others; fewer readable images than asked for are all used; none: ValueError."""
     if num_images < 1:
         raise ValueError(f"the calibration needs at least 1 image, got num_images={num_images}")
     paths = find_images([folder])
@@ -84,21 +75,10 @@ def quantize_int8(
     reduce_range: bool = True,
     op_types: tuple[str, ...] = QUANTIZED_OPS,
 ) -> Path:
-    """Write an int8 (QDQ) copy of the fp32 ONNX file at `onnx_path`, calibrated on `images` `[N, 3, H, W]`.
-
-    The metadata `mambaout export` stored (model, class names, eval transform) is carried over, plus a
-    `quantization` entry recording how it was quantised.
-
-    Args:
-        onnx_path: An fp32 export (dynamic batch axis).
-        output: The int8 `.onnx` to write.
-        images: Calibration images, already through the model's eval transform.
-        batch_size: Images per calibration forward.
-        per_channel: One weight scale per output channel (else one per tensor).
-        reduce_range: 7-bit weights, for CPUs without VNNI (see the module docstring).
-        op_types: ONNX ops to quantise; the rest stays fp32.
-    """
-    onnx = require("onnx", "int8 quantisation", "onnx  (or the export extra: 'mambaout[export]')")
+    """Write an int8 (QDQ) copy of the fp32 ONNX file at `onnx_path` (dynamic batch axis) to `output`, calibrated on
+    `images` `[N, 3, H, W]` (already through the eval transform), `batch_size` per forward; `op_types` are quantised,
+    the rest stays fp32. The metadata `mambaout export` stored is carried over, plus a `quantization` entry."""
+    onnx = require("onnx", "int8 quantisation", ONNX_INSTALL)
     require("onnxruntime", "int8 quantisation", ORT_INSTALL)
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quant_pre_process, quantize_static
 
@@ -125,17 +105,10 @@ def quantize_int8(
             extra_options={"CalibTensorRangeSymmetric": False},
         )
     quantized = onnx.load(str(output))
-    meta["quantization"] = json.dumps(
-        dict(
-            tool="onnxruntime.quantization.quantize_static",
-            format="QDQ",
-            weights="int8 per-channel" if per_channel else "int8 per-tensor",
-            activations="uint8 per-tensor, MinMax",
-            reduce_range=reduce_range,
-            ops=list(op_types),
-            calibration_images=int(len(images)),
-        )
-    )
+    how = dict(tool="onnxruntime.quantization.quantize_static", format="QDQ")
+    how.update(weights="int8 per-channel" if per_channel else "int8 per-tensor", activations="uint8 per-tensor, MinMax")
+    how.update(reduce_range=reduce_range, ops=list(op_types), calibration_images=int(len(images)))
+    meta["quantization"] = json.dumps(how)
     onnx.helper.set_model_props(quantized, meta)  # replaces the quantiser's own entries
     onnx.save(quantized, str(output))
     return output

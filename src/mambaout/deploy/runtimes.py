@@ -26,13 +26,12 @@ __all__ = ["RUNTIME_SUFFIXES", "RuntimeModel", "OnnxRuntimeModel", "OpenVinoMode
 RUNTIME_SUFFIXES = (".onnx", ".xml")  # ONNX (fp32 or int8) and OpenVINO IR
 OPENVINO_INSTALL = "openvino  (or the extra: 'mambaout[openvino]')"
 ORT_INSTALL = "onnxruntime  (or the export extra: 'mambaout[export]')"
+ONNX_INSTALL = "onnx  (or the export extra: 'mambaout[export]')"
 
 
 def ort_session(path: str | os.PathLike, threads: int | None = None):
-    """An ONNX Runtime CPU session set up for latency as ONNX Runtime's threading guide recommends
-    (onnxruntime.ai/docs/performance/tune-performance/threading.html): sequential execution (a CNN has no
-    branches to run side by side), every graph optimisation, intra-op threads that spin between ops, and `threads`
-    of them (default torch's count, which the thread policy set from the free cores)."""
+    """An ONNX Runtime CPU session set up for latency as its threading guide recommends (docs/performance.md), with
+    `threads` intra-op threads (default torch's count)."""
     ort = require("onnxruntime", "running an ONNX model", ORT_INSTALL)
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads or torch.get_num_threads()
@@ -89,7 +88,7 @@ class OnnxRuntimeModel(RuntimeModel):
     runtime = "onnxruntime"
 
     def __init__(self, path: str | os.PathLike, threads: int | None = None):
-        onnx = require("onnx", "reading an ONNX model", "onnx  (or the export extra: 'mambaout[export]')")
+        onnx = require("onnx", "reading an ONNX model", ONNX_INSTALL)
         from onnx import numpy_helper
 
         graph = onnx.load(str(path)).graph
@@ -103,16 +102,9 @@ class OnnxRuntimeModel(RuntimeModel):
 
 
 class OpenVinoModel(RuntimeModel):
-    """An OpenVINO IR (`.xml` + `.bin`, from `mambaout export --format openvino`) compiled for the CPU.
-
-    Args:
-        path: The `.xml` file; its metadata is the `mambaout.json` beside it.
-        precision: `'f32'`, or `'bf16'` (OpenVINO's inference precision hint; it runs f32 where the CPU lacks bf16).
-        threads: Inference threads (default torch's).
-
-    Compiled with the LATENCY performance hint, the setting OpenVINO's CPU guide recommends for one request at a
-    time (docs.openvino.ai, "Performance Hints and Thread Scheduling"): one stream using every inference thread.
-    """
+    """An OpenVINO IR (`.xml` + `.bin` + metadata `.json`, from `mambaout export --format openvino`) compiled for the
+    CPU with the LATENCY hint (one request at a time, as OpenVINO's CPU guide recommends); `precision` `'f32'` or
+    `'bf16'` (a hint: f32 where the CPU lacks bf16), `threads` default torch's."""
 
     runtime = "openvino"
 
@@ -161,10 +153,8 @@ def is_runtime_file(path: str | os.PathLike | None) -> bool:
 def export_openvino(
     model: nn.Module, path: str | os.PathLike, img_size: int | None = None, opset: int | None = None
 ) -> Path:
-    """Write `model` as OpenVINO IR: `path` (`.xml`), the weights beside it (`.bin`, fp32) and the metadata (`.json`).
-
-    Converted from our ONNX export (the same graph ONNX Runtime runs), batch axis dynamic.
-    """
+    """Write `model` as OpenVINO IR converted from our ONNX export (dynamic batch): `path` (`.xml`), the fp32 weights
+    (`.bin`) and the metadata (`.json`) beside it."""
     ov = require("openvino", "--format openvino", OPENVINO_INSTALL)
     path = Path(path)
     if path.suffix.lower() != ".xml":

@@ -58,11 +58,9 @@ _EMA_ENTRIES = ("state_dict_ema", "model_ema")
 
 
 def unwrap_state_dict(obj, use_ema: bool = False, source: str = "checkpoint") -> dict[str, torch.Tensor]:
-    """The tensors of a loaded checkpoint: unwraps `{'state_dict': ...}`-style containers and DDP's `module.` prefix.
-
-    A training checkpoint holding both weights and their EMA (timm's `state_dict` / `state_dict_ema`) gives the
-    weights, as timm's `load_checkpoint` does; the EMA only with `use_ema=True`. The entry taken is logged.
-    """
+    """The tensors of a loaded checkpoint, unwrapped from `{'state_dict': ...}`-style containers and DDP's `module.`
+    prefix. Of weights and their EMA it gives the weights, as timm's `load_checkpoint` does (the EMA with `use_ema`),
+    and logs the entry taken."""
     held = [k for k in _WEIGHT_ENTRIES + _EMA_ENTRIES if isinstance(obj, dict) and isinstance(obj.get(k), dict)]
     if held:
         wanted = _EMA_ENTRIES if use_ema else _WEIGHT_ENTRIES
@@ -144,11 +142,8 @@ def to_official_layout(state_dict: dict) -> dict[str, torch.Tensor]:
 
 
 def adapt_input_conv(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
-    """Refit the first conv's `[out, 3, k, k]` RGB weights to `in_chans` inputs.
-
-    One channel sums the RGB filters (a grey image then gives the RGB response); more channels tile
-    them and rescale by `3 / in_chans` so the activations keep their scale.
-    """
+    """Refit the first conv's `[out, 3, k, k]` RGB weights to `in_chans` inputs: one channel sums the RGB filters (a
+    grey image then gives the RGB response); more tile them, scaled by `3 / in_chans` (the same activation scale)."""
     src = weight.shape[1]
     if in_chans == src:
         return weight
@@ -161,12 +156,9 @@ def adapt_input_conv(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
 def fit_state_dict(
     model: nn.Module, state_dict: dict, name: str = "model", new_head: bool = False, warn: bool = True
 ) -> dict:
-    """Convert `state_dict` to `model`'s layout, adapting the input conv (and the classifier when asked).
-
-    `new_head`: the caller asked for a classifier of its own width (fine-tuning to another class count): a checkpoint
-    classifier of another size is then dropped and the model's fresh one kept. Without it a classifier that does not
-    fit is an error, never a silently random head. `warn=False` (a dry run on a shape-only model) logs quietly.
-    """
+    """Convert `state_dict` to `model`'s layout, adapting the input conv. A checkpoint classifier of another width is
+    dropped for the model's fresh one with `new_head` (fine-tuning to another class count), else an error, never a
+    silently random head. `warn=False` (a dry run on a shape-only model) logs quietly."""
     sd = to_model_layout(state_dict)
     target = model.state_dict()
     log = logger.warning if warn else logger.debug
@@ -217,12 +209,8 @@ def check_finite(state_dict: dict, source: str) -> None:
 
 
 def check_dtypes(target: dict, sd: dict, name: str = "model", warn: bool = True) -> None:
-    """Weights whose dtype cannot become the model's without losing what they mean are refused, never cast.
-
-    Integer or boolean tensors for floating-point parameters (a quantised or corrupted file) and complex tensors are
-    refused; floating-point tensors of another precision are converted when loaded (float16/bfloat16 -> float32 is
-    exact; float64 -> float32 rounds, which is said).
-    """
+    """Refuse integer, boolean or complex tensors for floating-point parameters (a quantised or damaged file), never
+    cast; floating-point tensors of another precision are converted when loaded (float64 -> float32 rounds: said)."""
     narrowed = []
     for key, want in target.items():
         have = sd.get(key)
@@ -277,10 +265,8 @@ def check_fits(target: dict, sd: dict, name: str = "model") -> None:
 def read_checkpoint(path: str | os.PathLike, use_ema: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
     """Read a `.safetensors`, `.pth`/`.pt`/`.bin`/`.pth.tar` (pickled; read weights-only) file or a URL.
 
-    Pickled files are read with `torch.load(weights_only=True)`, allowing only the plain types training checkpoints
-    hold besides tensors (`_SAFE_GLOBALS`: timm's `train.py` stores its options as an `argparse.Namespace`); never
-    full unpickling, which runs whatever code a file names. Returns the state dict (any layout) and our metadata
-    (empty for files we did not write).
+    Pickled files never fully unpickle (that runs whatever code a file names): `_load_pickled`. Returns the state
+    dict (any layout) and our metadata (empty for files we did not write).
     """
     path = str(path)
     if path.startswith(("http://", "https://")):
@@ -436,11 +422,10 @@ def _sha256(path: Path) -> str:
 def download(urls: list[str] | tuple[str, ...], root: Path | None = None, progress: bool = True) -> Path:
     """Fetch the first of `urls` that answers into the cache and return its path.
 
-    Each URL has its own cache name (`cache_name`), and a download is stored under the suffix of its real format
-    (`.safetensors` or `.pth`, read from its first bytes), so a fallback URL's file is never read as another's.
-    A cached file is reused when its recorded SHA-256 still matches; a download is written to a `.part`
-    file, checked against the server's Content-Length, hashed, and only then moved into place. With
-    `$MAMBAOUT_MIRROR` set (a folder URL), files are fetched from `$MAMBAOUT_MIRROR/<cache name>` instead.
+    Each URL has its own cache name (`cache_name`), stored under the suffix of its real format (`file_format`), so a
+    fallback URL's file is never read as another's. A cached file is reused while its recorded SHA-256 matches; a
+    download goes to a `.part` file, checked against Content-Length, hashed, then moved into place. With
+    `$MAMBAOUT_MIRROR` set (a folder URL), files come from `$MAMBAOUT_MIRROR/<cache name>` instead.
     """
     root = Path(root) if root else cache_dir()
     names = [cache_name(u) for u in urls]

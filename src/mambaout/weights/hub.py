@@ -25,6 +25,12 @@ BIN_NAME = "pytorch_model.bin"
 _SAME_IN_TIMM = ("in_chans", "num_classes", "depths", "dims", "expansion_ratio", "kernel_size", "conv_ratio")
 _SAME_IN_TIMM += ("ls_init_value", "stem_mid_norm", "drop_rate", "global_pool")
 _IGNORED = ("drop_path_rate",)  # training-time only
+# our switches that timm's MambaOut takes as a choice: ours -> (timm's name, its value for True, for False)
+_SWITCHES = {
+    "downsample_norm_first": ("downsample", "conv_nf", "conv"),
+    "head_mlp_norm": ("head_fn", "default", "norm_mlp"),
+}
+_TIMM_FIXED = {"head_mlp_ratio": 4, "act_layer": "gelu"}  # fixed in timm's MambaOut: not written, others refused
 # the pretrained_cfg entries written to config.json: the eval transform and the layer names timm's tools read
 _PRETRAINED_CFG_KEYS = EVAL_KEYS + ("first_conv", "classifier")
 # timm's own MambaOut models; another model of ours exports as `mambaout_femto` with every argument written out
@@ -40,15 +46,10 @@ def timm_model_args(model_kwargs: dict) -> dict:
     for key, value in model_kwargs.items():
         if key in _SAME_IN_TIMM:
             args[key] = list(value) if isinstance(value, tuple) else value
-        elif key == "downsample_norm_first":
-            args["downsample"] = "conv_nf" if value else "conv"
-        elif key == "head_mlp_norm":
-            args["head_fn"] = "default" if value else "norm_mlp"
-        elif key == "head_mlp_ratio" and value == 4:
-            continue  # timm's heads are 4x wide
-        elif key == "act_layer" and value == "gelu":
-            continue
-        elif key not in _IGNORED:
+        elif key in _SWITCHES:
+            name, true, false = _SWITCHES[key]
+            args[name] = true if value else false
+        elif key not in _IGNORED and (key not in _TIMM_FIXED or value != _TIMM_FIXED[key]):
             unknown.append(f"{key}={value!r}")
     if unknown:
         raise ValueError(f"timm's MambaOut cannot build this model ({', '.join(unknown)}); export it as onnx or pt2")
@@ -58,18 +59,11 @@ def timm_model_args(model_kwargs: dict) -> dict:
 def export_hf(
     model: nn.Module, folder: str | os.PathLike, label_names: list[str] | None = None, overwrite: bool = False
 ) -> Path:
-    """Write `model` as `folder/config.json` + `folder/model.safetensors` (timm's hub layout) and return `folder`.
-
-    The folder opens in timm (`local-dir:`), in transformers (`AutoModelForImageClassification`, its
-    `TimmWrapperForImageClassification` and `pipeline("image-classification")`) and here (`create_model(folder)`).
-
-    Args:
-        label_names: The classes as people read them, one per output, for `config.json` (transformers shows them
-            as `id2label`); default: the model's class names. `mambaout export` passes what `mambaout predict`
-            prints (ImageNet words, not WordNet ids).
-        overwrite: Replace the export of another model found in `folder`. Without it a folder holding another
-            model's `config.json` (or weights without one) is refused; the same model's export is updated in place.
-    """
+    """Write `model` as `folder/config.json` + `folder/model.safetensors` (timm's hub layout), which opens in timm
+    (`local-dir:`), transformers (`AutoModelForImageClassification`, `pipeline("image-classification")`) and here
+    (`create_model(folder)`); return `folder`. `label_names`: one per output, as people read them, for transformers'
+    `id2label` (default: the class names). Without `overwrite`, a folder holding another model's `config.json` (or
+    weights without one) is refused; the same model's export is updated in place."""
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise NotADirectoryError(f"--output {folder} is a file, not a folder; hf exports are a folder")
@@ -115,12 +109,11 @@ def export_hf(
 
 def _check_replaceable(folder: Path, config: dict) -> None:
     """Refuse to write over another model's export: an existing `config.json` must describe the same model."""
-    existing = folder / CONFIG_NAME
+    existing, fix = folder / CONFIG_NAME, "pass --overwrite to replace it, or export into another folder"
     if not existing.exists():
         if (folder / WEIGHTS_NAME).exists():
             raise FileExistsError(
-                f"{folder} holds {WEIGHTS_NAME} but no {CONFIG_NAME}: it is not an export of this model; pass "
-                "--overwrite to replace it, or export into another folder"
+                f"{folder} holds {WEIGHTS_NAME} but no {CONFIG_NAME}: it is not an export of this model; {fix}"
             )
         return
     try:
@@ -128,17 +121,14 @@ def _check_replaceable(folder: Path, config: dict) -> None:
     except (OSError, ValueError):
         old = None
     if not isinstance(old, dict):
-        raise FileExistsError(
-            f"{existing} is not a model config this package wrote; pass --overwrite to replace it, or export into "
-            "another folder"
-        )
+        raise FileExistsError(f"{existing} is not a model config this package wrote; {fix}")
     keys = ("mambaout_model", "architecture", "num_classes", "model_args")
     differ = [k for k in keys if old.get(k) != config.get(k)]
     if differ:
         was = old.get("mambaout_model") or old.get("architecture") or "an unnamed model"
         raise FileExistsError(
             f"{folder} holds another model's export ({was}; {', '.join(differ)} differ from "
-            f"{config['mambaout_model']}'s); pass --overwrite to replace it, or export into another folder"
+            f"{config['mambaout_model']}'s); {fix}"
         )
 
 
@@ -152,8 +142,7 @@ def from_hub(repo: str) -> tuple[str | None, Path, dict]:
 
 
 def from_folder(folder: str | os.PathLike) -> tuple[str | None, Path, dict]:
-    """(model name, weights path, metadata from `config.json`) of a local folder in timm's Hub layout, as
-    `mambaout export --format hf`, timm's `save_for_hf` or a Hub download write it."""
+    """(model name, weights path, metadata from `config.json`) of a local folder in timm's Hub layout."""
     folder = Path(folder)
     config_path = folder / CONFIG_NAME
     if not config_path.is_file():
@@ -192,15 +181,12 @@ def _from_config(config_path: Path, weights: Path) -> tuple[str | None, Path, di
 
 def _from_timm_args(model_args: dict, source) -> dict:
     """timm's `MambaOut` arguments that have other names here, back to ours (the inverse of `timm_model_args`)."""
+    switches = {name: (ours, true, false) for ours, (name, true, false) in _SWITCHES.items()}
     out, unknown = {}, []
     for key, value in model_args.items():
-        if key in _SAME_IN_TIMM:
-            continue
-        if key == "downsample" and value in ("conv", "conv_nf"):
-            out["downsample_norm_first"] = value == "conv_nf"
-        elif key == "head_fn" and value in ("default", "norm_mlp"):
-            out["head_mlp_norm"] = value == "default"
-        else:
+        if key in switches and value in switches[key][1:]:
+            out[switches[key][0]] = value == switches[key][1]
+        elif key not in _SAME_IN_TIMM:
             unknown.append(f"{key}={value!r}")
     if unknown:
         raise ValueError(f"{source}: model_args {', '.join(unknown)} have no counterpart in mambaout's MambaOut")
