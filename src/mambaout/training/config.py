@@ -1,11 +1,8 @@
 """Training configuration: typed sections, validated once, and the flat file format they are read from and written to.
 
-The flat dict (`DEFAULTS`: the official ImageNet-1k recipe) is the file format of recipes, `--set KEY=VALUE`,
-`<run>/config.yaml` and `state.pt`. `resolve_config` merges DEFAULTS < recipe file < command line and converts the
-result once, with `from_flat`, into a frozen `TrainConfig` of sections; every value is type- and range-checked there
-(one line naming the key, the value and what is allowed), so the code that uses a setting never checks it again.
-`to_flat` writes it back; `from_flat(to_flat(c)) == c`. Each part of training gets only the section it reads (each
-section's docstring names its readers).
+The flat dict (`DEFAULTS`: the official ImageNet-1k recipe) is the format of recipes, `--set`, `config.yaml` and
+`state.pt`. `resolve_config` merges DEFAULTS < recipe < command line into a frozen `TrainConfig` (`from_flat`, where
+every value is checked once); `from_flat(to_flat(c)) == c`. Each section's docstring names its readers.
 """
 
 from __future__ import annotations
@@ -25,7 +22,6 @@ from mambaout.training.runfolder import load_state, resume_path
 from mambaout.utils import checks as C
 from mambaout.utils import recipes as R
 from mambaout.utils import schema as S
-from mambaout.utils.device import autocast_setting
 from mambaout.utils.limits import INTERPOLATIONS, MAX_NUM_CLASSES, check_model_kwargs
 from mambaout.utils.safe_yaml import load_yaml
 
@@ -177,12 +173,10 @@ class OptimConfig(_Section):
 
     def __post_init__(self):
         super().__post_init__()
-        try:
-            from timm.optim import list_optimizers
-        except ImportError:  # pragma: no cover - older timm: checked when the optimizer is built
-            return
+        from timm.optim import list_optimizers  # timm >= 1.0.12 (pyproject asks for 1.0.15)
+
         known, opt = set(list_optimizers()), self.opt.lower()
-        if known and opt not in known:
+        if opt not in known:
             near = [n for n in known if n.startswith(opt[:3])][:6]
             hint = f"close: {', '.join(near)}" if near else "e.g. adamw, sgd, momentum, lamb"
             raise ValueError(f"opt={C.show(self.opt)}: not an optimizer timm knows ({hint})")
@@ -258,10 +252,6 @@ class PerfConfig(_Section):
     compile: bool = S.switch(False, "torch.compile the model", flags=("--compile", "--torchcompile"))
     grad_checkpointing: bool = S.switch(False, "recompute activations in backward (less memory)")
     threads: int | None = S.run_setting("threads")
-
-    def amp_dtype(self, device: torch.device) -> tuple[str, torch.dtype | None]:
-        """The autocast setting (`auto`: bf16 on CUDA, none on CPU) as its name and dtype."""
-        return autocast_setting(self.amp, device)
 
 
 @dataclass(frozen=True)

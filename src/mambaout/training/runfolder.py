@@ -1,10 +1,7 @@
-"""The run folder of a training run, for every task (docs/training.md lists its files), and how a run is saved and
-restored.
+"""The run folder of every task's training (docs/training.md lists its files), and how a run is saved and restored.
 
-`state.pt` holds everything `--resume` needs in one file, so a crash can never pair weights with the wrong optimizer
-state; every file is written to a temporary name and renamed. `RunFolder` writes them all. A new run starts only in
-a new or empty folder (or with `--overwrite`). Only rank 0 writes; the other ranks build a `RunFolder` with
-`write=False` (they still gather the RNG states).
+`state.pt` holds all `--resume` needs in one file, so weights never pair with another optimizer state; every file is
+written to a temporary name and renamed. Only rank 0 writes (the others' `RunFolder(write=False)` gathers RNG states).
 """
 
 from __future__ import annotations
@@ -134,9 +131,8 @@ RUN_FILES = ("state.pt", "config.yaml", "summary.csv", "last.safetensors", "trai
 # before it saved anything, which --resume cannot continue, so a new run may start there without --overwrite.
 NEVER_STARTED = {"config.yaml", "train.log"}
 
-# The hidden temporary names this package's writes leave behind when killed mid-write: `files.atomic_write`'s
-# `.NAME.XXXXXXXX.tmp` (mkstemp's 8 random characters; `.tmp.png` for the plot) for the files a run writes, and the
-# fixed name earlier versions drew curves.png into.
+# The temporaries a killed write leaves: `files.atomic_write`'s `.NAME.XXXXXXXX.tmp` (mkstemp's 8 characters;
+# `.tmp.png` for the plot) of a run's files, and the fixed name earlier versions drew curves.png into.
 _WRITTEN = r"state\.pt|config\.yaml|summary\.csv|(last|best|last_ema)\.safetensors|(epoch|step)-\d{4,}\.safetensors"
 STALE_TEMPORARY = re.compile(
     rf"\.({_WRITTEN})\.[a-z0-9_]{{8}}\.tmp|\.curves\.png\.[a-z0-9_]{{8}}\.tmp\.png|\.curves\.png\.tmp\.png"
@@ -144,8 +140,8 @@ STALE_TEMPORARY = re.compile(
 
 
 def check_output_free(out: Path, resume, overwrite: bool) -> None:
-    """Refuse (FileExistsError, naming what the folder holds and the ways on) to start a new run in a folder holding
-    another run or files no run wrote, unless resuming or told to overwrite (which replaces only the run's files)."""
+    """FileExistsError for a new run in a folder holding another run or files no run wrote, unless resuming or told
+    to overwrite (which replaces only the run's files)."""
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"--output {out} is not a folder; a run folder holds several files: pass a folder path")
     if resume or overwrite or not out.is_dir():
@@ -169,11 +165,10 @@ def check_output_free(out: Path, resume, overwrite: bool) -> None:
 
 
 def lock_folder(out: Path):
-    """Take the folder's `.lock` (flock) for this process, the one writing the folder; the kernel releases it when
-    the process ends, however it ends (or when the returned file is closed; None: no flock here). On a folder that
-    provably holds a run of this package (its lock, and its state or the config every run writes first), also remove
-    the hidden temporaries a killed write left there (as large as the checkpoints): only names this package makes
-    (`STALE_TEMPORARY`), only regular files. A ValueError names the pid of another live process holding the lock."""
+    """Take the folder's `.lock` (flock; released by the kernel however the process ends, or when the returned file
+    is closed; None: no flock here); ValueError naming the pid of a live holder. On a folder that provably holds a run
+    of this package (its lock, and its state or config), also remove the temporaries a killed write left (as large as
+    checkpoints): only `STALE_TEMPORARY` names, only regular files."""
     # a run folder is judged before this run's own lock and config make every folder look like one
     provable = (out / ".lock").is_file() and any((out / n).is_file() for n in ("state.pt", "config.yaml"))
     lock = _flock(out)
@@ -209,14 +204,10 @@ def _flock(out: Path):
 
 
 class RunFolder:
-    """The run folder as the engine writes it (rank 0 only; `write=False` on the others, whose methods then only take
-    part in what all ranks do): its lock, `config.yaml` (the task's resolved configuration as its file format),
-    `train.log` (what `say` prints), `state.pt`, `summary.csv` (one row per epoch's end or evaluation, epochs counted
-    from 1 as the log and the epoch-NNNN files count them; the header grows with the first row of a new column),
-    `curves.png`, TensorBoard events, and the weights files: last, best and the `keep_top_k` best evaluations, by the
-    task's `metric` (higher is better), each carrying the task's `meta()` (for classification what
-    `create_model(checkpoint=...)` needs).
-    """
+    """The run folder as the engine writes it (docs/training.md lists its files); `write=False` on ranks other than
+    0, whose methods then only take part in what all ranks do. summary.csv counts epochs from 1, as the log and the
+    epoch-NNNN files do; the weights files (last, best, the `keep_top_k` best by the task's `metric`, higher is
+    better) carry the task's `meta()`."""
 
     def __init__(self, out: Path, task, write: bool, keep_top_k=0, tensorboard=False, resumed=False):
         self.out, self.config, self.meta, self.write = out, task.config(), task.meta(), write
@@ -246,8 +237,7 @@ class RunFolder:
 
     def save_state(self, parts: Trainable, progress: Progress, completed_epoch: int, epoch_step=0, sums=None):
         """Called on every rank: each rank's RNG state and unlogged loss sums are gathered, so a resumed rank continues
-        its own and the next row and progress line equal an uninterrupted run's. `epoch_step` > 0 marks a checkpoint
-        inside the next epoch. What describes the weights (class names, eval settings) is in the weights files."""
+        its own. `epoch_step` > 0 marks a checkpoint inside the next epoch."""
         mine = dict(rng=rng_state(), sums=sums)
         ranks = [mine]
         if dist.get_world_size() > 1:  # as bytes: all_gather_object cannot carry tensors (torch can't unpickle them)

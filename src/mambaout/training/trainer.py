@@ -1,15 +1,10 @@
-"""The training run of any task, top to bottom: resume, data and model, then epochs of optimizer steps.
+"""The training run of any task: `fit(task, loop)` trains a `Task` (classification in `training/classify.py`,
+detection and segmentation in `dense/tasks.py`) as the `Loop` its command resolved says.
 
-`fit(task, loop)` trains any `Task` (classification in `training/classify.py`, detection and segmentation in
-`dense/tasks.py`) as the `Loop` its command resolved says. A task owns its data, model, loss, evaluation, the numbers
-its lines show and what its checkpoints carry; the engine owns the loop, the optimizer step, the schedule's stepping,
-when to evaluate and save, the run folder (`mambaout.training.runfolder`), resume, Ctrl-C, the log and DDP. Under
-torchrun every rank calls it with the same arguments; only rank 0 writes. A resumed run sees what an uninterrupted
-one would have: each epoch's data order comes from (seed, epoch), its randomness is seeded per epoch and rank, a
-resumed epoch skips the batches already trained and continues each rank's saved RNG state (bit-identical with
-`workers: 0`; with worker processes the order is, their augmentation draws are not). `train_one_epoch` takes the
-optimizer steps (autocast, gradient accumulation, clipping, the grad scaler, the EMA) and keeps the loss sums on the
-device (`Sums`), read only when asked.
+A task owns its data, model, loss, evaluation, the numbers its lines show and its checkpoints' metadata; the engine
+owns the loop, the optimizer step, the schedule, when to evaluate and save, the run folder, resume, Ctrl-C, the log
+and DDP (every rank calls `fit`; only rank 0 writes). How a resumed run replays an uninterrupted one:
+docs/training.md, "Resume".
 """
 
 from __future__ import annotations
@@ -205,21 +200,19 @@ def _on(sums, like: torch.Tensor) -> torch.Tensor:
 def train_one_epoch(model: nn.Module, loader, task, parts, device, sums: Sums, hooks) -> int:
     """Train for one pass over `loader` (at most `hooks.max_steps` optimizer steps); returns the steps taken.
 
-    Every `accum_steps` micro-batches make one optimizer step; DDP's gradient all-reduce runs only on the last of
-    them (`no_sync` on the others), and each micro-loss is divided by `accum_steps` so the summed gradient is the
-    mean over the global batch, exactly as one large batch would give.
+    Every `accum_steps` micro-batches make one optimizer step; DDP's all-reduce runs only on the last of them
+    (`no_sync`), and each micro-loss is divided by `accum_steps`, so the gradient equals one large batch's.
 
     Args:
-        task: A `Task`: turns a batch into inputs (`prepare`) and a loss with its parts (`loss`).
-        parts: The `runfolder.Trainable` the step updates: `model` is its model, maybe in DDP and compile wrappers.
-        sums: The loss sums, kept on the device: reading a device tensor waits for the GPU, which would stall the
-            input pipeline once per step, so they are read only every `hooks.refresh_every` steps.
-        hooks: The trainer's `Steps`: how each step is taken (`accum_steps`, `amp_dtype`, `clip_grad`); `start()`
-            is called once the loader's iterator exists (creating it draws from the RNG), before the first batch;
-            `report(n, means)` every `refresh_every` and every `line_every` (0: never) steps of the run (`first`: the
-            steps taken before this pass), and at a stop or the end, with the steps taken and the means since the
-            last line, a non-finite loss raised at the first read after it; `after_step(n)` after every optimizer
-            step with the steps taken, True ending the pass there.
+        task: A `Task`: `prepare` turns a batch into inputs, `loss` gives the loss and its parts.
+        parts: The `runfolder.Trainable` the step updates (`model`: it maybe in DDP and compile wrappers).
+        sums: The loss sums, kept on the device and read only every `hooks.refresh_every` steps (a read waits for
+            the GPU, which would stall the input pipeline once per step).
+        hooks: The trainer's `Steps`: `accum_steps`, `amp_dtype`, `clip_grad`; `start()` once the loader's iterator
+            exists (it draws from the RNG); `report(n, means)` every `refresh_every` and `line_every` (0: never)
+            steps of the run (`first`: steps before this pass) and at the end, with the means since the last line
+            (a non-finite loss raises at the first read after it); `after_step(n)` after each optimizer step, True
+            ending the pass.
     """
     model.train()
     accum = hooks.accum_steps

@@ -1,15 +1,11 @@
 """The CPU thread policy of every `mambaout` command and of the test run: as many intra-op threads as cores are free.
 
-Why: torch's CPU ops split their work over one thread per core and meet at a barrier after each op; when another
-process keeps one of two cores busy, every op waits for our thread that shares its core (a 2-core EPYC ran the
-README's `mambaout train` in 17.5 s quiet and 108 s beside one busy loop; docs/performance.md has the table).
-
-`begin()` snapshots the CPU counters before torch loads; `settle()`, after, counts the cores other processes used
-during the import as busy and sets the usable cores less those, rounded, at least 1 (in `mambaout.cli._start_up`
-and tests/conftest.py). Time of niced processes (`nice -n 10 ...`) does not count as busy for a process at the
-default priority: the scheduler gives those cores to it first. OMP_NUM_THREADS or MAMBAOUT_THREADS (a number, or
-`all`) override it, and afterwards any `--threads N` (`set_threads`). It looks once, at start-up: a load that starts
-later is not seen.
+torch's CPU ops meet at a barrier after each op, so a thread sharing its core with a busy process makes every op
+wait (docs/performance.md, "CPU threads on a shared machine"). `begin()` snapshots the CPU counters before torch
+loads; `settle()`, after, sets the usable cores less those other processes used meanwhile (niced ones count as free
+for a process at the default priority), rounded, at least 1 (`mambaout.cli._start_up`, tests/conftest.py).
+OMP_NUM_THREADS or MAMBAOUT_THREADS (a number, or `all`) override it, and afterwards `--threads N` (`set_threads`).
+It looks once, at start-up: a load that starts later is not seen.
 """
 
 from __future__ import annotations
