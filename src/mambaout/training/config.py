@@ -362,9 +362,6 @@ def to_flat(cfg: TrainConfig) -> dict:
 DEFAULTS: dict = to_flat(TrainConfig())
 
 
-# --- recipes and resolution -------------------------------------------------------------------------------------------
-
-
 def _recipe_folders() -> list[Path]:
     return [Path.cwd() / "recipes", PACKAGE_RECIPES]
 
@@ -426,9 +423,11 @@ def resolve_config(overrides: dict, require_data: bool = True) -> TrainConfig:
         model_named = model_named or "model" in loaded
         flat.update(loaded)
         flat["recipe"] = recipe
-    if overrides.get("initial_checkpoint") and not model_named:
+    if overrides.get("initial_checkpoint") and not model_named:  # the model a `mambaout train` weights file records
+        from mambaout.weights.checkpoint import read_checkpoint
+
         SCHEMA.checked("initial_checkpoint", overrides["initial_checkpoint"])  # a path, before it is opened
-        flat["model"] = checkpoint_model(overrides["initial_checkpoint"]) or flat["model"]
+        flat["model"] = read_checkpoint(overrides["initial_checkpoint"])[1].get("model") or flat["model"]
     if overrides.get("data") is not None:
         # --data on the command line beats the recipe's data_train/data_val (only its own --data-train/-val beat it)
         flat.update(data_train=None, data_val=None)
@@ -510,13 +509,6 @@ def check_model_size(model: ModelConfig) -> None:
             f"model_kwargs={C.show(model.model_kwargs)}: {model.model} would have {n / 1e6:,.0f}M parameters, over "
             f"the bound of {MAX_MODEL_PARAMS / 1e6:,.0f}M; check depths/dims"
         )
-
-
-def checkpoint_model(path) -> str | None:
-    """The model a weights file written by `mambaout train` records (None for official/timm files)."""
-    from mambaout.weights.checkpoint import read_checkpoint
-
-    return read_checkpoint(path)[1].get("model")
 
 
 def _absolute(path: str | None) -> str | None:

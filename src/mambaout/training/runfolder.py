@@ -27,9 +27,6 @@ from mambaout.utils import files
 logger = logging.getLogger("mambaout")
 
 
-# --- randomness ------------------------------------------------------------------------------------------------------
-
-
 def seed_all(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -52,9 +49,6 @@ def set_rng_state(state: dict) -> None:
     random.setstate((py[0], tuple(py[1]), py[2]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-# --- the training state (state.pt) -----------------------------------------------------------------------------------
 
 
 def resume_path(path: str | os.PathLike) -> Path:
@@ -120,9 +114,6 @@ class Progress:
         top_k = [tuple(t) for t in state.get("top_k", [])]
         rng = own["rng"] if step else None
         return cls(state["epoch"] + 1, state["step"], state.get("best"), top_k, step, rng, own["sums"])
-
-
-# --- the folder ------------------------------------------------------------------------------------------------------
 
 
 RUN_FILES = ("state.pt", "config.yaml", "summary.csv", "last.safetensors", "train.log")  # any: the folder holds a run

@@ -305,9 +305,7 @@ def fit(task: Task, loop: Loop) -> dict:
             epoch = progress.start_epoch + 1
             after = f" after its step {progress.resume_step}" if progress.resume_step else ""
             run.say(f"resumed from {loop.resume}: epoch {epoch}{after}, global step {progress.global_step}")
-        # Ctrl-C stops after the optimizer step under way, where the state is consistent and is saved; a second one
-        # stops at once. Several processes could not agree on that step: there Ctrl-C stops at once, as usual.
-        note = "stopping after this optimizer step, then saving the state"
+        note = "stopping after this optimizer step, then saving the state"  # several processes: Ctrl-C stops at once
         with DeferredInterrupt(note, env.world_size == 1) as interrupt:
             result = Steps(
                 task, loop, run, parts, progress, train_model, device, amp_dtype, int(total), interrupt
@@ -330,8 +328,7 @@ class Steps:
     def __init__(self, task, loop, run, parts, progress, train_model, device, amp_dtype, total, interrupt):
         self.task, self.loop, self.folder, self.parts, self.progress = task, loop, run, parts, progress
         self.train_model, self.device, self.total = train_model, device, total
-        # how each optimizer step is taken: micro-batches per step (global batch / (per-device batch x world size)),
-        # autocast's dtype (None: full precision), the max gradient norm (None or 0: no clipping)
+        # a step: micro-batches per step, autocast's dtype (None: full precision), max gradient norm (None, 0: none)
         self.accum_steps, self.amp_dtype, self.clip_grad = loop.accum_steps, amp_dtype, loop.clip_grad
         self.interrupt, self.line_every = interrupt, loop.log_every if loop.progress else 0
         self.spe = task.steps_per_epoch
@@ -369,8 +366,7 @@ class Steps:
         self.epoch = epoch
         self.skip = self.progress.resume_step if epoch == self.progress.start_epoch else 0
         self.epoch_steps = min(self.spe, self.total - epoch * self.spe)
-        # Seeding per epoch makes an epoch's randomness a function of (seed, epoch, rank) only, so a resumed
-        # run replays exactly what an uninterrupted one would have done.
+        # an epoch's randomness a function of (seed, epoch, rank) only: a resumed run replays it exactly
         rf.seed_all(self.loop.seed + 1000 * epoch + dist.get_rank())
         loader.set_epoch(epoch)
         loader.skip_samples(self.skip * self.accum_steps * task.batch_size)

@@ -18,18 +18,16 @@ _KINDS = (
 )
 
 
-class _OwnMessage:
+class FileWriteError(OSError):
+    """Writing a named file failed (a full disk, a quota, an I/O error); the message names the file."""
+
     def __str__(self) -> str:  # the message alone, without "[Errno 28]"
         return self.strerror or super().__str__()
 
 
-class SpecialFileError(_OwnMessage, OSError, ValueError):
+class SpecialFileError(FileWriteError, ValueError):
     """An output path that names a device, a FIFO or a socket (or a symlink to one): never written or replaced.
-    Both an OSError (what the writers raise) and a ValueError (what the early checks of the commands raise)."""
-
-
-class FileWriteError(_OwnMessage, OSError):
-    """Writing a named file failed (a full disk, a quota, an I/O error); the message names the file."""
+    Also a ValueError (what the early checks of the commands raise)."""
 
 
 def special_kind(path: str | os.PathLike) -> str | None:

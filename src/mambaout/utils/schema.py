@@ -23,9 +23,7 @@ AMP_CHOICES = ("auto", "none", "bf16", "fp16")  # mambaout.utils.device.autocast
 
 
 def _device(value):
-    if value in ("cpu", "cuda", "mps") or (isinstance(value, str) and re.fullmatch(r"cuda:\d{1,2}", value)):
-        return value
-    return C.BAD
+    return value if isinstance(value, str) and re.fullmatch(r"cpu|cuda|mps|cuda:\d{1,2}", value) else C.BAD
 
 
 _PATH, _SWITCH, _STEPS = C.text(optional=True), C.boolean(), C.integer(1, 10**12, optional=True)
