@@ -115,8 +115,9 @@ class ClassifyTask(Task):
         model_kwargs.update(num_classes=num_classes)
         if drop_path:
             model_kwargs["drop_path_rate"] = drop_path
-        self._meta = dict(model=variant.name, model_kwargs=model_kwargs, class_names=classes)
-        self._meta["eval_config"] = self.eval_config
+        self._meta = dict(
+            model=variant.name, model_kwargs=model_kwargs, class_names=classes, eval_config=self.eval_config
+        )
         if cfg.pretrained or cfg.initial_checkpoint:
             origin = f"{variant.name} published weights" if cfg.pretrained else str(cfg.initial_checkpoint)
             self._meta["fine_tuned_from"] = origin

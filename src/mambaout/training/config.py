@@ -40,9 +40,6 @@ class _Section:
         C.validate_fields(self)
 
 
-# --- sections, in the order a run uses them ---------------------------------------------------------------------------
-
-
 @dataclass(frozen=True)
 class DataConfig(_Section):
     """Where the images come from and how they are read (read by `ClassifyTask.build_data`)."""
@@ -155,8 +152,7 @@ class BatchConfig(_Section):
 
 @dataclass(frozen=True)
 class OptimConfig(_Section):
-    """The optimizer: AdamW (the paper's) or any timm optimizer, with decoupled weight decay (read by
-    `optim.create_optimizer`; `clip_grad` by the engine)."""
+    """AdamW (the paper's) or any timm optimizer (read by `optim.create_optimizer`; `clip_grad` by the engine)."""
 
     opt: str = C.setting(
         "adamw", C.text(max_len=64), "optimizer: adamw, or a timm name (sgd, momentum, adam, lamb, ...)"
@@ -184,8 +180,7 @@ class OptimConfig(_Section):
 
 @dataclass(frozen=True)
 class ScheduleConfig(_Section):
-    """Warmup from warmup_lr, then `sched` (cosine) to min_lr over `epochs`, then `cooldown_epochs` at min_lr (read
-    by `optim.create_scheduler`)."""
+    """Warmup, `sched` to min_lr over `epochs`, then `cooldown_epochs` at min_lr (read by `optim.create_scheduler`)."""
 
     epochs: int = C.setting(
         300, C.integer(1, 100_000), "epochs of the lr schedule (warmup included); cooldown epochs come on top"
@@ -223,8 +218,7 @@ class MixupConfig(_Section):
 
 @dataclass(frozen=True)
 class EvalConfig(_Section):
-    """Held-out evaluation during training; the crop and interpolation go into the checkpoints' eval_config (read
-    by `TrainConfig.eval_settings` and `classify`)."""
+    """Held-out evaluation; crop and interpolation go into the checkpoints (read by `eval_settings`, `classify`)."""
 
     eval_crop_pct: float = C.setting(
         1.0, C.number(0.05, 1.0), "center crop fraction at evaluation (written into the checkpoints)"
@@ -243,8 +237,7 @@ class EvalConfig(_Section):
 
 @dataclass(frozen=True)
 class PerfConfig(_Section):
-    """Where and how fast: device, autocast, memory layout, compilation, threads (read by `classify.ClassifyTask`
-    and `trainer.fit`). Same numbers either way, up to rounding."""
+    """Where and how fast; the same numbers either way, up to rounding (read by `ClassifyTask` and `trainer.fit`)."""
 
     device: str | None = S.run_setting("device")
     amp: str = S.run_setting("amp")
@@ -256,8 +249,7 @@ class PerfConfig(_Section):
 
 @dataclass(frozen=True)
 class EmaConfig(_Section):
-    """An exponential moving average of the weights, evaluated beside the model (timm's ModelEmaV3; read by
-    `classify.ClassifyTask.ema`)."""
+    """An average of the weights, evaluated beside the model (timm's ModelEmaV3; read by `ClassifyTask.ema`)."""
 
     model_ema: bool = S.switch(False, "keep and evaluate an EMA of the weights")
     model_ema_decay: float = C.setting(0.9999, C.number(0.0, 1.0), "EMA decay per optimizer step")
@@ -265,8 +257,7 @@ class EmaConfig(_Section):
 
 @dataclass(frozen=True)
 class RunConfig(_Section):
-    """The run folder, logging, reproducibility and the stops that time-box or test a run (read by the run folder
-    and `trainer.Loop`)."""
+    """The run folder, logging, seed and the stops that time-box or test a run (read by `trainer.Loop`)."""
 
     seed: int = S.run_setting("seed")
     output: str | None = S.run_setting("output")
@@ -421,8 +412,7 @@ def resolve_config(overrides: dict, require_data: bool = True) -> TrainConfig:
     if recipe is not None:
         loaded = load_recipe(recipe)
         model_named = model_named or "model" in loaded
-        flat.update(loaded)
-        flat["recipe"] = recipe
+        flat.update(loaded, recipe=recipe)
     if overrides.get("initial_checkpoint") and not model_named:  # the model a `mambaout train` weights file records
         from mambaout.weights.checkpoint import read_checkpoint
 

@@ -28,8 +28,7 @@ def usable_cores() -> int:
 
 @dataclass(frozen=True)
 class CpuSnapshot:
-    """Machine-wide busy and total CPU seconds since boot (from /proc/stat), this process's CPU seconds, and the wall
-    clock."""
+    """Machine-wide busy and total CPU seconds since boot (/proc/stat), this process's CPU seconds, the wall clock."""
 
     busy: float
     total: float
@@ -80,9 +79,7 @@ def free_cores(before: CpuSnapshot, after: CpuSnapshot, cores: int | None = None
 def threads_for(free: float | None, cores: int | None = None) -> int:
     """Intra-op threads for `free` free cores: rounded, at least 1, at most the usable cores (all when unknown)."""
     cores = cores or usable_cores()
-    if free is None:
-        return cores
-    return max(1, min(cores, int(free + 0.5)))
+    return cores if free is None else max(1, min(cores, int(free + 0.5)))
 
 
 @dataclass
@@ -122,12 +119,9 @@ def begin() -> None:
 
 
 def settle(min_window: float = 0.2, again: bool = False, most: int | None = None) -> Policy:
-    """Step 2: set torch's intra-op threads from the cores left free since `begin()` (or the environment).
-
-    It watches the machine for the rest of `min_window` seconds first when the window since `begin()` was shorter.
-    Once per process: when threads were already set here, it changes nothing unless `again`. `most` caps the count
-    the policy picks (not the environment's). Imports torch. Returns the module's `policy`.
-    """
+    """Step 2: set torch's intra-op threads from the cores left free since `begin()` (watched for at least
+    `min_window` seconds), or from the environment; once per process unless `again`. `most` caps the policy's count
+    (not the environment's). Imports torch; returns the module's `policy`."""
     global _begun
     if policy.threads is not None and not again:
         _begun = None
@@ -169,6 +163,4 @@ def describe() -> str:
     import torch
 
     n = torch.get_num_threads()
-    if policy.threads == n:
-        return f"{n} threads ({policy.reason})"
-    return f"{n} threads (set by the caller)"
+    return f"{n} threads ({policy.reason if policy.threads == n else 'set by the caller'})"
