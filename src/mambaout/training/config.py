@@ -291,7 +291,6 @@ class TrainConfig:
     run: RunConfig = dataclasses.field(default_factory=RunConfig)
 
     def __post_init__(self):
-        """Checks that involve more than one section; each section has checked its own keys."""
         if self.mixup.active and self.batch.batch_size % 2:
             raise ValueError(
                 f"batch_size={self.batch.batch_size}: mixup/cutmix pair images within a batch, so it must be even "

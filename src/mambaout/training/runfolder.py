@@ -348,8 +348,7 @@ def plot_curves(summary_csv: Path, png: Path, metric: str = "top1") -> None:
             axes[i // 2].plot(ep, col(key), label=label)
     axes[2].plot(ep, col("lr"))
     for ax, title in zip(axes, ("loss", f"val {metric}", "learning rate")):
-        ax.set_title(title)
-        ax.set_xlabel("epoch")
+        ax.set(title=title, xlabel="epoch")
         ax.grid(alpha=0.3)
     axes[0].legend()
     axes[1].legend()

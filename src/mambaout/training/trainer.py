@@ -30,11 +30,9 @@ from mambaout.utils.optional import require
 
 @dataclass(frozen=True)
 class Loop:
-    """How the engine runs a task, filled by the task's command from its own settings (`from_settings`).
-
-    Exactly one of `epochs` and `steps` gives the run's length (`steps` may also cap an epoch count); the
-    evaluation comes every `eval_every_epochs` epochs and/or every `eval_every_steps` steps, and always at the end.
-    """
+    """How the engine runs a task (`from_settings`: from the command's settings). `epochs` or `steps` gives the run's
+    length (`steps` may also cap the epochs); evaluation every `eval_every_epochs` and/or `eval_every_steps`, and at
+    the end."""
 
     output: Path
     epochs: int | None = None
@@ -68,15 +66,10 @@ class Loop:
 
 
 class Task:
-    """The interface a task implements; the engine calls these, in this order.
-
-    Attributes:
-        name: The command's task, as messages name it (`train`, `detect`, `segment`).
-        metric: The headline key of `evaluate_run`'s result (higher is better): picks best.safetensors.
-        batch_size: Images per device and micro-batch.
-        batches, steps_per_epoch, train_images: The training loader (`data.loaders.EpochLoader`), the optimizer
-            steps of one pass over it and its image count, set by `build_data`.
-    """
+    """The interface a task implements; the engine calls these, in this order. `name`: the command's task as messages
+    name it (`train`, `detect`, `segment`); `metric`: the headline key of `evaluate_run` (higher is better; picks
+    best.safetensors); `batch_size`: images per device and micro-batch. `build_data` sets `batches` (a
+    `data.loaders.EpochLoader`), `steps_per_epoch` (optimizer steps of one pass) and `train_images`."""
 
     name: str = "task"
     metric: str = "score"
@@ -141,9 +134,8 @@ class LossNotFinite(FloatingPointError, ValueError):
 
 @dataclass
 class Sums:
-    """Loss sums on the device (the loss, then its named parts), since the last row of summary.csv (`row`) and
-    since the last progress line (`line`). A checkpoint stores them (`as_dict`), a resumed run continues them
-    (`Sums(**saved)`), so the numbers it logs equal an uninterrupted run's."""
+    """Loss sums on the device (the loss, then its parts) since the last summary.csv row (`row`) and progress line
+    (`line`); a checkpoint stores them (`as_dict`) for a resumed run to continue (`Sums(**saved)`)."""
 
     names: list = field(default_factory=list)  # "loss", then the task's loss parts
     row: torch.Tensor | list | None = None
@@ -201,18 +193,14 @@ def train_one_epoch(model: nn.Module, loader, task, parts, device, sums: Sums, h
     """Train for one pass over `loader` (at most `hooks.max_steps` optimizer steps); returns the steps taken.
 
     Every `accum_steps` micro-batches make one optimizer step; DDP's all-reduce runs only on the last of them
-    (`no_sync`), and each micro-loss is divided by `accum_steps`, so the gradient equals one large batch's.
+    (`no_sync`), and each micro-loss is divided by `accum_steps`, so the gradient equals one large batch's. `model`
+    is `parts.model`, maybe in DDP and compile wrappers. `sums` stay on the device, read only every
+    `hooks.refresh_every` steps (a read waits for the GPU: once per step would stall the input pipeline).
 
-    Args:
-        task: A `Task`: `prepare` turns a batch into inputs, `loss` gives the loss and its parts.
-        parts: The `runfolder.Trainable` the step updates (`model`: it maybe in DDP and compile wrappers).
-        sums: The loss sums, kept on the device and read only every `hooks.refresh_every` steps (a read waits for
-            the GPU, which would stall the input pipeline once per step).
-        hooks: The trainer's `Steps`: `accum_steps`, `amp_dtype`, `clip_grad`; `start()` once the loader's iterator
-            exists (it draws from the RNG); `report(n, means)` every `refresh_every` and `line_every` (0: never)
-            steps of the run (`first`: steps before this pass) and at the end, with the means since the last line
-            (a non-finite loss raises at the first read after it); `after_step(n)` after each optimizer step, True
-            ending the pass.
+    `hooks` (the trainer's `Steps`) gives `accum_steps`, `amp_dtype`, `clip_grad`, `first` (steps before this pass)
+    and `line_every` (0: never), and is called: `start()` once the loader's iterator exists (it draws from the RNG),
+    `report(n, means)` every `refresh_every` and `line_every` steps of the run and at the end (a non-finite loss
+    raises at the first read after it), `after_step(n)` after each optimizer step (True ends the pass).
     """
     model.train()
     accum = hooks.accum_steps

@@ -1,9 +1,6 @@
-"""The settings of a command, each declared once (`checks.setting`), and everything derived from the declarations.
-
-A `Schema` is an ordered set of sections (dataclasses whose fields are `setting`s). From it come the command-line
-parser's options (`mambaout.cli.common.add_settings`), `--set KEY=VALUE` (`parse_set`: a bare key resolves to its
-section when only one section has it), the key lookup of recipe files (`find`) and the docs' settings table
-(`markdown`). Only the standard library is imported here: a command's `--help` loads nothing else.
+"""The settings of a command, each declared once (`checks.setting`), and what derives from them: a `Schema` (ordered
+sections) gives the parser's options (`cli.common.add_settings`), `--set` (a bare key resolves to the one section
+holding it), recipe keys (`find`) and docs/settings.md (`markdown`). Standard library only: `--help` loads nothing else.
 """
 
 from __future__ import annotations
