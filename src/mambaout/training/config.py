@@ -465,8 +465,8 @@ def _typed(flat: dict, require_data: bool) -> TrainConfig:
             "or --data-train PATH [--data-val PATH]"
         )
     check_model_size(cfg.model)
-    if cfg.schedule.warmup_epochs > cfg.schedule.epochs:
-        sched = cfg.schedule
+    sched = cfg.schedule
+    if sched.warmup_epochs > sched.epochs:
         logger.warning(
             f"warmup_epochs={sched.warmup_epochs} is more than epochs={sched.epochs}: the lr never leaves its warmup"
         )

@@ -187,8 +187,7 @@ def _flock(out: Path):
             f"run folder {out} is in use by another mambaout train (pid {holder}); wait for it to finish, "
             "or pass another --output"
         ) from None
-    f.seek(0)
-    f.truncate()
+    f.truncate(0)  # "a+": the write goes to the (now empty) end
     f.write(f"{os.getpid()}\n")
     f.flush()
     return f
@@ -306,8 +305,7 @@ class RunFolder:
 
 
 def csv_cell(value) -> str:
-    """A value as a summary.csv cell: unset (and a list or mapping, which no cell holds) is empty, a float has 6
-    significant digits."""
+    """A value as a summary.csv cell: unset, a list or a mapping is empty; a float has 6 significant digits."""
     if value is None or value == "" or isinstance(value, (list, dict)):
         return ""
     return f"{value:.6g}" if isinstance(value, float) else str(value)

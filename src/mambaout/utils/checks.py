@@ -146,8 +146,7 @@ def integers(min_len: int, max_len: int, lo: int, hi: int) -> Check:
 
 
 def mapping(check_items: Callable[[dict], None] | None = None, bad=()) -> Check:
-    """A mapping with string keys; `check_items` may raise ValueError for its contents (`bad`: mappings it
-    refuses)."""
+    """A mapping with string keys; `check_items` may raise ValueError for its contents (`bad`: mappings it refuses)."""
 
     def fn(v):
         if not isinstance(v, dict) or not all(isinstance(k, str) for k in v):
