@@ -329,8 +329,7 @@ SCHEMA = S.Schema(SECTIONS)  # the parser, --set, recipe keys and docs/settings.
 
 
 def from_flat(flat: dict) -> TrainConfig:
-    """The typed configuration of a flat dict (DEFAULTS' keys; missing keys take their defaults). A ValueError is
-    one line naming the first bad key, its value and what is allowed, or the unknown keys."""
+    """The `TrainConfig` of a flat dict (missing keys: defaults); a ValueError names the first bad or unknown key."""
     unknown = sorted(set(flat) - set(KEY_SECTION))
     if unknown:
         raise ValueError(f"unknown config keys {unknown}; the keys are those `mambaout train --print-config` prints")

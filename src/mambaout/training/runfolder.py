@@ -131,8 +131,7 @@ STALE_TEMPORARY = re.compile(
 
 
 def check_output_free(out: Path, resume, overwrite: bool) -> None:
-    """FileExistsError for a new run in a folder holding another run or files no run wrote, unless resuming or told
-    to overwrite (which replaces only the run's files)."""
+    """FileExistsError for a new run where another run or foreign files are, unless resuming or `overwrite`."""
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"--output {out} is not a folder; a run folder holds several files: pass a folder path")
     if resume or overwrite or not out.is_dir():
@@ -272,8 +271,7 @@ class RunFolder:
             self.save_weights(model, "best.safetensors", **dict(extra, **{self.metric: best}))
 
     def _log(self, row: dict) -> None:
-        """Add `row` (holding `step`) to summary.csv, curves.png and TensorBoard; a resumed run rewrites the rows of
-        the steps it redoes."""
+        """Add `row` to summary.csv (a resumed run rewrites the steps it redoes), curves.png and TensorBoard."""
         path = self.out / "summary.csv"
         rows = [r for r in _read_csv(path) if int(r["step"]) < row["step"]] + [row]
         fields = list(dict.fromkeys(k for r in rows for k in r))

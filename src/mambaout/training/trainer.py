@@ -308,8 +308,7 @@ def fit(task: Task, loop: Loop) -> dict:
 
 
 class Steps:
-    """The run's optimizer steps, epoch by epoch, and what follows each one: the schedule, the progress line, the
-    evaluation and the summary row when due, the state when due, and the stops (`stop_after_*`, Ctrl-C)."""
+    """The run's optimizer steps, epoch by epoch, and what follows each: schedule, progress, rows, states, stops."""
 
     refresh_every = 20  # the loss is read from the device (a host sync) every 20 steps, and for each progress line
 
@@ -410,8 +409,7 @@ class Steps:
         return stop
 
     def row(self, evaluate: bool, epoch_end: bool) -> None:
-        """A row of summary.csv (and its line in the log): the training numbers since the last row, and the
-        held-out ones when `evaluate`; the weights files with it."""
+        """A summary.csv row and log line (training numbers since the last row, held-out ones), and weights files."""
         step = self.progress.global_step
         train = self.sums.take_row(self.device) if self.sums.row_n else {}
         images, skipped = train.pop("images", 0), train.pop("skipped", 0)
@@ -445,8 +443,7 @@ class Steps:
         self.t_row = time.perf_counter()
 
     def report(self, n: int, values: dict) -> None:
-        """The progress display after step n of this call of the epoch: a bar on a terminal, else a line every
-        `log_every` steps (logs and SLURM files), with the means since the last line."""
+        """Progress after step n of this epoch's call: a bar on a terminal, else a line every `log_every` steps."""
         done = self.skip + n
         if self.bar is not None:
             self.bar.update(done - self.bar.n)

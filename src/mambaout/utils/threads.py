@@ -62,8 +62,7 @@ def cpu_snapshot() -> CpuSnapshot | None:
 
 
 def free_cores(before: CpuSnapshot, after: CpuSnapshot, cores: int | None = None) -> float | None:
-    """Cores left free by *other* processes between two snapshots (our own CPU time taken out); None when the
-    window is too short (under 50 ms) to say."""
+    """Cores other processes left free between two snapshots (our CPU time taken out); None for under 50 ms."""
     cores = cores or usable_cores()
     total = after.total - before.total
     if after.wall - before.wall < 0.05 or total <= 0:
