@@ -80,8 +80,7 @@ class ClassifyTask(Task):
         self.mixup_fn, self.loss_fn = build_loss(self.cfg.mixup, len(self.classes))
 
     def build_model(self, device: torch.device) -> nn.Module:
-        """The model to train (from `pretrained` or `initial_checkpoint` weights when given, a classifier of another
-        class count replaced), and (`meta`) what `create_model(checkpoint=...)` needs to rebuild it."""
+        """The model to train, and (`meta`) what `create_model(checkpoint=...)` needs to rebuild it."""
         from mambaout.models.factory import create_model
         from mambaout.models.variants import get_variant
 

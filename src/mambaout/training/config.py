@@ -436,10 +436,9 @@ SHAPE_KWARGS = ("depths", "dims", "expansion_ratio", "head_mlp_ratio")  # what m
 
 
 def _another_model(flat: dict, recipe_values: dict, recipe: str, overrides: dict) -> None:
-    """A recipe run with another `--model` than the recipe's: the recipe's model_kwargs that shape its own
-    network (depths, dims, ...) are left out, the others (an ablation's kernel_size) kept; and the run is not
-    filed under the recipe's model-specific folder (`runs/mamba-vs-mambaout/gated-cnn`) but beside it
-    (`<the recipe's folder>/../<model>`), or in `runs/<recipe>-<model>`."""
+    """A recipe run with another `--model`: the recipe's model_kwargs that shape its network (depths, dims, ...) are
+    left out, others (an ablation's kernel_size) kept; the run goes beside the recipe's model-specific folder
+    (`runs/mamba-vs-mambaout/gated-cnn` -> `<that folder>/../<model>`), or in `runs/<recipe>-<model>`."""
     kwargs = flat.get("model_kwargs")
     if "model_kwargs" not in overrides and isinstance(kwargs, dict):
         dropped = [k for k in SHAPE_KWARGS if k in kwargs]

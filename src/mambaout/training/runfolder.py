@@ -193,10 +193,9 @@ def _flock(out: Path):
 
 
 class RunFolder:
-    """The run folder as the engine writes it (docs/training.md lists its files); `write=False` on ranks other than
-    0, whose methods then only take part in what all ranks do. summary.csv counts epochs from 1, as the log and the
-    epoch-NNNN files do; the weights files (last, best, the `keep_top_k` best by the task's `metric`, higher is
-    better) carry the task's `meta()`."""
+    """The run folder as the engine writes it (docs/training.md lists its files; `write=False` on ranks but 0). Epochs
+    count from 1 in summary.csv, the log and epoch-NNNN files; the weights files (last, best, the `keep_top_k` best
+    by the task's `metric`, higher is better) carry the task's `meta()`."""
 
     def __init__(self, out: Path, task, write: bool, keep_top_k=0, tensorboard=False, resumed=False):
         self.out, self.config, self.meta, self.write = out, task.config(), task.meta(), write
