@@ -139,7 +139,7 @@ def test_one_reading_of_amp_auto_for_train_dense_and_benchmark():
     assert autocast_setting("auto", cpu) == ("none", None)
     assert autocast_setting("auto", cuda) == ("bf16", torch.bfloat16)
     assert autocast_setting("fp16", cpu) == ("fp16", torch.float16)
-    assert C.PerfConfig(amp="auto").amp_dtype(cuda) == ("bf16", torch.bfloat16)
+    assert trainer.Loop.from_settings(C.to_flat(C.TrainConfig()), output=".").amp == "auto"  # read by the engine
     assert trainer.autocast_setting is autocast_setting  # the engine the dense tasks run on
     args = benchmark.get_args_parser().parse_args(["--amp", "auto", "--device", "cpu"])
     assert benchmark._dtype(args) == "fp32"

@@ -1,9 +1,5 @@
-"""Classification as a training task: image folders (or the embedded digits) in, a MambaOut classifier out.
-
-`train(cfg)` runs a `TrainConfig` through the one engine (`trainer.fit`); `ClassifyTask` is what the engine needs of
-it: the data (`build_data`), the model (`build_model`), the loss under mixup/cutmix and label smoothing (`build_loss`),
-the EMA, the held-out top-1 and top-5 (`evaluate`) and the metadata its checkpoints carry.
-"""
+"""Classification as a training task: `train(cfg)` runs a `TrainConfig` through the engine (`trainer.fit`) as a
+`ClassifyTask` (image folders or the embedded digits in; mixup/cutmix and smoothing; held-out top-1 and top-5)."""
 
 from __future__ import annotations
 
@@ -84,11 +80,7 @@ class ClassifyTask(Task):
         self.mixup_fn, self.loss_fn = build_loss(self.cfg.mixup, len(self.classes))
 
     def build_model(self, device: torch.device) -> nn.Module:
-        """The model to train, and (`meta`) what its checkpoints carry: what `create_model(checkpoint=...)` needs.
-
-        With `pretrained` or `initial_checkpoint` the weights come from there (fine-tuning); a classifier of another
-        class count than the data's is replaced by a fresh one.
-        """
+        """The model to train, and (`meta`) what `create_model(checkpoint=...)` needs to rebuild it."""
         from mambaout.models.factory import create_model
         from mambaout.models.variants import get_variant
 
@@ -122,8 +114,9 @@ class ClassifyTask(Task):
         model_kwargs.update(num_classes=num_classes)
         if drop_path:
             model_kwargs["drop_path_rate"] = drop_path
-        self._meta = dict(model=variant.name, model_kwargs=model_kwargs, class_names=classes)
-        self._meta["eval_config"] = self.eval_config
+        self._meta = dict(
+            model=variant.name, model_kwargs=model_kwargs, class_names=classes, eval_config=self.eval_config
+        )
         if cfg.pretrained or cfg.initial_checkpoint:
             origin = f"{variant.name} published weights" if cfg.pretrained else str(cfg.initial_checkpoint)
             self._meta["fine_tuned_from"] = origin
@@ -233,18 +226,10 @@ def build_loss(cfg: MixupConfig, num_classes: int):
 def evaluate(
     model: nn.Module, loader, device: torch.device, amp_dtype=None, channels_last=False, progress=None
 ) -> dict:
-    """Top-1, top-5 (top-k with k = min(5, classes)), mean cross-entropy and throughput over `loader` (under autocast
-    to `amp_dtype`, None: full precision).
-
-    With several ranks each evaluates its shard and the sums are all-reduced, so every rank returns the metrics
-    of the whole set. Images whose label is outside the model's classes count as errors and are excluded
-    from the loss. Unreadable images are not counted: a batch from `data.collate_readable` leaves them out and
-    names them (its third element is the list of their names; other loaders give a count).
-
-    Returns:
-        `top1`, `top5` (percent), `loss`, `count` (readable images), `img_s`, `seconds`, `skipped` (all ranks),
-        `skipped_files` (their names, all ranks, where the loader names them).
-    """
+    """Top-1 and top-5 (k = min(5, classes), percent), mean cross-entropy (`loss`), `count` (readable images),
+    `img_s`, `seconds`, `skipped` and `skipped_files` over `loader`, all ranks' shards summed (autocast to `amp_dtype`;
+    None: full precision). A label outside the model's classes is an error, kept out of the loss. Unreadable images
+    are not counted: a batch's third element names them (`data.collate_readable`) or counts them."""
     model.eval()
     # sums on the device (read once at the end: no host sync per batch); counts known on the host
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # correct1, correct5, loss_sum, n_loss

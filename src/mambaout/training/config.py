@@ -1,11 +1,8 @@
 """Training configuration: typed sections, validated once, and the flat file format they are read from and written to.
 
-The flat dict (`DEFAULTS`: the official ImageNet-1k recipe) is the file format of recipes, `--set KEY=VALUE`,
-`<run>/config.yaml` and `state.pt`. `resolve_config` merges DEFAULTS < recipe file < command line and converts the
-result once, with `from_flat`, into a frozen `TrainConfig` of sections; every value is type- and range-checked there
-(one line naming the key, the value and what is allowed), so the code that uses a setting never checks it again.
-`to_flat` writes it back; `from_flat(to_flat(c)) == c`. Each part of training gets only the section it reads (each
-section's docstring names its readers).
+The flat dict (`DEFAULTS`: the official ImageNet-1k recipe) is the format of recipes, `--set`, `config.yaml` and
+`state.pt`. `resolve_config` merges DEFAULTS < recipe < command line into a frozen `TrainConfig` (`from_flat`, where
+every value is checked once); `from_flat(to_flat(c)) == c`. Each section's docstring names its readers.
 """
 
 from __future__ import annotations
@@ -25,7 +22,6 @@ from mambaout.training.runfolder import load_state, resume_path
 from mambaout.utils import checks as C
 from mambaout.utils import recipes as R
 from mambaout.utils import schema as S
-from mambaout.utils.device import autocast_setting
 from mambaout.utils.limits import INTERPOLATIONS, MAX_NUM_CLASSES, check_model_kwargs
 from mambaout.utils.safe_yaml import load_yaml
 
@@ -42,9 +38,6 @@ class _Section:
 
     def __post_init__(self):
         C.validate_fields(self)
-
-
-# --- sections, in the order a run uses them ---------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -159,8 +152,7 @@ class BatchConfig(_Section):
 
 @dataclass(frozen=True)
 class OptimConfig(_Section):
-    """The optimizer: AdamW (the paper's) or any timm optimizer, with decoupled weight decay (read by
-    `optim.create_optimizer`; `clip_grad` by the engine)."""
+    """AdamW (the paper's) or any timm optimizer (read by `optim.create_optimizer`; `clip_grad` by the engine)."""
 
     opt: str = C.setting(
         "adamw", C.text(max_len=64), "optimizer: adamw, or a timm name (sgd, momentum, adam, lamb, ...)"
@@ -177,12 +169,10 @@ class OptimConfig(_Section):
 
     def __post_init__(self):
         super().__post_init__()
-        try:
-            from timm.optim import list_optimizers
-        except ImportError:  # pragma: no cover - older timm: checked when the optimizer is built
-            return
+        from timm.optim import list_optimizers  # timm >= 1.0.12 (pyproject asks for 1.0.15)
+
         known, opt = set(list_optimizers()), self.opt.lower()
-        if known and opt not in known:
+        if opt not in known:
             near = [n for n in known if n.startswith(opt[:3])][:6]
             hint = f"close: {', '.join(near)}" if near else "e.g. adamw, sgd, momentum, lamb"
             raise ValueError(f"opt={C.show(self.opt)}: not an optimizer timm knows ({hint})")
@@ -190,8 +180,7 @@ class OptimConfig(_Section):
 
 @dataclass(frozen=True)
 class ScheduleConfig(_Section):
-    """Warmup from warmup_lr, then `sched` (cosine) to min_lr over `epochs`, then `cooldown_epochs` at min_lr (read
-    by `optim.create_scheduler`)."""
+    """Warmup, `sched` to min_lr over `epochs`, then `cooldown_epochs` at min_lr (read by `optim.create_scheduler`)."""
 
     epochs: int = C.setting(
         300, C.integer(1, 100_000), "epochs of the lr schedule (warmup included); cooldown epochs come on top"
@@ -229,8 +218,7 @@ class MixupConfig(_Section):
 
 @dataclass(frozen=True)
 class EvalConfig(_Section):
-    """Held-out evaluation during training; the crop and interpolation go into the checkpoints' eval_config (read
-    by `TrainConfig.eval_settings` and `classify`)."""
+    """Held-out evaluation; crop and interpolation go into the checkpoints (read by `eval_settings`, `classify`)."""
 
     eval_crop_pct: float = C.setting(
         1.0, C.number(0.05, 1.0), "center crop fraction at evaluation (written into the checkpoints)"
@@ -249,8 +237,7 @@ class EvalConfig(_Section):
 
 @dataclass(frozen=True)
 class PerfConfig(_Section):
-    """Where and how fast: device, autocast, memory layout, compilation, threads (read by `classify.ClassifyTask`
-    and `trainer.fit`). Same numbers either way, up to rounding."""
+    """Where and how fast; the same numbers either way, up to rounding (read by `ClassifyTask` and `trainer.fit`)."""
 
     device: str | None = S.run_setting("device")
     amp: str = S.run_setting("amp")
@@ -259,15 +246,10 @@ class PerfConfig(_Section):
     grad_checkpointing: bool = S.switch(False, "recompute activations in backward (less memory)")
     threads: int | None = S.run_setting("threads")
 
-    def amp_dtype(self, device: torch.device) -> tuple[str, torch.dtype | None]:
-        """The autocast setting (`auto`: bf16 on CUDA, none on CPU) as its name and dtype."""
-        return autocast_setting(self.amp, device)
-
 
 @dataclass(frozen=True)
 class EmaConfig(_Section):
-    """An exponential moving average of the weights, evaluated beside the model (timm's ModelEmaV3; read by
-    `classify.ClassifyTask.ema`)."""
+    """An average of the weights, evaluated beside the model (timm's ModelEmaV3; read by `ClassifyTask.ema`)."""
 
     model_ema: bool = S.switch(False, "keep and evaluate an EMA of the weights")
     model_ema_decay: float = C.setting(0.9999, C.number(0.0, 1.0), "EMA decay per optimizer step")
@@ -275,8 +257,7 @@ class EmaConfig(_Section):
 
 @dataclass(frozen=True)
 class RunConfig(_Section):
-    """The run folder, logging, reproducibility and the stops that time-box or test a run (read by the run folder
-    and `trainer.Loop`)."""
+    """The run folder, logging, seed and the stops that time-box or test a run (read by `trainer.Loop`)."""
 
     seed: int = S.run_setting("seed")
     output: str | None = S.run_setting("output")
@@ -310,7 +291,6 @@ class TrainConfig:
     run: RunConfig = dataclasses.field(default_factory=RunConfig)
 
     def __post_init__(self):
-        """Checks that involve more than one section; each section has checked its own keys."""
         if self.mixup.active and self.batch.batch_size % 2:
             raise ValueError(
                 f"batch_size={self.batch.batch_size}: mixup/cutmix pair images within a batch, so it must be even "
@@ -349,8 +329,7 @@ SCHEMA = S.Schema(SECTIONS)  # the parser, --set, recipe keys and docs/settings.
 
 
 def from_flat(flat: dict) -> TrainConfig:
-    """The typed configuration of a flat dict (DEFAULTS' keys; missing keys take their defaults). A ValueError is
-    one line naming the first bad key, its value and what is allowed, or the unknown keys."""
+    """The `TrainConfig` of a flat dict (missing keys: defaults); a ValueError names the first bad or unknown key."""
     unknown = sorted(set(flat) - set(KEY_SECTION))
     if unknown:
         raise ValueError(f"unknown config keys {unknown}; the keys are those `mambaout train --print-config` prints")
@@ -370,9 +349,6 @@ def to_flat(cfg: TrainConfig) -> dict:
 # The official recipe (paper Sec. 4.1 and the official training scripts), ImageNet-1k at 224 px, as the flat file
 # format: every key a recipe, --set or config.yaml may hold.
 DEFAULTS: dict = to_flat(TrainConfig())
-
-
-# --- recipes and resolution -------------------------------------------------------------------------------------------
 
 
 def _recipe_folders() -> list[Path]:
@@ -434,11 +410,12 @@ def resolve_config(overrides: dict, require_data: bool = True) -> TrainConfig:
     if recipe is not None:
         loaded = load_recipe(recipe)
         model_named = model_named or "model" in loaded
-        flat.update(loaded)
-        flat["recipe"] = recipe
-    if overrides.get("initial_checkpoint") and not model_named:
+        flat.update(loaded, recipe=recipe)
+    if overrides.get("initial_checkpoint") and not model_named:  # the model a `mambaout train` weights file records
+        from mambaout.weights.checkpoint import read_checkpoint
+
         SCHEMA.checked("initial_checkpoint", overrides["initial_checkpoint"])  # a path, before it is opened
-        flat["model"] = checkpoint_model(overrides["initial_checkpoint"]) or flat["model"]
+        flat["model"] = read_checkpoint(overrides["initial_checkpoint"])[1].get("model") or flat["model"]
     if overrides.get("data") is not None:
         # --data on the command line beats the recipe's data_train/data_val (only its own --data-train/-val beat it)
         flat.update(data_train=None, data_val=None)
@@ -459,10 +436,9 @@ SHAPE_KWARGS = ("depths", "dims", "expansion_ratio", "head_mlp_ratio")  # what m
 
 
 def _another_model(flat: dict, recipe_values: dict, recipe: str, overrides: dict) -> None:
-    """A recipe run with another `--model` than the recipe's: the recipe's model_kwargs that shape its own
-    network (depths, dims, ...) are left out, the others (an ablation's kernel_size) kept; and the run is not
-    filed under the recipe's model-specific folder (`runs/mamba-vs-mambaout/gated-cnn`) but beside it
-    (`<the recipe's folder>/../<model>`), or in `runs/<recipe>-<model>`."""
+    """A recipe run with another `--model`: the recipe's model_kwargs that shape its network (depths, dims, ...) are
+    left out, others (an ablation's kernel_size) kept; the run goes beside the recipe's model-specific folder
+    (`runs/mamba-vs-mambaout/gated-cnn` -> `<that folder>/../<model>`), or in `runs/<recipe>-<model>`."""
     kwargs = flat.get("model_kwargs")
     if "model_kwargs" not in overrides and isinstance(kwargs, dict):
         dropped = [k for k in SHAPE_KWARGS if k in kwargs]
@@ -487,8 +463,8 @@ def _typed(flat: dict, require_data: bool) -> TrainConfig:
             "or --data-train PATH [--data-val PATH]"
         )
     check_model_size(cfg.model)
-    if cfg.schedule.warmup_epochs > cfg.schedule.epochs:
-        sched = cfg.schedule
+    sched = cfg.schedule
+    if sched.warmup_epochs > sched.epochs:
         logger.warning(
             f"warmup_epochs={sched.warmup_epochs} is more than epochs={sched.epochs}: the lr never leaves its warmup"
         )
@@ -520,13 +496,6 @@ def check_model_size(model: ModelConfig) -> None:
             f"model_kwargs={C.show(model.model_kwargs)}: {model.model} would have {n / 1e6:,.0f}M parameters, over "
             f"the bound of {MAX_MODEL_PARAMS / 1e6:,.0f}M; check depths/dims"
         )
-
-
-def checkpoint_model(path) -> str | None:
-    """The model a weights file written by `mambaout train` records (None for official/timm files)."""
-    from mambaout.weights.checkpoint import read_checkpoint
-
-    return read_checkpoint(path)[1].get("model")
 
 
 def _absolute(path: str | None) -> str | None:

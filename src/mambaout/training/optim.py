@@ -38,7 +38,7 @@ def create_scheduler(optimizer, cfg: ScheduleConfig, steps_per_epoch: int):
     level = cosine_log.level
     cosine_log.setLevel(logging.ERROR)
     try:
-        scheduler, _ = create_scheduler_v2(
+        return create_scheduler_v2(
             optimizer,
             sched=cfg.sched,
             num_epochs=cfg.epochs,
@@ -47,8 +47,7 @@ def create_scheduler(optimizer, cfg: ScheduleConfig, steps_per_epoch: int):
             warmup_epochs=cfg.warmup_epochs,
             step_on_epochs=not cfg.sched_on_updates,
             updates_per_epoch=steps_per_epoch,
-        )
-        return scheduler
+        )[0]
     finally:
         cosine_log.setLevel(level)
 

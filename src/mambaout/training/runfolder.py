@@ -1,10 +1,7 @@
-"""The run folder of a training run, for every task (docs/training.md lists its files), and how a run is saved and
-restored.
+"""The run folder of every task's training (docs/training.md lists its files), and how a run is saved and restored.
 
-`state.pt` holds everything `--resume` needs in one file, so a crash can never pair weights with the wrong optimizer
-state; every file is written to a temporary name and renamed. `RunFolder` writes them all. A new run starts only in
-a new or empty folder (or with `--overwrite`). Only rank 0 writes; the other ranks build a `RunFolder` with
-`write=False` (they still gather the RNG states).
+`state.pt` holds all `--resume` needs in one file, so weights never pair with another optimizer state; every file is
+written to a temporary name and renamed. Only rank 0 writes (the others' `RunFolder(write=False)` gathers RNG states).
 """
 
 from __future__ import annotations
@@ -30,9 +27,6 @@ from mambaout.utils import files
 logger = logging.getLogger("mambaout")
 
 
-# --- randomness ------------------------------------------------------------------------------------------------------
-
-
 def seed_all(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -55,9 +49,6 @@ def set_rng_state(state: dict) -> None:
     random.setstate((py[0], tuple(py[1]), py[2]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-# --- the training state (state.pt) -----------------------------------------------------------------------------------
 
 
 def resume_path(path: str | os.PathLike) -> Path:
@@ -125,18 +116,14 @@ class Progress:
         return cls(state["epoch"] + 1, state["step"], state.get("best"), top_k, step, rng, own["sums"])
 
 
-# --- the folder ------------------------------------------------------------------------------------------------------
-
-
 RUN_FILES = ("state.pt", "config.yaml", "summary.csv", "last.safetensors", "train.log")  # any: the folder holds a run
 
 # What a run writes before its first state: a folder holding only these (and its lock) held a run that stopped
 # before it saved anything, which --resume cannot continue, so a new run may start there without --overwrite.
 NEVER_STARTED = {"config.yaml", "train.log"}
 
-# The hidden temporary names this package's writes leave behind when killed mid-write: `files.atomic_write`'s
-# `.NAME.XXXXXXXX.tmp` (mkstemp's 8 random characters; `.tmp.png` for the plot) for the files a run writes, and the
-# fixed name earlier versions drew curves.png into.
+# The temporaries a killed write leaves: `files.atomic_write`'s `.NAME.XXXXXXXX.tmp` (mkstemp's 8 characters;
+# `.tmp.png` for the plot) of a run's files, and the fixed name earlier versions drew curves.png into.
 _WRITTEN = r"state\.pt|config\.yaml|summary\.csv|(last|best|last_ema)\.safetensors|(epoch|step)-\d{4,}\.safetensors"
 STALE_TEMPORARY = re.compile(
     rf"\.({_WRITTEN})\.[a-z0-9_]{{8}}\.tmp|\.curves\.png\.[a-z0-9_]{{8}}\.tmp\.png|\.curves\.png\.tmp\.png"
@@ -144,8 +131,7 @@ STALE_TEMPORARY = re.compile(
 
 
 def check_output_free(out: Path, resume, overwrite: bool) -> None:
-    """Refuse (FileExistsError, naming what the folder holds and the ways on) to start a new run in a folder holding
-    another run or files no run wrote, unless resuming or told to overwrite (which replaces only the run's files)."""
+    """FileExistsError for a new run where another run or foreign files are, unless resuming or `overwrite`."""
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"--output {out} is not a folder; a run folder holds several files: pass a folder path")
     if resume or overwrite or not out.is_dir():
@@ -169,11 +155,10 @@ def check_output_free(out: Path, resume, overwrite: bool) -> None:
 
 
 def lock_folder(out: Path):
-    """Take the folder's `.lock` (flock) for this process, the one writing the folder; the kernel releases it when
-    the process ends, however it ends (or when the returned file is closed; None: no flock here). On a folder that
-    provably holds a run of this package (its lock, and its state or the config every run writes first), also remove
-    the hidden temporaries a killed write left there (as large as the checkpoints): only names this package makes
-    (`STALE_TEMPORARY`), only regular files. A ValueError names the pid of another live process holding the lock."""
+    """Take the folder's `.lock` (flock; released by the kernel however the process ends, or when the returned file
+    is closed; None: no flock here); ValueError naming the pid of a live holder. On a folder that provably holds a run
+    of this package (its lock, and its state or config), also remove the temporaries a killed write left (as large as
+    checkpoints): only `STALE_TEMPORARY` names, only regular files."""
     # a run folder is judged before this run's own lock and config make every folder look like one
     provable = (out / ".lock").is_file() and any((out / n).is_file() for n in ("state.pt", "config.yaml"))
     lock = _flock(out)
@@ -201,22 +186,16 @@ def _flock(out: Path):
             f"run folder {out} is in use by another mambaout train (pid {holder}); wait for it to finish, "
             "or pass another --output"
         ) from None
-    f.seek(0)
-    f.truncate()
+    f.truncate(0)  # "a+": the write goes to the (now empty) end
     f.write(f"{os.getpid()}\n")
     f.flush()
     return f
 
 
 class RunFolder:
-    """The run folder as the engine writes it (rank 0 only; `write=False` on the others, whose methods then only take
-    part in what all ranks do): its lock, `config.yaml` (the task's resolved configuration as its file format),
-    `train.log` (what `say` prints), `state.pt`, `summary.csv` (one row per epoch's end or evaluation, epochs counted
-    from 1 as the log and the epoch-NNNN files count them; the header grows with the first row of a new column),
-    `curves.png`, TensorBoard events, and the weights files: last, best and the `keep_top_k` best evaluations, by the
-    task's `metric` (higher is better), each carrying the task's `meta()` (for classification what
-    `create_model(checkpoint=...)` needs).
-    """
+    """The run folder as the engine writes it (docs/training.md lists its files; `write=False` on ranks but 0). Epochs
+    count from 1 in summary.csv, the log and epoch-NNNN files; the weights files (last, best, the `keep_top_k` best
+    by the task's `metric`, higher is better) carry the task's `meta()`."""
 
     def __init__(self, out: Path, task, write: bool, keep_top_k=0, tensorboard=False, resumed=False):
         self.out, self.config, self.meta, self.write = out, task.config(), task.meta(), write
@@ -246,8 +225,7 @@ class RunFolder:
 
     def save_state(self, parts: Trainable, progress: Progress, completed_epoch: int, epoch_step=0, sums=None):
         """Called on every rank: each rank's RNG state and unlogged loss sums are gathered, so a resumed rank continues
-        its own and the next row and progress line equal an uninterrupted run's. `epoch_step` > 0 marks a checkpoint
-        inside the next epoch. What describes the weights (class names, eval settings) is in the weights files."""
+        its own. `epoch_step` > 0 marks a checkpoint inside the next epoch."""
         mine = dict(rng=rng_state(), sums=sums)
         ranks = [mine]
         if dist.get_world_size() > 1:  # as bytes: all_gather_object cannot carry tensors (torch can't unpickle them)
@@ -292,8 +270,7 @@ class RunFolder:
             self.save_weights(model, "best.safetensors", **dict(extra, **{self.metric: best}))
 
     def _log(self, row: dict) -> None:
-        """Add `row` (holding `step`) to summary.csv, curves.png and TensorBoard; a resumed run rewrites the rows of
-        the steps it redoes."""
+        """Add `row` to summary.csv (a resumed run rewrites the steps it redoes), curves.png and TensorBoard."""
         path = self.out / "summary.csv"
         rows = [r for r in _read_csv(path) if int(r["step"]) < row["step"]] + [row]
         fields = list(dict.fromkeys(k for r in rows for k in r))
@@ -325,8 +302,7 @@ class RunFolder:
 
 
 def csv_cell(value) -> str:
-    """A value as a summary.csv cell: unset (and a list or mapping, which no cell holds) is empty, a float has 6
-    significant digits."""
+    """A value as a summary.csv cell: unset, a list or a mapping is empty; a float has 6 significant digits."""
     if value is None or value == "" or isinstance(value, (list, dict)):
         return ""
     return f"{value:.6g}" if isinstance(value, float) else str(value)
@@ -367,8 +343,7 @@ def plot_curves(summary_csv: Path, png: Path, metric: str = "top1") -> None:
             axes[i // 2].plot(ep, col(key), label=label)
     axes[2].plot(ep, col("lr"))
     for ax, title in zip(axes, ("loss", f"val {metric}", "learning rate")):
-        ax.set_title(title)
-        ax.set_xlabel("epoch")
+        ax.set(title=title, xlabel="epoch")
         ax.grid(alpha=0.3)
     axes[0].legend()
     axes[1].legend()

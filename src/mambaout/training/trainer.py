@@ -1,15 +1,10 @@
-"""The training run of any task, top to bottom: resume, data and model, then epochs of optimizer steps.
+"""The training run of any task: `fit(task, loop)` trains a `Task` (classification in `training/classify.py`,
+detection and segmentation in `dense/tasks.py`) as the `Loop` its command resolved says.
 
-`fit(task, loop)` trains any `Task` (classification in `training/classify.py`, detection and segmentation in
-`dense/tasks.py`) as the `Loop` its command resolved says. A task owns its data, model, loss, evaluation, the numbers
-its lines show and what its checkpoints carry; the engine owns the loop, the optimizer step, the schedule's stepping,
-when to evaluate and save, the run folder (`mambaout.training.runfolder`), resume, Ctrl-C, the log and DDP. Under
-torchrun every rank calls it with the same arguments; only rank 0 writes. A resumed run sees what an uninterrupted
-one would have: each epoch's data order comes from (seed, epoch), its randomness is seeded per epoch and rank, a
-resumed epoch skips the batches already trained and continues each rank's saved RNG state (bit-identical with
-`workers: 0`; with worker processes the order is, their augmentation draws are not). `train_one_epoch` takes the
-optimizer steps (autocast, gradient accumulation, clipping, the grad scaler, the EMA) and keeps the loss sums on the
-device (`Sums`), read only when asked.
+A task owns its data, model, loss, evaluation, the numbers its lines show and its checkpoints' metadata; the engine
+owns the loop, the optimizer step, the schedule, when to evaluate and save, the run folder, resume, Ctrl-C, the log
+and DDP (every rank calls `fit`; only rank 0 writes). How a resumed run replays an uninterrupted one:
+docs/training.md, "Resume".
 """
 
 from __future__ import annotations
@@ -35,11 +30,9 @@ from mambaout.utils.optional import require
 
 @dataclass(frozen=True)
 class Loop:
-    """How the engine runs a task, filled by the task's command from its own settings (`from_settings`).
-
-    Exactly one of `epochs` and `steps` gives the run's length (`steps` may also cap an epoch count); the
-    evaluation comes every `eval_every_epochs` epochs and/or every `eval_every_steps` steps, and always at the end.
-    """
+    """How the engine runs a task (`from_settings`: from the command's settings). `epochs` or `steps` gives the run's
+    length (`steps` may also cap the epochs); evaluation every `eval_every_epochs` and/or `eval_every_steps`, and at
+    the end."""
 
     output: Path
     epochs: int | None = None
@@ -73,15 +66,10 @@ class Loop:
 
 
 class Task:
-    """The interface a task implements; the engine calls these, in this order.
-
-    Attributes:
-        name: The command's task, as messages name it (`train`, `detect`, `segment`).
-        metric: The headline key of `evaluate_run`'s result (higher is better): picks best.safetensors.
-        batch_size: Images per device and micro-batch.
-        batches, steps_per_epoch, train_images: The training loader (`data.loaders.EpochLoader`), the optimizer
-            steps of one pass over it and its image count, set by `build_data`.
-    """
+    """The interface a task implements; the engine calls these, in this order. `name`: the command's task as messages
+    name it (`train`, `detect`, `segment`); `metric`: the headline key of `evaluate_run` (higher is better; picks
+    best.safetensors); `batch_size`: images per device and micro-batch. `build_data` sets `batches` (a
+    `data.loaders.EpochLoader`), `steps_per_epoch` (optimizer steps of one pass) and `train_images`."""
 
     name: str = "task"
     metric: str = "score"
@@ -146,9 +134,8 @@ class LossNotFinite(FloatingPointError, ValueError):
 
 @dataclass
 class Sums:
-    """Loss sums on the device (the loss, then its named parts), since the last row of summary.csv (`row`) and
-    since the last progress line (`line`). A checkpoint stores them (`as_dict`), a resumed run continues them
-    (`Sums(**saved)`), so the numbers it logs equal an uninterrupted run's."""
+    """Loss sums on the device (the loss, then its parts) since the last summary.csv row (`row`) and progress line
+    (`line`); a checkpoint stores them (`as_dict`) for a resumed run to continue (`Sums(**saved)`)."""
 
     names: list = field(default_factory=list)  # "loss", then the task's loss parts
     row: torch.Tensor | list | None = None
@@ -205,21 +192,15 @@ def _on(sums, like: torch.Tensor) -> torch.Tensor:
 def train_one_epoch(model: nn.Module, loader, task, parts, device, sums: Sums, hooks) -> int:
     """Train for one pass over `loader` (at most `hooks.max_steps` optimizer steps); returns the steps taken.
 
-    Every `accum_steps` micro-batches make one optimizer step; DDP's gradient all-reduce runs only on the last of
-    them (`no_sync` on the others), and each micro-loss is divided by `accum_steps` so the summed gradient is the
-    mean over the global batch, exactly as one large batch would give.
+    Every `accum_steps` micro-batches make one optimizer step; DDP's all-reduce runs only on the last of them
+    (`no_sync`), and each micro-loss is divided by `accum_steps`, so the gradient equals one large batch's. `model`
+    is `parts.model`, maybe in DDP and compile wrappers. `sums` stay on the device, read only every
+    `hooks.refresh_every` steps (a read waits for the GPU: once per step would stall the input pipeline).
 
-    Args:
-        task: A `Task`: turns a batch into inputs (`prepare`) and a loss with its parts (`loss`).
-        parts: The `runfolder.Trainable` the step updates: `model` is its model, maybe in DDP and compile wrappers.
-        sums: The loss sums, kept on the device: reading a device tensor waits for the GPU, which would stall the
-            input pipeline once per step, so they are read only every `hooks.refresh_every` steps.
-        hooks: The trainer's `Steps`: how each step is taken (`accum_steps`, `amp_dtype`, `clip_grad`); `start()`
-            is called once the loader's iterator exists (creating it draws from the RNG), before the first batch;
-            `report(n, means)` every `refresh_every` and every `line_every` (0: never) steps of the run (`first`: the
-            steps taken before this pass), and at a stop or the end, with the steps taken and the means since the
-            last line, a non-finite loss raised at the first read after it; `after_step(n)` after every optimizer
-            step with the steps taken, True ending the pass there.
+    `hooks` (the trainer's `Steps`) gives `accum_steps`, `amp_dtype`, `clip_grad`, `first` (steps before this pass)
+    and `line_every` (0: never), and is called: `start()` once the loader's iterator exists (it draws from the RNG),
+    `report(n, means)` every `refresh_every` and `line_every` steps of the run and at the end (a non-finite loss
+    raises at the first read after it), `after_step(n)` after each optimizer step (True ends the pass).
     """
     model.train()
     accum = hooks.accum_steps
@@ -312,9 +293,7 @@ def fit(task: Task, loop: Loop) -> dict:
             epoch = progress.start_epoch + 1
             after = f" after its step {progress.resume_step}" if progress.resume_step else ""
             run.say(f"resumed from {loop.resume}: epoch {epoch}{after}, global step {progress.global_step}")
-        # Ctrl-C stops after the optimizer step under way, where the state is consistent and is saved; a second one
-        # stops at once. Several processes could not agree on that step: there Ctrl-C stops at once, as usual.
-        note = "stopping after this optimizer step, then saving the state"
+        note = "stopping after this optimizer step, then saving the state"  # several processes: Ctrl-C stops at once
         with DeferredInterrupt(note, env.world_size == 1) as interrupt:
             result = Steps(
                 task, loop, run, parts, progress, train_model, device, amp_dtype, int(total), interrupt
@@ -329,16 +308,14 @@ def fit(task: Task, loop: Loop) -> dict:
 
 
 class Steps:
-    """The run's optimizer steps, epoch by epoch, and what follows each one: the schedule, the progress line, the
-    evaluation and the summary row when due, the state when due, and the stops (`stop_after_*`, Ctrl-C)."""
+    """The run's optimizer steps, epoch by epoch, and what follows each: schedule, progress, rows, states, stops."""
 
     refresh_every = 20  # the loss is read from the device (a host sync) every 20 steps, and for each progress line
 
     def __init__(self, task, loop, run, parts, progress, train_model, device, amp_dtype, total, interrupt):
         self.task, self.loop, self.folder, self.parts, self.progress = task, loop, run, parts, progress
         self.train_model, self.device, self.total = train_model, device, total
-        # how each optimizer step is taken: micro-batches per step (global batch / (per-device batch x world size)),
-        # autocast's dtype (None: full precision), the max gradient norm (None or 0: no clipping)
+        # a step: micro-batches per step, autocast's dtype (None: full precision), max gradient norm (None, 0: none)
         self.accum_steps, self.amp_dtype, self.clip_grad = loop.accum_steps, amp_dtype, loop.clip_grad
         self.interrupt, self.line_every = interrupt, loop.log_every if loop.progress else 0
         self.spe = task.steps_per_epoch
@@ -376,8 +353,7 @@ class Steps:
         self.epoch = epoch
         self.skip = self.progress.resume_step if epoch == self.progress.start_epoch else 0
         self.epoch_steps = min(self.spe, self.total - epoch * self.spe)
-        # Seeding per epoch makes an epoch's randomness a function of (seed, epoch, rank) only, so a resumed
-        # run replays exactly what an uninterrupted one would have done.
+        # an epoch's randomness a function of (seed, epoch, rank) only: a resumed run replays it exactly
         rf.seed_all(self.loop.seed + 1000 * epoch + dist.get_rank())
         loader.set_epoch(epoch)
         loader.skip_samples(self.skip * self.accum_steps * task.batch_size)
@@ -433,8 +409,7 @@ class Steps:
         return stop
 
     def row(self, evaluate: bool, epoch_end: bool) -> None:
-        """A row of summary.csv (and its line in the log): the training numbers since the last row, and the
-        held-out ones when `evaluate`; the weights files with it."""
+        """A summary.csv row and log line (training numbers since the last row, held-out ones), and weights files."""
         step = self.progress.global_step
         train = self.sums.take_row(self.device) if self.sums.row_n else {}
         images, skipped = train.pop("images", 0), train.pop("skipped", 0)
@@ -468,8 +443,7 @@ class Steps:
         self.t_row = time.perf_counter()
 
     def report(self, n: int, values: dict) -> None:
-        """The progress display after step n of this call of the epoch: a bar on a terminal, else a line every
-        `log_every` steps (logs and SLURM files), with the means since the last line."""
+        """Progress after step n of this epoch's call: a bar on a terminal, else a line every `log_every` steps."""
         done = self.skip + n
         if self.bar is not None:
             self.bar.update(done - self.bar.n)

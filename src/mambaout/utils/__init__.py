@@ -1,4 +1,1 @@
-"""The lowest layer: atomic file writes, input bounds, optional imports and the distributed facade.
-
-Nothing here imports another part of the package.
-"""
+"""The lowest layer (files, bounds, devices, checks, YAML, optional imports, DDP): it imports no other layer."""

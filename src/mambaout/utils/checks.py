@@ -1,11 +1,7 @@
-"""Typed, range-checked configuration fields: what a setting may hold, said once, checked once.
-
-A dataclass declares each field with `setting(default, check, help, flags=...)`; `validate_fields(obj)` (called from
-the section's `__post_init__`) runs every check, stores the normalised value (a list becomes a tuple, an int a
-float) and raises one `ValueError` line naming the key, the value and what is allowed:
-`min_lr=nan: must be a finite number in [0, 1000]`. Every number check refuses NaN and infinities. Each check also
-knows how a command line spells its value (`kind`) and a few values it refuses (`bad`), from which
-`mambaout.utils.schema` builds the parsers and tests/test_settings.py its cases.
+"""Typed, range-checked configuration fields: a dataclass declares each with `setting(default, check, help, ...)`;
+`validate_fields(obj)` (from `__post_init__`) stores the normalised values (a list becomes a tuple, an int a float)
+or raises one line, `min_lr=nan: must be a finite number in [0, 1000]` (number checks refuse NaN and infinities).
+A check's `kind` (how a flag spells it) and `bad` (values it refuses) feed `utils.schema` and tests/test_settings.py.
 """
 
 from __future__ import annotations
@@ -150,8 +146,7 @@ def integers(min_len: int, max_len: int, lo: int, hi: int) -> Check:
 
 
 def mapping(check_items: Callable[[dict], None] | None = None, bad=()) -> Check:
-    """A mapping with string keys; `check_items` may raise ValueError for its contents (`bad`: mappings it
-    refuses)."""
+    """A mapping with string keys; `check_items` may raise ValueError for its contents (`bad`: mappings it refuses)."""
 
     def fn(v):
         if not isinstance(v, dict) or not all(isinstance(k, str) for k in v):

@@ -24,7 +24,7 @@ def resolve_device(name: str | None):
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
     elif dev.type == "mps":
-        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        if not torch.backends.mps.is_available():  # torch.backends.mps: torch >= 1.12
             raise ValueError(f"--device {name} asked for, but MPS is not available here; use --device cpu")
     elif dev.type != "cpu":
         raise ValueError(f"unsupported device {name!r}; use cpu, cuda or cuda:N")

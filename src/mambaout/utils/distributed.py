@@ -1,8 +1,5 @@
-"""Everything distributed lives here: torchrun/SLURM detection, process group set-up, and small collective helpers.
-
-The same training command runs as one plain process (world size 1, nothing initialised), under `torchrun`
-(`RANK`, `WORLD_SIZE`, `LOCAL_RANK`, ...), or as SLURM tasks started by `srun` (`SLURM_PROCID`, `SLURM_NTASKS`, ...).
-The rest of the package asks `is_main()` before logging or saving and never imports `torch.distributed` itself.
+"""Everything distributed: torchrun/SLURM detection, process group set-up, small collectives. A command runs as one
+plain process (nothing initialised), under `torchrun` or as `srun` tasks; no other module imports torch.distributed.
 """
 
 from __future__ import annotations
@@ -48,13 +45,9 @@ def _slurm_master_addr() -> str:
 
 
 def init(device: str | None = None, backend: str | None = None) -> tuple[DistEnv, torch.device]:
-    """Initialise the process group if there are several ranks; returns the rank layout and this rank's device.
-
-    Args:
-        device: 'cpu', 'cuda', 'cuda:N' or None (cuda when available); under torchrun a bare 'cuda' means this rank's
-            local GPU.
-        backend: Process group backend; default nccl on CUDA, gloo on CPU.
-    """
+    """Initialise the process group if there are several ranks; returns the rank layout and this rank's device
+    (`device` as `resolve_device` takes it; a bare 'cuda' is this rank's local GPU). `backend`: default nccl on
+    CUDA, gloo on CPU."""
     env = detect()
     dev = resolve_device(device)
     if dev.type == "cuda":

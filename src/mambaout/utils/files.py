@@ -18,26 +18,21 @@ _KINDS = (
 )
 
 
-class _OwnMessage:
+class FileWriteError(OSError):
+    """Writing a named file failed (a full disk, a quota, an I/O error); the message names the file."""
+
     def __str__(self) -> str:  # the message alone, without "[Errno 28]"
         return self.strerror or super().__str__()
 
 
-class SpecialFileError(_OwnMessage, OSError, ValueError):
+class SpecialFileError(FileWriteError, ValueError):
     """An output path that names a device, a FIFO or a socket (or a symlink to one): never written or replaced.
-    Both an OSError (what the writers raise) and a ValueError (what the early checks of the commands raise)."""
-
-
-class FileWriteError(_OwnMessage, OSError):
-    """Writing a named file failed (a full disk, a quota, an I/O error); the message names the file."""
+    Also a ValueError (what the early checks of the commands raise)."""
 
 
 def special_kind(path: str | os.PathLike) -> str | None:
     """What `path` is when it is not a regular file, a folder or nothing: `'a character device'`, ... else None.
-
-    Symlinks are followed (a link to `/dev/null` is a character device); stat only: the file is never opened
-    (opening a FIFO for reading blocks until a writer comes).
-    """
+    Symlinks are followed; stat only: the file is never opened (opening a FIFO blocks until a writer comes)."""
     try:
         mode = os.stat(path).st_mode
     except OSError:
@@ -81,18 +76,11 @@ def output_target(path: str | os.PathLike, what: str = "output") -> Path:
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None], suffix: str = "") -> Path:
-    """Call `write(tmp)` on a temporary file beside `path`, then rename it onto `path`.
-
-    A crash (or a KeyboardInterrupt) mid-write leaves any previous `path` intact and no temporary file behind. Only a
-    regular file, or a path that does not exist yet, is replaced (see `output_target`): a symlink to a regular file
-    stays a symlink, and the file it points to is replaced. `suffix` ends the temporary name, for writers that
-    insist on one (`.pt2`, `.png`).
-
-    Raises:
-        SpecialFileError: `path` names a device, FIFO or socket.
-        FileWriteError: the write failed (a full disk, a quota, an I/O error), in one line naming the file and the
-            space left on its device; also for torch's RuntimeError and safetensors' `SafetensorError` that report
-            one ("os error 28").
+    """Call `write(tmp)` on a temporary file beside `path`, then rename it onto `path`: a crash or Ctrl-C mid-write
+    leaves any previous `path` intact and no temporary behind. Only a regular file or a new path is replaced
+    (`output_target`: a symlink's target is replaced, the link kept). `suffix` ends the temporary name (`.pt2`, `.png`).
+    SpecialFileError for a device, FIFO or socket; FileWriteError, one line naming the file and the space left, when
+    the write fails (a full disk, a quota, I/O; also torch's and safetensors' errors that report one, "os error 28").
     """
     path = output_target(path)
     path.parent.mkdir(parents=True, exist_ok=True)

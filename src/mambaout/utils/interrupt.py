@@ -1,8 +1,5 @@
-"""Ctrl-C (SIGINT): loader workers leave it to the main process, and a long loop can finish its step first.
-
-A terminal sends SIGINT to the whole foreground process group: a data-loader worker that died of it would turn an
-orderly stop into "DataLoader worker exited unexpectedly".
-"""
+"""Ctrl-C (SIGINT): loader workers leave it to the main process (a terminal sends it to the whole process group, and
+a worker dying of it reads "DataLoader worker exited unexpectedly"), and a long loop can finish its step first."""
 
 from __future__ import annotations
 

@@ -1,8 +1,5 @@
-"""Recipes: YAML files of settings, found by name or path, and listed with what their header says.
-
-Every recipe starts with comment lines that state its command, hardware, wall time and result (`# hardware: ...`);
-`recipe_table` shows those beside the names, so `--list-recipes` says what each recipe costs and reaches.
-"""
+"""Recipes: YAML files of settings, found by name or path, and listed (`--list-recipes`) with the hardware, wall time
+and result their leading comment lines state (`# hardware: ...`)."""
 
 from __future__ import annotations
 

@@ -1,9 +1,6 @@
-"""The settings of a command, each declared once (`checks.setting`), and everything derived from the declarations.
-
-A `Schema` is an ordered set of sections (dataclasses whose fields are `setting`s). From it come the command-line
-parser's options (`mambaout.cli.common.add_settings`), `--set KEY=VALUE` (`parse_set`: a bare key resolves to its
-section when only one section has it), the key lookup of recipe files (`find`) and the docs' settings table
-(`markdown`). Only the standard library is imported here: a command's `--help` loads nothing else.
+"""The settings of a command, each declared once (`checks.setting`), and what derives from them: a `Schema` (ordered
+sections) gives the parser's options (`cli.common.add_settings`), `--set` (a bare key resolves to the one section
+holding it), recipe keys (`find`) and docs/settings.md (`markdown`). Standard library only: `--help` loads nothing else.
 """
 
 from __future__ import annotations
@@ -23,9 +20,7 @@ AMP_CHOICES = ("auto", "none", "bf16", "fp16")  # mambaout.utils.device.autocast
 
 
 def _device(value):
-    if value in ("cpu", "cuda", "mps") or (isinstance(value, str) and re.fullmatch(r"cuda:\d{1,2}", value)):
-        return value
-    return C.BAD
+    return value if isinstance(value, str) and re.fullmatch(r"cpu|cuda|mps|cuda:\d{1,2}", value) else C.BAD
 
 
 _PATH, _SWITCH, _STEPS = C.text(optional=True), C.boolean(), C.integer(1, 10**12, optional=True)

@@ -1,9 +1,6 @@
-"""Text for a terminal: names from files and checkpoints shown so they cannot forge lines or drive the terminal.
-
-A class or file name may hold a newline that starts a forged result line, ESC sequences, BEL, Unicode's line
-separators or the bidirectional overrides that make a name display as another: human-readable output passes such
-text through `printable` (`--json` output stays exact: JSON escapes control characters itself).
-"""
+"""Text for a terminal: a class or file name may hold a newline that forges a result line, ESC sequences or the
+bidirectional overrides that make a name display as another, so human-readable output passes names through
+`printable` (`--json` output stays exact: JSON escapes control characters itself)."""
 
 from __future__ import annotations
 

@@ -1,15 +1,11 @@
 """The CPU thread policy of every `mambaout` command and of the test run: as many intra-op threads as cores are free.
 
-Why: torch's CPU ops split their work over one thread per core and meet at a barrier after each op; when another
-process keeps one of two cores busy, every op waits for our thread that shares its core (a 2-core EPYC ran the
-README's `mambaout train` in 17.5 s quiet and 108 s beside one busy loop; docs/performance.md has the table).
-
-`begin()` snapshots the CPU counters before torch loads; `settle()`, after, counts the cores other processes used
-during the import as busy and sets the usable cores less those, rounded, at least 1 (in `mambaout.cli._start_up`
-and tests/conftest.py). Time of niced processes (`nice -n 10 ...`) does not count as busy for a process at the
-default priority: the scheduler gives those cores to it first. OMP_NUM_THREADS or MAMBAOUT_THREADS (a number, or
-`all`) override it, and afterwards any `--threads N` (`set_threads`). It looks once, at start-up: a load that starts
-later is not seen.
+torch's CPU ops meet at a barrier after each op, so a thread sharing its core with a busy process makes every op
+wait (docs/performance.md, "CPU threads on a shared machine"). `begin()` snapshots the CPU counters before torch
+loads; `settle()`, after, sets the usable cores less those other processes used meanwhile (niced ones count as free
+for a process at the default priority), rounded, at least 1 (`mambaout.cli._start_up`, tests/conftest.py).
+OMP_NUM_THREADS or MAMBAOUT_THREADS (a number, or `all`) override it, and afterwards `--threads N` (`set_threads`).
+It looks once, at start-up: a load that starts later is not seen.
 """
 
 from __future__ import annotations
@@ -32,8 +28,7 @@ def usable_cores() -> int:
 
 @dataclass(frozen=True)
 class CpuSnapshot:
-    """Machine-wide busy and total CPU seconds since boot (from /proc/stat), this process's CPU seconds, and the wall
-    clock."""
+    """Machine-wide busy and total CPU seconds since boot (/proc/stat), this process's CPU seconds, the wall clock."""
 
     busy: float
     total: float
@@ -67,8 +62,7 @@ def cpu_snapshot() -> CpuSnapshot | None:
 
 
 def free_cores(before: CpuSnapshot, after: CpuSnapshot, cores: int | None = None) -> float | None:
-    """Cores left free by *other* processes between two snapshots (our own CPU time taken out); None when the
-    window is too short (under 50 ms) to say."""
+    """Cores other processes left free between two snapshots (our CPU time taken out); None for under 50 ms."""
     cores = cores or usable_cores()
     total = after.total - before.total
     if after.wall - before.wall < 0.05 or total <= 0:
@@ -84,9 +78,7 @@ def free_cores(before: CpuSnapshot, after: CpuSnapshot, cores: int | None = None
 def threads_for(free: float | None, cores: int | None = None) -> int:
     """Intra-op threads for `free` free cores: rounded, at least 1, at most the usable cores (all when unknown)."""
     cores = cores or usable_cores()
-    if free is None:
-        return cores
-    return max(1, min(cores, int(free + 0.5)))
+    return cores if free is None else max(1, min(cores, int(free + 0.5)))
 
 
 @dataclass
@@ -126,12 +118,9 @@ def begin() -> None:
 
 
 def settle(min_window: float = 0.2, again: bool = False, most: int | None = None) -> Policy:
-    """Step 2: set torch's intra-op threads from the cores left free since `begin()` (or the environment).
-
-    It watches the machine for the rest of `min_window` seconds first when the window since `begin()` was shorter.
-    Once per process: when threads were already set here, it changes nothing unless `again`. `most` caps the count
-    the policy picks (not the environment's). Imports torch. Returns the module's `policy`.
-    """
+    """Step 2: set torch's intra-op threads from the cores left free since `begin()` (watched for at least
+    `min_window` seconds), or from the environment; once per process unless `again`. `most` caps the policy's count
+    (not the environment's). Imports torch; returns the module's `policy`."""
     global _begun
     if policy.threads is not None and not again:
         _begun = None
@@ -173,6 +162,4 @@ def describe() -> str:
     import torch
 
     n = torch.get_num_threads()
-    if policy.threads == n:
-        return f"{n} threads ({policy.reason})"
-    return f"{n} threads (set by the caller)"
+    return f"{n} threads ({policy.reason if policy.threads == n else 'set by the caller'})"
