@@ -1,12 +1,10 @@
-"""Layers MambaOut shares with the other models of the package: norms, activations, stochastic depth, LayerScale,
-and the weight-decay parameter groups every model here offers as `model.param_groups(weight_decay)`.
+"""Layers MambaOut shares with the other models of the package: the norm, activations, and the weight-decay parameter
+groups every model here offers as `model.param_groups(weight_decay)`. Stochastic depth and LayerScale are timm's.
 """
 
-# No `from __future__ import annotations`: TorchScript reads these hints at run time (see mambaout.py).
 from collections.abc import Callable
 from functools import partial
 
-import torch
 from torch import nn
 
 # Every norm in MambaOut is a channels-last LayerNorm with eps 1e-6 (official `partial(nn.LayerNorm, eps=1e-6)`).
@@ -24,36 +22,6 @@ def get_act_layer(act_layer: str | Callable[[], nn.Module]) -> Callable[[], nn.M
             )
         return _ACTIVATIONS[act_layer.lower()]
     return act_layer
-
-
-class DropPath(nn.Module):
-    """Stochastic depth: drop the whole residual branch of a sample with probability `drop_prob`."""
-
-    def __init__(self, drop_prob: float = 0.0):
-        super().__init__()
-        self.drop_prob = drop_prob
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.drop_prob == 0.0 or not self.training:
-            return x
-        keep = 1.0 - self.drop_prob
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)  # one draw per sample
-        return x * mask.div_(keep)
-
-    def extra_repr(self) -> str:
-        return f"drop_prob={self.drop_prob:.3f}"
-
-
-class LayerScale(nn.Module):
-    """Per-channel learnable scale of a residual branch (CaiT); `gamma` starts at `init_value`."""
-
-    def __init__(self, dim: int, init_value: float = 1e-6):
-        super().__init__()
-        self.init_value = init_value
-        self.gamma = nn.Parameter(torch.full((dim,), float(init_value)))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.gamma
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

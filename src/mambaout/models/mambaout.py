@@ -10,12 +10,13 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
 import torch
+from timm.layers import DropPath, LayerScale
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from mambaout import kernels
 from mambaout.kernels import cpu as kernels_cpu
-from mambaout.models.layers import DropPath, LayerNorm, LayerScale, get_act_layer, param_groups
+from mambaout.models.layers import LayerNorm, get_act_layer, param_groups
 
 __all__ = ["MambaOut", "GatedCNNBlock", "Stem", "Downsample", "MambaOutStage", "ClassifierHead", "FeatureInfo"]
 

@@ -16,10 +16,11 @@ from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
+from timm.layers import DropPath
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from mambaout.models.layers import DropPath, LayerNorm, param_groups  # LayerNorm: eps 1e-6, as DeiT's
+from mambaout.models.layers import LayerNorm, param_groups  # LayerNorm: eps 1e-6, as DeiT's
 
 __all__ = ["VisionTransformer", "Attention", "Block"]
 
