@@ -1,14 +1,10 @@
 """The Gated CNN block's token mixer in one GPU kernel: `act(g) * [i, dwconv(c)]`, forward and backward.
 
-`y = fc1(norm(x))` is `[g, i, c]` along its last dimension (`[B, H, W, 2 * hidden]`). The plain block runs the
-depthwise conv on a strided slice of `y` (a copy), concatenates `i` with the conv's output (another copy), then
-applies the activation and the product (two more passes). Here one kernel reads `g` and `i` once and `c` through
-the conv's `k x k` window and writes the gate product `[B, H, W, hidden]` straight to memory: the conv output and
-the concatenation never exist. The backward recomputes the conv instead of saving it.
-
-The kernels are tested against `gated_dwconv_reference` (on CPU with `TRITON_INTERPRET=1`). `gated_dwconv` is a
-`torch.library` custom op with a fake implementation and an autograd formula, so `torch.compile(fullgraph=True)`
-treats it as one opaque node and inductor fuses the rest of the block around it.
+For `y = fc1(norm(x)) = [g, i, c]` (`[B, H, W, 2 * hidden]`), one kernel reads `g` and `i` once and `c` through the
+conv's `k x k` window and writes the gate product `[B, H, W, hidden]`: the plain block's copies (strided conv input,
+concatenation) and its separate activation and product passes never happen. The backward recomputes the conv.
+Tested against `gated_dwconv_reference` (on CPU with `TRITON_INTERPRET=1`). A `torch.library` custom op with a fake
+implementation and an autograd formula, so `torch.compile(fullgraph=True)` keeps it as one node.
 """
 
 from __future__ import annotations
@@ -95,11 +91,9 @@ if _HAS_TRITON:
             s = 1.0 / (1.0 + tl.exp(-g))
             return g * s, s * (1.0 + g * (1.0 - s))
 
-    # Compile time is part of the design: every loop over the k x k taps is a runtime loop (KS is a plain int, not a
-    # constexpr), so the tap body is emitted once, not unrolled 49 times into masked 2-D loads. Unrolled, one
-    # configuration took ptxas about 94 s on a 2-core CPU; `mambaout kernels --aot sm_90` holds each under a bound.
-    # NPIX, H and W are not specialised either (`do_not_specialize`), so a new batch size or resolution reuses the
-    # compiled kernel; only the autotuner's key (channel widths, W, KS) picks a tile again.
+    # Compile time is part of the design (docs/performance.md): the k x k tap loops are runtime loops (KS is a plain
+    # int, not a constexpr), so ptxas does not unroll 49 masked 2-D loads; NPIX, H and W are not specialised either,
+    # so a new batch size or resolution reuses the compiled kernel. `mambaout kernels --aot sm_90` bounds each compile.
     _NO_SPECIALIZE = ["NPIX", "H", "W", "KS"]
 
     @triton.jit
