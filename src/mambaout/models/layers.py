@@ -1,10 +1,13 @@
-"""Layers MambaOut shares with the other models of the package: the norm, activations, and the weight-decay parameter
-groups every model here offers as `model.param_groups(weight_decay)`. Stochastic depth and LayerScale are timm's.
+"""What MambaOut shares with the other models of the package: the norm, activations, the weight-decay parameter
+groups and the classifier API. Stochastic depth and LayerScale are timm's.
 """
+
+# No `from __future__ import annotations`: TorchScript reads these hints at run time (see mambaout.py).
 
 from collections.abc import Callable
 from functools import partial
 
+import torch
 from torch import nn
 
 # Every norm in MambaOut is a channels-last LayerNorm with eps 1e-6 (official `partial(nn.LayerNorm, eps=1e-6)`).
@@ -33,3 +36,18 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             exempt = name in skip if skip is not None else p.ndim <= 1 or name.endswith(".bias")
             (no_decay if exempt else decay).append(p)
     return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
+
+
+class ClassifierAPI:
+    """timm's classifier API as MambaOut and the comparison ViTs share it, so the training pipeline treats them alike:
+    the model has `forward_features`, `forward_head`, `no_weight_decay()` and its classifier at `head.fc`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def get_classifier(self) -> nn.Module:
+        return self.head.fc
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """Optimizer parameter groups: weight decay on weights, none on `no_weight_decay()`."""
+        return param_groups(self, weight_decay)

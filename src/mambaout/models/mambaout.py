@@ -16,7 +16,7 @@ from torch.utils.checkpoint import checkpoint
 
 from mambaout import kernels
 from mambaout.kernels import cpu as kernels_cpu
-from mambaout.models.layers import LayerNorm, get_act_layer, param_groups
+from mambaout.models.layers import ClassifierAPI, LayerNorm, get_act_layer
 
 __all__ = ["MambaOut", "GatedCNNBlock", "Stem", "Downsample", "MambaOutStage", "ClassifierHead", "FeatureInfo"]
 
@@ -241,13 +241,9 @@ class MambaOutStage(nn.Module):
 
 
 class ClassifierHead(nn.Module):
-    """Global average pool, LayerNorm, then an MLP classifier.
-
-    The paper's head is `pool -> norm -> fc -> GELU -> norm -> dropout -> fc` (`mlp_norm=True`);
-    timm's `_rw` head drops the norm inside the MLP (`mlp_norm=False`). Both use GELU whatever the blocks use.
-
-    `num_classes=0` leaves the pre-logits features, `mlp_ratio=0` makes a plain linear classifier, and
-    `global_pool=''` keeps the spatial map.
+    """The paper's head, `pool -> norm -> fc -> GELU -> norm -> dropout -> fc` (`mlp_norm=True`); timm's `_rw` head
+    drops the norm inside the MLP (`mlp_norm=False`). Both use GELU whatever the blocks use. `num_classes=0` leaves the
+    pre-logits features, `mlp_ratio=0` makes a plain linear classifier, `global_pool=''` keeps the spatial map.
     """
 
     def __init__(
@@ -386,7 +382,7 @@ def _stage_maps(stem: nn.Module, stages: nn.Sequential, x: torch.Tensor, take: S
     return x, feats
 
 
-class MambaOut(_Backbone, nn.Module):
+class MambaOut(_Backbone, ClassifierAPI, nn.Module):
     """MambaOut: a 4-stage hierarchical network of Gated CNN blocks (paper Fig. 2).
 
     Args:
@@ -465,17 +461,9 @@ class MambaOut(_Backbone, nn.Module):
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         return self.head(x, pre_logits=pre_logits)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
-    def get_classifier(self) -> nn.Module:
-        return self.head.fc
-
     def reset_classifier(self, num_classes: int, global_pool: str | None = None, reset_other: bool = False) -> None:
-        """Replace the final linear layer (freshly initialised) for `num_classes` outputs; 0 removes it.
-
-        `global_pool=''` keeps the spatial map; `reset_other` also drops the head's norm and MLP (timm's meaning).
-        """
+        """A freshly initialised final linear layer for `num_classes` outputs (0 removes it); `global_pool=''` keeps
+        the spatial map; `reset_other` also drops the head's norm and MLP (timm's meaning)."""
         self.num_classes = num_classes
         self.head.reset(num_classes, global_pool, reset_other)
         self.head_hidden_size = self.head.num_features
@@ -483,10 +471,6 @@ class MambaOut(_Backbone, nn.Module):
     def no_weight_decay(self) -> set[str]:
         """Names of parameters trained without weight decay: norms, biases and LayerScale (all the 1-D ones)."""
         return {name for name, p in self.named_parameters() if p.ndim <= 1}
-
-    def param_groups(self, weight_decay: float) -> list[dict]:
-        """Optimizer parameter groups: weight decay on weights of convs and linears, none on `no_weight_decay()`."""
-        return param_groups(self, weight_decay)
 
     def group_matcher(self, coarse: bool = False) -> dict:
         """Regexes grouping parameters by depth, for layer-wise learning-rate decay (timm's convention)."""
@@ -533,10 +517,9 @@ class MambaOut(_Backbone, nn.Module):
     ) -> list[int]:
         """Drop the stages after the last index in `indices`; returns the kept indices.
 
-        With `prune_head` the classifier head goes too: `forward` then returns the last kept stage's map,
-        `[B, H, W, C]`, and `num_features`/`head_hidden_size` are that stage's width. The head is sized for the last
-        stage, so it can only stay (`prune_head=False`) when that stage stays. `prune_norm` is accepted for timm's
-        signature; MambaOut has no norm between the stages and the head.
+        With `prune_head` the classifier head goes too: `forward` then returns the last kept stage's map `[B, H, W, C]`,
+        and `num_features`/`head_hidden_size` are that stage's width. The head, sized for the last stage, can only stay
+        (`prune_head=False`) when that stage stays. `prune_norm`: timm's signature (MambaOut has no such norm).
         """
         take = self._take_indices(indices)
         keeps_last = take[-1] == len(self.stages) - 1
@@ -557,9 +540,7 @@ class MambaOut(_Backbone, nn.Module):
 
 class MambaOutFeatures(_Backbone, nn.Module):
     """A MambaOut backbone for detection and segmentation: returns the maps of `out_indices` (strides 4/8/16/32).
-
-    Built by `create_model(name, features_only=True)`. Only the stages up to the last requested one are kept.
-    """
+    Built by `create_model(name, features_only=True)`; only the stages up to the last requested one are kept."""
 
     def __init__(self, model: MambaOut, out_indices: Sequence[int] = (0, 1, 2, 3), output_fmt: str = "NCHW"):
         super().__init__()

@@ -45,12 +45,9 @@ def _entrypoint(name: str):
 
 
 def _feature_format(output_fmt: str, kwargs: dict) -> dict:
-    """timm's feature-map layout argument, which its MambaOut wrappers reject: the feature config that honours it.
-
-    timm's default `features_only` wrapper taps the stage modules, whose outputs are NHWC; `output_fmt` is then only a
-    label. So an explicit `output_fmt` goes through timm's `getter` wrapper, which asks the model's
-    `forward_intermediates` for that layout.
-    """
+    """The feature config honouring timm's `output_fmt` (which timm's own MambaOut rejects): timm's default wrapper
+    taps the stage modules, whose maps are NHWC whatever it says, so it goes through the `getter` wrapper, which asks
+    `forward_intermediates` for that layout."""
     _check_output_fmt(str(output_fmt))
     if not kwargs.get("features_only"):
         raise ValueError("output_fmt applies to features_only=True models (the classifier takes NCHW images)")

@@ -1,9 +1,6 @@
-"""ViT-Ti / ViT-S in the DeiT configuration, with attention switchable between fully-visible and causal.
-
-The paper's Fig. 3b makes a ViT's attention causal (token t sees only tokens 0..t, as an RNN or SSM scans) and finds
-ImageNet accuracy drops (ViT-Ti 72.2 -> 70.6, ViT-S 79.8 -> 78.9): classifying an image gains from seeing all of it.
-DeiT configuration (Touvron et al., 2021): patch 16, depth 12, width 192 (Ti) / 384 (S), 3 / 6 heads, MLP ratio 4,
-pre-norm blocks, learned position embedding, a class token and a linear classifier on it.
+"""ViT-Ti / ViT-S in the DeiT configuration (patch 16, depth 12, width 192 / 384, 3 / 6 heads, MLP ratio 4, pre-norm,
+learned position embedding, class token, linear classifier) with fully-visible or causal attention (token t sees only
+tokens 0..t, as an RNN or SSM scans): the paper's Fig. 3b (docs/analysis.md).
 
 The class token comes LAST in the sequence (DeiT puts it first): full attention does not care, and with causal
 attention the last token is the only one that sees every patch. Patches enter in row-major order.
@@ -20,7 +17,7 @@ from timm.layers import DropPath
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from mambaout.models.layers import LayerNorm, param_groups  # LayerNorm: eps 1e-6, as DeiT's
+from mambaout.models.layers import ClassifierAPI, LayerNorm  # LayerNorm: eps 1e-6, as DeiT's
 
 __all__ = ["VisionTransformer", "Attention", "Block"]
 
@@ -71,7 +68,7 @@ class Block(nn.Module):
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
-class VisionTransformer(nn.Module):
+class VisionTransformer(ClassifierAPI, nn.Module):
     """ViT with a class token, learned position embedding and a `causal` attention switch.
 
     The position embedding is made for `img_size`; other sizes (multiples of `patch_size`) interpolate it
@@ -155,14 +152,6 @@ class VisionTransformer(nn.Module):
         x = self.head.drop(x[:, -1])  # the class token
         return x if pre_logits else self.head.fc(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
-    # --- the model API shared with MambaOut, so the training pipeline treats both alike ---------------------------
-
-    def get_classifier(self) -> nn.Module:
-        return self.head.fc
-
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         self.num_classes = num_classes
         ref = self.norm.weight
@@ -177,10 +166,6 @@ class VisionTransformer(nn.Module):
     def no_weight_decay(self) -> set[str]:
         """Norms, biases, the class token and the position embedding go without weight decay (DeiT)."""
         return {name for name, p in self.named_parameters() if p.ndim <= 1 or name in ("cls_token", "pos_embed")}
-
-    def param_groups(self, weight_decay: float) -> list[dict]:
-        """Optimizer parameter groups: weight decay on all but `no_weight_decay()`."""
-        return param_groups(self, weight_decay)
 
     def group_matcher(self, coarse: bool = False) -> dict:
         return dict(stem=r"^cls_token|^pos_embed|^stem", blocks=r"^blocks\.(\d+)")
