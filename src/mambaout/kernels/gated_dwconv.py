@@ -66,9 +66,7 @@ except ImportError:  # CPU-only installs: the block falls back to PyTorch
 
 def triton_available(device: torch.device | str) -> bool:
     """Whether the Triton kernels can run on `device`: CUDA with Triton, or any device under `TRITON_INTERPRET=1`."""
-    if not _HAS_TRITON:
-        return False
-    return torch.device(device).type == "cuda" or triton_interpreting()
+    return _HAS_TRITON and (torch.device(device).type == "cuda" or triton_interpreting())
 
 
 if _HAS_TRITON:
@@ -322,31 +320,6 @@ def _launch_gate(tuned, plain, y, weight, bias, outputs: tuple, hidden: int, cc:
         _launch(tuned, plain, end - first, npix, *args, CONV=conv, **consts)
 
 
-def _gated_dwconv_triton(y, weight, bias, hidden, act):
-    cc = _check(y, weight, bias, hidden, act)
-    y, weight = y.contiguous(), weight.contiguous()
-    z = y.new_empty(*y.shape[:-1], hidden)
-    if y.numel() > 0:
-        _launch_gate(_fwd_tuned, _fwd_kernel, y, weight, bias, (z,), hidden, cc, act)
-    return z
-
-
-def _gated_dwconv_backward_triton(dz, y, weight, bias, hidden, act):
-    cc = _check(y, weight, bias, hidden, act)
-    y, dz, weight = y.contiguous(), dz.contiguous(), weight.contiguous()
-    B, H, W, _ = y.shape
-    ks = weight.shape[-1]
-    dy = torch.empty_like(y)
-    e = torch.empty(B, H, W, cc, device=y.device, dtype=torch.float32)  # the conv output's gradient, kept in fp32
-    dw = torch.zeros(cc, ks * ks, device=y.device, dtype=torch.float32)
-    db = torch.zeros(cc, device=y.device, dtype=torch.float32)
-    if y.numel() > 0:
-        _launch_gate(_bwd_gate_tuned, _bwd_gate_kernel, y, weight, bias, (dz, dy, e), hidden, cc, act)
-        args = (y, weight, e, dy, dw, db, B * H * W, H, W, hidden, cc)
-        _launch(_bwd_conv_tuned, _bwd_conv_kernel, cc, B * H * W, *args, KS=ks, HAS_BIAS=bias is not None)
-    return dy, dw.view_as(weight).to(weight.dtype), db.to(weight.dtype)
-
-
 # --- torch.library custom ops: opaque to torch.compile, with shapes for tracing and a registered backward -----------
 
 
@@ -364,7 +337,12 @@ def gated_dwconv(
             f"mambaout::gated_dwconv needs Triton on CUDA (or TRITON_INTERPRET=1), got a {y.device.type} tensor; "
             "use gated_dwconv_reference"
         )
-    return _gated_dwconv_triton(y, weight, bias, hidden, act)
+    cc = _check(y, weight, bias, hidden, act)
+    y, weight = y.contiguous(), weight.contiguous()
+    z = y.new_empty(*y.shape[:-1], hidden)
+    if y.numel() > 0:
+        _launch_gate(_fwd_tuned, _fwd_kernel, y, weight, bias, (z,), hidden, cc, act)
+    return z
 
 
 @gated_dwconv.register_fake
@@ -378,7 +356,19 @@ def gated_dwconv_backward(
     dz: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, hidden: int, act: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients `(dy, dweight, dbias)` of `gated_dwconv`; dbias is zeros when there is no bias."""
-    return _gated_dwconv_backward_triton(dz, y, weight, bias, hidden, act)
+    cc = _check(y, weight, bias, hidden, act)
+    y, dz, weight = y.contiguous(), dz.contiguous(), weight.contiguous()
+    B, H, W, _ = y.shape
+    ks = weight.shape[-1]
+    dy = torch.empty_like(y)
+    e = torch.empty(B, H, W, cc, device=y.device, dtype=torch.float32)  # the conv output's gradient, kept in fp32
+    dw = torch.zeros(cc, ks * ks, device=y.device, dtype=torch.float32)
+    db = torch.zeros(cc, device=y.device, dtype=torch.float32)
+    if y.numel() > 0:
+        _launch_gate(_bwd_gate_tuned, _bwd_gate_kernel, y, weight, bias, (dz, dy, e), hidden, cc, act)
+        args = (y, weight, e, dy, dw, db, B * H * W, H, W, hidden, cc)
+        _launch(_bwd_conv_tuned, _bwd_conv_kernel, cc, B * H * W, *args, KS=ks, HAS_BIAS=bias is not None)
+    return dy, dw.view_as(weight).to(weight.dtype), db.to(weight.dtype)
 
 
 @gated_dwconv_backward.register_fake

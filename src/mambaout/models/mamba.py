@@ -189,13 +189,10 @@ class SelectiveSSM(nn.Module):
 
 
 class MambaBlock(GatedCNNBlock):
-    """The Mamba block of the paper's Fig. 1a: a Gated CNN block whose conv branch goes through an SSM.
-
-    `x + fc2(act(g) * [i, ssm(act(dwconv(c)))])`. As in Mamba, the conv output is activated before the SSM.
-    Everything else (norm, fc1 split, partial-channel conv, gate, fc2, LayerScale, drop path) is the
-    `GatedCNNBlock`'s, so `MambaOut(block_layer=MambaBlock)` differs from MambaOut by the SSM alone.
-
-    `d_state`, `dt_rank`, `scan`, `chunk_size` are `SelectiveSSM`'s, which runs on the `conv_ratio * dim` conv channels.
+    """The Mamba block of the paper's Fig. 1a: `x + fc2(act(g) * [i, ssm(act(dwconv(c)))])`, the conv output activated
+    before the SSM as in Mamba. The rest (norm, fc1 split, partial-channel conv, gate, fc2, LayerScale, drop path) is
+    the `GatedCNNBlock`'s, so `MambaOut(block_layer=MambaBlock)` differs from MambaOut by the SSM alone. `d_state`,
+    `dt_rank`, `scan`, `chunk_size` are `SelectiveSSM`'s, which runs on the `conv_ratio * dim` conv channels.
     """
 
     def __init__(

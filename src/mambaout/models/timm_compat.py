@@ -1,8 +1,6 @@
-"""Opt-in: make `timm.create_model("mambaout_tiny", ...)` build this package's MambaOut.
-
-For timm-based detection or segmentation stacks (mmdet/mmseg, detectron2), which create their backbone through
-`timm.create_model`. The model is built by timm's own `build_model_with_cfg`, so timm's pretrained configs, weight
-resolution and `features_only` wrappers apply unchanged; only the model class, and so the kernels, are ours.
+"""Opt-in: make `timm.create_model("mambaout_tiny", ...)` build this package's MambaOut (for detection or segmentation
+stacks that create their backbone through timm). timm's own `build_model_with_cfg` builds it, so timm's pretrained
+configs, weight resolution and `features_only` wrappers apply unchanged; only the model class (so the kernels) is ours.
 """
 
 from __future__ import annotations

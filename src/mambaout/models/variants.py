@@ -80,7 +80,7 @@ class Variant:
 
     def get_weights(self, tag: str | None) -> Weights:
         if not self.weights:
-            raise ValueError(f"{self.name} has no published weights; train it or pass checkpoint=PATH")
+            raise ValueError(f"{self.name} has no published weights; pass checkpoint=PATH or pretrained=False")
         found = next((w for w in self.weights if tag in (None, w.tag)), None)  # None: the first
         if found is None:
             raise ValueError(f"{self.name} has no weights tagged {tag!r}; available: {[w.tag for w in self.weights]}")
@@ -100,13 +100,8 @@ def register(variant: Variant) -> Variant:
 
 
 def _paper(name: str, depths, dims, params_m: float, top1: float, drop_path: float, desc: str):
-    weights = Weights(
-        tag="in1k",
-        urls=(OFFICIAL_URL.format(name=name), HUB_URL.format(name=name, tag="in1k")),
-        top1=top1,
-        top1_source="paper Table 1",
-        params_m=params_m,
-    )
+    urls = (OFFICIAL_URL.format(name=name), HUB_URL.format(name=name, tag="in1k"))
+    weights = Weights("in1k", urls, top1=top1, top1_source="paper Table 1", params_m=params_m)
     register(Variant(name, dict(depths=depths, dims=dims), params_m, (weights,), desc, default_drop_path=drop_path))
 
 
