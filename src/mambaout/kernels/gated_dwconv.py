@@ -256,8 +256,7 @@ if _HAS_TRITON:
         m = pm[:, None] & cm[None, :]
         row = 2 * HIDDEN
         c0 = 2 * HIDDEN - CC
-        ww = p % W
-        hh = (p // W) % H
+        hh, ww = (p // W) % H, p % W
         dc = _dwconv_tile(e_ptr, w_ptr, p, hh, ww, cj, pm, cm, H, W, CC, 0, KS, True, BLOCK_P, BLOCK_C)
         tl.store(dy_ptr + p[:, None] * row + c0 + cj[None, :], dc.to(dy_ptr.dtype.element_ty), mask=m)
         # dweight[cj, dy, dx] = sum_p e[p] * c[p + offset(dy, dx)]

@@ -27,6 +27,14 @@ def get_act_layer(act_layer: str | Callable[[], nn.Module]) -> Callable[[], nn.M
     return act_layer
 
 
+def init_weights(m: nn.Module) -> None:
+    """Linear and conv weights from a normal of std 0.02 truncated at ±2, zero biases (timm's and the official init)."""
+    if isinstance(m, (nn.Conv2d, nn.Linear)):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Weight decay on weights, none on `model.no_weight_decay()` when it has one, else on 1-D parameters and biases."""
     skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else None

@@ -121,11 +121,10 @@ def selective_scan_chunked(x, dt, A, B, C, D=None, chunk_size: int = 16, within:
 class SelectiveSSM(nn.Module):
     """Mamba's S6 selective state space model as a token mixer of channels-last maps.
 
-    Every channel has its own diagonal `N`-state SSM; Δ (per channel), B and C (shared over channels) are
+    Every channel has its own diagonal `d_state`-state SSM; Δ (per channel), B and C (shared over channels) are
     computed from the input at every position: this input dependence is what makes the scan "selective".
-
-    `d_state` is the state size N per channel; `dt_rank='auto'` is `ceil(dim / 16)`, and the initial Δ is
-    log-uniform in [dt_min, dt_max], as in Mamba. `scan='ref'` runs the sequential reference scan.
+    `dt_rank='auto'` is `ceil(dim / 16)`; the initial Δ is log-uniform in [dt_min, dt_max], as in Mamba. `scan='ref'`
+    runs the sequential reference scan.
     """
 
     def __init__(

@@ -16,7 +16,7 @@ from torch.utils.checkpoint import checkpoint
 
 from mambaout import kernels
 from mambaout.kernels import cpu as kernels_cpu
-from mambaout.models.layers import ClassifierAPI, LayerNorm, get_act_layer
+from mambaout.models.layers import ClassifierAPI, LayerNorm, get_act_layer, init_weights
 
 __all__ = ["MambaOut", "GatedCNNBlock", "Stem", "Downsample", "MambaOutStage", "ClassifierHead", "FeatureInfo"]
 
@@ -288,7 +288,7 @@ class ClassifierHead(nn.Module):
         self.fc = nn.Identity()
         if num_classes > 0:
             self.fc = nn.Linear(self.num_features, num_classes, device=ref.device, dtype=ref.dtype)
-            _init_weights(self.fc)
+            init_weights(self.fc)
 
     def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:  # [B, H, W, C]
         if self.global_pool == "avg":
@@ -303,11 +303,9 @@ def _check_pool(global_pool: str) -> None:
 
 
 class FeatureInfo(list):
-    """One `{'num_chs', 'reduction', 'module', 'index'}` dict per feature map, with timm's accessors.
-
-    `out_indices` are the stage indices of the entries; `idx` in the accessors indexes the entries (an int, a list of
-    ints, or None for all), as timm's `FeatureInfo` does over its own `out_indices`.
-    """
+    """One `{'num_chs', 'reduction', 'module', 'index'}` dict per feature map, with timm's accessors. `out_indices`:
+    the entries' stage indices; `idx` in the accessors indexes the entries (an int, a list of ints, or None for all), as
+    timm's `FeatureInfo` does over its own `out_indices`."""
 
     def __init__(self, entries=(), out_indices: Sequence[int] | None = None):
         super().__init__(entries)
@@ -337,13 +335,6 @@ class FeatureInfo(list):
 
     def module_name(self, idx: int | Sequence[int] | None = None):
         return self.get("module", idx)
-
-
-def _init_weights(m: nn.Module) -> None:
-    if isinstance(m, (nn.Conv2d, nn.Linear)):
-        nn.init.trunc_normal_(m.weight, std=0.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
 
 
 class _Backbone:
@@ -450,7 +441,7 @@ class MambaOut(_Backbone, ClassifierAPI, nn.Module):
         )
         self.head_hidden_size = self.head.num_features
         self.pretrained_cfg: dict = {}  # eval transform and provenance; create_model fills it (timm's fields)
-        self.apply(_init_weights)
+        self.apply(init_weights)
 
     # --- the model API timm-style consumers call ---------------------------------------------------------------------
 

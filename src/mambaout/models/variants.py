@@ -25,8 +25,7 @@ class Weights:
         urls: Where to download it, tried in order (official release first, then timm's hub mirror).
         input_size: `(C, H, W)` the weights were evaluated at.
         crop_pct: Eval centre-crop fraction (1.0: resize the short side to the input size, no border dropped).
-        top1: ImageNet-1k top-1 (%) reported by the weights' authors at `input_size`; None if not reported.
-        top1_source: Where `top1` comes from.
+        top1: ImageNet-1k top-1 (%) its authors report at `input_size` (None if not), from `top1_source`.
         params_m: Parameters (millions) of the model these weights fit.
         crop_mode: `'center'` or `'squash'` (resize both sides to the input size, no crop).
         test_input_size: A larger size the weights also evaluate well at (timm's `test_input_size`).

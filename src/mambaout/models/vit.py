@@ -17,7 +17,7 @@ from timm.layers import DropPath
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from mambaout.models.layers import ClassifierAPI, LayerNorm  # LayerNorm: eps 1e-6, as DeiT's
+from mambaout.models.layers import ClassifierAPI, LayerNorm, init_weights  # LayerNorm: eps 1e-6, as DeiT's
 
 __all__ = ["VisionTransformer", "Attention", "Block"]
 
@@ -43,10 +43,8 @@ class Attention(nn.Module):
         return self.proj(x)
 
     def extra_macs(self, input_shape: tuple[int, ...]) -> int:
-        """MACs of Q·Kᵀ and attn·V, which are no Linear (`count_macs` adds them): 2·L²·D per sequence.
-
-        Causal attention counts the same: SDPA computes the full product and masks it (as fvcore would count).
-        """
+        """MACs of Q·Kᵀ and attn·V, which are no Linear (`count_macs` adds them): 2·L²·D per sequence, causal too
+        (SDPA computes the full product and masks it, as fvcore would count)."""
         b, length, d = input_shape
         return 2 * b * length * length * d
 
@@ -69,10 +67,9 @@ class Block(nn.Module):
 
 
 class VisionTransformer(ClassifierAPI, nn.Module):
-    """ViT with a class token, learned position embedding and a `causal` attention switch.
-
-    The position embedding is made for `img_size`; other sizes (multiples of `patch_size`) interpolate it
-    bicubically, so the same model trains at 64 px and evaluates at 224 px. `num_classes=0`: no classifier.
+    """ViT with a class token, learned position embedding and a `causal` attention switch. The position embedding is
+    made for `img_size`; other sizes (multiples of `patch_size`) interpolate it bicubically, so the same model trains
+    at 64 px and evaluates at 224 px. `num_classes=0`: no classifier.
     """
 
     def __init__(
@@ -158,7 +155,7 @@ class VisionTransformer(ClassifierAPI, nn.Module):
         self.head.fc = nn.Identity()
         if num_classes:
             self.head.fc = nn.Linear(self.num_features, num_classes, device=ref.device, dtype=ref.dtype)
-            _init_weights(self.head.fc)
+            init_weights(self.head.fc)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
@@ -172,10 +169,8 @@ class VisionTransformer(ClassifierAPI, nn.Module):
 
 
 def _init_weights(m: nn.Module) -> None:
-    if isinstance(m, nn.Linear):
-        nn.init.trunc_normal_(m.weight, std=0.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.Conv2d):  # the patch embedding, initialised like a linear layer of its fan-in
+    if isinstance(m, nn.Conv2d):  # the patch embedding, initialised like a linear layer of its fan-in
         nn.init.trunc_normal_(m.weight, std=math.sqrt(1.0 / (m.in_channels * m.kernel_size[0] * m.kernel_size[1])))
         nn.init.zeros_(m.bias)
+    else:
+        init_weights(m)
