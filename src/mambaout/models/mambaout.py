@@ -491,12 +491,11 @@ class MambaOut(_Backbone, ClassifierAPI, nn.Module):
         output_fmt: str = "NCHW",
         intermediates_only: bool = False,
     ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
-        """Stage outputs alongside the final features.
+        """Stage outputs alongside the final features: the stage maps, or `(final_features_NHWC, stage_maps)`.
 
-        `indices`: all stages if None, the last n if an int, else those listed (negative allowed). `norm` changes
-        nothing (MambaOut has no per-stage output norm; accepted for timm). `stop_early` skips the stages after the
-        last requested one when `intermediates_only`. Returns the stage maps, or `(final_features_NHWC, stage_maps)`.
-        """
+        `indices`: all stages if None, the last n if an int, else those listed (negative allowed). `norm`: accepted for
+        timm (MambaOut has no per-stage output norm). `stop_early` skips the stages after the last requested one when
+        `intermediates_only`."""
         _check_output_fmt(output_fmt)
         take = self._take_indices(indices)
         last = take[-1] if (stop_early and intermediates_only) else len(self.stages) - 1
@@ -506,10 +505,9 @@ class MambaOut(_Backbone, ClassifierAPI, nn.Module):
     def prune_intermediate_layers(
         self, indices: int | Sequence[int] = 1, prune_norm: bool = False, prune_head: bool = True
     ) -> list[int]:
-        """Drop the stages after the last index in `indices`; returns the kept indices.
-
-        With `prune_head` the classifier head goes too: `forward` then returns the last kept stage's map `[B, H, W, C]`,
-        and `num_features`/`head_hidden_size` are that stage's width. The head, sized for the last stage, can only stay
+        """Drop the stages after the last index in `indices`; returns the kept indices. With `prune_head` the head
+        goes too: `forward` then returns the last kept stage's map `[B, H, W, C]`, and `num_features` /
+        `head_hidden_size` are that stage's width. The head, sized for the last stage, can only stay
         (`prune_head=False`) when that stage stays. `prune_norm`: timm's signature (MambaOut has no such norm).
         """
         take = self._take_indices(indices)
