@@ -75,10 +75,8 @@ def selective_scan_chunked(x, dt, A, B, C, D=None, chunk_size: int = 16, within:
 
     log_a = dt[..., None] * A  # per-step log decay [B, L, E, N], <= 0
     u = (dt * x)[..., None] * B[:, :, None, :]  # per-step input [B, L, E, N]
-    if pad:
-        # Padding steps decay by 1 (log 0) and add 0: they leave the state unchanged, and are cut off below.
-        log_a = torch.cat((log_a, log_a.new_zeros(b, pad, e, n)), dim=1)
-        u = torch.cat((u, u.new_zeros(b, pad, e, n)), dim=1)
+    if pad:  # padding steps decay by 1 (log 0) and add 0: they leave the state unchanged, and are cut off below
+        log_a, u = F.pad(log_a, (0, 0, 0, 0, 0, pad)), F.pad(u, (0, 0, 0, 0, 0, pad))
     log_a = log_a.view(b, n_chunks, T, e, n)  # [B, L, E, N] -> [B, nC, T, E, N]
     u = u.view(b, n_chunks, T, e, n)
 

@@ -7,6 +7,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+import timm
+from timm.layers import register_notrace_module
+from timm.models import _registry, build_model_with_cfg
+
 from mambaout.models.mambaout import GatedCNNBlock, MambaOut, _check_output_fmt
 from mambaout.models.variants import get_variant, list_models
 from mambaout.weights.checkpoint import fit_state_dict, unwrap_state_dict
@@ -23,8 +27,6 @@ def _filter(state_dict: dict, model) -> dict:
 
 def _entrypoint(name: str):
     def create(pretrained: bool = False, **kwargs):
-        from timm.models import build_model_with_cfg
-
         variant, _ = get_variant(name)
         feature_cfg = dict(out_indices=(0, 1, 2, 3), flatten_sequential=True)
         output_fmt = kwargs.pop("output_fmt", None)
@@ -64,10 +66,6 @@ def register_timm(names: Iterable[str] | None = None) -> list[str]:
     Also registers `GatedCNNBlock` with timm's FX tracer as a leaf, so timm's and torchvision's feature extraction
     call each block as a module: the traced graph then runs the same block code as eager, bit for bit.
     """
-    import timm
-    from timm.layers import register_notrace_module
-    from timm.models import _registry
-
     wanted = list(names) if names is not None else [n for n in list_models("mambaout_*") if timm.is_model(n)]
     missing = [n for n in wanted if not timm.is_model(n)]
     if missing:
@@ -83,8 +81,6 @@ def register_timm(names: Iterable[str] | None = None) -> list[str]:
 
 def unregister_timm() -> None:
     """Give timm its own MambaOut entrypoints back."""
-    from timm.models import _registry
-
     while _ORIGINAL:
         name, fn = _ORIGINAL.popitem()
         _registry._model_entrypoints[name] = fn
