@@ -15,13 +15,7 @@ from mambaout.models.mambaout import MambaOut, MambaOutFeatures
 from mambaout.models.variants import Weights, get_variant, pretrained_cfg
 from mambaout.utils.files import jsonable
 from mambaout.utils.limits import check_eval_config, check_model_kwargs
-from mambaout.weights.checkpoint import (
-    CheckpointError,
-    check_finite,
-    download,
-    fit_state_dict,
-    read_checkpoint,
-)
+from mambaout.weights.checkpoint import CheckpointError, check_finite, download, fit_state_dict, read_checkpoint
 from mambaout.weights.hub import from_folder, from_hub
 
 # timm's create_model arguments for features_only models: what each means here.

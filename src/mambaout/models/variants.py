@@ -185,10 +185,9 @@ for _name, _d_state, _desc in (
 def pretrained_cfg(variant: Variant, weights: Weights | None, num_classes: int | None = None) -> dict:
     """timm's `pretrained_cfg` fields, with timm's values for the same tag (weights-less variants get defaults)."""
     w = weights or variant.default_weights or Weights("", ())
-    hub = next((u for u in w.urls if "huggingface.co/" in u), None)
     cfg = dict(
         url="",  # timm's value; where our create_model downloads from, in order, is `urls`
-        hf_hub_id=f"timm/{variant.name}.{w.tag}" if hub else None,
+        hf_hub_id=f"timm/{variant.name}.{w.tag}" if any("huggingface.co/" in u for u in w.urls) else None,
         architecture=variant.name,
         tag=w.tag or None,
         custom_load=False,
