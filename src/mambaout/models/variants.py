@@ -79,7 +79,7 @@ class Variant:
 
     def get_weights(self, tag: str | None) -> Weights:
         if not self.weights:
-            raise ValueError(f"{self.name} has no published weights; pass checkpoint=PATH or pretrained=False")
+            raise ValueError(f"{self.name} has no published weights; pass checkpoint=PATH, not a tag or pretrained")
         found = next((w for w in self.weights if tag in (None, w.tag)), None)  # None: the first
         if found is None:
             raise ValueError(f"{self.name} has no weights tagged {tag!r}; available: {[w.tag for w in self.weights]}")
