@@ -1,16 +1,9 @@
-"""Fast paths of the Gated CNN block, each beside the plain PyTorch it must equal.
+"""Fast paths of the Gated CNN block, each beside the plain PyTorch it must equal, and their switches.
 
-- `cpu`: float32 inference on CPU (oneDNN or BLAS matmuls, the faster per shape). On by default: measured faster than the plain block on CPU
-  (README, Performance), and chosen only under `no_grad` / `inference_mode`; the downsampling convs read a cached
-  channels-last weight there. bf16 blocks take it by default on AVX512-BF16 CPUs without AMX, where it was measured
-  faster than the plain bf16 block; elsewhere after `cpu.set_cpu_bf16(True)` (or MAMBAOUT_CPU_BF16=1).
-- `gated_dwconv`: Triton kernels for CUDA fusing the depthwise conv with the gate, forward and backward. **Opt-in**
-  (`set_fused_kernels(True)`, `--fused-kernels`, or MAMBAOUT_FUSED_KERNELS=1): a default path must have been measured
-  correct and faster on the GPU it runs on, and these have not been yet. Without them a CUDA block runs its plain
-  forward (cuDNN depthwise conv; inductor fuses the rest under `torch.compile`).
-
-`GatedCNNBlock` dispatches on its own device, recorded when it is built or moved, so tracing and scripting see the
-plain graph; `reference_mode()` forces the plain forward everywhere (for comparisons).
+`cpu`: CPU inference, on by default (measured faster). `gated_dwconv`: Triton kernels for CUDA, opt-in
+(`set_fused_kernels(True)`, `--fused-kernels`, MAMBAOUT_FUSED_KERNELS=1) until measured correct and faster on a GPU.
+`GatedCNNBlock` dispatches on the device it was built or moved to, so tracing and scripting see the plain graph;
+`reference_mode()` forces the plain forward everywhere. docs/performance.md explains each path.
 """
 
 from __future__ import annotations

@@ -1,9 +1,6 @@
-"""Ahead-of-time compilation of the package's Triton kernels for a GPU target, on any machine (no GPU needed).
-
-A user's first forward pass on the fused path compiles every tile configuration the autotuner may pick. If one
-configuration takes ptxas a minute, that minute lands on the user. `compile_all` compiles each kernel in each
-configuration and constexpr variant for a target such as `sm_90` (Triton ships `ptxas`, so this runs on a CPU-only
-CI machine) and times each compile; `mambaout kernels --aot sm_90` prints the table and fails over a bound.
+"""Ahead-of-time compiles of the package's Triton kernels for a GPU target, on any machine (Triton ships `ptxas`):
+each kernel in each tile configuration and constexpr variant, timed, in an empty cache, so a slow compile shows here
+rather than on a user's first forward. `mambaout kernels --aot sm_90` prints the table and fails over a bound.
 """
 
 from __future__ import annotations
@@ -98,15 +95,10 @@ def compile_one(fn, dtype: str, constexprs: dict, config: dict, target) -> tuple
     const = {**constexprs, "BLOCK_P": config["BLOCK_P"], "BLOCK_C": config["BLOCK_C"]}
     signature, attrs = {}, {}
     for i, arg in enumerate(fn.arg_names):
-        if arg in const:
-            signature[arg] = "constexpr"
-        elif arg.endswith("_ptr"):
-            signature[arg] = "*" + types[_POINTER_ROLE[arg]]
-            attrs[(i,)] = [["tt.divisibility", 16]]  # torch allocations are 16-byte aligned
-        else:
-            signature[arg] = "i32"
-            if arg in _DIVISIBLE:
-                attrs[(i,)] = [["tt.divisibility", 16]]
+        pointer = arg.endswith("_ptr")
+        signature[arg] = "constexpr" if arg in const else "*" + types[_POINTER_ROLE[arg]] if pointer else "i32"
+        if pointer or arg in _DIVISIBLE:  # pointers: torch allocations are 16-byte aligned
+            attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn=fn, signature=signature, constexprs=const, attrs=attrs)
     options = make_backend(target).parse_options({"num_warps": config["num_warps"], "num_stages": config["num_stages"]})
     start = time.perf_counter()

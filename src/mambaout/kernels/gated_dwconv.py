@@ -1,14 +1,10 @@
 """The Gated CNN block's token mixer in one GPU kernel: `act(g) * [i, dwconv(c)]`, forward and backward.
 
-`y = fc1(norm(x))` is `[g, i, c]` along its last dimension (`[B, H, W, 2 * hidden]`). The plain block runs the
-depthwise conv on a strided slice of `y` (a copy), concatenates `i` with the conv's output (another copy), then
-applies the activation and the product (two more passes). Here one kernel reads `g` and `i` once and `c` through
-the conv's `k x k` window and writes the gate product `[B, H, W, hidden]` straight to memory: the conv output and
-the concatenation never exist. The backward recomputes the conv instead of saving it.
-
-The kernels are tested against `gated_dwconv_reference` (on CPU with `TRITON_INTERPRET=1`). `gated_dwconv` is a
-`torch.library` custom op with a fake implementation and an autograd formula, so `torch.compile(fullgraph=True)`
-treats it as one opaque node and inductor fuses the rest of the block around it.
+For `y = fc1(norm(x)) = [g, i, c]` (`[B, H, W, 2 * hidden]`), one kernel reads `g` and `i` once and `c` through the
+conv's `k x k` window and writes the gate product `[B, H, W, hidden]`: the plain block's copies (strided conv input,
+concatenation) and its separate activation and product passes never happen. The backward recomputes the conv.
+Tested against `gated_dwconv_reference` (on CPU with `TRITON_INTERPRET=1`). A `torch.library` custom op with a fake
+implementation and an autograd formula, so `torch.compile(fullgraph=True)` keeps it as one node.
 """
 
 from __future__ import annotations
@@ -70,9 +66,7 @@ except ImportError:  # CPU-only installs: the block falls back to PyTorch
 
 def triton_available(device: torch.device | str) -> bool:
     """Whether the Triton kernels can run on `device`: CUDA with Triton, or any device under `TRITON_INTERPRET=1`."""
-    if not _HAS_TRITON:
-        return False
-    return torch.device(device).type == "cuda" or triton_interpreting()
+    return _HAS_TRITON and (torch.device(device).type == "cuda" or triton_interpreting())
 
 
 if _HAS_TRITON:
@@ -95,11 +89,9 @@ if _HAS_TRITON:
             s = 1.0 / (1.0 + tl.exp(-g))
             return g * s, s * (1.0 + g * (1.0 - s))
 
-    # Compile time is part of the design: every loop over the k x k taps is a runtime loop (KS is a plain int, not a
-    # constexpr), so the tap body is emitted once, not unrolled 49 times into masked 2-D loads. Unrolled, one
-    # configuration took ptxas about 94 s on a 2-core CPU; `mambaout kernels --aot sm_90` holds each under a bound.
-    # NPIX, H and W are not specialised either (`do_not_specialize`), so a new batch size or resolution reuses the
-    # compiled kernel; only the autotuner's key (channel widths, W, KS) picks a tile again.
+    # Compile time is part of the design (docs/performance.md): the k x k tap loops are runtime loops (KS is a plain
+    # int, not a constexpr), so ptxas does not unroll 49 masked 2-D loads; NPIX, H and W are not specialised either,
+    # so a new batch size or resolution reuses the compiled kernel. `mambaout kernels --aot sm_90` bounds each compile.
     _NO_SPECIALIZE = ["NPIX", "H", "W", "KS"]
 
     @triton.jit
@@ -264,8 +256,7 @@ if _HAS_TRITON:
         m = pm[:, None] & cm[None, :]
         row = 2 * HIDDEN
         c0 = 2 * HIDDEN - CC
-        ww = p % W
-        hh = (p // W) % H
+        hh, ww = (p // W) % H, p % W
         dc = _dwconv_tile(e_ptr, w_ptr, p, hh, ww, cj, pm, cm, H, W, CC, 0, KS, True, BLOCK_P, BLOCK_C)
         tl.store(dy_ptr + p[:, None] * row + c0 + cj[None, :], dc.to(dy_ptr.dtype.element_ty), mask=m)
         # dweight[cj, dy, dx] = sum_p e[p] * c[p + offset(dy, dx)]
@@ -328,31 +319,6 @@ def _launch_gate(tuned, plain, y, weight, bias, outputs: tuple, hidden: int, cc:
         _launch(tuned, plain, end - first, npix, *args, CONV=conv, **consts)
 
 
-def _gated_dwconv_triton(y, weight, bias, hidden, act):
-    cc = _check(y, weight, bias, hidden, act)
-    y, weight = y.contiguous(), weight.contiguous()
-    z = y.new_empty(*y.shape[:-1], hidden)
-    if y.numel() > 0:
-        _launch_gate(_fwd_tuned, _fwd_kernel, y, weight, bias, (z,), hidden, cc, act)
-    return z
-
-
-def _gated_dwconv_backward_triton(dz, y, weight, bias, hidden, act):
-    cc = _check(y, weight, bias, hidden, act)
-    y, dz, weight = y.contiguous(), dz.contiguous(), weight.contiguous()
-    B, H, W, _ = y.shape
-    ks = weight.shape[-1]
-    dy = torch.empty_like(y)
-    e = torch.empty(B, H, W, cc, device=y.device, dtype=torch.float32)  # the conv output's gradient, kept in fp32
-    dw = torch.zeros(cc, ks * ks, device=y.device, dtype=torch.float32)
-    db = torch.zeros(cc, device=y.device, dtype=torch.float32)
-    if y.numel() > 0:
-        _launch_gate(_bwd_gate_tuned, _bwd_gate_kernel, y, weight, bias, (dz, dy, e), hidden, cc, act)
-        args = (y, weight, e, dy, dw, db, B * H * W, H, W, hidden, cc)
-        _launch(_bwd_conv_tuned, _bwd_conv_kernel, cc, B * H * W, *args, KS=ks, HAS_BIAS=bias is not None)
-    return dy, dw.view_as(weight).to(weight.dtype), db.to(weight.dtype)
-
-
 # --- torch.library custom ops: opaque to torch.compile, with shapes for tracing and a registered backward -----------
 
 
@@ -370,7 +336,12 @@ def gated_dwconv(
             f"mambaout::gated_dwconv needs Triton on CUDA (or TRITON_INTERPRET=1), got a {y.device.type} tensor; "
             "use gated_dwconv_reference"
         )
-    return _gated_dwconv_triton(y, weight, bias, hidden, act)
+    cc = _check(y, weight, bias, hidden, act)
+    y, weight = y.contiguous(), weight.contiguous()
+    z = y.new_empty(*y.shape[:-1], hidden)
+    if y.numel() > 0:
+        _launch_gate(_fwd_tuned, _fwd_kernel, y, weight, bias, (z,), hidden, cc, act)
+    return z
 
 
 @gated_dwconv.register_fake
@@ -384,7 +355,19 @@ def gated_dwconv_backward(
     dz: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, hidden: int, act: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients `(dy, dweight, dbias)` of `gated_dwconv`; dbias is zeros when there is no bias."""
-    return _gated_dwconv_backward_triton(dz, y, weight, bias, hidden, act)
+    cc = _check(y, weight, bias, hidden, act)
+    y, dz, weight = y.contiguous(), dz.contiguous(), weight.contiguous()
+    B, H, W, _ = y.shape
+    ks = weight.shape[-1]
+    dy = torch.empty_like(y)
+    e = torch.empty(B, H, W, cc, device=y.device, dtype=torch.float32)  # the conv output's gradient, kept in fp32
+    dw = torch.zeros(cc, ks * ks, device=y.device, dtype=torch.float32)
+    db = torch.zeros(cc, device=y.device, dtype=torch.float32)
+    if y.numel() > 0:
+        _launch_gate(_bwd_gate_tuned, _bwd_gate_kernel, y, weight, bias, (dz, dy, e), hidden, cc, act)
+        args = (y, weight, e, dy, dw, db, B * H * W, H, W, hidden, cc)
+        _launch(_bwd_conv_tuned, _bwd_conv_kernel, cc, B * H * W, *args, KS=ks, HAS_BIAS=bias is not None)
+    return dy, dw.view_as(weight).to(weight.dtype), db.to(weight.dtype)
 
 
 @gated_dwconv_backward.register_fake

@@ -15,13 +15,7 @@ from mambaout.models.mambaout import MambaOut, MambaOutFeatures
 from mambaout.models.variants import Weights, get_variant, pretrained_cfg
 from mambaout.utils.files import jsonable
 from mambaout.utils.limits import check_eval_config, check_model_kwargs
-from mambaout.weights.checkpoint import (
-    CheckpointError,
-    check_finite,
-    download,
-    fit_state_dict,
-    read_checkpoint,
-)
+from mambaout.weights.checkpoint import CheckpointError, check_finite, download, fit_state_dict, read_checkpoint
 from mambaout.weights.hub import from_folder, from_hub
 
 # timm's create_model arguments for features_only models: what each means here.
@@ -52,11 +46,10 @@ def create_model(
     """Build a registered MambaOut, optionally with weights; its `pretrained_cfg` holds the eval transform settings.
 
     Args:
-        name: A registered name (`mambaout_tiny`), optionally with a weight tag (`mambaout_tiny.in1k`);
-            `hf-hub:ORG/NAME` for a Hugging Face Hub repo in timm's layout (needs `huggingface_hub`); or a local
-            folder in that layout (`config.json` + `model.safetensors` or `pytorch_model.bin`), as `local-dir:PATH`
-            or as its path, as timm opens them.
-            May be None when `checkpoint` is one written by `mambaout train`, which records its model.
+        name: A registered name (`mambaout_tiny`), optionally with a weight tag (`mambaout_tiny.in1k`); a Hugging
+            Face Hub repo in timm's layout, `hf-hub:ORG/NAME` (needs `huggingface_hub`); or a local folder in that
+            layout (`config.json` + `model.safetensors` or `pytorch_model.bin`), as `local-dir:PATH` or its path, as
+            timm opens them. None when `checkpoint` was written by `mambaout train`, which records its model.
         pretrained: Download (or take from the cache) the variant's published weights.
         checkpoint: A path or URL of weights in the official, timm or our layout, or a training checkpoint of timm's
             `train.py` (`.pth.tar`: its `state_dict`, or `state_dict_ema` with `use_ema`).
@@ -70,10 +63,9 @@ def create_model(
             (fine-tuning). Default: when `num_classes` is given. False: `num_classes` states the weights' own width
             (weights without our metadata), and a classifier of another width is an error.
         **kwargs: `MambaOut` arguments overriding the variant's (`num_classes`, `in_chans`, `kernel_size`,
-            `drop_path_rate`, `drop_rate`, `ls_init_value`, ...). A `num_classes` other than the weights'
-            re-initialises the classifier (fine-tuning); without it, weights whose classifier does not fit the
-            model (metadata that disagrees with the tensors) raise `CheckpointError`. An `in_chans` other than 3
-            adapts the first conv.
+            `drop_path_rate`, `drop_rate`, `ls_init_value`, ...). Without `num_classes`, weights whose classifier does
+            not fit the model (metadata that disagrees with the tensors) raise `CheckpointError`. An `in_chans` other
+            than 3 adapts the first conv.
     """
     out_indices, output_fmt = _feature_args(out_indices, output_fmt, feature_cls, feature_cfg, kwargs)
     overlay = dict(pretrained_cfg_overlay or {})
@@ -89,12 +81,9 @@ def create_model(
         _check_metadata(meta, str(checkpoint))
         check_finite(state_dict, str(checkpoint))
     asked = name
+    name = name if name is not None else meta.get("model")
     if name is None:
-        name = meta.get("model")
-        if name is None:
-            raise ValueError(
-                "name is required unless the checkpoint was written by mambaout train (it records its model)"
-            )
+        raise ValueError("name is required unless the checkpoint was written by mambaout train (it records its model)")
     variant, tag = get_variant(name)
     recorded = meta.get("model")
     other_model = asked is not None and recorded is not None and _variant_name(recorded) != variant.name
@@ -102,16 +91,14 @@ def create_model(
         # the name asked for wins only where the tensors fit it: the recorded architecture (another model's widths)
         # must not be built under this name, so only the classifier's width and the input channels carry over
         meta = dict(meta, model_kwargs={k: v for k, v in meta.get("model_kwargs", {}).items() if k in _CARRY_OVER})
-    weights: Weights | None = variant.get_weights(tag) if (pretrained or tag) and variant.weights else None
-    if (tag or pretrained) and not variant.weights:
-        raise ValueError(
-            f"{variant.name} has no published weights (asked for {name!r} with pretrained weights); load a "
-            "weights file instead (checkpoint=PATH) or build it at random (pretrained=False)"
-        )
+    weights: Weights | None = variant.get_weights(tag) if pretrained or tag else None
 
     # the user asked for a classifier of their own width: only then may a checkpoint's classifier be replaced
     new_head = "num_classes" in kwargs if replace_head is None else replace_head
-    model_kwargs = _model_kwargs(variant, weights, meta, kwargs)
+    model_kwargs = {**variant.kwargs, **meta.get("model_kwargs", {})}  # a trained checkpoint's own architecture
+    if weights is not None:  # a tag (or pretrained) fixes the classifier width: 11821 for ...in12k, as timm does
+        model_kwargs["num_classes"] = weights.num_classes
+    model_kwargs.update(kwargs)
     if state_dict is not None:
         _check_fit(variant, model_kwargs, meta, state_dict, new_head, checkpoint, asked if other_model else None)
     model = _instantiate(variant, weights, meta, model_kwargs, device)
@@ -213,16 +200,6 @@ def _feature_args(out_indices, output_fmt, feature_cls, feature_cfg: dict | None
             "outputs in order); leave feature_cls unset or pass 'getter'"
         )
     return args["out_indices"], args["output_fmt"]
-
-
-def _model_kwargs(variant, weights: Weights | None, meta: dict, kwargs: dict) -> dict:
-    """The variant's arguments, then a checkpoint's recorded architecture, the weights' class count and `kwargs`."""
-    model_kwargs = dict(variant.kwargs)
-    model_kwargs.update(meta.get("model_kwargs", {}))  # a trained checkpoint's own architecture, widths included
-    if weights is not None:  # a tag (or pretrained) fixes the classifier width: 11821 for ...in12k, as timm does
-        model_kwargs["num_classes"] = weights.num_classes
-    model_kwargs.update(kwargs)
-    return model_kwargs
 
 
 def _instantiate(variant, weights: Weights | None, meta: dict, model_kwargs: dict, device) -> nn.Module:

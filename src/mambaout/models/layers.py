@@ -1,8 +1,9 @@
-"""Layers MambaOut shares with the other models of the package: norms, activations, stochastic depth, LayerScale,
-and the weight-decay parameter groups every model here offers as `model.param_groups(weight_decay)`.
+"""What MambaOut shares with the other models of the package: the norm, activations, the weight-decay parameter
+groups and the classifier API. Stochastic depth and LayerScale are timm's.
 """
 
 # No `from __future__ import annotations`: TorchScript reads these hints at run time (see mambaout.py).
+
 from collections.abc import Callable
 from functools import partial
 
@@ -26,34 +27,12 @@ def get_act_layer(act_layer: str | Callable[[], nn.Module]) -> Callable[[], nn.M
     return act_layer
 
 
-class DropPath(nn.Module):
-    """Stochastic depth: drop the whole residual branch of a sample with probability `drop_prob`."""
-
-    def __init__(self, drop_prob: float = 0.0):
-        super().__init__()
-        self.drop_prob = drop_prob
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.drop_prob == 0.0 or not self.training:
-            return x
-        keep = 1.0 - self.drop_prob
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)  # one draw per sample
-        return x * mask.div_(keep)
-
-    def extra_repr(self) -> str:
-        return f"drop_prob={self.drop_prob:.3f}"
-
-
-class LayerScale(nn.Module):
-    """Per-channel learnable scale of a residual branch (CaiT); `gamma` starts at `init_value`."""
-
-    def __init__(self, dim: int, init_value: float = 1e-6):
-        super().__init__()
-        self.init_value = init_value
-        self.gamma = nn.Parameter(torch.full((dim,), float(init_value)))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.gamma
+def init_weights(m: nn.Module) -> None:
+    """Linear and conv weights from a normal of std 0.02 truncated at ±2, zero biases (timm's and the official init)."""
+    if isinstance(m, (nn.Conv2d, nn.Linear)):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -65,3 +44,18 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             exempt = name in skip if skip is not None else p.ndim <= 1 or name.endswith(".bias")
             (no_decay if exempt else decay).append(p)
     return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
+
+
+class ClassifierAPI:
+    """timm's classifier API as MambaOut and the comparison ViTs share it, so the training pipeline treats them alike:
+    the model has `forward_features`, `forward_head`, `no_weight_decay()` and its classifier at `head.fc`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def get_classifier(self) -> nn.Module:
+        return self.head.fc
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """Optimizer parameter groups: weight decay on weights, none on `no_weight_decay()`."""
+        return param_groups(self, weight_decay)

@@ -37,16 +37,8 @@ def _check_scan_shapes(x, dt, A, B, C, D) -> None:
 def selective_scan_ref(x, dt, A, B, C, D=None) -> torch.Tensor:
     """The selective scan `h_t = exp(Δ_t A) h_{t-1} + Δ_t B_t x_t`, `y_t = C_t h_t + D x_t`, one step after another.
 
-    Args:
-        x: Input sequence `[B, L, E]`.
-        dt: Positive step sizes Δ `[B, L, E]` (already through softplus).
-        A: State matrix, diagonal per channel, `[E, N]` (negative real: `-exp(A_log)`).
-        B: Input-dependent input projection `[B, L, N]`.
-        C: Input-dependent output projection `[B, L, N]`.
-        D: Skip connection `[E]`, or None.
-
-    Returns:
-        `y` `[B, L, E]`.
+    Shapes: `x` and the positive step sizes `dt` (after softplus) `[B, L, E]`; `A` `[E, N]` (diagonal per channel,
+    negative: `-exp(A_log)`); `B`, `C` `[B, L, N]` (input-dependent); `D` `[E]` or None. Returns `y` `[B, L, E]`.
     """
     _check_scan_shapes(x, dt, A, B, C, D)
     b, length, e = x.shape
@@ -61,23 +53,14 @@ def selective_scan_ref(x, dt, A, B, C, D=None) -> torch.Tensor:
 
 
 def selective_scan_chunked(x, dt, A, B, C, D=None, chunk_size: int = 16, within: str = "auto") -> torch.Tensor:
-    """The selective scan as a chunked parallel scan: same result as `selective_scan_ref`, far fewer steps.
+    """The selective scan as a chunked parallel scan: `selective_scan_ref`'s result, far fewer sequential steps.
 
-    The sequence is cut into chunks of `chunk_size`. Inside every chunk, all chunks at once, the linear
-    recurrence `h_t = a_t h_{t-1} + u_t` (`a_t = exp(Δ_t A)`, `u_t = Δ_t B_t x_t`) is solved in parallel; the
-    chunks are then chained one after another by carrying each chunk's final state into the next
-    (L / chunk_size small steps). Two ways to solve a chunk:
-
-    - `'logspace'`: with `S_t = Σ_{s≤t} log a_s` (a cumulative sum), `h_t = e^{S_t} Σ_{s≤t} e^{-S_s} u_s` (a
-      second cumulative sum): a handful of passes over the data, the fastest on a CPU. But `e^{-S}` overflows
-      float32 once a chunk decays by more than e^-88 in total.
-    - `'doubling'`: a Hillis-Steele scan, log2(chunk_size) rounds of `(a, u) ∘ (a', u') = (a a', a' u + u')`.
-      It only ever multiplies decays in (0, 1], so it is stable at any Δ, at about twice the memory traffic.
-
-    `'auto'` takes log space when every chunk's total decay stays above e^-60, else doubling: the result is
-    the same either way (tests hold both to the reference).
-
-    `x, dt, A, B, C, D` and the result are as in `selective_scan_ref`.
+    Within chunks of `chunk_size` steps (all chunks at once) the recurrence `h_t = a_t h_{t-1} + u_t` (`a_t =
+    exp(Δ_t A)`, `u_t = Δ_t B_t x_t`) is solved in parallel; then the chunks are chained in order. `within`:
+    `'logspace'`, two cumulative sums (`h_t = e^{S_t} Σ_{s≤t} e^{-S_s} u_s`, `S_t = Σ_{s≤t} log a_s`), fastest on a
+    CPU, but `e^{-S}` overflows float32 once a chunk decays by more than e^-88; `'doubling'`, a Hillis-Steele scan of
+    `(a, u) ∘ (a', u') = (a a', a' u + u')`, stable at any Δ (it only multiplies decays in (0, 1]) at about twice the
+    memory traffic; `'auto'`, log space while every chunk decays by less than e^-60 (docs/analysis.md).
     """
     _check_scan_shapes(x, dt, A, B, C, D)
     if chunk_size < 1:
@@ -92,10 +75,8 @@ def selective_scan_chunked(x, dt, A, B, C, D=None, chunk_size: int = 16, within:
 
     log_a = dt[..., None] * A  # per-step log decay [B, L, E, N], <= 0
     u = (dt * x)[..., None] * B[:, :, None, :]  # per-step input [B, L, E, N]
-    if pad:
-        # Padding steps decay by 1 (log 0) and add 0: they leave the state unchanged, and are cut off below.
-        log_a = torch.cat((log_a, log_a.new_zeros(b, pad, e, n)), dim=1)
-        u = torch.cat((u, u.new_zeros(b, pad, e, n)), dim=1)
+    if pad:  # padding steps decay by 1 (log 0) and add 0: they leave the state unchanged, and are cut off below
+        log_a, u = F.pad(log_a, (0, 0, 0, 0, 0, pad)), F.pad(u, (0, 0, 0, 0, 0, pad))
     log_a = log_a.view(b, n_chunks, T, e, n)  # [B, L, E, N] -> [B, nC, T, E, N]
     u = u.view(b, n_chunks, T, e, n)
 
@@ -138,11 +119,10 @@ def selective_scan_chunked(x, dt, A, B, C, D=None, chunk_size: int = 16, within:
 class SelectiveSSM(nn.Module):
     """Mamba's S6 selective state space model as a token mixer of channels-last maps.
 
-    Every channel has its own diagonal `N`-state SSM; Δ (per channel), B and C (shared over channels) are
+    Every channel has its own diagonal `d_state`-state SSM; Δ (per channel), B and C (shared over channels) are
     computed from the input at every position: this input dependence is what makes the scan "selective".
-
-    `d_state` is the state size N per channel; `dt_rank='auto'` is `ceil(dim / 16)`, and the initial Δ is
-    log-uniform in [dt_min, dt_max], as in Mamba. `scan='ref'` runs the sequential reference scan.
+    `dt_rank='auto'` is `ceil(dim / 16)`; the initial Δ is log-uniform in [dt_min, dt_max], as in Mamba. `scan='ref'`
+    runs the sequential reference scan.
     """
 
     def __init__(
@@ -183,8 +163,8 @@ class SelectiveSSM(nn.Module):
     def extra_macs(self, input_shape: tuple[int, ...]) -> int:
         """MACs of the scan itself, which is no Conv/Linear (`count_macs` adds them), for a `[B, H, W, E]` input.
 
-        Per position, channel and state: Δ·A (1), Δ·B·x (2), the state update (1) and C·h (1), plus the D skip.
-        The sequential and the chunked scans compute the same recurrence; this counts the recurrence.
+        Per position, channel and state: Δ·A (1), Δ·B·x (2), the state update (1) and C·h (1), plus the D skip
+        (the recurrence both scans compute).
         """
         b, h, w, e = input_shape
         return b * h * w * e * (5 * self.d_state + 1)
@@ -206,13 +186,10 @@ class SelectiveSSM(nn.Module):
 
 
 class MambaBlock(GatedCNNBlock):
-    """The Mamba block of the paper's Fig. 1a: a Gated CNN block whose conv branch goes through an SSM.
-
-    `x + fc2(act(g) * [i, ssm(act(dwconv(c)))])`. As in Mamba, the conv output is activated before the SSM.
-    Everything else (norm, fc1 split, partial-channel conv, gate, fc2, LayerScale, drop path) is the
-    `GatedCNNBlock`'s, so `MambaOut(block_layer=MambaBlock)` differs from MambaOut by the SSM alone.
-
-    `d_state`, `dt_rank`, `scan`, `chunk_size` are `SelectiveSSM`'s, which runs on the `conv_ratio * dim` conv channels.
+    """The Mamba block of the paper's Fig. 1a: `x + fc2(act(g) * [i, ssm(act(dwconv(c)))])`, the conv output activated
+    before the SSM as in Mamba. The rest (norm, fc1 split, partial-channel conv, gate, fc2, LayerScale, drop path) is
+    the `GatedCNNBlock`'s, so `MambaOut(block_layer=MambaBlock)` differs from MambaOut by the SSM alone. `d_state`,
+    `dt_rank`, `scan`, `chunk_size` are `SelectiveSSM`'s, which runs on the `conv_ratio * dim` conv channels.
     """
 
     def __init__(

@@ -10,12 +10,13 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
 import torch
+from timm.layers import DropPath, LayerScale
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from mambaout import kernels
 from mambaout.kernels import cpu as kernels_cpu
-from mambaout.models.layers import DropPath, LayerNorm, LayerScale, get_act_layer, param_groups
+from mambaout.models.layers import ClassifierAPI, LayerNorm, get_act_layer, init_weights
 
 __all__ = ["MambaOut", "GatedCNNBlock", "Stem", "Downsample", "MambaOutStage", "ClassifierHead", "FeatureInfo"]
 
@@ -240,13 +241,9 @@ class MambaOutStage(nn.Module):
 
 
 class ClassifierHead(nn.Module):
-    """Global average pool, LayerNorm, then an MLP classifier.
-
-    The paper's head is `pool -> norm -> fc -> GELU -> norm -> dropout -> fc` (`mlp_norm=True`);
-    timm's `_rw` head drops the norm inside the MLP (`mlp_norm=False`). Both use GELU whatever the blocks use.
-
-    `num_classes=0` leaves the pre-logits features, `mlp_ratio=0` makes a plain linear classifier, and
-    `global_pool=''` keeps the spatial map.
+    """The paper's head, `pool -> norm -> fc -> GELU -> norm -> dropout -> fc` (`mlp_norm=True`); timm's `_rw` head
+    drops the norm inside the MLP (`mlp_norm=False`). Both use GELU whatever the blocks use. `num_classes=0` leaves the
+    pre-logits features, `mlp_ratio=0` makes a plain linear classifier, `global_pool=''` keeps the spatial map.
     """
 
     def __init__(
@@ -291,7 +288,7 @@ class ClassifierHead(nn.Module):
         self.fc = nn.Identity()
         if num_classes > 0:
             self.fc = nn.Linear(self.num_features, num_classes, device=ref.device, dtype=ref.dtype)
-            _init_weights(self.fc)
+            init_weights(self.fc)
 
     def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:  # [B, H, W, C]
         if self.global_pool == "avg":
@@ -306,11 +303,9 @@ def _check_pool(global_pool: str) -> None:
 
 
 class FeatureInfo(list):
-    """One `{'num_chs', 'reduction', 'module', 'index'}` dict per feature map, with timm's accessors.
-
-    `out_indices` are the stage indices of the entries; `idx` in the accessors indexes the entries (an int, a list of
-    ints, or None for all), as timm's `FeatureInfo` does over its own `out_indices`.
-    """
+    """One `{'num_chs', 'reduction', 'module', 'index'}` dict per feature map, with timm's accessors. `out_indices`:
+    the entries' stage indices; `idx` in the accessors indexes the entries (an int, a list of ints, or None for all), as
+    timm's `FeatureInfo` does over its own `out_indices`."""
 
     def __init__(self, entries=(), out_indices: Sequence[int] | None = None):
         super().__init__(entries)
@@ -340,13 +335,6 @@ class FeatureInfo(list):
 
     def module_name(self, idx: int | Sequence[int] | None = None):
         return self.get("module", idx)
-
-
-def _init_weights(m: nn.Module) -> None:
-    if isinstance(m, (nn.Conv2d, nn.Linear)):
-        nn.init.trunc_normal_(m.weight, std=0.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
 
 
 class _Backbone:
@@ -385,7 +373,7 @@ def _stage_maps(stem: nn.Module, stages: nn.Sequential, x: torch.Tensor, take: S
     return x, feats
 
 
-class MambaOut(_Backbone, nn.Module):
+class MambaOut(_Backbone, ClassifierAPI, nn.Module):
     """MambaOut: a 4-stage hierarchical network of Gated CNN blocks (paper Fig. 2).
 
     Args:
@@ -453,7 +441,7 @@ class MambaOut(_Backbone, nn.Module):
         )
         self.head_hidden_size = self.head.num_features
         self.pretrained_cfg: dict = {}  # eval transform and provenance; create_model fills it (timm's fields)
-        self.apply(_init_weights)
+        self.apply(init_weights)
 
     # --- the model API timm-style consumers call ---------------------------------------------------------------------
 
@@ -464,17 +452,9 @@ class MambaOut(_Backbone, nn.Module):
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         return self.head(x, pre_logits=pre_logits)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
-    def get_classifier(self) -> nn.Module:
-        return self.head.fc
-
     def reset_classifier(self, num_classes: int, global_pool: str | None = None, reset_other: bool = False) -> None:
-        """Replace the final linear layer (freshly initialised) for `num_classes` outputs; 0 removes it.
-
-        `global_pool=''` keeps the spatial map; `reset_other` also drops the head's norm and MLP (timm's meaning).
-        """
+        """A freshly initialised final linear layer for `num_classes` outputs (0 removes it); `global_pool=''` keeps
+        the spatial map; `reset_other` also drops the head's norm and MLP (timm's meaning)."""
         self.num_classes = num_classes
         self.head.reset(num_classes, global_pool, reset_other)
         self.head_hidden_size = self.head.num_features
@@ -482,10 +462,6 @@ class MambaOut(_Backbone, nn.Module):
     def no_weight_decay(self) -> set[str]:
         """Names of parameters trained without weight decay: norms, biases and LayerScale (all the 1-D ones)."""
         return {name for name, p in self.named_parameters() if p.ndim <= 1}
-
-    def param_groups(self, weight_decay: float) -> list[dict]:
-        """Optimizer parameter groups: weight decay on weights of convs and linears, none on `no_weight_decay()`."""
-        return param_groups(self, weight_decay)
 
     def group_matcher(self, coarse: bool = False) -> dict:
         """Regexes grouping parameters by depth, for layer-wise learning-rate decay (timm's convention)."""
@@ -515,12 +491,11 @@ class MambaOut(_Backbone, nn.Module):
         output_fmt: str = "NCHW",
         intermediates_only: bool = False,
     ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
-        """Stage outputs alongside the final features.
+        """Stage outputs alongside the final features: the stage maps, or `(final_features_NHWC, stage_maps)`.
 
-        `indices`: all stages if None, the last n if an int, else those listed (negative allowed). `norm` changes
-        nothing (MambaOut has no per-stage output norm; accepted for timm). `stop_early` skips the stages after the
-        last requested one when `intermediates_only`. Returns the stage maps, or `(final_features_NHWC, stage_maps)`.
-        """
+        `indices`: all stages if None, the last n if an int, else those listed (negative allowed). `norm`: accepted for
+        timm (MambaOut has no per-stage output norm). `stop_early` skips the stages after the last requested one when
+        `intermediates_only`."""
         _check_output_fmt(output_fmt)
         take = self._take_indices(indices)
         last = take[-1] if (stop_early and intermediates_only) else len(self.stages) - 1
@@ -530,12 +505,10 @@ class MambaOut(_Backbone, nn.Module):
     def prune_intermediate_layers(
         self, indices: int | Sequence[int] = 1, prune_norm: bool = False, prune_head: bool = True
     ) -> list[int]:
-        """Drop the stages after the last index in `indices`; returns the kept indices.
-
-        With `prune_head` the classifier head goes too: `forward` then returns the last kept stage's map,
-        `[B, H, W, C]`, and `num_features`/`head_hidden_size` are that stage's width. The head is sized for the last
-        stage, so it can only stay (`prune_head=False`) when that stage stays. `prune_norm` is accepted for timm's
-        signature; MambaOut has no norm between the stages and the head.
+        """Drop the stages after the last index in `indices`; returns the kept indices. With `prune_head` the head
+        goes too: `forward` then returns the last kept stage's map `[B, H, W, C]`, and `num_features` /
+        `head_hidden_size` are that stage's width. The head, sized for the last stage, can only stay
+        (`prune_head=False`) when that stage stays. `prune_norm`: timm's signature (MambaOut has no such norm).
         """
         take = self._take_indices(indices)
         keeps_last = take[-1] == len(self.stages) - 1
@@ -556,9 +529,7 @@ class MambaOut(_Backbone, nn.Module):
 
 class MambaOutFeatures(_Backbone, nn.Module):
     """A MambaOut backbone for detection and segmentation: returns the maps of `out_indices` (strides 4/8/16/32).
-
-    Built by `create_model(name, features_only=True)`. Only the stages up to the last requested one are kept.
-    """
+    Built by `create_model(name, features_only=True)`; only the stages up to the last requested one are kept."""
 
     def __init__(self, model: MambaOut, out_indices: Sequence[int] = (0, 1, 2, 3), output_fmt: str = "NCHW"):
         super().__init__()

@@ -1,13 +1,15 @@
-"""Opt-in: make `timm.create_model("mambaout_tiny", ...)` build this package's MambaOut.
-
-For timm-based detection or segmentation stacks (mmdet/mmseg, detectron2), which create their backbone through
-`timm.create_model`. The model is built by timm's own `build_model_with_cfg`, so timm's pretrained configs, weight
-resolution and `features_only` wrappers apply unchanged; only the model class, and so the kernels, are ours.
+"""Opt-in: make `timm.create_model("mambaout_tiny", ...)` build this package's MambaOut (for detection or segmentation
+stacks that create their backbone through timm). timm's own `build_model_with_cfg` builds it, so timm's pretrained
+configs, weight resolution and `features_only` wrappers apply unchanged; only the model class (so the kernels) is ours.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+
+import timm
+from timm.layers import register_notrace_module
+from timm.models import _registry, build_model_with_cfg
 
 from mambaout.models.mambaout import GatedCNNBlock, MambaOut, _check_output_fmt
 from mambaout.models.variants import get_variant, list_models
@@ -25,8 +27,6 @@ def _filter(state_dict: dict, model) -> dict:
 
 def _entrypoint(name: str):
     def create(pretrained: bool = False, **kwargs):
-        from timm.models import build_model_with_cfg
-
         variant, _ = get_variant(name)
         feature_cfg = dict(out_indices=(0, 1, 2, 3), flatten_sequential=True)
         output_fmt = kwargs.pop("output_fmt", None)
@@ -45,12 +45,9 @@ def _entrypoint(name: str):
 
 
 def _feature_format(output_fmt: str, kwargs: dict) -> dict:
-    """timm's feature-map layout argument, which its MambaOut wrappers reject: the feature config that honours it.
-
-    timm's default `features_only` wrapper taps the stage modules, whose outputs are NHWC; `output_fmt` is then only a
-    label. So an explicit `output_fmt` goes through timm's `getter` wrapper, which asks the model's
-    `forward_intermediates` for that layout.
-    """
+    """The feature config honouring timm's `output_fmt` (which timm's own MambaOut rejects): timm's default wrapper
+    taps the stage modules, whose maps are NHWC whatever it says, so it goes through the `getter` wrapper, which asks
+    `forward_intermediates` for that layout."""
     _check_output_fmt(str(output_fmt))
     if not kwargs.get("features_only"):
         raise ValueError("output_fmt applies to features_only=True models (the classifier takes NCHW images)")
@@ -69,10 +66,6 @@ def register_timm(names: Iterable[str] | None = None) -> list[str]:
     Also registers `GatedCNNBlock` with timm's FX tracer as a leaf, so timm's and torchvision's feature extraction
     call each block as a module: the traced graph then runs the same block code as eager, bit for bit.
     """
-    import timm
-    from timm.layers import register_notrace_module
-    from timm.models import _registry
-
     wanted = list(names) if names is not None else [n for n in list_models("mambaout_*") if timm.is_model(n)]
     missing = [n for n in wanted if not timm.is_model(n)]
     if missing:
@@ -88,8 +81,6 @@ def register_timm(names: Iterable[str] | None = None) -> list[str]:
 
 def unregister_timm() -> None:
     """Give timm its own MambaOut entrypoints back."""
-    from timm.models import _registry
-
     while _ORIGINAL:
         name, fn = _ORIGINAL.popitem()
         _registry._model_entrypoints[name] = fn

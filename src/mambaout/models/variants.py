@@ -25,8 +25,7 @@ class Weights:
         urls: Where to download it, tried in order (official release first, then timm's hub mirror).
         input_size: `(C, H, W)` the weights were evaluated at.
         crop_pct: Eval centre-crop fraction (1.0: resize the short side to the input size, no border dropped).
-        top1: ImageNet-1k top-1 (%) reported by the weights' authors at `input_size`; None if not reported.
-        top1_source: Where `top1` comes from.
+        top1: ImageNet-1k top-1 (%) its authors report at `input_size` (None if not), from `top1_source`.
         params_m: Parameters (millions) of the model these weights fit.
         crop_mode: `'center'` or `'squash'` (resize both sides to the input size, no crop).
         test_input_size: A larger size the weights also evaluate well at (timm's `test_input_size`).
@@ -80,7 +79,7 @@ class Variant:
 
     def get_weights(self, tag: str | None) -> Weights:
         if not self.weights:
-            raise ValueError(f"{self.name} has no published weights; train it or pass checkpoint=PATH")
+            raise ValueError(f"{self.name} has no published weights; pass checkpoint=PATH, not a tag or pretrained")
         found = next((w for w in self.weights if tag in (None, w.tag)), None)  # None: the first
         if found is None:
             raise ValueError(f"{self.name} has no weights tagged {tag!r}; available: {[w.tag for w in self.weights]}")
@@ -100,13 +99,8 @@ def register(variant: Variant) -> Variant:
 
 
 def _paper(name: str, depths, dims, params_m: float, top1: float, drop_path: float, desc: str):
-    weights = Weights(
-        tag="in1k",
-        urls=(OFFICIAL_URL.format(name=name), HUB_URL.format(name=name, tag="in1k")),
-        top1=top1,
-        top1_source="paper Table 1",
-        params_m=params_m,
-    )
+    urls = (OFFICIAL_URL.format(name=name), HUB_URL.format(name=name, tag="in1k"))
+    weights = Weights("in1k", urls, top1=top1, top1_source="paper Table 1", params_m=params_m)
     register(Variant(name, dict(depths=depths, dims=dims), params_m, (weights,), desc, default_drop_path=drop_path))
 
 
@@ -191,10 +185,9 @@ for _name, _d_state, _desc in (
 def pretrained_cfg(variant: Variant, weights: Weights | None, num_classes: int | None = None) -> dict:
     """timm's `pretrained_cfg` fields, with timm's values for the same tag (weights-less variants get defaults)."""
     w = weights or variant.default_weights or Weights("", ())
-    hub = next((u for u in w.urls if "huggingface.co/" in u), None)
     cfg = dict(
         url="",  # timm's value; where our create_model downloads from, in order, is `urls`
-        hf_hub_id=f"timm/{variant.name}.{w.tag}" if hub else None,
+        hf_hub_id=f"timm/{variant.name}.{w.tag}" if any("huggingface.co/" in u for u in w.urls) else None,
         architecture=variant.name,
         tag=w.tag or None,
         custom_load=False,

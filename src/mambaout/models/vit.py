@@ -1,9 +1,6 @@
-"""ViT-Ti / ViT-S in the DeiT configuration, with attention switchable between fully-visible and causal.
-
-The paper's Fig. 3b makes a ViT's attention causal (token t sees only tokens 0..t, as an RNN or SSM scans) and finds
-ImageNet accuracy drops (ViT-Ti 72.2 -> 70.6, ViT-S 79.8 -> 78.9): classifying an image gains from seeing all of it.
-DeiT configuration (Touvron et al., 2021): patch 16, depth 12, width 192 (Ti) / 384 (S), 3 / 6 heads, MLP ratio 4,
-pre-norm blocks, learned position embedding, a class token and a linear classifier on it.
+"""ViT-Ti / ViT-S in the DeiT configuration (patch 16, depth 12, width 192 / 384, 3 / 6 heads, MLP ratio 4, pre-norm,
+learned position embedding, class token, linear classifier) with fully-visible or causal attention (token t sees only
+tokens 0..t, as an RNN or SSM scans): the paper's Fig. 3b (docs/analysis.md).
 
 The class token comes LAST in the sequence (DeiT puts it first): full attention does not care, and with causal
 attention the last token is the only one that sees every patch. Patches enter in row-major order.
@@ -16,10 +13,11 @@ from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
+from timm.layers import DropPath
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from mambaout.models.layers import DropPath, LayerNorm, param_groups  # LayerNorm: eps 1e-6, as DeiT's
+from mambaout.models.layers import ClassifierAPI, LayerNorm, init_weights  # LayerNorm: eps 1e-6, as DeiT's
 
 __all__ = ["VisionTransformer", "Attention", "Block"]
 
@@ -45,10 +43,8 @@ class Attention(nn.Module):
         return self.proj(x)
 
     def extra_macs(self, input_shape: tuple[int, ...]) -> int:
-        """MACs of Q·Kᵀ and attn·V, which are no Linear (`count_macs` adds them): 2·L²·D per sequence.
-
-        Causal attention counts the same: SDPA computes the full product and masks it (as fvcore would count).
-        """
+        """MACs of Q·Kᵀ and attn·V, which are no Linear (`count_macs` adds them): 2·L²·D per sequence, causal too
+        (SDPA computes the full product and masks it, as fvcore would count)."""
         b, length, d = input_shape
         return 2 * b * length * length * d
 
@@ -70,11 +66,10 @@ class Block(nn.Module):
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
-class VisionTransformer(nn.Module):
-    """ViT with a class token, learned position embedding and a `causal` attention switch.
-
-    The position embedding is made for `img_size`; other sizes (multiples of `patch_size`) interpolate it
-    bicubically, so the same model trains at 64 px and evaluates at 224 px. `num_classes=0`: no classifier.
+class VisionTransformer(ClassifierAPI, nn.Module):
+    """ViT with a class token, learned position embedding and a `causal` attention switch. The position embedding is
+    made for `img_size`; other sizes (multiples of `patch_size`) interpolate it bicubically, so the same model trains
+    at 64 px and evaluates at 224 px. `num_classes=0`: no classifier.
     """
 
     def __init__(
@@ -154,21 +149,13 @@ class VisionTransformer(nn.Module):
         x = self.head.drop(x[:, -1])  # the class token
         return x if pre_logits else self.head.fc(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
-    # --- the model API shared with MambaOut, so the training pipeline treats both alike ---------------------------
-
-    def get_classifier(self) -> nn.Module:
-        return self.head.fc
-
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         self.num_classes = num_classes
         ref = self.norm.weight
         self.head.fc = nn.Identity()
         if num_classes:
             self.head.fc = nn.Linear(self.num_features, num_classes, device=ref.device, dtype=ref.dtype)
-            _init_weights(self.head.fc)
+            init_weights(self.head.fc)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
@@ -177,19 +164,13 @@ class VisionTransformer(nn.Module):
         """Norms, biases, the class token and the position embedding go without weight decay (DeiT)."""
         return {name for name, p in self.named_parameters() if p.ndim <= 1 or name in ("cls_token", "pos_embed")}
 
-    def param_groups(self, weight_decay: float) -> list[dict]:
-        """Optimizer parameter groups: weight decay on all but `no_weight_decay()`."""
-        return param_groups(self, weight_decay)
-
     def group_matcher(self, coarse: bool = False) -> dict:
         return dict(stem=r"^cls_token|^pos_embed|^stem", blocks=r"^blocks\.(\d+)")
 
 
 def _init_weights(m: nn.Module) -> None:
-    if isinstance(m, nn.Linear):
-        nn.init.trunc_normal_(m.weight, std=0.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.Conv2d):  # the patch embedding, initialised like a linear layer of its fan-in
+    if isinstance(m, nn.Conv2d):  # the patch embedding, initialised like a linear layer of its fan-in
         nn.init.trunc_normal_(m.weight, std=math.sqrt(1.0 / (m.in_channels * m.kernel_size[0] * m.kernel_size[1])))
         nn.init.zeros_(m.bias)
+    else:
+        init_weights(m)
