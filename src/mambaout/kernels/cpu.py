@@ -194,7 +194,7 @@ _NO_POST_OP = ("none", "")
 class _Plan:
     """One block's tensors as the fast path calls them, so that a call slices, looks up and checks nothing.
 
-    fc1's row blocks `g`, `i` and `c` are views of its weight and bias, not copies: in-place changes show at once,
+    fc1's row blocks `g` and `ic` (the identity and conv channels) are views of its weight and bias, not copies: in-place changes show at once,
     even through `.data`. `_plan` makes the plan again when one of the block's modules is replaced, or a linear or
     conv weight or bias or the norm's weight gets new storage (`.to()`, `.data = ...`, a new Parameter). A norm other than a plain `nn.LayerNorm`, a
     conv other than a zero-padded `nn.Conv2d` and an activation oneDNN cannot fuse run as their modules.
@@ -206,9 +206,7 @@ class _Plan:
         hidden, cc = self.hidden, self.cc = block.hidden, block.conv_channels
         self.shape = (hidden, cc, type(act).__name__)
         self.norm = (norm.normalized_shape, norm.weight, norm.bias, norm.eps) if type(norm) is nn.LayerNorm else None
-        self.g, self.i, self.c = (
-            _rows(fc1, lo, hi) for lo, hi in ((0, hidden), (hidden, 2 * hidden - cc), (2 * hidden - cc, 2 * hidden))
-        )
+        self.g, self.ic = _rows(fc1, 0, hidden), _rows(fc1, hidden, 2 * hidden)  # the gate; the identity and conv
         self.conv = _conv_args(conv)
         self.packed = None  # (input shape, the weight it was packed from, packed weight): `_dwconv`
         self.fc2 = _rows(fc2, 0, fc2.out_features)
@@ -292,10 +290,11 @@ def _gated_onednn(p: _Plan, x: torch.Tensor) -> torch.Tensor:
     g = _lin(xn, p.g, p.post_op or _NO_POST_OP)  # [B, H, W, hidden], activated if fused
     if p.post_op is None:
         g = p.modules[2](g)
-    c = _dwconv(p, _lin(xn, p.c).permute(0, 3, 1, 2))  # [B, H, W, Cc] -> [B, Cc, H, W], a channels-last view
+    ic = _lin(xn, p.ic)  # [B, H, W, hidden]: i, then c
+    c = _dwconv(p, ic[..., hidden - cc :].permute(0, 3, 1, 2))  # [B, H, W, Cc] -> [B, Cc, H, W]
     g[..., hidden - cc :].mul_(c.permute(0, 2, 3, 1))  # [B, Cc, H, W] -> [B, H, W, Cc]
     if hidden > cc:
-        g[..., : hidden - cc].mul_(_lin(xn, p.i))  # the identity channels i
+        g[..., : hidden - cc].mul_(ic[..., : hidden - cc])
     if p.plain:  # x + fc2(gate) in one oneDNN call: the residual add is the matmul's epilogue
         return torch.ops.mkldnn._linear_pointwise.binary(g, x.contiguous(), p.fc2[0], p.fc2[1], "add")
     return x + p.modules[6](p.modules[5](_lin(g, p.fc2)))
@@ -317,11 +316,12 @@ def _gated_blas(p: _Plan, x: torch.Tensor) -> torch.Tensor:
         torch.ops.aten.gelu_(g, approximate=act.approximate)
     else:
         g = act(g)
-    c = _dwconv(p, _mm(xn, p.c).view(B, H, W, cc).permute(0, 3, 1, 2))  # a channels-last view: no copy
+    ic = _mm(xn, p.ic).view(B, H, W, hidden)  # i, then c
+    c = _dwconv(p, ic[..., hidden - cc :].permute(0, 3, 1, 2))
     g = g.view(B, H, W, hidden)
     g[..., hidden - cc :].mul_(c.permute(0, 2, 3, 1))
     if hidden > cc:
-        g[..., : hidden - cc].mul_(_mm(xn, p.i).view(B, H, W, hidden - cc))
+        g[..., : hidden - cc].mul_(ic[..., : hidden - cc])
     g = g.view(-1, hidden)
     if p.plain:
         out = torch.addmm(x.reshape(-1, C), g, p.fc2[0].t())  # x + g @ W2^T: the residual is addmm's input term
