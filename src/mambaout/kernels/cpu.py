@@ -148,7 +148,7 @@ def stem_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
         return None
     if not _inference_ok(x, norm.weight.dtype, (norm,)):
         return None
-    y = x.permute(0, 2, 3, 1).contiguous().float()
+    y = x.permute(0, 2, 3, 1).to(torch.float32, memory_format=torch.contiguous_format)  # one pass: layout and dtype
     bias = norm.bias.float() if norm.bias is not None else None
     return torch.layer_norm(y, norm.normalized_shape, norm.weight.float(), bias, norm.eps).to(x.dtype)
 
