@@ -55,8 +55,10 @@ def no_fast(monkeypatch):
 )
 @pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
 @pytest.mark.parametrize("matmul", ["onednn", "blas"])
-def test_fast_block_equals_reference(kwargs, mode, matmul, monkeypatch):
+@pytest.mark.parametrize("one_call_rows", [4096, 0])  # i and c from one matmul call, and from two
+def test_fast_block_equals_reference(kwargs, mode, matmul, one_call_rows, monkeypatch):
     monkeypatch.setattr(cpu, "_MODE", matmul)  # each implementation on its own, whatever "auto" would pick here
+    monkeypatch.setattr(cpu, "_ONE_CALL_ROWS", one_call_rows)
     block = _block(**kwargs)
     x = torch.randn(2, 13, 11, 37)
     with mode():

@@ -194,10 +194,11 @@ _NO_POST_OP = ("none", "")
 class _Plan:
     """One block's tensors as the fast path calls them, so that a call slices, looks up and checks nothing.
 
-    fc1's row blocks `g` and `ic` (the identity and conv channels) are views of its weight and bias, not copies: in-place changes show at once,
-    even through `.data`. `_plan` makes the plan again when one of the block's modules is replaced, or a linear or
-    conv weight or bias or the norm's weight gets new storage (`.to()`, `.data = ...`, a new Parameter). A norm other than a plain `nn.LayerNorm`, a
-    conv other than a zero-padded `nn.Conv2d` and an activation oneDNN cannot fuse run as their modules.
+    fc1's row blocks `g`, `i`, `c` and `ic` (gate, identity, conv, identity and conv) are views of its weight and
+    bias, not copies: in-place changes show at once, even through `.data`. `_plan` makes the plan again when one of
+    the block's modules is replaced, or a linear or conv weight or bias or the norm's weight gets new storage (`.to()`,
+    `.data = ...`, a new Parameter). A norm other than a plain `nn.LayerNorm`, a conv other than a zero-padded
+    `nn.Conv2d` and an activation oneDNN cannot fuse run as their modules.
     """
 
     def __init__(self, block: nn.Module, key: tuple):
@@ -207,6 +208,7 @@ class _Plan:
         self.shape = (hidden, cc, type(act).__name__)
         self.norm = (norm.normalized_shape, norm.weight, norm.bias, norm.eps) if type(norm) is nn.LayerNorm else None
         self.g, self.ic = _rows(fc1, 0, hidden), _rows(fc1, hidden, 2 * hidden)  # the gate; the identity and conv
+        self.i, self.c = _rows(fc1, hidden, 2 * hidden - cc), _rows(fc1, 2 * hidden - cc, 2 * hidden)
         self.conv = _conv_args(conv)
         self.packed = None  # (input shape, the weight it was packed from, packed weight): `_dwconv`
         self.fc2 = _rows(fc2, 0, fc2.out_features)
@@ -283,6 +285,20 @@ def _lin(x: torch.Tensor, rows: tuple, post_op: tuple[str, str] = _NO_POST_OP) -
     return torch.ops.mkldnn._linear_pointwise(x, rows[0], rows[1], post_op[0], [], post_op[1])
 
 
+_ONE_CALL_ROWS = 4096
+
+
+def _identity_and_conv(p: _Plan, lin, xn: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """fc1's identity channels `i` (None if there are none) and conv channels `c`, `[B, H, W, *]`, through `lin`. Up
+    to `_ONE_CALL_ROWS` rows, one call for both: a call's fixed cost (10-20 us) is more than the conv's copy of its
+    strided channels there. Above, the copy costs more: two calls, each into a tensor the conv reads in place."""
+    hidden, cc = p.hidden, p.cc
+    if xn.numel() // xn.shape[-1] <= _ONE_CALL_ROWS:
+        ic = lin(xn, p.ic)
+        return ic[..., : hidden - cc], ic[..., hidden - cc :]
+    return (lin(xn, p.i) if hidden > cc else None), lin(xn, p.c)
+
+
 def _gated_onednn(p: _Plan, x: torch.Tensor) -> torch.Tensor:
     """The block through oneDNN matmuls with fused epilogues; `[B, H, W, C]` -> `[B, H, W, C]`."""
     hidden, cc = p.hidden, p.cc
@@ -290,11 +306,11 @@ def _gated_onednn(p: _Plan, x: torch.Tensor) -> torch.Tensor:
     g = _lin(xn, p.g, p.post_op or _NO_POST_OP)  # [B, H, W, hidden], activated if fused
     if p.post_op is None:
         g = p.modules[2](g)
-    ic = _lin(xn, p.ic)  # [B, H, W, hidden]: i, then c
-    c = _dwconv(p, ic[..., hidden - cc :].permute(0, 3, 1, 2))  # [B, H, W, Cc] -> [B, Cc, H, W]
+    i, c = _identity_and_conv(p, _lin, xn)
+    c = _dwconv(p, c.permute(0, 3, 1, 2))  # [B, H, W, Cc] -> [B, Cc, H, W]
     g[..., hidden - cc :].mul_(c.permute(0, 2, 3, 1))  # [B, Cc, H, W] -> [B, H, W, Cc]
     if hidden > cc:
-        g[..., : hidden - cc].mul_(ic[..., : hidden - cc])
+        g[..., : hidden - cc].mul_(i)
     if p.plain:  # x + fc2(gate) in one oneDNN call: the residual add is the matmul's epilogue
         return torch.ops.mkldnn._linear_pointwise.binary(g, x.contiguous(), p.fc2[0], p.fc2[1], "add")
     return x + p.modules[6](p.modules[5](_lin(g, p.fc2)))
@@ -316,12 +332,12 @@ def _gated_blas(p: _Plan, x: torch.Tensor) -> torch.Tensor:
         torch.ops.aten.gelu_(g, approximate=act.approximate)
     else:
         g = act(g)
-    ic = _mm(xn, p.ic).view(B, H, W, hidden)  # i, then c
-    c = _dwconv(p, ic[..., hidden - cc :].permute(0, 3, 1, 2))
+    i, c = _identity_and_conv(p, lambda t, rows: _mm(t, rows).view(B, H, W, -1), xn)
+    c = _dwconv(p, c.permute(0, 3, 1, 2))
     g = g.view(B, H, W, hidden)
     g[..., hidden - cc :].mul_(c.permute(0, 2, 3, 1))
     if hidden > cc:
-        g[..., : hidden - cc].mul_(ic[..., : hidden - cc])
+        g[..., : hidden - cc].mul_(i)
     g = g.view(-1, hidden)
     if p.plain:
         out = torch.addmm(x.reshape(-1, C), g, p.fc2[0].t())  # x + g @ W2^T: the residual is addmm's input term
