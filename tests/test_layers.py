@@ -129,3 +129,15 @@ def test_architecture_doc_names_every_module():
     rows = {line.split("`")[1] for line in doc.splitlines() if line.startswith("| `")}
     missing = [str(p.relative_to(SRC)) for p in MODULES.values() if str(p.relative_to(SRC)) not in rows]
     assert not missing, f"docs/architecture.md does not name: {missing}"
+
+
+def test_no_function_is_longer_than_100_lines():
+    # A longer function does several things; split it where they part (docstring and decorators count).
+    long = []
+    for path in sorted(SRC.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                start = min([node.lineno, *(d.lineno for d in node.decorator_list)])
+                if node.end_lineno - start + 1 > 100:
+                    long.append(f"{path.relative_to(SRC)}:{node.lineno} {node.name} ({node.end_lineno - start + 1})")
+    assert not long, "functions over 100 lines: " + ", ".join(long)
