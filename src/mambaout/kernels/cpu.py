@@ -160,22 +160,11 @@ def _conv_args(conv: nn.Conv2d) -> tuple | None:
     return (conv.weight, conv.bias, list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
 
 
-def _pack(args: tuple, shape: torch.Size) -> torch.Tensor:
-    """The conv's weight in oneDNN's blocked layout for inputs of `shape`, which oneDNN otherwise makes at every call."""
-    weight, _, padding, stride, dilation, groups = args
-    return torch.ops.mkldnn._reorder_convolution_weight(weight.detach(), padding, stride, dilation, groups, list(shape))
-
-
-def _run_packed(args: tuple, packed: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    _, bias, padding, stride, dilation, groups = args
-    return torch.ops.mkldnn._convolution_pointwise(x, packed, bias, padding, stride, dilation, groups, "none", [], "")
-
-
 def conv_channels_last(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     """`conv(x)` in channels-last memory, input and weight, so oneDNN does not reorder the weight at every call. The
     weight's copy is kept per conv and made again when its storage, version (any in-place change but one through
     `.data`), dtype or shape changes; one made under `torch.inference_mode` has no version, so is not kept. Bit for bit
-    the module's result, which a packed weight (`_pack`) is not at every input size, and FX graphs call the module."""
+    the module's result, which a packed weight (`_dwconv`) is not at every input size, and FX graphs call the module."""
     w = conv.weight
     x = x.contiguous(memory_format=torch.channels_last)
     if w.is_inference():
@@ -270,15 +259,18 @@ def _norm(p: _Plan, x: torch.Tensor) -> torch.Tensor:
 
 
 def _dwconv(p: _Plan, c: torch.Tensor) -> torch.Tensor:
-    """The depthwise conv through a packed weight, checked against the weight's values at each call (a small
-    tensor: a few microseconds), so that a change through `.data` takes effect as in the module."""
+    """The depthwise conv through its weight packed for oneDNN (which otherwise reorders it at every call), checked
+    against the weight's values at each call (a small tensor: a few microseconds), so a change through `.data` shows."""
     if p.conv is None or not _CAN_PACK:
         return p.modules[3](c)
-    weight = p.conv[0]
+    weight, bias, padding, stride, dilation, groups = p.conv
     packed = p.packed
     if packed is None or packed[0] != c.shape or not torch.equal(packed[1], weight):
-        packed = p.packed = (c.shape, weight.detach().clone(), _pack(p.conv, c.shape))
-    return _run_packed(p.conv, packed[2], c)
+        w = weight.detach()
+        pw = torch.ops.mkldnn._reorder_convolution_weight(w, padding, stride, dilation, groups, list(c.shape))
+        packed = p.packed = (c.shape, w.clone(), pw)
+    pw = packed[2]
+    return torch.ops.mkldnn._convolution_pointwise(c, pw, bias, padding, stride, dilation, groups, "none", [], "")
 
 
 def _lin(x: torch.Tensor, rows: tuple, post_op: tuple[str, str] = _NO_POST_OP) -> torch.Tensor:
