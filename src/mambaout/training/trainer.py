@@ -217,8 +217,7 @@ def train_one_epoch(model: nn.Module, loader, task, parts, device, sums: Sums, h
         with dist.no_sync(model, skip=not last_micro):
             with autocast(device, hooks.amp_dtype):
                 loss, loss_parts = task.loss(model, inputs, targets)
-            scaled = loss / accum
-            (parts.scaler.scale(scaled) if parts.scaler is not None else scaled).backward()
+            parts.scaler.scale(loss / accum).backward()  # a no-op scaler but for fp16
         sums.add(loss, loss_parts, n_bad, n_images)
         if not last_micro:
             continue
@@ -239,15 +238,11 @@ def train_one_epoch(model: nn.Module, loader, task, parts, device, sums: Sums, h
 
 def _optimizer_step(model: nn.Module, optimizer, scaler, clip_grad: float | None) -> None:
     """One optimizer step on the accumulated gradients (unscaled first, so clipping sees the true ones)."""
-    if scaler is not None:
-        scaler.unscale_(optimizer)
+    scaler.unscale_(optimizer)
     if clip_grad:
         nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
-    if scaler is not None:
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        optimizer.step()
+    scaler.step(optimizer)  # a disabled scaler (no fp16) only calls optimizer.step()
+    scaler.update()
     optimizer.zero_grad(set_to_none=True)
 
 
@@ -280,7 +275,7 @@ def fit(task: Task, loop: Loop) -> dict:
         rf.seed_all(loop.seed)  # the model's initial weights: the same on every rank
         model = task.build_model(device)
         optimizer = task.optimizer(model)
-        scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
+        scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
         parts = rf.Trainable(model, optimizer, task.scheduler(optimizer, total), scaler, task.ema(model))
         progress = rf.Progress() if state is None else rf.Progress.restore(state, parts)
         train_model = dist.wrap(model, device)
