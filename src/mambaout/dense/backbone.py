@@ -124,10 +124,6 @@ class DenseBackbone(nn.Module):
             module.eval()
         return self
 
-    def stage_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """The stage maps before the added norms, NCHW (`x` padded to a multiple of 32 first)."""
-        return [f.permute(0, 3, 1, 2).contiguous() for f in self.body(pad_to_stride(x))]  # [B,H,W,C] -> [B,C,H,W]
-
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         """`[B, 3, H, W]` -> one `[B, C_i, ceil(H / s_i), ceil(W / s_i)]` map per returned stage."""
         feats = self.body(pad_to_stride(x))  # list of [B, H_i, W_i, C_i]
