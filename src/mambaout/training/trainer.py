@@ -157,7 +157,7 @@ class Sums:
 
     def read_line(self, since: int, steps: int) -> dict:
         """The means since the last line (one host read); raises if a loss since step `since` was inf or NaN."""
-        if self.line is None or not torch.is_tensor(self.line):
+        if not torch.is_tensor(self.line):  # None, or a list from a checkpoint: nothing summed since
             return {}
         flag = torch.as_tensor(self.nonfinite, device=self.line.device).float()[None]
         *values, bad = torch.cat([self.line.float(), flag]).tolist()  # one read
@@ -192,15 +192,11 @@ def _on(sums, like: torch.Tensor) -> torch.Tensor:
 def train_one_epoch(model: nn.Module, loader, task, parts, device, sums: Sums, hooks) -> int:
     """Train for one pass over `loader` (at most `hooks.max_steps` optimizer steps); returns the steps taken.
 
-    Every `accum_steps` micro-batches make one optimizer step; DDP's all-reduce runs only on the last of them
-    (`no_sync`), and each micro-loss is divided by `accum_steps`, so the gradient equals one large batch's. `model`
-    is `parts.model`, maybe in DDP and compile wrappers. `sums` stay on the device, read only every
-    `hooks.refresh_every` steps (a read waits for the GPU: once per step would stall the input pipeline).
-
-    `hooks` (the trainer's `Steps`) gives `accum_steps`, `amp_dtype`, `clip_grad`, `first` (steps before this pass)
-    and `line_every` (0: never), and is called: `start()` once the loader's iterator exists (it draws from the RNG),
-    `report(n, means)` every `refresh_every` and `line_every` steps of the run and at the end (a non-finite loss
-    raises at the first read after it), `after_step(n)` after each optimizer step (True ends the pass).
+    Every `accum_steps` micro-batches, each loss divided by it, make one optimizer step (DDP all-reduces only on the
+    last: `no_sync`), so the gradient equals one large batch's. `model` is `parts.model`, maybe in DDP and compile
+    wrappers. `sums` stay on the device, read every `hooks.refresh_every` steps (a read waits for the GPU).
+    `hooks` is the trainer's `Steps`: its settings, `start()` once the loader's iterator exists (it draws from the
+    RNG), `report(n, means)` at each read (a non-finite loss raises there), `after_step(n)` (True ends the pass).
     """
     model.train()
     accum = hooks.accum_steps
