@@ -1,10 +1,6 @@
-"""The training run of any task: `fit(task, loop)` trains a `Task` (classification in `training/classify.py`,
-detection and segmentation in `dense/tasks.py`) as the `Loop` its command resolved says.
-
-A task owns its data, model, loss, evaluation, the numbers its lines show and its checkpoints' metadata; the engine
-owns the loop, the optimizer step, the schedule, when to evaluate and save, the run folder, resume, Ctrl-C, the log
-and DDP (every rank calls `fit`; only rank 0 writes). How a resumed run replays an uninterrupted one:
-docs/training.md, "Resume".
+"""The training run of any task: `fit(task, loop)` trains a `Task` (`training/classify.py`, `dense/tasks.py`) as the
+`Loop` its command resolved says; every rank calls `fit`, only rank 0 writes. What the engine and a task each own:
+docs/architecture.md; how a resumed run replays an uninterrupted one: docs/training.md, "Resume".
 """
 
 from __future__ import annotations
