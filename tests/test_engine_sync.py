@@ -85,7 +85,7 @@ def _model():
 
 def _epoch(loader, refresh_every, bar=None):
     model = _model()
-    parts = Trainable(model, torch.optim.SGD(model.parameters(), lr=0.1), None)
+    parts = Trainable(model, torch.optim.SGD(model.parameters(), lr=0.1), None, torch.amp.GradScaler(enabled=False))
     sums = Sums()
     bar = bar or Bar()
     bar.refresh_every = refresh_every

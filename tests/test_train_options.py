@@ -81,7 +81,7 @@ class Spy:
             return block_forward(block, x)
 
         def counted_unscale(scaler, optimizer):
-            spy.unscale_calls += 1
+            spy.unscale_calls += scaler.is_enabled()  # without fp16 the scaler is there, disabled
             return unscale(scaler, optimizer)
 
         def before_step(optimizer, args, kwargs):

@@ -71,15 +71,10 @@ class BackboneConfig:
 
 
 class DenseBackbone(nn.Module):
-    """MambaOut stage maps with a LayerNorm each, for a detection or segmentation neck.
-
-    Args:
-        name: A registered MambaOut name; None when `checkpoint` records its model.
-        out_indices: The stages returned (0-3, strides 4, 8, 16, 32).
-        pretrained, checkpoint: Start from the published or these classification weights (any layout we read).
-        frozen_stages: -1 trains everything; 0 freezes the stem; k > 0 the stem and the first k stages.
-        **model_kwargs: Further `MambaOut` arguments (`kernel_size`, `depths`, `dims`, ...).
-    """
+    """MambaOut stage maps with a LayerNorm each, for a detection or segmentation neck: `name` (None: the model
+    `checkpoint` records), `out_indices` of stages 0-3 (strides 4-32), the published (`pretrained`) or `checkpoint`'s
+    classification weights (any layout we read); `frozen_stages` -1 trains all, 0 freezes the stem, k the stem and
+    the first k stages; `model_kwargs` go to `MambaOut`."""
 
     def __init__(
         self,
@@ -123,10 +118,6 @@ class DenseBackbone(nn.Module):
         for module in self._frozen_modules():  # frozen stages stay in eval mode: no drop path there
             module.eval()
         return self
-
-    def stage_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """The stage maps before the added norms, NCHW (`x` padded to a multiple of 32 first)."""
-        return [f.permute(0, 3, 1, 2).contiguous() for f in self.body(pad_to_stride(x))]  # [B,H,W,C] -> [B,C,H,W]
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         """`[B, 3, H, W]` -> one `[B, C_i, ceil(H / s_i), ceil(W / s_i)]` map per returned stage."""

@@ -180,11 +180,7 @@ def resolve(task: str, recipe: str | None, overrides: dict, base: RunConfig | No
             part = loaded.get(s) or {}
             if not isinstance(part, dict):
                 raise ValueError(f"recipe {path}: {s} must be a mapping of key: value")
-            for key, value in part.items():
-                try:
-                    values[s][sch.find(f"{s}.{key}").name] = S.coerce(value)
-                except ValueError as e:
-                    raise ValueError(f"recipe {path}: {e}") from None
+            values[s].update(sch.recipe_items(path, part, f"{s}."))
     for key, value in overrides.items():
         setting = sch.find(key)
         values[setting.section][setting.name] = value

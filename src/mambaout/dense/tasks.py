@@ -358,11 +358,8 @@ class DetectTask(Task):
         m = meta["dense_model"]
         hw = (args.img_size or m["min_size"],) * 2
         info = dict(
-            task=meta["task"],
+            {k: meta[k] for k in ("task", "dense_model", "class_names", "cat_ids")},
             model=f"{m['kind']} " + m["backbone"],
-            dense_model=m,
-            class_names=meta["class_names"],
-            cat_ids=meta["cat_ids"],
             input="images [3, H, W] RGB in [0, 1], one image of any size (resized and normalised inside)",
             output="boxes [N, 4] x1 y1 x2 y2 in input pixels, labels [N] (class_names[label - 1]), scores [N]"
             + (", masks [N, 1, H, W] probabilities" if m["kind"] == "mask_rcnn" else ""),
@@ -548,12 +545,8 @@ class SegmentTask(Task):
 
         size = args.img_size or int(meta["eval_scale"][1])
         info = dict(
-            task=meta["task"],
+            {k: meta[k] for k in ("task", "dense_model", "class_names", "label_lut", "eval_scale")},
             model="upernet " + meta["dense_model"]["backbone"],
-            dense_model=meta["dense_model"],
-            class_names=meta["class_names"],
-            label_lut=meta["label_lut"],
-            eval_scale=meta["eval_scale"],
             eval_config={"input_size": [3, size, size]},
             input=f"input [batch, 3, {size}, {size}] RGB in [0, 1] (ImageNet mean/std applied inside)",
             output=f"logits [batch, {len(meta['class_names'])}, {size}, {size}]: argmax is the class index",

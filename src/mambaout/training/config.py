@@ -376,13 +376,7 @@ def load_recipe(name_or_path: str) -> dict:
     recipe = load_yaml(path.read_text(errors="replace"), str(path)) or {}  # a YamlError is a ValueError
     if not isinstance(recipe, dict):
         raise ValueError(f"recipe {path} must be a YAML mapping of option: value")
-    out = {}
-    for key, value in recipe.items():
-        try:
-            out[SCHEMA.find(str(key)).name] = S.coerce(value)
-        except ValueError as e:
-            raise ValueError(f"recipe {path}: {e}") from None
-    return out
+    return SCHEMA.recipe_items(path, recipe)
 
 
 def resolve_config(overrides: dict, require_data: bool = True) -> TrainConfig:

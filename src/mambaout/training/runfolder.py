@@ -80,7 +80,7 @@ class Trainable:
     model: nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: object  # timm's interface: step(epoch) at an epoch's start, step_update(n) after optimizer step n
-    scaler: torch.amp.GradScaler | None = None
+    scaler: torch.amp.GradScaler  # disabled but for fp16 (its state is then {})
     ema: nn.Module | None = None  # timm's ModelEmaV3: the averaged weights are `ema.module`
 
     def stateful(self) -> dict:
@@ -315,10 +315,7 @@ def _plain(obj):
 
 
 def _read_csv(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    with open(path) as f:
-        return list(csv.DictReader(f))
+    return list(csv.DictReader(path.read_text().splitlines())) if path.is_file() else []
 
 
 def plot_curves(summary_csv: Path, png: Path, metric: str = "top1") -> None:

@@ -1,10 +1,6 @@
-"""The training run of any task: `fit(task, loop)` trains a `Task` (classification in `training/classify.py`,
-detection and segmentation in `dense/tasks.py`) as the `Loop` its command resolved says.
-
-A task owns its data, model, loss, evaluation, the numbers its lines show and its checkpoints' metadata; the engine
-owns the loop, the optimizer step, the schedule, when to evaluate and save, the run folder, resume, Ctrl-C, the log
-and DDP (every rank calls `fit`; only rank 0 writes). How a resumed run replays an uninterrupted one:
-docs/training.md, "Resume".
+"""The training run of any task: `fit(task, loop)` trains a `Task` (`training/classify.py`, `dense/tasks.py`) as the
+`Loop` its command resolved says; every rank calls `fit`, only rank 0 writes. What the engine and a task each own:
+docs/architecture.md; how a resumed run replays an uninterrupted one: docs/training.md, "Resume".
 """
 
 from __future__ import annotations
@@ -157,7 +153,7 @@ class Sums:
 
     def read_line(self, since: int, steps: int) -> dict:
         """The means since the last line (one host read); raises if a loss since step `since` was inf or NaN."""
-        if self.line is None or not torch.is_tensor(self.line):
+        if not torch.is_tensor(self.line):  # None, or a list from a checkpoint: nothing summed since
             return {}
         flag = torch.as_tensor(self.nonfinite, device=self.line.device).float()[None]
         *values, bad = torch.cat([self.line.float(), flag]).tolist()  # one read
@@ -192,15 +188,11 @@ def _on(sums, like: torch.Tensor) -> torch.Tensor:
 def train_one_epoch(model: nn.Module, loader, task, parts, device, sums: Sums, hooks) -> int:
     """Train for one pass over `loader` (at most `hooks.max_steps` optimizer steps); returns the steps taken.
 
-    Every `accum_steps` micro-batches make one optimizer step; DDP's all-reduce runs only on the last of them
-    (`no_sync`), and each micro-loss is divided by `accum_steps`, so the gradient equals one large batch's. `model`
-    is `parts.model`, maybe in DDP and compile wrappers. `sums` stay on the device, read only every
-    `hooks.refresh_every` steps (a read waits for the GPU: once per step would stall the input pipeline).
-
-    `hooks` (the trainer's `Steps`) gives `accum_steps`, `amp_dtype`, `clip_grad`, `first` (steps before this pass)
-    and `line_every` (0: never), and is called: `start()` once the loader's iterator exists (it draws from the RNG),
-    `report(n, means)` every `refresh_every` and `line_every` steps of the run and at the end (a non-finite loss
-    raises at the first read after it), `after_step(n)` after each optimizer step (True ends the pass).
+    Every `accum_steps` micro-batches, each loss divided by it, make one optimizer step (DDP all-reduces only on the
+    last: `no_sync`), so the gradient equals one large batch's. `model` is `parts.model`, maybe in DDP and compile
+    wrappers. `sums` stay on the device, read every `hooks.refresh_every` steps (a read waits for the GPU).
+    `hooks` is the trainer's `Steps`: its settings, `start()` once the loader's iterator exists (it draws from the
+    RNG), `report(n, means)` at each read (a non-finite loss raises there), `after_step(n)` (True ends the pass).
     """
     model.train()
     accum = hooks.accum_steps
@@ -217,8 +209,7 @@ def train_one_epoch(model: nn.Module, loader, task, parts, device, sums: Sums, h
         with dist.no_sync(model, skip=not last_micro):
             with autocast(device, hooks.amp_dtype):
                 loss, loss_parts = task.loss(model, inputs, targets)
-            scaled = loss / accum
-            (parts.scaler.scale(scaled) if parts.scaler is not None else scaled).backward()
+            parts.scaler.scale(loss / accum).backward()  # a no-op scaler but for fp16
         sums.add(loss, loss_parts, n_bad, n_images)
         if not last_micro:
             continue
@@ -239,15 +230,11 @@ def train_one_epoch(model: nn.Module, loader, task, parts, device, sums: Sums, h
 
 def _optimizer_step(model: nn.Module, optimizer, scaler, clip_grad: float | None) -> None:
     """One optimizer step on the accumulated gradients (unscaled first, so clipping sees the true ones)."""
-    if scaler is not None:
-        scaler.unscale_(optimizer)
+    scaler.unscale_(optimizer)
     if clip_grad:
         nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
-    if scaler is not None:
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        optimizer.step()
+    scaler.step(optimizer)  # a disabled scaler (no fp16) only calls optimizer.step()
+    scaler.update()
     optimizer.zero_grad(set_to_none=True)
 
 
@@ -280,7 +267,7 @@ def fit(task: Task, loop: Loop) -> dict:
         rf.seed_all(loop.seed)  # the model's initial weights: the same on every rank
         model = task.build_model(device)
         optimizer = task.optimizer(model)
-        scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
+        scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
         parts = rf.Trainable(model, optimizer, task.scheduler(optimizer, total), scaler, task.ema(model))
         progress = rf.Progress() if state is None else rf.Progress.restore(state, parts)
         train_model = dist.wrap(model, device)

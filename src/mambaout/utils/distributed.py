@@ -57,10 +57,9 @@ def init(device: str | None = None, backend: str | None = None) -> tuple[DistEnv
         if env.source == "slurm":
             # srun does not export a rendezvous; torch's env:// init reads these.
             os.environ.setdefault("MASTER_ADDR", _slurm_master_addr())
-            os.environ.setdefault("MASTER_PORT", "29500")
-            os.environ.setdefault("RANK", str(env.rank))
-            os.environ.setdefault("WORLD_SIZE", str(env.world_size))
-            os.environ.setdefault("LOCAL_RANK", str(env.local_rank))
+            ranks = dict(MASTER_PORT=29500, RANK=env.rank, WORLD_SIZE=env.world_size, LOCAL_RANK=env.local_rank)
+            for key, value in ranks.items():
+                os.environ.setdefault(key, str(value))
         backend = backend or ("nccl" if dev.type == "cuda" else "gloo")
         dist.init_process_group(backend=backend, init_method="env://", rank=env.rank, world_size=env.world_size)
     return env, dev

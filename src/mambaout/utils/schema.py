@@ -169,6 +169,14 @@ class Schema:
         except ValueError as e:
             raise ValueError(f"{key}={C.show(value)}: {e}") from None
 
+    def recipe_items(self, path, items: dict, prefix: str = "") -> dict:
+        """A recipe's `key: value` items (under `prefix`, a section's `model.`) by setting name, numbers as `coerce`
+        reads them; ValueError: `recipe PATH: ` and what `find` says of an unknown key."""
+        try:
+            return {self.find(f"{prefix}{key}").name: coerce(value) for key, value in items.items()}
+        except ValueError as e:
+            raise ValueError(f"recipe {path}: {e}") from None
+
     def parse_set(self, items: list[str] | None) -> dict[Setting, object]:
         """`--set KEY=VALUE` items (YAML values) by setting."""
         from mambaout.utils.safe_yaml import load_yaml

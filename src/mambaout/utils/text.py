@@ -10,12 +10,9 @@ import unicodedata
 def printable(text) -> str:
     """`text` with every character Python deems unprintable (control and format characters, line and paragraph
     separators; spaces other than U+0020 excepted) written as its escape: `\\x1b`, `\\n`, `\\u202e`."""
-    text = str(text)
-    if text.isprintable():
-        return text
     return "".join(
         ch if ch.isprintable() or unicodedata.category(ch) == "Zs" else ch.encode("unicode_escape").decode("ascii")
-        for ch in text
+        for ch in str(text)
     )
 
 

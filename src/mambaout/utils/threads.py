@@ -1,11 +1,6 @@
-"""The CPU thread policy of every `mambaout` command and of the test run: as many intra-op threads as cores are free.
-
-torch's CPU ops meet at a barrier after each op, so a thread sharing its core with a busy process makes every op
-wait (docs/performance.md, "CPU threads on a shared machine"). `begin()` snapshots the CPU counters before torch
-loads; `settle()`, after, sets the usable cores less those other processes used meanwhile (niced ones count as free
-for a process at the default priority), rounded, at least 1 (`mambaout.cli._start_up`, tests/conftest.py).
-OMP_NUM_THREADS or MAMBAOUT_THREADS (a number, or `all`) override it, and afterwards `--threads N` (`set_threads`).
-It looks once, at start-up: a load that starts later is not seen.
+"""The CPU thread policy of every `mambaout` command and of the test run: as many intra-op threads as cores are free
+(`begin()` before torch loads, `settle()` after; MAMBAOUT_THREADS, OMP_NUM_THREADS and `--threads` override it).
+Why and how: docs/performance.md, "CPU threads on a shared machine".
 """
 
 from __future__ import annotations
