@@ -1,10 +1,6 @@
 """`mambaout validate`: top-1 / top-5 / loss / throughput of one or more models on a labelled image set.
 
-The set is an ImageFolder directory or a `.tar` of one. Each model is evaluated with its own eval transform
-(bicubic resize to `input / crop_pct`, centre crop; crop_pct 1.0 for the paper's weights), taken from its
-checkpoint's metadata or the variant's published weights. Labels: a checkpoint written by `mambaout train`
-names its classes, matched to the folder names; a 1000-class model on synset folders (ImageNet or a subset
-such as Imagenette) uses the ImageNet-1k index; otherwise the sorted folder order.
+The set is an ImageFolder directory or a `.tar` of one; each model's eval transform and label map: docs/training.md.
 """
 
 from __future__ import annotations

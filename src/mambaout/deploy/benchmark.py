@@ -194,10 +194,9 @@ def load_impl(key: str, folder: Path, threads: int) -> Callable[[torch.Tensor], 
 
             return autocast_call
         return model
-    if key == "ours int8 (ONNX Runtime)":
-        return OnnxRuntimeModel(folder / "ours-int8.onnx", threads)
-    if key == "ONNX Runtime fp32, our export":
-        return OnnxRuntimeModel(folder / "ours.onnx", threads)
+    ours_onnx = {"ours int8 (ONNX Runtime)": "ours-int8.onnx", "ONNX Runtime fp32, our export": "ours.onnx"}
+    if key in ours_onnx:
+        return OnnxRuntimeModel(folder / ours_onnx[key], threads)
     if key == "ONNX Runtime fp32, timm's export":
         session = ort_session(folder / "timm.onnx", threads)  # timm's export carries no metadata: run it bare
         input_name = session.get_inputs()[0].name
