@@ -79,13 +79,8 @@ def _check_jpeg_size(img: Image.Image, name: str) -> None:
     except (OSError, AttributeError, ValueError):
         return  # cannot be told
     if size and img.size[0] * img.size[1] > _JPEG_MAX_PIXELS_PER_BYTE * size:
-        logger.warning(
-            "%s claims %d x %d pixels in its header but holds only %d bytes, too few to fill them: it is truncated "
-            "or forged, and decodes mostly as grey filler",
-            printable(name),
-            *img.size,
-            size,
-        )
+        msg = "%s claims %d x %d pixels in its header but holds only %d bytes, too few to fill them: it is truncated "
+        logger.warning(msg + "or forged, and decodes mostly as grey filler", printable(name), *img.size, size)
 
 
 def source_name(source) -> str:
