@@ -101,10 +101,9 @@ def label_map(model, folders: list[str]) -> dict[str, int] | None:
                 f"({names[:3]}...); validate on a set with the same class folders"
             )
         return {f: index[f] for f in folders}
-    if getattr(model, "num_classes", 0) == 1000:
-        mapping = imagenet_class_map(folders)
-        if mapping is not None:
-            return mapping
+    mapping = imagenet_class_map(folders) if getattr(model, "num_classes", 0) == 1000 else None
+    if mapping is not None:
+        return mapping
     if getattr(model, "num_classes", len(folders)) != len(folders):
         # without class names the sorted folder order is the label: it means something only when the counts agree
         raise ValueError(

@@ -121,7 +121,6 @@ COMPILED = {
     "ours bf16 (torch.compile)": "bf16",
 }
 ROWS = {**IMPLS, **COMPILED}
-_BF16_ROWS = {k for k, d in ROWS.items() if d == "bf16"}
 
 
 def twins(name: str, **kwargs):
@@ -264,7 +263,7 @@ def runtime_rows(
             raise ValueError(f"unknown --only row(s) {sorted(unknown)}; expected some of {keys}")
         keys = [k for k in keys if k == "timm fp32" or k in only]
     bf16_native, cpu = precision.cpu_bf16_support()
-    emulated = set() if bf16_native else _BF16_ROWS & set(keys)
+    emulated = set() if bf16_native else {k for k in keys if ROWS[k] == "bf16"}
     with tempfile.TemporaryDirectory(prefix="mambaout-runtimes-") as tmp:
         folder = Path(tmp)
         notes = prepare(name, folder, img_size, calib, openvino=any(k.startswith("OpenVINO") for k in keys))
