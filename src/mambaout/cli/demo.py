@@ -39,9 +39,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--port", type=int, default=7860, check=_check_port, help="port (default 7860)")
     upload_help = "largest upload accepted, MiB (default 20)"
     parser.add_argument("--max-upload-mb", type=int, default=20, least=1, help=upload_help)
-    parser.add_argument(
-        "--examples", default=None, help="folder of example images (default: the photos shipped with the package)"
-    )
+    examples_help = "folder of example images (default: the photos shipped with the package)"
+    parser.add_argument("--examples", default=None, help=examples_help)
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     add_shared(parser, "--num-classes", "--use-ema")
     return parser

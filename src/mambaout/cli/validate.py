@@ -44,9 +44,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     random_help = "score --model at random initialisation (a chance baseline)"
     p.add_argument("--random-weights", action="store_true", help=random_help)
     add_shared(p, "--num-classes", "--use-ema")
-    p.add_argument(
-        "--img-size", type=int, check=check_img_size, help="eval resolution (default: the weights' input size)"
-    )
+    img_help = "eval resolution (default: the weights' input size)"
+    p.add_argument("--img-size", type=int, check=check_img_size, help=img_help)
     crop_help = "centre crop fraction (default: the weights' crop_pct)"
     p.add_argument("--crop-pct", type=float, check=check_crop_pct, help=crop_help)
     p.add_argument("--batch-size", "-b", type=int, default=128, least=1, help="halved and retried on out-of-memory")
