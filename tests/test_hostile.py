@@ -549,7 +549,10 @@ CASES = [
     Case("demo-port-0", "demo --model mambaout_test --random-weights --port 0", 2, "a port is 1 to 65535"),
     Case("demo-port-too-big", "demo --model mambaout_test --random-weights --port 70000", 2, "a port is 1 to 65535"),
     Case(
-        "demo-port-not-a-number", "demo --model mambaout_test --random-weights --port http", 2, "expected a port number"
+        "demo-port-not-a-number",
+        "demo --model mambaout_test --random-weights --port http",
+        2,
+        "invalid int value: 'http'",
     ),
     Case("demo-missing-checkpoint", "demo --checkpoint {w}/nope.safetensors", 2, "does not exist"),
     Case("demo-checkpoint-misfit", "demo --checkpoint {w}/meta10-over-7.safetensors", 2, "classifier has 7 classes"),

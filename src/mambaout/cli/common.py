@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import errno
 import functools
+import os
 import sys
 
 from mambaout.utils import schema as S
@@ -155,8 +156,6 @@ def model_counts(name: str, img_size: int) -> tuple[int, int | None]:
 def smoke_steps(var: str) -> int | None:
     """A positive integer from the environment variable `var` (`MAMBAOUT_MAX_STEPS`, `MAMBAOUT_MAX_EPOCHS`): the
     cap of a run's length that lets tests/test_docs.py run a documented command as written; None when unset."""
-    import os
-
     value = os.environ.get(var)
     if not value:
         return None

@@ -18,14 +18,9 @@ from mambaout.utils.device import resolve_device
 from mambaout.weights.checkpoint import CheckpointError, DownloadError
 
 
-def _port(value: str) -> int:
-    try:
-        port = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a port number, got {value!r}") from None
+def _check_port(port: int) -> None:
     if not 1 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"a port is 1 to 65535, got {port}")
-    return port
+        raise ValueError(f"a port is 1 to 65535, got {port}")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -41,12 +36,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--random-weights", action="store_true", help="offer --model at random initialisation")
     parser.add_argument("--topk", type=int, default=5, least=1, help="labels shown per image (default 5)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: reachable from others)")
-    parser.add_argument("--port", type=_port, default=7860, help="port (default 7860)")
+    parser.add_argument("--port", type=int, default=7860, check=_check_port, help="port (default 7860)")
     upload_help = "largest upload accepted, MiB (default 20)"
     parser.add_argument("--max-upload-mb", type=int, default=20, least=1, help=upload_help)
-    parser.add_argument(
-        "--examples", default=None, help="folder of example images (default: the photos shipped with the package)"
-    )
+    examples_help = "folder of example images (default: the photos shipped with the package)"
+    parser.add_argument("--examples", default=None, help=examples_help)
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     add_shared(parser, "--num-classes", "--use-ema")
     return parser

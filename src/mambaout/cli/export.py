@@ -188,10 +188,8 @@ def check_export(model, path, fmt: str, img_size: int | None = None, batch_size:
     x = torch.randn(batch_size, 3, h, w)
     with torch.no_grad():
         want = model.eval()(x)
-    if fmt in ("onnx", "onnx-int8", "openvino"):
-        got = load_runtime_model(path)(x)
-    else:
-        program, _ = load_pt2(path)
-        with torch.no_grad():
-            got = program.module()(x)
+        if fmt in ("onnx", "onnx-int8", "openvino"):
+            got = load_runtime_model(path)(x)
+        else:
+            got = load_pt2(path)[0].module()(x)
     return (got - want).abs().max().item()

@@ -1,9 +1,7 @@
 """`mambaout kernels`: which block implementation runs where, and `--aot sm_90` to time every Triton compile.
 
-`mambaout kernels --aot sm_90` compiles each Triton kernel of the package in each tile configuration the autotuner
-can pick, for a GPU target, on this machine (no GPU needed), prints one line per compile with its seconds, and exits
-1 if any single compile takes longer than `--max-seconds`: a kernel that would stall a user's first forward pass
-fails CI instead.
+`--aot` (docs/performance.md) exits 1 if one compile takes longer than `--max-seconds`: a kernel that would stall a
+user's first forward pass fails CI instead.
 """
 
 from __future__ import annotations

@@ -1,10 +1,6 @@
 """`mambaout validate`: top-1 / top-5 / loss / throughput of one or more models on a labelled image set.
 
-The set is an ImageFolder directory or a `.tar` of one. Each model is evaluated with its own eval transform
-(bicubic resize to `input / crop_pct`, centre crop; crop_pct 1.0 for the paper's weights), taken from its
-checkpoint's metadata or the variant's published weights. Labels: a checkpoint written by `mambaout train`
-names its classes, matched to the folder names; a 1000-class model on synset folders (ImageNet or a subset
-such as Imagenette) uses the ImageNet-1k index; otherwise the sorted folder order.
+The set is an ImageFolder directory or a `.tar` of one; each model's eval transform and label map: docs/training.md.
 """
 
 from __future__ import annotations
@@ -48,9 +44,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     random_help = "score --model at random initialisation (a chance baseline)"
     p.add_argument("--random-weights", action="store_true", help=random_help)
     add_shared(p, "--num-classes", "--use-ema")
-    p.add_argument(
-        "--img-size", type=int, check=check_img_size, help="eval resolution (default: the weights' input size)"
-    )
+    img_help = "eval resolution (default: the weights' input size)"
+    p.add_argument("--img-size", type=int, check=check_img_size, help=img_help)
     crop_help = "centre crop fraction (default: the weights' crop_pct)"
     p.add_argument("--crop-pct", type=float, check=check_crop_pct, help=crop_help)
     p.add_argument("--batch-size", "-b", type=int, default=128, least=1, help="halved and retried on out-of-memory")
@@ -105,10 +100,9 @@ def label_map(model, folders: list[str]) -> dict[str, int] | None:
                 f"({names[:3]}...); validate on a set with the same class folders"
             )
         return {f: index[f] for f in folders}
-    if getattr(model, "num_classes", 0) == 1000:
-        mapping = imagenet_class_map(folders)
-        if mapping is not None:
-            return mapping
+    mapping = imagenet_class_map(folders) if getattr(model, "num_classes", 0) == 1000 else None
+    if mapping is not None:
+        return mapping
     if getattr(model, "num_classes", len(folders)) != len(folders):
         # without class names the sorted folder order is the label: it means something only when the counts agree
         raise ValueError(
@@ -161,8 +155,7 @@ def validate_one(name, checkpoint, args, device) -> dict:
             if batch == 1:
                 raise
             batch //= 2
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            torch.cuda.empty_cache()  # a no-op where CUDA was never initialised
             print(f"out of memory: retrying with batch size {batch}", file=sys.stderr)
     if m["count"] == 0:
         raise ValueError(

@@ -159,14 +159,7 @@ def pil_part(transform) -> Compose:
 
 
 def gpu_loaders(
-    train: str,
-    val: str | None,
-    aug: AugmentConfig,
-    loading: Loading,
-    rank: int,
-    world_size: int,
-    device,
-    eval_tf,
+    train: str, val: str | None, aug: AugmentConfig, loading: Loading, rank: int, world_size: int, device, eval_tf
 ):
     """(train set, val set or None, train loader, val loader or None) of the gpu pipeline, as `train` uses them:
     with `loading.cache` both sets decoded once into memory, else CPU workers decode and crop per batch."""

@@ -30,15 +30,10 @@ _BACKGROUND = (255, 255, 255)
 
 
 def load_image(source) -> Image.Image:
-    """Any image (a path, a binary file object, encoded bytes, a PIL image or an HWC/HW uint8 array) as 8-bit RGB.
-
-    Handles every PIL mode: palette (with or without transparency), grey, 16-bit and float grey, CMYK, YCbCr,
-    LAB, and alpha (composited onto white rather than dropped, so transparent pixels do not turn black).
-    EXIF orientation is applied, as a photo viewer would. An image with more pixels than the decode budget
-    (`mambaout.utils.limits.max_pixels`, 64 Mpx unless `$MAMBAOUT_MAX_PIXELS` says otherwise) is refused from its
-    header, before its pixels are decoded. ValueError, naming the source, for what is not a decodable image or is
-    over the decode budget.
-    """
+    """Any image (a path, a binary file object, encoded bytes, a PIL image or an HWC/HW uint8 array) as 8-bit RGB
+    (`to_rgb`), EXIF orientation applied as a photo viewer would. ValueError, naming the source, for what is not a
+    decodable image or has more pixels than the decode budget (`mambaout.utils.limits.max_pixels`), which is refused
+    from its header, before its pixels are decoded."""
     if isinstance(source, np.ndarray):
         img = Image.fromarray(source)
     elif isinstance(source, Image.Image):
@@ -79,13 +74,8 @@ def _check_jpeg_size(img: Image.Image, name: str) -> None:
     except (OSError, AttributeError, ValueError):
         return  # cannot be told
     if size and img.size[0] * img.size[1] > _JPEG_MAX_PIXELS_PER_BYTE * size:
-        logger.warning(
-            "%s claims %d x %d pixels in its header but holds only %d bytes, too few to fill them: it is truncated "
-            "or forged, and decodes mostly as grey filler",
-            printable(name),
-            *img.size,
-            size,
-        )
+        msg = "%s claims %d x %d pixels in its header but holds only %d bytes, too few to fill them: it is truncated "
+        logger.warning(msg + "or forged, and decodes mostly as grey filler", printable(name), *img.size, size)
 
 
 def source_name(source) -> str:
@@ -96,7 +86,8 @@ def source_name(source) -> str:
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
-    """Convert any PIL mode to RGB (see `load_image`)."""
+    """Any PIL mode as RGB: palette (with or without transparency), grey, 16-bit and float grey, CMYK, YCbCr, LAB;
+    alpha is composited onto white rather than dropped, so transparent pixels do not turn black."""
     if img.mode == "RGB":
         return img
     if img.mode == "P":

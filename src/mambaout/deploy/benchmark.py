@@ -121,7 +121,6 @@ COMPILED = {
     "ours bf16 (torch.compile)": "bf16",
 }
 ROWS = {**IMPLS, **COMPILED}
-_BF16_ROWS = {k for k, d in ROWS.items() if d == "bf16"}
 
 
 def twins(name: str, **kwargs):
@@ -194,10 +193,9 @@ def load_impl(key: str, folder: Path, threads: int) -> Callable[[torch.Tensor], 
 
             return autocast_call
         return model
-    if key == "ours int8 (ONNX Runtime)":
-        return OnnxRuntimeModel(folder / "ours-int8.onnx", threads)
-    if key == "ONNX Runtime fp32, our export":
-        return OnnxRuntimeModel(folder / "ours.onnx", threads)
+    ours_onnx = {"ours int8 (ONNX Runtime)": "ours-int8.onnx", "ONNX Runtime fp32, our export": "ours.onnx"}
+    if key in ours_onnx:
+        return OnnxRuntimeModel(folder / ours_onnx[key], threads)
     if key == "ONNX Runtime fp32, timm's export":
         session = ort_session(folder / "timm.onnx", threads)  # timm's export carries no metadata: run it bare
         input_name = session.get_inputs()[0].name
@@ -265,7 +263,7 @@ def runtime_rows(
             raise ValueError(f"unknown --only row(s) {sorted(unknown)}; expected some of {keys}")
         keys = [k for k in keys if k == "timm fp32" or k in only]
     bf16_native, cpu = precision.cpu_bf16_support()
-    emulated = set() if bf16_native else _BF16_ROWS & set(keys)
+    emulated = set() if bf16_native else {k for k in keys if ROWS[k] == "bf16"}
     with tempfile.TemporaryDirectory(prefix="mambaout-runtimes-") as tmp:
         folder = Path(tmp)
         notes = prepare(name, folder, img_size, calib, openvino=any(k.startswith("OpenVINO") for k in keys))

@@ -138,11 +138,10 @@ def load_runtime_model(path: str | os.PathLike, threads: int | None = None) -> R
         raise ValueError(f"{path} is {kind or 'a folder'}, not an exported model file; pass the .onnx/.xml file")
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist")
-    if path.suffix.lower() == ".onnx":
-        return OnnxRuntimeModel(path, threads)
-    if path.suffix.lower() == ".xml":
-        return OpenVinoModel(path, threads=threads)
-    raise ValueError(f"{path}: an exported model is a .onnx or an OpenVINO .xml file, got {path.suffix!r}")
+    runtime = {".onnx": OnnxRuntimeModel, ".xml": OpenVinoModel}.get(path.suffix.lower())
+    if runtime is None:
+        raise ValueError(f"{path}: an exported model is a .onnx or an OpenVINO .xml file, got {path.suffix!r}")
+    return runtime(path, threads=threads)
 
 
 def is_runtime_file(path: str | os.PathLike | None) -> bool:

@@ -176,9 +176,8 @@ def export_detector_onnx(model: nn.Module, path: str | os.PathLike, size: tuple[
 
     model = model.eval()
     x = torch.rand(3, *size)
-    outputs = ["boxes", "labels", "scores"] + (
-        ["masks"] if getattr(model.roi_heads, "has_mask", lambda: False)() else []
-    )
+    has_mask = getattr(model.roi_heads, "has_mask", lambda: False)()
+    outputs = ["boxes", "labels", "scores"] + (["masks"] if has_mask else [])
     axes = {"images": [1, 2], "boxes": [0], "labels": [0], "scores": [0], "masks": [0, 2, 3]}
 
     def write(tmp: str) -> None:

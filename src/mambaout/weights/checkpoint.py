@@ -287,10 +287,9 @@ def read_checkpoint(path: str | os.PathLike, use_ema: bool = False) -> tuple[dic
             "elsewhere pass the .safetensors it was exported from"
         )
     if path.endswith(".safetensors"):
-        sd, meta = _read_safetensors(path, tensors=True, fix="download it again")
-        if use_ema:
+        if use_ema:  # refused before the tensors are read
             raise CheckpointError(f"{path} holds one set of weights (safetensors); leave out --use-ema / use_ema=True")
-        return sd, meta
+        return _read_safetensors(path, tensors=True, fix="download it again")
     obj = _load_pickled(path)
     meta = obj.get("mambaout_metadata", {}) if isinstance(obj, dict) else {}
     return unwrap_state_dict(obj, use_ema, path), meta or _timm_train_metadata(obj)

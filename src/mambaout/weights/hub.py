@@ -95,14 +95,8 @@ def export_hf(
         _check_replaceable(folder, config)
     folder.mkdir(parents=True, exist_ok=True)
     meta_eval = {k: eval_cfg[k] for k in ("input_size", "crop_pct", "interpolation", "mean", "std") if k in eval_cfg}
-    save_weights(
-        model,
-        folder / WEIGHTS_NAME,
-        model=name,
-        model_kwargs=model_kwargs,
-        class_names=class_names,
-        eval_config=meta_eval,
-    )
+    metadata = dict(model=name, model_kwargs=model_kwargs, class_names=class_names, eval_config=meta_eval)
+    save_weights(model, folder / WEIGHTS_NAME, **metadata)
     atomic_write_text(folder / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
     return folder
 
