@@ -1,10 +1,7 @@
-"""The Gated CNN block's token mixer in one GPU kernel: `act(g) * [i, dwconv(c)]`, forward and backward.
-
-For `y = fc1(norm(x)) = [g, i, c]` (`[B, H, W, 2 * hidden]`), one kernel reads `g` and `i` once and `c` through the
-conv's `k x k` window and writes the gate product `[B, H, W, hidden]`: the plain block's copies (strided conv input,
-concatenation) and its separate activation and product passes never happen. The backward recomputes the conv.
-Tested against `gated_dwconv_reference` (on CPU with `TRITON_INTERPRET=1`). A `torch.library` custom op with a fake
-implementation and an autograd formula, so `torch.compile(fullgraph=True)` keeps it as one node.
+"""The Gated CNN block's token mixer in one GPU kernel, forward and backward: `act(g) * [i, dwconv(c)]` for the
+`fc1` output `y = [g, i, c]`, read once (`c` through the conv's window), so the plain block's copies and separate passes
+never happen; the backward recomputes the conv. A `torch.library` custom op with fake and autograd registrations, so
+`torch.compile(fullgraph=True)` keeps it as one node (docs/performance.md).
 """
 
 from __future__ import annotations
