@@ -507,8 +507,7 @@ class MambaOut(_Backbone, ClassifierAPI, nn.Module):
         (`prune_head=False`) when that stage stays. `prune_norm`: timm's signature (MambaOut has no such norm).
         """
         take = self._take_indices(indices)
-        keeps_last = take[-1] == len(self.stages) - 1
-        if not (prune_head or keeps_last):
+        if not prune_head and take[-1] != len(self.stages) - 1:
             raise ValueError(
                 f"prune_head=False keeps a head sized for stage {len(self.stages) - 1}, which pruning to stage "
                 f"{take[-1]} removes; pass prune_head=True, or include the last stage in indices"
