@@ -43,9 +43,7 @@ def parse_target(name: str):
 
     m = re.fullmatch(r"sm_(\d{2,3})a?", name.strip())
     if not m or int(m.group(1)) < 70:
-        raise ValueError(
-            f"unknown GPU target {name!r}; expected a CUDA architecture from sm_70 on, such as sm_80 or sm_90"
-        )
+        raise ValueError(f"unknown GPU target {name!r}: use a CUDA architecture from sm_70 on, such as sm_90")
     return GPUTarget("cuda", int(m.group(1)), 32)
 
 
