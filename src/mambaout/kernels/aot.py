@@ -43,9 +43,7 @@ def parse_target(name: str):
 
     m = re.fullmatch(r"sm_(\d{2,3})a?", name.strip())
     if not m or int(m.group(1)) < 70:
-        raise ValueError(
-            f"unknown GPU target {name!r}; expected a CUDA architecture from sm_70 on, such as sm_80 or sm_90"
-        )
+        raise ValueError(f"unknown GPU target {name!r}: use a CUDA architecture from sm_70 on, such as sm_90")
     return GPUTarget("cuda", int(m.group(1)), 32)
 
 
@@ -85,14 +83,14 @@ def variants(
                     yield name, fn, dtype, dict(zip(axes, combo)), config
 
 
-def compile_one(fn, dtype: str, constexprs: dict, config: dict, target) -> tuple[float, int]:
+def compile_one(fn, dtype: str, constexprs: dict, config, target) -> tuple[float, int]:
     """Compile one kernel variant for `target`; returns (seconds, cubin bytes)."""
     import triton
     from triton.compiler import ASTSource, make_backend
 
     act_ty, param_ty = DTYPES[dtype]
     types = {"act": act_ty, "param": param_ty, "fp32": "fp32"}
-    const = {**constexprs, "BLOCK_P": config["BLOCK_P"], "BLOCK_C": config["BLOCK_C"]}
+    const = {**constexprs, **config.kwargs}
     signature, attrs = {}, {}
     for i, arg in enumerate(fn.arg_names):
         pointer = arg.endswith("_ptr")
@@ -100,7 +98,7 @@ def compile_one(fn, dtype: str, constexprs: dict, config: dict, target) -> tuple
         if pointer or arg in _DIVISIBLE:  # pointers: torch allocations are 16-byte aligned
             attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn=fn, signature=signature, constexprs=const, attrs=attrs)
-    options = make_backend(target).parse_options({"num_warps": config["num_warps"], "num_stages": config["num_stages"]})
+    options = make_backend(target).parse_options({"num_warps": config.num_warps, "num_stages": config.num_stages})
     start = time.perf_counter()
     compiled = triton.compile(src, target=target, options=options.__dict__)
     return time.perf_counter() - start, len(compiled.asm.get("cubin", b""))
@@ -117,5 +115,5 @@ def compile_all(target_name: str = "sm_90", **selection) -> Iterator[AotResult]:
         for name, fn, dtype, constexprs, config in variants(**selection):
             seconds, size = compile_one(fn, dtype, constexprs, config, target)
             variant = " ".join([dtype] + [f"{k}={int(v)}" for k, v in constexprs.items()])
-            tile = "P{BLOCK_P}xC{BLOCK_C} w{num_warps} s{num_stages}".format(**config)
+            tile = "P{BLOCK_P}xC{BLOCK_C} w{num_warps} s{num_stages}".format(**config.all_kwargs())
             yield AotResult(name, variant, tile, seconds, size)

@@ -1,10 +1,7 @@
-"""The Gated CNN block's token mixer in one GPU kernel: `act(g) * [i, dwconv(c)]`, forward and backward.
-
-For `y = fc1(norm(x)) = [g, i, c]` (`[B, H, W, 2 * hidden]`), one kernel reads `g` and `i` once and `c` through the
-conv's `k x k` window and writes the gate product `[B, H, W, hidden]`: the plain block's copies (strided conv input,
-concatenation) and its separate activation and product passes never happen. The backward recomputes the conv.
-Tested against `gated_dwconv_reference` (on CPU with `TRITON_INTERPRET=1`). A `torch.library` custom op with a fake
-implementation and an autograd formula, so `torch.compile(fullgraph=True)` keeps it as one node.
+"""The Gated CNN block's token mixer in one GPU kernel, forward and backward: `act(g) * [i, dwconv(c)]` for the
+`fc1` output `y = [g, i, c]`, read once (`c` through the conv's window), so the plain block's copies and separate passes
+never happen; the backward recomputes the conv. A `torch.library` custom op with fake and autograd registrations, so
+`torch.compile(fullgraph=True)` keeps it as one node (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -72,16 +69,9 @@ def triton_available(device: torch.device | str) -> bool:
 if _HAS_TRITON:
 
     @triton.jit
-    def _act_fwd(g, ACT: tl.constexpr):
-        if ACT == 0:  # exact (erf) GELU, as nn.GELU()
-            return 0.5 * g * (1.0 + tl.math.erf(g * 0.7071067811865476))
-        else:  # SiLU
-            return g / (1.0 + tl.exp(-g))
-
-    @triton.jit
     def _act_grad(g, ACT: tl.constexpr):
-        """(act(g), d act / d g)."""
-        if ACT == 0:
+        """(act(g), d act / d g); the forward kernel's compile drops the unused derivative."""
+        if ACT == 0:  # exact (erf) GELU, as nn.GELU()
             cdf = 0.5 * (1.0 + tl.math.erf(g * 0.7071067811865476))
             pdf = tl.exp(-0.5 * g * g) * 0.3989422804014327
             return g * cdf, cdf + g * pdf
@@ -191,7 +181,8 @@ if _HAS_TRITON:
         p, j, m, g, v = _gate_and_value(
             y_ptr, w_ptr, b_ptr, NPIX, H, W, HIDDEN, CC, C_BEGIN, C_END, KS, CONV, HAS_BIAS, BLOCK_P, BLOCK_C
         )
-        z = _act_fwd(g, ACT) * v
+        a, _ = _act_grad(g, ACT)
+        z = a * v
         tl.store(z_ptr + p[:, None] * HIDDEN + j[None, :], z.to(z_ptr.dtype.element_ty), mask=m)
 
     @triton.jit(do_not_specialize=_NO_SPECIALIZE)
@@ -275,22 +266,17 @@ if _HAS_TRITON:
 
     # At most four tiles per kernel (each is compiled on first use, and again for every constexpr variant):
     # channel tiles of 32-128 keep loads coalesced along C; pixel tiles amortise the k*k weight loads.
+    # Autotuning picks again for each new value of the `key` arguments.
     CONFIGS = (
-        dict(BLOCK_P=64, BLOCK_C=32, num_warps=4, num_stages=1),
-        dict(BLOCK_P=64, BLOCK_C=64, num_warps=4, num_stages=1),
-        dict(BLOCK_P=128, BLOCK_C=64, num_warps=8, num_stages=1),
-        dict(BLOCK_P=32, BLOCK_C=128, num_warps=4, num_stages=1),
+        triton.Config(dict(BLOCK_P=64, BLOCK_C=32), num_warps=4, num_stages=1),
+        triton.Config(dict(BLOCK_P=64, BLOCK_C=64), num_warps=4, num_stages=1),
+        triton.Config(dict(BLOCK_P=128, BLOCK_C=64), num_warps=8, num_stages=1),
+        triton.Config(dict(BLOCK_P=32, BLOCK_C=128), num_warps=4, num_stages=1),
     )
-
-    def _tuned(kernel, key: list[str], **kwargs):
-        """`kernel` autotuned over `CONFIGS`, picking again for each new value of the `key` arguments."""
-        tiles = [({"BLOCK_P": c["BLOCK_P"], "BLOCK_C": c["BLOCK_C"]}, c["num_warps"], c["num_stages"]) for c in CONFIGS]
-        configs = [triton.Config(tile, num_warps=warps, num_stages=stages) for tile, warps, stages in tiles]
-        return triton.autotune(configs, key=key, **kwargs)(kernel)
-
-    _fwd_tuned = _tuned(_fwd_kernel, ["HIDDEN", "CC", "W", "KS", "CONV"])
-    _bwd_gate_tuned = _tuned(_bwd_gate_kernel, ["HIDDEN", "CC", "W", "KS", "CONV"])
-    _bwd_conv_tuned = _tuned(_bwd_conv_kernel, ["HIDDEN", "CC", "W", "KS"], reset_to_zero=["dw_ptr", "db_ptr"])
+    _KEY = ["HIDDEN", "CC", "W", "KS"]
+    _fwd_tuned = triton.autotune(CONFIGS, key=[*_KEY, "CONV"])(_fwd_kernel)
+    _bwd_gate_tuned = triton.autotune(CONFIGS, key=[*_KEY, "CONV"])(_bwd_gate_kernel)
+    _bwd_conv_tuned = triton.autotune(CONFIGS, key=_KEY, reset_to_zero=["dw_ptr", "db_ptr"])(_bwd_conv_kernel)
 
 # The interpreter runs each program in numpy: a fixed small tile keeps tests fast and skips autotuning.
 _INTERPRET_BLOCKS = {"BLOCK_P": 64, "BLOCK_C": 32}

@@ -80,13 +80,11 @@ def create_model(
         meta = meta or folder_meta  # weights we wrote carry their own; a folder timm wrote has only its config.json
         _check_metadata(meta, str(checkpoint))
         check_finite(state_dict, str(checkpoint))
-    asked = name
-    name = name if name is not None else meta.get("model")
-    if name is None:
-        raise ValueError("name is required unless the checkpoint was written by mambaout train (it records its model)")
-    variant, tag = get_variant(name)
     recorded = meta.get("model")
-    other_model = asked is not None and recorded is not None and _variant_name(recorded) != variant.name
+    if name is None and recorded is None:
+        raise ValueError("name is required unless the checkpoint was written by mambaout train (it records its model)")
+    variant, tag = get_variant(name if name is not None else recorded)
+    other_model = name is not None and recorded is not None and _variant_name(recorded) != variant.name
     if other_model:
         # the name asked for wins only where the tensors fit it: the recorded architecture (another model's widths)
         # must not be built under this name, so only the classifier's width and the input channels carry over
@@ -100,7 +98,7 @@ def create_model(
         model_kwargs["num_classes"] = weights.num_classes
     model_kwargs.update(kwargs)
     if state_dict is not None:
-        _check_fit(variant, model_kwargs, meta, state_dict, new_head, checkpoint, asked if other_model else None)
+        _check_fit(variant, model_kwargs, meta, state_dict, new_head, checkpoint, name if other_model else None)
     model = _instantiate(variant, weights, meta, model_kwargs, device)
     model.pretrained_cfg.update(overlay)
     if pretrained:

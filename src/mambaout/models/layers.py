@@ -20,9 +20,7 @@ def get_act_layer(act_layer: str | Callable[[], nn.Module]) -> Callable[[], nn.M
     """Resolve an activation given by name (`'gelu'`, `'silu'`, `'relu'`) or as a module class."""
     if isinstance(act_layer, str):
         if act_layer.lower() not in _ACTIVATIONS:
-            raise ValueError(
-                f"unknown act_layer {act_layer!r}; expected one of {sorted(_ACTIVATIONS)} or a module class"
-            )
+            raise ValueError(f"unknown act_layer {act_layer!r}: use one of {sorted(_ACTIVATIONS)} or a module class")
         return _ACTIVATIONS[act_layer.lower()]
     return act_layer
 

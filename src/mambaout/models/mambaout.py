@@ -8,6 +8,7 @@ they are (`mambaout.weights.checkpoint` maps the official layout onto it).
 # generates from `forward` (string hints there become unknown type names).
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from functools import partialmethod
 
 import torch
 from timm.layers import DropPath, LayerScale
@@ -327,14 +328,9 @@ class FeatureInfo(list):
     def get_dicts(self, keys: Sequence[str] | None = None, idx: int | Sequence[int] | None = None):
         return self._at(lambda f: dict(f) if keys is None else {k: f[k] for k in keys}, idx)
 
-    def channels(self, idx: int | Sequence[int] | None = None):
-        return self.get("num_chs", idx)
-
-    def reduction(self, idx: int | Sequence[int] | None = None):
-        return self.get("reduction", idx)
-
-    def module_name(self, idx: int | Sequence[int] | None = None):
-        return self.get("module", idx)
+    channels = partialmethod(get, "num_chs")
+    reduction = partialmethod(get, "reduction")
+    module_name = partialmethod(get, "module")
 
 
 class _Backbone:
@@ -511,8 +507,7 @@ class MambaOut(_Backbone, ClassifierAPI, nn.Module):
         (`prune_head=False`) when that stage stays. `prune_norm`: timm's signature (MambaOut has no such norm).
         """
         take = self._take_indices(indices)
-        keeps_last = take[-1] == len(self.stages) - 1
-        if not (prune_head or keeps_last):
+        if not prune_head and take[-1] != len(self.stages) - 1:
             raise ValueError(
                 f"prune_head=False keeps a head sized for stage {len(self.stages) - 1}, which pruning to stage "
                 f"{take[-1]} removes; pass prune_head=True, or include the last stage in indices"

@@ -1,6 +1,5 @@
-"""ViT-Ti / ViT-S in the DeiT configuration (patch 16, depth 12, width 192 / 384, 3 / 6 heads, MLP ratio 4, pre-norm,
-learned position embedding, class token, linear classifier) with fully-visible or causal attention (token t sees only
-tokens 0..t, as an RNN or SSM scans): the paper's Fig. 3b (docs/analysis.md).
+"""DeiT's ViT (pre-norm, learned position embedding, class token, linear classifier) with fully-visible or causal
+attention (token t sees only tokens 0..t, as an RNN or SSM scans): the paper's Fig. 3b (docs/analysis.md).
 
 The class token comes LAST in the sequence (DeiT puts it first): full attention does not care, and with causal
 attention the last token is the only one that sees every patch. Patches enter in row-major order.
