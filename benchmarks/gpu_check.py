@@ -121,7 +121,18 @@ def sec_first_call(ctx):
         record(ctx.out, kind="first_call", label=label, **got)
 
 
+def smoke_threads() -> str:
+    """On CPU (--smoke), the commands' thread policy before torch loads: a process with two threads beside a busy
+    core spins at every barrier (the smoke run took 251 s beside one busy process, 80 s with the policy)."""
+    from mambaout.utils import threads
+
+    threads.begin()
+    return f"torch uses {threads.settle().threads} threads ({threads.policy.reason})"
+
+
 def probe_first_call(fused: bool, smoke: bool) -> None:
+    if smoke:
+        smoke_threads()
     import torch
 
     import mambaout
@@ -507,7 +518,9 @@ def child(args, out: Path) -> int:
     if args.hang == args.section:
         say("simulated hang (test hook)")
         time.sleep(10**6)
-    if not args.smoke:
+    if args.smoke:
+        say(smoke_threads())
+    else:
         import torch
 
         if not torch.cuda.is_available():

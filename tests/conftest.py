@@ -105,19 +105,38 @@ def file_server():
         server.close()
 
 
+@pytest.hookimpl(trylast=True)  # after -m and -k have deselected: the shares are of the tests that run
 def pytest_collection_modifyitems(config, items):
-    """Under pytest-xdist, the tests that declare a longer timeout (the long ones) start first.
+    """Under pytest-xdist, the long tests (those that declare a longer timeout) are dealt out among the workers.
 
-    `--dist worksteal` gives each worker a contiguous half of the tests, and an idle worker takes over half of what
-    another has left, from its end: a long test near the end would keep one worker busy while the other idles.
-    The sort is stable, so a module's other tests stay together (their module fixtures are built once per worker).
-    """
+    `--dist worksteal` first gives each worker a contiguous share of the list (worker k of n: len // n items, the
+    last one the rest), and an idle worker later takes over half of what another has left, from its end. So each
+    share starts with its long tests, longest first, dealt to the share with the least declared time so far, and is
+    filled up to its size with the other tests in the files' order. The long tests of one module with one timeout
+    go to one worker together, since they may share a module fixture (tests/test_distributed.py's five trainings)."""
     if not hasattr(config, "workerinput"):  # the order of a run in one process stays the files' order
         return
     default = float(config.getini("timeout") or 0)
+    workers = int(config.workerinput["workercount"])
 
     def declared(item) -> float:
         mark = item.get_closest_marker("timeout")
         return float(mark.args[0]) if mark and mark.args else default
 
-    items.sort(key=lambda item: -declared(item))
+    groups: dict[tuple, list] = {}
+    for item in sorted(items, key=lambda item: -declared(item)):
+        if declared(item) > default:
+            groups.setdefault((item.module.__name__, declared(item)), []).append(item)
+    short = [item for item in items if declared(item) <= default]
+    shares, load = [[] for _ in range(workers)], [0.0] * workers
+    for (_, seconds), group in groups.items():  # longest first: the dict keeps the sorted order
+        k = load.index(min(load))
+        shares[k] += group
+        load[k] += seconds
+    sizes = [len(items) // workers] * (workers - 1)
+    sizes.append(len(items) - sum(sizes))
+    for k, share in enumerate(shares):
+        take = max(0, sizes[k] - len(share)) if k < workers - 1 else len(short)
+        share += short[:take]
+        del short[:take]
+    items[:] = [item for share in shares for item in share]
