@@ -401,7 +401,8 @@ def test_freed_activations_stay_in_the_heap_so_forwards_do_not_page_fault():
             capture_output=True, text=True, check=True, timeout=120,
         )  # fmt: skip
         faults[env] = float(out.stdout.split()[-1])
-    assert faults[""] < 50 < 300 < faults["0"], faults
+    # quiet: 0 against 1,280-1,560 a forward; 78 against 1,560 beside a busy process (AMD EPYC, 2026-12-07)
+    assert faults["0"] > 300 and faults[""] < faults["0"] / 10, faults
 
 
 def test_bf16_stem_norm_through_float32_is_within_one_rounding(monkeypatch):
