@@ -68,6 +68,28 @@ def test_fast_block_equals_reference(kwargs, mode, matmul, one_call_rows, monkey
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kwargs", [dict(), dict(expansion_ratio=1.0, conv_ratio=1.0), dict(act_layer=nn.Tanh)])
+def test_packed_linear_weights_give_the_plain_weights_result_bit_for_bit(dtype, kwargs, monkeypatch):
+    """oneDNN's linear weights packed for the input's row count, against the same calls on the plain weights: equal,
+    for each row count (packed again when it changes) and both ways of computing fc1's identity and conv channels."""
+    monkeypatch.setattr(cpu, "_MODE", "onednn")
+    monkeypatch.setattr(cpu, "_BF16", True)
+    block = _block(**kwargs).to(dtype)
+    for rows, shape in ((4096, (2, 13, 11, 37)), (4096, (1, 3, 5, 37)), (0, (2, 13, 11, 37))):
+        monkeypatch.setattr(cpu, "_ONE_CALL_ROWS", rows)
+        x = torch.randn(shape).to(dtype)
+        with torch.no_grad():
+            monkeypatch.setattr(cpu, "_CAN_PACK_LINEAR", False)
+            plain = block(x)
+            monkeypatch.setattr(cpu, "_CAN_PACK_LINEAR", True)
+            packed = block(x)
+            p = cpu._plan(block)
+            assert p.packed_lin[0][0] == x.numel() // 37  # packed for this row count
+            assert all(w.layout == torch._mkldnn for w, _ in p.packed_lin[1].values())
+        assert torch.equal(packed, plain)
+
+
 @pytest.mark.parametrize("kwargs", [dict(), dict(kernel_size=3, conv_ratio=0.5), dict(act_layer=nn.SiLU)])
 @pytest.mark.parametrize("matmul", ["onednn", "blas"])
 def test_bf16_fast_block_is_opt_in_and_near_the_fp32_reference(kwargs, matmul, monkeypatch):
@@ -203,9 +225,13 @@ def test_weights_changed_in_place_take_effect():
     x = torch.randn(2, 5, 6, 37)
     with torch.no_grad():
         block(x)
-        block.fc1.weight.mul_(-2.0)
-        block.fc2.weight.data.add_(0.5)  # through .data: no version bump, so nothing may be cached on it
-        block.conv.weight.data.mul_(-0.5)  # the conv's packed weight is checked against the values
+        block.fc1.weight.mul_(-2.0)  # in place through the parameters: their versions change, the packs are remade
+        block.fc2.weight.detach().add_(0.5)
+        block.conv.weight.copy_(-block.conv.weight)
+        torch.testing.assert_close(block(x), block._forward_reference(x), rtol=1e-5, atol=1e-5)
+        block.fc2.weight.data.add_(0.5)  # through .data: no version change; forget_packed_weights makes it show
+        block.conv.weight.data.mul_(-0.5)
+        cpu.forget_packed_weights()
         want = block._forward_reference(x)
         got = block(x)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -6,9 +6,9 @@ changes show at once), the activation and the residual add are fused into the ma
 in place, and the gate product is formed in place; no `torch.cat`. Two implementations of these steps, `"onednn"`
 (`mkldnn._linear_pointwise` with fused epilogues) and `"blas"` (`torch.addmm`), are timed on the first call for each
 block shape and the faster kept (`"auto"`; `set_cpu_matmul` or MAMBAOUT_CPU_MATMUL fix one): which is faster depends
-on the CPU. Conv weights are packed for oneDNN, linear weights are not (measured no faster, and a packed copy could
-go stale through `.data`). A stage runs its blocks from plans (`stage_plans` / `run_stage`), with the checks once per
-stage. Measurements and the reasons for each choice: docs/performance.md.
+on the CPU. The block's linear and conv weights are packed for oneDNN once per input shape and weight version (a
+write through `.data` is not seen: `forget_packed_weights`). A stage runs its blocks from plans (`stage_plans` /
+`run_stage`), with the checks once per stage. Measurements and the reasons for each choice: docs/performance.md.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ __all__ = [
     "can_use_cpu_conv",
     "conv_channels_last",
     "stem_norm",
+    "forget_packed_weights",
 ]
 
 MATMUL_CHOICES = ("auto", "onednn", "blas")
@@ -133,6 +134,7 @@ def _global_hooks() -> bool:
 
 _CL_WEIGHTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # conv -> (weight key, channels-last copy)
 _CAN_PACK = _ONEDNN and hasattr(torch.ops.mkldnn, "_reorder_convolution_weight")
+_CAN_PACK_LINEAR = _ONEDNN and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 
 
 def can_use_cpu_conv(conv: nn.Module, x: torch.Tensor) -> bool:
@@ -184,7 +186,7 @@ class _Plan:
     """One block's tensors as the fast path calls them, so that a call slices, looks up and checks nothing.
 
     fc1's row blocks `g`, `i`, `c` and `ic` (gate, identity, conv, identity and conv) are views of its weight and
-    bias, not copies: in-place changes show at once, even through `.data`. `_plan` makes the plan again when one of
+    bias, not copies (`_weights` packs them). `_plan` makes the plan again when one of
     the block's modules is replaced, or a linear or conv weight or bias or the norm's weight gets new storage (`.to()`,
     `.data = ...`, a new Parameter). A norm other than a plain `nn.LayerNorm`, a conv other than a zero-padded
     `nn.Conv2d` and an activation oneDNN cannot fuse run as their modules.
@@ -199,7 +201,8 @@ class _Plan:
         self.g, self.ic = _rows(fc1, 0, hidden), _rows(fc1, hidden, 2 * hidden)  # the gate; the identity and conv
         self.i, self.c = _rows(fc1, hidden, 2 * hidden - cc), _rows(fc1, 2 * hidden - cc, 2 * hidden)
         self.conv = _conv_args(conv)
-        self.packed = None  # (input shape, the weight it was packed from, packed weight): `_dwconv`
+        self.packed = None  # ((input shape, weight version), packed weight): `_dwconv`
+        self.packed_lin = None  # (rows, weight versions, {name: packed weight}): `_weights`
         self.fc2 = _rows(fc2, 0, fc2.out_features)
         self.post_op = _post_op(act)
         self.plain = isinstance(ls, nn.Identity) and isinstance(drop_path, nn.Identity)  # the residual add fuses
@@ -259,17 +262,19 @@ def _norm(p: _Plan, x: torch.Tensor) -> torch.Tensor:
 
 
 def _dwconv(p: _Plan, c: torch.Tensor) -> torch.Tensor:
-    """The depthwise conv through its weight packed for oneDNN (which otherwise reorders it at every call), checked
-    against the weight's values at each call (a small tensor: a few microseconds), so a change through `.data` shows."""
-    if p.conv is None or not _CAN_PACK:
+    """The depthwise conv through its weight packed for oneDNN (which otherwise reorders it at every call), packed
+    again when the input shape or the weight's version changes (as `_weights`: not after a write through `.data`)."""
+    if p.conv is None or not _CAN_PACK or p.conv[0].is_inference():
         return p.modules[3](c)
     weight, bias, padding, stride, dilation, groups = p.conv
-    packed = p.packed
-    if packed is None or packed[0] != c.shape or not torch.equal(packed[1], weight):
+    key = (c.shape, weight._version)
+    if p.packed is None or p.packed[0] != key:
         w = weight.detach()
-        pw = torch.ops.mkldnn._reorder_convolution_weight(w, padding, stride, dilation, groups, list(c.shape))
-        packed = p.packed = (c.shape, w.clone(), pw)
-    pw = packed[2]
+        p.packed = (
+            key,
+            torch.ops.mkldnn._reorder_convolution_weight(w, padding, stride, dilation, groups, list(c.shape)),
+        )
+    pw = p.packed[1]
     return torch.ops.mkldnn._convolution_pointwise(c, pw, bias, padding, stride, dilation, groups, "none", [], "")
 
 
@@ -280,32 +285,65 @@ def _lin(x: torch.Tensor, rows: tuple, post_op: tuple[str, str] = _NO_POST_OP) -
 _ONE_CALL_ROWS = 4096
 
 
-def _identity_and_conv(p: _Plan, lin, xn: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """fc1's identity channels `i` (None if there are none) and conv channels `c`, `[B, H, W, *]`, through `lin`. Up
-    to `_ONE_CALL_ROWS` rows, one call for both: a call's fixed cost (10-20 us) is more than the conv's copy of its
-    strided channels there. Above, the copy costs more: two calls, each into a tensor the conv reads in place."""
+def _one_call(rows: int) -> bool:
+    """Whether fc1's identity and conv channels come from one matmul call (see `_identity_and_conv`)."""
+    return rows <= _ONE_CALL_ROWS
+
+
+def _identity_and_conv(p: _Plan, lin, xn: torch.Tensor, w: dict) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """fc1's identity channels `i` (None if there are none) and conv channels `c`, `[B, H, W, *]`, through `lin` with
+    the row blocks `w`. Up to `_ONE_CALL_ROWS` rows, one call for both: a call's fixed cost (10-20 us) is more than
+    the conv's copy of its strided channels there. Above, the copy costs more: two calls, each into a tensor the conv
+    reads in place."""
     hidden, cc = p.hidden, p.cc
-    if xn.numel() // xn.shape[-1] <= _ONE_CALL_ROWS:
-        ic = lin(xn, p.ic)
+    if _one_call(xn.numel() // xn.shape[-1]):
+        ic = lin(xn, w["ic"])
         return ic[..., : hidden - cc], ic[..., hidden - cc :]
-    return (lin(xn, p.i) if hidden > cc else None), lin(xn, p.c)
+    return (lin(xn, w["i"]) if hidden > cc else None), lin(xn, w["c"])
+
+
+def _weights(p: _Plan, rows: int) -> dict[str, tuple]:
+    """The row blocks `_gated_onednn` calls for `rows` input rows, (weight, bias) by name, the weights packed by oneDNN
+    for that row count: it otherwise reorders a plain weight at every call (5-40 us of a 15-100 us matmul at batch 1,
+    docs/performance.md), bit for bit the same result. Packed again when the row count or a weight's version changes
+    (any in-place change through the parameter, `load_state_dict` included); a write through `.data` bypasses the
+    version, so after one call `forget_packed_weights`. Plain weights where packing is unavailable, and for weights
+    made under `torch.inference_mode` (no version to check)."""
+    names = ("g", "ic", "fc2") if _one_call(rows) else ("g", "i", "c", "fc2") if p.hidden > p.cc else ("g", "c", "fc2")
+    plain = {name: getattr(p, name) for name in names}
+    fc1, fc2 = p.modules[1].weight, p.modules[4].weight
+    if not _CAN_PACK_LINEAR or fc1.is_inference() or fc2.is_inference():
+        return plain
+    key = (rows, fc1._version, fc2._version)
+    if p.packed_lin is None or p.packed_lin[0] != key:
+        pack = torch.ops.mkldnn._reorder_linear_weight
+        p.packed_lin = (key, {n: (pack(w, rows), b) for n, (w, b) in plain.items()})
+    return p.packed_lin[1]
+
+
+def forget_packed_weights() -> None:
+    """Drop every packed weight and plan of the CPU path, so the next call packs the weights as they are now: needed
+    only after writing a linear or conv weight through `.data`, which its version counter does not see."""
+    _PLANS.clear()
+    _CL_WEIGHTS.clear()
 
 
 def _gated_onednn(p: _Plan, x: torch.Tensor) -> torch.Tensor:
     """The block through oneDNN matmuls with fused epilogues; `[B, H, W, C]` -> `[B, H, W, C]`."""
     hidden, cc = p.hidden, p.cc
     xn = _norm(p, x)  # [B, H, W, C]
-    g = _lin(xn, p.g, p.post_op or _NO_POST_OP)  # [B, H, W, hidden], activated if fused
+    w = _weights(p, xn.numel() // xn.shape[-1])
+    g = _lin(xn, w["g"], p.post_op or _NO_POST_OP)  # [B, H, W, hidden], activated if fused
     if p.post_op is None:
         g = p.modules[2](g)
-    i, c = _identity_and_conv(p, _lin, xn)
+    i, c = _identity_and_conv(p, _lin, xn, w)
     c = _dwconv(p, c.permute(0, 3, 1, 2))  # [B, H, W, Cc] -> [B, Cc, H, W]
     g[..., hidden - cc :].mul_(c.permute(0, 2, 3, 1))  # [B, Cc, H, W] -> [B, H, W, Cc]
     if hidden > cc:
         g[..., : hidden - cc].mul_(i)
     if p.plain:  # x + fc2(gate) in one oneDNN call: the residual add is the matmul's epilogue
-        return torch.ops.mkldnn._linear_pointwise.binary(g, x.contiguous(), p.fc2[0], p.fc2[1], "add")
-    return x + p.modules[6](p.modules[5](_lin(g, p.fc2)))
+        return torch.ops.mkldnn._linear_pointwise.binary(g, x.contiguous(), *w["fc2"], "add")
+    return x + p.modules[6](p.modules[5](_lin(g, w["fc2"])))
 
 
 def _mm(x2d: torch.Tensor, rows: tuple) -> torch.Tensor:
@@ -324,7 +362,7 @@ def _gated_blas(p: _Plan, x: torch.Tensor) -> torch.Tensor:
         torch.ops.aten.gelu_(g, approximate=act.approximate)
     else:
         g = act(g)
-    i, c = _identity_and_conv(p, lambda t, rows: _mm(t, rows).view(B, H, W, -1), xn)
+    i, c = _identity_and_conv(p, lambda t, rows: _mm(t, rows).view(B, H, W, -1), xn, vars(p))
     c = _dwconv(p, c.permute(0, 3, 1, 2))
     g = g.view(B, H, W, hidden)
     g[..., hidden - cc :].mul_(c.permute(0, 2, 3, 1))
