@@ -431,6 +431,23 @@ def test_freed_activations_stay_in_the_heap_so_forwards_do_not_page_fault():
     assert faults["0"] > 300 and faults[""] < faults["0"] / 10, faults
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_stem_conv1_is_channels_last_only_on_the_bf16_path(dtype, monkeypatch):
+    """bf16: conv1 writes channels-last memory, which the stem norm reads without a layout copy; the stem stays
+    within bf16 rounding of its plain forward. float32 keeps the plain conv (FX graphs reproduce it bit for bit)."""
+    monkeypatch.setattr(cpu, "_BF16", True)
+    stem = mambaout.create_model("mambaout_femto").stem.eval().to(dtype)
+    seen, plain_conv = [], cpu.conv_channels_last
+    monkeypatch.setattr(cpu, "conv_channels_last", lambda conv, x: seen.append(conv) or plain_conv(conv, x))
+    x = torch.randn(2, 3, 64, 48).to(dtype)
+    with torch.no_grad():
+        got = stem(x)
+        with kernels.reference_mode():
+            want = stem(x)
+    assert (stem.conv1 in seen) == (dtype == torch.bfloat16) and stem.conv2 in seen
+    torch.testing.assert_close(got.float(), want.float(), rtol=2**-6, atol=2**-6)  # two bf16 roundings at most
+
+
 def test_bf16_stem_norm_through_float32_is_within_one_rounding(monkeypatch):
     monkeypatch.setattr(cpu, "_BF16", True)
     norm = nn.LayerNorm(24, eps=1e-6).to(torch.bfloat16)

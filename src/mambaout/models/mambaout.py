@@ -141,16 +141,24 @@ class Stem(nn.Module):
         self.norm2 = norm_layer(dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, C, H, W]
-        x = self.conv1(x)  # a channels-last input here would change its kernel, and so its rounding, under FX
         if torch.jit.is_scripting():
+            x = self.conv1(x)
             if self.norm1 is not None:
                 x = self.norm1(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # norm over channels, back to [B, C, H, W]
             x = self.conv2(self.act(x))
         else:
+            x = self._conv1(x)  # fp32 keeps the plain conv: a channels-last one rounds differently from FX's
             if self.norm1 is not None:
                 x = self._norm1(x).permute(0, 3, 1, 2)
             x = _conv(self.conv2, self.act(x))
         return self.norm2(x.permute(0, 2, 3, 1))  # [B, C, H, W] -> [B, H, W, C]
+
+    @torch.jit.unused
+    def _conv1(self, x: torch.Tensor) -> torch.Tensor:
+        """conv1; on the bf16 CPU path into channels-last memory, so the norm after it reads its channels in place
+        instead of copying the map to another layout (measured: docs/performance.md)."""
+        fast = self.norm1 is not None and kernels.fastpath_enabled() and not kernels.fx_tracing()
+        return _conv(self.conv1, x) if fast and x.dtype == torch.bfloat16 else self.conv1(x)
 
     @torch.jit.unused
     def _norm1(self, x: torch.Tensor) -> torch.Tensor:  # [B, C, H, W] -> [B, H, W, C]
