@@ -202,7 +202,7 @@ class _Plan:
         self.i, self.c = _rows(fc1, hidden, 2 * hidden - cc), _rows(fc1, 2 * hidden - cc, 2 * hidden)
         self.conv = _conv_args(conv)
         self.packed = None  # ((input shape, weight version), packed weight): `_dwconv`
-        self.packed_lin = None  # (rows, weight versions, {name: packed weight}): `_weights`
+        self.packed_lin = None  # ((rows, fc1 version, fc2 version), {name: (packed weight, bias)}): `_weights`
         self.fc2 = _rows(fc2, 0, fc2.out_features)
         self.post_op = _post_op(act)
         self.plain = isinstance(ls, nn.Identity) and isinstance(drop_path, nn.Identity)  # the residual add fuses
@@ -304,20 +304,20 @@ def _identity_and_conv(p: _Plan, lin, xn: torch.Tensor, w: dict) -> tuple[torch.
 
 def _weights(p: _Plan, rows: int) -> dict[str, tuple]:
     """The row blocks `_gated_onednn` calls for `rows` input rows, (weight, bias) by name, the weights packed by oneDNN
-    for that row count: it otherwise reorders a plain weight at every call (5-40 us of a 15-100 us matmul at batch 1,
-    docs/performance.md), bit for bit the same result. Packed again when the row count or a weight's version changes
-    (any in-place change through the parameter, `load_state_dict` included); a write through `.data` bypasses the
-    version, so after one call `forget_packed_weights`. Plain weights where packing is unavailable, and for weights
-    made under `torch.inference_mode` (no version to check)."""
+    for that row count (else it reorders them at every call: docs/performance.md), bit for bit the same result.
+    Packed again when the row count or a weight's version changes (any in-place change through the parameter); after
+    a write through `.data`, which the version misses, call `forget_packed_weights`. Plain weights where packing is
+    unavailable, and for weights made under `torch.inference_mode` (no version to check)."""
+    fc1, fc2 = p.modules[1].weight, p.modules[4].weight
+    packing = _CAN_PACK_LINEAR and not (fc1.is_inference() or fc2.is_inference())
+    key = (rows, fc1._version, fc2._version) if packing else None
+    if packing and p.packed_lin is not None and p.packed_lin[0] == key:
+        return p.packed_lin[1]
     names = ("g", "ic", "fc2") if _one_call(rows) else ("g", "i", "c", "fc2") if p.hidden > p.cc else ("g", "c", "fc2")
     plain = {name: getattr(p, name) for name in names}
-    fc1, fc2 = p.modules[1].weight, p.modules[4].weight
-    if not _CAN_PACK_LINEAR or fc1.is_inference() or fc2.is_inference():
+    if not packing:
         return plain
-    key = (rows, fc1._version, fc2._version)
-    if p.packed_lin is None or p.packed_lin[0] != key:
-        pack = torch.ops.mkldnn._reorder_linear_weight
-        p.packed_lin = (key, {n: (pack(w, rows), b) for n, (w, b) in plain.items()})
+    p.packed_lin = (key, {n: (torch.ops.mkldnn._reorder_linear_weight(w, rows), b) for n, (w, b) in plain.items()})
     return p.packed_lin[1]
 
 

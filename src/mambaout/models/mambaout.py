@@ -157,8 +157,8 @@ class Stem(nn.Module):
     def _conv1(self, x: torch.Tensor) -> torch.Tensor:
         """conv1; on the bf16 CPU path into channels-last memory, so the norm after it reads its channels in place
         instead of copying the map to another layout (measured: docs/performance.md)."""
-        fast = self.norm1 is not None and kernels.fastpath_enabled() and not kernels.fx_tracing()
-        return _conv(self.conv1, x) if fast and x.dtype == torch.bfloat16 else self.conv1(x)
+        fast = self.norm1 is not None and not kernels.fx_tracing() and x.dtype == torch.bfloat16  # FX: no dtype read
+        return _conv(self.conv1, x) if fast else self.conv1(x)  # `_conv`: the plain conv where the fast path is off
 
     @torch.jit.unused
     def _norm1(self, x: torch.Tensor) -> torch.Tensor:  # [B, C, H, W] -> [B, H, W, C]
