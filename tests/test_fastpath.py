@@ -15,7 +15,7 @@ from torch import nn
 import mambaout
 from mambaout import kernels
 from mambaout.analysis.flops import count_macs
-from mambaout.kernels import cpu
+from mambaout.kernels import cpu, native
 from mambaout.models.mambaout import GatedCNNBlock
 
 pytestmark = pytest.mark.skipif(not cpu.onednn_available(), reason="this torch build has no oneDNN fused linear")
@@ -28,6 +28,13 @@ def _block(dim=37, **kwargs):
         for p in block.parameters():
             p.add_(0.1 * torch.randn_like(p))
     return block
+
+
+def _native(monkeypatch, on: bool) -> None:
+    """The C kernel (kernels/native.py) on or off for this test; skipped where it cannot be built here."""
+    monkeypatch.setattr(cpu, "_NATIVE", on)
+    if on and native.library() is None:
+        pytest.skip(f"the C kernels cannot be built here: {native.unavailable_reason()}")
 
 
 @pytest.fixture
@@ -56,8 +63,10 @@ def no_fast(monkeypatch):
 @pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
 @pytest.mark.parametrize("matmul", ["onednn", "blas"])
 @pytest.mark.parametrize("one_call_rows", [4096, 0])  # i and c from one matmul call, and from two
-def test_fast_block_equals_reference(kwargs, mode, matmul, one_call_rows, monkeypatch):
+@pytest.mark.parametrize("c_kernel", [True, False])  # the conv and gate products in C, or through oneDNN
+def test_fast_block_equals_reference(kwargs, mode, matmul, one_call_rows, c_kernel, monkeypatch):
     monkeypatch.setattr(cpu, "_MODE", matmul)  # each implementation on its own, whatever "auto" would pick here
+    _native(monkeypatch, c_kernel)
     monkeypatch.setattr(cpu, "_ONE_CALL_ROWS", one_call_rows)
     block = _block(**kwargs)
     x = torch.randn(2, 13, 11, 37)
@@ -92,10 +101,12 @@ def test_packed_linear_weights_give_the_plain_weights_result_bit_for_bit(dtype, 
 
 @pytest.mark.parametrize("kwargs", [dict(), dict(kernel_size=3, conv_ratio=0.5), dict(act_layer=nn.SiLU)])
 @pytest.mark.parametrize("matmul", ["onednn", "blas"])
-def test_bf16_fast_block_is_opt_in_and_near_the_fp32_reference(kwargs, matmul, monkeypatch):
+@pytest.mark.parametrize("c_kernel", [True, False])
+def test_bf16_fast_block_is_opt_in_and_near_the_fp32_reference(kwargs, matmul, c_kernel, monkeypatch):
     """bf16 weights and inputs through the fast path (opt-in, `set_cpu_bf16`), against the fp32 reference of the
     same block: within bf16 rounding. On a CPU without bf16 arithmetic oneDNN emulates it: same numbers, slower."""
     monkeypatch.setattr(cpu, "_MODE", matmul)
+    _native(monkeypatch, c_kernel)
     monkeypatch.setattr(cpu, "_BF16", False)
     block = _block(**kwargs)
     x = torch.randn(2, 13, 11, 37)
@@ -189,13 +200,16 @@ def test_downsampling_conv_uses_a_cached_channels_last_weight_that_follows_chang
     [("", "fpu avx512f avx512_bf16", True), ("", "avx512f avx512_bf16 amx_bf16", False), ("", "avx2", False),
      ("0", "avx512_bf16", False), ("1", "avx2", True)],
 )  # fmt: skip
-def test_bf16_fast_path_is_on_by_default_only_where_measured(monkeypatch, tmp_path, env, flags, want):
+@pytest.mark.parametrize("variable", ["MAMBAOUT_CPU_BF16", "MAMBAOUT_CPU_NATIVE"])
+def test_bf16_path_and_c_kernels_are_on_by_default_only_where_measured(
+    monkeypatch, tmp_path, env, flags, want, variable
+):
     info = tmp_path / "cpuinfo"
     info.write_text(f"processor : 0\nflags\t\t: {flags}\n")
     real_read = Path.read_text
     monkeypatch.setattr(Path, "read_text", lambda p, *a, **k: real_read(info if str(p) == "/proc/cpuinfo" else p))
-    monkeypatch.setenv("MAMBAOUT_CPU_BF16", env)
-    assert cpu._bf16_default() is want
+    monkeypatch.setenv(variable, env)
+    assert cpu._default(variable) is want
 
 
 def test_cpu_matmul_switch(monkeypatch):
@@ -220,7 +234,9 @@ def test_model_fast_equals_reference_and_input_untouched():
     assert torch.equal(x, x0)
 
 
-def test_weights_changed_in_place_take_effect():
+@pytest.mark.parametrize("c_kernel", [True, False])
+def test_weights_changed_in_place_take_effect(c_kernel, monkeypatch):
+    _native(monkeypatch, c_kernel)
     block = _block()
     x = torch.randn(2, 5, 6, 37)
     with torch.no_grad():
@@ -228,6 +244,7 @@ def test_weights_changed_in_place_take_effect():
         block.fc1.weight.mul_(-2.0)  # in place through the parameters: their versions change, the packs are remade
         block.fc2.weight.detach().add_(0.5)
         block.conv.weight.copy_(-block.conv.weight)
+        block.conv.bias.add_(1.0)
         torch.testing.assert_close(block(x), block._forward_reference(x), rtol=1e-5, atol=1e-5)
         block.fc2.weight.data.add_(0.5)  # through .data: no version change; forget_packed_weights makes it show
         block.conv.weight.data.mul_(-0.5)

@@ -25,6 +25,7 @@ import weakref
 import torch
 from torch import nn
 
+from mambaout.kernels import native
 from mambaout.utils import device
 
 __all__ = [
@@ -40,6 +41,8 @@ __all__ = [
     "forget_cpu_matmul_choices",
     "set_cpu_bf16",
     "cpu_bf16_enabled",
+    "set_cpu_native",
+    "cpu_native_enabled",
     "can_use_cpu_conv",
     "conv_channels_last",
     "stem_norm",
@@ -70,17 +73,18 @@ def _hooked(m: nn.Module) -> bool:
     return bool(m._forward_hooks or m._forward_pre_hooks)
 
 
-def _bf16_default() -> bool:
-    """bf16 blocks take this path by default only where it was measured faster, AVX512-BF16 without AMX
-    (docs/performance.md); elsewhere opt-in (MAMBAOUT_CPU_BF16=1). MAMBAOUT_CPU_BF16=0 turns it off."""
-    env = os.environ.get("MAMBAOUT_CPU_BF16", "").strip()
-    if env in ("0", "1"):
-        return env == "1"
+def _default(env: str) -> bool:
+    """`env`=1 or 0, else on only where measured faster: AVX512-BF16 without AMX (docs/performance.md). The bf16
+    blocks (MAMBAOUT_CPU_BF16) and the C kernels (MAMBAOUT_CPU_NATIVE) are opt-in on other CPUs."""
+    value = os.environ.get(env, "").strip()
+    if value in ("0", "1"):
+        return value == "1"
     flags = device.cpu_flags()
     return "avx512_bf16" in flags and "amx_bf16" not in flags
 
 
-_BF16 = _bf16_default()
+_BF16 = _default("MAMBAOUT_CPU_BF16")
+_NATIVE = _default("MAMBAOUT_CPU_NATIVE")
 
 
 def set_cpu_bf16(enabled: bool) -> None:
@@ -92,6 +96,18 @@ def set_cpu_bf16(enabled: bool) -> None:
 def cpu_bf16_enabled() -> bool:
     """Whether bf16 blocks take the fast path (`set_cpu_bf16`, MAMBAOUT_CPU_BF16, else the CPU rule above)."""
     return _BF16
+
+
+def set_cpu_native(enabled: bool) -> None:
+    """Whether the fast path runs the conv and gate products through the C kernel (`kernels/native.py`, compiled on
+    first use), for the whole process; where it cannot be built, the oneDNN steps run, with a warning."""
+    global _NATIVE
+    _NATIVE = bool(enabled)
+
+
+def cpu_native_enabled() -> bool:
+    """Whether the C kernel is asked for (`set_cpu_native`, MAMBAOUT_CPU_NATIVE, else the CPU rule above)."""
+    return _NATIVE
 
 
 def _inference_ok(x: torch.Tensor, dtype: torch.dtype, modules: tuple[nn.Module, ...]) -> bool:
@@ -155,6 +171,14 @@ def stem_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     return torch.layer_norm(y, norm.normalized_shape, norm.weight.float(), bias, norm.eps).to(x.dtype)
 
 
+def _native_conv(conv: nn.Conv2d) -> bool:
+    """Whether `conv` is what `native.gate_dwconv` computes: depthwise, square odd kernel, padding k // 2, stride 1."""
+    weight, _, padding, stride, dilation, groups = _conv_args(conv)
+    cc, one, k, k2 = weight.shape
+    square = one == 1 and k == k2 and k % 2 == 1 and groups == cc == conv.in_channels
+    return square and padding == [k // 2] * 2 and stride == [1, 1] and dilation == [1, 1]
+
+
 def _conv_args(conv: nn.Conv2d) -> tuple | None:
     """(weight, bias, padding, stride, dilation, groups) of a plain zero-padded `nn.Conv2d`, else None."""
     if type(conv) is not nn.Conv2d or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
@@ -201,7 +225,9 @@ class _Plan:
         self.g, self.ic = _rows(fc1, 0, hidden), _rows(fc1, hidden, 2 * hidden)  # the gate; the identity and conv
         self.i, self.c = _rows(fc1, hidden, 2 * hidden - cc), _rows(fc1, 2 * hidden - cc, 2 * hidden)
         self.conv = _conv_args(conv)
+        self.native = self.conv is not None and _native_conv(conv)  # a conv `native.gate_dwconv` computes
         self.packed = None  # ((input shape, weight version), packed weight): `_dwconv`
+        self.native_w = None  # ((weight and bias versions), [k, k, Cc] float32 weight, float32 bias): `_gate`
         self.packed_lin = None  # ((rows, fc1 version, fc2 version), {name: (packed weight, bias)}): `_weights`
         self.fc2 = _rows(fc2, 0, fc2.out_features)
         self.post_op = _post_op(act)
@@ -278,6 +304,33 @@ def _dwconv(p: _Plan, c: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._convolution_pointwise(c, pw, bias, padding, stride, dilation, groups, "none", [], "")
 
 
+def _native_weights(p: _Plan) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The conv's weight as `native.gate_dwconv` reads it, float32 `[k, k, Cc]`, and its float32 bias; made again
+    when a version changes (as `_weights`), at every call for tensors made under `torch.inference_mode`."""
+    weight, bias = p.conv[:2]
+    live = not (weight.is_inference() or (bias is not None and bias.is_inference()))
+    key = (weight._version, bias._version if bias is not None else 0) if live else None
+    if key is None or p.native_w is None or p.native_w[0] != key:
+        k = weight.shape[-1]
+        w = weight.detach().float().reshape(-1, k * k).t().contiguous().view(k, k, -1)  # [Cc, 1, k, k] -> [k, k, Cc]
+        p.native_w = (key, w, bias.detach().float() if bias is not None else None)
+    return p.native_w[1:]
+
+
+def _gate(p: _Plan, g: torch.Tensor, i: torch.Tensor | None, c: torch.Tensor) -> None:
+    """`g *= cat(i, conv(c))` in place on the activated gate `[B, H, W, hidden]`; `i`, `c` `[B, H, W, *]` are fc1's
+    identity and conv channels (rows of pixels a fixed stride apart). One pass in the C kernel where it is on and
+    built, else oneDNN's conv, then the two products."""
+    hidden, cc = p.hidden, p.cc
+    if _NATIVE and p.native and native.library() is not None:
+        native.gate_dwconv(g, i, c, *_native_weights(p))
+        return
+    c = _dwconv(p, c.permute(0, 3, 1, 2))  # [B, H, W, Cc] -> [B, Cc, H, W]
+    g[..., hidden - cc :].mul_(c.permute(0, 2, 3, 1))  # [B, Cc, H, W] -> [B, H, W, Cc]
+    if hidden > cc:
+        g[..., : hidden - cc].mul_(i)
+
+
 def _lin(x: torch.Tensor, rows: tuple, post_op: tuple[str, str] = _NO_POST_OP) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, rows[0], rows[1], post_op[0], [], post_op[1])
 
@@ -330,17 +383,12 @@ def forget_packed_weights() -> None:
 
 def _gated_onednn(p: _Plan, x: torch.Tensor) -> torch.Tensor:
     """The block through oneDNN matmuls with fused epilogues; `[B, H, W, C]` -> `[B, H, W, C]`."""
-    hidden, cc = p.hidden, p.cc
     xn = _norm(p, x)  # [B, H, W, C]
     w = _weights(p, xn.numel() // xn.shape[-1])
     g = _lin(xn, w["g"], p.post_op or _NO_POST_OP)  # [B, H, W, hidden], activated if fused
     if p.post_op is None:
         g = p.modules[2](g)
-    i, c = _identity_and_conv(p, _lin, xn, w)
-    c = _dwconv(p, c.permute(0, 3, 1, 2))  # [B, H, W, Cc] -> [B, Cc, H, W]
-    g[..., hidden - cc :].mul_(c.permute(0, 2, 3, 1))  # [B, Cc, H, W] -> [B, H, W, Cc]
-    if hidden > cc:
-        g[..., : hidden - cc].mul_(i)
+    _gate(p, g, *_identity_and_conv(p, _lin, xn, w))
     if p.plain:  # x + fc2(gate) in one oneDNN call: the residual add is the matmul's epilogue
         return torch.ops.mkldnn._linear_pointwise.binary(g, x.contiguous(), *w["fc2"], "add")
     return x + p.modules[6](p.modules[5](_lin(g, w["fc2"])))
@@ -354,7 +402,7 @@ def _mm(x2d: torch.Tensor, rows: tuple) -> torch.Tensor:
 
 def _gated_blas(p: _Plan, x: torch.Tensor) -> torch.Tensor:
     """The same steps through `torch.addmm` (MKL or OpenBLAS), activation and bias in place; `[B, H, W, C]` in and out."""
-    hidden, cc, act = p.hidden, p.cc, p.modules[2]
+    hidden, act = p.hidden, p.modules[2]
     B, H, W, C = x.shape
     xn = _norm(p, x).reshape(-1, C)  # [BHW, C]
     g = _mm(xn, p.g)  # [BHW, hidden]
@@ -363,12 +411,7 @@ def _gated_blas(p: _Plan, x: torch.Tensor) -> torch.Tensor:
     else:
         g = act(g)
     i, c = _identity_and_conv(p, lambda t, rows: _mm(t, rows).view(B, H, W, -1), xn, vars(p))
-    c = _dwconv(p, c.permute(0, 3, 1, 2))
-    g = g.view(B, H, W, hidden)
-    g[..., hidden - cc :].mul_(c.permute(0, 2, 3, 1))
-    if hidden > cc:
-        g[..., : hidden - cc].mul_(i)
-    g = g.view(-1, hidden)
+    _gate(p, g.view(B, H, W, hidden), i, c)
     if p.plain:
         out = torch.addmm(x.reshape(-1, C), g, p.fc2[0].t())  # x + g @ W2^T: the residual is addmm's input term
         if p.fc2[1] is not None:

@@ -75,6 +75,13 @@ def output_target(path: str | os.PathLike, what: str = "output") -> Path:
     return path
 
 
+def cache_dir() -> Path:
+    """`$MAMBAOUT_CACHE`, else `$XDG_CACHE_HOME/mambaout`, else `~/.cache/mambaout`: downloads, compiled kernels."""
+    if os.environ.get("MAMBAOUT_CACHE"):
+        return Path(os.environ["MAMBAOUT_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mambaout"
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None], suffix: str = "") -> Path:
     """Call `write(tmp)` on a temporary file beside `path`, then rename it onto `path`: a crash or Ctrl-C mid-write
     leaves any previous `path` intact and no temporary behind. Only a regular file or a new path is replaced

@@ -27,7 +27,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from mambaout.utils.files import atomic_write, special_kind
+from mambaout.utils.files import atomic_write, cache_dir, special_kind
 
 logger = logging.getLogger("mambaout")
 
@@ -392,13 +392,6 @@ def save_weights(model_or_state: nn.Module | dict, path: str | os.PathLike, **me
 
 
 # --- downloads -------------------------------------------------------------------------------------------------------
-
-
-def cache_dir() -> Path:
-    """`$MAMBAOUT_CACHE`, else `$XDG_CACHE_HOME/mambaout`, else `~/.cache/mambaout`."""
-    if os.environ.get("MAMBAOUT_CACHE"):
-        return Path(os.environ["MAMBAOUT_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mambaout"
 
 
 def cache_name(url: str) -> str:

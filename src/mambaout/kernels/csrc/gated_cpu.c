@@ -1,0 +1,194 @@
+/* Fused CPU kernel of the Gated CNN block's token mixer (kernels/native.py compiles it at first use).
+
+   mo_gate_dwconv: for every pixel of a channels-last [B, H, W, *] map, in place on the activated gate g,
+       g[..., :ni]       *= id                                   (the identity channels)
+       g[..., ni:ni+cc]  *= bias + depthwise_conv_kxk(c)         (the conv channels; zero padding k/2, stride 1)
+   which `_gated_onednn` (kernels/cpu.py) does in three passes: the conv into a new map, then two products.
+   One pass here: the conv's output never goes to memory. Sums are float32 whatever the storage (float32 or
+   bfloat16, rounded to nearest even once, at the store).
+
+   Plain C with GCC/Clang vector extensions, so the compiler picks the instructions for the CPU it compiles on
+   (-march=native); OpenMP threads over image rows, in the OpenMP runtime torch has loaded. */
+#include <stdint.h>
+#include <string.h>
+
+#define VL 16 /* float32 lanes per vector: one AVX-512 register, two AVX2 ones */
+typedef float vf __attribute__((vector_size(VL * 4)));
+typedef uint32_t vu __attribute__((vector_size(VL * 4)));
+typedef int32_t vi __attribute__((vector_size(VL * 4)));
+typedef uint16_t vh __attribute__((vector_size(VL * 2)));
+
+static inline vf ld_f32(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
+static inline void st_f32(float *p, vf v) { memcpy(p, &v, sizeof v); }
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+static inline vf ld_bf16(const uint16_t *p) {
+#if defined(__AVX512F__) /* one widening load; the generic form below compiles to two halves */
+    return (vf)_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16);
+#else
+    vh h; memcpy(&h, p, sizeof h);
+    vu u = __builtin_convertvector(h, vu) << 16;
+    vf v; memcpy(&v, &u, sizeof v); return v;
+#endif
+}
+static inline void st_bf16(uint16_t *p, vf v) {
+#if defined(__AVX512BF16__) && defined(__AVX512VL__) /* the instruction rounds the same way, NaN included */
+    __m256bh h = _mm512_cvtneps_pbh((__m512)v);
+    memcpy(p, &h, sizeof h);
+#else
+    vu u; memcpy(&u, &v, sizeof u);
+    vu nan = (vu)(v != v);                               /* NaN stays a quiet NaN; the rest rounds to nearest even */
+    u = ((u + 0x7fffu + ((u >> 16) & 1u)) & ~nan) | (0x7fc00000u & nan);
+    vh h = __builtin_convertvector(u >> 16, vh); memcpy(p, &h, sizeof h);
+#endif
+}
+static inline float s_ld_bf16(const uint16_t *p) { uint32_t u = (uint32_t)*p << 16; float f; memcpy(&f, &u, 4); return f; }
+static inline void s_st_bf16(uint16_t *p, float f) {
+    uint32_t u; memcpy(&u, &f, 4);
+    *p = f != f ? 0x7fc0 : (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+/* element (pixel, channel) of a map whose pixel rows are `stride` elements apart */
+#define AT(base, pix, stride, ch) ((base) + (int64_t)(pix) * (stride) + (ch))
+
+static inline __attribute__((always_inline)) vf vload(int bf, const void *p, int64_t i) {
+    return bf ? ld_bf16((const uint16_t *)p + i) : ld_f32((const float *)p + i);
+}
+static inline __attribute__((always_inline)) void vstore(int bf, void *p, int64_t i, vf v) {
+    if (bf) st_bf16((uint16_t *)p + i, v); else st_f32((float *)p + i, v);
+}
+static inline __attribute__((always_inline)) float sload(int bf, const void *p, int64_t i) {
+    return bf ? s_ld_bf16((const uint16_t *)p + i) : ((const float *)p)[i];
+}
+static inline __attribute__((always_inline)) void sstore(int bf, void *p, int64_t i, float v) {
+    if (bf) s_st_bf16((uint16_t *)p + i, v); else ((float *)p)[i] = v;
+}
+
+#define NB_MAX 8
+#define K_MAX 7
+
+/* NB output pixels w0..w0+NB-1 of row (b, h), channels ch..ch+VL-1: each input vector is loaded once per kernel
+   row and used by every output it reaches; the K weights of the kernel row stay in registers. */
+static inline __attribute__((always_inline)) void conv_block(
+    int bf, const int K, const int NB, const int inside, void *g, int64_t gs, const void *c, int64_t cs,
+    const float *w, const float *bias, int H, int W, int ni, int cc, int b, int h, int w0, int ch)
+{
+    const int P = K / 2;
+    vf acc[NB_MAX]; /* fixed sizes, no variable-length arrays: unrolled, they live in registers */
+    vf b0 = bias ? ld_f32(bias + ch) : (vf){0};
+#pragma GCC unroll 16
+    for (int j = 0; j < NB; j++) acc[j] = b0;
+    for (int kh = 0; kh < K; kh++) {
+        int ih = h + kh - P;
+        if (ih < 0 || ih >= H) continue;
+        int64_t row = ((int64_t)b * H + ih) * W;
+        vf wk[K_MAX];
+#pragma GCC unroll 16
+        for (int kw = 0; kw < K; kw++) wk[kw] = ld_f32(w + (int64_t)(kh * K + kw) * cc + ch);
+#pragma GCC unroll 32
+        for (int t = 0; t < NB + K - 1; t++) {
+            int iw = w0 - P + t;
+            if (!inside && (iw < 0 || iw >= W)) continue;  /* `inside`: the caller checked every column */
+            vf x = vload(bf, c, (row + iw) * cs + ch);
+#pragma GCC unroll 16
+            for (int j = 0; j < NB; j++) {
+                int kw = t - j;
+                if (kw >= 0 && kw < K) acc[j] += x * wk[kw];
+            }
+        }
+    }
+    int64_t out = ((int64_t)b * H + h) * W + w0;
+#pragma GCC unroll 16
+    for (int j = 0; j < NB; j++) {
+        int64_t at = (out + j) * gs + ni + ch;
+        vstore(bf, g, at, vload(bf, g, at) * acc[j]);
+    }
+}
+
+/* the same for one pixel and one channel (channel counts that are not a multiple of VL) */
+static inline __attribute__((always_inline)) void conv_scalar(
+    int bf, int K, void *g, int64_t gs, const void *c, int64_t cs, const float *w, const float *bias,
+    int H, int W, int ni, int cc, int b, int h, int x0, int ch)
+{
+    const int P = K / 2;
+    float acc = bias ? bias[ch] : 0.f;
+    for (int kh = 0; kh < K; kh++) {
+        int ih = h + kh - P;
+        if (ih < 0 || ih >= H) continue;
+        for (int kw = 0; kw < K; kw++) {
+            int iw = x0 + kw - P;
+            if (iw < 0 || iw >= W) continue;
+            acc += sload(bf, c, (((int64_t)b * H + ih) * W + iw) * cs + ch) * w[(int64_t)(kh * K + kw) * cc + ch];
+        }
+    }
+    int64_t at = (((int64_t)b * H + h) * W + x0) * gs + ni + ch;
+    sstore(bf, g, at, sload(bf, g, at) * acc);
+}
+
+static inline __attribute__((always_inline)) void gate_row(
+    int bf, const int K, void *g, int64_t gs, const void *id, int64_t is, const void *c, int64_t cs,
+    const float *w, const float *bias, int H, int W, int ni, int cc, int b, int h)
+{
+    const int P = K / 2;
+    int vec = cc - cc % VL;
+    /* the row in nearly equal blocks of at most NB_MAX pixels (14 = 7 + 7, not 8 + 6 x 1): wide blocks reuse
+       each loaded input vector more */
+    int nblk = (W + NB_MAX - 1) / NB_MAX, w0 = 0;
+    for (int blk = 0; blk < nblk; blk++) {
+        int nb = W / nblk + (blk < W % nblk);
+        int inside = w0 >= P && w0 + nb - 1 + P < W;
+        for (int ch = 0; ch < vec; ch += VL) {
+#define BLOCK(N)                                                                                                  \
+    case N:                                                                                                       \
+        if (inside) conv_block(bf, K, N, 1, g, gs, c, cs, w, bias, H, W, ni, cc, b, h, w0, ch);                 \
+        else conv_block(bf, K, N, 0, g, gs, c, cs, w, bias, H, W, ni, cc, b, h, w0, ch);                        \
+        break;
+            switch (nb) { BLOCK(1) BLOCK(2) BLOCK(3) BLOCK(4) BLOCK(5) BLOCK(6) BLOCK(7) BLOCK(8) }
+#undef BLOCK
+        }
+        w0 += nb;
+    }
+    for (int x0 = 0; x0 < W && vec < cc; x0++)
+        for (int ch = vec; ch < cc; ch++) conv_scalar(bf, K, g, gs, c, cs, w, bias, H, W, ni, cc, b, h, x0, ch);
+    if (ni == 0) return;
+    int ivec = ni - ni % VL;
+    for (int x0 = 0; x0 < W; x0++) {
+        int64_t pix = ((int64_t)b * H + h) * W + x0;
+        int ch = 0;
+        for (; ch < ivec; ch += VL)
+            vstore(bf, g, pix * gs + ch, vload(bf, g, pix * gs + ch) * vload(bf, id, pix * is + ch));
+        for (; ch < ni; ch++) sstore(bf, g, pix * gs + ch, sload(bf, g, pix * gs + ch) * sload(bf, id, pix * is + ch));
+    }
+}
+
+/* one function per storage type, so that `bf` is a constant inside the OpenMP region (outlined before inlining) */
+#define GATE_ALL(NAME, BF)                                                                                       \
+    static void NAME(void *g, int64_t gs, const void *id, int64_t is, const void *c, int64_t cs, const float *w,   \
+                     const float *bias, int B, int H, int W, int ni, int cc, int k, int threads)                 \
+    {                                                                                                            \
+        _Pragma("omp parallel for schedule(static) num_threads(threads) if (threads > 1)")                       \
+        for (int r = 0; r < B * H; r++) {                                                                        \
+            int b = r / H, h = r % H;                                                                            \
+            if (k == 7) gate_row(BF, 7, g, gs, id, is, c, cs, w, bias, H, W, ni, cc, b, h);                       \
+            else { /* other kernel sizes: correct, not fast */                                                   \
+                for (int x0 = 0; x0 < W; x0++)                                                                   \
+                    for (int ch = 0; ch < cc; ch++)                                                              \
+                        conv_scalar(BF, k, g, gs, c, cs, w, bias, H, W, ni, cc, b, h, x0, ch);                  \
+                gate_row(BF, 1, g, gs, id, is, c, cs, w, bias, H, W, ni, 0, b, h);                              \
+            }                                                                                                    \
+        }                                                                                                        \
+    }
+GATE_ALL(gate_all_f32, 0)
+GATE_ALL(gate_all_bf16, 1)
+
+/* bf16 != 0: g, id and c hold bfloat16; else float32. Strides (between pixels) in elements; w is [k, k, cc]
+   float32; bias float32 or NULL; id NULL when ni is 0. `threads`: torch's thread count (the caller's OpenMP
+   setting is per thread, and a thread torch never ran a parallel region in has the default). */
+void mo_gate_dwconv(int bf16, void *g, int64_t gs, const void *id, int64_t is, const void *c, int64_t cs,
+                    const float *w, const float *bias, int B, int H, int W, int ni, int cc, int k, int threads)
+{
+    if (bf16) gate_all_bf16(g, gs, id, is, c, cs, w, bias, B, H, W, ni, cc, k, threads);
+    else gate_all_f32(g, gs, id, is, c, cs, w, bias, B, H, W, ni, cc, k, threads);
+}

@@ -1,0 +1,177 @@
+"""C kernels of the CPU path, compiled on first use for the CPU they run on (`csrc/gated_cpu.c`).
+
+`gate_dwconv` is the Gated CNN block's token mixer after fc1: the depthwise conv of the conv channels and both gate
+products in one pass over the map, where `kernels/cpu.py` otherwise makes three (oneDNN's conv into a new map, then
+two products). The source is plain C with GCC/Clang vector extensions and OpenMP, no torch headers, so no torch build
+to match: the system C compiler (`$CC`, else `cc`) builds it with `-O3 -march=native` into the cache folder
+(`$MAMBAOUT_CACHE/kernels`, one file per source, compiler and CPU; about 2 s, once per machine), and ctypes loads it.
+It runs its threads in the OpenMP runtime torch has loaded (GNU's libgomp, Linux wheels), with torch's thread count.
+
+`library()` is None, with the reason in `unavailable_reason()` and a one-line warning, where there is no compiler, the
+compile fails, or torch runs another OpenMP runtime (two runtimes would spin against each other); `kernels/cpu.py`
+then runs its oneDNN/BLAS steps. Whether the path is on at all is `kernels/cpu.py`'s switch (`set_cpu_native`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from mambaout.utils import device
+from mambaout.utils.files import atomic_write, cache_dir
+
+__all__ = ["library", "unavailable_reason", "gate_dwconv", "compile_command"]
+
+_SOURCE = Path(__file__).parent / "csrc" / "gated_cpu.c"
+_FLAGS = ("-O3", "-march=native", "-mtune=generic", "-std=gnu11", "-fopenmp", "-shared", "-fPIC")
+_LOCK = threading.Lock()
+_REASON: list[str] = []  # why `library()` is None, once it has been asked
+_log = logging.getLogger(__name__)
+
+_P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+# mo_gate_dwconv(bf16, g, g_stride, id, id_stride, c, c_stride, weight, bias, B, H, W, ni, cc, k, threads)
+_ARGTYPES = [_INT, _P, _I64, _P, _I64, _P, _I64, _P, _P, _INT, _INT, _INT, _INT, _INT, _INT, _INT]
+
+
+def _compiler() -> list[str] | None:
+    cc = os.environ.get("CC", "").strip()
+    if cc:
+        return shlex.split(cc)
+    found = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    return [found] if found else None
+
+
+def compile_command(output: str) -> list[str] | None:
+    """The command that builds the kernels into `output`, or None without a C compiler."""
+    cc = _compiler()
+    return None if cc is None else [*cc, *_FLAGS, str(_SOURCE), "-o", output]
+
+
+def _torch_runs_libgomp() -> bool:
+    """Whether the OpenMP runtime in this process is GNU's (what the library links against): torch's Linux wheels
+    carry libgomp; a build with Intel's or LLVM's runtime would get a second pool of spinning threads beside it."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return False
+    return "libgomp" in maps and "libiomp" not in maps and "libomp.so" not in maps
+
+
+def _library_path(cc: list[str]) -> Path:
+    """The cached library's path: a hash of the source, the compiler's version line, the flags and the CPU's flags
+    (a library built with -march=native on one CPU can crash on another sharing the cache folder)."""
+    version = subprocess.run([*cc, "--version"], capture_output=True, text=True, timeout=60).stdout
+    key = hashlib.sha256()
+    for part in (_SOURCE.read_bytes(), version.split("\n")[0].encode(), " ".join(_FLAGS).encode()):
+        key.update(part)
+    key.update(" ".join(sorted(device.cpu_flags())).encode() + platform.machine().encode())
+    return cache_dir() / "kernels" / f"gated_cpu-{key.hexdigest()[:16]}.so"
+
+
+def _build(path: Path) -> Path:
+    """Compile into `path` (atomically: processes that build at once each rename a whole file onto it)."""
+
+    def run(tmp: str) -> None:
+        start = time.perf_counter()
+        done = subprocess.run(compile_command(tmp), capture_output=True, text=True, timeout=600)
+        if done.returncode:
+            lines = (done.stderr or done.stdout).strip().splitlines() or [f"exit status {done.returncode}"]
+            raise RuntimeError(f"{shlex.join(compile_command(str(path)))} failed: {lines[0]}")
+        _log.info("compiled the CPU kernels in %.1f s: %s", time.perf_counter() - start, path)
+
+    try:
+        return atomic_write(path, run, suffix=".so")
+    except OSError:  # a read-only cache folder: a private copy for this process
+        return atomic_write(Path(tempfile.mkdtemp(prefix="mambaout-kernels-")) / path.name, run, suffix=".so")
+
+
+def _load() -> ctypes.CDLL:
+    """The library, built first where the cache lacks it. Raises with the reason where it cannot be had."""
+    if not sys.platform.startswith("linux"):
+        raise RuntimeError(f"the C kernels are built for Linux only (this is {sys.platform})")
+    if not _torch_runs_libgomp():
+        raise RuntimeError("torch does not run GNU OpenMP (libgomp), which the C kernels share")
+    cc = _compiler()
+    if cc is None:
+        raise RuntimeError("no C compiler found (set CC, or install gcc)")
+    path = _library_path(cc)
+    if not path.is_file():
+        path = _build(path)
+    lib = ctypes.CDLL(str(path))
+    lib.mo_gate_dwconv.argtypes, lib.mo_gate_dwconv.restype = _ARGTYPES, None
+    return lib
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The compiled kernels, or None (`unavailable_reason()` says why; warned once)."""
+    with _LOCK:
+        try:
+            return _load()
+        except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            _REASON[:] = [reason]
+            warnings.warn(
+                f"mambaout's C kernels for CPU are unavailable ({reason}); the oneDNN path runs instead "
+                "(MAMBAOUT_CPU_NATIVE=0 silences this)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return None
+
+
+def unavailable_reason() -> str | None:
+    """Why `library()` returned None; None when it loaded or was not asked yet."""
+    return _REASON[0] if _REASON else None
+
+
+def gate_dwconv(
+    g: torch.Tensor, i: torch.Tensor | None, c: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> None:
+    """In place on the activated gate `g` `[B, H, W, hidden]` (contiguous): `g[..., :ni] *= i` and
+    `g[..., ni:] *= conv(c)`, the depthwise k x k conv with zero padding k // 2, `ni = hidden - cc`.
+
+    Args:
+        i: the identity channels `[B, H, W, ni]`, None when ni is 0; c: the conv channels `[B, H, W, cc]`. Both may
+            be channel slices of one map (rows of pixels a fixed stride apart); the same dtype as g (float32 or
+            bfloat16).
+        weight: the conv weight as float32 `[k, k, cc]`, contiguous; bias: float32 `[cc]` or None.
+    """
+    if not (g.is_contiguous() and weight.is_contiguous() and weight.dtype == torch.float32):
+        raise ValueError("gate_dwconv: g and the float32 weight must be contiguous (see the docstring)")
+    lib = library()
+    B, H, W, hidden = g.shape
+    cc, k = c.shape[-1], weight.shape[0]
+    lib.mo_gate_dwconv(
+        int(g.dtype == torch.bfloat16),
+        g.data_ptr(),
+        g.stride(2),
+        None if i is None else i.data_ptr(),
+        0 if i is None else i.stride(2),
+        c.data_ptr(),
+        c.stride(2),
+        weight.data_ptr(),
+        None if bias is None else bias.data_ptr(),
+        B,
+        H,
+        W,
+        hidden - cc,
+        cc,
+        k,
+        torch.get_num_threads(),
+    )
