@@ -465,21 +465,28 @@ def test_stem_conv1_is_channels_last_only_on_the_bf16_path(dtype, monkeypatch):
     torch.testing.assert_close(got.float(), want.float(), rtol=2**-6, atol=2**-6)  # two bf16 roundings at most
 
 
-def test_bf16_stem_norm_through_float32_is_within_one_rounding(monkeypatch):
+@pytest.mark.parametrize("c_kernel", [True, False])
+def test_bf16_norms_outside_the_blocks_are_within_one_rounding(c_kernel, monkeypatch):
+    """The stem's and downsampling layers' bf16 norms: the C kernel (any width), else through float32 below 32
+    channels (torch's bf16 LayerNorm is slow there), else the module."""
     monkeypatch.setattr(cpu, "_BF16", True)
-    norm = nn.LayerNorm(24, eps=1e-6).to(torch.bfloat16)
-    with torch.no_grad():
-        norm.weight.normal_()
-        norm.bias.normal_()
-    x = torch.randn(2, 24, 9, 7).to(torch.bfloat16)
-    with torch.inference_mode():
-        want = norm(x.permute(0, 2, 3, 1))
-        got = cpu.stem_norm(norm, x)
-        assert got.dtype == torch.bfloat16 and got.shape == want.shape
-        torch.testing.assert_close(got.float(), want.float(), rtol=2**-7, atol=2**-7)  # bf16's 8-bit mantissa
-        assert cpu.stem_norm(norm, torch.randn(2, 40, 9, 7).to(torch.bfloat16)) is None  # a full vector: torch's own
-        assert cpu.stem_norm(norm.float(), x.float()) is None  # float32 keeps the module (and FX's bit-exactness)
-    assert cpu.stem_norm(norm.to(torch.bfloat16), x) is None  # autograd on
+    _native(monkeypatch, c_kernel)
+    for channels in (24, 40):
+        norm = nn.LayerNorm(channels, eps=1e-6).to(torch.bfloat16)
+        with torch.no_grad():
+            norm.weight.normal_()
+            norm.bias.normal_()
+        x = torch.randn(2, 9, 7, channels).to(torch.bfloat16)
+        with torch.inference_mode():
+            want = torch.layer_norm(x.double(), (channels,), norm.weight.double(), norm.bias.double(), 1e-6)
+            got = cpu.bf16_norm(norm, x)
+            if channels >= 32 and not c_kernel:
+                assert got is None  # torch's own bf16 LayerNorm is fine there
+                continue
+            assert got.dtype == torch.bfloat16 and got.shape == want.shape
+            torch.testing.assert_close(got.double(), want, rtol=2**-8, atol=2**-8)  # one rounding to 8 bits
+            assert cpu.bf16_norm(norm.float(), x.float()) is None  # float32 keeps the module (and FX's bit-exactness)
+        assert cpu.bf16_norm(norm, x) is None  # autograd on
     model = mambaout.create_model("mambaout_femto").eval().to(torch.bfloat16)
     img = torch.randn(1, 3, 64, 64).to(torch.bfloat16)
     with torch.inference_mode():

@@ -45,7 +45,7 @@ __all__ = [
     "cpu_native_enabled",
     "can_use_cpu_conv",
     "conv_channels_last",
-    "stem_norm",
+    "bf16_norm",
     "forget_packed_weights",
 ]
 
@@ -158,17 +158,51 @@ def can_use_cpu_conv(conv: nn.Module, x: torch.Tensor) -> bool:
     return _inference_ok(x, conv.weight.dtype, (conv,))
 
 
-def stem_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-    """`norm(x.permute(0, 2, 3, 1))` for a bf16 `[B, C, H, W]` map of fewer than 32 channels (femto's and kobe's stem)
-    through float32, within one bf16 rounding of it, or None where this does not apply: torch's bf16 LayerNorm runs
-    rows shorter than one vector register at half the speed."""
-    if not (x.dtype == torch.bfloat16 and x.shape[1] < 32 and type(norm) is nn.LayerNorm and norm.weight is not None):
+def bf16_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """`norm(x)` for a bf16 `[B, H, W, C]` map outside the blocks (the stem's and the downsampling layers' norms), or
+    None where this does not apply (the caller runs the module): through the C kernel where it is on, else, for fewer
+    than 32 channels (femto's and kobe's stem), through float32, within one bf16 rounding of it: torch's bf16
+    LayerNorm runs rows shorter than a few vector registers at a third of the speed. float32 maps keep the module,
+    whose rounding FX graphs reproduce bit for bit."""
+    if not (x.dtype == torch.bfloat16 and type(norm) is nn.LayerNorm and norm.weight is not None):
         return None
-    if not _inference_ok(x, norm.weight.dtype, (norm,)):
+    if norm.normalized_shape != x.shape[-1:] or not _inference_ok(x, norm.weight.dtype, (norm,)):
         return None
-    y = x.permute(0, 2, 3, 1).to(torch.float32, memory_format=torch.contiguous_format)  # one pass: layout and dtype
+    if _native_norm(x):
+        return native.layer_norm(x, *_f32_params(norm, norm.weight, norm.bias), norm.eps)
+    if x.shape[-1] >= 32:
+        return None
+    y = x.to(torch.float32, memory_format=torch.contiguous_format)  # one pass: layout and dtype
     bias = norm.bias.float() if norm.bias is not None else None
     return torch.layer_norm(y, norm.normalized_shape, norm.weight.float(), bias, norm.eps).to(x.dtype)
+
+
+def _native_norm(x: torch.Tensor) -> bool:
+    """Whether `native.layer_norm` takes this map: the C kernels on and built, contiguous, not too many channels."""
+    return _NATIVE and x.is_contiguous() and x.shape[-1] <= native.NORM_MAX_CHANNELS and native.library() is not None
+
+
+_F32: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # norm -> (key, float32 weight, float32 bias)
+
+
+def _f32(t: torch.Tensor | None) -> torch.Tensor | None:
+    return t.detach().float().contiguous() if t is not None else None
+
+
+def _f32_params(norm: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple:
+    """A norm's weight and bias as the C kernel reads them, float32 and contiguous: themselves when they are; else
+    copies kept per norm and made again when a tensor or its version changes (at every call for inference tensors)."""
+    tensors = (weight,) if bias is None else (weight, bias)
+    if all(t.dtype == torch.float32 and t.is_contiguous() for t in tensors):
+        return weight, bias
+    if any(t.is_inference() for t in tensors):
+        return _f32(weight), _f32(bias)
+    key = tuple((t.data_ptr(), t._version) for t in tensors)
+    cached = _F32.get(norm)
+    if cached is None or cached[0] != key:
+        cached = (key, _f32(weight), _f32(bias))
+        _F32[norm] = cached
+    return cached[1:]
 
 
 def _native_conv(conv: nn.Conv2d) -> bool:
@@ -284,7 +318,12 @@ def _plan(block: nn.Module) -> _Plan:
 
 
 def _norm(p: _Plan, x: torch.Tensor) -> torch.Tensor:
-    return torch.layer_norm(x, *p.norm) if p.norm is not None else p.modules[0](x)
+    if p.norm is None:
+        return p.modules[0](x)
+    shape, weight, bias, eps = p.norm
+    if weight is not None and _native_norm(x):
+        return native.layer_norm(x, *_f32_params(p.modules[0], weight, bias), eps)
+    return torch.layer_norm(x, *p.norm)
 
 
 def _dwconv(p: _Plan, c: torch.Tensor) -> torch.Tensor:
@@ -379,6 +418,7 @@ def forget_packed_weights() -> None:
     only after writing a linear or conv weight through `.data`, which its version counter does not see."""
     _PLANS.clear()
     _CL_WEIGHTS.clear()
+    _F32.clear()
 
 
 def _gated_onednn(p: _Plan, x: torch.Tensor) -> torch.Tensor:

@@ -35,7 +35,7 @@ import torch
 from mambaout.utils import device
 from mambaout.utils.files import atomic_write, cache_dir
 
-__all__ = ["library", "unavailable_reason", "gate_dwconv", "compile_command"]
+__all__ = ["library", "unavailable_reason", "gate_dwconv", "layer_norm", "NORM_MAX_CHANNELS", "compile_command"]
 
 _SOURCE = Path(__file__).parent / "csrc" / "gated_cpu.c"
 _FLAGS = ("-O3", "-march=native", "-mtune=generic", "-std=gnu11", "-fopenmp", "-shared", "-fPIC")
@@ -46,6 +46,9 @@ _log = logging.getLogger(__name__)
 _P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 # mo_gate_dwconv(bf16, g, g_stride, id, id_stride, c, c_stride, weight, bias, B, H, W, ni, cc, k, threads)
 _ARGTYPES = [_INT, _P, _I64, _P, _I64, _P, _I64, _P, _P, _INT, _INT, _INT, _INT, _INT, _INT, _INT]
+# mo_layer_norm(bf16, x, x_stride, y, weight, bias, rows, C, eps, threads)
+_NORM_ARGTYPES = [_INT, _P, _I64, _P, _P, _P, _I64, _INT, ctypes.c_float, _INT]
+NORM_MAX_CHANNELS = 4096  # the kernel's row buffer (C_MAX)
 
 
 def _compiler() -> list[str] | None:
@@ -114,6 +117,7 @@ def _load() -> ctypes.CDLL:
         path = _build(path)
     lib = ctypes.CDLL(str(path))
     lib.mo_gate_dwconv.argtypes, lib.mo_gate_dwconv.restype = _ARGTYPES, None
+    lib.mo_layer_norm.argtypes, lib.mo_layer_norm.restype = _NORM_ARGTYPES, None
     return lib
 
 
@@ -175,3 +179,21 @@ def gate_dwconv(
         k,
         torch.get_num_threads(),
     )
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """`torch.layer_norm(x, x.shape[-1:], weight, bias, eps)` for a contiguous float32 or bfloat16 `x` of at most
+    `NORM_MAX_CHANNELS` channels, with float32 `weight` and `bias` (contiguous); the result in x's dtype. Mean and
+    variance in float32 (two passes), one rounding at the store."""
+    C = x.shape[-1]
+    if not (x.is_contiguous() and weight.is_contiguous() and weight.dtype == torch.float32 and C <= NORM_MAX_CHANNELS):
+        raise ValueError("layer_norm: contiguous x of at most NORM_MAX_CHANNELS channels, float32 weight")
+    lib = library()
+    y = torch.empty_like(x)
+    rows = x.numel() // C if C else 0
+    bf16 = int(x.dtype == torch.bfloat16)
+    bias_ptr = None if bias is None else bias.data_ptr()
+    lib.mo_layer_norm(
+        bf16, x.data_ptr(), C, y.data_ptr(), weight.data_ptr(), bias_ptr, rows, C, eps, torch.get_num_threads()
+    )
+    return y

@@ -149,9 +149,10 @@ class Stem(nn.Module):
         else:
             x = self._conv1(x)  # fp32 keeps the plain conv: a channels-last one rounds differently from FX's
             if self.norm1 is not None:
-                x = self._norm1(x).permute(0, 3, 1, 2)
+                x = _norm(self.norm1, x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
             x = _conv(self.conv2, self.act(x))
-        return self.norm2(x.permute(0, 2, 3, 1))  # [B, C, H, W] -> [B, H, W, C]
+            return _norm(self.norm2, x.permute(0, 2, 3, 1))  # [B, C, H, W] -> [B, H, W, C]
+        return self.norm2(x.permute(0, 2, 3, 1))
 
     @torch.jit.unused
     def _conv1(self, x: torch.Tensor) -> torch.Tensor:
@@ -159,13 +160,6 @@ class Stem(nn.Module):
         instead of copying the map to another layout (measured: docs/performance.md)."""
         fast = self.norm1 is not None and not kernels.fx_tracing() and x.dtype == torch.bfloat16  # FX: no dtype read
         return _conv(self.conv1, x) if fast else self.conv1(x)  # `_conv`: the plain conv where the fast path is off
-
-    @torch.jit.unused
-    def _norm1(self, x: torch.Tensor) -> torch.Tensor:  # [B, C, H, W] -> [B, H, W, C]
-        y = None
-        if kernels.fastpath_enabled() and not kernels.fx_tracing():
-            y = kernels_cpu.stem_norm(self.norm1, x)  # bf16 on CPU (kernels/cpu.py)
-        return y if y is not None else self.norm1(x.permute(0, 2, 3, 1))
 
 
 class Downsample(nn.Module):
@@ -185,11 +179,18 @@ class Downsample(nn.Module):
         if self.norm_first:
             x = self.norm(x)
         if torch.jit.is_scripting():
-            x = self.conv(x.permute(0, 3, 1, 2))
-        else:
-            x = _conv(self.conv, x.permute(0, 3, 1, 2))
-        x = x.permute(0, 2, 3, 1)  # conv in [B, C, H, W], back to [B, H, W, C]
-        return x if self.norm_first else self.norm(x)
+            x = self.conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+            return x if self.norm_first else self.norm(x)
+        x = _conv(self.conv, x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)  # conv in [B, C, H, W], back to [B, H, W, C]
+        return x if self.norm_first else _norm(self.norm, x)
+
+
+def _norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`norm(x)` over the channels of `[B, H, W, C]`, for bf16 on CPU through the inference path (kernels/cpu.py)."""
+    y = None
+    if kernels.fastpath_enabled() and not kernels.fx_tracing():
+        y = kernels_cpu.bf16_norm(norm, x)
+    return y if y is not None else norm(x)
 
 
 def _conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:

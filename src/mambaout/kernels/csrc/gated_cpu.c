@@ -192,3 +192,109 @@ void mo_gate_dwconv(int bf16, void *g, int64_t gs, const void *id, int64_t is, c
     if (bf16) gate_all_bf16(g, gs, id, is, c, cs, w, bias, B, H, W, ni, cc, k, threads);
     else gate_all_f32(g, gs, id, is, c, cs, w, bias, B, H, W, ni, cc, k, threads);
 }
+
+/* ---- LayerNorm over the last dimension ----------------------------------------------------------------------------
+
+   mo_layer_norm: y[r, :] = (x[r, :] - mean) / sqrt(var + eps) * w + b for `rows` rows of C channels; x's rows are
+   `xs` elements apart, y's are contiguous. float32 mean and variance (two passes over the row, from a float32 copy
+   in registers or L1), whatever the storage; bf16 output rounded once. torch's bf16 LayerNorm is slow on rows shorter
+   than a few vectors (24 and 48 channels: femto's stem and first stage), its float32 one is not. */
+
+#define C_MAX 4096 /* longer rows: the caller uses torch's */
+
+/* the first n < VL elements at p[i], the other lanes 0; and the store of the first n lanes */
+static inline __attribute__((always_inline)) vf load_part(int bf, const void *p, int64_t i, int n) {
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+    __mmask16 m = (__mmask16)((1u << n) - 1);
+    if (bf) return (vf)_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, (const uint16_t *)p + i)), 16);
+    return (vf)_mm512_maskz_loadu_ps(m, (const float *)p + i);
+#else
+    union { float f[VL]; uint16_t h[VL]; } tmp;
+    memset(&tmp, 0, sizeof tmp);
+    memcpy(&tmp, (const char *)p + i * (bf ? 2 : 4), (size_t)n * (bf ? 2 : 4));
+    return bf ? ld_bf16(tmp.h) : ld_f32(tmp.f);
+#endif
+}
+static inline __attribute__((always_inline)) void store_part(int bf, void *p, int64_t i, int n, vf v) {
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__) && defined(__AVX512VL__)
+    __mmask16 m = (__mmask16)((1u << n) - 1);
+    if (bf) _mm256_mask_storeu_epi16((uint16_t *)p + i, m, (__m256i)_mm512_cvtneps_pbh((__m512)v));
+    else _mm512_mask_storeu_ps((float *)p + i, m, (__m512)v);
+#else
+    union { float f[VL]; uint16_t h[VL]; } tmp;
+    if (bf) st_bf16(tmp.h, v); else st_f32(tmp.f, v);
+    memcpy((char *)p + i * (bf ? 2 : 4), &tmp, (size_t)n * (bf ? 2 : 4));
+#endif
+}
+static inline float hsum(vf v) {
+#if defined(__AVX512F__)
+    return _mm512_reduce_add_ps((__m512)v);
+#else
+    float s = 0.f;
+    for (int l = 0; l < VL; l++) s += v[l];
+    return s;
+#endif
+}
+
+static inline __attribute__((always_inline)) void norm_row(int bf, const void *x, void *y, const float *w,
+                                                           const float *b, int C, float eps, float *buf)
+{
+    int nv = (C + VL - 1) / VL, full = C / VL, rest = C - full * VL;
+    vf sum = (vf){0};
+    for (int v = 0; v < full; v++) {
+        vf t = vload(bf, x, (int64_t)v * VL);
+        st_f32(buf + v * VL, t);
+        sum += t;
+    }
+    if (rest) { /* the last partial vector, zero-filled: no read past the row */
+        vf t = load_part(bf, x, (int64_t)full * VL, rest);
+        st_f32(buf + full * VL, t);
+        sum += t;
+    }
+    float mean = hsum(sum) / (float)C;
+    vf sq = (vf){0};
+    for (int v = 0; v < nv; v++) {
+        vf d = ld_f32(buf + v * VL) - mean;
+        if (v == full) { /* pad lanes hold 0, not the mean: leave them out */
+            vi lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+            d = (vf)((vi)d & (lane < rest));
+        }
+        sq += d * d;
+    }
+    float var = hsum(sq);
+    float rstd = 1.f / __builtin_sqrtf(var / (float)C + eps);
+    for (int v = 0; v < full; v++) {
+        vf t = (ld_f32(buf + v * VL) - mean) * rstd * ld_f32(w + v * VL);
+        if (b) t += ld_f32(b + v * VL);
+        vstore(bf, y, (int64_t)v * VL, t);
+    }
+    if (rest) {
+        vf t = (ld_f32(buf + full * VL) - mean) * rstd * load_part(0, w, (int64_t)full * VL, rest);
+        if (b) t += load_part(0, b, (int64_t)full * VL, rest);
+        store_part(bf, y, (int64_t)full * VL, rest, t);
+    }
+}
+
+#define NORM_ALL(NAME, BF)                                                                                       \
+    static void NAME(const void *x, int64_t xs, void *y, const float *w, const float *b, int64_t rows, int C,    \
+                     float eps, int threads)                                                                     \
+    {                                                                                                            \
+        _Pragma("omp parallel num_threads(threads) if (threads > 1)")                                            \
+        {                                                                                                        \
+            float buf[C_MAX + VL] __attribute__((aligned(64)));                                                  \
+            _Pragma("omp for schedule(static)")                                                                  \
+            for (int64_t r = 0; r < rows; r++)                                                                   \
+                norm_row(BF, (const char *)x + r * xs * ((BF) ? 2 : 4), (char *)y + r * C * ((BF) ? 2 : 4), w, b, \
+                         C, eps, buf);                                                                           \
+        }                                                                                                        \
+    }
+NORM_ALL(norm_all_f32, 0)
+NORM_ALL(norm_all_bf16, 1)
+
+/* bf16 != 0: x and y hold bfloat16, else float32; w and b float32 (b may be NULL); C <= C_MAX. */
+void mo_layer_norm(int bf16, const void *x, int64_t xs, void *y, const float *w, const float *b, int64_t rows,
+                   int C, float eps, int threads)
+{
+    if (bf16) norm_all_bf16(x, xs, y, w, b, rows, C, eps, threads);
+    else norm_all_f32(x, xs, y, w, b, rows, C, eps, threads);
+}
