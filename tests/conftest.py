@@ -58,10 +58,18 @@ def make_test_checkpoint(tmp_path_factory):
     return make
 
 
+@pytest.fixture(scope="session")
+def _kernel_cache(tmp_path_factory):
+    """One folder for the compiled CPU kernels (kernels/native.py) per test run, shared by every test and the
+    programs they start: built once, not once per test."""
+    return tmp_path_factory.getbasetemp().parent / "kernels"
+
+
 @pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path, monkeypatch):
+def _isolated_cache(tmp_path, monkeypatch, _kernel_cache):
     """Downloads in tests never touch the user's cache."""
     monkeypatch.setenv("MAMBAOUT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("MAMBAOUT_KERNEL_CACHE", str(_kernel_cache))
     monkeypatch.delenv("MAMBAOUT_MIRROR", raising=False)
 
 

@@ -135,6 +135,7 @@ def test_model_with_the_c_kernel_equals_the_reference(lib, monkeypatch):
 
 def test_built_once_then_loaded_from_the_cache(fresh_library, tmp_path, monkeypatch):
     monkeypatch.setenv("MAMBAOUT_CACHE", str(tmp_path))
+    monkeypatch.delenv("MAMBAOUT_KERNEL_CACHE")  # the default: the cache folder's `kernels`
     if native.compile_command("x.so") is None:
         pytest.skip("no C compiler here")
     assert native.library() is not None, native.unavailable_reason()
@@ -150,7 +151,7 @@ def test_built_once_then_loaded_from_the_cache(fresh_library, tmp_path, monkeypa
     [("/nonexistent/cc", "No such file"), ("false", "failed: exit status 1"), ("", "no C compiler found")],
 )
 def test_no_compiler_or_a_failing_one_warns_and_the_onednn_steps_run(fresh_library, tmp_path, monkeypatch, cc, reason):
-    monkeypatch.setenv("MAMBAOUT_CACHE", str(tmp_path))
+    monkeypatch.setenv("MAMBAOUT_KERNEL_CACHE", str(tmp_path))
     monkeypatch.setenv("CC", cc)
     if not cc:
         monkeypatch.setattr(native.shutil, "which", lambda name: None)
@@ -182,7 +183,7 @@ def test_another_openmp_runtime_is_not_mixed_in(fresh_library, monkeypatch):
 def test_generic_code_for_cpus_without_avx512_is_right_too(fresh_library, tmp_path, monkeypatch, march):
     """This CPU's build takes the AVX-512 branches of the source; the portable vector code that AVX2 CPUs (opt-in,
     MAMBAOUT_CPU_NATIVE=1) compile is built here for an older instruction set and checked the same way."""
-    monkeypatch.setenv("MAMBAOUT_CACHE", str(tmp_path))
+    monkeypatch.setenv("MAMBAOUT_KERNEL_CACHE", str(tmp_path))
     monkeypatch.setattr(
         native, "_FLAGS", tuple(f"-march={march}" if f == "-march=native" else f for f in native._FLAGS)
     )

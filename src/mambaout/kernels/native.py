@@ -4,7 +4,8 @@
 products in one pass over the map, where `kernels/cpu.py` otherwise makes three (oneDNN's conv into a new map, then
 two products). The source is plain C with GCC/Clang vector extensions and OpenMP, no torch headers, so no torch build
 to match: the system C compiler (`$CC`, else `cc`) builds it with `-O3 -march=native` into the cache folder
-(`$MAMBAOUT_CACHE/kernels`, one file per source, compiler and CPU; about 2 s, once per machine), and ctypes loads it.
+(`kernel_dir()`: `$MAMBAOUT_KERNEL_CACHE`, else `$MAMBAOUT_CACHE/kernels`; one file per source, compiler and CPU;
+about 3 s, once per machine), and ctypes loads it.
 It runs its threads in the OpenMP runtime torch has loaded (GNU's libgomp, Linux wheels), with torch's thread count.
 
 `library()` is None, with the reason in `unavailable_reason()` and a one-line warning, where there is no compiler, the
@@ -83,7 +84,12 @@ def _library_path(cc: list[str]) -> Path:
     for part in (_SOURCE.read_bytes(), version.split("\n")[0].encode(), " ".join(_FLAGS).encode()):
         key.update(part)
     key.update(" ".join(sorted(device.cpu_flags())).encode() + platform.machine().encode())
-    return cache_dir() / "kernels" / f"gated_cpu-{key.hexdigest()[:16]}.so"
+    return kernel_dir() / f"gated_cpu-{key.hexdigest()[:16]}.so"
+
+
+def kernel_dir() -> Path:
+    """Where built kernels are kept: `$MAMBAOUT_KERNEL_CACHE`, else the `kernels` folder of the cache folder."""
+    return Path(os.environ.get("MAMBAOUT_KERNEL_CACHE") or cache_dir() / "kernels")
 
 
 def _build(path: Path) -> Path:
