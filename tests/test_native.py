@@ -202,3 +202,16 @@ def test_generic_code_for_cpus_without_avx512_is_right_too(fresh_library, tmp_pa
     one = torch.ones(1, 1, 1, 16, dtype=torch.bfloat16)
     native.gate_dwconv(one, None, nan, torch.ones(7, 7, 16), None)
     assert one.isnan().all()
+
+
+def test_kernels_command_says_whether_the_c_kernels_run(monkeypatch, capsys):
+    from mambaout.cli import kernels as command
+
+    monkeypatch.setattr(cpu, "_NATIVE", False)
+    assert command.main([]) == 0
+    assert "MAMBAOUT_CPU_NATIVE=1" in capsys.readouterr().out
+    monkeypatch.setattr(cpu, "_NATIVE", True)
+    monkeypatch.setattr(native, "library", lambda: None)
+    monkeypatch.setattr(native, "_REASON", ["no C compiler found (set CC, or install gcc)"])
+    assert command.main([]) == 0
+    assert "unavailable: no C compiler found" in capsys.readouterr().out

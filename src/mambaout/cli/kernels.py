@@ -41,12 +41,25 @@ def _describe() -> None:
     if matmul == "auto":
         matmul = "auto (oneDNN or BLAS per block shape, timed on first use)"
     print("Gated CNN block implementations (GatedCNNBlock picks one per call; all compute the same function):")
+    bf16 = "on" if cpu.cpu_bf16_enabled() else "opt-in (MAMBAOUT_CPU_BF16=1)"
     print(f"  CPU, no autograd, float32   fused-epilogue fast path (kernels/cpu.py)      default on, matmuls: {matmul}")
+    print(f"  CPU, no autograd, bfloat16  the same steps in bf16                         {bf16}")
+    print(f"  CPU C kernels               conv + gate, LayerNorm (kernels/native.py)     {_native_state(cpu)}")
     print("  CUDA                        PyTorch + cuDNN depthwise conv (the reference) default")
     print(f"  CUDA, fused kernels on      Triton gated_dwconv (kernels/gated_dwconv.py)  {'ON' if on else 'opt-in'}")
     print("Turn the fused kernels on with --fused-kernels (train, validate, predict, benchmark),")
     print("mambaout.kernels.set_fused_kernels(True), or MAMBAOUT_FUSED_KERNELS=1. Pick the CPU matmul library with")
     print("MAMBAOUT_CPU_MATMUL=auto|onednn|blas or mambaout.kernels.cpu.set_cpu_matmul(...).")
+
+
+def _native_state(cpu) -> str:
+    """The C kernels: opt-in, or asked for and built (where), or asked for and unavailable (why)."""
+    from mambaout.kernels import native
+
+    if not cpu.cpu_native_enabled():
+        return "opt-in (MAMBAOUT_CPU_NATIVE=1)"
+    lib = native.library()
+    return f"on, built in {lib._name}" if lib is not None else f"asked for, unavailable: {native.unavailable_reason()}"
 
 
 def main(argv: list[str] | None = None) -> int:
