@@ -1,7 +1,10 @@
 """The C kernel of the CPU path (mambaout.kernels.native): its arithmetic against a float64 reference, and how it is
 built, cached and replaced by the oneDNN steps where it cannot be built."""
 
+import os
 import platform
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -144,6 +147,24 @@ def test_built_once_then_loaded_from_the_cache(fresh_library, tmp_path, monkeypa
     monkeypatch.setattr(native, "_build", lambda path: pytest.fail(f"built again although {path} is cached"))
     assert native.library() is not None
     assert list((tmp_path / "kernels").glob("*")) == [built]  # no temporary left beside it
+
+
+def test_a_damaged_cached_library_is_built_again(tmp_path):
+    """A fresh process (one that loaded the library already would get that copy back from the dynamic loader)."""
+    if native.compile_command("x.so") is None:
+        pytest.skip("no C compiler here")
+    code = (
+        "import warnings; warnings.simplefilter('error')\n"
+        "from mambaout.kernels import native\n"
+        "path = native._library_path(native._compiler())\n"
+        "path.parent.mkdir(parents=True, exist_ok=True); path.write_bytes(b'cut short')\n"
+        "assert native.library() is not None, native.unavailable_reason()\n"
+        "print(path.stat().st_size)"
+    )
+    env = {**os.environ, "MAMBAOUT_KERNEL_CACHE": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert int(done.stdout.split()[-1]) > 1000  # a whole library in place of the damaged file
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,9 @@ in place, and the gate product is formed in place; no `torch.cat`. Two implement
 block shape and the faster kept (`"auto"`; `set_cpu_matmul` or MAMBAOUT_CPU_MATMUL fix one): which is faster depends
 on the CPU. The block's linear and conv weights are packed for oneDNN once per input shape and weight version (a
 write through `.data` is not seen: `forget_packed_weights`). A stage runs its blocks from plans (`stage_plans` /
-`run_stage`), with the checks once per stage. Measurements and the reasons for each choice: docs/performance.md.
+`run_stage`), with the checks once per stage. Where the C kernels are on (`set_cpu_native`, kernels/native.py), the
+conv and both gate products run as one C call, and the norms in C. Measurements and the reasons for each choice:
+docs/performance.md.
 """
 
 from __future__ import annotations

@@ -121,7 +121,10 @@ def _load() -> ctypes.CDLL:
     path = _library_path(cc)
     if not path.is_file():
         path = _build(path)
-    lib = ctypes.CDLL(str(path))
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError:  # a damaged file in the cache (a full disk once, a copy cut short): built again, once
+        lib = ctypes.CDLL(str(_build(path)))
     lib.mo_gate_dwconv.argtypes, lib.mo_gate_dwconv.restype = _ARGTYPES, None
     lib.mo_layer_norm.argtypes, lib.mo_layer_norm.restype = _NORM_ARGTYPES, None
     return lib
