@@ -255,6 +255,7 @@ class _Plan:
     def __init__(self, block: nn.Module, key: tuple):
         self.key, self.modules = key, key[0]
         norm, fc1, act, conv, fc2, ls, drop_path = self.modules
+        self.w1, self.w2 = fc1.weight, fc2.weight  # the Parameters (a new one, or new storage, makes a new plan)
         hidden, cc = self.hidden, self.cc = block.hidden, block.conv_channels
         self.shape = (hidden, cc, type(act).__name__)
         self.norm = (norm.normalized_shape, norm.weight, norm.bias, norm.eps) if type(norm) is nn.LayerNorm else None
@@ -276,8 +277,21 @@ def _rows(lin: nn.Linear, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor 
     return lin.weight.detach()[lo:hi].contiguous(), bias
 
 
+_PART_NAMES = ("norm", "fc1", "act", "conv", "fc2", "ls", "drop_path")
+_PLAIN_LAYERS = (nn.Linear, nn.Conv2d, nn.LayerNorm)
+
+
 def _parts(block: nn.Module) -> tuple[nn.Module, ...]:
-    return (block.norm, block.fc1, block.act, block.conv, block.fc2, block.ls, block.drop_path)
+    """The block's modules, from its module dict: `nn.Module.__getattr__` costs about 1 µs a name, and a forward
+    checks every block's parts (`_plan`)."""
+    parts = tuple(map(block._modules.get, _PART_NAMES))
+    return parts if None not in parts else tuple(getattr(block, name) for name in _PART_NAMES)
+
+
+def _param(m: nn.Module, name: str) -> torch.Tensor | None:
+    """`getattr(m, name, None)` for a weight or bias: the plain torch layers' straight from their parameter dict
+    (see `_parts`); any other module (a parametrized one computes its weight at each access) through the attribute."""
+    return m._parameters.get(name) if type(m) in _PLAIN_LAYERS else getattr(m, name, None)
 
 
 def _ptr(t: torch.Tensor | None) -> int:
@@ -307,14 +321,16 @@ _PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # block -> its 
 
 
 def _plan(block: nn.Module) -> _Plan:
-    fc1, fc2, conv, norm = block.fc1, block.fc2, block.conv, block.norm
-    key = (_parts(block), fc1.weight.data_ptr(), _ptr(fc1.bias), fc2.weight.data_ptr(), _ptr(fc2.bias))
-    key += (_ptr(getattr(conv, "weight", None)), _ptr(getattr(conv, "bias", None)), _ptr(getattr(norm, "weight", None)))
+    parts = _parts(block)
+    norm, fc1, _, conv, fc2 = parts[:5]
+    w1, w2 = _param(fc1, "weight"), _param(fc2, "weight")
+    key = (parts, w1.data_ptr(), _ptr(_param(fc1, "bias")), w2.data_ptr(), _ptr(_param(fc2, "bias")))
+    key += (_ptr(_param(conv, "weight")), _ptr(_param(conv, "bias")), _ptr(_param(norm, "weight")))
     plan = _PLANS.get(block)
     if plan is None or plan.key != key:
         _keep_freed_memory()
         plan = _Plan(block, key)
-        if fc1.weight.is_contiguous() and fc2.weight.is_contiguous():  # else the row blocks are copies: no caching
+        if w1.is_contiguous() and w2.is_contiguous():  # else the row blocks are copies: no caching
             _PLANS[block] = plan
     return plan
 
@@ -402,7 +418,7 @@ def _weights(p: _Plan, rows: int) -> dict[str, tuple]:
     Packed again when the row count or a weight's version changes (any in-place change through the parameter); after
     a write through `.data`, which the version misses, call `forget_packed_weights`. Plain weights where packing is
     unavailable, and for weights made under `torch.inference_mode` (no version to check)."""
-    fc1, fc2 = p.modules[1].weight, p.modules[4].weight
+    fc1, fc2 = p.w1, p.w2
     packing = _CAN_PACK_LINEAR and not (fc1.is_inference() or fc2.is_inference())
     key = (rows, fc1._version, fc2._version) if packing else None
     if packing and p.packed_lin is not None and p.packed_lin[0] == key:
@@ -543,18 +559,24 @@ def stage_plans(blocks: nn.Sequential, x: torch.Tensor) -> list[_Plan] | None:
     """
     if not (_ONEDNN and len(blocks) and not _hooked(blocks)):
         return None
-    dtype = blocks[0].fc1.weight.dtype
+    first = next(iter(blocks))
+    dtype = _param(_parts(first)[1], "weight").dtype
     if not _inference_ok(x, dtype, ()):  # first: fake tensors (export, compile) have no storage to make plans of
         return None
     plans = [_plan(block) for block in blocks]
     for block, p in zip(blocks, plans):
-        if _hooked(block) or p.modules[1].weight.dtype != dtype or any(_hooked(m) for m in p.modules):
+        if _hooked(block) or p.w1.dtype != dtype or any(map(_hooked, p.modules)):
             return None
     return plans
 
 
 def run_stage(plans: list[_Plan], x: torch.Tensor) -> torch.Tensor:
-    """The blocks of `stage_plans` one after another, without a module call or a check between them."""
+    """The blocks of `stage_plans` one after another, without a module call or a check between them; the
+    implementation chosen once per block shape (a stage's blocks share their input's shape)."""
+    impls: dict[tuple, object] = {}
     for p in plans:
-        x = _IMPLS[_choice(p, x)](p, x)
+        impl = impls.get(p.shape)
+        if impl is None:
+            impl = impls[p.shape] = _IMPLS[_choice(p, x)]
+        x = impl(p, x)
     return x
