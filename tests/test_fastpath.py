@@ -425,10 +425,12 @@ x = torch.randn(1, 3, 224, 224)
 with torch.inference_mode():
     for _ in range(3):
         model(x)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(5):
+    counts = []
+    for _ in range(9):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         model(x)
-print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5)
+        counts.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(sorted(counts)[len(counts) // 2])
 """
 
 
@@ -444,7 +446,8 @@ def test_freed_activations_stay_in_the_heap_so_forwards_do_not_page_fault():
             capture_output=True, text=True, check=True, timeout=120,
         )  # fmt: skip
         faults[env] = float(out.stdout.split()[-1])
-    # quiet: 0 against 1,280-1,560 a forward; 78 against 1,560 beside a busy process (AMD EPYC, 2026-12-07)
+    # the median forward's faults: a stray fault (another process taking pages) moves a mean, not the median;
+    # means were 0 against 1,280-1,560 quiet, 78-106 against 1,000-1,560 beside busy processes (AMD EPYC, 2026-12-07)
     assert faults["0"] > 300 and faults[""] < faults["0"] / 10, faults
 
 
