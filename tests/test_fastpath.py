@@ -16,7 +16,7 @@ import mambaout
 from mambaout import kernels
 from mambaout.analysis.flops import count_macs
 from mambaout.kernels import cpu, native
-from mambaout.models.mambaout import GatedCNNBlock
+from mambaout.models.mambaout import GatedCNNBlock, Stem
 
 pytestmark = pytest.mark.skipif(not cpu.onednn_available(), reason="this torch build has no oneDNN fused linear")
 
@@ -173,24 +173,34 @@ def test_auto_keeps_the_faster_minimum_not_median(monkeypatch):
     assert cpu._time_impls(_block(), torch.ones(1, 5, 6, 37)) == "onednn"
 
 
-def test_downsampling_conv_uses_a_cached_channels_last_weight_that_follows_changes():
+@pytest.mark.parametrize("packed", [True, False])
+def test_downsampling_conv_uses_a_cached_weight_that_follows_changes(packed, monkeypatch):
+    """Channels-last in and out; packed for oneDNN (within rounding of the module), else a channels-last copy of
+    the weight (bit for bit); the derived weight made again after an in-place change or for another input shape."""
+    monkeypatch.setattr(cpu, "_PACK_CONVS", packed)
+    tol = dict(rtol=1e-5, atol=1e-5) if packed else dict(rtol=0, atol=1e-6)
     conv = torch.nn.Conv2d(6, 10, 3, stride=2, padding=1)
     x = torch.randn(2, 6, 9, 9).contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
         assert cpu.can_use_cpu_conv(conv, x) and cpu.can_use_cpu_conv(conv, x.contiguous())
-        torch.testing.assert_close(cpu.conv_channels_last(conv, x), conv(x), rtol=0, atol=1e-6)
+        torch.testing.assert_close(cpu.conv_channels_last(conv, x), conv(x), **tol)
         got = cpu.conv_channels_last(conv, x.contiguous())  # an NCHW input (the stem's image) comes out channels-last
         assert got.is_contiguous(memory_format=torch.channels_last)
-        torch.testing.assert_close(got, conv(x), rtol=0, atol=1e-6)
+        torch.testing.assert_close(got, conv(x), **tol)
     first = cpu._CL_WEIGHTS[conv][1]
     with torch.no_grad():
         conv.weight.mul_(2)  # an in-place change (an optimizer step, load_state_dict) bumps the version
     with torch.inference_mode():
-        torch.testing.assert_close(cpu.conv_channels_last(conv, x), conv(x), rtol=0, atol=1e-6)
-    assert cpu._CL_WEIGHTS[conv][1] is not first
+        torch.testing.assert_close(cpu.conv_channels_last(conv, x), conv(x), **tol)
+        second = cpu._CL_WEIGHTS[conv][1]
+        wide = torch.randn(1, 6, 5, 12).contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(cpu.conv_channels_last(conv, wide), conv(wide), **tol)
+    assert second is not first and (cpu._CL_WEIGHTS[conv][1] is not second) == packed  # packed per input shape
     with torch.inference_mode():
         made_here = torch.nn.Conv2d(6, 10, 3, padding=1)  # inference-mode weights: no version, so not cached
         torch.testing.assert_close(cpu.conv_channels_last(made_here, x), made_here(x), rtol=0, atol=1e-6)
+        odd = torch.nn.Conv2d(6, 10, 3, padding=1, padding_mode="reflect")  # not plain: the channels-last weight
+        torch.testing.assert_close(cpu.conv_channels_last(odd, x), odd(x), rtol=0, atol=1e-6)
     assert made_here not in cpu._CL_WEIGHTS
     assert not cpu.can_use_cpu_conv(conv, x)  # autograd on: the module's own forward
 
@@ -200,7 +210,7 @@ def test_downsampling_conv_uses_a_cached_channels_last_weight_that_follows_chang
     [("", "fpu avx512f avx512_bf16", True), ("", "avx512f avx512_bf16 amx_bf16", False), ("", "avx2", False),
      ("0", "avx512_bf16", False), ("1", "avx2", True)],
 )  # fmt: skip
-@pytest.mark.parametrize("variable", ["MAMBAOUT_CPU_BF16", "MAMBAOUT_CPU_NATIVE"])
+@pytest.mark.parametrize("variable", ["MAMBAOUT_CPU_BF16", "MAMBAOUT_CPU_NATIVE", "MAMBAOUT_CPU_PACK_CONVS"])
 def test_bf16_path_and_c_kernels_are_on_by_default_only_where_measured(
     monkeypatch, tmp_path, env, flags, want, variable
 ):
@@ -452,11 +462,13 @@ def test_freed_activations_stay_in_the_heap_so_forwards_do_not_page_fault():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_stem_conv1_is_channels_last_only_on_the_bf16_path(dtype, monkeypatch):
-    """bf16: conv1 writes channels-last memory, which the stem norm reads without a layout copy; the stem stays
-    within bf16 rounding of its plain forward. float32 keeps the plain conv (FX graphs reproduce it bit for bit)."""
+@pytest.mark.parametrize("mid_norm", [True, False])
+def test_stem_convs_run_channels_last(dtype, mid_norm, monkeypatch):
+    """Both stem convs write channels-last memory, which the norms read without a layout copy; the stem stays within
+    rounding of its plain forward (bf16: two roundings)."""
     monkeypatch.setattr(cpu, "_BF16", True)
-    stem = mambaout.create_model("mambaout_femto").stem.eval().to(dtype)
+    torch.manual_seed(0)
+    stem = Stem(3, 24, mid_norm=mid_norm).eval().to(dtype)
     seen, plain_conv = [], cpu.conv_channels_last
     monkeypatch.setattr(cpu, "conv_channels_last", lambda conv, x: seen.append(conv) or plain_conv(conv, x))
     x = torch.randn(2, 3, 64, 48).to(dtype)
@@ -464,39 +476,44 @@ def test_stem_conv1_is_channels_last_only_on_the_bf16_path(dtype, monkeypatch):
         got = stem(x)
         with kernels.reference_mode():
             want = stem(x)
-    assert (stem.conv1 in seen) == (dtype == torch.bfloat16) and stem.conv2 in seen
-    torch.testing.assert_close(got.float(), want.float(), rtol=2**-6, atol=2**-6)  # two bf16 roundings at most
+    assert seen == [stem.conv1, stem.conv2]
+    tol = 2**-6 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("c_kernel", [True, False])
-def test_bf16_norms_outside_the_blocks_are_within_one_rounding(c_kernel, monkeypatch):
-    """The stem's and downsampling layers' bf16 norms: the C kernel (any width), else through float32 below 32
-    channels (torch's bf16 LayerNorm is slow there), else the module."""
+def test_norms_outside_the_blocks_are_within_one_rounding(c_kernel, dtype, monkeypatch):
+    """The stem's and downsampling layers' norms: the C kernel (any width, float32 or bf16), else for bf16 through
+    float32 below 32 channels (torch's bf16 LayerNorm is slow there), else the module."""
     monkeypatch.setattr(cpu, "_BF16", True)
     _native(monkeypatch, c_kernel)
+    tol = 2**-8 if dtype == torch.bfloat16 else 1e-5  # one rounding to 8 bits, or float32 sums
     for channels in (24, 40):
-        norm = nn.LayerNorm(channels, eps=1e-6).to(torch.bfloat16)
+        norm = nn.LayerNorm(channels, eps=1e-6).to(dtype)
         with torch.no_grad():
             norm.weight.normal_()
             norm.bias.normal_()
-        x = torch.randn(2, 9, 7, channels).to(torch.bfloat16)
+        x = torch.randn(2, 9, 7, channels).to(dtype)
         with torch.inference_mode():
             want = torch.layer_norm(x.double(), (channels,), norm.weight.double(), norm.bias.double(), 1e-6)
-            got = cpu.bf16_norm(norm, x)
-            if channels >= 32 and not c_kernel:
-                assert got is None  # torch's own bf16 LayerNorm is fine there
+            got = cpu.outer_norm(norm, x)
+            if not c_kernel and (dtype == torch.float32 or channels >= 32):
+                assert got is None  # torch's own LayerNorm is fine there
                 continue
-            assert got.dtype == torch.bfloat16 and got.shape == want.shape
-            torch.testing.assert_close(got.double(), want, rtol=2**-8, atol=2**-8)  # one rounding to 8 bits
-            assert cpu.bf16_norm(norm.float(), x.float()) is None  # float32 keeps the module (and FX's bit-exactness)
-        assert cpu.bf16_norm(norm, x) is None  # autograd on
-    model = mambaout.create_model("mambaout_femto").eval().to(torch.bfloat16)
-    img = torch.randn(1, 3, 64, 64).to(torch.bfloat16)
+            assert got.dtype == dtype and got.shape == want.shape
+            torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
+        assert cpu.outer_norm(norm, x) is None  # autograd on
+    model = mambaout.create_model("mambaout_femto").eval().to(dtype)
+    img = torch.randn(1, 3, 64, 64).to(dtype)
     with torch.inference_mode():
         got = model(img).float()
         with kernels.reference_mode():
             want = model(img).float()
-    assert (got - want).abs().max() <= 0.05 * want.abs().max()
+    if dtype == torch.bfloat16:
+        assert (got - want).abs().max() <= 0.05 * want.abs().max()
+    else:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_model_built_under_inference_mode_runs_the_fast_path():

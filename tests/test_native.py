@@ -229,8 +229,13 @@ def test_kernels_command_says_whether_the_c_kernels_run(monkeypatch, capsys):
     from mambaout.cli import kernels as command
 
     monkeypatch.setattr(cpu, "_NATIVE", False)
+    monkeypatch.setattr(cpu, "_PACK_CONVS", False)
     assert command.main([]) == 0
-    assert "MAMBAOUT_CPU_NATIVE=1" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "MAMBAOUT_CPU_NATIVE=1" in out and "MAMBAOUT_CPU_PACK_CONVS=1" in out
+    monkeypatch.setattr(cpu, "_PACK_CONVS", True)
+    assert command.main([]) == 0
+    assert "MAMBAOUT_CPU_PACK_CONVS=1" not in capsys.readouterr().out
     monkeypatch.setattr(cpu, "_NATIVE", True)
     monkeypatch.setattr(native, "library", lambda: None)
     monkeypatch.setattr(native, "_REASON", ["no C compiler found (set CC, or install gcc)"])

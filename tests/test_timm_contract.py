@@ -14,7 +14,7 @@ import torch
 from torchvision.models.feature_extraction import create_feature_extractor
 
 import mambaout
-from mambaout.models.mambaout import GatedCNNBlock, MambaOut
+from mambaout.models.mambaout import LEAF_MODULES, GatedCNNBlock, MambaOut
 
 # The Gated CNN networks (the analysis package's ViT and Mamba-block models have their own builders).
 VARIANTS = [n for n in mambaout.list_models("mambaout_*") if mambaout.get_variant(n)[0].group == "mambaout"]
@@ -63,17 +63,21 @@ def test_torchvision_feature_extractor_gives_the_stage_maps():
     assert model.output_fmt == "NHWC"  # what generic consumers read the channel dim from
 
 
-def test_blocks_as_fx_leaves_match_eager_bit_for_bit_under_no_grad():
-    # Without autograd, eager CPU blocks take the oneDNN fast path (within 1e-5 of the plain one). Treating the block
-    # as a leaf, as register_timm() tells timm's tracer to, makes the graph call the same block code as eager.
+def test_leaf_modules_make_fx_graphs_match_eager_bit_for_bit_under_no_grad():
+    # Without autograd, eager CPU blocks, stems and downsampling layers take fast paths (within 1e-5 of the plain
+    # ones). Treating them as leaves, as register_timm() tells timm's tracer to, makes the graph call the same code.
     model = _model("mambaout_femto").eval()
-    extractor = create_feature_extractor(
+    leaves = create_feature_extractor(
+        model, return_nodes={"head": "logits"}, tracer_kwargs=dict(leaf_modules=list(LEAF_MODULES))
+    )
+    blocks_only = create_feature_extractor(
         model, return_nodes={"head": "logits"}, tracer_kwargs=dict(leaf_modules=[GatedCNNBlock])
     )
     with torch.inference_mode():
-        assert torch.equal(extractor(X)["logits"], model(X))
-        plain = torch.fx.symbolic_trace(model)(X)
-        torch.testing.assert_close(plain, model(X), rtol=1e-5, atol=1e-5)
+        want = model(X)
+        assert torch.equal(leaves(X)["logits"], want)
+        torch.testing.assert_close(blocks_only(X)["logits"], want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(torch.fx.symbolic_trace(model)(X), want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", mambaout.list_pretrained())
@@ -193,7 +197,14 @@ def test_register_timm_routes_timms_factory_to_ours(registered):
         assert [o.shape[axis] for o in outs] == [192, 384]
     from timm.models import get_notrace_modules
 
-    assert GatedCNNBlock in get_notrace_modules()
+    assert set(LEAF_MODULES) <= set(get_notrace_modules())
+    with torch.inference_mode():  # timm's FX feature extraction calls the leaves: the same fast paths as eager
+        torch.manual_seed(0)
+        fx_feats = timm.create_model("mambaout_femto", features_only=True, feature_cls="fx").eval()
+        torch.manual_seed(0)
+        eager = timm.create_model("mambaout_femto", features_only=True).eval()  # the same weights
+        assert all(torch.equal(a, b.permute(0, 2, 3, 1) if a.shape != b.shape else b)
+                   for a, b in zip(fx_feats(X), eager(X)))  # fmt: skip
     torch.testing.assert_close(torch.jit.script(model)(X), model(X), rtol=1e-5, atol=1e-5)
 
 

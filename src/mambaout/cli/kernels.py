@@ -45,6 +45,8 @@ def _describe() -> None:
     print(f"  CPU, no autograd, float32   fused-epilogue fast path (kernels/cpu.py)      default on, matmuls: {matmul}")
     print(f"  CPU, no autograd, bfloat16  the same steps in bf16                         {bf16}")
     print(f"  CPU C kernels               conv + gate, LayerNorm (kernels/native.py)     {_native_state(cpu)}")
+    packed = "on" if cpu._PACK_CONVS else "opt-in (MAMBAOUT_CPU_PACK_CONVS=1)"
+    print(f"  CPU stem, downsampling      convs on weights packed by oneDNN              {packed}")
     print("  CUDA                        PyTorch + cuDNN depthwise conv (the reference) default")
     print(f"  CUDA, fused kernels on      Triton gated_dwconv (kernels/gated_dwconv.py)  {'ON' if on else 'opt-in'}")
     print("Turn the fused kernels on with --fused-kernels (train, validate, predict, benchmark),")

@@ -47,7 +47,7 @@ __all__ = [
     "cpu_native_enabled",
     "can_use_cpu_conv",
     "conv_channels_last",
-    "bf16_norm",
+    "outer_norm",
     "forget_packed_weights",
 ]
 
@@ -77,7 +77,8 @@ def _hooked(m: nn.Module) -> bool:
 
 def _default(env: str) -> bool:
     """`env`=1 or 0, else on only where measured faster: AVX512-BF16 without AMX (docs/performance.md). The bf16
-    blocks (MAMBAOUT_CPU_BF16) and the C kernels (MAMBAOUT_CPU_NATIVE) are opt-in on other CPUs."""
+    blocks (MAMBAOUT_CPU_BF16), the C kernels (MAMBAOUT_CPU_NATIVE) and the packed stem and downsampling convs
+    (MAMBAOUT_CPU_PACK_CONVS) are opt-in on other CPUs."""
     value = os.environ.get(env, "").strip()
     if value in ("0", "1"):
         return value == "1"
@@ -87,6 +88,7 @@ def _default(env: str) -> bool:
 
 _BF16 = _default("MAMBAOUT_CPU_BF16")
 _NATIVE = _default("MAMBAOUT_CPU_NATIVE")
+_PACK_CONVS = _default("MAMBAOUT_CPU_PACK_CONVS")  # the stem's and downsampling layers' convs: `conv_channels_last`
 
 
 def set_cpu_bf16(enabled: bool) -> None:
@@ -150,7 +152,7 @@ def _global_hooks() -> bool:
     return bool(module._global_forward_hooks or module._global_forward_pre_hooks)
 
 
-_CL_WEIGHTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # conv -> (weight key, channels-last copy)
+_CL_WEIGHTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # conv -> (key, channels-last or packed weight)
 _CAN_PACK = _ONEDNN and hasattr(torch.ops.mkldnn, "_reorder_convolution_weight")
 _CAN_PACK_LINEAR = _ONEDNN and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 
@@ -160,19 +162,18 @@ def can_use_cpu_conv(conv: nn.Module, x: torch.Tensor) -> bool:
     return _inference_ok(x, conv.weight.dtype, (conv,))
 
 
-def bf16_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-    """`norm(x)` for a bf16 `[B, H, W, C]` map outside the blocks (the stem's and the downsampling layers' norms), or
-    None where this does not apply (the caller runs the module): through the C kernel where it is on, else, for fewer
-    than 32 channels (femto's and kobe's stem), through float32, within one bf16 rounding of it: torch's bf16
-    LayerNorm runs rows shorter than a few vector registers at a third of the speed. float32 maps keep the module,
-    whose rounding FX graphs reproduce bit for bit."""
-    if not (x.dtype == torch.bfloat16 and type(norm) is nn.LayerNorm and norm.weight is not None):
+def outer_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """`norm(x)` for a `[B, H, W, C]` map outside the blocks (the stem's and the downsampling layers' norms), or None
+    where this does not apply (the caller runs the module): through the C kernel where it is on (float32 or bf16),
+    else for bf16 maps of fewer than 32 channels (femto's and kobe's stem) through float32, within one bf16 rounding
+    of it: torch's bf16 LayerNorm runs rows shorter than a few vector registers at a third of the speed."""
+    if not (type(norm) is nn.LayerNorm and norm.weight is not None and x.dtype in (torch.float32, torch.bfloat16)):
         return None
     if norm.normalized_shape != x.shape[-1:] or not _inference_ok(x, norm.weight.dtype, (norm,)):
         return None
     if _native_norm(x):
         return native.layer_norm(x, *_f32_params(norm, norm.weight, norm.bias), norm.eps)
-    if x.shape[-1] >= 32:
+    if x.dtype != torch.bfloat16 or x.shape[-1] >= 32:
         return None
     y = x.to(torch.float32, memory_format=torch.contiguous_format)  # one pass: layout and dtype
     bias = norm.bias.float() if norm.bias is not None else None
@@ -199,12 +200,7 @@ def _f32_params(norm: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None
         return weight, bias
     if any(t.is_inference() for t in tensors):
         return _f32(weight), _f32(bias)
-    key = tuple((t.data_ptr(), t._version) for t in tensors)
-    cached = _F32.get(norm)
-    if cached is None or cached[0] != key:
-        cached = (key, _f32(weight), _f32(bias))
-        _F32[norm] = cached
-    return cached[1:]
+    return _derived(_F32, norm, tuple(map(_key, tensors)), lambda: (_f32(weight), _f32(bias)))
 
 
 def _native_conv(conv: nn.Conv2d) -> bool:
@@ -223,20 +219,40 @@ def _conv_args(conv: nn.Conv2d) -> tuple | None:
 
 
 def conv_channels_last(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """`conv(x)` in channels-last memory, input and weight, so oneDNN does not reorder the weight at every call. The
-    weight's copy is kept per conv and made again when its storage, version (any in-place change but one through
-    `.data`), dtype or shape changes; one made under `torch.inference_mode` has no version, so is not kept. Bit for bit
-    the module's result, which a packed weight (`_dwconv`) is not at every input size, and FX graphs call the module."""
+    """`conv(x)` for the stem's and downsampling layers' convs, in channels-last memory, input and output, so oneDNN
+    neither reorders the weight nor the maps at every call. Where measured faster (`_PACK_CONVS`) through oneDNN on
+    the weight packed for the input's shape, within float rounding of the module (another summation order); else on
+    a channels-last copy of the weight, bit for bit the module's result. The derived weight is kept per conv and
+    made again when the weight's storage, version (any in-place change but one through `.data`), dtype or shape, or
+    for a packed one the input's shape, changes; one made under `torch.inference_mode` has no version, so the module
+    runs it (on the channels-last input)."""
     w = conv.weight
     x = x.contiguous(memory_format=torch.channels_last)
     if w.is_inference():
         return conv(x)
-    key = (w.data_ptr(), w._version, w.dtype, w.shape)
-    cached = _CL_WEIGHTS.get(conv)
+    args = _conv_args(conv) if _PACK_CONVS and _CAN_PACK else None
+    if args is None:
+        cl = _derived(_CL_WEIGHTS, conv, _key(w), lambda: w.detach().contiguous(memory_format=torch.channels_last))
+        return conv._conv_forward(x, cl, conv.bias)
+    _, bias, padding, stride, dilation, groups = args
+    packed = _derived(
+        _CL_WEIGHTS, conv, (*_key(w), x.shape),
+        lambda: torch.ops.mkldnn._reorder_convolution_weight(w.detach(), padding, stride, dilation, groups, list(x.shape)),
+    )  # fmt: skip
+    return torch.ops.mkldnn._convolution_pointwise(x, packed, bias, padding, stride, dilation, groups, "none", [], "")
+
+
+def _key(t: torch.Tensor) -> tuple:
+    """What a tensor derived from `t` depends on: its storage, version (in-place changes), dtype and shape."""
+    return (t.data_ptr(), t._version, t.dtype, t.shape)
+
+
+def _derived(store: weakref.WeakKeyDictionary, owner: nn.Module, key: tuple, make):
+    """`make()`, kept in `store` for `owner` while `key` stays the same (one entry per module)."""
+    cached = store.get(owner)
     if cached is None or cached[0] != key:
-        cached = (key, w.detach().contiguous(memory_format=torch.channels_last))
-        _CL_WEIGHTS[conv] = cached
-    return conv._conv_forward(x, cached[1], conv.bias)
+        cached = store[owner] = (key, make())
+    return cached[1]
 
 
 _NO_POST_OP = ("none", "")

@@ -19,7 +19,16 @@ from mambaout import kernels
 from mambaout.kernels import cpu as kernels_cpu
 from mambaout.models.layers import ClassifierAPI, LayerNorm, get_act_layer, init_weights
 
-__all__ = ["MambaOut", "GatedCNNBlock", "Stem", "Downsample", "MambaOutStage", "ClassifierHead", "FeatureInfo"]
+__all__ = [
+    "MambaOut",
+    "GatedCNNBlock",
+    "Stem",
+    "Downsample",
+    "MambaOutStage",
+    "ClassifierHead",
+    "FeatureInfo",
+    "LEAF_MODULES",
+]
 
 
 class GatedCNNBlock(nn.Module):
@@ -147,19 +156,12 @@ class Stem(nn.Module):
                 x = self.norm1(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # norm over channels, back to [B, C, H, W]
             x = self.conv2(self.act(x))
         else:
-            x = self._conv1(x)  # fp32 keeps the plain conv: a channels-last one rounds differently from FX's
+            x = _conv(self.conv1, x)  # on the CPU path channels-last: the norm reads its channels in place
             if self.norm1 is not None:
                 x = _norm(self.norm1, x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
             x = _conv(self.conv2, self.act(x))
             return _norm(self.norm2, x.permute(0, 2, 3, 1))  # [B, C, H, W] -> [B, H, W, C]
         return self.norm2(x.permute(0, 2, 3, 1))
-
-    @torch.jit.unused
-    def _conv1(self, x: torch.Tensor) -> torch.Tensor:
-        """conv1; on the bf16 CPU path into channels-last memory, so the norm after it reads its channels in place
-        instead of copying the map to another layout (measured: docs/performance.md)."""
-        fast = self.norm1 is not None and not kernels.fx_tracing() and x.dtype == torch.bfloat16  # FX: no dtype read
-        return _conv(self.conv1, x) if fast else self.conv1(x)  # `_conv`: the plain conv where the fast path is off
 
 
 class Downsample(nn.Module):
@@ -185,11 +187,17 @@ class Downsample(nn.Module):
         return x if self.norm_first else _norm(self.norm, x)
 
 
+# What an FX graph should call as modules to run the same code as eager, bit for bit: under `no_grad` their CPU
+# forwards take fast paths that tracing (which sees the reference) cannot record. `register_timm()` tells timm.
+LEAF_MODULES = (GatedCNNBlock, Stem, Downsample)
+
+
 def _norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """`norm(x)` over the channels of `[B, H, W, C]`, for bf16 on CPU through the inference path (kernels/cpu.py)."""
+    """`norm(x)` over the channels of `[B, H, W, C]`, on CPU through the inference path where it applies
+    (kernels/cpu.py)."""
     y = None
     if kernels.fastpath_enabled() and not kernels.fx_tracing():
-        y = kernels_cpu.bf16_norm(norm, x)
+        y = kernels_cpu.outer_norm(norm, x)
     return y if y is not None else norm(x)
 
 

@@ -11,7 +11,7 @@ import timm
 from timm.layers import register_notrace_module
 from timm.models import _registry, build_model_with_cfg
 
-from mambaout.models.mambaout import GatedCNNBlock, MambaOut, _check_output_fmt
+from mambaout.models.mambaout import LEAF_MODULES, MambaOut, _check_output_fmt
 from mambaout.models.variants import get_variant, list_models
 from mambaout.weights.checkpoint import fit_state_dict, unwrap_state_dict
 
@@ -63,8 +63,8 @@ def _feature_format(output_fmt: str, kwargs: dict) -> dict:
 def register_timm(names: Iterable[str] | None = None) -> list[str]:
     """Route timm's MambaOut entrypoints (all of them, or `names`) to this package's model; returns the names.
 
-    Also registers `GatedCNNBlock` with timm's FX tracer as a leaf, so timm's and torchvision's feature extraction
-    call each block as a module: the traced graph then runs the same block code as eager, bit for bit.
+    Also registers `LEAF_MODULES` (the block, the stem, the downsampling layer) with timm's FX tracer as leaves, so
+    timm's feature extraction calls them as modules: the traced graph then runs the same code as eager, bit for bit.
     """
     wanted = list(names) if names is not None else [n for n in list_models("mambaout_*") if timm.is_model(n)]
     missing = [n for n in wanted if not timm.is_model(n)]
@@ -72,7 +72,8 @@ def register_timm(names: Iterable[str] | None = None) -> list[str]:
         raise ValueError(
             f"timm {timm.__version__} has no model(s) {missing} to replace; see timm.list_models('mambaout*')"
         )
-    register_notrace_module(GatedCNNBlock)
+    for leaf in LEAF_MODULES:
+        register_notrace_module(leaf)
     for name in wanted:
         _ORIGINAL.setdefault(name, _registry._model_entrypoints[name])
         _registry._model_entrypoints[name] = _entrypoint(name)
