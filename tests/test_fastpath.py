@@ -61,7 +61,7 @@ def no_fast(monkeypatch):
     ],
 )
 @pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
-@pytest.mark.parametrize("matmul", ["onednn", "blas"])
+@pytest.mark.parametrize("matmul", ["onednn", "blas", "native"])  # "native" with the C kernels off: oneDNN
 @pytest.mark.parametrize("one_call_rows", [4096, 0])  # i and c from one matmul call, and from two
 @pytest.mark.parametrize("c_kernel", [True, False])  # the conv and gate products in C, or through oneDNN
 def test_fast_block_equals_reference(kwargs, mode, matmul, one_call_rows, c_kernel, monkeypatch):
@@ -100,16 +100,17 @@ def test_packed_linear_weights_give_the_plain_weights_result_bit_for_bit(dtype, 
 
 
 @pytest.mark.parametrize("kwargs", [dict(), dict(kernel_size=3, conv_ratio=0.5), dict(act_layer=nn.SiLU)])
-@pytest.mark.parametrize("matmul", ["onednn", "blas"])
+@pytest.mark.parametrize("matmul", ["onednn", "blas", "native"])
 @pytest.mark.parametrize("c_kernel", [True, False])
-def test_bf16_fast_block_is_opt_in_and_near_the_fp32_reference(kwargs, matmul, c_kernel, monkeypatch):
+@pytest.mark.parametrize("dim", [37, 36])  # "native" reads bf16 in pairs: an odd width runs oneDNN
+def test_bf16_fast_block_is_opt_in_and_near_the_fp32_reference(kwargs, matmul, c_kernel, dim, monkeypatch):
     """bf16 weights and inputs through the fast path (opt-in, `set_cpu_bf16`), against the fp32 reference of the
     same block: within bf16 rounding. On a CPU without bf16 arithmetic oneDNN emulates it: same numbers, slower."""
     monkeypatch.setattr(cpu, "_MODE", matmul)
     _native(monkeypatch, c_kernel)
     monkeypatch.setattr(cpu, "_BF16", False)
-    block = _block(**kwargs)
-    x = torch.randn(2, 13, 11, 37)
+    block = _block(dim, **kwargs)
+    x = torch.randn(2, 13, 11, dim)
     with torch.no_grad():
         want = block._forward_reference(x)
         low, xb = copy.deepcopy(block).to(torch.bfloat16), x.to(torch.bfloat16)
@@ -126,10 +127,14 @@ def test_bf16_fast_block_is_opt_in_and_near_the_fp32_reference(kwargs, matmul, c
     assert (got.float() - want).abs().max() <= 2 * (ref_bf16.float() - want).abs().max() + 1e-2
 
 
-def test_auto_times_each_shape_once_and_keeps_its_choice(monkeypatch):
+@pytest.mark.parametrize("c_kernel", [True, False])  # bf16 with the C kernels: their matmul is timed too
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_auto_times_each_shape_once_and_keeps_its_choice(c_kernel, dtype, monkeypatch):
     monkeypatch.setattr(cpu, "_MODE", "auto")
     monkeypatch.setattr(cpu, "_CHOSEN", {})
-    calls = {"onednn": 0, "blas": 0}
+    monkeypatch.setattr(cpu, "_BF16", True)
+    _native(monkeypatch, c_kernel)
+    calls = {"onednn": 0, "blas": 0, "native": 0}
     impls = dict(cpu._IMPLS)
 
     def counting(name):
@@ -140,17 +145,22 @@ def test_auto_times_each_shape_once_and_keeps_its_choice(monkeypatch):
         return run
 
     monkeypatch.setattr(cpu, "_IMPLS", {name: counting(name) for name in impls})
-    block = _block()
+    dim = 36  # even: bf16 "native" reads pairs
+    block = _block(dim).to(dtype)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2)
     with torch.no_grad():
-        want = block._forward_reference(torch.ones(1, 5, 6, 37))
+        want = block._forward_reference(torch.ones(1, 5, 6, dim, dtype=dtype))
         for _ in range(3):
-            torch.testing.assert_close(block(torch.ones(1, 5, 6, 37)), want, rtol=1e-5, atol=1e-5)
-        block(torch.ones(2, 5, 6, 37))  # another row count: another shape, timed once more
+            torch.testing.assert_close(block(torch.ones(1, 5, 6, dim, dtype=dtype)), want, **tol)
+        block(torch.ones(2, 5, 6, dim, dtype=dtype))  # another row count: another shape, timed once more
     choices = cpu.cpu_matmul_choices()
-    assert [key[:4] for key in choices] == [(30, 37, block.hidden, block.conv_channels), (60, 37, block.hidden, 37)]
-    assert set(choices.values()) <= {"onednn", "blas"}
-    # per shape: 1 warm-up + 4 timed runs of each implementation, then one run of the chosen one per call
-    assert calls["onednn"] + calls["blas"] == 2 * 10 + 4
+    cc = block.conv_channels
+    assert [key[:4] for key in choices] == [(30, dim, block.hidden, cc), (60, dim, block.hidden, cc)]
+    assert set(choices.values()) <= set(calls)
+    # per shape: 1 warm-up + 4 timed runs of each implementation, then one run of the chosen one per call;
+    # "native" competes for bf16 blocks where the C kernels are on
+    native_too = c_kernel and dtype == torch.bfloat16
+    assert sum(calls.values()) == 2 * 5 * (3 if native_too else 2) + 4 and (calls["native"] > 0) == native_too
 
 
 def test_auto_keeps_the_faster_minimum_not_median(monkeypatch):

@@ -116,6 +116,71 @@ def test_gate_dwconv_same_result_for_any_thread_count(lib, threads):
     assert torch.equal(one, many)
 
 
+def _linear_reference(x, weight, bias, res):
+    """float64 `x @ weight.T + bias (+ res)` of the tensors as stored."""
+    y = x.double() @ weight.double().t() + (bias.double() if bias is not None else 0)
+    return y + res.double() if res is not None else y
+
+
+# (M, K, N): row counts off the 12-row tile, columns off the 32-column panel and the 16-lane vector (1, 15, 17, 33,
+# 48), K odd (float32 only), one row, one column
+LINEAR_SHAPES = [(1, 16, 16), (13, 37, 17), (25, 48, 48), (12, 96, 33), (5, 8, 1), (30, 64, 100), (49, 288, 15)]
+
+
+@pytest.mark.parametrize("shape", LINEAR_SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("residual", [True, False])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_linear_equals_float64_reference(lib, shape, dtype, residual, with_bias):
+    M, K, N = shape
+    if dtype == torch.bfloat16 and K % 2:
+        pytest.skip("bf16 takes an even K (pairs along K)")
+    torch.manual_seed(3)
+    x, weight = torch.randn(M, K).to(dtype), torch.randn(N, K).to(dtype)
+    bias = torch.randn(N).to(dtype) if with_bias else None
+    res = torch.randn(M, N).to(dtype) if residual else None
+    got = native.linear(x, *native.pack_linear(weight, bias), res=res)
+    want = _linear_reference(x, weight, bias, res)
+    assert got.dtype == dtype and got.shape == (M, N) and got.is_contiguous()
+    scale = want.abs().max().item()
+    if dtype == torch.float32:
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6 * scale)
+    else:  # float32 sums, one rounding to 8 bits at the store
+        torch.testing.assert_close(got.double(), want, rtol=2**-8, atol=1e-5 * scale)
+    x4 = x.view(1, M, 1, K)  # any leading shape: rows are the product of all but the last dimension
+    assert torch.equal(
+        native.linear(x4, *native.pack_linear(weight, bias)),
+        native.linear(x, *native.pack_linear(weight, bias)).view(1, M, 1, N),
+    )
+
+
+def test_linear_refuses_what_it_cannot_read(lib):
+    with pytest.raises(ValueError, match="even number of inputs"):
+        native.pack_linear(torch.randn(4, 7).to(torch.bfloat16), None)
+    packed = native.pack_linear(torch.randn(4, 8), None)
+    with pytest.raises(ValueError, match="contiguous x"):
+        native.linear(torch.randn(8, 3).t(), *packed)
+    with pytest.raises(ValueError, match="packed in x's dtype"):
+        native.linear(torch.randn(3, 8).to(torch.bfloat16), *packed)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_linear_same_result_for_any_thread_count(lib, threads):
+    """Threads split the tiles; each output is summed in one order whatever the count."""
+    torch.manual_seed(4)
+    x, weight, res = torch.randn(61, 96), torch.randn(200, 96), torch.randn(61, 200)
+    packed = native.pack_linear(weight, torch.randn(200))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = native.linear(x, *packed, res=res)
+        torch.set_num_threads(threads)
+        many = native.linear(x, *packed, res=res)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, many)
+
+
 def test_model_with_the_c_kernel_equals_the_reference(lib, monkeypatch):
     monkeypatch.setattr(cpu, "_NATIVE", True)
     calls = []
@@ -223,6 +288,12 @@ def test_generic_code_for_cpus_without_avx512_is_right_too(fresh_library, tmp_pa
     one = torch.ones(1, 1, 1, 16, dtype=torch.bfloat16)
     native.gate_dwconv(one, None, nan, torch.ones(7, 7, 16), None)
     assert one.isnan().all()
+    for dtype in (torch.float32, torch.bfloat16):  # the matmul: no AVX512-BF16 dot product there
+        x, weight, bias, res = (torch.randn(*s).to(dtype) for s in ((13, 48), (33, 48), (33,), (13, 33)))
+        got = native.linear(x, *native.pack_linear(weight, bias), res=res)
+        want = _linear_reference(x, weight, bias, res)
+        rtol = 1e-5 if dtype == torch.float32 else 2**-8
+        torch.testing.assert_close(got.double(), want, rtol=rtol, atol=1e-5 * want.abs().max().item())
 
 
 def test_kernels_command_says_whether_the_c_kernels_run(monkeypatch, capsys):

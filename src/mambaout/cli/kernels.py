@@ -39,7 +39,7 @@ def _describe() -> None:
     on = kernels.fused_kernels_enabled()
     matmul = cpu.cpu_matmul()
     if matmul == "auto":
-        matmul = "auto (oneDNN or BLAS per block shape, timed on first use)"
+        matmul = "auto (oneDNN, BLAS or, bf16, the C kernels' per block shape, timed on first use)"
     print("Gated CNN block implementations (GatedCNNBlock picks one per call; all compute the same function):")
     bf16 = "on" if cpu.cpu_bf16_enabled() else "opt-in (MAMBAOUT_CPU_BF16=1)"
     print(f"  CPU, no autograd, float32   fused-epilogue fast path (kernels/cpu.py)      default on, matmuls: {matmul}")
@@ -51,7 +51,7 @@ def _describe() -> None:
     print(f"  CUDA, fused kernels on      Triton gated_dwconv (kernels/gated_dwconv.py)  {'ON' if on else 'opt-in'}")
     print("Turn the fused kernels on with --fused-kernels (train, validate, predict, benchmark),")
     print("mambaout.kernels.set_fused_kernels(True), or MAMBAOUT_FUSED_KERNELS=1. Pick the CPU matmul library with")
-    print("MAMBAOUT_CPU_MATMUL=auto|onednn|blas or mambaout.kernels.cpu.set_cpu_matmul(...).")
+    print("MAMBAOUT_CPU_MATMUL=auto|onednn|blas|native or mambaout.kernels.cpu.set_cpu_matmul(...).")
 
 
 def _native_state(cpu) -> str:

@@ -3,10 +3,10 @@
 `GatedCNNBlock._forward_reference` (models/mambaout.py) defines the math; this path computes the same (within 1e-5,
 `tests/test_fastpath.py`) with fewer passes over memory: `fc1` runs as row blocks of its weight (views, so in-place
 changes show at once), the activation and the residual add are fused into the matmuls, the conv reads its channels
-in place, and the gate product is formed in place; no `torch.cat`. Two implementations of these steps, `"onednn"`
-(`mkldnn._linear_pointwise` with fused epilogues) and `"blas"` (`torch.addmm`), are timed on the first call for each
-block shape and the faster kept (`"auto"`; `set_cpu_matmul` or MAMBAOUT_CPU_MATMUL fix one): which is faster depends
-on the CPU. The block's linear and conv weights are packed for oneDNN once per input shape and weight version (a
+in place, and the gate product is formed in place; no `torch.cat`. Implementations of these steps, `"onednn"`
+(`mkldnn._linear_pointwise` with fused epilogues), `"blas"` (`torch.addmm`) and, where the C kernels are on,
+`"native"` (their `linear`), are timed on the first call for each block shape and the fastest kept (`"auto"`;
+`set_cpu_matmul` or MAMBAOUT_CPU_MATMUL fix one): which is faster depends on the CPU. The block's linear and conv weights are packed for oneDNN once per input shape and weight version (a
 write through `.data` is not seen: `forget_packed_weights`). A stage runs its blocks from plans (`stage_plans` /
 `run_stage`), with the checks once per stage. Where the C kernels are on (`set_cpu_native`, kernels/native.py), the
 conv and both gate products run as one C call, and the norms in C. Measurements and the reasons for each choice:
@@ -51,7 +51,7 @@ __all__ = [
     "forget_packed_weights",
 ]
 
-MATMUL_CHOICES = ("auto", "onednn", "blas")
+MATMUL_CHOICES = ("auto", "onednn", "blas", "native")
 
 # Activation module -> (oneDNN post-op, its algorithm). Anything else runs as its own module after the matmul.
 _POST_OPS = {nn.ReLU: ("relu", ""), nn.SiLU: ("swish", "")}
@@ -282,6 +282,8 @@ class _Plan:
         self.packed = None  # ((input shape, weight version), packed weight): `_dwconv`
         self.native_w = None  # ((weight and bias versions), [k, k, Cc] float32 weight, float32 bias): `_gate`
         self.packed_lin = None  # ((rows, fc1 version, fc2 version), {name: (packed weight, bias)}): `_weights`
+        self.native_lin = None  # (versions, {name: `native.pack_linear` result}): `_native_linears`
+        self.biases = (_param(fc1, "bias"), _param(fc2, "bias"))
         self.fc2 = _rows(fc2, 0, fc2.out_features)
         self.post_op = _post_op(act)
         self.plain = isinstance(ls, nn.Identity) and isinstance(drop_path, nn.Identity)  # the residual add fuses
@@ -494,7 +496,45 @@ def _gated_blas(p: _Plan, x: torch.Tensor) -> torch.Tensor:
     return x + p.modules[6](p.modules[5](_mm(g, p.fc2).view(B, H, W, C)))
 
 
-_IMPLS = {"onednn": _gated_onednn, "blas": _gated_blas}
+def _native_linears(p: _Plan) -> dict[str, tuple]:
+    """fc1's gate rows, its identity-and-conv rows and fc2, packed for `native.linear`; packed again when a weight's
+    or bias's version changes (as `_weights`: not after a write through `.data`), at every call for tensors made
+    under `torch.inference_mode` (no version to check)."""
+    tensors = (p.w1, p.w2, *(b for b in p.biases if b is not None))
+    key = None if any(t.is_inference() for t in tensors) else tuple(t._version for t in tensors)
+    if key is None or p.native_lin is None or p.native_lin[0] != key:
+        p.native_lin = (key, {name: native.pack_linear(*getattr(p, name)) for name in ("g", "ic", "fc2")})
+    return p.native_lin[1]
+
+
+def _gated_native(p: _Plan, x: torch.Tensor) -> torch.Tensor:
+    """The same steps with the matmuls in C too (`native.linear`: no library call's fixed cost per matmul), the
+    activation in place after the gate rows' matmul; `[B, H, W, C]` in and out."""
+    xn = _norm(p, x)
+    w = _native_linears(p)
+    g = native.linear(xn, *w["g"])  # [B, H, W, hidden]
+    act = p.modules[2]
+    if type(act) is nn.GELU:
+        torch.ops.aten.gelu_(g, approximate=act.approximate)
+    else:
+        g = act(g)
+    ic = native.linear(xn, *w["ic"])
+    ni = p.hidden - p.cc
+    _gate(p, g, ic[..., :ni], ic[..., ni:])
+    if p.plain:  # x + fc2(gate): the residual added in the matmul's store
+        return native.linear(g, *w["fc2"], res=x.contiguous())
+    return x + p.modules[6](p.modules[5](native.linear(g, *w["fc2"])))
+
+
+def _native_linear_ok(p: _Plan, x: torch.Tensor) -> bool:
+    """Whether `_gated_native` takes this block and input: the C kernels on and built, bf16 widths even (the
+    kernel reads bf16 in pairs along the inputs)."""
+    if not (_NATIVE and native.library() is not None):
+        return False
+    return x.dtype == torch.float32 or (x.shape[-1] % 2 == 0 and p.hidden % 2 == 0)
+
+
+_IMPLS = {"onednn": _gated_onednn, "blas": _gated_blas, "native": _gated_native}
 _MODE = os.environ.get("MAMBAOUT_CPU_MATMUL", "auto").strip().lower() or "auto"
 if _MODE not in MATMUL_CHOICES:
     warnings.warn(f"MAMBAOUT_CPU_MATMUL={_MODE!r} is not one of {', '.join(MATMUL_CHOICES)}: using auto", stacklevel=1)
@@ -504,8 +544,9 @@ _LOCK = threading.Lock()
 
 
 def set_cpu_matmul(mode: str) -> None:
-    """Which matmul library the CPU fast path uses: "auto" (time both per block shape, keep the faster), "onednn",
-    or "blas" (`torch.addmm`). For the whole process; MAMBAOUT_CPU_MATMUL sets the starting value."""
+    """Which matmuls the CPU fast path uses: "auto" (time each per block shape, keep the fastest), "onednn", "blas"
+    (`torch.addmm`) or "native" (the C kernels' `native.linear`, where they are on; else "onednn"). For the whole
+    process; MAMBAOUT_CPU_MATMUL sets the starting value."""
     global _MODE
     if mode not in MATMUL_CHOICES:
         raise ValueError(f"cpu matmul {mode!r}: expected one of {', '.join(MATMUL_CHOICES)}")
@@ -518,7 +559,8 @@ def cpu_matmul() -> str:
 
 
 def cpu_matmul_choices() -> dict[tuple, str]:
-    """What "auto" chose so far: (rows, dim, hidden, conv channels, act, threads, dtype) -> "onednn" | "blas"."""
+    """What "auto" chose so far: (rows, dim, hidden, conv channels, act, threads, dtype) -> "onednn" | "blas" |
+    "native"."""
     with _LOCK:
         return dict(_CHOSEN)
 
@@ -532,6 +574,8 @@ def forget_cpu_matmul_choices() -> None:
 def _choice(p: _Plan, x: torch.Tensor) -> str:
     """The implementation for this block and input: the set mode, or in "auto" the one timed faster for the shape."""
     mode = cpu_matmul()
+    if mode == "native" and not _native_linear_ok(p, x):
+        return "onednn"
     if mode != "auto":
         return mode
     key = (x.numel() // x.shape[-1], x.shape[-1], *p.shape, torch.get_num_threads(), str(x.dtype))
@@ -549,12 +593,16 @@ def _time_impls(p: _Plan, x: torch.Tensor, repeats: int = 4) -> str:
     The minimum, not the median: other processes only ever add time to a run, so the fastest run of each is the
     closest to its own speed (chosen under load by the median, "blas" won shapes where oneDNN is 2-3x faster alone).
     """
-    times: dict[str, list[float]] = {name: [] for name in _IMPLS}
+    # "native" competes for bf16 blocks: in float32 it measured level with oneDNN (whole forward 0.98-1.05x), so
+    # float32 takes it only when asked for (`set_cpu_matmul("native")`)
+    native_too = x.dtype == torch.bfloat16 and _native_linear_ok(p, x)
+    impls = {name: impl for name, impl in _IMPLS.items() if name != "native" or native_too}
+    times: dict[str, list[float]] = {name: [] for name in impls}
     with torch.random.fork_rng(devices=[]):  # drop path in train mode draws numbers: the timed runs leave no trace
-        for impl in _IMPLS.values():
+        for impl in impls.values():
             impl(p, x)
         for _ in range(repeats):
-            for name, impl in _IMPLS.items():
+            for name, impl in impls.items():
                 start = time.perf_counter()
                 impl(p, x)
                 times[name].append(time.perf_counter() - start)

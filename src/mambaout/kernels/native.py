@@ -36,7 +36,16 @@ import torch
 from mambaout.utils import device
 from mambaout.utils.files import atomic_write, cache_dir
 
-__all__ = ["library", "unavailable_reason", "gate_dwconv", "layer_norm", "NORM_MAX_CHANNELS", "compile_command"]
+__all__ = [
+    "library",
+    "unavailable_reason",
+    "gate_dwconv",
+    "layer_norm",
+    "pack_linear",
+    "linear",
+    "NORM_MAX_CHANNELS",
+    "compile_command",
+]
 
 _SOURCE = Path(__file__).parent / "csrc" / "gated_cpu.c"
 _FLAGS = ("-O3", "-march=native", "-mtune=generic", "-std=gnu11", "-fopenmp", "-shared", "-fPIC")
@@ -50,6 +59,9 @@ _ARGTYPES = [_INT, _P, _I64, _P, _I64, _P, _I64, _P, _P, _INT, _INT, _INT, _INT,
 # mo_layer_norm(bf16, x, x_stride, y, weight, bias, rows, C, eps, threads)
 _NORM_ARGTYPES = [_INT, _P, _I64, _P, _P, _P, _I64, _INT, ctypes.c_float, _INT]
 NORM_MAX_CHANNELS = 4096  # the kernel's row buffer (C_MAX)
+# mo_linear(bf16, x, x_stride, packed weight, bias, res, res_stride, y, y_stride, M, K, N, threads)
+_LINEAR_ARGTYPES = [_INT, _P, _I64, _P, _P, _P, _I64, _P, _I64, _I64, _I64, _I64, _INT]
+_PANEL = 32  # output columns per packed panel (NR)
 
 
 def _compiler() -> list[str] | None:
@@ -127,6 +139,7 @@ def _load() -> ctypes.CDLL:
         lib = ctypes.CDLL(str(_build(path)))
     lib.mo_gate_dwconv.argtypes, lib.mo_gate_dwconv.restype = _ARGTYPES, None
     lib.mo_layer_norm.argtypes, lib.mo_layer_norm.restype = _NORM_ARGTYPES, None
+    lib.mo_linear.argtypes, lib.mo_linear.restype = _LINEAR_ARGTYPES, None
     return lib
 
 
@@ -205,4 +218,44 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     lib.mo_layer_norm(
         bf16, x.data_ptr(), C, y.data_ptr(), weight.data_ptr(), bias_ptr, rows, C, eps, torch.get_num_threads()
     )
+    return y
+
+
+def pack_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """A linear layer's `weight` `[N, K]` (float32, or bfloat16 with K even) and `bias` as `linear` reads them:
+    panels of 32 output rows, zero-padded, each `[K, 32]` (bf16: `[K / 2, 32, 2]`, pairs of k), and the bias as
+    float32 padded to the panels (zeros without one). Returns (packed weight, padded bias, N)."""
+    N, K = weight.shape
+    if weight.dtype == torch.bfloat16 and K % 2:
+        raise ValueError(f"pack_linear: a bfloat16 weight needs an even number of inputs, got {K}")
+    panels = -(-N // _PANEL)
+    w = weight.detach().new_zeros(panels * _PANEL, K)
+    w[:N] = weight.detach()
+    w = w.view(panels, _PANEL, K)
+    if weight.dtype == torch.bfloat16:
+        packed = w.view(panels, _PANEL, K // 2, 2).permute(0, 2, 1, 3).contiguous()  # [panels, K/2, 32, 2]
+    else:
+        packed = w.transpose(1, 2).contiguous()  # [panels, K, 32]
+    b = torch.zeros(panels * _PANEL, dtype=torch.float32)
+    if bias is not None:
+        b[:N] = bias.detach().float()
+    return packed, b, N
+
+
+def linear(
+    x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor, N: int, res: torch.Tensor | None = None
+) -> torch.Tensor:
+    """`x @ W.T + bias` (`+ res`) over the last dimension of a contiguous `x` `[..., K]`, with `pack_linear`'s
+    weight; a new contiguous `[..., N]` in x's dtype. `res`: contiguous `[..., N]`, x's dtype. float32 sums, bf16
+    rounded once at the store."""
+    K = x.shape[-1]
+    if not (x.is_contiguous() and packed.dtype == x.dtype and (res is None or res.is_contiguous())):
+        raise ValueError("linear: contiguous x and res, and a weight packed in x's dtype (see the docstring)")
+    rows = x.numel() // K if K else 0
+    y = torch.empty((*x.shape[:-1], N), dtype=x.dtype)
+    library().mo_linear(
+        int(x.dtype == torch.bfloat16), x.data_ptr(), K, packed.data_ptr(),
+        bias.data_ptr(), None if res is None else res.data_ptr(), N, y.data_ptr(), N, rows, K, N,
+        torch.get_num_threads(),
+    )  # fmt: skip
     return y

@@ -298,3 +298,130 @@ void mo_layer_norm(int bf16, const void *x, int64_t xs, void *y, const float *w,
     if (bf16) norm_all_bf16(x, xs, y, w, b, rows, C, eps, threads);
     else norm_all_f32(x, xs, y, w, b, rows, C, eps, threads);
 }
+
+/* ---- Linear: y = x @ W^T + bias (+ res) ------------------------------------------------------------------------------
+
+   mo_linear: the block's matmuls without a library call's fixed cost (oneDNN's is 15-25 us a call here, whatever the
+   size). W comes packed by the caller (kernels/native.py `pack_linear`) in panels of NR = 32 output columns,
+   zero-padded: float32 [panels][K][32]; bfloat16 [panels][K/2][32][2], pairs of k, the operand layout of
+   AVX512-BF16's dot product. bias: float32, padded to panels * 32 (zeros without one). x: M rows `xs` elements
+   apart, each K contiguous; res (or NULL) and y: rows `rs` and `ys` apart, N contiguous. float32 sums, a bf16 store
+   rounded once. A tile is MR <= 12 rows by one panel: 24 vector accumulators, each weight vector loaded once per k
+   and used by every row of the tile. */
+
+#define NR 32
+#define MR_MAX 12
+
+static inline vf splat(float a) { return (vf){0} + a; }
+
+static inline __attribute__((always_inline)) void lin_tile(
+    int bf, const int MR, const int NV, const void *x, int64_t xs, const void *wp, int64_t K, const float *bias,
+    const void *res, int64_t rs, void *y, int64_t ys, int ncols)
+{
+    vf acc[MR_MAX][2];
+#pragma GCC unroll 12
+    for (int r = 0; r < MR; r++) { acc[r][0] = (vf){0}; acc[r][1] = (vf){0}; }
+    if (!bf) {
+        const float *xp = (const float *)x, *bp = (const float *)wp;
+        for (int64_t k = 0; k < K; k++) {
+            vf w0 = ld_f32(bp + k * NR), w1 = NV == 2 ? ld_f32(bp + k * NR + VL) : w0;
+#pragma GCC unroll 12
+            for (int r = 0; r < MR; r++) {
+                vf a = splat(xp[r * xs + k]);
+                acc[r][0] += a * w0;
+                if (NV == 2) acc[r][1] += a * w1;
+            }
+        }
+    } else {
+        const uint16_t *xp = (const uint16_t *)x, *bp = (const uint16_t *)wp;
+#if defined(__AVX512BF16__)
+        for (int64_t k2 = 0; k2 < K / 2; k2++) {
+            __m512bh w0 = (__m512bh)_mm512_loadu_si512(bp + k2 * 2 * NR);
+            __m512bh w1 = (__m512bh)_mm512_loadu_si512(bp + k2 * 2 * NR + 2 * VL);
+#pragma GCC unroll 12
+            for (int r = 0; r < MR; r++) {
+                int32_t pair;
+                memcpy(&pair, xp + r * xs + 2 * k2, 4);
+                __m512bh a = (__m512bh)_mm512_set1_epi32(pair);
+                acc[r][0] = (vf)_mm512_dpbf16_ps((__m512)acc[r][0], a, w0);
+                if (NV == 2) acc[r][1] = (vf)_mm512_dpbf16_ps((__m512)acc[r][1], a, w1);
+            }
+        }
+#else /* the same pairs widened to float32: bf16 -> f32 is a shift */
+        for (int64_t k2 = 0; k2 < K / 2; k2++) {
+            vu u0, u1;
+            memcpy(&u0, bp + k2 * 2 * NR, sizeof u0);
+            memcpy(&u1, bp + k2 * 2 * NR + 2 * VL, sizeof u1);
+            vu e0 = u0 << 16, o0 = u0 & 0xffff0000u, e1 = u1 << 16, o1 = u1 & 0xffff0000u;
+            vf we0, wo0, we1, wo1;
+            memcpy(&we0, &e0, sizeof we0); memcpy(&wo0, &o0, sizeof wo0);
+            memcpy(&we1, &e1, sizeof we1); memcpy(&wo1, &o1, sizeof wo1);
+#pragma GCC unroll 12
+            for (int r = 0; r < MR; r++) {
+                vf a0 = splat(s_ld_bf16(xp + r * xs + 2 * k2)), a1 = splat(s_ld_bf16(xp + r * xs + 2 * k2 + 1));
+                acc[r][0] += a0 * we0 + a1 * wo0;
+                if (NV == 2) acc[r][1] += a0 * we1 + a1 * wo1;
+            }
+        }
+#endif
+    }
+    int n0 = ncols < VL ? ncols : VL, n1 = ncols - n0; /* columns in the first and second vector */
+    vf b0 = ld_f32(bias), b1 = ld_f32(bias + VL);        /* added after the sum, as BLAS and oneDNN do */
+#pragma GCC unroll 12
+    for (int r = 0; r < MR; r++) {
+        acc[r][0] += b0;
+        acc[r][1] += b1;
+        if (NV == 2 && ncols == NR) {
+            if (res) { acc[r][0] += vload(bf, res, r * rs); acc[r][1] += vload(bf, res, r * rs + VL); }
+            vstore(bf, y, r * ys, acc[r][0]);
+            vstore(bf, y, r * ys + VL, acc[r][1]);
+            continue;
+        }
+        if (res) acc[r][0] += load_part(bf, res, r * rs, n0);
+        if (n0 == VL) vstore(bf, y, r * ys, acc[r][0]); else store_part(bf, y, r * ys, n0, acc[r][0]);
+        if (NV == 2 && n1 > 0) {
+            if (res) acc[r][1] += load_part(bf, res, r * rs + VL, n1);
+            store_part(bf, y, r * ys + VL, n1, acc[r][1]);
+        }
+    }
+}
+
+#define LIN_ALL(NAME, BF)                                                                                        \
+    static void NAME(const void *x, int64_t xs, const void *wp, const float *bias, const void *res, int64_t rs,   \
+                     void *y, int64_t ys, int64_t M, int64_t K, int64_t N, int threads)                          \
+    {                                                                                                            \
+        const int es = (BF) ? 2 : 4;                                                                             \
+        int64_t panels = (N + NR - 1) / NR, blocks = (M + MR_MAX - 1) / MR_MAX;                                  \
+        _Pragma("omp parallel for collapse(2) schedule(static) num_threads(threads) if (threads > 1)")           \
+        for (int64_t p = 0; p < panels; p++) {                                                                   \
+            for (int64_t rb = 0; rb < blocks; rb++) {                                                            \
+                int64_t r0 = rb * MR_MAX, c0 = p * NR;                                                           \
+                int rows = (int)(M - r0 < MR_MAX ? M - r0 : MR_MAX), ncols = (int)(N - c0 < NR ? N - c0 : NR);   \
+                const char *xp = (const char *)x + r0 * xs * es;                                                 \
+                const char *bp = (const char *)wp + p * K * NR * es;                                            \
+                const char *rp = res ? (const char *)res + (r0 * rs + c0) * es : NULL;                           \
+                char *yp = (char *)y + (r0 * ys + c0) * es;                                                      \
+                int nv = ncols > VL ? 2 : 1;                                                                     \
+                switch (rows * 2 + nv - 1) {                                                                     \
+                    TILES(BF)                                                                                    \
+                }                                                                                                \
+            }                                                                                                    \
+        }                                                                                                        \
+    }
+#define TILE(BF, R, V)                                                                                           \
+    case R * 2 + V - 1: lin_tile(BF, R, V, xp, xs, bp, K, bias + c0, rp, rs, yp, ys, ncols); break;
+#define TILES(BF)                                                                                                \
+    TILE(BF, 1, 1) TILE(BF, 1, 2) TILE(BF, 2, 1) TILE(BF, 2, 2) TILE(BF, 3, 1) TILE(BF, 3, 2) TILE(BF, 4, 1)    \
+    TILE(BF, 4, 2) TILE(BF, 5, 1) TILE(BF, 5, 2) TILE(BF, 6, 1) TILE(BF, 6, 2) TILE(BF, 7, 1) TILE(BF, 7, 2)    \
+    TILE(BF, 8, 1) TILE(BF, 8, 2) TILE(BF, 9, 1) TILE(BF, 9, 2) TILE(BF, 10, 1) TILE(BF, 10, 2)                 \
+    TILE(BF, 11, 1) TILE(BF, 11, 2) TILE(BF, 12, 1) TILE(BF, 12, 2)
+LIN_ALL(lin_all_f32, 0)
+LIN_ALL(lin_all_bf16, 1)
+
+/* bf16 != 0: x, W, res and y hold bfloat16 (K even), else float32; see the section's comment for the layouts. */
+void mo_linear(int bf16, const void *x, int64_t xs, const void *wp, const float *bias, const void *res, int64_t rs,
+               void *y, int64_t ys, int64_t M, int64_t K, int64_t N, int threads)
+{
+    if (bf16) lin_all_bf16(x, xs, wp, bias, res, rs, y, ys, M, K, N, threads);
+    else lin_all_f32(x, xs, wp, bias, res, rs, y, ys, M, K, N, threads);
+}
