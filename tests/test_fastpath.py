@@ -127,7 +127,7 @@ def test_bf16_fast_block_is_opt_in_and_near_the_fp32_reference(kwargs, matmul, c
     assert (got.float() - want).abs().max() <= 2 * (ref_bf16.float() - want).abs().max() + 1e-2
 
 
-@pytest.mark.parametrize("c_kernel", [True, False])  # bf16 with the C kernels: their matmul is timed too
+@pytest.mark.parametrize("c_kernel", [True, False])  # with the C kernels, their matmul is timed too
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_auto_times_each_shape_once_and_keeps_its_choice(c_kernel, dtype, monkeypatch):
     monkeypatch.setattr(cpu, "_MODE", "auto")
@@ -158,9 +158,8 @@ def test_auto_times_each_shape_once_and_keeps_its_choice(c_kernel, dtype, monkey
     assert [key[:4] for key in choices] == [(30, dim, block.hidden, cc), (60, dim, block.hidden, cc)]
     assert set(choices.values()) <= set(calls)
     # per shape: 1 warm-up + 4 timed runs of each implementation, then one run of the chosen one per call;
-    # "native" competes for bf16 blocks where the C kernels are on
-    native_too = c_kernel and dtype == torch.bfloat16
-    assert sum(calls.values()) == 2 * 5 * (3 if native_too else 2) + 4 and (calls["native"] > 0) == native_too
+    # "native" competes where the C kernels are on
+    assert sum(calls.values()) == 2 * 5 * (3 if c_kernel else 2) + 4 and (calls["native"] > 0) == c_kernel
 
 
 def test_auto_keeps_the_faster_minimum_not_median(monkeypatch):

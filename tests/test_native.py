@@ -116,9 +116,10 @@ def test_gate_dwconv_same_result_for_any_thread_count(lib, threads):
     assert torch.equal(one, many)
 
 
-def _linear_reference(x, weight, bias, res):
-    """float64 `x @ weight.T + bias (+ res)` of the tensors as stored."""
+def _linear_reference(x, weight, bias, res, gelu=False):
+    """float64 `x @ weight.T + bias`, its exact GELU if asked, `+ res`, of the tensors as stored."""
     y = x.double() @ weight.double().t() + (bias.double() if bias is not None else 0)
+    y = F.gelu(y) if gelu else y
     return y + res.double() if res is not None else y
 
 
@@ -131,7 +132,8 @@ LINEAR_SHAPES = [(1, 16, 16), (13, 37, 17), (25, 48, 48), (12, 96, 33), (5, 8, 1
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("residual", [True, False])
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_linear_equals_float64_reference(lib, shape, dtype, residual, with_bias):
+@pytest.mark.parametrize("gelu", [True, False])
+def test_linear_equals_float64_reference(lib, shape, dtype, residual, with_bias, gelu):
     M, K, N = shape
     if dtype == torch.bfloat16 and K % 2:
         pytest.skip("bf16 takes an even K (pairs along K)")
@@ -139,8 +141,8 @@ def test_linear_equals_float64_reference(lib, shape, dtype, residual, with_bias)
     x, weight = torch.randn(M, K).to(dtype), torch.randn(N, K).to(dtype)
     bias = torch.randn(N).to(dtype) if with_bias else None
     res = torch.randn(M, N).to(dtype) if residual else None
-    got = native.linear(x, *native.pack_linear(weight, bias), res=res)
-    want = _linear_reference(x, weight, bias, res)
+    got = native.linear(x, *native.pack_linear(weight, bias), res=res, gelu=gelu)
+    want = _linear_reference(x, weight, bias, res, gelu)
     assert got.dtype == dtype and got.shape == (M, N) and got.is_contiguous()
     scale = want.abs().max().item()
     if dtype == torch.float32:
@@ -152,6 +154,16 @@ def test_linear_equals_float64_reference(lib, shape, dtype, residual, with_bias)
         native.linear(x4, *native.pack_linear(weight, bias)),
         native.linear(x, *native.pack_linear(weight, bias)).view(1, M, 1, N),
     )
+
+
+def test_linear_gelu_matches_torch_over_the_whole_range(lib):
+    """The GELU in the matmul's store against torch's exact GELU on -12..12 (through an identity weight), with
+    infinities and NaN as torch has them."""
+    v = torch.cat([torch.linspace(-12, 12, 20001), torch.tensor([float("inf"), float("nan"), -88.0, 1e-30, 0.0])])
+    x = torch.stack([v, torch.zeros_like(v)], dim=1)
+    got = native.linear(x, *native.pack_linear(torch.tensor([[1.0, 0.0]]), None), gelu=True).view(-1)
+    want = F.gelu(v.double())
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=5e-7, equal_nan=True)
 
 
 def test_linear_refuses_what_it_cannot_read(lib):
@@ -293,6 +305,9 @@ def test_generic_code_for_cpus_without_avx512_is_right_too(fresh_library, tmp_pa
         got = native.linear(x, *native.pack_linear(weight, bias), res=res)
         want = _linear_reference(x, weight, bias, res)
         rtol = 1e-5 if dtype == torch.float32 else 2**-8
+        torch.testing.assert_close(got.double(), want, rtol=rtol, atol=1e-5 * want.abs().max().item())
+        got = native.linear(x, *native.pack_linear(weight, bias), gelu=True)
+        want = _linear_reference(x, weight, bias, None, gelu=True)
         torch.testing.assert_close(got.double(), want, rtol=rtol, atol=1e-5 * want.abs().max().item())
 
 

@@ -39,7 +39,7 @@ def _describe() -> None:
     on = kernels.fused_kernels_enabled()
     matmul = cpu.cpu_matmul()
     if matmul == "auto":
-        matmul = "auto (oneDNN, BLAS or, bf16, the C kernels' per block shape, timed on first use)"
+        matmul = "auto (oneDNN, BLAS or the C kernels' per block shape, timed on first use)"
     print("Gated CNN block implementations (GatedCNNBlock picks one per call; all compute the same function):")
     bf16 = "on" if cpu.cpu_bf16_enabled() else "opt-in (MAMBAOUT_CPU_BF16=1)"
     print(f"  CPU, no autograd, float32   fused-epilogue fast path (kernels/cpu.py)      default on, matmuls: {matmul}")

@@ -508,15 +508,14 @@ def _native_linears(p: _Plan) -> dict[str, tuple]:
 
 
 def _gated_native(p: _Plan, x: torch.Tensor) -> torch.Tensor:
-    """The same steps with the matmuls in C too (`native.linear`: no library call's fixed cost per matmul), the
-    activation in place after the gate rows' matmul; `[B, H, W, C]` in and out."""
+    """The same steps with the matmuls in C too (`native.linear`: no library call's fixed cost per matmul), the exact
+    GELU in the gate rows' matmul (another activation as its module after it); `[B, H, W, C]` in and out."""
     xn = _norm(p, x)
     w = _native_linears(p)
-    g = native.linear(xn, *w["g"])  # [B, H, W, hidden]
     act = p.modules[2]
-    if type(act) is nn.GELU:
-        torch.ops.aten.gelu_(g, approximate=act.approximate)
-    else:
+    fused = p.post_op == ("gelu", "none")  # the exact GELU: in the matmul's store
+    g = native.linear(xn, *w["g"], gelu=fused)  # [B, H, W, hidden]
+    if not fused:
         g = act(g)
     ic = native.linear(xn, *w["ic"])
     ni = p.hidden - p.cc
@@ -593,10 +592,7 @@ def _time_impls(p: _Plan, x: torch.Tensor, repeats: int = 4) -> str:
     The minimum, not the median: other processes only ever add time to a run, so the fastest run of each is the
     closest to its own speed (chosen under load by the median, "blas" won shapes where oneDNN is 2-3x faster alone).
     """
-    # "native" competes for bf16 blocks: in float32 it measured level with oneDNN (whole forward 0.98-1.05x), so
-    # float32 takes it only when asked for (`set_cpu_matmul("native")`)
-    native_too = x.dtype == torch.bfloat16 and _native_linear_ok(p, x)
-    impls = {name: impl for name, impl in _IMPLS.items() if name != "native" or native_too}
+    impls = {name: impl for name, impl in _IMPLS.items() if name != "native" or _native_linear_ok(p, x)}
     times: dict[str, list[float]] = {name: [] for name in impls}
     with torch.random.fork_rng(devices=[]):  # drop path in train mode draws numbers: the timed runs leave no trace
         for impl in impls.values():

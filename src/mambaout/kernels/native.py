@@ -59,8 +59,8 @@ _ARGTYPES = [_INT, _P, _I64, _P, _I64, _P, _I64, _P, _P, _INT, _INT, _INT, _INT,
 # mo_layer_norm(bf16, x, x_stride, y, weight, bias, rows, C, eps, threads)
 _NORM_ARGTYPES = [_INT, _P, _I64, _P, _P, _P, _I64, _INT, ctypes.c_float, _INT]
 NORM_MAX_CHANNELS = 4096  # the kernel's row buffer (C_MAX)
-# mo_linear(bf16, x, x_stride, packed weight, bias, res, res_stride, y, y_stride, M, K, N, threads)
-_LINEAR_ARGTYPES = [_INT, _P, _I64, _P, _P, _P, _I64, _P, _I64, _I64, _I64, _I64, _INT]
+# mo_linear(bf16, gelu, x, x_stride, packed weight, bias, res, res_stride, y, y_stride, M, K, N, threads)
+_LINEAR_ARGTYPES = [_INT, _INT, _P, _I64, _P, _P, _P, _I64, _P, _I64, _I64, _I64, _I64, _INT]
 _PANEL = 32  # output columns per packed panel (NR)
 
 
@@ -243,18 +243,23 @@ def pack_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.
 
 
 def linear(
-    x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor, N: int, res: torch.Tensor | None = None
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    bias: torch.Tensor,
+    N: int,
+    res: torch.Tensor | None = None,
+    gelu: bool = False,
 ) -> torch.Tensor:
     """`x @ W.T + bias` (`+ res`) over the last dimension of a contiguous `x` `[..., K]`, with `pack_linear`'s
-    weight; a new contiguous `[..., N]` in x's dtype. `res`: contiguous `[..., N]`, x's dtype. float32 sums, bf16
-    rounded once at the store."""
+    weight; a new contiguous `[..., N]` in x's dtype. `res`: contiguous `[..., N]`, x's dtype. `gelu`: the exact
+    (erf) GELU of the sum, before `res`. float32 sums, bf16 rounded once at the store."""
     K = x.shape[-1]
     if not (x.is_contiguous() and packed.dtype == x.dtype and (res is None or res.is_contiguous())):
         raise ValueError("linear: contiguous x and res, and a weight packed in x's dtype (see the docstring)")
     rows = x.numel() // K if K else 0
     y = torch.empty((*x.shape[:-1], N), dtype=x.dtype)
     library().mo_linear(
-        int(x.dtype == torch.bfloat16), x.data_ptr(), K, packed.data_ptr(),
+        int(x.dtype == torch.bfloat16), int(gelu), x.data_ptr(), K, packed.data_ptr(),
         bias.data_ptr(), None if res is None else res.data_ptr(), N, y.data_ptr(), N, rows, K, N,
         torch.get_num_threads(),
     )  # fmt: skip

@@ -313,10 +313,37 @@ void mo_layer_norm(int bf16, const void *x, int64_t xs, void *y, const float *w,
 #define MR_MAX 12
 
 static inline vf splat(float a) { return (vf){0} + a; }
+static inline vf as_f(vi v) { vf f; memcpy(&f, &v, sizeof f); return f; }
+static inline vi as_i(vf f) { vi v; memcpy(&v, &f, sizeof v); return v; }
+
+/* exp(x) for x <= 0 (below -87 taken as -87, exp ~ 1.6e-38): 2^n * e^r, n = round(x / ln 2), |r| <= ln 2 / 2, e^r
+   by its Taylor polynomial to r^6 (relative error below 3e-7) */
+static inline vf exp_nonpos(vf x) {
+    vi low = x < -87.f;
+    x = as_f((as_i(x) & ~low) | (as_i(splat(-87.f)) & low));
+    vf n = x * 1.44269504088896341f + 12582912.f; /* 1.5 * 2^23: the sum's low bits are round(x / ln 2) */
+    vi ni = as_i(n) - 0x4B400000;
+    n -= 12582912.f;
+    vf r = x - n * 0.693145751953125f - n * 1.428606765330187e-6f; /* ln 2 in two parts */
+    vf p = splat(1.f / 720);
+    p = p * r + 1.f / 120; p = p * r + 1.f / 24; p = p * r + 1.f / 6; p = p * r + 0.5f; p = p * r + 1.f; p = p * r + 1.f;
+    return p * as_f((ni + 127) << 23);
+}
+
+/* exact GELU, x * Phi(x) = (x + |x| erf(|x| / sqrt 2)) / 2, erf by Abramowitz & Stegun 7.1.26 (absolute error below
+   1.5e-7; torch's and oneDNN's exact GELU within float rounding of it) */
+static inline vf gelu_erf(vf v) {
+    vf a = as_f(as_i(v) & 0x7fffffff), z = a * 0.70710678118654752f;
+    vf t = 1.f / (1.f + 0.3275911f * z);
+    vf q = splat(1.061405429f);
+    q = q * t - 1.453152027f; q = q * t + 1.421413741f; q = q * t - 0.284496736f; q = q * t + 0.254829592f;
+    vf erf = 1.f - q * t * exp_nonpos(-z * z);
+    return 0.5f * (v + a * erf);
+}
 
 static inline __attribute__((always_inline)) void lin_tile(
-    int bf, const int MR, const int NV, const void *x, int64_t xs, const void *wp, int64_t K, const float *bias,
-    const void *res, int64_t rs, void *y, int64_t ys, int ncols)
+    int bf, const int MR, const int NV, int gelu, const void *x, int64_t xs, const void *wp, int64_t K,
+    const float *bias, const void *res, int64_t rs, void *y, int64_t ys, int ncols)
 {
     vf acc[MR_MAX][2];
 #pragma GCC unroll 12
@@ -371,6 +398,7 @@ static inline __attribute__((always_inline)) void lin_tile(
     for (int r = 0; r < MR; r++) {
         acc[r][0] += b0;
         acc[r][1] += b1;
+        if (gelu) { acc[r][0] = gelu_erf(acc[r][0]); if (NV == 2) acc[r][1] = gelu_erf(acc[r][1]); }
         if (NV == 2 && ncols == NR) {
             if (res) { acc[r][0] += vload(bf, res, r * rs); acc[r][1] += vload(bf, res, r * rs + VL); }
             vstore(bf, y, r * ys, acc[r][0]);
@@ -387,8 +415,8 @@ static inline __attribute__((always_inline)) void lin_tile(
 }
 
 #define LIN_ALL(NAME, BF)                                                                                        \
-    static void NAME(const void *x, int64_t xs, const void *wp, const float *bias, const void *res, int64_t rs,   \
-                     void *y, int64_t ys, int64_t M, int64_t K, int64_t N, int threads)                          \
+    static void NAME(int gelu, const void *x, int64_t xs, const void *wp, const float *bias, const void *res,     \
+                     int64_t rs, void *y, int64_t ys, int64_t M, int64_t K, int64_t N, int threads)              \
     {                                                                                                            \
         const int es = (BF) ? 2 : 4;                                                                             \
         int64_t panels = (N + NR - 1) / NR, blocks = (M + MR_MAX - 1) / MR_MAX;                                  \
@@ -409,7 +437,7 @@ static inline __attribute__((always_inline)) void lin_tile(
         }                                                                                                        \
     }
 #define TILE(BF, R, V)                                                                                           \
-    case R * 2 + V - 1: lin_tile(BF, R, V, xp, xs, bp, K, bias + c0, rp, rs, yp, ys, ncols); break;
+    case R * 2 + V - 1: lin_tile(BF, R, V, gelu, xp, xs, bp, K, bias + c0, rp, rs, yp, ys, ncols); break;
 #define TILES(BF)                                                                                                \
     TILE(BF, 1, 1) TILE(BF, 1, 2) TILE(BF, 2, 1) TILE(BF, 2, 2) TILE(BF, 3, 1) TILE(BF, 3, 2) TILE(BF, 4, 1)    \
     TILE(BF, 4, 2) TILE(BF, 5, 1) TILE(BF, 5, 2) TILE(BF, 6, 1) TILE(BF, 6, 2) TILE(BF, 7, 1) TILE(BF, 7, 2)    \
@@ -418,10 +446,16 @@ static inline __attribute__((always_inline)) void lin_tile(
 LIN_ALL(lin_all_f32, 0)
 LIN_ALL(lin_all_bf16, 1)
 
-/* bf16 != 0: x, W, res and y hold bfloat16 (K even), else float32; see the section's comment for the layouts. */
-void mo_linear(int bf16, const void *x, int64_t xs, const void *wp, const float *bias, const void *res, int64_t rs,
-               void *y, int64_t ys, int64_t M, int64_t K, int64_t N, int threads)
+/* bf16 != 0: x, W, res and y hold bfloat16 (K even), else float32; see the section's comment for the layouts.
+   gelu != 0: the exact GELU of x @ W^T + bias (before res, which the block's gate matmul has none of). */
+void mo_linear(int bf16, int gelu, const void *x, int64_t xs, const void *wp, const float *bias, const void *res,
+               int64_t rs, void *y, int64_t ys, int64_t M, int64_t K, int64_t N, int threads)
 {
-    if (bf16) lin_all_bf16(x, xs, wp, bias, res, rs, y, ys, M, K, N, threads);
-    else lin_all_f32(x, xs, wp, bias, res, rs, y, ys, M, K, N, threads);
+    if (gelu) {
+        if (bf16) lin_all_bf16(1, x, xs, wp, bias, res, rs, y, ys, M, K, N, threads);
+        else lin_all_f32(1, x, xs, wp, bias, res, rs, y, ys, M, K, N, threads);
+    } else {
+        if (bf16) lin_all_bf16(0, x, xs, wp, bias, res, rs, y, ys, M, K, N, threads);
+        else lin_all_f32(0, x, xs, wp, bias, res, rs, y, ys, M, K, N, threads);
+    }
 }
