@@ -16,7 +16,7 @@ import mambaout
 from mambaout import kernels
 from mambaout.analysis.flops import count_macs
 from mambaout.kernels import cpu, native
-from mambaout.models.mambaout import GatedCNNBlock, Stem
+from mambaout.models.mambaout import ClassifierHead, GatedCNNBlock, Stem
 
 pytestmark = pytest.mark.skipif(not cpu.onednn_available(), reason="this torch build has no oneDNN fused linear")
 
@@ -523,6 +523,88 @@ def test_norms_outside_the_blocks_are_within_one_rounding(c_kernel, dtype, monke
         assert (got - want).abs().max() <= 0.05 * want.abs().max()
     else:
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_head_linears_run_the_c_matmul_within_rounding(dtype, monkeypatch):
+    """The head's linears: the C matmul, the exact GELU in its store, on a weight packed once per version (packed
+    again after an in-place change); None (the modules run) for another activation, autograd, a hook, a weight made
+    under inference mode, an odd bf16 width, or with the C kernels off."""
+    monkeypatch.setattr(cpu, "_BF16", True)
+    _native(monkeypatch, True)
+    torch.manual_seed(0)
+    tol = dict(rtol=2**-7, atol=2**-6) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
+    x = torch.randn(3, 36).to(dtype)
+
+    def want(lin, act=lambda t: t):
+        return act(nn.functional.linear(x.double(), lin.weight.double(), _double(lin.bias)))
+
+    for bias in (True, False):
+        lin = nn.Linear(36, 70, bias=bias).to(dtype)
+        with torch.inference_mode():
+            torch.testing.assert_close(cpu.outer_linear(lin, x).double(), want(lin), **tol)
+            gelu = cpu.outer_linear(lin, x, nn.GELU())
+            torch.testing.assert_close(gelu.double(), want(lin, nn.functional.gelu), **tol)
+            assert cpu.outer_linear(lin, x.view(1, 3, 1, 36)).shape == (1, 3, 1, 70) and gelu.dtype == dtype
+            assert cpu.outer_linear(lin, x, nn.GELU(approximate="tanh")) is None
+            assert cpu.outer_linear(lin, x, nn.ReLU()) is None
+        with torch.no_grad():
+            lin.weight.mul_(-2)  # a new version: packed again
+        with torch.inference_mode():
+            torch.testing.assert_close(cpu.outer_linear(lin, x).double(), want(lin), **tol)
+    assert cpu.outer_linear(lin, x) is None  # autograd on
+    handle = lin.register_forward_hook(lambda *args: None)
+    odd = nn.Linear(35, 8).to(dtype)
+    with torch.inference_mode():
+        assert cpu.outer_linear(lin, x) is None
+        made_here = nn.Linear(36, 8).to(dtype)
+        assert cpu.outer_linear(made_here, x) is None  # no version to follow
+        assert (cpu.outer_linear(odd, x[:, :35]) is None) == (dtype == torch.bfloat16)  # bf16 reads pairs of inputs
+    handle.remove()
+    _native(monkeypatch, False)
+    with torch.inference_mode():
+        assert cpu.outer_linear(lin, x) is None
+
+
+def _double(t):
+    return None if t is None else t.double()
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(), dict(mlp_norm=False), dict(mlp_ratio=0), dict(num_classes=0), dict(global_pool=""), dict(drop_rate=0.5)],
+)
+@pytest.mark.parametrize("c_kernel", [True, False])
+def test_head_runs_its_linears_in_c_within_float_rounding(kwargs, c_kernel, monkeypatch):
+    """Every kind of head (the paper's, timm's `_rw` without the MLP norm, a plain classifier, pre-logits only, no
+    pooling) matches its plain forward, and calls the C matmul for each of its linears where the C kernels are on; a
+    hook on the MLP runs it as a module."""
+    _native(monkeypatch, c_kernel)
+    torch.manual_seed(0)
+    head = ClassifierHead(40, **dict(dict(num_classes=30), **kwargs)).eval()
+    with torch.no_grad():
+        for p in head.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    seen, plain = [], cpu.outer_linear
+    monkeypatch.setattr(cpu, "outer_linear", lambda lin, x, act=None: seen.append(lin) or plain(lin, x, act))
+    x = torch.randn(2, 5, 3, 40)
+    with torch.inference_mode():
+        got, pre = head(x), head(x, pre_logits=True)
+        with kernels.reference_mode():
+            want, want_pre = head(x), head(x, pre_logits=True)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(pre, want_pre, rtol=1e-5, atol=1e-5)
+        mlp = [head.pre_logits.fc] if isinstance(head.pre_logits, nn.Sequential) else []
+        assert seen == [*mlp, head.fc, *mlp]  # the pre-logits call stops before fc
+        linears = [m for m in (*mlp, head.fc) if isinstance(m, nn.Linear)]
+        if c_kernel and linears:
+            assert all(cpu._LINEARS.get(m) is not None for m in linears)  # packed: the C matmul ran
+        if isinstance(head.pre_logits, nn.Sequential):
+            seen.clear()
+            handle = head.pre_logits.register_forward_hook(lambda *args: None)
+            torch.testing.assert_close(head(x), want, rtol=1e-5, atol=1e-5)
+            assert seen == [head.fc]
+            handle.remove()
 
 
 def test_model_built_under_inference_mode_runs_the_fast_path():

@@ -64,8 +64,8 @@ def test_torchvision_feature_extractor_gives_the_stage_maps():
 
 
 def test_leaf_modules_make_fx_graphs_match_eager_bit_for_bit_under_no_grad():
-    # Without autograd, eager CPU blocks, stems and downsampling layers take fast paths (within 1e-5 of the plain
-    # ones). Treating them as leaves, as register_timm() tells timm's tracer to, makes the graph call the same code.
+    # Without autograd, eager CPU blocks, stems, downsampling layers and heads take fast paths (within 1e-5 of the
+    # plain ones). Treating them as leaves, as register_timm() tells timm's tracer to, makes the graph call the same code.
     model = _model("mambaout_femto").eval()
     leaves = create_feature_extractor(
         model, return_nodes={"head": "logits"}, tracer_kwargs=dict(leaf_modules=list(LEAF_MODULES))

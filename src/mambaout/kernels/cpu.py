@@ -48,6 +48,7 @@ __all__ = [
     "can_use_cpu_conv",
     "conv_channels_last",
     "outer_norm",
+    "outer_linear",
     "forget_packed_weights",
 ]
 
@@ -114,17 +115,18 @@ def cpu_native_enabled() -> bool:
     return _NATIVE
 
 
-def _inference_ok(x: torch.Tensor, dtype: torch.dtype, modules: tuple[nn.Module, ...]) -> bool:
-    """What both fast paths need: a plain 4-D CPU tensor of the weights' dtype (float32; bf16 after
-    `set_cpu_bf16(True)`), autograd off, no autocast, no tracing, export or compilation (those see the reference
-    graph), and no hooks on `modules` or global ones (e.g. the MAC counter), because the paths call their weights."""
+def _inference_ok(x: torch.Tensor, dtype: torch.dtype, modules: tuple[nn.Module, ...], ndim: int | None = 4) -> bool:
+    """What the fast paths need: a plain CPU tensor of `ndim` dimensions (any for None) and the weights' dtype
+    (float32; bf16 after `set_cpu_bf16(True)`), autograd off, no autocast, no tracing, export or compilation (those
+    see the reference graph), and no hooks on `modules` or global ones (e.g. the MAC counter), because the paths call
+    their weights."""
     return (
         not torch.is_grad_enabled()
         and x.device.type == "cpu"
         and x.dtype == dtype
         and (dtype == torch.float32 or (_BF16 and dtype == torch.bfloat16))
         and not torch.is_autocast_enabled("cpu")  # autocast decides dtypes op by op; the reference keeps that
-        and x.ndim == 4
+        and (ndim is None or x.ndim == ndim)
         and not torch.jit.is_scripting()
         and not torch.jit.is_tracing()
         and not torch.compiler.is_compiling()
@@ -163,13 +165,14 @@ def can_use_cpu_conv(conv: nn.Module, x: torch.Tensor) -> bool:
 
 
 def outer_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-    """`norm(x)` for a `[B, H, W, C]` map outside the blocks (the stem's and the downsampling layers' norms), or None
-    where this does not apply (the caller runs the module): through the C kernel where it is on (float32 or bf16),
-    else for bf16 maps of fewer than 32 channels (femto's and kobe's stem) through float32, within one bf16 rounding
-    of it: torch's bf16 LayerNorm runs rows shorter than a few vector registers at a third of the speed."""
+    """`norm(x)` over the last dimension (channels) outside the blocks (the stem's, the downsampling layers' and the
+    head's norms), or None where this does not apply (the caller runs the module): through the C kernel where it is on
+    (float32 or bf16), else for bf16 maps of fewer than 32 channels (femto's and kobe's stem) through float32, within
+    one bf16 rounding of it: torch's bf16 LayerNorm runs rows shorter than a few vector registers at a third of the
+    speed."""
     if not (type(norm) is nn.LayerNorm and norm.weight is not None and x.dtype in (torch.float32, torch.bfloat16)):
         return None
-    if norm.normalized_shape != x.shape[-1:] or not _inference_ok(x, norm.weight.dtype, (norm,)):
+    if norm.normalized_shape != x.shape[-1:] or not _inference_ok(x, norm.weight.dtype, (norm,), ndim=None):
         return None
     if _native_norm(x):
         return native.layer_norm(x, *_f32_params(norm, norm.weight, norm.bias), norm.eps)
@@ -178,6 +181,30 @@ def outer_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     y = x.to(torch.float32, memory_format=torch.contiguous_format)  # one pass: layout and dtype
     bias = norm.bias.float() if norm.bias is not None else None
     return torch.layer_norm(y, norm.normalized_shape, norm.weight.float(), bias, norm.eps).to(x.dtype)
+
+
+_LINEARS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # linear -> (key, `native.pack_linear` result)
+
+
+def outer_linear(lin: nn.Module, x: torch.Tensor, act: nn.Module | None = None) -> torch.Tensor | None:
+    """`act(lin(x))` over the last dimension for the classifier head's linears, or None where this does not apply
+    (the caller runs the modules): through the C matmul (`native.linear`) where the C kernels are on, float32 or bf16
+    (an even number of inputs), with the exact GELU (`act`, if any) in its store. Its weight is packed once per
+    version, as the blocks' are (`_native_linears`); one made under `torch.inference_mode` has no version, so the
+    modules run it. Within float rounding of the modules (another summation order)."""
+    if type(lin) is not nn.Linear or not (act is None or (type(act) is nn.GELU and act.approximate == "none")):
+        return None
+    w, b = lin.weight, lin.bias
+    modules = (lin,) if act is None else (lin, act)
+    if not _inference_ok(x, w.dtype, modules, ndim=None):  # first: no C library under compilation or export
+        return None
+    if w.is_inference() or (b is not None and b.is_inference()) or x.shape[-1] != lin.in_features:
+        return None
+    if (w.dtype == torch.bfloat16 and x.shape[-1] % 2) or not (_NATIVE and native.library() is not None):
+        return None
+    key = (_key(w), None if b is None else _key(b))
+    packed = _derived(_LINEARS, lin, key, lambda: native.pack_linear(w, b))
+    return native.linear(x.contiguous(), *packed, gelu=act is not None)
 
 
 def _native_norm(x: torch.Tensor) -> bool:
@@ -455,6 +482,7 @@ def forget_packed_weights() -> None:
     _PLANS.clear()
     _CL_WEIGHTS.clear()
     _F32.clear()
+    _LINEARS.clear()
 
 
 def _gated_onednn(p: _Plan, x: torch.Tensor) -> torch.Tensor:

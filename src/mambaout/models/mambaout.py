@@ -187,11 +187,6 @@ class Downsample(nn.Module):
         return x if self.norm_first else _norm(self.norm, x)
 
 
-# What an FX graph should call as modules to run the same code as eager, bit for bit: under `no_grad` their CPU
-# forwards take fast paths that tracing (which sees the reference) cannot record. `register_timm()` tells timm.
-LEAF_MODULES = (GatedCNNBlock, Stem, Downsample)
-
-
 def _norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """`norm(x)` over the channels of `[B, H, W, C]`, on CPU through the inference path where it applies
     (kernels/cpu.py)."""
@@ -199,6 +194,18 @@ def _norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if kernels.fastpath_enabled() and not kernels.fx_tracing():
         y = kernels_cpu.outer_norm(norm, x)
     return y if y is not None else norm(x)
+
+
+def _linear(lin: nn.Module, x: torch.Tensor, act: nn.Module | None = None) -> torch.Tensor:
+    """`act(lin(x))` (`lin(x)` without `act`), on CPU through the inference path's C matmul where it applies
+    (kernels/cpu.py: the head's linears, the GELU in the matmul)."""
+    y = None
+    if kernels.fastpath_enabled() and not kernels.fx_tracing():
+        y = kernels_cpu.outer_linear(lin, x, act)
+    if y is None:
+        y = lin(x)
+        return y if act is None else act(y)
+    return y
 
 
 def _conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
@@ -311,8 +318,29 @@ class ClassifierHead(nn.Module):
     def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:  # [B, H, W, C]
         if self.global_pool == "avg":
             x = x.mean((1, 2))  # [B, H, W, C] -> [B, C]
-        x = self.drop(self.pre_logits(self.norm(x)))
-        return x if pre_logits else self.fc(x)
+        if torch.jit.is_scripting():
+            x = self.drop(self.pre_logits(self.norm(x)))
+            return x if pre_logits else self.fc(x)
+        else:  # the CPU path's norms and linears in C
+            x = self.drop(self._mlp(_norm(self.norm, x)))
+            return x if pre_logits else _linear(self.fc, x)
+
+    def _mlp(self, x: torch.Tensor) -> torch.Tensor:
+        """`self.pre_logits(x)`: the MLP as built (fc, act and, with `mlp_norm`, norm) step by step, so that the CPU
+        path runs fc and its GELU as one C matmul; anything else (hooked, replaced or no MLP) as the module."""
+        mlp = self.pre_logits
+        layers = mlp._modules
+        if type(mlp) is not nn.Sequential or mlp._forward_hooks or mlp._forward_pre_hooks:
+            return mlp(x)
+        if list(layers) not in (["fc", "act"], ["fc", "act", "norm"]):
+            return mlp(x)
+        x = _linear(layers["fc"], x, layers["act"])
+        return _norm(layers["norm"], x) if "norm" in layers else x
+
+
+# What an FX graph should call as modules to run the same code as eager, bit for bit: under `no_grad` their CPU
+# forwards take fast paths that tracing (which sees the reference) cannot record. `register_timm()` tells timm.
+LEAF_MODULES = (GatedCNNBlock, Stem, Downsample, ClassifierHead)
 
 
 def _check_pool(global_pool: str) -> None:

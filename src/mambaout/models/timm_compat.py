@@ -63,8 +63,9 @@ def _feature_format(output_fmt: str, kwargs: dict) -> dict:
 def register_timm(names: Iterable[str] | None = None) -> list[str]:
     """Route timm's MambaOut entrypoints (all of them, or `names`) to this package's model; returns the names.
 
-    Also registers `LEAF_MODULES` (the block, the stem, the downsampling layer) with timm's FX tracer as leaves, so
-    timm's feature extraction calls them as modules: the traced graph then runs the same code as eager, bit for bit.
+    Also registers `LEAF_MODULES` (the block, the stem, the downsampling layer, the head) with timm's FX tracer as
+    leaves, so timm's feature extraction calls them as modules: the traced graph then runs the same code as eager, bit
+    for bit.
     """
     wanted = list(names) if names is not None else [n for n in list_models("mambaout_*") if timm.is_model(n)]
     missing = [n for n in wanted if not timm.is_model(n)]
