@@ -51,3 +51,24 @@ def test_ctrl_c_while_starting_is_one_line_and_exit_130():
         timeout=60,
     )
     assert light.stdout.strip() == "False", "import mambaout must not load torch (the public names load on use)"
+
+
+def test_benchmark_csv_appends_and_widens_to_new_columns(tmp_path):
+    """`--csv` appends; rows with columns the file lacks rewrite it with the union, old rows keeping their values."""
+    import csv
+
+    from mambaout.cli.benchmark import write_csv
+
+    path = tmp_path / "rows.csv"
+    write_csv([dict(impl="a", img_per_s=1.5)], path)
+    write_csv([dict(impl="b", img_per_s=2.5)], path)
+    write_csv([dict(impl="c", img_per_s=3.5, rounds=2)], path)
+    write_csv([dict(impl="d")], path)  # fewer columns: empty fields
+    rows = list(csv.DictReader(path.open()))
+    assert [(r["impl"], r["img_per_s"], r["rounds"]) for r in rows] == [
+        ("a", "1.5", ""),
+        ("b", "2.5", ""),
+        ("c", "3.5", "2"),
+        ("d", "", ""),
+    ]
+    assert path.read_text().splitlines()[0] == "impl,img_per_s,rounds"

@@ -273,6 +273,32 @@ def test_compiled_runtime_rows_compute_timms_logits(runtime_files, key):
         assert got["diff"] > 0  # really ran in bf16
 
 
+def _row(impl, bs, by_round):
+    times = [float(t) for t in by_round.split()]
+    return dict(impl=impl, batch_size=bs, img_per_s=1.0, ms_per_step=times[0], ratio_vs_timm=1.0, load=0.5, note="",
+                max_abs_diff_vs_timm=0.0, rounds=len(times), ms_per_step_by_round=by_round)  # fmt: skip
+
+
+def test_round_ratios_pair_each_round_of_ours_with_its_peers_of_the_same_dtype():
+    rows = [
+        _row("timm fp32", 1, "20.00 30.00 40.00"),
+        _row("ours fp32", 1, "10.00 20.00 50.00"),
+        _row("ONNX Runtime fp32, our export", 1, "12.00 18.00 60.00"),
+        _row("ours bf16, fast path", 1, "5.00 6.00 8.00"),
+        _row("timm bf16 (autocast)", 1, "10.00 9.00 8.00"),
+        _row("ONNX Runtime fp32, our export", 32, "1.00 1.00 1.00"),  # another batch: not paired with batch 1
+    ]
+    assert rt.round_ratio_lines(rows) == [
+        "by round, batch 1: timm fp32 / ours fp32 = 2.00 1.50 0.80 (median 1.50)",
+        "by round, batch 1: ONNX Runtime fp32, our export / ours fp32 = 1.20 0.90 1.20 (median 1.20)",
+        "by round, batch 1: timm bf16 (autocast) / ours bf16, fast path = 2.00 1.50 1.00 (median 1.50)",
+    ]
+    table = rt.format_runtime_table(rows)
+    assert "| ms/step by round |" in table.splitlines()[0] and "| 10.00 20.00 50.00 |" in table
+    one = [_row("timm fp32", 1, "20.00"), _row("ours fp32", 1, "10.00")]
+    assert rt.round_ratio_lines(one) == [] and "by round" not in rt.format_runtime_table(one)
+
+
 @pytest.mark.heavy  # a whole `benchmark --runtimes`: exports, quantisation and three worker processes
 def test_benchmark_runtimes_runs_each_row_in_its_own_process(tmp_path, capsys, monkeypatch):
     import csv
@@ -289,10 +315,11 @@ def test_benchmark_runtimes_runs_each_row_in_its_own_process(tmp_path, capsys, m
     out_csv = tmp_path / "rows.csv"
     argv = ["benchmark", "--runtimes", "--models", "mambaout_test", "--img-size", "64", "--batch-size", "3"]
     argv += ["--only", "ours fp32", "ours int8 (ONNX Runtime)", "--iters", "1", "--warmup", "0", "--device", "cpu"]
-    assert main(argv + ["--csv", str(out_csv)]) == 0
-    assert pids == ["timm fp32", "ours fp32", "ours int8 (ONNX Runtime)"]  # one worker process per row
+    assert main(argv + ["--csv", str(out_csv), "--rounds", "2"]) == 0
+    assert pids == ["timm fp32", "ours fp32", "ours int8 (ONNX Runtime)"] * 2  # one worker process per row and round
     out = capsys.readouterr().out
     assert "each row in its own process" in out and "| ours int8 (ONNX Runtime)" in out
+    assert "by round, batch 3: timm fp32 / ours fp32 = " in out
     assert "roofline fp32, batch 1:" in out and "GMACs/image" in out
     rows = list(csv.DictReader(out_csv.open()))
     assert {(r["impl"], r["batch_size"]) for r in rows} == {
@@ -300,6 +327,7 @@ def test_benchmark_runtimes_runs_each_row_in_its_own_process(tmp_path, capsys, m
     }
     for r in rows:
         assert float(r["img_per_s"]) > 0 and float(r["ratio_vs_timm"]) > 0
+        assert r["rounds"] == "2" and len(r["ms_per_step_by_round"].split()) == 2
         if r["impl"] == "timm fp32":
             assert float(r["max_abs_diff_vs_timm"]) == 0 and float(r["ratio_vs_timm"]) == 1
     with pytest.raises(SystemExit):  # --calib belongs to --runtimes

@@ -215,11 +215,22 @@ def format_table(rows: list[dict]) -> str:
 
 
 def write_csv(rows: list[dict], path: str | Path) -> None:
-    """Append `rows` to the CSV `path` (a header first when it is new), as one atomic replacement of the file."""
+    """Append `rows` to the CSV `path` (a header first when it is new), as one atomic replacement of the file. Rows
+    with columns the file lacks (written by another version, or another kind of run) rewrite it with the union of
+    the columns, old rows leaving the new ones empty: nothing is misaligned or lost."""
     path = output_target(path, "--csv")  # a device or a FIFO is refused, never appended to
     old = path.read_text() if path.exists() else ""
+    fields = list(rows[0])
+    if old:
+        kept = csv.DictReader(io.StringIO(old))
+        known = list(kept.fieldnames or [])
+        fields = known + [f for r in rows for f in r if f not in known]
+        fields = list(dict.fromkeys(fields))
+        if fields != known:
+            rows = [*kept, *rows]
+            old = ""
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    writer = csv.DictWriter(buf, fieldnames=fields)
     if not old:
         writer.writeheader()
     writer.writerows(rows)
@@ -272,6 +283,8 @@ def _runtimes(args) -> list[dict]:
         f"steps, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; {versions}"
     )
     print(rt.format_runtime_table(rows))
+    for line in rt.round_ratio_lines(rows):
+        print(line)
     peaks = {d: rt.gemm_peak_gflops(d) for d in ("fp32", "int8")}
     peaks["bf16"] = rt.gemm_peak_gflops("bf16") if precision.cpu_bf16_support()[0] else None
     for line in rt.roofline_lines(rows, count_macs(shape_only_model(name), args.img_size), peaks):

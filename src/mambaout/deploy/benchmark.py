@@ -253,7 +253,9 @@ def runtime_rows(
     """Time every available way of running `name`, each in its own process (see the module docstring).
 
     `rounds` runs every row's process that many times, one of each in turn, and takes the median over all their
-    steps; `only` restricts the rows (timm fp32 always runs: it is the baseline). One dict per (row, batch).
+    steps; each round's median is kept too (`ms_per_step_by_round`), so a ratio can be read round by round, between
+    processes that ran minutes apart at most. `only` restricts the rows (timm fp32 always runs: it is the baseline).
+    One dict per (row, batch).
     """
     threads = threads or torch.get_num_threads()
     keys = list(IMPLS) + (list(COMPILED) if compile else [])
@@ -278,9 +280,10 @@ def runtime_rows(
                 cmd += [*map(str, sizes), "--iters", str(iters if sizes == batch_sizes else 1), "--warmup", str(warmup)]
                 got = _own_process([*cmd, "--threads", str(threads), "--img-size", str(img_size)])
                 log(f"  {key}: done (load average {got['load']:.2f})")
-                res = results.setdefault(key, {"diff": got["diff"], "times": {}, "load": []})
+                res = results.setdefault(key, {"diff": got["diff"], "times": {}, "rounds": {}, "load": []})
                 for b, t in got["times"].items():
                     res["times"].setdefault(int(b), []).extend(t)
+                    res["rounds"].setdefault(int(b), []).append(statistics.median(t))
                 res["load"].append(got["load"])
     rows = []
     for bs in batch_sizes:
@@ -292,6 +295,8 @@ def runtime_rows(
             row.update(img_per_s=round(bs / med, 2) if med else None, ms_per_step=round(1e3 * med, 2) if med else None)
             row.update(ratio_vs_timm=round(base / med, 3) if med else None)
             row.update(max_abs_diff_vs_timm=float(f"{res['diff']:.3g}") if res else None, threads=threads)
+            by_round = " ".join(f"{1e3 * t:.2f}" for t in res["rounds"][bs]) if med else ""
+            row.update(rounds=rounds, ms_per_step_by_round=by_round)
             rows.append(dict(row, load=max(res["load"]) if res else None, note=notes.get(key, "")))
     return rows
 
@@ -315,22 +320,50 @@ def roofline_lines(rows: list[dict], macs: int, peaks: dict[str, float | None]) 
 
 
 def format_runtime_table(rows: list[dict]) -> str:
+    """The rows as a Markdown table; with more than one round, each round's ms/step in a column before the note."""
+    by_round = any(r.get("rounds", 1) > 1 for r in rows)
     header = (
         f"| {'implementation':<35} | {'batch':>5} | {'img/s':>8} | {'ms/step':>8} | {'vs timm':>7} "
-        f"| {'max abs diff vs timm':>20} | {'load':>4} | note"
+        f"| {'max abs diff vs timm':>20} | {'load':>4} | " + ("ms/step by round | " if by_round else "") + "note"
     )
-    lines = [header, "| " + " | ".join(["---"] * 8)]
+    lines = [header, "| " + " | ".join(["---"] * (9 if by_round else 8))]
     for r in rows:
         img_s = f"{r['img_per_s']:.1f}" if r["img_per_s"] else "-"
         ms = f"{r['ms_per_step']:.1f}" if r["ms_per_step"] else "-"
         ratio = f"{r['ratio_vs_timm']:.2f}x" if r["ratio_vs_timm"] else "-"
         diff = f"{r['max_abs_diff_vs_timm']:.2e}" if r["max_abs_diff_vs_timm"] is not None else "-"
         load = f"{r['load']:.1f}" if r.get("load") is not None else "-"
+        rounds = f"{r['ms_per_step_by_round'] or '-'} | " if by_round else ""
         lines.append(
             f"| {r['impl']:<35} | {r['batch_size']:>5} | {img_s:>8} | {ms:>8} | {ratio:>7} | {diff:>20} | {load:>4} "
-            f"| {r['note']}"
+            f"| {rounds}{r['note']}"
         )
     return "\n".join(lines)
+
+
+OURS_EAGER = ("ours fp32", "ours bf16, fast path")  # the rows `round_ratio_lines` compares with their peers
+
+
+def round_ratio_lines(rows: list[dict]) -> list[str]:
+    """With more than one round: for our eager rows, each peer of the same dtype's time over ours, round by round
+    (the two processes of a round ran one after the other), and the median of those ratios; above 1 means ours ran
+    faster. A run on a noisy machine shows its spread here rather than in one ratio of medians."""
+    lines = []
+    for r in rows:
+        if r["impl"] not in OURS_EAGER or r.get("rounds", 1) < 2 or not r["ms_per_step_by_round"]:
+            continue
+        ours = [float(t) for t in r["ms_per_step_by_round"].split()]
+        for peer in rows:
+            same = peer["batch_size"] == r["batch_size"] and ROWS[peer["impl"]] == ROWS[r["impl"]]
+            if not same or peer["impl"].startswith("ours") or not peer["ms_per_step_by_round"]:
+                continue
+            ratios = [float(t) / o for t, o in zip(peer["ms_per_step_by_round"].split(), ours)]
+            lines.append(
+                f"by round, batch {r['batch_size']}: {peer['impl']} / {r['impl']} = "
+                + " ".join(f"{x:.2f}" for x in ratios)
+                + f" (median {statistics.median(ratios):.2f})"
+            )
+    return lines
 
 
 def _worker(argv: list[str] | None = None) -> int:
