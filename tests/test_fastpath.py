@@ -94,8 +94,9 @@ def test_packed_linear_weights_give_the_plain_weights_result_bit_for_bit(dtype, 
             monkeypatch.setattr(cpu, "_CAN_PACK_LINEAR", True)
             packed = block(x)
             p = cpu._plan(block)
-            assert p.packed_lin[0][0] == x.numel() // 37  # packed for this row count
-            assert all(w.layout == torch._mkldnn for w, _ in p.packed_lin[1].values())
+            key, packed_weights = p.derived["onednn"]
+            assert key[0] == x.numel() // 37  # packed for this row count
+            assert all(w.layout == torch._mkldnn for w, _ in packed_weights.values())
         assert torch.equal(packed, plain)
 
 

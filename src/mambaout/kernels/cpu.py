@@ -6,8 +6,9 @@ changes show at once), the activation and the residual add are fused into the ma
 in place, and the gate product is formed in place; no `torch.cat`. Implementations of these steps, `"onednn"`
 (`mkldnn._linear_pointwise` with fused epilogues), `"blas"` (`torch.addmm`) and, where the C kernels are on,
 `"native"` (their `linear`), are timed on the first call for each block shape and the fastest kept (`"auto"`;
-`set_cpu_matmul` or MAMBAOUT_CPU_MATMUL fix one): which is faster depends on the CPU. The block's linear and conv weights are packed for oneDNN once per input shape and weight version (a
-write through `.data` is not seen: `forget_packed_weights`). A stage runs its blocks from plans (`stage_plans` /
+`set_cpu_matmul` or MAMBAOUT_CPU_MATMUL fix one): which is faster depends on the CPU. The block's linear and conv
+weights are packed for oneDNN once per input shape and weight version (a write through `.data` is not seen:
+`forget_packed_weights`). A stage runs its blocks from plans (`stage_plans` /
 `run_stage`), with the checks once per stage. Where the C kernels are on (`set_cpu_native`, kernels/native.py), the
 conv and both gate products run as one C call, and the norms in C. Measurements and the reasons for each choice:
 docs/performance.md.
@@ -263,10 +264,14 @@ def conv_channels_last(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
         return conv._conv_forward(x, cl, conv.bias)
     _, bias, padding, stride, dilation, groups = args
     packed = _derived(
-        _CL_WEIGHTS, conv, (*_key(w), x.shape),
-        lambda: torch.ops.mkldnn._reorder_convolution_weight(w.detach(), padding, stride, dilation, groups, list(x.shape)),
-    )  # fmt: skip
+        _CL_WEIGHTS, conv, (*_key(w), x.shape), lambda: _pack_conv(w, padding, stride, dilation, groups, x.shape)
+    )
     return torch.ops.mkldnn._convolution_pointwise(x, packed, bias, padding, stride, dilation, groups, "none", [], "")
+
+
+def _pack_conv(weight: torch.Tensor, padding, stride, dilation, groups: int, shape) -> torch.Tensor:
+    """`weight` reordered by oneDNN for inputs of `shape`, which it would otherwise do at every call."""
+    return torch.ops.mkldnn._reorder_convolution_weight(weight.detach(), padding, stride, dilation, groups, list(shape))
 
 
 def _key(t: torch.Tensor) -> tuple:
@@ -274,8 +279,18 @@ def _key(t: torch.Tensor) -> tuple:
     return (t.data_ptr(), t._version, t.dtype, t.shape)
 
 
-def _derived(store: weakref.WeakKeyDictionary, owner: nn.Module, key: tuple, make):
-    """`make()`, kept in `store` for `owner` while `key` stays the same (one entry per module)."""
+def _versions(*tensors: torch.Tensor | None) -> tuple | None:
+    """The versions of `tensors` (None entries skipped), or None when one was made under `torch.inference_mode`: it
+    has no version counter, so nothing derived from it can be kept."""
+    present = [t for t in tensors if t is not None]
+    return None if any(t.is_inference() for t in present) else tuple(t._version for t in present)
+
+
+def _derived(store, owner, key: tuple | None, make):
+    """`make()`, kept in `store` (a module's weak dictionary, or a plan's dict) under `owner` while `key` stays the
+    same, one entry per owner; made at every call when `key` is None (see `_versions`)."""
+    if key is None:
+        return make()
     cached = store.get(owner)
     if cached is None or cached[0] != key:
         cached = store[owner] = (key, make())
@@ -306,10 +321,9 @@ class _Plan:
         self.i, self.c = _rows(fc1, hidden, 2 * hidden - cc), _rows(fc1, 2 * hidden - cc, 2 * hidden)
         self.conv = _conv_args(conv)
         self.native = self.conv is not None and _native_conv(conv)  # a conv `native.gate_dwconv` computes
-        self.packed = None  # ((input shape, weight version), packed weight): `_dwconv`
-        self.native_w = None  # ((weight and bias versions), [k, k, Cc] float32 weight, float32 bias): `_gate`
-        self.packed_lin = None  # ((rows, fc1 version, fc2 version), {name: (packed weight, bias)}): `_weights`
-        self.native_lin = None  # (versions, {name: `native.pack_linear` result}): `_native_linears`
+        # what the implementations derive from the weights, by `_derived`: "dwconv" (`_dwconv`), "gate"
+        # (`_native_weights`), "onednn" (`_weights`), "native" (`_native_linears`)
+        self.derived: dict[str, tuple] = {}
         self.biases = (_param(fc1, "bias"), _param(fc2, "bias"))
         self.fc2 = _rows(fc2, 0, fc2.out_features)
         self.post_op = _post_op(act)
@@ -396,13 +410,7 @@ def _dwconv(p: _Plan, c: torch.Tensor) -> torch.Tensor:
         return p.modules[3](c)
     weight, bias, padding, stride, dilation, groups = p.conv
     key = (c.shape, weight._version)
-    if p.packed is None or p.packed[0] != key:
-        w = weight.detach()
-        p.packed = (
-            key,
-            torch.ops.mkldnn._reorder_convolution_weight(w, padding, stride, dilation, groups, list(c.shape)),
-        )
-    pw = p.packed[1]
+    pw = _derived(p.derived, "dwconv", key, lambda: _pack_conv(weight, padding, stride, dilation, groups, c.shape))
     return torch.ops.mkldnn._convolution_pointwise(c, pw, bias, padding, stride, dilation, groups, "none", [], "")
 
 
@@ -410,13 +418,13 @@ def _native_weights(p: _Plan) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The conv's weight as `native.gate_dwconv` reads it, float32 `[k, k, Cc]`, and its float32 bias; made again
     when a version changes (as `_weights`), at every call for tensors made under `torch.inference_mode`."""
     weight, bias = p.conv[:2]
-    live = not (weight.is_inference() or (bias is not None and bias.is_inference()))
-    key = (weight._version, bias._version if bias is not None else 0) if live else None
-    if key is None or p.native_w is None or p.native_w[0] != key:
+
+    def make():
         k = weight.shape[-1]
         w = weight.detach().float().reshape(-1, k * k).t().contiguous().view(k, k, -1)  # [Cc, 1, k, k] -> [k, k, Cc]
-        p.native_w = (key, w, bias.detach().float() if bias is not None else None)
-    return p.native_w[1:]
+        return w, bias.detach().float() if bias is not None else None
+
+    return _derived(p.derived, "gate", _versions(weight, bias), make)
 
 
 def _gate(p: _Plan, g: torch.Tensor, i: torch.Tensor | None, c: torch.Tensor) -> None:
@@ -463,17 +471,15 @@ def _weights(p: _Plan, rows: int) -> dict[str, tuple]:
     Packed again when the row count or a weight's version changes (any in-place change through the parameter); after
     a write through `.data`, which the version misses, call `forget_packed_weights`. Plain weights where packing is
     unavailable, and for weights made under `torch.inference_mode` (no version to check)."""
-    fc1, fc2 = p.w1, p.w2
-    packing = _CAN_PACK_LINEAR and not (fc1.is_inference() or fc2.is_inference())
-    key = (rows, fc1._version, fc2._version) if packing else None
-    if packing and p.packed_lin is not None and p.packed_lin[0] == key:
-        return p.packed_lin[1]
     names = ("g", "ic", "fc2") if _one_call(rows) else ("g", "i", "c", "fc2") if p.hidden > p.cc else ("g", "c", "fc2")
-    plain = {name: getattr(p, name) for name in names}
-    if not packing:
-        return plain
-    p.packed_lin = (key, {n: (torch.ops.mkldnn._reorder_linear_weight(w, rows), b) for n, (w, b) in plain.items()})
-    return p.packed_lin[1]
+    if not _CAN_PACK_LINEAR or p.w1.is_inference() or p.w2.is_inference():
+        return {name: getattr(p, name) for name in names}
+
+    def pack() -> dict[str, tuple]:
+        blocks = {name: getattr(p, name) for name in names}
+        return {name: (torch.ops.mkldnn._reorder_linear_weight(w, rows), b) for name, (w, b) in blocks.items()}
+
+    return _derived(p.derived, "onednn", (rows, p.w1._version, p.w2._version), pack)
 
 
 def forget_packed_weights() -> None:
@@ -483,6 +489,11 @@ def forget_packed_weights() -> None:
     _CL_WEIGHTS.clear()
     _F32.clear()
     _LINEARS.clear()
+
+
+def _add_residual(p: _Plan, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """`x + drop_path(layer_scale(y))`: the block's end where the residual add does not fuse into fc2 (`p.plain`)."""
+    return x + p.modules[6](p.modules[5](y))
 
 
 def _gated_onednn(p: _Plan, x: torch.Tensor) -> torch.Tensor:
@@ -495,7 +506,7 @@ def _gated_onednn(p: _Plan, x: torch.Tensor) -> torch.Tensor:
     _gate(p, g, *_identity_and_conv(p, _lin, xn, w))
     if p.plain:  # x + fc2(gate) in one oneDNN call: the residual add is the matmul's epilogue
         return torch.ops.mkldnn._linear_pointwise.binary(g, x.contiguous(), *w["fc2"], "add")
-    return x + p.modules[6](p.modules[5](_lin(g, w["fc2"])))
+    return _add_residual(p, x, _lin(g, w["fc2"]))
 
 
 def _mm(x2d: torch.Tensor, rows: tuple) -> torch.Tensor:
@@ -505,7 +516,8 @@ def _mm(x2d: torch.Tensor, rows: tuple) -> torch.Tensor:
 
 
 def _gated_blas(p: _Plan, x: torch.Tensor) -> torch.Tensor:
-    """The same steps through `torch.addmm` (MKL or OpenBLAS), activation and bias in place; `[B, H, W, C]` in and out."""
+    """The same steps through `torch.addmm` (MKL or OpenBLAS), activation and bias in place; `[B, H, W, C]` in and
+    out."""
     hidden, act = p.hidden, p.modules[2]
     B, H, W, C = x.shape
     xn = _norm(p, x).reshape(-1, C)  # [BHW, C]
@@ -521,18 +533,18 @@ def _gated_blas(p: _Plan, x: torch.Tensor) -> torch.Tensor:
         if p.fc2[1] is not None:
             out.add_(p.fc2[1])
         return out.view(B, H, W, C)
-    return x + p.modules[6](p.modules[5](_mm(g, p.fc2).view(B, H, W, C)))
+    return _add_residual(p, x, _mm(g, p.fc2).view(B, H, W, C))
 
 
 def _native_linears(p: _Plan) -> dict[str, tuple]:
     """fc1's gate rows, its identity-and-conv rows and fc2, packed for `native.linear`; packed again when a weight's
     or bias's version changes (as `_weights`: not after a write through `.data`), at every call for tensors made
     under `torch.inference_mode` (no version to check)."""
-    tensors = (p.w1, p.w2, *(b for b in p.biases if b is not None))
-    key = None if any(t.is_inference() for t in tensors) else tuple(t._version for t in tensors)
-    if key is None or p.native_lin is None or p.native_lin[0] != key:
-        p.native_lin = (key, {name: native.pack_linear(*getattr(p, name)) for name in ("g", "ic", "fc2")})
-    return p.native_lin[1]
+
+    def pack() -> dict[str, tuple]:
+        return {name: native.pack_linear(*getattr(p, name)) for name in ("g", "ic", "fc2")}
+
+    return _derived(p.derived, "native", _versions(p.w1, p.w2, *p.biases), pack)
 
 
 def _gated_native(p: _Plan, x: torch.Tensor) -> torch.Tensor:
@@ -550,7 +562,7 @@ def _gated_native(p: _Plan, x: torch.Tensor) -> torch.Tensor:
     _gate(p, g, ic[..., :ni], ic[..., ni:])
     if p.plain:  # x + fc2(gate): the residual added in the matmul's store
         return native.linear(g, *w["fc2"], res=x.contiguous())
-    return x + p.modules[6](p.modules[5](native.linear(g, *w["fc2"])))
+    return _add_residual(p, x, native.linear(g, *w["fc2"]))
 
 
 def _native_linear_ok(p: _Plan, x: torch.Tensor) -> bool:
