@@ -527,6 +527,59 @@ def test_norms_outside_the_blocks_are_within_one_rounding(c_kernel, dtype, monke
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "kwargs, one_call",
+    [
+        (dict(), True),
+        (dict(kernel_size=3, conv_ratio=0.5), True),
+        (dict(expansion_ratio=1.0, conv_ratio=1.0), True),  # no identity channels
+        (dict(act_layer=nn.SiLU), False),  # GELU only in the C matmul's store
+        (dict(ls_init_value=0.3), False),  # LayerScale: fc2 cannot add the residual
+    ],
+)
+def test_block_in_one_c_call_equals_the_steps_bit_for_bit(dtype, kwargs, one_call, monkeypatch):
+    """`native.block` runs the same C calls as `_gated_native` step by step, so the same bits, on odd maps and a
+    batch of two; blocks it cannot take run step by step."""
+    monkeypatch.setattr(cpu, "_MODE", "native")
+    monkeypatch.setattr(cpu, "_BF16", True)
+    _native(monkeypatch, True)
+    ref = _block(36, **kwargs)
+    block = copy.deepcopy(ref).to(dtype)
+    calls, plain = [], native.block
+    monkeypatch.setattr(native, "block", lambda *args: calls.append(args) or plain(*args))
+    for shape in ((2, 13, 11, 36), (1, 1, 1, 36), (1, 7, 5, 36)):
+        x = torch.randn(shape).to(dtype)
+        with torch.inference_mode():
+            got = block(x)
+            monkeypatch.setattr(cpu, "_ONE_BLOCK_CALL", False)
+            steps = block(x)
+            monkeypatch.setattr(cpu, "_ONE_BLOCK_CALL", True)
+            want = ref._forward_reference(x.float())
+        assert torch.equal(got, steps)
+        err = (got.float() - want).abs().max() / want.abs().max()
+        assert err < (3e-2 if dtype == torch.bfloat16 else 1e-6), err
+    assert len(calls) == (3 if one_call else 0)
+
+
+def test_block_call_refuses_what_it_cannot_read(monkeypatch):
+    _native(monkeypatch, True)
+    block = _block(36)
+    p = cpu._plan(block)
+    x = torch.randn(1, 5, 4, 36)
+    with torch.inference_mode():
+        w = cpu._native_linears(p)
+        _, weight, bias, eps = p.norm
+        args = ((weight, bias, eps), w["g"], w["ic"], cpu._native_weights(p), w["fc2"], p.cc)
+        torch.testing.assert_close(native.block(x, *args), block._forward_reference(x), rtol=1e-5, atol=1e-5)
+        with pytest.raises(ValueError, match="contiguous x"):
+            native.block(x.transpose(1, 2), *args)
+        with pytest.raises(ValueError, match="do not fit"):
+            native.block(x, *args[:-1], p.cc + 1)
+        with pytest.raises(ValueError, match="contiguous x"):
+            native.block(x.bfloat16(), *args)  # weights packed in float32
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_head_linears_run_the_c_matmul_within_rounding(dtype, monkeypatch):
     """The head's linears: the C matmul, the exact GELU in its store, on a weight packed once per version (packed
     again after an in-place change); None (the modules run) for another activation, autograd, a hook, a weight made

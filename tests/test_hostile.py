@@ -1245,12 +1245,13 @@ def test_ctrl_c_in_train_saves_a_resumable_state(world, tmp_path):
 @pytest.mark.timeout(600)
 def test_ctrl_c_in_predict_keeps_what_was_printed(world, tmp_path):
     """Ctrl-C while predict is blocked writing results (a 4 KiB pipe nobody reads): exit 130, one line, the results
-    already printed kept. The child cannot finish first: its 40 results do not fit the pipe."""
+    already printed kept. The child cannot finish first: its 40 results do not fit the pipe (long file names, so
+    that they do not whatever the length of the temporary folder's path: at ~100 bytes a line they did, at times)."""
     import fcntl
 
     folder = tmp_path / "many"
     for i in range(40):
-        _png(folder / f"{i:02d}.png", 40, 40, seed=i)
+        _png(folder / f"{'a-long-file-name-' * 4}{i:02d}.png", 40, 40, seed=i)
     read_end, write_end = os.pipe()
     fcntl.fcntl(write_end, 1031, 4096)  # F_SETPIPE_SZ: the smallest pipe the kernel gives
     args = ["predict", str(folder), "--checkpoint", str(world / "good.safetensors"), "--batch-size", "1"]

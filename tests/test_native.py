@@ -195,9 +195,10 @@ def test_linear_same_result_for_any_thread_count(lib, threads):
 
 def test_model_with_the_c_kernel_equals_the_reference(lib, monkeypatch):
     monkeypatch.setattr(cpu, "_NATIVE", True)
-    calls = []
-    real = native.gate_dwconv
+    calls = []  # the C conv runs alone, or inside a whole block's call
+    real, real_block = native.gate_dwconv, native.block
     monkeypatch.setattr(native, "gate_dwconv", lambda *a: calls.append(a[0].shape) or real(*a))
+    monkeypatch.setattr(native, "block", lambda *a: calls.append(a[0].shape) or real_block(*a))
     model = mambaout.create_model("mambaout_femto").eval()
     x = torch.randn(2, 3, 64, 64)
     with torch.inference_mode():

@@ -328,6 +328,9 @@ class _Plan:
         self.fc2 = _rows(fc2, 0, fc2.out_features)
         self.post_op = _post_op(act)
         self.plain = isinstance(ls, nn.Identity) and isinstance(drop_path, nn.Identity)  # the residual add fuses
+        # `_gated_native` runs the whole block as one C call (`native.block`): exact GELU, C conv, affine LayerNorm
+        exact_gelu = self.post_op == ("gelu", "none")
+        self.one_call = self.plain and exact_gelu and self.native and self.norm is not None and norm.weight is not None
 
 
 def _rows(lin: nn.Linear, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -547,11 +550,19 @@ def _native_linears(p: _Plan) -> dict[str, tuple]:
     return _derived(p.derived, "native", _versions(p.w1, p.w2, *p.biases), pack)
 
 
+_ONE_BLOCK_CALL = True  # `_gated_native`: a block that `p.one_call` allows as one C call (same bits; off: step by step)
+
+
 def _gated_native(p: _Plan, x: torch.Tensor) -> torch.Tensor:
     """The same steps with the matmuls in C too (`native.linear`: no library call's fixed cost per matmul), the exact
-    GELU in the gate rows' matmul (another activation as its module after it); `[B, H, W, C]` in and out."""
-    xn = _norm(p, x)
+    GELU in the gate rows' matmul (another activation as its module after it); `[B, H, W, C]` in and out. Where the
+    block allows (`p.one_call`), all of it in one C call (`native.block`), without Python between the steps."""
     w = _native_linears(p)
+    if p.one_call and _ONE_BLOCK_CALL and x.is_contiguous() and x.shape[-1] <= native.NORM_MAX_CHANNELS:
+        _, weight, bias, eps = p.norm
+        norm = (*_f32_params(p.modules[0], weight, bias), eps)
+        return native.block(x, norm, w["g"], w["ic"], _native_weights(p), w["fc2"], p.cc)
+    xn = _norm(p, x)
     act = p.modules[2]
     fused = p.post_op == ("gelu", "none")  # the exact GELU: in the matmul's store
     g = native.linear(xn, *w["g"], gelu=fused)  # [B, H, W, hidden]
@@ -623,6 +634,8 @@ def _choice(p: _Plan, x: torch.Tensor) -> str:
         mode = _time_impls(p, x) if len(_CHOSEN) < _MAX_SHAPES else "onednn"
         with _LOCK:
             mode = _CHOSEN.setdefault(key, mode)
+    if mode == "native" and not _native_linear_ok(p, x):  # chosen while the C kernels were on
+        return "onednn"
     return mode
 
 

@@ -43,6 +43,7 @@ __all__ = [
     "layer_norm",
     "pack_linear",
     "linear",
+    "block",
     "NORM_MAX_CHANNELS",
     "compile_command",
 ]
@@ -62,6 +63,9 @@ NORM_MAX_CHANNELS = 4096  # the kernel's row buffer (C_MAX)
 # mo_linear(bf16, gelu, x, x_stride, packed weight, bias, res, res_stride, y, y_stride, M, K, N, threads)
 _LINEAR_ARGTYPES = [_INT, _INT, _P, _I64, _P, _P, _P, _I64, _P, _I64, _I64, _I64, _I64, _INT]
 _PANEL = 32  # output columns per packed panel (NR)
+# mo_block(bf16, x, y, ws, norm weight, norm bias, eps, Wg, bg, Wic, bic, conv weight, conv bias, W2, b2, B, H, W, C,
+#          hidden, cc, k, threads)
+_BLOCK_ARGTYPES = [_INT, _P, _P, _P, _P, _P, ctypes.c_float, *[_P] * 8, *[_INT] * 8]
 
 
 def _compiler() -> list[str] | None:
@@ -140,6 +144,7 @@ def _load() -> ctypes.CDLL:
     lib.mo_gate_dwconv.argtypes, lib.mo_gate_dwconv.restype = _ARGTYPES, None
     lib.mo_layer_norm.argtypes, lib.mo_layer_norm.restype = _NORM_ARGTYPES, None
     lib.mo_linear.argtypes, lib.mo_linear.restype = _LINEAR_ARGTYPES, None
+    lib.mo_block.argtypes, lib.mo_block.restype = _BLOCK_ARGTYPES, None
     return lib
 
 
@@ -262,5 +267,46 @@ def linear(
         int(x.dtype == torch.bfloat16), int(gelu), x.data_ptr(), K, packed.data_ptr(),
         bias.data_ptr(), None if res is None else res.data_ptr(), N, y.data_ptr(), N, rows, K, N,
         torch.get_num_threads(),
+    )  # fmt: skip
+    return y
+
+
+def block(
+    x: torch.Tensor,
+    norm: tuple[torch.Tensor, torch.Tensor | None, float],
+    gate: tuple[torch.Tensor, torch.Tensor, int],
+    ic: tuple[torch.Tensor, torch.Tensor, int],
+    conv: tuple[torch.Tensor, torch.Tensor | None],
+    fc2: tuple[torch.Tensor, torch.Tensor, int],
+    cc: int,
+) -> torch.Tensor:
+    """A whole Gated CNN block with the exact GELU and the residual added by fc2, in one call: `layer_norm`, then
+    `linear` for fc1's gate rows (GELU) and for its identity-and-conv rows, `gate_dwconv`, and `linear` for fc2 with
+    `x` as the residual; the same calls in the same order as one by one, so the same result bit for bit.
+
+    Args:
+        x: `[B, H, W, C]` contiguous, float32 or bfloat16 (C even for bfloat16); a new tensor like it is returned.
+        norm: the LayerNorm's float32 weight and bias (or None), contiguous, and its eps.
+        gate, ic, fc2: `pack_linear` results for fc1's rows `:hidden`, `hidden:` and fc2, packed in x's dtype.
+        conv: the depthwise conv's float32 `[k, k, cc]` weight and `[cc]` bias (or None), as `gate_dwconv` reads them.
+        cc: the conv channels (the last `cc` of the hidden ones).
+    """
+    B, H, W, C = x.shape
+    hidden = gate[2]
+    nw, nb, eps = norm
+    cw, cb = conv
+    if not (x.is_contiguous() and gate[0].dtype == x.dtype and nw.dtype == torch.float32 and C <= NORM_MAX_CHANNELS):
+        raise ValueError("block: contiguous x, weights packed in its dtype, float32 norm weight (see the docstring)")
+    if ic[2] != hidden or fc2[2] != C or cw.shape != (cw.shape[0], cw.shape[0], cc):
+        raise ValueError(f"block: fc1's rows ({hidden}, {ic[2]}), fc2's ({fc2[2]}) or the conv's {tuple(cw.shape)} do "
+                         f"not fit {C} channels, {hidden} hidden, {cc} conv channels")  # fmt: skip
+    ws = torch.empty(x.numel() // C * (C + 2 * hidden), dtype=x.dtype)
+    y = torch.empty_like(x)
+    library().mo_block(
+        int(x.dtype == torch.bfloat16), x.data_ptr(), y.data_ptr(), ws.data_ptr(),
+        nw.data_ptr(), None if nb is None else nb.data_ptr(), eps,
+        gate[0].data_ptr(), gate[1].data_ptr(), ic[0].data_ptr(), ic[1].data_ptr(),
+        cw.data_ptr(), None if cb is None else cb.data_ptr(), fc2[0].data_ptr(), fc2[1].data_ptr(),
+        B, H, W, C, hidden, cc, cw.shape[0], torch.get_num_threads(),
     )  # fmt: skip
     return y

@@ -459,3 +459,26 @@ void mo_linear(int bf16, int gelu, const void *x, int64_t xs, const void *wp, co
         else lin_all_f32(0, x, xs, wp, bias, res, rs, y, ys, M, K, N, threads);
     }
 }
+
+/* ---- a whole block in one call ----------------------------------------------------------------------------------
+   The Gated CNN block whose activation is the exact GELU and whose fc2 adds the residual (no LayerScale, no drop
+   path), as kernels/cpu.py's `_gated_native` computes it step by step, with the same calls in the same order (so
+   the same bits), without a return to Python between them:
+       xn = layer_norm(x);  g = gelu(xn @ Wg^T + bg);  ic = xn @ Wic^T + bic;
+       g[..., :ni] *= ic[..., :ni];  g[..., ni:] *= dwconv(ic[..., ni:]);  y = x + g @ W2^T + b2
+   x, y: [B, H, W, C] contiguous (y must not be x); ws: rows * (C + 2 * hidden) elements of x's dtype (xn, g, ic);
+   the weights packed by `native.pack_linear` (fc1's gate rows, its identity-and-conv rows, fc2), the norm's and the
+   conv's ([k, k, cc]) as float32. */
+void mo_block(int bf16, const void *x, void *y, void *ws, const float *nw, const float *nb, float eps,
+              const void *wg, const float *bg, const void *wic, const float *bic, const float *cw, const float *cb,
+              const void *w2, const float *b2, int B, int H, int W, int C, int hidden, int cc, int k, int threads)
+{
+    const int64_t rows = (int64_t)B * H * W;
+    const int64_t es = bf16 ? 2 : 4, ni = hidden - cc;
+    char *xn = ws, *g = xn + rows * C * es, *ic = g + rows * hidden * es;
+    mo_layer_norm(bf16, x, C, xn, nw, nb, rows, C, eps, threads);
+    mo_linear(bf16, 1, xn, C, wg, bg, NULL, 0, g, hidden, rows, C, hidden, threads);
+    mo_linear(bf16, 0, xn, C, wic, bic, NULL, 0, ic, hidden, rows, C, hidden, threads);
+    mo_gate_dwconv(bf16, g, hidden, ic, hidden, ic + ni * es, hidden, cw, cb, B, H, W, (int)ni, cc, k, threads);
+    mo_linear(bf16, 0, g, hidden, w2, b2, x, C, y, C, rows, hidden, C, threads);
+}
