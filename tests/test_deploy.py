@@ -245,8 +245,11 @@ def test_every_runtime_row_computes_timms_logits(runtime_files, key, monkeypatch
         pytest.skip("the openvino extra is not installed: pip install 'mambaout[openvino]'")
     if key.startswith("OpenVINO") and key in notes:
         pytest.skip(notes[key])
-    monkeypatch.setattr(cpu, "_BF16", cpu._BF16)  # the bf16 fast-path row switches it on for its process
+    for switch in ("_BF16", "_NATIVE", "_PACK_CONVS"):  # rows switch these on for their process
+        monkeypatch.setattr(cpu, switch, getattr(cpu, switch))
     got = rt.measure(key, folder, [1, 3], iters=1, warmup=0, threads=torch.get_num_threads(), img_size=SIZE)
+    if key == "ours fp32, C kernels":
+        assert cpu.cpu_native_enabled() and cpu.cpu_pack_convs_enabled()
     assert {int(b): len(t) for b, t in got["times"].items()} == {1: 1, 3: 1} and min(got["times"][3]) > 0
     diff = got["diff"]
     if key == "timm fp32":
@@ -284,13 +287,18 @@ def test_round_ratios_pair_each_round_of_ours_with_its_peers_of_the_same_dtype()
         _row("timm fp32", 1, "20.00 30.00 40.00"),
         _row("ours fp32", 1, "10.00 20.00 50.00"),
         _row("ONNX Runtime fp32, our export", 1, "12.00 18.00 60.00"),
+        _row("ours fp32, C kernels", 1, "8.00 20.00 25.00"),
         _row("ours bf16, fast path", 1, "5.00 6.00 8.00"),
+        _row("ours bf16 (torch.compile)", 1, "4.00 4.00 4.00"),  # ours, not the fast path's switch: no line
         _row("timm bf16 (autocast)", 1, "10.00 9.00 8.00"),
         _row("ONNX Runtime fp32, our export", 32, "1.00 1.00 1.00"),  # another batch: not paired with batch 1
     ]
     assert rt.round_ratio_lines(rows) == [
         "by round, batch 1: timm fp32 / ours fp32 = 2.00 1.50 0.80 (median 1.50)",
         "by round, batch 1: ONNX Runtime fp32, our export / ours fp32 = 1.20 0.90 1.20 (median 1.20)",
+        "by round, batch 1: timm fp32 / ours fp32, C kernels = 2.50 1.50 1.60 (median 1.60)",
+        "by round, batch 1: ours fp32 / ours fp32, C kernels = 1.25 1.00 2.00 (median 1.25)",
+        "by round, batch 1: ONNX Runtime fp32, our export / ours fp32, C kernels = 1.50 0.90 2.40 (median 1.50)",
         "by round, batch 1: timm bf16 (autocast) / ours bf16, fast path = 2.00 1.50 1.00 (median 1.50)",
     ]
     table = rt.format_runtime_table(rows)

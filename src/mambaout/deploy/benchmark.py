@@ -29,7 +29,7 @@ from mambaout.deploy.quantize import calibration_images, quantize_int8
 from mambaout.deploy.runtimes import OnnxRuntimeModel, OpenVinoModel, export_openvino, ort_session
 from mambaout.inference import precision
 from mambaout.inference.export import export_onnx
-from mambaout.kernels.cpu import set_cpu_bf16
+from mambaout.kernels.cpu import set_cpu_bf16, set_cpu_native, set_cpu_pack_convs
 from mambaout.models.factory import create_model
 from mambaout.models.variants import get_variant
 from mambaout.utils.threads import set_threads
@@ -104,6 +104,7 @@ def timm_twin(name: str, **kwargs):
 IMPLS = {
     "timm fp32": "fp32",
     "ours fp32": "fp32",
+    "ours fp32, C kernels": "fp32",
     "ours bf16": "bf16",
     "ours bf16, fast path": "bf16",
     "timm bf16 (autocast)": "bf16",
@@ -173,6 +174,9 @@ def load_impl(key: str, folder: Path, threads: int) -> Callable[[torch.Tensor], 
         model = timm_twin(name) if kind == "timm" else create_model(name)
         model.load_state_dict(weights)
         model.eval()
+        if key == "ours fp32, C kernels":  # the C kernels and packed convs forced on, where they are opt-in too
+            set_cpu_native(True)
+            set_cpu_pack_convs(True)
         if "bf16" in key and kind == "ours":
             model = precision.LowPrecision(model, torch.bfloat16)  # bf16 weights, converted once
             if not compiled:  # "ours bf16": the plain block forward; "fast path": the bf16 CPU fast path, forced on
@@ -341,7 +345,9 @@ def format_runtime_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-OURS_EAGER = ("ours fp32", "ours bf16, fast path")  # the rows `round_ratio_lines` compares with their peers
+# The rows `round_ratio_lines` compares with their peers: the other runtimes of the same dtype, and our own row that
+# the forced switch changes (where the switch is the CPU's default, the two are the same code).
+OURS_EAGER = {"ours fp32": (), "ours fp32, C kernels": ("ours fp32",), "ours bf16, fast path": ("ours bf16",)}
 
 
 def round_ratio_lines(rows: list[dict]) -> list[str]:
@@ -355,7 +361,8 @@ def round_ratio_lines(rows: list[dict]) -> list[str]:
         ours = [float(t) for t in r["ms_per_step_by_round"].split()]
         for peer in rows:
             same = peer["batch_size"] == r["batch_size"] and ROWS[peer["impl"]] == ROWS[r["impl"]]
-            if not same or peer["impl"].startswith("ours") or not peer["ms_per_step_by_round"]:
+            ours_peer = peer["impl"] in OURS_EAGER[r["impl"]]
+            if not same or (peer["impl"].startswith("ours") and not ours_peer) or not peer["ms_per_step_by_round"]:
                 continue
             ratios = [float(t) / o for t, o in zip(peer["ms_per_step_by_round"].split(), ours)]
             lines.append(

@@ -46,6 +46,8 @@ __all__ = [
     "cpu_bf16_enabled",
     "set_cpu_native",
     "cpu_native_enabled",
+    "set_cpu_pack_convs",
+    "cpu_pack_convs_enabled",
     "can_use_cpu_conv",
     "conv_channels_last",
     "outer_norm",
@@ -114,6 +116,18 @@ def set_cpu_native(enabled: bool) -> None:
 def cpu_native_enabled() -> bool:
     """Whether the C kernel is asked for (`set_cpu_native`, MAMBAOUT_CPU_NATIVE, else the CPU rule above)."""
     return _NATIVE
+
+
+def set_cpu_pack_convs(enabled: bool) -> None:
+    """Whether the stem's and downsampling layers' convs run on weights packed by oneDNN (`conv_channels_last`),
+    for the whole process."""
+    global _PACK_CONVS
+    _PACK_CONVS = bool(enabled)
+
+
+def cpu_pack_convs_enabled() -> bool:
+    """Whether those convs run packed (`set_cpu_pack_convs`, MAMBAOUT_CPU_PACK_CONVS, else the CPU rule above)."""
+    return _PACK_CONVS
 
 
 def _inference_ok(x: torch.Tensor, dtype: torch.dtype, modules: tuple[nn.Module, ...], ndim: int | None = 4) -> bool:
