@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 import mambaout
 from mambaout import kernels
@@ -493,11 +494,12 @@ def test_stem_convs_run_channels_last(dtype, mid_norm, monkeypatch):
 @pytest.mark.parametrize("c_kernel", [True, False])
 def test_norms_outside_the_blocks_are_within_one_rounding(c_kernel, dtype, monkeypatch):
     """The stem's and downsampling layers' norms: the C kernel (any width, float32 or bf16), else for bf16 through
-    float32 below 32 channels (torch's bf16 LayerNorm is slow there), else the module."""
+    float32 below 32 channels (torch's bf16 LayerNorm is slow there), else the module. With the stem's exact GELU
+    after the norm, the C kernel applies it in the same pass; other activations are left to the modules."""
     monkeypatch.setattr(cpu, "_BF16", True)
     _native(monkeypatch, c_kernel)
     tol = 2**-8 if dtype == torch.bfloat16 else 1e-5  # one rounding to 8 bits, or float32 sums
-    for channels in (24, 40):
+    for channels, act in [(24, None), (40, None), (24, nn.GELU()), (40, nn.GELU())]:
         norm = nn.LayerNorm(channels, eps=1e-6).to(dtype)
         with torch.no_grad():
             norm.weight.normal_()
@@ -505,12 +507,20 @@ def test_norms_outside_the_blocks_are_within_one_rounding(c_kernel, dtype, monke
         x = torch.randn(2, 9, 7, channels).to(dtype)
         with torch.inference_mode():
             want = torch.layer_norm(x.double(), (channels,), norm.weight.double(), norm.bias.double(), 1e-6)
-            got = cpu.outer_norm(norm, x)
+            want = want if act is None else F.gelu(want)
+            got = cpu.outer_norm(norm, x, act)
+            assert cpu.outer_norm(norm, x, nn.GELU(approximate="tanh")) is None  # not this pass's GELU
+            assert cpu.outer_norm(norm, x, nn.ReLU()) is None
             if not c_kernel and (dtype == torch.float32 or channels >= 32):
                 assert got is None  # torch's own LayerNorm is fine there
                 continue
             assert got.dtype == dtype and got.shape == want.shape
-            torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
+            rounded = tol * (2 if act is not None and not c_kernel else 1)  # there bf16 GELU rounds once more
+            torch.testing.assert_close(got.double(), want, rtol=rounded, atol=rounded)
+            if act is not None:
+                handle = act.register_forward_hook(lambda *_: None)
+                assert cpu.outer_norm(norm, x, act) is None  # a hooked activation must be called
+                handle.remove()
         assert cpu.outer_norm(norm, x) is None  # autograd on
     model = mambaout.create_model("mambaout_femto").eval().to(dtype)
     img = torch.randn(1, 3, 64, 64).to(dtype)

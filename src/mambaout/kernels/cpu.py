@@ -179,23 +179,27 @@ def can_use_cpu_conv(conv: nn.Module, x: torch.Tensor) -> bool:
     return _inference_ok(x, conv.weight.dtype, (conv,))
 
 
-def outer_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-    """`norm(x)` over the last dimension (channels) outside the blocks (the stem's, the downsampling layers' and the
-    head's norms), or None where this does not apply (the caller runs the module): through the C kernel where it is on
-    (float32 or bf16), else for bf16 maps of fewer than 32 channels (femto's and kobe's stem) through float32, within
-    one bf16 rounding of it: torch's bf16 LayerNorm runs rows shorter than a few vector registers at a third of the
-    speed."""
+def outer_norm(norm: nn.Module, x: torch.Tensor, act: nn.Module | None = None) -> torch.Tensor | None:
+    """`norm(x)` (`act(norm(x))` with an exact GELU `act`: the stem's) over the last dimension (channels) outside the
+    blocks (the stem's, the downsampling layers' and the head's norms), or None where this does not apply (the caller
+    runs the modules): through the C kernel where it is on (float32 or bf16; the GELU in the same pass), else for bf16
+    maps of fewer than 32 channels (femto's and kobe's stem) through float32, within one bf16 rounding of it: torch's
+    bf16 LayerNorm runs rows shorter than a few vector registers at a third of the speed."""
     if not (type(norm) is nn.LayerNorm and norm.weight is not None and x.dtype in (torch.float32, torch.bfloat16)):
         return None
-    if norm.normalized_shape != x.shape[-1:] or not _inference_ok(x, norm.weight.dtype, (norm,), ndim=None):
+    if act is not None and not (type(act) is nn.GELU and act.approximate == "none"):
+        return None
+    modules = (norm,) if act is None else (norm, act)
+    if norm.normalized_shape != x.shape[-1:] or not _inference_ok(x, norm.weight.dtype, modules, ndim=None):
         return None
     if _native_norm(x):
-        return native.layer_norm(x, *_f32_params(norm, norm.weight, norm.bias), norm.eps)
+        return native.layer_norm(x, *_f32_params(norm, norm.weight, norm.bias), norm.eps, gelu=act is not None)
     if x.dtype != torch.bfloat16 or x.shape[-1] >= 32:
         return None
     y = x.to(torch.float32, memory_format=torch.contiguous_format)  # one pass: layout and dtype
     bias = norm.bias.float() if norm.bias is not None else None
-    return torch.layer_norm(y, norm.normalized_shape, norm.weight.float(), bias, norm.eps).to(x.dtype)
+    y = torch.layer_norm(y, norm.normalized_shape, norm.weight.float(), bias, norm.eps).to(x.dtype)
+    return y if act is None else act(y)
 
 
 _LINEARS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # linear -> (key, `native.pack_linear` result)

@@ -57,8 +57,8 @@ _log = logging.getLogger(__name__)
 _P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 # mo_gate_dwconv(bf16, g, g_stride, id, id_stride, c, c_stride, weight, bias, B, H, W, ni, cc, k, threads)
 _ARGTYPES = [_INT, _P, _I64, _P, _I64, _P, _I64, _P, _P, _INT, _INT, _INT, _INT, _INT, _INT, _INT]
-# mo_layer_norm(bf16, x, x_stride, y, weight, bias, rows, C, eps, threads)
-_NORM_ARGTYPES = [_INT, _P, _I64, _P, _P, _P, _I64, _INT, ctypes.c_float, _INT]
+# mo_layer_norm(bf16, gelu, x, x_stride, y, weight, bias, rows, C, eps, threads)
+_NORM_ARGTYPES = [_INT, _INT, _P, _I64, _P, _P, _P, _I64, _INT, ctypes.c_float, _INT]
 NORM_MAX_CHANNELS = 4096  # the kernel's row buffer (C_MAX)
 # mo_linear(bf16, gelu, x, x_stride, packed weight, bias, res, res_stride, y, y_stride, M, K, N, threads)
 _LINEAR_ARGTYPES = [_INT, _INT, _P, _I64, _P, _P, _P, _I64, _P, _I64, _I64, _I64, _I64, _INT]
@@ -208,10 +208,13 @@ def gate_dwconv(
     )
 
 
-def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+def layer_norm(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float, gelu: bool = False
+) -> torch.Tensor:
     """`torch.layer_norm(x, x.shape[-1:], weight, bias, eps)` for a contiguous float32 or bfloat16 `x` of at most
     `NORM_MAX_CHANNELS` channels, with float32 `weight` and `bias` (contiguous); the result in x's dtype. Mean and
-    variance in float32 (two passes), one rounding at the store."""
+    variance in float32 (two passes), one rounding at the store. `gelu`: the exact GELU of the result, in the same
+    pass (before the store)."""
     C = x.shape[-1]
     if not (x.is_contiguous() and weight.is_contiguous() and weight.dtype == torch.float32 and C <= NORM_MAX_CHANNELS):
         raise ValueError("layer_norm: contiguous x of at most NORM_MAX_CHANNELS channels, float32 weight")
@@ -221,8 +224,9 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     bf16 = int(x.dtype == torch.bfloat16)
     bias_ptr = None if bias is None else bias.data_ptr()
     lib.mo_layer_norm(
-        bf16, x.data_ptr(), C, y.data_ptr(), weight.data_ptr(), bias_ptr, rows, C, eps, torch.get_num_threads()
-    )
+        bf16, int(gelu), x.data_ptr(), C, y.data_ptr(), weight.data_ptr(), bias_ptr, rows, C, eps,
+        torch.get_num_threads(),
+    )  # fmt: skip
     return y
 
 

@@ -157,9 +157,11 @@ class Stem(nn.Module):
             x = self.conv2(self.act(x))
         else:
             x = _conv(self.conv1, x)  # on the CPU path channels-last: the norm reads its channels in place
-            if self.norm1 is not None:
-                x = _norm(self.norm1, x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-            x = _conv(self.conv2, self.act(x))
+            if self.norm1 is not None:  # the activation in the norm's pass where the CPU path runs it
+                x = _norm(self.norm1, x.permute(0, 2, 3, 1), self.act).permute(0, 3, 1, 2)
+            else:
+                x = self.act(x)
+            x = _conv(self.conv2, x)
             return _norm(self.norm2, x.permute(0, 2, 3, 1))  # [B, C, H, W] -> [B, H, W, C]
         return self.norm2(x.permute(0, 2, 3, 1))
 
@@ -187,13 +189,16 @@ class Downsample(nn.Module):
         return x if self.norm_first else _norm(self.norm, x)
 
 
-def _norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """`norm(x)` over the channels of `[B, H, W, C]`, on CPU through the inference path where it applies
-    (kernels/cpu.py)."""
+def _norm(norm: nn.Module, x: torch.Tensor, act: nn.Module | None = None) -> torch.Tensor:
+    """`norm(x)` (`act(norm(x))` with `act`) over the channels of `[B, H, W, C]`, on CPU through the inference path
+    where it applies (kernels/cpu.py: an exact GELU in the C norm's pass)."""
     y = None
     if kernels.fastpath_enabled() and not kernels.fx_tracing():
-        y = kernels_cpu.outer_norm(norm, x)
-    return y if y is not None else norm(x)
+        y = kernels_cpu.outer_norm(norm, x, act)
+    if y is None:
+        y = norm(x)
+        return y if act is None else act(y)
+    return y
 
 
 def _linear(lin: nn.Module, x: torch.Tensor, act: nn.Module | None = None) -> torch.Tensor:

@@ -193,12 +193,61 @@ void mo_gate_dwconv(int bf16, void *g, int64_t gs, const void *id, int64_t is, c
     else gate_all_f32(g, gs, id, is, c, cs, w, bias, B, H, W, ni, cc, k, threads);
 }
 
+/* ---- Vector math: broadcast, exp, the exact GELU ---------------------------------------------------------------- */
+
+/* every lane `a`. Written as a list, not `(vf){0} + a`: that form makes GCC add 0 in a scalar register and then
+   broadcast the register (a shuffle-port instruction that competes with the second FMA unit of Intel's AVX-512
+   cores: the matmul ran at half oneDNN's speed on an Ice Lake Xeon); this one becomes the FMA's broadcast operand */
+static inline vf splat(float a) { return (vf){a, a, a, a, a, a, a, a, a, a, a, a, a, a, a, a}; }
+_Static_assert(VL == 16, "splat lists VL lanes");
+static inline vf as_f(vi v) { vf f; memcpy(&f, &v, sizeof f); return f; }
+static inline vi as_i(vf f) { vi v; memcpy(&v, &f, sizeof v); return v; }
+
+/* exp(x) for x <= 0 (below -87 taken as -87, exp ~ 1.6e-38): 2^n * e^r, n = round(x / ln 2), |r| <= ln 2 / 2, e^r
+   by its Taylor polynomial to r^6 (relative error below 3e-7) */
+static inline vf exp_nonpos(vf x) {
+    vi low = x < -87.f;
+    x = as_f((as_i(x) & ~low) | (as_i(splat(-87.f)) & low));
+    vf n = x * 1.44269504088896341f + 12582912.f; /* 1.5 * 2^23: the sum's low bits are round(x / ln 2) */
+    vi ni = as_i(n) - 0x4B400000;
+    n -= 12582912.f;
+    vf r = x - n * 0.693145751953125f - n * 1.428606765330187e-6f; /* ln 2 in two parts */
+    vf p = splat(1.f / 720);
+    p = p * r + 1.f / 120; p = p * r + 1.f / 24; p = p * r + 1.f / 6; p = p * r + 0.5f; p = p * r + 1.f; p = p * r + 1.f;
+    return p * as_f((ni + 127) << 23);
+}
+
+/* 1 / d for d >= 1: on AVX-512 the 14-bit estimate and one Newton step (error below 1e-7 relative, against a
+   division that issues once per 10 cycles on Intel cores); elsewhere the division */
+static inline vf recip(vf d) {
+#if defined(__AVX512F__)
+    vf r = (vf)_mm512_rcp14_ps((__m512)d);
+    return r * (2.f - d * r);
+#else
+    return 1.f / d;
+#endif
+}
+
+/* exact GELU, x * Phi(x) = (x + |x| erf(|x| / sqrt 2)) / 2, erf by Abramowitz & Stegun 7.1.26 (absolute error below
+   1.5e-7; torch's and oneDNN's exact GELU within float rounding of it) */
+static inline vf gelu_erf(vf v) {
+    vf a = as_f(as_i(v) & 0x7fffffff);
+    vi small = a < 10.f; /* erf(z) rounds to 1 from 10 / sqrt 2 on: capped there, no inf below (NaN: v carries it) */
+    vf z = as_f((as_i(a) & small) | (as_i(splat(10.f)) & ~small)) * 0.70710678118654752f;
+    vf t = recip(1.f + 0.3275911f * z);
+    vf q = splat(1.061405429f);
+    q = q * t - 1.453152027f; q = q * t + 1.421413741f; q = q * t - 0.284496736f; q = q * t + 0.254829592f;
+    vf erf = 1.f - q * t * exp_nonpos(-z * z);
+    return 0.5f * (v + a * erf);
+}
+
 /* ---- LayerNorm over the last dimension ----------------------------------------------------------------------------
 
    mo_layer_norm: y[r, :] = (x[r, :] - mean) / sqrt(var + eps) * w + b for `rows` rows of C channels; x's rows are
    `xs` elements apart, y's are contiguous. float32 mean and variance (two passes over the row, from a float32 copy
    in registers or L1), whatever the storage; bf16 output rounded once. torch's bf16 LayerNorm is slow on rows shorter
-   than a few vectors (24 and 48 channels: femto's stem and first stage), its float32 one is not. */
+   than a few vectors (24 and 48 channels: femto's stem and first stage), its float32 one is not. gelu != 0: the
+   exact GELU of each normalised value before the store (the stem's norm and activation in one pass). */
 
 #define C_MAX 4096 /* longer rows: the caller uses torch's */
 
@@ -236,7 +285,7 @@ static inline float hsum(vf v) {
 #endif
 }
 
-static inline __attribute__((always_inline)) void norm_row(int bf, const void *x, void *y, const float *w,
+static inline __attribute__((always_inline)) void norm_row(int bf, int gelu, const void *x, void *y, const float *w,
                                                            const float *b, int C, float eps, float *buf)
 {
     int nv = (C + VL - 1) / VL, full = C / VL, rest = C - full * VL;
@@ -266,16 +315,18 @@ static inline __attribute__((always_inline)) void norm_row(int bf, const void *x
     for (int v = 0; v < full; v++) {
         vf t = (ld_f32(buf + v * VL) - mean) * rstd * ld_f32(w + v * VL);
         if (b) t += ld_f32(b + v * VL);
+        if (gelu) t = gelu_erf(t);
         vstore(bf, y, (int64_t)v * VL, t);
     }
     if (rest) {
         vf t = (ld_f32(buf + full * VL) - mean) * rstd * load_part(0, w, (int64_t)full * VL, rest);
         if (b) t += load_part(0, b, (int64_t)full * VL, rest);
+        if (gelu) t = gelu_erf(t);
         store_part(bf, y, (int64_t)full * VL, rest, t);
     }
 }
 
-#define NORM_ALL(NAME, BF)                                                                                       \
+#define NORM_ALL(NAME, BF, GELU)                                                                                 \
     static void NAME(const void *x, int64_t xs, void *y, const float *w, const float *b, int64_t rows, int C,    \
                      float eps, int threads)                                                                     \
     {                                                                                                            \
@@ -284,19 +335,26 @@ static inline __attribute__((always_inline)) void norm_row(int bf, const void *x
             float buf[C_MAX + VL] __attribute__((aligned(64)));                                                  \
             _Pragma("omp for schedule(static)")                                                                  \
             for (int64_t r = 0; r < rows; r++)                                                                   \
-                norm_row(BF, (const char *)x + r * xs * ((BF) ? 2 : 4), (char *)y + r * C * ((BF) ? 2 : 4), w, b, \
-                         C, eps, buf);                                                                           \
+                norm_row(BF, GELU, (const char *)x + r * xs * ((BF) ? 2 : 4), (char *)y + r * C * ((BF) ? 2 : 4), \
+                         w, b, C, eps, buf);                                                                     \
         }                                                                                                        \
     }
-NORM_ALL(norm_all_f32, 0)
-NORM_ALL(norm_all_bf16, 1)
+NORM_ALL(norm_all_f32, 0, 0)
+NORM_ALL(norm_all_bf16, 1, 0)
+NORM_ALL(norm_gelu_all_f32, 0, 1)
+NORM_ALL(norm_gelu_all_bf16, 1, 1)
 
 /* bf16 != 0: x and y hold bfloat16, else float32; w and b float32 (b may be NULL); C <= C_MAX. */
-void mo_layer_norm(int bf16, const void *x, int64_t xs, void *y, const float *w, const float *b, int64_t rows,
-                   int C, float eps, int threads)
+void mo_layer_norm(int bf16, int gelu, const void *x, int64_t xs, void *y, const float *w, const float *b,
+                   int64_t rows, int C, float eps, int threads)
 {
-    if (bf16) norm_all_bf16(x, xs, y, w, b, rows, C, eps, threads);
-    else norm_all_f32(x, xs, y, w, b, rows, C, eps, threads);
+    if (gelu) {
+        if (bf16) norm_gelu_all_bf16(x, xs, y, w, b, rows, C, eps, threads);
+        else norm_gelu_all_f32(x, xs, y, w, b, rows, C, eps, threads);
+    } else {
+        if (bf16) norm_all_bf16(x, xs, y, w, b, rows, C, eps, threads);
+        else norm_all_f32(x, xs, y, w, b, rows, C, eps, threads);
+    }
 }
 
 /* ---- Linear: y = x @ W^T + bias (+ res) ------------------------------------------------------------------------------
@@ -311,39 +369,6 @@ void mo_layer_norm(int bf16, const void *x, int64_t xs, void *y, const float *w,
 
 #define NR 32
 #define MR_MAX 12
-
-/* every lane `a`. Written as a list, not `(vf){0} + a`: that form makes GCC add 0 in a scalar register and then
-   broadcast the register (a shuffle-port instruction that competes with the second FMA unit of Intel's AVX-512
-   cores: the matmul ran at half oneDNN's speed on an Ice Lake Xeon); this one becomes the FMA's broadcast operand */
-static inline vf splat(float a) { return (vf){a, a, a, a, a, a, a, a, a, a, a, a, a, a, a, a}; }
-_Static_assert(VL == 16, "splat lists VL lanes");
-static inline vf as_f(vi v) { vf f; memcpy(&f, &v, sizeof f); return f; }
-static inline vi as_i(vf f) { vi v; memcpy(&v, &f, sizeof v); return v; }
-
-/* exp(x) for x <= 0 (below -87 taken as -87, exp ~ 1.6e-38): 2^n * e^r, n = round(x / ln 2), |r| <= ln 2 / 2, e^r
-   by its Taylor polynomial to r^6 (relative error below 3e-7) */
-static inline vf exp_nonpos(vf x) {
-    vi low = x < -87.f;
-    x = as_f((as_i(x) & ~low) | (as_i(splat(-87.f)) & low));
-    vf n = x * 1.44269504088896341f + 12582912.f; /* 1.5 * 2^23: the sum's low bits are round(x / ln 2) */
-    vi ni = as_i(n) - 0x4B400000;
-    n -= 12582912.f;
-    vf r = x - n * 0.693145751953125f - n * 1.428606765330187e-6f; /* ln 2 in two parts */
-    vf p = splat(1.f / 720);
-    p = p * r + 1.f / 120; p = p * r + 1.f / 24; p = p * r + 1.f / 6; p = p * r + 0.5f; p = p * r + 1.f; p = p * r + 1.f;
-    return p * as_f((ni + 127) << 23);
-}
-
-/* exact GELU, x * Phi(x) = (x + |x| erf(|x| / sqrt 2)) / 2, erf by Abramowitz & Stegun 7.1.26 (absolute error below
-   1.5e-7; torch's and oneDNN's exact GELU within float rounding of it) */
-static inline vf gelu_erf(vf v) {
-    vf a = as_f(as_i(v) & 0x7fffffff), z = a * 0.70710678118654752f;
-    vf t = 1.f / (1.f + 0.3275911f * z);
-    vf q = splat(1.061405429f);
-    q = q * t - 1.453152027f; q = q * t + 1.421413741f; q = q * t - 0.284496736f; q = q * t + 0.254829592f;
-    vf erf = 1.f - q * t * exp_nonpos(-z * z);
-    return 0.5f * (v + a * erf);
-}
 
 static inline __attribute__((always_inline)) void lin_tile(
     int bf, const int MR, const int NV, int gelu, const void *x, int64_t xs, const void *wp, int64_t K,
@@ -480,7 +505,7 @@ void mo_block(int bf16, const void *x, void *y, void *ws, const float *nw, const
     const int64_t rows = (int64_t)B * H * W;
     const int64_t es = bf16 ? 2 : 4, ni = hidden - cc;
     char *xn = ws, *g = xn + rows * C * es, *ic = g + rows * hidden * es;
-    mo_layer_norm(bf16, x, C, xn, nw, nb, rows, C, eps, threads);
+    mo_layer_norm(bf16, 0, x, C, xn, nw, nb, rows, C, eps, threads);
     mo_linear(bf16, 1, xn, C, wg, bg, NULL, 0, g, hidden, rows, C, hidden, threads);
     mo_linear(bf16, 0, xn, C, wic, bic, NULL, 0, ic, hidden, rows, C, hidden, threads);
     mo_gate_dwconv(bf16, g, hidden, ic, hidden, ic + ni * es, hidden, cw, cb, B, H, W, (int)ni, cc, k, threads);
