@@ -217,20 +217,24 @@ def test_downsampling_conv_uses_a_cached_weight_that_follows_changes(packed, mon
 
 
 @pytest.mark.parametrize(
-    "env, flags, want",
-    [("", "fpu avx512f avx512_bf16", True), ("", "avx512f avx512_bf16 amx_bf16", False), ("", "avx2", False),
-     ("0", "avx512_bf16", False), ("1", "avx2", True)],
+    "env, flags, want_bf16, want_c",
+    [("", "fpu avx2 avx512f avx512_bf16", True, True), ("", "avx2 avx512f", False, True),
+     ("", "avx512f avx512_bf16 amx_bf16", False, False), ("", "avx2", False, False),
+     ("0", "avx512f avx512_bf16", False, False), ("1", "avx2", True, True)],
 )  # fmt: skip
 @pytest.mark.parametrize("variable", ["MAMBAOUT_CPU_BF16", "MAMBAOUT_CPU_NATIVE", "MAMBAOUT_CPU_PACK_CONVS"])
 def test_bf16_path_and_c_kernels_are_on_by_default_only_where_measured(
-    monkeypatch, tmp_path, env, flags, want, variable
+    monkeypatch, tmp_path, env, flags, want_bf16, want_c, variable
 ):
+    """The bf16 blocks where measured: AVX512-BF16 without AMX (AMD Zen 5); the C kernels and packed convs on
+    AVX-512 without AMX (Zen 5, and Intel Ice Lake without BF16); the variable overrides either way."""
     info = tmp_path / "cpuinfo"
     info.write_text(f"processor : 0\nflags\t\t: {flags}\n")
     real_read = Path.read_text
     monkeypatch.setattr(Path, "read_text", lambda p, *a, **k: real_read(info if str(p) == "/proc/cpuinfo" else p))
     monkeypatch.setenv(variable, env)
-    assert cpu._default(variable) is want
+    needs = "avx512_bf16" if variable == "MAMBAOUT_CPU_BF16" else "avx512f"
+    assert cpu._default(variable, needs) is (want_bf16 if variable == "MAMBAOUT_CPU_BF16" else want_c)
 
 
 def test_cpu_matmul_switch(monkeypatch):

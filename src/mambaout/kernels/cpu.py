@@ -79,20 +79,21 @@ def _hooked(m: nn.Module) -> bool:
     return bool(m._forward_hooks or m._forward_pre_hooks)
 
 
-def _default(env: str) -> bool:
-    """`env`=1 or 0, else on only where measured faster: AVX512-BF16 without AMX (docs/performance.md). The bf16
-    blocks (MAMBAOUT_CPU_BF16), the C kernels (MAMBAOUT_CPU_NATIVE) and the packed stem and downsampling convs
-    (MAMBAOUT_CPU_PACK_CONVS) are opt-in on other CPUs."""
+def _default(env: str, needs: str) -> bool:
+    """`env`=1 or 0, else on only where measured faster: CPUs with the instruction set `needs` and without AMX
+    (docs/performance.md). The bf16 blocks (MAMBAOUT_CPU_BF16) were measured on AVX512-BF16 (AMD Zen 5); the C
+    kernels (MAMBAOUT_CPU_NATIVE) and the packed stem and downsampling convs (MAMBAOUT_CPU_PACK_CONVS) there and on
+    AVX-512 without BF16 (Intel Ice Lake). Each is opt-in on other CPUs (AMX, AVX2 only), where it is not measured."""
     value = os.environ.get(env, "").strip()
     if value in ("0", "1"):
         return value == "1"
     flags = device.cpu_flags()
-    return "avx512_bf16" in flags and "amx_bf16" not in flags
+    return needs in flags and "amx_bf16" not in flags
 
 
-_BF16 = _default("MAMBAOUT_CPU_BF16")
-_NATIVE = _default("MAMBAOUT_CPU_NATIVE")
-_PACK_CONVS = _default("MAMBAOUT_CPU_PACK_CONVS")  # the stem's and downsampling layers' convs: `conv_channels_last`
+_BF16 = _default("MAMBAOUT_CPU_BF16", "avx512_bf16")
+_NATIVE = _default("MAMBAOUT_CPU_NATIVE", "avx512f")
+_PACK_CONVS = _default("MAMBAOUT_CPU_PACK_CONVS", "avx512f")  # the stem's and downsampling layers' convs
 
 
 def set_cpu_bf16(enabled: bool) -> None:
